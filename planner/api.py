@@ -1,0 +1,140 @@
+"""The planner's entry point: a JobSpec in, a sealed Plan out.
+
+``plan_job`` runs the whole pipeline: MetaGraph, cost model curves, bounds, Spindle's wavefront
+(baseline and warm start), Loom's solver, placement, simulation, baselines, and packs the result
+into a :class:`~planner.plan.Plan`. Pure: no files are written, nothing global is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from planner import baselines as baselines_mod
+from planner.bound import dag_bound, per_level_bound
+from planner.costmodel import AnalyticCostModel, CostModel, ProfiledCostModel
+from planner.devices import resolve_hardware
+from planner.metagraph import MetaGraph, build_metagraph
+from planner.placement import PlacedSchedule, place_schedule
+from planner.plan import (
+    Bounds, Plan, PlanCluster, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport, SyncGroup,
+)
+from planner.schedule import Problem, check_schedule
+from planner.simulator import Simulation, simulate
+from planner.solver import SolveResult, SolverSettings, solve
+from planner.spec import JobSpec
+from planner.spindle import spindle_schedule
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PlanOutcome:
+    """A plan plus what the caller may want to show but must not go into the (deterministic) plan."""
+
+    plan: Plan
+    problem: Problem
+    placed: PlacedSchedule
+    simulation: Simulation
+    planning_time_s: float
+    solve: SolveResult
+
+
+def make_cost_model(job: JobSpec, costs: str | Path | None = None) -> CostModel:
+    """The analytic cost model of the job's cluster, or a profiled one (analytic fallback) from ``costs``."""
+    hw = resolve_hardware(job.cluster)
+    analytic = AnalyticCostModel(hw)
+    if costs is None:
+        return analytic
+    return ProfiledCostModel.load(costs, hw, fallback=analytic)
+
+
+def spec_hash(job: JobSpec) -> str:
+    return hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:16]
+
+
+def plan_job(
+    job: JobSpec,
+    cost_model: CostModel | None = None,
+    *,
+    with_baselines: bool = True,
+    progress: Progress | None = None,
+) -> PlanOutcome:
+    """Plan ``job``: returns the sealed Plan and the intermediate results (see PlanOutcome)."""
+    say = progress or (lambda msg: log.info(msg))
+    start = time.perf_counter()
+    cost_model = cost_model or make_cost_model(job)
+    graph = build_metagraph(job)
+    say(f"MetaGraph: {len(graph)} MetaOps in {len(graph.levels)} levels, {len(graph.param_groups)} parameter groups")
+    problem = Problem.build(graph, cost_model)
+    bounds = Bounds(per_level_s=per_level_bound(problem), dag_s=dag_bound(problem))
+    say(f"bounds: per-level {bounds.per_level_s:.4g} s, DAG {bounds.dag_s:.4g} s")
+    warm = spindle_schedule(problem)
+    settings = SolverSettings(
+        solver=job.planner.solver, time_limit_s=job.planner.time_limit_s, mip_gap=job.planner.mip_gap,
+        level_barriers=job.planner.level_barriers,
+    )
+    result = solve(problem, settings, warm=warm, lower_bound=bounds.dag_s, progress=say)
+    check_schedule(problem, result.schedule)
+    placed = place_schedule(problem, result.schedule, cost_model)
+    sim = simulate(problem, placed, cost_model)
+    baseline_times = baselines_mod.run_baselines(problem, cost_model, spindle=warm) if with_baselines else {}
+    plan = build_plan(job, graph, cost_model, placed, sim, result, bounds, baseline_times)
+    elapsed = time.perf_counter() - start
+    say(f"planned in {elapsed:.2f} s: predicted iteration {sim.iteration_time_s:.4g} s")
+    return PlanOutcome(plan, problem, placed, sim, elapsed, result)
+
+
+def build_plan(
+    job: JobSpec, graph: MetaGraph, cost_model: CostModel, placed: PlacedSchedule, sim: Simulation,
+    result: SolveResult, bounds: Bounds, baseline_times: dict[str, float],
+) -> Plan:
+    """Pack the pieces into a sealed Plan (pure data, deterministic)."""
+    hw = cost_model.hw
+    metaops = [
+        PlanMetaOp(
+            id=op.id, name=op.name, task=op.task, component=op.component, layer_key=op.key,
+            num_layers=op.num_layers, batch_size=op.batch_size, deps=list(op.deps), level=op.level,
+            param_group=op.param_group, frozen=op.frozen, params_per_layer=op.layer.params,
+            out_bytes_per_sample=op.layer.out_bytes,
+        )
+        for op in graph.metaops
+    ]
+    waves, start = [], 0.0
+    for k, (wave, duration) in enumerate(zip(placed.waves, sim.wave_durations)):
+        slices = [
+            PlanSlice(
+                metaop=s.metaop, first_layer=s.first_layer, num_layers=s.num_layers, devices=list(s.devices),
+                dp_degree=s.layout.dp_degree, tp_degree=s.layout.tp_degree,
+                time_s=cost_model.curve(graph.metaops[s.metaop]).time(len(s.devices)) * s.num_layers,
+                memory_bytes=cost_model.layer_memory(graph.metaops[s.metaop], s.layout) * s.num_layers,
+            )
+            for s in wave.slices
+        ]
+        waves.append(PlanWave(index=k, start_s=start, duration_s=duration, slices=slices))
+        start += duration
+    plan = Plan(
+        job=job.name,
+        spec_hash=spec_hash(job),
+        cost_model=cost_model.source,
+        cluster=PlanCluster(num_nodes=hw.num_nodes, devices_per_node=hw.devices_per_node, device=hw.device.name,
+                            memory_bytes=hw.memory_bytes),
+        metaops=metaops,
+        waves=waves,
+        transfers=[PlanTransfer(**vars(t)) for t in sim.transfers],
+        sync_groups=[SyncGroup(**vars(g)) for g in sim.sync_groups],
+        predicted=Prediction(iteration_time_s=sim.iteration_time_s, compute_s=sim.compute_s,
+                             transfer_s=sim.transfer_s, sync_s=sim.sync_s, optimizer_s=sim.optimizer_s),
+        peak_memory_bytes=list(sim.peak_memory_bytes),
+        solver=SolverReport(name=result.solver, status=result.status, objective_s=result.objective_s,
+                            bound_s=result.bound_s, gap=result.gap, warm_start=result.warm_start),
+        bounds=bounds,
+        baselines=dict(sorted(baseline_times.items())),
+    )
+    return plan.sealed()

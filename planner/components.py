@@ -1,0 +1,206 @@
+"""Component registry, planner side: how a component kind expands into layer segments with their costs.
+
+A *segment* is a run of identical layers (same type, same input shape). Each carries the per-sample
+forward FLOPs, parameters, saved-activation bytes and boundary bytes of one layer, which is all the
+cost model needs. The runtime keeps its own registry that builds the torch modules; both are keyed
+by the same kind names.
+
+Modelling choices (written down so benchmarks can be read): embeddings, patch projections and
+final norms are folded away (under 2% of a layer stack's FLOPs for every workload in bench/);
+attention FLOPs count the full s x s score matrix (causal kernels do about half).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from planner.errors import SpecError, did_you_mean
+from planner.spec import ComponentSpec, JobSpec, TaskComponentSpec
+
+BYTES_PER_ACT = 2  # bf16 activations
+
+
+@dataclass(frozen=True)
+class LayerSegment:
+    """A run of ``count`` identical layers; every number is per layer and per sample unless named otherwise."""
+
+    key: str  # layer type and input shape; equal keys mean identical workloads
+    count: int
+    flops_fwd: float  # forward FLOPs per sample
+    params: float  # parameters per layer
+    act_bytes: float  # activation bytes saved for backward, per sample
+    out_bytes: float  # bytes of the layer's output (what crosses a wave boundary), per sample
+    tp_comm_bytes: float  # bytes all-reduced per sample in forward under tensor parallelism
+    num_kernels: int  # kernel launches in forward (a latency term)
+
+
+@dataclass(frozen=True)
+class UseShape:
+    """The shape one task use resolves to."""
+
+    seq_len: int
+    image_size: int | None
+
+
+def _transformer_layer(
+    tag: str, h: int, f: int, s: int, heads: int, *, gated: bool = False, kv_dim: int | None = None,
+    cross_len: int | None = None,
+) -> tuple[str, float, float, float, float, float, int]:
+    kv = kv_dim if kv_dim is not None else h
+    attn_proj = 2 * s * h * (h + 2 * kv) + 2 * s * h * h  # q, k, v and output projections
+    attn_core = 4 * s * s * h  # scores and weighted sum
+    mlp = (6 if gated else 4) * s * h * f
+    params = 2 * h * h + 2 * h * kv + (3 if gated else 2) * h * f
+    flops = attn_proj + attn_core + mlp
+    # Korthikanti et al. 2022: s*h*(34 + 5*a*s/h) bytes per layer per sample, no recompute.
+    act = s * h * (34 + 5 * heads * s / h)
+    kernels = 12
+    if cross_len is not None:
+        flops += 2 * s * h * h * 2 + 4 * cross_len * h * h + 4 * s * cross_len * h
+        params += 4 * h * h
+        act += s * h * 12 + 5 * heads * s * cross_len
+        kernels += 6
+    key = f"{tag}[h={h},f={f},s={s},a={heads}" + (f",c={cross_len}" if cross_len else "") + "]"
+    return key, float(flops), float(params), float(act), float(s * h * BYTES_PER_ACT), float(2 * s * h * BYTES_PER_ACT), kernels
+
+
+def _need(comp: ComponentSpec, name: str, *fields: str) -> None:
+    for field in fields:
+        if getattr(comp, field) is None:
+            raise SpecError(
+                f"components.{name}.{field}: required for kind '{comp.kind}'. Add `{field}:` to the component."
+            )
+
+
+def _transformer(comp: ComponentSpec, name: str, shape: UseShape, tag: str = "transformer") -> list[LayerSegment]:
+    _need(comp, name, "num_heads")
+    f = comp.ffn_hidden_size or 4 * comp.hidden_size
+    key, *rest = _transformer_layer(tag, comp.hidden_size, f, shape.seq_len, comp.num_heads)
+    return [LayerSegment(key, comp.num_layers, *rest)]
+
+
+def _vit(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegment]:
+    _need(comp, name, "num_heads", "patch_size")
+    return _transformer(comp, name, shape, tag="vit")
+
+
+def _llama(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegment]:
+    _need(comp, name, "num_heads")
+    h = comp.hidden_size
+    f = comp.ffn_hidden_size or 256 * ((8 * h // 3 + 255) // 256)
+    kv_dim = h * (comp.num_kv_heads or comp.num_heads) // comp.num_heads
+    key, *rest = _transformer_layer("llama", h, f, shape.seq_len, comp.num_heads, gated=True, kv_dim=kv_dim)
+    return [LayerSegment(key, comp.num_layers, *rest)]
+
+
+def _decoder(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegment]:
+    _need(comp, name, "num_heads", "cross_seq_len")
+    f = comp.ffn_hidden_size or 4 * comp.hidden_size
+    key, *rest = _transformer_layer(
+        "decoder", comp.hidden_size, f, shape.seq_len, comp.num_heads, cross_len=comp.cross_seq_len
+    )
+    return [LayerSegment(key, comp.num_layers, *rest)]
+
+
+def _mlp(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegment]:
+    h, s = comp.hidden_size, shape.seq_len
+    flops = 2.0 * h * h * s
+    return [LayerSegment(f"mlp[h={h},s={s}]", comp.num_layers, flops, float(h * h), 2.0 * s * h * BYTES_PER_ACT,
+                         float(s * h * BYTES_PER_ACT), float(s * h * BYTES_PER_ACT), 3)]
+
+
+def _unet2d(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegment]:
+    """Down path (num_layers res blocks per level), then up path (num_layers+1 per level), deepest first."""
+    mults = comp.channel_mults or [1, 2, 4, 4]
+    side = shape.image_size
+    segments_down, segments_up = [], []
+    for level, mult in enumerate(mults):
+        c, r = comp.hidden_size * mult, side // (2**level)
+        tokens = r * r
+        flops = 2 * 2 * 9 * c * c * tokens  # two 3x3 convolutions
+        params = 2 * 9 * c * c
+        act = tokens * c * 10 * BYTES_PER_ACT
+        kernels = 8
+        if level > 0:  # self-attention below full resolution, as in Stable Diffusion's UNet
+            flops += 8 * tokens * c * c + 4 * tokens * tokens * c
+            params += 4 * c * c
+            act += tokens * c * 8 * BYTES_PER_ACT + 2 * tokens * tokens * 4  # heads folded
+            kernels += 8
+        out = float(tokens * c * BYTES_PER_ACT)
+        key = f"unet_block[c={c},r={r}]"
+        segments_down.append(LayerSegment(key + "/down", comp.num_layers, float(flops), float(params), float(act), out, 0.0, kernels))
+        segments_up.append(LayerSegment(key + "/up", comp.num_layers + 1, float(flops), float(params), float(act), out, 0.0, kernels))
+    return segments_down + segments_up[::-1]
+
+
+KINDS: dict[str, Callable[[ComponentSpec, str, UseShape], list[LayerSegment]]] = {
+    "transformer": _transformer,
+    "vit": _vit,
+    "llama": _llama,
+    "decoder": _decoder,
+    "mlp": _mlp,
+    "unet2d": _unet2d,
+}
+
+
+def resolve_shape(comp: ComponentSpec, comp_name: str, use: TaskComponentSpec, where: str) -> UseShape:
+    """The shape a task's use of a component sees; raises SpecError naming ``where`` when one is missing."""
+    image = use.image_size or comp.image_size
+    if comp.kind == "vit":
+        if image is None:
+            raise SpecError(f"{where}.image_size: required for a vit use. Set it on the use or on components.{comp_name}.")
+        if image % comp.patch_size:
+            raise SpecError(
+                f"{where}.image_size ({image}) is not a multiple of components.{comp_name}.patch_size "
+                f"({comp.patch_size}). Use a multiple, e.g. {image // comp.patch_size * comp.patch_size or comp.patch_size}."
+            )
+        return UseShape((image // comp.patch_size) ** 2 + 1, image)
+    if comp.kind == "unet2d":
+        if image is None:
+            raise SpecError(f"{where}.image_size: required for a unet2d use. Set it on the use or on components.{comp_name}.")
+        levels = len(comp.channel_mults or [1, 2, 4, 4])
+        if image % (2 ** (levels - 1)):
+            raise SpecError(
+                f"{where}.image_size ({image}) must be divisible by 2^{levels - 1} for {levels} resolution levels. "
+                "Change the image size or channel_mults."
+            )
+        return UseShape(image * image, image)
+    seq = use.seq_len or comp.seq_len
+    if seq is None:
+        if comp.kind == "mlp":
+            return UseShape(1, None)
+        raise SpecError(f"{where}.seq_len: required for a {comp.kind} use. Set it on the use or on components.{comp_name}.")
+    return UseShape(seq, image)
+
+
+def expand_use(job: JobSpec, task_index: int, use_index: int) -> list[LayerSegment]:
+    """Layer segments of one use of a component in one task."""
+    use = job.tasks[task_index].components[use_index]
+    comp = job.components[use.component]
+    where = f"tasks[{task_index}].components[{use_index}]"
+    shape = resolve_shape(comp, use.component, use, where)
+    return KINDS[comp.kind](comp, use.component, shape)
+
+
+def check_components(job: JobSpec) -> None:
+    """Check every component's kind and kind-specific fields, and that every use resolves to a shape."""
+    for name, comp in job.components.items():
+        if comp.kind not in KINDS:
+            raise SpecError(
+                f"components.{name}.kind ('{comp.kind}') is not a registered component; {did_you_mean(comp.kind, KINDS)}"
+            )
+        for degree in comp.tensor_parallel:
+            if degree < 1 or degree & (degree - 1):
+                raise SpecError(
+                    f"components.{name}.tensor_parallel ({degree}) is not a power of two; use degrees like 1, 2, 4, 8."
+                )
+            heads = comp.num_heads or 0
+            if degree > 1 and heads % degree:
+                raise SpecError(
+                    f"components.{name}.tensor_parallel ({degree}) does not divide num_heads ({heads}); "
+                    "pick a degree that divides the head count."
+                )
+    for t, task in enumerate(job.tasks):
+        for u in range(len(task.components)):
+            expand_use(job, t, u)

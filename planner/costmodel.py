@@ -1,0 +1,243 @@
+"""Scalability estimator: per-layer time T_m(n) and memory of a MetaOp on n devices.
+
+One interface (:class:`CostModel`), two sources: :class:`AnalyticCostModel` (FLOPs and bytes
+against the device table, alpha-beta collectives) and :class:`ProfiledCostModel` (measured
+(local batch, seconds) points fitted piecewise alpha-beta). Both produce a :class:`Curve` per
+MetaOp: the valid device counts with strictly decreasing per-layer times, so every scheduler sees
+a non-increasing T_m(n). A count is valid when some layout (dp x tp = n, tp in the component's
+allowed degrees and within one node) has dp dividing the MetaOp's batch and one layer fits in
+device memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from bisect import bisect_left
+from dataclasses import dataclass
+from pathlib import Path
+
+from planner.devices import Hardware
+from planner.errors import PlanningError, SpecError
+from planner.metagraph import MetaOp
+
+log = logging.getLogger(__name__)
+
+BYTES_TRAINABLE_PARAM = 16  # bf16 weight + fp32 master + fp32 grad + Adam m and v, as in mixed precision
+BYTES_FROZEN_PARAM = 2
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a MetaOp slice uses its devices: ``dp_degree * tp_degree`` devices."""
+
+    dp_degree: int
+    tp_degree: int
+
+    @property
+    def num_devices(self) -> int:
+        return self.dp_degree * self.tp_degree
+
+
+@dataclass(frozen=True)
+class Curve:
+    """T_m(n) on the valid counts of one MetaOp: ``counts`` ascending, ``times`` (s/layer) strictly decreasing."""
+
+    counts: tuple[int, ...]
+    times: tuple[float, ...]
+    layouts: tuple[Layout, ...]
+    memory: tuple[float, ...]  # bytes per device per layer at each count
+
+    def index(self, n: int) -> int:
+        i = bisect_left(self.counts, n)
+        if i == len(self.counts) or self.counts[i] != n:
+            raise KeyError(f"{n} is not a valid device count (valid: {self.counts})")
+        return i
+
+    def time(self, n: int) -> float:
+        return self.times[self.index(n)]
+
+    def layout(self, n: int) -> Layout:
+        return self.layouts[self.index(n)]
+
+    def speedup(self, n: float) -> float:
+        """T(1-equivalent)/T(n) interpolated linearly between valid counts (and from 0 at n=0)."""
+        base = self.times[0] * self.counts[0]
+        xs = (0,) + self.counts
+        ys = (0.0,) + tuple(base / t for t in self.times)
+        if n >= xs[-1]:
+            return ys[-1]
+        i = bisect_left(xs, n)
+        if xs[i] == n:
+            return ys[i]
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
+
+
+class CostModel:
+    """Base of the cost models. Subclasses implement :meth:`layout_time`; the rest is shared."""
+
+    source = "base"
+
+    def __init__(self, hardware: Hardware):
+        self.hw = hardware
+        self._curves: dict[tuple, Curve] = {}
+
+    # ---- what subclasses provide
+    def layout_time(self, op: MetaOp, layout: Layout) -> float:
+        """Seconds for forward+backward of one layer of ``op`` (its whole batch) under ``layout``."""
+        raise NotImplementedError
+
+    # ---- shared
+    def local_batch(self, op: MetaOp, layout: Layout) -> int:
+        return math.ceil(op.batch_size / layout.dp_degree)
+
+    def layer_memory(self, op: MetaOp, layout: Layout) -> float:
+        """Bytes per device for one layer: parameter state plus activations saved for backward."""
+        per_param = BYTES_FROZEN_PARAM if op.frozen else BYTES_TRAINABLE_PARAM
+        params = op.layer.params * per_param / layout.tp_degree
+        saved = op.layer.act_bytes if op.backward_factor > 0 else op.layer.out_bytes
+        return params + saved * self.local_batch(op, layout) / layout.tp_degree
+
+    def layouts(self, op: MetaOp, n: int) -> list[Layout]:
+        out = []
+        for tp in op.allowed_tp:
+            if n % tp or tp > self.hw.devices_per_node:
+                continue
+            dp = n // tp
+            if op.batch_size % dp == 0:
+                out.append(Layout(dp, tp))
+        return out
+
+    def curve(self, op: MetaOp) -> Curve:
+        """The valid counts of ``op`` with strictly decreasing times (cached per workload)."""
+        cache_key = (op.key, op.batch_size, op.backward_factor, op.frozen, op.allowed_tp)
+        if cache_key not in self._curves:
+            self._curves[cache_key] = self._build_curve(op)
+        return self._curves[cache_key]
+
+    def _build_curve(self, op: MetaOp) -> Curve:
+        counts, times, layouts, memory = [], [], [], []
+        for n in range(1, self.hw.num_devices + 1):
+            best: tuple[float, Layout, float] | None = None
+            for layout in self.layouts(op, n):
+                mem = self.layer_memory(op, layout)
+                if mem > self.hw.memory_bytes:
+                    continue
+                t = self.layout_time(op, layout)
+                if best is None or t < best[0]:
+                    best = (t, layout, mem)
+            if best is None or (times and best[0] >= times[-1]):
+                continue  # invalid, or no faster than a smaller count: keep T non-increasing
+            counts.append(n)
+            times.append(best[0])
+            layouts.append(best[1])
+            memory.append(best[2])
+        if not counts:
+            need = min(self.layer_memory(op, lay) for n in range(1, self.hw.num_devices + 1) for lay in self.layouts(op, n)) \
+                if any(self.layouts(op, n) for n in range(1, self.hw.num_devices + 1)) else float("nan")
+            raise PlanningError(
+                f"MetaOp {op.name}: no valid device count; one layer needs {need / 2**30:.1f} GiB per device at best "
+                f"and a device has {self.hw.memory_bytes / 2**30:.1f} GiB (batch {op.batch_size}, tensor_parallel "
+                f"{list(op.allowed_tp)}). Allow a larger tensor_parallel degree, lower the batch size, or use larger devices."
+            )
+        return Curve(tuple(counts), tuple(times), tuple(layouts), tuple(memory))
+
+    # ---- communication (alpha-beta)
+    def allreduce_time(self, nbytes: float, num_devices: int, cross_node: bool) -> float:
+        """Ring all-reduce of ``nbytes`` over ``num_devices``."""
+        if num_devices <= 1 or nbytes <= 0:
+            return 0.0
+        bw = self.hw.inter_bandwidth if cross_node else self.hw.intra_bandwidth
+        alpha = self.hw.device.inter_latency_s if cross_node else self.hw.device.intra_latency_s
+        steps = 2 * (num_devices - 1)
+        return steps * alpha + steps / num_devices * nbytes / bw
+
+    def p2p_time(self, nbytes: float, cross_node: bool) -> float:
+        """One point-to-point message of ``nbytes``."""
+        if nbytes <= 0:
+            return 0.0
+        if cross_node:
+            return self.hw.device.inter_latency_s + nbytes / self.hw.inter_bandwidth
+        return self.hw.device.intra_latency_s + nbytes / self.hw.intra_bandwidth
+
+    def optimizer_time(self, num_params: float) -> float:
+        """AdamW step over ``num_params`` parameters held by one device (memory bound, ~32 bytes/param)."""
+        return num_params * 32 / self.hw.device.mem_bandwidth
+
+
+class AnalyticCostModel(CostModel):
+    """T = kernel launches x latency + max(FLOPs / (peak x efficiency), bytes / bandwidth) + TP all-reduces."""
+
+    source = "analytic"
+
+    def layout_time(self, op: MetaOp, layout: Layout) -> float:
+        dev, layer = self.hw.device, op.layer
+        b = self.local_batch(op, layout)
+        passes = 1.0 + op.backward_factor
+        compute = layer.flops_fwd * b * passes / layout.tp_degree / (dev.peak_flops * dev.efficiency)
+        moved = (2 * layer.params * passes + 2 * layer.act_bytes * b) / layout.tp_degree
+        memory = moved / dev.mem_bandwidth
+        launches = layer.num_kernels * passes * dev.launch_s
+        tp = 0.0
+        if layout.tp_degree > 1:
+            rounds = 2 * (2 if op.backward_factor > 0 else 1)
+            tp = rounds * self.allreduce_time(layer.tp_comm_bytes / 2 * b, layout.tp_degree, cross_node=False)
+        return launches + max(compute, memory) + tp
+
+
+class ProfiledCostModel(CostModel):
+    """Per-layer times measured at a few local batch sizes, fitted piecewise alpha-beta (linear between points).
+
+    File format (JSON): ``{"version": 1, "device": "cpu", "points": {"<profile key>": [[local_batch, seconds], ...]}}``
+    where the profile key is :func:`profile_key` of the MetaOp and layout. Keys missing from the file
+    fall back to ``fallback`` when given, else they are a PlanningError naming the MetaOp.
+    """
+
+    source = "profiled"
+
+    def __init__(self, hardware: Hardware, points: dict[str, list[tuple[float, float]]], fallback: CostModel | None = None):
+        super().__init__(hardware)
+        self.points = {k: sorted((float(b), float(t)) for b, t in v) for k, v in points.items()}
+        self.fallback = fallback
+
+    @classmethod
+    def load(cls, path: str | Path, hardware: Hardware, fallback: CostModel | None = None) -> ProfiledCostModel:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            points = data["points"]
+            assert isinstance(points, dict)
+        except FileNotFoundError:
+            raise SpecError(f"{path}: no such cost file. Run `loom profile` to make one.") from None
+        except (ValueError, KeyError, AssertionError):
+            raise SpecError(f"{path}: not a profiled cost file (expected JSON with a 'points' mapping).") from None
+        return cls(hardware, points, fallback)
+
+    def layout_time(self, op: MetaOp, layout: Layout) -> float:
+        pts = self.points.get(profile_key(op, layout))
+        if not pts:
+            if self.fallback is not None:
+                return self.fallback.layout_time(op, layout)
+            raise PlanningError(
+                f"MetaOp {op.name}: the cost file has no points for '{profile_key(op, layout)}'. "
+                "Re-run `loom profile` for this job."
+            )
+        return fit_piecewise(pts, self.local_batch(op, layout))
+
+
+def profile_key(op: MetaOp, layout: Layout) -> str:
+    """Key of a profiled curve: layer workload, backward factor and TP degree (batch enters as the x axis)."""
+    return f"{op.key}|bwd={op.backward_factor:g}|tp={layout.tp_degree}"
+
+
+def fit_piecewise(points: list[tuple[float, float]], x: float) -> float:
+    """Evaluate the piecewise alpha-beta fit of sorted (x, t) points at ``x`` (end segments extrapolate)."""
+    if len(points) == 1:
+        x0, t0 = points[0]
+        return t0 * max(x, 1e-9) / x0
+    i = min(max(bisect_left([p[0] for p in points], x), 1), len(points) - 1)
+    (x0, t0), (x1, t1) = points[i - 1], points[i]
+    beta = (t1 - t0) / (x1 - x0)
+    return max(t0 + beta * (x - x0), 1e-9)

@@ -1,0 +1,72 @@
+"""Device table for the analytic cost model.
+
+Peaks are dense bf16 tensor-core FLOP/s from vendor data sheets; ``efficiency`` is the fraction of
+peak a large GEMM-bound layer reaches; ``launch_s`` is the per-kernel latency that makes small
+per-device work inefficient; link bandwidths are per direction. The CPU row describes one worker
+process with one thread on this kind of machine and is meant to be replaced by a profiled cost
+model (``loom profile``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.errors import SpecError, did_you_mean
+from planner.spec import ClusterSpec
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """Performance facts of one device kind; bandwidths in bytes/s, memory in bytes."""
+
+    name: str
+    peak_flops: float
+    efficiency: float
+    mem_bandwidth: float
+    memory_bytes: float
+    launch_s: float
+    intra_node_bandwidth: float  # bytes/s, per device, per direction
+    intra_latency_s: float
+    inter_latency_s: float
+
+
+DEVICES: dict[str, DeviceInfo] = {
+    "a100": DeviceInfo("a100", 312e12, 0.60, 2.0e12, 80 * GIB, 4e-6, 300e9, 5e-6, 1e-5),
+    "a800": DeviceInfo("a800", 312e12, 0.60, 2.0e12, 80 * GIB, 4e-6, 200e9, 5e-6, 1e-5),
+    "h100": DeviceInfo("h100", 989e12, 0.55, 3.35e12, 80 * GIB, 3e-6, 450e9, 4e-6, 8e-6),
+    "h200": DeviceInfo("h200", 989e12, 0.55, 4.8e12, 141 * GIB, 3e-6, 450e9, 4e-6, 8e-6),
+    "cpu": DeviceInfo("cpu", 1.0e11, 0.5, 1.5e10, 8 * GIB, 2e-5, 5e9, 5e-5, 1e-4),
+}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """A cluster resolved against the device table: the numbers every cost model uses."""
+
+    device: DeviceInfo
+    num_nodes: int
+    devices_per_node: int
+    memory_bytes: float
+    intra_bandwidth: float
+    inter_bandwidth: float  # bytes/s per node
+
+    @property
+    def num_devices(self) -> int:
+        return self.num_nodes * self.devices_per_node
+
+
+def resolve_hardware(cluster: ClusterSpec) -> Hardware:
+    """Combine a ClusterSpec with the device table; an unknown device kind is a SpecError."""
+    if cluster.device not in DEVICES:
+        raise SpecError(f"cluster.device ('{cluster.device}') is not a known device; {did_you_mean(cluster.device, DEVICES)}")
+    dev = DEVICES[cluster.device]
+    return Hardware(
+        device=dev,
+        num_nodes=cluster.num_nodes,
+        devices_per_node=cluster.devices_per_node,
+        memory_bytes=cluster.memory_gib * GIB if cluster.memory_gib else dev.memory_bytes,
+        intra_bandwidth=cluster.intra_node_gbps * 1e9 / 8 if cluster.intra_node_gbps else dev.intra_node_bandwidth,
+        inter_bandwidth=cluster.inter_node_gbps * 1e9 / 8,
+    )

@@ -1,0 +1,140 @@
+"""MetaGraph: tasks expanded into per-layer operator chains, contracted into MetaOps.
+
+Each task's use of a component becomes a chain of layer operators; a run of identical operators
+(same layer type, same input shape, consecutive in the chain) contracts into one MetaOp with a
+layer count. Contraction stays inside one component use: operators of different components hold
+different parameters, and keeping them apart keeps parameter-sharing groups exact. MetaOps of
+different tasks that use the same layers of the same component share parameters
+(``param_group``). Levels are BFS depths: MetaOps of one level have no dependency between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from planner.components import LayerSegment, expand_use
+from planner.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class MetaOp:
+    """A chain of ``num_layers`` identical layers of one task; times and costs come from ``layer``."""
+
+    id: int
+    name: str  # "<task>.<use>" (+ "#<segment>" when a use has several segments)
+    task: str
+    component: str
+    layer: LayerSegment
+    num_layers: int
+    batch_size: int
+    deps: tuple[int, ...]
+    param_group: str  # MetaOps with the same group hold the same parameters
+    frozen: bool
+    backward_factor: float  # backward cost as a multiple of forward: 2 (weights+inputs), 1 (inputs only), 0
+    level: int = 0
+    allowed_tp: tuple[int, ...] = (1,)
+
+    @property
+    def key(self) -> str:
+        return self.layer.key
+
+
+@dataclass(frozen=True)
+class MetaGraph:
+    """The contracted graph: MetaOps in topological order (ids are indices), levels and sharing groups."""
+
+    metaops: tuple[MetaOp, ...]
+    levels: tuple[tuple[int, ...], ...]
+    param_groups: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.metaops)
+
+    def successors(self) -> list[list[int]]:
+        succ: list[list[int]] = [[] for _ in self.metaops]
+        for op in self.metaops:
+            for d in op.deps:
+                succ[d].append(op.id)
+        return succ
+
+    def ops_of_task(self, task: str) -> list[MetaOp]:
+        return [op for op in self.metaops if op.task == task]
+
+
+def contract_segments(segments: Sequence[LayerSegment]) -> list[LayerSegment]:
+    """Merge consecutive segments with equal keys (identical operators) into one, adding their counts."""
+    out: list[LayerSegment] = []
+    for seg in segments:
+        if out and out[-1].key == seg.key:
+            prev = out[-1]
+            out[-1] = LayerSegment(prev.key, prev.count + seg.count, *_costs(prev))
+        else:
+            out.append(seg)
+    return out
+
+
+def _costs(seg: LayerSegment) -> tuple:
+    return (seg.flops_fwd, seg.params, seg.act_bytes, seg.out_bytes, seg.tp_comm_bytes, seg.num_kernels)
+
+
+def build_metagraph(job: JobSpec) -> MetaGraph:
+    """Expand every task of ``job`` into MetaOps with dependencies, levels and parameter groups."""
+    ops: list[MetaOp] = []
+    for t, task in enumerate(job.tasks):
+        last_of_use: dict[str, int] = {}
+        trainable_of_use: dict[str, bool] = {}
+        prev_use: str | None = None
+        for u, use in enumerate(task.components):
+            comp = job.components[use.component]
+            upstream = use.after if use.after is not None else ([prev_use] if prev_use else [])
+            deps = tuple(sorted(last_of_use[name] for name in upstream))
+            trainable_upstream = any(trainable_of_use[name] for name in upstream)
+            segments = contract_segments(expand_use(job, t, u))
+            for s, seg in enumerate(segments):
+                if comp.frozen:
+                    backward = 1.0 if trainable_upstream else 0.0
+                else:
+                    backward = 2.0
+                suffix = f"#{s}" if len(segments) > 1 else ""
+                op = MetaOp(
+                    id=len(ops),
+                    name=f"{task.name}.{use.use_name}{suffix}",
+                    task=task.name,
+                    component=use.component,
+                    layer=seg,
+                    num_layers=seg.count,
+                    batch_size=task.batch_size,
+                    deps=deps,
+                    param_group=f"{use.component}#{s}" if len(segments) > 1 else use.component,
+                    frozen=comp.frozen,
+                    backward_factor=backward,
+                    allowed_tp=tuple(sorted(set(comp.tensor_parallel))),
+                )
+                ops.append(op)
+                deps = (op.id,)
+            last_of_use[use.use_name] = ops[-1].id
+            trainable_of_use[use.use_name] = trainable_upstream or not comp.frozen
+            prev_use = use.use_name
+    return finalize_graph(ops)
+
+
+def finalize_graph(ops: Sequence[MetaOp]) -> MetaGraph:
+    """Assign BFS levels and collect parameter groups; ``ops`` must be in topological order (deps < id)."""
+    levels_of: list[int] = []
+    for op in ops:
+        assert all(d < op.id for d in op.deps), f"MetaOp {op.name} depends on a later MetaOp"
+        levels_of.append(1 + max((levels_of[d] for d in op.deps), default=-1))
+    final = tuple(_with_level(op, levels_of[op.id]) for op in ops)
+    num_levels = 1 + max(levels_of, default=-1)
+    levels = tuple(tuple(op.id for op in final if op.level == lv) for lv in range(num_levels))
+    groups: dict[str, list[int]] = {}
+    for op in final:
+        groups.setdefault(op.param_group, []).append(op.id)
+    return MetaGraph(final, levels, {g: tuple(ids) for g, ids in sorted(groups.items())})
+
+
+def _with_level(op: MetaOp, level: int) -> MetaOp:
+    from dataclasses import replace
+
+    return replace(op, level=level)

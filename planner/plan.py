@@ -1,0 +1,172 @@
+"""Plan: the planner's decision as versioned, content-hashed JSON.
+
+A Plan holds everything a run needs (MetaOps, waves with device ids and layouts, transfers,
+shared-parameter sync groups) plus everything a person needs to judge it (predicted times, peak
+memory, solver status and gap, bounds, baselines). It carries no timestamps or timings of the
+planner itself, so the same inputs give byte-identical JSON. ``loom run --plan`` replays it without
+the solver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from planner.errors import SpecError
+
+PLAN_VERSION = 1
+
+
+class _PlanModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PlanCluster(_PlanModel):
+    num_nodes: int
+    devices_per_node: int
+    device: str
+    memory_bytes: float
+
+
+class PlanMetaOp(_PlanModel):
+    id: int
+    name: str
+    task: str
+    component: str
+    layer_key: str
+    num_layers: int
+    batch_size: int
+    deps: list[int]
+    level: int
+    param_group: str
+    frozen: bool
+    params_per_layer: float
+    out_bytes_per_sample: float
+
+
+class PlanSlice(_PlanModel):
+    metaop: int
+    first_layer: int = Field(description="Index of the first layer of the MetaOp this slice runs.")
+    num_layers: int
+    devices: list[int]
+    dp_degree: int
+    tp_degree: int
+    time_s: float = Field(description="Predicted forward+backward time of the slice.")
+    memory_bytes: float = Field(description="Predicted bytes per device for this slice's layers.")
+
+
+class PlanWave(_PlanModel):
+    index: int
+    start_s: float
+    duration_s: float
+    slices: list[PlanSlice]
+
+
+class PlanTransfer(_PlanModel):
+    """Activations moving between two consecutive slices of one task across a wave boundary."""
+
+    after_wave: int
+    src_metaop: int
+    dst_metaop: int
+    src_devices: list[int]
+    dst_devices: list[int]
+    bytes: float
+    time_s: float
+
+
+class SyncGroup(_PlanModel):
+    """Parameters (of one sharing group) whose gradients are all-reduced over ``devices`` after backward."""
+
+    param_group: str
+    metaops: list[int]
+    devices: list[int]
+    bytes: float
+    time_s: float
+
+
+class Prediction(_PlanModel):
+    iteration_time_s: float
+    compute_s: float
+    transfer_s: float
+    sync_s: float
+    optimizer_s: float
+
+
+class SolverReport(_PlanModel):
+    name: str
+    status: str = Field(description="optimal, feasible (stopped at a limit with a gap), or heuristic.")
+    objective_s: float
+    bound_s: float
+    gap: float
+    warm_start: str
+
+
+class Bounds(_PlanModel):
+    per_level_s: float = Field(description="Sum over MetaLevels of the relaxed malleable optimum C*.")
+    dag_s: float = Field(description="A lower bound valid without level barriers.")
+
+
+class Plan(_PlanModel):
+    version: int = PLAN_VERSION
+    job: str
+    spec_hash: str
+    cost_model: str
+    cluster: PlanCluster
+    metaops: list[PlanMetaOp]
+    waves: list[PlanWave]
+    transfers: list[PlanTransfer]
+    sync_groups: list[SyncGroup]
+    predicted: Prediction
+    peak_memory_bytes: list[float]
+    solver: SolverReport
+    bounds: Bounds
+    baselines: dict[str, float] = Field(description="Predicted iteration time of each baseline, same simulator.")
+    hash: str = ""
+
+    def content_hash(self) -> str:
+        body = self.model_dump(mode="json", exclude={"hash"})
+        return hashlib.sha256(_canonical(body).encode()).hexdigest()[:16]
+
+    def sealed(self) -> Plan:
+        """This plan with its content hash filled in."""
+        return self.model_copy(update={"hash": self.content_hash()})
+
+    def to_json(self) -> str:
+        return _canonical(self.model_dump(mode="json"), indent=1) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+
+def _canonical(obj: object, indent: int | None = None) -> str:
+    return json.dumps(obj, sort_keys=True, indent=indent, separators=(",", ": ") if indent else (",", ":"))
+
+
+def plan_from_json(text: str, source: str = "plan") -> Plan:
+    """Parse and verify a Plan; a wrong version or a hash that does not match the content is a SpecError."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise SpecError(f"{source}: not JSON. Pass a file written by `loom plan --output json`.") from None
+    if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
+        found = data.get("version") if isinstance(data, dict) else None
+        raise SpecError(f"{source}: plan version {found!r} is not supported; expected {PLAN_VERSION}. Re-run `loom plan`.")
+    try:
+        plan = Plan.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise SpecError(f"{source}: {where}: {err['msg'].lower()}. Re-run `loom plan`.") from None
+    if plan.hash and plan.hash != plan.content_hash():
+        raise SpecError(f"{source}: content hash {plan.hash} does not match the content; the file was edited. Re-run `loom plan`.")
+    return plan
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such plan file. Check the path.")
+    return plan_from_json(path.read_text(), str(path))

@@ -1,0 +1,125 @@
+"""Wave schedules: the common currency of every scheduler, placement and the simulator.
+
+A :class:`Schedule` is an ordered tuple of :class:`Wave`; a wave holds at most one
+:class:`Slice` per MetaOp (``num_layers`` consecutive layers of it on ``num_devices`` devices).
+Waves run one after another; inside a wave the slices run concurrently on disjoint devices, and
+the wave lasts as long as its slowest slice. Device ids are chosen later by placement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from planner.costmodel import CostModel, Curve
+from planner.metagraph import MetaGraph
+
+
+@dataclass(frozen=True)
+class Slice:
+    """``num_layers`` consecutive layers of MetaOp ``metaop`` on ``num_devices`` devices."""
+
+    metaop: int
+    num_layers: int
+    num_devices: int
+
+
+@dataclass(frozen=True)
+class Wave:
+    slices: tuple[Slice, ...]
+
+    @property
+    def num_devices(self) -> int:
+        return sum(s.num_devices for s in self.slices)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    waves: tuple[Wave, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a scheduler sees: the MetaGraph, one curve per MetaOp (indexed by id) and N devices."""
+
+    graph: MetaGraph
+    curves: tuple[Curve, ...]
+    num_devices: int
+
+    @classmethod
+    def build(cls, graph: MetaGraph, cost_model: CostModel) -> Problem:
+        return cls(graph, tuple(cost_model.curve(op) for op in graph.metaops), cost_model.hw.num_devices)
+
+    def layers(self, m: int) -> int:
+        return self.graph.metaops[m].num_layers
+
+    def slice_time(self, s: Slice) -> float:
+        return self.curves[s.metaop].time(s.num_devices) * s.num_layers
+
+
+def wave_duration(problem: Problem, wave: Wave) -> float:
+    """Seconds of the wave's slowest slice (forward+backward compute only)."""
+    return max((problem.slice_time(s) for s in wave.slices), default=0.0)
+
+
+def compute_makespan(problem: Problem, schedule: Schedule) -> float:
+    """Sum of wave durations: the compute part of the iteration time."""
+    return sum(wave_duration(problem, w) for w in schedule.waves)
+
+
+class ScheduleError(AssertionError):
+    """A schedule violates an invariant (a bug in a scheduler, never a user error)."""
+
+
+def check_schedule(problem: Problem, schedule: Schedule) -> None:
+    """Raise ScheduleError unless: every layer of every MetaOp runs exactly once, no MetaOp runs in a wave
+    before all its predecessors have finished, a MetaOp has at most one slice per wave, each slice uses a
+    valid device count, and no wave uses more than N devices."""
+    done = [0] * len(problem.graph)
+    finished_before: list[bool] = [False] * len(problem.graph)
+    for k, wave in enumerate(schedule.waves):
+        if wave.num_devices > problem.num_devices:
+            raise ScheduleError(f"wave {k} uses {wave.num_devices} devices > N={problem.num_devices}")
+        seen: set[int] = set()
+        for s in wave.slices:
+            op = problem.graph.metaops[s.metaop]
+            if s.metaop in seen:
+                raise ScheduleError(f"wave {k}: MetaOp {op.name} has two slices")
+            seen.add(s.metaop)
+            if s.num_layers <= 0:
+                raise ScheduleError(f"wave {k}: MetaOp {op.name} has a slice of {s.num_layers} layers")
+            if s.num_devices not in problem.curves[s.metaop].counts:
+                raise ScheduleError(f"wave {k}: MetaOp {op.name} on {s.num_devices} devices, not a valid count")
+            for d in op.deps:
+                if not finished_before[d]:
+                    raise ScheduleError(f"wave {k}: MetaOp {op.name} runs before its predecessor "
+                                        f"{problem.graph.metaops[d].name} finished")
+            done[s.metaop] += s.num_layers
+        for m in seen:
+            if done[m] > problem.layers(m):
+                raise ScheduleError(f"MetaOp {problem.graph.metaops[m].name} runs {done[m]} > {problem.layers(m)} layers")
+        for m in seen:
+            finished_before[m] = done[m] == problem.layers(m)
+    for m, count in enumerate(done):
+        if count != problem.layers(m):
+            raise ScheduleError(f"MetaOp {problem.graph.metaops[m].name} runs {count} of {problem.layers(m)} layers")
+
+
+def merge_adjacent_waves(problem: Problem, waves: Sequence[Wave]) -> tuple[Wave, ...]:
+    """Merge consecutive waves that hold exactly the same (MetaOp, devices) set (fewer transfers, same time)."""
+    out: list[Wave] = []
+    for wave in waves:
+        if not wave.slices:
+            continue
+        if out and _signature(out[-1]) == _signature(wave):
+            prev = {s.metaop: s for s in out[-1].slices}
+            out[-1] = Wave(tuple(
+                Slice(s.metaop, s.num_layers + prev[s.metaop].num_layers, s.num_devices) for s in wave.slices
+            ))
+        else:
+            out.append(wave)
+    return tuple(out)
+
+
+def _signature(wave: Wave) -> frozenset[tuple[int, int]]:
+    return frozenset((s.metaop, s.num_devices) for s in wave.slices)

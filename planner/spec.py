@@ -1,0 +1,265 @@
+"""Job specs: what a user declares (cluster, components, tasks, training), validated by pydantic.
+
+Every model forbids unknown keys. :func:`load_job` turns any validation failure into one
+:class:`~planner.errors.SpecError` whose message names the field path, the value, what was
+expected and, for a misspelt key or name, the closest valid one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from planner.errors import SpecError, did_you_mean
+
+
+class StrictModel(BaseModel):
+    """Base of every spec model: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClusterSpec(StrictModel):
+    """The devices a job may use."""
+
+    num_nodes: int = Field(1, ge=1, description="Number of nodes (machines).")
+    devices_per_node: int = Field(8, ge=1, description="Accelerators (or CPU workers) per node.")
+    device: str = Field("a800", description="Device kind, a key of the device table: a100, a800, h100, h200, cpu.")
+    memory_gib: float | None = Field(
+        None, gt=0, description="Usable memory per device in GiB; defaults to the device table's value."
+    )
+    intra_node_gbps: float | None = Field(
+        None, gt=0, description="Per-device bandwidth inside a node in Gbit/s (NVLink); defaults to the device table's."
+    )
+    inter_node_gbps: float = Field(400.0, gt=0, description="Per-node network bandwidth between nodes in Gbit/s.")
+
+    @property
+    def num_devices(self) -> int:
+        """Total number of devices N."""
+        return self.num_nodes * self.devices_per_node
+
+
+class ComponentSpec(StrictModel):
+    """A model component (a registry kind plus its shape). Which fields a kind needs is checked by the registry."""
+
+    kind: str = Field(description="Registry name: transformer, vit, llama, decoder, unet2d, mlp.")
+    num_layers: int = Field(ge=1, description="Number of repeated layers (blocks).")
+    hidden_size: int = Field(ge=1, description="Hidden (model) width; for unet2d the base channel count.")
+    num_heads: int | None = Field(None, ge=1, description="Attention heads (transformer kinds).")
+    num_kv_heads: int | None = Field(None, ge=1, description="Key/value heads for grouped-query attention (llama).")
+    ffn_hidden_size: int | None = Field(None, ge=1, description="MLP width; defaults to 4*hidden (8/3*hidden for llama).")
+    vocab_size: int | None = Field(None, ge=1, description="Vocabulary size of a token-input component (informational).")
+    seq_len: int | None = Field(None, ge=1, description="Default sequence length; a task may override it.")
+    image_size: int | None = Field(None, ge=1, description="Default image (or latent) side in pixels for vit/unet2d.")
+    patch_size: int | None = Field(None, ge=1, description="ViT patch side in pixels.")
+    in_channels: int | None = Field(None, ge=1, description="Input channels (vit, unet2d).")
+    cross_seq_len: int | None = Field(None, ge=1, description="Length of the sequence a decoder cross-attends to.")
+    channel_mults: list[int] | None = Field(None, description="unet2d: channel multiplier per resolution level.")
+    out_features: int | None = Field(None, ge=1, description="mlp: output width (classes, embedding size).")
+    frozen: bool = Field(False, description="Forward only: no weight gradients and no optimizer state.")
+    tensor_parallel: list[int] = Field(
+        default_factory=lambda: [1],
+        description="Tensor-parallel degrees the planner may choose from (1 = data parallel only).",
+    )
+
+
+class TaskComponentSpec(StrictModel):
+    """One use of a component inside a task, with the data shape it sees there."""
+
+    component: str = Field(description="Name of a key under `components`.")
+    name: str | None = Field(None, description="Name of this use inside the task (default: the component name).")
+    after: list[str] | None = Field(
+        None,
+        description="Names of earlier uses in this task whose outputs feed this one. "
+        "Default: the previous entry (a chain); [] for an independent branch.",
+    )
+    seq_len: int | None = Field(None, ge=1, description="Sequence length seen here (overrides the component's).")
+    image_size: int | None = Field(None, ge=1, description="Image side seen here (overrides the component's).")
+
+    @property
+    def use_name(self) -> str:
+        return self.name or self.component
+
+
+class TaskSpec(StrictModel):
+    """A training task: an ordered set of component uses, a batch size and a loss weight."""
+
+    name: str = Field(description="Unique task name.")
+    components: list[TaskComponentSpec] = Field(min_length=1, description="Component uses, in data-flow order.")
+    batch_size: int = Field(ge=1, description="Global batch size (samples per iteration) of this task.")
+    loss: str = Field("cross_entropy", description="Loss name (informational for planning).")
+    loss_weight: float = Field(1.0, ge=0, description="Weight of this task's loss in the total.")
+
+    @model_validator(mode="after")
+    def _check_uses(self) -> TaskSpec:
+        seen: list[str] = []
+        for i, use in enumerate(self.components):
+            if use.use_name in seen:
+                raise ValueError(
+                    f"components[{i}].name ('{use.use_name}') is used twice in task '{self.name}'; "
+                    "names must be unique. Give the second use its own `name:`."
+                )
+            for dep in use.after or []:
+                if dep not in seen:
+                    raise ValueError(
+                        f"components[{i}].after ('{dep}') is not an earlier use in task '{self.name}'; "
+                        f"{did_you_mean(dep, seen) if seen else 'the first use cannot depend on anything'}"
+                    )
+            seen.append(use.use_name)
+        return self
+
+
+class TrainingSpec(StrictModel):
+    """How to train: steps, optimizer, checkpoints, seed."""
+
+    steps: int = Field(100, ge=1, description="Training iterations.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(1e-4, gt=0, description="Learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    seed: int = Field(0, description="Seed of parameters, data and dropout.")
+    checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0 = never).")
+    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Compute precision the cost model assumes.")
+
+
+class PlannerSpec(StrictModel):
+    """Planner settings."""
+
+    solver: Literal["highs", "cbc"] = Field("highs", description="MILP solver behind PuLP.")
+    time_limit_s: float = Field(10.0, gt=0, description="Wall-clock limit of each MILP solve.")
+    mip_gap: float = Field(0.005, ge=0, description="Relative MIP gap at which a solve stops.")
+    level_barriers: bool = Field(
+        False, description="Force Spindle-style level barriers (no overlap of MetaLevels) in Loom's plan."
+    )
+
+
+class JobSpec(StrictModel):
+    """A whole training job."""
+
+    name: str = Field(description="Job name.")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Devices.")
+    components: dict[str, ComponentSpec] = Field(min_length=1, description="Model components by name.")
+    tasks: list[TaskSpec] = Field(min_length=1, description="Tasks trained together.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training settings.")
+    planner: PlannerSpec = Field(default_factory=PlannerSpec, description="Planner settings.")
+
+    @model_validator(mode="after")
+    def _check_references(self) -> JobSpec:
+        names = [t.name for t in self.tasks]
+        for i, task in enumerate(self.tasks):
+            if names.count(task.name) > 1:
+                raise ValueError(f"tasks[{i}].name ('{task.name}') is not unique; each task needs its own name.")
+            for j, use in enumerate(task.components):
+                if use.component not in self.components:
+                    raise ValueError(
+                        f"tasks[{i}].components[{j}].component ('{use.component}') is not a component of this job; "
+                        f"{did_you_mean(use.component, self.components)}"
+                    )
+        return self
+
+
+# --------------------------------------------------------------------------- loading and errors
+
+
+def _path_str(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the last key of ``loc`` (for 'did you mean')."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or current is None:
+            continue
+        field = current.model_fields.get(str(part)) if isinstance(current, type) else None
+        if field is None:
+            return None
+        current = _inner_model(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> Any:
+    args = getattr(annotation, "__args__", ())
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in reversed(args):  # dict[str, X] -> X, list[X] -> X
+        inner = _inner_model(arg)
+        if inner is not None:
+            return inner
+    return None
+
+
+def _format_error(model: type[BaseModel], err: dict[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
+    path = _path_str(loc)
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        owner = _model_at(model, loc)
+        valid = list(owner.model_fields) if owner else []
+        hint = did_you_mean(str(loc[-1]), valid) if valid else ""
+        return f"{path}: unknown key; {hint} Remove or rename it."
+    if kind == "missing":
+        return f"{path}: required field is missing. Add it to the spec."
+    if kind == "value_error":
+        msg = err["msg"].removeprefix("Value error, ")
+        prefix = _path_str(loc)
+        return f"{prefix}.{msg}" if loc and msg.startswith(("components[", "tasks[")) else (
+            f"{prefix}: {msg}" if loc else msg
+        )
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return f"{path} ({shown}): {err['msg'].lower()}. Fix the value in the spec."
+
+
+def parse_job(data: Any, source: str = "job spec") -> JobSpec:
+    """Validate a parsed YAML/JSON document as a :class:`JobSpec`; raise one readable SpecError."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the top level must be a mapping with keys name, cluster, components, tasks.")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = len(exc.errors()) - 1
+        suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+        raise SpecError(_format_error(JobSpec, first) + suffix) from None
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Read a YAML file; a missing file or a YAML syntax error becomes a SpecError."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such file. Check the path.")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}: not valid YAML{where}. Fix the syntax.") from None
+
+
+def load_job(path: str | Path, cluster: str | Path | None = None) -> JobSpec:
+    """Load and validate a job spec; ``cluster`` optionally replaces its `cluster` section with a YAML file's."""
+    data = load_yaml(path)
+    if cluster is not None and isinstance(data, dict):
+        cluster_data = load_yaml(cluster)
+        if isinstance(cluster_data, dict) and "cluster" in cluster_data:
+            cluster_data = cluster_data["cluster"]
+        data = {**data, "cluster": cluster_data}
+    job = parse_job(data, source=str(path))
+    from planner.components import check_components  # local: components imports spec
+
+    check_components(job)
+    return job
+
+
+def job_schema() -> dict[str, Any]:
+    """The JSON schema of a job spec, for editors."""
+    return JobSpec.model_json_schema()
