@@ -148,6 +148,7 @@ def resolve_shape(comp: ComponentSpec, comp_name: str, use: TaskComponentSpec, w
     """The shape a task's use of a component sees; raises SpecError naming ``where`` when one is missing."""
     image = use.image_size or comp.image_size
     if comp.kind == "vit":
+        _need(comp, comp_name, "patch_size")  # before the divisibility check below uses it
         if image is None:
             raise SpecError(f"{where}.image_size: required for a vit use. Set it on the use or on components.{comp_name}.")
         if image % comp.patch_size:

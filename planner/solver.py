@@ -30,17 +30,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
-from planner.milp import (
-    build_wave_milp, explain_infeasible, make_solver, quiet_highs, set_start, solve_wave_milp,
-)
+from planner.milp import build_wave_milp, explain_infeasible, make_solver, set_start, solve_wave_milp
+from planner.patterns import PatternLP, PatternMaster, dive, patterns_to_schedule, solve_pattern_ip, solve_pattern_lp
 from planner.errors import PlanningError
-from planner.schedule import Problem, Schedule, Slice, Wave, compute_makespan, merge_adjacent_waves
+from planner.schedule import Problem, Schedule, Wave, compute_makespan
 
 log = logging.getLogger(__name__)
 
-Config = tuple[tuple[int, int], ...]  # ((metaop, num_devices), ...) sorted by metaop
 
 
 @dataclass(frozen=True)
@@ -90,144 +86,9 @@ def stage_windows(problem: Problem, mode: str) -> tuple[list[tuple[int, int]], i
     raise ValueError(f"unknown window mode {mode!r}")
 
 
-# --------------------------------------------------------------------------- configuration LP
-
-
-@dataclass(frozen=True)
-class LPSolution:
-    value: float  # seconds
-    columns: tuple[tuple[int, Config, float], ...]  # (stage, configuration, duration s) with duration > 0
-
-
-def price_configuration(values: Sequence[np.ndarray], counts: Sequence[np.ndarray], num_devices: int) -> tuple[float, list[tuple[int, int]]]:
-    """Multiple-choice knapsack: pick at most one count per group maximising the summed value with
-    sum of counts <= ``num_devices``. Returns (best value, [(group index, option index)]). Exact DP."""
-    dp = np.zeros(num_devices + 1)
-    choices = []
-    for vals, cnts in zip(values, counts):
-        new = dp.copy()
-        arg = np.full(num_devices + 1, -1, dtype=np.int32)
-        for j, (v, n) in enumerate(zip(vals, cnts)):
-            n = int(n)
-            if n > num_devices:
-                break
-            cand = np.full(num_devices + 1, -np.inf)
-            cand[n:] = dp[: num_devices + 1 - n] + v
-            better = cand > new * (1 + 1e-12) + 1e-300
-            new[better] = cand[better]
-            arg[better] = j
-        choices.append(arg)
-        dp = new
-    picked, cap = [], num_devices
-    for g in range(len(choices) - 1, -1, -1):
-        j = int(choices[g][cap])
-        if j >= 0:
-            picked.append((g, j))
-            cap -= int(counts[g][j])
-    return float(dp[num_devices]), picked[::-1]
-
-
-def solve_configuration_lp(problem: Problem, windows: Sequence[tuple[int, int]], num_stages: int,
-                           max_iterations: int = 5000) -> LPSolution:
-    """Column generation for min sum(y) s.t. layers[m]: sum over configurations of y / T_m(n) >= L_m."""
-    num_ops = len(problem.graph)
-    scale = float(np.median([c.times[0] for c in problem.curves]))  # work in units near 1
-    rates = [np.array([scale / t for t in c.times]) for c in problem.curves]  # layers per time unit
-    counts = [np.array(c.counts) for c in problem.curves]
-    layers = np.array([op.num_layers for op in problem.graph.metaops], dtype=float)
-    h = quiet_highs()
-    h.setOptionValue("threads", 1)
-    inf = 1e30
-    h.addRows(num_ops, layers, np.full(num_ops, inf), 0, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0))
-    columns: list[tuple[int, Config]] = []
-
-    def add(stage: int, config: Config) -> None:
-        idx = np.array([m for m, _ in config], dtype=np.int32)
-        vals = np.array([rates[m][problem.curves[m].index(n)] for m, n in config])
-        h.addCol(1.0, 0.0, inf, len(config), idx, vals)
-        columns.append((stage, config))
-
-    for m in range(num_ops):  # a feasible start: each MetaOp alone at its fastest count
-        add(windows[m][0], ((m, int(counts[m][-1])),))
-    eligible = [[m for m in range(num_ops) if windows[m][0] <= s <= windows[m][1]] for s in range(num_stages)]
-    seen = set(columns)
-    for _ in range(max_iterations):
-        h.run()
-        duals = np.abs(np.array(h.getSolution().row_dual))
-        added = 0
-        for s, ops in enumerate(eligible):
-            ops = [m for m in ops if duals[m] > 1e-12]
-            if not ops:
-                continue
-            best, picked = price_configuration([duals[m] * rates[m] for m in ops], [counts[m] for m in ops],
-                                               problem.num_devices)
-            if best <= 1 + 1e-9:
-                continue
-            config = tuple(sorted((ops[g], int(counts[ops[g]][j])) for g, j in picked))
-            if (s, config) not in seen:
-                seen.add((s, config))
-                add(s, config)
-                added += 1
-        if not added:
-            break
-    else:
-        log.warning("configuration LP stopped after %d column-generation rounds", max_iterations)
-    y = np.array(h.getSolution().col_value)
-    kept = tuple((s, c, float(v) * scale) for (s, c), v in zip(columns, y) if v > 1e-9)
-    return LPSolution(float(h.getInfo().objective_function_value) * scale, kept)
-
-
-# --------------------------------------------------------------------------- from LP to waves
-
-
-def order_waves(problem: Problem, lp: LPSolution) -> list[tuple[int, Config, float]]:
-    """Waves by stage; inside a stage, chain configurations greedily so neighbours share (MetaOp, count) pairs."""
-    out = []
-    for s in sorted({st for st, _, _ in lp.columns}):
-        pool = sorted([c for c in lp.columns if c[0] == s], key=lambda c: (-c[2], c[1]))
-        chain = [pool.pop(0)]
-        while pool:
-            last = set(chain[-1][1])
-            j = max(range(len(pool)), key=lambda i: (len(last & set(pool[i][1])), pool[i][2], -i))
-            chain.append(pool.pop(j))
-        out.extend(chain)
-    return out
-
-
-def round_lp(problem: Problem, waves: Sequence[tuple[int, Config, float]]) -> Schedule:
-    """Integer layers from the LP: each MetaOp's fractional layers per wave rounded by largest remainder.
-    Keeps one (possibly empty) wave per LP wave so that it aligns with the MILP's waves (its MIP start)."""
-    shares: dict[int, list[tuple[int, int, float]]] = {}
-    for k, (_, config, dur) in enumerate(waves):
-        for m, n in config:
-            shares.setdefault(m, []).append((k, n, dur / problem.curves[m].time(n)))
-    slices: list[list[Slice]] = [[] for _ in waves]
-    for m, parts in shares.items():
-        total, target = sum(p[2] for p in parts), problem.layers(m)
-        exact = [p[2] * target / total for p in parts]
-        ints = [int(np.floor(e)) for e in exact]
-        for i in sorted(range(len(parts)), key=lambda i: (-(exact[i] - ints[i]), i))[: target - sum(ints)]:
-            ints[i] += 1
-        for (k, n, _), layers in zip(parts, ints):
-            if layers > 0:
-                slices[k].append(Slice(m, layers, n))
-    return Schedule(tuple(Wave(tuple(s)) for s in slices))
-
-
-# --------------------------------------------------------------------------- packing and exact MILPs
+# --------------------------------------------------------------------------- exact MILP (small instances)
 
 EXACT_MAX_CANDIDATES = 600  # the full model is tried when it has at most this many (m, k, n) triples
-
-
-def _neighbour_counts(counts: Sequence[int], n: int) -> list[int]:
-    i = counts.index(n)
-    return [counts[j] for j in (i - 1, i, i + 1) if 0 <= j < len(counts)]
-
-
-def packing_candidates(problem: Problem, waves: Sequence[tuple[int, Config, float]]) -> list[tuple[int, int, int]]:
-    """(m, k, n) for each LP wave k, each MetaOp m of its configuration and n its LP count or a neighbour."""
-    return [(m, k, n) for k, (_, config, _) in enumerate(waves) for m, n_lp in config
-            for n in _neighbour_counts(problem.curves[m].counts, n_lp)]
 
 
 def full_candidates(problem: Problem, num_waves: int) -> list[tuple[int, int, int]]:
@@ -259,17 +120,17 @@ def solve_exact(problem: Problem, settings: SolverSettings, num_waves: int | Non
 # --------------------------------------------------------------------------- driver
 
 
-def _best_lp(problem: Problem, settings: SolverSettings, say) -> LPSolution:
+def _best_lp(problem: Problem, settings: SolverSettings, say) -> tuple[PatternLP, PatternMaster]:
     modes = ("levels",) if settings.level_barriers else ("levels", "asap", "alap")
-    best: LPSolution | None = None
+    best: tuple[PatternLP, PatternMaster] | None = None
     for mode in modes:
         windows, num_stages = stage_windows(problem, mode)
         t0 = time.perf_counter()
-        lp = solve_configuration_lp(problem, windows, num_stages)
-        say(f"allocation LP ({mode} windows): {lp.value:.4g} s, {len(lp.columns)} configurations, "
+        lp, master = solve_pattern_lp(problem, windows, num_stages)
+        say(f"allocation LP ({mode} windows): {lp.value:.4g} s, {len(lp.columns)} patterns, {lp.rounds} rounds, "
             f"{time.perf_counter() - t0:.2f} s")
-        if best is None or lp.value < best.value * (1 - 1e-9):
-            best = lp
+        if best is None or lp.value < best[0].value * (1 - 1e-9):
+            best = (lp, master)
     return best
 
 
@@ -277,23 +138,23 @@ def solve(problem: Problem, settings: SolverSettings, warm: Schedule | None = No
           progress: Callable[[str], None] | None = None, warm_name: str = "spindle") -> SolveResult:
     """Plan the waves of ``problem``; the result is never worse than ``warm`` (compute makespan)."""
     say = progress or log.info
-    lp = _best_lp(problem, settings, say)
-    waves = order_waves(problem, lp)
-    aligned = round_lp(problem, waves)
-    rounded = Schedule(merge_adjacent_waves(problem, aligned.waves))
-    # candidates: (makespan, name, schedule, status)
-    found = [(compute_makespan(problem, rounded), "lp-rounding", rounded, "heuristic")]
+    t0 = time.perf_counter()
+    lp, master = _best_lp(problem, settings, say)
+    start = dive(master, deadline=t0 + settings.time_limit_s)
+    columns = master.columns
+    dived = patterns_to_schedule(problem, columns, start)
+    found = [(compute_makespan(problem, dived), "lp-diving", dived, "heuristic")]  # (makespan, name, schedule, status)
+    say(f"diving: {found[-1][0]:.4g} s, {len(columns)} patterns, {time.perf_counter() - t0:.2f} s")
     if warm is not None:
         found.append((compute_makespan(problem, warm), warm_name, warm, "heuristic"))
-    solver = make_solver(settings.solver, settings.time_limit_s, settings.mip_gap, settings.max_nodes)
-    t0 = time.perf_counter()
-    milp = build_wave_milp(problem, packing_candidates(problem, waves), len(waves), precedence=False)
-    set_start(problem, milp, aligned)
-    packed = solve_wave_milp(problem, milp, solver)
-    if packed.schedule is not None:
-        found.append((compute_makespan(problem, packed.schedule), "milp", packed.schedule, packed.status))
-        say(f"wave MILP ({settings.solver}, {len(milp.z)} binaries): {found[-1][0]:.4g} s, {packed.status}, "
-            f"{time.perf_counter() - t0:.2f} s")
+    t1 = time.perf_counter()
+    counts, status, _ = solve_pattern_ip(problem, columns, start, settings.solver, settings.time_limit_s,
+                                         settings.mip_gap, settings.max_nodes)
+    if counts is not None:
+        packed = patterns_to_schedule(problem, columns, counts)
+        found.append((compute_makespan(problem, packed), "milp", packed, status))
+        say(f"packing ILP ({settings.solver}, {len(columns)} columns): {found[-1][0]:.4g} s, {status}, "
+            f"{time.perf_counter() - t1:.2f} s")
     num_exact_waves = sum(op.num_layers for op in problem.graph.metaops)
     if len(full_candidates(problem, 1)) * num_exact_waves <= EXACT_MAX_CANDIDATES:
         best = min(found, key=lambda c: (c[0], c[1]))
@@ -305,7 +166,7 @@ def solve(problem: Problem, settings: SolverSettings, warm: Schedule | None = No
     if name == "exact-milp" and status == "optimal":
         bound = max(bound, objective / (1 + settings.mip_gap))
     if name != "exact-milp" and status == "optimal" and objective > lp.value * (1 + settings.mip_gap) + 1e-12:
-        status = "feasible"  # optimal for its restricted model, not proven within the gap of the LP
+        status = "feasible"  # optimal over its columns, not proven within the gap of the LP
     gap = (objective - bound) / objective if objective > 0 else 0.0
     return SolveResult(schedule, settings.solver, status, objective, bound, gap, name, lp.value)
 

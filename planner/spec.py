@@ -176,12 +176,17 @@ def _path_str(loc: tuple[Any, ...]) -> str:
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model class that owns the last key of ``loc`` (for 'did you mean')."""
     current: Any = model
+    skip_key = False
     for part in loc[:-1]:
+        if skip_key:  # a key of a dict-valued field (e.g. a component's name), not a field name
+            skip_key = False
+            continue
         if isinstance(part, int) or current is None:
             continue
         field = current.model_fields.get(str(part)) if isinstance(current, type) else None
         if field is None:
             return None
+        skip_key = getattr(field.annotation, "__origin__", None) is dict
         current = _inner_model(field.annotation)
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 

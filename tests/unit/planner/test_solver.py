@@ -13,7 +13,8 @@ from planner.costmodel import Curve, Layout
 from planner.errors import PlanningError
 from planner.metagraph import MetaOp, finalize_graph
 from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule, compute_makespan
-from planner.solver import SolverSettings, price_configuration, solve, solve_exact, stage_windows
+from planner.patterns import knapsack_many
+from planner.solver import SolverSettings, solve, solve_exact, stage_windows
 
 EXACT = SolverSettings(mip_gap=0.0, time_limit_s=30, max_nodes=100000)
 
@@ -91,7 +92,8 @@ def test_pricing_is_an_exact_multiple_choice_knapsack():
         num_devices = rng.randint(1, 9)
         groups = [sorted(rng.sample(range(1, 10), rng.randint(1, 4))) for _ in range(rng.randint(1, 4))]
         values = [np.array(sorted(rng.uniform(0, 5) for _ in g)) for g in groups]
-        best, picked = price_configuration(values, [np.array(g) for g in groups], num_devices)
+        best_rows, picks = knapsack_many([v[None, :] for v in values], groups, num_devices)
+        best, picked = best_rows[0], picks[0]
         brute = 0.0
         for combo in itertools.product(*[[None] + list(range(len(g))) for g in groups]):
             used = [(i, j) for i, j in enumerate(combo) if j is not None]

@@ -1,0 +1,68 @@
+"""``python -m bench.planner [--quick] [--only CELL ...] [--repeats 3]``: run the planner benchmark.
+
+The full run (no --quick, no --only) writes bench/results/planner.{json,md}; a partial run writes
+planner-partial.*, a quick one planner-quick.*, so a partial run never overwrites the full results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from bench.common import write_results
+from bench.planner.cells import all_cells, quick_cells, select_cells
+from bench.planner.measure import measure_cell
+from bench.planner.report import evaluate_targets, render_report
+
+log = logging.getLogger("bench.planner")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.planner", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="1 timed run, no warm-up; without --only, only the smallest cell of each grid workload")
+    parser.add_argument("--only", action="append", default=[], metavar="CELL",
+                        help="cell (clip-10@32), workload (clip-10) or group (grid, scale); repeat or comma-separate")
+    parser.add_argument("--repeats", type=int, default=3, help="timed planning runs per cell (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed planning runs before the timed ones")
+    parser.add_argument("--name", default=None, help="results file stem under bench/results/")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the planner's own log messages")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:
+        logging.getLogger("planner").setLevel(logging.WARNING)
+    repeats, warmup = (1, 0) if args.quick else (args.repeats, args.warmup)
+    only = [s for item in args.only for s in item.split(",")]
+    try:
+        cells = select_cells(all_cells(), only) if only else (quick_cells() if args.quick else all_cells())
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    name = args.name or ("planner-quick" if args.quick else "planner-partial" if only else "planner")
+    config = {"cells": [c.name for c in cells], "repeats": repeats, "warmup": warmup, "quick": args.quick,
+              "cost_model": "analytic"}
+    records = []
+    for i, cell in enumerate(cells, 1):
+        log.info("[%d/%d] %s ...", i, len(cells), cell.name)
+        record = measure_cell(cell, repeats=repeats, warmup=warmup)
+        records.append(record)
+        if record["error"]:
+            log.info("[%d/%d] %s FAILED: %s", i, len(cells), cell.name, record["error"])
+        else:
+            log.info("[%d/%d] %s: Loom %.4g s, Spindle %.4g s, per-level bound %.4g s, plan %.2f s", i, len(cells),
+                     cell.name, record["iteration_s"]["loom"], record["iteration_s"].get("spindle", float("nan")),
+                     record["bounds"]["per_level_s"], record["planning_time_median_s"])
+    json_path, md_path = write_results(name, records, render_report(records, config), config)
+    for verdict in evaluate_targets(records):
+        print(f"{verdict.verdict:>12}  {verdict.target}: {verdict.measured}")
+    print(f"results: {md_path} and {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The cells of the planner benchmark: Spindle's evaluation grid plus a scale sweep.
+
+Grid (Spindle §5, Fig.8 axes): clip-4/7/10 and ofasys-4/7 on 8, 16 and 32 devices; qwen-val-3 on
+32 and 64. Scale sweep: a synthetic workload of many CLIP-like tasks (100 MetaOps) on 128 to 1024
+devices. Devices come in nodes of 8 (A800, as in Spindle's cluster); a cell overrides only the
+workload's ``cluster.num_nodes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from planner.components import check_components
+from planner.errors import did_you_mean
+from planner.spec import JobSpec, load_yaml, parse_job
+
+from bench.workloads.generate import WORKLOAD_DIR, clip_like_data
+
+GRID_WORKLOADS: dict[str, tuple[int, ...]] = {
+    "clip-4": (8, 16, 32),
+    "clip-7": (8, 16, 32),
+    "clip-10": (8, 16, 32),
+    "ofasys-4": (8, 16, 32),
+    "ofasys-7": (8, 16, 32),
+    "qwen-val-3": (32, 64),
+}
+SCALE_NUM_TASKS = 50  # two MetaOps per task: 100 MetaOps
+SCALE_WORKLOAD = f"synth-clip-{SCALE_NUM_TASKS}"
+SCALE_DEVICES = (128, 256, 512, 1024)
+DEVICES_PER_NODE = 8
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One benchmark cell: ``workload`` planned on ``num_devices`` devices; ``group`` is "grid" or "scale"."""
+
+    workload: str
+    num_devices: int
+    group: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.workload}@{self.num_devices}"
+
+
+def all_cells() -> list[Cell]:
+    """Every cell of the full suite, grid first, in a stable order."""
+    cells = [Cell(w, n, "grid") for w, sizes in GRID_WORKLOADS.items() for n in sizes]
+    return cells + [Cell(SCALE_WORKLOAD, n, "scale") for n in SCALE_DEVICES]
+
+
+def quick_cells() -> list[Cell]:
+    """The smallest cell of each grid workload (what ``--quick`` runs when no cell is named)."""
+    return [Cell(w, sizes[0], "grid") for w, sizes in GRID_WORKLOADS.items()]
+
+
+def select_cells(cells: Sequence[Cell], only: Iterable[str]) -> list[Cell]:
+    """The cells matching any selector: a cell name (``clip-10@32``), a workload name, or a group name.
+
+    An unknown selector is a ValueError that names the closest cell.
+    """
+    selectors = [s.strip() for s in only if s.strip()]
+    chosen: list[Cell] = []
+    for sel in selectors:
+        matched = [c for c in cells if sel in (c.name, c.workload, c.group)]
+        if not matched:
+            names = [c.name for c in cells] + sorted({c.workload for c in cells})
+            raise ValueError(f"--only ({sel!r}) matches no cell; {did_you_mean(sel, names)}")
+        chosen.extend(c for c in matched if c not in chosen)
+    order = {c: i for i, c in enumerate(cells)}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def workload_data(workload: str) -> dict:
+    """The spec of a workload as a plain dict: a YAML file under bench/workloads or the synthetic sweep."""
+    if workload == SCALE_WORKLOAD:
+        return clip_like_data(SCALE_NUM_TASKS)
+    return load_yaml(WORKLOAD_DIR / f"{workload}.yaml")
+
+
+def load_cell_job(cell: Cell) -> JobSpec:
+    """The validated job of ``cell``: its workload with ``num_nodes`` set to fit ``num_devices``."""
+    data = workload_data(cell.workload)
+    per_node = data["cluster"].get("devices_per_node", DEVICES_PER_NODE)
+    if cell.num_devices % per_node:
+        raise ValueError(f"{cell.name}: {cell.num_devices} devices is not a multiple of {per_node} per node.")
+    data = {**data, "cluster": {**data["cluster"], "num_nodes": cell.num_devices // per_node}}
+    job = parse_job(data, source=cell.name)
+    check_components(job)
+    return job

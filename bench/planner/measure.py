@@ -1,0 +1,101 @@
+"""One benchmark cell -> one record: predicted times, bounds, ratios, solver report, planning time.
+
+Planning time is the median of ``repeats`` wall-clock runs of ``plan_job(job, with_baselines=False)``
+after ``warmup`` untimed runs (every run builds its own cost model, so no cache carries over). The
+numbers come from one extra, untimed run with baselines. Two kinds of ratio are recorded:
+
+* full: predicted iteration time (compute + transfers + shared-parameter sync + optimizer, from
+  the simulator) over a bound. The bounds cover compute only, so these ratios include overheads
+  the bound never sees.
+* compute-only: the schedule's compute makespan (sum of wave durations, no placement) over a
+  bound. This is what the bound actually bounds; Spindle's compute makespan is measured the same
+  way on its own wavefront schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from typing import Any
+
+from planner.api import PlanOutcome, plan_job
+from planner.schedule import compute_makespan
+from planner.spindle import spindle_schedule
+
+from bench.common import median_of
+from bench.planner.cells import Cell, load_cell_job
+
+log = logging.getLogger(__name__)
+
+
+def _quiet(_msg: str) -> None:
+    """Progress sink for the timed runs: keeps the planner's chatter out of the timings and the log."""
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def measure_cell(cell: Cell, repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
+    """Plan ``cell`` and return its record; a failure becomes a record with ``error`` set (never raises)."""
+    record: dict[str, Any] = {"cell": cell.name, "workload": cell.workload, "group": cell.group,
+                              "num_devices": cell.num_devices, "error": None}
+    started = time.perf_counter()
+    try:
+        job = load_cell_job(cell)
+        timed_iterations: list[float] = []
+
+        def run_once() -> PlanOutcome:
+            outcome = plan_job(job, with_baselines=False, progress=_quiet)
+            timed_iterations.append(outcome.plan.predicted.iteration_time_s)
+            return outcome
+
+        timing = median_of(run_once, repeats=repeats, warmup=warmup)
+        outcome = plan_job(job, with_baselines=True, progress=_quiet)
+        record.update(_describe(outcome))
+        record["planning_time_median_s"] = timing.median_s
+        record["planning_time_samples_s"] = list(timing.samples_s)
+        record["timed_iteration_s"] = timed_iterations[warmup:]
+    except Exception as exc:  # a benchmark reports a failing cell and goes on to the next
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        log.error("%s failed:\n%s", cell.name, traceback.format_exc())
+    record["wall_s"] = time.perf_counter() - started
+    return record
+
+
+def _describe(outcome: PlanOutcome) -> dict[str, Any]:
+    """The numbers of one planned cell (see the module docstring for what each ratio means)."""
+    plan, problem = outcome.plan, outcome.problem
+    graph = problem.graph
+    loom_s = plan.predicted.iteration_time_s
+    iteration = {**plan.baselines, "loom": loom_s}
+    per_level, dag = plan.bounds.per_level_s, plan.bounds.dag_s
+    loom_compute = compute_makespan(problem, outcome.solve.schedule)
+    spindle_compute = compute_makespan(problem, spindle_schedule(problem))
+    spindle_s = plan.baselines.get("spindle")
+    sequential_s = plan.baselines.get("sequential")
+    return {
+        "num_tasks": len({op.task for op in graph.metaops}),
+        "num_metaops": len(graph),
+        "num_levels": len(graph.levels),
+        "num_waves": len(plan.waves),
+        "iteration_s": iteration,
+        "predicted": plan.predicted.model_dump(),
+        "bounds": {"per_level_s": per_level, "dag_s": dag},
+        "compute_s": {"loom": loom_compute, "spindle": spindle_compute},
+        "ratios": {
+            "loom_over_per_level": _ratio(loom_s, per_level),
+            "loom_over_dag": _ratio(loom_s, dag),
+            "loom_compute_over_per_level": _ratio(loom_compute, per_level),
+            "loom_compute_over_dag": _ratio(loom_compute, dag),
+            "spindle_compute_over_per_level": _ratio(spindle_compute, per_level),
+            "spindle_compute_over_dag": _ratio(spindle_compute, dag),
+            "speedup_vs_spindle": _ratio(spindle_s, loom_s),
+            "speedup_vs_sequential": _ratio(sequential_s, loom_s),
+            "compute_speedup_vs_spindle": _ratio(spindle_compute, loom_compute),
+        },
+        "solver": plan.solver.model_dump(),
+    }

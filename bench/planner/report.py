@@ -1,0 +1,228 @@
+"""Markdown report of the planner benchmark: a table per group and a verdict per target.
+
+Targets (DESIGN.md §8, planner issue) are evaluated on the measured records exactly as stated;
+a target that is not met says SHORT with the cells that miss it, a target whose cells were not run
+says NOT MEASURED. Nothing is rounded in the verdicts (tables round for reading only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+BASELINE_ORDER = ("sequential", "uniform", "optimus", "distmm_mt", "spindle")
+PER_LEVEL_TARGET = 1.03
+SPINDLE_MEAN_TARGET = 1.05
+NEAR_BOUND = 1.05  # Spindle this close to the bound leaves little room for any speed-up
+SEQUENTIAL_CELL, SEQUENTIAL_TARGET = "clip-10@32", 1.71
+SMALL_MAX_DEVICES, SMALL_PLAN_S = 64, 3.0
+LARGE_DEVICES, LARGE_MIN_METAOPS, LARGE_PLAN_S = 1024, 100, 30.0
+EPS = 1e-9  # float noise allowed in "never slower" and "<= bound x" comparisons
+
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One target's evaluation: ``verdict`` is PASS, SHORT or NOT MEASURED."""
+
+    target: str
+    measured: str
+    verdict: str
+    notes: str = ""
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def _x(ratio: float | None, digits: int = 3) -> str:
+    return "-" if ratio is None else f"{ratio:.{digits}f}"
+
+
+def _ok(records: Sequence[Record]) -> list[Record]:
+    return [r for r in records if not r.get("error")]
+
+
+def geomean(values: Sequence[float]) -> float | None:
+    """Geometric mean of positive values (None when empty)."""
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def _baseline_keys(records: Sequence[Record]) -> list[str]:
+    seen = {k for r in _ok(records) for k in r["iteration_s"] if k != "loom"}
+    return [k for k in BASELINE_ORDER if k in seen] + sorted(seen - set(BASELINE_ORDER))
+
+
+def results_table(records: Sequence[Record]) -> str:
+    """One markdown table: predicted iteration times (ms), bounds, ratios, solver and planning time per cell."""
+    keys = _baseline_keys(records)
+    head = (["Cell", "MetaOps"] + keys + ["Loom", "per-level bound", "DAG bound", "Loom/PL full",
+            "Loom/PL compute", "Loom/DAG compute", "Spindle/PL compute", "vs Spindle", "vs sequential",
+            "solver (gap)", "plan s (median)"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        if r.get("error"):
+            lines.append(f"| {r['cell']} | error: {r['error']}" + " |" * (len(head) - 1))
+            continue
+        it, ra, b = r["iteration_s"], r["ratios"], r["bounds"]
+        row = [r["cell"], str(r["num_metaops"])] + [_ms(it.get(k)) for k in keys] + [
+            _ms(it["loom"]), _ms(b["per_level_s"]), _ms(b["dag_s"]), _x(ra["loom_over_per_level"]),
+            _x(ra["loom_compute_over_per_level"]), _x(ra["loom_compute_over_dag"]),
+            _x(ra["spindle_compute_over_per_level"]), _x(ra["speedup_vs_spindle"]),
+            _x(ra["speedup_vs_sequential"], 2), f"{r['solver']['status']} ({r['solver']['gap']:.3f})",
+            f"{r['planning_time_median_s']:.2f}",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def _failed(records: Sequence[Record]) -> str:
+    return ", ".join(f"{r['cell']} ({r['error']})" for r in records if r.get("error"))
+
+
+def _bound_target(records: Sequence[Record], key: str, label: str) -> Verdict:
+    target = f"Loom <= {PER_LEVEL_TARGET}x per-level bound in every grid cell, {label}"
+    grid = [r for r in records if r["group"] == "grid"]
+    ok = _ok(grid)
+    if not grid:
+        return Verdict(target, "-", "NOT MEASURED", "no grid cell was run")
+    ratios = {r["cell"]: r["ratios"][key] for r in ok}
+    over = [f"{c} {v:.3f}" for c, v in ratios.items() if v > PER_LEVEL_TARGET + EPS]
+    worst = max(ratios.items(), key=lambda kv: kv[1]) if ratios else None
+    measured = f"max {worst[1]:.3f} ({worst[0]})" if worst else "-"
+    notes = []
+    if over:
+        notes.append("over: " + ", ".join(over))
+    if _failed(grid):
+        notes.append("failed: " + _failed(grid))
+    scale = [r["ratios"][key] for r in _ok(records) if r["group"] == "scale"]
+    if scale:
+        notes.append(f"scale sweep (outside this target): max {max(scale):.3f}")
+    verdict = "PASS" if not over and not _failed(grid) else "SHORT"
+    return Verdict(target, measured, verdict, "; ".join(notes))
+
+
+def _never_slower(records: Sequence[Record]) -> Verdict:
+    target = "Loom never slower than Spindle (predicted iteration time), every cell"
+    ok = [r for r in _ok(records) if r["ratios"]["speedup_vs_spindle"] is not None]
+    if not records:
+        return Verdict(target, "-", "NOT MEASURED")
+    slower = [f"{r['cell']} {r['ratios']['speedup_vs_spindle']:.4f}x" for r in ok
+              if r["iteration_s"]["loom"] > r["iteration_s"]["spindle"] * (1 + EPS)]
+    compute_slower = [r["cell"] for r in ok if r["compute_s"]["loom"] > r["compute_s"]["spindle"] * (1 + EPS)]
+    worst = min(ok, key=lambda r: r["ratios"]["speedup_vs_spindle"]) if ok else None
+    measured = f"min {worst['ratios']['speedup_vs_spindle']:.3f}x ({worst['cell']})" if worst else "-"
+    notes = []
+    if slower:
+        notes.append("slower: " + ", ".join(slower))
+    notes.append("compute-only slower in: " + (", ".join(compute_slower) if compute_slower else "no cell"))
+    if _failed(records):
+        notes.append("failed: " + _failed(records))
+    missing = [r["cell"] for r in _ok(records) if r["ratios"]["speedup_vs_spindle"] is None]
+    if missing:
+        notes.append("no Spindle baseline in: " + ", ".join(missing))
+    verdict = "PASS" if ok and not slower and not _failed(records) and not missing else "SHORT"
+    return Verdict(target, measured, verdict, "; ".join(notes))
+
+
+def _mean_speedup(records: Sequence[Record]) -> Verdict:
+    target = f"Loom >= {SPINDLE_MEAN_TARGET}x faster than Spindle on geometric mean, all cells"
+    ok = [r for r in _ok(records) if r["ratios"]["speedup_vs_spindle"] is not None]
+    if not ok:
+        return Verdict(target, "-", "NOT MEASURED")
+    mean = geomean([r["ratios"]["speedup_vs_spindle"] for r in ok])
+    notes = []
+    for group in ("grid", "scale"):
+        values = [r["ratios"]["speedup_vs_spindle"] for r in ok if r["group"] == group]
+        if values:
+            notes.append(f"{group} {geomean(values):.3f}x")
+    compute = geomean([r["ratios"]["compute_speedup_vs_spindle"] for r in ok])
+    notes.append(f"compute-only {compute:.3f}x")
+    near = [f"{r['cell']} ({r['ratios']['spindle_compute_over_per_level']:.3f})" for r in ok
+            if r["ratios"]["spindle_compute_over_per_level"] <= NEAR_BOUND]
+    notes.append(f"Spindle's compute already within {NEAR_BOUND:.2f}x of the per-level bound in "
+                 + (", ".join(near) if near else "no cell"))
+    if _failed(records):
+        notes.append("failed: " + _failed(records))
+    verdict = "PASS" if mean >= SPINDLE_MEAN_TARGET and not _failed(records) else "SHORT"
+    return Verdict(target, f"{mean:.3f}x over {len(ok)} cells", verdict, "; ".join(notes))
+
+
+def _vs_sequential(records: Sequence[Record]) -> Verdict:
+    target = f"Loom vs sequential on {SEQUENTIAL_CELL} >= {SEQUENTIAL_TARGET}x (simulated)"
+    cell = next((r for r in records if r["cell"] == SEQUENTIAL_CELL), None)
+    if cell is None:
+        return Verdict(target, "-", "NOT MEASURED", f"{SEQUENTIAL_CELL} was not run")
+    if cell.get("error") or cell["ratios"]["speedup_vs_sequential"] is None:
+        return Verdict(target, "-", "SHORT", f"no number: {cell.get('error') or 'no sequential baseline'}")
+    value = cell["ratios"]["speedup_vs_sequential"]
+    return Verdict(target, f"{value:.3f}x", "PASS" if value >= SEQUENTIAL_TARGET else "SHORT",
+                   "Spindle reported 1.71x measured on this cell; "
+                   f"Loom/Spindle here {_x(cell['ratios']['speedup_vs_spindle'])}x")
+
+
+def _plan_time(records: Sequence[Record], label: str, select, limit: float) -> Verdict:
+    target = f"Planning median < {limit:g} s, {label}"
+    cells = [r for r in records if select(r)]
+    if not cells:
+        return Verdict(target, "-", "NOT MEASURED", "no such cell was run")
+    ok = _ok(cells)
+    slow = [f"{r['cell']} {r['planning_time_median_s']:.2f} s" for r in ok if r["planning_time_median_s"] >= limit]
+    worst = max(ok, key=lambda r: r["planning_time_median_s"]) if ok else None
+    measured = f"max {worst['planning_time_median_s']:.2f} s ({worst['cell']})" if worst else "-"
+    notes = []
+    if slow:
+        notes.append("over: " + ", ".join(slow))
+    if _failed(cells):
+        notes.append("failed: " + _failed(cells))
+    return Verdict(target, measured, "PASS" if not slow and not _failed(cells) else "SHORT", "; ".join(notes))
+
+
+def evaluate_targets(records: Sequence[Record]) -> list[Verdict]:
+    """Every target of the planner issue, evaluated on ``records``."""
+    return [
+        _bound_target(records, "loom_compute_over_per_level", "compute-only (what the bound bounds)"),
+        _bound_target(records, "loom_over_per_level", "full predicted iteration time"),
+        _never_slower(records),
+        _mean_speedup(records),
+        _vs_sequential(records),
+        _plan_time(records, f"every cell up to {SMALL_MAX_DEVICES} devices",
+                   lambda r: r["num_devices"] <= SMALL_MAX_DEVICES, SMALL_PLAN_S),
+        _plan_time(records, f"{LARGE_DEVICES} devices x {LARGE_MIN_METAOPS}+ MetaOps",
+                   lambda r: r["num_devices"] >= LARGE_DEVICES and r.get("num_metaops", LARGE_MIN_METAOPS)
+                   >= LARGE_MIN_METAOPS, LARGE_PLAN_S),
+    ]
+
+
+def targets_table(verdicts: Sequence[Verdict]) -> str:
+    lines = ["| Target | Measured | Verdict | Notes |", "|---|---|---|---|"]
+    lines += [f"| {v.target} | {v.measured} | **{v.verdict}** | {v.notes} |" for v in verdicts]
+    return "\n".join(lines)
+
+
+def render_report(records: Sequence[Record], config: dict[str, Any]) -> str:
+    """The whole markdown report: setup, grid table, scale-sweep table, targets."""
+    parts = [
+        "# Planner benchmark",
+        f"Cost model: analytic (A800 table, nodes of 8). Planning time: median of {config['repeats']} runs of "
+        f"`plan_job(with_baselines=False)` after {config['warmup']} warm-up run(s); all other numbers from one "
+        "extra run with baselines. Times in ms are predicted iteration times (simulator: compute, transfers, "
+        "shared-parameter sync, optimizer). *full* ratios divide that by a bound; *compute* ratios divide the "
+        "schedule's compute makespan (sum of wave durations), which is what the compute-only bounds bound. "
+        "*vs Spindle* / *vs sequential*: baseline time / Loom time (> 1 means Loom is faster).",
+    ]
+    for group, title in (("grid", "Grid: Spindle's workloads (8-64 devices)"),
+                         ("scale", "Scale sweep: synthetic CLIP-like workload, 100 MetaOps")):
+        rows = [r for r in records if r["group"] == group]
+        parts += [f"## {title}", results_table(rows) if rows else "_not run_"]
+    parts += ["## Targets", targets_table(evaluate_targets(records))]
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,1 @@
+"""Evaluation workloads (YAML job specs) and the synthetic-workload generator; see README.md."""

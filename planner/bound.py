@@ -1,0 +1,244 @@
+"""Lower bounds on the compute makespan: Spindle's relaxed per-level optimum and a DAG bound.
+
+Owns :func:`relaxed_allocation` (the continuous malleable-scheduling optimum of one MetaLevel,
+Spindle §3.3 / Węglarz's theorem), :func:`per_level_bound` (its sum over levels, the reference
+every plan is measured against) and :func:`dag_bound` (a bound that stays valid when a schedule
+overlaps levels). Pure functions of a :class:`~planner.schedule.Problem`; times are seconds.
+
+Speed-up model (the one Spindle's code uses): a MetaOp's curve gives per-layer times at its
+valid counts; between valid counts the *speed-up* is interpolated linearly, from 0 at n=0, so
+the per-layer time at a fractional n is ``W / S(n)`` with ``W = times[0] * counts[0]`` and
+``S = Curve.speedup``. Linear speed-up interpolation is what time-sharing two neighbouring valid
+counts achieves, which is why Spindle's two-point discretisation reproduces it exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from bisect import bisect_left
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.costmodel import Curve
+from planner.schedule import Problem
+
+log = logging.getLogger(__name__)
+
+# Level ranges [a, b] tried by the malleable term of the DAG bound: all of them up to this many
+# levels, else single levels, prefixes and suffixes only (keeps the bound O(levels) relaxations).
+MAX_LEVELS_ALL_RANGES = 24
+
+
+@dataclass(frozen=True)
+class _Profile:
+    """Speed-up profile of one MetaOp: piecewise linear through (xs[i], speedups[i]), xs[0] = 0.
+
+    ``work`` is seconds per layer at speed-up 1; the op lasts ``num_layers * work / S(n)``.
+    """
+
+    num_layers: int
+    work: float
+    xs: tuple[float, ...]
+    speedups: tuple[float, ...]
+
+    @property
+    def total_work(self) -> float:
+        return self.num_layers * self.work
+
+    def fastest_duration(self) -> float:
+        return self.total_work / self.speedups[-1]
+
+    def devices_for(self, makespan: float) -> float:
+        """Fewest (fractional) devices that finish the op in ``makespan`` s; inf when even the largest count can't."""
+        need = self.total_work / makespan
+        top = self.speedups[-1]
+        if need >= top:
+            # Within rounding of the top speed-up the answer is the largest count (breakpoints hit this).
+            return self.xs[-1] if need <= top * (1 + 1e-12) else math.inf
+        i = bisect_left(self.speedups, need)
+        if self.speedups[i] == need:
+            return self.xs[i]
+        x0, x1, s0, s1 = self.xs[i - 1], self.xs[i], self.speedups[i - 1], self.speedups[i]
+        return x0 + (need - s0) * (x1 - x0) / (s1 - s0)
+
+    def segment_coefficients(self, makespan: float) -> tuple[float, float]:
+        """(alpha, beta) with devices_for(C) = alpha + beta / C on the segment that holds ``makespan``."""
+        need = self.total_work / makespan
+        i = min(max(bisect_left(self.speedups, need), 1), len(self.speedups) - 1)
+        x0, x1, s0, s1 = self.xs[i - 1], self.xs[i], self.speedups[i - 1], self.speedups[i]
+        k = (x1 - x0) / (s1 - s0)
+        return x0 - s0 * k, k * self.total_work
+
+
+def _usable(curve: Curve, num_devices: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The curve's counts and times up to ``num_devices`` (a larger count cannot run on N devices)."""
+    k = bisect_left(curve.counts, num_devices + 1)
+    if k == 0:
+        raise ValueError(
+            f"smallest valid device count {curve.counts[0]} exceeds the {num_devices} devices available; "
+            "the MetaOp cannot run. Use more devices or allow a smaller count."
+        )
+    return curve.counts[:k], curve.times[:k]
+
+
+def _interpolated_profile(curve: Curve, num_layers: int, num_devices: int) -> _Profile:
+    counts, times = _usable(curve, num_devices)
+    work = curve.times[0] * curve.counts[0]
+    return _Profile(num_layers, work, (0.0,) + tuple(map(float, counts)), (0.0,) + tuple(work / t for t in times))
+
+
+def _hull_profile(curve: Curve, num_layers: int, num_devices: int) -> _Profile:
+    """Upper concave hull of the valid (count, speed-up) points and (0, 0): the best rate any mix of counts reaches."""
+    prof = _interpolated_profile(curve, num_layers, num_devices)
+    hull: list[tuple[float, float]] = []
+    for p in zip(prof.xs, prof.speedups):
+        # Pop the last vertex while it lies on or under the chord from its predecessor to p.
+        while len(hull) >= 2:
+            (ax, ay), (bx, by) = hull[-2], hull[-1]
+            if (by - ay) * (p[0] - ax) <= (p[1] - ay) * (bx - ax):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return _Profile(num_layers, prof.work, tuple(x for x, _ in hull), tuple(s for _, s in hull))
+
+
+def _total_devices(profiles: Sequence[_Profile], makespan: float) -> float:
+    return sum(p.devices_for(makespan) for p in profiles)
+
+
+def _solve_common_finish(profiles: Sequence[_Profile], num_devices: int) -> float:
+    """C* of independent malleable jobs: smallest C with sum_m n_m(C) <= N (every job finishes at C).
+
+    n_m(C) is non-increasing in C and of the form alpha + beta / C between the breakpoints
+    C = L_m W_m / S_m(x_i) (an op reaching a valid count). A binary search over the sorted
+    breakpoints finds the interval holding the root, where sum n_m(C) = A + B / C is solved in
+    closed form: C* is exact up to float rounding (relative error ~1e-13), no bisection tolerance.
+    """
+    floor = max(p.fastest_duration() for p in profiles)  # no op can beat its largest count
+    if _total_devices(profiles, floor) <= num_devices:
+        return floor  # the slowest op at its largest count sets C*; the other devices stay idle
+    points = sorted({floor} | {p.total_work / s for p in profiles for s in p.speedups[1:] if p.total_work / s > floor})
+    lo, hi = 0, len(points) - 1  # invariant: total(points[lo]) > N
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _total_devices(profiles, points[mid]) > num_devices:
+            lo = mid
+        else:
+            hi = mid - 1
+    left = points[lo]
+    right = points[lo + 1] if lo + 1 < len(points) else math.inf
+    probe = 0.5 * (left + right) if right < math.inf else 2.0 * left
+    alpha = beta = 0.0
+    for p in profiles:
+        a, b = p.segment_coefficients(probe)
+        alpha += a
+        beta += b
+    # total(right) <= N < total(left) guarantees N - alpha > beta / right >= 0.
+    return min(max(beta / (num_devices - alpha), left), right)
+
+
+def relaxed_allocation(
+    problem: Problem, ids: Sequence[int], num_devices: int | None = None
+) -> tuple[float, dict[int, float]]:
+    """Relaxed malleable optimum of the independent MetaOps ``ids`` on ``num_devices`` (default N).
+
+    Returns ``(C*, {m: n*_m})`` with ``L_m * T_m(n*_m) = C*`` for every m, T at fractional n from
+    the linearly interpolated speed-up (module docstring). Normally ``sum n*_m = N``; when even
+    the slowest MetaOp at its largest valid count needs more than C* (its largest count caps it),
+    C* is that MetaOp's fastest duration and ``sum n*_m < N``: the other devices would idle.
+    Valid counts above ``num_devices`` are ignored. Exact to float rounding (relative ~1e-13;
+    see :func:`_solve_common_finish`). Empty ``ids`` give ``(0.0, {})``.
+    """
+    num_devices = problem.num_devices if num_devices is None else num_devices
+    ids = list(ids)
+    if not ids:
+        return 0.0, {}
+    profiles = [_interpolated_profile(problem.curves[m], problem.layers(m), num_devices) for m in ids]
+    c_star = _solve_common_finish(profiles, num_devices)
+    return c_star, {m: min(p.devices_for(c_star), p.xs[-1]) for m, p in zip(ids, profiles)}
+
+
+def per_level_bound(problem: Problem) -> float:
+    """Sum over MetaLevels of the relaxed optimum C*: Spindle's reference bound (assumes level barriers)."""
+    return sum(relaxed_allocation(problem, level)[0] for level in problem.graph.levels)
+
+
+def _heads_and_tails(problem: Problem, fastest: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Longest chain of fastest durations strictly before (head) and strictly after (tail) each MetaOp."""
+    num_ops = len(problem.graph)
+    head = np.zeros(num_ops)
+    for op in problem.graph.metaops:  # ids are a topological order
+        head[op.id] = max((head[d] + fastest[d] for d in op.deps), default=0.0)
+    tail = np.zeros(num_ops)
+    succ = problem.graph.successors()
+    for m in reversed(range(num_ops)):
+        tail[m] = max((fastest[s] + tail[s] for s in succ[m]), default=0.0)
+    return head, tail
+
+
+def _energy_term(head: np.ndarray, tail: np.ndarray, areas: np.ndarray, num_devices: int) -> float:
+    """max over S = {m: head_m >= h, tail_m >= q} (non-empty) of h + q + area(S) / N."""
+    hs = np.unique(head)
+    qs = np.unique(tail)
+    in_h = (head[None, :] >= hs[:, None]).astype(float)
+    in_q = (tail[None, :] >= qs[:, None]).astype(float)
+    area = (in_h * areas[None, :]) @ in_q.T
+    count = in_h @ in_q.T
+    value = hs[:, None] + qs[None, :] + area / num_devices
+    return float(np.max(np.where(count > 0, value, 0.0)))
+
+
+def _level_ranges(num_levels: int) -> list[tuple[int, int]]:
+    if num_levels <= MAX_LEVELS_ALL_RANGES:
+        return [(a, b) for a in range(num_levels) for b in range(a, num_levels)]
+    return sorted({(a, a) for a in range(num_levels)} | {(0, b) for b in range(num_levels)}
+                  | {(a, num_levels - 1) for a in range(num_levels)})
+
+
+def dag_bound_terms(problem: Problem) -> dict[str, float]:
+    """The three terms of :func:`dag_bound` (seconds), before the final max: see its docstring."""
+    n = problem.num_devices
+    interp = [_interpolated_profile(problem.curves[m], problem.layers(m), n) for m in range(len(problem.graph))]
+    fastest = [p.fastest_duration() for p in interp]
+    head, tail = _heads_and_tails(problem, fastest)
+    critical_path = float(np.max(head + np.asarray(fastest) + tail)) if fastest else 0.0
+    # Min area per layer = min_i counts_i * times_i (below counts[0] the interpolated area is flat).
+    areas = np.array([problem.layers(m) * min(c * t for c, t in zip(*_usable(problem.curves[m], n)))
+                      for m in range(len(problem.graph))])
+    energy = _energy_term(head, tail, areas, n) if len(areas) else 0.0
+    hulls = [_hull_profile(problem.curves[m], problem.layers(m), n) for m in range(len(problem.graph))]
+    levels = problem.graph.levels
+    malleable = 0.0
+    for a, b in _level_ranges(len(levels)):
+        ids = [m for lv in levels[a:b + 1] for m in lv]
+        window = _solve_common_finish([hulls[m] for m in ids], n)
+        malleable = max(malleable, float(min(head[ids]) + window + min(tail[ids])))
+    return {"critical_path": critical_path, "energy": energy, "malleable": malleable}
+
+
+def dag_bound(problem: Problem) -> float:
+    """A lower bound on the makespan of every valid wave schedule, level barriers or not.
+
+    Let head_m (tail_m) be the longest chain of predecessors (successors) of m, each at its
+    fastest duration L * T(largest count): m cannot start before head_m nor end after C - tail_m.
+    The bound is the max of three terms, each valid for any schedule in which a MetaOp runs its
+    layers one slice at a time on valid counts and starts after its predecessors end:
+      - critical path: max_m head_m + L_m T_m(largest) + tail_m;
+      - energy: every MetaOp of S = {m: head_m >= h, tail_m >= q} runs inside [h, C - q], so
+        N (C - h - q) >= sum_{m in S} L_m min_n n T_m(n) (a slice holds its devices for at least
+        its own duration), for every threshold pair with S non-empty;
+      - malleable: for S = the MetaOps of levels a..b, C >= min_S head + C*_hull(S) + min_S tail,
+        where C*_hull(S) is the relaxed optimum of S with precedence dropped and each speed-up
+        replaced by the upper concave hull of its valid points. Any schedule processes m at a
+        rate S_m(n) <= hull_m(n) on n devices, so it is feasible for that relaxation, whose
+        optimum (concave rates: Węglarz) is C*_hull(S) — a valid bound even for non-concave curves.
+    Each term is <= :func:`per_level_bound` (a chain visits each level once and each fastest
+    duration is <= its level's C*; the energy and hull optima of levels a..b are <= the sum of
+    their levels' C*); the result is clamped to it to drop float noise.
+    """
+    terms = dag_bound_terms(problem)
+    return min(max(terms.values(), default=0.0), per_level_bound(problem))

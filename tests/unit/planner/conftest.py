@@ -1,0 +1,84 @@
+"""Shared builders for planner unit tests: hand-made curves and Problems, and seeded random Problems.
+
+Import the helpers with ``from conftest import random_problem, make_problem, make_curve``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from planner.components import LayerSegment
+from planner.costmodel import Curve, Layout
+from planner.metagraph import MetaOp, finalize_graph
+from planner.schedule import Problem
+
+
+def make_curve(counts: Sequence[int], times: Sequence[float]) -> Curve:
+    """A Curve on ``counts`` (ascending) with per-layer ``times`` (strictly decreasing), pure data parallel."""
+    counts = tuple(int(c) for c in counts)
+    times = tuple(float(t) for t in times)
+    assert all(a < b for a, b in zip(counts, counts[1:])), counts
+    assert all(a > b for a, b in zip(times, times[1:])), times
+    return Curve(counts, times, tuple(Layout(c, 1) for c in counts), tuple(0.0 for _ in counts))
+
+
+def make_problem(
+    num_layers: Sequence[int], deps: Sequence[Sequence[int]], curves: Sequence[Curve], num_devices: int
+) -> Problem:
+    """A Problem of MetaOps ``0..len(num_layers)-1``; ``deps[m]`` must name earlier ids only."""
+    ops = []
+    for m, (layers, ds) in enumerate(zip(num_layers, deps)):
+        seg = LayerSegment(f"layer{m}", layers, 1e9, 1e6, 1e6, 1e5, 0.0, 10)
+        ops.append(MetaOp(
+            id=m, name=f"op{m}", task=f"task{m}", component=f"comp{m}", layer=seg, num_layers=layers,
+            batch_size=64, deps=tuple(sorted(ds)), param_group=f"comp{m}", frozen=False, backward_factor=2.0,
+        ))
+    return Problem(finalize_graph(ops), tuple(curves), num_devices)
+
+
+def random_curve(rng: np.random.Generator, num_devices: int, concave: bool = True) -> Curve:
+    """Random valid counts in 1..N (sometimes not starting at 1) with strictly decreasing times.
+
+    ``concave``: Amdahl-like times t(n) = t1 (f + (1 - f) / n), whose interpolated speed-up is concave;
+    otherwise strictly decreasing times with random (possibly super-linear) steps.
+    """
+    pool = np.arange(1, num_devices + 1)
+    size = int(rng.integers(1, min(num_devices, 6) + 1))
+    counts = np.sort(rng.choice(pool, size=size, replace=False))
+    t1 = float(rng.uniform(0.5, 5.0))
+    if concave:
+        serial = float(rng.uniform(0.0, 0.6))
+        times = t1 * (serial + (1.0 - serial) / counts)
+    else:
+        times = t1 * np.cumprod(rng.uniform(0.2, 0.95, size=size))
+    return make_curve(counts.tolist(), times.tolist())
+
+
+def random_problem(seed: int, num_ops: int, num_devices: int, num_levels: int, concave: bool = True) -> Problem:
+    """A seeded random Problem: ``num_ops`` MetaOps spread over exactly ``num_levels`` BFS levels.
+
+    Every MetaOp of level k > 0 depends on one MetaOp of level k - 1 and maybe on earlier ones;
+    layers in 1..16; curves from :func:`random_curve`.
+    """
+    assert 1 <= num_levels <= num_ops
+    rng = np.random.default_rng(seed)
+    level_of = list(range(num_levels)) + sorted(rng.integers(0, num_levels, size=num_ops - num_levels).tolist())
+    level_of.sort()
+    deps: list[list[int]] = []
+    for m, lv in enumerate(level_of):
+        if lv == 0:
+            deps.append([])
+            continue
+        prev = [i for i in range(m) if level_of[i] == lv - 1]
+        earlier = [i for i in range(m) if level_of[i] < lv - 1]
+        ds = {int(rng.choice(prev))}
+        ds |= {i for i in earlier if rng.random() < 0.2}
+        ds |= {i for i in prev if rng.random() < 0.2}
+        deps.append(sorted(ds))
+    layers = rng.integers(1, 17, size=num_ops).tolist()
+    curves = [random_curve(rng, num_devices, concave) for _ in range(num_ops)]
+    problem = make_problem(layers, deps, curves, num_devices)
+    assert len(problem.graph.levels) == num_levels
+    return problem
