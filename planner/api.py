@@ -11,13 +11,14 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from planner import baselines as baselines_mod
 from planner.bound import dag_bound, per_level_bound
 from planner.costmodel import AnalyticCostModel, CostModel, ProfiledCostModel
 from planner.devices import resolve_hardware
+from planner.errors import PlanningError
 from planner.metagraph import MetaGraph, build_metagraph
 from planner.placement import PlacedSchedule, place_schedule
 from planner.plan import (
@@ -49,10 +50,11 @@ class PlanOutcome:
 def make_cost_model(job: JobSpec, costs: str | Path | None = None) -> CostModel:
     """The analytic cost model of the job's cluster, or a profiled one (analytic fallback) from ``costs``."""
     hw = resolve_hardware(job.cluster)
-    analytic = AnalyticCostModel(hw)
+    shard = job.training.shard_optimizer
+    analytic = AnalyticCostModel(hw, shard_optimizer=shard)
     if costs is None:
         return analytic
-    return ProfiledCostModel.load(costs, hw, fallback=analytic)
+    return ProfiledCostModel.load(costs, hw, fallback=analytic, shard_optimizer=shard)
 
 
 def spec_hash(job: JobSpec) -> str:
@@ -80,15 +82,40 @@ def plan_job(
         solver=job.planner.solver, time_limit_s=job.planner.time_limit_s, mip_gap=job.planner.mip_gap,
         level_barriers=job.planner.level_barriers,
     )
-    result = solve(problem, settings, warm=warm, lower_bound=bounds.dag_s, progress=say)
-    check_schedule(problem, result.schedule)
-    placed = place_schedule(problem, result.schedule, cost_model)
-    sim = simulate(problem, placed, cost_model)
+    solved = solve(problem, settings, warm=warm, lower_bound=bounds.dag_s, progress=say)
+    result, placed, sim = choose_candidate(problem, cost_model, solved)
+    say(f"chose {result.warm_start}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
     baseline_times = baselines_mod.run_baselines(problem, cost_model, spindle=warm) if with_baselines else {}
     plan = build_plan(job, graph, cost_model, placed, sim, result, bounds, baseline_times)
     elapsed = time.perf_counter() - start
     say(f"planned in {elapsed:.2f} s: predicted iteration {sim.iteration_time_s:.4g} s")
     return PlanOutcome(plan, problem, placed, sim, elapsed, result)
+
+
+def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResult) -> tuple[SolveResult, PlacedSchedule, Simulation]:
+    """Place and simulate every candidate schedule the solver found; keep the shortest predicted iteration.
+
+    The solver ranks by compute alone; transfers and shared-parameter sync depend on placement, so the
+    final choice is made on the full simulated time. A candidate that does not fit in memory is skipped;
+    when none fits, the error of the shortest one is raised."""
+    best, error = None, None
+    for cand in solved.candidates or ():
+        check_schedule(problem, cand.schedule)
+        try:
+            placed = place_schedule(problem, cand.schedule, cost_model)
+        except PlanningError as exc:
+            error = error or exc
+            continue
+        sim = simulate(problem, placed, cost_model)
+        if best is None or sim.iteration_time_s < best[2].iteration_time_s * (1 - 1e-12):
+            best = (cand, placed, sim)
+    if best is None:
+        raise error
+    cand, placed, sim = best
+    gap = (cand.makespan_s - solved.bound_s) / cand.makespan_s if cand.makespan_s > 0 else 0.0
+    chosen = replace(solved, schedule=cand.schedule, status=cand.status, objective_s=cand.makespan_s, gap=gap,
+                     warm_start=cand.name)
+    return chosen, placed, sim
 
 
 def build_plan(

@@ -24,7 +24,9 @@ from planner.metagraph import MetaOp
 
 log = logging.getLogger(__name__)
 
-BYTES_TRAINABLE_PARAM = 16  # bf16 weight + fp32 master + fp32 grad + Adam m and v, as in mixed precision
+BYTES_WEIGHT_AND_GRAD = 4  # bf16 weight + bf16 gradient, on every device that runs the layer
+BYTES_OPTIMIZER_STATE = 12  # fp32 master weight + Adam m and v; sharded over the data-parallel group (ZeRO-1)
+BYTES_TRAINABLE_PARAM = BYTES_WEIGHT_AND_GRAD + BYTES_OPTIMIZER_STATE
 BYTES_FROZEN_PARAM = 2
 
 
@@ -80,8 +82,9 @@ class CostModel:
 
     source = "base"
 
-    def __init__(self, hardware: Hardware):
+    def __init__(self, hardware: Hardware, shard_optimizer: bool = True):
         self.hw = hardware
+        self.shard_optimizer = shard_optimizer
         self._curves: dict[tuple, Curve] = {}
 
     # ---- what subclasses provide
@@ -93,12 +96,33 @@ class CostModel:
     def local_batch(self, op: MetaOp, layout: Layout) -> int:
         return math.ceil(op.batch_size / layout.dp_degree)
 
+    def bytes_per_param(self, op: MetaOp, layout: Layout) -> float:
+        """Bytes of state per (TP-sharded) parameter on one device: 2 when frozen; else weight and gradient
+        plus the optimizer state, divided over the data-parallel group when it is sharded (ZeRO-1)."""
+        if op.frozen:
+            return BYTES_FROZEN_PARAM
+        shards = layout.dp_degree if self.shard_optimizer else 1
+        return BYTES_WEIGHT_AND_GRAD + BYTES_OPTIMIZER_STATE / shards
+
+    def param_bytes(self, op: MetaOp, layout: Layout) -> float:
+        """Bytes of parameter state (weights, and for trainable layers gradients and Adam) per device per layer."""
+        return op.layer.params * self.bytes_per_param(op, layout) / layout.tp_degree
+
+    def activation_bytes(self, op: MetaOp, layout: Layout) -> float:
+        """Bytes per device per layer kept from forward to backward (only the layer input under recompute;
+        a forward-only layer keeps just its output until the next layer has run)."""
+        keeps_all = op.backward_factor > 0 and not op.recompute
+        saved = op.layer.act_bytes if keeps_all else op.layer.out_bytes
+        return saved * self.local_batch(op, layout) / layout.tp_degree
+
     def layer_memory(self, op: MetaOp, layout: Layout) -> float:
         """Bytes per device for one layer: parameter state plus activations saved for backward."""
-        per_param = BYTES_FROZEN_PARAM if op.frozen else BYTES_TRAINABLE_PARAM
-        params = op.layer.params * per_param / layout.tp_degree
-        saved = op.layer.act_bytes if op.backward_factor > 0 else op.layer.out_bytes
-        return params + saved * self.local_batch(op, layout) / layout.tp_degree
+        return self.param_bytes(op, layout) + self.activation_bytes(op, layout)
+
+    @staticmethod
+    def passes(op: MetaOp) -> float:
+        """Forward-pass equivalents per layer: 1 + backward (+1 forward again under recompute)."""
+        return 1.0 + op.backward_factor + (1.0 if op.recompute else 0.0)
 
     def layouts(self, op: MetaOp, n: int) -> list[Layout]:
         out = []
@@ -118,12 +142,18 @@ class CostModel:
         return self._curves[cache_key]
 
     def _build_curve(self, op: MetaOp) -> Curve:
+        # Prefer layouts that could hold the whole MetaOp (a device may run all its layers over the waves);
+        # only when none can, fall back to layouts where one layer fits and let placement judge.
+        curve = self._build_curve_within(op, self.hw.memory_bytes / op.num_layers)
+        return curve if curve is not None else self._build_curve_within(op, self.hw.memory_bytes) or self._no_curve(op)
+
+    def _build_curve_within(self, op: MetaOp, limit: float) -> Curve | None:
         counts, times, layouts, memory = [], [], [], []
         for n in range(1, self.hw.num_devices + 1):
             best: tuple[float, Layout, float] | None = None
             for layout in self.layouts(op, n):
                 mem = self.layer_memory(op, layout)
-                if mem > self.hw.memory_bytes:
+                if mem > limit:
                     continue
                 t = self.layout_time(op, layout)
                 if best is None or t < best[0]:
@@ -135,14 +165,17 @@ class CostModel:
             layouts.append(best[1])
             memory.append(best[2])
         if not counts:
-            need = min(self.layer_memory(op, lay) for n in range(1, self.hw.num_devices + 1) for lay in self.layouts(op, n)) \
-                if any(self.layouts(op, n) for n in range(1, self.hw.num_devices + 1)) else float("nan")
-            raise PlanningError(
-                f"MetaOp {op.name}: no valid device count; one layer needs {need / 2**30:.1f} GiB per device at best "
-                f"and a device has {self.hw.memory_bytes / 2**30:.1f} GiB (batch {op.batch_size}, tensor_parallel "
-                f"{list(op.allowed_tp)}). Allow a larger tensor_parallel degree, lower the batch size, or use larger devices."
-            )
+            return None
         return Curve(tuple(counts), tuple(times), tuple(layouts), tuple(memory))
+
+    def _no_curve(self, op: MetaOp) -> Curve:
+        layouts = [lay for n in range(1, self.hw.num_devices + 1) for lay in self.layouts(op, n)]
+        need = min((self.layer_memory(op, lay) for lay in layouts), default=float("nan"))
+        raise PlanningError(
+            f"MetaOp {op.name}: no valid device count; one layer needs {need / 2**30:.1f} GiB per device at best "
+            f"and a device has {self.hw.memory_bytes / 2**30:.1f} GiB (batch {op.batch_size}, tensor_parallel "
+            f"{list(op.allowed_tp)}). Allow a larger tensor_parallel degree, lower the batch size, or use larger devices."
+        )
 
     # ---- communication (alpha-beta)
     def allreduce_time(self, nbytes: float, num_devices: int, cross_node: bool) -> float:
@@ -175,7 +208,7 @@ class AnalyticCostModel(CostModel):
     def layout_time(self, op: MetaOp, layout: Layout) -> float:
         dev, layer = self.hw.device, op.layer
         b = self.local_batch(op, layout)
-        passes = 1.0 + op.backward_factor
+        passes = self.passes(op)
         compute = layer.flops_fwd * b * passes / layout.tp_degree / (dev.peak_flops * dev.efficiency)
         moved = (2 * layer.params * passes + 2 * layer.act_bytes * b) / layout.tp_degree
         memory = moved / dev.mem_bandwidth
@@ -197,13 +230,15 @@ class ProfiledCostModel(CostModel):
 
     source = "profiled"
 
-    def __init__(self, hardware: Hardware, points: dict[str, list[tuple[float, float]]], fallback: CostModel | None = None):
-        super().__init__(hardware)
+    def __init__(self, hardware: Hardware, points: dict[str, list[tuple[float, float]]], fallback: CostModel | None = None,
+                 shard_optimizer: bool = True):
+        super().__init__(hardware, shard_optimizer)
         self.points = {k: sorted((float(b), float(t)) for b, t in v) for k, v in points.items()}
         self.fallback = fallback
 
     @classmethod
-    def load(cls, path: str | Path, hardware: Hardware, fallback: CostModel | None = None) -> ProfiledCostModel:
+    def load(cls, path: str | Path, hardware: Hardware, fallback: CostModel | None = None,
+             shard_optimizer: bool = True) -> ProfiledCostModel:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -213,7 +248,7 @@ class ProfiledCostModel(CostModel):
             raise SpecError(f"{path}: no such cost file. Run `loom profile` to make one.") from None
         except (ValueError, KeyError, AssertionError):
             raise SpecError(f"{path}: not a profiled cost file (expected JSON with a 'points' mapping).") from None
-        return cls(hardware, points, fallback)
+        return cls(hardware, points, fallback, shard_optimizer)
 
     def layout_time(self, op: MetaOp, layout: Layout) -> float:
         pts = self.points.get(profile_key(op, layout))

@@ -34,6 +34,7 @@ class MetaOp:
     backward_factor: float  # backward cost as a multiple of forward: 2 (weights+inputs), 1 (inputs only), 0
     level: int = 0
     allowed_tp: tuple[int, ...] = (1,)
+    recompute: bool = False  # activation checkpointing: one more forward in backward, only inputs saved
 
     @property
     def key(self) -> str:
@@ -110,6 +111,7 @@ def build_metagraph(job: JobSpec) -> MetaGraph:
                     frozen=comp.frozen,
                     backward_factor=backward,
                     allowed_tp=tuple(sorted(set(comp.tensor_parallel))),
+                    recompute=comp.recompute and backward > 0,
                 )
                 ops.append(op)
                 deps = (op.id,)

@@ -195,8 +195,9 @@ def solve_pattern_lp(problem: Problem, windows: Sequence[tuple[int, int]], num_s
 
 
 def dive(master: PatternMaster, rounds_per_step: int = 8, deadline: float | None = None) -> list[int]:
-    """Residual diving: repeatedly fix the LP's largest pattern repetition (rounded, at least 1), lower the
-    demand by what it covers, and re-generate columns for what is left. Returns repetitions per column."""
+    """Residual diving: fix every pattern the LP runs at least once (its whole repetitions), or, when the
+    LP runs every pattern less than once, one repetition of its largest; lower the demand by what the
+    fixed patterns cover and re-generate columns for the rest. Returns repetitions per column."""
     problem = master.problem
     residual = np.array([problem.layers(m) for m in range(len(problem.graph))])
     counts: dict[int, int] = {}
@@ -207,11 +208,13 @@ def dive(master: PatternMaster, rounds_per_step: int = 8, deadline: float | None
         else:
             master.h.run()
         _, y = master.solution()
-        p = int(np.argmax(y))
-        c = max(1, int(np.floor(y[p] + 0.5)))
-        counts[p] = counts.get(p, 0) + c
-        for m, _, l in master.columns[p].pattern:
-            residual[m] = max(0, residual[m] - c * l)
+        whole = [(p, int(np.floor(v + 1e-6))) for p, v in enumerate(y) if v >= 1 - 1e-6]
+        for p, c in whole or [(int(np.argmax(y)), 1)]:
+            if not any(residual[m] for m, _, _ in master.columns[p].pattern):
+                continue
+            counts[p] = counts.get(p, 0) + c
+            for m, _, l in master.columns[p].pattern:
+                residual[m] = max(0, residual[m] - c * l)
     return [counts.get(i, 0) for i in range(len(master.columns))]
 
 

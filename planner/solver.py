@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 from planner.milp import build_wave_milp, explain_infeasible, make_solver, set_start, solve_wave_milp
 from planner.patterns import PatternLP, PatternMaster, dive, patterns_to_schedule, solve_pattern_ip, solve_pattern_lp
+from planner.polish import polish
+from planner.twowave import pack_stage
 from planner.errors import PlanningError
 from planner.schedule import Problem, Schedule, Wave, compute_makespan
 
@@ -52,12 +54,13 @@ class SolverSettings:
 class SolveResult:
     schedule: Schedule
     solver: str
-    status: str  # "optimal" (within mip_gap of the LP bound of its windows), "feasible", or "heuristic"
+    status: str  # "optimal" (exact model, within mip_gap), "feasible" (an ILP incumbent), or "heuristic"
     objective_s: float  # compute makespan of ``schedule``
     bound_s: float  # a lower bound valid for every schedule (the caller's, raised by the LP when barriers hold)
     gap: float  # (objective - bound) / objective
-    warm_start: str  # which candidate won: "milp", "lp-rounding" or the caller's warm start name
-    lp_value_s: float = 0.0  # fractional-layer optimum of the chosen windows
+    warm_start: str  # which candidate won (its method name)
+    lp_value_s: float = 0.0  # the allocation LP's value for the chosen windows
+    candidates: tuple = ()  # every Candidate considered, shortest first (for callers that rank by full time)
 
 
 # --------------------------------------------------------------------------- stage windows
@@ -123,8 +126,12 @@ def solve_exact(problem: Problem, settings: SolverSettings, num_waves: int | Non
 def _best_lp(problem: Problem, settings: SolverSettings, say) -> tuple[PatternLP, PatternMaster]:
     modes = ("levels",) if settings.level_barriers else ("levels", "asap", "alap")
     best: tuple[PatternLP, PatternMaster] | None = None
+    tried = set()
     for mode in modes:
         windows, num_stages = stage_windows(problem, mode)
+        if tuple(windows) in tried:
+            continue
+        tried.add(tuple(windows))
         t0 = time.perf_counter()
         lp, master = solve_pattern_lp(problem, windows, num_stages)
         say(f"allocation LP ({mode} windows): {lp.value:.4g} s, {len(lp.columns)} patterns, {lp.rounds} rounds, "
@@ -134,41 +141,73 @@ def _best_lp(problem: Problem, settings: SolverSettings, say) -> tuple[PatternLP
     return best
 
 
-def solve(problem: Problem, settings: SolverSettings, warm: Schedule | None = None, lower_bound: float = 0.0,
-          progress: Callable[[str], None] | None = None, warm_name: str = "spindle") -> SolveResult:
-    """Plan the waves of ``problem``; the result is never worse than ``warm`` (compute makespan)."""
-    say = progress or log.info
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    schedule: Schedule
+    makespan_s: float
+    status: str  # "optimal", "feasible" or "heuristic"
+
+
+def _candidate(problem: Problem, name: str, schedule: Schedule, status: str = "heuristic") -> Candidate:
+    """A candidate after local search (which never lengthens a schedule)."""
+    polished = polish(problem, schedule)
+    return Candidate(name, polished, compute_makespan(problem, polished), status)
+
+
+def _packing_candidates(problem: Problem, settings: SolverSettings, say) -> tuple[PatternLP, list[Candidate]]:
+    """Allocation LP, residual diving, the packing ILP over their columns, and two-wave packing per level."""
     t0 = time.perf_counter()
     lp, master = _best_lp(problem, settings, say)
+    lp_columns = {i for i, v in enumerate(lp.y) if v > 1e-9}
     start = dive(master, deadline=t0 + settings.time_limit_s)
-    columns = master.columns
-    dived = patterns_to_schedule(problem, columns, start)
-    found = [(compute_makespan(problem, dived), "lp-diving", dived, "heuristic")]  # (makespan, name, schedule, status)
-    say(f"diving: {found[-1][0]:.4g} s, {len(columns)} patterns, {time.perf_counter() - t0:.2f} s")
-    if warm is not None:
-        found.append((compute_makespan(problem, warm), warm_name, warm, "heuristic"))
+    found = [_candidate(problem, "lp-diving", patterns_to_schedule(problem, master.columns, start))]
+    say(f"diving: {found[-1].makespan_s:.4g} s, {len(master.columns)} patterns, {time.perf_counter() - t0:.2f} s")
+    keep = sorted(lp_columns | {i for i, c in enumerate(start) if c})  # a small ILP: LP support and diving
+    columns = [master.columns[i] for i in keep]
     t1 = time.perf_counter()
-    counts, status, _ = solve_pattern_ip(problem, columns, start, settings.solver, settings.time_limit_s,
-                                         settings.mip_gap, settings.max_nodes)
+    counts, status, _ = solve_pattern_ip(problem, columns, [start[i] for i in keep], settings.solver,
+                                         settings.time_limit_s, settings.mip_gap, settings.max_nodes)
     if counts is not None:
-        packed = patterns_to_schedule(problem, columns, counts)
-        found.append((compute_makespan(problem, packed), "milp", packed, status))
-        say(f"packing ILP ({settings.solver}, {len(columns)} columns): {found[-1][0]:.4g} s, {status}, "
+        # optimal over these columns only, so a feasible plan for the whole problem
+        found.append(_candidate(problem, "packing-ilp", patterns_to_schedule(problem, columns, counts), "feasible"))
+        say(f"packing ILP ({settings.solver}, {len(columns)} columns): {found[-1].makespan_s:.4g} s, {status}, "
             f"{time.perf_counter() - t1:.2f} s")
+    waves = []
+    for level in problem.graph.levels:
+        packed = pack_stage(problem, level)
+        if packed is None:
+            break
+        waves.extend(packed[1])
+    else:
+        found.append(_candidate(problem, "two-wave", Schedule(tuple(waves))))
+        say(f"two-wave packing per level: {found[-1].makespan_s:.4g} s")
+    return lp, found
+
+
+def solve(problem: Problem, settings: SolverSettings, warm: Schedule | None = None, lower_bound: float = 0.0,
+          progress: Callable[[str], None] | None = None, warm_name: str = "spindle") -> SolveResult:
+    """Plan the waves of ``problem``. Candidates from every method are improved by local search and the
+    shortest wins, so the result is never worse than ``warm`` (compute makespan)."""
+    say = progress or log.info
+    lp, found = _packing_candidates(problem, settings, say)
+    if warm is not None:
+        found.append(Candidate(warm_name, warm, compute_makespan(problem, warm), "heuristic"))
+        found.append(_candidate(problem, warm_name + "+polish", warm))
     num_exact_waves = sum(op.num_layers for op in problem.graph.metaops)
     if len(full_candidates(problem, 1)) * num_exact_waves <= EXACT_MAX_CANDIDATES:
-        best = min(found, key=lambda c: (c[0], c[1]))
-        exact = solve_exact(problem, settings, num_exact_waves, start=_pad(best[2], num_exact_waves))
+        best = min(found, key=lambda c: (c.makespan_s, c.name))
+        exact = solve_exact(problem, settings, num_exact_waves, start=_pad(best.schedule, num_exact_waves))
         if exact.schedule is not None:
-            found.append((compute_makespan(problem, exact.schedule), "exact-milp", exact.schedule, exact.status))
-    objective, name, schedule, status = min(found, key=lambda c: (c[0], c[1]))
+            found.append(Candidate("exact-milp", exact.schedule, compute_makespan(problem, exact.schedule), exact.status))
+    best = min(found, key=lambda c: (c.makespan_s, c.name))
     bound = max(lower_bound, lp.value if settings.level_barriers else 0.0)
-    if name == "exact-milp" and status == "optimal":
-        bound = max(bound, objective / (1 + settings.mip_gap))
-    if name != "exact-milp" and status == "optimal" and objective > lp.value * (1 + settings.mip_gap) + 1e-12:
-        status = "feasible"  # optimal over its columns, not proven within the gap of the LP
-    gap = (objective - bound) / objective if objective > 0 else 0.0
-    return SolveResult(schedule, settings.solver, status, objective, bound, gap, name, lp.value)
+    status = best.status
+    if best.name == "exact-milp" and status == "optimal":
+        bound = max(bound, best.makespan_s / (1 + settings.mip_gap))
+    gap = (best.makespan_s - bound) / best.makespan_s if best.makespan_s > 0 else 0.0
+    return SolveResult(best.schedule, settings.solver, status, best.makespan_s, bound, gap, best.name, lp.value,
+                       tuple(sorted(found, key=lambda c: (c.makespan_s, c.name))))
 
 
 def _pad(schedule: Schedule, num_waves: int) -> Schedule:

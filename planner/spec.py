@@ -60,6 +60,9 @@ class ComponentSpec(StrictModel):
     channel_mults: list[int] | None = Field(None, description="unet2d: channel multiplier per resolution level.")
     out_features: int | None = Field(None, ge=1, description="mlp: output width (classes, embedding size).")
     frozen: bool = Field(False, description="Forward only: no weight gradients and no optimizer state.")
+    recompute: bool = Field(
+        False, description="Activation checkpointing: keep only each layer's input, recompute the rest in backward."
+    )
     tensor_parallel: list[int] = Field(
         default_factory=lambda: [1],
         description="Tensor-parallel degrees the planner may choose from (1 = data parallel only).",
@@ -122,6 +125,9 @@ class TrainingSpec(StrictModel):
     seed: int = Field(0, description="Seed of parameters, data and dropout.")
     checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0 = never).")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Compute precision the cost model assumes.")
+    shard_optimizer: bool = Field(
+        True, description="ZeRO-1: shard fp32 master weights and Adam state over each data-parallel group."
+    )
 
 
 class PlannerSpec(StrictModel):

@@ -1,0 +1,363 @@
+"""Device placement: concrete device ids for every slice of a wave schedule, and the memory ledger.
+
+Owns :class:`PlacedSlice`, :class:`PlacedWave`, :class:`PlacedSchedule`, :func:`place_schedule` and
+:class:`MemoryLedger`, the one place that counts what a device holds. The simulator and the
+baselines reuse the ledger, so peak memory is computed one way only.
+
+Conventions the runtime relies on:
+
+- device ``d`` lives on node ``d // devices_per_node``;
+- a slice's ``devices`` are ascending. With layout ``dp x tp``, ``devices[i*tp:(i+1)*tp]`` is one
+  tensor-parallel group (inside one node) and data-parallel rank ``i``. The batch is split into
+  ``dp`` equal runs of consecutive samples, in rank order;
+- layer ``j`` of every MetaOp of one ``param_group`` is the same set of parameters, so a device that
+  runs layer ``j`` of two such MetaOps holds it once.
+
+Memory model (bytes per device; the two parts of :meth:`CostModel.layer_memory`):
+
+- parameter state of every layer the device ever runs (:meth:`CostModel.bytes_per_param`: weight,
+  gradient and the optimizer state sharded over the slice's data-parallel group; 2 B/param frozen),
+  divided by the TP degree. A layer held twice counts once, at its largest shard;
+- activations saved for backward by every forward slice the device runs. Forward runs the waves in
+  order and backward runs them in reverse, so all of these are live when forward ends: that is the
+  peak.
+
+Placement is greedy, wave by wave, and deterministic:
+
+1. A MetaOp that continues on the same device count keeps exactly its devices, so no bytes move.
+   Failing that, a first slice whose predecessor ended on the same count and layout takes the
+   predecessor's devices.
+2. The other slices go largest TP degree first, then largest count, then heaviest input. Each
+   one scores every free device: a bonus where the slice's input already lies (its MetaOp's
+   previous slice, or its predecessors' last slices), a bonus where the device already holds some
+   of these layers of the parameter group (shared parameters co-located), minus the fraction of
+   memory in use (balance), and a large penalty where the slice would not fit.
+3. When one node has room, the slice goes into the single node whose best free devices score
+   highest. Otherwise it spans the fewest, best-scoring nodes and takes a multiple of the TP degree
+   from each node.
+
+A device over memory after placement is a :class:`PlanningError` naming the MetaOps on the worst
+device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.costmodel import CostModel, Layout
+from planner.errors import PlanningError
+from planner.metagraph import MetaOp
+from planner.schedule import Problem, Schedule, ScheduleError, Slice, Wave
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+# Weights in a free device's score (step 2 of the module docstring). Data locality comes first,
+# because a boundary activation that moves costs a transfer forward and another backward. Shared
+# parameters co-located save memory and a share of the gradient sync. Memory balance (a fraction in
+# [0, 1]) breaks the remaining ties.
+FLOW_WEIGHT = 4.0
+SHARE_WEIGHT = 2.0
+OVERFLOW_PENALTY = 100.0
+
+
+@dataclass(frozen=True)
+class PlacedSlice:
+    """``num_layers`` layers of MetaOp ``metaop``, starting at layer ``first_layer``, on ``devices``."""
+
+    metaop: int
+    first_layer: int  # index of the MetaOp's first layer run by this slice (layers run in order across waves)
+    num_layers: int
+    devices: tuple[int, ...]  # global device ids, ascending; node = id // devices_per_node
+    layout: Layout  # the curve's layout for len(devices)
+
+
+@dataclass(frozen=True)
+class PlacedWave:
+    slices: tuple[PlacedSlice, ...]
+
+
+@dataclass(frozen=True)
+class PlacedSchedule:
+    waves: tuple[PlacedWave, ...]
+
+
+# --------------------------------------------------------------------------- memory
+
+
+@dataclass(frozen=True)
+class GroupFacts:
+    """Per-layer facts of one parameter-sharing group."""
+
+    params_per_layer: float
+    trainable: bool
+    metaops: tuple[int, ...]
+
+
+def group_facts(problem: Problem) -> dict[str, GroupFacts]:
+    """Facts of every parameter group of ``problem`` (a group trains when any of its MetaOps does)."""
+    members: dict[str, list[MetaOp]] = {}
+    for op in problem.graph.metaops:
+        members.setdefault(op.param_group, []).append(op)
+    out = {}
+    for group, ops in members.items():
+        trainable = any(not op.frozen for op in ops)
+        out[group] = GroupFacts(
+            params_per_layer=max(op.layer.params for op in ops),
+            trainable=trainable,
+            metaops=tuple(op.id for op in ops),
+        )
+    return out
+
+
+def layer_equivalents(by_tp: dict[int, int]) -> float:
+    """Layers held, counting a layer held at TP degree t as 1/t; a layer held at several degrees counts its largest shard."""
+    covered, total = 0, 0.0
+    for tp in sorted(by_tp):
+        fresh = by_tp[tp] & ~covered
+        total += fresh.bit_count() / tp
+        covered |= by_tp[tp]
+    return total
+
+
+class MemoryLedger:
+    """What every device holds: parameter layers of each sharing group and saved activations.
+
+    ``held[group][device]`` maps a TP degree to a bit mask of the group's layers that the device runs
+    at that degree. Add slices with :meth:`add`. ``param_bytes``, ``act_bytes`` and
+    ``trainable_params`` (parameters after TP sharding) are numpy arrays indexed by device id.
+    """
+
+    def __init__(self, problem: Problem, cost_model: CostModel):
+        self.problem = problem
+        self.cost_model = cost_model
+        n = problem.num_devices
+        self.param_bytes = np.zeros(n)
+        self.act_bytes = np.zeros(n)
+        self.trainable_params = np.zeros(n)
+        self.held: dict[str, dict[int, dict[int, int]]] = {}
+        self.groups = group_facts(problem)
+        self.slices: list[PlacedSlice] = []
+
+    def add(self, s: PlacedSlice) -> None:
+        op = self.problem.graph.metaops[s.metaop]
+        idx = np.fromiter(s.devices, dtype=np.int64, count=len(s.devices))
+        self.act_bytes[idx] += self.cost_model.activation_bytes(op, s.layout) * s.num_layers
+        facts = self.groups[op.param_group]
+        tp = s.layout.tp_degree
+        mask = ((1 << s.num_layers) - 1) << s.first_layer
+        holders = self.held.setdefault(op.param_group, {})
+        fresh = s.num_layers / tp
+        layers = np.empty(len(idx))
+        for i, d in enumerate(s.devices):
+            by_tp = holders.get(d)
+            if by_tp is None:  # common case: nothing of this group on the device yet
+                holders[d] = {tp: mask}
+                layers[i] = fresh
+            else:
+                before = layer_equivalents(by_tp)
+                by_tp[tp] = by_tp.get(tp, 0) | mask
+                layers[i] = layer_equivalents(by_tp) - before
+        params = layers * facts.params_per_layer
+        self.param_bytes[idx] += params * self.cost_model.bytes_per_param(op, s.layout)
+        if facts.trainable:
+            self.trainable_params[idx] += params
+        self.slices.append(s)
+
+    def peak(self) -> np.ndarray:
+        """Peak bytes per device: parameter state plus every saved activation (end of forward)."""
+        return self.param_bytes + self.act_bytes
+
+
+def build_ledger(problem: Problem, slices: Iterable[PlacedSlice], cost_model: CostModel) -> MemoryLedger:
+    """A ledger holding ``slices`` (added in order; per device the result does not depend on the order within a wave)."""
+    ledger = MemoryLedger(problem, cost_model)
+    for s in slices:
+        ledger.add(s)
+    return ledger
+
+
+def all_slices(placed: PlacedSchedule) -> list[PlacedSlice]:
+    return [s for wave in placed.waves for s in wave.slices]
+
+
+def check_memory(ledger: MemoryLedger, memory_bytes: float, devices_per_node: int) -> None:
+    """Raise PlanningError when a device needs more than ``memory_bytes``; the message names the worst device's MetaOps."""
+    peak = ledger.peak()
+    if len(peak) == 0 or peak.max() <= memory_bytes:
+        return
+    worst = int(np.argmax(peak))
+    num_over = int((peak > memory_bytes).sum())
+    ops = ledger.problem.graph.metaops
+    usage: dict[int, float] = {}
+    for s in ledger.slices:
+        if worst in s.devices:
+            op = ops[s.metaop]
+            per_layer = ledger.cost_model.layer_memory(op, s.layout)
+            usage[s.metaop] = usage.get(s.metaop, 0.0) + per_layer * s.num_layers
+    ranked = sorted(usage, key=lambda m: (-usage[m], m))
+    names = ", ".join(ops[m].name for m in ranked[:3]) + (f" and {len(ranked) - 3} more" if len(ranked) > 3 else "")
+    top = ops[ranked[0]]
+    raise PlanningError(
+        f"device {worst} (node {worst // devices_per_node}) needs {peak[worst] / GIB:.2f} GiB "
+        f"({ledger.param_bytes[worst] / GIB:.2f} GiB parameter state + {ledger.act_bytes[worst] / GIB:.2f} GiB saved "
+        f"activations) for MetaOps {names}, but a device has {memory_bytes / GIB:.2f} GiB "
+        f"({num_over} device{'s' if num_over > 1 else ''} over). Use more devices, allow a larger tensor_parallel "
+        f"degree for component '{top.component}', or lower the batch size of task '{top.task}'."
+    )
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def place_schedule(
+    problem: Problem, schedule: Schedule, cost_model: CostModel, *, check_memory_limit: bool = True
+) -> PlacedSchedule:
+    """Give every slice of ``schedule`` concrete device ids (see the module docstring for the rules).
+
+    Raises PlanningError when ``check_memory_limit`` and a device's peak exceeds the device memory.
+    """
+    placer = _Placer(problem, cost_model)
+    waves = tuple(placer.place_wave(k, wave) for k, wave in enumerate(schedule.waves))
+    if check_memory_limit:
+        check_memory(placer.ledger, cost_model.hw.memory_bytes, placer.dpn)
+    return PlacedSchedule(waves)
+
+
+class _Placer:
+    """State of the greedy placement across waves."""
+
+    def __init__(self, problem: Problem, cost_model: CostModel):
+        self.problem = problem
+        self.cost_model = cost_model
+        self.num_devices = problem.num_devices
+        self.dpn = max(1, min(cost_model.hw.devices_per_node, self.num_devices))
+        self.num_nodes = math.ceil(self.num_devices / self.dpn)
+        self.capacity = cost_model.hw.memory_bytes
+        self.ledger = MemoryLedger(problem, cost_model)
+        self.layers_done = [0] * len(problem.graph)
+        self.last: dict[int, PlacedSlice] = {}
+
+    def place_wave(self, k: int, wave: Wave) -> PlacedWave:
+        if wave.num_devices > self.num_devices:
+            raise ScheduleError(f"wave {k} uses {wave.num_devices} devices > N={self.num_devices}")
+        free = np.zeros(self.num_nodes * self.dpn, dtype=bool)  # padded to whole nodes; padding never free
+        free[: self.num_devices] = True
+        chosen: dict[int, tuple[int, ...]] = {}
+        for continuing in (True, False):
+            for s in sorted(wave.slices, key=lambda s: s.metaop):
+                if s.metaop not in chosen:
+                    devices = self._kept_devices(s, free, continuing)
+                    if devices is not None:
+                        self._commit(s, devices, free, chosen)
+        rest = [s for s in wave.slices if s.metaop not in chosen]
+        # Largest first packs nodes well; among equals, the heaviest input flow claims its devices first.
+        rest.sort(key=lambda s: (-self._layout(s).tp_degree, -s.num_devices, -self._input_bytes(s.metaop), s.metaop))
+        for s in rest:
+            self._commit(s, self._choose(s, free), free, chosen)
+        placed = []
+        for s in wave.slices:  # the schedule's order; per device the ledger does not depend on it
+            devices = chosen[s.metaop]
+            placed.append(PlacedSlice(s.metaop, self.layers_done[s.metaop], s.num_layers, devices, self._layout(s)))
+        for p in placed:
+            self.layers_done[p.metaop] += p.num_layers
+            self.last[p.metaop] = p
+        return PlacedWave(tuple(placed))
+
+    def _layout(self, s: Slice) -> Layout:
+        return self.problem.curves[s.metaop].layout(s.num_devices)
+
+    def _commit(self, s: Slice, devices: tuple[int, ...], free: np.ndarray, chosen: dict) -> None:
+        free[list(devices)] = False
+        chosen[s.metaop] = devices
+        self.ledger.add(PlacedSlice(s.metaop, self.layers_done[s.metaop], s.num_layers, devices, self._layout(s)))
+
+    def _kept_devices(self, s: Slice, free: np.ndarray, continuing: bool) -> tuple[int, ...] | None:
+        """The devices of the MetaOp's previous slice (``continuing``) or of a predecessor's last slice, when
+        the count and layout match and all of them are free."""
+        if continuing:
+            candidates = [self.last[s.metaop]] if s.metaop in self.last else []
+        elif s.metaop in self.last:
+            candidates = []
+        else:
+            deps = self.problem.graph.metaops[s.metaop].deps
+            candidates = [self.last[d] for d in deps if d in self.last]
+        layout = self._layout(s)
+        for c in candidates:
+            if len(c.devices) == s.num_devices and c.layout == layout and free[list(c.devices)].all():
+                return c.devices
+        return None
+
+    def _input_devices(self, m: int) -> list[int]:
+        """Devices that hold the slice's input: the MetaOp's previous slice, else its predecessors' last slices."""
+        if m in self.last:
+            return list(self.last[m].devices)
+        out: list[int] = []
+        for d in self.problem.graph.metaops[m].deps:
+            if d in self.last:
+                out.extend(self.last[d].devices)
+        return out
+
+    def _input_bytes(self, m: int) -> float:
+        ops = self.problem.graph.metaops
+        sources = [m] if m in self.last else [d for d in ops[m].deps if d in self.last]
+        return sum(ops[d].batch_size * ops[d].layer.out_bytes for d in sources)
+
+    def _score(self, s: Slice, free: np.ndarray) -> np.ndarray:
+        op = self.problem.graph.metaops[s.metaop]
+        layout = self._layout(s)
+        score = np.full(len(free), -np.inf)
+        peak = self.ledger.peak()
+        adds = s.num_layers * self.cost_model.layer_memory(op, layout)
+        score[: self.num_devices] = -peak / self.capacity - OVERFLOW_PENALTY * (peak + adds > self.capacity)
+        inputs = self._input_devices(s.metaop)
+        if inputs:
+            score[inputs] += FLOW_WEIGHT
+        holders = self.ledger.held.get(op.param_group)
+        if holders:
+            mask = ((1 << s.num_layers) - 1) << self.layers_done[s.metaop]
+            for d, by_tp in holders.items():
+                any_mask = 0
+                for bits in by_tp.values():
+                    any_mask |= bits
+                overlap = (any_mask & mask).bit_count()
+                if overlap:
+                    score[d] += SHARE_WEIGHT * overlap / s.num_layers
+        score[~free] = -np.inf
+        return score
+
+    def _choose(self, s: Slice, free: np.ndarray) -> tuple[int, ...]:
+        """Pick ``s.num_devices`` free devices: one node when one has room, else the fewest best nodes."""
+        n, tp = s.num_devices, self._layout(s).tp_degree
+        score = self._score(s, free).reshape(self.num_nodes, self.dpn)
+        order = np.argsort(-score, axis=1, kind="stable")  # best first; busy devices (-inf) last
+        ranked = np.take_along_axis(score, order, axis=1)
+        num_free = free.reshape(self.num_nodes, self.dpn).sum(axis=1)
+        # prefix[v, j]: the summed score of node v's j best free devices
+        finite = np.where(np.isfinite(ranked), ranked, 0.0)
+        prefix = np.concatenate([np.zeros((self.num_nodes, 1)), np.cumsum(finite, axis=1)], axis=1)
+        if n <= self.dpn and (num_free >= n).any():
+            node = int(np.argmax(np.where(num_free >= n, prefix[:, n], -np.inf)))
+            return tuple(sorted(int(node * self.dpn + j) for j in order[node, :n]))
+        usable = num_free // tp * tp
+        take = np.minimum(usable, n)
+        value = prefix[np.arange(self.num_nodes), take]
+        picked: list[int] = []
+        for node in sorted(range(self.num_nodes), key=lambda v: (-take[v], -value[v], v)):
+            count = min(int(usable[node]), n - len(picked))
+            picked.extend(int(node * self.dpn + j) for j in order[node, :count])
+            if len(picked) == n:
+                return tuple(sorted(picked))
+        # Fragmented wave: no room for whole TP groups inside nodes. Keep the plan valid and say so.
+        op = self.problem.graph.metaops[s.metaop]
+        log.warning("MetaOp %s: no room for %d-device tensor-parallel groups inside nodes; a group spans nodes", op.name, tp)
+        flat = np.argsort(-score.ravel(), kind="stable")[:n]
+        if not free.ravel()[flat].all():
+            raise ScheduleError(f"MetaOp {op.name}: {n} devices requested but fewer are free in its wave")
+        return tuple(sorted(int(d) for d in flat))

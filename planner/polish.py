@@ -1,0 +1,155 @@
+"""Local search on a wave schedule: exact moves that never lengthen it.
+
+A wave lasts as long as its slowest slice, so integer layer counts leave idle time inside waves.
+Three moves remove it, each evaluated exactly on the sum of wave durations:
+
+- **narrow**: a slice that is not the slowest of its wave moves to the smallest count that still
+  finishes within the wave (frees devices, never lengthens the wave);
+- **widen**: a slowest slice moves to a larger count that fits the wave's free devices;
+- **shave**: the slowest slices of a wave give up just enough layers to reach the next shorter
+  duration; the layers go to the other wave (or a new wave) inside the MetaOp's dependency range
+  where they cost least. Accepted only when the total falls.
+
+Dependencies stay satisfied: a MetaOp's layers only move to waves after its predecessors' last
+wave and before its successors' first wave.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from planner.schedule import Problem, Schedule, Slice, Wave, merge_adjacent_waves
+
+EPS = 1e-12
+
+WaveMap = dict[int, list[int]]  # metaop -> [num_devices, num_layers]
+
+
+class _State:
+    def __init__(self, problem: Problem, schedule: Schedule):
+        self.p = problem
+        self.waves: list[WaveMap] = [{s.metaop: [s.num_devices, s.num_layers] for s in w.slices} for w in schedule.waves]
+        self.succ = problem.graph.successors()
+
+    def t(self, m: int, n: int, l: int) -> float:
+        return self.p.curves[m].time(n) * l
+
+    def dur(self, k: int) -> float:
+        return max((self.t(m, n, l) for m, (n, l) in self.waves[k].items()), default=0.0)
+
+    def free(self, k: int) -> int:
+        return self.p.num_devices - sum(n for n, _ in self.waves[k].values())
+
+    def total(self) -> float:
+        return sum(self.dur(k) for k in range(len(self.waves)))
+
+    def span(self, m: int) -> tuple[int, int]:
+        """Waves where m's layers may go: after its predecessors' last wave, before its successors' first."""
+        last = lambda op: max((k for k, w in enumerate(self.waves) if op in w), default=-1)
+        first = lambda op: min((k for k, w in enumerate(self.waves) if op in w), default=len(self.waves))
+        lo = max((last(p) + 1 for p in self.p.graph.metaops[m].deps), default=0)
+        hi = min((first(s) - 1 for s in self.succ[m]), default=len(self.waves) - 1)
+        return lo, hi
+
+    def schedule(self) -> Schedule:
+        waves = [Wave(tuple(Slice(m, l, n) for m, (n, l) in sorted(w.items()))) for w in self.waves if w]
+        return Schedule(merge_adjacent_waves(self.p, waves))
+
+
+def _narrow(st: _State, k: int) -> None:
+    d = st.dur(k)
+    for m, (n, l) in st.waves[k].items():
+        if st.t(m, n, l) < d - EPS:
+            smallest = next(c for c in st.p.curves[m].counts if st.t(m, c, l) <= d + EPS)
+            st.waves[k][m][0] = min(n, smallest)
+
+
+def _widen(st: _State, k: int) -> bool:
+    d = st.dur(k)
+    critical = [m for m, (n, l) in st.waves[k].items() if st.t(m, n, l) >= d - EPS]
+    free = st.free(k)
+    changes = {}
+    for m in critical:
+        n, l = st.waves[k][m]
+        better = [c for c in st.p.curves[m].counts if n < c <= n + free and st.t(m, c, l) < d - EPS]
+        if not better:
+            return False
+        changes[m] = better[0]
+        free -= better[0] - n
+    for m, c in changes.items():
+        st.waves[k][m][0] = c
+    return bool(changes)
+
+
+def _best_destination(st: _State, m: int, layers: int, src: int) -> tuple[float, int | None, int]:
+    """Cheapest (added seconds, wave or None for a new wave, count) to run ``layers`` more layers of m."""
+    lo, hi = st.span(m)
+    best: tuple[float, int | None, int] = (math.inf, None, 0)
+    for j in range(lo, hi + 1):
+        if j == src:
+            continue
+        d, w = st.dur(j), st.waves[j]
+        if m in w:
+            n, l = w[m]
+            cost = max(d, st.t(m, n, l + layers)) - d
+            options = [(cost, j, n)]
+        else:
+            options = [(max(d, st.t(m, c, layers)) - d, j, c) for c in st.p.curves[m].counts if c <= st.free(j)]
+        for opt in options:
+            if opt[0] < best[0] - EPS:
+                best = opt
+    new_wave = (st.t(m, st.p.curves[m].counts[-1], layers), None, st.p.curves[m].counts[-1])
+    return best if best[0] <= new_wave[0] else new_wave
+
+
+def _shave(st: _State, k: int) -> bool:
+    d = st.dur(k)
+    times = {m: st.t(m, n, l) for m, (n, l) in st.waves[k].items()}
+    lower = [t for t in times.values() if t < d - EPS]
+    lower += [st.t(m, n, l - 1) for m, (n, l) in st.waves[k].items() if times[m] >= d - EPS]
+    if not lower:
+        return False
+    target = max(lower)
+    before = st.total()
+    saved = [dict((m, list(v)) for m, v in w.items()) for w in st.waves]
+    for m in [m for m, t in times.items() if t > target + EPS]:
+        n, l = st.waves[k][m]
+        out = l - int(target / st.p.curves[m].time(n) * (1 + 1e-12))
+        out = min(l, max(out, 1))
+        _, j, c = _best_destination(st, m, out, k)
+        if st.waves[k][m][1] == out:
+            del st.waves[k][m]
+        else:
+            st.waves[k][m][1] -= out
+        if j is None:
+            st.waves.insert(k + 1, {m: [c, out]})
+        elif m in st.waves[j]:
+            st.waves[j][m][1] += out
+        else:
+            st.waves[j][m] = [c, out]
+    if st.total() < before - EPS * max(1.0, before):
+        return True
+    st.waves = saved
+    return False
+
+
+def polish(problem: Problem, schedule: Schedule, max_rounds: int = 60) -> Schedule:
+    """Improve ``schedule`` by narrow/widen/shave moves until none helps (or ``max_rounds``)."""
+    st = _State(problem, schedule)
+    for _ in range(max_rounds):
+        improved = False
+        k = 0
+        while k < len(st.waves):
+            _narrow(st, k)
+            improved |= _widen(st, k)
+            improved |= _shave(st, k)
+            k += 1
+        st.waves = [w for w in st.waves if w]
+        if not improved:
+            break
+    return st.schedule()
+
+
+def polish_all(problem: Problem, schedules: Sequence[Schedule]) -> list[Schedule]:
+    return [polish(problem, s) for s in schedules]

@@ -1,0 +1,135 @@
+"""Baselines under Loom's cost model: hand-computed times for small jobs and the allocation rules of each system."""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.baselines import (
+    BASELINES, distmm_mt_time, optimus_sizes, optimus_time, run_baselines, sequential_time, spindle_time,
+    split_level, uniform_sizes, uniform_time,
+)
+from planner.components import LayerSegment
+from planner.costmodel import AnalyticCostModel, CostModel, Layout
+from planner.devices import DEVICES, GIB, Hardware, resolve_hardware
+from planner.metagraph import MetaOp, build_metagraph, finalize_graph
+from planner.placement import place_schedule
+from planner.schedule import Problem, Schedule, Slice, Wave
+from planner.simulator import simulate
+from planner.spec import parse_job
+
+
+class LinearCost(CostModel):
+    """Perfect data-parallel scaling: one layer takes ``flops_fwd * local_batch / 1e12`` seconds."""
+
+    def layout_time(self, op: MetaOp, layout: Layout) -> float:
+        return op.layer.flops_fwd * self.local_batch(op, layout) / 1e12
+
+
+def cost_model(num_nodes: int = 1, devices_per_node: int = 8) -> LinearCost:
+    return LinearCost(Hardware(DEVICES["a800"], num_nodes, devices_per_node, 80 * GIB, 200e9, 50e9))
+
+
+def op(m: int, task: str, group: str, *, flops: float = 1e9, layers: int = 4, deps: tuple[int, ...] = (),
+       batch: int = 8, params: float = 1e6, out: float = 1e4) -> MetaOp:
+    seg = LayerSegment(f"layer{m}", layers, flops, params, 1e5, out, 0.0, 4)
+    return MetaOp(m, f"{task}.{group}", task, group, seg, layers, batch, deps, group, False, 2.0)
+
+
+def problem_of(cm: CostModel, *ops: MetaOp) -> Problem:
+    return Problem.build(finalize_graph(list(ops)), cm)
+
+
+def test_single_metaop_job_every_baseline_matches_hand_math():
+    job = parse_job({
+        "name": "one",
+        "cluster": {"num_nodes": 1, "devices_per_node": 8, "device": "a800"},
+        "components": {"enc": {"kind": "transformer", "num_layers": 6, "hidden_size": 1024, "num_heads": 16,
+                               "seq_len": 256}},
+        "tasks": [{"name": "caption", "batch_size": 16, "components": [{"component": "enc"}]}],
+    })
+    cm = AnalyticCostModel(resolve_hardware(job.cluster))
+    problem = Problem.build(build_metagraph(job), cm)
+    (o,) = problem.graph.metaops
+    curve = problem.curves[0]
+    assert curve.counts[-1] == 8  # the fastest count is the whole node, so every system runs it the same way
+    params = o.layer.params * o.num_layers
+    expected = curve.times[-1] * o.num_layers + cm.allreduce_time(2 * params, 8, cross_node=False) + cm.optimizer_time(params)
+    assert sequential_time(problem, cm) == pytest.approx(expected)
+    spindle = Schedule((Wave((Slice(0, o.num_layers, 8),)),))
+    times = run_baselines(problem, cm, spindle=spindle)
+    assert tuple(times) == BASELINES
+    for name, seconds in times.items():
+        assert seconds == pytest.approx(expected), name
+
+
+def test_sequential_syncs_over_all_devices_even_when_a_metaop_uses_fewer():
+    cm = cost_model(num_nodes=2, devices_per_node=4)
+    problem = problem_of(cm, op(0, "t", "enc", batch=4, params=1e6, layers=2))  # batch 4: at most 4 devices
+    curve = problem.curves[0]
+    assert curve.counts[-1] == 4
+    expected = curve.times[-1] * 2 + cm.allreduce_time(2 * 2e6, 8, cross_node=True) + cm.optimizer_time(2e6)
+    assert sequential_time(problem, cm) == pytest.approx(expected)
+
+
+def test_two_identical_tasks_split_the_devices_evenly():
+    cm = cost_model()
+    problem = problem_of(cm, op(0, "ta", "enc_a", params=1e6), op(1, "tb", "enc_b", params=1e6))
+    assert uniform_sizes(2, 8) == [4, 4]
+    assert optimus_sizes(problem) == [4, 4]
+    expected = problem.curves[0].time(4) * 4 + cm.allreduce_time(2 * 4e6, 4, False) + cm.optimizer_time(4e6)
+    assert uniform_time(problem, cm) == pytest.approx(expected)
+    assert optimus_time(problem, cm) == pytest.approx(expected)
+    # sequential runs them one after another on 8 devices each, syncing both groups over all 8
+    seq = 2 * problem.curves[0].time(8) * 4 + 2 * cm.allreduce_time(2 * 4e6, 8, False) + cm.optimizer_time(8e6)
+    assert sequential_time(problem, cm) == pytest.approx(seq)
+
+
+def test_uniform_trims_to_exactly_n():
+    assert uniform_sizes(3, 8) == [3, 3, 2]
+    assert uniform_sizes(3, 16) == [6, 5, 5]
+    assert uniform_sizes(5, 3) == [1, 1, 1, 1, 1]
+
+
+def test_more_tasks_than_devices_are_list_scheduled():
+    """Three identical one-layer tasks on 2 devices: two rounds; device 0 ends up holding two components."""
+    cm = cost_model(num_nodes=1, devices_per_node=2)
+    problem = problem_of(cm, *(op(m, f"t{m}", f"c{m}", params=1e6, layers=1) for m in range(3)))
+    one = problem.curves[0].time(1)
+    assert uniform_time(problem, cm) == pytest.approx(2 * one + cm.optimizer_time(2e6))
+
+
+def test_optimus_gives_the_heavier_task_more_devices():
+    cm = cost_model(num_nodes=1, devices_per_node=6)
+    heavy, light = op(0, "heavy", "h", flops=3e9, params=1e6), op(1, "light", "l", flops=1e9, params=1e6)
+    problem = problem_of(cm, heavy, light)
+    # batch 8 has valid counts 1, 2, 4: the greedy gives heavy 1->2->4 and light 1->2
+    assert optimus_sizes(problem) == [4, 2]
+    compute = max(problem.curves[0].time(4), problem.curves[1].time(2)) * 4
+    sync = max(cm.allreduce_time(8e6, 4, False), cm.allreduce_time(8e6, 2, False))  # disjoint devices: concurrent
+    assert optimus_time(problem, cm) == pytest.approx(compute + sync + cm.optimizer_time(4e6))
+
+
+def test_distmm_splits_a_level_in_proportion_to_work():
+    cm = cost_model()
+    enc_a = op(0, "t", "a", flops=3e9, batch=12, out=0.0)
+    enc_b = op(1, "t", "b", flops=1e9, batch=12, out=0.0)
+    fuse = op(2, "t", "f", flops=1e9, batch=12, deps=(0, 1))
+    problem = problem_of(cm, enc_a, enc_b, fuse)
+    assert split_level(problem, [0, 1], 8) == [[(0, (0, 1, 2, 3, 4, 5)), (1, (6, 7))]]
+    # the encoders send nothing (out=0); the fusion runs on 6 devices (batch 12 on at most 8)
+    compute = max(problem.curves[0].time(6), problem.curves[1].time(2)) * 4 + problem.curves[2].time(6) * 4
+    t_a, t_b, t_f = (cm.allreduce_time(8e6, n, False) for n in (6, 2, 6))
+    sync = max(t_a + t_f, t_b)  # a and f share devices 0-5; b runs alongside on 6-7
+    assert distmm_mt_time(problem, cm) == pytest.approx(compute + sync + cm.optimizer_time(8e6))
+    assert distmm_mt_time(problem, cm) < sequential_time(problem, cm)
+
+
+def test_spindle_baseline_is_the_placed_simulation():
+    cm = cost_model(num_nodes=2, devices_per_node=4)
+    problem = problem_of(cm, op(0, "ta", "x", layers=4), op(1, "ta", "y", layers=2, deps=(0,)), op(2, "tb", "x", layers=4))
+    sched = Schedule((Wave((Slice(0, 4, 4), Slice(2, 2, 4))), Wave((Slice(1, 2, 4), Slice(2, 2, 4)))))
+    expected = simulate(problem, place_schedule(problem, sched, cm), cm).iteration_time_s
+    assert spindle_time(problem, cm, sched) == pytest.approx(expected)
+    times = run_baselines(problem, cm, spindle=sched)
+    assert times["spindle"] == pytest.approx(expected)
+    assert all(t > 0 for t in times.values())
