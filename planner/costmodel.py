@@ -136,7 +136,8 @@ class CostModel:
 
     def curve(self, op: MetaOp) -> Curve:
         """The valid counts of ``op`` with strictly decreasing times (cached per workload)."""
-        cache_key = (op.key, op.batch_size, op.backward_factor, op.frozen, op.allowed_tp)
+        # Everything _build_curve reads: recompute changes time and memory, num_layers the memory preference.
+        cache_key = (op.key, op.num_layers, op.batch_size, op.backward_factor, op.frozen, op.recompute, op.allowed_tp)
         if cache_key not in self._curves:
             self._curves[cache_key] = self._build_curve(op)
         return self._curves[cache_key]
@@ -244,10 +245,15 @@ class ProfiledCostModel(CostModel):
             data = json.loads(path.read_text())
             points = data["points"]
             assert isinstance(points, dict)
+            # Each curve is a list of [local_batch, seconds] pairs; check the shape here, not mid-planning.
+            points = {str(k): [(float(b), float(t)) for b, t in v] for k, v in points.items()}
         except FileNotFoundError:
             raise SpecError(f"{path}: no such cost file. Run `loom profile` to make one.") from None
-        except (ValueError, KeyError, AssertionError):
-            raise SpecError(f"{path}: not a profiled cost file (expected JSON with a 'points' mapping).") from None
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise SpecError(
+                f"{path}: not a profiled cost file (expected JSON with a 'points' mapping of "
+                "[[local_batch, seconds], ...] lists)."
+            ) from None
         return cls(hardware, points, fallback, shard_optimizer)
 
     def layout_time(self, op: MetaOp, layout: Layout) -> float:

@@ -33,7 +33,8 @@ from planner.schedule import Problem, Schedule, Slice, Wave, merge_adjacent_wave
 log = logging.getLogger(__name__)
 
 Pattern = tuple[tuple[int, int, int], ...]  # ((metaop, num_devices, num_layers), ...) sorted by metaop
-NUM_CAPS = 48  # candidate duration caps priced per stage and round
+NUM_CAPS = 48  # candidate duration caps priced per stage and round (16 beyond 128 devices)
+WORK_BUDGET = 1e9  # knapsack cells (caps x options x devices) priced per master: a deterministic work limit
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,11 @@ class PatternMaster:
     ``demand`` (the rows' lower bounds) starts at every MetaOp's layer count; diving lowers it to
     what is left after fixing some pattern repetitions."""
 
-    def __init__(self, problem: Problem, windows: Sequence[tuple[int, int]], num_stages: int, per_stage: int = 3):
+    def __init__(self, problem: Problem, windows: Sequence[tuple[int, int]], num_stages: int, per_stage: int = 3,
+                 work_budget: float = WORK_BUDGET):
         self.problem = problem
         self.per_stage = per_stage
+        self.work, self.work_budget = 0.0, work_budget
         num_ops = len(problem.graph)
         self.demand = np.array([problem.layers(m) for m in range(num_ops)], dtype=float)
         self.h = quiet_highs()
@@ -145,7 +148,10 @@ class PatternMaster:
         for m in range(num_ops):  # feasible start: each MetaOp alone, all layers, fastest count
             self.add(windows[m][0], ((m, problem.curves[m].counts[-1], problem.layers(m)),))
         self.eligible = [[m for m in range(num_ops) if windows[m][0] <= s <= windows[m][1]] for s in range(num_stages)]
-        self.caps = [candidate_caps(problem, ops) if ops else np.zeros(0) for ops in self.eligible]
+        num_caps = NUM_CAPS if problem.num_devices <= 128 else NUM_CAPS // 3
+        self.caps = [candidate_caps(problem, ops, num_caps) if ops else np.zeros(0) for ops in self.eligible]
+        self.round_work = sum(len(c) * sum(len(problem.curves[m].counts) for m in ops) * (problem.num_devices + 1)
+                              for c, ops in zip(self.caps, self.eligible))
 
     def add(self, stage: int, pattern: Pattern) -> None:
         duration = pattern_duration(self.problem, pattern)
@@ -160,10 +166,13 @@ class PatternMaster:
         self.h.changeRowsBounds(len(demand), idx, self.demand, np.full(len(demand), 1e30))
 
     def generate(self, max_rounds: int) -> int:
-        """Column generation until no pattern prices out (or ``max_rounds``); returns the rounds run."""
+        """Column generation until no pattern prices out, ``max_rounds`` or the work budget; returns the rounds run."""
         limits = [int(round(d)) for d in self.demand]
         for rounds in range(1, max_rounds + 1):
             self.h.run()
+            if self.work >= self.work_budget:
+                return rounds
+            self.work += self.round_work
             duals = np.abs(np.array(self.h.getSolution().row_dual))
             added = 0
             for s, ops in enumerate(self.eligible):
@@ -195,6 +204,7 @@ def solve_pattern_lp(problem: Problem, windows: Sequence[tuple[int, int]], num_s
 
 
 def dive(master: PatternMaster, rounds_per_step: int = 8, deadline: float | None = None) -> list[int]:
+    # ``deadline`` (wall clock) is only a backstop; the work budget normally stops column generation first.
     """Residual diving: fix every pattern the LP runs at least once (its whole repetitions), or, when the
     LP runs every pattern less than once, one repetition of its largest; lower the demand by what the
     fixed patterns cover and re-generate columns for the rest. Returns repetitions per column."""

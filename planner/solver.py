@@ -35,7 +35,7 @@ from planner.patterns import PatternLP, PatternMaster, dive, patterns_to_schedul
 from planner.polish import polish
 from planner.twowave import pack_stage
 from planner.errors import PlanningError
-from planner.schedule import Problem, Schedule, Wave, compute_makespan
+from planner.schedule import Problem, Schedule, Slice, Wave, compute_makespan
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def stage_windows(problem: Problem, mode: str) -> tuple[list[tuple[int, int]], i
 
 # --------------------------------------------------------------------------- exact MILP (small instances)
 
-EXACT_MAX_CANDIDATES = 600  # the full model is tried when it has at most this many (m, k, n) triples
+EXACT_MAX_CANDIDATES = 300  # the full model is tried when it has at most this many (m, k, n) triples
 
 
 def full_candidates(problem: Problem, num_waves: int) -> list[tuple[int, int, int]]:
@@ -185,12 +185,23 @@ def _packing_candidates(problem: Problem, settings: SolverSettings, say) -> tupl
     return lp, found
 
 
+def sequential_schedule(problem: Problem) -> Schedule:
+    """Megatron-LM/DeepSpeed style as waves: one MetaOp per wave, task after task, each on its fastest count.
+    A candidate because with heavy activations or tiny workloads moving nothing can beat sharing devices."""
+    tasks = list(dict.fromkeys(op.task for op in problem.graph.metaops))
+    order = sorted(problem.graph.metaops, key=lambda op: (tasks.index(op.task), op.id))
+    return Schedule(tuple(Wave((Slice(op.id, op.num_layers, problem.curves[op.id].counts[-1]),)) for op in order))
+
+
 def solve(problem: Problem, settings: SolverSettings, warm: Schedule | None = None, lower_bound: float = 0.0,
           progress: Callable[[str], None] | None = None, warm_name: str = "spindle") -> SolveResult:
     """Plan the waves of ``problem``. Candidates from every method are improved by local search and the
     shortest wins, so the result is never worse than ``warm`` (compute makespan)."""
     say = progress or log.info
     lp, found = _packing_candidates(problem, settings, say)
+    seq = sequential_schedule(problem)
+    found.append(Candidate("sequential", seq, compute_makespan(problem, seq), "heuristic"))
+    found.append(_candidate(problem, "sequential+polish", seq))
     if warm is not None:
         found.append(Candidate(warm_name, warm, compute_makespan(problem, warm), "heuristic"))
         found.append(_candidate(problem, warm_name + "+polish", warm))

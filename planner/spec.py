@@ -155,8 +155,11 @@ class JobSpec(StrictModel):
     def _check_references(self) -> JobSpec:
         names = [t.name for t in self.tasks]
         for i, task in enumerate(self.tasks):
-            if names.count(task.name) > 1:
-                raise ValueError(f"tasks[{i}].name ('{task.name}') is not unique; each task needs its own name.")
+            if task.name in names[:i]:  # name the second use, as the use-name check does
+                raise ValueError(
+                    f"tasks[{i}].name ('{task.name}') is not unique (also tasks[{names.index(task.name)}].name); "
+                    "each task needs its own name."
+                )
             for j, use in enumerate(task.components):
                 if use.component not in self.components:
                     raise ValueError(

@@ -1,0 +1,271 @@
+"""The ``loom`` command line (typer): parse, call one library function, print.
+
+Commands: ``loom validate`` (load and check a job spec), ``loom schema`` (the job spec's JSON
+schema), ``loom plan`` (plan a job; table or JSON on stdout, optional plan file and Gantt charts).
+
+Contract with the user: any :class:`~planner.errors.LoomError` and every usage error (missing or
+unreadable file, directory, bad option value, unknown command) ends the command with exactly one
+line ``error: <message>`` on stderr and exit code 2, never a traceback; anything else is a bug and
+raises. stdout carries only the command's result (``loom plan --output json > plan.json`` works);
+progress and logs go to stderr: rich when stderr is a terminal, plain logging otherwise. Only this
+module configures logging.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+# typer 0.29 vendors click as typer._click; these two are not re-exported (pinned in pyproject.toml).
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
+from typer.core import TyperGroup
+
+from planner.errors import LoomError
+
+log = logging.getLogger(__name__)
+
+EXIT_USER_ERROR = 2
+TABLE_WIDTH = 120  # columns of the table view when stdout is not a terminal
+_HANDLER_FLAG = "_loom_cli_handler"
+
+
+class OutputFormat(str, enum.Enum):
+    """What ``loom plan`` prints on stdout."""
+
+    table = "table"
+    json = "json"
+
+
+def one_line(message: str) -> str:
+    """``message`` with its lines joined by spaces (the error contract is a single line)."""
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    return text.replace("Value error, ", "")  # typer's enum coercion leaks pydantic's prefix
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: <message>`` on stderr and exit with code 2."""
+    typer.echo(f"error: {one_line(message)}", err=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+class LoomGroup(TyperGroup):
+    """The command group: turns user and usage errors into one ``error:`` line and exit code 2."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        try:
+            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except NoArgsIsHelpError as exc:
+            exc.show()
+            code = exc.exit_code
+        except ClickException as exc:
+            fail(exc.format_message())
+        except LoomError as exc:
+            fail(str(exc))
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            code = 1
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=LoomGroup,
+    name="loom",
+    help="Plan (and later run) multi-task multi-modal training jobs across a cluster.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+# --------------------------------------------------------------------------- options and checks
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log at DEBUG level on stderr.")]
+ClusterOpt = Annotated[
+    Path | None,
+    typer.Option("--cluster", metavar="CLUSTER.yaml", exists=True, dir_okay=False,
+                 help="YAML file whose `cluster:` section (or whole content) replaces the job's cluster."),
+]
+JobArg = Annotated[Path, typer.Argument(metavar="JOB.yaml", exists=True, dir_okay=False, help="Job spec (YAML).")]
+
+
+def _check_output_path(path: Path | None) -> Path | None:
+    """An output file must not be a directory and its directory must exist (checked before planning)."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise typer.BadParameter(f"'{path}' is a directory; give a file name.")
+    if not path.parent.is_dir():
+        raise typer.BadParameter(f"directory '{path.parent}' does not exist; create it first.")
+    return path
+
+
+def _check_gantt_paths(paths: list[Path] | None) -> list[Path]:
+    from orchestrator.gantt import GANTT_SUFFIXES
+
+    for path in paths or []:
+        if path.suffix.lower() not in GANTT_SUFFIXES:
+            raise typer.BadParameter(f"'{path}' has an unsupported suffix; use {' or '.join(GANTT_SUFFIXES)}.")
+        _check_output_path(path)
+    return paths or []
+
+
+def configure_logging(verbose: bool) -> None:
+    """One handler on the root logger, to stderr: rich on a terminal, plain lines otherwise.
+
+    Default level: INFO for the orchestrator's own progress messages, WARNING for libraries;
+    ``verbose`` turns everything to DEBUG. Calling it again replaces the handler it installed.
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, _HANDLER_FLAG, False)]:
+        root.removeHandler(handler)
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=Console(stderr=True), show_path=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    setattr(handler, _HANDLER_FLAG, True)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("orchestrator").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _progress_reporter(stack: ExitStack) -> Callable[[str], None]:
+    """Where planning steps go: a rich spinner plus log lines on a terminal, plain logging otherwise."""
+    if not sys.stderr.isatty():
+        return lambda message: log.info("%s", message)
+    console = Console(stderr=True, log_path=False)
+    status = stack.enter_context(console.status("planning ..."))
+
+    def report(message: str) -> None:
+        console.log(message)
+        status.update(message)
+
+    return report
+
+
+def _write_output(path: Path, write: Callable[[Path], None], what: str) -> None:
+    try:
+        write(path)
+    except OSError as exc:
+        fail(f"{path}: cannot write the {what} ({exc.strerror or exc}). Check the path and permissions.")
+    log.info("wrote %s to %s", what, path)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"loom {_version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version, help="Print Loom's version and exit.",
+    )] = False,
+) -> None:
+    """Plan (and later run) multi-task multi-modal training jobs across a cluster."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("loom")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+@app.command()
+def validate(job_path: JobArg, cluster: ClusterOpt = None, verbose: Verbose = False) -> None:
+    """Load and check a job spec; print a one-line summary (tasks, components, MetaOps, devices)."""
+    from planner.spec import load_job
+    from orchestrator.render import describe_job
+
+    configure_logging(verbose)
+    job = load_job(job_path, cluster)
+    typer.echo(f"{job_path}: valid. {describe_job(job)}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON schema of a job spec (point your editor's YAML support at it)."""
+    from planner.spec import job_schema
+
+    typer.echo(json.dumps(job_schema(), indent=2))
+
+
+@app.command()
+def plan(
+    job_path: JobArg,
+    cluster: ClusterOpt = None,
+    costs: Annotated[Path | None, typer.Option(
+        "--costs", metavar="COSTS.json", exists=True, dir_okay=False,
+        help="Profiled cost file (from `loom profile`); MetaOps it lacks fall back to the analytic model.",
+    )] = None,
+    output: Annotated[OutputFormat, typer.Option(
+        "--output", "-o", case_sensitive=False, help="table: waves and summary for people; json: exactly the Plan.",
+    )] = OutputFormat.table,
+    save: Annotated[Path | None, typer.Option(
+        "--save", metavar="PLAN.json", callback=_check_output_path, help="Also write the Plan JSON to this file.",
+    )] = None,
+    gantt: Annotated[list[Path] | None, typer.Option(
+        "--gantt", metavar="FILE.png|FILE.html", callback=_check_gantt_paths,
+        help="Write a Gantt chart (PNG, or standalone HTML with hover details); repeat for both.",
+    )] = None,
+    no_baselines: Annotated[bool, typer.Option(
+        "--no-baselines", help="Skip the baseline schedules (faster; the summary then has no speed-ups).",
+    )] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Plan a job: waves of MetaOp slices on devices, predicted time, bounds and baselines.
+
+    No side effects except the files named by --save and --gantt.
+    """
+    from planner.api import make_cost_model, plan_job  # local: the solver stack loads only when planning
+    from planner.spec import load_job
+    from orchestrator.gantt import write_gantt
+    from orchestrator.render import print_plan
+
+    configure_logging(verbose)
+    job = load_job(job_path, cluster)
+    cost_model = make_cost_model(job, costs)
+    with ExitStack() as stack:
+        outcome = plan_job(job, cost_model, with_baselines=not no_baselines, progress=_progress_reporter(stack))
+    result = outcome.plan
+    if save is not None:
+        _write_output(save, result.save, "plan")
+    for chart in gantt or []:
+        _write_output(chart, lambda path: write_gantt(result, path), "Gantt chart")
+    if output is OutputFormat.json:
+        typer.echo(result.to_json(), nl=False)
+    else:
+        console = Console(width=None if sys.stdout.isatty() else TABLE_WIDTH, highlight=False)
+        print_plan(result, console, outcome.planning_time_s)
+
+
+def main() -> None:
+    """Console-script entry point (``loom``)."""
+    app(prog_name="loom")
+
+
+if __name__ == "__main__":
+    main()
