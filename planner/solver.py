@@ -31,7 +31,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from planner.milp import build_wave_milp, explain_infeasible, make_solver, set_start, solve_wave_milp
-from planner.patterns import PatternLP, PatternMaster, dive, patterns_to_schedule, solve_pattern_ip, solve_pattern_lp
+from planner.patterns import (
+    Column, PatternLP, PatternMaster, dive, pattern_duration, patterns_to_schedule, solve_pattern_ip, solve_pattern_lp,
+)
 from planner.polish import polish
 from planner.twowave import pack_stage
 from planner.errors import PlanningError
@@ -123,9 +125,10 @@ def solve_exact(problem: Problem, settings: SolverSettings, num_waves: int | Non
 # --------------------------------------------------------------------------- driver
 
 
-def _best_lp(problem: Problem, settings: SolverSettings, say) -> tuple[PatternLP, PatternMaster]:
+def _best_lp(problem: Problem, settings: SolverSettings, say) -> tuple[PatternLP, PatternMaster, list[tuple[int, int]]]:
+    """The pattern LP for each kind of stage windows; the one with the lowest value, its master and windows."""
     modes = ("levels",) if settings.level_barriers else ("levels", "asap", "alap")
-    best: tuple[PatternLP, PatternMaster] | None = None
+    best = None
     tried = set()
     for mode in modes:
         windows, num_stages = stage_windows(problem, mode)
@@ -137,7 +140,7 @@ def _best_lp(problem: Problem, settings: SolverSettings, say) -> tuple[PatternLP
         say(f"allocation LP ({mode} windows): {lp.value:.4g} s, {len(lp.columns)} patterns, {lp.rounds} rounds, "
             f"{time.perf_counter() - t0:.2f} s")
         if best is None or lp.value < best[0].value * (1 - 1e-9):
-            best = (lp, master)
+            best = (lp, master, windows)
     return best
 
 
@@ -155,34 +158,70 @@ def _candidate(problem: Problem, name: str, schedule: Schedule, status: str = "h
     return Candidate(name, polished, compute_makespan(problem, polished), status)
 
 
-def _packing_candidates(problem: Problem, settings: SolverSettings, say) -> tuple[PatternLP, list[Candidate]]:
-    """Allocation LP, residual diving, the packing ILP over their columns, and two-wave packing per level."""
-    t0 = time.perf_counter()
-    lp, master = _best_lp(problem, settings, say)
-    lp_columns = {i for i, v in enumerate(lp.y) if v > 1e-9}
-    start = dive(master, deadline=t0 + settings.time_limit_s)
-    found = [_candidate(problem, "lp-diving", patterns_to_schedule(problem, master.columns, start))]
-    say(f"diving: {found[-1].makespan_s:.4g} s, {len(master.columns)} patterns, {time.perf_counter() - t0:.2f} s")
-    keep = sorted(lp_columns | {i for i, c in enumerate(start) if c})  # a small ILP: LP support and diving
-    columns = [master.columns[i] for i in keep]
-    t1 = time.perf_counter()
-    counts, status, _ = solve_pattern_ip(problem, columns, [start[i] for i in keep], settings.solver,
-                                         settings.time_limit_s, settings.mip_gap, settings.max_nodes)
-    if counts is not None:
-        # optimal over these columns only, so a feasible plan for the whole problem
-        found.append(_candidate(problem, "packing-ilp", patterns_to_schedule(problem, columns, counts), "feasible"))
-        say(f"packing ILP ({settings.solver}, {len(columns)} columns): {found[-1].makespan_s:.4g} s, {status}, "
-            f"{time.perf_counter() - t1:.2f} s")
+def _two_wave(problem: Problem, say) -> list[Candidate]:
     waves = []
     for level in problem.graph.levels:
         packed = pack_stage(problem, level)
         if packed is None:
-            break
+            return []
         waves.extend(packed[1])
-    else:
-        found.append(_candidate(problem, "two-wave", Schedule(tuple(waves))))
-        say(f"two-wave packing per level: {found[-1].makespan_s:.4g} s")
-    return lp, found
+    found = _candidate(problem, "two-wave", Schedule(tuple(waves)))
+    say(f"two-wave packing per level: {found.makespan_s:.4g} s")
+    return [found]
+
+
+def _wave_columns(problem: Problem, schedule: Schedule, windows) -> list[Column] | None:
+    """The waves of ``schedule`` as pattern columns, each in the first stage every one of its MetaOps may use;
+    None when some wave fits no stage of ``windows``."""
+    out = []
+    for wave in schedule.waves:
+        lo = max(windows[s.metaop][0] for s in wave.slices)
+        hi = min(windows[s.metaop][1] for s in wave.slices)
+        if lo > hi:
+            return None
+        pattern = tuple(sorted((s.metaop, s.num_devices, s.num_layers) for s in wave.slices))
+        out.append(Column(lo, pattern, pattern_duration(problem, pattern)))
+    return out
+
+
+def _recombine(problem: Problem, settings: SolverSettings, master: PatternMaster, windows, dived: Sequence[int],
+               lp: PatternLP, found: Sequence[Candidate], say) -> list[Candidate]:
+    """The packing ILP over the LP's support, the diving patterns and every candidate's waves: it may
+    recombine waves of different methods. Warm-started from the best candidate whose waves fit the windows."""
+    index: dict[tuple[int, tuple], int] = {}
+    columns: list[Column] = []
+
+    def column_id(col: Column) -> int:
+        key = (col.stage, col.pattern)
+        if key not in index:
+            index[key] = len(columns)
+            columns.append(col)
+        return index[key]
+
+    start: dict[int, int] = {}
+    for i in sorted({i for i, v in enumerate(lp.y) if v > 1e-9} | {i for i, c in enumerate(dived) if c}):
+        j = column_id(master.columns[i])
+        if dived[i]:
+            start[j] = dived[i]
+    best_start = (compute_makespan(problem, patterns_to_schedule(problem, master.columns, dived)), start)
+    for cand in found:
+        cols = _wave_columns(problem, cand.schedule, windows)
+        if cols is None:
+            continue
+        ids = [column_id(c) for c in cols]
+        if cand.makespan_s < best_start[0]:
+            best_start = (cand.makespan_s, {j: ids.count(j) for j in ids})
+    t0 = time.perf_counter()
+    warm = [best_start[1].get(j, 0) for j in range(len(columns))]
+    counts, status, _ = solve_pattern_ip(problem, columns, warm, settings.solver, settings.time_limit_s,
+                                         settings.mip_gap, settings.max_nodes)
+    if counts is None:
+        return []
+    # optimal over these columns only, so a feasible plan for the whole problem
+    packed = _candidate(problem, "packing-ilp", patterns_to_schedule(problem, columns, counts), "feasible")
+    say(f"packing ILP ({settings.solver}, {len(columns)} columns): {packed.makespan_s:.4g} s, {status}, "
+        f"{time.perf_counter() - t0:.2f} s")
+    return [packed]
 
 
 def sequential_schedule(problem: Problem) -> Schedule:
@@ -198,13 +237,19 @@ def solve(problem: Problem, settings: SolverSettings, warm: Schedule | None = No
     """Plan the waves of ``problem``. Candidates from every method are improved by local search and the
     shortest wins, so the result is never worse than ``warm`` (compute makespan)."""
     say = progress or log.info
-    lp, found = _packing_candidates(problem, settings, say)
+    t0 = time.perf_counter()
+    lp, master, windows = _best_lp(problem, settings, say)
+    dived = dive(master, deadline=t0 + settings.time_limit_s)
+    found = [_candidate(problem, "lp-diving", patterns_to_schedule(problem, master.columns, dived))]
+    say(f"diving: {found[-1].makespan_s:.4g} s, {len(master.columns)} patterns, {time.perf_counter() - t0:.2f} s")
+    found += _two_wave(problem, say)
     seq = sequential_schedule(problem)
-    found.append(Candidate("sequential", seq, compute_makespan(problem, seq), "heuristic"))
-    found.append(_candidate(problem, "sequential+polish", seq))
+    found += [Candidate("sequential", seq, compute_makespan(problem, seq), "heuristic"),
+              _candidate(problem, "sequential+polish", seq)]
     if warm is not None:
-        found.append(Candidate(warm_name, warm, compute_makespan(problem, warm), "heuristic"))
-        found.append(_candidate(problem, warm_name + "+polish", warm))
+        found += [Candidate(warm_name, warm, compute_makespan(problem, warm), "heuristic"),
+                  _candidate(problem, warm_name + "+polish", warm)]
+    found += _recombine(problem, settings, master, windows, dived, lp, found, say)
     num_exact_waves = sum(op.num_layers for op in problem.graph.metaops)
     if len(full_candidates(problem, 1)) * num_exact_waves <= EXACT_MAX_CANDIDATES:
         best = min(found, key=lambda c: (c.makespan_s, c.name))
