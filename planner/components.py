@@ -55,7 +55,7 @@ def _transformer_layer(
     flops = attn_proj + attn_core + mlp
     # Korthikanti et al. 2022: s*h*(34 + 5*a*s/h) bytes per layer per sample, no recompute.
     act = s * h * (34 + 5 * heads * s / h)
-    kernels = 12
+    kernels = 16  # LN x2, QKV, attention (3-4 with softmax), output proj, 2 residual adds, MLP (3), dropouts
     if cross_len is not None:
         flops += 2 * s * h * h * 2 + 4 * cross_len * h * h + 4 * s * cross_len * h
         params += 4 * h * h
@@ -196,12 +196,22 @@ def check_components(job: JobSpec) -> None:
                 raise SpecError(
                     f"components.{name}.tensor_parallel ({degree}) is not a power of two; use degrees like 1, 2, 4, 8."
                 )
+            if degree > 1 and comp.kind not in ("transformer", "vit", "llama", "decoder"):
+                raise SpecError(
+                    f"components.{name}.tensor_parallel ({degree}) is not supported for kind '{comp.kind}' "
+                    "(no attention heads to split); use [1]."
+                )
             heads = comp.num_heads or 0
             if degree > 1 and heads % degree:
                 raise SpecError(
                     f"components.{name}.tensor_parallel ({degree}) does not divide num_heads ({heads}); "
                     "pick a degree that divides the head count."
                 )
+        if comp.num_kv_heads is not None and (comp.num_heads is None or comp.num_heads % comp.num_kv_heads):
+            raise SpecError(
+                f"components.{name}.num_kv_heads ({comp.num_kv_heads}) does not divide num_heads ({comp.num_heads}); "
+                "grouped-query attention needs num_heads to be a multiple of num_kv_heads."
+            )
     for t, task in enumerate(job.tasks):
         for u in range(len(task.components)):
             expand_use(job, t, u)

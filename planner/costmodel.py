@@ -244,12 +244,13 @@ class ProfiledCostModel(CostModel):
         try:
             data = json.loads(path.read_text())
             points = data["points"]
-            assert isinstance(points, dict)
+            if not isinstance(points, dict):
+                raise TypeError("points is not a mapping")
             # Each curve is a list of [local_batch, seconds] pairs; check the shape here, not mid-planning.
             points = {str(k): [(float(b), float(t)) for b, t in v] for k, v in points.items()}
         except FileNotFoundError:
             raise SpecError(f"{path}: no such cost file. Run `loom profile` to make one.") from None
-        except (ValueError, KeyError, TypeError, AssertionError):
+        except (ValueError, KeyError, TypeError):
             raise SpecError(
                 f"{path}: not a profiled cost file (expected JSON with a 'points' mapping of "
                 "[[local_batch, seconds], ...] lists)."
@@ -269,8 +270,9 @@ class ProfiledCostModel(CostModel):
 
 
 def profile_key(op: MetaOp, layout: Layout) -> str:
-    """Key of a profiled curve: layer workload, backward factor and TP degree (batch enters as the x axis)."""
-    return f"{op.key}|bwd={op.backward_factor:g}|tp={layout.tp_degree}"
+    """Key of a profiled curve: layer workload, backward factor, recompute and TP degree (batch is the x axis)."""
+    recompute = "|recompute" if op.recompute else ""
+    return f"{op.key}|bwd={op.backward_factor:g}{recompute}|tp={layout.tp_degree}"
 
 
 def fit_piecewise(points: list[tuple[float, float]], x: float) -> float:

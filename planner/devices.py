@@ -2,7 +2,9 @@
 
 Peaks are dense bf16 tensor-core FLOP/s from vendor data sheets; ``efficiency`` is the fraction of
 peak a large GEMM-bound layer reaches; ``launch_s`` is the per-kernel latency that makes small
-per-device work inefficient; link bandwidths are per direction. The CPU row describes one worker
+per-device work inefficient: the floor of one framework op (host dispatch plus launch, about 8 us
+on A100-class hosts in eager PyTorch and megatron-core, 6 us on H100-class hosts), charged per
+forward kernel and again per backward kernel; link bandwidths are per direction. The CPU row describes one worker
 process with one thread on this kind of machine and is meant to be replaced by a profiled cost
 model (``loom profile``).
 """
@@ -33,10 +35,10 @@ class DeviceInfo:
 
 
 DEVICES: dict[str, DeviceInfo] = {
-    "a100": DeviceInfo("a100", 312e12, 0.60, 2.0e12, 80 * GIB, 4e-6, 300e9, 5e-6, 1e-5),
-    "a800": DeviceInfo("a800", 312e12, 0.60, 2.0e12, 80 * GIB, 4e-6, 200e9, 5e-6, 1e-5),
-    "h100": DeviceInfo("h100", 989e12, 0.55, 3.35e12, 80 * GIB, 3e-6, 450e9, 4e-6, 8e-6),
-    "h200": DeviceInfo("h200", 989e12, 0.55, 4.8e12, 141 * GIB, 3e-6, 450e9, 4e-6, 8e-6),
+    "a100": DeviceInfo("a100", 312e12, 0.60, 2.0e12, 80 * GIB, 8e-6, 300e9, 5e-6, 1e-5),
+    "a800": DeviceInfo("a800", 312e12, 0.60, 2.0e12, 80 * GIB, 8e-6, 200e9, 5e-6, 1e-5),
+    "h100": DeviceInfo("h100", 989e12, 0.55, 3.35e12, 80 * GIB, 6e-6, 450e9, 4e-6, 8e-6),
+    "h200": DeviceInfo("h200", 989e12, 0.55, 4.8e12, 141 * GIB, 6e-6, 450e9, 4e-6, 8e-6),
     "cpu": DeviceInfo("cpu", 1.0e11, 0.5, 1.5e10, 8 * GIB, 2e-5, 5e9, 5e-5, 1e-4),
 }
 

@@ -160,7 +160,9 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise SpecError(f"{source}: {where}: {err['msg'].lower()}. Re-run `loom plan`.") from None
-    if plan.hash and plan.hash != plan.content_hash():
+    if not plan.hash:
+        raise SpecError(f"{source}: the plan has no content hash; it was not written by `loom plan`. Re-run `loom plan`.")
+    if plan.hash != plan.content_hash():
         raise SpecError(f"{source}: content hash {plan.hash} does not match the content; the file was edited. Re-run `loom plan`.")
     return plan
 

@@ -10,7 +10,7 @@ import pytest
 
 from planner.api import make_cost_model, plan_job, spec_hash
 from planner.costmodel import AnalyticCostModel, Layout, ProfiledCostModel, profile_key
-from planner.errors import SpecError
+from planner.errors import PlanningError, SpecError
 from planner.metagraph import build_metagraph
 from planner.plan import PLAN_VERSION, Plan, load_plan, plan_from_json
 from planner.spec import parse_job
@@ -254,13 +254,17 @@ def test_make_cost_model_with_profiled_file(tmp_path):
 
     cm = make_cost_model(job, path)
     assert isinstance(cm, ProfiledCostModel) and isinstance(cm.fallback, AnalyticCostModel)
-    assert cm.curve(audio).time(1) == pytest.approx(1000 * analytic.curve(audio).time(1))
+    curve = cm.curve(audio)
+    assert curve.time(1) == pytest.approx(1000 * analytic.curve(audio).time(1))
+    assert curve.times == pytest.approx(tuple(scale * audio.batch_size / n for n in curve.counts))
     other = next(op for op in graph.metaops if op.name == "img_text.text")
     assert cm.curve(other).times == pytest.approx(analytic.curve(other).times)  # analytic fallback
 
     outcome = plan_job(job, cm, with_baselines=False)
     assert outcome.plan.cost_model == "profiled"
-    assert outcome.plan.predicted.compute_s >= 1000 * analytic.curve(audio).times[-1] * audio.num_layers * 0.999
+    # Audio alone now takes at least its fastest profiled time per layer, far above the analytic plan.
+    assert outcome.plan.predicted.compute_s >= curve.times[-1] * audio.num_layers * (1 - 1e-9)
+    assert outcome.plan.predicted.compute_s > 10 * plan_job(job, analytic, with_baselines=False).plan.predicted.compute_s
     with pytest.raises(SpecError, match="no such cost file"):
         make_cost_model(job, tmp_path / "missing.json")
 
@@ -270,3 +274,10 @@ def test_plan_job_does_not_mutate_the_job():
     job = parse_job(copy.deepcopy(data))
     plan_job(job, with_baselines=False)
     assert job == parse_job(data)
+
+
+def test_plan_job_reports_a_metaop_that_cannot_fit():
+    data = job_dict(1)
+    data["cluster"]["memory_gib"] = 0.01  # 10 MiB: one vision layer's weights alone need more
+    with pytest.raises(PlanningError, match=r"^MetaOp img_text\.vision: no valid device count"):
+        plan_job(parse_job(data))
