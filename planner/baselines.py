@@ -4,33 +4,43 @@ Owns :func:`run_baselines` and one function per baseline (:data:`BASELINES` list
 Spindle's wavefront is placed and simulated like Loom's own plan. The task-level systems are not
 wave schedules. They are simulated with the same primitives (curve times,
 :func:`~planner.simulator.resplit_flows` / :func:`~planner.simulator.boundary_time` for data moving
-between MetaOps, :func:`~planner.simulator.sync_and_optimizer` over the devices that hold each
+between MetaOps, :func:`~planner.simulator.finish_iteration` over the devices that hold each
 layer) under this model:
 
 - A MetaOp runs whole (all its layers, ``curve.time(n) * L``) on the first ``n`` devices of the group
   its task runs on. ``n`` is the largest valid count <= the group size.
 - A task runs its MetaOps as *stages*, one after another. Before a stage, the inputs of its MetaOps
-  move from where their predecessors ran (one concurrent boundary, forward plus backward).
-- Gradient sync and the optimizer step follow the last task: ``iteration = compute + sync +
-  optimizer``. Memory is not checked; these are the systems' times, not plans Loom would run.
+  move from where their predecessors ran (one concurrent boundary). Like the waves of a plan, a
+  task's stages run forward in order and backward in reverse (:func:`~planner.simulator.backward_ends`),
+  each stage's compute split by its slowest MetaOp's passes; gradients cross the boundary back
+  after the stage's backward.
+- Gradient sync and the optimizer step follow the same rule as a plan's
+  (:func:`~planner.simulator.finish_iteration`): a bucket is ready when the backward of the stage
+  that runs its layers has finished in the *last* task (in time) that runs them, since gradients
+  accumulate over all tasks that use a parameter. It then overlaps with whatever compute follows
+  (the rest of that task's backward, later tasks). The optimizer (ZeRO-1) steps once compute and the
+  device's buckets are done. Memory is not checked; these are the systems' times, not plans Loom
+  would run.
 
 Systems:
 
 - ``sequential`` (Megatron-LM / DeepSpeed): each task in turn on all N devices. Every MetaOp runs
   at its fastest valid count, and every component is replicated on all N devices, so each
-  trainable group is all-reduced over N.
+  trainable group is all-reduced over N. A group shared by several tasks is reduced only once the
+  last of them has run its backward, so its sync overlaps only with what runs after that.
 - ``uniform``: ceil(N / #tasks) devices per task, the last tasks trimmed by one each until the
   sizes sum to N, and each raised to the task's smallest runnable size. Tasks run concurrently on
   disjoint contiguous groups; when the sizes exceed N (for instance #tasks > N), tasks are
-  list-scheduled longest-first on the earliest-free devices.
+  list-scheduled longest-first on the earliest-free devices. A task's buckets overlap with the
+  backward of its own earlier stages (a group shared across tasks waits for the slowest of them).
 - ``optimus`` (Spindle-Optimus): every task starts on its smallest runnable size (1 device when it
   fits). Spare devices then go greedily to the task with the best marginal gain
   ``(T(n) - T(n')) / (n' - n)``, where ``n'`` is the task's next size that makes it faster and
   ``T`` is its compute time. Tasks run concurrently as in ``uniform``.
-- ``distmm_mt`` (DistMM-MT): tasks in turn on all N devices. Inside a task, the MetaOps of each
-  MetaLevel (e.g. the encoders of different modalities) split the N devices in proportion to
-  their single-device work, snapped to valid counts. Spare devices go to the slowest MetaOp; a
-  level lasts as long as its slowest MetaOp.
+- ``distmm_mt`` (DistMM-MT): tasks in turn on all N devices, synced like ``sequential``. Inside a
+  task, the MetaOps of each MetaLevel (e.g. the encoders of different modalities) split the N
+  devices in proportion to their single-device work, snapped to valid counts. Spare devices go to
+  the slowest MetaOp; a level lasts as long as its slowest MetaOp.
 - ``spindle``: Spindle's wavefront schedule, placed and simulated.
 """
 
@@ -44,7 +54,9 @@ from collections.abc import Sequence
 from planner.costmodel import CostModel, Layout
 from planner.placement import PlacedSlice, build_ledger, place_schedule
 from planner.schedule import Problem, Schedule
-from planner.simulator import Flows, boundary_time, resplit_flows, simulate, sync_and_optimizer
+from planner.simulator import (
+    Flows, Phase, backward_ends, boundary_time, finish_iteration, resplit_flows, simulate, split_passes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +99,19 @@ def task_compute(problem: Problem, ops: Sequence[int], num_devices: int) -> floa
 
 def run_stages(
     problem: Problem, cost_model: CostModel, stages: Sequence[Stage], where: dict[int, PlacedSlice]
-) -> float:
-    """Seconds of ``stages`` run one after another, transfers between them included.
+) -> list[Phase]:
+    """The timeline phases of ``stages`` (one per stage), transfers between them included.
 
     Each MetaOp runs whole. Its input comes from where its predecessors ran (``where``, which this
-    fills in). All flows into one stage form one concurrent boundary, forward and backward.
+    fills in). All flows into one stage form one concurrent boundary, forward and backward. A stage's
+    compute is split into forward and backward by its slowest MetaOp's passes.
     """
     ops = problem.graph.metaops
-    total = 0.0
+    phases = []
     for stage in stages:
         forward: list[Flows] = []
         backward: list[Flows] = []
-        longest = 0.0
+        longest, slowest = 0.0, stage[0][0]
         for m, devices in stage:
             layout = problem.curves[m].layout(len(devices))
             for d in ops[m].deps:
@@ -110,9 +123,28 @@ def run_stages(
                 if ops[d].backward_factor > 0:
                     backward.append(flows.reversed())
             where[m] = PlacedSlice(m, 0, ops[m].num_layers, devices, layout)
-            longest = max(longest, problem.curves[m].time(len(devices)) * ops[m].num_layers)
-        total += longest + boundary_time(forward, cost_model) + boundary_time(backward, cost_model)
-    return total
+            seconds = problem.curves[m].time(len(devices)) * ops[m].num_layers
+            if seconds > longest:
+                longest, slowest = seconds, m
+        fwd, bwd = split_passes(ops[slowest], longest)
+        phases.append(Phase(fwd, bwd, boundary_time(forward, cost_model), boundary_time(backward, cost_model)))
+    return phases
+
+
+def run_task(
+    problem: Problem, cost_model: CostModel, stages: Sequence[Stage], where: dict[int, PlacedSlice],
+    ready: dict[int, float], start: float = 0.0,
+) -> float:
+    """Run ``stages`` forward then backward from ``start``; returns when they end.
+
+    Fills ``where`` (see :func:`run_stages`) and ``ready[m]``: when the backward of MetaOp ``m``'s stage ends.
+    """
+    phases = run_stages(problem, cost_model, stages, where)
+    ends, finish = backward_ends(phases, start)
+    for stage, end in zip(stages, ends):
+        for m, _ in stage:
+            ready[m] = end
+    return finish
 
 
 def chain_stages(problem: Problem, ops: Sequence[int], group: Sequence[int]) -> list[Stage]:
@@ -125,11 +157,14 @@ def chain_stages(problem: Problem, ops: Sequence[int], group: Sequence[int]) -> 
     return stages
 
 
-def _finish(problem: Problem, cost_model: CostModel, compute_s: float, where: dict[int, PlacedSlice]) -> float:
-    """Iteration time: compute plus the sync and optimizer of the parameters as ``where`` holds them."""
-    ledger = build_ledger(problem, [where[m] for m in sorted(where)], cost_model)
-    sync_s, optimizer_s = sync_and_optimizer(ledger, cost_model)
-    return compute_s + sync_s + optimizer_s
+def _finish(
+    problem: Problem, cost_model: CostModel, compute_end: float, where: dict[int, PlacedSlice], ready: dict[int, float]
+) -> float:
+    """Iteration time: compute ending at ``compute_end``, then the parameters as ``where`` holds them synced
+    (each MetaOp's gradients final at ``ready[m]``, overlapping what follows) and stepped."""
+    ms = sorted(where)
+    ledger = build_ledger(problem, [where[m] for m in ms], cost_model)
+    return finish_iteration(ledger, [ready[m] for m in ms], compute_end, cost_model).iteration_time_s
 
 
 # --------------------------------------------------------------------------- sequential and DistMM-MT
@@ -139,14 +174,15 @@ def sequential_time(problem: Problem, cost_model: CostModel) -> float:
     """Megatron-LM / DeepSpeed style: each task in turn on all devices, components replicated everywhere."""
     everyone = tuple(range(problem.num_devices))
     where: dict[int, PlacedSlice] = {}
-    compute_s = sum(
-        run_stages(problem, cost_model, chain_stages(problem, ops, everyone), where) for _, ops in tasks_of(problem)
-    )
+    ready: dict[int, float] = {}
+    end = 0.0
+    for _, ops in tasks_of(problem):
+        end = run_task(problem, cost_model, chain_stages(problem, ops, everyone), where, ready, end)
     replicated = {}
     for m, s in where.items():  # every device holds every layer: the sync spans all N devices
         tp = s.layout.tp_degree
         replicated[m] = PlacedSlice(m, 0, s.num_layers, everyone, Layout(max(1, len(everyone) // tp), tp))
-    return _finish(problem, cost_model, compute_s, replicated)
+    return _finish(problem, cost_model, end, replicated, ready)
 
 
 def split_level(problem: Problem, ops: Sequence[int], num_devices: int) -> list[Stage]:
@@ -185,14 +221,15 @@ def split_level(problem: Problem, ops: Sequence[int], num_devices: int) -> list[
 def distmm_mt_time(problem: Problem, cost_model: CostModel) -> float:
     """DistMM-MT: tasks in turn on all devices; each MetaLevel of a task splits them across its MetaOps."""
     where: dict[int, PlacedSlice] = {}
-    compute_s = 0.0
+    ready: dict[int, float] = {}
+    end = 0.0
     for _, ops in tasks_of(problem):
         levels: dict[int, list[int]] = {}
         for m in ops:
             levels.setdefault(problem.graph.metaops[m].level, []).append(m)
         stages = [st for lv in sorted(levels) for st in split_level(problem, levels[lv], problem.num_devices)]
-        compute_s += run_stages(problem, cost_model, stages, where)
-    return _finish(problem, cost_model, compute_s, where)
+        end = run_task(problem, cost_model, stages, where, ready, end)
+    return _finish(problem, cost_model, end, where, ready)
 
 
 # --------------------------------------------------------------------------- task-parallel: uniform, Optimus
@@ -207,22 +244,23 @@ def run_tasks_concurrently(problem: Problem, cost_model: CostModel, sizes: Seque
     """
     tasks = tasks_of(problem)
     where: dict[int, PlacedSlice] = {}
+    ready: dict[int, float] = {}
     if sum(sizes) <= problem.num_devices:
         start, makespan = 0, 0.0
         for (_, ops), size in zip(tasks, sizes):
             group = tuple(range(start, start + size))
             start += size
-            makespan = max(makespan, run_stages(problem, cost_model, chain_stages(problem, ops, group), where))
-        return _finish(problem, cost_model, makespan, where)
-    ready = [0.0] * problem.num_devices
+            makespan = max(makespan, run_task(problem, cost_model, chain_stages(problem, ops, group), where, ready))
+        return _finish(problem, cost_model, makespan, where, ready)
+    free = [0.0] * problem.num_devices
     order = sorted(range(len(tasks)), key=lambda t: (-task_compute(problem, tasks[t][1], sizes[t]), t))
     for t in order:
-        group = tuple(sorted(sorted(range(problem.num_devices), key=lambda d: (ready[d], d))[: sizes[t]]))
-        begin = max(ready[d] for d in group)
-        end = begin + run_stages(problem, cost_model, chain_stages(problem, tasks[t][1], group), where)
+        group = tuple(sorted(sorted(range(problem.num_devices), key=lambda d: (free[d], d))[: sizes[t]]))
+        begin = max(free[d] for d in group)
+        end = run_task(problem, cost_model, chain_stages(problem, tasks[t][1], group), where, ready, begin)
         for d in group:
-            ready[d] = end
-    return _finish(problem, cost_model, max(ready), where)
+            free[d] = end
+    return _finish(problem, cost_model, max(free), where, ready)
 
 
 def uniform_sizes(num_tasks: int, num_devices: int) -> list[int]:

@@ -2,13 +2,18 @@
 
 Owns :func:`simulate` and the primitives the baselines reuse: :func:`resplit_flows` (which samples
 move when a batch changes device group), :func:`boundary_time` (concurrent transfers at one
-boundary), :func:`sync_buckets` / :func:`schedule_sync` (shared-parameter gradient all-reduce) and
-:func:`optimizer_seconds`.
+boundary), :class:`Phase` / :func:`backward_ends` (the forward-then-reverse-backward timeline),
+:func:`sync_buckets` and :func:`finish_iteration` (shared-parameter gradient all-reduce overlapped
+with backward, then the optimizer step).
 
-Model. Times are in seconds, bytes per iteration, and the four parts add up with no overlap:
+Model. Times are in seconds, bytes per iteration.
 
 - **compute**: waves run one after another. A wave lasts as long as its slowest slice, and a slice
-  takes ``curve.time(n) * layers`` (forward+backward).
+  takes ``curve.time(n) * layers`` (forward+backward). Forward runs waves 0..K-1, backward runs
+  them in reverse. A wave's duration is split into a forward and a backward part in the proportion
+  of its slowest slice's passes (:meth:`CostModel.passes`): forward ``1 / passes``, backward the
+  rest (``backward_factor``, plus the recomputed forward under recompute). So the parts of all
+  waves add up to the wave durations.
 - **transfers**: a slice's input is the output of its MetaOp's previous slice or, for a MetaOp's
   first slice, the output of each predecessor's last slice: ``batch_size * layer.out_bytes``. When
   it lies elsewhere the batch is re-split (:func:`resplit_flows`). Samples are spread contiguously
@@ -17,17 +22,38 @@ Model. Times are in seconds, bytes per iteration, and the four parts add up with
   the consumer's wave, however many waves earlier the producer ran. All flows at one boundary run
   concurrently. The boundary lasts as long as its busiest link (:func:`boundary_time`): a device's
   intra-node link in each direction, or a node's network link in each direction for cross-node
-  bytes (``inter_bandwidth`` is per node). Backward sends the same bytes of gradients the other
-  way, but only to producers that run a backward pass (``backward_factor > 0``). Boundaries add up.
+  bytes (``inter_bandwidth`` is per node). Activations cross a boundary just before the wave's
+  forward; the same bytes of gradients cross it back just after the wave's backward, but only to
+  producers that run a backward pass (``backward_factor > 0``). Both lie on the critical path, so
+  compute and transfers end at ``compute_s + transfer_s``.
 - **sync**: gradients of trainable parameter groups only (2 bytes/param), all-reduced among the
   devices that hold them. Layers of a group held by the same device set (and TP degree) form one
-  bucket. A bucket over ``D`` devices at TP degree ``t`` is ``t`` concurrent ring all-reduces of
-  ``bytes / t`` over ``D / t`` devices, cross-node when ``D`` spans nodes. A layer held at mixed TP
-  degrees is treated as if every holder used the largest one. Buckets are list-scheduled
-  longest-first: a bucket starts when all its devices are done with earlier ones, so buckets on
-  disjoint devices overlap and buckets sharing a device serialise. ``sync_s`` is the makespan.
-- **optimizer**: after sync, every device steps the trainable parameters it holds (after TP
-  sharding). The slowest device sets ``optimizer_s``.
+  bucket (:func:`sync_buckets`). A bucket over ``D`` devices at TP degree ``t`` is ``t`` concurrent
+  ring all-reduces of ``bytes / t`` over ``D / t`` devices, cross-node when ``D`` spans nodes. A
+  layer held at mixed TP degrees is treated as if every holder used the largest one. As in PyTorch
+  DDP buckets or Megatron's overlapped gradient reduce, a bucket is *ready* as soon as every
+  gradient it accumulates is final: when the backward of the earliest wave (in forward order) that
+  runs any of its layers has finished. It then overlaps with the rest of the backward. A device's
+  links are the sync's resource: buckets are launched in one order, each starts at
+  ``max(ready, end of every earlier-launched bucket on its devices)``, so buckets on disjoint
+  devices overlap and buckets sharing a device serialise. Inter-wave transfers and sync are
+  treated as independent resources (transfers are short and bursty; sync is off the critical path
+  until backward ends). Two launch orders are tried and the one giving the shorter iteration is
+  kept (``Simulation.sync_order``): ready order (what DDP does) and longest-first. Every bucket is
+  ready by the end of backward, so longest-first ends no later than it would starting there: the
+  iteration is never longer than compute, transfers, sync and optimizer run one after another.
+- **optimizer**: ZeRO-1. A device steps the trainable parameters it holds (after TP sharding)
+  when its compute and every bucket on its devices are done. With ``cost_model.shard_optimizer``
+  each bucket's optimizer state is sharded over its ``D / t`` all-reduce participants, so a device
+  steps ``1 / (D / t)`` of the bucket (its reduce-scatter plus the all-gather of the updated
+  weights move the bytes of the all-reduce counted above); otherwise it steps all of it. The
+  iteration ends when the last device has stepped. (The memory ledger shards each slice's state
+  over that slice's data-parallel group; both agree when one slice holds the layers.)
+- **reported parts**: ``compute_s`` (sum of wave durations), ``transfer_s`` (all boundaries),
+  ``optimizer_s`` (the slowest device's step) and ``sync_s``, the *exposed* sync: iteration minus
+  ``compute_s + transfer_s + optimizer_s``. So ``iteration = compute + transfers + sync + optimizer``
+  as before, while ``sync_total_s`` is what the sync alone would take (all buckets launched
+  longest-first at once) and :class:`SyncInfo` ``time_s`` is one bucket's all-reduce.
 - **peak memory** per device comes from the same :class:`~planner.placement.MemoryLedger`
   placement checks against.
 """
@@ -41,6 +67,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.costmodel import CostModel, Layout
+from planner.metagraph import MetaOp
 from planner.placement import MemoryLedger, PlacedSchedule, PlacedSlice, all_slices, build_ledger
 from planner.schedule import Problem
 
@@ -82,6 +109,13 @@ class SyncInfo:
 
 @dataclass(frozen=True)
 class Simulation:
+    """One predicted iteration: ``iteration_time_s = compute_s + transfer_s + sync_s + optimizer_s``.
+
+    ``sync_s`` is the exposed part of the gradient sync (what backward did not hide); ``sync_total_s``
+    is the sync alone, all buckets launched at once. ``sync_order`` gives the indices of
+    ``sync_groups`` in the launch order the prediction assumes.
+    """
+
     iteration_time_s: float
     compute_s: float
     transfer_s: float
@@ -91,6 +125,8 @@ class Simulation:
     transfers: tuple[TransferInfo, ...]
     sync_groups: tuple[SyncInfo, ...]
     peak_memory_bytes: tuple[float, ...]  # per device
+    sync_total_s: float = 0.0
+    sync_order: tuple[int, ...] = ()
 
 
 # --------------------------------------------------------------------------- transfers
@@ -168,14 +204,16 @@ def _slice_input_sources(problem: Problem, s: PlacedSlice, last: dict[int, Place
     return [last[d] for d in problem.graph.metaops[s.metaop].deps if d in last]
 
 
-def simulate_transfers(
+def boundary_transfers(
     problem: Problem, placed: PlacedSchedule, cost_model: CostModel
-) -> tuple[list[TransferInfo], float]:
-    """Every inter-wave transfer of ``placed`` and the total transfer seconds (forward + backward)."""
+) -> tuple[list[TransferInfo], list[float], list[float]]:
+    """Every inter-wave transfer of ``placed``, and per wave ``k`` the seconds of the boundary before it:
+    activations forward (before wave ``k``'s forward) and gradients back (after its backward)."""
     ops = problem.graph.metaops
     last: dict[int, PlacedSlice] = {}
     infos: list[TransferInfo] = []
-    total = 0.0
+    forward_s: list[float] = []
+    backward_s: list[float] = []
     for k, wave in enumerate(placed.waves):
         forward: list[Flows] = []
         backward: list[Flows] = []
@@ -191,10 +229,73 @@ def simulate_transfers(
                 backward.extend(back)
                 alone = boundary_time([flows], cost_model) + boundary_time(back, cost_model)
                 infos.append(TransferInfo(k - 1, src.metaop, s.metaop, src.devices, s.devices, flows.total_bytes, alone))
-        total += boundary_time(forward, cost_model) + boundary_time(backward, cost_model)
+        forward_s.append(boundary_time(forward, cost_model))
+        backward_s.append(boundary_time(backward, cost_model))
         for s in wave.slices:
             last[s.metaop] = s
-    return infos, total
+    return infos, forward_s, backward_s
+
+
+def simulate_transfers(
+    problem: Problem, placed: PlacedSchedule, cost_model: CostModel
+) -> tuple[list[TransferInfo], float]:
+    """Every inter-wave transfer of ``placed`` and the total transfer seconds (forward + backward)."""
+    infos, forward_s, backward_s = boundary_transfers(problem, placed, cost_model)
+    return infos, sum(forward_s) + sum(backward_s)
+
+
+# --------------------------------------------------------------------------- the forward/backward timeline
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One step of the timeline: a wave, or a stage of a baseline.
+
+    ``forward_s + backward_s`` is its compute. ``transfer_in_s`` is the activations arriving just
+    before its forward; ``transfer_back_s`` the gradients sent back across the same boundary just
+    after its backward.
+    """
+
+    forward_s: float
+    backward_s: float
+    transfer_in_s: float = 0.0
+    transfer_back_s: float = 0.0
+
+
+def split_passes(op: MetaOp, seconds: float) -> tuple[float, float]:
+    """(forward, backward) parts of ``seconds`` of ``op``'s compute: forward is ``1 / passes`` of it."""
+    forward = seconds / CostModel.passes(op)
+    return forward, seconds - forward
+
+
+def backward_ends(phases: Sequence[Phase], start: float = 0.0) -> tuple[list[float], float]:
+    """When the backward of each phase ends, and when the whole timeline ends (both absolute seconds).
+
+    From ``start``, forward runs the phases in order, each after its incoming activations; backward
+    then runs them in reverse, each followed by its gradients sent back.
+    """
+    t = start + sum(p.transfer_in_s + p.forward_s for p in phases)
+    ends = [0.0] * len(phases)
+    for k in reversed(range(len(phases))):
+        t += phases[k].backward_s
+        ends[k] = t
+        t += phases[k].transfer_back_s
+    return ends, t
+
+
+def wave_phases(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> tuple[list[Phase], list[TransferInfo]]:
+    """The timeline phases of ``placed`` (each wave split by its slowest slice's passes) and its transfers."""
+    infos, forward_in, backward_out = boundary_transfers(problem, placed, cost_model)
+    ops = problem.graph.metaops
+    phases = []
+    for k, wave in enumerate(placed.waves):
+        forward = backward = 0.0
+        if wave.slices:  # the first slowest slice sets the split
+            slowest = max(wave.slices, key=lambda s: problem.curves[s.metaop].time(len(s.devices)) * s.num_layers)
+            seconds = problem.curves[slowest.metaop].time(len(slowest.devices)) * slowest.num_layers
+            forward, backward = split_passes(ops[slowest.metaop], seconds)
+        phases.append(Phase(forward, backward, forward_in[k], backward_out[k]))
+    return phases, infos
 
 
 # --------------------------------------------------------------------------- gradient sync and optimizer
@@ -249,51 +350,122 @@ def bucket_time(bucket: SyncBucket, cost_model: CostModel) -> float:
     return cost_model.allreduce_time(nbytes, participants, cross_node=cross)
 
 
-def schedule_sync(buckets: Sequence[SyncBucket], cost_model: CostModel, num_devices: int) -> tuple[float, list[float]]:
-    """List-schedule the buckets longest-first; returns the makespan and each bucket's own time."""
-    times = [bucket_time(b, cost_model) for b in buckets]
-    ready = np.zeros(num_devices)
-    makespan = 0.0
-    for i in sorted(range(len(buckets)), key=lambda i: (-times[i], buckets[i].param_group, buckets[i].layers[0])):
+def covering_slices(buckets: Sequence[SyncBucket], ledger: MemoryLedger) -> list[tuple[int, ...]]:
+    """For each bucket, the indices of the ``ledger.slices`` that run at least one of its layers."""
+    ops = ledger.problem.graph.metaops
+    by_group: dict[str, list[int]] = {}
+    for i, s in enumerate(ledger.slices):
+        by_group.setdefault(ops[s.metaop].param_group, []).append(i)
+    out = []
+    for b in buckets:
+        wanted = sum(1 << j for j in b.layers)
+        out.append(tuple(
+            i for i in by_group.get(b.param_group, ())
+            if (((1 << ledger.slices[i].num_layers) - 1) << ledger.slices[i].first_layer) & wanted
+        ))
+    return out
+
+
+def schedule_sync(
+    buckets: Sequence[SyncBucket], times: Sequence[float], ready: Sequence[float], order: Sequence[int], num_devices: int
+) -> np.ndarray:
+    """Launch ``buckets`` in ``order``: each starts at ``max(ready[i], end of the earlier-launched buckets on its
+    devices)`` and takes ``times[i]``. Returns per device when its last bucket ends (0 without any)."""
+    free = np.zeros(num_devices)
+    for i in order:
         if times[i] <= 0:
             continue
         idx = np.asarray(buckets[i].devices, dtype=np.int64)
-        end = float(ready[idx].max()) + times[i]
-        ready[idx] = end
-        makespan = max(makespan, end)
-    return makespan, times
+        free[idx] = max(ready[i], float(free[idx].max())) + times[i]
+    return free
 
 
-def optimizer_seconds(ledger: MemoryLedger, cost_model: CostModel) -> float:
-    """Optimizer step time of the slowest device (the one holding the most trainable parameters)."""
-    if not len(ledger.trainable_params):
-        return 0.0
-    return cost_model.optimizer_time(float(ledger.trainable_params.max()))
+def launch_orders(buckets: Sequence[SyncBucket], times: Sequence[float], ready: Sequence[float]) -> dict[str, list[int]]:
+    """The candidate launch orders (bucket indices): ready order (longest first among equals) and longest-first."""
+    def tie(i: int) -> tuple[str, int]:
+        return buckets[i].param_group, buckets[i].layers[0]
+
+    ids = range(len(buckets))
+    return {
+        "ready": sorted(ids, key=lambda i: (ready[i], -times[i], *tie(i))),
+        "longest": sorted(ids, key=lambda i: (-times[i], *tie(i))),
+    }
 
 
-def sync_and_optimizer(ledger: MemoryLedger, cost_model: CostModel) -> tuple[float, float]:
-    """(sync seconds, optimizer seconds) of everything ``ledger`` holds."""
-    sync_s, _ = schedule_sync(sync_buckets(ledger), cost_model, ledger.problem.num_devices)
-    return sync_s, optimizer_seconds(ledger, cost_model)
+def optimizer_seconds(buckets: Sequence[SyncBucket], cost_model: CostModel, num_devices: int) -> np.ndarray:
+    """Optimizer step seconds per device: the TP shard of every bucket it holds, divided over the bucket's
+    all-reduce participants when ``cost_model.shard_optimizer`` (ZeRO-1)."""
+    params = np.zeros(num_devices)
+    for b in buckets:
+        shards = max(1, len(b.devices) // b.tp_degree) if cost_model.shard_optimizer else 1
+        params[list(b.devices)] += b.num_params / b.tp_degree / shards
+    return np.array([cost_model.optimizer_time(float(p)) if p > 0 else 0.0 for p in params])
 
 
-def _sync_infos(ledger: MemoryLedger, cost_model: CostModel) -> tuple[list[SyncInfo], float]:
+@dataclass(frozen=True)
+class SyncOutcome:
+    """How an iteration ends once compute and transfers end at ``compute_end``.
+
+    ``iteration_time_s = compute_end + sync_s + optimizer_s``: ``sync_s`` is the exposed sync,
+    ``optimizer_s`` the slowest device's step. Per bucket (as :func:`sync_buckets` orders them):
+    ``bucket_times`` (its all-reduce alone) and ``covers`` (:func:`covering_slices`).
+    """
+
+    iteration_time_s: float
+    sync_s: float
+    optimizer_s: float
+    sync_total_s: float
+    buckets: tuple[SyncBucket, ...]
+    bucket_times: tuple[float, ...]
+    covers: tuple[tuple[int, ...], ...]
+    launch_order: tuple[int, ...]
+
+
+def finish_iteration(
+    ledger: MemoryLedger, slice_ready: Sequence[float], compute_end: float, cost_model: CostModel
+) -> SyncOutcome:
+    """Gradient sync overlapped with backward, then the optimizer, of everything ``ledger`` holds.
+
+    ``slice_ready[i]`` is when the backward of ``ledger.slices[i]`` ends (at most ``compute_end``). A
+    bucket is ready when all its covering slices are; the better of :func:`launch_orders` is kept.
+    """
     buckets = sync_buckets(ledger)
-    sync_s, times = schedule_sync(buckets, cost_model, ledger.problem.num_devices)
-    ops = ledger.problem.graph.metaops
-    infos = []
-    for bucket, t in zip(buckets, times):
+    num_devices = ledger.problem.num_devices
+    times = [bucket_time(b, cost_model) for b in buckets]
+    covers = covering_slices(buckets, ledger)
+    ready = [max((slice_ready[i] for i in cover), default=compute_end) for cover in covers]
+    step = optimizer_seconds(buckets, cost_model, num_devices)
+    orders = launch_orders(buckets, times, ready)
+    ends = []
+    for order in orders.values():
+        free = schedule_sync(buckets, times, ready, order, num_devices)
+        ends.append((float((np.maximum(free, compute_end) + step).max()), order))
+    iteration, order = min(ends, key=lambda e: e[0])  # the first (ready order) wins ties
+    optimizer_s = float(step.max())
+    alone = schedule_sync(buckets, times, [0.0] * len(buckets), orders["longest"], num_devices)
+    return SyncOutcome(
+        iteration_time_s=iteration,
+        sync_s=max(0.0, iteration - compute_end - optimizer_s),
+        optimizer_s=optimizer_s,
+        sync_total_s=float(alone.max()),
+        buckets=tuple(buckets),
+        bucket_times=tuple(times),
+        covers=tuple(covers),
+        launch_order=tuple(order),
+    )
+
+
+def _sync_infos(ledger: MemoryLedger, outcome: SyncOutcome) -> tuple[list[SyncInfo], tuple[int, ...]]:
+    """The buckets with something to all-reduce, and their indices in launch order."""
+    infos: list[SyncInfo] = []
+    index: dict[int, int] = {}
+    for i, (bucket, t, cover) in enumerate(zip(outcome.buckets, outcome.bucket_times, outcome.covers)):
         if len(bucket.devices) // bucket.tp_degree <= 1:
             continue  # one replica per shard: nothing to all-reduce
-        wanted = set(bucket.layers)
-        metaops = sorted({
-            s.metaop for s in ledger.slices
-            if ops[s.metaop].param_group == bucket.param_group
-            and wanted.intersection(range(s.first_layer, s.first_layer + s.num_layers))
-        })
-        infos.append(SyncInfo(bucket.param_group, tuple(metaops), bucket.devices,
-                              GRAD_BYTES_PER_PARAM * bucket.num_params, t))
-    return infos, sync_s
+        index[i] = len(infos)
+        metaops = tuple(sorted({ledger.slices[j].metaop for j in cover}))
+        infos.append(SyncInfo(bucket.param_group, metaops, bucket.devices, GRAD_BYTES_PER_PARAM * bucket.num_params, t))
+    return infos, tuple(index[i] for i in outcome.launch_order if i in index)
 
 
 # --------------------------------------------------------------------------- the whole iteration
@@ -310,19 +482,22 @@ def wave_durations(problem: Problem, placed: PlacedSchedule) -> tuple[float, ...
 def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> Simulation:
     """Predicted iteration time of ``placed`` (model in the module docstring)."""
     durations = wave_durations(problem, placed)
-    transfers, transfer_s = simulate_transfers(problem, placed, cost_model)
+    phases, transfers = wave_phases(problem, placed, cost_model)
+    ends, compute_end = backward_ends(phases)
+    slice_ready = [ends[k] for k, wave in enumerate(placed.waves) for _ in wave.slices]  # all_slices' order
     ledger = build_ledger(problem, all_slices(placed), cost_model)
-    sync_infos, sync_s = _sync_infos(ledger, cost_model)
-    optimizer_s = optimizer_seconds(ledger, cost_model)
-    compute_s = sum(durations)
+    outcome = finish_iteration(ledger, slice_ready, compute_end, cost_model)
+    sync_infos, sync_order = _sync_infos(ledger, outcome)
     return Simulation(
-        iteration_time_s=compute_s + transfer_s + sync_s + optimizer_s,
-        compute_s=compute_s,
-        transfer_s=transfer_s,
-        sync_s=sync_s,
-        optimizer_s=optimizer_s,
+        iteration_time_s=outcome.iteration_time_s,
+        compute_s=sum(durations),
+        transfer_s=sum(p.transfer_in_s + p.transfer_back_s for p in phases),
+        sync_s=outcome.sync_s,
+        optimizer_s=outcome.optimizer_s,
         wave_durations=durations,
         transfers=tuple(transfers),
         sync_groups=tuple(sync_infos),
         peak_memory_bytes=tuple(float(x) for x in ledger.peak()),
+        sync_total_s=outcome.sync_total_s,
+        sync_order=sync_order,
     )

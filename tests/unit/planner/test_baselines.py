@@ -1,4 +1,5 @@
-"""Baselines under Loom's cost model: hand-computed times for small jobs and the allocation rules of each system."""
+"""Baselines under Loom's cost model: hand-computed times for small jobs (gradient sync overlapped with the
+backward that follows it, ZeRO-1 optimizer) and the allocation rules of each system."""
 
 from __future__ import annotations
 
@@ -53,7 +54,10 @@ def test_single_metaop_job_every_baseline_matches_hand_math():
     curve = problem.curves[0]
     assert curve.counts[-1] == 8  # the fastest count is the whole node, so every system runs it the same way
     params = o.layer.params * o.num_layers
-    expected = curve.times[-1] * o.num_layers + cm.allreduce_time(2 * params, 8, cross_node=False) + cm.optimizer_time(params)
+    # one MetaOp: its gradients are final only when backward ends, so the whole sync is exposed;
+    # ZeRO-1 shards the optimizer step over the 8 replicas
+    expected = (curve.times[-1] * o.num_layers + cm.allreduce_time(2 * params, 8, cross_node=False)
+                + cm.optimizer_time(params / 8))
     assert sequential_time(problem, cm) == pytest.approx(expected)
     spindle = Schedule((Wave((Slice(0, o.num_layers, 8),)),))
     times = run_baselines(problem, cm, spindle=spindle)
@@ -67,7 +71,7 @@ def test_sequential_syncs_over_all_devices_even_when_a_metaop_uses_fewer():
     problem = problem_of(cm, op(0, "t", "enc", batch=4, params=1e6, layers=2))  # batch 4: at most 4 devices
     curve = problem.curves[0]
     assert curve.counts[-1] == 4
-    expected = curve.times[-1] * 2 + cm.allreduce_time(2 * 2e6, 8, cross_node=True) + cm.optimizer_time(2e6)
+    expected = curve.times[-1] * 2 + cm.allreduce_time(2 * 2e6, 8, cross_node=True) + cm.optimizer_time(2e6 / 8)
     assert sequential_time(problem, cm) == pytest.approx(expected)
 
 
@@ -76,12 +80,42 @@ def test_two_identical_tasks_split_the_devices_evenly():
     problem = problem_of(cm, op(0, "ta", "enc_a", params=1e6), op(1, "tb", "enc_b", params=1e6))
     assert uniform_sizes(2, 8) == [4, 4]
     assert optimus_sizes(problem) == [4, 4]
-    expected = problem.curves[0].time(4) * 4 + cm.allreduce_time(2 * 4e6, 4, False) + cm.optimizer_time(4e6)
+    expected = problem.curves[0].time(4) * 4 + cm.allreduce_time(2 * 4e6, 4, False) + cm.optimizer_time(4e6 / 4)
     assert uniform_time(problem, cm) == pytest.approx(expected)
     assert optimus_time(problem, cm) == pytest.approx(expected)
-    # sequential runs them one after another on 8 devices each, syncing both groups over all 8
-    seq = 2 * problem.curves[0].time(8) * 4 + 2 * cm.allreduce_time(2 * 4e6, 8, False) + cm.optimizer_time(8e6)
+    # sequential runs them one after another on 8 devices each, syncing both groups over all 8. enc_a's
+    # gradients are final after task ta, so its all-reduce hides behind task tb; only enc_b's is exposed.
+    one_task = problem.curves[0].time(8) * 4
+    sync = cm.allreduce_time(2 * 4e6, 8, False)
+    assert sync < one_task
+    seq = 2 * one_task + sync + cm.optimizer_time(2 * 4e6 / 8)
     assert sequential_time(problem, cm) == pytest.approx(seq)
+
+
+def test_sequential_syncs_a_shared_component_after_the_last_task_that_uses_it():
+    """Two tasks share 'enc': gradients accumulate over both, so nothing of the sync overlaps compute."""
+    cm = cost_model()
+    problem = problem_of(cm, op(0, "ta", "enc", params=1e6), op(1, "tb", "enc", params=1e6))
+    one_task = problem.curves[0].time(8) * 4
+    expected = 2 * one_task + cm.allreduce_time(2 * 4e6, 8, False) + cm.optimizer_time(4e6 / 8)
+    assert sequential_time(problem, cm) == pytest.approx(expected)
+    assert distmm_mt_time(problem, cm) == pytest.approx(expected)  # one MetaOp per task: the same run
+
+
+def test_a_tasks_later_metaop_syncs_during_the_backward_of_its_earlier_one():
+    """enc -> head on all 8 devices: head's gradients are final after its backward and reduce while enc's
+    backward runs; enc's all-reduce follows the end of backward."""
+    cm = cost_model()
+    enc = op(0, "t", "enc", flops=4e9, params=1e8, layers=2)
+    head = op(1, "t", "head", deps=(0,), params=1e8, layers=2)
+    problem = problem_of(cm, enc, head)
+    # batch 8 on 8 devices: one sample each, 4 ms (enc) and 1 ms (head) a layer; backward is 2/3 of it
+    compute = 2 * 4e-3 + 2 * 1e-3
+    sync = cm.allreduce_time(2 * 2e8, 8, False)  # each group: 2 layers of 1e8 parameters
+    assert sync < 2 / 3 * 2 * 4e-3  # head's all-reduce fits in enc's backward
+    expected = compute + sync + cm.optimizer_time(2 * 2e8 / 8)
+    for system in (sequential_time, uniform_time, optimus_time, distmm_mt_time):
+        assert system(problem, cm) == pytest.approx(expected), system.__name__
 
 
 def test_uniform_trims_to_exactly_n():
@@ -104,9 +138,12 @@ def test_optimus_gives_the_heavier_task_more_devices():
     problem = problem_of(cm, heavy, light)
     # batch 8 has valid counts 1, 2, 4: the greedy gives heavy 1->2->4 and light 1->2
     assert optimus_sizes(problem) == [4, 2]
-    compute = max(problem.curves[0].time(4), problem.curves[1].time(2)) * 4
-    sync = max(cm.allreduce_time(8e6, 4, False), cm.allreduce_time(8e6, 2, False))  # disjoint devices: concurrent
-    assert optimus_time(problem, cm) == pytest.approx(compute + sync + cm.optimizer_time(4e6))
+    heavy_end, light_end = 3e-3 * 2 * 4, 1e-3 * 4 * 4  # 2 and 4 samples per device, 4 layers
+    sync_heavy, sync_light = cm.allreduce_time(8e6, 4, False), cm.allreduce_time(8e6, 2, False)
+    assert light_end + sync_light < heavy_end  # the light task's sync hides behind the heavy task
+    # devices end with their own sync and ZeRO-1 step: heavy's 4 replicas step 1/4 each, light's 2 a half
+    expected = heavy_end + max(sync_heavy + cm.optimizer_time(4e6 / 4), cm.optimizer_time(4e6 / 2))
+    assert optimus_time(problem, cm) == pytest.approx(expected)
 
 
 def test_distmm_splits_a_level_in_proportion_to_work():
@@ -117,10 +154,13 @@ def test_distmm_splits_a_level_in_proportion_to_work():
     problem = problem_of(cm, enc_a, enc_b, fuse)
     assert split_level(problem, [0, 1], 8) == [[(0, (0, 1, 2, 3, 4, 5)), (1, (6, 7))]]
     # the encoders send nothing (out=0); the fusion runs on 6 devices (batch 12 on at most 8)
-    compute = max(problem.curves[0].time(6), problem.curves[1].time(2)) * 4 + problem.curves[2].time(6) * 4
+    encoders = max(problem.curves[0].time(6), problem.curves[1].time(2)) * 4
+    compute = encoders + problem.curves[2].time(6) * 4
     t_a, t_b, t_f = (cm.allreduce_time(8e6, n, False) for n in (6, 2, 6))
-    sync = max(t_a + t_f, t_b)  # a and f share devices 0-5; b runs alongside on 6-7
-    assert distmm_mt_time(problem, cm) == pytest.approx(compute + sync + cm.optimizer_time(8e6))
+    assert t_f < 2 / 3 * encoders  # the fusion's sync hides behind the encoders' backward
+    # a and f on devices 0-5 (each step a sixth of both), b on 6-7 (half of it)
+    end = max(t_a + cm.optimizer_time(2 * 4e6 / 6), t_b + cm.optimizer_time(4e6 / 2))
+    assert distmm_mt_time(problem, cm) == pytest.approx(compute + end)
     assert distmm_mt_time(problem, cm) < sequential_time(problem, cm)
 
 

@@ -113,6 +113,13 @@ def test_edited_number_is_detected_by_the_hash(plan8):
         plan_from_json(json.dumps(data))
 
 
+def test_plan_without_hash_is_rejected(plan8):
+    data = json.loads(plan8.to_json())
+    data["hash"] = ""
+    with pytest.raises(SpecError, match="no content hash"):
+        plan_from_json(json.dumps(data))
+
+
 @pytest.mark.parametrize("version", [PLAN_VERSION + 1, 0, None, "1"])
 def test_wrong_version_is_rejected(plan8, version):
     data = json.loads(plan8.to_json())

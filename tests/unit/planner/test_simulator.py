@@ -1,6 +1,9 @@
-"""Simulator: compute, transfers (re-split of a batch), gradient sync, optimizer and peak memory against hand math."""
+"""Simulator: compute, transfers (re-split of a batch), gradient sync overlapped with backward, the ZeRO-1
+optimizer and peak memory against hand math, and the overlap model's bounds on random placed schedules."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 
@@ -8,10 +11,11 @@ from planner.components import LayerSegment
 from planner.costmodel import CostModel, Layout
 from planner.devices import DEVICES, GIB, Hardware
 from planner.metagraph import MetaOp, finalize_graph
-from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, build_ledger
-from planner.schedule import Problem
+from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, all_slices, build_ledger, place_schedule
+from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule
 from planner.simulator import (
-    GRAD_BYTES_PER_PARAM, boundary_time, resplit_flows, simulate, sync_and_optimizer, sync_buckets,
+    GRAD_BYTES_PER_PARAM, Phase, backward_ends, boundary_time, bucket_time, finish_iteration, resplit_flows,
+    simulate, simulate_transfers, split_passes, sync_buckets,
 )
 
 
@@ -26,10 +30,12 @@ CM = LinearCost(Hardware(DEVICES["a800"], 2, 4, 80 * GIB, 200e9, 50e9))
 
 
 def op(m: int, group: str, *, layers: int = 4, deps: tuple[int, ...] = (), batch: int = 8, task: str | None = None,
-       params: float = 1e6, out: float = 1e4, frozen: bool = False, backward: float | None = None) -> MetaOp:
+       params: float = 1e6, out: float = 1e4, frozen: bool = False, backward: float | None = None,
+       recompute: bool = False) -> MetaOp:
     seg = LayerSegment(f"layer{m}", layers, 1e9 * (m + 1), params, 1e5, out, 0.0, 4)
     bwd = backward if backward is not None else (0.0 if frozen else 2.0)
-    return MetaOp(m, f"{task or f't{m}'}.{group}", task or f"t{m}", group, seg, layers, batch, deps, group, frozen, bwd)
+    return MetaOp(m, f"{task or f't{m}'}.{group}", task or f"t{m}", group, seg, layers, batch, deps, group, frozen, bwd,
+                  recompute=recompute)
 
 
 def problem_of(*ops: MetaOp) -> Problem:
@@ -49,16 +55,18 @@ def samples_moved(flows, out_bytes: float) -> float:
 
 
 def test_single_wave_iteration_is_compute_plus_sync_plus_optimizer():
+    """One wave, one MetaOp: its bucket is ready exactly when backward ends, so nothing hides the sync."""
     o = op(0, "enc", layers=6, params=2e6)
     problem = problem_of(o)
     sim = simulate(problem, placed(problem, [(0, 0, 6, (0, 1, 2, 3))]), CM)
-    compute = problem.curves[0].time(4) * 6
+    compute = 8 * 1e9 / 4 / 1e12 * 6  # 2 samples per device, 1 GFLOP each, on a 1 TFLOP/s linear model
     sync = CM.allreduce_time(GRAD_BYTES_PER_PARAM * 2e6 * 6, 4, cross_node=False)
-    optimizer = CM.optimizer_time(2e6 * 6)
+    optimizer = CM.optimizer_time(2e6 * 6 / 4)  # ZeRO-1: each of the 4 replicas steps a quarter
     assert sim.compute_s == pytest.approx(compute)
     assert sim.wave_durations == (pytest.approx(compute),)
     assert sim.transfer_s == 0 and sim.transfers == ()
     assert sim.sync_s == pytest.approx(sync)
+    assert sim.sync_total_s == pytest.approx(sync)
     assert sim.optimizer_s == pytest.approx(optimizer)
     assert sim.iteration_time_s == pytest.approx(compute + sync + optimizer)
     assert [(g.param_group, g.devices, g.bytes) for g in sim.sync_groups] == [("enc", (0, 1, 2, 3), 2 * 2e6 * 6)]
@@ -71,6 +79,7 @@ def test_shared_group_syncs_across_both_metaops_devices():
     sim = simulate(problem, placed(problem, [(0, 0, 4, (0, 1, 2, 3)), (1, 0, 4, (4, 5, 6, 7))]), CM)
     assert sim.compute_s == pytest.approx(max(problem.curves[m].time(4) * 4 for m in (0, 1)))
     assert sim.sync_s == pytest.approx(CM.allreduce_time(2 * 1e6 * 4, 8, cross_node=True))
+    assert sim.optimizer_s == pytest.approx(CM.optimizer_time(1e6 * 4 / 8))  # state sharded over all 8 holders
     assert len(sim.sync_groups) == 1 and sim.sync_groups[0].metaops == (0, 1)
 
 
@@ -166,15 +175,180 @@ def test_split_metaop_syncs_each_device_set_separately():
     ], CM)
     buckets = sync_buckets(ledger)
     assert [(b.layers, b.devices) for b in buckets] == [((0, 1), (0, 1)), ((2, 3), (0, 1, 2, 3))]
-    sync_s, optimizer_s = sync_and_optimizer(ledger, CM)
-    assert sync_s == pytest.approx(CM.allreduce_time(4e6, 2, False) + CM.allreduce_time(4e6, 4, False))
-    assert optimizer_s == pytest.approx(CM.optimizer_time(4e6))  # devices 0-1 hold all 4 layers
+    out = finish_iteration(ledger, [0.0, 0.0], 0.0, CM)  # everything ready when compute ends (at 0)
+    sync = CM.allreduce_time(4e6, 2, False) + CM.allreduce_time(4e6, 4, False)
+    # devices 0-1 step half of layers 0-1 and a quarter of layers 2-3 (ZeRO-1 over each bucket's replicas)
+    optimizer = CM.optimizer_time(2e6 / 2 + 2e6 / 4)
+    assert out.sync_s == pytest.approx(sync)
+    assert out.optimizer_s == pytest.approx(optimizer)
+    assert out.iteration_time_s == pytest.approx(sync + optimizer)
+
+
+def test_unsharded_optimizer_steps_every_parameter_a_device_holds():
+    problem = problem_of(op(0, "enc", layers=4, params=1e6))
+    ledger = build_ledger(problem, [PlacedSlice(0, 0, 4, (0, 1, 2, 3), Layout(4, 1))], CM)
+    plain = LinearCost(CM.hw, shard_optimizer=False)
+    assert finish_iteration(ledger, [0.0], 0.0, plain).optimizer_s == pytest.approx(CM.optimizer_time(4e6))
+    assert finish_iteration(ledger, [0.0], 0.0, CM).optimizer_s == pytest.approx(CM.optimizer_time(1e6))
 
 
 def test_disjoint_buckets_sync_concurrently():
     problem = problem_of(op(0, "x", params=1e6), op(1, "y", params=3e6))
     sim = simulate(problem, placed(problem, [(0, 0, 4, (0, 1)), (1, 0, 4, (2, 3))]), CM)
+    # both ready when the single wave's backward ends; y's devices finish last: its sync and its step
+    end_x = CM.allreduce_time(2 * 1e6 * 4, 2, False) + CM.optimizer_time(1e6 * 4 / 2)
+    end_y = CM.allreduce_time(2 * 3e6 * 4, 2, False) + CM.optimizer_time(3e6 * 4 / 2)
+    assert end_y > end_x
+    assert sim.iteration_time_s == pytest.approx(sim.compute_s + end_y)
     assert sim.sync_s == pytest.approx(CM.allreduce_time(2 * 3e6 * 4, 2, False))
+
+
+# --------------------------------------------------------------------------- overlap with backward
+
+
+def test_passes_split_compute_into_forward_and_backward():
+    assert split_passes(op(0, "a"), 3.0) == pytest.approx((1.0, 2.0))  # backward factor 2
+    assert split_passes(op(0, "a", recompute=True), 4.0) == pytest.approx((1.0, 3.0))  # + one forward again
+    assert split_passes(op(0, "a", frozen=True), 2.0) == pytest.approx((2.0, 0.0))  # forward only
+
+
+def test_backward_runs_the_phases_in_reverse_with_gradients_sent_back():
+    # forward: 1 | 0.5 transfer, 1  ->  2.5; backward: phase 1 (2) ends at 4.5, 0.25 back, phase 0 (2) ends at 6.75
+    ends, finish = backward_ends([Phase(1.0, 2.0), Phase(1.0, 2.0, 0.5, 0.25)])
+    assert ends == pytest.approx([6.75, 4.5])
+    assert finish == pytest.approx(6.75)
+    ends, finish = backward_ends([Phase(1.0, 2.0)], start=10.0)
+    assert (ends, finish) == (pytest.approx([13.0]), pytest.approx(13.0))
+
+
+@pytest.mark.parametrize("params_y", [1e6, 5e8])
+def test_later_wave_group_syncs_during_the_earlier_waves_backward(params_y):
+    """x (wave 0, devices 0-1) feeds y (wave 1, devices 2-3). y's gradients are final once wave 1's
+    backward ends; its all-reduce then overlaps the gradients sent back and wave 0's backward.
+
+    Small y: fully hidden, only x's sync (ready at the very end) is exposed. Large y: the excess shows.
+    """
+    x = op(0, "x", task="t", params=1e3, out=1e6)
+    y = op(1, "y", task="t", deps=(0,), params=params_y)
+    problem = problem_of(x, y)
+    sim = simulate(problem, placed(problem, [(0, 0, 4, (0, 1))], [(1, 0, 4, (2, 3))]), CM)
+    # x: 4 samples/device x 1 GFLOP = 4 ms a layer; y: 2 GFLOP a sample = 8 ms a layer; 4 layers each
+    forward_x, backward_x = 16e-3 / 3, 32e-3 / 3
+    forward_y, backward_y = 32e-3 / 3, 64e-3 / 3
+    hop = CM.p2p_time(4 * 1e6, cross_node=False)  # each of 0, 1 sends its 4 samples' activations to 2, 3
+    compute_end = forward_x + hop + forward_y + backward_y + hop + backward_x
+    ready_y = forward_x + hop + forward_y + backward_y
+    sync_x = CM.allreduce_time(2 * 1e3 * 4, 2, False)
+    sync_y = CM.allreduce_time(2 * params_y * 4, 2, False)
+    step_x, step_y = CM.optimizer_time(1e3 * 4 / 2), CM.optimizer_time(params_y * 4 / 2)
+    iteration = max(compute_end + sync_x + step_x, max(compute_end, ready_y + sync_y) + step_y)
+    assert sim.compute_s == pytest.approx(48e-3)
+    assert sim.transfer_s == pytest.approx(2 * hop)
+    assert sim.iteration_time_s == pytest.approx(iteration)
+    assert sim.optimizer_s == pytest.approx(step_y)
+    assert sim.sync_s == pytest.approx(iteration - compute_end - step_y)
+    if params_y == 1e6:
+        assert sync_y < hop + backward_x and sim.sync_s == pytest.approx(max(0.0, sync_x + step_x - step_y))
+    else:
+        assert sim.sync_s == pytest.approx(sync_y - hop - backward_x)  # the part wave 0's backward cannot hide
+        assert sim.sync_s < sim.sync_total_s == pytest.approx(sync_y)
+
+
+def test_buckets_on_shared_devices_serialise_after_the_earlier_one():
+    """x (wave 0) and y (wave 1) on the same devices: y reduces during wave 0's backward and runs past its
+    end, so x's all-reduce (ready at the end) waits for it."""
+    x, y = op(0, "x", params=1e3), op(1, "y", params=5e8)
+    problem = problem_of(x, y)
+    sim = simulate(problem, placed(problem, [(0, 0, 4, (0, 1))], [(1, 0, 4, (0, 1))]), CM)
+    backward_x = 32e-3 / 3
+    compute_end = 48e-3
+    sync_x, sync_y = CM.allreduce_time(2 * 1e3 * 4, 2, False), CM.allreduce_time(2 * 5e8 * 4, 2, False)
+    assert sync_y > backward_x
+    step = CM.optimizer_time((1e3 + 5e8) * 4 / 2)
+    assert sim.iteration_time_s == pytest.approx(compute_end - backward_x + sync_y + sync_x + step)
+    assert sim.sync_s == pytest.approx(sync_y - backward_x + sync_x)
+
+
+def test_longest_first_launch_is_kept_when_ready_order_would_block():
+    """r (wave 0, devices 2-3), q (wave 1, 0-3), p (wave 2, 0-1); p and r reduce long, q short. In ready order
+    (p, q, r) q waits for p and r for q; launching p, r, then q lets p and r run side by side."""
+    ops = [op(0, "r", params=8e8), op(1, "q", params=1e7), op(2, "p", params=8e8)]
+    problem = problem_of(*ops)
+    sim = simulate(problem, placed(problem, [(0, 0, 4, (2, 3))], [(1, 0, 4, (0, 1, 2, 3))], [(2, 0, 4, (0, 1))]), CM)
+    # compute: r 4 ms a layer (2 devices), q 4 ms (2 GFLOP, 4 devices), p 12 ms (3 GFLOP, 2 devices); 4 layers each
+    backward = [32e-3 / 3, 32e-3 / 3, 96e-3 / 3]
+    compute_end = 16e-3 + 16e-3 + 48e-3
+    ready_p = compute_end - backward[1] - backward[0]
+    sync_p = sync_r = CM.allreduce_time(2 * 8e8 * 4, 2, False)
+    sync_q = CM.allreduce_time(2 * 1e7 * 4, 4, False)
+    assert ready_p + sync_p > compute_end  # p still runs when r becomes ready
+    step = CM.optimizer_time(8e8 * 4 / 2 + 1e7 * 4 / 4)  # every device: half of p or r, a quarter of q
+    longest_first = compute_end + sync_r + sync_q + step
+    ready_order = ready_p + sync_p + sync_q + sync_r + step
+    assert longest_first < ready_order
+    assert sim.iteration_time_s == pytest.approx(longest_first)
+    groups = [g.param_group for g in sim.sync_groups]
+    assert [groups[i] for i in sim.sync_order] == ["p", "r", "q"]
+
+
+# --------------------------------------------------------------------------- bounds on random placed schedules
+
+
+def random_schedule(problem: Problem, rng: random.Random) -> Schedule:
+    """A valid random wave schedule: ready MetaOps get random slices while devices last."""
+    remaining = [problem.layers(m) for m in range(len(problem.graph))]
+    waves = []
+    while any(remaining):
+        ready = [o.id for o in problem.graph.metaops if remaining[o.id] and not any(remaining[d] for d in o.deps)]
+        rng.shuffle(ready)
+        left, slices = problem.num_devices, []
+        for m in ready:
+            counts = [c for c in problem.curves[m].counts if c <= left]
+            if counts:
+                slices.append(Slice(m, rng.randint(1, remaining[m]), rng.choice(counts)))
+                left -= slices[-1].num_devices
+        for s in slices:
+            remaining[s.metaop] -= s.num_layers
+        waves.append(Wave(tuple(slices)))
+    schedule = Schedule(tuple(waves))
+    check_schedule(problem, schedule)
+    return schedule
+
+
+def no_overlap_iteration(problem: Problem, placed_schedule: PlacedSchedule, cost_model: CostModel) -> float:
+    """The previous model: compute + transfers, then every bucket longest-first, then the unsharded optimizer."""
+    compute = sum(
+        max(problem.curves[s.metaop].time(len(s.devices)) * s.num_layers for s in wave.slices)
+        for wave in placed_schedule.waves
+    )
+    _, transfers = simulate_transfers(problem, placed_schedule, cost_model)
+    ledger = build_ledger(problem, all_slices(placed_schedule), cost_model)
+    buckets = sorted(sync_buckets(ledger), key=lambda b: -bucket_time(b, cost_model))
+    free = [0.0] * problem.num_devices
+    for b in buckets:
+        end = max(free[d] for d in b.devices) + bucket_time(b, cost_model)
+        for d in b.devices:
+            free[d] = end
+    step = cost_model.optimizer_time(float(ledger.trainable_params.max()))
+    return compute + transfers + max(free) + step
+
+
+def test_overlap_stays_between_compute_and_the_no_overlap_model():
+    rng = random.Random(11)
+    for trial in range(25):
+        ops = [op(m, f"g{rng.randint(0, 2)}", task=f"t{rng.randint(0, 1)}", layers=rng.randint(1, 5),
+                  deps=tuple(d for d in range(m) if rng.random() < 0.3), batch=rng.choice([4, 8]),
+                  params=rng.choice([1e6, 1e8, 5e8]), out=rng.choice([1e4, 1e7]), frozen=rng.random() < 0.15)
+               for m in range(5)]
+        problem = problem_of(*ops)
+        placed_schedule = place_schedule(problem, random_schedule(problem, rng), CM, check_memory_limit=False)
+        sim = simulate(problem, placed_schedule, CM)
+        floor = sim.compute_s + sim.transfer_s
+        assert sim.iteration_time_s >= floor * (1 - 1e-12), trial
+        assert sim.iteration_time_s <= no_overlap_iteration(problem, placed_schedule, CM) * (1 + 1e-12), trial
+        assert sim.iteration_time_s == pytest.approx(floor + sim.sync_s + sim.optimizer_s), trial
+        assert 0 <= sim.sync_s <= sim.sync_total_s * (1 + 1e-12), trial
+        assert sorted(sim.sync_order) == list(range(len(sim.sync_groups))), trial
 
 
 def test_peak_memory_is_layer_memory_times_layers():
