@@ -161,7 +161,7 @@ def plan_summary(plan: Plan) -> Group:
         Text.assemble(
             ("predicted iteration ", "bold"), format_seconds(pred.iteration_time_s),
             f" = compute {format_seconds(pred.compute_s)} + transfer {format_seconds(pred.transfer_s)}"
-            f" + sync {format_seconds(pred.sync_s)} + optimizer {format_seconds(pred.optimizer_s)}",
+            f" + exposed sync {format_seconds(pred.sync_s)} + optimizer {format_seconds(pred.optimizer_s)}",
         ),
         Text.assemble(("bounds (compute) ", "bold"), _bounds_line(plan)),
         Text.assemble(("solver ", "bold"), _solver_line(plan)),
@@ -205,7 +205,11 @@ def baseline_table(plan: Plan) -> Table:
     table.add_column("Loom speed-up", justify="right", no_wrap=True)
     table.add_row("loom", format_seconds(loom_s), "1.00x", style="bold")
     for name, seconds in sorted(plan.baselines.items(), key=lambda item: (item[1], item[0])):
-        table.add_row(name, format_seconds(seconds), f"{speedup(seconds, loom_s):.2f}x")
+        mark = " (!)" if name in plan.baseline_notes else ""
+        table.add_row(name + mark, format_seconds(seconds), f"{speedup(seconds, loom_s):.2f}x")
+    if plan.baseline_notes:
+        table.caption = "; ".join(f"(!) {name}: {note}" for name, note in sorted(plan.baseline_notes.items()))
+        table.caption_justify = "left"
     return table
 
 

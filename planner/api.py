@@ -24,7 +24,7 @@ from planner.placement import PlacedSchedule, place_schedule
 from planner.plan import (
     Bounds, Plan, PlanCluster, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport, SyncGroup,
 )
-from planner.schedule import Problem, check_schedule
+from planner.schedule import Problem, check_schedule, reverse_runs
 from planner.simulator import Simulation, simulate
 from planner.solver import SolveResult, SolverSettings, solve
 from planner.spec import JobSpec
@@ -83,44 +83,51 @@ def plan_job(
         level_barriers=job.planner.level_barriers,
     )
     solved = solve(problem, settings, warm=warm, lower_bound=bounds.dag_s, progress=say)
-    result, placed, sim = choose_candidate(problem, cost_model, solved)
+    result, placed, sim, unfit = choose_candidate(problem, cost_model, solved)
     say(f"chose {result.warm_start}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
     baseline_times = baselines_mod.run_baselines(problem, cost_model, spindle=warm) if with_baselines else {}
-    plan = build_plan(job, graph, cost_model, placed, sim, result, bounds, baseline_times)
+    notes = {"spindle": f"its plan does not fit in device memory: {unfit['spindle']}"} \
+        if with_baselines and "spindle" in unfit else {}
+    plan = build_plan(job, graph, cost_model, placed, sim, result, bounds, baseline_times, notes)
     elapsed = time.perf_counter() - start
     say(f"planned in {elapsed:.2f} s: predicted iteration {sim.iteration_time_s:.4g} s")
     return PlanOutcome(plan, problem, placed, sim, elapsed, result)
 
 
-def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResult) -> tuple[SolveResult, PlacedSchedule, Simulation]:
+def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResult,
+                     ) -> tuple[SolveResult, PlacedSchedule, Simulation, dict[str, str]]:
     """Place and simulate every candidate schedule the solver found; keep the shortest predicted iteration.
 
     The solver ranks by compute alone; transfers and shared-parameter sync depend on placement, so the
     final choice is made on the full simulated time. A candidate that does not fit in memory is skipped;
-    when none fits, the error of the shortest one is raised."""
-    best, error = None, None
+    when none fits, the error of the shortest one is raised. Also returns why each unfit candidate failed."""
+    best, error, unfit = None, None, {}
     for cand in solved.candidates or ():
-        check_schedule(problem, cand.schedule)
-        try:
-            placed = place_schedule(problem, cand.schedule, cost_model)
-        except PlanningError as exc:
-            error = error or exc
-            continue
-        sim = simulate(problem, placed, cost_model)
-        if best is None or sim.iteration_time_s < best[2].iteration_time_s * (1 - 1e-12):
-            best = (cand, placed, sim)
+        # the waves of an independent run may go in any order; the order changes what gradient sync overlaps
+        for order, schedule in (("", cand.schedule), (" reversed", reverse_runs(problem, cand.schedule))):
+            check_schedule(problem, schedule)
+            try:
+                placed = place_schedule(problem, schedule, cost_model)
+            except PlanningError as exc:
+                error = error or exc
+                if not order:
+                    unfit[cand.name] = str(exc)
+                continue
+            sim = simulate(problem, placed, cost_model)
+            if best is None or sim.iteration_time_s < best[2].iteration_time_s * (1 - 1e-12):
+                best = (replace(cand, name=cand.name + order, schedule=schedule), placed, sim)
     if best is None:
         raise error
     cand, placed, sim = best
     gap = (cand.makespan_s - solved.bound_s) / cand.makespan_s if cand.makespan_s > 0 else 0.0
     chosen = replace(solved, schedule=cand.schedule, status=cand.status, objective_s=cand.makespan_s, gap=gap,
                      warm_start=cand.name)
-    return chosen, placed, sim
+    return chosen, placed, sim, unfit
 
 
 def build_plan(
     job: JobSpec, graph: MetaGraph, cost_model: CostModel, placed: PlacedSchedule, sim: Simulation,
-    result: SolveResult, bounds: Bounds, baseline_times: dict[str, float],
+    result: SolveResult, bounds: Bounds, baseline_times: dict[str, float], baseline_notes: dict[str, str] | None = None,
 ) -> Plan:
     """Pack the pieces into a sealed Plan (pure data, deterministic)."""
     hw = cost_model.hw
@@ -163,5 +170,6 @@ def build_plan(
                             bound_s=result.bound_s, gap=result.gap, warm_start=result.warm_start),
         bounds=bounds,
         baselines=dict(sorted(baseline_times.items())),
+        baseline_notes=dict(sorted((baseline_notes or {}).items())),
     )
     return plan.sealed()

@@ -78,7 +78,8 @@ class PlanTransfer(_PlanModel):
 
 
 class SyncGroup(_PlanModel):
-    """Parameters (of one sharing group) whose gradients are all-reduced over ``devices`` after backward."""
+    """Parameters (of one sharing group) whose gradients are all-reduced over ``devices`` once the backward of
+    the layers they cover is done (overlapping the rest of backward)."""
 
     param_group: str
     metaops: list[int]
@@ -124,6 +125,9 @@ class Plan(_PlanModel):
     solver: SolverReport
     bounds: Bounds
     baselines: dict[str, float] = Field(description="Predicted iteration time of each baseline, same simulator.")
+    baseline_notes: dict[str, str] = Field(
+        default_factory=dict, description="Why a baseline's time needs care, e.g. its plan exceeds device memory."
+    )
     hash: str = ""
 
     def content_hash(self) -> str:

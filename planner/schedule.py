@@ -123,3 +123,26 @@ def merge_adjacent_waves(problem: Problem, waves: Sequence[Wave]) -> tuple[Wave,
 
 def _signature(wave: Wave) -> frozenset[tuple[int, int]]:
     return frozenset((s.metaop, s.num_devices) for s in wave.slices)
+
+
+def independent_runs(problem: Problem, schedule: Schedule) -> list[tuple[int, int]]:
+    """Maximal runs [start, end) of consecutive waves with no dependency between any two of their MetaOps:
+    the waves of such a run may be executed in any order."""
+    runs, start, members = [], 0, set()
+    for k, wave in enumerate(schedule.waves):
+        ops = {s.metaop for s in wave.slices}
+        if any(d in members for m in ops for d in problem.graph.metaops[m].deps):
+            runs.append((start, k))
+            start, members = k, set()
+        members |= ops
+    runs.append((start, len(schedule.waves)))
+    return runs
+
+
+def reverse_runs(problem: Problem, schedule: Schedule) -> Schedule:
+    """The same waves with each independent run in reverse order (a valid schedule with other transfer and
+    sync overlap: the last forward wave's gradients are ready first)."""
+    waves: list[Wave] = []
+    for start, end in independent_runs(problem, schedule):
+        waves.extend(reversed(schedule.waves[start:end]))
+    return Schedule(tuple(waves))

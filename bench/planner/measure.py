@@ -98,4 +98,5 @@ def _describe(outcome: PlanOutcome) -> dict[str, Any]:
             "compute_speedup_vs_spindle": _ratio(spindle_compute, loom_compute),
         },
         "solver": plan.solver.model_dump(),
+        "baseline_notes": dict(plan.baseline_notes),
     }

@@ -71,7 +71,8 @@ def results_table(records: Sequence[Record]) -> str:
             lines.append(f"| {r['cell']} | error: {r['error']}" + " |" * (len(head) - 1))
             continue
         it, ra, b = r["iteration_s"], r["ratios"], r["bounds"]
-        row = [r["cell"], str(r["num_metaops"])] + [_ms(it.get(k)) for k in keys] + [
+        notes = r.get("baseline_notes", {})
+        row = [r["cell"], str(r["num_metaops"])] + [_ms(it.get(k)) + (" (OOM)" if k in notes else "") for k in keys] + [
             _ms(it["loom"]), _ms(b["per_level_s"]), _ms(b["dag_s"]), _x(ra["loom_over_per_level"]),
             _x(ra["loom_compute_over_per_level"]), _x(ra["loom_compute_over_dag"]),
             _x(ra["spindle_compute_over_per_level"]), _x(ra["speedup_vs_spindle"]),
@@ -116,14 +117,18 @@ def _never_slower(records: Sequence[Record]) -> Verdict:
     ok = [r for r in _ok(records) if r["ratios"]["speedup_vs_spindle"] is not None]
     if not records:
         return Verdict(target, "-", "NOT MEASURED")
+    oom = [r["cell"] for r in ok if "spindle" in r.get("baseline_notes", {})]
     slower = [f"{r['cell']} {r['ratios']['speedup_vs_spindle']:.4f}x" for r in ok
-              if r["iteration_s"]["loom"] > r["iteration_s"]["spindle"] * (1 + EPS)]
+              if r["iteration_s"]["loom"] > r["iteration_s"]["spindle"] * (1 + EPS) and r["cell"] not in oom]
     compute_slower = [r["cell"] for r in ok if r["compute_s"]["loom"] > r["compute_s"]["spindle"] * (1 + EPS)]
     worst = min(ok, key=lambda r: r["ratios"]["speedup_vs_spindle"]) if ok else None
     measured = f"min {worst['ratios']['speedup_vs_spindle']:.3f}x ({worst['cell']})" if worst else "-"
     notes = []
     if slower:
         notes.append("slower: " + ", ".join(slower))
+    if oom:
+        notes.append("Spindle's plan exceeds device memory (Loom's fits), so its faster time is not achievable, in: "
+                     + ", ".join(oom))
     notes.append("compute-only slower in: " + (", ".join(compute_slower) if compute_slower else "no cell"))
     if _failed(records):
         notes.append("failed: " + _failed(records))
@@ -218,7 +223,8 @@ def render_report(records: Sequence[Record], config: dict[str, Any]) -> str:
         "extra run with baselines. Times in ms are predicted iteration times (simulator: compute, transfers, "
         "shared-parameter sync, optimizer). *full* ratios divide that by a bound; *compute* ratios divide the "
         "schedule's compute makespan (sum of wave durations), which is what the compute-only bounds bound. "
-        "*vs Spindle* / *vs sequential*: baseline time / Loom time (> 1 means Loom is faster).",
+        "*vs Spindle* / *vs sequential*: baseline time / Loom time (> 1 means Loom is faster). "
+        "(OOM): that baseline's plan needs more device memory than the cluster has (Loom's plan always fits).",
     ]
     for group, title in (("grid", "Grid: Spindle's workloads (8-64 devices)"),
                          ("scale", "Scale sweep: synthetic CLIP-like workload, 100 MetaOps")):

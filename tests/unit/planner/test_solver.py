@@ -148,3 +148,17 @@ def test_too_few_waves_is_explained_by_the_binding_family():
     assert problem.graph.metaops[1].deps == (0,)
     with pytest.raises(PlanningError, match="precedence"):
         solve_exact(problem, EXACT, num_waves=1)
+
+
+def test_reversed_independent_runs_stay_valid():
+    from planner.schedule import independent_runs, reverse_runs
+
+    for seed in range(10):
+        problem = make_problem(300 + seed, num_ops=8, num_devices=8, max_layers=6, edge_prob=0.3)
+        schedule = solve(problem, SolverSettings(time_limit_s=5)).schedule
+        runs = independent_runs(problem, schedule)
+        assert runs[0][0] == 0 and runs[-1][1] == len(schedule.waves)
+        assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+        flipped = reverse_runs(problem, schedule)
+        check_schedule(problem, flipped)
+        assert sorted(map(str, flipped.waves)) == sorted(map(str, schedule.waves))
