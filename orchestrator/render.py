@@ -192,7 +192,7 @@ def _solver_line(plan: Plan) -> str:
     gap = f"{solver.gap * 100:.2f}%" if math.isfinite(solver.gap) else "-"
     return (
         f"{solver.name}, {solver.status}, gap {gap}, objective {format_seconds(solver.objective_s)}, "
-        f"bound {format_seconds(solver.bound_s)}, warm start {solver.warm_start}"
+        f"bound {format_seconds(solver.bound_s)}, method {solver.method}"
     )
 
 

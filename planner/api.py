@@ -84,7 +84,7 @@ def plan_job(
     )
     solved = solve(problem, settings, warm=warm, lower_bound=bounds.dag_s, progress=say)
     result, placed, sim, unfit = choose_candidate(problem, cost_model, solved)
-    say(f"chose {result.warm_start}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
+    say(f"chose {result.method}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
     baseline_times = baselines_mod.run_baselines(problem, cost_model, spindle=warm) if with_baselines else {}
     notes = {"spindle": f"its plan does not fit in device memory: {unfit['spindle']}"} \
         if with_baselines and "spindle" in unfit else {}
@@ -121,7 +121,7 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
     cand, placed, sim = best
     gap = (cand.makespan_s - solved.bound_s) / cand.makespan_s if cand.makespan_s > 0 else 0.0
     chosen = replace(solved, schedule=cand.schedule, status=cand.status, objective_s=cand.makespan_s, gap=gap,
-                     warm_start=cand.name)
+                     method=cand.name)
     return chosen, placed, sim, unfit
 
 
@@ -167,7 +167,7 @@ def build_plan(
                              transfer_s=sim.transfer_s, sync_s=sim.sync_s, optimizer_s=sim.optimizer_s),
         peak_memory_bytes=list(sim.peak_memory_bytes),
         solver=SolverReport(name=result.solver, status=result.status, objective_s=result.objective_s,
-                            bound_s=result.bound_s, gap=result.gap, warm_start=result.warm_start),
+                            bound_s=result.bound_s, gap=result.gap, method=result.method),
         bounds=bounds,
         baselines=dict(sorted(baseline_times.items())),
         baseline_notes=dict(sorted((baseline_notes or {}).items())),

@@ -100,9 +100,10 @@ class SolverReport(_PlanModel):
     name: str
     status: str = Field(description="optimal, feasible (stopped at a limit with a gap), or heuristic.")
     objective_s: float
-    bound_s: float
-    gap: float
-    warm_start: str
+    bound_s: float = Field(description="A lower bound on the compute time valid for every schedule.")
+    gap: float = Field(description="(objective - bound) / objective.")
+    method: str = Field(description="Which candidate the plan comes from (lp-diving, two-wave, packing-ilp, "
+                        "exact-milp, spindle, sequential; '+polish' after local search, 'reversed' wave order).")
 
 
 class Bounds(_PlanModel):

@@ -60,7 +60,7 @@ class SolveResult:
     objective_s: float  # compute makespan of ``schedule``
     bound_s: float  # a lower bound valid for every schedule (the caller's, raised by the LP when barriers hold)
     gap: float  # (objective - bound) / objective
-    warm_start: str  # which candidate won (its method name)
+    method: str  # which candidate won: lp-diving, two-wave, packing-ilp, exact-milp, spindle, sequential (+polish, reversed)
     lp_value_s: float = 0.0  # the allocation LP's value for the chosen windows
     candidates: tuple = ()  # every Candidate considered, shortest first (for callers that rank by full time)
 
