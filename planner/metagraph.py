@@ -35,6 +35,7 @@ class MetaOp:
     level: int = 0
     allowed_tp: tuple[int, ...] = (1,)
     recompute: bool = False  # activation checkpointing: one more forward in backward, only inputs saved
+    use: str = ""  # the name of the task's use of the component this MetaOp belongs to
 
     @property
     def key(self) -> str:
@@ -112,6 +113,7 @@ def build_metagraph(job: JobSpec) -> MetaGraph:
                     backward_factor=backward,
                     allowed_tp=tuple(sorted(set(comp.tensor_parallel))),
                     recompute=comp.recompute and backward > 0,
+                    use=use.use_name,
                 )
                 ops.append(op)
                 deps = (op.id,)

@@ -1,0 +1,175 @@
+"""Assignments: the part of a Plan one worker needs, and the data movement between workers.
+
+Pure Python (no torch): everything here is a function of the Plan, so every worker derives the
+same communication schedule without talking to the others, and tests can check it directly.
+
+Conventions (the same as the planner's placement and simulator):
+- a slice's devices are ascending; with layout dp x tp, ``devices[i*tp:(i+1)*tp]`` is data-parallel
+  rank i, which owns samples ``[i*B/dp, (i+1)*B/dp)`` of its MetaOp's batch B;
+- the input of a slice's first layer comes from the previous slice of the same MetaOp, from the
+  last slice of its predecessor MetaOp, or (for a root MetaOp's layer 0) from the component's
+  embedding of raw data;
+- a task's loss runs on the last slice (in wave order) of its leaf MetaOps, with that slice's data
+  split; the other leaves' outputs move there after the last wave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from planner.plan import Plan, PlanSlice
+
+LOSS_WAVE = -1  # the pseudo-wave of the loss stage, after every real wave
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """One slice of the plan: (wave, index in the wave)."""
+
+    wave: int
+    index: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Samples [start, stop) of a producer slice's output moving from device ``src`` to ``dst``.
+
+    ``consumer`` is the consuming slice, or None for the loss stage of ``task``."""
+
+    src: int
+    dst: int
+    producer: SliceRef
+    consumer: SliceRef | None
+    task: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class LossHost:
+    """Where a task's loss runs: the devices (dp split) of one leaf slice, and the task's leaf slices."""
+
+    task: str
+    host: SliceRef
+    leaves: tuple[SliceRef, ...]
+
+
+def sample_range(batch_size: int, dp_degree: int, dp_rank: int) -> tuple[int, int]:
+    per = batch_size // dp_degree
+    return dp_rank * per, (dp_rank + 1) * per
+
+
+def dp_rank_of(s: PlanSlice, device: int) -> int:
+    return s.devices.index(device) // s.tp_degree
+
+
+def owners(s: PlanSlice, batch_size: int) -> list[tuple[int, int, int]]:
+    """(device, start, stop) of every data-parallel rank's first TP device (the one that sends its rows)."""
+    return [(s.devices[r * s.tp_degree], *sample_range(batch_size, s.dp_degree, r)) for r in range(s.dp_degree)]
+
+
+def receivers(s: PlanSlice, batch_size: int) -> list[tuple[int, int, int]]:
+    """(device, start, stop) for every device of the slice (TP ranks of one dp rank need the same rows)."""
+    out = []
+    for i, device in enumerate(s.devices):
+        out.append((device, *sample_range(batch_size, s.dp_degree, i // s.tp_degree)))
+    return out
+
+
+class CommSchedule:
+    """Producers of every slice, the loss hosts, and the pieces that move at every boundary."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.slices = {SliceRef(k, i): s for k, w in enumerate(plan.waves) for i, s in enumerate(w.slices)}
+        self.by_metaop: dict[int, list[SliceRef]] = {}
+        for ref in sorted(self.slices, key=lambda r: (r.wave, r.index)):
+            self.by_metaop.setdefault(self.slices[ref].metaop, []).append(ref)
+        self.successors: dict[int, list[int]] = {op.id: [] for op in plan.metaops}
+        for op in plan.metaops:
+            if len(op.deps) > 1:
+                raise NotImplementedError(
+                    f"MetaOp {op.name} reads {len(op.deps)} inputs; the runtime runs chains and independent "
+                    "branches only (a use with several `after:` inputs is not supported yet)."
+                )
+            for d in op.deps:
+                self.successors[d].append(op.id)
+        self.loss_hosts = [self._loss_host(task) for task in dict.fromkeys(op.task for op in plan.metaops)]
+        self.forward_pieces: dict[int, list[Piece]] = {}
+        for ref in sorted(self.slices, key=lambda r: (r.wave, r.index)):
+            producer = self.producer(ref)
+            if producer is not None:
+                self.forward_pieces.setdefault(ref.wave, []).extend(self._pieces(producer, ref, ref))
+        for host in self.loss_hosts:
+            for leaf in host.leaves:
+                self.forward_pieces.setdefault(LOSS_WAVE, []).extend(self._pieces(leaf, host.host, None))
+
+    def batch(self, metaop: int) -> int:
+        return self.plan.metaops[metaop].batch_size
+
+    def producer(self, ref: SliceRef) -> SliceRef | None:
+        """The slice whose output feeds ``ref``'s first layer; None for a root MetaOp's layer 0 (embedding)."""
+        s = self.slices[ref]
+        if s.first_layer > 0:
+            return next(r for r in self.by_metaop[s.metaop]
+                        if self.slices[r].first_layer + self.slices[r].num_layers == s.first_layer)
+        deps = self.plan.metaops[s.metaop].deps
+        if not deps:
+            return None
+        return self.last_slice(deps[0])
+
+    def last_slice(self, metaop: int) -> SliceRef:
+        return self.by_metaop[metaop][-1]
+
+    def _loss_host(self, task: str) -> LossHost:
+        leaves = [op.id for op in self.plan.metaops if op.task == task and not self.successors[op.id]]
+        refs = tuple(self.last_slice(m) for m in leaves)
+        host = max(refs, key=lambda r: (r.wave, self.slices[r].metaop))
+        return LossHost(task, host, refs)
+
+    def _pieces(self, producer: SliceRef, target: SliceRef, consumer: SliceRef | None) -> list[Piece]:
+        """Rows of ``producer``'s output that each device of ``target`` needs (its dp range), by owner."""
+        src, dst = self.slices[producer], self.slices[target]
+        task = self.plan.metaops[src.metaop].task
+        batch = self.batch(src.metaop)
+        out = []
+        for device, lo, hi in receivers(dst, batch):
+            for owner, a, b in owners(src, batch):
+                start, stop = max(lo, a), min(hi, b)
+                if start < stop:
+                    out.append(Piece(owner, device, producer, consumer, task, start, stop))
+        return out
+
+    def pieces_for(self, wave: int, device: int) -> tuple[list[Piece], list[Piece]]:
+        """(pieces ``device`` sends, pieces it receives) at the forward boundary before ``wave``
+        (LOSS_WAVE: before the loss stage). Backward moves the same pieces the other way."""
+        pieces = self.forward_pieces.get(wave, [])
+        return [p for p in pieces if p.src == device], [p for p in pieces if p.dst == device]
+
+    def my_slices(self, device: int) -> list[SliceRef]:
+        """The slices ``device`` runs, in wave order (at most one per wave)."""
+        return [r for r in sorted(self.slices, key=lambda r: (r.wave, r.index)) if device in self.slices[r].devices]
+
+
+def device_sets_for_sync(plan: Plan, schedule: CommSchedule) -> dict[tuple[str, int], tuple[int, ...]]:
+    """For every parameter (param_group, layer) and every embedding/head: the devices that hold it.
+
+    Keys: ``(param_group, layer)`` for layers, ``("embed:" + component, 0)`` for embeddings (held where
+    a root MetaOp's layer 0 runs) and ``("head:" + task, 0)`` for task heads (held by the loss host)."""
+    holders: dict[tuple[str, int], set[int]] = {}
+    for ref, s in schedule.slices.items():
+        op = plan.metaops[s.metaop]
+        for layer in range(s.first_layer, s.first_layer + s.num_layers):
+            holders.setdefault((op.param_group, layer), set()).update(s.devices)
+        if s.first_layer == 0 and not op.deps:
+            holders.setdefault(("embed:" + op.component, 0), set()).update(s.devices)
+    for host in schedule.loss_hosts:
+        holders.setdefault(("head:" + host.task, 0), set()).update(schedule.slices[host.host].devices)
+    return {key: tuple(sorted(devs)) for key, devs in sorted(holders.items())}
+
+
+def distinct_groups(sets: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Device sets with more than one member, deduplicated and sorted: every rank creates these groups in
+    this order (torch.distributed.new_group must be called by all ranks)."""
+    return sorted({s for s in sets if len(s) > 1})

@@ -1,0 +1,163 @@
+"""Deterministic synthetic data for every task of a job, shardable by sample range.
+
+Owns :class:`TaskBatch` and :func:`synthetic_batch`. Sample ``i`` of task ``t`` at step ``k`` is
+drawn from its own generator seeded by (job seed, task name, step, i), so any data-parallel shard
+``[start, stop)`` equals the same rows of the full batch, on any process, with no shared state:
+the step index is the whole iterator state (nothing else to checkpoint).
+
+The data is learnable, so that losses fall in a training run: each sample first draws its label
+(a class for cross_entropy, a float for mse, a hidden class shared by both branches for
+contrastive), then its root inputs carry it: a class marker token on half the positions, a
+per-class channel offset on images and features, and for lm/next_token arithmetic token
+sequences (``a, a+d, a+2d, ...`` mod vocab with 10% noise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from planner.components import resolve_shape
+from planner.spec import JobSpec
+from runtime.modules import (
+    DEFAULT_VOCAB, NUM_CLASSES, TOKEN_KINDS, check_loss, root_uses, stable_seed, use_component,
+)
+
+LM_NOISE = 0.1  # fraction of positions of an lm sequence replaced by random tokens
+MARKER_RATE = 0.5  # fraction of positions carrying the class marker token
+
+
+@dataclass
+class TaskBatch:
+    """Rows ``[start, start + num_samples)`` of one task's global batch at one step.
+
+    ``inputs``: per root use, token ids ``(B, S)`` long in ``[0, vocab)`` (transformer, llama,
+    decoder), images ``(B, C, I, I)`` float32 (vit) or features ``(B, S, H)`` float32 (mlp).
+    ``labels``: ``(B,)`` long in ``[0, 10)`` for cross_entropy, float32 for mse, float32 zeros
+    (unused) for contrastive and lm/next_token (whose targets are the input ids).
+    """
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class _RootInput:
+    """How to draw one root use's input for one sample: kind 'tokens', 'image' or 'features'."""
+
+    use: str
+    kind: str
+    shape: tuple[int, ...]  # per sample
+    vocab_size: int  # tokens only
+    pattern: torch.Tensor | None  # (NUM_CLASSES, channels): per-class offsets of images/features
+
+
+def _root_inputs(job: JobSpec, task_index: int) -> list[_RootInput]:
+    task = job.tasks[task_index]
+    seed = job.training.seed
+    out = []
+    for name in root_uses(job, task_index):
+        u = next(i for i, use in enumerate(task.components) if use.use_name == name)
+        comp_name, comp = use_component(job, task_index, name)
+        shape = resolve_shape(comp, comp_name, task.components[u], f"tasks[{task_index}].components[{u}]")
+        if comp.kind in TOKEN_KINDS:
+            out.append(_RootInput(name, "tokens", (shape.seq_len,), comp.vocab_size or DEFAULT_VOCAB, None))
+            continue
+        if comp.kind == "vit":
+            kind, channels = "image", comp.in_channels or 3
+            sample_shape = (channels, shape.image_size, shape.image_size)
+        elif comp.kind == "mlp":
+            kind, channels = "features", comp.hidden_size
+            sample_shape = (shape.seq_len, channels)
+        else:
+            raise NotImplementedError(
+                f"tasks[{task_index}].components[{u}]: kind '{comp.kind}' is planned but the runtime has no "
+                "synthetic data for it yet; supported kinds: transformer, vit, llama, mlp."
+            )
+        gen = torch.Generator().manual_seed(stable_seed("pattern", seed, task.name, name))
+        pattern = torch.randn(NUM_CLASSES, channels, generator=gen)
+        out.append(_RootInput(name, kind, sample_shape, 0, pattern))
+    return out
+
+
+def _draw_label(loss: str, gen: torch.Generator) -> tuple[torch.Tensor, int, float]:
+    """(label, class carried by the inputs, scalar carried by the inputs) of one sample."""
+    if loss in ("cross_entropy", "contrastive"):
+        cls = int(torch.randint(0, NUM_CLASSES, (1,), generator=gen))
+        label = torch.tensor(cls) if loss == "cross_entropy" else torch.tensor(0.0)
+        return label, cls, 1.0
+    if loss == "mse":
+        value = float(torch.randn(1, generator=gen))
+        return torch.tensor(value), 0, value
+    return torch.tensor(0.0), 0, 0.0  # lm / next_token: the ids are the targets
+
+
+def _draw_tokens(root: _RootInput, loss: str, cls: int, value: float, gen: torch.Generator) -> torch.Tensor:
+    (seq,), vocab = root.shape, root.vocab_size
+    if loss in ("lm", "next_token"):
+        first = torch.randint(0, vocab, (1,), generator=gen)
+        stride = torch.randint(1, 4, (1,), generator=gen)
+        ids = (first + stride * torch.arange(seq)) % vocab
+        rate, marker = LM_NOISE, torch.randint(0, vocab, (seq,), generator=gen)
+    else:
+        ids = torch.randint(0, vocab, (seq,), generator=gen)
+        # mse: the marker (token 0) density grows with the label; classes: marker = the class's token
+        rate = float(torch.sigmoid(torch.tensor(value))) if loss == "mse" else MARKER_RATE
+        marker = torch.full((seq,), cls % vocab)
+    return torch.where(torch.rand(seq, generator=gen) < rate, marker, ids)
+
+
+def _draw_dense(root: _RootInput, loss: str, cls: int, value: float, gen: torch.Generator) -> torch.Tensor:
+    offset = root.pattern[0] * value if loss == "mse" else root.pattern[cls] * value
+    noise = torch.randn(root.shape, generator=gen)
+    if root.kind == "image":
+        return noise + offset.view(-1, 1, 1)  # per channel
+    return noise + offset  # features: per hidden unit, every position
+
+
+def _check_range(job: JobSpec, task_index: int, start: int, stop: int) -> None:
+    size = job.tasks[task_index].batch_size
+    if not 0 <= start <= stop <= size:
+        raise ValueError(
+            f"tasks[{task_index}] ('{job.tasks[task_index].name}'): sample range [{start}, {stop}) is outside its "
+            f"batch of {size}; need 0 <= start <= stop <= {size}."
+        )
+
+
+def synthetic_batch(job: JobSpec, task_index: int, step: int, start: int, stop: int) -> TaskBatch:
+    """Samples ``[start, stop)`` of task ``task_index``'s global batch at ``step`` (see :class:`TaskBatch`).
+
+    Deterministic per sample: any shard equals the matching rows of the full batch. Raises
+    ValueError for an unknown loss or a range outside the batch, NotImplementedError for a root
+    use of a kind the runtime does not run.
+    """
+    task = job.tasks[task_index]
+    loss = check_loss(job, task_index)
+    _check_range(job, task_index, start, stop)
+    roots = _root_inputs(job, task_index)
+    columns: dict[str, list[torch.Tensor]] = {root.use: [] for root in roots}
+    labels = []
+    for index in range(start, stop):
+        gen = torch.Generator().manual_seed(stable_seed("data", job.training.seed, task.name, step, index))
+        label, cls, value = _draw_label(loss, gen)
+        labels.append(label)
+        for root in roots:
+            draw = _draw_tokens if root.kind == "tokens" else _draw_dense
+            columns[root.use].append(draw(root, loss, cls, value, gen))
+    inputs = {}
+    for root in roots:
+        dtype = torch.long if root.kind == "tokens" else torch.float32
+        rows = columns[root.use]
+        inputs[root.use] = torch.stack(rows) if rows else torch.empty((0, *root.shape), dtype=dtype)
+    label_dtype = torch.long if loss == "cross_entropy" else torch.float32
+    labels_t = torch.stack(labels).to(label_dtype) if labels else torch.empty(0, dtype=label_dtype)
+    return TaskBatch(inputs, labels_t, stop - start)
+
+
+def task_loss_sum(head: torch.nn.Module, outputs: dict[str, torch.Tensor], batch: TaskBatch,
+                  global_batch_size: int) -> torch.Tensor:
+    """``head(outputs, batch).sum() / global_batch_size``: summed over the data-parallel shards of a
+    batch this is the full-batch mean loss. The task's ``loss_weight`` is the caller's to apply."""
+    return head(outputs, batch).sum() / global_batch_size

@@ -1,0 +1,278 @@
+"""Wave execution on one device: the Ray-agnostic worker logic.
+
+A :class:`WaveWorker` holds the layers, embeddings and task heads its slices need and runs one
+training step of a Plan: forward wave by wave (inputs arrive by point-to-point transfers at wave
+boundaries, each slice's input is a fresh autograd leaf), the task losses on each task's loss host,
+backward through the waves in reverse (gradients go back over the same pieces), then the gradients
+of every parameter are summed over the devices that hold it and AdamW steps. Process groups come
+in as one value (:class:`Groups`); nothing here reads global distributed state except the rank and
+the default group handed in. Tensor parallelism is not run here yet (tp_degree must be 1).
+
+Losses: a task's loss on a device is ``loss_weight * sum of its per-sample losses / batch size``, so
+summing over data-parallel shards gives the full-batch mean, as in single-process training.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from planner.components import resolve_shape
+from planner.metagraph import MetaGraph, MetaOp, build_metagraph
+from planner.plan import Plan
+from planner.spec import JobSpec
+from runtime.assignment import (
+    LOSS_WAVE, CommSchedule, Piece, SliceRef, device_sets_for_sync, distinct_groups, dp_rank_of, sample_range,
+)
+from runtime.data import synthetic_batch
+from runtime.modules import build_embed, build_head, build_layer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Groups:
+    """The default group and one sub-group per device set that shares parameters (keyed by sorted ranks)."""
+
+    world: object | None
+    by_devices: dict[tuple[int, ...], object]
+
+    @classmethod
+    def create(cls, plan: Plan) -> Groups:
+        """Collective: every rank of the default group must call this with the same plan."""
+        schedule = CommSchedule(plan)
+        sets = distinct_groups(list(device_sets_for_sync(plan, schedule).values()))
+        return cls(dist.group.WORLD, {s: dist.new_group(list(s)) for s in sets})
+
+
+def feature_shape(job: JobSpec, op: MetaOp) -> tuple[int, int]:
+    """(sequence length, hidden size) of the activations inside MetaOp ``op``."""
+    t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
+    u = next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
+    use = job.tasks[t].components[u]
+    comp = job.components[op.component]
+    shape = resolve_shape(comp, op.component, use, f"tasks[{t}].components[{u}]")
+    return shape.seq_len, comp.hidden_size
+
+
+def check_plan_matches_job(plan: Plan, graph: MetaGraph) -> None:
+    names = [op.name for op in graph.metaops]
+    if names != [op.name for op in plan.metaops]:
+        raise ValueError("the plan's MetaOps do not match the job's; was the plan made for another job? Re-run `loom plan`.")
+    for wave in plan.waves:
+        for s in wave.slices:
+            if s.tp_degree != 1:
+                raise NotImplementedError(
+                    f"MetaOp {plan.metaops[s.metaop].name} has tensor_parallel {s.tp_degree}; the wave executor "
+                    "runs data parallelism only for now."
+                )
+
+
+class WaveWorker:
+    """One device's part of a plan: build with the same job, plan and seed on every rank."""
+
+    def __init__(self, job: JobSpec, plan: Plan, rank: int, groups: Groups | None = None):
+        self.job, self.plan, self.rank, self.groups = job, plan, rank, groups
+        self.graph = build_metagraph(job)
+        check_plan_matches_job(plan, self.graph)
+        self.comm = CommSchedule(plan)
+        self.mine = self.comm.my_slices(rank)
+        self.holders = device_sets_for_sync(plan, self.comm)
+        self.task_index = {t.name: i for i, t in enumerate(job.tasks)}
+        self.modules: dict[tuple[str, int], torch.nn.Module] = {}
+        for key, devices in self.holders.items():
+            if rank in devices:
+                self.modules[key] = self._build(key)
+        params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        train = job.training
+        self.optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, eps=train.adam_eps,
+                                           foreach=False) if params else None
+
+    def _build(self, key: tuple[str, int]) -> torch.nn.Module:
+        name, layer = key
+        if name.startswith("embed:"):
+            return build_embed(self.job, name.removeprefix("embed:"))
+        if name.startswith("head:"):
+            return build_head(self.job, self.task_index[name.removeprefix("head:")])
+        op = next(op for op in self.graph.metaops if op.param_group == name)
+        return build_layer(self.job, op, layer)
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """Forward, losses, backward, gradient sync and AdamW for ``step``; per-task mean losses (all ranks)."""
+        st = _StepState()
+        for wave in range(len(self.plan.waves)):
+            self._exchange(wave, st, forward=True)
+            ref = self._my_slice(wave)
+            if ref is not None:
+                self._run_slice(ref, step, st)
+        self._exchange(LOSS_WAVE, st, forward=True)
+        losses = self._losses(step, st)
+        total = sum(losses.values())
+        if isinstance(total, torch.Tensor) and total.requires_grad:
+            total.backward()
+        self._exchange(LOSS_WAVE, st, forward=False)
+        for wave in reversed(range(len(self.plan.waves))):
+            ref = self._my_slice(wave)
+            if ref is not None and ref in st.grad_out and st.outputs[ref].requires_grad:
+                torch.autograd.backward(st.outputs[ref], st.grad_out[ref])
+            self._exchange(wave, st, forward=False)
+        self._sync_gradients()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return self._reduce_losses(losses)
+
+    def _my_slice(self, wave: int) -> SliceRef | None:
+        return next((r for r in self.mine if r.wave == wave), None)
+
+    def _rows(self, ref: SliceRef) -> tuple[int, int]:
+        s = self.comm.slices[ref]
+        return sample_range(self.comm.batch(s.metaop), s.dp_degree, dp_rank_of(s, self.rank))
+
+    def _run_slice(self, ref: SliceRef, step: int, st: _StepState) -> None:
+        s = self.comm.slices[ref]
+        op = self.graph.metaops[s.metaop]
+        start, stop = self._rows(ref)
+        if self.comm.producer(ref) is None:  # a root MetaOp's layer 0: embed raw data
+            t = self.task_index[op.task]
+            batch = synthetic_batch(self.job, t, step, start, stop)
+            x = self.modules[("embed:" + op.component, 0)](batch.inputs[op.use])
+        else:
+            x = _assemble(st.received.pop(("slice", ref), []), start, stop).requires_grad_(True)
+            st.inputs[ref] = x
+        for layer in range(s.first_layer, s.first_layer + s.num_layers):
+            x = self.modules[(op.param_group, layer)](x)
+        st.outputs[ref] = x
+
+    def _losses(self, step: int, st: _StepState) -> dict[str, torch.Tensor]:
+        out = {}
+        for host in self.comm.loss_hosts:
+            s = self.comm.slices[host.host]
+            if self.rank not in s.devices:
+                continue
+            t = self.task_index[host.task]
+            task = self.job.tasks[t]
+            start, stop = self._rows(host.host)
+            outputs = {}
+            for leaf in host.leaves:
+                leaf_op = self.graph.metaops[self.comm.slices[leaf].metaop]
+                x = _assemble(st.received.pop(("loss", leaf), []), start, stop).requires_grad_(True)
+                st.loss_inputs[leaf] = x
+                outputs[leaf_op.use] = x
+            batch = synthetic_batch(self.job, t, step, start, stop)
+            per_sample = self.modules[("head:" + host.task, 0)](outputs, batch)
+            out[host.task] = task.loss_weight * per_sample.sum() / task.batch_size
+        return out
+
+    # ------------------------------------------------------------------ transfers
+
+    def _exchange(self, wave: int, st: _StepState, forward: bool) -> None:
+        """Move the pieces of one boundary: forward, outputs from producers to consumers; backward, the
+        gradients of those inputs back to the producers (accumulated into their output gradients)."""
+        sends, recvs = self.comm.pieces_for(wave, self.rank)
+        if not forward:
+            sends, recvs = recvs, sends  # the same pieces, the other way
+        ops, landing = [], []
+        for p in sends:
+            tensor = self._piece_tensor(p, st, forward)
+            if p.src == p.dst:
+                landing.append((p, tensor.clone()))
+            else:
+                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), p.dst if forward else p.src))
+        for p in recvs:
+            if p.src == p.dst:
+                continue
+            buf = torch.empty((p.stop - p.start, *self._feature(p)))
+            ops.append(dist.P2POp(dist.irecv, buf, p.src if forward else p.dst))
+            landing.append((p, buf))
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        for p, tensor in landing:
+            self._land(p, tensor, st, forward)
+
+    def _feature(self, p: Piece) -> tuple[int, int]:
+        return feature_shape(self.job, self.graph.metaops[self.comm.slices[p.producer].metaop])
+
+    def _piece_tensor(self, p: Piece, st: _StepState, forward: bool) -> torch.Tensor:
+        if forward:  # rows of my producer output
+            y = st.outputs[p.producer]
+            start, _ = self._rows(p.producer)
+            return y.detach()[p.start - start:p.stop - start]
+        leaf = st.inputs.get(p.consumer) if p.consumer is not None else st.loss_inputs.get(p.producer)
+        consumer = p.consumer if p.consumer is not None else self._loss_host_of(p).host
+        start, _ = self._rows(consumer)
+        if leaf is None or leaf.grad is None:
+            return torch.zeros((p.stop - p.start, *self._feature(p)))
+        return leaf.grad[p.start - start:p.stop - start]
+
+    def _land(self, p: Piece, tensor: torch.Tensor, st: _StepState, forward: bool) -> None:
+        if forward:
+            key = ("slice", p.consumer) if p.consumer is not None else ("loss", p.producer)
+            st.received.setdefault(key, []).append((p.start, tensor))
+            return
+        start, stop = self._rows(p.producer)
+        grad = st.grad_out.get(p.producer)
+        if grad is None:
+            grad = st.grad_out[p.producer] = torch.zeros((stop - start, *self._feature(p)))
+        grad[p.start - start:p.stop - start] += tensor
+
+    def _loss_host_of(self, p: Piece):
+        return next(h for h in self.comm.loss_hosts if h.task == p.task)
+
+    # ------------------------------------------------------------------ gradients and losses
+
+    def _sync_gradients(self) -> None:
+        """Sum each parameter's gradient over the devices that hold it (same sorted order on every rank)."""
+        for key, devices in self.holders.items():
+            if self.rank not in devices or len(devices) < 2:
+                continue
+            params = [p for p in self.modules[key].parameters() if p.requires_grad]
+            if not params:
+                continue
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            dist.all_reduce(flat, group=self.groups.by_devices[devices])
+            offset = 0
+            for p in params:
+                n = p.numel()
+                p.grad = flat[offset:offset + n].view_as(p).clone()
+                offset += n
+
+    def _reduce_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        names = [t.name for t in self.job.tasks]
+        values = torch.tensor([float(losses[n].detach()) if n in losses else 0.0 for n in names], dtype=torch.float64)
+        dist.all_reduce(values)
+        return {n: float(v) / self.job.tasks[i].loss_weight if self.job.tasks[i].loss_weight else float(v)
+                for i, (n, v) in enumerate(zip(names, values))}
+
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        """Every parameter this device holds, keyed ``<group or embed:/head:name>/<layer>/<param>``."""
+        return {f"{name}/{layer}/{pname}": p.detach().clone()
+                for (name, layer), module in sorted(self.modules.items()) for pname, p in module.named_parameters()}
+
+
+class _StepState:
+    """Tensors of one step on one device, keyed by slice."""
+
+    def __init__(self):
+        self.outputs: dict[SliceRef, torch.Tensor] = {}  # y of my slices (my dp rows)
+        self.inputs: dict[SliceRef, torch.Tensor] = {}  # autograd leaves fed to my slices
+        self.received: dict[tuple[str, SliceRef], list[tuple[int, torch.Tensor]]] = {}
+        self.grad_out: dict[SliceRef, torch.Tensor] = {}  # accumulated d loss / d y of my slices
+        self.loss_inputs: dict[SliceRef, torch.Tensor] = {}  # leaf outputs at the loss host, by leaf slice
+
+
+def _assemble(parts: list[tuple[int, torch.Tensor]], start: int, stop: int) -> torch.Tensor:
+    """Concatenate received row ranges into rows [start, stop); they must tile it exactly."""
+    parts = sorted(parts, key=lambda item: item[0])
+    cursor = start
+    for first, tensor in parts:
+        assert first == cursor, f"rows {cursor}..{first} missing"
+        cursor += tensor.shape[0]
+    assert cursor == stop, f"rows {cursor}..{stop} missing"
+    return torch.cat([t for _, t in parts]).detach()

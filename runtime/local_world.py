@@ -1,0 +1,61 @@
+"""Run a plan on a local gloo world of processes (torch.multiprocessing), without Ray.
+
+For tests and benchmarks of the worker logic: each process joins a gloo group on 127.0.0.1,
+creates the plan's sub-groups, builds a :class:`~runtime.executor.WaveWorker` and trains
+``steps`` steps. Results (per-step task losses and the final parameters each rank holds) come back
+through files in ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from planner.plan import Plan, plan_from_json
+from planner.spec import JobSpec
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class WorldResult:
+    losses: list[dict[str, float]]  # per step, per task (identical on every rank; rank 0's)
+    parameters: dict[int, dict[str, torch.Tensor]]  # per rank: what it holds after the last step
+
+
+def _worker(rank: int, world_size: int, port: int, job_json: str, plan_json: str, steps: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        from runtime.executor import Groups, WaveWorker
+
+        job = JobSpec.model_validate_json(job_json)
+        plan = plan_from_json(plan_json)
+        worker = WaveWorker(job, plan, rank, Groups.create(plan))
+        losses = [worker.train_step(step) for step in range(steps)]
+        torch.save({"losses": losses, "parameters": worker.named_parameters()}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_world(job: JobSpec, plan: Plan, steps: int, out_dir: str | Path) -> WorldResult:
+    """Train ``steps`` steps of ``plan`` on one process per device of the plan's cluster."""
+    world_size = plan.cluster.num_nodes * plan.cluster.devices_per_node
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_worker, args=(world_size, free_port(), job.model_dump_json(), plan.to_json(), steps, str(out_dir)),
+             nprocs=world_size, join=True)
+    per_rank = {r: torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)}
+    return WorldResult(per_rank[0]["losses"], {r: d["parameters"] for r, d in per_rank.items()})
+

@@ -1,0 +1,458 @@
+"""Torch modules built from a job spec: component layers, input embeddings and task loss heads.
+
+Owns the runtime's component registry (keyed by the planner's kind names) and the exact math of
+every layer it runs. Every module is built deterministically: parameters are drawn from a
+``torch.Generator`` seeded by :func:`layer_seed`, so every process (and every task sharing a
+component, i.e. the same ``param_group``) builds bit-identical weights without communicating.
+Modules are float32 on CPU; callers move them.
+
+Data flow inside a task (the executor's contract): a *root* use (no upstream use) starts with
+:func:`build_embed` of its component applied to the raw input; a use fed by another use receives
+that use's output ``(B, S, H)`` directly (no adapter: widths and lengths must agree); the task's
+*leaf* uses (read by no other use) feed :func:`build_head`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from planner.components import resolve_shape
+from planner.metagraph import MetaOp
+from planner.spec import ComponentSpec, JobSpec, TaskSpec
+
+if TYPE_CHECKING:  # data imports this module
+    from runtime.data import TaskBatch
+
+NUM_CLASSES = 10  # classes of the synthetic cross-entropy tasks
+DEFAULT_VOCAB = 256  # vocabulary of a token component without vocab_size
+INIT_STD = 0.02
+SUPPORTED_LOSSES = ("cross_entropy", "mse", "contrastive", "lm", "next_token")
+TOKEN_KINDS = ("transformer", "llama", "decoder")
+
+
+# --------------------------------------------------------------------------- seeds and init
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from JSON-serialisable ``parts``; the same in every process and Python run."""
+    digest = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def layer_seed(job_seed: int, name: str, index: int) -> int:
+    """Seed of layer ``index`` of parameter group ``name`` (or of an embedding/head named by ``name``)."""
+    return stable_seed("layer", job_seed, name, index)
+
+
+def _build_initialised(factory, seed: int) -> nn.Module:
+    """Build ``factory()`` without touching the global RNG, then initialise every parameter from ``seed``.
+
+    Parameters are visited in registration order: biases zero, 1-d weights (norms) one, everything
+    else (linear, conv, embedding weights, cls tokens, positions) normal(0, INIT_STD).
+    """
+    with torch.device("meta"):  # no default init: it would consume the global RNG and be discarded
+        module = factory()
+    for sub in module.modules():  # by hand: Module.to_empty costs a one-off ~0.3 s of lazy imports
+        assert not any(b is not None for b in sub._buffers.values()), "buffers are not materialised"
+        for name, param in sub._parameters.items():
+            if param is not None:
+                sub._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype))
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            elif name.endswith("weight") and param.dim() == 1:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, INIT_STD, generator=gen)
+    return module
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN encoder block (transformer and vit kinds), non-causal, no dropout.
+
+    ``x + proj(attn(ln1(x)))`` then ``x + fc2(gelu(fc1(ln2(x))))``; ``qkv`` output is ``[q | k | v]``
+    (each ``h`` wide), heads split as ``(num_heads, h / num_heads)``, attention
+    ``softmax(q k^T / sqrt(d)) v``, exact (erf) GELU. The key third of ``qkv.bias`` is not applied (it
+    cannot change the output; see forward), so it stays at its initial zero. The megatron backend maps
+    weights from these attribute names, so they and this math are a contract.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, ffn_hidden_size: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.ln1 = nn.LayerNorm(hidden_size, eps=1e-5)
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=True)
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=True)
+        self.ln2 = nn.LayerNorm(hidden_size, eps=1e-5)
+        self.fc1 = nn.Linear(hidden_size, ffn_hidden_size, bias=True)
+        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+        heads, d = self.num_heads, h // self.num_heads
+        # The key part of the qkv bias cannot change the output (softmax ignores a per-query constant), so its
+        # true gradient is zero; leaving it out makes it exactly zero instead of float noise that AdamW's
+        # normalisation would turn into updates (and into differences between equivalent runs).
+        bias = self.qkv.bias
+        bias = torch.cat([bias[:h], torch.zeros_like(bias[h:2 * h]), bias[2 * h:]])
+        q, k, v = F.linear(self.ln1(x), self.qkv.weight, bias).split(h, dim=-1)
+        q, k, v = (t.reshape(b, s, heads, d).transpose(1, 2) for t in (q, k, v))  # (b, heads, s, d)
+        probs = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d), dim=-1)
+        attn = (probs @ v).transpose(1, 2).reshape(b, s, h)
+        x = x + self.proj(attn)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class LlamaBlock(nn.Module):
+    """Llama decoder block: RMSNorm pre-norm, causal grouped-query attention, SwiGLU MLP, no biases.
+
+    No rotary embedding: positions come from the component's embedding. ``k_proj``/``v_proj`` are
+    ``num_kv_heads * d`` wide; each kv head serves ``num_heads / num_kv_heads`` consecutive q heads.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, ffn_hidden_size: int):
+        super().__init__()
+        d = hidden_size // num_heads
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.attn_norm = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.q_proj = nn.Linear(hidden_size, num_heads * d, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(num_heads * d, hidden_size, bias=False)
+        self.mlp_norm = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.gate_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, h // self.num_heads
+        y = self.attn_norm(x)
+        q = self.q_proj(y).reshape(b, s, heads, d).transpose(1, 2)
+        k = self.k_proj(y).reshape(b, s, kv_heads, d).transpose(1, 2)
+        v = self.v_proj(y).reshape(b, s, kv_heads, d).transpose(1, 2)
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d)
+        future = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
+        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+        x = x + self.o_proj((probs @ v).transpose(1, 2).reshape(b, s, h))
+        y = self.mlp_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
+
+
+class MlpBlock(nn.Module):
+    """Residual MLP layer: ``x + gelu(fc(x))`` per token, ``fc`` a ``Linear(h, h)`` with bias."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.fc = nn.Linear(hidden_size, hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.gelu(self.fc(x))
+
+
+def llama_ffn_size(comp: ComponentSpec) -> int:
+    """Llama MLP width: ffn_hidden_size, else 8/3 h rounded up to a multiple of 256 (as planner.components)."""
+    return comp.ffn_hidden_size or 256 * ((8 * comp.hidden_size // 3 + 255) // 256)
+
+
+def _not_run(comp: ComponentSpec, name: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"components.{name}: kind '{comp.kind}' is planned but the runtime does not run it yet; "
+        "supported kinds: transformer, vit, llama, mlp."
+    )
+
+
+def _layer_factory(comp: ComponentSpec, name: str):
+    h = comp.hidden_size
+    if comp.kind in ("transformer", "vit"):
+        return lambda: TransformerBlock(h, comp.num_heads, comp.ffn_hidden_size or 4 * h)
+    if comp.kind == "llama":
+        kv = comp.num_kv_heads or comp.num_heads
+        return lambda: LlamaBlock(h, comp.num_heads, kv, llama_ffn_size(comp))
+    if comp.kind == "mlp":
+        return lambda: MlpBlock(h)
+    raise _not_run(comp, name)
+
+
+def _freeze_if(module: nn.Module, comp: ComponentSpec) -> nn.Module:
+    if comp.frozen:
+        module.requires_grad_(False)
+    return module
+
+
+def build_layer(job: JobSpec, op: MetaOp, layer_index: int) -> nn.Module:
+    """Layer ``layer_index`` (0-based within ``op``) of MetaOp ``op``: ``(B, S, H) -> (B, S, H)`` float32.
+
+    Seeded by ``layer_seed(job.training.seed, op.param_group, layer_index)``, so MetaOps of the same
+    parameter group get bit-identical layers. Frozen components return frozen modules. Raises
+    NotImplementedError for kinds the runtime does not run (decoder, unet2d).
+    """
+    if not 0 <= layer_index < op.num_layers:
+        raise IndexError(f"layer_index {layer_index} is outside MetaOp {op.name}'s {op.num_layers} layers")
+    comp = job.components[op.component]
+    factory = _layer_factory(comp, op.component)
+    module = _build_initialised(factory, layer_seed(job.training.seed, op.param_group, layer_index))
+    return _freeze_if(module, comp)
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+class TokenEmbedding(nn.Module):
+    """Token ids ``(B, S)`` long -> ``tokens(ids) + positions[:S]`` ``(B, S, H)``."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, max_seq_len: int):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, hidden_size)
+        self.positions = nn.Parameter(torch.empty(max_seq_len, hidden_size))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.tokens(ids) + self.positions[: ids.shape[1]]
+
+
+class PatchEmbedding(nn.Module):
+    """Images ``(B, C, I, I)`` -> ``[cls, patches] + positions[:S]`` ``(B, (I/p)^2 + 1, H)``.
+
+    Uses with smaller images take the first positions of the table (sized for the largest use);
+    fine for synthetic training, not a substitute for interpolating pretrained positions.
+    """
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int, max_tokens: int):
+        super().__init__()
+        self.patch = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+        self.cls_token = nn.Parameter(torch.empty(1, 1, hidden_size))
+        self.positions = nn.Parameter(torch.empty(max_tokens, hidden_size))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = self.patch(images).flatten(2).transpose(1, 2)  # (B, num_patches, H)
+        cls = self.cls_token.expand(patches.shape[0], -1, -1)
+        x = torch.cat([cls, patches], dim=1)
+        return x + self.positions[: x.shape[1]]
+
+
+class FeatureEmbedding(nn.Module):
+    """Features ``(B, S, H)`` -> ``Linear(H, H)`` per token (the mlp kind's input adapter)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=True)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features)
+
+
+def component_seq_lens(job: JobSpec, component: str) -> list[int]:
+    """The planner's sequence length of every use of ``component`` across the job's tasks, in task order."""
+    comp = job.components[component]
+    lens = []
+    for t, task in enumerate(job.tasks):
+        for u, use in enumerate(task.components):
+            if use.component == component:
+                lens.append(resolve_shape(comp, component, use, f"tasks[{t}].components[{u}]").seq_len)
+    return lens
+
+
+def build_embed(job: JobSpec, component: str) -> nn.Module:
+    """The input adapter of ``component``, run on a root use's raw input before its first layer.
+
+    Token kinds (transformer, llama, decoder): ids ``(B, S)`` -> token + learned positions (vocab =
+    vocab_size or 256, positions for the longest use). vit: images ``(B, C, I, I)`` -> patch
+    embedding + cls token + positions, ``S = (I/patch)^2 + 1``. mlp: features ``(B, S, H)`` ->
+    ``Linear(H, H)``. Shared by every task using the component; seeded by
+    ``layer_seed(seed, component + ":embed", 0)``; frozen with its component.
+    """
+    comp = job.components[component]
+    h = comp.hidden_size
+    max_len = max(component_seq_lens(job, component), default=comp.seq_len or 1)
+    if comp.kind in TOKEN_KINDS:
+        factory = lambda: TokenEmbedding(comp.vocab_size or DEFAULT_VOCAB, h, max_len)  # noqa: E731
+    elif comp.kind == "vit":
+        factory = lambda: PatchEmbedding(comp.in_channels or 3, h, comp.patch_size, max_len)  # noqa: E731
+    elif comp.kind == "mlp":
+        factory = lambda: FeatureEmbedding(h)  # noqa: E731
+    else:
+        raise _not_run(comp, component)
+    module = _build_initialised(factory, layer_seed(job.training.seed, component + ":embed", 0))
+    return _freeze_if(module, comp)
+
+
+# --------------------------------------------------------------------------- task graph
+
+
+def upstream_uses(task: TaskSpec) -> dict[str, list[str]]:
+    """For each use of ``task`` (in order), the uses whose outputs feed it (default: the previous use)."""
+    out: dict[str, list[str]] = {}
+    prev: str | None = None
+    for use in task.components:
+        out[use.use_name] = list(use.after) if use.after is not None else ([prev] if prev else [])
+        prev = use.use_name
+    return out
+
+
+def root_uses(job: JobSpec, task_index: int) -> list[str]:
+    """Uses of the task that read raw data (no upstream use), in task order."""
+    return [name for name, ups in upstream_uses(job.tasks[task_index]).items() if not ups]
+
+
+def leaf_uses(job: JobSpec, task_index: int) -> list[str]:
+    """Uses of the task that no other use reads (they feed the loss head), in task order."""
+    ups = upstream_uses(job.tasks[task_index])
+    read = {u for deps in ups.values() for u in deps}
+    return [name for name in ups if name not in read]
+
+
+def use_component(job: JobSpec, task_index: int, use_name: str) -> tuple[str, ComponentSpec]:
+    """(component name, spec) of the use ``use_name`` of task ``task_index``."""
+    use = next(u for u in job.tasks[task_index].components if u.use_name == use_name)
+    return use.component, job.components[use.component]
+
+
+# --------------------------------------------------------------------------- loss heads
+
+
+class TaskHead(nn.Module):
+    """Base of the loss heads: ``forward(outputs, batch)`` -> per-sample losses ``(B,)``.
+
+    ``outputs`` maps each leaf use name to its output ``(B, S, H)``; ``batch`` is the task's
+    :class:`runtime.data.TaskBatch` for the same samples.
+    """
+
+    def __init__(self, task: str, leaves: list[str]):
+        super().__init__()
+        self.task, self.leaves = task, list(leaves)
+
+    def pooled(self, outputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Mean over the sequence of each leaf output, in leaf order: ``(B, H)`` each."""
+        missing = [leaf for leaf in self.leaves if leaf not in outputs]
+        assert not missing, f"task {self.task}: head got no output for leaf uses {missing}"
+        return [outputs[leaf].mean(dim=1) for leaf in self.leaves]
+
+
+class ClassifierHead(TaskHead):
+    """cross_entropy: sum of the pooled leaves -> ``Linear(H, 10)`` -> CE against integer labels."""
+
+    def __init__(self, task: str, leaves: list[str], hidden_size: int):
+        super().__init__(task, leaves)
+        self.out = nn.Linear(hidden_size, NUM_CLASSES, bias=True)
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
+        logits = self.out(torch.stack(self.pooled(outputs)).sum(dim=0))
+        return F.cross_entropy(logits, batch.labels, reduction="none")
+
+
+class RegressionHead(TaskHead):
+    """mse: sum of the pooled leaves -> ``Linear(H, 1)`` -> squared error against float labels."""
+
+    def __init__(self, task: str, leaves: list[str], hidden_size: int):
+        super().__init__(task, leaves)
+        self.out = nn.Linear(hidden_size, 1, bias=True)
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
+        pred = self.out(torch.stack(self.pooled(outputs)).sum(dim=0)).squeeze(-1)
+        return (pred - batch.labels) ** 2
+
+
+class PairedCosineHead(TaskHead):
+    """contrastive: per-sample ``1 - cos(pool(a)_i, pool(b)_i)`` of the two leaves; no parameters.
+
+    Only positive pairs: InfoNCE couples the samples of a batch (each row's negatives are the
+    others), which data-parallel shards would have to gather first; it will come later.
+    """
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
+        a, b = self.pooled(outputs)
+        return 1.0 - F.cosine_similarity(a, b, dim=-1)
+
+
+class NextTokenHead(TaskHead):
+    """lm / next_token: ``Linear(H, vocab)`` on the leaf, CE of position t against input id t+1, mean over t."""
+
+    def __init__(self, task: str, leaves: list[str], root: str, hidden_size: int, vocab_size: int):
+        super().__init__(task, leaves)
+        self.root = root
+        self.out = nn.Linear(hidden_size, vocab_size, bias=True)
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
+        logits = self.out(outputs[self.leaves[0]][:, :-1])  # (B, S-1, V)
+        targets = batch.inputs[self.root][:, 1:]
+        per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, S-1)
+        return per_token.mean(dim=1)
+
+
+def _leaf_width(job: JobSpec, task_index: int, leaves: list[str]) -> int:
+    """The common hidden size of the leaves; a ValueError when they differ (their pooled vectors are summed)."""
+    widths = {leaf: use_component(job, task_index, leaf)[1].hidden_size for leaf in leaves}
+    if len(set(widths.values())) > 1:
+        raise ValueError(
+            f"tasks[{task_index}] ('{job.tasks[task_index].name}'): leaf uses have different hidden sizes "
+            f"{widths}; the loss head combines them element-wise. Give them the same hidden_size."
+        )
+    return next(iter(widths.values()))
+
+
+def _next_token_args(job: JobSpec, task_index: int, leaves: list[str]) -> tuple[str, int, int]:
+    """(root use, hidden size, vocab size) of a next-token task; a ValueError unless it is a chain of llama uses."""
+    task = job.tasks[task_index]
+    roots = root_uses(job, task_index)
+    kinds = {use.use_name: job.components[use.component].kind for use in task.components}
+    if len(roots) != 1 or len(leaves) != 1 or any(kind != "llama" for kind in kinds.values()):
+        raise ValueError(
+            f"tasks[{task_index}] ('{task.name}').loss ('{task.loss}') needs a chain of llama uses with one root "
+            f"and one leaf (a non-causal layer would see the tokens it predicts); got uses {kinds}."
+        )
+    comp = use_component(job, task_index, roots[0])[1]
+    return roots[0], comp.hidden_size, comp.vocab_size or DEFAULT_VOCAB
+
+
+def check_loss(job: JobSpec, task_index: int) -> str:
+    """The task's loss name; a ValueError naming the task and the supported names when unknown."""
+    task = job.tasks[task_index]
+    if task.loss not in SUPPORTED_LOSSES:
+        raise ValueError(
+            f"tasks[{task_index}] ('{task.name}').loss ('{task.loss}') is not run by the runtime; "
+            f"supported: {', '.join(SUPPORTED_LOSSES)}."
+        )
+    return task.loss
+
+
+def build_head(job: JobSpec, task_index: int) -> TaskHead:
+    """The loss head of task ``task_index`` (its own parameters, seeded by ``layer_seed(seed, "task:" + name, 0)``).
+
+    ``head(outputs, batch)`` returns per-sample losses ``(B,)``. Raises ValueError for an unknown
+    loss, a contrastive task without exactly two leaves, or leaves of different widths.
+    """
+    task = job.tasks[task_index]
+    loss = check_loss(job, task_index)
+    leaves = leaf_uses(job, task_index)
+    if loss in ("lm", "next_token"):
+        root, width, vocab = _next_token_args(job, task_index, leaves)
+        factory = lambda: NextTokenHead(task.name, leaves, root, width, vocab)  # noqa: E731
+    else:
+        width = _leaf_width(job, task_index, leaves)
+        if loss == "cross_entropy":
+            factory = lambda: ClassifierHead(task.name, leaves, width)  # noqa: E731
+        elif loss == "mse":
+            factory = lambda: RegressionHead(task.name, leaves, width)  # noqa: E731
+        else:
+            if len(leaves) != 2:
+                raise ValueError(
+                    f"tasks[{task_index}] ('{task.name}').loss ('contrastive') needs exactly two leaf uses "
+                    f"(two branches, e.g. `after: []` on the second); got {leaves}."
+                )
+            factory = lambda: PairedCosineHead(task.name, leaves)  # noqa: E731
+    return _build_initialised(factory, layer_seed(job.training.seed, "task:" + task.name, 0))

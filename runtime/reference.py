@@ -1,0 +1,63 @@
+"""Single-process training of a job: the reference every distributed run must reproduce.
+
+The same modules (built by runtime.modules with the same seeds), the same synthetic batches and
+the same AdamW, with every task's whole batch on one device. Parameter names match
+:meth:`runtime.executor.WaveWorker.named_parameters`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from planner.metagraph import build_metagraph
+from planner.spec import JobSpec
+from runtime.data import synthetic_batch
+from runtime.modules import build_embed, build_head, build_layer
+
+
+class ReferenceTrainer:
+    def __init__(self, job: JobSpec):
+        self.job = job
+        self.graph = build_metagraph(job)
+        self.modules: dict[tuple[str, int], torch.nn.Module] = {}
+        for op in self.graph.metaops:
+            for layer in range(op.num_layers):
+                key = (op.param_group, layer)
+                if key not in self.modules:
+                    self.modules[key] = build_layer(job, op, layer)
+            if not op.deps and ("embed:" + op.component, 0) not in self.modules:
+                self.modules[("embed:" + op.component, 0)] = build_embed(job, op.component)
+        for t, task in enumerate(job.tasks):
+            self.modules[("head:" + task.name, 0)] = build_head(job, t)
+        params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        train = job.training
+        self.optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, eps=train.adam_eps,
+                                           foreach=False)
+
+    def task_loss(self, t: int, step: int) -> torch.Tensor:
+        """``loss_weight * mean per-sample loss`` of task ``t`` over its whole batch at ``step``."""
+        task = self.job.tasks[t]
+        batch = synthetic_batch(self.job, t, step, 0, task.batch_size)
+        ops = self.graph.ops_of_task(task.name)
+        outputs: dict[int, torch.Tensor] = {}
+        for op in ops:
+            x = self.modules[("embed:" + op.component, 0)](batch.inputs[op.use]) if not op.deps else outputs[op.deps[0]]
+            for layer in range(op.num_layers):
+                x = self.modules[(op.param_group, layer)](x)
+            outputs[op.id] = x
+        consumed = {d for op in ops for d in op.deps}
+        leaves = {op.use: outputs[op.id] for op in ops if op.id not in consumed}
+        per_sample = self.modules[("head:" + task.name, 0)](leaves, batch)
+        return task.loss_weight * per_sample.sum() / task.batch_size
+
+    def train_step(self, step: int) -> dict[str, float]:
+        losses = {task.name: self.task_loss(t, step) for t, task in enumerate(self.job.tasks)}
+        sum(losses.values()).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {task.name: float(losses[task.name].detach()) / task.loss_weight if task.loss_weight else 0.0
+                for task in self.job.tasks}
+
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        return {f"{name}/{layer}/{pname}": p.detach().clone()
+                for (name, layer), module in sorted(self.modules.items()) for pname, p in module.named_parameters()}
