@@ -14,6 +14,7 @@ summing over data-parallel shards gives the full-batch mean, as in single-proces
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -249,6 +250,20 @@ class WaveWorker:
         dist.all_reduce(values)
         return {n: float(v) / self.job.tasks[i].loss_weight if self.job.tasks[i].loss_weight else float(v)
                 for i, (n, v) in enumerate(zip(names, values))}
+
+    def state_dict(self) -> dict:
+        """This device's part of a checkpoint: a snapshot (copies, not views) of its modules and optimizer state."""
+        return copy.deepcopy({
+            "modules": {f"{name}/{layer}": module.state_dict() for (name, layer), module in sorted(self.modules.items())},
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+        })
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` of a worker built from the same job, plan and rank."""
+        for (name, layer), module in sorted(self.modules.items()):
+            module.load_state_dict(state["modules"][f"{name}/{layer}"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
         """Every parameter this device holds, keyed ``<group or embed:/head:name>/<layer>/<param>``."""

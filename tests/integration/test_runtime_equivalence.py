@@ -125,3 +125,26 @@ def test_tensor_parallel_plans_are_refused_for_now():
     data["waves"][0]["slices"][0]["tp_degree"] = 2
     with pytest.raises(NotImplementedError, match="tensor_parallel"):
         check_plan_matches_job(Plan.model_validate(data), build_metagraph(job))
+
+
+def test_worker_state_round_trip_resumes_exactly(tmp_path):
+    """A worker restored from another's state_dict continues exactly as the original (single rank)."""
+    import torch.distributed as dist
+
+    from runtime.executor import Groups, WaveWorker
+    from runtime.local_world import free_port
+
+    job = parse_job(tiny_job(1))
+    plan = plan_job(job, with_baselines=False).plan
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        first = WaveWorker(job, plan, 0, Groups.create(plan))
+        first.train_step(0)
+        saved = first.state_dict()
+        second = WaveWorker(job, plan, 0, Groups.create(plan))
+        second.load_state_dict(saved)
+        assert first.train_step(1) == second.train_step(1)
+        for name, tensor in first.named_parameters().items():
+            assert torch.equal(tensor, second.named_parameters()[name]), name
+    finally:
+        dist.destroy_process_group()
