@@ -9,8 +9,11 @@ Conventions (the same as the planner's placement and simulator):
 - the input of a slice's first layer comes from the previous slice of the same MetaOp, from the
   last slice of its predecessor MetaOp, or (for a root MetaOp's layer 0) from the component's
   embedding of raw data;
-- a task's loss runs on the last slice (in wave order) of its leaf MetaOps, with that slice's data
-  split; the other leaves' outputs move there after the last wave.
+- a task's loss runs on the last slice (in wave order) of its leaf MetaOps, on the first TP device of
+  each of that slice's data-parallel ranks; the leaves' outputs move there after the last wave;
+- forward, the first TP device of a producer's dp rank sends its rows to every device that needs
+  them (all TP devices of a consumer's dp rank); backward, the first TP device of the consumer's dp
+  rank sends the gradient of those rows to every TP device of the producer's dp rank.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class Piece:
 
     src: int
     dst: int
+    src_group: tuple[int, ...]  # the producer dp rank's TP devices (src first): all need the gradient back
+    lead: bool  # dst is the first TP device of its dp rank: the one that sends the gradient back
     producer: SliceRef
     consumer: SliceRef | None
     task: str
@@ -64,17 +69,28 @@ def dp_rank_of(s: PlanSlice, device: int) -> int:
     return s.devices.index(device) // s.tp_degree
 
 
-def owners(s: PlanSlice, batch_size: int) -> list[tuple[int, int, int]]:
-    """(device, start, stop) of every data-parallel rank's first TP device (the one that sends its rows)."""
-    return [(s.devices[r * s.tp_degree], *sample_range(batch_size, s.dp_degree, r)) for r in range(s.dp_degree)]
+def tp_group_of(s: PlanSlice, dp_rank: int) -> tuple[int, ...]:
+    return tuple(s.devices[dp_rank * s.tp_degree:(dp_rank + 1) * s.tp_degree])
 
 
-def receivers(s: PlanSlice, batch_size: int) -> list[tuple[int, int, int]]:
-    """(device, start, stop) for every device of the slice (TP ranks of one dp rank need the same rows)."""
+def owners(s: PlanSlice, batch_size: int) -> list[tuple[tuple[int, ...], int, int]]:
+    """(TP devices, start, stop) of every data-parallel rank; the first device sends the rows."""
+    return [(tp_group_of(s, r), *sample_range(batch_size, s.dp_degree, r)) for r in range(s.dp_degree)]
+
+
+def receivers(s: PlanSlice, batch_size: int, leads_only: bool = False) -> list[tuple[int, bool, int, int]]:
+    """(device, is first TP device, start, stop) for the devices of the slice that need input rows (all of
+    them: TP ranks of one dp rank compute on the same rows; only the first ones with ``leads_only``)."""
     out = []
     for i, device in enumerate(s.devices):
-        out.append((device, *sample_range(batch_size, s.dp_degree, i // s.tp_degree)))
+        lead = i % s.tp_degree == 0
+        if lead or not leads_only:
+            out.append((device, lead, *sample_range(batch_size, s.dp_degree, i // s.tp_degree)))
     return out
+
+
+def is_lead(s: PlanSlice, device: int) -> bool:
+    return s.devices.index(device) % s.tp_degree == 0
 
 
 class CommSchedule:
@@ -134,11 +150,11 @@ class CommSchedule:
         task = self.plan.metaops[src.metaop].task
         batch = self.batch(src.metaop)
         out = []
-        for device, lo, hi in receivers(dst, batch):
-            for owner, a, b in owners(src, batch):
+        for device, lead, lo, hi in receivers(dst, batch, leads_only=consumer is None):
+            for group, a, b in owners(src, batch):
                 start, stop = max(lo, a), min(hi, b)
                 if start < stop:
-                    out.append(Piece(owner, device, producer, consumer, task, start, stop))
+                    out.append(Piece(group[0], device, group, lead, producer, consumer, task, start, stop))
         return out
 
     def pieces_for(self, wave: int, device: int) -> tuple[list[Piece], list[Piece]]:
@@ -147,26 +163,57 @@ class CommSchedule:
         pieces = self.forward_pieces.get(wave, [])
         return [p for p in pieces if p.src == device], [p for p in pieces if p.dst == device]
 
+    def backward_pieces_for(self, wave: int, device: int) -> tuple[list[tuple[Piece, int]], list[Piece]]:
+        """Backward at the boundary before ``wave``: ([(piece, target device)] whose input gradient
+        ``device`` sends, [pieces whose gradient it receives]). Only a consumer's first TP device sends."""
+        pieces = [p for p in self.forward_pieces.get(wave, []) if p.lead]
+        sends = [(p, target) for p in pieces if p.dst == device for target in p.src_group]
+        return sends, [p for p in pieces if device in p.src_group]
+
     def my_slices(self, device: int) -> list[SliceRef]:
         """The slices ``device`` runs, in wave order (at most one per wave)."""
         return [r for r in sorted(self.slices, key=lambda r: (r.wave, r.index)) if device in self.slices[r].devices]
 
 
-def device_sets_for_sync(plan: Plan, schedule: CommSchedule) -> dict[tuple[str, int], tuple[int, ...]]:
-    """For every parameter (param_group, layer) and every embedding/head: the devices that hold it.
-
-    Keys: ``(param_group, layer)`` for layers, ``("embed:" + component, 0)`` for embeddings (held where
-    a root MetaOp's layer 0 runs) and ``("head:" + task, 0)`` for task heads (held by the loss host)."""
-    holders: dict[tuple[str, int], set[int]] = {}
-    for ref, s in schedule.slices.items():
+def layer_tp_degrees(plan: Plan, schedule: CommSchedule) -> dict[tuple[str, int], int]:
+    """The TP degree of every (param_group, layer); a layer must keep one degree over the whole plan."""
+    degrees: dict[tuple[str, int], int] = {}
+    for s in schedule.slices.values():
         op = plan.metaops[s.metaop]
         for layer in range(s.first_layer, s.first_layer + s.num_layers):
-            holders.setdefault((op.param_group, layer), set()).update(s.devices)
+            if degrees.setdefault((op.param_group, layer), s.tp_degree) != s.tp_degree:
+                raise NotImplementedError(
+                    f"layer {layer} of {op.param_group} runs at tensor-parallel degrees {degrees[(op.param_group, layer)]} "
+                    f"and {s.tp_degree}; the runtime needs one degree per layer."
+                )
+    return degrees
+
+
+def device_sets_for_sync(plan: Plan, schedule: CommSchedule) -> dict[tuple[str, int, int], tuple[int, ...]]:
+    """For every parameter shard: the devices whose gradients of it are summed.
+
+    Keys ``(name, layer, shard)``: ``(param_group, layer, tp rank)`` for layers (each TP rank holds its own
+    shard; summing over one TP rank's devices adds one contribution per data-parallel rank),
+    ``("embed:" + component, 0, 0)`` for embeddings (held where a root MetaOp's layer 0 runs) and
+    ``("head:" + task, 0, 0)`` for task heads (held by the loss host's first TP devices). An embedding
+    on a device that is not the first of its TP group takes no gradient (see the executor)."""
+    holders: dict[tuple[str, int, int], set[int]] = {}
+    for s in schedule.slices.values():
+        op = plan.metaops[s.metaop]
+        for i, device in enumerate(s.devices):
+            for layer in range(s.first_layer, s.first_layer + s.num_layers):
+                holders.setdefault((op.param_group, layer, i % s.tp_degree), set()).add(device)
         if s.first_layer == 0 and not op.deps:
-            holders.setdefault(("embed:" + op.component, 0), set()).update(s.devices)
+            holders.setdefault(("embed:" + op.component, 0, 0), set()).update(s.devices)
     for host in schedule.loss_hosts:
-        holders.setdefault(("head:" + host.task, 0), set()).update(schedule.slices[host.host].devices)
+        s = schedule.slices[host.host]
+        holders.setdefault(("head:" + host.task, 0, 0), set()).update(d for d in s.devices if is_lead(s, d))
     return {key: tuple(sorted(devs)) for key, devs in sorted(holders.items())}
+
+
+def tp_groups(schedule: CommSchedule) -> list[tuple[int, ...]]:
+    """The device sets of every data-parallel rank of every slice with tensor parallelism."""
+    return sorted({tp_group_of(s, r) for s in schedule.slices.values() if s.tp_degree > 1 for r in range(s.dp_degree)})
 
 
 def distinct_groups(sets: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:

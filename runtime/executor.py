@@ -6,7 +6,8 @@ boundaries, each slice's input is a fresh autograd leaf), the task losses on eac
 backward through the waves in reverse (gradients go back over the same pieces), then the gradients
 of every parameter are summed over the devices that hold it and AdamW steps. Process groups come
 in as one value (:class:`Groups`); nothing here reads global distributed state except the rank and
-the default group handed in. Tensor parallelism is not run here yet (tp_degree must be 1).
+the default group handed in. Layers of slices with tp_degree > 1 run on megatron-core
+(runtime.megatron_backend) over the slice's TP group; a layer keeps one TP degree over the plan.
 
 Losses: a task's loss on a device is ``loss_weight * sum of its per-sample losses / batch size``, so
 summing over data-parallel shards gives the full-batch mean, as in single-process training.
@@ -26,7 +27,8 @@ from planner.metagraph import MetaGraph, MetaOp, build_metagraph
 from planner.plan import Plan
 from planner.spec import JobSpec
 from runtime.assignment import (
-    LOSS_WAVE, CommSchedule, Piece, SliceRef, device_sets_for_sync, distinct_groups, dp_rank_of, sample_range,
+    LOSS_WAVE, CommSchedule, Piece, SliceRef, device_sets_for_sync, distinct_groups, dp_rank_of, is_lead,
+    layer_tp_degrees, sample_range, tp_group_of, tp_groups,
 )
 from runtime.data import synthetic_batch
 from runtime.modules import build_embed, build_head, build_layer
@@ -45,7 +47,7 @@ class Groups:
     def create(cls, plan: Plan) -> Groups:
         """Collective: every rank of the default group must call this with the same plan."""
         schedule = CommSchedule(plan)
-        sets = distinct_groups(list(device_sets_for_sync(plan, schedule).values()))
+        sets = distinct_groups(list(device_sets_for_sync(plan, schedule).values()) + tp_groups(schedule))
         return cls(dist.group.WORLD, {s: dist.new_group(list(s)) for s in sets})
 
 
@@ -65,10 +67,11 @@ def check_plan_matches_job(plan: Plan, graph: MetaGraph) -> None:
         raise ValueError("the plan's MetaOps do not match the job's; was the plan made for another job? Re-run `loom plan`.")
     for wave in plan.waves:
         for s in wave.slices:
-            if s.tp_degree != 1:
+            kind = graph.metaops[s.metaop].layer.key.split("[")[0]
+            if s.tp_degree != 1 and kind not in ("transformer", "vit"):
                 raise NotImplementedError(
-                    f"MetaOp {plan.metaops[s.metaop].name} has tensor_parallel {s.tp_degree}; the wave executor "
-                    "runs data parallelism only for now."
+                    f"MetaOp {plan.metaops[s.metaop].name} has tensor_parallel {s.tp_degree}; the runtime runs "
+                    "tensor parallelism for transformer and vit layers only (on megatron-core)."
                 )
 
 
@@ -82,15 +85,34 @@ class WaveWorker:
         self.comm = CommSchedule(plan)
         self.mine = self.comm.my_slices(rank)
         self.holders = device_sets_for_sync(plan, self.comm)
+        self.tp_degree = layer_tp_degrees(plan, self.comm)
         self.task_index = {t.name: i for i, t in enumerate(job.tasks)}
+        self.tp_of = self._my_tp_groups()
         self.modules: dict[tuple[str, int], torch.nn.Module] = {}
-        for key, devices in self.holders.items():
-            if rank in devices:
-                self.modules[key] = self._build(key)
+        for name, layer, _ in self.holders:
+            if rank in self.holders[(name, layer, _)] and (name, layer) not in self.modules:
+                self.modules[(name, layer)] = self._build((name, layer))
         params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         train = job.training
         self.optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, eps=train.adam_eps,
                                            foreach=False) if params else None
+
+    def _my_tp_groups(self) -> dict[tuple[str, int], tuple[int, ...]]:
+        """The TP group (devices) in which this device runs each tensor-parallel layer it holds."""
+        out: dict[tuple[str, int], tuple[int, ...]] = {}
+        for ref in self.mine:
+            s = self.comm.slices[ref]
+            if s.tp_degree == 1:
+                continue
+            group = tp_group_of(s, dp_rank_of(s, self.rank))
+            op = self.graph.metaops[s.metaop]
+            for layer in range(s.first_layer, s.first_layer + s.num_layers):
+                if out.setdefault((op.param_group, layer), group) != group:
+                    raise NotImplementedError(
+                        f"device {self.rank} runs layer {layer} of {op.param_group} in two TP groups "
+                        f"{out[(op.param_group, layer)]} and {group}; the runtime needs one."
+                    )
+        return out
 
     def _build(self, key: tuple[str, int]) -> torch.nn.Module:
         name, layer = key
@@ -99,7 +121,25 @@ class WaveWorker:
         if name.startswith("head:"):
             return build_head(self.job, self.task_index[name.removeprefix("head:")])
         op = next(op for op in self.graph.metaops if op.param_group == name)
-        return build_layer(self.job, op, layer)
+        reference = build_layer(self.job, op, layer)
+        if key not in self.tp_of:
+            return reference
+        return self._megatron_layer(op, reference, self.tp_of[key])
+
+    def _megatron_layer(self, op: MetaOp, reference: torch.nn.Module, group: tuple[int, ...]) -> torch.nn.Module:
+        from runtime import megatron_compat
+        from runtime.megatron_backend import MegatronTransformerBlock, load_reference, seed_model_parallel_rng
+
+        megatron_compat.apply_cpu_compat()
+        tp_rank = group.index(self.rank)
+        seed_model_parallel_rng(self.job.training.seed, tp_rank)
+        comp = self.job.components[op.component]
+        block = MegatronTransformerBlock(comp.hidden_size, comp.num_heads, comp.ffn_hidden_size or 4 * comp.hidden_size,
+                                         self.groups.by_devices[group], tp_rank, len(group))
+        load_reference(block, reference)
+        if comp.frozen:
+            block.requires_grad_(False)
+        return block
 
     # ------------------------------------------------------------------ one step
 
@@ -143,6 +183,8 @@ class WaveWorker:
             t = self.task_index[op.task]
             batch = synthetic_batch(self.job, t, step, start, stop)
             x = self.modules[("embed:" + op.component, 0)](batch.inputs[op.use])
+            if not is_lead(s, self.rank):  # the other TP ranks repeat the lead's embedding: one gradient only
+                x = x.detach().requires_grad_(True)
         else:
             x = _assemble(st.received.pop(("slice", ref), []), start, stop).requires_grad_(True)
             st.inputs[ref] = x
@@ -154,7 +196,7 @@ class WaveWorker:
         out = {}
         for host in self.comm.loss_hosts:
             s = self.comm.slices[host.host]
-            if self.rank not in s.devices:
+            if self.rank not in s.devices or not is_lead(s, self.rank):
                 continue
             t = self.task_index[host.task]
             task = self.job.tasks[t]
@@ -174,22 +216,27 @@ class WaveWorker:
 
     def _exchange(self, wave: int, st: _StepState, forward: bool) -> None:
         """Move the pieces of one boundary: forward, outputs from producers to consumers; backward, the
-        gradients of those inputs back to the producers (accumulated into their output gradients)."""
-        sends, recvs = self.comm.pieces_for(wave, self.rank)
-        if not forward:
-            sends, recvs = recvs, sends  # the same pieces, the other way
+        gradients of those inputs back to every TP device of the producers (accumulated into their output
+        gradients). Every rank walks the same boundaries in the same order, so the p2p calls pair up."""
+        if forward:
+            sends, recvs = self.comm.pieces_for(wave, self.rank)
+            targets = [(p, p.dst) for p in sends]
+            peers = [(p, p.src) for p in recvs]
+        else:
+            targets, recvs = self.comm.backward_pieces_for(wave, self.rank)
+            peers = [(p, p.dst) for p in recvs]
         ops, landing = [], []
-        for p in sends:
+        for p, target in targets:
             tensor = self._piece_tensor(p, st, forward)
-            if p.src == p.dst:
+            if target == self.rank:
                 landing.append((p, tensor.clone()))
             else:
-                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), p.dst if forward else p.src))
-        for p in recvs:
-            if p.src == p.dst:
-                continue
+                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), target))
+        for p, peer in peers:
+            if peer == self.rank:
+                continue  # landed by the send loop
             buf = torch.empty((p.stop - p.start, *self._feature(p)))
-            ops.append(dist.P2POp(dist.irecv, buf, p.src if forward else p.dst))
+            ops.append(dist.P2POp(dist.irecv, buf, peer))
             landing.append((p, buf))
         if ops:
             for req in dist.batch_isend_irecv(ops):
@@ -229,11 +276,11 @@ class WaveWorker:
     # ------------------------------------------------------------------ gradients and losses
 
     def _sync_gradients(self) -> None:
-        """Sum each parameter's gradient over the devices that hold it (same sorted order on every rank)."""
-        for key, devices in self.holders.items():
+        """Sum each parameter shard's gradient over the devices that hold it (same sorted order on every rank)."""
+        for (name, layer, shard), devices in self.holders.items():
             if self.rank not in devices or len(devices) < 2:
                 continue
-            params = [p for p in self.modules[key].parameters() if p.requires_grad]
+            params = [p for p in self.modules[(name, layer)].parameters() if p.requires_grad]
             if not params:
                 continue
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
@@ -266,9 +313,18 @@ class WaveWorker:
             self.optimizer.load_state_dict(state["optimizer"])
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
-        """Every parameter this device holds, keyed ``<group or embed:/head:name>/<layer>/<param>``."""
-        return {f"{name}/{layer}/{pname}": p.detach().clone()
-                for (name, layer), module in sorted(self.modules.items()) for pname, p in module.named_parameters()}
+        """Every parameter this device holds in the plain layout, keyed ``<group or embed:/head:name>/<layer>/<param>``.
+        Collective over the TP groups of tensor-parallel layers (their shards are gathered)."""
+        out = {}
+        for (name, layer), module in sorted(self.modules.items()):
+            if (name, layer) in self.tp_of:
+                from runtime.megatron_backend import gather_reference_weights
+
+                items = gather_reference_weights(module).items()
+            else:
+                items = module.named_parameters()
+            out.update({f"{name}/{layer}/{pname}": p.detach().clone() for pname, p in items})
+        return out
 
 
 class _StepState:

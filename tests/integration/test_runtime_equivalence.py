@@ -66,8 +66,10 @@ def plan_from_waves(job, waves: list[list[tuple[str, int, int]]]):
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    scale = want.abs().max().clamp_min(1e-12)
-    err = float((got - want).abs().max() / scale)
+    """Relative error of a parameter vector, ||got - want|| / ||want|| (2-norms). Element-wise ratios are
+    not a meaningful target under AdamW: an element whose gradient is a cancelling sum near zero gets an
+    update lr * g / (sqrt(v) + eps), which turns float-level differences in g into visible ones."""
+    err = float((got - want).norm() / want.norm().clamp_min(1e-12))
     assert err <= RTOL, f"{what}: relative error {err:.2e}"
 
 
@@ -82,9 +84,7 @@ def check_equivalence(job, plan, tmp_path) -> None:
     ref_params = reference.named_parameters()
     held = set()
     for rank, params in world.parameters.items():
-        # relative error per module (a layer, an embedding, a head): a weight whose gradient is near zero
-        # gets an AdamW update of about lr * g / (|g| + eps), so float-level differences in tiny gradients
-        # show up relative to that one tensor; relative to the module they stay below 1e-6
+        # per module: a layer, an embedding, a head
         for module in sorted({name.rsplit("/", 1)[0] for name in params}):
             names = sorted(n for n in params if n.rsplit("/", 1)[0] == module)
             got = torch.cat([params[n].reshape(-1) for n in names])
@@ -116,15 +116,18 @@ def test_planner_plan_equals_single_process(tmp_path):
     check_equivalence(job, plan, tmp_path)
 
 
-def test_tensor_parallel_plans_are_refused_for_now():
-    from planner.plan import Plan
-    from runtime.executor import check_plan_matches_job
-
-    job = parse_job(tiny_job(2))
-    data = plan_job(job, with_baselines=False).plan.model_dump()
-    data["waves"][0]["slices"][0]["tp_degree"] = 2
-    with pytest.raises(NotImplementedError, match="tensor_parallel"):
-        check_plan_matches_job(Plan.model_validate(data), build_metagraph(job))
+def test_shared_component_on_megatron_tensor_parallel_equals_single_process(tmp_path):
+    data = tiny_job(4)
+    data["components"]["txt"]["tensor_parallel"] = [2]  # the shared text tower runs on megatron-core, TP=2
+    job = parse_job(data)
+    plan = plan_from_waves(job, [
+        [("caption.img", 2, 2), ("align.aud", 2, 2)],
+        [("caption.txt", 2, 4)],  # dp 2 x tp 2
+        [("align.txt", 2, 2)],  # dp 1 x tp 2
+    ])
+    layouts = {plan.metaops[s.metaop].name: (s.dp_degree, s.tp_degree) for w in plan.waves for s in w.slices}
+    assert layouts["caption.txt"] == (2, 2) and layouts["align.txt"] == (1, 2)
+    check_equivalence(job, plan, tmp_path)
 
 
 def test_worker_state_round_trip_resumes_exactly(tmp_path):
