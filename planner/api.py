@@ -24,7 +24,7 @@ from planner.placement import PlacedSchedule, place_schedule
 from planner.plan import (
     Bounds, Plan, PlanCluster, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport, SyncGroup,
 )
-from planner.schedule import Problem, check_schedule, reverse_runs
+from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
 from planner.simulator import Simulation, simulate
 from planner.solver import SolveResult, SolverSettings, solve
 from planner.spec import JobSpec
@@ -92,6 +92,22 @@ def plan_job(
     elapsed = time.perf_counter() - start
     say(f"planned in {elapsed:.2f} s: predicted iteration {sim.iteration_time_s:.4g} s")
     return PlanOutcome(plan, problem, placed, sim, elapsed, result)
+
+
+def plan_schedule(job: JobSpec, schedule: Schedule, cost_model: CostModel | None = None, method: str = "given") -> Plan:
+    """A sealed Plan for a given wave schedule (placed and simulated like the planner's own), e.g. the
+    sequential baseline for a side-by-side run, or a hand-made schedule in tests. No baselines."""
+    cost_model = cost_model or make_cost_model(job)
+    graph = build_metagraph(job)
+    problem = Problem.build(graph, cost_model)
+    check_schedule(problem, schedule)
+    placed = place_schedule(problem, schedule, cost_model)
+    sim = simulate(problem, placed, cost_model)
+    bounds = Bounds(per_level_s=per_level_bound(problem), dag_s=dag_bound(problem))
+    makespan = compute_makespan(problem, schedule)
+    gap = (makespan - bounds.dag_s) / makespan if makespan > 0 else 0.0
+    result = SolveResult(schedule, method, "heuristic", makespan, bounds.dag_s, gap, method)
+    return build_plan(job, graph, cost_model, placed, sim, result, bounds, {})
 
 
 def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResult,

@@ -10,14 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from planner.api import build_plan, make_cost_model, plan_job
-from planner.bound import dag_bound, per_level_bound
+from planner.api import plan_job, plan_schedule
 from planner.metagraph import build_metagraph
-from planner.placement import place_schedule
-from planner.plan import Bounds
-from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule, compute_makespan
-from planner.simulator import simulate
-from planner.solver import SolveResult
+from planner.schedule import Schedule, Slice, Wave
 from planner.spec import parse_job
 from runtime.assignment import CommSchedule
 from runtime.local_world import run_world
@@ -51,18 +46,9 @@ def tiny_job(num_devices: int) -> dict:
 
 def plan_from_waves(job, waves: list[list[tuple[str, int, int]]]):
     """A Plan for a hand-made schedule: waves of (MetaOp name, layers, devices)."""
-    cost_model = make_cost_model(job)
-    graph = build_metagraph(job)
-    problem = Problem.build(graph, cost_model)
-    ids = {op.name: op.id for op in graph.metaops}
+    ids = {op.name: op.id for op in build_metagraph(job).metaops}
     schedule = Schedule(tuple(Wave(tuple(Slice(ids[name], layers, n) for name, layers, n in wave)) for wave in waves))
-    check_schedule(problem, schedule)
-    placed = place_schedule(problem, schedule, cost_model)
-    sim = simulate(problem, placed, cost_model)
-    makespan = compute_makespan(problem, schedule)
-    result = SolveResult(schedule, "manual", "heuristic", makespan, 0.0, 1.0, "manual")
-    bounds = Bounds(per_level_s=per_level_bound(problem), dag_s=dag_bound(problem))
-    return build_plan(job, graph, cost_model, placed, sim, result, bounds, {})
+    return plan_schedule(job, schedule, method="hand-made")
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:

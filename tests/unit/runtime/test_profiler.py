@@ -1,0 +1,55 @@
+"""loom profile's library side: measured layer times become a profiled cost model the planner uses."""
+
+from __future__ import annotations
+
+import json
+
+from planner.api import plan_job
+from planner.costmodel import Layout, ProfiledCostModel, profile_key
+from planner.devices import resolve_hardware
+from planner.metagraph import build_metagraph
+from planner.spec import parse_job
+from runtime.profiler import local_batches, profile_job
+
+
+def job():
+    return parse_job({
+        "name": "profile",
+        "cluster": {"num_nodes": 1, "devices_per_node": 4, "device": "cpu"},
+        "components": {
+            "enc": {"kind": "transformer", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "seq_len": 8},
+            "frozen_enc": {"kind": "transformer", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "seq_len": 8,
+                           "frozen": True},
+        },
+        "tasks": [
+            {"name": "a", "batch_size": 16, "components": [{"component": "enc"}]},
+            {"name": "b", "batch_size": 8, "components": [{"component": "frozen_enc"}, {"component": "enc"}]},
+        ],
+    })
+
+
+def test_local_batches_are_the_dp_splits_the_planner_asks_for():
+    op = build_metagraph(job()).metaops[0]
+    assert local_batches(op, 4) == [4, 8, 16]  # dp 4, 2, 1 (dp 3 does not divide 16)
+
+
+def test_profile_covers_every_workload_and_feeds_the_planner(tmp_path):
+    j = job()
+    data = profile_job(j, repeats=3, warmup=1)
+    graph = build_metagraph(j)
+    keys = {profile_key(op, Layout(1, 1)) for op in graph.metaops}
+    assert set(data["points"]) == keys
+    for points in data["points"].values():
+        assert all(t > 0 for _, t in points)
+    # the trainable layer at batch 16 costs more than the frozen forward-only one at batch 8
+    trained = data["points"][profile_key(graph.metaops[0], Layout(1, 1))]
+    frozen = data["points"][profile_key(graph.metaops[1], Layout(1, 1))]
+    assert trained[-1][1] > frozen[-1][1]
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(data))
+    model = ProfiledCostModel.load(path, resolve_hardware(j.cluster))
+    plan = plan_job(j, model, with_baselines=False).plan
+    assert plan.cost_model == "profiled"
+    # the curve the planner used is the measured one (no analytic fallback involved)
+    op = graph.metaops[0]
+    assert model.layout_time(op, Layout(1, 1)) == trained[-1][1]
