@@ -25,6 +25,7 @@ import torch.distributed as dist
 from planner.components import resolve_shape
 from planner.metagraph import MetaGraph, MetaOp, build_metagraph
 from planner.plan import Plan
+from planner.errors import SpecError
 from planner.spec import JobSpec
 from runtime.assignment import (
     LOSS_WAVE, CommSchedule, Piece, SliceRef, device_sets_for_sync, distinct_groups, dp_rank_of, is_lead,
@@ -61,6 +62,24 @@ def feature_shape(job: JobSpec, op: MetaOp) -> tuple[int, int]:
     return shape.seq_len, comp.hidden_size
 
 
+def check_runnable(job: JobSpec, graph: MetaGraph) -> None:
+    """Raise SpecError when a chain passes activations of one shape to a use declared with another: the
+    runtime feeds a use the previous use's output as is (no adapter between components)."""
+    for op in graph.metaops:
+        for dep in op.deps:
+            producer = graph.metaops[dep]
+            got, want = feature_shape(job, producer), feature_shape(job, op)
+            if got != want and producer.use != op.use:
+                t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
+                u = next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
+                raise SpecError(
+                    f"tasks[{t}].components[{u}] ('{op.use}') reads the output of '{producer.use}', which is "
+                    f"{got[0]} tokens x {got[1]}, but is declared as {want[0]} tokens x {want[1]}; the runtime "
+                    f"passes activations between components unchanged. Set its seq_len to {got[0]} and use the "
+                    "same hidden_size."
+                )
+
+
 def check_plan_matches_job(plan: Plan, graph: MetaGraph) -> None:
     names = [op.name for op in graph.metaops]
     if names != [op.name for op in plan.metaops]:
@@ -81,6 +100,7 @@ class WaveWorker:
     def __init__(self, job: JobSpec, plan: Plan, rank: int, groups: Groups | None = None):
         self.job, self.plan, self.rank, self.groups = job, plan, rank, groups
         self.graph = build_metagraph(job)
+        check_runnable(job, self.graph)
         check_plan_matches_job(plan, self.graph)
         self.comm = CommSchedule(plan)
         self.mine = self.comm.my_slices(rank)

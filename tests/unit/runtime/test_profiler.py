@@ -53,3 +53,4 @@ def test_profile_covers_every_workload_and_feeds_the_planner(tmp_path):
     # the curve the planner used is the measured one (no analytic fallback involved)
     op = graph.metaops[0]
     assert model.layout_time(op, Layout(1, 1)) == trained[-1][1]
+
