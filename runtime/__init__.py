@@ -1,7 +1,9 @@
 """Loom's runtime: what happens on one device.
 
-Owns process groups built from a plan, MetaOp slice execution, inter-wave transfers,
-shared-parameter gradient sync, the optimizer, checkpoint shards and the stage backends
-(megatron-core, torch, diffusers). May import planner types, kernels, torch and backends (lazily);
-never ray or pulp. Not built yet: see the runtime issue.
+Owns the torch modules built from a job spec (modules.py), synthetic data (data.py), the plan's
+data movement as pure data (assignment.py), the wave executor (executor.py: forward wave by wave,
+inter-wave transfers, backward, shared-parameter gradient sync, AdamW), the megatron-core backend
+(megatron_compat.py, megatron_backend.py), the single-process reference (reference.py) and the
+layer profiler (profiler.py). May import planner types, torch and megatron-core (lazily); never
+ray or pulp. Entry point: :class:`runtime.executor.WaveWorker`. See docs/runtime.md.
 """

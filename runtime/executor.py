@@ -109,8 +109,8 @@ class WaveWorker:
         self.task_index = {t.name: i for i, t in enumerate(job.tasks)}
         self.tp_of = self._my_tp_groups()
         self.modules: dict[tuple[str, int], torch.nn.Module] = {}
-        for name, layer, _ in self.holders:
-            if rank in self.holders[(name, layer, _)] and (name, layer) not in self.modules:
+        for (name, layer, _), devices in self.holders.items():
+            if rank in devices and (name, layer) not in self.modules:
                 self.modules[(name, layer)] = self._build((name, layer))
         params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         train = job.training
