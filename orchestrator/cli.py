@@ -1,7 +1,8 @@
 """The ``loom`` command line (typer): parse, call one library function, print.
 
 Commands: ``loom validate`` (load and check a job spec), ``loom schema`` (the job spec's JSON
-schema), ``loom plan`` (plan a job; table or JSON on stdout, optional plan file and Gantt charts).
+schema), ``loom plan`` (plan a job; table or JSON on stdout, optional plan file and Gantt charts),
+``loom run`` (train a job on Ray workers; a summary on stdout, exit code 1 when a worker fails).
 
 Contract with the user: any :class:`~planner.errors.LoomError` and every usage error (missing or
 unreadable file, directory, bad option value, unknown command) ends the command with exactly one
@@ -260,6 +261,68 @@ def plan(
     else:
         console = Console(width=None if sys.stdout.isatty() else TABLE_WIDTH, highlight=False)
         print_plan(result, console, outcome.planning_time_s)
+
+
+@app.command()
+def run(
+    job_path: JobArg,
+    cluster: ClusterOpt = None,
+    plan_path: Annotated[Path | None, typer.Option(
+        "--plan", metavar="PLAN.json", exists=True, dir_okay=False,
+        help="Run this plan (from `loom plan --save`) instead of planning; it must be for this job's MetaOps.",
+    )] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", min=1, help="Train until this many steps are done (default: the job's training.steps).",
+    )] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", metavar="DIR", file_okay=False,
+        help="Output directory: plan.json, metrics.jsonl, ckpt/, logs/ (default: out/<job name>).",
+    )] = None,
+    metrics_port: Annotated[int, typer.Option(
+        "--metrics-port", min=0, max=65535, help="Serve Prometheus metrics on 127.0.0.1:PORT (0: off).",
+    )] = 0,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        "--checkpoint-every", min=0,
+        help="Checkpoint every N steps and at the end (0: never; default: the job's training.checkpoint_every).",
+    )] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue from the latest complete checkpoint in --out (same plan).",
+    )] = False,
+    address: Annotated[str | None, typer.Option(
+        "--address", metavar="ADDR", help="Join this Ray cluster (host:port) instead of starting an embedded one.",
+    )] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Train a job on CPU workers: one Ray actor per device of its plan, with metrics and checkpoints.
+
+    Per-step losses go to stderr, the summary (losses at the start vs the end, step time) to stdout.
+    A worker failure is one `error:` line and exit code 1. See docs/run.md.
+    """
+    from planner.plan import load_plan
+    from planner.spec import load_job
+    from orchestrator.run import RunFailed, RunOptions, run_job, summary_lines
+
+    configure_logging(verbose)
+    job = load_job(job_path, cluster)
+    given_plan = load_plan(plan_path) if plan_path is not None else None
+    options = RunOptions(steps=steps, out_dir=out, metrics_port=metrics_port, checkpoint_every=checkpoint_every,
+                         resume=resume, address=address)
+    try:
+        result = run_job(job, given_plan, options=options)
+    except RunFailed as exc:
+        typer.echo(f"error: {one_line(str(exc))}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; continue from the latest complete checkpoint with --resume", err=True)
+        raise typer.Exit(130) from None
+    for line in summary_lines(result):
+        typer.echo(line)
+
+
+# `loom submit`, `loom status`, `loom logs`, `loom stop` (Ray Jobs API) live in their own module.
+from orchestrator.jobs_cli import register as _register_job_commands  # noqa: E402  (needs `app` above)
+
+_register_job_commands(app)
 
 
 def main() -> None:

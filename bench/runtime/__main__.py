@@ -28,7 +28,7 @@ from runtime.local_world import run_world
 from runtime.profiler import profile_job
 
 log = logging.getLogger("bench.runtime")
-DEFAULT_WORKLOAD = REPO_ROOT / "bench" / "workloads" / "runtime-hetero.yaml"
+DEFAULT_WORKLOAD = REPO_ROOT / "bench" / "runtime" / "hetero.yaml"
 SPEEDUP_TARGET = 1.2
 PREDICTION_TARGET = 0.15
 

@@ -1,0 +1,189 @@
+"""The Ray layer of a run: the embedded local cluster and the actor that runs one device's part of a plan.
+
+:class:`EmbeddedRay` starts (and stops) a Ray cluster private to this process: one logical CPU per
+worker, a short private temp dir under /tmp, no dashboard, token authentication disabled unless
+``RAY_AUTH_MODE`` is set (the cluster lives and dies with the run on this machine).
+
+:class:`WaveActor` is a thin shell around runtime's WaveWorker: one per device (rank) of the plan,
+each reserving one CPU. The driver creates them, then calls :meth:`WaveActor.setup` on all of them
+at once: that call joins the gloo default group (rendezvous at ``master_addr:master_port``,
+collective), builds the plan's sub-groups and the worker. After that every method is one
+collective step of the run, called on every actor: ``train_step``, ``save``, ``load``. Worker
+logic stays in :mod:`runtime.executor`; this module only moves values across the Ray boundary
+(JSON for the job and plan, plain dicts for results).
+
+Imports torch and runtime lazily, inside the actor process: the driver only needs the class.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import ray
+
+log = logging.getLogger(__name__)
+
+GLOO_TIMEOUT = timedelta(minutes=10)  # a collective that waits longer than this means a peer is gone
+AUTH_ENV = "RAY_AUTH_MODE"
+OBJECT_STORE_BYTES = 256 * 1024**2  # a run moves only control data and, on request, parameters
+QUIET = {"logging_level": logging.WARNING, "configure_logging": False, "log_to_driver": False}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (the rendezvous port of the gloo group)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class WaveActor:
+    """One rank of a run. ``job_json``/``plan_json`` are ``JobSpec``/``Plan`` JSON (identical on every rank)."""
+
+    def __init__(self, job_json: str, plan_json: str, rank: int, world_size: int):
+        self.job_json, self.plan_json = job_json, plan_json
+        self.rank, self.world_size = rank, world_size
+        self.worker = None
+
+    def endpoint(self) -> tuple[str, int]:
+        """(this node's IP, a free port on it): rank 0's answer is the rendezvous address on a real cluster."""
+        host = ray.util.get_node_ip_address()
+        return host, free_port(host)
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Collective: join the default gloo group, build the plan's sub-groups and the worker; returns the pid.
+
+        ValueError or NotImplementedError from the worker mean the job or plan cannot run (user input)."""
+        import torch
+        import torch.distributed as dist
+
+        from planner.plan import plan_from_json
+        from planner.spec import JobSpec
+        from runtime.executor import Groups, WaveWorker
+
+        torch.set_num_threads(1)  # one logical CPU per actor; more threads only oversubscribe the cores
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        dist.init_process_group("gloo", rank=self.rank, world_size=self.world_size, timeout=GLOO_TIMEOUT)
+        job = JobSpec.model_validate_json(self.job_json)
+        plan = plan_from_json(self.plan_json)
+        self.worker = WaveWorker(job, plan, self.rank, Groups.create(plan))
+        return os.getpid()
+
+    def train_step(self, step: int) -> dict:
+        """Collective: one training step. Returns {"losses": {task: mean loss}, "seconds": time in this call}."""
+        start = time.perf_counter()
+        losses = self.worker.train_step(step)
+        return {"losses": losses, "seconds": time.perf_counter() - start}
+
+    def save(self, path: str) -> str:
+        """Write this rank's state (modules + optimizer) to ``path`` (temporary name, then rename)."""
+        import torch
+
+        tmp = path + ".tmp"
+        torch.save(self.worker.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load(self, path: str) -> None:
+        """Restore this rank's state from a file written by :meth:`save` for the same plan and rank."""
+        import torch
+
+        self.worker.load_state_dict(torch.load(path, weights_only=True))
+
+    def named_parameters(self) -> dict:
+        """Every parameter this rank holds (copies), keyed as ``WaveWorker.named_parameters``."""
+        return self.worker.named_parameters()
+
+    def close(self) -> None:
+        """Leave the process group (best effort; the driver kills the actor afterwards anyway)."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def create_actors(job_json: str, plan_json: str, world_size: int, num_cpus_per_actor: float = 1.0) -> list:
+    """One :class:`WaveActor` handle per rank (creation is asynchronous; call ``setup`` next)."""
+    remote = ray.remote(num_cpus=num_cpus_per_actor, max_restarts=0, max_task_retries=0)(WaveActor)
+    return [remote.remote(job_json, plan_json, rank, world_size) for rank in range(world_size)]
+
+
+class EmbeddedRay:
+    """A local Ray cluster owned by this process (``with EmbeddedRay(num_cpus) as cluster: ...``).
+
+    ``address="local"`` never attaches to another cluster on this machine (nor to ``RAY_ADDRESS``).
+    The temp dir is short because Ray's socket paths must fit in 107 bytes; it is removed on
+    :meth:`stop`, after the workers' logs that say something were copied out if asked."""
+
+    def __init__(self, num_cpus: int):
+        self.num_cpus = num_cpus
+        self.temp_dir: Path | None = None
+        self._saved_auth: str | None = None
+
+    def start(self) -> EmbeddedRay:
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="loom-ray-", dir="/tmp"))
+        self._saved_auth = os.environ.get(AUTH_ENV)
+        os.environ.setdefault(AUTH_ENV, "disabled")
+        log.info("starting an embedded Ray cluster (%d CPUs, temp dir %s)", self.num_cpus, self.temp_dir)
+        try:
+            ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, _temp_dir=str(self.temp_dir),
+                     object_store_memory=OBJECT_STORE_BYTES, **QUIET)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, keep_logs_in: Path | None = None) -> None:
+        """``ray.shutdown()``, then copy the worker logs to ``keep_logs_in`` (if given) and remove the temp dir."""
+        ray.shutdown()
+        if self.temp_dir is None:
+            return
+        if keep_logs_in is not None:
+            copy_worker_logs(self.temp_dir, keep_logs_in)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.temp_dir = None
+        if self._saved_auth is None:
+            os.environ.pop(AUTH_ENV, None)
+        else:
+            os.environ[AUTH_ENV] = self._saved_auth
+
+    def __enter__(self) -> EmbeddedRay:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def join_cluster(address: str) -> float:
+    """``ray.init(address=...)`` (token auth as Ray is configured); returns the cluster's CPU count."""
+    log.info("joining the Ray cluster at %s", address)
+    ray.init(address=address, **QUIET)
+    return ray.cluster_resources().get("CPU", 0.0)
+
+
+def copy_worker_logs(temp_dir: Path, target: Path) -> None:
+    """Copy the worker stdout/stderr files of a Ray temp dir that hold real output into ``target``."""
+    shutil.rmtree(target, ignore_errors=True)
+    for path in sorted(temp_dir.glob("session_*/logs/worker-*")):
+        if not path.is_file() or path.is_symlink():
+            continue
+        text = path.read_text(errors="replace")
+        # Ray opens every file with ":job_id:..." / ":actor_name:..." lines; keep only real output
+        if any(line.strip() and not line.startswith(":") for line in text.splitlines()):
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target / path.name)
+
+
+def kill_actors(actors: list) -> None:
+    """Kill every actor (no restart); one that is already gone is skipped."""
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception as exc:  # noqa: BLE001 - already dead or the cluster is gone: nothing to kill
+            log.debug("killing an actor: %s", exc)

@@ -1,0 +1,475 @@
+"""The driver of ``loom run``: train a job's plan on Ray actors, with metrics, checkpoints and resume.
+
+Entry point :func:`run_job`. A run is a sequence of named phases (:class:`Driver`):
+
+1. ``prepare``: check the job can run here (CPU cluster, supported losses), plan it or check the
+   given plan belongs to it, settle the output directory and, for ``resume``, the checkpoint to
+   continue from. Every problem found here is a user error (:class:`RunInputError`, exit 2).
+2. ``start_metrics``, ``start_cluster`` (an embedded local Ray cluster with one logical CPU per
+   worker; or ``ray.init(address=...)``; or the Ray session this process already has),
+   ``create_workers`` (one actor per device of the plan, joined in one gloo group), ``restore``
+   (every rank loads its checkpoint file).
+3. ``train``: one collective ``train_step`` per step on every actor; each step is logged to
+   ``metrics.jsonl``, the metrics and the progress reporter; every ``checkpoint_every`` steps the
+   actors write their files and the driver writes the completion marker.
+4. ``shutdown`` (always): kill the actors, stop the embedded cluster (keeping the workers' logs
+   that hold output under ``<out>/logs``) or disconnect from ``--address``, stop the metrics server.
+
+A worker that fails ends the run with :class:`RunFailed` (one line: which worker, which step,
+what it raised; exit 1); the other actors are killed rather than left waiting in a collective.
+Files written under ``<out>``: ``plan.json``, ``metrics.jsonl``, ``ckpt/step_<k>/``, ``logs/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from orchestrator.checkpoint import (
+    CheckpointInfo, begin_checkpoint, find_resume_point, mark_complete, rank_file, remove_checkpoints,
+)
+from orchestrator.metrics import RunMetrics, StepLog, StepRecord
+from planner.errors import LoomError
+from planner.plan import Plan, load_plan
+from planner.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+STEP_LOG_FILE = "metrics.jsonl"
+LOGS_DIR = "logs"
+SETUP_TIMEOUT_S = 300.0
+STARTING = "while starting"  # what a worker was doing when setup failed: its job errors are user errors
+
+
+class RunInputError(LoomError):
+    """The job, plan or options cannot be run as given (the CLI's exit code 2)."""
+
+
+class RunFailed(RuntimeError):
+    """The run started but a worker (or the cluster) failed; the message is one line (exit code 1)."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run a job; ``None`` means the job spec's ``training`` value."""
+
+    steps: int | None = None  # train until this many steps are done (a resumed run counts the earlier ones)
+    out_dir: Path | None = None  # default out/<job name>
+    metrics_port: int = 0  # 0: no Prometheus endpoint
+    checkpoint_every: int | None = None  # 0: never
+    resume: bool = False  # continue from the latest complete checkpoint in out_dir
+    address: str | None = None  # join this Ray cluster instead of starting an embedded one
+    collect_parameters: bool = False  # return every rank's final parameters in RunResult (tests)
+    setup_timeout_s: float = SETUP_TIMEOUT_S
+
+
+@dataclass
+class RunResult:
+    """What a finished run did. ``records`` are this invocation's steps (a resumed run's start at ``first_step``)."""
+
+    job: str
+    plan: Plan
+    out_dir: Path
+    first_step: int
+    last_step: int  # steps done in total when the run ended
+    num_steps: int  # the steps the run was asked to reach
+    records: list[StepRecord] = field(default_factory=list)
+    checkpoints: list[CheckpointInfo] = field(default_factory=list)
+    resumed_from: CheckpointInfo | None = None
+    metrics_port: int | None = None
+    parameters: dict[int, dict[str, Any]] | None = None  # rank -> name -> tensor (collect_parameters only)
+
+    def mean_step_seconds(self) -> float:
+        """Mean measured step time, leaving out the first step (warm-up) when there are several."""
+        times = [r.step_seconds for r in self.records]
+        times = times[1:] if len(times) > 1 else times
+        return sum(times) / len(times) if times else float("nan")
+
+
+class Reporter(Protocol):
+    """Where per-step progress goes (a rich bar on a terminal, log lines otherwise)."""
+
+    def start(self, first_step: int, last_step: int) -> None: ...
+
+    def step(self, record: StepRecord) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def run_job(job: JobSpec, plan: Plan | None = None, *, options: RunOptions = RunOptions(),
+            reporter: Reporter | None = None) -> RunResult:
+    """Train ``job`` with ``plan`` (planned here when None) on Ray; see the module docstring.
+
+    Raises RunInputError for input that cannot run (before any Ray process starts, except a job
+    the workers reject when they build it), RunFailed when a worker or the cluster fails."""
+    from orchestrator.metrics import default_reporter
+
+    return Driver(job, plan, options, reporter or default_reporter()).run()
+
+
+class Driver:
+    """One run's state and its phases (see the module docstring); use :func:`run_job`."""
+
+    def __init__(self, job: JobSpec, plan: Plan | None, options: RunOptions, reporter: Reporter):
+        self.job, self.plan, self.options, self.reporter = job, plan, options, reporter
+        self.out_dir = Path(options.out_dir) if options.out_dir is not None else Path("out") / job.name
+        self.num_steps = options.steps if options.steps is not None else job.training.steps
+        every = options.checkpoint_every
+        self.checkpoint_every = job.training.checkpoint_every if every is None else every
+        self.first_step = 0
+        self.resume_point: CheckpointInfo | None = None
+        self.metrics: RunMetrics | None = None
+        self.metrics_port: int | None = None
+        self.step_log: StepLog | None = None
+        self.actors: list = []
+        self.embedded = None  # EmbeddedRay when this run started its own cluster
+        self.joined = False  # True when this run connected to --address
+        self.records: list[StepRecord] = []
+        self.checkpoints: list[CheckpointInfo] = []
+
+    @property
+    def world_size(self) -> int:
+        return self.plan.cluster.num_nodes * self.plan.cluster.devices_per_node
+
+    def run(self) -> RunResult:
+        self.prepare()
+        if self.first_step >= self.num_steps:  # a resumed run that is already there: start nothing
+            log.info("nothing to train: at step %d of %d", self.first_step, self.num_steps)
+            return self.result(None)
+        parameters = None
+        try:
+            self.start_metrics()
+            self.start_cluster()
+            self.create_workers()
+            self.restore()
+            self.train()
+            if self.options.collect_parameters:
+                parameters = self.gather(lambda a, r: a.named_parameters.remote(), "while collecting parameters")
+        finally:
+            self.shutdown()
+        return self.result(parameters)
+
+    def result(self, parameters: list | None) -> RunResult:
+        return RunResult(
+            job=self.job.name, plan=self.plan, out_dir=self.out_dir, first_step=self.first_step,
+            last_step=self.first_step + len(self.records), num_steps=self.num_steps, records=self.records,
+            checkpoints=self.checkpoints, resumed_from=self.resume_point, metrics_port=self.metrics_port,
+            parameters=dict(enumerate(parameters)) if parameters is not None else None,
+        )
+
+    # ------------------------------------------------------------------ phase 1: inputs
+
+    def prepare(self) -> None:
+        """Check the job and options, settle the plan, the output directory and the first step."""
+        check_runnable_job(self.job, self.options)
+        if self.num_steps < 0 or self.checkpoint_every < 0:
+            raise RunInputError("--steps and --checkpoint-every must be >= 0.")
+        self.plan = self.resolve_plan()
+        if self.options.resume:  # before plan.json is written: a refused resume leaves the directory as it was
+            self.resume_point = find_resume_point(self.out_dir, self.plan.hash)
+            self.first_step = self.resume_point.step
+            log.info("resuming from %s (step %d)", self.resume_point.path, self.first_step)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            plan_path = self.out_dir / PLAN_FILE
+            if not plan_path.is_file() or plan_path.read_text() != self.plan.to_json():
+                self.plan.save(plan_path)
+        except OSError as exc:
+            raise RunInputError(f"--out ({self.out_dir}): cannot write there ({exc.strerror or exc}). "
+                                "Check the path and permissions.") from None
+        if not self.options.resume:
+            removed = remove_checkpoints(self.out_dir)
+            if removed:
+                log.info("removed %d checkpoint(s) of an earlier run in %s", removed, self.out_dir)
+
+    def resolve_plan(self) -> Plan:
+        """The given plan, else the plan a resumed run used (``<out>/plan.json``), else a new one."""
+        plan, source = self.plan, "--plan"
+        saved = self.out_dir / PLAN_FILE
+        if plan is None and self.options.resume and saved.is_file():
+            plan, source = load_plan(saved), str(saved)  # replanning could differ (solver time limits)
+        if plan is None:
+            from planner.api import plan_job
+
+            log.info("planning %s ...", self.job.name)
+            plan = plan_job(self.job, with_baselines=False, progress=log.debug).plan
+        check_plan_for_job(plan, self.job, source)
+        if not self.options.address:
+            check_cpu_device(plan.cluster.device, f"{source}: cluster.device")
+        return plan
+
+    # ------------------------------------------------------------------ phase 2: processes
+
+    def start_metrics(self) -> None:
+        tasks = [t.name for t in self.job.tasks]
+        self.metrics = RunMetrics(tasks, self.plan.predicted.iteration_time_s)
+        if self.options.metrics_port:
+            try:
+                self.metrics_port = self.metrics.serve(self.options.metrics_port)
+            except OSError as exc:
+                raise RunInputError(
+                    f"--metrics-port ({self.options.metrics_port}): cannot serve metrics on 127.0.0.1 "
+                    f"({exc.strerror or exc}). Pick a free port, or 0 to turn metrics off."
+                ) from None
+        if self.resume_point is not None:
+            self.metrics.restarts.inc()
+
+    def start_cluster(self) -> None:
+        """Join ``--address``, or use the Ray session this process already has, or start an embedded cluster."""
+        import ray
+
+        from orchestrator.actors import EmbeddedRay, join_cluster
+
+        if self.options.address:
+            self.joined = True
+            self._check_cluster_cpus(join_cluster(self.options.address), self.options.address)
+        elif ray.is_initialized():  # the caller owns the session (a notebook, a test fixture)
+            log.info("using this process's Ray session")
+            self._check_cluster_cpus(ray.cluster_resources().get("CPU", 0.0), "this process's Ray session")
+        else:
+            self.embedded = EmbeddedRay(self.world_size).start()
+
+    def _check_cluster_cpus(self, available: float, where: str) -> None:
+        if available < self.world_size:
+            raise RunInputError(
+                f"{where}: the cluster has {available:g} CPUs but the plan needs {self.world_size} workers with "
+                "1 CPU each. Add CPUs, or plan for fewer devices."
+            )
+
+    def create_workers(self) -> None:
+        """One actor per device, joined in one gloo group; the workers build their modules from the job."""
+        import ray
+
+        from orchestrator.actors import create_actors, free_port
+
+        self.actors = create_actors(self.job.model_dump_json(), self.plan.to_json(), self.world_size)
+        if self.embedded is not None:  # every actor is on this machine
+            host, port = "127.0.0.1", free_port()
+        else:  # the actors may be on other nodes: rendezvous at rank 0's node
+            host, port = self.gather_one(self.actors[0].endpoint.remote(), 0, STARTING)
+        start = time.perf_counter()
+        try:
+            self.gather(lambda a, r: a.setup.remote(host, port), STARTING, timeout=self.options.setup_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RunFailed(
+                f"the {self.world_size} workers did not start within {self.options.setup_timeout_s:g} s; "
+                "the cluster may lack free CPUs."
+            ) from None
+        log.info("%d workers ready in %.1f s (gloo rendezvous %s:%d)", self.world_size,
+                 time.perf_counter() - start, host, port)
+
+    def restore(self) -> None:
+        if self.resume_point is None:
+            return
+        directory = self.resume_point.path
+        self.gather(lambda a, r: a.load.remote(str(rank_file(directory, r))), "while restoring the checkpoint")
+
+    # ------------------------------------------------------------------ phase 3: steps
+
+    def train(self) -> None:
+        """Steps ``first_step .. num_steps - 1``, each logged; checkpoints on schedule and at the end."""
+        batch = {t.name: t.batch_size for t in self.job.tasks}
+        tokens = tokens_per_sample(self.job)
+        self.step_log = StepLog(self.out_dir / STEP_LOG_FILE, self.first_step)
+        self.reporter.start(self.first_step, self.num_steps)
+        try:
+            for step in range(self.first_step, self.num_steps):
+                record = self.run_step(step, batch, tokens)
+                self.records.append(record)
+                self.step_log.write(record)
+                self.metrics.record_step(record, batch, tokens)
+                self.reporter.step(record)
+                done = step + 1
+                if self.checkpoint_every and (done % self.checkpoint_every == 0 or done == self.num_steps):
+                    self.save_checkpoint(done)
+        finally:
+            self.reporter.close()
+
+    def run_step(self, step: int, batch: dict[str, int], tokens: dict[str, int]) -> StepRecord:
+        start = time.perf_counter()
+        results = self.gather(lambda a, r: a.train_step.remote(step), f"at step {step}")
+        seconds = time.perf_counter() - start
+        losses = results[0]["losses"]  # identical on every rank (all-reduced)
+        return StepRecord(
+            step=step, loss=losses, step_seconds=seconds,
+            samples_per_s={t: batch[t] / seconds for t in losses},
+            tokens_per_s={t: batch[t] * tokens[t] / seconds for t in losses},
+            predicted_iteration_s=self.plan.predicted.iteration_time_s,
+            worker_seconds=[r["seconds"] for r in results],
+        )
+
+    def save_checkpoint(self, done: int) -> None:
+        """Every rank writes its file, then the driver marks ``step_<done>`` complete."""
+        directory = begin_checkpoint(self.out_dir, done)
+        self.gather(lambda a, r: a.save.remote(str(rank_file(directory, r))), f"while writing checkpoint {done}")
+        info = mark_complete(directory, done, self.plan.hash, self.world_size, self.job.name)
+        self.checkpoints.append(info)
+        self.metrics.checkpoints.inc()
+        log.info("checkpoint %s", directory)
+
+    # ------------------------------------------------------------------ remote calls
+
+    def gather(self, call, what: str, timeout: float | None = None) -> list:
+        """Call ``call(actor, rank)`` on every actor; their results in rank order.
+
+        Fails fast: the first worker error raises (RunFailed, or RunInputError when a worker rejects the
+        job while building it) without waiting for the others, which may be stuck in a collective."""
+        import ray
+
+        refs = [call(a, r) for r, a in enumerate(self.actors)]
+        rank_of = {ref: r for r, ref in enumerate(refs)}
+        pending, deadline = list(refs), None if timeout is None else time.monotonic() + timeout
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not done:
+                raise ray.exceptions.GetTimeoutError(f"{what}: timed out")
+            self.gather_one(done[0], rank_of[done[0]], what)
+        return ray.get(refs)
+
+    def gather_one(self, ref, rank: int, what: str) -> Any:
+        """``ray.get(ref)``, turning a worker's failure into one readable line."""
+        import ray
+
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+            log.debug("worker %d failed %s:\n%s", rank, what, exc)
+            message = first_line(cause)
+            if what == STARTING and isinstance(cause, (ValueError, NotImplementedError)):
+                raise RunInputError(f"worker {rank} cannot run this job: {message}") from None
+            raise RunFailed(f"worker {rank} failed {what}: {type(cause).__name__}: {message}") from None
+        except ray.exceptions.RayActorError as exc:
+            raise RunFailed(f"worker {rank} died {what}: {first_line(exc)}") from None
+
+    # ------------------------------------------------------------------ phase 4: cleanup
+
+    def shutdown(self) -> None:
+        """Kill the actors, stop Ray if this run started or joined it, stop the metrics server; keep logs."""
+        if self.step_log is not None:
+            self.step_log.close()
+        if self.actors:
+            from orchestrator.actors import kill_actors
+
+            kill_actors(self.actors)
+            self.actors = []
+        if self.embedded is not None:
+            self.embedded.stop(keep_logs_in=self.out_dir / LOGS_DIR)
+            self.embedded = None
+        elif self.joined:
+            import ray
+
+            ray.shutdown()  # disconnects this driver; the cluster keeps running
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+# --------------------------------------------------------------------------- checks and helpers
+
+
+def check_runnable_job(job: JobSpec, options: RunOptions) -> None:
+    """A RunInputError unless ``loom run`` can train ``job``: losses and chains the runtime runs and, unless it
+    joins a cluster with ``--address``, CPU devices (the embedded cluster is this machine's CPUs)."""
+    from planner.metagraph import build_metagraph
+    from runtime.executor import check_runnable
+    from runtime.modules import check_loss
+
+    if not options.address:
+        check_cpu_device(job.cluster.device, "cluster.device")
+    elif job.cluster.device.lower() != "cpu":
+        log.warning("cluster.device is %s: the workers compute on CPU with gloo for now; the device kind is "
+                    "used for planning only", job.cluster.device)
+    try:
+        for t in range(len(job.tasks)):
+            check_loss(job, t)
+        check_runnable(job, build_metagraph(job))
+    except ValueError as exc:
+        raise RunInputError(str(exc)) from None
+
+
+def check_cpu_device(device: str, where: str) -> None:
+    """The embedded path trains on this machine's CPUs: a RunInputError for any other device kind."""
+    if device.lower() != "cpu":
+        raise RunInputError(
+            f"{where} ('{device}') is not cpu; `loom run` without --address trains on an embedded Ray cluster "
+            "of this machine's CPUs. Send jobs for GPU clusters with `loom submit JOB.yaml --address URL`, or "
+            "set cluster.device: cpu."
+        )
+
+
+def check_plan_for_job(plan: Plan, job: JobSpec, source: str = "--plan") -> None:
+    """A RunInputError unless ``plan`` was made for ``job``'s MetaOps and the runtime can run it (the
+    workers' own check, run here first so that it fails before any Ray process starts)."""
+    from planner.metagraph import build_metagraph
+    from runtime.executor import check_plan_matches_job
+
+    graph = build_metagraph(job)
+    want = [(op.name, op.key, op.num_layers, op.batch_size) for op in graph.metaops]
+    have = [(op.name, op.layer_key, op.num_layers, op.batch_size) for op in plan.metaops]
+    if want != have:
+        diff = next((f"{h[0]} vs {w[0]}" for h, w in zip(have, want) if h != w),
+                    f"{len(have)} MetaOps vs {len(want)}")
+        raise RunInputError(
+            f"{source}: the plan (job '{plan.job}', hash {plan.hash}) was made for other MetaOps than job "
+            f"'{job.name}' (first difference: {diff}). Re-plan with `loom plan JOB.yaml --save PLAN.json`."
+        )
+    try:
+        check_plan_matches_job(plan, graph)  # e.g. tensor parallelism on a kind the runtime runs without it
+    except (ValueError, NotImplementedError) as exc:
+        raise RunInputError(f"{source}: {exc}") from None
+
+
+def tokens_per_sample(job: JobSpec) -> dict[str, int]:
+    """Input positions one sample of each task feeds its root uses (tokens, patches + class token, or rows)."""
+    from planner.components import resolve_shape
+    from runtime.modules import root_uses
+
+    out = {}
+    for t, task in enumerate(job.tasks):
+        total = 0
+        for name in root_uses(job, t):
+            u = next(i for i, use in enumerate(task.components) if use.use_name == name)
+            use = task.components[u]
+            total += resolve_shape(job.components[use.component], use.component, use,
+                                   f"tasks[{t}].components[{u}]").seq_len
+        out[task.name] = total
+    return out
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def summary_lines(result: RunResult) -> list[str]:
+    """The end-of-run summary: losses at the start vs the end per task, measured vs predicted step time."""
+    records = result.records
+    if not records:
+        return [f"{result.job}: nothing to train: already at step {result.last_step}, and the run was asked for "
+                f"{result.num_steps} steps (--steps)."]
+    window = max(1, len(records) // 10)
+    head, tail = records[:window], records[-window:]
+    lines = [
+        f"{result.job}: trained steps {result.first_step}..{result.last_step - 1} on "
+        f"{result.plan.cluster.num_nodes * result.plan.cluster.devices_per_node} workers (plan {result.plan.hash})"
+        + (f", resumed from step {result.first_step}" if result.resumed_from else ""),
+        f"loss per task, mean of the first {window} vs the last {window} step(s):",
+    ]
+    width = max(len(task) for task in records[0].loss)
+    for task in records[0].loss:
+        first = sum(r.loss[task] for r in head) / window
+        last = sum(r.loss[task] for r in tail) / window
+        change = f"{(last - first) / abs(first) * 100:+.0f}%" if first else "-"
+        lines.append(f"  {task:<{width}}  {first:.4f} -> {last:.4f}  ({change})")
+    mean, predicted = result.mean_step_seconds(), result.plan.predicted.iteration_time_s
+    ratio = f" ({mean / predicted:.1f}x the prediction)" if predicted > 0 else ""
+    lines.append(f"step time: {mean:.3f} s measured (mean after the first step), {predicted:.4f} s predicted{ratio}")
+    lines.append(f"outputs: {result.out_dir / STEP_LOG_FILE}"
+                 + (f", checkpoint {result.checkpoints[-1].path}" if result.checkpoints else ""))
+    return lines

@@ -1,0 +1,299 @@
+"""`loom run` end to end on an embedded Ray cluster of 2 CPU workers.
+
+The CLI test starts and stops its own Ray cluster, as `loom run` does; the library-level runs share
+one embedded cluster per module (each run still creates, and kills, its own actors). Every test
+must leave no Ray process behind. Checked: the CLI trains and logs one metrics line per step; a run
+stopped at a checkpoint and resumed gives exactly the losses and final parameters of an
+uninterrupted run; the Prometheus endpoint serves the step metrics while training; a worker that
+dies ends the run with one error line and exit code 1; bad input (a GPU cluster, a plan for
+another job, a checkpoint of another plan, a job the workers cannot build) is refused with exit
+code 2 and one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from orchestrator.actors import EmbeddedRay, free_port
+from orchestrator.checkpoint import latest_complete, mark_complete, rank_file, step_dir
+from orchestrator.cli import app
+from orchestrator.metrics import LogReporter, StepRecord, read_step_log
+from orchestrator.run import Driver, RunOptions, run_job
+from planner.api import plan_job
+from planner.spec import parse_job
+
+JOB = {
+    "name": "run-test",
+    "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+    "components": {
+        "img": {"kind": "vit", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "patch_size": 4,
+                "image_size": 8, "in_channels": 3},
+        "txt": {"kind": "transformer", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "seq_len": 6},
+        "aud": {"kind": "transformer", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "seq_len": 6},
+    },
+    "tasks": [
+        {"name": "caption", "batch_size": 8, "loss": "cross_entropy",
+         "components": [{"component": "img"}, {"component": "txt", "seq_len": 5}]},
+        {"name": "align", "batch_size": 4, "loss": "contrastive",
+         "components": [{"component": "aud", "after": []}, {"component": "txt", "after": []}]},
+    ],
+    "training": {"steps": 4, "lr": 1e-2, "seed": 7},
+    "planner": {"time_limit_s": 2},
+}
+
+
+# --------------------------------------------------------------------------- helpers and fixtures
+
+
+def descendants(root: int) -> dict[int, str]:
+    """Command line of every live descendant process of ``root``, by pid (read from /proc)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [root]
+    while frontier:
+        pid_of_parent = frontier.pop()
+        children = [pid for pid, ppid in parent.items() if ppid == pid_of_parent]
+        found += children
+        frontier += children
+    out = {}
+    for pid in found:
+        try:
+            out[pid] = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
+        except OSError:
+            pass
+    return out
+
+
+def assert_no_new_descendants(before: dict[int, str], timeout_s: float = 15) -> None:
+    """Every process started since ``before`` (Ray's gcs, raylet, workers) is gone within ``timeout_s``.
+
+    Processes that were already there (e.g. multiprocessing's resource tracker of an earlier test) are
+    not this module's to clean up."""
+    deadline = time.monotonic() + timeout_s
+    while (left := {p: c for p, c in descendants(os.getpid()).items() if p not in before}) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes left behind: {sorted(left.values())}"
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    """A test that ran without the shared session must end with the processes it started gone."""
+    before = descendants(os.getpid())
+    yield
+    if not ray.is_initialized():
+        assert_no_new_descendants(before)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One embedded cluster (private temp dir) for this module's library-level runs; stopped at the end."""
+    before = descendants(os.getpid())
+    cluster = EmbeddedRay(num_cpus=2).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+    assert_no_new_descendants(before)
+
+
+def write_job(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def job():
+    return parse_job(JOB)
+
+
+@pytest.fixture(scope="module")
+def plan(job):
+    return plan_job(job, with_baselines=False).plan
+
+
+@pytest.fixture(scope="module")
+def plan_file(plan, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    plan.save(path)
+    return path
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def assert_one_error_line(result, exit_code: int, *fragments: str) -> str:
+    """Exit code, and stderr ends with exactly one ``error:`` line (progress log lines may precede it)."""
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == exit_code, (result.exit_code, result.stderr, result.exception)
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_cli_run_trains_and_logs_every_step(runner, tmp_path):
+    job_path = write_job(tmp_path / "job.yaml", JOB)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(job_path), "--steps", "3", "--out", str(out)])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    records = read_step_log(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for record in records:
+        assert set(record["loss"]) == {"caption", "align"}
+        assert all(math.isfinite(v) for v in record["loss"].values())
+        assert record["step_seconds"] > 0
+        # throughput is the task's batch over the step's time
+        assert record["samples_per_s"]["caption"] == pytest.approx(8 / record["step_seconds"])
+    assert (out / "plan.json").is_file()
+    assert not (out / "ckpt").exists() or latest_complete(out) is None  # checkpointing is off by default
+    assert "loss per task" in result.stdout and "caption" in result.stdout
+
+
+def test_resumed_run_equals_uninterrupted_run(ray_session, job, plan, tmp_path):
+    whole = run_job(job, plan, options=RunOptions(steps=4, out_dir=tmp_path / "whole", collect_parameters=True))
+    first = run_job(job, plan, options=RunOptions(steps=2, out_dir=tmp_path / "split", checkpoint_every=2))
+    assert [c.step for c in first.checkpoints] == [2]
+    assert latest_complete(tmp_path / "split").step == 2
+    second = run_job(job, plan, options=RunOptions(steps=4, out_dir=tmp_path / "split", resume=True,
+                                                   collect_parameters=True))
+    assert second.first_step == 2 and [r.step for r in second.records] == [2, 3]
+    assert [r.loss for r in first.records] == [r.loss for r in whole.records[:2]]
+    assert [r.loss for r in second.records] == [r.loss for r in whole.records[2:]]
+    assert whole.records[3].loss != whole.records[0].loss  # training moved the parameters
+    assert set(second.parameters) == set(whole.parameters) == {0, 1}
+    for rank, params in whole.parameters.items():
+        assert params.keys() == second.parameters[rank].keys()
+        for name, tensor in params.items():
+            assert torch.equal(tensor, second.parameters[rank][name]), f"rank {rank} {name}"
+    # the step log of the resumed directory holds every step once, with the uninterrupted run's losses
+    logged = read_step_log(tmp_path / "split" / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [0, 1, 2, 3]
+    assert [r["loss"] for r in logged] == [r.loss for r in whole.records]
+
+
+class ScrapingReporter(LogReporter):
+    """Scrapes the metrics endpoint after every step (while the run is alive)."""
+
+    def __init__(self, port: int):
+        super().__init__()
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.pages: list[str] = []
+
+    def step(self, record: StepRecord) -> None:
+        super().step(record)
+        with urllib.request.urlopen(self.url, timeout=10) as response:
+            self.pages.append(response.read().decode())
+
+
+def test_prometheus_endpoint_serves_step_metrics(ray_session, job, plan, tmp_path):
+    port = free_port()
+    reporter = ScrapingReporter(port)
+    result = run_job(job, plan, options=RunOptions(steps=2, out_dir=tmp_path, metrics_port=port), reporter=reporter)
+    assert result.metrics_port == port and len(reporter.pages) == 2
+    first, last = reporter.pages
+    assert "loom_step_seconds_count 1.0" in first and "loom_step_seconds_count 2.0" in last
+    assert 'loom_samples_total{task="caption"} 16.0' in last  # 2 steps x batch 8
+    assert 'loom_samples_total{task="align"} 8.0' in last
+    assert 'loom_task_loss{task="align"}' in last and "loom_iteration_predicted_seconds" in last
+    with pytest.raises(OSError):  # the server is gone with the run
+        urllib.request.urlopen(reporter.url, timeout=2)
+
+
+def test_worker_that_dies_ends_the_run_with_one_line(ray_session, runner, plan_file, tmp_path, monkeypatch):
+    def run_step_killing_a_worker(self, step, batch, tokens):
+        if step == 1:
+            ray.kill(self.actors[1], no_restart=True)
+        return original(self, step, batch, tokens)
+
+    original = Driver.run_step
+    monkeypatch.setattr(Driver, "run_step", run_step_killing_a_worker)
+    out = tmp_path / "o"
+    job_path = write_job(tmp_path / "job.yaml", JOB)
+    result = runner.invoke(app, ["run", str(job_path), "--plan", str(plan_file), "--out", str(out), "--steps", "3"])
+    line = assert_one_error_line(result, 1, "at step 1:")
+    assert line.startswith(("error: worker 1 died", "error: worker 0 failed")), line  # whichever reports first
+    assert [r["step"] for r in read_step_log(out / "metrics.jsonl")] == [0]
+
+
+def test_job_the_workers_cannot_build_is_input_error(ray_session, runner, tmp_path):
+    doc = copy.deepcopy(JOB)
+    doc["tasks"][1]["components"].append({"component": "img", "after": []})  # contrastive needs exactly 2 leaves
+    result = runner.invoke(app, ["run", str(write_job(tmp_path / "job.yaml", doc)), "--out", str(tmp_path / "o")])
+    assert_one_error_line(result, 2, "cannot run this job", "contrastive")
+
+
+# --------------------------------------------------------------------------- refused before Ray starts
+
+
+def test_gpu_cluster_is_refused(runner, tmp_path):
+    doc = copy.deepcopy(JOB)
+    doc["cluster"]["device"] = "h100"
+    result = runner.invoke(app, ["run", str(write_job(tmp_path / "job.yaml", doc)), "--out", str(tmp_path / "o")])
+    assert_one_error_line(result, 2, "cluster.device ('h100')", "loom submit")
+    assert not (tmp_path / "o").exists()
+
+
+def test_plan_of_another_job_is_refused(runner, plan_file, tmp_path):
+    doc = copy.deepcopy(JOB)
+    doc["name"] = "other"
+    doc["components"]["txt"]["num_layers"] = 3
+    args = ["run", str(write_job(tmp_path / "job.yaml", doc)), "--plan", str(plan_file), "--out", str(tmp_path / "o")]
+    assert_one_error_line(runner.invoke(app, args), 2, "--plan", "other MetaOps", "loom plan")
+
+
+def test_resume_needs_a_complete_checkpoint_of_the_same_plan(runner, plan, plan_file, tmp_path):
+    job_path = write_job(tmp_path / "job.yaml", JOB)
+    out = tmp_path / "o"
+    args = ["run", str(job_path), "--plan", str(plan_file), "--out", str(out), "--resume"]
+    assert_one_error_line(runner.invoke(app, args), 2, "no complete checkpoint")
+    directory = step_dir(out, 2)
+    directory.mkdir(parents=True)
+    for rank in range(2):
+        rank_file(directory, rank).write_bytes(b"")
+    mark_complete(directory, 2, "0123456789abcdef", 2, plan.job)
+    assert_one_error_line(runner.invoke(app, args), 2, "0123456789abcdef", plan.hash, "same plan")
+
+
+# --------------------------------------------------------------------------- checkpoint directory rules
+
+
+def test_latest_complete_skips_unfinished_checkpoints(tmp_path):
+    for step, ranks, complete in ((2, 2, True), (4, 2, True), (6, 1, False), (8, 2, False)):
+        directory = step_dir(tmp_path, step)
+        directory.mkdir(parents=True)
+        for rank in range(ranks):
+            rank_file(directory, rank).write_bytes(b"x")
+        if complete:
+            mark_complete(directory, step, "h", 2, "job")
+    # step 6 was marked by hand with a rank file missing: not complete either
+    (step_dir(tmp_path, 6) / "COMPLETE").write_text(json.dumps({"step": 6, "plan_hash": "h", "num_ranks": 2}))
+    info = latest_complete(tmp_path)
+    assert (info.step, info.plan_hash, info.num_ranks) == (4, "h", 2)
+    rank_file(step_dir(tmp_path, 4), 1).unlink()
+    assert latest_complete(tmp_path).step == 2
