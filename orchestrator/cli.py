@@ -85,7 +85,7 @@ class LoomGroup(TyperGroup):
 app = typer.Typer(
     cls=LoomGroup,
     name="loom",
-    help="Plan (and later run) multi-task multi-modal training jobs across a cluster.",
+    help="Plan and run multi-task multi-modal training jobs across a cluster.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -183,7 +183,7 @@ def _root(
         "--version", is_eager=True, callback=_print_version, help="Print Loom's version and exit.",
     )] = False,
 ) -> None:
-    """Plan (and later run) multi-task multi-modal training jobs across a cluster."""
+    """Plan and run multi-task multi-modal training jobs across a cluster."""
 
 
 def _version() -> str:
@@ -261,6 +261,34 @@ def plan(
     else:
         console = Console(width=None if sys.stdout.isatty() else TABLE_WIDTH, highlight=False)
         print_plan(result, console, outcome.planning_time_s)
+
+
+@app.command()
+def profile(
+    job_path: JobArg,
+    cluster: ClusterOpt = None,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", metavar="COSTS.json", callback=_check_output_path,
+        help="Where to write the profiled cost file (for `loom plan --costs`).",
+    )] = Path("costs.json"),
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs per point (median).")] = 5,
+    verbose: Verbose = False,
+) -> None:
+    """Measure every MetaOp's layer time on this machine at the per-device batches the planner uses.
+
+    Writes the profiled cost file `loom plan --costs` reads. Times one layer of each distinct layer
+    workload with one thread (as a worker runs), forward+backward, tensor parallel degree 1.
+    """
+    from planner.spec import load_job
+    from runtime.profiler import profile_job  # local: torch loads only when profiling
+
+    configure_logging(verbose)
+    job = load_job(job_path, cluster)
+    with ExitStack() as stack:
+        costs = profile_job(job, repeats=repeats, progress=_progress_reporter(stack))
+    _write_output(output, lambda path: path.write_text(json.dumps(costs, indent=1) + "\n"), "cost file")
+    typer.echo(f"{output}: {len(costs['points'])} layer workloads profiled on {job.cluster.device}. "
+               f"Plan with: loom plan {job_path} --costs {output}")
 
 
 @app.command()

@@ -54,3 +54,23 @@ def test_profile_covers_every_workload_and_feeds_the_planner(tmp_path):
     op = graph.metaops[0]
     assert model.layout_time(op, Layout(1, 1)) == trained[-1][1]
 
+
+
+def test_loom_profile_writes_a_cost_file_that_loom_plan_reads(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job().model_dump(mode="json")))
+    costs = tmp_path / "costs.json"
+    runner = CliRunner()
+    result = runner.invoke(app, ["profile", str(job_file), "--output", str(costs), "--repeats", "2"])
+    assert result.exit_code == 0, result.output
+    assert "layer workloads profiled on cpu" in result.output
+    assert set(json.loads(costs.read_text())["points"])  # measured points for at least one workload
+    planned = runner.invoke(app, ["plan", str(job_file), "--costs", str(costs), "--output", "json",
+                                  "--no-baselines"])
+    assert planned.exit_code == 0, planned.output
+    assert json.loads(planned.stdout)["cost_model"] == "profiled"
