@@ -34,24 +34,9 @@ from orchestrator.run import Driver, RunOptions, run_job
 from planner.api import plan_job
 from planner.spec import parse_job
 
-JOB = {
-    "name": "run-test",
-    "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
-    "components": {
-        "img": {"kind": "vit", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "patch_size": 4,
-                "image_size": 8, "in_channels": 3},
-        "txt": {"kind": "transformer", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "seq_len": 6},
-        "aud": {"kind": "transformer", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "seq_len": 6},
-    },
-    "tasks": [
-        {"name": "caption", "batch_size": 8, "loss": "cross_entropy",
-         "components": [{"component": "img"}, {"component": "txt", "seq_len": 5}]},
-        {"name": "align", "batch_size": 4, "loss": "contrastive",
-         "components": [{"component": "aud", "after": []}, {"component": "txt", "after": []}]},
-    ],
-    "training": {"steps": 4, "lr": 1e-2, "seed": 7},
-    "planner": {"time_limit_s": 2},
-}
+from _jobs import two_task_job  # tests/integration/_jobs.py
+
+JOB = two_task_job(2, steps=4)
 
 
 # --------------------------------------------------------------------------- helpers and fixtures

@@ -18,30 +18,14 @@ from runtime.assignment import CommSchedule
 from runtime.local_world import run_world
 from runtime.reference import ReferenceTrainer
 
+from _jobs import two_task_job  # tests/integration/_jobs.py
+
 STEPS = 3
 RTOL = 1e-5
 
 
 def tiny_job(num_devices: int) -> dict:
-    return {
-        "name": "equivalence",
-        "cluster": {"num_nodes": 1, "devices_per_node": num_devices, "device": "cpu"},
-        "components": {
-            "img": {"kind": "vit", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "patch_size": 4,
-                    "image_size": 8, "in_channels": 3},
-            "txt": {"kind": "transformer", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "seq_len": 6},
-            "aud": {"kind": "transformer", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "seq_len": 6},
-        },
-        "tasks": [
-            # image -> shared text tower (a chain: txt reads img's 5 tokens), classification
-            {"name": "caption", "batch_size": 8, "loss": "cross_entropy",
-             "components": [{"component": "img"}, {"component": "txt", "seq_len": 5}]},
-            # audio and text towers as independent branches, paired by a contrastive-style loss
-            {"name": "align", "batch_size": 4, "loss": "contrastive",
-             "components": [{"component": "aud", "after": []}, {"component": "txt", "after": []}]},
-        ],
-        "training": {"steps": STEPS, "lr": 1e-2, "seed": 7},
-    }
+    return two_task_job(num_devices, STEPS)
 
 
 def plan_from_waves(job, waves: list[list[tuple[str, int, int]]]):

@@ -1,0 +1,27 @@
+"""The small two-task job the runtime's integration tests train (imported by those test files)."""
+
+from __future__ import annotations
+
+
+def two_task_job(num_devices: int, steps: int = 3) -> dict:
+    """2 tasks, 3 components; the text tower `txt` is shared: a chain (img -> txt) and two branches."""
+    return {
+        "name": "two-task",
+        "cluster": {"num_nodes": 1, "devices_per_node": num_devices, "device": "cpu"},
+        "components": {
+            "img": {"kind": "vit", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "patch_size": 4,
+                    "image_size": 8, "in_channels": 3},
+            "txt": {"kind": "transformer", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "seq_len": 6},
+            "aud": {"kind": "transformer", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "seq_len": 6},
+        },
+        "tasks": [
+            # image -> shared text tower (a chain: txt reads img's 5 tokens), classification
+            {"name": "caption", "batch_size": 8, "loss": "cross_entropy",
+             "components": [{"component": "img"}, {"component": "txt", "seq_len": 5}]},
+            # audio and text towers as independent branches, paired by a contrastive-style loss
+            {"name": "align", "batch_size": 4, "loss": "contrastive",
+             "components": [{"component": "aud", "after": []}, {"component": "txt", "after": []}]},
+        ],
+        "training": {"steps": steps, "lr": 1e-2, "seed": 7},
+        "planner": {"time_limit_s": 2},
+    }
