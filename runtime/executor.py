@@ -296,11 +296,14 @@ class WaveWorker:
     # ------------------------------------------------------------------ gradients and losses
 
     def _sync_gradients(self) -> None:
-        """Sum each parameter shard's gradient over the devices that hold it (same sorted order on every rank)."""
-        for (name, layer, shard), devices in self.holders.items():
-            if self.rank not in devices or len(devices) < 2:
-                continue
-            params = [p for p in self.modules[(name, layer)].parameters() if p.requires_grad]
+        """Sum each parameter shard's gradient over the devices that hold it: one all-reduce per device set
+        (a bucket of every shard those devices share), in the same sorted order on every rank."""
+        buckets: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
+        for (name, layer, _), devices in self.holders.items():
+            if self.rank in devices and len(devices) > 1:
+                params = [p for p in self.modules[(name, layer)].parameters() if p.requires_grad]
+                buckets.setdefault(devices, []).extend(params)
+        for devices, params in sorted(buckets.items()):
             if not params:
                 continue
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
