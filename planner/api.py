@@ -51,10 +51,11 @@ def make_cost_model(job: JobSpec, costs: str | Path | None = None) -> CostModel:
     """The analytic cost model of the job's cluster, or a profiled one (analytic fallback) from ``costs``."""
     hw = resolve_hardware(job.cluster)
     shard = job.training.shard_optimizer
-    analytic = AnalyticCostModel(hw, shard_optimizer=shard)
+    grad_bytes = 4 if job.training.precision == "fp32" else 2
+    analytic = AnalyticCostModel(hw, shard_optimizer=shard, grad_bytes=grad_bytes)
     if costs is None:
         return analytic
-    return ProfiledCostModel.load(costs, hw, fallback=analytic, shard_optimizer=shard)
+    return ProfiledCostModel.load(costs, hw, fallback=analytic, shard_optimizer=shard, grad_bytes=grad_bytes)
 
 
 def spec_hash(job: JobSpec) -> str:

@@ -82,9 +82,10 @@ class CostModel:
 
     source = "base"
 
-    def __init__(self, hardware: Hardware, shard_optimizer: bool = True):
+    def __init__(self, hardware: Hardware, shard_optimizer: bool = True, grad_bytes: int = 2):
         self.hw = hardware
         self.shard_optimizer = shard_optimizer
+        self.grad_bytes = grad_bytes  # bytes per gradient element all-reduced (2 for bf16/fp16, 4 for fp32)
         self._curves: dict[tuple, Curve] = {}
 
     # ---- what subclasses provide
@@ -232,14 +233,14 @@ class ProfiledCostModel(CostModel):
     source = "profiled"
 
     def __init__(self, hardware: Hardware, points: dict[str, list[tuple[float, float]]], fallback: CostModel | None = None,
-                 shard_optimizer: bool = True):
-        super().__init__(hardware, shard_optimizer)
+                 shard_optimizer: bool = True, grad_bytes: int = 2):
+        super().__init__(hardware, shard_optimizer, grad_bytes)
         self.points = {k: sorted((float(b), float(t)) for b, t in v) for k, v in points.items()}
         self.fallback = fallback
 
     @classmethod
     def load(cls, path: str | Path, hardware: Hardware, fallback: CostModel | None = None,
-             shard_optimizer: bool = True) -> ProfiledCostModel:
+             shard_optimizer: bool = True, grad_bytes: int = 2) -> ProfiledCostModel:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -255,7 +256,7 @@ class ProfiledCostModel(CostModel):
                 f"{path}: not a profiled cost file (expected JSON with a 'points' mapping of "
                 "[[local_batch, seconds], ...] lists)."
             ) from None
-        return cls(hardware, points, fallback, shard_optimizer)
+        return cls(hardware, points, fallback, shard_optimizer, grad_bytes)
 
     def layout_time(self, op: MetaOp, layout: Layout) -> float:
         pts = self.points.get(profile_key(op, layout))

@@ -71,7 +71,6 @@ from planner.metagraph import MetaOp
 from planner.placement import MemoryLedger, PlacedSchedule, PlacedSlice, all_slices, build_ledger
 from planner.schedule import Problem
 
-GRAD_BYTES_PER_PARAM = 2  # bf16 gradients are all-reduced
 
 
 @dataclass(frozen=True)
@@ -346,7 +345,7 @@ def bucket_time(bucket: SyncBucket, cost_model: CostModel) -> float:
     participants = len(bucket.devices) // bucket.tp_degree
     dpn = cost_model.hw.devices_per_node
     cross = bucket.devices[0] // dpn != bucket.devices[-1] // dpn
-    nbytes = GRAD_BYTES_PER_PARAM * bucket.num_params / bucket.tp_degree
+    nbytes = cost_model.grad_bytes * bucket.num_params / bucket.tp_degree
     return cost_model.allreduce_time(nbytes, participants, cross_node=cross)
 
 
@@ -464,7 +463,7 @@ def _sync_infos(ledger: MemoryLedger, outcome: SyncOutcome) -> tuple[list[SyncIn
             continue  # one replica per shard: nothing to all-reduce
         index[i] = len(infos)
         metaops = tuple(sorted({ledger.slices[j].metaop for j in cover}))
-        infos.append(SyncInfo(bucket.param_group, metaops, bucket.devices, GRAD_BYTES_PER_PARAM * bucket.num_params, t))
+        infos.append(SyncInfo(bucket.param_group, metaops, bucket.devices, ledger.cost_model.grad_bytes * bucket.num_params, t))
     return infos, tuple(index[i] for i in outcome.launch_order if i in index)
 
 

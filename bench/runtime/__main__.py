@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", default=str(DEFAULT_WORKLOAD))
     parser.add_argument("--steps", type=int, default=8, help="timed steps per schedule")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each schedule")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating runs of each schedule")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     job = load_job(args.workload)

@@ -331,3 +331,17 @@ def test_profiled_load_malformed_file(tmp_path, text):
     with pytest.raises(SpecError, match="not a profiled cost file") as info:
         ProfiledCostModel.load(path, hardware())
     assert str(path) in str(info.value)
+
+
+def test_gradient_bytes_follow_the_training_precision():
+    from planner.api import make_cost_model
+    from planner.spec import parse_job
+
+    def job(precision):
+        return parse_job({"name": "p", "cluster": {"device": "cpu", "devices_per_node": 2},
+                          "components": {"c": {"kind": "mlp", "num_layers": 1, "hidden_size": 8}},
+                          "tasks": [{"name": "t", "batch_size": 2, "components": [{"component": "c"}]}],
+                          "training": {"precision": precision}})
+
+    assert make_cost_model(job("bf16")).grad_bytes == 2
+    assert make_cost_model(job("fp32")).grad_bytes == 4

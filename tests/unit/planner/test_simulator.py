@@ -14,7 +14,7 @@ from planner.metagraph import MetaOp, finalize_graph
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, all_slices, build_ledger, place_schedule
 from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule
 from planner.simulator import (
-    GRAD_BYTES_PER_PARAM, Phase, backward_ends, boundary_time, bucket_time, finish_iteration, resplit_flows,
+    Phase, backward_ends, boundary_time, bucket_time, finish_iteration, resplit_flows,
     simulate, simulate_transfers, split_passes, sync_buckets,
 )
 
@@ -60,7 +60,7 @@ def test_single_wave_iteration_is_compute_plus_sync_plus_optimizer():
     problem = problem_of(o)
     sim = simulate(problem, placed(problem, [(0, 0, 6, (0, 1, 2, 3))]), CM)
     compute = 8 * 1e9 / 4 / 1e12 * 6  # 2 samples per device, 1 GFLOP each, on a 1 TFLOP/s linear model
-    sync = CM.allreduce_time(GRAD_BYTES_PER_PARAM * 2e6 * 6, 4, cross_node=False)
+    sync = CM.allreduce_time(CM.grad_bytes * 2e6 * 6, 4, cross_node=False)
     optimizer = CM.optimizer_time(2e6 * 6 / 4)  # ZeRO-1: each of the 4 replicas steps a quarter
     assert sim.compute_s == pytest.approx(compute)
     assert sim.wave_durations == (pytest.approx(compute),)
