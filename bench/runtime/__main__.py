@@ -16,7 +16,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.common import REPO_ROOT, environment, write_results
+from bench.common import REPO_ROOT, write_results
 from planner.api import make_cost_model, plan_job, plan_schedule
 from planner.costmodel import ProfiledCostModel
 from planner.devices import resolve_hardware

@@ -7,7 +7,6 @@ batches; per-step losses and final parameters must agree within 1e-5 (relative, 
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from planner.api import plan_job, plan_schedule

@@ -7,7 +7,6 @@ selection and its target verdicts, which must never turn a miss into a PASS.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
