@@ -13,7 +13,7 @@ attention FLOPs count the full s x s score matrix (causal kernels do about half)
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.errors import SpecError, did_you_mean
 from planner.spec import ComponentSpec, JobSpec, TaskComponentSpec
@@ -41,6 +41,7 @@ class UseShape:
 
     seq_len: int
     image_size: int | None
+    cross_len: int | None = None  # decoder: length of the memory it cross-attends to (its upstream's output)
 
 
 def _transformer_layer(
@@ -95,12 +96,21 @@ def _llama(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegment
 
 
 def _decoder(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegment]:
-    _need(comp, name, "num_heads", "cross_seq_len")
+    """Self-attention over the use's stream, cross-attention to the memory, MLP. The memory travels with
+    the stream through the layers (the runtime carries both in one tensor), so it counts in the boundary."""
+    _need(comp, name, "num_heads")
+    cross = shape.cross_len or comp.cross_seq_len
+    if cross is None:
+        raise SpecError(
+            f"components.{name}.cross_seq_len: required for a decoder use with no upstream use to attend to. "
+            "Add `cross_seq_len:` or feed the use from another use."
+        )
     f = comp.ffn_hidden_size or 4 * comp.hidden_size
-    key, *rest = _transformer_layer(
-        "decoder", comp.hidden_size, f, shape.seq_len, comp.num_heads, cross_len=comp.cross_seq_len
+    key, flops, params, act, _, tp_bytes, kernels = _transformer_layer(
+        "decoder", comp.hidden_size, f, shape.seq_len, comp.num_heads, cross_len=cross
     )
-    return [LayerSegment(key, comp.num_layers, *rest)]
+    out = float((shape.seq_len + cross) * comp.hidden_size * BYTES_PER_ACT)
+    return [LayerSegment(key, comp.num_layers, flops, params, act, out, tp_bytes, kernels)]
 
 
 def _mlp(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegment]:
@@ -181,7 +191,25 @@ def expand_use(job: JobSpec, task_index: int, use_index: int) -> list[LayerSegme
     comp = job.components[use.component]
     where = f"tasks[{task_index}].components[{use_index}]"
     shape = resolve_shape(comp, use.component, use, where)
+    if comp.kind == "decoder":
+        shape = replace(shape, cross_len=upstream_seq_len(job, task_index, use_index))
     return KINDS[comp.kind](comp, use.component, shape)
+
+
+def upstream_seq_len(job: JobSpec, task_index: int, use_index: int) -> int | None:
+    """Sequence length of the output feeding use ``use_index`` (its first upstream use); None for a root use."""
+    task = job.tasks[task_index]
+    use = task.components[use_index]
+    upstream = use.after if use.after is not None else ([task.components[use_index - 1].use_name] if use_index else [])
+    if not upstream:
+        return None
+    u = next(i for i, other in enumerate(task.components) if other.use_name == upstream[0])
+    producer = task.components[u]
+    comp = job.components[producer.component]
+    shape = resolve_shape(comp, producer.component, producer, f"tasks[{task_index}].components[{u}]")
+    if comp.kind == "decoder":  # a decoder's output carries its memory after its stream
+        return shape.seq_len + (upstream_seq_len(job, task_index, u) or comp.cross_seq_len or 0)
+    return shape.seq_len
 
 
 def check_components(job: JobSpec) -> None:

@@ -151,6 +151,11 @@ class JobSpec(StrictModel):
     tasks: list[TaskSpec] = Field(min_length=1, description="Tasks trained together.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training settings.")
     planner: PlannerSpec = Field(default_factory=PlannerSpec, description="Planner settings.")
+    recipe: str | None = Field(
+        None,
+        description="Recipe package under recipes/ (e.g. medical) whose losses and dataset the runtime loads; "
+        "none: the built-in losses and synthetic data.",
+    )
 
     @model_validator(mode="after")
     def _check_references(self) -> JobSpec:

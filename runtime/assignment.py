@@ -194,7 +194,8 @@ def device_sets_for_sync(plan: Plan, schedule: CommSchedule) -> dict[tuple[str, 
 
     Keys ``(name, layer, shard)``: ``(param_group, layer, tp rank)`` for layers (each TP rank holds its own
     shard; summing over one TP rank's devices adds one contribution per data-parallel rank),
-    ``("embed:" + component, 0, 0)`` for embeddings (held where a root MetaOp's layer 0 runs) and
+    ``("embed:" + component, 0, 0)`` for embeddings (held where a root MetaOp's layer 0 runs, and where a
+    decoder MetaOp's layer 0 runs: its bridge) and
     ``("head:" + task, 0, 0)`` for task heads (held by the loss host's first TP devices). An embedding
     on a device that is not the first of its TP group takes no gradient (see the executor)."""
     holders: dict[tuple[str, int, int], set[int]] = {}
@@ -203,7 +204,7 @@ def device_sets_for_sync(plan: Plan, schedule: CommSchedule) -> dict[tuple[str, 
         for i, device in enumerate(s.devices):
             for layer in range(s.first_layer, s.first_layer + s.num_layers):
                 holders.setdefault((op.param_group, layer, i % s.tp_degree), set()).add(device)
-        if s.first_layer == 0 and not op.deps:
+        if s.first_layer == 0 and (not op.deps or op.layer_key.startswith("decoder[")):  # decoders: their bridge
             holders.setdefault(("embed:" + op.component, 0, 0), set()).update(s.devices)
     for host in schedule.loss_hosts:
         s = schedule.slices[host.host]

@@ -14,14 +14,16 @@ sequences (``a, a+d, a+2d, ...`` mod vocab with 10% noise).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from planner.components import resolve_shape
 from planner.spec import JobSpec
 from runtime.modules import (
-    DEFAULT_VOCAB, NUM_CLASSES, TOKEN_KINDS, check_loss, root_uses, stable_seed, use_component,
+    DEFAULT_VOCAB, NUM_CLASSES, TOKEN_KINDS, check_loss, is_token_decoder, load_recipe, root_uses, stable_seed,
+    use_component,
 )
 
 LM_NOISE = 0.1  # fraction of positions of an lm sequence replaced by random tokens
@@ -34,13 +36,29 @@ class TaskBatch:
 
     ``inputs``: per root use, token ids ``(B, S)`` long in ``[0, vocab)`` (transformer, llama,
     decoder), images ``(B, C, I, I)`` float32 (vit) or features ``(B, S, H)`` float32 (mlp).
+    Token decoder uses (decoder with vocab_size) get ids ``(B, S)`` too, root or not.
     ``labels``: ``(B,)`` long in ``[0, 10)`` for cross_entropy, float32 for mse, float32 zeros
     (unused) for contrastive and lm/next_token (whose targets are the input ids).
+    ``targets``: further per-task tensors a recipe's loss reads (empty for the built-in losses).
     """
 
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor
     num_samples: int
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+SPLITS = ("train", "heldout", "transfer")
+BatchSource = Callable[[JobSpec, int, int, int, int, str], TaskBatch]
+_RECIPE_DATA: dict[str, BatchSource] = {}
+
+
+def register_dataset(recipe: str, source: BatchSource) -> None:
+    """Make ``source(job, task_index, step, start, stop, split)`` the data of every job with ``recipe: <recipe>``.
+
+    It must return rows ``[start, stop)`` of the task's batch at ``step`` of ``split`` (one of SPLITS),
+    deterministically per row, so that any shard equals the same rows of the full batch."""
+    _RECIPE_DATA[recipe] = source
 
 
 @dataclass(frozen=True)
@@ -58,9 +76,12 @@ def _root_inputs(job: JobSpec, task_index: int) -> list[_RootInput]:
     task = job.tasks[task_index]
     seed = job.training.seed
     out = []
-    for name in root_uses(job, task_index):
-        u = next(i for i, use in enumerate(task.components) if use.use_name == name)
+    roots = root_uses(job, task_index)
+    for u, use in enumerate(task.components):
+        name = use.use_name
         comp_name, comp = use_component(job, task_index, name)
+        if name not in roots and not is_token_decoder(comp):
+            continue
         shape = resolve_shape(comp, comp_name, task.components[u], f"tasks[{task_index}].components[{u}]")
         if comp.kind in TOKEN_KINDS:
             out.append(_RootInput(name, "tokens", (shape.seq_len,), comp.vocab_size or DEFAULT_VOCAB, None))
@@ -126,15 +147,25 @@ def _check_range(job: JobSpec, task_index: int, start: int, stop: int) -> None:
         )
 
 
-def synthetic_batch(job: JobSpec, task_index: int, step: int, start: int, stop: int) -> TaskBatch:
+def synthetic_batch(job: JobSpec, task_index: int, step: int, start: int, stop: int, split: str = "train") -> TaskBatch:
     """Samples ``[start, stop)`` of task ``task_index``'s global batch at ``step`` (see :class:`TaskBatch`).
 
-    Deterministic per sample: any shard equals the matching rows of the full batch. Raises
-    ValueError for an unknown loss or a range outside the batch, NotImplementedError for a root
-    use of a kind the runtime does not run.
+    A job with a recipe takes the recipe's registered dataset (see :func:`register_dataset`); the
+    built-in synthetic data has one split, "train". Deterministic per sample: any shard equals the
+    matching rows of the full batch. Raises ValueError for an unknown loss or a range outside the
+    batch, NotImplementedError for a root use of a kind the runtime does not run.
     """
     task = job.tasks[task_index]
     loss = check_loss(job, task_index)
+    if split not in SPLITS:
+        raise ValueError(f"split ('{split}') is not a data split; use one of {', '.join(SPLITS)}.")
+    if job.recipe is not None:
+        load_recipe(job)
+        if job.recipe not in _RECIPE_DATA:
+            raise ValueError(f"recipe ('{job.recipe}') registers no dataset; its package must call register_dataset.")
+        return _RECIPE_DATA[job.recipe](job, task_index, step, start, stop, split)
+    if split != "train":
+        raise ValueError(f"split ('{split}'): the built-in synthetic data has only the 'train' split; use a recipe's data.")
     _check_range(job, task_index, start, stop)
     roots = _root_inputs(job, task_index)
     columns: dict[str, list[torch.Tensor]] = {root.use: [] for root in roots}

@@ -16,13 +16,15 @@ summing over data-parallel shards gives the full-batch mean, as in single-proces
 from __future__ import annotations
 
 import copy
+import functools
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from planner.components import resolve_shape
+from planner.components import resolve_shape, upstream_seq_len
 from planner.metagraph import MetaGraph, MetaOp, build_metagraph
 from planner.plan import Plan
 from planner.errors import SpecError
@@ -31,8 +33,8 @@ from runtime.assignment import (
     LOSS_WAVE, CommSchedule, Piece, SliceRef, device_sets_for_sync, distinct_groups, dp_rank_of, is_lead,
     layer_tp_degrees, sample_range, tp_group_of, tp_groups,
 )
-from runtime.data import synthetic_batch
-from runtime.modules import build_embed, build_head, build_layer
+from runtime.data import TaskBatch, synthetic_batch
+from runtime.modules import build_embed, build_head, build_layer, layer_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +55,24 @@ class Groups:
 
 
 def feature_shape(job: JobSpec, op: MetaOp) -> tuple[int, int]:
-    """(sequence length, hidden size) of the activations inside MetaOp ``op``."""
+    """(sequence length, hidden size) of the activations inside MetaOp ``op`` (a decoder's: stream + memory)."""
     t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
     u = next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
     use = job.tasks[t].components[u]
     comp = job.components[op.component]
     shape = resolve_shape(comp, op.component, use, f"tasks[{t}].components[{u}]")
+    if comp.kind == "decoder":
+        return shape.seq_len + (upstream_seq_len(job, t, u) or 0), comp.hidden_size
     return shape.seq_len, comp.hidden_size
 
 
 def check_runnable(job: JobSpec, graph: MetaGraph) -> None:
     """Raise SpecError when a chain passes activations of one shape to a use declared with another: the
-    runtime feeds a use the previous use's output as is (no adapter between components)."""
+    runtime feeds a use the previous use's output as is (no adapter between components), except a decoder,
+    whose bridge embeds any upstream output as the memory it attends to."""
     for op in graph.metaops:
+        if job.components[op.component].kind == "decoder" and op.deps and graph.metaops[op.deps[0]].use != op.use:
+            continue
         for dep in op.deps:
             producer = graph.metaops[dep]
             got, want = feature_shape(job, producer), feature_shape(job, op)
@@ -163,30 +170,59 @@ class WaveWorker:
 
     # ------------------------------------------------------------------ one step
 
+    last_timing: StepTiming | None = None  # where this device's last train_step went
+
     def train_step(self, step: int) -> dict[str, float]:
-        """Forward, losses, backward, gradient sync and AdamW for ``step``; per-task mean losses (all ranks)."""
-        st = _StepState()
+        """Forward, losses, backward, gradient sync and AdamW for ``step``; per-task mean losses (all ranks).
+
+        Each gradient bucket's all-reduce starts as soon as the backward of the earliest wave that runs its
+        parameters is done (:func:`sync_ready_waves`) and overlaps the rest of backward; AdamW waits for all
+        of them. Where this device's time went is left in :attr:`last_timing`."""
+        lap, st = _Lap(), _StepState()
+        timing = StepTiming([0.0] * len(self.plan.waves), [0.0] * len(self.plan.waves))
         for wave in range(len(self.plan.waves)):
             self._exchange(wave, st, forward=True)
+            timing.transfer_s[wave] += lap()
             ref = self._my_slice(wave)
             if ref is not None:
                 self._run_slice(ref, step, st)
+                timing.compute_s[wave] += lap()
+        pending: list[tuple[_GradBucket, torch.Tensor, object]] = []
+        losses = self._loss_stage(step, st, pending, timing, lap)
+        for wave in reversed(range(len(self.plan.waves))):
+            ref = self._my_slice(wave)
+            if ref is not None and ref in st.grad_out and st.outputs[ref].requires_grad:
+                torch.autograd.backward(st.outputs[ref], st.grad_out[ref])
+                timing.compute_s[wave] += lap()
+            self._launch_sync(wave, pending)
+            timing.sync_s += lap()
+            self._exchange(wave, st, forward=False)
+            timing.transfer_s[wave] += lap()
+        self._sync_gradients(pending)
+        timing.sync_s += lap()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            timing.optimizer_s += lap()
+        out = self._reduce_losses(losses)
+        timing.total_s = lap.total()
+        self.last_timing = timing
+        return out
+
+    def _loss_stage(self, step: int, st: _StepState, pending: list, timing: StepTiming, lap: _Lap) -> dict:
+        """The leaves' outputs to the loss hosts, the task losses, their backward (then the heads' gradients
+        are final: their buckets start), and the leaves' gradients back. Returns the losses this device holds."""
         self._exchange(LOSS_WAVE, st, forward=True)
         losses = self._losses(step, st)
         total = sum(losses.values())
         if isinstance(total, torch.Tensor) and total.requires_grad:
             total.backward()
+        timing.loss_s += lap()
+        self._launch_sync(len(self.plan.waves), pending)
+        timing.sync_s += lap()
         self._exchange(LOSS_WAVE, st, forward=False)
-        for wave in reversed(range(len(self.plan.waves))):
-            ref = self._my_slice(wave)
-            if ref is not None and ref in st.grad_out and st.outputs[ref].requires_grad:
-                torch.autograd.backward(st.outputs[ref], st.grad_out[ref])
-            self._exchange(wave, st, forward=False)
-        self._sync_gradients()
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return self._reduce_losses(losses)
+        timing.loss_s += lap()
+        return losses
 
     def _my_slice(self, wave: int) -> SliceRef | None:
         return next((r for r in self.mine if r.wave == wave), None)
@@ -199,17 +235,20 @@ class WaveWorker:
         s = self.comm.slices[ref]
         op = self.graph.metaops[s.metaop]
         start, stop = self._rows(ref)
+        kwargs = layer_kwargs(self.job, op)
+        embed = self.modules.get(("embed:" + op.component, 0)) if s.first_layer == 0 else None
         if self.comm.producer(ref) is None:  # a root MetaOp's layer 0: embed raw data
-            t = self.task_index[op.task]
-            batch = synthetic_batch(self.job, t, step, start, stop)
-            x = self.modules[("embed:" + op.component, 0)](batch.inputs[op.use])
+            x = embed(st.batch(self.job, self.task_index[op.task], step, start, stop).inputs[op.use])
             if not is_lead(s, self.rank):  # the other TP ranks repeat the lead's embedding: one gradient only
                 x = x.detach().requires_grad_(True)
         else:
             x = _assemble(st.received.pop(("slice", ref), []), start, stop).requires_grad_(True)
             st.inputs[ref] = x
+            if kwargs and embed is not None:  # a decoder use's first layer: its bridge takes the upstream output
+                batch = st.batch(self.job, self.task_index[op.task], step, start, stop)
+                x = embed(x, batch.inputs.get(op.use), **kwargs)
         for layer in range(s.first_layer, s.first_layer + s.num_layers):
-            x = self.modules[(op.param_group, layer)](x)
+            x = self.modules[(op.param_group, layer)](x, **kwargs)
         st.outputs[ref] = x
 
     def _losses(self, step: int, st: _StepState) -> dict[str, torch.Tensor]:
@@ -227,8 +266,7 @@ class WaveWorker:
                 x = _assemble(st.received.pop(("loss", leaf), []), start, stop).requires_grad_(True)
                 st.loss_inputs[leaf] = x
                 outputs[leaf_op.use] = x
-            batch = synthetic_batch(self.job, t, step, start, stop)
-            per_sample = self.modules[("head:" + host.task, 0)](outputs, batch)
+            per_sample = self.modules[("head:" + host.task, 0)](outputs, st.batch(self.job, t, step, start, stop))
             out[host.task] = task.loss_weight * per_sample.sum() / task.batch_size
         return out
 
@@ -295,23 +333,41 @@ class WaveWorker:
 
     # ------------------------------------------------------------------ gradients and losses
 
-    def _sync_gradients(self) -> None:
-        """Sum each parameter shard's gradient over the devices that hold it: one all-reduce per device set
-        (a bucket of every shard those devices share), in the same sorted order on every rank."""
-        buckets: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
-        for (name, layer, _), devices in self.holders.items():
+    @functools.cached_property
+    def _grad_buckets(self) -> list[_GradBucket]:
+        """This device's gradient buckets in launch order: the trainable shards it shares with the same devices
+        and whose gradients are final after the same wave, sorted by (that wave descending, devices). Every
+        rank of a device set derives the same buckets of it in the same order, so collectives pair up."""
+        ready = sync_ready_waves(self.plan, self.holders)
+        by_key: dict[tuple[int, tuple[int, ...]], list[torch.nn.Parameter]] = {}
+        for key, devices in self.holders.items():
             if self.rank in devices and len(devices) > 1:
-                params = [p for p in self.modules[(name, layer)].parameters() if p.requires_grad]
-                buckets.setdefault(devices, []).extend(params)
-        for devices, params in sorted(buckets.items()):
-            if not params:
+                params = [p for p in self.modules[key[:2]].parameters() if p.requires_grad]
+                if params:
+                    by_key.setdefault((ready[key], devices), []).extend(params)
+        order = sorted(by_key, key=lambda k: (-k[0], k[1]))
+        return [_GradBucket(wave, devices, by_key[(wave, devices)]) for wave, devices in order]
+
+    def _launch_sync(self, wave: int, pending: list) -> None:
+        """Start the all-reduce (async) of every bucket whose gradients are final once ``wave``'s backward is
+        done (``len(waves)``: the loss stage's); appends (bucket, flat gradients, work) to ``pending``."""
+        for bucket in self._grad_buckets:
+            if bucket.ready_wave != wave:
                 continue
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-            dist.all_reduce(flat, group=self.groups.by_devices[devices])
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                              for p in bucket.params])
+            work = dist.all_reduce(flat, group=self.groups.by_devices[bucket.devices], async_op=True)
+            pending.append((bucket, flat, work))
+
+    def _sync_gradients(self, pending: list) -> None:
+        """Wait for the launched all-reduces; each parameter's gradient becomes its slice of the summed bucket."""
+        assert len(pending) == len(self._grad_buckets), "a gradient bucket was never launched"
+        for bucket, flat, work in pending:
+            work.wait()
             offset = 0
-            for p in params:
+            for p in bucket.params:
                 n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p).clone()
+                p.grad = flat[offset:offset + n].view_as(p)
                 offset += n
 
     def _reduce_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -359,6 +415,13 @@ class _StepState:
         self.received: dict[tuple[str, SliceRef], list[tuple[int, torch.Tensor]]] = {}
         self.grad_out: dict[SliceRef, torch.Tensor] = {}  # accumulated d loss / d y of my slices
         self.loss_inputs: dict[SliceRef, torch.Tensor] = {}  # leaf outputs at the loss host, by leaf slice
+        self.batches: dict[tuple[int, int, int], TaskBatch] = {}  # (task, start, stop): drawn once per step
+
+    def batch(self, job: JobSpec, task_index: int, step: int, start: int, stop: int) -> TaskBatch:
+        key = (task_index, start, stop)
+        if key not in self.batches:
+            self.batches[key] = synthetic_batch(job, task_index, step, start, stop)
+        return self.batches[key]
 
 
 def _assemble(parts: list[tuple[int, torch.Tensor]], start: int, stop: int) -> torch.Tensor:
@@ -370,3 +433,76 @@ def _assemble(parts: list[tuple[int, torch.Tensor]], start: int, stop: int) -> t
         cursor += tensor.shape[0]
     assert cursor == stop, f"rows {cursor}..{stop} missing"
     return torch.cat([t for _, t in parts]).detach()
+
+
+# --------------------------------------------------------------------------- timing and gradient buckets
+
+
+@dataclass
+class StepTiming:
+    """Where one device's last step went, in wall seconds (``time.perf_counter``; waits for peers included).
+
+    Per wave ``k``: ``compute_s[k]`` is the forward plus backward of this device's slice of wave k (0 when it
+    has none; a root slice's embedding and synthetic data included), ``transfer_s[k]`` the exchanges at the
+    boundary before wave k, forward and backward. ``loss_s``: the loss stage (the leaves' outputs in, heads,
+    loss backward, gradients out). ``sync_s``: gradient all-reduce time not hidden by backward (launching
+    the buckets, then waiting for them). ``optimizer_s``: AdamW. ``total_s``: the whole step, including the
+    all-reduce of the losses at its end."""
+
+    compute_s: list[float]
+    transfer_s: list[float]
+    loss_s: float = 0.0
+    sync_s: float = 0.0
+    optimizer_s: float = 0.0
+    total_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        """Plain values (lists and floats) for crossing a process boundary."""
+        return {"compute_s": list(self.compute_s), "transfer_s": list(self.transfer_s), "loss_s": self.loss_s,
+                "sync_s": self.sync_s, "optimizer_s": self.optimizer_s, "total_s": self.total_s}
+
+
+class _Lap:
+    """A stopwatch: each call returns the seconds since the previous call (or since creation)."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self) -> float:
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return seconds
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+@dataclass
+class _GradBucket:
+    """Trainable parameters this device shares with exactly ``devices``, all final after ``ready_wave``'s backward."""
+
+    ready_wave: int
+    devices: tuple[int, ...]
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+
+
+def sync_ready_waves(plan: Plan, holders: dict[tuple[str, int, int], tuple[int, ...]]) -> dict[tuple[str, int, int], int]:
+    """For every parameter shard in ``holders`` (keys of ``device_sets_for_sync``): the wave after whose backward
+    its gradient is final on every device that holds it, i.e. the earliest wave that runs it (backward runs
+    the waves in reverse). Task heads: ``len(plan.waves)``, final once the loss backward is done. A function
+    of the plan only, so every rank derives the same values."""
+    first: dict[tuple[str, int], int] = {}
+    for k, wave in enumerate(plan.waves):  # in wave order: setdefault keeps the earliest
+        for s in wave.slices:
+            op = plan.metaops[s.metaop]
+            for layer in range(s.first_layer, s.first_layer + s.num_layers):
+                first.setdefault((op.param_group, layer), k)
+            if s.first_layer == 0:  # a component's embedding runs with a first layer
+                first.setdefault(("embed:" + op.component, 0), k)
+    out = {}
+    for name, layer, shard in holders:
+        if name.startswith("head:"):
+            out[(name, layer, shard)] = len(plan.waves)
+        else:  # unknown kinds of parameters wait for the whole backward: always correct
+            out[(name, layer, shard)] = first.get((name, layer), 0)
+    return out

@@ -15,15 +15,18 @@ that use's output ``(B, S, H)`` directly (no adapter: widths and lengths must ag
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from planner.components import resolve_shape
+from planner.components import resolve_shape, upstream_seq_len
+from planner.errors import SpecError
 from planner.metagraph import MetaOp
 from planner.spec import ComponentSpec, JobSpec, TaskSpec
 
@@ -109,11 +112,56 @@ class TransformerBlock(nn.Module):
         bias = self.qkv.bias
         bias = torch.cat([bias[:h], torch.zeros_like(bias[h:2 * h]), bias[2 * h:]])
         q, k, v = F.linear(self.ln1(x), self.qkv.weight, bias).split(h, dim=-1)
-        q, k, v = (t.reshape(b, s, heads, d).transpose(1, 2) for t in (q, k, v))  # (b, heads, s, d)
-        probs = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d), dim=-1)
-        attn = (probs @ v).transpose(1, 2).reshape(b, s, h)
-        x = x + self.proj(attn)
+        x = x + self.proj(attend(q, k, v, heads))
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, causal: bool = False) -> torch.Tensor:
+    """Multi-head ``softmax(q k^T / sqrt(d)) v``: q ``(B, S, H)``, k and v ``(B, C, H)`` -> ``(B, S, H)``; heads
+    split as ``(num_heads, H / num_heads)``; ``causal`` masks key j > query i (needs S == C)."""
+    b, s, h = q.shape
+    d = h // num_heads
+    q = q.reshape(b, s, num_heads, d).transpose(1, 2)  # (b, heads, s, d)
+    k, v = (t.reshape(b, t.shape[1], num_heads, d).transpose(1, 2) for t in (k, v))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(d)
+    if causal:
+        future = torch.ones(s, k.shape[2], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, s, h)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN decoder layer (decoder kind) over ``(B, S + C, H)``: the first ``stream_len`` = S rows are the
+    stream, the last C rows the memory it attends to (carried in the same tensor so that a decoder crosses
+    wave boundaries like any layer).
+
+    Stream: ``x + self_proj(attn(ln1(x)))`` (causal for token decoders), then ``x + cross_proj(attn(q = ln2(x),
+    k, v = ln_mem(memory)))``, then ``x + fc2(gelu(fc1(ln3(x))))``. The memory rows pass through unchanged,
+    so their gradient is the sum of every layer's use of them. Key projections have no bias (it could not
+    change the output).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, ffn_hidden_size: int, causal: bool):
+        super().__init__()
+        h = hidden_size
+        self.num_heads, self.causal = num_heads, causal
+        self.ln1 = nn.LayerNorm(h, eps=1e-5)
+        self.q_self, self.k_self, self.v_self = nn.Linear(h, h), nn.Linear(h, h, bias=False), nn.Linear(h, h)
+        self.self_proj = nn.Linear(h, h)
+        self.ln2, self.ln_mem = nn.LayerNorm(h, eps=1e-5), nn.LayerNorm(h, eps=1e-5)
+        self.q_cross, self.k_cross, self.v_cross = nn.Linear(h, h), nn.Linear(h, h, bias=False), nn.Linear(h, h)
+        self.cross_proj = nn.Linear(h, h)
+        self.ln3 = nn.LayerNorm(h, eps=1e-5)
+        self.fc1, self.fc2 = nn.Linear(h, ffn_hidden_size), nn.Linear(ffn_hidden_size, h)
+
+    def forward(self, state: torch.Tensor, stream_len: int) -> torch.Tensor:
+        x, memory = state[:, :stream_len], state[:, stream_len:]
+        y = self.ln1(x)
+        x = x + self.self_proj(attend(self.q_self(y), self.k_self(y), self.v_self(y), self.num_heads, self.causal))
+        y, m = self.ln2(x), self.ln_mem(memory)
+        x = x + self.cross_proj(attend(self.q_cross(y), self.k_cross(m), self.v_cross(m), self.num_heads))
+        x = x + self.fc2(F.gelu(self.fc1(self.ln3(x))))
+        return torch.cat([x, memory], dim=1)
 
 
 class LlamaBlock(nn.Module):
@@ -141,15 +189,12 @@ class LlamaBlock(nn.Module):
         b, s, h = x.shape
         heads, kv_heads, d = self.num_heads, self.num_kv_heads, h // self.num_heads
         y = self.attn_norm(x)
-        q = self.q_proj(y).reshape(b, s, heads, d).transpose(1, 2)
-        k = self.k_proj(y).reshape(b, s, kv_heads, d).transpose(1, 2)
-        v = self.v_proj(y).reshape(b, s, kv_heads, d).transpose(1, 2)
-        k = k.repeat_interleave(heads // kv_heads, dim=1)
-        v = v.repeat_interleave(heads // kv_heads, dim=1)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(d)
-        future = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
-        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-        x = x + self.o_proj((probs @ v).transpose(1, 2).reshape(b, s, h))
+
+        def shared_kv(t: torch.Tensor) -> torch.Tensor:  # each kv head serves heads / kv_heads query heads
+            return t.reshape(b, s, kv_heads, d).repeat_interleave(heads // kv_heads, dim=2).reshape(b, s, h)
+
+        attn = attend(self.q_proj(y), shared_kv(self.k_proj(y)), shared_kv(self.v_proj(y)), heads, causal=True)
+        x = x + self.o_proj(attn)
         y = self.mlp_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
 
@@ -173,8 +218,13 @@ def llama_ffn_size(comp: ComponentSpec) -> int:
 def _not_run(comp: ComponentSpec, name: str) -> NotImplementedError:
     return NotImplementedError(
         f"components.{name}: kind '{comp.kind}' is planned but the runtime does not run it yet; "
-        "supported kinds: transformer, vit, llama, mlp."
+        "supported kinds: transformer, vit, llama, decoder, mlp."
     )
+
+
+def is_token_decoder(comp: ComponentSpec) -> bool:
+    """A decoder with a vocabulary reads token ids (causal, teacher-forced); without one it runs learned queries."""
+    return comp.kind == "decoder" and comp.vocab_size is not None
 
 
 def _layer_factory(comp: ComponentSpec, name: str):
@@ -186,6 +236,8 @@ def _layer_factory(comp: ComponentSpec, name: str):
         return lambda: LlamaBlock(h, comp.num_heads, kv, llama_ffn_size(comp))
     if comp.kind == "mlp":
         return lambda: MlpBlock(h)
+    if comp.kind == "decoder":
+        return lambda: DecoderBlock(h, comp.num_heads, comp.ffn_hidden_size or 4 * h, is_token_decoder(comp))
     raise _not_run(comp, name)
 
 
@@ -199,8 +251,9 @@ def build_layer(job: JobSpec, op: MetaOp, layer_index: int) -> nn.Module:
     """Layer ``layer_index`` (0-based within ``op``) of MetaOp ``op``: ``(B, S, H) -> (B, S, H)`` float32.
 
     Seeded by ``layer_seed(job.training.seed, op.param_group, layer_index)``, so MetaOps of the same
-    parameter group get bit-identical layers. Frozen components return frozen modules. Raises
-    NotImplementedError for kinds the runtime does not run (decoder, unet2d).
+    parameter group get bit-identical layers. Frozen components return frozen modules. Decoder layers
+    take ``(state, stream_len)`` (see :func:`layer_kwargs`). Raises NotImplementedError for kinds the
+    runtime does not run (unet2d).
     """
     if not 0 <= layer_index < op.num_layers:
         raise IndexError(f"layer_index {layer_index} is outside MetaOp {op.name}'s {op.num_layers} layers")
@@ -256,6 +309,62 @@ class FeatureEmbedding(nn.Module):
         return self.proj(features)
 
 
+class DecoderBridge(nn.Module):
+    """The input of a decoder use: memory ``(B, C, H_in)`` from its upstream use (and, for a token decoder, ids
+    ``(B, S)``) -> ``(B, S + C, H)``: the stream (token + position embeddings of the ids, or the first S learned
+    queries) followed by ``Linear(H_in, H)(memory)``."""
+
+    def __init__(self, memory_size: int, hidden_size: int, max_stream_len: int, vocab_size: int | None):
+        super().__init__()
+        self.memory = nn.Linear(memory_size, hidden_size)
+        if vocab_size is None:
+            self.queries = nn.Parameter(torch.empty(max_stream_len, hidden_size))
+        else:
+            self.tokens = TokenEmbedding(vocab_size, hidden_size, max_stream_len)
+
+    def forward(self, memory: torch.Tensor, ids: torch.Tensor | None, stream_len: int) -> torch.Tensor:
+        if hasattr(self, "tokens"):
+            assert ids is not None and ids.shape[1] == stream_len, "a token decoder needs ids (B, stream_len)"
+            stream = self.tokens(ids)
+        else:
+            stream = self.queries[:stream_len].expand(memory.shape[0], -1, -1)
+        return torch.cat([stream, self.memory(memory)], dim=1)
+
+
+def memory_width(job: JobSpec, component: str) -> int:
+    """Hidden size of the outputs feeding every use of decoder ``component``; a SpecError for a root use
+    (nothing to attend to) or uses fed by outputs of different widths."""
+    widths: dict[str, int] = {}
+    for t, task in enumerate(job.tasks):
+        ups = upstream_uses(task)
+        for u, use in enumerate(task.components):
+            if use.component != component:
+                continue
+            if not ups[use.use_name]:
+                raise SpecError(
+                    f"tasks[{t}].components[{u}] ('{use.use_name}') is a decoder use with no upstream use; the runtime "
+                    "feeds a decoder the output of another use to attend to. Put it after an encoder or set `after:`."
+                )
+            widths[f"tasks[{t}].components[{u}]"] = use_component(job, t, ups[use.use_name][0])[1].hidden_size
+    if len(set(widths.values())) > 1:
+        raise SpecError(
+            f"components.{component}: its uses attend to outputs of different widths {widths}; the decoder's memory "
+            "projection has one input width. Feed every use from components of the same hidden_size."
+        )
+    return next(iter(widths.values()))
+
+
+def layer_kwargs(job: JobSpec, op: MetaOp) -> dict[str, int]:
+    """Keyword arguments of MetaOp ``op``'s layers beyond the activation: ``stream_len`` for decoder layers."""
+    if job.components[op.component].kind != "decoder":
+        return {}
+    t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
+    u = next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
+    use = job.tasks[t].components[u]
+    comp = job.components[op.component]
+    return {"stream_len": resolve_shape(comp, op.component, use, f"tasks[{t}].components[{u}]").seq_len}
+
+
 def component_seq_lens(job: JobSpec, component: str) -> list[int]:
     """The planner's sequence length of every use of ``component`` across the job's tasks, in task order."""
     comp = job.components[component]
@@ -270,16 +379,20 @@ def component_seq_lens(job: JobSpec, component: str) -> list[int]:
 def build_embed(job: JobSpec, component: str) -> nn.Module:
     """The input adapter of ``component``, run on a root use's raw input before its first layer.
 
-    Token kinds (transformer, llama, decoder): ids ``(B, S)`` -> token + learned positions (vocab =
+    Token kinds (transformer, llama): ids ``(B, S)`` -> token + learned positions (vocab =
     vocab_size or 256, positions for the longest use). vit: images ``(B, C, I, I)`` -> patch
     embedding + cls token + positions, ``S = (I/patch)^2 + 1``. mlp: features ``(B, S, H)`` ->
-    ``Linear(H, H)``. Shared by every task using the component; seeded by
+    ``Linear(H, H)``. decoder: a :class:`DecoderBridge`, applied to the upstream output at the use's
+    first layer. Shared by every task using the component; seeded by
     ``layer_seed(seed, component + ":embed", 0)``; frozen with its component.
     """
     comp = job.components[component]
     h = comp.hidden_size
     max_len = max(component_seq_lens(job, component), default=comp.seq_len or 1)
-    if comp.kind in TOKEN_KINDS:
+    if comp.kind == "decoder":
+        width = memory_width(job, component)
+        factory = lambda: DecoderBridge(width, h, max_len, comp.vocab_size)  # noqa: E731
+    elif comp.kind in TOKEN_KINDS:
         factory = lambda: TokenEmbedding(comp.vocab_size or DEFAULT_VOCAB, h, max_len)  # noqa: E731
     elif comp.kind == "vit":
         factory = lambda: PatchEmbedding(comp.in_channels or 3, h, comp.patch_size, max_len)  # noqa: E731
@@ -419,13 +532,39 @@ def _next_token_args(job: JobSpec, task_index: int, leaves: list[str]) -> tuple[
     return roots[0], comp.hidden_size, comp.vocab_size or DEFAULT_VOCAB
 
 
+HeadFactory = Callable[[JobSpec, int, list[str]], TaskHead]
+_RECIPE_LOSSES: dict[str, HeadFactory] = {}
+
+
+def register_loss(name: str, factory: HeadFactory) -> None:
+    """Make loss ``name`` available to tasks: ``factory(job, task_index, leaf uses)`` builds its head (the
+    runtime initialises the head's parameters afterwards, see :func:`build_head`). Recipes call this on import."""
+    assert name not in SUPPORTED_LOSSES, f"loss {name} is built in"
+    _RECIPE_LOSSES[name] = factory
+
+
+def load_recipe(job: JobSpec) -> None:
+    """Import ``recipes.<job.recipe>`` (which registers its losses and dataset); nothing without a recipe."""
+    if job.recipe is None:
+        return
+    try:
+        importlib.import_module(f"recipes.{job.recipe}")
+    except ModuleNotFoundError as err:
+        if err.name not in (f"recipes.{job.recipe}", "recipes"):
+            raise
+        raise SpecError(
+            f"recipe ('{job.recipe}') is not a package under recipes/; use the name of a recipe folder, e.g. medical."
+        ) from None
+
+
 def check_loss(job: JobSpec, task_index: int) -> str:
     """The task's loss name; a ValueError naming the task and the supported names when unknown."""
     task = job.tasks[task_index]
-    if task.loss not in SUPPORTED_LOSSES:
+    load_recipe(job)
+    if task.loss not in SUPPORTED_LOSSES and task.loss not in _RECIPE_LOSSES:
         raise ValueError(
             f"tasks[{task_index}] ('{task.name}').loss ('{task.loss}') is not run by the runtime; "
-            f"supported: {', '.join(SUPPORTED_LOSSES)}."
+            f"supported: {', '.join(SUPPORTED_LOSSES + tuple(sorted(_RECIPE_LOSSES)))}."
         )
     return task.loss
 
@@ -439,7 +578,9 @@ def build_head(job: JobSpec, task_index: int) -> TaskHead:
     task = job.tasks[task_index]
     loss = check_loss(job, task_index)
     leaves = leaf_uses(job, task_index)
-    if loss in ("lm", "next_token"):
+    if loss in _RECIPE_LOSSES:
+        factory = lambda: _RECIPE_LOSSES[loss](job, task_index, leaves)  # noqa: E731
+    elif loss in ("lm", "next_token"):
         root, width, vocab = _next_token_args(job, task_index, leaves)
         factory = lambda: NextTokenHead(task.name, leaves, root, width, vocab)  # noqa: E731
     else:

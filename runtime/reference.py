@@ -11,8 +11,8 @@ import torch
 
 from planner.metagraph import build_metagraph
 from planner.spec import JobSpec
-from runtime.data import synthetic_batch
-from runtime.modules import build_embed, build_head, build_layer
+from runtime.data import TaskBatch, synthetic_batch
+from runtime.modules import build_embed, build_head, build_layer, layer_kwargs
 
 
 class ReferenceTrainer:
@@ -25,7 +25,8 @@ class ReferenceTrainer:
                 key = (op.param_group, layer)
                 if key not in self.modules:
                     self.modules[key] = build_layer(job, op, layer)
-            if not op.deps and ("embed:" + op.component, 0) not in self.modules:
+            needs_embed = not op.deps or job.components[op.component].kind == "decoder"
+            if needs_embed and ("embed:" + op.component, 0) not in self.modules:
                 self.modules[("embed:" + op.component, 0)] = build_embed(job, op.component)
         for t, task in enumerate(job.tasks):
             self.modules[("head:" + task.name, 0)] = build_head(job, t)
@@ -39,16 +40,26 @@ class ReferenceTrainer:
         task = self.job.tasks[t]
         batch = synthetic_batch(self.job, t, step, 0, task.batch_size)
         ops = self.graph.ops_of_task(task.name)
+        per_sample = self.modules[("head:" + task.name, 0)](self.forward(t, batch), batch)
+        return task.loss_weight * per_sample.sum() / task.batch_size
+
+    def forward(self, t: int, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        """Task ``t``'s leaf outputs by use name for ``batch`` (the loss head's input)."""
+        ops = self.graph.ops_of_task(self.job.tasks[t].name)
         outputs: dict[int, torch.Tensor] = {}
         for op in ops:
-            x = self.modules[("embed:" + op.component, 0)](batch.inputs[op.use]) if not op.deps else outputs[op.deps[0]]
+            kwargs = layer_kwargs(self.job, op)
+            if not op.deps:
+                x = self.modules[("embed:" + op.component, 0)](batch.inputs[op.use])
+            else:
+                x = outputs[op.deps[0]]
+                if kwargs and self.graph.metaops[op.deps[0]].use != op.use:  # a decoder use: bridge the memory in
+                    x = self.modules[("embed:" + op.component, 0)](x, batch.inputs.get(op.use), **kwargs)
             for layer in range(op.num_layers):
-                x = self.modules[(op.param_group, layer)](x)
+                x = self.modules[(op.param_group, layer)](x, **kwargs)
             outputs[op.id] = x
         consumed = {d for op in ops for d in op.deps}
-        leaves = {op.use: outputs[op.id] for op in ops if op.id not in consumed}
-        per_sample = self.modules[("head:" + task.name, 0)](leaves, batch)
-        return task.loss_weight * per_sample.sum() / task.batch_size
+        return {op.use: outputs[op.id] for op in ops if op.id not in consumed}
 
     def train_step(self, step: int) -> dict[str, float]:
         losses = {task.name: self.task_loss(t, step) for t, task in enumerate(self.job.tasks)}

@@ -25,3 +25,28 @@ def two_task_job(num_devices: int, steps: int = 3) -> dict:
         "training": {"steps": steps, "lr": 1e-2, "seed": 7},
         "planner": {"time_limit_s": 2},
     }
+
+
+def decoder_job(num_devices: int, steps: int = 3) -> dict:
+    """A shared ViT feeding a query decoder (2 tasks, different query counts and images) and a token decoder."""
+    return {
+        "name": "decoders",
+        "cluster": {"num_nodes": 1, "devices_per_node": num_devices, "device": "cpu"},
+        "components": {
+            "enc": {"kind": "vit", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "patch_size": 4,
+                    "image_size": 8, "in_channels": 1},
+            "queries": {"kind": "decoder", "num_layers": 2, "hidden_size": 16, "num_heads": 2, "seq_len": 3},
+            "tokens": {"kind": "decoder", "num_layers": 2, "hidden_size": 16, "num_heads": 2, "seq_len": 5,
+                       "vocab_size": 20},
+        },
+        "tasks": [
+            {"name": "classify", "batch_size": 8, "loss": "cross_entropy",
+             "components": [{"component": "enc"}, {"component": "queries", "seq_len": 2}]},
+            {"name": "segment", "batch_size": 4, "loss": "mse",
+             "components": [{"component": "enc", "image_size": 12}, {"component": "queries"}]},
+            {"name": "describe", "batch_size": 4, "loss": "cross_entropy",
+             "components": [{"component": "enc"}, {"component": "tokens"}]},
+        ],
+        "training": {"steps": steps, "lr": 1e-2, "seed": 3},
+        "planner": {"time_limit_s": 2},
+    }

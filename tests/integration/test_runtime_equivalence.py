@@ -17,7 +17,7 @@ from runtime.assignment import CommSchedule
 from runtime.local_world import run_world
 from runtime.reference import ReferenceTrainer
 
-from _jobs import two_task_job  # tests/integration/_jobs.py
+from _jobs import decoder_job, two_task_job  # tests/integration/_jobs.py
 
 STEPS = 3
 RTOL = 1e-5
@@ -82,6 +82,19 @@ def test_planner_plan_equals_single_process(tmp_path):
     job = parse_job(tiny_job(2))
     plan = plan_job(job, with_baselines=False).plan
     assert plan.cluster.devices_per_node == 2
+    check_equivalence(job, plan, tmp_path)
+
+
+def test_decoders_with_memory_across_waves_equal_single_process(tmp_path):
+    job = parse_job(decoder_job(4, STEPS))
+    # the decoders' layers split over two waves and re-split between device sets: the memory rows travel
+    # with the stream; the bridges (shared by two tasks for `queries`) live where layer 0 runs
+    plan = plan_from_waves(job, [
+        [("classify.enc", 2, 2), ("segment.enc", 2, 1), ("describe.enc", 2, 1)],
+        [("classify.queries", 1, 1), ("segment.queries", 2, 2), ("describe.tokens", 1, 1)],
+        [("classify.queries", 1, 4)],
+        [("describe.tokens", 1, 2)],
+    ])
     check_equivalence(job, plan, tmp_path)
 
 

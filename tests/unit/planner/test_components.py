@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from planner.components import check_components, expand_use
+from planner.components import BYTES_PER_ACT, check_components, expand_use
 from planner.errors import SpecError
 from planner.spec import parse_job
 
@@ -113,6 +113,20 @@ def test_decoder_adds_cross_attention_cost():
     assert dec.act_bytes > plain.act_bytes
     assert dec.num_kernels > plain.num_kernels
     assert f"c={c}" in dec.key and dec.key != plain.key
+
+
+def test_decoder_fed_by_a_vit_attends_to_its_tokens():
+    job = parse_job({
+        "name": "j",
+        "components": {
+            "enc": {"kind": "vit", "num_layers": 1, "hidden_size": 64, "num_heads": 4, "patch_size": 8, "image_size": 32},
+            "dec": {"kind": "decoder", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "seq_len": 6},
+        },
+        "tasks": [{"name": "t", "batch_size": 4, "components": [{"component": "enc"}, {"component": "dec"}]}],
+    })
+    (dec,) = expand_use(job, 0, 1)
+    assert "s=6" in dec.key and "c=17" in dec.key  # (32/8)^2 + 1 encoder tokens
+    assert dec.out_bytes == (6 + 17) * 32 * BYTES_PER_ACT  # the memory travels with the stream
 
 
 def test_mlp_without_seq_len_is_one_token():
@@ -227,7 +241,7 @@ def test_missing_kind_specific_fields():
     msg = check_error({"txt": {"kind": "transformer", "num_layers": 1, "hidden_size": 64, "seq_len": 8}})
     assert msg.startswith("components.txt.num_heads: required for kind 'transformer'"), msg
     msg = check_error({"dec": {"kind": "decoder", "num_layers": 1, "hidden_size": 64, "num_heads": 4, "seq_len": 8}})
-    assert msg.startswith("components.dec.cross_seq_len: required for kind 'decoder'"), msg
+    assert msg.startswith("components.dec.cross_seq_len: required for a decoder use with no upstream use"), msg
 
 
 def test_unet2d_image_must_halve_cleanly():

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 from planner.components import resolve_shape
 from planner.metagraph import build_metagraph
-from planner.spec import parse_job
+from planner.errors import SpecError
+from planner.spec import JobSpec, parse_job
 from runtime.data import synthetic_batch, task_loss_sum
 from runtime.modules import (
-    NUM_CLASSES, build_embed, build_head, build_layer, layer_seed, leaf_uses, root_uses, upstream_uses,
+    NUM_CLASSES, build_embed, build_head, build_layer, layer_kwargs, layer_seed, leaf_uses, root_uses, upstream_uses,
 )
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -195,18 +196,62 @@ def test_unsupported_kinds_raise_not_implemented() -> None:
     job = parse_job({
         "name": "unsupported",
         "components": {
-            "dec": {"kind": "decoder", "num_layers": 1, "hidden_size": H, "num_heads": HEADS, "seq_len": SEQ,
-                    "cross_seq_len": 4},
             "unet": {"kind": "unet2d", "num_layers": 1, "hidden_size": 8, "image_size": 16, "channel_mults": [1, 2]},
         },
-        "tasks": [{"name": "t", "batch_size": 2, "components": [{"component": "dec"}, {"component": "unet", "after": []}]}],
+        "tasks": [{"name": "t", "batch_size": 2, "components": [{"component": "unet"}]}],
     })
     for op in build_metagraph(job).metaops:
-        with pytest.raises(NotImplementedError, match=f"kind '{job.components[op.component].kind}'.*does not run"):
+        with pytest.raises(NotImplementedError, match="kind 'unet2d'.*does not run"):
             build_layer(job, op, 0)
     with pytest.raises(NotImplementedError, match="unet2d"):
         build_embed(job, "unet")
-    assert build_embed(job, "dec")(torch.zeros(2, SEQ, dtype=torch.long)).shape == (2, SEQ, H)
+
+
+def decoder_job(vocab: int | None, root: bool = False) -> JobSpec:
+    dec = {"kind": "decoder", "num_layers": 1, "hidden_size": H, "num_heads": HEADS, "seq_len": 3, "cross_seq_len": 4}
+    if vocab:
+        dec["vocab_size"] = vocab
+    uses = [{"component": "dec"}] if root else [{"component": "image"}, {"component": "dec"}]
+    return parse_job({
+        "name": "dec",
+        "components": {"image": make_job().model_dump()["components"]["image"] | {"hidden_size": 2 * H}, "dec": dec},
+        "tasks": [{"name": "t", "batch_size": 2, "components": uses}],
+    })
+
+
+def test_decoder_layer_passes_memory_through_and_attends_to_it() -> None:
+    job = decoder_job(vocab=None)
+    op = op_named(job, "t.dec")
+    assert layer_kwargs(job, op) == {"stream_len": 3}
+    layer = build_layer(job, op, 0)
+    state = torch.randn(2, 3 + 5, H)
+    out = layer(state, stream_len=3)
+    torch.testing.assert_close(out[:, 3:], state[:, 3:])  # memory rows unchanged
+    other = state.clone()
+    other[:, 3:] += torch.randn(2, 5, H)  # (not a constant: the memory LayerNorm would remove it)
+    assert not torch.allclose(layer(other, stream_len=3)[:, :3], out[:, :3])  # the stream reads the memory
+
+
+def test_token_decoder_is_causal_and_its_bridge_embeds_ids_and_memory() -> None:
+    job = decoder_job(vocab=11)
+    layer = build_layer(job, op_named(job, "t.dec"), 0)
+    state = torch.randn(1, 3 + 5, H)
+    changed = state.clone()
+    changed[:, 2] += 1.0  # the last stream position
+    a, b = layer(state, stream_len=3), layer(changed, stream_len=3)
+    torch.testing.assert_close(a[:, :2], b[:, :2])  # earlier positions do not see it
+    bridge = build_embed(job, "dec")
+    memory = torch.randn(2, 5, 2 * H)  # the encoder is twice as wide: the bridge projects it
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    out = bridge(memory, ids, stream_len=3)
+    assert out.shape == (2, 8, H)
+    torch.testing.assert_close(out[:, :3], bridge.tokens(ids))
+    torch.testing.assert_close(out[:, 3:], bridge.memory(memory))
+
+
+def test_decoder_without_upstream_use_is_refused() -> None:
+    with pytest.raises(SpecError, match=r"tasks\[0\].components\[0\] \('dec'\) is a decoder use with no upstream use"):
+        build_embed(decoder_job(vocab=None, root=True), "dec")
 
 
 def test_frozen_component_builds_frozen_modules() -> None:
