@@ -352,6 +352,10 @@ from orchestrator.jobs_cli import register as _register_job_commands  # noqa: E4
 
 _register_job_commands(app)
 
+from orchestrator.eval_cli import register as _register_eval_command  # noqa: E402  (`loom eval`)
+
+_register_eval_command(app)
+
 
 def main() -> None:
     """Console-script entry point (``loom``)."""

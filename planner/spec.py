@@ -277,7 +277,21 @@ def load_job(path: str | Path, cluster: str | Path | None = None) -> JobSpec:
     from planner.components import check_components  # local: components imports spec
 
     check_components(job)
+    check_recipe(job)
     return job
+
+
+def check_recipe(job: JobSpec) -> None:
+    """A SpecError unless ``job.recipe`` is None or names a package under recipes/ (found, not imported: recipes
+    import torch, the planner must not)."""
+    if job.recipe is None:
+        return
+    import importlib.util
+
+    names = sorted(p.name for p in Path(importlib.util.find_spec("recipes").submodule_search_locations[0]).iterdir()
+                   if (p / "__init__.py").is_file())
+    if job.recipe not in names:
+        raise SpecError(f"recipe ('{job.recipe}') is not a recipe package; {did_you_mean(job.recipe, names)}")
 
 
 def job_schema() -> dict[str, Any]:

@@ -7,12 +7,49 @@ the same AdamW, with every task's whole batch on one device. Parameter names mat
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
+from planner.errors import LoomError
 from planner.metagraph import build_metagraph
 from planner.spec import JobSpec
 from runtime.data import TaskBatch, synthetic_batch
 from runtime.modules import build_embed, build_head, build_layer, layer_kwargs
+
+
+MODEL_FILE = "model.pt"  # a run's trained parameters, in its output directory
+
+
+class ModelFileError(LoomError):
+    """A model file is missing, unreadable or made for another job."""
+
+
+def save_model(path: str | Path, per_rank: list[dict[str, torch.Tensor]]) -> None:
+    """Write the union of every rank's :meth:`WaveWorker.named_parameters` (replicas are equal after a step) as
+    ``{"parameters": {name: tensor}}``, atomically (temporary file, then rename)."""
+    merged: dict[str, torch.Tensor] = {}
+    for params in per_rank:
+        merged.update(params)
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"parameters": dict(sorted(merged.items()))}, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(path: str | Path) -> dict[str, torch.Tensor]:
+    """The parameters :func:`save_model` wrote; a ModelFileError naming the file when it is missing or not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file; `loom run` writes {MODEL_FILE} into its --out directory.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a corrupt file
+        raise ModelFileError(f"{path}: not a Loom model file ({type(err).__name__}).") from None
+    if not isinstance(state, dict) or "parameters" not in state:
+        raise ModelFileError(f"{path}: not a Loom model file (no 'parameters').")
+    return state["parameters"]
 
 
 class ReferenceTrainer:
@@ -68,6 +105,21 @@ class ReferenceTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {task.name: float(losses[task.name].detach()) / task.loss_weight if task.loss_weight else 0.0
                 for task in self.job.tasks}
+
+    def load_parameters(self, params: dict[str, torch.Tensor]) -> None:
+        """Copy ``params`` (names as :meth:`named_parameters`) into the model; a ModelFileError when the names differ
+        (a model file of another job)."""
+        own = {f"{name}/{layer}/{pname}": p for (name, layer), module in self.modules.items()
+               for pname, p in module.named_parameters()}
+        if set(own) != set(params):
+            missing, extra = sorted(set(own) - set(params)), sorted(set(params) - set(own))
+            raise ModelFileError(
+                f"the model file does not match job '{self.job.name}' (missing {missing[:3]}, unexpected {extra[:3]}); "
+                "evaluate with the job spec it was trained from."
+            )
+        with torch.no_grad():
+            for name, p in own.items():
+                p.copy_(params[name])
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
         return {f"{name}/{layer}/{pname}": p.detach().clone()

@@ -14,13 +14,9 @@ from planner.metagraph import build_metagraph
 from planner.schedule import Schedule, Slice, Wave
 from planner.spec import parse_job
 from runtime.assignment import CommSchedule
-from runtime.local_world import run_world
-from runtime.reference import ReferenceTrainer
 
+from _equivalence import STEPS, check_equivalence  # tests/integration/_equivalence.py
 from _jobs import decoder_job, two_task_job  # tests/integration/_jobs.py
-
-STEPS = 3
-RTOL = 1e-5
 
 
 def tiny_job(num_devices: int) -> dict:
@@ -32,35 +28,6 @@ def plan_from_waves(job, waves: list[list[tuple[str, int, int]]]):
     ids = {op.name: op.id for op in build_metagraph(job).metaops}
     schedule = Schedule(tuple(Wave(tuple(Slice(ids[name], layers, n) for name, layers, n in wave)) for wave in waves))
     return plan_schedule(job, schedule, method="hand-made")
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    """Relative error of a parameter vector, ||got - want|| / ||want|| (2-norms). Element-wise ratios are
-    not a meaningful target under AdamW: an element whose gradient is a cancelling sum near zero gets an
-    update lr * g / (sqrt(v) + eps), which turns float-level differences in g into visible ones."""
-    err = float((got - want).norm() / want.norm().clamp_min(1e-12))
-    assert err <= RTOL, f"{what}: relative error {err:.2e}"
-
-
-def check_equivalence(job, plan, tmp_path) -> None:
-    world = run_world(job, plan, STEPS, tmp_path)
-    reference = ReferenceTrainer(job)
-    for step in range(STEPS):
-        want = reference.train_step(step)
-        for task, value in want.items():
-            got = world.losses[step][task]
-            assert abs(got - value) <= RTOL * abs(value), f"step {step} task {task}: {got} vs {value}"
-    ref_params = reference.named_parameters()
-    held = set()
-    for rank, params in world.parameters.items():
-        # per module: a layer, an embedding, a head
-        for module in sorted({name.rsplit("/", 1)[0] for name in params}):
-            names = sorted(n for n in params if n.rsplit("/", 1)[0] == module)
-            got = torch.cat([params[n].reshape(-1) for n in names])
-            want = torch.cat([ref_params[n].reshape(-1) for n in names])
-            assert_close(got, want, f"rank {rank} {module}")
-            held.update(names)
-    assert held == set(ref_params), f"parameters nobody holds: {sorted(set(ref_params) - held)[:5]}"
 
 
 def test_hand_made_plan_with_resplits_equals_single_process(tmp_path):

@@ -1,0 +1,507 @@
+"""Loss heads of the medical (UniMed-style) recipe, their predictions, and the metrics the eval computes.
+
+Owns one :class:`runtime.modules.TaskHead` per loss name of the recipe and its factory
+``(job, task_index, leaves) -> head`` (:data:`LOSS_FACTORIES`, which recipes/medical/__init__.py
+registers with ``runtime.modules.register_loss``), the exact query matching of segmentation, and pure
+metric functions. Every size comes from the job: the leaf use's seq_len and hidden size, the leaf
+component's vocab_size, the encoder's patch size and in_channels, the task's image size. Imports torch,
+runtime and planner; never ray.
+
+Output layouts read here (the runtime's contract): a vit use gives ``(B, 1 + P, H)``, [cls] then the
+``P = (I/p)^2`` patch tokens in row-major grid order; a decoder use fed by it gives ``(B, S + 1 + P, H)``,
+its S stream rows then the projected encoder rows in the same order; a transformer use fed by it
+gives ``(B, 1 + P, H)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from planner.components import resolve_shape
+from planner.spec import JobSpec
+from recipes.medical.data import MAX_LESIONS, NUM_CLASSES, PAD, TYPES, VOCAB_SIZE
+from runtime.data import TaskBatch
+from runtime.modules import TaskHead, upstream_uses, use_component
+
+NUM_LESION_TYPES = len(TYPES)  # K: lesion types seen in training; the segmentation classes are K + no-object
+PAD_ID = PAD  # token id ignored by the token losses
+NO_OBJECT_WEIGHT = 0.1  # weight of the no-object class in the segmentation CE (most queries are empty)
+MAX_QUERIES = 32  # exact matching enumerates Q!/(Q-3)! assignments: 29,760 at 32
+
+Instances = list[tuple[int, torch.Tensor]]  # one scan's predicted lesions: (type index, bool mask (I, I))
+
+
+# --------------------------------------------------------------------------- job layout
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """What a head needs from the job: its leaf use and the shapes around it."""
+
+    task: str
+    leaf: str  # the leaf use the head reads
+    hidden_size: int  # H of the leaf
+    seq_len: int  # the leaf use's seq_len: S stream rows of a decoder, 1 + P rows of a transformer
+    vocab_size: int | None  # the leaf component's vocab_size
+    image_size: int  # I of the vit use feeding the leaf
+    patch_size: int  # p of that vit
+    in_channels: int  # C of that vit
+
+    @property
+    def grid(self) -> int:
+        """Patches per image side, I / p."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """P = (I / p)^2."""
+        return self.grid**2
+
+
+def _where(job: JobSpec, task_index: int) -> str:
+    return f"tasks[{task_index}] ('{job.tasks[task_index].name}')"
+
+
+def resolve_layout(job: JobSpec, task_index: int, leaves: list[str], kind: str) -> HeadLayout:
+    """The layout of a task whose one leaf use is of ``kind`` and fed by exactly one vit use.
+
+    Raises ValueError naming the task when the task has several leaves, the leaf is of another kind,
+    or its input is not a vit use (SpecError from planner.components when a shape is missing).
+    """
+    task = job.tasks[task_index]
+    where, loss = _where(job, task_index), task.loss
+    if len(leaves) != 1:
+        raise ValueError(
+            f"{where}: loss '{loss}' reads one leaf use, got {leaves}; expected one {kind} use fed by a vit use; "
+            f"fix: chain the task's uses as [vit, {kind}]."
+        )
+    leaf = leaves[0]
+    comp_name, comp = use_component(job, task_index, leaf)
+    if comp.kind != kind:
+        raise ValueError(
+            f"{where}: leaf use '{leaf}' (components.{comp_name}) is a {comp.kind}; expected a {kind} use for loss "
+            f"'{loss}'; fix: end the task with a {kind} use fed by the image encoder."
+        )
+    feeds = upstream_uses(task)[leaf]
+    enc_comp = use_component(job, task_index, feeds[0])[1] if len(feeds) == 1 else None
+    if enc_comp is None or enc_comp.kind != "vit":
+        raise ValueError(
+            f"{where}: leaf use '{leaf}' is fed by {feeds}; expected exactly one vit use (the image encoder); "
+            f"fix: put the vit use right before '{leaf}' or set `after: [<vit use>]` on it."
+        )
+    index = {use.use_name: i for i, use in enumerate(task.components)}
+    leaf_at, enc_at = index[leaf], index[feeds[0]]
+    leaf_shape = resolve_shape(comp, comp_name, task.components[leaf_at], f"tasks[{task_index}].components[{leaf_at}]")
+    enc_use = task.components[enc_at]
+    enc_shape = resolve_shape(enc_comp, enc_use.component, enc_use, f"tasks[{task_index}].components[{enc_at}]")
+    return HeadLayout(task.name, leaf, comp.hidden_size, leaf_shape.seq_len, comp.vocab_size,
+                      enc_shape.image_size, enc_comp.patch_size, enc_comp.in_channels or 3)
+
+
+def _require_queries(job: JobSpec, task_index: int, layout: HeadLayout) -> None:
+    """A learned-query decoder: no vocab_size (its stream is not token ids)."""
+    if layout.vocab_size is not None:
+        raise ValueError(
+            f"{_where(job, task_index)}: leaf use '{layout.leaf}' is a token decoder (vocab_size "
+            f"{layout.vocab_size}); expected a learned-query decoder for loss '{job.tasks[task_index].loss}'; "
+            "fix: use a decoder component without vocab_size."
+        )
+
+
+# --------------------------------------------------------------------------- heads
+
+
+class MedicalHead(TaskHead):
+    """Base of the medical heads: one leaf, the split of its output into stream, [cls] and patch rows."""
+
+    def __init__(self, layout: HeadLayout, stream_len: int):
+        super().__init__(layout.task, [layout.leaf])
+        self.layout, self.stream_len = layout, stream_len
+
+    def split(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stream rows (B, S, H), patch rows (B, P, H)) of the leaf output; the [cls] row is dropped."""
+        x = outputs[self.layout.leaf]
+        s, p = self.stream_len, self.layout.num_patches
+        assert x.shape[1] == s + 1 + p, f"task {self.task}: leaf output {tuple(x.shape)} is not (B, {s} + 1 + {p}, H)"
+        return x[:, :s], x[:, s + 1:]
+
+
+class MedicalClassificationHead(MedicalHead):
+    """medical_classification: mean of the S stream rows -> ``Linear(H, NUM_CLASSES)`` -> CE against labels."""
+
+    def __init__(self, layout: HeadLayout):
+        super().__init__(layout, layout.seq_len)
+        self.out = nn.Linear(layout.hidden_size, NUM_CLASSES, bias=True)
+
+    def logits(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Class logits (B, NUM_CLASSES)."""
+        return self.out(self.split(outputs)[0].mean(dim=1))
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
+        return F.cross_entropy(self.logits(outputs), batch.labels, reduction="none")
+
+    def predict(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
+        """Class ids (B,) long."""
+        return self.logits(outputs).argmax(dim=-1)
+
+
+class MedicalSegmentationHead(MedicalHead):
+    """medical_segmentation: Q = S learned queries, each a class (K types + no-object) and a mask.
+
+    Mask logits are ``einsum(mlp(query), patch row) / sqrt(H)`` on the (I/p) grid, bilinearly upsampled
+    to I x I; the loss is :func:`segmentation_loss` on those upsampled logits.
+    """
+
+    def __init__(self, layout: HeadLayout):
+        super().__init__(layout, layout.seq_len)
+        h = layout.hidden_size
+        self.classes = nn.Linear(h, NUM_LESION_TYPES + 1, bias=True)
+        self.mask_embed = nn.Sequential(nn.Linear(h, h, bias=True), nn.GELU(), nn.Linear(h, h, bias=True))
+
+    def logits(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class logits (B, Q, K + 1), mask logits (B, Q, I, I))."""
+        stream, pixels = self.split(outputs)
+        b, q, h = stream.shape
+        g, side = self.layout.grid, self.layout.image_size
+        grid = torch.einsum("bqh,bph->bqp", self.mask_embed(stream), pixels) / math.sqrt(h)
+        masks = F.interpolate(grid.reshape(b, q, g, g), size=(side, side), mode="bilinear", align_corners=False)
+        return self.classes(stream), masks
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
+        class_logits, mask_logits = self.logits(outputs)
+        return segmentation_loss(class_logits, mask_logits, batch.targets["classes"], batch.targets["masks"])
+
+    def predict(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> list[Instances]:
+        """Per scan, (type index, bool mask (I, I)) of each query whose best class is a lesion with prob > 0.5."""
+        class_logits, mask_logits = self.logits(outputs)
+        prob, cls = class_logits.softmax(dim=-1).max(dim=-1)
+        keep = (cls < class_logits.shape[-1] - 1) & (prob > 0.5)
+        masks = mask_logits > 0
+        return [[(int(cls[b, q]), masks[b, q]) for q in keep[b].nonzero().flatten().tolist()]
+                for b in range(keep.shape[0])]
+
+
+class MedicalTokenHead(MedicalHead):
+    """medical_detection / medical_report: stream rows -> ``Linear(H, V)`` -> :func:`token_loss` against
+    ``targets["tokens"]``."""
+
+    def __init__(self, layout: HeadLayout):
+        super().__init__(layout, layout.seq_len)
+        self.out = nn.Linear(layout.hidden_size, layout.vocab_size, bias=True)
+
+    def logits(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Next-token logits (B, S, V): row t predicts target token t (input id t + 1)."""
+        return self.out(self.split(outputs)[0])
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
+        return token_loss(self.logits(outputs), batch.targets["tokens"])
+
+    def predict(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
+        """Logits (B, S, V)."""
+        return self.logits(outputs)
+
+
+class MedicalReconstructionHead(MedicalHead):
+    """medical_reconstruction: ``Linear(H, C p p)`` on the P patch rows -> :func:`reconstruction_loss`."""
+
+    def __init__(self, layout: HeadLayout):
+        super().__init__(layout, 0)
+        p = layout.patch_size
+        self.out = nn.Linear(layout.hidden_size, layout.in_channels * p * p, bias=True)
+
+    def patches(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Predicted patches (B, P, C p p), laid out as :func:`patchify`."""
+        return self.out(self.split(outputs)[1])
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
+        target = patchify(batch.targets["image"], self.layout.patch_size)
+        return reconstruction_loss(self.patches(outputs), target, batch.targets["patch_mask"])
+
+    def predict(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
+        """The predicted image (B, C, I, I), every patch from the head (visible ones included)."""
+        return unpatchify(self.patches(outputs), self.layout.patch_size, self.layout.in_channels)
+
+
+# --------------------------------------------------------------------------- factories
+
+
+def build_classification_head(job: JobSpec, task_index: int, leaves: list[str]) -> MedicalClassificationHead:
+    """Head of a medical_classification task: [vit, learned-query decoder]."""
+    layout = resolve_layout(job, task_index, leaves, "decoder")
+    _require_queries(job, task_index, layout)
+    return MedicalClassificationHead(layout)
+
+
+def build_segmentation_head(job: JobSpec, task_index: int, leaves: list[str]) -> MedicalSegmentationHead:
+    """Head of a medical_segmentation task: [vit, learned-query decoder with MAX_LESIONS..MAX_QUERIES queries]."""
+    layout = resolve_layout(job, task_index, leaves, "decoder")
+    _require_queries(job, task_index, layout)
+    if not MAX_LESIONS <= layout.seq_len <= MAX_QUERIES:
+        raise ValueError(
+            f"{_where(job, task_index)}: leaf use '{layout.leaf}' has seq_len {layout.seq_len} queries; expected "
+            f"{MAX_LESIONS} to {MAX_QUERIES} (one per possible lesion, few enough to match exactly); fix: set its "
+            f"seq_len in that range, e.g. {2 * MAX_LESIONS}."
+        )
+    return MedicalSegmentationHead(layout)
+
+
+def build_token_head(job: JobSpec, task_index: int, leaves: list[str]) -> MedicalTokenHead:
+    """Head of a medical_detection or medical_report task: [vit, token decoder with vocab_size >= VOCAB_SIZE]."""
+    layout = resolve_layout(job, task_index, leaves, "decoder")
+    if layout.vocab_size is None or layout.vocab_size < VOCAB_SIZE:
+        comp = use_component(job, task_index, layout.leaf)[0]
+        raise ValueError(
+            f"{_where(job, task_index)}: leaf use '{layout.leaf}' has vocab_size {layout.vocab_size}; expected a "
+            f"token decoder with vocab_size >= {VOCAB_SIZE} (the recipe's vocabulary) for loss "
+            f"'{job.tasks[task_index].loss}'; fix: set components.{comp}.vocab_size to at least {VOCAB_SIZE}."
+        )
+    return MedicalTokenHead(layout)
+
+
+def build_reconstruction_head(job: JobSpec, task_index: int, leaves: list[str]) -> MedicalReconstructionHead:
+    """Head of a medical_reconstruction task: [vit, transformer with seq_len 1 + P]."""
+    layout = resolve_layout(job, task_index, leaves, "transformer")
+    rows = 1 + layout.num_patches
+    if layout.seq_len != rows:
+        raise ValueError(
+            f"{_where(job, task_index)}: leaf use '{layout.leaf}' has seq_len {layout.seq_len}; expected {rows} "
+            f"(the vit's 1 + ({layout.image_size}/{layout.patch_size})^2 rows it reads); fix: set seq_len: {rows}."
+        )
+    return MedicalReconstructionHead(layout)
+
+
+LOSS_FACTORIES = {
+    "medical_classification": build_classification_head,
+    "medical_segmentation": build_segmentation_head,
+    "medical_detection": build_token_head,
+    "medical_report": build_token_head,
+    "medical_reconstruction": build_reconstruction_head,
+}
+
+
+# --------------------------------------------------------------------------- losses
+
+
+@lru_cache(maxsize=64)
+def injective_maps(num_items: int, num_slots: int) -> torch.Tensor:
+    """Every assignment of ``num_items`` items to distinct slots: ``(slots! / (slots - items)!, items)`` long."""
+    assert num_items <= num_slots, f"{num_items} items do not fit {num_slots} slots"
+    maps = list(itertools.permutations(range(num_slots), num_items))
+    return torch.tensor(maps, dtype=torch.long).reshape(len(maps), num_items)
+
+
+def _dice_loss(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``1 - (2 |p t| + 1) / (|p| + |t| + 1)`` over the last dim (soft Dice with add-one smoothing)."""
+    return 1.0 - (2.0 * (probs * targets).sum(-1) + 1.0) / (probs.sum(-1) + targets.sum(-1) + 1.0)
+
+
+def matching_costs(class_logits: torch.Tensor, mask_logits: torch.Tensor, target_classes: torch.Tensor,
+                   target_masks: torch.Tensor) -> torch.Tensor:
+    """Cost (B, T, Q) of giving target slot t to query q: ``-p_q(class_t) + BCE(mask_q, t) + Dice(mask_q, t)``.
+
+    BCE is the mean over the I x I pixels of the upsampled mask logits; padded slots (class -1) get
+    the cost of class 0 (callers ignore them).
+    """
+    q = class_logits.shape[1]
+    probs = class_logits.softmax(dim=-1)  # (B, Q, K + 1)
+    wanted = target_classes.clamp(min=0)[:, None, :].expand(-1, q, -1)  # (B, Q, T)
+    class_cost = -probs.gather(2, wanted).transpose(1, 2)  # (B, T, Q)
+    x, t = mask_logits.flatten(2), target_masks.flatten(2).to(mask_logits.dtype)  # (B, Q, N), (B, T, N)
+    n = x.shape[-1]
+    # BCE-with-logits(x, t) = softplus(x) - x t: the pixel sum of x t for all pairs is one einsum
+    bce = F.softplus(x).mean(-1)[:, None, :] - torch.einsum("bqn,btn->btq", x, t) / n
+    sig = x.sigmoid()
+    inter = torch.einsum("bqn,btn->btq", sig, t)
+    dice = 1.0 - (2.0 * inter + 1.0) / (sig.sum(-1)[:, None, :] + t.sum(-1)[:, :, None] + 1.0)
+    return class_cost + bce + dice
+
+
+@torch.no_grad()
+def match_queries(class_logits: torch.Tensor, mask_logits: torch.Tensor, target_classes: torch.Tensor,
+                  target_masks: torch.Tensor) -> torch.Tensor:
+    """Query index (B, T) long given to each target slot, -1 for padded slots; exact minimum total cost.
+
+    Enumerates every injective map of the T slots to the Q queries (Q!/(Q-T)!), batched. Padded slots
+    cost 0 and still take a distinct query, which leaves the optimum of the real slots unchanged
+    because Q >= T.
+    """
+    cost = matching_costs(class_logits, mask_logits, target_classes, target_masks)
+    valid = target_classes >= 0
+    cost = cost.masked_fill(~valid[:, :, None], 0.0)
+    b, t, q = cost.shape
+    maps = injective_maps(t, q).to(cost.device)  # (N, T)
+    total = cost[:, torch.arange(t, device=cost.device)[None, :], maps].sum(dim=-1)  # (B, N)
+    return maps[total.argmin(dim=1)].masked_fill(~valid, -1)
+
+
+def segmentation_loss(class_logits: torch.Tensor, mask_logits: torch.Tensor, target_classes: torch.Tensor,
+                      target_masks: torch.Tensor) -> torch.Tensor:
+    """Per-scan loss (B,): class CE over all queries + mean over matched pairs of (BCE + Dice).
+
+    ``class_logits`` (B, Q, K + 1), last = no object; ``mask_logits`` (B, Q, I, I); ``target_classes``
+    (B, T) long in [0, K) or -1; ``target_masks`` (B, T, I, I) {0, 1}. Targets are matched to queries
+    by :func:`match_queries`; unmatched queries learn no-object, whose CE weight is NO_OBJECT_WEIGHT (the
+    CE is the weighted mean over queries). A scan without lesions has no mask term.
+    """
+    b, q, classes = class_logits.shape
+    assert target_classes.numel() == 0 or int(target_classes.max()) < classes - 1, (
+        f"target types {target_classes.unique().tolist()} reach the no-object class {classes - 1}: the loss knows "
+        "only the training types (the transfer split's type has no class here)")
+    assign = match_queries(class_logits, mask_logits, target_classes, target_masks)
+    rows, slots = (assign >= 0).nonzero(as_tuple=True)
+    queries = assign[rows, slots]
+    query_class = torch.full((b, q), classes - 1, dtype=torch.long, device=class_logits.device)
+    query_class[rows, queries] = target_classes[rows, slots]
+    weight = torch.ones(classes, device=class_logits.device)
+    weight[-1] = NO_OBJECT_WEIGHT
+    ce = F.cross_entropy(class_logits.transpose(1, 2), query_class, weight=weight, reduction="none")  # (B, Q)
+    class_loss = ce.sum(dim=1) / weight[query_class].sum(dim=1)
+    x = mask_logits[rows, queries].flatten(1)  # (M, N) matched pairs
+    t = target_masks[rows, slots].flatten(1).to(x.dtype)
+    pair = F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(dim=1) + _dice_loss(x.sigmoid(), t)
+    mask_sum = torch.zeros(b, dtype=x.dtype, device=x.device).index_add(0, rows, pair)
+    return class_loss + mask_sum / (assign >= 0).sum(dim=1).clamp(min=1)
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = PAD_ID) -> torch.Tensor:
+    """Per-sample CE (B,) of logits (B, S, V) against ids (B, S), mean over the non-PAD positions (0 if none)."""
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=pad_id, reduction="none")  # 0 at PAD
+    return ce.sum(dim=1) / (targets != pad_id).sum(dim=1).clamp(min=1)
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Images (B, C, I, I) -> patches (B, P, C p p) in the vit's row-major grid order, each (C, p, p) flattened."""
+    b, c, side, _ = images.shape
+    g, p = side // patch_size, patch_size
+    return images.reshape(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: (B, P, C p p) -> (B, C, I, I)."""
+    b, n, _ = patches.shape
+    g, p = math.isqrt(n), patch_size
+    return patches.reshape(b, g, g, channels, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, channels, g * p, g * p)
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE (B,) over the masked patches only: patches (B, P, D), ``patch_mask`` (B, P) True = masked."""
+    per_patch = ((pred - target) ** 2).mean(dim=-1)  # (B, P)
+    masked = patch_mask.to(per_patch.dtype)
+    return (per_patch * masked).sum(dim=1) / masked.sum(dim=1).clamp(min=1)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Fraction of equal entries of two (N,) id tensors."""
+    return (pred == target).float().mean().item()
+
+
+def dice_score(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Dice ``2 |a & b| / (|a| + |b|)`` of two bool masks; 1.0 when both are empty."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def _target_instances(target_masks: torch.Tensor, target_classes: torch.Tensor, row: int) -> list[torch.Tensor]:
+    return [target_masks[row, s] > 0.5 for s in range(target_classes.shape[1]) if target_classes[row, s] >= 0]
+
+
+def union_dice(pred: list[Instances], target_masks: torch.Tensor, target_classes: torch.Tensor) -> torch.Tensor:
+    """Per-scan Dice (B,) of the union of the predicted masks vs the union of the target masks.
+
+    ``pred``: per scan, (type, bool mask (I, I)) pairs (:meth:`MedicalSegmentationHead.predict`);
+    targets (B, T, I, I) and (B, T) with class -1 for empty slots. Types are ignored; the mean is the metric.
+    """
+    side = target_masks.shape[-2:]
+    out = []
+    for row, instances in enumerate(pred):
+        union_pred = torch.zeros(side, dtype=torch.bool)
+        for _, mask in instances:
+            union_pred |= mask.cpu()
+        union_target = torch.zeros(side, dtype=torch.bool)
+        for mask in _target_instances(target_masks, target_classes, row):
+            union_target |= mask.cpu()
+        out.append(dice_score(union_pred, union_target))
+    return torch.tensor(out)
+
+
+def _best_total(score: torch.Tensor) -> float:
+    """Largest total of ``score`` (m, n) over one-to-one pairings of the smaller side into the larger."""
+    if score.numel() == 0:
+        return 0.0
+    if score.shape[0] > score.shape[1]:
+        score = score.T
+    maps = injective_maps(score.shape[0], score.shape[1])
+    return score[torch.arange(score.shape[0])[None, :], maps].sum(dim=1).max().item()
+
+
+def matched_dice(pred: list[Instances], target_masks: torch.Tensor, target_classes: torch.Tensor,
+                 class_aware: bool = False) -> torch.Tensor:
+    """Per-scan instance Dice (B,): pair predictions and targets one-to-one for the largest total Dice, then
+    total / max(#predicted, #targets), so missed and spurious lesions both count 0; 1.0 when both are empty.
+
+    ``class_aware``: pairs of different types score 0 (leave False for the transfer split, whose type
+    the model has never seen).
+    """
+    out = []
+    for row, instances in enumerate(pred):
+        targets = _target_instances(target_masks, target_classes, row)
+        classes = [int(c) for c in target_classes[row] if c >= 0]
+        if not instances and not targets:
+            out.append(1.0)
+            continue
+        score = torch.tensor([[dice_score(mask.cpu(), t.cpu()) if not class_aware or cls == tc else 0.0
+                               for t, tc in zip(targets, classes)] for cls, mask in instances])
+        out.append(_best_total(score.reshape(len(instances), len(targets))) / max(len(instances), len(targets)))
+    return torch.tensor(out)
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU (N, M) of pixel boxes a (N, 4) and b (M, 4), each (x0, y0, x1, y1) with x1, y1 exclusive."""
+    a, b = a.float(), b.float()
+    lo = torch.maximum(a[:, None, :2], b[None, :, :2])
+    hi = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (hi - lo).clamp(min=0).prod(dim=-1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(dim=-1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(dim=-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+def best_box_iou(pred_boxes: list[torch.Tensor], target_boxes: torch.Tensor) -> torch.Tensor:
+    """Per-scan mean over its target boxes of the best IoU with any predicted box (B,).
+
+    ``pred_boxes``: per scan (n, 4); ``target_boxes`` (B, T, 4), rows of -1 are padding. A scan
+    without lesions scores 1.0 if nothing is predicted, else 0.0. The mean is the metric.
+    """
+    out = []
+    for row, boxes in enumerate(pred_boxes):
+        targets = target_boxes[row][(target_boxes[row] >= 0).all(dim=-1)]
+        if len(targets) == 0:
+            out.append(1.0 if len(boxes) == 0 else 0.0)
+        elif len(boxes) == 0:
+            out.append(0.0)
+        else:
+            out.append(box_iou(targets, boxes.reshape(-1, 4)).max(dim=1).values.mean().item())
+    return torch.tensor(out)
+
+
+def token_accuracy(pred_ids: torch.Tensor, targets: torch.Tensor, pad_id: int = PAD_ID) -> float:
+    """Fraction of the non-PAD target positions (B, S) where ``pred_ids`` (B, S) equals the target."""
+    real = targets != pad_id
+    return ((pred_ids == targets) & real).sum().item() / max(int(real.sum()), 1)
+
+
+def exact_match(pred_ids: torch.Tensor, targets: torch.Tensor, pad_id: int = PAD_ID) -> float:
+    """Fraction of samples whose every non-PAD target position is predicted exactly."""
+    wrong = (pred_ids != targets) & (targets != pad_id)
+    return (~wrong.any(dim=1)).float().mean().item()

@@ -1,0 +1,90 @@
+"""Evaluation of a trained job (``loom eval``): per-task metrics on data the run did not train on.
+
+The model is the single-process :class:`~runtime.reference.ReferenceTrainer` loaded with a run's
+``model.pt`` (or left at its initial weights, the baseline every metric should beat). A job with a
+recipe is evaluated by the recipe's registered evaluator (its own metrics, e.g. accuracy, Dice and
+box IoU, next to trivial baselines); any other job reports each task's mean loss on unseen steps of
+the built-in synthetic stream (every step draws new samples, so a step past training is held out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from planner.errors import LoomError
+from planner.spec import JobSpec
+from runtime.data import SPLITS, synthetic_batch
+from runtime.modules import load_recipe
+from runtime.reference import ReferenceTrainer
+
+HELD_OUT_STEP = 1 << 30  # first step of the built-in stream used for evaluation (no run trains that long)
+
+
+@dataclass
+class EvalReport:
+    """Metrics by task (``metrics[task][name]``) and, where the evaluator has them, trivial baselines of the same
+    metrics on the same samples (``baselines[task][name]``)."""
+
+    job: str
+    split: str
+    num_samples: int
+    metrics: dict[str, dict[str, float]]
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+Evaluator = Callable[[JobSpec, ReferenceTrainer, str, int], EvalReport]
+_RECIPE_EVALUATORS: dict[str, Evaluator] = {}
+
+
+class EvalError(LoomError):
+    """An evaluation request that cannot be served (unknown split, too few samples)."""
+
+
+def register_evaluator(recipe: str, evaluator: Evaluator) -> None:
+    """``evaluator(job, model, split, num_samples)`` evaluates jobs with ``recipe: <recipe>``."""
+    _RECIPE_EVALUATORS[recipe] = evaluator
+
+
+def evaluate_job(job: JobSpec, params: dict[str, torch.Tensor] | None, split: str | None = None,
+                 num_samples: int = 256) -> EvalReport:
+    """Evaluate ``job``'s model with ``params`` (None: its initial weights) on ``num_samples`` samples of ``split``
+    (None: "heldout" for a recipe's job, else "train")."""
+    split = split or ("heldout" if job.recipe is not None else "train")
+    if split not in SPLITS:
+        raise EvalError(f"--split ('{split}') is not a data split; use one of {', '.join(SPLITS)}.")
+    if num_samples < 1:
+        raise EvalError(f"--samples ({num_samples}) must be at least 1.")
+    model = ReferenceTrainer(job)
+    if params is not None:
+        model.load_parameters(params)
+    load_recipe(job)
+    with torch.no_grad():
+        if job.recipe in _RECIPE_EVALUATORS:
+            return _RECIPE_EVALUATORS[job.recipe](job, model, split, num_samples)
+        if job.recipe is not None:
+            raise EvalError(f"recipe ('{job.recipe}') registers no evaluator; it cannot be evaluated yet.")
+        if split != "train":
+            raise EvalError(f"--split ('{split}'): jobs without a recipe have one data stream; use --split train "
+                            "(it evaluates on steps no run reaches).")
+        return _loss_report(job, model, num_samples)
+
+
+def _loss_report(job: JobSpec, model: ReferenceTrainer, num_samples: int) -> EvalReport:
+    """Mean per-task loss over ``num_samples`` samples of each task from unseen steps of the synthetic stream."""
+    metrics = {}
+    for t, task in enumerate(job.tasks):
+        total, seen, step = 0.0, 0, HELD_OUT_STEP
+        while seen < num_samples:
+            rows = min(task.batch_size, num_samples - seen)
+            batch = synthetic_batch(job, t, step, 0, rows)
+            total += float(model.modules[("head:" + task.name, 0)](model.forward(t, batch), batch).sum())
+            seen, step = seen + rows, step + 1
+        metrics[task.name] = {"loss": total / seen}
+    return EvalReport(job.name, "train", num_samples, metrics, notes={"data": "unseen steps of the synthetic stream"})

@@ -1,0 +1,42 @@
+"""Checking a distributed run against single-process training (shared by the equivalence tests)."""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.local_world import run_world
+from runtime.reference import ReferenceTrainer
+
+STEPS = 3
+RTOL = 1e-5
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Relative error of a parameter vector, ||got - want|| / ||want|| (2-norms). Element-wise ratios are
+    not a meaningful target under AdamW: an element whose gradient is a cancelling sum near zero gets an
+    update lr * g / (sqrt(v) + eps), which turns float-level differences in g into visible ones."""
+    err = float((got - want).norm() / want.norm().clamp_min(1e-12))
+    assert err <= RTOL, f"{what}: relative error {err:.2e}"
+
+
+def check_equivalence(job, plan, tmp_path, steps: int = STEPS) -> None:
+    """Train ``steps`` steps of ``plan`` on a gloo world and in one process: per-step losses and every rank's final
+    parameters must agree within RTOL, and every parameter must be held by some rank."""
+    world = run_world(job, plan, steps, tmp_path)
+    reference = ReferenceTrainer(job)
+    for step in range(steps):
+        want = reference.train_step(step)
+        for task, value in want.items():
+            got = world.losses[step][task]
+            assert abs(got - value) <= RTOL * abs(value), f"step {step} task {task}: {got} vs {value}"
+    ref_params = reference.named_parameters()
+    held = set()
+    for rank, params in world.parameters.items():
+        # per module: a layer, an embedding, a head
+        for module in sorted({name.rsplit("/", 1)[0] for name in params}):
+            names = sorted(n for n in params if n.rsplit("/", 1)[0] == module)
+            got = torch.cat([params[n].reshape(-1) for n in names])
+            want = torch.cat([ref_params[n].reshape(-1) for n in names])
+            assert_close(got, want, f"rank {rank} {module}")
+            held.update(names)
+    assert held == set(ref_params), f"parameters nobody holds: {sorted(set(ref_params) - held)[:5]}"
