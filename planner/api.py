@@ -20,13 +20,14 @@ from planner.costmodel import AnalyticCostModel, CostModel, ProfiledCostModel
 from planner.devices import resolve_hardware
 from planner.errors import PlanningError
 from planner.metagraph import MetaGraph, build_metagraph
-from planner.placement import PlacedSchedule, place_schedule
+from planner.placement import STRATEGIES, PlacedSchedule, place_schedule
+from planner.refine import Evaluated, refine_transfers
 from planner.plan import (
     Bounds, Plan, PlanCluster, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport, SyncGroup,
 )
 from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
 from planner.simulator import Simulation, simulate
-from planner.solver import SolveResult, SolverSettings, solve
+from planner.solver import Candidate, SolveResult, SolverSettings, solve
 from planner.spec import JobSpec
 from planner.spindle import spindle_schedule
 
@@ -111,35 +112,66 @@ def plan_schedule(job: JobSpec, schedule: Schedule, cost_model: CostModel | None
     return build_plan(job, graph, cost_model, placed, sim, result, bounds, {})
 
 
+REFINE_TOP = 2  # the best placed candidates (distinct schedules) the transfer-aware search starts from
+REFINE_BUDGET = 4000  # work units of that search (refine.evaluation_cost), shared by its starts
+REFINED = ", transfer-refined"  # method suffix of a plan the search improved
+
+
 def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResult,
                      ) -> tuple[SolveResult, PlacedSchedule, Simulation, dict[str, str]]:
     """Place and simulate every candidate schedule the solver found; keep the shortest predicted iteration.
 
     The solver ranks by compute alone; transfers and shared-parameter sync depend on placement, so the
-    final choice is made on the full simulated time. A candidate that does not fit in memory is skipped;
-    when none fits, the error of the shortest one is raised. Also returns why each unfit candidate failed."""
-    best, error, unfit = None, None, {}
+    final choice is made on the full simulated time: every candidate in both orders of its independent
+    runs, under every placement strategy (one node: packing only), then the transfer-aware local search
+    (:mod:`planner.refine`) from the best few. A candidate that does not fit in memory is skipped; when
+    none fits, the error of the shortest one is raised. Also returns why each unfit candidate failed."""
+    placed_all, error, unfit = _place_candidates(problem, cost_model, solved)
+    if not placed_all:
+        raise error
+    ranked = sorted(placed_all, key=lambda e: e[2].sim.iteration_time_s)  # stable: solver order among equals
+    best_name, cand, best = ranked[0]
+    budget, starts = REFINE_BUDGET, []
+    for entry in ranked:
+        if len(starts) == REFINE_TOP:
+            break
+        if all(entry[2].schedule != other[2].schedule for other in starts):
+            starts.append(entry)
+    for name, start_cand, ev in starts:
+        found, spent = refine_transfers(problem, cost_model, ev, budget)
+        budget -= spent
+        if found.sim.iteration_time_s < best.sim.iteration_time_s * (1 - 1e-12):
+            best_name, cand, best = name + REFINED, start_cand, found
+    makespan = compute_makespan(problem, best.schedule)
+    gap = (makespan - solved.bound_s) / makespan if makespan > 0 else 0.0
+    # a reordered schedule has its candidate's compute; a refined one is a local-search result
+    status = "heuristic" if best_name.endswith(REFINED) else cand.status
+    chosen = replace(solved, schedule=best.schedule, status=status, objective_s=makespan, gap=gap, method=best_name)
+    return chosen, best.placed, best.sim, unfit
+
+
+def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResult,
+                      ) -> tuple[list[tuple[str, Candidate, Evaluated]], PlanningError | None, dict[str, str]]:
+    """Every candidate x order x strategy that fits, named; the first placement error; why each unfit
+    candidate (its own order, packed) failed."""
+    out, error, unfit = [], None, {}
+    strategies = STRATEGIES if cost_model.hw.num_nodes > 1 else STRATEGIES[:1]
     for cand in solved.candidates or ():
         # the waves of an independent run may go in any order; the order changes what gradient sync overlaps
         for order, schedule in (("", cand.schedule), (" reversed", reverse_runs(problem, cand.schedule))):
             check_schedule(problem, schedule)
-            try:
-                placed = place_schedule(problem, schedule, cost_model)
-            except PlanningError as exc:
-                error = error or exc
-                if not order:
-                    unfit[cand.name] = str(exc)
-                continue
-            sim = simulate(problem, placed, cost_model)
-            if best is None or sim.iteration_time_s < best[2].iteration_time_s * (1 - 1e-12):
-                best = (replace(cand, name=cand.name + order, schedule=schedule), placed, sim)
-    if best is None:
-        raise error
-    cand, placed, sim = best
-    gap = (cand.makespan_s - solved.bound_s) / cand.makespan_s if cand.makespan_s > 0 else 0.0
-    chosen = replace(solved, schedule=cand.schedule, status=cand.status, objective_s=cand.makespan_s, gap=gap,
-                     method=cand.name)
-    return chosen, placed, sim, unfit
+            for strategy in strategies:
+                try:
+                    placed = place_schedule(problem, schedule, cost_model, strategy=strategy)
+                except PlanningError as exc:
+                    error = error or exc
+                    if not order and strategy == strategies[0]:
+                        unfit[cand.name] = str(exc)
+                    continue
+                suffix = order + ("" if strategy == strategies[0] else f", {strategy}ed placement")
+                sim = simulate(problem, placed, cost_model)
+                out.append((cand.name + suffix, cand, Evaluated(schedule, strategy, placed, sim)))
+    return out, error, unfit
 
 
 def build_plan(

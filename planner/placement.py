@@ -32,9 +32,16 @@ Placement is greedy, wave by wave, and deterministic:
    previous slice, or its predecessors' last slices), a bonus where the device already holds some
    of these layers of the parameter group (shared parameters co-located), minus the fraction of
    memory in use (balance), and a large penalty where the slice would not fit.
-3. When one node has room, the slice goes into the single node whose best free devices score
-   highest. Otherwise it spans the fewest, best-scoring nodes and takes a multiple of the TP degree
-   from each node.
+3. Strategy ``"pack"`` (the default): when one node has room, the slice goes into the single node
+   whose best free devices score highest. Otherwise it spans the fewest, best-scoring nodes and
+   takes a multiple of the TP degree from each node.
+   Strategy ``"align"``: the slice is spread over nodes in proportion to where its input samples
+   lie (per data-parallel rank of the slices it reads from), or, with no input placed yet, in
+   proportion to each node's free devices; each node's share is a multiple of the TP degree, filled
+   with its best-scoring free devices. Samples are split in device order, and device ids order the
+   nodes, so when every node holds the same fraction of the input's and of the slice's ranks a
+   re-split moves samples only inside nodes (NVLink), never over the network. It falls back to
+   ``"pack"`` for a slice whose shares do not fit the free devices.
 
 A device over memory after placement is a :class:`PlanningError` naming the MetaOps on the worst
 device.
@@ -65,6 +72,8 @@ GIB = 1024**3
 FLOW_WEIGHT = 4.0
 SHARE_WEIGHT = 2.0
 OVERFLOW_PENALTY = 100.0
+
+STRATEGIES = ("pack", "align")  # how a slice that neither continues nor follows on its devices picks them
 
 
 @dataclass(frozen=True)
@@ -134,8 +143,9 @@ class MemoryLedger:
     ``trainable_params`` (parameters after TP sharding) are numpy arrays indexed by device id.
     """
 
-    def __init__(self, problem: Problem, cost_model: CostModel):
+    def __init__(self, problem: Problem, cost_model: CostModel, strategy: str = "pack"):
         self.problem = problem
+        self.strategy = strategy
         self.cost_model = cost_model
         n = problem.num_devices
         self.param_bytes = np.zeros(n)
@@ -217,13 +227,16 @@ def check_memory(ledger: MemoryLedger, memory_bytes: float, devices_per_node: in
 
 
 def place_schedule(
-    problem: Problem, schedule: Schedule, cost_model: CostModel, *, check_memory_limit: bool = True
+    problem: Problem, schedule: Schedule, cost_model: CostModel, *, check_memory_limit: bool = True,
+    strategy: str = "pack",
 ) -> PlacedSchedule:
-    """Give every slice of ``schedule`` concrete device ids (see the module docstring for the rules).
+    """Give every slice of ``schedule`` concrete device ids (see the module docstring for the rules and
+    the ``strategy``, one of :data:`STRATEGIES`).
 
     Raises PlanningError when ``check_memory_limit`` and a device's peak exceeds the device memory.
     """
-    placer = _Placer(problem, cost_model)
+    assert strategy in STRATEGIES, strategy
+    placer = _Placer(problem, cost_model, strategy)
     waves = tuple(placer.place_wave(k, wave) for k, wave in enumerate(schedule.waves))
     if check_memory_limit:
         check_memory(placer.ledger, cost_model.hw.memory_bytes, placer.dpn)
@@ -233,8 +246,9 @@ def place_schedule(
 class _Placer:
     """State of the greedy placement across waves."""
 
-    def __init__(self, problem: Problem, cost_model: CostModel):
+    def __init__(self, problem: Problem, cost_model: CostModel, strategy: str = "pack"):
         self.problem = problem
+        self.strategy = strategy
         self.cost_model = cost_model
         self.num_devices = problem.num_devices
         self.dpn = max(1, min(cost_model.hw.devices_per_node, self.num_devices))
@@ -332,10 +346,66 @@ class _Placer:
         score[~free] = -np.inf
         return score
 
+    def _input_shares(self, m: int) -> np.ndarray:
+        """Bytes of the slice's input per node: each source slice's batch split over its data-parallel ranks."""
+        ops = self.problem.graph.metaops
+        sources = [self.last[m]] if m in self.last else [self.last[d] for d in ops[m].deps if d in self.last]
+        share = np.zeros(self.num_nodes)
+        for src in sources:
+            dp, tp = src.layout.dp_degree, src.layout.tp_degree
+            rank_nodes = np.asarray(src.devices[::tp], dtype=np.int64) // self.dpn
+            per_rank = ops[src.metaop].batch_size * ops[src.metaop].layer.out_bytes / dp
+            share += np.bincount(rank_nodes, minlength=self.num_nodes) * per_rank
+        return share
+
+    def _node_quotas(self, n: int, tp: int, target: np.ndarray, usable: np.ndarray) -> np.ndarray | None:
+        """Devices per node, multiples of ``tp`` within ``usable``, summing to ``n``, close to ``target``.
+
+        The cumulative target is rounded, so the ranks' cumulative split over nodes (which decides the samples
+        each node holds) stays within half a TP group of the input's; what a node cannot take goes to the nodes
+        furthest below target. None when the free devices cannot hold ``n`` in whole TP groups."""
+        cumulative = np.floor(np.concatenate([[0.0], np.cumsum(target)]) / tp + 0.5 + 1e-9).astype(np.int64) * tp
+        quota = np.minimum(np.diff(cumulative), usable)
+        left = n - int(quota.sum())
+        while left > 0:
+            room = usable - quota
+            nodes = np.flatnonzero(room >= tp)
+            if not len(nodes):
+                return None
+            deficit = target[nodes] - quota[nodes]
+            for v in nodes[np.lexsort((nodes, -room[nodes], -np.round(deficit, 9)))][: left // tp]:
+                quota[v] += tp
+            left = n - int(quota.sum())
+        return quota
+
+    def _choose_aligned(self, s: Slice, score: np.ndarray, free: np.ndarray) -> tuple[int, ...] | None:
+        """Strategy "align": nodes in proportion to the input's samples (else to free devices), best devices
+        inside each; None when those shares do not fit."""
+        n, tp = s.num_devices, self._layout(s).tp_degree
+        usable = free.reshape(self.num_nodes, self.dpn).sum(axis=1) // tp * tp
+        share = self._input_shares(s.metaop)
+        if share.sum() <= 0:
+            share = usable.astype(float)
+        if share.sum() <= 0:
+            return None
+        quota = self._node_quotas(n, tp, n * share / share.sum(), usable)
+        if quota is None:
+            return None
+        order = np.argsort(-score, axis=1, kind="stable")
+        picked = [int(v * self.dpn + j) for v in np.flatnonzero(quota) for j in order[v, : quota[v]]]
+        if score.ravel()[picked].min() < -OVERFLOW_PENALTY / 2:
+            return None  # a share lands on a device without room: packing may find one with room
+        return tuple(sorted(picked))
+
     def _choose(self, s: Slice, free: np.ndarray) -> tuple[int, ...]:
-        """Pick ``s.num_devices`` free devices: one node when one has room, else the fewest best nodes."""
+        """Pick ``s.num_devices`` free devices: aligned with the input under "align" when the shares fit; else
+        one node when one has room, else the fewest best nodes."""
         n, tp = s.num_devices, self._layout(s).tp_degree
         score = self._score(s, free).reshape(self.num_nodes, self.dpn)
+        if self.strategy == "align" and self.num_nodes > 1:
+            aligned = self._choose_aligned(s, score, free)
+            if aligned is not None:
+                return aligned
         order = np.argsort(-score, axis=1, kind="stable")  # best first; busy devices (-inf) last
         ranked = np.take_along_axis(score, order, axis=1)
         num_free = free.reshape(self.num_nodes, self.dpn).sum(axis=1)

@@ -3,13 +3,16 @@
 Grid (Spindle §5, Fig.8 axes): clip-4/7/10 and ofasys-4/7 on 8, 16 and 32 devices; qwen-val-3 on
 32 and 64. Scale sweep: a synthetic workload of many CLIP-like tasks (100 MetaOps) on 128 to 1024
 devices. Devices come in nodes of 8 (A800, as in Spindle's cluster); a cell overrides only the
-workload's ``cluster.num_nodes``.
+workload's ``cluster.num_nodes``. Recipes: full-size recipe job specs planned on the cluster their
+file names (``unimed-base``: a shared ViT-L encoder feeding decoders, 64 H100s), kept out of the
+targets that compare with Spindle's evaluation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from planner.components import check_components
 from planner.errors import did_you_mean
@@ -29,11 +32,16 @@ SCALE_NUM_TASKS = 50  # two MetaOps per task: 100 MetaOps
 SCALE_WORKLOAD = f"synth-clip-{SCALE_NUM_TASKS}"
 SCALE_DEVICES = (128, 256, 512, 1024)
 DEVICES_PER_NODE = 8
+REPO_ROOT = WORKLOAD_DIR.parent.parent
+RECIPE_WORKLOADS: dict[str, tuple[Path, int]] = {  # workload -> (job spec, its number of devices)
+    "unimed-base": (REPO_ROOT / "recipes" / "medical" / "unimed-base-64xH100.yaml", 64),
+}
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One benchmark cell: ``workload`` planned on ``num_devices`` devices; ``group`` is "grid" or "scale"."""
+    """One benchmark cell: ``workload`` planned on ``num_devices`` devices; ``group`` is "grid", "scale" or
+    "recipe"."""
 
     workload: str
     num_devices: int
@@ -47,7 +55,8 @@ class Cell:
 def all_cells() -> list[Cell]:
     """Every cell of the full suite, grid first, in a stable order."""
     cells = [Cell(w, n, "grid") for w, sizes in GRID_WORKLOADS.items() for n in sizes]
-    return cells + [Cell(SCALE_WORKLOAD, n, "scale") for n in SCALE_DEVICES]
+    cells += [Cell(SCALE_WORKLOAD, n, "scale") for n in SCALE_DEVICES]
+    return cells + [Cell(w, n, "recipe") for w, (_, n) in RECIPE_WORKLOADS.items()]
 
 
 def quick_cells() -> list[Cell]:
@@ -76,6 +85,8 @@ def workload_data(workload: str) -> dict:
     """The spec of a workload as a plain dict: a YAML file under bench/workloads or the synthetic sweep."""
     if workload == SCALE_WORKLOAD:
         return clip_like_data(SCALE_NUM_TASKS)
+    if workload in RECIPE_WORKLOADS:
+        return load_yaml(RECIPE_WORKLOADS[workload][0])
     return load_yaml(WORKLOAD_DIR / f"{workload}.yaml")
 
 

@@ -12,9 +12,10 @@ from planner.devices import DEVICES, GIB, Hardware, resolve_hardware
 from planner.errors import PlanningError
 from planner.metagraph import MetaOp, build_metagraph, finalize_graph
 from planner.placement import (
-    MemoryLedger, PlacedSlice, build_ledger, place_schedule,
+    STRATEGIES, MemoryLedger, PlacedSlice, build_ledger, place_schedule,
 )
 from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule
+from planner.simulator import resplit_flows, simulate_transfers
 from planner.spec import parse_job
 
 
@@ -70,17 +71,20 @@ def random_schedule(problem: Problem, rng: random.Random) -> Schedule:
     return sched
 
 
-def test_random_schedules_are_placed_validly():
-    """No device in two slices of a wave; counts, layouts and layer ranges match; fits in a node when one has room."""
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_random_schedules_are_placed_validly(strategy):
+    """No device in two slices of a wave; counts, layouts and layer ranges match; TP groups inside nodes; packing
+    fits a slice in a node when one has room."""
     cm = LinearCost(hardware(num_nodes=3, devices_per_node=4))
     rng = random.Random(7)
     for trial in range(20):
         ops = [op(m, f"g{rng.randint(0, 3)}", layers=rng.randint(1, 6),
-                  deps=tuple(d for d in range(m) if rng.random() < 0.3), batch=rng.choice([4, 8, 12]))
+                  deps=tuple(d for d in range(m) if rng.random() < 0.3), batch=rng.choice([4, 8, 12]),
+                  tp=rng.choice([(1,), (1, 2)]))
                for m in range(6)]
         problem = problem_of(ops, cm)
         sched = random_schedule(problem, rng)
-        placed = place_schedule(problem, sched, cm)
+        placed = place_schedule(problem, sched, cm, strategy=strategy)
         layers_seen = [0] * len(ops)
         for wave, placed_wave in zip(sched.waves, placed.waves):
             used = [d for s in placed_wave.slices for d in s.devices]
@@ -93,7 +97,9 @@ def test_random_schedules_are_placed_validly():
                 assert s.layout == problem.curves[s.metaop].layout(len(s.devices))
                 assert s.first_layer == layers_seen[s.metaop]
                 layers_seen[s.metaop] += s.num_layers
-                if len(s.devices) <= 4 and len({d // 4 for d in s.devices}) > 1:
+                tp = s.layout.tp_degree
+                assert all(len({d // 4 for d in s.devices[i:i + tp]}) == 1 for i in range(0, len(s.devices), tp))
+                if strategy == "pack" and len(s.devices) <= 4 and len({d // 4 for d in s.devices}) > 1:
                     # spanning nodes is allowed only when no node had room: devices idle in the whole
                     # wave were free when the slice was placed, so no node may have that many idle
                     idle = set(range(problem.num_devices)) - set(used)
@@ -102,13 +108,57 @@ def test_random_schedules_are_placed_validly():
         assert layers_seen == [o.num_layers for o in ops]
 
 
-def test_placement_is_deterministic():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_placement_is_deterministic(strategy):
     cm = LinearCost(hardware())
     rng = random.Random(3)
     ops = [op(m, f"g{m % 2}", layers=5, deps=(m - 1,) if m % 3 else ()) for m in range(6)]
     problem = problem_of(ops, cm)
     sched = random_schedule(problem, rng)
-    assert place_schedule(problem, sched, cm) == place_schedule(problem, sched, cm)
+    assert place_schedule(problem, sched, cm, strategy=strategy) == place_schedule(problem, sched, cm, strategy=strategy)
+
+
+def _cross_node_bytes(problem: Problem, placed, cm: CostModel) -> float:
+    infos, _ = simulate_transfers(problem, placed, cm)
+    dpn = cm.hw.devices_per_node
+    total = 0.0
+    for t in infos:
+        src = [s for w in placed.waves[: t.after_wave + 1] for s in w.slices if s.metaop == t.src_metaop][-1]
+        dst = next(s for s in placed.waves[t.after_wave + 1].slices if s.metaop == t.dst_metaop)
+        producer = problem.graph.metaops[t.src_metaop]
+        flows = resplit_flows(src.devices, src.layout, dst.devices, dst.layout,
+                              producer.batch_size * producer.layer.out_bytes)
+        total += float(flows.nbytes[flows.senders // dpn != flows.receivers // dpn].sum())
+    return total
+
+
+def test_aligned_placement_grows_a_batch_inside_nodes():
+    """A runs on 4 devices beside B, then on all 8. Packed, A starts in one node and half its batch crosses the
+    network; aligned, A starts with half its ranks in each node and its samples only move over NVLink."""
+    cm = LinearCost(hardware(num_nodes=2, devices_per_node=4))
+    problem = problem_of([op(0, "a", layers=4, out=1e6), op(1, "b", layers=2, out=1e6)], cm)
+    sched = schedule([(0, 2, 4), (1, 2, 4)], [(0, 2, 8)])
+    packed = place_schedule(problem, sched, cm)
+    aligned = place_schedule(problem, sched, cm, strategy="align")
+    assert len({d // 4 for d in packed.waves[0].slices[0].devices}) == 1
+    assert [d // 4 for d in aligned.waves[0].slices[0].devices] == [0, 0, 1, 1]
+    assert _cross_node_bytes(problem, packed, cm) > 0
+    assert _cross_node_bytes(problem, aligned, cm) == 0
+    assert simulate_transfers(problem, aligned, cm)[1] < simulate_transfers(problem, packed, cm)[1]
+
+
+def test_aligned_consumer_on_fewer_devices_keeps_each_nodes_samples():
+    """X (8 devices over 2 nodes) feeds Y on 2 devices beside Z on 6: aligned, Y takes one device per node, in
+    node order, so each node's half of the batch stays in it; packed, Y sits in one node."""
+    cm = LinearCost(hardware(num_nodes=2, devices_per_node=4))
+    ops = [op(0, "x", layers=2, out=1e6), op(1, "y", layers=2, deps=(0,), task="t0"), op(2, "z", layers=2, batch=6)]
+    problem = problem_of(ops, cm)
+    sched = schedule([(0, 2, 8)], [(1, 2, 2), (2, 2, 6)])
+    aligned = place_schedule(problem, sched, cm, strategy="align")
+    y = next(s for s in aligned.waves[1].slices if s.metaop == 1)
+    assert [d // 4 for d in y.devices] == [0, 1]
+    assert _cross_node_bytes(problem, aligned, cm) == 0
+    assert _cross_node_bytes(problem, place_schedule(problem, sched, cm), cm) > 0
 
 
 def test_continuing_metaop_keeps_its_devices_and_grows_in_place():
