@@ -41,7 +41,7 @@ def eval_command(
         typer.echo(line)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(report.to_json(), indent=1, sort_keys=True) + "\n")
+        output.write_text(json.dumps(report.to_json(), indent=1) + "\n")
         typer.echo(f"wrote {output}")
 
 

@@ -156,6 +156,11 @@ class JobSpec(StrictModel):
         description="Recipe package under recipes/ (e.g. medical) whose losses and dataset the runtime loads; "
         "none: the built-in losses and synthetic data.",
     )
+    data_dir: str | None = Field(
+        None,
+        description="A folder of real data for the recipe: one subfolder per split (train, heldout, transfer) in the "
+        "format the recipe documents; none: the recipe's synthetic data.",
+    )
 
     @model_validator(mode="after")
     def _check_references(self) -> JobSpec:

@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # data imports this module
 
 NUM_CLASSES = 10  # classes of the synthetic cross-entropy tasks
 DEFAULT_VOCAB = 256  # vocabulary of a token component without vocab_size
-INIT_STD = 0.02
+INIT_STD = 0.02  # embeddings, queries, the [cls] token and its position
+POSITION_BASE = 100.0  # longest wavelength scale of the ViT's 2-D sin-cos position grid (grids are <= ~64 wide)
 SUPPORTED_LOSSES = ("cross_entropy", "mse", "contrastive", "lm", "next_token")
 TOKEN_KINDS = ("transformer", "llama", "decoder")
 
@@ -57,8 +58,12 @@ def layer_seed(job_seed: int, name: str, index: int) -> int:
 def _build_initialised(factory, seed: int) -> nn.Module:
     """Build ``factory()`` without touching the global RNG, then initialise every parameter from ``seed``.
 
-    Parameters are visited in registration order: biases zero, 1-d weights (norms) one, everything
-    else (linear, conv, embedding weights, cls tokens, positions) normal(0, INIT_STD).
+    Parameters are visited in registration order: biases zero, 1-d weights (norms) one, linear and
+    conv weights normal(0, 1/sqrt(fan_in)), everything else (embedding tables, cls tokens, positions,
+    queries) normal(0, INIT_STD); then every submodule with an ``init_structure()`` method sets its
+    deterministic parts (the ViT's position grid). Fan-in scaling keeps attention logits O(1) at small
+    widths: with a flat 0.02 a 64-wide decoder started with uniform attention and took thousands of
+    steps to learn where to look.
     """
     with torch.device("meta"):  # no default init: it would consume the global RNG and be discarded
         module = factory()
@@ -69,6 +74,8 @@ def _build_initialised(factory, seed: int) -> nn.Module:
                 sub._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype))
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
+    fan_in = {f"{prefix}.weight".lstrip("."): math.prod(sub.weight.shape[1:])
+              for prefix, sub in module.named_modules() if isinstance(sub, (nn.Linear, nn.Conv2d))}
     with torch.no_grad():
         for name, param in module.named_parameters():
             if name.endswith("bias"):
@@ -76,7 +83,10 @@ def _build_initialised(factory, seed: int) -> nn.Module:
             elif name.endswith("weight") and param.dim() == 1:
                 param.fill_(1.0)
             else:
-                param.normal_(0.0, INIT_STD, generator=gen)
+                param.normal_(0.0, fan_in[name] ** -0.5 if name in fan_in else INIT_STD, generator=gen)
+        for sub in module.modules():
+            if hasattr(sub, "init_structure"):
+                sub.init_structure()
     return module
 
 
@@ -279,10 +289,12 @@ class TokenEmbedding(nn.Module):
 
 
 class PatchEmbedding(nn.Module):
-    """Images ``(B, C, I, I)`` -> ``[cls, patches] + positions[:S]`` ``(B, (I/p)^2 + 1, H)``.
+    """Images ``(B, C, I, I)`` -> ``[cls, patches] + positions`` ``(B, (I/p)^2 + 1, H)``.
 
-    Uses with smaller images take the first positions of the table (sized for the largest use);
-    fine for synthetic training, not a substitute for interpolating pretrained positions.
+    The position table holds the [cls] position and a G x G grid for the largest use; a use with a
+    smaller g x g grid reads that grid bilinearly resized to g x g, so a position means the same place
+    in the image at every resolution (as ViTs fine-tuned at a new resolution interpolate theirs). The
+    grid starts as a 2-D sin-cos code (:meth:`init_structure`) and is trained from there.
     """
 
     def __init__(self, in_channels: int, hidden_size: int, patch_size: int, max_tokens: int):
@@ -291,11 +303,37 @@ class PatchEmbedding(nn.Module):
         self.cls_token = nn.Parameter(torch.empty(1, 1, hidden_size))
         self.positions = nn.Parameter(torch.empty(max_tokens, hidden_size))
 
+    def init_structure(self) -> None:
+        """Grid positions = 2-D sin-cos code: a quarter of the channels sin(w_k x), cos(w_k x), sin(w_k y),
+        cos(w_k y) each, w_k = POSITION_BASE^(-k / (H/4)). Nearby patches get similar codes and position is
+        linearly readable; with random positions a token decoder learned to output box coordinates only
+        after many thousands of samples (held-out box IoU 0.06 vs 0.53 after 1000 steps of 32 scans)."""
+        table = self.positions[1:]
+        side, width = math.isqrt(table.shape[0]), table.shape[1]
+        quarter = width // 4
+        omega = POSITION_BASE ** (-torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
+        axis = torch.arange(side, dtype=torch.float32)
+        ys, xs = (t.reshape(-1, 1) * omega for t in torch.meshgrid(axis, axis, indexing="ij"))
+        code = torch.cat([xs.sin(), xs.cos(), ys.sin(), ys.cos()], dim=1)
+        table.zero_()
+        table[:, :code.shape[1]] = code
+
+    def grid_positions(self, side: int) -> torch.Tensor:
+        """Positions ``(side^2, H)`` of a side x side patch grid, row-major."""
+        table = self.positions[1:]
+        full = math.isqrt(table.shape[0])
+        if side == full:
+            return table
+        grid = table.reshape(1, full, full, -1).permute(0, 3, 1, 2)  # (1, H, G, G)
+        resized = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)
+        return resized.permute(0, 2, 3, 1).reshape(side * side, -1)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        patches = self.patch(images).flatten(2).transpose(1, 2)  # (B, num_patches, H)
-        cls = self.cls_token.expand(patches.shape[0], -1, -1)
-        x = torch.cat([cls, patches], dim=1)
-        return x + self.positions[: x.shape[1]]
+        patches = self.patch(images)  # (B, H, g, g)
+        positions = self.grid_positions(patches.shape[-1])
+        patches = patches.flatten(2).transpose(1, 2) + positions  # (B, g^2, H)
+        cls = (self.cls_token + self.positions[0]).expand(patches.shape[0], -1, -1)
+        return torch.cat([cls, patches], dim=1)
 
 
 class FeatureEmbedding(nn.Module):

@@ -9,14 +9,12 @@ evaluator with ``loom eval``. Specs: ``unimed-tiny.yaml`` (CPU training), ``unim
 (a folder of real PNG scans), heads (losses and predictions), evaluate (metrics and the transfer probe).
 """
 
-from recipes.medical.data import batch
-from recipes.medical.evaluate import evaluate
-from recipes.medical.heads import LOSS_FACTORIES
+from recipes.medical import data, evaluate, heads  # modules, so that their names are not shadowed
 from runtime.data import register_dataset
 from runtime.evaluate import register_evaluator
 from runtime.modules import register_loss
 
-for _name, _factory in LOSS_FACTORIES.items():
+for _name, _factory in heads.LOSS_FACTORIES.items():
     register_loss(_name, _factory)
-register_dataset("medical", batch)
-register_evaluator("medical", evaluate)
+register_dataset("medical", data.job_batch)
+register_evaluator("medical", evaluate.evaluate)

@@ -312,3 +312,14 @@ def batch(job: JobSpec, task_index: int, step: int, start: int, stop: int, split
         inputs[layout.encoder_use] = mask_patches(images, masks, layout.patch_size)
         targets["image"], targets["patch_mask"] = images, masks
     return TaskBatch(inputs, labels, count, targets=targets)
+
+
+def job_batch(job: JobSpec, task_index: int, step: int, start: int, stop: int, split: str = "train") -> TaskBatch:
+    """The recipe's dataset (what the runtime calls): :func:`batch` on synthetic scans, or, when the job sets
+    ``data_dir``, on the manifest folder ``<data_dir>/<split>`` (see recipes.medical.manifest)."""
+    scans = None
+    if job.data_dir is not None:
+        from recipes.medical.manifest import manifest_split  # local: manifest imports this module
+
+        scans = manifest_split(job.data_dir, split)
+    return batch(job, task_index, step, start, stop, split, scans)

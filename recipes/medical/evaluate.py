@@ -13,9 +13,9 @@ metric on the same scans:
   most common training report;
 * reconstruction: MSE on the hidden patches; baseline: every pixel the mean of the visible ones.
 
-On split "transfer" it runs :func:`transfer_probe`: with the encoder frozen, a linear probe on 100
-labelled scans of the held-out lesion type (is a cross present?) on the trained encoder vs the
-same probe on the encoder's initial (random) weights.
+On split "transfer" it runs :func:`transfer_probe`: with the encoder frozen (at the finest
+resolution any task uses), a linear probe on 100 labelled scans of the held-out lesion type (is a
+cross present?) on the trained encoder vs the same probe on the encoder's initial (random) weights.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from planner.spec import JobSpec
-from recipes.medical.data import batch as medical_batch
+from recipes.medical.data import job_batch as medical_batch
 from recipes.medical.data import decode_detection, task_layout
 from recipes.medical.heads import best_box_iou, box_iou, matched_dice, token_accuracy, union_dice
 from recipes.medical.scans import BOS, EOS, PAD
@@ -204,13 +204,14 @@ _SCORERS = {
 
 
 def encoder_features(job: JobSpec, model: ReferenceTrainer, t: int, b: TaskBatch) -> torch.Tensor:
-    """Frozen encoder features (B, 2H) of task ``t``'s images: the [cls] row and the mean of the patch rows."""
+    """Frozen encoder features (B, 3H) of task ``t``'s images: the [cls] row, the mean and the maximum of the patch
+    rows (a small lesion is a local pattern that a mean dilutes)."""
     layout = task_layout(job, t)
     op = next(op for op in model.graph.ops_of_task(job.tasks[t].name) if op.use == layout.encoder_use)
     x = model.modules[("embed:" + op.component, 0)](b.inputs[layout.encoder_use])
     for layer in range(op.num_layers):
         x = model.modules[(op.param_group, layer)](x)
-    return torch.cat([x[:, 0], x[:, 1:].mean(dim=1)], dim=-1)
+    return torch.cat([x[:, 0], x[:, 1:].mean(dim=1), x[:, 1:].max(dim=1).values], dim=-1)
 
 
 def _probe_accuracy(train_x, train_y, test_x, test_y, seed: int) -> float:
@@ -233,7 +234,7 @@ def _probe_accuracy(train_x, train_y, test_x, test_y, seed: int) -> float:
 
 def transfer_probe(job: JobSpec, model: ReferenceTrainer) -> EvalReport:
     """The cross-lesion probe on ``model``'s encoder vs the encoder's initial weights (see the module docstring)."""
-    t = next((i for i, task in enumerate(job.tasks) if task.loss == "medical_classification"), 0)
+    t = max(range(len(job.tasks)), key=lambda i: (task_layout(job, i).side, -i))  # the finest resolution
     initial = ReferenceTrainer(job)
     results = {}
     for name, encoder in (("trained", model), ("initial", initial)):

@@ -119,17 +119,23 @@ def _require_queries(job: JobSpec, task_index: int, layout: HeadLayout) -> None:
 
 
 class MedicalHead(TaskHead):
-    """Base of the medical heads: one leaf, the split of its output into stream, [cls] and patch rows."""
+    """Base of the medical heads: one leaf, the split of its output into stream, [cls] and patch rows.
+
+    The leaf output goes through a final LayerNorm first (the pre-LN layers leave the residual stream
+    unnormalised): without it a token decoder learned to read the image only slowly (memorising 16 scans
+    plateaued at 0.45 nats per token instead of 0.02)."""
 
     def __init__(self, layout: HeadLayout, stream_len: int):
         super().__init__(layout.task, [layout.leaf])
         self.layout, self.stream_len = layout, stream_len
+        self.norm = nn.LayerNorm(layout.hidden_size, eps=1e-5)
 
     def split(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(stream rows (B, S, H), patch rows (B, P, H)) of the leaf output; the [cls] row is dropped."""
+        """(stream rows (B, S, H), patch rows (B, P, H)) of the normalised leaf output; the [cls] row is dropped."""
         x = outputs[self.layout.leaf]
         s, p = self.stream_len, self.layout.num_patches
         assert x.shape[1] == s + 1 + p, f"task {self.task}: leaf output {tuple(x.shape)} is not (B, {s} + 1 + {p}, H)"
+        x = self.norm(x)
         return x[:, :s], x[:, s + 1:]
 
 

@@ -20,6 +20,7 @@ from synthetic scans (the tests' fixtures).
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,3 +227,16 @@ def write_manifest(folder: str | Path, scans: Sequence[Scan], masks: bool = True
         entries.append({"file": f"{name}.png", "lesions": lesions})
     (folder / MANIFEST).write_text(json.dumps({"images": entries}, indent=1))
     return folder
+
+
+@lru_cache(maxsize=8)
+def manifest_split(data_dir: str, split: str) -> ManifestSource:
+    """The manifest folder of one split of a job's ``data_dir`` (``<data_dir>/<split>/manifest.json``); a ValueError
+    naming the path when it is missing."""
+    folder = Path(data_dir) / split
+    if not (folder / MANIFEST).is_file():
+        raise ValueError(
+            f"data_dir ({data_dir}): no {split}/{MANIFEST}; a recipe data folder holds one manifest folder per split "
+            "(train, heldout, transfer). See docs/recipes/medical.md."
+        )
+    return ManifestSource(folder)

@@ -12,7 +12,7 @@ import torch
 
 from planner.spec import load_job, parse_job
 from recipes.medical.data import (
-    LOSSES, MASK_RATIO, NUM_CLASSES, SyntheticScans, batch, classification_label, decode_detection, decode_report,
+    LOSSES, MASK_RATIO, NUM_CLASSES, RowKey, SyntheticScans, batch, classification_label, decode_detection, decode_report,
     row_keys, task_layout, token_sequence,
 )
 from recipes.medical.manifest import ManifestSource, write_manifest
@@ -378,3 +378,18 @@ def test_manifest_errors_name_the_entry(tmp_path, scans48) -> None:
         ManifestSource(folder)
     with pytest.raises(ValueError, match="no manifest"):
         ManifestSource(tmp_path / "nowhere")
+
+
+def test_a_jobs_data_dir_feeds_the_runtime_from_manifests(tmp_path, job, scans48) -> None:
+    from runtime.data import synthetic_batch
+
+    for split, first in (("train", 0), ("heldout", 3)):
+        write_manifest(tmp_path / split, scans48[first:first + 3])
+    real = parse_job({**job.model_dump(), "recipe": "medical", "data_dir": str(tmp_path)})
+    t = next(i for i, task in enumerate(real.tasks) if task.loss == "medical_segmentation")
+    got = synthetic_batch(real, t, 0, 0, 2, "heldout")  # the runtime's entry point, recipe-aware
+    want = ManifestSource(tmp_path / "heldout").scans(
+        [RowKey(0, row, "heldout") for row in range(2)], got.inputs[task_layout(real, t).encoder_use].shape[-1])
+    torch.testing.assert_close(got.targets["masks"][0, :len(want[0].lesions)], want[0].masks.float())
+    with pytest.raises(ValueError, match=r"no transfer/manifest.json"):
+        synthetic_batch(real, t, 0, 0, 2, "transfer")

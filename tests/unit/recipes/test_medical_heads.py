@@ -57,9 +57,26 @@ def make_job(**task_changes: dict) -> object:
     })
 
 
-def build(job, task_index: int) -> heads.MedicalHead:
+def build(job, task_index: int, final_norm: bool = False) -> heads.MedicalHead:
+    """The task's head; without ``final_norm`` its LayerNorm is replaced by the identity, so that hand-made leaf
+    outputs reach the projections as written (the norm has its own test)."""
     task = job.tasks[task_index]
-    return LOSS_FACTORIES[task.loss](job, task_index, [task.components[-1].use_name])
+    head = LOSS_FACTORIES[task.loss](job, task_index, [task.components[-1].use_name])
+    if not final_norm:
+        head.norm = torch.nn.Identity()
+    return head
+
+
+def test_heads_normalise_the_leaf_output_first(job) -> None:
+    for t, task in enumerate(job.tasks):
+        head = build(job, t, final_norm=True)
+        rows = torch.randn(2, leaf_rows(task.name), head.layout.hidden_size)
+        with torch.no_grad():
+            stream, pixels = head.split({head.layout.leaf: rows})
+            rescaled = head.split({head.layout.leaf: 5.0 * rows + 1.0})  # LayerNorm: no change per row
+        torch.testing.assert_close(stream, rescaled[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(pixels, rescaled[1], atol=1e-4, rtol=1e-4)
+        assert torch.cat([stream, pixels], dim=1).std(dim=-1).mean() == pytest.approx(1.0, rel=0.05)
 
 
 def leaf_rows(name: str) -> int:

@@ -119,7 +119,22 @@ def test_init_follows_the_contract(job) -> None:
     block = build_layer(job, op_named(job, "cls.text"), 0)
     assert torch.equal(block.ln1.weight, torch.ones(H)) and torch.equal(block.ln2.bias, torch.zeros(H))
     assert torch.equal(block.qkv.bias, torch.zeros(3 * H))
-    assert abs(block.fc1.weight.std().item() - 0.02) < 0.002  # 4096 draws of normal(0, 0.02)
+    assert abs(block.fc1.weight.std().item() - H ** -0.5) < 0.1 * H ** -0.5  # normal(0, 1/sqrt(fan_in))
+    assert abs(block.fc2.weight.std().item() - (4 * H) ** -0.5) < 0.1 * (4 * H) ** -0.5
+    text = build_embed(job, "text")
+    assert abs(text.tokens.weight.std().item() - 0.02) < 0.002  # embedding tables: normal(0, INIT_STD)
+
+
+def test_vit_positions_start_as_a_two_dimensional_sin_cos_grid(job) -> None:
+    embed = build_embed(job, "image")
+    side = math.isqrt(embed.positions.shape[0] - 1)
+    grid = embed.positions[1:].detach().reshape(side, side, H)
+    quarter = H // 4
+    # the x half depends on the column only, the y half on the row only; distance grows with separation
+    torch.testing.assert_close(grid[0, :, :2 * quarter], grid[-1, :, :2 * quarter])
+    torch.testing.assert_close(grid[:, 0, 2 * quarter:], grid[:, -1, 2 * quarter:])
+    assert torch.equal(grid[0, 0, quarter:2 * quarter], torch.ones(quarter))  # cos(0)
+    assert grid[0, 1, 0].item() == pytest.approx(math.sin(1.0)) and grid[1, 0, 2 * quarter].item() == pytest.approx(math.sin(1.0))
 
 
 def test_weight_counts_match_the_planner(job) -> None:
@@ -285,6 +300,13 @@ def test_vit_embed_serves_uses_with_different_image_sizes() -> None:
     assert embed.positions.shape == ((16 // 4) ** 2 + 1, H)
     assert embed(torch.randn(2, 3, 16, 16)).shape == (2, 17, H)
     assert embed(torch.randn(2, 3, 8, 8)).shape == (2, 5, H)
+    # the 2 x 2 grid's positions are the 4 x 4 grid's, resized: each the mean of the 2 x 2 block it covers
+    with torch.no_grad():
+        table = embed.positions[1:].reshape(4, 4, H)
+        want = table.reshape(2, 2, 2, 2, H).mean(dim=(1, 3)).reshape(4, H)
+        zeros = torch.zeros(1, 3, 8, 8)
+        got = embed(zeros)[0, 1:] - embed.patch.bias
+    torch.testing.assert_close(got, want)
 
 
 def test_embed_is_shared_and_deterministic(job) -> None:
