@@ -480,25 +480,31 @@ class TaskHead(nn.Module):
     """Base of the loss heads: ``forward(outputs, batch)`` -> per-sample losses ``(B,)``.
 
     ``outputs`` maps each leaf use name to its output ``(B, S, H)``; ``batch`` is the task's
-    :class:`runtime.data.TaskBatch` for the same samples.
+    :class:`runtime.data.TaskBatch` for the same samples. A head built with ``norm_width`` owns a final
+    LayerNorm (:meth:`normed`) for leaf outputs of that width: the pre-LN layers leave the residual
+    stream unnormalised, and a projection straight off it starts with outsized outputs and learns slowly.
     """
 
-    def __init__(self, task: str, leaves: list[str]):
+    def __init__(self, task: str, leaves: list[str], norm_width: int | None = None):
         super().__init__()
         self.task, self.leaves = task, list(leaves)
+        self.norm = nn.LayerNorm(norm_width, eps=1e-5) if norm_width is not None else None
+
+    def normed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) if self.norm is not None else x
 
     def pooled(self, outputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Mean over the sequence of each leaf output, in leaf order: ``(B, H)`` each."""
+        """Mean over the sequence of each (normalised) leaf output, in leaf order: ``(B, H)`` each."""
         missing = [leaf for leaf in self.leaves if leaf not in outputs]
         assert not missing, f"task {self.task}: head got no output for leaf uses {missing}"
-        return [outputs[leaf].mean(dim=1) for leaf in self.leaves]
+        return [self.normed(outputs[leaf]).mean(dim=1) for leaf in self.leaves]
 
 
 class ClassifierHead(TaskHead):
-    """cross_entropy: sum of the pooled leaves -> ``Linear(H, 10)`` -> CE against integer labels."""
+    """cross_entropy: sum of the pooled normalised leaves -> ``Linear(H, 10)`` -> CE against integer labels."""
 
     def __init__(self, task: str, leaves: list[str], hidden_size: int):
-        super().__init__(task, leaves)
+        super().__init__(task, leaves, hidden_size)
         self.out = nn.Linear(hidden_size, NUM_CLASSES, bias=True)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
@@ -507,10 +513,10 @@ class ClassifierHead(TaskHead):
 
 
 class RegressionHead(TaskHead):
-    """mse: sum of the pooled leaves -> ``Linear(H, 1)`` -> squared error against float labels."""
+    """mse: sum of the pooled normalised leaves -> ``Linear(H, 1)`` -> squared error against float labels."""
 
     def __init__(self, task: str, leaves: list[str], hidden_size: int):
-        super().__init__(task, leaves)
+        super().__init__(task, leaves, hidden_size)
         self.out = nn.Linear(hidden_size, 1, bias=True)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
@@ -531,15 +537,15 @@ class PairedCosineHead(TaskHead):
 
 
 class NextTokenHead(TaskHead):
-    """lm / next_token: ``Linear(H, vocab)`` on the leaf, CE of position t against input id t+1, mean over t."""
+    """lm / next_token: ``Linear(H, vocab)`` on the normalised leaf, CE of position t against input id t+1, mean over t."""
 
     def __init__(self, task: str, leaves: list[str], root: str, hidden_size: int, vocab_size: int):
-        super().__init__(task, leaves)
+        super().__init__(task, leaves, hidden_size)
         self.root = root
         self.out = nn.Linear(hidden_size, vocab_size, bias=True)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
-        logits = self.out(outputs[self.leaves[0]][:, :-1])  # (B, S-1, V)
+        logits = self.out(self.normed(outputs[self.leaves[0]][:, :-1]))  # (B, S-1, V)
         targets = batch.inputs[self.root][:, 1:]
         per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, S-1)
         return per_token.mean(dim=1)

@@ -126,16 +126,15 @@ class MedicalHead(TaskHead):
     plateaued at 0.45 nats per token instead of 0.02)."""
 
     def __init__(self, layout: HeadLayout, stream_len: int):
-        super().__init__(layout.task, [layout.leaf])
+        super().__init__(layout.task, [layout.leaf], layout.hidden_size)
         self.layout, self.stream_len = layout, stream_len
-        self.norm = nn.LayerNorm(layout.hidden_size, eps=1e-5)
 
     def split(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(stream rows (B, S, H), patch rows (B, P, H)) of the normalised leaf output; the [cls] row is dropped."""
         x = outputs[self.layout.leaf]
         s, p = self.stream_len, self.layout.num_patches
         assert x.shape[1] == s + 1 + p, f"task {self.task}: leaf output {tuple(x.shape)} is not (B, {s} + 1 + {p}, H)"
-        x = self.norm(x)
+        x = self.normed(x)
         return x[:, :s], x[:, s + 1:]
 
 

@@ -338,6 +338,7 @@ def test_cross_entropy_head_matches_hand_computation(job) -> None:
     out = torch.randn(BATCH, SEQ, H)
     losses = head({"feats": out}, batch)
     assert losses.shape == (BATCH,)
+    out = F.layer_norm(out, (H,), eps=1e-5)  # the head's final LayerNorm, at its initial weight 1 and bias 0
     w, b = head.out.weight.detach(), head.out.bias.detach()
     for i in range(BATCH):
         logits = [(sum(out[i].mean(0)[j] * w[c, j] for j in range(H)) + b[c]).item() for c in range(NUM_CLASSES)]
@@ -349,7 +350,7 @@ def test_mse_and_contrastive_heads(job) -> None:
     reg = build_head(job, 3)
     batch = synthetic_batch(job, 3, step=0, start=0, stop=BATCH)
     out = torch.randn(BATCH, 1, H)
-    pred = out[:, 0] @ reg.out.weight[0] + reg.out.bias[0]
+    pred = F.layer_norm(out[:, 0], (H,), eps=1e-5) @ reg.out.weight[0] + reg.out.bias[0]
     torch.testing.assert_close(reg({"feats": out}, batch), (pred - batch.labels) ** 2)
 
     clip = build_head(job, 1)
@@ -365,7 +366,7 @@ def test_next_token_head_predicts_the_following_input_id(job) -> None:
     batch = synthetic_batch(job, 2, step=0, start=0, stop=BATCH)
     out = torch.randn(BATCH, SEQ, H)
     losses = head({"lm": out}, batch)
-    logp = torch.log_softmax(out @ head.out.weight.T + head.out.bias, dim=-1)
+    logp = torch.log_softmax(F.layer_norm(out, (H,), eps=1e-5) @ head.out.weight.T + head.out.bias, dim=-1)
     ids = batch.inputs["lm"]
     expected = torch.stack([-logp[i, torch.arange(SEQ - 1), ids[i, 1:]].mean() for i in range(BATCH)])
     torch.testing.assert_close(losses, expected)
