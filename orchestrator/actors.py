@@ -76,10 +76,13 @@ class WaveActor:
         return os.getpid()
 
     def train_step(self, step: int) -> dict:
-        """Collective: one training step. Returns {"losses": {task: mean loss}, "seconds": time in this call}."""
+        """Collective: one training step. Returns {"losses": {task: mean loss}, "seconds": time in this call,
+        "timing": where this worker's step went (``StepTiming.to_dict()``)}."""
         start = time.perf_counter()
         losses = self.worker.train_step(step)
-        return {"losses": losses, "seconds": time.perf_counter() - start}
+        timing = self.worker.last_timing
+        return {"losses": losses, "seconds": time.perf_counter() - start,
+                "timing": timing.to_dict() if timing is not None else None}
 
     def save(self, path: str) -> str:
         """Write this rank's state (modules + optimizer) to ``path`` (temporary name, then rename)."""

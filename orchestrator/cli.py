@@ -274,10 +274,12 @@ def profile(
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs per point (median).")] = 5,
     verbose: Verbose = False,
 ) -> None:
-    """Measure every MetaOp's layer time on this machine at the per-device batches the planner uses.
+    """Measure the job's costs on this machine at the per-device batches the planner uses.
 
-    Writes the profiled cost file `loom plan --costs` reads. Times one layer of each distinct layer
-    workload with one thread (as a worker runs), forward+backward, tensor parallel degree 1.
+    Writes the profiled cost file `loom plan --costs` reads: each distinct layer workload (one thread,
+    as a worker runs, forward+backward, tensor parallel degree 1), each root's data and embedding, each
+    task's loss head, AdamW per parameter and, with 2+ CPU workers per node, gloo point-to-point and
+    all-reduce times between two worker processes.
     """
     from planner.spec import load_job
     from runtime.profiler import profile_job  # local: torch loads only when profiling

@@ -8,6 +8,9 @@ follow ``loom_<what>_<unit>[_total]``; labels are bounded (task, worker), never 
 - ``loom_step_seconds`` (histogram of the driver's wall time per step), ``loom_task_loss{task}``
 - ``loom_iteration_predicted_seconds`` (the plan's) and ``loom_iteration_measured_seconds`` (mean so far)
 - ``loom_worker_step_seconds{worker}`` (each worker's own time in its last step)
+- ``loom_wave_measured_seconds{wave}`` and ``loom_wave_predicted_seconds{wave}`` (each wave's compute in the
+  last step, on its slowest worker, vs the plan's wave duration); ``loom_step_part_seconds{part}`` (the
+  slowest worker's transfer, loss, sync and optimizer time in the last step)
 - ``loom_restarts_total`` (runs resumed from a checkpoint), ``loom_checkpoints_total``
 
 :class:`StepLog` writes one JSON object per step to ``metrics.jsonl`` (see :class:`StepRecord`).
@@ -20,8 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -44,6 +47,11 @@ class StepRecord:
     tokens_per_s: dict[str, float]
     predicted_iteration_s: float
     worker_seconds: list[float]  # each rank's own time inside train_step
+    # per wave: the slowest rank's forward + backward of its slice (empty when the workers report no timing)
+    wave_seconds: list[float] = field(default_factory=list)
+    predicted_wave_seconds: list[float] = field(default_factory=list)  # the plan's wave durations
+    # the slowest rank's time in each other part of the step: transfer, loss, sync, optimizer
+    part_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -52,7 +60,7 @@ class StepRecord:
 class RunMetrics:
     """The run's Prometheus metrics; :meth:`serve` exposes them, :meth:`close` stops the server."""
 
-    def __init__(self, tasks: list[str], predicted_iteration_s: float):
+    def __init__(self, tasks: list[str], predicted_iteration_s: float, predicted_wave_s: list[float] | None = None):
         self.registry = CollectorRegistry()
         reg = self.registry
         self.steps = Counter("loom_steps", "Training steps completed.", registry=reg)
@@ -65,9 +73,17 @@ class RunMetrics:
         self.measured = Gauge("loom_iteration_measured_seconds", "Mean measured step time of this run.", registry=reg)
         self.worker_seconds = Gauge("loom_worker_step_seconds", "Each worker's own time in its last step.",
                                     ["worker"], registry=reg)
+        self.wave_measured = Gauge("loom_wave_measured_seconds", "Compute (forward + backward) of the wave in the "
+                                   "last step, on its slowest worker.", ["wave"], registry=reg)
+        self.wave_predicted = Gauge("loom_wave_predicted_seconds", "Compute time of the wave the plan predicts.",
+                                    ["wave"], registry=reg)
+        self.part_seconds = Gauge("loom_step_part_seconds", "The slowest worker's time in one part of the last "
+                                  "step (transfer, loss, sync, optimizer).", ["part"], registry=reg)
         self.restarts = Counter("loom_restarts", "Runs resumed from a checkpoint.", registry=reg)
         self.checkpoints = Counter("loom_checkpoints", "Complete checkpoints written.", registry=reg)
         self.predicted.set(predicted_iteration_s)
+        for wave, seconds in enumerate(predicted_wave_s or []):
+            self.wave_predicted.labels(wave=str(wave)).set(seconds)
         for task in tasks:  # export every task's series from the start, at zero
             self.samples.labels(task=task)
             self.tokens.labels(task=task)
@@ -99,6 +115,10 @@ class RunMetrics:
             self.tokens.labels(task=task).inc(batch_sizes[task] * tokens_per_sample[task])
         for rank, seconds in enumerate(record.worker_seconds):
             self.worker_seconds.labels(worker=str(rank)).set(seconds)
+        for wave, seconds in enumerate(record.wave_seconds):
+            self.wave_measured.labels(wave=str(wave)).set(seconds)
+        for part, seconds in record.part_seconds.items():
+            self.part_seconds.labels(part=part).set(seconds)
 
     def close(self) -> None:
         """Stop the HTTP server (if serving); idempotent."""
@@ -214,3 +234,26 @@ class RichReporter:
 def default_reporter() -> LogReporter | RichReporter:
     """A progress bar when stderr is a terminal, log lines otherwise."""
     return RichReporter() if sys.stderr.isatty() else LogReporter()
+
+
+# --------------------------------------------------------------------------- step breakdown
+
+STEP_PARTS = ("transfer", "loss", "sync", "optimizer")
+
+
+def step_breakdown(timings: Sequence[Mapping | None]) -> tuple[list[float], dict[str, float]]:
+    """Per wave, the slowest rank's compute; per part of :data:`STEP_PARTS`, the slowest rank's seconds.
+
+    ``timings`` holds each rank's ``runtime.executor.StepTiming.to_dict()`` for one step; when a rank sent
+    none, both results are empty."""
+    if not timings or any(t is None for t in timings):
+        return [], {}
+    num_waves = len(timings[0]["compute_s"])
+    waves = [max(t["compute_s"][k] for t in timings) for k in range(num_waves)]
+    parts = {
+        "transfer": max(sum(t["transfer_s"]) for t in timings),
+        "loss": max(t["loss_s"] for t in timings),
+        "sync": max(t["sync_s"] for t in timings),
+        "optimizer": max(t["optimizer_s"] for t in timings),
+    }
+    return waves, parts

@@ -31,7 +31,8 @@ from typing import Any, Protocol
 from orchestrator.checkpoint import (
     CheckpointInfo, begin_checkpoint, find_resume_point, mark_complete, rank_file, remove_checkpoints,
 )
-from orchestrator.metrics import RunMetrics, StepLog, StepRecord
+from runtime.reference import MODEL_FILE, save_model
+from orchestrator.metrics import RunMetrics, StepLog, StepRecord, step_breakdown
 from planner.errors import LoomError
 from planner.plan import Plan, load_plan
 from planner.spec import JobSpec
@@ -147,11 +148,11 @@ class Driver:
             self.create_workers()
             self.restore()
             self.train()
-            if self.options.collect_parameters:
-                parameters = self.gather(lambda a, r: a.named_parameters.remote(), "while collecting parameters")
+            parameters = self.gather(lambda a, r: a.named_parameters.remote(), "while collecting parameters")
+            save_model(self.out_dir / MODEL_FILE, parameters)  # the trained model, for `loom eval`
         finally:
             self.shutdown()
-        return self.result(parameters)
+        return self.result(parameters if self.options.collect_parameters else None)
 
     def result(self, parameters: list | None) -> RunResult:
         return RunResult(
@@ -206,7 +207,7 @@ class Driver:
 
     def start_metrics(self) -> None:
         tasks = [t.name for t in self.job.tasks]
-        self.metrics = RunMetrics(tasks, self.plan.predicted.iteration_time_s)
+        self.metrics = RunMetrics(tasks, self.plan.predicted.iteration_time_s, predicted_wave_seconds(self.plan))
         if self.options.metrics_port:
             try:
                 self.metrics_port = self.metrics.serve(self.options.metrics_port)
@@ -294,12 +295,14 @@ class Driver:
         results = self.gather(lambda a, r: a.train_step.remote(step), f"at step {step}")
         seconds = time.perf_counter() - start
         losses = results[0]["losses"]  # identical on every rank (all-reduced)
+        waves, parts = step_breakdown([r.get("timing") for r in results])
         return StepRecord(
             step=step, loss=losses, step_seconds=seconds,
             samples_per_s={t: batch[t] / seconds for t in losses},
             tokens_per_s={t: batch[t] * tokens[t] / seconds for t in losses},
             predicted_iteration_s=self.plan.predicted.iteration_time_s,
             worker_seconds=[r["seconds"] for r in results],
+            wave_seconds=waves, predicted_wave_seconds=predicted_wave_seconds(self.plan), part_seconds=parts,
         )
 
     def save_checkpoint(self, done: int) -> None:
@@ -424,6 +427,11 @@ def check_plan_for_job(plan: Plan, job: JobSpec, source: str = "--plan") -> None
         raise RunInputError(f"{source}: {exc}") from None
 
 
+def predicted_wave_seconds(plan: Plan) -> list[float]:
+    """The plan's compute time of each wave (its slowest slice, forward + backward), in wave order."""
+    return [wave.duration_s for wave in plan.waves]
+
+
 def tokens_per_sample(job: JobSpec) -> dict[str, int]:
     """Input positions one sample of each task feeds its root uses (tokens, patches + class token, or rows)."""
     from planner.components import resolve_shape
@@ -470,6 +478,11 @@ def summary_lines(result: RunResult) -> list[str]:
     mean, predicted = result.mean_step_seconds(), result.plan.predicted.iteration_time_s
     ratio = f" ({mean / predicted:.1f}x the prediction)" if predicted > 0 else ""
     lines.append(f"step time: {mean:.3f} s measured (mean after the first step), {predicted:.4f} s predicted{ratio}")
+    timed = [r for r in (records[1:] if len(records) > 1 else records) if r.wave_seconds]
+    if timed and timed[0].predicted_wave_seconds:
+        pairs = zip(zip(*(r.wave_seconds for r in timed)), timed[0].predicted_wave_seconds)
+        lines.append("wave compute, measured (slowest worker, mean) / predicted: " + ", ".join(
+            f"{k}: {sum(m) / len(m) * 1e3:.3g}/{want * 1e3:.3g} ms" for k, (m, want) in enumerate(pairs)))
     lines.append(f"outputs: {result.out_dir / STEP_LOG_FILE}"
                  + (f", checkpoint {result.checkpoints[-1].path}" if result.checkpoints else ""))
     return lines

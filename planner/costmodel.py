@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from bisect import bisect_left
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from planner.devices import Hardware
@@ -201,6 +201,16 @@ class CostModel:
         """AdamW step over ``num_params`` parameters held by one device (memory bound, ~32 bytes/param)."""
         return num_params * 32 / self.hw.device.mem_bandwidth
 
+    # ---- work outside the layers (0 unless measured: see ProfiledCostModel)
+    def embed_time(self, op: MetaOp, local_batch: int) -> float:
+        """Seconds one device of a root MetaOp's first slice spends per step on ``local_batch`` samples before and
+        after its layers: drawing the data and its embedding's forward and backward."""
+        return 0.0
+
+    def head_time(self, task: str, local_batch: int) -> float:
+        """Seconds one loss device of ``task`` spends per step on its loss head, forward and backward."""
+        return 0.0
+
 
 class AnalyticCostModel(CostModel):
     """T = kernel launches x latency + max(FLOPs / (peak x efficiency), bytes / bandwidth) + TP all-reduces."""
@@ -227,16 +237,22 @@ class ProfiledCostModel(CostModel):
 
     File format (JSON): ``{"version": 1, "device": "cpu", "points": {"<profile key>": [[local_batch, seconds], ...]}}``
     where the profile key is :func:`profile_key` of the MetaOp and layout. Keys missing from the file
-    fall back to ``fallback`` when given, else they are a PlanningError naming the MetaOp.
+    fall back to ``fallback`` when given, else they are a PlanningError naming the MetaOp. Optional keys
+    (:class:`MeasuredCosts`): ``"embed"`` (root MetaOp name -> points: its data and embedding per
+    device), ``"head"`` (task -> points: its loss head per loss device), ``"optimizer_s_per_param"``
+    (AdamW seconds per parameter held) and ``"links": {"p2p": [[bytes, s], ...], "allreduce": [...]}``
+    (two processes of one node). Without them, embeddings and heads cost 0 and the optimizer and
+    links follow the device table.
     """
 
     source = "profiled"
 
     def __init__(self, hardware: Hardware, points: dict[str, list[tuple[float, float]]], fallback: CostModel | None = None,
-                 shard_optimizer: bool = True, grad_bytes: int = 2):
+                 shard_optimizer: bool = True, grad_bytes: int = 2, measured: MeasuredCosts | None = None):
         super().__init__(hardware, shard_optimizer, grad_bytes)
         self.points = {k: sorted((float(b), float(t)) for b, t in v) for k, v in points.items()}
         self.fallback = fallback
+        self.measured = measured or MeasuredCosts()
 
     @classmethod
     def load(cls, path: str | Path, hardware: Hardware, fallback: CostModel | None = None,
@@ -249,6 +265,7 @@ class ProfiledCostModel(CostModel):
                 raise TypeError("points is not a mapping")
             # Each curve is a list of [local_batch, seconds] pairs; check the shape here, not mid-planning.
             points = {str(k): [(float(b), float(t)) for b, t in v] for k, v in points.items()}
+            measured = MeasuredCosts.from_json(data)
         except FileNotFoundError:
             raise SpecError(f"{path}: no such cost file. Run `loom profile` to make one.") from None
         except (ValueError, KeyError, TypeError):
@@ -256,7 +273,7 @@ class ProfiledCostModel(CostModel):
                 f"{path}: not a profiled cost file (expected JSON with a 'points' mapping of "
                 "[[local_batch, seconds], ...] lists)."
             ) from None
-        return cls(hardware, points, fallback, shard_optimizer, grad_bytes)
+        return cls(hardware, points, fallback, shard_optimizer, grad_bytes, measured)
 
     def layout_time(self, op: MetaOp, layout: Layout) -> float:
         pts = self.points.get(profile_key(op, layout))
@@ -268,6 +285,62 @@ class ProfiledCostModel(CostModel):
                 "Re-run `loom profile` for this job."
             )
         return fit_piecewise(pts, self.local_batch(op, layout))
+
+    def embed_time(self, op: MetaOp, local_batch: int) -> float:
+        pts = self.measured.embed.get(op.name)
+        return fit_piecewise(pts, local_batch) if pts else 0.0
+
+    def head_time(self, task: str, local_batch: int) -> float:
+        pts = self.measured.head.get(task)
+        return fit_piecewise(pts, local_batch) if pts else 0.0
+
+    def optimizer_time(self, num_params: float) -> float:
+        rate = self.measured.optimizer_s_per_param
+        return num_params * rate if rate is not None else super().optimizer_time(num_params)
+
+    def p2p_time(self, nbytes: float, cross_node: bool) -> float:
+        if cross_node or not self.measured.p2p or nbytes <= 0:
+            return super().p2p_time(nbytes, cross_node)
+        return fit_piecewise(self.measured.p2p, nbytes)
+
+    def allreduce_time(self, nbytes: float, num_devices: int, cross_node: bool) -> float:
+        """Measured between two processes: t2(b) = alpha + beta b. A ring over n devices takes 2(n-1) steps of
+        b/n bytes, i.e. (n-1) alpha + 2(n-1)/n b beta = (n-1) t2(2b/n)."""
+        if cross_node or not self.measured.allreduce or num_devices <= 1 or nbytes <= 0:
+            return super().allreduce_time(nbytes, num_devices, cross_node)
+        return (num_devices - 1) * fit_piecewise(self.measured.allreduce, 2 * nbytes / num_devices)
+
+
+@dataclass(frozen=True)
+class MeasuredCosts:
+    """What ``loom profile`` measures besides the layers; every curve is sorted (x, seconds) points.
+
+    ``embed``: per root MetaOp name, (local batch, s) of drawing its data and its embedding's forward and
+    backward on one device. ``head``: per task, (local batch, s) of its loss head forward and backward on
+    one loss device. ``optimizer_s_per_param``: AdamW seconds per parameter a device holds (None: not
+    measured). ``p2p`` and ``allreduce``: (bytes, s) of one message and of one all-reduce between two
+    worker processes of one node (empty: not measured).
+    """
+
+    embed: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    head: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    optimizer_s_per_param: float | None = None
+    p2p: list[tuple[float, float]] = field(default_factory=list)
+    allreduce: list[tuple[float, float]] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: dict) -> MeasuredCosts:
+        """The optional keys of a cost file; TypeError/ValueError when one has the wrong shape."""
+        def points(value) -> list[tuple[float, float]]:
+            return sorted((float(x), float(t)) for x, t in value)
+
+        def curves(key: str) -> dict[str, list[tuple[float, float]]]:
+            return {str(k): points(v) for k, v in dict(data.get(key, {})).items()}
+
+        rate = data.get("optimizer_s_per_param")
+        links = dict(data.get("links", {}))
+        return cls(curves("embed"), curves("head"), float(rate) if rate is not None else None,
+                   points(links.get("p2p", [])), points(links.get("allreduce", [])))
 
 
 def profile_key(op: MetaOp, layout: Layout) -> str:

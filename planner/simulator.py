@@ -9,8 +9,13 @@ with backward, then the optimizer step).
 Model. Times are in seconds, bytes per iteration.
 
 - **compute**: waves run one after another. A wave lasts as long as its slowest slice, and a slice
-  takes ``curve.time(n) * layers`` (forward+backward). Forward runs waves 0..K-1, backward runs
-  them in reverse. A wave's duration is split into a forward and a backward part in the proportion
+  takes ``curve.time(n) * layers`` (forward+backward), plus, for a root MetaOp's first slice, the
+  cost model's :meth:`~planner.costmodel.CostModel.embed_time` (data and embedding on each device;
+  0 unless profiled). Forward runs waves 0..K-1, backward runs them in reverse. Between the last
+  forward and the first backward runs the **loss stage**: every task's loss head on the first TP
+  device of each data-parallel rank of the last slice of its leaf MetaOps (the runtime's loss host),
+  :meth:`~planner.costmodel.CostModel.head_time` each; it lasts as long as its busiest device
+  (0 unless profiled). A wave's duration is split into a forward and a backward part in the proportion
   of its slowest slice's passes (:meth:`CostModel.passes`): forward ``1 / passes``, backward the
   rest (``backward_factor``, plus the recomputed forward under recompute). So the parts of all
   waves add up to the wave durations.
@@ -49,7 +54,7 @@ Model. Times are in seconds, bytes per iteration.
   weights move the bytes of the all-reduce counted above); otherwise it steps all of it. The
   iteration ends when the last device has stepped. (The memory ledger shards each slice's state
   over that slice's data-parallel group; both agree when one slice holds the layers.)
-- **reported parts**: ``compute_s`` (sum of wave durations), ``transfer_s`` (all boundaries),
+- **reported parts**: ``compute_s`` (sum of wave durations plus the loss stage), ``transfer_s`` (all boundaries),
   ``optimizer_s`` (the slowest device's step) and ``sync_s``, the *exposed* sync: iteration minus
   ``compute_s + transfer_s + optimizer_s``. So ``iteration = compute + transfers + sync + optimizer``
   as before, while ``sync_total_s`` is what the sync alone would take (all buckets launched
@@ -126,6 +131,7 @@ class Simulation:
     peak_memory_bytes: tuple[float, ...]  # per device
     sync_total_s: float = 0.0
     sync_order: tuple[int, ...] = ()
+    loss_s: float = 0.0  # the loss stage (part of compute_s)
 
 
 # --------------------------------------------------------------------------- transfers
@@ -282,6 +288,16 @@ def backward_ends(phases: Sequence[Phase], start: float = 0.0) -> tuple[list[flo
     return ends, t
 
 
+def slice_seconds(problem: Problem, s: PlacedSlice, cost_model: CostModel | None = None) -> float:
+    """Compute seconds of one slice: ``curve.time(n) * layers``, plus the data and embedding of a root MetaOp's
+    first slice on each of its devices when ``cost_model`` is given (:meth:`CostModel.embed_time`)."""
+    op = problem.graph.metaops[s.metaop]
+    seconds = problem.curves[s.metaop].time(len(s.devices)) * s.num_layers
+    if cost_model is not None and s.first_layer == 0 and not op.deps:
+        seconds += cost_model.embed_time(op, op.batch_size // s.layout.dp_degree)
+    return seconds
+
+
 def wave_phases(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> tuple[list[Phase], list[TransferInfo]]:
     """The timeline phases of ``placed`` (each wave split by its slowest slice's passes) and its transfers."""
     infos, forward_in, backward_out = boundary_transfers(problem, placed, cost_model)
@@ -290,11 +306,31 @@ def wave_phases(problem: Problem, placed: PlacedSchedule, cost_model: CostModel)
     for k, wave in enumerate(placed.waves):
         forward = backward = 0.0
         if wave.slices:  # the first slowest slice sets the split
-            slowest = max(wave.slices, key=lambda s: problem.curves[s.metaop].time(len(s.devices)) * s.num_layers)
-            seconds = problem.curves[slowest.metaop].time(len(slowest.devices)) * slowest.num_layers
-            forward, backward = split_passes(ops[slowest.metaop], seconds)
+            slowest = max(wave.slices, key=lambda s: slice_seconds(problem, s, cost_model))
+            forward, backward = split_passes(ops[slowest.metaop], slice_seconds(problem, slowest, cost_model))
         phases.append(Phase(forward, backward, forward_in[k], backward_out[k]))
     return phases, infos
+
+
+def loss_stage_seconds(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> float:
+    """Seconds of the loss stage: on each device the loss heads it hosts (a task's loss runs on the last slice,
+    in wave order, of its leaf MetaOps; on the first TP device of each data-parallel rank), the busiest device."""
+    ops = problem.graph.metaops
+    last: dict[int, tuple[int, PlacedSlice]] = {}
+    for k, wave in enumerate(placed.waves):
+        for s in wave.slices:
+            last[s.metaop] = (k, s)
+    read = {d for op in ops for d in op.deps}
+    per_device: dict[int, float] = {}
+    for task in dict.fromkeys(op.task for op in ops):
+        leaves = [last[op.id] for op in ops if op.task == task and op.id not in read and op.id in last]
+        if not leaves:
+            continue
+        _, host = max(leaves, key=lambda ks: (ks[0], ks[1].metaop))
+        seconds = cost_model.head_time(task, ops[host.metaop].batch_size // host.layout.dp_degree)
+        for d in host.devices[::host.layout.tp_degree]:
+            per_device[d] = per_device.get(d, 0.0) + seconds
+    return max(per_device.values(), default=0.0)
 
 
 # --------------------------------------------------------------------------- gradient sync and optimizer
@@ -470,26 +506,28 @@ def _sync_infos(ledger: MemoryLedger, outcome: SyncOutcome) -> tuple[list[SyncIn
 # --------------------------------------------------------------------------- the whole iteration
 
 
-def wave_durations(problem: Problem, placed: PlacedSchedule) -> tuple[float, ...]:
-    """Compute seconds of each wave: its slowest slice, ``curve.time(n) * layers``."""
+def wave_durations(problem: Problem, placed: PlacedSchedule, cost_model: CostModel | None = None) -> tuple[float, ...]:
+    """Compute seconds of each wave: its slowest slice (:func:`slice_seconds`)."""
     return tuple(
-        max((problem.curves[s.metaop].time(len(s.devices)) * s.num_layers for s in wave.slices), default=0.0)
+        max((slice_seconds(problem, s, cost_model) for s in wave.slices), default=0.0)
         for wave in placed.waves
     )
 
 
 def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> Simulation:
     """Predicted iteration time of ``placed`` (model in the module docstring)."""
-    durations = wave_durations(problem, placed)
+    durations = wave_durations(problem, placed, cost_model)
     phases, transfers = wave_phases(problem, placed, cost_model)
-    ends, compute_end = backward_ends(phases)
+    loss_s = loss_stage_seconds(problem, placed, cost_model)
+    # the loss stage runs between the last forward and the first backward: a phase after the last wave
+    ends, compute_end = backward_ends(phases + [Phase(loss_s, 0.0)] if loss_s > 0 else phases)
     slice_ready = [ends[k] for k, wave in enumerate(placed.waves) for _ in wave.slices]  # all_slices' order
     ledger = build_ledger(problem, all_slices(placed), cost_model)
     outcome = finish_iteration(ledger, slice_ready, compute_end, cost_model)
     sync_infos, sync_order = _sync_infos(ledger, outcome)
     return Simulation(
         iteration_time_s=outcome.iteration_time_s,
-        compute_s=sum(durations),
+        compute_s=sum(durations) + loss_s,
         transfer_s=sum(p.transfer_in_s + p.transfer_back_s for p in phases),
         sync_s=outcome.sync_s,
         optimizer_s=outcome.optimizer_s,
@@ -499,4 +537,5 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
         peak_memory_bytes=tuple(float(x) for x in ledger.peak()),
         sync_total_s=outcome.sync_total_s,
         sync_order=sync_order,
+        loss_s=loss_s,
     )

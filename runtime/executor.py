@@ -34,7 +34,7 @@ from runtime.assignment import (
     layer_tp_degrees, sample_range, tp_group_of, tp_groups,
 )
 from runtime.data import TaskBatch, synthetic_batch
-from runtime.modules import build_embed, build_head, build_layer, layer_kwargs
+from runtime.modules import build_embed, build_head, build_layer, build_optimizer, layer_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,7 @@ class WaveWorker:
         for (name, layer, _), devices in self.holders.items():
             if rank in devices and (name, layer) not in self.modules:
                 self.modules[(name, layer)] = self._build((name, layer))
-        params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
-        train = job.training
-        self.optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, eps=train.adam_eps,
-                                           foreach=False) if params else None
+        self.optimizer = build_optimizer(job, [p for m in self.modules.values() for p in m.parameters() if p.requires_grad])
 
     def _my_tp_groups(self) -> dict[tuple[str, int], tuple[int, ...]]:
         """The TP group (devices) in which this device runs each tensor-parallel layer it holds."""

@@ -1,32 +1,48 @@
 """Profile MetaOp layers on this device: the measured side of the cost model (``loom profile``).
 
-For every distinct layer workload of a job (layer shape, backward factor, TP degree 1), one layer is
-built with the runtime's modules and timed forward+backward (forward only for a frozen layer with
-nothing trainable upstream; input gradients only when a trainable layer feeds a frozen one) at every
-per-device batch the planner can ask for: ``batch / dp`` for each data-parallel degree dp that
+For every distinct layer workload of a job (layer shape, backward factor, TP degree 1), a chain of up
+to :data:`CHAIN_LAYERS` of its layers is built with the runtime's modules and timed forward+backward,
+per layer (forward only for a frozen layer with nothing trainable upstream; input gradients only
+when a trainable layer feeds a frozen one) at every per-device batch the planner can ask for: ``batch / dp`` for each data-parallel degree dp that
 divides the batch and fits the cluster. Each point is the median of ``repeats`` timed runs after
 ``warmup`` runs, with one thread, as a worker runs. The result is the JSON that
 :class:`planner.costmodel.ProfiledCostModel` reads (piecewise alpha-beta between the points).
+
+The work of a step outside the layers is measured too (:class:`planner.costmodel.MeasuredCosts`):
+per root MetaOp, drawing its synthetic data and its embedding's forward and backward (``embed``);
+per task, its loss head's forward and backward (``head``), both at the same local batches; and one
+AdamW step (as the runtime runs it) over every trainable layer workload, as seconds per parameter.
+For a CPU cluster with several devices per node, :func:`profile_links` also times a point-to-point
+message and an all-reduce between two gloo worker processes on this host (``links``), the link the
+runtime's transfers and gradient sync use there.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from planner.costmodel import Layout, profile_key
 from planner.metagraph import MetaOp, build_metagraph
 from planner.spec import JobSpec
+from runtime.data import synthetic_batch
 from runtime.executor import feature_shape
-from runtime.modules import build_layer
+from runtime.modules import build_embed, build_head, build_layer, build_optimizer, layer_kwargs
 
 log = logging.getLogger(__name__)
 
 PROFILE_VERSION = 1
+CHAIN_LAYERS = 4  # layers of a workload timed one after another (at most the MetaOp's own)
 
 
 def local_batches(op: MetaOp, num_devices: int) -> list[int]:
@@ -34,30 +50,34 @@ def local_batches(op: MetaOp, num_devices: int) -> list[int]:
     return sorted({op.batch_size // dp for dp in range(1, num_devices + 1) if op.batch_size % dp == 0})
 
 
-def time_layer(layer: torch.nn.Module, op: MetaOp, seq: int, hidden: int, batch: int, repeats: int,
-               warmup: int) -> float:
-    """Median seconds of one forward(+backward) of ``layer`` on a (batch, seq, hidden) input."""
-    needs_input_grad = op.backward_factor > 0
-    x = torch.randn(batch, seq, hidden, requires_grad=needs_input_grad)
+def time_layer(layers: torch.nn.Module | list[torch.nn.Module], op: MetaOp, seq: int, hidden: int, batch: int,
+               repeats: int, warmup: int, kwargs: dict | None = None) -> float:
+    """Median seconds per layer of one forward(+backward) of ``layers`` run one after another on a (batch, seq,
+    hidden) input (``kwargs``: the layers' further arguments, ``runtime.modules.layer_kwargs``)."""
+    chain = [layers] if isinstance(layers, torch.nn.Module) else list(layers)
+    kwargs = kwargs or {}
+    x = torch.randn(batch, seq, hidden, requires_grad=op.backward_factor > 0)
     samples = []
     for i in range(warmup + repeats):
         start = time.perf_counter()
-        if op.backward_factor > 0:
-            y = layer(x)
-            y.backward(torch.ones_like(y))
-        else:
-            with torch.no_grad():
-                layer(x)
+        with torch.set_grad_enabled(op.backward_factor > 0):
+            y = x
+            for layer in chain:
+                y = layer(y, **kwargs)
+            if op.backward_factor > 0:
+                y.backward(torch.ones_like(y))
         if i >= warmup:
             samples.append(time.perf_counter() - start)
-        layer.zero_grad(set_to_none=True)
+        for layer in chain:
+            layer.zero_grad(set_to_none=True)
         x.grad = None
-    return statistics.median(samples)
+    return statistics.median(samples) / len(chain)
 
 
-def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2,
+def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2, links: bool = True,
                 progress: Callable[[str], None] | None = None) -> dict:
-    """Measure every distinct layer workload of ``job``; returns the profiled cost file as a dict."""
+    """Measure every distinct layer workload of ``job`` and the work outside the layers (and, with ``links``, for
+    a CPU cluster of several devices per node, the gloo links: two processes); returns the cost file as a dict."""
     say = progress or log.info
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread, like each worker
@@ -67,13 +87,150 @@ def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2,
             key = profile_key(op, Layout(1, 1))
             if key in points:
                 continue
-            layer = build_layer(job, op, 0)
-            if op.backward_factor == 1:  # input gradients only: the layer's weights are frozen
-                layer.requires_grad_(False)
+            # a chain, as a slice runs them: the activations several layers keep for backward do not all stay in
+            # cache, as one layer's can
+            chain = [build_layer(job, op, i) for i in range(min(op.num_layers, CHAIN_LAYERS))]
+            if op.backward_factor == 1:  # input gradients only: the layers' weights are frozen
+                for layer in chain:
+                    layer.requires_grad_(False)
             seq, hidden = feature_shape(job, op)
-            points[key] = [[b, time_layer(layer, op, seq, hidden, b, repeats, warmup)]
+            points[key] = [[b, time_layer(chain, op, seq, hidden, b, repeats, warmup, layer_kwargs(job, op))]
                            for b in local_batches(op, job.cluster.num_devices)]
             say(f"profiled {op.name}: " + ", ".join(f"b={b}: {t * 1e3:.2f} ms" for b, t in points[key]))
-        return {"version": PROFILE_VERSION, "device": job.cluster.device, "points": points}
+        embed, head = time_embeddings(job, repeats, warmup), time_heads(job, repeats, warmup)
+        rate = optimizer_seconds_per_param(job, repeats, warmup)
+        say("profiled outside the layers: embeddings " + ", ".join(f"{k} {v[-1][1] * 1e3:.2f} ms" for k, v in embed.items())
+            + "; heads " + ", ".join(f"{k} {v[-1][1] * 1e3:.2f} ms" for k, v in head.items())
+            + (f"; AdamW {rate * 1e9:.2f} ns/parameter" if rate is not None else ""))
+        out = {"version": PROFILE_VERSION, "device": job.cluster.device, "points": points, "embed": embed,
+               "head": head, "optimizer_s_per_param": rate}
+        if links and job.cluster.device.lower() == "cpu" and job.cluster.devices_per_node > 1:
+            out["links"] = profile_links(max(repeats, LINK_REPEATS), warmup)
+            say("profiled gloo links between two processes: " + "; ".join(
+                f"{kind} {int(b) >> 10} KiB {t * 1e3:.2f} ms" for kind, pts in out["links"].items() for b, t in pts))
+        return out
     finally:
         torch.set_num_threads(threads)
+
+
+def _median_seconds(run: Callable[[], None], repeats: int, warmup: int) -> float:
+    samples = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        run()
+        if i >= warmup:
+            samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def time_embeddings(job: JobSpec, repeats: int, warmup: int) -> dict[str, list[list[float]]]:
+    """Per root MetaOp (by name): median seconds of drawing its task's data and running its embedding forward and
+    backward (backward only when the embedding trains), at every local batch the planner can ask for."""
+    index = {t.name: i for i, t in enumerate(job.tasks)}
+    embeds: dict[str, torch.nn.Module] = {}
+    out = {}
+    for op in build_metagraph(job).metaops:
+        if op.deps or layer_kwargs(job, op):  # a decoder's bridge reads its upstream output, not raw data
+            continue
+        embed = embeds.setdefault(op.component, build_embed(job, op.component))
+
+        def run(b: int = 1, op: MetaOp = op, embed: torch.nn.Module = embed) -> None:
+            y = embed(synthetic_batch(job, index[op.task], 0, 0, b).inputs[op.use])
+            if y.requires_grad:
+                y.backward(torch.ones_like(y))
+            embed.zero_grad(set_to_none=True)
+
+        out[op.name] = [[b, _median_seconds(lambda b=b, run=run: run(b), repeats, warmup)]
+                        for b in local_batches(op, job.cluster.num_devices)]
+    return out
+
+
+def time_heads(job: JobSpec, repeats: int, warmup: int) -> dict[str, list[list[float]]]:
+    """Per task: median seconds of its loss head forward and backward on outputs of its leaf MetaOps' shapes, at
+    every local batch the planner can ask for."""
+    graph = build_metagraph(job)
+    read = {d for op in graph.metaops for d in op.deps}
+    out = {}
+    for t, task in enumerate(job.tasks):
+        leaves = [op for op in graph.metaops if op.task == task.name and op.id not in read]
+        if not leaves:
+            continue
+        head = build_head(job, t)
+        points = []
+        for b in local_batches(leaves[0], job.cluster.num_devices):
+            batch = synthetic_batch(job, t, 0, 0, b)
+            outputs = {op.use: torch.randn(b, *feature_shape(job, op), requires_grad=True) for op in leaves}
+
+            def run(outputs: dict = outputs, batch=batch) -> None:
+                head(outputs, batch).sum().backward()
+                head.zero_grad(set_to_none=True)
+
+            points.append([b, _median_seconds(run, repeats, warmup)])
+        out[task.name] = points
+    return out
+
+
+def optimizer_seconds_per_param(job: JobSpec, repeats: int, warmup: int) -> float | None:
+    """Seconds per parameter of one AdamW step (the runtime's :func:`build_optimizer`) over one layer of every trainable
+    layer workload: their total time over their total parameters. None when nothing trains."""
+    seen, seconds, params = set(), 0.0, 0
+    for op in build_metagraph(job).metaops:
+        if op.frozen or op.param_group in seen:
+            continue
+        seen.add(op.param_group)
+        weights = [p for p in build_layer(job, op, 0).parameters() if p.requires_grad]
+        for w in weights:
+            w.grad = torch.randn_like(w)
+        adamw = build_optimizer(job, weights)
+        seconds += _median_seconds(adamw.step, repeats, warmup)
+        params += sum(w.numel() for w in weights)
+    return seconds / params if params else None
+
+
+LINK_BYTES = (1 << 14, 1 << 18, 1 << 20, 1 << 22)  # message sizes the link curves are measured at
+LINK_REPEATS = 25  # a message takes about a millisecond, and single samples on a shared host vary a lot
+
+
+def profile_links(repeats: int = 5, warmup: int = 2) -> dict[str, list[list[float]]]:
+    """``{"p2p": [[bytes, s], ...], "allreduce": [[bytes, s], ...]}``: median seconds of one message
+    (``batch_isend_irecv``, as the runtime's transfers) and of one all-reduce (as its gradient sync) between two
+    gloo worker processes on this host, one thread each; per size, the slower of the two ranks, and never more
+    than at a larger size (a longer message cannot be faster: a slower median is noise of a shared host)."""
+    from runtime.local_world import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_time_links, args=(free_port(), repeats, warmup, tmp), nprocs=2, join=True)
+        return json.loads((Path(tmp) / "links.json").read_text())
+
+
+def _time_links(rank: int, port: int, repeats: int, warmup: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        def timed(run: Callable[[], None]) -> float:
+            samples = []
+            for i in range(warmup + repeats):
+                dist.barrier()  # both ranks start together: a sample is one operation, not a wait for the peer
+                start = time.perf_counter()
+                run()
+                if i >= warmup:
+                    samples.append(time.perf_counter() - start)
+            return statistics.median(samples)
+
+        def message(x: torch.Tensor) -> None:
+            op = dist.P2POp(dist.isend, x, 1) if rank == 0 else dist.P2POp(dist.irecv, x, 0)
+            for request in dist.batch_isend_irecv([op]):
+                request.wait()
+
+        medians = torch.tensor([[timed(lambda x=torch.zeros(n // 4): message(x)),
+                                 timed(lambda x=torch.zeros(n // 4): dist.all_reduce(x))] for n in LINK_BYTES],
+                               dtype=torch.float64)
+        dist.all_reduce(medians, op=dist.ReduceOp.MAX)
+        if rank == 0:
+            rising = torch.cummin(medians.flip(0), dim=0).values.flip(0)  # a spike at one size: take a larger one's
+            out = {kind: [[n, float(rising[i, j])] for i, n in enumerate(LINK_BYTES)]
+                   for j, kind in enumerate(("p2p", "allreduce"))}
+            (Path(out_dir) / "links.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()

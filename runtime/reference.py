@@ -16,7 +16,7 @@ from planner.errors import LoomError
 from planner.metagraph import build_metagraph
 from planner.spec import JobSpec
 from runtime.data import TaskBatch, synthetic_batch
-from runtime.modules import build_embed, build_head, build_layer, layer_kwargs
+from runtime.modules import build_embed, build_head, build_layer, build_optimizer, layer_kwargs
 
 
 MODEL_FILE = "model.pt"  # a run's trained parameters, in its output directory
@@ -67,10 +67,7 @@ class ReferenceTrainer:
                 self.modules[("embed:" + op.component, 0)] = build_embed(job, op.component)
         for t, task in enumerate(job.tasks):
             self.modules[("head:" + task.name, 0)] = build_head(job, t)
-        params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
-        train = job.training
-        self.optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, eps=train.adam_eps,
-                                           foreach=False)
+        self.optimizer = build_optimizer(job, [p for m in self.modules.values() for p in m.parameters() if p.requires_grad])
 
     def task_loss(self, t: int, step: int) -> torch.Tensor:
         """``loss_weight * mean per-sample loss`` of task ``t`` over its whole batch at ``step``."""

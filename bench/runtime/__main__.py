@@ -1,10 +1,13 @@
-"""``python -m bench.runtime [--steps N] [--warmup N] [--workload PATH]``: Loom vs sequential, measured.
+"""``python -m bench.runtime [--steps N] [--warmup N] [--rounds N] [--workload PATH] [--costs PATH] [--no-write]``:
+Loom vs sequential, measured.
 
-One run on this machine, side by side: profile the workload's layers (``runtime.profiler``), plan it
-with the profiled cost model, then train the same job under Loom's plan and under the sequential
-(Megatron-LM/DeepSpeed style) schedule on a local gloo world of worker processes (the workers' logic
-is the one Ray actors run). Reports the median measured step time of each after warm-up, their
-ratio, and measured vs predicted iteration time. Writes bench/results/runtime.{json,md}.
+One run on this machine, side by side: profile the workload (``runtime.profiler``: layers, embeddings,
+heads and AdamW; or read ``--costs``), plan it with the profiled cost model, then train the same job
+under Loom's plan and under the sequential (Megatron-LM/DeepSpeed style) schedule on a local gloo world
+of worker processes (the workers' logic is the one Ray actors run). Reports the median measured step
+time of each after warm-up, their ratio, measured vs predicted iteration time, and where each step
+goes: per wave and per part, measured on the slowest worker, next to the prediction. Writes
+bench/results/runtime.{json,md} (``--no-write``: prints the report only).
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import tempfile
 from pathlib import Path
 
 from bench.common import REPO_ROOT, write_results
+from orchestrator.metrics import STEP_PARTS, step_breakdown
 from planner.api import make_cost_model, plan_job, plan_schedule
-from planner.costmodel import ProfiledCostModel
-from planner.devices import resolve_hardware
 from planner.metagraph import build_metagraph
+from planner.plan import Plan
 from planner.schedule import Problem
 from planner.solver import sequential_schedule
 from planner.spec import load_job
@@ -31,16 +34,21 @@ log = logging.getLogger("bench.runtime")
 DEFAULT_WORKLOAD = REPO_ROOT / "bench" / "runtime" / "hetero.yaml"
 SPEEDUP_TARGET = 1.2
 PREDICTION_TARGET = 0.15
+PROFILE_REPEATS = 9  # timed runs per profile point: single runs of a layer vary by 10% and more on a shared CPU
 
 
-def measure(job, plan, steps: int, warmup: int) -> dict:
+def measure(job, plan: Plan, steps: int, warmup: int) -> dict:
+    """One run of ``plan``: its timed steps, and the median over them of each wave's and part's time (slowest rank)."""
     with tempfile.TemporaryDirectory() as tmp:
         result = run_world(job, plan, steps + warmup, tmp)
     timed = result.step_seconds[warmup:]
+    breakdowns = [step_breakdown(ranks) for ranks in result.timings[warmup:]]
     return {
         "median_step_s": statistics.median(timed),
         "step_s": timed,
         "predicted_s": plan.predicted.iteration_time_s,
+        "wave_s": [statistics.median(waves[k] for waves, _ in breakdowns) for k in range(len(plan.waves))],
+        "part_s": {part: statistics.median(parts[part] for _, parts in breakdowns) for part in STEP_PARTS},
         "first_losses": result.losses[0],
         "last_losses": result.losses[-1],
         "num_waves": len(plan.waves),
@@ -54,32 +62,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per schedule")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--rounds", type=int, default=5, help="alternating runs of each schedule")
+    parser.add_argument("--costs", help="a profiled cost file (loom profile) to use instead of profiling here")
+    parser.add_argument("--no-write", action="store_true", help="print the report; leave bench/results alone")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     job = load_job(args.workload)
-    costs = profile_job(job, progress=log.info)
+    costs = (json.loads(Path(args.costs).read_text()) if args.costs
+             else profile_job(job, repeats=PROFILE_REPEATS, warmup=3, progress=log.info))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(costs, f)
-    cost_model = ProfiledCostModel.load(f.name, resolve_hardware(job.cluster), fallback=make_cost_model(job))
+    cost_model = make_cost_model(job, f.name)  # the job's precision and optimizer sharding, as `loom plan --costs`
     loom = plan_job(job, cost_model, with_baselines=True, progress=log.info).plan
     problem = Problem.build(build_metagraph(job), cost_model)
-    sequential = plan_schedule(job, sequential_schedule(problem), cost_model, method="sequential")
+    plans = {"loom": loom, "sequential": plan_schedule(job, sequential_schedule(problem), cost_model, method="sequential")}
     records = {}
     for run in range(args.rounds):  # alternate the two, so slow phases of a noisy machine hit both
-        for name, plan in (("loom", loom), ("sequential", sequential)):
+        for name, plan in plans.items():
             log.info("training %s (round %d): %d waves", name, run + 1, len(plan.waves))
             record = measure(job, plan, args.steps, args.warmup)
             records.setdefault(name, []).append(record)
             log.info("%s: median step %.1f ms (predicted %.1f ms)", name, record["median_step_s"] * 1e3,
                      record["predicted_s"] * 1e3)
+    text = report(records, plans, args)
+    if args.no_write:
+        print(text)
+        return 0
     write_results("runtime", [{"schedule": k, "round": i, **r} for k, runs in records.items() for i, r in enumerate(runs)],
-                  report(records, args),
+                  text,
                   {"workload": args.workload, "steps": args.steps, "warmup": args.warmup, "profile": costs,
                    "environment_note": "2-core machine; one worker process per device, one thread each"})
     return 0
 
 
-def report(records: dict[str, list[dict]], args) -> str:
+def report(records: dict[str, list[dict]], plans: dict[str, Plan], args) -> str:
     median = {name: statistics.median(r["median_step_s"] for r in runs) for name, runs in records.items()}
     predicted = {name: runs[0]["predicted_s"] for name, runs in records.items()}
     ratio = median["sequential"] / median["loom"]
@@ -89,7 +104,7 @@ def report(records: dict[str, list[dict]], args) -> str:
         f"Workload `{Path(args.workload).name}`; {args.rounds} alternating runs of each schedule, each "
         f"{args.warmup} warm-up + {args.steps} timed steps on a gloo world of worker processes (one per device, "
         "one thread each); a run's value is its median step, the table gives the median over runs. Plans use "
-        "the profiled cost model measured in the same invocation.",
+        "the profiled cost model (layers, embeddings, heads, AdamW) measured in the same invocation.",
         "",
         "| schedule | waves | method | measured step (median of runs) | runs | predicted | measured / predicted |",
         "|---|---|---|---|---|---|---|",
@@ -112,7 +127,23 @@ def report(records: dict[str, list[dict]], args) -> str:
         "Losses of Loom's first run (first -> last step): "
         + "; ".join(f"{task} {first[task]:.3f} -> {last[task]:.3f}" for task in first),
     ]
+    for name, runs in records.items():
+        lines += ["", *breakdown_table(name, runs, plans[name])]
     return "\n".join(lines) + "\n"
+
+
+def breakdown_table(name: str, runs: list[dict], plan: Plan) -> list[str]:
+    """Where the step goes: each wave's compute and each part, measured (slowest worker; median over steps, then
+    over runs) vs predicted. Measured parts are maxima over workers, so they need not add up to the step."""
+    waves = [w.duration_s for w in plan.waves]
+    want = plan.predicted
+    rows = [(f"wave {k} compute", statistics.median(r["wave_s"][k] for r in runs), waves[k]) for k in range(len(waves))]
+    rows += [(f"{part}", statistics.median(r["part_s"][part] for r in runs), value) for part, value in (
+        ("loss", want.compute_s - sum(waves)), ("transfer", want.transfer_s), ("sync", want.sync_s),
+        ("optimizer", want.optimizer_s))]
+    lines = [f"## Where {name}'s step goes", "", "| part | measured (slowest worker) | predicted |", "|---|---|---|"]
+    lines += [f"| {label} | {got * 1e3:.1f} ms | {value * 1e3:.1f} ms |" for label, got, value in rows]
+    return lines
 
 
 if __name__ == "__main__":

@@ -155,7 +155,13 @@ def test_cli_run_trains_and_logs_every_step(runner, tmp_path):
         assert record["step_seconds"] > 0
         # throughput is the task's batch over the step's time
         assert record["samples_per_s"]["caption"] == pytest.approx(8 / record["step_seconds"])
-    assert (out / "plan.json").is_file()
+    plan = json.loads((out / "plan.json").read_text())
+    for record in records:  # per wave: measured compute of the slowest worker next to the plan's prediction
+        assert record["predicted_wave_seconds"] == [w["duration_s"] for w in plan["waves"]]
+        assert len(record["wave_seconds"]) == len(plan["waves"]) and all(t > 0 for t in record["wave_seconds"])
+        assert set(record["part_seconds"]) == {"transfer", "loss", "sync", "optimizer"}
+        assert max(record["wave_seconds"] + list(record["part_seconds"].values())) < record["step_seconds"]
+    assert "wave compute, measured" in result.stdout
     assert not (out / "ckpt").exists() or latest_complete(out) is None  # checkpointing is off by default
     assert "loss per task" in result.stdout and "caption" in result.stdout
 
@@ -206,6 +212,13 @@ def test_prometheus_endpoint_serves_step_metrics(ray_session, job, plan, tmp_pat
     assert 'loom_samples_total{task="caption"} 16.0' in last  # 2 steps x batch 8
     assert 'loom_samples_total{task="align"} 8.0' in last
     assert 'loom_task_loss{task="align"}' in last and "loom_iteration_predicted_seconds" in last
+    def gauge(page: str, series: str) -> float:
+        return float(page.split(series + " ")[1].split()[0])
+
+    for k, wave in enumerate(plan.waves):  # the last step's per-wave compute and the plan's prediction
+        assert gauge(first, f'loom_wave_predicted_seconds{{wave="{k}"}}') == wave.duration_s
+        assert gauge(last, f'loom_wave_measured_seconds{{wave="{k}"}}') == result.records[-1].wave_seconds[k] > 0
+    assert 'loom_step_part_seconds{part="optimizer"}' in last
     with pytest.raises(OSError):  # the server is gone with the run
         urllib.request.urlopen(reporter.url, timeout=2)
 

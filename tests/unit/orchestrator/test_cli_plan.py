@@ -136,7 +136,8 @@ def test_schema_is_json_with_every_section() -> None:
     result = CliRunner().invoke(app, ["schema"])
     assert result.exit_code == 0
     schema = json.loads(result.stdout)
-    assert set(schema["properties"]) == {"name", "cluster", "components", "tasks", "training", "planner"}
+    assert set(schema["properties"]) == {
+        "name", "cluster", "components", "tasks", "training", "planner", "recipe", "data_dir"}
     assert schema["additionalProperties"] is False
 
 

@@ -1,8 +1,11 @@
-"""loom profile's library side: measured layer times become a profiled cost model the planner uses."""
+"""loom profile end to end: measured layer, embedding, head, optimizer and gloo link times (two spawned worker
+processes) become a profiled cost model the planner uses."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from planner.api import plan_job
 from planner.costmodel import Layout, ProfiledCostModel, profile_key
@@ -45,9 +48,23 @@ def test_profile_covers_every_workload_and_feeds_the_planner(tmp_path):
     trained = data["points"][profile_key(graph.metaops[0], Layout(1, 1))]
     frozen = data["points"][profile_key(graph.metaops[1], Layout(1, 1))]
     assert trained[-1][1] > frozen[-1][1]
+    # outside the layers: each root MetaOp's data + embedding, each task's head, AdamW per parameter
+    roots = [op for op in graph.metaops if not op.deps]
+    assert set(data["embed"]) == {op.name for op in roots} == {"a.enc", "b.frozen_enc"}
+    assert [b for b, _ in data["embed"]["a.enc"]] == local_batches(roots[0], 4)
+    assert set(data["head"]) == {"a", "b"} and all(t > 0 for pts in data["head"].values() for _, t in pts)
+    assert 0 < data["optimizer_s_per_param"] < 1e-6
+    # the gloo links between two worker processes: every size, never faster for a longer message
+    for kind in ("p2p", "allreduce"):
+        sizes, seconds = zip(*data["links"][kind])
+        assert list(sizes) == sorted(sizes) and len(sizes) >= 3
+        assert 0 < seconds[0] and list(seconds) == sorted(seconds)
     path = tmp_path / "costs.json"
     path.write_text(json.dumps(data))
     model = ProfiledCostModel.load(path, resolve_hardware(j.cluster))
+    assert model.embed_time(roots[0], 16) == data["embed"]["a.enc"][-1][1]
+    assert model.optimizer_time(1e6) == pytest.approx(1e6 * data["optimizer_s_per_param"])
+    assert model.p2p_time(data["links"]["p2p"][-1][0], cross_node=False) == data["links"]["p2p"][-1][1]
     plan = plan_job(j, model, with_baselines=False).plan
     assert plan.cost_model == "profiled"
     # the curve the planner used is the measured one (no analytic fallback involved)
@@ -74,3 +91,23 @@ def test_loom_profile_writes_a_cost_file_that_loom_plan_reads(tmp_path):
                                   "--no-baselines"])
     assert planned.exit_code == 0, planned.output
     assert json.loads(planned.stdout)["cost_model"] == "profiled"
+
+
+def test_decoder_layers_and_heads_are_profiled_with_their_memory():
+    """A decoder layer takes its stream length; its bridge reads the encoder output, so only the encoder embeds."""
+    j = parse_job({
+        "name": "decoders",
+        "cluster": {"num_nodes": 1, "devices_per_node": 1, "device": "cpu"},
+        "components": {
+            "enc": {"kind": "vit", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "patch_size": 4,
+                    "image_size": 8, "in_channels": 1},
+            "queries": {"kind": "decoder", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "seq_len": 3},
+        },
+        "tasks": [{"name": "classify", "batch_size": 2, "components": [{"component": "enc"},
+                                                                        {"component": "queries"}]}],
+    })
+    data = profile_job(j, repeats=1, warmup=0)
+    graph = build_metagraph(j)
+    assert set(data["points"]) == {profile_key(op, Layout(1, 1)) for op in graph.metaops}
+    assert set(data["embed"]) == {"classify.enc"} and set(data["head"]) == {"classify"}
+    assert "links" not in data  # one device per node: no link between workers to measure

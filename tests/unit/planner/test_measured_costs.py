@@ -1,0 +1,144 @@
+"""Measured work outside the layers (MeasuredCosts): root embeddings in their wave, the loss stage between the
+last forward and the first backward, and the measured AdamW rate, against hand math; none of it without a
+profile (the analytic model's predictions stay as they were)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from planner.components import LayerSegment
+from planner.costmodel import Layout, ProfiledCostModel, MeasuredCosts, profile_key
+from planner.devices import DEVICES, GIB, Hardware
+from planner.errors import SpecError
+from planner.metagraph import MetaOp, finalize_graph
+from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
+from planner.schedule import Problem
+from planner.simulator import loss_stage_seconds, simulate, split_passes
+
+HW = Hardware(DEVICES["cpu"], 1, 2, 8 * GIB, 5e9, 5e9)
+LAYER_S = {1: 0.010, 2: 0.006}  # seconds per layer at local batch 8 (one device) and 4 (two devices)
+
+
+def op(m: int, task: str, deps: tuple[int, ...] = ()) -> MetaOp:
+    seg = LayerSegment(f"layer{m}", 2, 1e9, 1e5, 1e5, 1e4, 0.0, 4)
+    return MetaOp(m, f"{task}.enc{m}", task, f"enc{m}", seg, 2, 8, deps, f"enc{m}", False, 2.0)
+
+
+def cost_model(ops: list[MetaOp], overheads: MeasuredCosts | None) -> ProfiledCostModel:
+    points = {profile_key(o, Layout(1, 1)): [(4, LAYER_S[2]), (8, LAYER_S[1])] for o in ops}
+    return ProfiledCostModel(HW, points, shard_optimizer=False, grad_bytes=4, measured=overheads)
+
+
+OVERHEADS = MeasuredCosts(
+    embed={"a.enc0": [(4.0, 0.002), (8.0, 0.003)]},
+    head={"a": [(4.0, 0.001), (8.0, 0.0015)], "b": [(8.0, 0.004)]},
+    optimizer_s_per_param=1e-8,
+)
+
+
+def two_tasks() -> tuple[list[MetaOp], PlacedSchedule]:
+    """Task a: a chain enc0 -> enc1 (wave 0 on both devices, then wave 1 on device 0); task b: enc2 on device 1."""
+    ops = [op(0, "a"), op(1, "a", (0,)), op(2, "b")]
+    waves = [
+        [PlacedSlice(0, 0, 2, (0, 1), Layout(2, 1))],
+        [PlacedSlice(1, 0, 2, (0,), Layout(1, 1)), PlacedSlice(2, 0, 2, (1,), Layout(1, 1))],
+    ]
+    return ops, PlacedSchedule(tuple(PlacedWave(tuple(w)) for w in waves))
+
+
+def test_embedding_joins_its_root_slice_and_heads_form_the_loss_stage():
+    ops, placed = two_tasks()
+    problem = Problem.build(finalize_graph(ops), cost_model(ops, OVERHEADS))
+    sim = simulate(problem, placed, cost_model(ops, OVERHEADS))
+    # wave 0: enc0 on 2 devices (local batch 4) plus its data and embedding at batch 4
+    assert sim.wave_durations[0] == pytest.approx(2 * LAYER_S[2] + 0.002)
+    # wave 1: enc1 has an upstream MetaOp (no embedding); enc2 is a root without a measured embedding
+    assert sim.wave_durations[1] == pytest.approx(2 * LAYER_S[1])
+    # loss hosts: a on device 0 (local batch 8), b on device 1: the busiest device sets the stage
+    assert sim.loss_s == pytest.approx(max(0.0015, 0.004))
+    assert sim.compute_s == pytest.approx(sum(sim.wave_durations) + sim.loss_s)
+    assert sim.iteration_time_s == pytest.approx(sim.compute_s + sim.transfer_s + sim.sync_s + sim.optimizer_s)
+
+
+def test_loss_stage_runs_between_the_last_forward_and_the_first_backward():
+    """Adding the loss stage delays the end of every backward by exactly its length: the whole iteration (with
+    nothing to sync and nothing hidden behind backward) grows by the stage."""
+    ops, placed = two_tasks()
+    without = MeasuredCosts(embed=OVERHEADS.embed, optimizer_s_per_param=OVERHEADS.optimizer_s_per_param)
+    base = simulate(Problem.build(finalize_graph(ops), cost_model(ops, without)), placed, cost_model(ops, without))
+    full = simulate(Problem.build(finalize_graph(ops), cost_model(ops, OVERHEADS)), placed, cost_model(ops, OVERHEADS))
+    assert base.loss_s == 0
+    assert full.iteration_time_s - base.iteration_time_s == pytest.approx(full.loss_s)
+    assert split_passes(ops[0], 0.03) == pytest.approx((0.01, 0.02))  # forward is a third of a trained layer
+
+
+def test_loss_host_is_the_last_slice_of_the_leaves_on_its_first_tp_devices():
+    ops = [op(0, "a"), op(1, "a", (0,))]
+    cm = cost_model(ops, MeasuredCosts(head={"a": [(2.0, 0.001), (4.0, 0.002)]}))
+    problem = Problem.build(finalize_graph(ops), cm)
+    # enc1 split over waves 0 and 1: the loss follows its last slice, data parallel over both devices (batch 4 each)
+    placed = PlacedSchedule((
+        PlacedWave((PlacedSlice(0, 0, 2, (0,), Layout(1, 1)),)),
+        PlacedWave((PlacedSlice(1, 0, 1, (1,), Layout(1, 1)),)),
+        PlacedWave((PlacedSlice(1, 1, 1, (0, 1), Layout(2, 1)),)),
+    ))
+    assert loss_stage_seconds(problem, placed, cm) == pytest.approx(0.002)
+
+
+def test_measured_adamw_rate_replaces_the_device_table():
+    ops, placed = two_tasks()
+    cm = cost_model(ops, OVERHEADS)
+    assert cm.optimizer_time(1e6) == pytest.approx(0.01)
+    assert cost_model(ops, None).optimizer_time(1e6) == pytest.approx(1e6 * 32 / DEVICES["cpu"].mem_bandwidth)
+    sim = simulate(Problem.build(finalize_graph(ops), cm), placed, cm)
+    # device 0 holds enc0 and enc1, device 1 enc0 and enc2: 2 layers of 1e5 parameters each, per MetaOp
+    assert sim.optimizer_s == pytest.approx(2 * 2 * 1e5 * 1e-8)
+
+
+def test_without_measured_overheads_nothing_changes():
+    ops, placed = two_tasks()
+    sim = simulate(Problem.build(finalize_graph(ops), cost_model(ops, None)), placed, cost_model(ops, None))
+    assert sim.loss_s == 0
+    assert sim.wave_durations == pytest.approx((2 * LAYER_S[2], 2 * LAYER_S[1]))
+
+
+def test_cost_file_carries_the_overheads_and_rejects_bad_ones(tmp_path):
+    ops, _ = two_tasks()
+    data = {"version": 1, "device": "cpu", "points": {profile_key(ops[0], Layout(1, 1)): [[8, 0.01]]},
+            "embed": {"a.enc0": [[8, 0.003], [4, 0.002]]}, "head": {"a": [[8, 0.0015]]},
+            "optimizer_s_per_param": 2e-9}
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(data))
+    cm = ProfiledCostModel.load(path, HW)
+    assert cm.measured.embed["a.enc0"] == [(4.0, 0.002), (8.0, 0.003)]
+    assert cm.embed_time(ops[0], 8) == pytest.approx(0.003) and cm.embed_time(ops[1], 8) == 0
+    assert cm.head_time("a", 8) == pytest.approx(0.0015) and cm.head_time("b", 8) == 0
+    assert cm.optimizer_time(1e6) == pytest.approx(2e-3)
+    data["embed"] = {"a.enc0": [[8]]}
+    path.write_text(json.dumps(data))
+    with pytest.raises(SpecError, match="not a profiled cost file"):
+        ProfiledCostModel.load(path, HW)
+
+
+def test_measured_links_replace_the_device_table_within_a_node():
+    p2p = [(1e4, 3e-4), (1e6, 8e-4)]
+    allreduce = [(1e4, 5e-4), (1e6, 1.5e-3)]
+    cm = ProfiledCostModel(HW, {}, measured=MeasuredCosts(p2p=p2p, allreduce=allreduce))
+    assert cm.p2p_time(1e6, cross_node=False) == pytest.approx(8e-4)
+    assert cm.p2p_time(5.05e5, cross_node=False) == pytest.approx(5.5e-4)  # linear between the points
+    assert cm.allreduce_time(1e6, 2, cross_node=False) == pytest.approx(1.5e-3)
+    # a ring over 4: 3 times the two-process time of half the bytes
+    assert cm.allreduce_time(2e6, 4, cross_node=False) == pytest.approx(3 * 1.5e-3)
+    plain = ProfiledCostModel(HW, {})
+    assert cm.p2p_time(1e6, cross_node=True) == plain.p2p_time(1e6, cross_node=True)
+    assert cm.allreduce_time(1e6, 4, cross_node=True) == plain.allreduce_time(1e6, 4, cross_node=True)
+    assert cm.allreduce_time(1e6, 1, cross_node=False) == 0
+
+
+def test_cost_file_links_load():
+    data = {"links": {"p2p": [[1e6, 8e-4], [1e4, 3e-4]], "allreduce": [[1e4, 5e-4]]}}
+    measured = MeasuredCosts.from_json(data)
+    assert measured.p2p == [(1e4, 3e-4), (1e6, 8e-4)] and measured.allreduce == [(1e4, 5e-4)]
+    assert MeasuredCosts.from_json({}) == MeasuredCosts()
