@@ -1,0 +1,1 @@
+"""The medical recipe end to end (``python -m bench.medical``): train, evaluate, transfer."""
