@@ -7,8 +7,9 @@ Conventions (the same as the planner's placement and simulator):
 - a slice's devices are ascending; with layout dp x tp, ``devices[i*tp:(i+1)*tp]`` is data-parallel
   rank i, which owns samples ``[i*B/dp, (i+1)*B/dp)`` of its MetaOp's batch B;
 - the input of a slice's first layer comes from the previous slice of the same MetaOp, from the
-  last slice of its predecessor MetaOp, or (for a root MetaOp's layer 0) from the component's
-  embedding of raw data;
+  last slice of each predecessor MetaOp (a use with several inputs: one per dependency, in the
+  plan's ``deps`` order, which is MetaOp id order), or (for a root MetaOp's layer 0) from the
+  component's embedding of raw data;
 - a task's loss runs on the last slice (in wave order) of its leaf MetaOps, on the first TP device of
   each of that slice's data-parallel ranks; the leaves' outputs move there after the last wave;
 - forward, the first TP device of a producer's dp rank sends its rows to every device that needs
@@ -21,7 +22,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from planner.metagraph import MetaGraph
 from planner.plan import Plan, PlanSlice
+from planner.spec import JobSpec
 
 LOSS_WAVE = -1  # the pseudo-wave of the loss stage, after every real wave
 
@@ -38,7 +41,9 @@ class SliceRef:
 class Piece:
     """Samples [start, stop) of a producer slice's output moving from device ``src`` to ``dst``.
 
-    ``consumer`` is the consuming slice, or None for the loss stage of ``task``."""
+    ``consumer`` is the consuming slice, or None for the loss stage of ``task``. ``input`` is which of the
+    consumer's inputs the rows belong to: the index into :meth:`CommSchedule.producers` (0 for a single
+    input and for the loss stage)."""
 
     src: int
     dst: int
@@ -49,6 +54,7 @@ class Piece:
     task: str
     start: int
     stop: int
+    input: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,19 +110,13 @@ class CommSchedule:
             self.by_metaop.setdefault(self.slices[ref].metaop, []).append(ref)
         self.successors: dict[int, list[int]] = {op.id: [] for op in plan.metaops}
         for op in plan.metaops:
-            if len(op.deps) > 1:
-                raise NotImplementedError(
-                    f"MetaOp {op.name} reads {len(op.deps)} inputs; the runtime runs chains and independent "
-                    "branches only (a use with several `after:` inputs is not supported yet)."
-                )
             for d in op.deps:
                 self.successors[d].append(op.id)
         self.loss_hosts = [self._loss_host(task) for task in dict.fromkeys(op.task for op in plan.metaops)]
         self.forward_pieces: dict[int, list[Piece]] = {}
         for ref in sorted(self.slices, key=lambda r: (r.wave, r.index)):
-            producer = self.producer(ref)
-            if producer is not None:
-                self.forward_pieces.setdefault(ref.wave, []).extend(self._pieces(producer, ref, ref))
+            for i, producer in enumerate(self.producers(ref)):
+                self.forward_pieces.setdefault(ref.wave, []).extend(self._pieces(producer, ref, ref, i))
         for host in self.loss_hosts:
             for leaf in host.leaves:
                 self.forward_pieces.setdefault(LOSS_WAVE, []).extend(self._pieces(leaf, host.host, None))
@@ -125,15 +125,20 @@ class CommSchedule:
         return self.plan.metaops[metaop].batch_size
 
     def producer(self, ref: SliceRef) -> SliceRef | None:
-        """The slice whose output feeds ``ref``'s first layer; None for a root MetaOp's layer 0 (embedding)."""
+        """The slice whose output feeds ``ref``'s first layer (the first of :meth:`producers`); None for a root
+        MetaOp's layer 0 (embedding)."""
+        producers = self.producers(ref)
+        return producers[0] if producers else None
+
+    def producers(self, ref: SliceRef) -> list[SliceRef]:
+        """The slices whose outputs feed ``ref``'s first layer, one per input: the previous slice of the same
+        MetaOp, or the last slice of every dependency in the plan's ``deps`` order; [] for a root MetaOp's
+        layer 0 (embedding)."""
         s = self.slices[ref]
         if s.first_layer > 0:
-            return next(r for r in self.by_metaop[s.metaop]
-                        if self.slices[r].first_layer + self.slices[r].num_layers == s.first_layer)
-        deps = self.plan.metaops[s.metaop].deps
-        if not deps:
-            return None
-        return self.last_slice(deps[0])
+            return [next(r for r in self.by_metaop[s.metaop]
+                         if self.slices[r].first_layer + self.slices[r].num_layers == s.first_layer)]
+        return [self.last_slice(d) for d in self.plan.metaops[s.metaop].deps]
 
     def last_slice(self, metaop: int) -> SliceRef:
         return self.by_metaop[metaop][-1]
@@ -144,8 +149,9 @@ class CommSchedule:
         host = max(refs, key=lambda r: (r.wave, self.slices[r].metaop))
         return LossHost(task, host, refs)
 
-    def _pieces(self, producer: SliceRef, target: SliceRef, consumer: SliceRef | None) -> list[Piece]:
-        """Rows of ``producer``'s output that each device of ``target`` needs (its dp range), by owner."""
+    def _pieces(self, producer: SliceRef, target: SliceRef, consumer: SliceRef | None, input: int = 0) -> list[Piece]:
+        """Rows of ``producer``'s output (``consumer``'s input number ``input``) that each device of ``target``
+        needs (its dp range), by owner."""
         src, dst = self.slices[producer], self.slices[target]
         task = self.plan.metaops[src.metaop].task
         batch = self.batch(src.metaop)
@@ -154,7 +160,7 @@ class CommSchedule:
             for group, a, b in owners(src, batch):
                 start, stop = max(lo, a), min(hi, b)
                 if start < stop:
-                    out.append(Piece(group[0], device, group, lead, producer, consumer, task, start, stop))
+                    out.append(Piece(group[0], device, group, lead, producer, consumer, task, start, stop, input))
         return out
 
     def pieces_for(self, wave: int, device: int) -> tuple[list[Piece], list[Piece]]:
@@ -173,6 +179,19 @@ class CommSchedule:
     def my_slices(self, device: int) -> list[SliceRef]:
         """The slices ``device`` runs, in wave order (at most one per wave)."""
         return [r for r in sorted(self.slices, key=lambda r: (r.wave, r.index)) if device in self.slices[r].devices]
+
+
+def input_order(job: JobSpec, graph: MetaGraph, metaop: int) -> list[int]:
+    """Positions in MetaOp ``metaop``'s ``deps`` (sorted by id) of its inputs in the order their outputs are
+    concatenated along the sequence axis: the order of its use's ``after:`` list. ``[0]`` or ``[]`` for a
+    MetaOp with one input or none."""
+    op = graph.metaops[metaop]
+    if len(op.deps) < 2:
+        return list(range(len(op.deps)))
+    task = next(t for t in job.tasks if t.name == op.task)
+    use = next(u for u in task.components if u.use_name == op.use)
+    position = {graph.metaops[d].use: i for i, d in enumerate(op.deps)}
+    return [position[name] for name in use.after]
 
 
 def layer_tp_degrees(plan: Plan, schedule: CommSchedule) -> dict[tuple[str, int], int]:

@@ -30,8 +30,8 @@ from planner.plan import Plan
 from planner.errors import SpecError
 from planner.spec import JobSpec
 from runtime.assignment import (
-    LOSS_WAVE, CommSchedule, Piece, SliceRef, device_sets_for_sync, distinct_groups, dp_rank_of, is_lead,
-    layer_tp_degrees, sample_range, tp_group_of, tp_groups,
+    LOSS_WAVE, CommSchedule, Piece, SliceRef, device_sets_for_sync, distinct_groups, dp_rank_of, input_order,
+    is_lead, layer_tp_degrees, sample_range, tp_group_of, tp_groups,
 )
 from runtime.data import TaskBatch, synthetic_batch
 from runtime.modules import build_embed, build_head, build_layer, build_optimizer, layer_kwargs
@@ -69,22 +69,54 @@ def feature_shape(job: JobSpec, op: MetaOp) -> tuple[int, int]:
 def check_runnable(job: JobSpec, graph: MetaGraph) -> None:
     """Raise SpecError when a chain passes activations of one shape to a use declared with another: the
     runtime feeds a use the previous use's output as is (no adapter between components), except a decoder,
-    whose bridge embeds any upstream output as the memory it attends to."""
+    whose bridge embeds any upstream output as the memory it attends to. A use with several inputs reads
+    their outputs concatenated along the sequence axis (see :func:`_check_fusion`)."""
     for op in graph.metaops:
+        if len(op.deps) > 1:
+            _check_fusion(job, graph, op)
+            continue
         if job.components[op.component].kind == "decoder" and op.deps and graph.metaops[op.deps[0]].use != op.use:
             continue
         for dep in op.deps:
             producer = graph.metaops[dep]
             got, want = feature_shape(job, producer), feature_shape(job, op)
             if got != want and producer.use != op.use:
-                t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
-                u = next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
                 raise SpecError(
-                    f"tasks[{t}].components[{u}] ('{op.use}') reads the output of '{producer.use}', which is "
+                    f"{_use_path(job, op)} ('{op.use}') reads the output of '{producer.use}', which is "
                     f"{got[0]} tokens x {got[1]}, but is declared as {want[0]} tokens x {want[1]}; the runtime "
                     f"passes activations between components unchanged. Set its seq_len to {got[0]} and use the "
                     "same hidden_size."
                 )
+
+
+def _use_path(job: JobSpec, op: MetaOp) -> str:
+    t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
+    u = next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
+    return f"tasks[{t}].components[{u}]"
+
+
+def _check_fusion(job: JobSpec, graph: MetaGraph, op: MetaOp) -> None:
+    """A use with several inputs (a fusion) reads their outputs concatenated along the sequence axis, in the
+    order of its ``after:`` list: each input must have the use's hidden size and the use's seq_len must be the
+    sum of theirs. Decoders attend to one memory, so a decoder with several inputs is refused."""
+    inputs = [graph.metaops[op.deps[i]] for i in input_order(job, graph, op.id)]
+    names = ", ".join(f"'{p.use}'" for p in inputs)
+    if job.components[op.component].kind == "decoder":
+        raise SpecError(
+            f"{_use_path(job, op)} ('{op.use}') is a decoder with {len(inputs)} inputs ({names}); a decoder "
+            "attends to the output of one upstream use (its memory). List one use in its after:, or fuse the "
+            "inputs in a transformer use first and put the decoder after it."
+        )
+    shapes = [feature_shape(job, p) for p in inputs]
+    seq_len, width = feature_shape(job, op)
+    total = sum(s for s, _ in shapes)
+    if total != seq_len or any(h != width for _, h in shapes):
+        parts = " + ".join(f"'{p.use}' ({s} tokens x {h})" for p, (s, h) in zip(inputs, shapes))
+        raise SpecError(
+            f"{_use_path(job, op)} ('{op.use}') reads {parts} concatenated along the sequence, but is declared "
+            f"as {seq_len} tokens x {width}; expected every input {width} wide and {total} tokens in all. Set its "
+            f"seq_len to {total} and give its inputs the hidden_size of '{op.component}'."
+        )
 
 
 def check_plan_matches_job(plan: Plan, graph: MetaGraph) -> None:
@@ -239,14 +271,27 @@ class WaveWorker:
             if not is_lead(s, self.rank):  # the other TP ranks repeat the lead's embedding: one gradient only
                 x = x.detach().requires_grad_(True)
         else:
-            x = _assemble(st.received.pop(("slice", ref), []), start, stop).requires_grad_(True)
-            st.inputs[ref] = x
+            x = self._slice_input(ref, start, stop, st)
             if kwargs and embed is not None:  # a decoder use's first layer: its bridge takes the upstream output
                 batch = st.batch(self.job, self.task_index[op.task], step, start, stop)
                 x = embed(x, batch.inputs.get(op.use), **kwargs)
         for layer in range(s.first_layer, s.first_layer + s.num_layers):
             x = self.modules[(op.param_group, layer)](x, **kwargs)
         st.outputs[ref] = x
+
+    def _slice_input(self, ref: SliceRef, start: int, stop: int, st: _StepState) -> torch.Tensor:
+        """Rows [start, stop) of ``ref``'s input: each input's received rows become their own autograd leaf (so
+        backward's gradient of an input is its sequence range of the whole); several inputs are concatenated
+        along the sequence axis (dim 1) in the order of the use's ``after:`` list."""
+        leaves = []
+        for i in range(len(self.comm.producers(ref))):
+            leaf = _assemble(st.received.pop(("slice", ref, i), []), start, stop).requires_grad_(True)
+            st.inputs[(ref, i)] = leaf
+            leaves.append(leaf)
+        if len(leaves) == 1:
+            return leaves[0]
+        order = input_order(self.job, self.graph, self.comm.slices[ref].metaop)
+        return torch.cat([leaves[i] for i in order], dim=1)
 
     def _losses(self, step: int, st: _StepState) -> dict[str, torch.Tensor]:
         out = {}
@@ -307,7 +352,7 @@ class WaveWorker:
             y = st.outputs[p.producer]
             start, _ = self._rows(p.producer)
             return y.detach()[p.start - start:p.stop - start]
-        leaf = st.inputs.get(p.consumer) if p.consumer is not None else st.loss_inputs.get(p.producer)
+        leaf = st.inputs.get((p.consumer, p.input)) if p.consumer is not None else st.loss_inputs.get(p.producer)
         consumer = p.consumer if p.consumer is not None else self._loss_host_of(p).host
         start, _ = self._rows(consumer)
         if leaf is None or leaf.grad is None:
@@ -316,7 +361,7 @@ class WaveWorker:
 
     def _land(self, p: Piece, tensor: torch.Tensor, st: _StepState, forward: bool) -> None:
         if forward:
-            key = ("slice", p.consumer) if p.consumer is not None else ("loss", p.producer)
+            key = ("slice", p.consumer, p.input) if p.consumer is not None else ("loss", p.producer)
             st.received.setdefault(key, []).append((p.start, tensor))
             return
         start, stop = self._rows(p.producer)
@@ -408,8 +453,9 @@ class _StepState:
 
     def __init__(self):
         self.outputs: dict[SliceRef, torch.Tensor] = {}  # y of my slices (my dp rows)
-        self.inputs: dict[SliceRef, torch.Tensor] = {}  # autograd leaves fed to my slices
-        self.received: dict[tuple[str, SliceRef], list[tuple[int, torch.Tensor]]] = {}
+        self.inputs: dict[tuple[SliceRef, int], torch.Tensor] = {}  # autograd leaves fed to my slices, by input
+        # received rows (first row, tensor) by ("slice", consumer, input) or ("loss", leaf slice)
+        self.received: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
         self.grad_out: dict[SliceRef, torch.Tensor] = {}  # accumulated d loss / d y of my slices
         self.loss_inputs: dict[SliceRef, torch.Tensor] = {}  # leaf outputs at the loss host, by leaf slice
         self.batches: dict[tuple[int, int, int], TaskBatch] = {}  # (task, start, stop): drawn once per step

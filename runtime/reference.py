@@ -15,6 +15,7 @@ import torch
 from planner.errors import LoomError
 from planner.metagraph import build_metagraph
 from planner.spec import JobSpec
+from runtime.assignment import input_order
 from runtime.data import TaskBatch, synthetic_batch
 from runtime.modules import build_embed, build_head, build_layer, build_optimizer, layer_kwargs
 
@@ -85,6 +86,8 @@ class ReferenceTrainer:
             kwargs = layer_kwargs(self.job, op)
             if not op.deps:
                 x = self.modules[("embed:" + op.component, 0)](batch.inputs[op.use])
+            elif len(op.deps) > 1:  # a fusion: its inputs' outputs along the sequence, in `after:` order
+                x = torch.cat([outputs[op.deps[i]] for i in input_order(self.job, self.graph, op.id)], dim=1)
             else:
                 x = outputs[op.deps[0]]
                 if kwargs and self.graph.metaops[op.deps[0]].use != op.use:  # a decoder use: bridge the memory in

@@ -50,3 +50,30 @@ def decoder_job(num_devices: int, steps: int = 3) -> dict:
         "training": {"steps": steps, "lr": 1e-2, "seed": 3},
         "planner": {"time_limit_s": 2},
     }
+
+
+def fusion_job(num_devices: int, steps: int = 3) -> dict:
+    """An image tower and a text tower of the same width fused by a llama (causal) transformer that reads their outputs
+    concatenated along the sequence (6 text tokens, then 5 image tokens: the `after:` order, the reverse of
+    the uses' order); a second task uses the image tower alone, so `img` is shared."""
+    return {
+        "name": "fusion",
+        "cluster": {"num_nodes": 1, "devices_per_node": num_devices, "device": "cpu"},
+        "components": {
+            "img": {"kind": "vit", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "patch_size": 4,
+                    "image_size": 8, "in_channels": 3},
+            "txt": {"kind": "transformer", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "seq_len": 6},
+            # causal, so the order of the fused tokens changes the outputs (a plain transformer and the
+            # heads' mean pooling would not see it)
+            "fuse": {"kind": "llama", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2,
+                     "seq_len": 11},
+        },
+        "tasks": [
+            {"name": "vqa", "batch_size": 8, "loss": "cross_entropy",
+             "components": [{"component": "img"}, {"component": "txt", "after": []},
+                            {"component": "fuse", "after": ["txt", "img"]}]},
+            {"name": "tag", "batch_size": 4, "loss": "cross_entropy", "components": [{"component": "img"}]},
+        ],
+        "training": {"steps": steps, "lr": 1e-2, "seed": 5},
+        "planner": {"time_limit_s": 2},
+    }

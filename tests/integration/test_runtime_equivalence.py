@@ -16,7 +16,7 @@ from planner.spec import parse_job
 from runtime.assignment import CommSchedule
 
 from _equivalence import STEPS, check_equivalence  # tests/integration/_equivalence.py
-from _jobs import decoder_job, two_task_job  # tests/integration/_jobs.py
+from _jobs import decoder_job, fusion_job, two_task_job  # tests/integration/_jobs.py
 
 
 def tiny_job(num_devices: int) -> dict:
@@ -100,3 +100,25 @@ def test_worker_state_round_trip_resumes_exactly(tmp_path):
             assert torch.equal(tensor, second.named_parameters()[name]), name
     finally:
         dist.destroy_process_group()
+
+
+def test_fusion_of_two_towers_across_waves_equals_single_process(tmp_path):
+    job = parse_job(fusion_job(4, STEPS))
+    # the towers run on 2 and 1 devices, the fusion's first layer on 4 (its input rows re-split from both
+    # towers), its second layer on 2; `img` is shared with the tag task, which runs beside the towers
+    plan = plan_from_waves(job, [
+        [("vqa.img", 2, 2), ("vqa.txt", 2, 1), ("tag.img", 2, 1)],
+        [("vqa.fuse", 1, 4)],
+        [("vqa.fuse", 1, 2)],
+    ])
+    schedule = CommSchedule(plan)
+    fused = [p for p in schedule.forward_pieces[1] if p.src != p.dst]
+    assert {p.input for p in fused} == {0, 1}, "the fusion should receive rows of both towers from other devices"
+    check_equivalence(job, plan, tmp_path)
+
+
+def test_planner_plan_with_fusion_equals_single_process(tmp_path):
+    job = parse_job(fusion_job(2, STEPS))
+    plan = plan_job(job, with_baselines=False).plan
+    assert len(plan.metaops[[op.name for op in plan.metaops].index("vqa.fuse")].deps) == 2
+    check_equivalence(job, plan, tmp_path)

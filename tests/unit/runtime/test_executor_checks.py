@@ -31,3 +31,39 @@ def test_chained_uses_with_different_shapes_are_refused_before_running():
         check_runnable(bad, build_metagraph(bad))
     good = image_to_decoder(17)  # 4 x 4 patches + the class token
     check_runnable(good, build_metagraph(good))
+
+
+def two_towers_into(fuse: dict, txt_width: int = 32):
+    """An image tower (17 tokens x 32) and a text tower (6 tokens) feeding ``fuse`` (a use with two inputs)."""
+    return parse_job({
+        "name": "fusion",
+        "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+        "components": {
+            "img": {"kind": "vit", "num_layers": 1, "hidden_size": 32, "num_heads": 4, "patch_size": 8,
+                    "image_size": 32},
+            "txt": {"kind": "transformer", "num_layers": 1, "hidden_size": txt_width, "num_heads": 4, "seq_len": 6},
+            "fuse": {"num_layers": 1, "num_heads": 4, **fuse},
+        },
+        "tasks": [{"name": "t", "batch_size": 4, "components": [
+            {"component": "img"}, {"component": "txt", "after": []}, {"component": "fuse", "after": ["img", "txt"]}]}],
+    })
+
+
+def test_a_fusion_must_read_the_sum_of_its_inputs_tokens_at_its_width():
+    good = two_towers_into({"kind": "transformer", "hidden_size": 32, "seq_len": 23})
+    check_runnable(good, build_metagraph(good))
+    short = two_towers_into({"kind": "transformer", "hidden_size": 32, "seq_len": 22})
+    with pytest.raises(SpecError, match=r"tasks\[0\]\.components\[2\] \('fuse'\) reads 'img' \(17 tokens x 32\) \+ "
+                                        r"'txt' \(6 tokens x 32\) concatenated along the sequence, but is declared "
+                                        r"as 22 tokens x 32; expected .* 23 tokens in all\. Set its seq_len to 23"):
+        check_runnable(short, build_metagraph(short))
+    narrow = two_towers_into({"kind": "transformer", "hidden_size": 32, "seq_len": 23}, txt_width=16)
+    with pytest.raises(SpecError, match=r"'txt' \(6 tokens x 16\) .*expected every input 32 wide"):
+        check_runnable(narrow, build_metagraph(narrow))
+
+
+def test_a_decoder_with_several_inputs_is_refused():
+    job = two_towers_into({"kind": "decoder", "hidden_size": 16, "num_heads": 2, "seq_len": 3})
+    with pytest.raises(SpecError, match=r"tasks\[0\]\.components\[2\] \('fuse'\) is a decoder with 2 inputs "
+                                        r"\('img', 'txt'\); a decoder attends to the output of one upstream use"):
+        check_runnable(job, build_metagraph(job))
