@@ -34,7 +34,7 @@ from runtime.assignment import (
     is_lead, layer_tp_degrees, sample_range, tp_group_of, tp_groups,
 )
 from runtime.data import TaskBatch, synthetic_batch
-from runtime.modules import build_embed, build_head, build_layer, build_optimizer, layer_kwargs
+from runtime.modules import build_embed, build_head, build_layer, build_optimizer, layer_kwargs, run_layers
 
 log = logging.getLogger(__name__)
 
@@ -275,9 +275,9 @@ class WaveWorker:
             if kwargs and embed is not None:  # a decoder use's first layer: its bridge takes the upstream output
                 batch = st.batch(self.job, self.task_index[op.task], step, start, stop)
                 x = embed(x, batch.inputs.get(op.use), **kwargs)
-        for layer in range(s.first_layer, s.first_layer + s.num_layers):
-            x = self.modules[(op.param_group, layer)](x, **kwargs)
-        st.outputs[ref] = x
+        layers = [self.modules[(op.param_group, layer)] for layer in range(s.first_layer, s.first_layer + s.num_layers)]
+        # megatron TP layers run collectives inside: they are never recomputed (the order of collectives would move)
+        st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute and s.tp_degree == 1)
 
     def _slice_input(self, ref: SliceRef, start: int, stop: int, st: _StepState) -> torch.Tensor:
         """Rows [start, stop) of ``ref``'s input: each input's received rows become their own autograd leaf (so

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from planner.components import resolve_shape, upstream_seq_len
@@ -271,6 +272,17 @@ def build_layer(job: JobSpec, op: MetaOp, layer_index: int) -> nn.Module:
     factory = _layer_factory(comp, op.component)
     module = _build_initialised(factory, layer_seed(job.training.seed, op.param_group, layer_index))
     return _freeze_if(module, comp)
+
+
+def run_layers(layers: list[nn.Module], x: torch.Tensor, kwargs: dict[str, int], recompute: bool) -> torch.Tensor:
+    """Apply ``layers`` in order. With ``recompute`` (the component's activation checkpointing) each layer keeps
+    only its input for backward and runs its forward again there: the same math, less memory."""
+    for layer in layers:
+        if recompute and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False, **kwargs)
+        else:
+            x = layer(x, **kwargs)
+    return x
 
 
 def build_optimizer(job: JobSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:

@@ -122,3 +122,16 @@ def test_planner_plan_with_fusion_equals_single_process(tmp_path):
     plan = plan_job(job, with_baselines=False).plan
     assert len(plan.metaops[[op.name for op in plan.metaops].index("vqa.fuse")].deps) == 2
     check_equivalence(job, plan, tmp_path)
+
+
+def test_recomputed_components_train_exactly_as_without(tmp_path):
+    data = tiny_job(2)
+    data["components"]["txt"]["recompute"] = True  # activation checkpointing on the shared tower
+    job = parse_job(data)
+    plan = plan_from_waves(job, [
+        [("caption.img", 2, 1), ("align.aud", 2, 1)],
+        [("caption.txt", 2, 2)],
+        [("align.txt", 2, 2)],
+    ])
+    assert all(op.recompute for op in build_metagraph(job).metaops if op.component == "txt")
+    check_equivalence(job, plan, tmp_path)  # the reference runs without recompute

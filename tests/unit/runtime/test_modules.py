@@ -19,7 +19,7 @@ from planner.errors import SpecError
 from planner.spec import JobSpec, parse_job
 from runtime.data import synthetic_batch, task_loss_sum
 from runtime.modules import (
-    NUM_CLASSES, build_embed, build_head, build_layer, layer_kwargs, layer_seed, leaf_uses, root_uses, upstream_uses,
+    NUM_CLASSES, TransformerBlock, build_embed, build_head, build_layer, layer_kwargs, layer_seed, run_layers, leaf_uses, root_uses, upstream_uses,
 )
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -422,3 +422,28 @@ def test_end_to_end_backward_reaches_shared_layers_from_both_tasks() -> None:
     torch.testing.assert_close(shared.grad, grads[0] + grads[1])
     assert embeds["text"].tokens.weight.grad is not None and embeds["image"].patch.weight.grad is not None
     assert layers[("feats", 1)].fc.weight.grad.abs().sum() > 0
+
+
+def test_run_layers_recompute_keeps_only_layer_inputs_and_matches() -> None:
+    torch.manual_seed(0)
+    layers = [TransformerBlock(H, HEADS, 4 * H) for _ in range(3)]
+    x = torch.randn(2, SEQ, H, requires_grad=True)
+
+    def saved_and_grads(recompute: bool):
+        count = 0
+
+        def pack(t):
+            nonlocal count
+            count += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = run_layers(layers, x, {}, recompute)
+        grads = torch.autograd.grad(out.square().sum(), [x, *layers[0].parameters()])
+        return count, out, grads
+
+    plain, recomputed = saved_and_grads(False), saved_and_grads(True)
+    assert recomputed[0] < plain[0] / 4  # one saved input per layer instead of every intermediate
+    torch.testing.assert_close(recomputed[1], plain[1])
+    for a, b in zip(recomputed[2], plain[2]):
+        torch.testing.assert_close(a, b)
