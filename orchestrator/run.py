@@ -380,7 +380,7 @@ def check_runnable_job(job: JobSpec, options: RunOptions) -> None:
     joins a cluster with ``--address``, CPU devices (the embedded cluster is this machine's CPUs)."""
     from planner.metagraph import build_metagraph
     from runtime.executor import check_runnable
-    from runtime.modules import check_loss
+    from runtime.heads import check_loss
 
     if not options.address:
         check_cpu_device(job.cluster.device, "cluster.device")

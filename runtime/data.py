@@ -21,10 +21,8 @@ import torch
 
 from planner.components import resolve_shape
 from planner.spec import JobSpec
-from runtime.modules import (
-    DEFAULT_VOCAB, NUM_CLASSES, TOKEN_KINDS, check_loss, is_token_decoder, load_recipe, root_uses, stable_seed,
-    use_component,
-)
+from runtime.heads import NUM_CLASSES, check_loss, load_recipe
+from runtime.modules import DEFAULT_VOCAB, TOKEN_KINDS, is_token_decoder, root_uses, stable_seed, use_component
 
 LM_NOISE = 0.1  # fraction of positions of an lm sequence replaced by random tokens
 MARKER_RATE = 0.5  # fraction of positions carrying the class marker token

@@ -17,7 +17,7 @@ import torch
 from planner.errors import LoomError
 from planner.spec import JobSpec
 from runtime.data import SPLITS, synthetic_batch
-from runtime.modules import load_recipe
+from runtime.heads import load_recipe
 from runtime.reference import ReferenceTrainer
 
 HELD_OUT_STEP = 1 << 30  # first step of the built-in stream used for evaluation (no run trains that long)

@@ -34,7 +34,8 @@ from runtime.assignment import (
     is_lead, layer_tp_degrees, sample_range, tp_group_of, tp_groups,
 )
 from runtime.data import TaskBatch, synthetic_batch
-from runtime.modules import build_embed, build_head, build_layer, build_optimizer, layer_kwargs, run_layers
+from runtime.heads import build_head
+from runtime.modules import build_embed, build_layer, build_optimizer, layer_kwargs, run_layers
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Torch modules built from a job spec: component layers, input embeddings and task loss heads.
+"""Torch modules built from a job spec: component layers and input embeddings (loss heads: runtime.heads).
 
 Owns the runtime's component registry (keyed by the planner's kind names) and the exact math of
 every layer it runs. Every module is built deterministically: parameters are drawn from a
@@ -9,36 +9,29 @@ Modules are float32 on CPU; callers move them.
 Data flow inside a task (the executor's contract): a *root* use (no upstream use) starts with
 :func:`build_embed` of its component applied to the raw input; a use fed by another use receives
 that use's output ``(B, S, H)`` directly (no adapter: widths and lengths must agree); the task's
-*leaf* uses (read by no other use) feed :func:`build_head`.
+*leaf* uses (read by no other use) feed the task's loss head (:func:`runtime.heads.build_head`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from planner.components import resolve_shape, upstream_seq_len
+from planner.components import resolve_shape
 from planner.errors import SpecError
 from planner.metagraph import MetaOp
 from planner.spec import ComponentSpec, JobSpec, TaskSpec
 
-if TYPE_CHECKING:  # data imports this module
-    from runtime.data import TaskBatch
 
-NUM_CLASSES = 10  # classes of the synthetic cross-entropy tasks
 DEFAULT_VOCAB = 256  # vocabulary of a token component without vocab_size
 INIT_STD = 0.02  # embeddings, queries, the [cls] token and its position
 POSITION_BASE = 100.0  # longest wavelength scale of the ViT's 2-D sin-cos position grid (grids are <= ~64 wide)
-SUPPORTED_LOSSES = ("cross_entropy", "mse", "contrastive", "lm", "next_token")
 TOKEN_KINDS = ("transformer", "llama", "decoder")
 
 
@@ -115,15 +108,14 @@ class TransformerBlock(nn.Module):
         self.fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape
-        heads, d = self.num_heads, h // self.num_heads
+        h = x.shape[-1]
         # The key part of the qkv bias cannot change the output (softmax ignores a per-query constant), so its
         # true gradient is zero; leaving it out makes it exactly zero instead of float noise that AdamW's
         # normalisation would turn into updates (and into differences between equivalent runs).
         bias = self.qkv.bias
         bias = torch.cat([bias[:h], torch.zeros_like(bias[h:2 * h]), bias[2 * h:]])
         q, k, v = F.linear(self.ln1(x), self.qkv.weight, bias).split(h, dim=-1)
-        x = x + self.proj(attend(q, k, v, heads))
+        x = x + self.proj(attend(q, k, v, self.num_heads))
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
@@ -492,173 +484,3 @@ def use_component(job: JobSpec, task_index: int, use_name: str) -> tuple[str, Co
     """(component name, spec) of the use ``use_name`` of task ``task_index``."""
     use = next(u for u in job.tasks[task_index].components if u.use_name == use_name)
     return use.component, job.components[use.component]
-
-
-# --------------------------------------------------------------------------- loss heads
-
-
-class TaskHead(nn.Module):
-    """Base of the loss heads: ``forward(outputs, batch)`` -> per-sample losses ``(B,)``.
-
-    ``outputs`` maps each leaf use name to its output ``(B, S, H)``; ``batch`` is the task's
-    :class:`runtime.data.TaskBatch` for the same samples. A head built with ``norm_width`` owns a final
-    LayerNorm (:meth:`normed`) for leaf outputs of that width: the pre-LN layers leave the residual
-    stream unnormalised, and a projection straight off it starts with outsized outputs and learns slowly.
-    """
-
-    def __init__(self, task: str, leaves: list[str], norm_width: int | None = None):
-        super().__init__()
-        self.task, self.leaves = task, list(leaves)
-        self.norm = nn.LayerNorm(norm_width, eps=1e-5) if norm_width is not None else None
-
-    def normed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x) if self.norm is not None else x
-
-    def pooled(self, outputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Mean over the sequence of each (normalised) leaf output, in leaf order: ``(B, H)`` each."""
-        missing = [leaf for leaf in self.leaves if leaf not in outputs]
-        assert not missing, f"task {self.task}: head got no output for leaf uses {missing}"
-        return [self.normed(outputs[leaf]).mean(dim=1) for leaf in self.leaves]
-
-
-class ClassifierHead(TaskHead):
-    """cross_entropy: sum of the pooled normalised leaves -> ``Linear(H, 10)`` -> CE against integer labels."""
-
-    def __init__(self, task: str, leaves: list[str], hidden_size: int):
-        super().__init__(task, leaves, hidden_size)
-        self.out = nn.Linear(hidden_size, NUM_CLASSES, bias=True)
-
-    def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
-        logits = self.out(torch.stack(self.pooled(outputs)).sum(dim=0))
-        return F.cross_entropy(logits, batch.labels, reduction="none")
-
-
-class RegressionHead(TaskHead):
-    """mse: sum of the pooled normalised leaves -> ``Linear(H, 1)`` -> squared error against float labels."""
-
-    def __init__(self, task: str, leaves: list[str], hidden_size: int):
-        super().__init__(task, leaves, hidden_size)
-        self.out = nn.Linear(hidden_size, 1, bias=True)
-
-    def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
-        pred = self.out(torch.stack(self.pooled(outputs)).sum(dim=0)).squeeze(-1)
-        return (pred - batch.labels) ** 2
-
-
-class PairedCosineHead(TaskHead):
-    """contrastive: per-sample ``1 - cos(pool(a)_i, pool(b)_i)`` of the two leaves; no parameters.
-
-    Only positive pairs: InfoNCE couples the samples of a batch (each row's negatives are the
-    others), which data-parallel shards would have to gather first; it will come later.
-    """
-
-    def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
-        a, b = self.pooled(outputs)
-        return 1.0 - F.cosine_similarity(a, b, dim=-1)
-
-
-class NextTokenHead(TaskHead):
-    """lm / next_token: ``Linear(H, vocab)`` on the normalised leaf, CE of position t against input id t+1, mean over t."""
-
-    def __init__(self, task: str, leaves: list[str], root: str, hidden_size: int, vocab_size: int):
-        super().__init__(task, leaves, hidden_size)
-        self.root = root
-        self.out = nn.Linear(hidden_size, vocab_size, bias=True)
-
-    def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
-        logits = self.out(self.normed(outputs[self.leaves[0]][:, :-1]))  # (B, S-1, V)
-        targets = batch.inputs[self.root][:, 1:]
-        per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, S-1)
-        return per_token.mean(dim=1)
-
-
-def _leaf_width(job: JobSpec, task_index: int, leaves: list[str]) -> int:
-    """The common hidden size of the leaves; a ValueError when they differ (their pooled vectors are summed)."""
-    widths = {leaf: use_component(job, task_index, leaf)[1].hidden_size for leaf in leaves}
-    if len(set(widths.values())) > 1:
-        raise ValueError(
-            f"tasks[{task_index}] ('{job.tasks[task_index].name}'): leaf uses have different hidden sizes "
-            f"{widths}; the loss head combines them element-wise. Give them the same hidden_size."
-        )
-    return next(iter(widths.values()))
-
-
-def _next_token_args(job: JobSpec, task_index: int, leaves: list[str]) -> tuple[str, int, int]:
-    """(root use, hidden size, vocab size) of a next-token task; a ValueError unless it is a chain of llama uses."""
-    task = job.tasks[task_index]
-    roots = root_uses(job, task_index)
-    kinds = {use.use_name: job.components[use.component].kind for use in task.components}
-    if len(roots) != 1 or len(leaves) != 1 or any(kind != "llama" for kind in kinds.values()):
-        raise ValueError(
-            f"tasks[{task_index}] ('{task.name}').loss ('{task.loss}') needs a chain of llama uses with one root "
-            f"and one leaf (a non-causal layer would see the tokens it predicts); got uses {kinds}."
-        )
-    comp = use_component(job, task_index, roots[0])[1]
-    return roots[0], comp.hidden_size, comp.vocab_size or DEFAULT_VOCAB
-
-
-HeadFactory = Callable[[JobSpec, int, list[str]], TaskHead]
-_RECIPE_LOSSES: dict[str, HeadFactory] = {}
-
-
-def register_loss(name: str, factory: HeadFactory) -> None:
-    """Make loss ``name`` available to tasks: ``factory(job, task_index, leaf uses)`` builds its head (the
-    runtime initialises the head's parameters afterwards, see :func:`build_head`). Recipes call this on import."""
-    assert name not in SUPPORTED_LOSSES, f"loss {name} is built in"
-    _RECIPE_LOSSES[name] = factory
-
-
-def load_recipe(job: JobSpec) -> None:
-    """Import ``recipes.<job.recipe>`` (which registers its losses and dataset); nothing without a recipe."""
-    if job.recipe is None:
-        return
-    try:
-        importlib.import_module(f"recipes.{job.recipe}")
-    except ModuleNotFoundError as err:
-        if err.name not in (f"recipes.{job.recipe}", "recipes"):
-            raise
-        raise SpecError(
-            f"recipe ('{job.recipe}') is not a package under recipes/; use the name of a recipe folder, e.g. medical."
-        ) from None
-
-
-def check_loss(job: JobSpec, task_index: int) -> str:
-    """The task's loss name; a ValueError naming the task and the supported names when unknown."""
-    task = job.tasks[task_index]
-    load_recipe(job)
-    if task.loss not in SUPPORTED_LOSSES and task.loss not in _RECIPE_LOSSES:
-        raise ValueError(
-            f"tasks[{task_index}] ('{task.name}').loss ('{task.loss}') is not run by the runtime; "
-            f"supported: {', '.join(SUPPORTED_LOSSES + tuple(sorted(_RECIPE_LOSSES)))}."
-        )
-    return task.loss
-
-
-def build_head(job: JobSpec, task_index: int) -> TaskHead:
-    """The loss head of task ``task_index`` (its own parameters, seeded by ``layer_seed(seed, "task:" + name, 0)``).
-
-    ``head(outputs, batch)`` returns per-sample losses ``(B,)``. Raises ValueError for an unknown
-    loss, a contrastive task without exactly two leaves, or leaves of different widths.
-    """
-    task = job.tasks[task_index]
-    loss = check_loss(job, task_index)
-    leaves = leaf_uses(job, task_index)
-    if loss in _RECIPE_LOSSES:
-        factory = lambda: _RECIPE_LOSSES[loss](job, task_index, leaves)  # noqa: E731
-    elif loss in ("lm", "next_token"):
-        root, width, vocab = _next_token_args(job, task_index, leaves)
-        factory = lambda: NextTokenHead(task.name, leaves, root, width, vocab)  # noqa: E731
-    else:
-        width = _leaf_width(job, task_index, leaves)
-        if loss == "cross_entropy":
-            factory = lambda: ClassifierHead(task.name, leaves, width)  # noqa: E731
-        elif loss == "mse":
-            factory = lambda: RegressionHead(task.name, leaves, width)  # noqa: E731
-        else:
-            if len(leaves) != 2:
-                raise ValueError(
-                    f"tasks[{task_index}] ('{task.name}').loss ('contrastive') needs exactly two leaf uses "
-                    f"(two branches, e.g. `after: []` on the second); got {leaves}."
-                )
-            factory = lambda: PairedCosineHead(task.name, leaves)  # noqa: E731
-    return _build_initialised(factory, layer_seed(job.training.seed, "task:" + task.name, 0))

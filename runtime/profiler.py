@@ -37,7 +37,8 @@ from planner.metagraph import MetaOp, build_metagraph
 from planner.spec import JobSpec
 from runtime.data import synthetic_batch
 from runtime.executor import feature_shape
-from runtime.modules import build_embed, build_head, build_layer, build_optimizer, layer_kwargs
+from runtime.heads import build_head
+from runtime.modules import build_embed, build_layer, build_optimizer, layer_kwargs
 
 log = logging.getLogger(__name__)
 

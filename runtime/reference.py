@@ -17,7 +17,8 @@ from planner.metagraph import build_metagraph
 from planner.spec import JobSpec
 from runtime.assignment import input_order
 from runtime.data import TaskBatch, synthetic_batch
-from runtime.modules import build_embed, build_head, build_layer, build_optimizer, layer_kwargs
+from runtime.heads import build_head
+from runtime.modules import build_embed, build_layer, build_optimizer, layer_kwargs
 
 
 MODEL_FILE = "model.pt"  # a run's trained parameters, in its output directory
@@ -74,7 +75,6 @@ class ReferenceTrainer:
         """``loss_weight * mean per-sample loss`` of task ``t`` over its whole batch at ``step``."""
         task = self.job.tasks[t]
         batch = synthetic_batch(self.job, t, step, 0, task.batch_size)
-        ops = self.graph.ops_of_task(task.name)
         per_sample = self.modules[("head:" + task.name, 0)](self.forward(t, batch), batch)
         return task.loss_weight * per_sample.sum() / task.batch_size
 

@@ -12,7 +12,7 @@ evaluator with ``loom eval``. Specs: ``unimed-tiny.yaml`` (CPU training), ``unim
 from recipes.medical import data, evaluate, heads  # modules, so that their names are not shadowed
 from runtime.data import register_dataset
 from runtime.evaluate import register_evaluator
-from runtime.modules import register_loss
+from runtime.heads import register_loss
 
 for _name, _factory in heads.LOSS_FACTORIES.items():
     register_loss(_name, _factory)

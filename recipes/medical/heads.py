@@ -1,8 +1,8 @@
 """Loss heads of the medical (UniMed-style) recipe, their predictions, and the metrics the eval computes.
 
-Owns one :class:`runtime.modules.TaskHead` per loss name of the recipe and its factory
+Owns one :class:`runtime.heads.TaskHead` per loss name of the recipe and its factory
 ``(job, task_index, leaves) -> head`` (:data:`LOSS_FACTORIES`, which recipes/medical/__init__.py
-registers with ``runtime.modules.register_loss``), the exact query matching of segmentation, and pure
+registers with ``runtime.heads.register_loss``), the exact query matching of segmentation, and pure
 metric functions. Every size comes from the job: the leaf use's seq_len and hidden size, the leaf
 component's vocab_size, the encoder's patch size and in_channels, the task's image size. Imports torch,
 runtime and planner; never ray.
@@ -28,7 +28,8 @@ from planner.components import resolve_shape
 from planner.spec import JobSpec
 from recipes.medical.data import MAX_LESIONS, NUM_CLASSES, PAD, TYPES, VOCAB_SIZE
 from runtime.data import TaskBatch
-from runtime.modules import TaskHead, upstream_uses, use_component
+from runtime.heads import TaskHead
+from runtime.modules import upstream_uses, use_component
 
 NUM_LESION_TYPES = len(TYPES)  # K: lesion types seen in training; the segmentation classes are K + no-object
 PAD_ID = PAD  # token id ignored by the token losses

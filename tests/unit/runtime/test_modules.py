@@ -18,8 +18,9 @@ from planner.metagraph import build_metagraph
 from planner.errors import SpecError
 from planner.spec import JobSpec, parse_job
 from runtime.data import synthetic_batch, task_loss_sum
+from runtime.heads import NUM_CLASSES, build_head
 from runtime.modules import (
-    NUM_CLASSES, TransformerBlock, build_embed, build_head, build_layer, layer_kwargs, layer_seed, run_layers, leaf_uses, root_uses, upstream_uses,
+    TransformerBlock, build_embed, build_layer, layer_kwargs, layer_seed, leaf_uses, root_uses, run_layers, upstream_uses,
 )
 
 ROOT = Path(__file__).resolve().parents[3]
