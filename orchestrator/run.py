@@ -379,7 +379,7 @@ def check_runnable_job(job: JobSpec, options: RunOptions) -> None:
     """A RunInputError unless ``loom run`` can train ``job``: losses and chains the runtime runs and, unless it
     joins a cluster with ``--address``, CPU devices (the embedded cluster is this machine's CPUs)."""
     from planner.metagraph import build_metagraph
-    from runtime.executor import check_runnable
+    from runtime.checks import check_runnable
     from runtime.heads import check_loss
 
     if not options.address:
@@ -409,7 +409,7 @@ def check_plan_for_job(plan: Plan, job: JobSpec, source: str = "--plan") -> None
     """A RunInputError unless ``plan`` was made for ``job``'s MetaOps and the runtime can run it (the
     workers' own check, run here first so that it fails before any Ray process starts)."""
     from planner.metagraph import build_metagraph
-    from runtime.executor import check_plan_matches_job
+    from runtime.checks import check_plan_matches_job
 
     graph = build_metagraph(job)
     want = [(op.name, op.key, op.num_layers, op.batch_size) for op in graph.metaops]

@@ -24,15 +24,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from planner.components import resolve_shape, upstream_seq_len
-from planner.metagraph import MetaGraph, MetaOp, build_metagraph
+from planner.metagraph import MetaOp, build_metagraph
 from planner.plan import Plan
-from planner.errors import SpecError
 from planner.spec import JobSpec
 from runtime.assignment import (
     LOSS_WAVE, CommSchedule, Piece, SliceRef, device_sets_for_sync, distinct_groups, dp_rank_of, input_order,
     is_lead, layer_tp_degrees, sample_range, tp_group_of, tp_groups,
 )
+from runtime.checks import check_plan_matches_job, check_runnable, feature_shape
 from runtime.data import TaskBatch, synthetic_batch
 from runtime.heads import build_head
 from runtime.modules import build_embed, build_layer, build_optimizer, layer_kwargs, run_layers
@@ -53,85 +52,6 @@ class Groups:
         schedule = CommSchedule(plan)
         sets = distinct_groups(list(device_sets_for_sync(plan, schedule).values()) + tp_groups(schedule))
         return cls(dist.group.WORLD, {s: dist.new_group(list(s)) for s in sets})
-
-
-def feature_shape(job: JobSpec, op: MetaOp) -> tuple[int, int]:
-    """(sequence length, hidden size) of the activations inside MetaOp ``op`` (a decoder's: stream + memory)."""
-    t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
-    u = next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
-    use = job.tasks[t].components[u]
-    comp = job.components[op.component]
-    shape = resolve_shape(comp, op.component, use, f"tasks[{t}].components[{u}]")
-    if comp.kind == "decoder":
-        return shape.seq_len + (upstream_seq_len(job, t, u) or 0), comp.hidden_size
-    return shape.seq_len, comp.hidden_size
-
-
-def check_runnable(job: JobSpec, graph: MetaGraph) -> None:
-    """Raise SpecError when a chain passes activations of one shape to a use declared with another: the
-    runtime feeds a use the previous use's output as is (no adapter between components), except a decoder,
-    whose bridge embeds any upstream output as the memory it attends to. A use with several inputs reads
-    their outputs concatenated along the sequence axis (see :func:`_check_fusion`)."""
-    for op in graph.metaops:
-        if len(op.deps) > 1:
-            _check_fusion(job, graph, op)
-            continue
-        if job.components[op.component].kind == "decoder" and op.deps and graph.metaops[op.deps[0]].use != op.use:
-            continue
-        for dep in op.deps:
-            producer = graph.metaops[dep]
-            got, want = feature_shape(job, producer), feature_shape(job, op)
-            if got != want and producer.use != op.use:
-                raise SpecError(
-                    f"{_use_path(job, op)} ('{op.use}') reads the output of '{producer.use}', which is "
-                    f"{got[0]} tokens x {got[1]}, but is declared as {want[0]} tokens x {want[1]}; the runtime "
-                    f"passes activations between components unchanged. Set its seq_len to {got[0]} and use the "
-                    "same hidden_size."
-                )
-
-
-def _use_path(job: JobSpec, op: MetaOp) -> str:
-    t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
-    u = next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
-    return f"tasks[{t}].components[{u}]"
-
-
-def _check_fusion(job: JobSpec, graph: MetaGraph, op: MetaOp) -> None:
-    """A use with several inputs (a fusion) reads their outputs concatenated along the sequence axis, in the
-    order of its ``after:`` list: each input must have the use's hidden size and the use's seq_len must be the
-    sum of theirs. Decoders attend to one memory, so a decoder with several inputs is refused."""
-    inputs = [graph.metaops[op.deps[i]] for i in input_order(job, graph, op.id)]
-    names = ", ".join(f"'{p.use}'" for p in inputs)
-    if job.components[op.component].kind == "decoder":
-        raise SpecError(
-            f"{_use_path(job, op)} ('{op.use}') is a decoder with {len(inputs)} inputs ({names}); a decoder "
-            "attends to the output of one upstream use (its memory). List one use in its after:, or fuse the "
-            "inputs in a transformer use first and put the decoder after it."
-        )
-    shapes = [feature_shape(job, p) for p in inputs]
-    seq_len, width = feature_shape(job, op)
-    total = sum(s for s, _ in shapes)
-    if total != seq_len or any(h != width for _, h in shapes):
-        parts = " + ".join(f"'{p.use}' ({s} tokens x {h})" for p, (s, h) in zip(inputs, shapes))
-        raise SpecError(
-            f"{_use_path(job, op)} ('{op.use}') reads {parts} concatenated along the sequence, but is declared "
-            f"as {seq_len} tokens x {width}; expected every input {width} wide and {total} tokens in all. Set its "
-            f"seq_len to {total} and give its inputs the hidden_size of '{op.component}'."
-        )
-
-
-def check_plan_matches_job(plan: Plan, graph: MetaGraph) -> None:
-    names = [op.name for op in graph.metaops]
-    if names != [op.name for op in plan.metaops]:
-        raise ValueError("the plan's MetaOps do not match the job's; was the plan made for another job? Re-run `loom plan`.")
-    for wave in plan.waves:
-        for s in wave.slices:
-            kind = graph.metaops[s.metaop].layer.key.split("[")[0]
-            if s.tp_degree != 1 and kind not in ("transformer", "vit"):
-                raise NotImplementedError(
-                    f"MetaOp {plan.metaops[s.metaop].name} has tensor_parallel {s.tp_degree}; the runtime runs "
-                    "tensor parallelism for transformer and vit layers only (on megatron-core)."
-                )
 
 
 class WaveWorker:

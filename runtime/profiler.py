@@ -36,7 +36,7 @@ from planner.costmodel import Layout, profile_key
 from planner.metagraph import MetaOp, build_metagraph
 from planner.spec import JobSpec
 from runtime.data import synthetic_batch
-from runtime.executor import feature_shape
+from runtime.checks import feature_shape
 from runtime.heads import build_head
 from runtime.modules import build_embed, build_layer, build_optimizer, layer_kwargs
 

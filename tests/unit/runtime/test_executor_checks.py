@@ -7,7 +7,7 @@ import pytest
 from planner.errors import SpecError
 from planner.metagraph import build_metagraph
 from planner.spec import parse_job
-from runtime.executor import check_runnable
+from runtime.checks import check_runnable
 
 
 def image_to_decoder(decoder_seq_len: int):
