@@ -32,10 +32,9 @@ from recipes.medical.scans import (
     ALL_TYPES, BOS, EOS, FIRST_BIN, FIRST_CLASS, MAX_LESIONS, NUM_BINS, PAD, TOKEN_NAMES, TRANSFER_TYPE, TYPES,
     VOCAB_SIZE, Scan, dequantise, describe_scan, encode, quantise, render_scans,
 )
-from runtime.data import TaskBatch
+from runtime.data import SPLITS, TaskBatch
 from runtime.modules import leaf_uses, root_uses, stable_seed, use_component
 
-SPLITS = ("train", "heldout", "transfer")
 LOSSES = (
     "medical_classification", "medical_detection", "medical_segmentation", "medical_report",
     "medical_reconstruction",
