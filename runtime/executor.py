@@ -35,6 +35,7 @@ from runtime.checks import check_plan_matches_job, check_runnable, feature_shape
 from runtime.data import TaskBatch, synthetic_batch
 from runtime.heads import build_head
 from runtime.modules import build_embed, build_layer, build_optimizer, layer_kwargs, run_layers
+from runtime.zero import ShardedAdamW
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,17 @@ class WaveWorker:
         for (name, layer, _), devices in self.holders.items():
             if rank in devices and (name, layer) not in self.modules:
                 self.modules[(name, layer)] = self._build((name, layer))
-        self.optimizer = build_optimizer(job, [p for m in self.modules.values() for p in m.parameters() if p.requires_grad])
+        self.optimizer = self._build_optimizer()
+
+    def _build_optimizer(self):
+        """AdamW over the trainable parameters this device holds; with ``training.shard_optimizer`` (ZeRO-1) the
+        state of every parameter shared with other devices is split among them (runtime.zero)."""
+        trainable = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        if not (self.job.training.shard_optimizer and self.groups is not None and self._grad_buckets):
+            return build_optimizer(self.job, trainable)
+        shared = {id(p) for bucket in self._grad_buckets for p in bucket.params}
+        return ShardedAdamW(self.job, [(b.devices, b.params) for b in self._grad_buckets], self.groups.by_devices,
+                            self.rank, [p for p in trainable if id(p) not in shared])
 
     def _my_tp_groups(self) -> dict[tuple[str, int], tuple[int, ...]]:
         """The TP group (devices) in which this device runs each tensor-parallel layer it holds."""
