@@ -22,7 +22,7 @@ import torch
 from planner.components import resolve_shape
 from planner.spec import JobSpec
 from runtime.heads import NUM_CLASSES, check_loss, load_recipe
-from runtime.modules import DEFAULT_VOCAB, TOKEN_KINDS, is_token_decoder, root_uses, stable_seed, use_component
+from runtime.modules import DEFAULT_VOCAB, TOKEN_KINDS, image_channels, is_token_decoder, root_uses, stable_seed, use_component
 
 LM_NOISE = 0.1  # fraction of positions of an lm sequence replaced by random tokens
 MARKER_RATE = 0.5  # fraction of positions carrying the class marker token
@@ -85,7 +85,7 @@ def _root_inputs(job: JobSpec, task_index: int) -> list[_RootInput]:
             out.append(_RootInput(name, "tokens", (shape.seq_len,), comp.vocab_size or DEFAULT_VOCAB, None))
             continue
         if comp.kind == "vit":
-            kind, channels = "image", comp.in_channels or 3
+            kind, channels = "image", image_channels(comp)
             sample_shape = (channels, shape.image_size, shape.image_size)
         elif comp.kind == "mlp":
             kind, channels = "features", comp.hidden_size

@@ -84,7 +84,7 @@ def _loss_report(job: JobSpec, model: ReferenceTrainer, num_samples: int) -> Eva
         while seen < num_samples:
             rows = min(task.batch_size, num_samples - seen)
             batch = synthetic_batch(job, t, step, 0, rows)
-            total += float(model.modules[("head:" + task.name, 0)](model.forward(t, batch), batch).sum())
+            total += float(model.head(t)(model.forward(t, batch), batch).sum())
             seen, step = seen + rows, step + 1
         metrics[task.name] = {"loss": total / seen}
     return EvalReport(job.name, "train", num_samples, metrics, notes={"data": "unseen steps of the synthetic stream"})

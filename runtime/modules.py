@@ -225,6 +225,11 @@ def _not_run(comp: ComponentSpec, name: str) -> NotImplementedError:
     )
 
 
+def image_channels(comp: ComponentSpec) -> int:
+    """Input channels of a vit component's images: ``in_channels``, 3 (RGB) when unset."""
+    return comp.in_channels or 3
+
+
 def is_token_decoder(comp: ComponentSpec) -> bool:
     """A decoder with a vocabulary reads token ids (causal, teacher-forced); without one it runs learned queries."""
     return comp.kind == "decoder" and comp.vocab_size is not None
@@ -446,7 +451,7 @@ def build_embed(job: JobSpec, component: str) -> nn.Module:
     elif comp.kind in TOKEN_KINDS:
         factory = lambda: TokenEmbedding(comp.vocab_size or DEFAULT_VOCAB, h, max_len)  # noqa: E731
     elif comp.kind == "vit":
-        factory = lambda: PatchEmbedding(comp.in_channels or 3, h, comp.patch_size, max_len)  # noqa: E731
+        factory = lambda: PatchEmbedding(image_channels(comp), h, comp.patch_size, max_len)  # noqa: E731
     elif comp.kind == "mlp":
         factory = lambda: FeatureEmbedding(h)  # noqa: E731
     else:

@@ -75,8 +75,12 @@ class ReferenceTrainer:
         """``loss_weight * mean per-sample loss`` of task ``t`` over its whole batch at ``step``."""
         task = self.job.tasks[t]
         batch = synthetic_batch(self.job, t, step, 0, task.batch_size)
-        per_sample = self.modules[("head:" + task.name, 0)](self.forward(t, batch), batch)
+        per_sample = self.head(t)(self.forward(t, batch), batch)
         return task.loss_weight * per_sample.sum() / task.batch_size
+
+    def head(self, t: int) -> torch.nn.Module:
+        """Task ``t``'s loss head."""
+        return self.modules[("head:" + self.job.tasks[t].name, 0)]
 
     def forward(self, t: int, batch: TaskBatch) -> dict[str, torch.Tensor]:
         """Task ``t``'s leaf outputs by use name for ``batch`` (the loss head's input)."""

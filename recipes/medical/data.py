@@ -33,7 +33,7 @@ from recipes.medical.scans import (
     VOCAB_SIZE, Scan, dequantise, describe_scan, encode, quantise, render_scans,
 )
 from runtime.data import SPLITS, TaskBatch
-from runtime.modules import leaf_uses, root_uses, stable_seed, use_component
+from runtime.modules import image_channels, leaf_uses, root_uses, stable_seed, use_component
 
 LOSSES = (
     "medical_classification", "medical_detection", "medical_segmentation", "medical_report",
@@ -42,7 +42,6 @@ LOSSES = (
 TOKEN_LOSSES = ("medical_detection", "medical_report")
 NUM_CLASSES = 1 + len(TYPES)  # classification: 0 = no lesion, 1 + type index of the largest lesion
 MASK_RATIO = 0.5  # fraction of patches zeroed for reconstruction
-DEFAULT_CHANNELS = 3  # the runtime's vit default when in_channels is unset
 
 
 # --------------------------------------------------------------------------- where the data comes from
@@ -139,7 +138,7 @@ def task_layout(job: JobSpec, task_index: int) -> TaskLayout:
                 f"{VOCAB_SIZE} or more."
             )
     return TaskLayout(
-        task.loss, encoder, shapes[encoder].image_size, enc.patch_size, enc.in_channels or DEFAULT_CHANNELS,
+        task.loss, encoder, shapes[encoder].image_size, enc.patch_size, image_channels(enc),
         head, shapes[head].seq_len, vocab,
     )
 

@@ -57,10 +57,6 @@ def _chunks(job: JobSpec, t: int, split: str, num_samples: int, step: int = 0):
         yield medical_batch(job, t, step, start, min(start + CHUNK, num_samples), split)
 
 
-def _head(model: ReferenceTrainer, job: JobSpec, t: int):
-    return model.modules[("head:" + job.tasks[t].name, 0)]
-
-
 def _train_batches(job: JobSpec, t: int) -> list[TaskBatch]:
     """Whole training batches (steps 0, 1, ...) holding at least BASELINE_SAMPLES scans, for the baselines' statistics."""
     size = job.tasks[t].batch_size
@@ -71,7 +67,7 @@ def _train_batches(job: JobSpec, t: int) -> list[TaskBatch]:
 
 
 def _classification(job, model, t, split, num_samples):
-    head = _head(model, job, t)
+    head = model.head(t)
     majority = Counter(label for b in _train_batches(job, t) for label in b.labels.tolist()).most_common(1)[0][0]
     correct = base = 0
     for b in _chunks(job, t, split, num_samples):
@@ -87,7 +83,7 @@ def _greedy(model: ReferenceTrainer, job: JobSpec, t: int, b: TaskBatch) -> torc
     ids = torch.full_like(b.inputs[use], PAD)
     ids[:, 0] = BOS
     pred = torch.full_like(ids, PAD)
-    head = _head(model, job, t)
+    head = model.head(t)
     for i in range(seq):  # causal: positions after i do not change position i's logits
         logits = head.predict(model.forward(t, replace(b, inputs={**b.inputs, use: ids})), b)
         pred[:, i] = logits[:, i].argmax(dim=-1)
@@ -128,7 +124,7 @@ def _hits(pred: torch.Tensor, real: torch.Tensor) -> int:
 
 
 def _segmentation(job, model, t, split, num_samples):
-    head = _head(model, job, t)
+    head = model.head(t)
     side = task_layout(job, t).side
     areas = [b.targets["masks"].sum(dim=(-1, -2))[b.targets["classes"] >= 0] for b in _train_batches(job, t)]
     area = float(torch.cat(areas).float().mean())
@@ -175,7 +171,7 @@ def _report(job, model, t, split, num_samples):
 
 
 def _reconstruction(job, model, t, split, num_samples):
-    head = _head(model, job, t)
+    head = model.head(t)
     layout = task_layout(job, t)
     p = layout.patch_size
     loss = base = 0.0

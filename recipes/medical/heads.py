@@ -29,7 +29,7 @@ from planner.spec import JobSpec
 from recipes.medical.data import MAX_LESIONS, NUM_CLASSES, PAD, TYPES, VOCAB_SIZE
 from runtime.data import TaskBatch
 from runtime.heads import TaskHead
-from runtime.modules import upstream_uses, use_component
+from runtime.modules import image_channels, upstream_uses, use_component
 
 NUM_LESION_TYPES = len(TYPES)  # K: lesion types seen in training; the segmentation classes are K + no-object
 PAD_ID = PAD  # token id ignored by the token losses
@@ -103,7 +103,7 @@ def resolve_layout(job: JobSpec, task_index: int, leaves: list[str], kind: str) 
     enc_use = task.components[enc_at]
     enc_shape = resolve_shape(enc_comp, enc_use.component, enc_use, f"tasks[{task_index}].components[{enc_at}]")
     return HeadLayout(task.name, leaf, comp.hidden_size, leaf_shape.seq_len, comp.vocab_size,
-                      enc_shape.image_size, enc_comp.patch_size, enc_comp.in_channels or 3)
+                      enc_shape.image_size, enc_comp.patch_size, image_channels(enc_comp))
 
 
 def _require_queries(job: JobSpec, task_index: int, layout: HeadLayout) -> None:
