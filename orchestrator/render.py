@@ -161,7 +161,8 @@ def plan_summary(plan: Plan) -> Group:
         Text.assemble(
             ("predicted iteration ", "bold"), format_seconds(pred.iteration_time_s),
             f" = compute {format_seconds(pred.compute_s)} + transfer {format_seconds(pred.transfer_s)}"
-            f" + exposed sync {format_seconds(pred.sync_s)} + optimizer {format_seconds(pred.optimizer_s)}",
+            f" + exposed sync {format_seconds(pred.sync_s)} + optimizer {format_seconds(pred.optimizer_s)}"
+            f" + exposed all-gather {format_seconds(pred.gather_s)}",
         ),
         Text.assemble(("bounds (compute) ", "bold"), _bounds_line(plan)),
         Text.assemble(("solver ", "bold"), _solver_line(plan)),

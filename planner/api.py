@@ -52,11 +52,14 @@ def make_cost_model(job: JobSpec, costs: str | Path | None = None) -> CostModel:
     """The analytic cost model of the job's cluster, or a profiled one (analytic fallback) from ``costs``."""
     hw = resolve_hardware(job.cluster)
     shard = job.training.shard_optimizer
-    grad_bytes = 4 if job.training.precision == "fp32" else 2
-    analytic = AnalyticCostModel(hw, shard_optimizer=shard, grad_bytes=grad_bytes)
+    # Gradients are reduced, and parameters all-gathered after a ZeRO-1 step, in the job's precision: the compute
+    # dtype of the weights (bf16 beside fp32 masters on GPUs; fp32 throughout in the CPU runtime's jobs).
+    grad_bytes = weight_bytes = 4 if job.training.precision == "fp32" else 2
+    analytic = AnalyticCostModel(hw, shard_optimizer=shard, grad_bytes=grad_bytes, weight_bytes=weight_bytes)
     if costs is None:
         return analytic
-    return ProfiledCostModel.load(costs, hw, fallback=analytic, shard_optimizer=shard, grad_bytes=grad_bytes)
+    return ProfiledCostModel.load(costs, hw, fallback=analytic, shard_optimizer=shard, grad_bytes=grad_bytes,
+                                  weight_bytes=weight_bytes)
 
 
 def spec_hash(job: JobSpec) -> str:
@@ -213,7 +216,8 @@ def build_plan(
         transfers=[PlanTransfer(**vars(t)) for t in sim.transfers],
         sync_groups=[SyncGroup(**vars(g)) for g in sim.sync_groups],
         predicted=Prediction(iteration_time_s=sim.iteration_time_s, compute_s=sim.compute_s,
-                             transfer_s=sim.transfer_s, sync_s=sim.sync_s, optimizer_s=sim.optimizer_s),
+                             transfer_s=sim.transfer_s, sync_s=sim.sync_s, optimizer_s=sim.optimizer_s,
+                             gather_s=sim.gather_s),
         peak_memory_bytes=list(sim.peak_memory_bytes),
         solver=SolverReport(name=result.solver, status=result.status, objective_s=result.objective_s,
                             bound_s=result.bound_s, gap=result.gap, method=result.method),

@@ -4,7 +4,7 @@ Owns :func:`run_baselines` and one function per baseline (:data:`BASELINES` list
 Spindle's wavefront is placed and simulated like Loom's own plan. The task-level systems are not
 wave schedules. They are simulated with the same primitives (curve times,
 :func:`~planner.simulator.resplit_flows` / :func:`~planner.simulator.boundary_time` for data moving
-between MetaOps, :func:`~planner.simulator.finish_iteration` over the devices that hold each
+between MetaOps, :func:`~planner.sync.finish_iteration` over the devices that hold each
 layer) under this model:
 
 - A MetaOp runs whole (all its layers, ``curve.time(n) * L``) on the first ``n`` devices of the group
@@ -15,7 +15,7 @@ layer) under this model:
   each stage's compute split by its slowest MetaOp's passes; gradients cross the boundary back
   after the stage's backward.
 - Gradient sync and the optimizer step follow the same rule as a plan's
-  (:func:`~planner.simulator.finish_iteration`): a bucket is ready when the backward of the stage
+  (:func:`~planner.sync.finish_iteration`): a bucket is ready when the backward of the stage
   that runs its layers has finished in the *last* task (in time) that runs them, since gradients
   accumulate over all tasks that use a parameter. It then overlaps with whatever compute follows
   (the rest of that task's backward, later tasks). The optimizer (ZeRO-1) steps once compute and the
@@ -54,9 +54,8 @@ from collections.abc import Sequence
 from planner.costmodel import CostModel, Layout
 from planner.placement import PlacedSlice, build_ledger, place_schedule
 from planner.schedule import Problem, Schedule
-from planner.simulator import (
-    Flows, Phase, backward_ends, boundary_time, finish_iteration, resplit_flows, simulate, split_passes,
-)
+from planner.simulator import Flows, Phase, backward_ends, boundary_time, resplit_flows, simulate, split_passes
+from planner.sync import finish_iteration
 
 log = logging.getLogger(__name__)
 

@@ -82,10 +82,13 @@ class CostModel:
 
     source = "base"
 
-    def __init__(self, hardware: Hardware, shard_optimizer: bool = True, grad_bytes: int = 2):
+    def __init__(self, hardware: Hardware, shard_optimizer: bool = True, grad_bytes: int = 2, weight_bytes: int = 2):
         self.hw = hardware
         self.shard_optimizer = shard_optimizer
         self.grad_bytes = grad_bytes  # bytes per gradient element all-reduced (2 for bf16/fp16, 4 for fp32)
+        # Bytes per parameter element all-gathered after a ZeRO-1 step: the parameters every replica computes
+        # with (2 for bf16 weights beside fp32 masters; 4 where the parameters themselves are fp32, as in the runtime).
+        self.weight_bytes = weight_bytes
         self._curves: dict[tuple, Curve] = {}
 
     # ---- what subclasses provide
@@ -189,6 +192,16 @@ class CostModel:
         steps = 2 * (num_devices - 1)
         return steps * alpha + steps / num_devices * nbytes / bw
 
+    def allgather_time(self, nbytes: float, num_devices: int, cross_node: bool) -> float:
+        """Ring all-gather of ``nbytes`` in all (each of ``num_devices`` contributes ``nbytes / num_devices``):
+        ``n - 1`` steps, each moving one share over every device's link, on the links the all-reduce uses."""
+        if num_devices <= 1 or nbytes <= 0:
+            return 0.0
+        bw = self.hw.inter_bandwidth if cross_node else self.hw.intra_bandwidth
+        alpha = self.hw.device.inter_latency_s if cross_node else self.hw.device.intra_latency_s
+        steps = num_devices - 1
+        return steps * alpha + steps / num_devices * nbytes / bw
+
     def p2p_time(self, nbytes: float, cross_node: bool) -> float:
         """One point-to-point message of ``nbytes``."""
         if nbytes <= 0:
@@ -240,23 +253,25 @@ class ProfiledCostModel(CostModel):
     fall back to ``fallback`` when given, else they are a PlanningError naming the MetaOp. Optional keys
     (:class:`MeasuredCosts`): ``"embed"`` (root MetaOp name -> points: its data and embedding per
     device), ``"head"`` (task -> points: its loss head per loss device), ``"optimizer_s_per_param"``
-    (AdamW seconds per parameter held) and ``"links": {"p2p": [[bytes, s], ...], "allreduce": [...]}``
-    (two processes of one node). Without them, embeddings and heads cost 0 and the optimizer and
-    links follow the device table.
+    (AdamW seconds per parameter held) and ``"links": {"p2p": [[bytes, s], ...], "allreduce": [...],
+    "allgather": [...]}`` (two processes of one node; ``allgather`` may be missing, see
+    :meth:`allgather_time`). Without them, embeddings and heads cost 0 and the optimizer and links
+    follow the device table.
     """
 
     source = "profiled"
 
     def __init__(self, hardware: Hardware, points: dict[str, list[tuple[float, float]]], fallback: CostModel | None = None,
-                 shard_optimizer: bool = True, grad_bytes: int = 2, measured: MeasuredCosts | None = None):
-        super().__init__(hardware, shard_optimizer, grad_bytes)
+                 shard_optimizer: bool = True, grad_bytes: int = 2, measured: MeasuredCosts | None = None,
+                 weight_bytes: int = 2):
+        super().__init__(hardware, shard_optimizer, grad_bytes, weight_bytes)
         self.points = {k: sorted((float(b), float(t)) for b, t in v) for k, v in points.items()}
         self.fallback = fallback
         self.measured = measured or MeasuredCosts()
 
     @classmethod
     def load(cls, path: str | Path, hardware: Hardware, fallback: CostModel | None = None,
-             shard_optimizer: bool = True, grad_bytes: int = 2) -> ProfiledCostModel:
+             shard_optimizer: bool = True, grad_bytes: int = 2, weight_bytes: int = 2) -> ProfiledCostModel:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -273,7 +288,7 @@ class ProfiledCostModel(CostModel):
                 f"{path}: not a profiled cost file (expected JSON with a 'points' mapping of "
                 "[[local_batch, seconds], ...] lists)."
             ) from None
-        return cls(hardware, points, fallback, shard_optimizer, grad_bytes, measured)
+        return cls(hardware, points, fallback, shard_optimizer, grad_bytes, measured, weight_bytes)
 
     def layout_time(self, op: MetaOp, layout: Layout) -> float:
         pts = self.points.get(profile_key(op, layout))
@@ -310,6 +325,19 @@ class ProfiledCostModel(CostModel):
             return super().allreduce_time(nbytes, num_devices, cross_node)
         return (num_devices - 1) * fit_piecewise(self.measured.allreduce, 2 * nbytes / num_devices)
 
+    def allgather_time(self, nbytes: float, num_devices: int, cross_node: bool) -> float:
+        """Measured between two processes: t2(b) gathers ``b`` bytes in all (b/2 from each). A ring over n devices
+        takes n-1 steps of b/n bytes, i.e. (n-1) t2(2b/n). Without all-gather points, derived from the measured
+        all-reduce: a ring all-reduce is a reduce-scatter plus an all-gather, twice the steps and twice the bytes
+        per device of a ring all-gather of the same tensor, so the all-gather takes half the all-reduce's time."""
+        if cross_node or num_devices <= 1 or nbytes <= 0:
+            return super().allgather_time(nbytes, num_devices, cross_node)
+        if self.measured.allgather:
+            return (num_devices - 1) * fit_piecewise(self.measured.allgather, 2 * nbytes / num_devices)
+        if self.measured.allreduce:
+            return self.allreduce_time(nbytes, num_devices, cross_node) / 2
+        return super().allgather_time(nbytes, num_devices, cross_node)
+
 
 @dataclass(frozen=True)
 class MeasuredCosts:
@@ -318,8 +346,8 @@ class MeasuredCosts:
     ``embed``: per root MetaOp name, (local batch, s) of drawing its data and its embedding's forward and
     backward on one device. ``head``: per task, (local batch, s) of its loss head forward and backward on
     one loss device. ``optimizer_s_per_param``: AdamW seconds per parameter a device holds (None: not
-    measured). ``p2p`` and ``allreduce``: (bytes, s) of one message and of one all-reduce between two
-    worker processes of one node (empty: not measured).
+    measured). ``p2p``, ``allreduce`` and ``allgather``: (bytes, s) of one message, of one all-reduce and of
+    one all-gather (bytes gathered in all) between two worker processes of one node (empty: not measured).
     """
 
     embed: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
@@ -327,6 +355,7 @@ class MeasuredCosts:
     optimizer_s_per_param: float | None = None
     p2p: list[tuple[float, float]] = field(default_factory=list)
     allreduce: list[tuple[float, float]] = field(default_factory=list)
+    allgather: list[tuple[float, float]] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, data: dict) -> MeasuredCosts:
@@ -340,7 +369,7 @@ class MeasuredCosts:
         rate = data.get("optimizer_s_per_param")
         links = dict(data.get("links", {}))
         return cls(curves("embed"), curves("head"), float(rate) if rate is not None else None,
-                   points(links.get("p2p", [])), points(links.get("allreduce", [])))
+                   *(points(links.get(kind, [])) for kind in ("p2p", "allreduce", "allgather")))
 
 
 def profile_key(op: MetaOp, layout: Layout) -> str:

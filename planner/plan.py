@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from planner.errors import SpecError
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: predicted.gather_s
 
 
 class _PlanModel(BaseModel):
@@ -89,11 +89,16 @@ class SyncGroup(_PlanModel):
 
 
 class Prediction(_PlanModel):
+    """The simulator's iteration time and its parts: ``iteration_time_s = compute_s + transfer_s + sync_s +
+    optimizer_s + gather_s`` (seconds; sync and gather are the parts not hidden behind other work)."""
+
     iteration_time_s: float
     compute_s: float
     transfer_s: float
     sync_s: float
     optimizer_s: float
+    gather_s: float = Field(0.0, description="Exposed ZeRO-1 all-gather of the updated parameters after the optimizer "
+                            "step (0 without training.shard_optimizer).")
 
 
 class SolverReport(_PlanModel):

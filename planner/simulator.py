@@ -2,9 +2,7 @@
 
 Owns :func:`simulate` and the primitives the baselines reuse: :func:`resplit_flows` (which samples
 move when a batch changes device group), :func:`boundary_time` (concurrent transfers at one
-boundary), :class:`Phase` / :func:`backward_ends` (the forward-then-reverse-backward timeline),
-:func:`sync_buckets` and :func:`finish_iteration` (shared-parameter gradient all-reduce overlapped
-with backward, then the optimizer step).
+boundary), and :class:`Phase` / :func:`backward_ends` (the forward-then-reverse-backward timeline).
 
 Model. Times are in seconds, bytes per iteration.
 
@@ -31,34 +29,14 @@ Model. Times are in seconds, bytes per iteration.
   forward; the same bytes of gradients cross it back just after the wave's backward, but only to
   producers that run a backward pass (``backward_factor > 0``). Both lie on the critical path, so
   compute and transfers end at ``compute_s + transfer_s``.
-- **sync**: gradients of trainable parameter groups only (2 bytes/param), all-reduced among the
-  devices that hold them. Layers of a group held by the same device set (and TP degree) form one
-  bucket (:func:`sync_buckets`). A bucket over ``D`` devices at TP degree ``t`` is ``t`` concurrent
-  ring all-reduces of ``bytes / t`` over ``D / t`` devices, cross-node when ``D`` spans nodes. A
-  layer held at mixed TP degrees is treated as if every holder used the largest one. As in PyTorch
-  DDP buckets or Megatron's overlapped gradient reduce, a bucket is *ready* as soon as every
-  gradient it accumulates is final: when the backward of the earliest wave (in forward order) that
-  runs any of its layers has finished. It then overlaps with the rest of the backward. A device's
-  links are the sync's resource: buckets are launched in one order, each starts at
-  ``max(ready, end of every earlier-launched bucket on its devices)``, so buckets on disjoint
-  devices overlap and buckets sharing a device serialise. Inter-wave transfers and sync are
-  treated as independent resources (transfers are short and bursty; sync is off the critical path
-  until backward ends). Two launch orders are tried and the one giving the shorter iteration is
-  kept (``Simulation.sync_order``): ready order (what DDP does) and longest-first. Every bucket is
-  ready by the end of backward, so longest-first ends no later than it would starting there: the
-  iteration is never longer than compute, transfers, sync and optimizer run one after another.
-- **optimizer**: ZeRO-1. A device steps the trainable parameters it holds (after TP sharding)
-  when its compute and every bucket on its devices are done. With ``cost_model.shard_optimizer``
-  each bucket's optimizer state is sharded over its ``D / t`` all-reduce participants, so a device
-  steps ``1 / (D / t)`` of the bucket (its reduce-scatter plus the all-gather of the updated
-  weights move the bytes of the all-reduce counted above); otherwise it steps all of it. The
-  iteration ends when the last device has stepped. (The memory ledger shards each slice's state
-  over that slice's data-parallel group; both agree when one slice holds the layers.)
-- **reported parts**: ``compute_s`` (sum of wave durations plus the loss stage), ``transfer_s`` (all boundaries),
-  ``optimizer_s`` (the slowest device's step) and ``sync_s``, the *exposed* sync: iteration minus
-  ``compute_s + transfer_s + optimizer_s``. So ``iteration = compute + transfers + sync + optimizer``
-  as before, while ``sync_total_s`` is what the sync alone would take (all buckets launched
-  longest-first at once) and :class:`SyncInfo` ``time_s`` is one bucket's all-reduce.
+- **sync, optimizer, all-gather**: :func:`~planner.sync.finish_iteration` (model in :mod:`planner.sync`).
+- **reported parts**: ``compute_s`` (sum of wave durations plus the loss stage), ``transfer_s`` (all
+  boundaries), ``optimizer_s`` (the slowest device's step), ``gather_s`` (the *exposed* all-gather:
+  iteration minus when the last device has stepped; 0 without ``shard_optimizer``) and ``sync_s``,
+  the *exposed* sync: when the last device has stepped minus ``compute_s + transfer_s +
+  optimizer_s``. So ``iteration = compute + transfers + sync + optimizer + gather``, while
+  ``sync_total_s`` is what the sync alone would take (all buckets launched longest-first at once)
+  and :class:`SyncInfo` ``time_s`` is one bucket's all-reduce.
 - **peak memory** per device comes from the same :class:`~planner.placement.MemoryLedger`
   placement checks against.
 """
@@ -75,7 +53,7 @@ from planner.costmodel import CostModel, Layout
 from planner.metagraph import MetaOp
 from planner.placement import MemoryLedger, PlacedSchedule, PlacedSlice, all_slices, build_ledger
 from planner.schedule import Problem
-
+from planner.sync import SyncOutcome, finish_iteration
 
 
 @dataclass(frozen=True)
@@ -100,8 +78,8 @@ class SyncInfo:
     """One all-reduce bucket: the layers of ``param_group`` held by exactly ``devices``.
 
     ``bytes`` is the gradient size of those layers (each device reduces ``bytes / tp_degree``). The
-    layers themselves are given by :func:`sync_buckets`, and a runtime derives them from the slices
-    too: they are the group's layers whose set of holders is exactly ``devices``.
+    layers themselves are given by :func:`~planner.sync.sync_buckets`, and a runtime derives them from
+    the slices too: they are the group's layers whose set of holders is exactly ``devices``.
     """
 
     param_group: str
@@ -113,11 +91,12 @@ class SyncInfo:
 
 @dataclass(frozen=True)
 class Simulation:
-    """One predicted iteration: ``iteration_time_s = compute_s + transfer_s + sync_s + optimizer_s``.
+    """One predicted iteration: ``iteration_time_s = compute_s + transfer_s + sync_s + optimizer_s + gather_s``.
 
     ``sync_s`` is the exposed part of the gradient sync (what backward did not hide); ``sync_total_s``
     is the sync alone, all buckets launched at once. ``sync_order`` gives the indices of
-    ``sync_groups`` in the launch order the prediction assumes.
+    ``sync_groups`` in the launch order the prediction assumes. ``gather_s`` is the exposed part of
+    ZeRO-1's all-gather of updated parameters (what ends after the slowest device's optimizer step).
     """
 
     iteration_time_s: float
@@ -132,6 +111,7 @@ class Simulation:
     sync_total_s: float = 0.0
     sync_order: tuple[int, ...] = ()
     loss_s: float = 0.0  # the loss stage (part of compute_s)
+    gather_s: float = 0.0
 
 
 # --------------------------------------------------------------------------- transfers
@@ -333,161 +313,7 @@ def loss_stage_seconds(problem: Problem, placed: PlacedSchedule, cost_model: Cos
     return max(per_device.values(), default=0.0)
 
 
-# --------------------------------------------------------------------------- gradient sync and optimizer
-
-
-@dataclass(frozen=True)
-class SyncBucket:
-    """Layers ``layers`` of trainable ``param_group`` held by exactly ``devices`` (at TP degree ``tp_degree``)."""
-
-    param_group: str
-    layers: tuple[int, ...]
-    devices: tuple[int, ...]
-    tp_degree: int
-    num_params: float  # parameters of those layers, unsharded
-
-
-def sync_buckets(ledger: MemoryLedger) -> list[SyncBucket]:
-    """The all-reduce buckets of every trainable group in ``ledger``, ordered by group then first layer."""
-    out: list[SyncBucket] = []
-    for group in sorted(ledger.held):
-        facts = ledger.groups[group]
-        if not facts.trainable:
-            continue
-        classes: dict[tuple[tuple[int, int], ...], list[int]] = {}  # devices holding the same layers at the same degrees
-        union = 0
-        for d, by_tp in ledger.held[group].items():
-            classes.setdefault(tuple(sorted(by_tp.items())), []).append(d)
-            for bits in by_tp.values():
-                union |= bits
-        buckets: dict[tuple[tuple[int, ...], int], list[int]] = {}
-        for j in range(union.bit_length()):
-            devices: list[int] = []
-            tp = 1
-            for key, members in classes.items():
-                degrees = [t for t, bits in key if bits >> j & 1]
-                if degrees:
-                    devices.extend(members)
-                    tp = max(tp, min(degrees))
-            if devices:
-                buckets.setdefault((tuple(sorted(devices)), tp), []).append(j)
-        for (devices, tp), layers in sorted(buckets.items(), key=lambda kv: kv[1][0]):
-            out.append(SyncBucket(group, tuple(layers), devices, tp, len(layers) * facts.params_per_layer))
-    return out
-
-
-def bucket_time(bucket: SyncBucket, cost_model: CostModel) -> float:
-    """Seconds of one bucket's all-reduce (``tp_degree`` concurrent rings, one per shard)."""
-    participants = len(bucket.devices) // bucket.tp_degree
-    dpn = cost_model.hw.devices_per_node
-    cross = bucket.devices[0] // dpn != bucket.devices[-1] // dpn
-    nbytes = cost_model.grad_bytes * bucket.num_params / bucket.tp_degree
-    return cost_model.allreduce_time(nbytes, participants, cross_node=cross)
-
-
-def covering_slices(buckets: Sequence[SyncBucket], ledger: MemoryLedger) -> list[tuple[int, ...]]:
-    """For each bucket, the indices of the ``ledger.slices`` that run at least one of its layers."""
-    ops = ledger.problem.graph.metaops
-    by_group: dict[str, list[int]] = {}
-    for i, s in enumerate(ledger.slices):
-        by_group.setdefault(ops[s.metaop].param_group, []).append(i)
-    out = []
-    for b in buckets:
-        wanted = sum(1 << j for j in b.layers)
-        out.append(tuple(
-            i for i in by_group.get(b.param_group, ())
-            if (((1 << ledger.slices[i].num_layers) - 1) << ledger.slices[i].first_layer) & wanted
-        ))
-    return out
-
-
-def schedule_sync(
-    buckets: Sequence[SyncBucket], times: Sequence[float], ready: Sequence[float], order: Sequence[int], num_devices: int
-) -> np.ndarray:
-    """Launch ``buckets`` in ``order``: each starts at ``max(ready[i], end of the earlier-launched buckets on its
-    devices)`` and takes ``times[i]``. Returns per device when its last bucket ends (0 without any)."""
-    free = np.zeros(num_devices)
-    for i in order:
-        if times[i] <= 0:
-            continue
-        idx = np.asarray(buckets[i].devices, dtype=np.int64)
-        free[idx] = max(ready[i], float(free[idx].max())) + times[i]
-    return free
-
-
-def launch_orders(buckets: Sequence[SyncBucket], times: Sequence[float], ready: Sequence[float]) -> dict[str, list[int]]:
-    """The candidate launch orders (bucket indices): ready order (longest first among equals) and longest-first."""
-    def tie(i: int) -> tuple[str, int]:
-        return buckets[i].param_group, buckets[i].layers[0]
-
-    ids = range(len(buckets))
-    return {
-        "ready": sorted(ids, key=lambda i: (ready[i], -times[i], *tie(i))),
-        "longest": sorted(ids, key=lambda i: (-times[i], *tie(i))),
-    }
-
-
-def optimizer_seconds(buckets: Sequence[SyncBucket], cost_model: CostModel, num_devices: int) -> np.ndarray:
-    """Optimizer step seconds per device: the TP shard of every bucket it holds, divided over the bucket's
-    all-reduce participants when ``cost_model.shard_optimizer`` (ZeRO-1)."""
-    params = np.zeros(num_devices)
-    for b in buckets:
-        shards = max(1, len(b.devices) // b.tp_degree) if cost_model.shard_optimizer else 1
-        params[list(b.devices)] += b.num_params / b.tp_degree / shards
-    return np.array([cost_model.optimizer_time(float(p)) if p > 0 else 0.0 for p in params])
-
-
-@dataclass(frozen=True)
-class SyncOutcome:
-    """How an iteration ends once compute and transfers end at ``compute_end``.
-
-    ``iteration_time_s = compute_end + sync_s + optimizer_s``: ``sync_s`` is the exposed sync,
-    ``optimizer_s`` the slowest device's step. Per bucket (as :func:`sync_buckets` orders them):
-    ``bucket_times`` (its all-reduce alone) and ``covers`` (:func:`covering_slices`).
-    """
-
-    iteration_time_s: float
-    sync_s: float
-    optimizer_s: float
-    sync_total_s: float
-    buckets: tuple[SyncBucket, ...]
-    bucket_times: tuple[float, ...]
-    covers: tuple[tuple[int, ...], ...]
-    launch_order: tuple[int, ...]
-
-
-def finish_iteration(
-    ledger: MemoryLedger, slice_ready: Sequence[float], compute_end: float, cost_model: CostModel
-) -> SyncOutcome:
-    """Gradient sync overlapped with backward, then the optimizer, of everything ``ledger`` holds.
-
-    ``slice_ready[i]`` is when the backward of ``ledger.slices[i]`` ends (at most ``compute_end``). A
-    bucket is ready when all its covering slices are; the better of :func:`launch_orders` is kept.
-    """
-    buckets = sync_buckets(ledger)
-    num_devices = ledger.problem.num_devices
-    times = [bucket_time(b, cost_model) for b in buckets]
-    covers = covering_slices(buckets, ledger)
-    ready = [max((slice_ready[i] for i in cover), default=compute_end) for cover in covers]
-    step = optimizer_seconds(buckets, cost_model, num_devices)
-    orders = launch_orders(buckets, times, ready)
-    ends = []
-    for order in orders.values():
-        free = schedule_sync(buckets, times, ready, order, num_devices)
-        ends.append((float((np.maximum(free, compute_end) + step).max()), order))
-    iteration, order = min(ends, key=lambda e: e[0])  # the first (ready order) wins ties
-    optimizer_s = float(step.max())
-    alone = schedule_sync(buckets, times, [0.0] * len(buckets), orders["longest"], num_devices)
-    return SyncOutcome(
-        iteration_time_s=iteration,
-        sync_s=max(0.0, iteration - compute_end - optimizer_s),
-        optimizer_s=optimizer_s,
-        sync_total_s=float(alone.max()),
-        buckets=tuple(buckets),
-        bucket_times=tuple(times),
-        covers=tuple(covers),
-        launch_order=tuple(order),
-    )
+# --------------------------------------------------------------------------- the whole iteration
 
 
 def _sync_infos(ledger: MemoryLedger, outcome: SyncOutcome) -> tuple[list[SyncInfo], tuple[int, ...]]:
@@ -501,9 +327,6 @@ def _sync_infos(ledger: MemoryLedger, outcome: SyncOutcome) -> tuple[list[SyncIn
         metaops = tuple(sorted({ledger.slices[j].metaop for j in cover}))
         infos.append(SyncInfo(bucket.param_group, metaops, bucket.devices, ledger.cost_model.grad_bytes * bucket.num_params, t))
     return infos, tuple(index[i] for i in outcome.launch_order if i in index)
-
-
-# --------------------------------------------------------------------------- the whole iteration
 
 
 def wave_durations(problem: Problem, placed: PlacedSchedule, cost_model: CostModel | None = None) -> tuple[float, ...]:
@@ -538,4 +361,5 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
         sync_total_s=outcome.sync_total_s,
         sync_order=sync_order,
         loss_s=loss_s,
+        gather_s=outcome.gather_s,
     )

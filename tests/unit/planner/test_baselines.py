@@ -1,7 +1,9 @@
 """Baselines under Loom's cost model: hand-computed times for small jobs (gradient sync overlapped with the
-backward that follows it, ZeRO-1 optimizer) and the allocation rules of each system."""
+backward that follows it, ZeRO-1 optimizer and its all-gather) and the allocation rules of each system."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 
@@ -40,6 +42,11 @@ def problem_of(cm: CostModel, *ops: MetaOp) -> Problem:
     return Problem.build(finalize_graph(list(ops)), cm)
 
 
+def gather(cm: CostModel, params: float, n: int, cross_node: bool = False) -> float:
+    """ZeRO-1's all-gather of ``params`` updated parameters over ``n`` holders (shares padded to ceil(params / n))."""
+    return cm.allgather_time(cm.weight_bytes * math.ceil(params / n) * n, n, cross_node)
+
+
 def test_single_metaop_job_every_baseline_matches_hand_math():
     job = parse_job({
         "name": "one",
@@ -55,9 +62,9 @@ def test_single_metaop_job_every_baseline_matches_hand_math():
     assert curve.counts[-1] == 8  # the fastest count is the whole node, so every system runs it the same way
     params = o.layer.params * o.num_layers
     # one MetaOp: its gradients are final only when backward ends, so the whole sync is exposed;
-    # ZeRO-1 shards the optimizer step over the 8 replicas
+    # ZeRO-1 shards the optimizer step over the 8 replicas, which then all-gather the updated parameters
     expected = (curve.times[-1] * o.num_layers + cm.allreduce_time(2 * params, 8, cross_node=False)
-                + cm.optimizer_time(params / 8))
+                + cm.optimizer_time(params / 8) + gather(cm, params, 8))
     assert sequential_time(problem, cm) == pytest.approx(expected)
     spindle = Schedule((Wave((Slice(0, o.num_layers, 8),)),))
     times = run_baselines(problem, cm, spindle=spindle)
@@ -71,7 +78,8 @@ def test_sequential_syncs_over_all_devices_even_when_a_metaop_uses_fewer():
     problem = problem_of(cm, op(0, "t", "enc", batch=4, params=1e6, layers=2))  # batch 4: at most 4 devices
     curve = problem.curves[0]
     assert curve.counts[-1] == 4
-    expected = curve.times[-1] * 2 + cm.allreduce_time(2 * 2e6, 8, cross_node=True) + cm.optimizer_time(2e6 / 8)
+    expected = (curve.times[-1] * 2 + cm.allreduce_time(2 * 2e6, 8, cross_node=True) + cm.optimizer_time(2e6 / 8)
+                + gather(cm, 2e6, 8, cross_node=True))
     assert sequential_time(problem, cm) == pytest.approx(expected)
 
 
@@ -80,7 +88,8 @@ def test_two_identical_tasks_split_the_devices_evenly():
     problem = problem_of(cm, op(0, "ta", "enc_a", params=1e6), op(1, "tb", "enc_b", params=1e6))
     assert uniform_sizes(2, 8) == [4, 4]
     assert optimus_sizes(problem) == [4, 4]
-    expected = problem.curves[0].time(4) * 4 + cm.allreduce_time(2 * 4e6, 4, False) + cm.optimizer_time(4e6 / 4)
+    expected = (problem.curves[0].time(4) * 4 + cm.allreduce_time(2 * 4e6, 4, False) + cm.optimizer_time(4e6 / 4)
+                + gather(cm, 4e6, 4))
     assert uniform_time(problem, cm) == pytest.approx(expected)
     assert optimus_time(problem, cm) == pytest.approx(expected)
     # sequential runs them one after another on 8 devices each, syncing both groups over all 8. enc_a's
@@ -88,7 +97,7 @@ def test_two_identical_tasks_split_the_devices_evenly():
     one_task = problem.curves[0].time(8) * 4
     sync = cm.allreduce_time(2 * 4e6, 8, False)
     assert sync < one_task
-    seq = 2 * one_task + sync + cm.optimizer_time(2 * 4e6 / 8)
+    seq = 2 * one_task + sync + cm.optimizer_time(2 * 4e6 / 8) + 2 * gather(cm, 4e6, 8)  # both gathers on every device
     assert sequential_time(problem, cm) == pytest.approx(seq)
 
 
@@ -97,7 +106,7 @@ def test_sequential_syncs_a_shared_component_after_the_last_task_that_uses_it():
     cm = cost_model()
     problem = problem_of(cm, op(0, "ta", "enc", params=1e6), op(1, "tb", "enc", params=1e6))
     one_task = problem.curves[0].time(8) * 4
-    expected = 2 * one_task + cm.allreduce_time(2 * 4e6, 8, False) + cm.optimizer_time(4e6 / 8)
+    expected = 2 * one_task + cm.allreduce_time(2 * 4e6, 8, False) + cm.optimizer_time(4e6 / 8) + gather(cm, 4e6, 8)
     assert sequential_time(problem, cm) == pytest.approx(expected)
     assert distmm_mt_time(problem, cm) == pytest.approx(expected)  # one MetaOp per task: the same run
 
@@ -113,7 +122,7 @@ def test_a_tasks_later_metaop_syncs_during_the_backward_of_its_earlier_one():
     compute = 2 * 4e-3 + 2 * 1e-3
     sync = cm.allreduce_time(2 * 2e8, 8, False)  # each group: 2 layers of 1e8 parameters
     assert sync < 2 / 3 * 2 * 4e-3  # head's all-reduce fits in enc's backward
-    expected = compute + sync + cm.optimizer_time(2 * 2e8 / 8)
+    expected = compute + sync + cm.optimizer_time(2 * 2e8 / 8) + 2 * gather(cm, 2e8, 8)
     for system in (sequential_time, uniform_time, optimus_time, distmm_mt_time):
         assert system(problem, cm) == pytest.approx(expected), system.__name__
 
@@ -141,8 +150,9 @@ def test_optimus_gives_the_heavier_task_more_devices():
     heavy_end, light_end = 3e-3 * 2 * 4, 1e-3 * 4 * 4  # 2 and 4 samples per device, 4 layers
     sync_heavy, sync_light = cm.allreduce_time(8e6, 4, False), cm.allreduce_time(8e6, 2, False)
     assert light_end + sync_light < heavy_end  # the light task's sync hides behind the heavy task
-    # devices end with their own sync and ZeRO-1 step: heavy's 4 replicas step 1/4 each, light's 2 a half
-    expected = heavy_end + max(sync_heavy + cm.optimizer_time(4e6 / 4), cm.optimizer_time(4e6 / 2))
+    # devices end with their own sync, ZeRO-1 step and all-gather: heavy's 4 replicas step 1/4 each, light's 2 a half
+    expected = heavy_end + max(sync_heavy + cm.optimizer_time(4e6 / 4) + gather(cm, 4e6, 4),
+                               cm.optimizer_time(4e6 / 2) + gather(cm, 4e6, 2))
     assert optimus_time(problem, cm) == pytest.approx(expected)
 
 
@@ -158,8 +168,9 @@ def test_distmm_splits_a_level_in_proportion_to_work():
     compute = encoders + problem.curves[2].time(6) * 4
     t_a, t_b, t_f = (cm.allreduce_time(8e6, n, False) for n in (6, 2, 6))
     assert t_f < 2 / 3 * encoders  # the fusion's sync hides behind the encoders' backward
-    # a and f on devices 0-5 (each step a sixth of both), b on 6-7 (half of it)
-    end = max(t_a + cm.optimizer_time(2 * 4e6 / 6), t_b + cm.optimizer_time(4e6 / 2))
+    # a and f on devices 0-5 (each step a sixth of both, then gather both), b on 6-7 (half of it)
+    end = max(t_a + cm.optimizer_time(2 * 4e6 / 6) + 2 * gather(cm, 4e6, 6), t_b + cm.optimizer_time(4e6 / 2)
+              + gather(cm, 4e6, 2))
     assert distmm_mt_time(problem, cm) == pytest.approx(compute + end)
     assert distmm_mt_time(problem, cm) < sequential_time(problem, cm)
 

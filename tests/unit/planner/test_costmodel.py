@@ -245,6 +245,19 @@ def test_allreduce_time_is_the_ring_formula():
     assert cm.allreduce_time(1e9, 8, False) > cm.allreduce_time(1e9, 2, False)
 
 
+def test_allgather_time_is_the_ring_formula_half_an_allreduce():
+    cm = AnalyticCostModel(hardware(2, 4))
+    nbytes, n = 1e9, 4
+    intra = (n - 1) * A800.intra_latency_s + (n - 1) / n * nbytes / 200e9
+    inter = (n - 1) * A800.inter_latency_s + (n - 1) / n * nbytes / 50e9
+    assert cm.allgather_time(nbytes, n, cross_node=False) == pytest.approx(intra)
+    assert cm.allgather_time(nbytes, n, cross_node=True) == pytest.approx(inter)
+    # a ring all-reduce is a reduce-scatter plus an all-gather of the same tensor
+    assert cm.allgather_time(nbytes, n, cross_node=True) == pytest.approx(cm.allreduce_time(nbytes, n, True) / 2)
+    assert cm.allgather_time(nbytes, 1, cross_node=False) == 0.0
+    assert cm.allgather_time(0.0, 8, cross_node=True) == 0.0
+
+
 def test_p2p_and_optimizer_time():
     cm = AnalyticCostModel(hardware())
     assert cm.p2p_time(2e9, cross_node=False) == pytest.approx(A800.intra_latency_s + 2e9 / 200e9)
@@ -345,3 +358,24 @@ def test_gradient_bytes_follow_the_training_precision():
 
     assert make_cost_model(job("bf16")).grad_bytes == 2
     assert make_cost_model(job("fp32")).grad_bytes == 4
+
+
+def test_gathered_parameter_bytes_follow_the_training_precision(tmp_path):
+    """ZeRO-1 all-gathers the parameters in the job's precision: bf16 weights by default, fp32 in the CPU runtime's
+    fp32 jobs, for the analytic model and for a profiled one alike."""
+    from planner.api import make_cost_model
+    from planner.spec import parse_job
+
+    def job(precision):
+        return parse_job({"name": "p", "cluster": {"device": "cpu", "devices_per_node": 2},
+                          "components": {"c": {"kind": "mlp", "num_layers": 1, "hidden_size": 8}},
+                          "tasks": [{"name": "t", "batch_size": 2, "components": [{"component": "c"}]}],
+                          "training": {"precision": precision}})
+
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps({"version": 1, "device": "cpu", "points": {}}))
+    assert AnalyticCostModel(hardware()).weight_bytes == 2
+    assert make_cost_model(job("bf16")).weight_bytes == 2
+    assert make_cost_model(job("fp32")).weight_bytes == 4
+    assert make_cost_model(job("fp32"), costs).weight_bytes == 4
+    assert make_cost_model(job("bf16"), costs).weight_bytes == 2

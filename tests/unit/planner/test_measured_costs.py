@@ -1,6 +1,7 @@
 """Measured work outside the layers (MeasuredCosts): root embeddings in their wave, the loss stage between the
-last forward and the first backward, and the measured AdamW rate, against hand math; none of it without a
-profile (the analytic model's predictions stay as they were)."""
+last forward and the first backward, the measured AdamW rate and links (ZeRO-1's all-gather measured or derived
+from the all-reduce), against hand math; none of it without a profile (the analytic model's predictions stay as
+they were)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def test_embedding_joins_its_root_slice_and_heads_form_the_loss_stage():
     # loss hosts: a on device 0 (local batch 8), b on device 1: the busiest device sets the stage
     assert sim.loss_s == pytest.approx(max(0.0015, 0.004))
     assert sim.compute_s == pytest.approx(sum(sim.wave_durations) + sim.loss_s)
-    assert sim.iteration_time_s == pytest.approx(sim.compute_s + sim.transfer_s + sim.sync_s + sim.optimizer_s)
+    assert sim.iteration_time_s == pytest.approx(
+        sim.compute_s + sim.transfer_s + sim.sync_s + sim.optimizer_s + sim.gather_s)
 
 
 def test_loss_stage_runs_between_the_last_forward_and_the_first_backward():
@@ -141,4 +143,42 @@ def test_cost_file_links_load():
     data = {"links": {"p2p": [[1e6, 8e-4], [1e4, 3e-4]], "allreduce": [[1e4, 5e-4]]}}
     measured = MeasuredCosts.from_json(data)
     assert measured.p2p == [(1e4, 3e-4), (1e6, 8e-4)] and measured.allreduce == [(1e4, 5e-4)]
+    assert measured.allgather == []
+    data["links"]["allgather"] = [[1e6, 6e-4], [1e4, 2e-4]]
+    assert MeasuredCosts.from_json(data).allgather == [(1e4, 2e-4), (1e6, 6e-4)]
     assert MeasuredCosts.from_json({}) == MeasuredCosts()
+
+
+def test_measured_allgather_points_scale_like_a_ring():
+    allgather = [(1e4, 2e-4), (1e6, 6e-4)]
+    cm = ProfiledCostModel(HW, {}, measured=MeasuredCosts(allreduce=[(1e6, 1.5e-3)], allgather=allgather))
+    assert cm.allgather_time(1e6, 2, cross_node=False) == pytest.approx(6e-4)  # the points, not the all-reduce's
+    # a ring over 4: 3 steps of a quarter, each like two processes gathering half the bytes
+    assert cm.allgather_time(2e6, 4, cross_node=False) == pytest.approx(3 * 6e-4)
+    plain = ProfiledCostModel(HW, {})
+    assert cm.allgather_time(1e6, 4, cross_node=True) == plain.allgather_time(1e6, 4, cross_node=True)
+    assert cm.allgather_time(1e6, 1, cross_node=False) == 0
+
+
+def test_cost_file_without_allgather_points_derives_it_from_the_allreduce(tmp_path):
+    """A `loom profile` cost file measures p2p and all-reduce only: ZeRO-1's all-gather takes half the measured
+    all-reduce of the same bytes, in the cost model and in a simulated iteration."""
+    ops, _ = two_tasks()
+    points = {profile_key(o, Layout(1, 1)): [[4, 0.006], [8, 0.01]] for o in ops}
+    data = {"version": 1, "device": "cpu", "points": points,
+            "optimizer_s_per_param": 1e-8, "links": {"p2p": [[1e4, 3e-4]], "allreduce": [[1e4, 5e-4], [1e6, 1.5e-3]]}}
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(data))
+    cm = ProfiledCostModel.load(path, HW, grad_bytes=4, weight_bytes=4)
+    assert cm.measured.allgather == []
+    assert cm.allgather_time(1e6, 2, cross_node=False) == pytest.approx(1.5e-3 / 2)
+    assert cm.allgather_time(2e6, 4, cross_node=False) == pytest.approx(3 * 1.5e-3 / 2)
+    # enc0 (2 layers of 1e5 parameters) on both devices: all-reduced, stepped by halves, then gathered in fp32
+    placed = PlacedSchedule((PlacedWave((PlacedSlice(0, 0, 2, (0, 1), Layout(2, 1)),)),))
+    sim = simulate(Problem.build(finalize_graph(ops[:1]), cm), placed, cm)
+    gathered = cm.allreduce_time(4 * 2e5, 2, cross_node=False) / 2
+    assert sim.gather_s == pytest.approx(gathered)
+    assert sim.optimizer_s == pytest.approx(1e5 * 1e-8)
+    assert sim.iteration_time_s == pytest.approx(sim.compute_s + sim.sync_s + sim.optimizer_s + gathered)
+    unsharded = ProfiledCostModel.load(path, HW, shard_optimizer=False, grad_bytes=4, weight_bytes=4)
+    assert simulate(Problem.build(finalize_graph(ops[:1]), unsharded), placed, unsharded).gather_s == 0

@@ -185,7 +185,9 @@ def test_predicted_times_add_up(planned):
     plan, pred = outcome.plan, outcome.plan.predicted
     assert pred.compute_s > 0
     assert pred.iteration_time_s >= pred.compute_s
-    assert pred.iteration_time_s == pytest.approx(pred.compute_s + pred.transfer_s + pred.sync_s + pred.optimizer_s)
+    assert pred.iteration_time_s == pytest.approx(
+        pred.compute_s + pred.transfer_s + pred.sync_s + pred.optimizer_s + pred.gather_s)
+    assert pred.gather_s == pytest.approx(outcome.simulation.gather_s) and pred.gather_s >= 0
     assert sum(w.duration_s for w in plan.waves) == pytest.approx(pred.compute_s)
     start = 0.0
     for k, wave in enumerate(plan.waves):

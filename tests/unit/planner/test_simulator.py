@@ -1,8 +1,10 @@
 """Simulator: compute, transfers (re-split of a batch), gradient sync overlapped with backward, the ZeRO-1
-optimizer and peak memory against hand math, and the overlap model's bounds on random placed schedules."""
+optimizer and its all-gather, and peak memory against hand math, and the overlap model's bounds on random placed
+schedules."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -14,9 +16,9 @@ from planner.metagraph import MetaOp, finalize_graph
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, all_slices, build_ledger, place_schedule
 from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule
 from planner.simulator import (
-    Phase, backward_ends, boundary_time, bucket_time, finish_iteration, resplit_flows,
-    simulate, simulate_transfers, split_passes, sync_buckets,
+    Phase, backward_ends, boundary_time, resplit_flows, simulate, simulate_transfers, split_passes,
 )
+from planner.sync import bucket_time, finish_iteration, gather_time, sync_buckets
 
 
 class LinearCost(CostModel):
@@ -50,25 +52,37 @@ def placed(problem: Problem, *waves: list[tuple[int, int, int, tuple[int, ...]]]
     ))
 
 
+def gather(params: float, n: int, cross_node: bool = False, cm: CostModel = CM) -> float:
+    """ZeRO-1's all-gather of ``params`` updated parameters over ``n`` holders (shares padded to ceil(params / n))."""
+    return cm.allgather_time(cm.weight_bytes * math.ceil(params / n) * n, n, cross_node)
+
+
+def identity(sim) -> float:
+    return sim.compute_s + sim.transfer_s + sim.sync_s + sim.optimizer_s + sim.gather_s
+
+
 def samples_moved(flows, out_bytes: float) -> float:
     return float(flows.nbytes.sum()) / out_bytes
 
 
-def test_single_wave_iteration_is_compute_plus_sync_plus_optimizer():
-    """One wave, one MetaOp: its bucket is ready exactly when backward ends, so nothing hides the sync."""
+def test_single_wave_iteration_is_compute_plus_sync_plus_optimizer_plus_gather():
+    """One wave, one MetaOp: its bucket is ready exactly when backward ends, so nothing hides the sync, and the
+    all-gather of the updated parameters follows the step."""
     o = op(0, "enc", layers=6, params=2e6)
     problem = problem_of(o)
     sim = simulate(problem, placed(problem, [(0, 0, 6, (0, 1, 2, 3))]), CM)
     compute = 8 * 1e9 / 4 / 1e12 * 6  # 2 samples per device, 1 GFLOP each, on a 1 TFLOP/s linear model
     sync = CM.allreduce_time(CM.grad_bytes * 2e6 * 6, 4, cross_node=False)
     optimizer = CM.optimizer_time(2e6 * 6 / 4)  # ZeRO-1: each of the 4 replicas steps a quarter
+    gathered = CM.allgather_time(CM.weight_bytes * 2e6 * 6, 4, cross_node=False)  # then they gather the quarters
     assert sim.compute_s == pytest.approx(compute)
     assert sim.wave_durations == (pytest.approx(compute),)
     assert sim.transfer_s == 0 and sim.transfers == ()
     assert sim.sync_s == pytest.approx(sync)
     assert sim.sync_total_s == pytest.approx(sync)
     assert sim.optimizer_s == pytest.approx(optimizer)
-    assert sim.iteration_time_s == pytest.approx(compute + sync + optimizer)
+    assert sim.gather_s == pytest.approx(gathered) and gathered > 0
+    assert sim.iteration_time_s == pytest.approx(compute + sync + optimizer + gathered)
     assert [(g.param_group, g.devices, g.bytes) for g in sim.sync_groups] == [("enc", (0, 1, 2, 3), 2 * 2e6 * 6)]
 
 
@@ -80,13 +94,14 @@ def test_shared_group_syncs_across_both_metaops_devices():
     assert sim.compute_s == pytest.approx(max(problem.curves[m].time(4) * 4 for m in (0, 1)))
     assert sim.sync_s == pytest.approx(CM.allreduce_time(2 * 1e6 * 4, 8, cross_node=True))
     assert sim.optimizer_s == pytest.approx(CM.optimizer_time(1e6 * 4 / 8))  # state sharded over all 8 holders
+    assert sim.gather_s == pytest.approx(gather(1e6 * 4, 8, cross_node=True))  # the gather crosses nodes too
     assert len(sim.sync_groups) == 1 and sim.sync_groups[0].metaops == (0, 1)
 
 
 def test_frozen_group_is_not_synced_and_has_no_optimizer_step():
     problem = problem_of(op(0, "enc", frozen=True))
     sim = simulate(problem, placed(problem, [(0, 0, 4, (0, 1, 2, 3))]), CM)
-    assert sim.sync_s == 0 and sim.optimizer_s == 0 and sim.sync_groups == ()
+    assert sim.sync_s == 0 and sim.optimizer_s == 0 and sim.gather_s == 0 and sim.sync_groups == ()
 
 
 def test_resplit_moves_exactly_the_samples_whose_owner_changes():
@@ -129,7 +144,7 @@ def test_continuation_transfer_bytes_and_time_in_simulation():
     one_way = CM.p2p_time(4 * 100.0, cross_node=False)
     assert t.time_s == pytest.approx(2 * one_way)  # activations forward, gradients backward
     assert sim.transfer_s == pytest.approx(2 * one_way)
-    assert sim.iteration_time_s == pytest.approx(sim.compute_s + sim.transfer_s + sim.sync_s + sim.optimizer_s)
+    assert sim.iteration_time_s == pytest.approx(identity(sim))
 
 
 def test_same_devices_mean_no_transfer():
@@ -168,7 +183,8 @@ def test_concurrent_transfers_at_one_boundary_take_the_busiest_link():
 
 
 def test_split_metaop_syncs_each_device_set_separately():
-    """Layers 0-1 on [0,1] and layers 2-3 on [0,1,2,3]: two buckets, sharing devices 0-1, so they serialise."""
+    """Layers 0-1 on [0,1] and layers 2-3 on [0,1,2,3]: two buckets, sharing devices 0-1, so their all-reduces
+    serialise, and so do their all-gathers after devices 0-1 (the slowest) have stepped."""
     problem = problem_of(op(0, "enc", layers=4, params=1e6))
     ledger = build_ledger(problem, [
         PlacedSlice(0, 0, 2, (0, 1), Layout(2, 1)), PlacedSlice(0, 2, 2, (0, 1, 2, 3), Layout(4, 1)),
@@ -179,28 +195,70 @@ def test_split_metaop_syncs_each_device_set_separately():
     sync = CM.allreduce_time(4e6, 2, False) + CM.allreduce_time(4e6, 4, False)
     # devices 0-1 step half of layers 0-1 and a quarter of layers 2-3 (ZeRO-1 over each bucket's replicas)
     optimizer = CM.optimizer_time(2e6 / 2 + 2e6 / 4)
+    gathers = (gather(2e6, 2), gather(2e6, 4))
+    assert out.gather_times == pytest.approx(gathers)
     assert out.sync_s == pytest.approx(sync)
     assert out.optimizer_s == pytest.approx(optimizer)
-    assert out.iteration_time_s == pytest.approx(sync + optimizer)
+    assert out.gather_s == pytest.approx(sum(gathers))
+    assert out.iteration_time_s == pytest.approx(sync + optimizer + sum(gathers))
 
 
 def test_unsharded_optimizer_steps_every_parameter_a_device_holds():
     problem = problem_of(op(0, "enc", layers=4, params=1e6))
     ledger = build_ledger(problem, [PlacedSlice(0, 0, 4, (0, 1, 2, 3), Layout(4, 1))], CM)
     plain = LinearCost(CM.hw, shard_optimizer=False)
-    assert finish_iteration(ledger, [0.0], 0.0, plain).optimizer_s == pytest.approx(CM.optimizer_time(4e6))
-    assert finish_iteration(ledger, [0.0], 0.0, CM).optimizer_s == pytest.approx(CM.optimizer_time(1e6))
+    unsharded, sharded = finish_iteration(ledger, [0.0], 0.0, plain), finish_iteration(ledger, [0.0], 0.0, CM)
+    assert unsharded.optimizer_s == pytest.approx(CM.optimizer_time(4e6))
+    assert sharded.optimizer_s == pytest.approx(CM.optimizer_time(1e6))
+    # every replica steps all of it: nothing to gather
+    assert unsharded.gather_s == 0 and unsharded.gather_times == (0.0,)
+    assert unsharded.iteration_time_s == pytest.approx(unsharded.sync_s + unsharded.optimizer_s)
+    assert sharded.gather_s == pytest.approx(gather(4e6, 4)) and sharded.gather_s > 0
+
+
+@pytest.mark.parametrize("shard", [True, False])
+def test_gather_only_for_sharded_buckets_with_several_participants(shard):
+    """x alone on device 0 (one participant), y on devices 1-2: only y gathers, and only under ZeRO-1."""
+    cm = LinearCost(CM.hw, shard_optimizer=shard)
+    problem = Problem.build(finalize_graph([op(0, "x", params=1e6), op(1, "y", params=1e6)]), cm)
+    placed_schedule = placed(problem, [(0, 0, 4, (0,)), (1, 0, 4, (1, 2))])
+    sim = simulate(problem, placed_schedule, cm)
+    outcome = finish_iteration(build_ledger(problem, all_slices(placed_schedule), cm), [0.0, 0.0], 0.0, cm)
+    gather_y = gather(4e6, 2, cm=cm) if shard else 0.0
+    assert outcome.gather_times == (0.0, pytest.approx(gather_y))  # x's one holder steps all of it: nothing to gather
+    # y's devices sync, step (half of y when sharded) and gather after device 0 has stepped all of x: y ends last
+    step_x, step_y = cm.optimizer_time(4e6), cm.optimizer_time(4e6 / 2 if shard else 4e6)
+    stepped_y = cm.allreduce_time(2 * 4e6, 2, False) + step_y
+    assert stepped_y > step_x
+    assert sim.gather_s == pytest.approx(gather_y)
+    assert sim.iteration_time_s == pytest.approx(sim.compute_s + stepped_y + gather_y)
+    assert sim.iteration_time_s == pytest.approx(identity(sim))
+
+
+def test_gather_grows_with_the_buckets_bytes():
+    """The same placement with larger layers: the exposed all-gather grows with the parameters gathered."""
+    exposed = []
+    for params in (1e6, 1e7, 1e8):
+        problem = problem_of(op(0, "enc", params=params))
+        sim = simulate(problem, placed(problem, [(0, 0, 4, (0, 1, 2, 3))]), CM)
+        assert sim.gather_s == pytest.approx(gather(params * 4, 4))
+        assert sim.iteration_time_s == pytest.approx(identity(sim))
+        exposed.append(sim.gather_s)
+    assert exposed[0] < exposed[1] < exposed[2]
+    # beyond the latency, ten times the bytes take about ten times as long
+    assert (exposed[2] - exposed[1]) == pytest.approx(10 * (exposed[1] - exposed[0]))
 
 
 def test_disjoint_buckets_sync_concurrently():
     problem = problem_of(op(0, "x", params=1e6), op(1, "y", params=3e6))
     sim = simulate(problem, placed(problem, [(0, 0, 4, (0, 1)), (1, 0, 4, (2, 3))]), CM)
-    # both ready when the single wave's backward ends; y's devices finish last: its sync and its step
-    end_x = CM.allreduce_time(2 * 1e6 * 4, 2, False) + CM.optimizer_time(1e6 * 4 / 2)
-    end_y = CM.allreduce_time(2 * 3e6 * 4, 2, False) + CM.optimizer_time(3e6 * 4 / 2)
+    # both ready when the single wave's backward ends; y's devices finish last: its sync, its step and its gather
+    end_x = CM.allreduce_time(2 * 1e6 * 4, 2, False) + CM.optimizer_time(1e6 * 4 / 2) + gather(1e6 * 4, 2)
+    end_y = CM.allreduce_time(2 * 3e6 * 4, 2, False) + CM.optimizer_time(3e6 * 4 / 2) + gather(3e6 * 4, 2)
     assert end_y > end_x
     assert sim.iteration_time_s == pytest.approx(sim.compute_s + end_y)
     assert sim.sync_s == pytest.approx(CM.allreduce_time(2 * 3e6 * 4, 2, False))
+    assert sim.gather_s == pytest.approx(gather(3e6 * 4, 2))  # x's gather runs beside y's step
 
 
 # --------------------------------------------------------------------------- overlap with backward
@@ -241,12 +299,14 @@ def test_later_wave_group_syncs_during_the_earlier_waves_backward(params_y):
     sync_x = CM.allreduce_time(2 * 1e3 * 4, 2, False)
     sync_y = CM.allreduce_time(2 * params_y * 4, 2, False)
     step_x, step_y = CM.optimizer_time(1e3 * 4 / 2), CM.optimizer_time(params_y * 4 / 2)
-    iteration = max(compute_end + sync_x + step_x, max(compute_end, ready_y + sync_y) + step_y)
+    stepped_x, stepped_y = compute_end + sync_x + step_x, max(compute_end, ready_y + sync_y) + step_y
+    iteration = max(stepped_x + gather(1e3 * 4, 2), stepped_y + gather(params_y * 4, 2))
     assert sim.compute_s == pytest.approx(48e-3)
     assert sim.transfer_s == pytest.approx(2 * hop)
     assert sim.iteration_time_s == pytest.approx(iteration)
     assert sim.optimizer_s == pytest.approx(step_y)
-    assert sim.sync_s == pytest.approx(iteration - compute_end - step_y)
+    assert sim.sync_s == pytest.approx(max(stepped_x, stepped_y) - compute_end - step_y)
+    assert sim.gather_s == pytest.approx(iteration - max(stepped_x, stepped_y))
     if params_y == 1e6:
         assert sync_y < hop + backward_x and sim.sync_s == pytest.approx(max(0.0, sync_x + step_x - step_y))
     else:
@@ -265,8 +325,10 @@ def test_buckets_on_shared_devices_serialise_after_the_earlier_one():
     sync_x, sync_y = CM.allreduce_time(2 * 1e3 * 4, 2, False), CM.allreduce_time(2 * 5e8 * 4, 2, False)
     assert sync_y > backward_x
     step = CM.optimizer_time((1e3 + 5e8) * 4 / 2)
-    assert sim.iteration_time_s == pytest.approx(compute_end - backward_x + sync_y + sync_x + step)
+    gathers = gather(1e3 * 4, 2) + gather(5e8 * 4, 2)  # after the step, one after the other on the same devices
+    assert sim.iteration_time_s == pytest.approx(compute_end - backward_x + sync_y + sync_x + step + gathers)
     assert sim.sync_s == pytest.approx(sync_y - backward_x + sync_x)
+    assert sim.gather_s == pytest.approx(gathers)
 
 
 def test_longest_first_launch_is_kept_when_ready_order_would_block():
@@ -286,7 +348,9 @@ def test_longest_first_launch_is_kept_when_ready_order_would_block():
     longest_first = compute_end + sync_r + sync_q + step
     ready_order = ready_p + sync_p + sync_q + sync_r + step
     assert longest_first < ready_order
-    assert sim.iteration_time_s == pytest.approx(longest_first)
+    # every device steps at the same time; p's and r's gathers (disjoint devices, longest) run side by side, then q's
+    assert sim.gather_s == pytest.approx(gather(8e8 * 4, 2) + gather(1e7 * 4, 4))
+    assert sim.iteration_time_s == pytest.approx(longest_first + sim.gather_s)
     groups = [g.param_group for g in sim.sync_groups]
     assert [groups[i] for i in sim.sync_order] == ["p", "r", "q"]
 
@@ -316,7 +380,8 @@ def random_schedule(problem: Problem, rng: random.Random) -> Schedule:
 
 
 def no_overlap_iteration(problem: Problem, placed_schedule: PlacedSchedule, cost_model: CostModel) -> float:
-    """The previous model: compute + transfers, then every bucket longest-first, then the unsharded optimizer."""
+    """The previous model: compute + transfers, then every bucket longest-first, then the unsharded optimizer,
+    then every all-gather one after another."""
     compute = sum(
         max(problem.curves[s.metaop].time(len(s.devices)) * s.num_layers for s in wave.slices)
         for wave in placed_schedule.waves
@@ -330,7 +395,7 @@ def no_overlap_iteration(problem: Problem, placed_schedule: PlacedSchedule, cost
         for d in b.devices:
             free[d] = end
     step = cost_model.optimizer_time(float(ledger.trainable_params.max()))
-    return compute + transfers + max(free) + step
+    return compute + transfers + max(free) + step + sum(gather_time(b, cost_model) for b in buckets)
 
 
 def test_overlap_stays_between_compute_and_the_no_overlap_model():
@@ -346,8 +411,10 @@ def test_overlap_stays_between_compute_and_the_no_overlap_model():
         floor = sim.compute_s + sim.transfer_s
         assert sim.iteration_time_s >= floor * (1 - 1e-12), trial
         assert sim.iteration_time_s <= no_overlap_iteration(problem, placed_schedule, CM) * (1 + 1e-12), trial
-        assert sim.iteration_time_s == pytest.approx(floor + sim.sync_s + sim.optimizer_s), trial
+        assert sim.iteration_time_s == pytest.approx(identity(sim)), trial
         assert 0 <= sim.sync_s <= sim.sync_total_s * (1 + 1e-12), trial
+        gathers = sum(gather_time(b, CM) for b in sync_buckets(build_ledger(problem, all_slices(placed_schedule), CM)))
+        assert 0 <= sim.gather_s <= gathers * (1 + 1e-12), trial
         assert sorted(sim.sync_order) == list(range(len(sim.sync_groups))), trial
 
 

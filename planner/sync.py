@@ -1,0 +1,244 @@
+"""Gradient sync and optimizer: how an iteration ends once its compute and transfers are done.
+
+Owns :func:`finish_iteration`, which :func:`~planner.simulator.simulate` and the baselines share, and its
+parts: :func:`sync_buckets` (the all-reduce buckets of what a :class:`~planner.placement.MemoryLedger`
+holds), :func:`bucket_time` / :func:`schedule_sync` / :func:`launch_orders` (the shared-parameter gradient
+all-reduce overlapped with backward), :func:`optimizer_seconds` (the optimizer step) and, under ZeRO-1,
+:func:`gather_time` / :func:`schedule_gather` (the all-gather of the updated parameters).
+
+Model. Times are in seconds, bytes per iteration. The caller gives when each slice's backward ends and
+when compute and transfers end (``compute_end``).
+
+- **sync**: gradients of trainable parameter groups only (2 bytes/param), all-reduced among the
+  devices that hold them. Layers of a group held by the same device set (and TP degree) form one
+  bucket (:func:`sync_buckets`). A bucket over ``D`` devices at TP degree ``t`` is ``t`` concurrent
+  ring all-reduces of ``bytes / t`` over ``D / t`` devices, cross-node when ``D`` spans nodes. A
+  layer held at mixed TP degrees is treated as if every holder used the largest one. As in PyTorch
+  DDP buckets or Megatron's overlapped gradient reduce, a bucket is *ready* as soon as every
+  gradient it accumulates is final: when the backward of the earliest wave (in forward order) that
+  runs any of its layers has finished. It then overlaps with the rest of the backward. A device's
+  links are the sync's resource: buckets are launched in one order, each starts at
+  ``max(ready, end of every earlier-launched bucket on its devices)``, so buckets on disjoint
+  devices overlap and buckets sharing a device serialise. Inter-wave transfers and sync are
+  treated as independent resources (transfers are short and bursty; sync is off the critical path
+  until backward ends). Two launch orders are tried and the one giving the shorter iteration is
+  kept (:attr:`SyncOutcome.launch_order`, reported by the simulator as ``Simulation.sync_order``):
+  ready order (what DDP does) and longest-first. Every bucket is ready by the end of backward, so
+  longest-first ends no later than it would starting there: the iteration is never longer than
+  compute, transfers, sync, optimizer and all-gathers run one after another.
+- **optimizer**: A device steps the trainable parameters it holds (after TP sharding) when its
+  compute and every bucket on its devices are done. Without ``cost_model.shard_optimizer`` it steps
+  all of them and the iteration ends when the last device has stepped. With it (ZeRO-1, as
+  ``runtime/zero.py`` runs it): the full gradients are all-reduced as above, each bucket's
+  optimizer state is sharded over its ``D / t`` all-reduce participants, and a device steps
+  ``1 / (D / t)`` of the bucket. Then the participants all-gather the updated shares
+  (:func:`gather_time`: ``t`` concurrent ring all-gathers over ``D / t`` devices of the bucket's
+  parameters at ``cost_model.weight_bytes``, each share padded to ``ceil(params / (D / t))``
+  elements), so every replica ends with the full parameters. A bucket's all-gather starts once
+  the slowest of its participants has stepped (its whole step: a device steps all its shares,
+  then gathers); buckets sharing a device serialise on its link, launched in the order they can
+  start, longest first among equals (:func:`schedule_gather`). The iteration ends when the last
+  all-gather (or step) ends. (The memory ledger shards each slice's state over that slice's
+  data-parallel group; both agree when one slice holds the layers.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.costmodel import CostModel
+from planner.placement import MemoryLedger
+
+
+@dataclass(frozen=True)
+class SyncBucket:
+    """Layers ``layers`` of trainable ``param_group`` held by exactly ``devices`` (at TP degree ``tp_degree``)."""
+
+    param_group: str
+    layers: tuple[int, ...]
+    devices: tuple[int, ...]
+    tp_degree: int
+    num_params: float  # parameters of those layers, unsharded
+
+
+def sync_buckets(ledger: MemoryLedger) -> list[SyncBucket]:
+    """The all-reduce buckets of every trainable group in ``ledger``, ordered by group then first layer."""
+    out: list[SyncBucket] = []
+    for group in sorted(ledger.held):
+        facts = ledger.groups[group]
+        if not facts.trainable:
+            continue
+        classes: dict[tuple[tuple[int, int], ...], list[int]] = {}  # devices holding the same layers at the same degrees
+        union = 0
+        for d, by_tp in ledger.held[group].items():
+            classes.setdefault(tuple(sorted(by_tp.items())), []).append(d)
+            for bits in by_tp.values():
+                union |= bits
+        buckets: dict[tuple[tuple[int, ...], int], list[int]] = {}
+        for j in range(union.bit_length()):
+            devices: list[int] = []
+            tp = 1
+            for key, members in classes.items():
+                degrees = [t for t, bits in key if bits >> j & 1]
+                if degrees:
+                    devices.extend(members)
+                    tp = max(tp, min(degrees))
+            if devices:
+                buckets.setdefault((tuple(sorted(devices)), tp), []).append(j)
+        for (devices, tp), layers in sorted(buckets.items(), key=lambda kv: kv[1][0]):
+            out.append(SyncBucket(group, tuple(layers), devices, tp, len(layers) * facts.params_per_layer))
+    return out
+
+
+def _crosses_nodes(bucket: SyncBucket, cost_model: CostModel) -> bool:
+    dpn = cost_model.hw.devices_per_node
+    return bucket.devices[0] // dpn != bucket.devices[-1] // dpn
+
+
+def bucket_time(bucket: SyncBucket, cost_model: CostModel) -> float:
+    """Seconds of one bucket's all-reduce (``tp_degree`` concurrent rings, one per shard)."""
+    participants = len(bucket.devices) // bucket.tp_degree
+    nbytes = cost_model.grad_bytes * bucket.num_params / bucket.tp_degree
+    return cost_model.allreduce_time(nbytes, participants, cross_node=_crosses_nodes(bucket, cost_model))
+
+
+def gather_time(bucket: SyncBucket, cost_model: CostModel) -> float:
+    """Seconds of one bucket's ZeRO-1 all-gather of its updated parameters (``tp_degree`` concurrent rings over the
+    ``D / t`` participants, one per shard; every participant's share padded to ``ceil(params / (D / t))`` elements
+    of ``cost_model.weight_bytes``, as the runtime gathers). 0 without ``shard_optimizer`` or with one participant."""
+    participants = len(bucket.devices) // bucket.tp_degree
+    if not cost_model.shard_optimizer or participants <= 1:
+        return 0.0
+    per_share = math.ceil(bucket.num_params / bucket.tp_degree / participants)
+    nbytes = cost_model.weight_bytes * per_share * participants
+    return cost_model.allgather_time(nbytes, participants, cross_node=_crosses_nodes(bucket, cost_model))
+
+
+def covering_slices(buckets: Sequence[SyncBucket], ledger: MemoryLedger) -> list[tuple[int, ...]]:
+    """For each bucket, the indices of the ``ledger.slices`` that run at least one of its layers."""
+    ops = ledger.problem.graph.metaops
+    by_group: dict[str, list[int]] = {}
+    for i, s in enumerate(ledger.slices):
+        by_group.setdefault(ops[s.metaop].param_group, []).append(i)
+    out = []
+    for b in buckets:
+        wanted = sum(1 << j for j in b.layers)
+        out.append(tuple(
+            i for i in by_group.get(b.param_group, ())
+            if (((1 << ledger.slices[i].num_layers) - 1) << ledger.slices[i].first_layer) & wanted
+        ))
+    return out
+
+
+def schedule_sync(
+    buckets: Sequence[SyncBucket], times: Sequence[float], ready: Sequence[float], order: Sequence[int], num_devices: int
+) -> np.ndarray:
+    """Launch ``buckets`` in ``order``: each starts at ``max(ready[i], end of the earlier-launched buckets on its
+    devices)`` and takes ``times[i]``. Returns per device when its last bucket ends (0 without any)."""
+    free = np.zeros(num_devices)
+    for i in order:
+        if times[i] <= 0:
+            continue
+        idx = np.asarray(buckets[i].devices, dtype=np.int64)
+        free[idx] = max(ready[i], float(free[idx].max())) + times[i]
+    return free
+
+
+def launch_orders(buckets: Sequence[SyncBucket], times: Sequence[float], ready: Sequence[float]) -> dict[str, list[int]]:
+    """The candidate launch orders (bucket indices): ready order (longest first among equals) and longest-first."""
+    def tie(i: int) -> tuple[str, int]:
+        return buckets[i].param_group, buckets[i].layers[0]
+
+    ids = range(len(buckets))
+    return {
+        "ready": sorted(ids, key=lambda i: (ready[i], -times[i], *tie(i))),
+        "longest": sorted(ids, key=lambda i: (-times[i], *tie(i))),
+    }
+
+
+def optimizer_seconds(buckets: Sequence[SyncBucket], cost_model: CostModel, num_devices: int) -> np.ndarray:
+    """Optimizer step seconds per device: the TP shard of every bucket it holds, divided over the bucket's
+    all-reduce participants when ``cost_model.shard_optimizer`` (ZeRO-1)."""
+    params = np.zeros(num_devices)
+    for b in buckets:
+        shards = max(1, len(b.devices) // b.tp_degree) if cost_model.shard_optimizer else 1
+        params[list(b.devices)] += b.num_params / b.tp_degree / shards
+    return np.array([cost_model.optimizer_time(float(p)) if p > 0 else 0.0 for p in params])
+
+
+def schedule_gather(buckets: Sequence[SyncBucket], times: Sequence[float], stepped: np.ndarray) -> np.ndarray:
+    """ZeRO-1 all-gathers after the optimizer: device ``d`` has stepped at ``stepped[d]``; bucket ``i`` gathers for
+    ``times[i]`` once all its devices have stepped and are free, launched in the order they can start (longest
+    first among equals). Returns per device when its last all-gather ends (``stepped[d]`` without any)."""
+    free = np.array(stepped, dtype=float)
+    start = [float(free[list(b.devices)].max()) for b in buckets]
+    order = sorted((i for i in range(len(buckets)) if times[i] > 0),
+                   key=lambda i: (start[i], -times[i], buckets[i].param_group, buckets[i].layers[0]))
+    for i in order:
+        idx = np.asarray(buckets[i].devices, dtype=np.int64)
+        free[idx] = float(free[idx].max()) + times[i]
+    return free
+
+
+@dataclass(frozen=True)
+class SyncOutcome:
+    """How an iteration ends once compute and transfers end at ``compute_end``.
+
+    ``iteration_time_s = compute_end + sync_s + optimizer_s + gather_s``: ``sync_s`` is the exposed sync,
+    ``optimizer_s`` the slowest device's step, ``gather_s`` the exposed ZeRO-1 all-gather. Per bucket (as
+    :func:`sync_buckets` orders them): ``bucket_times`` (its all-reduce alone), ``gather_times`` (its
+    all-gather alone, 0 when none) and ``covers`` (:func:`covering_slices`).
+    """
+
+    iteration_time_s: float
+    sync_s: float
+    optimizer_s: float
+    sync_total_s: float
+    buckets: tuple[SyncBucket, ...]
+    bucket_times: tuple[float, ...]
+    covers: tuple[tuple[int, ...], ...]
+    launch_order: tuple[int, ...]
+    gather_s: float = 0.0
+    gather_times: tuple[float, ...] = ()
+
+
+def finish_iteration(
+    ledger: MemoryLedger, slice_ready: Sequence[float], compute_end: float, cost_model: CostModel
+) -> SyncOutcome:
+    """Gradient sync overlapped with backward, then the optimizer, then (ZeRO-1) the all-gathers of the updated
+    parameters, of everything ``ledger`` holds.
+
+    ``slice_ready[i]`` is when the backward of ``ledger.slices[i]`` ends (at most ``compute_end``). A
+    bucket is ready when all its covering slices are; the better of :func:`launch_orders` is kept.
+    """
+    buckets = sync_buckets(ledger)
+    num_devices = ledger.problem.num_devices
+    times = [bucket_time(b, cost_model) for b in buckets]
+    gathers = [gather_time(b, cost_model) for b in buckets]
+    covers = covering_slices(buckets, ledger)
+    ready = [max((slice_ready[i] for i in cover), default=compute_end) for cover in covers]
+    step = optimizer_seconds(buckets, cost_model, num_devices)
+    orders = launch_orders(buckets, times, ready)
+    ends = []
+    for order in orders.values():
+        stepped = np.maximum(schedule_sync(buckets, times, ready, order, num_devices), compute_end) + step
+        ends.append((float(schedule_gather(buckets, gathers, stepped).max()), float(stepped.max()), order))
+    iteration, last_step, order = min(ends, key=lambda e: e[0])  # the first (ready order) wins ties
+    optimizer_s = float(step.max())
+    alone = schedule_sync(buckets, times, [0.0] * len(buckets), orders["longest"], num_devices)
+    return SyncOutcome(
+        iteration_time_s=iteration,
+        sync_s=max(0.0, last_step - compute_end - optimizer_s),  # >= 0 but for rounding: some device steps last
+        optimizer_s=optimizer_s,
+        sync_total_s=float(alone.max()),
+        buckets=tuple(buckets),
+        bucket_times=tuple(times),
+        covers=tuple(covers),
+        launch_order=tuple(order),
+        gather_s=iteration - last_step,
+        gather_times=tuple(gathers),
+    )
