@@ -1,8 +1,9 @@
 """Batches of the medical recipe: every task's inputs and targets, drawn from one scan generator.
 
 Entry point: :func:`batch` (a ``runtime.data`` dataset source). Each task reads images through one
-vit use (its root) followed by one head use (a decoder or a reconstruction head); what it gets
-depends on its loss name (see :data:`LOSSES` and ``recipes/medical`` contract):
+vit use (its root) feeding one head use (a decoder, or a transformer for reconstruction; see
+:func:`task_layout`, which the loss heads share); what it gets depends on its loss name (see
+:data:`LOSSES` and ``recipes/medical`` contract):
 
 * every task: ``inputs[encoder use]`` the image ``(B, C, I, I)`` float32 (grey, repeated over the
   encoder's ``in_channels``), ``labels`` ``(B,)`` long (:func:`classification_label`; in split
@@ -33,13 +34,14 @@ from recipes.medical.scans import (
     VOCAB_SIZE, Scan, dequantise, describe_scan, encode, quantise, render_scans,
 )
 from runtime.data import SPLITS, TaskBatch
-from runtime.modules import image_channels, leaf_uses, root_uses, stable_seed, use_component
+from runtime.modules import image_channels, leaf_uses, root_uses, stable_seed, upstream_uses, use_component
 
 LOSSES = (
     "medical_classification", "medical_detection", "medical_segmentation", "medical_report",
     "medical_reconstruction",
 )
 TOKEN_LOSSES = ("medical_detection", "medical_report")
+HEAD_KINDS = {loss: "transformer" if loss == "medical_reconstruction" else "decoder" for loss in LOSSES}
 NUM_CLASSES = 1 + len(TYPES)  # classification: 0 = no lesion, 1 + type index of the largest lesion
 MASK_RATIO = 0.5  # fraction of patches zeroed for reconstruction
 
@@ -86,40 +88,72 @@ def row_keys(job: JobSpec, task_index: int, split: str, step: int, start: int, s
 
 @dataclass(frozen=True)
 class TaskLayout:
-    """What a medical task's data depends on, all read from the job."""
+    """What a medical task's data and loss head depend on, all read from the job: the vit use reading the
+    images (the encoder use) and the one use it feeds (the head use)."""
 
+    task: str
     loss: str
     encoder_use: str
     side: int  # image side I of the encoder use
-    patch_size: int
-    channels: int
-    head_use: str
-    seq_len: int  # stream length S of the head use
-    vocab_size: int | None  # token decoders only
+    patch_size: int  # p of the encoder
+    channels: int  # C of the encoder's images
+    head_use: str  # the task's one leaf: the use the loss head reads
+    hidden_size: int  # H of the head use
+    seq_len: int  # the head use's seq_len: S stream rows of a decoder, 1 + P rows of a transformer
+    vocab_size: int | None  # the head component's vocab_size (token decoders only)
+
+    @property
+    def grid(self) -> int:
+        """Patches per image side, I / p."""
+        return self.side // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """P = (I / p)^2."""
+        return self.grid**2
+
+
+def use_path(job: JobSpec, task_index: int, use_name: str | None = None) -> str:
+    """``tasks[i] ('name')``, or ``tasks[i] ('name').components[j]`` for the use ``use_name``: the path errors name."""
+    task = job.tasks[task_index]
+    path = f"tasks[{task_index}] ('{task.name}')"
+    if use_name is None:
+        return path
+    return path + f".components[{[use.use_name for use in task.components].index(use_name)}]"
 
 
 def _uses(job: JobSpec, task_index: int) -> tuple[str, str]:
-    """(encoder use, head use); a ValueError unless the task is one vit root feeding one head use."""
+    """(encoder use, head use); a ValueError unless the task is one vit use feeding exactly one use of the
+    kind its loss reads (:data:`HEAD_KINDS`)."""
     task = job.tasks[task_index]
+    head_kind = HEAD_KINDS[task.loss]
     roots = root_uses(job, task_index)
     leaves = [leaf for leaf in leaf_uses(job, task_index) if leaf not in roots]
     kinds = {use.use_name: job.components[use.component].kind for use in task.components}
-    if len(roots) != 1 or kinds[roots[0]] != "vit" or len(leaves) != 1:
+    if len(roots) != 1 or kinds[roots[0]] != "vit" or len(leaves) != 1 or upstream_uses(task)[leaves[0]] != roots:
         raise ValueError(
-            f"tasks[{task_index}] ('{task.name}').components ({kinds}) do not fit the medical recipe; expected one vit "
-            "use (reading the images) followed by one decoder or head use. Chain exactly two uses."
+            f"{use_path(job, task_index)}.components ({kinds}) is not one vit use feeding one head use; loss "
+            f"'{task.loss}' expects [vit, {head_kind}]. Chain exactly these two uses, the {head_kind} right after "
+            "the vit."
+        )
+    head_name, head_comp = use_component(job, task_index, leaves[0])
+    if head_comp.kind != head_kind:
+        raise ValueError(
+            f"{use_path(job, task_index, leaves[0])}.component ('{head_name}') is a {head_comp.kind}; loss "
+            f"'{task.loss}' reads a {head_kind} use fed by the vit. Use a {head_kind} component there."
         )
     return roots[0], leaves[0]
 
 
 def task_layout(job: JobSpec, task_index: int) -> TaskLayout:
-    """The :class:`TaskLayout` of a medical task; ValueError for a loss that is not a medical one, a
-    task that is not vit -> head, or a token task whose decoder lacks a large enough vocab_size."""
+    """The :class:`TaskLayout` of a medical task. ValueError naming the task for a loss that is not a medical
+    one, a task that is not a vit use feeding one head use of the loss's kind, or a token task whose decoder
+    lacks a large enough vocab_size; SpecError (planner.components) when a shape is missing."""
     task = job.tasks[task_index]
     if task.loss not in LOSSES:
         raise ValueError(
-            f"tasks[{task_index}] ('{task.name}').loss ('{task.loss}') has no medical data; supported: "
-            f"{', '.join(LOSSES)}."
+            f"{use_path(job, task_index)}.loss ('{task.loss}') is not a medical loss; expected one of "
+            f"{', '.join(LOSSES)}. Use one of them for this task."
         )
     encoder, head = _uses(job, task_index)
     shapes = {}
@@ -127,19 +161,18 @@ def task_layout(job: JobSpec, task_index: int) -> TaskLayout:
         if use.use_name in (encoder, head):
             comp = job.components[use.component]
             shapes[use.use_name] = resolve_shape(comp, use.component, use, f"tasks[{task_index}].components[{u}]")
-    enc_name, enc = use_component(job, task_index, encoder)
+    enc = use_component(job, task_index, encoder)[1]
     head_name, head_comp = use_component(job, task_index, head)
     vocab = head_comp.vocab_size
-    if task.loss in TOKEN_LOSSES:
-        if head_comp.kind != "decoder" or vocab is None or vocab < VOCAB_SIZE:
-            raise ValueError(
-                f"components.{head_name}.vocab_size ({vocab}) cannot hold the medical vocabulary of task "
-                f"'{task.name}' ({task.loss}); need a decoder with vocab_size >= {VOCAB_SIZE}. Set vocab_size: "
-                f"{VOCAB_SIZE} or more."
-            )
+    if task.loss in TOKEN_LOSSES and (vocab is None or vocab < VOCAB_SIZE):
+        raise ValueError(
+            f"{use_path(job, task_index, head)}.component ('{head_name}') has vocab_size {vocab}; loss "
+            f"'{task.loss}' needs a token decoder with vocab_size >= {VOCAB_SIZE} (the recipe's vocabulary). "
+            f"Set components.{head_name}.vocab_size to {VOCAB_SIZE} or more."
+        )
     return TaskLayout(
-        task.loss, encoder, shapes[encoder].image_size, enc.patch_size, image_channels(enc),
-        head, shapes[head].seq_len, vocab,
+        task.name, task.loss, encoder, shapes[encoder].image_size, enc.patch_size, image_channels(enc),
+        head, head_comp.hidden_size, shapes[head].seq_len, vocab,
     )
 
 
@@ -304,7 +337,7 @@ def batch(job: JobSpec, task_index: int, step: int, start: int, stop: int, split
         full = full.view(count, layout.seq_len + 1)
         inputs[layout.head_use], targets["tokens"] = full[:, :-1].contiguous(), full[:, 1:].contiguous()
     elif layout.loss == "medical_reconstruction":
-        num_patches = (side // layout.patch_size) ** 2
+        num_patches = layout.num_patches
         masks = torch.stack([patch_mask(key.seed, num_patches) for key in keys]) if keys else \
             torch.zeros(0, num_patches, dtype=torch.bool)
         inputs[layout.encoder_use] = mask_patches(images, masks, layout.patch_size)

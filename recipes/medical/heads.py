@@ -3,9 +3,9 @@
 Owns one :class:`runtime.heads.TaskHead` per loss name of the recipe and its factory
 ``(job, task_index, leaves) -> head`` (:data:`LOSS_FACTORIES`, which recipes/medical/__init__.py
 registers with ``runtime.heads.register_loss``), the exact query matching of segmentation, and pure
-metric functions. Every size comes from the job: the leaf use's seq_len and hidden size, the leaf
-component's vocab_size, the encoder's patch size and in_channels, the task's image size. Imports torch,
-runtime and planner; never ray.
+metric functions. Every size comes from the job (:func:`recipes.medical.data.task_layout`): the head use's
+seq_len and hidden size, the head component's vocab_size, the encoder's patch size and in_channels, the
+task's image size. Imports torch, runtime and planner; never ray.
 
 Output layouts read here (the runtime's contract): a vit use gives ``(B, 1 + P, H)``, [cls] then the
 ``P = (I/p)^2`` patch tokens in row-major grid order; a decoder use fed by it gives ``(B, S + 1 + P, H)``,
@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from planner.components import resolve_shape
 from planner.spec import JobSpec
-from recipes.medical.data import MAX_LESIONS, NUM_CLASSES, PAD, TYPES, VOCAB_SIZE
+from recipes.medical.data import MAX_LESIONS, NUM_CLASSES, PAD, TYPES, TaskLayout, task_layout, use_path
 from runtime.data import TaskBatch
 from runtime.heads import TaskHead
-from runtime.modules import image_channels, upstream_uses, use_component
+from runtime.modules import use_component
 
 NUM_LESION_TYPES = len(TYPES)  # K: lesion types seen in training; the segmentation classes are K + no-object
 PAD_ID = PAD  # token id ignored by the token losses
@@ -42,77 +40,21 @@ Instances = list[tuple[int, torch.Tensor]]  # one scan's predicted lesions: (typ
 # --------------------------------------------------------------------------- job layout
 
 
-@dataclass(frozen=True)
-class HeadLayout:
-    """What a head needs from the job: its leaf use and the shapes around it."""
-
-    task: str
-    leaf: str  # the leaf use the head reads
-    hidden_size: int  # H of the leaf
-    seq_len: int  # the leaf use's seq_len: S stream rows of a decoder, 1 + P rows of a transformer
-    vocab_size: int | None  # the leaf component's vocab_size
-    image_size: int  # I of the vit use feeding the leaf
-    patch_size: int  # p of that vit
-    in_channels: int  # C of that vit
-
-    @property
-    def grid(self) -> int:
-        """Patches per image side, I / p."""
-        return self.image_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        """P = (I / p)^2."""
-        return self.grid**2
+def _layout(job: JobSpec, task_index: int, leaves: list[str]) -> TaskLayout:
+    """The task's :class:`TaskLayout` (ValueError from :func:`task_layout` when the task does not fit)."""
+    layout = task_layout(job, task_index)
+    assert leaves == [layout.head_use], f"leaf uses {leaves} are not the task's head use '{layout.head_use}'"
+    return layout
 
 
-def _where(job: JobSpec, task_index: int) -> str:
-    return f"tasks[{task_index}] ('{job.tasks[task_index].name}')"
-
-
-def resolve_layout(job: JobSpec, task_index: int, leaves: list[str], kind: str) -> HeadLayout:
-    """The layout of a task whose one leaf use is of ``kind`` and fed by exactly one vit use.
-
-    Raises ValueError naming the task when the task has several leaves, the leaf is of another kind,
-    or its input is not a vit use (SpecError from planner.components when a shape is missing).
-    """
-    task = job.tasks[task_index]
-    where, loss = _where(job, task_index), task.loss
-    if len(leaves) != 1:
-        raise ValueError(
-            f"{where}: loss '{loss}' reads one leaf use, got {leaves}; expected one {kind} use fed by a vit use; "
-            f"fix: chain the task's uses as [vit, {kind}]."
-        )
-    leaf = leaves[0]
-    comp_name, comp = use_component(job, task_index, leaf)
-    if comp.kind != kind:
-        raise ValueError(
-            f"{where}: leaf use '{leaf}' (components.{comp_name}) is a {comp.kind}; expected a {kind} use for loss "
-            f"'{loss}'; fix: end the task with a {kind} use fed by the image encoder."
-        )
-    feeds = upstream_uses(task)[leaf]
-    enc_comp = use_component(job, task_index, feeds[0])[1] if len(feeds) == 1 else None
-    if enc_comp is None or enc_comp.kind != "vit":
-        raise ValueError(
-            f"{where}: leaf use '{leaf}' is fed by {feeds}; expected exactly one vit use (the image encoder); "
-            f"fix: put the vit use right before '{leaf}' or set `after: [<vit use>]` on it."
-        )
-    index = {use.use_name: i for i, use in enumerate(task.components)}
-    leaf_at, enc_at = index[leaf], index[feeds[0]]
-    leaf_shape = resolve_shape(comp, comp_name, task.components[leaf_at], f"tasks[{task_index}].components[{leaf_at}]")
-    enc_use = task.components[enc_at]
-    enc_shape = resolve_shape(enc_comp, enc_use.component, enc_use, f"tasks[{task_index}].components[{enc_at}]")
-    return HeadLayout(task.name, leaf, comp.hidden_size, leaf_shape.seq_len, comp.vocab_size,
-                      enc_shape.image_size, enc_comp.patch_size, image_channels(enc_comp))
-
-
-def _require_queries(job: JobSpec, task_index: int, layout: HeadLayout) -> None:
+def _require_queries(job: JobSpec, task_index: int, layout: TaskLayout) -> None:
     """A learned-query decoder: no vocab_size (its stream is not token ids)."""
     if layout.vocab_size is not None:
+        comp = use_component(job, task_index, layout.head_use)[0]
         raise ValueError(
-            f"{_where(job, task_index)}: leaf use '{layout.leaf}' is a token decoder (vocab_size "
-            f"{layout.vocab_size}); expected a learned-query decoder for loss '{job.tasks[task_index].loss}'; "
-            "fix: use a decoder component without vocab_size."
+            f"{use_path(job, task_index, layout.head_use)}.component ('{comp}') is a token decoder (vocab_size "
+            f"{layout.vocab_size}); loss '{layout.loss}' reads a learned-query decoder. Use a decoder component "
+            "without vocab_size."
         )
 
 
@@ -126,13 +68,13 @@ class MedicalHead(TaskHead):
     unnormalised): without it a token decoder learned to read the image only slowly (memorising 16 scans
     plateaued at 0.45 nats per token instead of 0.02)."""
 
-    def __init__(self, layout: HeadLayout, stream_len: int):
-        super().__init__(layout.task, [layout.leaf], layout.hidden_size)
+    def __init__(self, layout: TaskLayout, stream_len: int):
+        super().__init__(layout.task, [layout.head_use], layout.hidden_size)
         self.layout, self.stream_len = layout, stream_len
 
     def split(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(stream rows (B, S, H), patch rows (B, P, H)) of the normalised leaf output; the [cls] row is dropped."""
-        x = outputs[self.layout.leaf]
+        x = outputs[self.layout.head_use]
         s, p = self.stream_len, self.layout.num_patches
         assert x.shape[1] == s + 1 + p, f"task {self.task}: leaf output {tuple(x.shape)} is not (B, {s} + 1 + {p}, H)"
         x = self.normed(x)
@@ -142,7 +84,7 @@ class MedicalHead(TaskHead):
 class MedicalClassificationHead(MedicalHead):
     """medical_classification: mean of the S stream rows -> ``Linear(H, NUM_CLASSES)`` -> CE against labels."""
 
-    def __init__(self, layout: HeadLayout):
+    def __init__(self, layout: TaskLayout):
         super().__init__(layout, layout.seq_len)
         self.out = nn.Linear(layout.hidden_size, NUM_CLASSES, bias=True)
 
@@ -165,7 +107,7 @@ class MedicalSegmentationHead(MedicalHead):
     to I x I; the loss is :func:`segmentation_loss` on those upsampled logits.
     """
 
-    def __init__(self, layout: HeadLayout):
+    def __init__(self, layout: TaskLayout):
         super().__init__(layout, layout.seq_len)
         h = layout.hidden_size
         self.classes = nn.Linear(h, NUM_LESION_TYPES + 1, bias=True)
@@ -175,7 +117,7 @@ class MedicalSegmentationHead(MedicalHead):
         """(class logits (B, Q, K + 1), mask logits (B, Q, I, I))."""
         stream, pixels = self.split(outputs)
         b, q, h = stream.shape
-        g, side = self.layout.grid, self.layout.image_size
+        g, side = self.layout.grid, self.layout.side
         grid = torch.einsum("bqh,bph->bqp", self.mask_embed(stream), pixels) / math.sqrt(h)
         masks = F.interpolate(grid.reshape(b, q, g, g), size=(side, side), mode="bilinear", align_corners=False)
         return self.classes(stream), masks
@@ -198,7 +140,7 @@ class MedicalTokenHead(MedicalHead):
     """medical_detection / medical_report: stream rows -> ``Linear(H, V)`` -> :func:`token_loss` against
     ``targets["tokens"]``."""
 
-    def __init__(self, layout: HeadLayout):
+    def __init__(self, layout: TaskLayout):
         super().__init__(layout, layout.seq_len)
         self.out = nn.Linear(layout.hidden_size, layout.vocab_size, bias=True)
 
@@ -217,10 +159,10 @@ class MedicalTokenHead(MedicalHead):
 class MedicalReconstructionHead(MedicalHead):
     """medical_reconstruction: ``Linear(H, C p p)`` on the P patch rows -> :func:`reconstruction_loss`."""
 
-    def __init__(self, layout: HeadLayout):
+    def __init__(self, layout: TaskLayout):
         super().__init__(layout, 0)
         p = layout.patch_size
-        self.out = nn.Linear(layout.hidden_size, layout.in_channels * p * p, bias=True)
+        self.out = nn.Linear(layout.hidden_size, layout.channels * p * p, bias=True)
 
     def patches(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Predicted patches (B, P, C p p), laid out as :func:`patchify`."""
@@ -232,7 +174,7 @@ class MedicalReconstructionHead(MedicalHead):
 
     def predict(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
         """The predicted image (B, C, I, I), every patch from the head (visible ones included)."""
-        return unpatchify(self.patches(outputs), self.layout.patch_size, self.layout.in_channels)
+        return unpatchify(self.patches(outputs), self.layout.patch_size, self.layout.channels)
 
 
 # --------------------------------------------------------------------------- factories
@@ -240,45 +182,39 @@ class MedicalReconstructionHead(MedicalHead):
 
 def build_classification_head(job: JobSpec, task_index: int, leaves: list[str]) -> MedicalClassificationHead:
     """Head of a medical_classification task: [vit, learned-query decoder]."""
-    layout = resolve_layout(job, task_index, leaves, "decoder")
+    layout = _layout(job, task_index, leaves)
     _require_queries(job, task_index, layout)
     return MedicalClassificationHead(layout)
 
 
 def build_segmentation_head(job: JobSpec, task_index: int, leaves: list[str]) -> MedicalSegmentationHead:
     """Head of a medical_segmentation task: [vit, learned-query decoder with MAX_LESIONS..MAX_QUERIES queries]."""
-    layout = resolve_layout(job, task_index, leaves, "decoder")
+    layout = _layout(job, task_index, leaves)
     _require_queries(job, task_index, layout)
     if not MAX_LESIONS <= layout.seq_len <= MAX_QUERIES:
         raise ValueError(
-            f"{_where(job, task_index)}: leaf use '{layout.leaf}' has seq_len {layout.seq_len} queries; expected "
-            f"{MAX_LESIONS} to {MAX_QUERIES} (one per possible lesion, few enough to match exactly); fix: set its "
-            f"seq_len in that range, e.g. {2 * MAX_LESIONS}."
+            f"{use_path(job, task_index, layout.head_use)}.seq_len ({layout.seq_len}) is not a valid number of "
+            f"queries; expected {MAX_LESIONS} to {MAX_QUERIES} (one per possible lesion, few enough to match "
+            f"exactly). Set it in that range, e.g. {2 * MAX_LESIONS}."
         )
     return MedicalSegmentationHead(layout)
 
 
 def build_token_head(job: JobSpec, task_index: int, leaves: list[str]) -> MedicalTokenHead:
-    """Head of a medical_detection or medical_report task: [vit, token decoder with vocab_size >= VOCAB_SIZE]."""
-    layout = resolve_layout(job, task_index, leaves, "decoder")
-    if layout.vocab_size is None or layout.vocab_size < VOCAB_SIZE:
-        comp = use_component(job, task_index, layout.leaf)[0]
-        raise ValueError(
-            f"{_where(job, task_index)}: leaf use '{layout.leaf}' has vocab_size {layout.vocab_size}; expected a "
-            f"token decoder with vocab_size >= {VOCAB_SIZE} (the recipe's vocabulary) for loss "
-            f"'{job.tasks[task_index].loss}'; fix: set components.{comp}.vocab_size to at least {VOCAB_SIZE}."
-        )
-    return MedicalTokenHead(layout)
+    """Head of a medical_detection or medical_report task: [vit, token decoder with vocab_size >= VOCAB_SIZE]
+    (:func:`task_layout` checks the vocab_size)."""
+    return MedicalTokenHead(_layout(job, task_index, leaves))
 
 
 def build_reconstruction_head(job: JobSpec, task_index: int, leaves: list[str]) -> MedicalReconstructionHead:
     """Head of a medical_reconstruction task: [vit, transformer with seq_len 1 + P]."""
-    layout = resolve_layout(job, task_index, leaves, "transformer")
+    layout = _layout(job, task_index, leaves)
     rows = 1 + layout.num_patches
     if layout.seq_len != rows:
         raise ValueError(
-            f"{_where(job, task_index)}: leaf use '{layout.leaf}' has seq_len {layout.seq_len}; expected {rows} "
-            f"(the vit's 1 + ({layout.image_size}/{layout.patch_size})^2 rows it reads); fix: set seq_len: {rows}."
+            f"{use_path(job, task_index, layout.head_use)}.seq_len ({layout.seq_len}) does not match the rows the "
+            f"transformer reads; expected {rows} (the vit's 1 + ({layout.side}/{layout.patch_size})^2). "
+            f"Set seq_len: {rows}."
         )
     return MedicalReconstructionHead(layout)
 

@@ -297,16 +297,28 @@ def test_every_loss_gets_its_tensors() -> None:
 
 
 def test_bad_requests_fail_with_clear_errors(job) -> None:
-    with pytest.raises(ValueError, match=r"tasks\[3\] \('report'\)\.loss \('cross_entropy'\).*medical_detection"):
+    with pytest.raises(ValueError, match=r"^tasks\[3\] \('report'\)\.loss \('cross_entropy'\) is not a medical "
+                                         r"loss; expected one of medical_classification, .*\. Use one of them "
+                                         r"for this task\.$"):
         batch(make_job(loss="cross_entropy"), 3, 0, 0, 2)
-    with pytest.raises(ValueError, match=rf"components\.tokens\.vocab_size \(40\).*>= {VOCAB_SIZE}"):
+    with pytest.raises(ValueError, match=r"^tasks\[1\] \('detection'\)\.components\[1\]\.component \('tokens'\) has "
+                                         rf"vocab_size 40; loss 'medical_detection' needs a token decoder with "
+                                         rf"vocab_size >= {VOCAB_SIZE} .*\. Set components\.tokens\.vocab_size to "
+                                         rf"{VOCAB_SIZE} or more\.$"):
         batch(make_job(vocab=40), 1, 0, 0, 2)
+    with pytest.raises(ValueError, match=r"^tasks\[3\] \('report'\)\.components\[1\]\.component \('tokens'\) is a "
+                                         r"decoder; loss 'medical_reconstruction' reads a transformer use fed by the "
+                                         r"vit\. Use a transformer component there\.$"):
+        batch(make_job(loss="medical_reconstruction"), 3, 0, 0, 2)
     with pytest.raises(ValueError, match="split \\('test'\\)"):
         batch(job, 0, 0, 0, 2, "test")
     with pytest.raises(ValueError, match=r"sample range \[0, 9\)"):
         batch(job, 0, 0, 0, 9)
     assert batch(job, 0, 0, 100, 103, "heldout").num_samples == 3  # eval splits are not limited by batch_size
-    with pytest.raises(ValueError, match=r"tasks\[0\] \('classification'\)\.components .*one vit use"):
+    with pytest.raises(ValueError, match=r"^tasks\[0\] \('classification'\)\.components \(\{'enc': 'vit'\}\) is not "
+                                         r"one vit use feeding one head use; loss 'medical_classification' expects "
+                                         r"\[vit, decoder\]\. Chain exactly these two uses, the decoder right after "
+                                         r"the vit\.$"):
         batch(make_job(encoder_only=True), 0, 0, 0, 2)
     assert set(LOSSES) == {task.loss for task in job.tasks}
 

@@ -11,12 +11,14 @@ from torch import nn
 
 from planner.spec import parse_job
 from recipes.medical import heads
+from recipes.medical.data import task_layout
 from recipes.medical.heads import (
     LOSS_FACTORIES, MAX_LESIONS, NUM_CLASSES, NUM_LESION_TYPES, PAD_ID, accuracy, best_box_iou, box_iou, dice_score,
     exact_match, match_queries, matched_dice, patchify, reconstruction_loss, segmentation_loss, token_accuracy,
     token_loss, union_dice, unpatchify,
 )
 from runtime.data import TaskBatch
+from runtime.modules import leaf_uses
 
 H, PATCH, VOCAB = 16, 4, 64
 SIDES = {"classification": 8, "detection": 12, "segmentation": 12, "report": 8, "unsupervised": 8}
@@ -72,8 +74,8 @@ def test_heads_normalise_the_leaf_output_first(job) -> None:
         head = build(job, t, final_norm=True)
         rows = torch.randn(2, leaf_rows(task.name), head.layout.hidden_size)
         with torch.no_grad():
-            stream, pixels = head.split({head.layout.leaf: rows})
-            rescaled = head.split({head.layout.leaf: 5.0 * rows + 1.0})  # LayerNorm: no change per row
+            stream, pixels = head.split({head.layout.head_use: rows})
+            rescaled = head.split({head.layout.head_use: 5.0 * rows + 1.0})  # LayerNorm: no change per row
         torch.testing.assert_close(stream, rescaled[0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(pixels, rescaled[1], atol=1e-4, rtol=1e-4)
         assert torch.cat([stream, pixels], dim=1).std(dim=-1).mean() == pytest.approx(1.0, rel=0.05)
@@ -99,41 +101,55 @@ def batch(b: int, labels=None, **targets) -> TaskBatch:
 def test_factories_derive_every_size_from_the_job(job) -> None:
     cls, det, seg, rep, rec = (build(job, t) for t in range(5))
     assert (cls.out.in_features, cls.out.out_features, cls.stream_len) == (H, NUM_CLASSES, 4)
-    assert (det.out.out_features, det.stream_len, det.layout.image_size, det.layout.grid) == (VOCAB, 10, 12, 3)
+    assert (det.out.out_features, det.stream_len, det.layout.side, det.layout.grid) == (VOCAB, 10, 12, 3)
     assert (rep.stream_len, rep.layout.num_patches) == (7, 4)
-    assert (seg.classes.out_features, seg.stream_len, seg.layout.image_size) == (NUM_LESION_TYPES + 1, 6, 12)
+    assert (seg.classes.out_features, seg.stream_len, seg.layout.side) == (NUM_LESION_TYPES + 1, 6, 12)
     assert rec.out.out_features == 1 * PATCH * PATCH and rec.stream_len == 0
     assert set(LOSS_FACTORIES) == {"medical_classification", "medical_segmentation", "medical_detection",
                                    "medical_report", "medical_reconstruction"}
 
 
 @pytest.mark.parametrize("changes, task_index, message", [
-    ({"detection": {"components": [{"component": "image_encoder", "image_size": 12},
-                                   {"component": "decomposed_decoder", "seq_len": 10}]}}, 1, "has vocab_size None"),
-    ({"report": {"components": [{"component": "image_encoder", "image_size": 8},
-                                {"component": "small_vocab", "seq_len": 7}]}}, 3, "has vocab_size 8; expected .* >= "),
     ({"segmentation": {"components": [{"component": "image_encoder", "image_size": 12},
-                                      {"component": "reconstruction_head", "seq_len": 10}]}}, 2, "is a transformer"),
-    ({"segmentation": {"components": [{"component": "text"}, {"component": "decomposed_decoder", "seq_len": 6}]}},
-     2, "expected exactly one vit"),
+                                      {"component": "decomposed_decoder", "seq_len": 2}]}},
+     2, r"\.components\[1\]\.seq_len \(2\) is not a valid number of queries; expected 3 to 32 .*\. "
+        r"Set it in that range, e\.g\. 6\."),
     ({"segmentation": {"components": [{"component": "image_encoder", "image_size": 12},
-                                      {"component": "composed_decoder", "seq_len": 6}]}}, 2, "is a token decoder"),
-    ({"segmentation": {"components": [{"component": "image_encoder", "image_size": 12},
-                                      {"component": "decomposed_decoder", "seq_len": 2}]}}, 2, "2 queries"),
-    ({"classification": {"components": [{"component": "image_encoder", "image_size": 8},
-                                        {"component": "decomposed_decoder", "seq_len": 4},
-                                        {"component": "text", "after": []}]}}, 0, "reads one leaf use"),
+                                      {"component": "composed_decoder", "seq_len": 6}]}},
+     2, r"\.components\[1\]\.component \('composed_decoder'\) is a token decoder \(vocab_size 64\); loss "
+        r"'medical_segmentation' reads a learned-query decoder\. Use a decoder component without vocab_size\."),
     ({"unsupervised": {"components": [{"component": "image_encoder", "image_size": 8},
-                                      {"component": "reconstruction_head", "seq_len": 9}]}}, 4, "expected 5"),
+                                      {"component": "reconstruction_head", "seq_len": 9}]}},
+     4, r"\.components\[1\]\.seq_len \(9\) does not match .*; expected 5 \(.*\(8/4\)\^2\)\. Set seq_len: 5\."),
 ])
 def test_factory_errors_name_the_task_and_the_fix(changes, task_index, message) -> None:
+    """The head-only checks (the layout's own errors are pinned in test_medical_data)."""
     job = make_job(**changes)
     task = job.tasks[task_index]
-    leaves = [use.use_name for use in task.components if use.component != "image_encoder"][-1:]
-    if message == "reads one leaf use":
-        leaves = ["decomposed_decoder", "text"]
-    with pytest.raises(ValueError, match=rf"^tasks\[{task_index}\] \('{task.name}'\): .*{message}.*; fix: "):
-        LOSS_FACTORIES[task.loss](job, task_index, leaves)
+    with pytest.raises(ValueError, match=rf"^tasks\[{task_index}\] \('{task.name}'\){message}$"):
+        LOSS_FACTORIES[task.loss](job, task_index, [task.components[-1].use_name])
+
+
+@pytest.mark.parametrize("changes, task_index, wrong", [
+    ({"detection": {"components": [{"component": "image_encoder", "image_size": 12},
+                                   {"component": "small_vocab", "seq_len": 10}]}}, 1, "has vocab_size 8;"),
+    ({"segmentation": {"components": [{"component": "image_encoder", "image_size": 12},
+                                      {"component": "reconstruction_head", "seq_len": 10}]}}, 2, "is a transformer;"),
+    ({"classification": {"components": [{"component": "image_encoder", "image_size": 8},
+                                        {"component": "decomposed_decoder", "seq_len": 4},
+                                        {"component": "text", "after": []}]}}, 0, "is not one vit use"),
+    ({"classification": {"components": [{"component": "image_encoder", "image_size": 8}, {"component": "text"},
+                                        {"component": "decomposed_decoder", "seq_len": 4}]}}, 0, "is not one vit use"),
+])
+def test_factories_raise_the_layout_errors(changes, task_index, wrong) -> None:
+    """A head is built only for a task the data accepts: the same ValueError as :func:`task_layout`."""
+    job = make_job(**changes)
+    task = job.tasks[task_index]
+    with pytest.raises(ValueError) as from_data:
+        task_layout(job, task_index)
+    with pytest.raises(ValueError) as from_head:
+        LOSS_FACTORIES[task.loss](job, task_index, leaf_uses(job, task_index))
+    assert str(from_head.value) == str(from_data.value) and wrong in str(from_data.value)
 
 
 # --------------------------------------------------------------------------- classification and tokens
