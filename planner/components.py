@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from planner.errors import SpecError, did_you_mean
 from planner.spec import ComponentSpec, JobSpec, TaskComponentSpec
+from planner.unet import Context, block_cost, channel_mults, output_numel, state_numel, unet_blocks
 
 BYTES_PER_ACT = 2  # bf16 activations
 
@@ -41,7 +42,13 @@ class UseShape:
 
     seq_len: int
     image_size: int | None
-    cross_len: int | None = None  # decoder: length of the memory it cross-attends to (its upstream's output)
+    cross_len: int | None = None  # decoder, unet2d: length of the upstream output it cross-attends to
+    cross_width: int | None = None  # unet2d: width of that output
+
+    @property
+    def context(self) -> Context | None:
+        """What a unet2d use cross-attends to; None for a root use."""
+        return Context(self.cross_len, self.cross_width) if self.cross_width else None
 
 
 def _transformer_layer(
@@ -121,27 +128,25 @@ def _mlp(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegment]:
 
 
 def _unet2d(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegment]:
-    """Down path (num_layers res blocks per level), then up path (num_layers+1 per level), deepest first."""
-    mults = comp.channel_mults or [1, 2, 4, 4]
-    side = shape.image_size
-    segments_down, segments_up = [], []
-    for level, mult in enumerate(mults):
-        c, r = comp.hidden_size * mult, side // (2**level)
-        tokens = r * r
-        flops = 2 * 2 * 9 * c * c * tokens  # two 3x3 convolutions
-        params = 2 * 9 * c * c
-        act = tokens * c * 10 * BYTES_PER_ACT
-        kernels = 8
-        if level > 0:  # self-attention below full resolution, as in Stable Diffusion's UNet
-            flops += 8 * tokens * c * c + 4 * tokens * tokens * c
-            params += 4 * c * c
-            act += tokens * c * 8 * BYTES_PER_ACT + 2 * tokens * tokens * 4  # heads folded
-            kernels += 8
-        out = float(tokens * c * BYTES_PER_ACT)
-        key = f"unet_block[c={c},r={r}]"
-        segments_down.append(LayerSegment(key + "/down", comp.num_layers, float(flops), float(params), float(act), out, 0.0, kernels))
-        segments_up.append(LayerSegment(key + "/up", comp.num_layers + 1, float(flops), float(params), float(act), out, 0.0, kernels))
-    return segments_down + segments_up[::-1]
+    """One segment per level and path (planner.unet): down levels, then up levels deepest first; each priced at
+    the mean of its blocks, its boundary the whole state after its last block (h, time embedding, context, skips)."""
+    context = shape.context
+    blocks = unet_blocks(comp, shape.image_size)
+    segments = []
+    for segment in range(2 * len(channel_mults(comp))):
+        mine = [b for b in blocks if b.segment == segment]
+        costs = [block_cost(comp, name, b, context) for b in mine]
+        last = mine[-1]
+        out = state_numel(comp, last.h_out, last.skips_out, context) if last.skips_out else output_numel(
+            comp, shape.image_size)
+        key = f"unet_block[c={last.out_channels},r={last.side}" + (f",ctx={context.length}" if context else "")
+        key += "]/up" if last.up else "]/down"
+        segments.append(LayerSegment(
+            key, len(mine), *(sum(getattr(c, f) for c in costs) / len(mine) for f in ("flops", "params")),
+            BYTES_PER_ACT * sum(c.act for c in costs) / len(mine), float(out * BYTES_PER_ACT), 0.0,
+            round(sum(c.kernels for c in costs) / len(mine)),
+        ))
+    return segments
 
 
 KINDS: dict[str, Callable[[ComponentSpec, str, UseShape], list[LayerSegment]]] = {
@@ -170,7 +175,7 @@ def resolve_shape(comp: ComponentSpec, comp_name: str, use: TaskComponentSpec, w
     if comp.kind == "unet2d":
         if image is None:
             raise SpecError(f"{where}.image_size: required for a unet2d use. Set it on the use or on components.{comp_name}.")
-        levels = len(comp.channel_mults or [1, 2, 4, 4])
+        levels = len(channel_mults(comp))
         if image % (2 ** (levels - 1)):
             raise SpecError(
                 f"{where}.image_size ({image}) must be divisible by 2^{levels - 1} for {levels} resolution levels. "
@@ -185,26 +190,48 @@ def resolve_shape(comp: ComponentSpec, comp_name: str, use: TaskComponentSpec, w
     return UseShape(seq, image)
 
 
+def use_shape(job: JobSpec, task_index: int, use_index: int) -> UseShape:
+    """The shape of one use, with what it cross-attends to: a decoder's memory length, a unet2d's context (the
+    output of its first upstream use) when it has one."""
+    use = job.tasks[task_index].components[use_index]
+    comp = job.components[use.component]
+    shape = resolve_shape(comp, use.component, use, f"tasks[{task_index}].components[{use_index}]")
+    if comp.kind == "decoder":
+        shape = replace(shape, cross_len=upstream_seq_len(job, task_index, use_index))
+    elif comp.kind == "unet2d" and (width := upstream_width(job, task_index, use_index)) is not None:
+        shape = replace(shape, cross_len=upstream_seq_len(job, task_index, use_index), cross_width=width)
+    return shape
+
+
 def expand_use(job: JobSpec, task_index: int, use_index: int) -> list[LayerSegment]:
     """Layer segments of one use of a component in one task."""
     use = job.tasks[task_index].components[use_index]
     comp = job.components[use.component]
-    where = f"tasks[{task_index}].components[{use_index}]"
-    shape = resolve_shape(comp, use.component, use, where)
-    if comp.kind == "decoder":
-        shape = replace(shape, cross_len=upstream_seq_len(job, task_index, use_index))
-    return KINDS[comp.kind](comp, use.component, shape)
+    return KINDS[comp.kind](comp, use.component, use_shape(job, task_index, use_index))
 
 
-def upstream_seq_len(job: JobSpec, task_index: int, use_index: int) -> int | None:
-    """Sequence length of the output feeding use ``use_index`` (its first upstream use); None for a root use."""
+def _first_upstream(job: JobSpec, task_index: int, use_index: int) -> int | None:
+    """Index of the first use feeding use ``use_index`` of the task; None for a root use."""
     task = job.tasks[task_index]
     use = task.components[use_index]
     upstream = use.after if use.after is not None else ([task.components[use_index - 1].use_name] if use_index else [])
     if not upstream:
         return None
-    u = next(i for i, other in enumerate(task.components) if other.use_name == upstream[0])
-    producer = task.components[u]
+    return next(i for i, other in enumerate(task.components) if other.use_name == upstream[0])
+
+
+def upstream_width(job: JobSpec, task_index: int, use_index: int) -> int | None:
+    """Hidden size of the output feeding use ``use_index`` (its first upstream use); None for a root use."""
+    u = _first_upstream(job, task_index, use_index)
+    return None if u is None else job.components[job.tasks[task_index].components[u].component].hidden_size
+
+
+def upstream_seq_len(job: JobSpec, task_index: int, use_index: int) -> int | None:
+    """Sequence length of the output feeding use ``use_index`` (its first upstream use); None for a root use."""
+    u = _first_upstream(job, task_index, use_index)
+    if u is None:
+        return None
+    producer = job.tasks[task_index].components[u]
     comp = job.components[producer.component]
     shape = resolve_shape(comp, producer.component, producer, f"tasks[{task_index}].components[{u}]")
     if comp.kind == "decoder":  # a decoder's output carries its memory after its stream

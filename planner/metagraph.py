@@ -36,6 +36,7 @@ class MetaOp:
     allowed_tp: tuple[int, ...] = (1,)
     recompute: bool = False  # activation checkpointing: one more forward in backward, only inputs saved
     use: str = ""  # the name of the task's use of the component this MetaOp belongs to
+    segment: int = 0  # index of this MetaOp's segment within its use (0: the use's first MetaOp)
 
     @property
     def key(self) -> str:
@@ -114,6 +115,7 @@ def build_metagraph(job: JobSpec) -> MetaGraph:
                     allowed_tp=tuple(sorted(set(comp.tensor_parallel))),
                     recompute=comp.recompute and backward > 0,
                     use=use.use_name,
+                    segment=s,
                 )
                 ops.append(op)
                 deps = (op.id,)

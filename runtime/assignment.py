@@ -213,8 +213,8 @@ def device_sets_for_sync(plan: Plan, schedule: CommSchedule) -> dict[tuple[str, 
 
     Keys ``(name, layer, shard)``: ``(param_group, layer, tp rank)`` for layers (each TP rank holds its own
     shard; summing over one TP rank's devices adds one contribution per data-parallel rank),
-    ``("embed:" + component, 0, 0)`` for embeddings (held where a root MetaOp's layer 0 runs, and where a
-    decoder MetaOp's layer 0 runs: its bridge) and
+    ``("embed:" + component, 0, 0)`` for embeddings (held where a root MetaOp's layer 0 runs, and where the
+    first layer of a decoder or unet2d use fed by another use runs: its bridge) and
     ``("head:" + task, 0, 0)`` for task heads (held by the loss host's first TP devices). An embedding
     on a device that is not the first of its TP group takes no gradient (see the executor)."""
     holders: dict[tuple[str, int, int], set[int]] = {}
@@ -223,12 +223,21 @@ def device_sets_for_sync(plan: Plan, schedule: CommSchedule) -> dict[tuple[str, 
         for i, device in enumerate(s.devices):
             for layer in range(s.first_layer, s.first_layer + s.num_layers):
                 holders.setdefault((op.param_group, layer, i % s.tp_degree), set()).add(device)
-        if s.first_layer == 0 and (not op.deps or op.layer_key.startswith("decoder[")):  # decoders: their bridge
+        if s.first_layer == 0 and _reads_embed(plan, op):
             holders.setdefault(("embed:" + op.component, 0, 0), set()).update(s.devices)
     for host in schedule.loss_hosts:
         s = schedule.slices[host.host]
         holders.setdefault(("head:" + host.task, 0, 0), set()).update(d for d in s.devices if is_lead(s, d))
     return {key: tuple(sorted(devs)) for key, devs in sorted(holders.items())}
+
+
+def _reads_embed(plan: Plan, op) -> bool:
+    """runtime.modules.reads_embed on a plan's MetaOp: a root MetaOp, or the first MetaOp of a decoder or unet2d
+    use fed by another use (a plan names a use's MetaOps ``<task>.<use>#<segment>``)."""
+    if not op.deps:
+        return True
+    bridge = op.layer_key.startswith(("decoder[", "unet_block["))
+    return bridge and plan.metaops[op.deps[0]].name.split("#")[0] != op.name.split("#")[0]
 
 
 def tp_groups(schedule: CommSchedule) -> list[tuple[int, ...]]:

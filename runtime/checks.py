@@ -3,23 +3,29 @@ of the layers. User errors are one-line SpecErrors naming the use and the fix.""
 
 from __future__ import annotations
 
-from planner.components import resolve_shape, upstream_seq_len
+from planner.components import use_shape
 from planner.errors import SpecError
 from planner.metagraph import MetaGraph, MetaOp
 from planner.plan import Plan
 from planner.spec import JobSpec
+from planner.unet import unet_state_numel
 from runtime.assignment import input_order
+from runtime.modules import BRIDGE_KINDS
 
 
-def feature_shape(job: JobSpec, op: MetaOp) -> tuple[int, int]:
-    """(sequence length, hidden size) of the activations inside MetaOp ``op`` (a decoder's: stream + memory)."""
+def feature_shape(job: JobSpec, op: MetaOp, boundary: int | None = None) -> tuple[int, ...]:
+    """Per-sample shape of the activation after ``boundary`` layers of MetaOp ``op`` (0: its input; None: its
+    output): ``(sequence length, hidden size)`` (a decoder's: stream + memory), the same at every boundary, except
+    a unet2d's flat state ``(N,)`` (runtime.unet), whose skip stack grows and shrinks layer by layer."""
     t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
     u = next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
-    use = job.tasks[t].components[u]
     comp = job.components[op.component]
-    shape = resolve_shape(comp, op.component, use, f"tasks[{t}].components[{u}]")
+    shape = use_shape(job, t, u)
+    if comp.kind == "unet2d":
+        boundary = op.num_layers if boundary is None else boundary
+        return (unet_state_numel(comp, shape.image_size, shape.context, op.segment, boundary),)
     if comp.kind == "decoder":
-        return shape.seq_len + (upstream_seq_len(job, t, u) or 0), comp.hidden_size
+        return shape.seq_len + (shape.cross_len or 0), comp.hidden_size
     return shape.seq_len, comp.hidden_size
 
 
@@ -29,11 +35,12 @@ def check_runnable(job: JobSpec, graph: MetaGraph) -> None:
     whose bridge embeds any upstream output as the memory it attends to. A use with several inputs reads
     their outputs concatenated along the sequence axis (see :func:`_check_fusion`)."""
     for op in graph.metaops:
+        _check_unet_edges(job, graph, op)
         if len(op.deps) > 1:
             _check_fusion(job, graph, op)
             continue
-        if job.components[op.component].kind == "decoder" and op.deps and graph.metaops[op.deps[0]].use != op.use:
-            continue
+        if job.components[op.component].kind in BRIDGE_KINDS and op.deps and graph.metaops[op.deps[0]].use != op.use:
+            continue  # its input module takes any upstream output
         for dep in op.deps:
             producer = graph.metaops[dep]
             got, want = feature_shape(job, producer), feature_shape(job, op)
@@ -44,6 +51,23 @@ def check_runnable(job: JobSpec, graph: MetaGraph) -> None:
                     f"passes activations between components unchanged. Set its seq_len to {got[0]} and use the "
                     "same hidden_size."
                 )
+
+
+def _check_unet_edges(job: JobSpec, graph: MetaGraph, op: MetaOp) -> None:
+    """A unet2d use cross-attends to one upstream output, and its own output (a feature map) feeds only its task's
+    loss head: the runtime has no adapter from a feature map to another component."""
+    for dep in op.deps:
+        producer = graph.metaops[dep]
+        if producer.use != op.use and job.components[producer.component].kind == "unet2d":
+            raise SpecError(
+                f"{_use_path(job, op)} ('{op.use}') reads the output of unet2d use '{producer.use}'; the runtime feeds "
+                "a unet2d's output only to its task's loss head. Make the unet2d use a leaf of its task."
+            )
+    if job.components[op.component].kind == "unet2d" and op.segment == 0 and len(op.deps) > 1:
+        raise SpecError(
+            f"{_use_path(job, op)} ('{op.use}') is a unet2d use with {len(op.deps)} inputs; it cross-attends to the "
+            "output of one upstream use. List one use in its after:, or fuse the inputs in a transformer use first."
+        )
 
 
 def _use_path(job: JobSpec, op: MetaOp) -> str:

@@ -23,9 +23,11 @@ from planner.components import resolve_shape
 from planner.spec import JobSpec
 from runtime.heads import NUM_CLASSES, check_loss, load_recipe
 from runtime.modules import DEFAULT_VOCAB, TOKEN_KINDS, image_channels, is_token_decoder, root_uses, stable_seed, use_component
+from runtime.unet import NUM_TIMESTEPS, NoiseSchedule, noise_key, timesteps_key
 
 LM_NOISE = 0.1  # fraction of positions of an lm sequence replaced by random tokens
 MARKER_RATE = 0.5  # fraction of positions carrying the class marker token
+NOISE = NoiseSchedule()
 
 
 @dataclass
@@ -34,10 +36,12 @@ class TaskBatch:
 
     ``inputs``: per root use, token ids ``(B, S)`` long in ``[0, vocab)`` (transformer, llama,
     decoder), images ``(B, C, I, I)`` float32 (vit) or features ``(B, S, H)`` float32 (mlp).
-    Token decoder uses (decoder with vocab_size) get ids ``(B, S)`` too, root or not.
+    Token decoder uses (decoder with vocab_size) get ids ``(B, S)`` too, root or not; every unet2d use gets
+    noisy latents ``(B, C, I, I)``, with its timesteps ``(B,)`` long and the noise added ``(B, C, I, I)`` in
+    ``targets`` (keys runtime.unet.timesteps_key / noise_key).
     ``labels``: ``(B,)`` long in ``[0, 10)`` for cross_entropy, float32 for mse, float32 zeros
     (unused) for contrastive and lm/next_token (whose targets are the input ids).
-    ``targets``: further per-task tensors a recipe's loss reads (empty for the built-in losses).
+    ``targets``: further tensors a loss reads (a recipe's; a unet2d use's timesteps and noise).
     """
 
     inputs: dict[str, torch.Tensor]
@@ -61,7 +65,7 @@ def register_dataset(recipe: str, source: BatchSource) -> None:
 
 @dataclass(frozen=True)
 class _RootInput:
-    """How to draw one root use's input for one sample: kind 'tokens', 'image' or 'features'."""
+    """How to draw one root use's input for one sample: kind 'tokens', 'image', 'latents' or 'features'."""
 
     use: str
     kind: str
@@ -78,14 +82,14 @@ def _root_inputs(job: JobSpec, task_index: int) -> list[_RootInput]:
     for u, use in enumerate(task.components):
         name = use.use_name
         comp_name, comp = use_component(job, task_index, name)
-        if name not in roots and not is_token_decoder(comp):
+        if name not in roots and not is_token_decoder(comp) and comp.kind != "unet2d":
             continue
         shape = resolve_shape(comp, comp_name, task.components[u], f"tasks[{task_index}].components[{u}]")
         if comp.kind in TOKEN_KINDS:
             out.append(_RootInput(name, "tokens", (shape.seq_len,), comp.vocab_size or DEFAULT_VOCAB, None))
             continue
-        if comp.kind == "vit":
-            kind, channels = "image", image_channels(comp)
+        if comp.kind in ("vit", "unet2d"):
+            kind, channels = ("image" if comp.kind == "vit" else "latents"), image_channels(comp)
             sample_shape = (channels, shape.image_size, shape.image_size)
         elif comp.kind == "mlp":
             kind, channels = "features", comp.hidden_size
@@ -93,7 +97,7 @@ def _root_inputs(job: JobSpec, task_index: int) -> list[_RootInput]:
         else:
             raise NotImplementedError(
                 f"tasks[{task_index}].components[{u}]: kind '{comp.kind}' is planned but the runtime has no "
-                "synthetic data for it yet; supported kinds: transformer, vit, llama, mlp."
+                "synthetic data for it yet; supported kinds: transformer, vit, llama, mlp, unet2d."
             )
         gen = torch.Generator().manual_seed(stable_seed("pattern", seed, task.name, name))
         pattern = torch.randn(NUM_CLASSES, channels, generator=gen)
@@ -131,9 +135,18 @@ def _draw_tokens(root: _RootInput, loss: str, cls: int, value: float, gen: torch
 def _draw_dense(root: _RootInput, loss: str, cls: int, value: float, gen: torch.Generator) -> torch.Tensor:
     offset = root.pattern[0] * value if loss == "mse" else root.pattern[cls] * value
     noise = torch.randn(root.shape, generator=gen)
-    if root.kind == "image":
+    if root.kind in ("image", "latents"):
         return noise + offset.view(-1, 1, 1)  # per channel
     return noise + offset  # features: per hidden unit, every position
+
+
+def _draw_latents(root: _RootInput, loss: str, cls: int, value: float, gen: torch.Generator) -> list[torch.Tensor]:
+    """[noisy latents x_t, timestep t, noise eps]: clean latents are an image-like draw (class offsets plus noise,
+    scaled by half), t uniform over the DDPM schedule, ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``."""
+    x0 = 0.5 * _draw_dense(root, loss, cls, value, gen)
+    t = int(torch.randint(0, NUM_TIMESTEPS, (1,), generator=gen))
+    eps = torch.randn(root.shape, generator=gen)
+    return [NOISE.noised(x0, eps, t), torch.tensor(t), eps]
 
 
 def _check_range(job: JobSpec, task_index: int, start: int, stop: int) -> None:
@@ -173,16 +186,21 @@ def synthetic_batch(job: JobSpec, task_index: int, step: int, start: int, stop: 
         label, cls, value = _draw_label(loss, gen)
         labels.append(label)
         for root in roots:
-            draw = _draw_tokens if root.kind == "tokens" else _draw_dense
+            draw = {"tokens": _draw_tokens, "latents": _draw_latents}.get(root.kind, _draw_dense)
             columns[root.use].append(draw(root, loss, cls, value, gen))
-    inputs = {}
+    inputs, targets = {}, {}
     for root in roots:
+        if root.kind == "latents":  # columns of [x_t, t, eps] per sample
+            rows = list(zip(*columns[root.use])) or [[], [], []]
+            noisy, steps, noise = (torch.stack(list(c)) if c else torch.empty(0) for c in rows)
+            inputs[root.use], targets[timesteps_key(root.use)], targets[noise_key(root.use)] = noisy, steps, noise
+            continue
         dtype = torch.long if root.kind == "tokens" else torch.float32
         rows = columns[root.use]
         inputs[root.use] = torch.stack(rows) if rows else torch.empty((0, *root.shape), dtype=dtype)
     label_dtype = torch.long if loss == "cross_entropy" else torch.float32
     labels_t = torch.stack(labels).to(label_dtype) if labels else torch.empty(0, dtype=label_dtype)
-    return TaskBatch(inputs, labels_t, stop - start)
+    return TaskBatch(inputs, labels_t, stop - start, targets)
 
 
 def task_loss_sum(head: torch.nn.Module, outputs: dict[str, torch.Tensor], batch: TaskBatch,

@@ -34,7 +34,9 @@ from runtime.assignment import (
 from runtime.checks import check_plan_matches_job, check_runnable, feature_shape
 from runtime.data import TaskBatch, synthetic_batch
 from runtime.heads import build_head
-from runtime.modules import build_embed, build_layer, build_optimizer, layer_kwargs, run_layers
+from runtime.modules import (
+    build_embed, build_layer, build_optimizer, layer_kwargs, reads_embed, run_layers, use_input,
+)
 from runtime.zero import ShardedAdamW
 
 log = logging.getLogger(__name__)
@@ -197,16 +199,17 @@ class WaveWorker:
         op = self.graph.metaops[s.metaop]
         start, stop = self._rows(ref)
         kwargs = layer_kwargs(self.job, op)
-        embed = self.modules.get(("embed:" + op.component, 0)) if s.first_layer == 0 else None
+        embed = None
+        if s.first_layer == 0 and reads_embed(self.job, self.graph, op):
+            embed = self.modules[("embed:" + op.component, 0)]
         if self.comm.producer(ref) is None:  # a root MetaOp's layer 0: embed raw data
-            x = embed(st.batch(self.job, self.task_index[op.task], step, start, stop).inputs[op.use])
+            x = use_input(self.job, op, embed, None, st.batch(self.job, self.task_index[op.task], step, start, stop))
             if not is_lead(s, self.rank):  # the other TP ranks repeat the lead's embedding: one gradient only
                 x = x.detach().requires_grad_(True)
         else:
             x = self._slice_input(ref, start, stop, st)
-            if kwargs and embed is not None:  # a decoder use's first layer: its bridge takes the upstream output
-                batch = st.batch(self.job, self.task_index[op.task], step, start, stop)
-                x = embed(x, batch.inputs.get(op.use), **kwargs)
+            if embed is not None:  # a decoder or unet2d use's first layer: its input module takes the upstream output
+                x = use_input(self.job, op, embed, x, st.batch(self.job, self.task_index[op.task], step, start, stop))
         layers = [self.modules[(op.param_group, layer)] for layer in range(s.first_layer, s.first_layer + s.num_layers)]
         # megatron TP layers run collectives inside: they are never recomputed (the order of collectives would move)
         st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute and s.tp_degree == 1)
@@ -276,8 +279,9 @@ class WaveWorker:
         for p, tensor in landing:
             self._land(p, tensor, st, forward)
 
-    def _feature(self, p: Piece) -> tuple[int, int]:
-        return feature_shape(self.job, self.graph.metaops[self.comm.slices[p.producer].metaop])
+    def _feature(self, p: Piece) -> tuple[int, ...]:
+        s = self.comm.slices[p.producer]
+        return feature_shape(self.job, self.graph.metaops[s.metaop], s.first_layer + s.num_layers)
 
     def _piece_tensor(self, p: Piece, st: _StepState, forward: bool) -> torch.Tensor:
         if forward:  # rows of my producer output

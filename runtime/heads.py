@@ -15,9 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from planner.components import resolve_shape
 from planner.errors import SpecError
 from planner.spec import JobSpec
-from runtime.modules import DEFAULT_VOCAB, _build_initialised, layer_seed, leaf_uses, root_uses, use_component
+from runtime import unet
+from runtime.modules import (
+    DEFAULT_VOCAB, _build_initialised, image_channels, layer_seed, leaf_uses, root_uses, use_component,
+)
 
 if TYPE_CHECKING:  # data imports this module
     from runtime.data import TaskBatch
@@ -104,6 +108,45 @@ class NextTokenHead(TaskHead):
         return per_token.mean(dim=1)
 
 
+HeadFactory = Callable[[JobSpec, int, list[str]], TaskHead]
+_RECIPE_LOSSES: dict[str, HeadFactory] = {}
+
+
+class DenoisingHead(TaskHead):
+    """``mse`` on a unet2d leaf: GroupNorm -> SiLU -> conv_out (c0 -> in_channels) predicts the noise added to the
+    use's latents; per-sample mean squared error against it (epsilon prediction, as DDPM)."""
+
+    def __init__(self, task: str, leaf: str, channels: int, in_channels: int, image_size: int):
+        super().__init__(task, [leaf])
+        self.side = image_size
+        self.norm_out = nn.GroupNorm(unet.groups(channels), channels, eps=1e-5)
+        self.conv_out = nn.Conv2d(channels, in_channels, kernel_size=3, padding=1)
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
+        leaf = self.leaves[0]
+        h = outputs[leaf].reshape(outputs[leaf].shape[0], -1, self.side, self.side)
+        predicted = self.conv_out(F.silu(self.norm_out(h)))
+        return ((predicted - batch.targets[unet.noise_key(leaf)]) ** 2).flatten(1).mean(dim=1)
+
+
+def _denoising_head(job: JobSpec, task_index: int, leaves: list[str]) -> Callable[[], TaskHead] | None:
+    """The head factory of a task whose leaf is a unet2d use (None when no leaf is); a ValueError unless its loss is
+    mse and that use is its only leaf."""
+    task = job.tasks[task_index]
+    unets = [leaf for leaf in leaves if use_component(job, task_index, leaf)[1].kind == "unet2d"]
+    if not unets:
+        return None
+    if task.loss != "mse" or len(leaves) != 1:
+        raise ValueError(
+            f"tasks[{task_index}] ('{task.name}'): a unet2d leaf ('{unets[0]}') trains with loss 'mse' (noise "
+            f"prediction) as the task's only leaf; got loss '{task.loss}' and leaves {leaves}."
+        )
+    name, comp = use_component(job, task_index, leaves[0])
+    u = next(i for i, use in enumerate(task.components) if use.use_name == leaves[0])
+    side = resolve_shape(comp, name, task.components[u], f"tasks[{task_index}].components[{u}]").image_size
+    return lambda: DenoisingHead(task.name, leaves[0], comp.hidden_size, image_channels(comp), side)
+
+
 def _leaf_width(job: JobSpec, task_index: int, leaves: list[str]) -> int:
     """The common hidden size of the leaves; a ValueError when they differ (their pooled vectors are summed)."""
     widths = {leaf: use_component(job, task_index, leaf)[1].hidden_size for leaf in leaves}
@@ -129,8 +172,6 @@ def _next_token_args(job: JobSpec, task_index: int, leaves: list[str]) -> tuple[
     return roots[0], comp.hidden_size, comp.vocab_size or DEFAULT_VOCAB
 
 
-HeadFactory = Callable[[JobSpec, int, list[str]], TaskHead]
-_RECIPE_LOSSES: dict[str, HeadFactory] = {}
 
 
 def register_loss(name: str, factory: HeadFactory) -> None:
@@ -177,6 +218,8 @@ def build_head(job: JobSpec, task_index: int) -> TaskHead:
     leaves = leaf_uses(job, task_index)
     if loss in _RECIPE_LOSSES:
         factory = lambda: _RECIPE_LOSSES[loss](job, task_index, leaves)  # noqa: E731
+    elif denoising := _denoising_head(job, task_index, leaves):
+        factory = denoising
     elif loss in ("lm", "next_token"):
         root, width, vocab = _next_token_args(job, task_index, leaves)
         factory = lambda: NextTokenHead(task.name, leaves, root, width, vocab)  # noqa: E731

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from planner.components import resolve_shape
+from planner.components import UseShape, resolve_shape, use_shape
 from planner.errors import SpecError
-from planner.metagraph import MetaOp
+from planner.metagraph import MetaGraph, MetaOp
 from planner.spec import ComponentSpec, JobSpec, TaskSpec
 
 
@@ -33,6 +33,7 @@ DEFAULT_VOCAB = 256  # vocabulary of a token component without vocab_size
 INIT_STD = 0.02  # embeddings, queries, the [cls] token and its position
 POSITION_BASE = 100.0  # longest wavelength scale of the ViT's 2-D sin-cos position grid (grids are <= ~64 wide)
 TOKEN_KINDS = ("transformer", "llama", "decoder")
+BRIDGE_KINDS = ("decoder", "unet2d")  # kinds whose input module also reads the upstream output of a non-root use
 
 
 # --------------------------------------------------------------------------- seeds and init
@@ -221,13 +222,13 @@ def llama_ffn_size(comp: ComponentSpec) -> int:
 def _not_run(comp: ComponentSpec, name: str) -> NotImplementedError:
     return NotImplementedError(
         f"components.{name}: kind '{comp.kind}' is planned but the runtime does not run it yet; "
-        "supported kinds: transformer, vit, llama, decoder, mlp."
+        "supported kinds: transformer, vit, llama, decoder, mlp, unet2d."
     )
 
 
 def image_channels(comp: ComponentSpec) -> int:
-    """Input channels of a vit component's images: ``in_channels``, 3 (RGB) when unset."""
-    return comp.in_channels or 3
+    """Input channels of a vit component's images (3, RGB, when unset) or a unet2d's latents (4 when unset)."""
+    return comp.in_channels or (4 if comp.kind == "unet2d" else 3)
 
 
 def is_token_decoder(comp: ComponentSpec) -> bool:
@@ -259,14 +260,21 @@ def build_layer(job: JobSpec, op: MetaOp, layer_index: int) -> nn.Module:
     """Layer ``layer_index`` (0-based within ``op``) of MetaOp ``op``: ``(B, S, H) -> (B, S, H)`` float32.
 
     Seeded by ``layer_seed(job.training.seed, op.param_group, layer_index)``, so MetaOps of the same
-    parameter group get bit-identical layers. Frozen components return frozen modules. Decoder layers
-    take ``(state, stream_len)`` (see :func:`layer_kwargs`). Raises NotImplementedError for kinds the
-    runtime does not run (unet2d).
+    parameter group get bit-identical layers. Frozen components return frozen modules. Decoder and unet2d
+    layers take further keyword arguments (see :func:`layer_kwargs`); unet2d layers run on a flat state
+    ``(B, N)`` (runtime.unet).
     """
     if not 0 <= layer_index < op.num_layers:
         raise IndexError(f"layer_index {layer_index} is outside MetaOp {op.name}'s {op.num_layers} layers")
     comp = job.components[op.component]
-    factory = _layer_factory(comp, op.component)
+    if comp.kind == "unet2d":
+        from runtime.unet import build_unet_layer
+
+        side = _use_shape(job, op).image_size
+        factory = lambda: build_unet_layer(comp, op.component, op.segment, layer_index, side,  # noqa: E731
+                                           context_width(job, op.component))
+    else:
+        factory = _layer_factory(comp, op.component)
     module = _build_initialised(factory, layer_seed(job.training.seed, op.param_group, layer_index))
     return _freeze_if(module, comp)
 
@@ -387,38 +395,91 @@ class DecoderBridge(nn.Module):
         return torch.cat([stream, self.memory(memory)], dim=1)
 
 
-def memory_width(job: JobSpec, component: str) -> int:
-    """Hidden size of the outputs feeding every use of decoder ``component``; a SpecError for a root use
-    (nothing to attend to) or uses fed by outputs of different widths."""
-    widths: dict[str, int] = {}
+def _upstream_widths(job: JobSpec, component: str) -> dict[str, int | None]:
+    """For every use of ``component`` (by spec path): the hidden size of the output feeding it, None for a root use."""
+    widths: dict[str, int | None] = {}
     for t, task in enumerate(job.tasks):
         ups = upstream_uses(task)
         for u, use in enumerate(task.components):
-            if use.component != component:
-                continue
-            if not ups[use.use_name]:
-                raise SpecError(
-                    f"tasks[{t}].components[{u}] ('{use.use_name}') is a decoder use with no upstream use; the runtime "
-                    "feeds a decoder the output of another use to attend to. Put it after an encoder or set `after:`."
-                )
-            widths[f"tasks[{t}].components[{u}]"] = use_component(job, t, ups[use.use_name][0])[1].hidden_size
+            if use.component == component:
+                first = ups[use.use_name][0] if ups[use.use_name] else None
+                widths[f"tasks[{t}].components[{u}]"] = use_component(job, t, first)[1].hidden_size if first else None
+    return widths
+
+
+def memory_width(job: JobSpec, component: str) -> int:
+    """Hidden size of the outputs feeding every use of decoder ``component``; a SpecError for a root use
+    (nothing to attend to) or uses fed by outputs of different widths."""
+    widths = _upstream_widths(job, component)
+    for path, width in widths.items():
+        if width is None:
+            raise SpecError(
+                f"{path} ('{component}') is a decoder use with no upstream use; the runtime feeds a decoder the output "
+                "of another use to attend to. Put it after an encoder or set `after:`."
+            )
+    return _one_width(component, widths, "the decoder's memory projection has one input width")
+
+
+def context_width(job: JobSpec, component: str) -> int | None:
+    """Width of the context every use of unet2d ``component`` cross-attends to (its upstream output); None when
+    every use is a root use (no cross-attention). A SpecError when some uses have a context and some do not."""
+    widths = _upstream_widths(job, component)
+    if len({w is None for w in widths.values()}) > 1:
+        roots = [path for path, w in widths.items() if w is None]
+        raise SpecError(
+            f"{roots[0]} ('{component}') is a root use of a unet2d whose other uses read a context; its blocks either "
+            "cross-attend or not. Feed every use from an upstream use (e.g. a text encoder) or none."
+        )
+    return _one_width(component, widths, "its cross-attention has one context width")
+
+
+def _one_width(component: str, widths: dict[str, int | None], why: str) -> int | None:
     if len(set(widths.values())) > 1:
         raise SpecError(
-            f"components.{component}: its uses attend to outputs of different widths {widths}; the decoder's memory "
-            "projection has one input width. Feed every use from components of the same hidden_size."
+            f"components.{component}: its uses read upstream outputs of different widths {widths}; {why}. "
+            "Feed every use from components of the same hidden_size."
         )
     return next(iter(widths.values()))
 
 
-def layer_kwargs(job: JobSpec, op: MetaOp) -> dict[str, int]:
-    """Keyword arguments of MetaOp ``op``'s layers beyond the activation: ``stream_len`` for decoder layers."""
-    if job.components[op.component].kind != "decoder":
-        return {}
+def _use_shape(job: JobSpec, op: MetaOp) -> UseShape:
     t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
     u = next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
-    use = job.tasks[t].components[u]
-    comp = job.components[op.component]
-    return {"stream_len": resolve_shape(comp, op.component, use, f"tasks[{t}].components[{u}]").seq_len}
+    return use_shape(job, t, u)
+
+
+def layer_kwargs(job: JobSpec, op: MetaOp) -> dict[str, int]:
+    """Keyword arguments of MetaOp ``op``'s layers beyond the activation: ``stream_len`` for decoder layers, the
+    image ``side`` and ``context_len`` (0 without a context) for unet2d layers."""
+    kind = job.components[op.component].kind
+    if kind == "decoder":
+        return {"stream_len": _use_shape(job, op).seq_len}
+    if kind == "unet2d":
+        shape = _use_shape(job, op)
+        return {"side": shape.image_size, "context_len": shape.cross_len or 0}
+    return {}
+
+
+def reads_embed(job: JobSpec, graph: MetaGraph, op: MetaOp) -> bool:
+    """Whether ``op``'s layer 0 starts with its component's input module: a root MetaOp's (raw data in), and the
+    first MetaOp of a decoder or unet2d use fed by another use (the module also reads the upstream output)."""
+    if not op.deps:
+        return True
+    return job.components[op.component].kind in BRIDGE_KINDS and graph.metaops[op.deps[0]].use != op.use
+
+
+def use_input(job: JobSpec, op: MetaOp, embed: nn.Module, upstream: torch.Tensor | None, batch) -> torch.Tensor:
+    """What ``op``'s first layer reads when :func:`reads_embed`: ``embed`` applied to the batch's input of the use
+    (``batch``: a runtime.data.TaskBatch) and, for a bridge kind, the upstream output (None for a root use)."""
+    kind = job.components[op.component].kind
+    if kind == "unet2d":
+        from runtime.unet import timesteps_key
+
+        return embed(batch.inputs[op.use], batch.targets[timesteps_key(op.use)], upstream)
+    if upstream is None:
+        return embed(batch.inputs[op.use])
+    assert kind == "decoder", f"{op.name} reads no input module"
+    return embed(upstream, batch.inputs.get(op.use), **layer_kwargs(job, op))
 
 
 def component_seq_lens(job: JobSpec, component: str) -> list[int]:
@@ -439,7 +500,7 @@ def build_embed(job: JobSpec, component: str) -> nn.Module:
     vocab_size or 256, positions for the longest use). vit: images ``(B, C, I, I)`` -> patch
     embedding + cls token + positions, ``S = (I/patch)^2 + 1``. mlp: features ``(B, S, H)`` ->
     ``Linear(H, H)``. decoder: a :class:`DecoderBridge`, applied to the upstream output at the use's
-    first layer. Shared by every task using the component; seeded by
+    first layer. unet2d: a :class:`runtime.unet.UNetInput` (noisy latents, timesteps, context -> state). Shared by every task using the component; seeded by
     ``layer_seed(seed, component + ":embed", 0)``; frozen with its component.
     """
     comp = job.components[component]
@@ -454,6 +515,11 @@ def build_embed(job: JobSpec, component: str) -> nn.Module:
         factory = lambda: PatchEmbedding(image_channels(comp), h, comp.patch_size, max_len)  # noqa: E731
     elif comp.kind == "mlp":
         factory = lambda: FeatureEmbedding(h)  # noqa: E731
+    elif comp.kind == "unet2d":
+        from runtime.unet import UNetInput
+
+        context_width(job, component)  # every use cross-attends or none does
+        factory = lambda: UNetInput(comp, image_channels(comp))  # noqa: E731
     else:
         raise _not_run(comp, component)
     module = _build_initialised(factory, layer_seed(job.training.seed, component + ":embed", 0))

@@ -38,7 +38,7 @@ from planner.spec import JobSpec
 from runtime.data import synthetic_batch
 from runtime.checks import feature_shape
 from runtime.heads import build_head
-from runtime.modules import build_embed, build_layer, build_optimizer, layer_kwargs
+from runtime.modules import build_embed, build_layer, build_optimizer, layer_kwargs, use_input
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,13 @@ def local_batches(op: MetaOp, num_devices: int) -> list[int]:
     return sorted({op.batch_size // dp for dp in range(1, num_devices + 1) if op.batch_size % dp == 0})
 
 
-def time_layer(layers: torch.nn.Module | list[torch.nn.Module], op: MetaOp, seq: int, hidden: int, batch: int,
+def time_layer(layers: torch.nn.Module | list[torch.nn.Module], op: MetaOp, shape: tuple[int, ...], batch: int,
                repeats: int, warmup: int, kwargs: dict | None = None) -> float:
-    """Median seconds per layer of one forward(+backward) of ``layers`` run one after another on a (batch, seq,
-    hidden) input (``kwargs``: the layers' further arguments, ``runtime.modules.layer_kwargs``)."""
+    """Median seconds per layer of one forward(+backward) of ``layers`` run one after another on a ``(batch,
+    *shape)`` input (``kwargs``: the layers' further arguments, ``runtime.modules.layer_kwargs``)."""
     chain = [layers] if isinstance(layers, torch.nn.Module) else list(layers)
     kwargs = kwargs or {}
-    x = torch.randn(batch, seq, hidden, requires_grad=op.backward_factor > 0)
+    x = torch.randn(batch, *shape, requires_grad=op.backward_factor > 0)
     samples = []
     for i in range(warmup + repeats):
         start = time.perf_counter()
@@ -94,8 +94,8 @@ def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2, links: bool 
             if op.backward_factor == 1:  # input gradients only: the layers' weights are frozen
                 for layer in chain:
                     layer.requires_grad_(False)
-            seq, hidden = feature_shape(job, op)
-            points[key] = [[b, time_layer(chain, op, seq, hidden, b, repeats, warmup, layer_kwargs(job, op))]
+            shape = feature_shape(job, op, boundary=0)
+            points[key] = [[b, time_layer(chain, op, shape, b, repeats, warmup, layer_kwargs(job, op))]
                            for b in local_batches(op, job.cluster.num_devices)]
             say(f"profiled {op.name}: " + ", ".join(f"b={b}: {t * 1e3:.2f} ms" for b, t in points[key]))
         embed, head = time_embeddings(job, repeats, warmup), time_heads(job, repeats, warmup)
@@ -131,12 +131,12 @@ def time_embeddings(job: JobSpec, repeats: int, warmup: int) -> dict[str, list[l
     embeds: dict[str, torch.nn.Module] = {}
     out = {}
     for op in build_metagraph(job).metaops:
-        if op.deps or layer_kwargs(job, op):  # a decoder's bridge reads its upstream output, not raw data
+        if op.deps:  # a bridge (decoder, unet2d) reads its upstream output too: timed with no root here
             continue
         embed = embeds.setdefault(op.component, build_embed(job, op.component))
 
         def run(b: int = 1, op: MetaOp = op, embed: torch.nn.Module = embed) -> None:
-            y = embed(synthetic_batch(job, index[op.task], 0, 0, b).inputs[op.use])
+            y = use_input(job, op, embed, None, synthetic_batch(job, index[op.task], 0, 0, b))
             if y.requires_grad:
                 y.backward(torch.ones_like(y))
             embed.zero_grad(set_to_none=True)

@@ -18,7 +18,7 @@ from planner.spec import JobSpec
 from runtime.assignment import input_order
 from runtime.data import TaskBatch, synthetic_batch
 from runtime.heads import build_head
-from runtime.modules import build_embed, build_layer, build_optimizer, layer_kwargs
+from runtime.modules import build_embed, build_layer, build_optimizer, layer_kwargs, reads_embed, use_input
 
 
 MODEL_FILE = "model.pt"  # a run's trained parameters, in its output directory
@@ -64,8 +64,7 @@ class ReferenceTrainer:
                 key = (op.param_group, layer)
                 if key not in self.modules:
                     self.modules[key] = build_layer(job, op, layer)
-            needs_embed = not op.deps or job.components[op.component].kind == "decoder"
-            if needs_embed and ("embed:" + op.component, 0) not in self.modules:
+            if reads_embed(job, self.graph, op) and ("embed:" + op.component, 0) not in self.modules:
                 self.modules[("embed:" + op.component, 0)] = build_embed(job, op.component)
         for t, task in enumerate(job.tasks):
             self.modules[("head:" + task.name, 0)] = build_head(job, t)
@@ -88,14 +87,12 @@ class ReferenceTrainer:
         outputs: dict[int, torch.Tensor] = {}
         for op in ops:
             kwargs = layer_kwargs(self.job, op)
-            if not op.deps:
-                x = self.modules[("embed:" + op.component, 0)](batch.inputs[op.use])
-            elif len(op.deps) > 1:  # a fusion: its inputs' outputs along the sequence, in `after:` order
+            if len(op.deps) > 1:  # a fusion: its inputs' outputs along the sequence, in `after:` order
                 x = torch.cat([outputs[op.deps[i]] for i in input_order(self.job, self.graph, op.id)], dim=1)
             else:
-                x = outputs[op.deps[0]]
-                if kwargs and self.graph.metaops[op.deps[0]].use != op.use:  # a decoder use: bridge the memory in
-                    x = self.modules[("embed:" + op.component, 0)](x, batch.inputs.get(op.use), **kwargs)
+                x = outputs[op.deps[0]] if op.deps else None
+                if reads_embed(self.job, self.graph, op):
+                    x = use_input(self.job, op, self.modules[("embed:" + op.component, 0)], x, batch)
             for layer in range(op.num_layers):
                 x = self.modules[(op.param_group, layer)](x, **kwargs)
             outputs[op.id] = x

@@ -77,3 +77,30 @@ def fusion_job(num_devices: int, steps: int = 3) -> dict:
         "training": {"steps": steps, "lr": 1e-2, "seed": 5},
         "planner": {"time_limit_s": 2},
     }
+
+
+def diffusion_job(num_devices: int, steps: int = 3) -> dict:
+    """A text encoder shared by a caption classifier and a text-conditioned UNet (noise prediction at two latent
+    sizes: the UNet's parameters serve both), plus an unconditioned UNet of its own."""
+    unet = {"kind": "unet2d", "num_layers": 1, "hidden_size": 8, "channel_mults": [1, 2], "num_heads": 2,
+            "in_channels": 2, "image_size": 8}
+    return {
+        "name": "diffusion",
+        "cluster": {"num_nodes": 1, "devices_per_node": num_devices, "device": "cpu"},
+        "components": {
+            "text": {"kind": "transformer", "num_layers": 2, "hidden_size": 16, "num_heads": 2, "seq_len": 6,
+                     "vocab_size": 32},
+            "unet": unet,
+            "prior": unet | {"channel_mults": [1, 1]},
+        },
+        "tasks": [
+            {"name": "caption", "batch_size": 4, "loss": "cross_entropy", "components": [{"component": "text"}]},
+            {"name": "generate", "batch_size": 4, "loss": "mse",
+             "components": [{"component": "text"}, {"component": "unet"}]},
+            {"name": "generate_hires", "batch_size": 2, "loss": "mse",
+             "components": [{"component": "text", "seq_len": 4}, {"component": "unet", "image_size": 12}]},
+            {"name": "denoise", "batch_size": 4, "loss": "mse", "components": [{"component": "prior"}]},
+        ],
+        "training": {"steps": steps, "lr": 1e-2, "seed": 5},
+        "planner": {"time_limit_s": 2},
+    }

@@ -16,7 +16,7 @@ from planner.spec import parse_job
 from runtime.assignment import CommSchedule
 
 from _equivalence import STEPS, check_equivalence  # tests/integration/_equivalence.py
-from _jobs import decoder_job, fusion_job, two_task_job  # tests/integration/_jobs.py
+from _jobs import decoder_job, diffusion_job, fusion_job, two_task_job  # tests/integration/_jobs.py
 
 
 def tiny_job(num_devices: int) -> dict:
@@ -63,6 +63,26 @@ def test_decoders_with_memory_across_waves_equal_single_process(tmp_path):
         [("describe.tokens", 1, 2)],
     ])
     check_equivalence(job, plan, tmp_path)
+
+
+def test_unets_with_skips_across_waves_equal_single_process(tmp_path):
+    job = parse_job(diffusion_job(4, STEPS))
+    # UNet levels run in different waves on different device sets, one level split mid-way and re-split 4 -> 2:
+    # the skip stack and the text context travel in the state; the conditioned UNet serves two latent sizes
+    plan = plan_from_waves(job, [
+        [("generate.text", 2, 2), ("generate_hires.text", 2, 1), ("denoise.prior#0", 1, 1)],
+        [("generate.unet#0", 1, 2), ("generate_hires.unet#0", 1, 1), ("denoise.prior#1", 1, 1)],
+        [("generate.unet#1", 1, 1), ("generate_hires.unet#1", 1, 1), ("denoise.prior#2", 2, 2)],
+        [("generate.unet#2", 1, 4)],
+        [("generate.unet#2", 1, 2), ("generate_hires.unet#2", 2, 1), ("caption.text", 2, 1)],
+        [("generate.unet#3", 2, 2), ("generate_hires.unet#3", 2, 1), ("denoise.prior#3", 2, 1)],
+    ])
+    check_equivalence(job, plan, tmp_path)
+
+
+def test_planner_plan_of_unets_equals_single_process(tmp_path):
+    job = parse_job(diffusion_job(2, STEPS))
+    check_equivalence(job, plan_job(job, with_baselines=False).plan, tmp_path)
 
 
 def test_shared_component_on_megatron_tensor_parallel_equals_single_process(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 from planner.components import BYTES_PER_ACT, check_components, expand_use
 from planner.errors import SpecError
 from planner.spec import parse_job
+from planner.unet import unet_blocks
 
 
 def job_of(components: dict, uses: list[dict] | None = None, batch_size: int = 8):
@@ -149,13 +150,41 @@ def test_unet2d_expands_to_down_then_up_segments():
     assert [s.key for s in down] == [f"unet_block[c={c0 * m},r={side >> lv}]/down"
                                      for lv, m in enumerate([1, 2, 4, 4])]
     assert [s.key.removesuffix("/up") for s in up] == [s.key.removesuffix("/down") for s in reversed(down)]
-    # Level 0 is two 3x3 convolutions only: 2 convs * 2 FLOPs * 9 * c^2 per pixel.
-    assert down[0].flops_fwd == pytest.approx(36 * c0**2 * side**2)
-    assert down[0].params == pytest.approx(18 * c0**2)
-    # Deeper levels add self-attention on top of the convolutions.
-    c1, tokens1 = 2 * c0, (side // 2) ** 2
-    assert down[1].flops_fwd == pytest.approx(36 * c1**2 * tokens1 + 8 * tokens1 * c1**2 + 4 * tokens1**2 * c1)
-    assert down[1].params == pytest.approx(18 * c1**2 + 4 * c1**2)
+    # Level 0 (no attention): each block is two 3x3 convolutions plus the time embedding's projection (4 c0 wide);
+    # the last block of a level also downsamples (a stride-2 3x3 convolution on a quarter of the pixels).
+    t = side**2
+    block = 36 * c0**2 * t + 2 * 4 * c0 * c0
+    assert down[0].flops_fwd == pytest.approx((num_layers * block + 18 * c0**2 * t / 4) / num_layers)
+    # Deeper levels add a transformer block (self-attention, GEGLU MLP): more than their convolutions.
+    c1, t1 = 2 * c0, (side // 2) ** 2
+    assert down[1].flops_fwd > 36 * c1**2 * t1 + 4 * t1**2 * c1
+    # The boundary carries every skip still on the stack: it grows on the way down, and the last up
+    # segment hands on only h (c0 channels at full resolution, bf16).
+    assert [s.out_bytes for s in down] == sorted(s.out_bytes for s in down)
+    assert up[-1].out_bytes == 2 * c0 * t < down[0].out_bytes
+
+
+def test_unet2d_skip_stack_is_balanced():
+    comp = job_of({"u": {"kind": "unet2d", "num_layers": 2, "hidden_size": 8, "image_size": 16,
+                         "channel_mults": [1, 2, 2]}}).components["u"]
+    blocks = unet_blocks(comp, 16)
+    assert len(blocks) == 3 * 2 + 3 * 3
+    assert max(len(b.skips_out) for b in blocks) == 1 + 3 * 2 + 2  # conv_in, every down block, two downsamples
+    assert blocks[-1].skips_out == () and blocks[-1].h_out == (8, 16)
+    for b in blocks:
+        if b.up:  # an up block concatenates a skip of its own resolution
+            assert b.skips_in[-1][1] == b.side and b.skip == b.skips_in[-1][0]
+
+
+def test_unet2d_conditioned_use_prices_cross_attention():
+    comps = {"text": {"kind": "transformer", "num_layers": 1, "hidden_size": 24, "num_heads": 2, "seq_len": 7},
+             "u": {"kind": "unet2d", "num_layers": 1, "hidden_size": 8, "image_size": 8, "channel_mults": [1, 2]}}
+    alone = expand_use(job_of({"u": comps["u"]}), 0, 0)
+    conditioned = expand_use(job_of(comps, [{"component": "text"}, {"component": "u"}]), 0, 1)
+    assert [s.key for s in conditioned] == [k.key.replace("]", ",ctx=7]") for k in alone]
+    assert conditioned[0].flops_fwd == alone[0].flops_fwd  # full resolution has no attention
+    assert conditioned[1].flops_fwd > alone[1].flops_fwd
+    assert conditioned[0].out_bytes - alone[0].out_bytes == 2 * 7 * 24  # the context travels with the state
 
 
 def test_unet2d_custom_channel_mults():

@@ -208,21 +208,6 @@ def test_mlp_block_is_residual_gelu(job) -> None:
     torch.testing.assert_close(block(x), x + F.gelu(x @ block.fc.weight.T + block.fc.bias))
 
 
-def test_unsupported_kinds_raise_not_implemented() -> None:
-    job = parse_job({
-        "name": "unsupported",
-        "components": {
-            "unet": {"kind": "unet2d", "num_layers": 1, "hidden_size": 8, "image_size": 16, "channel_mults": [1, 2]},
-        },
-        "tasks": [{"name": "t", "batch_size": 2, "components": [{"component": "unet"}]}],
-    })
-    for op in build_metagraph(job).metaops:
-        with pytest.raises(NotImplementedError, match="kind 'unet2d'.*does not run"):
-            build_layer(job, op, 0)
-    with pytest.raises(NotImplementedError, match="unet2d"):
-        build_embed(job, "unet")
-
-
 def decoder_job(vocab: int | None, root: bool = False) -> JobSpec:
     dec = {"kind": "decoder", "num_layers": 1, "hidden_size": H, "num_heads": HEADS, "seq_len": 3, "cross_seq_len": 4}
     if vocab:
