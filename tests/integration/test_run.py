@@ -33,8 +33,9 @@ from orchestrator.metrics import LogReporter, StepRecord, read_step_log
 from orchestrator.run import Driver, RunOptions, run_job
 from planner.api import plan_job
 from planner.spec import parse_job
+from runtime.reference import ReferenceTrainer
 
-from _jobs import two_task_job  # tests/integration/_jobs.py
+from _jobs import diffusion_job, two_task_job  # tests/integration/_jobs.py
 
 JOB = two_task_job(2, steps=4)
 
@@ -186,6 +187,16 @@ def test_resumed_run_equals_uninterrupted_run(ray_session, job, plan, tmp_path):
     logged = read_step_log(tmp_path / "split" / "metrics.jsonl")
     assert [r["step"] for r in logged] == [0, 1, 2, 3]
     assert [r["loss"] for r in logged] == [r.loss for r in whole.records]
+
+
+def test_ray_workers_train_unets_as_one_process_does(ray_session, tmp_path):
+    # diffusers is imported inside the actors; the text-conditioned UNet's state crosses actor boundaries
+    job = parse_job(diffusion_job(2, steps=2))
+    result = run_job(job, plan_job(job, with_baselines=False).plan, options=RunOptions(steps=2, out_dir=tmp_path))
+    reference = ReferenceTrainer(job)
+    for record in result.records:
+        for task, value in reference.train_step(record.step).items():
+            assert record.loss[task] == pytest.approx(value, rel=1e-5), (record.step, task)
 
 
 class ScrapingReporter(LogReporter):
