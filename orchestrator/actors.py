@@ -60,14 +60,14 @@ class WaveActor:
         """Collective: join the default gloo group, build the plan's sub-groups and the worker; returns the pid.
 
         ValueError or NotImplementedError from the worker mean the job or plan cannot run (user input)."""
-        import torch
         import torch.distributed as dist
 
         from planner.plan import plan_from_json
         from planner.spec import JobSpec
         from runtime.executor import Groups, WaveWorker
+        from runtime.host import configure_worker_process
 
-        torch.set_num_threads(1)  # one logical CPU per actor; more threads only oversubscribe the cores
+        configure_worker_process()
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         dist.init_process_group("gloo", rank=self.rank, world_size=self.world_size, timeout=GLOO_TIMEOUT)
         job = JobSpec.model_validate_json(self.job_json)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from planner import baselines as baselines_mod
 from planner.bound import dag_bound, per_level_bound
-from planner.costmodel import AnalyticCostModel, CostModel, ProfiledCostModel
+from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel
 from planner.devices import resolve_hardware
 from planner.errors import PlanningError
 from planner.metagraph import MetaGraph, build_metagraph
-from planner.placement import STRATEGIES, PlacedSchedule, place_schedule
+from planner.placement import STRATEGIES, PlacedSchedule, PlacedSlice, PlacedWave, place_schedule
 from planner.refine import Evaluated, refine_transfers
 from planner.plan import (
     Bounds, Plan, PlanCluster, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport, SyncGroup,
@@ -113,6 +113,16 @@ def plan_schedule(job: JobSpec, schedule: Schedule, cost_model: CostModel | None
     gap = (makespan - bounds.dag_s) / makespan if makespan > 0 else 0.0
     result = SolveResult(schedule, method, "heuristic", makespan, bounds.dag_s, gap, method)
     return build_plan(job, graph, cost_model, placed, sim, result, bounds, {})
+
+
+def predict_plan(job: JobSpec, plan: Plan, cost_model: CostModel) -> Simulation:
+    """The simulator's iteration for ``plan`` exactly as placed (same slices on the same devices) under
+    ``cost_model``: e.g. a plan made with one profile, predicted with a later one."""
+    graph = build_metagraph(job)
+    waves = tuple(PlacedWave(tuple(
+        PlacedSlice(s.metaop, s.first_layer, s.num_layers, tuple(s.devices), Layout(s.dp_degree, s.tp_degree))
+        for s in wave.slices)) for wave in plan.waves)
+    return simulate(Problem.build(graph, cost_model), PlacedSchedule(waves), cost_model)
 
 
 REFINE_TOP = 2  # the best placed candidates (distinct schedules) the transfer-aware search starts from

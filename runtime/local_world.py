@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from planner.plan import Plan, plan_from_json
 from planner.spec import JobSpec
+from runtime.host import configure_worker_process
 
 
 def free_port() -> int:
@@ -38,7 +39,7 @@ class WorldResult:
 
 def _worker(rank: int, world_size: int, port: int, job_json: str, plan_json: str, steps: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    configure_worker_process()
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         from runtime.executor import Groups, WaveWorker

@@ -5,12 +5,14 @@ to :data:`CHAIN_LAYERS` of its layers is built with the runtime's modules and ti
 per layer (forward only for a frozen layer with nothing trainable upstream; input gradients only
 when a trainable layer feeds a frozen one) at every per-device batch the planner can ask for: ``batch / dp`` for each data-parallel degree dp that
 divides the batch and fits the cluster. Each point is the median of ``repeats`` timed runs after
-``warmup`` runs, with one thread, as a worker runs. The result is the JSON that
+``warmup`` runs, with one thread and freed memory kept (runtime.host), as a worker runs, in as many
+processes at once as the job has workers per node on this host (:func:`profile_processes`), its
+samples taken round-robin over the points. The result is the JSON that
 :class:`planner.costmodel.ProfiledCostModel` reads (piecewise alpha-beta between the points).
 
 The work of a step outside the layers is measured too (:class:`planner.costmodel.MeasuredCosts`):
 per root MetaOp, drawing its synthetic data and its embedding's forward and backward (``embed``);
-per task, its loss head's forward and backward (``head``), both at the same local batches; and one
+per task, drawing its batch and its loss head's forward and backward (``head``), both at the same local batches; and one
 AdamW step (as the runtime runs it) over every trainable layer workload, as seconds per parameter.
 For a CPU cluster with several devices per node, :func:`profile_links` also times a point-to-point
 message and an all-reduce between two gloo worker processes on this host (``links``), the link the
@@ -38,6 +40,7 @@ from planner.spec import JobSpec
 from runtime.data import synthetic_batch
 from runtime.checks import feature_shape
 from runtime.heads import build_head
+from runtime.host import configure_worker_process
 from runtime.modules import build_embed, build_layer, build_optimizer, layer_kwargs, use_input
 
 log = logging.getLogger(__name__)
@@ -56,50 +59,115 @@ def time_layer(layers: torch.nn.Module | list[torch.nn.Module], op: MetaOp, shap
     """Median seconds per layer of one forward(+backward) of ``layers`` run one after another on a ``(batch,
     *shape)`` input (``kwargs``: the layers' further arguments, ``runtime.modules.layer_kwargs``)."""
     chain = [layers] if isinstance(layers, torch.nn.Module) else list(layers)
-    kwargs = kwargs or {}
     x = torch.randn(batch, *shape, requires_grad=op.backward_factor > 0)
-    samples = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        with torch.set_grad_enabled(op.backward_factor > 0):
-            y = x
-            for layer in chain:
-                y = layer(y, **kwargs)
-            if op.backward_factor > 0:
-                y.backward(torch.ones_like(y))
-        if i >= warmup:
-            samples.append(time.perf_counter() - start)
+    samples = [_run_chain(chain, op, x, kwargs or {}) for _ in range(warmup + repeats)]
+    return statistics.median(samples[warmup:]) / len(chain)
+
+
+def _run_chain(chain: list[torch.nn.Module], op: MetaOp, x: torch.Tensor, kwargs: dict) -> float:
+    """Seconds of one forward (and backward, when ``op`` has one) of ``chain`` on ``x``."""
+    start = time.perf_counter()
+    with torch.set_grad_enabled(op.backward_factor > 0):
+        y = x
         for layer in chain:
-            layer.zero_grad(set_to_none=True)
-        x.grad = None
-    return statistics.median(samples) / len(chain)
+            y = layer(y, **kwargs)
+        if op.backward_factor > 0:
+            y.backward(torch.ones_like(y))
+    seconds = time.perf_counter() - start
+    for layer in chain:
+        layer.zero_grad(set_to_none=True)
+    x.grad = None
+    return seconds
+
+
+def sample_layers(job: JobSpec, repeats: int, warmup: int, barrier=None) -> dict[str, dict[int, list[float]]]:
+    """Per distinct layer workload (its profile key) and local batch: ``repeats`` samples of seconds per layer of
+    a chain of its layers, forward and backward. Samples are taken round-robin (every point once per round), so
+    each point's samples spread over the whole profile rather than one burst: a shared host's speed wanders by
+    +-10% over seconds. With ``barrier`` (a multiprocessing Barrier) every process takes each sample together."""
+    chains = {}
+    for op in build_metagraph(job).metaops:
+        key = profile_key(op, Layout(1, 1))
+        if key in chains:
+            continue
+        # a chain, as a slice runs them: the activations several layers keep for backward do not all stay in
+        # cache, as one layer's can
+        chain = [build_layer(job, op, i) for i in range(min(op.num_layers, CHAIN_LAYERS))]
+        if op.backward_factor == 1:  # input gradients only: the layers' weights are frozen
+            for layer in chain:
+                layer.requires_grad_(False)
+        shape = feature_shape(job, op, boundary=0)
+        inputs = {b: torch.randn(b, *shape, requires_grad=op.backward_factor > 0)
+                  for b in local_batches(op, job.cluster.num_devices)}
+        chains[key] = (op, chain, inputs, layer_kwargs(job, op))
+    samples: dict[str, dict[int, list[float]]] = {key: {b: [] for b in c[2]} for key, c in chains.items()}
+    for i in range(warmup + repeats):
+        for key, (op, chain, inputs, kwargs) in chains.items():
+            for b, x in inputs.items():
+                if barrier is not None:
+                    barrier.wait()
+                seconds = _run_chain(chain, op, x, kwargs) / len(chain)
+                if i >= warmup:
+                    samples[key][b].append(seconds)
+    return samples
+
+
+def profile_processes(job: JobSpec) -> int:
+    """How many processes time the layers at once: a CPU job's workers per node (at most this host's CPUs), since
+    the workers of a run share the host's caches and memory bandwidth (a busy neighbour slowed a layer by ~5%);
+    1 for other devices."""
+    if job.cluster.device.lower() != "cpu":
+        return 1
+    return max(1, min(job.cluster.devices_per_node, os.cpu_count() or 1))
+
+
+def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) -> tuple[dict[str, list[list[float]]],
+                                                                                     float | None]:
+    """The cost file's ``points`` (per layer workload, ``[[local batch, median seconds per layer], ...]`` over the
+    samples of :func:`sample_layers`) and ``optimizer_s_per_param`` (:func:`optimizer_seconds_per_param`), measured
+    in ``processes`` worker processes at once and pooled (medians of every process's samples)."""
+    if processes <= 1:
+        pooled = [json.loads(json.dumps(_measure_worker_side(job, repeats, warmup)))]  # as the workers' files
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            barrier = mp.get_context("spawn").Barrier(processes)
+            mp.spawn(_measure_in_worker, args=(job.model_dump_json(), repeats, warmup, barrier, tmp), nprocs=processes,
+                     join=True)
+            pooled = [json.loads(path.read_text()) for path in sorted(Path(tmp).glob("*.json"))]
+    points = {key: [[int(b), statistics.median(t for p in pooled for t in p["points"][key][b])] for b in samples]
+              for key, samples in pooled[0]["points"].items()}
+    rates = [p["optimizer"] for p in pooled if p["optimizer"] is not None]
+    return points, statistics.median(rates) if rates else None
+
+
+def _measure_worker_side(job: JobSpec, repeats: int, warmup: int, barrier=None) -> dict:
+    points = sample_layers(job, repeats, warmup, barrier)
+    if barrier is not None:
+        barrier.wait()  # the optimizer steps of every process run together too (AdamW is memory-bound)
+    return {"points": points, "optimizer": optimizer_seconds_per_param(job, repeats, warmup)}
+
+
+def _measure_in_worker(rank: int, job_json: str, repeats: int, warmup: int, barrier, out_dir: str) -> None:
+    configure_worker_process()
+    result = _measure_worker_side(JobSpec.model_validate_json(job_json), repeats, warmup, barrier)
+    (Path(out_dir) / f"{rank}.json").write_text(json.dumps(result))
 
 
 def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2, links: bool = True,
                 progress: Callable[[str], None] | None = None) -> dict:
-    """Measure every distinct layer workload of ``job`` and the work outside the layers (and, with ``links``, for
-    a CPU cluster of several devices per node, the gloo links: two processes); returns the cost file as a dict."""
+    """Measure every distinct layer workload of ``job`` (in :func:`profile_processes` processes at once) and the
+    work outside the layers (and, with ``links``, for a CPU cluster of several devices per node, the gloo links:
+    two processes); returns the cost file as a dict."""
     say = progress or log.info
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread, like each worker
+    configure_worker_process()  # one thread and freed memory kept, like each worker (the latter stays on)
     try:
-        points: dict[str, list[list[float]]] = {}
-        for op in build_metagraph(job).metaops:
-            key = profile_key(op, Layout(1, 1))
-            if key in points:
-                continue
-            # a chain, as a slice runs them: the activations several layers keep for backward do not all stay in
-            # cache, as one layer's can
-            chain = [build_layer(job, op, i) for i in range(min(op.num_layers, CHAIN_LAYERS))]
-            if op.backward_factor == 1:  # input gradients only: the layers' weights are frozen
-                for layer in chain:
-                    layer.requires_grad_(False)
-            shape = feature_shape(job, op, boundary=0)
-            points[key] = [[b, time_layer(chain, op, shape, b, repeats, warmup, layer_kwargs(job, op))]
-                           for b in local_batches(op, job.cluster.num_devices)]
-            say(f"profiled {op.name}: " + ", ".join(f"b={b}: {t * 1e3:.2f} ms" for b, t in points[key]))
+        processes = profile_processes(job)
+        points, rate = profile_layers(job, repeats, warmup, processes)
+        names = {profile_key(op, Layout(1, 1)): op.name for op in reversed(build_metagraph(job).metaops)}
+        for key, pts in points.items():
+            say(f"profiled {names[key]} ({processes} at once): " + ", ".join(f"b={b}: {t * 1e3:.2f} ms" for b, t in pts))
         embed, head = time_embeddings(job, repeats, warmup), time_heads(job, repeats, warmup)
-        rate = optimizer_seconds_per_param(job, repeats, warmup)
         say("profiled outside the layers: embeddings " + ", ".join(f"{k} {v[-1][1] * 1e3:.2f} ms" for k, v in embed.items())
             + "; heads " + ", ".join(f"{k} {v[-1][1] * 1e3:.2f} ms" for k, v in head.items())
             + (f"; AdamW {rate * 1e9:.2f} ns/parameter" if rate is not None else ""))
@@ -147,8 +215,8 @@ def time_embeddings(job: JobSpec, repeats: int, warmup: int) -> dict[str, list[l
 
 
 def time_heads(job: JobSpec, repeats: int, warmup: int) -> dict[str, list[list[float]]]:
-    """Per task: median seconds of its loss head forward and backward on outputs of its leaf MetaOps' shapes, at
-    every local batch the planner can ask for."""
+    """Per task: median seconds of drawing its batch and its loss head forward and backward on outputs of its leaf
+    MetaOps' shapes, at every local batch the planner can ask for."""
     graph = build_metagraph(job)
     read = {d for op in graph.metaops for d in op.deps}
     out = {}
@@ -159,11 +227,11 @@ def time_heads(job: JobSpec, repeats: int, warmup: int) -> dict[str, list[list[f
         head = build_head(job, t)
         points = []
         for b in local_batches(leaves[0], job.cluster.num_devices):
-            batch = synthetic_batch(job, t, 0, 0, b)
             outputs = {op.use: torch.randn(b, *feature_shape(job, op), requires_grad=True) for op in leaves}
 
-            def run(outputs: dict = outputs, batch=batch) -> None:
-                head(outputs, batch).sum().backward()
+            def run(outputs: dict = outputs, b: int = b, t: int = t) -> None:
+                # the loss host draws its rows' labels (and inputs) itself: its rows differ from the slices' rows
+                head(outputs, synthetic_batch(job, t, 0, 0, b)).sum().backward()
                 head.zero_grad(set_to_none=True)
 
             points.append([b, _median_seconds(run, repeats, warmup)])
@@ -171,21 +239,29 @@ def time_heads(job: JobSpec, repeats: int, warmup: int) -> dict[str, list[list[f
     return out
 
 
+OPTIMIZER_PARAMS_CAP = 32_000_000  # parameters the AdamW timing builds at most (its state is 4x that in floats)
+
+
 def optimizer_seconds_per_param(job: JobSpec, repeats: int, warmup: int) -> float | None:
-    """Seconds per parameter of one AdamW step (the runtime's :func:`build_optimizer`) over one layer of every trainable
-    layer workload: their total time over their total parameters. None when nothing trains."""
-    seen, seconds, params = set(), 0.0, 0
+    """Seconds per parameter of one AdamW step (the runtime's :func:`build_optimizer`) over the trainable layers of
+    the job, all in one optimizer as a worker holds them (up to :data:`OPTIMIZER_PARAMS_CAP` parameters): a worker's
+    parameters, gradients and moments do not stay in cache between steps, and one layer's alone would (timed per
+    layer, AdamW ran at half the rate the bench/runtime workers measured). None when nothing trains."""
+    weights, seen = [], set()
     for op in build_metagraph(job).metaops:
         if op.frozen or op.param_group in seen:
             continue
         seen.add(op.param_group)
-        weights = [p for p in build_layer(job, op, 0).parameters() if p.requires_grad]
-        for w in weights:
-            w.grad = torch.randn_like(w)
-        adamw = build_optimizer(job, weights)
-        seconds += _median_seconds(adamw.step, repeats, warmup)
-        params += sum(w.numel() for w in weights)
-    return seconds / params if params else None
+        for layer in range(op.num_layers):
+            if sum(w.numel() for w in weights) >= OPTIMIZER_PARAMS_CAP:
+                break
+            weights += [p for p in build_layer(job, op, layer).parameters() if p.requires_grad]
+    if not weights:
+        return None
+    for w in weights:
+        w.grad = torch.randn_like(w)
+    adamw = build_optimizer(job, weights)
+    return _median_seconds(adamw.step, repeats, warmup) / sum(w.numel() for w in weights)
 
 
 LINK_BYTES = (1 << 14, 1 << 18, 1 << 20, 1 << 22)  # message sizes the link curves are measured at
@@ -206,7 +282,7 @@ def profile_links(repeats: int = 5, warmup: int = 2) -> dict[str, list[list[floa
 
 def _time_links(rank: int, port: int, repeats: int, warmup: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    configure_worker_process()
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         def timed(run: Callable[[], None]) -> float:

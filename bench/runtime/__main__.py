@@ -2,12 +2,16 @@
 Loom vs sequential, measured.
 
 One run on this machine, side by side: profile the workload (``runtime.profiler``: layers, embeddings,
-heads and AdamW; or read ``--costs``), plan it with the profiled cost model, then train the same job
-under Loom's plan and under the sequential (Megatron-LM/DeepSpeed style) schedule on a local gloo world
-of worker processes (the workers' logic is the one Ray actors run). Reports the median measured step
-time of each after warm-up, their ratio, measured vs predicted iteration time, and where each step
-goes: per wave and per part, measured on the slowest worker, next to the prediction. Writes
-bench/results/runtime.{json,md} (``--no-write``: prints the report only).
+heads, AdamW and links; or read ``--costs``), plan it with the profiled cost model, then train the same
+job under Loom's plan and under the sequential (Megatron-LM/DeepSpeed style) schedule on a local gloo
+world of worker processes (the workers' logic is the one Ray actors run), in alternating rounds.
+Before every round after the first the layers and AdamW are profiled again and both plans, as placed,
+are predicted anew (``planner.api.predict_plan``): this host's speed wanders by 10-20% over tens of
+seconds, so a prediction is compared with runs made seconds after its profile. Reports the median
+measured step time of each after warm-up, their ratio, measured vs predicted iteration time (per
+round, and against the first profile alone), and where each step goes: per wave and per part,
+measured on the slowest worker, next to the prediction. Writes bench/results/runtime.{json,md}
+(``--no-write``: prints the report only).
 """
 
 from __future__ import annotations
@@ -21,14 +25,14 @@ from pathlib import Path
 
 from bench.common import REPO_ROOT, write_results
 from orchestrator.metrics import STEP_PARTS, step_breakdown
-from planner.api import make_cost_model, plan_job, plan_schedule
+from planner.api import make_cost_model, plan_job, plan_schedule, predict_plan
 from planner.metagraph import build_metagraph
 from planner.plan import Plan
 from planner.schedule import Problem
 from planner.solver import sequential_schedule
 from planner.spec import load_job
 from runtime.local_world import run_world
-from runtime.profiler import profile_job
+from runtime.profiler import profile_job, profile_layers, profile_processes
 
 log = logging.getLogger("bench.runtime")
 DEFAULT_WORKLOAD = REPO_ROOT / "bench" / "runtime" / "hetero.yaml"
@@ -46,7 +50,7 @@ def measure(job, plan: Plan, steps: int, warmup: int) -> dict:
     return {
         "median_step_s": statistics.median(timed),
         "step_s": timed,
-        "predicted_s": plan.predicted.iteration_time_s,
+        "first_predicted_s": plan.predicted.iteration_time_s,
         "wave_s": [statistics.median(waves[k] for waves, _ in breakdowns) for k in range(len(plan.waves))],
         "part_s": {part: statistics.median(parts[part] for _, parts in breakdowns) for part in STEP_PARTS},
         "first_losses": result.losses[0],
@@ -69,21 +73,25 @@ def main(argv: list[str] | None = None) -> int:
     job = load_job(args.workload)
     costs = (json.loads(Path(args.costs).read_text()) if args.costs
              else profile_job(job, repeats=PROFILE_REPEATS, warmup=3, progress=log.info))
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(costs, f)
-    cost_model = make_cost_model(job, f.name)  # the job's precision and optimizer sharding, as `loom plan --costs`
+    cost_model = cost_model_of(job, costs)  # the job's precision and optimizer sharding, as `loom plan --costs`
     loom = plan_job(job, cost_model, with_baselines=True, progress=log.info).plan
     problem = Problem.build(build_metagraph(job), cost_model)
     plans = {"loom": loom, "sequential": plan_schedule(job, sequential_schedule(problem), cost_model, method="sequential")}
     records = {}
     for run in range(args.rounds):  # alternate the two, so slow phases of a noisy machine hit both
+        if run and not args.costs:  # profile again: this round's runs are predicted from costs seconds old
+            points, rate = profile_layers(job, PROFILE_REPEATS, 3, profile_processes(job))
+            cost_model = cost_model_of(job, {**costs, "points": points, "optimizer_s_per_param": rate})
         for name, plan in plans.items():
+            predicted = predict_plan(job, plan, cost_model)
             log.info("training %s (round %d): %d waves", name, run + 1, len(plan.waves))
             record = measure(job, plan, args.steps, args.warmup)
+            record.update(predicted_s=predicted.iteration_time_s, predicted_wave_s=list(predicted.wave_durations),
+                          predicted_part_s=predicted_parts(predicted))
             records.setdefault(name, []).append(record)
             log.info("%s: median step %.1f ms (predicted %.1f ms)", name, record["median_step_s"] * 1e3,
                      record["predicted_s"] * 1e3)
-    text = report(records, plans, args)
+    text = report(records, args)
     if args.no_write:
         print(text)
         return 0
@@ -94,26 +102,49 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(records: dict[str, list[dict]], plans: dict[str, Plan], args) -> str:
-    median = {name: statistics.median(r["median_step_s"] for r in runs) for name, runs in records.items()}
-    predicted = {name: runs[0]["predicted_s"] for name, runs in records.items()}
+def cost_model_of(job, costs: dict):
+    """The profiled cost model of ``costs`` (a cost file's contents) for ``job``."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(costs, f)
+    return make_cost_model(job, f.name)
+
+
+def predicted_parts(sim) -> dict[str, float]:
+    """A simulation's parts outside the waves' layers, named as :data:`orchestrator.metrics.STEP_PARTS`."""
+    return {"loss": sim.loss_s, "transfer": sim.transfer_s, "sync": sim.sync_s,
+            "optimizer": sim.optimizer_s + sim.gather_s}
+
+
+def report(records: dict[str, list[dict]], args) -> str:
+    def med(name: str, field: str) -> float:
+        return statistics.median(r[field] for r in records[name])
+
+    median = {name: med(name, "median_step_s") for name in records}
     ratio = median["sequential"] / median["loom"]
+    per_round = {name: statistics.median(r["median_step_s"] / r["predicted_s"] for r in runs)
+                 for name, runs in records.items()}
     lines = [
         "# Runtime benchmark: Loom vs sequential, measured on this machine",
         "",
         f"Workload `{Path(args.workload).name}`; {args.rounds} alternating runs of each schedule, each "
         f"{args.warmup} warm-up + {args.steps} timed steps on a gloo world of worker processes (one per device, "
         "one thread each); a run's value is its median step, the table gives the median over runs. Plans use "
-        "the profiled cost model (layers, embeddings, heads, AdamW) measured in the same invocation.",
+        "the profiled cost model (layers, embeddings, heads, AdamW, links) measured in the same invocation; the "
+        "layers and AdamW are profiled again before every round, and each run is compared with the prediction of "
+        "its plan (as placed) from the profile taken just before it (`predicted`, median over rounds); "
+        "`first profile` is the plan's own prediction.",
         "",
-        "| schedule | waves | method | measured step (median of runs) | runs | predicted | measured / predicted |",
-        "|---|---|---|---|---|---|---|",
+        "| schedule | waves | method | measured step (median of runs) | runs | predicted | measured / predicted "
+        "(median of runs) | first profile | measured / first |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in records.items():
+        first = runs[0]["first_predicted_s"]
         lines.append(f"| {name} | {runs[0]['num_waves']} | {runs[0]['method']} | {median[name] * 1e3:.1f} ms | "
                      + ", ".join(f"{r['median_step_s'] * 1e3:.0f}" for r in runs)
-                     + f" ms | {predicted[name] * 1e3:.1f} ms | {median[name] / predicted[name]:.2f} |")
-    loom_err = abs(median["loom"] / predicted["loom"] - 1)
+                     + f" ms | {med(name, 'predicted_s') * 1e3:.1f} ms | {per_round[name]:.2f} | {first * 1e3:.1f} ms | "
+                     f"{median[name] / first:.2f} |")
+    loom_err = abs(per_round["loom"] - 1)
     first, last = records["loom"][0]["first_losses"], records["loom"][0]["last_losses"]
     lines += [
         "",
@@ -128,19 +159,18 @@ def report(records: dict[str, list[dict]], plans: dict[str, Plan], args) -> str:
         + "; ".join(f"{task} {first[task]:.3f} -> {last[task]:.3f}" for task in first),
     ]
     for name, runs in records.items():
-        lines += ["", *breakdown_table(name, runs, plans[name])]
+        lines += ["", *breakdown_table(name, runs)]
     return "\n".join(lines) + "\n"
 
 
-def breakdown_table(name: str, runs: list[dict], plan: Plan) -> list[str]:
+def breakdown_table(name: str, runs: list[dict]) -> list[str]:
     """Where the step goes: each wave's compute and each part, measured (slowest worker; median over steps, then
-    over runs) vs predicted. Measured parts are maxima over workers, so they need not add up to the step."""
-    waves = [w.duration_s for w in plan.waves]
-    want = plan.predicted
-    rows = [(f"wave {k} compute", statistics.median(r["wave_s"][k] for r in runs), waves[k]) for k in range(len(waves))]
-    rows += [(f"{part}", statistics.median(r["part_s"][part] for r in runs), value) for part, value in (
-        ("loss", want.compute_s - sum(waves)), ("transfer", want.transfer_s), ("sync", want.sync_s),
-        ("optimizer", want.optimizer_s))]
+    over runs) vs predicted (median over runs). Measured parts are maxima over workers, so they need not add up to
+    the step: a worker that waits for its peer at a boundary counts the wait as transfer."""
+    rows = [(f"wave {k} compute", statistics.median(r["wave_s"][k] for r in runs),
+             statistics.median(r["predicted_wave_s"][k] for r in runs)) for k in range(len(runs[0]["wave_s"]))]
+    rows += [(part, statistics.median(r["part_s"][part] for r in runs),
+              statistics.median(r["predicted_part_s"][part] for r in runs)) for part in STEP_PARTS]
     lines = [f"## Where {name}'s step goes", "", "| part | measured (slowest worker) | predicted |", "|---|---|---|"]
     lines += [f"| {label} | {got * 1e3:.1f} ms | {value * 1e3:.1f} ms |" for label, got, value in rows]
     return lines

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from planner.api import make_cost_model, plan_job, spec_hash
+from planner.api import make_cost_model, plan_job, predict_plan, spec_hash
 from planner.costmodel import AnalyticCostModel, Layout, ProfiledCostModel, profile_key
 from planner.errors import PlanningError, SpecError
 from planner.metagraph import build_metagraph
@@ -290,3 +290,14 @@ def test_plan_job_reports_a_metaop_that_cannot_fit():
     data["cluster"]["memory_gib"] = 0.01  # 10 MiB: one vision layer's weights alone need more
     with pytest.raises(PlanningError, match=r"^MetaOp img_text\.vision: no valid device count"):
         plan_job(parse_job(data))
+
+
+def test_predict_plan_reproduces_the_plan_and_follows_new_costs(planned):
+    job, result = planned
+    plan, cost_model = result.plan, make_cost_model(job)
+    assert predict_plan(job, plan, cost_model).iteration_time_s == pytest.approx(plan.predicted.iteration_time_s)
+    # the same placement under a model whose every layer takes twice as long: compute doubles, nothing moves
+    slower = AnalyticCostModel(cost_model.hw, cost_model.shard_optimizer, cost_model.grad_bytes, cost_model.weight_bytes)
+    slower.layout_time = lambda op, layout: 2 * AnalyticCostModel.layout_time(cost_model, op, layout)
+    doubled = predict_plan(job, plan, slower)
+    assert doubled.compute_s == pytest.approx(2 * plan.predicted.compute_s, rel=0.02)

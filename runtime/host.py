@@ -1,0 +1,48 @@
+"""How a CPU worker process is set up: one compute thread, and freed memory kept for the next step.
+
+glibc hands freed memory back to the kernel (it trims the top of the heap and serves large blocks by
+``mmap``), so every training step faults its activations in again, page by page, each page zeroed by
+the kernel: one forward and backward of a 512-token, 128-wide transformer layer took about 7,700
+minor page faults and 20-24 ms; with the memory kept, none and 17-18 ms (bench/runtime's workloads
+ran 18-40% faster in an interleaved comparison). :func:`keep_freed_memory` raises glibc's trim and
+mmap thresholds (``mallopt``), so a process keeps its peak heap and reuses it, as GPU frameworks'
+caching allocators keep device memory. It is a no-op where glibc is absent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: never trim below 2 GiB of free heap top
+MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks up to 32 MiB come from the heap and are reused
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make this process's allocator keep freed memory for reuse; True when glibc took the settings."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        log.info("no glibc mallopt here; freed memory goes back to the system as usual")
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def configure_worker_process() -> None:
+    """A device's worker process on CPU: one intra-op thread (one logical CPU per worker; more only oversubscribe
+    the cores) and freed memory kept."""
+    torch.set_num_threads(1)
+    keep_freed_memory()
