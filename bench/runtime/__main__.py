@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", default=str(DEFAULT_WORKLOAD))
     parser.add_argument("--steps", type=int, default=8, help="timed steps per schedule")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating runs of each schedule")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating runs of each schedule")
     parser.add_argument("--costs", help="a profiled cost file (loom profile) to use instead of profiling here")
     parser.add_argument("--no-write", action="store_true", help="print the report; leave bench/results alone")
     args = parser.parse_args(argv)
