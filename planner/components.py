@@ -262,6 +262,11 @@ def check_components(job: JobSpec) -> None:
                     f"components.{name}.tensor_parallel ({degree}) does not divide num_heads ({heads}); "
                     "pick a degree that divides the head count."
                 )
+            if degree > 1 and comp.num_kv_heads is not None and comp.num_kv_heads % degree:
+                raise SpecError(
+                    f"components.{name}.tensor_parallel ({degree}) does not divide num_kv_heads ({comp.num_kv_heads}); "
+                    "each tensor-parallel rank holds whole key/value heads. Pick a degree that divides num_kv_heads."
+                )
         if comp.num_kv_heads is not None and (comp.num_heads is None or comp.num_heads % comp.num_kv_heads):
             raise SpecError(
                 f"components.{name}.num_kv_heads ({comp.num_kv_heads}) does not divide num_heads ({comp.num_heads}); "

@@ -1,12 +1,15 @@
-"""A tensor-parallel transformer block on megatron-core layers (the megatron stage backend).
+"""Tensor-parallel transformer blocks on megatron-core layers (the megatron stage backend).
 
 Owns ``MegatronTransformerBlock``, one megatron-core ``TransformerLayer`` (local, non-Transformer-
-Engine spec) that computes exactly the runtime's plain-torch block (runtime/modules.py): pre-LN, no
-dropout, ``x = x + proj(attn(ln1(x)))``, ``x = x + fc2(gelu(fc1(ln2(x))))``, LayerNorm eps 1e-5,
-biased linears, non-causal softmax attention, exact GELU. It also owns the weight and gradient
-mapping between that plain block (the reference layout) and this rank's TP shards:
-``load_reference``, ``gather_reference_weights`` and ``gather_reference_grads``. Like the plain
-block, it makes the gradient of the key part of the qkv bias exactly zero (its true value).
+Engine spec) that computes exactly one of the runtime's plain-torch blocks (runtime/modules.py):
+``variant="transformer"``: the encoder block (pre-LN, no dropout, ``x = x + proj(attn(ln1(x)))``,
+``x = x + fc2(gelu(fc1(ln2(x))))``, LayerNorm eps 1e-5, biased linears, non-causal softmax attention,
+exact GELU); ``variant="llama"``: the llama block (RMSNorm eps 1e-6, causal grouped-query attention as
+megatron's query groups, SwiGLU as its gated linear unit, no biases). It also owns the weight and
+gradient mapping between the plain block (the reference layout) and this rank's TP shards
+(:data:`PARAM_MAPS`): ``load_reference``, ``gather_reference_weights`` and ``gather_reference_grads``.
+Like the plain encoder block, it makes the gradient of the key part of the qkv bias exactly zero
+(its true value).
 
 Process groups: megatron-core 0.16.1 lets every layer take its groups explicitly, so each block is
 built on the ``tp_group`` it is given and megatron's global ``parallel_state`` is never
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,34 +49,99 @@ logger = logging.getLogger(__name__)
 LAYERNORM_EPS = 1e-5
 
 
+def _whole(tensors: list[torch.Tensor], block: MegatronTransformerBlock) -> torch.Tensor:
+    return tensors[0]
+
+
+def _unwhole(full: torch.Tensor, block: MegatronTransformerBlock) -> list[torch.Tensor]:
+    return [full]
+
+
 @dataclass(frozen=True)
 class _ParamMap:
-    """Where a reference parameter lives in the megatron layer and how it is split over TP.
+    """One megatron parameter and the reference parameters it holds.
 
-    kind: "replicated" (full copy on every rank), "column" (split along dim 0), "row" (split along
-    dim 1), or "qkv" (split along dim 0 after re-ordering ``[q | k | v]`` into megatron's per-head
-    ``[q_h, k_h, v_h]`` groups).
+    ``fuse(reference tensors, block)`` gives the full tensor in a layout whose ``tp_size`` chunks along ``dim``
+    are the ranks' shards (``dim`` None: replicated, a full copy on every rank); ``split`` is its inverse.
     """
 
     megatron_name: str
-    kind: str
+    references: tuple[str, ...]
+    dim: int | None
+    fuse: Callable = _whole
+    split: Callable = _unwhole
 
 
-# Reference name -> megatron TransformerLayer parameter. The row-parallel biases are applied after
-# the all-reduce, so megatron keeps them whole on every rank.
-PARAM_MAP: dict[str, _ParamMap] = {
-    "ln1.weight": _ParamMap("input_layernorm.weight", "replicated"),
-    "ln1.bias": _ParamMap("input_layernorm.bias", "replicated"),
-    "qkv.weight": _ParamMap("self_attention.linear_qkv.weight", "qkv"),
-    "qkv.bias": _ParamMap("self_attention.linear_qkv.bias", "qkv"),
-    "proj.weight": _ParamMap("self_attention.linear_proj.weight", "row"),
-    "proj.bias": _ParamMap("self_attention.linear_proj.bias", "replicated"),
-    "ln2.weight": _ParamMap("pre_mlp_layernorm.weight", "replicated"),
-    "ln2.bias": _ParamMap("pre_mlp_layernorm.bias", "replicated"),
-    "fc1.weight": _ParamMap("mlp.linear_fc1.weight", "column"),
-    "fc1.bias": _ParamMap("mlp.linear_fc1.bias", "column"),
-    "fc2.weight": _ParamMap("mlp.linear_fc2.weight", "row"),
-    "fc2.bias": _ParamMap("mlp.linear_fc2.bias", "replicated"),
+def _mha_fuse(tensors: list[torch.Tensor], block: MegatronTransformerBlock) -> torch.Tensor:
+    """``[q | k | v]`` rows (each heads x d) -> megatron's per-head ``[q_0, k_0, v_0, q_1, ...]``."""
+    full = tensors[0]
+    heads, rest = block.num_heads, full.shape[1:]
+    return full.reshape(3, heads, full.shape[0] // (3 * heads), *rest).transpose(0, 1).reshape(full.shape)
+
+
+def _mha_split(full: torch.Tensor, block: MegatronTransformerBlock) -> list[torch.Tensor]:
+    heads, rest = block.num_heads, full.shape[1:]
+    return [full.reshape(heads, 3, full.shape[0] // (3 * heads), *rest).transpose(0, 1).reshape(full.shape)]
+
+
+def _gqa_fuse(tensors: list[torch.Tensor], block: MegatronTransformerBlock) -> torch.Tensor:
+    """q ``(heads*d, h)``, k and v ``(groups*d, h)`` -> megatron's per query group ``[q of its heads, k_g, v_g]``
+    (query head i belongs to group i // (heads / groups), as the plain block's repeat_interleave)."""
+    q, k, v = tensors
+    groups, h = block.num_kv_heads, q.shape[1]
+    return torch.cat([q.reshape(groups, -1, h), k.reshape(groups, -1, h), v.reshape(groups, -1, h)], dim=1).reshape(-1, h)
+
+
+def _gqa_split(full: torch.Tensor, block: MegatronTransformerBlock) -> list[torch.Tensor]:
+    groups, h = block.num_kv_heads, full.shape[1]
+    d = block.hidden_size // block.num_heads
+    per_group = full.reshape(groups, -1, h)
+    q, k, v = per_group.split([block.num_heads // groups * d, d, d], dim=1)
+    return [t.reshape(-1, h) for t in (q, k, v)]
+
+
+def _glu_fuse(tensors: list[torch.Tensor], block: MegatronTransformerBlock) -> torch.Tensor:
+    """gate and up ``(f, h)`` -> rank by rank ``[gate_r; up_r]``: megatron's gated fc1 splits each rank's output
+    in two halves, ``silu(first) * second``."""
+    gate, up = (t.chunk(block.tp_size, dim=0) for t in tensors)
+    return torch.cat([torch.cat([g, u]) for g, u in zip(gate, up)])
+
+
+def _glu_split(full: torch.Tensor, block: MegatronTransformerBlock) -> list[torch.Tensor]:
+    halves = [shard.chunk(2, dim=0) for shard in full.chunk(block.tp_size, dim=0)]
+    return [torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])]
+
+
+def _maps(*rows: tuple) -> dict[str, _ParamMap]:
+    return {row[0]: _ParamMap(*row) for row in rows}
+
+
+# Per variant: megatron TransformerLayer parameter -> the reference parameters it holds. Row-parallel biases are
+# applied after the all-reduce, so megatron keeps them whole on every rank.
+PARAM_MAPS: dict[str, dict[str, _ParamMap]] = {
+    "transformer": _maps(
+        ("input_layernorm.weight", ("ln1.weight",), None),
+        ("input_layernorm.bias", ("ln1.bias",), None),
+        ("self_attention.linear_qkv.weight", ("qkv.weight",), 0, _mha_fuse, _mha_split),
+        ("self_attention.linear_qkv.bias", ("qkv.bias",), 0, _mha_fuse, _mha_split),
+        ("self_attention.linear_proj.weight", ("proj.weight",), 1),
+        ("self_attention.linear_proj.bias", ("proj.bias",), None),
+        ("pre_mlp_layernorm.weight", ("ln2.weight",), None),
+        ("pre_mlp_layernorm.bias", ("ln2.bias",), None),
+        ("mlp.linear_fc1.weight", ("fc1.weight",), 0),
+        ("mlp.linear_fc1.bias", ("fc1.bias",), 0),
+        ("mlp.linear_fc2.weight", ("fc2.weight",), 1),
+        ("mlp.linear_fc2.bias", ("fc2.bias",), None),
+    ),
+    "llama": _maps(
+        ("input_layernorm.weight", ("attn_norm.weight",), None),
+        ("self_attention.linear_qkv.weight", ("q_proj.weight", "k_proj.weight", "v_proj.weight"), 0,
+         _gqa_fuse, _gqa_split),
+        ("self_attention.linear_proj.weight", ("o_proj.weight",), 1),
+        ("pre_mlp_layernorm.weight", ("mlp_norm.weight",), None),
+        ("mlp.linear_fc1.weight", ("gate_proj.weight", "up_proj.weight"), 0, _glu_fuse, _glu_split),
+        ("mlp.linear_fc2.weight", ("down_proj.weight",), 1),
+    ),
 }
 
 
@@ -90,29 +159,32 @@ def seed_model_parallel_rng(seed: int, tp_rank: int) -> None:
     model_parallel_cuda_manual_seed(seed, tp_rank=tp_rank, ep_rank=0, etp_rank=0)
 
 
-def build_layer_config(hidden_size: int, num_heads: int, ffn_hidden_size: int, tp_size: int):
-    """The megatron ``TransformerConfig`` that makes one TransformerLayer equal the plain block.
+def build_layer_config(hidden_size: int, num_heads: int, ffn_hidden_size: int, tp_size: int,
+                       variant: str = "transformer", num_kv_heads: int | None = None):
+    """The megatron ``TransformerConfig`` that makes one TransformerLayer equal the plain block of ``variant``.
 
     Fusions are off on purpose: megatron's fused bias-GELU is the tanh approximation, and the plain
     block uses exact GELU.
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    llama = variant == "llama"
     return TransformerConfig(
         num_layers=1,
         hidden_size=hidden_size,
         num_attention_heads=num_heads,
+        num_query_groups=num_kv_heads if llama else None,
         ffn_hidden_size=ffn_hidden_size,
         tensor_model_parallel_size=tp_size,
         use_cpu_initialization=True,
         gradient_accumulation_fusion=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        add_bias_linear=True,
-        layernorm_epsilon=LAYERNORM_EPS,
-        normalization="LayerNorm",
-        activation_func=torch.nn.functional.gelu,
-        gated_linear_unit=False,
+        add_bias_linear=not llama,
+        layernorm_epsilon=1e-6 if llama else LAYERNORM_EPS,
+        normalization="RMSNorm" if llama else "LayerNorm",
+        activation_func=torch.nn.functional.silu if llama else torch.nn.functional.gelu,
+        gated_linear_unit=llama,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
@@ -123,15 +195,16 @@ def build_layer_config(hidden_size: int, num_heads: int, ffn_hidden_size: int, t
     )
 
 
-def _non_causal_layer_spec():
-    """The local GPT layer spec with self-attention switched from causal to unmasked.
-
-    ``AttnMaskType.padding`` with ``attention_mask=None`` makes the local ``DotProductAttention``
-    apply no mask (``no_mask`` is documented as TE-only, so it is not used).
-    """
+def _layer_spec(variant: str):
+    """The local GPT layer spec: for the encoder block, self-attention switched from causal to unmasked
+    (``AttnMaskType.padding`` with ``attention_mask=None`` makes the local ``DotProductAttention`` apply no mask;
+    ``no_mask`` is documented as TE-only); for llama, causal with RMSNorm (the block passes the mask itself:
+    megatron would allocate its default one on CUDA)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
 
+    if variant == "llama":
+        return get_gpt_layer_local_spec(normalization="RMSNorm")
     spec = copy.deepcopy(get_gpt_layer_local_spec())
     spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.padding}
     return spec
@@ -158,7 +231,7 @@ def _check_rng_seeded() -> None:
 
 
 class MegatronTransformerBlock(nn.Module):
-    """One pre-LN transformer block as a megatron-core TransformerLayer, tensor parallel over tp_group.
+    """One plain block as a megatron-core TransformerLayer, tensor parallel over tp_group.
 
     Args:
         hidden_size: model width h; divisible by num_heads.
@@ -167,8 +240,10 @@ class MegatronTransformerBlock(nn.Module):
         tp_group: the process group this block's TP collectives run on (size tp_size, containing
             this process as rank tp_rank). A real group is needed even at tp_size 1.
         tp_rank, tp_size: this process's rank in tp_group and the group size (checked against it).
+        variant: "transformer" (the encoder block) or "llama".
+        num_kv_heads: llama's key/value heads (megatron's query groups); divisible by tp_size.
 
-    forward maps (B, S, H) to (B, S, H), float32, no mask. Parameters are created on CPU
+    forward maps (B, S, H) to (B, S, H), float32. Parameters are created on CPU
     (``use_cpu_initialization``) from megatron's init; move the module to a GPU yourself, and call
     ``load_reference`` to copy a plain block's weights in. Requires
     ``seed_model_parallel_rng`` first (and, on CPU, ``megatron_compat.apply_cpu_compat``).
@@ -182,9 +257,15 @@ class MegatronTransformerBlock(nn.Module):
         tp_group: dist.ProcessGroup,
         tp_rank: int,
         tp_size: int,
+        variant: str = "transformer",
+        num_kv_heads: int | None = None,
     ) -> None:
         super().__init__()
+        assert variant in PARAM_MAPS, variant
+        num_kv_heads = num_kv_heads or num_heads
         _validate_shapes(hidden_size, num_heads, ffn_hidden_size, tp_group, tp_rank, tp_size)
+        if variant == "llama" and num_kv_heads % tp_size:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) is not divisible by tp_size ({tp_size})")
         from megatron.core.process_groups_config import ProcessGroupCollection
         from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -192,22 +273,25 @@ class MegatronTransformerBlock(nn.Module):
         _check_rng_seeded()
         self.hidden_size = hidden_size
         self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
         self.ffn_hidden_size = ffn_hidden_size
         self.tp_group = tp_group
         self.tp_rank = tp_rank
         self.tp_size = tp_size
+        self.variant = variant
+        self.param_map = PARAM_MAPS[variant]
         # Only tp is used by the local-spec layer; cp (rotary/CP paths) and pp (layer offset, read
         # through get_pg_rank, which maps None to rank 0) stay None.
         pg_collection = ProcessGroupCollection(tp=tp_group, cp=None, pp=None)
-        spec = _non_causal_layer_spec()
-        config = build_layer_config(hidden_size, num_heads, ffn_hidden_size, tp_size)
+        config = build_layer_config(hidden_size, num_heads, ffn_hidden_size, tp_size, variant, num_kv_heads)
         self.layer = TransformerLayer(
-            config=config, submodules=spec.submodules, layer_number=1, pg_collection=pg_collection
+            config=config, submodules=_layer_spec(variant).submodules, layer_number=1, pg_collection=pg_collection
         )
         # Every megatron parameter must have a reference counterpart, or load/gather would miss it.
         layer_names = {name for name, _ in self.layer.named_parameters()}
-        assert layer_names == {m.megatron_name for m in PARAM_MAP.values()}, sorted(layer_names)
-        self.layer.self_attention.linear_qkv.bias.register_hook(self._zero_key_bias_grad)
+        assert layer_names == set(self.param_map), sorted(layer_names)
+        if variant == "transformer":
+            self.layer.self_attention.linear_qkv.bias.register_hook(self._zero_key_bias_grad)
 
     def _zero_key_bias_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """Make the key part of the qkv bias gradient exactly zero, as the plain block does.
@@ -224,7 +308,11 @@ class MegatronTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, S, H) -> (B, S, H); megatron works in [S, B, H] inside."""
         hidden = x.transpose(0, 1).contiguous()
-        out, _ = self.layer(hidden, attention_mask=None)
+        mask = None
+        if self.variant == "llama":  # True = masked: key j > query i
+            s = x.shape[1]
+            mask = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1).view(1, 1, s, s)
+        out, _ = self.layer(hidden, attention_mask=mask)
         return out.transpose(0, 1)
 
 
@@ -247,66 +335,53 @@ def _validate_shapes(
         )
 
 
-def _qkv_to_megatron(full: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Reorder rows ``[q | k | v]`` (each heads x d) into ``[q_0, k_0, v_0, q_1, k_1, v_1, ...]``."""
-    rest = full.shape[1:]
-    head_dim = full.shape[0] // (3 * num_heads)
-    return full.reshape(3, num_heads, head_dim, *rest).transpose(0, 1).reshape(full.shape)
+def _shard(full: torch.Tensor, where: _ParamMap, block: MegatronTransformerBlock) -> torch.Tensor:
+    """This rank's piece of a fused full tensor."""
+    return full if where.dim is None else full.chunk(block.tp_size, dim=where.dim)[block.tp_rank]
 
 
-def _qkv_from_megatron(full: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Inverse of ``_qkv_to_megatron``."""
-    rest = full.shape[1:]
-    head_dim = full.shape[0] // (3 * num_heads)
-    return full.reshape(num_heads, 3, head_dim, *rest).transpose(0, 1).reshape(full.shape)
-
-
-def _shard(full: torch.Tensor, kind: str, block: MegatronTransformerBlock) -> torch.Tensor:
-    """This rank's piece of a full reference tensor."""
-    if kind == "replicated":
-        return full
-    if kind == "qkv":
-        full = _qkv_to_megatron(full, block.num_heads)
-    dim = 1 if kind == "row" else 0
-    return full.chunk(block.tp_size, dim=dim)[block.tp_rank]
-
-
-def _unshard(local: torch.Tensor, kind: str, block: MegatronTransformerBlock) -> torch.Tensor:
-    """The full reference tensor from every rank's piece (collective over block.tp_group)."""
-    if kind == "replicated":
-        return local.clone()
-    dim = 1 if kind == "row" else 0
+def _unshard(local: torch.Tensor, where: _ParamMap, block: MegatronTransformerBlock) -> list[torch.Tensor]:
+    """The full reference tensors from every rank's piece (collective over block.tp_group)."""
+    if where.dim is None:
+        return where.split(local.clone(), block)
     local = local.contiguous()
     pieces = [torch.empty_like(local) for _ in range(block.tp_size)]
     dist.all_gather(pieces, local, group=block.tp_group)
-    full = torch.cat(pieces, dim=dim)
-    if kind == "qkv":
-        full = _qkv_from_megatron(full, block.num_heads)
-    return full
+    return where.split(torch.cat(pieces, dim=where.dim), block)
 
 
 def load_reference(block: MegatronTransformerBlock, reference_module: nn.Module) -> None:
     """Copy a plain block's full weights into this rank's TP shards of ``block`` (no communication).
 
-    ``reference_module`` must expose the parameters named in ``PARAM_MAP`` (``ln1``, ``qkv``,
-    ``proj``, ``ln2``, ``fc1``, ``fc2``, each with weight and bias) with the plain block's shapes.
-    Every rank must pass the same reference weights.
+    ``reference_module`` must expose the reference parameters of the block's variant (``PARAM_MAPS``) with the
+    plain block's shapes. Every rank must pass the same reference weights.
     """
     reference = dict(reference_module.named_parameters())
     local = dict(block.layer.named_parameters())
-    missing = sorted(set(PARAM_MAP) - set(reference))
+    wanted = sorted(r for where in block.param_map.values() for r in where.references)
+    missing = sorted(set(wanted) - set(reference))
     if missing:
-        raise ValueError(f"reference_module lacks parameters {missing}; expected {sorted(PARAM_MAP)}")
+        raise ValueError(f"reference_module lacks parameters {missing}; expected {wanted}")
     with torch.no_grad():
-        for name, where in PARAM_MAP.items():
-            shard = _shard(reference[name].detach(), where.kind, block)
-            target = local[where.megatron_name]
-            if shard.shape != target.shape:
+        for name, where in block.param_map.items():
+            full = where.fuse([reference[r].detach() for r in where.references], block)
+            shard = _shard(full, where, block)
+            if shard.shape != local[name].shape:
                 raise ValueError(
-                    f"reference {name} {tuple(reference[name].shape)} gives a shard of "
-                    f"{tuple(shard.shape)}, but megatron's {where.megatron_name} is {tuple(target.shape)}"
+                    f"reference {', '.join(where.references)} give a shard of {tuple(shard.shape)}, but megatron's "
+                    f"{name} is {tuple(local[name].shape)}"
                 )
-            target.copy_(shard)
+            local[name].copy_(shard)
+
+
+def _gather(block: MegatronTransformerBlock, tensor_of: Callable[[nn.Parameter], torch.Tensor | None]
+            ) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, param in block.layer.named_parameters():
+        where, local = block.param_map[name], tensor_of(param)
+        if local is not None:
+            out.update(zip(where.references, _unshard(local.detach(), where, block)))
+    return out
 
 
 def gather_reference_weights(block: MegatronTransformerBlock) -> dict[str, torch.Tensor]:
@@ -314,26 +389,15 @@ def gather_reference_weights(block: MegatronTransformerBlock) -> dict[str, torch
 
     A collective over ``block.tp_group``; every rank gets the full tensors (detached copies).
     """
-    local = dict(block.layer.named_parameters())
     with torch.no_grad():
-        return {
-            name: _unshard(local[where.megatron_name].detach(), where.kind, block)
-            for name, where in PARAM_MAP.items()
-        }
+        return _gather(block, lambda p: p)
 
 
 def gather_reference_grads(block: MegatronTransformerBlock) -> dict[str, torch.Tensor]:
     """Full gradients of ``block`` in the reference layout, keyed by reference parameter name.
 
     A collective over ``block.tp_group``: every rank of the group must call it, and every rank
-    gets the full tensors. Replicated parameters (LayerNorms, row-parallel biases) already hold the
+    gets the full tensors. Replicated parameters (norms, row-parallel biases) already hold the
     full gradient on each rank and are returned as is. Parameters without a gradient are skipped.
     """
-    local = dict(block.layer.named_parameters())
-    grads: dict[str, torch.Tensor] = {}
-    for name, where in PARAM_MAP.items():
-        grad = local[where.megatron_name].grad
-        if grad is None:
-            continue
-        grads[name] = _unshard(grad, where.kind, block)
-    return grads
+    return _gather(block, lambda p: p.grad)

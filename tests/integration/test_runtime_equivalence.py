@@ -99,6 +99,18 @@ def test_shared_component_on_megatron_tensor_parallel_equals_single_process(tmp_
     check_equivalence(job, plan, tmp_path)
 
 
+def test_llama_on_megatron_tensor_parallel_equals_single_process(tmp_path):
+    data = fusion_job(4, STEPS)
+    data["components"]["fuse"]["tensor_parallel"] = [2]  # causal GQA (4 heads, 2 kv groups) and SwiGLU, TP=2
+    job = parse_job(data)
+    plan = plan_from_waves(job, [
+        [("vqa.img", 2, 2), ("vqa.txt", 2, 1), ("tag.img", 2, 1)],
+        [("vqa.fuse", 2, 4)],  # dp 2 x tp 2
+    ])
+    assert [s.tp_degree for s in plan.waves[1].slices] == [2]
+    check_equivalence(job, plan, tmp_path)
+
+
 def test_worker_state_round_trip_resumes_exactly(tmp_path):
     """A worker restored from another's state_dict continues exactly as the original (single rank)."""
     import torch.distributed as dist

@@ -229,6 +229,12 @@ def test_tensor_parallel_must_divide_heads():
     assert msg.startswith("components.enc.tensor_parallel (8) does not divide num_heads (12)"), msg
 
 
+def test_tensor_parallel_must_divide_kv_heads():
+    msg = check_error({"lm": {"kind": "llama", "num_layers": 1, "hidden_size": 96, "num_heads": 12, "num_kv_heads": 2,
+                              "seq_len": 8, "tensor_parallel": [1, 4]}})
+    assert msg.startswith("components.lm.tensor_parallel (4) does not divide num_kv_heads (2)"), msg
+
+
 def test_tensor_parallel_needs_attention_heads():
     msg = check_error({"head": {"kind": "mlp", "num_layers": 2, "hidden_size": 64, "tensor_parallel": [1, 2]}})
     assert msg.startswith("components.head.tensor_parallel (2) is not supported for kind 'mlp'"), msg
