@@ -240,6 +240,16 @@ def _reads_embed(plan: Plan, op) -> bool:
     return bridge and plan.metaops[op.deps[0]].name.split("#")[0] != op.name.split("#")[0]
 
 
+def loss_groups(schedule: CommSchedule) -> dict[str, tuple[int, ...]]:
+    """Per task: the devices that compute its loss, one per data-parallel rank of its loss host (the first of each
+    TP group), where a loss over the whole batch gathers its rows (runtime.data.TaskBatch.every_row)."""
+    out = {}
+    for host in schedule.loss_hosts:
+        s = schedule.slices[host.host]
+        out[host.task] = tuple(d for d in s.devices if is_lead(s, d))
+    return out
+
+
 def tp_groups(schedule: CommSchedule) -> list[tuple[int, ...]]:
     """The device sets of every data-parallel rank of every slice with tensor parallelism."""
     return sorted({tp_group_of(s, r) for s in schedule.slices.values() if s.tp_degree > 1 for r in range(s.dp_degree)})

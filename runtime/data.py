@@ -7,7 +7,7 @@ the step index is the whole iterator state (nothing else to checkpoint).
 
 The data is learnable, so that losses fall in a training run: each sample first draws its label
 (a class for cross_entropy, a float for mse, a hidden class shared by both branches for
-contrastive), then its root inputs carry it: a class marker token on half the positions, a
+contrastive and infonce), then its root inputs carry it: a class marker token on half the positions, a
 per-class channel offset on images and features, and for lm/next_token arithmetic token
 sequences (``a, a+d, a+2d, ...`` mod vocab with 10% noise).
 """
@@ -40,7 +40,7 @@ class TaskBatch:
     noisy latents ``(B, C, I, I)``, with its timesteps ``(B,)`` long and the noise added ``(B, C, I, I)`` in
     ``targets`` (keys runtime.unet.timesteps_key / noise_key).
     ``labels``: ``(B,)`` long in ``[0, 10)`` for cross_entropy, float32 for mse, float32 zeros
-    (unused) for contrastive and lm/next_token (whose targets are the input ids).
+    (unused) for contrastive, infonce and lm/next_token (whose targets are the input ids).
     ``targets``: further tensors a loss reads (a recipe's; a unet2d use's timesteps and noise).
     """
 
@@ -48,6 +48,15 @@ class TaskBatch:
     labels: torch.Tensor
     num_samples: int
     targets: dict[str, torch.Tensor] = field(default_factory=dict)
+    first_row: int = 0  # index of these rows' first in the task's batch
+    # every_row's gather (None: these rows are the whole batch); the executor sets it on a loss host's shard
+    gather_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def every_row(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (one row per sample of this batch, differentiable) for every row of the task's batch, in order: the
+        data-parallel shards' rows gathered, gradients summed back to each shard (a loss coupling the samples of a
+        batch, as InfoNCE, needs them); ``x`` itself when these rows are the whole batch."""
+        return x if self.gather_rows is None else self.gather_rows(x)
 
 
 SPLITS = ("train", "heldout", "transfer")
@@ -107,7 +116,7 @@ def _root_inputs(job: JobSpec, task_index: int) -> list[_RootInput]:
 
 def _draw_label(loss: str, gen: torch.Generator) -> tuple[torch.Tensor, int, float]:
     """(label, class carried by the inputs, scalar carried by the inputs) of one sample."""
-    if loss in ("cross_entropy", "contrastive"):
+    if loss in ("cross_entropy", "contrastive", "infonce"):
         cls = int(torch.randint(0, NUM_CLASSES, (1,), generator=gen))
         label = torch.tensor(cls) if loss == "cross_entropy" else torch.tensor(0.0)
         return label, cls, 1.0
@@ -200,7 +209,7 @@ def synthetic_batch(job: JobSpec, task_index: int, step: int, start: int, stop: 
         inputs[root.use] = torch.stack(rows) if rows else torch.empty((0, *root.shape), dtype=dtype)
     label_dtype = torch.long if loss == "cross_entropy" else torch.float32
     labels_t = torch.stack(labels).to(label_dtype) if labels else torch.empty(0, dtype=label_dtype)
-    return TaskBatch(inputs, labels_t, stop - start, targets)
+    return TaskBatch(inputs, labels_t, stop - start, targets, first_row=start)
 
 
 def task_loss_sum(head: torch.nn.Module, outputs: dict[str, torch.Tensor], batch: TaskBatch,

@@ -19,7 +19,7 @@ import copy
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ from planner.plan import Plan
 from planner.spec import JobSpec
 from runtime.assignment import (
     LOSS_WAVE, CommSchedule, Piece, SliceRef, device_sets_for_sync, distinct_groups, dp_rank_of, input_order,
-    is_lead, layer_tp_degrees, sample_range, tp_group_of, tp_groups,
+    is_lead, layer_tp_degrees, loss_groups, sample_range, tp_group_of, tp_groups,
 )
 from runtime.checks import check_plan_matches_job, check_runnable, feature_shape
 from runtime.data import TaskBatch, synthetic_batch
@@ -53,7 +53,8 @@ class Groups:
     def create(cls, plan: Plan) -> Groups:
         """Collective: every rank of the default group must call this with the same plan."""
         schedule = CommSchedule(plan)
-        sets = distinct_groups(list(device_sets_for_sync(plan, schedule).values()) + tp_groups(schedule))
+        sets = distinct_groups(list(device_sets_for_sync(plan, schedule).values()) + tp_groups(schedule)
+                               + list(loss_groups(schedule).values()))
         return cls(dist.group.WORLD, {s: dist.new_group(list(s)) for s in sets})
 
 
@@ -66,6 +67,8 @@ class WaveWorker:
         check_runnable(job, self.graph)
         check_plan_matches_job(plan, self.graph)
         self.comm = CommSchedule(plan)
+        self.comm_loss_groups = loss_groups(self.comm)  # ascending, as process groups order their ranks
+        assert all(list(g) == sorted(g) for g in self.comm_loss_groups.values())
         self.mine = self.comm.my_slices(rank)
         self.holders = device_sets_for_sync(plan, self.comm)
         self.tp_degree = layer_tp_degrees(plan, self.comm)
@@ -246,7 +249,12 @@ class WaveWorker:
                 x = _assemble(st.received.pop(("loss", leaf), []), start, stop).requires_grad_(True)
                 st.loss_inputs[leaf] = x
                 outputs[leaf_op.use] = x
-            per_sample = self.modules[("head:" + host.task, 0)](outputs, st.batch(self.job, t, step, start, stop))
+            batch = st.batch(self.job, t, step, start, stop)
+            group = self.comm_loss_groups[host.task]
+            if len(group) > 1:  # the task's other shards: a loss over the whole batch gathers their rows
+                batch = replace(batch, gather_rows=functools.partial(
+                    _GatherRows.apply, group=self.groups.by_devices[group], size=len(group)))
+            per_sample = self.modules[("head:" + host.task, 0)](outputs, batch)
             out[host.task] = task.loss_weight * per_sample.sum() / task.batch_size
         return out
 
@@ -404,6 +412,24 @@ class _StepState:
         if key not in self.batches:
             self.batches[key] = synthetic_batch(job, task_index, step, start, stop)
         return self.batches[key]
+
+
+class _GatherRows(torch.autograd.Function):
+    """Rows of every data-parallel shard of a loss, concatenated in rank order (equal shard sizes); backward sums the
+    gradient of the whole over the shards (every shard's loss reads every row) and hands each its own rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group, size: int) -> torch.Tensor:
+        ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), x.shape[0]
+        pieces = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(pieces, x.contiguous(), group=group)
+        return torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None, None
 
 
 def _assemble(parts: list[tuple[int, torch.Tensor]], start: int, stop: int) -> torch.Tensor:

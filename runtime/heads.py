@@ -8,6 +8,7 @@ module (runtime.modules: seeded, deterministic) and own a final LayerNorm over t
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,8 @@ if TYPE_CHECKING:  # data imports this module
     from runtime.data import TaskBatch
 
 NUM_CLASSES = 10  # classes of the synthetic cross-entropy tasks
-SUPPORTED_LOSSES = ("cross_entropy", "mse", "contrastive", "lm", "next_token")
+SUPPORTED_LOSSES = ("cross_entropy", "mse", "contrastive", "infonce", "lm", "next_token")
+INFONCE_TEMPERATURE = 0.07  # CLIP's initial temperature; its log-inverse is learned
 
 
 # --------------------------------------------------------------------------- loss heads
@@ -84,13 +86,34 @@ class RegressionHead(TaskHead):
 class PairedCosineHead(TaskHead):
     """contrastive: per-sample ``1 - cos(pool(a)_i, pool(b)_i)`` of the two leaves; no parameters.
 
-    Only positive pairs: InfoNCE couples the samples of a batch (each row's negatives are the
-    others), which data-parallel shards would have to gather first; it will come later.
+    Only positive pairs; ``infonce`` (:class:`InfoNCEHead`) scores each row against the whole batch.
     """
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
         a, b = self.pooled(outputs)
         return 1.0 - F.cosine_similarity(a, b, dim=-1)
+
+
+class InfoNCEHead(TaskHead):
+    """infonce: CLIP's symmetric contrastive loss over the whole batch. The pooled, normalised, unit-length leaves
+    ``a`` and ``b`` of every row of the task's batch (``batch.every_row``: gathered from the data-parallel shards
+    of the loss) give logits ``exp(scale) * a_i . b_j``; row i's loss is the mean of cross-entropy of ``a_i``
+    against all ``b`` and of ``b_i`` against all ``a``, the target being row i. Each shard scores its own rows, so
+    the shards' sum is the full batch's."""
+
+    def __init__(self, task: str, leaves: list[str], hidden_size: int):
+        super().__init__(task, leaves, hidden_size)
+        self.logit_scale = nn.Parameter(torch.empty(()))
+
+    def init_structure(self) -> None:
+        self.logit_scale.fill_(math.log(1 / INFONCE_TEMPERATURE))
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
+        a, b = (F.normalize(batch.every_row(x), dim=-1) for x in self.pooled(outputs))
+        logits = self.logit_scale.exp() * a @ b.T  # (all rows, all rows)
+        mine = torch.arange(batch.first_row, batch.first_row + batch.num_samples)
+        return 0.5 * (F.cross_entropy(logits[mine], mine, reduction="none")
+                      + F.cross_entropy(logits.T[mine], mine, reduction="none"))
 
 
 class NextTokenHead(TaskHead):
@@ -211,7 +234,7 @@ def build_head(job: JobSpec, task_index: int) -> TaskHead:
     """The loss head of task ``task_index`` (its own parameters, seeded by ``layer_seed(seed, "task:" + name, 0)``).
 
     ``head(outputs, batch)`` returns per-sample losses ``(B,)``. Raises ValueError for an unknown
-    loss, a contrastive task without exactly two leaves, or leaves of different widths.
+    loss, a contrastive or infonce task without exactly two leaves, or leaves of different widths.
     """
     task = job.tasks[task_index]
     loss = check_loss(job, task_index)
@@ -232,8 +255,11 @@ def build_head(job: JobSpec, task_index: int) -> TaskHead:
         else:
             if len(leaves) != 2:
                 raise ValueError(
-                    f"tasks[{task_index}] ('{task.name}').loss ('contrastive') needs exactly two leaf uses "
+                    f"tasks[{task_index}] ('{task.name}').loss ('{loss}') needs exactly two leaf uses "
                     f"(two branches, e.g. `after: []` on the second); got {leaves}."
                 )
-            factory = lambda: PairedCosineHead(task.name, leaves)  # noqa: E731
+            if loss == "infonce":
+                factory = lambda: InfoNCEHead(task.name, leaves, width)  # noqa: E731
+            else:
+                factory = lambda: PairedCosineHead(task.name, leaves)  # noqa: E731
     return _build_initialised(factory, layer_seed(job.training.seed, "task:" + task.name, 0))

@@ -342,7 +342,7 @@ def batch(job: JobSpec, task_index: int, step: int, start: int, stop: int, split
             torch.zeros(0, num_patches, dtype=torch.bool)
         inputs[layout.encoder_use] = mask_patches(images, masks, layout.patch_size)
         targets["image"], targets["patch_mask"] = images, masks
-    return TaskBatch(inputs, labels, count, targets=targets)
+    return TaskBatch(inputs, labels, count, targets=targets, first_row=start)
 
 
 def job_batch(job: JobSpec, task_index: int, step: int, start: int, stop: int, split: str = "train") -> TaskBatch:

@@ -111,6 +111,21 @@ def test_llama_on_megatron_tensor_parallel_equals_single_process(tmp_path):
     check_equivalence(job, plan, tmp_path)
 
 
+def test_infonce_over_sharded_batches_equals_single_process(tmp_path):
+    data = tiny_job(4)
+    data["tasks"][1]["loss"] = "infonce"  # every row's negatives are the whole batch's other rows
+    job = parse_job(data)
+    # align's loss runs where its later branch ends (align.txt, dp 2): each shard scores its 2 rows against all 4,
+    # gathering the pooled rows of both branches (aud's arrive from other devices)
+    plan = plan_from_waves(job, [
+        [("caption.img", 2, 2), ("align.aud", 2, 2)],
+        [("caption.txt", 2, 2), ("align.txt", 2, 2)],
+    ])
+    schedule = CommSchedule(plan)
+    assert {h.task: schedule.slices[h.host].dp_degree for h in schedule.loss_hosts}["align"] == 2
+    check_equivalence(job, plan, tmp_path)
+
+
 def test_worker_state_round_trip_resumes_exactly(tmp_path):
     """A worker restored from another's state_dict continues exactly as the original (single rank)."""
     import torch.distributed as dist

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -345,6 +346,32 @@ def test_mse_and_contrastive_heads(job) -> None:
     b[:3] *= -1  # first half opposite
     losses = clip({"image": a, "text": b}, synthetic_batch(job, 1, 0, 0, BATCH))
     torch.testing.assert_close(losses, torch.tensor([2.0] * 3 + [0.0] * 3), atol=1e-5, rtol=0)
+
+
+def test_infonce_head_scores_each_row_against_the_whole_batch(job) -> None:
+    data = make_job().model_dump()
+    data["tasks"][1]["loss"] = "infonce"
+    clip_job = parse_job(data)
+    head = build_head(clip_job, 1)
+    a, b = torch.randn(BATCH, SEQ, H), torch.randn(BATCH, SEQ, H)
+    full = synthetic_batch(clip_job, 1, 0, 0, BATCH)
+    losses = head({"image": a, "text": b}, full)
+    pa, pb = (F.normalize(F.layer_norm(x, (H,), eps=1e-5).mean(1), dim=-1) for x in (a, b))
+    logits = (pa @ pb.T) / 0.07
+    rows = torch.arange(BATCH)
+    want = 0.5 * (F.cross_entropy(logits, rows, reduction="none") + F.cross_entropy(logits.T, rows, reduction="none"))
+    torch.testing.assert_close(losses, want)
+    # a shard scores its own rows against every row it gathers, so the shards' losses are the full batch's
+    half = BATCH // 2
+    shard = synthetic_batch(clip_job, 1, 0, half, BATCH)
+    first_halves = iter(p[:half].detach() for p in head.pooled({"image": a, "text": b}))  # leaf order: image, text
+
+    def gather(x: torch.Tensor) -> torch.Tensor:  # stands in for the executor's all-gather of the other shard's rows
+        return torch.cat([next(first_halves), x])
+
+    assert shard.first_row == half
+    shard_losses = head({"image": a[half:], "text": b[half:]}, replace(shard, gather_rows=gather))
+    torch.testing.assert_close(shard_losses, want[half:])
 
 
 def test_next_token_head_predicts_the_following_input_id(job) -> None:
