@@ -217,8 +217,9 @@ class WaveWorker:
             if embed is not None:  # a decoder or unet2d use's first layer: its input module takes the upstream output
                 x = use_input(self.job, op, embed, x, st.batch(self.job, self.task_index[op.task], step, start, stop))
         layers = [self.modules[(op.param_group, layer)] for layer in range(s.first_layer, s.first_layer + s.num_layers)]
-        # megatron TP layers run collectives inside: they are never recomputed (the order of collectives would move)
-        st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute and s.tp_degree == 1)
+        # megatron TP layers recompute too: their forward's all-reduces run again inside backward, at the same point
+        # of the same graph on every rank of the TP group, so the group's collectives still pair up
+        st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute)
 
     def _slice_input(self, ref: SliceRef, start: int, stop: int, st: _StepState) -> torch.Tensor:
         """Rows [start, stop) of ``ref``'s input: each input's received rows become their own autograd leaf (so
