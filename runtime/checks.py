@@ -107,8 +107,8 @@ def check_plan_matches_job(plan: Plan, graph: MetaGraph) -> None:
     for wave in plan.waves:
         for s in wave.slices:
             kind = graph.metaops[s.metaop].layer.key.split("[")[0]
-            if s.tp_degree != 1 and kind not in ("transformer", "vit", "llama"):
+            if s.tp_degree != 1 and kind not in ("transformer", "vit", "llama", "decoder"):
                 raise NotImplementedError(
                     f"MetaOp {plan.metaops[s.metaop].name} has tensor_parallel {s.tp_degree}; the runtime runs "
-                    "tensor parallelism for transformer, vit and llama layers only (on megatron-core)."
+                    "tensor parallelism for transformer, vit, llama and decoder layers only (on megatron-core)."
                 )

@@ -35,7 +35,8 @@ from runtime.checks import check_plan_matches_job, check_runnable, feature_shape
 from runtime.data import TaskBatch, synthetic_batch
 from runtime.heads import build_head
 from runtime.modules import (
-    build_embed, build_layer, build_optimizer, layer_kwargs, llama_ffn_size, reads_embed, run_layers, use_input,
+    build_embed, build_layer, build_optimizer, is_token_decoder, layer_kwargs, llama_ffn_size, reads_embed, run_layers,
+    use_input,
 )
 from runtime.zero import ShardedAdamW
 
@@ -127,11 +128,11 @@ class WaveWorker:
         tp_rank = group.index(self.rank)
         seed_model_parallel_rng(self.job.training.seed, tp_rank)
         comp = self.job.components[op.component]
-        llama = comp.kind == "llama"
-        ffn = llama_ffn_size(comp) if llama else comp.ffn_hidden_size or 4 * comp.hidden_size
+        variant = comp.kind if comp.kind in ("llama", "decoder") else "transformer"
+        ffn = llama_ffn_size(comp) if variant == "llama" else comp.ffn_hidden_size or 4 * comp.hidden_size
         block = MegatronTransformerBlock(comp.hidden_size, comp.num_heads, ffn, self.groups.by_devices[group], tp_rank,
-                                         len(group), variant="llama" if llama else "transformer",
-                                         num_kv_heads=comp.num_kv_heads)
+                                         len(group), variant=variant, num_kv_heads=comp.num_kv_heads,
+                                         causal=is_token_decoder(comp))
         load_reference(block, reference)
         if comp.frozen:
             block.requires_grad_(False)

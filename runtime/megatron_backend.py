@@ -34,6 +34,7 @@ apply ``runtime.megatron_compat.apply_cpu_compat()`` in the worker process first
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,14 +75,11 @@ class _ParamMap:
 
 def _mha_fuse(tensors: list[torch.Tensor], block: MegatronTransformerBlock) -> torch.Tensor:
     """``[q | k | v]`` rows (each heads x d) -> megatron's per-head ``[q_0, k_0, v_0, q_1, ...]``."""
-    full = tensors[0]
-    heads, rest = block.num_heads, full.shape[1:]
-    return full.reshape(3, heads, full.shape[0] // (3 * heads), *rest).transpose(0, 1).reshape(full.shape)
+    return _per_head(list(tensors[0].chunk(3)), block)
 
 
 def _mha_split(full: torch.Tensor, block: MegatronTransformerBlock) -> list[torch.Tensor]:
-    heads, rest = block.num_heads, full.shape[1:]
-    return [full.reshape(heads, 3, full.shape[0] // (3 * heads), *rest).transpose(0, 1).reshape(full.shape)]
+    return [torch.cat(_per_head_split(3)(full, block))]
 
 
 def _gqa_fuse(tensors: list[torch.Tensor], block: MegatronTransformerBlock) -> torch.Tensor:
@@ -110,6 +108,33 @@ def _glu_fuse(tensors: list[torch.Tensor], block: MegatronTransformerBlock) -> t
 def _glu_split(full: torch.Tensor, block: MegatronTransformerBlock) -> list[torch.Tensor]:
     halves = [shard.chunk(2, dim=0) for shard in full.chunk(block.tp_size, dim=0)]
     return [torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])]
+
+
+def _per_head(tensors: list[torch.Tensor], block: MegatronTransformerBlock) -> torch.Tensor:
+    """Rows of each reference tensor (each heads x d) interleaved per head: ``[a_0, b_0, .., a_1, b_1, ..]``, the
+    layout of megatron's fused qkv (self) and kv (cross) projections."""
+    heads, rest = block.num_heads, tensors[0].shape[1:]
+    return torch.stack([t.reshape(heads, -1, *rest) for t in tensors], dim=1).reshape(-1, *rest)
+
+
+def _per_head_split(count: int) -> Callable:
+    def split(full: torch.Tensor, block: MegatronTransformerBlock) -> list[torch.Tensor]:
+        heads, rest = block.num_heads, full.shape[1:]
+        return [t.reshape(-1, *rest) for t in full.reshape(heads, count, -1, *rest).unbind(dim=1)]
+    return split
+
+
+def _no_key_bias(first: int) -> tuple[Callable, Callable]:
+    """(fuse, split) of a fused per-head bias whose key part the reference does not have (it cannot change the
+    output): the key rows are zeros; ``first`` says whether a query bias comes first (qkv) or not (kv)."""
+    def fuse(tensors: list[torch.Tensor], block: MegatronTransformerBlock) -> torch.Tensor:
+        zeros = torch.zeros_like(tensors[-1])
+        return _per_head([tensors[0], zeros, tensors[1]] if first else [zeros, tensors[0]], block)
+
+    def split(full: torch.Tensor, block: MegatronTransformerBlock) -> list[torch.Tensor]:
+        parts = _per_head_split(3 if first else 2)(full, block)
+        return [parts[0], parts[2]] if first else [parts[1]]
+    return fuse, split
 
 
 def _maps(*rows: tuple) -> dict[str, _ParamMap]:
@@ -141,6 +166,31 @@ PARAM_MAPS: dict[str, dict[str, _ParamMap]] = {
         ("pre_mlp_layernorm.weight", ("mlp_norm.weight",), None),
         ("mlp.linear_fc1.weight", ("gate_proj.weight", "up_proj.weight"), 0, _glu_fuse, _glu_split),
         ("mlp.linear_fc2.weight", ("down_proj.weight",), 1),
+    ),
+    "decoder": _maps(
+        ("input_layernorm.weight", ("ln1.weight",), None),
+        ("input_layernorm.bias", ("ln1.bias",), None),
+        ("self_attention.linear_qkv.weight", ("q_self.weight", "k_self.weight", "v_self.weight"), 0, _per_head,
+         _per_head_split(3)),
+        ("self_attention.linear_qkv.bias", ("q_self.bias", "v_self.bias"), 0, *_no_key_bias(first=True)),
+        ("self_attention.linear_proj.weight", ("self_proj.weight",), 1),
+        ("self_attention.linear_proj.bias", ("self_proj.bias",), None),
+        ("pre_cross_attn_layernorm.weight", ("ln2.weight",), None),
+        ("pre_cross_attn_layernorm.bias", ("ln2.bias",), None),
+        ("cross_attention.linear_q.weight", ("q_cross.weight",), 0),
+        ("cross_attention.linear_q.bias", ("q_cross.bias",), 0),
+        ("cross_attention.linear_kv.weight", ("k_cross.weight", "v_cross.weight"), 0, _per_head, _per_head_split(2)),
+        ("cross_attention.linear_kv.bias", ("v_cross.bias",), 0, *_no_key_bias(first=False)),
+        ("cross_attention.linear_proj.weight", ("cross_proj.weight",), 1),
+        ("cross_attention.linear_proj.bias", ("cross_proj.bias",), None),
+        ("pre_mlp_layernorm.weight", ("ln3.weight",), None),
+        ("pre_mlp_layernorm.bias", ("ln3.bias",), None),
+        ("mlp.linear_fc1.weight", ("fc1.weight",), 0),
+        ("mlp.linear_fc1.bias", ("fc1.bias",), 0),
+        ("mlp.linear_fc2.weight", ("fc2.weight",), 1),
+        ("mlp.linear_fc2.bias", ("fc2.bias",), None),
+        ("ln_mem.weight", ("ln_mem.weight",), None),  # on the block: megatron's layer does not normalise its context
+        ("ln_mem.bias", ("ln_mem.bias",), None),
     ),
 }
 
@@ -196,15 +246,22 @@ def build_layer_config(hidden_size: int, num_heads: int, ffn_hidden_size: int, t
 
 
 def _layer_spec(variant: str):
-    """The local GPT layer spec: for the encoder block, self-attention switched from causal to unmasked
-    (``AttnMaskType.padding`` with ``attention_mask=None`` makes the local ``DotProductAttention`` apply no mask;
-    ``no_mask`` is documented as TE-only); for llama, causal with RMSNorm (the block passes the mask itself:
-    megatron would allocate its default one on CUDA)."""
+    """The local layer spec of ``variant``: GPT's for the encoder block with self-attention switched from causal to
+    unmasked (``AttnMaskType.padding`` with ``attention_mask=None`` makes the local ``DotProductAttention`` apply no
+    mask; ``no_mask`` is documented as TE-only); GPT's for llama, causal with RMSNorm; T5's decoder layer (self-
+    and cross-attention) for the decoder, unmasked too. Causal blocks pass their mask themselves: megatron would
+    allocate its default one on CUDA."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
 
     if variant == "llama":
         return get_gpt_layer_local_spec(normalization="RMSNorm")
+    if variant == "decoder":  # T5's decoder layer; the block passes a causal mask when it has one
+        from megatron.core.models.T5.t5_spec import decoder_model_with_local_spec
+
+        spec = copy.deepcopy(decoder_model_with_local_spec())
+        spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.padding}
+        return spec
     spec = copy.deepcopy(get_gpt_layer_local_spec())
     spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.padding}
     return spec
@@ -240,10 +297,12 @@ class MegatronTransformerBlock(nn.Module):
         tp_group: the process group this block's TP collectives run on (size tp_size, containing
             this process as rank tp_rank). A real group is needed even at tp_size 1.
         tp_rank, tp_size: this process's rank in tp_group and the group size (checked against it).
-        variant: "transformer" (the encoder block) or "llama".
+        variant: "transformer" (the encoder block), "llama" or "decoder".
         num_kv_heads: llama's key/value heads (megatron's query groups); divisible by tp_size.
+        causal: a decoder's self-attention is causal (a token decoder; llama is always, the encoder never).
 
-    forward maps (B, S, H) to (B, S, H), float32. Parameters are created on CPU
+    forward maps (B, S, H) to (B, S, H), float32 (a decoder's: ``(state, stream_len)`` as runtime.modules'
+    DecoderBlock, the memory rows after the stream, normalised by the block's own ``ln_mem`` and passed through). Parameters are created on CPU
     (``use_cpu_initialization``) from megatron's init; move the module to a GPU yourself, and call
     ``load_reference`` to copy a plain block's weights in. Requires
     ``seed_model_parallel_rng`` first (and, on CPU, ``megatron_compat.apply_cpu_compat``).
@@ -259,6 +318,7 @@ class MegatronTransformerBlock(nn.Module):
         tp_size: int,
         variant: str = "transformer",
         num_kv_heads: int | None = None,
+        causal: bool = False,
     ) -> None:
         super().__init__()
         assert variant in PARAM_MAPS, variant
@@ -279,7 +339,10 @@ class MegatronTransformerBlock(nn.Module):
         self.tp_rank = tp_rank
         self.tp_size = tp_size
         self.variant = variant
+        self.causal = causal or variant == "llama"
         self.param_map = PARAM_MAPS[variant]
+        if variant == "decoder":
+            self.ln_mem = nn.LayerNorm(hidden_size, eps=LAYERNORM_EPS)
         # Only tp is used by the local-spec layer; cp (rotary/CP paths) and pp (layer offset, read
         # through get_pg_rank, which maps None to rank 0) stay None.
         pg_collection = ProcessGroupCollection(tp=tp_group, cp=None, pp=None)
@@ -287,33 +350,57 @@ class MegatronTransformerBlock(nn.Module):
         self.layer = TransformerLayer(
             config=config, submodules=_layer_spec(variant).submodules, layer_number=1, pg_collection=pg_collection
         )
+        if variant == "decoder":
+            _rebuild_cross_projections(self.layer.cross_attention, config, tp_group)
         # Every megatron parameter must have a reference counterpart, or load/gather would miss it.
-        layer_names = {name for name, _ in self.layer.named_parameters()}
-        assert layer_names == set(self.param_map), sorted(layer_names)
-        if variant == "transformer":
-            self.layer.self_attention.linear_qkv.bias.register_hook(self._zero_key_bias_grad)
+        assert set(_mapped(self)) == set(self.param_map), sorted(_mapped(self))
+        if variant != "llama":  # the key part of a fused bias: per local head [q, k, v] (self) or [k, v] (cross)
+            self.layer.self_attention.linear_qkv.bias.register_hook(functools.partial(self._zero_key_bias_grad, 3, 1))
+        if variant == "decoder":
+            self.layer.cross_attention.linear_kv.bias.register_hook(functools.partial(self._zero_key_bias_grad, 2, 0))
 
-    def _zero_key_bias_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        """Make the key part of the qkv bias gradient exactly zero, as the plain block does.
+    def _zero_key_bias_grad(self, parts: int, key: int, grad: torch.Tensor) -> torch.Tensor:
+        """Make the key part of a fused bias gradient exactly zero, as the plain block (which has no key bias) does.
 
         A key bias adds the same q.b_k to every score of a query, which softmax ignores, so its true
         gradient is zero; autograd leaves float noise there, which AdamW would amplify into updates.
-        Local layout: per local head, rows [q (d), k (d), v (d)].
+        Local layout: per local head, ``parts`` row blocks of d, the key's at index ``key``.
         """
         local_heads = self.num_heads // self.tp_size
         grad = grad.clone()
-        grad.view(local_heads, 3, -1)[:, 1, :] = 0
+        grad.view(local_heads, parts, -1)[:, key, :] = 0
         return grad
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stream_len: int | None = None) -> torch.Tensor:
         """(B, S, H) -> (B, S, H); megatron works in [S, B, H] inside."""
+        memory = None
+        if self.variant == "decoder":
+            x, memory = x[:, :stream_len], x[:, stream_len:]
         hidden = x.transpose(0, 1).contiguous()
         mask = None
-        if self.variant == "llama":  # True = masked: key j > query i
+        if self.causal:  # True = masked: key j > query i
             s = x.shape[1]
             mask = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1).view(1, 1, s, s)
-        out, _ = self.layer(hidden, attention_mask=mask)
-        return out.transpose(0, 1)
+        if memory is None:
+            out, _ = self.layer(hidden, attention_mask=mask)
+            return out.transpose(0, 1)
+        context = self.ln_mem(memory).transpose(0, 1).contiguous()
+        out, _ = self.layer(hidden, attention_mask=mask, context=context, context_mask=None)
+        return torch.cat([out.transpose(0, 1), memory], dim=1)
+
+
+def _rebuild_cross_projections(attention: nn.Module, config, tp_group: dist.ProcessGroup) -> None:
+    """megatron-core 0.16.1's ``CrossAttention`` builds ``linear_q`` and ``linear_kv`` without its process groups'
+    ``tp_group`` (its self-attention passes it), so they fall back to the global parallel state, which this backend
+    never initialises, and come out whole on every rank while the attention splits its heads over ``tp_group``.
+    Rebuild both as column-parallel over ``tp_group``, with the arguments megatron uses."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    for name, width in (("linear_q", attention.query_projection_size), ("linear_kv", 2 * attention.kv_projection_size)):
+        setattr(attention, name, ColumnParallelLinear(
+            config.hidden_size, width, config=config, init_method=config.init_method, gather_output=False,
+            bias=config.add_bias_linear, skip_bias_add=False, is_expert=False, tp_group=tp_group,
+        ))
 
 
 def _validate_shapes(
@@ -333,6 +420,11 @@ def _validate_shapes(
             f"tp_group (size {tp_group.size()}, this rank {tp_group.rank()}) does not match "
             f"tp_size ({tp_size}) and tp_rank ({tp_rank})"
         )
+
+
+def _mapped(block: MegatronTransformerBlock) -> dict[str, nn.Parameter]:
+    """The block's parameters by map name: the megatron layer's, and the block's own (a decoder's ``ln_mem``)."""
+    return {name.removeprefix("layer."): param for name, param in block.named_parameters()}
 
 
 def _shard(full: torch.Tensor, where: _ParamMap, block: MegatronTransformerBlock) -> torch.Tensor:
@@ -357,7 +449,7 @@ def load_reference(block: MegatronTransformerBlock, reference_module: nn.Module)
     plain block's shapes. Every rank must pass the same reference weights.
     """
     reference = dict(reference_module.named_parameters())
-    local = dict(block.layer.named_parameters())
+    local = _mapped(block)
     wanted = sorted(r for where in block.param_map.values() for r in where.references)
     missing = sorted(set(wanted) - set(reference))
     if missing:
@@ -377,7 +469,7 @@ def load_reference(block: MegatronTransformerBlock, reference_module: nn.Module)
 def _gather(block: MegatronTransformerBlock, tensor_of: Callable[[nn.Parameter], torch.Tensor | None]
             ) -> dict[str, torch.Tensor]:
     out = {}
-    for name, param in block.layer.named_parameters():
+    for name, param in _mapped(block).items():
         where, local = block.param_map[name], tensor_of(param)
         if local is not None:
             out.update(zip(where.references, _unshard(local.detach(), where, block)))

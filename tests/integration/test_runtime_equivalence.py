@@ -129,6 +129,20 @@ def test_infonce_over_sharded_batches_equals_single_process(tmp_path):
     check_equivalence(job, plan, tmp_path)
 
 
+def test_decoders_on_megatron_tensor_parallel_equal_single_process(tmp_path):
+    data = decoder_job(4, STEPS)
+    for name in ("queries", "tokens"):  # T5's decoder layer: a query decoder (unmasked) and a causal token decoder
+        data["components"][name]["tensor_parallel"] = [2]
+    job = parse_job(data)
+    plan = plan_from_waves(job, [
+        [("classify.enc", 2, 2), ("segment.enc", 2, 1), ("describe.enc", 2, 1)],
+        [("classify.queries", 2, 2), ("segment.queries", 2, 2)],  # dp 1 x tp 2 each
+        [("describe.tokens", 2, 4)],  # dp 2 x tp 2
+    ])
+    assert {s.tp_degree for w in plan.waves[1:] for s in w.slices} == {2}
+    check_equivalence(job, plan, tmp_path)
+
+
 def test_worker_state_round_trip_resumes_exactly(tmp_path):
     """A worker restored from another's state_dict continues exactly as the original (single rank)."""
     import torch.distributed as dist
