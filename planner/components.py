@@ -210,33 +210,35 @@ def expand_use(job: JobSpec, task_index: int, use_index: int) -> list[LayerSegme
     return KINDS[comp.kind](comp, use.component, use_shape(job, task_index, use_index))
 
 
-def _first_upstream(job: JobSpec, task_index: int, use_index: int) -> int | None:
-    """Index of the first use feeding use ``use_index`` of the task; None for a root use."""
+def _upstream(job: JobSpec, task_index: int, use_index: int) -> list[int]:
+    """Indices of the uses feeding use ``use_index`` of the task, in its ``after:`` order; [] for a root use."""
     task = job.tasks[task_index]
     use = task.components[use_index]
-    upstream = use.after if use.after is not None else ([task.components[use_index - 1].use_name] if use_index else [])
-    if not upstream:
-        return None
-    return next(i for i, other in enumerate(task.components) if other.use_name == upstream[0])
+    names = use.after if use.after is not None else ([task.components[use_index - 1].use_name] if use_index else [])
+    return [next(i for i, other in enumerate(task.components) if other.use_name == name) for name in names]
 
 
 def upstream_width(job: JobSpec, task_index: int, use_index: int) -> int | None:
-    """Hidden size of the output feeding use ``use_index`` (its first upstream use); None for a root use."""
-    u = _first_upstream(job, task_index, use_index)
-    return None if u is None else job.components[job.tasks[task_index].components[u].component].hidden_size
+    """Hidden size of the output feeding use ``use_index`` (its first upstream use's); None for a root use."""
+    ups = _upstream(job, task_index, use_index)
+    return job.components[job.tasks[task_index].components[ups[0]].component].hidden_size if ups else None
 
 
 def upstream_seq_len(job: JobSpec, task_index: int, use_index: int) -> int | None:
-    """Sequence length of the output feeding use ``use_index`` (its first upstream use); None for a root use."""
-    u = _first_upstream(job, task_index, use_index)
-    if u is None:
+    """Sequence length of what feeds use ``use_index``: its upstream uses' outputs concatenated along the sequence
+    (a fusion reads them so); None for a root use."""
+    ups = _upstream(job, task_index, use_index)
+    if not ups:
         return None
-    producer = job.tasks[task_index].components[u]
-    comp = job.components[producer.component]
-    shape = resolve_shape(comp, producer.component, producer, f"tasks[{task_index}].components[{u}]")
-    if comp.kind == "decoder":  # a decoder's output carries its memory after its stream
-        return shape.seq_len + (upstream_seq_len(job, task_index, u) or comp.cross_seq_len or 0)
-    return shape.seq_len
+    total = 0
+    for u in ups:
+        producer = job.tasks[task_index].components[u]
+        comp = job.components[producer.component]
+        shape = resolve_shape(comp, producer.component, producer, f"tasks[{task_index}].components[{u}]")
+        total += shape.seq_len
+        if comp.kind == "decoder":  # a decoder's output carries its memory after its stream
+            total += upstream_seq_len(job, task_index, u) or comp.cross_seq_len or 0
+    return total
 
 
 def check_components(job: JobSpec) -> None:

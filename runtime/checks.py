@@ -31,8 +31,8 @@ def feature_shape(job: JobSpec, op: MetaOp, boundary: int | None = None) -> tupl
 
 def check_runnable(job: JobSpec, graph: MetaGraph) -> None:
     """Raise SpecError when a chain passes activations of one shape to a use declared with another: the
-    runtime feeds a use the previous use's output as is (no adapter between components), except a decoder,
-    whose bridge embeds any upstream output as the memory it attends to. A use with several inputs reads
+    runtime feeds a use the previous use's output as is (no adapter between components), except a decoder or
+    unet2d, whose input module takes any upstream output as what it attends to. A use with several inputs reads
     their outputs concatenated along the sequence axis (see :func:`_check_fusion`)."""
     for op in graph.metaops:
         _check_unet_edges(job, graph, op)
@@ -54,8 +54,8 @@ def check_runnable(job: JobSpec, graph: MetaGraph) -> None:
 
 
 def _check_unet_edges(job: JobSpec, graph: MetaGraph, op: MetaOp) -> None:
-    """A unet2d use cross-attends to one upstream output, and its own output (a feature map) feeds only its task's
-    loss head: the runtime has no adapter from a feature map to another component."""
+    """A unet2d use's own output (a feature map) feeds only its task's loss head: the runtime has no adapter from a
+    feature map to another component."""
     for dep in op.deps:
         producer = graph.metaops[dep]
         if producer.use != op.use and job.components[producer.component].kind == "unet2d":
@@ -63,11 +63,6 @@ def _check_unet_edges(job: JobSpec, graph: MetaGraph, op: MetaOp) -> None:
                 f"{_use_path(job, op)} ('{op.use}') reads the output of unet2d use '{producer.use}'; the runtime feeds "
                 "a unet2d's output only to its task's loss head. Make the unet2d use a leaf of its task."
             )
-    if job.components[op.component].kind == "unet2d" and op.segment == 0 and len(op.deps) > 1:
-        raise SpecError(
-            f"{_use_path(job, op)} ('{op.use}') is a unet2d use with {len(op.deps)} inputs; it cross-attends to the "
-            "output of one upstream use. List one use in its after:, or fuse the inputs in a transformer use first."
-        )
 
 
 def _use_path(job: JobSpec, op: MetaOp) -> str:
@@ -79,16 +74,18 @@ def _use_path(job: JobSpec, op: MetaOp) -> str:
 def _check_fusion(job: JobSpec, graph: MetaGraph, op: MetaOp) -> None:
     """A use with several inputs (a fusion) reads their outputs concatenated along the sequence axis, in the
     order of its ``after:`` list: each input must have the use's hidden size and the use's seq_len must be the
-    sum of theirs. Decoders attend to one memory, so a decoder with several inputs is refused."""
+    sum of theirs. A decoder or unet2d attends to the concatenation (its memory or context), which only needs
+    one width."""
     inputs = [graph.metaops[op.deps[i]] for i in input_order(job, graph, op.id)]
-    names = ", ".join(f"'{p.use}'" for p in inputs)
-    if job.components[op.component].kind == "decoder":
-        raise SpecError(
-            f"{_use_path(job, op)} ('{op.use}') is a decoder with {len(inputs)} inputs ({names}); a decoder "
-            "attends to the output of one upstream use (its memory). List one use in its after:, or fuse the "
-            "inputs in a transformer use first and put the decoder after it."
-        )
     shapes = [feature_shape(job, p) for p in inputs]
+    if job.components[op.component].kind in BRIDGE_KINDS:
+        if len({h for _, h in shapes}) > 1:
+            parts = ", ".join(f"'{p.use}' ({h} wide)" for p, (_, h) in zip(inputs, shapes))
+            raise SpecError(
+                f"{_use_path(job, op)} ('{op.use}') attends to {parts} concatenated along the sequence; they need one "
+                "width. Give the inputs the same hidden_size, or fuse them in a transformer use first."
+            )
+        return
     seq_len, width = feature_shape(job, op)
     total = sum(s for s, _ in shapes)
     if total != seq_len or any(h != width for _, h in shapes):

@@ -91,8 +91,8 @@ class ReferenceTrainer:
                 x = torch.cat([outputs[op.deps[i]] for i in input_order(self.job, self.graph, op.id)], dim=1)
             else:
                 x = outputs[op.deps[0]] if op.deps else None
-                if reads_embed(self.job, self.graph, op):
-                    x = use_input(self.job, op, self.modules[("embed:" + op.component, 0)], x, batch)
+            if reads_embed(self.job, self.graph, op):
+                x = use_input(self.job, op, self.modules[("embed:" + op.component, 0)], x, batch)
             for layer in range(op.num_layers):
                 x = self.modules[(op.param_group, layer)](x, **kwargs)
             outputs[op.id] = x

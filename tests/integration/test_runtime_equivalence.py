@@ -181,6 +181,20 @@ def test_fusion_of_two_towers_across_waves_equals_single_process(tmp_path):
     check_equivalence(job, plan, tmp_path)
 
 
+def test_decoder_attending_to_two_towers_across_waves_equals_single_process(tmp_path):
+    data = fusion_job(4, STEPS)
+    # a token decoder whose memory is both towers' tokens (text, then image: its after: order)
+    data["components"]["fuse"] = {"kind": "decoder", "num_layers": 2, "hidden_size": 16, "num_heads": 2, "seq_len": 4,
+                                  "vocab_size": 20}
+    job = parse_job(data)
+    plan = plan_from_waves(job, [
+        [("vqa.img", 2, 2), ("vqa.txt", 2, 1), ("tag.img", 2, 1)],
+        [("vqa.fuse", 1, 4)],
+        [("vqa.fuse", 1, 2)],
+    ])
+    check_equivalence(job, plan, tmp_path)
+
+
 def test_planner_plan_with_fusion_equals_single_process(tmp_path):
     job = parse_job(fusion_job(2, STEPS))
     plan = plan_job(job, with_baselines=False).plan

@@ -7,7 +7,7 @@ import pytest
 from planner.errors import SpecError
 from planner.metagraph import build_metagraph
 from planner.spec import parse_job
-from runtime.checks import check_runnable
+from runtime.checks import check_runnable, feature_shape
 
 
 def image_to_decoder(decoder_seq_len: int):
@@ -62,8 +62,12 @@ def test_a_fusion_must_read_the_sum_of_its_inputs_tokens_at_its_width():
         check_runnable(narrow, build_metagraph(narrow))
 
 
-def test_a_decoder_with_several_inputs_is_refused():
+def test_a_decoder_attends_to_several_inputs_of_one_width():
     job = two_towers_into({"kind": "decoder", "hidden_size": 16, "num_heads": 2, "seq_len": 3})
-    with pytest.raises(SpecError, match=r"tasks\[0\]\.components\[2\] \('fuse'\) is a decoder with 2 inputs "
-                                        r"\('img', 'txt'\); a decoder attends to the output of one upstream use"):
-        check_runnable(job, build_metagraph(job))
+    check_runnable(job, build_metagraph(job))
+    fuse = next(op for op in build_metagraph(job).metaops if op.use == "fuse")
+    assert feature_shape(job, fuse) == (3 + 17 + 6, 16)  # its stream, then both inputs' tokens as memory
+    mixed = two_towers_into({"kind": "decoder", "hidden_size": 16, "num_heads": 2, "seq_len": 3}, txt_width=16)
+    with pytest.raises(SpecError, match=r"tasks\[0\]\.components\[2\] \('fuse'\) attends to 'img' \(32 wide\), "
+                                        r"'txt' \(16 wide\) concatenated along the sequence; they need one width"):
+        check_runnable(mixed, build_metagraph(mixed))
