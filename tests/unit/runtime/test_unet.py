@@ -117,11 +117,14 @@ def test_unet_checks_are_one_line_spec_errors():
                        "components": [{"component": "unet"}, {"component": "text", "seq_len": 64}]}])
     with pytest.raises(SpecError, match=r"tasks\[0\].components\[1\] \('text'\) reads the output of unet2d use 'unet'"):
         check_runnable(feeding, build_metagraph(feeding))
-    two = job_of([{"name": "a", "batch_size": 2, "loss": "mse", "components": [
-        {"component": "text"}, {"component": "text2", "after": []}, {"component": "unet", "after": ["text", "text2"]}]}],
-        text2=TEXT)
-    with pytest.raises(SpecError, match=r"unet2d use with 2 inputs"):
-        check_runnable(two, build_metagraph(two))
+    def two_texts(width: int):
+        return job_of([{"name": "a", "batch_size": 2, "loss": "mse", "components": [
+            {"component": "text"}, {"component": "text2", "after": []},
+            {"component": "unet", "after": ["text", "text2"]}]}], text2=TEXT | {"hidden_size": width})
+
+    check_runnable(two_texts(16), build_metagraph(two_texts(16)))  # a context of both texts' tokens
+    with pytest.raises(SpecError, match=r"\('unet'\) attends to 'text' \(16 wide\), 'text2' \(32 wide\) concatenated"):
+        check_runnable(two_texts(32), build_metagraph(two_texts(32)))
     classify = job_of([{"name": "a", "batch_size": 2, "loss": "cross_entropy", "components": [{"component": "unet"}]}])
     with pytest.raises(ValueError, match=r"trains with loss 'mse'"):
         build_head(classify, 0)
