@@ -30,7 +30,7 @@ import ray
 
 log = logging.getLogger(__name__)
 
-GLOO_TIMEOUT = timedelta(minutes=10)  # a collective that waits longer than this means a peer is gone
+GLOO_TIMEOUT = timedelta(minutes=10)  # a collective that waits longer than this means a peer is gone (gloo or NCCL)
 AUTH_ENV = "RAY_AUTH_MODE"
 OBJECT_STORE_BYTES = 256 * 1024**2  # a run moves only control data and, on request, parameters
 QUIET = {"logging_level": logging.WARNING, "configure_logging": False, "log_to_driver": False}
@@ -65,14 +65,15 @@ class WaveActor:
         from planner.plan import plan_from_json
         from planner.spec import JobSpec
         from runtime.executor import Groups, WaveWorker
-        from runtime.host import configure_worker_process
+        from runtime.host import backend_for, configure_worker_process, worker_device
 
-        configure_worker_process()
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        dist.init_process_group("gloo", rank=self.rank, world_size=self.world_size, timeout=GLOO_TIMEOUT)
         job = JobSpec.model_validate_json(self.job_json)
+        device = worker_device(job)  # Ray shows an actor given a GPU that GPU alone, as cuda:0
+        configure_worker_process(device)
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        dist.init_process_group(backend_for(device), rank=self.rank, world_size=self.world_size, timeout=GLOO_TIMEOUT)
         plan = plan_from_json(self.plan_json)
-        self.worker = WaveWorker(job, plan, self.rank, Groups.create(plan))
+        self.worker = WaveWorker(job, plan, self.rank, Groups.create(plan), device)
         return os.getpid()
 
     def train_step(self, step: int) -> dict:
@@ -111,9 +112,11 @@ class WaveActor:
             dist.destroy_process_group()
 
 
-def create_actors(job_json: str, plan_json: str, world_size: int, num_cpus_per_actor: float = 1.0) -> list:
+def create_actors(job_json: str, plan_json: str, world_size: int, num_cpus_per_actor: float = 1.0,
+                  num_gpus_per_actor: float = 0) -> list:
     """One :class:`WaveActor` handle per rank (creation is asynchronous; call ``setup`` next)."""
-    remote = ray.remote(num_cpus=num_cpus_per_actor, max_restarts=0, max_task_retries=0)(WaveActor)
+    remote = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor, max_restarts=0,
+                        max_task_retries=0)(WaveActor)
     return [remote.remote(job_json, plan_json, rank, world_size) for rank in range(world_size)]
 
 
@@ -163,11 +166,10 @@ class EmbeddedRay:
         self.stop()
 
 
-def join_cluster(address: str) -> float:
-    """``ray.init(address=...)`` (token auth as Ray is configured); returns the cluster's CPU count."""
+def join_cluster(address: str) -> None:
+    """``ray.init(address=...)`` (token auth as Ray is configured)."""
     log.info("joining the Ray cluster at %s", address)
     ray.init(address=address, **QUIET)
-    return ray.cluster_resources().get("CPU", 0.0)
 
 
 def copy_worker_logs(temp_dir: Path, target: Path) -> None:

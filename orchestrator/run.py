@@ -128,6 +128,7 @@ class Driver:
         self.step_log: StepLog | None = None
         self.actors: list = []
         self.embedded = None  # EmbeddedRay when this run started its own cluster
+        self.gpus_per_worker = 0  # 1 for a GPU job on a cluster with a GPU per worker
         self.joined = False  # True when this run connected to --address
         self.records: list[StepRecord] = []
         self.checkpoints: list[CheckpointInfo] = []
@@ -227,27 +228,43 @@ class Driver:
 
         if self.options.address:
             self.joined = True
-            self._check_cluster_cpus(join_cluster(self.options.address), self.options.address)
+            join_cluster(self.options.address)
+            self._check_cluster(self.options.address)
         elif ray.is_initialized():  # the caller owns the session (a notebook, a test fixture)
             log.info("using this process's Ray session")
-            self._check_cluster_cpus(ray.cluster_resources().get("CPU", 0.0), "this process's Ray session")
+            self._check_cluster("this process's Ray session")
         else:
             self.embedded = EmbeddedRay(self.world_size).start()
 
-    def _check_cluster_cpus(self, available: float, where: str) -> None:
+    def _check_cluster(self, where: str) -> None:
+        """Enough CPUs for one per worker, and whether the workers take a GPU each: a GPU job on a cluster with a GPU
+        per worker does (NCCL between them); a GPU job on a cluster without enough GPUs trains on CPUs (with a
+        warning), as it would on this machine."""
+        import ray
+
+        resources = ray.cluster_resources()
+        available, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
         if available < self.world_size:
             raise RunInputError(
                 f"{where}: the cluster has {available:g} CPUs but the plan needs {self.world_size} workers with "
                 "1 CPU each. Add CPUs, or plan for fewer devices."
             )
+        if self.job.cluster.device.lower() == "cpu":
+            return
+        self.gpus_per_worker = 1 if gpus >= self.world_size else 0
+        if not self.gpus_per_worker:
+            log.warning("cluster.device is %s but %s has %g GPUs for %d workers: the workers compute on CPU with "
+                        "gloo", self.job.cluster.device, where, gpus, self.world_size)
 
     def create_workers(self) -> None:
-        """One actor per device, joined in one gloo group; the workers build their modules from the job."""
+        """One actor per device (with a GPU each when the cluster has them for a GPU job), joined in one gloo or NCCL
+        group; the workers build their modules from the job."""
         import ray
 
         from orchestrator.actors import create_actors, free_port
 
-        self.actors = create_actors(self.job.model_dump_json(), self.plan.to_json(), self.world_size)
+        self.actors = create_actors(self.job.model_dump_json(), self.plan.to_json(), self.world_size,
+                                    num_gpus_per_actor=self.gpus_per_worker)
         if self.embedded is not None:  # every actor is on this machine
             host, port = "127.0.0.1", free_port()
         else:  # the actors may be on other nodes: rendezvous at rank 0's node
@@ -260,7 +277,7 @@ class Driver:
                 f"the {self.world_size} workers did not start within {self.options.setup_timeout_s:g} s; "
                 "the cluster may lack free CPUs."
             ) from None
-        log.info("%d workers ready in %.1f s (gloo rendezvous %s:%d)", self.world_size,
+        log.info("%d workers ready in %.1f s (rendezvous %s:%d)", self.world_size,
                  time.perf_counter() - start, host, port)
 
     def restore(self) -> None:
@@ -384,9 +401,6 @@ def check_runnable_job(job: JobSpec, options: RunOptions) -> None:
 
     if not options.address:
         check_cpu_device(job.cluster.device, "cluster.device")
-    elif job.cluster.device.lower() != "cpu":
-        log.warning("cluster.device is %s: the workers compute on CPU with gloo for now; the device kind is "
-                    "used for planning only", job.cluster.device)
     try:
         for t in range(len(job.tasks)):
             check_loss(job, t)

@@ -15,7 +15,7 @@ sequences (``a, a+d, a+2d, ...`` mod vocab with 10% noise).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -51,6 +51,13 @@ class TaskBatch:
     first_row: int = 0  # index of these rows' first in the task's batch
     # every_row's gather (None: these rows are the whole batch); the executor sets it on a loss host's shard
     gather_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def to(self, device: torch.device) -> TaskBatch:
+        """This batch with every tensor on ``device`` (itself when they are there already)."""
+        if self.labels.device == torch.device(device):
+            return self
+        move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
+        return replace(self, inputs=move(self.inputs), labels=self.labels.to(device), targets=move(self.targets))
 
     def every_row(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (one row per sample of this batch, differentiable) for every row of the task's batch, in order: the

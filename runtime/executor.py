@@ -60,10 +60,13 @@ class Groups:
 
 
 class WaveWorker:
-    """One device's part of a plan: build with the same job, plan and seed on every rank."""
+    """One device's part of a plan: build with the same job, plan and seed on every rank. ``device``: where its
+    modules live and compute (a CUDA device with an NCCL default group, or the CPU with gloo)."""
 
-    def __init__(self, job: JobSpec, plan: Plan, rank: int, groups: Groups | None = None):
+    def __init__(self, job: JobSpec, plan: Plan, rank: int, groups: Groups | None = None,
+                 device: torch.device | str = "cpu"):
         self.job, self.plan, self.rank, self.groups = job, plan, rank, groups
+        self.device = torch.device(device)
         self.graph = build_metagraph(job)
         check_runnable(job, self.graph)
         check_plan_matches_job(plan, self.graph)
@@ -78,7 +81,7 @@ class WaveWorker:
         self.modules: dict[tuple[str, int], torch.nn.Module] = {}
         for (name, layer, _), devices in self.holders.items():
             if rank in devices and (name, layer) not in self.modules:
-                self.modules[(name, layer)] = self._build((name, layer))
+                self.modules[(name, layer)] = self._build((name, layer)).to(self.device)
         self.optimizer = self._build_optimizer()
 
     def _build_optimizer(self):
@@ -124,7 +127,8 @@ class WaveWorker:
         from runtime import megatron_compat
         from runtime.megatron_backend import MegatronTransformerBlock, load_reference, seed_model_parallel_rng
 
-        megatron_compat.apply_cpu_compat()
+        if self.device.type == "cpu":
+            megatron_compat.apply_cpu_compat()
         tp_rank = group.index(self.rank)
         seed_model_parallel_rng(self.job.training.seed, tp_rank)
         comp = self.job.components[op.component]
@@ -148,7 +152,7 @@ class WaveWorker:
         Each gradient bucket's all-reduce starts as soon as the backward of the earliest wave that runs its
         parameters is done (:func:`sync_ready_waves`) and overlaps the rest of backward; AdamW waits for all
         of them. Where this device's time went is left in :attr:`last_timing`."""
-        lap, st = _Lap(), _StepState()
+        lap, st = _Lap(self.device), _StepState(self.device)
         timing = StepTiming([0.0] * len(self.plan.waves), [0.0] * len(self.plan.waves))
         for wave in range(len(self.plan.waves)):
             self._exchange(wave, st, forward=True)
@@ -283,7 +287,7 @@ class WaveWorker:
         for p, peer in peers:
             if peer == self.rank:
                 continue  # landed by the send loop
-            buf = torch.empty((p.stop - p.start, *self._feature(p)))
+            buf = torch.empty((p.stop - p.start, *self._feature(p)), device=self.device)
             ops.append(dist.P2POp(dist.irecv, buf, peer))
             landing.append((p, buf))
         if ops:
@@ -305,7 +309,7 @@ class WaveWorker:
         consumer = p.consumer if p.consumer is not None else self._loss_host_of(p).host
         start, _ = self._rows(consumer)
         if leaf is None or leaf.grad is None:
-            return torch.zeros((p.stop - p.start, *self._feature(p)))
+            return torch.zeros((p.stop - p.start, *self._feature(p)), device=self.device)
         return leaf.grad[p.start - start:p.stop - start]
 
     def _land(self, p: Piece, tensor: torch.Tensor, st: _StepState, forward: bool) -> None:
@@ -316,7 +320,7 @@ class WaveWorker:
         start, stop = self._rows(p.producer)
         grad = st.grad_out.get(p.producer)
         if grad is None:
-            grad = st.grad_out[p.producer] = torch.zeros((stop - start, *self._feature(p)))
+            grad = st.grad_out[p.producer] = torch.zeros((stop - start, *self._feature(p)), device=self.device)
         grad[p.start - start:p.stop - start] += tensor
 
     def _loss_host_of(self, p: Piece):
@@ -363,7 +367,8 @@ class WaveWorker:
 
     def _reduce_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         names = [t.name for t in self.job.tasks]
-        values = torch.tensor([float(losses[n].detach()) if n in losses else 0.0 for n in names], dtype=torch.float64)
+        values = torch.tensor([float(losses[n].detach()) if n in losses else 0.0 for n in names], dtype=torch.float64,
+                              device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(values)
         return {n: float(v) / self.job.tasks[i].loss_weight if self.job.tasks[i].loss_weight else float(v)
                 for i, (n, v) in enumerate(zip(names, values))}
@@ -393,14 +398,15 @@ class WaveWorker:
                 items = gather_reference_weights(module).items()
             else:
                 items = module.named_parameters()
-            out.update({f"{name}/{layer}/{pname}": p.detach().clone() for pname, p in items})
+            out.update({f"{name}/{layer}/{pname}": p.detach().cpu().clone() for pname, p in items})
         return out
 
 
 class _StepState:
     """Tensors of one step on one device, keyed by slice."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.device = device
         self.outputs: dict[SliceRef, torch.Tensor] = {}  # y of my slices (my dp rows)
         self.inputs: dict[tuple[SliceRef, int], torch.Tensor] = {}  # autograd leaves fed to my slices, by input
         # received rows (first row, tensor) by ("slice", consumer, input) or ("loss", leaf slice)
@@ -411,8 +417,8 @@ class _StepState:
 
     def batch(self, job: JobSpec, task_index: int, step: int, start: int, stop: int) -> TaskBatch:
         key = (task_index, start, stop)
-        if key not in self.batches:
-            self.batches[key] = synthetic_batch(job, task_index, step, start, stop)
+        if key not in self.batches:  # drawn on the CPU (deterministic generators), then moved
+            self.batches[key] = synthetic_batch(job, task_index, step, start, stop).to(self.device)
         return self.batches[key]
 
 
@@ -473,12 +479,16 @@ class StepTiming:
 
 
 class _Lap:
-    """A stopwatch: each call returns the seconds since the previous call (or since creation)."""
+    """A stopwatch: each call returns the seconds since the previous call (or since creation). On a CUDA device it
+    first waits for the kernels queued so far, so a part's time is its work, not its launches."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device = torch.device("cpu")):
+        self.cuda = device.type == "cuda"
         self.start = self.last = time.perf_counter()
 
     def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
         now = time.perf_counter()
         seconds, self.last = now - self.last, now
         return seconds

@@ -111,7 +111,7 @@ class InfoNCEHead(TaskHead):
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
         a, b = (F.normalize(batch.every_row(x), dim=-1) for x in self.pooled(outputs))
         logits = self.logit_scale.exp() * a @ b.T  # (all rows, all rows)
-        mine = torch.arange(batch.first_row, batch.first_row + batch.num_samples)
+        mine = torch.arange(batch.first_row, batch.first_row + batch.num_samples, device=logits.device)
         return 0.5 * (F.cross_entropy(logits[mine], mine, reduction="none")
                       + F.cross_entropy(logits.T[mine], mine, reduction="none"))
 

@@ -1,4 +1,6 @@
-"""How a CPU worker process is set up: one compute thread, and freed memory kept for the next step.
+"""How a worker process is set up: which device it computes on and its process-group backend (a CUDA device with
+NCCL for a GPU job in a process that sees one, else the CPU with gloo); on CPU, one compute thread and freed
+memory kept for the next step.
 
 glibc hands freed memory back to the kernel (it trims the top of the heap and serves large blocks by
 ``mmap``), so every training step faults its activations in again, page by page, each page zeroed by
@@ -17,6 +19,8 @@ import functools
 import logging
 
 import torch
+
+from planner.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +45,26 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
-def configure_worker_process() -> None:
-    """A device's worker process on CPU: one intra-op thread (one logical CPU per worker; more only oversubscribe
-    the cores) and freed memory kept."""
+def worker_device(job: JobSpec, local_rank: int = 0) -> torch.device:
+    """Where a worker of ``job`` computes: for a job on a GPU cluster (``cluster.device`` not cpu) in a process that
+    sees CUDA devices, ``cuda:<local_rank mod their count>`` (a Ray actor given one GPU sees it as cuda:0); else the
+    CPU (a CPU job, or a GPU job sent to a cluster without GPUs)."""
+    if job.cluster.device.lower() == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def backend_for(device: torch.device) -> str:
+    """The torch.distributed backend of a worker on ``device``: NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def configure_worker_process(device: torch.device | str = "cpu") -> None:
+    """A device's worker process: on CPU one intra-op thread (one logical CPU per worker; more only oversubscribe
+    the cores) and freed memory kept; on a GPU, that GPU as the process's current device."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        return
     torch.set_num_threads(1)
     keep_freed_memory()

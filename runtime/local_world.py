@@ -1,6 +1,7 @@
 """Run a plan on a local gloo world of processes (torch.multiprocessing), without Ray.
 
-For tests and benchmarks of the worker logic: each process joins a gloo group on 127.0.0.1,
+For tests and benchmarks of the worker logic: each process joins a gloo group on 127.0.0.1 (NCCL, one GPU per
+process, for a GPU job on a host with GPUs),
 creates the plan's sub-groups, builds a :class:`~runtime.executor.WaveWorker` and trains
 ``steps`` steps. Results (per-step task losses and the final parameters each rank holds) come back
 through files in ``out_dir``.
@@ -20,7 +21,7 @@ import torch.multiprocessing as mp
 
 from planner.plan import Plan, plan_from_json
 from planner.spec import JobSpec
-from runtime.host import configure_worker_process
+from runtime.host import backend_for, configure_worker_process, worker_device
 
 
 def free_port() -> int:
@@ -39,14 +40,15 @@ class WorldResult:
 
 def _worker(rank: int, world_size: int, port: int, job_json: str, plan_json: str, steps: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    configure_worker_process()
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    job = JobSpec.model_validate_json(job_json)
+    device = worker_device(job, rank)  # this host's GPUs in turn for a GPU job, else the CPU
+    configure_worker_process(device)
+    dist.init_process_group(backend_for(device), rank=rank, world_size=world_size)
     try:
         from runtime.executor import Groups, WaveWorker
 
-        job = JobSpec.model_validate_json(job_json)
         plan = plan_from_json(plan_json)
-        worker = WaveWorker(job, plan, rank, Groups.create(plan))
+        worker = WaveWorker(job, plan, rank, Groups.create(plan), device)
         losses, seconds, timings = [], [], []
         for step in range(steps):
             dist.barrier()  # every rank starts the step together, so a step's wall time is the iteration time

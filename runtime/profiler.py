@@ -40,7 +40,7 @@ from planner.spec import JobSpec
 from runtime.data import synthetic_batch
 from runtime.checks import feature_shape
 from runtime.heads import build_head
-from runtime.host import configure_worker_process
+from runtime.host import configure_worker_process, worker_device
 from runtime.modules import build_embed, build_layer, build_optimizer, layer_kwargs, use_input
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,15 @@ def time_layer(layers: torch.nn.Module | list[torch.nn.Module], op: MetaOp, shap
     """Median seconds per layer of one forward(+backward) of ``layers`` run one after another on a ``(batch,
     *shape)`` input (``kwargs``: the layers' further arguments, ``runtime.modules.layer_kwargs``)."""
     chain = [layers] if isinstance(layers, torch.nn.Module) else list(layers)
-    x = torch.randn(batch, *shape, requires_grad=op.backward_factor > 0)
+    device = next((p.device for layer in chain for p in layer.parameters()), torch.device("cpu"))
+    x = torch.randn(batch, *shape, device=device, requires_grad=op.backward_factor > 0)
     samples = [_run_chain(chain, op, x, kwargs or {}) for _ in range(warmup + repeats)]
     return statistics.median(samples[warmup:]) / len(chain)
 
 
 def _run_chain(chain: list[torch.nn.Module], op: MetaOp, x: torch.Tensor, kwargs: dict) -> float:
-    """Seconds of one forward (and backward, when ``op`` has one) of ``chain`` on ``x``."""
+    """Seconds of one forward (and backward, when ``op`` has one) of ``chain`` on ``x`` (on ``x``'s device)."""
+    _synchronize(x.device)
     start = time.perf_counter()
     with torch.set_grad_enabled(op.backward_factor > 0):
         y = x
@@ -73,6 +75,7 @@ def _run_chain(chain: list[torch.nn.Module], op: MetaOp, x: torch.Tensor, kwargs
             y = layer(y, **kwargs)
         if op.backward_factor > 0:
             y.backward(torch.ones_like(y))
+    _synchronize(x.device)
     seconds = time.perf_counter() - start
     for layer in chain:
         layer.zero_grad(set_to_none=True)
@@ -80,7 +83,8 @@ def _run_chain(chain: list[torch.nn.Module], op: MetaOp, x: torch.Tensor, kwargs
     return seconds
 
 
-def sample_layers(job: JobSpec, repeats: int, warmup: int, barrier=None) -> dict[str, dict[int, list[float]]]:
+def sample_layers(job: JobSpec, repeats: int, warmup: int, barrier=None,
+                  device: torch.device = torch.device("cpu")) -> dict[str, dict[int, list[float]]]:
     """Per distinct layer workload (its profile key) and local batch: ``repeats`` samples of seconds per layer of
     a chain of its layers, forward and backward. Samples are taken round-robin (every point once per round), so
     each point's samples spread over the whole profile rather than one burst: a shared host's speed wanders by
@@ -92,12 +96,12 @@ def sample_layers(job: JobSpec, repeats: int, warmup: int, barrier=None) -> dict
             continue
         # a chain, as a slice runs them: the activations several layers keep for backward do not all stay in
         # cache, as one layer's can
-        chain = [build_layer(job, op, i) for i in range(min(op.num_layers, CHAIN_LAYERS))]
+        chain = [build_layer(job, op, i).to(device) for i in range(min(op.num_layers, CHAIN_LAYERS))]
         if op.backward_factor == 1:  # input gradients only: the layers' weights are frozen
             for layer in chain:
                 layer.requires_grad_(False)
         shape = feature_shape(job, op, boundary=0)
-        inputs = {b: torch.randn(b, *shape, requires_grad=op.backward_factor > 0)
+        inputs = {b: torch.randn(b, *shape, device=device, requires_grad=op.backward_factor > 0)
                   for b in local_batches(op, job.cluster.num_devices)}
         chains[key] = (op, chain, inputs, layer_kwargs(job, op))
     samples: dict[str, dict[int, list[float]]] = {key: {b: [] for b in c[2]} for key, c in chains.items()}
@@ -115,8 +119,8 @@ def sample_layers(job: JobSpec, repeats: int, warmup: int, barrier=None) -> dict
 def profile_processes(job: JobSpec) -> int:
     """How many processes time the layers at once: a CPU job's workers per node (at most this host's CPUs), since
     the workers of a run share the host's caches and memory bandwidth (a busy neighbour slowed a layer by ~5%);
-    1 for other devices."""
-    if job.cluster.device.lower() != "cpu":
+    1 where the job's workers compute on GPUs (each has its own)."""
+    if worker_device(job).type != "cpu":
         return 1
     return max(1, min(job.cluster.devices_per_node, os.cpu_count() or 1))
 
@@ -126,8 +130,8 @@ def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) 
     """The cost file's ``points`` (per layer workload, ``[[local batch, median seconds per layer], ...]`` over the
     samples of :func:`sample_layers`) and ``optimizer_s_per_param`` (:func:`optimizer_seconds_per_param`), measured
     in ``processes`` worker processes at once and pooled (medians of every process's samples)."""
-    if processes <= 1:
-        pooled = [json.loads(json.dumps(_measure_worker_side(job, repeats, warmup)))]  # as the workers' files
+    if processes <= 1:  # here, on the device a worker would use
+        pooled = [json.loads(json.dumps(_measure_worker_side(job, repeats, warmup, None, worker_device(job))))]
     else:
         with tempfile.TemporaryDirectory() as tmp:
             barrier = mp.get_context("spawn").Barrier(processes)
@@ -140,11 +144,12 @@ def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) 
     return points, statistics.median(rates) if rates else None
 
 
-def _measure_worker_side(job: JobSpec, repeats: int, warmup: int, barrier=None) -> dict:
-    points = sample_layers(job, repeats, warmup, barrier)
+def _measure_worker_side(job: JobSpec, repeats: int, warmup: int, barrier=None,
+                         device: torch.device = torch.device("cpu")) -> dict:
+    points = sample_layers(job, repeats, warmup, barrier, device)
     if barrier is not None:
         barrier.wait()  # the optimizer steps of every process run together too (AdamW is memory-bound)
-    return {"points": points, "optimizer": optimizer_seconds_per_param(job, repeats, warmup)}
+    return {"points": points, "optimizer": optimizer_seconds_per_param(job, repeats, warmup, device)}
 
 
 def _measure_in_worker(rank: int, job_json: str, repeats: int, warmup: int, barrier, out_dir: str) -> None:
@@ -160,14 +165,15 @@ def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2, links: bool 
     two processes); returns the cost file as a dict."""
     say = progress or log.info
     threads = torch.get_num_threads()
-    configure_worker_process()  # one thread and freed memory kept, like each worker (the latter stays on)
+    device = worker_device(job)
+    configure_worker_process(device)  # as each worker: on CPU one thread and freed memory kept (the latter stays on)
     try:
         processes = profile_processes(job)
         points, rate = profile_layers(job, repeats, warmup, processes)
         names = {profile_key(op, Layout(1, 1)): op.name for op in reversed(build_metagraph(job).metaops)}
         for key, pts in points.items():
             say(f"profiled {names[key]} ({processes} at once): " + ", ".join(f"b={b}: {t * 1e3:.2f} ms" for b, t in pts))
-        embed, head = time_embeddings(job, repeats, warmup), time_heads(job, repeats, warmup)
+        embed, head = time_embeddings(job, repeats, warmup, device), time_heads(job, repeats, warmup, device)
         say("profiled outside the layers: embeddings " + ", ".join(f"{k} {v[-1][1] * 1e3:.2f} ms" for k, v in embed.items())
             + "; heads " + ", ".join(f"{k} {v[-1][1] * 1e3:.2f} ms" for k, v in head.items())
             + (f"; AdamW {rate * 1e9:.2f} ns/parameter" if rate is not None else ""))
@@ -182,17 +188,27 @@ def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2, links: bool 
         torch.set_num_threads(threads)
 
 
-def _median_seconds(run: Callable[[], None], repeats: int, warmup: int) -> float:
+def _synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on a CUDA ``device`` (a no-op on CPU): a timed region then holds its work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(run: Callable[[], None], repeats: int, warmup: int,
+                    device: torch.device = torch.device("cpu")) -> float:
     samples = []
     for i in range(warmup + repeats):
+        _synchronize(device)
         start = time.perf_counter()
         run()
+        _synchronize(device)
         if i >= warmup:
             samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
 
-def time_embeddings(job: JobSpec, repeats: int, warmup: int) -> dict[str, list[list[float]]]:
+def time_embeddings(job: JobSpec, repeats: int, warmup: int,
+                    device: torch.device = torch.device("cpu")) -> dict[str, list[list[float]]]:
     """Per root MetaOp (by name): median seconds of drawing its task's data and running its embedding forward and
     backward (backward only when the embedding trains), at every local batch the planner can ask for."""
     index = {t.name: i for i, t in enumerate(job.tasks)}
@@ -201,20 +217,21 @@ def time_embeddings(job: JobSpec, repeats: int, warmup: int) -> dict[str, list[l
     for op in build_metagraph(job).metaops:
         if op.deps:  # a bridge (decoder, unet2d) reads its upstream output too: timed with no root here
             continue
-        embed = embeds.setdefault(op.component, build_embed(job, op.component))
+        embed = embeds.setdefault(op.component, build_embed(job, op.component).to(device))
 
         def run(b: int = 1, op: MetaOp = op, embed: torch.nn.Module = embed) -> None:
-            y = use_input(job, op, embed, None, synthetic_batch(job, index[op.task], 0, 0, b))
+            y = use_input(job, op, embed, None, synthetic_batch(job, index[op.task], 0, 0, b).to(device))
             if y.requires_grad:
                 y.backward(torch.ones_like(y))
             embed.zero_grad(set_to_none=True)
 
-        out[op.name] = [[b, _median_seconds(lambda b=b, run=run: run(b), repeats, warmup)]
+        out[op.name] = [[b, _median_seconds(lambda b=b, run=run: run(b), repeats, warmup, device)]
                         for b in local_batches(op, job.cluster.num_devices)]
     return out
 
 
-def time_heads(job: JobSpec, repeats: int, warmup: int) -> dict[str, list[list[float]]]:
+def time_heads(job: JobSpec, repeats: int, warmup: int,
+               device: torch.device = torch.device("cpu")) -> dict[str, list[list[float]]]:
     """Per task: median seconds of drawing its batch and its loss head forward and backward on outputs of its leaf
     MetaOps' shapes, at every local batch the planner can ask for."""
     graph = build_metagraph(job)
@@ -224,17 +241,18 @@ def time_heads(job: JobSpec, repeats: int, warmup: int) -> dict[str, list[list[f
         leaves = [op for op in graph.metaops if op.task == task.name and op.id not in read]
         if not leaves:
             continue
-        head = build_head(job, t)
+        head = build_head(job, t).to(device)
         points = []
         for b in local_batches(leaves[0], job.cluster.num_devices):
-            outputs = {op.use: torch.randn(b, *feature_shape(job, op), requires_grad=True) for op in leaves}
+            outputs = {op.use: torch.randn(b, *feature_shape(job, op), device=device, requires_grad=True)
+                       for op in leaves}
 
             def run(outputs: dict = outputs, b: int = b, t: int = t) -> None:
                 # the loss host draws its rows' labels (and inputs) itself: its rows differ from the slices' rows
-                head(outputs, synthetic_batch(job, t, 0, 0, b)).sum().backward()
+                head(outputs, synthetic_batch(job, t, 0, 0, b).to(device)).sum().backward()
                 head.zero_grad(set_to_none=True)
 
-            points.append([b, _median_seconds(run, repeats, warmup)])
+            points.append([b, _median_seconds(run, repeats, warmup, device)])
         out[task.name] = points
     return out
 
@@ -242,7 +260,8 @@ def time_heads(job: JobSpec, repeats: int, warmup: int) -> dict[str, list[list[f
 OPTIMIZER_PARAMS_CAP = 32_000_000  # parameters the AdamW timing builds at most (its state is 4x that in floats)
 
 
-def optimizer_seconds_per_param(job: JobSpec, repeats: int, warmup: int) -> float | None:
+def optimizer_seconds_per_param(job: JobSpec, repeats: int, warmup: int,
+                                device: torch.device = torch.device("cpu")) -> float | None:
     """Seconds per parameter of one AdamW step (the runtime's :func:`build_optimizer`) over the trainable layers of
     the job, all in one optimizer as a worker holds them (up to :data:`OPTIMIZER_PARAMS_CAP` parameters): a worker's
     parameters, gradients and moments do not stay in cache between steps, and one layer's alone would (timed per
@@ -255,13 +274,13 @@ def optimizer_seconds_per_param(job: JobSpec, repeats: int, warmup: int) -> floa
         for layer in range(op.num_layers):
             if sum(w.numel() for w in weights) >= OPTIMIZER_PARAMS_CAP:
                 break
-            weights += [p for p in build_layer(job, op, layer).parameters() if p.requires_grad]
+            weights += [p for p in build_layer(job, op, layer).to(device).parameters() if p.requires_grad]
     if not weights:
         return None
     for w in weights:
         w.grad = torch.randn_like(w)
     adamw = build_optimizer(job, weights)
-    return _median_seconds(adamw.step, repeats, warmup) / sum(w.numel() for w in weights)
+    return _median_seconds(adamw.step, repeats, warmup, device) / sum(w.numel() for w in weights)
 
 
 LINK_BYTES = (1 << 14, 1 << 18, 1 << 20, 1 << 22)  # message sizes the link curves are measured at

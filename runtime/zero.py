@@ -49,7 +49,7 @@ class ShardedAdamW:
             total = sum(p.numel() for p in params)
             per = -(-total // n)
             lo, hi = min(i * per, total), min((i + 1) * per, total)
-            master = nn.Parameter(torch.empty(hi - lo)) if hi > lo else None
+            master = nn.Parameter(torch.empty(hi - lo, device=params[0].device)) if hi > lo else None
             self.shares.append(_Share(params, groups[devices], i, n, total, per, lo, hi, master))
         masters = [s.master for s in self.shares if s.master is not None]
         self.inner = build_optimizer(job, masters + list(alone))
@@ -69,10 +69,11 @@ class ShardedAdamW:
             self._gather(share)
 
     def _gather(self, share: _Share) -> None:
-        mine = torch.zeros(share.per)
+        device = share.params[0].device
+        mine = torch.zeros(share.per, device=device)
         if share.master is not None:
             mine[:share.hi - share.lo] = share.master.detach()
-        parts = [torch.empty(share.per) for _ in range(share.num_holders)]
+        parts = [torch.empty(share.per, device=device) for _ in range(share.num_holders)]
         dist.all_gather(parts, mine, group=share.group)
         flat = torch.cat(parts)[:share.total]
         offset = 0

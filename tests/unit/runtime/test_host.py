@@ -40,3 +40,26 @@ def test_configured_worker_keeps_freed_memory_and_one_thread():
     default, kept, threads = (int(v) for v in out.stdout.split())
     assert default < 16 << 20 <= kept
     assert threads == 1
+
+
+def job_on(device: str):
+    from planner.spec import parse_job
+
+    return parse_job({"name": "d", "cluster": {"num_nodes": 1, "devices_per_node": 4, "device": device},
+                      "components": {"t": {"kind": "mlp", "num_layers": 1, "hidden_size": 8}},
+                      "tasks": [{"name": "a", "batch_size": 4, "components": [{"component": "t"}]}]})
+
+
+def test_workers_compute_on_a_gpu_only_for_a_gpu_job_that_sees_one(monkeypatch):
+    import torch
+
+    from runtime.host import backend_for, worker_device
+
+    assert worker_device(job_on("cpu"), 3) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert worker_device(job_on("h100"), 3) == torch.device("cpu")  # a GPU job sent to a cluster without GPUs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert worker_device(job_on("h100"), 3) == torch.device("cuda", 1)  # this host's GPUs in turn
+    assert worker_device(job_on("cpu"), 3) == torch.device("cpu")
+    assert (backend_for(torch.device("cuda", 0)), backend_for(torch.device("cpu"))) == ("nccl", "gloo")

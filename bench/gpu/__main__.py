@@ -1,0 +1,172 @@
+"""``python -m bench.gpu [--device cuda|cpu] [--steps N] [--results-dir DIR] [--no-write]``: the GPU path, checked.
+
+What CPU CI cannot run: a worker on a CUDA device in an NCCL world (one process per GPU of this host), megatron-core
+without the CPU compatibility layer, diffusers' UNet blocks on CUDA. On one host with G GPUs:
+
+1. **Training**: a job with a shared text encoder, a llama, a decoder and a text-conditioned UNet (``GPU_JOB``,
+   ``cluster.device: h100``), planned for G devices, trained ``--steps`` steps by ``runtime.local_world`` (NCCL,
+   one GPU per rank): its per-step losses against single-process training of the same job on the CPU (relative
+   difference; TF32 convolutions and other kernels make a GPU differ by ~1e-4..1e-3, not by 1e-5), and its step
+   times.
+2. **megatron-core blocks** at TP=1 on one GPU, every variant (encoder, llama, decoder): output and input
+   gradient against the plain block on the same GPU (max abs difference).
+
+``--device cpu`` runs the same flow on CPU processes and gloo (to check the suite itself where there is no GPU).
+Writes bench/results/gpu.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from bench.common import write_results
+from planner.api import plan_job
+from planner.spec import parse_job
+from runtime.local_world import run_world
+from runtime.reference import ReferenceTrainer
+
+log = logging.getLogger("bench.gpu")
+LOSS_RTOL = 2e-3  # GPU vs CPU float32: TF32 convolutions and different reduction orders
+
+GPU_JOB = {
+    "name": "gpu-check",
+    "cluster": {"num_nodes": 1, "devices_per_node": 1, "device": "h100"},
+    "components": {
+        "text": {"kind": "transformer", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "seq_len": 16,
+                 "vocab_size": 64},
+        "lm": {"kind": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2, "seq_len": 16,
+               "vocab_size": 64},
+        "img": {"kind": "vit", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "patch_size": 4, "image_size": 16},
+        "dec": {"kind": "decoder", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "seq_len": 8, "vocab_size": 64},
+        "unet": {"kind": "unet2d", "num_layers": 1, "hidden_size": 32, "channel_mults": [1, 2], "num_heads": 4,
+                 "in_channels": 4, "image_size": 16},
+    },
+    "tasks": [
+        {"name": "caption", "batch_size": 16, "loss": "cross_entropy", "components": [{"component": "text"}]},
+        {"name": "lm", "batch_size": 16, "loss": "next_token", "components": [{"component": "lm"}]},
+        {"name": "describe", "batch_size": 16, "loss": "cross_entropy",
+         "components": [{"component": "img"}, {"component": "dec"}]},
+        {"name": "generate", "batch_size": 16, "loss": "mse", "components": [{"component": "text"}, {"component": "unet"}]},
+    ],
+    "training": {"steps": 5, "lr": 1e-3, "seed": 0, "precision": "fp32"},
+    "planner": {"time_limit_s": 5},
+}
+
+
+def training_check(device: str, steps: int) -> dict:
+    """Train GPU_JOB on this host's GPUs (or CPU processes) and on one CPU process; losses and step times."""
+    gpus = torch.cuda.device_count() if device == "cuda" else 2
+    data = GPU_JOB | {"cluster": GPU_JOB["cluster"] | {"devices_per_node": max(1, gpus),
+                                                        "device": "h100" if device == "cuda" else "cpu"}}
+    data["training"] = data["training"] | {"steps": steps}
+    job = parse_job(data)
+    plan = plan_job(job, with_baselines=False).plan
+    with tempfile.TemporaryDirectory() as tmp:
+        world = run_world(job, plan, steps, tmp)
+    reference = ReferenceTrainer(job)
+    diffs = []
+    for step in range(steps):
+        want = reference.train_step(step)
+        diffs.append({task: abs(world.losses[step][task] - value) / abs(value) for task, value in want.items()})
+    worst = max(max(d.values()) for d in diffs)
+    return {"check": "training", "device": device, "workers": plan.cluster.devices_per_node, "steps": steps,
+            "loss_rel_diff": diffs, "worst_rel_diff": worst, "ok": worst <= LOSS_RTOL,
+            "step_s": world.step_seconds, "median_step_s": statistics.median(world.step_seconds[1:] or world.step_seconds),
+            "predicted_s": plan.predicted.iteration_time_s}
+
+
+def megatron_check(device: str) -> list[dict]:
+    """Every megatron block variant at TP=1 on ``device`` against its plain block (a world of one process)."""
+    import os
+
+    import torch.distributed as dist
+
+    from runtime import megatron_compat
+    from runtime.local_world import free_port
+    from runtime.megatron_backend import MegatronTransformerBlock, load_reference, seed_model_parallel_rng
+    from runtime.modules import DecoderBlock, LlamaBlock, TransformerBlock
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    else:
+        megatron_compat.apply_cpu_compat()
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=0, world_size=1)
+    try:
+        seed_model_parallel_rng(0, 0)
+        h, heads, f, s, b = 64, 4, 256, 12, 3
+        plain = {"transformer": TransformerBlock(h, heads, f), "llama": LlamaBlock(h, heads, 2, f),
+                 "decoder": DecoderBlock(h, heads, f, causal=True)}
+        out = []
+        for variant, reference in plain.items():
+            block = MegatronTransformerBlock(h, heads, f, dist.group.WORLD, 0, 1, variant=variant, num_kv_heads=2,
+                                             causal=variant == "decoder")
+            load_reference(block, reference)
+            reference, block = reference.to(dev), block.to(dev)
+            kwargs = {"stream_len": s // 2} if variant == "decoder" else {}
+            x = torch.randn(b, s, h, device=dev)
+            results = []
+            for module in (reference, block):
+                xi = x.clone().requires_grad_(True)
+                y = module(xi, **kwargs)
+                y.square().sum().backward()
+                results.append((y.detach(), xi.grad))
+            (y0, g0), (y1, g1) = results
+            out.append({"check": "megatron", "variant": variant, "device": device,
+                        "max_out_diff": float((y0 - y1).abs().max()), "max_grad_diff": float((g0 - g1).abs().max()),
+                        "ok": bool(torch.allclose(y0, y1, atol=2e-3) and torch.allclose(g0, g1, atol=2e-3))})
+        return out
+    finally:
+        dist.destroy_process_group()
+
+
+def report(records: list[dict]) -> str:
+    train = next(r for r in records if r["check"] == "training")
+    lines = ["# GPU path check", "",
+             f"Device: `{train['device']}`, {train['workers']} worker(s) ({'NCCL' if train['device'] == 'cuda' else 'gloo'}).",
+             "", "| check | result | detail |", "|---|---|---|",
+             f"| training {train['steps']} steps vs single-process CPU | {'PASS' if train['ok'] else 'FAIL'} | worst "
+             f"relative loss difference {train['worst_rel_diff']:.1e} (limit {LOSS_RTOL:.0e}); median step "
+             f"{train['median_step_s'] * 1e3:.1f} ms, predicted {train['predicted_s'] * 1e3:.1f} ms |"]
+    for r in records:
+        if r["check"] == "megatron":
+            lines.append(f"| megatron-core {r['variant']} block, TP=1 | {'PASS' if r['ok'] else 'FAIL'} | max |out "
+                         f"diff| {r['max_out_diff']:.1e}, max |input grad diff| {r['max_grad_diff']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--results-dir", help="write the results here instead of bench/results")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device here; run on a GPU machine, or --device cpu to check the suite itself",
+              file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    records = [training_check(args.device, args.steps), *megatron_check(args.device)]
+    text = report(records)
+    print(text)
+    if not args.no_write:
+        from pathlib import Path
+
+        write_results("gpu", records, text, {"device": args.device, "steps": args.steps,
+                                              "seconds": time.perf_counter() - started},
+                      results_dir=Path(args.results_dir) if args.results_dir else None)
+    return 0 if all(r["ok"] for r in records) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
