@@ -83,6 +83,10 @@ class WaveWorker:
             if rank in devices and (name, layer) not in self.modules:
                 self.modules[(name, layer)] = self._build((name, layer)).to(self.device)
         self.optimizer = self._build_optimizer()
+        if self.device.type == "cuda" and groups is not None:
+            # NCCL: the first operation on a group must involve all of its ranks, and the first on the default group
+            # would otherwise be a point-to-point exchange between two of them (batch_isend_irecv's documented rule)
+            dist.all_reduce(torch.zeros(1, device=self.device), group=groups.world)
 
     def _build_optimizer(self):
         """AdamW over the trainable parameters this device holds; with ``training.shard_optimizer`` (ZeRO-1) the
