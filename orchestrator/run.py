@@ -23,6 +23,7 @@ Files written under ``<out>``: ``plan.json``, ``metrics.jsonl``, ``ckpt/step_<k>
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,6 +235,11 @@ class Driver:
             log.info("using this process's Ray session")
             self._check_cluster("this process's Ray session")
         else:
+            cores = os.cpu_count() or 1
+            if self.world_size > cores:
+                log.warning("%d workers share this machine's %d CPU cores: each computes at about %.0f%% of the core "
+                            "the plan assumes, so steps will take longer than predicted. Plan for %d devices, or "
+                            "`loom profile` the job here.", self.world_size, cores, 100 * cores / self.world_size, cores)
             self.embedded = EmbeddedRay(self.world_size).start()
 
     def _check_cluster(self, where: str) -> None:
