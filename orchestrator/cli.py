@@ -301,6 +301,10 @@ def run(
         "--plan", metavar="PLAN.json", exists=True, dir_okay=False,
         help="Run this plan (from `loom plan --save`) instead of planning; it must be for this job's MetaOps.",
     )] = None,
+    costs: Annotated[Path | None, typer.Option(
+        "--costs", metavar="COSTS.json", exists=True, dir_okay=False,
+        help="Plan with this profiled cost file (from `loom profile`) instead of the analytic model.",
+    )] = None,
     steps: Annotated[int | None, typer.Option(
         "--steps", min=1, help="Train until this many steps are done (default: the job's training.steps).",
     )] = None,
@@ -334,9 +338,11 @@ def run(
 
     configure_logging(verbose)
     job = load_job(job_path, cluster)
+    if costs is not None and plan_path is not None:
+        raise typer.BadParameter("--costs plans the job; with --plan the plan is given. Use one of them.")
     given_plan = load_plan(plan_path) if plan_path is not None else None
     options = RunOptions(steps=steps, out_dir=out, metrics_port=metrics_port, checkpoint_every=checkpoint_every,
-                         resume=resume, address=address)
+                         resume=resume, address=address, costs=costs)
     try:
         result = run_job(job, given_plan, options=options)
     except RunFailed as exc:

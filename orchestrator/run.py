@@ -65,6 +65,7 @@ class RunOptions:
     checkpoint_every: int | None = None  # 0: never
     resume: bool = False  # continue from the latest complete checkpoint in out_dir
     address: str | None = None  # join this Ray cluster instead of starting an embedded one
+    costs: Path | None = None  # plan with this profiled cost file (`loom profile`) instead of the analytic model
     collect_parameters: bool = False  # return every rank's final parameters in RunResult (tests)
     setup_timeout_s: float = SETUP_TIMEOUT_S
 
@@ -196,10 +197,11 @@ class Driver:
         if plan is None and self.options.resume and saved.is_file():
             plan, source = load_plan(saved), str(saved)  # replanning could differ (solver time limits)
         if plan is None:
-            from planner.api import plan_job
+            from planner.api import make_cost_model, plan_job
 
-            log.info("planning %s ...", self.job.name)
-            plan = plan_job(self.job, with_baselines=False, progress=log.debug).plan
+            log.info("planning %s%s ...", self.job.name, f" with {self.options.costs}" if self.options.costs else "")
+            cost_model = make_cost_model(self.job, self.options.costs)
+            plan = plan_job(self.job, cost_model, with_baselines=False, progress=log.debug).plan
         check_plan_for_job(plan, self.job, source)
         if not self.options.address:
             check_cpu_device(plan.cluster.device, f"{source}: cluster.device")

@@ -167,6 +167,28 @@ def test_cli_run_trains_and_logs_every_step(runner, tmp_path):
     assert "loss per task" in result.stdout and "caption" in result.stdout
 
 
+def test_cli_run_plans_with_a_profiled_cost_file(runner, tmp_path):
+    from planner.api import make_cost_model
+    from planner.costmodel import Layout, profile_key
+    from planner.metagraph import build_metagraph
+
+    job = parse_job(JOB)
+    # every layer 10 ms per sample-batch point: far from the analytic CPU row, so the plan shows which was used
+    points = {profile_key(op, Layout(1, 1)): [[1, 0.01], [8, 0.08]] for op in build_metagraph(job).metaops}
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps({"points": points}))
+    result = runner.invoke(app, ["run", str(write_job(tmp_path / "job.yaml", JOB)), "--costs", str(costs),
+                                 "--steps", "1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    planned = json.loads((tmp_path / "out" / "plan.json").read_text())["predicted"]["iteration_time_s"]
+    want = plan_job(job, make_cost_model(job, costs), with_baselines=False).plan.predicted.iteration_time_s
+    assert planned == pytest.approx(want)
+    assert planned != pytest.approx(plan_job(job, with_baselines=False).plan.predicted.iteration_time_s)
+    both = runner.invoke(app, ["run", str(tmp_path / "job.yaml"), "--costs", str(costs), "--plan",
+                               str(tmp_path / "out" / "plan.json")])
+    assert both.exit_code == 2 and "--costs plans the job; with --plan the plan is given" in both.stderr
+
+
 def test_resumed_run_equals_uninterrupted_run(ray_session, job, plan, tmp_path):
     whole = run_job(job, plan, options=RunOptions(steps=4, out_dir=tmp_path / "whole", collect_parameters=True))
     first = run_job(job, plan, options=RunOptions(steps=2, out_dir=tmp_path / "split", checkpoint_every=2))
