@@ -244,7 +244,7 @@ STEP_PARTS = ("transfer", "loss", "sync", "optimizer")
 def step_breakdown(timings: Sequence[Mapping | None]) -> tuple[list[float], dict[str, float]]:
     """Per wave, the slowest rank's compute; per part of :data:`STEP_PARTS`, the slowest rank's seconds.
 
-    ``timings`` holds each rank's ``runtime.executor.StepTiming.to_dict()`` for one step; when a rank sent
+    ``timings`` holds each rank's ``runtime.steps.StepTiming.to_dict()`` for one step; when a rank sent
     none, both results are empty."""
     if not timings or any(t is None for t in timings):
         return [], {}

@@ -232,7 +232,7 @@ def device_sets_for_sync(plan: Plan, schedule: CommSchedule) -> dict[tuple[str, 
 
 
 def _reads_embed(plan: Plan, op) -> bool:
-    """runtime.modules.reads_embed on a plan's MetaOp: a root MetaOp, or the first MetaOp of a decoder or unet2d
+    """runtime.embeddings.reads_embed on a plan's MetaOp: a root MetaOp, or the first MetaOp of a decoder or unet2d
     use fed by another use (a plan names a use's MetaOps ``<task>.<use>#<segment>``)."""
     if not op.deps:
         return True

@@ -10,7 +10,7 @@ from planner.plan import Plan
 from planner.spec import JobSpec
 from planner.unet import unet_state_numel
 from runtime.assignment import input_order
-from runtime.modules import BRIDGE_KINDS
+from runtime.embeddings import BRIDGE_KINDS
 
 
 def feature_shape(job: JobSpec, op: MetaOp, boundary: int | None = None) -> tuple[int, ...]:

@@ -18,8 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -33,11 +32,10 @@ from runtime.assignment import (
 )
 from runtime.checks import check_plan_matches_job, check_runnable, feature_shape
 from runtime.data import TaskBatch, synthetic_batch
+from runtime.embeddings import build_embed, reads_embed, use_input
 from runtime.heads import build_head
-from runtime.modules import (
-    build_embed, build_layer, build_optimizer, is_token_decoder, layer_kwargs, llama_ffn_size, reads_embed, run_layers,
-    use_input,
-)
+from runtime.modules import build_layer, build_optimizer, is_token_decoder, layer_kwargs, llama_ffn_size, run_layers
+from runtime.steps import GradBucket, Lap, StepTiming, sync_ready_waves
 from runtime.zero import ShardedAdamW
 
 log = logging.getLogger(__name__)
@@ -156,7 +154,7 @@ class WaveWorker:
         Each gradient bucket's all-reduce starts as soon as the backward of the earliest wave that runs its
         parameters is done (:func:`sync_ready_waves`) and overlaps the rest of backward; AdamW waits for all
         of them. Where this device's time went is left in :attr:`last_timing`."""
-        lap, st = _Lap(self.device), _StepState(self.device)
+        lap, st = Lap(self.device), _StepState(self.device)
         timing = StepTiming([0.0] * len(self.plan.waves), [0.0] * len(self.plan.waves))
         for wave in range(len(self.plan.waves)):
             self._exchange(wave, st, forward=True)
@@ -165,7 +163,7 @@ class WaveWorker:
             if ref is not None:
                 self._run_slice(ref, step, st)
                 timing.compute_s[wave] += lap()
-        pending: list[tuple[_GradBucket, torch.Tensor, object]] = []
+        pending: list[tuple[GradBucket, torch.Tensor, object]] = []
         losses = self._loss_stage(step, st, pending, timing, lap)
         for wave in reversed(range(len(self.plan.waves))):
             ref = self._my_slice(wave)
@@ -187,7 +185,7 @@ class WaveWorker:
         self.last_timing = timing
         return out
 
-    def _loss_stage(self, step: int, st: _StepState, pending: list, timing: StepTiming, lap: _Lap) -> dict:
+    def _loss_stage(self, step: int, st: _StepState, pending: list, timing: StepTiming, lap: Lap) -> dict:
         """The leaves' outputs to the loss hosts, the task losses, their backward (then the heads' gradients
         are final: their buckets start), and the leaves' gradients back. Returns the losses this device holds."""
         self._exchange(LOSS_WAVE, st, forward=True)
@@ -333,7 +331,7 @@ class WaveWorker:
     # ------------------------------------------------------------------ gradients and losses
 
     @functools.cached_property
-    def _grad_buckets(self) -> list[_GradBucket]:
+    def _grad_buckets(self) -> list[GradBucket]:
         """This device's gradient buckets in launch order: the trainable shards it shares with the same devices
         and whose gradients are final after the same wave, sorted by (that wave descending, devices). Every
         rank of a device set derives the same buckets of it in the same order, so collectives pair up."""
@@ -345,7 +343,7 @@ class WaveWorker:
                 if params:
                     by_key.setdefault((ready[key], devices), []).extend(params)
         order = sorted(by_key, key=lambda k: (-k[0], k[1]))
-        return [_GradBucket(wave, devices, by_key[(wave, devices)]) for wave, devices in order]
+        return [GradBucket(wave, devices, by_key[(wave, devices)]) for wave, devices in order]
 
     def _launch_sync(self, wave: int, pending: list) -> None:
         """Start the all-reduce (async) of every bucket whose gradients are final once ``wave``'s backward is
@@ -453,80 +451,3 @@ def _assemble(parts: list[tuple[int, torch.Tensor]], start: int, stop: int) -> t
         cursor += tensor.shape[0]
     assert cursor == stop, f"rows {cursor}..{stop} missing"
     return torch.cat([t for _, t in parts]).detach()
-
-
-# --------------------------------------------------------------------------- timing and gradient buckets
-
-
-@dataclass
-class StepTiming:
-    """Where one device's last step went, in wall seconds (``time.perf_counter``; waits for peers included).
-
-    Per wave ``k``: ``compute_s[k]`` is the forward plus backward of this device's slice of wave k (0 when it
-    has none; a root slice's embedding and synthetic data included), ``transfer_s[k]`` the exchanges at the
-    boundary before wave k, forward and backward. ``loss_s``: the loss stage (the leaves' outputs in, heads,
-    loss backward, gradients out). ``sync_s``: gradient all-reduce time not hidden by backward (launching
-    the buckets, then waiting for them). ``optimizer_s``: AdamW. ``total_s``: the whole step, including the
-    all-reduce of the losses at its end."""
-
-    compute_s: list[float]
-    transfer_s: list[float]
-    loss_s: float = 0.0
-    sync_s: float = 0.0
-    optimizer_s: float = 0.0
-    total_s: float = 0.0
-
-    def to_dict(self) -> dict:
-        """Plain values (lists and floats) for crossing a process boundary."""
-        return {"compute_s": list(self.compute_s), "transfer_s": list(self.transfer_s), "loss_s": self.loss_s,
-                "sync_s": self.sync_s, "optimizer_s": self.optimizer_s, "total_s": self.total_s}
-
-
-class _Lap:
-    """A stopwatch: each call returns the seconds since the previous call (or since creation). On a CUDA device it
-    first waits for the kernels queued so far, so a part's time is its work, not its launches."""
-
-    def __init__(self, device: torch.device = torch.device("cpu")):
-        self.cuda = device.type == "cuda"
-        self.start = self.last = time.perf_counter()
-
-    def __call__(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        seconds, self.last = now - self.last, now
-        return seconds
-
-    def total(self) -> float:
-        return time.perf_counter() - self.start
-
-
-@dataclass
-class _GradBucket:
-    """Trainable parameters this device shares with exactly ``devices``, all final after ``ready_wave``'s backward."""
-
-    ready_wave: int
-    devices: tuple[int, ...]
-    params: list[torch.nn.Parameter] = field(default_factory=list)
-
-
-def sync_ready_waves(plan: Plan, holders: dict[tuple[str, int, int], tuple[int, ...]]) -> dict[tuple[str, int, int], int]:
-    """For every parameter shard in ``holders`` (keys of ``device_sets_for_sync``): the wave after whose backward
-    its gradient is final on every device that holds it, i.e. the earliest wave that runs it (backward runs
-    the waves in reverse). Task heads: ``len(plan.waves)``, final once the loss backward is done. A function
-    of the plan only, so every rank derives the same values."""
-    first: dict[tuple[str, int], int] = {}
-    for k, wave in enumerate(plan.waves):  # in wave order: setdefault keeps the earliest
-        for s in wave.slices:
-            op = plan.metaops[s.metaop]
-            for layer in range(s.first_layer, s.first_layer + s.num_layers):
-                first.setdefault((op.param_group, layer), k)
-            if s.first_layer == 0:  # a component's embedding runs with a first layer
-                first.setdefault(("embed:" + op.component, 0), k)
-    out = {}
-    for name, layer, shard in holders:
-        if name.startswith("head:"):
-            out[(name, layer, shard)] = len(plan.waves)
-        else:  # unknown kinds of parameters wait for the whole backward: always correct
-            out[(name, layer, shard)] = first.get((name, layer), 0)
-    return out

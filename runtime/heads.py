@@ -21,7 +21,7 @@ from planner.errors import SpecError
 from planner.spec import JobSpec
 from runtime import unet
 from runtime.modules import (
-    DEFAULT_VOCAB, _build_initialised, image_channels, layer_seed, leaf_uses, root_uses, use_component,
+    DEFAULT_VOCAB, build_initialised, image_channels, layer_seed, leaf_uses, root_uses, use_component,
 )
 
 if TYPE_CHECKING:  # data imports this module
@@ -262,4 +262,4 @@ def build_head(job: JobSpec, task_index: int) -> TaskHead:
                 factory = lambda: InfoNCEHead(task.name, leaves, width)  # noqa: E731
             else:
                 factory = lambda: PairedCosineHead(task.name, leaves)  # noqa: E731
-    return _build_initialised(factory, layer_seed(job.training.seed, "task:" + task.name, 0))
+    return build_initialised(factory, layer_seed(job.training.seed, "task:" + task.name, 0))

@@ -1,15 +1,15 @@
-"""Torch modules built from a job spec: component layers and input embeddings (loss heads: runtime.heads).
+"""Torch layers built from a job spec (input modules: runtime.embeddings; loss heads: runtime.heads).
 
-Owns the runtime's component registry (keyed by the planner's kind names) and the exact math of
-every layer it runs. Every module is built deterministically: parameters are drawn from a
-``torch.Generator`` seeded by :func:`layer_seed`, so every process (and every task sharing a
-component, i.e. the same ``param_group``) builds bit-identical weights without communicating.
-Modules are float32 on CPU; callers move them.
+Owns the runtime's component registry (keyed by the planner's kind names), the exact math of every
+layer it runs, the initialisation shared by every module the runtime builds (:func:`build_initialised`),
+the job's AdamW, and the task graph of uses (upstream, root and leaf uses; the widths feeding a use).
+Every module is built deterministically: parameters are drawn from a ``torch.Generator`` seeded by
+:func:`layer_seed`, so every process (and every task sharing a component, i.e. the same
+``param_group``) builds bit-identical weights without communicating. Modules are float32 on CPU;
+callers move them.
 
-Data flow inside a task (the executor's contract): a *root* use (no upstream use) starts with
-:func:`build_embed` of its component applied to the raw input; a use fed by another use receives
-that use's output ``(B, S, H)`` directly (no adapter: widths and lengths must agree); the task's
-*leaf* uses (read by no other use) feed the task's loss head (:func:`runtime.heads.build_head`).
+A layer maps ``(B, S, H) -> (B, S, H)``; what a use's first layer reads (its component's input module,
+the upstream output) is runtime.embeddings' contract. Imports no other runtime module at import time.
 """
 
 from __future__ import annotations
@@ -23,17 +23,15 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from planner.components import UseShape, resolve_shape, use_shape
+from planner.components import UseShape, use_shape
 from planner.errors import SpecError
-from planner.metagraph import MetaGraph, MetaOp
+from planner.metagraph import MetaOp
 from planner.spec import ComponentSpec, JobSpec, TaskSpec
 
 
 DEFAULT_VOCAB = 256  # vocabulary of a token component without vocab_size
 INIT_STD = 0.02  # embeddings, queries, the [cls] token and its position
-POSITION_BASE = 100.0  # longest wavelength scale of the ViT's 2-D sin-cos position grid (grids are <= ~64 wide)
 TOKEN_KINDS = ("transformer", "llama", "decoder")
-BRIDGE_KINDS = ("decoder", "unet2d")  # kinds whose input module also reads the upstream output of a non-root use
 
 
 # --------------------------------------------------------------------------- seeds and init
@@ -50,7 +48,7 @@ def layer_seed(job_seed: int, name: str, index: int) -> int:
     return stable_seed("layer", job_seed, name, index)
 
 
-def _build_initialised(factory, seed: int) -> nn.Module:
+def build_initialised(factory, seed: int) -> nn.Module:
     """Build ``factory()`` without touching the global RNG, then initialise every parameter from ``seed``.
 
     Parameters are visited in registration order: biases zero, 1-d weights (norms) one, linear and
@@ -219,7 +217,8 @@ def llama_ffn_size(comp: ComponentSpec) -> int:
     return comp.ffn_hidden_size or 256 * ((8 * comp.hidden_size // 3 + 255) // 256)
 
 
-def _not_run(comp: ComponentSpec, name: str) -> NotImplementedError:
+def unsupported_kind(comp: ComponentSpec, name: str) -> NotImplementedError:
+    """The error for component ``name`` of a kind the planner knows but the runtime does not build (callers raise it)."""
     return NotImplementedError(
         f"components.{name}: kind '{comp.kind}' is planned but the runtime does not run it yet; "
         "supported kinds: transformer, vit, llama, decoder, mlp, unet2d."
@@ -247,10 +246,11 @@ def _layer_factory(comp: ComponentSpec, name: str):
         return lambda: MlpBlock(h)
     if comp.kind == "decoder":
         return lambda: DecoderBlock(h, comp.num_heads, comp.ffn_hidden_size or 4 * h, is_token_decoder(comp))
-    raise _not_run(comp, name)
+    raise unsupported_kind(comp, name)
 
 
-def _freeze_if(module: nn.Module, comp: ComponentSpec) -> nn.Module:
+def freeze_if(module: nn.Module, comp: ComponentSpec) -> nn.Module:
+    """``module`` with gradients turned off when ``comp`` is frozen (in place; returned for chaining)."""
     if comp.frozen:
         module.requires_grad_(False)
     return module
@@ -275,8 +275,8 @@ def build_layer(job: JobSpec, op: MetaOp, layer_index: int) -> nn.Module:
                                            context_width(job, op.component))
     else:
         factory = _layer_factory(comp, op.component)
-    module = _build_initialised(factory, layer_seed(job.training.seed, op.param_group, layer_index))
-    return _freeze_if(module, comp)
+    module = build_initialised(factory, layer_seed(job.training.seed, op.param_group, layer_index))
+    return freeze_if(module, comp)
 
 
 def run_layers(layers: list[nn.Module], x: torch.Tensor, kwargs: dict[str, int], recompute: bool) -> torch.Tensor:
@@ -299,100 +299,56 @@ def build_optimizer(job: JobSpec, params: list[nn.Parameter]) -> torch.optim.Opt
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, eps=train.adam_eps, foreach=True)
 
 
-# --------------------------------------------------------------------------- embeddings
+# --------------------------------------------------------------------------- layer arguments
 
 
-class TokenEmbedding(nn.Module):
-    """Token ids ``(B, S)`` long -> ``tokens(ids) + positions[:S]`` ``(B, S, H)``."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, max_seq_len: int):
-        super().__init__()
-        self.tokens = nn.Embedding(vocab_size, hidden_size)
-        self.positions = nn.Parameter(torch.empty(max_seq_len, hidden_size))
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.tokens(ids) + self.positions[: ids.shape[1]]
+def _use_shape(job: JobSpec, op: MetaOp) -> UseShape:
+    t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
+    u = next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
+    return use_shape(job, t, u)
 
 
-class PatchEmbedding(nn.Module):
-    """Images ``(B, C, I, I)`` -> ``[cls, patches] + positions`` ``(B, (I/p)^2 + 1, H)``.
-
-    The position table holds the [cls] position and a G x G grid for the largest use; a use with a
-    smaller g x g grid reads that grid bilinearly resized to g x g, so a position means the same place
-    in the image at every resolution (as ViTs fine-tuned at a new resolution interpolate theirs). The
-    grid starts as a 2-D sin-cos code (:meth:`init_structure`) and is trained from there.
-    """
-
-    def __init__(self, in_channels: int, hidden_size: int, patch_size: int, max_tokens: int):
-        super().__init__()
-        self.patch = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
-        self.cls_token = nn.Parameter(torch.empty(1, 1, hidden_size))
-        self.positions = nn.Parameter(torch.empty(max_tokens, hidden_size))
-
-    def init_structure(self) -> None:
-        """Grid positions = 2-D sin-cos code: a quarter of the channels sin(w_k x), cos(w_k x), sin(w_k y),
-        cos(w_k y) each, w_k = POSITION_BASE^(-k / (H/4)). Nearby patches get similar codes and position is
-        linearly readable; with random positions a token decoder learned to output box coordinates only
-        after many thousands of samples (held-out box IoU 0.06 vs 0.53 after 1000 steps of 32 scans)."""
-        table = self.positions[1:]
-        side, width = math.isqrt(table.shape[0]), table.shape[1]
-        quarter = width // 4
-        omega = POSITION_BASE ** (-torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
-        axis = torch.arange(side, dtype=torch.float32)
-        ys, xs = (t.reshape(-1, 1) * omega for t in torch.meshgrid(axis, axis, indexing="ij"))
-        code = torch.cat([xs.sin(), xs.cos(), ys.sin(), ys.cos()], dim=1)
-        table.zero_()
-        table[:, :code.shape[1]] = code
-
-    def grid_positions(self, side: int) -> torch.Tensor:
-        """Positions ``(side^2, H)`` of a side x side patch grid, row-major."""
-        table = self.positions[1:]
-        full = math.isqrt(table.shape[0])
-        if side == full:
-            return table
-        grid = table.reshape(1, full, full, -1).permute(0, 3, 1, 2)  # (1, H, G, G)
-        resized = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)
-        return resized.permute(0, 2, 3, 1).reshape(side * side, -1)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        patches = self.patch(images)  # (B, H, g, g)
-        positions = self.grid_positions(patches.shape[-1])
-        patches = patches.flatten(2).transpose(1, 2) + positions  # (B, g^2, H)
-        cls = (self.cls_token + self.positions[0]).expand(patches.shape[0], -1, -1)
-        return torch.cat([cls, patches], dim=1)
+def layer_kwargs(job: JobSpec, op: MetaOp) -> dict[str, int]:
+    """Keyword arguments of MetaOp ``op``'s layers beyond the activation: ``stream_len`` for decoder layers, the
+    image ``side`` and ``context_len`` (0 without a context) for unet2d layers."""
+    kind = job.components[op.component].kind
+    if kind == "decoder":
+        return {"stream_len": _use_shape(job, op).seq_len}
+    if kind == "unet2d":
+        shape = _use_shape(job, op)
+        return {"side": shape.image_size, "context_len": shape.cross_len or 0}
+    return {}
 
 
-class FeatureEmbedding(nn.Module):
-    """Features ``(B, S, H)`` -> ``Linear(H, H)`` per token (the mlp kind's input adapter)."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.proj = nn.Linear(hidden_size, hidden_size, bias=True)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.proj(features)
+# --------------------------------------------------------------------------- task graph
 
 
-class DecoderBridge(nn.Module):
-    """The input of a decoder use: memory ``(B, C, H_in)`` from its upstream use (and, for a token decoder, ids
-    ``(B, S)``) -> ``(B, S + C, H)``: the stream (token + position embeddings of the ids, or the first S learned
-    queries) followed by ``Linear(H_in, H)(memory)``."""
+def upstream_uses(task: TaskSpec) -> dict[str, list[str]]:
+    """For each use of ``task`` (in order), the uses whose outputs feed it (default: the previous use)."""
+    out: dict[str, list[str]] = {}
+    prev: str | None = None
+    for use in task.components:
+        out[use.use_name] = list(use.after) if use.after is not None else ([prev] if prev else [])
+        prev = use.use_name
+    return out
 
-    def __init__(self, memory_size: int, hidden_size: int, max_stream_len: int, vocab_size: int | None):
-        super().__init__()
-        self.memory = nn.Linear(memory_size, hidden_size)
-        if vocab_size is None:
-            self.queries = nn.Parameter(torch.empty(max_stream_len, hidden_size))
-        else:
-            self.tokens = TokenEmbedding(vocab_size, hidden_size, max_stream_len)
 
-    def forward(self, memory: torch.Tensor, ids: torch.Tensor | None, stream_len: int) -> torch.Tensor:
-        if hasattr(self, "tokens"):
-            assert ids is not None and ids.shape[1] == stream_len, "a token decoder needs ids (B, stream_len)"
-            stream = self.tokens(ids)
-        else:
-            stream = self.queries[:stream_len].expand(memory.shape[0], -1, -1)
-        return torch.cat([stream, self.memory(memory)], dim=1)
+def root_uses(job: JobSpec, task_index: int) -> list[str]:
+    """Uses of the task that read raw data (no upstream use), in task order."""
+    return [name for name, ups in upstream_uses(job.tasks[task_index]).items() if not ups]
+
+
+def leaf_uses(job: JobSpec, task_index: int) -> list[str]:
+    """Uses of the task that no other use reads (they feed the loss head), in task order."""
+    ups = upstream_uses(job.tasks[task_index])
+    read = {u for deps in ups.values() for u in deps}
+    return [name for name in ups if name not in read]
+
+
+def use_component(job: JobSpec, task_index: int, use_name: str) -> tuple[str, ComponentSpec]:
+    """(component name, spec) of the use ``use_name`` of task ``task_index``."""
+    use = next(u for u in job.tasks[task_index].components if u.use_name == use_name)
+    return use.component, job.components[use.component]
 
 
 def _upstream_widths(job: JobSpec, component: str) -> dict[str, int | None]:
@@ -440,118 +396,3 @@ def _one_width(component: str, widths: dict[str, int | None], why: str) -> int |
             "Feed every use from components of the same hidden_size."
         )
     return next(iter(widths.values()))
-
-
-def _use_shape(job: JobSpec, op: MetaOp) -> UseShape:
-    t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
-    u = next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
-    return use_shape(job, t, u)
-
-
-def layer_kwargs(job: JobSpec, op: MetaOp) -> dict[str, int]:
-    """Keyword arguments of MetaOp ``op``'s layers beyond the activation: ``stream_len`` for decoder layers, the
-    image ``side`` and ``context_len`` (0 without a context) for unet2d layers."""
-    kind = job.components[op.component].kind
-    if kind == "decoder":
-        return {"stream_len": _use_shape(job, op).seq_len}
-    if kind == "unet2d":
-        shape = _use_shape(job, op)
-        return {"side": shape.image_size, "context_len": shape.cross_len or 0}
-    return {}
-
-
-def reads_embed(job: JobSpec, graph: MetaGraph, op: MetaOp) -> bool:
-    """Whether ``op``'s layer 0 starts with its component's input module: a root MetaOp's (raw data in), and the
-    first MetaOp of a decoder or unet2d use fed by another use (the module also reads the upstream output)."""
-    if not op.deps:
-        return True
-    return job.components[op.component].kind in BRIDGE_KINDS and graph.metaops[op.deps[0]].use != op.use
-
-
-def use_input(job: JobSpec, op: MetaOp, embed: nn.Module, upstream: torch.Tensor | None, batch) -> torch.Tensor:
-    """What ``op``'s first layer reads when :func:`reads_embed`: ``embed`` applied to the batch's input of the use
-    (``batch``: a runtime.data.TaskBatch) and, for a bridge kind, the upstream output (None for a root use)."""
-    kind = job.components[op.component].kind
-    if kind == "unet2d":
-        from runtime.unet import timesteps_key
-
-        return embed(batch.inputs[op.use], batch.targets[timesteps_key(op.use)], upstream)
-    if upstream is None:
-        return embed(batch.inputs[op.use])
-    assert kind == "decoder", f"{op.name} reads no input module"
-    return embed(upstream, batch.inputs.get(op.use), **layer_kwargs(job, op))
-
-
-def component_seq_lens(job: JobSpec, component: str) -> list[int]:
-    """The planner's sequence length of every use of ``component`` across the job's tasks, in task order."""
-    comp = job.components[component]
-    lens = []
-    for t, task in enumerate(job.tasks):
-        for u, use in enumerate(task.components):
-            if use.component == component:
-                lens.append(resolve_shape(comp, component, use, f"tasks[{t}].components[{u}]").seq_len)
-    return lens
-
-
-def build_embed(job: JobSpec, component: str) -> nn.Module:
-    """The input adapter of ``component``, run on a root use's raw input before its first layer.
-
-    Token kinds (transformer, llama): ids ``(B, S)`` -> token + learned positions (vocab =
-    vocab_size or 256, positions for the longest use). vit: images ``(B, C, I, I)`` -> patch
-    embedding + cls token + positions, ``S = (I/patch)^2 + 1``. mlp: features ``(B, S, H)`` ->
-    ``Linear(H, H)``. decoder: a :class:`DecoderBridge`, applied to the upstream output at the use's
-    first layer. unet2d: a :class:`runtime.unet.UNetInput` (noisy latents, timesteps, context -> state). Shared by every task using the component; seeded by
-    ``layer_seed(seed, component + ":embed", 0)``; frozen with its component.
-    """
-    comp = job.components[component]
-    h = comp.hidden_size
-    max_len = max(component_seq_lens(job, component), default=comp.seq_len or 1)
-    if comp.kind == "decoder":
-        width = memory_width(job, component)
-        factory = lambda: DecoderBridge(width, h, max_len, comp.vocab_size)  # noqa: E731
-    elif comp.kind in TOKEN_KINDS:
-        factory = lambda: TokenEmbedding(comp.vocab_size or DEFAULT_VOCAB, h, max_len)  # noqa: E731
-    elif comp.kind == "vit":
-        factory = lambda: PatchEmbedding(image_channels(comp), h, comp.patch_size, max_len)  # noqa: E731
-    elif comp.kind == "mlp":
-        factory = lambda: FeatureEmbedding(h)  # noqa: E731
-    elif comp.kind == "unet2d":
-        from runtime.unet import UNetInput
-
-        context_width(job, component)  # every use cross-attends or none does
-        factory = lambda: UNetInput(comp, image_channels(comp))  # noqa: E731
-    else:
-        raise _not_run(comp, component)
-    module = _build_initialised(factory, layer_seed(job.training.seed, component + ":embed", 0))
-    return _freeze_if(module, comp)
-
-
-# --------------------------------------------------------------------------- task graph
-
-
-def upstream_uses(task: TaskSpec) -> dict[str, list[str]]:
-    """For each use of ``task`` (in order), the uses whose outputs feed it (default: the previous use)."""
-    out: dict[str, list[str]] = {}
-    prev: str | None = None
-    for use in task.components:
-        out[use.use_name] = list(use.after) if use.after is not None else ([prev] if prev else [])
-        prev = use.use_name
-    return out
-
-
-def root_uses(job: JobSpec, task_index: int) -> list[str]:
-    """Uses of the task that read raw data (no upstream use), in task order."""
-    return [name for name, ups in upstream_uses(job.tasks[task_index]).items() if not ups]
-
-
-def leaf_uses(job: JobSpec, task_index: int) -> list[str]:
-    """Uses of the task that no other use reads (they feed the loss head), in task order."""
-    ups = upstream_uses(job.tasks[task_index])
-    read = {u for deps in ups.values() for u in deps}
-    return [name for name in ups if name not in read]
-
-
-def use_component(job: JobSpec, task_index: int, use_name: str) -> tuple[str, ComponentSpec]:
-    """(component name, spec) of the use ``use_name`` of task ``task_index``."""
-    use = next(u for u in job.tasks[task_index].components if u.use_name == use_name)
-    return use.component, job.components[use.component]

@@ -39,9 +39,10 @@ from planner.metagraph import MetaOp, build_metagraph
 from planner.spec import JobSpec
 from runtime.data import synthetic_batch
 from runtime.checks import feature_shape
+from runtime.embeddings import build_embed, use_input
 from runtime.heads import build_head
 from runtime.host import configure_worker_process, worker_device
-from runtime.modules import build_embed, build_layer, build_optimizer, layer_kwargs, use_input
+from runtime.modules import build_layer, build_optimizer, layer_kwargs
 
 log = logging.getLogger(__name__)
 

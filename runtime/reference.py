@@ -17,8 +17,9 @@ from planner.metagraph import build_metagraph
 from planner.spec import JobSpec
 from runtime.assignment import input_order
 from runtime.data import TaskBatch, synthetic_batch
+from runtime.embeddings import build_embed, reads_embed, use_input
 from runtime.heads import build_head
-from runtime.modules import build_embed, build_layer, build_optimizer, layer_kwargs, reads_embed, use_input
+from runtime.modules import build_layer, build_optimizer, layer_kwargs
 
 
 MODEL_FILE = "model.pt"  # a run's trained parameters, in its output directory

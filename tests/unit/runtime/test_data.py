@@ -7,8 +7,8 @@ import torch
 
 from planner.spec import parse_job
 from runtime.data import synthetic_batch, task_loss_sum
+from runtime.embeddings import build_embed
 from runtime.heads import build_head
-from runtime.modules import build_embed
 
 H, SEQ, BATCH = 32, 8, 6
 

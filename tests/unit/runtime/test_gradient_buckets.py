@@ -9,7 +9,8 @@ from planner.metagraph import build_metagraph
 from planner.schedule import Schedule, Slice, Wave
 from planner.spec import parse_job
 from runtime.assignment import CommSchedule, device_sets_for_sync
-from runtime.executor import WaveWorker, sync_ready_waves
+from runtime.executor import WaveWorker
+from runtime.steps import sync_ready_waves
 
 JOB = parse_job({
     "name": "buckets",

@@ -1,4 +1,5 @@
-"""runtime.modules: deterministic layers, their exact math, embeddings, loss heads, and an end-to-end backward."""
+"""runtime.modules and runtime.embeddings: deterministic layers, their exact math, embeddings, loss heads, and an
+end-to-end backward."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from planner.errors import SpecError
 from planner.spec import JobSpec, parse_job
 from runtime.data import synthetic_batch, task_loss_sum
 from runtime.heads import NUM_CLASSES, build_head
+from runtime.embeddings import build_embed
 from runtime.modules import (
-    TransformerBlock, build_embed, build_layer, layer_kwargs, layer_seed, leaf_uses, root_uses, run_layers, upstream_uses,
+    TransformerBlock, build_layer, layer_kwargs, layer_seed, leaf_uses, root_uses, run_layers, upstream_uses,
 )
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -1,0 +1,92 @@
+"""Bookkeeping around one training step of runtime.executor's WaveWorker: where its time goes and when
+each gradient may be all-reduced.
+
+:class:`StepTiming` is the per-device breakdown of a step (wall seconds, waits for peers included), measured
+with a :class:`Lap` stopwatch; orchestrator.metrics aggregates it over ranks. :func:`sync_ready_waves` gives,
+from the plan alone, the wave after whose backward each parameter's gradient is final, so the worker can
+launch its all-reduce (one :class:`GradBucket` per wave and device set) while the rest of backward runs.
+No process groups or collectives here: pure values and a clock.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from planner.plan import Plan
+
+
+@dataclass
+class StepTiming:
+    """Where one device's last step went, in wall seconds (``time.perf_counter``; waits for peers included).
+
+    Per wave ``k``: ``compute_s[k]`` is the forward plus backward of this device's slice of wave k (0 when it
+    has none; a root slice's embedding and synthetic data included), ``transfer_s[k]`` the exchanges at the
+    boundary before wave k, forward and backward. ``loss_s``: the loss stage (the leaves' outputs in, heads,
+    loss backward, gradients out). ``sync_s``: gradient all-reduce time not hidden by backward (launching
+    the buckets, then waiting for them). ``optimizer_s``: AdamW. ``total_s``: the whole step, including the
+    all-reduce of the losses at its end."""
+
+    compute_s: list[float]
+    transfer_s: list[float]
+    loss_s: float = 0.0
+    sync_s: float = 0.0
+    optimizer_s: float = 0.0
+    total_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        """Plain values (lists and floats) for crossing a process boundary."""
+        return {"compute_s": list(self.compute_s), "transfer_s": list(self.transfer_s), "loss_s": self.loss_s,
+                "sync_s": self.sync_s, "optimizer_s": self.optimizer_s, "total_s": self.total_s}
+
+
+class Lap:
+    """A stopwatch: each call returns the seconds since the previous call (or since creation). On a CUDA device it
+    first waits for the kernels queued so far, so a part's time is its work, not its launches."""
+
+    def __init__(self, device: torch.device = torch.device("cpu")):
+        self.cuda = device.type == "cuda"
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return seconds
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+@dataclass
+class GradBucket:
+    """Trainable parameters this device shares with exactly ``devices``, all final after ``ready_wave``'s backward."""
+
+    ready_wave: int
+    devices: tuple[int, ...]
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+
+
+def sync_ready_waves(plan: Plan, holders: dict[tuple[str, int, int], tuple[int, ...]]) -> dict[tuple[str, int, int], int]:
+    """For every parameter shard in ``holders`` (keys of ``device_sets_for_sync``): the wave after whose backward
+    its gradient is final on every device that holds it, i.e. the earliest wave that runs it (backward runs
+    the waves in reverse). Task heads: ``len(plan.waves)``, final once the loss backward is done. A function
+    of the plan only, so every rank derives the same values."""
+    first: dict[tuple[str, int], int] = {}
+    for k, wave in enumerate(plan.waves):  # in wave order: setdefault keeps the earliest
+        for s in wave.slices:
+            op = plan.metaops[s.metaop]
+            for layer in range(s.first_layer, s.first_layer + s.num_layers):
+                first.setdefault((op.param_group, layer), k)
+            if s.first_layer == 0:  # a component's embedding runs with a first layer
+                first.setdefault(("embed:" + op.component, 0), k)
+    out = {}
+    for name, layer, shard in holders:
+        if name.startswith("head:"):
+            out[(name, layer, shard)] = len(plan.waves)
+        else:  # unknown kinds of parameters wait for the whole backward: always correct
+            out[(name, layer, shard)] = first.get((name, layer), 0)
+    return out
