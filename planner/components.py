@@ -128,19 +128,21 @@ def _mlp(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegment]:
 
 
 def _unet2d(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegment]:
-    """One segment per level and path (planner.unet): down levels, then up levels deepest first; each priced at
-    the mean of its blocks, its boundary the whole state after its last block (h, time embedding, context, skips)."""
+    """One segment per level and path (planner.unet): down levels, the mid block, then up levels deepest first; each
+    priced at the mean of its blocks, its boundary the whole state after its last block (h, time embedding,
+    context, skips)."""
     context = shape.context
     blocks = unet_blocks(comp, shape.image_size)
     segments = []
-    for segment in range(2 * len(channel_mults(comp))):
+    for segment in range(2 * len(channel_mults(comp)) + 1):
         mine = [b for b in blocks if b.segment == segment]
         costs = [block_cost(comp, name, b, context) for b in mine]
         last = mine[-1]
         out = state_numel(comp, last.h_out, last.skips_out, context) if last.skips_out else output_numel(
             comp, shape.image_size)
-        key = f"unet_block[c={last.out_channels},r={last.side}" + (f",ctx={context.length}" if context else "")
-        key += "]/up" if last.up else "]/down"
+        tag = "unet_mid" if last.mid else "unet_block"
+        key = f"{tag}[c={last.out_channels},r={last.side}" + (f",ctx={context.length}" if context else "") + "]"
+        key += "" if last.mid else "/up" if last.up else "/down"
         segments.append(LayerSegment(
             key, len(mine), *(sum(getattr(c, f) for c in costs) / len(mine) for f in ("flops", "params")),
             BYTES_PER_ACT * sum(c.act for c in costs) / len(mine), float(out * BYTES_PER_ACT), 0.0,

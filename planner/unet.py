@@ -4,13 +4,16 @@ A unet2d component follows diffusers' UNet2DConditionModel without its mid block
 embedding (``conv_in``: in_channels -> c0 at full resolution, plus the time embedding) runs once per
 use; then, per level ``l`` (``channel_mults[l] * c0`` channels at ``image_size / 2^l``), ``num_layers``
 down blocks followed by a 2x downsample except at the deepest level; then the up path, deepest level
-first, ``num_layers + 1`` blocks per level followed by a 2x upsample except at level 0. A block is a
+first, ``num_layers + 1`` blocks per level followed by a 2x upsample except at level 0. Between them, at the
+deepest level, the mid block (diffusers' ``UNetMidBlock2DCrossAttn``): ResNet, transformer, ResNet. A block is a
 ResNet block (two 3x3 convolutions, the time embedding added in between) followed, below full
 resolution, by a transformer block (self-attention, cross-attention to the use's context when it has
 an upstream use, GEGLU MLP). ``conv_in``, every down block and every downsample push their output on
-the skip stack; every up block pops the top one and concatenates it to its input on channels.
+the skip stack; every up block pops the top one and concatenates it to its input on channels; the mid block
+neither pushes nor pops.
 
-One planner segment is one level of one path (``num_layers`` or ``num_layers + 1`` blocks), so a segment's
+One planner segment is one level of one path (``num_layers`` or ``num_layers + 1`` blocks) or the mid block
+(segment ``len(channel_mults)``; the up levels follow it), so a segment's
 blocks differ a little (the first changes channels, the last resamples); the planner prices a segment
 layer at the mean of its blocks. What crosses a wave boundary is the whole state: h, the time
 embedding, the context and every skip still on the stack (:func:`state_numel`).
@@ -42,7 +45,7 @@ class Context:
 class UNetBlock:
     """One block (one runtime layer) of a unet2d use, with the state entering and leaving it."""
 
-    segment: int  # index of the planner segment (down levels, then up levels deepest first)
+    segment: int  # index of the planner segment (down levels, the mid block, then up levels deepest first)
     level: int
     up: bool
     h_in: Plane  # h entering the block
@@ -51,6 +54,7 @@ class UNetBlock:
     attention: bool
     resample: str | None  # "down" or "up" after the block, else None
     skips_in: tuple[Plane, ...]  # the skip stack entering the block, bottom first
+    mid: bool = False  # the mid block: ResNet, transformer, ResNet; no skip pushed or popped
 
     @property
     def side(self) -> int:
@@ -64,6 +68,8 @@ class UNetBlock:
 
     @property
     def skips_out(self) -> tuple[Plane, ...]:
+        if self.mid:
+            return self.skips_in
         if self.up:
             return self.skips_in[:-1]
         pushed = ((self.out_channels, self.side),) + ((self.h_out,) if self.resample == "down" else ())
@@ -103,10 +109,12 @@ def unet_blocks(comp: ComponentSpec, image_size: int) -> list[UNetBlock]:
             block = UNetBlock(level, level, False, h, 0, c0 * mult, level > 0, "down" if last else None, skips)
             blocks.append(block)
             h, skips = block.h_out, block.skips_out
+    deepest = len(mults) - 1
+    blocks.append(UNetBlock(len(mults), deepest, False, h, 0, h[0], deepest > 0, None, skips, mid=True))
     for i, level in enumerate(reversed(range(len(mults)))):
         for j in range(n + 1):
             last = j == n and level > 0
-            block = UNetBlock(len(mults) + i, level, True, h, skips[-1][0], c0 * mults[level], level > 0,
+            block = UNetBlock(len(mults) + 1 + i, level, True, h, skips[-1][0], c0 * mults[level], level > 0,
                               "up" if last else None, skips)
             assert skips[-1][1] == h[1], f"skip {skips[-1]} does not match h {h}"
             blocks.append(block)
@@ -149,12 +157,13 @@ class BlockCost:
 
 
 def block_cost(comp: ComponentSpec, name: str, block: UNetBlock, context: Context | None) -> BlockCost:
-    """The cost of one block: the ResNet block, its transformer block and its resample."""
+    """The cost of one block: its ResNet block (two for the mid block), its transformer block and its resample."""
     c_in, c, t = block.h_in[0] + block.skip, block.out_channels, block.side**2
     shortcut = c_in * c if c_in != c else 0  # a 1x1 convolution when the channels change
-    params = 9 * c_in * c + 9 * c * c + shortcut + time_width(comp) * c
-    flops = 2 * t * (9 * c_in * c + 9 * c * c + shortcut) + 2 * time_width(comp) * c
-    act, kernels = t * (3 * c_in + 6 * c), 10
+    resnets = 2 if block.mid else 1  # the mid block's ResNets keep the channels (no shortcut)
+    params = resnets * (9 * c_in * c + 9 * c * c + time_width(comp) * c) + shortcut
+    flops = resnets * (2 * t * (9 * c_in * c + 9 * c * c) + 2 * time_width(comp) * c) + 2 * t * shortcut
+    act, kernels = resnets * t * (3 * c_in + 6 * c), 10 * resnets
     if block.attention:
         heads = attention_heads(comp, name, c)
         mlp = 3 * GEGLU_MULT * c * c  # c -> 2 x 4c (gate and value), 4c -> c

@@ -75,7 +75,8 @@ def _scaled(planes: tuple[Plane, ...], scale: float) -> tuple[Plane, ...]:
 
 class UNetLayer(nn.Module):
     """One :class:`planner.unet.UNetBlock`: [pop a skip and concatenate it] -> ResnetBlock2D -> [Transformer2DModel]
-    -> [push] -> [Downsample2D / Upsample2D -> push after a downsample]. ``forward(state, side, context_len)``."""
+    -> [push] -> [Downsample2D / Upsample2D -> push after a downsample]; the mid block is ResnetBlock2D ->
+    [Transformer2DModel] -> ResnetBlock2D, with no push. ``forward(state, side, context_len)``."""
 
     def __init__(self, comp: ComponentSpec, name: str, block: UNetBlock, ref_side: int, context_width: int | None):
         super().__init__()
@@ -84,8 +85,13 @@ class UNetLayer(nn.Module):
 
         self.block, self.ref_side, self.time = block, ref_side, time_width(comp)
         c_in, c = block.h_in[0] + block.skip, block.out_channels
-        self.resnet = ResnetBlock2D(in_channels=c_in, out_channels=c, temb_channels=self.time, groups=groups(c_in),
-                                    groups_out=groups(c), eps=1e-5)
+
+        def resnet(c_in: int) -> nn.Module:
+            return ResnetBlock2D(in_channels=c_in, out_channels=c, temb_channels=self.time, groups=groups(c_in),
+                                 groups_out=groups(c), eps=1e-5)
+
+        self.resnet = resnet(c_in)
+        self.resnet2 = resnet(c) if block.mid else None  # the mid block: ResNet, transformer, ResNet
         self.attention = None
         if block.attention:
             heads = attention_heads(comp, name, c)
@@ -115,7 +121,9 @@ class UNetLayer(nn.Module):
         h = self.resnet(h, time)
         if self.attention is not None:
             h = self.attention(h, encoder_hidden_states=context, return_dict=False)[0]
-        if not self.block.up:
+        if self.resnet2 is not None:
+            h = self.resnet2(h, time)
+        elif not self.block.up:
             skips.append(h)
         if self.resample is not None:
             h = self.resample(h)

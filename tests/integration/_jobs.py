@@ -101,6 +101,8 @@ def diffusion_job(num_devices: int, steps: int = 3) -> dict:
              "components": [{"component": "text", "seq_len": 4}, {"component": "unet", "image_size": 12}]},
             {"name": "denoise", "batch_size": 4, "loss": "mse", "components": [{"component": "prior"}]},
         ],
-        "training": {"steps": steps, "lr": 1e-2, "seed": 5},
+        # AdamW turns float noise in a near-cancelling gradient element into an update of up to 2 x lr; at 1e-2 one such
+        # element of the mid block's cross-attention put a module 1.1e-5 off the reference after 3 steps
+        "training": {"steps": steps, "lr": 1e-3, "seed": 5},
         "planner": {"time_limit_s": 2},
     }

@@ -73,10 +73,11 @@ def test_unets_with_skips_across_waves_equal_single_process(tmp_path):
     plan = plan_from_waves(job, [
         [("generate.text", 2, 2), ("generate_hires.text", 2, 1), ("denoise.prior#0", 1, 1)],
         [("generate.unet#0", 1, 2), ("generate_hires.unet#0", 1, 1), ("denoise.prior#1", 1, 1)],
-        [("generate.unet#1", 1, 1), ("generate_hires.unet#1", 1, 1), ("denoise.prior#2", 2, 2)],
-        [("generate.unet#2", 1, 4)],
-        [("generate.unet#2", 1, 2), ("generate_hires.unet#2", 2, 1), ("caption.text", 2, 1)],
-        [("generate.unet#3", 2, 2), ("generate_hires.unet#3", 2, 1), ("denoise.prior#3", 2, 1)],
+        [("generate.unet#1", 1, 1), ("generate_hires.unet#1", 1, 1), ("denoise.prior#2", 1, 1)],
+        [("generate.unet#2", 1, 2), ("generate_hires.unet#2", 1, 1), ("denoise.prior#3", 2, 1)],  # mid blocks first
+        [("generate.unet#3", 1, 4)],
+        [("generate.unet#3", 1, 2), ("generate_hires.unet#3", 2, 1), ("caption.text", 2, 1)],
+        [("generate.unet#4", 2, 2), ("generate_hires.unet#4", 2, 1), ("denoise.prior#4", 2, 1)],
     ])
     check_equivalence(job, plan, tmp_path)
 

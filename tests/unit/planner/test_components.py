@@ -138,11 +138,14 @@ def test_mlp_without_seq_len_is_one_token():
     assert seg.count == 3
 
 
-def test_unet2d_expands_to_down_then_up_segments():
+def test_unet2d_expands_to_down_mid_then_up_segments():
     c0, num_layers, side = 32, 2, 32
     segs = segments({"kind": "unet2d", "num_layers": num_layers, "hidden_size": c0, "image_size": side})
-    assert len(segs) == 8  # default channel_mults [1, 2, 4, 4]: 4 levels down, 4 up
-    down, up = segs[:4], segs[4:]
+    assert len(segs) == 9  # default channel_mults [1, 2, 4, 4]: 4 levels down, the mid block, 4 up
+    down, mid, up = segs[:4], segs[4], segs[5:]
+    # the mid block at the deepest level: two ResNets around a transformer block, more than one down block there
+    assert (mid.key, mid.count) == (f"unet_mid[c={4 * c0},r={side >> 3}]", 1)
+    assert mid.flops_fwd > down[3].flops_fwd and mid.out_bytes == down[3].out_bytes  # no skip pushed or popped
     assert all(s.key.endswith("/down") for s in down) and all(s.key.endswith("/up") for s in up)
     assert [s.count for s in down] == [num_layers] * 4
     assert [s.count for s in up] == [num_layers + 1] * 4
@@ -168,7 +171,7 @@ def test_unet2d_skip_stack_is_balanced():
     comp = job_of({"u": {"kind": "unet2d", "num_layers": 2, "hidden_size": 8, "image_size": 16,
                          "channel_mults": [1, 2, 2]}}).components["u"]
     blocks = unet_blocks(comp, 16)
-    assert len(blocks) == 3 * 2 + 3 * 3
+    assert len(blocks) == 3 * 2 + 1 + 3 * 3  # down, mid, up
     assert max(len(b.skips_out) for b in blocks) == 1 + 3 * 2 + 2  # conv_in, every down block, two downsamples
     assert blocks[-1].skips_out == () and blocks[-1].h_out == (8, 16)
     for b in blocks:
@@ -189,9 +192,9 @@ def test_unet2d_conditioned_use_prices_cross_attention():
 
 def test_unet2d_custom_channel_mults():
     segs = segments({"kind": "unet2d", "num_layers": 1, "hidden_size": 8, "image_size": 16, "channel_mults": [1, 3]})
-    assert [s.key for s in segs] == ["unet_block[c=8,r=16]/down", "unet_block[c=24,r=8]/down",
+    assert [s.key for s in segs] == ["unet_block[c=8,r=16]/down", "unet_block[c=24,r=8]/down", "unet_mid[c=24,r=8]",
                                      "unet_block[c=24,r=8]/up", "unet_block[c=8,r=16]/up"]
-    assert [s.count for s in segs] == [1, 1, 2, 2]
+    assert [s.count for s in segs] == [1, 1, 1, 2, 2]
 
 
 # --------------------------------------------------------------------------- check_components

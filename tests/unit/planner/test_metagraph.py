@@ -105,10 +105,10 @@ def test_multi_segment_use_becomes_a_chain_of_metaops():
     tasks = [{"name": "gen", "batch_size": 4, "components": [{"component": "unet"}, {"component": "head"}]}]
     graph = graph_of(comps, tasks)
     names = [op.name for op in graph.metaops]
-    assert names == ["gen.unet#0", "gen.unet#1", "gen.unet#2", "gen.unet#3", "gen.head"]
-    assert [op.deps for op in graph.metaops] == [(), (0,), (1,), (2,), (3,)]
-    assert [op.num_layers for op in graph.metaops] == [1, 1, 2, 2, 1]
-    assert [op.param_group for op in graph.metaops] == ["unet#0", "unet#1", "unet#2", "unet#3", "head"]
+    assert names == ["gen.unet#0", "gen.unet#1", "gen.unet#2", "gen.unet#3", "gen.unet#4", "gen.head"]
+    assert [op.deps for op in graph.metaops] == [(), (0,), (1,), (2,), (3,), (4,)]
+    assert [op.num_layers for op in graph.metaops] == [1, 1, 1, 2, 2, 1]  # down, down, mid, up, up
+    assert [op.param_group for op in graph.metaops] == ["unet#0", "unet#1", "unet#2", "unet#3", "unet#4", "head"]
 
 
 # --------------------------------------------------------------------------- contraction

@@ -11,8 +11,9 @@ from planner.metagraph import build_metagraph
 from planner.spec import parse_job
 from runtime.checks import check_runnable, feature_shape
 from runtime.data import synthetic_batch
+from runtime.embeddings import build_embed, use_input
 from runtime.heads import build_head
-from runtime.modules import build_embed, build_layer, layer_kwargs, use_input
+from runtime.modules import build_layer, layer_kwargs
 from runtime.unet import StateLayout, groups, noise_key, timesteps_key
 
 UNET = {"kind": "unet2d", "num_layers": 1, "hidden_size": 8, "channel_mults": [1, 2], "num_heads": 2,
