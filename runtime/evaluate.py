@@ -73,11 +73,16 @@ def evaluate_job(job: JobSpec, params: dict[str, torch.Tensor] | None, split: st
         if split != "train":
             raise EvalError(f"--split ('{split}'): jobs without a recipe have one data stream; use --split train "
                             "(it evaluates on steps no run reaches).")
-        return _loss_report(job, model, num_samples)
+        report = EvalReport(job.name, "train", num_samples, _task_losses(job, model, num_samples),
+                            notes={"data": "unseen steps of the synthetic stream"})
+        if params is not None:  # the same samples through the initial weights: what training changed
+            report.baselines = _task_losses(job, ReferenceTrainer(job), num_samples)
+            report.notes["baseline"] = "the model's initial weights"
+        return report
 
 
-def _loss_report(job: JobSpec, model: ReferenceTrainer, num_samples: int) -> EvalReport:
-    """Mean per-task loss over ``num_samples`` samples of each task from unseen steps of the synthetic stream."""
+def _task_losses(job: JobSpec, model: ReferenceTrainer, num_samples: int) -> dict[str, dict[str, float]]:
+    """Per task, its mean loss over ``num_samples`` samples from unseen steps of the synthetic stream."""
     metrics = {}
     for t, task in enumerate(job.tasks):
         total, seen, step = 0.0, 0, HELD_OUT_STEP
@@ -87,4 +92,4 @@ def _loss_report(job: JobSpec, model: ReferenceTrainer, num_samples: int) -> Eva
             total += float(model.head(t)(model.forward(t, batch), batch).sum())
             seen, step = seen + rows, step + 1
         metrics[task.name] = {"loss": total / seen}
-    return EvalReport(job.name, "train", num_samples, metrics, notes={"data": "unseen steps of the synthetic stream"})
+    return metrics

@@ -28,6 +28,8 @@ def test_training_lowers_the_held_out_loss_of_the_synthetic_stream():
     after = evaluate_job(job, trainer.named_parameters(), num_samples=64)
     assert before.split == after.split == "train" and before.num_samples == 64
     assert after.metrics["cls"]["loss"] < 0.8 * before.metrics["cls"]["loss"], (before.metrics, after.metrics)
+    # a trained model is reported beside its initial weights on the same samples; the initial weights alone are not
+    assert after.baselines == before.metrics and before.baselines == {}
 
 
 def test_bad_requests_are_one_line_errors():
