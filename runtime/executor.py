@@ -215,14 +215,13 @@ class WaveWorker:
         embed = None
         if s.first_layer == 0 and reads_embed(self.job, self.graph, op):
             embed = self.modules[("embed:" + op.component, 0)]
-        if self.comm.producer(ref) is None:  # a root MetaOp's layer 0: embed raw data
-            x = use_input(self.job, op, embed, None, st.batch(self.job, self.task_index[op.task], step, start, stop))
-            if not is_lead(s, self.rank):  # the other TP ranks repeat the lead's embedding: one gradient only
-                x = x.detach().requires_grad_(True)
-        else:
-            x = self._slice_input(ref, start, stop, st)
-            if embed is not None:  # a decoder or unet2d use's first layer: its input module takes the upstream output
-                x = use_input(self.job, op, embed, x, st.batch(self.job, self.task_index[op.task], step, start, stop))
+        # a root MetaOp's layer 0 embeds raw data; a decoder or unet2d use's first layer also takes the upstream output
+        upstream = None if self.comm.producer(ref) is None else self._slice_input(ref, start, stop, st)
+        x = upstream
+        if embed is not None:
+            x = use_input(self.job, op, embed, upstream, st.batch(self.job, self.task_index[op.task], step, start, stop))
+        if upstream is None and not is_lead(s, self.rank):  # the other TP ranks repeat the lead's embedding: one
+            x = x.detach().requires_grad_(True)  # gradient only
         layers = [self.modules[(op.param_group, layer)] for layer in range(s.first_layer, s.first_layer + s.num_layers)]
         # megatron TP layers recompute too: their forward's all-reduces run again inside backward, at the same point
         # of the same graph on every rank of the TP group, so the group's collectives still pair up
