@@ -298,8 +298,13 @@ class WaveWorker:
             self._land(p, tensor, st, forward)
 
     def _feature(self, p: Piece) -> tuple[int, ...]:
+        """Per-sample shape of the piece's rows: the producer slice's output (a function of the plan: computed once)."""
         s = self.comm.slices[p.producer]
-        return feature_shape(self.job, self.graph.metaops[s.metaop], s.first_layer + s.num_layers)
+        return self._boundary_shape(s.metaop, s.first_layer + s.num_layers)
+
+    @functools.cache  # noqa: B019 (a worker lives as long as its process)
+    def _boundary_shape(self, metaop: int, boundary: int) -> tuple[int, ...]:
+        return feature_shape(self.job, self.graph.metaops[metaop], boundary)
 
     def _piece_tensor(self, p: Piece, st: _StepState, forward: bool) -> torch.Tensor:
         if forward:  # rows of my producer output
