@@ -1,22 +1,22 @@
 """The unet2d layout, shared by the planner's cost model and the runtime's modules (pure Python).
 
-A unet2d component follows diffusers' UNet2DConditionModel without its mid block. Its input
-embedding (``conv_in``: in_channels -> c0 at full resolution, plus the time embedding) runs once per
-use; then, per level ``l`` (``channel_mults[l] * c0`` channels at ``image_size / 2^l``), ``num_layers``
-down blocks followed by a 2x downsample except at the deepest level; then the up path, deepest level
-first, ``num_layers + 1`` blocks per level followed by a 2x upsample except at level 0. Between them, at the
-deepest level, the mid block (diffusers' ``UNetMidBlock2DCrossAttn``): ResNet, transformer, ResNet. A block is a
-ResNet block (two 3x3 convolutions, the time embedding added in between) followed, below full
-resolution, by a transformer block (self-attention, cross-attention to the use's context when it has
-an upstream use, GEGLU MLP). ``conv_in``, every down block and every downsample push their output on
-the skip stack; every up block pops the top one and concatenates it to its input on channels; the mid block
+A unet2d component follows diffusers' UNet2DConditionModel. Its input embedding (``conv_in``:
+in_channels -> c0 at full resolution, plus the time embedding) runs once per use; then, per level
+``l`` (``channel_mults[l] * c0`` channels at ``image_size / 2^l``), ``num_layers`` down blocks followed
+by a 2x downsample except at the deepest level; the mid block at the deepest level (diffusers'
+``UNetMidBlock2DCrossAttn``: ResNet, transformer, ResNet); then the up path, deepest level first,
+``num_layers + 1`` blocks per level followed by a 2x upsample except at level 0. A block is a ResNet
+block (two 3x3 convolutions, the time embedding added in between) followed, below full resolution,
+by a transformer block (self-attention, cross-attention to the use's context when it has an upstream
+use, GEGLU MLP). ``conv_in``, every down block and every downsample push their output on the skip
+stack; every up block pops the top one and concatenates it to its input on channels; the mid block
 neither pushes nor pops.
 
-One planner segment is one level of one path (``num_layers`` or ``num_layers + 1`` blocks) or the mid block
-(segment ``len(channel_mults)``; the up levels follow it), so a segment's
-blocks differ a little (the first changes channels, the last resamples); the planner prices a segment
-layer at the mean of its blocks. What crosses a wave boundary is the whole state: h, the time
-embedding, the context and every skip still on the stack (:func:`state_numel`).
+One planner segment is one level of one path (``num_layers`` or ``num_layers + 1`` blocks) or the mid
+block (segment ``len(channel_mults)``; the up levels follow it), so a segment's blocks differ a little
+(the first changes channels, the last resamples); the planner prices a segment layer at the mean of
+its blocks. What crosses a wave boundary is the whole state: h, the time embedding, the context and
+every skip still on the stack (:func:`state_numel`).
 """
 
 from __future__ import annotations
