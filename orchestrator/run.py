@@ -405,13 +405,13 @@ def check_runnable_job(job: JobSpec, options: RunOptions) -> None:
     joins a cluster with ``--address``, CPU devices (the embedded cluster is this machine's CPUs)."""
     from planner.metagraph import build_metagraph
     from runtime.checks import check_runnable
-    from runtime.heads import check_loss
+    from runtime.heads import head_factory
 
     if not options.address:
         check_cpu_device(job.cluster.device, "cluster.device")
     try:
         for t in range(len(job.tasks)):
-            check_loss(job, t)
+            head_factory(job, t)  # the loss and what its head needs, checked without building it
         check_runnable(job, build_metagraph(job))
     except ValueError as exc:
         raise RunInputError(str(exc)) from None

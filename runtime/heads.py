@@ -233,33 +233,36 @@ def check_loss(job: JobSpec, task_index: int) -> str:
 def build_head(job: JobSpec, task_index: int) -> TaskHead:
     """The loss head of task ``task_index`` (its own parameters, seeded by ``layer_seed(seed, "task:" + name, 0)``).
 
-    ``head(outputs, batch)`` returns per-sample losses ``(B,)``. Raises ValueError for an unknown
-    loss, a contrastive or infonce task without exactly two leaves, or leaves of different widths.
+    ``head(outputs, batch)`` returns per-sample losses ``(B,)``. Raises ValueError as :func:`head_factory`.
     """
+    seed = layer_seed(job.training.seed, "task:" + job.tasks[task_index].name, 0)
+    return build_initialised(head_factory(job, task_index), seed)
+
+
+def head_factory(job: JobSpec, task_index: int) -> Callable[[], TaskHead]:
+    """What builds task ``task_index``'s head, after checking that the task can have one (without building it, so a
+    driver can check a job cheaply). Raises ValueError for an unknown loss, a contrastive or infonce task without
+    exactly two leaves, leaves of different widths, or a unet2d leaf with another loss than mse."""
     task = job.tasks[task_index]
     loss = check_loss(job, task_index)
     leaves = leaf_uses(job, task_index)
     if loss in _RECIPE_LOSSES:
-        factory = lambda: _RECIPE_LOSSES[loss](job, task_index, leaves)  # noqa: E731
-    elif denoising := _denoising_head(job, task_index, leaves):
-        factory = denoising
-    elif loss in ("lm", "next_token"):
+        return lambda: _RECIPE_LOSSES[loss](job, task_index, leaves)
+    if denoising := _denoising_head(job, task_index, leaves):
+        return denoising
+    if loss in ("lm", "next_token"):
         root, width, vocab = _next_token_args(job, task_index, leaves)
-        factory = lambda: NextTokenHead(task.name, leaves, root, width, vocab)  # noqa: E731
-    else:
-        width = _leaf_width(job, task_index, leaves)
-        if loss == "cross_entropy":
-            factory = lambda: ClassifierHead(task.name, leaves, width)  # noqa: E731
-        elif loss == "mse":
-            factory = lambda: RegressionHead(task.name, leaves, width)  # noqa: E731
-        else:
-            if len(leaves) != 2:
-                raise ValueError(
-                    f"tasks[{task_index}] ('{task.name}').loss ('{loss}') needs exactly two leaf uses "
-                    f"(two branches, e.g. `after: []` on the second); got {leaves}."
-                )
-            if loss == "infonce":
-                factory = lambda: InfoNCEHead(task.name, leaves, width)  # noqa: E731
-            else:
-                factory = lambda: PairedCosineHead(task.name, leaves)  # noqa: E731
-    return build_initialised(factory, layer_seed(job.training.seed, "task:" + task.name, 0))
+        return lambda: NextTokenHead(task.name, leaves, root, width, vocab)
+    width = _leaf_width(job, task_index, leaves)
+    if loss == "cross_entropy":
+        return lambda: ClassifierHead(task.name, leaves, width)
+    if loss == "mse":
+        return lambda: RegressionHead(task.name, leaves, width)
+    if len(leaves) != 2:
+        raise ValueError(
+            f"tasks[{task_index}] ('{task.name}').loss ('{loss}') needs exactly two leaf uses "
+            f"(two branches, e.g. `after: []` on the second); got {leaves}."
+        )
+    if loss == "infonce":
+        return lambda: InfoNCEHead(task.name, leaves, width)
+    return lambda: PairedCosineHead(task.name, leaves)

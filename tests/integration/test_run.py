@@ -290,6 +290,14 @@ def test_gpu_cluster_is_refused(runner, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_head_the_task_cannot_have_is_refused_before_any_worker_starts(runner, tmp_path):
+    doc = diffusion_job(2, steps=2)
+    doc["tasks"][3]["loss"] = "cross_entropy"  # the denoise task's leaf is a UNet: noise prediction only
+    result = runner.invoke(app, ["run", str(write_job(tmp_path / "job.yaml", doc)), "--out", str(tmp_path / "o")])
+    assert_one_error_line(result, 2, "tasks[3] ('denoise')", "trains with loss 'mse'")
+    assert not (tmp_path / "o").exists()
+
+
 def test_plan_of_another_job_is_refused(runner, plan_file, tmp_path):
     doc = copy.deepcopy(JOB)
     doc["name"] = "other"
