@@ -46,9 +46,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 class WaveActor:
     """One rank of a run. ``job_json``/``plan_json`` are ``JobSpec``/``Plan`` JSON (identical on every rank)."""
 
-    def __init__(self, job_json: str, plan_json: str, rank: int, world_size: int):
+    def __init__(self, job_json: str, plan_json: str, rank: int, world_size: int, use_gpu: bool = False):
         self.job_json, self.plan_json = job_json, plan_json
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.use_gpu = rank, world_size, use_gpu
         self.worker = None
 
     def endpoint(self) -> tuple[str, int]:
@@ -60,6 +60,7 @@ class WaveActor:
         """Collective: join the default gloo group, build the plan's sub-groups and the worker; returns the pid.
 
         ValueError or NotImplementedError from the worker mean the job or plan cannot run (user input)."""
+        import torch
         import torch.distributed as dist
 
         from planner.plan import plan_from_json
@@ -68,7 +69,8 @@ class WaveActor:
         from runtime.host import backend_for, configure_worker_process, worker_device
 
         job = JobSpec.model_validate_json(self.job_json)
-        device = worker_device(job)  # Ray shows an actor given a GPU that GPU alone, as cuda:0
+        # Ray shows an actor given a GPU that GPU alone, as cuda:0; an actor given none computes on CPU whatever it sees
+        device = worker_device(job) if self.use_gpu else torch.device("cpu")
         configure_worker_process(device)
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         dist.init_process_group(backend_for(device), rank=self.rank, world_size=self.world_size, timeout=GLOO_TIMEOUT)
@@ -117,7 +119,7 @@ def create_actors(job_json: str, plan_json: str, world_size: int, num_cpus_per_a
     """One :class:`WaveActor` handle per rank (creation is asynchronous; call ``setup`` next)."""
     remote = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor, max_restarts=0,
                         max_task_retries=0)(WaveActor)
-    return [remote.remote(job_json, plan_json, rank, world_size) for rank in range(world_size)]
+    return [remote.remote(job_json, plan_json, rank, world_size, num_gpus_per_actor > 0) for rank in range(world_size)]
 
 
 class EmbeddedRay:
