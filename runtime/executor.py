@@ -223,9 +223,9 @@ class WaveWorker:
         if upstream is None and not is_lead(s, self.rank):  # the other TP ranks repeat the lead's embedding: one
             x = x.detach().requires_grad_(True)  # gradient only
         layers = [self.modules[(op.param_group, layer)] for layer in range(s.first_layer, s.first_layer + s.num_layers)]
-        # megatron TP layers recompute too: their forward's all-reduces run again inside backward, at the same point
-        # of the same graph on every rank of the TP group, so the group's collectives still pair up
-        st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute)
+        # megatron TP layers are not recomputed: with recompute the TP=2 equivalence test passed alone (5 of 5) but
+        # one worker aborted once in the full suite ("terminate called without an active exception", in gloo)
+        st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute and s.tp_degree == 1)
 
     def _slice_input(self, ref: SliceRef, start: int, stop: int, st: _StepState) -> torch.Tensor:
         """Rows [start, stop) of ``ref``'s input: each input's received rows become their own autograd leaf (so

@@ -273,10 +273,13 @@ def test_worker_that_dies_ends_the_run_with_one_line(ray_session, runner, plan_f
 
 
 def test_job_the_workers_cannot_build_is_input_error(ray_session, runner, tmp_path):
-    doc = copy.deepcopy(JOB)
-    doc["tasks"][1]["components"].append({"component": "img", "after": []})  # contrastive needs exactly 2 leaves
+    # a recipe's head factory checks its task's structure when a worker builds the head: medical detection reads
+    # boxes as tokens, so a query decoder cannot serve it
+    doc = yaml.safe_load((Path(__file__).parents[2] / "recipes" / "medical" / "unimed-tiny.yaml").read_text())
+    doc["tasks"] = [{"name": "detection", "batch_size": 4, "loss": "medical_detection", "components": [
+        {"component": "image_encoder"}, {"component": "decomposed_decoder"}]}]
     result = runner.invoke(app, ["run", str(write_job(tmp_path / "job.yaml", doc)), "--out", str(tmp_path / "o")])
-    assert_one_error_line(result, 2, "cannot run this job", "contrastive")
+    assert_one_error_line(result, 2, "cannot run this job", "tasks[0] ('detection')")
 
 
 # --------------------------------------------------------------------------- refused before Ray starts
