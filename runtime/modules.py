@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from planner.components import UseShape, use_shape
+from planner.components import UseShape, upstream_width, use_shape
 from planner.errors import SpecError
 from planner.metagraph import MetaOp
 from planner.spec import ComponentSpec, JobSpec, TaskSpec
@@ -353,14 +353,8 @@ def use_component(job: JobSpec, task_index: int, use_name: str) -> tuple[str, Co
 
 def _upstream_widths(job: JobSpec, component: str) -> dict[str, int | None]:
     """For every use of ``component`` (by spec path): the hidden size of the output feeding it, None for a root use."""
-    widths: dict[str, int | None] = {}
-    for t, task in enumerate(job.tasks):
-        ups = upstream_uses(task)
-        for u, use in enumerate(task.components):
-            if use.component == component:
-                first = ups[use.use_name][0] if ups[use.use_name] else None
-                widths[f"tasks[{t}].components[{u}]"] = use_component(job, t, first)[1].hidden_size if first else None
-    return widths
+    return {f"tasks[{t}].components[{u}]": upstream_width(job, t, u)
+            for t, task in enumerate(job.tasks) for u, use in enumerate(task.components) if use.component == component}
 
 
 def memory_width(job: JobSpec, component: str) -> int:

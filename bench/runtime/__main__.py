@@ -104,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def cost_model_of(job, costs: dict):
     """The profiled cost model of ``costs`` (a cost file's contents) for ``job``."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:  # read at once; removed on leaving (once per round)
         json.dump(costs, f)
-    return make_cost_model(job, f.name)
+        f.flush()
+        return make_cost_model(job, f.name)
 
 
 def predicted_parts(sim) -> dict[str, float]:
