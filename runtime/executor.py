@@ -147,13 +147,15 @@ class WaveWorker:
     # ------------------------------------------------------------------ one step
 
     last_timing: StepTiming | None = None  # where this device's last train_step went
+    last_gradients: dict[str, torch.Tensor] | None = None  # the last train_step's, when asked for
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int, keep_gradients: bool = False) -> dict[str, float]:
         """Forward, losses, backward, gradient sync and AdamW for ``step``; per-task mean losses (all ranks).
 
         Each gradient bucket's all-reduce starts as soon as the backward of the earliest wave that runs its
         parameters is done (:func:`sync_ready_waves`) and overlaps the rest of backward; AdamW waits for all
-        of them. Where this device's time went is left in :attr:`last_timing`."""
+        of them. Where this device's time went is left in :attr:`last_timing`; with ``keep_gradients`` the
+        synchronised gradients AdamW steps with are left in :attr:`last_gradients` (as :meth:`named_gradients`)."""
         lap, st = Lap(self.device), _StepState(self.device)
         timing = StepTiming([0.0] * len(self.plan.waves), [0.0] * len(self.plan.waves))
         for wave in range(len(self.plan.waves)):
@@ -176,6 +178,9 @@ class WaveWorker:
             timing.transfer_s[wave] += lap()
         self._sync_gradients(pending)
         timing.sync_s += lap()
+        if keep_gradients:
+            self.last_gradients = self.named_gradients()
+            lap()  # not part of the step's time
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -220,12 +225,14 @@ class WaveWorker:
         x = upstream
         if embed is not None:
             x = use_input(self.job, op, embed, upstream, st.batch(self.job, self.task_index[op.task], step, start, stop))
-        if upstream is None and not is_lead(s, self.rank):  # the other TP ranks repeat the lead's embedding: one
-            x = x.detach().requires_grad_(True)  # gradient only
+        if embed is not None and not is_lead(s, self.rank):
+            # the other TP ranks repeat the lead's input module, and megatron's backward hands every TP rank the whole
+            # gradient of x: only the lead's reaches the module (and the upstream input, which only the lead sends back)
+            x = x.detach().requires_grad_(True)
         layers = [self.modules[(op.param_group, layer)] for layer in range(s.first_layer, s.first_layer + s.num_layers)]
-        # megatron TP layers are not recomputed: with recompute the TP=2 equivalence test passed alone (5 of 5) but
-        # one worker aborted once in the full suite ("terminate called without an active exception", in gloo)
-        st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute and s.tp_degree == 1)
+        # megatron TP layers recompute too: their forward's all-reduces run again inside backward, at the same point
+        # of the same graph on every rank of the TP group, so the group's collectives still pair up
+        st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute)
 
     def _slice_input(self, ref: SliceRef, start: int, stop: int, st: _StepState) -> torch.Tensor:
         """Rows [start, stop) of ``ref``'s input: each input's received rows become their own autograd leaf (so
@@ -396,15 +403,22 @@ class WaveWorker:
     def named_parameters(self) -> dict[str, torch.Tensor]:
         """Every parameter this device holds in the plain layout, keyed ``<group or embed:/head:name>/<layer>/<param>``.
         Collective over the TP groups of tensor-parallel layers (their shards are gathered)."""
+        return self._named(gradients=False)
+
+    def named_gradients(self) -> dict[str, torch.Tensor]:
+        """The gradients of :meth:`named_parameters` (those that have one), the same keys; collective likewise."""
+        return self._named(gradients=True)
+
+    def _named(self, gradients: bool) -> dict[str, torch.Tensor]:
+        from runtime.megatron_backend import gather_reference_grads, gather_reference_weights
+
         out = {}
         for (name, layer), module in sorted(self.modules.items()):
             if (name, layer) in self.tp_of:
-                from runtime.megatron_backend import gather_reference_weights
-
-                items = gather_reference_weights(module).items()
+                items = (gather_reference_grads if gradients else gather_reference_weights)(module).items()
             else:
-                items = module.named_parameters()
-            out.update({f"{name}/{layer}/{pname}": p.detach().cpu().clone() for pname, p in items})
+                items = ((n, p.grad if gradients else p) for n, p in module.named_parameters())
+            out.update({f"{name}/{layer}/{pname}": t.detach().cpu().clone() for pname, t in items if t is not None})
         return out
 
 

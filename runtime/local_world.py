@@ -34,6 +34,7 @@ def free_port() -> int:
 class WorldResult:
     losses: list[dict[str, float]]  # per step, per task (identical on every rank; rank 0's)
     parameters: dict[int, dict[str, torch.Tensor]]  # per rank: what it holds after the last step
+    gradients: dict[int, dict[str, torch.Tensor]]  # per rank: the gradients the last step's AdamW used
     step_seconds: list[float]  # per step, the slowest rank's wall time (steps start at a barrier)
     timings: list[list[dict]]  # per step, per rank: where the rank's time went (StepTiming.to_dict())
 
@@ -53,10 +54,11 @@ def _worker(rank: int, world_size: int, port: int, job_json: str, plan_json: str
         for step in range(steps):
             dist.barrier()  # every rank starts the step together, so a step's wall time is the iteration time
             started = time.perf_counter()
-            losses.append(worker.train_step(step))
+            losses.append(worker.train_step(step, keep_gradients=step == steps - 1))
             seconds.append(time.perf_counter() - started)
             timings.append(worker.last_timing.to_dict())
-        torch.save({"losses": losses, "seconds": seconds, "timings": timings, "parameters": worker.named_parameters()},
+        torch.save({"losses": losses, "seconds": seconds, "timings": timings, "parameters": worker.named_parameters(),
+                    "gradients": worker.last_gradients or {}},
                    Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -72,5 +74,6 @@ def run_world(job: JobSpec, plan: Plan, steps: int, out_dir: str | Path) -> Worl
     per_rank = {r: torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)}
     seconds = [max(d["seconds"][i] for d in per_rank.values()) for i in range(steps)]
     timings = [[per_rank[r]["timings"][i] for r in range(world_size)] for i in range(steps)]
-    return WorldResult(per_rank[0]["losses"], {r: d["parameters"] for r, d in per_rank.items()}, seconds, timings)
+    return WorldResult(per_rank[0]["losses"], {r: d["parameters"] for r, d in per_rank.items()},
+                       {r: d["gradients"] for r, d in per_rank.items()}, seconds, timings)
 

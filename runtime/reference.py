@@ -100,9 +100,15 @@ class ReferenceTrainer:
         consumed = {d for op in ops for d in op.deps}
         return {op.use: outputs[op.id] for op in ops if op.id not in consumed}
 
-    def train_step(self, step: int) -> dict[str, float]:
+    last_gradients: dict[str, torch.Tensor] | None = None  # the last train_step's, when asked for
+
+    def train_step(self, step: int, keep_gradients: bool = False) -> dict[str, float]:
         losses = {task.name: self.task_loss(t, step) for t, task in enumerate(self.job.tasks)}
         sum(losses.values()).backward()
+        if keep_gradients:  # named as named_parameters, those with a gradient
+            self.last_gradients = {f"{name}/{layer}/{pname}": p.grad.detach().clone()
+                                   for (name, layer), module in sorted(self.modules.items())
+                                   for pname, p in module.named_parameters() if p.grad is not None}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {task.name: float(losses[task.name].detach()) / task.loss_weight if task.loss_weight else 0.0

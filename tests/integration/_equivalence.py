@@ -20,23 +20,33 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 
 def check_equivalence(job, plan, tmp_path, steps: int = STEPS) -> None:
-    """Train ``steps`` steps of ``plan`` on a gloo world and in one process: per-step losses and every rank's final
-    parameters must agree within RTOL, and every parameter must be held by some rank."""
+    """Train ``steps`` steps of ``plan`` on a gloo world and in one process: per-step losses, every rank's final
+    parameters and the gradients of the last step must agree within RTOL, and every parameter must be held by some
+    rank. (AdamW's update hardly changes when a gradient is scaled, so a parameter whose gradient is summed twice
+    still trains to the same values; the gradients show it.)"""
     world = run_world(job, plan, steps, tmp_path)
     reference = ReferenceTrainer(job)
     for step in range(steps):
-        want = reference.train_step(step)
+        want = reference.train_step(step, keep_gradients=step == steps - 1)
         for task, value in want.items():
             got = world.losses[step][task]
             assert abs(got - value) <= RTOL * abs(value), f"step {step} task {task}: {got} vs {value}"
     ref_params = reference.named_parameters()
     held = set()
     for rank, params in world.parameters.items():
-        # per module: a layer, an embedding, a head
-        for module in sorted({name.rsplit("/", 1)[0] for name in params}):
-            names = sorted(n for n in params if n.rsplit("/", 1)[0] == module)
-            got = torch.cat([params[n].reshape(-1) for n in names])
-            want = torch.cat([ref_params[n].reshape(-1) for n in names])
-            assert_close(got, want, f"rank {rank} {module}")
-            held.update(names)
+        held.update(_compare_modules(params, ref_params, f"rank {rank}"))
     assert held == set(ref_params), f"parameters nobody holds: {sorted(set(ref_params) - held)[:5]}"
+    for rank, grads in world.gradients.items():
+        trained = {n for n in world.parameters[rank] if n in reference.last_gradients}
+        assert set(grads) == trained, f"rank {rank}: no gradient for {sorted(trained - set(grads))[:5]}"
+        _compare_modules(grads, reference.last_gradients, f"rank {rank} gradient of")
+
+
+def _compare_modules(got_by_name: dict, want_by_name: dict, what: str) -> set[str]:
+    """assert_close per module (a layer, an embedding, a head) of ``got_by_name``; returns the names compared."""
+    for module in sorted({name.rsplit("/", 1)[0] for name in got_by_name}):
+        names = sorted(n for n in got_by_name if n.rsplit("/", 1)[0] == module)
+        got = torch.cat([got_by_name[n].reshape(-1) for n in names])
+        want = torch.cat([want_by_name[n].reshape(-1) for n in names])
+        assert_close(got, want, f"{what} {module}")
+    return set(got_by_name)

@@ -7,6 +7,7 @@ batches; per-step losses and final parameters must agree within 1e-5 (relative, 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from planner.api import plan_job, plan_schedule
@@ -86,9 +87,11 @@ def test_planner_plan_of_unets_equals_single_process(tmp_path):
     check_equivalence(job, plan_job(job, with_baselines=False).plan, tmp_path)
 
 
-def test_shared_component_on_megatron_tensor_parallel_equals_single_process(tmp_path):
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recomputed"])
+def test_shared_component_on_megatron_tensor_parallel_equals_single_process(tmp_path, recompute):
     data = tiny_job(4)
     data["components"]["txt"]["tensor_parallel"] = [2]  # the shared text tower runs on megatron-core, TP=2
+    data["components"]["txt"]["recompute"] = recompute  # its TP all-reduces then run again inside backward
     job = parse_job(data)
     plan = plan_from_waves(job, [
         [("caption.img", 2, 2), ("align.aud", 2, 2)],
