@@ -34,12 +34,13 @@ def free_port() -> int:
 class WorldResult:
     losses: list[dict[str, float]]  # per step, per task (identical on every rank; rank 0's)
     parameters: dict[int, dict[str, torch.Tensor]]  # per rank: what it holds after the last step
-    gradients: dict[int, dict[str, torch.Tensor]]  # per rank: the gradients the last step's AdamW used
+    gradients: dict[int, dict[str, torch.Tensor]]  # per rank: the last step's AdamW's (run_world's keep_gradients)
     step_seconds: list[float]  # per step, the slowest rank's wall time (steps start at a barrier)
     timings: list[list[dict]]  # per step, per rank: where the rank's time went (StepTiming.to_dict())
 
 
-def _worker(rank: int, world_size: int, port: int, job_json: str, plan_json: str, steps: int, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, port: int, job_json: str, plan_json: str, steps: int, out_dir: str,
+            keep_gradients: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     job = JobSpec.model_validate_json(job_json)
     device = worker_device(job, rank)  # this host's GPUs in turn for a GPU job, else the CPU
@@ -54,7 +55,7 @@ def _worker(rank: int, world_size: int, port: int, job_json: str, plan_json: str
         for step in range(steps):
             dist.barrier()  # every rank starts the step together, so a step's wall time is the iteration time
             started = time.perf_counter()
-            losses.append(worker.train_step(step, keep_gradients=step == steps - 1))
+            losses.append(worker.train_step(step, keep_gradients=keep_gradients and step == steps - 1))
             seconds.append(time.perf_counter() - started)
             timings.append(worker.last_timing.to_dict())
         torch.save({"losses": losses, "seconds": seconds, "timings": timings, "parameters": worker.named_parameters(),
@@ -64,12 +65,14 @@ def _worker(rank: int, world_size: int, port: int, job_json: str, plan_json: str
         dist.destroy_process_group()
 
 
-def run_world(job: JobSpec, plan: Plan, steps: int, out_dir: str | Path) -> WorldResult:
-    """Train ``steps`` steps of ``plan`` on one process per device of the plan's cluster."""
+def run_world(job: JobSpec, plan: Plan, steps: int, out_dir: str | Path, keep_gradients: bool = False) -> WorldResult:
+    """Train ``steps`` steps of ``plan`` on one process per device of the plan's cluster; with ``keep_gradients``
+    the result holds the gradients of the last step (else none)."""
     world_size = plan.cluster.num_nodes * plan.cluster.devices_per_node
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_worker, args=(world_size, free_port(), job.model_dump_json(), plan.to_json(), steps, str(out_dir)),
+    mp.spawn(_worker, args=(world_size, free_port(), job.model_dump_json(), plan.to_json(), steps, str(out_dir),
+                            keep_gradients),
              nprocs=world_size, join=True)
     per_rank = {r: torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)}
     seconds = [max(d["seconds"][i] for d in per_rank.values()) for i in range(steps)]

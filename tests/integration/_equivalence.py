@@ -24,7 +24,7 @@ def check_equivalence(job, plan, tmp_path, steps: int = STEPS) -> None:
     parameters and the gradients of the last step must agree within RTOL, and every parameter must be held by some
     rank. (AdamW's update hardly changes when a gradient is scaled, so a parameter whose gradient is summed twice
     still trains to the same values; the gradients show it.)"""
-    world = run_world(job, plan, steps, tmp_path)
+    world = run_world(job, plan, steps, tmp_path, keep_gradients=True)
     reference = ReferenceTrainer(job)
     for step in range(steps):
         want = reference.train_step(step, keep_gradients=step == steps - 1)
