@@ -75,7 +75,7 @@ class WaveActor:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         dist.init_process_group(backend_for(device), rank=self.rank, world_size=self.world_size, timeout=GLOO_TIMEOUT)
         plan = plan_from_json(self.plan_json)
-        self.worker = WaveWorker(job, plan, self.rank, Groups.create(plan), device)
+        self.worker = WaveWorker(job, plan, self.rank, Groups.create(job, plan), device)
         return os.getpid()
 
     def train_step(self, step: int) -> dict:

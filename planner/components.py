@@ -212,7 +212,7 @@ def expand_use(job: JobSpec, task_index: int, use_index: int) -> list[LayerSegme
     return KINDS[comp.kind](comp, use.component, use_shape(job, task_index, use_index))
 
 
-def _upstream(job: JobSpec, task_index: int, use_index: int) -> list[int]:
+def upstream_indices(job: JobSpec, task_index: int, use_index: int) -> list[int]:
     """Indices of the uses feeding use ``use_index`` of the task, in its ``after:`` order; [] for a root use."""
     task = job.tasks[task_index]
     use = task.components[use_index]
@@ -222,14 +222,14 @@ def _upstream(job: JobSpec, task_index: int, use_index: int) -> list[int]:
 
 def upstream_width(job: JobSpec, task_index: int, use_index: int) -> int | None:
     """Hidden size of the output feeding use ``use_index`` (its first upstream use's); None for a root use."""
-    ups = _upstream(job, task_index, use_index)
+    ups = upstream_indices(job, task_index, use_index)
     return job.components[job.tasks[task_index].components[ups[0]].component].hidden_size if ups else None
 
 
 def upstream_seq_len(job: JobSpec, task_index: int, use_index: int) -> int | None:
     """Sequence length of what feeds use ``use_index``: its upstream uses' outputs concatenated along the sequence
     (a fusion reads them so); None for a root use."""
-    ups = _upstream(job, task_index, use_index)
+    ups = upstream_indices(job, task_index, use_index)
     if not ups:
         return None
     total = 0

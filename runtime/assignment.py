@@ -22,9 +22,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from planner.metagraph import MetaGraph
+from planner.metagraph import MetaGraph, build_metagraph
 from planner.plan import Plan, PlanSlice
 from planner.spec import JobSpec
+from runtime.embeddings import input_modules
 
 LOSS_WAVE = -1  # the pseudo-wave of the loss stage, after every real wave
 
@@ -208,36 +209,28 @@ def layer_tp_degrees(plan: Plan, schedule: CommSchedule) -> dict[tuple[str, int]
     return degrees
 
 
-def device_sets_for_sync(plan: Plan, schedule: CommSchedule) -> dict[tuple[str, int, int], tuple[int, ...]]:
+def device_sets_for_sync(job: JobSpec, plan: Plan, schedule: CommSchedule) -> dict[tuple[str, int, int], tuple[int, ...]]:
     """For every parameter shard: the devices whose gradients of it are summed.
 
     Keys ``(name, layer, shard)``: ``(param_group, layer, tp rank)`` for layers (each TP rank holds its own
     shard; summing over one TP rank's devices adds one contribution per data-parallel rank),
-    ``("embed:" + component, 0, 0)`` for embeddings (held where a root MetaOp's layer 0 runs, and where the
-    first layer of a decoder or unet2d use fed by another use runs: its bridge) and
+    ``("embed:" + component, 0, 0)`` and ``("adapt:" + component, 0, 0)`` for input modules (held where the layer 0
+    of a MetaOp that runs them runs: runtime.embeddings.input_modules) and
     ``("head:" + task, 0, 0)`` for task heads (held by the loss host's first TP devices). An embedding
     on a device that is not the first of its TP group takes no gradient (see the executor)."""
+    graph = build_metagraph(job)
     holders: dict[tuple[str, int, int], set[int]] = {}
     for s in schedule.slices.values():
         op = plan.metaops[s.metaop]
         for i, device in enumerate(s.devices):
             for layer in range(s.first_layer, s.first_layer + s.num_layers):
                 holders.setdefault((op.param_group, layer, i % s.tp_degree), set()).add(device)
-        if s.first_layer == 0 and _reads_embed(plan, op):
-            holders.setdefault(("embed:" + op.component, 0, 0), set()).update(s.devices)
+        for name in input_modules(job, graph, graph.metaops[s.metaop]) if s.first_layer == 0 else []:
+            holders.setdefault((name, 0, 0), set()).update(s.devices)
     for host in schedule.loss_hosts:
         s = schedule.slices[host.host]
         holders.setdefault(("head:" + host.task, 0, 0), set()).update(d for d in s.devices if is_lead(s, d))
     return {key: tuple(sorted(devs)) for key, devs in sorted(holders.items())}
-
-
-def _reads_embed(plan: Plan, op) -> bool:
-    """runtime.embeddings.reads_embed on a plan's MetaOp: a root MetaOp, or the first MetaOp of a decoder or unet2d
-    use fed by another use (a plan names a use's MetaOps ``<task>.<use>#<segment>``)."""
-    if not op.deps:
-        return True
-    bridge = op.layer_key.startswith(("decoder[", "unet_block["))
-    return bridge and plan.metaops[op.deps[0]].name.split("#")[0] != op.name.split("#")[0]
 
 
 def loss_groups(schedule: CommSchedule) -> dict[str, tuple[int, ...]]:

@@ -21,6 +21,7 @@ import torch
 
 from planner.components import resolve_shape
 from planner.spec import JobSpec
+from runtime.connect import connection
 from runtime.heads import NUM_CLASSES, check_loss, load_recipe
 from runtime.modules import DEFAULT_VOCAB, TOKEN_KINDS, image_channels, is_token_decoder, root_uses, stable_seed, use_component
 from runtime.unet import NUM_TIMESTEPS, NoiseSchedule, noise_key, timesteps_key
@@ -35,7 +36,8 @@ class TaskBatch:
     """Rows ``[start, start + num_samples)`` of one task's global batch at one step.
 
     ``inputs``: per root use, token ids ``(B, S)`` long in ``[0, vocab)`` (transformer, llama,
-    decoder), images ``(B, C, I, I)`` float32 (vit) or features ``(B, S, H)`` float32 (mlp).
+    decoder), images ``(B, C, I, I)`` float32 (vit) or features ``(B, S, H)`` float32 (mlp); a transformer or
+    llama use whose connector adds its own text after its inputs (runtime.connect) gets ids ``(B, S - T)``.
     Token decoder uses (decoder with vocab_size) get ids ``(B, S)`` too, root or not; every unet2d use gets
     noisy latents ``(B, C, I, I)``, with its timesteps ``(B,)`` long and the noise added ``(B, C, I, I)`` in
     ``targets`` (keys runtime.unet.timesteps_key / noise_key).
@@ -98,11 +100,14 @@ def _root_inputs(job: JobSpec, task_index: int) -> list[_RootInput]:
     for u, use in enumerate(task.components):
         name = use.use_name
         comp_name, comp = use_component(job, task_index, name)
-        if name not in roots and not is_token_decoder(comp) and comp.kind != "unet2d":
+        c = None if name in roots else connection(job, task_index, u)
+        text_len = c.text_len if c is not None else 0  # a connected use's own text after its inputs
+        if name not in roots and not is_token_decoder(comp) and comp.kind != "unet2d" and not text_len:
             continue
         shape = resolve_shape(comp, comp_name, task.components[u], f"tasks[{task_index}].components[{u}]")
         if comp.kind in TOKEN_KINDS:
-            out.append(_RootInput(name, "tokens", (shape.seq_len,), comp.vocab_size or DEFAULT_VOCAB, None))
+            seq = text_len or shape.seq_len
+            out.append(_RootInput(name, "tokens", (seq,), comp.vocab_size or DEFAULT_VOCAB, None))
             continue
         if comp.kind in ("vit", "unet2d"):
             kind, channels = ("image" if comp.kind == "vit" else "latents"), image_channels(comp)

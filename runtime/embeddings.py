@@ -6,12 +6,12 @@ a decoder's :class:`DecoderBridge`, a unet2d's ``runtime.unet.UNetInput``), whic
 by every task using it, built and seeded like the layers (runtime.modules:
 ``layer_seed(seed, component + ":embed", 0)``) and frozen with its component.
 
-Data flow inside a task (the executor's contract): a *root* use (no upstream use) starts with its
-component's input module applied to the raw input; a use fed by another use receives that use's output
-``(B, S, H)`` directly (no adapter: widths and lengths must agree), except a use of a bridge kind
-(:data:`BRIDGE_KINDS`), whose input module also reads the upstream output; the task's *leaf* uses (read by
-no other use) feed the task's loss head (:func:`runtime.heads.build_head`). Imports runtime.modules, never
-the reverse.
+Data flow inside a task (the executor's contract, :func:`first_input`): a *root* use (no upstream use)
+starts with its component's input module applied to the raw input; a use fed by other uses receives their
+outputs ``(B, S, H)`` directly when the shapes agree, through a connector otherwise (runtime.connect:
+projection, pooling, its own text tokens), except a use of a bridge kind (:data:`BRIDGE_KINDS`), whose input
+module also reads the upstream output; the task's *leaf* uses (read by no other use) feed the task's loss
+head (:func:`runtime.heads.build_head`). Imports runtime.modules, never the reverse.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 from planner.components import resolve_shape
 from planner.metagraph import MetaGraph, MetaOp
 from planner.spec import JobSpec
+from runtime.connect import BRIDGE_KINDS, build_adapter, connect, op_connection
 from runtime.modules import (
     DEFAULT_VOCAB, TOKEN_KINDS, build_initialised, context_width, freeze_if, image_channels, layer_kwargs, layer_seed,
     memory_width, unsupported_kind,
@@ -32,7 +33,6 @@ from runtime.modules import (
 
 
 POSITION_BASE = 100.0  # longest wavelength scale of the ViT's 2-D sin-cos position grid (grids are <= ~64 wide)
-BRIDGE_KINDS = ("decoder", "unet2d")  # kinds whose input module also reads the upstream output of a non-root use
 
 
 class TokenEmbedding(nn.Module):
@@ -134,6 +134,37 @@ def reads_embed(job: JobSpec, graph: MetaGraph, op: MetaOp) -> bool:
     if not op.deps:
         return True
     return job.components[op.component].kind in BRIDGE_KINDS and graph.metaops[op.deps[0]].use != op.use
+
+
+def input_modules(job: JobSpec, graph: MetaGraph, op: MetaOp) -> list[str]:
+    """Names of the modules ``op``'s first layer runs before it (each a module ``(name, 0)``): ``embed:<component>``
+    where :func:`reads_embed` or a connector adds the use's text, ``adapt:<component>`` where a connector projects
+    an input (runtime.connect). Empty for a MetaOp that reads its inputs as they are."""
+    c = op_connection(job, graph, op)
+    if c is None:
+        return ["embed:" + op.component] if reads_embed(job, graph, op) else []
+    return ["adapt:" + op.component] * c.projected + ["embed:" + op.component] * bool(c.text_len)
+
+
+def build_input_module(job: JobSpec, name: str) -> nn.Module:
+    """The module :func:`input_modules` names ``name``."""
+    kind, component = name.split(":", 1)
+    return build_adapter(job, component) if kind == "adapt" else build_embed(job, component)
+
+
+def first_input(job: JobSpec, graph: MetaGraph, op: MetaOp, inputs: list[torch.Tensor], module, batch
+                ) -> torch.Tensor:
+    """What the first layer of MetaOp ``op`` reads, given the outputs feeding it in ``after:`` order (``[]`` for a
+    root): ``module(name)`` is the module :func:`input_modules` names, ``batch()`` the rows' runtime.data.TaskBatch."""
+    c = op_connection(job, graph, op)
+    if c is not None:
+        adapter = module("adapt:" + op.component) if c.projected else None
+        text = module("embed:" + op.component)(batch().inputs[op.use]) if c.text_len else None
+        return connect(c, inputs, adapter, text)
+    x = (torch.cat(inputs, dim=1) if len(inputs) > 1 else inputs[0]) if inputs else None
+    if reads_embed(job, graph, op):
+        x = use_input(job, op, module("embed:" + op.component), x, batch())
+    return x
 
 
 def use_input(job: JobSpec, op: MetaOp, embed: nn.Module, upstream: torch.Tensor | None, batch) -> torch.Tensor:

@@ -32,7 +32,7 @@ from runtime.assignment import (
 )
 from runtime.checks import check_plan_matches_job, check_runnable, feature_shape
 from runtime.data import TaskBatch, synthetic_batch
-from runtime.embeddings import build_embed, reads_embed, use_input
+from runtime.embeddings import build_input_module, first_input, input_modules
 from runtime.heads import build_head
 from runtime.modules import build_layer, build_optimizer, is_token_decoder, layer_kwargs, llama_ffn_size, run_layers
 from runtime.steps import GradBucket, Lap, StepTiming, sync_ready_waves
@@ -49,10 +49,10 @@ class Groups:
     by_devices: dict[tuple[int, ...], object]
 
     @classmethod
-    def create(cls, plan: Plan) -> Groups:
-        """Collective: every rank of the default group must call this with the same plan."""
+    def create(cls, job: JobSpec, plan: Plan) -> Groups:
+        """Collective: every rank of the default group must call this with the same job and plan."""
         schedule = CommSchedule(plan)
-        sets = distinct_groups(list(device_sets_for_sync(plan, schedule).values()) + tp_groups(schedule)
+        sets = distinct_groups(list(device_sets_for_sync(job, plan, schedule).values()) + tp_groups(schedule)
                                + list(loss_groups(schedule).values()))
         return cls(dist.group.WORLD, {s: dist.new_group(list(s)) for s in sets})
 
@@ -72,7 +72,7 @@ class WaveWorker:
         self.comm_loss_groups = loss_groups(self.comm)  # ascending, as process groups order their ranks
         assert all(list(g) == sorted(g) for g in self.comm_loss_groups.values())
         self.mine = self.comm.my_slices(rank)
-        self.holders = device_sets_for_sync(plan, self.comm)
+        self.holders = device_sets_for_sync(job, plan, self.comm)
         self.tp_degree = layer_tp_degrees(plan, self.comm)
         self.task_index = {t.name: i for i, t in enumerate(job.tasks)}
         self.tp_of = self._my_tp_groups()
@@ -115,8 +115,8 @@ class WaveWorker:
 
     def _build(self, key: tuple[str, int]) -> torch.nn.Module:
         name, layer = key
-        if name.startswith("embed:"):
-            return build_embed(self.job, name.removeprefix("embed:"))
+        if name.startswith(("embed:", "adapt:")):
+            return build_input_module(self.job, name)
         if name.startswith("head:"):
             return build_head(self.job, self.task_index[name.removeprefix("head:")])
         op = next(op for op in self.graph.metaops if op.param_group == name)
@@ -217,36 +217,33 @@ class WaveWorker:
         op = self.graph.metaops[s.metaop]
         start, stop = self._rows(ref)
         kwargs = layer_kwargs(self.job, op)
-        embed = None
-        if s.first_layer == 0 and reads_embed(self.job, self.graph, op):
-            embed = self.modules[("embed:" + op.component, 0)]
-        # a root MetaOp's layer 0 embeds raw data; a decoder or unet2d use's first layer also takes the upstream output
-        upstream = None if self.comm.producer(ref) is None else self._slice_input(ref, start, stop, st)
-        x = upstream
-        if embed is not None:
-            x = use_input(self.job, op, embed, upstream, st.batch(self.job, self.task_index[op.task], step, start, stop))
-        if embed is not None and not is_lead(s, self.rank):
-            # the other TP ranks repeat the lead's input module, and megatron's backward hands every TP rank the whole
-            # gradient of x: only the lead's reaches the module (and the upstream input, which only the lead sends back)
-            x = x.detach().requires_grad_(True)
+        inputs = [] if self.comm.producer(ref) is None else self._slice_inputs(ref, start, stop, st)
+        if s.first_layer > 0:  # the rest of a MetaOp whose first layers ran in an earlier wave
+            x = inputs[0]
+        else:  # a root MetaOp's layer 0 reads raw data through its input module; other uses read their inputs
+            x = first_input(self.job, self.graph, op, inputs, lambda name: self.modules[(name, 0)],
+                            lambda: st.batch(self.job, self.task_index[op.task], step, start, stop))
+            if input_modules(self.job, self.graph, op) and not is_lead(s, self.rank):
+                # the other TP ranks repeat the lead's input modules, and megatron's backward hands every TP rank
+                # the whole gradient of x: only the lead's reaches the modules (and the inputs: only the lead
+                # sends their gradients back)
+                x = x.detach().requires_grad_(True)
         layers = [self.modules[(op.param_group, layer)] for layer in range(s.first_layer, s.first_layer + s.num_layers)]
         # megatron TP layers recompute too: their forward's all-reduces run again inside backward, at the same point
         # of the same graph on every rank of the TP group, so the group's collectives still pair up
         st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute)
 
-    def _slice_input(self, ref: SliceRef, start: int, stop: int, st: _StepState) -> torch.Tensor:
-        """Rows [start, stop) of ``ref``'s input: each input's received rows become their own autograd leaf (so
-        backward's gradient of an input is its sequence range of the whole); several inputs are concatenated
-        along the sequence axis (dim 1) in the order of the use's ``after:`` list."""
+    def _slice_inputs(self, ref: SliceRef, start: int, stop: int, st: _StepState) -> list[torch.Tensor]:
+        """Rows [start, stop) of each of ``ref``'s inputs, in the order of its use's ``after:`` list: each input's
+        received rows become their own autograd leaf (so backward's gradient of an input is its part of the whole)."""
         leaves = []
         for i in range(len(self.comm.producers(ref))):
             leaf = _assemble(st.received.pop(("slice", ref, i), []), start, stop).requires_grad_(True)
             st.inputs[(ref, i)] = leaf
             leaves.append(leaf)
-        if len(leaves) == 1:
-            return leaves[0]
-        order = input_order(self.job, self.graph, self.comm.slices[ref].metaop)
-        return torch.cat([leaves[i] for i in order], dim=1)
+        if len(leaves) == 1:  # one input, or the rest of a MetaOp split across waves
+            return leaves
+        return [leaves[i] for i in input_order(self.job, self.graph, self.comm.slices[ref].metaop)]
 
     def _losses(self, step: int, st: _StepState) -> dict[str, torch.Tensor]:
         out = {}

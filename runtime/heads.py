@@ -20,6 +20,7 @@ from planner.components import resolve_shape
 from planner.errors import SpecError
 from planner.spec import JobSpec
 from runtime import unet
+from runtime.connect import connection
 from runtime.modules import (
     DEFAULT_VOCAB, build_initialised, image_channels, layer_seed, leaf_uses, root_uses, use_component,
 )
@@ -117,17 +118,22 @@ class InfoNCEHead(TaskHead):
 
 
 class NextTokenHead(TaskHead):
-    """lm / next_token: ``Linear(H, vocab)`` on the normalised leaf, CE of position t against input id t+1, mean over t."""
+    """lm / next_token: ``Linear(H, vocab)`` on the normalised leaf, cross-entropy of each position against the next
+    token, mean over the predicted tokens. The tokens are ``batch.inputs[text]``, at positions ``offset`` onwards
+    of the leaf's sequence: 0 for a chain of llama uses (the root's ids: position t predicts id t+1), T for a
+    llama use that reads T positions of other inputs, then its own text (runtime.connect: position T - 1 + j
+    predicts text id j)."""
 
-    def __init__(self, task: str, leaves: list[str], root: str, hidden_size: int, vocab_size: int):
+    def __init__(self, task: str, leaves: list[str], text: str, offset: int, hidden_size: int, vocab_size: int):
         super().__init__(task, leaves, hidden_size)
-        self.root = root
+        self.text, self.offset = text, offset
         self.out = nn.Linear(hidden_size, vocab_size, bias=True)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
-        logits = self.out(self.normed(outputs[self.leaves[0]][:, :-1]))  # (B, S-1, V)
-        targets = batch.inputs[self.root][:, 1:]
-        per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, S-1)
+        first = max(self.offset - 1, 0)  # the first predicting position
+        logits = self.out(self.normed(outputs[self.leaves[0]][:, first:-1]))  # (B, P, V)
+        targets = batch.inputs[self.text][:, first + 1 - self.offset:]
+        per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, P)
         return per_token.mean(dim=1)
 
 
@@ -181,20 +187,27 @@ def _leaf_width(job: JobSpec, task_index: int, leaves: list[str]) -> int:
     return next(iter(widths.values()))
 
 
-def _next_token_args(job: JobSpec, task_index: int, leaves: list[str]) -> tuple[str, int, int]:
-    """(root use, hidden size, vocab size) of a next-token task; a ValueError unless it is a chain of llama uses."""
+def _next_token_args(job: JobSpec, task_index: int, leaves: list[str]) -> tuple[str, int, int, int]:
+    """(use whose ids are predicted, their offset in the leaf's sequence, hidden size, vocab size) of a next-token
+    task; a ValueError unless its leaf is a llama use with text of its own after other inputs, or the task is a
+    chain of llama uses."""
     task = job.tasks[task_index]
     roots = root_uses(job, task_index)
     kinds = {use.use_name: job.components[use.component].kind for use in task.components}
+    if len(leaves) == 1 and kinds[leaves[0]] == "llama":
+        u = next(i for i, use in enumerate(task.components) if use.use_name == leaves[0])
+        c = connection(job, task_index, u)
+        comp = use_component(job, task_index, leaves[0])[1]
+        if c is not None and c.text_len:
+            return leaves[0], c.positions, comp.hidden_size, comp.vocab_size or DEFAULT_VOCAB
     if len(roots) != 1 or len(leaves) != 1 or any(kind != "llama" for kind in kinds.values()):
         raise ValueError(
-            f"tasks[{task_index}] ('{task.name}').loss ('{task.loss}') needs a chain of llama uses with one root "
-            f"and one leaf (a non-causal layer would see the tokens it predicts); got uses {kinds}."
+            f"tasks[{task_index}] ('{task.name}').loss ('{task.loss}') needs a chain of llama uses with one root and "
+            "one leaf, or a llama leaf with text of its own after its inputs (a non-causal layer would see the "
+            f"tokens it predicts); got uses {kinds}."
         )
     comp = use_component(job, task_index, roots[0])[1]
-    return roots[0], comp.hidden_size, comp.vocab_size or DEFAULT_VOCAB
-
-
+    return roots[0], 0, comp.hidden_size, comp.vocab_size or DEFAULT_VOCAB
 
 
 def register_loss(name: str, factory: HeadFactory) -> None:
@@ -251,8 +264,8 @@ def head_factory(job: JobSpec, task_index: int) -> Callable[[], TaskHead]:
     if denoising := _denoising_head(job, task_index, leaves):
         return denoising
     if loss in ("lm", "next_token"):
-        root, width, vocab = _next_token_args(job, task_index, leaves)
-        return lambda: NextTokenHead(task.name, leaves, root, width, vocab)
+        text, offset, width, vocab = _next_token_args(job, task_index, leaves)
+        return lambda: NextTokenHead(task.name, leaves, text, offset, width, vocab)
     width = _leaf_width(job, task_index, leaves)
     if loss == "cross_entropy":
         return lambda: ClassifierHead(task.name, leaves, width)

@@ -50,7 +50,7 @@ def _worker(rank: int, world_size: int, port: int, job_json: str, plan_json: str
         from runtime.executor import Groups, WaveWorker
 
         plan = plan_from_json(plan_json)
-        worker = WaveWorker(job, plan, rank, Groups.create(plan), device)
+        worker = WaveWorker(job, plan, rank, Groups.create(job, plan), device)
         losses, seconds, timings = [], [], []
         for step in range(steps):
             dist.barrier()  # every rank starts the step together, so a step's wall time is the iteration time

@@ -17,7 +17,7 @@ from planner.metagraph import build_metagraph
 from planner.spec import JobSpec
 from runtime.assignment import input_order
 from runtime.data import TaskBatch, synthetic_batch
-from runtime.embeddings import build_embed, reads_embed, use_input
+from runtime.embeddings import build_input_module, first_input, input_modules
 from runtime.heads import build_head
 from runtime.modules import build_layer, build_optimizer, layer_kwargs
 
@@ -65,8 +65,9 @@ class ReferenceTrainer:
                 key = (op.param_group, layer)
                 if key not in self.modules:
                     self.modules[key] = build_layer(job, op, layer)
-            if reads_embed(job, self.graph, op) and ("embed:" + op.component, 0) not in self.modules:
-                self.modules[("embed:" + op.component, 0)] = build_embed(job, op.component)
+            for name in input_modules(job, self.graph, op):
+                if (name, 0) not in self.modules:
+                    self.modules[(name, 0)] = build_input_module(job, name)
         for t, task in enumerate(job.tasks):
             self.modules[("head:" + task.name, 0)] = build_head(job, t)
         self.optimizer = build_optimizer(job, [p for m in self.modules.values() for p in m.parameters() if p.requires_grad])
@@ -88,12 +89,8 @@ class ReferenceTrainer:
         outputs: dict[int, torch.Tensor] = {}
         for op in ops:
             kwargs = layer_kwargs(self.job, op)
-            if len(op.deps) > 1:  # a fusion: its inputs' outputs along the sequence, in `after:` order
-                x = torch.cat([outputs[op.deps[i]] for i in input_order(self.job, self.graph, op.id)], dim=1)
-            else:
-                x = outputs[op.deps[0]] if op.deps else None
-            if reads_embed(self.job, self.graph, op):
-                x = use_input(self.job, op, self.modules[("embed:" + op.component, 0)], x, batch)
+            inputs = [outputs[op.deps[i]] for i in input_order(self.job, self.graph, op.id)]
+            x = first_input(self.job, self.graph, op, inputs, lambda name: self.modules[(name, 0)], lambda: batch)
             for layer in range(op.num_layers):
                 x = self.modules[(op.param_group, layer)](x, **kwargs)
             outputs[op.id] = x

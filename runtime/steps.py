@@ -81,8 +81,9 @@ def sync_ready_waves(plan: Plan, holders: dict[tuple[str, int, int], tuple[int, 
             op = plan.metaops[s.metaop]
             for layer in range(s.first_layer, s.first_layer + s.num_layers):
                 first.setdefault((op.param_group, layer), k)
-            if s.first_layer == 0:  # a component's embedding runs with a first layer
+            if s.first_layer == 0:  # a component's input modules run with a first layer
                 first.setdefault(("embed:" + op.component, 0), k)
+                first.setdefault(("adapt:" + op.component, 0), k)
     out = {}
     for name, layer, shard in holders:
         if name.startswith("head:"):

@@ -79,6 +79,31 @@ def fusion_job(num_devices: int, steps: int = 3) -> dict:
     }
 
 
+def connector_job(num_devices: int, steps: int = 3) -> dict:
+    """Towers of different widths joined by connectors (runtime.connect): a ViT (5 tokens x 32) feeds a llama (48
+    wide, 9 positions: the 5 image tokens projected, then 4 text tokens of its own) that learns to caption; in a
+    second task the same two feed a scorer (an mlp, 16 wide, 1 position: the llama's 9 tokens projected and
+    averaged), a reward model's shape."""
+    return {
+        "name": "connectors",
+        "cluster": {"num_nodes": 1, "devices_per_node": num_devices, "device": "cpu"},
+        "components": {
+            "img": {"kind": "vit", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "patch_size": 4,
+                    "image_size": 8, "in_channels": 3},
+            "lm": {"kind": "llama", "num_layers": 2, "hidden_size": 48, "num_heads": 4, "num_kv_heads": 2,
+                   "seq_len": 9, "vocab_size": 20},
+            "score": {"kind": "mlp", "num_layers": 2, "hidden_size": 16, "seq_len": 1},
+        },
+        "tasks": [
+            {"name": "caption", "batch_size": 8, "loss": "lm", "components": [{"component": "img"}, {"component": "lm"}]},
+            {"name": "rate", "batch_size": 4, "loss": "mse",
+             "components": [{"component": "img"}, {"component": "lm"}, {"component": "score"}]},
+        ],
+        "training": {"steps": steps, "lr": 1e-2, "seed": 7},
+        "planner": {"time_limit_s": 2},
+    }
+
+
 def diffusion_job(num_devices: int, steps: int = 3) -> dict:
     """A text encoder shared by a caption classifier and a text-conditioned UNet (noise prediction at two latent
     sizes: the UNet's parameters serve both), plus an unconditioned UNet of its own."""

@@ -17,7 +17,7 @@ from planner.spec import parse_job
 from runtime.assignment import CommSchedule
 
 from _equivalence import STEPS, check_equivalence  # tests/integration/_equivalence.py
-from _jobs import decoder_job, diffusion_job, fusion_job, two_task_job  # tests/integration/_jobs.py
+from _jobs import connector_job, decoder_job, diffusion_job, fusion_job, two_task_job  # tests/integration/_jobs.py
 
 
 def tiny_job(num_devices: int) -> dict:
@@ -155,10 +155,10 @@ def test_worker_state_round_trip_resumes_exactly(tmp_path):
     plan = plan_job(job, with_baselines=False).plan
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
-        first = WaveWorker(job, plan, 0, Groups.create(plan))
+        first = WaveWorker(job, plan, 0, Groups.create(job, plan))
         first.train_step(0)
         saved = first.state_dict()
-        second = WaveWorker(job, plan, 0, Groups.create(plan))
+        second = WaveWorker(job, plan, 0, Groups.create(job, plan))
         second.load_state_dict(saved)
         assert first.train_step(1) == second.train_step(1)
         for name, tensor in first.named_parameters().items():
@@ -214,3 +214,22 @@ def test_recomputed_components_train_exactly_as_without(tmp_path):
     ])
     assert all(op.recompute for op in build_metagraph(job).metaops if op.component == "txt")
     check_equivalence(job, plan, tmp_path)  # the reference runs without recompute
+
+
+def test_connectors_between_towers_of_different_widths_equal_single_process(tmp_path):
+    data = connector_job(4, STEPS)
+    data["components"]["lm"]["tensor_parallel"] = [2]  # the projector and text embedding feed a TP=2 llama
+    job = parse_job(data)
+    plan = plan_from_waves(job, [
+        [("caption.img", 2, 2), ("rate.img", 2, 2)],
+        [("caption.lm", 1, 4)],  # dp 2 x tp 2; its second layer runs in the next wave, rows re-split
+        [("caption.lm", 1, 2), ("rate.lm", 2, 2)],
+        [("rate.score", 2, 4)],
+    ])
+    assert {s.tp_degree for w in plan.waves[1:3] for s in w.slices} == {2}
+    check_equivalence(job, plan, tmp_path)
+
+
+def test_planner_plan_with_connectors_equals_single_process(tmp_path):
+    job = parse_job(connector_job(2, STEPS))
+    check_equivalence(job, plan_job(job, with_baselines=False).plan, tmp_path)

@@ -39,7 +39,7 @@ def plan():
 
 def test_a_gradient_is_final_after_the_earliest_wave_that_runs_it():
     p = plan()
-    holders = device_sets_for_sync(p, CommSchedule(p))
+    holders = device_sets_for_sync(JOB, p, CommSchedule(p))
     ready = sync_ready_waves(p, holders)
     by_name = {}
     for (name, layer, _), wave in ready.items():

@@ -1,0 +1,141 @@
+"""Connectors: how a use reads the outputs feeding it when their shapes differ from its own.
+
+A use fed by other uses reads their outputs ``(B, S_i, H_i)`` as they are when the shapes agree (one input
+of the use's shape, or a fusion whose inputs have the use's width and together its length). Otherwise, at
+the first layer of a use of a non-bridge kind (transformer, llama, vit, mlp) declared with ``S`` positions
+of width ``H``, a connector does what multimodal models put between their towers:
+
+1. every input of another width is projected to ``H`` by a learned ``Linear(H_i, H)`` (a vision-language
+   model's projector), one per input width, shared by every use of the component fed at that width
+   (module ``adapt:<component>``, :class:`InputAdapter`);
+2. the inputs are concatenated along the sequence in ``after:`` order: ``T = sum S_i`` positions;
+3. ``T > S``: they are average-pooled to ``S`` positions (adaptive average pooling; ``S = 1`` is the mean,
+   e.g. a reward head on a language model's sequence);
+   ``T < S``: the use's own ``S - T`` text tokens follow them, embedded by the component's token
+   embedding (``embed:<component>``; the data draws their ids as a root's): a multimodal LLM's input,
+   image tokens then text. Only token kinds (transformer, llama) have text; for vit and mlp uses this
+   is a SpecError (runtime.checks).
+
+Decoders and unet2d uses (:data:`BRIDGE_KINDS`) are not connected here: their input module takes the
+upstream output as what they attend to (runtime.embeddings). The planner prices a use at its declared
+shape; a connector's projection is not priced (a ``T x H_i x H`` matmul, small beside the layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from planner.components import resolve_shape, upstream_indices, use_shape
+from planner.metagraph import MetaGraph, MetaOp
+from planner.spec import JobSpec
+from runtime.modules import build_initialised, freeze_if, layer_seed
+
+BRIDGE_KINDS = ("decoder", "unet2d")  # kinds whose input module also reads the upstream output of a non-root use
+TEXT_KINDS = ("transformer", "llama")  # non-bridge kinds that can add their own text tokens after their inputs
+
+
+@dataclass(frozen=True)
+class Connection:
+    """What feeds the first layer of a non-root use of a non-bridge kind: each input's output ``(positions, width)``
+    in ``after:`` order, and the use's declared ``seq_len`` and ``width``."""
+
+    inputs: tuple[tuple[int, int], ...]
+    seq_len: int
+    width: int
+
+    @property
+    def positions(self) -> int:
+        return sum(s for s, _ in self.inputs)
+
+    @property
+    def projected(self) -> bool:
+        """Whether some input has another width (the use needs its ``adapt:`` module)."""
+        return any(w != self.width for _, w in self.inputs)
+
+    @property
+    def text_len(self) -> int:
+        """The use's own text tokens after its inputs (0 unless its inputs are shorter than it)."""
+        return max(self.seq_len - self.positions, 0)
+
+    @property
+    def plain(self) -> bool:
+        """Whether the inputs are read as they are (concatenated when several)."""
+        return not self.projected and self.positions == self.seq_len
+
+
+def use_index(job: JobSpec, op: MetaOp) -> tuple[int, int]:
+    """(task index, use index) of MetaOp ``op``'s use."""
+    t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
+    return t, next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
+
+
+def output_shape(job: JobSpec, task_index: int, use_index_: int) -> tuple[int, int]:
+    """(positions, width) of a (non-unet2d) use's output: its sequence (a decoder's stream, then its memory)."""
+    shape = use_shape(job, task_index, use_index_)
+    comp = job.components[job.tasks[task_index].components[use_index_].component]
+    positions = shape.seq_len + (shape.cross_len or 0) if comp.kind == "decoder" else shape.seq_len
+    return positions, comp.hidden_size
+
+
+def connection(job: JobSpec, task_index: int, use_index_: int) -> Connection | None:
+    """The :class:`Connection` of a use; None for a root use and for a use of a bridge kind."""
+    use = job.tasks[task_index].components[use_index_]
+    comp = job.components[use.component]
+    ups = upstream_indices(job, task_index, use_index_)
+    if not ups or comp.kind in BRIDGE_KINDS:
+        return None
+    shape = resolve_shape(comp, use.component, use, f"tasks[{task_index}].components[{use_index_}]")
+    return Connection(tuple(output_shape(job, task_index, u) for u in ups), shape.seq_len, comp.hidden_size)
+
+
+def op_connection(job: JobSpec, graph: MetaGraph, op: MetaOp) -> Connection | None:
+    """The connection ``op`` applies: its use's, when ``op`` is the use's first MetaOp (fed by other uses) and the
+    inputs are not read as they are; else None."""
+    if not op.deps or graph.metaops[op.deps[0]].use == op.use:
+        return None
+    c = connection(job, *use_index(job, op))
+    return None if c is None or c.plain else c
+
+
+def adapter_widths(job: JobSpec, component: str) -> list[int]:
+    """Input widths, other than its own, at which some use of ``component`` is fed (ascending)."""
+    comp = job.components[component]
+    widths = set()
+    for t, task in enumerate(job.tasks):
+        for u, use in enumerate(task.components):
+            if use.component == component and (c := connection(job, t, u)) is not None:
+                widths.update(w for _, w in c.inputs if w != comp.hidden_size)
+    return sorted(widths)
+
+
+class InputAdapter(nn.Module):
+    """``Linear(H_in, H)`` per input width ``H_in`` of a component's connectors; ``forward`` picks it by the last dim."""
+
+    def __init__(self, widths: list[int], hidden_size: int):
+        super().__init__()
+        self.proj = nn.ModuleDict({str(w): nn.Linear(w, hidden_size) for w in widths})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj[str(x.shape[-1])](x)
+
+
+def build_adapter(job: JobSpec, component: str) -> InputAdapter:
+    """``adapt:<component>``: seeded by ``layer_seed(seed, component + ":adapt", 0)``, frozen with its component."""
+    comp = job.components[component]
+    module = build_initialised(lambda: InputAdapter(adapter_widths(job, component), comp.hidden_size),
+                               layer_seed(job.training.seed, component + ":adapt", 0))
+    return freeze_if(module, comp)
+
+
+def connect(c: Connection, inputs: list[torch.Tensor], adapter: nn.Module | None, text: torch.Tensor | None
+            ) -> torch.Tensor:
+    """The first layer's input ``(B, S, H)`` from ``inputs`` (in ``after:`` order) under connection ``c``: projected,
+    concatenated, then pooled to S positions or followed by ``text`` (the embedded ``(B, S - T, H)`` text tokens)."""
+    x = torch.cat([x if x.shape[-1] == c.width else adapter(x) for x in inputs], dim=1)
+    if c.positions > c.seq_len:
+        return F.adaptive_avg_pool1d(x.transpose(1, 2), c.seq_len).transpose(1, 2)
+    return torch.cat([x, text], dim=1) if c.text_len else x
