@@ -43,12 +43,20 @@ class TaskHead(nn.Module):
     :class:`runtime.data.TaskBatch` for the same samples. A head built with ``norm_width`` owns a final
     LayerNorm (:meth:`normed`) for leaf outputs of that width: the pre-LN layers leave the residual
     stream unnormalised, and a projection straight off it starts with outsized outputs and learns slowly.
+    Leaves of other widths (``leaf_widths``) are first projected to the narrowest, ``Linear(H_leaf, H_min)``
+    per token without bias, as CLIP projects each tower into one embedding space.
     """
 
-    def __init__(self, task: str, leaves: list[str], norm_width: int | None = None):
+    def __init__(self, task: str, leaves: list[str], norm_width: int | None = None,
+                 leaf_widths: dict[str, int] | None = None):
         super().__init__()
         self.task, self.leaves = task, list(leaves)
         self.norm = nn.LayerNorm(norm_width, eps=1e-5) if norm_width is not None else None
+        widths = leaf_widths or {}
+        narrowest = min(widths.values(), default=0)
+        self.project = nn.ModuleDict({str(i): nn.Linear(widths[leaf], narrowest, bias=False)
+                                      for i, leaf in enumerate(self.leaves) if widths[leaf] != narrowest}
+                                     if widths else {})
 
     def normed(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x) if self.norm is not None else x
@@ -57,14 +65,19 @@ class TaskHead(nn.Module):
         """Mean over the sequence of each (normalised) leaf output, in leaf order: ``(B, H)`` each."""
         missing = [leaf for leaf in self.leaves if leaf not in outputs]
         assert not missing, f"task {self.task}: head got no output for leaf uses {missing}"
-        return [self.normed(outputs[leaf]).mean(dim=1) for leaf in self.leaves]
+        out = []
+        for i, leaf in enumerate(self.leaves):
+            x = self.project[str(i)](outputs[leaf]) if str(i) in self.project else outputs[leaf]
+            out.append(self.normed(x).mean(dim=1))
+        return out
 
 
 class ClassifierHead(TaskHead):
     """cross_entropy: sum of the pooled normalised leaves -> ``Linear(H, 10)`` -> CE against integer labels."""
 
-    def __init__(self, task: str, leaves: list[str], hidden_size: int):
-        super().__init__(task, leaves, hidden_size)
+    def __init__(self, task: str, leaves: list[str], widths: dict[str, int]):
+        hidden_size = min(widths.values())
+        super().__init__(task, leaves, hidden_size, widths)
         self.out = nn.Linear(hidden_size, NUM_CLASSES, bias=True)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
@@ -75,8 +88,9 @@ class ClassifierHead(TaskHead):
 class RegressionHead(TaskHead):
     """mse: sum of the pooled normalised leaves -> ``Linear(H, 1)`` -> squared error against float labels."""
 
-    def __init__(self, task: str, leaves: list[str], hidden_size: int):
-        super().__init__(task, leaves, hidden_size)
+    def __init__(self, task: str, leaves: list[str], widths: dict[str, int]):
+        hidden_size = min(widths.values())
+        super().__init__(task, leaves, hidden_size, widths)
         self.out = nn.Linear(hidden_size, 1, bias=True)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
@@ -102,8 +116,8 @@ class InfoNCEHead(TaskHead):
     against all ``b`` and of ``b_i`` against all ``a``, the target being row i. Each shard scores its own rows, so
     the shards' sum is the full batch's."""
 
-    def __init__(self, task: str, leaves: list[str], hidden_size: int):
-        super().__init__(task, leaves, hidden_size)
+    def __init__(self, task: str, leaves: list[str], widths: dict[str, int]):
+        super().__init__(task, leaves, min(widths.values()), widths)
         self.logit_scale = nn.Parameter(torch.empty(()))
 
     def init_structure(self) -> None:
@@ -176,17 +190,6 @@ def _denoising_head(job: JobSpec, task_index: int, leaves: list[str]) -> Callabl
     return lambda: DenoisingHead(task.name, leaves[0], comp.hidden_size, image_channels(comp), side)
 
 
-def _leaf_width(job: JobSpec, task_index: int, leaves: list[str]) -> int:
-    """The common hidden size of the leaves; a ValueError when they differ (their pooled vectors are summed)."""
-    widths = {leaf: use_component(job, task_index, leaf)[1].hidden_size for leaf in leaves}
-    if len(set(widths.values())) > 1:
-        raise ValueError(
-            f"tasks[{task_index}] ('{job.tasks[task_index].name}'): leaf uses have different hidden sizes "
-            f"{widths}; the loss head combines them element-wise. Give them the same hidden_size."
-        )
-    return next(iter(widths.values()))
-
-
 def _next_token_args(job: JobSpec, task_index: int, leaves: list[str]) -> tuple[str, int, int, int]:
     """(use whose ids are predicted, their offset in the leaf's sequence, hidden size, vocab size) of a next-token
     task; a ValueError unless its leaf is a llama use with text of its own after other inputs, or the task is a
@@ -255,7 +258,7 @@ def build_head(job: JobSpec, task_index: int) -> TaskHead:
 def head_factory(job: JobSpec, task_index: int) -> Callable[[], TaskHead]:
     """What builds task ``task_index``'s head, after checking that the task can have one (without building it, so a
     driver can check a job cheaply). Raises ValueError for an unknown loss, a contrastive or infonce task without
-    exactly two leaves, leaves of different widths, or a unet2d leaf with another loss than mse."""
+    exactly two leaves, or a unet2d leaf with another loss than mse."""
     task = job.tasks[task_index]
     loss = check_loss(job, task_index)
     leaves = leaf_uses(job, task_index)
@@ -266,16 +269,16 @@ def head_factory(job: JobSpec, task_index: int) -> Callable[[], TaskHead]:
     if loss in ("lm", "next_token"):
         text, offset, width, vocab = _next_token_args(job, task_index, leaves)
         return lambda: NextTokenHead(task.name, leaves, text, offset, width, vocab)
-    width = _leaf_width(job, task_index, leaves)
+    widths = {leaf: use_component(job, task_index, leaf)[1].hidden_size for leaf in leaves}
     if loss == "cross_entropy":
-        return lambda: ClassifierHead(task.name, leaves, width)
+        return lambda: ClassifierHead(task.name, leaves, widths)
     if loss == "mse":
-        return lambda: RegressionHead(task.name, leaves, width)
+        return lambda: RegressionHead(task.name, leaves, widths)
     if len(leaves) != 2:
         raise ValueError(
             f"tasks[{task_index}] ('{task.name}').loss ('{loss}') needs exactly two leaf uses "
             f"(two branches, e.g. `after: []` on the second); got {leaves}."
         )
     if loss == "infonce":
-        return lambda: InfoNCEHead(task.name, leaves, width)
-    return lambda: PairedCosineHead(task.name, leaves)
+        return lambda: InfoNCEHead(task.name, leaves, widths)
+    return lambda: PairedCosineHead(task.name, leaves, leaf_widths=widths)

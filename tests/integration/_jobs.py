@@ -83,7 +83,8 @@ def connector_job(num_devices: int, steps: int = 3) -> dict:
     """Towers of different widths joined by connectors (runtime.connect): a ViT (5 tokens x 32) feeds a llama (48
     wide, 9 positions: the 5 image tokens projected, then 4 text tokens of its own) that learns to caption; in a
     second task the same two feed a scorer (an mlp, 16 wide, 1 position: the llama's 9 tokens projected and
-    averaged), a reward model's shape."""
+    averaged), a reward model's shape; a third matches images with texts the llama reads alone (a root use of it),
+    CLIP-style, the head projecting the llama's 48 to the ViT's 32."""
     return {
         "name": "connectors",
         "cluster": {"num_nodes": 1, "devices_per_node": num_devices, "device": "cpu"},
@@ -98,8 +99,10 @@ def connector_job(num_devices: int, steps: int = 3) -> dict:
             {"name": "caption", "batch_size": 8, "loss": "lm", "components": [{"component": "img"}, {"component": "lm"}]},
             {"name": "rate", "batch_size": 4, "loss": "mse",
              "components": [{"component": "img"}, {"component": "lm"}, {"component": "score"}]},
+            {"name": "match", "batch_size": 4, "loss": "infonce",
+             "components": [{"component": "img"}, {"component": "lm", "after": []}]},
         ],
-        "training": {"steps": steps, "lr": 1e-2, "seed": 7},
+        "training": {"steps": steps, "lr": 1e-3, "seed": 7},  # AdamW turns float noise into 1e-5 at 1e-2
         "planner": {"time_limit_s": 2},
     }
 

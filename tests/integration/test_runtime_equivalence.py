@@ -221,12 +221,12 @@ def test_connectors_between_towers_of_different_widths_equal_single_process(tmp_
     data["components"]["lm"]["tensor_parallel"] = [2]  # the projector and text embedding feed a TP=2 llama
     job = parse_job(data)
     plan = plan_from_waves(job, [
-        [("caption.img", 2, 2), ("rate.img", 2, 2)],
+        [("caption.img", 2, 2), ("rate.img", 2, 1), ("match.img", 2, 1)],
         [("caption.lm", 1, 4)],  # dp 2 x tp 2; its second layer runs in the next wave, rows re-split
         [("caption.lm", 1, 2), ("rate.lm", 2, 2)],
-        [("rate.score", 2, 4)],
+        [("rate.score", 2, 2), ("match.lm", 2, 2)],  # the llama as a root: token ids in, TP=2
     ])
-    assert {s.tp_degree for w in plan.waves[1:3] for s in w.slices} == {2}
+    assert {s.tp_degree for w in plan.waves[1:3] for s in w.slices} == {2} == {plan.waves[3].slices[1].tp_degree}
     check_equivalence(job, plan, tmp_path)
 
 

@@ -462,3 +462,19 @@ def test_run_layers_recompute_keeps_only_layer_inputs_and_matches() -> None:
     torch.testing.assert_close(recomputed[1], plain[1])
     for a, b in zip(recomputed[2], plain[2]):
         torch.testing.assert_close(a, b)
+
+
+def test_a_head_projects_leaves_of_other_widths_to_the_narrowest():
+    from runtime.data import TaskBatch
+    from runtime.heads import ClassifierHead
+
+    torch.manual_seed(0)
+    head = ClassifierHead("t", ["wide", "narrow"], {"wide": 32, "narrow": 16})
+    assert list(head.project) == ["0"] and head.project["0"].weight.shape == (16, 32)
+    assert head.norm.normalized_shape == (16,) and head.out.in_features == 16
+    wide, narrow = torch.randn(4, 3, 32, requires_grad=True), torch.randn(4, 5, 16)
+    loss = head({"wide": wide, "narrow": narrow}, TaskBatch({}, torch.tensor([0, 1, 2, 3]), 4)).sum()
+    loss.backward()
+    assert head.project["0"].weight.grad.abs().sum() > 0 and wide.grad.abs().sum() > 0
+    same = ClassifierHead("t", ["a", "b"], {"a": 16, "b": 16})
+    assert len(same.project) == 0  # equal widths: no projection, the same parameters as before
