@@ -209,7 +209,8 @@ def layer_tp_degrees(plan: Plan, schedule: CommSchedule) -> dict[tuple[str, int]
     return degrees
 
 
-def device_sets_for_sync(job: JobSpec, plan: Plan, schedule: CommSchedule) -> dict[tuple[str, int, int], tuple[int, ...]]:
+def device_sets_for_sync(job: JobSpec, plan: Plan, schedule: CommSchedule
+                         ) -> dict[tuple[str, int, int], tuple[int, ...]]:
     """For every parameter shard: the devices whose gradients of it are summed.
 
     Keys ``(name, layer, shard)``: ``(param_group, layer, tp rank)`` for layers (each TP rank holds its own

@@ -113,7 +113,7 @@ def adapter_widths(job: JobSpec, component: str) -> list[int]:
 
 
 class InputAdapter(nn.Module):
-    """``Linear(H_in, H)`` per input width ``H_in`` of a component's connectors; ``forward`` picks it by the last dim."""
+    """``Linear(H_in, H)`` per input width ``H_in`` of a component's connectors; ``forward`` picks by the last dim."""
 
     def __init__(self, widths: list[int], hidden_size: int):
         super().__init__()

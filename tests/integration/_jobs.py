@@ -96,7 +96,8 @@ def connector_job(num_devices: int, steps: int = 3) -> dict:
             "score": {"kind": "mlp", "num_layers": 2, "hidden_size": 16, "seq_len": 1},
         },
         "tasks": [
-            {"name": "caption", "batch_size": 8, "loss": "lm", "components": [{"component": "img"}, {"component": "lm"}]},
+            {"name": "caption", "batch_size": 8, "loss": "lm",
+             "components": [{"component": "img"}, {"component": "lm"}]},
             {"name": "rate", "batch_size": 4, "loss": "mse",
              "components": [{"component": "img"}, {"component": "lm"}, {"component": "score"}]},
             {"name": "match", "batch_size": 4, "loss": "infonce",
