@@ -403,16 +403,12 @@ class Driver:
 def check_runnable_job(job: JobSpec, options: RunOptions) -> None:
     """A RunInputError unless ``loom run`` can train ``job``: losses and chains the runtime runs and, unless it
     joins a cluster with ``--address``, CPU devices (the embedded cluster is this machine's CPUs)."""
-    from planner.metagraph import build_metagraph
-    from runtime.checks import check_runnable
-    from runtime.heads import head_factory
+    from runtime.checks import check_trainable
 
     if not options.address:
         check_cpu_device(job.cluster.device, "cluster.device")
     try:
-        for t in range(len(job.tasks)):
-            head_factory(job, t)  # the loss and what its head needs, checked without building it
-        check_runnable(job, build_metagraph(job))
+        check_trainable(job)
     except ValueError as exc:
         raise RunInputError(str(exc)) from None
 

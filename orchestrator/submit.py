@@ -232,7 +232,8 @@ def submit_job(job_path: str | Path, address: str, *, plan: str | Path | None = 
                runtime_env: dict[str, Any] | None = None, entrypoint: str | None = None) -> str:
     """Validate the job (and plan) here, then submit ``loom run`` for it to the cluster; return the job id.
 
-    Nothing is sent when the spec or plan is invalid: the SpecError is exactly `loom validate`'s.
+    Nothing is sent when the spec or plan is invalid (the SpecError is exactly `loom validate`'s) or, for the
+    default entrypoint, when ``loom run`` would refuse the job (its one-line error, as a SubmitError).
     Without a ``working_dir`` in ``runtime_env``, a temporary directory holding only the job file
     and the plan is shipped (Ray uploads it during the call, so it is deleted right after). With
     one, the job file and plan must lie inside it and the entrypoint names them relative to it.
@@ -243,6 +244,8 @@ def submit_job(job_path: str | Path, address: str, *, plan: str | Path | None = 
     plan_path = Path(plan) if plan is not None else None
     if plan_path is not None:
         _check_plan(plan_path, job_path, job)
+    if entrypoint is None:
+        _check_trainable(job)
     url = check_address(address)
     env = dict(runtime_env or {})
     with contextlib.ExitStack() as stack:
@@ -264,6 +267,16 @@ def submit_job(job_path: str | Path, address: str, *, plan: str | Path | None = 
                                        metadata={"loom_job": job.name})
     log.info("submitted job '%s' as %s to %s: %s", job.name, job_id, url, command)
     return job_id
+
+
+def _check_trainable(job: JobSpec) -> None:
+    """``loom run``'s own check of the job (losses, shapes between uses), here rather than on the cluster."""
+    from runtime.checks import check_trainable
+
+    try:
+        check_trainable(job)
+    except ValueError as exc:
+        raise SubmitError(f"loom run would refuse this job: {exc}") from None
 
 
 def _stage(staging: Path, job_path: Path, plan_path: Path | None) -> tuple[str, str | None]:

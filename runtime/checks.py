@@ -26,6 +26,18 @@ def feature_shape(job: JobSpec, op: MetaOp, boundary: int | None = None) -> tupl
     return output_shape(job, t, u)
 
 
+def check_trainable(job: JobSpec) -> None:
+    """What ``loom run`` checks of a job before any worker starts: every task's loss and what its head needs
+    (runtime.heads.head_factory, without building it), then :func:`check_runnable`. A ValueError (a SpecError
+    among them) names the task or use and the fix."""
+    from planner.metagraph import build_metagraph
+    from runtime.heads import head_factory
+
+    for t in range(len(job.tasks)):
+        head_factory(job, t)
+    check_runnable(job, build_metagraph(job))
+
+
 def check_runnable(job: JobSpec, graph: MetaGraph) -> None:
     """Raise SpecError when a use's inputs cannot become what it is declared to read. A use of a non-bridge kind
     reads its inputs through a connector when their shapes differ from its own (runtime.connect: projection,

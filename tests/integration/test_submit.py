@@ -300,6 +300,11 @@ def test_bad_spec_is_refused_before_submission(client_env: RayHead, tmp_path: Pa
     outside = loom(head, "submit", str(tmp_path / "good.yaml"), "--address", head.url,
                    "--working-dir", str(tmp_path / "wd"))
     one_error_line(outside, "is not inside the working directory")
+    untrainable = tmp_path / "untrainable.yaml"  # a valid spec whose loss the runtime does not run
+    untrainable.write_text(JOB.replace("{name: b, batch_size: 2,", "{name: b, batch_size: 2, loss: dpo,"))
+    assert loom(head, "validate", str(untrainable)).exit_code == 0
+    refused = loom(head, "submit", str(untrainable), "--address", head.url)
+    one_error_line(refused, "loom run would refuse this job: tasks[1] ('b').loss ('dpo') is not run by the runtime")
     assert count_jobs(head) == before  # nothing reached the cluster
 
 
