@@ -62,7 +62,7 @@ class TaskHead(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
     def pooled(self, outputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Mean over the sequence of each (normalised) leaf output, in leaf order: ``(B, H)`` each."""
+        """Mean over the sequence of each (projected, normalised) leaf output, in leaf order: ``(B, H)`` each."""
         missing = [leaf for leaf in self.leaves if leaf not in outputs]
         assert not missing, f"task {self.task}: head got no output for leaf uses {missing}"
         out = []
