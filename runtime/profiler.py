@@ -288,7 +288,8 @@ LINK_BYTES = (1 << 14, 1 << 18, 1 << 20, 1 << 22)  # message sizes the link curv
 LINK_REPEATS = 25  # a message takes about a millisecond, and single samples on a shared host vary a lot
 
 
-def profile_links(repeats: int = 5, warmup: int = 2) -> dict[str, list[list[float]]]:
+def profile_links(repeats: int = 5, warmup: int = 2, sizes: tuple[int, ...] = LINK_BYTES
+                  ) -> dict[str, list[list[float]]]:
     """``{"p2p": [[bytes, s], ...], "allreduce": [[bytes, s], ...]}``: median seconds of one message
     (``batch_isend_irecv``, as the runtime's transfers) and of one all-reduce (as its gradient sync) between two
     gloo worker processes on this host, one thread each; per size, the slower of the two ranks, and never more
@@ -296,11 +297,11 @@ def profile_links(repeats: int = 5, warmup: int = 2) -> dict[str, list[list[floa
     from runtime.local_world import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_time_links, args=(free_port(), repeats, warmup, tmp), nprocs=2, join=True)
+        mp.spawn(_time_links, args=(free_port(), repeats, warmup, sizes, tmp), nprocs=2, join=True)
         return json.loads((Path(tmp) / "links.json").read_text())
 
 
-def _time_links(rank: int, port: int, repeats: int, warmup: int, out_dir: str) -> None:
+def _time_links(rank: int, port: int, repeats: int, warmup: int, sizes: tuple[int, ...], out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     configure_worker_process()
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -321,12 +322,12 @@ def _time_links(rank: int, port: int, repeats: int, warmup: int, out_dir: str) -
                 request.wait()
 
         medians = torch.tensor([[timed(lambda x=torch.zeros(n // 4): message(x)),
-                                 timed(lambda x=torch.zeros(n // 4): dist.all_reduce(x))] for n in LINK_BYTES],
+                                 timed(lambda x=torch.zeros(n // 4): dist.all_reduce(x))] for n in sizes],
                                dtype=torch.float64)
         dist.all_reduce(medians, op=dist.ReduceOp.MAX)
         if rank == 0:
             rising = torch.cummin(medians.flip(0), dim=0).values.flip(0)  # a spike at one size: take a larger one's
-            out = {kind: [[n, float(rising[i, j])] for i, n in enumerate(LINK_BYTES)]
+            out = {kind: [[n, float(rising[i, j])] for i, n in enumerate(sizes)]
                    for j, kind in enumerate(("p2p", "allreduce"))}
             (Path(out_dir) / "links.json").write_text(json.dumps(out))
     finally:
