@@ -22,7 +22,9 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -50,14 +52,17 @@ class WaveActor:
         self.job_json, self.plan_json = job_json, plan_json
         self.rank, self.world_size, self.use_gpu = rank, world_size, use_gpu
         self.worker = None
+        self.channel = None
 
     def endpoint(self) -> tuple[str, int]:
         """(this node's IP, a free port on it): rank 0's answer is the rendezvous address on a real cluster."""
         host = ray.util.get_node_ip_address()
         return host, free_port(host)
 
-    def setup(self, master_addr: str, master_port: int) -> int:
+    def setup(self, master_addr: str, master_port: int, peers: list | None = None, store_from_bytes: int = 0) -> int:
         """Collective: join the default gloo group, build the plan's sub-groups and the worker; returns the pid.
+        With ``peers`` (every rank's actor, in rank order) and ``store_from_bytes`` > 0, a CPU worker moves pieces
+        of that size and more through the object store (:class:`ObjectStoreChannel`).
 
         ValueError or NotImplementedError from the worker mean the job or plan cannot run (user input)."""
         import torch
@@ -75,8 +80,14 @@ class WaveActor:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         dist.init_process_group(backend_for(device), rank=self.rank, world_size=self.world_size, timeout=GLOO_TIMEOUT)
         plan = plan_from_json(self.plan_json)
-        self.worker = WaveWorker(job, plan, self.rank, Groups.create(job, plan), device)
+        if peers and store_from_bytes > 0 and device.type == "cpu":  # NCCL moves GPU pieces faster than any store
+            self.channel = ObjectStoreChannel(peers, store_from_bytes)
+        self.worker = WaveWorker(job, plan, self.rank, Groups.create(job, plan), device, self.channel)
         return os.getpid()
+
+    def fetch(self, key) -> object:
+        """A piece this rank posted to its :class:`ObjectStoreChannel` (waits for it): another rank's ``take``."""
+        return self.channel.fetch(key, GLOO_TIMEOUT.total_seconds())
 
     def train_step(self, step: int) -> dict:
         """Collective: one training step. Returns {"losses": {task: mean loss}, "seconds": time in this call,
@@ -114,11 +125,42 @@ class WaveActor:
             dist.destroy_process_group()
 
 
+class ObjectStoreChannel:
+    """runtime.channel.PieceChannel over Ray's object store. ``post`` keeps the piece in this rank's mailbox; a
+    consumer's ``take`` calls the producer's :meth:`WaveActor.fetch`, whose return value Ray hands over through
+    the object store (on one host the consumer reads it in place, without a copy)."""
+
+    def __init__(self, peers: list, min_bytes: int):
+        self.peers, self.min_bytes = peers, min_bytes
+        self._mailbox: dict = {}
+        self._posted = threading.Condition()
+
+    def post(self, key, tensor) -> None:
+        with self._posted:
+            self._mailbox[key] = tensor.detach().cpu().numpy()  # shares the tensor's memory and keeps it alive
+            self._posted.notify_all()
+
+    def fetch(self, key, timeout_s: float):
+        with self._posted:
+            if not self._posted.wait_for(lambda: key in self._mailbox, timeout=timeout_s):
+                raise TimeoutError(f"piece {key} was not posted within {timeout_s:g} s; a peer may be gone")
+            return self._mailbox.pop(key)
+
+    def take(self, src: int, key):
+        import torch
+
+        array = ray.get(self.peers[src].fetch.remote(key))
+        with warnings.catch_warnings():  # a read-only view of the shared-memory object; the executor only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(array)
+
+
 def create_actors(job_json: str, plan_json: str, world_size: int, num_cpus_per_actor: float = 1.0,
                   num_gpus_per_actor: float = 0) -> list:
-    """One :class:`WaveActor` handle per rank (creation is asynchronous; call ``setup`` next)."""
+    """One :class:`WaveActor` handle per rank (creation is asynchronous; call ``setup`` next). Each actor runs its
+    calls in threads: ``train_step`` and, beside it, one ``fetch`` per peer (object-store pieces)."""
     remote = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor, max_restarts=0,
-                        max_task_retries=0)(WaveActor)
+                        max_task_retries=0, max_concurrency=world_size + 1)(WaveActor)
     return [remote.remote(job_json, plan_json, rank, world_size, num_gpus_per_actor > 0) for rank in range(world_size)]
 
 

@@ -325,6 +325,12 @@ def run(
     address: Annotated[str | None, typer.Option(
         "--address", metavar="ADDR", help="Join this Ray cluster (host:port) instead of starting an embedded one.",
     )] = None,
+    object_store_from: Annotated[float | None, typer.Option(
+        "--object-store-from", metavar="MIB", min=0,
+        help="Move activation pieces of at least MIB MiB between CPU workers through Ray's object store instead of "
+             "gloo point-to-point (0: never). Default 32: where it became cheaper on a 2-core host "
+             "(bench/results/transfer.md).",
+    )] = None,
     verbose: Verbose = False,
 ) -> None:
     """Train a job on CPU workers: one Ray actor per device of its plan, with metrics and checkpoints.
@@ -334,7 +340,7 @@ def run(
     """
     from planner.plan import load_plan
     from planner.spec import load_job
-    from orchestrator.run import RunFailed, RunOptions, run_job, summary_lines
+    from orchestrator.run import OBJECT_STORE_FROM_BYTES, RunFailed, RunOptions, run_job, summary_lines
 
     configure_logging(verbose)
     job = load_job(job_path, cluster)
@@ -342,7 +348,9 @@ def run(
         raise typer.BadParameter("--costs plans the job; with --plan the plan is given. Use one of them.")
     given_plan = load_plan(plan_path) if plan_path is not None else None
     options = RunOptions(steps=steps, out_dir=out, metrics_port=metrics_port, checkpoint_every=checkpoint_every,
-                         resume=resume, address=address, costs=costs)
+                         resume=resume, address=address, costs=costs,
+                         object_store_from_bytes=OBJECT_STORE_FROM_BYTES if object_store_from is None
+                         else int(object_store_from * 1024**2))
     try:
         result = run_job(job, given_plan, options=options)
     except RunFailed as exc:

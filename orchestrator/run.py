@@ -44,6 +44,9 @@ PLAN_FILE = "plan.json"
 STEP_LOG_FILE = "metrics.jsonl"
 LOGS_DIR = "logs"
 SETUP_TIMEOUT_S = 300.0
+# pieces from this size on move between CPU workers through Ray's object store: cheaper than gloo from 32 MiB on one
+# host (bench/results/transfer.md: 0.40x at 32 MiB, 2.4x dearer at 16 MiB)
+OBJECT_STORE_FROM_BYTES = 32 * 1024**2
 STARTING = "while starting"  # what a worker was doing when setup failed: its job errors are user errors
 
 
@@ -67,6 +70,7 @@ class RunOptions:
     address: str | None = None  # join this Ray cluster instead of starting an embedded one
     costs: Path | None = None  # plan with this profiled cost file (`loom profile`) instead of the analytic model
     collect_parameters: bool = False  # return every rank's final parameters in RunResult (tests)
+    object_store_from_bytes: int = OBJECT_STORE_FROM_BYTES  # CPU pieces this large and larger: object store (0: never)
     setup_timeout_s: float = SETUP_TIMEOUT_S
 
 
@@ -279,7 +283,8 @@ class Driver:
             host, port = self.gather_one(self.actors[0].endpoint.remote(), 0, STARTING)
         start = time.perf_counter()
         try:
-            self.gather(lambda a, r: a.setup.remote(host, port), STARTING, timeout=self.options.setup_timeout_s)
+            self.gather(lambda a, r: a.setup.remote(host, port, self.actors, self.options.object_store_from_bytes),
+                        STARTING, timeout=self.options.setup_timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise RunFailed(
                 f"the {self.world_size} workers did not start within {self.options.setup_timeout_s:g} s; "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,6 +37,7 @@ from runtime.embeddings import build_input_module, first_input, input_modules
 from runtime.heads import build_head
 from runtime.modules import build_layer, build_optimizer, is_token_decoder, layer_kwargs, llama_ffn_size, run_layers
 from runtime.steps import GradBucket, Lap, StepTiming, sync_ready_waves
+from runtime.channel import PieceChannel, piece_key
 from runtime.zero import ShardedAdamW
 
 log = logging.getLogger(__name__)
@@ -62,8 +64,9 @@ class WaveWorker:
     modules live and compute (a CUDA device with an NCCL default group, or the CPU with gloo)."""
 
     def __init__(self, job: JobSpec, plan: Plan, rank: int, groups: Groups | None = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", channel: PieceChannel | None = None):
         self.job, self.plan, self.rank, self.groups = job, plan, rank, groups
+        self.channel = channel  # large pieces go through it instead of point-to-point (runtime.channel)
         self.device = torch.device(device)
         self.graph = build_metagraph(job)
         check_runnable(job, self.graph)
@@ -156,7 +159,7 @@ class WaveWorker:
         parameters is done (:func:`sync_ready_waves`) and overlaps the rest of backward; AdamW waits for all
         of them. Where this device's time went is left in :attr:`last_timing`; with ``keep_gradients`` the
         synchronised gradients AdamW steps with are left in :attr:`last_gradients` (as :meth:`named_gradients`)."""
-        lap, st = Lap(self.device), _StepState(self.device)
+        lap, st = Lap(self.device), _StepState(self.device, step)
         timing = StepTiming([0.0] * len(self.plan.waves), [0.0] * len(self.plan.waves))
         for wave in range(len(self.plan.waves)):
             self._exchange(wave, st, forward=True)
@@ -282,24 +285,36 @@ class WaveWorker:
         else:
             targets, recvs = self.comm.backward_pieces_for(wave, self.rank)
             peers = [(p, p.dst) for p in recvs]
-        ops, landing = [], []
+        ops, landing, taken = [], [], []
         for p, target in targets:
             tensor = self._piece_tensor(p, st, forward)
             if target == self.rank:
                 landing.append((p, tensor.clone()))
+            elif self._by_channel(p):
+                self.channel.post(piece_key(st.step, forward, p, target), tensor.contiguous())
             else:
                 ops.append(dist.P2POp(dist.isend, tensor.contiguous(), target))
         for p, peer in peers:
             if peer == self.rank:
                 continue  # landed by the send loop
+            if self._by_channel(p):
+                taken.append((p, peer))
+                continue
             buf = torch.empty((p.stop - p.start, *self._feature(p)), device=self.device)
             ops.append(dist.P2POp(dist.irecv, buf, peer))
             landing.append((p, buf))
         if ops:
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
+        landing += [(p, self.channel.take(peer, piece_key(st.step, forward, p, self.rank))) for p, peer in taken]
         for p, tensor in landing:
             self._land(p, tensor, st, forward)
+
+    def _by_channel(self, p: Piece) -> bool:
+        """Whether piece ``p`` (or its gradient: the same size) moves through the channel: one of at least its
+        ``min_bytes`` (float32 rows), a function of the plan, so both ends agree."""
+        return (self.channel is not None
+                and (p.stop - p.start) * math.prod(self._feature(p)) * 4 >= self.channel.min_bytes)
 
     def _feature(self, p: Piece) -> tuple[int, ...]:
         """Per-sample shape of the piece's rows: the producer slice's output (a function of the plan: computed once)."""
@@ -422,8 +437,8 @@ class WaveWorker:
 class _StepState:
     """Tensors of one step on one device, keyed by slice."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, step: int):
+        self.device, self.step = device, step
         self.outputs: dict[SliceRef, torch.Tensor] = {}  # y of my slices (my dp rows)
         self.inputs: dict[tuple[SliceRef, int], torch.Tensor] = {}  # autograd leaves fed to my slices, by input
         # received rows (first row, tensor) by ("slice", consumer, input) or ("loss", leaf slice)

@@ -31,8 +31,11 @@ from orchestrator.checkpoint import latest_complete, mark_complete, rank_file, s
 from orchestrator.cli import app
 from orchestrator.metrics import LogReporter, StepRecord, read_step_log
 from orchestrator.run import Driver, RunOptions, run_job
-from planner.api import plan_job
+from planner.api import plan_job, plan_schedule
+from planner.metagraph import build_metagraph
+from planner.schedule import Schedule, Slice, Wave
 from planner.spec import parse_job
+from runtime.assignment import CommSchedule
 from runtime.reference import ReferenceTrainer
 
 from _jobs import diffusion_job, two_task_job  # tests/integration/_jobs.py
@@ -219,6 +222,28 @@ def test_ray_workers_train_unets_as_one_process_does(ray_session, tmp_path):
     for record in result.records:
         for task, value in reference.train_step(record.step).items():
             assert record.loss[task] == pytest.approx(value, rel=1e-5), (record.step, task)
+
+
+def test_pieces_through_the_object_store_train_as_one_process_does(ray_session, job, tmp_path):
+    # every piece that changes device takes the object store (threshold 1 byte), forward and backward: the image
+    # tower's rows re-split from one device to two, the audio tower's output to the loss host
+    ids = {op.name: op.id for op in build_metagraph(job).metaops}
+    waves = [[("caption.img", 2, 1), ("align.aud", 2, 1)], [("caption.txt", 2, 2)], [("align.txt", 2, 2)]]
+    plan = plan_schedule(job, Schedule(tuple(Wave(tuple(Slice(ids[n], layers, k) for n, layers, k in w))
+                                             for w in waves)), method="hand-made")
+    schedule = CommSchedule(plan)
+    assert sum(p.src != p.dst for pieces in schedule.forward_pieces.values() for p in pieces) >= 2
+    result = run_job(job, plan, options=RunOptions(steps=3, out_dir=tmp_path, object_store_from_bytes=1,
+                                                   collect_parameters=True))
+    reference = ReferenceTrainer(job)
+    for record in result.records:
+        for task, value in reference.train_step(record.step).items():
+            assert record.loss[task] == pytest.approx(value, rel=1e-5), (record.step, task)
+    want = reference.named_parameters()
+    for rank, params in result.parameters.items():
+        for name, tensor in params.items():
+            err = float((tensor - want[name]).norm() / want[name].norm().clamp_min(1e-12))
+            assert err <= 1e-5, (rank, name, err)
 
 
 class ScrapingReporter(LogReporter):
