@@ -10,7 +10,9 @@ at once: that call joins the gloo default group (rendezvous at ``master_addr:mas
 collective), builds the plan's sub-groups and the worker. After that every method is one
 collective step of the run, called on every actor: ``train_step``, ``save``, ``load``. Worker
 logic stays in :mod:`runtime.executor`; this module only moves values across the Ray boundary
-(JSON for the job and plan, plain dicts for results).
+(JSON for the job and plan, plain dicts for results) and, for large activation pieces between CPU
+workers, through the object store (:class:`ObjectStoreChannel`: peers call ``fetch`` while the
+actor's ``train_step`` runs, so actors run their calls in threads).
 
 Imports torch and runtime lazily, inside the actor process: the driver only needs the class.
 """

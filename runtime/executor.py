@@ -31,13 +31,13 @@ from runtime.assignment import (
     LOSS_WAVE, CommSchedule, Piece, SliceRef, device_sets_for_sync, distinct_groups, dp_rank_of, input_order,
     is_lead, layer_tp_degrees, loss_groups, sample_range, tp_group_of, tp_groups,
 )
+from runtime.channel import PieceChannel, piece_key
 from runtime.checks import check_plan_matches_job, check_runnable, feature_shape
 from runtime.data import TaskBatch, synthetic_batch
 from runtime.embeddings import build_input_module, first_input, input_modules
 from runtime.heads import build_head
 from runtime.modules import build_layer, build_optimizer, is_token_decoder, layer_kwargs, llama_ffn_size, run_layers
 from runtime.steps import GradBucket, Lap, StepTiming, sync_ready_waves
-from runtime.channel import PieceChannel, piece_key
 from runtime.zero import ShardedAdamW
 
 log = logging.getLogger(__name__)
