@@ -216,8 +216,9 @@ class CostModel:
 
     # ---- work outside the layers (0 unless measured: see ProfiledCostModel)
     def embed_time(self, op: MetaOp, local_batch: int) -> float:
-        """Seconds one device of a root MetaOp's first slice spends per step on ``local_batch`` samples before and
-        after its layers: drawing the data and its embedding's forward and backward."""
+        """Seconds one device of a MetaOp's first slice spends per step on ``local_batch`` samples before and after
+        its layers: drawing the data and its input modules' forward and backward (a root's embedding, a bridge,
+        a connector)."""
         return 0.0
 
     def head_time(self, task: str, local_batch: int) -> float:
@@ -343,8 +344,8 @@ class ProfiledCostModel(CostModel):
 class MeasuredCosts:
     """What ``loom profile`` measures besides the layers; every curve is sorted (x, seconds) points.
 
-    ``embed``: per root MetaOp name, (local batch, s) of drawing its data and its embedding's forward and
-    backward on one device. ``head``: per task, (local batch, s) of its loss head forward and backward on
+    ``embed``: per MetaOp name with input modules (a root's embedding, a bridge, a connector), (local batch, s) of
+    drawing its data and those modules' forward and backward on one device. ``head``: per task, (local batch, s) of its loss head forward and backward on
     one loss device. ``optimizer_s_per_param``: AdamW seconds per parameter a device holds (None: not
     measured). ``p2p``, ``allreduce`` and ``allgather``: (bytes, s) of one message, of one all-reduce and of
     one all-gather (bytes gathered in all) between two worker processes of one node (empty: not measured).

@@ -269,11 +269,12 @@ def backward_ends(phases: Sequence[Phase], start: float = 0.0) -> tuple[list[flo
 
 
 def slice_seconds(problem: Problem, s: PlacedSlice, cost_model: CostModel | None = None) -> float:
-    """Compute seconds of one slice: ``curve.time(n) * layers``, plus the data and embedding of a root MetaOp's
-    first slice on each of its devices when ``cost_model`` is given (:meth:`CostModel.embed_time`)."""
+    """Compute seconds of one slice: ``curve.time(n) * layers``, plus, when ``cost_model`` is given, what a MetaOp's
+    first slice runs before its layers on each of its devices (:meth:`CostModel.embed_time`: a root's data and
+    embedding, a bridge's or connector's input modules; 0 where not measured)."""
     op = problem.graph.metaops[s.metaop]
     seconds = problem.curves[s.metaop].time(len(s.devices)) * s.num_layers
-    if cost_model is not None and s.first_layer == 0 and not op.deps:
+    if cost_model is not None and s.first_layer == 0:
         seconds += cost_model.embed_time(op, op.batch_size // s.layout.dp_degree)
     return seconds
 

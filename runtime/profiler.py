@@ -39,7 +39,8 @@ from planner.metagraph import MetaOp, build_metagraph
 from planner.spec import JobSpec
 from runtime.data import synthetic_batch
 from runtime.checks import feature_shape
-from runtime.embeddings import build_embed, use_input
+from runtime.assignment import input_order
+from runtime.embeddings import build_input_module, first_input, input_modules
 from runtime.heads import build_head
 from runtime.host import configure_worker_process, worker_device
 from runtime.modules import build_layer, build_optimizer, layer_kwargs
@@ -210,24 +211,35 @@ def _median_seconds(run: Callable[[], None], repeats: int, warmup: int,
 
 def time_embeddings(job: JobSpec, repeats: int, warmup: int,
                     device: torch.device = torch.device("cpu")) -> dict[str, list[list[float]]]:
-    """Per root MetaOp (by name): median seconds of drawing its task's data and running its embedding forward and
-    backward (backward only when the embedding trains), at every local batch the planner can ask for."""
+    """Per MetaOp whose first layer runs input modules (runtime.embeddings.input_modules: a root's embedding, a
+    decoder's or UNet's bridge, a connector), by name: median seconds of drawing its task's data and running those
+    modules forward and backward (backward only when they train) on inputs of its producers' output shapes, at
+    every local batch the planner can ask for."""
+    graph = build_metagraph(job)
     index = {t.name: i for i, t in enumerate(job.tasks)}
-    embeds: dict[str, torch.nn.Module] = {}
+    modules: dict[str, torch.nn.Module] = {}
     out = {}
-    for op in build_metagraph(job).metaops:
-        if op.deps:  # a bridge (decoder, unet2d) reads its upstream output too: timed with no root here
+    for op in graph.metaops:
+        names = input_modules(job, graph, op)
+        if not names:
             continue
-        embed = embeds.setdefault(op.component, build_embed(job, op.component).to(device))
+        for name in names:
+            modules.setdefault(name, build_input_module(job, name).to(device))
+        shapes = [feature_shape(job, graph.metaops[op.deps[i]]) for i in input_order(job, graph, op.id)]
 
-        def run(b: int = 1, op: MetaOp = op, embed: torch.nn.Module = embed) -> None:
-            y = use_input(job, op, embed, None, synthetic_batch(job, index[op.task], 0, 0, b).to(device))
+        def run(b: int, inputs: list[torch.Tensor], op: MetaOp = op) -> None:
+            batch = synthetic_batch(job, index[op.task], 0, 0, b).to(device)
+            y = first_input(job, graph, op, inputs, modules.__getitem__, lambda: batch)
             if y.requires_grad:
                 y.backward(torch.ones_like(y))
-            embed.zero_grad(set_to_none=True)
+            for t in [*inputs, *(p for m in modules.values() for p in m.parameters())]:
+                t.grad = None
 
-        out[op.name] = [[b, _median_seconds(lambda b=b, run=run: run(b), repeats, warmup, device)]
-                        for b in local_batches(op, job.cluster.num_devices)]
+        out[op.name] = []
+        for b in local_batches(op, job.cluster.num_devices):
+            inputs = [torch.randn(b, *shape, device=device).requires_grad_(True) for shape in shapes]  # as received
+            seconds = _median_seconds(lambda b=b, inputs=inputs, run=run: run(b, inputs), repeats, warmup, device)
+            out[op.name].append([b, seconds])
     return out
 
 

@@ -94,7 +94,8 @@ def test_loom_profile_writes_a_cost_file_that_loom_plan_reads(tmp_path):
 
 
 def test_decoder_layers_and_heads_are_profiled_with_their_memory():
-    """A decoder layer takes its stream length; its bridge reads the encoder output, so only the encoder embeds."""
+    """A decoder layer takes its stream length; its bridge, which reads the encoder output, is timed on an input of
+    that output's shape."""
     j = parse_job({
         "name": "decoders",
         "cluster": {"num_nodes": 1, "devices_per_node": 1, "device": "cpu"},
@@ -109,5 +110,23 @@ def test_decoder_layers_and_heads_are_profiled_with_their_memory():
     data = profile_job(j, repeats=1, warmup=0)
     graph = build_metagraph(j)
     assert set(data["points"]) == {profile_key(op, Layout(1, 1)) for op in graph.metaops}
-    assert set(data["embed"]) == {"classify.enc"} and set(data["head"]) == {"classify"}
+    assert set(data["embed"]) == {"classify.enc", "classify.queries"} and set(data["head"]) == {"classify"}
     assert "links" not in data  # one device per node: no link between workers to measure
+
+
+def test_a_connector_is_profiled_with_its_use():
+    """A use reading a narrower tower through a connector (projection, then its own text) gets an input-module time."""
+    j = parse_job({
+        "name": "connector",
+        "cluster": {"num_nodes": 1, "devices_per_node": 1, "device": "cpu"},
+        "components": {
+            "img": {"kind": "vit", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "patch_size": 4,
+                    "image_size": 8, "in_channels": 1},
+            "lm": {"kind": "llama", "num_layers": 1, "hidden_size": 24, "num_heads": 2, "seq_len": 9},
+        },
+        "tasks": [{"name": "caption", "batch_size": 2, "loss": "lm",
+                   "components": [{"component": "img"}, {"component": "lm"}]}],
+    })
+    data = profile_job(j, repeats=1, warmup=0)
+    assert set(data["embed"]) == {"caption.img", "caption.lm"}
+    assert all(t > 0 for _, t in data["embed"]["caption.lm"])
