@@ -3,7 +3,8 @@
 What CPU CI cannot run: a worker on a CUDA device in an NCCL world (one process per GPU of this host), megatron-core
 without the CPU compatibility layer, diffusers' UNet blocks on CUDA. On one host with G GPUs:
 
-1. **Training**: a job with a shared text encoder, a llama, a decoder and a text-conditioned UNet (``GPU_JOB``,
+1. **Training**: a job with a shared text encoder, a llama, a decoder, a text-conditioned UNet and connectors
+   between towers of different shapes (``GPU_JOB``,
    ``cluster.device: h100``), planned for G devices, trained ``--steps`` steps by ``runtime.local_world`` (NCCL,
    one GPU per rank): its per-step losses against single-process training of the same job on the CPU (relative
    difference; TF32 convolutions and other kernels make a GPU differ by ~1e-4..1e-3, not by 1e-5), and its step
@@ -47,6 +48,7 @@ GPU_JOB = {
         "dec": {"kind": "decoder", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "seq_len": 8, "vocab_size": 64},
         "unet": {"kind": "unet2d", "num_layers": 1, "hidden_size": 32, "channel_mults": [1, 2], "num_heads": 4,
                  "in_channels": 4, "image_size": 16},
+        "score": {"kind": "mlp", "num_layers": 1, "hidden_size": 32, "seq_len": 1},
     },
     "tasks": [
         {"name": "caption", "batch_size": 16, "loss": "cross_entropy", "components": [{"component": "text"}]},
@@ -54,6 +56,9 @@ GPU_JOB = {
         {"name": "describe", "batch_size": 16, "loss": "cross_entropy",
          "components": [{"component": "img"}, {"component": "dec"}]},
         {"name": "generate", "batch_size": 16, "loss": "mse", "components": [{"component": "text"}, {"component": "unet"}]},
+        # connectors: the llama reads the 17 image tokens, then 7 text tokens; the scorer projects 64 -> 32 and pools
+        {"name": "rate", "batch_size": 16, "loss": "mse",
+         "components": [{"component": "img"}, {"component": "lm", "seq_len": 24}, {"component": "score"}]},
     ],
     "training": {"steps": 5, "lr": 1e-3, "seed": 0, "precision": "fp32"},
     "planner": {"time_limit_s": 5},
