@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from planner.components import resolve_shape, upstream_indices, use_shape
+from planner.components import upstream_indices, use_shape
 from planner.metagraph import MetaGraph, MetaOp
 from planner.spec import JobSpec
 from runtime.modules import build_initialised, freeze_if, layer_seed
@@ -73,23 +73,22 @@ def use_index(job: JobSpec, op: MetaOp) -> tuple[int, int]:
     return t, next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
 
 
-def output_shape(job: JobSpec, task_index: int, use_index_: int) -> tuple[int, int]:
-    """(positions, width) of a (non-unet2d) use's output: its sequence (a decoder's stream, then its memory)."""
-    shape = use_shape(job, task_index, use_index_)
-    comp = job.components[job.tasks[task_index].components[use_index_].component]
+def output_shape(job: JobSpec, t: int, u: int) -> tuple[int, int]:
+    """(positions, width) of use ``u`` of task ``t`` (not a unet2d): its sequence (a decoder's stream, then its
+    memory) and its hidden size."""
+    shape = use_shape(job, t, u)
+    comp = job.components[job.tasks[t].components[u].component]
     positions = shape.seq_len + (shape.cross_len or 0) if comp.kind == "decoder" else shape.seq_len
     return positions, comp.hidden_size
 
 
-def connection(job: JobSpec, task_index: int, use_index_: int) -> Connection | None:
-    """The :class:`Connection` of a use; None for a root use and for a use of a bridge kind."""
-    use = job.tasks[task_index].components[use_index_]
-    comp = job.components[use.component]
-    ups = upstream_indices(job, task_index, use_index_)
+def connection(job: JobSpec, t: int, u: int) -> Connection | None:
+    """The :class:`Connection` of use ``u`` of task ``t``; None for a root use and for a use of a bridge kind."""
+    comp = job.components[job.tasks[t].components[u].component]
+    ups = upstream_indices(job, t, u)
     if not ups or comp.kind in BRIDGE_KINDS:
         return None
-    shape = resolve_shape(comp, use.component, use, f"tasks[{task_index}].components[{use_index_}]")
-    return Connection(tuple(output_shape(job, task_index, u) for u in ups), shape.seq_len, comp.hidden_size)
+    return Connection(tuple(output_shape(job, t, p) for p in ups), use_shape(job, t, u).seq_len, comp.hidden_size)
 
 
 def op_connection(job: JobSpec, graph: MetaGraph, op: MetaOp) -> Connection | None:
