@@ -163,33 +163,34 @@ class WaveWorker:
         timing = StepTiming([0.0] * len(self.plan.waves), [0.0] * len(self.plan.waves))
         for wave in range(len(self.plan.waves)):
             self._exchange(wave, st, forward=True)
-            timing.transfer_s[wave] += lap()
+            timing.transfer_s[wave] += lap("transfer_forward", wave)
             ref = self._my_slice(wave)
             if ref is not None:
                 self._run_slice(ref, step, st)
-                timing.compute_s[wave] += lap()
+                timing.compute_s[wave] += lap("forward", wave)
         pending: list[tuple[GradBucket, torch.Tensor, object]] = []
         losses = self._loss_stage(step, st, pending, timing, lap)
         for wave in reversed(range(len(self.plan.waves))):
             ref = self._my_slice(wave)
             if ref is not None and ref in st.grad_out and st.outputs[ref].requires_grad:
                 torch.autograd.backward(st.outputs[ref], st.grad_out[ref])
-                timing.compute_s[wave] += lap()
+                timing.compute_s[wave] += lap("backward", wave)
             self._launch_sync(wave, pending)
-            timing.sync_s += lap()
+            timing.sync_s += lap("sync", wave)
             self._exchange(wave, st, forward=False)
-            timing.transfer_s[wave] += lap()
+            timing.transfer_s[wave] += lap("transfer_backward", wave)
         self._sync_gradients(pending)
-        timing.sync_s += lap()
+        timing.sync_s += lap("sync")
         if keep_gradients:
             self.last_gradients = self.named_gradients()
             lap()  # not part of the step's time
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            timing.optimizer_s += lap()
+            timing.optimizer_s += lap("optimizer")
         out = self._reduce_losses(losses)
-        timing.total_s = lap.total()
+        lap("reduce_losses")
+        timing.finish(lap)
         self.last_timing = timing
         return out
 
@@ -201,11 +202,11 @@ class WaveWorker:
         total = sum(losses.values())
         if isinstance(total, torch.Tensor) and total.requires_grad:
             total.backward()
-        timing.loss_s += lap()
+        timing.loss_s += lap("loss")
         self._launch_sync(len(self.plan.waves), pending)
-        timing.sync_s += lap()
+        timing.sync_s += lap("sync")
         self._exchange(LOSS_WAVE, st, forward=False)
-        timing.loss_s += lap()
+        timing.loss_s += lap("loss")
         return losses
 
     def _my_slice(self, wave: int) -> SliceRef | None:

@@ -2,9 +2,11 @@
 each gradient may be all-reduced.
 
 :class:`StepTiming` is the per-device breakdown of a step (wall seconds, waits for peers included), measured
-with a :class:`Lap` stopwatch; orchestrator.metrics aggregates it over ranks. :func:`sync_ready_waves` gives,
-from the plan alone, the wave after whose backward each parameter's gradient is final, so the worker can
-launch its all-reduce (one :class:`GradBucket` per wave and device set) while the rest of backward runs.
+with a :class:`Lap` stopwatch, and the step's :class:`Span` list (what ran when, from the step's start);
+orchestrator.metrics aggregates the breakdown over ranks, orchestrator.trace draws the spans.
+:func:`sync_ready_waves` gives, from the plan alone, the wave after whose backward each parameter's gradient
+is final, so the worker can launch its all-reduce (one :class:`GradBucket` per wave and device set) while the
+rest of backward runs.
 No process groups or collectives here: pure values and a clock.
 """
 
@@ -18,6 +20,29 @@ import torch
 from planner.plan import Plan
 
 
+SPAN_PARTS = ("forward", "backward", "transfer_forward", "transfer_backward", "loss", "sync", "optimizer",
+              "reduce_losses")
+
+
+@dataclass(frozen=True)
+class Span:
+    """One part of a step on one device, in seconds from the step's start (``Lap.start``).
+
+    ``part`` is one of :data:`SPAN_PARTS`: a wave's ``forward`` or ``backward`` compute, the exchanges at the
+    boundary before a wave (``transfer_forward``: activations in; ``transfer_backward``: their gradients back),
+    the ``loss`` stage, ``sync`` (launching gradient all-reduces, or waiting for them), ``optimizer``, and
+    ``reduce_losses`` (the all-reduce of the losses that ends the step). ``wave`` is the wave (for transfers,
+    the wave after the boundary); None for the parts of the whole step. Waits for peers are inside the span."""
+
+    part: str
+    wave: int | None
+    start_s: float
+    end_s: float
+
+    def to_list(self) -> list:
+        return [self.part, self.wave, self.start_s, self.end_s]
+
+
 @dataclass
 class StepTiming:
     """Where one device's last step went, in wall seconds (``time.perf_counter``; waits for peers included).
@@ -27,7 +52,9 @@ class StepTiming:
     boundary before wave k, forward and backward. ``loss_s``: the loss stage (the leaves' outputs in, heads,
     loss backward, gradients out). ``sync_s``: gradient all-reduce time not hidden by backward (launching
     the buckets, then waiting for them). ``optimizer_s``: AdamW. ``total_s``: the whole step, including the
-    all-reduce of the losses at its end."""
+    all-reduce of the losses at its end. ``spans``: the same time as :class:`Span` s in the order they ran (they
+    do not overlap); ``start_unix``: the step's start on this host's wall clock (``time.time()``), to line up the
+    spans of several devices."""
 
     compute_s: list[float]
     transfer_s: list[float]
@@ -35,25 +62,38 @@ class StepTiming:
     sync_s: float = 0.0
     optimizer_s: float = 0.0
     total_s: float = 0.0
+    spans: list[Span] = field(default_factory=list)
+    start_unix: float = 0.0
+
+    def finish(self, lap: Lap) -> None:
+        """Close the step: its total time, spans and start from the stopwatch that timed it."""
+        self.total_s, self.spans, self.start_unix = lap.total(), list(lap.spans), lap.start_unix
 
     def to_dict(self) -> dict:
-        """Plain values (lists and floats) for crossing a process boundary."""
+        """Plain values (lists and floats) for crossing a process boundary; a span is [part, wave, start, end]."""
         return {"compute_s": list(self.compute_s), "transfer_s": list(self.transfer_s), "loss_s": self.loss_s,
-                "sync_s": self.sync_s, "optimizer_s": self.optimizer_s, "total_s": self.total_s}
+                "sync_s": self.sync_s, "optimizer_s": self.optimizer_s, "total_s": self.total_s,
+                "spans": [span.to_list() for span in self.spans], "start_unix": self.start_unix}
 
 
 class Lap:
-    """A stopwatch: each call returns the seconds since the previous call (or since creation). On a CUDA device it
-    first waits for the kernels queued so far, so a part's time is its work, not its launches."""
+    """A stopwatch: each call returns the seconds since the previous call (or since creation) and, given a ``part``
+    of :data:`SPAN_PARTS`, records that interval as a :class:`Span` in :attr:`spans`. On a CUDA device it first
+    waits for the kernels queued so far, so a part's time is its work, not its launches."""
 
     def __init__(self, device: torch.device = torch.device("cpu")):
         self.cuda = device.type == "cuda"
         self.start = self.last = time.perf_counter()
+        self.start_unix = time.time()
+        self.spans: list[Span] = []
 
-    def __call__(self) -> float:
+    def __call__(self, part: str | None = None, wave: int | None = None) -> float:
         if self.cuda:
             torch.cuda.synchronize()
         now = time.perf_counter()
+        if part is not None:
+            assert part in SPAN_PARTS, part
+            self.spans.append(Span(part, wave, self.last - self.start, now - self.start))
         seconds, self.last = now - self.last, now
         return seconds
 
