@@ -2,7 +2,7 @@
 #
 #   docker build -t loom .
 #   docker run --rm --gpus all -v "$PWD/examples:/jobs" loom plan /jobs/medical-unimed.yaml
-#   docker run --rm --gpus all --entrypoint python loom -m pytest tests/gpu      # GPU tests
+#   docker run --rm --gpus all --entrypoint python loom -m bench.gpu          # the GPU path, checked (bench/gpu)
 #
 # Ray tags read <ray version>-py<python>-cu<cuda>; pick the CUDA variant your driver supports.
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cu128
