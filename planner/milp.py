@@ -37,8 +37,9 @@ _BANNER_SHOWN = False
 
 
 def quiet_highs():
-    """A silent highspy.Highs. The first one in a process prints a banner on fd 1: send it to stderr
-    so that ``loom plan --output json`` keeps stdout clean."""
+    """A silent highspy.Highs. The first one in a process prints a banner on fd 1 (before any option can turn
+    output off): it goes to /dev/null, so that ``loom plan --output json`` keeps stdout clean and no command
+    prints it on stderr either."""
     global _BANNER_SHOWN
     import highspy
 
@@ -46,14 +47,15 @@ def quiet_highs():
         h = highspy.Highs()
     else:
         sys.stdout.flush()
-        saved = os.dup(1)
+        saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
         try:
-            os.dup2(2, 1)
+            os.dup2(devnull, 1)
             h = highspy.Highs()
         finally:
             sys.stdout.flush()
             os.dup2(saved, 1)
             os.close(saved)
+            os.close(devnull)
         _BANNER_SHOWN = True
     h.setOptionValue("output_flag", False)
     return h
@@ -138,7 +140,7 @@ class _WarmHiGHS(pulp.HiGHS):
 
     def createAndConfigureSolver(self, lp):
         super().createAndConfigureSolver(lp)
-        quiet_highs()  # make sure the banner (once per process) went to stderr
+        quiet_highs()  # make sure the banner (once per process) was swallowed
 
     def callSolver(self, lp):
         variables = lp.variables()
