@@ -35,7 +35,6 @@ from planner.errors import LoomError
 log = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
-TABLE_WIDTH = 120  # columns of the table view when stdout is not a terminal
 _HANDLER_FLAG = "_loom_cli_handler"
 
 
@@ -244,7 +243,7 @@ def plan(
     from planner.api import make_cost_model, plan_job  # local: the solver stack loads only when planning
     from planner.spec import load_job
     from orchestrator.gantt import write_gantt
-    from orchestrator.render import print_plan
+    from orchestrator.render import plan_console, print_plan
 
     configure_logging(verbose)
     job = load_job(job_path, cluster)
@@ -259,8 +258,7 @@ def plan(
     if output is OutputFormat.json:
         typer.echo(result.to_json(), nl=False)
     else:
-        console = Console(width=None if sys.stdout.isatty() else TABLE_WIDTH, highlight=False)
-        print_plan(result, console, outcome.planning_time_s)
+        print_plan(result, plan_console(), outcome.planning_time_s)
 
 
 @app.command()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 from collections.abc import Iterable, Sequence
+from typing import IO
 
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
@@ -21,6 +23,7 @@ from planner.spec import JobSpec
 
 GIB = 1024**3
 MIB = 1024**2
+UNBOUNDED_WIDTH = 100_000  # columns when printing to a pipe or file: tables take their natural width, nothing is cut
 
 
 # --------------------------------------------------------------------------- small formatters
@@ -227,6 +230,14 @@ def print_plan(plan: Plan, console: Console, planning_time_s: float | None = Non
     for part in plan_renderables(plan, planning_time_s):
         console.print(part)
         console.print()
+
+
+def plan_console(file: IO[str] | None = None) -> Console:
+    """A console for :func:`print_plan` on ``file`` (default stdout): a terminal's own width, else
+    :data:`UNBOUNDED_WIDTH`, so that a piped or redirected table carries every value in full (no ``…``)."""
+    target = file if file is not None else sys.stdout
+    on_terminal = target.isatty()
+    return Console(file=file, width=None if on_terminal else UNBOUNDED_WIDTH, highlight=False)
 
 
 def render_plan_text(plan: Plan, planning_time_s: float | None = None, width: int = 120) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import pytest
 import yaml
 
 from orchestrator.render import (
-    compact_ranges, describe_job, format_bytes, format_seconds, render_plan_text, short_name, speedup,
+    compact_ranges, describe_job, format_bytes, format_seconds, plan_console, print_plan, render_plan_text, short_name,
+    speedup,
 )
 from planner.spec import load_job
 
@@ -103,6 +105,25 @@ def test_plan_text_without_baselines(make_plan) -> None:
 def test_plan_text_fits_width(make_plan) -> None:
     text = render_plan_text(make_plan(num_nodes=8, num_waves=5), width=100)
     assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_piped_plan_carries_every_value_in_full(make_plan) -> None:
+    """`loom plan | cat`: a console on something that is not a terminal cuts no column (it used to be 120 wide)."""
+    plan = make_plan(num_nodes=8, num_waves=3)
+    long_names = [op.model_copy(update={"name": f"a_rather_long_task_name.{op.name}_with_a_long_use_name#12"})
+                  for op in plan.metaops]
+    plan = plan.model_copy(update={"metaops": long_names}).sealed()
+    buffer = io.StringIO()
+    print_plan(plan, plan_console(buffer))
+    text = buffer.getvalue()
+    assert "\u2026" not in text  # rich's ellipsis: a value was cut
+    assert max(len(line) for line in text.splitlines()) > 120
+    for wave in plan.waves:
+        for s in wave.slices:
+            row = next(line for line in text.splitlines() if plan.metaops[s.metaop].name in line
+                       and f" {compact_ranges(s.devices)} " in line)
+            assert format_seconds(s.time_s) in row and format_bytes(s.memory_bytes) in row
+    assert "\u2026" in render_plan_text(plan, width=120)  # the same plan at 120 columns is cut
 
 
 def test_describe_job_counts_example() -> None:
