@@ -341,6 +341,9 @@ def run(
     from orchestrator.run import OBJECT_STORE_FROM_BYTES, RunFailed, RunOptions, run_job, summary_lines
 
     configure_logging(verbose)
+    if resume and cluster is not None:
+        raise typer.BadParameter("--cluster with --resume: a resumed run continues on its saved plan's cluster "
+                                 "(OUT/plan.json). Leave --cluster out, or start a new run without --resume.")
     job = load_job(job_path, cluster)
     if costs is not None and plan_path is not None:
         raise typer.BadParameter("--costs plans the job; with --plan the plan is given. Use one of them.")

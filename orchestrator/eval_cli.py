@@ -42,7 +42,7 @@ def eval_command(
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report.to_json(), indent=1) + "\n")
-        typer.echo(f"wrote {output}")
+        typer.echo(f"wrote {output}", err=True)  # a note: stdout carries only the report
 
 
 def report_lines(report, label: str) -> list[str]:
