@@ -215,9 +215,8 @@ def expand_use(job: JobSpec, task_index: int, use_index: int) -> list[LayerSegme
 def upstream_indices(job: JobSpec, task_index: int, use_index: int) -> list[int]:
     """Indices of the uses feeding use ``use_index`` of the task, in its ``after:`` order; [] for a root use."""
     task = job.tasks[task_index]
-    use = task.components[use_index]
-    names = use.after if use.after is not None else ([task.components[use_index - 1].use_name] if use_index else [])
-    return [next(i for i, other in enumerate(task.components) if other.use_name == name) for name in names]
+    return [next(i for i, other in enumerate(task.components) if other.use_name == name)
+            for name in task.upstream_names(use_index)]
 
 
 def upstream_width(job: JobSpec, task_index: int, use_index: int) -> int | None:

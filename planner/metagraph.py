@@ -87,10 +87,9 @@ def build_metagraph(job: JobSpec) -> MetaGraph:
     for t, task in enumerate(job.tasks):
         last_of_use: dict[str, int] = {}
         trainable_of_use: dict[str, bool] = {}
-        prev_use: str | None = None
         for u, use in enumerate(task.components):
             comp = job.components[use.component]
-            upstream = use.after if use.after is not None else ([prev_use] if prev_use else [])
+            upstream = task.upstream_names(u)
             deps = tuple(sorted(last_of_use[name] for name in upstream))
             trainable_upstream = any(trainable_of_use[name] for name in upstream)
             segments = contract_segments(expand_use(job, t, u))
@@ -121,7 +120,6 @@ def build_metagraph(job: JobSpec) -> MetaGraph:
                 deps = (op.id,)
             last_of_use[use.use_name] = ops[-1].id
             trainable_of_use[use.use_name] = trainable_upstream or not comp.frozen
-            prev_use = use.use_name
     return finalize_graph(ops)
 
 

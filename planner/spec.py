@@ -96,6 +96,14 @@ class TaskSpec(StrictModel):
     loss: str = Field("cross_entropy", description="Loss name (informational for planning).")
     loss_weight: float = Field(1.0, ge=0, description="Weight of this task's loss in the total.")
 
+    def upstream_names(self, use_index: int) -> list[str]:
+        """Names of the uses feeding use ``use_index``, in its ``after:`` order: its ``after`` when given, else the
+        previous use (a chain); [] for the first use and for ``after: []``. The one place this default is written."""
+        use = self.components[use_index]
+        if use.after is not None:
+            return list(use.after)
+        return [self.components[use_index - 1].use_name] if use_index else []
+
     @model_validator(mode="after")
     def _check_uses(self) -> TaskSpec:
         seen: list[str] = []

@@ -325,12 +325,7 @@ def layer_kwargs(job: JobSpec, op: MetaOp) -> dict[str, int]:
 
 def upstream_uses(task: TaskSpec) -> dict[str, list[str]]:
     """For each use of ``task`` (in order), the uses whose outputs feed it (default: the previous use)."""
-    out: dict[str, list[str]] = {}
-    prev: str | None = None
-    for use in task.components:
-        out[use.use_name] = list(use.after) if use.after is not None else ([prev] if prev else [])
-        prev = use.use_name
-    return out
+    return {use.use_name: task.upstream_names(u) for u, use in enumerate(task.components)}
 
 
 def root_uses(job: JobSpec, task_index: int) -> list[str]:

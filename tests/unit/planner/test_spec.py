@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from planner.errors import SpecError
-from planner.spec import ClusterSpec, JobSpec, job_schema, load_job, parse_job
+from planner.spec import ClusterSpec, JobSpec, TaskSpec, job_schema, load_job, parse_job
 
 JOB_YAML = textwrap.dedent(
     """\
@@ -328,3 +328,33 @@ def test_job_schema_is_a_json_schema():
     defs = schema["$defs"]
     assert "seq_len" in defs["TaskComponentSpec"]["properties"]
     assert defs["ComponentSpec"]["properties"]["num_layers"]["description"]
+
+
+def test_upstream_names_default_is_the_previous_use() -> None:
+    """The default `after:` rule, written once (TaskSpec.upstream_names): the previous use, none for the first,
+    the list as given otherwise ([] for an independent branch)."""
+    task = TaskSpec.model_validate({"name": "t", "batch_size": 2, "components": [
+        {"component": "vision"}, {"component": "text"}, {"component": "text", "name": "side", "after": []},
+        {"component": "text", "name": "fused", "after": ["side", "vision"]}]})
+    assert [task.upstream_names(u) for u in range(4)] == [[], ["vision"], [], ["side", "vision"]]
+
+
+def test_every_reader_of_after_agrees_with_upstream_names() -> None:
+    """The MetaGraph's dependencies and the planner's upstream indices follow TaskSpec.upstream_names on every
+    example (runtime.modules.upstream_uses calls it directly)."""
+    from pathlib import Path
+
+    from planner.components import upstream_indices
+    from planner.metagraph import build_metagraph
+
+    examples = sorted((Path(__file__).parents[3] / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        job = load_job(path)
+        graph = build_metagraph(job)
+        for t, task in enumerate(job.tasks):
+            for u, use in enumerate(task.components):
+                names = task.upstream_names(u)
+                assert [task.components[i].use_name for i in upstream_indices(job, t, u)] == names
+                first = next(op for op in graph.metaops if op.task == task.name and op.use == use.use_name)
+                assert sorted(graph.metaops[d].use for d in first.deps) == sorted(names), (path.name, first.name)
