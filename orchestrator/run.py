@@ -429,25 +429,15 @@ def check_cpu_device(device: str, where: str) -> None:
 
 
 def check_plan_for_job(plan: Plan, job: JobSpec, source: str = "--plan") -> None:
-    """A RunInputError unless ``plan`` was made for ``job``'s MetaOps and the runtime can run it (the
-    workers' own check, run here first so that it fails before any Ray process starts)."""
+    """A RunInputError unless ``plan`` belongs to ``job`` (runtime.checks.check_plan_matches_job: the workers' own
+    check, and loom submit's, run here first so that it fails before any Ray process starts)."""
     from planner.metagraph import build_metagraph
     from runtime.checks import check_plan_matches_job
 
-    graph = build_metagraph(job)
-    want = [(op.name, op.key, op.num_layers, op.batch_size) for op in graph.metaops]
-    have = [(op.name, op.layer_key, op.num_layers, op.batch_size) for op in plan.metaops]
-    if want != have:
-        diff = next((f"{h[0]} vs {w[0]}" for h, w in zip(have, want) if h != w),
-                    f"{len(have)} MetaOps vs {len(want)}")
-        raise RunInputError(
-            f"{source}: the plan (job '{plan.job}', hash {plan.hash}) was made for other MetaOps than job "
-            f"'{job.name}' (first difference: {diff}). Re-plan with `loom plan JOB.yaml --save PLAN.json`."
-        )
     try:
-        check_plan_matches_job(plan, graph)  # e.g. tensor parallelism on a kind the runtime runs without it
-    except (ValueError, NotImplementedError) as exc:
-        raise RunInputError(f"{source}: {exc}") from None
+        check_plan_matches_job(plan, build_metagraph(job), source, job.name)
+    except ValueError as exc:
+        raise RunInputError(str(exc)) from None
 
 
 def predicted_wave_seconds(plan: Plan) -> list[float]:

@@ -208,16 +208,14 @@ def build_entrypoint(job_name: str, plan_name: str | None = None, command: str |
     return command.replace("{job}", quoted_job).replace("{plan}", quoted_plan)
 
 
-def _check_plan(plan_path: Path, job_path: Path, job: JobSpec) -> None:
-    """The plan must be readable, sealed and made for exactly this job spec (else SpecError)."""
-    from planner.api import spec_hash  # local: planner.api loads the solver stack
+def _check_plan(plan_path: Path, job: JobSpec) -> None:
+    """The plan must be readable, sealed and belong to this job, as ``loom run`` checks it
+    (runtime.checks.check_plan_matches_job; else SpecError)."""
+    from planner.metagraph import build_metagraph
     from planner.plan import load_plan
+    from runtime.checks import check_plan_matches_job
 
-    plan = load_plan(plan_path)
-    expected = spec_hash(job)
-    if plan.spec_hash != expected:
-        raise SpecError(f"{plan_path}: plan was made for job '{plan.job}' (spec hash {plan.spec_hash}), not for "
-                        f"{job_path} (spec hash {expected}). Re-run `loom plan {job_path} --save {plan_path}`.")
+    check_plan_matches_job(load_plan(plan_path), build_metagraph(job), str(plan_path), job.name)
 
 
 def _relative_inside(path: Path, directory: Path) -> str:
@@ -243,7 +241,7 @@ def submit_job(job_path: str | Path, address: str, *, plan: str | Path | None = 
     job = load_job(job_path)
     plan_path = Path(plan) if plan is not None else None
     if plan_path is not None:
-        _check_plan(plan_path, job_path, job)
+        _check_plan(plan_path, job)
     if entrypoint is None:
         _check_trainable(job)
     url = check_address(address)

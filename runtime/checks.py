@@ -93,15 +93,28 @@ def _check_bridge_inputs(job: JobSpec, graph: MetaGraph, op: MetaOp) -> None:
         )
 
 
-def check_plan_matches_job(plan: Plan, graph: MetaGraph) -> None:
-    names = [op.name for op in graph.metaops]
-    if names != [op.name for op in plan.metaops]:
-        raise ValueError("the plan's MetaOps do not match the job's; was the plan made for another job? Re-run `loom plan`.")
+TP_KINDS = ("transformer", "vit", "llama", "decoder")  # layer kinds the runtime runs tensor parallel
+
+
+def check_plan_matches_job(plan: Plan, graph: MetaGraph, source: str = "plan", job_name: str | None = None) -> None:
+    """The one check that ``plan`` belongs to the job whose MetaGraph is ``graph`` (``loom run``, ``loom submit``
+    and every worker call it): the same MetaOps in the same order (name, layer key, layer count, batch size), and
+    only layouts the runtime runs (tensor parallelism on :data:`TP_KINDS` only). The job's name, cluster and
+    training settings may differ: a plan is a schedule of these MetaOps. A SpecError naming ``source``."""
+    want = [(op.name, op.key, op.num_layers, op.batch_size) for op in graph.metaops]
+    have = [(op.name, op.layer_key, op.num_layers, op.batch_size) for op in plan.metaops]
+    if want != have:
+        diff = next((f"{h[0]} vs {w[0]}" for h, w in zip(have, want) if h != w), f"{len(have)} MetaOps vs {len(want)}")
+        job = f"job '{job_name}'" if job_name else "this job"
+        raise SpecError(
+            f"{source}: the plan was made for job '{plan.job}' (plan {plan.hash}), with other MetaOps than {job} "
+            f"(first difference: {diff}). Re-run `loom plan JOB.yaml --save PLAN.json`."
+        )
     for wave in plan.waves:
         for s in wave.slices:
             kind = graph.metaops[s.metaop].layer.key.split("[")[0]
-            if s.tp_degree != 1 and kind not in ("transformer", "vit", "llama", "decoder"):
-                raise NotImplementedError(
-                    f"MetaOp {plan.metaops[s.metaop].name} has tensor_parallel {s.tp_degree}; the runtime runs "
-                    "tensor parallelism for transformer, vit, llama and decoder layers only (on megatron-core)."
+            if s.tp_degree != 1 and kind not in TP_KINDS:
+                raise SpecError(
+                    f"{source}: MetaOp {plan.metaops[s.metaop].name} has tensor_parallel {s.tp_degree}; the runtime "
+                    "runs tensor parallelism for transformer, vit, llama and decoder layers only (on megatron-core)."
                 )

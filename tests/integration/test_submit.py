@@ -287,7 +287,8 @@ def test_bad_spec_is_refused_before_submission(client_env: RayHead, tmp_path: Pa
     assert result.stdout == ""
 
     other = tmp_path / "other.yaml"
-    other.write_text(JOB.replace("name: submit-job", "name: other-job"))
+    other.write_text(JOB.replace("name: submit-job", "name: other-job").replace(  # other MetaOps: 3 decoder layers
+        "decoder: {kind: transformer, num_layers: 2,", "decoder: {kind: transformer, num_layers: 3,"))
     (tmp_path / "good.yaml").write_text(JOB)
     from planner.api import plan_job
     from planner.spec import load_job
