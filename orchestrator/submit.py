@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import requests
 from ray.job_submission import JobSubmissionClient
 
-from planner.errors import LoomError, SpecError
+from planner.errors import LoomError
 from planner.spec import JobSpec, load_job
 
 log = logging.getLogger(__name__)
