@@ -70,12 +70,14 @@ class WaveActor:
         import torch
         import torch.distributed as dist
 
+        from orchestrator.recipes import load_recipe
         from planner.plan import plan_from_json
         from planner.spec import JobSpec
         from runtime.executor import Groups, WaveWorker
         from runtime.host import backend_for, configure_worker_process, worker_device
 
         job = JobSpec.model_validate_json(self.job_json)
+        load_recipe(job)  # the recipe's losses and dataset, registered in this worker process
         # Ray shows an actor given a GPU that GPU alone, as cuda:0; an actor given none computes on CPU whatever it sees
         device = worker_device(job) if self.use_gpu else torch.device("cpu")
         configure_worker_process(device)

@@ -197,7 +197,7 @@ def _version() -> str:
 @app.command()
 def validate(job_path: JobArg, cluster: ClusterOpt = None, verbose: Verbose = False) -> None:
     """Load and check a job spec; print a one-line summary (tasks, components, MetaOps, devices)."""
-    from planner.spec import load_job
+    from orchestrator.recipes import load_job
     from orchestrator.render import describe_job
 
     configure_logging(verbose)
@@ -241,7 +241,7 @@ def plan(
     No side effects except the files named by --save and --gantt.
     """
     from planner.api import make_cost_model, plan_job  # local: the solver stack loads only when planning
-    from planner.spec import load_job
+    from orchestrator.recipes import load_job
     from orchestrator.gantt import write_gantt
     from orchestrator.render import plan_console, print_plan
 
@@ -279,11 +279,12 @@ def profile(
     task's loss head, AdamW per parameter and, with 2+ CPU workers per node, gloo point-to-point and
     all-reduce times between two worker processes.
     """
-    from planner.spec import load_job
+    from orchestrator.recipes import load_job, load_recipe
     from runtime.profiler import profile_job  # local: torch loads only when profiling
 
     configure_logging(verbose)
     job = load_job(job_path, cluster)
+    load_recipe(job)  # the loss heads it times may be the recipe's
     with ExitStack() as stack:
         costs = profile_job(job, repeats=repeats, progress=_progress_reporter(stack))
     _write_output(output, lambda path: path.write_text(json.dumps(costs, indent=1) + "\n"), "cost file")
@@ -337,7 +338,7 @@ def run(
     A worker failure is one `error:` line and exit code 1. See docs/run.md.
     """
     from planner.plan import load_plan
-    from planner.spec import load_job
+    from orchestrator.recipes import load_job
     from orchestrator.run import OBJECT_STORE_FROM_BYTES, RunFailed, RunOptions, run_job, summary_lines
 
     configure_logging(verbose)

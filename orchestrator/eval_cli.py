@@ -30,11 +30,12 @@ def eval_command(
     )] = None,
 ) -> None:
     """Evaluate a trained job on data it did not train on: per-task metrics next to trivial baselines."""
-    from planner.spec import load_job
+    from orchestrator.recipes import load_job, load_recipe
     from runtime.evaluate import evaluate_job  # local: torch loads only here
     from runtime.reference import load_model
 
     job = load_job(job_path)
+    load_recipe(job)
     params = load_model(model) if model is not None else None
     report = evaluate_job(job, params, split=split, num_samples=samples)
     for line in report_lines(report, "trained" if model is not None else "initial weights"):

@@ -407,9 +407,12 @@ class Driver:
 
 def check_runnable_job(job: JobSpec, options: RunOptions) -> None:
     """A RunInputError unless ``loom run`` can train ``job``: losses and chains the runtime runs and, unless it
-    joins a cluster with ``--address``, CPU devices (the embedded cluster is this machine's CPUs)."""
+    joins a cluster with ``--address``, CPU devices (the embedded cluster is this machine's CPUs). Loads the job's
+    recipe in the driver (its losses); each worker loads it again in its own process."""
+    from orchestrator.recipes import load_recipe
     from runtime.checks import check_trainable
 
+    load_recipe(job)
     if not options.address:
         check_cpu_device(job.cluster.device, "cluster.device")
     try:

@@ -37,7 +37,8 @@ import requests
 from ray.job_submission import JobSubmissionClient
 
 from planner.errors import LoomError
-from planner.spec import JobSpec, load_job
+from orchestrator.recipes import load_job, load_recipe
+from planner.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +272,7 @@ def _check_trainable(job: JobSpec) -> None:
     """``loom run``'s own check of the job (losses, shapes between uses), here rather than on the cluster."""
     from runtime.checks import check_trainable
 
+    load_recipe(job)  # its losses
     try:
         check_trainable(job)
     except ValueError as exc:

@@ -161,8 +161,8 @@ class JobSpec(StrictModel):
     planner: PlannerSpec = Field(default_factory=PlannerSpec, description="Planner settings.")
     recipe: str | None = Field(
         None,
-        description="Recipe package under recipes/ (e.g. medical) whose losses and dataset the runtime loads; "
-        "none: the built-in losses and synthetic data.",
+        description="A recipe Loom knows (e.g. medical; orchestrator.recipes lists them), whose losses, dataset and "
+        "evaluator the orchestrator loads into the runtime; none: the built-in losses and synthetic data.",
     )
     data_dir: str | None = Field(
         None,
@@ -279,7 +279,8 @@ def load_yaml(path: str | Path) -> Any:
 
 
 def load_job(path: str | Path, cluster: str | Path | None = None) -> JobSpec:
-    """Load and validate a job spec; ``cluster`` optionally replaces its `cluster` section with a YAML file's."""
+    """Load and validate a job spec; ``cluster`` optionally replaces its `cluster` section with a YAML file's.
+    ``recipe`` is only carried: the orchestrator checks and loads recipes (orchestrator.recipes)."""
     data = load_yaml(path)
     if cluster is not None and isinstance(data, dict):
         cluster_data = load_yaml(cluster)
@@ -290,21 +291,7 @@ def load_job(path: str | Path, cluster: str | Path | None = None) -> JobSpec:
     from planner.components import check_components  # local: components imports spec
 
     check_components(job)
-    check_recipe(job)
     return job
-
-
-def check_recipe(job: JobSpec) -> None:
-    """A SpecError unless ``job.recipe`` is None or names a package under recipes/ (found, not imported: recipes
-    import torch, the planner must not)."""
-    if job.recipe is None:
-        return
-    import importlib.util
-
-    names = sorted(p.name for p in Path(importlib.util.find_spec("recipes").submodule_search_locations[0]).iterdir()
-                   if (p / "__init__.py").is_file())
-    if job.recipe not in names:
-        raise SpecError(f"recipe ('{job.recipe}') is not a recipe package; {did_you_mean(job.recipe, names)}")
 
 
 def job_schema() -> dict[str, Any]:

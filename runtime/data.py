@@ -22,7 +22,7 @@ import torch
 from planner.components import resolve_shape
 from planner.spec import JobSpec
 from runtime.connect import connection
-from runtime.heads import NUM_CLASSES, check_loss, load_recipe
+from runtime.heads import NUM_CLASSES, check_loss
 from runtime.modules import DEFAULT_VOCAB, TOKEN_KINDS, image_channels, is_token_decoder, root_uses, stable_seed, use_component
 from runtime.unet import NUM_TIMESTEPS, NoiseSchedule, noise_key, timesteps_key
 
@@ -192,9 +192,9 @@ def synthetic_batch(job: JobSpec, task_index: int, step: int, start: int, stop: 
     if split not in SPLITS:
         raise ValueError(f"split ('{split}') is not a data split; use one of {', '.join(SPLITS)}.")
     if job.recipe is not None:
-        load_recipe(job)
         if job.recipe not in _RECIPE_DATA:
-            raise ValueError(f"recipe ('{job.recipe}') registers no dataset; its package must call register_dataset.")
+            raise ValueError(f"recipe ('{job.recipe}') has no dataset in this process: the orchestrator loads recipes "
+                             "(orchestrator.recipes.load_recipe), and a recipe's package calls register_dataset.")
         return _RECIPE_DATA[job.recipe](job, task_index, step, start, stop, split)
     if split != "train":
         raise ValueError(f"split ('{split}'): the built-in synthetic data has only the 'train' split; use a recipe's data.")

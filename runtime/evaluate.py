@@ -17,7 +17,6 @@ import torch
 from planner.errors import LoomError
 from planner.spec import JobSpec
 from runtime.data import SPLITS, synthetic_batch
-from runtime.heads import load_recipe
 from runtime.reference import ReferenceTrainer
 
 HELD_OUT_STEP = 1 << 30  # first step of the built-in stream used for evaluation (no run trains that long)
@@ -64,12 +63,13 @@ def evaluate_job(job: JobSpec, params: dict[str, torch.Tensor] | None, split: st
     model = ReferenceTrainer(job)
     if params is not None:
         model.load_parameters(params)
-    load_recipe(job)
     with torch.no_grad():
         if job.recipe in _RECIPE_EVALUATORS:
             return _RECIPE_EVALUATORS[job.recipe](job, model, split, num_samples)
         if job.recipe is not None:
-            raise EvalError(f"recipe ('{job.recipe}') registers no evaluator; it cannot be evaluated yet.")
+            raise EvalError(f"recipe ('{job.recipe}') has no evaluator in this process: the orchestrator loads recipes "
+                            "(orchestrator.recipes.load_recipe), and a recipe without register_evaluator cannot be "
+                            "evaluated yet.")
         if split != "train":
             raise EvalError(f"--split ('{split}'): jobs without a recipe have one data stream; use --split train "
                             "(it evaluates on steps no run reaches).")

@@ -1,13 +1,12 @@
 """Task loss heads: what turns a task's leaf outputs and its batch into per-sample losses.
 
-Built-in losses (:data:`SUPPORTED_LOSSES`) and the losses recipes register (:func:`register_loss`,
-imported through :func:`load_recipe` for a job with ``recipe:``). Heads are built like every other
+Built-in losses (:data:`SUPPORTED_LOSSES`) and the losses recipes register (:func:`register_loss`, called when
+the orchestrator loads a job's recipe: orchestrator.recipes; the runtime never imports a recipe). Heads are built like every other
 module (runtime.modules: seeded, deterministic) and own a final LayerNorm over their leaf outputs.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -17,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from planner.components import resolve_shape
-from planner.errors import SpecError
 from planner.spec import JobSpec
 from runtime import unet
 from runtime.connect import connection
@@ -220,28 +218,16 @@ def register_loss(name: str, factory: HeadFactory) -> None:
     _RECIPE_LOSSES[name] = factory
 
 
-def load_recipe(job: JobSpec) -> None:
-    """Import ``recipes.<job.recipe>`` (which registers its losses and dataset); nothing without a recipe."""
-    if job.recipe is None:
-        return
-    try:
-        importlib.import_module(f"recipes.{job.recipe}")
-    except ModuleNotFoundError as err:
-        if err.name not in (f"recipes.{job.recipe}", "recipes"):
-            raise
-        raise SpecError(
-            f"recipe ('{job.recipe}') is not a package under recipes/; use the name of a recipe folder, e.g. medical."
-        ) from None
-
-
 def check_loss(job: JobSpec, task_index: int) -> str:
-    """The task's loss name; a ValueError naming the task and the supported names when unknown."""
+    """The task's loss name; a ValueError naming the task and the supported names when unknown (the recipe's own
+    losses count once the orchestrator has loaded the recipe in this process)."""
     task = job.tasks[task_index]
-    load_recipe(job)
     if task.loss not in SUPPORTED_LOSSES and task.loss not in _RECIPE_LOSSES:
+        loaded = f" (recipe '{job.recipe}' is not loaded in this process: orchestrator.recipes.load_recipe loads it)"
         raise ValueError(
             f"tasks[{task_index}] ('{task.name}').loss ('{task.loss}') is not run by the runtime; "
             f"supported: {', '.join(SUPPORTED_LOSSES + tuple(sorted(_RECIPE_LOSSES)))}."
+            + (loaded if job.recipe is not None and not _RECIPE_LOSSES else "")
         )
     return task.loss
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +41,11 @@ class WorldResult:
 
 
 def _worker(rank: int, world_size: int, port: int, job_json: str, plan_json: str, steps: int, out_dir: str,
-            keep_gradients: bool) -> None:
+            keep_gradients: bool, setup: Callable[[JobSpec], None] | None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     job = JobSpec.model_validate_json(job_json)
+    if setup is not None:
+        setup(job)
     device = worker_device(job, rank)  # this host's GPUs in turn for a GPU job, else the CPU
     configure_worker_process(device)
     dist.init_process_group(backend_for(device), rank=rank, world_size=world_size)
@@ -65,14 +68,17 @@ def _worker(rank: int, world_size: int, port: int, job_json: str, plan_json: str
         dist.destroy_process_group()
 
 
-def run_world(job: JobSpec, plan: Plan, steps: int, out_dir: str | Path, keep_gradients: bool = False) -> WorldResult:
+def run_world(job: JobSpec, plan: Plan, steps: int, out_dir: str | Path, keep_gradients: bool = False,
+              setup: Callable[[JobSpec], None] | None = None) -> WorldResult:
     """Train ``steps`` steps of ``plan`` on one process per device of the plan's cluster; with ``keep_gradients``
-    the result holds the gradients of the last step (else none)."""
+    the result holds the gradients of the last step (else none). ``setup(job)`` runs first in every process (a
+    picklable function): a job with a recipe passes ``orchestrator.recipes.load_recipe``, which the runtime cannot
+    call itself."""
     world_size = plan.cluster.num_nodes * plan.cluster.devices_per_node
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mp.spawn(_worker, args=(world_size, free_port(), job.model_dump_json(), plan.to_json(), steps, str(out_dir),
-                            keep_gradients),
+                            keep_gradients, setup),
              nprocs=world_size, join=True)
     per_rank = {r: torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)}
     seconds = [max(d["seconds"][i] for d in per_rank.values()) for i in range(steps)]

@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.common import REPO_ROOT, write_results
 from orchestrator.metrics import LogReporter
 from orchestrator.run import RunOptions, run_job
-from planner.spec import load_job
+from orchestrator.recipes import load_job, load_recipe
 from runtime.evaluate import evaluate_job
 from runtime.reference import MODEL_FILE, load_model
 
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     job = load_job(REPO_ROOT / SPEC)
+    load_recipe(job)  # its evaluator, for evaluate_job below
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         result = run_job(job, options=RunOptions(steps=args.steps, out_dir=Path(tmp), checkpoint_every=0),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from orchestrator.recipes import load_recipe
 from runtime.local_world import run_world
 from runtime.reference import ReferenceTrainer
 
@@ -24,7 +25,8 @@ def check_equivalence(job, plan, tmp_path, steps: int = STEPS) -> None:
     parameters and the gradients of the last step must agree within RTOL, and every parameter must be held by some
     rank. (AdamW's update hardly changes when a gradient is scaled, so a parameter whose gradient is summed twice
     still trains to the same values; the gradients show it.)"""
-    world = run_world(job, plan, steps, tmp_path, keep_gradients=True)
+    load_recipe(job)  # the reference's losses and data; each gloo process loads it too (setup)
+    world = run_world(job, plan, steps, tmp_path, keep_gradients=True, setup=load_recipe)
     reference = ReferenceTrainer(job)
     for step in range(steps):
         want = reference.train_step(step, keep_gradients=step == steps - 1)

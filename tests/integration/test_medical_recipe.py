@@ -11,6 +11,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+import recipes.medical  # noqa: F401  (registers the recipe here, as orchestrator.recipes.load_recipe does for a run)
 from orchestrator.cli import app
 from planner.api import plan_job
 from planner.spec import parse_job

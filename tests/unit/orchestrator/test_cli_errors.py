@@ -226,12 +226,12 @@ def test_missing_argument(runner: CliRunner) -> None:
 
 def test_unexpected_exceptions_are_not_swallowed(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
     """Only user errors become one line; a bug keeps its exception (CliRunner records it)."""
-    import planner.spec
+    import orchestrator.recipes
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(planner.spec, "load_job", broken)
+    monkeypatch.setattr(orchestrator.recipes, "load_job", broken)  # the CLI's way to read a job
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(BASE))
     result = runner.invoke(app, ["validate", str(job)])
