@@ -2,7 +2,8 @@
 
 Commands: ``loom validate`` (load and check a job spec), ``loom schema`` (the job spec's JSON
 schema), ``loom plan`` (plan a job; table or JSON on stdout, optional plan file and Gantt charts),
-``loom run`` (train a job on Ray workers; a summary on stdout, exit code 1 when a worker fails).
+``loom run`` (train a job on Ray workers; a summary on stdout, exit code 1 when a worker fails),
+``loom gantt`` (a finished run's predicted against measured timeline as a Gantt chart).
 
 Contract with the user: any :class:`~planner.errors.LoomError` and every usage error (missing or
 unreadable file, directory, bad option value, unknown command) ends the command with exactly one
@@ -363,6 +364,34 @@ def run(
         raise typer.Exit(130) from None
     for line in summary_lines(result):
         typer.echo(line)
+
+
+@app.command()
+def gantt(
+    out_dir: Annotated[Path, typer.Argument(
+        metavar="OUT", help="Output folder of a finished `loom run` (its --out): plan.json and trace.json.",
+    )],
+    output: Annotated[list[Path] | None, typer.Option(
+        "--output", "-o", metavar="FILE.png|FILE.html", callback=_check_gantt_paths,
+        help="Write the chart here (PNG, or standalone HTML with hover details); repeat for both. "
+             "Default: OUT/gantt.png and OUT/gantt.html.",
+    )] = None,
+    step: Annotated[int | None, typer.Option(
+        "--step", min=0, help="The measured step to draw (default: the last one trace.json holds).",
+    )] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Draw a finished run's predicted iteration above a measured step: one row per rank, a block per
+    forward/backward slice (named after its task), transfer, loss, gradient sync and optimizer. See docs/run.md.
+    """
+    from orchestrator.render import format_seconds
+    from orchestrator.timeline import write_run_gantt
+
+    configure_logging(verbose)
+    summary = write_run_gantt(out_dir, output or [], step)
+    ratio = f" ({summary.measured_s / summary.predicted_s:.2f}x)" if summary.predicted_s > 0 else ""
+    typer.echo(f"step {summary.step}: measured {format_seconds(summary.measured_s)}, predicted "
+               f"{format_seconds(summary.predicted_s)}{ratio}; wrote {', '.join(map(str, summary.paths))}")
 
 
 # `loom submit`, `loom status`, `loom logs`, `loom stop` (Ray Jobs API) live in their own module.

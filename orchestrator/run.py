@@ -17,7 +17,9 @@ Entry point :func:`run_job`. A run is a sequence of named phases (:class:`Driver
 
 A worker that fails ends the run with :class:`RunFailed` (one line: which worker, which step,
 what it raised; exit 1); the other actors are killed rather than left waiting in a collective.
-Files written under ``<out>``: ``plan.json``, ``metrics.jsonl``, ``ckpt/step_<k>/``, ``logs/``.
+Files written under ``<out>``: ``plan.json``, ``metrics.jsonl``, ``ckpt/step_<k>/``, ``logs/``, and at the end
+``trace.json`` (the last steps' measured spans per rank) and ``trace-predicted.json`` (the plan's), Chrome traces
+(orchestrator.trace).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from orchestrator.checkpoint import (
 )
 from runtime.reference import MODEL_FILE, save_model
 from orchestrator.metrics import RunMetrics, StepLog, StepRecord, step_breakdown
+from orchestrator.trace import TraceRecorder, write_run_traces
 from planner.errors import LoomError
 from planner.plan import Plan, load_plan
 from planner.spec import JobSpec
@@ -138,6 +141,7 @@ class Driver:
         self.joined = False  # True when this run connected to --address
         self.records: list[StepRecord] = []
         self.checkpoints: list[CheckpointInfo] = []
+        self.trace = TraceRecorder()  # the last steps' spans, for trace.json
 
     @property
     def world_size(self) -> int:
@@ -155,6 +159,7 @@ class Driver:
             self.create_workers()
             self.restore()
             self.train()
+            write_run_traces(self.out_dir, self.plan, self.trace.steps)
             parameters = self.gather(lambda a, r: a.named_parameters.remote(), "while collecting parameters")
             save_model(self.out_dir / MODEL_FILE, parameters)  # the trained model, for `loom eval`
         finally:
@@ -326,6 +331,7 @@ class Driver:
         seconds = time.perf_counter() - start
         losses = results[0]["losses"]  # identical on every rank (all-reduced)
         waves, parts = step_breakdown([r.get("timing") for r in results])
+        self.trace.record(step, [r.get("timing") for r in results])
         return StepRecord(
             step=step, loss=losses, step_seconds=seconds,
             samples_per_s={t: batch[t] / seconds for t in losses},

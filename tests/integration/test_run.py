@@ -168,6 +168,36 @@ def test_cli_run_trains_and_logs_every_step(runner, tmp_path):
     assert "wave compute, measured" in result.stdout
     assert not (out / "ckpt").exists() or latest_complete(out) is None  # checkpointing is off by default
     assert "loss per task" in result.stdout and "caption" in result.stdout
+    assert_traces_and_gantt(runner, out, plan, records)
+
+
+def assert_traces_and_gantt(runner, out: Path, plan: dict, records: list[dict]) -> None:
+    """trace.json holds every step's spans on one track per rank, each inside its step and naming the task of the
+    rank's slice; trace-predicted.json the plan's; `loom gantt` draws both."""
+    from orchestrator.trace import check_trace
+
+    ranks = plan["cluster"]["num_nodes"] * plan["cluster"]["devices_per_node"]
+    measured = json.loads((out / "trace.json").read_text())
+    events = check_trace(measured, ranks)
+    assert check_trace(json.loads((out / "trace-predicted.json").read_text()), ranks)
+    assert measured["otherData"]["steps"] == [r["step"] for r in records]  # 3 steps: under the cap
+    slices = {(w["index"], d): plan["metaops"][s["metaop"]]["task"] for w in plan["waves"] for s in w["slices"]
+              for d in s["devices"]}
+    for r in records:
+        for rank in range(ranks):
+            mine = sorted((e for e in events if e["tid"] == rank and e["args"]["step"] == r["step"]),
+                          key=lambda e: e["ts"])
+            assert {e["args"]["part"] for e in mine} >= {"forward", "backward", "loss", "sync", "optimizer"}
+            for a, b in zip(mine, mine[1:]):  # one track: a rank's spans follow one another
+                assert a["ts"] + a["dur"] <= b["ts"] + 1
+            assert (mine[-1]["ts"] + mine[-1]["dur"] - mine[0]["ts"]) / 1e6 <= r["worker_seconds"][rank]
+            for e in mine:
+                if e["cat"] == "compute":
+                    assert e["args"]["task"] == slices[(e["args"]["wave"], rank)]
+    result = runner.invoke(app, ["gantt", str(out)])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert f"step {records[-1]['step']}: measured" in result.stdout
+    assert (out / "gantt.png").stat().st_size > 5000 and "<svg" in (out / "gantt.html").read_text()
 
 
 def test_cli_run_plans_with_a_profiled_cost_file(runner, tmp_path):

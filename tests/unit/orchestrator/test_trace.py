@@ -38,7 +38,8 @@ def assert_schema(trace: dict, ranks: int, pid: int) -> None:
     assert names == {r: f"rank {r}" for r in range(ranks)}
     order = {e["tid"]: e["args"]["sort_index"] for e in trace["traceEvents"] if e["name"] == "thread_sort_index"}
     assert order == {r: r for r in range(ranks)}
-    assert [e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"] == [trace["otherData"]["kind"]]
+    processes = [e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"]
+    assert processes == [trace["otherData"]["kind"]]
     for e in events:
         assert e["pid"] == pid and 0 <= e["tid"] < ranks
         assert isinstance(e["ts"], float) and isinstance(e["dur"], float) and e["dur"] >= 0
