@@ -20,6 +20,7 @@ from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCost
 from planner.devices import resolve_hardware
 from planner.errors import PlanningError
 from planner.metagraph import MetaGraph, build_metagraph
+from planner.program import plan_pieces
 from planner.placement import STRATEGIES, PlacedSchedule, PlacedSlice, PlacedWave, place_schedule
 from planner.refine import Evaluated, refine_transfers
 from planner.plan import (
@@ -224,6 +225,7 @@ def build_plan(
         metaops=metaops,
         waves=waves,
         transfers=[PlanTransfer(**vars(t)) for t in sim.transfers],
+        pieces=plan_pieces(graph.metaops, placed, cost_model.weight_bytes),
         sync_groups=[SyncGroup(**vars(g)) for g in sim.sync_groups],
         predicted=Prediction(iteration_time_s=sim.iteration_time_s, compute_s=sim.compute_s,
                              transfer_s=sim.transfer_s, sync_s=sim.sync_s, optimizer_s=sim.optimizer_s,

@@ -3,8 +3,8 @@
 Owns :func:`run_baselines` and one function per baseline (:data:`BASELINES` lists the keys).
 Spindle's wavefront is placed and simulated like Loom's own plan. The task-level systems are not
 wave schedules. They are simulated with the same primitives (curve times,
-:func:`~planner.simulator.resplit_flows` / :func:`~planner.simulator.boundary_time` for data moving
-between MetaOps, :func:`~planner.sync.finish_iteration` over the devices that hold each
+the program's moves (:func:`~planner.program.forward_moves` / :func:`~planner.program.backward_moves`, priced by
+:func:`~planner.simulator.move_flows` / :func:`~planner.simulator.boundary_time`) for data moving between MetaOps, :func:`~planner.sync.finish_iteration` over the devices that hold each
 layer) under this model:
 
 - A MetaOp runs whole (all its layers, ``curve.time(n) * L``) on the first ``n`` devices of the group
@@ -54,7 +54,8 @@ from collections.abc import Sequence
 from planner.costmodel import CostModel, Layout
 from planner.placement import PlacedSlice, build_ledger, place_schedule
 from planner.schedule import Problem, Schedule
-from planner.simulator import Flows, Phase, backward_ends, boundary_time, resplit_flows, simulate, split_passes
+from planner.program import backward_moves, forward_moves, row_bytes
+from planner.simulator import Flows, Phase, backward_ends, boundary_time, move_flows, simulate, split_passes
 from planner.sync import finish_iteration
 
 log = logging.getLogger(__name__)
@@ -117,10 +118,12 @@ def run_stages(
                 src = where.get(d)
                 if src is None:
                     continue
-                flows = resplit_flows(src.devices, src.layout, devices, layout, ops[d].batch_size * ops[d].layer.out_bytes)
-                forward.append(flows)
+                per_row = row_bytes(ops[d], ops[d].num_layers, cost_model.weight_bytes)
+                forward.append(move_flows(forward_moves(src.devices, src.layout, devices, layout, ops[d].batch_size),
+                                          per_row))
                 if ops[d].backward_factor > 0:
-                    backward.append(flows.reversed())
+                    backward.append(move_flows(backward_moves(src.devices, src.layout, devices, layout,
+                                                              ops[d].batch_size), per_row))
             where[m] = PlacedSlice(m, 0, ops[m].num_layers, devices, layout)
             seconds = problem.curves[m].time(len(devices)) * ops[m].num_layers
             if seconds > longest:

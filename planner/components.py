@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 from planner.errors import SpecError, did_you_mean
 from planner.spec import ComponentSpec, JobSpec, TaskComponentSpec
-from planner.unet import Context, block_cost, channel_mults, output_numel, state_numel, unet_blocks
+from planner.unet import Context, block_cost, channel_mults, output_numel, state_numel, unet_blocks, unet_state_numel
 
 BYTES_PER_ACT = 2  # bf16 activations
 
@@ -210,6 +210,26 @@ def expand_use(job: JobSpec, task_index: int, use_index: int) -> list[LayerSegme
     use = job.tasks[task_index].components[use_index]
     comp = job.components[use.component]
     return KINDS[comp.kind](comp, use.component, use_shape(job, task_index, use_index))
+
+
+def output_shape(job: JobSpec, t: int, u: int) -> tuple[int, int]:
+    """(positions, width) of use ``u`` of task ``t`` (not a unet2d): its sequence (a decoder's stream, then its
+    memory) and its hidden size."""
+    shape = use_shape(job, t, u)
+    comp = job.components[job.tasks[t].components[u].component]
+    positions = shape.seq_len + (shape.cross_len or 0) if comp.kind == "decoder" else shape.seq_len
+    return positions, comp.hidden_size
+
+
+def out_shapes(job: JobSpec, t: int, u: int, segment: int, num_layers: int) -> tuple[tuple[int, ...], ...]:
+    """Per-sample shape of what leaves each of the ``num_layers`` layers of segment ``segment`` of use ``u`` of task
+    ``t``: ``(positions, width)`` (:func:`output_shape`), or a unet2d's flat state ``(elements,)``, whose skip stack
+    grows and shrinks block by block (:func:`~planner.unet.unet_state_numel`)."""
+    comp = job.components[job.tasks[t].components[u].component]
+    if comp.kind != "unet2d":
+        return (output_shape(job, t, u),) * num_layers
+    shape = use_shape(job, t, u)
+    return tuple((unet_state_numel(comp, shape.image_size, shape.context, segment, b),) for b in range(1, num_layers + 1))
 
 
 def upstream_indices(job: JobSpec, task_index: int, use_index: int) -> list[int]:

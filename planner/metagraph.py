@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from planner.components import LayerSegment, expand_use
+from planner.components import LayerSegment, expand_use, out_shapes
 from planner.spec import JobSpec
 
 
@@ -37,6 +37,9 @@ class MetaOp:
     recompute: bool = False  # activation checkpointing: one more forward in backward, only inputs saved
     use: str = ""  # the name of the task's use of the component this MetaOp belongs to
     segment: int = 0  # index of this MetaOp's segment within its use (0: the use's first MetaOp)
+    # per-sample shape of the activation after each of its layers (planner.components.out_shapes); () for MetaOps
+    # built without a job (tests), whose boundaries are priced at ``layer.out_bytes``
+    out_shapes: tuple[tuple[int, ...], ...] = ()
 
     @property
     def key(self) -> str:
@@ -115,6 +118,7 @@ def build_metagraph(job: JobSpec) -> MetaGraph:
                     recompute=comp.recompute and backward > 0,
                     use=use.use_name,
                     segment=s,
+                    out_shapes=out_shapes(job, t, u, s, seg.count),
                 )
                 ops.append(op)
                 deps = (op.id,)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from planner.errors import SpecError
 
-PLAN_VERSION = 2  # 2: predicted.gather_s
+PLAN_VERSION = 3  # 2: predicted.gather_s; 3: pieces (the program every worker executes)
 
 
 class _PlanModel(BaseModel):
@@ -77,6 +77,27 @@ class PlanTransfer(_PlanModel):
     time_s: float
 
 
+class PlanPiece(_PlanModel):
+    """Rows ``[start, stop)`` of a producer slice's output (or, ``backward``, of its gradient) moving from device
+    ``src`` to device ``dst`` at one wave boundary; ``src == dst`` is taken locally (0 bytes). The rules that
+    decide them are :mod:`planner.program`'s; the simulator prices exactly these and the runtime executes them."""
+
+    wave: int = Field(description="The boundary before this wave's forward (after its backward); -1: the loss stage's.")
+    backward: bool
+    src: int
+    dst: int
+    producer: tuple[int, int] = Field(description="(wave, index in the wave) of the producing slice.")
+    consumer: tuple[int, int] | None = Field(description="(wave, index) of the consuming slice; None: the loss stage.")
+    target: tuple[int, int] = Field(description="(wave, index) of the slice whose devices receive: the consumer or "
+                                    "the task's loss host.")
+    task: str
+    input: int = Field(description="Which input of the consumer (its position in the MetaOp's deps).")
+    start: int
+    stop: int
+    shape: tuple[int, ...] = Field(description="Per-sample shape of the rows (the tensor is (stop - start, *shape)).")
+    bytes: float = Field(description="Bytes crossing devices: rows x elements x the compute precision; 0 when local.")
+
+
 class SyncGroup(_PlanModel):
     """Parameters (of one sharing group) whose gradients are all-reduced over ``devices`` once the backward of
     the layers they cover is done (overlapping the rest of backward)."""
@@ -125,6 +146,8 @@ class Plan(_PlanModel):
     metaops: list[PlanMetaOp]
     waves: list[PlanWave]
     transfers: list[PlanTransfer]
+    pieces: list[PlanPiece] = Field(description="Every move of every boundary, forward in execution order, then "
+                                    "backward in the same order (planner.program).")
     sync_groups: list[SyncGroup]
     predicted: Prediction
     peak_memory_bytes: list[float]

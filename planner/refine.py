@@ -67,10 +67,13 @@ def transfer_ends(current: Evaluated) -> list[tuple[int, int]]:
     waves = current.schedule.waves
     ends: list[tuple[int, int]] = []
     ranked = sorted(current.sim.transfers, key=lambda t: (-t.time_s, t.after_wave, t.dst_metaop, t.src_metaop))
+    def latest(m: int, k: int) -> tuple[int, int] | None:  # the last slice of MetaOp m in waves 0..k
+        return next(((j, m) for j in range(k, -1, -1) if any(s.metaop == m for s in waves[j].slices)), None)
+
     for t in ranked[:MAX_TRANSFERS]:
-        consumer = (t.after_wave + 1, t.dst_metaop)
-        producer = next(((k, t.src_metaop) for k in range(t.after_wave, -1, -1)
-                         if any(s.metaop == t.src_metaop for s in waves[k].slices)), None)
+        # the loss stage's transfers (after the last wave) end at the loss host's slice
+        consumer = (t.after_wave + 1, t.dst_metaop) if t.after_wave + 1 < len(waves) else latest(t.dst_metaop, t.after_wave)
+        producer = latest(t.src_metaop, t.after_wave)
         for end in (consumer, producer):
             if end is not None and end not in ends:
                 ends.append(end)

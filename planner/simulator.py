@@ -1,7 +1,7 @@
 """Simulator: the predicted iteration time of a placed wave schedule under one cost model.
 
-Owns :func:`simulate` and the primitives the baselines reuse: :func:`resplit_flows` (which samples
-move when a batch changes device group), :func:`boundary_time` (concurrent transfers at one
+Owns :func:`simulate` and the primitives the baselines reuse: :func:`move_flows` (the bytes of the
+program's moves, :mod:`planner.program`), :func:`boundary_time` (concurrent transfers at one
 boundary), and :class:`Phase` / :func:`backward_ends` (the forward-then-reverse-backward timeline).
 
 Model. Times are in seconds, bytes per iteration.
@@ -17,18 +17,18 @@ Model. Times are in seconds, bytes per iteration.
   of its slowest slice's passes (:meth:`CostModel.passes`): forward ``1 / passes``, backward the
   rest (``backward_factor``, plus the recomputed forward under recompute). So the parts of all
   waves add up to the wave durations.
-- **transfers**: a slice's input is the output of its MetaOp's previous slice or, for a MetaOp's
-  first slice, the output of each predecessor's last slice: ``batch_size * layer.out_bytes``. When
-  it lies elsewhere the batch is re-split (:func:`resplit_flows`). Samples are spread contiguously
-  over data-parallel ranks in device order, and only samples whose owner changes move; every
-  device of a TP group needs its rank's samples. A flow is attributed to the boundary just before
-  the consumer's wave, however many waves earlier the producer ran. All flows at one boundary run
-  concurrently. The boundary lasts as long as its busiest link (:func:`boundary_time`): a device's
-  intra-node link in each direction, or a node's network link in each direction for cross-node
-  bytes (``inter_bandwidth`` is per node). Activations cross a boundary just before the wave's
-  forward; the same bytes of gradients cross it back just after the wave's backward, but only to
-  producers that run a backward pass (``backward_factor > 0``). Both lie on the critical path, so
-  compute and transfers end at ``compute_s + transfer_s``.
+- **transfers**: exactly the moves of the program the runtime executes (:mod:`planner.program`, whose
+  docstring gives the rules: which rows of which producer reach which device, forward and backward,
+  local moves free), each row at the bytes of the producer boundary's activation shape in the compute
+  precision (:func:`~planner.program.row_bytes`). An edge's moves are attributed to the boundary just
+  before its consumer's wave, however many waves earlier the producer ran; the leaves' outputs to the
+  loss hosts form the boundary before the loss stage. All flows at one boundary run concurrently. The
+  boundary lasts as long as its busiest link (:func:`boundary_time`): a device's intra-node link in each
+  direction, or a node's network link in each direction for cross-node bytes (``inter_bandwidth`` is
+  per node). Activations cross a boundary just before the wave's forward (the loss stage's); gradients
+  cross it back just after its backward, only to producers that run a backward pass, to every TP device
+  of the producer (so a tensor-parallel producer receives more than it sent). Both lie on the critical
+  path, so compute and transfers end at ``compute_s + transfer_s``.
 - **sync, optimizer, all-gather**: :func:`~planner.sync.finish_iteration` (model in :mod:`planner.sync`).
 - **reported parts**: ``compute_s`` (sum of wave durations plus the loss stage), ``transfer_s`` (all
   boundaries), ``optimizer_s`` (the slowest device's step), ``gather_s`` (the *exposed* all-gather:
@@ -43,15 +43,15 @@ Model. Times are in seconds, bytes per iteration.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from planner.costmodel import CostModel, Layout
+from planner.costmodel import CostModel
 from planner.metagraph import MetaOp
 from planner.placement import MemoryLedger, PlacedSchedule, PlacedSlice, all_slices, build_ledger
+from planner.program import LOSS_WAVE, Edge, Moves, loss_hosts, plan_edges, row_bytes
 from planner.schedule import Problem
 from planner.sync import SyncOutcome, finish_iteration
 
@@ -129,35 +129,6 @@ class Flows:
     def total_bytes(self) -> float:
         return float(self.nbytes.sum())
 
-    def reversed(self) -> Flows:
-        return Flows(self.receivers, self.senders, self.nbytes)
-
-
-def resplit_flows(
-    src: Sequence[int], src_layout: Layout, dst: Sequence[int], dst_layout: Layout, total_bytes: float
-) -> Flows:
-    """Messages that move a batch of ``total_bytes`` from the ``src`` to the ``dst`` split.
-
-    Rank ``i`` of a ``dp x tp`` group owns the ``i``-th of ``dp`` equal contiguous runs of samples, and
-    all ``tp`` devices of its TP group hold them. A receiver that already holds a sample gets nothing.
-    Otherwise the sample comes from the owning source group's device at position ``j % tp_src``, where
-    ``j`` is the receiver's position in its own TP group (a source TP group sits inside one node).
-    """
-    if tuple(src) == tuple(dst) and src_layout == dst_layout or total_bytes <= 0:
-        return _no_flows()
-    dp_s, tp_s, dp_d, tp_d = src_layout.dp_degree, src_layout.tp_degree, dst_layout.dp_degree, dst_layout.tp_degree
-    units = math.lcm(dp_s, dp_d)  # the batch in units of 1/units: every rank boundary is a whole unit
-    bounds = np.union1d(np.arange(dp_s + 1) * (units // dp_s), np.arange(dp_d + 1) * (units // dp_d))
-    starts, lengths = bounds[:-1], np.diff(bounds)
-    src_rank = starts // (units // dp_s)
-    dst_rank = starts // (units // dp_d)
-    holders = np.asarray(src, dtype=np.int64).reshape(dp_s, tp_s)[src_rank]  # (segments, tp_s)
-    receivers = np.asarray(dst, dtype=np.int64).reshape(dp_d, tp_d)[dst_rank]  # (segments, tp_d)
-    senders = holders[:, np.arange(tp_d) % tp_s]
-    needs = ~(receivers[:, :, None] == holders[:, None, :]).any(axis=2)
-    seg_bytes = np.broadcast_to((lengths * (total_bytes / units))[:, None], needs.shape)
-    return Flows(senders[needs], receivers[needs], np.asarray(seg_bytes[needs], dtype=float))
-
 
 def _no_flows() -> Flows:
     empty = np.zeros(0, dtype=np.int64)
@@ -183,42 +154,42 @@ def boundary_time(flows: Sequence[Flows], cost_model: CostModel) -> float:
     return worst
 
 
-def _slice_input_sources(problem: Problem, s: PlacedSlice, last: dict[int, PlacedSlice]) -> list[PlacedSlice]:
-    if s.metaop in last:
-        return [last[s.metaop]]
-    return [last[d] for d in problem.graph.metaops[s.metaop].deps if d in last]
+def move_flows(moves: Moves, row_bytes: float) -> Flows:
+    """The remote part of ``moves`` (local moves cost nothing) as flows of ``row_bytes`` per row."""
+    remote = moves.remote
+    return Flows(moves.senders[remote], moves.receivers[remote], moves.rows[remote] * row_bytes)
+
+
+def edge_flows(problem: Problem, placed: PlacedSchedule, edge: Edge, cost_model: CostModel) -> tuple[Flows, Flows]:
+    """(forward, backward) flows of one edge of the program: its rows at the producer boundary's bytes per row
+    (activations and their gradients in the compute precision, ``cost_model.weight_bytes`` per element)."""
+    src = placed.waves[edge.producer[0]].slices[edge.producer[1]]
+    per_row = row_bytes(problem.graph.metaops[src.metaop], src.first_layer + src.num_layers, cost_model.weight_bytes)
+    return move_flows(edge.forward, per_row), move_flows(edge.backward, per_row)
 
 
 def boundary_transfers(
     problem: Problem, placed: PlacedSchedule, cost_model: CostModel
 ) -> tuple[list[TransferInfo], list[float], list[float]]:
-    """Every inter-wave transfer of ``placed``, and per wave ``k`` the seconds of the boundary before it:
-    activations forward (before wave ``k``'s forward) and gradients back (after its backward)."""
-    ops = problem.graph.metaops
-    last: dict[int, PlacedSlice] = {}
+    """Every transfer of ``placed``'s program (:func:`planner.program.plan_edges`), and per boundary ``k`` the
+    seconds of its activations forward (before wave ``k``'s forward) and gradients back (after its backward);
+    boundary ``len(waves)`` is the loss stage's (the leaves' outputs to the loss hosts and their gradients)."""
+    num_waves = len(placed.waves)
+    forward: list[list[Flows]] = [[] for _ in range(num_waves + 1)]
+    backward: list[list[Flows]] = [[] for _ in range(num_waves + 1)]
     infos: list[TransferInfo] = []
-    forward_s: list[float] = []
-    backward_s: list[float] = []
-    for k, wave in enumerate(placed.waves):
-        forward: list[Flows] = []
-        backward: list[Flows] = []
-        for s in wave.slices:
-            for src in _slice_input_sources(problem, s, last):
-                producer = ops[src.metaop]
-                nbytes = producer.batch_size * producer.layer.out_bytes
-                flows = resplit_flows(src.devices, src.layout, s.devices, s.layout, nbytes)
-                if not len(flows.nbytes):
-                    continue
-                back = [flows.reversed()] if producer.backward_factor > 0 else []
-                forward.append(flows)
-                backward.extend(back)
-                alone = boundary_time([flows], cost_model) + boundary_time(back, cost_model)
-                infos.append(TransferInfo(k - 1, src.metaop, s.metaop, src.devices, s.devices, flows.total_bytes, alone))
-        forward_s.append(boundary_time(forward, cost_model))
-        backward_s.append(boundary_time(backward, cost_model))
-        for s in wave.slices:
-            last[s.metaop] = s
-    return infos, forward_s, backward_s
+    for edge in plan_edges(problem.graph.metaops, placed):
+        fwd, bwd = edge_flows(problem, placed, edge, cost_model)
+        if not len(fwd.nbytes) and not len(bwd.nbytes):
+            continue
+        k = num_waves if edge.wave == LOSS_WAVE else edge.wave
+        forward[k].append(fwd)
+        backward[k].append(bwd)
+        src = placed.waves[edge.producer[0]].slices[edge.producer[1]]
+        dst = placed.waves[edge.target[0]].slices[edge.target[1]]
+        alone = boundary_time([fwd], cost_model) + boundary_time([bwd], cost_model)
+        infos.append(TransferInfo(k - 1, src.metaop, dst.metaop, src.devices, dst.devices, fwd.total_bytes, alone))
+    return (infos, [boundary_time(f, cost_model) for f in forward], [boundary_time(b, cost_model) for b in backward])
 
 
 def simulate_transfers(
@@ -280,7 +251,8 @@ def slice_seconds(problem: Problem, s: PlacedSlice, cost_model: CostModel | None
 
 
 def wave_phases(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> tuple[list[Phase], list[TransferInfo]]:
-    """The timeline phases of ``placed`` (each wave split by its slowest slice's passes) and its transfers."""
+    """The timeline phases of ``placed`` (each wave split by its slowest slice's passes) followed by the loss
+    stage's (forward only: :func:`loss_stage_seconds`, with the leaves' transfers), and its transfers."""
     infos, forward_in, backward_out = boundary_transfers(problem, placed, cost_model)
     ops = problem.graph.metaops
     phases = []
@@ -290,24 +262,18 @@ def wave_phases(problem: Problem, placed: PlacedSchedule, cost_model: CostModel)
             slowest = max(wave.slices, key=lambda s: slice_seconds(problem, s, cost_model))
             forward, backward = split_passes(ops[slowest.metaop], slice_seconds(problem, slowest, cost_model))
         phases.append(Phase(forward, backward, forward_in[k], backward_out[k]))
+    k = len(placed.waves)
+    phases.append(Phase(loss_stage_seconds(problem, placed, cost_model), 0.0, forward_in[k], backward_out[k]))
     return phases, infos
 
 
 def loss_stage_seconds(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> float:
-    """Seconds of the loss stage: on each device the loss heads it hosts (a task's loss runs on the last slice,
-    in wave order, of its leaf MetaOps; on the first TP device of each data-parallel rank), the busiest device."""
+    """Seconds of the loss stage: on each device the loss heads it hosts (:func:`planner.program.loss_hosts`: on
+    the first TP device of each data-parallel rank of the host slice), the busiest device."""
     ops = problem.graph.metaops
-    last: dict[int, tuple[int, PlacedSlice]] = {}
-    for k, wave in enumerate(placed.waves):
-        for s in wave.slices:
-            last[s.metaop] = (k, s)
-    read = {d for op in ops for d in op.deps}
     per_device: dict[int, float] = {}
-    for task in dict.fromkeys(op.task for op in ops):
-        leaves = [last[op.id] for op in ops if op.task == task and op.id not in read and op.id in last]
-        if not leaves:
-            continue
-        _, host = max(leaves, key=lambda ks: (ks[0], ks[1].metaop))
+    for task, (ref, _) in loss_hosts(ops, placed).items():
+        host = placed.waves[ref[0]].slices[ref[1]]
         seconds = cost_model.head_time(task, ops[host.metaop].batch_size // host.layout.dp_degree)
         for d in host.devices[::host.layout.tp_degree]:
             per_device[d] = per_device.get(d, 0.0) + seconds
@@ -341,10 +307,10 @@ def wave_durations(problem: Problem, placed: PlacedSchedule, cost_model: CostMod
 def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> Simulation:
     """Predicted iteration time of ``placed`` (model in the module docstring)."""
     durations = wave_durations(problem, placed, cost_model)
+    # the loss stage runs between the last forward and the first backward: the phase after the last wave
     phases, transfers = wave_phases(problem, placed, cost_model)
-    loss_s = loss_stage_seconds(problem, placed, cost_model)
-    # the loss stage runs between the last forward and the first backward: a phase after the last wave
-    ends, compute_end = backward_ends(phases + [Phase(loss_s, 0.0)] if loss_s > 0 else phases)
+    loss_s = phases[-1].forward_s
+    ends, compute_end = backward_ends(phases)
     slice_ready = [ends[k] for k, wave in enumerate(placed.waves) for _ in wave.slices]  # all_slices' order
     ledger = build_ledger(problem, all_slices(placed), cost_model)
     outcome = finish_iteration(ledger, slice_ready, compute_end, cost_model)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from planner.components import upstream_indices, use_shape
+from planner.components import output_shape, upstream_indices, use_shape
 from planner.metagraph import MetaGraph, MetaOp
 from planner.spec import JobSpec
 from runtime.modules import build_initialised, freeze_if, layer_seed
@@ -71,15 +71,6 @@ def use_index(job: JobSpec, op: MetaOp) -> tuple[int, int]:
     """(task index, use index) of MetaOp ``op``'s use."""
     t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
     return t, next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
-
-
-def output_shape(job: JobSpec, t: int, u: int) -> tuple[int, int]:
-    """(positions, width) of use ``u`` of task ``t`` (not a unet2d): its sequence (a decoder's stream, then its
-    memory) and its hidden size."""
-    shape = use_shape(job, t, u)
-    comp = job.components[job.tasks[t].components[u].component]
-    positions = shape.seq_len + (shape.cross_len or 0) if comp.kind == "decoder" else shape.seq_len
-    return positions, comp.hidden_size
 
 
 def connection(job: JobSpec, t: int, u: int) -> Connection | None:

@@ -32,7 +32,7 @@ from runtime.assignment import (
     is_lead, layer_tp_degrees, loss_groups, sample_range, tp_group_of, tp_groups,
 )
 from runtime.channel import PieceChannel, piece_key
-from runtime.checks import check_plan_matches_job, check_runnable, feature_shape
+from runtime.checks import check_plan_matches_job, check_runnable
 from runtime.data import TaskBatch, synthetic_batch
 from runtime.embeddings import build_input_module, first_input, input_modules
 from runtime.heads import build_head
@@ -151,6 +151,8 @@ class WaveWorker:
 
     last_timing: StepTiming | None = None  # where this device's last train_step went
     last_gradients: dict[str, torch.Tensor] | None = None  # the last train_step's, when asked for
+    last_sent: list[tuple[Piece, int]] = []  # the last step's pieces sent to other devices, bytes as sent
+    _sent_step: int | None = None
 
     def train_step(self, step: int, keep_gradients: bool = False) -> dict[str, float]:
         """Forward, losses, backward, gradient sync and AdamW for ``step``; per-task mean losses (all ranks).
@@ -221,7 +223,7 @@ class WaveWorker:
         op = self.graph.metaops[s.metaop]
         start, stop = self._rows(ref)
         kwargs = layer_kwargs(self.job, op)
-        inputs = [] if self.comm.producer(ref) is None else self._slice_inputs(ref, start, stop, st)
+        inputs = self._slice_inputs(ref, start, stop, st) if self.comm.num_inputs(ref) else []
         if s.first_layer > 0:  # the rest of a MetaOp whose first layers ran in an earlier wave
             x = inputs[0]
         else:  # a root MetaOp's layer 0 reads raw data through its input module; other uses read their inputs
@@ -241,7 +243,7 @@ class WaveWorker:
         """Rows [start, stop) of each of ``ref``'s inputs, in the order of its use's ``after:`` list: each input's
         received rows become their own autograd leaf (so backward's gradient of an input is its part of the whole)."""
         leaves = []
-        for i in range(len(self.comm.producers(ref))):
+        for i in range(self.comm.num_inputs(ref)):
             leaf = _assemble(st.received.pop(("slice", ref, i), []), start, stop).requires_grad_(True)
             st.inputs[(ref, i)] = leaf
             leaves.append(leaf)
@@ -276,55 +278,50 @@ class WaveWorker:
     # ------------------------------------------------------------------ transfers
 
     def _exchange(self, wave: int, st: _StepState, forward: bool) -> None:
-        """Move the pieces of one boundary: forward, outputs from producers to consumers; backward, the
-        gradients of those inputs back to every TP device of the producers (accumulated into their output
-        gradients). Every rank walks the same boundaries in the same order, so the p2p calls pair up."""
-        if forward:
-            sends, recvs = self.comm.pieces_for(wave, self.rank)
-            targets = [(p, p.dst) for p in sends]
-            peers = [(p, p.src) for p in recvs]
-        else:
-            targets, recvs = self.comm.backward_pieces_for(wave, self.rank)
-            peers = [(p, p.dst) for p in recvs]
+        """Move the plan's pieces of one boundary (planner.program decided them): forward, rows of producers'
+        outputs to the devices that read them; backward, the gradients of those rows back to every device of
+        the producers (accumulated into their output gradients). Every rank walks the same boundaries and the
+        plan's pieces in the plan's order, so the point-to-point calls pair up."""
+        pieces = self.comm.pieces_at(wave, backward=not forward)
         ops, landing, taken = [], [], []
-        for p, target in targets:
-            tensor = self._piece_tensor(p, st, forward)
-            if target == self.rank:
-                landing.append((p, tensor.clone()))
-            elif self._by_channel(p):
-                self.channel.post(piece_key(st.step, forward, p, target), tensor.contiguous())
-            else:
-                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), target))
-        for p, peer in peers:
-            if peer == self.rank:
-                continue  # landed by the send loop
-            if self._by_channel(p):
-                taken.append((p, peer))
+        for p in pieces:
+            if p.src != self.rank:
                 continue
-            buf = torch.empty((p.stop - p.start, *self._feature(p)), device=self.device)
-            ops.append(dist.P2POp(dist.irecv, buf, peer))
+            tensor = self._piece_tensor(p, st, forward)
+            if p.dst == self.rank:
+                landing.append((p, tensor.clone()))
+                continue
+            self._record_sent(st.step, p, tensor)
+            if self._by_channel(p):
+                self.channel.post(piece_key(st.step, forward, p, p.dst), tensor.contiguous())
+            else:
+                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), p.dst))
+        for p in pieces:
+            if p.dst != self.rank or p.src == self.rank:
+                continue  # not mine, or landed by the send loop
+            if self._by_channel(p):
+                taken.append(p)
+                continue
+            buf = torch.empty((p.stop - p.start, *p.shape), device=self.device)
+            ops.append(dist.P2POp(dist.irecv, buf, p.src))
             landing.append((p, buf))
         if ops:
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
-        landing += [(p, self.channel.take(peer, piece_key(st.step, forward, p, self.rank))) for p, peer in taken]
+        landing += [(p, self.channel.take(p.src, piece_key(st.step, forward, p, self.rank))) for p in taken]
         for p, tensor in landing:
             self._land(p, tensor, st, forward)
 
+    def _record_sent(self, step: int, p: Piece, tensor: torch.Tensor) -> None:
+        """Keep (piece, bytes) of every piece this device sends to another in :attr:`last_sent` (the last step's)."""
+        if self._sent_step != step:
+            self._sent_step, self.last_sent = step, []
+        self.last_sent.append((p, tensor.numel() * tensor.element_size()))
+
     def _by_channel(self, p: Piece) -> bool:
-        """Whether piece ``p`` (or its gradient: the same size) moves through the channel: one of at least its
-        ``min_bytes`` (float32 rows), a function of the plan, so both ends agree."""
-        return (self.channel is not None
-                and (p.stop - p.start) * math.prod(self._feature(p)) * 4 >= self.channel.min_bytes)
-
-    def _feature(self, p: Piece) -> tuple[int, ...]:
-        """Per-sample shape of the piece's rows: the producer slice's output (a function of the plan: computed once)."""
-        s = self.comm.slices[p.producer]
-        return self._boundary_shape(s.metaop, s.first_layer + s.num_layers)
-
-    @functools.cache  # noqa: B019 (a worker lives as long as its process)
-    def _boundary_shape(self, metaop: int, boundary: int) -> tuple[int, ...]:
-        return feature_shape(self.job, self.graph.metaops[metaop], boundary)
+        """Whether piece ``p`` moves through the channel: one of at least its ``min_bytes`` (float32 rows), a function
+        of the plan, so both ends agree."""
+        return self.channel is not None and (p.stop - p.start) * math.prod(p.shape) * 4 >= self.channel.min_bytes
 
     def _piece_tensor(self, p: Piece, st: _StepState, forward: bool) -> torch.Tensor:
         if forward:  # rows of my producer output
@@ -332,10 +329,9 @@ class WaveWorker:
             start, _ = self._rows(p.producer)
             return y.detach()[p.start - start:p.stop - start]
         leaf = st.inputs.get((p.consumer, p.input)) if p.consumer is not None else st.loss_inputs.get(p.producer)
-        consumer = p.consumer if p.consumer is not None else self._loss_host_of(p).host
-        start, _ = self._rows(consumer)
+        start, _ = self._rows(p.target)
         if leaf is None or leaf.grad is None:
-            return torch.zeros((p.stop - p.start, *self._feature(p)), device=self.device)
+            return torch.zeros((p.stop - p.start, *p.shape), device=self.device)
         return leaf.grad[p.start - start:p.stop - start]
 
     def _land(self, p: Piece, tensor: torch.Tensor, st: _StepState, forward: bool) -> None:
@@ -346,11 +342,8 @@ class WaveWorker:
         start, stop = self._rows(p.producer)
         grad = st.grad_out.get(p.producer)
         if grad is None:
-            grad = st.grad_out[p.producer] = torch.zeros((stop - start, *self._feature(p)), device=self.device)
+            grad = st.grad_out[p.producer] = torch.zeros((stop - start, *p.shape), device=self.device)
         grad[p.start - start:p.stop - start] += tensor
-
-    def _loss_host_of(self, p: Piece):
-        return next(h for h in self.comm.loss_hosts if h.task == p.task)
 
     # ------------------------------------------------------------------ gradients and losses
 

@@ -38,6 +38,7 @@ class WorldResult:
     gradients: dict[int, dict[str, torch.Tensor]]  # per rank: the last step's AdamW's (run_world's keep_gradients)
     step_seconds: list[float]  # per step, the slowest rank's wall time (steps start at a barrier)
     timings: list[list[dict]]  # per step, per rank: where the rank's time went (StepTiming.to_dict())
+    sent: dict[int, list[tuple[dict, int]]]  # per rank: the last step's pieces sent to other ranks (JSON), bytes sent
 
 
 def _worker(rank: int, world_size: int, port: int, job_json: str, plan_json: str, steps: int, out_dir: str,
@@ -62,7 +63,8 @@ def _worker(rank: int, world_size: int, port: int, job_json: str, plan_json: str
             seconds.append(time.perf_counter() - started)
             timings.append(worker.last_timing.to_dict())
         torch.save({"losses": losses, "seconds": seconds, "timings": timings, "parameters": worker.named_parameters(),
-                    "gradients": worker.last_gradients or {}},
+                    "gradients": worker.last_gradients or {},
+                    "sent": [(p.model_dump(mode="json"), nbytes) for p, nbytes in worker.last_sent]},
                    Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -84,5 +86,6 @@ def run_world(job: JobSpec, plan: Plan, steps: int, out_dir: str | Path, keep_gr
     seconds = [max(d["seconds"][i] for d in per_rank.values()) for i in range(steps)]
     timings = [[per_rank[r]["timings"][i] for r in range(world_size)] for i in range(steps)]
     return WorldResult(per_rank[0]["losses"], {r: d["parameters"] for r, d in per_rank.items()},
-                       {r: d["gradients"] for r, d in per_rank.items()}, seconds, timings)
+                       {r: d["gradients"] for r, d in per_rank.items()}, seconds, timings,
+                       {r: d["sent"] for r, d in per_rank.items()})
 

@@ -20,11 +20,11 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     assert err <= RTOL, f"{what}: relative error {err:.2e}"
 
 
-def check_equivalence(job, plan, tmp_path, steps: int = STEPS) -> None:
+def check_equivalence(job, plan, tmp_path, steps: int = STEPS):
     """Train ``steps`` steps of ``plan`` on a gloo world and in one process: per-step losses, every rank's final
     parameters and the gradients of the last step must agree within RTOL, and every parameter must be held by some
     rank. (AdamW's update hardly changes when a gradient is scaled, so a parameter whose gradient is summed twice
-    still trains to the same values; the gradients show it.)"""
+    still trains to the same values; the gradients show it.) Returns the world's result."""
     load_recipe(job)  # the reference's losses and data; each gloo process loads it too (setup)
     world = run_world(job, plan, steps, tmp_path, keep_gradients=True, setup=load_recipe)
     reference = ReferenceTrainer(job)
@@ -42,6 +42,7 @@ def check_equivalence(job, plan, tmp_path, steps: int = STEPS) -> None:
         trained = {n for n in world.parameters[rank] if n in reference.last_gradients}
         assert set(grads) == trained, f"rank {rank}: no gradient for {sorted(trained - set(grads))[:5]}"
         _compare_modules(grads, reference.last_gradients, f"rank {rank} gradient of")
+    return world
 
 
 def _compare_modules(got_by_name: dict, want_by_name: dict, what: str) -> set[str]:

@@ -14,7 +14,7 @@ from planner.api import plan_job, plan_schedule
 from planner.metagraph import build_metagraph
 from planner.schedule import Schedule, Slice, Wave
 from planner.spec import parse_job
-from runtime.assignment import CommSchedule
+from runtime.assignment import CommSchedule, Piece
 
 from _equivalence import STEPS, check_equivalence  # tests/integration/_equivalence.py
 from _jobs import connector_job, decoder_job, diffusion_job, fusion_job, two_task_job  # tests/integration/_jobs.py
@@ -180,6 +180,32 @@ def test_fusion_of_two_towers_across_waves_equals_single_process(tmp_path):
     fused = [p for p in schedule.forward_pieces[1] if p.src != p.dst]
     assert {p.input for p in fused} == {0, 1}, "the fusion should receive rows of both towers from other devices"
     check_equivalence(job, plan, tmp_path)
+
+
+def test_the_runtime_sends_exactly_the_plans_pieces(tmp_path):
+    """The plan is each worker's program: counted where they leave a worker, the pieces sent (and their bytes)
+    are exactly the plan's remote pieces, which the simulator priced. The text tower runs TP=2 on two devices
+    whose rows the fusion then reads data-parallel on four: forward those two devices use their own rows, backward
+    each needs the gradient of every row, half of them from the other."""
+    data = fusion_job(4, STEPS)
+    data["components"]["txt"]["tensor_parallel"] = [2]
+    data["training"]["precision"] = "fp32"  # what the CPU runtime computes in, so the priced bytes are the sent ones
+    job = parse_job(data)
+    plan = plan_from_waves(job, [
+        [("vqa.txt", 2, 2), ("vqa.img", 2, 2)],
+        [("vqa.fuse", 1, 4)],
+        [("vqa.fuse", 1, 2), ("tag.img", 2, 2)],
+    ])
+    txt = next(s for s in plan.waves[0].slices if plan.metaops[s.metaop].name == "vqa.txt")
+    assert (txt.dp_degree, txt.tp_degree) == (1, 2)
+    into_fuse = [p for p in plan.pieces if p.wave == 1 and p.producer == (0, 0)]
+    assert all(p.src == p.dst for p in into_fuse if not p.backward and p.dst in txt.devices)
+    assert any(p.src != p.dst and p.dst in txt.devices for p in into_fuse if p.backward)
+    world = check_equivalence(job, plan, tmp_path)
+    for rank in range(4):
+        want = sorted((p.model_dump_json(), p.bytes) for p in plan.pieces if p.src == rank and p.src != p.dst)
+        got = sorted((Piece.model_validate(d).model_dump_json(), float(n)) for d, n in world.sent[rank])
+        assert got == want, f"rank {rank} sent other pieces than its plan's"
 
 
 def test_decoder_attending_to_two_towers_across_waves_equals_single_process(tmp_path):

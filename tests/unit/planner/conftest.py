@@ -1,10 +1,11 @@
 """Shared builders for planner unit tests: hand-made curves and Problems, and seeded random Problems.
 
-Import the helpers with ``from conftest import random_problem, make_problem, make_curve``.
+Import the helpers with ``from conftest import random_problem, make_problem, make_curve, random_schedule``.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,7 +13,7 @@ import numpy as np
 from planner.components import LayerSegment
 from planner.costmodel import Curve, Layout
 from planner.metagraph import MetaOp, finalize_graph
-from planner.schedule import Problem
+from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule
 
 
 def make_curve(counts: Sequence[int], times: Sequence[float]) -> Curve:
@@ -82,3 +83,24 @@ def random_problem(seed: int, num_ops: int, num_devices: int, num_levels: int, c
     problem = make_problem(layers, deps, curves, num_devices)
     assert len(problem.graph.levels) == num_levels
     return problem
+
+
+def random_schedule(problem: Problem, rng: random.Random) -> Schedule:
+    """A valid random wave schedule: ready MetaOps get random slices while devices last."""
+    remaining = [problem.layers(m) for m in range(len(problem.graph))]
+    waves = []
+    while any(remaining):
+        ready = [o.id for o in problem.graph.metaops if remaining[o.id] and not any(remaining[d] for d in o.deps)]
+        rng.shuffle(ready)
+        left, slices = problem.num_devices, []
+        for m in ready:
+            counts = [c for c in problem.curves[m].counts if c <= left]
+            if counts:
+                slices.append(Slice(m, rng.randint(1, remaining[m]), rng.choice(counts)))
+                left -= slices[-1].num_devices
+        for s in slices:
+            remaining[s.metaop] -= s.num_layers
+        waves.append(Wave(tuple(slices)))
+    schedule = Schedule(tuple(waves))
+    check_schedule(problem, schedule)
+    return schedule

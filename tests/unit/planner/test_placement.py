@@ -14,9 +14,12 @@ from planner.metagraph import MetaOp, build_metagraph, finalize_graph
 from planner.placement import (
     STRATEGIES, MemoryLedger, PlacedSlice, build_ledger, place_schedule,
 )
+from planner.program import forward_moves
 from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule
-from planner.simulator import resplit_flows, simulate_transfers
+from planner.simulator import simulate_transfers
 from planner.spec import parse_job
+
+from conftest import random_schedule
 
 
 class LinearCost(CostModel):
@@ -46,68 +49,6 @@ def schedule(*waves: list[tuple[int, int, int]]) -> Schedule:
     return Schedule(tuple(Wave(tuple(Slice(*s) for s in w)) for w in waves))
 
 
-def random_schedule(problem: Problem, rng: random.Random) -> Schedule:
-    """A valid random wave schedule: ready MetaOps get random slices while devices last."""
-    remaining = [problem.layers(m) for m in range(len(problem.graph))]
-    done = [False] * len(remaining)
-    waves = []
-    while not all(done):
-        ready = [o.id for o in problem.graph.metaops if not done[o.id] and all(done[d] for d in o.deps)]
-        rng.shuffle(ready)
-        left, slices = problem.num_devices, []
-        for m in ready:
-            counts = [c for c in problem.curves[m].counts if c <= left]
-            if counts:
-                n = rng.choice(counts)
-                slices.append(Slice(m, rng.randint(1, remaining[m]), n))
-                left -= n
-        for s in slices:
-            remaining[s.metaop] -= s.num_layers
-        for s in slices:
-            done[s.metaop] = remaining[s.metaop] == 0
-        waves.append(Wave(tuple(slices)))
-    sched = Schedule(tuple(waves))
-    check_schedule(problem, sched)
-    return sched
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_random_schedules_are_placed_validly(strategy):
-    """No device in two slices of a wave; counts, layouts and layer ranges match; TP groups inside nodes; packing
-    fits a slice in a node when one has room."""
-    cm = LinearCost(hardware(num_nodes=3, devices_per_node=4))
-    rng = random.Random(7)
-    for trial in range(20):
-        ops = [op(m, f"g{rng.randint(0, 3)}", layers=rng.randint(1, 6),
-                  deps=tuple(d for d in range(m) if rng.random() < 0.3), batch=rng.choice([4, 8, 12]),
-                  tp=rng.choice([(1,), (1, 2)]))
-               for m in range(6)]
-        problem = problem_of(ops, cm)
-        sched = random_schedule(problem, rng)
-        placed = place_schedule(problem, sched, cm, strategy=strategy)
-        layers_seen = [0] * len(ops)
-        for wave, placed_wave in zip(sched.waves, placed.waves):
-            used = [d for s in placed_wave.slices for d in s.devices]
-            assert len(used) == len(set(used)), f"trial {trial}: a device is in two slices of one wave"
-            assert all(0 <= d < problem.num_devices for d in used)
-            assert [(s.metaop, s.num_layers, len(s.devices)) for s in placed_wave.slices] == \
-                [(s.metaop, s.num_layers, s.num_devices) for s in wave.slices]
-            for s in placed_wave.slices:
-                assert s.devices == tuple(sorted(s.devices))
-                assert s.layout == problem.curves[s.metaop].layout(len(s.devices))
-                assert s.first_layer == layers_seen[s.metaop]
-                layers_seen[s.metaop] += s.num_layers
-                tp = s.layout.tp_degree
-                assert all(len({d // 4 for d in s.devices[i:i + tp]}) == 1 for i in range(0, len(s.devices), tp))
-                if strategy == "pack" and len(s.devices) <= 4 and len({d // 4 for d in s.devices}) > 1:
-                    # spanning nodes is allowed only when no node had room: devices idle in the whole
-                    # wave were free when the slice was placed, so no node may have that many idle
-                    idle = set(range(problem.num_devices)) - set(used)
-                    for node in range(3):
-                        assert len([d for d in idle if d // 4 == node]) < len(s.devices), f"trial {trial}: {s}"
-        assert layers_seen == [o.num_layers for o in ops]
-
-
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_placement_is_deterministic(strategy):
     cm = LinearCost(hardware())
@@ -126,9 +67,9 @@ def _cross_node_bytes(problem: Problem, placed, cm: CostModel) -> float:
         src = [s for w in placed.waves[: t.after_wave + 1] for s in w.slices if s.metaop == t.src_metaop][-1]
         dst = next(s for s in placed.waves[t.after_wave + 1].slices if s.metaop == t.dst_metaop)
         producer = problem.graph.metaops[t.src_metaop]
-        flows = resplit_flows(src.devices, src.layout, dst.devices, dst.layout,
-                              producer.batch_size * producer.layer.out_bytes)
-        total += float(flows.nbytes[flows.senders // dpn != flows.receivers // dpn].sum())
+        moves = forward_moves(src.devices, src.layout, dst.devices, dst.layout, producer.batch_size)
+        cross = moves.senders // dpn != moves.receivers // dpn
+        total += float(moves.rows[cross].sum()) * producer.layer.out_bytes
     return total
 
 

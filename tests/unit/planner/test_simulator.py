@@ -14,11 +14,19 @@ from planner.costmodel import CostModel, Layout
 from planner.devices import DEVICES, GIB, Hardware
 from planner.metagraph import MetaOp, finalize_graph
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, all_slices, build_ledger, place_schedule
+from planner.program import forward_moves
 from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule
 from planner.simulator import (
-    Phase, backward_ends, boundary_time, resplit_flows, simulate, simulate_transfers, split_passes,
+    Phase, backward_ends, boundary_time, move_flows, simulate, simulate_transfers, split_passes,
 )
 from planner.sync import bucket_time, finish_iteration, gather_time, sync_buckets
+
+from conftest import random_schedule
+
+
+def resplit_flows(src, src_layout, dst, dst_layout, total_bytes, batch=8):
+    """The forward flows of a batch of ``batch`` rows (``total_bytes`` in all) re-split from ``src`` to ``dst``."""
+    return move_flows(forward_moves(src, src_layout, dst, dst_layout, batch), total_bytes / batch)
 
 
 class LinearCost(CostModel):
@@ -356,27 +364,6 @@ def test_longest_first_launch_is_kept_when_ready_order_would_block():
 
 
 # --------------------------------------------------------------------------- bounds on random placed schedules
-
-
-def random_schedule(problem: Problem, rng: random.Random) -> Schedule:
-    """A valid random wave schedule: ready MetaOps get random slices while devices last."""
-    remaining = [problem.layers(m) for m in range(len(problem.graph))]
-    waves = []
-    while any(remaining):
-        ready = [o.id for o in problem.graph.metaops if remaining[o.id] and not any(remaining[d] for d in o.deps)]
-        rng.shuffle(ready)
-        left, slices = problem.num_devices, []
-        for m in ready:
-            counts = [c for c in problem.curves[m].counts if c <= left]
-            if counts:
-                slices.append(Slice(m, rng.randint(1, remaining[m]), rng.choice(counts)))
-                left -= slices[-1].num_devices
-        for s in slices:
-            remaining[s.metaop] -= s.num_layers
-        waves.append(Wave(tuple(slices)))
-    schedule = Schedule(tuple(waves))
-    check_schedule(problem, schedule)
-    return schedule
 
 
 def no_overlap_iteration(problem: Problem, placed_schedule: PlacedSchedule, cost_model: CostModel) -> float:

@@ -1,5 +1,5 @@
-"""The communication schedule of a use with several inputs (a fusion): which rows of which input move where,
-forward and backward, and the order the inputs are concatenated in (no processes)."""
+"""The runtime's view of a plan's program (a fusion: a use with several inputs): what it reads from the pieces, and
+the order the inputs are concatenated in (no processes). The rules themselves: tests/unit/planner/test_program.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from planner.metagraph import build_metagraph
 from planner.plan import plan_from_json
 from planner.schedule import Schedule, Slice, Wave
 from planner.spec import parse_job
-from runtime.assignment import CommSchedule, input_order
+from runtime.assignment import LOSS_WAVE, CommSchedule, input_order
 
 
 def fusion_job(after: list[str]):
@@ -32,28 +32,20 @@ def plan_of(job, waves):
                          method="hand-made")
 
 
-def test_a_fusion_receives_every_row_of_every_input_from_its_owner():
+def test_the_schedule_reads_inputs_loss_hosts_and_boundaries_from_the_plans_pieces():
+    """The runtime derives nothing: a slice's inputs, the loss hosts and each boundary's pieces (in the plan's order)
+    are read from Plan.pieces, which planner.program wrote."""
     job = fusion_job(["img", "txt"])
     plan = plan_of(job, [[("vqa.img", 1, 2), ("vqa.txt", 1, 1)], [("vqa.fuse", 1, 4)], [("vqa.fuse", 1, 2)]])
     comm = CommSchedule(plan)
-    fuse = comm.by_metaop[2][0]
-    img, txt = comm.last_slice(0), comm.last_slice(1)
-    assert comm.producers(fuse) == [img, txt] and comm.producer(fuse) == img
-    assert comm.producers(comm.by_metaop[2][1]) == [fuse]  # the second layer reads the first: one input
-    pieces = comm.forward_pieces[1]
-    assert {(p.input, p.producer) for p in pieces} == {(0, img), (1, txt)}
-    for i, producer in enumerate([img, txt]):
-        for device in comm.slices[fuse].devices:  # dp 4: device d needs samples [2r, 2r + 2)
-            rows = sorted((p.start, p.stop, p.src) for p in pieces if p.input == i and p.dst == device)
-            r = comm.slices[fuse].devices.index(device)
-            assert [(a, b) for a, b, _ in rows] == [(2 * r, 2 * r + 2)]
-            owner = comm.slices[producer].devices[(2 * r) // (8 // comm.slices[producer].dp_degree)]
-            assert rows[0][2] == owner
-    # backward: the same pieces, gradients from the consumer back to each input's producer
-    for device in plan.waves[0].slices[0].devices + plan.waves[0].slices[1].devices:
-        sends, receives = comm.backward_pieces_for(1, device)
-        assert receives == [p for p in pieces if device in p.src_group]
-        assert {p.input for p in receives} == ({0} if device in comm.slices[img].devices else {1})
+    first, second = comm.by_metaop[2]
+    assert comm.num_inputs(first) == 2 and comm.num_inputs(second) == 1  # the rest of a MetaOp reads its first part
+    assert comm.num_inputs(comm.by_metaop[0][0]) == 0  # a root reads raw data
+    assert [(h.task, h.host, h.leaves) for h in comm.loss_hosts] == [("vqa", second, (second,))]
+    for wave in (1, 2, LOSS_WAVE):
+        for backward in (False, True):
+            want = [p for p in plan.pieces if p.wave == wave and p.backward == backward]
+            assert want and comm.pieces_at(wave, backward) == want
 
 
 def test_inputs_are_concatenated_in_the_order_of_after():
@@ -71,5 +63,5 @@ def test_a_plan_read_back_from_json_gives_the_same_pieces():
     job = fusion_job(["txt", "img"])
     plan = plan_of(job, [[("vqa.img", 1, 2), ("vqa.txt", 1, 2)], [("vqa.fuse", 2, 4)]])
     a, b = CommSchedule(plan), CommSchedule(plan_from_json(plan.to_json()))
-    assert a.forward_pieces == b.forward_pieces
-    assert {p.input for p in a.forward_pieces[1]} == {0, 1}
+    assert a.forward_pieces == b.forward_pieces and a.backward_pieces == b.backward_pieces
+    assert a.loss_hosts == b.loss_hosts and {p.input for p in a.forward_pieces[1]} == {0, 1}

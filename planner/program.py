@@ -1,0 +1,212 @@
+"""Every worker's program: which rows of which activation move between which devices at each wave boundary.
+
+One derivation for the whole system: :func:`plan_edges` lists the producer -> consumer edges of a placed
+schedule and :func:`forward_moves` / :func:`backward_moves` the rows each edge moves. The simulator prices
+exactly these moves, :func:`plan_pieces` writes them into the Plan as pieces (with tensor shapes and bytes),
+and the runtime executes the Plan's pieces without deriving anything (runtime.assignment).
+
+Conventions (pure Python + numpy):
+
+- **rows**: a slice with layout ``dp x tp`` on devices ``d_0 < d_1 < ...``: ``devices[i*tp:(i+1)*tp]`` is
+  data-parallel rank ``i``, which owns rows ``[i*per, (i+1)*per)`` of its MetaOp's batch ``B``
+  (``per = B // dp``; the planner only uses degrees that divide ``B``). Every TP device of a rank holds
+  the rank's rows, in and out (a tensor-parallel layer's output is replicated over its TP group).
+- **edges**: a slice's first layer reads the previous slice of its MetaOp or, for a MetaOp's first slice,
+  the last slice (in wave order) of every dependency, in ``deps`` order (``input`` is that position); a
+  root MetaOp's layer 0 reads raw data (no edge). A task's loss runs on the last slice, in wave order, of
+  its leaf MetaOps (the latest wave, ties to the higher MetaOp id), on the first TP device of each of that
+  slice's data-parallel ranks; every leaf's last slice feeds it (``consumer`` None, wave :data:`LOSS_WAVE`).
+  An edge's moves happen at the boundary just before its consumer's wave, however early the producer ran.
+- **forward**: every receiving device needs its rank's rows. A device that already holds them (it is in the
+  producer rank that owns them) takes them from its own output: a *local* move (sender == receiver, no
+  bytes). Otherwise they come from the producer's TP device at position ``j % tp_producer``, where ``j`` is
+  the receiver's position in its own TP group (spreading the sends over the producer's group).
+- **backward** (only when the producer runs a backward pass, ``backward_factor > 0``): every device of the
+  producer needs the gradient of its rank's rows; the first TP device of the consumer rank that read them
+  sends it (only it holds the input gradient); local when it is that device. Gradients of one output read
+  by several consumers are summed where they land.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.costmodel import Layout
+from planner.metagraph import MetaOp
+from planner.placement import PlacedSchedule, PlacedSlice
+from planner.plan import PlanPiece
+
+LOSS_WAVE = -1  # the pseudo-wave of the loss stage, after every real wave
+
+SliceId = tuple[int, int]  # (wave, index of the slice in its wave)
+
+
+@dataclass(frozen=True)
+class Moves:
+    """Row ranges ``[starts[i], stops[i])`` moving from ``senders[i]`` to ``receivers[i]`` (sender == receiver:
+    a local move, which costs nothing)."""
+
+    senders: np.ndarray
+    receivers: np.ndarray
+    starts: np.ndarray
+    stops: np.ndarray
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.stops - self.starts
+
+    @property
+    def remote(self) -> np.ndarray:
+        return self.senders != self.receivers
+
+    def __len__(self) -> int:
+        return len(self.senders)
+
+
+@dataclass(frozen=True)
+class Edge:
+    """A producer slice's output feeding a consumer slice's input number ``input`` (or the loss stage of ``task``)."""
+
+    wave: int  # the consumer's wave: the moves happen at the boundary before it (LOSS_WAVE: before the loss stage)
+    producer: SliceId
+    consumer: SliceId | None  # None: the loss stage of ``task``
+    target: SliceId  # the slice whose devices receive: the consumer, or the loss host
+    task: str
+    input: int
+    forward: Moves
+    backward: Moves  # empty when the producer runs no backward pass
+
+
+def _segments(batch: int, dp_src: int, dp_dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The row ranges on which both splits agree: (starts, stops, source dp rank, destination dp rank). Rows are
+    whole when both degrees divide ``batch`` (always in a plan); otherwise (synthetic problems) fractional."""
+    units = math.lcm(dp_src, dp_dst)  # rank boundaries of both splits are whole multiples of batch / units
+    bounds = np.union1d(np.arange(dp_src + 1) * (units // dp_src), np.arange(dp_dst + 1) * (units // dp_dst))
+    src_rank, dst_rank = bounds[:-1] // (units // dp_src), bounds[:-1] // (units // dp_dst)
+    if batch % units == 0:
+        rows = bounds * (batch // units)
+    else:
+        rows = bounds * (batch / units)
+    return rows[:-1], rows[1:], src_rank, dst_rank
+
+
+def _empty() -> Moves:
+    none = np.zeros(0, dtype=np.int64)
+    return Moves(none, none, none, none)
+
+
+def forward_moves(src: Sequence[int], src_layout: Layout, dst: Sequence[int], dst_layout: Layout, batch: int,
+                  leads_only: bool = False) -> Moves:
+    """The rows of a batch of ``batch`` samples each device of ``dst`` (only the first of each TP group with
+    ``leads_only``: the loss stage) receives from ``src`` (module docstring)."""
+    starts, stops, src_rank, dst_rank = _segments(batch, src_layout.dp_degree, dst_layout.dp_degree)
+    tp_s, tp_d = src_layout.tp_degree, dst_layout.tp_degree
+    holders = np.asarray(src, dtype=np.int64).reshape(-1, tp_s)[src_rank]  # (segments, tp_s)
+    receivers = np.asarray(dst, dtype=np.int64).reshape(-1, tp_d)[dst_rank]  # (segments, tp_d)
+    if leads_only:
+        receivers = receivers[:, :1]
+    senders = holders[:, np.arange(receivers.shape[1]) % tp_s]
+    holds = (receivers[:, :, None] == holders[:, None, :]).any(axis=2)
+    senders = np.where(holds, receivers, senders)
+    shape = receivers.shape
+    return Moves(senders.reshape(-1), receivers.reshape(-1), np.broadcast_to(starts[:, None], shape).reshape(-1),
+                 np.broadcast_to(stops[:, None], shape).reshape(-1))
+
+
+def backward_moves(src: Sequence[int], src_layout: Layout, dst: Sequence[int], dst_layout: Layout,
+                   batch: int) -> Moves:
+    """The gradient rows every device of the producer ``src`` receives from the consumer ``dst`` (the first TP
+    device of the consumer rank that read them sends; module docstring)."""
+    starts, stops, src_rank, dst_rank = _segments(batch, src_layout.dp_degree, dst_layout.dp_degree)
+    tp_s = src_layout.tp_degree
+    receivers = np.asarray(src, dtype=np.int64).reshape(-1, tp_s)[src_rank]  # (segments, tp_s)
+    leads = np.asarray(dst, dtype=np.int64).reshape(-1, dst_layout.tp_degree)[dst_rank, 0]
+    shape = receivers.shape
+    return Moves(np.broadcast_to(leads[:, None], shape).reshape(-1), receivers.reshape(-1),
+                 np.broadcast_to(starts[:, None], shape).reshape(-1), np.broadcast_to(stops[:, None], shape).reshape(-1))
+
+
+def _edge(ops: Sequence[MetaOp], wave: int, producer: SliceId, src: PlacedSlice, consumer: SliceId | None,
+          target: SliceId, dst: PlacedSlice, task: str, input: int) -> Edge:
+    batch = ops[src.metaop].batch_size
+    fwd = forward_moves(src.devices, src.layout, dst.devices, dst.layout, batch, leads_only=consumer is None)
+    trains = ops[src.metaop].backward_factor > 0
+    bwd = backward_moves(src.devices, src.layout, dst.devices, dst.layout, batch) if trains else _empty()
+    return Edge(wave, producer, consumer, target, task, input, fwd, bwd)
+
+
+def loss_hosts(ops: Sequence[MetaOp], placed: PlacedSchedule) -> dict[str, tuple[SliceId, tuple[SliceId, ...]]]:
+    """Per task (in MetaOp order): the slice hosting its loss and its leaves' last slices (module docstring)."""
+    last: dict[int, SliceId] = {}
+    for k, wave in enumerate(placed.waves):
+        for i, s in enumerate(wave.slices):
+            last[s.metaop] = (k, i)
+    read = {d for op in ops for d in op.deps}
+    out: dict[str, tuple[SliceId, tuple[SliceId, ...]]] = {}
+    for task in dict.fromkeys(op.task for op in ops):
+        leaves = tuple(last[op.id] for op in ops if op.task == task and op.id not in read and op.id in last)
+        if leaves:
+            host = max(leaves, key=lambda ref: (ref[0], placed.waves[ref[0]].slices[ref[1]].metaop))
+            out[task] = (host, leaves)
+    return out
+
+
+def plan_edges(ops: Sequence[MetaOp], placed: PlacedSchedule) -> list[Edge]:
+    """Every edge of ``placed`` in execution order: by consumer wave and slice, inputs in ``deps`` order, then the
+    loss stage's, task by task (every rank walks them in this order, so point-to-point calls pair up)."""
+    def at(ref: SliceId) -> PlacedSlice:
+        return placed.waves[ref[0]].slices[ref[1]]
+
+    edges: list[Edge] = []
+    last: dict[int, SliceId] = {}
+    for k, wave in enumerate(placed.waves):
+        for i, s in enumerate(wave.slices):
+            op = ops[s.metaop]
+            sources = [last[s.metaop]] if s.metaop in last else [last[d] for d in op.deps if d in last]
+            for j, ref in enumerate(sources):
+                edges.append(_edge(ops, k, ref, at(ref), (k, i), (k, i), s, op.task, j))
+        for i, s in enumerate(wave.slices):
+            last[s.metaop] = (k, i)
+    for task, (host, leaves) in loss_hosts(ops, placed).items():
+        for ref in leaves:
+            edges.append(_edge(ops, LOSS_WAVE, ref, at(ref), None, host, at(host), task, 0))
+    return edges
+
+
+def out_shape(op: MetaOp, boundary: int) -> tuple[int, ...]:
+    """Per-sample shape of ``op``'s activation after ``boundary`` of its layers (1..num_layers); () when the MetaOp
+    was built without shapes (tests' synthetic MetaOps)."""
+    return op.out_shapes[boundary - 1] if op.out_shapes else ()
+
+
+def row_bytes(op: MetaOp, boundary: int, element_bytes: int) -> float:
+    """Bytes of one sample's activation after ``boundary`` layers of ``op``: its shape's elements at
+    ``element_bytes`` each, or the layer's modelled ``out_bytes`` for a MetaOp without shapes."""
+    shape = out_shape(op, boundary)
+    return float(math.prod(shape) * element_bytes) if shape else op.layer.out_bytes
+
+
+
+
+def plan_pieces(ops: Sequence[MetaOp], placed: PlacedSchedule, element_bytes: int) -> list[PlanPiece]:
+    """The program of ``placed`` as the Plan's pieces: every edge's forward moves in :func:`plan_edges` order, then
+    every edge's backward moves in the same order, each with its rows' per-sample shape and the bytes it moves."""
+    edges = plan_edges(ops, placed)
+    out = []
+    for backward in (False, True):
+        for edge in edges:
+            src = placed.waves[edge.producer[0]].slices[edge.producer[1]]
+            op, boundary = ops[src.metaop], src.first_layer + src.num_layers
+            shape, per_row = out_shape(op, boundary), row_bytes(op, boundary, element_bytes)
+            moves = edge.backward if backward else edge.forward
+            for a, b, start, stop in zip(moves.senders.tolist(), moves.receivers.tolist(), moves.starts.tolist(),
+                                         moves.stops.tolist()):
+                out.append(PlanPiece(wave=edge.wave, backward=backward, src=a, dst=b, producer=edge.producer,
+                                     consumer=edge.consumer, target=edge.target, task=edge.task, input=edge.input,
+                                     start=start, stop=stop, shape=shape,
+                                     bytes=0.0 if a == b else (stop - start) * per_row))
+    return out
