@@ -165,8 +165,10 @@ def test_files_round_trip_as_json(make_plan, tmp_path: Path) -> None:
         data = json.loads(path.read_text())  # plain JSON, as Perfetto and chrome://tracing read it
         assert data["displayTimeUnit"] == "ms" and data["otherData"]["kind"] == kind
         assert data == load_trace(path, 8)
-    assert write_run_traces(tmp_path / "x", plan, []) if (tmp_path / "x").mkdir() is None else False
-    assert not (tmp_path / "x" / "trace.json").exists()  # no step recorded spans: no measured trace
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert write_run_traces(empty, plan, [RecordedStep(0, (None,) * 8)]) == [empty / "trace-predicted.json"]
+    assert not (empty / "trace.json").exists()  # no step recorded spans: no measured trace
 
 
 @pytest.mark.parametrize("mutate, message", [
