@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 BYTES_WEIGHT_AND_GRAD = 4  # bf16 weight + bf16 gradient, on every device that runs the layer
 BYTES_OPTIMIZER_STATE = 12  # fp32 master weight + Adam m and v; sharded over the data-parallel group (ZeRO-1)
-BYTES_TRAINABLE_PARAM = BYTES_WEIGHT_AND_GRAD + BYTES_OPTIMIZER_STATE
 BYTES_FROZEN_PARAM = 2
 
 

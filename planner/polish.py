@@ -17,7 +17,6 @@ wave and before its successors' first wave.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 from planner.schedule import Problem, Schedule, Slice, Wave, merge_adjacent_waves
 
@@ -150,6 +149,3 @@ def polish(problem: Problem, schedule: Schedule, max_rounds: int = 60) -> Schedu
             break
     return st.schedule()
 
-
-def polish_all(problem: Problem, schedules: Sequence[Schedule]) -> list[Schedule]:
-    return [polish(problem, s) for s in schedules]

@@ -56,17 +56,6 @@ def local_batches(op: MetaOp, num_devices: int) -> list[int]:
     return sorted({op.batch_size // dp for dp in range(1, num_devices + 1) if op.batch_size % dp == 0})
 
 
-def time_layer(layers: torch.nn.Module | list[torch.nn.Module], op: MetaOp, shape: tuple[int, ...], batch: int,
-               repeats: int, warmup: int, kwargs: dict | None = None) -> float:
-    """Median seconds per layer of one forward(+backward) of ``layers`` run one after another on a ``(batch,
-    *shape)`` input (``kwargs``: the layers' further arguments, ``runtime.modules.layer_kwargs``)."""
-    chain = [layers] if isinstance(layers, torch.nn.Module) else list(layers)
-    device = next((p.device for layer in chain for p in layer.parameters()), torch.device("cpu"))
-    x = torch.randn(batch, *shape, device=device, requires_grad=op.backward_factor > 0)
-    samples = [_run_chain(chain, op, x, kwargs or {}) for _ in range(warmup + repeats)]
-    return statistics.median(samples[warmup:]) / len(chain)
-
-
 def _run_chain(chain: list[torch.nn.Module], op: MetaOp, x: torch.Tensor, kwargs: dict) -> float:
     """Seconds of one forward (and backward, when ``op`` has one) of ``chain`` on ``x`` (on ``x``'s device)."""
     _synchronize(x.device)
