@@ -89,6 +89,10 @@ def test_predicted_blocks_merge_consecutive_ranks(run_out: Path, make_plan) -> N
     assert recorded_steps(traces.measured) == [3, 4, 5]
 
 
+def _replace(path: Path, old: str, new: str) -> int:
+    return path.write_text(path.read_text().replace(old, new))
+
+
 @pytest.mark.parametrize("breakage, fragments", [
     (lambda out: out / "missing", ["no such directory"]),
     (lambda out: (out / "plan.json").unlink() or out, ["no plan.json", "loom run"]),
@@ -96,7 +100,9 @@ def test_predicted_blocks_merge_consecutive_ranks(run_out: Path, make_plan) -> N
     (lambda out: (out / TRACE_FILE).write_text("{") and out, ["trace.json", "JSON"]),
     (lambda out: (out / TRACE_FILE).write_text('{"traceEvents": [{"ph": "X"}]}') and out, ["trace.json", "'name'"]),
     (lambda out: (out / "plan.json").write_text("[]") and out, ["plan.json"]),
-], ids=["missing-dir", "no-plan", "no-trace", "trace-not-json", "trace-bad-event", "plan-not-a-plan"])
+    (lambda out: _replace(out / TRACE_FILE, '"plan_hash": "', '"plan_hash": "0') and out,
+     ["trace.json", "written for plan 0"]),
+], ids=["missing-dir", "no-plan", "no-trace", "trace-not-json", "trace-bad-event", "plan-not-a-plan", "other-plan"])
 def test_bad_out_folder_is_one_error_line(run_out: Path, breakage, fragments: list[str]) -> None:
     target = breakage(run_out)
     assert_one_error_line(CliRunner().invoke(app, ["gantt", str(target)]), *fragments)
