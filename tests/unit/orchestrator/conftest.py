@@ -60,6 +60,7 @@ def synthetic_plan(num_nodes: int = 1, devices_per_node: int = 8, num_waves: int
         metaops=metaops,
         waves=waves,
         transfers=[],
+        pieces=[],
         sync_groups=[],
         predicted=Prediction(iteration_time_s=compute * 1.1, compute_s=compute, transfer_s=compute * 0.04,
                              sync_s=compute * 0.05, optimizer_s=compute * 0.01),
