@@ -20,7 +20,8 @@ gradients sent back; then the exposed gradient sync, the optimizer and the expos
 approximated because the Plan does not carry them: a wave's split into forward and backward (from its slowest
 slice's MetaOp: 1/3 forward when it trains, 1/2 when frozen under a trained one, all forward when frozen at the
 root; recompute is not recorded) and a boundary's duration (its slowest transfer, scaled so that the boundaries
-add up to ``predicted.transfer_s``). Gradient all-reduces hidden behind backward are not drawn.
+add up to ``predicted.transfer_s``, split into activations in and gradients back by the bytes of the plan's
+pieces). Gradient all-reduces hidden behind backward are not drawn.
 """
 
 from __future__ import annotations
@@ -169,12 +170,27 @@ def boundary_seconds(plan: Plan) -> list[float]:
 
 
 def transfer_ranks(plan: Plan) -> list[set[int]]:
-    """Per wave k, the devices that send or receive at the boundary before it."""
+    """Per wave k, the devices that send or receive at the boundary before it: the ends of the plan's pieces that
+    cross devices or, for a plan without pieces, every device of the transfers' groups."""
     ranks: list[set[int]] = [set() for _ in plan.waves]
-    for t in plan.transfers:
+    for piece in plan.pieces:
+        if 0 <= piece.wave < len(plan.waves) and piece.bytes > 0:
+            ranks[piece.wave].update((piece.src, piece.dst))
+    for t in plan.transfers if not plan.pieces else ():
         if 0 <= t.after_wave + 1 < len(plan.waves):
             ranks[t.after_wave + 1].update(t.src_devices, t.dst_devices)
     return ranks
+
+
+def backward_share(plan: Plan, fractions: Sequence[float], k: int) -> float:
+    """The part of boundary k's time that sends gradients back: the share of its bytes that the plan's pieces move
+    backward or, without pieces, half unless every producer at the boundary runs forward only."""
+    if plan.pieces:
+        moved = [(piece.backward, piece.bytes) for piece in plan.pieces if piece.wave == k]
+        total = sum(b for _, b in moved)
+        return sum(b for back, b in moved if back) / total if total > 0 else 0.0
+    producers = {t.src_metaop for t in plan.transfers if t.after_wave + 1 == k}
+    return 0.5 if any(fractions[m] < 1.0 for m in producers) else 0.0
 
 
 def loss_hosts(plan: Plan) -> set[int]:
@@ -210,13 +226,9 @@ def predicted_trace(plan: Plan) -> dict:
         if seconds > 0:
             events.append(span_event(plan, PREDICTED_PID, rank, part, wave, start, start + seconds, 0, slices))
 
-    def back_share(k: int) -> float:  # gradients go back unless every producer at the boundary is forward-only
-        producers = {t.src_metaop for t in plan.transfers if t.after_wave + 1 == k}
-        return 0.5 if any(fractions[m] < 1.0 for m in producers) else 0.0
-
     t = 0.0
     for k, wave in enumerate(plan.waves):
-        into = boundaries[k] * (1 - back_share(k))
+        into = boundaries[k] * (1 - backward_share(plan, fractions, k))
         for rank in sorted(movers[k]):
             add(rank, "transfer_forward", k, t, into)
         t += into
@@ -235,7 +247,7 @@ def predicted_trace(plan: Plan) -> dict:
             if s is not None:
                 add(rank, "backward", k, t, min(s.time_s * (1 - fractions[s.metaop]), parts[k][1]))
         t += parts[k][1]
-        back = boundaries[k] * back_share(k)
+        back = boundaries[k] * backward_share(plan, fractions, k)
         for rank in sorted(movers[k]):
             add(rank, "transfer_backward", k, t, back)
         t += back

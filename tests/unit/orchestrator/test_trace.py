@@ -10,9 +10,9 @@ import pytest
 
 from orchestrator.trace import (
     CATEGORIES, MEASURED_PID, PREDICTED_PID, TRACE_STEPS, RecordedStep, TraceError, TraceRecorder, check_trace,
-    forward_fractions, load_trace, measured_trace, predicted_trace, write_run_traces, write_trace,
+    forward_fractions, load_trace, measured_trace, predicted_trace, transfer_ranks, write_run_traces, write_trace,
 )
-from planner.plan import Plan, PlanTransfer, SyncGroup
+from planner.plan import Plan, PlanPiece, PlanTransfer, SyncGroup
 from runtime.steps import SPAN_PARTS
 
 
@@ -78,6 +78,25 @@ def test_predicted_trace_schema_and_tracks(make_plan, seed: int, num_nodes: int,
     assert end == pytest.approx(pred.compute_s + pred.transfer_s + pred.sync_s + pred.optimizer_s, rel=1e-6)
     moved = sum(e["dur"] for e in events if e["cat"] == "transfer" and e["tid"] == plan.waves[1].slices[0].devices[0])
     assert moved > 0
+
+
+def test_pieces_name_the_ranks_that_move_and_split_the_boundary(make_plan) -> None:
+    plan = with_transfers(make_plan(num_waves=3, seed=1))
+    src, dst = plan.waves[0].slices[0], plan.waves[1].slices[0]
+
+    def piece(backward: bool, a: int, b: int, nbytes: float) -> PlanPiece:
+        return PlanPiece(wave=1, backward=backward, src=a, dst=b, producer=(0, 0), consumer=(1, 0), target=(1, 0),
+                         task="task0", input=0, start=0, stop=4, shape=(8,), bytes=nbytes)
+
+    a, b = src.devices[0], dst.devices[-1]
+    pieces = [piece(False, a, b, 3e6), piece(True, b, a, 1e6), piece(False, b, b, 0.0)]  # the last stays local
+    plan = plan.model_copy(update={"pieces": pieces}).sealed()
+    assert transfer_ranks(plan)[1] == {a, b}
+    events = [e for e in complete(predicted_trace(plan)) if e["cat"] == "transfer" and e["args"]["wave"] == 1]
+    assert {e["tid"] for e in events} == {a, b}
+    into = next(e["dur"] for e in events if e["args"]["part"] == "transfer_forward")
+    back = next(e["dur"] for e in events if e["args"]["part"] == "transfer_backward")
+    assert into == pytest.approx(3 * back)  # the bytes moved each way
 
 
 def test_forward_fractions_follow_what_trains(make_plan) -> None:
