@@ -197,13 +197,22 @@ def _version() -> str:
 
 @app.command()
 def validate(job_path: JobArg, cluster: ClusterOpt = None, verbose: Verbose = False) -> None:
-    """Load and check a job spec; print a one-line summary (tasks, components, MetaOps, devices)."""
+    """Load and check a job spec; print a one-line summary (tasks, components, MetaOps, devices).
+
+    A spec that plans but that `loom run` would refuse (a loss the runtime does not run, a use whose inputs cannot
+    become what it reads) gets a second line saying why; it stays valid for `loom plan` (exit code 0).
+    """
     from orchestrator.recipes import load_job
     from orchestrator.render import describe_job
+    from runtime.checks import check_trainable  # torch-free: a recipe's own losses are left to the recipe
 
     configure_logging(verbose)
     job = load_job(job_path, cluster)
     typer.echo(f"{job_path}: valid. {describe_job(job)}")
+    try:
+        check_trainable(job)
+    except ValueError as exc:
+        typer.echo(f"note: `loom run` would refuse it: {one_line(str(exc))} (`loom plan` plans it as it is.)")
 
 
 @app.command()

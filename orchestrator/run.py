@@ -417,12 +417,13 @@ def check_runnable_job(job: JobSpec, options: RunOptions) -> None:
     recipe in the driver (its losses); each worker loads it again in its own process."""
     from orchestrator.recipes import load_recipe
     from runtime.checks import check_trainable
+    from runtime.heads import registered_losses
 
     load_recipe(job)
     if not options.address:
         check_cpu_device(job.cluster.device, "cluster.device")
     try:
-        check_trainable(job)
+        check_trainable(job, registered_losses())
     except ValueError as exc:
         raise RunInputError(str(exc)) from None
 

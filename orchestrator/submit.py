@@ -271,10 +271,11 @@ def submit_job(job_path: str | Path, address: str, *, plan: str | Path | None = 
 def _check_trainable(job: JobSpec) -> None:
     """``loom run``'s own check of the job (losses, shapes between uses), here rather than on the cluster."""
     from runtime.checks import check_trainable
+    from runtime.heads import registered_losses
 
     load_recipe(job)  # its losses
     try:
-        check_trainable(job)
+        check_trainable(job, registered_losses())
     except ValueError as exc:
         raise SubmitError(f"loom run would refuse this job: {exc}") from None
 

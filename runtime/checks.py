@@ -1,16 +1,24 @@
-"""What the runtime checks before it runs a job or a plan: activation shapes between uses, and what a plan asks
-of the layers. User errors are one-line SpecErrors naming the use and the fix."""
+"""What the runtime checks before it runs a job or a plan: each task's loss and what its head needs, activation
+shapes between uses, and what a plan asks of the layers. User errors are one-line ValueErrors (SpecErrors among
+them) naming the task or use and the fix.
+
+Torch-free, so that ``loom validate`` says what ``loom run`` would refuse without loading torch (a test checks
+it): the heads themselves (runtime.heads) build only what these checks let through.
+"""
 
 from __future__ import annotations
 
-from planner.components import use_shape
+from collections.abc import Collection
+
+from planner.components import output_shape, upstream_indices, use_shape
 from planner.errors import SpecError
-from planner.metagraph import MetaGraph, MetaOp
+from planner.metagraph import MetaGraph, MetaOp, build_metagraph
 from planner.plan import Plan
 from planner.spec import JobSpec
 from planner.unet import unet_state_numel
-from runtime.assignment import input_order
-from runtime.connect import BRIDGE_KINDS, TEXT_KINDS, op_connection, output_shape, use_index
+from runtime.usegraph import BRIDGE_KINDS, TEXT_KINDS, connection, leaf_uses, op_connection, root_uses, use_index
+
+BUILTIN_LOSSES = ("cross_entropy", "mse", "contrastive", "infonce", "lm", "next_token")  # runtime.heads builds them
 
 
 def feature_shape(job: JobSpec, op: MetaOp, boundary: int | None = None) -> tuple[int, ...]:
@@ -26,16 +34,78 @@ def feature_shape(job: JobSpec, op: MetaOp, boundary: int | None = None) -> tupl
     return output_shape(job, t, u)
 
 
-def check_trainable(job: JobSpec) -> None:
+def check_trainable(job: JobSpec, recipe_losses: Collection[str] | None = None) -> None:
     """What ``loom run`` checks of a job before any worker starts: every task's loss and what its head needs
-    (runtime.heads.head_factory, without building it), then :func:`check_runnable`. A ValueError (a SpecError
-    among them) names the task or use and the fix."""
-    from planner.metagraph import build_metagraph
-    from runtime.heads import head_factory
-
+    (:func:`check_head`), then :func:`check_runnable`. A ValueError (a SpecError among them) names the task or use
+    and the fix. ``recipe_losses``: the losses registered in this process (``runtime.heads.registered_losses()``,
+    after the orchestrator loaded the job's recipe); None where the recipe is not loaded (``loom validate``), which
+    leaves a loss that is not built in to the job's recipe."""
     for t in range(len(job.tasks)):
-        head_factory(job, t)
+        check_head(job, t, recipe_losses)
     check_runnable(job, build_metagraph(job))
+
+
+def check_loss_name(job: JobSpec, t: int, recipe_losses: Collection[str] | None = ()) -> str:
+    """Task ``t``'s loss name; a ValueError naming the task and the supported names unless it is built in or in
+    ``recipe_losses`` (None: not known here, so a job with a recipe may use any other name)."""
+    task = job.tasks[t]
+    if task.loss in BUILTIN_LOSSES or (recipe_losses is None and job.recipe is not None):
+        return task.loss
+    if task.loss not in (recipe_losses or ()):
+        loaded = "" if recipe_losses or job.recipe is None else (
+            f" (recipe '{job.recipe}' is not loaded in this process: orchestrator.recipes.load_recipe loads it)")
+        raise ValueError(
+            f"tasks[{t}] ('{task.name}').loss ('{task.loss}') is not run by the runtime; "
+            f"supported: {', '.join(BUILTIN_LOSSES + tuple(sorted(recipe_losses or ())))}.{loaded}"
+        )
+    return task.loss
+
+
+def check_head(job: JobSpec, t: int, recipe_losses: Collection[str] | None = ()) -> str:
+    """Task ``t``'s loss (:func:`check_loss_name`) and, for a built-in one, what its head needs of the task's
+    leaves (a recipe's head factory checks its own): a unet2d leaf trains only with mse as the only leaf; lm and
+    next_token need :func:`next_token_source`; contrastive and infonce need exactly two leaves. A ValueError names
+    the task and the fix."""
+    task, loss = job.tasks[t], check_loss_name(job, t, recipe_losses)
+    if loss not in BUILTIN_LOSSES:
+        return loss
+    leaves = leaf_uses(job, t)
+    kinds = {use.use_name: job.components[use.component].kind for use in task.components}
+    unets = [leaf for leaf in leaves if kinds[leaf] == "unet2d"]
+    if unets and (loss != "mse" or len(leaves) != 1):
+        raise ValueError(
+            f"tasks[{t}] ('{task.name}'): a unet2d leaf ('{unets[0]}') trains with loss 'mse' (noise "
+            f"prediction) as the task's only leaf; got loss '{loss}' and leaves {leaves}."
+        )
+    if not unets and loss in ("lm", "next_token"):
+        next_token_source(job, t)
+    if not unets and loss in ("contrastive", "infonce") and len(leaves) != 2:
+        raise ValueError(
+            f"tasks[{t}] ('{task.name}').loss ('{loss}') needs exactly two leaf uses "
+            f"(two branches, e.g. `after: []` on the second); got {leaves}."
+        )
+    return loss
+
+
+def next_token_source(job: JobSpec, t: int) -> tuple[str, int]:
+    """(use whose token ids a next-token task predicts, their offset in its leaf's sequence): a llama leaf's own
+    text after T positions of other inputs (offset T; runtime.connect), or the root of a chain of llama uses
+    (offset 0). A ValueError otherwise: a non-causal layer would see the tokens it predicts."""
+    task = job.tasks[t]
+    roots, leaves = root_uses(job, t), leaf_uses(job, t)
+    kinds = {use.use_name: job.components[use.component].kind for use in task.components}
+    if len(leaves) == 1 and kinds[leaves[0]] == "llama":
+        u = next(i for i, use in enumerate(task.components) if use.use_name == leaves[0])
+        c = connection(job, t, u)
+        if c is not None and c.text_len:
+            return leaves[0], c.positions
+    if len(roots) != 1 or len(leaves) != 1 or any(kind != "llama" for kind in kinds.values()):
+        raise ValueError(
+            f"tasks[{t}] ('{task.name}').loss ('{task.loss}') needs a chain of llama uses with one root and "
+            "one leaf, or a llama leaf with text of its own after its inputs (a non-causal layer would see the "
+            f"tokens it predicts); got uses {kinds}."
+        )
+    return roots[0], 0
 
 
 def check_runnable(job: JobSpec, graph: MetaGraph) -> None:
@@ -52,8 +122,7 @@ def check_runnable(job: JobSpec, graph: MetaGraph) -> None:
             continue
         c = op_connection(job, graph, op)
         if c is not None and c.text_len and job.components[op.component].kind not in TEXT_KINDS:
-            inputs = [graph.metaops[op.deps[i]] for i in input_order(job, graph, op.id)]
-            parts = " + ".join(f"'{p.use}' ({s} x {h})" for p, (s, h) in zip(inputs, c.inputs))
+            parts = " + ".join(f"'{name}' ({s} x {h})" for (name, _), (s, h) in zip(_input_uses(job, op), c.inputs))
             raise SpecError(
                 f"{_use_path(job, op)} ('{op.use}') reads {parts}, {c.positions} positions, but is declared with "
                 f"{c.seq_len}; only a transformer or llama use adds its own text tokens after its inputs. Set its "
@@ -78,15 +147,22 @@ def _use_path(job: JobSpec, op: MetaOp) -> str:
     return f"tasks[{t}].components[{u}]"
 
 
+def _input_uses(job: JobSpec, op: MetaOp) -> list[tuple[str, int]]:
+    """(name, use index) of the uses feeding ``op``'s use, in its ``after:`` order (the order of its inputs)."""
+    t, u = use_index(job, op)
+    return [(job.tasks[t].components[i].use_name, i) for i in upstream_indices(job, t, u)]
+
+
 def _check_bridge_inputs(job: JobSpec, graph: MetaGraph, op: MetaOp) -> None:
     """A decoder or unet2d with several inputs attends to their outputs concatenated along the sequence (its
     memory or context), in the order of its ``after:`` list: they need one width."""
     if len(op.deps) < 2:
         return
-    inputs = [graph.metaops[op.deps[i]] for i in input_order(job, graph, op.id)]
-    widths = [feature_shape(job, p)[1] for p in inputs]
+    t, _ = use_index(job, op)
+    inputs = _input_uses(job, op)  # none is a unet2d (_check_unet_edges ran first): (positions, width) outputs
+    widths = [output_shape(job, t, i)[1] for _, i in inputs]
     if len(set(widths)) > 1:
-        parts = ", ".join(f"'{p.use}' ({h} wide)" for p, h in zip(inputs, widths))
+        parts = ", ".join(f"'{name}' ({h} wide)" for (name, _), h in zip(inputs, widths))
         raise SpecError(
             f"{_use_path(job, op)} ('{op.use}') attends to {parts} concatenated along the sequence; they need one "
             "width. Give the inputs the same hidden_size, or fuse them in a transformer use first."

@@ -23,72 +23,15 @@ shape; a connector's projection is not priced (a ``T x H_i x H`` matmul, small b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from planner.components import output_shape, upstream_indices, use_shape
-from planner.metagraph import MetaGraph, MetaOp
 from planner.spec import JobSpec
 from runtime.modules import build_initialised, freeze_if, layer_seed
-
-BRIDGE_KINDS = ("decoder", "unet2d")  # kinds whose input module also reads the upstream output of a non-root use
-TEXT_KINDS = ("transformer", "llama")  # non-bridge kinds that can add their own text tokens after their inputs
-
-
-@dataclass(frozen=True)
-class Connection:
-    """What feeds the first layer of a non-root use of a non-bridge kind: each input's output ``(positions, width)``
-    in ``after:`` order, and the use's declared ``seq_len`` and ``width``."""
-
-    inputs: tuple[tuple[int, int], ...]
-    seq_len: int
-    width: int
-
-    @property
-    def positions(self) -> int:
-        return sum(s for s, _ in self.inputs)
-
-    @property
-    def projected(self) -> bool:
-        """Whether some input has another width (the use needs its ``adapt:`` module)."""
-        return any(w != self.width for _, w in self.inputs)
-
-    @property
-    def text_len(self) -> int:
-        """The use's own text tokens after its inputs (0 unless its inputs are shorter than it)."""
-        return max(self.seq_len - self.positions, 0)
-
-    @property
-    def plain(self) -> bool:
-        """Whether the inputs are read as they are (concatenated when several)."""
-        return not self.projected and self.positions == self.seq_len
-
-
-def use_index(job: JobSpec, op: MetaOp) -> tuple[int, int]:
-    """(task index, use index) of MetaOp ``op``'s use."""
-    t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
-    return t, next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
-
-
-def connection(job: JobSpec, t: int, u: int) -> Connection | None:
-    """The :class:`Connection` of use ``u`` of task ``t``; None for a root use and for a use of a bridge kind."""
-    comp = job.components[job.tasks[t].components[u].component]
-    ups = upstream_indices(job, t, u)
-    if not ups or comp.kind in BRIDGE_KINDS:
-        return None
-    return Connection(tuple(output_shape(job, t, p) for p in ups), use_shape(job, t, u).seq_len, comp.hidden_size)
-
-
-def op_connection(job: JobSpec, graph: MetaGraph, op: MetaOp) -> Connection | None:
-    """The connection ``op`` applies: its use's, when ``op`` is the use's first MetaOp (fed by other uses) and the
-    inputs are not read as they are; else None."""
-    if not op.deps or graph.metaops[op.deps[0]].use == op.use:
-        return None
-    c = connection(job, *use_index(job, op))
-    return None if c is None or c.plain else c
+from runtime.usegraph import (  # noqa: F401  (re-exported: the connection arithmetic lives there, torch-free)
+    BRIDGE_KINDS, TEXT_KINDS, Connection, connection, op_connection, use_index,
+)
 
 
 def adapter_widths(job: JobSpec, component: str) -> list[int]:

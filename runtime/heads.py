@@ -1,6 +1,6 @@
 """Task loss heads: what turns a task's leaf outputs and its batch into per-sample losses.
 
-Built-in losses (:data:`SUPPORTED_LOSSES`) and the losses recipes register (:func:`register_loss`, called when
+Built-in losses (:data:`SUPPORTED_LOSSES`: runtime.checks.BUILTIN_LOSSES) and the losses recipes register (:func:`register_loss`, called when
 the orchestrator loads a job's recipe: orchestrator.recipes; the runtime never imports a recipe). Heads are built like every other
 module (runtime.modules: seeded, deterministic) and own a final LayerNorm over their leaf outputs.
 """
@@ -18,16 +18,14 @@ from torch import nn
 from planner.components import resolve_shape
 from planner.spec import JobSpec
 from runtime import unet
-from runtime.connect import connection
-from runtime.modules import (
-    DEFAULT_VOCAB, build_initialised, image_channels, layer_seed, leaf_uses, root_uses, use_component,
-)
+from runtime.checks import BUILTIN_LOSSES, check_head, check_loss_name, next_token_source
+from runtime.modules import DEFAULT_VOCAB, build_initialised, image_channels, layer_seed, leaf_uses, use_component
 
 if TYPE_CHECKING:  # data imports this module
     from runtime.data import TaskBatch
 
 NUM_CLASSES = 10  # classes of the synthetic cross-entropy tasks
-SUPPORTED_LOSSES = ("cross_entropy", "mse", "contrastive", "infonce", "lm", "next_token")
+SUPPORTED_LOSSES = BUILTIN_LOSSES  # the losses this module builds; what each needs is checked in runtime.checks
 INFONCE_TEMPERATURE = 0.07  # CLIP's initial temperature; its log-inverse is learned
 
 
@@ -171,44 +169,23 @@ class DenoisingHead(TaskHead):
 
 
 def _denoising_head(job: JobSpec, task_index: int, leaves: list[str]) -> Callable[[], TaskHead] | None:
-    """The head factory of a task whose leaf is a unet2d use (None when no leaf is); a ValueError unless its loss is
-    mse and that use is its only leaf."""
+    """The head factory of a task whose only leaf is a unet2d use (None when no leaf is; runtime.checks.check_head
+    has refused every other unet2d leaf)."""
     task = job.tasks[task_index]
-    unets = [leaf for leaf in leaves if use_component(job, task_index, leaf)[1].kind == "unet2d"]
-    if not unets:
-        return None
-    if task.loss != "mse" or len(leaves) != 1:
-        raise ValueError(
-            f"tasks[{task_index}] ('{task.name}'): a unet2d leaf ('{unets[0]}') trains with loss 'mse' (noise "
-            f"prediction) as the task's only leaf; got loss '{task.loss}' and leaves {leaves}."
-        )
     name, comp = use_component(job, task_index, leaves[0])
+    if comp.kind != "unet2d":
+        return None
     u = next(i for i, use in enumerate(task.components) if use.use_name == leaves[0])
     side = resolve_shape(comp, name, task.components[u], f"tasks[{task_index}].components[{u}]").image_size
     return lambda: DenoisingHead(task.name, leaves[0], comp.hidden_size, image_channels(comp), side)
 
 
-def _next_token_args(job: JobSpec, task_index: int, leaves: list[str]) -> tuple[str, int, int, int]:
+def _next_token_args(job: JobSpec, task_index: int) -> tuple[str, int, int, int]:
     """(use whose ids are predicted, their offset in the leaf's sequence, hidden size, vocab size) of a next-token
-    task; a ValueError unless its leaf is a llama use with text of its own after other inputs, or the task is a
-    chain of llama uses."""
-    task = job.tasks[task_index]
-    roots = root_uses(job, task_index)
-    kinds = {use.use_name: job.components[use.component].kind for use in task.components}
-    if len(leaves) == 1 and kinds[leaves[0]] == "llama":
-        u = next(i for i, use in enumerate(task.components) if use.use_name == leaves[0])
-        c = connection(job, task_index, u)
-        comp = use_component(job, task_index, leaves[0])[1]
-        if c is not None and c.text_len:
-            return leaves[0], c.positions, comp.hidden_size, comp.vocab_size or DEFAULT_VOCAB
-    if len(roots) != 1 or len(leaves) != 1 or any(kind != "llama" for kind in kinds.values()):
-        raise ValueError(
-            f"tasks[{task_index}] ('{task.name}').loss ('{task.loss}') needs a chain of llama uses with one root and "
-            "one leaf, or a llama leaf with text of its own after its inputs (a non-causal layer would see the "
-            f"tokens it predicts); got uses {kinds}."
-        )
-    comp = use_component(job, task_index, roots[0])[1]
-    return roots[0], 0, comp.hidden_size, comp.vocab_size or DEFAULT_VOCAB
+    task (runtime.checks.next_token_source; a ValueError as there)."""
+    text, offset = next_token_source(job, task_index)
+    comp = use_component(job, task_index, text)[1]
+    return text, offset, comp.hidden_size, comp.vocab_size or DEFAULT_VOCAB
 
 
 def register_loss(name: str, factory: HeadFactory) -> None:
@@ -218,18 +195,15 @@ def register_loss(name: str, factory: HeadFactory) -> None:
     _RECIPE_LOSSES[name] = factory
 
 
+def registered_losses() -> tuple[str, ...]:
+    """The losses recipes registered in this process (runtime.checks.check_trainable's ``recipe_losses``)."""
+    return tuple(sorted(_RECIPE_LOSSES))
+
+
 def check_loss(job: JobSpec, task_index: int) -> str:
     """The task's loss name; a ValueError naming the task and the supported names when unknown (the recipe's own
     losses count once the orchestrator has loaded the recipe in this process)."""
-    task = job.tasks[task_index]
-    if task.loss not in SUPPORTED_LOSSES and task.loss not in _RECIPE_LOSSES:
-        loaded = f" (recipe '{job.recipe}' is not loaded in this process: orchestrator.recipes.load_recipe loads it)"
-        raise ValueError(
-            f"tasks[{task_index}] ('{task.name}').loss ('{task.loss}') is not run by the runtime; "
-            f"supported: {', '.join(SUPPORTED_LOSSES + tuple(sorted(_RECIPE_LOSSES)))}."
-            + (loaded if job.recipe is not None and not _RECIPE_LOSSES else "")
-        )
-    return task.loss
+    return check_loss_name(job, task_index, registered_losses())
 
 
 def build_head(job: JobSpec, task_index: int) -> TaskHead:
@@ -242,29 +216,24 @@ def build_head(job: JobSpec, task_index: int) -> TaskHead:
 
 
 def head_factory(job: JobSpec, task_index: int) -> Callable[[], TaskHead]:
-    """What builds task ``task_index``'s head, after checking that the task can have one (without building it, so a
-    driver can check a job cheaply). Raises ValueError for an unknown loss, a contrastive or infonce task without
-    exactly two leaves, or a unet2d leaf with another loss than mse."""
+    """What builds task ``task_index``'s head, after checking that the task can have one (runtime.checks.check_head,
+    without building it). Raises ValueError for an unknown loss, a contrastive or infonce task without exactly two
+    leaves, a unet2d leaf with another loss than mse, or a next-token task the causal layers cannot serve."""
     task = job.tasks[task_index]
-    loss = check_loss(job, task_index)
+    loss = check_head(job, task_index, registered_losses())
     leaves = leaf_uses(job, task_index)
     if loss in _RECIPE_LOSSES:
         return lambda: _RECIPE_LOSSES[loss](job, task_index, leaves)
     if denoising := _denoising_head(job, task_index, leaves):
         return denoising
     if loss in ("lm", "next_token"):
-        text, offset, width, vocab = _next_token_args(job, task_index, leaves)
+        text, offset, width, vocab = _next_token_args(job, task_index)
         return lambda: NextTokenHead(task.name, leaves, text, offset, width, vocab)
     widths = {leaf: use_component(job, task_index, leaf)[1].hidden_size for leaf in leaves}
     if loss == "cross_entropy":
         return lambda: ClassifierHead(task.name, leaves, widths)
     if loss == "mse":
         return lambda: RegressionHead(task.name, leaves, widths)
-    if len(leaves) != 2:
-        raise ValueError(
-            f"tasks[{task_index}] ('{task.name}').loss ('{loss}') needs exactly two leaf uses "
-            f"(two branches, e.g. `after: []` on the second); got {leaves}."
-        )
     if loss == "infonce":
         return lambda: InfoNCEHead(task.name, leaves, widths)
     return lambda: PairedCosineHead(task.name, leaves, leaf_widths=widths)

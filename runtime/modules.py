@@ -26,7 +26,8 @@ from torch import nn
 from planner.components import UseShape, upstream_width, use_shape
 from planner.errors import SpecError
 from planner.metagraph import MetaOp
-from planner.spec import ComponentSpec, JobSpec, TaskSpec
+from planner.spec import ComponentSpec, JobSpec
+from runtime.usegraph import leaf_uses, root_uses, upstream_uses, use_component  # noqa: F401  (re-exported)
 
 
 DEFAULT_VOCAB = 256  # vocabulary of a token component without vocab_size
@@ -318,32 +319,6 @@ def layer_kwargs(job: JobSpec, op: MetaOp) -> dict[str, int]:
         shape = _use_shape(job, op)
         return {"side": shape.image_size, "context_len": shape.cross_len or 0}
     return {}
-
-
-# --------------------------------------------------------------------------- task graph
-
-
-def upstream_uses(task: TaskSpec) -> dict[str, list[str]]:
-    """For each use of ``task`` (in order), the uses whose outputs feed it (default: the previous use)."""
-    return {use.use_name: task.upstream_names(u) for u, use in enumerate(task.components)}
-
-
-def root_uses(job: JobSpec, task_index: int) -> list[str]:
-    """Uses of the task that read raw data (no upstream use), in task order."""
-    return [name for name, ups in upstream_uses(job.tasks[task_index]).items() if not ups]
-
-
-def leaf_uses(job: JobSpec, task_index: int) -> list[str]:
-    """Uses of the task that no other use reads (they feed the loss head), in task order."""
-    ups = upstream_uses(job.tasks[task_index])
-    read = {u for deps in ups.values() for u in deps}
-    return [name for name in ups if name not in read]
-
-
-def use_component(job: JobSpec, task_index: int, use_name: str) -> tuple[str, ComponentSpec]:
-    """(component name, spec) of the use ``use_name`` of task ``task_index``."""
-    use = next(u for u in job.tasks[task_index].components if u.use_name == use_name)
-    return use.component, job.components[use.component]
 
 
 def _upstream_widths(job: JobSpec, component: str) -> dict[str, int | None]:

@@ -247,6 +247,11 @@ def test_the_cli_loads_no_torch_at_import() -> None:
     assert loaded_by(["orchestrator.cli"], ("torch", "ray", "pulp")) == {}
 
 
+def test_the_runtimes_checks_load_no_torch() -> None:
+    """`loom validate` runs runtime.checks (what `loom run` would refuse): it and the use graph stay torch-free."""
+    assert loaded_by(["runtime.checks", "runtime.usegraph"], ("torch",)) == {}
+
+
 def test_workers_do_not_import_the_planners_solver() -> None:
     """Issue 10: a worker runs a Plan; it never loads the solver (MILP, pattern LP, wavefront, baselines, PuLP,
     HiGHS). (Workers still rebuild the MetaGraph from the job today: runtime.executor and runtime.assignment call

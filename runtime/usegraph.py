@@ -1,0 +1,99 @@
+"""A job's use graph as the runtime reads it, without torch: which uses feed which (roots, leaves), and what feeds
+the first layer of a use (:class:`Connection`: the inputs' shapes against the use's own, see runtime.connect).
+
+``loom validate`` checks a job with these (runtime.checks) and must not import torch, so nothing here does.
+runtime.modules and runtime.connect re-export these names for the code that builds layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.components import output_shape, upstream_indices, use_shape
+from planner.metagraph import MetaGraph, MetaOp
+from planner.spec import ComponentSpec, JobSpec, TaskSpec
+
+BRIDGE_KINDS = ("decoder", "unet2d")  # kinds whose input module also reads the upstream output of a non-root use
+TEXT_KINDS = ("transformer", "llama")  # non-bridge kinds that can add their own text tokens after their inputs
+
+
+# --------------------------------------------------------------------------- task graph
+
+
+def upstream_uses(task: TaskSpec) -> dict[str, list[str]]:
+    """For each use of ``task`` (in order), the uses whose outputs feed it (default: the previous use)."""
+    return {use.use_name: task.upstream_names(u) for u, use in enumerate(task.components)}
+
+
+def root_uses(job: JobSpec, task_index: int) -> list[str]:
+    """Uses of the task that read raw data (no upstream use), in task order."""
+    return [name for name, ups in upstream_uses(job.tasks[task_index]).items() if not ups]
+
+
+def leaf_uses(job: JobSpec, task_index: int) -> list[str]:
+    """Uses of the task that no other use reads (they feed the loss head), in task order."""
+    ups = upstream_uses(job.tasks[task_index])
+    read = {u for deps in ups.values() for u in deps}
+    return [name for name in ups if name not in read]
+
+
+def use_component(job: JobSpec, task_index: int, use_name: str) -> tuple[str, ComponentSpec]:
+    """(component name, spec) of the use ``use_name`` of task ``task_index``."""
+    use = next(u for u in job.tasks[task_index].components if u.use_name == use_name)
+    return use.component, job.components[use.component]
+
+
+def use_index(job: JobSpec, op: MetaOp) -> tuple[int, int]:
+    """(task index, use index) of MetaOp ``op``'s use."""
+    t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
+    return t, next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
+
+
+# --------------------------------------------------------------------------- connections
+
+
+@dataclass(frozen=True)
+class Connection:
+    """What feeds the first layer of a non-root use of a non-bridge kind: each input's output ``(positions, width)``
+    in ``after:`` order, and the use's declared ``seq_len`` and ``width``."""
+
+    inputs: tuple[tuple[int, int], ...]
+    seq_len: int
+    width: int
+
+    @property
+    def positions(self) -> int:
+        return sum(s for s, _ in self.inputs)
+
+    @property
+    def projected(self) -> bool:
+        """Whether some input has another width (the use needs its ``adapt:`` module)."""
+        return any(w != self.width for _, w in self.inputs)
+
+    @property
+    def text_len(self) -> int:
+        """The use's own text tokens after its inputs (0 unless its inputs are shorter than it)."""
+        return max(self.seq_len - self.positions, 0)
+
+    @property
+    def plain(self) -> bool:
+        """Whether the inputs are read as they are (concatenated when several)."""
+        return not self.projected and self.positions == self.seq_len
+
+
+def connection(job: JobSpec, t: int, u: int) -> Connection | None:
+    """The :class:`Connection` of use ``u`` of task ``t``; None for a root use and for a use of a bridge kind."""
+    comp = job.components[job.tasks[t].components[u].component]
+    ups = upstream_indices(job, t, u)
+    if not ups or comp.kind in BRIDGE_KINDS:
+        return None
+    return Connection(tuple(output_shape(job, t, p) for p in ups), use_shape(job, t, u).seq_len, comp.hidden_size)
+
+
+def op_connection(job: JobSpec, graph: MetaGraph, op: MetaOp) -> Connection | None:
+    """The connection ``op`` applies: its use's, when ``op`` is the use's first MetaOp (fed by other uses) and the
+    inputs are not read as they are; else None."""
+    if not op.deps or graph.metaops[op.deps[0]].use == op.use:
+        return None
+    c = connection(job, *use_index(job, op))
+    return None if c is None or c.plain else c

@@ -1,0 +1,72 @@
+"""`loom validate` says what `loom run` would refuse (runtime.checks.check_trainable, torch-free), with the same
+reason `loom run` prints, and keeps a spec that plans valid (exit code 0: planning-only specs name losses the
+runtime does not run)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+
+TRAINABLE = {
+    "name": "v",
+    "cluster": {"num_nodes": 1, "devices_per_node": 1, "device": "cpu"},
+    "components": {
+        "img": {"kind": "vit", "num_layers": 1, "hidden_size": 32, "num_heads": 4, "patch_size": 8, "image_size": 32},
+        "txt": {"kind": "transformer", "num_layers": 1, "hidden_size": 32, "num_heads": 4, "seq_len": 17},
+        "pool": {"kind": "mlp", "num_layers": 1, "hidden_size": 32},
+    },
+    "tasks": [{"name": "caption", "batch_size": 2, "loss": "cross_entropy",
+               "components": [{"component": "img"}, {"component": "txt"}]}],
+    "training": {"steps": 1, "precision": "fp32"},
+}
+
+
+def _unknown_loss(doc: dict) -> None:
+    doc["tasks"][0]["loss"] = "dpo"
+
+
+def _longer_than_its_input(doc: dict) -> None:  # an mlp use declared with 40 positions reads the ViT's 17
+    doc["tasks"][0]["components"][1] = {"component": "pool", "seq_len": 40}
+
+
+def _one_leaf_contrastive(doc: dict) -> None:
+    doc["tasks"][0]["loss"] = "contrastive"
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (_unknown_loss, "tasks[0] ('caption').loss ('dpo') is not run by the runtime; supported: cross_entropy"),
+    (_longer_than_its_input, "tasks[0].components[1] ('pool') reads 'img' (17 x 32), 17 positions, but is declared "
+                             "with 40; only a transformer or llama use adds its own text tokens"),
+    (_one_leaf_contrastive, "tasks[0] ('caption').loss ('contrastive') needs exactly two leaf uses"),
+], ids=["unknown-loss", "use-longer-than-input", "contrastive-one-leaf"])
+def test_validate_says_what_run_refuses(tmp_path: Path, mutate, reason: str) -> None:
+    doc = copy.deepcopy(TRAINABLE)
+    mutate(doc)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    runner = CliRunner()
+    validated = runner.invoke(app, ["validate", str(job)])
+    assert validated.exit_code == 0, validated.output
+    valid, note = validated.stdout.splitlines()
+    assert valid.startswith(f"{job}: valid.")
+    assert note.startswith(f"note: `loom run` would refuse it: {reason}"), note
+    refused = runner.invoke(app, ["run", str(job), "--out", str(tmp_path / "out")])
+    assert refused.exit_code == 2, refused.output
+    error = refused.stderr.strip()
+    assert error.startswith(f"error: {reason}"), error
+    assert note.removeprefix("note: `loom run` would refuse it: ").startswith(error.removeprefix("error: "))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_trainable_job_validates_in_one_line(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(TRAINABLE))
+    result = CliRunner().invoke(app, ["validate", str(job)])
+    assert result.exit_code == 0 and result.stderr == ""
+    assert len(result.stdout.splitlines()) == 1 and "valid." in result.stdout
