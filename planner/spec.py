@@ -131,7 +131,7 @@ class TrainingSpec(StrictModel):
     lr: float = Field(1e-4, gt=0, description="Learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon (added to the root of the second moment).")
-    seed: int = Field(0, description="Seed of parameters, data and dropout.")
+    seed: int = Field(0, description="Seed of parameters and data (the runtime's layers have no dropout yet).")
     checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0 = never).")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Compute precision the cost model assumes.")
     shard_optimizer: bool = Field(
