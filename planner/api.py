@@ -20,12 +20,12 @@ from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCost
 from planner.devices import resolve_hardware
 from planner.errors import PlanningError
 from planner.metagraph import MetaGraph, build_metagraph
-from planner.program import plan_pieces
 from planner.placement import STRATEGIES, PlacedSchedule, PlacedSlice, PlacedWave, place_schedule
 from planner.refine import Evaluated, refine_transfers
 from planner.plan import (
     Bounds, Plan, PlanCluster, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport, SyncGroup,
 )
+from planner.program import plan_pieces
 from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
 from planner.simulator import Simulation, simulate
 from planner.solver import Candidate, SolveResult, SolverSettings, solve

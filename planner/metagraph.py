@@ -40,6 +40,9 @@ class MetaOp:
     # per-sample shape of the activation after each of its layers (planner.components.out_shapes); () for MetaOps
     # built without a job (tests), whose boundaries are priced at ``layer.out_bytes``
     out_shapes: tuple[tuple[int, ...], ...] = ()
+    # the modules its first layer runs before it: "embed:<component>" (a root's input, a bridge, a connector's text),
+    # "adapt:<component>" (a connector's projection); see runtime.embeddings
+    input_modules: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:

@@ -210,3 +210,73 @@ def plan_pieces(ops: Sequence[MetaOp], placed: PlacedSchedule, element_bytes: in
                                      start=start, stop=stop, shape=shape,
                                      bytes=0.0 if a == b else (stop - start) * per_row))
     return out
+
+
+ModuleKey = tuple[str, int, int]  # (param group | "embed:<component>" | "adapt:<component>" | "head:<task>", layer, TP rank)
+
+
+@dataclass(frozen=True)
+class Holding:
+    """One module shard of the plan and the devices that hold it.
+
+    Layers: ``(param_group, layer, TP rank)``, held by every device that runs the layer at that TP position (each TP
+    rank holds its own shard). A MetaOp's input modules (``op.input_modules``: embeddings, bridges, connectors):
+    ``(name, 0, 0)``, held by every device of the MetaOp's first slice. A task's loss head ``("head:<task>", 0, 0)``:
+    held by the first TP device of each data-parallel rank of its loss host. ``ready_wave``: the wave after whose
+    backward the shard's gradient is final everywhere (the earliest wave that runs it, since backward runs the waves
+    in reverse; ``len(waves)`` for heads: the loss stage). ``params``: the shard's parameters as the planner models
+    them (layers; 0 for input modules and heads, which the cost model does not size)."""
+
+    key: ModuleKey
+    devices: tuple[int, ...]
+    trainable: bool
+    ready_wave: int
+    params: float
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Trainable shards held by exactly ``devices`` whose gradients are final after ``ready_wave``: one all-reduce
+    (when ``devices`` has several members), and under ZeRO-1 one optimizer state sharded over ``devices``."""
+
+    ready_wave: int
+    devices: tuple[int, ...]
+    members: tuple[ModuleKey, ...]
+    params: float
+
+
+def holdings(ops: Sequence[MetaOp], placed: PlacedSchedule) -> list[Holding]:
+    """Every module shard of ``placed`` (frozen ones too: their holders build them), sorted by key."""
+    devices: dict[ModuleKey, set[int]] = {}
+    ready: dict[ModuleKey, int] = {}
+    facts: dict[ModuleKey, tuple[bool, float]] = {}
+    for k, wave in enumerate(placed.waves):
+        for s in wave.slices:
+            op, tp = ops[s.metaop], s.layout.tp_degree
+            for i, device in enumerate(s.devices):
+                for layer in range(s.first_layer, s.first_layer + s.num_layers):
+                    key = (op.param_group, layer, i % tp)
+                    devices.setdefault(key, set()).add(device)
+                    ready.setdefault(key, k)
+                    facts[key] = (not op.frozen, op.layer.params / tp)
+            for name in op.input_modules if s.first_layer == 0 else ():
+                devices.setdefault((name, 0, 0), set()).update(s.devices)
+                ready.setdefault((name, 0, 0), k)
+                facts[(name, 0, 0)] = (not op.frozen, 0.0)
+    for task, (ref, _) in loss_hosts(ops, placed).items():
+        host = placed.waves[ref[0]].slices[ref[1]]
+        key = ("head:" + task, 0, 0)
+        devices[key] = set(host.devices[::host.layout.tp_degree])
+        ready[key], facts[key] = len(placed.waves), (True, 0.0)
+    return [Holding(key, tuple(sorted(devices[key])), facts[key][0], ready[key], facts[key][1]) for key in sorted(devices)]
+
+
+def grad_buckets(held: Sequence[Holding]) -> list[Bucket]:
+    """The trainable shards grouped by (ready wave, devices), in launch order: latest ready wave first (its backward
+    ends first), then by devices. Every rank of a device set walks its buckets in this order, so collectives pair."""
+    groups: dict[tuple[int, tuple[int, ...]], list[Holding]] = {}
+    for h in held:
+        if h.trainable:
+            groups.setdefault((h.ready_wave, h.devices), []).append(h)
+    return [Bucket(wave, devs, tuple(h.key for h in groups[(wave, devs)]), sum(h.params for h in groups[(wave, devs)]))
+            for wave, devs in sorted(groups, key=lambda g: (-g[0], g[1]))]

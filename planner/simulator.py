@@ -51,9 +51,9 @@ import numpy as np
 from planner.costmodel import CostModel
 from planner.metagraph import MetaOp
 from planner.placement import MemoryLedger, PlacedSchedule, PlacedSlice, all_slices, build_ledger
-from planner.program import LOSS_WAVE, Edge, Moves, loss_hosts, plan_edges, row_bytes
+from planner.program import LOSS_WAVE, Bucket, Edge, Moves, grad_buckets, holdings, loss_hosts, plan_edges, row_bytes
 from planner.schedule import Problem
-from planner.sync import SyncOutcome, finish_iteration
+from planner.sync import SyncBucket, SyncOutcome, finish_buckets
 
 
 @dataclass(frozen=True)
@@ -283,17 +283,26 @@ def loss_stage_seconds(problem: Problem, placed: PlacedSchedule, cost_model: Cos
 # --------------------------------------------------------------------------- the whole iteration
 
 
-def _sync_infos(ledger: MemoryLedger, outcome: SyncOutcome) -> tuple[list[SyncInfo], tuple[int, ...]]:
-    """The buckets with something to all-reduce, and their indices in launch order."""
+def _sync_infos(ops: Sequence[MetaOp], program: Sequence[Bucket], outcome: SyncOutcome, grad_bytes: float
+                ) -> tuple[list[SyncInfo], tuple[int, ...]]:
+    """The buckets with something to all-reduce that the planner sizes, and their indices in launch order."""
     infos: list[SyncInfo] = []
     index: dict[int, int] = {}
-    for i, (bucket, t, cover) in enumerate(zip(outcome.buckets, outcome.bucket_times, outcome.covers)):
-        if len(bucket.devices) // bucket.tp_degree <= 1:
-            continue  # one replica per shard: nothing to all-reduce
+    for i, (bucket, b, t) in enumerate(zip(outcome.buckets, program, outcome.bucket_times)):
+        if len(b.devices) <= 1 or b.params <= 0:
+            continue  # one holder: nothing to all-reduce; or nothing the planner sizes (loss heads, input modules)
         index[i] = len(infos)
-        metaops = tuple(sorted({ledger.slices[j].metaop for j in cover}))
-        infos.append(SyncInfo(bucket.param_group, metaops, bucket.devices, ledger.cost_model.grad_bytes * bucket.num_params, t))
+        names = {name for name, _, _ in b.members}
+        metaops = tuple(op.id for op in ops if op.param_group in names)
+        infos.append(SyncInfo(bucket.param_group, metaops, b.devices, grad_bytes * b.params, t))
     return infos, tuple(index[i] for i in outcome.launch_order if i in index)
+
+
+def sync_of(program: Sequence[Bucket]) -> list[SyncBucket]:
+    """The program's buckets as the sync model's (one all-reduce each over its devices, tp degree 1: a layer's TP
+    shards are separate buckets), labelled by the parameter groups and modules they hold."""
+    return [SyncBucket("+".join(dict.fromkeys(name for name, _, _ in b.members)), (b.members[0][1],), b.devices, 1,
+                       b.params) for b in program]
 
 
 def wave_durations(problem: Problem, placed: PlacedSchedule, cost_model: CostModel | None = None) -> tuple[float, ...]:
@@ -311,10 +320,11 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
     phases, transfers = wave_phases(problem, placed, cost_model)
     loss_s = phases[-1].forward_s
     ends, compute_end = backward_ends(phases)
-    slice_ready = [ends[k] for k, wave in enumerate(placed.waves) for _ in wave.slices]  # all_slices' order
     ledger = build_ledger(problem, all_slices(placed), cost_model)
-    outcome = finish_iteration(ledger, slice_ready, compute_end, cost_model)
-    sync_infos, sync_order = _sync_infos(ledger, outcome)
+    program = grad_buckets(holdings(problem.graph.metaops, placed))  # exactly the buckets the runtime all-reduces
+    outcome = finish_buckets(sync_of(program), [ends[b.ready_wave] for b in program], compute_end, cost_model,
+                             problem.num_devices)
+    sync_infos, sync_order = _sync_infos(problem.graph.metaops, program, outcome, cost_model.grad_bytes)
     return Simulation(
         iteration_time_s=outcome.iteration_time_s,
         compute_s=sum(durations) + loss_s,

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -210,17 +210,27 @@ def finish_iteration(
     ledger: MemoryLedger, slice_ready: Sequence[float], compute_end: float, cost_model: CostModel
 ) -> SyncOutcome:
     """Gradient sync overlapped with backward, then the optimizer, then (ZeRO-1) the all-gathers of the updated
-    parameters, of everything ``ledger`` holds.
+    parameters, of everything ``ledger`` holds (the baselines' schedules; a wave plan prices its program's buckets
+    with :func:`finish_buckets`).
 
     ``slice_ready[i]`` is when the backward of ``ledger.slices[i]`` ends (at most ``compute_end``). A
-    bucket is ready when all its covering slices are; the better of :func:`launch_orders` is kept.
+    bucket is ready when all its covering slices are.
     """
     buckets = sync_buckets(ledger)
-    num_devices = ledger.problem.num_devices
-    times = [bucket_time(b, cost_model) for b in buckets]
-    gathers = [gather_time(b, cost_model) for b in buckets]
     covers = covering_slices(buckets, ledger)
     ready = [max((slice_ready[i] for i in cover), default=compute_end) for cover in covers]
+    outcome = finish_buckets(buckets, ready, compute_end, cost_model, ledger.problem.num_devices)
+    return replace(outcome, covers=tuple(covers))
+
+
+def finish_buckets(
+    buckets: Sequence[SyncBucket], ready: Sequence[float], compute_end: float, cost_model: CostModel, num_devices: int
+) -> SyncOutcome:
+    """How an iteration ends once compute and transfers end at ``compute_end``: bucket ``i`` all-reduces from
+    ``ready[i]`` (the better of :func:`launch_orders` is kept), each device steps once its buckets are done, then
+    (ZeRO-1) the all-gathers."""
+    times = [bucket_time(b, cost_model) for b in buckets]
+    gathers = [gather_time(b, cost_model) for b in buckets]
     step = optimizer_seconds(buckets, cost_model, num_devices)
     orders = launch_orders(buckets, times, ready)
     ends = []
@@ -237,7 +247,7 @@ def finish_iteration(
         sync_total_s=float(alone.max()),
         buckets=tuple(buckets),
         bucket_times=tuple(times),
-        covers=tuple(covers),
+        covers=(),
         launch_order=tuple(order),
         gather_s=iteration - last_step,
         gather_times=tuple(gathers),

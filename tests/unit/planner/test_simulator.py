@@ -14,10 +14,10 @@ from planner.costmodel import CostModel, Layout
 from planner.devices import DEVICES, GIB, Hardware
 from planner.metagraph import MetaOp, finalize_graph
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, all_slices, build_ledger, place_schedule
-from planner.program import forward_moves
+from planner.program import forward_moves, grad_buckets, holdings
 from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule
 from planner.simulator import (
-    Phase, backward_ends, boundary_time, move_flows, simulate, simulate_transfers, split_passes,
+    Phase, backward_ends, boundary_time, move_flows, simulate, simulate_transfers, split_passes, sync_of,
 )
 from planner.sync import bucket_time, finish_iteration, gather_time, sync_buckets
 
@@ -400,7 +400,8 @@ def test_overlap_stays_between_compute_and_the_no_overlap_model():
         assert sim.iteration_time_s <= no_overlap_iteration(problem, placed_schedule, CM) * (1 + 1e-12), trial
         assert sim.iteration_time_s == pytest.approx(identity(sim)), trial
         assert 0 <= sim.sync_s <= sim.sync_total_s * (1 + 1e-12), trial
-        gathers = sum(gather_time(b, CM) for b in sync_buckets(build_ledger(problem, all_slices(placed_schedule), CM)))
+        program = grad_buckets(holdings(problem.graph.metaops, placed_schedule))
+        gathers = sum(gather_time(b, CM) for b in sync_of(program))
         assert 0 <= sim.gather_s <= gathers * (1 + 1e-12), trial
         assert sorted(sim.sync_order) == list(range(len(sim.sync_groups))), trial
 
