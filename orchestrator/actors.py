@@ -5,8 +5,10 @@ worker, a short private temp dir under /tmp, no dashboard, token authentication 
 ``RAY_AUTH_MODE`` is set (the cluster lives and dies with the run on this machine).
 
 :class:`WaveActor` is a thin shell around runtime's WaveWorker: one per device (rank) of the plan,
-each reserving one CPU. The driver creates them, then calls :meth:`WaveActor.setup` on all of them
-at once: that call joins the gloo default group (rendezvous at ``master_addr:master_port``,
+each taking one CPU (and a GPU on a GPU cluster) of its plan node's bundle in the run's placement
+group (:func:`reserve_nodes`: each plan node on a Ray node of its own, see
+:mod:`orchestrator.placement`). The driver creates them, then calls :meth:`WaveActor.setup` on all
+of them at once: that call joins the gloo default group (rendezvous at ``master_addr:master_port``,
 collective), builds the plan's sub-groups and the worker. After that every method is one
 collective step of the run, called on every actor: ``train_step``, ``save``, ``load``. Worker
 logic stays in :mod:`runtime.executor`; this module only moves values across the Ray boundary
@@ -31,6 +33,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from orchestrator.placement import RankPlacement
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,10 @@ class WaveActor:
         self.rank, self.world_size, self.use_gpu = rank, world_size, use_gpu
         self.worker = None
         self.channel = None
+
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (hex id): the driver checks it against the plan's node of this rank."""
+        return ray.get_runtime_context().get_node_id()
 
     def endpoint(self) -> tuple[str, int]:
         """(this node's IP, a free port on it): rank 0's answer is the rendezvous address on a real cluster."""
@@ -159,13 +169,45 @@ class ObjectStoreChannel:
             return torch.from_numpy(array)
 
 
-def create_actors(job_json: str, plan_json: str, world_size: int, num_cpus_per_actor: float = 1.0,
-                  num_gpus_per_actor: float = 0) -> list:
-    """One :class:`WaveActor` handle per rank (creation is asynchronous; call ``setup`` next). Each actor runs its
-    calls in threads: ``train_step`` and, beside it, one ``fetch`` per peer (object-store pieces)."""
-    remote = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor, max_restarts=0,
+def create_actors(job_json: str, plan_json: str, placement: RankPlacement, group: PlacementGroup) -> list:
+    """One :class:`WaveActor` handle per rank (creation is asynchronous; call ``setup`` next), rank r in bundle
+    ``placement.node_of(r)`` of ``group`` (from :func:`reserve_nodes`), i.e. on its plan node's Ray node. Each actor
+    runs its calls in threads: ``train_step`` and, beside it, one ``fetch`` per peer (object-store pieces)."""
+    world_size = placement.world_size
+    remote = ray.remote(num_cpus=placement.cpus_per_rank, num_gpus=placement.gpus_per_rank, max_restarts=0,
                         max_task_retries=0, max_concurrency=world_size + 1)(WaveActor)
-    return [remote.remote(job_json, plan_json, rank, world_size, num_gpus_per_actor > 0) for rank in range(world_size)]
+    use_gpu = placement.gpus_per_rank > 0
+    return [remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=placement.node_of(rank)))
+            .remote(job_json, plan_json, rank, world_size, use_gpu)
+            for rank in range(world_size)]
+
+
+def reserve_nodes(placement: RankPlacement, timeout_s: float) -> PlacementGroup | None:
+    """Reserve the run's nodes: a placement group of one bundle per plan node (``placement.bundles()``) with
+    ``STRICT_SPREAD``, so every bundle sits on a different Ray node. Returns the ready group, or None when Ray could
+    not place it within ``timeout_s``; the group is removed then, since Ray keeps a pending group waiting forever and
+    would place it later for nobody.
+
+    Why this shape (Ray 2.60): a run needs each plan node's ranks together on one Ray node and different plan nodes
+    on different Ray nodes. STRICT_SPREAD over node-sized bundles says exactly that, in one group that Ray reserves
+    atomically. One bundle per device cannot: STRICT_PACK groups per plan node keep a node's ranks together but may
+    put two plan nodes on one big Ray node, and per-bundle label selectors (``ray.io/node-id``, beta since 2.49)
+    would make the driver pick the nodes itself from a snapshot of the cluster. Ranks still take one CPU (and GPU)
+    each out of their node's bundle."""
+    group = placement_group(placement.bundles(), strategy="STRICT_SPREAD", name=f"loom-{os.getpid()}-{time.time_ns()}")
+    if group.wait(timeout_s):
+        return group
+    remove_placement_group(group)
+    return None
+
+
+def release_nodes(group: PlacementGroup) -> None:
+    """Remove a placement group from :func:`reserve_nodes` (best effort: a joined cluster may be gone)."""
+    try:
+        remove_placement_group(group)
+    except Exception as exc:  # noqa: BLE001 - the cluster or the connection is gone: nothing left to free
+        log.debug("removing the placement group: %s", exc)
 
 
 class EmbeddedRay:

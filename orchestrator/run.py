@@ -7,8 +7,10 @@ Entry point :func:`run_job`. A run is a sequence of named phases (:class:`Driver
    continue from. Every problem found here is a user error (:class:`RunInputError`, exit 2).
 2. ``start_metrics``, ``start_cluster`` (an embedded local Ray cluster with one logical CPU per
    worker; or ``ray.init(address=...)``; or the Ray session this process already has),
-   ``create_workers`` (one actor per device of the plan, joined in one gloo group), ``restore``
-   (every rank loads its checkpoint file).
+   ``create_workers`` (one actor per device of the plan, each plan node's ranks on a Ray node of
+   their own through one placement group, joined in one gloo group), ``restore`` (every rank loads
+   its checkpoint file). A cluster whose nodes cannot hold the plan's nodes is refused before any
+   actor starts (:mod:`orchestrator.placement`).
 3. ``train``: one collective ``train_step`` per step on every actor; each step is logged to
    ``metrics.jsonl``, the metrics and the progress reporter; every ``checkpoint_every`` steps the
    actors write their files and the driver writes the completion marker.
@@ -37,6 +39,7 @@ from orchestrator.checkpoint import (
 from runtime.reference import MODEL_FILE, save_model
 from orchestrator.metrics import RunMetrics, StepLog, StepRecord, step_breakdown
 from orchestrator.trace import TraceRecorder, write_run_traces
+from orchestrator.placement import RankPlacement, fitting_nodes, misplaced_ranks, nodes_from_ray, placement_mismatch
 from planner.errors import LoomError
 from planner.plan import Plan, load_plan
 from planner.spec import JobSpec
@@ -47,6 +50,7 @@ PLAN_FILE = "plan.json"
 STEP_LOG_FILE = "metrics.jsonl"
 LOGS_DIR = "logs"
 SETUP_TIMEOUT_S = 300.0
+PLACEMENT_TIMEOUT_S = 60.0  # a placement group Ray has not placed by then is refused, never waited on forever
 # pieces from this size on move between CPU workers through Ray's object store: cheaper than gloo from 32 MiB on one
 # host (bench/results/transfer.md: 0.40x at 32 MiB, 2.4x dearer at 16 MiB)
 OBJECT_STORE_FROM_BYTES = 32 * 1024**2
@@ -75,6 +79,7 @@ class RunOptions:
     collect_parameters: bool = False  # return every rank's final parameters in RunResult (tests)
     object_store_from_bytes: int = OBJECT_STORE_FROM_BYTES  # CPU pieces this large and larger: object store (0: never)
     setup_timeout_s: float = SETUP_TIMEOUT_S
+    placement_timeout_s: float = PLACEMENT_TIMEOUT_S  # wait this long for Ray to reserve the plan's nodes
 
 
 @dataclass
@@ -92,6 +97,7 @@ class RunResult:
     resumed_from: CheckpointInfo | None = None
     metrics_port: int | None = None
     parameters: dict[int, dict[str, Any]] | None = None  # rank -> name -> tensor (collect_parameters only)
+    worker_nodes: list[str] = field(default_factory=list)  # rank -> the Ray node id its actor ran on
 
     def mean_step_seconds(self) -> float:
         """Mean measured step time, leaving out the first step (warm-up) when there are several."""
@@ -138,6 +144,8 @@ class Driver:
         self.actors: list = []
         self.embedded = None  # EmbeddedRay when this run started its own cluster
         self.gpus_per_worker = 0  # 1 for a GPU job on a cluster with a GPU per worker
+        self.placement_group = None  # the run's reserved nodes (orchestrator.actors.reserve_nodes)
+        self.worker_nodes: list[str] = []  # rank -> Ray node id, as the actors report it
         self.joined = False  # True when this run connected to --address
         self.records: list[StepRecord] = []
         self.checkpoints: list[CheckpointInfo] = []
@@ -172,6 +180,7 @@ class Driver:
             last_step=self.first_step + len(self.records), num_steps=self.num_steps, records=self.records,
             checkpoints=self.checkpoints, resumed_from=self.resume_point, metrics_port=self.metrics_port,
             parameters=dict(enumerate(parameters)) if parameters is not None else None,
+            worker_nodes=self.worker_nodes,
         )
 
     # ------------------------------------------------------------------ phase 1: inputs
@@ -241,11 +250,12 @@ class Driver:
         if self.options.address:
             self.joined = True
             join_cluster(self.options.address)
-            self._check_cluster(self.options.address)
+            self._check_cluster(f"--address ({self.options.address})")
         elif ray.is_initialized():  # the caller owns the session (a notebook, a test fixture)
             log.info("using this process's Ray session")
             self._check_cluster("this process's Ray session")
         else:
+            self._check_embedded_nodes()
             cores = os.cpu_count() or 1
             if self.world_size > cores:
                 log.warning("%d workers share this machine's %d CPU cores: each computes at about %.0f%% of the core "
@@ -253,41 +263,68 @@ class Driver:
                             "`loom profile` the job here.", self.world_size, cores, 100 * cores / self.world_size, cores)
             self.embedded = EmbeddedRay(self.world_size).start()
 
+    def _check_embedded_nodes(self) -> None:
+        """The embedded cluster is one Ray node (this machine): a plan for several nodes is refused rather than run
+        with its nodes folded onto one, which would train but never test the placement the plan was made for."""
+        cluster = self.plan.cluster
+        if cluster.num_nodes > 1:
+            raise RunInputError(
+                f"cluster.num_nodes ({cluster.num_nodes}): the plan places its workers on {cluster.num_nodes} nodes, "
+                f"but `loom run` without --address starts a one-node Ray cluster on this machine. Plan for "
+                f"num_nodes: 1 and devices_per_node: {self.world_size} to train here, or join a cluster of "
+                f"{cluster.num_nodes} nodes with --address."
+            )
+
     def _check_cluster(self, where: str) -> None:
-        """Enough CPUs for one per worker, and whether the workers take a GPU each: a GPU job on a cluster with a GPU
-        per worker does (NCCL between them); a GPU job on a cluster without enough GPUs trains on CPUs (with a
-        warning), as it would on this machine."""
+        """The cluster's alive nodes can hold the plan's nodes (:func:`orchestrator.placement.placement_mismatch`),
+        and whether the workers take a GPU each: a GPU job does when enough nodes have a GPU per worker (NCCL between
+        them); otherwise it trains on CPUs (with a warning), as it would on this machine."""
         import ray
 
-        resources = ray.cluster_resources()
-        available, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-        if available < self.world_size:
-            raise RunInputError(
-                f"{where}: the cluster has {available:g} CPUs but the plan needs {self.world_size} workers with "
-                "1 CPU each. Add CPUs, or plan for fewer devices."
-            )
-        if self.job.cluster.device.lower() == "cpu":
-            return
-        self.gpus_per_worker = 1 if gpus >= self.world_size else 0
-        if not self.gpus_per_worker:
-            log.warning("cluster.device is %s but %s has %g GPUs for %d workers: the workers compute on CPU with "
-                        "gloo", self.job.cluster.device, where, gpus, self.world_size)
+        nodes = nodes_from_ray(ray.nodes())
+        cluster = self.plan.cluster
+        if self.job.cluster.device.lower() != "cpu":
+            on_gpus = RankPlacement(cluster.num_nodes, cluster.devices_per_node, gpus_per_rank=1)
+            self.gpus_per_worker = 1 if len(fitting_nodes(nodes, on_gpus)) >= cluster.num_nodes else 0
+            if not self.gpus_per_worker:
+                log.warning("cluster.device is %s but %s lacks %d nodes with %d GPUs each: the workers compute on "
+                            "CPU with gloo", self.job.cluster.device, where, cluster.num_nodes,
+                            cluster.devices_per_node)
+        problem = placement_mismatch(self.placement(), nodes, where)
+        if problem:
+            raise RunInputError(problem)
+
+    def placement(self) -> RankPlacement:
+        """Which Ray node bundle each rank takes, from the plan's cluster."""
+        cluster = self.plan.cluster
+        return RankPlacement(cluster.num_nodes, cluster.devices_per_node, gpus_per_rank=self.gpus_per_worker)
 
     def create_workers(self) -> None:
-        """One actor per device (with a GPU each when the cluster has them for a GPU job), joined in one gloo or NCCL
-        group; the workers build their modules from the job."""
+        """Reserve the plan's nodes, then one actor per device on its plan node's Ray node (with a GPU each when the
+        cluster has them for a GPU job), joined in one gloo or NCCL group; the workers build their modules from the
+        job."""
         import ray
 
-        from orchestrator.actors import create_actors, free_port
+        from orchestrator.actors import create_actors, free_port, reserve_nodes
 
-        self.actors = create_actors(self.job.model_dump_json(), self.plan.to_json(), self.world_size,
-                                    num_gpus_per_actor=self.gpus_per_worker)
-        if self.embedded is not None:  # every actor is on this machine
-            host, port = "127.0.0.1", free_port()
-        else:  # the actors may be on other nodes: rendezvous at rank 0's node
-            host, port = self.gather_one(self.actors[0].endpoint.remote(), 0, STARTING)
+        placement = self.placement()
+        self.placement_group = reserve_nodes(placement, self.options.placement_timeout_s)
+        if self.placement_group is None:
+            raise RunInputError(
+                f"the cluster did not reserve {placement.describe()} (each plan node on a Ray node of its own) within "
+                f"{self.options.placement_timeout_s:g} s: its nodes are big enough but busy. Free CPUs"
+                f"{' and GPUs' if placement.gpus_per_rank else ''} on them (`ray status`), or plan for fewer devices."
+            )
+        self.actors = create_actors(self.job.model_dump_json(), self.plan.to_json(), placement, self.placement_group)
         start = time.perf_counter()
         try:
+            self.worker_nodes = self.gather(lambda a, r: a.node_id.remote(), STARTING,
+                                            timeout=self.options.setup_timeout_s)
+            self._check_worker_nodes(placement)
+            if self.embedded is not None:  # every actor is on this machine
+                host, port = "127.0.0.1", free_port()
+            else:  # the actors may be on other nodes: rendezvous at rank 0's node
+                host, port = self.gather_one(self.actors[0].endpoint.remote(), 0, STARTING)
             self.gather(lambda a, r: a.setup.remote(host, port, self.actors, self.options.object_store_from_bytes),
                         STARTING, timeout=self.options.setup_timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -297,6 +334,16 @@ class Driver:
             ) from None
         log.info("%d workers ready in %.1f s (rendezvous %s:%d)", self.world_size,
                  time.perf_counter() - start, host, port)
+
+    def _check_worker_nodes(self, placement: RankPlacement) -> None:
+        """The placement group's promise, checked where the actors say they run (our invariant, not user input)."""
+        problem = misplaced_ranks(placement, self.worker_nodes)
+        if problem:
+            raise RunFailed(f"the workers are not where the plan puts them: {problem}")
+        for node in range(placement.num_nodes):
+            ranks = range(node * placement.devices_per_node, (node + 1) * placement.devices_per_node)
+            log.info("plan node %d: ranks %d-%d on Ray node %s", node, ranks[0], ranks[-1],
+                     self.worker_nodes[ranks[0]])
 
     def restore(self) -> None:
         if self.resume_point is None:
@@ -397,6 +444,11 @@ class Driver:
 
             kill_actors(self.actors)
             self.actors = []
+        if self.placement_group is not None:
+            from orchestrator.actors import release_nodes
+
+            release_nodes(self.placement_group)
+            self.placement_group = None
         if self.embedded is not None:
             self.embedded.stop(keep_logs_in=self.out_dir / LOGS_DIR)
             self.embedded = None
