@@ -5,5 +5,7 @@ data movement as pure data (assignment.py), the wave executor (executor.py: forw
 inter-wave transfers, backward, shared-parameter gradient sync, AdamW), the megatron-core backend
 (megatron_compat.py, megatron_backend.py), the single-process reference (reference.py) and the
 layer profiler (profiler.py). May import planner types, torch and megatron-core (lazily); never
-ray or pulp. Entry point: :class:`runtime.executor.WaveWorker`. See docs/runtime.md.
+ray, pulp, the orchestrator, bench, or a recipe (recipes register into runtime's registries when
+the orchestrator loads them; tests/unit/test_import_rules.py enforces all of it). Entry point:
+:class:`runtime.executor.WaveWorker`. See docs/runtime.md.
 """
