@@ -15,12 +15,12 @@ import logging
 import os
 import shutil
 import tempfile
-from pathlib import Path
 
 import pytest
 import ray
 import yaml
 from ray.cluster_utils import Cluster
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from typer.testing import CliRunner
 
 import orchestrator.actors
@@ -163,8 +163,6 @@ def test_a_placement_ray_cannot_grant_in_time_is_refused(two_nodes, tmp_path, mo
     created = []
     monkeypatch.setattr(orchestrator.actors, "create_actors", lambda *a, **k: created.append(a) or [])
     ray.init(address=two_nodes.address, logging_level="WARNING", log_to_driver=False)
-    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
-
     before = {g["name"] for g in placement_group_table().values()}  # earlier runs' groups, removed
     busy = placement_group([{"CPU": CPUS_PER_NODE}])  # one node's CPUs, held by someone else
     try:
