@@ -329,8 +329,8 @@ class Driver:
                         STARTING, timeout=self.options.setup_timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise RunFailed(
-                f"the {self.world_size} workers did not start within {self.options.setup_timeout_s:g} s; "
-                "the cluster may lack free CPUs."
+                f"the {self.world_size} workers did not start within {self.options.setup_timeout_s:g} s, though their "
+                "CPUs were reserved; the nodes may be overloaded."
             ) from None
         log.info("%d workers ready in %.1f s (rendezvous %s:%d)", self.world_size,
                  time.perf_counter() - start, host, port)
@@ -340,10 +340,11 @@ class Driver:
         problem = misplaced_ranks(placement, self.worker_nodes)
         if problem:
             raise RunFailed(f"the workers are not where the plan puts them: {problem}")
+        level = logging.INFO if placement.num_nodes > 1 else logging.DEBUG  # one node: nothing to tell
         for node in range(placement.num_nodes):
             ranks = range(node * placement.devices_per_node, (node + 1) * placement.devices_per_node)
-            log.info("plan node %d: ranks %d-%d on Ray node %s", node, ranks[0], ranks[-1],
-                     self.worker_nodes[ranks[0]])
+            log.log(level, "plan node %d: ranks %d-%d on Ray node %s", node, ranks[0], ranks[-1],
+                    self.worker_nodes[ranks[0]])
 
     def restore(self) -> None:
         if self.resume_point is None:
