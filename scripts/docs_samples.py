@@ -200,8 +200,12 @@ def run_command(command: Command, cache: dict) -> str:
         print(f"docs_samples: running {command.text}", file=sys.stderr, flush=True)
         argv = [sys.executable, "-m", "orchestrator", *command.argv[1:]]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
+        (ROOT / "out").mkdir(exist_ok=True)  # the samples write their files under out/, as main-job.sh does
         proc = subprocess.run(argv, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL if command.stdout_only else subprocess.STDOUT)
+                              stderr=subprocess.PIPE if command.stdout_only else subprocess.STDOUT)
+        if proc.returncode and not command.deterministic:  # an error line is a fine validate sample, not a run's
+            sys.exit(f"docs_samples: `{command.text}` failed (exit {proc.returncode}):\n"
+                     f"{(proc.stderr or '')[-2000:]}{proc.stdout[-2000:]}")
         cache[key] = proc.stdout
     return cache[key]
 
