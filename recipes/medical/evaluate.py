@@ -170,20 +170,27 @@ def _report(job, model, t, split, num_samples):
             {"exact_match": base_exact / n, "token_accuracy": base_acc / n})
 
 
+def visible_mean_mse(image: torch.Tensor, hidden: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The reconstruction baseline per scan (B,): MSE over the hidden pixels of ``image`` (B, C, I, I) when every
+    pixel is the mean of the visible ones (all channels together). ``hidden`` (B, P) True = masked patch.
+
+    Computed on pixels, independently of the head's patch layout, so that it checks the head's metric: both
+    average over exactly the hidden pixels of each scan, then over scans."""
+    grid = int(hidden.shape[1] ** 0.5)
+    pixels = hidden.reshape(-1, 1, grid, grid).repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
+    pixels = pixels.expand_as(image)
+    mean = (image * ~pixels).sum(dim=(1, 2, 3)) / (~pixels).sum(dim=(1, 2, 3)).clamp(min=1)
+    err = ((image - mean.view(-1, 1, 1, 1)) ** 2 * pixels).sum(dim=(1, 2, 3))
+    return err / pixels.sum(dim=(1, 2, 3)).clamp(min=1)
+
+
 def _reconstruction(job, model, t, split, num_samples):
     head = model.head(t)
-    layout = task_layout(job, t)
-    p = layout.patch_size
+    p = task_layout(job, t).patch_size
     loss = base = 0.0
     for b in _chunks(job, t, split, num_samples):
         loss += float(head(model.forward(t, b), b).sum())
-        image, hidden = b.targets["image"], b.targets["patch_mask"]
-        grid = int(hidden.shape[1] ** 0.5)
-        pixels = hidden.reshape(-1, 1, grid, grid).repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
-        pixels = pixels.expand_as(image)
-        visible_mean = (image * ~pixels).sum(dim=(1, 2, 3)) / (~pixels).sum(dim=(1, 2, 3)).clamp(min=1)
-        err = ((image - visible_mean.view(-1, 1, 1, 1)) ** 2 * pixels).sum(dim=(1, 2, 3))
-        base += float((err / pixels.sum(dim=(1, 2, 3)).clamp(min=1)).sum())
+        base += float(visible_mean_mse(b.targets["image"], b.targets["patch_mask"], p).sum())
     return {"masked_mse": loss / num_samples}, {"masked_mse": base / num_samples}
 
 

@@ -157,24 +157,41 @@ class MedicalTokenHead(MedicalHead):
 
 
 class MedicalReconstructionHead(MedicalHead):
-    """medical_reconstruction: ``Linear(H, C p p)`` on the P patch rows -> :func:`reconstruction_loss`."""
+    """medical_reconstruction: every patch is the mean of the scan's visible pixels plus a residual,
+    ``Linear(H, C p p)`` of its patch row -> :func:`reconstruction_loss`.
+
+    The residual's projection starts at zero (:meth:`init_structure`), so the head starts exactly at the
+    trivial "mean of the visible pixels" answer and training only has to learn what that misses. Predicting
+    absolute pixels instead left the head to recover each scan's brightness level from the shared encoder's
+    normalised tokens, which the other tasks do not need: in the joint run its per-scan level varied a third
+    as much as the scans' do (std 0.027 vs 0.077), and it scored 0.0460 on held-out scans, next to 0.0461 for
+    one global constant and 0.0437 for the visible mean. The visible mean is read from ``targets["image"]``
+    outside the masked patches, the same pixels the encoder is given.
+    """
 
     def __init__(self, layout: TaskLayout):
         super().__init__(layout, 0)
         p = layout.patch_size
         self.out = nn.Linear(layout.hidden_size, layout.channels * p * p, bias=True)
 
-    def patches(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Predicted patches (B, P, C p p), laid out as :func:`patchify`."""
-        return self.out(self.split(outputs)[1])
+    def init_structure(self) -> None:
+        """Zero residual (called by ``runtime.modules.build_initialised`` after the generic init)."""
+        self.out.weight.zero_()
+        self.out.bias.zero_()
+
+    def patches(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
+        """Predicted patches (B, P, C p p), laid out as :func:`patchify`: the visible mean plus the residual."""
+        residual = self.out(self.split(outputs)[1])
+        mean = visible_mean(batch.targets["image"], batch.targets["patch_mask"], self.layout.patch_size)  # (B, C)
+        return residual + mean.repeat_interleave(self.layout.patch_size ** 2, dim=1)[:, None, :]
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
         target = patchify(batch.targets["image"], self.layout.patch_size)
-        return reconstruction_loss(self.patches(outputs), target, batch.targets["patch_mask"])
+        return reconstruction_loss(self.patches(outputs, batch), target, batch.targets["patch_mask"])
 
     def predict(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
         """The predicted image (B, C, I, I), every patch from the head (visible ones included)."""
-        return unpatchify(self.patches(outputs), self.layout.patch_size, self.layout.channels)
+        return unpatchify(self.patches(outputs, batch), self.layout.patch_size, self.layout.channels)
 
 
 # --------------------------------------------------------------------------- factories
@@ -330,6 +347,17 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.T
     b, n, _ = patches.shape
     g, p = math.isqrt(n), patch_size
     return patches.reshape(b, g, g, channels, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, channels, g * p, g * p)
+
+
+def visible_mean(images: torch.Tensor, patch_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Per scan and channel, the mean (B, C) of the pixels of ``images`` (B, C, I, I) outside the masked patches
+    (``patch_mask`` (B, P) True = masked, row-major over the vit's grid): what the encoder sees of the scan.
+    0 for a scan with every patch masked."""
+    visible = (~patch_mask).to(images.dtype)[:, :, None, None]  # (B, P, 1, 1)
+    b, c = images.shape[:2]
+    patches = patchify(images, patch_size).reshape(b, -1, c, patch_size * patch_size)  # (B, P, C, p p)
+    total = (patches * visible).sum(dim=(1, 3))
+    return total / (visible.sum(dim=(1, 2, 3)) * patch_size * patch_size).clamp(min=1)[:, None]
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,11 @@ from recipes.medical.data import task_layout
 from recipes.medical.heads import (
     LOSS_FACTORIES, MAX_LESIONS, NUM_CLASSES, NUM_LESION_TYPES, PAD_ID, accuracy, best_box_iou, box_iou, dice_score,
     exact_match, match_queries, matched_dice, patchify, reconstruction_loss, segmentation_loss, token_accuracy,
-    token_loss, union_dice, unpatchify,
+    token_loss, union_dice, unpatchify, visible_mean,
 )
+from recipes.medical.evaluate import visible_mean_mse
 from runtime.data import TaskBatch
+from runtime.heads import build_head
 from runtime.modules import leaf_uses
 
 H, PATCH, VOCAB = 16, 4, 64
@@ -350,7 +352,37 @@ def test_reconstruction_counts_only_masked_patches(job) -> None:
     assert loss.shape == (2,) and loss.min() > 0
     assert rows.grad[:, 0].abs().sum() == 0 and rows.grad[0, 1 + 1].abs().sum() == 0  # [cls], visible patch
     assert rows.grad[0, 1 + 0].abs().sum() > 0 and rows.grad[1, 1 + 3].abs().sum() > 0
-    assert head.predict({"reconstruction_head": rows}, batch(2)).shape == (2, 1, 8, 8)
+    pred = head.predict({"reconstruction_head": rows}, batch(2, image=images, patch_mask=patch_mask))
+    assert pred.shape == (2, 1, 8, 8)
+
+
+def test_visible_mean_by_hand() -> None:
+    images = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
+    patch_mask = torch.tensor([[True, False, True, False], [True, True, True, True]])  # scan 1: nothing visible
+    right_half = images[0, 0, :, 4:]  # patches 1 and 3 (row-major 2 x 2 grid)
+    torch.testing.assert_close(visible_mean(images, patch_mask, 4), torch.tensor([[right_half.mean().item()], [0.0]]))
+    two = torch.cat([images[:1], -images[:1]], dim=1)  # (1, 2, 8, 8): one mean per channel
+    torch.testing.assert_close(visible_mean(two, patch_mask[:1], 4), torch.tensor([[right_half.mean().item(),
+                                                                                   -right_half.mean().item()]]))
+
+
+def test_reconstruction_head_starts_at_the_visible_mean_baseline(job) -> None:
+    """Built as the runtime builds it, the head predicts every pixel as its scan's visible mean, whatever the encoder
+    says, so its loss is the eval's trivial baseline on the same pixels; training moves it from there."""
+    head = build_head(job, 4)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 1, 8, 8, generator=gen) + torch.tensor([-0.5, 0.1, 2.0]).view(3, 1, 1, 1)
+    patch_mask = torch.tensor([[True, False, True, False], [False, True, True, False], [False, False, False, True]])
+    rows = torch.randn(3, leaf_rows("unsupervised"), H, generator=gen)
+    b = batch(3, image=images, patch_mask=patch_mask)
+    pred = head.predict({"reconstruction_head": rows}, b)
+    for row in range(3):
+        visible = ~patch_mask[row].view(2, 2).repeat_interleave(4, 0).repeat_interleave(4, 1)
+        torch.testing.assert_close(pred[row], torch.full((1, 8, 8), images[row, 0][visible].mean().item()))
+    loss = head({"reconstruction_head": rows}, b)
+    torch.testing.assert_close(loss, visible_mean_mse(images, patch_mask, 4))
+    loss.sum().backward()
+    assert head.out.weight.grad.abs().sum() > 0  # the residual learns from the first step
 
 
 def test_every_head_backpropagates_to_its_leaf_output(job) -> None:
