@@ -25,7 +25,7 @@ from planner.refine import Evaluated, refine_transfers
 from planner.plan import (
     Bounds, Plan, PlanCluster, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport, SyncGroup,
 )
-from planner.program import plan_pieces
+from planner.program import grad_buckets, holdings, plan_buckets, plan_holdings, plan_pieces
 from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
 from planner.simulator import Simulation, simulate
 from planner.solver import Candidate, SolveResult, SolverSettings, solve
@@ -199,10 +199,12 @@ def build_plan(
             id=op.id, name=op.name, task=op.task, component=op.component, layer_key=op.key,
             num_layers=op.num_layers, batch_size=op.batch_size, deps=list(op.deps), level=op.level,
             param_group=op.param_group, frozen=op.frozen, params_per_layer=op.layer.params,
-            out_bytes_per_sample=op.layer.out_bytes,
+            out_bytes_per_sample=op.layer.out_bytes, use=op.use, segment=op.segment, recompute=op.recompute,
+            input_modules=list(op.input_modules),
         )
         for op in graph.metaops
     ]
+    held = holdings(graph.metaops, placed)
     waves, start = [], 0.0
     for k, (wave, duration) in enumerate(zip(placed.waves, sim.wave_durations)):
         slices = [
@@ -226,6 +228,8 @@ def build_plan(
         waves=waves,
         transfers=[PlanTransfer(**vars(t)) for t in sim.transfers],
         pieces=plan_pieces(graph.metaops, placed, cost_model.weight_bytes),
+        holdings=plan_holdings(held),
+        grad_buckets=plan_buckets(grad_buckets(held)),
         sync_groups=[SyncGroup(**vars(g)) for g in sim.sync_groups],
         predicted=Prediction(iteration_time_s=sim.iteration_time_s, compute_s=sim.compute_s,
                              transfer_s=sim.transfer_s, sync_s=sim.sync_s, optimizer_s=sim.optimizer_s,

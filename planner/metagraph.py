@@ -11,10 +11,11 @@ different tasks that use the same layers of the same component share parameters
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from planner.components import LayerSegment, expand_use, out_shapes
 from planner.spec import JobSpec
+from planner.usegraph import input_modules
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,9 @@ def build_metagraph(job: JobSpec) -> MetaGraph:
                 deps = (op.id,)
             last_of_use[use.use_name] = ops[-1].id
             trainable_of_use[use.use_name] = trainable_upstream or not comp.frozen
-    return finalize_graph(ops)
+    graph = finalize_graph(ops)
+    return replace(graph, metaops=tuple(replace(op, input_modules=tuple(input_modules(job, graph, op)))
+                                        for op in graph.metaops))
 
 
 def finalize_graph(ops: Sequence[MetaOp]) -> MetaGraph:

@@ -45,6 +45,11 @@ class PlanMetaOp(_PlanModel):
     frozen: bool
     params_per_layer: float
     out_bytes_per_sample: float
+    use: str = Field("", description="The name of the task's use of the component it belongs to.")
+    segment: int = Field(0, description="Index of its segment within its use (0: the use's first MetaOp).")
+    recompute: bool = Field(False, description="Activation checkpointing: its layers run forward again in backward.")
+    input_modules: list[str] = Field(default_factory=list, description="Modules its first layer runs before it "
+                                     "(embed:<component>, adapt:<component>).")
 
 
 class PlanSlice(_PlanModel):
@@ -98,6 +103,29 @@ class PlanPiece(_PlanModel):
     bytes: float = Field(description="Bytes crossing devices: rows x elements x the compute precision; 0 when local.")
 
 
+class PlanHolding(_PlanModel):
+    """A module shard and the devices that hold it (planner.program.Holding): a layer ``(param group, layer, TP
+    rank)``, an input module ``(embed:|adapt:<component>, 0, 0)`` or a loss head ``(head:<task>, 0, 0)``."""
+
+    name: str
+    layer: int
+    shard: int
+    devices: list[int]
+    trainable: bool
+    ready_wave: int = Field(description="Its gradient is final after this wave's backward (len(waves): the loss stage).")
+    params: float = Field(description="Parameters the planner models (0 for input modules and heads).")
+
+
+class PlanBucket(_PlanModel):
+    """Trainable shards held by exactly ``devices``, final after ``ready_wave``: one gradient all-reduce (several
+    devices) and one ZeRO-1 optimizer state sharded over ``devices``; in launch order in the plan."""
+
+    ready_wave: int
+    devices: list[int]
+    members: list[tuple[str, int, int]]
+    params: float
+
+
 class SyncGroup(_PlanModel):
     """Parameters (of one sharing group) whose gradients are all-reduced over ``devices`` once the backward of
     the layers they cover is done (overlapping the rest of backward)."""
@@ -149,6 +177,8 @@ class Plan(_PlanModel):
     pieces: list[PlanPiece] = Field(description="Every move of every boundary, forward in execution order, then "
                                     "backward in the same order (planner.program).")
     sync_groups: list[SyncGroup]
+    holdings: list[PlanHolding] = Field(description="Every module shard and its holders (planner.program).")
+    grad_buckets: list[PlanBucket] = Field(description="The gradient buckets every holder all-reduces, in launch order.")
     predicted: Prediction
     peak_memory_bytes: list[float]
     solver: SolverReport

@@ -38,7 +38,7 @@ import numpy as np
 from planner.costmodel import Layout
 from planner.metagraph import MetaOp
 from planner.placement import PlacedSchedule, PlacedSlice
-from planner.plan import PlanPiece
+from planner.plan import PlanBucket, PlanHolding, PlanPiece
 
 LOSS_WAVE = -1  # the pseudo-wave of the loss stage, after every real wave
 
@@ -280,3 +280,13 @@ def grad_buckets(held: Sequence[Holding]) -> list[Bucket]:
             groups.setdefault((h.ready_wave, h.devices), []).append(h)
     return [Bucket(wave, devs, tuple(h.key for h in groups[(wave, devs)]), sum(h.params for h in groups[(wave, devs)]))
             for wave, devs in sorted(groups, key=lambda g: (-g[0], g[1]))]
+
+
+def plan_holdings(held: Sequence[Holding]) -> list[PlanHolding]:
+    return [PlanHolding(name=h.key[0], layer=h.key[1], shard=h.key[2], devices=list(h.devices), trainable=h.trainable,
+                        ready_wave=h.ready_wave, params=h.params) for h in held]
+
+
+def plan_buckets(buckets: Sequence[Bucket]) -> list[PlanBucket]:
+    return [PlanBucket(ready_wave=b.ready_wave, devices=list(b.devices), members=list(b.members), params=b.params)
+            for b in buckets]

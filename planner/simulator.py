@@ -130,11 +130,6 @@ class Flows:
         return float(self.nbytes.sum())
 
 
-def _no_flows() -> Flows:
-    empty = np.zeros(0, dtype=np.int64)
-    return Flows(empty, empty, np.zeros(0))
-
-
 def boundary_time(flows: Sequence[Flows], cost_model: CostModel) -> float:
     """Seconds for ``flows`` running concurrently: the busiest link (device intra-node, node network) per direction."""
     flows = [f for f in flows if len(f.nbytes)]

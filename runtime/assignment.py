@@ -2,7 +2,7 @@
 
 The planner decides every move between workers once (planner.program) and writes it into the Plan as
 pieces; this module only selects and indexes them (nothing here re-derives who sends what), plus the
-process-group facts the workers build their groups from. Pure Python (no torch).
+process-group facts the workers build their groups from. Pure Python (no torch): it imports planner modules only.
 
 Conventions (planner.program's): a slice's devices are ascending; with layout dp x tp,
 ``devices[i*tp:(i+1)*tp]`` is data-parallel rank i, which owns samples ``[i*B/dp, (i+1)*B/dp)`` of its
@@ -14,11 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from planner.metagraph import MetaGraph, build_metagraph
+from planner.metagraph import MetaGraph
 from planner.plan import Plan, PlanPiece, PlanSlice
 from planner.program import LOSS_WAVE
 from planner.spec import JobSpec
-from runtime.embeddings import input_modules
 
 __all__ = ["LOSS_WAVE", "CommSchedule", "LossHost", "Piece", "SliceRef"]
 
@@ -125,29 +124,12 @@ def layer_tp_degrees(plan: Plan, schedule: CommSchedule) -> dict[tuple[str, int]
     return degrees
 
 
-def device_sets_for_sync(job: JobSpec, plan: Plan, schedule: CommSchedule
-                         ) -> dict[tuple[str, int, int], tuple[int, ...]]:
-    """For every parameter shard: the devices whose gradients of it are summed.
-
-    Keys ``(name, layer, shard)``: ``(param_group, layer, tp rank)`` for layers (each TP rank holds its own
-    shard; summing over one TP rank's devices adds one contribution per data-parallel rank),
-    ``("embed:" + component, 0, 0)`` and ``("adapt:" + component, 0, 0)`` for input modules (held where the layer 0
-    of a MetaOp that runs them runs: runtime.embeddings.input_modules) and
-    ``("head:" + task, 0, 0)`` for task heads (held by the loss host's first TP devices). An embedding
-    on a device that is not the first of its TP group takes no gradient (see the executor)."""
-    graph = build_metagraph(job)
-    holders: dict[tuple[str, int, int], set[int]] = {}
-    for s in schedule.slices.values():
-        op = plan.metaops[s.metaop]
-        for i, device in enumerate(s.devices):
-            for layer in range(s.first_layer, s.first_layer + s.num_layers):
-                holders.setdefault((op.param_group, layer, i % s.tp_degree), set()).add(device)
-        for name in input_modules(job, graph, graph.metaops[s.metaop]) if s.first_layer == 0 else []:
-            holders.setdefault((name, 0, 0), set()).update(s.devices)
-    for host in schedule.loss_hosts:
-        s = schedule.slices[host.host]
-        holders.setdefault(("head:" + host.task, 0, 0), set()).update(d for d in s.devices if is_lead(s, d))
-    return {key: tuple(sorted(devs)) for key, devs in sorted(holders.items())}
+def holders(plan: Plan) -> dict[tuple[str, int, int], tuple[int, ...]]:
+    """For every module shard of the plan (planner.program.holdings): the devices that hold it, whose gradients of
+    it are summed. Keys ``(name, layer, shard)``: ``(param_group, layer, tp rank)`` for layers,
+    ``("embed:" | "adapt:" + component, 0, 0)`` for input modules, ``("head:" + task, 0, 0)`` for task heads. An input
+    module on a device that is not the first of its TP group takes no gradient (see the executor)."""
+    return {(h.name, h.layer, h.shard): tuple(h.devices) for h in plan.holdings}
 
 
 def loss_groups(schedule: CommSchedule) -> dict[str, tuple[int, ...]]:

@@ -16,7 +16,7 @@ from planner.metagraph import MetaGraph, MetaOp, build_metagraph
 from planner.plan import Plan
 from planner.spec import JobSpec
 from planner.unet import unet_state_numel
-from runtime.usegraph import BRIDGE_KINDS, TEXT_KINDS, connection, leaf_uses, op_connection, root_uses, use_index
+from planner.usegraph import BRIDGE_KINDS, TEXT_KINDS, connection, leaf_uses, op_connection, root_uses, use_index
 
 BUILTIN_LOSSES = ("cross_entropy", "mse", "contrastive", "infonce", "lm", "next_token")  # runtime.heads builds them
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from planner.spec import JobSpec
 from runtime.modules import build_initialised, freeze_if, layer_seed
-from runtime.usegraph import (  # noqa: F401  (re-exported: the connection arithmetic lives there, torch-free)
+from planner.usegraph import (  # noqa: F401  (re-exported: the connection arithmetic lives there, torch-free)
     BRIDGE_KINDS, TEXT_KINDS, Connection, connection, op_connection, use_index,
 )
 

@@ -2,7 +2,7 @@
 
 Owns the input module of every component kind (:func:`build_embed`: token, patch and feature embeddings,
 a decoder's :class:`DecoderBridge`, a unet2d's ``runtime.unet.UNetInput``), which MetaOps start with one
-(:func:`reads_embed`) and what is fed to it (:func:`use_input`). One input module per component, shared
+(:func:`planner.usegraph.reads_embed`) and what is fed to it (:func:`use_input`). One input module per component, shared
 by every task using it, built and seeded like the layers (runtime.modules:
 ``layer_seed(seed, component + ":embed", 0)``) and frozen with its component.
 
@@ -25,6 +25,7 @@ from torch import nn
 from planner.components import resolve_shape
 from planner.metagraph import MetaGraph, MetaOp
 from planner.spec import JobSpec
+from planner.usegraph import reads_embed
 from runtime.connect import BRIDGE_KINDS, build_adapter, connect, op_connection
 from runtime.modules import (
     DEFAULT_VOCAB, TOKEN_KINDS, build_initialised, context_width, freeze_if, image_channels, layer_kwargs, layer_seed,
@@ -126,24 +127,6 @@ class DecoderBridge(nn.Module):
         else:
             stream = self.queries[:stream_len].expand(memory.shape[0], -1, -1)
         return torch.cat([stream, self.memory(memory)], dim=1)
-
-
-def reads_embed(job: JobSpec, graph: MetaGraph, op: MetaOp) -> bool:
-    """Whether ``op``'s layer 0 starts with its component's input module: a root MetaOp's (raw data in), and the
-    first MetaOp of a decoder or unet2d use fed by another use (the module also reads the upstream output)."""
-    if not op.deps:
-        return True
-    return job.components[op.component].kind in BRIDGE_KINDS and graph.metaops[op.deps[0]].use != op.use
-
-
-def input_modules(job: JobSpec, graph: MetaGraph, op: MetaOp) -> list[str]:
-    """Names of the modules ``op``'s first layer runs before it (each a module ``(name, 0)``): ``embed:<component>``
-    where :func:`reads_embed` or a connector adds the use's text, ``adapt:<component>`` where a connector projects
-    an input (runtime.connect). Empty for a MetaOp that reads its inputs as they are."""
-    c = op_connection(job, graph, op)
-    if c is None:
-        return ["embed:" + op.component] if reads_embed(job, graph, op) else []
-    return ["adapt:" + op.component] * c.projected + ["embed:" + op.component] * bool(c.text_len)
 
 
 def build_input_module(job: JobSpec, name: str) -> nn.Module:

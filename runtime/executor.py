@@ -24,20 +24,18 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from planner.metagraph import MetaOp, build_metagraph
-from planner.plan import Plan
+from planner.plan import Plan, PlanMetaOp
 from planner.spec import JobSpec
 from runtime.assignment import (
-    LOSS_WAVE, CommSchedule, Piece, SliceRef, device_sets_for_sync, distinct_groups, dp_rank_of, input_order,
+    LOSS_WAVE, CommSchedule, Piece, SliceRef, distinct_groups, dp_rank_of, holders, input_order,
     is_lead, layer_tp_degrees, loss_groups, sample_range, tp_group_of, tp_groups,
 )
 from runtime.channel import PieceChannel, piece_key
-from runtime.checks import check_plan_matches_job, check_runnable
 from runtime.data import TaskBatch, synthetic_batch
-from runtime.embeddings import build_input_module, first_input, input_modules
+from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
 from runtime.modules import build_layer, build_optimizer, is_token_decoder, layer_kwargs, llama_ffn_size, run_layers
-from runtime.steps import GradBucket, Lap, StepTiming, sync_ready_waves
+from runtime.steps import GradBucket, Lap, StepTiming
 from runtime.zero import ShardedAdamW
 
 log = logging.getLogger(__name__)
@@ -54,7 +52,7 @@ class Groups:
     def create(cls, job: JobSpec, plan: Plan) -> Groups:
         """Collective: every rank of the default group must call this with the same job and plan."""
         schedule = CommSchedule(plan)
-        sets = distinct_groups(list(device_sets_for_sync(job, plan, schedule).values()) + tp_groups(schedule)
+        sets = distinct_groups(list(holders(plan).values()) + tp_groups(schedule)
                                + list(loss_groups(schedule).values()))
         return cls(dist.group.WORLD, {s: dist.new_group(list(s)) for s in sets})
 
@@ -68,14 +66,13 @@ class WaveWorker:
         self.job, self.plan, self.rank, self.groups = job, plan, rank, groups
         self.channel = channel  # large pieces go through it instead of point-to-point (runtime.channel)
         self.device = torch.device(device)
-        self.graph = build_metagraph(job)
-        check_runnable(job, self.graph)
-        check_plan_matches_job(plan, self.graph)
+        # a worker rebuilds no MetaGraph: the plan's MetaOps carry what it builds and wires its modules from, and the
+        # driver checked that the job can run and that the plan belongs to it (runtime.checks) before starting it
         self.comm = CommSchedule(plan)
         self.comm_loss_groups = loss_groups(self.comm)  # ascending, as process groups order their ranks
         assert all(list(g) == sorted(g) for g in self.comm_loss_groups.values())
         self.mine = self.comm.my_slices(rank)
-        self.holders = device_sets_for_sync(job, plan, self.comm)
+        self.holders = holders(plan)
         self.tp_degree = layer_tp_degrees(plan, self.comm)
         self.task_index = {t.name: i for i, t in enumerate(job.tasks)}
         self.tp_of = self._my_tp_groups()
@@ -107,7 +104,7 @@ class WaveWorker:
             if s.tp_degree == 1:
                 continue
             group = tp_group_of(s, dp_rank_of(s, self.rank))
-            op = self.graph.metaops[s.metaop]
+            op = self.plan.metaops[s.metaop]
             for layer in range(s.first_layer, s.first_layer + s.num_layers):
                 if out.setdefault((op.param_group, layer), group) != group:
                     raise NotImplementedError(
@@ -122,13 +119,13 @@ class WaveWorker:
             return build_input_module(self.job, name)
         if name.startswith("head:"):
             return build_head(self.job, self.task_index[name.removeprefix("head:")])
-        op = next(op for op in self.graph.metaops if op.param_group == name)
+        op = next(op for op in self.plan.metaops if op.param_group == name)
         reference = build_layer(self.job, op, layer)
         if key not in self.tp_of:
             return reference
         return self._megatron_layer(op, reference, self.tp_of[key])
 
-    def _megatron_layer(self, op: MetaOp, reference: torch.nn.Module, group: tuple[int, ...]) -> torch.nn.Module:
+    def _megatron_layer(self, op: PlanMetaOp, reference: torch.nn.Module, group: tuple[int, ...]) -> torch.nn.Module:
         from runtime import megatron_compat
         from runtime.megatron_backend import MegatronTransformerBlock, load_reference, seed_model_parallel_rng
 
@@ -158,7 +155,7 @@ class WaveWorker:
         """Forward, losses, backward, gradient sync and AdamW for ``step``; per-task mean losses (all ranks).
 
         Each gradient bucket's all-reduce starts as soon as the backward of the earliest wave that runs its
-        parameters is done (:func:`sync_ready_waves`) and overlaps the rest of backward; AdamW waits for all
+        parameters is done (the plan's bucket's ``ready_wave``) and overlaps the rest of backward; AdamW waits for all
         of them. Where this device's time went is left in :attr:`last_timing`; with ``keep_gradients`` the
         synchronised gradients AdamW steps with are left in :attr:`last_gradients` (as :meth:`named_gradients`)."""
         lap, st = Lap(self.device), _StepState(self.device, step)
@@ -220,16 +217,16 @@ class WaveWorker:
 
     def _run_slice(self, ref: SliceRef, step: int, st: _StepState) -> None:
         s = self.comm.slices[ref]
-        op = self.graph.metaops[s.metaop]
+        op = self.plan.metaops[s.metaop]
         start, stop = self._rows(ref)
         kwargs = layer_kwargs(self.job, op)
         inputs = self._slice_inputs(ref, start, stop, st) if self.comm.num_inputs(ref) else []
         if s.first_layer > 0:  # the rest of a MetaOp whose first layers ran in an earlier wave
             x = inputs[0]
         else:  # a root MetaOp's layer 0 reads raw data through its input module; other uses read their inputs
-            x = first_input(self.job, self.graph, op, inputs, lambda name: self.modules[(name, 0)],
+            x = first_input(self.job, self.plan, op, inputs, lambda name: self.modules[(name, 0)],
                             lambda: st.batch(self.job, self.task_index[op.task], step, start, stop))
-            if input_modules(self.job, self.graph, op) and not is_lead(s, self.rank):
+            if op.input_modules and not is_lead(s, self.rank):
                 # the other TP ranks repeat the lead's input modules, and megatron's backward hands every TP rank
                 # the whole gradient of x: only the lead's reaches the modules (and the inputs: only the lead
                 # sends their gradients back)
@@ -249,7 +246,7 @@ class WaveWorker:
             leaves.append(leaf)
         if len(leaves) == 1:  # one input, or the rest of a MetaOp split across waves
             return leaves
-        return [leaves[i] for i in input_order(self.job, self.graph, self.comm.slices[ref].metaop)]
+        return [leaves[i] for i in input_order(self.job, self.plan, self.comm.slices[ref].metaop)]
 
     def _losses(self, step: int, st: _StepState) -> dict[str, torch.Tensor]:
         out = {}
@@ -262,7 +259,7 @@ class WaveWorker:
             start, stop = self._rows(host.host)
             outputs = {}
             for leaf in host.leaves:
-                leaf_op = self.graph.metaops[self.comm.slices[leaf].metaop]
+                leaf_op = self.plan.metaops[self.comm.slices[leaf].metaop]
                 x = _assemble(st.received.pop(("loss", leaf), []), start, stop).requires_grad_(True)
                 st.loss_inputs[leaf] = x
                 outputs[leaf_op.use] = x
@@ -349,18 +346,17 @@ class WaveWorker:
 
     @functools.cached_property
     def _grad_buckets(self) -> list[GradBucket]:
-        """This device's gradient buckets in launch order: the trainable shards it shares with the same devices
-        and whose gradients are final after the same wave, sorted by (that wave descending, devices). Every
-        rank of a device set derives the same buckets of it in the same order, so collectives pair up."""
-        ready = sync_ready_waves(self.plan, self.holders)
-        by_key: dict[tuple[int, tuple[int, ...]], list[torch.nn.Parameter]] = {}
-        for key, devices in self.holders.items():
-            if self.rank in devices and len(devices) > 1:
-                params = [p for p in self.modules[key[:2]].parameters() if p.requires_grad]
+        """This device's gradient buckets in launch order: the plan's buckets (planner.program.grad_buckets) that it
+        shares with other devices, with its parameters of their members. Every rank of a device set walks the plan's
+        buckets in the plan's order, so collectives pair up."""
+        out = []
+        for b in self.plan.grad_buckets:
+            if self.rank in b.devices and len(b.devices) > 1:
+                params = [p for name, layer, _ in b.members for p in self.modules[(name, layer)].parameters()
+                          if p.requires_grad]
                 if params:
-                    by_key.setdefault((ready[key], devices), []).extend(params)
-        order = sorted(by_key, key=lambda k: (-k[0], k[1]))
-        return [GradBucket(wave, devices, by_key[(wave, devices)]) for wave, devices in order]
+                    out.append(GradBucket(b.ready_wave, tuple(b.devices), params))
+        return out
 
     def _launch_sync(self, wave: int, pending: list) -> None:
         """Start the all-reduce (async) of every bucket whose gradients are final once ``wave``'s backward is

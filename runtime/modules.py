@@ -27,7 +27,7 @@ from planner.components import UseShape, upstream_width, use_shape
 from planner.errors import SpecError
 from planner.metagraph import MetaOp
 from planner.spec import ComponentSpec, JobSpec
-from runtime.usegraph import leaf_uses, root_uses, upstream_uses, use_component  # noqa: F401  (re-exported)
+from planner.usegraph import leaf_uses, root_uses, upstream_uses, use_component  # noqa: F401  (re-exported)
 
 
 DEFAULT_VOCAB = 256  # vocabulary of a token component without vocab_size

@@ -40,7 +40,7 @@ from planner.spec import JobSpec
 from runtime.data import synthetic_batch
 from runtime.checks import feature_shape
 from runtime.assignment import input_order
-from runtime.embeddings import build_input_module, first_input, input_modules
+from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
 from runtime.host import configure_worker_process, worker_device
 from runtime.modules import build_layer, build_optimizer, layer_kwargs
@@ -200,7 +200,7 @@ def _median_seconds(run: Callable[[], None], repeats: int, warmup: int,
 
 def time_embeddings(job: JobSpec, repeats: int, warmup: int,
                     device: torch.device = torch.device("cpu")) -> dict[str, list[list[float]]]:
-    """Per MetaOp whose first layer runs input modules (runtime.embeddings.input_modules: a root's embedding, a
+    """Per MetaOp whose first layer runs input modules (MetaOp.input_modules: a root's embedding, a
     decoder's or UNet's bridge, a connector), by name: median seconds of drawing its task's data and running those
     modules forward and backward (backward only when they train) on inputs of its producers' output shapes, at
     every local batch the planner can ask for."""
@@ -209,7 +209,7 @@ def time_embeddings(job: JobSpec, repeats: int, warmup: int,
     modules: dict[str, torch.nn.Module] = {}
     out = {}
     for op in graph.metaops:
-        names = input_modules(job, graph, op)
+        names = list(op.input_modules)
         if not names:
             continue
         for name in names:

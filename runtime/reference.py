@@ -17,7 +17,7 @@ from planner.metagraph import build_metagraph
 from planner.spec import JobSpec
 from runtime.assignment import input_order
 from runtime.data import TaskBatch, synthetic_batch
-from runtime.embeddings import build_input_module, first_input, input_modules
+from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
 from runtime.modules import build_layer, build_optimizer, layer_kwargs
 
@@ -65,7 +65,7 @@ class ReferenceTrainer:
                 key = (op.param_group, layer)
                 if key not in self.modules:
                     self.modules[key] = build_layer(job, op, layer)
-            for name in input_modules(job, self.graph, op):
+            for name in op.input_modules:
                 if (name, 0) not in self.modules:
                     self.modules[(name, 0)] = build_input_module(job, name)
         for t, task in enumerate(job.tasks):

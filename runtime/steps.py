@@ -4,9 +4,8 @@ each gradient may be all-reduced.
 :class:`StepTiming` is the per-device breakdown of a step (wall seconds, waits for peers included), measured
 with a :class:`Lap` stopwatch, and the step's :class:`Span` list (what ran when, from the step's start);
 orchestrator.metrics aggregates the breakdown over ranks, orchestrator.trace draws the spans.
-:func:`sync_ready_waves` gives, from the plan alone, the wave after whose backward each parameter's gradient
-is final, so the worker can launch its all-reduce (one :class:`GradBucket` per wave and device set) while the
-rest of backward runs.
+A :class:`GradBucket` is one of the plan's gradient buckets on this device (planner.program decides them and the
+wave after whose backward each is final), so the worker can launch its all-reduce while the rest of backward runs.
 No process groups or collectives here: pure values and a clock.
 """
 
@@ -108,26 +107,3 @@ class GradBucket:
     ready_wave: int
     devices: tuple[int, ...]
     params: list[torch.nn.Parameter] = field(default_factory=list)
-
-
-def sync_ready_waves(plan: Plan, holders: dict[tuple[str, int, int], tuple[int, ...]]) -> dict[tuple[str, int, int], int]:
-    """For every parameter shard in ``holders`` (keys of ``device_sets_for_sync``): the wave after whose backward
-    its gradient is final on every device that holds it, i.e. the earliest wave that runs it (backward runs
-    the waves in reverse). Task heads: ``len(plan.waves)``, final once the loss backward is done. A function
-    of the plan only, so every rank derives the same values."""
-    first: dict[tuple[str, int], int] = {}
-    for k, wave in enumerate(plan.waves):  # in wave order: setdefault keeps the earliest
-        for s in wave.slices:
-            op = plan.metaops[s.metaop]
-            for layer in range(s.first_layer, s.first_layer + s.num_layers):
-                first.setdefault((op.param_group, layer), k)
-            if s.first_layer == 0:  # a component's input modules run with a first layer
-                first.setdefault(("embed:" + op.component, 0), k)
-                first.setdefault(("adapt:" + op.component, 0), k)
-    out = {}
-    for name, layer, shard in holders:
-        if name.startswith("head:"):
-            out[(name, layer, shard)] = len(plan.waves)
-        else:  # unknown kinds of parameters wait for the whole backward: always correct
-            out[(name, layer, shard)] = first.get((name, layer), 0)
-    return out

@@ -249,14 +249,25 @@ def test_the_cli_loads_no_torch_at_import() -> None:
 
 def test_the_runtimes_checks_load_no_torch() -> None:
     """`loom validate` runs runtime.checks (what `loom run` would refuse): it and the use graph stay torch-free."""
-    assert loaded_by(["runtime.checks", "runtime.usegraph"], ("torch",)) == {}
+    assert loaded_by(["runtime.checks", "planner.usegraph"], ("torch",)) == {}
 
 
 def test_workers_do_not_import_the_planners_solver() -> None:
     """Issue 10: a worker runs a Plan; it never loads the solver (MILP, pattern LP, wavefront, baselines, PuLP,
-    HiGHS). (Workers still rebuild the MetaGraph from the job today: runtime.executor and runtime.assignment call
-    planner.metagraph.build_metagraph; per-worker Assignments in the Plan, issue 10 item 1, remove that.)"""
+    HiGHS)."""
     assert loaded_by(WORKER_MODULES, SOLVER_MODULES) == {}
+
+
+def test_worker_modules_never_rebuild_the_metagraph() -> None:
+    """Issue 10: a worker takes its MetaOps, pieces and buckets from the Plan; the code a worker runs (the executor and
+    what it reads the plan with) never names build_metagraph (tests/unit/runtime/test_gradient_buckets.py builds
+    workers with it disabled)."""
+    for module in ("runtime.executor", "runtime.assignment", "runtime.steps", "runtime.zero", "runtime.channel"):
+        tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
+            n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert "build_metagraph" not in names, module
 
 
 # --------------------------------------------------------------------------- the CLI: plan and validate

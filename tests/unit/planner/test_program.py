@@ -13,11 +13,13 @@ import pytest
 from planner.api import plan_job, plan_schedule
 from planner.costmodel import Layout
 from planner.metagraph import build_metagraph
+from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, all_slices, build_ledger
 from planner.plan import Plan, plan_from_json
 from planner.program import backward_moves, forward_moves
 from planner.schedule import Problem, Schedule, Slice, Wave
 from planner.simulator import Flows, boundary_time
 from planner.spec import load_job, parse_job
+from planner.sync import sync_buckets
 
 from conftest import random_schedule
 
@@ -105,6 +107,39 @@ def check_program(plan: Plan) -> None:
             assert len(got) == per, f"device {device} misses rows of {producer} -> {target} (backward={backward})"
 
 
+def check_buckets(plan: Plan, job) -> None:
+    """The sync groups the simulator priced are the plan's buckets the runtime all-reduces (those the planner sizes),
+    in the same order; every layer shard's holders are the devices that run that layer at that TP position; and the
+    memory ledger's buckets (the baselines' sync model) hold each layer on the same devices."""
+    from planner.api import make_cost_model
+
+    grad_bytes = make_cost_model(job).grad_bytes
+    synced = [(tuple(b.devices), grad_bytes * b.params) for b in plan.grad_buckets if len(b.devices) > 1 and b.params > 0]
+    assert sorted((tuple(g.devices), g.bytes) for g in plan.sync_groups) == sorted(synced)
+    runs: dict[tuple[str, int, int], set[int]] = {}
+    for w in plan.waves:
+        for s in w.slices:
+            group = plan.metaops[s.metaop].param_group
+            for i, d in enumerate(s.devices):
+                for layer in range(s.first_layer, s.first_layer + s.num_layers):
+                    runs.setdefault((group, layer, i % s.tp_degree), set()).add(d)
+    held = {(h.name, h.layer, h.shard): set(h.devices) for h in plan.holdings if ":" not in h.name}
+    assert held == runs
+    members = [m for b in plan.grad_buckets for m in b.members]
+    assert len(members) == len(set(members))  # a shard is in one bucket
+    trainable = {(h.name, h.layer, h.shard) for h in plan.holdings if h.trainable}
+    assert set(members) == trainable
+    cost_model = make_cost_model(job)
+    placed = PlacedSchedule(tuple(PlacedWave(tuple(
+        PlacedSlice(s.metaop, s.first_layer, s.num_layers, tuple(s.devices), Layout(s.dp_degree, s.tp_degree))
+        for s in w.slices)) for w in plan.waves))
+    problem = Problem.build(build_metagraph(job), cost_model)
+    for bucket in sync_buckets(build_ledger(problem, all_slices(placed), cost_model)):
+        for layer in bucket.layers:
+            holders = set().union(*(devs for (g, j, _), devs in held.items() if (g, j) == (bucket.param_group, layer)))
+            assert holders == set(bucket.devices), (bucket.param_group, layer)
+
+
 @pytest.mark.parametrize("path", JOBS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_the_simulator_prices_exactly_the_pieces_of_every_shipped_job(path):
     job = load_job(path)
@@ -116,6 +151,7 @@ def test_the_simulator_prices_exactly_the_pieces_of_every_shipped_job(path):
         if not p.backward:
             key = (len(plan.waves) - 1 if p.wave == -1 else p.wave - 1, p.producer, p.target)
             forward[key] = forward.get(key, 0.0) + p.bytes
+    check_buckets(plan, job)
     for t in plan.transfers:  # the simulator's transfers are the plan's forward pieces, edge by edge
         got = sum(b for (w, prod, tgt), b in forward.items()
                   if w == t.after_wave and plan.waves[prod[0]].slices[prod[1]].metaop == t.src_metaop
@@ -133,6 +169,7 @@ def test_random_schedules_of_small_jobs_price_exactly_their_pieces(seed):
     problem = Problem.build(build_metagraph(job), make_cost_model(job))
     plan = plan_schedule(job, random_schedule(problem, rng), method="random")
     check_program(plan)
+    check_buckets(plan, job)
     assert priced_transfer_seconds(plan, job) == pytest.approx(plan.predicted.transfer_s, rel=1e-9, abs=1e-12)
 
 

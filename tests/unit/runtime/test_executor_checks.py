@@ -9,7 +9,7 @@ from planner.metagraph import build_metagraph
 from planner.spec import parse_job
 from runtime.checks import check_runnable, feature_shape
 from runtime.connect import op_connection
-from runtime.embeddings import input_modules
+from planner.usegraph import input_modules
 
 
 def image_to(consumer: dict):

@@ -8,9 +8,7 @@ from planner.api import plan_schedule
 from planner.metagraph import build_metagraph
 from planner.schedule import Schedule, Slice, Wave
 from planner.spec import parse_job
-from runtime.assignment import CommSchedule, device_sets_for_sync
 from runtime.executor import WaveWorker
-from runtime.steps import sync_ready_waves
 
 JOB = parse_job({
     "name": "buckets",
@@ -39,16 +37,33 @@ def plan():
 
 def test_a_gradient_is_final_after_the_earliest_wave_that_runs_it():
     p = plan()
-    holders = device_sets_for_sync(JOB, p, CommSchedule(p))
-    ready = sync_ready_waves(p, holders)
     by_name = {}
-    for (name, layer, _), wave in ready.items():
-        by_name.setdefault((name, layer), set()).add(wave)
+    for h in p.holdings:
+        by_name.setdefault((h.name, h.layer), set()).add(h.ready_wave)
     assert by_name[("txt", 0)] == {1} and by_name[("txt", 1)] == {2}
     assert by_name[("img", 0)] == by_name[("img", 1)] == by_name[("aud", 1)] == {0}
     assert by_name[("embed:img", 0)] == by_name[("embed:aud", 0)] == {0}
-    assert by_name[("embed:txt", 0)] == {1}  # the earliest wave that runs a first txt layer (caption's, not a root)
+    assert by_name[("embed:txt", 0)] == {2}  # only align's txt (a root) runs the embedding; caption's reads img's tokens
     assert by_name[("head:caption", 0)] == by_name[("head:align", 0)] == {3}  # after the loss backward
+
+
+def test_workers_take_their_buckets_from_the_plan(monkeypatch):
+    """A worker all-reduces exactly the plan's buckets it shares with others, in the plan's order (but for a bucket
+    of modules without parameters, e.g. the contrastive head, which every holder skips alike). It is built from the
+    plan alone: with the MetaGraph builder disabled it still builds."""
+    import planner.metagraph
+
+    p = plan()
+
+    def refuse(job):
+        raise AssertionError("a worker rebuilt the MetaGraph")
+
+    monkeypatch.setattr(planner.metagraph, "build_metagraph", refuse)
+    for rank in range(4):
+        w = WaveWorker(JOB, p, rank)
+        want = [(b.ready_wave, tuple(b.devices)) for b in p.grad_buckets if rank in b.devices and len(b.devices) > 1
+                and any(x.requires_grad for n, layer, _ in b.members for x in w.modules[(n, layer)].parameters())]
+        assert [(b.ready_wave, b.devices) for b in w._grad_buckets] == want
 
 
 def test_every_rank_of_a_device_set_launches_the_same_buckets_in_the_same_order():

@@ -1,17 +1,21 @@
-"""A job's use graph as the runtime reads it, without torch: which uses feed which (roots, leaves), and what feeds
-the first layer of a use (:class:`Connection`: the inputs' shapes against the use's own, see runtime.connect).
+"""A job's use graph: which uses feed which (roots, leaves), what feeds the first layer of a use (:class:`Connection`:
+the inputs' shapes against the use's own, see runtime.connect) and which input modules a MetaOp's first layer runs
+(:func:`input_modules`, recorded on every MetaOp by build_metagraph, so the plan names each module's holders).
 
-``loom validate`` checks a job with these (runtime.checks) and must not import torch, so nothing here does.
-runtime.modules and runtime.connect re-export these names for the code that builds layers.
+Pure Python: ``loom validate`` checks a job with these (runtime.checks) without torch. runtime.modules and
+runtime.connect re-export these names for the code that builds layers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from planner.components import output_shape, upstream_indices, use_shape
-from planner.metagraph import MetaGraph, MetaOp
 from planner.spec import ComponentSpec, JobSpec, TaskSpec
+
+if TYPE_CHECKING:  # planner.metagraph imports this module to record each MetaOp's input modules
+    from planner.metagraph import MetaGraph, MetaOp
 
 BRIDGE_KINDS = ("decoder", "unet2d")  # kinds whose input module also reads the upstream output of a non-root use
 TEXT_KINDS = ("transformer", "llama")  # non-bridge kinds that can add their own text tokens after their inputs
@@ -97,3 +101,21 @@ def op_connection(job: JobSpec, graph: MetaGraph, op: MetaOp) -> Connection | No
         return None
     c = connection(job, *use_index(job, op))
     return None if c is None or c.plain else c
+
+
+def reads_embed(job: JobSpec, graph: MetaGraph, op: MetaOp) -> bool:
+    """Whether ``op``'s layer 0 starts with its component's input module: a root MetaOp's (raw data in), and the
+    first MetaOp of a decoder or unet2d use fed by another use (the module also reads the upstream output)."""
+    if not op.deps:
+        return True
+    return job.components[op.component].kind in BRIDGE_KINDS and graph.metaops[op.deps[0]].use != op.use
+
+
+def input_modules(job: JobSpec, graph: MetaGraph, op: MetaOp) -> list[str]:
+    """Names of the modules ``op``'s first layer runs before it (each a module ``(name, 0)``): ``embed:<component>``
+    where :func:`reads_embed` or a connector adds the use's text, ``adapt:<component>`` where a connector projects
+    an input (runtime.connect). Empty for a MetaOp that reads its inputs as they are."""
+    c = op_connection(job, graph, op)
+    if c is None:
+        return ["embed:" + op.component] if reads_embed(job, graph, op) else []
+    return ["adapt:" + op.component] * c.projected + ["embed:" + op.component] * bool(c.text_len)
