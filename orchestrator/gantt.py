@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.render import compact_ranges, format_bytes, format_seconds, short_name, task_order
-from orchestrator.trace import boundary_seconds, loss_hosts, transfer_ranks
+from orchestrator.trace import loss_hosts, transfer_ranks
 from planner.plan import Plan
 
 GANTT_SUFFIXES = (".png", ".html")
@@ -105,10 +105,9 @@ def gantt_blocks(plan: Plan) -> list[Block]:
 def _plan_timeline(plan: Plan) -> tuple[list[float], float]:
     """Where each wave starts on the plan chart (after the transfers into it, and into every earlier wave), and
     where the last wave ends."""
-    boundaries = boundary_seconds(plan)
     starts, shift = [], 0.0
     for wave in plan.waves:
-        shift += boundaries[wave.index]
+        shift += wave.transfer_in_s + wave.transfer_back_s
         starts.append(wave.start_s + shift)
     return starts, (starts[-1] + plan.waves[-1].duration_s if plan.waves else 0.0)
 
@@ -124,13 +123,16 @@ def _part_blocks(plan: Plan) -> list[Block]:
             blocks.append(Block(wave, -1, "", label, short, f"{tip}: {format_seconds(seconds)}", start, seconds,
                                 first, count, kind))
 
-    for k, (seconds, ranks) in enumerate(zip(boundary_seconds(plan), transfer_ranks(plan))):
+    movers = transfer_ranks(plan)
+    for k, wave in enumerate(plan.waves):
+        seconds = wave.transfer_in_s + wave.transfer_back_s
         if seconds > 0:
             add("transfer", "transfer", "T", f"transfers into wave {k} (activations in, gradients back)",
-                starts[k] - seconds, seconds, ranks, k)
-    loss = max(0.0, plan.predicted.compute_s - sum(w.duration_s for w in plan.waves))
+                starts[k] - seconds, seconds, movers.get(k, ()), k)
     pred = plan.predicted
-    parts = [("loss", "loss", "L", "loss stage (busiest device)", loss, loss_hosts(plan)),
+    parts = [("transfer", "transfer", "T", "transfers to the loss stage and back",
+              pred.loss_transfer_in_s + pred.loss_transfer_back_s, movers.get(-1, ())),
+             ("loss", "loss", "L", "loss stage (busiest device)", pred.loss_s, loss_hosts(plan)),
              ("sync", "sync", "S", "exposed gradient sync", pred.sync_s, range(num_devices)),
              ("optimizer", "optimizer", "O", "optimizer step (slowest device)", pred.optimizer_s, range(num_devices)),
              ("sync", "all-gather", "G", "exposed parameter all-gather", pred.gather_s, range(num_devices))]

@@ -14,14 +14,11 @@ track per rank (tid = rank, named ``rank <r>``, sorted by rank), complete events
 ``dur`` in microseconds from the trace's start, ``cat`` one of :data:`CATEGORIES`, and ``args`` holding the
 ``step``, ``part`` (``runtime.steps.SPAN_PARTS``), ``wave`` and, for compute, the ``task`` and ``metaop``.
 
-The prediction follows the simulator's timeline (planner.simulator) with what the Plan records: forward runs the
-waves in order, each after the transfers into it; the loss stage; backward in reverse, each wave followed by its
-gradients sent back; then the exposed gradient sync, the optimizer and the exposed all-gather. Two parts are
-approximated because the Plan does not carry them: a wave's split into forward and backward (from its slowest
-slice's MetaOp: 1/3 forward when it trains, 1/2 when frozen under a trained one, all forward when frozen at the
-root; recompute is not recorded) and a boundary's duration (its slowest transfer, scaled so that the boundaries
-add up to ``predicted.transfer_s``, split into activations in and gradients back by the bytes of the plan's
-pieces). Gradient all-reduces hidden behind backward are not drawn.
+The prediction is the simulator's timeline as the Plan records it (planner.simulator): forward runs the waves in
+order, each after its transfers in (``PlanWave.transfer_in_s``), each slice for its ``forward_s``; then the loss
+stage with its transfers (``Prediction.loss_*``); backward in reverse, each wave followed by its gradients sent back
+(``transfer_back_s``); then the exposed gradient sync, the optimizer and the exposed all-gather. Transfers are
+drawn on the ranks the plan's pieces move data between; gradient all-reduces hidden behind backward are not drawn.
 """
 
 from __future__ import annotations
@@ -147,117 +144,63 @@ def measured_trace(plan: Plan, steps: Sequence[RecordedStep]) -> dict:
 # --------------------------------------------------------------------------- predicted
 
 
-def forward_fractions(plan: Plan) -> list[float]:
-    """Per MetaOp, the forward share of its predicted compute (see the module docstring)."""
-    trains: list[bool] = []  # whether the MetaOp or anything upstream of it trains
-    fractions = []
-    for op in plan.metaops:  # MetaOps come in dependency order
-        upstream = any(trains[d] for d in op.deps)
-        trains.append(upstream or not op.frozen)
-        fractions.append(1 / 3 if not op.frozen else 1 / 2 if upstream else 1.0)
-    return fractions
-
-
-def boundary_seconds(plan: Plan) -> list[float]:
-    """Per wave k, the predicted transfers into it (forward and back together; the module docstring's model)."""
-    raw = [0.0] * len(plan.waves)
-    for t in plan.transfers:
-        if 0 <= t.after_wave + 1 < len(plan.waves):
-            raw[t.after_wave + 1] = max(raw[t.after_wave + 1], t.time_s)
-    total = sum(raw)
-    scale = plan.predicted.transfer_s / total if total > 0 else 0.0
-    return [seconds * scale for seconds in raw]
-
-
-def transfer_ranks(plan: Plan) -> list[set[int]]:
-    """Per wave k, the devices that send or receive at the boundary before it: the ends of the plan's pieces that
-    cross devices or, for a plan without pieces, every device of the transfers' groups."""
-    ranks: list[set[int]] = [set() for _ in plan.waves]
+def transfer_ranks(plan: Plan) -> dict[int, set[int]]:
+    """Per boundary (a wave's index, or -1 for the loss stage's), the devices that send or receive there: the ends of
+    the plan's pieces that cross devices or, for a plan without pieces, every device of the transfers' groups."""
+    ranks: dict[int, set[int]] = {}
     for piece in plan.pieces:
-        if 0 <= piece.wave < len(plan.waves) and piece.bytes > 0:
-            ranks[piece.wave].update((piece.src, piece.dst))
+        if piece.bytes > 0:
+            ranks.setdefault(piece.wave, set()).update((piece.src, piece.dst))
     for t in plan.transfers if not plan.pieces else ():
-        if 0 <= t.after_wave + 1 < len(plan.waves):
-            ranks[t.after_wave + 1].update(t.src_devices, t.dst_devices)
+        ranks.setdefault(t.after_wave + 1 if t.after_wave + 1 < len(plan.waves) else -1, set()).update(
+            t.src_devices, t.dst_devices)
     return ranks
 
 
-def backward_share(plan: Plan, fractions: Sequence[float], k: int) -> float:
-    """The part of boundary k's time that sends gradients back: the share of its bytes that the plan's pieces move
-    backward or, without pieces, half unless every producer at the boundary runs forward only."""
-    if plan.pieces:
-        moved = [(piece.backward, piece.bytes) for piece in plan.pieces if piece.wave == k]
-        total = sum(b for _, b in moved)
-        return sum(b for back, b in moved if back) / total if total > 0 else 0.0
-    producers = {t.src_metaop for t in plan.transfers if t.after_wave + 1 == k}
-    return 0.5 if any(fractions[m] < 1.0 for m in producers) else 0.0
-
-
 def loss_hosts(plan: Plan) -> set[int]:
-    """Devices that run a task's loss: the first TP device of each data-parallel rank of the last slice (in wave
-    order) of the task's leaf MetaOps, as the simulator prices the loss stage."""
-    read = {d for op in plan.metaops for d in op.deps}
-    last: dict[int, tuple[int, PlanSlice]] = {}
-    for wave in plan.waves:
-        for s in wave.slices:
-            last[s.metaop] = (wave.index, s)
-    hosts: set[int] = set()
-    for task in dict.fromkeys(op.task for op in plan.metaops):
-        leaves = [last[op.id] for op in plan.metaops if op.task == task and op.id not in read and op.id in last]
-        if leaves:
-            _, host = max(leaves, key=lambda ks: (ks[0], ks[1].metaop))
-            hosts.update(host.devices[::host.tp_degree])
-    return hosts
+    """Devices that run a task's loss: the holders of the tasks' loss heads (``Plan.holdings``)."""
+    return {d for h in plan.holdings if h.name.startswith("head:") for d in h.devices}
 
 
 def predicted_trace(plan: Plan) -> dict:
     """The Chrome trace of one predicted iteration of ``plan`` (see the module docstring)."""
     ranks = range(num_ranks(plan))
-    fractions, boundaries, movers = forward_fractions(plan), boundary_seconds(plan), transfer_ranks(plan)
-    slices = slices_by_rank(plan)
-    parts = []  # (forward, backward) seconds of each wave
-    for wave in plan.waves:
-        slowest = max(wave.slices, key=lambda s: s.time_s, default=None)
-        forward = wave.duration_s * fractions[slowest.metaop] if slowest else 0.0
-        parts.append((forward, wave.duration_s - forward))
+    movers, slices, pred = transfer_ranks(plan), slices_by_rank(plan), plan.predicted
     events: list[dict] = []
-
-    def add(rank: int, part: str, wave: int | None, start: float, seconds: float) -> None:
-        if seconds > 0:
-            events.append(span_event(plan, PREDICTED_PID, rank, part, wave, start, start + seconds, 0, slices))
-
     t = 0.0
+
+    def add(part: str, wave: int | None, seconds: float, on) -> None:
+        for rank in sorted(on):
+            if seconds > 0:
+                events.append(span_event(plan, PREDICTED_PID, rank, part, wave, t, t + seconds, 0, slices))
+
+    def compute(k: int, part: str, wave_seconds: float) -> None:
+        for rank in ranks:
+            s = slices.get((k, rank))
+            if s is not None:
+                seconds = s.forward_s if part == "forward" else s.time_s - s.forward_s
+                add(part, k, min(seconds, wave_seconds), [rank])
+
     for k, wave in enumerate(plan.waves):
-        into = boundaries[k] * (1 - backward_share(plan, fractions, k))
-        for rank in sorted(movers[k]):
-            add(rank, "transfer_forward", k, t, into)
-        t += into
-        for rank in ranks:
-            s = slices.get((k, rank))
-            if s is not None:
-                add(rank, "forward", k, t, min(s.time_s * fractions[s.metaop], parts[k][0]))
-        t += parts[k][0]
-    loss_s = max(0.0, plan.predicted.compute_s - sum(w.duration_s for w in plan.waves))
-    for rank in sorted(loss_hosts(plan)):
-        add(rank, "loss", None, t, loss_s)
-    t += loss_s
-    for k in reversed(range(len(plan.waves))):
-        for rank in ranks:
-            s = slices.get((k, rank))
-            if s is not None:
-                add(rank, "backward", k, t, min(s.time_s * (1 - fractions[s.metaop]), parts[k][1]))
-        t += parts[k][1]
-        back = boundaries[k] * backward_share(plan, fractions, k)
-        for rank in sorted(movers[k]):
-            add(rank, "transfer_backward", k, t, back)
-        t += back
-    predicted = plan.predicted
-    for part, seconds in (("sync", predicted.sync_s), ("optimizer", predicted.optimizer_s),
-                          ("gather", predicted.gather_s)):
-        for rank in ranks:
-            add(rank, part, None, t, seconds)
+        add("transfer_forward", k, wave.transfer_in_s, movers.get(k, ()))
+        t += wave.transfer_in_s
+        compute(k, "forward", wave.forward_s)
+        t += wave.forward_s
+    for part, seconds, on in (("transfer_forward", pred.loss_transfer_in_s, movers.get(-1, ())),
+                              ("loss", pred.loss_s, loss_hosts(plan)),
+                              ("transfer_backward", pred.loss_transfer_back_s, movers.get(-1, ()))):
+        add(part, None, seconds, on)
         t += seconds
-    return trace_document(plan, "predicted", events, steps=[0], iteration_s=predicted.iteration_time_s)
+    for k in reversed(range(len(plan.waves))):
+        wave = plan.waves[k]
+        compute(k, "backward", wave.duration_s - wave.forward_s)
+        t += wave.duration_s - wave.forward_s
+        add("transfer_backward", k, wave.transfer_back_s, movers.get(k, ()))
+        t += wave.transfer_back_s
+    for part, seconds in (("sync", pred.sync_s), ("optimizer", pred.optimizer_s), ("gather", pred.gather_s)):
+        add(part, None, seconds, ranks)
+        t += seconds
+    return trace_document(plan, "predicted", events, steps=[0], iteration_s=pred.iteration_time_s)
 
 
 # --------------------------------------------------------------------------- files

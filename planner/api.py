@@ -27,7 +27,7 @@ from planner.plan import (
 )
 from planner.program import grad_buckets, holdings, plan_buckets, plan_holdings, plan_pieces
 from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
-from planner.simulator import Simulation, simulate
+from planner.simulator import Simulation, simulate, split_passes
 from planner.solver import Candidate, SolveResult, SolverSettings, solve
 from planner.spec import JobSpec
 from planner.spindle import spindle_schedule
@@ -210,14 +210,17 @@ def build_plan(
         slices = [
             PlanSlice(
                 metaop=s.metaop, first_layer=s.first_layer, num_layers=s.num_layers, devices=list(s.devices),
-                dp_degree=s.layout.dp_degree, tp_degree=s.layout.tp_degree,
-                time_s=cost_model.curve(graph.metaops[s.metaop]).time(len(s.devices)) * s.num_layers,
+                dp_degree=s.layout.dp_degree, tp_degree=s.layout.tp_degree, time_s=seconds,
+                forward_s=split_passes(graph.metaops[s.metaop], seconds)[0],
                 memory_bytes=cost_model.layer_memory(graph.metaops[s.metaop], s.layout) * s.num_layers,
             )
-            for s in wave.slices
+            for s, seconds in zip(wave.slices, sim.slice_seconds[k])
         ]
-        waves.append(PlanWave(index=k, start_s=start, duration_s=duration, slices=slices))
+        phase = sim.phases[k]
+        waves.append(PlanWave(index=k, start_s=start, duration_s=duration, forward_s=phase.forward_s,
+                              transfer_in_s=phase.transfer_in_s, transfer_back_s=phase.transfer_back_s, slices=slices))
         start += duration
+    loss = sim.phases[-1]
     plan = Plan(
         job=job.name,
         spec_hash=spec_hash(job),
@@ -233,7 +236,8 @@ def build_plan(
         sync_groups=[SyncGroup(**vars(g)) for g in sim.sync_groups],
         predicted=Prediction(iteration_time_s=sim.iteration_time_s, compute_s=sim.compute_s,
                              transfer_s=sim.transfer_s, sync_s=sim.sync_s, optimizer_s=sim.optimizer_s,
-                             gather_s=sim.gather_s),
+                             gather_s=sim.gather_s, loss_s=loss.forward_s, loss_transfer_in_s=loss.transfer_in_s,
+                             loss_transfer_back_s=loss.transfer_back_s),
         peak_memory_bytes=list(sim.peak_memory_bytes),
         solver=SolverReport(name=result.solver, status=result.status, objective_s=result.objective_s,
                             bound_s=result.bound_s, gap=result.gap, method=result.method),

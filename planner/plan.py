@@ -59,14 +59,23 @@ class PlanSlice(_PlanModel):
     devices: list[int]
     dp_degree: int
     tp_degree: int
-    time_s: float = Field(description="Predicted forward+backward time of the slice.")
+    time_s: float = Field(description="Predicted forward+backward time of the slice (a MetaOp's first slice: with "
+                          "its input modules).")
+    forward_s: float = Field(description="The forward part of time_s (1 / passes of it; the rest is backward).")
     memory_bytes: float = Field(description="Predicted bytes per device for this slice's layers.")
 
 
 class PlanWave(_PlanModel):
+    """One wave of the simulator's timeline: forward waves run in order, each after its transfers in; backward runs
+    them in reverse, each followed by its gradients sent back. ``duration_s`` is its compute (slowest slice), split
+    into ``forward_s`` and the backward rest by the slowest slice's passes."""
+
     index: int
     start_s: float
     duration_s: float
+    forward_s: float
+    transfer_in_s: float = Field(description="Activations crossing the boundary before its forward.")
+    transfer_back_s: float = Field(description="Gradients crossing that boundary back after its backward.")
     slices: list[PlanSlice]
 
 
@@ -148,6 +157,11 @@ class Prediction(_PlanModel):
     optimizer_s: float
     gather_s: float = Field(0.0, description="Exposed ZeRO-1 all-gather of the updated parameters after the optimizer "
                             "step (0 without training.shard_optimizer).")
+    loss_s: float = Field(0.0, description="The loss stage between the last forward and the first backward (part of "
+                          "compute_s).")
+    loss_transfer_in_s: float = Field(0.0, description="The leaves' outputs moving to the loss hosts (part of "
+                                      "transfer_s).")
+    loss_transfer_back_s: float = Field(0.0, description="Their gradients moving back (part of transfer_s).")
 
 
 class SolverReport(_PlanModel):

@@ -112,6 +112,8 @@ class Simulation:
     sync_order: tuple[int, ...] = ()
     loss_s: float = 0.0  # the loss stage (part of compute_s)
     gather_s: float = 0.0
+    phases: tuple[Phase, ...] = ()  # the timeline: one per wave, then the loss stage's
+    slice_seconds: tuple[tuple[float, ...], ...] = ()  # per wave, each slice's compute (slice_seconds)
 
 
 # --------------------------------------------------------------------------- transfers
@@ -334,4 +336,6 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
         sync_order=sync_order,
         loss_s=loss_s,
         gather_s=outcome.gather_s,
+        phases=tuple(phases),
+        slice_seconds=tuple(tuple(slice_seconds(problem, s, cost_model) for s in w.slices) for w in placed.waves),
     )

@@ -42,13 +42,15 @@ def synthetic_plan(num_nodes: int = 1, devices_per_node: int = 8, num_waves: int
             size = min(len(free), rng.choice([1, 2, 4, 8, 16]))
             chosen, free = free[:size], free[size:]
             layers = 1
+            seconds = round(rng.uniform(0.01, 0.2), 4)
             slices.append(PlanSlice(
                 metaop=m, first_layer=next_layer[m], num_layers=layers, devices=chosen, dp_degree=size, tp_degree=1,
-                time_s=round(rng.uniform(0.01, 0.2), 4), memory_bytes=rng.uniform(1, 30) * GIB,
+                time_s=seconds, forward_s=seconds / 3, memory_bytes=rng.uniform(1, 30) * GIB,
             ))
             next_layer[m] += layers
         duration = max(s.time_s for s in slices)
-        waves.append(PlanWave(index=k, start_s=round(start, 6), duration_s=duration, slices=slices))
+        waves.append(PlanWave(index=k, start_s=round(start, 6), duration_s=duration, forward_s=duration / 3,
+                              transfer_in_s=0.0, transfer_back_s=0.0, slices=slices))
         start += duration
     compute = start
     plan = Plan(
@@ -61,9 +63,11 @@ def synthetic_plan(num_nodes: int = 1, devices_per_node: int = 8, num_waves: int
         waves=waves,
         transfers=[],
         pieces=[],
+        holdings=[],
+        grad_buckets=[],
         sync_groups=[],
-        predicted=Prediction(iteration_time_s=compute * 1.1, compute_s=compute, transfer_s=compute * 0.04,
-                             sync_s=compute * 0.05, optimizer_s=compute * 0.01),
+        predicted=Prediction(iteration_time_s=compute * 1.1, compute_s=compute, transfer_s=0.0,
+                             sync_s=compute * 0.09, optimizer_s=compute * 0.01),
         peak_memory_bytes=[rng.uniform(10, 60) * GIB for _ in range(num_devices)],
         solver=SolverReport(name="highs", status="optimal", objective_s=compute, bound_s=compute * 0.99, gap=0.01,
                             method="spindle"),

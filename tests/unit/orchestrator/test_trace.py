@@ -10,21 +10,27 @@ import pytest
 
 from orchestrator.trace import (
     CATEGORIES, MEASURED_PID, PREDICTED_PID, TRACE_STEPS, RecordedStep, TraceError, TraceRecorder, check_trace,
-    forward_fractions, load_trace, measured_trace, predicted_trace, transfer_ranks, write_run_traces, write_trace,
+    load_trace, measured_trace, predicted_trace, transfer_ranks, write_run_traces, write_trace,
 )
 from planner.plan import Plan, PlanPiece, PlanTransfer, SyncGroup
 from runtime.steps import SPAN_PARTS
 
 
 def with_transfers(plan: Plan) -> Plan:
-    """``plan`` with a transfer into every wave after the first (from a slice of the wave before) and a sync group."""
-    transfers = []
+    """``plan`` with a transfer into every wave after the first (from a slice of the wave before), its boundary's
+    predicted seconds (activations in, gradients back) and a sync group."""
+    transfers, waves = [], [plan.waves[0]]
     for k in range(1, len(plan.waves)):
         src, dst = plan.waves[k - 1].slices[0], plan.waves[k].slices[0]
         transfers.append(PlanTransfer(after_wave=k - 1, src_metaop=src.metaop, dst_metaop=dst.metaop,
                                       src_devices=src.devices, dst_devices=dst.devices, bytes=1e6, time_s=0.002 * k))
+        waves.append(plan.waves[k].model_copy(update={"transfer_in_s": 0.0015 * k, "transfer_back_s": 0.0005 * k}))
+    moved = sum(w.transfer_in_s + w.transfer_back_s for w in waves)
     sync = [SyncGroup(param_group="image_encoder", metaops=[0], devices=[0, 1], bytes=1e6, time_s=0.01)]
-    return plan.model_copy(update={"transfers": transfers, "sync_groups": sync}).sealed()
+    predicted = plan.predicted.model_copy(update={"transfer_s": moved,
+                                                  "iteration_time_s": plan.predicted.iteration_time_s + moved})
+    return plan.model_copy(update={"transfers": transfers, "sync_groups": sync, "waves": waves,
+                                   "predicted": predicted}).sealed()
 
 
 def complete(trace: dict) -> list[dict]:
@@ -96,18 +102,21 @@ def test_pieces_name_the_ranks_that_move_and_split_the_boundary(make_plan) -> No
     assert {e["tid"] for e in events} == {a, b}
     into = next(e["dur"] for e in events if e["args"]["part"] == "transfer_forward")
     back = next(e["dur"] for e in events if e["args"]["part"] == "transfer_backward")
-    assert into == pytest.approx(3 * back)  # the bytes moved each way
+    assert (into, back) == (pytest.approx(plan.waves[1].transfer_in_s * 1e6),
+                            pytest.approx(plan.waves[1].transfer_back_s * 1e6))
 
 
-def test_forward_fractions_follow_what_trains(make_plan) -> None:
+def test_the_predicted_split_is_the_plans(make_plan) -> None:
+    """Each slice computes forward for its planned forward_s and backward for the rest of its time_s."""
     plan = make_plan(num_tasks=1)
-    frozen_root = plan.metaops[0].model_copy(update={"frozen": True})
-    assert forward_fractions(plan) == [pytest.approx(1 / 3)] * 2
-    frozen = plan.model_copy(update={"metaops": [frozen_root, plan.metaops[1]]})
-    assert forward_fractions(frozen) == [1.0, pytest.approx(1 / 3)]
-    second = plan.metaops[1].model_copy(update={"frozen": True})
-    assert forward_fractions(plan.model_copy(update={"metaops": [plan.metaops[0], second]})) == \
-        [pytest.approx(1 / 3), 0.5]
+    events = complete(predicted_trace(plan))
+    for wave in plan.waves:
+        for s in wave.slices:
+            for part, want in (("forward", s.forward_s), ("backward", s.time_s - s.forward_s)):
+                got = [e["dur"] for e in events if e["tid"] == s.devices[0] and e["args"]["wave"] == wave.index
+                       and e["args"]["part"] == part]
+                assert got == [pytest.approx(min(want, wave.forward_s if part == "forward"
+                                                 else wave.duration_s - wave.forward_s) * 1e6)]
 
 
 def fake_timing(plan: Plan, rank: int, start_unix: float) -> dict:

@@ -152,6 +152,11 @@ def test_the_simulator_prices_exactly_the_pieces_of_every_shipped_job(path):
             key = (len(plan.waves) - 1 if p.wave == -1 else p.wave - 1, p.producer, p.target)
             forward[key] = forward.get(key, 0.0) + p.bytes
     check_buckets(plan, job)
+    pred = plan.predicted  # the plan records the simulator's timeline, part by part (what traces draw)
+    assert sum(w.transfer_in_s + w.transfer_back_s for w in plan.waves) + pred.loss_transfer_in_s \
+        + pred.loss_transfer_back_s == pytest.approx(pred.transfer_s, rel=1e-9, abs=1e-15)
+    assert sum(w.duration_s for w in plan.waves) + pred.loss_s == pytest.approx(pred.compute_s, rel=1e-9)
+    assert all(0 <= s.forward_s <= s.time_s <= w.duration_s * (1 + 1e-12) for w in plan.waves for s in w.slices)
     for t in plan.transfers:  # the simulator's transfers are the plan's forward pieces, edge by edge
         got = sum(b for (w, prod, tgt), b in forward.items()
                   if w == t.after_wave and plan.waves[prod[0]].slices[prod[1]].metaop == t.src_metaop
