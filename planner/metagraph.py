@@ -44,6 +44,7 @@ class MetaOp:
     # the modules its first layer runs before it: "embed:<component>" (a root's input, a bridge, a connector's text),
     # "adapt:<component>" (a connector's projection); see runtime.embeddings
     input_modules: tuple[str, ...] = ()
+    kind: str = ""  # its component's kind (a key of planner.kinds.KINDS); "" for MetaOps built without a job (tests)
 
     @property
     def key(self) -> str:
@@ -123,6 +124,7 @@ def build_metagraph(job: JobSpec) -> MetaGraph:
                     use=use.use_name,
                     segment=s,
                     out_shapes=out_shapes(job, t, u, s, seg.count),
+                    kind=comp.kind,
                 )
                 ops.append(op)
                 deps = (op.id,)

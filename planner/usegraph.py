@@ -12,13 +12,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from planner.components import output_shape, upstream_indices, use_shape
+from planner.kinds import kind_of
 from planner.spec import ComponentSpec, JobSpec, TaskSpec
 
 if TYPE_CHECKING:  # planner.metagraph imports this module to record each MetaOp's input modules
     from planner.metagraph import MetaGraph, MetaOp
-
-BRIDGE_KINDS = ("decoder", "unet2d")  # kinds whose input module also reads the upstream output of a non-root use
-TEXT_KINDS = ("transformer", "llama")  # non-bridge kinds that can add their own text tokens after their inputs
 
 
 # --------------------------------------------------------------------------- task graph
@@ -89,7 +87,7 @@ def connection(job: JobSpec, t: int, u: int) -> Connection | None:
     """The :class:`Connection` of use ``u`` of task ``t``; None for a root use and for a use of a bridge kind."""
     comp = job.components[job.tasks[t].components[u].component]
     ups = upstream_indices(job, t, u)
-    if not ups or comp.kind in BRIDGE_KINDS:
+    if not ups or kind_of(comp).bridge:
         return None
     return Connection(tuple(output_shape(job, t, p) for p in ups), use_shape(job, t, u).seq_len, comp.hidden_size)
 
@@ -108,7 +106,7 @@ def reads_embed(job: JobSpec, graph: MetaGraph, op: MetaOp) -> bool:
     first MetaOp of a decoder or unet2d use fed by another use (the module also reads the upstream output)."""
     if not op.deps:
         return True
-    return job.components[op.component].kind in BRIDGE_KINDS and graph.metaops[op.deps[0]].use != op.use
+    return kind_of(job.components[op.component]).bridge and graph.metaops[op.deps[0]].use != op.use
 
 
 def input_modules(job: JobSpec, graph: MetaGraph, op: MetaOp) -> list[str]:

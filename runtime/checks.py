@@ -12,11 +12,12 @@ from collections.abc import Collection
 
 from planner.components import output_shape, upstream_indices, use_shape
 from planner.errors import SpecError
+from planner.kinds import KINDS, kind_of, tensor_parallel_kinds
 from planner.metagraph import MetaGraph, MetaOp, build_metagraph
 from planner.plan import Plan
 from planner.spec import JobSpec
 from planner.unet import unet_state_numel
-from planner.usegraph import BRIDGE_KINDS, TEXT_KINDS, connection, leaf_uses, op_connection, root_uses, use_index
+from planner.usegraph import connection, leaf_uses, op_connection, root_uses, use_component, use_index
 
 BUILTIN_LOSSES = ("cross_entropy", "mse", "contrastive", "infonce", "lm", "next_token")  # runtime.heads builds them
 
@@ -27,7 +28,7 @@ def feature_shape(job: JobSpec, op: MetaOp, boundary: int | None = None) -> tupl
     a unet2d's flat state ``(N,)`` (runtime.unet), whose skip stack grows and shrinks layer by layer."""
     t, u = use_index(job, op)
     comp = job.components[op.component]
-    if comp.kind == "unet2d":
+    if kind_of(comp).flat_state:
         boundary = op.num_layers if boundary is None else boundary
         shape = use_shape(job, t, u)
         return (unet_state_numel(comp, shape.image_size, shape.context, op.segment, boundary),)
@@ -70,8 +71,7 @@ def check_head(job: JobSpec, t: int, recipe_losses: Collection[str] | None = ())
     if loss not in BUILTIN_LOSSES:
         return loss
     leaves = leaf_uses(job, t)
-    kinds = {use.use_name: job.components[use.component].kind for use in task.components}
-    unets = [leaf for leaf in leaves if kinds[leaf] == "unet2d"]
+    unets = [leaf for leaf in leaves if kind_of(use_component(job, t, leaf)[1]).denoiser]
     if unets and (loss != "mse" or len(leaves) != 1):
         raise ValueError(
             f"tasks[{t}] ('{task.name}'): a unet2d leaf ('{unets[0]}') trains with loss 'mse' (noise "
@@ -94,12 +94,13 @@ def next_token_source(job: JobSpec, t: int) -> tuple[str, int]:
     task = job.tasks[t]
     roots, leaves = root_uses(job, t), leaf_uses(job, t)
     kinds = {use.use_name: job.components[use.component].kind for use in task.components}
-    if len(leaves) == 1 and kinds[leaves[0]] == "llama":
+    causal = {name for name, kind in kinds.items() if KINDS[kind].causal_lm}
+    if len(leaves) == 1 and leaves[0] in causal:
         u = next(i for i, use in enumerate(task.components) if use.use_name == leaves[0])
         c = connection(job, t, u)
         if c is not None and c.text_len:
             return leaves[0], c.positions
-    if len(roots) != 1 or len(leaves) != 1 or any(kind != "llama" for kind in kinds.values()):
+    if len(roots) != 1 or len(leaves) != 1 or len(causal) != len(kinds):
         raise ValueError(
             f"tasks[{t}] ('{task.name}').loss ('{task.loss}') needs a chain of llama uses with one root and "
             "one leaf, or a llama leaf with text of its own after its inputs (a non-causal layer would see the "
@@ -117,15 +118,17 @@ def check_runnable(job: JobSpec, graph: MetaGraph) -> None:
         _check_unet_edges(job, graph, op)
         if not op.deps or graph.metaops[op.deps[0]].use == op.use:
             continue
-        if job.components[op.component].kind in BRIDGE_KINDS:
+        kind = kind_of(job.components[op.component])
+        if kind.bridge:
             _check_bridge_inputs(job, graph, op)
             continue
         c = op_connection(job, graph, op)
-        if c is not None and c.text_len and job.components[op.component].kind not in TEXT_KINDS:
+        if c is not None and c.text_len and not kind.text_tokens:
             parts = " + ".join(f"'{name}' ({s} x {h})" for (name, _), (s, h) in zip(_input_uses(job, op), c.inputs))
             raise SpecError(
                 f"{_use_path(job, op)} ('{op.use}') reads {parts}, {c.positions} positions, but is declared with "
-                f"{c.seq_len}; only a transformer or llama use adds its own text tokens after its inputs. Set its "
+                f"{c.seq_len}; only a {' or '.join(k.name for k in KINDS.values() if k.text_tokens)} use adds its "
+                f"own text tokens after its inputs. Set its "
                 f"seq_len to {c.positions} or less (longer inputs are average-pooled to it)."
             )
 
@@ -135,7 +138,7 @@ def _check_unet_edges(job: JobSpec, graph: MetaGraph, op: MetaOp) -> None:
     feature map to another component."""
     for dep in op.deps:
         producer = graph.metaops[dep]
-        if producer.use != op.use and job.components[producer.component].kind == "unet2d":
+        if producer.use != op.use and kind_of(job.components[producer.component]).denoiser:
             raise SpecError(
                 f"{_use_path(job, op)} ('{op.use}') reads the output of unet2d use '{producer.use}'; the runtime feeds "
                 "a unet2d's output only to its task's loss head. Make the unet2d use a leaf of its task."
@@ -169,14 +172,11 @@ def _check_bridge_inputs(job: JobSpec, graph: MetaGraph, op: MetaOp) -> None:
         )
 
 
-TP_KINDS = ("transformer", "vit", "llama", "decoder")  # layer kinds the runtime runs tensor parallel
-
-
 def check_plan_matches_job(plan: Plan, graph: MetaGraph, source: str = "plan", job_name: str | None = None) -> None:
     """The one check that ``plan`` belongs to the job whose MetaGraph is ``graph`` (``loom run``, ``loom submit``
     and every worker call it): the same MetaOps in the same order (name, layer key, layer count, batch size), and
-    only layouts the runtime runs (tensor parallelism on :data:`TP_KINDS` only). The job's name, cluster and
-    training settings may differ: a plan is a schedule of these MetaOps. A SpecError naming ``source``."""
+    only layouts the runtime runs (tensor parallelism only on kinds with a ``tp_variant``, planner.kinds). The job's
+    name, cluster and training settings may differ: a plan is a schedule of these MetaOps. A SpecError naming ``source``."""
     want = [(op.name, op.key, op.num_layers, op.batch_size) for op in graph.metaops]
     have = [(op.name, op.layer_key, op.num_layers, op.batch_size) for op in plan.metaops]
     if want != have:
@@ -188,9 +188,9 @@ def check_plan_matches_job(plan: Plan, graph: MetaGraph, source: str = "plan", j
         )
     for wave in plan.waves:
         for s in wave.slices:
-            kind = graph.metaops[s.metaop].layer.key.split("[")[0]
-            if s.tp_degree != 1 and kind not in TP_KINDS:
+            if s.tp_degree != 1 and KINDS[graph.metaops[s.metaop].kind].tp_variant is None:
+                tp = tensor_parallel_kinds()
                 raise SpecError(
                     f"{source}: MetaOp {plan.metaops[s.metaop].name} has tensor_parallel {s.tp_degree}; the runtime "
-                    "runs tensor parallelism for transformer, vit, llama and decoder layers only (on megatron-core)."
+                    f"runs tensor parallelism for {', '.join(tp[:-1])} and {tp[-1]} layers only (on megatron-core)."
                 )

@@ -16,7 +16,7 @@ of width ``H``, a connector does what multimodal models put between their towers
    image tokens then text. Only token kinds (transformer, llama) have text; for vit and mlp uses this
    is a SpecError (runtime.checks).
 
-Decoders and unet2d uses (:data:`BRIDGE_KINDS`) are not connected here: their input module takes the
+Decoders and unet2d uses (bridge kinds: ``planner.kinds.KindSpec.bridge``) are not connected here: their input module takes the
 upstream output as what they attend to (runtime.embeddings). The planner prices a use at its declared
 shape; a connector's projection is not priced (a ``T x H_i x H`` matmul, small beside the layers).
 """
@@ -30,7 +30,7 @@ from torch import nn
 from planner.spec import JobSpec
 from runtime.modules import build_initialised, freeze_if, layer_seed
 from planner.usegraph import (  # noqa: F401  (re-exported: the connection arithmetic lives there, torch-free)
-    BRIDGE_KINDS, TEXT_KINDS, Connection, connection, op_connection, use_index,
+    Connection, connection, op_connection, use_index,
 )
 
 

@@ -9,7 +9,7 @@ by every task using it, built and seeded like the layers (runtime.modules:
 Data flow inside a task (the executor's contract, :func:`first_input`): a *root* use (no upstream use)
 starts with its component's input module applied to the raw input; a use fed by other uses receives their
 outputs ``(B, S, H)`` directly when the shapes agree, through a connector otherwise (runtime.connect:
-projection, pooling, its own text tokens), except a use of a bridge kind (:data:`BRIDGE_KINDS`), whose input
+projection, pooling, its own text tokens), except a use of a bridge kind (``KindSpec.bridge``), whose input
 module also reads the upstream output; the task's *leaf* uses (read by no other use) feed the task's loss
 head (:func:`runtime.heads.build_head`). Imports runtime.modules, never the reverse.
 """
@@ -26,7 +26,7 @@ from planner.components import resolve_shape
 from planner.metagraph import MetaGraph, MetaOp
 from planner.spec import JobSpec
 from planner.usegraph import reads_embed
-from runtime.connect import BRIDGE_KINDS, build_adapter, connect, op_connection
+from runtime.connect import build_adapter, connect, op_connection
 from runtime.modules import (
     DEFAULT_VOCAB, TOKEN_KINDS, build_initialised, context_width, freeze_if, image_channels, layer_kwargs, layer_seed,
     memory_width, unsupported_kind,
