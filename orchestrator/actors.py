@@ -54,7 +54,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class WaveActor:
-    """One rank of a run. ``job_json``/``plan_json`` are ``JobSpec``/``Plan`` JSON (identical on every rank)."""
+    """One rank of a run. ``job_json`` is the ``JobSpec`` JSON, ``plan_json`` this rank's Assignment
+    (planner.program.assignment: the plan cut to what the rank runs, sends, receives and holds)."""
 
     def __init__(self, job_json: str, plan_json: str, rank: int, world_size: int, use_gpu: bool = False):
         self.job_json, self.plan_json = job_json, plan_json
@@ -169,7 +170,7 @@ class ObjectStoreChannel:
             return torch.from_numpy(array)
 
 
-def create_actors(job_json: str, plan_json: str, placement: RankPlacement, group: PlacementGroup) -> list:
+def create_actors(job_json: str, assignments: list[str], placement: RankPlacement, group: PlacementGroup) -> list:
     """One :class:`WaveActor` handle per rank (creation is asynchronous; call ``setup`` next), rank r in bundle
     ``placement.node_of(r)`` of ``group`` (from :func:`reserve_nodes`), i.e. on its plan node's Ray node. Each actor
     runs its calls in threads: ``train_step`` and, beside it, one ``fetch`` per peer (object-store pieces)."""
@@ -179,7 +180,7 @@ def create_actors(job_json: str, plan_json: str, placement: RankPlacement, group
     use_gpu = placement.gpus_per_rank > 0
     return [remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 group, placement_group_bundle_index=placement.node_of(rank)))
-            .remote(job_json, plan_json, rank, world_size, use_gpu)
+            .remote(job_json, assignments[rank], rank, world_size, use_gpu)
             for rank in range(world_size)]
 
 

@@ -306,6 +306,7 @@ class Driver:
         import ray
 
         from orchestrator.actors import create_actors, free_port, reserve_nodes
+        from planner.program import assignment
 
         placement = self.placement()
         self.placement_group = reserve_nodes(placement, self.options.placement_timeout_s)
@@ -315,7 +316,8 @@ class Driver:
                 f"{self.options.placement_timeout_s:g} s: its nodes are big enough but busy. Free CPUs"
                 f"{' and GPUs' if placement.gpus_per_rank else ''} on them (`ray status`), or plan for fewer devices."
             )
-        self.actors = create_actors(self.job.model_dump_json(), self.plan.to_json(), placement, self.placement_group)
+        assignments = [assignment(self.plan, rank).to_json() for rank in range(placement.world_size)]
+        self.actors = create_actors(self.job.model_dump_json(), assignments, placement, self.placement_group)
         start = time.perf_counter()
         try:
             self.worker_nodes = self.gather(lambda a, r: a.node_id.remote(), STARTING,

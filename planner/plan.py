@@ -193,6 +193,11 @@ class Plan(_PlanModel):
     sync_groups: list[SyncGroup]
     holdings: list[PlanHolding] = Field(description="Every module shard and its holders (planner.program).")
     grad_buckets: list[PlanBucket] = Field(description="The gradient buckets every holder all-reduces, in launch order.")
+    process_groups: list[list[int]] = Field(default_factory=list, description="Every device set with several members "
+                                            "that runs a collective (holders, TP groups, loss shards), sorted: every "
+                                            "rank creates these groups in this order.")
+    rank: int | None = Field(None, description="Set on a worker's Assignment (planner.program.assignment): the rank "
+                             "whose pieces, holdings and buckets it keeps.")
     predicted: Prediction
     peak_memory_bytes: list[float]
     solver: SolverReport

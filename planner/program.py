@@ -29,6 +29,7 @@ Conventions (pure Python + numpy):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import numpy as np
 from planner.costmodel import Layout
 from planner.metagraph import MetaOp
 from planner.placement import PlacedSchedule, PlacedSlice
-from planner.plan import PlanBucket, PlanHolding, PlanPiece
+from planner.plan import Plan, PlanBucket, PlanHolding, PlanPiece
 
 LOSS_WAVE = -1  # the pseudo-wave of the loss stage, after every real wave
 
@@ -103,6 +104,20 @@ def forward_moves(src: Sequence[int], src_layout: Layout, dst: Sequence[int], ds
                   leads_only: bool = False) -> Moves:
     """The rows of a batch of ``batch`` samples each device of ``dst`` (only the first of each TP group with
     ``leads_only``: the loss stage) receives from ``src`` (module docstring)."""
+    return _forward_moves(tuple(src), src_layout, tuple(dst), dst_layout, batch, leads_only)
+
+
+def backward_moves(src: Sequence[int], src_layout: Layout, dst: Sequence[int], dst_layout: Layout,
+                   batch: int) -> Moves:
+    """The gradient rows every device of the producer ``src`` receives from the consumer ``dst`` (the first TP
+    device of the consumer rank that read them sends; module docstring)."""
+    return _backward_moves(tuple(src), src_layout, tuple(dst), dst_layout, batch)
+
+
+# the planner's search prices the same (devices, layout) pairs over and over: the moves are pure, so cache them
+@functools.lru_cache(maxsize=1 << 16)
+def _forward_moves(src: tuple[int, ...], src_layout: Layout, dst: tuple[int, ...], dst_layout: Layout, batch: int,
+                   leads_only: bool) -> Moves:
     starts, stops, src_rank, dst_rank = _segments(batch, src_layout.dp_degree, dst_layout.dp_degree)
     tp_s, tp_d = src_layout.tp_degree, dst_layout.tp_degree
     holders = np.asarray(src, dtype=np.int64).reshape(-1, tp_s)[src_rank]  # (segments, tp_s)
@@ -113,21 +128,28 @@ def forward_moves(src: Sequence[int], src_layout: Layout, dst: Sequence[int], ds
     holds = (receivers[:, :, None] == holders[:, None, :]).any(axis=2)
     senders = np.where(holds, receivers, senders)
     shape = receivers.shape
-    return Moves(senders.reshape(-1), receivers.reshape(-1), np.broadcast_to(starts[:, None], shape).reshape(-1),
-                 np.broadcast_to(stops[:, None], shape).reshape(-1))
+    return _frozen(senders.reshape(-1), receivers.reshape(-1), np.broadcast_to(starts[:, None], shape).reshape(-1),
+                   np.broadcast_to(stops[:, None], shape).reshape(-1))
 
 
-def backward_moves(src: Sequence[int], src_layout: Layout, dst: Sequence[int], dst_layout: Layout,
-                   batch: int) -> Moves:
-    """The gradient rows every device of the producer ``src`` receives from the consumer ``dst`` (the first TP
-    device of the consumer rank that read them sends; module docstring)."""
+@functools.lru_cache(maxsize=1 << 16)
+def _backward_moves(src: tuple[int, ...], src_layout: Layout, dst: tuple[int, ...], dst_layout: Layout,
+                    batch: int) -> Moves:
     starts, stops, src_rank, dst_rank = _segments(batch, src_layout.dp_degree, dst_layout.dp_degree)
     tp_s = src_layout.tp_degree
     receivers = np.asarray(src, dtype=np.int64).reshape(-1, tp_s)[src_rank]  # (segments, tp_s)
     leads = np.asarray(dst, dtype=np.int64).reshape(-1, dst_layout.tp_degree)[dst_rank, 0]
     shape = receivers.shape
-    return Moves(np.broadcast_to(leads[:, None], shape).reshape(-1), receivers.reshape(-1),
-                 np.broadcast_to(starts[:, None], shape).reshape(-1), np.broadcast_to(stops[:, None], shape).reshape(-1))
+    return _frozen(np.broadcast_to(leads[:, None], shape).reshape(-1), receivers.reshape(-1),
+                   np.broadcast_to(starts[:, None], shape).reshape(-1), np.broadcast_to(stops[:, None], shape).reshape(-1))
+
+
+def _frozen(*arrays: np.ndarray) -> Moves:
+    """Moves over read-only copies of ``arrays`` (cached moves are shared by every caller)."""
+    out = [np.array(a) for a in arrays]
+    for a in out:
+        a.flags.writeable = False
+    return Moves(*out)
 
 
 def _edge(ops: Sequence[MetaOp], wave: int, producer: SliceId, src: PlacedSlice, consumer: SliceId | None,
@@ -253,12 +275,14 @@ def holdings(ops: Sequence[MetaOp], placed: PlacedSchedule) -> list[Holding]:
     for k, wave in enumerate(placed.waves):
         for s in wave.slices:
             op, tp = ops[s.metaop], s.layout.tp_degree
-            for i, device in enumerate(s.devices):
+            fact = (not op.frozen, op.layer.params / tp)
+            for shard in range(tp):  # TP rank ``shard`` of every data-parallel rank holds the layer's shard
+                mine = s.devices[shard::tp]
                 for layer in range(s.first_layer, s.first_layer + s.num_layers):
-                    key = (op.param_group, layer, i % tp)
-                    devices.setdefault(key, set()).add(device)
+                    key = (op.param_group, layer, shard)
+                    devices.setdefault(key, set()).update(mine)
                     ready.setdefault(key, k)
-                    facts[key] = (not op.frozen, op.layer.params / tp)
+                    facts[key] = fact
             for name in op.input_modules if s.first_layer == 0 else ():
                 devices.setdefault((name, 0, 0), set()).update(s.devices)
                 ready.setdefault((name, 0, 0), k)
@@ -290,3 +314,29 @@ def plan_holdings(held: Sequence[Holding]) -> list[PlanHolding]:
 def plan_buckets(buckets: Sequence[Bucket]) -> list[PlanBucket]:
     return [PlanBucket(ready_wave=b.ready_wave, devices=list(b.devices), members=list(b.members), params=b.params)
             for b in buckets]
+
+
+def process_groups(held: Sequence[Holding], placed: PlacedSchedule) -> list[list[int]]:
+    """Every device set with several members that runs a collective: a module shard's holders (gradient all-reduce,
+    ZeRO-1 all-gather), each data-parallel rank's TP group of a tensor-parallel slice, and the loss shards (a task's
+    loss-head holders). Sorted, so every rank creates the groups in the same order."""
+    sets = {h.devices for h in held}
+    for wave in placed.waves:
+        for s in wave.slices:
+            tp = s.layout.tp_degree
+            sets.update(tuple(s.devices[i:i + tp]) for i in range(0, len(s.devices), tp) if tp > 1)
+    return [list(devices) for devices in sorted(d for d in sets if len(d) > 1)]
+
+
+def assignment(plan: Plan, rank: int) -> Plan:
+    """The part of ``plan`` one worker needs (its Assignment): every slice and MetaOp (a worker reads the layout of
+    the slices it exchanges with), but only the pieces it sends or receives, the module shards it holds and the
+    buckets it takes part in; the process groups stay whole (creating a group is collective). Sealed, so it
+    round-trips through JSON like a plan."""
+    return plan.model_copy(update={
+        "rank": rank,
+        "pieces": [p for p in plan.pieces if rank in (p.src, p.dst)],
+        "holdings": [h for h in plan.holdings if rank in h.devices],
+        "grad_buckets": [b for b in plan.grad_buckets if rank in b.devices],
+        "transfers": [], "sync_groups": [],
+    }).sealed()

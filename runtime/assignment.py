@@ -11,7 +11,6 @@ MetaOp's batch B. A task's loss runs on the first TP device of each data-paralle
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NamedTuple
 
 from planner.metagraph import MetaGraph
@@ -140,14 +139,3 @@ def loss_groups(schedule: CommSchedule) -> dict[str, tuple[int, ...]]:
         s = schedule.slices[host.host]
         out[host.task] = tuple(d for d in s.devices if is_lead(s, d))
     return out
-
-
-def tp_groups(schedule: CommSchedule) -> list[tuple[int, ...]]:
-    """The device sets of every data-parallel rank of every slice with tensor parallelism."""
-    return sorted({tp_group_of(s, r) for s in schedule.slices.values() if s.tp_degree > 1 for r in range(s.dp_degree)})
-
-
-def distinct_groups(sets: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
-    """Device sets with more than one member, deduplicated and sorted: every rank creates these groups in
-    this order (torch.distributed.new_group must be called by all ranks)."""
-    return sorted({s for s in sets if len(s) > 1})

@@ -27,8 +27,8 @@ import torch.distributed as dist
 from planner.plan import Plan, PlanMetaOp
 from planner.spec import JobSpec
 from runtime.assignment import (
-    LOSS_WAVE, CommSchedule, Piece, SliceRef, distinct_groups, dp_rank_of, holders, input_order,
-    is_lead, layer_tp_degrees, loss_groups, sample_range, tp_group_of, tp_groups,
+    LOSS_WAVE, CommSchedule, Piece, SliceRef, dp_rank_of, holders, input_order, is_lead, layer_tp_degrees,
+    loss_groups, sample_range, tp_group_of,
 )
 from runtime.channel import PieceChannel, piece_key
 from runtime.data import TaskBatch, synthetic_batch
@@ -50,19 +50,19 @@ class Groups:
 
     @classmethod
     def create(cls, job: JobSpec, plan: Plan) -> Groups:
-        """Collective: every rank of the default group must call this with the same job and plan."""
-        schedule = CommSchedule(plan)
-        sets = distinct_groups(list(holders(plan).values()) + tp_groups(schedule)
-                               + list(loss_groups(schedule).values()))
-        return cls(dist.group.WORLD, {s: dist.new_group(list(s)) for s in sets})
+        """Collective: every rank of the default group calls this with its assignment of the same plan; the groups
+        are the plan's ``process_groups``, created in that order."""
+        return cls(dist.group.WORLD, {tuple(s): dist.new_group(list(s)) for s in plan.process_groups})
 
 
 class WaveWorker:
-    """One device's part of a plan: build with the same job, plan and seed on every rank. ``device``: where its
-    modules live and compute (a CUDA device with an NCCL default group, or the CPU with gloo)."""
+    """One device's part of a plan: build every rank with the same job and its assignment of the same plan
+    (planner.program.assignment; the whole plan works too). ``device``: where its modules live and compute (a CUDA
+    device with an NCCL default group, or the CPU with gloo)."""
 
     def __init__(self, job: JobSpec, plan: Plan, rank: int, groups: Groups | None = None,
                  device: torch.device | str = "cpu", channel: PieceChannel | None = None):
+        assert plan.rank in (None, rank), f"rank {rank} was handed rank {plan.rank}'s assignment"
         self.job, self.plan, self.rank, self.groups = job, plan, rank, groups
         self.channel = channel  # large pieces go through it instead of point-to-point (runtime.channel)
         self.device = torch.device(device)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from planner.plan import Plan, plan_from_json
+from planner.program import assignment
 from planner.spec import JobSpec
 from runtime.host import backend_for, configure_worker_process, worker_device
 
@@ -41,7 +42,7 @@ class WorldResult:
     sent: dict[int, list[tuple[dict, int]]]  # per rank: the last step's pieces sent to other ranks (JSON), bytes sent
 
 
-def _worker(rank: int, world_size: int, port: int, job_json: str, plan_json: str, steps: int, out_dir: str,
+def _worker(rank: int, world_size: int, port: int, job_json: str, assignments: list[str], steps: int, out_dir: str,
             keep_gradients: bool, setup: Callable[[JobSpec], None] | None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     job = JobSpec.model_validate_json(job_json)
@@ -53,7 +54,7 @@ def _worker(rank: int, world_size: int, port: int, job_json: str, plan_json: str
     try:
         from runtime.executor import Groups, WaveWorker
 
-        plan = plan_from_json(plan_json)
+        plan = plan_from_json(assignments[rank])
         worker = WaveWorker(job, plan, rank, Groups.create(job, plan), device)
         losses, seconds, timings = [], [], []
         for step in range(steps):
@@ -79,7 +80,8 @@ def run_world(job: JobSpec, plan: Plan, steps: int, out_dir: str | Path, keep_gr
     world_size = plan.cluster.num_nodes * plan.cluster.devices_per_node
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_worker, args=(world_size, free_port(), job.model_dump_json(), plan.to_json(), steps, str(out_dir),
+    assignments = [assignment(plan, rank).to_json() for rank in range(world_size)]  # what each rank receives
+    mp.spawn(_worker, args=(world_size, free_port(), job.model_dump_json(), assignments, steps, str(out_dir),
                             keep_gradients, setup),
              nprocs=world_size, join=True)
     per_rank = {r: torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)}

@@ -31,7 +31,6 @@ from planner.api import plan_schedule
 from planner.metagraph import build_metagraph
 from planner.schedule import Schedule, Slice, Wave
 from planner.spec import parse_job
-from runtime.assignment import CommSchedule, tp_groups
 
 from _jobs import two_task_job  # tests/integration/_jobs.py
 
@@ -113,7 +112,8 @@ def nothing_reserved(monkeypatch):
 def test_each_plan_node_runs_on_a_ray_node_of_its_own(two_nodes, tmp_path):
     job = job_on(num_nodes=2, devices_per_node=CPUS_PER_NODE)
     plan = plan_for(job, WAVES)
-    groups = tp_groups(CommSchedule(plan))
+    groups = {tuple(s.devices[i:i + s.tp_degree]) for w in plan.waves for s in w.slices if s.tp_degree > 1
+              for i in range(0, len(s.devices), s.tp_degree)}
     # the planner's side: TP groups on both plan nodes, each inside one (device d is on plan node d // 2)
     assert {tuple(d // CPUS_PER_NODE for d in g) for g in groups} == {(0, 0), (1, 1)}, groups
 

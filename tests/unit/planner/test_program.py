@@ -15,7 +15,7 @@ from planner.costmodel import Layout
 from planner.metagraph import build_metagraph
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, all_slices, build_ledger
 from planner.plan import Plan, plan_from_json
-from planner.program import backward_moves, forward_moves
+from planner.program import assignment, backward_moves, forward_moves
 from planner.schedule import Problem, Schedule, Slice, Wave
 from planner.simulator import Flows, boundary_time
 from planner.spec import load_job, parse_job
@@ -220,3 +220,19 @@ def test_pieces_survive_the_json_round_trip():
     plan = plan_of(job, [[("vqa.img", 1, 2), ("vqa.txt", 1, 2)], [("vqa.fuse", 2, 4)]])
     assert plan_from_json(plan.to_json()).pieces == plan.pieces
     assert {p.input for p in plan.pieces if p.wave == 1} == {0, 1}
+
+
+def test_every_rank_gets_exactly_its_part_of_the_program():
+    """A worker receives its Assignment: the pieces it sends or receives, the shards it holds, the buckets it is in;
+    together the assignments hold the whole program, and each round-trips through JSON."""
+    job = load_job(ROOT / "examples/vlm-cpu.yaml")
+    plan = plan_job(job, with_baselines=False).plan
+    ranks = range(plan.cluster.num_nodes * plan.cluster.devices_per_node)
+    parts = [plan_from_json(assignment(plan, r).to_json()) for r in ranks]
+    for r, part in zip(ranks, parts):
+        assert part.rank == r and part.process_groups == plan.process_groups and part.waves == plan.waves
+        assert part.pieces == [p for p in plan.pieces if r in (p.src, p.dst)]
+        assert all(r in h.devices for h in part.holdings) and all(r in b.devices for b in part.grad_buckets)
+    assert {p for part in parts for p in part.pieces} == set(plan.pieces)
+    assert {(h.name, h.layer, h.shard) for part in parts for h in part.holdings} == \
+        {(h.name, h.layer, h.shard) for h in plan.holdings}
