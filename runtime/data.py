@@ -23,7 +23,8 @@ from planner.components import resolve_shape
 from planner.spec import JobSpec
 from runtime.connect import connection
 from runtime.heads import NUM_CLASSES, check_loss
-from runtime.modules import DEFAULT_VOCAB, TOKEN_KINDS, image_channels, is_token_decoder, root_uses, stable_seed, use_component
+from planner.kinds import kind_of
+from runtime.modules import DEFAULT_VOCAB, image_channels, is_token_decoder, root_uses, stable_seed, use_component
 from runtime.unet import NUM_TIMESTEPS, NoiseSchedule, noise_key, timesteps_key
 
 LM_NOISE = 0.1  # fraction of positions of an lm sequence replaced by random tokens
@@ -102,23 +103,27 @@ def _root_inputs(job: JobSpec, task_index: int) -> list[_RootInput]:
         comp_name, comp = use_component(job, task_index, name)
         c = None if name in roots else connection(job, task_index, u)
         text_len = c.text_len if c is not None else 0  # a connected use's own text after its inputs
-        if name not in roots and not is_token_decoder(comp) and comp.kind != "unet2d" and not text_len:
+        entry = kind_of(comp, comp_name)
+        kind = entry.root_input  # what the use reads from the data
+        # a bridge's input module reads the use's own data besides the upstream output, unless it runs learned queries
+        own = is_token_decoder(comp) or (entry.bridge and not entry.queries)
+        if name not in roots and not own and not text_len:
             continue
         shape = resolve_shape(comp, comp_name, task.components[u], f"tasks[{task_index}].components[{u}]")
-        if comp.kind in TOKEN_KINDS:
+        if kind == "tokens":
             seq = text_len or shape.seq_len
             out.append(_RootInput(name, "tokens", (seq,), comp.vocab_size or DEFAULT_VOCAB, None))
             continue
-        if comp.kind in ("vit", "unet2d"):
-            kind, channels = ("image" if comp.kind == "vit" else "latents"), image_channels(comp)
+        if kind in ("image", "latents"):
+            channels = image_channels(comp)
             sample_shape = (channels, shape.image_size, shape.image_size)
-        elif comp.kind == "mlp":
-            kind, channels = "features", comp.hidden_size
+        elif kind == "features":
+            channels = comp.hidden_size
             sample_shape = (shape.seq_len, channels)
         else:
             raise NotImplementedError(
-                f"tasks[{task_index}].components[{u}]: kind '{comp.kind}' is planned but the runtime has no "
-                "synthetic data for it yet; supported kinds: transformer, vit, llama, mlp, unet2d."
+                f"tasks[{task_index}].components[{u}]: kind '{comp.kind}' reads '{kind}' inputs, for which the "
+                "runtime has no synthetic data yet; supported inputs: tokens, image, latents, features."
             )
         gen = torch.Generator().manual_seed(stable_seed("pattern", seed, task.name, name))
         pattern = torch.randn(NUM_CLASSES, channels, generator=gen)

@@ -27,10 +27,7 @@ from planner.metagraph import MetaGraph, MetaOp
 from planner.spec import JobSpec
 from planner.usegraph import reads_embed
 from runtime.connect import build_adapter, connect, op_connection
-from runtime.modules import (
-    DEFAULT_VOCAB, TOKEN_KINDS, build_initialised, context_width, freeze_if, image_channels, layer_kwargs, layer_seed,
-    memory_width, unsupported_kind,
-)
+from runtime.modules import build_initialised, freeze_if, layer_seed, runtime_kind
 
 
 POSITION_BASE = 100.0  # longest wavelength scale of the ViT's 2-D sin-cos position grid (grids are <= ~64 wide)
@@ -153,15 +150,7 @@ def first_input(job: JobSpec, graph: MetaGraph, op: MetaOp, inputs: list[torch.T
 def use_input(job: JobSpec, op: MetaOp, embed: nn.Module, upstream: torch.Tensor | None, batch) -> torch.Tensor:
     """What ``op``'s first layer reads when :func:`reads_embed`: ``embed`` applied to the batch's input of the use
     (``batch``: a runtime.data.TaskBatch) and, for a bridge kind, the upstream output (None for a root use)."""
-    kind = job.components[op.component].kind
-    if kind == "unet2d":
-        from runtime.unet import timesteps_key
-
-        return embed(batch.inputs[op.use], batch.targets[timesteps_key(op.use)], upstream)
-    if upstream is None:
-        return embed(batch.inputs[op.use])
-    assert kind == "decoder", f"{op.name} reads no input module"
-    return embed(upstream, batch.inputs.get(op.use), **layer_kwargs(job, op))
+    return runtime_kind(job.components[op.component], op.component).use_input(job, op, embed, upstream, batch)
 
 
 def component_seq_lens(job: JobSpec, component: str) -> list[int]:
@@ -176,7 +165,8 @@ def component_seq_lens(job: JobSpec, component: str) -> list[int]:
 
 
 def build_embed(job: JobSpec, component: str) -> nn.Module:
-    """The input adapter of ``component``, run on a root use's raw input before its first layer.
+    """The input adapter of ``component``, run on a root use's raw input before its first layer, built by its kind's
+    ``embed`` (runtime.kinds).
 
     Token kinds (transformer, llama): ids ``(B, S)`` -> token + learned positions (vocab =
     vocab_size or 256, positions for the longest use). vit: images ``(B, C, I, I)`` -> patch
@@ -186,23 +176,7 @@ def build_embed(job: JobSpec, component: str) -> nn.Module:
     ``layer_seed(seed, component + ":embed", 0)``; frozen with its component.
     """
     comp = job.components[component]
-    h = comp.hidden_size
     max_len = max(component_seq_lens(job, component), default=comp.seq_len or 1)
-    if comp.kind == "decoder":
-        width = memory_width(job, component)
-        factory = lambda: DecoderBridge(width, h, max_len, comp.vocab_size)  # noqa: E731
-    elif comp.kind in TOKEN_KINDS:
-        factory = lambda: TokenEmbedding(comp.vocab_size or DEFAULT_VOCAB, h, max_len)  # noqa: E731
-    elif comp.kind == "vit":
-        factory = lambda: PatchEmbedding(image_channels(comp), h, comp.patch_size, max_len)  # noqa: E731
-    elif comp.kind == "mlp":
-        factory = lambda: FeatureEmbedding(h)  # noqa: E731
-    elif comp.kind == "unet2d":
-        from runtime.unet import UNetInput
-
-        context_width(job, component)  # every use cross-attends or none does
-        factory = lambda: UNetInput(comp, image_channels(comp))  # noqa: E731
-    else:
-        raise unsupported_kind(comp, component)
+    factory = runtime_kind(comp, component).embed(job, component, max_len)
     module = build_initialised(factory, layer_seed(job.training.seed, component + ":embed", 0))
     return freeze_if(module, comp)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
+from planner.kinds import kind_of
 from planner.plan import Plan, PlanMetaOp
 from planner.spec import JobSpec
 from runtime.assignment import (
@@ -34,7 +35,7 @@ from runtime.channel import PieceChannel, piece_key
 from runtime.data import TaskBatch, synthetic_batch
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
-from runtime.modules import build_layer, build_optimizer, is_token_decoder, layer_kwargs, llama_ffn_size, run_layers
+from runtime.modules import build_layer, build_optimizer, is_token_decoder, layer_kwargs, run_layers
 from runtime.steps import GradBucket, Lap, StepTiming
 from runtime.zero import ShardedAdamW
 
@@ -134,8 +135,8 @@ class WaveWorker:
         tp_rank = group.index(self.rank)
         seed_model_parallel_rng(self.job.training.seed, tp_rank)
         comp = self.job.components[op.component]
-        variant = comp.kind if comp.kind in ("llama", "decoder") else "transformer"
-        ffn = llama_ffn_size(comp) if variant == "llama" else comp.ffn_hidden_size or 4 * comp.hidden_size
+        kind = kind_of(comp)
+        variant, ffn = kind.tp_variant, kind.ffn_size(comp)  # the megatron block variant and MLP width of the kind
         block = MegatronTransformerBlock(comp.hidden_size, comp.num_heads, ffn, self.groups.by_devices[group], tp_rank,
                                          len(group), variant=variant, num_kv_heads=comp.num_kv_heads,
                                          causal=is_token_decoder(comp))

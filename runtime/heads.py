@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from planner.components import resolve_shape
+from planner.kinds import kind_of
 from planner.spec import JobSpec
 from runtime import unet
 from runtime.checks import BUILTIN_LOSSES, check_head, check_loss_name, next_token_source
@@ -173,7 +174,7 @@ def _denoising_head(job: JobSpec, task_index: int, leaves: list[str]) -> Callabl
     has refused every other unet2d leaf)."""
     task = job.tasks[task_index]
     name, comp = use_component(job, task_index, leaves[0])
-    if comp.kind != "unet2d":
+    if not kind_of(comp).denoiser:
         return None
     u = next(i for i, use in enumerate(task.components) if use.use_name == leaves[0])
     side = resolve_shape(comp, name, task.components[u], f"tasks[{task_index}].components[{u}]").image_size

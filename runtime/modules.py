@@ -1,15 +1,16 @@
 """Torch layers built from a job spec (input modules: runtime.embeddings; loss heads: runtime.heads).
 
-Owns the runtime's component registry (keyed by the planner's kind names), the exact math of every
-layer it runs, the initialisation shared by every module the runtime builds (:func:`build_initialised`),
-the job's AdamW, and the task graph of uses (upstream, root and leaf uses; the widths feeding a use).
+Owns the exact math of every layer the runtime runs (built per kind by the runtime's component registry,
+runtime.kinds, keyed by the planner's kind names), the initialisation shared by every module the runtime
+builds (:func:`build_initialised`), the job's AdamW, and the task graph of uses (upstream, root and leaf uses; the widths feeding a use).
 Every module is built deterministically: parameters are drawn from a ``torch.Generator`` seeded by
 :func:`layer_seed`, so every process (and every task sharing a component, i.e. the same
 ``param_group``) builds bit-identical weights without communicating. Modules are float32 on CPU;
 callers move them.
 
 A layer maps ``(B, S, H) -> (B, S, H)``; what a use's first layer reads (its component's input module,
-the upstream output) is runtime.embeddings' contract. Imports no other runtime module at import time.
+the upstream output) is runtime.embeddings' contract. Imports no other runtime module at import time but
+runtime.kinds (which imports none).
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from planner.errors import SpecError
 from planner.metagraph import MetaOp
 from planner.spec import ComponentSpec, JobSpec
 from planner.usegraph import leaf_uses, root_uses, upstream_uses, use_component  # noqa: F401  (re-exported)
+from runtime.kinds import image_channels, is_token_decoder, runtime_kind  # noqa: F401  (re-exported)
 
 
 DEFAULT_VOCAB = 256  # vocabulary of a token component without vocab_size
 INIT_STD = 0.02  # embeddings, queries, the [cls] token and its position
-TOKEN_KINDS = ("transformer", "llama", "decoder")
 
 
 # --------------------------------------------------------------------------- seeds and init
@@ -213,43 +214,6 @@ class MlpBlock(nn.Module):
         return x + F.gelu(self.fc(x))
 
 
-def llama_ffn_size(comp: ComponentSpec) -> int:
-    """Llama MLP width: ffn_hidden_size, else 8/3 h rounded up to a multiple of 256 (as planner.components)."""
-    return comp.ffn_hidden_size or 256 * ((8 * comp.hidden_size // 3 + 255) // 256)
-
-
-def unsupported_kind(comp: ComponentSpec, name: str) -> NotImplementedError:
-    """The error for component ``name`` of a kind the planner knows but the runtime does not build (callers raise it)."""
-    return NotImplementedError(
-        f"components.{name}: kind '{comp.kind}' is planned but the runtime does not run it yet; "
-        "supported kinds: transformer, vit, llama, decoder, mlp, unet2d."
-    )
-
-
-def image_channels(comp: ComponentSpec) -> int:
-    """Input channels of a vit component's images (3, RGB, when unset) or a unet2d's latents (4 when unset)."""
-    return comp.in_channels or (4 if comp.kind == "unet2d" else 3)
-
-
-def is_token_decoder(comp: ComponentSpec) -> bool:
-    """A decoder with a vocabulary reads token ids (causal, teacher-forced); without one it runs learned queries."""
-    return comp.kind == "decoder" and comp.vocab_size is not None
-
-
-def _layer_factory(comp: ComponentSpec, name: str):
-    h = comp.hidden_size
-    if comp.kind in ("transformer", "vit"):
-        return lambda: TransformerBlock(h, comp.num_heads, comp.ffn_hidden_size or 4 * h)
-    if comp.kind == "llama":
-        kv = comp.num_kv_heads or comp.num_heads
-        return lambda: LlamaBlock(h, comp.num_heads, kv, llama_ffn_size(comp))
-    if comp.kind == "mlp":
-        return lambda: MlpBlock(h)
-    if comp.kind == "decoder":
-        return lambda: DecoderBlock(h, comp.num_heads, comp.ffn_hidden_size or 4 * h, is_token_decoder(comp))
-    raise unsupported_kind(comp, name)
-
-
 def freeze_if(module: nn.Module, comp: ComponentSpec) -> nn.Module:
     """``module`` with gradients turned off when ``comp`` is frozen (in place; returned for chaining)."""
     if comp.frozen:
@@ -268,14 +232,7 @@ def build_layer(job: JobSpec, op: MetaOp, layer_index: int) -> nn.Module:
     if not 0 <= layer_index < op.num_layers:
         raise IndexError(f"layer_index {layer_index} is outside MetaOp {op.name}'s {op.num_layers} layers")
     comp = job.components[op.component]
-    if comp.kind == "unet2d":
-        from runtime.unet import build_unet_layer
-
-        side = _use_shape(job, op).image_size
-        factory = lambda: build_unet_layer(comp, op.component, op.segment, layer_index, side,  # noqa: E731
-                                           context_width(job, op.component))
-    else:
-        factory = _layer_factory(comp, op.component)
+    factory = runtime_kind(comp, op.component).layer(job, op, layer_index)
     module = build_initialised(factory, layer_seed(job.training.seed, op.param_group, layer_index))
     return freeze_if(module, comp)
 
@@ -303,7 +260,8 @@ def build_optimizer(job: JobSpec, params: list[nn.Parameter]) -> torch.optim.Opt
 # --------------------------------------------------------------------------- layer arguments
 
 
-def _use_shape(job: JobSpec, op: MetaOp) -> UseShape:
+def use_shape_of(job: JobSpec, op: MetaOp) -> UseShape:
+    """The shape of MetaOp ``op``'s use (planner.components.use_shape)."""
     t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
     u = next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
     return use_shape(job, t, u)
@@ -312,13 +270,7 @@ def _use_shape(job: JobSpec, op: MetaOp) -> UseShape:
 def layer_kwargs(job: JobSpec, op: MetaOp) -> dict[str, int]:
     """Keyword arguments of MetaOp ``op``'s layers beyond the activation: ``stream_len`` for decoder layers, the
     image ``side`` and ``context_len`` (0 without a context) for unet2d layers."""
-    kind = job.components[op.component].kind
-    if kind == "decoder":
-        return {"stream_len": _use_shape(job, op).seq_len}
-    if kind == "unet2d":
-        shape = _use_shape(job, op)
-        return {"side": shape.image_size, "context_len": shape.cross_len or 0}
-    return {}
+    return runtime_kind(job.components[op.component], op.component).layer_kwargs(job, op)
 
 
 def _upstream_widths(job: JobSpec, component: str) -> dict[str, int | None]:
