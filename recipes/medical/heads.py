@@ -163,7 +163,7 @@ class MedicalReconstructionHead(MedicalHead):
     The residual's projection starts at zero (:meth:`init_structure`), so the head starts exactly at the
     trivial "mean of the visible pixels" answer and training only has to learn what that misses. Predicting
     absolute pixels instead left the head to recover each scan's brightness level from the shared encoder's
-    normalised tokens, which the other tasks do not need: in the joint run its per-scan level varied a third
+    normalised tokens, which the other tasks do not need: in a joint run its per-scan level varied a third
     as much as the scans' do (std 0.027 vs 0.077), and it scored 0.0460 on held-out scans, next to 0.0461 for
     one global constant and 0.0437 for the visible mean. The visible mean is read from ``targets["image"]``
     outside the masked patches, the same pixels the encoder is given.
