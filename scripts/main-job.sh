@@ -25,8 +25,10 @@ echo "== training quickstart-cpu" >&2
     | tee "$OUT/quickstart-cpu.summary.txt"
 
 # Every task's loss must have fallen: mean of the last 10% of steps below the mean of the first 10%.
+# The measured step against the prediction is reported with the machine's load, which it depends on
+# (other processes take the cores the profile measured): a note, not a failure.
 "$ROOT/.venv/bin/python" - "$OUT/quickstart-cpu/metrics.jsonl" <<'EOF'
-import json, sys
+import json, os, sys
 records = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 window = max(1, len(records) // 10)
 for task in records[0]["loss"]:
@@ -35,6 +37,13 @@ for task in records[0]["loss"]:
     if not last < first:
         sys.exit(f"main-job.sh: the loss of task {task} did not fall ({first:.4f} -> {last:.4f})")
 print(f"main-job.sh: every task's loss fell over {len(records)} steps", file=sys.stderr)
+steps = [r["step_seconds"] for r in records[1:]] or [records[0]["step_seconds"]]
+measured, predicted = sum(steps) / len(steps), records[0]["predicted_iteration_s"]
+load, cores = os.getloadavg()[0], os.cpu_count()
+busy = measured > 1.25 * predicted and load > cores + 0.5
+print(f"main-job.sh: measured step {measured:.3f} s = {measured / predicted:.2f}x the predicted {predicted:.3f} s "
+      f"(load average {load:.2f} on {cores} cores at the end of the run"
+      + ("; other processes shared the cores: rerun on a quiet machine to compare)" if busy else ")"), file=sys.stderr)
 EOF
 
 # 3. Plan every example (the large ones model GPU clusters; they are planned, not trained here).
