@@ -13,10 +13,11 @@ OUT="${LOOM_OUT:-$ROOT/out}"
 mkdir -p "$OUT"
 LOOM="$ROOT/.venv/bin/loom"
 
-# 1. Profile the job's layers, data, losses, optimizer and gloo links on this machine (about 30 s),
-# so that the plan's prediction is this machine's and not the analytic model's generic CPU.
+# 1. Profile the job's layers, data, losses, optimizer and gloo links on this machine (about 30 s,
+# 5 timed runs per point), so that the plan's prediction is this machine's and not the analytic
+# model's generic CPU.
 echo "== profiling quickstart-cpu" >&2
-"$LOOM" profile examples/quickstart-cpu.yaml --output "$OUT/quickstart-cpu.costs.json" --repeats 3
+"$LOOM" profile examples/quickstart-cpu.yaml --output "$OUT/quickstart-cpu.costs.json"
 
 # 2. Train with a plan from those costs: per-step losses on stderr, the summary (first vs last
 # losses, measured vs predicted step time) on stdout.
