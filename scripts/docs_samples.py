@@ -140,7 +140,8 @@ def find_samples(path: Path) -> list[Sample]:
         if match["by_hand"]:
             commands, reason = (), body
         else:
-            commands, reason = tuple(parse_command(line.strip(), where) for line in body.splitlines() if line.strip()), ""
+            reason = ""
+            commands = tuple(parse_command(line.strip(), where) for line in body.splitlines() if line.strip())
         samples.append(Sample(path, commands, reason, start, end, tuple(lines[start + 1:end])))
         i = end + 1
     return samples
