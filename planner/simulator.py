@@ -239,9 +239,16 @@ def backward_ends(phases: Sequence[Phase], start: float = 0.0) -> tuple[list[flo
 def slice_seconds(problem: Problem, s: PlacedSlice, cost_model: CostModel | None = None) -> float:
     """Compute seconds of one slice: ``curve.time(n) * layers``, plus, when ``cost_model`` is given, what a MetaOp's
     first slice runs before its layers on each of its devices (:meth:`CostModel.embed_time`: a root's data and
-    embedding, a bridge's or connector's input modules; 0 where not measured)."""
+    embedding, a bridge's or connector's input modules; 0 where not measured). A count the curve leaves out (no
+    faster than a smaller one under this model: a plan placed under another profile, re-predicted) is priced at
+    its own layout, ``cost_model.layout_time``."""
     op = problem.graph.metaops[s.metaop]
-    seconds = problem.curves[s.metaop].time(len(s.devices)) * s.num_layers
+    curve = problem.curves[s.metaop]
+    if len(s.devices) in curve.counts or cost_model is None:
+        per_layer = curve.time(len(s.devices))
+    else:
+        per_layer = cost_model.layout_time(op, s.layout)
+    seconds = per_layer * s.num_layers
     if cost_model is not None and s.first_layer == 0:
         seconds += cost_model.embed_time(op, op.batch_size // s.layout.dp_degree)
     return seconds

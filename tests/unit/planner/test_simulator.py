@@ -10,7 +10,7 @@ import random
 import pytest
 
 from planner.components import LayerSegment
-from planner.costmodel import CostModel, Layout
+from planner.costmodel import CostModel, Curve, Layout
 from planner.devices import DEVICES, GIB, Hardware
 from planner.metagraph import MetaOp, finalize_graph
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, all_slices, build_ledger, place_schedule
@@ -412,3 +412,15 @@ def test_peak_memory_is_layer_memory_times_layers():
     sim = simulate(problem, placed(problem, [(0, 0, 3, (4, 5))]), CM)
     per_device = CM.layer_memory(o, Layout(2, 1)) * 3
     assert sim.peak_memory_bytes == (0.0, 0.0, 0.0, 0.0, pytest.approx(per_device), pytest.approx(per_device), 0.0, 0.0)
+
+
+def test_a_plan_re_predicted_under_a_model_without_its_count_prices_its_layout():
+    """A profile taken later may find 2 devices no faster than 1 for a MetaOp (so its curve leaves 2 out); a plan
+    placed earlier with that MetaOp on 2 devices is still predicted, at the layout it runs."""
+    o = op(0, "enc", layers=4)
+    problem = problem_of(o)
+    placed_schedule = placed(problem, [(0, 0, 4, (0, 1))])
+    narrowed = Problem(problem.graph, (Curve((1,), (problem.curves[0].time(1),), (Layout(1, 1),), (0.0,)),),
+                       problem.num_devices)
+    sim = simulate(narrowed, placed_schedule, CM)
+    assert sim.wave_durations == (pytest.approx(CM.layout_time(o, Layout(2, 1)) * 4),)
