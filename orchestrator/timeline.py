@@ -171,7 +171,7 @@ def write_run_gantt(out_dir: str | Path, paths: Sequence[Path] = (), step: int |
     ranks = predicted.num_devices
     title = f"{plan.job}: predicted against measured (plan {plan.hash})"
     subtitle = (f"{ranks} ranks, {len(plan.waves)} waves, cost model {plan.cost_model}; each panel on its own "
-                "time axis; the prediction's forward/backward split and transfers are approximate (see docs/run.md)")
+                "time axis; the prediction is the simulator's timeline as the plan records it (see docs/run.md)")
     targets = list(paths) or [out_dir / name for name in DEFAULT_CHARTS]
     for path in targets:
         try:
