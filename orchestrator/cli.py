@@ -349,7 +349,8 @@ def run(
     """
     from planner.plan import load_plan
     from orchestrator.recipes import load_job
-    from orchestrator.run import OBJECT_STORE_FROM_BYTES, RunFailed, RunOptions, run_job, summary_lines
+    from orchestrator.run import OBJECT_STORE_FROM_BYTES, RunFailed, RunOptions, run_job
+    from orchestrator.summary import summary_lines
 
     configure_logging(verbose)
     if resume and cluster is not None:

@@ -26,9 +26,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from planner.plan import Plan
+    from planner.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -257,3 +261,25 @@ def step_breakdown(timings: Sequence[Mapping | None]) -> tuple[list[float], dict
         "optimizer": max(t["optimizer_s"] for t in timings),
     }
     return waves, parts
+
+
+def predicted_wave_seconds(plan: Plan) -> list[float]:
+    """The plan's compute time of each wave (its slowest slice, forward + backward), in wave order."""
+    return [wave.duration_s for wave in plan.waves]
+
+
+def tokens_per_sample(job: JobSpec) -> dict[str, int]:
+    """Input positions one sample of each task feeds its root uses (tokens, patches + class token, or rows)."""
+    from planner.components import resolve_shape
+    from runtime.modules import root_uses
+
+    out = {}
+    for t, task in enumerate(job.tasks):
+        total = 0
+        for name in root_uses(job, t):
+            u = next(i for i, use in enumerate(task.components) if use.use_name == name)
+            use = task.components[u]
+            total += resolve_shape(job.components[use.component], use.component, use,
+                                   f"tasks[{t}].components[{u}]").seq_len
+        out[task.name] = total
+    return out

@@ -36,13 +36,15 @@ from typing import Any, Protocol
 from orchestrator.checkpoint import (
     CheckpointInfo, begin_checkpoint, find_resume_point, mark_complete, rank_file, remove_checkpoints,
 )
-from runtime.reference import MODEL_FILE, save_model
-from orchestrator.metrics import RunMetrics, StepLog, StepRecord, step_breakdown
-from orchestrator.trace import TraceRecorder, write_run_traces
+from orchestrator.metrics import (
+    RunMetrics, StepLog, StepRecord, predicted_wave_seconds, step_breakdown, tokens_per_sample,
+)
 from orchestrator.placement import RankPlacement, fitting_nodes, misplaced_ranks, nodes_from_ray, placement_mismatch
-from planner.errors import LoomError
+from orchestrator.run_inputs import RunInputError, check_cpu_device, check_plan_for_job, check_runnable_job
+from orchestrator.trace import TraceRecorder, write_run_traces
 from planner.plan import Plan, load_plan
 from planner.spec import JobSpec
+from runtime.reference import MODEL_FILE, save_model
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +57,6 @@ PLACEMENT_TIMEOUT_S = 60.0  # a placement group Ray has not placed by then is re
 # host (bench/results/transfer.md: 0.40x at 32 MiB, 2.4x dearer at 16 MiB)
 OBJECT_STORE_FROM_BYTES = 32 * 1024**2
 STARTING = "while starting"  # what a worker was doing when setup failed: its job errors are user errors
-
-
-class RunInputError(LoomError):
-    """The job, plan or options cannot be run as given (the CLI's exit code 2)."""
 
 
 class RunFailed(RuntimeError):
@@ -187,7 +185,7 @@ class Driver:
 
     def prepare(self) -> None:
         """Check the job and options, settle the plan, the output directory and the first step."""
-        check_runnable_job(self.job, self.options)
+        check_runnable_job(self.job, self.options.address)
         if self.num_steps < 0 or self.checkpoint_every < 0:
             raise RunInputError("--steps and --checkpoint-every must be >= 0.")
         self.plan = self.resolve_plan()
@@ -463,104 +461,10 @@ class Driver:
             self.metrics.close()
 
 
-# --------------------------------------------------------------------------- checks and helpers
-
-
-def check_runnable_job(job: JobSpec, options: RunOptions) -> None:
-    """A RunInputError unless ``loom run`` can train ``job``: losses and chains the runtime runs and, unless it
-    joins a cluster with ``--address``, CPU devices (the embedded cluster is this machine's CPUs). Loads the job's
-    recipe in the driver (its losses); each worker loads it again in its own process."""
-    from orchestrator.recipes import load_recipe
-    from runtime.checks import check_trainable
-    from runtime.heads import registered_losses
-
-    load_recipe(job)
-    if not options.address:
-        check_cpu_device(job.cluster.device, "cluster.device")
-    try:
-        check_trainable(job, registered_losses())
-    except ValueError as exc:
-        raise RunInputError(str(exc)) from None
-
-
-def check_cpu_device(device: str, where: str) -> None:
-    """The embedded path trains on this machine's CPUs: a RunInputError for any other device kind."""
-    if device.lower() != "cpu":
-        raise RunInputError(
-            f"{where} ('{device}') is not cpu; `loom run` without --address trains on an embedded Ray cluster "
-            "of this machine's CPUs. Send jobs for GPU clusters with `loom submit JOB.yaml --address URL`, or "
-            "set cluster.device: cpu."
-        )
-
-
-def check_plan_for_job(plan: Plan, job: JobSpec, source: str = "--plan") -> None:
-    """A RunInputError unless ``plan`` belongs to ``job`` (runtime.checks.check_plan_matches_job: the workers' own
-    check, and loom submit's, run here first so that it fails before any Ray process starts)."""
-    from planner.metagraph import build_metagraph
-    from runtime.checks import check_plan_matches_job
-
-    try:
-        check_plan_matches_job(plan, build_metagraph(job), source, job.name)
-    except ValueError as exc:
-        raise RunInputError(str(exc)) from None
-
-
-def predicted_wave_seconds(plan: Plan) -> list[float]:
-    """The plan's compute time of each wave (its slowest slice, forward + backward), in wave order."""
-    return [wave.duration_s for wave in plan.waves]
-
-
-def tokens_per_sample(job: JobSpec) -> dict[str, int]:
-    """Input positions one sample of each task feeds its root uses (tokens, patches + class token, or rows)."""
-    from planner.components import resolve_shape
-    from runtime.modules import root_uses
-
-    out = {}
-    for t, task in enumerate(job.tasks):
-        total = 0
-        for name in root_uses(job, t):
-            u = next(i for i, use in enumerate(task.components) if use.use_name == name)
-            use = task.components[u]
-            total += resolve_shape(job.components[use.component], use.component, use,
-                                   f"tasks[{t}].components[{u}]").seq_len
-        out[task.name] = total
-    return out
+# --------------------------------------------------------------------------- helpers
 
 
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message (its type name when it has none)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
-
-
-def summary_lines(result: RunResult) -> list[str]:
-    """The end-of-run summary: losses at the start vs the end per task, measured vs predicted step time."""
-    records = result.records
-    if not records:
-        return [f"{result.job}: nothing to train: already at step {result.last_step}, and the run was asked for "
-                f"{result.num_steps} steps (--steps)."]
-    window = max(1, len(records) // 10)
-    head, tail = records[:window], records[-window:]
-    lines = [
-        f"{result.job}: trained steps {result.first_step}..{result.last_step - 1} on "
-        f"{result.plan.cluster.num_nodes * result.plan.cluster.devices_per_node} workers (plan {result.plan.hash})"
-        + (f", resumed from step {result.first_step}" if result.resumed_from else ""),
-        f"loss per task, mean of the first {window} vs the last {window} step(s):",
-    ]
-    width = max(len(task) for task in records[0].loss)
-    for task in records[0].loss:
-        first = sum(r.loss[task] for r in head) / window
-        last = sum(r.loss[task] for r in tail) / window
-        change = f"{(last - first) / abs(first) * 100:+.0f}%" if first else "-"
-        lines.append(f"  {task:<{width}}  {first:.4f} -> {last:.4f}  ({change})")
-    mean, predicted = result.mean_step_seconds(), result.plan.predicted.iteration_time_s
-    ratio = f" ({mean / predicted:.1f}x the prediction)" if predicted > 0 else ""
-    lines.append(f"step time: {mean:.3f} s measured (mean after the first step), {predicted:.4f} s predicted{ratio}")
-    timed = [r for r in (records[1:] if len(records) > 1 else records) if r.wave_seconds]
-    if timed and timed[0].predicted_wave_seconds:
-        pairs = zip(zip(*(r.wave_seconds for r in timed)), timed[0].predicted_wave_seconds)
-        lines.append("wave compute, measured (slowest worker, mean) / predicted: " + ", ".join(
-            f"{k}: {sum(m) / len(m) * 1e3:.3g}/{want * 1e3:.3g} ms" for k, (m, want) in enumerate(pairs)))
-    lines.append(f"outputs: {result.out_dir / STEP_LOG_FILE}"
-                 + (f", checkpoint {result.checkpoints[-1].path}" if result.checkpoints else ""))
-    return lines

@@ -78,7 +78,7 @@ def test_tensor_parallel_on_a_kind_the_runtime_cannot_split_is_refused(plan) -> 
 def test_loom_run_and_loom_submit_use_this_check(plan, tmp_path) -> None:
     """Both callers refuse with the check's own text (their own wording used to differ, and submit compared spec
     hashes, refusing plans loom run accepts)."""
-    from orchestrator.run import RunInputError, check_plan_for_job
+    from orchestrator.run_inputs import RunInputError, check_plan_for_job
     from orchestrator.submit import _check_plan
 
     job = _job(**{"components.enc.num_layers": 3})

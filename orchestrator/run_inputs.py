@@ -1,0 +1,51 @@
+"""What ``loom run`` checks of its inputs before anything starts: the job can be trained here, the plan belongs to
+it, the devices are this machine's CPUs. Each problem is a :class:`RunInputError` (one line, exit code 2)."""
+
+from __future__ import annotations
+
+from planner.errors import LoomError
+from planner.plan import Plan
+from planner.spec import JobSpec
+
+
+class RunInputError(LoomError):
+    """The job, plan or options cannot be run as given (the CLI's exit code 2)."""
+
+
+def check_runnable_job(job: JobSpec, address: str | None) -> None:
+    """A RunInputError unless ``loom run`` can train ``job``: losses and chains the runtime runs and, unless it
+    joins a cluster (``address``, from ``--address``), CPU devices (the embedded cluster is this machine's CPUs). Loads the job's
+    recipe in the driver (its losses); each worker loads it again in its own process."""
+    from orchestrator.recipes import load_recipe
+    from runtime.checks import check_trainable
+    from runtime.heads import registered_losses
+
+    load_recipe(job)
+    if not address:
+        check_cpu_device(job.cluster.device, "cluster.device")
+    try:
+        check_trainable(job, registered_losses())
+    except ValueError as exc:
+        raise RunInputError(str(exc)) from None
+
+
+def check_cpu_device(device: str, where: str) -> None:
+    """The embedded path trains on this machine's CPUs: a RunInputError for any other device kind."""
+    if device.lower() != "cpu":
+        raise RunInputError(
+            f"{where} ('{device}') is not cpu; `loom run` without --address trains on an embedded Ray cluster "
+            "of this machine's CPUs. Send jobs for GPU clusters with `loom submit JOB.yaml --address URL`, or "
+            "set cluster.device: cpu."
+        )
+
+
+def check_plan_for_job(plan: Plan, job: JobSpec, source: str = "--plan") -> None:
+    """A RunInputError unless ``plan`` belongs to ``job`` (runtime.checks.check_plan_matches_job: the workers' own
+    check, and loom submit's, run here first so that it fails before any Ray process starts)."""
+    from planner.metagraph import build_metagraph
+    from runtime.checks import check_plan_matches_job
+
+    try:
+        check_plan_matches_job(plan, build_metagraph(job), source, job.name)
+    except ValueError as exc:
+        raise RunInputError(str(exc)) from None
