@@ -271,7 +271,7 @@ def predicted_wave_seconds(plan: Plan) -> list[float]:
 def tokens_per_sample(job: JobSpec) -> dict[str, int]:
     """Input positions one sample of each task feeds its root uses (tokens, patches + class token, or rows)."""
     from planner.components import resolve_shape
-    from runtime.modules import root_uses
+    from planner.usegraph import root_uses
 
     out = {}
     for t, task in enumerate(job.tasks):

@@ -25,7 +25,7 @@ from planner.refine import Evaluated, refine_transfers
 from planner.plan import (
     Bounds, Plan, PlanCluster, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport, SyncGroup,
 )
-from planner.program import grad_buckets, holdings, plan_buckets, plan_holdings, plan_pieces, process_groups
+from planner.program import plan_buckets, plan_holdings, plan_pieces, process_groups
 from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
 from planner.simulator import Simulation, simulate, split_passes
 from planner.solver import Candidate, SolveResult, SolverSettings, solve
@@ -204,7 +204,6 @@ def build_plan(
         )
         for op in graph.metaops
     ]
-    held = holdings(graph.metaops, placed)
     waves, start = [], 0.0
     for k, (wave, duration) in enumerate(zip(placed.waves, sim.wave_durations)):
         slices = [
@@ -231,9 +230,9 @@ def build_plan(
         waves=waves,
         transfers=[PlanTransfer(**vars(t)) for t in sim.transfers],
         pieces=plan_pieces(graph.metaops, placed, cost_model.weight_bytes),
-        holdings=plan_holdings(held),
-        grad_buckets=plan_buckets(grad_buckets(held)),
-        process_groups=process_groups(held, placed),
+        holdings=plan_holdings(sim.holdings),
+        grad_buckets=plan_buckets(sim.buckets),
+        process_groups=process_groups(sim.holdings, placed),
         sync_groups=[SyncGroup(**vars(g)) for g in sim.sync_groups],
         predicted=Prediction(iteration_time_s=sim.iteration_time_s, compute_s=sim.compute_s,
                              transfer_s=sim.transfer_s, sync_s=sim.sync_s, optimizer_s=sim.optimizer_s,

@@ -50,8 +50,10 @@ import numpy as np
 
 from planner.costmodel import CostModel
 from planner.metagraph import MetaOp
-from planner.placement import MemoryLedger, PlacedSchedule, PlacedSlice, all_slices, build_ledger
-from planner.program import LOSS_WAVE, Bucket, Edge, Moves, grad_buckets, holdings, loss_hosts, plan_edges, row_bytes
+from planner.placement import PlacedSchedule, PlacedSlice, all_slices, build_ledger
+from planner.program import (
+    LOSS_WAVE, Bucket, Edge, Holding, Moves, grad_buckets, holdings, loss_hosts, plan_edges, row_bytes,
+)
 from planner.schedule import Problem
 from planner.sync import SyncBucket, SyncOutcome, finish_buckets
 
@@ -114,6 +116,8 @@ class Simulation:
     gather_s: float = 0.0
     phases: tuple[Phase, ...] = ()  # the timeline: one per wave, then the loss stage's
     slice_seconds: tuple[tuple[float, ...], ...] = ()  # per wave, each slice's compute (slice_seconds)
+    holdings: tuple[Holding, ...] = ()  # the module shards and holders the sync model priced (planner.program)
+    buckets: tuple[Bucket, ...] = ()  # their gradient buckets, in launch order
 
 
 # --------------------------------------------------------------------------- transfers
@@ -325,7 +329,8 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
     loss_s = phases[-1].forward_s
     ends, compute_end = backward_ends(phases)
     ledger = build_ledger(problem, all_slices(placed), cost_model)
-    program = grad_buckets(holdings(problem.graph.metaops, placed))  # exactly the buckets the runtime all-reduces
+    held = holdings(problem.graph.metaops, placed)
+    program = grad_buckets(held)  # exactly the buckets the runtime all-reduces
     outcome = finish_buckets(sync_of(program), [ends[b.ready_wave] for b in program], compute_end, cost_model,
                              problem.num_devices)
     sync_infos, sync_order = _sync_infos(problem.graph.metaops, program, outcome, cost_model.grad_bytes)
@@ -345,4 +350,6 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
         gather_s=outcome.gather_s,
         phases=tuple(phases),
         slice_seconds=tuple(tuple(slice_seconds(problem, s, cost_model) for s in w.slices) for w in placed.waves),
+        holdings=tuple(held),
+        buckets=tuple(program),
     )

@@ -2,8 +2,8 @@
 the inputs' shapes against the use's own, see runtime.connect) and which input modules a MetaOp's first layer runs
 (:func:`input_modules`, recorded on every MetaOp by build_metagraph, so the plan names each module's holders).
 
-Pure Python: ``loom validate`` checks a job with these (runtime.checks) without torch. runtime.modules and
-runtime.connect re-export these names for the code that builds layers.
+Pure Python: ``loom validate`` checks a job with these (runtime.checks) without torch; the runtime's layer
+builders import them from here.
 """
 
 from __future__ import annotations

@@ -29,9 +29,7 @@ from torch import nn
 
 from planner.spec import JobSpec
 from runtime.modules import build_initialised, freeze_if, layer_seed
-from planner.usegraph import (  # noqa: F401  (re-exported: the connection arithmetic lives there, torch-free)
-    Connection, connection, op_connection, use_index,
-)
+from planner.usegraph import Connection, connection
 
 
 def adapter_widths(job: JobSpec, component: str) -> list[int]:

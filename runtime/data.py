@@ -21,10 +21,11 @@ import torch
 
 from planner.components import resolve_shape
 from planner.spec import JobSpec
-from runtime.connect import connection
 from runtime.heads import NUM_CLASSES, check_loss
 from planner.kinds import kind_of
-from runtime.modules import DEFAULT_VOCAB, image_channels, is_token_decoder, root_uses, stable_seed, use_component
+from planner.usegraph import connection, root_uses, use_component
+from runtime.kinds import image_channels, is_token_decoder
+from runtime.modules import DEFAULT_VOCAB, stable_seed
 from runtime.unet import NUM_TIMESTEPS, NoiseSchedule, noise_key, timesteps_key
 
 LM_NOISE = 0.1  # fraction of positions of an lm sequence replaced by random tokens

@@ -25,9 +25,10 @@ from torch import nn
 from planner.components import resolve_shape
 from planner.metagraph import MetaGraph, MetaOp
 from planner.spec import JobSpec
-from planner.usegraph import reads_embed
-from runtime.connect import build_adapter, connect, op_connection
-from runtime.modules import build_initialised, freeze_if, layer_seed, runtime_kind
+from planner.usegraph import op_connection, reads_embed
+from runtime.connect import build_adapter, connect
+from runtime.kinds import runtime_kind
+from runtime.modules import build_initialised, freeze_if, layer_seed
 
 
 POSITION_BASE = 100.0  # longest wavelength scale of the ViT's 2-D sin-cos position grid (grids are <= ~64 wide)

@@ -35,7 +35,8 @@ from runtime.channel import PieceChannel, piece_key
 from runtime.data import TaskBatch, synthetic_batch
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
-from runtime.modules import build_layer, build_optimizer, is_token_decoder, layer_kwargs, run_layers
+from runtime.kinds import is_token_decoder
+from runtime.modules import build_layer, build_optimizer, layer_kwargs, run_layers
 from runtime.steps import GradBucket, Lap, StepTiming
 from runtime.zero import ShardedAdamW
 

@@ -20,7 +20,9 @@ from planner.kinds import kind_of
 from planner.spec import JobSpec
 from runtime import unet
 from runtime.checks import BUILTIN_LOSSES, check_head, check_loss_name, next_token_source
-from runtime.modules import DEFAULT_VOCAB, build_initialised, image_channels, layer_seed, leaf_uses, use_component
+from planner.usegraph import leaf_uses, use_component
+from runtime.kinds import image_channels
+from runtime.modules import DEFAULT_VOCAB, build_initialised, layer_seed
 
 if TYPE_CHECKING:  # data imports this module
     from runtime.data import TaskBatch

@@ -28,8 +28,7 @@ from planner.components import UseShape, upstream_width, use_shape
 from planner.errors import SpecError
 from planner.metagraph import MetaOp
 from planner.spec import ComponentSpec, JobSpec
-from planner.usegraph import leaf_uses, root_uses, upstream_uses, use_component  # noqa: F401  (re-exported)
-from runtime.kinds import image_channels, is_token_decoder, runtime_kind  # noqa: F401  (re-exported)
+from runtime.kinds import runtime_kind
 
 
 DEFAULT_VOCAB = 256  # vocabulary of a token component without vocab_size

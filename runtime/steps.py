@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from planner.plan import Plan
-
 
 SPAN_PARTS = ("forward", "backward", "transfer_forward", "transfer_backward", "loss", "sync", "optimizer",
               "reduce_losses")

@@ -34,7 +34,9 @@ from recipes.medical.scans import (
     VOCAB_SIZE, Scan, dequantise, describe_scan, encode, quantise, render_scans,
 )
 from runtime.data import SPLITS, TaskBatch
-from runtime.modules import image_channels, leaf_uses, root_uses, stable_seed, upstream_uses, use_component
+from planner.usegraph import leaf_uses, root_uses, upstream_uses, use_component
+from runtime.kinds import image_channels
+from runtime.modules import stable_seed
 
 LOSSES = (
     "medical_classification", "medical_detection", "medical_segmentation", "medical_report",

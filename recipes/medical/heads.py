@@ -27,7 +27,7 @@ from planner.spec import JobSpec
 from recipes.medical.data import MAX_LESIONS, NUM_CLASSES, PAD, TYPES, TaskLayout, task_layout, use_path
 from runtime.data import TaskBatch
 from runtime.heads import TaskHead
-from runtime.modules import use_component
+from planner.usegraph import use_component
 
 NUM_LESION_TYPES = len(TYPES)  # K: lesion types seen in training; the segmentation classes are K + no-object
 PAD_ID = PAD  # token id ignored by the token losses

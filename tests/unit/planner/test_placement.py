@@ -15,7 +15,7 @@ from planner.placement import (
     STRATEGIES, MemoryLedger, PlacedSlice, build_ledger, place_schedule,
 )
 from planner.program import forward_moves
-from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule
+from planner.schedule import Problem, Schedule, Slice, Wave
 from planner.simulator import simulate_transfers
 from planner.spec import parse_job
 

@@ -15,7 +15,7 @@ from planner.devices import DEVICES, GIB, Hardware
 from planner.metagraph import MetaOp, finalize_graph
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, all_slices, build_ledger, place_schedule
 from planner.program import forward_moves, grad_buckets, holdings
-from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule
+from planner.schedule import Problem
 from planner.simulator import (
     Phase, backward_ends, boundary_time, move_flows, simulate, simulate_transfers, split_passes, sync_of,
 )

@@ -20,7 +20,7 @@ from recipes.medical.heads import (
 from recipes.medical.evaluate import visible_mean_mse
 from runtime.data import TaskBatch
 from runtime.heads import build_head
-from runtime.modules import leaf_uses
+from planner.usegraph import leaf_uses
 
 H, PATCH, VOCAB = 16, 4, 64
 SIDES = {"classification": 8, "detection": 12, "segmentation": 12, "report": 8, "unsupervised": 8}

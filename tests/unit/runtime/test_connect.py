@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from planner.spec import parse_job
-from runtime.connect import Connection, InputAdapter, adapter_widths, connect, connection
+from planner.usegraph import Connection, connection
+from runtime.connect import InputAdapter, adapter_widths, connect
 
 
 def test_a_connection_projects_other_widths_then_pools_or_adds_text():

@@ -7,9 +7,8 @@ import pytest
 from planner.errors import SpecError
 from planner.metagraph import build_metagraph
 from planner.spec import parse_job
+from planner.usegraph import input_modules, op_connection
 from runtime.checks import check_runnable, feature_shape
-from runtime.connect import op_connection
-from planner.usegraph import input_modules
 
 
 def image_to(consumer: dict):

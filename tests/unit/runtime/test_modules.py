@@ -19,12 +19,11 @@ from planner.components import resolve_shape
 from planner.metagraph import build_metagraph
 from planner.errors import SpecError
 from planner.spec import JobSpec, parse_job
+from planner.usegraph import leaf_uses, root_uses, upstream_uses
 from runtime.data import synthetic_batch, task_loss_sum
 from runtime.heads import NUM_CLASSES, build_head
 from runtime.embeddings import build_embed
-from runtime.modules import (
-    TransformerBlock, build_layer, layer_kwargs, layer_seed, leaf_uses, root_uses, run_layers, upstream_uses,
-)
+from runtime.modules import TransformerBlock, build_layer, layer_kwargs, layer_seed, run_layers
 
 ROOT = Path(__file__).resolve().parents[3]
 H, HEADS, SEQ, BATCH = 32, 4, 8, 6
