@@ -59,6 +59,11 @@ class ComponentSpec(StrictModel):
     cross_seq_len: int | None = Field(None, ge=1, description="Length of the sequence a decoder cross-attends to.")
     channel_mults: list[int] | None = Field(None, description="unet2d: channel multiplier per resolution level.")
     out_features: int | None = Field(None, ge=1, description="mlp: output width (classes, embedding size).")
+    pretrained: str | None = Field(
+        None,
+        description="A local checkpoint folder (Hugging Face transformers: config.json + safetensors; or a diffusers "
+        "model folder). The component's shape fields are read from its config; see docs/models.md.",
+    )
     frozen: bool = Field(False, description="Forward only: no weight gradients and no optimizer state.")
     recompute: bool = Field(
         False, description="Activation checkpointing: keep only each layer's input, recompute the rest in backward."
