@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from planner.data_spec import DataSpec
 from planner.errors import SpecError, did_you_mean
 
 
@@ -100,6 +101,9 @@ class TaskSpec(StrictModel):
     batch_size: int = Field(ge=1, description="Global batch size (samples per iteration) of this task.")
     loss: str = Field("cross_entropy", description="Loss name (informational for planning).")
     loss_weight: float = Field(1.0, ge=0, description="Weight of this task's loss in the total.")
+    data: DataSpec | None = Field(
+        None, description="Where the task's samples come from (planner.data_spec, docs/data.md); none: synthetic data."
+    )
 
     def upstream_names(self, use_index: int) -> list[str]:
         """Names of the uses feeding use ``use_index``, in its ``after:`` order: its ``after`` when given, else the
@@ -174,6 +178,19 @@ class JobSpec(StrictModel):
         description="A folder of real data for the recipe: one subfolder per split (train, heldout, transfer) in the "
         "format the recipe documents; none: the recipe's synthetic data.",
     )
+
+    @model_validator(mode="after")
+    def _check_name(self) -> JobSpec:
+        """The name becomes a folder (``out/<name>``) and a Ray job id: a safe character set, so it never leaves
+        the folder it is put in (no ``/``, no ``..``, not absolute)."""
+        import re  # local: one use, and this edit leaves the shared import block as it is
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", self.name) or ".." in self.name:
+            raise ValueError(
+                f"name ({self.name!r}) is not a safe job name; expected 1-64 characters from A-Z a-z 0-9 . _ -, "
+                "starting with a letter or digit, without '..'. Rename the job (e.g. 'my-job')."
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_references(self) -> JobSpec:
