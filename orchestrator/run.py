@@ -44,7 +44,8 @@ from orchestrator.run_inputs import RunInputError, check_cpu_device, check_plan_
 from orchestrator.trace import TraceRecorder, write_run_traces
 from planner.plan import Plan, load_plan
 from planner.spec import JobSpec
-from runtime.reference import MODEL_FILE, save_model
+from runtime.export import EXPORT_DIR, export_pretrained
+from runtime.reference import MODEL_FILE, merge_parameters, save_model
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,8 @@ class Driver:
             write_run_traces(self.out_dir, self.plan, self.trace.steps)
             parameters = self.gather(lambda a, r: a.named_parameters.remote(), "while collecting parameters")
             save_model(self.out_dir / MODEL_FILE, parameters)  # the trained model, for `loom eval`
+            for folder in export_pretrained(self.job, merge_parameters(parameters), self.out_dir / EXPORT_DIR):
+                log.info("exported %s (loads with from_pretrained)", folder)
         finally:
             self.shutdown()
         return self.result(parameters if self.options.collect_parameters else None)

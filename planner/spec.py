@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from planner.data_spec import DataSpec
 from planner.errors import SpecError, did_you_mean
@@ -65,6 +65,10 @@ class ComponentSpec(StrictModel):
         description="A local checkpoint folder (Hugging Face transformers: config.json + safetensors; or a diffusers "
         "model folder). The component's shape fields are read from its config; see docs/models.md.",
     )
+    lr: float | None = Field(
+        None, gt=0, description="Learning rate of this component's parameters (absolute, scheduled like training.lr); "
+        "none: training.lr."
+    )
     frozen: bool = Field(False, description="Forward only: no weight gradients and no optimizer state.")
     recompute: bool = Field(
         False, description="Activation checkpointing: keep only each layer's input, recompute the rest in backward."
@@ -73,6 +77,18 @@ class ComponentSpec(StrictModel):
         default_factory=lambda: [1],
         description="Tensor-parallel degrees the planner may choose from (1 = data parallel only).",
     )
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_pretrained(cls, data: Any, info: ValidationInfo) -> Any:
+        """A pretrained component takes its kind and shape from its folder's config (planner.pretrained); relative
+        paths are read from the spec file's folder (the validation context's ``base``)."""
+        if not isinstance(data, dict) or data.get("pretrained") is None:
+            return data
+        from planner.pretrained import fill_component  # local: it is only needed by pretrained components
+
+        return fill_component(data, (info.context or {}).get("base"))
 
 
 class TaskComponentSpec(StrictModel):
@@ -142,9 +158,28 @@ class TrainingSpec(StrictModel):
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon (added to the root of the second moment).")
     seed: int = Field(0, description="Seed of parameters and data (the runtime's layers have no dropout yet).")
     checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0 = never).")
-    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Compute precision the cost model assumes.")
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="Compute precision: bf16/fp16 autocast forward over fp32 master weights and optimizer state "
+        "(fp16 with loss scaling, GPU only), or fp32; the planner prices activations and gradients in it."
+    )
     shard_optimizer: bool = Field(
         True, description="ZeRO-1: shard fp32 master weights and Adam state over each data-parallel group."
+    )
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Learning rate after warmup: constant, or a linear or cosine decay from `lr` towards "
+        "`lr * min_lr_ratio` at step `steps` (runtime.optim.lr_factor; a pure function of the step)."
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear warmup: step k < warmup_steps trains at lr * (k+1) / warmup_steps."
+    )
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Where linear and cosine decay end, as a fraction of `lr`.")
+    grad_clip: float | None = Field(
+        None, ge=0, description="Clip gradients to this global L2 norm over every trainable parameter (each counted "
+        "once, whatever device or tensor-parallel rank holds it); 0 or none: no clipping."
+    )
+    grad_accum_steps: int = Field(
+        1, ge=1, description="Micro-batches per step: each task's batch_size rows are split into this many micro-batches "
+        "(the planner plans one micro-batch), their gradients accumulated, then synchronised and stepped once."
     )
 
 
@@ -189,6 +224,23 @@ class JobSpec(StrictModel):
             raise ValueError(
                 f"name ({self.name!r}) is not a safe job name; expected 1-64 characters from A-Z a-z 0-9 . _ -, "
                 "starting with a letter or digit, without '..'. Rename the job (e.g. 'my-job')."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_training(self) -> JobSpec:
+        """Micro-batches split every task's batch evenly; fp16 needs a GPU (its loss scaling is a GPU path)."""
+        k = self.training.grad_accum_steps
+        for i, task in enumerate(self.tasks):
+            if task.batch_size % k:
+                raise ValueError(
+                    f"tasks[{i}].batch_size ({task.batch_size}) is not divisible by training.grad_accum_steps ({k}); "
+                    "each micro-batch needs the same rows. Make batch_size a multiple of grad_accum_steps."
+                )
+        if self.training.precision == "fp16" and self.cluster.device.lower() == "cpu":
+            raise ValueError(
+                "training.precision ('fp16') is not supported on cluster.device cpu; CPUs compute in bf16 (autocast) "
+                "or fp32. Set precision: bf16 or fp32."
             )
         return self
 
@@ -274,12 +326,13 @@ def _format_error(model: type[BaseModel], err: dict[str, Any]) -> str:
     return f"{path} ({shown}): {err['msg'].lower()}. Fix the value in the spec."
 
 
-def parse_job(data: Any, source: str = "job spec") -> JobSpec:
-    """Validate a parsed YAML/JSON document as a :class:`JobSpec`; raise one readable SpecError."""
+def parse_job(data: Any, source: str = "job spec", base: Path | None = None) -> JobSpec:
+    """Validate a parsed YAML/JSON document as a :class:`JobSpec`; raise one readable SpecError. ``base`` is the
+    folder relative ``pretrained:`` paths are read from (the spec file's; default the cwd)."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the top level must be a mapping with keys name, cluster, components, tasks.")
     try:
-        return JobSpec.model_validate(data)
+        return JobSpec.model_validate(data, context={"base": base})
     except ValidationError as exc:
         first = exc.errors()[0]
         more = len(exc.errors()) - 1
@@ -309,7 +362,7 @@ def load_job(path: str | Path, cluster: str | Path | None = None) -> JobSpec:
         if isinstance(cluster_data, dict) and "cluster" in cluster_data:
             cluster_data = cluster_data["cluster"]
         data = {**data, "cluster": cluster_data}
-    job = parse_job(data, source=str(path))
+    job = parse_job(data, source=str(path), base=Path(path).resolve().parent)
     from planner.components import check_components  # local: components imports spec
 
     check_components(job)

@@ -177,6 +177,10 @@ def build_embed(job: JobSpec, component: str) -> nn.Module:
     ``layer_seed(seed, component + ":embed", 0)``; frozen with its component.
     """
     comp = job.components[component]
+    if comp.pretrained:  # the model's own token embedding and weights (runtime.pretrained)
+        from runtime import pretrained
+
+        return freeze_if(pretrained.build_embed(comp), comp)
     max_len = max(component_seq_lens(job, component), default=comp.seq_len or 1)
     factory = runtime_kind(comp, component).embed(job, component, max_len)
     module = build_initialised(factory, layer_seed(job.training.seed, component + ":embed", 0))

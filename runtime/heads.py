@@ -17,7 +17,7 @@ from torch import nn
 
 from planner.components import resolve_shape
 from planner.kinds import kind_of
-from planner.spec import JobSpec
+from planner.spec import ComponentSpec, JobSpec
 from runtime import unet
 from runtime.checks import BUILTIN_LOSSES, check_head, check_loss_name, next_token_source
 from planner.usegraph import leaf_uses, use_component
@@ -215,7 +215,19 @@ def build_head(job: JobSpec, task_index: int) -> TaskHead:
     ``head(outputs, batch)`` returns per-sample losses ``(B,)``. Raises ValueError as :func:`head_factory`.
     """
     seed = layer_seed(job.training.seed, "task:" + job.tasks[task_index].name, 0)
-    return build_initialised(head_factory(job, task_index), seed)
+    head = build_initialised(head_factory(job, task_index), seed)
+    if isinstance(head, NextTokenHead) and (comp := pretrained_lm(job, task_index)) is not None:
+        from runtime import pretrained
+
+        head = pretrained.load_lm_head(comp, head)
+    return head
+
+
+def pretrained_lm(job: JobSpec, task_index: int) -> ComponentSpec | None:
+    """The pretrained component whose tokens next-token task ``task_index`` predicts (it predicts them through that
+    model's final norm and LM head); None when that component is not pretrained."""
+    comp = use_component(job, task_index, next_token_source(job, task_index)[0])[1]
+    return comp if comp.pretrained else None
 
 
 def head_factory(job: JobSpec, task_index: int) -> Callable[[], TaskHead]:

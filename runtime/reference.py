@@ -1,8 +1,9 @@
 """Single-process training of a job: the reference every distributed run must reproduce.
 
 The same modules (built by runtime.modules with the same seeds), the same synthetic batches and
-the same AdamW, with every task's whole batch on one device. Parameter names match
-:meth:`runtime.executor.WaveWorker.named_parameters`.
+the same AdamW (runtime.optim's parameter groups, learning-rate schedule, clipping and autocast), with
+every task's whole batch on one device, or its ``training.grad_accum_steps`` micro-batches one after the
+other. Parameter names match :meth:`runtime.executor.WaveWorker.named_parameters`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from runtime.assignment import input_order
 from runtime.data import TaskBatch, synthetic_batch
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
-from runtime.modules import build_layer, build_optimizer, layer_kwargs
+from runtime.modules import build_layer, layer_kwargs
+from runtime.optim import autocast, build_grouped_optimizer, module_component, set_lr
 
 
 MODEL_FILE = "model.pt"  # a run's trained parameters, in its output directory
@@ -32,13 +34,18 @@ class ModelFileError(LoomError):
 def save_model(path: str | Path, per_rank: list[dict[str, torch.Tensor]]) -> None:
     """Write the union of every rank's :meth:`WaveWorker.named_parameters` (replicas are equal after a step) as
     ``{"parameters": {name: tensor}}``, atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"parameters": merge_parameters(per_rank)}, tmp)
+    os.replace(tmp, path)
+
+
+def merge_parameters(per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The union of every rank's named parameters (replicas are equal after a step), sorted by name."""
     merged: dict[str, torch.Tensor] = {}
     for params in per_rank:
         merged.update(params)
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"parameters": dict(sorted(merged.items()))}, tmp)
-    os.replace(tmp, path)
+    return dict(sorted(merged.items()))
 
 
 def load_model(path: str | Path) -> dict[str, torch.Tensor]:
@@ -70,14 +77,19 @@ class ReferenceTrainer:
                     self.modules[(name, 0)] = build_input_module(job, name)
         for t, task in enumerate(job.tasks):
             self.modules[("head:" + task.name, 0)] = build_head(job, t)
-        self.optimizer = build_optimizer(job, [p for m in self.modules.values() for p in m.parameters() if p.requires_grad])
+        self.optimizer = build_grouped_optimizer(job, (
+            (module_component(self.graph.metaops, name), p)
+            for (name, _), module in self.modules.items() for p in module.parameters()))
+        self.device = torch.device("cpu")
 
-    def task_loss(self, t: int, step: int) -> torch.Tensor:
-        """``loss_weight * mean per-sample loss`` of task ``t`` over its whole batch at ``step``."""
+    def task_loss(self, t: int, step: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """``loss_weight * sum of per-sample losses / batch_size`` of task ``t`` over rows [start, stop) of its batch at
+        ``step`` (default the whole batch: the mean), computed under the job's autocast."""
         task = self.job.tasks[t]
-        batch = synthetic_batch(self.job, t, step, 0, task.batch_size)
-        per_sample = self.head(t)(self.forward(t, batch), batch)
-        return task.loss_weight * per_sample.sum() / task.batch_size
+        batch = synthetic_batch(self.job, t, step, start, task.batch_size if stop is None else stop)
+        with autocast(self.job, self.device):
+            per_sample = self.head(t)(self.forward(t, batch), batch)
+        return task.loss_weight * per_sample.float().sum() / task.batch_size
 
     def head(self, t: int) -> torch.nn.Module:
         """Task ``t``'s loss head."""
@@ -100,15 +112,30 @@ class ReferenceTrainer:
     last_gradients: dict[str, torch.Tensor] | None = None  # the last train_step's, when asked for
 
     def train_step(self, step: int, keep_gradients: bool = False) -> dict[str, float]:
-        losses = {task.name: self.task_loss(t, step) for t, task in enumerate(self.job.tasks)}
-        sum(losses.values()).backward()
+        """One optimizer step: every micro-batch's losses backward (gradients accumulate), clipping by global norm,
+        the scheduled learning rate, AdamW. Per-task mean losses over the whole batch. With ``keep_gradients`` the
+        gradients AdamW steps with (clipped) are left in :attr:`last_gradients`."""
+        k = self.job.training.grad_accum_steps
+        losses = {task.name: 0.0 for task in self.job.tasks}
+        for micro in range(k):
+            parts = {}
+            for t, task in enumerate(self.job.tasks):
+                rows = task.batch_size // k
+                parts[task.name] = self.task_loss(t, step, micro * rows, (micro + 1) * rows)
+                losses[task.name] += float(parts[task.name].detach())
+            sum(parts.values()).backward()
+        params = [p for module in self.modules.values() for p in module.parameters() if p.requires_grad]
+        if self.job.training.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, self.job.training.grad_clip)
         if keep_gradients:  # named as named_parameters, those with a gradient
             self.last_gradients = {f"{name}/{layer}/{pname}": p.grad.detach().clone()
                                    for (name, layer), module in sorted(self.modules.items())
                                    for pname, p in module.named_parameters() if p.grad is not None}
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {task.name: float(losses[task.name].detach()) / task.loss_weight if task.loss_weight else 0.0
+        if self.optimizer is not None:
+            set_lr(self.optimizer, self.job.training, step)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return {task.name: losses[task.name] / task.loss_weight if task.loss_weight else 0.0
                 for task in self.job.tasks}
 
     def load_parameters(self, params: dict[str, torch.Tensor]) -> None:

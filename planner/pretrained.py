@@ -1,0 +1,190 @@
+"""Pretrained components, planner side: a component's kind and shape read from its local checkpoint folder.
+
+A component with ``pretrained: PATH`` names a Hugging Face ``transformers`` folder (``config.json`` plus
+``model.safetensors`` or ``model.safetensors.index.json`` and its shards). :func:`resolve_pretrained` reads the
+config's ``model_type``, finds its :class:`Architecture` in :data:`ARCHITECTURES` and returns the spec fields the
+config fixes (kind, layers, widths, heads, MLP width, vocabulary); the spec need not restate them, and a restated
+field that disagrees is an error naming both values. It also reads the safetensors headers (JSON, no tensor data)
+and checks that the tensors the config implies are there with the shapes it implies, so a folder whose weights do
+not match its config is refused at validation, not in a worker.
+
+Adding an architecture: an :class:`Architecture` entry here (its kind and config keys, the tensors to check) and
+its torch side in runtime.pretrained (docs/models.md). Pure Python (no torch): ``loom validate`` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 * 2**20  # a safetensors header larger than this is not one
+
+
+class PretrainedError(ValueError):
+    """A pretrained folder that cannot be used; the message is one line naming the path and the fix."""
+
+
+Shapes = Callable[[dict[str, Any]], dict[str, tuple[int, ...]]]
+
+
+def _llama_tensors(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Tensors every Llama-family checkpoint holds, with the shapes its config implies."""
+    h, f, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads = cfg["num_attention_heads"]
+    d = cfg.get("head_dim") or h // heads
+    kv = cfg.get("num_key_value_heads") or heads
+    shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (heads * d, h), p + "self_attn.k_proj.weight": (kv * d, h),
+                   p + "self_attn.v_proj.weight": (kv * d, h), p + "self_attn.o_proj.weight": (h, heads * d),
+                   p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                   p + "mlp.down_proj.weight": (h, f), p + "input_layernorm.weight": (h,),
+                   p + "post_attention_layernorm.weight": (h,)}
+    if not cfg.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, h)
+    return shapes
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one ``model_type`` maps onto a Loom kind: which config key gives each spec field (a missing optional key
+    leaves the field to the kind's default), and the tensors its checkpoint must hold."""
+
+    kind: str
+    fields: dict[str, str]  # spec field -> config key
+    tensors: Shapes
+    optional: tuple[str, ...] = ()  # config keys that may be absent
+
+
+_LLAMA_FIELDS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
+                 "num_kv_heads": "num_key_value_heads", "ffn_hidden_size": "intermediate_size",
+                 "vocab_size": "vocab_size"}
+
+# model_type -> architecture. Qwen2 adds q/k/v biases and Qwen3 q/k norms: checked by loading, not listed here.
+ARCHITECTURES: dict[str, Architecture] = {
+    name: Architecture("llama", _LLAMA_FIELDS, _llama_tensors, optional=("num_key_value_heads",))
+    for name in ("llama", "qwen2", "qwen3", "mistral")
+}
+
+
+@dataclass(frozen=True)
+class PretrainedInfo:
+    """What a pretrained folder fixes: the model type, the Loom kind and spec fields, and the config itself."""
+
+    path: str
+    model_type: str
+    kind: str
+    fields: dict[str, int]
+    config: dict[str, Any]
+
+
+def resolve_path(value: str, base: Path | None) -> Path:
+    """``value`` as an absolute path: relative paths are taken from ``base`` (the spec file's folder) or the cwd."""
+    path = Path(value).expanduser()
+    return (path if path.is_absolute() else (base or Path.cwd()) / path).resolve()
+
+
+def resolve_pretrained(path: str | Path) -> PretrainedInfo:
+    """Read ``path``'s config and safetensors headers; a PretrainedError (one line, naming the path) when the folder
+    is missing, its architecture is not supported, or its tensors do not match its config."""
+    return _resolve(str(Path(path).resolve()))
+
+
+@lru_cache(maxsize=32)
+def _resolve(path: str) -> PretrainedInfo:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise PretrainedError(f"{folder}: no such folder. Point `pretrained:` at a saved model folder "
+                              "(save_pretrained writes config.json and model.safetensors).")
+    cfg = _read_json(folder / CONFIG_FILE, "the model's config")
+    model_type = cfg.get("model_type")
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        raise PretrainedError(f"{folder / CONFIG_FILE}: model_type '{model_type}' is not supported; supported: "
+                              f"{', '.join(sorted(ARCHITECTURES))}. See docs/models.md for how to add one.")
+    fields = {}
+    for field, key in arch.fields.items():
+        value = cfg.get(key)
+        if value is None and key not in arch.optional:
+            raise PretrainedError(f"{folder / CONFIG_FILE}: '{key}' is missing; a {model_type} config has it. "
+                                  "Re-save the model with save_pretrained.")
+        if value is not None:
+            fields[field] = int(value)
+    _check_tensors(folder, arch.tensors(cfg))
+    return PretrainedInfo(path, model_type, arch.kind, fields, cfg)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise PretrainedError(f"{path}: missing ({what}). A pretrained folder holds the files save_pretrained writes.")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PretrainedError(f"{path}: not valid JSON ({exc}). Re-save the model with save_pretrained.") from None
+    if not isinstance(data, dict):
+        raise PretrainedError(f"{path}: not a JSON object. Re-save the model with save_pretrained.")
+    return data
+
+
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (one file, or the shards an index names)."""
+    if (folder / INDEX_FILE).is_file():
+        index = _read_json(folder / INDEX_FILE, "the shard index").get("weight_map")
+        if not isinstance(index, dict):
+            raise PretrainedError(f"{folder / INDEX_FILE}: no 'weight_map'. Re-save the model with save_pretrained.")
+        return {name: folder / file for name, file in index.items()}
+    single = folder / SINGLE_FILE
+    if not single.is_file():
+        raise PretrainedError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}. Save the model with "
+                              "save_pretrained(..., safe_serialization=True).")
+    return {name: single for name in read_header(single)}
+
+
+def read_header(path: Path) -> dict[str, dict[str, Any]]:
+    """The tensor entries of a safetensors file's header (name -> dtype, shape, offsets); reads no tensor data."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > MAX_HEADER_BYTES:
+                raise ValueError(f"header of {size} bytes")
+            header = json.loads(f.read(size))
+    except (OSError, struct.error, ValueError) as exc:
+        raise PretrainedError(f"{path}: not a safetensors file ({exc}). Re-save the model with save_pretrained.") from None
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def _check_tensors(folder: Path, want: dict[str, tuple[int, ...]]) -> None:
+    files = tensor_files(folder)
+    headers = {file: read_header(file) for file in set(files.values()) if file.is_file()}
+    for name, shape in want.items():
+        file = files.get(name)
+        if file is None or name not in headers.get(file, {}):
+            raise PretrainedError(f"{folder}: tensor '{name}' is missing from the safetensors files; the config implies "
+                                  "it. Re-save the model, or fix config.json.")
+        got = tuple(headers[file][name]["shape"])
+        if got != shape:
+            raise PretrainedError(f"{file}: tensor '{name}' has shape {list(got)} but config.json implies {list(shape)}. "
+                                  "The weights do not belong to this config.")
+
+
+def fill_component(data: dict[str, Any], base: Path | None) -> dict[str, Any]:
+    """A component's raw spec with the fields its pretrained folder fixes filled in and ``pretrained`` made absolute;
+    a PretrainedError when the spec restates a field with another value (naming both)."""
+    info = resolve_pretrained(resolve_path(str(data["pretrained"]), base))
+    out = {**data, "pretrained": info.path}
+    for field, value in {"kind": info.kind, **info.fields}.items():
+        given = data.get(field)
+        if given is not None and given != value:
+            raise PretrainedError(f"{field} ({given!r}) contradicts {info.path}/{CONFIG_FILE} ({value!r}). Remove "
+                                  f"`{field}:` from the component: a pretrained component takes it from its config.")
+        out[field] = value
+    return out

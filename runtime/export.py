@@ -1,0 +1,80 @@
+"""Export: a run's trained pretrained components written back in their source format.
+
+For every component with ``pretrained: PATH``, :func:`export_pretrained` writes ``<out>/<component>/``: the trained
+tensors merged from every rank (runtime.reference.merge_parameters) under the checkpoint's own names
+(runtime.pretrained.export_names) in one ``model.safetensors``, next to a copy of the source folder's other files
+(config, tokenizer, generation config), so ``AutoModelForCausalLM.from_pretrained(<out>/<component>)`` loads it. The
+LM head and final norm come from the first next-token task that predicts through them (each such task trains its own
+copy; docs/models.md); without one they are copied from the source. Tied embeddings are written untied
+(``tie_word_embeddings: false``), since Loom trains the embedding and the head as two tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from planner.pretrained import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, resolve_pretrained, tensor_files
+from planner.spec import JobSpec
+from runtime.heads import pretrained_lm
+from runtime.pretrained import export_names, head_export_name, read_tensors
+
+EXPORT_DIR = "export"  # under a run's --out
+
+
+def export_pretrained(job: JobSpec, params: dict[str, torch.Tensor], out_dir: str | Path) -> list[Path]:
+    """Write every pretrained component of ``job`` from ``params`` (names as WaveWorker.named_parameters, merged over
+    the ranks) into ``out_dir/<component>/``; returns the folders written (none when no component is pretrained)."""
+    written = []
+    for name, comp in job.components.items():
+        if comp.pretrained:
+            written.append(_export_component(job, name, params, Path(out_dir) / name))
+    return written
+
+
+def component_tensors(job: JobSpec, component: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained tensors of pretrained ``component`` under its checkpoint's names; tensors no parameter covers
+    (an LM head no task trained) are read from the source folder."""
+    out = {}
+    for key, tensor in params.items():
+        group, layer, param = key.split("/", 2)
+        target = export_names(group, int(layer), param, component)
+        if target is not None:
+            out[target] = tensor
+    head = next((t.name for i, t in enumerate(job.tasks)
+                 if t.loss in ("lm", "next_token") and pretrained_lm(job, i) is job.components[component]), None)
+    if head is not None:
+        for key, tensor in params.items():
+            group, _, param = key.split("/", 2)
+            if group == f"head:{head}" and (target := head_export_name(param)) is not None:
+                out[target] = tensor
+    source = job.components[component].pretrained
+    missing = sorted(set(tensor_files(Path(source))) - set(out))
+    out |= read_tensors(source, missing)
+    if resolve_pretrained(source).config.get("tie_word_embeddings") and "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"].clone()
+    return out
+
+
+def _export_component(job: JobSpec, component: str, params: dict[str, torch.Tensor], folder: Path) -> Path:
+    from safetensors.torch import save_file
+
+    source = Path(job.components[component].pretrained)
+    tensors = component_tensors(job, component, params)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for path in source.iterdir():  # config, tokenizer, generation config: everything but the weights
+        if path.is_file() and path.name not in (SINGLE_FILE, INDEX_FILE) and not path.name.endswith(".safetensors"):
+            shutil.copy2(path, tmp / path.name)
+    config = json.loads((source / CONFIG_FILE).read_text())
+    config["tie_word_embeddings"] = False
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.detach().contiguous() for k, v in sorted(tensors.items())}, str(tmp / SINGLE_FILE),
+              metadata={"format": "pt"})
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
