@@ -1,0 +1,35 @@
+"""Create the small pretrained models the examples and tests fine-tune, locally (nothing is downloaded).
+
+Each builder makes a model from its library's config class with seeded random weights and ``save_pretrained``s it,
+as a Hugging Face folder ``pretrained:`` can name. Run ``python examples/make_models.py [FOLDER]`` to write the
+examples' models into FOLDER (default ``examples/models``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def save_llama(path: str | Path, seed: int = 0, model_type: str = "llama", **config) -> Path:
+    """A small Llama-family causal LM (RoPE, grouped-query attention, RMSNorm, SwiGLU) saved at ``path``;
+    ``config`` overrides the defaults (64 wide, 4 layers, 4 heads over 2 kv heads, vocabulary 128). ``model_type``
+    picks the family: llama, qwen2, qwen3 or mistral."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    defaults = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    cfg = AutoConfig.for_model(model_type, **(defaults | config))
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return Path(path)
+
+
+def main(folder: str = "examples/models") -> None:
+    out = Path(folder)
+    print(f"wrote {save_llama(out / 'llama')}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,202 @@
+"""Pretrained Hugging Face components: shapes read from the config, the model's own modules, per-worker loading,
+single-process training equal to the transformers model's, export round trip, and every bad folder refused in one
+line."""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from planner.errors import SpecError
+from planner.metagraph import build_metagraph
+from planner.spec import load_job
+from runtime.data import synthetic_batch
+from runtime.export import export_pretrained
+from runtime.modules import build_layer
+from runtime.reference import ReferenceTrainer
+
+sys.path.insert(0, str(Path(__file__).parents[3] / "examples"))
+from make_models import save_llama  # noqa: E402  (examples/make_models.py)
+
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    save_llama(root / "llama")
+    save_llama(root / "qwen2", model_type="qwen2", seed=1)
+    save_llama(root / "deep", num_hidden_layers=8, seed=2)
+    return root
+
+
+def write_job(folder: Path, pretrained: str, steps: int = 3, **component) -> Path:
+    """A one-task next-token job on a pretrained LM at ``pretrained`` (relative to ``folder``), plus a
+    classification task sharing it."""
+    doc = {
+        "name": "hf", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+        "components": {"lm": {"pretrained": pretrained, "seq_len": 12, **component}},
+        "tasks": [{"name": "caption", "batch_size": 4, "loss": "lm", "components": [{"component": "lm"}]}],
+        "training": {"steps": steps, "lr": 1e-3, "precision": "fp32"},
+    }
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def transformers_losses(job, folder: Path, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Per-step losses of plain transformers training on the job's batches with the job's AdamW, and the gradients
+    of its first step by checkpoint name."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    train = job.training
+    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, eps=train.adam_eps)
+    losses = []
+    for step in range(steps):
+        ids = synthetic_batch(job, 0, step, 0, job.tasks[0].batch_size).inputs["lm"]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if step == 0:
+            grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses, grads
+
+
+def test_the_spec_takes_its_shape_from_the_config(models, tmp_path):
+    job = load_job(write_job(models, "llama"))
+    comp = job.components["lm"]
+    assert (comp.kind, comp.num_layers, comp.hidden_size, comp.num_heads, comp.num_kv_heads) == ("llama", 4, 64, 4, 2)
+    assert (comp.ffn_hidden_size, comp.vocab_size) == (128, 128)
+    assert comp.pretrained == str((models / "llama").resolve())  # relative to the spec file's folder
+    assert build_metagraph(job).metaops[0].num_layers == 4
+
+
+def test_a_restated_field_that_agrees_is_accepted_and_one_that_disagrees_names_both(models):
+    assert load_job(write_job(models, "llama", hidden_size=64)).components["lm"].hidden_size == 64
+    with pytest.raises(SpecError, match=r"components.lm: num_layers \(3\) contradicts .*config.json \(4\)"):
+        load_job(write_job(models, "llama", num_layers=3))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_single_process_training_equals_the_transformers_model(models, model_type):
+    job = load_job(write_job(models, model_type))
+    reference = ReferenceTrainer(job)
+    want, hf_grads = transformers_losses(job, models / model_type, 3)
+    for step in range(3):
+        got = reference.train_step(step, keep_gradients=step == 0)["caption"]
+        assert abs(got - want[step]) <= RTOL * want[step], (step, got, want[step])
+        if step == 0:  # from equal weights (later, AdamW turns float-level differences of summation order into
+            grads = reference.last_gradients  # visible ones; see tests/integration/_equivalence.py)
+    from runtime.export import component_tensors
+
+    ours = component_tensors(job, "lm", grads)
+    assert set(ours) == set(hf_grads)
+    for name, g in hf_grads.items():
+        err = float((ours[name] - g).norm() / g.norm())
+        assert err <= RTOL, (name, err)
+
+
+def test_a_worker_reads_only_the_tensors_of_the_layers_it_holds(models, monkeypatch):
+    import safetensors
+
+    job = load_job(write_job(models, "deep"))
+    op = build_metagraph(job).metaops[0]
+    read: list[str] = []
+    real_open = safetensors.safe_open
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self.inner = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.inner.get_tensor(name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    layers = [build_layer(job, op, i) for i in (2, 3)]
+    assert len(read) == 2 * 9  # q, k, v, o, gate, up, down and two norms per layer
+    assert {name.split(".")[2] for name in read} == {"2", "3"}, read
+    assert sum(p.numel() for m in layers for p in m.parameters()) == sum(
+        p.numel() for n, p in _hf(models / "deep").named_parameters() if n.startswith(("model.layers.2.", "model.layers.3.")))
+
+
+def _hf(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_the_exported_model_loads_with_from_pretrained_and_gives_the_same_logits(models, tmp_path):
+    job = load_job(write_job(models, "llama"))
+    reference = ReferenceTrainer(job)
+    reference.train_step(0)
+    (folder,) = export_pretrained(job, reference.named_parameters(), tmp_path / "export")
+    assert folder == tmp_path / "export" / "lm"
+    batch = synthetic_batch(job, 0, 7, 0, 4)
+    with torch.no_grad():
+        logits = _hf(folder)(input_ids=batch.inputs["lm"]).logits
+        head = reference.head(0)
+        ours = head.out(head.norm(reference.forward(0, batch)["lm"]))
+    assert float((logits - ours).norm() / ours.norm()) <= RTOL
+
+
+def _corrupt_shape(folder: Path) -> None:
+    """Rewrite the safetensors header so one tensor claims another shape of the same size (64 = 8 x 8)."""
+    file = folder / "model.safetensors"
+    data = file.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    header["model.norm.weight"]["shape"] = [8, 8]
+    text = json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size:])  # offsets count from the data's start
+
+
+def _set_config(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del cfg[key]
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("breaks, expected", [
+    (lambda f: None, ["nowhere", "no such folder"]),
+    (lambda f: _set_config(f, model_type="gpt_neo"), ["config.json", "'gpt_neo' is not supported", "llama"]),
+    (lambda f: _set_config(f, intermediate_size=None), ["config.json", "'intermediate_size' is missing"]),
+    (lambda f: _set_config(f, intermediate_size=96), ["model.safetensors", "gate_proj", "[128, 64]", "[96, 64]"]),
+    (_corrupt_shape, ["model.safetensors", "model.norm.weight", "[8, 8]", "[64]"]),
+    (lambda f: (f / "model.safetensors").unlink(), ["no model.safetensors"]),
+    (lambda f: (f / "config.json").write_text("{not json"), ["config.json", "not valid JSON"]),
+], ids=["missing-folder", "unsupported", "missing-field", "config-contradicts-weights", "bad-shape", "no-weights",
+        "bad-config"])
+def test_a_bad_folder_is_one_error_line(models, tmp_path, breaks, expected):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(models / "llama", folder)
+    breaks(folder)
+    path = write_job(tmp_path, "nowhere" if expected[0] == "nowhere" else "model")
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: components.lm: "), lines
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
