@@ -205,9 +205,11 @@ def validate(job_path: JobArg, cluster: ClusterOpt = None, verbose: Verbose = Fa
     from orchestrator.recipes import load_job
     from orchestrator.render import describe_job
     from runtime.checks import check_trainable  # torch-free: a recipe's own losses are left to the recipe
+    from runtime.source_files import check_data_files
 
     configure_logging(verbose)
     job = load_job(job_path, cluster)
+    check_data_files(job)  # the tasks' data files (torch-free; loom run also loads their tokenizers)
     typer.echo(f"{job_path}: valid. {describe_job(job)}")
     try:
         check_trainable(job)
@@ -329,8 +331,17 @@ def run(
         help="Checkpoint every N steps and at the end (0: never; default: the job's training.checkpoint_every).",
     )] = None,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue from the latest complete checkpoint in --out (same plan).",
+        "--resume", help="Continue from the latest intact complete checkpoint in --out (same plan).",
     )] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Start over in an --out that holds an earlier run's checkpoints: the earlier run is moved "
+                            "to OUT/previous-<time>/ and deleted once this run has a checkpoint.",
+    )] = False,
+    keep_last: Annotated[int | None, typer.Option(
+        "--keep-last", metavar="K", min=1,
+        help="Keep only the K newest complete checkpoints; older ones are deleted after a newer one is complete "
+             "(default: keep every one).",
+    )] = None,
     address: Annotated[str | None, typer.Option(
         "--address", metavar="ADDR", help="Join this Ray cluster (host:port) instead of starting an embedded one.",
     )] = None,
@@ -345,14 +356,19 @@ def run(
     """Train a job on CPU workers: one Ray actor per device of its plan, with metrics and checkpoints.
 
     Per-step losses go to stderr, the summary (losses at the start vs the end, step time) to stdout.
-    A worker failure is one `error:` line and exit code 1. See docs/run.md.
+    A worker failure is one `error:` line and exit code 1; SIGINT (Ctrl-C) and SIGTERM stop after the step in
+    flight with a final checkpoint (exit 130, 143). See docs/run.md and docs/reliability.md.
     """
     from planner.plan import load_plan
     from orchestrator.recipes import load_job
-    from orchestrator.run import OBJECT_STORE_FROM_BYTES, RunFailed, RunOptions, run_job
+    from orchestrator.remote import RunFailed
+    from orchestrator.run import OBJECT_STORE_FROM_BYTES, RunOptions, run_job
+    from orchestrator.signals import RunStopped
     from orchestrator.summary import summary_lines
 
     configure_logging(verbose)
+    if resume and overwrite:
+        raise typer.BadParameter("--resume continues the run in --out, --overwrite replaces it: pass one of them.")
     if resume and cluster is not None:
         raise typer.BadParameter("--cluster with --resume: a resumed run continues on its saved plan's cluster "
                                  "(OUT/plan.json). Leave --cluster out, or start a new run without --resume.")
@@ -361,7 +377,7 @@ def run(
         raise typer.BadParameter("--costs plans the job; with --plan the plan is given. Use one of them.")
     given_plan = load_plan(plan_path) if plan_path is not None else None
     options = RunOptions(steps=steps, out_dir=out, metrics_port=metrics_port, checkpoint_every=checkpoint_every,
-                         resume=resume, address=address, costs=costs,
+                         resume=resume, overwrite=overwrite, keep_last=keep_last, address=address, costs=costs,
                          object_store_from_bytes=OBJECT_STORE_FROM_BYTES if object_store_from is None
                          else int(object_store_from * 1024**2))
     try:
@@ -369,7 +385,10 @@ def run(
     except RunFailed as exc:
         typer.echo(f"error: {one_line(str(exc))}", err=True)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
+    except RunStopped as exc:
+        typer.echo(f"error: {one_line(str(exc))}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:  # outside the run's own handler (orchestrator.signals): loading, or not the main thread
         typer.echo("error: interrupted; continue from the latest complete checkpoint with --resume", err=True)
         raise typer.Exit(130) from None
     for line in summary_lines(result):

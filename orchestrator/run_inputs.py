@@ -19,6 +19,7 @@ def check_runnable_job(job: JobSpec, address: str | None) -> None:
     from orchestrator.recipes import load_recipe
     from runtime.checks import check_trainable
     from runtime.heads import registered_losses
+    from runtime.sources import check_data
 
     load_recipe(job)
     if not address:
@@ -27,6 +28,7 @@ def check_runnable_job(job: JobSpec, address: str | None) -> None:
         check_trainable(job, registered_losses())
     except ValueError as exc:
         raise RunInputError(str(exc)) from None
+    check_data(job)  # tasks' data: files, rows, tokenizers (a DataError, one line), before any Ray process starts
 
 
 def check_cpu_device(device: str, where: str) -> None:

@@ -1,6 +1,7 @@
-"""Deterministic synthetic data for every task of a job, shardable by sample range.
+"""Deterministic data for every task of a job, shardable by sample range.
 
-Owns :class:`TaskBatch` and :func:`synthetic_batch`. Sample ``i`` of task ``t`` at step ``k`` is
+Owns :class:`TaskBatch`, :func:`task_batch` (what a task trains on: its ``data:`` source, runtime.sources, else
+synthetic data) and :func:`synthetic_batch`. Sample ``i`` of task ``t`` at step ``k`` is
 drawn from its own generator seeded by (job seed, task name, step, i), so any data-parallel shard
 ``[start, stop)`` equals the same rows of the full batch, on any process, with no shared state:
 the step index is the whole iterator state (nothing else to checkpoint).
@@ -94,7 +95,9 @@ class _RootInput:
     pattern: torch.Tensor | None  # (NUM_CLASSES, channels): per-class offsets of images/features
 
 
-def _root_inputs(job: JobSpec, task_index: int) -> list[_RootInput]:
+def root_inputs(job: JobSpec, task_index: int) -> list[_RootInput]:
+    """What task ``task_index``'s data must give, per use that reads data (root uses, token decoders, uses with text
+    of their own after their inputs): its kind of input and per-sample shape."""
     task = job.tasks[task_index]
     seed = job.training.seed
     out = []
@@ -185,6 +188,19 @@ def _check_range(job: JobSpec, task_index: int, start: int, stop: int) -> None:
         )
 
 
+def task_batch(job: JobSpec, task_index: int, step: int, start: int, stop: int, split: str = "train") -> TaskBatch:
+    """Samples ``[start, stop)`` of task ``task_index``'s global batch at ``step``: what the task trains on.
+
+    A task with ``data:`` reads its source (runtime.sources.source_batch: files, tokenizer, images); any other
+    task gets :func:`synthetic_batch` (a recipe's registered dataset, else the built-in synthetic data). Either way
+    deterministic per (seed, step, row): any shard equals the matching rows of the full batch."""
+    if job.tasks[task_index].data is not None:
+        from runtime.sources import source_batch  # local: sources imports this module
+
+        return source_batch(job, task_index, step, start, stop, split)
+    return synthetic_batch(job, task_index, step, start, stop, split)
+
+
 def synthetic_batch(job: JobSpec, task_index: int, step: int, start: int, stop: int, split: str = "train") -> TaskBatch:
     """Samples ``[start, stop)`` of task ``task_index``'s global batch at ``step`` (see :class:`TaskBatch`).
 
@@ -205,7 +221,7 @@ def synthetic_batch(job: JobSpec, task_index: int, step: int, start: int, stop: 
     if split != "train":
         raise ValueError(f"split ('{split}'): the built-in synthetic data has only the 'train' split; use a recipe's data.")
     _check_range(job, task_index, start, stop)
-    roots = _root_inputs(job, task_index)
+    roots = root_inputs(job, task_index)
     columns: dict[str, list[torch.Tensor]] = {root.use: [] for root in roots}
     labels = []
     for index in range(start, stop):

@@ -23,6 +23,7 @@ from runtime.checks import BUILTIN_LOSSES, check_head, check_loss_name, next_tok
 from planner.usegraph import leaf_uses, use_component
 from runtime.kinds import image_channels
 from runtime.modules import DEFAULT_VOCAB, build_initialised, layer_seed
+from runtime.tokenizer import IGNORE_INDEX, labels_key
 
 if TYPE_CHECKING:  # data imports this module
     from runtime.data import TaskBatch
@@ -145,9 +146,12 @@ class NextTokenHead(TaskHead):
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
         first = max(self.offset - 1, 0)  # the first predicting position
         logits = self.out(self.normed(outputs[self.leaves[0]][:, first:-1]))  # (B, P, V)
-        targets = batch.inputs[self.text][:, first + 1 - self.offset:]
-        per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, P)
-        return per_token.mean(dim=1)
+        labels = batch.targets.get(labels_key(self.text))  # a data source's (runtime.tokenizer): IGNORE_INDEX unlearned
+        targets = (batch.inputs[self.text] if labels is None else labels)[:, first + 1 - self.offset:]
+        per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=IGNORE_INDEX)
+        if labels is None:
+            return per_token.mean(dim=1)  # (B,)
+        return per_token.sum(dim=1) / (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)  # mean over learned tokens
 
 
 HeadFactory = Callable[[JobSpec, int, list[str]], TaskHead]

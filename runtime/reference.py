@@ -17,7 +17,7 @@ from planner.errors import LoomError
 from planner.metagraph import build_metagraph
 from planner.spec import JobSpec
 from runtime.assignment import input_order
-from runtime.data import TaskBatch, synthetic_batch
+from runtime.data import TaskBatch, task_batch
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
 from runtime.modules import build_layer, layer_kwargs
@@ -86,7 +86,7 @@ class ReferenceTrainer:
         """``loss_weight * sum of per-sample losses / batch_size`` of task ``t`` over rows [start, stop) of its batch at
         ``step`` (default the whole batch: the mean), computed under the job's autocast."""
         task = self.job.tasks[t]
-        batch = synthetic_batch(self.job, t, step, start, task.batch_size if stop is None else stop)
+        batch = task_batch(self.job, t, step, start, task.batch_size if stop is None else stop)
         with autocast(self.job, self.device):
             per_sample = self.head(t)(self.forward(t, batch), batch)
         return task.loss_weight * per_sample.float().sum() / task.batch_size

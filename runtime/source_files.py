@@ -1,0 +1,240 @@
+"""The files behind a task's ``data:`` (planner.data_spec.DataSpec): read, check and index them, torch-free.
+
+Owns what a source's files must hold and the order its rows are visited in: :func:`load_records` reads a JSONL file
+(or an image folder's manifest) into checked records, :func:`check_data_files` checks every task's files and is what
+``loom validate`` runs (torch-free, like runtime.checks: a test loads no torch), :func:`epoch_order` is the seeded
+permutation of an epoch. Each problem is one :class:`DataError` line naming the field, the file, the line and the fix.
+runtime.sources turns the records into batches (tokenizer, images, torch); nothing here imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from planner.data_spec import DataSpec
+from planner.errors import LoomError
+from planner.spec import JobSpec
+
+NUM_LABEL_CLASSES = 10  # classes of a cross_entropy label: runtime.heads.NUM_CLASSES (a test checks they agree)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # one of them marks a tokenizer folder
+LABEL_LOSSES = ("cross_entropy", "mse")  # losses whose rows carry a label (an int class, a number)
+PREFERENCE_SCORES = ("score_chosen", "score_rejected")
+
+
+class DataError(LoomError):
+    """A task's data files are missing, malformed or do not fit the task (one line; the CLI's exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Records:
+    """The checked records of one source: JSON objects (a manifest's lines for images) and their line numbers."""
+
+    path: Path  # the JSONL file (the manifest for images)
+    rows: tuple[dict[str, Any], ...]
+    lines: tuple[int, ...]  # 1-based line of each row in ``path``
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def data_where(t: int, field: str = "path") -> str:
+    """The spec path of task ``t``'s data field, as errors name it."""
+    return f"tasks[{t}].data.{field}"
+
+
+def label_kind(loss: str) -> str | None:
+    """'class' (an int in [0, NUM_LABEL_CLASSES)) for cross_entropy, 'value' (a number) for mse, else None."""
+    return {"cross_entropy": "class", "mse": "value"}.get(loss)
+
+
+def check_data_files(job: JobSpec) -> None:
+    """Every task's data files exist and hold what its format and loss need (a DataError otherwise), and each
+    tokenizer folder named or implied holds a tokenizer. Torch-free: what ``loom validate`` can check."""
+    for t, task in enumerate(job.tasks):
+        if task.data is None:
+            continue
+        load_records(task.data, t, label_kind(task.loss), _needs_captions(job, t))
+        folder = task.data.tokenizer
+        if folder is not None:
+            check_tokenizer_folder(folder, data_where(t, "tokenizer"))
+
+
+def _needs_captions(job: JobSpec, t: int) -> bool:
+    """Whether an images source must give every row a caption: a use of the task reads token ids (by kind) or the
+    loss predicts text."""
+    from planner.kinds import kind_of
+
+    task = job.tasks[t]
+    reads_text = any(kind_of(job.components[u.component]).root_input == "tokens" for u in task.components)
+    return task.data is not None and task.data.format == "images" and (reads_text or task.loss in ("lm", "next_token"))
+
+
+def check_tokenizer_folder(folder: str, where: str) -> Path:
+    """``folder`` as a Path when it holds a tokenizer (one of TOKENIZER_FILES); a DataError naming it otherwise."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise DataError(f"{where} ({folder}): no such tokenizer folder. Point it at a folder saved with "
+                        "tokenizer.save_pretrained (tokenizer.json, tokenizer_config.json).")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise DataError(f"{where} ({folder}): the folder holds no tokenizer ({' or '.join(TOKENIZER_FILES)}). Save "
+                        "one there with tokenizer.save_pretrained, or set tasks[].data.tokenizer to a folder that has one.")
+    return path
+
+
+# --------------------------------------------------------------------------- reading and checking
+
+
+def load_records(spec: DataSpec, t: int, labels: str | None, captions: bool) -> Records:
+    """The checked records of task ``t``'s source (cached per file state, so each process reads a file once).
+    ``labels``: :func:`label_kind` of the task's loss; ``captions``: an images source's rows need a caption."""
+    path = Path(spec.path) / spec.manifest if spec.format == "images" else Path(spec.path)
+    _check_exists(spec, t)
+    stat = path.stat()
+    return _load(spec, t, labels, captions, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _load(spec: DataSpec, t: int, labels: str | None, captions: bool, mtime: int, size: int) -> Records:
+    path = Path(spec.path) / spec.manifest if spec.format == "images" else Path(spec.path)
+    where = data_where(t, "manifest" if spec.format == "images" else "path")
+    rows, lines = [], []
+    for line, row in _read_jsonl(path, where):
+        check = {"text": _check_text, "chat": _check_chat, "preference": _check_preference,
+                 "images": _check_image_row}[spec.format]
+        check(spec, row, f"{where} ({path}): line {line}", labels, captions)
+        rows.append(row)
+        lines.append(line)
+    if not rows:
+        raise DataError(f"{where} ({path}): no rows (the file is empty); a source needs at least one line.")
+    return Records(path, tuple(rows), tuple(lines))
+
+
+def _check_exists(spec: DataSpec, t: int) -> None:
+    where, path = data_where(t), Path(spec.path)
+    if spec.format == "images":
+        if not path.is_dir():
+            raise DataError(f"{where} ({spec.path}): no such folder; format images reads a folder of images with "
+                            f"a manifest ({spec.manifest}). Check the path.")
+        if not (path / spec.manifest).is_file():
+            raise DataError(f"{data_where(t, 'manifest')} ({spec.manifest}): no such file in {spec.path}; write one "
+                            "JSON object per image there ({\"image\": \"rel/path.png\", \"label\": 0}), or set "
+                            "tasks[].data.manifest.")
+    elif not path.is_file():
+        raise DataError(f"{where} ({spec.path}): no such file; format {spec.format} reads a JSONL file. Check the path.")
+
+
+def _read_jsonl(path: Path, where: str):
+    """(line number, object) of every non-blank line; a DataError for a line that is not a JSON object."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{where} ({path}): cannot read it as UTF-8 text ({exc}).") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where} ({path}): line {number} is not valid JSON ({exc.msg} at column {exc.colno}); "
+                            "each line must be one JSON object. Fix or remove the line.") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where} ({path}): line {number} is a JSON {type(row).__name__}, not an object; each "
+                            "line must be one JSON object.")
+        yield number, row
+
+
+def _field(row: dict, key: str, kind: type | tuple[type, ...], at: str, what: str) -> Any:
+    if key not in row:
+        raise DataError(f"{at}: no '{key}' field ({what}); add it to every line, or name the field the file uses "
+                        "in tasks[].data.")
+    value = row[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise DataError(f"{at}: '{key}' is {type(value).__name__} {json.dumps(value)[:40]}, expected {what}.")
+    return value
+
+
+def _check_label(spec: DataSpec, row: dict, at: str, labels: str | None) -> None:
+    if labels == "class":
+        value = _field(row, spec.label_field, int, at, f"an integer class in [0, {NUM_LABEL_CLASSES})")
+        if not 0 <= value < NUM_LABEL_CLASSES:
+            raise DataError(f"{at}: '{spec.label_field}' ({value}) is outside [0, {NUM_LABEL_CLASSES}); cross_entropy "
+                            f"tasks have {NUM_LABEL_CLASSES} classes. Renumber the labels.")
+    elif labels == "value":
+        _field(row, spec.label_field, (int, float), at, "a number (the mse target)")
+
+
+def _check_text(spec: DataSpec, row: dict, at: str, labels: str | None, captions: bool) -> None:
+    _field(row, spec.text_field, str, at, "the text")
+    _check_label(spec, row, at, labels)
+
+
+def _check_chat(spec: DataSpec, row: dict, at: str, labels: str | None, captions: bool) -> None:
+    messages = _field(row, spec.messages_field, list, at, "a list of {role, content} messages")
+    for i, message in enumerate(messages):
+        where = f"{at}: {spec.messages_field}[{i}]"
+        if not isinstance(message, dict):
+            raise DataError(f"{where} is a {type(message).__name__}, not a {{role, content}} object.")
+        _field(message, "role", str, where, "a role (system, user, assistant)")
+        _field(message, "content", str, where, "the message text")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{at}: the conversation has no assistant turn, so nothing to learn (the loss covers "
+                        "assistant turns only). Add one or remove the line.")
+
+
+def _check_preference(spec: DataSpec, row: dict, at: str, labels: str | None, captions: bool) -> None:
+    for key in ("prompt", "chosen", "rejected"):
+        _field(row, key, str, at, "text")
+    for key in PREFERENCE_SCORES:
+        if key in row:
+            _field(row, key, (int, float), at, "a number")
+
+
+def _check_image_row(spec: DataSpec, row: dict, at: str, labels: str | None, captions: bool) -> None:
+    relative = _field(row, "image", str, at, "an image path relative to the folder")
+    folder = Path(spec.path).resolve()
+    image = (folder / relative).resolve()
+    if not image.is_relative_to(folder):
+        raise DataError(f"{at}: 'image' ({relative}) points outside the folder {folder}; manifest paths must stay "
+                        "inside tasks[].data.path. Move the image into the folder.")
+    _check_image_file(image, at)
+    _check_label(spec, row, at, labels)
+    if captions:
+        _field(row, spec.caption_field, str, at, "a caption (the task reads text)")
+
+
+def _check_image_file(image: Path, at: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as img:
+            img.verify()
+    except FileNotFoundError:
+        raise DataError(f"{at}: image {image} does not exist. Fix the manifest line or add the file.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"{at}: image {image} cannot be read ({type(exc).__name__}: {exc}). Replace or remove "
+                        "it.") from None
+
+
+# --------------------------------------------------------------------------- order
+
+
+def stable_int(*parts: object) -> int:
+    """A 63-bit integer from ``parts`` that is the same in every process (unlike ``hash``)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@functools.lru_cache(maxsize=64)
+def epoch_order(num_rows: int, seed: int, task: str, epoch: int, shuffle: bool) -> tuple[int, ...]:
+    """The order task ``task`` visits its ``num_rows`` rows in during ``epoch``: a permutation seeded by (seed,
+    task, epoch), or file order without ``shuffle``. A pure function: every rank and a resumed run agree."""
+    order = list(range(num_rows))
+    if shuffle:
+        random.Random(stable_int("data-order", seed, task, epoch)).shuffle(order)
+    return tuple(order)
