@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 
 from orchestrator.recipes import load_recipe
+from planner.api import plan_schedule
+from planner.metagraph import build_metagraph
+from planner.schedule import Schedule, Slice, Wave
 from runtime.local_world import run_world
 from runtime.reference import ReferenceTrainer
 
@@ -18,6 +21,13 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     update lr * g / (sqrt(v) + eps), which turns float-level differences in g into visible ones."""
     err = float((got - want).norm() / want.norm().clamp_min(1e-12))
     assert err <= RTOL, f"{what}: relative error {err:.2e}"
+
+
+def plan_from_waves(job, waves: list[list[tuple[str, int, int]]]):
+    """A Plan for a hand-made schedule: waves of (MetaOp name, layers, devices)."""
+    ids = {op.name: op.id for op in build_metagraph(job).metaops}
+    schedule = Schedule(tuple(Wave(tuple(Slice(ids[name], layers, n) for name, layers, n in wave)) for wave in waves))
+    return plan_schedule(job, schedule, method="hand-made")
 
 
 def check_equivalence(job, plan, tmp_path, steps: int = STEPS):

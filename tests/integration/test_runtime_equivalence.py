@@ -10,25 +10,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from planner.api import plan_job, plan_schedule
+from planner.api import plan_job
 from planner.metagraph import build_metagraph
-from planner.schedule import Schedule, Slice, Wave
 from planner.spec import parse_job
 from runtime.assignment import CommSchedule, Piece
 
-from _equivalence import STEPS, check_equivalence  # tests/integration/_equivalence.py
+from _equivalence import STEPS, check_equivalence, plan_from_waves  # tests/integration/_equivalence.py
 from _jobs import connector_job, decoder_job, diffusion_job, fusion_job, two_task_job  # tests/integration/_jobs.py
 
 
 def tiny_job(num_devices: int) -> dict:
     return two_task_job(num_devices, STEPS)
-
-
-def plan_from_waves(job, waves: list[list[tuple[str, int, int]]]):
-    """A Plan for a hand-made schedule: waves of (MetaOp name, layers, devices)."""
-    ids = {op.name: op.id for op in build_metagraph(job).metaops}
-    schedule = Schedule(tuple(Wave(tuple(Slice(ids[name], layers, n) for name, layers, n in wave)) for wave in waves))
-    return plan_schedule(job, schedule, method="hand-made")
 
 
 def test_hand_made_plan_with_resplits_equals_single_process(tmp_path):
