@@ -228,7 +228,9 @@ def _canonical(obj: object, indent: int | None = None) -> str:
 
 
 def plan_from_json(text: str, source: str = "plan") -> Plan:
-    """Parse and verify a Plan; a wrong version or a hash that does not match the content is a SpecError."""
+    """Parse and verify a Plan: a SpecError naming ``source`` for text that is not a sealed plan of this version (the
+    hash does not match the content) or one that makes no sense (:func:`planner.validate.check_plan`: layers missing,
+    devices outside the cluster, ...)."""
     try:
         data = json.loads(text)
     except ValueError:
@@ -246,6 +248,9 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
         raise SpecError(f"{source}: the plan has no content hash; it was not written by `loom plan`. Re-run `loom plan`.")
     if plan.hash != plan.content_hash():
         raise SpecError(f"{source}: content hash {plan.hash} does not match the content; the file was edited. Re-run `loom plan`.")
+    from planner.validate import check_plan  # planner.validate imports planner.program, which imports this module
+
+    check_plan(plan, source)
     return plan
 
 

@@ -8,6 +8,7 @@ it): the heads themselves (runtime.heads) build only what these checks let throu
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 
 from planner.components import output_shape, upstream_indices, use_shape
@@ -18,8 +19,13 @@ from planner.plan import Plan
 from planner.spec import JobSpec
 from planner.unet import unet_state_numel
 from planner.usegraph import connection, leaf_uses, op_connection, root_uses, use_component, use_index
+from planner.validate import check_plan, check_program
 
 BUILTIN_LOSSES = ("cross_entropy", "mse", "contrastive", "infonce", "lm", "next_token")  # runtime.heads builds them
+# Worker processes `loom run` starts per CPU core of this machine at most (one per device of the plan). Each imports
+# torch and builds its modules; at 4 per core a step already takes 4x its prediction, and far beyond it the start-up
+# (Ray worker processes, the gloo rendezvous) outlasts its timeouts or the machine's memory: 64 on 2 cores hung.
+WORKERS_PER_CORE = 4
 
 
 def feature_shape(job: JobSpec, op: MetaOp, boundary: int | None = None) -> tuple[int, ...]:
@@ -175,10 +181,13 @@ def _check_bridge_inputs(job: JobSpec, graph: MetaGraph, op: MetaOp) -> None:
 def check_plan_matches_job(plan: Plan, graph: MetaGraph, source: str = "plan", job_name: str | None = None) -> None:
     """The one check that ``plan`` belongs to the job whose MetaGraph is ``graph`` (``loom run``, ``loom submit``
     and every worker call it): the same MetaOps in the same order (name, layer key, layer count, batch size), and
-    only layouts the runtime runs (tensor parallelism only on kinds with a ``tp_variant``, planner.kinds). The job's
+    only layouts the runtime runs (tensor parallelism only on kinds with a ``tp_variant``, planner.kinds), and a
+    plan that makes sense (planner.validate.check_plan) whose program (pieces, holdings, buckets, process groups) is
+    the one planner.program derives from its waves for these MetaOps (planner.validate.check_program). The job's
     name, cluster and training settings may differ: a plan is a schedule of these MetaOps. A SpecError naming ``source``."""
-    want = [(op.name, op.key, op.num_layers, op.batch_size) for op in graph.metaops]
-    have = [(op.name, op.layer_key, op.num_layers, op.batch_size) for op in plan.metaops]
+    check_plan(plan, source)
+    want = [(op.name, op.key, op.num_layers, op.batch_size, list(op.deps)) for op in graph.metaops]
+    have = [(op.name, op.layer_key, op.num_layers, op.batch_size, op.deps) for op in plan.metaops]
     if want != have:
         diff = next((f"{h[0]} vs {w[0]}" for h, w in zip(have, want) if h != w), f"{len(have)} MetaOps vs {len(want)}")
         job = f"job '{job_name}'" if job_name else "this job"
@@ -194,3 +203,21 @@ def check_plan_matches_job(plan: Plan, graph: MetaGraph, source: str = "plan", j
                     f"{source}: MetaOp {plan.metaops[s.metaop].name} has tensor_parallel {s.tp_degree}; the runtime "
                     f"runs tensor parallelism for {', '.join(tp[:-1])} and {tp[-1]} layers only (on megatron-core)."
                 )
+    check_program(plan, graph.metaops, source)
+
+
+def check_local_workers(plan: Plan, source: str = "plan", cores: int | None = None) -> None:
+    """A SpecError naming ``source`` when ``loom run`` without ``--address`` would start more worker processes (one
+    per device of ``plan``'s cluster) than :data:`WORKERS_PER_CORE` per core of this machine (``cores``: default
+    ``os.cpu_count()``), instead of starting them and hanging."""
+    cores = cores or os.cpu_count() or 1
+    cluster = plan.cluster
+    world = cluster.num_nodes * cluster.devices_per_node
+    limit = WORKERS_PER_CORE * cores
+    if world > limit:
+        raise SpecError(
+            f"{source}: cluster ({cluster.num_nodes} node(s) x {cluster.devices_per_node} devices) needs {world} worker "
+            f"processes; `loom run` without --address starts them on this machine's {cores} CPU cores, at most "
+            f"{limit} ({WORKERS_PER_CORE} per core). Plan for at most {limit} devices (cluster.devices_per_node), or "
+            "join a cluster that has them with --address."
+        )

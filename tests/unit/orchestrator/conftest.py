@@ -15,9 +15,11 @@ GIB = 1024**3
 
 def synthetic_plan(num_nodes: int = 1, devices_per_node: int = 8, num_waves: int = 3, num_tasks: int = 3,
                    seed: int = 0) -> Plan:
-    """A sealed Plan with random but well-formed waves: disjoint device sets per wave, consecutive layers.
+    """A sealed Plan with random but well-formed waves: disjoint device sets per wave of power-of-two sizes,
+    consecutive layers, no dependencies; pieces, holdings and buckets are empty.
 
-    Every MetaOp gets ``num_waves`` layers so that it can run one layer in any wave.
+    Each MetaOp runs one layer in each wave that picks it and has as many layers (planner.validate.check_plan passes
+    the plan when every MetaOp is picked, as with 16 devices and 5 waves).
     """
     rng = random.Random(seed)
     num_devices = num_nodes * devices_per_node
@@ -26,7 +28,7 @@ def synthetic_plan(num_nodes: int = 1, devices_per_node: int = 8, num_waves: int
         for u, use in enumerate(("image_encoder", "text_decoder")):
             metaops.append(PlanMetaOp(
                 id=len(metaops), name=f"task{t}.{use}", task=f"task{t}", component=use, layer_key=f"{use}[s={t}]",
-                num_layers=num_waves, batch_size=64, deps=[len(metaops) - 1] if u else [], level=u,
+                num_layers=num_waves, batch_size=64, deps=[], level=u,
                 param_group=use, frozen=False, params_per_layer=1e7, out_bytes_per_sample=1e5,
             ))
     next_layer = [0] * len(metaops)
@@ -39,7 +41,8 @@ def synthetic_plan(num_nodes: int = 1, devices_per_node: int = 8, num_waves: int
         for m in ops:
             if not free:
                 break
-            size = min(len(free), rng.choice([1, 2, 4, 8, 16]))
+            wanted = min(len(free), rng.choice([1, 2, 4, 8, 16]))
+            size = max(n for n in (1, 2, 4, 8, 16) if n <= wanted)  # a power of two: it divides the batch
             chosen, free = free[:size], free[size:]
             layers = 1
             seconds = round(rng.uniform(0.01, 0.2), 4)
@@ -52,6 +55,9 @@ def synthetic_plan(num_nodes: int = 1, devices_per_node: int = 8, num_waves: int
         waves.append(PlanWave(index=k, start_s=round(start, 6), duration_s=duration, forward_s=duration / 3,
                               transfer_in_s=0.0, transfer_back_s=0.0, slices=slices))
         start += duration
+    # A MetaOp has the layers its slices run (planner.validate.check_plan: every layer once, so a plan whose waves
+    # pick every MetaOp loads from a file; one no wave picks keeps num_waves layers and makes the plan refused there).
+    metaops = [op.model_copy(update={"num_layers": next_layer[op.id] or op.num_layers}) for op in metaops]
     compute = start
     plan = Plan(
         job="synthetic",
