@@ -26,6 +26,19 @@ def save_llama(path: str | Path, seed: int = 0, model_type: str = "llama", **con
     return Path(path)
 
 
+def save_clip_vision(path: str | Path, seed: int = 0, **config) -> Path:
+    """A small CLIP vision tower (CLIPVisionModel: 32 wide, 2 layers, 16 px images in 4 px patches) saved at
+    ``path``; ``config`` overrides the defaults."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    defaults = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+                    patch_size=4, num_channels=3)
+    torch.manual_seed(seed)
+    CLIPVisionModel(CLIPVisionConfig(**(defaults | config))).save_pretrained(path)
+    return Path(path)
+
+
 def main(folder: str = "examples/models") -> None:
     out = Path(folder)
     print(f"wrote {save_llama(out / 'llama')}")

@@ -54,6 +54,20 @@ def _llama_tensors(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _clip_vision_tensors(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Tensors every CLIP vision tower holds (CLIPVisionModel), with the shapes its config implies."""
+    h, f, p, c = cfg["hidden_size"], cfg["intermediate_size"], cfg["patch_size"], cfg.get("num_channels", 3)
+    shapes = {"embeddings.patch_embedding.weight": (h, c, p, p), "embeddings.class_embedding": (h,),
+              "embeddings.position_embedding.weight": ((cfg["image_size"] // p) ** 2 + 1, h),
+              "pre_layrnorm.weight": (h,), "post_layernorm.weight": (h,)}
+    for i in range(cfg["num_hidden_layers"]):
+        pre = f"encoder.layers.{i}."
+        shapes |= {pre + f"self_attn.{x}_proj.weight": (h, h) for x in ("q", "k", "v", "out")}
+        shapes |= {pre + "mlp.fc1.weight": (f, h), pre + "mlp.fc2.weight": (h, f), pre + "layer_norm1.weight": (h,),
+                   pre + "layer_norm2.weight": (h,)}
+    return shapes
+
+
 @dataclass(frozen=True)
 class Architecture:
     """How one ``model_type`` maps onto a Loom kind: which config key gives each spec field (a missing optional key
@@ -71,8 +85,12 @@ _LLAMA_FIELDS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size"
 
 # model_type -> architecture. Qwen2 adds q/k/v biases and Qwen3 q/k norms: checked by loading, not listed here.
 ARCHITECTURES: dict[str, Architecture] = {
-    name: Architecture("llama", _LLAMA_FIELDS, _llama_tensors, optional=("num_key_value_heads",))
-    for name in ("llama", "qwen2", "qwen3", "mistral")
+    **{name: Architecture("llama", _LLAMA_FIELDS, _llama_tensors, optional=("num_key_value_heads",))
+       for name in ("llama", "qwen2", "qwen3", "mistral")},
+    "clip_vision_model": Architecture(
+        "vit", {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
+                "ffn_hidden_size": "intermediate_size", "patch_size": "patch_size", "image_size": "image_size",
+                "in_channels": "num_channels"}, _clip_vision_tensors, optional=("num_channels",)),
 }
 
 

@@ -2,7 +2,7 @@
 
 For every component with ``pretrained: PATH``, :func:`export_pretrained` writes ``<out>/<component>/``: the trained
 tensors merged from every rank (runtime.reference.merge_parameters) under the checkpoint's own names
-(runtime.pretrained.export_names) in one ``model.safetensors``, next to a copy of the source folder's other files
+(runtime.pretrained.export_name) in one ``model.safetensors``, next to a copy of the source folder's other files
 (config, tokenizer, generation config), so ``AutoModelForCausalLM.from_pretrained(<out>/<component>)`` loads it. The
 LM head and final norm come from the first next-token task that predicts through them (each such task trains its own
 copy; docs/models.md); without one they are copied from the source. Tied embeddings are written untied
@@ -20,7 +20,7 @@ import torch
 from planner.pretrained import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, resolve_pretrained, tensor_files
 from planner.spec import JobSpec
 from runtime.heads import pretrained_lm
-from runtime.pretrained import export_names, head_export_name, read_tensors
+from runtime.pretrained import export_name, head_export_name, read_tensors
 
 EXPORT_DIR = "export"  # under a run's --out
 
@@ -38,20 +38,21 @@ def export_pretrained(job: JobSpec, params: dict[str, torch.Tensor], out_dir: st
 def component_tensors(job: JobSpec, component: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The trained tensors of pretrained ``component`` under its checkpoint's names; tensors no parameter covers
     (an LM head no task trained) are read from the source folder."""
+    comp = job.components[component]
     out = {}
     for key, tensor in params.items():
         group, layer, param = key.split("/", 2)
-        target = export_names(group, int(layer), param, component)
+        target = export_name(comp, component, group, int(layer), param)
         if target is not None:
             out[target] = tensor
     head = next((t.name for i, t in enumerate(job.tasks)
-                 if t.loss in ("lm", "next_token") and pretrained_lm(job, i) is job.components[component]), None)
+                 if t.loss in ("lm", "next_token") and pretrained_lm(job, i) is comp), None)
     if head is not None:
         for key, tensor in params.items():
             group, _, param = key.split("/", 2)
             if group == f"head:{head}" and (target := head_export_name(param)) is not None:
                 out[target] = tensor
-    source = job.components[component].pretrained
+    source = comp.pretrained
     missing = sorted(set(tensor_files(Path(source))) - set(out))
     out |= read_tensors(source, missing)
     if resolve_pretrained(source).config.get("tie_word_embeddings") and "lm_head.weight" not in out:

@@ -1,14 +1,15 @@
 """Pretrained components, runtime side: a Hugging Face model's own modules as Loom layers, loaded per worker.
 
 A component with ``pretrained: PATH`` (planner.pretrained has read its config and checked its tensors) runs the
-model's own ``transformers`` modules: layer ``i`` is the model's decoder layer ``i`` (:class:`PretrainedLayer`, a
-``(B, S, H) -> (B, S, H)`` causal layer with the model's rotary position embedding for positions ``0..S-1``), the
-input module is its token embedding (:class:`PretrainedEmbedding`) and a next-token task on it predicts through its
-final norm and LM head (:func:`load_lm_head`). Each module is built on the meta device from the model's class and
-filled from safetensors with only its own tensors (:func:`read_tensors`): a worker holding 2 of 8 layers reads those
-2 layers' tensors, never the whole model. Weights are float32 master weights whatever the file's dtype.
+model's own ``transformers`` modules, found through its architecture's :class:`Layout`: layer ``i`` is the model's
+layer ``i`` (:class:`PretrainedLayer`, ``(B, S, H) -> (B, S, H)``; a causal LM's with its rotary position embedding
+for positions ``0..S-1``), the input module runs its embedding modules (:class:`PretrainedInput`) and a next-token
+task on a causal LM predicts through its final norm and LM head (:func:`load_lm_head`). Each module is built on the
+meta device from the model's class and filled from safetensors with only its own tensors (:func:`read_tensors`): a
+worker holding 2 of 8 layers reads those 2 layers' tensors, never the whole model. Weights are float32 master weights
+whatever the file's dtype.
 
-:func:`export_names` maps Loom's parameter names (``<group>/<layer>/<param>``, runtime.executor) back to the
+:func:`export_name` maps Loom's parameter names (``<group>/<layer>/<param>``, runtime.executor) back to the
 checkpoint's, which :mod:`runtime.export` writes as a folder ``from_pretrained`` loads. Tied embeddings are untied
 on load (the embedding and the LM head train as two tensors) and exported untied.
 
@@ -31,27 +32,41 @@ from planner.spec import ComponentSpec
 
 @dataclass(frozen=True)
 class Layout:
-    """Where a causal LM keeps its parts, as attribute paths from the ``*ForCausalLM`` module; the same paths are the
-    checkpoint's tensor-name prefixes."""
+    """Where a model keeps its parts, as attribute paths from the module its auto class builds; the same paths are
+    the checkpoint's tensor-name prefixes. ``embed`` lists the modules the input module runs, in order."""
 
-    layers: str = "model.layers"
-    embed: str = "model.embed_tokens"
-    norm: str = "model.norm"
-    head: str = "lm_head"
-    rotary: str = "model.rotary_emb"
+    auto_class: str  # the transformers auto class that builds the model from its config
+    layers: str
+    embed: tuple[str, ...]
+    rotary: str | None = None  # a causal LM's rotary embedding: its layers take (cos, sin) for positions 0..S-1
+    norm: str | None = None  # the final norm and LM head a next-token task predicts through
+    head: str | None = None
 
 
-CAUSAL_LM = Layout()  # llama, qwen2, qwen3, mistral
+CAUSAL_LM = Layout("AutoModelForCausalLM", "model.layers", ("model.embed_tokens",), rotary="model.rotary_emb",
+                   norm="model.norm", head="lm_head")
+LAYOUTS: dict[str, Layout] = {  # by model_type; planner.pretrained.ARCHITECTURES names the same
+    **{name: CAUSAL_LM for name in ("llama", "qwen2", "qwen3", "mistral")},
+    # the tower's sequence is [class, patches] after pre_layrnorm; post_layernorm only normalises CLIP's pooled
+    # class token, which Loom's heads do not read: it is exported unchanged
+    "clip_vision_model": Layout("AutoModel", "encoder.layers", ("embeddings", "pre_layrnorm")),
+}
+
+
+def layout(comp: ComponentSpec) -> Layout:
+    """The layout of pretrained ``comp``'s architecture."""
+    return LAYOUTS[resolve_pretrained(comp.pretrained).model_type]
 
 
 @lru_cache(maxsize=8)
 def _skeleton(path: str) -> nn.Module:
     """The model ``path`` holds, built on the meta device from its config (no memory, no weights read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    auto = getattr(transformers, LAYOUTS[resolve_pretrained(path).model_type].auto_class)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return auto.from_config(config)
 
 
 def _part(path: str, attr: str) -> nn.Module:
@@ -81,13 +96,18 @@ def _checkpoint_name(path: str, name: str) -> str:
     """The tensor holding parameter ``name``: a tied LM head reads the embedding's."""
     config = resolve_pretrained(path).config
     if name == f"{CAUSAL_LM.head}.weight" and config.get("tie_word_embeddings", False):
-        return f"{CAUSAL_LM.embed}.weight"
+        return f"{CAUSAL_LM.embed[0]}.weight"
     return name
 
 
 def _loaded(path: str, attr: str) -> nn.Module:
-    """A copy of the model's module at ``attr`` holding its tensors from ``path`` (float32)."""
-    module = copy.deepcopy(_part(path, attr))
+    """A copy of the model's module at ``attr`` holding its tensors from ``path`` (float32). Buffers the checkpoint
+    does not hold (position ids, rotary frequencies) are set by the model's own initialisation, run without touching
+    the global RNG; every parameter is then overwritten from the file."""
+    module = copy.deepcopy(_part(path, attr)).to_empty(device="cpu")
+    with torch.random.fork_rng(devices=[]):
+        for sub in module.modules():
+            _skeleton(path)._init_weights(sub)
     names = {n: _checkpoint_name(path, f"{attr}.{n}") for n in module.state_dict()}
     tensors = read_tensors(path, sorted(set(names.values())))
     module.load_state_dict({n: tensors[src] for n, src in names.items()}, assign=True, strict=True)
@@ -95,56 +115,66 @@ def _loaded(path: str, attr: str) -> nn.Module:
 
 
 class PretrainedLayer(nn.Module):
-    """Decoder layer ``index`` of a causal LM: ``(B, S, H) -> (B, S, H)``, causal, positions ``0..S-1`` encoded by the
-    model's rotary embedding (recomputed per call: it holds no parameters)."""
+    """Layer ``index`` of a pretrained model: ``(B, S, H) -> (B, S, H)``. A causal LM's layer attends causally with the
+    model's rotary embedding of positions ``0..S-1`` (recomputed per call: it holds no parameters); an encoder's
+    attends to every position."""
 
-    def __init__(self, layer: nn.Module, rotary: nn.Module):
+    def __init__(self, layer: nn.Module, rotary: nn.Module | None):
         super().__init__()
         self.layer, self.rotary = layer, rotary
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotary is None:
+            return self.layer(x, attention_mask=None)
         positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
         return self.layer(x, attention_mask=None, position_ids=positions,
                           position_embeddings=self.rotary(x, positions))
 
 
-class PretrainedEmbedding(nn.Module):
-    """Token ids ``(B, S)`` -> the model's token embedding ``(B, S, H)`` (positions are the layers' rotary)."""
+class PretrainedInput(nn.Module):
+    """A pretrained model's input modules in order: token ids ``(B, S)`` -> its token embedding (a causal LM; positions
+    are its layers' rotary), or images ``(B, C, I, I)`` -> patch, class and position embeddings and CLIP's
+    pre-layernorm ``(B, (I/p)^2 + 1, H)``."""
 
-    def __init__(self, embed_tokens: nn.Module):
+    def __init__(self, parts: list[nn.Module]):
         super().__init__()
-        self.embed_tokens = embed_tokens
+        self.parts = nn.ModuleList(parts)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(ids)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for part in self.parts:
+            x = part(x)
+        return x
 
 
 def build_layer(comp: ComponentSpec, index: int) -> nn.Module:
     """Layer ``index`` of pretrained ``comp``, holding its tensors only."""
-    path = comp.pretrained
-    rotary_class = type(_part(path, CAUSAL_LM.rotary))
-    return PretrainedLayer(_loaded(path, f"{CAUSAL_LM.layers}.{index}"), rotary_class(config=_skeleton(path).config))
+    where = layout(comp)
+    rotary = _loaded(comp.pretrained, where.rotary) if where.rotary else None
+    return PretrainedLayer(_loaded(comp.pretrained, f"{where.layers}.{index}"), rotary)
 
 
 def build_embed(comp: ComponentSpec) -> nn.Module:
-    """The token embedding of pretrained ``comp``."""
-    return PretrainedEmbedding(_loaded(comp.pretrained, CAUSAL_LM.embed))
+    """The input modules of pretrained ``comp``."""
+    return PretrainedInput([_loaded(comp.pretrained, attr) for attr in layout(comp).embed])
 
 
 def load_lm_head(comp: ComponentSpec, head: nn.Module) -> nn.Module:
-    """``head`` (a runtime.heads.NextTokenHead) predicting through pretrained ``comp``'s final norm and LM head."""
+    """``head`` (a runtime.heads.NextTokenHead) predicting through pretrained causal LM ``comp``'s final norm and LM
+    head."""
     head.norm = _loaded(comp.pretrained, CAUSAL_LM.norm)
     head.out = _loaded(comp.pretrained, CAUSAL_LM.head)
     return head
 
 
-def export_names(group: str, layer: int, param: str, component: str) -> str | None:
-    """The checkpoint tensor name of Loom parameter ``<group>/<layer>/<param>`` of pretrained ``component`` (None
-    for a parameter that is not part of the model: another component's, a task's own head)."""
+def export_name(comp: ComponentSpec, component: str, group: str, layer: int, param: str) -> str | None:
+    """The checkpoint tensor name of Loom parameter ``<group>/<layer>/<param>`` as part of pretrained ``comp`` (named
+    ``component``); None for a parameter that is not part of the model (another component's, a task's own head)."""
+    where = layout(comp)
     if group == component:
-        return f"{CAUSAL_LM.layers}.{layer}.{param.removeprefix('layer.')}"
+        return f"{where.layers}.{layer}.{param.removeprefix('layer.')}"
     if group == f"embed:{component}":
-        return f"{CAUSAL_LM.embed}.{param.removeprefix('embed_tokens.')}"
+        index, rest = param.removeprefix("parts.").split(".", 1)
+        return f"{where.embed[int(index)]}.{rest}"
     return None
 
 

@@ -24,7 +24,7 @@ from runtime.modules import build_layer
 from runtime.reference import ReferenceTrainer
 
 sys.path.insert(0, str(Path(__file__).parents[3] / "examples"))
-from make_models import save_llama  # noqa: E402  (examples/make_models.py)
+from make_models import save_clip_vision, save_llama  # noqa: E402  (examples/make_models.py)
 
 RTOL = 1e-5
 
@@ -35,6 +35,7 @@ def models(tmp_path_factory) -> Path:
     save_llama(root / "llama")
     save_llama(root / "qwen2", model_type="qwen2", seed=1)
     save_llama(root / "deep", num_hidden_layers=8, seed=2)
+    save_clip_vision(root / "clip")
     return root
 
 
@@ -156,6 +157,45 @@ def test_the_exported_model_loads_with_from_pretrained_and_gives_the_same_logits
         head = reference.head(0)
         ours = head.out(head.norm(reference.forward(0, batch)["lm"]))
     assert float((logits - ours).norm() / ours.norm()) <= RTOL
+
+
+def test_a_clip_tower_feeding_the_llama_through_a_projector_equals_the_libraries_composed_by_hand(models):
+    """LLaVA's shape: CLIP's last hidden state (17 tokens, 32 wide), projected to the LM's 64 by Loom's connector,
+    then 8 text tokens; the loss is next-token on the text. Composed here from CLIPVisionModel and LlamaForCausalLM."""
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
+
+    path = write_job(models, "llama")
+    doc = yaml.safe_load(path.read_text())
+    doc["components"] = {"vision": {"pretrained": "clip"}, "lm": {"pretrained": "llama", "seq_len": 25}}
+    doc["tasks"][0]["components"] = [{"component": "vision"}, {"component": "lm"}]
+    path.write_text(yaml.safe_dump(doc))
+    job = load_job(path)
+    assert job.components["vision"].kind == "vit" and job.components["vision"].image_size == 16
+    reference = ReferenceTrainer(job)
+    batch = synthetic_batch(job, 0, 0, 0, 4)
+    clip, llama = CLIPVisionModel.from_pretrained(models / "clip"), AutoModelForCausalLM.from_pretrained(models / "llama")
+    projector = reference.modules[("adapt:lm", 0)]
+    with torch.no_grad():
+        image = clip(pixel_values=batch.inputs["vision"]).last_hidden_state
+        tower = reference.modules[("embed:vision", 0)](batch.inputs["vision"])
+        for layer in range(2):
+            tower = reference.modules[("vision", layer)](tower)
+        assert float((tower - image).norm() / image.norm()) <= RTOL
+        text = batch.inputs["lm"]
+        embeds = torch.cat([projector(image), llama.get_input_embeddings()(text)], dim=1)
+        logits = llama(inputs_embeds=embeds).logits[:, image.shape[1] - 1:-1]
+        want = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), text.reshape(-1)))
+    got = reference.train_step(0)["caption"]
+    assert abs(got - want) <= RTOL * want, (got, want)
+    # both towers export to folders their classes load, holding the trained weights
+    exported = {f.name: f for f in export_pretrained(job, reference.named_parameters(), models / "export")}
+    assert set(exported) == {"vision", "lm"}
+    with torch.no_grad():
+        image = CLIPVisionModel.from_pretrained(exported["vision"])(pixel_values=batch.inputs["vision"]).last_hidden_state
+        tower = reference.modules[("embed:vision", 0)](batch.inputs["vision"])
+        for layer in range(2):
+            tower = reference.modules[("vision", layer)](tower)
+    assert float((tower - image).norm() / image.norm()) <= RTOL
 
 
 def _corrupt_shape(folder: Path) -> None:
