@@ -195,7 +195,7 @@ def _check_layer_order(c: _Checker) -> None:
                        f"expected {done[s.metaop]} (each layer runs once, in order over the waves)")
             for d in op.deps if s.first_layer == 0 else ():
                 if finished[d] is None:
-                    c.fail(f"{path}.metaop", s.metaop, f"({op.name}) runs in wave {k} before its predecessor "
+                    c.fail(f"{path}.metaop", f"{s.metaop}: {op.name}", f"runs in wave {k} before its predecessor "
                            f"{c.plan.metaops[d].name} has finished", "expected every predecessor in an earlier wave")
         for s in wave.slices:
             done[s.metaop] += s.num_layers
