@@ -11,15 +11,15 @@ device memory.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from planner.costfile import read_cost_file
 from planner.devices import Hardware
-from planner.errors import PlanningError, SpecError
+from planner.errors import PlanningError
 from planner.metagraph import MetaOp
 
 log = logging.getLogger(__name__)
@@ -272,23 +272,12 @@ class ProfiledCostModel(CostModel):
     @classmethod
     def load(cls, path: str | Path, hardware: Hardware, fallback: CostModel | None = None,
              shard_optimizer: bool = True, grad_bytes: int = 2, weight_bytes: int = 2) -> ProfiledCostModel:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-            points = data["points"]
-            if not isinstance(points, dict):
-                raise TypeError("points is not a mapping")
-            # Each curve is a list of [local_batch, seconds] pairs; check the shape here, not mid-planning.
-            points = {str(k): [(float(b), float(t)) for b, t in v] for k, v in points.items()}
-            measured = MeasuredCosts.from_json(data)
-        except FileNotFoundError:
-            raise SpecError(f"{path}: no such cost file. Run `loom profile` to make one.") from None
-        except (ValueError, KeyError, TypeError):
-            raise SpecError(
-                f"{path}: not a profiled cost file (expected JSON with a 'points' mapping of "
-                "[[local_batch, seconds], ...] lists)."
-            ) from None
-        return cls(hardware, points, fallback, shard_optimizer, grad_bytes, measured, weight_bytes)
+        """The cost model of the cost file at ``path``, checked first (planner.costfile: NaN, zero batches,
+        duplicate or non-monotone points, wrong types and unknown keys are a one-line SpecError naming the entry)."""
+        costs = read_cost_file(path)
+        measured = MeasuredCosts(costs.embed, costs.head, costs.optimizer_s_per_param,
+                                 *(costs.links.get(kind, []) for kind in ("p2p", "allreduce", "allgather")))
+        return cls(hardware, costs.points, fallback, shard_optimizer, grad_bytes, measured, weight_bytes)
 
     def layout_time(self, op: MetaOp, layout: Layout) -> float:
         pts = self.points.get(profile_key(op, layout))

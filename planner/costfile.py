@@ -1,0 +1,170 @@
+"""Reading a profiled cost file (``loom profile``'s output, ``loom plan/run --costs``) and checking that it makes
+sense before any of it is fitted: one SpecError line naming the file, the entry, its value, what is wrong and the fix.
+
+The format (planner.costmodel.ProfiledCostModel): a JSON object with ``points`` (profile key -> curve) and the
+optional ``version`` (1), ``device``, ``embed`` and ``head`` (name -> curve), ``optimizer_s_per_param`` and ``links``
+(``p2p``/``allreduce``/``allgather`` -> curve). A curve is a non-empty list of ``[x, seconds]`` pairs: x a local batch
+(a whole number >= 1; links: bytes > 0), seconds finite and > 0, no x twice, and **monotone**: more samples (or bytes)
+never take less time, beyond measurement noise. Precisely: sorted by x, each point's time is at least
+``1 - MONOTONE_TOLERANCE`` times the largest time at a smaller x (a quarter below it is noise on a shared host; more
+is a broken measurement, which the piecewise-linear fit would extrapolate to negative or zero times).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from planner.errors import SpecError, did_you_mean
+
+COST_FILE_VERSION = 1  # runtime.profiler.PROFILE_VERSION writes it (a test checks they agree)
+MONOTONE_TOLERANCE = 0.25  # a time may be this fraction below one at a smaller x (noise); no further
+MAX_COST_FILE_BYTES = 64 * 2**20  # a profile of thousands of workloads is a few MiB
+KEYS = ("version", "device", "points", "embed", "head", "optimizer_s_per_param", "links")
+LINK_KINDS = ("p2p", "allreduce", "allgather")
+FIX = "Re-run `loom profile JOB.yaml --output COSTS.json`"
+SHAPE = "not a profiled cost file"  # the start of every message about the file's structure (not its numbers)
+
+Points = list[tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class CostFile:
+    """A checked cost file: every curve sorted by x, as floats."""
+
+    points: dict[str, Points]
+    embed: dict[str, Points]
+    head: dict[str, Points]
+    optimizer_s_per_param: float | None
+    links: dict[str, Points]
+
+
+def read_cost_file(path: str | Path) -> CostFile:
+    """The cost file at ``path``, checked (module docstring); a SpecError naming the file and entry otherwise."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_COST_FILE_BYTES:
+            raise SpecError(f"{path}: {SHAPE}: {path.stat().st_size} bytes, more than {MAX_COST_FILE_BYTES}; expected "
+                            f"the JSON `loom profile` writes. {FIX}.")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such cost file. Run `loom profile` to make one.") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory, not a cost file. Give the file `loom profile` wrote.") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: {SHAPE} (not UTF-8 text); expected the JSON `loom profile` writes. {FIX}.") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the cost file ({exc.strerror or exc}). Check the path.") from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else "not JSON"
+        raise SpecError(f"{path}: {SHAPE} ({reason}); expected JSON with a 'points' mapping of [[local_batch, "
+                        f"seconds], ...] lists. {FIX}.") from None
+    return check_cost_data(data, str(path))
+
+
+def check_cost_data(data: object, source: str = "costs") -> CostFile:
+    """The parsed JSON of a cost file, checked; a SpecError naming ``source`` and the entry otherwise."""
+    if not isinstance(data, dict):
+        _shape(source, "the file", type(data).__name__, "is not a JSON object",
+               "expected {\"points\": {\"<profile key>\": [[local_batch, seconds], ...]}, ...}")
+    for key in data:
+        if key not in KEYS:
+            _shape(source, repr(key), "", f"is not a key of a cost file ({did_you_mean(str(key), KEYS)})",
+                   "expected only " + ", ".join(KEYS))
+    version = data.get("version", COST_FILE_VERSION)
+    if type(version) is not int or version != COST_FILE_VERSION:
+        _shape(source, "version", version, "is not a supported version", f"expected {COST_FILE_VERSION}")
+    if not isinstance(data.get("device", ""), str):
+        _shape(source, "device", data["device"], "is not a device name", "expected a string such as 'cpu'")
+    if "points" not in data:
+        _shape(source, "points", "missing", "is required", "expected a mapping of profile key -> [[local_batch, "
+               "seconds], ...]")
+    rate = data.get("optimizer_s_per_param")
+    if rate is not None and (not _is_number(rate) or not math.isfinite(rate) or rate <= 0):
+        _fail(source, "optimizer_s_per_param", rate, "is not a finite positive number",
+              "expected AdamW seconds per parameter (> 0) or null")
+    links = _mapping(source, "links", data.get("links", {}))
+    for kind in links:
+        if kind not in LINK_KINDS:
+            _shape(source, f"links[{kind!r}]", "", "is not a link kind", "expected " + ", ".join(LINK_KINDS))
+    return CostFile(
+        points=_curves(source, "points", data["points"], batch=True),
+        embed=_curves(source, "embed", data.get("embed", {}), batch=True),
+        head=_curves(source, "head", data.get("head", {}), batch=True),
+        optimizer_s_per_param=float(rate) if rate is not None else None,
+        links={kind: _curve(source, f"links[{kind!r}]", value, batch=False) for kind, value in links.items()},
+    )
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fail(source: str, entry: str, value: object, problem: str, expected: str) -> None:
+    raise SpecError(f"{source}: {entry} ({_short(value)}) {problem}; {expected}. {FIX}.")
+
+
+def _shape(source: str, entry: str, value: object, problem: str, expected: str) -> None:
+    """A structure error: the message starts with the file and 'not a profiled cost file'."""
+    text = f" ({_short(value)})" if value != "" else ""
+    raise SpecError(f"{source}: {SHAPE}: {entry}{text} {problem}; {expected}. {FIX}.")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _mapping(source: str, entry: str, value: object) -> dict:
+    if not isinstance(value, dict):
+        _shape(source, entry, type(value).__name__, "is not a mapping", "expected {\"<name>\": [[x, seconds], ...]}")
+    return value
+
+
+def _curves(source: str, entry: str, value: object, batch: bool) -> dict[str, Points]:
+    return {str(key): _curve(source, f"{entry}[{key!r}]", curve, batch)
+            for key, curve in _mapping(source, entry, value).items()}
+
+
+def _curve(source: str, entry: str, value: object, batch: bool) -> Points:
+    """One curve, checked and sorted by x (module docstring)."""
+    x_name = "local batch" if batch else "bytes"
+    if not isinstance(value, list) or not value:
+        _shape(source, entry, type(value).__name__ if not isinstance(value, list) else value,
+               "is not a non-empty list", f"expected [[{x_name}, seconds], ...]")
+    points = []
+    for j, pair in enumerate(value):
+        where = f"{entry}[{j}]"
+        if not isinstance(pair, list) or len(pair) != 2 or not all(_is_number(v) for v in pair):
+            _shape(source, where, pair, "is not a pair of numbers", f"expected [{x_name}, seconds]")
+        x, t = pair
+        whole = not batch or (math.isfinite(x) and float(x).is_integer())
+        if not math.isfinite(x) or x <= 0 or not whole:
+            _fail(source, where, pair, f"has {x_name} {x}, not a " + ("whole number >= 1" if batch else
+                  "finite number > 0"), f"expected [{x_name}, seconds] with {x_name} " + (">= 1" if batch else "> 0"))
+        if not math.isfinite(t) or t <= 0:
+            _fail(source, where, pair, f"has {t} seconds, not a finite time > 0", "expected a measured time")
+        points.append((float(x), float(t)))
+    points.sort()
+    for (x0, _), (x1, _) in zip(points, points[1:]):
+        if x0 == x1:
+            _fail(source, entry, f"{x_name} {x0:g} twice", "has duplicate points", f"expected one time per {x_name}")
+    _check_monotone(source, entry, points, x_name)
+    return points
+
+
+def _check_monotone(source: str, entry: str, points: Points, x_name: str) -> None:
+    """More work never takes less time, up to MONOTONE_TOLERANCE of noise (module docstring)."""
+    top_x, top_t = points[0]
+    for x, t in points[1:]:
+        if t < (1 - MONOTONE_TOLERANCE) * top_t:
+            _fail(source, entry, f"{x_name} {x:g}: {t:.4g} s after {x_name} {top_x:g}: {top_t:.4g} s",
+                  f"is not monotone: more work takes {100 * (1 - t / top_t):.0f}% less time",
+                  f"expected times that grow with the {x_name} (at most {MONOTONE_TOLERANCE:.0%} lower, as noise); "
+                  "a measurement went wrong, e.g. on a busy machine")
+        if t > top_t:
+            top_x, top_t = x, t
