@@ -198,6 +198,10 @@ def fill_component(data: dict[str, Any], base: Path | None) -> dict[str, Any]:
     """A component's raw spec with the fields its pretrained folder fixes filled in and ``pretrained`` made absolute;
     a PretrainedError when the spec restates a field with another value (naming both)."""
     info = resolve_pretrained(resolve_path(str(data["pretrained"]), base))
+    if any(degree != 1 for degree in data.get("tensor_parallel") or [1]):
+        raise PretrainedError(f"tensor_parallel ({data['tensor_parallel']}): pretrained components train data parallel "
+                              "only for now (their weights are not mapped onto megatron-core's layers yet). Remove "
+                              "`tensor_parallel:`.")
     out = {**data, "pretrained": info.path}
     for field, value in {"kind": info.kind, **info.fields}.items():
         given = data.get(field)
