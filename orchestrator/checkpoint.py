@@ -1,14 +1,21 @@
-"""Checkpoint directories of a run: layout, completion markers and finding the one to resume from.
+"""Checkpoint directories of a run: layout, manifests, completion markers, retention, and finding the one to resume from.
 
 Layout under a run's output directory::
 
-    ckpt/step_<k>/rank_<r>.pt   one file per rank (written by that rank's actor: modules + AdamW state)
-    ckpt/step_<k>/COMPLETE      JSON {step, plan_hash, num_ranks, job}, written last by the driver
+    ckpt/step_<k>/rank_<r>.pt     one file per rank (written by that rank's actor: modules + AdamW state)
+    ckpt/step_<k>/MANIFEST.json   {"files": {"rank_<r>.pt": {"bytes", "sha256"}}}, written by the driver
+    ckpt/step_<k>/COMPLETE        JSON {step, plan_hash, num_ranks, job, manifest_sha256}, written last
 
 ``step_<k>`` holds the state after ``k`` completed steps, so a resumed run starts at step ``k``
 (the data of a step is a pure function of its index: the step counter is the whole data state).
 A directory without ``COMPLETE`` (a run killed while saving) is never resumed from. Files are
 written to a temporary name and renamed, so a marker never points at a half-written file.
+
+The manifest is written before the marker and the marker records the manifest's own SHA-256, so a
+complete checkpoint names the exact bytes of every rank file. :func:`find_resume_point` verifies
+them and falls back to the newest complete checkpoint that is intact, with one warning line per
+damaged one (a truncated or overwritten rank file, a missing or altered manifest). A checkpoint
+written before manifests existed (its marker has no ``manifest_sha256``) is resumed unverified.
 
 Owns no torch code: rank files are written by the actors (orchestrator.actors), which get their
 path from :func:`rank_file`.
@@ -16,6 +23,7 @@ path from :func:`rank_file`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -30,22 +38,27 @@ log = logging.getLogger(__name__)
 
 CKPT_DIRNAME = "ckpt"
 MARKER = "COMPLETE"
+MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_HASH_CHUNK = 1024**2
 
 
 class CheckpointError(LoomError):
-    """A checkpoint cannot be resumed from (missing, or made for another plan)."""
+    """A checkpoint cannot be resumed from (missing, damaged, or made for another plan)."""
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A complete checkpoint: the state after ``step`` steps of the plan with hash ``plan_hash``."""
+    """A complete checkpoint: the state after ``step`` steps of the plan with hash ``plan_hash``.
+
+    ``manifest_sha256`` is None for a checkpoint written before manifests (nothing to verify against)."""
 
     path: Path
     step: int
     plan_hash: str
     num_ranks: int
     job: str
+    manifest_sha256: str | None = None
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -63,6 +76,19 @@ def rank_file(directory: str | Path, rank: int) -> Path:
     return Path(directory) / f"rank_{rank}.pt"
 
 
+def step_dirs(out_dir: str | Path) -> dict[int, Path]:
+    """Every ``step_<k>`` directory under ``<out_dir>/ckpt``, complete or not, by step."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return {}
+    found = {}
+    for entry in root.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match and entry.is_dir():
+            found[int(match.group(1))] = entry
+    return found
+
+
 def begin_checkpoint(out_dir: str | Path, step: int) -> Path:
     """Create (or reuse) ``step_<step>`` for writing: its old marker, if any, is removed first."""
     directory = step_dir(out_dir, step)
@@ -71,76 +97,143 @@ def begin_checkpoint(out_dir: str | Path, step: int) -> Path:
     return directory
 
 
+def file_digest(path: Path) -> dict[str, int | str]:
+    """``{"bytes": size, "sha256": hex digest}`` of one file, read in 1 MiB chunks."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
 def mark_complete(directory: str | Path, step: int, plan_hash: str, num_ranks: int, job: str) -> CheckpointInfo:
-    """Write the ``COMPLETE`` marker once every rank file is on disk; an AssertionError if one is missing."""
+    """Write the manifest of every rank file, then the ``COMPLETE`` marker; an AssertionError if a rank file is
+    missing (the actors' contract: every rank wrote its file before this is called)."""
     directory = Path(directory)
     missing = [r for r in range(num_ranks) if not rank_file(directory, r).is_file()]
     assert not missing, f"ranks {missing} did not write their checkpoint files in {directory}"
-    body = {"step": step, "plan_hash": plan_hash, "num_ranks": num_ranks, "job": job}
+    files = {rank_file(directory, r).name: file_digest(rank_file(directory, r)) for r in range(num_ranks)}
+    manifest = json.dumps({"files": files}, sort_keys=True, indent=1) + "\n"
+    write_atomically(directory / MANIFEST, manifest)
+    manifest_sha256 = hashlib.sha256(manifest.encode()).hexdigest()
+    body = {"step": step, "plan_hash": plan_hash, "num_ranks": num_ranks, "job": job,
+            "manifest_sha256": manifest_sha256}
     write_atomically(directory / MARKER, json.dumps(body, sort_keys=True) + "\n")
-    return CheckpointInfo(directory, step, plan_hash, num_ranks, job)
+    return CheckpointInfo(directory, step, plan_hash, num_ranks, job, manifest_sha256)
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling, then rename it over ``path``."""
+    """Write ``text`` to a temporary sibling, flush it to disk, then rename it over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
 def read_marker(directory: Path) -> CheckpointInfo | None:
-    """The checkpoint in ``directory`` if it is complete (marker readable, every rank file present), else None."""
+    """The checkpoint in ``directory`` if it is complete (marker readable, every rank file present), else None.
+    Its files' bytes are not checked here (:func:`damage`)."""
     try:
         body = json.loads((directory / MARKER).read_text())
+        manifest_sha256 = body.get("manifest_sha256")
         info = CheckpointInfo(directory, int(body["step"]), str(body["plan_hash"]), int(body["num_ranks"]),
-                              str(body.get("job", "")))
-    except (OSError, ValueError, KeyError, TypeError):
+                              str(body.get("job", "")), None if manifest_sha256 is None else str(manifest_sha256))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if any(not rank_file(directory, r).is_file() for r in range(info.num_ranks)):
         return None
     return info
 
 
+def complete_checkpoints(out_dir: str | Path) -> list[CheckpointInfo]:
+    """Every complete checkpoint under ``<out_dir>/ckpt`` (whose marker names its own step), newest first."""
+    found = []
+    for step, directory in step_dirs(out_dir).items():
+        info = read_marker(directory)
+        if info is not None and info.step == step:
+            found.append(info)
+    return sorted(found, key=lambda info: info.step, reverse=True)
+
+
 def latest_complete(out_dir: str | Path) -> CheckpointInfo | None:
     """The complete checkpoint with the highest step under ``<out_dir>/ckpt``, or None when there is none."""
-    root = checkpoint_root(out_dir)
-    if not root.is_dir():
+    found = complete_checkpoints(out_dir)
+    return found[0] if found else None
+
+
+def damage(info: CheckpointInfo) -> str | None:
+    """What is wrong with a complete checkpoint's files (one phrase), or None when every rank file has the size and
+    SHA-256 its manifest records and the manifest is the one the marker names (unverifiable old ones: None)."""
+    if info.manifest_sha256 is None:
         return None
-    found = []
-    for entry in root.iterdir():
-        match = _STEP_DIR.match(entry.name)
-        if match and entry.is_dir():
-            info = read_marker(entry)
-            if info is not None and info.step == int(match.group(1)):
-                found.append(info)
-    return max(found, key=lambda info: info.step, default=None)
+    try:
+        text = (info.path / MANIFEST).read_text()
+    except OSError as exc:
+        return f"{MANIFEST} cannot be read ({exc.strerror or exc})"
+    if hashlib.sha256(text.encode()).hexdigest() != info.manifest_sha256:
+        return f"{MANIFEST} is not the one its {MARKER} marker names"
+    files = json.loads(text).get("files", {})
+    for rank in range(info.num_ranks):
+        path = rank_file(info.path, rank)
+        want = files.get(path.name)
+        if want is None:
+            return f"{MANIFEST} does not list {path.name}"
+        try:
+            have = file_digest(path)
+        except OSError as exc:
+            return f"{path.name} cannot be read ({exc.strerror or exc})"
+        if have["bytes"] != want["bytes"]:
+            return f"{path.name} has {have['bytes']} bytes, its manifest says {want['bytes']}"
+        if have["sha256"] != want["sha256"]:
+            return f"{path.name} does not match its manifest's SHA-256"
+    return None
 
 
 def find_resume_point(out_dir: str | Path, plan_hash: str) -> CheckpointInfo:
-    """The checkpoint ``--resume`` continues from; a CheckpointError when none exists or its plan differs."""
-    info = latest_complete(out_dir)
-    if info is None:
-        raise CheckpointError(
-            f"{checkpoint_root(out_dir)}: no complete checkpoint to resume from. Run without --resume, or pass the "
-            "--out directory of the run you want to continue."
-        )
-    if info.plan_hash != plan_hash:
-        raise CheckpointError(
-            f"{info.path}: checkpoint was written for plan {info.plan_hash}, but this run's plan is {plan_hash}; "
-            "a resumed run must use the same plan. Pass the original plan with --plan, or start a new run in "
-            "another --out directory."
-        )
-    return info
+    """The checkpoint ``--resume`` continues from: the newest complete one whose files match their manifest.
+
+    A damaged one is skipped with one warning line naming what is wrong. CheckpointError when none is left, or
+    when the one found was written for another plan."""
+    skipped = []
+    for info in complete_checkpoints(out_dir):
+        problem = damage(info)
+        if problem is not None:
+            log.warning("checkpoint %s is damaged (%s); falling back to the previous complete checkpoint",
+                        info.path, problem)
+            skipped.append(info.path.name)
+            continue
+        if info.plan_hash != plan_hash:
+            raise CheckpointError(
+                f"{info.path}: checkpoint was written for plan {info.plan_hash}, but this run's plan is {plan_hash}; "
+                "a resumed run must use the same plan. Pass the original plan with --plan, or start a new run in "
+                "another --out directory."
+            )
+        return info
+    damaged = f" (damaged: {', '.join(skipped)})" if skipped else ""
+    raise CheckpointError(
+        f"{checkpoint_root(out_dir)}: no complete checkpoint to resume from{damaged}. Run without --resume, or pass "
+        "the --out directory of the run you want to continue."
+    )
 
 
-def remove_checkpoints(out_dir: str | Path) -> int:
-    """Delete every ``step_*`` directory under ``<out_dir>/ckpt`` (a fresh run's stale state); returns how many."""
-    root = checkpoint_root(out_dir)
-    if not root.is_dir():
-        return 0
-    removed = 0
-    for entry in root.iterdir():
-        if _STEP_DIR.match(entry.name) and entry.is_dir():
-            shutil.rmtree(entry)
-            removed += 1
+def remove_older_checkpoints(out_dir: str | Path, newest_step: int, keep_last: int) -> list[Path]:
+    """Retention after checkpoint ``newest_step`` is complete: keep the ``keep_last`` newest complete checkpoints at
+    or below it, delete the older complete ones and the unfinished directories older than those kept.
+
+    Directories above ``newest_step`` (an abandoned later run, or damaged ones a resume skipped) are left alone.
+    Returns the directories deleted."""
+    assert keep_last >= 1, keep_last
+    complete = [c.step for c in complete_checkpoints(out_dir) if c.step <= newest_step]
+    assert newest_step in complete, f"step_{newest_step} is not complete: nothing may be deleted for it"
+    if len(complete) <= keep_last:
+        return []
+    oldest_kept = complete[keep_last - 1]  # complete is newest first
+    removed = []
+    for step, directory in sorted(step_dirs(out_dir).items()):
+        if step < oldest_kept:
+            shutil.rmtree(directory)
+            removed.append(directory)
     return removed

@@ -3,23 +3,31 @@
 Entry point :func:`run_job`. A run is a sequence of named phases (:class:`Driver`):
 
 1. ``prepare``: check the job can run here (CPU cluster, supported losses), plan it or check the
-   given plan belongs to it, settle the output directory and, for ``resume``, the checkpoint to
-   continue from. Every problem found here is a user error (:class:`RunInputError`, exit 2).
-2. ``start_metrics``, ``start_cluster`` (an embedded local Ray cluster with one logical CPU per
-   worker; or ``ray.init(address=...)``; or the Ray session this process already has),
-   ``create_workers`` (one actor per device of the plan, each plan node's ranks on a Ray node of
-   their own through one placement group, joined in one gloo group), ``restore`` (every rank loads
-   its checkpoint file). A cluster whose nodes cannot hold the plan's nodes is refused before any
-   actor starts (:mod:`orchestrator.placement`).
+   given plan belongs to it, check the output directory (its lock, :mod:`orchestrator.outdir`; a fresh
+   run over an earlier run's checkpoints needs ``overwrite``) and, for ``resume``, find the checkpoint
+   to continue from; bind the metrics port. Every problem found here is a user error
+   (:class:`RunInputError`, exit 2), and nothing in the output directory has been written yet.
+2. ``start_cluster`` (an embedded local Ray cluster with one logical CPU per worker; or
+   ``ray.init(address=...)``; or the Ray session this process already has), ``create_workers`` (one
+   actor per device of the plan, each plan node's ranks on a Ray node of their own through one
+   placement group, joined in one gloo group), ``claim_out_dir`` (the first write into the output
+   directory: its lock, the earlier run moved aside for ``overwrite``, ``plan.json``), ``restore``
+   (every rank loads its checkpoint file). A cluster whose nodes cannot hold the plan's nodes is
+   refused before any actor starts (:mod:`orchestrator.placement`).
 3. ``train``: one collective ``train_step`` per step on every actor; each step is logged to
    ``metrics.jsonl``, the metrics and the progress reporter; every ``checkpoint_every`` steps the
-   actors write their files and the driver writes the completion marker.
+   actors write their files and the driver writes the manifest and the completion marker, then applies
+   ``keep_last``. SIGINT or SIGTERM stops the run after the step in flight, with a final checkpoint when
+   checkpointing is on (:mod:`orchestrator.signals`; :class:`RunStopped`, exit 128 + the signal).
 4. ``shutdown`` (always): kill the actors, stop the embedded cluster (keeping the workers' logs
-   that hold output under ``<out>/logs``) or disconnect from ``--address``, stop the metrics server.
+   that hold output under ``<out>/logs`` once the run has claimed it) or disconnect from ``--address``,
+   stop the metrics server, release the output directory's lock.
 
 A worker that fails ends the run with :class:`RunFailed` (one line: which worker, which step,
 what it raised; exit 1); the other actors are killed rather than left waiting in a collective.
-Files written under ``<out>``: ``plan.json``, ``metrics.jsonl``, ``ckpt/step_<k>/``, ``logs/``, and at the end
+Files written under ``<out>`` (each path checked to resolve inside it, :func:`orchestrator.outdir.contained`):
+``.loom-run.lock``, ``plan.json``, ``metrics.jsonl``, ``ckpt/step_<k>/``, ``logs/``, ``previous-<time>/`` (an
+earlier run moved aside by ``overwrite``, deleted once this run has a checkpoint), and at the end ``model.pt``,
 ``trace.json`` (the last steps' measured spans per rank) and ``trace-predicted.json`` (the plan's), Chrome traces
 (orchestrator.trace).
 """
@@ -34,14 +42,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.checkpoint import (
-    CheckpointInfo, begin_checkpoint, find_resume_point, mark_complete, rank_file, remove_checkpoints,
+    CKPT_DIRNAME, CheckpointInfo, begin_checkpoint, mark_complete, rank_file, remove_older_checkpoints, step_dir,
 )
 from orchestrator.metrics import (
     RunMetrics, StepLog, StepRecord, predicted_wave_seconds, step_breakdown, tokens_per_sample,
 )
+from orchestrator.outdir import LOCK_FILE, RunFolder
 from orchestrator.placement import RankPlacement, fitting_nodes, misplaced_ranks, nodes_from_ray, placement_mismatch
+from orchestrator.remote import STARTING, RunFailed, gather, gather_one
 from orchestrator.run_inputs import RunInputError, check_cpu_device, check_plan_for_job, check_runnable_job
-from orchestrator.trace import TraceRecorder, write_run_traces
+from orchestrator.signals import RunStopped, StopSignals, signal_name
+from orchestrator.trace import PREDICTED_TRACE_FILE, TRACE_FILE, TraceRecorder, write_run_traces
 from planner.plan import Plan, load_plan
 from planner.spec import JobSpec
 from runtime.export import EXPORT_DIR, export_pretrained
@@ -57,11 +68,9 @@ PLACEMENT_TIMEOUT_S = 60.0  # a placement group Ray has not placed by then is re
 # pieces from this size on move between CPU workers through Ray's object store: cheaper than gloo from 32 MiB on one
 # host (bench/results/transfer.md: 0.40x at 32 MiB, 2.4x dearer at 16 MiB)
 OBJECT_STORE_FROM_BYTES = 32 * 1024**2
-STARTING = "while starting"  # what a worker was doing when setup failed: its job errors are user errors
-
-
-class RunFailed(RuntimeError):
-    """The run started but a worker (or the cluster) failed; the message is one line (exit code 1)."""
+# every name the run writes at the top of its output directory (checked to resolve inside it before the first write)
+OUTPUTS = (LOCK_FILE, PLAN_FILE, STEP_LOG_FILE, CKPT_DIRNAME, LOGS_DIR, MODEL_FILE, EXPORT_DIR, TRACE_FILE,
+           PREDICTED_TRACE_FILE)
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,8 @@ class RunOptions:
     metrics_port: int = 0  # 0: no Prometheus endpoint
     checkpoint_every: int | None = None  # 0: never
     resume: bool = False  # continue from the latest complete checkpoint in out_dir
+    overwrite: bool = False  # a fresh run into an out_dir with checkpoints moves the earlier run aside
+    keep_last: int | None = None  # keep this many newest complete checkpoints (None: every one)
     address: str | None = None  # join this Ray cluster instead of starting an embedded one
     costs: Path | None = None  # plan with this profiled cost file (`loom profile`) instead of the analytic model
     collect_parameters: bool = False  # return every rank's final parameters in RunResult (tests)
@@ -120,7 +131,8 @@ def run_job(job: JobSpec, plan: Plan | None = None, *, options: RunOptions = Run
     """Train ``job`` with ``plan`` (planned here when None) on Ray; see the module docstring.
 
     Raises RunInputError for input that cannot run (before any Ray process starts, except a job
-    the workers reject when they build it), RunFailed when a worker or the cluster fails."""
+    the workers reject when they build it; always before anything in the output directory is written),
+    RunFailed when a worker or the cluster fails, RunStopped on SIGINT or SIGTERM."""
     from orchestrator.metrics import default_reporter
 
     return Driver(job, plan, options, reporter or default_reporter()).run()
@@ -149,30 +161,38 @@ class Driver:
         self.records: list[StepRecord] = []
         self.checkpoints: list[CheckpointInfo] = []
         self.trace = TraceRecorder()  # the last steps' spans, for trace.json
+        self.folder = RunFolder(self.out_dir, resume=options.resume, overwrite=options.overwrite, outputs=OUTPUTS)
+        self.stop = StopSignals()
 
     @property
     def world_size(self) -> int:
         return self.plan.cluster.num_nodes * self.plan.cluster.devices_per_node
 
     def run(self) -> RunResult:
-        self.prepare()
-        if self.first_step >= self.num_steps:  # a resumed run that is already there: start nothing
-            log.info("nothing to train: at step %d of %d", self.first_step, self.num_steps)
-            return self.result(None)
         parameters = None
+        self.stop.install()
         try:
-            self.start_metrics()
+            self.prepare()
+            if self.first_step >= self.num_steps:  # a resumed run that is already there: start nothing
+                log.info("nothing to train: at step %d of %d", self.first_step, self.num_steps)
+                return self.result(None)
             self.start_cluster()
+            self.stop.install()  # again: ray.init replaced the SIGTERM handler (orchestrator.signals)
             self.create_workers()
+            self.claim_out_dir()
             self.restore()
             self.train()
             write_run_traces(self.out_dir, self.plan, self.trace.steps)
             parameters = self.gather(lambda a, r: a.named_parameters.remote(), "while collecting parameters")
-            save_model(self.out_dir / MODEL_FILE, parameters)  # the trained model, for `loom eval`
-            for folder in export_pretrained(self.job, merge_parameters(parameters), self.out_dir / EXPORT_DIR):
+            save_model(self.path(MODEL_FILE), parameters)  # the trained model, for `loom eval`
+            for folder in export_pretrained(self.job, merge_parameters(parameters), self.path(EXPORT_DIR)):
                 log.info("exported %s (loads with from_pretrained)", folder)
+            self.folder.drop_previous()  # a run without checkpoints: once it has finished
+        except RunStopped as exc:
+            raise RunStopped(exc.signum, self.stopped_message(exc.signum)) from None
         finally:
             self.shutdown()
+            self.stop.restore()
         return self.result(parameters if self.options.collect_parameters else None)
 
     def result(self, parameters: list | None) -> RunResult:
@@ -187,27 +207,33 @@ class Driver:
     # ------------------------------------------------------------------ phase 1: inputs
 
     def prepare(self) -> None:
-        """Check the job and options, settle the plan, the output directory and the first step."""
+        """Check the job, options, plan and output directory, bind the metrics port; writes nothing in out_dir."""
         check_runnable_job(self.job, self.options.address)
-        if self.num_steps < 0 or self.checkpoint_every < 0:
-            raise RunInputError("--steps and --checkpoint-every must be >= 0.")
+        if self.num_steps < 0 or self.checkpoint_every < 0 or (self.options.keep_last or 1) < 1:
+            raise RunInputError("--steps and --checkpoint-every must be >= 0, --keep-last >= 1.")
         self.plan = self.resolve_plan()
-        if self.options.resume:  # before plan.json is written: a refused resume leaves the directory as it was
-            self.resume_point = find_resume_point(self.out_dir, self.plan.hash)
-            self.first_step = self.resume_point.step
-            log.info("resuming from %s (step %d)", self.resume_point.path, self.first_step)
+        self.resume_point = self.folder.check(self.plan.hash)  # the folder is only read: a refusal leaves it as it was
+        self.first_step = self.resume_point.step if self.resume_point else 0
+        self.start_metrics()
+
+    def claim_out_dir(self) -> None:
+        """The run's first writes into out_dir, after every check (orchestrator.outdir.RunFolder.claim), then
+        plan.json."""
+        self.resume_point = self.folder.claim(self.plan.hash)
+        self.first_step = self.resume_point.step if self.resume_point else 0
         try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            plan_path = self.out_dir / PLAN_FILE
+            plan_path = self.path(PLAN_FILE)
             if not plan_path.is_file() or plan_path.read_text() != self.plan.to_json():
                 self.plan.save(plan_path)
         except OSError as exc:
             raise RunInputError(f"--out ({self.out_dir}): cannot write there ({exc.strerror or exc}). "
                                 "Check the path and permissions.") from None
-        if not self.options.resume:
-            removed = remove_checkpoints(self.out_dir)
-            if removed:
-                log.info("removed %d checkpoint(s) of an earlier run in %s", removed, self.out_dir)
+        if self.resume_point is not None:
+            log.info("resuming from %s (step %d)", self.resume_point.path, self.first_step)
+
+    def path(self, *parts: str | Path) -> Path:
+        """``out_dir / parts``, checked to resolve inside out_dir (orchestrator.outdir.contained)."""
+        return self.folder.path(*parts)
 
     def resolve_plan(self) -> Plan:
         """The given plan, else the plan a resumed run used (``<out>/plan.json``), else a new one."""
@@ -223,7 +249,10 @@ class Driver:
             plan = plan_job(self.job, cost_model, with_baselines=False, progress=log.debug).plan
         check_plan_for_job(plan, self.job, source)
         if not self.options.address:
+            from runtime.checks import check_local_workers  # no more workers than this machine can start
+
             check_cpu_device(plan.cluster.device, f"{source}: cluster.device")
+            check_local_workers(plan, source)
         return plan
 
     # ------------------------------------------------------------------ phase 2: processes
@@ -239,7 +268,7 @@ class Driver:
                     f"--metrics-port ({self.options.metrics_port}): cannot serve metrics on 127.0.0.1 "
                     f"({exc.strerror or exc}). Pick a free port, or 0 to turn metrics off."
                 ) from None
-        if self.resume_point is not None:
+        if self.options.resume:
             self.metrics.restarts.inc()
 
     def start_cluster(self) -> None:
@@ -327,7 +356,7 @@ class Driver:
             if self.embedded is not None:  # every actor is on this machine
                 host, port = "127.0.0.1", free_port()
             else:  # the actors may be on other nodes: rendezvous at rank 0's node
-                host, port = self.gather_one(self.actors[0].endpoint.remote(), 0, STARTING)
+                host, port = gather_one(self.actors[0].endpoint.remote(), 0, STARTING)
             self.gather(lambda a, r: a.setup.remote(host, port, self.actors, self.options.object_store_from_bytes),
                         STARTING, timeout=self.options.setup_timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -352,28 +381,41 @@ class Driver:
     def restore(self) -> None:
         if self.resume_point is None:
             return
-        directory = self.resume_point.path
-        self.gather(lambda a, r: a.load.remote(str(rank_file(directory, r))), "while restoring the checkpoint")
+        directory = step_dir(Path(), self.resume_point.step)  # relative to out_dir
+        files = [str(self.path(rank_file(directory, r))) for r in range(self.world_size)]
+        self.gather(lambda a, r: a.load.remote(files[r]), "while restoring the checkpoint")
 
     # ------------------------------------------------------------------ phase 3: steps
 
     def train(self) -> None:
-        """Steps ``first_step .. num_steps - 1``, each logged; checkpoints on schedule and at the end."""
+        """Steps ``first_step .. num_steps - 1``, each logged; checkpoints on schedule and at the end. A stop signal
+        (orchestrator.signals) ends the loop after the step in flight, with a final checkpoint when checkpointing
+        is on, by raising RunStopped."""
         batch = {t.name: t.batch_size for t in self.job.tasks}
         tokens = tokens_per_sample(self.job)
-        self.step_log = StepLog(self.out_dir / STEP_LOG_FILE, self.first_step)
+        self.step_log = StepLog(self.path(STEP_LOG_FILE), self.first_step)
         self.reporter.start(self.first_step, self.num_steps)
+        self.stop.graceful = True
         try:
             for step in range(self.first_step, self.num_steps):
-                record = self.run_step(step, batch, tokens)
+                try:
+                    record = self.run_step(step, batch, tokens)
+                except RunFailed:
+                    if self.stop.requested is None:
+                        raise
+                    raise RunStopped(self.stop.requested, "") from None  # the signal reached the workers too
                 self.records.append(record)
                 self.step_log.write(record)
                 self.metrics.record_step(record, batch, tokens)
                 self.reporter.step(record)
                 done = step + 1
-                if self.checkpoint_every and (done % self.checkpoint_every == 0 or done == self.num_steps):
+                stopping = self.stop.requested is not None
+                if self.checkpoint_every and (done % self.checkpoint_every == 0 or done == self.num_steps or stopping):
                     self.save_checkpoint(done)
+                if stopping:
+                    raise RunStopped(self.stop.requested, "")
         finally:
+            self.stop.graceful = False
             self.reporter.close()
 
     def run_step(self, step: int, batch: dict[str, int], tokens: dict[str, int]) -> StepRecord:
@@ -393,54 +435,43 @@ class Driver:
         )
 
     def save_checkpoint(self, done: int) -> None:
-        """Every rank writes its file, then the driver marks ``step_<done>`` complete."""
+        """Every rank writes its file, then the driver writes the manifest and marks ``step_<done>`` complete; only
+        then are older checkpoints (``keep_last``) and an earlier run moved aside (``overwrite``) deleted."""
+        relative = step_dir(Path(), done)
+        files = [str(self.path(rank_file(relative, r))) for r in range(self.world_size)]
         directory = begin_checkpoint(self.out_dir, done)
-        self.gather(lambda a, r: a.save.remote(str(rank_file(directory, r))), f"while writing checkpoint {done}")
+        self.gather(lambda a, r: a.save.remote(files[r]), f"while writing checkpoint {done}")
         info = mark_complete(directory, done, self.plan.hash, self.world_size, self.job.name)
         self.checkpoints.append(info)
         self.metrics.checkpoints.inc()
         log.info("checkpoint %s", directory)
+        if self.options.keep_last:
+            for old in remove_older_checkpoints(self.out_dir, done, self.options.keep_last):
+                log.debug("removed %s (--keep-last %d)", old, self.options.keep_last)
+        self.folder.drop_previous()
+
+    def stopped_message(self, signum: int) -> str:
+        """One line for a run stopped by a signal: how far it got and what to resume from."""
+        done = self.first_step + len(self.records)
+        where = f"after step {done} of {self.num_steps}" if self.records else "before training"
+        latest = self.checkpoints[-1] if self.checkpoints else self.resume_point
+        if latest is None:
+            return f"stopped by {signal_name(signum)} {where}; no checkpoint to resume from (--checkpoint-every)"
+        return (f"stopped by {signal_name(signum)} {where}; continue from checkpoint {latest.path} (step "
+                f"{latest.step}) with --resume")
 
     # ------------------------------------------------------------------ remote calls
 
     def gather(self, call, what: str, timeout: float | None = None) -> list:
-        """Call ``call(actor, rank)`` on every actor; their results in rank order.
-
-        Fails fast: the first worker error raises (RunFailed, or RunInputError when a worker rejects the
-        job while building it) without waiting for the others, which may be stuck in a collective."""
-        import ray
-
-        refs = [call(a, r) for r, a in enumerate(self.actors)]
-        rank_of = {ref: r for r, ref in enumerate(refs)}
-        pending, deadline = list(refs), None if timeout is None else time.monotonic() + timeout
-        while pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done, pending = ray.wait(pending, num_returns=1, timeout=left)
-            if not done:
-                raise ray.exceptions.GetTimeoutError(f"{what}: timed out")
-            self.gather_one(done[0], rank_of[done[0]], what)
-        return ray.get(refs)
-
-    def gather_one(self, ref, rank: int, what: str) -> Any:
-        """``ray.get(ref)``, turning a worker's failure into one readable line."""
-        import ray
-
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-            log.debug("worker %d failed %s:\n%s", rank, what, exc)
-            message = first_line(cause)
-            if what == STARTING and isinstance(cause, (ValueError, NotImplementedError)):
-                raise RunInputError(f"worker {rank} cannot run this job: {message}") from None
-            raise RunFailed(f"worker {rank} failed {what}: {type(cause).__name__}: {message}") from None
-        except ray.exceptions.RayActorError as exc:
-            raise RunFailed(f"worker {rank} died {what}: {first_line(exc)}") from None
+        """``call(actor, rank)`` on every actor, results in rank order (orchestrator.remote.gather: fails fast)."""
+        return gather(self.actors, call, what, timeout)
 
     # ------------------------------------------------------------------ phase 4: cleanup
 
     def shutdown(self) -> None:
-        """Kill the actors, stop Ray if this run started or joined it, stop the metrics server; keep logs."""
+        """Kill the actors, stop Ray if this run started or joined it, stop the metrics server, keep the logs (once
+        out_dir is claimed), release out_dir's lock. A stop signal meanwhile is only recorded: cleanup finishes."""
+        self.stop.shielded = True
         if self.step_log is not None:
             self.step_log.close()
         if self.actors:
@@ -454,7 +485,7 @@ class Driver:
             release_nodes(self.placement_group)
             self.placement_group = None
         if self.embedded is not None:
-            self.embedded.stop(keep_logs_in=self.out_dir / LOGS_DIR)
+            self.embedded.stop(keep_logs_in=self.path(LOGS_DIR) if self.folder.claimed else None)
             self.embedded = None
         elif self.joined:
             import ray
@@ -462,12 +493,6 @@ class Driver:
             ray.shutdown()  # disconnects this driver; the cluster keeps running
         if self.metrics is not None:
             self.metrics.close()
+        self.folder.release()
+        self.stop.shielded = False
 
-
-# --------------------------------------------------------------------------- helpers
-
-
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (its type name when it has none)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
