@@ -194,6 +194,21 @@ class PlannerSpec(StrictModel):
     )
 
 
+# Limits that keep planning bounded (docs/job-spec.md, "Limits"): checked when a spec is validated, each error names
+# its limit. Generous for real jobs (the largest models have ~130 layers, the planner is benchmarked at 10,240 devices)
+# and small enough that the planner's work (DP over devices, MetaOps x layers) stays within seconds.
+MAX_DEVICES = 16_384  # cluster.num_nodes * cluster.devices_per_node
+MAX_COMPONENTS = 64  # entries under `components`
+MAX_TASKS = 64  # entries under `tasks`
+MAX_USES_PER_TASK = 64  # entries of one task's `components`
+MAX_LAYERS_PER_COMPONENT = 1_024  # components.<name>.num_layers
+MAX_TOTAL_LAYERS = 16_384  # layers the planner schedules: num_layers summed over every task's uses
+MAX_BATCH_SIZE = 1_048_576  # tasks[i].batch_size (samples per iteration)
+MAX_SEQ_LEN = 2_097_152  # seq_len and cross_seq_len, of a component or a use (2M tokens)
+MAX_IMAGE_SIZE = 65_536  # image_size in pixels, of a component or a use
+MAX_WIDTH = 1_048_576  # hidden_size, ffn_hidden_size, vocab_size, out_features
+
+
 class JobSpec(StrictModel):
     """A whole training job."""
 
@@ -259,6 +274,53 @@ class JobSpec(StrictModel):
                         f"tasks[{i}].components[{j}].component ('{use.component}') is not a component of this job; "
                         f"{did_you_mean(use.component, self.components)}"
                     )
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_counts(cls, data: Any) -> Any:
+        """The counts limits (MAX_COMPONENTS, MAX_TASKS, MAX_USES_PER_TASK) on the raw document, before any field is
+        validated: the per-task and per-job checks compare names pairwise, so a huge list must not reach them."""
+        if not isinstance(data, dict):
+            return data
+        sections = [("components", data.get("components"), MAX_COMPONENTS, "components"),
+                    ("tasks", data.get("tasks"), MAX_TASKS, "tasks")]
+        tasks = data.get("tasks")
+        if isinstance(tasks, list) and len(tasks) <= MAX_TASKS:
+            sections += [(f"tasks[{i}].components", task.get("components"), MAX_USES_PER_TASK, "uses in one task")
+                         for i, task in enumerate(tasks) if isinstance(task, dict)]
+        for path, value, limit, what in sections:
+            if isinstance(value, (dict, list)) and len(value) > limit:
+                raise ValueError(f"{path} ({len(value)} entries) is over the limit of {limit} {what}; the planner's "
+                                 f"work grows with them. Split the job (see docs/job-spec.md, Limits).")
+        return data
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> JobSpec:
+        """The size limits (MAX_DEVICES, MAX_LAYERS_PER_COMPONENT, MAX_TOTAL_LAYERS, batch, sequence, image, width):
+        values that pass their field's ``ge=1`` but would make planning run for hours or exhaust memory."""
+        checks = [("cluster.num_nodes * cluster.devices_per_node", self.cluster.num_devices, MAX_DEVICES, "devices")]
+        for name, comp in self.components.items():
+            checks.append((f"components.{name}.num_layers", comp.num_layers, MAX_LAYERS_PER_COMPONENT,
+                           "layers per component"))
+            checks += [(f"components.{name}.{field}", getattr(comp, field), limit, what) for field, limit, what in (
+                ("seq_len", MAX_SEQ_LEN, "tokens"), ("cross_seq_len", MAX_SEQ_LEN, "tokens"),
+                ("image_size", MAX_IMAGE_SIZE, "pixels"), ("hidden_size", MAX_WIDTH, "units"),
+                ("ffn_hidden_size", MAX_WIDTH, "units"), ("vocab_size", MAX_WIDTH, "tokens"),
+                ("out_features", MAX_WIDTH, "units"))]
+        total = 0
+        for i, task in enumerate(self.tasks):
+            checks.append((f"tasks[{i}].batch_size", task.batch_size, MAX_BATCH_SIZE, "samples"))
+            for j, use in enumerate(task.components):
+                checks += [(f"tasks[{i}].components[{j}].seq_len", use.seq_len, MAX_SEQ_LEN, "tokens"),
+                           (f"tasks[{i}].components[{j}].image_size", use.image_size, MAX_IMAGE_SIZE, "pixels")]
+                total += self.components[use.component].num_layers if use.component in self.components else 0
+        checks.append(("the job's layers (num_layers summed over every task's uses)", total, MAX_TOTAL_LAYERS,
+                       "layers in one job"))
+        for path, value, limit, what in checks:
+            if value is not None and value > limit:
+                raise ValueError(f"{path} ({value}) is over the limit of {limit} {what} that keeps planning "
+                                 "bounded. Use a smaller value (see docs/job-spec.md, Limits).")
         return self
 
 
@@ -340,13 +402,72 @@ def parse_job(data: Any, source: str = "job spec", base: Path | None = None) -> 
         raise SpecError(_format_error(JobSpec, first) + suffix) from None
 
 
+MAX_SPEC_BYTES = 256 * 1024  # a job spec is a few KB; PyYAML parses ~100 KB/s on a busy core
+MAX_YAML_DEPTH = 32  # a job spec nests 5 levels; PyYAML composes nested nodes recursively (10,000 `[` overflow it)
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no tags that run code) that refuses a key given twice in one mapping (YAML 1.2 says
+    keys are unique; PyYAML keeps the last value silently) and nesting deeper than ``MAX_YAML_DEPTH``."""
+
+    _depth = 0
+
+    def _too_deep(self, line: int) -> SpecError:
+        return SpecError(f"line {line + 1}: the YAML nests deeper than {MAX_YAML_DEPTH} levels; a job spec nests "
+                         "about 5. Fix the brackets or indentation.")
+
+    def fetch_flow_collection_start(self, TokenClass):  # noqa: ANN001, N803 - PyYAML's signature
+        # the scanner's cost grows with the open `[`/`{` (each one is a possible key): stop at the limit, not at the end
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise self._too_deep(self.line)
+        super().fetch_flow_collection_start(TokenClass)
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise self._too_deep(self.peek_event().start_mark.line)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat; flatten_mapping merges it
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise SpecError(f"line {key_node.start_mark.line + 1}: key '{key}' is given twice in one mapping "
+                                    f"(first at line {seen[key]}); YAML keeps only the last. Remove one of them.")
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> Any:
-    """Read a YAML file; a missing file or a YAML syntax error becomes a SpecError."""
+    """Read a YAML file as plain data (``_SpecLoader``: safe tags only, unique keys, bounded nesting). A missing,
+    oversized, binary or non-UTF-8 file, a YAML syntax error, a duplicate key or too deep nesting becomes one
+    SpecError that names the file (and the line)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: no such file. Check the path.")
+    size = path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: {size} bytes is too large for a job spec (at most {MAX_SPEC_BYTES}); "
+                        "give the job's YAML file.")
+    raw = path.read_bytes()
     try:
-        return yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not a UTF-8 text file (byte {exc.start} is 0x{raw[exc.start]:02x}); "
+                        "give the job's YAML file.") from None
+    if "\0" in text:
+        raise SpecError(f"{path}: a binary file (it holds NUL bytes), not YAML; give the job's YAML file.")
+    try:
+        return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - _SpecLoader is a SafeLoader
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

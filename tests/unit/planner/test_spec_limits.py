@@ -1,0 +1,194 @@
+"""Bounded spec input (issue 12): what `load_job` refuses before anything is planned, each as one SpecError line
+that names the file or field, the value and the limit. Binary and non-UTF-8 files, deep nesting, duplicate keys,
+a top level that is not a mapping, oversized files, and the limits on counts and sizes (planner.spec.MAX_*)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from planner import spec
+from planner.errors import SpecError
+from planner.spec import load_job, load_yaml, parse_job
+
+BASE = {
+    "name": "limits",
+    "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+    "components": {"t": {"kind": "transformer", "num_layers": 2, "hidden_size": 16, "num_heads": 2, "seq_len": 4}},
+    "tasks": [{"name": "a", "batch_size": 4, "components": [{"component": "t"}]}],
+}
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def refusal(path: Path) -> str:
+    """The one-line message load_job refuses ``path`` with (within 5 s: nothing here may hang)."""
+    start = time.perf_counter()
+    with pytest.raises(SpecError) as info:
+        load_job(path)
+    assert time.perf_counter() - start < 5
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def job_with(**changes) -> dict:
+    """BASE with ``changes`` applied: {"components.t.num_layers": 9} sets one nested key."""
+    data = copy.deepcopy(BASE)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[last] = value
+    return data
+
+
+def test_the_base_job_is_valid(tmp_path: Path) -> None:
+    job = load_job(write(tmp_path, yaml.safe_dump(BASE)))
+    assert job.components["t"].num_layers == 2
+
+
+# --------------------------------------------------------------------------- the file itself
+
+
+def test_duplicate_key_names_key_and_lines(tmp_path: Path) -> None:
+    text = yaml.safe_dump(BASE, sort_keys=False).replace("num_layers: 2\n", "num_layers: 2\n    num_layers: 3\n")
+    path = write(tmp_path, text)
+    first = text.splitlines().index("    num_layers: 2") + 1
+    message = refusal(path)
+    assert message == (f"{path}: line {first + 1}: key 'num_layers' is given twice in one mapping (first at line "
+                       f"{first}); YAML keeps only the last. Remove one of them.")
+
+
+def test_duplicate_top_level_key(tmp_path: Path) -> None:
+    text = yaml.safe_dump(BASE) + "name: other\n"
+    assert "key 'name' is given twice" in refusal(write(tmp_path, text))
+
+
+def test_merge_keys_and_anchors_still_load(tmp_path: Path) -> None:
+    """`<<: *anchor` is not a duplicate key, and aliases (used by examples/diffusion-itercomp.yaml) still work."""
+    text = ("name: anchors\ncomponents:\n  t: &t {kind: transformer, num_layers: 2, hidden_size: 16, num_heads: 2}\n"
+            "  u:\n    <<: *t\n    num_layers: 3\n  v: *t\n"
+            "tasks:\n  - {name: a, batch_size: 4, components: [{component: u, seq_len: 4}]}\n")
+    job = load_job(write(tmp_path, text))
+    assert (job.components["u"].num_layers, job.components["u"].hidden_size) == (3, 16)
+
+
+def test_deep_nesting_is_one_line(tmp_path: Path) -> None:
+    message = refusal(write(tmp_path, "[" * (spec.MAX_SPEC_BYTES - 1)))
+    assert message.endswith(f"line 1: the YAML nests deeper than {spec.MAX_YAML_DEPTH} levels; a job spec nests "
+                            "about 5. Fix the brackets or indentation.")
+    assert "nests deeper" in refusal(write(tmp_path, "a:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 200))))
+
+
+def test_binary_file(tmp_path: Path) -> None:
+    elf = b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4
+    message = refusal(write(tmp_path, elf))
+    assert message.startswith(str(tmp_path / "job.yaml") + ": not a UTF-8 text file (byte ")
+    assert "binary file (it holds NUL bytes)" in refusal(write(tmp_path, b"name: x\x00\x00\n"))
+
+
+def test_latin1_file(tmp_path: Path) -> None:
+    message = refusal(write(tmp_path, "name: caf\u00e9\n".encode("latin-1")))
+    assert message.endswith("not a UTF-8 text file (byte 9 is 0xe9); give the job's YAML file.")
+
+
+@pytest.mark.parametrize("text", ["- 1\n- 2\n", "just a string\n", "", "42\n"])
+def test_top_level_not_a_mapping(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    assert refusal(path) == (f"{path}: the top level must be a mapping with keys name, cluster, components, tasks.")
+
+
+def test_oversized_file(tmp_path: Path) -> None:
+    path = write(tmp_path, yaml.safe_dump(BASE) + "#" * spec.MAX_SPEC_BYTES)
+    assert refusal(path).startswith(f"{path}: {path.stat().st_size} bytes is too large for a job spec (at most ")
+
+
+def test_syntax_error_keeps_line_and_column(tmp_path: Path) -> None:
+    assert refusal(write(tmp_path, "name: [x\n")).endswith("not valid YAML at line 2, column 1. Fix the syntax.")
+
+
+def test_cluster_file_is_checked_too(tmp_path: Path) -> None:
+    job = write(tmp_path, yaml.safe_dump(BASE))
+    cluster = write(tmp_path, "num_nodes: 1\nnum_nodes: 2\n", "cluster.yaml")
+    with pytest.raises(SpecError, match=r"cluster.yaml: line 2: key 'num_nodes' is given twice"):
+        load_yaml(cluster)
+    with pytest.raises(SpecError, match="given twice"):
+        load_job(job, cluster)
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def limit_error(data: dict) -> str:
+    start = time.perf_counter()
+    with pytest.raises(SpecError) as info:
+        parse_job(data)
+    assert time.perf_counter() - start < 5
+    return str(info.value)
+
+
+def test_a_billion_layers_is_refused_at_validation() -> None:
+    assert limit_error(job_with(**{"components.t.num_layers": 1_000_000_000})) == (
+        f"components.t.num_layers (1000000000) is over the limit of {spec.MAX_LAYERS_PER_COMPONENT} layers per "
+        "component that keeps planning bounded. Use a smaller value (see docs/job-spec.md, Limits).")
+
+
+def test_layers_at_the_limit_are_valid() -> None:
+    assert parse_job(job_with(**{"components.t.num_layers": spec.MAX_LAYERS_PER_COMPONENT})).components["t"]
+
+
+def test_a_million_devices_is_refused() -> None:
+    message = limit_error(job_with(**{"cluster.num_nodes": 125_000, "cluster.devices_per_node": 8}))
+    assert message.startswith(f"cluster.num_nodes * cluster.devices_per_node (1000000) is over the limit of "
+                              f"{spec.MAX_DEVICES} devices")
+    assert parse_job(job_with(**{"cluster.num_nodes": spec.MAX_DEVICES // 8, "cluster.devices_per_node": 8}))
+
+
+def test_total_layers_over_tasks() -> None:
+    per = spec.MAX_LAYERS_PER_COMPONENT
+    tasks = [{"name": f"t{i}", "batch_size": 4, "components": [{"component": "t"}]}
+             for i in range(spec.MAX_TOTAL_LAYERS // per + 1)]
+    message = limit_error(job_with(**{"components.t.num_layers": per, "tasks": tasks}))
+    assert message.startswith(f"the job's layers (num_layers summed over every task's uses) "
+                              f"({per * len(tasks)}) is over the limit of {spec.MAX_TOTAL_LAYERS} layers in one job")
+
+
+def test_counts_are_checked_before_the_fields() -> None:
+    """A 20,000-entry task list is refused by its count at once, not compared name by name."""
+    tasks = [{"name": f"t{i}", "batch_size": 4, "components": [{"component": "t"}]} for i in range(20_000)]
+    assert limit_error(job_with(tasks=tasks)) == (
+        f"tasks (20000 entries) is over the limit of {spec.MAX_TASKS} tasks; the planner's work grows with them. "
+        "Split the job (see docs/job-spec.md, Limits).")
+    uses = [{"component": "t", "name": f"u{i}", "after": []} for i in range(20_000)]
+    assert limit_error(job_with(**{"tasks.0.components": uses})).startswith(
+        f"tasks[0].components (20000 entries) is over the limit of {spec.MAX_USES_PER_TASK} uses in one task")
+    components = {f"c{i}": dict(BASE["components"]["t"]) for i in range(spec.MAX_COMPONENTS + 1)}
+    assert limit_error(job_with(components=components)).startswith(
+        f"components ({spec.MAX_COMPONENTS + 1} entries) is over the limit of {spec.MAX_COMPONENTS} components")
+
+
+@pytest.mark.parametrize(("key", "limit", "path"), [
+    ("tasks.0.batch_size", spec.MAX_BATCH_SIZE, "tasks[0].batch_size"),
+    ("tasks.0.components.0.seq_len", spec.MAX_SEQ_LEN, "tasks[0].components[0].seq_len"),
+    ("components.t.seq_len", spec.MAX_SEQ_LEN, "components.t.seq_len"),
+    ("components.t.hidden_size", spec.MAX_WIDTH, "components.t.hidden_size"),
+])
+def test_size_limits_name_the_field(key: str, limit: int, path: str) -> None:
+    assert limit_error(job_with(**{key: limit + 1})).startswith(f"{path} ({limit + 1}) is over the limit of {limit} ")
+    assert parse_job(job_with(**{key: limit}))
+
+
+def test_examples_are_within_the_limits() -> None:
+    root = Path(__file__).resolve().parents[3]
+    for path in sorted((root / "examples").glob("*.yaml")) + sorted((root / "bench" / "workloads").glob("*.yaml")):
+        load_job(path)  # raises on a limit
