@@ -22,7 +22,8 @@ echo "== profiling quickstart-cpu" >&2
 # 2. Train with a plan from those costs: per-step losses on stderr, the summary (first vs last
 # losses, measured vs predicted step time) on stdout.
 echo "== training quickstart-cpu" >&2
-"$LOOM" run examples/quickstart-cpu.yaml --costs "$OUT/quickstart-cpu.costs.json" --out "$OUT/quickstart-cpu" \
+# --overwrite: this script reruns into the same folder; the earlier run is moved aside, deleted at the first checkpoint
+"$LOOM" run examples/quickstart-cpu.yaml --costs "$OUT/quickstart-cpu.costs.json" --out "$OUT/quickstart-cpu" --overwrite \
     | tee "$OUT/quickstart-cpu.summary.txt"
 
 # Every task's loss must have fallen: mean of the last 10% of steps below the mean of the first 10%.
