@@ -19,8 +19,11 @@ from types import FrameType
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
-class RunStopped(Exception):
-    """The run was stopped by a signal; the message is one line, ``exit_code`` is 128 + the signal number."""
+class RunStopped(BaseException):
+    """The run was stopped by a signal; the message is one line, ``exit_code`` is 128 + the signal number.
+
+    A BaseException, as KeyboardInterrupt is: raised from the handler inside any code, it must not be swallowed by a
+    library's ``except Exception``."""
 
     def __init__(self, signum: int, message: str):
         super().__init__(message)
