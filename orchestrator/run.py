@@ -177,7 +177,7 @@ class Driver:
                 log.info("nothing to train: at step %d of %d", self.first_step, self.num_steps)
                 return self.result(None)
             self.start_cluster()
-            self.stop.install()  # again: ray.init replaced the SIGTERM handler (orchestrator.signals)
+            self.stop.install()  # again: ray.init installs its own SIGTERM handler (orchestrator.signals)
             self.create_workers()
             self.claim_out_dir()
             self.restore()

@@ -6,8 +6,9 @@ after the step in flight (``requested``); the driver then writes a final checkpo
 :class:`RunStopped` at once. Either way the driver's cleanup runs and the CLI prints one line and exits with
 ``128 + signal number`` (130 for SIGINT, 143 for SIGTERM), the shell's convention.
 
-Why the handler is installed again after Ray starts: ``ray.init`` installs Ray's C++ failure handler for SIGTERM
-in this process, which prints a stack dump and aborts (exit 134).
+Why the handler is installed again after Ray starts: ``ray.init`` installs its own SIGTERM handler in this process
+(``sys.exit(15)`` from wherever the main thread is), with which a SIGTERM ended ``loom run`` in a C++ stack dump
+and exit code 134.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class StopSignals:
     def restore(self) -> None:
         """Put back the handlers found by the first ``install`` (a C-level one Python cannot restore: the default)."""
         for signum, previous in self._previous.items():
-            if previous is None:  # installed outside Python (Ray's): the process's default behaviour instead
+            if previous is None:  # installed outside Python: the default behaviour instead
                 previous = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
             signal.signal(signum, previous)
         self._previous.clear()
