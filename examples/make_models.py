@@ -2,7 +2,7 @@
 
 Each builder makes a model from its library's config class with seeded random weights and ``save_pretrained``s it,
 as a Hugging Face folder ``pretrained:`` can name. Run ``python examples/make_models.py [FOLDER]`` to write the
-examples' models into FOLDER (default ``examples/models``).
+models of examples/hf-vlm-cpu.yaml into FOLDER (default ``examples/models``).
 """
 
 from __future__ import annotations
@@ -39,9 +39,34 @@ def save_clip_vision(path: str | Path, seed: int = 0, **config) -> Path:
     return Path(path)
 
 
-def main(folder: str = "examples/models") -> None:
-    out = Path(folder)
-    print(f"wrote {save_llama(out / 'llama')}")
+def save_bert(path: str | Path, seed: int = 0, **config) -> Path:
+    """A small BERT encoder (BertModel: 32 wide, 2 layers, vocabulary 100) saved at ``path``; ``config`` overrides
+    the defaults."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    defaults = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    max_position_embeddings=64)
+    torch.manual_seed(seed)
+    BertModel(BertConfig(**(defaults | config))).save_pretrained(path)
+    return Path(path)
+
+
+def main(folder: str | Path = Path(__file__).resolve().parent / "models") -> None:
+    """The models of examples/hf-vlm-cpu.yaml: a word-level tokenizer over the examples' data (chat.jsonl and the
+    shapes' captions) saved with a Llama whose vocabulary is exactly its size, and a CLIP vision tower."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_tokenizer import build_tokenizer, corpus_texts
+
+    out, data = Path(folder), Path(__file__).resolve().parent / "data"
+    texts = [t for corpus in (data / "chat.jsonl", data / "shapes" / "manifest.jsonl") for t in corpus_texts(corpus)]
+    tokenizer = build_tokenizer(out / "llama", texts)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer, local_files_only=True))
+    save_llama(out / "llama", vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=3)
+    save_clip_vision(out / "clip")
+    print(f"wrote {out / 'llama'} (Llama, vocabulary {vocab}, with its tokenizer) and {out / 'clip'} (CLIP vision)")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,21 @@ def _clip_vision_tensors(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _bert_tensors(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Tensors every BERT encoder holds (BertModel), with the shapes its config implies."""
+    h, f = cfg["hidden_size"], cfg["intermediate_size"]
+    shapes = {"embeddings.word_embeddings.weight": (cfg["vocab_size"], h),
+              "embeddings.position_embeddings.weight": (cfg["max_position_embeddings"], h),
+              "embeddings.LayerNorm.weight": (h,)}
+    for i in range(cfg["num_hidden_layers"]):
+        pre = f"encoder.layer.{i}."
+        shapes |= {pre + f"attention.self.{x}.weight": (h, h) for x in ("query", "key", "value")}
+        shapes |= {pre + "attention.output.dense.weight": (h, h), pre + "intermediate.dense.weight": (f, h),
+                   pre + "output.dense.weight": (h, f), pre + "attention.output.LayerNorm.weight": (h,),
+                   pre + "output.LayerNorm.weight": (h,)}
+    return shapes
+
+
 @dataclass(frozen=True)
 class Architecture:
     """How one ``model_type`` maps onto a Loom kind: which config key gives each spec field (a missing optional key
@@ -91,6 +106,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         "vit", {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
                 "ffn_hidden_size": "intermediate_size", "patch_size": "patch_size", "image_size": "image_size",
                 "in_channels": "num_channels"}, _clip_vision_tensors, optional=("num_channels",)),
+    "bert": Architecture(
+        "transformer", {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
+                        "num_heads": "num_attention_heads", "ffn_hidden_size": "intermediate_size",
+                        "vocab_size": "vocab_size"}, _bert_tensors),
 }
 
 

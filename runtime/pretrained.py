@@ -50,6 +50,8 @@ LAYOUTS: dict[str, Layout] = {  # by model_type; planner.pretrained.ARCHITECTURE
     # the tower's sequence is [class, patches] after pre_layrnorm; post_layernorm only normalises CLIP's pooled
     # class token, which Loom's heads do not read: it is exported unchanged
     "clip_vision_model": Layout("AutoModel", "encoder.layers", ("embeddings", "pre_layrnorm")),
+    # word + learned position + token type 0 embeddings and their LayerNorm; the pooler is exported unchanged
+    "bert": Layout("AutoModel", "encoder.layer", ("embeddings",)),
 }
 
 
@@ -64,6 +66,9 @@ def _skeleton(path: str) -> nn.Module:
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    for name, value in vars(config).items():  # Loom's layers run without dropout (exact equivalence, resume)
+        if "dropout" in name and isinstance(value, float):
+            setattr(config, name, 0.0)
     auto = getattr(transformers, LAYOUTS[resolve_pretrained(path).model_type].auto_class)
     with torch.device("meta"):
         return auto.from_config(config)

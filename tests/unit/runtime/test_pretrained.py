@@ -24,7 +24,7 @@ from runtime.modules import build_layer
 from runtime.reference import ReferenceTrainer
 
 sys.path.insert(0, str(Path(__file__).parents[3] / "examples"))
-from make_models import save_clip_vision, save_llama  # noqa: E402  (examples/make_models.py)
+from make_models import save_bert, save_clip_vision, save_llama  # noqa: E402  (examples/make_models.py)
 
 RTOL = 1e-5
 
@@ -36,6 +36,7 @@ def models(tmp_path_factory) -> Path:
     save_llama(root / "qwen2", model_type="qwen2", seed=1)
     save_llama(root / "deep", num_hidden_layers=8, seed=2)
     save_clip_vision(root / "clip")
+    save_bert(root / "bert")
     return root
 
 
@@ -198,6 +199,28 @@ def test_a_clip_tower_feeding_the_llama_through_a_projector_equals_the_libraries
         for layer in range(2):
             tower = reference.modules[("vision", layer)](tower)
     assert float((tower - image).norm() / image.norm()) <= RTOL
+
+
+def test_a_bert_encoder_runs_its_own_layers_without_dropout(models):
+    """BERT (the transformer kind): word, position and token-type embeddings and their LayerNorm, then its layers;
+    the config's dropout is turned off, so Loom's tower equals BertModel in eval mode and training is deterministic."""
+    from transformers import BertModel
+
+    path = write_job(models, "bert")
+    doc = yaml.safe_load(path.read_text())
+    doc["components"] = {"enc": {"pretrained": "bert", "seq_len": 12}}
+    doc["tasks"] = [{"name": "classify", "batch_size": 4, "loss": "cross_entropy", "components": [{"component": "enc"}]}]
+    path.write_text(yaml.safe_dump(doc))
+    job = load_job(path)
+    assert (job.components["enc"].kind, job.components["enc"].vocab_size) == ("transformer", 100)
+    reference = ReferenceTrainer(job)
+    ids = synthetic_batch(job, 0, 0, 0, 4).inputs["enc"]
+    with torch.no_grad():
+        want = BertModel.from_pretrained(models / "bert").eval()(input_ids=ids).last_hidden_state
+        got = reference.forward(0, synthetic_batch(job, 0, 0, 0, 4))["enc"]
+    assert float((got - want).norm() / want.norm()) <= RTOL
+    first, again = ReferenceTrainer(job).train_step(0), ReferenceTrainer(job).train_step(0)
+    assert first == again
 
 
 def _corrupt_shape(folder: Path) -> None:
