@@ -2,7 +2,8 @@
 
     python examples/make_tokenizer.py OUT_DIR [CORPUS.jsonl ...]
 
-The vocabulary is every word and punctuation mark of the corpus (default: examples/data/chat.jsonl), sorted, after
+The vocabulary is every word and punctuation mark of the corpus (default: examples/data/chat.jsonl and, when present,
+the captions of examples/data/shapes/manifest.jsonl; examples/data/tokenizer/ was written so), sorted, after
 the special tokens; the tokenizer is a ``tokenizers`` WordLevel model behind ``transformers.PreTrainedTokenizerFast``
 with pad, eos and unk tokens and a ChatML-style chat template, saved with ``save_pretrained``. Tests and examples
 share :func:`build_tokenizer`. Deterministic: the same corpus gives the same folder.
@@ -23,19 +24,22 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 WORD = re.compile(r"\w+|[^\w\s]")  # what the Whitespace pre-tokenizer splits text into
-DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "chat.jsonl"
+DATA = Path(__file__).resolve().parent / "data"
+DEFAULT_CORPUS = (DATA / "chat.jsonl", DATA / "shapes" / "manifest.jsonl")
 
 
 def corpus_texts(path: Path) -> list[str]:
-    """Every string value of every line of a JSONL file (texts, messages' contents, prompts, captions)."""
+    """Every string value of every line of a JSONL file (texts, messages' contents, prompts, captions), but for
+    a manifest's image paths."""
     out: list[str] = []
 
     def walk(value: object) -> None:
         if isinstance(value, str):
             out.append(value)
         elif isinstance(value, dict):
-            for item in value.values():
-                walk(item)
+            for key, item in value.items():
+                if key != "image":
+                    walk(item)
         elif isinstance(value, list):
             for item in value:
                 walk(item)
@@ -69,7 +73,7 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
-    corpora = [Path(p) for p in argv[1:]] or [DEFAULT_CORPUS]
+    corpora = [Path(p) for p in argv[1:]] or [p for p in DEFAULT_CORPUS if p.is_file()]
     texts = [text for path in corpora for text in corpus_texts(path)]
     folder = build_tokenizer(argv[0], texts)
     print(f"wrote {folder} ({len(SPECIAL_TOKENS)} special tokens, from {', '.join(map(str, corpora))})")

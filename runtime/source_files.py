@@ -83,7 +83,8 @@ def check_tokenizer_folder(folder: str, where: str) -> Path:
                         "tokenizer.save_pretrained (tokenizer.json, tokenizer_config.json).")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise DataError(f"{where} ({folder}): the folder holds no tokenizer ({' or '.join(TOKENIZER_FILES)}). Save "
-                        "one there with tokenizer.save_pretrained, or set tasks[].data.tokenizer to a folder that has one.")
+                        "one there with tokenizer.save_pretrained, or set tasks[].data.tokenizer to a folder that has "
+                        "one.")
     return path
 
 
@@ -126,7 +127,8 @@ def _check_exists(spec: DataSpec, t: int) -> None:
                             "JSON object per image there ({\"image\": \"rel/path.png\", \"label\": 0}), or set "
                             "tasks[].data.manifest.")
     elif not path.is_file():
-        raise DataError(f"{where} ({spec.path}): no such file; format {spec.format} reads a JSONL file. Check the path.")
+        raise DataError(f"{where} ({spec.path}): no such file; format {spec.format} reads a JSONL file. Check the "
+                        "path.")
 
 
 def _read_jsonl(path: Path, where: str):

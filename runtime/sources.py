@@ -29,7 +29,7 @@ from planner.spec import JobSpec
 from planner.usegraph import use_component
 from runtime.data import TaskBatch, root_inputs
 from runtime.source_files import (
-    PREFERENCE_SCORES, DataError, Records, data_where, epoch_order, label_kind, load_records,
+    PREFERENCE_SCORES, DataError, data_where, epoch_order, label_kind, load_records,
 )
 from runtime.tokenizer import (
     Document, TokenRow, encode_chat, encode_completion, encode_text, labels_key, load_tokenizer, packed_length,
@@ -103,7 +103,8 @@ class TaskSource:
         tokens = [r.use for r in roots if r.kind == "tokens"]
         if fmt in ("chat", "preference") and loss not in TEXT_LOSSES and loss in _builtin_losses():
             raise DataError(f"{where}.loss ({loss}): format {fmt} trains a next-token loss (lm or next_token) on its "
-                            "assistant turns or chosen answers. Set loss: lm, or use format text or images with labels.")
+                            "assistant turns or chosen answers. Set loss: lm, or use format text or images with "
+                            "labels.")
         if (self.spec.pack or fmt == "preference") and len(tokens) != 1:
             what = "pack" if self.spec.pack else "format preference"
             raise DataError(f"{where}.data: {what} needs exactly one use reading token ids; this task has "
@@ -118,8 +119,8 @@ class TaskSource:
         for r in roots:
             if r.kind == "tokens" and size > r.vocab_size:
                 comp_name = use_component(self.job, self.t, r.use)[0]
-                raise DataError(f"{where} ({folder}): the tokenizer has {size} tokens but components.{comp_name} embeds "
-                                f"{r.vocab_size} (vocab_size); ids beyond it have no embedding. Set "
+                raise DataError(f"{where} ({folder}): the tokenizer has {size} tokens but components.{comp_name} "
+                                f"embeds {r.vocab_size} (vocab_size); ids beyond it have no embedding. Set "
                                 f"components.{comp_name}.vocab_size >= {size}.")
         return tokenizer
 
@@ -223,7 +224,9 @@ class TaskSource:
 
 def _put_rows(inputs: dict, targets: dict, use: str, rows: list[TokenRow], seq_len: int, key=lambda k: k) -> None:
     """The four tensors of ``rows`` (B, seq_len) into the batch's inputs and targets under ``key(...)``."""
-    column = lambda attr: torch.tensor([getattr(r, attr) for r in rows], dtype=torch.long).reshape(len(rows), seq_len)  # noqa: E731
+    def column(attr: str) -> torch.Tensor:
+        return torch.tensor([getattr(r, attr) for r in rows], dtype=torch.long).reshape(len(rows), seq_len)
+
     (inputs if key(use) == use else targets)[key(use)] = column("ids")
     targets[key(labels_key(use))] = column("labels")
     targets[key(positions_key(use))] = column("positions")

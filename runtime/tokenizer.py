@@ -58,8 +58,9 @@ def load_tokenizer(folder: str, where: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # transformers raises many types for a broken folder
-        raise DataError(f"{where} ({folder}): the tokenizer does not load ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}). Save it again with save_pretrained.") from None
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(f"{where} ({folder}): the tokenizer does not load ({type(exc).__name__}: {first_line}). "
+                        "Save it again with save_pretrained.") from None
     if pad_id(tokenizer) is None:
         raise DataError(f"{where} ({folder}): the tokenizer has no pad or eos token, so rows cannot be padded. Set "
                         "tokenizer.pad_token and save it again.")

@@ -20,7 +20,7 @@ def test_packed_chat_task_trains_the_same_on_two_workers(tmp_path) -> None:
                                "num_kv_heads": 2, "seq_len": 32, "vocab_size": 64}},
         "tasks": [{"name": "sft", "batch_size": 4, "loss": "lm", "components": [{"component": "llm"}],
                    "data": {"format": "chat", "path": str(ROOT / "examples/data/chat.jsonl"),
-                            "tokenizer": str(ROOT / "examples/data/chat-tokenizer"), "pack": True}}],
+                            "tokenizer": str(ROOT / "examples/data/tokenizer"), "pack": True}}],
         "training": {"steps": 3, "lr": 0.003, "precision": "fp32", "seed": 5},
     })
     plan = plan_from_waves(job, [[("sft.llm", 1, 2)], [("sft.llm", 1, 1)]])

@@ -36,7 +36,8 @@ def _make_tokenizer_module():
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> Path:
     make = _make_tokenizer_module()
-    texts = make.corpus_texts(CHAT) + ["the cat sat on the mat", "a dog ran far", "good bad answer question thing"]
+    texts = make.corpus_texts(CHAT) + ["the cat sat on the mat", "a dog ran far", "good bad answer question thing",
+                                       "square bar"]
     return make.build_tokenizer(tmp_path_factory.mktemp("tok"), texts)
 
 
@@ -370,3 +371,39 @@ def test_loom_validate_and_run_refuse_bad_data_in_one_line(tmp_path, tok_dir) ->
                                      "remove the line.")
     with pytest.raises(DataError, match="no assistant turn"):
         check_runnable_job(lm_job({"format": "chat", "path": str(path), "tokenizer": str(tok_dir)}), None)
+
+
+def test_an_image_folder_trains_a_captioner_and_a_classifier_through_the_reference(tmp_path, tok_dir) -> None:
+    """A llama reads a ViT's 17 image tokens, then learns the caption; the ViT alone classifies the colour."""
+    from runtime.reference import ReferenceTrainer
+
+    folder, rows = tmp_path / "shapes", []
+    folder.mkdir()
+    colours = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 70, 230), "yellow": (230, 220, 40)}
+    for n in range(16):
+        name, shape = list(colours)[n % 4], ("square", "bar")[n // 8]
+        img = Image.new("RGB", (16, 16))
+        img.paste(colours[name], (2 + n % 3, 2, 12, 12 if shape == "square" else 6))
+        img.save(folder / f"{n}.png")
+        rows.append({"image": f"{n}.png", "label": n % 4, "caption": f"a {name} {shape} ."})
+    write_jsonl(folder / "manifest.jsonl", rows)
+    data = {"format": "images", "path": str(folder), "tokenizer": str(tok_dir)}
+    job = parse_job({
+        "name": "shapes", "training": {"seed": 0, "lr": 3e-3, "precision": "fp32"},
+        "components": {
+            "vision": {"kind": "vit", "num_layers": 1, "hidden_size": 32, "num_heads": 4, "patch_size": 4,
+                       "image_size": 16},
+            "lm": {"kind": "llama", "num_layers": 1, "hidden_size": 32, "num_heads": 4, "seq_len": 23,
+                   "vocab_size": 128},
+        },
+        "tasks": [{"name": "caption", "batch_size": 8, "loss": "lm", "data": data,
+                   "components": [{"component": "vision"}, {"component": "lm"}]},
+                  {"name": "colour", "batch_size": 8, "loss": "cross_entropy", "data": data,
+                   "components": [{"component": "vision"}]}],
+    })
+    batch = task_batch(job, 0, 0, 0, 8)
+    assert batch.inputs["vision"].shape == (8, 3, 16, 16) and batch.inputs["lm"].shape == (8, 6)  # 23 - 17 positions
+    trainer = ReferenceTrainer(job)
+    losses = [trainer.train_step(step) for step in range(10)]
+    for task in ("caption", "colour"):
+        assert sum(s[task] for s in losses[-3:]) / 3 < 0.7 * losses[0][task], (task, losses)
