@@ -59,20 +59,32 @@ def check_data_files(job: JobSpec) -> None:
     for t, task in enumerate(job.tasks):
         if task.data is None:
             continue
-        load_records(task.data, t, label_kind(task.loss), _needs_captions(job, t))
-        folder = task.data.tokenizer
-        if folder is not None:
-            check_tokenizer_folder(folder, data_where(t, "tokenizer"))
+        text_uses = _text_uses(job, t)
+        load_records(task.data, t, label_kind(task.loss), bool(text_uses))
+        if text_uses:
+            check_tokenizer_folder(*tokenizer_folder(job, t, text_uses[0]))
 
 
-def _needs_captions(job: JobSpec, t: int) -> bool:
-    """Whether an images source must give every row a caption: a use of the task reads token ids (by kind) or the
-    loss predicts text."""
+def _text_uses(job: JobSpec, t: int) -> list[str]:
+    """The components of task ``t``'s uses whose kind reads token ids, in order: the uses its data must give text
+    (runtime.sources builds them from the use graph; a test checks the two agree on the examples' shapes)."""
     from planner.kinds import kind_of
 
-    task = job.tasks[t]
-    reads_text = any(kind_of(job.components[u.component]).root_input == "tokens" for u in task.components)
-    return task.data is not None and task.data.format == "images" and (reads_text or task.loss in ("lm", "next_token"))
+    return [u.component for u in job.tasks[t].components if kind_of(job.components[u.component]).root_input == "tokens"]
+
+
+def tokenizer_folder(job: JobSpec, t: int, component: str) -> tuple[str, str]:
+    """(folder, spec path naming it) of task ``t``'s tokenizer: its ``data.tokenizer``, else the ``pretrained``
+    folder of ``component`` (the task's first use reading token ids); a DataError when neither is set."""
+    data = job.tasks[t].data
+    if data.tokenizer is not None:
+        return data.tokenizer, data_where(t, "tokenizer")
+    folder = getattr(job.components[component], "pretrained", None)
+    if folder is None:
+        raise DataError(f"{data_where(t, 'tokenizer')}: none given, and components.{component} (the first use "
+                        "reading token ids) has no pretrained folder to take one from. Set tasks[].data.tokenizer "
+                        "to a tokenizer folder.")
+    return folder, f"components.{component}.pretrained"
 
 
 def check_tokenizer_folder(folder: str, where: str) -> Path:

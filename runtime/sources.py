@@ -29,7 +29,7 @@ from planner.spec import JobSpec
 from planner.usegraph import use_component
 from runtime.data import TaskBatch, root_inputs
 from runtime.source_files import (
-    PREFERENCE_SCORES, DataError, data_where, epoch_order, label_kind, load_records,
+    PREFERENCE_SCORES, DataError, epoch_order, label_kind, load_records, tokenizer_folder,
 )
 from runtime.tokenizer import (
     Document, TokenRow, encode_chat, encode_completion, encode_text, labels_key, load_tokenizer, packed_length,
@@ -113,7 +113,8 @@ class TaskSource:
             raise DataError(f"{where}.data.format (images): no use of this task reads images. Use a text format.")
 
     def _tokenizer(self, roots):
-        folder, where = self._tokenizer_folder()
+        first = use_component(self.job, self.t, next(iter(self.token_uses)))[0]
+        folder, where = tokenizer_folder(self.job, self.t, first)
         tokenizer = load_tokenizer(folder, where)
         size = vocab_size(tokenizer)
         for r in roots:
@@ -123,18 +124,6 @@ class TaskSource:
                                 f"embeds {r.vocab_size} (vocab_size); ids beyond it have no embedding. Set "
                                 f"components.{comp_name}.vocab_size >= {size}.")
         return tokenizer
-
-    def _tokenizer_folder(self) -> tuple[str, str]:
-        if self.spec.tokenizer is not None:
-            return self.spec.tokenizer, data_where(self.t, "tokenizer")
-        first = next(iter(self.token_uses))
-        comp_name, comp = use_component(self.job, self.t, first)
-        folder = getattr(comp, "pretrained", None)
-        if folder is None:
-            raise DataError(f"{data_where(self.t, 'tokenizer')}: none given, and components.{comp_name} (the first "
-                            "use reading token ids) has no pretrained folder to take one from. Set "
-                            "tasks[].data.tokenizer to a tokenizer folder.")
-        return folder, f"components.{comp_name}.pretrained"
 
     def _image_use(self, root) -> _ImageUse:
         channels, side = root.shape[0], root.shape[1]

@@ -333,6 +333,20 @@ def test_missing_tokenizer_names_the_folder(tmp_path, tok_dir) -> None:
     missing.mkdir()
     assert "holds no tokenizer" in check(lm_job({"format": "chat", "path": str(CHAT), "tokenizer": str(missing)}))
     assert "has no pretrained folder" in check(lm_job({"format": "chat", "path": str(CHAT)}))
+    with pytest.raises(DataError, match="components.lm .* has no pretrained folder"):  # loom validate's check too
+        check_data_files(lm_job({"format": "chat", "path": str(CHAT)}))
+
+
+def test_validate_and_run_agree_on_which_uses_read_text(tmp_path, tok_dir) -> None:
+    from runtime.source_files import _text_uses
+
+    folder = image_folder(tmp_path)
+    jobs = [(lm_job({"format": "chat", "path": str(CHAT), "tokenizer": str(tok_dir)}), ["lm"]),
+            (clip_job(folder, tok_dir), ["txt"]), (clip_job(folder, tok_dir, "cross_entropy"), [])]
+    for job, expected in jobs:
+        source = sources.TaskSource(job, 0)
+        components = [sources.use_component(job, 0, use)[0] for use in source.token_uses]
+        assert _text_uses(job, 0) == components == expected
 
 
 def test_tokenizer_larger_than_the_embedding(tok_dir) -> None:
