@@ -125,3 +125,16 @@ def test_loss_sums_over_shards_equal_the_full_batch_mean(job) -> None:
         shard = synthetic_batch(job, 3, 1, start, stop)
         total = total + task_loss_sum(head, {"feats": embed(shard.inputs["feats"])}, shard, BATCH)
     torch.testing.assert_close(total, expected)
+
+
+def test_task_batch_is_synthetic_data_unless_the_task_names_its_data(job, tmp_path) -> None:
+    from runtime.data import task_batch
+
+    for t in range(len(job.tasks)):
+        a, b = task_batch(job, t, 2, 1, 4), synthetic_batch(job, t, 2, 1, 4)
+        assert all(torch.equal(a.inputs[k], b.inputs[k]) for k in b.inputs) and torch.equal(a.labels, b.labels)
+    (tmp_path / "t.jsonl").write_text('{"text": "a b", "label": 3}\n')
+    doc = make_job().model_dump()
+    doc["tasks"][0]["data"] = {"format": "text", "path": str(tmp_path / "t.jsonl"), "tokenizer": str(tmp_path)}
+    with pytest.raises(ValueError, match=r"tasks\[0\].data.tokenizer .* holds no tokenizer"):
+        task_batch(parse_job(doc), 0, 0, 0, 2)  # the source is asked, not the synthetic data
