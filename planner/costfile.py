@@ -4,7 +4,7 @@ sense before any of it is fitted: one SpecError line naming the file, the entry,
 The format (planner.costmodel.ProfiledCostModel): a JSON object with ``points`` (profile key -> curve) and the
 optional ``version`` (1), ``device``, ``embed`` and ``head`` (name -> curve), ``optimizer_s_per_param`` and ``links``
 (``p2p``/``allreduce``/``allgather`` -> curve). A curve is a non-empty list of ``[x, seconds]`` pairs: x a local batch
-(a whole number >= 1; links: bytes > 0), seconds finite and > 0, no x twice, and **monotone**: more samples (or bytes)
+(a whole number, 1..2^24; links: bytes in (0, 2^50]), seconds in (0, 86400], no x twice, and **monotone**: more samples (or bytes)
 never take less time, beyond measurement noise. Precisely: sorted by x, each point's time is at least
 ``1 - MONOTONE_TOLERANCE`` times the largest time at a smaller x (a quarter below it is noise on a shared host; more
 is a broken measurement, which the piecewise-linear fit would extrapolate to negative or zero times).
@@ -22,6 +22,13 @@ from planner.errors import SpecError, did_you_mean
 COST_FILE_VERSION = 1  # runtime.profiler.PROFILE_VERSION writes it (a test checks they agree)
 MONOTONE_TOLERANCE = 0.25  # a time may be this fraction below one at a smaller x (noise); no further
 MAX_COST_FILE_BYTES = 64 * 2**20  # a profile of thousands of workloads is a few MiB
+# Magnitudes no measurement has: beyond them a finite number still overflows to inf once the simulator multiplies it
+# (1e300 s per parameter times a billion parameters). A point takes at most a day; a local batch at most 2^24
+# samples; a message at most 2^50 bytes; AdamW at most a millisecond per parameter.
+MAX_SECONDS = 86_400.0
+MAX_BATCH = 2**24
+MAX_BYTES = 2.0**50
+MAX_SECONDS_PER_PARAM = 1e-3
 KEYS = ("version", "device", "points", "embed", "head", "optimizer_s_per_param", "links")
 LINK_KINDS = ("p2p", "allreduce", "allgather")
 FIX = "Re-run `loom profile JOB.yaml --output COSTS.json`"
@@ -84,9 +91,9 @@ def check_cost_data(data: object, source: str = "costs") -> CostFile:
         _shape(source, "points", "missing", "is required", "expected a mapping of profile key -> [[local_batch, "
                "seconds], ...]")
     rate = data.get("optimizer_s_per_param")
-    if rate is not None and (not _is_number(rate) or not math.isfinite(rate) or rate <= 0):
-        _fail(source, "optimizer_s_per_param", rate, "is not a finite positive number",
-              "expected AdamW seconds per parameter (> 0) or null")
+    if rate is not None and (not _is_number(rate) or not 0 < rate <= MAX_SECONDS_PER_PARAM):
+        _fail(source, "optimizer_s_per_param", rate, "is not a finite positive number of seconds per parameter",
+              f"expected AdamW seconds per parameter in (0, {MAX_SECONDS_PER_PARAM:g}] or null")
     links = _mapping(source, "links", data.get("links", {}))
     for kind in links:
         if kind not in LINK_KINDS:
@@ -142,12 +149,15 @@ def _curve(source: str, entry: str, value: object, batch: bool) -> Points:
         if not isinstance(pair, list) or len(pair) != 2 or not all(_is_number(v) for v in pair):
             _shape(source, where, pair, "is not a pair of numbers", f"expected [{x_name}, seconds]")
         x, t = pair
+        top = MAX_BATCH if batch else MAX_BYTES
         whole = not batch or (math.isfinite(x) and float(x).is_integer())
-        if not math.isfinite(x) or x <= 0 or not whole:
+        if not 0 < x <= top or not whole:
             _fail(source, where, pair, f"has {x_name} {x}, not a " + ("whole number >= 1" if batch else
-                  "finite number > 0"), f"expected [{x_name}, seconds] with {x_name} " + (">= 1" if batch else "> 0"))
-        if not math.isfinite(t) or t <= 0:
-            _fail(source, where, pair, f"has {t} seconds, not a finite time > 0", "expected a measured time")
+                  "finite number > 0") + f" up to {top:g}", f"expected [{x_name}, seconds] with {x_name} in "
+                  + ("1.." if batch else "(0, ") + f"{top:g}" + ("" if batch else "]"))
+        if not 0 < t <= MAX_SECONDS:
+            _fail(source, where, pair, f"has {t} seconds, not a time in (0, {MAX_SECONDS:g}]",
+                  "expected a measured time (finite, > 0, at most a day)")
         points.append((float(x), float(t)))
     points.sort()
     for (x0, _), (x1, _) in zip(points, points[1:]):

@@ -73,8 +73,8 @@ def test_the_profiler_writes_this_version() -> None:
 
 
 CASES = [
-    ("NaN time", {"points": {KEY: [[2, math.nan]]}}, f"points['{KEY}'][0] ([2, nan]) has nan seconds, not a finite "
-     "time > 0"),
+    ("NaN time", {"points": {KEY: [[2, math.nan]]}}, f"points['{KEY}'][0] ([2, nan]) has nan seconds, not a time in "
+     "(0, 86400]"),
     ("infinite time", {"head": {"a": [[8, math.inf]]}}, "head['a'][0] ([8, inf]) has inf seconds"),
     ("zero batch", {"points": {KEY: [[0, 0.01], [4, 0.02]]}}, f"points['{KEY}'][0] ([0, 0.01]) has local batch 0, "
      "not a whole number >= 1"),
@@ -82,7 +82,12 @@ CASES = [
     ("fractional batch", {"embed": {"a.enc": [[2.5, 0.01]]}}, "has local batch 2.5, not a whole number >= 1"),
     ("zero bytes", {"links": {"p2p": [[0, 1e-4]]}}, "links['p2p'][0] ([0, 0.0001]) has bytes 0, not a finite number > 0"),
     ("negative time", {"points": {KEY: [[2, 0.01], [4, -0.02]]}}, f"points['{KEY}'][1] ([4, -0.02]) has -0.02 seconds"),
-    ("zero time", {"points": {KEY: [[2, 0.0]]}}, "has 0.0 seconds, not a finite time > 0"),
+    ("zero time", {"points": {KEY: [[2, 0.0]]}}, "has 0.0 seconds, not a time in (0, 86400]"),
+    ("a time beyond a day", {"points": {KEY: [[2, 0.01], [4, 1e300]]}}, "([4, 1e+300]) has 1e+300 seconds"),
+    ("a batch beyond 2^24", {"points": {KEY: [[2**30, 0.01]]}}, "has local batch 1073741824, not a whole number >= 1 "
+     "up to 1.67772e+07"),
+    ("an optimizer rate that overflows", {"optimizer_s_per_param": 1e300}, "optimizer_s_per_param (1e+300) is not a "
+     "finite positive number of seconds per parameter"),
     ("duplicate points", {"points": {KEY: [[4, 0.01], [2, 0.005], [4, 0.012]]}}, f"points['{KEY}'] ('local batch 4 "
      "twice') has duplicate points"),
     ("time falls with the batch", {"points": {KEY: [[2, 0.01], [4, 0.02], [8, 0.005]]}}, f"points['{KEY}'] ('local "
