@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import bisect
 import functools
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from runtime.source_files import DataError, check_tokenizer_folder
 
 IGNORE_INDEX = -100  # a label no loss learns (torch.nn.functional.cross_entropy's default ignore_index)
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # a chat template's marking of what the model generates
 
 
 def labels_key(use: str) -> str:
@@ -115,13 +117,21 @@ def encode_completion(tokenizer: Any, prompt: str, completion: str) -> Document:
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]], at: str) -> Document:
     """A conversation rendered with the tokenizer's chat template, learning the assistant turns only.
 
-    The assistant spans are found by rendering prefixes: turn i's text is what ``messages[:i + 1]`` adds to
-    ``messages[:i]`` rendered with the generation prompt (so the role header is not learned, the end-of-turn marker
-    is). Tokens whose first character falls in a span are learned. A DataError naming ``at`` when the tokenizer has
-    no chat template, or when the template does not render a conversation's prefixes as prefixes of the whole."""
-    if not getattr(tokenizer, "chat_template", None):
+    A template that marks the generated text (``{% generation %}``) says what is learned: transformers' assistant
+    token mask. Otherwise the assistant spans are found by rendering prefixes: turn i's text is what
+    ``messages[:i + 1]`` adds to ``messages[:i]`` rendered with the generation prompt (so the role header is not
+    learned, the end-of-turn marker is), and tokens whose first character falls in a span are learned. A DataError
+    naming ``at`` when the tokenizer has no chat template, or when an unmarked template does not render a
+    conversation's prefixes as prefixes of the whole."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         raise DataError(f"{at}: the tokenizer has no chat_template, which format chat renders conversations with. "
                         "Use a tokenizer that has one, or format text.")
+    if isinstance(template, str) and GENERATION_TAG.search(template):
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        ids = list(out["input_ids"])
+        return Document(tuple(ids), tuple(i if m else IGNORE_INDEX for i, m in zip(ids, out["assistant_masks"])))
     render = functools.partial(tokenizer.apply_chat_template, tokenize=False)
     full = render(messages)
     spans = []
@@ -132,7 +142,8 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]], at: str) -> Docu
         if not (full.startswith(through) and through.startswith(before)):
             raise DataError(f"{at}: the tokenizer's chat template does not render this conversation incrementally "
                             f"(turn {i}'s prefix is not a prefix of the whole), so its assistant tokens cannot be "
-                            "found. Use a template that renders earlier turns unchanged.")
+                            "found. Use a template that renders earlier turns unchanged, or one that marks them "
+                            "with {% generation %}.")
         spans.append((len(before), len(through)))
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     starts = [a for a, _ in spans]

@@ -104,6 +104,29 @@ def test_chat_learns_only_the_assistant_turns(tmp_path, tok, tok_dir) -> None:
         tok(rendered, add_special_tokens=False)["input_ids"])
 
 
+def test_chat_templates_that_mark_generation_or_rewrite_earlier_turns(tmp_path, tok_dir) -> None:
+    """A template with {% generation %} says what is learned (transformers' assistant mask), even when it renders
+    earlier assistant turns differently; the same template unmarked cannot be split into turns and is refused."""
+    from runtime.tokenizer import encode_chat
+
+    tok = load_tokenizer(str(tok_dir), "test")
+    marked = tok.__class__.from_pretrained(str(tok_dir))
+    rewrite = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+               "{% if loop.last %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}"
+               "{% generation %}.<|im_end|>{% endgeneration %}{% endif %}{% else %}{{ m['content'] }}<|im_end|>"
+               "{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    marked.chat_template = rewrite
+    convo = [{"role": "user", "content": "what is one plus two ?"}, {"role": "assistant", "content": "three ."},
+             {"role": "user", "content": "what colour is the sky ?"}, {"role": "assistant", "content": "blue ."}]
+    doc = encode_chat(marked, convo, "x")
+    assert marked.convert_ids_to_tokens([i for i in doc.labels if i != IGNORE_INDEX]) == [
+        ".", "<|im_end|>", "blue", ".", "<|im_end|>"]
+    marked.chat_template = rewrite.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    with pytest.raises(DataError, match="x: the tokenizer's chat template does not render this conversation "
+                                        "incrementally"):
+        encode_chat(marked, convo, "x")
+
+
 def test_preference_rows_carry_both_sequences_and_scores(tmp_path, tok, tok_dir) -> None:
     rows = [{"prompt": "what colour is the sky ?", "chosen": "blue .", "rejected": "green .", "score_chosen": 0.9,
              "score_rejected": 0.1},
