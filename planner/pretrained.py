@@ -92,6 +92,8 @@ class Architecture:
     fields: dict[str, str]  # spec field -> config key
     tensors: Shapes
     optional: tuple[str, ...] = ()  # config keys that may be absent
+    max_positions: str | None = None  # config key of the longest sequence its learned position table covers
+    fixed_image: bool = False  # its position table is for the config's image size only
 
 
 _LLAMA_FIELDS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
@@ -105,11 +107,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "clip_vision_model": Architecture(
         "vit", {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
                 "ffn_hidden_size": "intermediate_size", "patch_size": "patch_size", "image_size": "image_size",
-                "in_channels": "num_channels"}, _clip_vision_tensors, optional=("num_channels",)),
+                "in_channels": "num_channels"}, _clip_vision_tensors, optional=("num_channels",), fixed_image=True),
     "bert": Architecture(
         "transformer", {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
                         "num_heads": "num_attention_heads", "ffn_hidden_size": "intermediate_size",
-                        "vocab_size": "vocab_size"}, _bert_tensors),
+                        "vocab_size": "vocab_size"}, _bert_tensors, max_positions="max_position_embeddings"),
 }
 
 
@@ -229,3 +231,19 @@ def fill_component(data: dict[str, Any], base: Path | None) -> dict[str, Any]:
                                   f"`{field}:` from the component: a pretrained component takes it from its config.")
         out[field] = value
     return out
+
+
+def check_use(comp_name: str, path: str, where: str, seq_len: int | None, image_size: int | None) -> None:
+    """A PretrainedError when a use of pretrained ``comp_name`` (spec path ``where``) asks for positions its model
+    has no embedding for: a longer sequence than a learned position table, another image size than a vision
+    tower's."""
+    info = resolve_pretrained(path)
+    arch = ARCHITECTURES[info.model_type]
+    limit = info.config.get(arch.max_positions) if arch.max_positions else None
+    if limit is not None and seq_len is not None and seq_len > limit:
+        raise PretrainedError(f"{where}.seq_len ({seq_len}): components.{comp_name} ({info.model_type}) has learned "
+                              f"positions for {limit} tokens. Use seq_len <= {limit}.")
+    side = info.config.get("image_size")
+    if arch.fixed_image and image_size is not None and image_size != side:
+        raise PretrainedError(f"{where}.image_size ({image_size}): components.{comp_name} ({info.model_type}) embeds "
+                              f"{side} px images only (its position table). Leave image_size unset or set {side}.")

@@ -230,6 +230,19 @@ class JobSpec(StrictModel):
     )
 
     @model_validator(mode="after")
+    def _check_pretrained_uses(self) -> JobSpec:
+        """Every use of a pretrained component within the positions its model embeds (planner.pretrained)."""
+        from planner.pretrained import check_use  # local: only pretrained components need it
+
+        for t, task in enumerate(self.tasks):
+            for u, use in enumerate(task.components):
+                comp = self.components.get(use.component)
+                if comp is not None and comp.pretrained:
+                    check_use(use.component, comp.pretrained, f"tasks[{t}].components[{u}]",
+                              use.seq_len or comp.seq_len, use.image_size or comp.image_size)
+        return self
+
+    @model_validator(mode="after")
     def _check_name(self) -> JobSpec:
         """The name becomes a folder (``out/<name>``) and a Ray job id: a safe character set, so it never leaves
         the folder it is put in (no ``/``, no ``..``, not absolute)."""

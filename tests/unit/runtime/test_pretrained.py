@@ -265,3 +265,15 @@ def test_a_bad_folder_is_one_error_line(models, tmp_path, breaks, expected):
     assert len(lines) == 1 and lines[0].startswith("error: components.lm: "), lines
     for text in expected:
         assert text in lines[0], (text, lines[0])
+
+
+def test_a_use_beyond_the_models_position_table_is_one_error_line(models, tmp_path):
+    path = write_job(models, "bert", seq_len=65)  # BERT's table has 64 positions
+    with pytest.raises(SpecError, match=r"tasks\[0\].components\[0\].seq_len \(65\): components.lm \(bert\) has learned "
+                                        r"positions for 64 tokens. Use seq_len <= 64."):
+        load_job(path)
+    doc = yaml.safe_load(write_job(models, "clip").read_text())
+    doc["tasks"][0] |= {"loss": "cross_entropy", "components": [{"component": "lm", "image_size": 32}]}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SpecError, match=r"image_size \(32\): components.lm \(clip_vision_model\) embeds 16 px images"):
+        load_job(path)
