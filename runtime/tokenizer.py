@@ -7,7 +7,7 @@ aligned with the ids (position ``j`` predicts ``labels[j + 1]``), :data:`IGNORE_
 non-assistant chat turns and each document's first token; ``targets[positions_key(u)]`` position ids (restarting at
 0 for each document of a packed row); ``targets[segments_key(u)]`` segment ids (1, 2, ... for the documents of a row
 in order, 0 on padding): a layer that stops attention at document boundaries lets token i attend to j only when
-their segment ids are equal and nonzero. A preference pair's rejected sequence has the same four under
+their segment ids are equal and nonzero (:func:`document_mask` builds that mask). A preference pair's rejected sequence has the same four under
 :func:`rejected_key`. Transformers (and torch) are imported only when a tokenizer is loaded.
 """
 
@@ -38,6 +38,20 @@ def positions_key(use: str) -> str:
 def segments_key(use: str) -> str:
     """``batch.targets`` key of use ``use``'s segment ids ``(B, S)`` long (0: padding)."""
     return f"segments:{use}"
+
+
+def document_mask(segments: Any, causal: bool = True) -> Any:
+    """The attention mask of rows with segment ids ``segments`` ``(B, S)``: ``(B, 1, S, S)`` bool, True where query
+    i may attend to key j: same nonzero segment (and j <= i when ``causal``); a padding query attends to itself only,
+    so no row of scores is empty. The ``attn_mask`` of ``torch.nn.functional.scaled_dot_product_attention``."""
+    import torch
+
+    same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+    size = segments.shape[1]
+    allowed = same | torch.eye(size, dtype=torch.bool, device=segments.device)
+    if causal:
+        allowed &= torch.ones(size, size, dtype=torch.bool, device=segments.device).tril()
+    return allowed[:, None]
 
 
 def rejected_key(key: str) -> str:

@@ -225,6 +225,22 @@ def test_packed_rows_are_the_documents_in_epoch_order_with_segments_and_position
     assert all(labels[j] == b.inputs["lm"][0, j].item() for j in range(seq) if j not in starts)
 
 
+def test_document_mask_stops_attention_at_document_boundaries() -> None:
+    from runtime.tokenizer import document_mask
+
+    segments = torch.tensor([[1, 1, 2, 2, 2, 0]])
+    mask = document_mask(segments)[0, 0]
+    assert mask.shape == (6, 6)
+    assert mask[1].tolist() == [True, True, False, False, False, False]
+    assert mask[4].tolist() == [False, False, True, True, True, False]
+    assert mask[5].tolist() == [False] * 5 + [True]  # padding sees itself only: no empty row of scores
+    assert document_mask(segments, causal=False)[0, 0, 2].tolist() == [False, False, True, True, True, False]
+    q = k = v = torch.randn(1, 1, 6, 4)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(segments))
+    alone = torch.nn.functional.scaled_dot_product_attention(q[:, :, 2:5], k[:, :, 2:5], v[:, :, 2:5], is_causal=True)
+    torch.testing.assert_close(out[:, :, 2:5], alone)  # the second document as if it were alone
+
+
 def test_packed_chat_keeps_assistant_masks(tok, tok_dir) -> None:
     job = lm_job({"format": "chat", "path": str(CHAT), "tokenizer": str(tok_dir), "pack": True}, batch=4, seq=48)
     b = task_batch(job, 0, 2, 0, 4)
