@@ -331,9 +331,9 @@ def check(job) -> str:
 
 
 def test_missing_files_and_folders(tmp_path, tok_dir) -> None:
-    assert "tasks[0].data.path" in check(lm_job({"format": "chat", "path": str(tmp_path / "no.jsonl"),
-                                                 "tokenizer": str(tok_dir)})) and "no such file" in check(
-        lm_job({"format": "chat", "path": str(tmp_path / "no.jsonl"), "tokenizer": str(tok_dir)}))
+    missing = tmp_path / "no.jsonl"
+    assert check(lm_job({"format": "chat", "path": str(missing), "tokenizer": str(tok_dir)})).startswith(
+        f"tasks[0].data.path ({missing}): no such file; format chat reads a JSONL file.")
     assert "no such folder" in check(clip_job(tmp_path / "nowhere", tok_dir))
     (tmp_path / "empty").mkdir()
     assert "tasks[0].data.manifest" in check(clip_job(tmp_path / "empty", tok_dir))
