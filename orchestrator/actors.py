@@ -1,8 +1,11 @@
 """The Ray layer of a run: the embedded local cluster and the actor that runs one device's part of a plan.
 
 :class:`EmbeddedRay` starts (and stops) a Ray cluster private to this process: one logical CPU per
-worker, a short private temp dir under /tmp, no dashboard, token authentication disabled unless
-``RAY_AUTH_MODE`` is set (the cluster lives and dies with the run on this machine).
+worker, a short temp dir under /tmp, no dashboard, every Ray process listening on 127.0.0.1 only, and
+token authentication with a fresh token in a 0600 file in a 0700 folder of that temp dir (unless
+``RAY_AUTH_MODE`` is set): the cluster lives and dies with the run on this machine, and neither the
+network nor another local user can reach it. :func:`join_cluster` connects to ``--address`` with a
+timeout instead of Ray's minutes of retries.
 
 :class:`WaveActor` is a thin shell around runtime's WaveWorker: one per device (rank) of the plan,
 each taking one CPU (and a GPU on a GPU cluster) of its plan node's bundle in the run's placement
@@ -21,8 +24,10 @@ Imports torch and runtime lazily, inside the actor process: the driver only need
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -37,20 +42,60 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.placement import RankPlacement
+from planner.errors import LoomError
 
 log = logging.getLogger(__name__)
 
 GLOO_TIMEOUT = timedelta(minutes=10)  # a collective that waits longer than this means a peer is gone (gloo or NCCL)
 AUTH_ENV = "RAY_AUTH_MODE"
+TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"  # Ray's token sources, by precedence: RAY_AUTH_TOKEN, this file, ~/.ray/auth_token
+TOKEN_ENV = "RAY_AUTH_TOKEN"
+# Ray 2.60: with this off, every Ray process takes 127.0.0.1 as its node IP and binds its servers to it (the switch Ray
+# uses on macOS/Windows, where clusters are local only); processes read it from the environment at import
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LOOPBACK = "127.0.0.1"
+CONNECT_TIMEOUT_S = 15.0  # --address: a GCS that does not answer within this is reported, not retried for minutes
 OBJECT_STORE_BYTES = 256 * 1024**2  # a run moves only control data and, on request, parameters
 QUIET = {"logging_level": logging.WARNING, "configure_logging": False, "log_to_driver": False}
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+class ClusterError(LoomError):
+    """``--address`` names no reachable Ray cluster, or Ray refused the connection (one line, exit 2)."""
+
+
+def free_port(host: str = LOOPBACK) -> int:
     """A TCP port that is free on ``host`` right now (the rendezvous port of the gloo group)."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def rendezvous_store(master_addr: str, master_port: int, rank: int, world_size: int):
+    """The gloo/NCCL group's TCPStore. Rank 0 serves it on ``master_addr`` only (torch's own server would listen on
+    every interface), the others connect to it. On a loopback address gloo's own sockets stay on loopback too."""
+    import torch.distributed as dist
+
+    if is_loopback(master_addr):
+        loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+        if loopback is not None:  # gloo binds the interface its hostname resolves to unless told which
+            os.environ["GLOO_SOCKET_IFNAME"] = loopback
+    if rank != 0:
+        return dist.TCPStore(master_addr, master_port, world_size, False, timeout=GLOO_TIMEOUT)
+    family = socket.AF_INET6 if ":" in master_addr else socket.AF_INET
+    server = socket.socket(family, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((master_addr, master_port))
+    server.listen(world_size + 16)
+    return dist.TCPStore(master_addr, master_port, world_size, True, timeout=GLOO_TIMEOUT, wait_for_workers=False,
+                         master_listen_fd=server.detach())
 
 
 class WaveActor:
@@ -93,7 +138,9 @@ class WaveActor:
         device = worker_device(job) if self.use_gpu else torch.device("cpu")
         configure_worker_process(device)
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        dist.init_process_group(backend_for(device), rank=self.rank, world_size=self.world_size, timeout=GLOO_TIMEOUT)
+        store = rendezvous_store(master_addr, master_port, self.rank, self.world_size)
+        dist.init_process_group(backend_for(device), store=store, rank=self.rank, world_size=self.world_size,
+                                timeout=GLOO_TIMEOUT)
         plan = plan_from_json(self.plan_json)
         if peers and store_from_bytes > 0 and device.type == "cpu":  # NCCL moves GPU pieces faster than any store
             self.channel = ObjectStoreChannel(peers, store_from_bytes)
@@ -216,28 +263,45 @@ class EmbeddedRay:
 
     ``address="local"`` never attaches to another cluster on this machine (nor to ``RAY_ADDRESS``).
     The temp dir is short because Ray's socket paths must fit in 107 bytes; it is removed on
-    :meth:`stop`, after the workers' logs that say something were copied out if asked."""
+    :meth:`stop`, after the workers' logs that say something were copied out if asked.
+
+    Network: every Ray process (GCS, raylet, workers, dashboard and runtime-env agents, autoscaler monitor) takes
+    127.0.0.1 as its node IP and listens there only (``LOCAL_ONLY_ENV``), and the workers' gloo rendezvous stays on
+    127.0.0.1 (:func:`rendezvous_store`). Auth: unless ``RAY_AUTH_MODE`` is set, token authentication is on, with a
+    fresh random token in ``<temp dir>/auth-*/auth_token`` (0600, in a 0700 folder) that only this run's processes
+    are given (``RAY_AUTH_TOKEN_PATH``), so another user of this machine cannot drive the cluster through loopback.
+    The token is never logged; Ray never writes ``~/.ray/auth_token`` for it. The environment, Ray's cached config and
+    its token cache are restored on :meth:`stop`."""
 
     def __init__(self, num_cpus: int):
         self.num_cpus = num_cpus
         self.temp_dir: Path | None = None
-        self._saved_auth: str | None = None
+        self._saved_env: dict[str, str | None] = {}
 
     def start(self) -> EmbeddedRay:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="loom-ray-", dir="/tmp"))
-        self._saved_auth = os.environ.get(AUTH_ENV)
-        os.environ.setdefault(AUTH_ENV, "disabled")
-        log.info("starting an embedded Ray cluster (%d CPUs, temp dir %s)", self.num_cpus, self.temp_dir)
+        self._saved_env = {name: os.environ.get(name) for name in (AUTH_ENV, TOKEN_PATH_ENV, LOCAL_ONLY_ENV)}
+        os.environ[LOCAL_ONLY_ENV] = "0"
+        os.environ.setdefault(AUTH_ENV, "token")
+        if os.environ[AUTH_ENV].lower() == "token" and TOKEN_ENV not in os.environ and TOKEN_PATH_ENV not in os.environ:
+            # a folder of its own: Ray makes its temp dir world-readable (0777) once it starts
+            private = Path(tempfile.mkdtemp(prefix="auth-", dir=self.temp_dir))
+            os.environ[TOKEN_PATH_ENV] = str(write_token(private / "auth_token"))
+        _reload_ray_auth()
+        log.info("starting an embedded Ray cluster on %s (%d CPUs, temp dir %s, auth %s)", LOOPBACK, self.num_cpus,
+                 self.temp_dir, os.environ[AUTH_ENV])
         try:
-            ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, _temp_dir=str(self.temp_dir),
-                     object_store_memory=OBJECT_STORE_BYTES, **QUIET)
+            with _local_only_driver():
+                ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, dashboard_host=LOOPBACK,
+                         _temp_dir=str(self.temp_dir), object_store_memory=OBJECT_STORE_BYTES, **QUIET)
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self, keep_logs_in: Path | None = None) -> None:
-        """``ray.shutdown()``, then copy the worker logs to ``keep_logs_in`` (if given) and remove the temp dir."""
+        """``ray.shutdown()``, then copy the worker logs to ``keep_logs_in`` (if given), remove the temp dir (and the
+        token in it) and restore the environment."""
         ray.shutdown()
         if self.temp_dir is None:
             return
@@ -245,10 +309,12 @@ class EmbeddedRay:
             copy_worker_logs(self.temp_dir, keep_logs_in)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         self.temp_dir = None
-        if self._saved_auth is None:
-            os.environ.pop(AUTH_ENV, None)
-        else:
-            os.environ[AUTH_ENV] = self._saved_auth
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _reload_ray_auth()
 
     def __enter__(self) -> EmbeddedRay:
         return self.start()
@@ -257,10 +323,96 @@ class EmbeddedRay:
         self.stop()
 
 
-def join_cluster(address: str) -> None:
-    """``ray.init(address=...)`` (token auth as Ray is configured)."""
-    log.info("joining the Ray cluster at %s", address)
-    ray.init(address=address, **QUIET)
+def write_token(path: Path) -> Path:
+    """A fresh random token (256 bits, hex) in a new file ``path`` created with mode 0600 (never widened by the
+    umask, never readable by others for an instant); the token itself is not returned, to keep it out of logs."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))
+    return path
+
+
+def _reload_ray_auth() -> None:
+    """Make this process see the current RAY_AUTH_* environment: Ray caches its config (the auth mode) and the token
+    at first use, so a change made after ``import ray`` is invisible to ``ray.init`` without this (Ray 2.60 does the
+    same in ``ray._private.authentication.authentication_token_setup``)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+class _local_only_driver:  # noqa: N801 - used as a context manager
+    """While active, this (already imported) driver resolves its own node IP to 127.0.0.1 as a process started with
+    ``LOCAL_ONLY_ENV=0`` would: Ray read that variable into ``ray_constants`` at import, and ``ray.init`` asks
+    ``services.get_node_ip_address``, which reads the constant. Restored on exit."""
+
+    def __enter__(self) -> None:
+        from ray._private import ray_constants
+
+        self._saved = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+
+    def __exit__(self, *exc_info) -> None:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = self._saved
+
+
+def join_cluster(address: str, timeout_s: float | None = None) -> None:
+    """``ray.init(address=...)`` (token auth as Ray is configured), after checking within ``timeout_s`` (default
+    ``CONNECT_TIMEOUT_S``) that the GCS at ``address`` answers: Ray itself retries a dead address for minutes.
+    ClusterError (one line) when it does not, or when Ray refuses the connection."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    timeout_s = CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
+    try:
+        target = canonicalize_bootstrap_address(address)  # host:port; "auto" -> RAY_ADDRESS or this machine's cluster
+    except ValueError:
+        raise ClusterError(f"--address ({address!r}) is not HOST:PORT; give the Ray head's GCS address, e.g. "
+                           "'10.0.0.1:6379' (what `ray start --head` prints), or 'auto'.") from None
+    if target is not None:
+        probe_gcs(address, target, timeout_s)
+    log.info("joining the Ray cluster at %s", target or address)
+    from ray.exceptions import AuthenticationError
+
+    try:
+        ray.init(address=address, **QUIET)
+    except (ConnectionError, TimeoutError, RuntimeError, AuthenticationError) as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise ClusterError(f"--address ({address}): Ray could not connect: {first}. Check the address and, for a "
+                           "cluster with token auth, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH.") from None
+
+
+def probe_gcs(address: str, target: str, timeout_s: float) -> None:
+    """ClusterError unless something at ``target`` (host:port) accepts a TCP connection and completes a gRPC
+    (HTTP/2) handshake, both within ``timeout_s`` in all."""
+    import grpc
+
+    deadline = time.monotonic() + timeout_s
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    where = f"--address ({address})"
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except socket.gaierror:
+        raise ClusterError(f"{where}: host '{host}' cannot be resolved. Check the name.") from None
+    except (socket.timeout, TimeoutError):
+        raise ClusterError(f"{where}: {target} did not answer within {timeout_s:g} s; check the address and that no "
+                           "firewall drops it (the GCS port, 6379 by default).") from None
+    except OSError as exc:
+        raise ClusterError(f"{where}: cannot connect to {target} ({exc.strerror or exc}); start the head there "
+                           "(`ray start --head`) or give its GCS address.") from None
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=max(deadline - time.monotonic(), 0.1))
+    except grpc.FutureTimeoutError:
+        raise ClusterError(f"{where}: {target} accepts connections but is not a Ray GCS (no gRPC answer within "
+                           f"{timeout_s:g} s); give the head's GCS address (port 6379 by default), not the "
+                           "dashboard's.") from None
+    finally:
+        channel.close()
 
 
 def copy_worker_logs(temp_dir: Path, target: Path) -> None:

@@ -48,6 +48,9 @@ PROBE_TIMEOUT_S = 10.0  # connect/read timeout of the first request; the SDK set
 _ADDRESS_OVERRIDES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 _WORKING_DIR_EXCLUDES = [".git", ".venv", "__pycache__"]
 _STATUS_CODE = re.compile(r"status code (\d{3})")
+# Ray's submission ids are raysubmit_<16 alphanumerics>; a caller-chosen id (JobSubmissionClient(submission_id=)) may
+# use more. The id becomes a path segment of the Jobs API's URLs, so '/', '..', '%', '?' or '#' must never pass.
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 DEFAULT_ENTRYPOINT = "loom run {job} --address auto"
 
 
@@ -94,6 +97,17 @@ def check_address(address: str) -> str:
         raise SubmitError(f"--address ('{address}') is not of the form http://HOST:PORT; "
                           f"give the dashboard's address, e.g. 'http://127.0.0.1:8265'.")
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def check_job_id(job_id: str) -> str:
+    """``job_id`` when it is a safe Jobs API id (1-128 of A-Z a-z 0-9 _ . -, starting alphanumeric, no '..');
+    SubmitError otherwise, before it is put into a URL."""
+    if not _JOB_ID.fullmatch(job_id) or ".." in job_id:
+        shown = job_id if len(job_id) <= 80 else job_id[:77] + "..."
+        raise SubmitError(f"JOB_ID ({shown!r}) is not a Ray job id; expected 1-128 characters from A-Z a-z 0-9 _ . -, "
+                          "starting with a letter or digit, without '..' (e.g. 'raysubmit_a1B2c3D4e5F6g7H8'). Use "
+                          "the id `loom submit` printed.")
+    return job_id
 
 
 def auth_headers(address: str) -> dict[str, str]:
@@ -296,6 +310,7 @@ def _stage(staging: Path, job_path: Path, plan_path: Path | None) -> tuple[str, 
 
 def job_status(address: str, job_id: str) -> JobState:
     """The job's current state; SubmitError when the cluster does not know ``job_id``."""
+    check_job_id(job_id)
     url = check_address(address)
     client = connect(url)
     with _jobs_api_errors(url, job_id):
@@ -315,6 +330,7 @@ def job_logs(address: str, job_id: str, follow: bool = False) -> Iterator[str]:
 
     The job's existence is checked before returning (SubmitError), so errors surface at the call.
     """
+    check_job_id(job_id)
     url = check_address(address)
     client = connect(url)
     with _jobs_api_errors(url, job_id):
@@ -347,6 +363,7 @@ def stop_job(address: str, job_id: str) -> bool:
     Returns True when the job was still running, False when it had already ended. Asynchronous:
     poll :func:`job_status` for STOPPED.
     """
+    check_job_id(job_id)
     url = check_address(address)
     client = connect(url)
     with _jobs_api_errors(url, job_id):

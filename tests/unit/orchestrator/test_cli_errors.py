@@ -237,3 +237,134 @@ def test_unexpected_exceptions_are_not_swallowed(runner: CliRunner, tmp_path: Pa
     result = runner.invoke(app, ["validate", str(job)])
     assert result.exit_code == 1
     assert isinstance(result.exception, RuntimeError)
+
+
+# --------------------------------------------------------------------------- bounded input (issue 12)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)), ["job.yaml", "not a UTF-8 text file"]),
+    (b"name: x\x00\x00\n", ["job.yaml", "binary file"]),
+    (b"[" * 10_000, ["job.yaml", "nests deeper than"]),
+    (b"name: a\nname: b\n", ["job.yaml", "line 2: key 'name' is given twice", "first at line 1"]),
+], ids=["binary", "nul-bytes", "deep-nesting", "duplicate-key"])
+def test_hostile_file(runner: CliRunner, tmp_path: Path, content: bytes, expected: list[str]) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(content)
+    for command in ("validate", "plan"):
+        _assert_one_error_line(runner.invoke(app, [command, str(path)]), expected)
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (_set("components.decoder.num_layers", 1_000_000_000), ["components.decoder.num_layers (1000000000)", "1024"]),
+    (lambda d: d["cluster"].update(num_nodes=125_000, devices_per_node=8),
+     ["cluster.num_nodes * cluster.devices_per_node (1000000)", "16384 devices"]),
+    (_set("tasks[0].batch_size", 10**9), ["tasks[0].batch_size (1000000000)", "limit"]),
+], ids=["billion-layers", "million-devices", "huge-batch"])
+def test_sizes_over_the_limits(runner: CliRunner, tmp_path: Path, mutate, expected: list[str]) -> None:
+    """Refused by `validate` and by `plan` at once (planning a billion layers grew to 7.9 GB before)."""
+    import time
+
+    doc = copy.deepcopy(BASE)
+    mutate(doc)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    start = time.perf_counter()
+    for command in ("validate", "plan"):
+        _assert_one_error_line(runner.invoke(app, [command, str(path)]), expected)
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("job_id", ["../../api/jobs", "raysubmit_x/../../secret", "a/b", "..", "_hidden", "x?y=1",
+                                    "a\\b", "id with space", "%2e%2e", "a" * 200, ""])
+@pytest.mark.parametrize("command", ["status", "logs", "stop"])
+def test_unsafe_job_id_is_refused_before_any_request(runner: CliRunner, command: str, job_id: str,
+                                                     monkeypatch) -> None:
+    """The id is checked before the address is even parsed: no request is made (requests.get would fail the test)."""
+    import requests
+
+    def no_request(*args, **kwargs):
+        raise AssertionError("a request was made")
+
+    monkeypatch.setattr(requests, "get", no_request)
+    result = runner.invoke(app, [command, job_id, "--address", "http://127.0.0.1:9"])
+    _assert_one_error_line(result, ["JOB_ID", "is not a Ray job id", "A-Z a-z 0-9 _ . -"])
+
+
+def test_a_safe_job_id_reaches_the_address_check(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["status", "raysubmit_a1B2c3D4e5F6g7H8", "--address", "127.0.0.1:8265"])
+    _assert_one_error_line(result, ["--address", "has no scheme"])
+
+
+CPU_JOB = {
+    "name": "tiny-cpu",
+    "cluster": {"num_nodes": 1, "devices_per_node": 1, "device": "cpu"},
+    "components": {"t": {"kind": "transformer", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "seq_len": 4}},
+    "tasks": [{"name": "a", "batch_size": 2, "loss": "mse", "components": [{"component": "t"}]}],
+    "training": {"steps": 1, "precision": "fp32"},
+    "planner": {"time_limit_s": 1},
+}
+
+
+def _run_at(runner: CliRunner, tmp_path: Path, address: str):
+    import time
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(CPU_JOB))
+    start = time.perf_counter()
+    result = runner.invoke(app, ["run", str(job), "--address", address, "--out", str(tmp_path / "out")])
+    return result, time.perf_counter() - start
+
+
+def _gcs_host() -> str:
+    """The host Ray connects to for 127.0.0.1 (it replaces loopback by this machine's node IP)."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    return canonicalize_bootstrap_address("127.0.0.1:1").rpartition(":")[0].strip("[]")
+
+
+def test_run_address_with_nothing_listening_fails_fast(runner: CliRunner, tmp_path: Path) -> None:
+    """Ray alone retries a dead GCS address for minutes; `loom run --address` answers in one line, exit 2."""
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on: bound, never listening
+        probe.bind((_gcs_host(), 0))
+        port = probe.getsockname()[1]
+        result, seconds = _run_at(runner, tmp_path, f"127.0.0.1:{port}")
+    line = _assert_one_error_line_after_logs(result, [f"--address (127.0.0.1:{port})", "cannot connect to",
+                                                      "ray start --head"])
+    assert seconds < 15, (seconds, line)
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_address_that_is_not_a_gcs_times_out(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+    """Something listens (here a socket that never speaks gRPC): refused once CONNECT_TIMEOUT_S has passed."""
+    import socket
+
+    import orchestrator.actors
+
+    monkeypatch.setattr(orchestrator.actors, "CONNECT_TIMEOUT_S", 2.0)
+    with socket.socket() as server:
+        server.bind((_gcs_host(), 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        result, seconds = _run_at(runner, tmp_path, f"127.0.0.1:{port}")
+    _assert_one_error_line_after_logs(result, ["accepts connections but is not a Ray GCS", "within 2 s"])
+    assert 2 <= seconds < 12
+
+
+def test_run_address_malformed(runner: CliRunner, tmp_path: Path) -> None:
+    result, seconds = _run_at(runner, tmp_path, "not-an-address")
+    _assert_one_error_line_after_logs(result, ["--address ('not-an-address') is not HOST:PORT"])
+
+
+def _assert_one_error_line_after_logs(result, expected: list[str]) -> str:
+    """`loom run` logs its planning on stderr first: the last line is the one `error:` line."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    for text in expected:
+        assert text in errors[0], f"{text!r} not in {errors[0]!r}"
+    return errors[0]
