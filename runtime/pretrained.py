@@ -28,6 +28,7 @@ from torch import nn
 
 from planner.pretrained import resolve_pretrained, tensor_files
 from planner.spec import ComponentSpec
+from runtime.tokenizer import document_mask
 
 
 @dataclass(frozen=True)
@@ -128,11 +129,16 @@ class PretrainedLayer(nn.Module):
         super().__init__()
         self.layer, self.rotary = layer, rotary
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions`` ``(B, S)`` and ``segments`` ``(B, S)``: a packed row's per-document position and segment ids
+        (runtime.sources): each token then attends within its own document only (runtime.tokenizer.document_mask)."""
+        mask = document_mask(segments, causal=self.rotary is not None) if segments is not None else None
         if self.rotary is None:
-            return self.layer(x, attention_mask=None)
-        positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-        return self.layer(x, attention_mask=None, position_ids=positions,
+            return self.layer(x, attention_mask=mask)
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        return self.layer(x, attention_mask=mask, position_ids=positions,
                           position_embeddings=self.rotary(x, positions))
 
 

@@ -277,3 +277,19 @@ def test_a_use_beyond_the_models_position_table_is_one_error_line(models, tmp_pa
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(SpecError, match=r"image_size \(32\): components.lm \(clip_vision_model\) embeds 16 px images"):
         load_job(path)
+
+
+def test_a_packed_row_attends_within_its_documents(models):
+    """Two documents packed into one row, with their position and segment ids, give each document's output alone."""
+    job = load_job(write_job(models, "llama"))
+    layer = build_layer(job, build_metagraph(job).metaops[0], 0)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 5, 64, generator=gen), torch.randn(1, 7, 64, generator=gen)
+    positions = torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0)
+    segments = torch.tensor([[1] * 5 + [2] * 7])
+    with torch.no_grad():
+        packed = layer(torch.cat([a, b], dim=1), positions=positions, segments=segments)
+        alone = torch.cat([layer(a), layer(b)], dim=1)
+        unmasked = layer(torch.cat([a, b], dim=1))
+    assert float((packed - alone).abs().max()) <= 1e-5
+    assert float((unmasked - alone).abs().max()) > 1e-3  # without the ids the second document sees the first
