@@ -127,6 +127,17 @@ def test_a_second_lock_on_the_folder_is_refused_naming_the_holder(tmp_path):
     second.release()  # twice is harmless
 
 
+def test_two_runs_started_together_into_a_new_folder_one_claims_it(tmp_path):
+    out = tmp_path / "new"
+    first, second = (RunFolder(out, resume=False, overwrite=False, outputs=()) for _ in range(2))
+    assert first.check(PLAN) is None and second.check(PLAN) is None  # both looked before either wrote
+    assert not out.exists()
+    first.claim(PLAN)
+    with pytest.raises(RunInputError, match=rf"in use by another `loom run` \(pid {os.getpid()} "):
+        second.claim(PLAN)
+    first.release()
+
+
 def test_paths_that_resolve_outside_the_folder_are_refused(tmp_path):
     out, outside = tmp_path / "out", tmp_path / "elsewhere"
     out.mkdir()
