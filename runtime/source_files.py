@@ -244,7 +244,7 @@ def stable_int(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)  # a step's rows span one epoch or two; a few tasks
 def epoch_order(num_rows: int, seed: int, task: str, epoch: int, shuffle: bool) -> tuple[int, ...]:
     """The order task ``task`` visits its ``num_rows`` rows in during ``epoch``: a permutation seeded by (seed,
     task, epoch), or file order without ``shuffle``. A pure function: every rank and a resumed run agree."""
