@@ -33,8 +33,9 @@ PREVIOUS_PREFIX = "previous-"
 
 
 class RunFolder:
-    """One run's output folder. :meth:`check` only reads (a refused run leaves the folder byte-identical);
-    :meth:`claim` makes the run's first writes, after every other check; :meth:`release` at the end."""
+    """One run's output folder. :meth:`check` and :meth:`find_resume_point` only read (a refused run leaves the
+    folder byte-identical); :meth:`claim` makes the run's first writes, after every other check; :meth:`release` at
+    the end."""
 
     def __init__(self, out_dir: Path, *, resume: bool, overwrite: bool, outputs: tuple[str, ...]):
         self.out_dir, self.resume, self.overwrite = Path(out_dir), resume, overwrite
@@ -48,10 +49,10 @@ class RunFolder:
         """``out_dir / parts``, checked to resolve inside the folder (:func:`contained`)."""
         return contained(self.out_dir, *parts)
 
-    def check(self, plan_hash: str) -> CheckpointInfo | None:
-        """Read-only: the lock (taken when the folder has a lock file; a RunInputError when another run holds it),
-        the output names resolving inside the folder, then, for a resume, the checkpoint it continues from
-        (returned), else the refusal of a fresh run over an earlier run's checkpoints without ``overwrite``."""
+    def check(self) -> None:
+        """Read-only, before planning: the lock (taken when the folder has a lock file; a RunInputError when another
+        run holds it), the output names resolving inside the folder, and for a fresh run the refusal of an earlier
+        run's checkpoints without ``overwrite``."""
         if self.resume and self.overwrite:
             raise RunInputError("--resume continues the run in --out, --overwrite replaces it: pass one of them.")
         if self.out_dir.exists() and not self.out_dir.is_dir():
@@ -60,21 +61,25 @@ class RunFolder:
             self.lock.acquire(create=False)
         for name in self.outputs:
             self.path(name)
-        if self.resume:
-            self.resume_point = find_resume_point(self.out_dir, plan_hash)
-        else:
+        if not self.resume:
             check_fresh_run(self.out_dir, self.overwrite)
+
+    def find_resume_point(self, plan_hash: str) -> CheckpointInfo | None:
+        """Read-only: for a resume, the checkpoint it continues from (orchestrator.checkpoint.find_resume_point:
+        the newest intact one; a CheckpointError when there is none or it is another plan's); else None."""
+        self.resume_point = find_resume_point(self.out_dir, plan_hash) if self.resume else None
         return self.resume_point
 
     def claim(self, plan_hash: str) -> CheckpointInfo | None:
-        """The run's first writes: create the folder, take the lock (running :meth:`check` again under it when the
-        folder had no lock file: another run may have written since), record this process in the lock file, move the
-        earlier run aside for ``overwrite``. Returns the resume point, as :meth:`check`."""
+        """The run's first writes: create the folder, take the lock (checking again under it when the folder had no
+        lock file: another run may have written since), record this process in the lock file, move the earlier run
+        aside for ``overwrite``. Returns the resume point, as :meth:`find_resume_point`."""
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if not self.lock.held:
                 self.lock.acquire(create=True)
-                self.check(plan_hash)
+                self.check()
+                self.find_resume_point(plan_hash)
             self.lock.write_holder()
             self.claimed = True
             if self.overwrite:

@@ -211,8 +211,9 @@ class Driver:
         check_runnable_job(self.job, self.options.address)
         if self.num_steps < 0 or self.checkpoint_every < 0 or (self.options.keep_last or 1) < 1:
             raise RunInputError("--steps and --checkpoint-every must be >= 0, --keep-last >= 1.")
+        self.folder.check()  # before planning: a folder in use or holding checkpoints is refused at once
         self.plan = self.resolve_plan()
-        self.resume_point = self.folder.check(self.plan.hash)  # the folder is only read: a refusal leaves it as it was
+        self.resume_point = self.folder.find_resume_point(self.plan.hash)  # only reads, as check does
         self.first_step = self.resume_point.step if self.resume_point else 0
         self.start_metrics()
 

@@ -130,7 +130,8 @@ def test_a_second_lock_on_the_folder_is_refused_naming_the_holder(tmp_path):
 def test_two_runs_started_together_into_a_new_folder_one_claims_it(tmp_path):
     out = tmp_path / "new"
     first, second = (RunFolder(out, resume=False, overwrite=False, outputs=()) for _ in range(2))
-    assert first.check(PLAN) is None and second.check(PLAN) is None  # both looked before either wrote
+    first.check()
+    second.check()  # both looked before either wrote
     assert not out.exists()
     first.claim(PLAN)
     with pytest.raises(RunInputError, match=rf"in use by another `loom run` \(pid {os.getpid()} "):
@@ -150,7 +151,7 @@ def test_paths_that_resolve_outside_the_folder_are_refused(tmp_path):
     with pytest.raises(RunInputError, match=r"ckpt: resolves to .*elsewhere, outside --out"):
         contained(out, "ckpt")
     with pytest.raises(RunInputError, match="outside --out"):
-        RunFolder(out, resume=False, overwrite=False, outputs=("plan.json", "ckpt")).check(PLAN)
+        RunFolder(out, resume=False, overwrite=False, outputs=("plan.json", "ckpt")).check()
 
 
 def test_fresh_run_over_checkpoints_needs_overwrite_which_moves_them_aside(tmp_path):
@@ -158,20 +159,20 @@ def test_fresh_run_over_checkpoints_needs_overwrite_which_moves_them_aside(tmp_p
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(RunInputError, match=r"holds checkpoints of an earlier run \(ckpt/step_2\).*--resume.*"
                                             r"--overwrite"):
-        RunFolder(tmp_path, resume=False, overwrite=False, outputs=()).check(PLAN)
+        RunFolder(tmp_path, resume=False, overwrite=False, outputs=()).check()
     folder = RunFolder(tmp_path, resume=False, overwrite=True, outputs=())
-    assert folder.check(PLAN) is None
+    folder.check()
     folder.claim(PLAN)
     previous = folder.previous
     assert previous.name.startswith("previous-") and sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [LOCK_FILE, previous.name])
     assert latest_step(previous) == 2 and (previous / "metrics.jsonl").read_text() == "{}\n"
     with pytest.raises(RunInputError, match="in use by another"):  # the claim holds the lock
-        RunFolder(tmp_path, resume=False, overwrite=False, outputs=()).check(PLAN)
+        RunFolder(tmp_path, resume=False, overwrite=False, outputs=()).check()
     folder.release()
     # a run that ended before its first checkpoint leaves the earlier run moved aside: a fresh run is refused
     with pytest.raises(RunInputError, match=previous.name):
-        RunFolder(tmp_path, resume=False, overwrite=False, outputs=()).check(PLAN)
+        RunFolder(tmp_path, resume=False, overwrite=False, outputs=()).check()
     folder.drop_previous()
     assert not previous.exists()
 
