@@ -2,10 +2,10 @@
 
 Entry point :func:`run_job`. A run is a sequence of named phases (:class:`Driver`):
 
-1. ``prepare``: check the job can run here (CPU cluster, supported losses), plan it or check the
-   given plan belongs to it, check the output directory (its lock, :mod:`orchestrator.outdir`; a fresh
-   run over an earlier run's checkpoints needs ``overwrite``) and, for ``resume``, find the checkpoint
-   to continue from; bind the metrics port. Every problem found here is a user error
+1. ``prepare``: check the job can run here (CPU cluster, supported losses), check the output
+   directory (its lock, :mod:`orchestrator.outdir`; a fresh run over an earlier run's checkpoints
+   needs ``overwrite``), plan the job or check the given plan belongs to it and, for ``resume``, find
+   the checkpoint to continue from; bind the metrics port. Every problem found here is a user error
    (:class:`RunInputError`, exit 2), and nothing in the output directory has been written yet.
 2. ``start_cluster`` (an embedded local Ray cluster with one logical CPU per worker; or
    ``ray.init(address=...)``; or the Ray session this process already has), ``create_workers`` (one
