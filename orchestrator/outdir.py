@@ -174,12 +174,33 @@ class OutDirLock:
 
 
 def _read_holder(fd: int) -> str:
-    """``pid 123 on host h since T`` from a lock file, or what is known."""
+    """Who holds the lock on ``fd``'s file: the pid the kernel reports (/proc/locks, Linux) with the host and start
+    time the holder recorded when they are its own, else what is known."""
     try:
-        holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        return f"pid {holder['pid']} on {holder['host']} since {holder['started']}"
+        recorded = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        recorded = f"pid {recorded['pid']} on {recorded['host']} since {recorded['started']}", recorded["pid"]
     except (OSError, ValueError, KeyError, TypeError):
-        return "owner unknown: it has not recorded itself yet"
+        recorded = None
+    pid = _lock_holder_pid(fd)
+    if pid is not None and (recorded is None or recorded[1] != pid):
+        return f"pid {pid}"  # it has not recorded itself yet: the file still names an earlier run
+    return recorded[0] if recorded else "owner unknown"
+
+
+def _lock_holder_pid(fd: int) -> int | None:
+    """The pid holding a flock on ``fd``'s file, from /proc/locks (``FLOCK ADVISORY WRITE <pid> MAJ:MIN:INODE``);
+    None where the kernel does not say (another OS, a holder on another host of a network file system)."""
+    st = os.fstat(fd)
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+            return int(fields[4])
+    return None
 
 
 def earlier_run(out_dir: Path) -> str | None:

@@ -117,8 +117,11 @@ def test_a_second_lock_on_the_folder_is_refused_naming_the_holder(tmp_path):
     assert not first.acquire(create=False)  # no lock file yet: nothing created by a check
     assert not (tmp_path / LOCK_FILE).exists()
     assert first.acquire(create=True)
-    first.write_holder()
     second = OutDirLock(tmp_path)
+    (tmp_path / LOCK_FILE).write_text('{"pid": 1, "host": "old", "started": "then"}')  # an earlier holder's record
+    with pytest.raises(RunInputError, match=rf"in use by another `loom run` \(pid {os.getpid()}\)"):  # the kernel's
+        second.acquire(create=False)
+    first.write_holder()
     with pytest.raises(RunInputError, match=rf"is in use by another `loom run` \(pid {os.getpid()} on "):
         second.acquire(create=False)
     first.release()
