@@ -245,3 +245,25 @@ def test_loom_run_refuses_a_bad_plan_before_anything_starts(plan, tmp_path) -> N
     assert lines[0].startswith(f"error: {bad}: metaops[3] ('b.enc') runs 3 of its 4 layers")
     assert not out.exists()
 
+
+
+def test_loom_run_refuses_more_local_workers_than_the_machine_starts(tmp_path, monkeypatch) -> None:
+    """A valid plan for 64 devices, `loom run` on 2 cores without --address: one line, exit 2, before Ray starts
+    (it used to start 64 actors and hang)."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    doc = json.loads(json.dumps(JOB))
+    doc["cluster"]["devices_per_node"] = 64
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(doc))
+    plan = tmp_path / "plan.json"
+    plan_schedule(parse_job(doc), SCHEDULE, method="hand-made").save(plan)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(job), "--plan", str(plan), "--out", str(out)])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, (result.stderr, result.exception)
+    assert lines[0].startswith("error: --plan: cluster (1 node(s) x 64 devices) needs 64 worker processes")
+    assert not out.exists()
