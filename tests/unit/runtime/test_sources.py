@@ -460,3 +460,30 @@ def test_an_image_folder_trains_a_captioner_and_a_classifier_through_the_referen
     losses = [trainer.train_step(step) for step in range(10)]
     for task in ("caption", "colour"):
         assert sum(s[task] for s in losses[-3:]) / 3 < 0.7 * losses[0][task], (task, losses)
+
+
+def test_a_pretrained_llama_takes_its_tokenizer_from_its_folder(tmp_path) -> None:
+    """No data.tokenizer: the tokenizer saved in the component's pretrained folder (examples/make_models.py's Llama,
+    its vocabulary the tokenizer's size) encodes the chat, and the model trains on the assistant turns."""
+    import sys
+
+    from runtime.reference import ReferenceTrainer
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from make_models import save_llama
+        from make_tokenizer import build_tokenizer, corpus_texts
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    folder = tmp_path / "llama"
+    build_tokenizer(folder, corpus_texts(CHAT))
+    save_llama(folder, vocab_size=len(load_tokenizer(str(folder), "test")), num_hidden_layers=1)
+    job = parse_job({"name": "p", "training": {"lr": 3e-3, "precision": "fp32"},
+                     "components": {"llm": {"pretrained": str(folder), "seq_len": 32}},
+                     "tasks": [{"name": "sft", "batch_size": 4, "loss": "lm", "components": [{"component": "llm"}],
+                                "data": {"format": "chat", "path": str(CHAT)}}]})
+    check_data_files(job)
+    sources.check_data(job)
+    trainer = ReferenceTrainer(job)
+    losses = [trainer.train_step(step)["sft"] for step in range(3)]
+    assert losses[-1] < losses[0], losses
