@@ -28,7 +28,7 @@ class MetaOp:
     component: str
     layer: LayerSegment
     num_layers: int
-    batch_size: int
+    batch_size: int  # rows of one micro-batch: the task's batch_size / training.grad_accum_steps
     deps: tuple[int, ...]
     param_group: str  # MetaOps with the same group hold the same parameters
     frozen: bool
@@ -114,7 +114,9 @@ def build_metagraph(job: JobSpec) -> MetaGraph:
                     component=use.component,
                     layer=seg,
                     num_layers=seg.count,
-                    batch_size=task.batch_size,
+                    # the planner plans one micro-batch (training.grad_accum_steps of them make a step); the
+                    # spec checks that they divide the batch
+                    batch_size=task.batch_size // job.training.grad_accum_steps,
                     deps=deps,
                     param_group=f"{use.component}#{s}" if len(segments) > 1 else use.component,
                     frozen=comp.frozen,

@@ -11,6 +11,13 @@ the default group handed in. Layers of slices with tp_degree > 1 run on megatron
 
 Losses: a task's loss on a device is ``loss_weight * sum of its per-sample losses / batch size``, so
 summing over data-parallel shards gives the full-batch mean, as in single-process training.
+
+Training basics (runtime.optim): with ``training.grad_accum_steps`` k the plan's MetaOps carry the micro-batch
+(batch_size / k rows; the planner plans it) and a step runs the waves k times on consecutive micro-batches,
+gradients accumulating, then syncs the buckets once; then the gradients are clipped by their global norm (each
+device adds the squares it owns, one all-reduce), the learning rate follows the schedule and the optimizer
+steps. Forward runs under the job's autocast (bf16/fp16) over fp32 weights, gradients and optimizer state;
+pieces cross devices in the compute precision (the plan's bytes) and are float32 again on arrival.
 """
 
 from __future__ import annotations
@@ -32,11 +39,16 @@ from runtime.assignment import (
     loss_groups, sample_range, tp_group_of,
 )
 from runtime.channel import PieceChannel, piece_key
-from runtime.data import TaskBatch, synthetic_batch
+from runtime.data import TaskBatch, task_batch
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
 from runtime.kinds import is_token_decoder
-from runtime.modules import build_layer, build_optimizer, layer_kwargs, run_layers
+from runtime.megatron_backend import owned_fractions  # cheap: megatron-core itself is imported lazily
+from runtime.modules import build_layer, layer_kwargs, run_layers
+from runtime.optim import (
+    LossScaler, autocast, build_grouped_optimizer, clip_coefficient, compute_dtype, module_component, scale_gradients,
+    set_lr,
+)
 from runtime.steps import GradBucket, Lap, StepTiming
 from runtime.zero import ShardedAdamW
 
@@ -83,6 +95,9 @@ class WaveWorker:
             if rank in devices and (name, layer) not in self.modules:
                 self.modules[(name, layer)] = self._build((name, layer)).to(self.device)
         self.optimizer = self._build_optimizer()
+        self.scaler = LossScaler(compute_dtype(job, self.device) == torch.float16)
+        # pieces (activations and their gradients) cross devices in the compute precision, as the plan prices them
+        self.wire_dtype = compute_dtype(job, self.device) or torch.float32
         if self.device.type == "cuda" and groups is not None:
             # NCCL: the first operation on a group must involve all of its ranks, and the first on the default group
             # would otherwise be a point-to-point exchange between two of them (batch_isend_irecv's documented rule)
@@ -91,12 +106,13 @@ class WaveWorker:
     def _build_optimizer(self):
         """AdamW over the trainable parameters this device holds; with ``training.shard_optimizer`` (ZeRO-1) the
         state of every parameter shared with other devices is split among them (runtime.zero)."""
-        trainable = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        owned = [(module_component(self.plan.metaops, name), p) for (name, _), m in self.modules.items()
+                 for p in m.parameters() if p.requires_grad]
         if not (self.job.training.shard_optimizer and self.groups is not None and self._grad_buckets):
-            return build_optimizer(self.job, trainable)
+            return build_grouped_optimizer(self.job, owned)
         shared = {id(p) for bucket in self._grad_buckets for p in bucket.params}
         return ShardedAdamW(self.job, [(b.devices, b.params) for b in self._grad_buckets], self.groups.by_devices,
-                            self.rank, [p for p in trainable if id(p) not in shared])
+                            self.rank, [p for _, p in owned if id(p) not in shared], {id(p): c for c, p in owned})
 
     def _my_tp_groups(self) -> dict[tuple[str, int], tuple[int, ...]]:
         """The TP group (devices) in which this device runs each tensor-parallel layer it holds."""
@@ -136,12 +152,17 @@ class WaveWorker:
         tp_rank = group.index(self.rank)
         seed_model_parallel_rng(self.job.training.seed, tp_rank)
         comp = self.job.components[op.component]
-        kind = kind_of(comp)
-        variant, ffn = kind.tp_variant, kind.ffn_size(comp)  # the megatron block variant and MLP width of the kind
-        block = MegatronTransformerBlock(comp.hidden_size, comp.num_heads, ffn, self.groups.by_devices[group], tp_rank,
-                                         len(group), variant=variant, num_kv_heads=comp.num_kv_heads,
-                                         causal=is_token_decoder(comp))
-        load_reference(block, reference)
+        if comp.pretrained:  # a Hugging Face layer: the megatron layer follows its model's config
+            from runtime.megatron_pretrained import build_pretrained_block
+
+            block = build_pretrained_block(reference, self.groups.by_devices[group], tp_rank, len(group))
+        else:
+            kind = kind_of(comp)
+            variant, ffn = kind.tp_variant, kind.ffn_size(comp)  # the megatron block variant and MLP width of the kind
+            block = MegatronTransformerBlock(comp.hidden_size, comp.num_heads, ffn, self.groups.by_devices[group],
+                                             tp_rank, len(group), variant=variant, num_kv_heads=comp.num_kv_heads,
+                                             causal=is_token_decoder(comp))
+            load_reference(block, reference)
         if comp.frozen:
             block.requires_grad_(False)
         return block
@@ -150,27 +171,58 @@ class WaveWorker:
 
     last_timing: StepTiming | None = None  # where this device's last train_step went
     last_gradients: dict[str, torch.Tensor] | None = None  # the last train_step's, when asked for
-    last_sent: list[tuple[Piece, int]] = []  # the last step's pieces sent to other devices, bytes as sent
+    last_sent: list[tuple[Piece, int]] = []  # the last micro-batch's pieces sent to other devices, bytes as sent
     _sent_step: int | None = None
 
     def train_step(self, step: int, keep_gradients: bool = False) -> dict[str, float]:
-        """Forward, losses, backward, gradient sync and AdamW for ``step``; per-task mean losses (all ranks).
+        """Forward, losses and backward of each of ``step``'s micro-batches, gradient sync, clipping and the optimizer
+        at the scheduled learning rate; per-task mean losses over the whole batch (all ranks).
 
-        Each gradient bucket's all-reduce starts as soon as the backward of the earliest wave that runs its
-        parameters is done (the plan's bucket's ``ready_wave``) and overlaps the rest of backward; AdamW waits for all
-        of them. Where this device's time went is left in :attr:`last_timing`; with ``keep_gradients`` the
-        synchronised gradients AdamW steps with are left in :attr:`last_gradients` (as :meth:`named_gradients`)."""
-        lap, st = Lap(self.device), _StepState(self.device, step)
+        Each gradient bucket's all-reduce starts, in the last micro-batch, as soon as the backward of the earliest
+        wave that runs its parameters is done (the plan's bucket's ``ready_wave``) and overlaps the rest of backward;
+        the optimizer waits for all of them. Where this device's time went is left in :attr:`last_timing`; with
+        ``keep_gradients`` the synchronised (clipped) gradients the optimizer steps with are left in
+        :attr:`last_gradients` (as :meth:`named_gradients`)."""
+        lap = Lap(self.device)
         timing = StepTiming([0.0] * len(self.plan.waves), [0.0] * len(self.plan.waves))
+        k = self.job.training.grad_accum_steps
+        pending: list[tuple[GradBucket, torch.Tensor, object]] = []
+        losses: dict[str, torch.Tensor] = {}
+        for micro in range(k):
+            st = _StepState(self.device, step, micro, k)
+            for task, loss in self._micro_step(st, pending if micro == k - 1 else None, timing, lap).items():
+                losses[task] = losses[task] + loss if task in losses else loss
+        self._sync_gradients(pending)
+        timing.sync_s += lap("sync")
+        may_step = self._finish_gradients()
+        timing.sync_s += lap("sync")
+        if keep_gradients:
+            self.last_gradients = self.named_gradients()
+            lap()  # not part of the step's time
+        if self.optimizer is not None:
+            if may_step:
+                set_lr(self.optimizer, self.job.training, step)
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            timing.optimizer_s += lap("optimizer")
+        out = self._reduce_losses(losses)
+        lap("reduce_losses")
+        timing.finish(lap)
+        self.last_timing = timing
+        return out
+
+    def _micro_step(self, st: _StepState, pending: list | None, timing: StepTiming, lap: Lap) -> dict:
+        """Forward, losses and backward of one micro-batch (gradients accumulate into ``.grad``); with ``pending``
+        (the last micro-batch) the buckets' all-reduces are launched into it. Returns this device's losses."""
         for wave in range(len(self.plan.waves)):
             self._exchange(wave, st, forward=True)
             timing.transfer_s[wave] += lap("transfer_forward", wave)
             ref = self._my_slice(wave)
             if ref is not None:
-                self._run_slice(ref, step, st)
+                with autocast(self.job, self.device):
+                    self._run_slice(ref, st.step, st)
                 timing.compute_s[wave] += lap("forward", wave)
-        pending: list[tuple[GradBucket, torch.Tensor, object]] = []
-        losses = self._loss_stage(step, st, pending, timing, lap)
+        losses = self._loss_stage(st.step, st, pending, timing, lap)
         for wave in reversed(range(len(self.plan.waves))):
             ref = self._my_slice(wave)
             if ref is not None and ref in st.grad_out and st.outputs[ref].requires_grad:
@@ -180,35 +232,55 @@ class WaveWorker:
             timing.sync_s += lap("sync", wave)
             self._exchange(wave, st, forward=False)
             timing.transfer_s[wave] += lap("transfer_backward", wave)
-        self._sync_gradients(pending)
-        timing.sync_s += lap("sync")
-        if keep_gradients:
-            self.last_gradients = self.named_gradients()
-            lap()  # not part of the step's time
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            timing.optimizer_s += lap("optimizer")
-        out = self._reduce_losses(losses)
-        lap("reduce_losses")
-        timing.finish(lap)
-        self.last_timing = timing
-        return out
+        return {task: loss.detach() for task, loss in losses.items()}
 
-    def _loss_stage(self, step: int, st: _StepState, pending: list, timing: StepTiming, lap: Lap) -> dict:
+    def _loss_stage(self, step: int, st: _StepState, pending: list | None, timing: StepTiming, lap: Lap) -> dict:
         """The leaves' outputs to the loss hosts, the task losses, their backward (then the heads' gradients
         are final: their buckets start), and the leaves' gradients back. Returns the losses this device holds."""
         self._exchange(LOSS_WAVE, st, forward=True)
-        losses = self._losses(step, st)
+        with autocast(self.job, self.device):
+            losses = self._losses(step, st)
         total = sum(losses.values())
         if isinstance(total, torch.Tensor) and total.requires_grad:
-            total.backward()
+            (total * self.scaler.scale).backward()  # scale 1 unless fp16's loss scaling
         timing.loss_s += lap("loss")
         self._launch_sync(len(self.plan.waves), pending)
         timing.sync_s += lap("sync")
         self._exchange(LOSS_WAVE, st, forward=False)
         timing.loss_s += lap("loss")
         return losses
+
+    def _finish_gradients(self) -> bool:
+        """After the sync: undo the loss scale, then clip every gradient by the global norm over all devices; whether
+        the optimizer may step (False: fp16 gradients overflowed somewhere; the scale halves). Collective over the
+        whole world when the job clips or scales (one all-reduce of the sum of squares each device owns)."""
+        clip = self.job.training.grad_clip
+        if not clip and not self.scaler.enabled:
+            return True
+        params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        if self.scaler.enabled:
+            scale_gradients(params, 1.0 / self.scaler.scale)
+        total = self._owned_square_sum()
+        dist.all_reduce(total, group=self.groups.world if self.groups is not None else None)
+        if not self.scaler.update(found_inf=not math.isfinite(float(total))):
+            return False
+        if clip:
+            scale_gradients(params, clip_coefficient(float(total), clip))
+        return True
+
+    def _owned_square_sum(self) -> torch.Tensor:
+        """The sum of squares of the gradients this device owns (float64): a parameter in a gradient bucket of n
+        devices counts 1/n here (every holder has the summed gradient), a replicated parameter of a tensor-parallel
+        layer 1/tp_size (runtime.megatron_backend.owned_fractions), so the all-reduced sum counts each once."""
+        replicas = {id(p): len(b.devices) for b in self._grad_buckets for p in b.params}
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for key, module in self.modules.items():
+            fractions = owned_fractions(module) if key in self.tp_of else {}
+            for name, p in module.named_parameters():
+                if p.grad is not None:
+                    weight = fractions.get(name, 1.0) / replicas.get(id(p), 1)
+                    total += weight * p.grad.detach().double().pow(2).sum()
+        return total
 
     def _my_slice(self, wave: int) -> SliceRef | None:
         return next((r for r in self.mine if r.wave == wave), None)
@@ -233,7 +305,8 @@ class WaveWorker:
                 # the whole gradient of x: only the lead's reaches the modules (and the inputs: only the lead
                 # sends their gradients back)
                 x = x.detach().requires_grad_(True)
-        layers = [self.modules[(op.param_group, layer)] for layer in range(s.first_layer, s.first_layer + s.num_layers)]
+        layers = [functools.partial(_fp32_output, self.modules[(op.param_group, layer)])
+                  for layer in range(s.first_layer, s.first_layer + s.num_layers)]
         # megatron TP layers recompute too: their forward's all-reduces run again inside backward, at the same point
         # of the same graph on every rank of the TP group, so the group's collectives still pair up
         st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute)
@@ -271,7 +344,7 @@ class WaveWorker:
                 batch = replace(batch, gather_rows=functools.partial(
                     _GatherRows.apply, group=self.groups.by_devices[group], size=len(group)))
             per_sample = self.modules[("head:" + host.task, 0)](outputs, batch)
-            out[host.task] = task.loss_weight * per_sample.sum() / task.batch_size
+            out[host.task] = task.loss_weight * per_sample.float().sum() / task.batch_size
         return out
 
     # ------------------------------------------------------------------ transfers
@@ -286,13 +359,13 @@ class WaveWorker:
         for p in pieces:
             if p.src != self.rank:
                 continue
-            tensor = self._piece_tensor(p, st, forward)
+            tensor = self._piece_tensor(p, st, forward).to(self.wire_dtype)
             if p.dst == self.rank:
                 landing.append((p, tensor.clone()))
                 continue
-            self._record_sent(st.step, p, tensor)
+            self._record_sent(st.move_id, p, tensor)
             if self._by_channel(p):
-                self.channel.post(piece_key(st.step, forward, p, p.dst), tensor.contiguous())
+                self.channel.post(piece_key(st.move_id, forward, p, p.dst), tensor.contiguous())
             else:
                 ops.append(dist.P2POp(dist.isend, tensor.contiguous(), p.dst))
         for p in pieces:
@@ -301,26 +374,28 @@ class WaveWorker:
             if self._by_channel(p):
                 taken.append(p)
                 continue
-            buf = torch.empty((p.stop - p.start, *p.shape), device=self.device)
+            buf = torch.empty((p.stop - p.start, *p.shape), device=self.device, dtype=self.wire_dtype)
             ops.append(dist.P2POp(dist.irecv, buf, p.src))
             landing.append((p, buf))
         if ops:
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
-        landing += [(p, self.channel.take(p.src, piece_key(st.step, forward, p, self.rank))) for p in taken]
+        landing += [(p, self.channel.take(p.src, piece_key(st.move_id, forward, p, self.rank))) for p in taken]
         for p, tensor in landing:
-            self._land(p, tensor, st, forward)
+            self._land(p, tensor.float(), st, forward)
 
-    def _record_sent(self, step: int, p: Piece, tensor: torch.Tensor) -> None:
-        """Keep (piece, bytes) of every piece this device sends to another in :attr:`last_sent` (the last step's)."""
-        if self._sent_step != step:
-            self._sent_step, self.last_sent = step, []
+    def _record_sent(self, move_id: int, p: Piece, tensor: torch.Tensor) -> None:
+        """Keep (piece, bytes) of every piece this device sends to another in :attr:`last_sent` (the last micro-batch's:
+        the plan's pieces are one micro-batch's)."""
+        if self._sent_step != move_id:
+            self._sent_step, self.last_sent = move_id, []
         self.last_sent.append((p, tensor.numel() * tensor.element_size()))
 
     def _by_channel(self, p: Piece) -> bool:
-        """Whether piece ``p`` moves through the channel: one of at least its ``min_bytes`` (float32 rows), a function
-        of the plan, so both ends agree."""
-        return self.channel is not None and (p.stop - p.start) * math.prod(p.shape) * 4 >= self.channel.min_bytes
+        """Whether piece ``p`` moves through the channel: one of at least its ``min_bytes`` (rows in the compute
+        precision), a function of the job and plan, so both ends agree."""
+        size = (p.stop - p.start) * math.prod(p.shape) * self.wire_dtype.itemsize
+        return self.channel is not None and size >= self.channel.min_bytes
 
     def _piece_tensor(self, p: Piece, st: _StepState, forward: bool) -> torch.Tensor:
         if forward:  # rows of my producer output
@@ -360,9 +435,12 @@ class WaveWorker:
                     out.append(GradBucket(b.ready_wave, tuple(b.devices), params))
         return out
 
-    def _launch_sync(self, wave: int, pending: list) -> None:
+    def _launch_sync(self, wave: int, pending: list | None) -> None:
         """Start the all-reduce (async) of every bucket whose gradients are final once ``wave``'s backward is
-        done (``len(waves)``: the loss stage's); appends (bucket, flat gradients, work) to ``pending``."""
+        done (``len(waves)``: the loss stage's); appends (bucket, flat gradients, work) to ``pending``. None: a
+        micro-batch before the last (its gradients only accumulate)."""
+        if pending is None:
+            return
         for bucket in self._grad_buckets:
             if bucket.ready_wave != wave:
                 continue
@@ -395,6 +473,7 @@ class WaveWorker:
         return copy.deepcopy({
             "modules": {f"{name}/{layer}": module.state_dict() for (name, layer), module in sorted(self.modules.items())},
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "loss_scale": self.scaler.state_dict(),
         })
 
     def load_state_dict(self, state: dict) -> None:
@@ -403,6 +482,8 @@ class WaveWorker:
             module.load_state_dict(state["modules"][f"{name}/{layer}"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+        if "loss_scale" in state:  # absent in checkpoints written before fp16's loss scaling
+            self.scaler.load_state_dict(state["loss_scale"])
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
         """Every parameter this device holds in the plain layout, keyed ``<group or embed:/head:name>/<layer>/<param>``.
@@ -427,10 +508,12 @@ class WaveWorker:
 
 
 class _StepState:
-    """Tensors of one step on one device, keyed by slice."""
+    """Tensors of one micro-batch (``micro`` of ``num_micro``) of one step on one device, keyed by slice; the plan's
+    rows are those of the micro-batch, which starts at row ``micro * batch_size / num_micro`` of the task's batch."""
 
-    def __init__(self, device: torch.device, step: int):
-        self.device, self.step = device, step
+    def __init__(self, device: torch.device, step: int, micro: int = 0, num_micro: int = 1):
+        self.device, self.step, self.micro, self.num_micro = device, step, micro, num_micro
+        self.move_id = step * num_micro + micro  # unique per micro-batch of the run: the channel's key
         self.outputs: dict[SliceRef, torch.Tensor] = {}  # y of my slices (my dp rows)
         self.inputs: dict[tuple[SliceRef, int], torch.Tensor] = {}  # autograd leaves fed to my slices, by input
         # received rows (first row, tensor) by ("slice", consumer, input) or ("loss", leaf slice)
@@ -442,7 +525,8 @@ class _StepState:
     def batch(self, job: JobSpec, task_index: int, step: int, start: int, stop: int) -> TaskBatch:
         key = (task_index, start, stop)
         if key not in self.batches:  # drawn on the CPU (deterministic generators), then moved
-            self.batches[key] = synthetic_batch(job, task_index, step, start, stop).to(self.device)
+            offset = self.micro * job.tasks[task_index].batch_size // self.num_micro
+            self.batches[key] = task_batch(job, task_index, step, offset + start, offset + stop).to(self.device)
         return self.batches[key]
 
 
@@ -462,6 +546,13 @@ class _GatherRows(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None, None
+
+
+def _fp32_output(layer: torch.nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``layer(x)`` as float32, as the reference runs every layer: under autocast a layer that ends in a low-precision
+    op (a UNet block's flat state, an MLP) hands on its output cast up, so that where a plan cuts a MetaOp does not
+    change the math; a no-op for the residual-stream layers, whose outputs stay float32."""
+    return layer(x, **kwargs).float()
 
 
 def _assemble(parts: list[tuple[int, torch.Tensor]], start: int, stop: int) -> torch.Tensor:

@@ -493,3 +493,12 @@ def gather_reference_grads(block: MegatronTransformerBlock) -> dict[str, torch.T
     full gradient on each rank and are returned as is. Parameters without a gradient are skipped.
     """
     return _gather(block, lambda p: p.grad)
+
+
+def owned_fractions(block: MegatronTransformerBlock) -> dict[str, float]:
+    """For each of ``block.named_parameters()``: the part of its gradient's squares this rank adds to a global norm
+    (gradient clipping), so that the sum over the TP group counts every element of the layer once: 1 for a TP shard
+    (each rank holds another part), ``1 / tp_size`` for a replicated parameter (norms, row-parallel biases: each
+    rank holds all of it, with the same gradient)."""
+    return {name: 1.0 if block.param_map[name.removeprefix("layer.")].dim is not None else 1.0 / block.tp_size
+            for name, _ in block.named_parameters()}

@@ -121,16 +121,13 @@ class TransformerBlock(nn.Module):
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, causal: bool = False) -> torch.Tensor:
     """Multi-head ``softmax(q k^T / sqrt(d)) v``: q ``(B, S, H)``, k and v ``(B, C, H)`` -> ``(B, S, H)``; heads
-    split as ``(num_heads, H / num_heads)``; ``causal`` masks key j > query i (needs S == C)."""
+    split as ``(num_heads, H / num_heads)``; ``causal`` masks key j > query i (needs S == C). Through
+    ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU, bf16 under autocast)."""
     b, s, h = q.shape
     d = h // num_heads
     q = q.reshape(b, s, num_heads, d).transpose(1, 2)  # (b, heads, s, d)
     k, v = (t.reshape(b, t.shape[1], num_heads, d).transpose(1, 2) for t in (k, v))
-    scores = q @ k.transpose(-2, -1) / math.sqrt(d)
-    if causal:
-        future = torch.ones(s, k.shape[2], dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
-    return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, s, h)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(b, s, h)
 
 
 class DecoderBlock(nn.Module):

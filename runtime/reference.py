@@ -103,8 +103,8 @@ class ReferenceTrainer:
             kwargs = layer_kwargs(self.job, op)
             inputs = [outputs[op.deps[i]] for i in input_order(self.job, self.graph, op.id)]
             x = first_input(self.job, self.graph, op, inputs, lambda name: self.modules[(name, 0)], lambda: batch)
-            for layer in range(op.num_layers):
-                x = self.modules[(op.param_group, layer)](x, **kwargs)
+            for layer in range(op.num_layers):  # float32 between layers, as the workers (executor._fp32_output)
+                x = self.modules[(op.param_group, layer)](x, **kwargs).float()
             outputs[op.id] = x
         consumed = {d for op in ops for d in op.deps}
         return {op.use: outputs[op.id] for op in ops if op.id not in consumed}

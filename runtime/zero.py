@@ -7,6 +7,10 @@ updated shares so every replica ends the step with the same full parameters. Ada
 so this is the same update as every holder stepping all of it; the optimizer state per holder
 shrinks to 1/n of the bucket (``training.shard_optimizer``, which the planner's memory model
 assumes). Parameters this device holds alone keep ordinary AdamW state.
+
+Parameter groups (runtime.optim: no weight decay on 1-d parameters, per-component learning rates) do not
+move the shares: a share is cut into runs of consecutive elements of parameters with the same group, each
+run its own fp32 master in that group's optimizer group; one all-gather per bucket, as the plan prices.
 """
 
 from __future__ import annotations
@@ -19,12 +23,25 @@ from torch import nn
 
 from planner.spec import JobSpec
 from runtime.modules import build_optimizer
+from runtime.optim import group_key
+
+
+@dataclass
+class _Run:
+    """Elements ``[lo, hi)`` of a bucket's flattened parameters, all of parameters of one optimizer group ``key``
+    ((lr, weight decay)); ``master`` is their fp32 copy the inner optimizer steps."""
+
+    lo: int
+    hi: int
+    key: tuple[float, float]
+    master: nn.Parameter
 
 
 @dataclass
 class _Share:
-    """This device's share of one bucket: elements ``[lo, hi)`` of its ``total`` flattened elements; every
-    holder's share is padded to ``per`` elements for the all-gather."""
+    """This device's share of one bucket: elements ``[lo, hi)`` of its ``total`` flattened elements (empty when
+    the bucket has fewer elements than holders), cut into :class:`_Run` s by optimizer group; every holder's share
+    is padded to ``per`` elements for the all-gather."""
 
     params: list[nn.Parameter]
     group: object
@@ -34,45 +51,81 @@ class _Share:
     per: int
     lo: int
     hi: int
-    master: nn.Parameter | None  # None when the share is empty (fewer elements than holders)
+    runs: list[_Run]
+
+
+def _runs(job: JobSpec, params: list[nn.Parameter], lo: int, hi: int,
+          component_of: dict[int, str | None]) -> list[_Run]:
+    """The runs of ``[lo, hi)``: the parts of each parameter inside it, consecutive ones of the same group merged."""
+    runs: list[_Run] = []
+    offset = 0
+    for p in params:
+        start, stop = max(lo, offset), min(hi, offset + p.numel())
+        offset += p.numel()
+        if start >= stop:
+            continue
+        key = group_key(job, component_of.get(id(p)), p)
+        if runs and runs[-1].key == key and runs[-1].hi == start:
+            runs[-1].hi = stop
+        else:
+            runs.append(_Run(start, stop, key, None))
+    for run in runs:
+        run.master = nn.Parameter(torch.empty(run.hi - run.lo, device=params[0].device))
+    return runs
 
 
 class ShardedAdamW:
-    """The optimizer of a worker with ZeRO-1: ``step``/``zero_grad``/``state_dict``/``load_state_dict`` like a torch
-    optimizer. ``buckets`` are (devices, parameters) pairs, identical and in the same order on every holder."""
+    """The optimizer of a worker with ZeRO-1: ``step``/``zero_grad``/``state_dict``/``load_state_dict`` and
+    ``param_groups`` like a torch optimizer. ``buckets`` are (devices, parameters) pairs, identical and in the same
+    order on every holder; ``component_of`` maps ``id(parameter)`` to its component (for its learning rate; absent:
+    ``training.lr``)."""
 
     def __init__(self, job: JobSpec, buckets: list[tuple[tuple[int, ...], list[nn.Parameter]]],
-                 groups: dict[tuple[int, ...], object], rank: int, alone: list[nn.Parameter]):
+                 groups: dict[tuple[int, ...], object], rank: int, alone: list[nn.Parameter],
+                 component_of: dict[int, str | None] | None = None):
+        component_of = component_of or {}
         self.shares: list[_Share] = []
         for devices, params in buckets:
             n, i = len(devices), devices.index(rank)
             total = sum(p.numel() for p in params)
             per = -(-total // n)
             lo, hi = min(i * per, total), min((i + 1) * per, total)
-            master = nn.Parameter(torch.empty(hi - lo, device=params[0].device)) if hi > lo else None
-            self.shares.append(_Share(params, groups[devices], i, n, total, per, lo, hi, master))
-        masters = [s.master for s in self.shares if s.master is not None]
-        self.inner = build_optimizer(job, masters + list(alone))
+            self.shares.append(_Share(params, groups[devices], i, n, total, per, lo, hi,
+                                      _runs(job, params, lo, hi, component_of)))
+        by_key: dict[tuple[float, float], list[nn.Parameter]] = {}
+        for share in self.shares:
+            for run in share.runs:
+                by_key.setdefault(run.key, []).append(run.master)
+        for p in alone:
+            by_key.setdefault(group_key(job, component_of.get(id(p)), p), []).append(p)
+        self.inner = build_optimizer(job, [{"params": ps, "lr": lr, "base_lr": lr, "weight_decay": decay}
+                                           for (lr, decay), ps in by_key.items()]) if by_key else None
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The inner optimizer's groups (the schedule sets their ``lr``)."""
+        return self.inner.param_groups if self.inner is not None else []
 
     def step(self) -> None:
-        """Update this device's shares (and its unshared parameters), then all-gather every bucket's shares."""
-        if self.inner is None:
-            return
+        """Update this device's shares (and its unshared parameters), then all-gather every bucket's shares (also
+        with nothing to update: the other holders wait for this one's part)."""
         for share in self.shares:
-            if share.master is not None:
+            if share.runs:
                 flat = torch.cat([p.detach().reshape(-1) for p in share.params])
                 grad = torch.cat([p.grad.reshape(-1) for p in share.params])
-                share.master.data.copy_(flat[share.lo:share.hi])
-                share.master.grad = grad[share.lo:share.hi].clone()
-        self.inner.step()
+                for run in share.runs:
+                    run.master.data.copy_(flat[run.lo:run.hi])
+                    run.master.grad = grad[run.lo:run.hi].clone()
+        if self.inner is not None:
+            self.inner.step()
         for share in self.shares:
             self._gather(share)
 
     def _gather(self, share: _Share) -> None:
         device = share.params[0].device
         mine = torch.zeros(share.per, device=device)
-        if share.master is not None:
-            mine[:share.hi - share.lo] = share.master.detach()
+        for run in share.runs:
+            mine[run.lo - share.lo:run.hi - share.lo] = run.master.detach()
         parts = [torch.empty(share.per, device=device) for _ in range(share.num_holders)]
         dist.all_gather(parts, mine, group=share.group)
         flat = torch.cat(parts)[:share.total]

@@ -22,7 +22,7 @@ def two_task_job(num_devices: int, steps: int = 3) -> dict:
             {"name": "align", "batch_size": 4, "loss": "contrastive",
              "components": [{"component": "aud", "after": []}, {"component": "txt", "after": []}]},
         ],
-        "training": {"steps": steps, "lr": 1e-2, "seed": 7},
+        "training": {"steps": steps, "precision": "fp32", "lr": 1e-2, "seed": 7},
         "planner": {"time_limit_s": 2},
     }
 
@@ -47,7 +47,7 @@ def decoder_job(num_devices: int, steps: int = 3) -> dict:
             {"name": "describe", "batch_size": 4, "loss": "cross_entropy",
              "components": [{"component": "enc"}, {"component": "tokens"}]},
         ],
-        "training": {"steps": steps, "lr": 1e-2, "seed": 3},
+        "training": {"steps": steps, "precision": "fp32", "lr": 1e-2, "seed": 3},
         "planner": {"time_limit_s": 2},
     }
 
@@ -74,7 +74,7 @@ def fusion_job(num_devices: int, steps: int = 3) -> dict:
                             {"component": "fuse", "after": ["txt", "img"]}]},
             {"name": "tag", "batch_size": 4, "loss": "cross_entropy", "components": [{"component": "img"}]},
         ],
-        "training": {"steps": steps, "lr": 1e-2, "seed": 5},
+        "training": {"steps": steps, "precision": "fp32", "lr": 1e-2, "seed": 5},
         "planner": {"time_limit_s": 2},
     }
 
@@ -103,7 +103,8 @@ def connector_job(num_devices: int, steps: int = 3) -> dict:
             {"name": "match", "batch_size": 4, "loss": "infonce",
              "components": [{"component": "img"}, {"component": "lm", "after": []}]},
         ],
-        "training": {"steps": steps, "lr": 1e-3, "seed": 7},  # AdamW turns float noise into 1e-5 at 1e-2
+        # AdamW turns float noise into 1e-5 at 1e-2
+        "training": {"steps": steps, "precision": "fp32", "lr": 1e-3, "seed": 7},
         "planner": {"time_limit_s": 2},
     }
 
@@ -132,6 +133,6 @@ def diffusion_job(num_devices: int, steps: int = 3) -> dict:
         ],
         # AdamW turns float noise in a near-cancelling gradient element into an update of up to 2 x lr; at 1e-2 one such
         # element of the mid block's cross-attention put a module 1.1e-5 off the reference after 3 steps
-        "training": {"steps": steps, "lr": 1e-3, "seed": 5},
+        "training": {"steps": steps, "precision": "fp32", "lr": 1e-3, "seed": 5},
         "planner": {"time_limit_s": 2},
     }

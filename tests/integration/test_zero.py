@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from planner.spec import parse_job
 from runtime.local_world import free_port
-from runtime.modules import build_optimizer
+from runtime.optim import build_grouped_optimizer
 from runtime.zero import ShardedAdamW
 
 JOB = parse_job({
@@ -54,7 +54,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def test_sharded_adamw_keeps_half_the_state_and_updates_exactly(tmp_path):
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     params = _params()
-    plain = build_optimizer(JOB, params)
+    plain = build_grouped_optimizer(JOB, [(None, p) for p in params])  # no weight decay on the (7,) bias
     for step in range(STEPS):
         for p, g0, g1 in zip(params, _grads(0, step), _grads(1, step)):
             p.grad = g0 + g1
