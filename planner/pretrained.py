@@ -215,14 +215,39 @@ def _check_tensors(folder: Path, want: dict[str, tuple[int, ...]]) -> None:
                                   "The weights do not belong to this config.")
 
 
+TENSOR_PARALLEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")  # runtime.megatron_pretrained maps their layers
+
+
+def tensor_parallel_refusal(model_type: str, cfg: dict[str, Any]) -> str | None:
+    """Why a pretrained ``model_type`` with config ``cfg`` cannot run tensor parallel on megatron-core's local layer
+    (runtime.megatron_pretrained), or None when it can: Llama-family layers with plain RoPE, SiLU and no biases but
+    Qwen2's q/k/v ones."""
+    if model_type not in TENSOR_PARALLEL_TYPES:
+        return (f"'{model_type}' layers are not mapped onto megatron-core's (only {', '.join(TENSOR_PARALLEL_TYPES)} "
+                "are)")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    act = cfg.get("hidden_act", "silu")
+    problems = [what for what, bad in (
+        (f"rope_type '{rope_type}' (megatron's RotaryEmbedding runs plain RoPE)", rope_type != "default"),
+        ("attention_bias (an o_proj bias)", model_type != "qwen2" and cfg.get("attention_bias")),
+        ("mlp_bias", cfg.get("mlp_bias")),
+        (f"hidden_act '{act}' (megatron's gated unit runs SiLU)", act != "silu"),
+    ) if bad]
+    if not problems:
+        return None
+    return f"its config has {' and '.join(problems)}, which megatron-core's local layer cannot express"
+
+
 def fill_component(data: dict[str, Any], base: Path | None) -> dict[str, Any]:
     """A component's raw spec with the fields its pretrained folder fixes filled in and ``pretrained`` made absolute;
     a PretrainedError when the spec restates a field with another value (naming both)."""
     info = resolve_pretrained(resolve_path(str(data["pretrained"]), base))
-    if any(degree != 1 for degree in data.get("tensor_parallel") or [1]):
-        raise PretrainedError(f"tensor_parallel ({data['tensor_parallel']}): pretrained components train data parallel "
-                              "only for now (their weights are not mapped onto megatron-core's layers yet). Remove "
-                              "`tensor_parallel:`.")
+    refusal = tensor_parallel_refusal(info.model_type, info.config)
+    if refusal and any(degree != 1 for degree in data.get("tensor_parallel") or [1]):
+        raise PretrainedError(f"tensor_parallel ({data['tensor_parallel']}): {refusal}, so this component trains data "
+                              "parallel only. Remove `tensor_parallel:` (docs/models.md says what runs tensor "
+                              "parallel).")
     out = {**data, "pretrained": info.path}
     for field, value in {"kind": info.kind, **info.fields}.items():
         given = data.get(field)

@@ -83,19 +83,19 @@ def _mha_split(full: torch.Tensor, block: MegatronTransformerBlock) -> list[torc
 
 
 def _gqa_fuse(tensors: list[torch.Tensor], block: MegatronTransformerBlock) -> torch.Tensor:
-    """q ``(heads*d, h)``, k and v ``(groups*d, h)`` -> megatron's per query group ``[q of its heads, k_g, v_g]``
-    (query head i belongs to group i // (heads / groups), as the plain block's repeat_interleave)."""
+    """q ``(heads*d, ...)``, k and v ``(groups*d, ...)`` -> megatron's per query group ``[q of its heads, k_g, v_g]``
+    (query head i belongs to group i // (heads / groups), as the plain block's repeat_interleave); weights ``(.., h)``
+    and biases alike."""
     q, k, v = tensors
-    groups, h = block.num_kv_heads, q.shape[1]
-    return torch.cat([q.reshape(groups, -1, h), k.reshape(groups, -1, h), v.reshape(groups, -1, h)], dim=1).reshape(-1, h)
+    groups, rest = block.num_kv_heads, q.shape[1:]
+    return torch.cat([t.reshape(groups, -1, *rest) for t in (q, k, v)], dim=1).reshape(-1, *rest)
 
 
 def _gqa_split(full: torch.Tensor, block: MegatronTransformerBlock) -> list[torch.Tensor]:
-    groups, h = block.num_kv_heads, full.shape[1]
-    d = block.hidden_size // block.num_heads
-    per_group = full.reshape(groups, -1, h)
+    groups, rest, d = block.num_kv_heads, full.shape[1:], block.head_dim
+    per_group = full.reshape(groups, -1, *rest)
     q, k, v = per_group.split([block.num_heads // groups * d, d, d], dim=1)
-    return [t.reshape(-1, h) for t in (q, k, v)]
+    return [t.reshape(-1, *rest) for t in (q, k, v)]
 
 
 def _glu_fuse(tensors: list[torch.Tensor], block: MegatronTransformerBlock) -> torch.Tensor:
@@ -210,8 +210,9 @@ def seed_model_parallel_rng(seed: int, tp_rank: int) -> None:
 
 
 def build_layer_config(hidden_size: int, num_heads: int, ffn_hidden_size: int, tp_size: int,
-                       variant: str = "transformer", num_kv_heads: int | None = None):
-    """The megatron ``TransformerConfig`` that makes one TransformerLayer equal the plain block of ``variant``.
+                       variant: str = "transformer", num_kv_heads: int | None = None, **overrides):
+    """The megatron ``TransformerConfig`` that makes one TransformerLayer equal the plain block of ``variant``;
+    ``overrides`` replace or add ``TransformerConfig`` fields (a pretrained layer's eps, head width, qkv bias).
 
     Fusions are off on purpose: megatron's fused bias-GELU is the tanh approximation, and the plain
     block uses exact GELU.
@@ -219,7 +220,7 @@ def build_layer_config(hidden_size: int, num_heads: int, ffn_hidden_size: int, t
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     llama = variant == "llama"
-    return TransformerConfig(
+    return TransformerConfig(**dict(
         num_layers=1,
         hidden_size=hidden_size,
         num_attention_heads=num_heads,
@@ -242,7 +243,7 @@ def build_layer_config(hidden_size: int, num_heads: int, ffn_hidden_size: int, t
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
         sequence_parallel=False,
-    )
+    ) | overrides)
 
 
 def _layer_spec(variant: str):
@@ -300,6 +301,7 @@ class MegatronTransformerBlock(nn.Module):
         variant: "transformer" (the encoder block), "llama" or "decoder".
         num_kv_heads: llama's key/value heads (megatron's query groups); divisible by tp_size.
         causal: a decoder's self-attention is causal (a token decoder; llama is always, the encoder never).
+        head_dim: the width of one attention head (megatron's kv_channels); default hidden_size / num_heads.
 
     forward maps (B, S, H) to (B, S, H), float32 (a decoder's: ``(state, stream_len)`` as runtime.modules'
     DecoderBlock, the memory rows after the stream, normalised by the block's own ``ln_mem`` and passed through). Parameters are created on CPU
@@ -319,12 +321,12 @@ class MegatronTransformerBlock(nn.Module):
         variant: str = "transformer",
         num_kv_heads: int | None = None,
         causal: bool = False,
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
-        assert variant in PARAM_MAPS, variant
         num_kv_heads = num_kv_heads or num_heads
         _validate_shapes(hidden_size, num_heads, ffn_hidden_size, tp_group, tp_rank, tp_size)
-        if variant == "llama" and num_kv_heads % tp_size:
+        if num_kv_heads % tp_size:
             raise ValueError(f"num_kv_heads ({num_kv_heads}) is not divisible by tp_size ({tp_size})")
         from megatron.core.process_groups_config import ProcessGroupCollection
         from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -334,30 +336,48 @@ class MegatronTransformerBlock(nn.Module):
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim or hidden_size // num_heads
         self.ffn_hidden_size = ffn_hidden_size
         self.tp_group = tp_group
         self.tp_rank = tp_rank
         self.tp_size = tp_size
         self.variant = variant
         self.causal = causal or variant == "llama"
-        self.param_map = PARAM_MAPS[variant]
+        self.param_map = self._param_map()
         if variant == "decoder":
             self.ln_mem = nn.LayerNorm(hidden_size, eps=LAYERNORM_EPS)
         # Only tp is used by the local-spec layer; cp (rotary/CP paths) and pp (layer offset, read
         # through get_pg_rank, which maps None to rank 0) stay None.
         pg_collection = ProcessGroupCollection(tp=tp_group, cp=None, pp=None)
-        config = build_layer_config(hidden_size, num_heads, ffn_hidden_size, tp_size, variant, num_kv_heads)
+        config = self._layer_config()
         self.layer = TransformerLayer(
-            config=config, submodules=_layer_spec(variant).submodules, layer_number=1, pg_collection=pg_collection
+            config=config, submodules=self._layer_spec().submodules, layer_number=1, pg_collection=pg_collection
         )
         if variant == "decoder":
             _rebuild_cross_projections(self.layer.cross_attention, config, tp_group)
         # Every megatron parameter must have a reference counterpart, or load/gather would miss it.
         assert set(_mapped(self)) == set(self.param_map), sorted(_mapped(self))
-        if variant != "llama":  # the key part of a fused bias: per local head [q, k, v] (self) or [k, v] (cross)
+        # the key part of a fused bias (per local head [q, k, v] (self) or [k, v] (cross)): see _zero_key_bias_grad
+        if variant in ("transformer", "decoder"):
             self.layer.self_attention.linear_qkv.bias.register_hook(functools.partial(self._zero_key_bias_grad, 3, 1))
         if variant == "decoder":
             self.layer.cross_attention.linear_kv.bias.register_hook(functools.partial(self._zero_key_bias_grad, 2, 0))
+
+    # What a subclass (runtime.megatron_pretrained's block) replaces: the parameter map, the layer's config and spec,
+    # and extra arguments of the layer's forward for a sequence of seq_len positions (its rotary embedding).
+    def _param_map(self) -> dict[str, _ParamMap]:
+        assert self.variant in PARAM_MAPS, self.variant
+        return PARAM_MAPS[self.variant]
+
+    def _layer_config(self):
+        return build_layer_config(self.hidden_size, self.num_heads, self.ffn_hidden_size, self.tp_size, self.variant,
+                                  self.num_kv_heads)
+
+    def _layer_spec(self):
+        return _layer_spec(self.variant)
+
+    def _layer_kwargs(self, seq_len: int) -> dict:
+        return {}
 
     def _zero_key_bias_grad(self, parts: int, key: int, grad: torch.Tensor) -> torch.Tensor:
         """Make the key part of a fused bias gradient exactly zero, as the plain block (which has no key bias) does.
@@ -382,7 +402,7 @@ class MegatronTransformerBlock(nn.Module):
             s = x.shape[1]
             mask = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1).view(1, 1, s, s)
         if memory is None:
-            out, _ = self.layer(hidden, attention_mask=mask)
+            out, _ = self.layer(hidden, attention_mask=mask, **self._layer_kwargs(x.shape[1]))
             return out.transpose(0, 1)
         context = self.ln_mem(memory).transpose(0, 1).contiguous()
         out, _ = self.layer(hidden, attention_mask=mask, context=context, context_mask=None)
