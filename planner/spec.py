@@ -159,8 +159,8 @@ class TrainingSpec(StrictModel):
     seed: int = Field(0, description="Seed of parameters and data (the runtime's layers have no dropout yet).")
     checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0 = never).")
     precision: Literal["bf16", "fp16", "fp32"] = Field(
-        "bf16", description="Compute precision: bf16/fp16 autocast forward over fp32 master weights and optimizer state "
-        "(fp16 with loss scaling, GPU only), or fp32; the planner prices activations and gradients in it."
+        "bf16", description="Compute precision: bf16/fp16 autocast forward over fp32 master weights and optimizer "
+        "state (fp16 with loss scaling, GPU only), or fp32; the planner prices activations and gradients in it."
     )
     shard_optimizer: bool = Field(
         True, description="ZeRO-1: shard fp32 master weights and Adam state over each data-parallel group."
@@ -172,14 +172,16 @@ class TrainingSpec(StrictModel):
     warmup_steps: int = Field(
         0, ge=0, description="Linear warmup: step k < warmup_steps trains at lr * (k+1) / warmup_steps."
     )
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Where linear and cosine decay end, as a fraction of `lr`.")
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="Where linear and cosine decay end, as a fraction of `lr`."
+    )
     grad_clip: float | None = Field(
         None, ge=0, description="Clip gradients to this global L2 norm over every trainable parameter (each counted "
         "once, whatever device or tensor-parallel rank holds it); 0 or none: no clipping."
     )
     grad_accum_steps: int = Field(
-        1, ge=1, description="Micro-batches per step: each task's batch_size rows are split into this many micro-batches "
-        "(the planner plans one micro-batch), their gradients accumulated, then synchronised and stepped once."
+        1, ge=1, description="Micro-batches per step: each task's batch_size rows are split into this many "
+        "micro-batches (the planner plans one), their gradients accumulated, then synchronised and stepped once."
     )
 
 

@@ -39,17 +39,16 @@ from runtime.assignment import (
     loss_groups, sample_range, tp_group_of,
 )
 from runtime.channel import PieceChannel, piece_key
-from runtime.data import TaskBatch, task_batch
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
 from runtime.kinds import is_token_decoder
 from runtime.megatron_backend import owned_fractions  # cheap: megatron-core itself is imported lazily
 from runtime.modules import build_layer, layer_kwargs, run_layers
 from runtime.optim import (
-    LossScaler, autocast, build_grouped_optimizer, clip_coefficient, compute_dtype, module_component, scale_gradients,
-    set_lr,
+    LossScaler, autocast, build_grouped_optimizer, clip_coefficient, compute_dtype, module_component, owned_square_sum,
+    scale_gradients, set_lr,
 )
-from runtime.steps import GradBucket, Lap, StepTiming
+from runtime.steps import GradBucket, Lap, StepState, StepTiming, assemble_rows, fp32_output
 from runtime.zero import ShardedAdamW
 
 log = logging.getLogger(__name__)
@@ -189,7 +188,7 @@ class WaveWorker:
         pending: list[tuple[GradBucket, torch.Tensor, object]] = []
         losses: dict[str, torch.Tensor] = {}
         for micro in range(k):
-            st = _StepState(self.device, step, micro, k)
+            st = StepState(self.device, step, micro, k)
             for task, loss in self._micro_step(st, pending if micro == k - 1 else None, timing, lap).items():
                 losses[task] = losses[task] + loss if task in losses else loss
         self._sync_gradients(pending)
@@ -211,7 +210,7 @@ class WaveWorker:
         self.last_timing = timing
         return out
 
-    def _micro_step(self, st: _StepState, pending: list | None, timing: StepTiming, lap: Lap) -> dict:
+    def _micro_step(self, st: StepState, pending: list | None, timing: StepTiming, lap: Lap) -> dict:
         """Forward, losses and backward of one micro-batch (gradients accumulate into ``.grad``); with ``pending``
         (the last micro-batch) the buckets' all-reduces are launched into it. Returns this device's losses."""
         for wave in range(len(self.plan.waves)):
@@ -234,7 +233,7 @@ class WaveWorker:
             timing.transfer_s[wave] += lap("transfer_backward", wave)
         return {task: loss.detach() for task, loss in losses.items()}
 
-    def _loss_stage(self, step: int, st: _StepState, pending: list | None, timing: StepTiming, lap: Lap) -> dict:
+    def _loss_stage(self, step: int, st: StepState, pending: list | None, timing: StepTiming, lap: Lap) -> dict:
         """The leaves' outputs to the loss hosts, the task losses, their backward (then the heads' gradients
         are final: their buckets start), and the leaves' gradients back. Returns the losses this device holds."""
         self._exchange(LOSS_WAVE, st, forward=True)
@@ -269,18 +268,11 @@ class WaveWorker:
         return True
 
     def _owned_square_sum(self) -> torch.Tensor:
-        """The sum of squares of the gradients this device owns (float64): a parameter in a gradient bucket of n
-        devices counts 1/n here (every holder has the summed gradient), a replicated parameter of a tensor-parallel
-        layer 1/tp_size (runtime.megatron_backend.owned_fractions), so the all-reduced sum counts each once."""
+        """The sum of squares of the gradients this device owns (runtime.optim.owned_square_sum): a parameter of a
+        bucket of n holders counts 1/n, a replicated parameter of a tensor-parallel layer 1/tp_size."""
         replicas = {id(p): len(b.devices) for b in self._grad_buckets for p in b.params}
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for key, module in self.modules.items():
-            fractions = owned_fractions(module) if key in self.tp_of else {}
-            for name, p in module.named_parameters():
-                if p.grad is not None:
-                    weight = fractions.get(name, 1.0) / replicas.get(id(p), 1)
-                    total += weight * p.grad.detach().double().pow(2).sum()
-        return total
+        fractions = {key: owned_fractions(module) for key, module in self.modules.items() if key in self.tp_of}
+        return owned_square_sum(self.modules, replicas, fractions, self.device)
 
     def _my_slice(self, wave: int) -> SliceRef | None:
         return next((r for r in self.mine if r.wave == wave), None)
@@ -289,7 +281,7 @@ class WaveWorker:
         s = self.comm.slices[ref]
         return sample_range(self.comm.batch(s.metaop), s.dp_degree, dp_rank_of(s, self.rank))
 
-    def _run_slice(self, ref: SliceRef, step: int, st: _StepState) -> None:
+    def _run_slice(self, ref: SliceRef, step: int, st: StepState) -> None:
         s = self.comm.slices[ref]
         op = self.plan.metaops[s.metaop]
         start, stop = self._rows(ref)
@@ -305,25 +297,25 @@ class WaveWorker:
                 # the whole gradient of x: only the lead's reaches the modules (and the inputs: only the lead
                 # sends their gradients back)
                 x = x.detach().requires_grad_(True)
-        layers = [functools.partial(_fp32_output, self.modules[(op.param_group, layer)])
+        layers = [functools.partial(fp32_output, self.modules[(op.param_group, layer)])
                   for layer in range(s.first_layer, s.first_layer + s.num_layers)]
         # megatron TP layers recompute too: their forward's all-reduces run again inside backward, at the same point
         # of the same graph on every rank of the TP group, so the group's collectives still pair up
         st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute)
 
-    def _slice_inputs(self, ref: SliceRef, start: int, stop: int, st: _StepState) -> list[torch.Tensor]:
+    def _slice_inputs(self, ref: SliceRef, start: int, stop: int, st: StepState) -> list[torch.Tensor]:
         """Rows [start, stop) of each of ``ref``'s inputs, in the order of its use's ``after:`` list: each input's
         received rows become their own autograd leaf (so backward's gradient of an input is its part of the whole)."""
         leaves = []
         for i in range(self.comm.num_inputs(ref)):
-            leaf = _assemble(st.received.pop(("slice", ref, i), []), start, stop).requires_grad_(True)
+            leaf = assemble_rows(st.received.pop(("slice", ref, i), []), start, stop).requires_grad_(True)
             st.inputs[(ref, i)] = leaf
             leaves.append(leaf)
         if len(leaves) == 1:  # one input, or the rest of a MetaOp split across waves
             return leaves
         return [leaves[i] for i in input_order(self.job, self.plan, self.comm.slices[ref].metaop)]
 
-    def _losses(self, step: int, st: _StepState) -> dict[str, torch.Tensor]:
+    def _losses(self, step: int, st: StepState) -> dict[str, torch.Tensor]:
         out = {}
         for host in self.comm.loss_hosts:
             s = self.comm.slices[host.host]
@@ -335,7 +327,7 @@ class WaveWorker:
             outputs = {}
             for leaf in host.leaves:
                 leaf_op = self.plan.metaops[self.comm.slices[leaf].metaop]
-                x = _assemble(st.received.pop(("loss", leaf), []), start, stop).requires_grad_(True)
+                x = assemble_rows(st.received.pop(("loss", leaf), []), start, stop).requires_grad_(True)
                 st.loss_inputs[leaf] = x
                 outputs[leaf_op.use] = x
             batch = st.batch(self.job, t, step, start, stop)
@@ -349,7 +341,7 @@ class WaveWorker:
 
     # ------------------------------------------------------------------ transfers
 
-    def _exchange(self, wave: int, st: _StepState, forward: bool) -> None:
+    def _exchange(self, wave: int, st: StepState, forward: bool) -> None:
         """Move the plan's pieces of one boundary (planner.program decided them): forward, rows of producers'
         outputs to the devices that read them; backward, the gradients of those rows back to every device of
         the producers (accumulated into their output gradients). Every rank walks the same boundaries and the
@@ -397,7 +389,7 @@ class WaveWorker:
         size = (p.stop - p.start) * math.prod(p.shape) * self.wire_dtype.itemsize
         return self.channel is not None and size >= self.channel.min_bytes
 
-    def _piece_tensor(self, p: Piece, st: _StepState, forward: bool) -> torch.Tensor:
+    def _piece_tensor(self, p: Piece, st: StepState, forward: bool) -> torch.Tensor:
         if forward:  # rows of my producer output
             y = st.outputs[p.producer]
             start, _ = self._rows(p.producer)
@@ -408,7 +400,7 @@ class WaveWorker:
             return torch.zeros((p.stop - p.start, *p.shape), device=self.device)
         return leaf.grad[p.start - start:p.stop - start]
 
-    def _land(self, p: Piece, tensor: torch.Tensor, st: _StepState, forward: bool) -> None:
+    def _land(self, p: Piece, tensor: torch.Tensor, st: StepState, forward: bool) -> None:
         if forward:
             key = ("slice", p.consumer, p.input) if p.consumer is not None else ("loss", p.producer)
             st.received.setdefault(key, []).append((p.start, tensor))
@@ -507,29 +499,6 @@ class WaveWorker:
         return out
 
 
-class _StepState:
-    """Tensors of one micro-batch (``micro`` of ``num_micro``) of one step on one device, keyed by slice; the plan's
-    rows are those of the micro-batch, which starts at row ``micro * batch_size / num_micro`` of the task's batch."""
-
-    def __init__(self, device: torch.device, step: int, micro: int = 0, num_micro: int = 1):
-        self.device, self.step, self.micro, self.num_micro = device, step, micro, num_micro
-        self.move_id = step * num_micro + micro  # unique per micro-batch of the run: the channel's key
-        self.outputs: dict[SliceRef, torch.Tensor] = {}  # y of my slices (my dp rows)
-        self.inputs: dict[tuple[SliceRef, int], torch.Tensor] = {}  # autograd leaves fed to my slices, by input
-        # received rows (first row, tensor) by ("slice", consumer, input) or ("loss", leaf slice)
-        self.received: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
-        self.grad_out: dict[SliceRef, torch.Tensor] = {}  # accumulated d loss / d y of my slices
-        self.loss_inputs: dict[SliceRef, torch.Tensor] = {}  # leaf outputs at the loss host, by leaf slice
-        self.batches: dict[tuple[int, int, int], TaskBatch] = {}  # (task, start, stop): drawn once per step
-
-    def batch(self, job: JobSpec, task_index: int, step: int, start: int, stop: int) -> TaskBatch:
-        key = (task_index, start, stop)
-        if key not in self.batches:  # drawn on the CPU (deterministic generators), then moved
-            offset = self.micro * job.tasks[task_index].batch_size // self.num_micro
-            self.batches[key] = task_batch(job, task_index, step, offset + start, offset + stop).to(self.device)
-        return self.batches[key]
-
-
 class _GatherRows(torch.autograd.Function):
     """Rows of every data-parallel shard of a loss, concatenated in rank order (equal shard sizes); backward sums the
     gradient of the whole over the shards (every shard's loss reads every row) and hands each its own rows."""
@@ -546,21 +515,3 @@ class _GatherRows(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None, None
-
-
-def _fp32_output(layer: torch.nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
-    """``layer(x)`` as float32, as the reference runs every layer: under autocast a layer that ends in a low-precision
-    op (a UNet block's flat state, an MLP) hands on its output cast up, so that where a plan cuts a MetaOp does not
-    change the math; a no-op for the residual-stream layers, whose outputs stay float32."""
-    return layer(x, **kwargs).float()
-
-
-def _assemble(parts: list[tuple[int, torch.Tensor]], start: int, stop: int) -> torch.Tensor:
-    """Concatenate received row ranges into rows [start, stop); they must tile it exactly."""
-    parts = sorted(parts, key=lambda item: item[0])
-    cursor = start
-    for first, tensor in parts:
-        assert first == cursor, f"rows {cursor}..{first} missing"
-        cursor += tensor.shape[0]
-    assert cursor == stop, f"rows {cursor}..{stop} missing"
-    return torch.cat([t for _, t in parts]).detach()

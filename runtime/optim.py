@@ -183,3 +183,17 @@ class LossScaler:
 
     def load_state_dict(self, state: dict) -> None:
         self.scale, self.good_steps = state["scale"], state["good_steps"]
+
+
+def owned_square_sum(modules: dict, replicas: dict[int, int], fractions: dict, device: torch.device) -> torch.Tensor:
+    """The sum of squares (float64) of the gradients of ``modules`` ({key: module}) that this device owns, so that the
+    sum over all devices counts every element once: a parameter held by ``replicas[id(p)]`` devices (a gradient
+    bucket's holders, each with the summed gradient) counts ``1 / replicas``, a parameter named ``n`` of a
+    tensor-parallel module ``key`` counts ``fractions[key][n]`` more (runtime.megatron_backend.owned_fractions)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for key, module in modules.items():
+        parts = fractions.get(key, {})
+        for name, p in module.named_parameters():
+            if p.grad is not None:
+                total += parts.get(name, 1.0) / replicas.get(id(p), 1) * p.grad.detach().double().pow(2).sum()
+    return total

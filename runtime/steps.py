@@ -6,7 +6,9 @@ with a :class:`Lap` stopwatch, and the step's :class:`Span` list (what ran when,
 orchestrator.metrics aggregates the breakdown over ranks, orchestrator.trace draws the spans.
 A :class:`GradBucket` is one of the plan's gradient buckets on this device (planner.program decides them and the
 wave after whose backward each is final), so the worker can launch its all-reduce while the rest of backward runs.
-No process groups or collectives here: pure values and a clock.
+:class:`StepState` holds the tensors of one micro-batch of a step (outputs, received rows, gradients, its batches);
+:func:`assemble_rows` and :func:`fp32_output` are the row and dtype bookkeeping around them.
+No process groups or collectives here: values, a clock and the task's batches.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
+from planner.spec import JobSpec
+from runtime.assignment import SliceRef
+from runtime.data import TaskBatch, task_batch
 
 
 SPAN_PARTS = ("forward", "backward", "transfer_forward", "transfer_backward", "loss", "sync", "optimizer",
@@ -105,3 +111,44 @@ class GradBucket:
     ready_wave: int
     devices: tuple[int, ...]
     params: list[torch.nn.Parameter] = field(default_factory=list)
+
+
+class StepState:
+    """Tensors of one micro-batch (``micro`` of ``num_micro``) of one step on one device, keyed by slice; the plan's
+    rows are those of the micro-batch, which starts at row ``micro * batch_size / num_micro`` of the task's batch."""
+
+    def __init__(self, device: torch.device, step: int, micro: int = 0, num_micro: int = 1):
+        self.device, self.step, self.micro, self.num_micro = device, step, micro, num_micro
+        self.move_id = step * num_micro + micro  # unique per micro-batch of the run: the channel's key
+        self.outputs: dict[SliceRef, torch.Tensor] = {}  # y of my slices (my dp rows)
+        self.inputs: dict[tuple[SliceRef, int], torch.Tensor] = {}  # autograd leaves fed to my slices, by input
+        # received rows (first row, tensor) by ("slice", consumer, input) or ("loss", leaf slice)
+        self.received: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        self.grad_out: dict[SliceRef, torch.Tensor] = {}  # accumulated d loss / d y of my slices
+        self.loss_inputs: dict[SliceRef, torch.Tensor] = {}  # leaf outputs at the loss host, by leaf slice
+        self.batches: dict[tuple[int, int, int], TaskBatch] = {}  # (task, start, stop): drawn once per step
+
+    def batch(self, job: JobSpec, task_index: int, step: int, start: int, stop: int) -> TaskBatch:
+        key = (task_index, start, stop)
+        if key not in self.batches:  # drawn on the CPU (deterministic generators), then moved
+            offset = self.micro * job.tasks[task_index].batch_size // self.num_micro
+            self.batches[key] = task_batch(job, task_index, step, offset + start, offset + stop).to(self.device)
+        return self.batches[key]
+
+
+def fp32_output(layer: torch.nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``layer(x)`` as float32, as the reference runs every layer: under autocast a layer that ends in a low-precision
+    op (a UNet block's flat state, an MLP) hands on its output cast up, so that where a plan cuts a MetaOp does not
+    change the math; a no-op for the residual-stream layers, whose outputs stay float32."""
+    return layer(x, **kwargs).float()
+
+
+def assemble_rows(parts: list[tuple[int, torch.Tensor]], start: int, stop: int) -> torch.Tensor:
+    """Concatenate received row ranges into rows [start, stop); they must tile it exactly."""
+    parts = sorted(parts, key=lambda item: item[0])
+    cursor = start
+    for first, tensor in parts:
+        assert first == cursor, f"rows {cursor}..{first} missing"
+        cursor += tensor.shape[0]
+    assert cursor == stop, f"rows {cursor}..{stop} missing"
+    return torch.cat([t for _, t in parts]).detach()
