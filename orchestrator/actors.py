@@ -288,8 +288,8 @@ class EmbeddedRay:
             private = Path(tempfile.mkdtemp(prefix="auth-", dir=self.temp_dir))
             os.environ[TOKEN_PATH_ENV] = str(write_token(private / "auth_token"))
         _reload_ray_auth()
-        log.info("starting an embedded Ray cluster on %s (%d CPUs, temp dir %s, auth %s)", LOOPBACK, self.num_cpus,
-                 self.temp_dir, os.environ[AUTH_ENV])
+        log.info("starting an embedded Ray cluster (%d CPUs, temp dir %s)", self.num_cpus, self.temp_dir)
+        log.debug("listening on %s only, RAY_AUTH_MODE=%s", LOOPBACK, os.environ[AUTH_ENV])
         try:
             with _local_only_driver():
                 ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, dashboard_host=LOOPBACK,
