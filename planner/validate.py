@@ -11,9 +11,9 @@ path, the value, what is wrong and the fix:
   sizes (positive where the simulator never gives 0), and pieces, holdings, buckets and process groups that refer to
   existing slices, layers, modules and ranks. ``plan_from_json`` runs it after the hash check, so ``loom run``,
   ``loom submit``, ``loom gantt`` and every worker see only plans that pass.
-- :func:`check_program` needs the job's MetaOps too: the plan's program (pieces, holdings, gradient buckets, process
-  groups) must be exactly what :mod:`planner.program` derives from its waves (one derivation: the plan records it,
-  this compares). ``runtime.checks.check_plan_matches_job`` runs it.
+- :func:`check_program` needs the job's MetaOps too: the plan's MetaOps must be the job's, field by field, and its
+  program (pieces, holdings, gradient buckets, process groups) exactly what :mod:`planner.program` derives from its
+  waves (one derivation: the plan records it, this compares). ``runtime.checks.check_plan_matches_job`` runs it.
 
 Pure: imports planner modules only. Nothing here loops over a count read from the file (a layer or device count of
 10^12 is compared, never iterated), so a hostile plan is refused in time linear in its size.
@@ -29,7 +29,7 @@ from planner.costmodel import Layout
 from planner.errors import SpecError
 from planner.metagraph import MetaOp
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
-from planner.plan import Plan, PlanSlice
+from planner.plan import Plan, PlanMetaOp, PlanSlice
 from planner.program import LOSS_WAVE, plan_pieces
 
 FIX = "Re-run `loom plan JOB.yaml --save PLAN.json`; a plan is the planner's output, not a file to edit."
@@ -379,6 +379,7 @@ def check_program(plan: Plan, ops: Sequence[MetaOp], source: str = "plan") -> No
     ``runtime.checks.check_plan_matches_job`` has matched to the plan's). A worker's Assignment (``plan.rank`` set)
     is compared with the derivation cut to its rank. Bytes are left out (they follow the job's precision, which a
     run may change); the rows, devices and shapes are compared. Run :func:`check_plan` first."""
+    _compare_metaops(plan, ops, source)
     placed = PlacedSchedule(tuple(PlacedWave(tuple(
         PlacedSlice(s.metaop, s.first_layer, s.num_layers, tuple(s.devices), Layout(s.dp_degree, s.tp_degree))
         for s in wave.slices)) for wave in plan.waves))
@@ -397,6 +398,29 @@ def check_program(plan: Plan, ops: Sequence[MetaOp], source: str = "plan") -> No
     _compare(source, "grad_buckets", [(b.ready_wave, tuple(b.devices), tuple(tuple(m) for m in b.members))
                                       for b in plan.grad_buckets], bucket_keys)
     _compare(source, "process_groups", plan.process_groups, program.process_groups(held, placed))
+
+
+def metaop_record(op: MetaOp) -> PlanMetaOp:
+    """The Plan's record of a MetaOp, as planner.api.build_plan writes it (a test checks they agree)."""
+    return PlanMetaOp(
+        id=op.id, name=op.name, task=op.task, component=op.component, layer_key=op.key, num_layers=op.num_layers,
+        batch_size=op.batch_size, deps=list(op.deps), level=op.level, param_group=op.param_group, frozen=op.frozen,
+        params_per_layer=op.layer.params, out_bytes_per_sample=op.layer.out_bytes, use=op.use, segment=op.segment,
+        recompute=op.recompute, input_modules=list(op.input_modules),
+    )
+
+
+def _compare_metaops(plan: Plan, ops: Sequence[MetaOp], source: str) -> None:
+    """Every field of the plan's MetaOps is the job's (the workers read the task, use, parameter group, input
+    modules, recompute and frozen flags from the plan): a SpecError at the first field that differs."""
+    if len(plan.metaops) != len(ops):
+        raise SpecError(f"{source}: metaops ({len(plan.metaops)} MetaOps) are not the job's {len(ops)}. {FIX}")
+    for m, (have, op) in enumerate(zip(plan.metaops, ops)):
+        want = metaop_record(op)
+        for field in PlanMetaOp.model_fields:
+            if getattr(have, field) != getattr(want, field):
+                raise SpecError(f"{source}: metaops[{m}].{field} ({getattr(have, field)!r}) is not the job's "
+                                f"({getattr(want, field)!r}); the plan was made for another job. {FIX}")
 
 
 def _holding_key(key: Iterable, devices: Iterable[int], trainable: bool, ready_wave: int) -> tuple:

@@ -267,3 +267,17 @@ def test_loom_run_refuses_more_local_workers_than_the_machine_starts(tmp_path, m
     assert result.exit_code == 2 and len(lines) == 1, (result.stderr, result.exception)
     assert lines[0].startswith("error: --plan: cluster (1 node(s) x 64 devices) needs 64 worker processes")
     assert not out.exists()
+
+
+def test_the_plans_metaops_are_the_records_of_the_jobs(plan, graph) -> None:
+    """planner.validate.metaop_record is how build_plan writes a MetaOp; a field a worker reads from the plan (the
+    use, the parameter group, the input modules, recompute) edited and sealed again is refused against the job."""
+    from planner.validate import metaop_record
+
+    assert plan.metaops == [metaop_record(op) for op in graph.metaops]
+    for field, value in (("use", "enc2"), ("param_group", "img"), ("input_modules", ["embed:enc", "embed:img"]),
+                         ("recompute", True)):
+        changed = plan_from_json(edited(plan, _set(f"metaops.0.{field}", value)), "p.json")
+        with pytest.raises(SpecError) as err:
+            check_plan_matches_job(changed, graph, "p.json", "checked")
+        assert str(err.value).startswith(f"p.json: metaops[0].{field} ({value!r}) is not the job's"), str(err.value)
