@@ -76,7 +76,7 @@ def plan_job(
 ) -> PlanOutcome:
     """Plan ``job``: returns the sealed Plan and the intermediate results (see PlanOutcome)."""
     say = progress or (lambda msg: log.info(msg))
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     cost_model = cost_model or make_cost_model(job)
     graph = build_metagraph(job)
     say(f"MetaGraph: {len(graph)} MetaOps in {len(graph.levels)} levels, {len(graph.param_groups)} parameter groups")
@@ -86,14 +86,18 @@ def plan_job(
     warm = spindle_schedule(problem)
     settings = SolverSettings(
         solver=job.planner.solver, time_limit_s=job.planner.time_limit_s, mip_gap=job.planner.mip_gap,
-        level_barriers=job.planner.level_barriers,
+        level_barriers=job.planner.level_barriers, deadline=start_cpu + job.planner.time_limit_s,
     )
     solved = solve(problem, settings, warm=warm, lower_bound=bounds.dag_s, progress=say)
-    result, placed, sim, unfit = choose_candidate(problem, cost_model, solved)
+    result, placed, sim, unfit = choose_candidate(problem, cost_model, solved, deadline=settings.deadline)
     say(f"chose {result.method}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
-    baseline_times = baselines_mod.run_baselines(problem, cost_model, spindle=warm) if with_baselines else {}
+    late = time.process_time() >= settings.deadline  # the baselines are a report: not worth exceeding the limit
+    if with_baselines and late:
+        say(f"time limit ({job.planner.time_limit_s:g} s) reached: baselines skipped")
+    baseline_times = baselines_mod.run_baselines(problem, cost_model, spindle=warm) \
+        if with_baselines and not late else {}
     notes = {"spindle": f"its plan does not fit in device memory: {unfit['spindle']}"} \
-        if with_baselines and "spindle" in unfit else {}
+        if baseline_times and "spindle" in unfit else {}
     plan = build_plan(job, graph, cost_model, placed, sim, result, bounds, baseline_times, notes)
     elapsed = time.perf_counter() - start
     say(f"planned in {elapsed:.2f} s: predicted iteration {sim.iteration_time_s:.4g} s")
@@ -131,7 +135,7 @@ REFINE_BUDGET = 4000  # work units of that search (refine.evaluation_cost), shar
 REFINED = ", transfer-refined"  # method suffix of a plan the search improved
 
 
-def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResult,
+def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResult, deadline: float | None = None,
                      ) -> tuple[SolveResult, PlacedSchedule, Simulation, dict[str, str]]:
     """Place and simulate every candidate schedule the solver found; keep the shortest predicted iteration.
 
@@ -139,8 +143,10 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
     final choice is made on the full simulated time: every candidate in both orders of its independent
     runs, under every placement strategy (one node: packing only), then the transfer-aware local search
     (:mod:`planner.refine`) from the best few. A candidate that does not fit in memory is skipped; when
-    none fits, the error of the shortest one is raised. Also returns why each unfit candidate failed."""
-    placed_all, error, unfit = _place_candidates(problem, cost_model, solved)
+    none fits, the error of the shortest one is raised. Also returns why each unfit candidate failed.
+    Past ``deadline`` (``time.process_time()``, the planner's time limit) no further candidate is placed once one
+    fits (they come shortest compute first) and the local search is skipped."""
+    placed_all, error, unfit = _place_candidates(problem, cost_model, solved, deadline)
     if not placed_all:
         raise error
     ranked = sorted(placed_all, key=lambda e: e[2].sim.iteration_time_s)  # stable: solver order among equals
@@ -152,6 +158,9 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
         if all(entry[2].schedule != other[2].schedule for other in starts):
             starts.append(entry)
     for name, start_cand, ev in starts:
+        if deadline is not None and time.process_time() >= deadline:
+            log.info("time limit reached: transfer-aware search skipped")
+            break
         found, spent = refine_transfers(problem, cost_model, ev, budget)
         budget -= spent
         if found.sim.iteration_time_s < best.sim.iteration_time_s * (1 - 1e-12):
@@ -164,10 +173,10 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
     return chosen, best.placed, best.sim, unfit
 
 
-def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResult,
+def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResult, deadline: float | None = None,
                       ) -> tuple[list[tuple[str, Candidate, Evaluated]], PlanningError | None, dict[str, str]]:
     """Every candidate x order x strategy that fits, named; the first placement error; why each unfit
-    candidate (its own order, packed) failed."""
+    candidate (its own order, packed) failed. Past ``deadline``, only until one fits."""
     out, error, unfit = [], None, {}
     strategies = STRATEGIES if cost_model.hw.num_nodes > 1 else STRATEGIES[:1]
     for cand in solved.candidates or ():
@@ -175,6 +184,10 @@ def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResu
         for order, schedule in (("", cand.schedule), (" reversed", reverse_runs(problem, cand.schedule))):
             check_schedule(problem, schedule)
             for strategy in strategies:
+                if out and deadline is not None and time.process_time() >= deadline:
+                    log.info("time limit reached: placed %d of %d candidates' orders and strategies", len(out),
+                             2 * len(strategies) * len(solved.candidates))
+                    return out, error, unfit
                 try:
                     placed = place_schedule(problem, schedule, cost_model, strategy=strategy)
                 except PlanningError as exc:

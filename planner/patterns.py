@@ -165,12 +165,13 @@ class PatternMaster:
         idx = np.arange(len(demand), dtype=np.int32)
         self.h.changeRowsBounds(len(demand), idx, self.demand, np.full(len(demand), 1e30))
 
-    def generate(self, max_rounds: int) -> int:
-        """Column generation until no pattern prices out, ``max_rounds`` or the work budget; returns the rounds run."""
+    def generate(self, max_rounds: int, deadline: float | None = None) -> int:
+        """Column generation until no pattern prices out, ``max_rounds``, the work budget or this process's CPU time
+        ``time.process_time()`` reaches ``deadline`` (a backstop: the LP over the columns so far); returns the rounds."""
         limits = [int(round(d)) for d in self.demand]
         for rounds in range(1, max_rounds + 1):
             self.h.run()
-            if self.work >= self.work_budget:
+            if self.work >= self.work_budget or (deadline is not None and time.process_time() >= deadline):
                 return rounds
             self.work += self.round_work
             duals = np.abs(np.array(self.h.getSolution().row_dual))
@@ -194,10 +195,11 @@ class PatternMaster:
 
 
 def solve_pattern_lp(problem: Problem, windows: Sequence[tuple[int, int]], num_stages: int,
-                     max_rounds: int = 400) -> tuple[PatternLP, PatternMaster]:
-    """Column generation for the pattern LP; returns the LP and the live master (for diving)."""
+                     max_rounds: int = 400, deadline: float | None = None) -> tuple[PatternLP, PatternMaster]:
+    """Column generation for the pattern LP (stopped at ``deadline``, see PatternMaster.generate); returns the LP
+    and the live master (for diving)."""
     master = PatternMaster(problem, windows, num_stages)
-    rounds = master.generate(max_rounds)
+    rounds = master.generate(max_rounds, deadline)
     if rounds >= max_rounds:
         log.info("pattern LP: stopped at the round limit (%d); the LP may not be optimal", max_rounds)
     return master.snapshot(rounds), master

@@ -21,6 +21,13 @@ One monolithic wave MILP does not close its gap at realistic sizes (stack notes:
 
 The result is the best of the MILP's incumbent, the LP rounding and the warm start given by the
 caller (Spindle's wavefront), so it is never worse than the greedy.
+
+**Time limit.** ``SolverSettings.deadline`` (``planner.time_limit_s`` of this process's CPU time after planning
+starts) bounds the whole search, not only each MILP: once it has passed, the optional work (column generation,
+further LP window modes, local search rounds, the two-wave packing of later levels, the packing ILP, the exact
+MILP) is skipped and the best candidate so far wins. CPU time, not the wall clock, so that a busy machine does
+not change the plan: on an idle one the two agree. Normal jobs finish long before it, so only oversized ones
+see a different (never invalid) plan.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.milp import build_wave_milp, explain_infeasible, make_solver, set_start, solve_wave_milp
 from planner.patterns import (
@@ -50,6 +57,15 @@ class SolverSettings:
     mip_gap: float = 0.005
     level_barriers: bool = False  # True: Spindle's level barriers (no overlap of MetaLevels)
     max_nodes: int = 2000  # deterministic work limit of the MILP (branch-and-bound nodes)
+    deadline: float | None = None  # time.process_time() after which optional search stops; solve(): start + limit
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.process_time() >= self.deadline
+
+    def milp_limit_s(self) -> float:
+        """The wall-clock limit of a MILP solve started now: time_limit_s, or what is left before the deadline."""
+        left = self.time_limit_s if self.deadline is None else self.deadline - time.process_time()
+        return max(min(self.time_limit_s, left), 0.01)
 
 
 @dataclass(frozen=True)
@@ -115,7 +131,7 @@ def solve_exact(problem: Problem, settings: SolverSettings, num_waves: int | Non
     milp = build()
     if start is not None:
         set_start(problem, milp, start)
-    solver = make_solver(settings.solver, settings.time_limit_s, settings.mip_gap, settings.max_nodes)
+    solver = make_solver(settings.solver, settings.milp_limit_s(), settings.mip_gap, settings.max_nodes)
     result = solve_wave_milp(problem, milp, solver)
     if result.schedule is None and result.status == "infeasible":
         raise PlanningError("no wave schedule: " + explain_infeasible(problem, build, solver))
@@ -131,12 +147,15 @@ def _best_lp(problem: Problem, settings: SolverSettings, say) -> tuple[PatternLP
     best = None
     tried = set()
     for mode in modes:
+        if best is not None and settings.past_deadline():
+            say(f"time limit reached: allocation LP of the {mode} windows skipped")
+            break
         windows, num_stages = stage_windows(problem, mode)
         if tuple(windows) in tried:
             continue
         tried.add(tuple(windows))
         t0 = time.perf_counter()
-        lp, master = solve_pattern_lp(problem, windows, num_stages)
+        lp, master = solve_pattern_lp(problem, windows, num_stages, deadline=settings.deadline)
         say(f"allocation LP ({mode} windows): {lp.value:.4g} s, {len(lp.columns)} patterns, {lp.rounds} rounds, "
             f"{time.perf_counter() - t0:.2f} s")
         if best is None or lp.value < best[0].value * (1 - 1e-9):
@@ -152,20 +171,24 @@ class Candidate:
     status: str  # "optimal", "feasible" or "heuristic"
 
 
-def _candidate(problem: Problem, name: str, schedule: Schedule, status: str = "heuristic") -> Candidate:
-    """A candidate after local search (which never lengthens a schedule)."""
-    polished = polish(problem, schedule)
+def _candidate(problem: Problem, name: str, schedule: Schedule, status: str = "heuristic",
+               deadline: float | None = None) -> Candidate:
+    """A candidate after local search (which never lengthens a schedule; it stops at ``deadline``)."""
+    polished = polish(problem, schedule, deadline=deadline)
     return Candidate(name, polished, compute_makespan(problem, polished), status)
 
 
-def _two_wave(problem: Problem, say) -> list[Candidate]:
+def _two_wave(problem: Problem, say, deadline: float | None = None) -> list[Candidate]:
     waves = []
     for level in problem.graph.levels:
+        if deadline is not None and time.process_time() >= deadline:
+            say("time limit reached: two-wave packing skipped")
+            return []
         packed = pack_stage(problem, level)
         if packed is None:
             return []
         waves.extend(packed[1])
-    found = _candidate(problem, "two-wave", Schedule(tuple(waves)))
+    found = _candidate(problem, "two-wave", Schedule(tuple(waves)), deadline=deadline)
     say(f"two-wave packing per level: {found.makespan_s:.4g} s")
     return [found]
 
@@ -213,12 +236,13 @@ def _recombine(problem: Problem, settings: SolverSettings, master: PatternMaster
             best_start = (cand.makespan_s, {j: ids.count(j) for j in ids})
     t0 = time.perf_counter()
     warm = [best_start[1].get(j, 0) for j in range(len(columns))]
-    counts, status, _ = solve_pattern_ip(problem, columns, warm, settings.solver, settings.time_limit_s,
+    counts, status, _ = solve_pattern_ip(problem, columns, warm, settings.solver, settings.milp_limit_s(),
                                          settings.mip_gap, settings.max_nodes)
     if counts is None:
         return []
     # optimal over these columns only, so a feasible plan for the whole problem
-    packed = _candidate(problem, "packing-ilp", patterns_to_schedule(problem, columns, counts), "feasible")
+    packed = _candidate(problem, "packing-ilp", patterns_to_schedule(problem, columns, counts), "feasible",
+                        settings.deadline)
     say(f"packing ILP ({settings.solver}, {len(columns)} columns): {packed.makespan_s:.4g} s, {status}, "
         f"{time.perf_counter() - t0:.2f} s")
     return [packed]
@@ -238,26 +262,33 @@ def solve(problem: Problem, settings: SolverSettings, warm: Schedule | None = No
     shortest wins, so the result is never worse than ``warm`` (compute makespan)."""
     say = progress or log.info
     t0 = time.perf_counter()
+    if settings.deadline is None:
+        settings = replace(settings, deadline=time.process_time() + settings.time_limit_s)
+    deadline = settings.deadline
     lp, master, windows = _best_lp(problem, settings, say)
+    lp_exact = not settings.past_deadline()  # column generation stopped by the deadline: its value bounds nothing
     dived = dive(master, deadline=t0 + settings.time_limit_s)
-    found = [_candidate(problem, "lp-diving", patterns_to_schedule(problem, master.columns, dived))]
+    found = [_candidate(problem, "lp-diving", patterns_to_schedule(problem, master.columns, dived), deadline=deadline)]
     say(f"diving: {found[-1].makespan_s:.4g} s, {len(master.columns)} patterns, {time.perf_counter() - t0:.2f} s")
-    found += _two_wave(problem, say)
+    found += _two_wave(problem, say, deadline)
     seq = sequential_schedule(problem)
     found += [Candidate("sequential", seq, compute_makespan(problem, seq), "heuristic"),
-              _candidate(problem, "sequential+polish", seq)]
+              _candidate(problem, "sequential+polish", seq, deadline=deadline)]
     if warm is not None:
         found += [Candidate(warm_name, warm, compute_makespan(problem, warm), "heuristic"),
-                  _candidate(problem, warm_name + "+polish", warm)]
-    found += _recombine(problem, settings, master, windows, dived, lp, found, say)
+                  _candidate(problem, warm_name + "+polish", warm, deadline=deadline)]
+    if settings.past_deadline():
+        say(f"time limit ({settings.time_limit_s:g} s) reached: packing ILP and exact MILP skipped")
+    else:
+        found += _recombine(problem, settings, master, windows, dived, lp, found, say)
     num_exact_waves = sum(op.num_layers for op in problem.graph.metaops)
-    if len(full_candidates(problem, 1)) * num_exact_waves <= EXACT_MAX_CANDIDATES:
+    if len(full_candidates(problem, 1)) * num_exact_waves <= EXACT_MAX_CANDIDATES and not settings.past_deadline():
         best = min(found, key=lambda c: (c.makespan_s, c.name))
         exact = solve_exact(problem, settings, num_exact_waves, start=_pad(best.schedule, num_exact_waves))
         if exact.schedule is not None:
             found.append(Candidate("exact-milp", exact.schedule, compute_makespan(problem, exact.schedule), exact.status))
     best = min(found, key=lambda c: (c.makespan_s, c.name))
-    bound = max(lower_bound, lp.value if settings.level_barriers else 0.0)
+    bound = max(lower_bound, lp.value if settings.level_barriers and lp_exact else 0.0)
     status = best.status
     if best.name == "exact-milp" and status == "optimal":
         bound = max(bound, best.makespan_s / (1 + settings.mip_gap))

@@ -203,6 +203,7 @@ MAX_DEVICES = 16_384  # cluster.num_nodes * cluster.devices_per_node
 MAX_COMPONENTS = 64  # entries under `components`
 MAX_TASKS = 64  # entries under `tasks`
 MAX_USES_PER_TASK = 64  # entries of one task's `components`
+MAX_USES = 256  # component uses summed over every task: the planner's MetaOps (its LP and placement grow with them)
 MAX_LAYERS_PER_COMPONENT = 1_024  # components.<name>.num_layers
 MAX_TOTAL_LAYERS = 16_384  # layers the planner schedules: num_layers summed over every task's uses
 MAX_BATCH_SIZE = 1_048_576  # tasks[i].batch_size (samples per iteration)
@@ -308,6 +309,12 @@ class JobSpec(StrictModel):
             if isinstance(value, (dict, list)) and len(value) > limit:
                 raise ValueError(f"{path} ({len(value)} entries) is over the limit of {limit} {what}; the planner's "
                                  f"work grows with them. Split the job (see docs/job-spec.md, Limits).")
+        uses = sum(len(task["components"]) for task in tasks if isinstance(task, dict)
+                   and isinstance(task.get("components"), list)) if isinstance(tasks, list) else 0
+        if uses > MAX_USES:
+            raise ValueError(f"tasks[*].components ({uses} uses in all) is over the limit of {MAX_USES} component "
+                             "uses in one job; the planner's work grows with them. Split the job (see docs/job-spec.md, "
+                             "Limits).")
         return data
 
     @model_validator(mode="after")

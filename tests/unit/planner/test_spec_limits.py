@@ -192,3 +192,75 @@ def test_examples_are_within_the_limits() -> None:
     root = Path(__file__).resolve().parents[3]
     for path in sorted((root / "examples").glob("*.yaml")) + sorted((root / "bench" / "workloads").glob("*.yaml")):
         load_job(path)  # raises on a limit
+
+
+def test_uses_over_all_tasks() -> None:
+    """Tasks within the per-task limits whose uses add up to more MetaOps than MAX_USES are refused."""
+    per_task = spec.MAX_USES // 8 + 1
+    tasks = [{"name": f"t{i}", "batch_size": 4,
+              "components": [{"component": "t", "name": f"u{j}"} for j in range(per_task)]} for i in range(8)]
+    assert per_task <= spec.MAX_USES_PER_TASK and len(tasks) <= spec.MAX_TASKS
+    assert limit_error(job_with(**{"components.t.num_layers": 1}, tasks=tasks)) == (
+        f"tasks[*].components ({8 * per_task} uses in all) is over the limit of {spec.MAX_USES} component uses in "
+        "one job; the planner's work grows with them. Split the job (see docs/job-spec.md, Limits).")
+
+
+# --------------------------------------------------------------------------- planning within its time limit
+
+# The limit counts the planning process's CPU time (a busy machine must not change plans); the work done after it,
+# one LP round and placing, simulating and packing one plan, took ~0.3-1.5 s of CPU at these sizes.
+PLANNING_MARGIN_S = 5.0
+
+
+def many_tasks_job(num_nodes: int, time_limit_s: float) -> dict:
+    """16 tasks x 4 uses x 64 layers (64 MetaOps, 4,096 layers) on ``num_nodes`` x 8 H100s. Without the backstop,
+    local search and candidate placement alone took 20-150 s at such sizes whatever the time limit."""
+    components = {f"c{i}": {"kind": "transformer", "num_layers": 64, "hidden_size": 64, "num_heads": 4,
+                            "seq_len": 512} for i in range(4)}
+    tasks = [{"name": f"t{j}", "batch_size": 64, "components": [{"component": f"c{(j + k) % 4}"} for k in range(4)]}
+             for j in range(16)]
+    return {"name": "many-tasks", "cluster": {"num_nodes": num_nodes, "devices_per_node": 8, "device": "h100"},
+            "components": components, "tasks": tasks, "planner": {"time_limit_s": time_limit_s}}
+
+
+def timed_plan(data: dict):
+    from planner.api import plan_job
+
+    messages: list[str] = []
+    start, start_cpu = time.perf_counter(), time.process_time()
+    outcome = plan_job(parse_job(data), progress=messages.append)
+    wall = time.perf_counter() - start
+    assert wall < 60, (wall, messages)  # 20-150 s before the backstop, on an idle machine
+    return time.process_time() - start_cpu, messages, outcome.plan
+
+
+def assert_covers_every_layer(plan) -> None:
+    done = {op.id: 0 for op in plan.metaops}
+    for wave in plan.waves:
+        for piece in wave.slices:
+            done[piece.metaop] += piece.num_layers
+    assert done == {op.id: op.num_layers for op in plan.metaops}
+
+
+def test_planning_stops_at_its_time_limit() -> None:
+    limit = 0.05
+    seconds, messages, plan = timed_plan(many_tasks_job(128, limit))
+    assert seconds < limit + PLANNING_MARGIN_S, messages
+    assert any("time limit" in m and "skipped" in m for m in messages), messages  # the backstop did the stopping
+    assert_covers_every_layer(plan)
+
+
+def test_the_largest_cluster_plans_within_its_time_limit() -> None:
+    """The largest cluster the limits allow (a million devices is refused above): a two-task VLM on 16,384 H100s."""
+    data = {"name": "largest", "cluster": {"num_nodes": spec.MAX_DEVICES // 8, "devices_per_node": 8, "device": "h100"},
+            "components": {"vit": {"kind": "vit", "num_layers": 24, "hidden_size": 1024, "num_heads": 16,
+                                   "patch_size": 14, "image_size": 224},
+                           "llm": {"kind": "llama", "num_layers": 32, "hidden_size": 4096, "num_heads": 32,
+                                   "num_kv_heads": 8, "seq_len": 2048, "vocab_size": 32000}},
+            "tasks": [{"name": "cap", "batch_size": 512, "components": [{"component": "vit"}, {"component": "llm"}]},
+                      {"name": "lm", "batch_size": 1024, "components": [{"component": "llm"}]}],
+            "planner": {"time_limit_s": 0.05}}
+    seconds, messages, plan = timed_plan(data)
+    assert seconds < 0.05 + PLANNING_MARGIN_S, messages
+    assert plan.cluster.num_nodes * plan.cluster.devices_per_node == spec.MAX_DEVICES
+    assert_covers_every_layer(plan)
