@@ -281,3 +281,13 @@ def test_the_plans_metaops_are_the_records_of_the_jobs(plan, graph) -> None:
         with pytest.raises(SpecError) as err:
             check_plan_matches_job(changed, graph, "p.json", "checked")
         assert str(err.value).startswith(f"p.json: metaops[0].{field} ({value!r}) is not the job's"), str(err.value)
+
+
+def test_loom_submit_refuses_a_bad_plan_before_sending(plan, tmp_path) -> None:
+    """`loom submit --plan` checks the plan here (orchestrator.submit._check_plan) with the same checks and text."""
+    from orchestrator.submit import _check_plan
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(edited(plan, _set("waves.0.slices.0.devices", [7])))
+    with pytest.raises(SpecError, match=r"waves\[0\]\.slices\[0\]\.devices\[0\] \(7\) is not a device of the plan's"):
+        _check_plan(bad, parse_job(JOB))
