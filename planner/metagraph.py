@@ -58,6 +58,7 @@ class MetaGraph:
     metaops: tuple[MetaOp, ...]
     levels: tuple[tuple[int, ...], ...]
     param_groups: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    num_micro_batches: int = 1  # training.grad_accum_steps: passes of the MetaOps (each of one micro-batch) per step
 
     def __len__(self) -> int:
         return len(self.metaops)
@@ -134,7 +135,7 @@ def build_metagraph(job: JobSpec) -> MetaGraph:
             trainable_of_use[use.use_name] = trainable_upstream or not comp.frozen
     graph = finalize_graph(ops)
     return replace(graph, metaops=tuple(replace(op, input_modules=tuple(input_modules(job, graph, op)))
-                                        for op in graph.metaops))
+                                        for op in graph.metaops), num_micro_batches=job.training.grad_accum_steps)
 
 
 def finalize_graph(ops: Sequence[MetaOp]) -> MetaGraph:

@@ -94,6 +94,8 @@ class SyncInfo:
 @dataclass(frozen=True)
 class Simulation:
     """One predicted iteration: ``iteration_time_s = compute_s + transfer_s + sync_s + optimizer_s + gather_s``.
+    With gradient accumulation (``training.grad_accum_steps`` k) ``compute_s`` and ``transfer_s`` are k passes of
+    the waves over one micro-batch each; ``wave_durations``, ``phases`` and ``loss_s`` are one pass.
 
     ``sync_s`` is the exposed part of the gradient sync (what backward did not hide); ``sync_total_s``
     is the sync alone, all buckets launched at once. ``sync_order`` gives the indices of
@@ -327,7 +329,10 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
     # the loss stage runs between the last forward and the first backward: the phase after the last wave
     phases, transfers = wave_phases(problem, placed, cost_model)
     loss_s = phases[-1].forward_s
-    ends, compute_end = backward_ends(phases)
+    # gradient accumulation: the micro-batches before the last run the whole timeline first; the buckets start in the
+    # last one's backward (k = 1: start 0.0, the same numbers)
+    micro = problem.graph.num_micro_batches
+    ends, compute_end = backward_ends(phases, start=(micro - 1) * backward_ends(phases)[1])
     ledger = build_ledger(problem, all_slices(placed), cost_model)
     held = holdings(problem.graph.metaops, placed)
     program = grad_buckets(held)  # exactly the buckets the runtime all-reduces
@@ -336,8 +341,8 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
     sync_infos, sync_order = _sync_infos(problem.graph.metaops, program, outcome, cost_model.grad_bytes)
     return Simulation(
         iteration_time_s=outcome.iteration_time_s,
-        compute_s=sum(durations) + loss_s,
-        transfer_s=sum(p.transfer_in_s + p.transfer_back_s for p in phases),
+        compute_s=micro * (sum(durations) + loss_s),
+        transfer_s=micro * sum(p.transfer_in_s + p.transfer_back_s for p in phases),
         sync_s=outcome.sync_s,
         optimizer_s=outcome.optimizer_s,
         wave_durations=durations,

@@ -220,3 +220,16 @@ def test_attention_goes_through_sdpa_with_the_same_math(monkeypatch, causal):
     monkeypatch.setattr(modules.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(kw) or sdpa(*a, **kw))
     torch.testing.assert_close(modules.attend(q, k, v, heads, causal=causal), want, rtol=1e-5, atol=1e-6)
     assert calls == [{"is_causal": causal}]
+
+
+def test_the_prediction_runs_the_waves_once_per_micro_batch():
+    from planner.api import plan_job
+
+    one = plan_job(parse_job(job_dict()), with_baselines=False)
+    two = plan_job(parse_job(job_dict(grad_accum_steps=2)), with_baselines=False)
+    for result, k in ((one, 1), (two, 2)):
+        sim = result.simulation
+        assert sim.compute_s == pytest.approx(k * (sum(sim.wave_durations) + sim.loss_s))
+        parts = sim.compute_s + sim.transfer_s + sim.sync_s + sim.optimizer_s + sim.gather_s
+        assert sim.iteration_time_s == pytest.approx(parts)
+    assert two.simulation.iteration_time_s > two.simulation.compute_s / 2 + two.simulation.transfer_s / 2
