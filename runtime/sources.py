@@ -109,6 +109,9 @@ class TaskSource:
             what = "pack" if self.spec.pack else "format preference"
             raise DataError(f"{where}.data: {what} needs exactly one use reading token ids; this task has "
                             f"{len(tokens)} ({tokens}).")
+        if self.spec.pack and self.labels is not None:
+            raise DataError(f"{where}.data.pack (true): a packed row holds several documents, so it has no one label "
+                            f"for loss {loss}. Remove `pack`, or train a next-token loss.")
         if fmt == "images" and not any(r.kind == "image" for r in roots):
             raise DataError(f"{where}.data.format (images): no use of this task reads images. Use a text format.")
 

@@ -408,6 +408,9 @@ def test_format_that_does_not_fit_the_task(tmp_path, tok_dir) -> None:
                      "tasks": [{"name": "t", "batch_size": 2, "loss": "mse", "components": [{"component": "m"}],
                                 "data": {"format": "text", "path": str(CHAT)}}]})
     assert "reads features inputs" in check(job)
+    path = write_jsonl(tmp_path / "l.jsonl", [{"text": "the cat", "label": 1}])
+    assert "has no one label for loss cross_entropy" in check(
+        lm_job({"format": "text", "path": str(path), "tokenizer": str(tok_dir), "pack": True}, loss="cross_entropy"))
 
 
 def test_loom_validate_and_run_refuse_bad_data_in_one_line(tmp_path, tok_dir) -> None:
