@@ -73,11 +73,3 @@ class DataSpec(BaseModel):
                 out[key] = str((base / Path(out[key]).expanduser()).absolute())
         return out
 
-    @model_validator(mode="after")
-    def _check_options(self) -> DataSpec:
-        if self.pack and self.format not in ("text", "chat"):
-            raise ValueError(
-                f"pack (true) applies to the text and chat formats, not '{self.format}'; remove `pack` or use "
-                "format text or chat."
-            )
-        return self

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,20 +107,27 @@ def check_tokenizer_folder(folder: str, where: str) -> Path:
 def load_records(spec: DataSpec, t: int, labels: str | None, captions: bool) -> Records:
     """The checked records of task ``t``'s source (cached per file state, so each process reads a file once).
     ``labels``: :func:`label_kind` of the task's loss; ``captions``: an images source's rows need a caption."""
-    path = Path(spec.path) / spec.manifest if spec.format == "images" else Path(spec.path)
+    entry = format_of(spec)
+    if spec.pack and not entry.packable:
+        packable = " or ".join(name for name, e in FORMATS.items() if e.packable)
+        raise DataError(f"{data_where(t, 'pack')} (true): format {spec.format} rows are not packed; remove `pack`, "
+                        f"or use format {packable}.")
     _check_exists(spec, t)
-    stat = path.stat()
+    stat = row_file(spec).stat()
     return _load(spec, t, labels, captions, stat.st_mtime_ns, stat.st_size)
+
+
+def row_file(spec: DataSpec) -> Path:
+    """The JSONL file holding a source's rows: ``path``, or the manifest inside it for a folder format."""
+    return Path(spec.path) / spec.manifest if format_of(spec).folder else Path(spec.path)
 
 
 @functools.lru_cache(maxsize=32)
 def _load(spec: DataSpec, t: int, labels: str | None, captions: bool, mtime: int, size: int) -> Records:
-    path = Path(spec.path) / spec.manifest if spec.format == "images" else Path(spec.path)
-    where = data_where(t, "manifest" if spec.format == "images" else "path")
+    path, check = row_file(spec), format_of(spec).check_row
+    where = data_where(t, "manifest" if format_of(spec).folder else "path")
     rows, lines = [], []
     for line, row in _read_jsonl(path, where):
-        check = {"text": _check_text, "chat": _check_chat, "preference": _check_preference,
-                 "images": _check_image_row}[spec.format]
         check(spec, row, f"{where} ({path}): line {line}", labels, captions)
         rows.append(row)
         lines.append(line)
@@ -130,10 +138,10 @@ def _load(spec: DataSpec, t: int, labels: str | None, captions: bool, mtime: int
 
 def _check_exists(spec: DataSpec, t: int) -> None:
     where, path = data_where(t), Path(spec.path)
-    if spec.format == "images":
+    if format_of(spec).folder:
         if not path.is_dir():
-            raise DataError(f"{where} ({spec.path}): no such folder; format images reads a folder of images with "
-                            f"a manifest ({spec.manifest}). Check the path.")
+            raise DataError(f"{where} ({spec.path}): no such folder; format {spec.format} reads a folder with a "
+                            f"manifest ({spec.manifest}). Check the path.")
         if not (path / spec.manifest).is_file():
             raise DataError(f"{data_where(t, 'manifest')} ({spec.manifest}): no such file in {spec.path}; write one "
                             "JSON object per image there ({\"image\": \"rel/path.png\", \"label\": 0}), or set "
@@ -233,6 +241,38 @@ def _check_image_file(image: Path, at: str) -> None:
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DataError(f"{at}: image {image} cannot be read ({type(exc).__name__}: {exc}). Replace or remove "
                         "it.") from None
+
+
+# --------------------------------------------------------------------------- the formats
+
+RowCheck = Callable[[DataSpec, dict, str, "str | None", bool], None]  # (spec, row, where, labels, captions)
+
+
+@dataclass(frozen=True)
+class FormatEntry:
+    """What one data format reads and gives: the torch-free facts (runtime.sources.ENCODERS encodes its rows; a
+    test checks both registries and planner.data_spec.DATA_FORMATS name the same formats)."""
+
+    name: str
+    check_row: RowCheck  # raises a DataError for a row that lacks what the format needs
+    fills: tuple[str, ...]  # the input kinds its rows give the task's uses ("tokens", "image")
+    folder: bool = False  # ``path`` is a folder whose manifest holds the rows (else ``path`` is the JSONL file)
+    next_token_only: bool = False  # of the built-in losses, trains lm/next_token only
+    packable: bool = False  # its documents may be packed into rows
+    pairs: bool = False  # two sequences per row (chosen, rejected)
+
+
+FORMATS: dict[str, FormatEntry] = {e.name: e for e in (
+    FormatEntry("text", _check_text, ("tokens",), packable=True),
+    FormatEntry("chat", _check_chat, ("tokens",), next_token_only=True, packable=True),
+    FormatEntry("preference", _check_preference, ("tokens",), next_token_only=True, pairs=True),
+    FormatEntry("images", _check_image_row, ("image", "tokens"), folder=True),
+)}
+
+
+def format_of(spec: DataSpec) -> FormatEntry:
+    """The registry entry of ``spec.format`` (the spec's Literal admits only registered names)."""
+    return FORMATS[spec.format]
 
 
 # --------------------------------------------------------------------------- order

@@ -20,16 +20,19 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from planner.data_spec import DataSpec
 from planner.spec import JobSpec
 from planner.usegraph import use_component
 from runtime.data import TaskBatch, root_inputs
 from runtime.source_files import (
-    PREFERENCE_SCORES, DataError, epoch_order, label_kind, load_records, tokenizer_folder,
+    PREFERENCE_SCORES, DataError, epoch_order, format_of, label_kind, load_records, tokenizer_folder,
 )
 from runtime.tokenizer import (
     Document, TokenRow, encode_chat, encode_completion, encode_text, labels_key, load_tokenizer, packed_length,
@@ -37,7 +40,6 @@ from runtime.tokenizer import (
 )
 
 SCORE_KEYS = PREFERENCE_SCORES  # batch.targets keys of a preference batch's scores (B,) float32
-FILLS = {"text": ("tokens",), "chat": ("tokens",), "preference": ("tokens",), "images": ("image", "tokens")}
 TEXT_LOSSES = ("lm", "next_token")
 
 
@@ -79,6 +81,7 @@ class TaskSource:
         self.job, self.t, self.task = job, t, job.tasks[t]
         self.spec = self.task.data
         assert self.spec is not None
+        self.format = format_of(self.spec)
         self.labels = label_kind(self.task.loss)
         roots = root_inputs(job, t)
         self._check_uses(roots)
@@ -95,25 +98,26 @@ class TaskSource:
 
     def _check_uses(self, roots) -> None:
         fmt, loss, where = self.spec.format, self.task.loss, f"tasks[{self.t}] ('{self.task.name}')"
+        fills = self.format.fills
         for r in roots:
-            if r.kind not in FILLS[fmt]:
+            if r.kind not in fills:
                 raise DataError(f"{where}.data.format ({fmt}): use '{r.use}' reads {r.kind} inputs, which format "
-                                f"{fmt} does not give ({', '.join(FILLS[fmt])}); use a source of that kind or remove "
+                                f"{fmt} does not give ({', '.join(fills)}); use a source of that kind or remove "
                                 "the task's data.")
         tokens = [r.use for r in roots if r.kind == "tokens"]
-        if fmt in ("chat", "preference") and loss not in TEXT_LOSSES and loss in _builtin_losses():
+        if self.format.next_token_only and loss not in TEXT_LOSSES and loss in _builtin_losses():
             raise DataError(f"{where}.loss ({loss}): format {fmt} trains a next-token loss (lm or next_token) on its "
                             "assistant turns or chosen answers. Set loss: lm, or use format text or images with "
                             "labels.")
-        if (self.spec.pack or fmt == "preference") and len(tokens) != 1:
-            what = "pack" if self.spec.pack else "format preference"
+        if (self.spec.pack or self.format.pairs) and len(tokens) != 1:
+            what = "pack" if self.spec.pack else f"format {fmt}"
             raise DataError(f"{where}.data: {what} needs exactly one use reading token ids; this task has "
                             f"{len(tokens)} ({tokens}).")
         if self.spec.pack and self.labels is not None:
             raise DataError(f"{where}.data.pack (true): a packed row holds several documents, so it has no one label "
                             f"for loss {loss}. Remove `pack`, or train a next-token loss.")
-        if fmt == "images" and not any(r.kind == "image" for r in roots):
-            raise DataError(f"{where}.data.format (images): no use of this task reads images. Use a text format.")
+        if "image" in fills and not any(r.kind == "image" for r in roots):
+            raise DataError(f"{where}.data.format ({fmt}): no use of this task reads images. Use a text format.")
 
     def _tokenizer(self, roots):
         first = use_component(self.job, self.t, next(iter(self.token_uses)))[0]
@@ -143,16 +147,9 @@ class TaskSource:
     def _doc(self, index: int) -> tuple[Document, Document | None]:
         """(document, rejected document of a preference row or None) of record ``index``, encoded once."""
         if index not in self._docs:
-            row, fmt = self.records.rows[index], self.spec.format
             at = f"{self.records.path}: line {self.records.lines[index]}"
-            if fmt == "chat":
-                self._docs[index] = (encode_chat(self.tokenizer, row[self.spec.messages_field], at), None)
-            elif fmt == "preference":
-                self._docs[index] = (encode_completion(self.tokenizer, row["prompt"], row["chosen"]),
-                                     encode_completion(self.tokenizer, row["prompt"], row["rejected"]))
-            else:
-                field = self.spec.caption_field if fmt == "images" else self.spec.text_field
-                self._docs[index] = (encode_text(self.tokenizer, row[field]), None)
+            encode = ENCODERS[self.spec.format]
+            self._docs[index] = encode(self.tokenizer, self.spec, self.records.rows[index], at)
         return self._docs[index]
 
     def _pack_setup(self) -> None:
@@ -186,7 +183,7 @@ class TaskSource:
             docs = [self._doc(i) for i in records]
             pad = pad_id(self.tokenizer)
             _put_rows(inputs, targets, use, [padded_row(d, seq_len, pad) for d, _ in docs], seq_len)
-            if self.spec.format == "preference":
+            if self.format.pairs:
                 _put_rows(inputs, targets, use, [padded_row(r, seq_len, pad) for _, r in docs], seq_len, rejected_key)
                 for key in SCORE_KEYS:
                     targets[key] = torch.tensor([float(self.records.rows[i].get(key, math.nan)) for i in records])
@@ -212,6 +209,16 @@ class TaskSource:
             return torch.zeros(len(records))
         values = [self.records.rows[i][self.spec.label_field] for i in records]
         return torch.tensor(values, dtype=torch.long if self.labels == "class" else torch.float32)
+
+
+Encoder = Callable[[Any, DataSpec, dict, str], "tuple[Document, Document | None]"]
+ENCODERS: dict[str, Encoder] = {  # (tokenizer, spec, row, where) -> (document, rejected document or None)
+    "text": lambda tok, spec, row, at: (encode_text(tok, row[spec.text_field]), None),
+    "chat": lambda tok, spec, row, at: (encode_chat(tok, row[spec.messages_field], at), None),
+    "preference": lambda tok, spec, row, at: (encode_completion(tok, row["prompt"], row["chosen"]),
+                                              encode_completion(tok, row["prompt"], row["rejected"])),
+    "images": lambda tok, spec, row, at: (encode_text(tok, row[spec.caption_field]), None),  # the caption
+}
 
 
 def _put_rows(inputs: dict, targets: dict, use: str, rows: list[TokenRow], seq_len: int, key=lambda k: k) -> None:

@@ -317,6 +317,13 @@ def test_label_classes_agree_with_the_heads() -> None:
     assert NUM_LABEL_CLASSES == NUM_CLASSES
 
 
+def test_every_format_is_declared_checked_and_encoded() -> None:
+    from planner.data_spec import DATA_FORMATS, DataFormat
+    from runtime.source_files import FORMATS
+
+    assert set(DATA_FORMATS) == set(DataFormat.__args__) == set(FORMATS) == set(sources.ENCODERS)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -408,6 +415,12 @@ def test_format_that_does_not_fit_the_task(tmp_path, tok_dir) -> None:
                      "tasks": [{"name": "t", "batch_size": 2, "loss": "mse", "components": [{"component": "m"}],
                                 "data": {"format": "text", "path": str(CHAT)}}]})
     assert "reads features inputs" in check(job)
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    packed_pairs = lm_job({"format": "preference", "path": str(pairs), "tokenizer": str(tok_dir), "pack": True})
+    assert check(packed_pairs) == ("tasks[0].data.pack (true): format preference rows are not packed; remove `pack`, "
+                                   "or use format text or chat.")
+    with pytest.raises(DataError, match="rows are not packed"):
+        check_data_files(packed_pairs)  # loom validate's check
     path = write_jsonl(tmp_path / "l.jsonl", [{"text": "the cat", "label": 1}])
     assert "has no one label for loss cross_entropy" in check(
         lm_job({"format": "text", "path": str(path), "tokenizer": str(tok_dir), "pack": True}, loss="cross_entropy"))
