@@ -9,7 +9,9 @@ megatron's query groups, SwiGLU as its gated linear unit, no biases). It also ow
 gradient mapping between the plain block (the reference layout) and this rank's TP shards
 (:data:`PARAM_MAPS`): ``load_reference``, ``gather_reference_weights`` and ``gather_reference_grads``.
 Like the plain encoder block, it makes the gradient of the key part of the qkv bias exactly zero
-(its true value).
+(its true value). runtime.megatron_pretrained subclasses the block for pretrained Hugging Face layers (variant
+"pretrained"): it replaces the parameter map, the layer's config and spec and the layer's extra forward arguments
+(``_param_map``, ``_layer_config``, ``_layer_spec``, ``_layer_kwargs``).
 
 Process groups: megatron-core 0.16.1 lets every layer take its groups explicitly, so each block is
 built on the ``tp_group`` it is given and megatron's global ``parallel_state`` is never
