@@ -35,15 +35,16 @@ POSITION_BASE = 100.0  # longest wavelength scale of the ViT's 2-D sin-cos posit
 
 
 class TokenEmbedding(nn.Module):
-    """Token ids ``(B, S)`` long -> ``tokens(ids) + positions[:S]`` ``(B, S, H)``."""
+    """Token ids ``(B, S)`` long -> ``tokens(ids) + positions[:S]`` ``(B, S, H)`` (or a packed row's positions)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, max_seq_len: int):
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, hidden_size)
         self.positions = nn.Parameter(torch.empty(max_seq_len, hidden_size))
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.tokens(ids) + self.positions[: ids.shape[1]]
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions`` ``(B, S)``: a packed row's per-document position ids (default ``0..S-1``)."""
+        return self.tokens(ids) + (self.positions[positions] if positions is not None else self.positions[: ids.shape[1]])
 
 
 class PatchEmbedding(nn.Module):

@@ -43,7 +43,7 @@ from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
 from runtime.kinds import is_token_decoder
 from runtime.megatron_backend import owned_fractions  # cheap: megatron-core itself is imported lazily
-from runtime.modules import build_layer, layer_kwargs, run_layers
+from runtime.modules import build_layer, layer_kwargs, row_kwargs, run_layers
 from runtime.optim import (
     LossScaler, autocast, build_grouped_optimizer, clip_coefficient, compute_dtype, module_component, owned_square_sum,
     scale_gradients, set_lr,
@@ -285,7 +285,8 @@ class WaveWorker:
         s = self.comm.slices[ref]
         op = self.plan.metaops[s.metaop]
         start, stop = self._rows(ref)
-        kwargs = layer_kwargs(self.job, op)
+        kwargs = layer_kwargs(self.job, op) | row_kwargs(
+            self.job, op, lambda: st.batch(self.job, self.task_index[op.task], step, start, stop))
         inputs = self._slice_inputs(ref, start, stop, st) if self.comm.num_inputs(ref) else []
         if s.first_layer > 0:  # the rest of a MetaOp whose first layers ran in an earlier wave
             x = inputs[0]

@@ -135,6 +135,16 @@ def _raw_input(job: JobSpec, op: MetaOp, embed: nn.Module, upstream: torch.Tenso
     return embed(batch.inputs[op.use])
 
 
+def _token_input(job: JobSpec, op: MetaOp, embed: nn.Module, upstream: torch.Tensor | None, batch) -> torch.Tensor:
+    """Token ids, with a packed row's per-document position ids when the batch has them (runtime.sources)."""
+    from runtime.tokenizer import positions_key
+
+    positions = batch.targets.get(positions_key(op.use))
+    if positions is None:
+        return _raw_input(job, op, embed, upstream, batch)
+    return embed(batch.inputs[op.use], positions=positions)
+
+
 def _decoder_input(job: JobSpec, op: MetaOp, embed: nn.Module, upstream: torch.Tensor | None, batch) -> torch.Tensor:
     if upstream is None:
         return embed(batch.inputs[op.use])
@@ -163,9 +173,9 @@ class RuntimeKind:
 
 
 RUNTIME_KINDS: dict[str, RuntimeKind] = {k.name: k for k in (
-    RuntimeKind("transformer", _transformer_layer, _token_embed),
+    RuntimeKind("transformer", _transformer_layer, _token_embed, use_input=_token_input),
     RuntimeKind("vit", _transformer_layer, _patch_embed),
-    RuntimeKind("llama", _llama_layer, _token_embed),
+    RuntimeKind("llama", _llama_layer, _token_embed, use_input=_token_input),
     RuntimeKind("decoder", _decoder_layer, _decoder_bridge, _decoder_kwargs, _decoder_input),
     RuntimeKind("mlp", _mlp_layer, _feature_embed),
     RuntimeKind("unet2d", _unet_layer, _unet_input, _unet_kwargs, _unet_input_of),

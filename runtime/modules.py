@@ -119,15 +119,18 @@ class TransformerBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, causal: bool = False) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, causal: bool = False,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head ``softmax(q k^T / sqrt(d)) v``: q ``(B, S, H)``, k and v ``(B, C, H)`` -> ``(B, S, H)``; heads
-    split as ``(num_heads, H / num_heads)``; ``causal`` masks key j > query i (needs S == C). Through
+    split as ``(num_heads, H / num_heads)``; ``causal`` masks key j > query i (needs S == C); ``mask`` ``(B, 1, S, C)``
+    bool, True where a query may attend (replaces ``causal``: runtime.tokenizer.document_mask). Through
     ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU, bf16 under autocast)."""
     b, s, h = q.shape
     d = h // num_heads
     q = q.reshape(b, s, num_heads, d).transpose(1, 2)  # (b, heads, s, d)
     k, v = (t.reshape(b, t.shape[1], num_heads, d).transpose(1, 2) for t in (k, v))
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(b, s, h)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+    return out.transpose(1, 2).reshape(b, s, h)
 
 
 class DecoderBlock(nn.Module):
@@ -185,7 +188,10 @@ class LlamaBlock(nn.Module):
         self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
         self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """``segments``: a packed row's segment ids (runtime.modules.row_kwargs): attention stays within each document.
+        ``positions`` are read by the component's embedding (learned positions), not here."""
         b, s, h = x.shape
         heads, kv_heads, d = self.num_heads, self.num_kv_heads, h // self.num_heads
         y = self.attn_norm(x)
@@ -193,7 +199,13 @@ class LlamaBlock(nn.Module):
         def shared_kv(t: torch.Tensor) -> torch.Tensor:  # each kv head serves heads / kv_heads query heads
             return t.reshape(b, s, kv_heads, d).repeat_interleave(heads // kv_heads, dim=2).reshape(b, s, h)
 
-        attn = attend(self.q_proj(y), shared_kv(self.k_proj(y)), shared_kv(self.v_proj(y)), heads, causal=True)
+        mask = None
+        if segments is not None:
+            from runtime.tokenizer import document_mask  # local: this module imports no runtime module but kinds
+
+            mask = document_mask(segments)
+        attn = attend(self.q_proj(y), shared_kv(self.k_proj(y)), shared_kv(self.v_proj(y)), heads, causal=True,
+                      mask=mask)
         x = x + self.o_proj(attn)
         y = self.mlp_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
@@ -266,6 +278,21 @@ def use_shape_of(job: JobSpec, op: MetaOp) -> UseShape:
     t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
     u = next(i for i, use in enumerate(job.tasks[t].components) if use.use_name == op.use)
     return use_shape(job, t, u)
+
+
+def row_kwargs(job: JobSpec, op: MetaOp, batch) -> dict[str, torch.Tensor]:
+    """Per-row keyword arguments of MetaOp ``op``'s layers: a packed task's position and segment ids of its token use
+    (runtime.sources; ``batch()`` the rows' runtime.data.TaskBatch, drawn only for a packed task), so that attention
+    stays within each document; empty for every other use."""
+    data = job.tasks[next(i for i, t in enumerate(job.tasks) if t.name == op.task)].data
+    if data is None or not data.pack:
+        return {}
+    from runtime.tokenizer import positions_key, segments_key
+
+    targets = batch().targets
+    if segments_key(op.use) not in targets:
+        return {}
+    return {"positions": targets[positions_key(op.use)], "segments": targets[segments_key(op.use)]}
 
 
 def layer_kwargs(job: JobSpec, op: MetaOp) -> dict[str, int]:

@@ -151,7 +151,8 @@ class PretrainedInput(nn.Module):
         super().__init__()
         self.parts = nn.ModuleList(parts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions``: a packed row's position ids, which a causal LM's layers read (rotary), not its embedding."""
         for part in self.parts:
             x = part(x)
         return x

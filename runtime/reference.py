@@ -20,7 +20,7 @@ from runtime.assignment import input_order
 from runtime.data import TaskBatch, task_batch
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
-from runtime.modules import build_layer, layer_kwargs
+from runtime.modules import build_layer, layer_kwargs, row_kwargs
 from runtime.optim import autocast, build_grouped_optimizer, module_component, set_lr
 
 
@@ -100,7 +100,7 @@ class ReferenceTrainer:
         ops = self.graph.ops_of_task(self.job.tasks[t].name)
         outputs: dict[int, torch.Tensor] = {}
         for op in ops:
-            kwargs = layer_kwargs(self.job, op)
+            kwargs = layer_kwargs(self.job, op) | row_kwargs(self.job, op, lambda: batch)
             inputs = [outputs[op.deps[i]] for i in input_order(self.job, self.graph, op.id)]
             x = first_input(self.job, self.graph, op, inputs, lambda name: self.modules[(name, 0)], lambda: batch)
             for layer in range(op.num_layers):  # float32 between layers, as the workers (executor._fp32_output)

@@ -477,3 +477,25 @@ def test_a_head_projects_leaves_of_other_widths_to_the_narrowest():
     assert head.project["0"].weight.grad.abs().sum() > 0 and wide.grad.abs().sum() > 0
     same = ClassifierHead("t", ["a", "b"], {"a": 16, "b": 16})
     assert len(same.project) == 0  # equal widths: no projection, the same parameters as before
+
+
+def test_a_packed_llama_row_equals_its_documents_alone():
+    """Loom's llama: two documents packed into one row with their position and segment ids (what a packed data source
+    gives, runtime.modules.row_kwargs) embed and attend as each document alone."""
+    from runtime.modules import LlamaBlock
+
+    torch.manual_seed(0)
+    embed = build_embed(parse_job({
+        "name": "p", "cluster": {"num_nodes": 1, "devices_per_node": 1, "device": "cpu"},
+        "components": {"lm": {"kind": "llama", "num_layers": 1, "hidden_size": 32, "num_heads": 4, "seq_len": 12,
+                              "vocab_size": 20}},
+        "tasks": [{"name": "t", "batch_size": 1, "loss": "lm", "components": [{"component": "lm"}]}],
+    }), "lm")
+    block = LlamaBlock(32, 4, 2, 64)
+    a, b = torch.randint(0, 20, (1, 5)), torch.randint(0, 20, (1, 7))
+    positions = torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0)
+    segments = torch.tensor([[1] * 5 + [2] * 7])
+    with torch.no_grad():
+        packed = block(embed(torch.cat([a, b], dim=1), positions=positions), segments=segments)
+        alone = torch.cat([block(embed(a)), block(embed(b))], dim=1)
+    assert float((packed - alone).abs().max()) <= 1e-5
