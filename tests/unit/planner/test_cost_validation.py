@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.costfile import COST_FILE_VERSION, MONOTONE_TOLERANCE, read_cost_file
+from planner.costfile import COST_FILE_VERSION, MONOTONE_NOISE_S, MONOTONE_TOLERANCE, read_cost_file
 from planner.costmodel import ProfiledCostModel
 from planner.devices import resolve_hardware
 from planner.errors import SpecError
@@ -92,8 +92,8 @@ CASES = [
      "twice') has duplicate points"),
     ("time falls with the batch", {"points": {KEY: [[2, 0.01], [4, 0.02], [8, 0.005]]}}, f"points['{KEY}'] ('local "
      "batch 8: 0.005 s after local batch 4: 0.02 s') is not monotone: more work takes 75% less time"),
-    ("link time falls", {"links": {"allreduce": [[16384, 2e-3], [1048576, 1e-4]]}}, "links['allreduce'] ('bytes "
-     "1.04858e+06: 0.0001 s after bytes 16384: 0.002 s') is not monotone"),
+    ("link time falls", {"links": {"allreduce": [[16384, 0.02], [1048576, 1e-3]]}}, "links['allreduce'] ('bytes "
+     "1.04858e+06: 0.001 s after bytes 16384: 0.02 s') is not monotone"),
     ("optimizer rate negative", {"optimizer_s_per_param": -1e-9}, "optimizer_s_per_param (-1e-09) is not a finite "
      "positive number"),
     ("optimizer rate a string", {"optimizer_s_per_param": "fast"}, "optimizer_s_per_param ('fast') is not a finite"),
@@ -122,11 +122,15 @@ def test_nonsense_is_one_line_naming_the_entry(tmp_path, entries, fragment) -> N
 
 
 def test_noise_within_the_tolerance_is_accepted(tmp_path) -> None:
-    """A point up to MONOTONE_TOLERANCE below the largest earlier time is measurement noise, not an error."""
+    """A point up to MONOTONE_TOLERANCE, or MONOTONE_NOISE_S, below the largest earlier time is measurement noise, not
+    an error: a busy host's profile (an embedding at 1.85 ms for 8 samples, 0.69 ms for 16) loads."""
     lower = 0.02 * (1 - MONOTONE_TOLERANCE) * 1.01
     read_cost_file(write(tmp_path, changed(points={KEY: [[2, 0.02], [4, lower], [8, 0.05]]})))
     too_low = 0.02 * (1 - MONOTONE_TOLERANCE) * 0.99
     assert "is not monotone" in refusal(write(tmp_path, changed(points={KEY: [[2, 0.02], [4, too_low], [8, 0.05]]})))
+    read_cost_file(write(tmp_path, changed(embed={"a.enc": [[4, 0.0009], [8, 0.00185], [16, 0.00069]]})))
+    small = MONOTONE_NOISE_S * 0.9  # a fall of 90% but less than the absolute noise
+    read_cost_file(write(tmp_path, changed(head={"a": [[2, small], [8, small / 10]]})))
 
 
 @pytest.mark.parametrize("text, fragment", [
