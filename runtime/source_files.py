@@ -61,9 +61,28 @@ def check_data_files(job: JobSpec) -> None:
         if task.data is None:
             continue
         text_uses = _text_uses(job, t)
+        check_packing(job, t)
         load_records(task.data, t, label_kind(task.loss), bool(text_uses))
         if text_uses:
             check_tokenizer_folder(*tokenizer_folder(job, t, text_uses[0]))
+
+
+def check_packing(job: JobSpec, t: int) -> None:
+    """A packed task's token uses need layers that keep attention within each document: causal LMs (llama kind,
+    Loom's or pretrained) on plain layers; megatron-core's tensor-parallel layers do not take the per-document mask."""
+    from planner.kinds import kind_of
+
+    if job.tasks[t].data is None or not job.tasks[t].data.pack:
+        return
+    for name in _text_uses(job, t):
+        comp = job.components[name]
+        if not kind_of(comp).causal_lm:
+            raise DataError(f"{data_where(t, 'pack')} (true): components.{name} is a {comp.kind}, whose attention does "
+                            "not stop at document boundaries; packing needs a causal LM (llama kind). Remove `pack`.")
+        if any(d != 1 for d in comp.tensor_parallel):
+            raise DataError(f"{data_where(t, 'pack')} (true): components.{name} may run tensor parallel "
+                            f"({comp.tensor_parallel}), whose layers take no per-document mask. Remove `pack` or set "
+                            "tensor_parallel: [1].")
 
 
 def _text_uses(job: JobSpec, t: int) -> list[str]:

@@ -32,7 +32,7 @@ from planner.spec import JobSpec
 from planner.usegraph import use_component
 from runtime.data import TaskBatch, root_inputs
 from runtime.source_files import (
-    PREFERENCE_SCORES, DataError, epoch_order, format_of, label_kind, load_records, tokenizer_folder,
+    PREFERENCE_SCORES, DataError, check_packing, epoch_order, format_of, label_kind, load_records, tokenizer_folder,
 )
 from runtime.tokenizer import (
     Document, TokenRow, encode_chat, encode_completion, encode_text, labels_key, load_tokenizer, packed_length,
@@ -47,6 +47,7 @@ def check_data(job: JobSpec) -> None:
     """Build every task's source once: files, rows, tokenizer, vocabulary, what the task's uses read. A DataError
     (one line, naming the field, file, line and fix) for the first problem; the sources stay cached for the run."""
     for t, task in enumerate(job.tasks):
+        check_packing(job, t)
         if task.data is not None:
             _source(job.model_dump_json(), t)
 

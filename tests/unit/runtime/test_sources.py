@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -503,3 +504,16 @@ def test_a_pretrained_llama_takes_its_tokenizer_from_its_folder(tmp_path) -> Non
     trainer = ReferenceTrainer(job)
     losses = [trainer.train_step(step)["sft"] for step in range(3)]
     assert losses[-1] < losses[0], losses
+
+
+def test_packing_needs_a_causal_lm_on_plain_layers(tok_dir) -> None:
+    """Only layers that keep attention within each document may read packed rows: a bidirectional encoder or a
+    component the planner may put on megatron TP layers is refused at validation."""
+    data = {"format": "text", "path": str(CHAT), "text_field": "messages", "tokenizer": str(tok_dir), "pack": True}
+    for change, expected in [({"kind": "transformer"}, "components.lm is a transformer, whose attention does not stop"),
+                             ({"tensor_parallel": [1, 2]}, "components.lm may run tensor parallel ([1, 2])")]:
+        doc = lm_doc(data)
+        doc["components"]["lm"] |= change
+        for check_job in (check_data_files, sources.check_data):  # loom validate's check, and loom run's
+            with pytest.raises(DataError, match=re.escape(f"tasks[0].data.pack (true): {expected}")):
+                check_job(parse_job(doc))
