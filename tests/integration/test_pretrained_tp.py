@@ -30,6 +30,7 @@ from make_models import save_llama  # noqa: E402  (examples/make_models.py)
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")  # qwen2: q/k/v biases; qwen3: q/k norms and head_dim 128 != 64/4
 SEED = 7
+CLIP = 0.2  # below the tiny Llama's gradient norms (2.3 to 2.8 in these 3 steps)
 RTOL = 1e-5
 
 
@@ -121,13 +122,14 @@ def test_pretrained_layers_on_megatron_equal_the_transformers_layers(tmp_path):
 
 def test_pretrained_llama_on_megatron_tp2_equals_single_process_and_transformers(tmp_path):
     """A tiny Llama (RoPE, 4 heads over 2 key/value heads, SwiGLU) with tensor_parallel [2]: its 4 layers in two
-    waves, each dp 1 x tp 2 on both workers, trained 3 steps."""
+    waves, each dp 1 x tp 2 on both workers, trained 3 steps with gradient clipping (the global norm must count each
+    TP shard once and the replicated norms once, runtime.megatron_backend.owned_fractions)."""
     save_llama(tmp_path / "llama")
     spec = {
         "name": "hf-llama-tp", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
         "components": {"lm": {"pretrained": "llama", "seq_len": 12, "tensor_parallel": [2]}},
         "tasks": [{"name": "caption", "batch_size": 4, "loss": "lm", "components": [{"component": "lm"}]}],
-        "training": {"steps": STEPS, "lr": 1e-3, "precision": "fp32"},
+        "training": {"steps": STEPS, "lr": 1e-3, "precision": "fp32", "grad_clip": CLIP},
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     job = load_job(tmp_path / "job.yaml")
@@ -146,6 +148,8 @@ def test_pretrained_llama_on_megatron_tp2_equals_single_process_and_transformers
         ids = synthetic_batch(job, 0, step, 0, 4).inputs["lm"]
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        assert norm > 2 * CLIP, norm  # clipping is active; the compared gradients are the clipped ones
         opt.step()
         opt.zero_grad()
         got, want = world.losses[step]["caption"], float(loss.detach())
