@@ -69,3 +69,32 @@ def test_clip_tower_feeding_a_pretrained_llama_equals_single_process(tmp_path):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     job = load_job(tmp_path / "job.yaml")
     check_equivalence(job, plan_job(job, with_baselines=False).plan, tmp_path / "world")
+
+
+def test_loom_run_exports_the_trained_model_as_a_from_pretrained_folder(tmp_path):
+    """The driver end to end (embedded Ray, 2 workers): OUT/export/lm loads with from_pretrained and holds exactly
+    the parameters the workers trained, under the checkpoint's own names."""
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.run import RunOptions, run_job
+    from runtime.export import component_tensors
+    from runtime.reference import merge_parameters
+
+    save_llama(tmp_path / "llama")
+    spec = {
+        "name": "hf-export", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+        "components": {"lm": {"pretrained": "llama", "seq_len": 12}},
+        "tasks": [{"name": "caption", "batch_size": 4, "loss": "lm", "components": [{"component": "lm"}]}],
+        "training": {"steps": 2, "lr": 1e-3, "precision": "fp32"},
+        "planner": {"time_limit_s": 2},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    job = load_job(tmp_path / "job.yaml")
+    result = run_job(job, options=RunOptions(out_dir=tmp_path / "out", collect_parameters=True))
+    trained = component_tensors(job, "lm", merge_parameters(list(result.parameters.values())))
+    exported = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "export" / "lm").named_parameters())
+    assert set(exported) == set(trained)
+    for name, tensor in exported.items():
+        assert torch.equal(tensor.detach(), trained[name]), name
+    source = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "llama").named_parameters())
+    assert not torch.equal(source["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"])
