@@ -176,18 +176,17 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
 def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResult, deadline: float | None = None,
                       ) -> tuple[list[tuple[str, Candidate, Evaluated]], PlanningError | None, dict[str, str]]:
     """Every candidate x order x strategy that fits, named; the first placement error; why each unfit
-    candidate (its own order, packed) failed. Past ``deadline``, only until one fits."""
+    candidate (its own order, packed) failed. Past ``deadline``, no further candidate once one fits."""
     out, error, unfit = [], None, {}
     strategies = STRATEGIES if cost_model.hw.num_nodes > 1 else STRATEGIES[:1]
-    for cand in solved.candidates or ():
+    for placed_candidates, cand in enumerate(solved.candidates or ()):
+        if out and deadline is not None and time.process_time() >= deadline:  # each in every order and strategy
+            log.info("time limit reached: placed %d of %d candidates", placed_candidates, len(solved.candidates))
+            break
         # the waves of an independent run may go in any order; the order changes what gradient sync overlaps
         for order, schedule in (("", cand.schedule), (" reversed", reverse_runs(problem, cand.schedule))):
             check_schedule(problem, schedule)
             for strategy in strategies:
-                if out and deadline is not None and time.process_time() >= deadline:
-                    log.info("time limit reached: placed %d of %d candidates' orders and strategies", len(out),
-                             2 * len(strategies) * len(solved.candidates))
-                    return out, error, unfit
                 try:
                     placed = place_schedule(problem, schedule, cost_model, strategy=strategy)
                 except PlanningError as exc:
