@@ -45,7 +45,7 @@ from runtime.kinds import is_token_decoder
 from runtime.megatron_backend import owned_fractions  # cheap: megatron-core itself is imported lazily
 from runtime.modules import build_layer, layer_kwargs, row_kwargs, run_layers
 from runtime.optim import (
-    LossScaler, autocast, build_grouped_optimizer, clip_coefficient, compute_dtype, module_component, owned_square_sum,
+    LossScaler, PrecisionError, autocast, build_grouped_optimizer, clip_coefficient, compute_dtype, module_component, owned_square_sum,
     scale_gradients, set_lr,
 )
 from runtime.steps import GradBucket, Lap, StepState, StepTiming, assemble_rows, fp32_output
@@ -147,6 +147,12 @@ class WaveWorker:
         from runtime.megatron_backend import MegatronTransformerBlock, load_reference, seed_model_parallel_rng
 
         if self.device.type == "cpu":
+            if compute_dtype(self.job, self.device) is not None:  # a ValueError: `loom run` reports it in one line
+                raise PrecisionError(
+                    f"{op.name}: tensor_parallel {len(group)} with training.precision "
+                    f"'{self.job.training.precision}' on a CPU; megatron-core's tensor-parallel linears cannot run "
+                    "backward under CPU autocast. Set training.precision: fp32, or tensor_parallel: [1]."
+                )
             megatron_compat.apply_cpu_compat()
         tp_rank = group.index(self.rank)
         seed_model_parallel_rng(self.job.training.seed, tp_rank)
