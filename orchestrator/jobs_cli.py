@@ -17,7 +17,9 @@ import typer
 log = logging.getLogger(__name__)
 
 JobArg = Annotated[Path, typer.Argument(metavar="JOB.yaml", exists=True, dir_okay=False, help="Job spec (YAML).")]
-JobIdArg = Annotated[str, typer.Argument(metavar="JOB_ID", help="The id `loom submit` printed (raysubmit_...).")]
+JobIdArg = Annotated[str, typer.Argument(
+    metavar="JOB_ID", help="The id `loom submit` printed (raysubmit_...; only A-Z a-z 0-9 _ . - are accepted).",
+)]
 AddressOpt = Annotated[str, typer.Option(
     "--address", metavar="URL", help="The Ray dashboard's HTTP address (Jobs API), e.g. http://HOST:8265.",
 )]
