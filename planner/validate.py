@@ -45,7 +45,8 @@ class _Checker:
     def fail(self, path: str, value: object, problem: str, expected: str) -> None:
         text = repr(value)
         text = text if len(text) <= 60 else text[:57] + "..."
-        raise SpecError(f"{self.source}: {path} ({text}) {problem}; {expected}. {FIX}")
+        message = f"{self.source}: {path} ({text}) {problem}; {expected}. {FIX}"
+        raise SpecError(" ".join(message.splitlines()))  # names from the file may hold line breaks
 
     def number(self, path: str, value: float, positive: bool = False) -> None:
         """A finite number, >= 0 (> 0 when ``positive``)."""
