@@ -63,3 +63,27 @@ def _compare_modules(got_by_name: dict, want_by_name: dict, what: str) -> set[st
         want = torch.cat([want_by_name[n].reshape(-1) for n in names])
         assert_close(got, want, f"{what} {module}")
     return set(got_by_name)
+
+
+def check_transformers_losses(job, folder, world, clip: float | None = None) -> None:
+    """The world's per-step losses of task 0 (next-token on a pretrained causal LM whose use is named ``lm``) equal
+    the transformers model at ``folder`` trained by hand on the same batches with the job's AdamW (and, with ``clip``,
+    its gradients clipped to that global norm, which must be active), within RTOL."""
+    from transformers import AutoModelForCausalLM
+
+    from runtime.data import synthetic_batch
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    train = job.training
+    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, eps=train.adam_eps)
+    for step in range(len(world.losses)):
+        ids = synthetic_batch(job, 0, step, 0, job.tasks[0].batch_size).inputs["lm"]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            assert norm > 2 * clip, norm  # clipping is active; the compared gradients are the clipped ones
+        opt.step()
+        opt.zero_grad()
+        got, want = world.losses[step][job.tasks[0].name], float(loss.detach())
+        assert abs(got - want) <= RTOL * want, (step, got, want)

@@ -11,9 +11,8 @@ import yaml
 
 from planner.api import plan_job
 from planner.spec import load_job
-from runtime.data import synthetic_batch
 
-from _equivalence import STEPS, check_equivalence, plan_from_waves  # tests/integration/_equivalence.py
+from _equivalence import STEPS, check_equivalence, check_transformers_losses, plan_from_waves  # tests/integration/_equivalence.py
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
 from make_models import save_clip_vision, save_llama  # noqa: E402  (examples/make_models.py)
@@ -32,20 +31,7 @@ def test_pretrained_llama_across_resplit_waves_equals_the_transformers_model(tmp
     # the 4 layers: 1 on devices {0, 1}, 2 re-split over all 4, the last back on 2 (rows change owners twice)
     plan = plan_from_waves(job, [[("caption.lm", 1, 2)], [("caption.lm", 2, 4)], [("caption.lm", 1, 2)]])
     world = check_equivalence(job, plan, tmp_path / "world")  # the world equals Loom's single-process training
-
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
-    train = job.training
-    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, eps=train.adam_eps)
-    for step in range(STEPS):  # ... and the transformers model trained by hand on the same batches
-        ids = synthetic_batch(job, 0, step, 0, 8).inputs["lm"]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        got, want = world.losses[step]["caption"], float(loss.detach())
-        assert abs(got - want) <= 1e-5 * want, (step, got, want)
+    check_transformers_losses(job, tmp_path / "llama", world)  # ... and the transformers model trained by hand
 
 
 def test_clip_tower_feeding_a_pretrained_llama_equals_single_process(tmp_path):

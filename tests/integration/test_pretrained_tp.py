@@ -20,9 +20,8 @@ import torch.multiprocessing as mp
 import yaml
 
 from planner.spec import load_job
-from runtime.data import synthetic_batch
 
-from _equivalence import STEPS, check_equivalence, plan_from_waves  # tests/integration/_equivalence.py
+from _equivalence import STEPS, check_equivalence, check_transformers_losses, plan_from_waves  # tests/integration/_equivalence.py
 from _megatron_workers import free_port  # tests/integration/_megatron_workers.py
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
@@ -139,18 +138,4 @@ def test_pretrained_llama_on_megatron_tp2_equals_single_process_and_transformers
     world = check_equivalence(job, plan, tmp_path / "world")
     assert "lm/0/layer.self_attn.q_proj.weight" in world.parameters[1]
 
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
-    train = job.training
-    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, eps=train.adam_eps)
-    for step in range(STEPS):  # ... and the transformers model trained by hand on the same batches
-        ids = synthetic_batch(job, 0, step, 0, 4).inputs["lm"]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        assert norm > 2 * CLIP, norm  # clipping is active; the compared gradients are the clipped ones
-        opt.step()
-        opt.zero_grad()
-        got, want = world.losses[step]["caption"], float(loss.detach())
-        assert abs(got - want) <= RTOL * want, (step, got, want)
+    check_transformers_losses(job, tmp_path / "llama", world, clip=CLIP)  # and the transformers model by hand
