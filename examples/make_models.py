@@ -52,6 +52,22 @@ def save_bert(path: str | Path, seed: int = 0, **config) -> Path:
     return Path(path)
 
 
+def save_unet(path: str | Path, seed: int = 0, **config) -> Path:
+    """A small diffusers UNet2DConditionModel (32 then 64 channels, one block per level, a cross-attention down block
+    at full resolution and a plain one below, contexts 32 wide, 8 px latents of 4 channels, 8 GroupNorm groups) saved
+    at ``path`` (config.json and diffusion_pytorch_model.safetensors); ``config`` overrides the defaults."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    defaults = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, sample_size=8,
+                    norm_num_groups=8, in_channels=4, out_channels=4, attention_head_dim=4,
+                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**(defaults | config)).save_pretrained(path)
+    return Path(path)
+
+
 def main(folder: str | Path = Path(__file__).resolve().parent / "models") -> None:
     """The models of examples/hf-vlm-cpu.yaml: a word-level tokenizer over the examples' data (chat.jsonl and the
     shapes' captions) saved with a Llama whose vocabulary is exactly its size, and a CLIP vision tower."""

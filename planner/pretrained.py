@@ -22,6 +22,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from planner import unet_config
+
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -94,6 +96,8 @@ class Architecture:
     optional: tuple[str, ...] = ()  # config keys that may be absent
     max_positions: str | None = None  # config key of the longest sequence its learned position table covers
     fixed_image: bool = False  # its position table is for the config's image size only
+    derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # spec fields computed from the config
+    refuse: Callable[[dict[str, Any]], str | None] | None = None  # why a config cannot run exactly (None: it can)
 
 
 _LLAMA_FIELDS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
@@ -112,6 +116,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         "transformer", {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
                         "num_heads": "num_attention_heads", "ffn_hidden_size": "intermediate_size",
                         "vocab_size": "vocab_size"}, _bert_tensors, max_positions="max_position_embeddings"),
+    # a diffusers folder names its class (config "_class_name"), not a model_type
+    unet_config.CLASS_NAME: Architecture("unet2d", {}, unet_config.config_tensors, derive=unet_config.config_fields,
+                                         refuse=unet_config.config_refusal),
 }
 
 
@@ -122,7 +129,7 @@ class PretrainedInfo:
     path: str
     model_type: str
     kind: str
-    fields: dict[str, int]
+    fields: dict[str, Any]  # spec field -> value (ints; a unet2d's channel_mults a list)
     config: dict[str, Any]
 
 
@@ -145,12 +152,16 @@ def _resolve(path: str) -> PretrainedInfo:
         raise PretrainedError(f"{folder}: no such folder. Point `pretrained:` at a saved model folder "
                               "(save_pretrained writes config.json and model.safetensors).")
     cfg = _read_json(folder / CONFIG_FILE, "the model's config")
-    model_type = cfg.get("model_type")
+    model_type = cfg.get("model_type") or cfg.get("_class_name")  # transformers' model_type, diffusers' class
     arch = ARCHITECTURES.get(model_type)
     if arch is None:
         raise PretrainedError(f"{folder / CONFIG_FILE}: model_type '{model_type}' is not supported; supported: "
                               f"{', '.join(sorted(ARCHITECTURES))}. See docs/models.md for how to add one.")
-    fields = {}
+    reason = arch.refuse(cfg) if arch.refuse else None
+    if reason:
+        raise PretrainedError(f"{folder / CONFIG_FILE}: {reason}. Use a model whose config Loom runs exactly "
+                              "(docs/models.md lists what is refused).")
+    fields = arch.derive(cfg) if arch.derive else {}
     for field, key in arch.fields.items():
         value = cfg.get(key)
         if value is None and key not in arch.optional:
@@ -181,11 +192,30 @@ def tensor_files(folder: Path) -> dict[str, Path]:
         if not isinstance(index, dict):
             raise PretrainedError(f"{folder / INDEX_FILE}: no 'weight_map'. Re-save the model with save_pretrained.")
         return {name: folder / file for name, file in index.items()}
+    if (folder / unet_config.INDEX_FILE).is_file() or (folder / unet_config.WEIGHTS_FILE).is_file():
+        return _diffusers_tensor_files(folder)  # a diffusers model folder
     single = folder / SINGLE_FILE
     if not single.is_file():
-        raise PretrainedError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}. Save the model with "
-                              "save_pretrained(..., safe_serialization=True).")
+        raise PretrainedError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} ({unet_config.WEIGHTS_FILE} for a "
+                              "diffusers model). Save the model with save_pretrained(..., safe_serialization=True).")
     return {name: single for name in read_header(single)}
+
+
+def _diffusers_tensor_files(folder: Path) -> dict[str, Path]:
+    if (folder / unet_config.INDEX_FILE).is_file():
+        index = _read_json(folder / unet_config.INDEX_FILE, "the shard index").get("weight_map")
+        if not isinstance(index, dict):
+            raise PretrainedError(f"{folder / unet_config.INDEX_FILE}: no 'weight_map'. Re-save the model with "
+                                  "save_pretrained.")
+        return {name: folder / file for name, file in index.items()}
+    single = folder / unet_config.WEIGHTS_FILE
+    return {name: single for name in read_header(single)}
+
+
+def weights_file(folder: Path) -> str:
+    """The single safetensors file name of ``folder``'s format: diffusers' for a diffusers model, else transformers'."""
+    cfg = _read_json(folder / CONFIG_FILE, "the model's config")
+    return unet_config.WEIGHTS_FILE if cfg.get("_class_name") and not cfg.get("model_type") else SINGLE_FILE
 
 
 def read_header(path: Path) -> dict[str, dict[str, Any]]:

@@ -22,6 +22,7 @@ every skip still on the stack (:func:`state_numel`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from planner.errors import SpecError
 from planner.spec import ComponentSpec
@@ -29,6 +30,7 @@ from planner.spec import ComponentSpec
 DEFAULT_CHANNEL_MULTS = (1, 2, 4, 4)
 HEAD_DIM = 64  # attention head width when the component sets no num_heads (as Stable Diffusion 2)
 GEGLU_MULT = 4  # the transformer block's MLP width as a multiple of its channels
+NORM_EPS = 1e-5  # Loom's own unet2d: GroupNorm eps of its ResNet blocks and head
 
 Plane = tuple[int, int]  # (channels, side) of one feature map
 
@@ -76,8 +78,38 @@ class UNetBlock:
         return self.skips_in + pushed
 
 
+@dataclass(frozen=True)
+class UNetArch:
+    """The choices a unet2d makes beyond its shape: which blocks attend, heads per level, GroupNorm groups and eps.
+    Loom's own unet2d attends below full resolution only, with ``num_heads`` (or channels / 64) heads and the groups
+    of runtime.unet.groups; a pretrained one (``pretrained:`` a diffusers UNet2DConditionModel folder) follows its
+    config (planner.unet_config)."""
+
+    down_attention: tuple[bool, ...]  # per level: its down blocks have a transformer (CrossAttnDownBlock2D)
+    up_attention: tuple[bool, ...]  # per level (level 0 = full resolution): its up blocks have one
+    mid_attention: bool
+    heads: tuple[int, ...] | None = None  # per level; None: num_heads or channels / 64
+    norm_groups: int | None = None  # None: runtime.unet.groups(channels)
+    norm_eps: float = NORM_EPS
+
+
 def channel_mults(comp: ComponentSpec) -> list[int]:
     return list(comp.channel_mults or DEFAULT_CHANNEL_MULTS)
+
+
+def unet_arch(comp: ComponentSpec) -> UNetArch:
+    """The :class:`UNetArch` of unet2d ``comp``: its pretrained config's, else Loom's defaults."""
+    if comp.pretrained:
+        from planner.unet_config import config_arch  # local: planner.unet_config imports this module
+
+        return config_arch(comp.pretrained)
+    return _default_arch(len(channel_mults(comp)))
+
+
+@lru_cache(maxsize=16)
+def _default_arch(levels: int) -> UNetArch:
+    below_full = tuple(level > 0 for level in range(levels))
+    return UNetArch(below_full, below_full, levels > 1)
 
 
 def time_width(comp: ComponentSpec) -> int:
@@ -85,10 +117,11 @@ def time_width(comp: ComponentSpec) -> int:
     return 4 * comp.hidden_size
 
 
-def attention_heads(comp: ComponentSpec, name: str, channels: int) -> int:
-    """Heads of the transformer block at ``channels``: num_heads, else channels / 64 (at least 1); a SpecError
-    when they do not divide the channels."""
-    heads = comp.num_heads or max(1, channels // HEAD_DIM)
+def attention_heads(comp: ComponentSpec, name: str, channels: int, level: int | None = None) -> int:
+    """Heads of the transformer block at ``channels`` (on ``level``): a pretrained config's heads of that level,
+    else num_heads, else channels / 64 (at least 1); a SpecError when they do not divide the channels."""
+    per_level = unet_arch(comp).heads if level is not None else None
+    heads = per_level[level] if per_level else comp.num_heads or max(1, channels // HEAD_DIM)
     if channels % heads:
         raise SpecError(
             f"components.{name}.num_heads ({heads}) does not divide the {channels} channels of a unet2d level; "
@@ -99,23 +132,24 @@ def attention_heads(comp: ComponentSpec, name: str, channels: int) -> int:
 
 def unet_blocks(comp: ComponentSpec, image_size: int) -> list[UNetBlock]:
     """Every block of a use of ``comp`` at ``image_size``, in execution order."""
-    mults, n, c0 = channel_mults(comp), comp.num_layers, comp.hidden_size
+    mults, n, c0, arch = channel_mults(comp), comp.num_layers, comp.hidden_size, unet_arch(comp)
     blocks: list[UNetBlock] = []
     h: Plane = (c0, image_size)
     skips: tuple[Plane, ...] = (h,)  # conv_in's output
     for level, mult in enumerate(mults):
         for j in range(n):
             last = j == n - 1 and level < len(mults) - 1
-            block = UNetBlock(level, level, False, h, 0, c0 * mult, level > 0, "down" if last else None, skips)
+            block = UNetBlock(level, level, False, h, 0, c0 * mult, arch.down_attention[level], "down" if last else None,
+                              skips)
             blocks.append(block)
             h, skips = block.h_out, block.skips_out
     deepest = len(mults) - 1
-    blocks.append(UNetBlock(len(mults), deepest, False, h, 0, h[0], deepest > 0, None, skips, mid=True))
+    blocks.append(UNetBlock(len(mults), deepest, False, h, 0, h[0], arch.mid_attention, None, skips, mid=True))
     for i, level in enumerate(reversed(range(len(mults)))):
         for j in range(n + 1):
             last = j == n and level > 0
-            block = UNetBlock(len(mults) + 1 + i, level, True, h, skips[-1][0], c0 * mults[level], level > 0,
-                              "up" if last else None, skips)
+            block = UNetBlock(len(mults) + 1 + i, level, True, h, skips[-1][0], c0 * mults[level],
+                              arch.up_attention[level], "up" if last else None, skips)
             assert skips[-1][1] == h[1], f"skip {skips[-1]} does not match h {h}"
             blocks.append(block)
             h, skips = block.h_out, block.skips_out
@@ -165,7 +199,7 @@ def block_cost(comp: ComponentSpec, name: str, block: UNetBlock, context: Contex
     flops = resnets * (2 * t * (9 * c_in * c + 9 * c * c) + 2 * time_width(comp) * c) + 2 * t * shortcut
     act, kernels = resnets * t * (3 * c_in + 6 * c), 10 * resnets
     if block.attention:
-        heads = attention_heads(comp, name, c)
+        heads = attention_heads(comp, name, c, block.level)
         mlp = 3 * GEGLU_MULT * c * c  # c -> 2 x 4c (gate and value), 4c -> c
         params += 2 * c * c + 4 * c * c + mlp  # proj_in/out, self-attention, MLP
         flops += 2 * t * (2 * c * c + 4 * c * c + mlp) + 4 * t * t * c

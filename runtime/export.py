@@ -7,6 +7,10 @@ tensors merged from every rank (runtime.reference.merge_parameters) under the ch
 LM head and final norm come from the first next-token task that predicts through them (each such task trains its own
 copy; docs/models.md); without one they are copied from the source. Tied embeddings are written untied
 (``tie_word_embeddings: false``), since Loom trains the embedding and the head as two tensors.
+
+A diffusers UNet2DConditionModel is written as diffusers writes it (``diffusion_pytorch_model.safetensors`` next to
+the source's config, so ``UNet2DConditionModel.from_pretrained`` loads it); its conv_norm_out and conv_out come from
+the first mse task that denoises with it (runtime.unet_pretrained).
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from planner.pretrained import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, resolve_pretrained, tensor_files
+from planner import unet_config
+from planner.pretrained import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, resolve_pretrained, tensor_files, weights_file
 from planner.spec import JobSpec
 from runtime.heads import pretrained_lm
-from runtime.pretrained import export_name, head_export_name, read_tensors
+from runtime.pretrained import export_name, head_export_name, is_diffusers_unet, read_tensors
 
 EXPORT_DIR = "export"  # under a run's --out
 
@@ -45,12 +50,11 @@ def component_tensors(job: JobSpec, component: str, params: dict[str, torch.Tens
         target = export_name(comp, component, group, int(layer), param)
         if target is not None:
             out[target] = tensor
-    head = next((t.name for i, t in enumerate(job.tasks)
-                 if t.loss in ("lm", "next_token") and pretrained_lm(job, i) is comp), None)
+    head, head_name = _head_task(job, component)
     if head is not None:
         for key, tensor in params.items():
             group, _, param = key.split("/", 2)
-            if group == f"head:{head}" and (target := head_export_name(param)) is not None:
+            if group == f"head:{head}" and (target := head_name(param)) is not None:
                 out[target] = tensor
     source = comp.pretrained
     missing = sorted(set(tensor_files(Path(source))) - set(out))
@@ -58,6 +62,19 @@ def component_tensors(job: JobSpec, component: str, params: dict[str, torch.Tens
     if resolve_pretrained(source).config.get("tie_word_embeddings") and "lm_head.weight" not in out:
         out["lm_head.weight"] = out["model.embed_tokens.weight"].clone()
     return out
+
+
+def _head_task(job: JobSpec, component: str):
+    """(name of the task whose head predicts through pretrained ``component``'s output modules, the mapping of that
+    head's parameter names to the checkpoint's); (None, None) when no task does."""
+    comp = job.components[component]
+    if is_diffusers_unet(comp):
+        from runtime.unet_pretrained import head_export_name as unet_head_name
+
+        return next((t.name for t in job.tasks if t.loss == "mse" and any(
+            u.component == component for u in t.components)), None), unet_head_name
+    return next((t.name for i, t in enumerate(job.tasks)
+                 if t.loss in ("lm", "next_token") and pretrained_lm(job, i) is comp), None), head_export_name
 
 
 def _export_component(job: JobSpec, component: str, params: dict[str, torch.Tensor], folder: Path) -> Path:
@@ -69,12 +86,14 @@ def _export_component(job: JobSpec, component: str, params: dict[str, torch.Tens
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for path in source.iterdir():  # config, tokenizer, generation config: everything but the weights
-        if path.is_file() and path.name not in (SINGLE_FILE, INDEX_FILE) and not path.name.endswith(".safetensors"):
+        if path.is_file() and path.name not in (SINGLE_FILE, INDEX_FILE, unet_config.INDEX_FILE) \
+                and not path.name.endswith(".safetensors"):
             shutil.copy2(path, tmp / path.name)
-    config = json.loads((source / CONFIG_FILE).read_text())
-    config["tie_word_embeddings"] = False
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.detach().contiguous() for k, v in sorted(tensors.items())}, str(tmp / SINGLE_FILE),
+    if weights_file(source) == SINGLE_FILE:  # transformers: the head is written untied
+        config = json.loads((source / CONFIG_FILE).read_text())
+        config["tie_word_embeddings"] = False
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.detach().contiguous() for k, v in sorted(tensors.items())}, str(tmp / weights_file(source)),
               metadata={"format": "pt"})
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)

@@ -224,6 +224,10 @@ def build_head(job: JobSpec, task_index: int) -> TaskHead:
         from runtime import pretrained
 
         head = pretrained.load_lm_head(comp, head)
+    if isinstance(head, DenoisingHead) and (comp := use_component(job, task_index, head.leaves[0])[1]).pretrained:
+        from runtime import unet_pretrained  # the diffusers UNet's conv_norm_out and conv_out
+
+        head = unet_pretrained.load_head(comp, head)
     return head
 
 

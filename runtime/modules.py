@@ -240,11 +240,10 @@ def build_layer(job: JobSpec, op: MetaOp, layer_index: int) -> nn.Module:
     if not 0 <= layer_index < op.num_layers:
         raise IndexError(f"layer_index {layer_index} is outside MetaOp {op.name}'s {op.num_layers} layers")
     comp = job.components[op.component]
-    if comp.pretrained:  # the model's own layer and weights (runtime.pretrained); one segment per use
+    if comp.pretrained:  # the model's own layer and weights (runtime.pretrained)
         from runtime import pretrained
 
-        assert op.segment == 0, f"{op.name}: a pretrained component has one layer segment"
-        return freeze_if(pretrained.build_layer(comp, layer_index), comp)
+        return freeze_if(pretrained.build_op_layer(job, op, layer_index), comp)
     factory = runtime_kind(comp, op.component).layer(job, op, layer_index)
     module = build_initialised(factory, layer_seed(job.training.seed, op.param_group, layer_index))
     return freeze_if(module, comp)

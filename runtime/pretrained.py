@@ -13,6 +13,9 @@ whatever the file's dtype.
 checkpoint's, which :mod:`runtime.export` writes as a folder ``from_pretrained`` loads. Tied embeddings are untied
 on load (the embedding and the LM head train as two tensors) and exported untied.
 
+A diffusers UNet2DConditionModel (the unet2d kind) runs its own blocks through runtime.unet_pretrained, which the
+functions here dispatch to.
+
 Imports transformers (seconds) only when a pretrained module is built.
 """
 
@@ -26,8 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from planner import unet_config
+from planner.metagraph import MetaOp
 from planner.pretrained import resolve_pretrained, tensor_files
-from planner.spec import ComponentSpec
+from planner.spec import ComponentSpec, JobSpec
 from runtime.tokenizer import document_mask
 
 
@@ -158,6 +163,25 @@ class PretrainedInput(nn.Module):
         return x
 
 
+def is_diffusers_unet(comp: ComponentSpec) -> bool:
+    """Whether pretrained ``comp`` is a diffusers UNet2DConditionModel (runtime.unet_pretrained builds it)."""
+    return resolve_pretrained(comp.pretrained).model_type == unet_config.CLASS_NAME
+
+
+def build_op_layer(job: JobSpec, op: MetaOp, index: int) -> nn.Module:
+    """Layer ``index`` of MetaOp ``op`` on a pretrained component: a diffusers UNet's block (one per planner segment
+    and index), else the model's layer ``index`` (such a component has one segment)."""
+    comp = job.components[op.component]
+    if is_diffusers_unet(comp):
+        from runtime import unet_pretrained
+        from runtime.modules import context_width, use_shape_of
+
+        return unet_pretrained.build_layer(comp, op.component, op.segment, index, use_shape_of(job, op).image_size,
+                                           context_width(job, op.component))
+    assert op.segment == 0, f"{op.name}: a pretrained component has one layer segment"
+    return build_layer(comp, index)
+
+
 def build_layer(comp: ComponentSpec, index: int) -> nn.Module:
     """Layer ``index`` of pretrained ``comp``, holding its tensors only."""
     where = layout(comp)
@@ -167,6 +191,10 @@ def build_layer(comp: ComponentSpec, index: int) -> nn.Module:
 
 def build_embed(comp: ComponentSpec) -> nn.Module:
     """The input modules of pretrained ``comp``."""
+    if is_diffusers_unet(comp):
+        from runtime import unet_pretrained
+
+        return unet_pretrained.build_embed(comp)
     return PretrainedInput([_loaded(comp.pretrained, attr) for attr in layout(comp).embed])
 
 
@@ -181,6 +209,10 @@ def load_lm_head(comp: ComponentSpec, head: nn.Module) -> nn.Module:
 def export_name(comp: ComponentSpec, component: str, group: str, layer: int, param: str) -> str | None:
     """The checkpoint tensor name of Loom parameter ``<group>/<layer>/<param>`` as part of pretrained ``comp`` (named
     ``component``); None for a parameter that is not part of the model (another component's, a task's own head)."""
+    if is_diffusers_unet(comp):
+        from runtime import unet_pretrained
+
+        return unet_pretrained.export_name(comp, component, group, layer, param)
     where = layout(comp)
     if group == component:
         return f"{where.layers}.{layer}.{param.removeprefix('layer.')}"

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from planner.spec import ComponentSpec
-from planner.unet import Plane, UNetBlock, attention_heads, time_width, unet_blocks
+from planner.unet import NORM_EPS, Plane, UNetBlock, attention_heads, time_width, unet_blocks
 
 NORM_GROUPS = 32  # GroupNorm groups, as diffusers; fewer for narrow layers (see groups())
 NUM_TIMESTEPS = 1000  # DDPM: linear betas from 1e-4 to 0.02 over 1000 steps
@@ -73,35 +73,32 @@ def _scaled(planes: tuple[Plane, ...], scale: float) -> tuple[Plane, ...]:
     return tuple((c, round(s * scale)) for c, s in planes)
 
 
+@dataclass
+class BlockParts:
+    """The diffusers modules of one block: its ResNet, the mid block's second ResNet, its transformer, its resample
+    (None where the block has none). Loom's own are built by :func:`build_unet_layer`; a pretrained UNet2DConditionModel's
+    are its own modules (runtime.unet_pretrained)."""
+
+    resnet: nn.Module
+    resnet2: nn.Module | None = None
+    attention: nn.Module | None = None
+    resample: nn.Module | None = None
+
+
 class UNetLayer(nn.Module):
     """One :class:`planner.unet.UNetBlock`: [pop a skip and concatenate it] -> ResnetBlock2D -> [Transformer2DModel]
     -> [push] -> [Downsample2D / Upsample2D -> push after a downsample]; the mid block is ResnetBlock2D ->
-    [Transformer2DModel] -> ResnetBlock2D, with no push. ``forward(state, side, context_len)``."""
+    [Transformer2DModel] -> ResnetBlock2D, with no push. ``forward(state, side, context_len)``. ``time``: the width
+    of the time embedding in the state."""
 
-    def __init__(self, comp: ComponentSpec, name: str, block: UNetBlock, ref_side: int, context_width: int | None):
+    def __init__(self, block: UNetBlock, ref_side: int, time: int, context_width: int | None, parts: BlockParts):
         super().__init__()
-        from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
-        from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
-        self.block, self.ref_side, self.time = block, ref_side, time_width(comp)
-        c_in, c = block.h_in[0] + block.skip, block.out_channels
-
-        def resnet(c_in: int) -> nn.Module:
-            return ResnetBlock2D(in_channels=c_in, out_channels=c, temb_channels=self.time, groups=groups(c_in),
-                                 groups_out=groups(c), eps=1e-5)
-
-        self.resnet = resnet(c_in)
-        self.resnet2 = resnet(c) if block.mid else None  # the mid block: ResNet, transformer, ResNet
-        self.attention = None
-        if block.attention:
-            heads = attention_heads(comp, name, c)
-            self.attention = Transformer2DModel(num_attention_heads=heads, attention_head_dim=c // heads, in_channels=c,
-                                                norm_num_groups=groups(c), cross_attention_dim=context_width)
-        self.resample = None
-        if block.resample == "down":
-            self.resample = Downsample2D(c, use_conv=True, out_channels=c, padding=1)
-        elif block.resample == "up":
-            self.resample = Upsample2D(c, use_conv=True, out_channels=c)
+        self.block, self.ref_side, self.time = block, ref_side, time
+        # registration order (resnet, resnet2, attention, resample) fixes the seeded initialisation of Loom's own
+        self.resnet = parts.resnet
+        self.resnet2 = parts.resnet2  # the mid block: ResNet, transformer, ResNet
+        self.attention = parts.attention
+        self.resample = parts.resample
         self.context_width = context_width
 
     def layouts(self, side: int, context_len: int) -> tuple[StateLayout, StateLayout | None]:
@@ -146,6 +143,14 @@ class UNetInput(nn.Module):
         self.time_proj = Timesteps(c0, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(c0, time_width(comp))
 
+    @classmethod
+    def of(cls, conv_in: nn.Module, time_proj: nn.Module, time_embedding: nn.Module) -> UNetInput:
+        """The input module over given modules (a pretrained UNet2DConditionModel's own, runtime.unet_pretrained)."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.conv_in, module.time_proj, module.time_embedding = conv_in, time_proj, time_embedding
+        return module
+
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         h = self.conv_in(latents)
         time = self.time_embedding(self.time_proj(timesteps).to(h.dtype))
@@ -156,8 +161,26 @@ def build_unet_layer(comp: ComponentSpec, name: str, segment: int, index: int, i
                      context_width: int | None) -> UNetLayer:
     """Block ``index`` of planner segment ``segment``, laid out for uses at ``image_size`` (any other side of the
     component's uses scales the same layout)."""
-    blocks = [b for b in unet_blocks(comp, image_size) if b.segment == segment]
-    return UNetLayer(comp, name, blocks[index], image_size, context_width)
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    block = [b for b in unet_blocks(comp, image_size) if b.segment == segment][index]
+    c_in, c, time = block.h_in[0] + block.skip, block.out_channels, time_width(comp)
+
+    def resnet(c_in: int) -> nn.Module:
+        return ResnetBlock2D(in_channels=c_in, out_channels=c, temb_channels=time, groups=groups(c_in),
+                             groups_out=groups(c), eps=NORM_EPS)
+
+    parts = BlockParts(resnet(c_in), resnet(c) if block.mid else None)
+    if block.attention:
+        heads = attention_heads(comp, name, c, block.level)
+        parts.attention = Transformer2DModel(num_attention_heads=heads, attention_head_dim=c // heads, in_channels=c,
+                                             norm_num_groups=groups(c), cross_attention_dim=context_width)
+    if block.resample == "down":
+        parts.resample = Downsample2D(c, use_conv=True, out_channels=c, padding=1)
+    elif block.resample == "up":
+        parts.resample = Upsample2D(c, use_conv=True, out_channels=c)
+    return UNetLayer(block, image_size, time, context_width, parts)
 
 
 class NoiseSchedule:
