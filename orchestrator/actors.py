@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 GLOO_TIMEOUT = timedelta(minutes=10)  # a collective that waits longer than this means a peer is gone (gloo or NCCL)
 AUTH_ENV = "RAY_AUTH_MODE"
-TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"  # Ray's token sources, by precedence: RAY_AUTH_TOKEN, this file, ~/.ray/auth_token
+# Ray's token sources, by precedence: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, ~/.ray/auth_token
+TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 TOKEN_ENV = "RAY_AUTH_TOKEN"
 # Ray 2.60: with this off, every Ray process takes 127.0.0.1 as its node IP and binds its servers to it (the switch Ray
 # uses on macOS/Windows, where clusters are local only); processes read it from the environment at import

@@ -166,8 +166,9 @@ class PatternMaster:
         self.h.changeRowsBounds(len(demand), idx, self.demand, np.full(len(demand), 1e30))
 
     def generate(self, max_rounds: int, deadline: float | None = None) -> int:
-        """Column generation until no pattern prices out, ``max_rounds``, the work budget or this process's CPU time
-        ``time.process_time()`` reaches ``deadline`` (a backstop: the LP over the columns so far); returns the rounds."""
+        """Column generation until no pattern prices out, ``max_rounds``, the work budget or this process's CPU
+        time ``time.process_time()`` reaches ``deadline`` (a backstop: the LP over the columns so far); returns the
+        rounds run."""
         limits = [int(round(d)) for d in self.demand]
         for rounds in range(1, max_rounds + 1):
             self.h.run()

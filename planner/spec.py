@@ -313,8 +313,8 @@ class JobSpec(StrictModel):
                    and isinstance(task.get("components"), list)) if isinstance(tasks, list) else 0
         if uses > MAX_USES:
             raise ValueError(f"tasks[*].components ({uses} uses in all) is over the limit of {MAX_USES} component "
-                             "uses in one job; the planner's work grows with them. Split the job (see docs/job-spec.md, "
-                             "Limits).")
+                             "uses in one job; the planner's work grows with them. Split the job "
+                             "(see docs/job-spec.md, Limits).")
         return data
 
     @model_validator(mode="after")
