@@ -272,7 +272,7 @@ def test_sizes_over_the_limits(runner: CliRunner, tmp_path: Path, mutate, expect
     start = time.perf_counter()
     for command in ("validate", "plan"):
         _assert_one_error_line(runner.invoke(app, [command, str(path)]), expected)
-    assert time.perf_counter() - start < 10
+    assert time.perf_counter() - start < 30  # two CLI calls on a possibly busy machine; planning them took minutes
 
 
 @pytest.mark.parametrize("job_id", ["../../api/jobs", "raysubmit_x/../../secret", "a/b", "..", "_hidden", "x?y=1",

@@ -30,11 +30,11 @@ def write(tmp_path: Path, text: str | bytes, name: str = "job.yaml") -> Path:
 
 
 def refusal(path: Path) -> str:
-    """The one-line message load_job refuses ``path`` with (within 5 s: nothing here may hang)."""
+    """The one-line message load_job refuses ``path`` with (within 10 s: nothing here may hang)."""
     start = time.perf_counter()
     with pytest.raises(SpecError) as info:
         load_job(path)
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 10
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -133,7 +133,7 @@ def limit_error(data: dict) -> str:
     start = time.perf_counter()
     with pytest.raises(SpecError) as info:
         parse_job(data)
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 10
     return str(info.value)
 
 
