@@ -344,10 +344,12 @@ def _check_groups_and_transfers(c: _Checker) -> None:
     for j, t in enumerate(c.plan.transfers):
         path = f"transfers[{j}]"
         if not 0 <= t.after_wave < len(c.plan.waves):
-            c.fail(f"{path}.after_wave", t.after_wave, "is not a wave of the plan", f"expected 0..{len(c.plan.waves) - 1}")
+            c.fail(f"{path}.after_wave", t.after_wave, "is not a wave of the plan",
+                   f"expected 0..{len(c.plan.waves) - 1}")
         for field in ("src_metaop", "dst_metaop"):
             if not 0 <= getattr(t, field) < num_ops:
-                c.fail(f"{path}.{field}", getattr(t, field), "is not a MetaOp of the plan", f"expected 0..{num_ops - 1}")
+                c.fail(f"{path}.{field}", getattr(t, field), "is not a MetaOp of the plan",
+                       f"expected 0..{num_ops - 1}")
         c.devices(f"{path}.src_devices", t.src_devices)
         c.devices(f"{path}.dst_devices", t.dst_devices)
         c.number(f"{path}.bytes", t.bytes)

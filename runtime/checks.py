@@ -180,11 +180,12 @@ def _check_bridge_inputs(job: JobSpec, graph: MetaGraph, op: MetaOp) -> None:
 
 def check_plan_matches_job(plan: Plan, graph: MetaGraph, source: str = "plan", job_name: str | None = None) -> None:
     """The one check that ``plan`` belongs to the job whose MetaGraph is ``graph`` (``loom run``, ``loom submit``
-    and every worker call it): the same MetaOps in the same order (name, layer key, layer count, batch size), and
-    only layouts the runtime runs (tensor parallelism only on kinds with a ``tp_variant``, planner.kinds), and a
-    plan that makes sense (planner.validate.check_plan) whose program (pieces, holdings, buckets, process groups) is
-    the one planner.program derives from its waves for these MetaOps (planner.validate.check_program). The job's
-    name, cluster and training settings may differ: a plan is a schedule of these MetaOps. A SpecError naming ``source``."""
+    and every worker call it): the same MetaOps in the same order (name, layer key, layer count, batch size and
+    dependencies first, then every field: planner.validate.check_program), only layouts the runtime runs (tensor
+    parallelism only on kinds with a ``tp_variant``, planner.kinds), and a plan that makes sense
+    (planner.validate.check_plan) whose program (pieces, holdings, buckets, process groups) is the one
+    planner.program derives from its waves for these MetaOps (check_program). The job's name, cluster and training
+    settings may differ: a plan is a schedule of these MetaOps. A SpecError naming ``source``."""
     check_plan(plan, source)
     want = [(op.name, op.key, op.num_layers, op.batch_size, list(op.deps)) for op in graph.metaops]
     have = [(op.name, op.layer_key, op.num_layers, op.batch_size, op.deps) for op in plan.metaops]
@@ -216,8 +217,8 @@ def check_local_workers(plan: Plan, source: str = "plan", cores: int | None = No
     limit = WORKERS_PER_CORE * cores
     if world > limit:
         raise SpecError(
-            f"{source}: cluster ({cluster.num_nodes} node(s) x {cluster.devices_per_node} devices) needs {world} worker "
-            f"processes; `loom run` without --address starts them on this machine's {cores} CPU cores, at most "
+            f"{source}: cluster ({cluster.num_nodes} node(s) x {cluster.devices_per_node} devices) needs {world} "
+            f"worker processes; `loom run` without --address starts them on this machine's {cores} CPU cores, at most "
             f"{limit} ({WORKERS_PER_CORE} per core). Plan for at most {limit} devices (cluster.devices_per_node), or "
             "join a cluster that has them with --address."
         )

@@ -165,7 +165,8 @@ def mutated_text(draw: st.DrawFn, text: str) -> bytes:
         del lines[i]
     elif edit == "insert":
         pos = draw(st.integers(0, len(text)))
-        junk = draw(st.one_of(st.text(max_size=6), st.sampled_from(["[", "{", ": ", "- ", "&a", "*a", "!!python/name:os.system"])))
+        junk = draw(st.one_of(st.text(max_size=6),
+                              st.sampled_from(["[", "{", ": ", "- ", "&a", "*a", "!!python/name:os.system"])))
         return (text[:pos] + junk + text[pos:]).encode("utf-8", "surrogatepass")
     elif edit == "cut":
         return text[:draw(st.integers(0, len(text)))].encode()

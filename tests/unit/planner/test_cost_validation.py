@@ -80,7 +80,8 @@ CASES = [
      "not a whole number >= 1"),
     ("negative batch", {"embed": {"a.enc": [[-2, 0.01]]}}, "embed['a.enc'][0] ([-2, 0.01]) has local batch -2"),
     ("fractional batch", {"embed": {"a.enc": [[2.5, 0.01]]}}, "has local batch 2.5, not a whole number >= 1"),
-    ("zero bytes", {"links": {"p2p": [[0, 1e-4]]}}, "links['p2p'][0] ([0, 0.0001]) has bytes 0, not a finite number > 0"),
+    ("zero bytes", {"links": {"p2p": [[0, 1e-4]]}}, "links['p2p'][0] ([0, 0.0001]) has bytes 0, not a finite "
+     "number > 0"),
     ("negative time", {"points": {KEY: [[2, 0.01], [4, -0.02]]}}, f"points['{KEY}'][1] ([4, -0.02]) has -0.02 seconds"),
     ("zero time", {"points": {KEY: [[2, 0.0]]}}, "has 0.0 seconds, not a time in (0, 86400]"),
     ("a time beyond a day", {"points": {KEY: [[2, 0.01], [4, 1e300]]}}, "([4, 1e+300]) has 1e+300 seconds"),
