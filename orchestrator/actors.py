@@ -13,7 +13,8 @@ group (:func:`reserve_nodes`: each plan node on a Ray node of its own, see
 :mod:`orchestrator.placement`). The driver creates them, then calls :meth:`WaveActor.setup` on all
 of them at once: that call joins the gloo default group (rendezvous at ``master_addr:master_port``,
 collective), builds the plan's sub-groups and the worker. After that every method is one
-collective step of the run, called on every actor: ``train_step``, ``save``, ``load``. Worker
+collective step of the run, called on every actor: ``train_step``, ``save``, ``load`` (checkpoints in
+runtime.portable's layout, which any plan of the job can load); ``progress`` answers beside a running step. Worker
 logic stays in :mod:`runtime.executor`; this module only moves values across the Ray boundary
 (JSON for the job and plan, plain dicts for results) and, for large activation pieces between CPU
 workers, through the object store (:class:`ObjectStoreChannel`: peers call ``fetch`` while the
@@ -161,20 +162,41 @@ class WaveActor:
         return {"losses": losses, "seconds": time.perf_counter() - start,
                 "timing": timing.to_dict() if timing is not None else None}
 
-    def save(self, path: str) -> str:
-        """Write this rank's state (modules + optimizer) to ``path`` (temporary name, then rename)."""
-        import torch
+    def save(self, path: str) -> dict[str, list[int]]:
+        """Collective: write this rank's part of a portable checkpoint (runtime.portable) to ``path`` (a temporary
+        name, then rename); returns its keys and shapes for the manifest's index."""
+        from safetensors.torch import save_file
 
+        from runtime.portable import export_state
+
+        tensors = export_state(self.worker)
         tmp = path + ".tmp"
-        torch.save(self.worker.state_dict(), tmp)
+        save_file(tensors, tmp)
         os.replace(tmp, path)
-        return path
+        return {key: list(t.shape) for key, t in tensors.items()}
 
-    def load(self, path: str) -> None:
-        """Restore this rank's state from a file written by :meth:`save` for the same plan and rank."""
-        import torch
+    def load(self, directory: str, index: dict, fmt: str) -> int:
+        """Restore this rank's state from the checkpoint in ``directory``: a portable one (``index``: its manifest's
+        tensors) written under any plan of this job, reading only what this rank holds; or an old per-rank pickle
+        of this same plan and rank. Returns the number of tensors (or slices) read. A checkpoint of another job is
+        a CheckpointMismatch (ValueError, one line)."""
+        from orchestrator.checkpoint import PORTABLE, rank_file
+        from runtime.portable import PortableReader, import_state
 
-        self.worker.load_state_dict(torch.load(path, weights_only=True))
+        if fmt != PORTABLE:
+            import torch
+
+            self.worker.load_state_dict(torch.load(rank_file(directory, self.rank, fmt), weights_only=True))
+            return 0
+        reader = PortableReader(directory, index, directory)
+        import_state(self.worker, reader)
+        return reader.tensors_read
+
+    def progress(self) -> dict | None:
+        """Where this rank's step is now (``WaveWorker.where``: step, micro-batch, wave, phase), None before its first
+        step; answered while ``train_step`` runs (the actor runs its calls in threads), for the step watchdog."""
+        where = self.worker.where if self.worker is not None else None
+        return dict(zip(("step", "micro", "wave", "phase"), where)) if where is not None else None
 
     def named_parameters(self) -> dict:
         """Every parameter this rank holds (copies), keyed as ``WaveWorker.named_parameters``."""

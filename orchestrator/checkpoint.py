@@ -2,12 +2,18 @@
 
 Layout under a run's output directory::
 
-    ckpt/step_<k>/rank_<r>.pt     one file per rank (written by that rank's actor: modules + AdamW state)
-    ckpt/step_<k>/MANIFEST.json   {"files": {"rank_<r>.pt": {"bytes", "sha256"}}}, written by the driver
-    ckpt/step_<k>/COMPLETE        JSON {step, plan_hash, num_ranks, job, manifest_sha256}, written last
+    ckpt/step_<k>/rank_<r>.safetensors  one file per rank (written by that rank's actor: runtime.portable's layout,
+                                        parameters and AdamW state under global names, independent of the plan)
+    ckpt/step_<k>/MANIFEST.json   {"files": {"rank_<r>.safetensors": {"bytes", "sha256"}},
+                                   "tensors": {key: {"file", "shape"}}}, written by the driver
+    ckpt/step_<k>/COMPLETE        JSON {step, plan_hash, num_ranks, job, manifest_sha256, format}, written last
 
 ``step_<k>`` holds the state after ``k`` completed steps, so a resumed run starts at step ``k``
 (the data of a step is a pure function of its index: the step counter is the whole data state).
+The manifest's ``tensors`` index says which file holds each tensor (or slice of optimizer state), so a
+worker of any plan of the same job reads only what it holds: resuming under another plan (another
+device count) reshards on load. A checkpoint of the old per-rank pickle format (``rank_<r>.pt``, a
+marker without ``format``) resumes on its own plan only.
 A directory without ``COMPLETE`` (a run killed while saving) is never resumed from. Files are
 written to a temporary name and renamed, so a marker never points at a half-written file.
 
@@ -41,6 +47,8 @@ MARKER = "COMPLETE"
 MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _HASH_CHUNK = 1024**2
+PORTABLE = "portable-1"  # runtime.portable's layout, in safetensors files
+LEGACY = "torch-rank"  # the format before it: one torch.save pickle per rank, tied to its plan
 
 
 class CheckpointError(LoomError):
@@ -59,6 +67,11 @@ class CheckpointInfo:
     num_ranks: int
     job: str
     manifest_sha256: str | None = None
+    format: str = LEGACY
+
+    def files(self) -> list[Path]:
+        """Every rank file of this checkpoint, in rank order."""
+        return [rank_file(self.path, r, self.format) for r in range(self.num_ranks)]
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -71,9 +84,9 @@ def step_dir(out_dir: str | Path, step: int) -> Path:
     return checkpoint_root(out_dir) / f"step_{step}"
 
 
-def rank_file(directory: str | Path, rank: int) -> Path:
-    """The file rank ``rank`` writes in a checkpoint directory."""
-    return Path(directory) / f"rank_{rank}.pt"
+def rank_file(directory: str | Path, rank: int, fmt: str = PORTABLE) -> Path:
+    """The file rank ``rank`` writes in a checkpoint directory (``fmt``: the checkpoint's format)."""
+    return Path(directory) / (f"rank_{rank}.safetensors" if fmt == PORTABLE else f"rank_{rank}.pt")
 
 
 def step_dirs(out_dir: str | Path) -> dict[int, Path]:
@@ -107,20 +120,33 @@ def file_digest(path: Path) -> dict[str, int | str]:
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
-def mark_complete(directory: str | Path, step: int, plan_hash: str, num_ranks: int, job: str) -> CheckpointInfo:
+def mark_complete(directory: str | Path, step: int, plan_hash: str, num_ranks: int, job: str,
+                  tensors: list[dict[str, list[int]]] | None = None) -> CheckpointInfo:
     """Write the manifest of every rank file, then the ``COMPLETE`` marker; an AssertionError if a rank file is
-    missing (the actors' contract: every rank wrote its file before this is called)."""
+    missing (the actors' contract: every rank wrote its file before this is called). ``tensors``: per rank, the
+    keys of its file with their shapes (merged into the manifest's ``tensors`` index; a key written twice is our
+    bug)."""
     directory = Path(directory)
     missing = [r for r in range(num_ranks) if not rank_file(directory, r).is_file()]
     assert not missing, f"ranks {missing} did not write their checkpoint files in {directory}"
     files = {rank_file(directory, r).name: file_digest(rank_file(directory, r)) for r in range(num_ranks)}
-    manifest = json.dumps({"files": files}, sort_keys=True, indent=1) + "\n"
+    index: dict[str, dict] = {}
+    for rank, keys in enumerate(tensors or []):
+        for key, shape in keys.items():
+            assert key not in index, f"{key} is written by {index[key]['file']} and rank {rank}"
+            index[key] = {"file": rank_file(directory, rank).name, "shape": list(shape)}
+    manifest = json.dumps({"files": files, "tensors": index}, sort_keys=True, indent=1) + "\n"
     write_atomically(directory / MANIFEST, manifest)
     manifest_sha256 = hashlib.sha256(manifest.encode()).hexdigest()
     body = {"step": step, "plan_hash": plan_hash, "num_ranks": num_ranks, "job": job,
-            "manifest_sha256": manifest_sha256}
+            "manifest_sha256": manifest_sha256, "format": PORTABLE}
     write_atomically(directory / MARKER, json.dumps(body, sort_keys=True) + "\n")
-    return CheckpointInfo(directory, step, plan_hash, num_ranks, job, manifest_sha256)
+    return CheckpointInfo(directory, step, plan_hash, num_ranks, job, manifest_sha256, PORTABLE)
+
+
+def tensor_index(info: CheckpointInfo) -> dict[str, dict]:
+    """The manifest's ``tensors`` index of a portable checkpoint (key -> {"file", "shape"})."""
+    return json.loads((info.path / MANIFEST).read_text()).get("tensors", {})
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -140,10 +166,11 @@ def read_marker(directory: Path) -> CheckpointInfo | None:
         body = json.loads((directory / MARKER).read_text())
         manifest_sha256 = body.get("manifest_sha256")
         info = CheckpointInfo(directory, int(body["step"]), str(body["plan_hash"]), int(body["num_ranks"]),
-                              str(body.get("job", "")), None if manifest_sha256 is None else str(manifest_sha256))
+                              str(body.get("job", "")), None if manifest_sha256 is None else str(manifest_sha256),
+                              str(body.get("format", LEGACY)))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if any(not rank_file(directory, r).is_file() for r in range(info.num_ranks)):
+    if any(not path.is_file() for path in info.files()):
         return None
     return info
 
@@ -176,8 +203,7 @@ def damage(info: CheckpointInfo) -> str | None:
     if hashlib.sha256(text.encode()).hexdigest() != info.manifest_sha256:
         return f"{MANIFEST} is not the one its {MARKER} marker names"
     files = json.loads(text).get("files", {})
-    for rank in range(info.num_ranks):
-        path = rank_file(info.path, rank)
+    for path in info.files():
         want = files.get(path.name)
         if want is None:
             return f"{MANIFEST} does not list {path.name}"
@@ -196,7 +222,8 @@ def find_resume_point(out_dir: str | Path, plan_hash: str) -> CheckpointInfo:
     """The checkpoint ``--resume`` continues from: the newest complete one whose files match their manifest.
 
     A damaged one is skipped with one warning line naming what is wrong. CheckpointError when none is left, or
-    when the one found was written for another plan."""
+    when it is an old per-rank pickle checkpoint of another plan. A portable checkpoint of another plan of the same job is returned: the workers
+    reshard it on load (runtime.portable)."""
     skipped = []
     for info in complete_checkpoints(out_dir):
         problem = damage(info)
@@ -205,11 +232,11 @@ def find_resume_point(out_dir: str | Path, plan_hash: str) -> CheckpointInfo:
                         info.path, problem)
             skipped.append(info.path.name)
             continue
-        if info.plan_hash != plan_hash:
+        if info.plan_hash != plan_hash and info.format != PORTABLE:
             raise CheckpointError(
-                f"{info.path}: checkpoint was written for plan {info.plan_hash}, but this run's plan is {plan_hash}; "
-                "a resumed run must use the same plan. Pass the original plan with --plan, or start a new run in "
-                "another --out directory."
+                f"{info.path}: checkpoint was written for plan {info.plan_hash} in the old per-rank format, but this "
+                f"run's plan is {plan_hash}; only portable checkpoints reshard. Pass the original plan with --plan, or "
+                "start a new run in another --out directory."
             )
         return info
     damaged = f" (damaged: {', '.join(skipped)})" if skipped else ""
@@ -217,6 +244,15 @@ def find_resume_point(out_dir: str | Path, plan_hash: str) -> CheckpointInfo:
         f"{checkpoint_root(out_dir)}: no complete checkpoint to resume from{damaged}. Run without --resume, or pass "
         "the --out directory of the run you want to continue."
     )
+
+
+def check_job(info: CheckpointInfo, job: str) -> None:
+    """CheckpointError when ``info`` was written by a job of another name (its parameters are checked on load)."""
+    if info.job and info.job != job:
+        raise CheckpointError(
+            f"{info.path}: checkpoint was written by job '{info.job}', this run's job is '{job}'; a run resumes only "
+            "its own job's checkpoints. Pass that job's spec, or start a new run in another --out directory."
+        )
 
 
 def remove_older_checkpoints(out_dir: str | Path, newest_step: int, keep_last: int) -> list[Path]:

@@ -1,9 +1,11 @@
 """The driver's calls to its worker actors: every rank at once, failing fast, each failure one line.
 
 :func:`gather` calls a method on every actor and returns the results in rank order; the first worker error
-raises :class:`RunFailed` (exit code 1), or a RunInputError when a worker rejects the job while it is being
-built (``what`` is :data:`STARTING`), without waiting for the other actors, which may be stuck in a
-collective. Used by :mod:`orchestrator.run`.
+raises :class:`RunFailed` (exit code 1; :class:`WorkerLost` when the worker's process is gone), or a
+RunInputError when a worker rejects the job while it is being built (``what`` is :data:`STARTING`) or the
+checkpoint while restoring it (:data:`RESTORING`), without waiting for the other actors, which may be stuck
+in a collective. A timeout raises :class:`GatherTimeout`, naming the ranks that had not answered. Used by
+:mod:`orchestrator.run` and :mod:`orchestrator.recovery`.
 """
 
 from __future__ import annotations
@@ -17,15 +19,28 @@ from orchestrator.run_inputs import RunInputError
 log = logging.getLogger(__name__)
 
 STARTING = "while starting"  # what a worker was doing when setup failed: its job errors are user errors
+RESTORING = "while restoring the checkpoint"  # a checkpoint the workers refuse (another job's) is a user error
 
 
 class RunFailed(RuntimeError):
     """The run started but a worker (or the cluster) failed; the message is one line (exit code 1)."""
 
 
+class WorkerLost(RunFailed):
+    """A worker's process died or hung (not an error its code raised): what a restart can recover from."""
+
+
+class GatherTimeout(Exception):
+    """A :func:`gather` that ran past its timeout; ``pending``: the ranks that had not answered."""
+
+    def __init__(self, what: str, pending: list[int]):
+        super().__init__(f"{what}: timed out waiting for ranks {pending}")
+        self.pending = pending
+
+
 def gather(actors: list, call, what: str, timeout: float | None = None) -> list:
     """Call ``call(actor, rank)`` on every actor; their results in rank order (see the module docstring).
-    ``timeout`` (seconds) ends the wait with Ray's GetTimeoutError."""
+    ``timeout`` (seconds) ends the wait with :class:`GatherTimeout`."""
     import ray
 
     refs = [call(a, r) for r, a in enumerate(actors)]
@@ -35,7 +50,7 @@ def gather(actors: list, call, what: str, timeout: float | None = None) -> list:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         done, pending = ray.wait(pending, num_returns=1, timeout=left)
         if not done:
-            raise ray.exceptions.GetTimeoutError(f"{what}: timed out")
+            raise GatherTimeout(what, sorted(rank_of[ref] for ref in pending))
         gather_one(done[0], rank_of[done[0]], what)
     return ray.get(refs)
 
@@ -52,9 +67,11 @@ def gather_one(ref, rank: int, what: str) -> Any:
         message = first_line(cause)
         if what == STARTING and isinstance(cause, (ValueError, NotImplementedError)):
             raise RunInputError(f"worker {rank} cannot run this job: {message}") from None
+        if what == RESTORING and isinstance(cause, ValueError):
+            raise RunInputError(f"worker {rank} cannot resume: {message}") from None
         raise RunFailed(f"worker {rank} failed {what}: {type(cause).__name__}: {message}") from None
     except ray.exceptions.RayActorError as exc:
-        raise RunFailed(f"worker {rank} died {what}: {first_line(exc)}") from None
+        raise WorkerLost(f"worker {rank} died {what}: {first_line(exc)}") from None
 
 
 def first_line(exc: BaseException) -> str:

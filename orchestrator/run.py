@@ -5,14 +5,14 @@ Entry point :func:`run_job`. A run is a sequence of named phases (:class:`Driver
 1. ``prepare``: check the job can run here (CPU cluster, supported losses), check the output
    directory (its lock, :mod:`orchestrator.outdir`; a fresh run over an earlier run's checkpoints
    needs ``overwrite``), plan the job or check the given plan belongs to it and, for ``resume``, find
-   the checkpoint to continue from; bind the metrics port. Every problem found here is a user error
+   the checkpoint to continue from (of this job, under any of its plans: the workers reshard it); bind the metrics port. Every problem found here is a user error
    (:class:`RunInputError`, exit 2), and nothing in the output directory has been written yet.
 2. ``start_cluster`` (an embedded local Ray cluster with one logical CPU per worker; or
    ``ray.init(address=...)``; or the Ray session this process already has), ``create_workers`` (one
    actor per device of the plan, each plan node's ranks on a Ray node of their own through one
    placement group, joined in one gloo group), ``claim_out_dir`` (the first write into the output
    directory: its lock, the earlier run moved aside for ``overwrite``, ``plan.json``), ``restore``
-   (every rank loads its checkpoint file). A cluster whose nodes cannot hold the plan's nodes is
+   (every rank reads what it holds from the checkpoint, runtime.portable). A cluster whose nodes cannot hold the plan's nodes is
    refused before any actor starts (:mod:`orchestrator.placement`).
 3. ``train``: one collective ``train_step`` per step on every actor; each step is logged to
    ``metrics.jsonl``, the metrics and the progress reporter; every ``checkpoint_every`` steps the
@@ -23,8 +23,11 @@ Entry point :func:`run_job`. A run is a sequence of named phases (:class:`Driver
    that hold output under ``<out>/logs`` once the run has claimed it) or disconnect from ``--address``,
    stop the metrics server, release the output directory's lock.
 
-A worker that fails ends the run with :class:`RunFailed` (one line: which worker, which step,
-what it raised; exit 1); the other actors are killed rather than left waiting in a collective.
+A worker that dies, or a step that runs past ``training.step_timeout_s``, is recovered (``recover``): the actors are killed,
+new ones started, and training resumes from the last complete checkpoint (step 0 without one), at most
+``training.max_restarts`` times, one log line each (:mod:`orchestrator.recovery`). Any other worker failure, or one
+more loss, ends the run with :class:`RunFailed` (one line: which worker, which step, what it raised; exit 1); the
+other actors are killed rather than left waiting in a collective.
 Files written under ``<out>`` (each path checked to resolve inside it, :func:`orchestrator.outdir.contained`):
 ``.loom-run.lock``, ``plan.json``, ``metrics.jsonl``, ``ckpt/step_<k>/``, ``logs/``, ``previous-<time>/`` (an
 earlier run moved aside by ``overwrite``, deleted once this run has a checkpoint), and at the end ``model.pt``,
@@ -42,14 +45,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.checkpoint import (
-    CKPT_DIRNAME, CheckpointInfo, begin_checkpoint, mark_complete, rank_file, remove_older_checkpoints, step_dir,
+    CKPT_DIRNAME, PORTABLE, CheckpointError, CheckpointInfo, begin_checkpoint, check_job, find_resume_point,
+    mark_complete, rank_file, remove_older_checkpoints, step_dir, tensor_index,
 )
 from orchestrator.metrics import (
     RunMetrics, StepLog, StepRecord, predicted_wave_seconds, step_breakdown, tokens_per_sample,
 )
 from orchestrator.outdir import LOCK_FILE, RunFolder
 from orchestrator.placement import RankPlacement, fitting_nodes, misplaced_ranks, nodes_from_ray, placement_mismatch
-from orchestrator.remote import STARTING, RunFailed, gather, gather_one
+from orchestrator.remote import RESTORING, STARTING, GatherTimeout, RunFailed, WorkerLost, gather, gather_one
 from orchestrator.run_inputs import RunInputError, check_cpu_device, check_plan_for_job, check_runnable_job
 from orchestrator.signals import RunStopped, StopSignals, signal_name
 from orchestrator.trace import PREDICTED_TRACE_FILE, TRACE_FILE, TraceRecorder, write_run_traces
@@ -160,6 +164,7 @@ class Driver:
         self.joined = False  # True when this run connected to --address
         self.records: list[StepRecord] = []
         self.checkpoints: list[CheckpointInfo] = []
+        self.restarts = 0  # automatic restarts so far (recover)
         self.trace = TraceRecorder()  # the last steps' spans, for trace.json
         self.folder = RunFolder(self.out_dir, resume=options.resume, overwrite=options.overwrite, outputs=OUTPUTS)
         self.stop = StopSignals()
@@ -214,6 +219,8 @@ class Driver:
         self.folder.check()  # before planning: a folder in use or holding checkpoints is refused at once
         self.plan = self.resolve_plan()
         self.resume_point = self.folder.find_resume_point(self.plan.hash)  # only reads, as check does
+        if self.resume_point is not None:
+            check_job(self.resume_point, self.job.name)
         self.first_step = self.resume_point.step if self.resume_point else 0
         self.start_metrics()
 
@@ -229,8 +236,13 @@ class Driver:
         except OSError as exc:
             raise RunInputError(f"--out ({self.out_dir}): cannot write there ({exc.strerror or exc}). "
                                 "Check the path and permissions.") from None
-        if self.resume_point is not None:
-            log.info("resuming from %s (step %d)", self.resume_point.path, self.first_step)
+        point = self.resume_point
+        if point is not None and point.plan_hash != self.plan.hash:
+            log.info("resuming from %s (step %d), written under plan %s on %d workers: resharding onto plan %s on %d "
+                     "workers", point.path, self.first_step, point.plan_hash, point.num_ranks, self.plan.hash,
+                     self.world_size)
+        elif point is not None:
+            log.info("resuming from %s (step %d)", point.path, self.first_step)
 
     def path(self, *parts: str | Path) -> Path:
         """``out_dir / parts``, checked to resolve inside out_dir (orchestrator.outdir.contained)."""
@@ -242,6 +254,11 @@ class Driver:
         saved = self.out_dir / PLAN_FILE
         if plan is None and self.options.resume and saved.is_file():
             plan, source = load_plan(saved), str(saved)  # replanning could differ (solver time limits)
+            try:
+                check_plan_for_job(plan, self.job, source)
+            except RunInputError as exc:  # e.g. the job's cluster changed: a new plan, the checkpoint reshards
+                log.info("%s does not fit this job (%s); planning anew", saved, str(exc).split(": ", 1)[-1])
+                plan, source = None, "--plan"
         if plan is None:
             from planner.api import make_cost_model, plan_job
 
@@ -360,7 +377,7 @@ class Driver:
                 host, port = gather_one(self.actors[0].endpoint.remote(), 0, STARTING)
             self.gather(lambda a, r: a.setup.remote(host, port, self.actors, self.options.object_store_from_bytes),
                         STARTING, timeout=self.options.setup_timeout_s)
-        except ray.exceptions.GetTimeoutError:
+        except GatherTimeout:
             raise RunFailed(
                 f"the {self.world_size} workers did not start within {self.options.setup_timeout_s:g} s, though their "
                 "CPUs were reserved; the nodes may be overloaded."
@@ -380,11 +397,15 @@ class Driver:
                     self.worker_nodes[ranks[0]])
 
     def restore(self) -> None:
-        if self.resume_point is None:
+        """Every rank reads what it holds from the resume point (any plan of this job: runtime.portable)."""
+        import ray
+
+        point = self.resume_point
+        if point is None:
             return
-        directory = step_dir(Path(), self.resume_point.step)  # relative to out_dir
-        files = [str(self.path(rank_file(directory, r))) for r in range(self.world_size)]
-        self.gather(lambda a, r: a.load.remote(files[r]), "while restoring the checkpoint")
+        directory = str(self.path(step_dir(Path(), point.step)))
+        index = ray.put(tensor_index(point) if point.format == PORTABLE else {})
+        self.gather(lambda a, r: a.load.remote(directory, index, point.format), RESTORING)
 
     # ------------------------------------------------------------------ phase 3: steps
 
@@ -398,30 +419,42 @@ class Driver:
         self.reporter.start(self.first_step, self.num_steps)
         self.stop.graceful = True
         try:
-            for step in range(self.first_step, self.num_steps):
+            step = self.first_step
+            while step < self.num_steps:
                 try:
-                    record = self.run_step(step, batch, tokens)
-                except RunFailed:
-                    if self.stop.requested is None:
-                        raise
-                    raise RunStopped(self.stop.requested, "") from None  # the signal reached the workers too
-                self.records.append(record)
-                self.step_log.write(record)
-                self.metrics.record_step(record, batch, tokens)
-                self.reporter.step(record)
-                done = step + 1
-                stopping = self.stop.requested is not None
-                if self.checkpoint_every and (done % self.checkpoint_every == 0 or done == self.num_steps or stopping):
-                    self.save_checkpoint(done)
-                if stopping:
-                    raise RunStopped(self.stop.requested, "")
+                    self.train_one(step, batch, tokens)
+                    step += 1
+                except RunFailed as failure:
+                    if self.stop.requested is not None:  # the signal reached the workers too
+                        raise RunStopped(self.stop.requested, "") from None
+                    step = self.recover(failure)
         finally:
             self.stop.graceful = False
             self.reporter.close()
 
+    def train_one(self, step: int, batch: dict[str, int], tokens: dict[str, int]) -> None:
+        """Step ``step``, logged, then its checkpoint when one is due; RunStopped after it when a signal came."""
+        record = self.run_step(step, batch, tokens)
+        self.records.append(record)
+        self.step_log.write(record)
+        self.metrics.record_step(record, batch, tokens)
+        self.reporter.step(record)
+        done = step + 1
+        stopping = self.stop.requested is not None
+        if self.checkpoint_every and (done % self.checkpoint_every == 0 or done == self.num_steps or stopping):
+            self.save_checkpoint(done)
+        if stopping:
+            raise RunStopped(self.stop.requested, "")
+
     def run_step(self, step: int, batch: dict[str, int], tokens: dict[str, int]) -> StepRecord:
+        from orchestrator.recovery import watchdog_failure
+
         start = time.perf_counter()
-        results = self.gather(lambda a, r: a.train_step.remote(step), f"at step {step}")
+        timeout = self.job.training.step_timeout_s
+        try:
+            results = self.gather(lambda a, r: a.train_step.remote(step), f"at step {step}", timeout=timeout)
+        except GatherTimeout as exc:
+            raise watchdog_failure(self.actors, step, timeout, exc.pending) from None
         seconds = time.perf_counter() - start
         losses = results[0]["losses"]  # identical on every rank (all-reduced)
         waves, parts = step_breakdown([r.get("timing") for r in results])
@@ -441,8 +474,8 @@ class Driver:
         relative = step_dir(Path(), done)
         files = [str(self.path(rank_file(relative, r))) for r in range(self.world_size)]
         directory = begin_checkpoint(self.out_dir, done)
-        self.gather(lambda a, r: a.save.remote(files[r]), f"while writing checkpoint {done}")
-        info = mark_complete(directory, done, self.plan.hash, self.world_size, self.job.name)
+        index = self.gather(lambda a, r: a.save.remote(files[r]), f"while writing checkpoint {done}")
+        info = mark_complete(directory, done, self.plan.hash, self.world_size, self.job.name, index)
         self.checkpoints.append(info)
         self.metrics.checkpoints.inc()
         log.info("checkpoint %s", directory)
@@ -450,6 +483,34 @@ class Driver:
             for old in remove_older_checkpoints(self.out_dir, done, self.options.keep_last):
                 log.debug("removed %s (--keep-last %d)", old, self.options.keep_last)
         self.folder.drop_previous()
+
+    def recover(self, failure: RunFailed) -> int:
+        """After ``failure`` in a step or checkpoint: restart the workers and restore the last complete checkpoint when
+        a worker is lost and restarts are left (orchestrator.recovery.decide), else re-raise. Returns the step to
+        continue from."""
+        from orchestrator.recovery import decide, lost_workers
+
+        # a dead or hung worker names itself; any other failure: lost only if a probe finds a worker dead or mute
+        lost = {-1: "lost"} if isinstance(failure, WorkerLost) else lost_workers(self.actors)
+        decision = decide(str(failure), lost, self.restarts, self.job.training.max_restarts)
+        if not decision.restart:
+            raise failure if not lost or not self.job.training.max_restarts else RunFailed(decision.reason)
+        self.restarts += 1
+        self.metrics.restarts.inc()
+        try:
+            self.resume_point = find_resume_point(self.out_dir, self.plan.hash)
+        except CheckpointError:
+            self.resume_point = None  # no checkpoint yet: the workers start from the job's seed again
+        step = self.resume_point.step if self.resume_point else 0
+        log.warning("%s; %s; resuming from %s", failure, decision.reason,
+                    self.resume_point.path if self.resume_point else "step 0 (no checkpoint yet)")
+        self.stop_workers()
+        self.create_workers()
+        self.restore()
+        self.records = [r for r in self.records if r.step < step]
+        self.step_log.close()
+        self.step_log = StepLog(self.path(STEP_LOG_FILE), step)
+        return step
 
     def stopped_message(self, signum: int) -> str:
         """One line for a run stopped by a signal: how far it got and what to resume from."""
@@ -469,22 +530,24 @@ class Driver:
 
     # ------------------------------------------------------------------ phase 4: cleanup
 
+    def stop_workers(self) -> None:
+        """Kill the actors and free their reserved nodes (shutdown, and before a restart)."""
+        from orchestrator.actors import kill_actors, release_nodes
+
+        if self.actors:
+            kill_actors(self.actors)
+            self.actors = []
+        if self.placement_group is not None:
+            release_nodes(self.placement_group)
+            self.placement_group = None
+
     def shutdown(self) -> None:
         """Kill the actors, stop Ray if this run started or joined it, stop the metrics server, keep the logs (once
         out_dir is claimed), release out_dir's lock. A stop signal meanwhile is only recorded: cleanup finishes."""
         self.stop.shielded = True
         if self.step_log is not None:
             self.step_log.close()
-        if self.actors:
-            from orchestrator.actors import kill_actors
-
-            kill_actors(self.actors)
-            self.actors = []
-        if self.placement_group is not None:
-            from orchestrator.actors import release_nodes
-
-            release_nodes(self.placement_group)
-            self.placement_group = None
+        self.stop_workers()
         if self.embedded is not None:
             self.embedded.stop(keep_logs_in=self.path(LOGS_DIR) if self.folder.claimed else None)
             self.embedded = None

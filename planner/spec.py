@@ -183,6 +183,14 @@ class TrainingSpec(StrictModel):
         1, ge=1, description="Micro-batches per step: each task's batch_size rows are split into this many "
         "micro-batches (the planner plans one), their gradients accumulated, then synchronised and stepped once."
     )
+    max_restarts: int = Field(
+        3, ge=0, description="`loom run`: times a run restarts its workers after one dies or hangs past step_timeout_s, "
+        "resuming from the last complete checkpoint (step 0 without one); 0: the first loss ends the run."
+    )
+    step_timeout_s: float | None = Field(
+        None, gt=0, description="`loom run`'s step watchdog: a step that takes longer than this (seconds) counts as a "
+        "hung worker (restart, naming the rank and wave it stopped in); none: no watchdog."
+    )
 
 
 class PlannerSpec(StrictModel):

@@ -177,6 +177,9 @@ class WaveWorker:
     last_timing: StepTiming | None = None  # where this device's last train_step went
     last_gradients: dict[str, torch.Tensor] | None = None  # the last train_step's, when asked for
     last_sent: list[tuple[Piece, int]] = []  # the last micro-batch's pieces sent to other devices, bytes as sent
+    # where the step in flight is: (step, micro-batch, wave, phase), replaced whole (read from another thread by the
+    # driver's step watchdog, orchestrator.actors.WaveActor.progress)
+    where: tuple[int, int, int, str] | None = None
     _sent_step: int | None = None
 
     def train_step(self, step: int, keep_gradients: bool = False) -> dict[str, float]:
@@ -197,6 +200,7 @@ class WaveWorker:
             st = StepState(self.device, step, micro, k)
             for task, loss in self._micro_step(st, pending if micro == k - 1 else None, timing, lap).items():
                 losses[task] = losses[task] + loss if task in losses else loss
+        self.where = (step, k - 1, -1, "gradient sync")
         self._sync_gradients(pending)
         timing.sync_s += lap("sync")
         may_step = self._finish_gradients()
@@ -220,6 +224,7 @@ class WaveWorker:
         """Forward, losses and backward of one micro-batch (gradients accumulate into ``.grad``); with ``pending``
         (the last micro-batch) the buckets' all-reduces are launched into it. Returns this device's losses."""
         for wave in range(len(self.plan.waves)):
+            self.where = (st.step, st.micro, wave, "forward")
             self._exchange(wave, st, forward=True)
             timing.transfer_s[wave] += lap("transfer_forward", wave)
             ref = self._my_slice(wave)
@@ -227,8 +232,10 @@ class WaveWorker:
                 with autocast(self.job, self.device):
                     self._run_slice(ref, st.step, st)
                 timing.compute_s[wave] += lap("forward", wave)
+        self.where = (st.step, st.micro, len(self.plan.waves), "loss")
         losses = self._loss_stage(st.step, st, pending, timing, lap)
         for wave in reversed(range(len(self.plan.waves))):
+            self.where = (st.step, st.micro, wave, "backward")
             ref = self._my_slice(wave)
             if ref is not None and ref in st.grad_out and st.outputs[ref].requires_grad:
                 torch.autograd.backward(st.outputs[ref], st.grad_out[ref])

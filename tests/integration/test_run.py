@@ -27,7 +27,7 @@ import yaml
 from typer.testing import CliRunner
 
 from orchestrator.actors import EmbeddedRay, free_port
-from orchestrator.checkpoint import latest_complete, mark_complete, rank_file, step_dir
+from orchestrator.checkpoint import LEGACY, MARKER, latest_complete, mark_complete, rank_file, step_dir
 from orchestrator.cli import app
 from orchestrator.metrics import LogReporter, StepRecord, read_step_log
 from orchestrator.run import Driver, RunOptions, run_job
@@ -320,7 +320,7 @@ def test_worker_that_dies_ends_the_run_with_one_line(ray_session, runner, plan_f
     original = Driver.run_step
     monkeypatch.setattr(Driver, "run_step", run_step_killing_a_worker)
     out = tmp_path / "o"
-    job_path = write_job(tmp_path / "job.yaml", JOB)
+    job_path = write_job(tmp_path / "job.yaml", {**JOB, "training": {**JOB["training"], "max_restarts": 0}})
     result = runner.invoke(app, ["run", str(job_path), "--plan", str(plan_file), "--out", str(out), "--steps", "3"])
     line = assert_one_error_line(result, 1, "at step 1:")
     assert line.startswith(("error: worker 1 died", "error: worker 0 failed")), line  # whichever reports first
@@ -371,10 +371,11 @@ def test_resume_needs_a_complete_checkpoint_of_the_same_plan(runner, plan, plan_
     assert_one_error_line(runner.invoke(app, args), 2, "no complete checkpoint")
     directory = step_dir(out, 2)
     directory.mkdir(parents=True)
-    for rank in range(2):
-        rank_file(directory, rank).write_bytes(b"")
-    mark_complete(directory, 2, "0123456789abcdef", 2, plan.job)
-    assert_one_error_line(runner.invoke(app, args), 2, "0123456789abcdef", plan.hash, "same plan")
+    for rank in range(2):  # the old per-rank pickle format (no "format" in the marker) reshards to no other plan
+        rank_file(directory, rank, LEGACY).write_bytes(b"")
+    (directory / MARKER).write_text(json.dumps({"step": 2, "plan_hash": "0123456789abcdef", "num_ranks": 2,
+                                                "job": plan.job}))
+    assert_one_error_line(runner.invoke(app, args), 2, "0123456789abcdef", plan.hash, "only portable checkpoints")
 
 
 # --------------------------------------------------------------------------- checkpoint directory rules

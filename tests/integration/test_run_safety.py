@@ -237,7 +237,7 @@ def test_keep_last_fallback_sigint_and_overwrite(ray_session, job, plan, tmp_pat
         run_job(job, plan, options=RunOptions(steps=4, out_dir=out, resume=True, checkpoint_every=100),
                 reporter=interrupt)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and "step_3 is damaged (rank_1.pt has" in warnings[0], warnings
+    assert len(warnings) == 1 and "step_3 is damaged (rank_1.safetensors has" in warnings[0], warnings
     assert [r.step for r in interrupt.records] == [2]
     assert interrupt.records[0].loss == first.records[2].loss  # the state after step 2, restored intact
     assert stopped.value.exit_code == 130 and str(stopped.value) == (

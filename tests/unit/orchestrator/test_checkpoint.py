@@ -11,8 +11,8 @@ import signal
 import pytest
 
 from orchestrator.checkpoint import (
-    MANIFEST, MARKER, CheckpointError, complete_checkpoints, damage, find_resume_point, mark_complete, rank_file,
-    read_marker, remove_older_checkpoints, step_dir, step_dirs,
+    LEGACY, MANIFEST, MARKER, PORTABLE, CheckpointError, check_job, complete_checkpoints, damage, find_resume_point,
+    mark_complete, rank_file, read_marker, remove_older_checkpoints, step_dir, step_dirs, tensor_index,
 )
 from orchestrator.outdir import LOCK_FILE, OutDirLock, RunFolder, contained, move_aside
 from orchestrator.run_inputs import RunInputError
@@ -36,15 +36,16 @@ def write_checkpoint(out, step: int, ranks: int = 2, complete: bool = True, plan
 def test_manifest_records_each_rank_file_before_the_marker(tmp_path):
     info = write_checkpoint(tmp_path, 2)
     manifest = json.loads((info.path / MANIFEST).read_text())["files"]
-    assert set(manifest) == {"rank_0.pt", "rank_1.pt"}
-    assert manifest["rank_1.pt"]["bytes"] == rank_file(info.path, 1).stat().st_size
-    assert len(manifest["rank_1.pt"]["sha256"]) == 64 and manifest["rank_0.pt"] != manifest["rank_1.pt"]
+    assert set(manifest) == {"rank_0.safetensors", "rank_1.safetensors"}
+    assert manifest["rank_1.safetensors"]["bytes"] == rank_file(info.path, 1).stat().st_size
+    assert len(manifest["rank_1.safetensors"]["sha256"]) == 64
+    assert manifest["rank_0.safetensors"] != manifest["rank_1.safetensors"]
     assert read_marker(info.path) == info and info.manifest_sha256 and damage(info) is None
 
 
 @pytest.mark.parametrize("harm, phrase", [
-    (lambda d: rank_file(d, 1).write_bytes(rank_file(d, 1).read_bytes()[:100]), "rank_1.pt has 100 bytes"),
-    (lambda d: rank_file(d, 0).write_bytes(os.urandom(rank_file(d, 0).stat().st_size)), "rank_0.pt does not match"),
+    (lambda d: rank_file(d, 1).write_bytes(rank_file(d, 1).read_bytes()[:100]), "rank_1.safetensors has 100 bytes"),
+    (lambda d: rank_file(d, 0).write_bytes(os.urandom(rank_file(d, 0).stat().st_size)), "rank_0.safetensors does not match"),
     (lambda d: (d / MANIFEST).write_text('{"files": {}}'), "MANIFEST.json is not the one"),
     (lambda d: (d / MANIFEST).unlink(), "MANIFEST.json cannot be read"),
 ])
@@ -65,17 +66,41 @@ def test_no_intact_checkpoint_is_an_error_naming_the_damaged(tmp_path):
         find_resume_point(tmp_path, PLAN)
 
 
-def test_a_checkpoint_of_another_plan_is_refused_not_skipped(tmp_path):
+def test_a_portable_checkpoint_of_another_plan_is_resumed_an_old_one_refused(tmp_path):
     write_checkpoint(tmp_path, 2)
-    write_checkpoint(tmp_path, 4, plan_hash="ffffffffffffffff")
-    with pytest.raises(CheckpointError, match="written for plan ffffffffffffffff"):
+    info = write_checkpoint(tmp_path, 4, plan_hash="ffffffffffffffff")
+    assert info.format == PORTABLE and find_resume_point(tmp_path, PLAN) == info  # the workers reshard it
+    old = step_dir(tmp_path, 6)
+    old.mkdir()
+    rank_file(old, 0, LEGACY).write_bytes(b"pickle")
+    (old / MARKER).write_text(json.dumps({"step": 6, "plan_hash": "ffffffffffffffff", "num_ranks": 1, "job": "job"}))
+    with pytest.raises(CheckpointError, match="written for plan ffffffffffffffff in the old per-rank format"):
         find_resume_point(tmp_path, PLAN)
+
+
+def test_a_checkpoint_of_another_job_is_refused(tmp_path):
+    info = write_checkpoint(tmp_path, 2)
+    check_job(info, "job")
+    with pytest.raises(CheckpointError, match="written by job 'job', this run's job is 'other'"):
+        check_job(info, "other")
+
+
+def test_manifest_indexes_each_tensor_once_by_file(tmp_path):
+    directory = step_dir(tmp_path, 1)
+    directory.mkdir(parents=True)
+    for rank in range(2):
+        rank_file(directory, rank).write_bytes(b"x")
+    info = mark_complete(directory, 1, PLAN, 2, "job", [{"p:a/0/w": [2, 3]}, {"p:b/0/w": [4]}])
+    assert tensor_index(info) == {"p:a/0/w": {"file": "rank_0.safetensors", "shape": [2, 3]},
+                                  "p:b/0/w": {"file": "rank_1.safetensors", "shape": [4]}}
+    with pytest.raises(AssertionError, match="written by rank_0.safetensors and rank 1"):
+        mark_complete(directory, 1, PLAN, 2, "job", [{"p:a/0/w": [2, 3]}, {"p:a/0/w": [2, 3]}])
 
 
 def test_checkpoint_from_before_manifests_resumes_unverified(tmp_path):
     directory = step_dir(tmp_path, 3)
     directory.mkdir(parents=True)
-    rank_file(directory, 0).write_bytes(b"old")
+    rank_file(directory, 0, LEGACY).write_bytes(b"old")
     (directory / MARKER).write_text(json.dumps({"step": 3, "plan_hash": PLAN, "num_ranks": 1, "job": "j"}))
     info = find_resume_point(tmp_path, PLAN)
     assert info.step == 3 and info.manifest_sha256 is None and damage(info) is None
