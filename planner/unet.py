@@ -91,6 +91,7 @@ class UNetArch:
     heads: tuple[int, ...] | None = None  # per level; None: num_heads or channels / 64
     norm_groups: int | None = None  # None: runtime.unet.groups(channels)
     norm_eps: float = NORM_EPS
+    context_width: int | None = None  # the context width its cross-attention reads; None: its uses' (Loom's own)
 
 
 def channel_mults(comp: ComponentSpec) -> list[int]:
@@ -115,6 +116,17 @@ def _default_arch(levels: int) -> UNetArch:
 def time_width(comp: ComponentSpec) -> int:
     """Width of the time embedding every ResNet block reads (4 x c0, as diffusers)."""
     return 4 * comp.hidden_size
+
+
+def check_context(comp: ComponentSpec, name: str, width: int | None) -> None:
+    """A SpecError when a use of ``comp`` reads a context of ``width`` (None: a root use, no context) that its
+    cross-attention cannot: a pretrained UNet's keys and values read its config's cross_attention_dim."""
+    want = unet_arch(comp).context_width
+    if want is not None and width != want:
+        got = "no context (a root use)" if width is None else f"a context {width} wide"
+        raise SpecError(f"components.{name}: a use reads {got} but {comp.pretrained}/config.json has "
+                        f"cross_attention_dim {want}. Feed every use from an upstream use of hidden_size {want} "
+                        "(e.g. a text encoder).")
 
 
 def attention_heads(comp: ComponentSpec, name: str, channels: int, level: int | None = None) -> int:
@@ -192,6 +204,7 @@ class BlockCost:
 
 def block_cost(comp: ComponentSpec, name: str, block: UNetBlock, context: Context | None) -> BlockCost:
     """The cost of one block: its ResNet block (two for the mid block), its transformer block and its resample."""
+    check_context(comp, name, context.width if context else None)
     c_in, c, t = block.h_in[0] + block.skip, block.out_channels, block.side**2
     shortcut = c_in * c if c_in != c else 0  # a 1x1 convolution when the channels change
     resnets = 2 if block.mid else 1  # the mid block's ResNets keep the channels (no shortcut)

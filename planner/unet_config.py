@@ -109,7 +109,8 @@ def config_arch(path: str) -> UNetArch:
     cfg = resolve_pretrained(path).config
     return UNetArch(tuple(DOWN_TYPES[t] for t in cfg["down_block_types"]),
                     tuple(UP_TYPES[t] for t in reversed(cfg["up_block_types"])), True,
-                    tuple(_levels(cfg, "attention_head_dim")), cfg.get("norm_num_groups", 32), cfg.get("norm_eps", 1e-5))
+                    tuple(_levels(cfg, "attention_head_dim")), cfg.get("norm_num_groups", 32), cfg.get("norm_eps", 1e-5),
+                    cfg.get("cross_attention_dim", 1280))
 
 
 def config_tensors(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -22,10 +22,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from planner.errors import SpecError
-from planner.pretrained import CONFIG_FILE, resolve_pretrained
 from planner.spec import ComponentSpec
-from planner.unet import UNetBlock, channel_mults, time_width, unet_blocks
+from planner.unet import UNetBlock, channel_mults, check_context, time_width, unet_blocks
 from runtime.unet import BlockParts, UNetInput, UNetLayer
 
 INPUT_MODULES = ("conv_in", "time_proj", "time_embedding")
@@ -72,22 +70,11 @@ def block_modules(comp: ComponentSpec, block: UNetBlock, index: int) -> dict[str
     return paths
 
 
-def _check_context(comp: ComponentSpec, name: str, context_width: int | None) -> None:
-    """A SpecError unless every use of ``comp`` cross-attends to a context as wide as the config's
-    cross_attention_dim (the model's attention keys and values read that width)."""
-    width = resolve_pretrained(comp.pretrained).config.get("cross_attention_dim", 1280)
-    if context_width != width:
-        got = "no context (a root use)" if context_width is None else f"a context {context_width} wide"
-        raise SpecError(f"components.{name}: its uses read {got} but {comp.pretrained}/{CONFIG_FILE} has "
-                        f"cross_attention_dim {width}. Feed every use from an upstream use of hidden_size {width} "
-                        "(e.g. a text encoder).")
-
-
 def build_layer(comp: ComponentSpec, name: str, segment: int, index: int, image_size: int,
                 context_width: int | None) -> UNetLayer:
     """Block ``index`` of planner segment ``segment`` of pretrained unet2d ``comp`` (named ``name``), from the model's
     own modules and only their tensors, laid out for uses at ``image_size``."""
-    _check_context(comp, name, context_width)
+    check_context(comp, name, context_width)  # the planner's check, again where the width is known for sure
     block = [b for b in unet_blocks(comp, image_size) if b.segment == segment][index]
     parts = {field: _loaded(comp.pretrained, path) for field, path in block_modules(comp, block, index).items()}
     return UNetLayer(block, image_size, time_width(comp), context_width, BlockParts(**parts))

@@ -89,10 +89,16 @@ def test_a_config_loom_cannot_run_is_one_error_line(models, tmp_path, changes, e
     assert expected in lines[0], lines[0]
 
 
-def test_a_root_use_without_a_context_is_refused_naming_cross_attention_dim(models):
-    job = load_job(write_job(models, text=False))
-    with pytest.raises(SpecError, match=r"components.unet: its uses read no context .* cross_attention_dim 32"):
-        build_layer(job, build_metagraph(job).metaops[0], 0)
+@pytest.mark.parametrize("text_width, got", [(None, "no context (a root use)"), (16, "a context 16 wide")])
+def test_a_use_without_a_context_of_cross_attention_dim_is_one_error_line(models, tmp_path, text_width, got):
+    doc = yaml.safe_load(write_job(models, text=text_width is not None).read_text())
+    doc["components"] |= {"unet": {"pretrained": str(models / "unet")}, "text": TEXT | {"hidden_size": text_width or 32}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "job.yaml")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        f"error: components.unet: a use reads {got} but {models / 'unet'}/config.json has cross_attention_dim 32. "
+        "Feed every use from an upstream use of hidden_size 32 (e.g. a text encoder)."]
 
 
 def test_a_worker_reads_only_the_tensors_of_the_blocks_it_holds(models, monkeypatch):
