@@ -30,7 +30,6 @@ from planner.spec import ComponentSpec
 DEFAULT_CHANNEL_MULTS = (1, 2, 4, 4)
 HEAD_DIM = 64  # attention head width when the component sets no num_heads (as Stable Diffusion 2)
 GEGLU_MULT = 4  # the transformer block's MLP width as a multiple of its channels
-NORM_EPS = 1e-5  # Loom's own unet2d: GroupNorm eps of its ResNet blocks and head
 
 Plane = tuple[int, int]  # (channels, side) of one feature map
 
@@ -80,17 +79,16 @@ class UNetBlock:
 
 @dataclass(frozen=True)
 class UNetArch:
-    """The choices a unet2d makes beyond its shape: which blocks attend, heads per level, GroupNorm groups and eps.
-    Loom's own unet2d attends below full resolution only, with ``num_heads`` (or channels / 64) heads and the groups
-    of runtime.unet.groups; a pretrained one (``pretrained:`` a diffusers UNet2DConditionModel folder) follows its
-    config (planner.unet_config)."""
+    """The choices a unet2d makes beyond its shape that its layout and cost follow: which blocks attend, heads per
+    level, the context width. Loom's own unet2d attends below full resolution only, with ``num_heads`` (or channels /
+    64) heads, to its uses' context; a pretrained one (``pretrained:`` a diffusers UNet2DConditionModel folder)
+    follows its config (planner.unet_config). What only changes the math inside a block (a pretrained model's
+    GroupNorm groups and eps, linear projections, ...) is not here: the runtime runs that model's own modules."""
 
     down_attention: tuple[bool, ...]  # per level: its down blocks have a transformer (CrossAttnDownBlock2D)
     up_attention: tuple[bool, ...]  # per level (level 0 = full resolution): its up blocks have one
     mid_attention: bool
     heads: tuple[int, ...] | None = None  # per level; None: num_heads or channels / 64
-    norm_groups: int | None = None  # None: runtime.unet.groups(channels)
-    norm_eps: float = NORM_EPS
     context_width: int | None = None  # the context width its cross-attention reads; None: its uses' (Loom's own)
 
 

@@ -4,8 +4,8 @@ A diffusers model folder holds ``config.json`` with ``"_class_name": "UNet2DCond
 ``diffusion_pytorch_model.safetensors``. planner.pretrained finds this module's entry by that class name;
 :func:`config_fields` gives the spec fields the config fixes (hidden_size = block_out_channels[0], channel_mults,
 num_layers = layers_per_block, in_channels, image_size = sample_size, num_heads when every level has the same),
-:func:`config_arch` the choices planner.unet's layout follows (which levels attend, heads per level, GroupNorm
-groups and eps), :func:`config_refusal` the first config key Loom cannot run exactly and
+:func:`config_arch` the choices planner.unet's layout follows (which levels attend, heads per level, the
+context width), :func:`config_refusal` the first config key Loom cannot run exactly and
 :func:`config_tensors` the tensors (and shapes) the config implies, which planner.pretrained checks against the
 safetensors header.
 
@@ -72,6 +72,8 @@ def config_refusal(cfg: dict[str, Any]) -> str | None:
         ("layers_per_block", len(set(_levels(cfg, "layers_per_block"))) != 1, "a block count per level (Loom has one "
          "num_layers)"),
         ("cross_attention_dim", isinstance(cfg.get("cross_attention_dim"), (list, tuple)), "a context width per level"),
+        ("sample_size", not isinstance(cfg.get("sample_size", 64), int), "non-square latents (Loom's image_size is a "
+         "side)"),
         ("down_block_types", len(cfg.get("down_block_types") or []) != len(boc)
          or any(t not in DOWN_TYPES for t in cfg["down_block_types"]), f"blocks other than {', '.join(DOWN_TYPES)}"),
         ("up_block_types", len(cfg.get("up_block_types") or []) != len(boc)
@@ -109,8 +111,7 @@ def config_arch(path: str) -> UNetArch:
     cfg = resolve_pretrained(path).config
     return UNetArch(tuple(DOWN_TYPES[t] for t in cfg["down_block_types"]),
                     tuple(UP_TYPES[t] for t in reversed(cfg["up_block_types"])), True,
-                    tuple(_levels(cfg, "attention_head_dim")), cfg.get("norm_num_groups", 32), cfg.get("norm_eps", 1e-5),
-                    cfg.get("cross_attention_dim", 1280))
+                    tuple(_levels(cfg, "attention_head_dim")), cfg.get("cross_attention_dim", 1280))
 
 
 def config_tensors(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from planner.spec import ComponentSpec
-from planner.unet import NORM_EPS, Plane, UNetBlock, attention_heads, time_width, unet_blocks
+from planner.unet import Plane, UNetBlock, attention_heads, time_width, unet_blocks
 
 NORM_GROUPS = 32  # GroupNorm groups, as diffusers; fewer for narrow layers (see groups())
+NORM_EPS = 1e-5  # GroupNorm eps of Loom's own ResNet blocks (a pretrained UNet's modules keep their config's)
 NUM_TIMESTEPS = 1000  # DDPM: linear betas from 1e-4 to 0.02 over 1000 steps
 BETA_START, BETA_END = 1e-4, 0.02
 
