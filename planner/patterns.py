@@ -167,12 +167,12 @@ class PatternMaster:
 
     def generate(self, max_rounds: int, deadline: float | None = None) -> int:
         """Column generation until no pattern prices out, ``max_rounds``, the work budget or this process's CPU
-        time ``time.process_time()`` reaches ``deadline`` (a backstop: the LP over the columns so far); returns the
+        time ``time.thread_time()`` reaches ``deadline`` (a backstop: the LP over the columns so far); returns the
         rounds run."""
         limits = [int(round(d)) for d in self.demand]
         for rounds in range(1, max_rounds + 1):
             self.h.run()
-            if self.work >= self.work_budget or (deadline is not None and time.process_time() >= deadline):
+            if self.work >= self.work_budget or (deadline is not None and time.thread_time() >= deadline):
                 return rounds
             self.work += self.round_work
             duals = np.abs(np.array(self.h.getSolution().row_dual))

@@ -136,12 +136,12 @@ def _shave(st: _State, k: int) -> bool:
 
 def polish(problem: Problem, schedule: Schedule, max_rounds: int = 60, deadline: float | None = None) -> Schedule:
     """Improve ``schedule`` by narrow/widen/shave moves until none helps (or ``max_rounds``, or this process's CPU
-    time ``time.process_time()`` reaches ``deadline``: each move keeps the schedule valid, so it may stop anywhere)."""
+    time ``time.thread_time()`` reaches ``deadline``: each move keeps the schedule valid, so it may stop anywhere)."""
     st = _State(problem, schedule)
     for _ in range(max_rounds):
         improved = False
         k = 0
-        while k < len(st.waves) and (deadline is None or time.process_time() < deadline):
+        while k < len(st.waves) and (deadline is None or time.thread_time() < deadline):
             _narrow(st, k)
             improved |= _widen(st, k)
             improved |= _shave(st, k)

@@ -57,14 +57,14 @@ class SolverSettings:
     mip_gap: float = 0.005
     level_barriers: bool = False  # True: Spindle's level barriers (no overlap of MetaLevels)
     max_nodes: int = 2000  # deterministic work limit of the MILP (branch-and-bound nodes)
-    deadline: float | None = None  # time.process_time() after which optional search stops; solve(): start + limit
+    deadline: float | None = None  # time.thread_time() after which optional search stops; solve(): start + limit
 
     def past_deadline(self) -> bool:
-        return self.deadline is not None and time.process_time() >= self.deadline
+        return self.deadline is not None and time.thread_time() >= self.deadline
 
     def milp_limit_s(self) -> float:
         """The wall-clock limit of a MILP solve started now: time_limit_s, or what is left before the deadline."""
-        left = self.time_limit_s if self.deadline is None else self.deadline - time.process_time()
+        left = self.time_limit_s if self.deadline is None else self.deadline - time.thread_time()
         return max(min(self.time_limit_s, left), 0.01)
 
 
@@ -181,7 +181,7 @@ def _candidate(problem: Problem, name: str, schedule: Schedule, status: str = "h
 def _two_wave(problem: Problem, say, deadline: float | None = None) -> list[Candidate]:
     waves = []
     for level in problem.graph.levels:
-        if deadline is not None and time.process_time() >= deadline:
+        if deadline is not None and time.thread_time() >= deadline:
             say("time limit reached: two-wave packing skipped")
             return []
         packed = pack_stage(problem, level)
@@ -263,7 +263,7 @@ def solve(problem: Problem, settings: SolverSettings, warm: Schedule | None = No
     say = progress or log.info
     t0 = time.perf_counter()
     if settings.deadline is None:
-        settings = replace(settings, deadline=time.process_time() + settings.time_limit_s)
+        settings = replace(settings, deadline=time.thread_time() + settings.time_limit_s)
     deadline = settings.deadline
     lp, master, windows = _best_lp(problem, settings, say)
     lp_exact = not settings.past_deadline()  # column generation stopped by the deadline: its value bounds nothing
