@@ -295,3 +295,23 @@ def test_a_packed_row_attends_within_its_documents(models):
         unmasked = layer(torch.cat([a, b], dim=1))
     assert float((packed - alone).abs().max()) <= 1e-5
     assert float((unmasked - alone).abs().max()) > 1e-3  # without the ids the second document sees the first
+
+
+def test_tied_embeddings_train_untied_and_export_untied(tmp_path):
+    """A model whose LM head is its embedding (tie_word_embeddings, as small Qwen2 models): the head starts as the
+    embedding's copy, the two train apart, and the export says so, so from_pretrained reproduces Loom's logits."""
+    save_llama(tmp_path / "tied", tie_word_embeddings=True)
+    job = load_job(write_job(tmp_path, "tied"))
+    reference = ReferenceTrainer(job)
+    head = reference.head(0)
+    embed = reference.modules[("embed:lm", 0)]
+    assert torch.equal(head.out.weight, embed.parts[0].weight) and head.out.weight is not embed.parts[0].weight
+    reference.train_step(0)
+    assert not torch.equal(head.out.weight, embed.parts[0].weight)
+    (folder,) = export_pretrained(job, reference.named_parameters(), tmp_path / "export")
+    assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is False
+    batch = synthetic_batch(job, 0, 3, 0, 4)
+    with torch.no_grad():
+        logits = _hf(folder)(input_ids=batch.inputs["lm"]).logits
+        ours = head.out(head.norm(reference.forward(0, batch)["lm"]))
+    assert float((logits - ours).norm() / ours.norm()) <= RTOL
