@@ -1,7 +1,9 @@
 """Pretrained components, planner side: a component's kind and shape read from its local checkpoint folder.
 
 A component with ``pretrained: PATH`` names a Hugging Face ``transformers`` folder (``config.json`` plus
-``model.safetensors`` or ``model.safetensors.index.json`` and its shards). :func:`resolve_pretrained` reads the
+``model.safetensors`` or ``model.safetensors.index.json`` and its shards) or a ``diffusers`` model folder (its config
+names a ``_class_name`` instead of a ``model_type``; ``diffusion_pytorch_model.safetensors``): a UNet2DConditionModel,
+read by planner.unet_config. :func:`resolve_pretrained` reads the
 config's ``model_type``, finds its :class:`Architecture` in :data:`ARCHITECTURES` and returns the spec fields the
 config fixes (kind, layers, widths, heads, MLP width, vocabulary); the spec need not restate them, and a restated
 field that disagrees is an error naming both values. It also reads the safetensors headers (JSON, no tensor data)
