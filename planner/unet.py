@@ -8,7 +8,8 @@ by a 2x downsample except at the deepest level; the mid block at the deepest lev
 ``num_layers + 1`` blocks per level followed by a 2x upsample except at level 0. A block is a ResNet
 block (two 3x3 convolutions, the time embedding added in between) followed, below full resolution,
 by a transformer block (self-attention, cross-attention to the use's context when it has an upstream
-use, GEGLU MLP). ``conv_in``, every down block and every downsample push their output on the skip
+use, GEGLU MLP); a pretrained UNet2DConditionModel has one where its config's block types say
+(:class:`UNetArch`, planner.unet_config). ``conv_in``, every down block and every downsample push their output on the skip
 stack; every up block pops the top one and concatenates it to its input on channels; the mid block
 neither pushes nor pops.
 
