@@ -22,6 +22,7 @@ Imports transformers (seconds) only when a pretrained module is built.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -80,13 +81,6 @@ def _skeleton(path: str) -> nn.Module:
         return auto.from_config(config)
 
 
-def _part(path: str, attr: str) -> nn.Module:
-    module = _skeleton(path)
-    for name in attr.split("."):
-        module = module[int(name)] if name.isdigit() else getattr(module, name)
-    return module
-
-
 def read_tensors(folder: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
     """The tensors ``names`` from ``folder``'s safetensors files, as float32 copies; only these are read."""
     from safetensors import safe_open
@@ -111,18 +105,31 @@ def _checkpoint_name(path: str, name: str) -> str:
     return name
 
 
-def _loaded(path: str, attr: str) -> nn.Module:
-    """A copy of the model's module at ``attr`` holding its tensors from ``path`` (float32). Buffers the checkpoint
-    does not hold (position ids, rotary frequencies) are set by the model's own initialisation, run without touching
-    the global RNG; every parameter is then overwritten from the file."""
-    module = copy.deepcopy(_part(path, attr)).to_empty(device="cpu")
-    with torch.random.fork_rng(devices=[]):
-        for sub in module.modules():
-            _skeleton(path)._init_weights(sub)
-    names = {n: _checkpoint_name(path, f"{attr}.{n}") for n in module.state_dict()}
+def load_part(skeleton: nn.Module, path: str, attr: str, init: Callable[[nn.Module], None] | None = None,
+              source: Callable[[str], str] = lambda name: name) -> nn.Module:
+    """A copy of meta-device ``skeleton``'s module at ``attr`` holding its tensors from ``path`` (float32; only these
+    are read). ``init`` (each submodule, off the global RNG) sets the buffers the checkpoint does not hold (position
+    ids, rotary frequencies) before every parameter is overwritten from the file; ``source`` names the tensor that
+    holds a parameter (by its full name)."""
+    module = skeleton
+    for name in attr.split("."):
+        module = module[int(name)] if name.isdigit() else getattr(module, name)
+    module = copy.deepcopy(module).to_empty(device="cpu")
+    if init is not None:
+        with torch.random.fork_rng(devices=[]):
+            for sub in module.modules():
+                init(sub)
+    names = {n: source(f"{attr}.{n}") for n in module.state_dict()}
     tensors = read_tensors(path, sorted(set(names.values())))
     module.load_state_dict({n: tensors[src] for n, src in names.items()}, assign=True, strict=True)
     return module
+
+
+def _loaded(path: str, attr: str) -> nn.Module:
+    """The transformers model's module at ``attr``, initialised by the model's own ``_init_weights``, then loaded."""
+    skeleton = _skeleton(path)
+    return load_part(skeleton, path, attr, init=skeleton._init_weights,
+                     source=lambda name: _checkpoint_name(path, name))
 
 
 class PretrainedLayer(nn.Module):

@@ -16,7 +16,6 @@ Imports diffusers only when a module is built.
 
 from __future__ import annotations
 
-import copy
 from functools import lru_cache
 
 import torch
@@ -43,16 +42,9 @@ def _skeleton(path: str) -> nn.Module:
 
 def _loaded(path: str, attr: str) -> nn.Module:
     """A copy of the model's module at ``attr`` holding its tensors from ``path`` (float32; only these are read)."""
-    from runtime.pretrained import read_tensors  # local: runtime.pretrained dispatches to this module
+    from runtime.pretrained import load_part  # local: runtime.pretrained dispatches to this module
 
-    module = _skeleton(path)
-    for name in attr.split("."):
-        module = module[int(name)] if name.isdigit() else getattr(module, name)
-    module = copy.deepcopy(module).to_empty(device="cpu")
-    names = {n: f"{attr}.{n}" for n in module.state_dict()}
-    tensors = read_tensors(path, sorted(names.values()))
-    module.load_state_dict({n: tensors[src] for n, src in names.items()}, assign=True, strict=True)
-    return module
+    return load_part(_skeleton(path), path, attr)
 
 
 def block_modules(comp: ComponentSpec, block: UNetBlock, index: int) -> dict[str, str]:

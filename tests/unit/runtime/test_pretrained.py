@@ -113,30 +113,10 @@ def test_single_process_training_equals_the_transformers_model(models, model_typ
         assert err <= RTOL, (name, err)
 
 
-def test_a_worker_reads_only_the_tensors_of_the_layers_it_holds(models, monkeypatch):
-    import safetensors
-
+def test_a_worker_reads_only_the_tensors_of_the_layers_it_holds(models, tensor_reads):
     job = load_job(write_job(models, "deep"))
     op = build_metagraph(job).metaops[0]
-    read: list[str] = []
-    real_open = safetensors.safe_open
-
-    class Counting:
-        def __init__(self, *args, **kwargs):
-            self.inner = real_open(*args, **kwargs)
-
-        def __enter__(self):
-            self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def get_tensor(self, name):
-            read.append(name)
-            return self.inner.get_tensor(name)
-
-    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    read = tensor_reads
     layers = [build_layer(job, op, i) for i in (2, 3)]
     assert len(read) == 2 * 9  # q, k, v, o, gate, up, down and two norms per layer
     assert {name.split(".")[2] for name in read} == {"2", "3"}, read
