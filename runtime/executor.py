@@ -95,7 +95,8 @@ class WaveWorker:
                 self.modules[(name, layer)] = self._build((name, layer)).to(self.device)
         self.optimizer = self._build_optimizer()
         self.scaler = LossScaler(compute_dtype(job, self.device) == torch.float16)
-        # pieces (activations and their gradients) cross devices in the compute precision, as the plan prices them
+        # pieces (activations and their gradients) and gradient buckets cross devices in the compute precision, as the
+        # plan prices them
         self.wire_dtype = compute_dtype(job, self.device) or torch.float32
         if self.device.type == "cuda" and groups is not None:
             # NCCL: the first operation on a group must involve all of its ranks, and the first on the default group
@@ -444,14 +445,15 @@ class WaveWorker:
     def _launch_sync(self, wave: int, pending: list | None) -> None:
         """Start the all-reduce (async) of every bucket whose gradients are final once ``wave``'s backward is
         done (``len(waves)``: the loss stage's); appends (bucket, flat gradients, work) to ``pending``. None: a
-        micro-batch before the last (its gradients only accumulate)."""
+        micro-batch before the last (its gradients only accumulate). The bucket is reduced in the compute precision
+        (bf16/fp16 under autocast: the plan's ``grad_bytes``), then its sum is float32 again."""
         if pending is None:
             return
         for bucket in self._grad_buckets:
             if bucket.ready_wave != wave:
                 continue
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                              for p in bucket.params])
+                              for p in bucket.params]).to(self.wire_dtype)
             work = dist.all_reduce(flat, group=self.groups.by_devices[bucket.devices], async_op=True)
             pending.append((bucket, flat, work))
 
@@ -460,6 +462,7 @@ class WaveWorker:
         assert len(pending) == len(self._grad_buckets), "a gradient bucket was never launched"
         for bucket, flat, work in pending:
             work.wait()
+            flat = flat.float()  # a no-op in fp32
             offset = 0
             for p in bucket.params:
                 n = p.numel()
