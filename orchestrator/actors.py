@@ -451,6 +451,18 @@ def copy_worker_logs(temp_dir: Path, target: Path) -> None:
             shutil.copyfile(path, target / path.name)
 
 
+def end_processes(pids: list[int]) -> None:
+    """SIGKILL each of ``pids`` that is still there: an embedded run's own actor processes after ``kill_actors``, since
+    Ray's kill reaches no process that stopped answering (SIGSTOP, a hang in C code) until its keepalive times out."""
+    import signal
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def kill_actors(actors: list) -> None:
     """Kill every actor (no restart); one that is already gone is skipped."""
     for actor in actors:

@@ -56,9 +56,9 @@ def lost_workers(actors: list, timeout_s: float = PROBE_TIMEOUT_S) -> dict[int, 
     return lost
 
 
-def watchdog_failure(actors: list, step: int, timeout_s: float, pending: list[int]) -> WorkerLost:
-    """The failure of a step that ran past ``timeout_s``: which ranks had not finished and where each stopped
-    (``WaveActor.progress``), one line."""
+def watchdog_failure(actors: list, what: str, timeout_s: float, pending: list[int]) -> WorkerLost:
+    """The failure of a step (or checkpoint: ``what``) that ran past ``timeout_s``: which ranks had not finished and
+    where each stopped (``WaveActor.progress``), one line."""
     import ray
 
     refs = {actors[rank].progress.remote(): rank for rank in pending}
@@ -70,7 +70,7 @@ def watchdog_failure(actors: list, step: int, timeout_s: float, pending: list[in
         except ray.exceptions.RayError as exc:
             where[refs[ref]] = first_line(exc)
     parts = [f"rank {rank} {describe(where[rank]) if rank in where else 'does not answer'}" for rank in pending]
-    return WorkerLost(f"step {step} ran past training.step_timeout_s ({timeout_s:g} s): {'; '.join(parts)}")
+    return WorkerLost(f"{what} ran past training.step_timeout_s ({timeout_s:g} s): {'; '.join(parts)}")
 
 
 def describe(progress: dict | str | None) -> str:

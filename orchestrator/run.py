@@ -161,6 +161,7 @@ class Driver:
         self.gpus_per_worker = 0  # 1 for a GPU job on a cluster with a GPU per worker
         self.placement_group = None  # the run's reserved nodes (orchestrator.actors.reserve_nodes)
         self.worker_nodes: list[str] = []  # rank -> Ray node id, as the actors report it
+        self.worker_pids: list[int] = []  # rank -> the actor's process id (on its node)
         self.joined = False  # True when this run connected to --address
         self.records: list[StepRecord] = []
         self.checkpoints: list[CheckpointInfo] = []
@@ -375,8 +376,9 @@ class Driver:
                 host, port = "127.0.0.1", free_port()
             else:  # the actors may be on other nodes: rendezvous at rank 0's node
                 host, port = gather_one(self.actors[0].endpoint.remote(), 0, STARTING)
-            self.gather(lambda a, r: a.setup.remote(host, port, self.actors, self.options.object_store_from_bytes),
-                        STARTING, timeout=self.options.setup_timeout_s)
+            self.worker_pids = self.gather(
+                lambda a, r: a.setup.remote(host, port, self.actors, self.options.object_store_from_bytes), STARTING,
+                timeout=self.options.setup_timeout_s)
         except GatherTimeout:
             raise RunFailed(
                 f"the {self.world_size} workers did not start within {self.options.setup_timeout_s:g} s, though their "
@@ -454,7 +456,7 @@ class Driver:
         try:
             results = self.gather(lambda a, r: a.train_step.remote(step), f"at step {step}", timeout=timeout)
         except GatherTimeout as exc:
-            raise watchdog_failure(self.actors, step, timeout, exc.pending) from None
+            raise watchdog_failure(self.actors, f"step {step}", timeout, exc.pending) from None
         seconds = time.perf_counter() - start
         losses = results[0]["losses"]  # identical on every rank (all-reduced)
         waves, parts = step_breakdown([r.get("timing") for r in results])
@@ -474,7 +476,13 @@ class Driver:
         relative = step_dir(Path(), done)
         files = [str(self.path(rank_file(relative, r))) for r in range(self.world_size)]
         directory = begin_checkpoint(self.out_dir, done)
-        index = self.gather(lambda a, r: a.save.remote(files[r]), f"while writing checkpoint {done}")
+        from orchestrator.recovery import watchdog_failure
+
+        timeout = self.job.training.step_timeout_s  # a worker that hangs while saving is as lost
+        try:
+            index = self.gather(lambda a, r: a.save.remote(files[r]), f"while writing checkpoint {done}", timeout)
+        except GatherTimeout as exc:
+            raise watchdog_failure(self.actors, f"checkpoint {done}", timeout, exc.pending) from None
         info = mark_complete(directory, done, self.plan.hash, self.world_size, self.job.name, index)
         self.checkpoints.append(info)
         self.metrics.checkpoints.inc()
@@ -532,11 +540,17 @@ class Driver:
 
     def stop_workers(self) -> None:
         """Kill the actors and free their reserved nodes (shutdown, and before a restart)."""
-        from orchestrator.actors import kill_actors, release_nodes
+        from orchestrator.actors import end_processes, kill_actors, release_nodes
 
         if self.actors:
             kill_actors(self.actors)
             self.actors = []
+        if self.worker_pids:  # the run's own actor processes on this node: one Ray cannot reach (SIGSTOP) ends too
+            import ray
+
+            here = ray.get_runtime_context().get_node_id()
+            end_processes([pid for pid, node in zip(self.worker_pids, self.worker_nodes) if node == here])
+        self.worker_pids = []
         if self.placement_group is not None:
             release_nodes(self.placement_group)
             self.placement_group = None

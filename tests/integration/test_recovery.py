@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import signal
 from pathlib import Path
 
@@ -15,9 +16,8 @@ import pytest
 import torch
 
 from orchestrator.actors import EmbeddedRay
-from orchestrator.metrics import LogReporter, StepRecord
 from orchestrator.remote import RunFailed
-from orchestrator.run import RunOptions, run_job
+from orchestrator.run import Driver, RunOptions, run_job
 from planner.api import plan_job
 from planner.spec import parse_job
 
@@ -46,22 +46,39 @@ def worker_pids() -> list[int]:
     return sorted(pid for pid in found if title.get(pid, "").startswith("ray::WaveActor"))
 
 
-class ChaosReporter(LogReporter):
-    """After each step in ``plan`` (step -> signal) is reported the first time, sends that signal to a random worker
-    (between the step and its checkpoint, so the checkpoint fails too and the run falls back one step)."""
+class Chaos:
+    """Sends signals to a random worker of this test's run at planned steps, the first time each step runs (a restart
+    redoes a step): ``plan`` maps a step to (signal, "before" the step starts or "after" it, i.e. while its
+    checkpoint is being written). Installed by patching ``Driver.run_step``."""
 
-    def __init__(self, plan: dict[int, int], seed: int):
-        super().__init__()
+    def __init__(self, monkeypatch, plan: dict[int, tuple[int, str]], seed: int):
         self.plan, self.random = dict(plan), random.Random(seed)
         self.sent: list[tuple[int, int, int]] = []  # (step, signal, pid)
+        original = Driver.run_step
 
-    def step(self, record: StepRecord) -> None:
-        super().step(record)
-        signum = self.plan.pop(record.step, None)
-        if signum is not None:
+        def run_step(driver, step, *args):
+            self.maybe_signal(step, "before")
+            record = original(driver, step, *args)
+            self.maybe_signal(step, "after")
+            return record
+
+        monkeypatch.setattr(Driver, "run_step", run_step)
+
+    def maybe_signal(self, step: int, when: str) -> None:
+        if self.plan.get(step, (None, None))[1] == when:
+            signum, _ = self.plan.pop(step)
             pid = self.random.choice(worker_pids())
             os.kill(pid, signum)
-            self.sent.append((record.step, signum, pid))
+            self.sent.append((step, signum, pid))
+
+    def end_frozen(self) -> None:
+        """SIGKILL the workers this test froze, if any is left (the driver ends them; this is the test's guard)."""
+        for _, signum, pid in self.sent:
+            if signum == signal.SIGSTOP:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 @pytest.fixture(scope="module")
@@ -81,31 +98,29 @@ def job_plan():
     return job, plan_job(job, with_baselines=False).plan
 
 
-def test_run_survives_three_lost_workers_with_the_uninterrupted_result(ray_session, job_plan, tmp_path, caplog):
+def test_run_survives_three_lost_workers_with_the_uninterrupted_result(ray_session, job_plan, tmp_path, caplog,
+                                                                       monkeypatch):
     job, plan = job_plan
     whole = run_job(job, plan, options=RunOptions(out_dir=tmp_path / "whole", checkpoint_every=0,
                                                   collect_parameters=True))
-    rng = random.Random(12)
-    kill_steps = sorted(rng.sample(range(STEPS - 1), 3))
-    chaos = ChaosReporter({kill_steps[0]: signal.SIGKILL, kill_steps[1]: signal.SIGSTOP,
-                           kill_steps[2]: signal.SIGKILL}, seed=12)
+    steps = sorted(random.Random(12).sample(range(1, STEPS), 3))
+    # killed while its checkpoint is written, frozen before a step (the watchdog), killed before a step
+    chaos = Chaos(monkeypatch, {steps[0]: (signal.SIGKILL, "after"), steps[1]: (signal.SIGSTOP, "before"),
+                                steps[2]: (signal.SIGKILL, "before")}, seed=12)
     try:
         with caplog.at_level(logging.INFO):
-            result = run_job(job, plan, options=RunOptions(out_dir=tmp_path / "chaos", collect_parameters=True),
-                             reporter=chaos)
+            result = run_job(job, plan, options=RunOptions(out_dir=tmp_path / "chaos", collect_parameters=True))
     finally:
-        for _, signum, pid in chaos.sent:  # a frozen worker Ray could not reach: ours to end
-            if signum == signal.SIGSTOP:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-    assert [step for step, _, _ in chaos.sent] == kill_steps
+        chaos.end_frozen()
+    assert [step for step, _, _ in chaos.sent] == steps
     restarts = [r.getMessage() for r in caplog.records if "; restart " in r.getMessage()]
     assert len(restarts) == 3, restarts
-    assert all("restart %d of 3" % (i + 1) in line for i, line in enumerate(restarts)), restarts
-    hung = [line for line in restarts if "step_timeout_s (10 s)" in line]
-    assert len(hung) == 1 and "does not answer" in hung[0] and "stopped in wave" in hung[0], restarts
+    assert all(f"restart {i + 1} of 3" in line for i, line in enumerate(restarts)), restarts
+    assert f"while writing checkpoint {steps[0] + 1}" in restarts[0], restarts[0]
+    hung = restarts[1]
+    assert f"step {steps[1]} ran past training.step_timeout_s (10 s)" in hung and "does not answer" in hung, hung
+    # the other rank says where it waits for the frozen one (in a wave's exchange or in the gradient sync)
+    assert re.search(rf"rank \d stopped in (wave \d+ \(\w+\)|the gradient sync) of step {steps[1]}", hung), hung
     # every step once in the result, each with the uninterrupted run's losses; the same final parameters
     assert [r.step for r in result.records] == list(range(STEPS))
     assert [r.loss for r in result.records] == [r.loss for r in whole.records]
@@ -114,11 +129,11 @@ def test_run_survives_three_lost_workers_with_the_uninterrupted_result(ray_sessi
             assert torch.equal(tensor, result.parameters[rank][name]), (rank, name)
 
 
-def test_a_loss_past_max_restarts_ends_the_run_with_one_line(ray_session, job_plan, tmp_path):
+def test_a_loss_past_max_restarts_ends_the_run_with_one_line(ray_session, job_plan, tmp_path, monkeypatch):
     job, plan = job_plan
     job = job.model_copy(update={"training": job.training.model_copy(update={"max_restarts": 0})})
+    Chaos(monkeypatch, {1: (signal.SIGKILL, "before")}, seed=1)
     with pytest.raises(RunFailed) as failed:
-        run_job(job, plan, options=RunOptions(steps=3, out_dir=tmp_path, checkpoint_every=0),
-                reporter=ChaosReporter({0: signal.SIGKILL}, seed=1))
+        run_job(job, plan, options=RunOptions(steps=3, out_dir=tmp_path, checkpoint_every=0))
     message = str(failed.value)
     assert "\n" not in message and message.startswith("worker ") and "at step 1" in message, message
