@@ -104,7 +104,10 @@ def _export_optimizer(worker, writer: dict[tuple[str, int], int], out: dict[str,
             _export_share(worker, share, state, out)
     for key, module in sorted(worker.modules.items()):
         for state_name in _state_names(whole):
-            if key in worker.tp_of:
+            if key in worker.tp_of and state_name in SCALARS:  # the same on every TP rank: each reference takes it
+                plain = {r: whole[id(p)][state_name] for n, p in module.named_parameters()
+                         if state_name in whole.get(id(p), {}) for r in _references(module, n)}
+            elif key in worker.tp_of:
                 plain = _tp_plain(module, lambda p: whole.get(id(p), {}).get(state_name))
             else:
                 plain = {n: whole[id(p)][state_name] for n, p in module.named_parameters()
@@ -340,7 +343,7 @@ def _whole_states(worker, reader: PortableReader, params: list) -> dict:
             per_state = {s: _tp_local(module, lambda r, s=s: reader.whole_state(s, global_name(key, r)))
                          for s in reader.state_names}
             for n, p in mine:
-                step = reader.scalar("step", global_name(key, _first_reference(module, n)))
+                step = reader.scalar("step", global_name(key, _references(module, n)[0]))
                 if step is not None:
                     out[p] = {"step": step.float()} | {s: t[n].to(p.device).clone() for s, t in per_state.items()}
             continue
@@ -353,9 +356,9 @@ def _whole_states(worker, reader: PortableReader, params: list) -> dict:
     return out
 
 
-def _first_reference(block, name: str) -> str:
-    """The first plain parameter a megatron parameter ``name`` holds (whose ``step`` stands for all of them)."""
-    return block.param_map[name.removeprefix("layer.")].references[0]
+def _references(block, name: str) -> tuple[str, ...]:
+    """The plain parameters a megatron parameter ``name`` holds (runtime.megatron_backend's map)."""
+    return block.param_map[name.removeprefix("layer.")].references
 
 
 def _import_shares(worker, opt, reader: PortableReader) -> None:
