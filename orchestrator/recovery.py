@@ -5,7 +5,8 @@ process died (Ray reports the actor dead) or that does not answer a cheap call w
 actors run their calls in threads, so a live worker answers even while its step waits in a collective. A failure
 with every worker alive is an error the workers' own code raised (a bug, bad data) that a restart would repeat.
 :func:`decide` (pure) turns that into a :class:`RestartDecision`; :func:`watchdog_failure` names the ranks of a step
-that ran past ``training.step_timeout_s`` and the wave each stopped in.
+that ran past ``training.step_timeout_s`` and the wave each stopped in. :func:`shrunk_cluster` (pure) says, before a
+restart on a joined cluster, whether a node is gone and which cluster to re-plan the job for.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from orchestrator.remote import WorkerLost, first_line
+from orchestrator.placement import ClusterNode, RankPlacement, fitting_nodes
+from orchestrator.remote import RunFailed, WorkerLost, first_line
+from planner.spec import ClusterSpec
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +84,16 @@ def describe(progress: dict | str | None) -> str:
     if progress["wave"] < 0:
         return f"stopped in the {progress['phase']} of step {progress['step']}{micro}"
     return f"stopped in wave {progress['wave']} ({progress['phase']}) of step {progress['step']}{micro}"
+
+
+def shrunk_cluster(job_cluster: ClusterSpec, placement: RankPlacement, nodes: list[ClusterNode]) -> ClusterSpec | None:
+    """The job's cluster with as many nodes as ``nodes`` (the alive ones) can still hold, each with the plan's
+    ``devices_per_node``, when that is fewer than ``placement`` needs; None when the plan still fits. RunFailed when no
+    node is left that can hold one plan node."""
+    fit = fitting_nodes(nodes, placement)
+    if len(fit) >= placement.num_nodes:
+        return None
+    if not fit:
+        raise RunFailed(f"no node of the cluster can hold {placement.devices_per_node} workers any more "
+                        f"({len(nodes)} alive); the run cannot restart.")
+    return job_cluster.model_copy(update={"num_nodes": len(fit)})

@@ -513,12 +513,33 @@ class Driver:
         log.warning("%s; %s; resuming from %s", failure, decision.reason,
                     self.resume_point.path if self.resume_point else "step 0 (no checkpoint yet)")
         self.stop_workers()
+        if self.embedded is None:  # a joined cluster may have lost a node (the embedded one is this machine)
+            self.fit_plan_to_cluster()
         self.create_workers()
         self.restore()
         self.records = [r for r in self.records if r.step < step]
         self.step_log.close()
         self.step_log = StepLog(self.path(STEP_LOG_FILE), step)
         return step
+
+    def fit_plan_to_cluster(self) -> None:
+        """Before a restart: when the cluster's alive nodes can no longer hold the plan's (a node is gone), re-plan the
+        job for the nodes left (orchestrator.recovery.shrunk_cluster); the checkpoint reshards onto the new plan."""
+        import ray
+
+        from orchestrator.recovery import shrunk_cluster
+        from planner.api import make_cost_model, plan_job
+
+        cluster = shrunk_cluster(self.job.cluster, self.placement(), nodes_from_ray(ray.nodes()))
+        if cluster is None:
+            return
+        before = self.world_size
+        self.job = self.job.model_copy(update={"cluster": cluster})
+        self.plan = plan_job(self.job, make_cost_model(self.job, self.options.costs), with_baselines=False,
+                             progress=log.debug).plan
+        self.plan.save(self.path(PLAN_FILE))
+        log.warning("the cluster holds %d node(s) of %d workers each now: re-planned for %d devices instead of %d "
+                    "(plan %s)", cluster.num_nodes, cluster.devices_per_node, self.world_size, before, self.plan.hash)
 
     def stopped_message(self, signum: int) -> str:
         """One line for a run stopped by a signal: how far it got and what to resume from."""

@@ -1,4 +1,5 @@
-"""Automatic recovery on an embedded Ray cluster of 2 CPU workers: workers killed (SIGKILL) or frozen (SIGSTOP) at
+"""Automatic recovery. On a 2-node local Ray cluster that loses a node: the run re-plans for the node left. On an
+embedded Ray cluster of 2 CPU workers: workers killed (SIGKILL) or frozen (SIGSTOP) at
 random steps during one run with ``checkpoint_every: 1`` and ``max_restarts: 3``; the run finishes, each restart
 logged in one line (the frozen one named by the step watchdog with the wave it stopped in), with exactly the losses
 and final parameters of an uninterrupted run. One more loss than max_restarts ends the run with one line."""
@@ -9,10 +10,13 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 from orchestrator.actors import EmbeddedRay
@@ -20,6 +24,7 @@ from orchestrator.remote import RunFailed
 from orchestrator.run import Driver, RunOptions, run_job
 from planner.api import plan_job
 from planner.spec import parse_job
+from runtime.reference import ReferenceTrainer
 
 from _jobs import two_task_job  # tests/integration/_jobs.py
 
@@ -79,6 +84,49 @@ class Chaos:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def test_a_lost_node_is_re_planned_for_the_devices_left(tmp_path, caplog, monkeypatch):
+    """A 2-node local Ray cluster (1 CPU each) loses its worker node during the run: the driver re-plans for the one
+    node left and resumes the 2-worker checkpoint on 1 worker; every loss within 1e-5 of single-process training.
+    First in the module: it joins a cluster of its own, before the module's embedded one starts."""
+    from ray.cluster_utils import Cluster
+
+    temp = tempfile.mkdtemp(prefix="loom-nodes-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_TMPDIR", temp)
+    cluster = Cluster()
+    try:
+        cluster.add_node(num_cpus=1, include_dashboard=False)
+        gone = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        doc = two_task_job(1, steps=4)
+        doc["cluster"]["num_nodes"] = 2
+        doc["training"].update(checkpoint_every=1, max_restarts=1)
+        job = parse_job(doc)
+        original = Driver.run_step
+
+        def run_step(driver, step, *args):
+            if step == 2 and gone in cluster.list_all_nodes():
+                cluster.remove_node(gone)
+            return original(driver, step, *args)
+
+        monkeypatch.setattr(Driver, "run_step", run_step)
+        with caplog.at_level(logging.INFO):
+            result = run_job(job, options=RunOptions(address=cluster.address, out_dir=tmp_path / "out"))
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("re-planned for 1 devices instead of 2" in line for line in lines), lines
+    assert any("resharding onto plan" in line or "restart 1 of 1" in line for line in lines), lines
+    assert result.plan.cluster.num_nodes == 1 and [r.step for r in result.records] == [0, 1, 2, 3]
+    reference = ReferenceTrainer(job)
+    for record in result.records:
+        for task, value in reference.train_step(record.step).items():
+            assert record.loss[task] == pytest.approx(value, rel=1e-5), (record.step, task)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from orchestrator.recovery import decide, describe
 
 
@@ -24,3 +26,19 @@ def test_where_a_rank_stopped_reads_as_one_phrase():
     assert describe({"step": 4, "micro": 1, "wave": -1, "phase": "gradient sync"}) == \
         "stopped in the gradient sync of step 4, micro-batch 1"
     assert describe(None) == "stopped before its first wave"
+
+
+def test_a_cluster_that_lost_a_node_is_re_planned_for_the_nodes_left():
+    from orchestrator.placement import ClusterNode, RankPlacement
+    from orchestrator.recovery import shrunk_cluster
+    from orchestrator.remote import RunFailed
+    from planner.spec import ClusterSpec
+
+    job_cluster = ClusterSpec(num_nodes=3, devices_per_node=2, device="cpu")
+    placement = RankPlacement(3, 2)
+    nodes = [ClusterNode(node_id=f"n{i}", address="10.0.0.%d" % i, cpus=2.0, gpus=0.0) for i in range(3)]
+    assert shrunk_cluster(job_cluster, placement, nodes) is None  # all there
+    smaller = shrunk_cluster(job_cluster, placement, nodes[:2] + [ClusterNode("n9", "10.0.0.9", 1.0, 0.0)])
+    assert smaller == ClusterSpec(num_nodes=2, devices_per_node=2, device="cpu")  # a 1-CPU node holds no plan node
+    with pytest.raises(RunFailed, match="no node of the cluster can hold 2 workers any more"):
+        shrunk_cluster(job_cluster, placement, [])
