@@ -222,8 +222,8 @@ def find_resume_point(out_dir: str | Path, plan_hash: str) -> CheckpointInfo:
     """The checkpoint ``--resume`` continues from: the newest complete one whose files match their manifest.
 
     A damaged one is skipped with one warning line naming what is wrong. CheckpointError when none is left, or
-    when it is an old per-rank pickle checkpoint of another plan. A portable checkpoint of another plan of the same job is returned: the workers
-    reshard it on load (runtime.portable)."""
+    when it is an old per-rank pickle checkpoint of another plan. A portable checkpoint of another plan of the same
+    job is returned: the workers reshard it on load (runtime.portable)."""
     skipped = []
     for info in complete_checkpoints(out_dir):
         problem = damage(info)

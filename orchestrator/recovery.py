@@ -1,6 +1,7 @@
 """Automatic recovery of a run: which failures a restart can cure, how many restarts are left, and the watchdog's line.
 
-The driver (orchestrator.run) calls :func:`lost_workers` when a step, a checkpoint or a restore fails: a worker whose
+The driver (orchestrator.run's Driver, through its :class:`Recovering` phase) calls :func:`lost_workers` when a
+step, a checkpoint or a restore fails: a worker whose
 process died (Ray reports the actor dead) or that does not answer a cheap call within ``timeout_s`` is lost; the
 actors run their calls in threads, so a live worker answers even while its step waits in a collective. A failure
 with every worker alive is an error the workers' own code raised (a bug, bad data) that a restart would repeat.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from orchestrator.checkpoint import CheckpointError, find_resume_point
 from orchestrator.placement import ClusterNode, RankPlacement, fitting_nodes
 from orchestrator.remote import RunFailed, WorkerLost, first_line
 from planner.spec import ClusterSpec
@@ -97,3 +99,59 @@ def shrunk_cluster(job_cluster: ClusterSpec, placement: RankPlacement, nodes: li
         raise RunFailed(f"no node of the cluster can hold {placement.devices_per_node} workers any more "
                         f"({len(nodes)} alive); the run cannot restart.")
     return job_cluster.model_copy(update={"num_nodes": len(fit)})
+
+
+class Recovering:
+    """The driver's recovery phase (a part of ``orchestrator.run.Driver``, kept here with its policy): ``recover``
+    after a failure, ``fit_plan_to_cluster`` before the new workers start."""
+
+    def recover(self, failure: RunFailed) -> int:
+        """After ``failure`` in a step or checkpoint: restart the workers and restore the last complete checkpoint when
+        a worker is lost and restarts are left (decide), else re-raise. Returns the step to
+        continue from."""
+        from orchestrator.metrics import StepLog
+        from orchestrator.run import STEP_LOG_FILE
+
+        # a dead or hung worker names itself; any other failure: lost only if a probe finds a worker dead or mute
+        lost = {-1: "lost"} if isinstance(failure, WorkerLost) else lost_workers(self.actors)
+        decision = decide(str(failure), lost, self.restarts, self.job.training.max_restarts)
+        if not decision.restart:
+            raise failure if not lost or not self.job.training.max_restarts else RunFailed(decision.reason)
+        self.restarts += 1
+        self.metrics.restarts.inc()
+        try:
+            self.resume_point = find_resume_point(self.out_dir, self.plan.hash)
+        except CheckpointError:
+            self.resume_point = None  # no checkpoint yet: the workers start from the job's seed again
+        step = self.resume_point.step if self.resume_point else 0
+        log.warning("%s; %s; resuming from %s", failure, decision.reason,
+                    self.resume_point.path if self.resume_point else "step 0 (no checkpoint yet)")
+        self.stop_workers()
+        if self.embedded is None:  # a joined cluster may have lost a node (the embedded one is this machine)
+            self.fit_plan_to_cluster()
+        self.create_workers()
+        self.restore()
+        self.records = [r for r in self.records if r.step < step]
+        self.step_log.close()
+        self.step_log = StepLog(self.path(STEP_LOG_FILE), step)
+        return step
+
+    def fit_plan_to_cluster(self) -> None:
+        """Before a restart: when the cluster's alive nodes can no longer hold the plan's (a node is gone), re-plan the
+        job for the nodes left (:func:`shrunk_cluster`); the checkpoint reshards onto the new plan."""
+        import ray
+
+        from orchestrator.placement import nodes_from_ray
+        from orchestrator.run import PLAN_FILE
+        from planner.api import make_cost_model, plan_job
+
+        cluster = shrunk_cluster(self.job.cluster, self.placement(), nodes_from_ray(ray.nodes()))
+        if cluster is None:
+            return
+        before = self.world_size
+        self.job = self.job.model_copy(update={"cluster": cluster})
+        self.plan = plan_job(self.job, make_cost_model(self.job, self.options.costs), with_baselines=False,
+                             progress=log.debug).plan
+        self.plan.save(self.path(PLAN_FILE))
+        log.warning("the cluster holds %d node(s) of %d workers each now: re-planned for %d devices instead of %d "
+                    "(plan %s)", cluster.num_nodes, cluster.devices_per_node, self.world_size, before, self.plan.hash)

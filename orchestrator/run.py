@@ -5,15 +5,16 @@ Entry point :func:`run_job`. A run is a sequence of named phases (:class:`Driver
 1. ``prepare``: check the job can run here (CPU cluster, supported losses), check the output
    directory (its lock, :mod:`orchestrator.outdir`; a fresh run over an earlier run's checkpoints
    needs ``overwrite``), plan the job or check the given plan belongs to it and, for ``resume``, find
-   the checkpoint to continue from (of this job, under any of its plans: the workers reshard it); bind the metrics port. Every problem found here is a user error
-   (:class:`RunInputError`, exit 2), and nothing in the output directory has been written yet.
+   the checkpoint to continue from (of this job, under any of its plans: the workers reshard it); bind
+   the metrics port. Every problem found here is a user error (:class:`RunInputError`, exit 2), and
+   nothing in the output directory has been written yet.
 2. ``start_cluster`` (an embedded local Ray cluster with one logical CPU per worker; or
    ``ray.init(address=...)``; or the Ray session this process already has), ``create_workers`` (one
    actor per device of the plan, each plan node's ranks on a Ray node of their own through one
    placement group, joined in one gloo group), ``claim_out_dir`` (the first write into the output
    directory: its lock, the earlier run moved aside for ``overwrite``, ``plan.json``), ``restore``
-   (every rank reads what it holds from the checkpoint, runtime.portable). A cluster whose nodes cannot hold the plan's nodes is
-   refused before any actor starts (:mod:`orchestrator.placement`).
+   (every rank reads what it holds from the checkpoint, runtime.portable). A cluster whose nodes
+   cannot hold the plan's nodes is refused before any actor starts (:mod:`orchestrator.placement`).
 3. ``train``: one collective ``train_step`` per step on every actor; each step is logged to
    ``metrics.jsonl``, the metrics and the progress reporter; every ``checkpoint_every`` steps the
    actors write their files and the driver writes the manifest and the completion marker, then applies
@@ -23,11 +24,12 @@ Entry point :func:`run_job`. A run is a sequence of named phases (:class:`Driver
    that hold output under ``<out>/logs`` once the run has claimed it) or disconnect from ``--address``,
    stop the metrics server, release the output directory's lock.
 
-A worker that dies, or a step that runs past ``training.step_timeout_s``, is recovered (``recover``): the actors are killed,
-new ones started, and training resumes from the last complete checkpoint (step 0 without one), at most
-``training.max_restarts`` times, one log line each (:mod:`orchestrator.recovery`). Any other worker failure, or one
-more loss, ends the run with :class:`RunFailed` (one line: which worker, which step, what it raised; exit 1); the
-other actors are killed rather than left waiting in a collective.
+A worker that dies, or a step that runs past ``training.step_timeout_s``, is recovered (``recover``,
+:mod:`orchestrator.recovery`): the actors are killed, new ones started (for a plan re-made for the nodes left when
+a joined cluster lost one), and training resumes from the last complete checkpoint (step 0 without one), at most
+``training.max_restarts`` times, one log line each. Any other worker failure, or one more loss, ends the run with
+:class:`RunFailed` (one line: which worker, which step, what it raised; exit 1); the other actors are killed
+rather than left waiting in a collective.
 Files written under ``<out>`` (each path checked to resolve inside it, :func:`orchestrator.outdir.contained`):
 ``.loom-run.lock``, ``plan.json``, ``metrics.jsonl``, ``ckpt/step_<k>/``, ``logs/``, ``previous-<time>/`` (an
 earlier run moved aside by ``overwrite``, deleted once this run has a checkpoint), and at the end ``model.pt``,
@@ -45,15 +47,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.checkpoint import (
-    CKPT_DIRNAME, PORTABLE, CheckpointError, CheckpointInfo, begin_checkpoint, check_job, find_resume_point,
-    mark_complete, rank_file, remove_older_checkpoints, step_dir, tensor_index,
+    CKPT_DIRNAME, PORTABLE, CheckpointInfo, begin_checkpoint, check_job, mark_complete, rank_file,
+    remove_older_checkpoints, step_dir, tensor_index,
 )
 from orchestrator.metrics import (
     RunMetrics, StepLog, StepRecord, predicted_wave_seconds, step_breakdown, tokens_per_sample,
 )
 from orchestrator.outdir import LOCK_FILE, RunFolder
 from orchestrator.placement import RankPlacement, fitting_nodes, misplaced_ranks, nodes_from_ray, placement_mismatch
-from orchestrator.remote import RESTORING, STARTING, GatherTimeout, RunFailed, WorkerLost, gather, gather_one
+from orchestrator.recovery import Recovering
+from orchestrator.remote import RESTORING, STARTING, GatherTimeout, RunFailed, gather, gather_one
 from orchestrator.run_inputs import RunInputError, check_cpu_device, check_plan_for_job, check_runnable_job
 from orchestrator.signals import RunStopped, StopSignals, signal_name
 from orchestrator.trace import PREDICTED_TRACE_FILE, TRACE_FILE, TraceRecorder, write_run_traces
@@ -142,7 +145,7 @@ def run_job(job: JobSpec, plan: Plan | None = None, *, options: RunOptions = Run
     return Driver(job, plan, options, reporter or default_reporter()).run()
 
 
-class Driver:
+class Driver(Recovering):
     """One run's state and its phases (see the module docstring); use :func:`run_job`."""
 
     def __init__(self, job: JobSpec, plan: Plan | None, options: RunOptions, reporter: Reporter):
@@ -352,8 +355,6 @@ class Driver:
         """Reserve the plan's nodes, then one actor per device on its plan node's Ray node (with a GPU each when the
         cluster has them for a GPU job), joined in one gloo or NCCL group; the workers build their modules from the
         job."""
-        import ray
-
         from orchestrator.actors import create_actors, free_port, reserve_nodes
         from planner.program import assignment
 
@@ -491,55 +492,6 @@ class Driver:
             for old in remove_older_checkpoints(self.out_dir, done, self.options.keep_last):
                 log.debug("removed %s (--keep-last %d)", old, self.options.keep_last)
         self.folder.drop_previous()
-
-    def recover(self, failure: RunFailed) -> int:
-        """After ``failure`` in a step or checkpoint: restart the workers and restore the last complete checkpoint when
-        a worker is lost and restarts are left (orchestrator.recovery.decide), else re-raise. Returns the step to
-        continue from."""
-        from orchestrator.recovery import decide, lost_workers
-
-        # a dead or hung worker names itself; any other failure: lost only if a probe finds a worker dead or mute
-        lost = {-1: "lost"} if isinstance(failure, WorkerLost) else lost_workers(self.actors)
-        decision = decide(str(failure), lost, self.restarts, self.job.training.max_restarts)
-        if not decision.restart:
-            raise failure if not lost or not self.job.training.max_restarts else RunFailed(decision.reason)
-        self.restarts += 1
-        self.metrics.restarts.inc()
-        try:
-            self.resume_point = find_resume_point(self.out_dir, self.plan.hash)
-        except CheckpointError:
-            self.resume_point = None  # no checkpoint yet: the workers start from the job's seed again
-        step = self.resume_point.step if self.resume_point else 0
-        log.warning("%s; %s; resuming from %s", failure, decision.reason,
-                    self.resume_point.path if self.resume_point else "step 0 (no checkpoint yet)")
-        self.stop_workers()
-        if self.embedded is None:  # a joined cluster may have lost a node (the embedded one is this machine)
-            self.fit_plan_to_cluster()
-        self.create_workers()
-        self.restore()
-        self.records = [r for r in self.records if r.step < step]
-        self.step_log.close()
-        self.step_log = StepLog(self.path(STEP_LOG_FILE), step)
-        return step
-
-    def fit_plan_to_cluster(self) -> None:
-        """Before a restart: when the cluster's alive nodes can no longer hold the plan's (a node is gone), re-plan the
-        job for the nodes left (orchestrator.recovery.shrunk_cluster); the checkpoint reshards onto the new plan."""
-        import ray
-
-        from orchestrator.recovery import shrunk_cluster
-        from planner.api import make_cost_model, plan_job
-
-        cluster = shrunk_cluster(self.job.cluster, self.placement(), nodes_from_ray(ray.nodes()))
-        if cluster is None:
-            return
-        before = self.world_size
-        self.job = self.job.model_copy(update={"cluster": cluster})
-        self.plan = plan_job(self.job, make_cost_model(self.job, self.options.costs), with_baselines=False,
-                             progress=log.debug).plan
-        self.plan.save(self.path(PLAN_FILE))
-        log.warning("the cluster holds %d node(s) of %d workers each now: re-planned for %d devices instead of %d "
-                    "(plan %s)", cluster.num_nodes, cluster.devices_per_node, self.world_size, before, self.plan.hash)
 
     def stopped_message(self, signum: int) -> str:
         """One line for a run stopped by a signal: how far it got and what to resume from."""

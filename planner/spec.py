@@ -184,8 +184,8 @@ class TrainingSpec(StrictModel):
         "micro-batches (the planner plans one), their gradients accumulated, then synchronised and stepped once."
     )
     max_restarts: int = Field(
-        3, ge=0, description="`loom run`: times a run restarts its workers after one dies or hangs past step_timeout_s, "
-        "resuming from the last complete checkpoint (step 0 without one); 0: the first loss ends the run."
+        3, ge=0, description="`loom run`: times a run restarts its workers after one dies or hangs past "
+        "step_timeout_s, resuming from the last complete checkpoint (step 0 without one); 0: the first loss ends it."
     )
     step_timeout_s: float | None = Field(
         None, gt=0, description="`loom run`'s step watchdog: a step that takes longer than this (seconds) counts as a "

@@ -1,5 +1,5 @@
-"""Checkpoints reshard: a run checkpointed under a plan for 2 workers resumes under a plan for 3 workers, whose checkpoint
-then resumes under a plan for 1, and the losses and final parameters stay within 1e-5 of an uninterrupted run
+"""Checkpoints reshard: a run checkpointed under a plan for 2 workers resumes under a plan for 3 workers, whose
+checkpoint then resumes under a plan for 1, and the losses and final parameters stay within 1e-5 of an uninterrupted run
 (runtime.portable's layout: parameters and AdamW state, ZeRO-1 shares included, under global names)."""
 
 from __future__ import annotations

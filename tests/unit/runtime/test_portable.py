@@ -37,6 +37,7 @@ def test_another_jobs_checkpoint_is_refused_in_one_line(reader):
     with pytest.raises(CheckpointMismatch, match=r"^ckpt/step_2: has no parameter 'm/1/w': it was written by another "
                                                  r"job") as missing:
         reader.param("m/1/w", (2, 5))
-    with pytest.raises(CheckpointMismatch, match=r"parameter 'm/0/w' has shape \(2, 5\), this job's is \(4, 5\)") as shape:
+    with pytest.raises(CheckpointMismatch,
+                       match=r"parameter 'm/0/w' has shape \(2, 5\), this job's is \(4, 5\)") as shape:
         reader.param("m/0/w", (4, 5))
     assert "\n" not in str(missing.value) + str(shape.value)
