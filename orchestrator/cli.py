@@ -331,7 +331,7 @@ def run(
         help="Checkpoint every N steps and at the end (0: never; default: the job's training.checkpoint_every).",
     )] = None,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue from the latest intact complete checkpoint in --out (any plan of the job: resharded).",
+        "--resume", help="Continue from the latest intact complete checkpoint in --out (any plan of the job).",
     )] = False,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Start over in an --out that holds an earlier run's checkpoints: the earlier run is moved "
