@@ -1,8 +1,8 @@
 """Automatic recovery. On a 2-node local Ray cluster that loses a node: the run re-plans for the node left. On an
-embedded Ray cluster of 2 CPU workers: workers killed (SIGKILL) or frozen (SIGSTOP) at
-random steps during one run with ``checkpoint_every: 1`` and ``max_restarts: 3``; the run finishes, each restart
-logged in one line (the frozen one named by the step watchdog with the wave it stopped in), with exactly the losses
-and final parameters of an uninterrupted run. One more loss than max_restarts ends the run with one line."""
+embedded Ray cluster of 2 CPU workers: workers killed (SIGKILL) at 3 random steps of one run with
+``checkpoint_every: 1`` and ``max_restarts: 3``; the run finishes, each restart logged in one line, with exactly the
+losses and final parameters of an uninterrupted run. A frozen worker (SIGSTOP) is restarted by the step watchdog, whose
+line names the ranks and where each stopped. One more loss than max_restarts ends the run with one line."""
 
 from __future__ import annotations
 
@@ -141,40 +141,62 @@ def ray_session():
 @pytest.fixture(scope="module")
 def job_plan():
     doc = two_task_job(2, steps=STEPS)
-    doc["training"].update(checkpoint_every=1, max_restarts=3, step_timeout_s=10)
+    doc["training"].update(checkpoint_every=1, max_restarts=3)
     job = parse_job(doc)
     return job, plan_job(job, with_baselines=False).plan
 
 
-def test_run_survives_three_lost_workers_with_the_uninterrupted_result(ray_session, job_plan, tmp_path, caplog,
-                                                                       monkeypatch):
+@pytest.fixture(scope="module")
+def whole(ray_session, job_plan, tmp_path_factory):
+    """The uninterrupted run (no checkpoints), every rank's final parameters collected."""
+    return run_job(*job_plan, options=RunOptions(out_dir=tmp_path_factory.mktemp("whole"), checkpoint_every=0,
+                                                 collect_parameters=True))
+
+
+def restart_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "; restart " in r.getMessage()]
+
+
+def test_run_survives_three_killed_workers_with_the_uninterrupted_result(ray_session, job_plan, whole, tmp_path,
+                                                                         caplog, monkeypatch):
     job, plan = job_plan
-    whole = run_job(job, plan, options=RunOptions(out_dir=tmp_path / "whole", checkpoint_every=0,
-                                                  collect_parameters=True))
     steps = sorted(random.Random(12).sample(range(1, STEPS), 3))
-    # killed while its checkpoint is written, frozen before a step (the watchdog), killed before a step
-    chaos = Chaos(monkeypatch, {steps[0]: (signal.SIGKILL, "after"), steps[1]: (signal.SIGSTOP, "before"),
+    # killed while its checkpoint is written, then twice before a step (whichever rank reports first: the dead one,
+    # or its peer's collective error, found lost by the probe)
+    chaos = Chaos(monkeypatch, {steps[0]: (signal.SIGKILL, "after"), steps[1]: (signal.SIGKILL, "before"),
                                 steps[2]: (signal.SIGKILL, "before")}, seed=12)
-    try:
-        with caplog.at_level(logging.INFO):
-            result = run_job(job, plan, options=RunOptions(out_dir=tmp_path / "chaos", collect_parameters=True))
-    finally:
-        chaos.end_frozen()
+    with caplog.at_level(logging.INFO):
+        result = run_job(job, plan, options=RunOptions(out_dir=tmp_path, collect_parameters=True))
     assert [step for step, _, _ in chaos.sent] == steps
-    restarts = [r.getMessage() for r in caplog.records if "; restart " in r.getMessage()]
+    restarts = restart_lines(caplog)
     assert len(restarts) == 3, restarts
     assert all(f"restart {i + 1} of 3" in line for i, line in enumerate(restarts)), restarts
     assert f"while writing checkpoint {steps[0] + 1}" in restarts[0], restarts[0]
-    hung = restarts[1]
-    assert f"step {steps[1]} ran past training.step_timeout_s (10 s)" in hung and "does not answer" in hung, hung
-    # the other rank says where it waits for the frozen one (in a wave's exchange or in the gradient sync)
-    assert re.search(rf"rank \d stopped in (wave \d+ \(\w+\)|the gradient sync) of step {steps[1]}", hung), hung
+    assert f"at step {steps[1]}" in restarts[1] and f"resuming from {tmp_path / 'ckpt' / f'step_{steps[1]}'}" in \
+        restarts[1], restarts[1]
     # every step once in the result, each with the uninterrupted run's losses; the same final parameters
     assert [r.step for r in result.records] == list(range(STEPS))
     assert [r.loss for r in result.records] == [r.loss for r in whole.records]
     for rank, params in whole.parameters.items():
         for name, tensor in params.items():
             assert torch.equal(tensor, result.parameters[rank][name]), (rank, name)
+
+
+def test_step_watchdog_restarts_a_frozen_worker_naming_where_each_rank_stopped(ray_session, job_plan, whole,
+                                                                               tmp_path, caplog, monkeypatch):
+    job, plan = job_plan
+    job = job.model_copy(update={"training": job.training.model_copy(update={"step_timeout_s": 8.0})})
+    chaos = Chaos(monkeypatch, {1: (signal.SIGSTOP, "before")}, seed=3)
+    try:
+        with caplog.at_level(logging.INFO):
+            result = run_job(job, plan, options=RunOptions(steps=3, out_dir=tmp_path))
+    finally:
+        chaos.end_frozen()
+    [hung] = restart_lines(caplog)
+    assert "step 1 ran past training.step_timeout_s (8 s)" in hung and "does not answer" in hung, hung
+    # the other rank says where it waits for the frozen one (in a wave's exchange or in the gradient sync)
+    assert re.search(r"rank \d stopped in (wave \d+ \(\w+\)|the gradient sync) of step 1", hung), hung
+    assert [r.loss for r in result.records] == [r.loss for r in whole.records[:3]]
 
 
 def test_a_loss_past_max_restarts_ends_the_run_with_one_line(ray_session, job_plan, tmp_path, monkeypatch):
