@@ -20,8 +20,10 @@ from safetensors.torch import save_file
 from orchestrator.actors import EmbeddedRay
 from orchestrator.checkpoint import MANIFEST, complete_checkpoints, step_dir
 from orchestrator.run import RunOptions, run_job
-from planner.api import plan_job
+from planner.api import plan_job, plan_schedule
+from planner.metagraph import build_metagraph
 from planner.plan import plan_from_json
+from planner.schedule import Schedule, Slice, Wave
 from planner.spec import JobSpec, parse_job
 from runtime.executor import Groups, WaveWorker
 from runtime.local_world import free_port
@@ -117,13 +119,18 @@ def tp_worker(rank: int, world_size: int, port: int, job_json: str, plan_json: s
 
 
 def test_tensor_parallel_state_round_trips_and_loads_without_tensor_parallelism(tmp_path):
-    doc = two_task_job(2, steps=STEPS)
+    doc = two_task_job(4, steps=STEPS)
     doc["components"]["txt"]["tensor_parallel"] = [2]
     job = parse_job(doc)
-    plan = plan_job(job, with_baselines=False).plan
-    assert any(s.tp_degree == 2 for w in plan.waves for s in w.slices)
-    mp.spawn(tp_worker, args=(2, free_port(), job.model_dump_json(), plan.to_json(), str(tmp_path)), nprocs=2)
-    results = [torch.load(tmp_path / f"result_{r}.pt", weights_only=True) for r in range(2)]
+    # the text tower TP 2 x DP 2 on 4 devices: each TP shard's ZeRO-1 bucket is shared by 2 holders, whose state the
+    # checkpoint gathers before mapping the shards to the plain layout
+    ids = {op.name: op.id for op in build_metagraph(job).metaops}
+    waves = [[("caption.img", 2, 2), ("align.aud", 2, 2)], [("caption.txt", 2, 4)], [("align.txt", 2, 4)]]
+    plan = plan_schedule(job, Schedule(tuple(Wave(tuple(Slice(ids[n], layers, k) for n, layers, k in w))
+                                             for w in waves)), method="hand-made")
+    assert {(s.tp_degree, s.dp_degree) for w in plan.waves for s in w.slices} == {(1, 2), (2, 2)}
+    mp.spawn(tp_worker, args=(4, free_port(), job.model_dump_json(), plan.to_json(), str(tmp_path)), nprocs=4)
+    results = [torch.load(tmp_path / f"result_{r}.pt", weights_only=True) for r in range(4)]
     for result in results:  # the same plan: exact
         assert result["losses"][0] == result["losses"][1]
         for name, tensor in result["first"].items():
@@ -134,7 +141,7 @@ def test_tensor_parallel_state_round_trips_and_loads_without_tensor_parallelism(
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         worker = WaveWorker(single, single_plan, 0, Groups.create(single, single_plan))
-        reader = PortableReader(tmp_path, index_of(tmp_path, 2), "tp")
+        reader = PortableReader(tmp_path, index_of(tmp_path, 4), "tp")
         import_state(worker, reader)
         assert_close(worker.train_step(2), results[0]["losses"][0], "step 2 without TP")
     finally:
