@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,15 +40,6 @@ LOSS_SCALE = "loss_scale"
 
 class CheckpointMismatch(ValueError):
     """The checkpoint was not written by this job (a parameter it lacks, or of another shape): one line."""
-
-
-@dataclass
-class _Entry:
-    """One trainable or stored tensor of a worker: the module it belongs to and how it maps to the plain layout."""
-
-    key: tuple[str, int]  # (module name, layer)
-    local: str  # its name in the module's named_parameters / state_dict
-    tensor: torch.Tensor
 
 
 def global_name(key: tuple[str, int], local: str) -> str:
