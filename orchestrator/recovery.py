@@ -129,8 +129,11 @@ class Recovering:
         self.stop_workers()
         if self.embedded is None:  # a joined cluster may have lost a node (the embedded one is this machine)
             self.fit_plan_to_cluster()
-        self.create_workers()
-        self.restore()
+        try:
+            self.create_workers()
+            self.restore()
+        except WorkerLost as again:  # lost once more while starting: another restart, if one is left
+            return self.recover(again)
         self.records = [r for r in self.records if r.step < step]
         self.step_log.close()
         self.step_log = StepLog(self.path(STEP_LOG_FILE), step)
