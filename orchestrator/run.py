@@ -55,7 +55,7 @@ from orchestrator.metrics import (
 )
 from orchestrator.outdir import LOCK_FILE, RunFolder
 from orchestrator.placement import RankPlacement, fitting_nodes, misplaced_ranks, nodes_from_ray, placement_mismatch
-from orchestrator.recovery import Recovering
+from orchestrator.recovery import Recovering, watchdog_failure
 from orchestrator.remote import RESTORING, STARTING, GatherTimeout, RunFailed, gather, gather_one
 from orchestrator.run_inputs import RunInputError, check_cpu_device, check_plan_for_job, check_runnable_job
 from orchestrator.signals import RunStopped, StopSignals, signal_name
@@ -450,8 +450,6 @@ class Driver(Recovering):
             raise RunStopped(self.stop.requested, "")
 
     def run_step(self, step: int, batch: dict[str, int], tokens: dict[str, int]) -> StepRecord:
-        from orchestrator.recovery import watchdog_failure
-
         start = time.perf_counter()
         timeout = self.job.training.step_timeout_s
         try:
@@ -477,8 +475,6 @@ class Driver(Recovering):
         relative = step_dir(Path(), done)
         files = [str(self.path(rank_file(relative, r))) for r in range(self.world_size)]
         directory = begin_checkpoint(self.out_dir, done)
-        from orchestrator.recovery import watchdog_failure
-
         timeout = self.job.training.step_timeout_s  # a worker that hangs while saving is as lost
         try:
             index = self.gather(lambda a, r: a.save.remote(files[r]), f"while writing checkpoint {done}", timeout)
