@@ -16,7 +16,8 @@ from pathlib import Path
 
 from planner.components import check_components
 from planner.errors import did_you_mean
-from planner.spec import JobSpec, load_yaml, parse_job
+from planner.spec import JobSpec, parse_job
+from planner.spec_file import load_yaml
 
 from bench.workloads.generate import WORKLOAD_DIR, clip_like_data
 

@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 from planner.components import check_components
-from planner.spec import JobSpec, load_yaml, parse_job
+from planner.spec import JobSpec, parse_job
+from planner.spec_file import load_yaml
 
 WORKLOAD_DIR = Path(__file__).resolve().parent
 CLIP_SPEC = WORKLOAD_DIR / "clip-10.yaml"

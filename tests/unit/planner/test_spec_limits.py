@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from planner import spec
+from planner import spec, spec_file
 from planner.errors import SpecError
-from planner.spec import load_job, load_yaml, parse_job
+from planner.spec import load_job, parse_job
+from planner.spec_file import load_yaml
 
 BASE = {
     "name": "limits",
@@ -84,8 +85,8 @@ def test_merge_keys_and_anchors_still_load(tmp_path: Path) -> None:
 
 
 def test_deep_nesting_is_one_line(tmp_path: Path) -> None:
-    message = refusal(write(tmp_path, "[" * (spec.MAX_SPEC_BYTES - 1)))
-    assert message.endswith(f"line 1: the YAML nests deeper than {spec.MAX_YAML_DEPTH} levels; a job spec nests "
+    message = refusal(write(tmp_path, "[" * (spec_file.MAX_SPEC_BYTES - 1)))
+    assert message.endswith(f"line 1: the YAML nests deeper than {spec_file.MAX_YAML_DEPTH} levels; a job spec nests "
                             "about 5. Fix the brackets or indentation.")
     assert "nests deeper" in refusal(write(tmp_path, "a:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 200))))
 
@@ -109,7 +110,7 @@ def test_top_level_not_a_mapping(tmp_path: Path, text: str) -> None:
 
 
 def test_oversized_file(tmp_path: Path) -> None:
-    path = write(tmp_path, yaml.safe_dump(BASE) + "#" * spec.MAX_SPEC_BYTES)
+    path = write(tmp_path, yaml.safe_dump(BASE) + "#" * spec_file.MAX_SPEC_BYTES)
     assert refusal(path).startswith(f"{path}: {path.stat().st_size} bytes is too large for a job spec (at most ")
 
 
