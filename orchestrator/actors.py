@@ -415,7 +415,8 @@ def probe_gcs(address: str, target: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     host, _, port = target.rpartition(":")
     host = host.strip("[]")
-    where = f"--address ({address})"
+    # Ray connects to its canonical form of the address (a loopback address becomes this machine's IP): say so
+    where = f"--address ({address})" if target == address else f"--address ({address}, to Ray {target})"
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             pass

@@ -331,7 +331,7 @@ def test_run_address_with_nothing_listening_fails_fast(runner: CliRunner, tmp_pa
         probe.bind((_gcs_host(), 0))
         port = probe.getsockname()[1]
         result, seconds = _run_at(runner, tmp_path, f"127.0.0.1:{port}")
-    line = _assert_one_error_line_after_logs(result, [f"--address (127.0.0.1:{port})", "cannot connect to",
+    line = _assert_one_error_line_after_logs(result, [f"--address (127.0.0.1:{port}", "cannot connect to",
                                                       "ray start --head"])
     assert seconds < 45, (seconds, line)  # planning included; Ray alone retried for over 2 minutes
     assert not (tmp_path / "out").exists()
