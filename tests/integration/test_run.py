@@ -215,8 +215,10 @@ def test_cli_run_plans_with_a_profiled_cost_file(runner, tmp_path):
     assert result.exit_code == 0, (result.stderr, result.exception)
     planned = json.loads((tmp_path / "out" / "plan.json").read_text())["predicted"]["iteration_time_s"]
     want = plan_job(job, make_cost_model(job, costs), with_baselines=False).plan.predicted.iteration_time_s
-    assert planned == pytest.approx(want)
-    assert planned != pytest.approx(plan_job(job, with_baselines=False).plan.predicted.iteration_time_s)
+    # within 1%: two plannings of a job may stop their time-limited MILP at different points on a busy machine
+    # (0.2404 vs 0.2402 s seen); the analytic CPU row predicts about 1/55 of it
+    assert planned == pytest.approx(want, rel=0.01)
+    assert planned != pytest.approx(plan_job(job, with_baselines=False).plan.predicted.iteration_time_s, rel=0.5)
     both = runner.invoke(app, ["run", str(tmp_path / "job.yaml"), "--costs", str(costs), "--plan",
                                str(tmp_path / "out" / "plan.json")])
     assert both.exit_code == 2 and "--costs plans the job; with --plan the plan is given" in both.stderr
