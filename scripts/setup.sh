@@ -4,7 +4,8 @@
 # torch is installed first and on its own so that pip resolves the CPU wheel available on this kind
 # of machine (never a CUDA build); then `pip install -e ".[test]"` adds everything else.
 # A stamp file records a hash of pyproject.toml and of this script: the install is skipped while
-# both are unchanged and the environment still imports Loom.
+# both are unchanged and the environment still imports Loom. Last, the example models that
+# examples/hf-vlm-cpu.yaml names (examples/models/, not in git) are written when missing.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,8 +17,18 @@ TORCH_VERSION="2.13.0"
 cd "$ROOT"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 
+# The tiny pretrained folders the examples fine-tune (random weights, a tokenizer over examples/data).
+example_models() {
+    local models="$ROOT/examples/models"
+    if [[ ! -f "$models/llama/model.safetensors" || ! -f "$models/clip/model.safetensors" ]]; then
+        echo "setup.sh: writing the example models under $models" >&2
+        "$PY" examples/make_models.py "$models" >&2
+    fi
+}
+
 if [[ -x "$PY" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] \
     && [[ -x "$VENV/bin/loom" ]] && "$PY" -c "import orchestrator.cli, planner.api" >/dev/null 2>&1; then
+    example_models
     exit 0
 fi
 
@@ -39,4 +50,5 @@ echo "setup.sh: installing torch==$TORCH_VERSION, then loom[test] (editable)" >&
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
 "$PY" -c "import orchestrator.cli, planner.api"
 echo "$want" > "$STAMP"
+example_models
 echo "setup.sh: done" >&2
