@@ -1,15 +1,25 @@
-"""Lower bounds on the compute makespan: Spindle's relaxed per-level optimum and a DAG bound.
+"""Lower bounds: Spindle's relaxed per-level optimum, a DAG bound, and a full-iteration bound.
 
 Owns :func:`relaxed_allocation` (the continuous malleable-scheduling optimum of one MetaLevel,
 Spindle §3.3 / Węglarz's theorem), :func:`per_level_bound` (its sum over levels, the reference
-every plan is measured against) and :func:`dag_bound` (a bound that stays valid when a schedule
-overlaps levels). Pure functions of a :class:`~planner.schedule.Problem`; times are seconds.
+every plan is measured against), :func:`dag_bound` (a bound on the compute that stays valid when
+a schedule overlaps levels) and :func:`iteration_bound` (compute plus the gradient sync and
+optimizer time no schedule avoids). Pure functions of a :class:`~planner.schedule.Problem`
+(and, for the iteration, the cost model); times are seconds.
 
-Speed-up model (the one Spindle's code uses): a MetaOp's curve gives per-layer times at its
-valid counts; between valid counts the *speed-up* is interpolated linearly, from 0 at n=0, so
-the per-layer time at a fractional n is ``W / S(n)`` with ``W = times[0] * counts[0]`` and
-``S = Curve.speedup``. Linear speed-up interpolation is what time-sharing two neighbouring valid
-counts achieves, which is why Spindle's two-point discretisation reproduces it exactly.
+Speed-up models. A MetaOp's curve gives per-layer times at its valid counts; ``W = times[0] *
+counts[0]`` and the per-layer time at a fractional n is ``W / S(n)``.
+
+- *Interpolated* (the one Spindle's code uses, ``S = Curve.speedup``): the speed-up linearly
+  interpolated between adjacent valid counts, from 0 at n=0. It is what time-sharing two
+  neighbouring counts achieves, which is why Spindle's two-point discretisation reproduces it
+  exactly; Spindle's allocation (:mod:`planner.spindle`) uses it.
+- *Concave hull* (:meth:`Curve.concave_hull`): throughput against devices under the upper concave
+  hull of (0, 0) and the valid points, the best rate any mix of counts over time reaches. Every
+  bound here uses it: where a curve is not concave (a super-linear step, e.g. a count whose layout
+  switches to a cheaper tensor-parallel degree) the interpolation lies under the hull, and a
+  relaxation on it can exceed the time of a real schedule (running the op on the larger count for
+  part of the time and not at all otherwise). On concave curves both models coincide.
 """
 
 from __future__ import annotations
@@ -91,19 +101,12 @@ def _interpolated_profile(curve: Curve, num_layers: int, num_devices: int) -> _P
 
 
 def _hull_profile(curve: Curve, num_layers: int, num_devices: int) -> _Profile:
-    """Upper concave hull of the valid (count, speed-up) points and (0, 0): the best rate any mix of counts reaches."""
-    prof = _interpolated_profile(curve, num_layers, num_devices)
-    hull: list[tuple[float, float]] = []
-    for p in zip(prof.xs, prof.speedups):
-        # Pop the last vertex while it lies on or under the chord from its predecessor to p.
-        while len(hull) >= 2:
-            (ax, ay), (bx, by) = hull[-2], hull[-1]
-            if (by - ay) * (p[0] - ax) <= (p[1] - ay) * (bx - ax):
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    return _Profile(num_layers, prof.work, tuple(x for x, _ in hull), tuple(s for _, s in hull))
+    """The profile through the upper concave hull of (0, 0) and the valid (count, speed-up) points up to
+    ``num_devices`` (:meth:`Curve.concave_hull`): the best rate any mix of counts reaches."""
+    _usable(curve, num_devices)  # the smallest count must fit
+    xs, speedups = curve.concave_hull(num_devices)
+    work = curve.times[0] * curve.counts[0]
+    return _Profile(num_layers, work, (0.0,) + tuple(map(float, xs)), (0.0,) + speedups)
 
 
 def _total_devices(profiles: Sequence[_Profile], makespan: float) -> float:
@@ -142,29 +145,33 @@ def _solve_common_finish(profiles: Sequence[_Profile], num_devices: int) -> floa
 
 
 def relaxed_allocation(
-    problem: Problem, ids: Sequence[int], num_devices: int | None = None
+    problem: Problem, ids: Sequence[int], num_devices: int | None = None, *, hull: bool = False
 ) -> tuple[float, dict[int, float]]:
     """Relaxed malleable optimum of the independent MetaOps ``ids`` on ``num_devices`` (default N).
 
     Returns ``(C*, {m: n*_m})`` with ``L_m * T_m(n*_m) = C*`` for every m, T at fractional n from
-    the linearly interpolated speed-up (module docstring). Normally ``sum n*_m = N``; when even
-    the slowest MetaOp at its largest valid count needs more than C* (its largest count caps it),
-    C* is that MetaOp's fastest duration and ``sum n*_m < N``: the other devices would idle.
-    Valid counts above ``num_devices`` are ignored. Exact to float rounding (relative ~1e-13;
-    see :func:`_solve_common_finish`). Empty ``ids`` give ``(0.0, {})``.
+    the linearly interpolated speed-up (module docstring: Spindle's model, which its allocation
+    uses), or with ``hull`` from the upper concave hull of the speed-up points (the relaxation
+    every schedule satisfies, whatever the curve's shape: the bounds use this one). Normally
+    ``sum n*_m = N``; when even the slowest MetaOp at its largest valid count needs more than C*
+    (its largest count caps it), C* is that MetaOp's fastest duration and ``sum n*_m < N``: the
+    other devices would idle. Valid counts above ``num_devices`` are ignored. Exact to float
+    rounding (relative ~1e-13; see :func:`_solve_common_finish`). Empty ``ids`` give ``(0.0, {})``.
     """
     num_devices = problem.num_devices if num_devices is None else num_devices
     ids = list(ids)
     if not ids:
         return 0.0, {}
-    profiles = [_interpolated_profile(problem.curves[m], problem.layers(m), num_devices) for m in ids]
+    build = _hull_profile if hull else _interpolated_profile
+    profiles = [build(problem.curves[m], problem.layers(m), num_devices) for m in ids]
     c_star = _solve_common_finish(profiles, num_devices)
     return c_star, {m: min(p.devices_for(c_star), p.xs[-1]) for m, p in zip(ids, profiles)}
 
 
 def per_level_bound(problem: Problem) -> float:
-    """Sum over MetaLevels of the relaxed optimum C*: Spindle's reference bound (assumes level barriers)."""
-    return sum(relaxed_allocation(problem, level)[0] for level in problem.graph.levels)
+    """Sum over MetaLevels of the relaxed optimum C* on concave-hull speed-ups: Spindle's reference bound, valid
+    for every schedule with level barriers (Węglarz's theorem on the hull relaxation, see :func:`dag_bound`)."""
+    return sum(relaxed_allocation(problem, level, hull=True)[0] for level in problem.graph.levels)
 
 
 def _heads_and_tails(problem: Problem, fastest: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

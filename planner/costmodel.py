@@ -75,6 +75,34 @@ class Curve:
         x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
         return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
 
+    def concave_hull(self, max_count: int | None = None) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """The valid counts (up to ``max_count``) on the upper concave hull of the speed-up points, and their speed-ups.
+
+        The right object is *throughput against devices*: a MetaOp on ``n`` devices processes ``1 / T(n)`` layers
+        per second, and a schedule may run it on different counts at different times (or not at all, the point
+        (0, 0)). Over any window its average device use and its average throughput are the same mixture of those
+        points, so every achievable (devices, throughput) pair lies under the upper concave hull of ``(0, 0)`` and
+        the ``(n, 1 / T(n))``. Times do not mix that way (time-sharing averages rates, not times), so the hull is
+        taken of throughput; speed-up ``W / T(n)`` (:meth:`speedup`'s scale) is throughput times a constant, so
+        its hull has the same vertices. Linear interpolation between adjacent counts (:meth:`speedup`) equals
+        the hull only where the speed-up is concave; elsewhere it lies under it and is no bound. Returns the
+        hull's vertices without (0, 0), ascending; empty when no count is <= ``max_count``.
+        """
+        k = len(self.counts) if max_count is None else bisect_left(self.counts, max_count + 1)
+        base = self.times[0] * self.counts[0]
+        hull: list[tuple[float, float]] = [(0.0, 0.0)]
+        for n, t in zip(self.counts[:k], self.times[:k]):
+            p = (float(n), base / t)
+            # Pop the last vertex while it lies on or under the chord from its predecessor to p.
+            while len(hull) >= 2:
+                (ax, ay), (bx, by) = hull[-2], hull[-1]
+                if (by - ay) * (p[0] - ax) <= (p[1] - ay) * (bx - ax):
+                    hull.pop()
+                else:
+                    break
+            hull.append(p)
+        return tuple(int(x) for x, _ in hull[1:]), tuple(y for _, y in hull[1:])
+
 
 class CostModel:
     """Base of the cost models. Subclasses implement :meth:`layout_time`; the rest is shared."""

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_curve, make_problem, random_problem
 
 from planner.bound import dag_bound, dag_bound_terms, per_level_bound, relaxed_allocation
-from planner.schedule import compute_makespan
+from planner.schedule import Schedule, Slice, Wave, check_schedule, compute_makespan
 from planner.spindle import spindle_schedule
 
 
@@ -156,8 +156,47 @@ def test_dag_bound_below_per_level_and_spindle(concave):
         bound = dag_bound(problem)
         assert 0 < bound <= per_level
         assert bound <= compute_makespan(problem, spindle_schedule(problem)) * (1 + 1e-12), seed
-        if concave:  # the relaxed optimum is a true bound for barrier schedules when speed-ups are concave
-            assert per_level <= compute_makespan(problem, spindle_schedule(problem)) * (1 + 1e-9), seed
+        # the hull relaxation bounds every barrier schedule, whatever the curves' shape
+        assert per_level <= compute_makespan(problem, spindle_schedule(problem)) * (1 + 1e-9), seed
+
+
+# ---- concave hull: the bounds stay bounds on non-concave curves
+
+
+def test_concave_hull_vertices_and_dominance():
+    # Speed-ups 1, 1.25, 10/3 at counts 1, 2, 4: count 2 lies under the chord from (1, 1) to (4, 10/3).
+    curve = make_curve([1, 2, 4], [1.0, 0.8, 0.3])
+    assert curve.concave_hull() == ((1, 4), (1.0, 1.0 / 0.3))
+    assert make_curve([1, 2, 4], [1.0, 0.8, 0.25]).concave_hull() == ((4,), (4.0,))  # (1, 1) on the chord: dropped
+    assert curve.concave_hull(3) == ((1, 2), (1.0, 1.25))
+    for seed in range(40):
+        curve = random_problem(seed, 2, 16, 1, concave=seed % 2 == 0).curves[0]
+        xs, ys = curve.concave_hull()
+        px, py = (0,) + xs, (0.0,) + ys
+        slopes = [(py[i + 1] - py[i]) / (px[i + 1] - px[i]) for i in range(len(xs))]
+        assert all(a >= b * (1 - 1e-12) for a, b in zip(slopes, slopes[1:])), seed  # concave
+        for n in curve.counts:  # the hull lies on or above every valid point
+            i = next(k for k, x in enumerate(xs) if x >= n)
+            x0, y0 = (xs[i - 1], ys[i - 1]) if i else (0, 0.0)
+            on_hull = y0 + (ys[i] - y0) * (n - x0) / (xs[i] - x0)
+            assert on_hull >= curve.speedup(n) * (1 - 1e-12), seed
+
+
+def test_hull_bound_below_a_schedule_the_interpolated_one_exceeds():
+    # Two independent ops of 4 layers, speed-ups 1, 1.1, 4 at counts 1, 2, 4 on N=4 (a super-linear step: e.g. the
+    # 4-device layout's cheaper tensor-parallel degree). Interpolation gives each op 2 devices at speed-up 1.1:
+    # C* = 4 x 0.9 = 3.6 s. Running one op after the other on all 4 devices takes 2 x 4 x 0.25 = 2.0 s.
+    curve = make_curve([1, 2, 4], [1.0, 0.9, 0.25])
+    problem = make_problem([4, 4], [[], []], [curve, curve], 4)
+    feasible = Schedule((Wave((Slice(0, 4, 4),)), Wave((Slice(1, 4, 4),))))
+    check_schedule(problem, feasible)
+    makespan = compute_makespan(problem, feasible)
+    assert makespan == pytest.approx(2.0)
+    interpolated = relaxed_allocation(problem, [0, 1])[0]
+    assert interpolated == pytest.approx(3.6) and interpolated > makespan  # the old bound: no bound
+    assert per_level_bound(problem) == pytest.approx(2.0)  # hull: speed-up 2 on 2 devices each, tight here
+    assert per_level_bound(problem) <= makespan * (1 + 1e-12)
+    assert dag_bound(problem) <= makespan * (1 + 1e-12)
 
 
 # ---- brute force on tiny instances: every wave schedule, with and without level barriers
@@ -206,5 +245,5 @@ def test_bounds_against_brute_force(seed):
     with_barriers = sum(_brute_force_makespan(problem, level) for level in problem.graph.levels)
     assert optimum <= with_barriers * (1 + 1e-12)
     assert with_barriers <= compute_makespan(problem, spindle_schedule(problem)) * (1 + 1e-12)
-    if seed % 4 != 3:  # concave: Węglarz's relaxed optimum bounds every barrier schedule
-        assert per_level_bound(problem) <= with_barriers * (1 + 1e-9)
+    # Węglarz's relaxed optimum on concave-hull speed-ups bounds every barrier schedule, concave curves or not
+    assert per_level_bound(problem) <= with_barriers * (1 + 1e-9)
