@@ -168,6 +168,7 @@ def plan_summary(plan: Plan) -> Group:
             f" + exposed all-gather {format_seconds(pred.gather_s)}",
         ),
         Text.assemble(("bounds (compute) ", "bold"), _bounds_line(plan)),
+        Text.assemble(("bound (iteration) ", "bold"), _iteration_bound_line(plan)),
         Text.assemble(("solver ", "bold"), _solver_line(plan)),
     ]
     if plan.peak_memory_bytes:
@@ -189,6 +190,12 @@ def _bounds_line(plan: Plan) -> str:
         ratio = f"{compute / bound:.3f}x" if bound > 0 else "-"
         pieces.append(f"{label} {format_seconds(bound)} (Loom compute / bound = {ratio})")
     return ", ".join(pieces)
+
+
+def _iteration_bound_line(plan: Plan) -> str:
+    bound = plan.bounds.iteration_s
+    ratio = f"{plan.predicted.iteration_time_s / bound:.3f}x" if bound > 0 else "-"
+    return f"{format_seconds(bound)} (Loom iteration / bound = {ratio}): compute, optimizer step, unhidden sync"
 
 
 def _solver_line(plan: Plan) -> str:

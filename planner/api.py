@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from planner import baselines as baselines_mod
-from planner.bound import dag_bound, per_level_bound
+from planner.bound import plan_bounds
 from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel
 from planner.devices import resolve_hardware
 from planner.errors import PlanningError
@@ -83,8 +83,8 @@ def plan_job(
     graph = build_metagraph(job)
     say(f"MetaGraph: {len(graph)} MetaOps in {len(graph.levels)} levels, {len(graph.param_groups)} parameter groups")
     problem = Problem.build(graph, cost_model)
-    bounds = Bounds(per_level_s=per_level_bound(problem), dag_s=dag_bound(problem))
-    say(f"bounds: per-level {bounds.per_level_s:.4g} s, DAG {bounds.dag_s:.4g} s")
+    bounds = plan_bounds(problem, cost_model)
+    say(f"bounds: per-level {bounds.per_level_s:.4g} s, DAG {bounds.dag_s:.4g} s, iteration {bounds.iteration_s:.4g} s")
     warm = spindle_schedule(problem)
     settings = SolverSettings(
         solver=job.planner.solver, time_limit_s=job.planner.time_limit_s, mip_gap=job.planner.mip_gap,
@@ -113,7 +113,7 @@ def plan_schedule(job: JobSpec, schedule: Schedule, cost_model: CostModel | None
     check_schedule(problem, schedule)
     placed = place_schedule(problem, schedule, cost_model)
     sim = simulate(problem, placed, cost_model)
-    bounds = Bounds(per_level_s=per_level_bound(problem), dag_s=dag_bound(problem))
+    bounds = plan_bounds(problem, cost_model)
     makespan = compute_makespan(problem, schedule)
     gap = (makespan - bounds.dag_s) / makespan if makespan > 0 else 0.0
     result = SolveResult(schedule, method, "heuristic", makespan, bounds.dag_s, gap, method)

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.costmodel import Curve
+from planner.costmodel import CostModel, Curve
+from planner.plan import Bounds
 from planner.schedule import Problem
 
 log = logging.getLogger(__name__)
@@ -249,3 +250,103 @@ def dag_bound(problem: Problem) -> float:
     """
     terms = dag_bound_terms(problem)
     return min(max(terms.values(), default=0.0), per_level_bound(problem))
+
+
+# --------------------------------------------------------------------------- the whole iteration
+
+
+def _group_shard_params(problem: Problem) -> dict[str, tuple[float, bool]]:
+    """Per parameter group: (fewest parameters of one layer among its MetaOps, whether all of them train)."""
+    out: dict[str, tuple[float, bool]] = {}
+    for op in problem.graph.metaops:
+        low, trains = out.get(op.param_group, (math.inf, True))
+        out[op.param_group] = (min(low, op.layer.params), trains and not op.frozen)
+    return out
+
+
+def _trainable_params(problem: Problem) -> float:
+    """Parameters every schedule must step: for each group whose MetaOps all train, its layers (the most any of
+    its MetaOps has) at the fewest parameters per layer among them."""
+    layers: dict[str, int] = {}
+    for op in problem.graph.metaops:
+        layers[op.param_group] = max(layers.get(op.param_group, 0), op.num_layers)
+    return sum(layers[g] * params for g, (params, trains) in _group_shard_params(problem).items() if trains)
+
+
+def _cheapest(collective, nbytes: float, num_devices: int) -> float:
+    """The cheaper of a collective's intra- and cross-node prices (either may apply to an unplaced slice)."""
+    return min(collective(nbytes, num_devices, cross_node=False), collective(nbytes, num_devices, cross_node=True))
+
+
+def _last_bucket_seconds(problem: Problem, cost_model: CostModel, m: int) -> float:
+    """Fewest seconds the gradient of MetaOp ``m``'s slice can take once its backward is the last to end: its
+    all-reduce and (ZeRO-1) the all-gather after the step, over at least its data-parallel ranks, at its cheapest
+    valid count. 0 where it syncs nothing (one data-parallel rank) or its group has a frozen member."""
+    op = problem.graph.metaops[m]
+    group_ops = [o for o in problem.graph.metaops if o.param_group == op.param_group]
+    if any(o.frozen for o in group_ops):
+        return 0.0
+    curve = problem.curves[m]
+    best = math.inf
+    for n, layout in zip(curve.counts, curve.layouts):
+        if n > problem.num_devices:
+            break
+        if layout.dp_degree <= 1:
+            return 0.0
+        # One layer's TP shard; a shared group's shard may be cut by another member's larger TP degree.
+        tp = layout.tp_degree if len(group_ops) == 1 else max(max(o.allowed_tp) for o in group_ops)
+        shard = min(o.layer.params for o in group_ops) / tp
+        seconds = _cheapest(cost_model.allreduce_time, cost_model.grad_bytes * shard, layout.dp_degree)
+        if cost_model.shard_optimizer:
+            seconds += _cheapest(cost_model.allgather_time, cost_model.weight_bytes * shard, layout.dp_degree)
+        best = min(best, seconds)
+    return 0.0 if best == math.inf else best
+
+
+def iteration_terms(problem: Problem, cost_model: CostModel) -> dict[str, float]:
+    """The parts of :func:`iteration_bound` (seconds): ``compute`` (micro-batches x :func:`dag_bound`),
+    ``optimizer`` (the step of every trainable parameter spread evenly over all devices) and ``last_bucket``
+    (the cheapest sync of a slice whose backward can end last)."""
+    ops = problem.graph.metaops
+    # The backward that ends last belongs to a trainable MetaOp none of whose predecessors runs a backward pass.
+    last = [op.id for op in ops if not op.frozen and all(ops[d].backward_factor == 0 for d in op.deps)]
+    return {
+        "compute": problem.graph.num_micro_batches * dag_bound(problem),
+        "optimizer": cost_model.optimizer_time(_trainable_params(problem) / problem.num_devices),
+        "last_bucket": min((_last_bucket_seconds(problem, cost_model, m) for m in last), default=0.0),
+    }
+
+
+def plan_bounds(problem: Problem, cost_model: CostModel) -> Bounds:
+    """Every bound of ``problem``, as the Plan records them."""
+    return Bounds(per_level_s=per_level_bound(problem), dag_s=dag_bound(problem),
+                  iteration_s=iteration_bound(problem, cost_model))
+
+
+def iteration_bound(problem: Problem, cost_model: CostModel) -> float:
+    """A lower bound on the predicted iteration time of every schedule the simulator prices (s).
+
+    ``compute + max(optimizer, last_bucket)`` of :func:`iteration_terms`; transfers, input modules and loss
+    heads count 0 (a placement may keep data local; they are 0 unless profiled). Why each part is unavoidable,
+    in the simulator's model (:mod:`planner.simulator`, :mod:`planner.sync`):
+
+    - compute and transfers end at ``T_c >= k x dag_bound`` (k micro-batches run one after another, each pass
+      at least the DAG bound: waves last their slowest slice, embeddings and the loss stage add >= 0);
+    - every device steps after ``T_c``, and the steps together cover every trainable parameter at least once
+      (ZeRO-1 shards a bucket over its participants, TP over its ranks; without sharding each holder steps it
+      all). The optimizer time is linear in the parameters, so the slowest device needs at least
+      ``optimizer_time(P / N)``;
+    - the backward that ends last (at ``T_c``: nothing but gradient transfers to producers that run backward
+      could follow, and it has none) belongs to a trainable MetaOp ``m`` whose predecessors run no backward
+      (a predecessor that did would run its backward after it; a frozen MetaOp runs one only downstream of a
+      trainable one). Its slice's layers become final at ``T_c``; each TP shard's bucket holds at least that
+      shard, over at least the slice's data-parallel ranks, so its all-reduce (and, under ZeRO-1, the
+      all-gather after its devices step) runs after ``T_c`` with nothing left to hide it. The cheapest over
+      ``m``'s valid counts and over intra- or cross-node prices is taken; 0 when a count has one
+      data-parallel rank. This needs collective times non-decreasing in bytes and devices (the alpha-beta
+      model's; profiled link fits with a non-negative intercept).
+
+    Both tails follow ``T_c``, but they may overlap each other, so their max is taken, not their sum.
+    """
+    terms = iteration_terms(problem, cost_model)
+    return terms["compute"] + max(terms["optimizer"], terms["last_bucket"])

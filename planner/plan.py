@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from planner.errors import SpecError
 
-PLAN_VERSION = 3  # 2: predicted.gather_s; 3: pieces (the program every worker executes)
+PLAN_VERSION = 4  # 2: predicted.gather_s; 3: pieces (the program every worker executes); 4: bounds.iteration_s
 
 
 class _PlanModel(BaseModel):
@@ -175,8 +175,13 @@ class SolverReport(_PlanModel):
 
 
 class Bounds(_PlanModel):
-    per_level_s: float = Field(description="Sum over MetaLevels of the relaxed malleable optimum C*.")
-    dag_s: float = Field(description="A lower bound valid without level barriers.")
+    """Lower bounds (planner.bound): two on the compute, one on the whole predicted iteration."""
+
+    per_level_s: float = Field(description="Sum over MetaLevels of the relaxed malleable optimum C* (concave-hull "
+                               "speed-ups): a bound on the compute of schedules with level barriers.")
+    dag_s: float = Field(description="A lower bound on the compute valid without level barriers.")
+    iteration_s: float = Field(0.0, description="A lower bound on the predicted iteration time of every schedule: "
+                               "the compute bound plus the optimizer step and gradient sync no schedule hides.")
 
 
 class Plan(_PlanModel):

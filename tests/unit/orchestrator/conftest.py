@@ -77,7 +77,7 @@ def synthetic_plan(num_nodes: int = 1, devices_per_node: int = 8, num_waves: int
         peak_memory_bytes=[rng.uniform(10, 60) * GIB for _ in range(num_devices)],
         solver=SolverReport(name="highs", status="optimal", objective_s=compute, bound_s=compute * 0.99, gap=0.01,
                             method="spindle"),
-        bounds=Bounds(per_level_s=compute * 0.95, dag_s=compute * 0.9),
+        bounds=Bounds(per_level_s=compute * 0.95, dag_s=compute * 0.9, iteration_s=compute * 0.92),
         baselines={"sequential": compute * 1.8, "spindle": compute * 1.05},
     )
     return plan.sealed()

@@ -91,6 +91,9 @@ def test_plan_text_summary_numbers(small_plan) -> None:
     assert f"predicted iteration {format_seconds(pred.iteration_time_s)}" in text
     assert f"{pred.compute_s / small_plan.bounds.per_level_s:.3f}x" in text
     assert f"{pred.compute_s / small_plan.bounds.dag_s:.3f}x" in text
+    iteration = next(line for line in text.splitlines() if line.startswith("bound (iteration)"))
+    assert format_seconds(small_plan.bounds.iteration_s) in iteration
+    assert f"Loom iteration / bound = {pred.iteration_time_s / small_plan.bounds.iteration_s:.3f}x" in iteration
     assert small_plan.solver.status in text and f"{small_plan.solver.gap * 100:.2f}%" in text
     for name, seconds in small_plan.baselines.items():
         row = next(line for line in text.splitlines() if f" {name} " in line)
