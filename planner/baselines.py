@@ -325,7 +325,7 @@ def spindle_time(problem: Problem, cost_model: CostModel, schedule: Schedule | N
         from planner.spindle import spindle_schedule  # local: spindle is a sibling scheduler, imported on demand
 
         schedule = spindle_schedule(problem)
-    placed = place_schedule(problem, schedule, cost_model, check_memory_limit=False)
+    placed = place_schedule(problem, schedule, cost_model, check_memory_limit=False, tp_within_nodes=False)
     return simulate(problem, placed, cost_model).iteration_time_s
 
 

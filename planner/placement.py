@@ -42,6 +42,13 @@ Placement is greedy, wave by wave, and deterministic:
    nodes, so when every node holds the same fraction of the input's and of the slice's ranks a
    re-split moves samples only inside nodes (NVLink), never over the network. It falls back to
    ``"pack"`` for a slice whose shares do not fit the free devices.
+4. A tensor-parallel group never spans nodes (TP is priced on intra-node links). When the devices
+   kept in step 1 leave no room for a slice's TP groups inside nodes, the wave is placed again with
+   nothing kept, largest TP degree first: with TP degrees that divide each other and the node size
+   (1, 2, 4, 8 on nodes of 8) every node's free count then stays a multiple of the next degree, so a
+   wave that fits in N devices always packs. When it still does not fit (e.g. degree 3 on nodes of
+   4), placement fails with a PlanningError naming the wave's groups, and the solver's candidate is
+   dropped like one over memory.
 
 A device over memory after placement is a :class:`PlanningError` naming the MetaOps on the worst
 device.
@@ -143,9 +150,10 @@ class MemoryLedger:
     ``trainable_params`` (parameters after TP sharding) are numpy arrays indexed by device id.
     """
 
-    def __init__(self, problem: Problem, cost_model: CostModel, strategy: str = "pack"):
+    def __init__(self, problem: Problem, cost_model: CostModel, strategy: str = "pack", tp_within_nodes: bool = True):
         self.problem = problem
         self.strategy = strategy
+        self.tp_within_nodes = tp_within_nodes
         self.cost_model = cost_model
         n = problem.num_devices
         self.param_bytes = np.zeros(n)
@@ -228,15 +236,18 @@ def check_memory(ledger: MemoryLedger, memory_bytes: float, devices_per_node: in
 
 def place_schedule(
     problem: Problem, schedule: Schedule, cost_model: CostModel, *, check_memory_limit: bool = True,
-    strategy: str = "pack",
+    strategy: str = "pack", tp_within_nodes: bool = True,
 ) -> PlacedSchedule:
     """Give every slice of ``schedule`` concrete device ids (see the module docstring for the rules and
     the ``strategy``, one of :data:`STRATEGIES`).
 
-    Raises PlanningError when ``check_memory_limit`` and a device's peak exceeds the device memory.
+    Raises PlanningError when ``check_memory_limit`` and a device's peak exceeds the device memory, and
+    when a wave's tensor-parallel groups cannot all be placed inside nodes (rule 4 of the module
+    docstring); with ``tp_within_nodes=False`` such a wave spans nodes instead, with a warning (a
+    baseline's schedule priced as it is).
     """
     assert strategy in STRATEGIES, strategy
-    placer = _Placer(problem, cost_model, strategy)
+    placer = _Placer(problem, cost_model, strategy, tp_within_nodes)
     waves = tuple(placer.place_wave(k, wave) for k, wave in enumerate(schedule.waves))
     if check_memory_limit:
         check_memory(placer.ledger, cost_model.hw.memory_bytes, placer.dpn)
@@ -246,9 +257,10 @@ def place_schedule(
 class _Placer:
     """State of the greedy placement across waves."""
 
-    def __init__(self, problem: Problem, cost_model: CostModel, strategy: str = "pack"):
+    def __init__(self, problem: Problem, cost_model: CostModel, strategy: str = "pack", tp_within_nodes: bool = True):
         self.problem = problem
         self.strategy = strategy
+        self.tp_within_nodes = tp_within_nodes
         self.cost_model = cost_model
         self.num_devices = problem.num_devices
         self.dpn = max(1, min(cost_model.hw.devices_per_node, self.num_devices))
@@ -259,22 +271,24 @@ class _Placer:
         self.last: dict[int, PlacedSlice] = {}
 
     def place_wave(self, k: int, wave: Wave) -> PlacedWave:
+        """Devices for every slice of wave ``k``: kept devices first (rules 1-3); when that leaves no room for a
+        tensor-parallel group inside a node, the wave again with none kept, largest TP degree first (rule 4)."""
         if wave.num_devices > self.num_devices:
             raise ScheduleError(f"wave {k} uses {wave.num_devices} devices > N={self.num_devices}")
-        free = np.zeros(self.num_nodes * self.dpn, dtype=bool)  # padded to whole nodes; padding never free
-        free[: self.num_devices] = True
-        chosen: dict[int, tuple[int, ...]] = {}
-        for continuing in (True, False):
-            for s in sorted(wave.slices, key=lambda s: s.metaop):
-                if s.metaop not in chosen:
-                    devices = self._kept_devices(s, free, continuing)
-                    if devices is not None:
-                        self._commit(s, devices, free, chosen)
-        rest = [s for s in wave.slices if s.metaop not in chosen]
-        # Largest first packs nodes well; among equals, the heaviest input flow claims its devices first.
-        rest.sort(key=lambda s: (-self._layout(s).tp_degree, -s.num_devices, -self._input_bytes(s.metaop), s.metaop))
-        for s in rest:
-            self._commit(s, self._choose(s, free), free, chosen)
+        mark = len(self.ledger.slices)
+        chosen: dict[int, tuple[int, ...]] | None = None
+        for keep in (True, False):
+            try:
+                chosen = self._choose_wave(wave, keep, spill=False)
+                break
+            except _NoRoom as exc:
+                refused = exc.slice
+                self.ledger = build_ledger(self.problem, self.ledger.slices[:mark], self.cost_model)  # undo the wave
+        if chosen is None:
+            if self.tp_within_nodes:
+                raise PlanningError(self._no_room_message(k, wave, refused))
+            log.warning("wave %d: no room for every tensor-parallel group inside nodes; a group spans nodes", k)
+            chosen = self._choose_wave(wave, keep=False, spill=True)
         placed = []
         for s in wave.slices:  # the schedule's order; per device the ledger does not depend on it
             devices = chosen[s.metaop]
@@ -283,6 +297,36 @@ class _Placer:
             self.layers_done[p.metaop] += p.num_layers
             self.last[p.metaop] = p
         return PlacedWave(tuple(placed))
+
+    def _choose_wave(self, wave: Wave, keep: bool, spill: bool) -> dict[int, tuple[int, ...]]:
+        """Devices per MetaOp of ``wave``, committed to the ledger; raises _NoRoom (unless ``spill``) when a
+        slice's TP groups do not fit inside nodes."""
+        free = np.zeros(self.num_nodes * self.dpn, dtype=bool)  # padded to whole nodes; padding never free
+        free[: self.num_devices] = True
+        chosen: dict[int, tuple[int, ...]] = {}
+        for continuing in (True, False) if keep else ():
+            for s in sorted(wave.slices, key=lambda s: s.metaop):
+                if s.metaop not in chosen:
+                    devices = self._kept_devices(s, free, continuing)
+                    if devices is not None:
+                        self._commit(s, devices, free, chosen)
+        rest = [s for s in wave.slices if s.metaop not in chosen]
+        # Largest first packs nodes well (with TP degrees that divide each other and the node, it always packs);
+        # among equals, the heaviest input flow claims its devices first.
+        rest.sort(key=lambda s: (-self._layout(s).tp_degree, -s.num_devices, -self._input_bytes(s.metaop), s.metaop))
+        for s in rest:
+            self._commit(s, self._choose(s, free, spill), free, chosen)
+        return chosen
+
+    def _no_room_message(self, k: int, wave: Wave, s: Slice) -> str:
+        op = self.problem.graph.metaops[s.metaop]
+        tp = self._layout(s).tp_degree
+        groups = ", ".join(f"{self.problem.graph.metaops[w.metaop].name} {w.num_devices // self._layout(w).tp_degree}"
+                           f"x{self._layout(w).tp_degree}" for w in wave.slices)
+        return (f"wave {k}: MetaOp {op.name} needs {s.num_devices // tp} tensor-parallel groups of {tp} devices, and "
+                f"beside the wave's other slices ({groups}; groups x TP degree) no placement keeps every group inside "
+                f"a node of {self.dpn} devices; a tensor-parallel group never spans nodes. Allow tensor_parallel "
+                f"degrees of component '{op.component}' that divide {self.dpn}.")
 
     def _layout(self, s: Slice) -> Layout:
         return self.problem.curves[s.metaop].layout(s.num_devices)
@@ -397,9 +441,10 @@ class _Placer:
             return None  # a share lands on a device without room: packing may find one with room
         return tuple(sorted(picked))
 
-    def _choose(self, s: Slice, free: np.ndarray) -> tuple[int, ...]:
+    def _choose(self, s: Slice, free: np.ndarray, spill: bool = False) -> tuple[int, ...]:
         """Pick ``s.num_devices`` free devices: aligned with the input under "align" when the shares fit; else
-        one node when one has room, else the fewest best nodes."""
+        one node when one has room, else the fewest best nodes, whole TP groups in each. When the free devices
+        hold no such choice: _NoRoom, or with ``spill`` the best free devices, a TP group across nodes."""
         n, tp = s.num_devices, self._layout(s).tp_degree
         score = self._score(s, free).reshape(self.num_nodes, self.dpn)
         if self.strategy == "align" and self.num_nodes > 1:
@@ -424,10 +469,18 @@ class _Placer:
             picked.extend(int(node * self.dpn + j) for j in order[node, :count])
             if len(picked) == n:
                 return tuple(sorted(picked))
-        # Fragmented wave: no room for whole TP groups inside nodes. Keep the plan valid and say so.
-        op = self.problem.graph.metaops[s.metaop]
-        log.warning("MetaOp %s: no room for %d-device tensor-parallel groups inside nodes; a group spans nodes", op.name, tp)
+        if not spill:
+            raise _NoRoom(s)
         flat = np.argsort(-score.ravel(), kind="stable")[:n]
         if not free.ravel()[flat].all():
+            op = self.problem.graph.metaops[s.metaop]
             raise ScheduleError(f"MetaOp {op.name}: {n} devices requested but fewer are free in its wave")
         return tuple(sorted(int(d) for d in flat))
+
+
+class _NoRoom(Exception):
+    """The free devices of a wave hold no placement of ``slice`` with each TP group inside one node."""
+
+    def __init__(self, s: Slice):
+        super().__init__(s)
+        self.slice = s
