@@ -50,3 +50,30 @@ def random_job(seed: int, max_nodes: int = 4) -> tuple[Problem, AnalyticCostMode
             trainable_upstream = trainable_upstream or not frozen
     cost_model = AnalyticCostModel(hw)
     return Problem.build(finalize_graph(ops), cost_model), cost_model
+
+
+def diamond_job(seed: int) -> tuple[Problem, AnalyticCostModel]:
+    """1-3 diamond-shaped tasks on 1-8 nodes of 8 A800s: an encoder feeding two branches of 1-3 MetaOps each, joined
+    by a fusion MetaOp (batches 4-64, so some MetaOps scale to few devices). May raise PlanningError."""
+    rng = np.random.default_rng(seed)
+    hw = Hardware(DEVICES["a800"], int(rng.choice([1, 2, 4, 8])), 8, 80 * GIB, 200e9, 25e9)
+    ops: list[MetaOp] = []
+    for t in range(int(rng.integers(1, 4))):
+        batch = int(rng.choice([4, 8, 16, 32, 64]))
+
+        def add(name: str, deps: tuple[int, ...]) -> int:
+            seg = _segment(rng, f"t{t}{name}")
+            ops.append(MetaOp(len(ops), f"t{t}.{name}", f"t{t}", name, seg, seg.count, batch, deps, f"t{t}{name}",
+                              False, 2.0))
+            return len(ops) - 1
+
+        encoder = add("enc", ())
+        ends = []
+        for branch in range(2):
+            last = encoder
+            for k in range(int(rng.integers(1, 4))):
+                last = add(f"b{branch}{k}", (last,))
+            ends.append(last)
+        add("fuse", tuple(ends))
+    cost_model = AnalyticCostModel(hw)
+    return Problem.build(finalize_graph(ops), cost_model), cost_model

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import functools
 import itertools
+import random
 
 import pytest
-from conftest import make_curve, make_problem, random_problem
+from conftest import make_curve, make_problem, random_problem, random_schedule
+from random_jobs import diamond_job
 
 from planner.bound import dag_bound, dag_bound_terms, per_level_bound, relaxed_allocation
+from planner.errors import PlanningError
 from planner.schedule import Schedule, Slice, Wave, check_schedule, compute_makespan
 from planner.spindle import spindle_schedule
 
@@ -197,6 +200,34 @@ def test_hull_bound_below_a_schedule_the_interpolated_one_exceeds():
     assert per_level_bound(problem) == pytest.approx(2.0)  # hull: speed-up 2 on 2 devices each, tight here
     assert per_level_bound(problem) <= makespan * (1 + 1e-12)
     assert dag_bound(problem) <= makespan * (1 + 1e-12)
+
+
+# ---- the critical-path + area LP
+
+
+@pytest.mark.parametrize("concave", [True, False])
+def test_chain_area_between_its_special_cases_and_per_level(concave):
+    for seed, problem in _random_cases(40, concave):
+        terms = dag_bound_terms(problem)
+        min_area = sum(problem.layers(m) * min(c * t for c, t in zip(problem.curves[m].counts, problem.curves[m].times)
+                                               if c <= problem.num_devices) for m in range(len(problem.graph)))
+        assert terms["chain_area"] >= terms["critical_path"] * (1 - 1e-6), seed
+        assert terms["chain_area"] >= min_area / problem.num_devices * (1 - 1e-6), seed
+        assert terms["chain_area"] <= per_level_bound(problem) * (1 + 1e-6), seed
+
+
+def test_chain_area_below_schedules_of_diamond_jobs_and_above_the_other_terms_on_some():
+    rng, tighter = random.Random(0), 0
+    for seed in range(25):
+        try:
+            problem, _ = diamond_job(seed)
+        except PlanningError:
+            continue
+        terms = dag_bound_terms(problem)
+        for schedule in [spindle_schedule(problem)] + [random_schedule(problem, rng) for _ in range(3)]:
+            assert terms["chain_area"] <= compute_makespan(problem, schedule) * (1 + 1e-9), seed
+        tighter += terms["chain_area"] > max(v for k, v in terms.items() if k != "chain_area") * (1 + 1e-3)
+    assert tighter >= 5, tighter
 
 
 # ---- brute force on tiny instances: every wave schedule, with and without level barriers
