@@ -25,8 +25,10 @@ Memory model (bytes per device; the two parts of :meth:`CostModel.layer_memory`)
 Placement is greedy, wave by wave, and deterministic:
 
 1. A MetaOp that continues on the same device count keeps exactly its devices, so no bytes move.
-   Failing that, a first slice whose predecessor ended on the same count and layout takes the
-   predecessor's devices.
+   Failing that, one that continues on another count takes devices whose data-parallel ranks line
+   up with its previous slice's (:mod:`planner.reshard`: the fewest rows move, inside nodes), when
+   the ratio of the counts is whole. Then the same two for a first slice and its predecessor's last
+   slice (same count and layout: its devices; else lined up, for the same batch).
 2. The other slices go largest TP degree first, then largest count, then heaviest input. Each
    one scores every free device: a bonus where the slice's input already lies (its MetaOp's
    previous slice, or its predecessors' last slices), a bonus where the device already holds some
@@ -56,6 +58,7 @@ device.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Iterable
@@ -66,6 +69,7 @@ import numpy as np
 from planner.costmodel import CostModel, Layout
 from planner.errors import PlanningError
 from planner.metagraph import MetaOp
+from planner.reshard import aligned_devices
 from planner.schedule import Problem, Schedule, ScheduleError, Slice, Wave
 
 log = logging.getLogger(__name__)
@@ -304,12 +308,16 @@ class _Placer:
         free = np.zeros(self.num_nodes * self.dpn, dtype=bool)  # padded to whole nodes; padding never free
         free[: self.num_devices] = True
         chosen: dict[int, tuple[int, ...]] = {}
-        for continuing in (True, False) if keep else ():
-            for s in sorted(wave.slices, key=lambda s: s.metaop):
-                if s.metaop not in chosen:
-                    devices = self._kept_devices(s, free, continuing)
-                    if devices is not None:
-                        self._commit(s, devices, free, chosen)
+        # exact keeps first (no bytes move), then lined-up ranks (the fewest move), each continuing before following
+        # (lined up: the heaviest input first, as for the other slices below, since two may want the same devices)
+        heaviest = sorted(wave.slices, key=lambda s: (-self._input_bytes(s.metaop), s.metaop))
+        for find, continuing in itertools.product((self._kept_devices, self._aligned_devices), (True, False)):
+            if keep:
+                for s in heaviest if find == self._aligned_devices else sorted(wave.slices, key=lambda s: s.metaop):
+                    if s.metaop not in chosen:
+                        devices = find(s, free, continuing)
+                        if devices is not None:
+                            self._commit(s, devices, free, chosen)
         rest = [s for s in wave.slices if s.metaop not in chosen]
         # Largest first packs nodes well (with TP degrees that divide each other and the node, it always packs);
         # among equals, the heaviest input flow claims its devices first.
@@ -351,6 +359,24 @@ class _Placer:
             if len(c.devices) == s.num_devices and c.layout == layout and free[list(c.devices)].all():
                 return c.devices
         return None
+
+    def _aligned_devices(self, s: Slice, free: np.ndarray, continuing: bool) -> tuple[int, ...] | None:
+        """Devices whose data-parallel ranks line up with the input's (:func:`planner.reshard.aligned_devices`):
+        the MetaOp's previous slice (``continuing``), or the heaviest predecessor's last slice with the same batch."""
+        ops = self.problem.graph.metaops
+        if continuing != (s.metaop in self.last):
+            return None
+        if continuing:
+            src = self.last[s.metaop]
+        else:
+            sources = [self.last[d] for d in ops[s.metaop].deps
+                       if d in self.last and ops[d].batch_size == ops[s.metaop].batch_size]
+            if not sources:
+                return None
+            src = max(sources, key=lambda p: (ops[p.metaop].layer.out_bytes, -p.metaop))
+        score = self._score(s, free)
+        usable = free & (score > -OVERFLOW_PENALTY / 2)
+        return aligned_devices(src.devices, src.layout, self._layout(s), usable, score, self.dpn)
 
     def _input_devices(self, m: int) -> list[int]:
         """Devices that hold the slice's input: the MetaOp's previous slice, else its predecessors' last slices."""

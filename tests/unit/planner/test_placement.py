@@ -89,8 +89,9 @@ def test_aligned_placement_grows_a_batch_inside_nodes():
 
 
 def test_aligned_consumer_on_fewer_devices_keeps_each_nodes_samples():
-    """X (8 devices over 2 nodes) feeds Y on 2 devices beside Z on 6: aligned, Y takes one device per node, in
-    node order, so each node's half of the batch stays in it; packed, Y sits in one node."""
+    """X (8 devices over 2 nodes) feeds Y on 2 devices beside Z on 6: Y takes one device per node, in node order,
+    so each node's half of the batch stays in it: under "align" by its node shares, under "pack" too since Y's
+    ranks line up with X's (planner.reshard; before that, packed Y sat in one node)."""
     cm = LinearCost(hardware(num_nodes=2, devices_per_node=4))
     ops = [op(0, "x", layers=2, out=1e6), op(1, "y", layers=2, deps=(0,), task="t0"), op(2, "z", layers=2, batch=6)]
     problem = problem_of(ops, cm)
@@ -99,7 +100,9 @@ def test_aligned_consumer_on_fewer_devices_keeps_each_nodes_samples():
     y = next(s for s in aligned.waves[1].slices if s.metaop == 1)
     assert [d // 4 for d in y.devices] == [0, 1]
     assert _cross_node_bytes(problem, aligned, cm) == 0
-    assert _cross_node_bytes(problem, place_schedule(problem, sched, cm), cm) > 0
+    packed = place_schedule(problem, sched, cm)
+    assert [d // 4 for d in next(s for s in packed.waves[1].slices if s.metaop == 1).devices] == [0, 1]
+    assert _cross_node_bytes(problem, packed, cm) == 0
 
 
 def test_continuing_metaop_keeps_its_devices_and_grows_in_place():
