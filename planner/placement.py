@@ -69,7 +69,7 @@ import numpy as np
 from planner.costmodel import CostModel, Layout
 from planner.errors import PlanningError
 from planner.metagraph import MetaOp
-from planner.reshard import aligned_devices
+from planner.reshard import aligned_devices, can_align
 from planner.schedule import Problem, Schedule, ScheduleError, Slice, Wave
 
 log = logging.getLogger(__name__)
@@ -374,6 +374,8 @@ class _Placer:
             if not sources:
                 return None
             src = max(sources, key=lambda p: (ops[p.metaop].layer.out_bytes, -p.metaop))
+        if not can_align(src.layout, self._layout(s)):
+            return None  # before scoring the devices: most slices have no whole ratio to their input
         score = self._score(s, free)
         usable = free & (score > -OVERFLOW_PENALTY / 2)
         return aligned_devices(src.devices, src.layout, self._layout(s), usable, score, self.dpn)

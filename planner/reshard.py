@@ -31,20 +31,24 @@ import numpy as np
 from planner.costmodel import Layout
 
 
+def can_align(src_layout: Layout, layout: Layout) -> bool:
+    """Whether :func:`aligned_devices` may find devices: same TP degree, and one count a whole multiple of the other."""
+    a, b = src_layout.dp_degree, layout.dp_degree
+    return src_layout.tp_degree == layout.tp_degree and a != b and (a % b == 0 or b % a == 0)
+
+
 def aligned_devices(src: Sequence[int], src_layout: Layout, layout: Layout, usable: np.ndarray, score: np.ndarray,
                     devices_per_node: int) -> tuple[int, ...] | None:
     """Devices for a slice of ``layout`` whose input lies on ``src`` (layout ``src_layout``), ranks aligned (module
     docstring); ``usable[d]``: device d is free and has room; ``score``: higher is better (ties: lower ids).
     None when the counts are equal, the TP degrees differ, the ratio is not whole or the devices are not free."""
     tp, a, b = layout.tp_degree, src_layout.dp_degree, layout.dp_degree
-    if src_layout.tp_degree != tp or a == b:
+    if not can_align(src_layout, layout):
         return None
     ranks = [tuple(src[i * tp:(i + 1) * tp]) for i in range(a)]
     if a % b == 0:
         return _shrunk(ranks, a // b, usable, score)
-    if b % a == 0:
-        return _grown(ranks, b // a, tp, usable, score, devices_per_node)
-    return None
+    return _grown(ranks, b // a, tp, usable, score, devices_per_node)
 
 
 def _shrunk(ranks: list[tuple[int, ...]], k: int, usable: np.ndarray, score: np.ndarray) -> tuple[int, ...] | None:
