@@ -7,23 +7,25 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import random_schedule
+from conftest import make_curve, make_problem, random_schedule
 from random_jobs import random_job
+from test_placement import hardware
 
 from orchestrator.recipes import load_job
 from planner.api import make_cost_model
 from planner.baselines import run_baselines
 from planner.bound import dag_bound, iteration_bound, iteration_terms
+from planner.costmodel import AnalyticCostModel
 from planner.errors import PlanningError
 from planner.metagraph import build_metagraph
 from planner.placement import place_schedule
-from planner.schedule import Problem, reverse_runs
+from planner.schedule import Problem, Schedule, Slice, Wave, reverse_runs
 from planner.simulator import simulate
 from planner.solver import SolverSettings, solve
 from planner.spindle import spindle_schedule
 
 ROOT = Path(__file__).resolve().parents[3]
-EXAMPLES = ("quickstart-cpu", "vlm-cpu", "diffusion-cpu", "chat-sft-cpu", "medical-unimed", "alignment-baichuan")
+EXAMPLES = sorted(path.stem for path in (ROOT / "examples").glob("*.yaml"))
 
 
 def _predicted(problem: Problem, cost_model, schedule) -> float:
@@ -67,7 +69,7 @@ def test_iteration_bound_below_random_schedules_of_random_jobs():
     assert checked >= 30 and syncs >= 3, (checked, syncs)  # the sync term is exercised, not always 0
 
 
-def test_last_bucket_is_zero_when_one_device_can_hold_the_last_metaop():
+def test_last_bucket_is_zero_when_the_last_metaop_can_run_on_one_data_parallel_rank():
     for seed in range(40):
         try:
             problem, cost_model = random_job(seed)
@@ -79,3 +81,21 @@ def test_last_bucket_is_zero_when_one_device_can_hold_the_last_metaop():
         shared_frozen = any(o.frozen for m in last for o in ops if o.param_group == ops[m].param_group)
         if one_rank or shared_frozen:
             assert iteration_terms(problem, cost_model)["last_bucket"] == 0.0, seed
+
+
+def test_terms_by_hand_on_one_metaop_that_needs_two_ranks():
+    # one trainable MetaOp of 4 layers (1e6 parameters each) whose valid counts are 2 and 4 (data parallel) on 8 devices
+    cost_model = AnalyticCostModel(hardware(num_nodes=2, devices_per_node=4))
+    problem = make_problem([4], [[]], [make_curve([2, 4], [1.0, 0.6])], 8)
+    terms = iteration_terms(problem, cost_model)
+    shard = 1e6  # the last slice's every layer is a bucket of at least one layer over at least its ranks
+    expected = min(cost_model.allreduce_time(2 * shard, dp, False) + cost_model.allgather_time(2 * shard, dp, False)
+                   for dp in (2, 4))
+    assert terms["last_bucket"] == pytest.approx(expected) and expected > 0
+    assert terms["optimizer"] == pytest.approx(cost_model.optimizer_time(4e6 / 8))
+    assert terms["compute"] == pytest.approx(4 * 0.6)
+    bound = iteration_bound(problem, cost_model)
+    assert bound == pytest.approx(4 * 0.6 + max(terms["optimizer"], terms["last_bucket"]))
+    for count in (2, 4):
+        seconds = _predicted(problem, cost_model, Schedule((Wave((Slice(0, 4, count),)),)))
+        assert bound <= seconds
