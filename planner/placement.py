@@ -154,10 +154,9 @@ class MemoryLedger:
     ``trainable_params`` (parameters after TP sharding) are numpy arrays indexed by device id.
     """
 
-    def __init__(self, problem: Problem, cost_model: CostModel, strategy: str = "pack", tp_within_nodes: bool = True):
+    def __init__(self, problem: Problem, cost_model: CostModel, strategy: str = "pack"):
         self.problem = problem
         self.strategy = strategy
-        self.tp_within_nodes = tp_within_nodes
         self.cost_model = cost_model
         n = problem.num_devices
         self.param_bytes = np.zeros(n)
@@ -311,13 +310,14 @@ class _Placer:
         # exact keeps first (no bytes move), then lined-up ranks (the fewest move), each continuing before following
         # (lined up: the heaviest input first, as for the other slices below, since two may want the same devices)
         heaviest = sorted(wave.slices, key=lambda s: (-self._input_bytes(s.metaop), s.metaop))
-        for find, continuing in itertools.product((self._kept_devices, self._aligned_devices), (True, False)):
-            if keep:
-                for s in heaviest if find == self._aligned_devices else sorted(wave.slices, key=lambda s: s.metaop):
-                    if s.metaop not in chosen:
-                        devices = find(s, free, continuing)
-                        if devices is not None:
-                            self._commit(s, devices, free, chosen)
+        by_id = sorted(wave.slices, key=lambda s: s.metaop)
+        passes = itertools.product(((self._kept_devices, by_id), (self._aligned_devices, heaviest)), (True, False))
+        for (find, order), continuing in passes if keep else ():
+            for s in order:
+                if s.metaop not in chosen:
+                    devices = find(s, free, continuing)
+                    if devices is not None:
+                        self._commit(s, devices, free, chosen)
         rest = [s for s in wave.slices if s.metaop not in chosen]
         # Largest first packs nodes well (with TP degrees that divide each other and the node, it always packs);
         # among equals, the heaviest input flow claims its devices first.
