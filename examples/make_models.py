@@ -39,6 +39,35 @@ def save_clip_vision(path: str | Path, seed: int = 0, **config) -> Path:
     return Path(path)
 
 
+def save_siglip_vision(path: str | Path, seed: int = 0, **config) -> Path:
+    """A small SigLIP vision tower (SiglipVisionModel: 32 wide, 2 layers, 16 px images in 4 px patches, no class
+    token, with its attention-pooling head) saved at ``path``; ``config`` overrides the defaults."""
+    import torch
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    defaults = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+                    patch_size=4, num_channels=3)
+    torch.manual_seed(seed)
+    SiglipVisionModel(SiglipVisionConfig(**(defaults | config))).save_pretrained(path)
+    return Path(path)
+
+
+def save_text_tower(path: str | Path, family: str = "clip", seed: int = 0, **config) -> Path:
+    """A small CLIP or SigLIP text tower (``family`` 'clip': CLIPTextModel, causal, pooled at the end-of-text token;
+    'siglip': SiglipTextModel, bidirectional, pooled at the last token through its head; 32 wide, 2 layers,
+    vocabulary 100, 16 positions) saved at ``path``; ``config`` overrides the defaults."""
+    import torch
+    import transformers
+
+    cls = {"clip": "CLIP", "siglip": "Siglip"}[family]
+    defaults = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(seed)
+    config_class, model_class = getattr(transformers, f"{cls}TextConfig"), getattr(transformers, f"{cls}TextModel")
+    model_class(config_class(**(defaults | config))).save_pretrained(path)
+    return Path(path)
+
+
 def save_bert(path: str | Path, seed: int = 0, **config) -> Path:
     """A small BERT encoder (BertModel: 32 wide, 2 layers, vocabulary 100) saved at ``path``; ``config`` overrides
     the defaults."""

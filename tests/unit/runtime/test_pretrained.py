@@ -24,7 +24,8 @@ from runtime.modules import build_layer
 from runtime.reference import ReferenceTrainer
 
 sys.path.insert(0, str(Path(__file__).parents[3] / "examples"))
-from make_models import save_bert, save_clip_vision, save_llama  # noqa: E402  (examples/make_models.py)
+from make_models import (  # noqa: E402  (examples/make_models.py)
+    save_bert, save_clip_vision, save_llama, save_siglip_vision, save_text_tower)
 
 RTOL = 1e-5
 
@@ -37,6 +38,9 @@ def models(tmp_path_factory) -> Path:
     save_llama(root / "deep", num_hidden_layers=8, seed=2)
     save_clip_vision(root / "clip")
     save_bert(root / "bert")
+    save_siglip_vision(root / "siglip")
+    save_text_tower(root / "clip_text", "clip")
+    save_text_tower(root / "siglip_text", "siglip")
     return root
 
 
@@ -203,6 +207,69 @@ def test_a_bert_encoder_runs_its_own_layers_without_dropout(models):
     assert float((got - want).norm() / want.norm()) <= RTOL
     first, again = ReferenceTrainer(job).train_step(0), ReferenceTrainer(job).train_step(0)
     assert first == again
+
+
+TOWERS = {"siglip": "SiglipVisionModel", "clip_text": "CLIPTextModel", "siglip_text": "SiglipTextModel"}
+
+
+@pytest.mark.parametrize("tower", TOWERS)
+def test_clip_and_siglip_towers_train_as_their_transformers_models(models, tower, tmp_path):
+    """SigLIP's vision tower (no class token: (16/4)^2 = 16 positions, post_layernorm on every token), CLIP's text
+    tower (causal, final_layer_norm) and SigLIP's (bidirectional, final_layer_norm): Loom's tower gives the model's
+    last hidden state, and one training step's loss and gradient of every tensor equal the transformers model's
+    feeding a copy of Loom's head; the export loads with the model's class and reproduces the trained tower."""
+    import copy
+
+    import transformers
+    from runtime.export import component_tensors
+
+    doc = yaml.safe_load(write_job(models, tower).read_text())
+    doc["components"] = {"enc": {"pretrained": tower} | ({} if tower == "siglip" else {"seq_len": 12})}
+    doc["tasks"] = [{"name": "classify", "batch_size": 4, "loss": "cross_entropy", "components": [{"component": "enc"}]}]
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc).replace(f"pretrained: {tower}", f"pretrained: {models / tower}"))
+    job = load_job(path)
+    op = build_metagraph(job).metaops[0]
+    reference = ReferenceTrainer(job)
+    batch = synthetic_batch(job, 0, 0, 0, 4)
+    cls = getattr(transformers, TOWERS[tower])
+    model, head = cls.from_pretrained(models / tower), copy.deepcopy(reference.head(0))
+
+    def tower_of(m, x):
+        return (m(pixel_values=x) if tower == "siglip" else m(input_ids=x)).last_hidden_state
+
+    x = batch.inputs["enc"]
+    hidden = tower_of(model, x)
+    assert hidden.shape[1] == (16 if tower == "siglip" else 12)
+    with torch.no_grad():
+        assert float((reference.forward(0, batch)["enc"] - hidden).norm() / hidden.norm()) <= RTOL
+    want = head({"enc": hidden}, batch).sum() / 4
+    want.backward()
+    got = reference.train_step(0, keep_gradients=True)["classify"]
+    want = float(want.detach())
+    assert abs(got - want) <= RTOL * want, (got, want)
+    ours = component_tensors(job, "enc", reference.last_gradients)
+    trained = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert len(trained) == sum(1 for key in reference.last_gradients if key.startswith("enc/") or "embed:" in key)
+    for name, g in trained.items():
+        assert float((ours[name] - g).norm() / g.norm()) <= RTOL, name
+    (folder,) = export_pretrained(job, reference.named_parameters(), tmp_path / "export")
+    with torch.no_grad():
+        exported = tower_of(cls.from_pretrained(folder), x)
+        assert float((reference.forward(0, batch)["enc"] - exported).norm() / exported.norm()) <= RTOL
+    assert op.num_layers == 2
+
+
+def test_text_and_siglip_towers_refuse_positions_they_have_no_embedding_for(models, tmp_path):
+    with pytest.raises(SpecError, match=r"seq_len \(17\): components.lm \(clip_text_model\) has learned positions "
+                                        r"for 16 tokens"):
+        load_job(write_job(models, "clip_text", seq_len=17))
+    doc = yaml.safe_load(write_job(models, "siglip").read_text())
+    doc["tasks"][0] |= {"loss": "cross_entropy", "components": [{"component": "lm", "image_size": 32}]}
+    path = models / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SpecError, match=r"image_size \(32\): components.lm \(siglip_vision_model\) embeds 16 px"):
+        load_job(path)
 
 
 def _corrupt_shape(folder: Path) -> None:
