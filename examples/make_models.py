@@ -97,6 +97,20 @@ def save_unet(path: str | Path, seed: int = 0, **config) -> Path:
     return Path(path)
 
 
+def save_vae(path: str | Path, seed: int = 0, **config) -> Path:
+    """A small diffusers AutoencoderKL (32 then 64 channels, so 2 px per latent along a side; 4 latent channels, 8
+    GroupNorm groups, 16 px RGB images) saved at ``path``: the frozen encoder of a unet2d task's images
+    (``tasks[].data.vae``); ``config`` overrides the defaults."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    defaults = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16)
+    torch.manual_seed(seed)
+    AutoencoderKL(**(defaults | config)).save_pretrained(path)
+    return Path(path)
+
+
 def main(folder: str | Path = Path(__file__).resolve().parent / "models") -> None:
     """The models of examples/hf-vlm-cpu.yaml: a word-level tokenizer over the examples' data (chat.jsonl and the
     shapes' captions) saved with a Llama whose vocabulary is exactly its size, and a CLIP vision tower."""

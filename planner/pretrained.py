@@ -158,9 +158,10 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-# recognised folders Loom does not run, and why
-NOT_YET = {"AutoencoderKL": "a VAE would encode a unet2d task's images into latents on the data side, and unet2d "
-                            "tasks read synthetic latents only so far"}
+# recognised folders that are not components, and what to do with them instead
+NOT_YET = {"AutoencoderKL": "a VAE is frozen and encodes a unet2d task's images into its latents on the data side; "
+                            "Loom does not train it. Name the folder as the task's `data: {format: images, vae: "
+                            "PATH}` instead of a component (docs/data.md)"}
 
 
 @dataclass(frozen=True)
@@ -192,12 +193,11 @@ def _resolve(path: str) -> PretrainedInfo:
     if not folder.is_dir():
         raise PretrainedError(f"{folder}: no such folder. Point `pretrained:` at a saved model folder "
                               "(save_pretrained writes config.json and model.safetensors).")
-    cfg = _read_json(folder / CONFIG_FILE, "the model's config")
+    cfg = read_json(folder / CONFIG_FILE, "the model's config")
     model_type = cfg.get("model_type") or cfg.get("_class_name")  # transformers' model_type, diffusers' class
     arch = ARCHITECTURES.get(model_type)
     if model_type in NOT_YET:
-        raise PretrainedError(f"{folder / CONFIG_FILE}: '{model_type}' is recognised but not run yet: "
-                              f"{NOT_YET[model_type]}. See docs/models.md.")
+        raise PretrainedError(f"{folder / CONFIG_FILE}: '{model_type}' is not a component: {NOT_YET[model_type]}.")
     if arch is None:
         raise PretrainedError(f"{folder / CONFIG_FILE}: model_type '{model_type}' is not supported; supported: "
                               f"{', '.join(sorted(ARCHITECTURES))}. See docs/models.md for how to add one.")
@@ -213,11 +213,11 @@ def _resolve(path: str) -> PretrainedInfo:
                                   "Re-save the model with save_pretrained.")
         if value is not None:
             fields[field] = int(value)
-    _check_tensors(folder, arch.tensors(cfg))
+    check_tensors(folder, arch.tensors(cfg))
     return PretrainedInfo(path, model_type, arch.kind, fields, cfg)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise PretrainedError(f"{path}: missing ({what}). A pretrained folder holds the files save_pretrained writes.")
     try:
@@ -232,7 +232,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 def tensor_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it (one file, or the shards an index names)."""
     if (folder / INDEX_FILE).is_file():
-        index = _read_json(folder / INDEX_FILE, "the shard index").get("weight_map")
+        index = read_json(folder / INDEX_FILE, "the shard index").get("weight_map")
         if not isinstance(index, dict):
             raise PretrainedError(f"{folder / INDEX_FILE}: no 'weight_map'. Re-save the model with save_pretrained.")
         return {name: folder / file for name, file in index.items()}
@@ -247,7 +247,7 @@ def tensor_files(folder: Path) -> dict[str, Path]:
 
 def _diffusers_tensor_files(folder: Path) -> dict[str, Path]:
     if (folder / unet_config.INDEX_FILE).is_file():
-        index = _read_json(folder / unet_config.INDEX_FILE, "the shard index").get("weight_map")
+        index = read_json(folder / unet_config.INDEX_FILE, "the shard index").get("weight_map")
         if not isinstance(index, dict):
             raise PretrainedError(f"{folder / unet_config.INDEX_FILE}: no 'weight_map'. Re-save the model with "
                                   "save_pretrained.")
@@ -258,7 +258,7 @@ def _diffusers_tensor_files(folder: Path) -> dict[str, Path]:
 
 def weights_file(folder: Path) -> str:
     """The single safetensors file name of ``folder``'s format: diffusers' for a diffusers model, else transformers'."""
-    cfg = _read_json(folder / CONFIG_FILE, "the model's config")
+    cfg = read_json(folder / CONFIG_FILE, "the model's config")
     return unet_config.WEIGHTS_FILE if cfg.get("_class_name") and not cfg.get("model_type") else SINGLE_FILE
 
 
@@ -275,7 +275,7 @@ def read_header(path: Path) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in header.items() if k != "__metadata__"}
 
 
-def _check_tensors(folder: Path, want: dict[str, tuple[int, ...]]) -> None:
+def check_tensors(folder: Path, want: dict[str, tuple[int, ...]]) -> None:
     files = tensor_files(folder)
     headers = {file: read_header(file) for file in set(files.values()) if file.is_file()}
     for name, shape in want.items():
