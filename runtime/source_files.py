@@ -193,8 +193,16 @@ def _load(spec: DataSpec, t: int, labels: str | None, captions: bool, mtime: int
     return Records(path, tuple(rows), tuple(lines))
 
 
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what datasets' save_to_disk writes
+
+
 def _check_exists(spec: DataSpec, t: int) -> None:
     where, path = data_where(t), Path(spec.path)
+    if path.is_dir() and any((path / name).is_file() for name in SAVED_DATASET_FILES):
+        raise DataError(f"{where} ({spec.path}): a dataset saved with the datasets library's save_to_disk, which "
+                        "Loom does not read (datasets is not a dependency). Write it as JSONL and point `path` at "
+                        "the file: datasets.load_from_disk(path).to_json('data.jsonl', lines=True) (a DatasetDict: "
+                        "one split, e.g. load_from_disk(path)['train']).")
     if format_of(spec).folder:
         if not path.is_dir():
             raise DataError(f"{where} ({spec.path}): no such folder; format {spec.format} reads a folder with a "
