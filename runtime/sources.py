@@ -66,6 +66,11 @@ def source_batch(job: JobSpec, t: int, step: int, start: int, stop: int, split: 
     return _source(job.model_dump_json(), t).batch(step, start, stop)
 
 
+def epoch_rows(job: JobSpec, t: int) -> int:
+    """The rows of one epoch of task ``t``'s source: its lines, or the rows its packed documents fill."""
+    return _source(job.model_dump_json(), t).rows_per_epoch
+
+
 @functools.lru_cache(maxsize=16)
 def _source(job_json: str, t: int) -> TaskSource:
     return TaskSource(JobSpec.model_validate_json(job_json), t)
