@@ -316,6 +316,28 @@ def test_a_bad_folder_is_one_error_line(models, tmp_path, breaks, expected):
         assert text in lines[0], (text, lines[0])
 
 
+def test_a_hand_edited_plan_with_tensor_parallel_on_bert_is_refused_before_anything_runs(models, tmp_path):
+    """The spec refuses `tensor_parallel:` on a BERT (its layers are not mapped onto megatron-core); a plan edited by
+    hand to run its layers at TP 2 is refused by `loom run --plan` in one line, before Ray starts."""
+    from planner.api import plan_job
+
+    doc = yaml.safe_load(write_job(models, "bert").read_text())
+    doc["tasks"][0] |= {"loss": "cross_entropy"}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc).replace("pretrained: bert", f"pretrained: {models / 'bert'}"))
+    plan = plan_job(load_job(path), with_baselines=False).plan
+    waves = [w.model_copy(update={"slices": [s.model_copy(update={"dp_degree": 1, "tp_degree": 2, "devices": [0, 1]})
+                                             for s in w.slices]}) for w in plan.waves]
+    (tmp_path / "plan.json").write_text(plan.model_copy(update={"waves": waves}).sealed().to_json())
+    result = CliRunner().invoke(app, ["run", str(path), "--plan", str(tmp_path / "plan.json"), "--out",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "has tensor_parallel 2, which components.lm does not allow (tensor_parallel [1]" \
+        in lines[0], lines
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
 def test_a_use_beyond_the_models_position_table_is_one_error_line(models, tmp_path):
     path = write_job(models, "bert", seq_len=65)  # BERT's table has 64 positions
     with pytest.raises(SpecError, match=r"tasks\[0\].components\[0\].seq_len \(65\): components.lm \(bert\) has learned "
