@@ -148,28 +148,34 @@ def test_the_exported_model_loads_with_from_pretrained_and_gives_the_same_logits
     assert float((logits - ours).norm() / ours.norm()) <= RTOL
 
 
-def test_a_clip_tower_feeding_the_llama_through_a_projector_equals_the_libraries_composed_by_hand(models):
-    """LLaVA's shape: CLIP's last hidden state (17 tokens, 32 wide), projected to the LM's 64 by Loom's connector,
-    then 8 text tokens; the loss is next-token on the text. Composed here from CLIPVisionModel and LlamaForCausalLM."""
-    from transformers import AutoModelForCausalLM, CLIPVisionModel
+@pytest.mark.parametrize("tower, tokens", [("clip", 17), ("siglip", 16)])
+def test_a_vision_tower_feeding_the_llama_through_a_projector_equals_the_libraries_composed_by_hand(
+        models, tmp_path, tower, tokens):
+    """LLaVA's shape: CLIP's last hidden state (17 tokens with its class token, 32 wide; SigLIP's: 16, no class
+    token), projected to the LM's 64 by Loom's connector, then 8 text tokens; the loss is next-token on the text.
+    Composed here from CLIPVisionModel (SiglipVisionModel) and LlamaForCausalLM."""
+    import transformers
+    from transformers import AutoModelForCausalLM
 
+    vision_class = getattr(transformers, {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}[tower])
     path = write_job(models, "llama")
     doc = yaml.safe_load(path.read_text())
-    doc["components"] = {"vision": {"pretrained": "clip"}, "lm": {"pretrained": "llama", "seq_len": 25}}
+    doc["components"] = {"vision": {"pretrained": tower}, "lm": {"pretrained": "llama", "seq_len": tokens + 8}}
     doc["tasks"][0]["components"] = [{"component": "vision"}, {"component": "lm"}]
     path.write_text(yaml.safe_dump(doc))
     job = load_job(path)
     assert job.components["vision"].kind == "vit" and job.components["vision"].image_size == 16
     reference = ReferenceTrainer(job)
     batch = synthetic_batch(job, 0, 0, 0, 4)
-    clip, llama = CLIPVisionModel.from_pretrained(models / "clip"), AutoModelForCausalLM.from_pretrained(models / "llama")
+    clip, llama = vision_class.from_pretrained(models / tower), AutoModelForCausalLM.from_pretrained(models / "llama")
     projector = reference.modules[("adapt:lm", 0)]
     with torch.no_grad():
         image = clip(pixel_values=batch.inputs["vision"]).last_hidden_state
-        tower = reference.modules[("embed:vision", 0)](batch.inputs["vision"])
+        assert image.shape[1] == tokens
+        ours = reference.modules[("embed:vision", 0)](batch.inputs["vision"])
         for layer in range(2):
-            tower = reference.modules[("vision", layer)](tower)
-        assert float((tower - image).norm() / image.norm()) <= RTOL
+            ours = reference.modules[("vision", layer)](ours)
+        assert float((ours - image).norm() / image.norm()) <= RTOL
         text = batch.inputs["lm"]
         embeds = torch.cat([projector(image), llama.get_input_embeddings()(text)], dim=1)
         logits = llama(inputs_embeds=embeds).logits[:, image.shape[1] - 1:-1]
@@ -177,14 +183,14 @@ def test_a_clip_tower_feeding_the_llama_through_a_projector_equals_the_libraries
     got = reference.train_step(0)["caption"]
     assert abs(got - want) <= RTOL * want, (got, want)
     # both towers export to folders their classes load, holding the trained weights
-    exported = {f.name: f for f in export_pretrained(job, reference.named_parameters(), models / "export")}
+    exported = {f.name: f for f in export_pretrained(job, reference.named_parameters(), tmp_path / "export")}
     assert set(exported) == {"vision", "lm"}
     with torch.no_grad():
-        image = CLIPVisionModel.from_pretrained(exported["vision"])(pixel_values=batch.inputs["vision"]).last_hidden_state
-        tower = reference.modules[("embed:vision", 0)](batch.inputs["vision"])
+        image = vision_class.from_pretrained(exported["vision"])(pixel_values=batch.inputs["vision"]).last_hidden_state
+        ours = reference.modules[("embed:vision", 0)](batch.inputs["vision"])
         for layer in range(2):
-            tower = reference.modules[("vision", layer)](tower)
-    assert float((tower - image).norm() / image.norm()) <= RTOL
+            ours = reference.modules[("vision", layer)](ours)
+    assert float((ours - image).norm() / image.norm()) <= RTOL
 
 
 def test_a_bert_encoder_runs_its_own_layers_without_dropout(models):
