@@ -97,6 +97,9 @@ def check_vae(job: JobSpec, t: int):
                         "`vae:`.")
     try:
         info = resolve_vae(data.vae, where)
+        if info.image_channels not in (1, 3):
+            raise DataError(f"{where} ({data.vae}): the VAE encodes {info.image_channels}-channel images; image files "
+                            "give 1 (grey) or 3 (RGB). Use a VAE whose in_channels is 1 or 3.")
         for name in latents:
             comp = job.components[name]
             check_vae_use(info, where, name, comp.in_channels or kind_of(comp).in_channels)

@@ -134,6 +134,9 @@ def test_bad_vae_inputs_are_one_error_line(folders, tmp_path):
     save_vae(tmp_path / "vae8", latent_channels=8)
     line = _validate(tmp_path, job_doc(folders, vae=str(tmp_path / "vae8")))
     assert "encodes 8 latent channels but components.unet reads 4 (in_channels)" in line
+    save_vae(tmp_path / "vae4", in_channels=4, out_channels=4)
+    assert "the VAE encodes 4-channel images; image files give 1 (grey) or 3 (RGB)" in _validate(
+        tmp_path, job_doc(folders, vae=str(tmp_path / "vae4")))
     shutil.copytree(folders / "vae", tmp_path / "vae-bad")
     cfg = json.loads((tmp_path / "vae-bad" / "config.json").read_text())
     (tmp_path / "vae-bad" / "config.json").write_text(json.dumps(cfg | {"block_out_channels": [16, 64]}))
