@@ -39,6 +39,35 @@ def save_clip_vision(path: str | Path, seed: int = 0, **config) -> Path:
     return Path(path)
 
 
+def save_siglip_vision(path: str | Path, seed: int = 0, **config) -> Path:
+    """A small SigLIP vision tower (SiglipVisionModel: 32 wide, 2 layers, 16 px images in 4 px patches, no class
+    token, with its attention-pooling head) saved at ``path``; ``config`` overrides the defaults."""
+    import torch
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    defaults = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+                    patch_size=4, num_channels=3)
+    torch.manual_seed(seed)
+    SiglipVisionModel(SiglipVisionConfig(**(defaults | config))).save_pretrained(path)
+    return Path(path)
+
+
+def save_text_tower(path: str | Path, family: str = "clip", seed: int = 0, **config) -> Path:
+    """A small CLIP or SigLIP text tower (``family`` 'clip': CLIPTextModel, causal, pooled at the end-of-text token;
+    'siglip': SiglipTextModel, bidirectional, pooled at the last token through its head; 32 wide, 2 layers,
+    vocabulary 100, 16 positions) saved at ``path``; ``config`` overrides the defaults."""
+    import torch
+    import transformers
+
+    cls = {"clip": "CLIP", "siglip": "Siglip"}[family]
+    defaults = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(seed)
+    config_class, model_class = getattr(transformers, f"{cls}TextConfig"), getattr(transformers, f"{cls}TextModel")
+    model_class(config_class(**(defaults | config))).save_pretrained(path)
+    return Path(path)
+
+
 def save_bert(path: str | Path, seed: int = 0, **config) -> Path:
     """A small BERT encoder (BertModel: 32 wide, 2 layers, vocabulary 100) saved at ``path``; ``config`` overrides
     the defaults."""
@@ -65,6 +94,20 @@ def save_unet(path: str | Path, seed: int = 0, **config) -> Path:
                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     torch.manual_seed(seed)
     UNet2DConditionModel(**(defaults | config)).save_pretrained(path)
+    return Path(path)
+
+
+def save_vae(path: str | Path, seed: int = 0, **config) -> Path:
+    """A small diffusers AutoencoderKL (32 then 64 channels, so 2 px per latent along a side; 4 latent channels, 8
+    GroupNorm groups, 16 px RGB images) saved at ``path``: the frozen encoder of a unet2d task's images
+    (``tasks[].data.vae``); ``config`` overrides the defaults."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    defaults = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16)
+    torch.manual_seed(seed)
+    AutoencoderKL(**(defaults | config)).save_pretrained(path)
     return Path(path)
 
 

@@ -56,11 +56,12 @@ def make_cost_model(job: JobSpec, costs: str | Path | None = None) -> CostModel:
     # Gradients are reduced, and parameters all-gathered after a ZeRO-1 step, in the job's precision: the compute
     # dtype of the weights (bf16 beside fp32 masters on GPUs; fp32 throughout in the CPU runtime's jobs).
     grad_bytes = weight_bytes = 4 if job.training.precision == "fp32" else 2
-    analytic = AnalyticCostModel(hw, shard_optimizer=shard, grad_bytes=grad_bytes, weight_bytes=weight_bytes)
+    memory = {"precision": job.training.precision, "optimizer": job.training.optimizer}  # what a device holds
+    analytic = AnalyticCostModel(hw, shard_optimizer=shard, grad_bytes=grad_bytes, weight_bytes=weight_bytes, **memory)
     if costs is None:
         return analytic
     return ProfiledCostModel.load(costs, hw, fallback=analytic, shard_optimizer=shard, grad_bytes=grad_bytes,
-                                  weight_bytes=weight_bytes)
+                                  weight_bytes=weight_bytes, **memory)
 
 
 def spec_hash(job: JobSpec) -> str:

@@ -24,9 +24,12 @@ from planner.metagraph import MetaOp
 
 log = logging.getLogger(__name__)
 
-BYTES_WEIGHT_AND_GRAD = 4  # bf16 weight + bf16 gradient, on every device that runs the layer
-BYTES_OPTIMIZER_STATE = 12  # fp32 master weight + Adam m and v; sharded over the data-parallel group (ZeRO-1)
-BYTES_FROZEN_PARAM = 2
+# Parameter memory: what the runtime holds per parameter element on a device that runs the layer (docs/planner.md).
+BYTES_WEIGHT = 4  # fp32 weights, whatever the precision: bf16/fp16 autocast computes from the fp32 parameters
+BYTES_GRAD = 4  # their fp32 gradients
+BYTES_COMPUTE_COPY = 2  # bf16/fp16: autocast's cast of each weight, kept from its forward use to its backward
+BYTES_MASTER_SHARE = 4  # ZeRO-1 (dp > 1): the fp32 copy of its share that the inner optimizer steps (runtime.zero)
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 0}  # per element stepped: AdamW's m and v; plain SGD keeps none
 
 
 @dataclass(frozen=True)
@@ -109,9 +112,11 @@ class CostModel:
 
     source = "base"
 
-    def __init__(self, hardware: Hardware, shard_optimizer: bool = True, grad_bytes: int = 2, weight_bytes: int = 2):
+    def __init__(self, hardware: Hardware, shard_optimizer: bool = True, grad_bytes: int = 2, weight_bytes: int = 2,
+                 precision: str = "bf16", optimizer: str = "adamw"):
         self.hw = hardware
         self.shard_optimizer = shard_optimizer
+        self.precision, self.optimizer = precision, optimizer  # training.precision, training.optimizer: memory terms
         self.grad_bytes = grad_bytes  # bytes per gradient element all-reduced (2 for bf16/fp16, 4 for fp32)
         # Bytes per parameter element all-gathered after a ZeRO-1 step: the parameters every replica computes
         # with (2 for bf16 weights beside fp32 masters; 4 where the parameters themselves are fp32, as in the runtime).
@@ -128,15 +133,23 @@ class CostModel:
         return math.ceil(op.batch_size / layout.dp_degree)
 
     def bytes_per_param(self, op: MetaOp, layout: Layout) -> float:
-        """Bytes of state per (TP-sharded) parameter on one device: 2 when frozen; else weight and gradient
-        plus the optimizer state, divided over the data-parallel group when it is sharded (ZeRO-1)."""
+        """Bytes of state per (TP-sharded) parameter on one device, as the runtime holds it: the fp32 weight, and
+        under bf16/fp16 autocast's low-precision copy of it wherever backward runs through the layer (saved for
+        it); trainable, also its fp32 gradient and the optimizer state (AdamW 8, SGD 0). With ZeRO-1 over dp > 1
+        holders, each keeps 1/dp of the state beside an fp32 master copy of that share (4/dp); alone (dp 1, or
+        ``shard_optimizer: false``) the weight is the master."""
+        copy = BYTES_COMPUTE_COPY if self.precision != "fp32" and op.backward_factor > 0 else 0
+        weight = BYTES_WEIGHT + copy
         if op.frozen:
-            return BYTES_FROZEN_PARAM
-        shards = layout.dp_degree if self.shard_optimizer else 1
-        return BYTES_WEIGHT_AND_GRAD + BYTES_OPTIMIZER_STATE / shards
+            return weight
+        state = OPTIMIZER_STATE_BYTES[self.optimizer]
+        if self.shard_optimizer and layout.dp_degree > 1:
+            return weight + BYTES_GRAD + (BYTES_MASTER_SHARE + state) / layout.dp_degree
+        return weight + BYTES_GRAD + state
 
     def param_bytes(self, op: MetaOp, layout: Layout) -> float:
-        """Bytes of parameter state (weights, and for trainable layers gradients and Adam) per device per layer."""
+        """Bytes of parameter state (weights, and for trainable layers gradients and optimizer state) per device per
+        layer."""
         return op.layer.params * self.bytes_per_param(op, layout) / layout.tp_degree
 
     def activation_bytes(self, op: MetaOp, layout: Layout) -> float:
@@ -291,21 +304,23 @@ class ProfiledCostModel(CostModel):
 
     def __init__(self, hardware: Hardware, points: dict[str, list[tuple[float, float]]], fallback: CostModel | None = None,
                  shard_optimizer: bool = True, grad_bytes: int = 2, measured: MeasuredCosts | None = None,
-                 weight_bytes: int = 2):
-        super().__init__(hardware, shard_optimizer, grad_bytes, weight_bytes)
+                 weight_bytes: int = 2, precision: str = "bf16", optimizer: str = "adamw"):
+        super().__init__(hardware, shard_optimizer, grad_bytes, weight_bytes, precision, optimizer)
         self.points = {k: sorted((float(b), float(t)) for b, t in v) for k, v in points.items()}
         self.fallback = fallback
         self.measured = measured or MeasuredCosts()
 
     @classmethod
     def load(cls, path: str | Path, hardware: Hardware, fallback: CostModel | None = None,
-             shard_optimizer: bool = True, grad_bytes: int = 2, weight_bytes: int = 2) -> ProfiledCostModel:
+             shard_optimizer: bool = True, grad_bytes: int = 2, weight_bytes: int = 2, precision: str = "bf16",
+             optimizer: str = "adamw") -> ProfiledCostModel:
         """The cost model of the cost file at ``path``, checked first (planner.costfile: NaN, zero batches,
         duplicate or non-monotone points, wrong types and unknown keys are a one-line SpecError naming the entry)."""
         costs = read_cost_file(path)
         measured = MeasuredCosts(costs.embed, costs.head, costs.optimizer_s_per_param,
                                  *(costs.links.get(kind, []) for kind in ("p2p", "allreduce", "allgather")))
-        return cls(hardware, costs.points, fallback, shard_optimizer, grad_bytes, measured, weight_bytes)
+        return cls(hardware, costs.points, fallback, shard_optimizer, grad_bytes, measured, weight_bytes, precision,
+                   optimizer)
 
     def layout_time(self, op: MetaOp, layout: Layout) -> float:
         pts = self.points.get(profile_key(op, layout))

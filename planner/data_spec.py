@@ -50,6 +50,12 @@ class DataSpec(BaseModel):
     caption_field: str = Field(
         "caption", description="images: the key of a manifest line's caption, fed to the task's token-input uses."
     )
+    vae: str | None = Field(
+        None,
+        description="images: a local diffusers AutoencoderKL folder, relative paths as `path`. The task's unet2d uses "
+        "then train on the latents it encodes from the images (its latent distribution's mean times the config's "
+        "scaling_factor; frozen, in each rank's loader), noised with a timestep and noise drawn per (seed, step, row).",
+    )
     pack: bool = Field(
         False,
         description="text, chat: concatenate documents into full rows of the task's seq_len (per-document position "
@@ -68,8 +74,15 @@ class DataSpec(BaseModel):
             return data
         base = Path((info.context or {}).get("base") or Path.cwd())
         out = dict(data)
-        for key in ("path", "tokenizer"):
+        for key in ("path", "tokenizer", "vae"):
             if isinstance(out.get(key), str) and out[key]:
                 out[key] = str((base / Path(out[key]).expanduser()).absolute())
         return out
+
+    @model_validator(mode="after")
+    def _vae_reads_images(self) -> DataSpec:
+        if self.vae is not None and self.format != "images":
+            raise ValueError(f"vae: format {self.format} has no images to encode; a VAE encodes the images of format "
+                             "images. Remove `vae:` or use format images.")
+        return self
 

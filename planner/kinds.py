@@ -106,7 +106,17 @@ def _patches_shape(comp: ComponentSpec, comp_name: str, use: TaskComponentSpec, 
             f"{where}.image_size ({image}) is not a multiple of components.{comp_name}.patch_size "
             f"({comp.patch_size}). Use a multiple, e.g. {image // comp.patch_size * comp.patch_size or comp.patch_size}."
         )
-    return UseShape((image // comp.patch_size) ** 2 + 1, image)
+    return UseShape((image // comp.patch_size) ** 2 + _class_tokens(comp), image)
+
+
+def _class_tokens(comp: ComponentSpec) -> int:
+    """Tokens a vit use has before its patches: Loom's own vit and CLIP have a class token, SigLIP has none (the
+    pretrained model's architecture says)."""
+    if comp.pretrained is None:
+        return 1
+    from planner.pretrained import class_tokens  # local: only pretrained components read a folder
+
+    return class_tokens(comp.pretrained)
 
 
 def _pixels_shape(comp: ComponentSpec, comp_name: str, use: TaskComponentSpec, where: str) -> UseShape:

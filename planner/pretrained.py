@@ -59,16 +59,44 @@ def _llama_tensors(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def _clip_vision_tensors(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Tensors every CLIP vision tower holds (CLIPVisionModel), with the shapes its config implies."""
-    h, f, p, c = cfg["hidden_size"], cfg["intermediate_size"], cfg["patch_size"], cfg.get("num_channels", 3)
-    shapes = {"embeddings.patch_embedding.weight": (h, c, p, p), "embeddings.class_embedding": (h,),
-              "embeddings.position_embedding.weight": ((cfg["image_size"] // p) ** 2 + 1, h),
-              "pre_layrnorm.weight": (h,), "post_layernorm.weight": (h,)}
+    """Tensors every CLIP vision tower holds (CLIPVisionModel), with the shapes its config implies: a class token,
+    so (I/p)^2 + 1 positions."""
+    h, p, c = cfg["hidden_size"], cfg["patch_size"], cfg.get("num_channels", 3)
+    return {"embeddings.patch_embedding.weight": (h, c, p, p), "embeddings.class_embedding": (h,),
+            "embeddings.position_embedding.weight": ((cfg["image_size"] // p) ** 2 + 1, h),
+            "pre_layrnorm.weight": (h,), "post_layernorm.weight": (h,)} | _encoder_layer_tensors(cfg)
+
+
+def _encoder_layer_tensors(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The encoder layers of a CLIP or SigLIP tower (vision or text): q/k/v/out projections, a two-layer MLP and two
+    LayerNorms per layer."""
+    h, f = cfg["hidden_size"], cfg["intermediate_size"]
+    shapes = {}
     for i in range(cfg["num_hidden_layers"]):
         pre = f"encoder.layers.{i}."
         shapes |= {pre + f"self_attn.{x}_proj.weight": (h, h) for x in ("q", "k", "v", "out")}
         shapes |= {pre + "mlp.fc1.weight": (f, h), pre + "mlp.fc2.weight": (h, f), pre + "layer_norm1.weight": (h,),
                    pre + "layer_norm2.weight": (h,)}
+    return shapes
+
+
+def _siglip_vision_tensors(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Tensors every SigLIP vision tower holds (SiglipVisionModel): no class token, so (I/p)^2 positions."""
+    h, p, c = cfg["hidden_size"], cfg["patch_size"], cfg.get("num_channels", 3)
+    return {"embeddings.patch_embedding.weight": (h, c, p, p),
+            "embeddings.position_embedding.weight": ((cfg["image_size"] // p) ** 2, h),
+            "post_layernorm.weight": (h,)} | _encoder_layer_tensors(cfg)
+
+
+def _text_tower_tensors(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Tensors every CLIP or SigLIP text tower holds (CLIPTextModel, SiglipTextModel; SigLIP's also its pooled
+    output's ``head``)."""
+    h = cfg["hidden_size"]
+    shapes = {"embeddings.token_embedding.weight": (cfg["vocab_size"], h),
+              "embeddings.position_embedding.weight": (cfg["max_position_embeddings"], h),
+              "final_layer_norm.weight": (h,)} | _encoder_layer_tensors(cfg)
+    if cfg.get("model_type") == "siglip_text_model":
+        shapes["head.weight"] = (cfg.get("projection_size") or h, h)
     return shapes
 
 
@@ -98,6 +126,7 @@ class Architecture:
     optional: tuple[str, ...] = ()  # config keys that may be absent
     max_positions: str | None = None  # config key of the longest sequence its learned position table covers
     fixed_image: bool = False  # its position table is for the config's image size only
+    class_tokens: int = 0  # a vision tower's tokens before its patches (CLIP's class token; SigLIP has none)
     derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # spec fields computed from the config
     refuse: Callable[[dict[str, Any]], str | None] | None = None  # why a config cannot run exactly (None: it can)
 
@@ -106,27 +135,33 @@ _LLAMA_FIELDS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size"
                  "num_kv_heads": "num_key_value_heads", "ffn_hidden_size": "intermediate_size",
                  "vocab_size": "vocab_size"}
 
+_VISION_FIELDS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
+                  "ffn_hidden_size": "intermediate_size", "patch_size": "patch_size", "image_size": "image_size",
+                  "in_channels": "num_channels"}
+_TEXT_FIELDS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
+                "ffn_hidden_size": "intermediate_size", "vocab_size": "vocab_size"}
+
 # model_type -> architecture. Qwen2 adds q/k/v biases and Qwen3 q/k norms: checked by loading, not listed here.
 ARCHITECTURES: dict[str, Architecture] = {
     **{name: Architecture("llama", _LLAMA_FIELDS, _llama_tensors, optional=("num_key_value_heads",))
        for name in ("llama", "qwen2", "qwen3", "mistral")},
-    "clip_vision_model": Architecture(
-        "vit", {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
-                "ffn_hidden_size": "intermediate_size", "patch_size": "patch_size", "image_size": "image_size",
-                "in_channels": "num_channels"}, _clip_vision_tensors, optional=("num_channels",), fixed_image=True),
-    "bert": Architecture(
-        "transformer", {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
-                        "num_heads": "num_attention_heads", "ffn_hidden_size": "intermediate_size",
-                        "vocab_size": "vocab_size"}, _bert_tensors, max_positions="max_position_embeddings"),
+    "clip_vision_model": Architecture("vit", _VISION_FIELDS, _clip_vision_tensors, optional=("num_channels",),
+                                      fixed_image=True, class_tokens=1),
+    "siglip_vision_model": Architecture("vit", _VISION_FIELDS, _siglip_vision_tensors, optional=("num_channels",),
+                                        fixed_image=True),
+    **{name: Architecture("transformer", _TEXT_FIELDS, _text_tower_tensors, max_positions="max_position_embeddings")
+       for name in ("clip_text_model", "siglip_text_model")},
+    "bert": Architecture("transformer", _TEXT_FIELDS, _bert_tensors, max_positions="max_position_embeddings"),
     # a diffusers folder names its class (config "_class_name"), not a model_type
     unet_config.CLASS_NAME: Architecture("unet2d", {}, unet_config.config_tensors, derive=unet_config.config_fields,
                                          refuse=unet_config.config_refusal),
 }
 
 
-# recognised folders Loom does not run, and why
-NOT_YET = {"AutoencoderKL": "a VAE would encode a unet2d task's images into latents on the data side, and unet2d "
-                            "tasks read synthetic latents only so far"}
+# recognised folders that are not components, and what to do with them instead
+NOT_YET = {"AutoencoderKL": "a VAE is frozen and encodes a unet2d task's images into its latents on the data side; "
+                            "Loom does not train it. Name the folder as the task's `data: {format: images, vae: "
+                            "PATH}` instead of a component (docs/data.md)"}
 
 
 @dataclass(frozen=True)
@@ -158,12 +193,11 @@ def _resolve(path: str) -> PretrainedInfo:
     if not folder.is_dir():
         raise PretrainedError(f"{folder}: no such folder. Point `pretrained:` at a saved model folder "
                               "(save_pretrained writes config.json and model.safetensors).")
-    cfg = _read_json(folder / CONFIG_FILE, "the model's config")
+    cfg = read_json(folder / CONFIG_FILE, "the model's config")
     model_type = cfg.get("model_type") or cfg.get("_class_name")  # transformers' model_type, diffusers' class
     arch = ARCHITECTURES.get(model_type)
     if model_type in NOT_YET:
-        raise PretrainedError(f"{folder / CONFIG_FILE}: '{model_type}' is recognised but not run yet: "
-                              f"{NOT_YET[model_type]}. See docs/models.md.")
+        raise PretrainedError(f"{folder / CONFIG_FILE}: '{model_type}' is not a component: {NOT_YET[model_type]}.")
     if arch is None:
         raise PretrainedError(f"{folder / CONFIG_FILE}: model_type '{model_type}' is not supported; supported: "
                               f"{', '.join(sorted(ARCHITECTURES))}. See docs/models.md for how to add one.")
@@ -179,11 +213,11 @@ def _resolve(path: str) -> PretrainedInfo:
                                   "Re-save the model with save_pretrained.")
         if value is not None:
             fields[field] = int(value)
-    _check_tensors(folder, arch.tensors(cfg))
+    check_tensors(folder, arch.tensors(cfg))
     return PretrainedInfo(path, model_type, arch.kind, fields, cfg)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise PretrainedError(f"{path}: missing ({what}). A pretrained folder holds the files save_pretrained writes.")
     try:
@@ -198,7 +232,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 def tensor_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it (one file, or the shards an index names)."""
     if (folder / INDEX_FILE).is_file():
-        index = _read_json(folder / INDEX_FILE, "the shard index").get("weight_map")
+        index = read_json(folder / INDEX_FILE, "the shard index").get("weight_map")
         if not isinstance(index, dict):
             raise PretrainedError(f"{folder / INDEX_FILE}: no 'weight_map'. Re-save the model with save_pretrained.")
         return {name: folder / file for name, file in index.items()}
@@ -213,7 +247,7 @@ def tensor_files(folder: Path) -> dict[str, Path]:
 
 def _diffusers_tensor_files(folder: Path) -> dict[str, Path]:
     if (folder / unet_config.INDEX_FILE).is_file():
-        index = _read_json(folder / unet_config.INDEX_FILE, "the shard index").get("weight_map")
+        index = read_json(folder / unet_config.INDEX_FILE, "the shard index").get("weight_map")
         if not isinstance(index, dict):
             raise PretrainedError(f"{folder / unet_config.INDEX_FILE}: no 'weight_map'. Re-save the model with "
                                   "save_pretrained.")
@@ -224,7 +258,7 @@ def _diffusers_tensor_files(folder: Path) -> dict[str, Path]:
 
 def weights_file(folder: Path) -> str:
     """The single safetensors file name of ``folder``'s format: diffusers' for a diffusers model, else transformers'."""
-    cfg = _read_json(folder / CONFIG_FILE, "the model's config")
+    cfg = read_json(folder / CONFIG_FILE, "the model's config")
     return unet_config.WEIGHTS_FILE if cfg.get("_class_name") and not cfg.get("model_type") else SINGLE_FILE
 
 
@@ -241,7 +275,7 @@ def read_header(path: Path) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in header.items() if k != "__metadata__"}
 
 
-def _check_tensors(folder: Path, want: dict[str, tuple[int, ...]]) -> None:
+def check_tensors(folder: Path, want: dict[str, tuple[int, ...]]) -> None:
     files = tensor_files(folder)
     headers = {file: read_header(file) for file in set(files.values()) if file.is_file()}
     for name, shape in want.items():
@@ -296,6 +330,11 @@ def fill_component(data: dict[str, Any], base: Path | None) -> dict[str, Any]:
                                   f"`{field}:` from the component: a pretrained component takes it from its config.")
         out[field] = value
     return out
+
+
+def class_tokens(path: str) -> int:
+    """The tokens pretrained vision tower ``path`` puts before its patches: 1 for CLIP's class token, 0 for SigLIP."""
+    return ARCHITECTURES[resolve_pretrained(path).model_type].class_tokens
 
 
 def check_use(comp_name: str, path: str, where: str, seq_len: int | None, image_size: int | None) -> None:

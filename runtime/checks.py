@@ -204,7 +204,21 @@ def check_plan_matches_job(plan: Plan, graph: MetaGraph, source: str = "plan", j
                     f"{source}: MetaOp {plan.metaops[s.metaop].name} has tensor_parallel {s.tp_degree}; the runtime "
                     f"runs tensor parallelism for {', '.join(tp[:-1])} and {tp[-1]} layers only (on megatron-core)."
                 )
+            _check_allowed_tp(plan, graph, s.metaop, s.tp_degree, source)
     check_program(plan, graph.metaops, source)
+
+
+def _check_allowed_tp(plan: Plan, graph: MetaGraph, metaop: int, degree: int, source: str) -> None:
+    """A SpecError when a slice runs MetaOp ``metaop`` at a tensor-parallel ``degree`` its component does not allow
+    (``tensor_parallel``; the planner never gives one): a hand-edited plan would otherwise fail inside a worker, e.g.
+    TP on a pretrained BERT or CLIP tower, whose layers are not mapped onto megatron-core (planner.pretrained)."""
+    op = graph.metaops[metaop]
+    if degree not in op.allowed_tp:
+        raise SpecError(
+            f"{source}: MetaOp {plan.metaops[metaop].name} has tensor_parallel {degree}, which components."
+            f"{op.component} does not allow (tensor_parallel {list(op.allowed_tp)}; a pretrained component other "
+            "than the Llama family trains data parallel only). Re-run `loom plan JOB.yaml --save PLAN.json`."
+        )
 
 
 def check_local_workers(plan: Plan, source: str = "plan", cores: int | None = None) -> None:

@@ -12,7 +12,7 @@
 - Precision: :func:`compute_dtype` and :func:`autocast` (bf16/fp16 autocast around forward, fp32 master
   weights and optimizer state), and :class:`LossScaler` (dynamic loss scaling for fp16).
 
-Imports no other runtime module but runtime.modules (the job's AdamW).
+Imports no other runtime module but runtime.modules (the job's optimizer: AdamW or SGD).
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def module_component(metaops, name: str) -> str | None:
 
 
 def build_grouped_optimizer(job: JobSpec, owned: Iterable[tuple[str | None, nn.Parameter]]):
-    """The job's AdamW (runtime.modules.build_optimizer) over :func:`param_groups` of ``owned``; None when nothing
-    trains."""
+    """The job's optimizer (runtime.modules.build_optimizer: AdamW, or SGD for ``training.optimizer: sgd``) over
+    :func:`param_groups` of ``owned``; None when nothing trains."""
     return build_optimizer(job, param_groups(job, owned))
 
 

@@ -42,10 +42,12 @@ class Layout:
     """Where a model keeps its parts, as attribute paths from the module its auto class builds; the same paths are
     the checkpoint's tensor-name prefixes. ``embed`` lists the modules the input module runs, in order."""
 
-    auto_class: str  # the transformers auto class that builds the model from its config
+    auto_class: str  # the transformers class (an auto class, or the model's own) that builds it from its config
     layers: str
     embed: tuple[str, ...]
     rotary: str | None = None  # a causal LM's rotary embedding: its layers take (cos, sin) for positions 0..S-1
+    causal: bool = False  # its layers attend causally without a rotary embedding (CLIP's text tower)
+    final: str | None = None  # the norm its last layer's output goes through (the tower's last hidden state)
     norm: str | None = None  # the final norm and LM head a next-token task predicts through
     head: str | None = None
 
@@ -57,6 +59,12 @@ LAYOUTS: dict[str, Layout] = {  # by model_type; planner.pretrained.ARCHITECTURE
     # the tower's sequence is [class, patches] after pre_layrnorm; post_layernorm only normalises CLIP's pooled
     # class token, which Loom's heads do not read: it is exported unchanged
     "clip_vision_model": Layout("AutoModel", "encoder.layers", ("embeddings", "pre_layrnorm")),
+    # [patches] (no class token); post_layernorm normalises the whole last hidden state; the attention-pooling head
+    # is exported unchanged
+    "siglip_vision_model": Layout("AutoModel", "encoder.layers", ("embeddings",), final="post_layernorm"),
+    # token + learned position embeddings, causal layers (CLIP) or bidirectional (SigLIP), final_layer_norm
+    "clip_text_model": Layout("AutoModel", "encoder.layers", ("embeddings",), causal=True, final="final_layer_norm"),
+    "siglip_text_model": Layout("SiglipTextModel", "encoder.layers", ("embeddings",), final="final_layer_norm"),
     # word + learned position + token type 0 embeddings and their LayerNorm; the pooler is exported unchanged
     "bert": Layout("AutoModel", "encoder.layer", ("embeddings",)),
 }
@@ -76,9 +84,9 @@ def _skeleton(path: str) -> nn.Module:
     for name, value in vars(config).items():  # Loom's layers run without dropout (exact equivalence, resume)
         if "dropout" in name and isinstance(value, float):
             setattr(config, name, 0.0)
-    auto = getattr(transformers, LAYOUTS[resolve_pretrained(path).model_type].auto_class)
+    cls = getattr(transformers, LAYOUTS[resolve_pretrained(path).model_type].auto_class)
     with torch.device("meta"):
-        return auto.from_config(config)
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
 
 
 def read_tensors(folder: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
@@ -134,30 +142,35 @@ def _loaded(path: str, attr: str) -> nn.Module:
 
 class PretrainedLayer(nn.Module):
     """Layer ``index`` of a pretrained model: ``(B, S, H) -> (B, S, H)``. A causal LM's layer attends causally with the
-    model's rotary embedding of positions ``0..S-1`` (recomputed per call: it holds no parameters); an encoder's
-    attends to every position."""
+    model's rotary embedding of positions ``0..S-1`` (recomputed per call: it holds no parameters); CLIP's text
+    tower's attends causally too; an encoder's attends to every position. The last layer of a tower whose model
+    normalises its last hidden state (CLIP and SigLIP text, SigLIP vision) also runs that norm (``final``)."""
 
-    def __init__(self, layer: nn.Module, rotary: nn.Module | None):
+    def __init__(self, layer: nn.Module, rotary: nn.Module | None, causal: bool = False,
+                 final: nn.Module | None = None):
         super().__init__()
-        self.layer, self.rotary = layer, rotary
+        self.layer, self.rotary, self.causal = layer, rotary, causal or rotary is not None
+        if final is not None:
+            self.final = final
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                 segments: torch.Tensor | None = None) -> torch.Tensor:
         """``positions`` ``(B, S)`` and ``segments`` ``(B, S)``: a packed row's per-document position and segment ids
         (runtime.sources): each token then attends within its own document only (runtime.tokenizer.document_mask)."""
-        mask = document_mask(segments, causal=self.rotary is not None) if segments is not None else None
-        if self.rotary is None:
-            return self.layer(x, attention_mask=mask)
-        if positions is None:
-            positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-        return self.layer(x, attention_mask=mask, position_ids=positions,
-                          position_embeddings=self.rotary(x, positions))
+        mask = document_mask(segments, causal=self.causal) if segments is not None else None
+        if self.rotary is None:  # without a mask, the layer's attention is causal or not as ``is_causal`` says
+            x = self.layer(x, attention_mask=mask, **({"is_causal": True} if self.causal and mask is None else {}))
+        else:
+            if positions is None:
+                positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+            x = self.layer(x, attention_mask=mask, position_ids=positions, position_embeddings=self.rotary(x, positions))
+        return self.final(x) if hasattr(self, "final") else x
 
 
 class PretrainedInput(nn.Module):
     """A pretrained model's input modules in order: token ids ``(B, S)`` -> its token embedding (a causal LM; positions
-    are its layers' rotary), or images ``(B, C, I, I)`` -> patch, class and position embeddings and CLIP's
-    pre-layernorm ``(B, (I/p)^2 + 1, H)``."""
+    are its layers' rotary; a text tower's adds learned positions), or images ``(B, C, I, I)`` -> patch, class and
+    position embeddings and CLIP's pre-layernorm ``(B, (I/p)^2 + 1, H)`` (SigLIP: no class token, ``(I/p)^2``)."""
 
     def __init__(self, parts: list[nn.Module]):
         super().__init__()
@@ -193,7 +206,8 @@ def build_layer(comp: ComponentSpec, index: int) -> nn.Module:
     """Layer ``index`` of pretrained ``comp``, holding its tensors only."""
     where = layout(comp)
     rotary = _loaded(comp.pretrained, where.rotary) if where.rotary else None
-    return PretrainedLayer(_loaded(comp.pretrained, f"{where.layers}.{index}"), rotary)
+    final = _loaded(comp.pretrained, where.final) if where.final and index == comp.num_layers - 1 else None
+    return PretrainedLayer(_loaded(comp.pretrained, f"{where.layers}.{index}"), rotary, where.causal, final)
 
 
 def build_embed(comp: ComponentSpec) -> nn.Module:
@@ -222,6 +236,8 @@ def export_name(comp: ComponentSpec, component: str, group: str, layer: int, par
         return unet_pretrained.export_name(comp, component, group, layer, param)
     where = layout(comp)
     if group == component:
+        if param.startswith("final."):
+            return f"{where.final}.{param.removeprefix('final.')}"
         return f"{where.layers}.{layer}.{param.removeprefix('layer.')}"
     if group == f"embed:{component}":
         index, rest = param.removeprefix("parts.").split(".", 1)

@@ -54,6 +54,15 @@ def label_kind(loss: str) -> str | None:
     return {"cross_entropy": "class", "mse": "value"}.get(loss)
 
 
+def task_labels(job: JobSpec, t: int) -> str | None:
+    """:func:`label_kind` of task ``t``'s loss, or None when a use denoises (a unet2d's mse target is its noise)."""
+    from planner.kinds import kind_of
+
+    if any(kind_of(job.components[u.component]).denoiser for u in job.tasks[t].components):
+        return None
+    return label_kind(job.tasks[t].loss)
+
+
 def check_data_files(job: JobSpec) -> None:
     """Every task's data files exist and hold what its format and loss need (a DataError otherwise), and each
     tokenizer folder named or implied holds a tokenizer. Torch-free: what ``loom validate`` can check."""
@@ -62,9 +71,41 @@ def check_data_files(job: JobSpec) -> None:
             continue
         text_uses = _text_uses(job, t)
         check_packing(job, t)
-        load_records(task.data, t, label_kind(task.loss), bool(text_uses))
+        load_records(task.data, t, task_labels(job, t), bool(text_uses))
         if text_uses:
             check_tokenizer_folder(*tokenizer_folder(job, t, text_uses[0]))
+        check_vae(job, t)
+
+
+def check_vae(job: JobSpec, t: int):
+    """Task ``t``'s VAE (planner.vae_config.VaeInfo) when its data names one, else None: a DataError when its uses
+    read latents without one, or it names one that is not an AutoencoderKL, does not match its weights, or encodes
+    another number of channels than a unet2d use reads."""
+    from planner.kinds import kind_of
+    from planner.pretrained import PretrainedError
+    from planner.vae_config import check_vae_use, resolve_vae
+
+    data, where = job.tasks[t].data, data_where(t, "vae")
+    latents = [u.component for u in job.tasks[t].components if kind_of(job.components[u.component]).root_input == "latents"]
+    if data is None or (data.vae is None and not latents):
+        return None
+    if data.vae is None:
+        raise DataError(f"{where}: components.{latents[0]} reads latents, which image files do not give; set "
+                        "tasks[].data.vae to a diffusers AutoencoderKL folder that encodes the images into them.")
+    if not latents:
+        raise DataError(f"{where} ({data.vae}): no use of this task reads latents (a unet2d component); remove "
+                        "`vae:`.")
+    try:
+        info = resolve_vae(data.vae, where)
+        if info.image_channels not in (1, 3):
+            raise DataError(f"{where} ({data.vae}): the VAE encodes {info.image_channels}-channel images; image files "
+                            "give 1 (grey) or 3 (RGB). Use a VAE whose in_channels is 1 or 3.")
+        for name in latents:
+            comp = job.components[name]
+            check_vae_use(info, where, name, comp.in_channels or kind_of(comp).in_channels)
+    except PretrainedError as exc:
+        raise DataError(str(exc)) from None
+    return info
 
 
 def check_packing(job: JobSpec, t: int) -> None:
@@ -155,8 +196,16 @@ def _load(spec: DataSpec, t: int, labels: str | None, captions: bool, mtime: int
     return Records(path, tuple(rows), tuple(lines))
 
 
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what datasets' save_to_disk writes
+
+
 def _check_exists(spec: DataSpec, t: int) -> None:
     where, path = data_where(t), Path(spec.path)
+    if path.is_dir() and any((path / name).is_file() for name in SAVED_DATASET_FILES):
+        raise DataError(f"{where} ({spec.path}): a dataset saved with the datasets library's save_to_disk, which "
+                        "Loom does not read (datasets is not a dependency). Write it as JSONL and point `path` at "
+                        "the file: datasets.load_from_disk(path).to_json('data.jsonl', lines=True) (a DatasetDict: "
+                        "one split, e.g. load_from_disk(path)['train']).")
     if format_of(spec).folder:
         if not path.is_dir():
             raise DataError(f"{where} ({spec.path}): no such folder; format {spec.format} reads a folder with a "
@@ -274,7 +323,7 @@ class FormatEntry:
 
     name: str
     check_row: RowCheck  # raises a DataError for a row that lacks what the format needs
-    fills: tuple[str, ...]  # the input kinds its rows give the task's uses ("tokens", "image")
+    fills: tuple[str, ...]  # the input kinds its rows give the task's uses ("tokens", "image", "latents")
     folder: bool = False  # ``path`` is a folder whose manifest holds the rows (else ``path`` is the JSONL file)
     next_token_only: bool = False  # of the built-in losses, trains lm/next_token only
     packable: bool = False  # its documents may be packed into rows
@@ -285,7 +334,7 @@ FORMATS: dict[str, FormatEntry] = {e.name: e for e in (
     FormatEntry("text", _check_text, ("tokens",), packable=True),
     FormatEntry("chat", _check_chat, ("tokens",), next_token_only=True, packable=True),
     FormatEntry("preference", _check_preference, ("tokens",), next_token_only=True, pairs=True),
-    FormatEntry("images", _check_image_row, ("image", "tokens"), folder=True),
+    FormatEntry("images", _check_image_row, ("image", "tokens", "latents"), folder=True),  # latents: with a vae
 )}
 
 

@@ -12,7 +12,10 @@ of runtime.tokenizer (labels, positions, segments in ``batch.targets``); image u
 resized to the use's side and normalised (the component's preprocessor_config.json mean/std when its pretrained folder
 has one, else to [-1, 1]); ``batch.labels`` are the rows' labels for cross_entropy (long) and mse (float32), zeros
 otherwise. A preference row's chosen sequence is the token use's input, its rejected one and the scores are in
-``batch.targets`` (:data:`SCORE_KEYS`; NaN where a row has no score).
+``batch.targets`` (:data:`SCORE_KEYS`; NaN where a row has no score). A unet2d use of an images source with a ``vae``
+gets the VAE's latents of each image (runtime.vae, encoded once per image and process), noised as the synthetic data
+noises its latents: a timestep and noise drawn per (seed, task, step, row), in ``batch.targets``
+(runtime.unet.timesteps_key / noise_key).
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ import torch
 from planner.data_spec import DataSpec
 from planner.spec import JobSpec
 from planner.usegraph import use_component
-from runtime.data import TaskBatch, root_inputs
+from runtime.data import NOISE, TaskBatch, root_inputs
+from runtime.modules import stable_seed
 from runtime.source_files import (
-    PREFERENCE_SCORES, DataError, check_packing, epoch_order, format_of, label_kind, load_records, tokenizer_folder,
+    PREFERENCE_SCORES, DataError, check_packing, check_vae, epoch_order, format_of, load_records, task_labels,
+    tokenizer_folder,
 )
+from runtime.unet import noise_key, timesteps_key
 from runtime.tokenizer import (
     Document, TokenRow, encode_chat, encode_completion, encode_text, labels_key, load_tokenizer, packed_length,
     packed_row, pad_id, padded_row, positions_key, rejected_key, segments_key, vocab_size,
@@ -60,6 +66,11 @@ def source_batch(job: JobSpec, t: int, step: int, start: int, stop: int, split: 
     return _source(job.model_dump_json(), t).batch(step, start, stop)
 
 
+def epoch_rows(job: JobSpec, t: int) -> int:
+    """The rows of one epoch of task ``t``'s source: its lines, or the rows its packed documents fill."""
+    return _source(job.model_dump_json(), t).rows_per_epoch
+
+
 @functools.lru_cache(maxsize=16)
 def _source(job_json: str, t: int) -> TaskSource:
     return TaskSource(JobSpec.model_validate_json(job_json), t)
@@ -83,11 +94,13 @@ class TaskSource:
         self.spec = self.task.data
         assert self.spec is not None
         self.format = format_of(self.spec)
-        self.labels = label_kind(self.task.loss)
+        self.labels = task_labels(job, t)
         roots = root_inputs(job, t)
         self._check_uses(roots)
         self.token_uses = {r.use: r.shape[0] for r in roots if r.kind == "tokens"}
         self.image_uses = [self._image_use(r) for r in roots if r.kind == "image"]
+        self.vae = check_vae(job, t)
+        self.latent_uses = [self._latent_use(r) for r in roots if r.kind == "latents"]
         self.records = load_records(self.spec, t, self.labels, bool(self.token_uses))
         self.tokenizer = self._tokenizer(roots) if self.token_uses else None
         self._docs: dict[int, tuple[Document, Document | None]] = {}
@@ -117,7 +130,7 @@ class TaskSource:
         if self.spec.pack and self.labels is not None:
             raise DataError(f"{where}.data.pack (true): a packed row holds several documents, so it has no one label "
                             f"for loss {loss}. Remove `pack`, or train a next-token loss.")
-        if "image" in fills and not any(r.kind == "image" for r in roots):
+        if "image" in fills and not any(r.kind in ("image", "latents") for r in roots):
             raise DataError(f"{where}.data.format ({fmt}): no use of this task reads images. Use a text format.")
 
     def _tokenizer(self, roots):
@@ -142,6 +155,35 @@ class TaskSource:
         if len(mean) != channels:
             mean, std = (mean[0],) * channels, (std[0],) * channels
         return _ImageUse(root.use, channels, side, mean, std)
+
+    def _latent_use(self, root) -> tuple[_ImageUse, tuple[int, ...]]:
+        """(the images to load for a latents use: the VAE's channels, the use's side times the VAE's factor, in
+        [-1, 1]; the latents' shape per row)."""
+        side = root.shape[1] * self.vae.factor
+        return _ImageUse(root.use, self.vae.image_channels, side, (0.5,), (0.5,)), root.shape
+
+    def _latents(self, records: list[int], rows: range, step: int) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Per latents use: (noisy latents, timesteps, noise) of ``records`` at global rows ``rows`` of ``step``."""
+        from runtime.unet import NUM_TIMESTEPS
+        from runtime.vae import encode_image
+
+        out = {}
+        for image, shape in self.latent_uses:
+            noisy, steps, noise = [], [], []
+            for record, row in zip(records, rows):
+                x0 = encode_image(self.vae.path, _load_image(str(Path(self.spec.path) / self.records.rows[record]["image"]),
+                                                               image))
+                gen = torch.Generator().manual_seed(stable_seed("latents", self.job.training.seed, self.task.name,
+                                                                step, row))
+                t = int(torch.randint(0, NUM_TIMESTEPS, (1,), generator=gen))
+                eps = torch.randn(shape, generator=gen)
+                noisy.append(NOISE.noised(x0, eps, t))
+                steps.append(t)
+                noise.append(eps)
+            empty = torch.empty(0, *shape)
+            out[image.use] = (torch.stack(noisy) if noisy else empty, torch.tensor(steps, dtype=torch.long),
+                              torch.stack(noise) if noise else empty)
+        return out
 
     # ------------------------------------------------------------------ rows
 
@@ -193,6 +235,8 @@ class TaskSource:
             pictures = [_load_image(str(folder / self.records.rows[i]["image"]), image) for i in records]
             inputs[image.use] = torch.stack(pictures) if pictures else torch.empty(0, image.channels, image.side,
                                                                                    image.side)
+        for use, (noisy, steps, noise) in self._latents(records, range(start, stop), step).items():
+            inputs[use], targets[timesteps_key(use)], targets[noise_key(use)] = noisy, steps, noise
         return TaskBatch(inputs, self._labels(records), stop - start, targets, first_row=start)
 
     def _packed_batch(self, slots: list[tuple[int, int]], start: int) -> TaskBatch:

@@ -110,7 +110,7 @@ def test_qwen_encoders_feed_the_tensor_parallel_llm():
     graph = build_metagraph(_job("qwen-val-3"))
     llm_ops = [graph.metaops[i] for i in graph.param_groups["llm"]]
     assert len(llm_ops) == 3
-    assert all(op.allowed_tp == (1, 2, 4, 8) for op in llm_ops)
+    assert all(op.allowed_tp == (2, 4, 8) for op in llm_ops)  # TP 1 does not fit (bench/workloads/README.md)
     fed = {graph.metaops[d].component for op in llm_ops for d in op.deps}
     assert fed == {"vision", "audio"}
     assert sum(1 for op in llm_ops if not op.deps) == 1  # the text-only task

@@ -128,8 +128,9 @@ def test_activation_and_param_bytes_split_over_tensor_parallel():
     op = make_op(params=1e6, act=3e6, batch=16)
     assert cm.local_batch(op, Layout(3, 1)) == 6  # ceil(16/3)
     assert cm.activation_bytes(op, Layout(2, 4)) == pytest.approx(3e6 * 8 / 4)
-    assert cm.param_bytes(op, Layout(2, 4)) == pytest.approx(1e6 * (4 + 12 / 2) / 4)
-    assert cm.layer_memory(op, Layout(2, 4)) == pytest.approx(1e6 * 10 / 4 + 3e6 * 2)
+    # bf16 (the default): fp32 weight, its bf16 copy and fp32 gradient, and 1/dp of the ZeRO-1 master and AdamW state
+    assert cm.param_bytes(op, Layout(2, 4)) == pytest.approx(1e6 * (4 + 2 + 4 + (4 + 8) / 2) / 4)
+    assert cm.layer_memory(op, Layout(2, 4)) == pytest.approx(1e6 * 16 / 4 + 3e6 * 2)
 
 
 # --------------------------------------------------------------------------- tensor parallelism
@@ -182,12 +183,12 @@ def test_tensor_parallel_adds_all_reduce_time():
 
 def test_layer_that_cannot_fit_raises_planning_error_naming_metaop():
     cm = AnalyticCostModel(hardware(memory_gib=1.0))
-    op = make_op(params=1e9, frozen=True, name="vqa.giant")  # 2 GB of frozen weights per layer, TP not allowed
+    op = make_op(params=1e9, frozen=True, name="vqa.giant")  # 4 GB of fp32 frozen weights per layer, no TP
     with pytest.raises(PlanningError) as info:
         cm.curve(op)
     msg = str(info.value)
     assert msg.startswith("MetaOp vqa.giant: no valid device count")
-    assert "1.9 GiB" in msg and "1.0 GiB" in msg  # needs 2e9 B = 1.86 GiB, has 1 GiB
+    assert "3.7 GiB" in msg and "1.0 GiB" in msg  # needs 4e9 B = 3.73 GiB, has 1 GiB
     assert "tensor_parallel" in msg and "\n" not in msg
 
 
@@ -200,9 +201,10 @@ def test_tensor_parallel_makes_a_large_layer_fit():
 
 
 def test_whole_metaop_memory_preference():
-    # 30M trainable params per layer: 16 B/param at dp 1 (480 MB), 10 at dp 2 (300 MB), 7 at dp 4, 5.5 at dp 8.
+    # 20M trainable params per layer (bf16, AdamW): 18 B/param at dp 1 (360 MB), 16 at dp 2 (320 MB), 13 at dp 4
+    # (260 MB), 11.5 at dp 8 (230 MB).
     cm = AnalyticCostModel(hardware(memory_gib=1.0))
-    common = dict(params=30e6, act=1.0, out=1.0, batch=8)
+    common = dict(params=20e6, act=1.0, out=1.0, batch=8)
     # One layer: the whole MetaOp fits in 1 GiB at every count.
     assert cm.curve(make_op(layers=1, **common)).counts == (1, 2, 4, 8)
     # Four layers must fit in 1 GiB together (268 MB each): only dp >= 4 can hold all of them on a device.
@@ -214,17 +216,48 @@ def test_whole_metaop_memory_preference():
 
 
 def test_zero1_param_bytes():
-    cm = AnalyticCostModel(hardware())
+    """What the runtime holds per parameter element: fp32 weight (+ a bf16 copy under bf16), fp32 gradient, AdamW's
+    m and v; ZeRO-1 over dp > 1 holders keeps 1/dp of the state beside an fp32 master of that share."""
+    cm = AnalyticCostModel(hardware())  # bf16, AdamW, shard_optimizer
     trainable, frozen = make_op(params=1e6), make_op(params=1e6, frozen=True)
-    for dp in (1, 2, 4, 8):
-        assert cm.bytes_per_param(trainable, Layout(dp, 1)) == pytest.approx(4 + 12 / dp)
-        assert cm.param_bytes(trainable, Layout(dp, 1)) == pytest.approx(1e6 * (4 + 12 / dp))
-        assert cm.bytes_per_param(frozen, Layout(dp, 1)) == 2
+    assert cm.bytes_per_param(trainable, Layout(1, 1)) == 4 + 2 + 4 + 8  # alone: the weight is the master
+    for dp in (2, 4, 8):
+        assert cm.bytes_per_param(trainable, Layout(dp, 1)) == pytest.approx(10 + 12 / dp)
+        assert cm.param_bytes(trainable, Layout(dp, 1)) == pytest.approx(1e6 * (10 + 12 / dp))
+    for dp in (1, 2, 4, 8):  # fp32 weights; the bf16 copy only where backward passes through (saved for it)
+        assert cm.bytes_per_param(frozen, Layout(dp, 1)) == 4
+    assert cm.bytes_per_param(make_op(params=1e6, frozen=True, backward=1.0), Layout(2, 1)) == 6
     unsharded = AnalyticCostModel(hardware(), shard_optimizer=False)
     for dp in (1, 4):
-        assert unsharded.bytes_per_param(trainable, Layout(dp, 1)) == 16
-        assert unsharded.bytes_per_param(frozen, Layout(dp, 1)) == 2
-    assert unsharded.param_bytes(trainable, Layout(2, 2)) == pytest.approx(1e6 * 16 / 2)
+        assert unsharded.bytes_per_param(trainable, Layout(dp, 1)) == 18
+        assert unsharded.bytes_per_param(frozen, Layout(dp, 1)) == 4
+    assert unsharded.param_bytes(trainable, Layout(2, 2)) == pytest.approx(1e6 * 18 / 2)
+
+
+@pytest.mark.parametrize("precision, optimizer, alone, sharded_by_4", [
+    ("fp32", "adamw", 4 + 4 + 8, 8 + (4 + 8) / 4),
+    ("fp32", "sgd", 4 + 4, 8 + 4 / 4),
+    ("bf16", "sgd", 4 + 2 + 4, 10 + 4 / 4),
+])
+def test_param_bytes_follow_the_precision_and_the_optimizer(precision, optimizer, alone, sharded_by_4):
+    cm = AnalyticCostModel(hardware(), precision=precision, optimizer=optimizer)
+    trainable, frozen = make_op(params=1e6), make_op(params=1e6, frozen=True)
+    assert cm.bytes_per_param(trainable, Layout(1, 1)) == alone
+    assert cm.bytes_per_param(trainable, Layout(4, 1)) == pytest.approx(sharded_by_4)
+    assert cm.bytes_per_param(frozen, Layout(4, 1)) == 4
+
+
+def test_the_jobs_cost_model_takes_its_precision_and_optimizer(tmp_path):
+    from planner.api import make_cost_model
+    from planner.spec import parse_job
+
+    job = parse_job({"name": "m", "cluster": {"device": "cpu", "devices_per_node": 2},
+                     "components": {"a": {"kind": "mlp", "num_layers": 1, "hidden_size": 8}},
+                     "tasks": [{"name": "t", "batch_size": 2, "components": [{"component": "a"}]}],
+                     "training": {"precision": "fp32", "optimizer": "sgd"}})
+    cm = make_cost_model(job)
+    assert (cm.precision, cm.optimizer) == ("fp32", "sgd")
+    assert cm.bytes_per_param(make_op(params=1.0), Layout(1, 1)) == 8
 
 
 # --------------------------------------------------------------------------- communication

@@ -24,7 +24,8 @@ from runtime.modules import build_layer
 from runtime.reference import ReferenceTrainer
 
 sys.path.insert(0, str(Path(__file__).parents[3] / "examples"))
-from make_models import save_bert, save_clip_vision, save_llama  # noqa: E402  (examples/make_models.py)
+from make_models import (  # noqa: E402  (examples/make_models.py)
+    save_bert, save_clip_vision, save_llama, save_siglip_vision, save_text_tower)
 
 RTOL = 1e-5
 
@@ -37,6 +38,9 @@ def models(tmp_path_factory) -> Path:
     save_llama(root / "deep", num_hidden_layers=8, seed=2)
     save_clip_vision(root / "clip")
     save_bert(root / "bert")
+    save_siglip_vision(root / "siglip")
+    save_text_tower(root / "clip_text", "clip")
+    save_text_tower(root / "siglip_text", "siglip")
     return root
 
 
@@ -144,28 +148,34 @@ def test_the_exported_model_loads_with_from_pretrained_and_gives_the_same_logits
     assert float((logits - ours).norm() / ours.norm()) <= RTOL
 
 
-def test_a_clip_tower_feeding_the_llama_through_a_projector_equals_the_libraries_composed_by_hand(models):
-    """LLaVA's shape: CLIP's last hidden state (17 tokens, 32 wide), projected to the LM's 64 by Loom's connector,
-    then 8 text tokens; the loss is next-token on the text. Composed here from CLIPVisionModel and LlamaForCausalLM."""
-    from transformers import AutoModelForCausalLM, CLIPVisionModel
+@pytest.mark.parametrize("tower, tokens", [("clip", 17), ("siglip", 16)])
+def test_a_vision_tower_feeding_the_llama_through_a_projector_equals_the_libraries_composed_by_hand(
+        models, tmp_path, tower, tokens):
+    """LLaVA's shape: CLIP's last hidden state (17 tokens with its class token, 32 wide; SigLIP's: 16, no class
+    token), projected to the LM's 64 by Loom's connector, then 8 text tokens; the loss is next-token on the text.
+    Composed here from CLIPVisionModel (SiglipVisionModel) and LlamaForCausalLM."""
+    import transformers
+    from transformers import AutoModelForCausalLM
 
+    vision_class = getattr(transformers, {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}[tower])
     path = write_job(models, "llama")
     doc = yaml.safe_load(path.read_text())
-    doc["components"] = {"vision": {"pretrained": "clip"}, "lm": {"pretrained": "llama", "seq_len": 25}}
+    doc["components"] = {"vision": {"pretrained": tower}, "lm": {"pretrained": "llama", "seq_len": tokens + 8}}
     doc["tasks"][0]["components"] = [{"component": "vision"}, {"component": "lm"}]
     path.write_text(yaml.safe_dump(doc))
     job = load_job(path)
     assert job.components["vision"].kind == "vit" and job.components["vision"].image_size == 16
     reference = ReferenceTrainer(job)
     batch = synthetic_batch(job, 0, 0, 0, 4)
-    clip, llama = CLIPVisionModel.from_pretrained(models / "clip"), AutoModelForCausalLM.from_pretrained(models / "llama")
+    clip, llama = vision_class.from_pretrained(models / tower), AutoModelForCausalLM.from_pretrained(models / "llama")
     projector = reference.modules[("adapt:lm", 0)]
     with torch.no_grad():
         image = clip(pixel_values=batch.inputs["vision"]).last_hidden_state
-        tower = reference.modules[("embed:vision", 0)](batch.inputs["vision"])
+        assert image.shape[1] == tokens
+        ours = reference.modules[("embed:vision", 0)](batch.inputs["vision"])
         for layer in range(2):
-            tower = reference.modules[("vision", layer)](tower)
-        assert float((tower - image).norm() / image.norm()) <= RTOL
+            ours = reference.modules[("vision", layer)](ours)
+        assert float((ours - image).norm() / image.norm()) <= RTOL
         text = batch.inputs["lm"]
         embeds = torch.cat([projector(image), llama.get_input_embeddings()(text)], dim=1)
         logits = llama(inputs_embeds=embeds).logits[:, image.shape[1] - 1:-1]
@@ -173,14 +183,14 @@ def test_a_clip_tower_feeding_the_llama_through_a_projector_equals_the_libraries
     got = reference.train_step(0)["caption"]
     assert abs(got - want) <= RTOL * want, (got, want)
     # both towers export to folders their classes load, holding the trained weights
-    exported = {f.name: f for f in export_pretrained(job, reference.named_parameters(), models / "export")}
+    exported = {f.name: f for f in export_pretrained(job, reference.named_parameters(), tmp_path / "export")}
     assert set(exported) == {"vision", "lm"}
     with torch.no_grad():
-        image = CLIPVisionModel.from_pretrained(exported["vision"])(pixel_values=batch.inputs["vision"]).last_hidden_state
-        tower = reference.modules[("embed:vision", 0)](batch.inputs["vision"])
+        image = vision_class.from_pretrained(exported["vision"])(pixel_values=batch.inputs["vision"]).last_hidden_state
+        ours = reference.modules[("embed:vision", 0)](batch.inputs["vision"])
         for layer in range(2):
-            tower = reference.modules[("vision", layer)](tower)
-    assert float((tower - image).norm() / image.norm()) <= RTOL
+            ours = reference.modules[("vision", layer)](ours)
+    assert float((ours - image).norm() / image.norm()) <= RTOL
 
 
 def test_a_bert_encoder_runs_its_own_layers_without_dropout(models):
@@ -203,6 +213,69 @@ def test_a_bert_encoder_runs_its_own_layers_without_dropout(models):
     assert float((got - want).norm() / want.norm()) <= RTOL
     first, again = ReferenceTrainer(job).train_step(0), ReferenceTrainer(job).train_step(0)
     assert first == again
+
+
+TOWERS = {"siglip": "SiglipVisionModel", "clip_text": "CLIPTextModel", "siglip_text": "SiglipTextModel"}
+
+
+@pytest.mark.parametrize("tower", TOWERS)
+def test_clip_and_siglip_towers_train_as_their_transformers_models(models, tower, tmp_path):
+    """SigLIP's vision tower (no class token: (16/4)^2 = 16 positions, post_layernorm on every token), CLIP's text
+    tower (causal, final_layer_norm) and SigLIP's (bidirectional, final_layer_norm): Loom's tower gives the model's
+    last hidden state, and one training step's loss and gradient of every tensor equal the transformers model's
+    feeding a copy of Loom's head; the export loads with the model's class and reproduces the trained tower."""
+    import copy
+
+    import transformers
+    from runtime.export import component_tensors
+
+    doc = yaml.safe_load(write_job(models, tower).read_text())
+    doc["components"] = {"enc": {"pretrained": tower} | ({} if tower == "siglip" else {"seq_len": 12})}
+    doc["tasks"] = [{"name": "classify", "batch_size": 4, "loss": "cross_entropy", "components": [{"component": "enc"}]}]
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc).replace(f"pretrained: {tower}", f"pretrained: {models / tower}"))
+    job = load_job(path)
+    op = build_metagraph(job).metaops[0]
+    reference = ReferenceTrainer(job)
+    batch = synthetic_batch(job, 0, 0, 0, 4)
+    cls = getattr(transformers, TOWERS[tower])
+    model, head = cls.from_pretrained(models / tower), copy.deepcopy(reference.head(0))
+
+    def tower_of(m, x):
+        return (m(pixel_values=x) if tower == "siglip" else m(input_ids=x)).last_hidden_state
+
+    x = batch.inputs["enc"]
+    hidden = tower_of(model, x)
+    assert hidden.shape[1] == (16 if tower == "siglip" else 12)
+    with torch.no_grad():
+        assert float((reference.forward(0, batch)["enc"] - hidden).norm() / hidden.norm()) <= RTOL
+    want = head({"enc": hidden}, batch).sum() / 4
+    want.backward()
+    got = reference.train_step(0, keep_gradients=True)["classify"]
+    want = float(want.detach())
+    assert abs(got - want) <= RTOL * want, (got, want)
+    ours = component_tensors(job, "enc", reference.last_gradients)
+    trained = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert len(trained) == sum(1 for key in reference.last_gradients if key.startswith("enc/") or "embed:" in key)
+    for name, g in trained.items():
+        assert float((ours[name] - g).norm() / g.norm()) <= RTOL, name
+    (folder,) = export_pretrained(job, reference.named_parameters(), tmp_path / "export")
+    with torch.no_grad():
+        exported = tower_of(cls.from_pretrained(folder), x)
+        assert float((reference.forward(0, batch)["enc"] - exported).norm() / exported.norm()) <= RTOL
+    assert op.num_layers == 2
+
+
+def test_text_and_siglip_towers_refuse_positions_they_have_no_embedding_for(models, tmp_path):
+    with pytest.raises(SpecError, match=r"seq_len \(17\): components.lm \(clip_text_model\) has learned positions "
+                                        r"for 16 tokens"):
+        load_job(write_job(models, "clip_text", seq_len=17))
+    doc = yaml.safe_load(write_job(models, "siglip").read_text())
+    doc["tasks"][0] |= {"loss": "cross_entropy", "components": [{"component": "lm", "image_size": 32}]}
+    path = models / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SpecError, match=r"image_size \(32\): components.lm \(siglip_vision_model\) embeds 16 px"):
+        load_job(path)
 
 
 def _corrupt_shape(folder: Path) -> None:
@@ -247,6 +320,28 @@ def test_a_bad_folder_is_one_error_line(models, tmp_path, breaks, expected):
     assert len(lines) == 1 and lines[0].startswith("error: components.lm: "), lines
     for text in expected:
         assert text in lines[0], (text, lines[0])
+
+
+def test_a_hand_edited_plan_with_tensor_parallel_on_bert_is_refused_before_anything_runs(models, tmp_path):
+    """The spec refuses `tensor_parallel:` on a BERT (its layers are not mapped onto megatron-core); a plan edited by
+    hand to run its layers at TP 2 is refused by `loom run --plan` in one line, before Ray starts."""
+    from planner.api import plan_job
+
+    doc = yaml.safe_load(write_job(models, "bert").read_text())
+    doc["tasks"][0] |= {"loss": "cross_entropy"}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc).replace("pretrained: bert", f"pretrained: {models / 'bert'}"))
+    plan = plan_job(load_job(path), with_baselines=False).plan
+    waves = [w.model_copy(update={"slices": [s.model_copy(update={"dp_degree": 1, "tp_degree": 2, "devices": [0, 1]})
+                                             for s in w.slices]}) for w in plan.waves]
+    (tmp_path / "plan.json").write_text(plan.model_copy(update={"waves": waves}).sealed().to_json())
+    result = CliRunner().invoke(app, ["run", str(path), "--plan", str(tmp_path / "plan.json"), "--out",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "has tensor_parallel 2, which components.lm does not allow (tensor_parallel [1]" \
+        in lines[0], lines
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 def test_a_use_beyond_the_models_position_table_is_one_error_line(models, tmp_path):

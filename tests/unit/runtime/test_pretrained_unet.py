@@ -79,7 +79,7 @@ def test_the_config_maps_to_unet2d_fields_and_the_layout_follows_it(models):
     ({"cross_attention_dim": 16}, "'down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight' has shape [32, 32]"
                                   " but config.json implies [32, 16]"),
     ({"sample_size": [8, 16]}, "'sample_size' ([8, 16]) means non-square latents"),
-    ({"_class_name": "AutoencoderKL"}, "'AutoencoderKL' is recognised but not run yet"),
+    ({"_class_name": "AutoencoderKL"}, "'AutoencoderKL' is not a component: a VAE is frozen"),
 ], ids=["transformer-layers", "class-embedding", "block-type", "weights-do-not-match", "non-square", "vae"])
 def test_a_config_loom_cannot_run_is_one_error_line(models, tmp_path, changes, expected):
     shutil.copytree(models / "unet", tmp_path / "unet")

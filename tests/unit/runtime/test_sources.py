@@ -347,6 +347,22 @@ def test_missing_files_and_folders(tmp_path, tok_dir) -> None:
     assert "tasks[0].data.manifest" in check(clip_job(tmp_path / "empty", tok_dir))
 
 
+@pytest.mark.parametrize("marker", ["dataset_info.json", "dataset_dict.json"])
+def test_a_dataset_saved_with_save_to_disk_is_refused_pointing_at_jsonl(tmp_path, tok_dir, marker) -> None:
+    """What datasets' save_to_disk writes (a Dataset: data-*.arrow, dataset_info.json, state.json; a DatasetDict:
+    dataset_dict.json and a folder per split) is refused in one line saying how to write it as JSONL."""
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / marker).write_text("{}")
+    (saved / "data-00000-of-00001.arrow").write_bytes(b"\xff\xff\xff\xff")
+    for fmt in ("text", "chat"):
+        message = check(lm_job({"format": fmt, "path": str(saved), "tokenizer": str(tok_dir)}))
+        assert message.startswith(f"tasks[0].data.path ({saved}): a dataset saved with the datasets library's "
+                                  "save_to_disk, which Loom does not read"), message
+        assert ".to_json('data.jsonl', lines=True)" in message
+    assert "save_to_disk" in check(clip_job(saved, tok_dir))
+
+
 def test_invalid_json_names_the_file_and_line(tmp_path, tok_dir) -> None:
     path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "the cat"}, "", '{"text": "a dog",}'])
     message = check(lm_job({"format": "text", "path": str(path), "tokenizer": str(tok_dir)}))

@@ -120,6 +120,32 @@ def test_frozen_components_get_no_optimizer_state_under_the_basics():
 # --------------------------------------------------------------------------- clipping and accumulation
 
 
+def test_sgd_trains_as_torch_sgd_and_unlike_adamw():
+    """``optimizer: sgd`` is honoured: the reference steps as torch.optim.SGD over the same parameters (weight decay
+    on matrices only, the schedule's warmup applied), and differently from AdamW."""
+    data = job_dict(optimizer="sgd", weight_decay=0.1, warmup_steps=2)
+    losses, trainer = train(data, 3)
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    by_hand = ReferenceTrainer(parse_job(data))
+    params = [p for m in by_hand.modules.values() for p in m.parameters() if p.requires_grad]
+    sgd = torch.optim.SGD([{"params": [p for p in params if p.dim() > 1], "weight_decay": 0.1},
+                           {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}], lr=1e-2)
+    want = []
+    for step in range(3):
+        task = by_hand.task_loss(0, step)
+        want.append({"cls": float(task.detach())})
+        task.backward()
+        for group in sgd.param_groups:
+            group["lr"] = 1e-2 * lr_factor(parse_job(data).training, step)
+        sgd.step()
+        sgd.zero_grad()
+    assert losses == want
+    ours, theirs = trainer.named_parameters(), by_hand.named_parameters()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    adamw, _ = train(job_dict(weight_decay=0.1, warmup_steps=2), 3)
+    assert adamw[0] == losses[0] and adamw[2] != losses[2]
+
+
 def test_clip_coefficient_matches_torch_clip_grad_norm():
     torch.manual_seed(0)
     ours = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7))]
