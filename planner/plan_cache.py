@@ -1,0 +1,356 @@
+"""A plan cache for varying data: a few plans, each running the batches it is fastest on, as a sealed plan set.
+
+:func:`plan_cache` plans the job (``planner.api.plan_job``) at candidate shapes spread over the distribution
+(the mean and max shape of each cluster of similar shapes, :func:`planner.shapes.cluster_points`), at the mean shape and at the max shape; prices every plan at every
+distinct shape of the file exactly as placed (``planner.api.predict_plan``: same slices on the same devices,
+that shape's costs; infinite where a device would run out of memory); and keeps at most ``max_buckets`` plans
+(:func:`select_plans`). A bucket is the set of shapes one kept plan runs (its fastest among the kept).
+
+Switching plans between steps moves the parameter shards whose holders differ (``Plan.holdings``): weights,
+and for trainable shards the optimizer state (ZeRO-1: re-sharded over the new holders). :func:`switch_seconds`
+prices it as the busiest receiving device's bytes over its link. The runtime serves ``run_length`` steps from
+one bucket, so a step pays ``1 / run_length`` of the expected switch between consecutive buckets (drawn
+independently). The selection starts from the best static plan (one plan for every shape, among those that
+fit every shape: the mean- and max-shape plans and every candidate) and only accepts changes that lower the
+expected step time with switching: the cache is never predicted slower than a static plan.
+
+:class:`PlanSet` is the result as data: the buckets (probability, member shapes, plan), the plans, their switch
+costs and the comparison with the static plans; versioned and content-hashed like a Plan
+(:func:`load_plan_set` verifies it). Pure: no files written except by :meth:`PlanSet.save`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from planner.api import plan_job, predict_plan, spec_hash
+from planner.costmodel import BYTES_FROZEN_PARAM, BYTES_OPTIMIZER_STATE, CostModel
+from planner.errors import SpecError
+from planner.plan import Plan, _canonical
+from planner.shapes import Point, ResolvedShapes, cluster_points, dim_name, job_at, mean_point, pick_bucket
+from planner.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+PLAN_SET_VERSION = 1
+FIT_SLACK = 1 + 1e-9  # peak memory within the device's, up to rounding
+INF = float("inf")
+
+
+class _SetModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShapeDim(_SetModel):
+    """A dimension the shapes file varies: ``task.batch_size`` or ``task.seq_len.use`` / ``task.image_size.use``."""
+
+    task: str
+    field: str
+    use: str = Field(description="The use whose seq_len or image_size varies; '' for batch_size.")
+    job_value: int = Field(description="The job spec's value.")
+
+
+class CacheBucket(_SetModel):
+    """The batch shapes ``plans[plan]`` runs; times are means over its members (each at its own shape)."""
+
+    probability: float
+    plan: int
+    members: list[list[int]] = Field(description="Its shapes, a value per dimension of `dims`.")
+    weights: list[float] = Field(description="Each member's probability (summing to `probability`).")
+    predicted_s: float = Field(description="Its plan's predicted iteration time.")
+    static_mean_s: float | None = Field(description="The mean-shape plan's time on these shapes (none: it does not "
+                                        "fit one of them).")
+    static_max_s: float = Field(description="The max-shape plan's time on these shapes.")
+
+
+class Comparison(_SetModel):
+    """Predicted mean iteration times (seconds, over the shapes' probabilities) of the cache and static plans."""
+
+    cache_s: float = Field(description="The cache: its plans' times plus the expected switch cost per step.")
+    switch_s: float = Field(description="The expected switch cost per step (part of cache_s).")
+    static_mean_s: float | None = Field(description="One plan made for the mean shape, run on every shape (none: "
+                                        "it does not fit some shape's memory).")
+    static_mean_unfit: float = Field(description="Probability of the shapes the mean-shape plan does not fit.")
+    static_max_s: float = Field(description="One plan made for the max shape (memory for every batch), run on every "
+                                "shape.")
+    padded_max_s: float = Field(description="That plan with every batch padded to the max shape.")
+    best_static_s: float | None = Field(description="The best single plan among every planned one that fits every shape.")
+    mean_shape: list[int]
+    max_shape: list[int]
+
+
+class PlanSet(_SetModel):
+    """A plan cache: every bucket's shapes, probability and plan. ``loom plan --shapes --save`` writes it."""
+
+    version: int = PLAN_SET_VERSION
+    job: str
+    spec_hash: str = Field(description="The job spec's hash (planner.api.spec_hash); each plan has its shape's.")
+    run_length: int = Field(description="Steps served from one bucket before the next is drawn.")
+    dims: list[ShapeDim]
+    buckets: list[CacheBucket] = Field(description="Fastest first; buckets[i] runs plans[buckets[i].plan].")
+    plans: list[Plan]
+    switch_s: list[list[float]] = Field(description="switch_s[i][j]: seconds to go from plans[i] to plans[j].")
+    comparison: Comparison
+    hash: str = ""
+
+    def content_hash(self) -> str:
+        return hashlib.sha256(_canonical(self.model_dump(mode="json", exclude={"hash"})).encode()).hexdigest()[:16]
+
+    def sealed(self) -> PlanSet:
+        return self.model_copy(update={"hash": self.content_hash()})
+
+    def to_json(self) -> str:
+        return _canonical(self.model_dump(mode="json"), indent=1) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    def bucket_of(self, shape: Sequence[int]) -> int | None:
+        """The bucket that runs a batch of ``shape`` (a value per dimension; planner.shapes.pick_bucket)."""
+        return pick_bucket([[tuple(m) for m in b.members] for b in self.buckets], tuple(shape))
+
+
+@dataclass(frozen=True)
+class Priced:
+    """Every planned plan priced at every distinct shape: ``seconds[i][j]`` (inf where it does not fit)."""
+
+    plans: list[Plan]
+    points: list[Point]
+    probs: list[float]
+    seconds: list[list[float]]
+    switch: list[list[float]]
+
+
+Progress = Callable[[str], None]
+
+
+def plan_cache(job: JobSpec, shapes: ResolvedShapes, cost_model: CostModel, *, with_baselines: bool = False,
+               progress: Progress | None = None, source: str = "shapes file") -> PlanSet:
+    """Plan the candidate, mean and max shapes, keep at most ``shapes.max_buckets`` plans; a sealed PlanSet."""
+    say = progress or (lambda msg: log.info(msg))
+    jobs = {p: job_at(job, shapes.dims, p, source) for p in shapes.points}
+    mean, top = shapes.mean(job.training.grad_accum_steps), shapes.max()
+    for point in (mean, top):
+        jobs.setdefault(point, job_at(job, shapes.dims, point, source))
+    # per cluster of similar shapes, a plan for its mean (fast on its typical batch) and one for its max (fits all
+    # of it); and the static plans
+    k = job.training.grad_accum_steps
+    clusters = cluster_points(shapes, shapes.max_buckets)
+    shaped = [p for g in clusters for p in (mean_point(shapes.dims, ((q, shapes.points[q]) for q in g), k),
+                                             tuple(map(max, *g)) if len(g) > 1 else g[0])]
+    for point in shaped:
+        jobs.setdefault(point, job_at(job, shapes.dims, point, source))
+    targets = list(dict.fromkeys(shaped + [mean, top]))
+    plans = []
+    for i, point in enumerate(targets, 1):
+        say(f"planning shape {i}/{len(targets)}")
+        plans.append(plan_job(jobs[point], cost_model, with_baselines=with_baselines, progress=lambda _: None).plan)
+    say(f"pricing {len(plans)} plans at {len(shapes.points)} shapes")
+    priced = price_plans(plans, shapes, jobs, job, cost_model)
+    chosen = select_plans(priced, shapes.max_buckets, shapes.run_length)
+    return _plan_set(job, shapes, priced, chosen, (targets.index(mean), targets.index(top)), jobs[top], cost_model)
+
+
+def price_plans(plans: Sequence[Plan], shapes: ResolvedShapes, jobs: dict[Point, JobSpec], job: JobSpec,
+                cost_model: CostModel) -> Priced:
+    """Every plan's predicted iteration time at every shape of ``shapes`` (inf where a device runs out of memory),
+    and the switch cost between every two plans."""
+    seconds = []
+    for plan in plans:
+        row = []
+        for point in shapes.points:
+            sim = predict_plan(jobs[point], plan, cost_model)
+            fits = max(sim.peak_memory_bytes, default=0.0) <= cost_model.hw.memory_bytes * FIT_SLACK
+            row.append(sim.iteration_time_s if fits else INF)
+        seconds.append(row)
+    switch = [[switch_seconds(a, b, cost_model, job.training.shard_optimizer) for b in plans] for a in plans]
+    return Priced(list(plans), list(shapes.points), list(shapes.points.values()), seconds, switch)
+
+
+def switch_seconds(old: Plan, new: Plan, cost_model: CostModel, shard_optimizer: bool = True) -> float:
+    """Seconds to go from ``old``'s parameter placement to ``new``'s: every shard whose holders differ moves to its
+    new holders (weights; trainable shards also their optimizer state, ZeRO-1 sharded over the new holders), at
+    the busiest receiving device's link (its share of the node's network when the cluster has several nodes)."""
+    held = {(h.name, h.layer, h.shard): set(h.devices) for h in old.holdings}
+    incoming: dict[int, float] = {}
+    for h in new.holdings:
+        before = held.get((h.name, h.layer, h.shard), set())
+        if set(h.devices) == before or h.params <= 0:
+            continue
+        weights = h.params * (cost_model.weight_bytes if h.trainable else BYTES_FROZEN_PARAM)
+        state = h.params * BYTES_OPTIMIZER_STATE / (len(h.devices) if shard_optimizer else 1) if h.trainable else 0.0
+        for d in h.devices:
+            incoming[d] = incoming.get(d, 0.0) + state + (0.0 if d in before else weights)
+    if not incoming:
+        return 0.0
+    hw = cost_model.hw
+    link = hw.inter_bandwidth / hw.devices_per_node if hw.num_nodes > 1 else hw.intra_bandwidth
+    return max(incoming.values()) / link
+
+
+def assign(priced: Priced, kept: Sequence[int]) -> list[int]:
+    """Each shape's plan among ``kept``: its fastest (the first kept on a tie); -1 where none fits."""
+    out = []
+    for j in range(len(priced.points)):
+        best = min(kept, key=lambda i: priced.seconds[i][j])
+        out.append(best if priced.seconds[best][j] < INF else -1)
+    return out
+
+
+def expected_time(priced: Priced, kept: Sequence[int], run_length: int) -> tuple[float, float]:
+    """(mean step time, its switch part) when each shape runs its fastest kept plan: shapes drawn independently,
+    each bucket served for ``run_length`` steps; inf when a shape fits none."""
+    choice = assign(priced, kept)
+    if -1 in choice:
+        return INF, 0.0
+    compute = sum(p * priced.seconds[i][j] for j, (p, i) in enumerate(zip(priced.probs, choice)))
+    mass = {i: sum(p for p, c in zip(priced.probs, choice) if c == i) for i in set(choice)}
+    switch = sum(pa * pb * priced.switch[a][b] for a, pa in mass.items() for b, pb in mass.items())
+    return compute + switch / run_length, switch / run_length
+
+
+def select_plans(priced: Priced, max_plans: int, run_length: int) -> list[int]:
+    """At most ``max_plans`` plan indices: the best static plan (the fastest in expectation among those that fit
+    every shape), then greedily the plan whose addition lowers :func:`expected_time` most while one does, then
+    single swaps of a kept plan for another while one helps. Never worse than the best static plan."""
+    everywhere = [i for i, row in enumerate(priced.seconds) if INF not in row]
+    if everywhere:
+        kept = [min(everywhere, key=lambda i: expected_time(priced, [i], run_length)[0])]
+    else:  # no single plan fits every shape: start from the fewest that cover them, fastest first
+        kept = _cover(priced)
+    best = expected_time(priced, kept, run_length)[0]
+    others = [i for i in range(len(priced.plans))]
+    while len(kept) < max_plans:
+        trials = [(expected_time(priced, kept + [i], run_length)[0], i) for i in others if i not in kept]
+        value, i = min(trials, default=(INF, -1))
+        if not value < best * (1 - 1e-9):
+            break
+        kept, best = kept + [i], value
+    improved = True
+    while improved:
+        improved = False
+        for pos in range(len(kept)):
+            for i in others:
+                if i in kept:
+                    continue
+                trial = kept[:pos] + [i] + kept[pos + 1:]
+                value = expected_time(priced, trial, run_length)[0]
+                if value < best * (1 - 1e-9):
+                    kept, best, improved = trial, value, True
+    return sorted(kept)
+
+
+def _cover(priced: Priced) -> list[int]:
+    """Plans, fastest per shape, until every shape that any plan fits is covered."""
+    kept: list[int] = []
+    for j in range(len(priced.points)):
+        if not any(priced.seconds[i][j] < INF for i in kept):
+            fastest = min(range(len(priced.plans)), key=lambda i: priced.seconds[i][j])
+            if priced.seconds[fastest][j] < INF:
+                kept.append(fastest)
+    return kept
+
+
+def _plan_set(job: JobSpec, shapes: ResolvedShapes, priced: Priced, kept: list[int], statics: tuple[int, int],
+              top_job: JobSpec, cost_model: CostModel) -> PlanSet:
+    choice = assign(priced, kept)
+    if -1 in choice:
+        j = choice.index(-1)
+        raise SpecError(f"no plan fits the shape ({', '.join(f'{dim_name(d)} {v}' for d, v in zip(shapes.dims, priced.points[j]))}) "
+                        "in device memory; lower it in the shapes file, or give the job more devices or memory.")
+    cache_s, switch_s = expected_time(priced, kept, shapes.run_length)
+    mean_i, max_i = statics
+
+    def mean_of(i: int, members: Sequence[int]) -> float | None:  # None: the plan does not fit one of them
+        mass = sum(priced.probs[j] for j in members)
+        value = sum(priced.probs[j] * priced.seconds[i][j] for j in members) / mass
+        return None if value == INF else value
+
+    everything = range(len(priced.points))
+    groups = {i: [j for j in everything if choice[j] == i] for i in kept}
+    order = sorted(kept, key=lambda i: (mean_of(i, groups[i]), i))
+    remap = {old: new for new, old in enumerate(order)}
+    buckets = [CacheBucket(probability=sum(priced.probs[j] for j in groups[i]), plan=remap[i],
+                           members=[list(priced.points[j]) for j in groups[i]],
+                           weights=[priced.probs[j] for j in groups[i]], predicted_s=mean_of(i, groups[i]),
+                           static_mean_s=mean_of(mean_i, groups[i]), static_max_s=mean_of(max_i, groups[i]))
+               for i in order]
+    fit_all = [i for i, row in enumerate(priced.seconds) if INF not in row]
+    comparison = Comparison(
+        cache_s=cache_s, switch_s=switch_s, static_mean_s=mean_of(mean_i, everything),
+        static_mean_unfit=sum(p for p, t in zip(priced.probs, priced.seconds[mean_i]) if t == INF),
+        static_max_s=mean_of(max_i, everything),
+        padded_max_s=predict_plan(top_job, priced.plans[max_i], cost_model).iteration_time_s,
+        best_static_s=min((mean_of(i, everything) for i in fit_all), default=None),
+        mean_shape=list(shapes.mean(job.training.grad_accum_steps)), max_shape=list(shapes.max()),
+    )
+    plan_set = PlanSet(
+        job=job.name, spec_hash=spec_hash(job), run_length=shapes.run_length,
+        dims=[ShapeDim(task=t, field=f, use=u, job_value=v) for (t, f, u), v in zip(shapes.dims, shapes.job_values)],
+        buckets=buckets, plans=[priced.plans[i] for i in order],
+        switch_s=[[priced.switch[i][j] for j in order] for i in order], comparison=comparison,
+    )
+    return plan_set.sealed()
+
+
+# --------------------------------------------------------------------------- reading a plan set
+
+
+def plan_set_from_json(text: str, source: str = "plan set") -> PlanSet:
+    """Parse and verify a plan set: its hash, every plan's (planner.plan.plan_from_json), and that buckets,
+    shapes and plans agree. A SpecError naming ``source`` otherwise."""
+    from planner.plan import plan_from_json
+
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise SpecError(f"{source}: not JSON. Pass a file written by `loom plan --shapes FILE --save`.") from None
+    if not isinstance(data, dict) or data.get("version") != PLAN_SET_VERSION:
+        found = data.get("version") if isinstance(data, dict) else None
+        raise SpecError(f"{source}: plan set version {found!r} is not supported; expected {PLAN_SET_VERSION}. "
+                        "Re-run `loom plan --shapes`.")
+    plans = data.get("plans")
+    if isinstance(plans, list):  # each plan verified as a plan file is, naming its place in the set
+        data = {**data, "plans": [plan_from_json(json.dumps(p), f"{source}: plans[{i}]") for i, p in enumerate(plans)]}
+    try:
+        plan_set = PlanSet.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise SpecError(f"{source}: {where}: {err['msg'].lower()}. Re-run `loom plan --shapes`.") from None
+    if plan_set.hash != plan_set.content_hash():
+        raise SpecError(f"{source}: content hash {plan_set.hash or '(none)'} does not match the content; the file was "
+                        "edited or not written by `loom plan --shapes`. Re-run it.")
+    _check_consistent(plan_set, source)
+    return plan_set
+
+
+def _check_consistent(plan_set: PlanSet, source: str) -> None:
+    width = len(plan_set.dims)
+    for k, bucket in enumerate(plan_set.buckets):
+        if not 0 <= bucket.plan < len(plan_set.plans):
+            raise SpecError(f"{source}: buckets[{k}].plan ({bucket.plan}) is not a plan of the set (0-"
+                            f"{len(plan_set.plans) - 1}). Re-run `loom plan --shapes`.")
+        if len(bucket.weights) != len(bucket.members) or any(len(m) != width for m in bucket.members):
+            names = ", ".join(dim_name((d.task, d.field, d.use)) for d in plan_set.dims)
+            raise SpecError(f"{source}: buckets[{k}]: members and weights must pair up, each member a value per "
+                            f"dimension ({names}). Re-run `loom plan --shapes`.")
+    total = sum(b.probability for b in plan_set.buckets)
+    if abs(total - 1) > 1e-6:
+        raise SpecError(f"{source}: the buckets' probabilities sum to {total:.6g}, not 1. Re-run `loom plan --shapes`.")
+    if any(p.job != plan_set.job for p in plan_set.plans):
+        raise SpecError(f"{source}: a plan is for another job than '{plan_set.job}'. Re-run `loom plan --shapes`.")
+
+
+def load_plan_set(path: str | Path) -> PlanSet:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such plan set file. Check the path.")
+    return plan_set_from_json(path.read_text(), str(path))
