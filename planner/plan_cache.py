@@ -1,18 +1,20 @@
-"""A plan cache for varying data: a few plans, each running the batches it is fastest on, as a sealed plan set.
+"""A plan cache for varying data: a few plans, each running the batch shapes it is best on, as a sealed plan set.
 
-:func:`plan_cache` plans the job (``planner.api.plan_job``) at candidate shapes spread over the distribution
-(the mean and max shape of each cluster of similar shapes, :func:`planner.shapes.cluster_points`), at the mean shape and at the max shape; prices every plan at every
-distinct shape of the file exactly as placed (``planner.api.predict_plan``: same slices on the same devices,
-that shape's costs; infinite where a device would run out of memory); and keeps at most ``max_buckets`` plans
-(:func:`select_plans`). A bucket is the set of shapes one kept plan runs (its fastest among the kept).
+:func:`plan_cache`:
+
+1. plans the job (``planner.api.plan_job``) at the mean and the max shape of every cluster of similar shapes
+   (:func:`planner.shapes.cluster_points`), and at the file's mean and max shapes (the static plans);
+2. renumbers every plan's devices to hold the parameters where the best static plan holds them
+   (:func:`planner.align.align_plan`; the renumbered plans join the candidates);
+3. prices every plan at every distinct shape exactly as placed (``planner.api.predict_plan``: same slices on
+   the same devices, that shape's costs; inf where a device would run out of memory), and the switch between
+   every two plans (:func:`switch_seconds`);
+4. keeps at most ``max_buckets`` plans and gives every shape one (:func:`planner.cache_choice.choose_plans`:
+   never predicted slower than the best static plan). A bucket is the set of shapes one kept plan runs.
 
 Switching plans between steps moves the parameter shards whose holders differ (``Plan.holdings``): weights,
-and for trainable shards the optimizer state (ZeRO-1: re-sharded over the new holders). :func:`switch_seconds`
-prices it as the busiest receiving device's bytes over its link. The runtime serves ``run_length`` steps from
-one bucket, so a step pays ``1 / run_length`` of the expected switch between consecutive buckets (drawn
-independently). The selection starts from the best static plan (one plan for every shape, among those that
-fit every shape: the mean- and max-shape plans and every candidate) and only accepts changes that lower the
-expected step time with switching: the cache is never predicted slower than a static plan.
+and for trainable shards the optimizer state (ZeRO-1: re-sharded over the new holders). The runtime serves
+``run_length`` steps from one bucket, so a step pays ``1 / run_length`` of the expected switch.
 
 :class:`PlanSet` is the result as data: the buckets (probability, member shapes, plan), the plans, their switch
 costs and the comparison with the static plans; versioned and content-hashed like a Plan
@@ -25,14 +27,15 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from planner.align import align_plan
 from planner.api import plan_job, predict_plan, spec_hash
 from planner.costmodel import BYTES_FROZEN_PARAM, BYTES_OPTIMIZER_STATE, CostModel
-from planner.errors import SpecError
+from planner.cache_choice import INF, Priced, choose_plans, expected_time
+from planner.errors import PlanningError, SpecError
 from planner.plan import Plan, _canonical
 from planner.shapes import Point, ResolvedShapes, cluster_points, dim_name, job_at, mean_point, pick_bucket
 from planner.spec import JobSpec
@@ -41,7 +44,6 @@ log = logging.getLogger(__name__)
 
 PLAN_SET_VERSION = 1
 FIT_SLACK = 1 + 1e-9  # peak memory within the device's, up to rounding
-INF = float("inf")
 
 
 class _SetModel(BaseModel):
@@ -117,17 +119,6 @@ class PlanSet(_SetModel):
         return pick_bucket([[tuple(m) for m in b.members] for b in self.buckets], tuple(shape))
 
 
-@dataclass(frozen=True)
-class Priced:
-    """Every planned plan priced at every distinct shape: ``seconds[i][j]`` (inf where it does not fit)."""
-
-    plans: list[Plan]
-    points: list[Point]
-    probs: list[float]
-    seconds: list[list[float]]
-    switch: list[list[float]]
-
-
 Progress = Callable[[str], None]
 
 
@@ -154,7 +145,12 @@ def plan_cache(job: JobSpec, shapes: ResolvedShapes, cost_model: CostModel, *, w
         plans.append(plan_job(jobs[point], cost_model, with_baselines=with_baselines, progress=lambda _: None).plan)
     say(f"pricing {len(plans)} plans at {len(shapes.points)} shapes")
     priced = price_plans(plans, shapes, jobs, job, cost_model)
-    chosen = select_plans(priced, shapes.max_buckets, shapes.run_length)
+    anchor = choose_plans(priced, 1, shapes.run_length)[0]  # the best static plan (or the fastest at shape 0)
+    aligned = [align_plan(jobs[point], plan, plans[anchor], cost_model) for point, plan in zip(targets, plans)]
+    extra = [plan for plan in aligned if plan is not None]
+    say(f"{len(extra)} plans renumbered to hold parameters where plan {anchor} does; pricing them")
+    priced = price_plans(plans + extra, shapes, jobs, job, cost_model)
+    chosen = choose_plans(priced, shapes.max_buckets, shapes.run_length)
     return _plan_set(job, shapes, priced, chosen, (targets.index(mean), targets.index(top)), jobs[top], cost_model)
 
 
@@ -176,96 +172,37 @@ def price_plans(plans: Sequence[Plan], shapes: ResolvedShapes, jobs: dict[Point,
 
 def switch_seconds(old: Plan, new: Plan, cost_model: CostModel, shard_optimizer: bool = True) -> float:
     """Seconds to go from ``old``'s parameter placement to ``new``'s: every shard whose holders differ moves to its
-    new holders (weights; trainable shards also their optimizer state, ZeRO-1 sharded over the new holders), at
-    the busiest receiving device's link (its share of the node's network when the cluster has several nodes)."""
+    new holders (weights; trainable shards also their optimizer state, ZeRO-1 sharded over the new holders). A
+    device receives from an old holder on its own node over the node's link, else over its share of the node's
+    network; the busiest device sets the time."""
+    hw = cost_model.hw
     held = {(h.name, h.layer, h.shard): set(h.devices) for h in old.holdings}
-    incoming: dict[int, float] = {}
+    intra: dict[int, float] = {}
+    inter: dict[int, float] = {}
     for h in new.holdings:
         before = held.get((h.name, h.layer, h.shard), set())
         if set(h.devices) == before or h.params <= 0:
             continue
         weights = h.params * (cost_model.weight_bytes if h.trainable else BYTES_FROZEN_PARAM)
         state = h.params * BYTES_OPTIMIZER_STATE / (len(h.devices) if shard_optimizer else 1) if h.trainable else 0.0
+        nodes = {d // hw.devices_per_node for d in before}
         for d in h.devices:
-            incoming[d] = incoming.get(d, 0.0) + state + (0.0 if d in before else weights)
-    if not incoming:
-        return 0.0
-    hw = cost_model.hw
-    link = hw.inter_bandwidth / hw.devices_per_node if hw.num_nodes > 1 else hw.intra_bandwidth
-    return max(incoming.values()) / link
+            into = intra if d // hw.devices_per_node in nodes else inter
+            into[d] = into.get(d, 0.0) + state + (0.0 if d in before else weights)
+    per_device_network = hw.inter_bandwidth / hw.devices_per_node
+    return max((intra.get(d, 0.0) / hw.intra_bandwidth + inter.get(d, 0.0) / per_device_network
+                for d in intra.keys() | inter.keys()), default=0.0)
 
 
-def assign(priced: Priced, kept: Sequence[int]) -> list[int]:
-    """Each shape's plan among ``kept``: its fastest (the first kept on a tie); -1 where none fits."""
-    out = []
-    for j in range(len(priced.points)):
-        best = min(kept, key=lambda i: priced.seconds[i][j])
-        out.append(best if priced.seconds[best][j] < INF else -1)
-    return out
-
-
-def expected_time(priced: Priced, kept: Sequence[int], run_length: int) -> tuple[float, float]:
-    """(mean step time, its switch part) when each shape runs its fastest kept plan: shapes drawn independently,
-    each bucket served for ``run_length`` steps; inf when a shape fits none."""
-    choice = assign(priced, kept)
-    if -1 in choice:
-        return INF, 0.0
-    compute = sum(p * priced.seconds[i][j] for j, (p, i) in enumerate(zip(priced.probs, choice)))
-    mass = {i: sum(p for p, c in zip(priced.probs, choice) if c == i) for i in set(choice)}
-    switch = sum(pa * pb * priced.switch[a][b] for a, pa in mass.items() for b, pb in mass.items())
-    return compute + switch / run_length, switch / run_length
-
-
-def select_plans(priced: Priced, max_plans: int, run_length: int) -> list[int]:
-    """At most ``max_plans`` plan indices: the best static plan (the fastest in expectation among those that fit
-    every shape), then greedily the plan whose addition lowers :func:`expected_time` most while one does, then
-    single swaps of a kept plan for another while one helps. Never worse than the best static plan."""
-    everywhere = [i for i, row in enumerate(priced.seconds) if INF not in row]
-    if everywhere:
-        kept = [min(everywhere, key=lambda i: expected_time(priced, [i], run_length)[0])]
-    else:  # no single plan fits every shape: start from the fewest that cover them, fastest first
-        kept = _cover(priced)
-    best = expected_time(priced, kept, run_length)[0]
-    others = [i for i in range(len(priced.plans))]
-    while len(kept) < max_plans:
-        trials = [(expected_time(priced, kept + [i], run_length)[0], i) for i in others if i not in kept]
-        value, i = min(trials, default=(INF, -1))
-        if not value < best * (1 - 1e-9):
-            break
-        kept, best = kept + [i], value
-    improved = True
-    while improved:
-        improved = False
-        for pos in range(len(kept)):
-            for i in others:
-                if i in kept:
-                    continue
-                trial = kept[:pos] + [i] + kept[pos + 1:]
-                value = expected_time(priced, trial, run_length)[0]
-                if value < best * (1 - 1e-9):
-                    kept, best, improved = trial, value, True
-    return sorted(kept)
-
-
-def _cover(priced: Priced) -> list[int]:
-    """Plans, fastest per shape, until every shape that any plan fits is covered."""
-    kept: list[int] = []
-    for j in range(len(priced.points)):
-        if not any(priced.seconds[i][j] < INF for i in kept):
-            fastest = min(range(len(priced.plans)), key=lambda i: priced.seconds[i][j])
-            if priced.seconds[fastest][j] < INF:
-                kept.append(fastest)
-    return kept
-
-
-def _plan_set(job: JobSpec, shapes: ResolvedShapes, priced: Priced, kept: list[int], statics: tuple[int, int],
+def _plan_set(job: JobSpec, shapes: ResolvedShapes, priced: Priced, choice: list[int], statics: tuple[int, int],
               top_job: JobSpec, cost_model: CostModel) -> PlanSet:
-    choice = assign(priced, kept)
-    if -1 in choice:
-        j = choice.index(-1)
-        raise SpecError(f"no plan fits the shape ({', '.join(f'{dim_name(d)} {v}' for d, v in zip(shapes.dims, priced.points[j]))}) "
-                        "in device memory; lower it in the shapes file, or give the job more devices or memory.")
-    cache_s, switch_s = expected_time(priced, kept, shapes.run_length)
+    for j, i in enumerate(choice):
+        if priced.seconds[i][j] == INF:
+            shape = ", ".join(f"{dim_name(d)} {v}" for d, v in zip(shapes.dims, priced.points[j]))
+            raise PlanningError(f"no plan fits the shape ({shape}) in device memory; lower it in the shapes file, or "
+                                "give the job more devices or memory.")
+    kept = sorted(set(choice))
+    cache_s, switch_s = expected_time(priced, choice, shapes.run_length)
     mean_i, max_i = statics
 
     def mean_of(i: int, members: Sequence[int]) -> float | None:  # None: the plan does not fit one of them
