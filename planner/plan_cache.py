@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -122,42 +123,66 @@ class PlanSet(_SetModel):
 Progress = Callable[[str], None]
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """Every planned plan priced at every shape, which of them are the static mean- and max-shape plans, and the
+    max-shape plan's time with every batch padded to the max shape."""
+
+    priced: Priced
+    mean_plan: int
+    max_plan: int
+    padded_max_s: float
+
+
 def plan_cache(job: JobSpec, shapes: ResolvedShapes, cost_model: CostModel, *, with_baselines: bool = False,
                progress: Progress | None = None, source: str = "shapes file") -> PlanSet:
-    """Plan the candidate, mean and max shapes, keep at most ``shapes.max_buckets`` plans; a sealed PlanSet."""
+    """Plan and price the candidates, keep at most ``shapes.max_buckets`` plans; a sealed PlanSet."""
+    found = plan_candidates(job, shapes, cost_model, with_baselines=with_baselines, progress=progress, source=source)
+    return cache_from_candidates(job, shapes, found, shapes.run_length)
+
+
+def plan_candidates(job: JobSpec, shapes: ResolvedShapes, cost_model: CostModel, *, with_baselines: bool = False,
+                    progress: Progress | None = None, source: str = "shapes file") -> Candidates:
+    """Steps 1-3 of the module docstring: the candidate plans, priced at every shape, with their switch costs."""
     say = progress or (lambda msg: log.info(msg))
-    jobs = {p: job_at(job, shapes.dims, p, source) for p in shapes.points}
-    mean, top = shapes.mean(job.training.grad_accum_steps), shapes.max()
-    for point in (mean, top):
-        jobs.setdefault(point, job_at(job, shapes.dims, point, source))
+    k = job.training.grad_accum_steps
+    mean, top = shapes.mean(k), shapes.max()
     # per cluster of similar shapes, a plan for its mean (fast on its typical batch) and one for its max (fits all
     # of it); and the static plans
-    k = job.training.grad_accum_steps
     clusters = cluster_points(shapes, shapes.max_buckets)
-    shaped = [p for g in clusters for p in (mean_point(shapes.dims, ((q, shapes.points[q]) for q in g), k),
-                                             tuple(map(max, *g)) if len(g) > 1 else g[0])]
-    for point in shaped:
-        jobs.setdefault(point, job_at(job, shapes.dims, point, source))
-    targets = list(dict.fromkeys(shaped + [mean, top]))
+    targets = list(dict.fromkeys([p for g in clusters for p in (
+        mean_point(shapes.dims, ((q, shapes.points[q]) for q in g), k), tuple(map(max, *g)) if len(g) > 1 else g[0])]
+        + [mean, top]))
+    jobs = {p: job_at(job, shapes.dims, p, source) for p in list(shapes.points) + targets}
     plans = []
     for i, point in enumerate(targets, 1):
         say(f"planning shape {i}/{len(targets)}")
         plans.append(plan_job(jobs[point], cost_model, with_baselines=with_baselines, progress=lambda _: None).plan)
     say(f"pricing {len(plans)} plans at {len(shapes.points)} shapes")
-    priced = price_plans(plans, shapes, jobs, job, cost_model)
-    anchor = choose_plans(priced, 1, shapes.run_length)[0]  # the best static plan (or the fastest at shape 0)
-    aligned = [align_plan(jobs[point], plan, plans[anchor], cost_model) for point, plan in zip(targets, plans)]
-    extra = [plan for plan in aligned if plan is not None]
+    seconds = price_plans(plans, shapes, jobs, cost_model)
+    probs = list(shapes.points.values())
+    anchor = choose_plans(Priced(plans, list(shapes.points), probs, seconds, [[0.0] * len(plans)] * len(plans)), 1, 1)[0]
+    extra = [plan for plan in (align_plan(jobs[p], plan, plans[anchor], cost_model) for p, plan in zip(targets, plans))
+             if plan is not None]
     say(f"{len(extra)} plans renumbered to hold parameters where plan {anchor} does; pricing them")
-    priced = price_plans(plans + extra, shapes, jobs, job, cost_model)
-    chosen = choose_plans(priced, shapes.max_buckets, shapes.run_length)
-    return _plan_set(job, shapes, priced, chosen, (targets.index(mean), targets.index(top)), jobs[top], cost_model)
+    seconds += price_plans(extra, shapes, jobs, cost_model)
+    plans += extra
+    switch = [[switch_seconds(a, b, cost_model, job.training.shard_optimizer) for b in plans] for a in plans]
+    max_i = targets.index(top)
+    padded = predict_plan(jobs[top], plans[max_i], cost_model).iteration_time_s
+    return Candidates(Priced(plans, list(shapes.points), probs, seconds, switch), targets.index(mean), max_i, padded)
 
 
-def price_plans(plans: Sequence[Plan], shapes: ResolvedShapes, jobs: dict[Point, JobSpec], job: JobSpec,
-                cost_model: CostModel) -> Priced:
-    """Every plan's predicted iteration time at every shape of ``shapes`` (inf where a device runs out of memory),
-    and the switch cost between every two plans."""
+def cache_from_candidates(job: JobSpec, shapes: ResolvedShapes, found: Candidates, run_length: int) -> PlanSet:
+    """Step 4: keep at most ``shapes.max_buckets`` of the candidates for ``run_length``; the sealed PlanSet."""
+    choice = choose_plans(found.priced, shapes.max_buckets, run_length)
+    return _plan_set(job, shapes, found, choice, run_length)
+
+
+def price_plans(plans: Sequence[Plan], shapes: ResolvedShapes, jobs: dict[Point, JobSpec],
+                cost_model: CostModel) -> list[list[float]]:
+    """``seconds[i][j]``: plan ``i``'s predicted iteration time at shape ``j`` of ``shapes`` (inf where a device
+    runs out of memory)."""
     seconds = []
     for plan in plans:
         row = []
@@ -166,8 +191,7 @@ def price_plans(plans: Sequence[Plan], shapes: ResolvedShapes, jobs: dict[Point,
             fits = max(sim.peak_memory_bytes, default=0.0) <= cost_model.hw.memory_bytes * FIT_SLACK
             row.append(sim.iteration_time_s if fits else INF)
         seconds.append(row)
-    switch = [[switch_seconds(a, b, cost_model, job.training.shard_optimizer) for b in plans] for a in plans]
-    return Priced(list(plans), list(shapes.points), list(shapes.points.values()), seconds, switch)
+    return seconds
 
 
 def switch_seconds(old: Plan, new: Plan, cost_model: CostModel, shard_optimizer: bool = True) -> float:
@@ -194,16 +218,16 @@ def switch_seconds(old: Plan, new: Plan, cost_model: CostModel, shard_optimizer:
                 for d in intra.keys() | inter.keys()), default=0.0)
 
 
-def _plan_set(job: JobSpec, shapes: ResolvedShapes, priced: Priced, choice: list[int], statics: tuple[int, int],
-              top_job: JobSpec, cost_model: CostModel) -> PlanSet:
+def _plan_set(job: JobSpec, shapes: ResolvedShapes, found: Candidates, choice: list[int], run_length: int) -> PlanSet:
+    priced = found.priced
     for j, i in enumerate(choice):
         if priced.seconds[i][j] == INF:
             shape = ", ".join(f"{dim_name(d)} {v}" for d, v in zip(shapes.dims, priced.points[j]))
             raise PlanningError(f"no plan fits the shape ({shape}) in device memory; lower it in the shapes file, or "
                                 "give the job more devices or memory.")
     kept = sorted(set(choice))
-    cache_s, switch_s = expected_time(priced, choice, shapes.run_length)
-    mean_i, max_i = statics
+    cache_s, switch_s = expected_time(priced, choice, run_length)
+    mean_i, max_i = found.mean_plan, found.max_plan
 
     def mean_of(i: int, members: Sequence[int]) -> float | None:  # None: the plan does not fit one of them
         mass = sum(priced.probs[j] for j in members)
@@ -224,12 +248,12 @@ def _plan_set(job: JobSpec, shapes: ResolvedShapes, priced: Priced, choice: list
         cache_s=cache_s, switch_s=switch_s, static_mean_s=mean_of(mean_i, everything),
         static_mean_unfit=sum(p for p, t in zip(priced.probs, priced.seconds[mean_i]) if t == INF),
         static_max_s=mean_of(max_i, everything),
-        padded_max_s=predict_plan(top_job, priced.plans[max_i], cost_model).iteration_time_s,
+        padded_max_s=found.padded_max_s,
         best_static_s=min((mean_of(i, everything) for i in fit_all), default=None),
         mean_shape=list(shapes.mean(job.training.grad_accum_steps)), max_shape=list(shapes.max()),
     )
     plan_set = PlanSet(
-        job=job.name, spec_hash=spec_hash(job), run_length=shapes.run_length,
+        job=job.name, spec_hash=spec_hash(job), run_length=run_length,
         dims=[ShapeDim(task=t, field=f, use=u, job_value=v) for (t, f, u), v in zip(shapes.dims, shapes.job_values)],
         buckets=buckets, plans=[priced.plans[i] for i in order],
         switch_s=[[priced.switch[i][j] for j in order] for i in order], comparison=comparison,

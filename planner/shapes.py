@@ -25,7 +25,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from planner.errors import LoomError, SpecError, did_you_mean
 from planner.spec import (
-    MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MAX_SEQ_LEN, JobSpec, StrictModel, _format_error,
+    MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MAX_SEQ_LEN, JobSpec, StrictModel, _format_error, _path_str,
 )
 from planner.spec_file import load_yaml
 
@@ -151,10 +151,33 @@ def parse_shapes(data: Any, job: JobSpec, source: str = "shapes file") -> Resolv
     except ValidationError as exc:
         more = len(exc.errors()) - 1
         suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-        raise SpecError(f"{source}: {_format_error(ShapesSpec, exc.errors()[0])}{suffix}".replace(
-            "Fix the value in the spec", "Fix the value in the shapes file").replace(
-            "Add it to the spec", "Add it to the shapes file")) from None
+        raise SpecError(f"{source}: {_shapes_error(exc.errors()[0])}{suffix}") from None
     return resolve_shapes(spec, job, source)
+
+
+def _shapes_error(err: Any) -> str:
+    """One pydantic error of a shapes file as ``<path>: <what>; <fix>`` (a bad ``{value: weight}`` key named as
+    such, an unknown key with the closest valid one)."""
+    loc = tuple(err["loc"])
+    if "[key]" in loc:  # a dict key failed: (..., key, "[key]")
+        at = loc.index("[key]")
+        where = _path_str(loc[:at - 1])
+        return f"{where}: key {loc[at - 1]!r}: {err['msg'].lower()}. Keys are values (whole numbers >= 1)."
+    if err["type"] == "extra_forbidden":
+        owner = _owner(loc)
+        return (f"{_path_str(loc)}: unknown key; {did_you_mean(str(loc[-1]), owner.model_fields)} "
+                "Remove or rename it.")
+    return _format_error(ShapesSpec, err).replace("the spec", "the shapes file")
+
+
+def _owner(loc: tuple[Any, ...]) -> type[StrictModel]:
+    """The model whose unknown key ``loc`` names (the file's nesting: top, distribution.<task>, batches[i],
+    batches[i].tasks.<task>)."""
+    if len(loc) == 1:
+        return ShapesSpec
+    if loc[0] == "distribution":
+        return TaskDistribution
+    return TaskShape if len(loc) > 3 else BatchSample
 
 
 def load_shapes(path: str | Path, job: JobSpec) -> ResolvedShapes:
