@@ -38,6 +38,10 @@ def describe_members(plan_set: PlanSet, bucket: CacheBucket) -> str:
     return f"{len(bucket.members)} shape{'s' if len(bucket.members) > 1 else ''}: " + ", ".join(parts)
 
 
+def _seconds(value: float | None) -> str:
+    return "does not fit" if value is None else format_seconds(value)
+
+
 def _ratio(other_s: float | None, cache_s: float) -> str:
     if other_s is None:
         return "no plan fits every batch"
@@ -52,10 +56,9 @@ def bucket_table(plan_set: PlanSet) -> Table:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for k, bucket in enumerate(plan_set.buckets):
         plan = plan_set.plans[bucket.plan]
-        mean_s = format_seconds(bucket.static_mean_s) if bucket.static_mean_s is not None else "does not fit"
         table.add_row(str(k), f"{bucket.probability:.3f}", describe_members(plan_set, bucket),
-                      f"{bucket.plan}: {plan.solver.method}", format_seconds(bucket.predicted_s), mean_s,
-                      format_seconds(bucket.static_max_s))
+                      f"{bucket.plan}: {plan.solver.method}", format_seconds(bucket.predicted_s),
+                      _seconds(bucket.static_mean_s), _seconds(bucket.static_max_s))
     return table
 
 
@@ -67,9 +70,13 @@ def comparison_lines(plan_set: PlanSet) -> list[str]:
     mean = _ratio(c.static_mean_s, c.cache_s) if not c.static_mean_unfit else \
         f"does not fit the device memory of {c.static_mean_unfit:.1%} of batches"
     lines.append(f"one plan for the mean shape ({describe_shape(plan_set, c.mean_shape)}): {mean}")
-    lines.append(f"one plan for the max shape ({describe_shape(plan_set, c.max_shape)}): "
-                 f"{_ratio(c.static_max_s, c.cache_s)}; every batch padded to the max shape: "
-                 f"{_ratio(c.padded_max_s, c.cache_s)}")
+    if c.static_max_s is None:
+        lines.append(f"one plan for the max shape ({describe_shape(plan_set, c.max_shape)}): none exists (a device "
+                     "would run out of memory)")
+    else:
+        lines.append(f"one plan for the max shape ({describe_shape(plan_set, c.max_shape)}): "
+                     f"{_ratio(c.static_max_s, c.cache_s)}; every batch padded to the max shape: "
+                     f"{_ratio(c.padded_max_s, c.cache_s)}")
     lines.append(f"best single plan among those planned: {_ratio(c.best_static_s, c.cache_s)}")
     return lines
 

@@ -70,7 +70,7 @@ class CacheBucket(_SetModel):
     predicted_s: float = Field(description="Its plan's predicted iteration time.")
     static_mean_s: float | None = Field(description="The mean-shape plan's time on these shapes (none: it does not "
                                         "fit one of them).")
-    static_max_s: float = Field(description="The max-shape plan's time on these shapes.")
+    static_max_s: float | None = Field(description="The max-shape plan's time on these shapes (none: no such plan).")
 
 
 class Comparison(_SetModel):
@@ -81,9 +81,10 @@ class Comparison(_SetModel):
     static_mean_s: float | None = Field(description="One plan made for the mean shape, run on every shape (none: "
                                         "it does not fit some shape's memory).")
     static_mean_unfit: float = Field(description="Probability of the shapes the mean-shape plan does not fit.")
-    static_max_s: float = Field(description="One plan made for the max shape (memory for every batch), run on every "
-                                "shape.")
-    padded_max_s: float = Field(description="That plan with every batch padded to the max shape.")
+    static_max_s: float | None = Field(description="One plan made for the max shape (memory for every batch), run "
+                                       "on every shape (none: the max shape cannot be planned, e.g. it needs more "
+                                       "memory than a device has).")
+    padded_max_s: float | None = Field(description="That plan with every batch padded to the max shape.")
     best_static_s: float | None = Field(description="The best single plan among every planned one that fits every shape.")
     mean_shape: list[int]
     max_shape: list[int]
@@ -129,9 +130,9 @@ class Candidates:
     max-shape plan's time with every batch padded to the max shape."""
 
     priced: Priced
-    mean_plan: int
-    max_plan: int
-    padded_max_s: float
+    mean_plan: int | None  # None: no plan exists for that shape (a device runs out of memory)
+    max_plan: int | None
+    padded_max_s: float | None
 
 
 def plan_cache(job: JobSpec, shapes: ResolvedShapes, cost_model: CostModel, *, with_baselines: bool = False,
@@ -145,32 +146,46 @@ def plan_candidates(job: JobSpec, shapes: ResolvedShapes, cost_model: CostModel,
                     progress: Progress | None = None, source: str = "shapes file") -> Candidates:
     """Steps 1-3 of the module docstring: the candidate plans, priced at every shape, with their switch costs."""
     say = progress or (lambda msg: log.info(msg))
-    k = job.training.grad_accum_steps
-    mean, top = shapes.mean(k), shapes.max()
+    mean, top = shapes.mean(), shapes.max()
     # per cluster of similar shapes, a plan for its mean (fast on its typical batch) and one for its max (fits all
     # of it); and the static plans
     clusters = cluster_points(shapes, shapes.max_buckets)
     targets = list(dict.fromkeys([p for g in clusters for p in (
-        mean_point(shapes.dims, ((q, shapes.points[q]) for q in g), k), tuple(map(max, *g)) if len(g) > 1 else g[0])]
+        mean_point(shapes.dims, ((q, shapes.points[q]) for q in g)), tuple(map(max, *g)) if len(g) > 1 else g[0])]
         + [mean, top]))
-    jobs = {p: job_at(job, shapes.dims, p, source) for p in list(shapes.points) + targets}
-    plans = []
+    jobs = {p: job_at(job, shapes.dims, p, source) for p in shapes.points}
+    for point in targets:
+        if point not in jobs:
+            try:  # a combination of values the file never gives together may break a component rule
+                jobs[point] = job_at(job, shapes.dims, point, source)
+            except SpecError as exc:
+                log.info("no job at shape %s: %s", point, exc)
+    targets = [p for p in targets if p in jobs]
+    plans, planned, failure = [], [], None
     for i, point in enumerate(targets, 1):
         say(f"planning shape {i}/{len(targets)}")
-        plans.append(plan_job(jobs[point], cost_model, with_baselines=with_baselines, progress=lambda _: None).plan)
+        try:
+            plans.append(plan_job(jobs[point], cost_model, with_baselines=with_baselines, progress=lambda _: None).plan)
+            planned.append(point)
+        except PlanningError as exc:  # e.g. the max of independent dimensions may need more memory than exists
+            log.info("no plan for shape %s: %s", point, exc)
+            failure = failure or exc
+    if not plans:
+        raise PlanningError(f"{source}: no plan exists for any candidate shape (the first: {failure}). Lower the shapes, "
+                            "or give the job more devices or memory.")
     say(f"pricing {len(plans)} plans at {len(shapes.points)} shapes")
     seconds = price_plans(plans, shapes, jobs, cost_model)
     probs = list(shapes.points.values())
     anchor = choose_plans(Priced(plans, list(shapes.points), probs, seconds, [[0.0] * len(plans)] * len(plans)), 1, 1)[0]
-    extra = [plan for plan in (align_plan(jobs[p], plan, plans[anchor], cost_model) for p, plan in zip(targets, plans))
+    extra = [plan for plan in (align_plan(jobs[p], plan, plans[anchor], cost_model) for p, plan in zip(planned, plans))
              if plan is not None]
     say(f"{len(extra)} plans renumbered to hold parameters where plan {anchor} does; pricing them")
     seconds += price_plans(extra, shapes, jobs, cost_model)
     plans += extra
     switch = [[switch_seconds(a, b, cost_model, job.training.shard_optimizer) for b in plans] for a in plans]
-    max_i = targets.index(top)
-    padded = predict_plan(jobs[top], plans[max_i], cost_model).iteration_time_s
-    return Candidates(Priced(plans, list(shapes.points), probs, seconds, switch), targets.index(mean), max_i, padded)
+    mean_i, max_i = (planned.index(p) if p in planned else None for p in (mean, top))
+    padded = predict_plan(jobs[top], plans[max_i], cost_model).iteration_time_s if max_i is not None else None
+    return Candidates(Priced(plans, list(shapes.points), probs, seconds, switch), mean_i, max_i, padded)
 
 
 def cache_from_candidates(job: JobSpec, shapes: ResolvedShapes, found: Candidates, run_length: int) -> PlanSet:
@@ -229,7 +244,9 @@ def _plan_set(job: JobSpec, shapes: ResolvedShapes, found: Candidates, choice: l
     cache_s, switch_s = expected_time(priced, choice, run_length)
     mean_i, max_i = found.mean_plan, found.max_plan
 
-    def mean_of(i: int, members: Sequence[int]) -> float | None:  # None: the plan does not fit one of them
+    def mean_of(i: int | None, members: Sequence[int]) -> float | None:  # None: no such plan, or it does not fit
+        if i is None:
+            return None
         mass = sum(priced.probs[j] for j in members)
         value = sum(priced.probs[j] * priced.seconds[i][j] for j in members) / mass
         return None if value == INF else value
@@ -246,11 +263,12 @@ def _plan_set(job: JobSpec, shapes: ResolvedShapes, found: Candidates, choice: l
     fit_all = [i for i, row in enumerate(priced.seconds) if INF not in row]
     comparison = Comparison(
         cache_s=cache_s, switch_s=switch_s, static_mean_s=mean_of(mean_i, everything),
-        static_mean_unfit=sum(p for p, t in zip(priced.probs, priced.seconds[mean_i]) if t == INF),
+        static_mean_unfit=1.0 if mean_i is None else sum(p for p, t in zip(priced.probs, priced.seconds[mean_i])
+                                                         if t == INF),
         static_max_s=mean_of(max_i, everything),
         padded_max_s=found.padded_max_s,
         best_static_s=min((mean_of(i, everything) for i in fit_all), default=None),
-        mean_shape=list(shapes.mean(job.training.grad_accum_steps)), max_shape=list(shapes.max()),
+        mean_shape=list(shapes.mean()), max_shape=list(shapes.max()),
     )
     plan_set = PlanSet(
         job=job.name, spec_hash=spec_hash(job), run_length=run_length,

@@ -99,26 +99,24 @@ class ResolvedShapes:
     max_buckets: int
     run_length: int
 
-    def mean(self, grad_accum_steps: int = 1) -> Point:
-        """The probability-weighted mean of each dimension (:func:`mean_point`)."""
-        return mean_point(self.dims, self.points.items(), grad_accum_steps)
+    def mean(self) -> Point:
+        """The probability-weighted mean of each dimension, rounded up to a value it takes (:func:`mean_point`)."""
+        return mean_point(self.dims, self.points.items())
 
     def max(self) -> Point:
         return tuple(max(point[d] for point in self.points) for d in range(len(self.dims)))
 
 
-def mean_point(dims: Sequence[Dim], points: Iterable[tuple[Point, float]], grad_accum_steps: int = 1) -> Point:
-    """The probability-weighted mean of each dimension over ``(point, probability)`` pairs, rounded (a batch size up
-    to a multiple of ``grad_accum_steps``)."""
+def mean_point(dims: Sequence[Dim], points: Iterable[tuple[Point, float]]) -> Point:
+    """The probability-weighted mean of each dimension over ``(point, probability)`` pairs, rounded up to the
+    nearest value the points take there (so it is a value the file gives: a valid image size, a batch size that
+    splits into micro-batches)."""
     points = list(points)
     total = sum(p for _, p in points)
     out = []
-    for d, dim in enumerate(dims):
-        value = sum(p * point[d] for point, p in points) / total
-        if dim[1] == "batch_size":
-            out.append(grad_accum_steps * math.ceil(value / grad_accum_steps - 1e-9))
-        else:
-            out.append(max(1, round(value)))
+    for d in range(len(dims)):
+        mean = sum(p * point[d] for point, p in points) / total
+        out.append(min(point[d] for point, _ in points if point[d] >= mean * (1 - 1e-12)))
     return tuple(out)
 
 
@@ -206,6 +204,7 @@ def resolve_shapes(spec: ShapesSpec, job: JobSpec, source: str = "shapes file") 
     for point in points:
         for d, dim in enumerate(ordered):
             _check_value(job, dim, point[d], source)
+        job_at(job, ordered, point, source)  # the job at every shape is a valid job (component rules)
     return ResolvedShapes(ordered, base, points, spec.max_buckets, spec.run_length)
 
 
