@@ -100,7 +100,7 @@ class ResolvedShapes:
     run_length: int
 
     def mean(self) -> Point:
-        """The probability-weighted mean of each dimension, rounded up to a value it takes (:func:`mean_point`)."""
+        """The probability-weighted mean of each dimension, rounded to a value it takes (:func:`mean_point`)."""
         return mean_point(self.dims, self.points.items())
 
     def max(self) -> Point:
@@ -108,15 +108,15 @@ class ResolvedShapes:
 
 
 def mean_point(dims: Sequence[Dim], points: Iterable[tuple[Point, float]]) -> Point:
-    """The probability-weighted mean of each dimension over ``(point, probability)`` pairs, rounded up to the
-    nearest value the points take there (so it is a value the file gives: a valid image size, a batch size that
-    splits into micro-batches)."""
+    """The probability-weighted mean of each dimension over ``(point, probability)`` pairs, rounded to the nearest
+    value the points take there (the larger on a tie), so that it is a value the file gives: a valid image size, a
+    batch size that splits into micro-batches."""
     points = list(points)
     total = sum(p for _, p in points)
     out = []
     for d in range(len(dims)):
         mean = sum(p * point[d] for point, p in points) / total
-        out.append(min(point[d] for point, _ in points if point[d] >= mean * (1 - 1e-12)))
+        out.append(min({point[d] for point, _ in points}, key=lambda v: (abs(v - mean), -v)))
     return tuple(out)
 
 
