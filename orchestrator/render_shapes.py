@@ -82,10 +82,12 @@ def comparison_lines(plan_set: PlanSet) -> list[str]:
 
 
 def plan_set_renderables(plan_set: PlanSet, planning_time_s: float | None = None) -> list[RenderableType]:
-    timing = f", planned in {planning_time_s:.2f} s" if planning_time_s is not None else ""
     header = Text(f"{plan_set.job}: {len(plan_set.dims)} varying dimensions, "
-                  f"{sum(len(b.members) for b in plan_set.buckets)} distinct shapes{timing}")
-    return [header, bucket_table(plan_set), Group(*(Text(line) for line in comparison_lines(plan_set)))]
+                  f"{sum(len(b.members) for b in plan_set.buckets)} distinct shapes")
+    lines = comparison_lines(plan_set)
+    if planning_time_s is not None:
+        lines.append(f"planning time  {planning_time_s:.2f} s")
+    return [header, bucket_table(plan_set), Group(*(Text(line) for line in lines))]
 
 
 def print_plan_set(plan_set: PlanSet, console: Console, planning_time_s: float | None = None) -> None:
