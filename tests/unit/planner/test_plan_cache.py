@@ -120,3 +120,10 @@ def test_renumbered_plan_keeps_its_time_and_more_of_the_anchors_parameters(clip_
         sorted(len(s.devices) for w in b.waves for s in w.slices)
     again = align_plan(jobs[0], a, a, cost_model)  # already aligned: nothing to renumber, or nothing moves
     assert again is None or switch_seconds(a, again, cost_model) == 0.0
+
+
+def test_a_plan_set_is_not_taken_for_a_plan(cache: PlanSet) -> None:
+    from planner.plan import plan_from_json
+
+    with pytest.raises(SpecError, match=r"set.json: a plan set \(from `loom plan --shapes`\), not a plan"):
+        plan_from_json(cache.to_json(), "set.json")
