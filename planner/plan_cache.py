@@ -130,6 +130,7 @@ class Candidates:
     max-shape plan's time with every batch padded to the max shape."""
 
     priced: Priced
+    source: str  # the shapes file, for errors
     mean_plan: int | None  # None: no plan exists for that shape (a device runs out of memory)
     max_plan: int | None
     padded_max_s: float | None
@@ -185,7 +186,7 @@ def plan_candidates(job: JobSpec, shapes: ResolvedShapes, cost_model: CostModel,
     switch = [[switch_seconds(a, b, cost_model, job.training.shard_optimizer) for b in plans] for a in plans]
     mean_i, max_i = (planned.index(p) if p in planned else None for p in (mean, top))
     padded = predict_plan(jobs[top], plans[max_i], cost_model).iteration_time_s if max_i is not None else None
-    return Candidates(Priced(plans, list(shapes.points), probs, seconds, switch), mean_i, max_i, padded)
+    return Candidates(Priced(plans, list(shapes.points), probs, seconds, switch), source, mean_i, max_i, padded)
 
 
 def cache_from_candidates(job: JobSpec, shapes: ResolvedShapes, found: Candidates, run_length: int) -> PlanSet:
@@ -202,7 +203,11 @@ def price_plans(plans: Sequence[Plan], shapes: ResolvedShapes, jobs: dict[Point,
     for plan in plans:
         row = []
         for point in shapes.points:
-            sim = predict_plan(jobs[point], plan, cost_model)
+            try:
+                sim = predict_plan(jobs[point], plan, cost_model)
+            except PlanningError:  # a layer of the job at this shape fits no device at any count
+                row.append(INF)
+                continue
             fits = max(sim.peak_memory_bytes, default=0.0) <= cost_model.hw.memory_bytes * FIT_SLACK
             row.append(sim.iteration_time_s if fits else INF)
         seconds.append(row)
@@ -238,8 +243,8 @@ def _plan_set(job: JobSpec, shapes: ResolvedShapes, found: Candidates, choice: l
     for j, i in enumerate(choice):
         if priced.seconds[i][j] == INF:
             shape = ", ".join(f"{dim_name(d)} {v}" for d, v in zip(shapes.dims, priced.points[j]))
-            raise PlanningError(f"no plan fits the shape ({shape}) in device memory; lower it in the shapes file, or "
-                                "give the job more devices or memory.")
+            raise PlanningError(f"{found.source}: no plan fits the shape ({shape}) in device memory; lower it in the "
+                                "shapes file, or give the job more devices or memory.")
     kept = sorted(set(choice))
     cache_s, switch_s = expected_time(priced, choice, run_length)
     mean_i, max_i = found.mean_plan, found.max_plan

@@ -127,3 +127,11 @@ def test_a_plan_set_is_not_taken_for_a_plan(cache: PlanSet) -> None:
 
     with pytest.raises(SpecError, match=r"set.json: a plan set \(from `loom plan --shapes`\), not a plan"):
         plan_from_json(cache.to_json(), "set.json")
+
+
+def test_a_shape_no_plan_fits_is_one_planning_error_naming_the_file(job) -> None:
+    from planner.errors import PlanningError
+
+    shapes = parse_shapes({"distribution": {"caption": {"batch_size": {8: 1, 1_048_576: 1}}}}, job, "s.yaml")
+    with pytest.raises(PlanningError, match=r"s.yaml: no plan fits the shape \(caption.batch_size 1048576\)"):
+        plan_cache(job, shapes, make_cost_model(job), source="s.yaml")
