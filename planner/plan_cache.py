@@ -147,22 +147,46 @@ def plan_candidates(job: JobSpec, shapes: ResolvedShapes, cost_model: CostModel,
                     progress: Progress | None = None, source: str = "shapes file") -> Candidates:
     """Steps 1-3 of the module docstring: the candidate plans, priced at every shape, with their switch costs."""
     say = progress or (lambda msg: log.info(msg))
-    mean, top = shapes.mean(), shapes.max()
-    # per cluster of similar shapes, a plan for its mean (fast on its typical batch) and one for its max (fits all
-    # of it); and the static plans
+    jobs = {p: job_at(job, shapes.dims, p, source) for p in shapes.points}
+    targets = _candidate_shapes(job, shapes, jobs, source)
+    planned, plans = _plan_shapes(targets, jobs, cost_model, with_baselines, say, source)
+    say(f"pricing {len(plans)} plans at {len(shapes.points)} shapes")
+    seconds = price_plans(plans, shapes, jobs, cost_model)
+    probs = list(shapes.points.values())
+    no_switch = [[0.0] * len(plans)] * len(plans)
+    anchor = choose_plans(Priced(plans, list(shapes.points), probs, seconds, no_switch), 1, 1)[0]  # best static
+    extra = [plan for plan in (align_plan(jobs[p], plan, plans[anchor], cost_model) for p, plan in zip(planned, plans))
+             if plan is not None]
+    say(f"{len(extra)} plans renumbered to hold parameters where plan {anchor} does; pricing them")
+    seconds += price_plans(extra, shapes, jobs, cost_model)
+    plans += extra
+    switch = [[switch_seconds(a, b, cost_model, job.training.shard_optimizer) for b in plans] for a in plans]
+    mean_i, max_i = (planned.index(p) if p in planned else None for p in (shapes.mean(), shapes.max()))
+    padded = None if max_i is None else predict_plan(jobs[shapes.max()], plans[max_i], cost_model).iteration_time_s
+    return Candidates(Priced(plans, list(shapes.points), probs, seconds, switch), source, mean_i, max_i, padded)
+
+
+def _candidate_shapes(job: JobSpec, shapes: ResolvedShapes, jobs: dict[Point, JobSpec], source: str) -> list[Point]:
+    """Per cluster of similar shapes its mean (a plan fast on its typical batch) and its max (a plan that fits all
+    of it); then the file's mean and max shapes (the static plans). Adds the job at each to ``jobs``; drops a shape
+    whose job breaks a component rule (a combination of values the file never gives together may)."""
     clusters = cluster_points(shapes, shapes.max_buckets)
     targets = list(dict.fromkeys([p for g in clusters for p in (
         mean_point(shapes.dims, ((q, shapes.points[q]) for q in g)), tuple(map(max, *g)) if len(g) > 1 else g[0])]
-        + [mean, top]))
-    jobs = {p: job_at(job, shapes.dims, p, source) for p in shapes.points}
+        + [shapes.mean(), shapes.max()]))
     for point in targets:
         if point not in jobs:
-            try:  # a combination of values the file never gives together may break a component rule
+            try:
                 jobs[point] = job_at(job, shapes.dims, point, source)
             except SpecError as exc:
                 log.info("no job at shape %s: %s", point, exc)
-    targets = [p for p in targets if p in jobs]
-    plans, planned, failure = [], [], None
+    return [p for p in targets if p in jobs]
+
+
+def _plan_shapes(targets: Sequence[Point], jobs: dict[Point, JobSpec], cost_model: CostModel, with_baselines: bool,
+                 say: Progress, source: str) -> tuple[list[Point], list[Plan]]:
+    """The shapes that could be planned and their plans (planner.api.plan_job); a PlanningError when none could."""
+    planned, plans, failure = [], [], None
     for i, point in enumerate(targets, 1):
         say(f"planning shape {i}/{len(targets)}")
         try:
@@ -172,21 +196,9 @@ def plan_candidates(job: JobSpec, shapes: ResolvedShapes, cost_model: CostModel,
             log.info("no plan for shape %s: %s", point, exc)
             failure = failure or exc
     if not plans:
-        raise PlanningError(f"{source}: no plan exists for any candidate shape (the first: {failure}). Lower the shapes, "
-                            "or give the job more devices or memory.")
-    say(f"pricing {len(plans)} plans at {len(shapes.points)} shapes")
-    seconds = price_plans(plans, shapes, jobs, cost_model)
-    probs = list(shapes.points.values())
-    anchor = choose_plans(Priced(plans, list(shapes.points), probs, seconds, [[0.0] * len(plans)] * len(plans)), 1, 1)[0]
-    extra = [plan for plan in (align_plan(jobs[p], plan, plans[anchor], cost_model) for p, plan in zip(planned, plans))
-             if plan is not None]
-    say(f"{len(extra)} plans renumbered to hold parameters where plan {anchor} does; pricing them")
-    seconds += price_plans(extra, shapes, jobs, cost_model)
-    plans += extra
-    switch = [[switch_seconds(a, b, cost_model, job.training.shard_optimizer) for b in plans] for a in plans]
-    mean_i, max_i = (planned.index(p) if p in planned else None for p in (mean, top))
-    padded = predict_plan(jobs[top], plans[max_i], cost_model).iteration_time_s if max_i is not None else None
-    return Candidates(Priced(plans, list(shapes.points), probs, seconds, switch), source, mean_i, max_i, padded)
+        raise PlanningError(f"{source}: no plan exists for any candidate shape (the first: {failure}). Lower the "
+                            "shapes, or give the job more devices or memory.")
+    return planned, plans
 
 
 def cache_from_candidates(job: JobSpec, shapes: ResolvedShapes, found: Candidates, run_length: int) -> PlanSet:
