@@ -64,8 +64,11 @@ def bucket_table(plan_set: PlanSet) -> Table:
 
 def comparison_lines(plan_set: PlanSet) -> list[str]:
     c = plan_set.comparison
-    switching = (f"switching {format_seconds(c.switch_s)} per step, one bucket served {plan_set.run_length} "
-                 f"step{'s' if plan_set.run_length > 1 else ''} at a time")
+    if plan_set.placement == "shared":
+        switching = "shared placement: every plan holds every parameter where the others do, switching moves nothing"
+    else:
+        switching = (f"switching {format_seconds(c.switch_s)} per step, one bucket served {plan_set.run_length} "
+                     f"step{'s' if plan_set.run_length > 1 else ''} at a time")
     lines = [f"plan cache: predicted mean iteration {format_seconds(c.cache_s)} ({switching})"]
     mean = _ratio(c.static_mean_s, c.cache_s) if not c.static_mean_unfit else \
         f"does not fit the device memory of {c.static_mean_unfit:.1%} of batches"

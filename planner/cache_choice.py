@@ -79,21 +79,23 @@ def improve(priced: Priced, choice: list[int], allowed: Sequence[int], run_lengt
     return choice
 
 
-def choose_plans(priced: Priced, max_plans: int, run_length: int) -> list[int]:
-    """Every shape's plan (indices into ``priced.plans``), using at most ``max_plans`` plans (module docstring).
-    Without a plan that fits every shape, the start gives each shape its fastest plan that fits."""
-    num_plans, num_points = len(priced.plans), len(priced.probs)
-    static = [i for i in range(num_plans) if INF not in priced.seconds[i]]
+def choose_plans(priced: Priced, max_plans: int, run_length: int, allowed: Sequence[int] | None = None) -> list[int]:
+    """Every shape's plan (indices into ``priced.plans``, only ``allowed`` ones when given), using at most
+    ``max_plans`` plans (module docstring). Without a plan that fits every shape, the start gives each shape its
+    fastest plan that fits."""
+    num_points = len(priced.probs)
+    candidates = list(range(len(priced.plans))) if allowed is None else list(allowed)
+    static = [i for i in candidates if INF not in priced.seconds[i]]
     if static:
         best_static = min(static, key=lambda i: expected_time(priced, [i] * num_points, run_length)[0])
         choice = [best_static] * num_points
     else:
-        choice = [min(range(num_plans), key=lambda i: priced.seconds[i][j]) for j in range(num_points)]
+        choice = [min(candidates, key=lambda i: priced.seconds[i][j]) for j in range(num_points)]
     best = expected_time(priced, choice, run_length)[0]
     while len(set(choice)) < max_plans:
         kept = sorted(set(choice))
         trials = []
-        for i in range(num_plans):
+        for i in candidates:
             if i not in kept:
                 trial = improve(priced, choice, kept + [i], run_length)
                 trials.append((expected_time(priced, trial, run_length)[0], i, trial))

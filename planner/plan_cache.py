@@ -10,7 +10,8 @@
    the same devices, that shape's costs; inf where a device would run out of memory), and the switch between
    every two plans (:func:`switch_seconds`);
 4. keeps at most ``max_buckets`` plans and gives every shape one (:func:`planner.cache_choice.choose_plans`:
-   never predicted slower than the best static plan). A bucket is the set of shapes one kept plan runs.
+   never predicted slower than the best static plan; with ``placement: shared`` only among the plans that hold
+   every parameter shard where the best static plan does). A bucket is the set of shapes one kept plan runs.
 
 Switching plans between steps moves the parameter shards whose holders differ (``Plan.holdings``): weights,
 and for trainable shards the optimizer state (ZeRO-1: re-sharded over the new holders). The runtime serves
@@ -97,6 +98,8 @@ class PlanSet(_SetModel):
     job: str
     spec_hash: str = Field(description="The job spec's hash (planner.api.spec_hash); each plan has its shape's.")
     run_length: int = Field(description="Steps served from one bucket before the next is drawn.")
+    placement: str = Field(description="priced: the plans may hold parameters on different devices (switch_s); "
+                           "shared: every plan holds every parameter shard on the same devices.")
     dims: list[ShapeDim]
     buckets: list[CacheBucket] = Field(description="Fastest first; buckets[i] runs plans[buckets[i].plan].")
     plans: list[Plan]
@@ -131,6 +134,7 @@ class Candidates:
 
     priced: Priced
     source: str  # the shapes file, for errors
+    anchor: int  # the best static plan, whose parameter placement the others are renumbered toward
     mean_plan: int | None  # None: no plan exists for that shape (a device runs out of memory)
     max_plan: int | None
     padded_max_s: float | None
@@ -163,7 +167,8 @@ def plan_candidates(job: JobSpec, shapes: ResolvedShapes, cost_model: CostModel,
     switch = [[switch_seconds(a, b, cost_model, job.training.shard_optimizer) for b in plans] for a in plans]
     mean_i, max_i = (planned.index(p) if p in planned else None for p in (shapes.mean(), shapes.max()))
     padded = None if max_i is None else predict_plan(jobs[shapes.max()], plans[max_i], cost_model).iteration_time_s
-    return Candidates(Priced(plans, list(shapes.points), probs, seconds, switch), source, mean_i, max_i, padded)
+    return Candidates(Priced(plans, list(shapes.points), probs, seconds, switch), source, anchor, mean_i, max_i,
+                      padded)
 
 
 def _candidate_shapes(job: JobSpec, shapes: ResolvedShapes, jobs: dict[Point, JobSpec], source: str) -> list[Point]:
@@ -201,10 +206,16 @@ def _plan_shapes(targets: Sequence[Point], jobs: dict[Point, JobSpec], cost_mode
     return planned, plans
 
 
-def cache_from_candidates(job: JobSpec, shapes: ResolvedShapes, found: Candidates, run_length: int) -> PlanSet:
-    """Step 4: keep at most ``shapes.max_buckets`` of the candidates for ``run_length``; the sealed PlanSet."""
-    choice = choose_plans(found.priced, shapes.max_buckets, run_length)
-    return _plan_set(job, shapes, found, choice, run_length)
+def cache_from_candidates(job: JobSpec, shapes: ResolvedShapes, found: Candidates, run_length: int,
+                          placement: str | None = None) -> PlanSet:
+    """Step 4: keep at most ``shapes.max_buckets`` of the candidates for ``run_length`` (and ``placement``, default
+    the file's: "shared" keeps only plans that hold every parameter shard where the anchor does); the PlanSet."""
+    placement = placement or shapes.placement
+    switch, anchor = found.priced.switch, found.anchor
+    allowed = None if placement == "priced" else \
+        [i for i in range(len(switch)) if switch[anchor][i] == 0.0 and switch[i][anchor] == 0.0]
+    choice = choose_plans(found.priced, shapes.max_buckets, run_length, allowed)
+    return _plan_set(job, shapes, found, choice, run_length, placement)
 
 
 def price_plans(plans: Sequence[Plan], shapes: ResolvedShapes, jobs: dict[Point, JobSpec],
@@ -250,13 +261,16 @@ def switch_seconds(old: Plan, new: Plan, cost_model: CostModel, shard_optimizer:
                 for d in intra.keys() | inter.keys()), default=0.0)
 
 
-def _plan_set(job: JobSpec, shapes: ResolvedShapes, found: Candidates, choice: list[int], run_length: int) -> PlanSet:
+def _plan_set(job: JobSpec, shapes: ResolvedShapes, found: Candidates, choice: list[int], run_length: int,
+              placement: str) -> PlanSet:
     priced = found.priced
     for j, i in enumerate(choice):
         if priced.seconds[i][j] == INF:
             shape = ", ".join(f"{dim_name(d)} {v}" for d, v in zip(shapes.dims, priced.points[j]))
-            raise PlanningError(f"{found.source}: no plan fits the shape ({shape}) in device memory; lower it in the "
-                                "shapes file, or give the job more devices or memory.")
+            fix = "use placement: priced, lower it" if placement == "shared" else "lower it"
+            raise PlanningError(f"{found.source}: no {'shared-placement ' if placement == 'shared' else ''}plan fits "
+                                f"the shape ({shape}) in device memory; {fix} in the shapes file, or give the job more "
+                                "devices or memory.")
     kept = sorted(set(choice))
     cache_s, switch_s = expected_time(priced, choice, run_length)
     mean_i, max_i = found.mean_plan, found.max_plan
@@ -288,7 +302,7 @@ def _plan_set(job: JobSpec, shapes: ResolvedShapes, found: Candidates, choice: l
         mean_shape=list(shapes.mean()), max_shape=list(shapes.max()),
     )
     plan_set = PlanSet(
-        job=job.name, spec_hash=spec_hash(job), run_length=run_length,
+        job=job.name, spec_hash=spec_hash(job), run_length=run_length, placement=placement,
         dims=[ShapeDim(task=t, field=f, use=u, job_value=v) for (t, f, u), v in zip(shapes.dims, shapes.job_values)],
         buckets=buckets, plans=[priced.plans[i] for i in order],
         switch_s=[[priced.switch[i][j] for j in order] for i in order], comparison=comparison,

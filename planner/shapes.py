@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -71,6 +71,9 @@ class ShapesSpec(StrictModel):
     run_length: int = Field(
         1, ge=1, le=1_000_000, description="Steps the runtime serves from one bucket before the next bucket is drawn "
         "(1: every step drawn independently). Switching plans costs moving parameters; it is paid once per run.")
+    placement: Literal["priced", "shared"] = Field(
+        "priced", description="priced: plans may hold parameters on different devices, the switch priced; shared: "
+        "only plans that hold every parameter where the best static plan does (switching moves nothing).")
     batches: list[BatchSample] | None = Field(
         None, min_length=1, max_length=MAX_BATCHES, description="A sample of batches, each one step's shapes.")
     distribution: dict[str, TaskDistribution] | None = Field(
@@ -98,6 +101,7 @@ class ResolvedShapes:
     points: dict[Point, float]  # probabilities, summing to 1
     max_buckets: int
     run_length: int
+    placement: str = "priced"
 
     def mean(self) -> Point:
         """The probability-weighted mean of each dimension, rounded to a value it takes (:func:`mean_point`)."""
@@ -205,7 +209,7 @@ def resolve_shapes(spec: ShapesSpec, job: JobSpec, source: str = "shapes file") 
         for d, dim in enumerate(ordered):
             _check_value(job, dim, point[d], source)
         job_at(job, ordered, point, source)  # the job at every shape is a valid job (component rules)
-    return ResolvedShapes(ordered, base, points, spec.max_buckets, spec.run_length)
+    return ResolvedShapes(ordered, base, points, spec.max_buckets, spec.run_length, spec.placement)
 
 
 def _dims_of(task: str, shape: TaskShape | TaskDistribution, where: str) -> list[tuple[Dim, str]]:

@@ -112,13 +112,14 @@ def measure(workload: Workload, steps: int, buckets: int) -> dict[str, Any]:
     start, start_cpu = time.perf_counter(), time.process_time()
     found = plan_candidates(job, shapes, cost_model, progress=lambda msg: log.info("%s: %s", workload.name, msg))
     planning = {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - start_cpu}
-    caches = {r: cache_from_candidates(job, shapes, found, r) for r in RUN_LENGTHS}
+    caches = {str(r): cache_from_candidates(job, shapes, found, r) for r in RUN_LENGTHS}
+    caches["1, shared"] = cache_from_candidates(job, shapes, found, 1, placement="shared")
     return {
         "workload": workload.name, "distribution": workload.distribution, "steps": steps,
         "devices": job.cluster.num_devices, "distinct_shapes": len(shapes.points),
-        "dims": [d.task + "." + d.field + ("." + d.use if d.use else "") for d in caches[1].dims],
+        "dims": [d.task + "." + d.field + ("." + d.use if d.use else "") for d in caches["1"].dims],
         "candidates": len(found.priced.plans), "planning": planning,
-        "by_run_length": {str(r): _summary(c) for r, c in caches.items()},
+        "by_run_length": {r: _summary(c) for r, c in caches.items()},
     }
 
 
@@ -148,7 +149,8 @@ def render_report(records: list[dict[str, Any]], config: dict[str, Any]) -> str:
              "cache against static plans, over a seeded sample of "
              f"{config['steps']} batches per workload, at most {config['buckets']} plans. Run length: steps "
              "served from one bucket before the next is drawn (1: independent steps; the cache pays the "
-             "expected parameter movement of a switch divided by it). Ratios are static / cache.", ""]
+             "expected parameter movement of a switch divided by it; \"shared\": only plans holding every parameter "
+             "where the best static plan does). Ratios are static / cache.", ""]
     for rec in records:
         lines += [f"## {rec['workload']} ({rec['devices']} devices)", "", rec["distribution"] + ".", "",
                   f"{rec['distinct_shapes']} distinct shapes over {len(rec['dims'])} dimensions; "

@@ -12,7 +12,10 @@ import pytest
 from planner.align import align_plan, kept_bytes
 from planner.api import make_cost_model, plan_job, predict_plan
 from planner.errors import SpecError
-from planner.plan_cache import PlanSet, load_plan_set, plan_cache, plan_set_from_json, switch_seconds
+from planner.plan_cache import (
+    Candidates, PlanSet, cache_from_candidates, load_plan_set, plan_cache, plan_candidates, plan_set_from_json,
+    switch_seconds,
+)
 from planner.shapes import job_at, parse_shapes
 from planner.spec import load_job
 
@@ -30,8 +33,13 @@ def job():
 
 
 @pytest.fixture(scope="module")
-def cache(job) -> PlanSet:
-    return plan_cache(job, parse_shapes(SHAPES, job), make_cost_model(job))
+def found(job) -> Candidates:
+    return plan_candidates(job, parse_shapes(SHAPES, job), make_cost_model(job))
+
+
+@pytest.fixture(scope="module")
+def cache(job, found) -> PlanSet:
+    return cache_from_candidates(job, parse_shapes(SHAPES, job), found, SHAPES["run_length"])
 
 
 def test_cache_is_never_predicted_slower_than_a_static_plan(cache: PlanSet) -> None:
@@ -42,6 +50,15 @@ def test_cache_is_never_predicted_slower_than_a_static_plan(cache: PlanSet) -> N
     assert c.static_mean_s is None or c.cache_s <= c.static_mean_s * (1 + 1e-9)
     assert c.static_max_s <= c.padded_max_s * (1 + 1e-9)  # a smaller batch never takes longer on the same plan
     assert 1 <= len(cache.plans) <= 2
+
+
+def test_shared_placement_keeps_only_plans_that_hold_where_the_best_static_plan_does(job, found, cache) -> None:
+    shared = cache_from_candidates(job, parse_shapes(SHAPES, job), found, 1, placement="shared")
+    assert shared.placement == "shared" and cache.placement == "priced"
+    holdings = [[(h.name, h.layer, h.shard, h.devices) for h in p.holdings if h.params > 0] for p in shared.plans]
+    assert all(h == holdings[0] for h in holdings)
+    assert all(t == 0.0 for row in shared.switch_s for t in row) and shared.comparison.switch_s == 0.0
+    assert shared.comparison.cache_s <= shared.comparison.best_static_s * (1 + 1e-9)
 
 
 def test_buckets_cover_every_shape_once_with_its_probability(cache: PlanSet, job) -> None:

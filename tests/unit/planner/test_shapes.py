@@ -153,6 +153,9 @@ def test_choose_plans_takes_a_second_plan_only_when_switching_pays():
     assert choose_plans(dear, 2, 1) == [0, 0]  # 2 s of switching in expectation beats 0.5 s saved
     assert choose_plans(dear, 2, 100) == [0, 1]  # unless a bucket is served for 100 steps
     assert choose_plans(cheap, 1, 1) == [0, 0]  # one plan at most: the best static one
+    assert choose_plans(cheap, 2, 1, allowed=[0]) == [0, 0]  # plan 1 not allowed (e.g. it holds elsewhere)
+    faster = _priced([[1.0, 2.0], [INF, 1.0], [0.9, 1.9]], probs, [[0.0] * 3] * 3)
+    assert choose_plans(faster, 1, 1, allowed=[0, 1]) == [0, 0]  # the best static among the allowed
 
 
 def test_choose_plans_is_never_worse_than_the_best_static_plan():
