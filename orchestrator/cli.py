@@ -1,7 +1,8 @@
 """The ``loom`` command line (typer): parse, call one library function, print.
 
 Commands: ``loom validate`` (load and check a job spec), ``loom schema`` (the job spec's JSON
-schema), ``loom plan`` (plan a job; table or JSON on stdout, optional plan file and Gantt charts),
+schema), ``loom plan`` (plan a job; table or JSON on stdout, optional plan file and Gantt charts; with
+``--shapes`` a plan cache for varying batch shapes, planner.plan_cache),
 ``loom run`` (train a job on Ray workers; a summary on stdout, exit code 1 when a worker fails),
 ``loom gantt`` (a finished run's predicted against measured timeline as a Gantt chart).
 
