@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 INF = float("inf")
 REL_TOL = 1e-9  # an improvement must exceed this fraction of the objective (ties keep the earlier choice)
 MAX_PASSES = 50  # passes of improve() over the shapes (each pass that moves nothing ends it)
@@ -32,6 +34,14 @@ class Priced:
     probs: list[float]
     seconds: list[list[float]]
     switch: list[list[float]]
+
+
+def draw_buckets(probabilities: Sequence[float], run_length: int, steps: int, seed: int = 0) -> list[int]:
+    """The bucket of each step ``0 .. steps - 1``: a bucket drawn with its probability (seeded, so a resumed run
+    draws the same), served for ``run_length`` steps, then the next draw: the process :func:`expected_time` prices."""
+    p = np.asarray(probabilities, dtype=float)
+    draws = np.random.default_rng(seed).choice(len(p), size=-(-steps // run_length), p=p / p.sum())
+    return [int(draws[k // run_length]) for k in range(steps)]
 
 
 def expected_time(priced: Priced, choice: Sequence[int], run_length: int) -> tuple[float, float]:

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from planner.align import align_plan
 from planner.api import plan_job, predict_plan, spec_hash
 from planner.costmodel import BYTES_FROZEN_PARAM, BYTES_OPTIMIZER_STATE, CostModel
-from planner.cache_choice import INF, Priced, choose_plans, expected_time
+from planner.cache_choice import INF, Priced, choose_plans, draw_buckets, expected_time
 from planner.errors import PlanningError, SpecError
 from planner.plan import Plan, _canonical
 from planner.shapes import Point, ResolvedShapes, cluster_points, dim_name, job_at, mean_point, pick_bucket
@@ -118,6 +118,10 @@ class PlanSet(_SetModel):
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
+
+    def bucket_sequence(self, steps: int, seed: int = 0) -> list[int]:
+        """The bucket of each step as the runtime draws them (planner.cache_choice.draw_buckets)."""
+        return draw_buckets([b.probability for b in self.buckets], self.run_length, steps, seed)
 
     def bucket_of(self, shape: Sequence[int]) -> int | None:
         """The bucket that runs a batch of ``shape`` (a value per dimension; planner.shapes.pick_bucket)."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from planner.align import max_assignment, node_preserving_permutation
-from planner.cache_choice import INF, Priced, choose_plans, expected_time, improve
+from planner.cache_choice import INF, Priced, choose_plans, draw_buckets, expected_time, improve
 from planner.errors import SpecError
 from planner.shapes import cluster_points, job_at, load_shapes, parse_shapes, pick_bucket
 from planner.spec import load_job
@@ -176,3 +176,30 @@ def test_choose_plans_is_never_worse_than_the_best_static_plan():
         assert expected_time(priced, choice, run_length)[0] <= static * (1 + 1e-9)
         assert all(seconds[i][j] < INF for j, i in enumerate(choice))
         assert improve(priced, choice, sorted(set(choice)), run_length) == choice  # a local optimum
+
+
+def test_expected_time_is_the_mean_over_a_drawn_sequence_of_steps():
+    """expected_time against the process the runtime follows (draw_buckets): a bucket drawn per run of run_length
+    steps, each step a shape of it drawn with the members' weights, a switch paid whenever the plan changes."""
+    seconds = [[1.0, 3.0, 2.0], [4.0, 1.0, 2.5]]
+    probs = [0.3, 0.5, 0.2]
+    switch = [[0.0, 2.0], [1.0, 0.0]]
+    priced = _priced(seconds, probs, switch)
+    choice = [0, 1, 0]  # plan 0 runs shapes 0 and 2 (mass 0.5), plan 1 shape 1 (mass 0.5)
+    masses = [0.5, 0.5]
+    members = {0: ([0, 2], [0.6, 0.4]), 1: ([1], [1.0])}
+    rng = np.random.default_rng(3)
+    for run_length in (1, 4):
+        steps = 40_000
+        order = draw_buckets(masses, run_length, steps, seed=5)
+        assert order == draw_buckets(masses, run_length, steps, seed=5)
+        assert all(order[k] == order[k - k % run_length] for k in range(steps))
+        total = 0.0
+        for k, plan in enumerate(order):
+            shapes, weights = members[plan]
+            total += seconds[plan][shapes[rng.choice(len(shapes), p=weights)]]
+            if k and order[k - 1] != plan:
+                total += switch[order[k - 1]][plan]
+        expected, switching = expected_time(priced, choice, run_length)
+        assert switching == pytest.approx(0.25 * 3.0 / run_length)
+        assert total / steps == pytest.approx(expected, rel=0.02)
