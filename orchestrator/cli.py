@@ -1,7 +1,8 @@
 """The ``loom`` command line (typer): parse, call one library function, print.
 
 Commands: ``loom validate`` (load and check a job spec), ``loom schema`` (the job spec's JSON
-schema), ``loom plan`` (plan a job; table or JSON on stdout, optional plan file and Gantt charts),
+schema), ``loom plan`` (plan a job; table or JSON on stdout, optional plan file and Gantt charts; with
+``--shapes`` a plan cache for varying batch shapes, planner.plan_cache),
 ``loom run`` (train a job on Ray workers; a summary on stdout, exit code 1 when a worker fails),
 ``loom gantt`` (a finished run's predicted against measured timeline as a Gantt chart).
 
@@ -246,12 +247,23 @@ def plan(
     no_baselines: Annotated[bool, typer.Option(
         "--no-baselines", help="Skip the baseline schedules (faster; the summary then has no speed-ups).",
     )] = False,
+    shapes: Annotated[Path | None, typer.Option(
+        "--shapes", metavar="SHAPES.yaml", exists=True, dir_okay=False,
+        help="How batches vary (docs/shapes.md): plan a cache of plans, one per bucket of shapes, and compare it "
+             "with static plans; --save then writes the plan set.",
+    )] = None,
     verbose: Verbose = False,
 ) -> None:
     """Plan a job: waves of MetaOp slices on devices, predicted time, bounds and baselines.
 
     No side effects except the files named by --save and --gantt.
     """
+    if shapes is not None:
+        if gantt:
+            raise typer.BadParameter("--gantt draws one plan; with --shapes there are several. Save the plan set "
+                                     "(--save) or drop --gantt.")
+        _plan_shapes(job_path, shapes, cluster, costs, output, save, no_baselines, verbose)
+        return
     from planner.api import make_cost_model, plan_job  # local: the solver stack loads only when planning
     from orchestrator.recipes import load_job
     from orchestrator.gantt import write_gantt
@@ -271,6 +283,34 @@ def plan(
         typer.echo(result.to_json(), nl=False)
     else:
         print_plan(result, plan_console(), outcome.planning_time_s)
+
+
+def _plan_shapes(job_path: Path, shapes_path: Path, cluster: Path | None, costs: Path | None,
+                 output: OutputFormat, save: Path | None, no_baselines: bool, verbose: bool) -> None:
+    """``loom plan --shapes``: the plan cache (planner.plan_cache), printed as a table of buckets or as JSON."""
+    import time
+
+    from planner.api import make_cost_model
+    from planner.plan_cache import plan_cache
+    from planner.shapes import load_shapes
+    from orchestrator.recipes import load_job
+    from orchestrator.render import plan_console
+    from orchestrator.render_shapes import print_plan_set
+
+    configure_logging(verbose)
+    job = load_job(job_path, cluster)
+    resolved = load_shapes(shapes_path, job)
+    cost_model = make_cost_model(job, costs)
+    start = time.perf_counter()
+    with ExitStack() as stack:
+        result = plan_cache(job, resolved, cost_model, with_baselines=not no_baselines,
+                            progress=_progress_reporter(stack), source=str(shapes_path))
+    if save is not None:
+        _write_output(save, result.save, "plan set")
+    if output is OutputFormat.json:
+        typer.echo(result.to_json(), nl=False)
+    else:
+        print_plan_set(result, plan_console(), time.perf_counter() - start)
 
 
 @app.command()

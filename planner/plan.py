@@ -240,6 +240,9 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
         data = json.loads(text)
     except ValueError:
         raise SpecError(f"{source}: not JSON. Pass a file written by `loom plan --output json`.") from None
+    if isinstance(data, dict) and "buckets" in data and "plans" in data:  # planner.plan_cache.PlanSet
+        raise SpecError(f"{source}: a plan set (from `loom plan --shapes`), not a plan; a run takes one plan. "
+                        "Save one with `loom plan` without --shapes.")
     if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
         found = data.get("version") if isinstance(data, dict) else None
         raise SpecError(f"{source}: plan version {found!r} is not supported; expected {PLAN_VERSION}. Re-run `loom plan`.")
