@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from planner.api import build_plan
-from planner.costmodel import BYTES_FROZEN_PARAM, BYTES_OPTIMIZER_STATE, CostModel, Layout
+from planner.costmodel import CostModel, Layout
 from planner.metagraph import build_metagraph
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
 from planner.plan import Plan
@@ -31,7 +31,7 @@ MAX_ALIGN_DEVICES = 1024  # the kept-bytes matrix is devices x devices; past thi
 ALIGNED = ", devices aligned"  # method suffix of a renumbered plan
 
 
-def kept_bytes(new: Plan, old: Plan, weight_bytes: int) -> np.ndarray:
+def kept_bytes(new: Plan, old: Plan, cost_model: CostModel) -> np.ndarray:
     """``K[a, b]``: parameter bytes device ``a`` of ``new`` would not have to receive if it were device ``b`` of
     ``old`` (summed over the module shards both hold: weights, and for trainable shards the optimizer state)."""
     n = new.cluster.num_nodes * new.cluster.devices_per_node
@@ -41,8 +41,8 @@ def kept_bytes(new: Plan, old: Plan, weight_bytes: int) -> np.ndarray:
         before = held.get((h.name, h.layer, h.shard))
         if not before or h.params <= 0:
             continue
-        per_device = h.params * ((weight_bytes + BYTES_OPTIMIZER_STATE / len(h.devices)) if h.trainable
-                                 else BYTES_FROZEN_PARAM)
+        weight, state = cost_model.moved_bytes_per_param(h.trainable)
+        per_device = h.params * (weight + state / len(h.devices))
         kept[np.ix_(h.devices, before)] += per_device
     return kept
 
@@ -110,11 +110,13 @@ def node_preserving_permutation(kept: np.ndarray, devices_per_node: int) -> list
 
 def align_plan(job: JobSpec, plan: Plan, anchor: Plan, cost_model: CostModel) -> Plan | None:
     """``plan`` (made for ``job``) with its devices renumbered to keep as much of ``anchor``'s parameter placement as
-    a node-preserving permutation allows, simulated again; None when nothing changes or the cluster is too large."""
+    a node-preserving permutation allows, simulated again (a slice's devices stay ascending, so its data-parallel
+    ranks may change order, which moves rows a device held: the time can differ slightly); None when nothing changes
+    or the cluster is too large."""
     n = cost_model.hw.num_devices
     if n > MAX_ALIGN_DEVICES:
         return None
-    perm = node_preserving_permutation(kept_bytes(plan, anchor, cost_model.weight_bytes), cost_model.hw.devices_per_node)
+    perm = node_preserving_permutation(kept_bytes(plan, anchor, cost_model), cost_model.hw.devices_per_node)
     if perm == list(range(n)):
         return None
     placed = PlacedSchedule(tuple(PlacedWave(tuple(

@@ -147,6 +147,12 @@ class CostModel:
             return weight + BYTES_GRAD + (BYTES_MASTER_SHARE + state) / layout.dp_degree
         return weight + BYTES_GRAD + state
 
+    def moved_bytes_per_param(self, trainable: bool) -> tuple[float, float]:
+        """Bytes per parameter element that moving a parameter to new holders carries: the fp32 weight, and (trainable)
+        the optimizer state, which ZeRO-1 splits over the holders. The gradient, the low-precision copy and a ZeRO-1
+        master share are rebuilt where they land."""
+        return float(BYTES_WEIGHT), float(OPTIMIZER_STATE_BYTES[self.optimizer] if trainable else 0)
+
     def param_bytes(self, op: MetaOp, layout: Layout) -> float:
         """Bytes of parameter state (weights, and for trainable layers gradients and optimizer state) per device per
         layer."""

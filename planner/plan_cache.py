@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from planner.align import align_plan
 from planner.api import plan_job, predict_plan, spec_hash
-from planner.costmodel import BYTES_FROZEN_PARAM, BYTES_OPTIMIZER_STATE, CostModel
+from planner.costmodel import CostModel
 from planner.cache_choice import INF, Priced, choose_plans, draw_buckets, expected_time
 from planner.errors import PlanningError, SpecError
 from planner.plan import Plan, _canonical
@@ -254,8 +254,8 @@ def switch_seconds(old: Plan, new: Plan, cost_model: CostModel, shard_optimizer:
         before = held.get((h.name, h.layer, h.shard), set())
         if set(h.devices) == before or h.params <= 0:
             continue
-        weights = h.params * (cost_model.weight_bytes if h.trainable else BYTES_FROZEN_PARAM)
-        state = h.params * BYTES_OPTIMIZER_STATE / (len(h.devices) if shard_optimizer else 1) if h.trainable else 0.0
+        weight, state = cost_model.moved_bytes_per_param(h.trainable)
+        weights, state = h.params * weight, h.params * state / (len(h.devices) if shard_optimizer else 1)
         nodes = {d // hw.devices_per_node for d in before}
         for d in h.devices:
             into = intra if d // hw.devices_per_node in nodes else inter

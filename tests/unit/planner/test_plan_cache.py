@@ -126,12 +126,15 @@ def test_switching_costs_nothing_between_equal_placements_and_something_otherwis
     assert switch_seconds(a, b, cost_model) > 0.0
 
 
-def test_renumbered_plan_keeps_its_time_and_more_of_the_anchors_parameters(clip_plans) -> None:
+def test_renumbered_plan_keeps_about_its_time_and_more_of_the_anchors_parameters(clip_plans) -> None:
+    """Renumbering inside nodes keeps every slice's size and node, but a slice's devices stay ascending, so its
+    data-parallel ranks may change order and some rows a device held locally now move: the time is simulated again
+    and stays close (0.06% here), not equal."""
     cost_model, jobs, (a, b) = clip_plans
     aligned = align_plan(jobs[1], b, a, cost_model)
     assert aligned is not None
-    assert aligned.predicted.iteration_time_s == pytest.approx(b.predicted.iteration_time_s, rel=1e-6)
-    assert np.trace(kept_bytes(aligned, a, cost_model.weight_bytes)) > np.trace(kept_bytes(b, a, cost_model.weight_bytes))
+    assert aligned.predicted.iteration_time_s == pytest.approx(b.predicted.iteration_time_s, rel=0.01)
+    assert np.trace(kept_bytes(aligned, a, cost_model)) > np.trace(kept_bytes(b, a, cost_model))
     assert switch_seconds(a, aligned, cost_model) < switch_seconds(a, b, cost_model)
     assert sorted(len(s.devices) for w in aligned.waves for s in w.slices) == \
         sorted(len(s.devices) for w in b.waves for s in w.slices)
