@@ -16,7 +16,7 @@ from pathlib import Path
 
 from planner import baselines as baselines_mod
 from planner.bound import dag_bound, per_level_bound
-from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel
+from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel, lm_heads
 from planner.devices import resolve_hardware
 from planner.errors import PlanningError
 from planner.metagraph import MetaGraph, build_metagraph
@@ -57,10 +57,10 @@ def make_cost_model(job: JobSpec, costs: str | Path | None = None) -> CostModel:
     # dtype of the weights (bf16 beside fp32 masters on GPUs; fp32 throughout in the CPU runtime's jobs).
     grad_bytes = weight_bytes = 4 if job.training.precision == "fp32" else 2
     analytic = AnalyticCostModel(hw, shard_optimizer=shard, grad_bytes=grad_bytes, weight_bytes=weight_bytes)
-    if costs is None:
-        return analytic
-    return ProfiledCostModel.load(costs, hw, fallback=analytic, shard_optimizer=shard, grad_bytes=grad_bytes,
-                                  weight_bytes=weight_bytes)
+    model = analytic if costs is None else ProfiledCostModel.load(
+        costs, hw, fallback=analytic, shard_optimizer=shard, grad_bytes=grad_bytes, weight_bytes=weight_bytes)
+    model.heads, model.kernels = lm_heads(job), job.training.kernels  # the LM heads' logits (memory model)
+    return model
 
 
 def spec_hash(job: JobSpec) -> str:

@@ -181,8 +181,26 @@ class MemoryLedger:
         self.slices.append(s)
 
     def peak(self) -> np.ndarray:
-        """Peak bytes per device: parameter state plus every saved activation (end of forward)."""
-        return self.param_bytes + self.act_bytes
+        """Peak bytes per device: parameter state plus every saved activation (end of forward), plus the logits of
+        the LM heads the device runs then (:meth:`head_bytes`)."""
+        return self.param_bytes + self.act_bytes + self.head_bytes()
+
+    def head_bytes(self) -> np.ndarray:
+        """Per device, :meth:`CostModel.head_memory` of each task with an LM head, on the first tensor-parallel
+        device of each data-parallel rank of its leaf's last slice (the loss host: planner.program.loss_hosts)."""
+        out = np.zeros(len(self.param_bytes))
+        if not self.cost_model.heads:
+            return out
+        ops = self.problem.graph.metaops
+        read = {d for op in ops for d in op.deps}
+        host: dict[str, PlacedSlice] = {}
+        for s in self.slices:  # added wave by wave: the last leaf slice of a task is its host
+            if s.metaop not in read and ops[s.metaop].task in self.cost_model.heads:
+                host[ops[s.metaop].task] = s
+        for task, s in host.items():
+            local_batch = ops[s.metaop].batch_size // s.layout.dp_degree
+            out[list(s.devices[::s.layout.tp_degree])] += self.cost_model.head_memory(task, local_batch)
+        return out
 
 
 def build_ledger(problem: Problem, slices: Iterable[PlacedSlice], cost_model: CostModel) -> MemoryLedger:
