@@ -24,10 +24,10 @@ def rms_norm_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch
     (an output may not alias an input); ``rstd`` float32 ``(N,)``."""
     if backend == "triton":
         y, summed, rstd = triton_module().rms_norm_forward(x, residual, weight, eps)
-    else:
+    else:  # in place where it can: one float32 row-block temporary besides the outputs
         s = x.float() if residual is None else x.float() + residual.float()
-        rstd = torch.rsqrt(s.pow(2).mean(-1) + eps)
-        y = (s * rstd[:, None] * weight.float()).to(x.dtype)
+        rstd = torch.rsqrt(torch.einsum("nh,nh->n", s, s) / s.shape[-1] + eps)
+        y = (s * rstd[:, None]).mul_(weight.float()).to(x.dtype)
         summed = s.to(x.dtype)
     return y, summed if residual is not None else x.new_empty(0), rstd
 
@@ -44,12 +44,15 @@ def rms_norm_backward(grad_y: torch.Tensor, grad_sum: Optional[torch.Tensor], su
     """(d s, d weight); ``d s`` (the gradient of x and of the residual) includes ``grad_sum``, what reached ``s``."""
     if backend == "triton":
         return triton_module().rms_norm_backward(grad_y.contiguous(), grad_sum, summed, weight, rstd)
+    dy = grad_y.float()
     xhat = summed.float() * rstd[:, None]
-    wdy = weight.float() * grad_y.float()
-    dx = rstd[:, None] * (wdy - xhat * (xhat * wdy).mean(-1, keepdim=True))
+    grad_weight = torch.einsum("nh,nh->h", dy, xhat).to(weight.dtype)
+    wdy = dy * weight.float()
+    mean = torch.einsum("nh,nh->n", xhat, wdy) / summed.shape[-1]
+    dx = wdy.sub_(xhat.mul_(mean[:, None])).mul_(rstd[:, None])  # rstd * (w dy - xhat * mean(xhat * w dy))
     if grad_sum is not None:
-        dx = dx + grad_sum.float()
-    return dx.to(summed.dtype), (grad_y.float() * xhat).sum(0).to(weight.dtype)
+        dx.add_(grad_sum)
+    return dx.to(summed.dtype), grad_weight
 
 
 @rms_norm_backward.register_fake
@@ -108,7 +111,11 @@ def swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, ba
         return triton_module().swiglu_backward(grad.contiguous(), gate, up)
     g, u, d = gate.float(), up.float(), grad.float()
     sig = torch.sigmoid(g)
-    return (d * u * sig * (1 + g * (1 - sig))).to(gate.dtype), (d * g * sig).to(up.dtype)
+    silu = g * sig
+    # d silu / d g = sig + silu (1 - sig) = sig + silu - silu sig; in place: one temporary besides the outputs
+    grad_gate = (silu * sig).neg_().add_(sig).add_(silu).mul_(u).mul_(d)
+    del sig
+    return grad_gate.to(gate.dtype), silu.mul_(d).to(up.dtype)
 
 
 @swiglu_backward.register_fake
