@@ -232,10 +232,13 @@ def check_memory(ledger: MemoryLedger, memory_bytes: float, devices_per_node: in
     ranked = sorted(usage, key=lambda m: (-usage[m], m))
     names = ", ".join(ops[m].name for m in ranked[:3]) + (f" and {len(ranked) - 3} more" if len(ranked) > 3 else "")
     top = ops[ranked[0]]
+    head = ledger.head_bytes()[worst]
+    logits = (f" + {head / GIB:.2f} GiB LM-head logits (training.kernels: {ledger.cost_model.kernels})"
+              if head else "")
     raise PlanningError(
         f"device {worst} (node {worst // devices_per_node}) needs {peak[worst] / GIB:.2f} GiB "
         f"({ledger.param_bytes[worst] / GIB:.2f} GiB parameter state + {ledger.act_bytes[worst] / GIB:.2f} GiB saved "
-        f"activations) for MetaOps {names}, but a device has {memory_bytes / GIB:.2f} GiB "
+        f"activations{logits}) for MetaOps {names}, but a device has {memory_bytes / GIB:.2f} GiB "
         f"({num_over} device{'s' if num_over > 1 else ''} over). Use more devices, allow a larger tensor_parallel "
         f"degree for component '{top.component}', or lower the batch size of task '{top.task}'."
     )
