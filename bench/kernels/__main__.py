@@ -22,6 +22,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from bench.common import REPO_ROOT, environment, write_results
 
 log = logging.getLogger("bench.kernels")
@@ -55,13 +57,18 @@ def working(stats: dict) -> float:
     return stats["peak_bytes"] - stats["output_bytes"]
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b; NaN when ``b`` is not positive (a case too small to raise the resident set)."""
+    return a / b if b > 0 else float("nan")
+
+
 def size_text(size: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in size.items())
 
 
 def target_verdict(record: dict) -> list[str]:
-    peak = record["fused"]["peak_bytes"] / record["naive"]["peak_bytes"]
-    work = working(record["fused"]) / working(record["naive"])
+    peak = ratio(record["fused"]["peak_bytes"], record["naive"]["peak_bytes"])
+    work = ratio(working(record["fused"]), working(record["naive"]))
     grads_ok = record["grad_rel_err"] <= TARGET_GRAD_REL_ERR
     return [
         f"**Target** (linear + cross-entropy, {size_text(record['size'])}, fp32, {record['backend']}): working memory "
@@ -91,7 +98,7 @@ def report(records: list[dict], device: str, load: str) -> str:
         n, f = r["naive"], r["fused"]
         lines.append(
             f"| {r['kernel']} | {size_text(r['size'])} | {n['peak_bytes'] / MIB:.0f} | {f['peak_bytes'] / MIB:.0f} "
-            f"| {f['peak_bytes'] / n['peak_bytes']:.3f} | {working(f) / working(n):.3f} | {n['median_s']:.2f} "
+            f"| {ratio(f['peak_bytes'], n['peak_bytes']):.3f} | {ratio(working(f), working(n)):.3f} | {n['median_s']:.2f} "
             f"| {f['median_s']:.2f} | {r['grad_rel_err']:.1e} | {r['output_rel_err']:.1e} "
             f"| {r['repeats']} (+{r['warmup']} warm-up) |")
     lines += ["", "Peak: bytes above what the process held before the run (CPU: resident-set high-water mark, CUDA: the "
@@ -116,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", help="only these kernels (linear_ce logprobs topk_kl infonce ...)")
     parser.add_argument("--no-write", action="store_true", help="print the report; leave bench/results alone")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device here; --device cuda runs the Triton kernels on a GPU. Use --device cpu.",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cases = [c for c in CASES if not (args.skip_large and c[1] == TARGET["size"] and c[0] == TARGET["kernel"])]
     cases = [c for c in cases if not args.only or c[0] in args.only]
