@@ -68,8 +68,13 @@ def _ce_backward_kernel(z_ptr, stride, index_ptr, weight_ptr, lse_ptr, grad_ptr,
         tl.store(base + cols, d.to(z_ptr.dtype.element_ty), mask=cmask)
 
 
+HIT_ELEMENTS = 2**15  # BLOCK_V x BLOCK_K of the backward's target comparison: many targets read fewer columns a step
+
+
 def _blocks(z: torch.Tensor, index: torch.Tensor) -> tuple[int, int]:
-    return (min(MAX_BLOCK_V, triton.next_power_of_2(z.shape[1])), triton.next_power_of_2(max(index.shape[1], 1)))
+    block_k = triton.next_power_of_2(max(index.shape[1], 1))
+    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(z.shape[1]), max(16, HIT_ELEMENTS // block_k))
+    return block_v, block_k
 
 
 def ce_rows_forward(z: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
