@@ -16,7 +16,7 @@ from pathlib import Path
 
 from planner import baselines as baselines_mod
 from planner.bound import plan_bounds
-from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel
+from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel, lm_heads
 from planner.devices import resolve_hardware
 from planner.errors import PlanningError
 from planner.metagraph import MetaGraph, build_metagraph
@@ -58,10 +58,11 @@ def make_cost_model(job: JobSpec, costs: str | Path | None = None) -> CostModel:
     grad_bytes = weight_bytes = 4 if job.training.precision == "fp32" else 2
     memory = {"precision": job.training.precision, "optimizer": job.training.optimizer}  # what a device holds
     analytic = AnalyticCostModel(hw, shard_optimizer=shard, grad_bytes=grad_bytes, weight_bytes=weight_bytes, **memory)
-    if costs is None:
-        return analytic
-    return ProfiledCostModel.load(costs, hw, fallback=analytic, shard_optimizer=shard, grad_bytes=grad_bytes,
-                                  weight_bytes=weight_bytes, **memory)
+    model = analytic if costs is None else ProfiledCostModel.load(
+        costs, hw, fallback=analytic, shard_optimizer=shard, grad_bytes=grad_bytes, weight_bytes=weight_bytes,
+        **memory)
+    model.heads, model.kernels = lm_heads(job), job.training.kernels  # the LM heads' logits (memory model)
+    return model
 
 
 def spec_hash(job: JobSpec) -> str:

@@ -17,10 +17,13 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from planner.components import use_shape
 from planner.costfile import read_cost_file
 from planner.devices import Hardware
 from planner.errors import PlanningError
 from planner.metagraph import MetaOp
+from planner.spec import JobSpec
+from planner.usegraph import leaf_uses, use_component
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,29 @@ BYTES_GRAD = 4  # their fp32 gradients
 BYTES_COMPUTE_COPY = 2  # bf16/fp16: autocast's cast of each weight, kept from its forward use to its backward
 BYTES_MASTER_SHARE = 4  # ZeRO-1 (dp > 1): the fp32 copy of its share that the inner optimizer steps (runtime.zero)
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 0}  # per element stepped: AdamW's m and v; plain SGD keeps none
+# The float32 logits block the chunked loss kernels hold at once: kernels.rows.CHUNK_BYTES (a test compares them; the
+# planner may not import kernels).
+LOGITS_CHUNK_BYTES = 256 * 2**20
+NEXT_TOKEN_LOSSES = ("lm", "next_token")  # the losses whose head is a Linear(H, vocab) + cross-entropy per position
+
+
+@dataclass(frozen=True)
+class LogitsShape:
+    """What one sample of a next-token task's LM head scores: ``positions`` rows of ``vocab_size`` logits."""
+
+    positions: int
+    vocab_size: int
+
+
+def logits_bytes(num_positions: int, vocab_size: int, kernels: str, act_bytes: int) -> float:
+    """Bytes the LM head's loss holds at its peak for ``num_positions`` positions on one device. With the fused
+    kernels (training.kernels ``auto``/``reference``) one float32 block of the rows that fit LOGITS_CHUNK_BYTES (at
+    least one row), as kernels.rows.chunk_rows_for picks; with ``off`` the logits in the compute dtype
+    (``act_bytes``), their float32 log-softmax kept for backward and their float32 gradient."""
+    if kernels == "off":
+        return float(num_positions * vocab_size * (act_bytes + 8))
+    rows = max(1, min(num_positions, LOGITS_CHUNK_BYTES // (4 * vocab_size)))
+    return float(rows * vocab_size * 4)
 
 
 @dataclass(frozen=True)
@@ -122,6 +148,10 @@ class CostModel:
         # with (2 for bf16 weights beside fp32 masters; 4 where the parameters themselves are fp32, as in the runtime).
         self.weight_bytes = weight_bytes
         self._curves: dict[tuple, Curve] = {}
+        # The LM heads the memory model prices (:meth:`head_memory`): per next-token task, set by the caller
+        # (planner.api.make_cost_model: :func:`lm_heads`), and the job's training.kernels.
+        self.heads: dict[str, LogitsShape] = {}
+        self.kernels = "auto"
 
     # ---- what subclasses provide
     def layout_time(self, op: MetaOp, layout: Layout) -> float:
@@ -270,6 +300,14 @@ class CostModel:
     def head_time(self, task: str, local_batch: int) -> float:
         """Seconds one loss device of ``task`` spends per step on its loss head, forward and backward."""
         return 0.0
+
+    def head_memory(self, task: str, local_batch: int) -> float:
+        """Bytes one loss device of ``task`` holds for its loss head's logits at the loss stage (:func:`logits_bytes`
+        at the job's precision and kernels); 0 for tasks without an LM head in :attr:`heads`."""
+        shape = self.heads.get(task)
+        if shape is None:
+            return 0.0
+        return logits_bytes(local_batch * shape.positions, shape.vocab_size, self.kernels, self.grad_bytes)
 
 
 class AnalyticCostModel(CostModel):
@@ -425,3 +463,16 @@ def fit_piecewise(points: list[tuple[float, float]], x: float) -> float:
     (x0, t0), (x1, t1) = points[i - 1], points[i]
     beta = (t1 - t0) / (x1 - x0)
     return max(t0 + beta * (x - x0), 1e-9)
+
+
+def lm_heads(job: JobSpec) -> dict[str, LogitsShape]:
+    """The LM heads of ``job``'s next-token tasks whose leaf component declares ``vocab_size`` (without one the
+    runtime's 256-token default head is too small to matter): one logits row per position of the leaf use."""
+    out: dict[str, LogitsShape] = {}
+    for t, task in enumerate(job.tasks):
+        leaves = leaf_uses(job, t) if task.loss in NEXT_TOKEN_LOSSES else []
+        if len(leaves) != 1 or not (comp := use_component(job, t, leaves[0])[1]).vocab_size:
+            continue
+        u = next(i for i, use in enumerate(task.components) if use.use_name == leaves[0])
+        out[task.name] = LogitsShape(use_shape(job, t, u).seq_len, comp.vocab_size)
+    return out

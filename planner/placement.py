@@ -192,8 +192,26 @@ class MemoryLedger:
         self.slices.append(s)
 
     def peak(self) -> np.ndarray:
-        """Peak bytes per device: parameter state plus every saved activation (end of forward)."""
-        return self.param_bytes + self.act_bytes
+        """Peak bytes per device: parameter state plus every saved activation (end of forward), plus the logits of
+        the LM heads the device runs then (:meth:`head_bytes`)."""
+        return self.param_bytes + self.act_bytes + self.head_bytes()
+
+    def head_bytes(self) -> np.ndarray:
+        """Per device, :meth:`CostModel.head_memory` of each task with an LM head, on the first tensor-parallel
+        device of each data-parallel rank of its leaf's last slice (the loss host: planner.program.loss_hosts)."""
+        out = np.zeros(len(self.param_bytes))
+        if not self.cost_model.heads:
+            return out
+        ops = self.problem.graph.metaops
+        read = {d for op in ops for d in op.deps}
+        host: dict[str, PlacedSlice] = {}
+        for s in self.slices:  # added wave by wave: the last leaf slice of a task is its host
+            if s.metaop not in read and ops[s.metaop].task in self.cost_model.heads:
+                host[ops[s.metaop].task] = s
+        for task, s in host.items():
+            local_batch = ops[s.metaop].batch_size // s.layout.dp_degree
+            out[list(s.devices[::s.layout.tp_degree])] += self.cost_model.head_memory(task, local_batch)
+        return out
 
 
 def build_ledger(problem: Problem, slices: Iterable[PlacedSlice], cost_model: CostModel) -> MemoryLedger:
@@ -225,10 +243,13 @@ def check_memory(ledger: MemoryLedger, memory_bytes: float, devices_per_node: in
     ranked = sorted(usage, key=lambda m: (-usage[m], m))
     names = ", ".join(ops[m].name for m in ranked[:3]) + (f" and {len(ranked) - 3} more" if len(ranked) > 3 else "")
     top = ops[ranked[0]]
+    head = ledger.head_bytes()[worst]
+    logits = (f" + {head / GIB:.2f} GiB LM-head logits (training.kernels: {ledger.cost_model.kernels})"
+              if head else "")
     raise PlanningError(
         f"device {worst} (node {worst // devices_per_node}) needs {peak[worst] / GIB:.2f} GiB "
         f"({ledger.param_bytes[worst] / GIB:.2f} GiB parameter state + {ledger.act_bytes[worst] / GIB:.2f} GiB saved "
-        f"activations) for MetaOps {names}, but a device has {memory_bytes / GIB:.2f} GiB "
+        f"activations{logits}) for MetaOps {names}, but a device has {memory_bytes / GIB:.2f} GiB "
         f"({num_over} device{'s' if num_over > 1 else ''} over). Use more devices, allow a larger tensor_parallel "
         f"degree for component '{top.component}', or lower the batch size of task '{top.task}'."
     )

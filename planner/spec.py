@@ -191,6 +191,11 @@ class TrainingSpec(StrictModel):
         None, gt=0, description="`loom run`'s step watchdog: a step that takes longer than this (seconds) counts as a "
         "hung worker (restart, naming the rank and wave it stopped in); none: no watchdog."
     )
+    kernels: Literal["auto", "reference", "off"] = Field(
+        "auto", description="Fused kernels (kernels/, docs/kernels.md) for the LM head's cross-entropy, InfoNCE, "
+        "RMSNorm and SwiGLU: auto = Triton on a GPU, the chunked plain-torch twin on CPU; reference = the twin "
+        "everywhere; off = the naive torch expressions (full logits). The planner prices the LM head's logits by it."
+    )
 
 
 class PlannerSpec(StrictModel):

@@ -2,7 +2,9 @@
 
 Built-in losses (:data:`SUPPORTED_LOSSES`: runtime.checks.BUILTIN_LOSSES) and the losses recipes register (:func:`register_loss`, called when
 the orchestrator loads a job's recipe: orchestrator.recipes; the runtime never imports a recipe). Heads are built like every other
-module (runtime.modules: seeded, deterministic) and own a final LayerNorm over their leaf outputs.
+module (runtime.modules: seeded, deterministic) and own a final LayerNorm over their leaf outputs. The next-token and
+InfoNCE heads compute their losses through kernels/ (chunked: never the whole logits) unless ``training.kernels`` is
+``off`` (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import backend_for, infonce_rows, linear_cross_entropy
 from planner.components import resolve_shape
 from planner.kinds import kind_of
 from planner.spec import ComponentSpec, JobSpec
@@ -116,15 +119,19 @@ class InfoNCEHead(TaskHead):
     against all ``b`` and of ``b_i`` against all ``a``, the target being row i. Each shard scores its own rows, so
     the shards' sum is the full batch's."""
 
-    def __init__(self, task: str, leaves: list[str], widths: dict[str, int]):
+    def __init__(self, task: str, leaves: list[str], widths: dict[str, int], kernels: str = "auto"):
         super().__init__(task, leaves, min(widths.values()), widths)
         self.logit_scale = nn.Parameter(torch.empty(()))
+        self.kernels = kernels
 
     def init_structure(self) -> None:
         self.logit_scale.fill_(math.log(1 / INFONCE_TEMPERATURE))
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
         a, b = (F.normalize(batch.every_row(x), dim=-1) for x in self.pooled(outputs))
+        backend = backend_for(self.kernels, a.device)
+        if backend is not None:  # only this shard's rows of the logits, a chunk at a time (kernels.infonce_rows)
+            return infonce_rows(a, b, self.logit_scale.exp(), batch.first_row, batch.num_samples, backend=backend)
         logits = self.logit_scale.exp() * a @ b.T  # (all rows, all rows)
         mine = torch.arange(batch.first_row, batch.first_row + batch.num_samples, device=logits.device)
         return 0.5 * (F.cross_entropy(logits[mine], mine, reduction="none")
@@ -138,20 +145,32 @@ class NextTokenHead(TaskHead):
     llama use that reads T positions of other inputs, then its own text (runtime.connect: position T - 1 + j
     predicts text id j)."""
 
-    def __init__(self, task: str, leaves: list[str], text: str, offset: int, hidden_size: int, vocab_size: int):
+    def __init__(self, task: str, leaves: list[str], text: str, offset: int, hidden_size: int, vocab_size: int,
+                 kernels: str = "auto"):
         super().__init__(task, leaves, hidden_size)
-        self.text, self.offset = text, offset
+        self.text, self.offset, self.kernels = text, offset, kernels
         self.out = nn.Linear(hidden_size, vocab_size, bias=True)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
         first = max(self.offset - 1, 0)  # the first predicting position
-        logits = self.out(self.normed(outputs[self.leaves[0]][:, first:-1]))  # (B, P, V)
+        hidden = self.normed(outputs[self.leaves[0]][:, first:-1])  # (B, P, H)
         labels = batch.targets.get(labels_key(self.text))  # a data source's (runtime.tokenizer): IGNORE_INDEX unlearned
         targets = (batch.inputs[self.text] if labels is None else labels)[:, first + 1 - self.offset:]
-        per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=IGNORE_INDEX)
+        per_token = next_token_losses(hidden, self.out, targets, self.kernels)
         if labels is None:
             return per_token.mean(dim=1)  # (B,)
         return per_token.sum(dim=1) / (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)  # mean over learned tokens
+
+
+def next_token_losses(hidden: torch.Tensor, out: nn.Module, targets: torch.Tensor, kernels: str) -> torch.Tensor:
+    """Cross-entropy of ``out(hidden)`` ``(..., V)`` against ``targets`` ``(...)`` per position, 0 where a target is
+    IGNORE_INDEX: through the chunked linear + cross-entropy kernel (kernels.linear_cross_entropy: never the
+    logits) unless ``kernels`` (training.kernels) is ``off`` or ``out`` is not a plain linear layer."""
+    backend = backend_for(kernels, hidden.device)
+    if backend is None or not isinstance(out, nn.Linear):
+        logits = out(hidden)
+        return F.cross_entropy(logits.movedim(-1, 1), targets, reduction="none", ignore_index=IGNORE_INDEX)
+    return linear_cross_entropy(hidden, out.weight, out.bias, targets, IGNORE_INDEX, backend=backend)
 
 
 HeadFactory = Callable[[JobSpec, int, list[str]], TaskHead]
@@ -251,12 +270,12 @@ def head_factory(job: JobSpec, task_index: int) -> Callable[[], TaskHead]:
         return denoising
     if loss in ("lm", "next_token"):
         text, offset, width, vocab = _next_token_args(job, task_index)
-        return lambda: NextTokenHead(task.name, leaves, text, offset, width, vocab)
+        return lambda: NextTokenHead(task.name, leaves, text, offset, width, vocab, job.training.kernels)
     widths = {leaf: use_component(job, task_index, leaf)[1].hidden_size for leaf in leaves}
     if loss == "cross_entropy":
         return lambda: ClassifierHead(task.name, leaves, widths)
     if loss == "mse":
         return lambda: RegressionHead(task.name, leaves, widths)
     if loss == "infonce":
-        return lambda: InfoNCEHead(task.name, leaves, widths)
+        return lambda: InfoNCEHead(task.name, leaves, widths, job.training.kernels)
     return lambda: PairedCosineHead(task.name, leaves, leaf_widths=widths)

@@ -41,7 +41,7 @@ def _llama_layer(job: JobSpec, op: MetaOp, index: int) -> Factory:
 
     comp = job.components[op.component]
     kv = comp.num_kv_heads or comp.num_heads
-    return lambda: LlamaBlock(comp.hidden_size, comp.num_heads, kv, kind_of(comp).ffn_size(comp))
+    return lambda: LlamaBlock(comp.hidden_size, comp.num_heads, kv, kind_of(comp).ffn_size(comp), job.training.kernels)
 
 
 def _mlp_layer(job: JobSpec, op: MetaOp, index: int) -> Factory:

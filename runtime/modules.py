@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from kernels import backend_for, rms_norm, swiglu
 from planner.components import UseShape, upstream_width, use_shape
 from planner.errors import SpecError
 from planner.metagraph import MetaOp
@@ -172,12 +173,16 @@ class LlamaBlock(nn.Module):
 
     No rotary embedding: positions come from the component's embedding. ``k_proj``/``v_proj`` are
     ``num_kv_heads * d`` wide; each kv head serves ``num_heads / num_kv_heads`` consecutive q heads.
+    ``kernels`` (training.kernels): unless ``off``, both RMSNorms (the second fused with the residual add before it)
+    and the SwiGLU run as the fused kernels (kernels.rms_norm, kernels.swiglu): the same math within float
+    tolerance, fewer saved activations.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, ffn_hidden_size: int):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, ffn_hidden_size: int,
+                 kernels: str = "off"):
         super().__init__()
         d = hidden_size // num_heads
-        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.num_heads, self.num_kv_heads, self.kernels = num_heads, num_kv_heads, kernels
         self.attn_norm = nn.RMSNorm(hidden_size, eps=1e-6)
         self.q_proj = nn.Linear(hidden_size, num_heads * d, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * d, bias=False)
@@ -194,7 +199,9 @@ class LlamaBlock(nn.Module):
         ``positions`` are read by the component's embedding (learned positions), not here."""
         b, s, h = x.shape
         heads, kv_heads, d = self.num_heads, self.num_kv_heads, h // self.num_heads
-        y = self.attn_norm(x)
+        backend = backend_for(self.kernels, x.device)
+        y = self.attn_norm(x) if backend is None else rms_norm(x, self.attn_norm.weight, self.attn_norm.eps,
+                                                               backend=backend)[0]
 
         def shared_kv(t: torch.Tensor) -> torch.Tensor:  # each kv head serves heads / kv_heads query heads
             return t.reshape(b, s, kv_heads, d).repeat_interleave(heads // kv_heads, dim=2).reshape(b, s, h)
@@ -206,9 +213,12 @@ class LlamaBlock(nn.Module):
             mask = document_mask(segments)
         attn = attend(self.q_proj(y), shared_kv(self.k_proj(y)), shared_kv(self.v_proj(y)), heads, causal=True,
                       mask=mask)
-        x = x + self.o_proj(attn)
-        y = self.mlp_norm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
+        if backend is None:
+            x = x + self.o_proj(attn)
+            y = self.mlp_norm(x)
+            return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
+        y, x = rms_norm(self.o_proj(attn), self.mlp_norm.weight, self.mlp_norm.eps, residual=x, backend=backend)
+        return x + self.down_proj(swiglu(self.gate_proj(y), self.up_proj(y), backend=backend))
 
 
 class MlpBlock(nn.Module):

@@ -1,0 +1,121 @@
+"""Every Triton kernel against its reference twin under ``TRITON_INTERPRET=1`` (CPU tensors): forward and gradients,
+ragged shapes (rows not a multiple of the chunk, vocabularies and widths not a multiple of the block), and blocks
+shrunk so that the kernels' loops run several times.
+
+Triton picks its interpreter when it is first imported, so the checks need a process where ``TRITON_INTERPRET=1``
+was set before anything imported triton (torch.compile's inductor does, elsewhere in the suite):
+:func:`test_triton_kernels_under_the_interpreter` runs this file in a fresh interpreter with it set, where the
+checks below run; in a process without it they are skipped (that test reports their failures). Everything is
+skipped only where triton is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import infonce_rows, linear_cross_entropy, rms_norm, swiglu, topk_kl
+
+ROOT = Path(__file__).resolve().parents[3]
+INSTALLED = importlib.util.find_spec("triton") is not None
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not INSTALLED, reason="triton is not installed (pip install 'loom[test]' pins it)")
+in_interpreter = pytest.mark.skipif(
+    not INTERPRETED, reason="needs TRITON_INTERPRET=1 from the process start: test_triton_kernels_under_the_interpreter "
+    "runs these in such a process")
+if INSTALLED and INTERPRETED:
+    from kernels import triton_kernels
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this process is the interpreter run")
+def test_triton_kernels_under_the_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", __file__],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    # every check ran there; the only skip is this test itself
+    summary = re.search(r"\b(\d+) passed, 1 skipped\b", run.stdout)
+    assert summary and int(summary.group(1)) >= 16, run.stdout[-2000:]
+
+
+def twins(fn, inputs: list[torch.Tensor], *args, **kwargs):
+    """(output, input gradients) of ``fn(*inputs, *args, backend=b)`` for b = triton, reference."""
+    out = {}
+    for backend in ("triton", "reference"):
+        leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in inputs]
+        value = fn(*leaves, *args, backend=backend, **kwargs)
+        value = value if isinstance(value, tuple) else (value,)
+        weight = [torch.linspace(-1, 2, v.numel()).reshape(v.shape) for v in value]
+        total = sum((v * w).sum() for v, w in zip(value, weight))
+        out[backend] = (value, torch.autograd.grad(total, [x for x in leaves if x is not None]))
+    return out["triton"], out["reference"]
+
+
+def assert_twins_equal(fn, inputs, *args, **kwargs) -> None:
+    (tri_out, tri_grads), (ref_out, ref_grads) = twins(fn, inputs, *args, **kwargs)
+    for got, want in zip(tri_out + tri_grads, ref_out + ref_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.fixture(params=[16, None], ids=["block16", "default-block"])
+def block_v(request, monkeypatch):
+    """Rows of logits read 16 columns at a time (several blocks, the last ragged), or the default block."""
+    if request.param is not None:
+        monkeypatch.setattr(triton_kernels, "MAX_BLOCK_V", request.param)
+
+
+@in_interpreter
+@pytest.mark.parametrize("n,h,v,chunk", [(13, 8, 37, 5), (9, 16, 50, 9)])
+def test_linear_cross_entropy(block_v, n, h, v, chunk) -> None:
+    gen = torch.Generator().manual_seed(n)
+    hidden, weight, bias = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen), torch.randn(v)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[1::4] = -100
+    assert_twins_equal(linear_cross_entropy, [hidden, weight, bias], targets, chunk_rows=chunk)
+    assert_twins_equal(linear_cross_entropy, [hidden, weight, None], targets, chunk_rows=chunk)
+
+
+@in_interpreter
+def test_topk_kl(block_v) -> None:
+    gen = torch.Generator().manual_seed(5)
+    hidden, weight, bias = torch.randn(7, 6, generator=gen), torch.randn(45, 6, generator=gen), torch.randn(45)
+    ref_logits = torch.randn(7, 3, generator=gen)
+    ref_index = torch.stack([torch.randperm(45, generator=gen)[:3] for _ in range(7)])
+    assert_twins_equal(topk_kl, [hidden, weight, bias], ref_logits, ref_index, chunk_rows=3)
+
+
+@in_interpreter
+@pytest.mark.parametrize("n,d,first,num,chunk", [(11, 6, 2, 5, 2), (4, 3, 0, 4, 4)])
+def test_infonce_rows(block_v, n, d, first, num, chunk) -> None:
+    gen = torch.Generator().manual_seed(n)
+    a, b = (F.normalize(torch.randn(n, d, generator=gen), dim=-1) for _ in range(2))
+    assert_twins_equal(infonce_rows, [a, b, torch.tensor(3.0)], first, num, chunk_rows=chunk)
+
+
+@in_interpreter
+@pytest.mark.parametrize("rows,width", [(7, 19), (5, 32), (1, 3)])
+@pytest.mark.parametrize("residual", [True, False])
+def test_rms_norm(monkeypatch, rows, width, residual) -> None:
+    monkeypatch.setattr(triton_kernels, "ROW_PROGRAMS", 3)  # several rows per program: the weight gradient's loop
+    gen = torch.Generator().manual_seed(rows)
+    x, r, w = torch.randn(rows, width, generator=gen), torch.randn(rows, width, generator=gen), torch.randn(width)
+
+    def fn(x, w, r=None, *, backend):
+        return rms_norm(x, w, 1e-6, r, backend=backend)
+
+    assert_twins_equal(fn, [x, w, r] if residual else [x, w])
+
+
+@in_interpreter
+@pytest.mark.parametrize("shape", [(2500,), (3, 5, 7)])
+def test_swiglu(shape) -> None:
+    gen = torch.Generator().manual_seed(len(shape))
+    assert_twins_equal(swiglu, [torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)])
