@@ -21,7 +21,7 @@ from planner.devices import resolve_hardware
 from planner.errors import PlanningError
 from planner.metagraph import MetaGraph, build_metagraph
 from planner.placement import STRATEGIES, PlacedSchedule, PlacedSlice, PlacedWave, place_schedule
-from planner.refine import Evaluated, refine_transfers
+from planner.refine import Evaluated, evaluation_cost, refine_transfers
 from planner.plan import (
     Bounds, Plan, PlanCluster, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport, SyncGroup,
 )
@@ -130,6 +130,8 @@ def predict_plan(job: JobSpec, plan: Plan, cost_model: CostModel) -> Simulation:
     return simulate(Problem.build(graph, cost_model), PlacedSchedule(waves), cost_model)
 
 
+PLACE_BUDGET = 100_000  # work units (refine.evaluation_cost) of placing and simulating candidates: all of them up to
+# ~1,000 devices x 100 MetaOps, the best few beyond (the first always, whatever it costs)
 REFINE_TOP = 2  # the best placed candidates (distinct schedules) the transfer-aware search starts from
 REFINE_BUDGET = 4000  # work units of that search (refine.evaluation_cost), shared by its starts
 REFINED = ", transfer-refined"  # method suffix of a plan the search improved
@@ -144,8 +146,9 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
     runs, under every placement strategy (one node: packing only), then the transfer-aware local search
     (:mod:`planner.refine`) from the best few. A candidate that does not fit in memory is skipped; when
     none fits, the error of the shortest one is raised. Also returns why each unfit candidate failed.
-    Past ``deadline`` (``time.thread_time()``, the planner's time limit) no further candidate is placed once one
-    fits (they come shortest compute first) and the local search is skipped."""
+    Placing stops once :data:`PLACE_BUDGET` work units are spent and one fits (candidates come shortest compute
+    first): deterministic. Past ``deadline`` (``time.thread_time()``, the planner's time limit; a safety cap) no
+    further candidate is placed once one fits and the local search is skipped."""
     placed_all, error, unfit = _place_candidates(problem, cost_model, solved, deadline)
     if not placed_all:
         raise error
@@ -177,12 +180,16 @@ def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResu
                       ) -> tuple[list[tuple[str, Candidate, Evaluated]], PlanningError | None, dict[str, str]]:
     """Every candidate x order x strategy that fits, named; the first placement error; why each unfit
     candidate (its own order, packed) failed. Past ``deadline``, no further candidate once one fits."""
-    out, error, unfit = [], None, {}
+    out, error, unfit, spent = [], None, {}, 0
     strategies = STRATEGIES if cost_model.hw.num_nodes > 1 else STRATEGIES[:1]
     for placed_candidates, cand in enumerate(solved.candidates or ()):
         if out and deadline is not None and time.thread_time() >= deadline:  # each in every order and strategy
             log.info("time limit reached: placed %d of %d candidates", placed_candidates, len(solved.candidates))
             break
+        if out and spent >= PLACE_BUDGET:
+            log.info("placement budget spent: placed %d of %d candidates", placed_candidates, len(solved.candidates))
+            break
+        spent += 2 * len(strategies) * evaluation_cost(problem, cand.schedule)
         # the waves of an independent run may go in any order; the order changes what gradient sync overlaps
         for order, schedule in (("", cand.schedule), (" reversed", reverse_runs(problem, cand.schedule))):
             check_schedule(problem, schedule)

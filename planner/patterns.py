@@ -207,17 +207,17 @@ def solve_pattern_lp(problem: Problem, windows: Sequence[tuple[int, int]], num_s
 
 
 def dive(master: PatternMaster, rounds_per_step: int = 8, deadline: float | None = None) -> list[int]:
-    # ``deadline`` (wall clock) is only a backstop; the work budget normally stops column generation first.
     """Residual diving: fix every pattern the LP runs at least once (its whole repetitions), or, when the
     LP runs every pattern less than once, one repetition of its largest; lower the demand by what the
-    fixed patterns cover and re-generate columns for the rest. Returns repetitions per column."""
+    fixed patterns cover and re-generate columns for the rest. Returns repetitions per column.
+    Column generation shares the master's work budget; ``deadline`` (``time.thread_time()``) is only a safety cap."""
     problem = master.problem
     residual = np.array([problem.layers(m) for m in range(len(problem.graph))])
     counts: dict[int, int] = {}
     while residual.any():
         master.set_demand(residual)
-        if deadline is None or time.perf_counter() < deadline:
-            master.generate(rounds_per_step)
+        if deadline is None or time.thread_time() < deadline:
+            master.generate(rounds_per_step, deadline)
         else:
             master.h.run()
         _, y = master.solution()

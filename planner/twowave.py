@@ -12,6 +12,11 @@ breakpoints T_m(n) * l, and D1 is searched over a grid of breakpoints and refine
 This is Spindle's two-point discretisation made exact at layer granularity: each MetaOp still uses
 at most two device counts, but the layer split and both wave lengths are chosen jointly for all
 MetaOps instead of greedily aligned, and the one-wave optimum is a special case (D2 = 0).
+
+The search is sized by work, not time: one feasibility test costs about (options per MetaOp) x
+MetaOps x N cells of the DP, so the grid of D1 values shrinks with the instance to keep the whole
+search within :data:`TWO_WAVE_BUDGET` cells (deterministic; the full 48-point grid up to a few
+hundred devices).
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from planner.schedule import Problem, Slice, Wave
+
+TWO_WAVE_BUDGET = 4e9  # DP cells (MetaOps x options x devices, summed over feasibility tests) per stage
+MIN_GRID = 2
 
 Assignment = list[tuple[int, int, int, int, int]]  # (metaop, count wave 1, layers wave 1, count wave 2, layers wave 2)
 
@@ -107,12 +115,23 @@ def _min_d2(problem: Problem, ops: Sequence[int], d1: float, points: np.ndarray,
     return float(cand[lo])
 
 
-def pack_stage(problem: Problem, ops: Sequence[int], grid: int = 48) -> tuple[float, list[Wave]] | None:
+def search_grid(problem: Problem, ops: Sequence[int], num_points: int, grid: int, budget: float) -> int:
+    """D1 values to try (the refinement tries as many again) so that the search's feasibility tests, each about
+    (options) x MetaOps x N cells and ~log2(points) of them per D1, stay within ``budget`` cells."""
+    options = sum(len(problem.curves[m].counts) + 1 for m in ops)
+    per_d1 = options * (problem.num_devices + 1) * (np.log2(max(num_points, 2)) + 2)
+    return int(max(MIN_GRID, min(grid, budget / (2 * per_d1))))
+
+
+def pack_stage(problem: Problem, ops: Sequence[int], grid: int = 48,
+               budget: float = TWO_WAVE_BUDGET) -> tuple[float, list[Wave]] | None:
     """Best two-wave schedule of the independent MetaOps ``ops`` found by the search, as (makespan, waves);
-    None when no two-wave schedule exists (more MetaOps than two waves of N devices can hold)."""
+    None when no two-wave schedule exists (more MetaOps than two waves of N devices can hold). ``grid``: D1 values
+    tried (and as many again around the best), fewer where ``budget`` (DP cells, see :func:`search_grid`) says."""
     ops = list(ops)
     upper = sum(problem.curves[m].times[0] * problem.layers(m) for m in ops)
     points = _breakpoints(problem, ops, upper)
+    grid = search_grid(problem, ops, len(points), grid, budget)
     best: tuple[float, float, float] | None = None  # (total, d1, d2)
 
     def consider(d1: float) -> None:
