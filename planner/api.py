@@ -91,7 +91,11 @@ def plan_job(
         level_barriers=job.planner.level_barriers, deadline=start_cpu + job.planner.time_limit_s,
     )
     solved = solve(problem, settings, warm=warm, lower_bound=bounds.dag_s, progress=say)
-    result, placed, sim, unfit = choose_candidate(problem, cost_model, solved, deadline=settings.deadline)
+    try:
+        result, placed, sim, unfit = choose_candidate(problem, cost_model, solved, deadline=settings.deadline)
+        planned = problem
+    except PlanningError as exc:  # no candidate fits in device memory
+        planned, (result, placed, sim, unfit) = repair_memory(problem, cost_model, settings, bounds, exc, say)
     say(f"chose {result.method}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
     # the baselines always run, past the limit too: they take 0.1-0.2 s of CPU up to 16,384 devices, Loom's plan is
     # checked against them, and skipping them by the clock made the same job's plan differ between runs
@@ -101,7 +105,40 @@ def plan_job(
     plan = build_plan(job, graph, cost_model, placed, sim, result, bounds, baseline_times, notes)
     elapsed = time.perf_counter() - start
     say(f"planned in {elapsed:.2f} s: predicted iteration {sim.iteration_time_s:.4g} s")
-    return PlanOutcome(plan, problem, placed, sim, elapsed, result)
+    return PlanOutcome(plan, planned, placed, sim, elapsed, result)
+
+
+MEMORY_SHARES = (0.5, 0.25)  # feasibility repair: the device memory one MetaOp's layers may take, tighter each try
+
+
+def memory_tightened(problem: Problem, cost_model: CostModel, share: float) -> Problem | None:
+    """``problem`` with each MetaOp's counts and layouts limited to those where all its layers take at most ``share``
+    of a device's memory (a MetaOp with no such count keeps its curve); None when no curve changes. The cost model
+    picks each count's fastest layout within its memory limit, so a tighter limit trades speed for memory (a larger
+    tensor-parallel degree, a wider optimizer shard), leaving room for the other slices a device runs."""
+    curves = []
+    for op, curve in zip(problem.graph.metaops, problem.curves):
+        tight = cost_model._build_curve_within(op, share * cost_model.hw.memory_bytes / op.num_layers)
+        curves.append(curve if tight is None else tight)
+    return None if tuple(curves) == problem.curves else replace(problem, curves=tuple(curves))
+
+
+def repair_memory(problem: Problem, cost_model: CostModel, settings: SolverSettings, bounds: Bounds,
+                  error: PlanningError, say: Progress) -> tuple[Problem, tuple]:
+    """Memory as a constraint of the allocation: when no candidate fits, solve again on :func:`memory_tightened`
+    problems (each share of :data:`MEMORY_SHARES` in turn) until one fits; its problem and choose_candidate's result.
+    Raises the first placement error when none fits."""
+    for share in MEMORY_SHARES:
+        tight = memory_tightened(problem, cost_model, share)
+        if tight is None:
+            continue
+        say(f"no candidate fits in device memory; solving again with each MetaOp within {share:g} of a device")
+        solved = solve(tight, settings, warm=spindle_schedule(tight), lower_bound=bounds.dag_s, progress=say)
+        try:
+            return tight, choose_candidate(tight, cost_model, solved, deadline=settings.deadline)
+        except PlanningError:
+            continue
+    raise error
 
 
 def plan_schedule(job: JobSpec, schedule: Schedule, cost_model: CostModel | None = None, method: str = "given") -> Plan:
