@@ -163,17 +163,24 @@ class MemoryLedger:
         tp = s.layout.tp_degree
         mask = ((1 << s.num_layers) - 1) << s.first_layer
         holders = self.held.setdefault(op.param_group, {})
-        fresh = s.num_layers / tp
-        layers = np.empty(len(idx))
-        for i, d in enumerate(s.devices):
+        # The devices of a slice mostly hold the same layers of the group (often none): each distinct holding is
+        # updated once and the new one, never mutated afterwards, is shared by the devices that had it.
+        added: dict[tuple | None, tuple[dict[int, int], float]] = {}  # holding before -> (after, layers added)
+        grown = []
+        for d in s.devices:
             by_tp = holders.get(d)
-            if by_tp is None:  # common case: nothing of this group on the device yet
-                holders[d] = {tp: mask}
-                layers[i] = fresh
-            else:
-                before = layer_equivalents(by_tp)
-                by_tp[tp] = by_tp.get(tp, 0) | mask
-                layers[i] = layer_equivalents(by_tp) - before
+            key = None if by_tp is None else tuple(by_tp.items())
+            hit = added.get(key)
+            if hit is None:
+                if by_tp is None:
+                    hit = ({tp: mask}, s.num_layers / tp)
+                else:
+                    after = {**by_tp, tp: by_tp.get(tp, 0) | mask}
+                    hit = (after, layer_equivalents(after) - layer_equivalents(by_tp))
+                added[key] = hit
+            holders[d] = hit[0]
+            grown.append(hit[1])
+        layers = np.array(grown)
         params = layers * facts.params_per_layer
         self.param_bytes[idx] += params * self.cost_model.bytes_per_param(op, s.layout)
         if facts.trainable:
