@@ -343,13 +343,19 @@ class _Placer:
         holders = self.ledger.held.get(op.param_group)
         if holders:
             mask = ((1 << s.num_layers) - 1) << self.layers_done[s.metaop]
+            overlaps: dict[int, int] = {}  # per holding (devices share them, see MemoryLedger.add): layers in common
+            sharing: dict[int, list[int]] = {}  # layers in common -> devices
             for d, by_tp in holders.items():
-                any_mask = 0
-                for bits in by_tp.values():
-                    any_mask |= bits
-                overlap = (any_mask & mask).bit_count()
+                overlap = overlaps.get(id(by_tp))
+                if overlap is None:
+                    any_mask = 0
+                    for bits in by_tp.values():
+                        any_mask |= bits
+                    overlap = overlaps[id(by_tp)] = (any_mask & mask).bit_count()
                 if overlap:
-                    score[d] += SHARE_WEIGHT * overlap / s.num_layers
+                    sharing.setdefault(overlap, []).append(d)
+            for overlap, devices in sharing.items():
+                score[devices] += SHARE_WEIGHT * overlap / s.num_layers
         score[~free] = -np.inf
         return score
 
