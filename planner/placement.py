@@ -157,7 +157,7 @@ class MemoryLedger:
 
     def add(self, s: PlacedSlice) -> None:
         op = self.problem.graph.metaops[s.metaop]
-        idx = np.fromiter(s.devices, dtype=np.int64, count=len(s.devices))
+        idx = np.array(s.devices, dtype=np.int64)
         self.act_bytes[idx] += self.cost_model.activation_bytes(op, s.layout) * s.num_layers
         facts = self.groups[op.param_group]
         tp = s.layout.tp_degree
@@ -165,22 +165,17 @@ class MemoryLedger:
         holders = self.held.setdefault(op.param_group, {})
         # The devices of a slice mostly hold the same layers of the group (often none): each distinct holding is
         # updated once and the new one, never mutated afterwards, is shared by the devices that had it.
-        added: dict[tuple | None, tuple[dict[int, int], float]] = {}  # holding before -> (after, layers added)
-        grown = []
-        for d in s.devices:
-            by_tp = holders.get(d)
-            key = None if by_tp is None else tuple(by_tp.items())
-            hit = added.get(key)
-            if hit is None:
-                if by_tp is None:
-                    hit = ({tp: mask}, s.num_layers / tp)
-                else:
-                    after = {**by_tp, tp: by_tp.get(tp, 0) | mask}
-                    hit = (after, layer_equivalents(after) - layer_equivalents(by_tp))
-                added[key] = hit
-            holders[d] = hit[0]
-            grown.append(hit[1])
-        layers = np.array(grown)
+        before = list(map(holders.get, s.devices))  # None: nothing of this group on the device yet
+        added: dict[int, tuple[dict[int, int], float]] = {}  # id of a holding before -> (after, layers added)
+        for by_tp in {id(h): h for h in before}.values():
+            if by_tp is None:
+                added[id(by_tp)] = ({tp: mask}, s.num_layers / tp)
+            else:
+                after = {**by_tp, tp: by_tp.get(tp, 0) | mask}
+                added[id(by_tp)] = (after, layer_equivalents(after) - layer_equivalents(by_tp))
+        hits = [added[id(h)] for h in before]
+        holders.update(zip(s.devices, [hit[0] for hit in hits]))
+        layers = np.array([hit[1] for hit in hits])
         params = layers * facts.params_per_layer
         self.param_bytes[idx] += params * self.cost_model.bytes_per_param(op, s.layout)
         if facts.trainable:
