@@ -86,9 +86,10 @@ def plan_job(
     bounds = Bounds(per_level_s=per_level_bound(problem), dag_s=dag_bound(problem))
     say(f"bounds: per-level {bounds.per_level_s:.4g} s, DAG {bounds.dag_s:.4g} s")
     warm = spindle_schedule(problem)
+    limit = job.planner.time_limit_s
     settings = SolverSettings(
-        solver=job.planner.solver, time_limit_s=job.planner.time_limit_s, mip_gap=job.planner.mip_gap,
-        level_barriers=job.planner.level_barriers, deadline=start_cpu + job.planner.time_limit_s,
+        solver=job.planner.solver, time_limit_s=limit, mip_gap=job.planner.mip_gap,
+        level_barriers=job.planner.level_barriers, deadline=start_cpu + limit - finishing_reserve(problem, limit),
     )
     solved = solve(problem, settings, warm=warm, lower_bound=bounds.dag_s, progress=say)
     try:
@@ -139,6 +140,15 @@ def repair_memory(problem: Problem, cost_model: CostModel, settings: SolverSetti
         except PlanningError:
             continue
     raise error
+
+
+FINISH_CPU_S_PER_CELL = 1.5e-6  # CPU seconds per MetaOp x device of what follows the search (baselines, one placement)
+
+
+def finishing_reserve(problem: Problem, limit_s: float) -> float:
+    """CPU seconds of the time limit kept for the work after the search (placing the chosen candidate, the baselines,
+    packing the plan), which grows with MetaOps x devices: ~1.5 s at 100 x 10,240; at most half the limit."""
+    return min(0.5 * limit_s, FINISH_CPU_S_PER_CELL * len(problem.graph) * problem.num_devices)
 
 
 def plan_schedule(job: JobSpec, schedule: Schedule, cost_model: CostModel | None = None, method: str = "given") -> Plan:
@@ -241,6 +251,8 @@ def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResu
                 suffix = order + ("" if strategy == strategies[0] else f", {strategy}ed placement")
                 sim = simulate(problem, placed, cost_model)
                 out.append((cand.name + suffix, cand, Evaluated(schedule, strategy, placed, sim)))
+                if deadline is not None and time.thread_time() >= deadline:
+                    return out, error, unfit  # past the time limit: the first placement that fits is enough
     return out, error, unfit
 
 

@@ -166,16 +166,25 @@ class MemoryLedger:
         # The devices of a slice mostly hold the same layers of the group (often none): each distinct holding is
         # updated once and the new one, never mutated afterwards, is shared by the devices that had it.
         before = list(map(holders.get, s.devices))  # None: nothing of this group on the device yet
+        if before.count(before[0]) == len(before):  # common: the same holding (often none) on every device
+            distinct = [before[0]]
+        else:
+            distinct = list({id(h): h for h in before}.values())
         added: dict[int, tuple[dict[int, int], float]] = {}  # id of a holding before -> (after, layers added)
-        for by_tp in {id(h): h for h in before}.values():
+        for by_tp in distinct:
             if by_tp is None:
                 added[id(by_tp)] = ({tp: mask}, s.num_layers / tp)
             else:
                 after = {**by_tp, tp: by_tp.get(tp, 0) | mask}
                 added[id(by_tp)] = (after, layer_equivalents(after) - layer_equivalents(by_tp))
-        hits = [added[id(h)] for h in before]
-        holders.update(zip(s.devices, [hit[0] for hit in hits]))
-        layers = np.array([hit[1] for hit in hits])
+        if len(distinct) == 1:
+            after, grown = added[id(distinct[0])]
+            holders.update(dict.fromkeys(s.devices, after))
+            layers = np.full(len(before), grown)
+        else:
+            hits = [added[id(h)] for h in before]
+            holders.update(zip(s.devices, [hit[0] for hit in hits]))
+            layers = np.array([hit[1] for hit in hits])
         params = layers * facts.params_per_layer
         self.param_bytes[idx] += params * self.cost_model.bytes_per_param(op, s.layout)
         if facts.trainable:
