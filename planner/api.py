@@ -251,8 +251,6 @@ def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResu
                 suffix = order + ("" if strategy == strategies[0] else f", {strategy}ed placement")
                 sim = simulate(problem, placed, cost_model)
                 out.append((cand.name + suffix, cand, Evaluated(schedule, strategy, placed, sim)))
-                if deadline is not None and time.thread_time() >= deadline:
-                    return out, error, unfit  # past the time limit: the first placement that fits is enough
     return out, error, unfit
 
 

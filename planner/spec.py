@@ -197,7 +197,11 @@ class PlannerSpec(StrictModel):
     """Planner settings."""
 
     solver: Literal["highs", "cbc"] = Field("highs", description="MILP solver behind PuLP.")
-    time_limit_s: float = Field(10.0, gt=0, description="Wall-clock limit of each MILP solve.")
+    time_limit_s: float = Field(
+        10.0, gt=0, description="Limit of the whole planning (search, placement, baselines, packing the plan) in CPU "
+        "seconds of the planning thread, and the wall-clock limit of each MILP solve. A safety cap: each search step "
+        "stops at a deterministic work budget first, except on the largest jobs (docs/planner.md)."
+    )
     mip_gap: float = Field(0.005, ge=0, description="Relative MIP gap at which a solve stops.")
     level_barriers: bool = Field(
         False, description="Force Spindle-style level barriers (no overlap of MetaLevels) in Loom's plan."
