@@ -193,8 +193,8 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
     runs, under every placement strategy (one node: packing only), then the transfer-aware local search
     (:mod:`planner.refine`) from the best few. A candidate that does not fit in memory is skipped; when
     none fits, the error of the shortest one is raised. Also returns why each unfit candidate failed.
-    Placing stops once :data:`PLACE_BUDGET` work units are spent and one fits (candidates come shortest compute
-    first): deterministic. Past ``deadline`` (``time.thread_time()``, the planner's time limit; a safety cap) no
+    Placing stops once :data:`PLACE_BUDGET` work units are spent (candidates come shortest compute first; the
+    first is always placed): deterministic. Past ``deadline`` (``time.thread_time()``, the planner's time limit; a safety cap) no
     further candidate is placed once one fits and the local search is skipped."""
     placed_all, error, unfit = _place_candidates(problem, cost_model, solved, deadline)
     if not placed_all:
@@ -233,7 +233,7 @@ def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResu
         if out and deadline is not None and time.thread_time() >= deadline:  # each in every order and strategy
             log.info("time limit reached: placed %d of %d candidates", placed_candidates, len(solved.candidates))
             break
-        if out and spent >= PLACE_BUDGET:
+        if spent >= PLACE_BUDGET:  # with none fitting, the caller repairs memory rather than place more of them
             log.info("placement budget spent: placed %d of %d candidates", placed_candidates, len(solved.candidates))
             break
         spent += 2 * len(strategies) * evaluation_cost(problem, cand.schedule)
