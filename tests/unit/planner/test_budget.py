@@ -104,3 +104,28 @@ def test_memory_tightening_trades_speed_for_memory():
             if n in loose.counts:
                 assert t >= loose.time(n) * (1 - 1e-12)
     assert changed >= 15  # every task's LLM MetaOp
+
+
+def test_memory_repair_plans_a_job_whose_fastest_layouts_do_not_fit():
+    """Four image-to-LLM tasks (a 7B-shaped LLM, 2,048 tokens, batch 128) on 8 A800s: every candidate of the
+    fastest layouts needs more than 80 GiB on some device; solving again within half a device gives a plan whose
+    every device fits, with the LLM on larger tensor-parallel degrees than its fastest layouts."""
+    data = {"name": "mem", "cluster": {"num_nodes": 1, "devices_per_node": 8, "device": "a800"},
+            "components": {"llm": {"kind": "llama", "num_layers": 32, "hidden_size": 4096, "num_heads": 32,
+                                   "num_kv_heads": 8, "seq_len": 2048, "tensor_parallel": [1, 2, 4, 8],
+                                   "recompute": True},
+                           "vit": {"kind": "vit", "num_layers": 24, "hidden_size": 1024, "num_heads": 16,
+                                   "patch_size": 14, "image_size": 224}},
+            "tasks": [{"name": f"t{i}", "batch_size": 128, "components": [{"component": "vit"}, {"component": "llm"}]}
+                      for i in range(4)]}
+    messages: list[str] = []
+    outcome = plan_job(parse_job(data), progress=messages.append)
+    assert any("no candidate fits in device memory" in m for m in messages), messages
+    assert max(outcome.plan.peak_memory_bytes) <= outcome.plan.cluster.memory_bytes
+    job = parse_job(data)
+    original = Problem.build(build_metagraph(job), make_cost_model(job))
+    assert outcome.problem.curves != original.curves  # planned on the tightened curves, consistently
+    llm = [op.id for op in original.graph.metaops if op.component == "llm"]
+    assert any(s.tp_degree > original.curves[s.metaop].layout(s.dp_degree * s.tp_degree).tp_degree
+               for w in outcome.plan.waves for s in w.slices if s.metaop in llm
+               if s.dp_degree * s.tp_degree in original.curves[s.metaop].counts)
