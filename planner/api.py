@@ -225,33 +225,64 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
 
 def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResult, deadline: float | None = None,
                       ) -> tuple[list[tuple[str, Candidate, Evaluated]], PlanningError | None, dict[str, str]]:
-    """Every candidate x order x strategy that fits, named; the first placement error; why each unfit
-    candidate (its own order, packed) failed. Past ``deadline``, no further candidate once one fits."""
-    out, error, unfit, spent = [], None, {}, 0
+    """Candidate x order x strategy placements that fit, named (in candidate, then variant, order); the first
+    placement error; why each unfit candidate (its own order, packed) failed.
+
+    Two passes, so that a budget or the time limit that allows only a few placements spreads them over the
+    candidates: first every candidate in its own order, packed (shortest compute first); then the other orders and
+    strategies, the best candidates of the first pass first. Each stops once :data:`PLACE_BUDGET` work units are
+    spent, or past ``deadline``, when something fits. A variant whose schedule and strategy were placed already
+    (a reversed candidate equal to another) is skipped."""
+    candidates = list(solved.candidates or ())
     strategies = STRATEGIES if cost_model.hw.num_nodes > 1 else STRATEGIES[:1]
-    for placed_candidates, cand in enumerate(solved.candidates or ()):
-        if out and deadline is not None and time.thread_time() >= deadline:  # each in every order and strategy
-            log.info("time limit reached: placed %d of %d candidates", placed_candidates, len(solved.candidates))
-            break
-        if spent >= PLACE_BUDGET:  # with none fitting, the caller repairs memory rather than place more of them
-            log.info("placement budget spent: placed %d of %d candidates", placed_candidates, len(solved.candidates))
-            break
-        spent += 2 * len(strategies) * evaluation_cost(problem, cand.schedule)
-        # the waves of an independent run may go in any order; the order changes what gradient sync overlaps
-        for order, schedule in (("", cand.schedule), (" reversed", reverse_runs(problem, cand.schedule))):
-            check_schedule(problem, schedule)
-            for strategy in strategies:
-                try:
-                    placed = place_schedule(problem, schedule, cost_model, strategy=strategy)
-                except PlanningError as exc:
-                    error = error or exc
-                    if not order and strategy == strategies[0]:
-                        unfit[cand.name] = str(exc)
-                    continue
-                suffix = order + ("" if strategy == strategies[0] else f", {strategy}ed placement")
-                sim = simulate(problem, placed, cost_model)
-                out.append((cand.name + suffix, cand, Evaluated(schedule, strategy, placed, sim)))
-    return out, error, unfit
+    orders = [("", lambda c: c.schedule), (" reversed", lambda c: reverse_runs(problem, c.schedule))]
+    placed: dict[tuple[int, int, int], tuple[str, Candidate, Evaluated]] = {}
+    error, unfit, spent, seen = None, {}, 0, set()
+
+    def stop() -> bool:
+        past = deadline is not None and time.thread_time() >= deadline
+        return bool(placed) and (spent >= PLACE_BUDGET or past)
+
+    def place(i: int, o: int, s: int) -> None:
+        nonlocal error, spent
+        cand, (order, schedule_of), strategy = candidates[i], orders[o], strategies[s]
+        schedule = schedule_of(cand)
+        if (schedule, strategy) in seen:
+            return
+        seen.add((schedule, strategy))
+        check_schedule(problem, schedule)
+        spent += evaluation_cost(problem, schedule)
+        try:
+            result = place_schedule(problem, schedule, cost_model, strategy=strategy)
+        except PlanningError as exc:
+            error = error or exc
+            if o == 0 and s == 0:
+                unfit[cand.name] = str(exc)
+            return
+        suffix = order + ("" if s == 0 else f", {strategy}ed placement")
+        placed[i, o, s] = (cand.name + suffix, cand, Evaluated(schedule, strategy, result, simulate(problem, result,
+                                                                                                      cost_model)))
+
+    def first_pass_time(i: int) -> float:
+        return placed[i, 0, 0][2].sim.iteration_time_s if (i, 0, 0) in placed else float("inf")
+
+    for passes in range(2):
+        if passes == 0:  # one per schedule up to the order of its runs (two-wave is often packing-ilp reversed)
+            keys, forms = [], set()
+            for i, cand in enumerate(candidates):
+                if cand.schedule not in forms:
+                    keys.append((i, 0, 0))
+                    forms |= {cand.schedule, orders[1][1](cand)}
+        else:
+            keys = [(i, o, s) for i in sorted(range(len(candidates)), key=lambda i: (first_pass_time(i), i))
+                    for o in range(len(orders)) for s in range(len(strategies)) if (o, s) != (0, 0)]
+        for key in keys:
+            if stop() or spent >= PLACE_BUDGET:  # with none fitting, the caller repairs memory instead
+                break
+            place(*key)
+    if len(placed) < len(candidates) * len(orders) * len(strategies):
+        log.info("placement budget or time limit: %d placements of %d candidates", len(placed), len(candidates))
+    return [placed[key] for key in sorted(placed)], error, unfit
 
 
 def build_plan(
