@@ -129,3 +129,28 @@ def test_memory_repair_plans_a_job_whose_fastest_layouts_do_not_fit():
     assert any(s.tp_degree > original.curves[s.metaop].layout(s.dp_degree * s.tp_degree).tp_degree
                for w in outcome.plan.waves for s in w.slices if s.metaop in llm
                if s.dp_degree * s.tp_degree in original.curves[s.metaop].counts)
+
+
+def test_a_small_placement_budget_goes_to_distinct_schedules_first(monkeypatch):
+    """With room for two placements, the second is another candidate's schedule (in its own order, packed), not
+    another order or strategy of the first; with room for all, every variant of every candidate is placed."""
+    from planner import api
+    from planner.refine import evaluation_cost
+    from planner.solver import SolverSettings, solve
+    from planner.spindle import spindle_schedule
+
+    job = load_cell_job(Cell("clip-7", 16, "grid"))
+    cost_model = make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cost_model)
+    solved = solve(problem, SolverSettings(), warm=spindle_schedule(problem), progress=lambda _: None)
+    first = solved.candidates[0]
+    monkeypatch.setattr(api, "PLACE_BUDGET", evaluation_cost(problem, first.schedule) + 1)
+    placed, _, _ = api._place_candidates(problem, cost_model, solved)
+    assert len(placed) == 2
+    assert placed[0][0] == first.name
+    assert placed[1][1] is not first and placed[1][0] == placed[1][1].name  # own order, packed
+    assert placed[1][2].schedule not in (first.schedule, api.reverse_runs(problem, first.schedule))
+    monkeypatch.setattr(api, "PLACE_BUDGET", 10**12)
+    everything, _, _ = api._place_candidates(problem, cost_model, solved)
+    assert {name for name, _, _ in placed} <= {name for name, _, _ in everything}
+    assert len(everything) > len(solved.candidates)
