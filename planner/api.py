@@ -179,6 +179,7 @@ def predict_plan(job: JobSpec, plan: Plan, cost_model: CostModel) -> Simulation:
 
 PLACE_BUDGET = 100_000  # work units (refine.evaluation_cost) of placing and simulating candidates: all of them up to
 # ~1,000 devices x 100 MetaOps, the best few beyond (the first always, whatever it costs)
+UNFIT_BEFORE_REPAIR = 3  # candidates over memory (shortest compute first) after which, none fitting, memory is repaired
 REFINE_TOP = 2  # the best placed candidates (distinct schedules) the transfer-aware search starts from
 REFINE_BUDGET = 4000  # work units of that search (refine.evaluation_cost), shared by its starts
 REFINED = ", transfer-refined"  # method suffix of a plan the search improved
@@ -231,16 +232,17 @@ def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResu
     Two passes, so that a budget or the time limit that allows only a few placements spreads them over the
     candidates: first every candidate in its own order, packed (shortest compute first); then the other orders and
     strategies, the best candidates of the first pass first. Each stops once :data:`PLACE_BUDGET` work units are
-    spent, or past ``deadline``, when something fits. A variant whose schedule and strategy were placed already
-    (a reversed candidate equal to another) is skipped."""
+    spent, or past ``deadline`` (the best candidate's variants excepted), when something fits; with nothing fitting
+    after :data:`UNFIT_BEFORE_REPAIR` candidates, placing stops. A variant whose schedule and strategy were placed
+    already (a reversed candidate equal to another) is skipped."""
     candidates = list(solved.candidates or ())
     strategies = STRATEGIES if cost_model.hw.num_nodes > 1 else STRATEGIES[:1]
     orders = [("", lambda c: c.schedule), (" reversed", lambda c: reverse_runs(problem, c.schedule))]
     placed: dict[tuple[int, int, int], tuple[str, Candidate, Evaluated]] = {}
     error, unfit, spent, seen = None, {}, 0, set()
 
-    def stop() -> bool:
-        past = deadline is not None and time.thread_time() >= deadline
+    def stop(grace: bool = False) -> bool:
+        past = deadline is not None and time.thread_time() >= deadline and not grace
         return bool(placed) and (spent >= PLACE_BUDGET or past)
 
     def place(i: int, o: int, s: int) -> None:
@@ -276,9 +278,12 @@ def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResu
         else:
             keys = [(i, o, s) for i in sorted(range(len(candidates)), key=lambda i: (first_pass_time(i), i))
                     for o in range(len(orders)) for s in range(len(strategies)) if (o, s) != (0, 0)]
-        for key in keys:
-            if stop() or spent >= PLACE_BUDGET:  # with none fitting, the caller repairs memory instead
+        for n, key in enumerate(keys):
+            # past the time limit, the other orders and strategies of the best candidate are still placed
+            if stop(grace=passes == 1 and n < len(orders) * len(strategies) - 1):
                 break
+            if spent >= PLACE_BUDGET or (not placed and len(unfit) >= UNFIT_BEFORE_REPAIR):
+                break  # with none fitting, the caller repairs memory instead
             place(*key)
     if len(placed) < len(candidates) * len(orders) * len(strategies):
         log.info("placement budget or time limit: %d placements of %d candidates", len(placed), len(candidates))
