@@ -177,8 +177,8 @@ def predict_plan(job: JobSpec, plan: Plan, cost_model: CostModel) -> Simulation:
     return simulate(Problem.build(graph, cost_model), PlacedSchedule(waves), cost_model)
 
 
-PLACE_BUDGET = 100_000  # work units (refine.evaluation_cost) of placing and simulating candidates: all of them up to
-# ~1,000 devices x 100 MetaOps, the best few beyond (the first always, whatever it costs)
+PLACE_BUDGET = 200_000  # work units (refine.evaluation_cost) of placing and simulating candidates: all of them up to
+# ~1,000 devices x 200 MetaOps, the best few beyond (the first always, whatever it costs)
 UNFIT_BEFORE_REPAIR = 3  # candidates over memory (shortest compute first) after which, none fitting, memory is repaired
 REFINE_TOP = 2  # the best placed candidates (distinct schedules) the transfer-aware search starts from
 REFINE_BUDGET = 4000  # work units of that search (refine.evaluation_cost), shared by its starts
@@ -231,8 +231,8 @@ def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResu
 
     Two passes, so that a budget or the time limit that allows only a few placements spreads them over the
     candidates: first every candidate in its own order, packed (shortest compute first); then the other orders and
-    strategies, the best candidates of the first pass first. Each stops once :data:`PLACE_BUDGET` work units are
-    spent, or past ``deadline`` (the best candidate's variants excepted), when something fits; with nothing fitting
+    strategies, the best candidates of the first pass first. The first stops at half of :data:`PLACE_BUDGET` work
+    units, the second at all of it, or past ``deadline`` (the best candidate's variants excepted), when something fits; with nothing fitting
     after :data:`UNFIT_BEFORE_REPAIR` candidates, placing stops. A variant whose schedule and strategy were placed
     already (a reversed candidate equal to another) is skipped."""
     candidates = list(solved.candidates or ())
@@ -282,7 +282,7 @@ def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResu
             # past the time limit, the other orders and strategies of the best candidate are still placed
             if stop(grace=passes == 1 and n < len(orders) * len(strategies) - 1):
                 break
-            if spent >= PLACE_BUDGET or (not placed and len(unfit) >= UNFIT_BEFORE_REPAIR):
+            if spent >= PLACE_BUDGET / (2 - passes) or (not placed and len(unfit) >= UNFIT_BEFORE_REPAIR):
                 break  # with none fitting, the caller repairs memory instead
             place(*key)
     if len(placed) < len(candidates) * len(orders) * len(strategies):

@@ -132,8 +132,9 @@ def test_memory_repair_plans_a_job_whose_fastest_layouts_do_not_fit():
 
 
 def test_a_small_placement_budget_goes_to_distinct_schedules_first(monkeypatch):
-    """With room for two placements, the second is another candidate's schedule (in its own order, packed), not
-    another order or strategy of the first; with room for all, every variant of every candidate is placed."""
+    """With room for two placements in the first pass (half the budget), the second is another candidate's schedule
+    (in its own order, packed), not another order or strategy of the first; the second pass then places variants
+    of the better one; with room for all, every variant of every candidate is placed."""
     from planner import api
     from planner.refine import evaluation_cost
     from planner.solver import SolverSettings, solve
@@ -144,12 +145,12 @@ def test_a_small_placement_budget_goes_to_distinct_schedules_first(monkeypatch):
     problem = Problem.build(build_metagraph(job), cost_model)
     solved = solve(problem, SolverSettings(), warm=spindle_schedule(problem), progress=lambda _: None)
     first = solved.candidates[0]
-    monkeypatch.setattr(api, "PLACE_BUDGET", evaluation_cost(problem, first.schedule) + 1)
+    monkeypatch.setattr(api, "PLACE_BUDGET", 2 * (evaluation_cost(problem, first.schedule) + 1))
     placed, _, _ = api._place_candidates(problem, cost_model, solved)
-    assert len(placed) == 2
-    assert placed[0][0] == first.name
-    assert placed[1][1] is not first and placed[1][0] == placed[1][1].name  # own order, packed
-    assert placed[1][2].schedule not in (first.schedule, api.reverse_runs(problem, first.schedule))
+    own = [(name, cand, ev) for name, cand, ev in placed if name == cand.name]  # own order, packed
+    assert [cand for _, cand, _ in own][:1] == [first] and len(own) == 2
+    assert own[1][2].schedule not in (first.schedule, api.reverse_runs(problem, first.schedule))
+    assert 2 <= len(placed) <= 4
     monkeypatch.setattr(api, "PLACE_BUDGET", 10**12)
     everything, _, _ = api._place_candidates(problem, cost_model, solved)
     assert {name for name, _, _ in placed} <= {name for name, _, _ in everything}
