@@ -82,7 +82,7 @@ def clip_like_job(num_tasks: int, num_nodes: int = 16, seed: int = 0, uses_per_t
 
 # A vision-audio-language model at the size such clusters train: a 70B-class LLaMA (80 layers, 8192 wide, GQA with
 # 8 KV heads, FFN 28672; tensor parallel up to 8) fed by Qwen-VL's ViT-bigG/14 and a Whisper-large encoder, every
-# component with activation checkpointing. Parameters: ~67B (LLM) + 1.8B + 0.6B, so memory binds.
+# component with activation checkpointing. Parameters: 68.4B (LLM layers) + 1.8B + 0.6B = 70.9B, so memory binds.
 VLM_COMPONENTS: dict[str, dict[str, Any]] = {
     "vision": {"kind": "vit", "num_layers": 48, "hidden_size": 1664, "num_heads": 16, "ffn_hidden_size": 8192,
                "patch_size": 14, "image_size": 448, "in_channels": 3, "recompute": True},
