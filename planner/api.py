@@ -194,9 +194,9 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
     runs, under every placement strategy (one node: packing only), then the transfer-aware local search
     (:mod:`planner.refine`) from the best few. A candidate that does not fit in memory is skipped; when
     none fits, the error of the shortest one is raised. Also returns why each unfit candidate failed.
-    Placing stops once :data:`PLACE_BUDGET` work units are spent (candidates come shortest compute first; the
-    first is always placed): deterministic. Past ``deadline`` (``time.thread_time()``, the planner's time limit; a safety cap) no
-    further candidate is placed once one fits and the local search is skipped."""
+    Placing stops at :data:`PLACE_BUDGET` work units (see :func:`_place_candidates`; the first candidate is always
+    placed): deterministic. Past ``deadline`` (``time.thread_time()``, the planner's time limit; a safety cap) only
+    the best candidate's variants are still placed and the local search is skipped."""
     placed_all, error, unfit = _place_candidates(problem, cost_model, solved, deadline)
     if not placed_all:
         raise error
@@ -231,9 +231,9 @@ def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResu
 
     Two passes, so that a budget or the time limit that allows only a few placements spreads them over the
     candidates: first every candidate in its own order, packed (shortest compute first); then the other orders and
-    strategies, the best candidates of the first pass first. The first stops at half of :data:`PLACE_BUDGET` work
-    units, the second at all of it, or past ``deadline`` (the best candidate's variants excepted), when something fits; with nothing fitting
-    after :data:`UNFIT_BEFORE_REPAIR` candidates, placing stops. A variant whose schedule and strategy were placed
+    strategies, the best candidates of the first pass first. Once something fits, the first pass stops at half of
+    :data:`PLACE_BUDGET` work units, the second at all of it, and both past ``deadline`` (the best candidate's
+    variants excepted); with nothing fitting after :data:`UNFIT_BEFORE_REPAIR` candidates, placing stops. A variant whose schedule and strategy were placed
     already (a reversed candidate equal to another) is skipped."""
     candidates = list(solved.candidates or ())
     strategies = STRATEGIES if cost_model.hw.num_nodes > 1 else STRATEGIES[:1]

@@ -1,10 +1,11 @@
-"""The cells of the planner benchmark: Spindle's evaluation grid plus a scale sweep.
+"""The cells of the planner benchmark: Spindle's evaluation grid, a sweep and the scale section.
 
 Grid (Spindle §5, Fig.8 axes): clip-4/7/10 and ofasys-4/7 on 8, 16 and 32 devices; qwen-val-3 on
-32 and 64. Sweep: a synthetic workload of many CLIP-like tasks (100 MetaOps) on 128 to 512 devices. Scale:
-that workload on 1,024 devices, 200 CLIP-like MetaOps on 1,024, a 70B-class vision-audio-language job (30 MetaOps)
-on 4,096 and 500 CLIP-like MetaOps on 10,240 (bench/workloads/README.md says how each is made). Devices come in nodes of 8 (A800, as in Spindle's cluster); a cell overrides only the
-workload's ``cluster.num_nodes``. Recipes: full-size recipe job specs planned on the cluster their
+32 and 64. Sweep: a synthetic workload of many CLIP-like tasks (100 MetaOps) on 128 to 512 devices.
+Scale: that workload on 1,024 devices, 200 CLIP-like MetaOps on 1,024, a 70B-class vision-audio-language
+job (30 MetaOps) on 4,096 and 500 CLIP-like MetaOps on 10,240 (bench/workloads/README.md says how each is
+made). Devices come in nodes of 8 (A800, as in Spindle's cluster); a cell overrides only the workload's
+``cluster.num_nodes``. Recipes: full-size recipe job specs planned on the cluster their
 file names (``unimed-base``: a shared ViT-L encoder feeding decoders, 64 H100s), kept out of the
 targets that compare with Spindle's evaluation.
 """
