@@ -233,8 +233,8 @@ def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResu
     candidates: first every candidate in its own order, packed (shortest compute first); then the other orders and
     strategies, the best candidates of the first pass first. Once something fits, the first pass stops at half of
     :data:`PLACE_BUDGET` work units, the second at all of it, and both past ``deadline`` (the best candidate's
-    variants excepted); with nothing fitting after :data:`UNFIT_BEFORE_REPAIR` candidates, placing stops. A variant whose schedule and strategy were placed
-    already (a reversed candidate equal to another) is skipped."""
+    variants excepted); with nothing fitting after :data:`UNFIT_BEFORE_REPAIR` candidates, placing stops. A
+    variant whose schedule and strategy were placed already (a reversed candidate equal to another) is skipped."""
     candidates = list(solved.candidates or ())
     strategies = STRATEGIES if cost_model.hw.num_nodes > 1 else STRATEGIES[:1]
     orders = [("", lambda c: c.schedule), (" reversed", lambda c: reverse_runs(problem, c.schedule))]
