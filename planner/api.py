@@ -21,7 +21,7 @@ from planner.devices import resolve_hardware
 from planner.errors import PlanningError
 from planner.metagraph import MetaGraph, build_metagraph
 from planner.placement import STRATEGIES, PlacedSchedule, PlacedSlice, PlacedWave, place_schedule
-from planner.refine import Evaluated, refine_transfers
+from planner.refine import Evaluated, evaluation_cost, refine_transfers
 from planner.plan import (
     Bounds, Plan, PlanCluster, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport, SyncGroup,
 )
@@ -88,12 +88,17 @@ def plan_job(
     bounds = plan_bounds(problem, cost_model)
     say(f"bounds: per-level {bounds.per_level_s:.4g} s, DAG {bounds.dag_s:.4g} s, iteration {bounds.iteration_s:.4g} s")
     warm = spindle_schedule(problem)
+    limit = job.planner.time_limit_s
     settings = SolverSettings(
-        solver=job.planner.solver, time_limit_s=job.planner.time_limit_s, mip_gap=job.planner.mip_gap,
-        level_barriers=job.planner.level_barriers, deadline=start_cpu + job.planner.time_limit_s,
+        solver=job.planner.solver, time_limit_s=limit, mip_gap=job.planner.mip_gap,
+        level_barriers=job.planner.level_barriers, deadline=start_cpu + limit - finishing_reserve(problem, limit),
     )
     solved = solve(problem, settings, warm=warm, lower_bound=bounds.dag_s, progress=say)
-    result, placed, sim, unfit = choose_candidate(problem, cost_model, solved, deadline=settings.deadline)
+    try:
+        result, placed, sim, unfit = choose_candidate(problem, cost_model, solved, deadline=settings.deadline)
+        planned = problem
+    except PlanningError as exc:  # no candidate fits in device memory
+        planned, (result, placed, sim, unfit) = repair_memory(problem, cost_model, settings, bounds, exc, say)
     say(f"chose {result.method}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
     # the baselines always run, past the limit too: they take 0.1-0.2 s of CPU up to 16,384 devices, Loom's plan is
     # checked against them, and skipping them by the clock made the same job's plan differ between runs
@@ -103,7 +108,49 @@ def plan_job(
     plan = build_plan(job, graph, cost_model, placed, sim, result, bounds, baseline_times, notes)
     elapsed = time.perf_counter() - start
     say(f"planned in {elapsed:.2f} s: predicted iteration {sim.iteration_time_s:.4g} s")
-    return PlanOutcome(plan, problem, placed, sim, elapsed, result)
+    return PlanOutcome(plan, planned, placed, sim, elapsed, result)
+
+
+MEMORY_SHARES = (0.5, 0.25)  # feasibility repair: the device memory one MetaOp's layers may take, tighter each try
+
+
+def memory_tightened(problem: Problem, cost_model: CostModel, share: float) -> Problem | None:
+    """``problem`` with each MetaOp's counts and layouts limited to those where all its layers take at most ``share``
+    of a device's memory (a MetaOp with no such count keeps its curve); None when no curve changes. The cost model
+    picks each count's fastest layout within its memory limit, so a tighter limit trades speed for memory (a larger
+    tensor-parallel degree, a wider optimizer shard), leaving room for the other slices a device runs."""
+    curves = []
+    for op, curve in zip(problem.graph.metaops, problem.curves):
+        tight = cost_model._build_curve_within(op, share * cost_model.hw.memory_bytes / op.num_layers)
+        curves.append(curve if tight is None else tight)
+    return None if tuple(curves) == problem.curves else replace(problem, curves=tuple(curves))
+
+
+def repair_memory(problem: Problem, cost_model: CostModel, settings: SolverSettings, bounds: Bounds,
+                  error: PlanningError, say: Progress) -> tuple[Problem, tuple]:
+    """Memory as a constraint of the allocation: when no candidate fits, solve again on :func:`memory_tightened`
+    problems (each share of :data:`MEMORY_SHARES` in turn) until one fits; its problem and choose_candidate's result.
+    Raises the first placement error when none fits."""
+    for share in MEMORY_SHARES:
+        tight = memory_tightened(problem, cost_model, share)
+        if tight is None:
+            continue
+        say(f"no candidate fits in device memory; solving again with each MetaOp within {share:g} of a device")
+        solved = solve(tight, settings, warm=spindle_schedule(tight), lower_bound=bounds.dag_s, progress=say)
+        try:
+            return tight, choose_candidate(tight, cost_model, solved, deadline=settings.deadline)
+        except PlanningError:
+            continue
+    raise error
+
+
+FINISH_CPU_S_PER_CELL = 1.5e-6  # CPU seconds per MetaOp x device of what follows the search (baselines, one placement)
+
+
+def finishing_reserve(problem: Problem, limit_s: float) -> float:
+    """CPU seconds of the time limit kept for the work after the search (placing the chosen candidate, the baselines,
+    packing the plan), which grows with MetaOps x devices: ~1.5 s at 100 x 10,240; at most half the limit."""
+    return min(0.5 * limit_s, FINISH_CPU_S_PER_CELL * len(problem.graph) * problem.num_devices)
 
 
 def plan_schedule(job: JobSpec, schedule: Schedule, cost_model: CostModel | None = None, method: str = "given") -> Plan:
@@ -132,6 +179,9 @@ def predict_plan(job: JobSpec, plan: Plan, cost_model: CostModel) -> Simulation:
     return simulate(Problem.build(graph, cost_model), PlacedSchedule(waves), cost_model)
 
 
+PLACE_BUDGET = 200_000  # work units (refine.evaluation_cost) of placing and simulating candidates: all of them up to
+# ~1,000 devices x 200 MetaOps, the best few beyond (the first always, whatever it costs)
+UNFIT_BEFORE_REPAIR = 3  # candidates over memory (shortest compute first) after which, none fitting, memory is repaired
 REFINE_TOP = 2  # the best placed candidates (distinct schedules) the transfer-aware search starts from
 REFINE_BUDGET = 4000  # work units of that search (refine.evaluation_cost), shared by its starts
 REFINED = ", transfer-refined"  # method suffix of a plan the search improved
@@ -146,8 +196,9 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
     runs, under every placement strategy (one node: packing only), then the transfer-aware local search
     (:mod:`planner.refine`) from the best few. A candidate that does not fit in memory is skipped; when
     none fits, the error of the shortest one is raised. Also returns why each unfit candidate failed.
-    Past ``deadline`` (``time.thread_time()``, the planner's time limit) no further candidate is placed once one
-    fits (they come shortest compute first) and the local search is skipped."""
+    Placing stops at :data:`PLACE_BUDGET` work units (see :func:`_place_candidates`; the first candidate is always
+    placed): deterministic. Past ``deadline`` (``time.thread_time()``, the planner's time limit; a safety cap) only
+    the best candidate's variants are still placed and the local search is skipped."""
     placed_all, error, unfit = _place_candidates(problem, cost_model, solved, deadline)
     if not placed_all:
         raise error
@@ -177,29 +228,68 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
 
 def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResult, deadline: float | None = None,
                       ) -> tuple[list[tuple[str, Candidate, Evaluated]], PlanningError | None, dict[str, str]]:
-    """Every candidate x order x strategy that fits, named; the first placement error; why each unfit
-    candidate (its own order, packed) failed. Past ``deadline``, no further candidate once one fits."""
-    out, error, unfit = [], None, {}
+    """Candidate x order x strategy placements that fit, named (in candidate, then variant, order); the first
+    placement error; why each unfit candidate (its own order, packed) failed.
+
+    Two passes, so that a budget or the time limit that allows only a few placements spreads them over the
+    candidates: first every candidate in its own order, packed (shortest compute first); then the other orders and
+    strategies, the best candidates of the first pass first. Once something fits, the first pass stops at half of
+    :data:`PLACE_BUDGET` work units, the second at all of it, and both past ``deadline`` (the best candidate's
+    variants excepted); with nothing fitting after :data:`UNFIT_BEFORE_REPAIR` candidates, placing stops. A
+    variant whose schedule and strategy were placed already (a reversed candidate equal to another) is skipped."""
+    candidates = list(solved.candidates or ())
     strategies = STRATEGIES if cost_model.hw.num_nodes > 1 else STRATEGIES[:1]
-    for placed_candidates, cand in enumerate(solved.candidates or ()):
-        if out and deadline is not None and time.thread_time() >= deadline:  # each in every order and strategy
-            log.info("time limit reached: placed %d of %d candidates", placed_candidates, len(solved.candidates))
-            break
-        # the waves of an independent run may go in any order; the order changes what gradient sync overlaps
-        for order, schedule in (("", cand.schedule), (" reversed", reverse_runs(problem, cand.schedule))):
-            check_schedule(problem, schedule)
-            for strategy in strategies:
-                try:
-                    placed = place_schedule(problem, schedule, cost_model, strategy=strategy)
-                except PlanningError as exc:
-                    error = error or exc
-                    if not order and strategy == strategies[0]:
-                        unfit[cand.name] = str(exc)
-                    continue
-                suffix = order + ("" if strategy == strategies[0] else f", {strategy}ed placement")
-                sim = simulate(problem, placed, cost_model)
-                out.append((cand.name + suffix, cand, Evaluated(schedule, strategy, placed, sim)))
-    return out, error, unfit
+    orders = [("", lambda c: c.schedule), (" reversed", lambda c: reverse_runs(problem, c.schedule))]
+    placed: dict[tuple[int, int, int], tuple[str, Candidate, Evaluated]] = {}
+    error, unfit, spent, seen = None, {}, 0, set()
+
+    def stop(grace: bool = False) -> bool:
+        past = deadline is not None and time.thread_time() >= deadline and not grace
+        return bool(placed) and (spent >= PLACE_BUDGET or past)
+
+    def place(i: int, o: int, s: int) -> None:
+        nonlocal error, spent
+        cand, (order, schedule_of), strategy = candidates[i], orders[o], strategies[s]
+        schedule = schedule_of(cand)
+        if (schedule, strategy) in seen:
+            return
+        seen.add((schedule, strategy))
+        check_schedule(problem, schedule)
+        spent += evaluation_cost(problem, schedule)
+        try:
+            result = place_schedule(problem, schedule, cost_model, strategy=strategy)
+        except PlanningError as exc:
+            error = error or exc
+            if o == 0 and s == 0:
+                unfit[cand.name] = str(exc)
+            return
+        suffix = order + ("" if s == 0 else f", {strategy}ed placement")
+        placed[i, o, s] = (cand.name + suffix, cand, Evaluated(schedule, strategy, result, simulate(problem, result,
+                                                                                                      cost_model)))
+
+    def first_pass_time(i: int) -> float:
+        return placed[i, 0, 0][2].sim.iteration_time_s if (i, 0, 0) in placed else float("inf")
+
+    for passes in range(2):
+        if passes == 0:  # one per schedule up to the order of its runs (two-wave is often packing-ilp reversed)
+            keys, forms = [], set()
+            for i, cand in enumerate(candidates):
+                if cand.schedule not in forms:
+                    keys.append((i, 0, 0))
+                    forms |= {cand.schedule, orders[1][1](cand)}
+        else:
+            keys = [(i, o, s) for i in sorted(range(len(candidates)), key=lambda i: (first_pass_time(i), i))
+                    for o in range(len(orders)) for s in range(len(strategies)) if (o, s) != (0, 0)]
+        for n, key in enumerate(keys):
+            # past the time limit, the other orders and strategies of the best candidate are still placed
+            if stop(grace=passes == 1 and n < len(orders) * len(strategies) - 1):
+                break
+            if spent >= PLACE_BUDGET / (2 - passes) or (not placed and len(unfit) >= UNFIT_BEFORE_REPAIR):
+                break  # with none fitting, the caller repairs memory instead
+            place(*key)
+    if len(placed) < len(candidates) * len(orders) * len(strategies):
+        log.info("placement budget or time limit: %d placements of %d candidates", len(placed), len(candidates))
+    return [placed[key] for key in sorted(placed)], error, unfit
 
 
 def build_plan(

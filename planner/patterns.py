@@ -56,6 +56,19 @@ def pattern_duration(problem: Problem, pattern: Pattern) -> float:
     return max(problem.curves[m].time(n) * l for m, n, l in pattern)
 
 
+GRAIN_CAPACITY = 2048  # device DPs (pricing, two-wave packing) count devices in grains that keep N / grain under this
+
+
+def device_grain(num_devices: int) -> int:
+    """Devices per unit of the device DPs: 1 up to GRAIN_CAPACITY devices, else the smallest power of two that
+    brings N / grain under it (8 at 10,240). A count n weighs ceil(n / grain) grains of N // grain, so what the DPs
+    accept always fits (conservative: a few devices of a large cluster may go unused by a pattern)."""
+    grain = 1
+    while num_devices // grain > GRAIN_CAPACITY:
+        grain *= 2
+    return grain
+
+
 def knapsack_many(values: Sequence[np.ndarray], weights: Sequence[Sequence[int]], capacity: int) -> tuple[np.ndarray, list[list[tuple[int, int]]]]:
     """Multiple-choice knapsack for many value vectors at once.
 
@@ -114,7 +127,9 @@ def price_patterns(problem: Problem, duals: np.ndarray, ops: Sequence[int], caps
         layer_tables.append(layers)
         values.append(np.where(layers >= 1, duals[m] * layers, -np.inf))
         weights.append(list(problem.curves[m].counts))
-    best, picks = knapsack_many(values, weights, problem.num_devices)
+    grain = device_grain(problem.num_devices)
+    grains = [[-(-n // grain) for n in counts] for counts in weights]
+    best, picks = knapsack_many(values, grains, problem.num_devices // grain)
     found: dict[Pattern, float] = {}
     for row, picked in enumerate(picks):
         if not picked:
@@ -150,7 +165,8 @@ class PatternMaster:
         self.eligible = [[m for m in range(num_ops) if windows[m][0] <= s <= windows[m][1]] for s in range(num_stages)]
         num_caps = NUM_CAPS if problem.num_devices <= 128 else NUM_CAPS // 3
         self.caps = [candidate_caps(problem, ops, num_caps) if ops else np.zeros(0) for ops in self.eligible]
-        self.round_work = sum(len(c) * sum(len(problem.curves[m].counts) for m in ops) * (problem.num_devices + 1)
+        capacity = problem.num_devices // device_grain(problem.num_devices)
+        self.round_work = sum(len(c) * sum(len(problem.curves[m].counts) for m in ops) * (capacity + 1)
                               for c, ops in zip(self.caps, self.eligible))
 
     def add(self, stage: int, pattern: Pattern) -> None:
@@ -207,17 +223,17 @@ def solve_pattern_lp(problem: Problem, windows: Sequence[tuple[int, int]], num_s
 
 
 def dive(master: PatternMaster, rounds_per_step: int = 8, deadline: float | None = None) -> list[int]:
-    # ``deadline`` (wall clock) is only a backstop; the work budget normally stops column generation first.
     """Residual diving: fix every pattern the LP runs at least once (its whole repetitions), or, when the
     LP runs every pattern less than once, one repetition of its largest; lower the demand by what the
-    fixed patterns cover and re-generate columns for the rest. Returns repetitions per column."""
+    fixed patterns cover and re-generate columns for the rest. Returns repetitions per column.
+    Column generation shares the master's work budget; ``deadline`` (``time.thread_time()``) is only a safety cap."""
     problem = master.problem
     residual = np.array([problem.layers(m) for m in range(len(problem.graph))])
     counts: dict[int, int] = {}
     while residual.any():
         master.set_demand(residual)
-        if deadline is None or time.perf_counter() < deadline:
-            master.generate(rounds_per_step)
+        if deadline is None or time.thread_time() < deadline:
+            master.generate(rounds_per_step, deadline)
         else:
             master.h.run()
         _, y = master.solution()

@@ -168,23 +168,34 @@ class MemoryLedger:
 
     def add(self, s: PlacedSlice) -> None:
         op = self.problem.graph.metaops[s.metaop]
-        idx = np.fromiter(s.devices, dtype=np.int64, count=len(s.devices))
+        idx = np.array(s.devices, dtype=np.int64)
         self.act_bytes[idx] += self.cost_model.activation_bytes(op, s.layout) * s.num_layers
         facts = self.groups[op.param_group]
         tp = s.layout.tp_degree
         mask = ((1 << s.num_layers) - 1) << s.first_layer
         holders = self.held.setdefault(op.param_group, {})
-        fresh = s.num_layers / tp
-        layers = np.empty(len(idx))
-        for i, d in enumerate(s.devices):
-            by_tp = holders.get(d)
-            if by_tp is None:  # common case: nothing of this group on the device yet
-                holders[d] = {tp: mask}
-                layers[i] = fresh
+        # The devices of a slice mostly hold the same layers of the group (often none): each distinct holding is
+        # updated once and the new one, never mutated afterwards, is shared by the devices that had it.
+        before = list(map(holders.get, s.devices))  # None: nothing of this group on the device yet
+        if before.count(before[0]) == len(before):  # common: the same holding (often none) on every device
+            distinct = [before[0]]
+        else:
+            distinct = list({id(h): h for h in before}.values())
+        added: dict[int, tuple[dict[int, int], float]] = {}  # id of a holding before -> (after, layers added)
+        for by_tp in distinct:
+            if by_tp is None:
+                added[id(by_tp)] = ({tp: mask}, s.num_layers / tp)
             else:
-                before = layer_equivalents(by_tp)
-                by_tp[tp] = by_tp.get(tp, 0) | mask
-                layers[i] = layer_equivalents(by_tp) - before
+                after = {**by_tp, tp: by_tp.get(tp, 0) | mask}
+                added[id(by_tp)] = (after, layer_equivalents(after) - layer_equivalents(by_tp))
+        if len(distinct) == 1:
+            after, grown = added[id(distinct[0])]
+            holders.update(dict.fromkeys(s.devices, after))
+            layers = np.full(len(before), grown)
+        else:
+            hits = [added[id(h)] for h in before]
+            holders.update(zip(s.devices, [hit[0] for hit in hits]))
+            layers = np.array([hit[1] for hit in hits])
         params = layers * facts.params_per_layer
         self.param_bytes[idx] += params * self.cost_model.bytes_per_param(op, s.layout)
         if facts.trainable:
@@ -429,13 +440,19 @@ class _Placer:
         holders = self.ledger.held.get(op.param_group)
         if holders:
             mask = ((1 << s.num_layers) - 1) << self.layers_done[s.metaop]
+            overlaps: dict[int, int] = {}  # per holding (devices share them, see MemoryLedger.add): layers in common
+            sharing: dict[int, list[int]] = {}  # layers in common -> devices
             for d, by_tp in holders.items():
-                any_mask = 0
-                for bits in by_tp.values():
-                    any_mask |= bits
-                overlap = (any_mask & mask).bit_count()
+                overlap = overlaps.get(id(by_tp))
+                if overlap is None:
+                    any_mask = 0
+                    for bits in by_tp.values():
+                        any_mask |= bits
+                    overlap = overlaps[id(by_tp)] = (any_mask & mask).bit_count()
                 if overlap:
-                    score[d] += SHARE_WEIGHT * overlap / s.num_layers
+                    sharing.setdefault(overlap, []).append(d)
+            for overlap, devices in sharing.items():
+                score[devices] += SHARE_WEIGHT * overlap / s.num_layers
         score[~free] = -np.inf
         return score
 

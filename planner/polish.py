@@ -12,6 +12,11 @@ Three moves remove it, each evaluated exactly on the sum of wave durations:
 
 Dependencies stay satisfied: a MetaOp's layers only move to waves after its predecessors' last
 wave and before its successors' first wave.
+
+Work is counted, not timed: every slice-time evaluation is one unit, and :func:`polish` stops at its
+budget (:data:`POLISH_BUDGET` by default) after the wave it is working on. A round costs about
+waves x slices x counts units, so a 500-wave candidate gets a few waves of search, a 2-wave one many
+rounds, and the result is the same on a busy machine as on an idle one.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import time
 from planner.schedule import Problem, Schedule, Slice, Wave, merge_adjacent_waves
 
 EPS = 1e-12
+POLISH_BUDGET = 300_000  # slice-time evaluations per polish() call (~0.3-0.6 s of CPU)
 
 WaveMap = dict[int, list[int]]  # metaop -> [num_devices, num_layers]
 
@@ -31,8 +37,10 @@ class _State:
         self.p = problem
         self.waves: list[WaveMap] = [{s.metaop: [s.num_devices, s.num_layers] for s in w.slices} for w in schedule.waves]
         self.succ = problem.graph.successors()
+        self.work = 0  # slice-time evaluations so far (the budget's unit)
 
     def t(self, m: int, n: int, l: int) -> float:
+        self.work += 1
         return self.p.curves[m].time(n) * l
 
     def dur(self, k: int) -> float:
@@ -134,14 +142,16 @@ def _shave(st: _State, k: int) -> bool:
     return False
 
 
-def polish(problem: Problem, schedule: Schedule, max_rounds: int = 60, deadline: float | None = None) -> Schedule:
-    """Improve ``schedule`` by narrow/widen/shave moves until none helps (or ``max_rounds``, or this process's CPU
-    time ``time.thread_time()`` reaches ``deadline``: each move keeps the schedule valid, so it may stop anywhere)."""
+def polish(problem: Problem, schedule: Schedule, max_rounds: int = 60, deadline: float | None = None,
+           budget: int = POLISH_BUDGET) -> Schedule:
+    """Improve ``schedule`` by narrow/widen/shave moves until none helps, ``max_rounds``, ``budget`` slice-time
+    evaluations are spent (deterministic), or this thread's CPU time ``time.thread_time()`` reaches ``deadline`` (a
+    safety cap). Each move keeps the schedule valid, so it may stop anywhere."""
     st = _State(problem, schedule)
     for _ in range(max_rounds):
         improved = False
         k = 0
-        while k < len(st.waves) and (deadline is None or time.thread_time() < deadline):
+        while k < len(st.waves) and st.work < budget and (deadline is None or time.thread_time() < deadline):
             _narrow(st, k)
             improved |= _widen(st, k)
             improved |= _shave(st, k)

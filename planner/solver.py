@@ -267,7 +267,7 @@ def solve(problem: Problem, settings: SolverSettings, warm: Schedule | None = No
     deadline = settings.deadline
     lp, master, windows = _best_lp(problem, settings, say)
     lp_exact = not settings.past_deadline()  # column generation stopped by the deadline: its value bounds nothing
-    dived = dive(master, deadline=t0 + settings.time_limit_s)
+    dived = dive(master, deadline=deadline)
     found = [_candidate(problem, "lp-diving", patterns_to_schedule(problem, master.columns, dived), deadline=deadline)]
     say(f"diving: {found[-1].makespan_s:.4g} s, {len(master.columns)} patterns, {time.perf_counter() - t0:.2f} s")
     found += _two_wave(problem, say, deadline)

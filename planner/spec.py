@@ -202,7 +202,11 @@ class PlannerSpec(StrictModel):
     """Planner settings."""
 
     solver: Literal["highs", "cbc"] = Field("highs", description="MILP solver behind PuLP.")
-    time_limit_s: float = Field(10.0, gt=0, description="Wall-clock limit of each MILP solve.")
+    time_limit_s: float = Field(
+        10.0, gt=0, description="Limit of the whole planning (search, placement, baselines, packing the plan) in CPU "
+        "seconds of the planning thread, and the wall-clock limit of each MILP solve. A safety cap: each search step "
+        "stops at a deterministic work budget first, except on the largest jobs (docs/planner.md)."
+    )
     mip_gap: float = Field(0.005, ge=0, description="Relative MIP gap at which a solve stops.")
     level_barriers: bool = Field(
         False, description="Force Spindle-style level barriers (no overlap of MetaLevels) in Loom's plan."
@@ -216,7 +220,7 @@ MAX_DEVICES = 16_384  # cluster.num_nodes * cluster.devices_per_node
 MAX_COMPONENTS = 64  # entries under `components`
 MAX_TASKS = 64  # entries under `tasks`
 MAX_USES_PER_TASK = 64  # entries of one task's `components`
-MAX_USES = 256  # component uses summed over every task: the planner's MetaOps (its LP and placement grow with them)
+MAX_USES = 512  # component uses summed over every task: the planner's MetaOps (benchmarked at 500: bench/planner scale)
 MAX_LAYERS_PER_COMPONENT = 1_024  # components.<name>.num_layers
 MAX_TOTAL_LAYERS = 16_384  # layers the planner schedules: num_layers summed over every task's uses
 MAX_BATCH_SIZE = 1_048_576  # tasks[i].batch_size (samples per iteration)

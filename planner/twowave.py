@@ -12,6 +12,12 @@ breakpoints T_m(n) * l, and D1 is searched over a grid of breakpoints and refine
 This is Spindle's two-point discretisation made exact at layer granularity: each MetaOp still uses
 at most two device counts, but the layer split and both wave lengths are chosen jointly for all
 MetaOps instead of greedily aligned, and the one-wave optimum is a special case (D2 = 0).
+
+The search is sized by work, not time: one feasibility test costs about (options per MetaOp) x
+MetaOps x (N + a constant for listing the options) cells of the DP, so the grid of D1 values shrinks
+with the instance to keep the whole search within :data:`TWO_WAVE_BUDGET` (deterministic; the full
+48-point grid on Spindle's grid, 4 points at 10,240 devices x 500 MetaOps). Beyond 2,048 devices the
+DP counts devices in grains (:func:`~planner.patterns.device_grain`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from planner.patterns import device_grain
 from planner.schedule import Problem, Slice, Wave
+
+TWO_WAVE_BUDGET = 6e9  # DP cells (MetaOps x options x devices, summed over feasibility tests) per stage
+OPTION_CELLS = 4000  # listing one option of one MetaOp (Python) costs about as much as this many DP cells
+MIN_GRID = 2
 
 Assignment = list[tuple[int, int, int, int, int]]  # (metaop, count wave 1, layers wave 1, count wave 2, layers wave 2)
 
@@ -52,8 +63,10 @@ def _options(problem: Problem, m: int, d1: float, d2: float) -> list[tuple[int, 
 
 
 def _feasible(problem: Problem, ops: Sequence[int], d1: float, d2: float, reconstruct: bool = False):
-    """The DP over wave-1 devices; returns None when infeasible, else True or (with reconstruct) the assignment."""
-    cap = problem.num_devices
+    """The DP over wave-1 devices (in grains, see patterns.device_grain); returns None when infeasible, else True or
+    (with reconstruct) the assignment."""
+    grain = device_grain(problem.num_devices)
+    cap = problem.num_devices // grain
     f = np.zeros(cap + 1)
     choices = []
     for m in ops:
@@ -63,6 +76,7 @@ def _feasible(problem: Problem, ops: Sequence[int], d1: float, d2: float, recons
         g = np.full(cap + 1, np.inf)
         arg = np.full(cap + 1, -1, dtype=np.int16)
         for j, (a, _, b, _) in enumerate(opts):
+            a, b = -(-a // grain), -(-b // grain)
             if a > cap:
                 continue
             cand = np.full(cap + 1, np.inf)
@@ -81,7 +95,7 @@ def _feasible(problem: Problem, ops: Sequence[int], d1: float, d2: float, recons
     for m, (opts, arg) in zip(reversed(ops), reversed(choices)):
         a, l1, b, l2 = opts[int(arg[c])]
         picked.append((m, a, l1, b, l2))
-        c -= a
+        c -= -(-a // grain)
     return picked[::-1]
 
 
@@ -107,12 +121,24 @@ def _min_d2(problem: Problem, ops: Sequence[int], d1: float, points: np.ndarray,
     return float(cand[lo])
 
 
-def pack_stage(problem: Problem, ops: Sequence[int], grid: int = 48) -> tuple[float, list[Wave]] | None:
+def search_grid(problem: Problem, ops: Sequence[int], num_points: int, grid: int, budget: float) -> int:
+    """D1 values to try (the refinement tries as many again) so that the search's feasibility tests, each about
+    options x (device grains + OPTION_CELLS) cells and ~log2(points) of them per D1, stay within ``budget``."""
+    options = sum(len(problem.curves[m].counts) + 1 for m in ops)
+    grains = problem.num_devices // device_grain(problem.num_devices) + 1
+    per_d1 = options * (grains + OPTION_CELLS) * (np.log2(max(num_points, 2)) + 2)
+    return int(max(MIN_GRID, min(grid, budget / (2 * per_d1))))
+
+
+def pack_stage(problem: Problem, ops: Sequence[int], grid: int = 48,
+               budget: float = TWO_WAVE_BUDGET) -> tuple[float, list[Wave]] | None:
     """Best two-wave schedule of the independent MetaOps ``ops`` found by the search, as (makespan, waves);
-    None when no two-wave schedule exists (more MetaOps than two waves of N devices can hold)."""
+    None when no two-wave schedule exists (more MetaOps than two waves of N devices can hold). ``grid``: D1 values
+    tried (and as many again around the best), fewer where ``budget`` (DP cells, see :func:`search_grid`) says."""
     ops = list(ops)
     upper = sum(problem.curves[m].times[0] * problem.layers(m) for m in ops)
     points = _breakpoints(problem, ops, upper)
+    grid = search_grid(problem, ops, len(points), grid, budget)
     best: tuple[float, float, float] | None = None  # (total, d1, d2)
 
     def consider(d1: float) -> None:

@@ -1,7 +1,9 @@
-"""``python -m bench.planner [--quick] [--only CELL ...] [--repeats 3]``: run the planner benchmark.
+"""``python -m bench.planner [--quick] [--section grid|sweep|scale|recipe] [--only CELL ...] [--repeats 3]``.
 
-The full run (no --quick, no --only) writes bench/results/planner.{json,md}; a partial run writes
-planner-partial.*, a quick one planner-quick.*, so a partial run never overwrites the full results.
+The full run (no --quick, --section or --only) writes bench/results/planner.{json,md}; ``--section S`` writes
+planner-S.*, another partial run planner-partial.*, a quick one planner-quick.*, so a partial run never overwrites
+the full results. Scale cells are planned in a fresh process each (peak RSS per cell), baselines included in the
+planning time, ``--scale-repeats`` times (default 1: the 10,240-device cell plans for up to a minute).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 
 from bench.common import write_results
 from bench.planner.cells import all_cells, quick_cells, select_cells
-from bench.planner.measure import measure_cell
+from bench.planner.measure import measure_cell, measure_cell_isolated
 from bench.planner.report import evaluate_targets, render_report
 
 log = logging.getLogger("bench.planner")
@@ -24,7 +26,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="1 timed run, no warm-up; without --only, only the smallest cell of each grid workload")
     parser.add_argument("--only", action="append", default=[], metavar="CELL",
                         help="cell (clip-10@32), workload (clip-10) or group (grid, scale); repeat or comma-separate")
+    parser.add_argument("--section", action="append", default=[], choices=("grid", "sweep", "scale", "recipe"),
+                        help="run one group of cells (repeatable); results go to planner-<section>.*")
     parser.add_argument("--repeats", type=int, default=3, help="timed planning runs per cell (median reported)")
+    parser.add_argument("--scale-repeats", type=int, default=1, help="timed plannings per scale cell (no warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed planning runs before the timed ones")
     parser.add_argument("--name", default=None, help="results file stem under bench/results/")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the planner's own log messages")
@@ -37,19 +42,26 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("planner").setLevel(logging.WARNING)
     repeats, warmup = (1, 0) if args.quick else (args.repeats, args.warmup)
-    only = [s for item in args.only for s in item.split(",")]
+    only = [s for item in args.only + args.section for s in item.split(",")]
+    if args.repeats < 1 or args.scale_repeats < 1 or args.warmup < 0:
+        print("error: --repeats and --scale-repeats must be at least 1 and --warmup at least 0", file=sys.stderr)
+        return 2
     try:
         cells = select_cells(all_cells(), only) if only else (quick_cells() if args.quick else all_cells())
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    name = args.name or ("planner-quick" if args.quick else "planner-partial" if only else "planner")
+    section = "planner-" + "-".join(args.section) if args.section and not args.only else None
+    name = args.name or ("planner-quick" if args.quick else section or ("planner-partial" if only else "planner"))
     config = {"cells": [c.name for c in cells], "repeats": repeats, "warmup": warmup, "quick": args.quick,
-              "cost_model": "analytic"}
+              "scale_repeats": 1 if args.quick else args.scale_repeats, "cost_model": "analytic"}
     records = []
     for i, cell in enumerate(cells, 1):
         log.info("[%d/%d] %s ...", i, len(cells), cell.name)
-        record = measure_cell(cell, repeats=repeats, warmup=warmup)
+        if cell.group == "scale":
+            record = measure_cell_isolated(cell, repeats=1 if args.quick else args.scale_repeats)
+        else:
+            record = measure_cell(cell, repeats=repeats, warmup=warmup)
         records.append(record)
         if record["error"]:
             log.info("[%d/%d] %s FAILED: %s", i, len(cells), cell.name, record["error"])

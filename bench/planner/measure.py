@@ -10,13 +10,22 @@ numbers come from one extra, untimed run with baselines. Two kinds of ratio are 
 * compute-only: the schedule's compute makespan (sum of wave durations, no placement) over a
   bound. This is what the bound actually bounds; Spindle's compute makespan is measured the same
   way on its own wavefront schedule.
+
+Scale cells (:func:`measure_cell_isolated`) are planned in a fresh process each, so that the process's peak
+resident memory (``peak_rss_mib``, from ``getrusage``) is that cell's alone, and their planning time is that of
+the whole ``loom plan`` (``plan_job`` *with* baselines, what the issue's targets bound): median of ``repeats``
+runs, the last of which gives the numbers. Every record also carries Loom's peak device memory beside the
+device's, and which baselines' plans do not fit (``baseline_notes``).
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import resource
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from planner.api import PlanOutcome, plan_job
@@ -39,22 +48,25 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def measure_cell(cell: Cell, repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
-    """Plan ``cell`` and return its record; a failure becomes a record with ``error`` set (never raises)."""
+def measure_cell(cell: Cell, repeats: int = 3, warmup: int = 1, with_baselines: bool = False) -> dict[str, Any]:
+    """Plan ``cell`` and return its record; a failure becomes a record with ``error`` set (never raises).
+    ``with_baselines``: the timed runs are whole plannings (baselines included) and the last one gives the
+    numbers; otherwise they plan without baselines and one extra run gives the numbers."""
     record: dict[str, Any] = {"cell": cell.name, "workload": cell.workload, "group": cell.group,
-                              "num_devices": cell.num_devices, "error": None}
+                              "num_devices": cell.num_devices, "error": None,
+                              "planning_time_includes_baselines": with_baselines}
     started = time.perf_counter()
     try:
         job = load_cell_job(cell)
         timed_iterations: list[float] = []
 
         def run_once() -> PlanOutcome:
-            outcome = plan_job(job, with_baselines=False, progress=_quiet)
+            outcome = plan_job(job, with_baselines=with_baselines, progress=_quiet)
             timed_iterations.append(outcome.plan.predicted.iteration_time_s)
             return outcome
 
         timing = median_of(run_once, repeats=repeats, warmup=warmup)
-        outcome = plan_job(job, with_baselines=True, progress=_quiet)
+        outcome = timing.result if with_baselines else plan_job(job, with_baselines=True, progress=_quiet)
         record.update(_describe(outcome))
         record["planning_time_median_s"] = timing.median_s
         record["planning_time_samples_s"] = list(timing.samples_s)
@@ -64,6 +76,18 @@ def measure_cell(cell: Cell, repeats: int = 3, warmup: int = 1) -> dict[str, Any
         log.error("%s failed:\n%s", cell.name, traceback.format_exc())
     record["wall_s"] = time.perf_counter() - started
     return record
+
+
+def _measure_in_child(cell: Cell, repeats: int, warmup: int) -> dict[str, Any]:
+    record = measure_cell(cell, repeats=repeats, warmup=warmup, with_baselines=True)
+    record["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return record
+
+
+def measure_cell_isolated(cell: Cell, repeats: int = 1, warmup: int = 0) -> dict[str, Any]:
+    """:func:`measure_cell` with baselines in a fresh (spawned) process, plus that process's peak RSS."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measure_in_child, cell, repeats, warmup).result()
 
 
 def _describe(outcome: PlanOutcome) -> dict[str, Any]:
@@ -97,6 +121,8 @@ def _describe(outcome: PlanOutcome) -> dict[str, Any]:
             "speedup_vs_sequential": _ratio(sequential_s, loom_s),
             "compute_speedup_vs_spindle": _ratio(spindle_compute, loom_compute),
         },
+        "peak_memory_gib": {"loom": max(plan.peak_memory_bytes, default=0.0) / 2**30,
+                            "device": plan.cluster.memory_bytes / 2**30},
         "solver": plan.solver.model_dump(),
         "baseline_notes": dict(plan.baseline_notes),
     }

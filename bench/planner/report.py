@@ -19,8 +19,11 @@ NEAR_BOUND = 1.05  # Spindle this close to the bound leaves little room for any 
 SEQUENTIAL_CELL, SEQUENTIAL_TARGET = "clip-10@32", 1.71
 SMALL_MAX_DEVICES, SMALL_PLAN_S = 64, 3.0
 LARGE_DEVICES, LARGE_MIN_METAOPS, LARGE_PLAN_S = 1024, 100, 30.0
+# the scale section's targets (issue 13): (devices, MetaOps at least) -> planning seconds, peak RSS MiB (None: no limit)
+SCALE_PLAN_TARGETS = {(1024, 200): (20.0, None), (10240, 500): (60.0, 1024.0)}
+SCALE_MEAN_TARGET = 1.3  # geometric mean over the scale cells of best fitting baseline / Loom
 EPS = 1e-9  # float noise allowed in "never slower" and "<= bound x" comparisons
-SPINDLE_GROUPS = ("grid", "scale")  # Spindle's workloads and the sweep; recipe cells stay out of the mean
+SPINDLE_GROUPS = ("grid", "sweep", "scale")  # Spindle's workloads and the synthetic ones; recipe cells stay out
 
 Record = dict[str, Any]
 
@@ -79,6 +82,42 @@ def results_table(records: Sequence[Record]) -> str:
             _x(ra["spindle_compute_over_per_level"]), _x(ra["speedup_vs_spindle"]),
             _x(ra["speedup_vs_sequential"], 2), f"{r['solver']['status']} ({r['solver']['gap']:.3f})",
             f"{r['planning_time_median_s']:.2f}",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def best_fitting_baseline(record: Record) -> tuple[str, float] | None:
+    """The fastest baseline whose plan fits in device memory (not named in ``baseline_notes``), as (name, s)."""
+    notes = record.get("baseline_notes", {})
+    fitting = [(t, k) for k, t in record["iteration_s"].items() if k != "loom" and k not in notes]
+    return (min(fitting)[1], min(fitting)[0]) if fitting else None
+
+
+def speedup_vs_best(record: Record) -> float | None:
+    best = best_fitting_baseline(record)
+    return None if best is None else best[1] / record["iteration_s"]["loom"]
+
+
+def scale_table(records: Sequence[Record]) -> str:
+    """The scale section: every baseline (OOM where its plan does not fit), the best fitting one, Loom, the ratio,
+    Loom's peak device memory, planning time (baselines included) and the planning process's peak RSS."""
+    keys = _baseline_keys(records)
+    head = (["Cell", "MetaOps"] + keys + ["best fitting", "Loom", "best / Loom", "Loom compute / PL",
+                                          "Loom peak GiB (device)", "plan s", "peak RSS MiB", "solver method"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        if r.get("error"):
+            lines.append(f"| {r['cell']} | error: {r['error']}" + " |" * (len(head) - 1))
+            continue
+        it, notes, best = r["iteration_s"], r.get("baseline_notes", {}), best_fitting_baseline(r)
+        mem = r.get("peak_memory_gib", {})
+        rss = r.get("peak_rss_mib")
+        row = [r["cell"], str(r["num_metaops"])] + [_ms(it.get(k)) + (" (OOM)" if k in notes else "") for k in keys] + [
+            f"{best[0]} {_ms(best[1])}" if best else "none fits", _ms(it["loom"]), _x(speedup_vs_best(r)),
+            _x(r["ratios"]["loom_compute_over_per_level"]),
+            f"{mem.get('loom', float('nan')):.1f} ({mem.get('device', float('nan')):.0f})",
+            f"{r['planning_time_median_s']:.2f}", "-" if rss is None else f"{rss:.0f}", r["solver"]["method"],
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -198,6 +237,50 @@ def _plan_time(records: Sequence[Record], label: str, select, limit: float) -> V
     return Verdict(target, measured, "PASS" if not slow and not _failed(cells) else "SHORT", "; ".join(notes))
 
 
+def _never_slower_than_best(records: Sequence[Record]) -> Verdict:
+    target = "Loom <= the best baseline whose plan fits in memory (predicted iteration time), every cell"
+    ok = [r for r in _ok(records) if speedup_vs_best(r) is not None]
+    if not ok:
+        return Verdict(target, "-", "NOT MEASURED")
+    worst = min(ok, key=speedup_vs_best)
+    slower = [f"{r['cell']} {speedup_vs_best(r):.3f}x ({best_fitting_baseline(r)[0]})" for r in ok
+              if speedup_vs_best(r) < 1 - EPS]
+    notes = ["slower than: " + ", ".join(slower)] if slower else []
+    if _failed(records):
+        notes.append("failed: " + _failed(records))
+    verdict = "PASS" if not slower and not _failed(records) else "SHORT"
+    return Verdict(target, f"min {speedup_vs_best(worst):.3f}x ({worst['cell']})", verdict, "; ".join(notes))
+
+
+def _scale_mean(records: Sequence[Record]) -> Verdict:
+    target = f"Loom >= {SCALE_MEAN_TARGET}x faster than the best fitting baseline on geometric mean, scale cells"
+    cells = [r for r in records if r["group"] == "scale"]
+    ok = [r for r in _ok(cells) if speedup_vs_best(r) is not None]
+    if not ok:
+        return Verdict(target, "-", "NOT MEASURED")
+    mean = geomean([speedup_vs_best(r) for r in ok])
+    notes = ", ".join(f"{r['cell']} {speedup_vs_best(r):.3f}x" for r in ok)
+    if _failed(cells):
+        notes += "; failed: " + _failed(cells)
+    verdict = "PASS" if mean >= SCALE_MEAN_TARGET and not _failed(cells) else "SHORT"
+    return Verdict(target, f"{mean:.3f}x over {len(ok)} cells", verdict, notes)
+
+
+def _scale_planning(records: Sequence[Record], devices: int, metaops: int, limit_s: float,
+                    rss_mib: float | None) -> Verdict:
+    target = f"{devices:,} devices x {metaops}+ MetaOps: planning (baselines included) < {limit_s:g} s" + (
+        "" if rss_mib is None else f" and peak RSS < {rss_mib / 1024:g} GiB")
+    cells = [r for r in records if r["num_devices"] == devices and r["group"] == "scale"]
+    ok = [r for r in _ok(cells) if r.get("num_metaops", 0) >= metaops]
+    if not ok:
+        return Verdict(target, "-", "NOT MEASURED" if not _failed(cells) else "SHORT", _failed(cells))
+    r = max(ok, key=lambda r: r["planning_time_median_s"])
+    rss = r.get("peak_rss_mib")
+    measured = f"{r['planning_time_median_s']:.2f} s" + ("" if rss is None else f", {rss:.0f} MiB") + f" ({r['cell']})"
+    passed = r["planning_time_median_s"] < limit_s and (rss_mib is None or (rss is not None and rss < rss_mib))
+    return Verdict(target, measured, "PASS" if passed else "SHORT")
+
+
 def evaluate_targets(records: Sequence[Record]) -> list[Verdict]:
     """Every target of the planner issue, evaluated on ``records``."""
     return [
@@ -209,9 +292,11 @@ def evaluate_targets(records: Sequence[Record]) -> list[Verdict]:
         _plan_time(records, f"every cell up to {SMALL_MAX_DEVICES} devices",
                    lambda r: r["num_devices"] <= SMALL_MAX_DEVICES, SMALL_PLAN_S),
         _plan_time(records, f"{LARGE_DEVICES} devices x {LARGE_MIN_METAOPS}+ MetaOps",
-                   lambda r: r["num_devices"] >= LARGE_DEVICES and r.get("num_metaops", LARGE_MIN_METAOPS)
+                   lambda r: r["num_devices"] == LARGE_DEVICES and r.get("num_metaops", LARGE_MIN_METAOPS)
                    >= LARGE_MIN_METAOPS, LARGE_PLAN_S),
-    ]
+        _never_slower_than_best(records),
+        _scale_mean(records),
+    ] + [_scale_planning(records, n, m, limit, rss) for (n, m), (limit, rss) in SCALE_PLAN_TARGETS.items()]
 
 
 def targets_table(verdicts: Sequence[Verdict]) -> str:
@@ -234,9 +319,14 @@ def render_report(records: Sequence[Record], config: dict[str, Any]) -> str:
         "(OOM): that baseline's plan needs more device memory than the cluster has (Loom's plan always fits).",
     ]
     for group, title in (("grid", "Grid: Spindle's workloads (8-64 devices)"),
-                         ("scale", "Scale sweep: synthetic CLIP-like workload, 100 MetaOps"),
+                         ("sweep", "Sweep: synthetic CLIP-like workload, 100 MetaOps"),
+                         ("scale", "Scale: 1,024 to 10,240 devices (bench/workloads/README.md)"),
                          ("recipe", "Recipes: full-size recipe jobs on their own clusters")):
         rows = [r for r in records if r["group"] == group]
         parts += [f"## {title}", results_table(rows) if rows else "_not run_"]
+        if group == "scale" and rows:
+            parts += ["Scale cells, memory and planning cost (each planned in its own process; planning time "
+                      "includes the baselines; OOM: that baseline's plan does not fit in device memory):",
+                      scale_table(rows)]
     parts += ["## Targets", targets_table(evaluate_targets(records))]
     return "\n\n".join(parts) + "\n"

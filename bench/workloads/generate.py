@@ -39,35 +39,78 @@ INPUT_SIZES: dict[str, tuple[str, tuple[int, ...]]] = {
 BATCH_SIZES = (32, 64, 128, 256, 512)
 
 
-def clip_like_data(num_tasks: int, num_nodes: int = 16, seed: int = 0) -> dict[str, Any]:
-    """The job spec (as a plain dict) of ``num_tasks`` random contrastive pairs over clip-10's encoders."""
-    if num_tasks < 1:
-        raise ValueError(f"num_tasks ({num_tasks}) must be at least 1.")
+def clip_like_name(num_tasks: int, uses_per_task: int = 2) -> str:
+    """The workload's name: ``synth-clip-<tasks>`` for pairs, ``synth-clip-<tasks>x<uses>`` otherwise."""
+    return f"synth-clip-{num_tasks}" + ("" if uses_per_task == 2 else f"x{uses_per_task}")
+
+
+def clip_like_data(num_tasks: int, num_nodes: int = 16, seed: int = 0, uses_per_task: int = 2) -> dict[str, Any]:
+    """The job spec (as a plain dict) of ``num_tasks`` random contrastive tasks over clip-10's encoders, each of
+    ``uses_per_task`` independent encoder uses: distinct modalities up to the six there are, then repeats (more
+    views of a modality, each a named use with its own input size). Pairs (the default) are the sweep's tasks."""
+    if num_tasks < 1 or uses_per_task < 2:
+        raise ValueError(f"num_tasks ({num_tasks}) must be at least 1 and uses_per_task ({uses_per_task}) at least 2.")
     base = load_yaml(CLIP_SPEC)
     rng = random.Random(seed)
     modalities = sorted(INPUT_SIZES)
     tasks = []
     for i in range(num_tasks):
-        pair = rng.sample(modalities, 2)
+        picked = rng.sample(modalities, min(uses_per_task, len(modalities)))
+        picked += [rng.choice(modalities) for _ in range(uses_per_task - len(picked))]
         uses = []
-        for modality in pair:
+        for j, modality in enumerate(picked):
             field, choices = INPUT_SIZES[modality]
-            uses.append({"component": modality, "after": [], field: rng.choice(choices)})
+            name = {} if modality not in picked[:j] else {"name": f"{modality}_{j}"}
+            uses.append({"component": modality, **name, "after": [], field: rng.choice(choices)})
         tasks.append({
-            "name": f"task{i:03d}_{pair[0]}_{pair[1]}",
+            "name": f"task{i:03d}_" + "_".join(dict.fromkeys(picked)),
             "batch_size": rng.choice(BATCH_SIZES),
             "loss": "contrastive",
             "components": uses,
         })
     cluster = {**base["cluster"], "num_nodes": num_nodes}
-    return {"name": f"synth-clip-{num_tasks}", "cluster": cluster, "components": base["components"], "tasks": tasks}
+    return {"name": clip_like_name(num_tasks, uses_per_task), "cluster": cluster, "components": base["components"],
+            "tasks": tasks}
 
 
-def clip_like_job(num_tasks: int, num_nodes: int = 16, seed: int = 0) -> JobSpec:
-    """A validated JobSpec of ``num_tasks`` CLIP-like tasks (2 MetaOps each) on ``num_nodes`` nodes of 8."""
-    job = parse_job(clip_like_data(num_tasks, num_nodes, seed), source="synthetic workload")
+def clip_like_job(num_tasks: int, num_nodes: int = 16, seed: int = 0, uses_per_task: int = 2) -> JobSpec:
+    """A validated JobSpec of ``num_tasks`` CLIP-like tasks (``uses_per_task`` MetaOps each) on nodes of 8."""
+    job = parse_job(clip_like_data(num_tasks, num_nodes, seed, uses_per_task), source="synthetic workload")
     check_components(job)
     return job
+
+
+# A vision-audio-language model at the size such clusters train: a 70B-class LLaMA (80 layers, 8192 wide, GQA with
+# 8 KV heads, FFN 28672; tensor parallel up to 8) fed by Qwen-VL's ViT-bigG/14 and a Whisper-large encoder, every
+# component with activation checkpointing. Parameters: 68.4B (LLM layers) + 1.8B + 0.6B = 70.9B, so memory binds.
+VLM_COMPONENTS: dict[str, dict[str, Any]] = {
+    "vision": {"kind": "vit", "num_layers": 48, "hidden_size": 1664, "num_heads": 16, "ffn_hidden_size": 8192,
+               "patch_size": 14, "image_size": 448, "in_channels": 3, "recompute": True},
+    "audio": {"kind": "transformer", "num_layers": 32, "hidden_size": 1280, "num_heads": 20, "ffn_hidden_size": 5120,
+              "seq_len": 1500, "recompute": True},
+    "llm": {"kind": "llama", "num_layers": 80, "hidden_size": 8192, "num_heads": 64, "num_kv_heads": 8,
+            "ffn_hidden_size": 28672, "vocab_size": 128256, "seq_len": 4096, "tensor_parallel": [1, 2, 4, 8],
+            "recompute": True},
+}
+VLM_IMAGE_SIZES = (224, 336, 448)  # vision input sides (257, 577, 1025 tokens)
+VLM_LLM_SEQ = (1024, 2048, 4096)  # tokens the LLM sees per sample
+VLM_BATCH_SIZES = (256, 512, 1024, 2048)
+
+
+def vlm_like_data(num_tasks: int, num_nodes: int = 512, seed: int = 0) -> dict[str, Any]:
+    """``num_tasks`` random tasks of a 70B-class vision-audio-language model: each an encoder (vision or audio,
+    with a drawn input size) feeding the shared LLM (2 MetaOps), with a drawn LLM length and batch."""
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks ({num_tasks}) must be at least 1.")
+    rng = random.Random(seed)
+    tasks = []
+    for i in range(num_tasks):
+        encoder = rng.choice(("vision", "audio"))
+        use = {"component": encoder} | ({"image_size": rng.choice(VLM_IMAGE_SIZES)} if encoder == "vision" else {})
+        tasks.append({"name": f"task{i:03d}_{encoder}_language", "batch_size": rng.choice(VLM_BATCH_SIZES),
+                      "components": [use, {"component": "llm", "seq_len": rng.choice(VLM_LLM_SEQ)}]})
+    cluster = {"num_nodes": num_nodes, "devices_per_node": 8, "device": "a800", "inter_node_gbps": 400}
+    return {"name": f"synth-vlm-{num_tasks}", "cluster": cluster, "components": VLM_COMPONENTS, "tasks": tasks}
 
 
 def main(argv: list[str] | None = None) -> None:

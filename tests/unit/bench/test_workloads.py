@@ -17,7 +17,7 @@ from planner.spec import JobSpec, load_job
 
 from bench.planner.cells import GRID_WORKLOADS, Cell, all_cells, load_cell_job, select_cells
 from bench.planner.report import evaluate_targets
-from bench.workloads.generate import WORKLOAD_DIR, clip_like_job
+from bench.workloads.generate import WORKLOAD_DIR, clip_like_job, vlm_like_data
 
 # workload -> (tasks, MetaOps): one MetaOp per component use (every component here is one segment).
 EXPECTED_COUNTS = {
@@ -144,10 +144,34 @@ def test_synthetic_sweep_workload_is_deterministic_and_large():
     assert parameter_count(job) == pytest.approx(parameter_count(_job("clip-10")))
 
 
+@pytest.mark.parametrize(("cell", "num_metaops"), [
+    ("synth-clip-50x4@1024", 200), ("synth-vlm-15@4096", 30), ("synth-clip-50x10@10240", 500)])
+def test_scale_cells_have_the_issue_sizes(cell, num_metaops):
+    """The scale section's cells (issue 13): 1,024 x 200, 4,096 x ~30 and 10,240 x 500 MetaOps."""
+    workload, n = cell.split("@")
+    job = load_cell_job(Cell(workload, int(n), "scale"))
+    assert job.cluster.num_devices == int(n)
+    assert len(build_metagraph(job)) == num_metaops
+
+
+def test_synthetic_workloads_keep_the_sweep_and_repeat_modalities_as_named_uses():
+    assert clip_like_job(50, num_nodes=128, uses_per_task=2) == clip_like_job(50, num_nodes=128)
+    many = clip_like_job(3, num_nodes=1, uses_per_task=10)
+    for task in many.tasks:
+        names = [u.use_name for u in task.components]
+        assert len(names) == 10 and len(set(names)) == 10  # six modalities, then repeats under their own names
+        assert len({u.component for u in task.components}) == 6
+    vlm = vlm_like_data(15)
+    assert all([u["component"] for u in t["components"]][1] == "llm" for t in vlm["tasks"])
+    assert vlm == vlm_like_data(15) and vlm != vlm_like_data(15, seed=1)
+
+
 def test_cells_cover_the_grid_and_the_sweep():
     cells = all_cells()
     assert len([c for c in cells if c.group == "grid"]) == 5 * 3 + 2
-    assert sorted(c.num_devices for c in cells if c.group == "scale") == [128, 256, 512, 1024]
+    assert sorted(c.num_devices for c in cells if c.group == "sweep") == [128, 256, 512]
+    assert [c.name for c in cells if c.group == "scale"] == [
+        "synth-clip-50@1024", "synth-clip-50x4@1024", "synth-vlm-15@4096", "synth-clip-50x10@10240"]
     assert load_cell_job(Cell("clip-10", 32, "grid")).cluster.num_devices == 32
     chosen = select_cells(cells, ["qwen-val-3", "clip-4@8"])
     assert [c.name for c in chosen] == ["clip-4@8", "qwen-val-3@32", "qwen-val-3@64"]
@@ -158,7 +182,7 @@ def test_cells_cover_the_grid_and_the_sweep():
 def _record(cell: str, loom: float, spindle: float, per_level: float, plan_s: float = 0.5) -> dict:
     n = int(cell.split("@")[1])
     return {
-        "cell": cell, "group": "grid" if n <= 64 else "scale", "num_devices": n, "num_metaops": 100, "error": None,
+        "cell": cell, "group": "grid" if n <= 64 else "sweep", "num_devices": n, "num_metaops": 100, "error": None,
         "iteration_s": {"loom": loom, "spindle": spindle, "sequential": 2 * loom},
         "compute_s": {"loom": loom, "spindle": spindle}, "planning_time_median_s": plan_s,
         "ratios": {"loom_over_per_level": loom / per_level, "loom_compute_over_per_level": loom / per_level,
@@ -180,3 +204,29 @@ def test_target_verdicts_report_misses_as_short():
     failed = good + [{"cell": "clip-7@8", "group": "grid", "num_devices": 8, "error": "PlanningError: x"}]
     assert all(v.verdict in {"SHORT", "NOT MEASURED"} for v in evaluate_targets(failed)
                if "sequential" not in v.target)
+
+
+def _scale_record(cell: str, loom: float, baselines: dict, oom: tuple = (), plan_s: float = 5.0,
+                  rss: float = 500.0, metaops: int = 500) -> dict:
+    return {"cell": cell, "group": "scale", "num_devices": int(cell.split("@")[1]), "num_metaops": metaops,
+            "error": None, "iteration_s": {**baselines, "loom": loom}, "baseline_notes": {k: "OOM" for k in oom},
+            "planning_time_median_s": plan_s, "peak_rss_mib": rss,
+            "ratios": {"speedup_vs_spindle": None, "loom_compute_over_per_level": 1.0}}
+
+
+def test_scale_targets_compare_with_the_best_baseline_that_fits():
+    """A faster baseline whose plan does not fit is not the one to beat; a slower Loom or a slow plan is SHORT."""
+    fits = _scale_record("synth-clip-50x10@10240", 1.0, {"optimus": 0.5, "uniform": 1.5}, oom=("optimus",))
+    verdicts = {v.target: v for v in evaluate_targets([fits])}
+    best = next(v for t, v in verdicts.items() if t.startswith("Loom <= the best baseline"))
+    mean = next(v for t, v in verdicts.items() if "geometric mean, scale cells" in t)
+    plan = next(v for t, v in verdicts.items() if t.startswith("10,240 devices"))
+    assert best.verdict == "PASS" and best.measured.startswith("min 1.500x")
+    assert mean.verdict == "PASS" and plan.verdict == "PASS"
+    slow = _scale_record("synth-clip-50x10@10240", 1.0, {"optimus": 0.9}, plan_s=61.0)
+    verdicts = {v.target: v for v in evaluate_targets([slow])}
+    assert next(v for t, v in verdicts.items() if t.startswith("Loom <= the best baseline")).verdict == "SHORT"
+    assert next(v for t, v in verdicts.items() if "geometric mean, scale cells" in t).verdict == "SHORT"
+    assert next(v for t, v in verdicts.items() if t.startswith("10,240 devices")).verdict == "SHORT"
+    heavy = _scale_record("synth-clip-50x10@10240", 1.0, {"optimus": 2.0}, rss=1500.0)
+    assert next(v for v in evaluate_targets([heavy]) if v.target.startswith("10,240 devices")).verdict == "SHORT"

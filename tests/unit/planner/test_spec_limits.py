@@ -197,12 +197,12 @@ def test_examples_are_within_the_limits() -> None:
 
 def test_uses_over_all_tasks() -> None:
     """Tasks within the per-task limits whose uses add up to more MetaOps than MAX_USES are refused."""
-    per_task = spec.MAX_USES // 8 + 1
+    per_task = spec.MAX_USES // 16 + 1
     tasks = [{"name": f"t{i}", "batch_size": 4,
-              "components": [{"component": "t", "name": f"u{j}"} for j in range(per_task)]} for i in range(8)]
+              "components": [{"component": "t", "name": f"u{j}"} for j in range(per_task)]} for i in range(16)]
     assert per_task <= spec.MAX_USES_PER_TASK and len(tasks) <= spec.MAX_TASKS
     assert limit_error(job_with(**{"components.t.num_layers": 1}, tasks=tasks)) == (
-        f"tasks[*].components ({8 * per_task} uses in all) is over the limit of {spec.MAX_USES} component uses in "
+        f"tasks[*].components ({16 * per_task} uses in all) is over the limit of {spec.MAX_USES} component uses in "
         "one job; the planner's work grows with them. Split the job (see docs/job-spec.md, Limits).")
 
 
