@@ -16,6 +16,7 @@ from pathlib import Path
 
 from planner import baselines as baselines_mod
 from planner.bound import dag_bound, per_level_bound
+from planner.candidates import adopt_best
 from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel
 from planner.devices import resolve_hardware
 from planner.errors import PlanningError
@@ -91,13 +92,18 @@ def plan_job(
         level_barriers=job.planner.level_barriers, deadline=start_cpu + job.planner.time_limit_s,
     )
     solved = solve(problem, settings, warm=warm, lower_bound=bounds.dag_s, progress=say)
-    result, placed, sim, unfit = choose_candidate(problem, cost_model, solved, deadline=settings.deadline)
+    try:
+        chosen, error = choose_candidate(problem, cost_model, solved, deadline=settings.deadline)[:3], None
+    except PlanningError as exc:  # no solver candidate fits: a baseline's schedule may
+        chosen, error = None, exc
+    # the baselines always run, past the limit too: every one is a candidate (planner.candidates), and skipping them by
+    # the clock made the same job's plan differ between runs
+    baseline_plans = baselines_mod.baseline_plans(problem, cost_model, spindle=warm)
+    result, placed, sim = adopt_best(problem, cost_model.hw.devices_per_node, chosen, baseline_plans, error, bounds.dag_s)
     say(f"chose {result.method}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
-    # the baselines always run, past the limit too: they take 0.1-0.2 s of CPU up to 16,384 devices, Loom's plan is
-    # checked against them, and skipping them by the clock made the same job's plan differ between runs
-    baseline_times = baselines_mod.run_baselines(problem, cost_model, spindle=warm) if with_baselines else {}
-    notes = {"spindle": f"its plan does not fit in device memory: {unfit['spindle']}"} \
-        if baseline_times and "spindle" in unfit else {}
+    baseline_times = {b.name: b.sim.iteration_time_s for b in baseline_plans} if with_baselines else {}
+    notes = {b.name: f"its plan does not fit in device memory: {b.unfit}" for b in baseline_plans
+             if b.unfit and with_baselines}
     plan = build_plan(job, graph, cost_model, placed, sim, result, bounds, baseline_times, notes)
     elapsed = time.perf_counter() - start
     say(f"planned in {elapsed:.2f} s: predicted iteration {sim.iteration_time_s:.4g} s")
@@ -127,7 +133,7 @@ def predict_plan(job: JobSpec, plan: Plan, cost_model: CostModel) -> Simulation:
     waves = tuple(PlacedWave(tuple(
         PlacedSlice(s.metaop, s.first_layer, s.num_layers, tuple(s.devices), Layout(s.dp_degree, s.tp_degree))
         for s in wave.slices)) for wave in plan.waves)
-    return simulate(Problem.build(graph, cost_model), PlacedSchedule(waves), cost_model)
+    return simulate(Problem.build(graph, cost_model), PlacedSchedule(waves, tuple(plan.phases)), cost_model)
 
 
 REFINE_TOP = 2  # the best placed candidates (distinct schedules) the transfer-aware search starts from
@@ -240,6 +246,7 @@ def build_plan(
                             memory_bytes=hw.memory_bytes),
         metaops=metaops,
         waves=waves,
+        phases=list(placed.phases),
         transfers=[PlanTransfer(**vars(t)) for t in sim.transfers],
         pieces=plan_pieces(graph.metaops, placed, cost_model.weight_bytes),
         holdings=plan_holdings(sim.holdings),
