@@ -16,7 +16,7 @@ from pathlib import Path
 
 from planner import baselines as baselines_mod
 from planner.bound import dag_bound, per_level_bound
-from planner.candidates import adopt_best
+from planner.candidates import adopt_best, schedule_of
 from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel
 from planner.devices import resolve_hardware
 from planner.errors import PlanningError
@@ -110,16 +110,26 @@ def plan_job(
     return PlanOutcome(plan, problem, placed, sim, elapsed, result)
 
 
-def plan_schedule(job: JobSpec, schedule: Schedule, cost_model: CostModel | None = None, method: str = "given") -> Plan:
-    """A sealed Plan for a given wave schedule (placed and simulated like the planner's own), e.g. the
-    sequential baseline for a side-by-side run, or a hand-made schedule in tests. No baselines."""
+def plan_schedule(job: JobSpec, schedule: Schedule, cost_model: CostModel | None = None, method: str = "given",
+                  phases: tuple[int, ...] = (0,)) -> Plan:
+    """A sealed Plan for a given wave schedule (placed and simulated like the planner's own; ``phases``: the first wave
+    of each phase, planner.phases), e.g. the sequential baseline for a side-by-side run, or a hand-made schedule in
+    tests. No baselines."""
+    cost_model = cost_model or make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cost_model)
+    check_schedule(problem, schedule)
+    return plan_placed(job, replace(place_schedule(problem, schedule, cost_model), phases=tuple(phases)), cost_model,
+                       method)
+
+
+def plan_placed(job: JobSpec, placed: PlacedSchedule, cost_model: CostModel | None = None, method: str = "given") -> Plan:
+    """A sealed Plan for a placed schedule as it is (e.g. a baseline's, planner.baselines), simulated. No baselines."""
     cost_model = cost_model or make_cost_model(job)
     graph = build_metagraph(job)
     problem = Problem.build(graph, cost_model)
-    check_schedule(problem, schedule)
-    placed = place_schedule(problem, schedule, cost_model)
     sim = simulate(problem, placed, cost_model)
     bounds = Bounds(per_level_s=per_level_bound(problem), dag_s=dag_bound(problem))
+    schedule = schedule_of(placed)
     makespan = compute_makespan(problem, schedule)
     gap = (makespan - bounds.dag_s) / makespan if makespan > 0 else 0.0
     result = SolveResult(schedule, method, "heuristic", makespan, bounds.dag_s, gap, method)
