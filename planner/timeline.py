@@ -42,23 +42,32 @@ class Exchange:
 
 
 def _components(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
-    """Connected components of ``n`` nodes under the links ``a[i] - b[i]``: a label per node (min-label propagation
-    with pointer jumping; a handful of rounds for the short chains a boundary makes)."""
-    label = np.arange(n)
-    while True:
-        low = np.minimum(label[a], label[b])
-        new = label.copy()
-        np.minimum.at(new, a, low)
-        np.minimum.at(new, b, low)
-        new = new[new]
-        if np.array_equal(new, label):
-            return label
-        label = new
+    """Connected components of ``n`` nodes under the links ``a[i] - b[i]``: an index 0..C-1 per node (union-find)."""
+    parent = list(range(n))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for x, y in zip(a.tolist(), b.tolist()):
+        rx, ry = root(x), root(y)
+        if rx != ry:
+            parent[max(rx, ry)] = min(rx, ry)
+    return np.unique(np.array([root(x) for x in range(n)]), return_inverse=True)[1]
 
 
 def _p2p_times(cost_model: CostModel, nbytes: np.ndarray, cross_node: bool) -> np.ndarray:
     values, inverse = np.unique(nbytes, return_inverse=True)
     return np.array([cost_model.p2p_time(float(v), cross_node) for v in values])[inverse]
+
+
+def _busiest(component: np.ndarray, num: int, load: np.ndarray) -> np.ndarray:
+    """Per component, the largest of ``load`` over its members."""
+    out = np.zeros(num)
+    np.maximum.at(out, component, load)
+    return out
 
 
 def exchange_of(senders: np.ndarray, receivers: np.ndarray, nbytes: np.ndarray, cost_model: CostModel,
@@ -69,22 +78,27 @@ def exchange_of(senders: np.ndarray, receivers: np.ndarray, nbytes: np.ndarray, 
         return None
     devices, inverse = np.unique(np.concatenate([senders, receivers]), return_inverse=True)
     a, b = inverse[:len(senders)], inverse[len(senders):]
-    labels, component = np.unique(_components(a, b, len(devices)), return_inverse=True)
-    per_move = component[a]
+    component = _components(a, b, len(devices))
+    num = int(component.max()) + 1
     dpn = cost_model.hw.devices_per_node
     cross = senders // dpn != receivers // dpn
-    seconds = np.zeros(len(labels))
-    span = int(max(senders.max(), receivers.max())) + 1
-    for endpoints, divisor in ((senders, 1), (receivers, 1), (senders, dpn), (receivers, dpn)):
-        on = cross if divisor > 1 else ~cross
-        if not on.any():
-            continue
-        keys, at = np.unique(per_move[on] * span + endpoints[on] // divisor, return_inverse=True)
-        load = np.bincount(at, weights=nbytes[on])
-        busiest = np.zeros(len(labels))
-        np.maximum.at(busiest, keys // span, load)
+    seconds = np.zeros(num)
+    intra = ~cross
+    if intra.any():  # a device's link per direction: each device lies in one component
+        load = np.maximum(np.bincount(a[intra], weights=nbytes[intra], minlength=len(devices)),
+                          np.bincount(b[intra], weights=nbytes[intra], minlength=len(devices)))
+        busiest = _busiest(component, num, load)
         used = busiest > 0
-        seconds[used] = np.maximum(seconds[used], _p2p_times(cost_model, busiest[used], divisor > 1))
+        seconds[used] = _p2p_times(cost_model, busiest[used], False)
+    if cross.any():  # a node's network link per direction, shared by the component's devices on that node
+        per_move = component[a[cross]]
+        span = int(devices.max()) // dpn + 1
+        busiest = np.zeros(num)
+        for endpoints in (senders[cross], receivers[cross]):
+            keys, at = np.unique(per_move * span + endpoints // dpn, return_inverse=True)
+            busiest = np.maximum(busiest, _busiest(keys // span, num, np.bincount(at, weights=nbytes[cross])))
+        used = busiest > 0
+        seconds[used] = np.maximum(seconds[used], _p2p_times(cost_model, busiest[used], True))
     return Exchange(devices, component, seconds)
 
 
