@@ -1,44 +1,45 @@
-"""Simulator: the predicted iteration time of a placed wave schedule under one cost model.
+"""Simulator: the predicted iteration time of a placed schedule under one cost model.
 
-Owns :func:`simulate` and the primitives the baselines reuse: :func:`move_flows` (the bytes of the
-program's moves, :mod:`planner.program`), :func:`boundary_time` (concurrent transfers at one
-boundary), and :class:`Phase` / :func:`backward_ends` (the forward-then-reverse-backward timeline).
+Owns :func:`simulate` and the primitives the planner reuses: :func:`move_flows` (the bytes of the program's moves,
+:mod:`planner.program`), :func:`boundary_time` (concurrent transfers at one boundary), and :class:`Phase` /
+:func:`backward_ends` (a forward-then-reverse-backward timeline with barriers, for callers that want one).
 
 Model. Times are in seconds, bytes per iteration.
 
-- **compute**: waves run one after another. A wave lasts as long as its slowest slice, and a slice
-  takes ``curve.time(n) * layers`` (forward+backward), plus, for a root MetaOp's first slice, the
-  cost model's :meth:`~planner.costmodel.CostModel.embed_time` (data and embedding on each device;
-  0 unless profiled). Forward runs waves 0..K-1, backward runs them in reverse. Between the last
-  forward and the first backward runs the **loss stage**: every task's loss head on the first TP
-  device of each data-parallel rank of the last slice of its leaf MetaOps (the runtime's loss host),
-  :meth:`~planner.costmodel.CostModel.head_time` each; it lasts as long as its busiest device
-  (0 unless profiled). A wave's duration is split into a forward and a backward part in the proportion
-  of its slowest slice's passes (:meth:`CostModel.passes`): forward ``1 / passes``, backward the
-  rest (``backward_factor``, plus the recomputed forward under recompute). So the parts of all
-  waves add up to the wave durations.
-- **transfers**: exactly the moves of the program the runtime executes (:mod:`planner.program`, whose
-  docstring gives the rules: which rows of which producer reach which device, forward and backward,
-  local moves free), each row at the bytes of the producer boundary's activation shape in the compute
-  precision (:func:`~planner.program.row_bytes`). An edge's moves are attributed to the boundary just
-  before its consumer's wave, however many waves earlier the producer ran; the leaves' outputs to the
-  loss hosts form the boundary before the loss stage. All flows at one boundary run concurrently. The
-  boundary lasts as long as its busiest link (:func:`boundary_time`): a device's intra-node link in each
-  direction, or a node's network link in each direction for cross-node bytes (``inter_bandwidth`` is
-  per node). Activations cross a boundary just before the wave's forward (the loss stage's); gradients
-  cross it back just after its backward, only to producers that run a backward pass, to every TP device
-  of the producer (so a tensor-parallel producer receives more than it sent). Both lie on the critical
-  path, so compute and transfers end at ``compute_s + transfer_s``.
-- **sync, optimizer, all-gather**: :func:`~planner.sync.finish_iteration` (model in :mod:`planner.sync`).
-- **reported parts**: ``compute_s`` (sum of wave durations plus the loss stage), ``transfer_s`` (all
-  boundaries), ``optimizer_s`` (the slowest device's step), ``gather_s`` (the *exposed* all-gather:
-  iteration minus when the last device has stepped; 0 without ``shard_optimizer``) and ``sync_s``,
-  the *exposed* sync: when the last device has stepped minus ``compute_s + transfer_s +
-  optimizer_s``. So ``iteration = compute + transfers + sync + optimizer + gather``, while
-  ``sync_total_s`` is what the sync alone would take (all buckets launched longest-first at once)
-  and :class:`SyncInfo` ``time_s`` is one bucket's all-reduce.
-- **peak memory** per device comes from the same :class:`~planner.placement.MemoryLedger`
-  placement checks against.
+- **the timeline** (:mod:`planner.timeline`): per device, as the runtime's workers run a plan, without global
+  barriers. Phase by phase (:mod:`planner.phases`; one by default): the phase's waves forward in order, its tasks'
+  loss stage, its waves backward in reverse. A slice starts when all its devices are free and takes its forward
+  part (``1 / passes`` of :func:`slice_seconds`, :meth:`CostModel.passes`) or its backward part (the rest:
+  ``backward_factor``, plus the recomputed forward under recompute). A slice takes ``curve.time(n) * layers``
+  forward+backward, plus, for a MetaOp's first slice, :meth:`~planner.costmodel.CostModel.embed_time` (0 unless
+  profiled). The loss stage runs every task's loss head on the first TP device of each data-parallel rank of the
+  last slice of its leaf MetaOps (the runtime's loss host), :meth:`~planner.costmodel.CostModel.head_time` each.
+  With gradient accumulation (``training.grad_accum_steps`` k) every device walks it k times.
+- **transfers**: exactly the moves of the program the runtime executes (:mod:`planner.program`, whose docstring
+  gives the rules: which rows of which producer reach which device, forward and backward, local moves free), each
+  row at the bytes of the producer boundary's activation shape in the compute precision
+  (:func:`~planner.program.row_bytes`). An edge's moves happen at the boundary just before its consumer's wave (the
+  loss stage's for the leaves' outputs to the loss hosts); activations cross it before the wave's forward, gradients
+  cross it back after its backward, only to producers that run a backward pass, to every TP device of the producer.
+  On the timeline, the devices a boundary's remote moves link form components, each starting when its last device
+  arrives and lasting as long as its busiest link (:func:`planner.timeline.exchange_of`: a device's intra-node link
+  per direction, a node's network link per direction for cross-node bytes; ``inter_bandwidth`` is per node).
+- **sync, optimizer, all-gather**: :func:`~planner.sync.finish_buckets` (model in :mod:`planner.sync`) over the
+  program's gradient buckets, each ready when its event (:mod:`planner.phases`) has passed on all its devices, and
+  each device's own end of compute.
+- **reported parts**, along the critical path (:func:`planner.sync.finish_buckets`): back from the device that steps
+  last, through its exposed sync into the compute and transfers that led there. ``compute_s`` and ``transfer_s``
+  are that path's slice and loss-head seconds and its exchange seconds; ``sync_s`` its exposed all-reduces;
+  ``optimizer_s`` that device's step; ``gather_s`` the exposed all-gather after the last step (0 without
+  ``shard_optimizer``). So ``iteration = compute + transfers + sync + optimizer + gather``, while ``sync_total_s``
+  is what the sync alone would take (all buckets launched longest-first at once) and :class:`SyncInfo`
+  ``time_s`` is one bucket's all-reduce.
+- **per-wave numbers** (what a Plan records per wave): ``wave_durations`` (a wave's slowest slice), ``phases`` (each
+  wave's duration split by its slowest slice's passes, its boundary's moves priced together by
+  :func:`boundary_time`; then the loss stages' busiest device and moves), ``slice_seconds``: the waves as if each
+  ended at a barrier, a description rather than the prediction.
+- **peak memory** per device comes from the same :class:`~planner.placement.MemoryLedger` placement checks against
+  (with phases, the largest phase's activations).
 """
 
 from __future__ import annotations
