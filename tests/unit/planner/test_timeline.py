@@ -50,8 +50,9 @@ def test_disjoint_device_groups_run_without_a_barrier_between_waves():
     ops = [op(0, "a0", task="a", params=0.0, out=0.0), op(1, "a1", task="a", deps=(0,), params=0.0, out=0.0),
            op(2, "b0", task="b", params=0.0, out=0.0), op(3, "b1", task="b", deps=(2,), params=0.0, out=0.0)]
     flops = {0: slow, 1: fast, 2: fast, 3: slow}
-    ops = [o.__class__(**{**vars(o), "layer": o.layer.__class__(**{**vars(o.layer), "flops_fwd": flops[o.id]})})
-           for o in ops]
+    # a layer key of their own: the shared cost model caches curves by it
+    ops = [o.__class__(**{**vars(o), "layer": o.layer.__class__(**{**vars(o.layer), "flops_fwd": flops[o.id],
+                                                                   "key": f"timeline-{o.id}"})}) for o in ops]
     problem = problem_of(*ops)
     sim = simulate(problem, placed(problem, [(0, 0, 4, (0, 1)), (2, 0, 4, (2, 3))],
                                    [(1, 0, 4, (0, 1)), (3, 0, 4, (2, 3))]), CM)
