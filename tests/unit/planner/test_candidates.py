@@ -121,3 +121,24 @@ def test_a_task_reading_another_tasks_output_runs_in_one_phase():
     problem = Problem.build(finalize_graph([op(0, "ta", "a"), op(1, "tb", "b", deps=(0,))]), cm)
     placed = sequential_schedule(problem)
     assert placed.phases == (0,) and runnable(problem, placed, cm.hw.devices_per_node) is None
+
+
+def test_plan_job_adopts_a_baseline_when_no_solver_candidate_fits(monkeypatch):
+    """The glue in plan_job: with every solver candidate over memory (forced here), the fastest fitting baseline is the
+    plan, with its phases; the plan loads, its program is its waves' and phases', and it names the baseline."""
+    import planner.api as api
+
+    def nothing_fits(*args, **kwargs):
+        raise PlanningError("device 0 needs more memory than it has")
+
+    monkeypatch.setattr(api, "choose_candidate", nothing_fits)
+    job = parse_job(two_node_job())
+    plan = plan_from_json(plan_job(job).plan.to_json(), "adopted")
+    fitting = {name: t for name, t in plan.baselines.items() if name not in plan.baseline_notes}
+    best = min((name for name in BASELINES if name in fitting), key=fitting.get)  # BASELINES order among equals
+    assert plan.solver.method == best + ADOPTED
+    assert plan.predicted.iteration_time_s == pytest.approx(fitting[best], rel=1e-12)
+    check_program(plan, build_metagraph(job).metaops, "adopted")
+    cm = make_cost_model(job)
+    placed = {b.name: b.placed for b in baseline_plans(Problem.build(build_metagraph(job), cm), cm)}[best]
+    assert plan.phases == list(placed.phases)
