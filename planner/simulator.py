@@ -123,7 +123,6 @@ class Simulation:
     slice_seconds: tuple[tuple[float, ...], ...] = ()  # per wave, each slice's compute (slice_seconds)
     holdings: tuple[Holding, ...] = ()  # the module shards and holders the sync model priced (planner.program)
     buckets: tuple[Bucket, ...] = ()  # their gradient buckets, in launch order
-    wave_starts: tuple[float, ...] = ()  # per wave, when its first slice starts forward (last micro-batch)
 
 
 # --------------------------------------------------------------------------- transfers
@@ -336,12 +335,11 @@ def wave_durations(problem: Problem, placed: PlacedSchedule, cost_model: CostMod
 @dataclass(frozen=True)
 class Walk:
     """Where the timeline ends: per device when its compute and transfers end (``clocks.t``, with the critical
-    path's parts), when each gradient bucket is ready, and when each wave's forward starts (last micro-batch)."""
+    path's parts), and when each gradient bucket is ready."""
 
     clocks: Clocks
     ready: list[float]
     ready_parts: list[tuple[float, float]]  # per bucket, the (compute, transfer) path of the device it waited for
-    wave_starts: list[float]
 
 
 def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forward: list[list[Flows]],
@@ -372,7 +370,7 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
     waiting: dict[int, list[int]] = {}
     for i, b in enumerate(program):
         waiting.setdefault(b.ready_wave, []).append(i)
-    clocks, ready, starts = Clocks(problem.num_devices), [0.0] * len(program), [0.0] * num_waves
+    clocks, ready = Clocks(problem.num_devices), [0.0] * len(program)
     parts = [(0.0, 0.0)] * len(program)
     micro = problem.graph.num_micro_batches
     for pass_ in range(micro):
@@ -385,8 +383,8 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
         for p, (first, end) in enumerate(phase_ranges(placed.phases, num_waves)):
             for k in range(first, end):
                 clocks.exchange(ex_fwd[k])
-                begun = [clocks.run(devices, fwd) for devices, fwd, _ in runs[k]]
-                starts[k] = min(begun, default=0.0)
+                for devices, fwd, _ in runs[k]:
+                    clocks.run(devices, fwd)
             code = loss_event(num_waves, p)
             clocks.exchange(ex_fwd[code])
             for devices, seconds in heads.get(p, ()):
@@ -398,7 +396,7 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
                     clocks.run(devices, bwd)
                 passed(k)
                 clocks.exchange(ex_bwd[k])
-    return Walk(clocks, ready, parts, starts)
+    return Walk(clocks, ready, parts)
 
 
 def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> Simulation:
@@ -435,5 +433,4 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
         slice_seconds=tuple(tuple(slice_seconds(problem, s, cost_model) for s in w.slices) for w in placed.waves),
         holdings=tuple(held),
         buckets=tuple(program),
-        wave_starts=tuple(done.wave_starts),
     )

@@ -1,13 +1,14 @@
 """Gradient sync and optimizer: how an iteration ends once its compute and transfers are done.
 
-Owns :func:`finish_iteration`, which :func:`~planner.simulator.simulate` and the baselines share, and its
-parts: :func:`sync_buckets` (the all-reduce buckets of what a :class:`~planner.placement.MemoryLedger`
-holds), :func:`bucket_time` / :func:`schedule_sync` / :func:`launch_orders` (the shared-parameter gradient
+Owns :func:`finish_buckets`, with which :func:`~planner.simulator.simulate` ends its timeline, :func:`finish_iteration`
+(the same over the buckets of what a :class:`~planner.placement.MemoryLedger` holds), and their parts:
+:func:`sync_buckets` (the all-reduce buckets of what a ledger holds), :func:`bucket_time` / :func:`schedule_sync` / :func:`launch_orders` (the shared-parameter gradient
 all-reduce overlapped with backward), :func:`optimizer_seconds` (the optimizer step) and, under ZeRO-1,
 :func:`gather_time` / :func:`schedule_gather` (the all-gather of the updated parameters).
 
-Model. Times are in seconds, bytes per iteration. The caller gives when each slice's backward ends and
-when compute and transfers end (``compute_end``).
+Model. Times are in seconds, bytes per iteration. The caller gives when each bucket is ready and when compute and
+transfers end (``compute_end``: one time, or one per device, as the per-device timeline of :mod:`planner.timeline`
+gives it).
 
 - **sync**: gradients of trainable parameter groups only (2 bytes/param), all-reduced among the
   devices that hold them. Layers of a group held by the same device set (and TP degree) form one
