@@ -123,8 +123,11 @@ class Clocks:
         self.transfer = np.zeros(num_devices)
 
     def run(self, devices: np.ndarray, seconds: float) -> float:
-        """Work of ``seconds`` on all of ``devices`` once they are all free; returns when it started."""
+        """Work of ``seconds`` on all of ``devices`` once they are all free; returns when it started. No work (a frozen
+        slice's backward, an unprofiled loss head) waits for nothing: the runtime skips it."""
         j = devices[int(np.argmax(self.t[devices]))]
+        if seconds <= 0:
+            return float(self.t[j])
         start = float(self.t[j])
         self.t[devices] = start + seconds
         self.compute[devices] = self.compute[j] + seconds
