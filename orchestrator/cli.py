@@ -245,7 +245,8 @@ def plan(
         help="Write a Gantt chart (PNG, or standalone HTML with hover details); repeat for both.",
     )] = None,
     no_baselines: Annotated[bool, typer.Option(
-        "--no-baselines", help="Skip the baseline schedules (faster; the summary then has no speed-ups).",
+        "--no-baselines", help="Leave the baselines out of the plan and summary (no speed-ups; they still run, as "
+        "candidates Loom may adopt).",
     )] = False,
     shapes: Annotated[Path | None, typer.Option(
         "--shapes", metavar="SHAPES.yaml", exists=True, dir_okay=False,

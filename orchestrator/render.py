@@ -119,7 +119,8 @@ def plan_header(plan: Plan, planning_time_s: float | None = None) -> Table:
         f"{cluster.devices_per_node} {cluster.device}, {format_bytes(cluster.memory_bytes)} each)",
     )
     grid.add_row("cost model", plan.cost_model)
-    grid.add_row("MetaOps", f"{len(plan.metaops)} in {len(plan.waves)} wave{'s' if len(plan.waves) != 1 else ''}")
+    phases = f" in {len(plan.phases)} phases (first waves {plan.phases})" if len(plan.phases) > 1 else ""
+    grid.add_row("MetaOps", f"{len(plan.metaops)} in {len(plan.waves)} wave{'s' if len(plan.waves) != 1 else ''}{phases}")
     if planning_time_s is not None:
         grid.add_row("planning time", format_seconds(planning_time_s))
     grid.add_row("plan hash", plan.hash or "(unsealed)")

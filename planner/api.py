@@ -16,6 +16,7 @@ from pathlib import Path
 
 from planner import baselines as baselines_mod
 from planner.bound import plan_bounds
+from planner.candidates import adopt_best, schedule_of
 from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel, lm_heads
 from planner.devices import resolve_hardware
 from planner.errors import PlanningError
@@ -95,16 +96,21 @@ def plan_job(
     )
     solved = solve(problem, settings, warm=warm, lower_bound=bounds.dag_s, progress=say)
     try:
-        result, placed, sim, unfit = choose_candidate(problem, cost_model, solved, deadline=settings.deadline)
-        planned = problem
-    except PlanningError as exc:  # no candidate fits in device memory
-        planned, (result, placed, sim, unfit) = repair_memory(problem, cost_model, settings, bounds, exc, say)
+        chosen, planned, error = choose_candidate(problem, cost_model, solved, deadline=settings.deadline)[:3], problem, None
+    except PlanningError as exc:  # no solver candidate fits in device memory: solve again within less memory
+        try:
+            planned, found = repair_memory(problem, cost_model, settings, bounds, exc, say)
+            chosen, error = found[:3], None
+        except PlanningError as still:  # nothing the solver finds fits: a baseline's schedule may
+            chosen, planned, error = None, problem, still
+    # the baselines always run, past the limit too: every one is a candidate (planner.candidates), and skipping them by
+    # the clock made the same job's plan differ between runs
+    baseline_plans = baselines_mod.baseline_plans(problem, cost_model, spindle=warm)
+    result, placed, sim = adopt_best(problem, cost_model.hw.devices_per_node, chosen, baseline_plans, error, bounds.dag_s)
     say(f"chose {result.method}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
-    # the baselines always run, past the limit too: they take 0.1-0.2 s of CPU up to 16,384 devices, Loom's plan is
-    # checked against them, and skipping them by the clock made the same job's plan differ between runs
-    baseline_times = baselines_mod.run_baselines(problem, cost_model, spindle=warm) if with_baselines else {}
-    notes = {"spindle": f"its plan does not fit in device memory: {unfit['spindle']}"} \
-        if baseline_times and "spindle" in unfit else {}
+    baseline_times = {b.name: b.sim.iteration_time_s for b in baseline_plans} if with_baselines else {}
+    notes = {b.name: f"its plan does not fit in device memory: {b.unfit}" for b in baseline_plans
+             if b.unfit and with_baselines}
     plan = build_plan(job, graph, cost_model, placed, sim, result, bounds, baseline_times, notes)
     elapsed = time.perf_counter() - start
     say(f"planned in {elapsed:.2f} s: predicted iteration {sim.iteration_time_s:.4g} s")
@@ -153,16 +159,26 @@ def finishing_reserve(problem: Problem, limit_s: float) -> float:
     return min(0.5 * limit_s, FINISH_CPU_S_PER_CELL * len(problem.graph) * problem.num_devices)
 
 
-def plan_schedule(job: JobSpec, schedule: Schedule, cost_model: CostModel | None = None, method: str = "given") -> Plan:
-    """A sealed Plan for a given wave schedule (placed and simulated like the planner's own), e.g. the
-    sequential baseline for a side-by-side run, or a hand-made schedule in tests. No baselines."""
+def plan_schedule(job: JobSpec, schedule: Schedule, cost_model: CostModel | None = None, method: str = "given",
+                  phases: tuple[int, ...] = (0,)) -> Plan:
+    """A sealed Plan for a given wave schedule (placed and simulated like the planner's own; ``phases``: the first wave
+    of each phase, planner.phases), e.g. the sequential baseline for a side-by-side run, or a hand-made schedule in
+    tests. No baselines."""
+    cost_model = cost_model or make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cost_model)
+    check_schedule(problem, schedule)
+    return plan_placed(job, replace(place_schedule(problem, schedule, cost_model), phases=tuple(phases)), cost_model,
+                       method)
+
+
+def plan_placed(job: JobSpec, placed: PlacedSchedule, cost_model: CostModel | None = None, method: str = "given") -> Plan:
+    """A sealed Plan for a placed schedule as it is (e.g. a baseline's, planner.baselines), simulated. No baselines."""
     cost_model = cost_model or make_cost_model(job)
     graph = build_metagraph(job)
     problem = Problem.build(graph, cost_model)
-    check_schedule(problem, schedule)
-    placed = place_schedule(problem, schedule, cost_model)
     sim = simulate(problem, placed, cost_model)
     bounds = plan_bounds(problem, cost_model)
+    schedule = schedule_of(placed)
     makespan = compute_makespan(problem, schedule)
     gap = (makespan - bounds.dag_s) / makespan if makespan > 0 else 0.0
     result = SolveResult(schedule, method, "heuristic", makespan, bounds.dag_s, gap, method)
@@ -176,7 +192,7 @@ def predict_plan(job: JobSpec, plan: Plan, cost_model: CostModel) -> Simulation:
     waves = tuple(PlacedWave(tuple(
         PlacedSlice(s.metaop, s.first_layer, s.num_layers, tuple(s.devices), Layout(s.dp_degree, s.tp_degree))
         for s in wave.slices)) for wave in plan.waves)
-    return simulate(Problem.build(graph, cost_model), PlacedSchedule(waves), cost_model)
+    return simulate(Problem.build(graph, cost_model), PlacedSchedule(waves, tuple(plan.phases)), cost_model)
 
 
 PLACE_BUDGET = 200_000  # work units (refine.evaluation_cost) of placing and simulating candidates: all of them up to
@@ -332,6 +348,7 @@ def build_plan(
                             memory_bytes=hw.memory_bytes),
         metaops=metaops,
         waves=waves,
+        phases=list(placed.phases),
         transfers=[PlanTransfer(**vars(t)) for t in sim.transfers],
         pieces=plan_pieces(graph.metaops, placed, cost_model.weight_bytes),
         holdings=plan_holdings(sim.holdings),

@@ -1,47 +1,36 @@
-"""Baselines: the comparison systems' predicted iteration times under Loom's cost model.
+"""Baselines: the comparison systems' schedules, placed, memory-checked and priced by Loom's own simulator.
 
-Owns :func:`run_baselines` and one function per baseline (:data:`BASELINES` lists the keys).
-Spindle's wavefront is placed and simulated like Loom's own plan. The task-level systems are not
-wave schedules. They are simulated with the same primitives (curve times,
-the program's moves (:func:`~planner.program.forward_moves` / :func:`~planner.program.backward_moves`, priced by
-:func:`~planner.simulator.move_flows` / :func:`~planner.simulator.boundary_time`) for data moving between MetaOps, :func:`~planner.sync.finish_iteration` over the devices that hold each
-layer) under this model:
+Owns :func:`baseline_plans` / :func:`run_baselines` and one schedule builder per baseline (:data:`BASELINES` lists
+the keys). Every baseline is a :class:`~planner.placement.PlacedSchedule`, with phases (:mod:`planner.phases`) where
+the system runs tasks one after another, so one simulator (:func:`~planner.simulator.simulate`: the per-device
+timeline, the program's transfers, gradient sync overlapped with what follows, optimizer, all-gather) prices them
+all, the memory ledger checks them (one that does not fit is marked), and Loom can adopt any of them
+(:mod:`planner.candidates`). Shapes:
 
-- A MetaOp runs whole (all its layers, ``curve.time(n) * L``) on the first ``n`` devices of the group
-  its task runs on. ``n`` is the largest valid count <= the group size.
-- A task runs its MetaOps as *stages*, one after another. Before a stage, the inputs of its MetaOps
-  move from where their predecessors ran (one concurrent boundary). Like the waves of a plan, a
-  task's stages run forward in order and backward in reverse (:func:`~planner.simulator.backward_ends`),
-  each stage's compute split by its slowest MetaOp's passes; gradients cross the boundary back
-  after the stage's backward.
-- Gradient sync and the optimizer step follow the same rule as a plan's
-  (:func:`~planner.sync.finish_iteration`): a bucket is ready when the backward of the stage
-  that runs its layers has finished in the *last* task (in time) that runs them, since gradients
-  accumulate over all tasks that use a parameter. It then overlaps with whatever compute follows
-  (the rest of that task's backward, later tasks). The optimizer (ZeRO-1) steps once compute and the
-  device's buckets are done. Memory is not checked; these are the systems' times, not plans Loom
-  would run.
+- A MetaOp runs whole (all its layers) on the first ``n`` devices of the group its task runs on, ``n`` the largest
+  valid count <= the group size, at the curve's layout for ``n``.
+- A task runs its MetaOps as *stages* in consecutive waves (a stage waits for its MetaOps' predecessors). The
+  timeline runs each device group on its own: no barrier with other groups.
 
 Systems:
 
-- ``sequential`` (Megatron-LM / DeepSpeed): each task in turn on all N devices. Every MetaOp runs
-  at its fastest valid count, and every component is replicated on all N devices, so each
-  trainable group is all-reduced over N. A group shared by several tasks is reduced only once the
-  last of them has run its backward, so its sync overlaps only with what runs after that.
-- ``uniform``: ceil(N / #tasks) devices per task, the last tasks trimmed by one each until the
-  sizes sum to N, and each raised to the task's smallest runnable size. Tasks run concurrently on
-  disjoint contiguous groups; when the sizes exceed N (for instance #tasks > N), tasks are
-  list-scheduled longest-first on the earliest-free devices. A task's buckets overlap with the
-  backward of its own earlier stages (a group shared across tasks waits for the slowest of them).
-- ``optimus`` (Spindle-Optimus): every task starts on its smallest runnable size (1 device when it
-  fits). Spare devices then go greedily to the task with the best marginal gain
-  ``(T(n) - T(n')) / (n' - n)``, where ``n'`` is the task's next size that makes it faster and
-  ``T`` is its compute time. Tasks run concurrently as in ``uniform``.
-- ``distmm_mt`` (DistMM-MT): tasks in turn on all N devices, synced like ``sequential``. Inside a
-  task, the MetaOps of each MetaLevel (e.g. the encoders of different modalities) split the N
-  devices in proportion to their single-device work, snapped to valid counts. Spare devices go to
-  the slowest MetaOp; a level lasts as long as its slowest MetaOp.
-- ``spindle``: Spindle's wavefront schedule, placed and simulated.
+- ``sequential`` (Megatron-LM / DeepSpeed): each task in turn on all N devices, each task a phase of its own, so its
+  gradient sync overlaps the next task's compute and its activations are freed before the next task runs. Every
+  MetaOp runs at its fastest valid count.
+- ``uniform``: ceil(N / #tasks) devices per task, the last tasks trimmed by one each until the sizes sum to N, and
+  each raised to the task's smallest runnable size. Tasks run concurrently on disjoint contiguous groups (one
+  phase); when the sizes exceed N (for instance #tasks > N), tasks are list-scheduled longest-first (compute time at
+  their size) on the earliest-free devices, a task running in the phase after the last task on any of its devices.
+- ``optimus`` (Spindle-Optimus): every task starts on its smallest runnable size (1 device when it fits). Spare
+  devices then go greedily to the task with the best marginal gain ``(T(n) - T(n')) / (n' - n)``, where ``n'`` is
+  the task's next size that makes it faster and ``T`` is its compute time. Tasks run concurrently as in ``uniform``.
+- ``distmm_mt`` (DistMM-MT): tasks in turn on all N devices, each a phase, as ``sequential``. Inside a task, the
+  MetaOps of each MetaLevel (e.g. the encoders of different modalities) split the N devices in proportion to their
+  single-device work, snapped to valid counts (one wave). Spare devices go to the slowest MetaOp.
+- ``spindle``: Spindle's wavefront schedule, placed (without a memory check) like Loom's own candidates.
+
+A task-in-turn shape whose program would cross phases (a MetaOp reading another task's output: only synthetic
+problems) runs as one phase instead.
 """
 
 from __future__ import annotations
@@ -50,13 +39,13 @@ import logging
 import math
 from bisect import bisect_right
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from planner.costmodel import CostModel, Layout
-from planner.placement import PlacedSlice, build_ledger, place_schedule
+from planner.costmodel import CostModel
+from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, check_memory, placed_ledger, place_schedule
+from planner.errors import PlanningError
 from planner.schedule import Problem, Schedule
-from planner.program import backward_moves, forward_moves, row_bytes
-from planner.simulator import Flows, Phase, backward_ends, boundary_time, move_flows, simulate, split_passes
-from planner.sync import finish_iteration
+from planner.simulator import Simulation, simulate
 
 log = logging.getLogger(__name__)
 
@@ -97,58 +86,6 @@ def task_compute(problem: Problem, ops: Sequence[int], num_devices: int) -> floa
     return total
 
 
-def run_stages(
-    problem: Problem, cost_model: CostModel, stages: Sequence[Stage], where: dict[int, PlacedSlice]
-) -> list[Phase]:
-    """The timeline phases of ``stages`` (one per stage), transfers between them included.
-
-    Each MetaOp runs whole. Its input comes from where its predecessors ran (``where``, which this
-    fills in). All flows into one stage form one concurrent boundary, forward and backward. A stage's
-    compute is split into forward and backward by its slowest MetaOp's passes.
-    """
-    ops = problem.graph.metaops
-    phases = []
-    for stage in stages:
-        forward: list[Flows] = []
-        backward: list[Flows] = []
-        longest, slowest = 0.0, stage[0][0]
-        for m, devices in stage:
-            layout = problem.curves[m].layout(len(devices))
-            for d in ops[m].deps:
-                src = where.get(d)
-                if src is None:
-                    continue
-                per_row = row_bytes(ops[d], ops[d].num_layers, cost_model.weight_bytes)
-                forward.append(move_flows(forward_moves(src.devices, src.layout, devices, layout, ops[d].batch_size),
-                                          per_row))
-                if ops[d].backward_factor > 0:
-                    backward.append(move_flows(backward_moves(src.devices, src.layout, devices, layout,
-                                                              ops[d].batch_size), per_row))
-            where[m] = PlacedSlice(m, 0, ops[m].num_layers, devices, layout)
-            seconds = problem.curves[m].time(len(devices)) * ops[m].num_layers
-            if seconds > longest:
-                longest, slowest = seconds, m
-        fwd, bwd = split_passes(ops[slowest], longest)
-        phases.append(Phase(fwd, bwd, boundary_time(forward, cost_model), boundary_time(backward, cost_model)))
-    return phases
-
-
-def run_task(
-    problem: Problem, cost_model: CostModel, stages: Sequence[Stage], where: dict[int, PlacedSlice],
-    ready: dict[int, float], start: float = 0.0,
-) -> float:
-    """Run ``stages`` forward then backward from ``start``; returns when they end.
-
-    Fills ``where`` (see :func:`run_stages`) and ``ready[m]``: when the backward of MetaOp ``m``'s stage ends.
-    """
-    phases = run_stages(problem, cost_model, stages, where)
-    ends, finish = backward_ends(phases, start)
-    for stage, end in zip(stages, ends):
-        for m, _ in stage:
-            ready[m] = end
-    return finish
-
-
 def chain_stages(problem: Problem, ops: Sequence[int], group: Sequence[int]) -> list[Stage]:
     """A task's MetaOps one after another, each on the first (largest valid count) devices of ``group``."""
     stages = []
@@ -157,34 +94,6 @@ def chain_stages(problem: Problem, ops: Sequence[int], group: Sequence[int]) -> 
         assert n is not None, f"group of {len(group)} devices is too small for MetaOp {m}"
         stages.append([(m, tuple(group[:n]))])
     return stages
-
-
-def _finish(
-    problem: Problem, cost_model: CostModel, compute_end: float, where: dict[int, PlacedSlice], ready: dict[int, float]
-) -> float:
-    """Iteration time: compute ending at ``compute_end``, then the parameters as ``where`` holds them synced
-    (each MetaOp's gradients final at ``ready[m]``, overlapping what follows) and stepped."""
-    ms = sorted(where)
-    ledger = build_ledger(problem, [where[m] for m in ms], cost_model)
-    return finish_iteration(ledger, [ready[m] for m in ms], compute_end, cost_model).iteration_time_s
-
-
-# --------------------------------------------------------------------------- sequential and DistMM-MT
-
-
-def sequential_time(problem: Problem, cost_model: CostModel) -> float:
-    """Megatron-LM / DeepSpeed style: each task in turn on all devices, components replicated everywhere."""
-    everyone = tuple(range(problem.num_devices))
-    where: dict[int, PlacedSlice] = {}
-    ready: dict[int, float] = {}
-    end = 0.0
-    for _, ops in tasks_of(problem):
-        end = run_task(problem, cost_model, chain_stages(problem, ops, everyone), where, ready, end)
-    replicated = {}
-    for m, s in where.items():  # every device holds every layer: the sync spans all N devices
-        tp = s.layout.tp_degree
-        replicated[m] = PlacedSlice(m, 0, s.num_layers, everyone, Layout(max(1, len(everyone) // tp), tp))
-    return _finish(problem, cost_model, end, replicated, ready)
 
 
 def split_level(problem: Problem, ops: Sequence[int], num_devices: int) -> list[Stage]:
@@ -220,51 +129,6 @@ def split_level(problem: Problem, ops: Sequence[int], num_devices: int) -> list[
     return [stage]
 
 
-def distmm_mt_time(problem: Problem, cost_model: CostModel) -> float:
-    """DistMM-MT: tasks in turn on all devices; each MetaLevel of a task splits them across its MetaOps."""
-    where: dict[int, PlacedSlice] = {}
-    ready: dict[int, float] = {}
-    end = 0.0
-    for _, ops in tasks_of(problem):
-        levels: dict[int, list[int]] = {}
-        for m in ops:
-            levels.setdefault(problem.graph.metaops[m].level, []).append(m)
-        stages = [st for lv in sorted(levels) for st in split_level(problem, levels[lv], problem.num_devices)]
-        end = run_task(problem, cost_model, stages, where, ready, end)
-    return _finish(problem, cost_model, end, where, ready)
-
-
-# --------------------------------------------------------------------------- task-parallel: uniform, Optimus
-
-
-def run_tasks_concurrently(problem: Problem, cost_model: CostModel, sizes: Sequence[int]) -> float:
-    """Iteration time of the tasks run side by side on groups of ``sizes`` devices (in task order).
-
-    When the sizes fit in N, groups are disjoint and contiguous and every task starts at 0. Otherwise
-    tasks are list-scheduled longest-first (compute time at their size). Each one takes the
-    ``size`` earliest-free devices and starts when the last of them is free.
-    """
-    tasks = tasks_of(problem)
-    where: dict[int, PlacedSlice] = {}
-    ready: dict[int, float] = {}
-    if sum(sizes) <= problem.num_devices:
-        start, makespan = 0, 0.0
-        for (_, ops), size in zip(tasks, sizes):
-            group = tuple(range(start, start + size))
-            start += size
-            makespan = max(makespan, run_task(problem, cost_model, chain_stages(problem, ops, group), where, ready))
-        return _finish(problem, cost_model, makespan, where, ready)
-    free = [0.0] * problem.num_devices
-    order = sorted(range(len(tasks)), key=lambda t: (-task_compute(problem, tasks[t][1], sizes[t]), t))
-    for t in order:
-        group = tuple(sorted(sorted(range(problem.num_devices), key=lambda d: (free[d], d))[: sizes[t]]))
-        begin = max(free[d] for d in group)
-        end = run_task(problem, cost_model, chain_stages(problem, tasks[t][1], group), where, ready, begin)
-        for d in group:
-            free[d] = end
-    return _finish(problem, cost_model, max(free), where, ready)
-
-
 def uniform_sizes(num_tasks: int, num_devices: int) -> list[int]:
     """ceil(N / #tasks) per task, the last tasks trimmed by one each until the sizes sum to N (1 each when #tasks > N)."""
     if num_tasks > num_devices:
@@ -272,14 +136,6 @@ def uniform_sizes(num_tasks: int, num_devices: int) -> list[int]:
     base = math.ceil(num_devices / num_tasks)
     excess = base * num_tasks - num_devices
     return [base - (1 if t >= num_tasks - excess else 0) for t in range(num_tasks)]
-
-
-def uniform_time(problem: Problem, cost_model: CostModel) -> float:
-    """Uniform task split: equal device groups per task, tasks concurrent."""
-    tasks = tasks_of(problem)
-    even = uniform_sizes(len(tasks), problem.num_devices)
-    sizes = [max(g, min_task_devices(problem, ops)) for g, (_, ops) in zip(even, tasks)]
-    return run_tasks_concurrently(problem, cost_model, sizes)
 
 
 def optimus_sizes(problem: Problem) -> list[int]:
@@ -311,33 +167,171 @@ def optimus_sizes(problem: Problem) -> list[int]:
         sizes[best] = steps[best][position[best]][0]
 
 
-def optimus_time(problem: Problem, cost_model: CostModel) -> float:
+class _Builder:
+    """Waves and phases of a baseline being built: stages go into the earliest wave after their MetaOps' predecessors
+    and after a given wave, within the current phase."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        self.waves: list[list[PlacedSlice]] = []
+        self.wave_of: dict[int, int] = {}
+        self.starts = [0]
+        self.crossing = False  # a stage reads an earlier phase's output: the whole schedule becomes one phase
+
+    def new_phase(self) -> None:
+        if len(self.waves) > self.starts[-1]:
+            self.starts.append(len(self.waves))
+
+    def put(self, stage: Stage, after: int = -1) -> int:
+        """Place ``stage`` in the earliest wave > ``after`` (and > its MetaOps' predecessors' waves); returns it."""
+        ops = self.problem.graph.metaops
+        deps = [self.wave_of[d] for m, _ in stage for d in ops[m].deps if d in self.wave_of]
+        self.crossing |= any(k < self.starts[-1] for k in deps)
+        k = max([after + 1, self.starts[-1], *(k + 1 for k in deps)])
+        while len(self.waves) <= k:
+            self.waves.append([])
+        for m, devices in stage:
+            layout = self.problem.curves[m].layout(len(devices))
+            self.waves[k].append(PlacedSlice(m, 0, ops[m].num_layers, tuple(devices), layout))
+            self.wave_of[m] = k
+        return k
+
+    def placed(self) -> PlacedSchedule:
+        phases = (0,) if self.crossing else tuple(self.starts)
+        return PlacedSchedule(tuple(PlacedWave(tuple(w)) for w in self.waves), phases)
+
+
+def run_chain(builder: _Builder, stages: Sequence[Stage]) -> None:
+    """A task's stages one after another, from the start of the builder's current phase."""
+    k = -1
+    for stage in stages:
+        k = builder.put(stage, k)
+
+
+# --------------------------------------------------------------------------- the schedules
+
+
+def sequential_schedule(problem: Problem) -> PlacedSchedule:
+    """Megatron-LM / DeepSpeed style: each task in turn (a phase) on all devices, each MetaOp at its fastest count."""
+    everyone = tuple(range(problem.num_devices))
+    builder = _Builder(problem)
+    for _, ops in tasks_of(problem):
+        builder.new_phase()
+        run_chain(builder, chain_stages(problem, ops, everyone))
+    return builder.placed()
+
+
+def distmm_mt_schedule(problem: Problem) -> PlacedSchedule:
+    """DistMM-MT: tasks in turn (phases) on all devices; each MetaLevel of a task splits them across its MetaOps."""
+    builder = _Builder(problem)
+    for _, ops in tasks_of(problem):
+        levels: dict[int, list[int]] = {}
+        for m in ops:
+            levels.setdefault(problem.graph.metaops[m].level, []).append(m)
+        builder.new_phase()
+        run_chain(builder, [st for lv in sorted(levels) for st in split_level(problem, levels[lv], problem.num_devices)])
+    return builder.placed()
+
+
+def concurrent_schedule(problem: Problem, sizes: Sequence[int]) -> PlacedSchedule:
+    """The tasks side by side on groups of ``sizes`` devices (in task order).
+
+    When the sizes fit in N, groups are disjoint and contiguous and every task starts in wave 0 (one phase).
+    Otherwise tasks are list-scheduled longest-first (compute time at their size): each takes the ``size``
+    earliest-free devices and runs in the phase after the last task on any of them."""
+    tasks = tasks_of(problem)
+    builder = _Builder(problem)
+    if sum(sizes) <= problem.num_devices:
+        start = 0
+        for (_, ops), size in zip(tasks, sizes):
+            run_chain(builder, chain_stages(problem, ops, tuple(range(start, start + size))))
+            start += size
+        return builder.placed()
+    free = [0.0] * problem.num_devices
+    phase_on = [-1] * problem.num_devices
+    rounds: dict[int, list[tuple[list[int], tuple[int, ...]]]] = {}
+    order = sorted(range(len(tasks)), key=lambda t: (-task_compute(problem, tasks[t][1], sizes[t]), t))
+    for t in order:
+        group = tuple(sorted(sorted(range(problem.num_devices), key=lambda d: (free[d], d))[: sizes[t]]))
+        end = max(free[d] for d in group) + task_compute(problem, tasks[t][1], sizes[t])
+        phase = 1 + max(phase_on[d] for d in group)
+        for d in group:
+            free[d], phase_on[d] = end, phase
+        rounds.setdefault(phase, []).append((tasks[t][1], group))
+    for phase in sorted(rounds):
+        builder.new_phase()
+        for ops, group in rounds[phase]:
+            run_chain(builder, chain_stages(problem, ops, group))
+    return builder.placed()
+
+
+def uniform_schedule(problem: Problem) -> PlacedSchedule:
+    """Uniform task split: equal device groups per task, tasks concurrent."""
+    tasks = tasks_of(problem)
+    even = uniform_sizes(len(tasks), problem.num_devices)
+    return concurrent_schedule(problem, [max(g, min_task_devices(problem, ops)) for g, (_, ops) in zip(even, tasks)])
+
+
+def optimus_schedule(problem: Problem) -> PlacedSchedule:
     """Spindle-Optimus: task-level marginal-gain allocation, tasks concurrent."""
-    return run_tasks_concurrently(problem, cost_model, optimus_sizes(problem))
+    return concurrent_schedule(problem, optimus_sizes(problem))
 
 
-# --------------------------------------------------------------------------- Spindle and all of them
-
-
-def spindle_time(problem: Problem, cost_model: CostModel, schedule: Schedule | None = None) -> float:
-    """Spindle's wavefront schedule (computed when not given), placed without a memory check and simulated."""
+def spindle_placed(problem: Problem, cost_model: CostModel, schedule: Schedule | None = None) -> PlacedSchedule:
+    """Spindle's wavefront schedule (computed when not given), placed without a memory check."""
     if schedule is None:
         from planner.spindle import spindle_schedule  # local: spindle is a sibling scheduler, imported on demand
 
         schedule = spindle_schedule(problem)
-    placed = place_schedule(problem, schedule, cost_model, check_memory_limit=False, tp_within_nodes=False)
-    return simulate(problem, placed, cost_model).iteration_time_s
+    return place_schedule(problem, schedule, cost_model, check_memory_limit=False, tp_within_nodes=False)
+
+
+# --------------------------------------------------------------------------- all of them
+
+
+@dataclass(frozen=True)
+class BaselinePlan:
+    """One baseline's placed schedule, its simulation, and why it does not fit in device memory (None: it fits)."""
+
+    name: str
+    placed: PlacedSchedule
+    sim: Simulation
+    unfit: str | None
+
+
+def baseline_schedules(problem: Problem, cost_model: CostModel, spindle: Schedule | None = None
+                       ) -> dict[str, PlacedSchedule]:
+    """Every baseline's placed schedule, keyed as :data:`BASELINES`."""
+    return {
+        "sequential": sequential_schedule(problem),
+        "uniform": uniform_schedule(problem),
+        "optimus": optimus_schedule(problem),
+        "distmm_mt": distmm_mt_schedule(problem),
+        "spindle": spindle_placed(problem, cost_model, spindle),
+    }
+
+
+def memory_error(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> str | None:
+    """Why ``placed`` does not fit in device memory (the ledger's error line), or None."""
+    try:
+        check_memory(placed_ledger(problem, placed, cost_model), cost_model.hw.memory_bytes,
+                     max(1, cost_model.hw.devices_per_node))
+    except PlanningError as exc:
+        return str(exc)
+    return None
+
+
+def baseline_plans(problem: Problem, cost_model: CostModel, spindle: Schedule | None = None) -> list[BaselinePlan]:
+    """Every baseline placed, simulated and memory-checked, in :data:`BASELINES` order."""
+    out = []
+    for name, placed in baseline_schedules(problem, cost_model, spindle).items():
+        sim = simulate(problem, placed, cost_model)  # its peaks are the ledger's: only an unfit plan needs the message
+        fits = max(sim.peak_memory_bytes, default=0.0) <= cost_model.hw.memory_bytes
+        out.append(BaselinePlan(name, placed, sim, None if fits else memory_error(problem, placed, cost_model)))
+        log.debug("baseline %s: %.4g s%s", name, sim.iteration_time_s, " (does not fit)" if out[-1].unfit else "")
+    return out
 
 
 def run_baselines(problem: Problem, cost_model: CostModel, spindle: Schedule | None = None) -> dict[str, float]:
     """Predicted iteration time (seconds) of every baseline in :data:`BASELINES`."""
-    times = {
-        "sequential": sequential_time(problem, cost_model),
-        "uniform": uniform_time(problem, cost_model),
-        "optimus": optimus_time(problem, cost_model),
-        "distmm_mt": distmm_mt_time(problem, cost_model),
-        "spindle": spindle_time(problem, cost_model, spindle),
-    }
-    for name, seconds in times.items():
-        log.debug("baseline %s: %.4g s", name, seconds)
-    return times
+    return {b.name: b.sim.iteration_time_s for b in baseline_plans(problem, cost_model, spindle)}

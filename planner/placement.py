@@ -20,7 +20,8 @@ Memory model (bytes per device; the two parts of :meth:`CostModel.layer_memory`)
   divided by the TP degree. A layer held twice counts once, at its largest shard;
 - activations saved for backward by every forward slice the device runs. Forward runs the waves in
   order and backward runs them in reverse, so all of these are live when forward ends: that is the
-  peak.
+  peak. With phases (:mod:`planner.phases`) a phase's activations are freed by its backward before
+  the next phase runs: the activation peak is the largest phase's (parameters are held throughout).
 
 Placement is greedy, wave by wave, and deterministic:
 
@@ -106,6 +107,7 @@ class PlacedWave:
 @dataclass(frozen=True)
 class PlacedSchedule:
     waves: tuple[PlacedWave, ...]
+    phases: tuple[int, ...] = (0,)  # the first wave of each phase (planner.phases); one phase by default
 
 
 # --------------------------------------------------------------------------- memory
@@ -150,8 +152,9 @@ class MemoryLedger:
     """What every device holds: parameter layers of each sharing group and saved activations.
 
     ``held[group][device]`` maps a TP degree to a bit mask of the group's layers that the device runs
-    at that degree. Add slices with :meth:`add`. ``param_bytes``, ``act_bytes`` and
-    ``trainable_params`` (parameters after TP sharding) are numpy arrays indexed by device id.
+    at that degree. Add slices with :meth:`add` (with the phase they run in). ``param_bytes``,
+    ``act_bytes`` (the largest phase's saved activations) and ``trainable_params`` (parameters after
+    TP sharding) are numpy arrays indexed by device id.
     """
 
     def __init__(self, problem: Problem, cost_model: CostModel, strategy: str = "pack"):
@@ -161,15 +164,24 @@ class MemoryLedger:
         n = problem.num_devices
         self.param_bytes = np.zeros(n)
         self.act_bytes = np.zeros(n)
+        self.phase_act: dict[int, np.ndarray] = {}  # saved activations per phase (only once a phase > 0 is added)
         self.trainable_params = np.zeros(n)
         self.held: dict[str, dict[int, dict[int, int]]] = {}
         self.groups = group_facts(problem)
         self.slices: list[PlacedSlice] = []
 
-    def add(self, s: PlacedSlice) -> None:
+    def add(self, s: PlacedSlice, phase: int = 0) -> None:
         op = self.problem.graph.metaops[s.metaop]
-        idx = np.array(s.devices, dtype=np.int64)
-        self.act_bytes[idx] += self.cost_model.activation_bytes(op, s.layout) * s.num_layers
+        idx = np.fromiter(s.devices, dtype=np.int64, count=len(s.devices))
+        saved = self.cost_model.activation_bytes(op, s.layout) * s.num_layers
+        if phase == 0 and not self.phase_act:
+            self.act_bytes[idx] += saved
+        else:  # a phase's activations are freed before the next phase runs: the peak is the largest phase's
+            if not self.phase_act:
+                self.phase_act[0] = self.act_bytes.copy()
+            mine = self.phase_act.setdefault(phase, np.zeros(self.problem.num_devices))
+            mine[idx] += saved
+            self.act_bytes[idx] = np.maximum(self.act_bytes[idx], mine[idx])
         facts = self.groups[op.param_group]
         tp = s.layout.tp_degree
         mask = ((1 << s.num_layers) - 1) << s.first_layer
@@ -230,6 +242,19 @@ def build_ledger(problem: Problem, slices: Iterable[PlacedSlice], cost_model: Co
     ledger = MemoryLedger(problem, cost_model)
     for s in slices:
         ledger.add(s)
+    return ledger
+
+
+def placed_ledger(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> MemoryLedger:
+    """The ledger of ``placed``, each slice in its phase (the activation peak is the largest phase's)."""
+    ledger = MemoryLedger(problem, cost_model)
+    starts = placed.phases
+    p = 0
+    for k, wave in enumerate(placed.waves):
+        while p + 1 < len(starts) and starts[p + 1] <= k:
+            p += 1
+        for s in wave.slices:
+            ledger.add(s, p)
     return ledger
 
 

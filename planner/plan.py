@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from planner.errors import SpecError
 
-PLAN_VERSION = 4  # 2: predicted.gather_s; 3: pieces (the program every worker executes); 4: bounds.iteration_s
+PLAN_VERSION = 5  # 2: predicted.gather_s; 3: pieces (the program every worker executes); 4: bounds.iteration_s;
+# 5: phases
 
 
 class _PlanModel(BaseModel):
@@ -66,9 +67,11 @@ class PlanSlice(_PlanModel):
 
 
 class PlanWave(_PlanModel):
-    """One wave of the simulator's timeline: forward waves run in order, each after its transfers in; backward runs
-    them in reverse, each followed by its gradients sent back. ``duration_s`` is its compute (slowest slice), split
-    into ``forward_s`` and the backward rest by the slowest slice's passes."""
+    """One wave: forward runs the waves in order, each after its transfers in; backward runs them in reverse, each
+    followed by its gradients sent back. ``duration_s`` is its compute (slowest slice), split into ``forward_s`` and
+    the backward rest by the slowest slice's passes; ``start_s`` is the sum of the earlier waves' durations, and the
+    transfers are the boundary's pieces priced together. These describe the waves as if each ended at a barrier; the
+    prediction itself comes from the per-device timeline (planner.timeline), which has none."""
 
     index: int
     start_s: float
@@ -121,7 +124,8 @@ class PlanHolding(_PlanModel):
     shard: int
     devices: list[int]
     trainable: bool
-    ready_wave: int = Field(description="Its gradient is final after this wave's backward (len(waves): the loss stage).")
+    ready_wave: int = Field(description="Its gradient is final after this wave's backward (len(waves) + p: the loss "
+                            "stage of phase p; planner.phases).")
     params: float = Field(description="Parameters the planner models (0 for input modules and heads).")
 
 
@@ -147,8 +151,9 @@ class SyncGroup(_PlanModel):
 
 
 class Prediction(_PlanModel):
-    """The simulator's iteration time and its parts: ``iteration_time_s = compute_s + transfer_s + sync_s +
-    optimizer_s + gather_s`` (seconds; sync and gather are the parts not hidden behind other work)."""
+    """The simulator's iteration time and its parts along the critical path (planner.simulator): ``iteration_time_s =
+    compute_s + transfer_s + sync_s + optimizer_s + gather_s`` (seconds; sync and gather are the parts not hidden
+    behind other work)."""
 
     iteration_time_s: float
     compute_s: float
@@ -192,6 +197,9 @@ class Plan(_PlanModel):
     cluster: PlanCluster
     metaops: list[PlanMetaOp]
     waves: list[PlanWave]
+    phases: list[int] = Field(default_factory=lambda: [0], description="The first wave of each phase (planner.phases): "
+                              "every device runs a phase's forward, its tasks' losses and its backward before the "
+                              "next phase; [0] is one phase (all waves forward, all losses, all backward).")
     transfers: list[PlanTransfer]
     pieces: list[PlanPiece] = Field(description="Every move of every boundary, forward in execution order, then "
                                     "backward in the same order (planner.program).")

@@ -16,7 +16,8 @@ Conventions (pure Python + numpy):
   root MetaOp's layer 0 reads raw data (no edge). A task's loss runs on the last slice, in wave order, of
   its leaf MetaOps (the latest wave, ties to the higher MetaOp id), on the first TP device of each of that
   slice's data-parallel ranks; every leaf's last slice feeds it (``consumer`` None, wave :data:`LOSS_WAVE`).
-  An edge's moves happen at the boundary just before its consumer's wave, however early the producer ran.
+  An edge's moves happen at the boundary just before its consumer's wave, however early the producer ran. With
+  phases (:mod:`planner.phases`) a loss stage's moves happen in the phase of its host, and no edge crosses phases.
 - **forward**: every receiving device needs its rank's rows. A device that already holds them (it is in the
   producer rank that owns them) takes them from its own output: a *local* move (sender == receiver, no
   bytes). Otherwise they come from the producer's TP device at position ``j % tp_producer``, where ``j`` is
@@ -31,13 +32,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from planner.costmodel import Layout
 from planner.metagraph import MetaOp
+from planner.phases import backward_positions, loss_event, phase_of_waves
 from planner.placement import PlacedSchedule, PlacedSlice
 from planner.plan import Plan, PlanBucket, PlanHolding, PlanPiece
 
@@ -246,7 +248,9 @@ class Holding:
     ``(name, 0, 0)``, held by every device of the MetaOp's first slice. A task's loss head ``("head:<task>", 0, 0)``:
     held by the first TP device of each data-parallel rank of its loss host. ``ready_wave``: the wave after whose
     backward the shard's gradient is final everywhere (the earliest wave that runs it, since backward runs the waves
-    in reverse; ``len(waves)`` for heads: the loss stage). ``params``: the shard's parameters as the planner models
+    in reverse; ``len(waves)`` for heads: the loss stage). With phases (:mod:`planner.phases`) it is the backward event,
+    in execution order, after which no later one runs the shard: the earliest wave of the last phase that runs it,
+    ``len(waves) + p`` for a head whose loss runs in phase ``p``. ``params``: the shard's parameters as the planner models
     them (layers; 0 for input modules and heads, which the cost model does not size)."""
 
     key: ModuleKey
@@ -269,9 +273,16 @@ class Bucket:
 
 def holdings(ops: Sequence[MetaOp], placed: PlacedSchedule) -> list[Holding]:
     """Every module shard of ``placed`` (frozen ones too: their holders build them), sorted by key."""
+    num_waves = len(placed.waves)
+    position = backward_positions(placed.phases, num_waves)
     devices: dict[ModuleKey, set[int]] = {}
     ready: dict[ModuleKey, int] = {}
     facts: dict[ModuleKey, tuple[bool, float]] = {}
+
+    def final_after(key: ModuleKey, k: int) -> None:  # the last backward event (in execution order) that runs it
+        if key not in ready or position[k] > position[ready[key]]:
+            ready[key] = k
+
     for k, wave in enumerate(placed.waves):
         for s in wave.slices:
             op, tp = ops[s.metaop], s.layout.tp_degree
@@ -281,29 +292,33 @@ def holdings(ops: Sequence[MetaOp], placed: PlacedSchedule) -> list[Holding]:
                 for layer in range(s.first_layer, s.first_layer + s.num_layers):
                     key = (op.param_group, layer, shard)
                     devices.setdefault(key, set()).update(mine)
-                    ready.setdefault(key, k)
+                    final_after(key, k)
                     facts[key] = fact
             for name in op.input_modules if s.first_layer == 0 else ():
                 devices.setdefault((name, 0, 0), set()).update(s.devices)
-                ready.setdefault((name, 0, 0), k)
+                final_after((name, 0, 0), k)
                 facts[(name, 0, 0)] = (not op.frozen, 0.0)
+    phase = phase_of_waves(placed.phases, num_waves)
     for task, (ref, _) in loss_hosts(ops, placed).items():
         host = placed.waves[ref[0]].slices[ref[1]]
         key = ("head:" + task, 0, 0)
         devices[key] = set(host.devices[::host.layout.tp_degree])
-        ready[key], facts[key] = len(placed.waves), (True, 0.0)
+        ready[key], facts[key] = loss_event(num_waves, phase[ref[0]]), (True, 0.0)
     return [Holding(key, tuple(sorted(devices[key])), facts[key][0], ready[key], facts[key][1]) for key in sorted(devices)]
 
 
-def grad_buckets(held: Sequence[Holding]) -> list[Bucket]:
-    """The trainable shards grouped by (ready wave, devices), in launch order: latest ready wave first (its backward
-    ends first), then by devices. Every rank of a device set walks its buckets in this order, so collectives pair."""
+def grad_buckets(held: Sequence[Holding], position: Mapping[int, int] | None = None) -> list[Bucket]:
+    """The trainable shards grouped by (ready event, devices), in launch order: the event that runs first in backward
+    first (``position``: :func:`planner.phases.backward_positions`; by default one phase, where the latest wave's
+    backward ends first), then by devices. Every rank of a device set walks its buckets in this order, so collectives
+    pair."""
     groups: dict[tuple[int, tuple[int, ...]], list[Holding]] = {}
     for h in held:
         if h.trainable:
             groups.setdefault((h.ready_wave, h.devices), []).append(h)
+    rank = (lambda code: position[code]) if position is not None else (lambda code: -code)
     return [Bucket(wave, devs, tuple(h.key for h in groups[(wave, devs)]), sum(h.params for h in groups[(wave, devs)]))
-            for wave, devs in sorted(groups, key=lambda g: (-g[0], g[1]))]
+            for wave, devs in sorted(groups, key=lambda g: (rank(g[0]), g[1]))]
 
 
 def plan_holdings(held: Sequence[Holding]) -> list[PlanHolding]:

@@ -1,44 +1,45 @@
-"""Simulator: the predicted iteration time of a placed wave schedule under one cost model.
+"""Simulator: the predicted iteration time of a placed schedule under one cost model.
 
-Owns :func:`simulate` and the primitives the baselines reuse: :func:`move_flows` (the bytes of the
-program's moves, :mod:`planner.program`), :func:`boundary_time` (concurrent transfers at one
-boundary), and :class:`Phase` / :func:`backward_ends` (the forward-then-reverse-backward timeline).
+Owns :func:`simulate` and the primitives the planner reuses: :func:`move_flows` (the bytes of the program's moves,
+:mod:`planner.program`), :func:`boundary_time` (concurrent transfers at one boundary), and :class:`Phase` /
+:func:`backward_ends` (a forward-then-reverse-backward timeline with barriers, for callers that want one).
 
 Model. Times are in seconds, bytes per iteration.
 
-- **compute**: waves run one after another. A wave lasts as long as its slowest slice, and a slice
-  takes ``curve.time(n) * layers`` (forward+backward), plus, for a root MetaOp's first slice, the
-  cost model's :meth:`~planner.costmodel.CostModel.embed_time` (data and embedding on each device;
-  0 unless profiled). Forward runs waves 0..K-1, backward runs them in reverse. Between the last
-  forward and the first backward runs the **loss stage**: every task's loss head on the first TP
-  device of each data-parallel rank of the last slice of its leaf MetaOps (the runtime's loss host),
-  :meth:`~planner.costmodel.CostModel.head_time` each; it lasts as long as its busiest device
-  (0 unless profiled). A wave's duration is split into a forward and a backward part in the proportion
-  of its slowest slice's passes (:meth:`CostModel.passes`): forward ``1 / passes``, backward the
-  rest (``backward_factor``, plus the recomputed forward under recompute). So the parts of all
-  waves add up to the wave durations.
-- **transfers**: exactly the moves of the program the runtime executes (:mod:`planner.program`, whose
-  docstring gives the rules: which rows of which producer reach which device, forward and backward,
-  local moves free), each row at the bytes of the producer boundary's activation shape in the compute
-  precision (:func:`~planner.program.row_bytes`). An edge's moves are attributed to the boundary just
-  before its consumer's wave, however many waves earlier the producer ran; the leaves' outputs to the
-  loss hosts form the boundary before the loss stage. All flows at one boundary run concurrently. The
-  boundary lasts as long as its busiest link (:func:`boundary_time`): a device's intra-node link in each
-  direction, or a node's network link in each direction for cross-node bytes (``inter_bandwidth`` is
-  per node). Activations cross a boundary just before the wave's forward (the loss stage's); gradients
-  cross it back just after its backward, only to producers that run a backward pass, to every TP device
-  of the producer (so a tensor-parallel producer receives more than it sent). Both lie on the critical
-  path, so compute and transfers end at ``compute_s + transfer_s``.
-- **sync, optimizer, all-gather**: :func:`~planner.sync.finish_iteration` (model in :mod:`planner.sync`).
-- **reported parts**: ``compute_s`` (sum of wave durations plus the loss stage), ``transfer_s`` (all
-  boundaries), ``optimizer_s`` (the slowest device's step), ``gather_s`` (the *exposed* all-gather:
-  iteration minus when the last device has stepped; 0 without ``shard_optimizer``) and ``sync_s``,
-  the *exposed* sync: when the last device has stepped minus ``compute_s + transfer_s +
-  optimizer_s``. So ``iteration = compute + transfers + sync + optimizer + gather``, while
-  ``sync_total_s`` is what the sync alone would take (all buckets launched longest-first at once)
-  and :class:`SyncInfo` ``time_s`` is one bucket's all-reduce.
-- **peak memory** per device comes from the same :class:`~planner.placement.MemoryLedger`
-  placement checks against.
+- **the timeline** (:mod:`planner.timeline`): per device, as the runtime's workers run a plan, without global
+  barriers. Phase by phase (:mod:`planner.phases`; one by default): the phase's waves forward in order, its tasks'
+  loss stage, its waves backward in reverse. A slice starts when all its devices are free and takes its forward
+  part (``1 / passes`` of :func:`slice_seconds`, :meth:`CostModel.passes`) or its backward part (the rest:
+  ``backward_factor``, plus the recomputed forward under recompute). A slice takes ``curve.time(n) * layers``
+  forward+backward, plus, for a MetaOp's first slice, :meth:`~planner.costmodel.CostModel.embed_time` (0 unless
+  profiled). The loss stage runs every task's loss head on the first TP device of each data-parallel rank of the
+  last slice of its leaf MetaOps (the runtime's loss host), :meth:`~planner.costmodel.CostModel.head_time` each.
+  With gradient accumulation (``training.grad_accum_steps`` k) every device walks it k times.
+- **transfers**: exactly the moves of the program the runtime executes (:mod:`planner.program`, whose docstring
+  gives the rules: which rows of which producer reach which device, forward and backward, local moves free), each
+  row at the bytes of the producer boundary's activation shape in the compute precision
+  (:func:`~planner.program.row_bytes`). An edge's moves happen at the boundary just before its consumer's wave (the
+  loss stage's for the leaves' outputs to the loss hosts); activations cross it before the wave's forward, gradients
+  cross it back after its backward, only to producers that run a backward pass, to every TP device of the producer.
+  On the timeline, the devices a boundary's remote moves link form components, each starting when its last device
+  arrives and lasting as long as its busiest link (:func:`planner.timeline.exchange_of`: a device's intra-node link
+  per direction, a node's network link per direction for cross-node bytes; ``inter_bandwidth`` is per node).
+- **sync, optimizer, all-gather**: :func:`~planner.sync.finish_buckets` (model in :mod:`planner.sync`) over the
+  program's gradient buckets, each ready when its event (:mod:`planner.phases`) has passed on all its devices, and
+  each device's own end of compute.
+- **reported parts**, along the critical path (:func:`planner.sync.finish_buckets`): back from the device that steps
+  last, through its exposed sync into the compute and transfers that led there. ``compute_s`` and ``transfer_s``
+  are that path's slice and loss-head seconds and its exchange seconds; ``sync_s`` its exposed all-reduces;
+  ``optimizer_s`` that device's step; ``gather_s`` the exposed all-gather after the last step (0 without
+  ``shard_optimizer``). So ``iteration = compute + transfers + sync + optimizer + gather``, while ``sync_total_s``
+  is what the sync alone would take (all buckets launched longest-first at once) and :class:`SyncInfo`
+  ``time_s`` is one bucket's all-reduce.
+- **per-wave numbers** (what a Plan records per wave): ``wave_durations`` (a wave's slowest slice), ``phases`` (each
+  wave's duration split by its slowest slice's passes, its boundary's moves priced together by
+  :func:`boundary_time`; then the loss stages' busiest device and moves), ``slice_seconds``: the waves as if each
+  ended at a barrier, a description rather than the prediction.
+- **peak memory** per device comes from the same :class:`~planner.placement.MemoryLedger` placement checks against
+  (with phases, the largest phase's activations).
 """
 
 from __future__ import annotations
@@ -50,12 +51,14 @@ import numpy as np
 
 from planner.costmodel import CostModel
 from planner.metagraph import MetaOp
-from planner.placement import PlacedSchedule, PlacedSlice, all_slices, build_ledger
+from planner.phases import backward_positions, loss_event, phase_of_waves, phase_ranges
+from planner.placement import PlacedSchedule, PlacedSlice, placed_ledger
 from planner.program import (
     LOSS_WAVE, Bucket, Edge, Holding, Moves, grad_buckets, holdings, loss_hosts, plan_edges, row_bytes,
 )
 from planner.schedule import Problem
 from planner.sync import SyncBucket, SyncOutcome, finish_buckets
+from planner.timeline import Clocks, exchange_of
 
 
 @dataclass(frozen=True)
@@ -173,34 +176,37 @@ def edge_flows(problem: Problem, placed: PlacedSchedule, edge: Edge, cost_model:
 
 def boundary_transfers(
     problem: Problem, placed: PlacedSchedule, cost_model: CostModel
-) -> tuple[list[TransferInfo], list[float], list[float]]:
-    """Every transfer of ``placed``'s program (:func:`planner.program.plan_edges`), and per boundary ``k`` the
-    seconds of its activations forward (before wave ``k``'s forward) and gradients back (after its backward);
-    boundary ``len(waves)`` is the loss stage's (the leaves' outputs to the loss hosts and their gradients)."""
+) -> tuple[list[TransferInfo], list[list[Flows]], list[list[Flows]]]:
+    """Every transfer of ``placed``'s program (:func:`planner.program.plan_edges`), and per boundary its flows of
+    activations forward (before wave ``k``'s forward) and of gradients back (after its backward). Boundaries are
+    numbered like backward events (:mod:`planner.phases`): ``k`` before wave ``k``, ``len(waves) + p`` the loss stage
+    of phase ``p`` (the leaves' outputs to the loss hosts and their gradients)."""
     num_waves = len(placed.waves)
-    forward: list[list[Flows]] = [[] for _ in range(num_waves + 1)]
-    backward: list[list[Flows]] = [[] for _ in range(num_waves + 1)]
+    phase = phase_of_waves(placed.phases, num_waves)
+    forward: list[list[Flows]] = [[] for _ in range(num_waves + len(placed.phases))]
+    backward: list[list[Flows]] = [[] for _ in range(num_waves + len(placed.phases))]
     infos: list[TransferInfo] = []
     for edge in plan_edges(problem.graph.metaops, placed):
         fwd, bwd = edge_flows(problem, placed, edge, cost_model)
         if not len(fwd.nbytes) and not len(bwd.nbytes):
             continue
-        k = num_waves if edge.wave == LOSS_WAVE else edge.wave
+        k = loss_event(num_waves, phase[edge.target[0]]) if edge.wave == LOSS_WAVE else edge.wave
         forward[k].append(fwd)
         backward[k].append(bwd)
         src = placed.waves[edge.producer[0]].slices[edge.producer[1]]
         dst = placed.waves[edge.target[0]].slices[edge.target[1]]
         alone = boundary_time([fwd], cost_model) + boundary_time([bwd], cost_model)
-        infos.append(TransferInfo(k - 1, src.metaop, dst.metaop, src.devices, dst.devices, fwd.total_bytes, alone))
-    return (infos, [boundary_time(f, cost_model) for f in forward], [boundary_time(b, cost_model) for b in backward])
+        after = phase_ranges(placed.phases, num_waves)[phase[edge.target[0]]][1] - 1 if edge.wave == LOSS_WAVE else k - 1
+        infos.append(TransferInfo(after, src.metaop, dst.metaop, src.devices, dst.devices, fwd.total_bytes, alone))
+    return infos, forward, backward
 
 
 def simulate_transfers(
     problem: Problem, placed: PlacedSchedule, cost_model: CostModel
 ) -> tuple[list[TransferInfo], float]:
     """Every inter-wave transfer of ``placed`` and the total transfer seconds (forward + backward)."""
-    infos, forward_s, backward_s = boundary_transfers(problem, placed, cost_model)
-    return infos, sum(forward_s) + sum(backward_s)
+    infos, forward, backward = boundary_transfers(problem, placed, cost_model)
+    return infos, sum(boundary_time(f, cost_model) for f in forward + backward)
 
 
 # --------------------------------------------------------------------------- the forward/backward timeline
@@ -260,21 +266,24 @@ def slice_seconds(problem: Problem, s: PlacedSlice, cost_model: CostModel | None
     return seconds
 
 
-def wave_phases(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> tuple[list[Phase], list[TransferInfo]]:
-    """The timeline phases of ``placed`` (each wave split by its slowest slice's passes) followed by the loss
-    stage's (forward only: :func:`loss_stage_seconds`, with the leaves' transfers), and its transfers."""
-    infos, forward_in, backward_out = boundary_transfers(problem, placed, cost_model)
+def wave_phases(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forward: list[list[Flows]],
+                backward: list[list[Flows]]) -> list[Phase]:
+    """Per wave the numbers a plan records (each wave split by its slowest slice's passes, its boundary's flows
+    priced together as if at a barrier), then the loss stages' (forward only: :func:`loss_stage_seconds`, with the
+    leaves' transfers of every phase). Descriptive: the iteration is priced by the timeline (:mod:`planner.timeline`)."""
     ops = problem.graph.metaops
     phases = []
     for k, wave in enumerate(placed.waves):
-        forward = backward = 0.0
+        fwd = bwd = 0.0
         if wave.slices:  # the first slowest slice sets the split
             slowest = max(wave.slices, key=lambda s: slice_seconds(problem, s, cost_model))
-            forward, backward = split_passes(ops[slowest.metaop], slice_seconds(problem, slowest, cost_model))
-        phases.append(Phase(forward, backward, forward_in[k], backward_out[k]))
+            fwd, bwd = split_passes(ops[slowest.metaop], slice_seconds(problem, slowest, cost_model))
+        phases.append(Phase(fwd, bwd, boundary_time(forward[k], cost_model), boundary_time(backward[k], cost_model)))
     k = len(placed.waves)
-    phases.append(Phase(loss_stage_seconds(problem, placed, cost_model), 0.0, forward_in[k], backward_out[k]))
-    return phases, infos
+    phases.append(Phase(loss_stage_seconds(problem, placed, cost_model),
+                        0.0, sum(boundary_time(f, cost_model) for f in forward[k:]),
+                        sum(boundary_time(b, cost_model) for b in backward[k:])))
+    return phases
 
 
 def loss_stage_seconds(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> float:
@@ -323,26 +332,93 @@ def wave_durations(problem: Problem, placed: PlacedSchedule, cost_model: CostMod
     )
 
 
+@dataclass(frozen=True)
+class Walk:
+    """Where the timeline ends: per device when its compute and transfers end (``clocks.t``, with the critical
+    path's parts), and when each gradient bucket is ready."""
+
+    clocks: Clocks
+    ready: list[float]
+    ready_parts: list[tuple[float, float]]  # per bucket, the (compute, transfer) path of the device it waited for
+
+
+def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forward: list[list[Flows]],
+         backward: list[list[Flows]], program: Sequence[Bucket]) -> Walk:
+    """Run the timeline (:mod:`planner.timeline`) of ``placed``: every micro-batch walks the phases; ``program``'s
+    buckets are ready when their event has passed on all their devices in the last one."""
+    ops = problem.graph.metaops
+    num_waves = len(placed.waves)
+
+    def exchange(flows: list[Flows]):
+        flows = [f for f in flows if len(f.nbytes)]
+        if not flows:
+            return None
+        return exchange_of(*(np.concatenate([getattr(f, a) for f in flows]) for a in ("senders", "receivers", "nbytes")),
+                           cost_model)
+
+    ex_fwd, ex_bwd = [exchange(f) for f in forward], [exchange(b) for b in backward]
+    runs = []  # per wave: (devices, forward seconds, backward seconds) of each slice
+    for wave in placed.waves:
+        runs.append([(np.asarray(s.devices, dtype=np.int64),
+                      *split_passes(ops[s.metaop], slice_seconds(problem, s, cost_model))) for s in wave.slices])
+    heads: dict[int, list[tuple[np.ndarray, float]]] = {}
+    phase = phase_of_waves(placed.phases, num_waves)
+    for task, (ref, _) in loss_hosts(ops, placed).items():
+        host = placed.waves[ref[0]].slices[ref[1]]
+        seconds = cost_model.head_time(task, ops[host.metaop].batch_size // host.layout.dp_degree)
+        heads.setdefault(phase[ref[0]], []).append((np.asarray(host.devices[::host.layout.tp_degree]), seconds))
+    waiting: dict[int, list[int]] = {}
+    for i, b in enumerate(program):
+        waiting.setdefault(b.ready_wave, []).append(i)
+    clocks, ready = Clocks(problem.num_devices), [0.0] * len(program)
+    parts = [(0.0, 0.0)] * len(program)
+    micro = problem.graph.num_micro_batches
+    for pass_ in range(micro):
+        last = pass_ == micro - 1
+
+        def passed(code: int) -> None:
+            for i in waiting.get(code, ()) if last else ():
+                ready[i], parts[i] = clocks.latest(program[i].devices)
+
+        for p, (first, end) in enumerate(phase_ranges(placed.phases, num_waves)):
+            for k in range(first, end):
+                clocks.exchange(ex_fwd[k])
+                for devices, fwd, _ in runs[k]:
+                    clocks.run(devices, fwd)
+            code = loss_event(num_waves, p)
+            clocks.exchange(ex_fwd[code])
+            for devices, seconds in heads.get(p, ()):
+                clocks.run(devices, seconds)
+            passed(code)
+            clocks.exchange(ex_bwd[code])
+            for k in reversed(range(first, end)):
+                for devices, _, bwd in runs[k]:
+                    clocks.run(devices, bwd)
+                passed(k)
+                clocks.exchange(ex_bwd[k])
+    return Walk(clocks, ready, parts)
+
+
 def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> Simulation:
     """Predicted iteration time of ``placed`` (model in the module docstring)."""
     durations = wave_durations(problem, placed, cost_model)
-    # the loss stage runs between the last forward and the first backward: the phase after the last wave
-    phases, transfers = wave_phases(problem, placed, cost_model)
-    loss_s = phases[-1].forward_s
-    # gradient accumulation: the micro-batches before the last run the whole timeline first; the buckets start in the
-    # last one's backward (k = 1: start 0.0, the same numbers)
-    micro = problem.graph.num_micro_batches
-    ends, compute_end = backward_ends(phases, start=(micro - 1) * backward_ends(phases)[1])
-    ledger = build_ledger(problem, all_slices(placed), cost_model)
+    transfers, forward, backward = boundary_transfers(problem, placed, cost_model)
+    phases = wave_phases(problem, placed, cost_model, forward, backward)
     held = holdings(problem.graph.metaops, placed)
-    program = grad_buckets(held)  # exactly the buckets the runtime all-reduces
-    outcome = finish_buckets(sync_of(program), [ends[b.ready_wave] for b in program], compute_end, cost_model,
-                             problem.num_devices)
+    program = grad_buckets(held, backward_positions(placed.phases, len(placed.waves)))  # what the runtime all-reduces
+    done = walk(problem, placed, cost_model, forward, backward, program)
+    ledger = placed_ledger(problem, placed, cost_model)
+    clocks = done.clocks
+    outcome = finish_buckets(sync_of(program), done.ready, clocks.t, cost_model, problem.num_devices)
+    c = outcome.critical_device
+    # the critical path: the critical device's own compute, or the device whose readiness began its exposed sync
+    compute_s, transfer_s = (done.ready_parts[outcome.sync_origin] if outcome.sync_origin is not None
+                             else (float(clocks.compute[c]), float(clocks.transfer[c])))
     sync_infos, sync_order = _sync_infos(problem.graph.metaops, program, outcome, cost_model.grad_bytes)
     return Simulation(
         iteration_time_s=outcome.iteration_time_s,
-        compute_s=micro * (sum(durations) + loss_s),
-        transfer_s=micro * sum(p.transfer_in_s + p.transfer_back_s for p in phases),
+        compute_s=compute_s,
+        transfer_s=transfer_s,
         sync_s=outcome.sync_s,
         optimizer_s=outcome.optimizer_s,
         wave_durations=durations,
@@ -351,7 +427,7 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
         peak_memory_bytes=tuple(float(x) for x in ledger.peak()),
         sync_total_s=outcome.sync_total_s,
         sync_order=sync_order,
-        loss_s=loss_s,
+        loss_s=phases[-1].forward_s,
         gather_s=outcome.gather_s,
         phases=tuple(phases),
         slice_seconds=tuple(tuple(slice_seconds(problem, s, cost_model) for s in w.slices) for w in placed.waves),

@@ -1,13 +1,14 @@
 """Gradient sync and optimizer: how an iteration ends once its compute and transfers are done.
 
-Owns :func:`finish_iteration`, which :func:`~planner.simulator.simulate` and the baselines share, and its
-parts: :func:`sync_buckets` (the all-reduce buckets of what a :class:`~planner.placement.MemoryLedger`
-holds), :func:`bucket_time` / :func:`schedule_sync` / :func:`launch_orders` (the shared-parameter gradient
+Owns :func:`finish_buckets`, with which :func:`~planner.simulator.simulate` ends its timeline, :func:`finish_iteration`
+(the same over the buckets of what a :class:`~planner.placement.MemoryLedger` holds), and their parts:
+:func:`sync_buckets` (the all-reduce buckets of what a ledger holds), :func:`bucket_time` / :func:`schedule_sync` / :func:`launch_orders` (the shared-parameter gradient
 all-reduce overlapped with backward), :func:`optimizer_seconds` (the optimizer step) and, under ZeRO-1,
 :func:`gather_time` / :func:`schedule_gather` (the all-gather of the updated parameters).
 
-Model. Times are in seconds, bytes per iteration. The caller gives when each slice's backward ends and
-when compute and transfers end (``compute_end``).
+Model. Times are in seconds, bytes per iteration. The caller gives when each bucket is ready and when compute and
+transfers end (``compute_end``: one time, or one per device, as the per-device timeline of :mod:`planner.timeline`
+gives it).
 
 - **sync**: gradients of trainable parameter groups only (2 bytes/param), all-reduced among the
   devices that hold them. Layers of a group held by the same device set (and TP degree) form one
@@ -139,13 +140,42 @@ def schedule_sync(
 ) -> np.ndarray:
     """Launch ``buckets`` in ``order``: each starts at ``max(ready[i], end of the earlier-launched buckets on its
     devices)`` and takes ``times[i]``. Returns per device when its last bucket ends (0 without any)."""
+    return sync_spans(buckets, times, ready, order, num_devices)[0]
+
+
+def sync_spans(
+    buckets: Sequence[SyncBucket], times: Sequence[float], ready: Sequence[float], order: Sequence[int], num_devices: int
+) -> tuple[np.ndarray, list[float]]:
+    """:func:`schedule_sync`'s per-device ends, and when each bucket starts (its ready time when it takes none)."""
     free = np.zeros(num_devices)
+    starts = list(ready)
     for i in order:
         if times[i] <= 0:
             continue
         idx = np.asarray(buckets[i].devices, dtype=np.int64)
-        free[idx] = max(ready[i], float(free[idx].max())) + times[i]
-    return free
+        starts[i] = max(ready[i], float(free[idx].max()))
+        free[idx] = starts[i] + times[i]
+    return free, starts
+
+
+def sync_origin(buckets: Sequence[SyncBucket], times: Sequence[float], ready: Sequence[float],
+                starts: Sequence[float], device: int, until: float) -> int | None:
+    """The bucket whose readiness started the chain of all-reduces that keeps ``device`` busy until ``until``: the
+    last bucket on the device ending then, followed back through the buckets it waited for (None: no bucket ends
+    then)."""
+    def ending(at: float, devices: Sequence[int]) -> int | None:
+        found = [i for i, b in enumerate(buckets)
+                 if times[i] > 0 and math.isclose(starts[i] + times[i], at, rel_tol=1e-12, abs_tol=1e-15)
+                 and set(b.devices) & set(devices)]
+        return found[0] if found else None
+
+    current = ending(until, (device,))
+    while current is not None and starts[current] > ready[current]:
+        previous = ending(starts[current], buckets[current].devices)
+        if previous is None:
+            break
+        current = previous
+    return current
 
 
 def launch_orders(buckets: Sequence[SyncBucket], times: Sequence[float], ready: Sequence[float]) -> dict[str, list[int]]:
@@ -188,8 +218,8 @@ def schedule_gather(buckets: Sequence[SyncBucket], times: Sequence[float], stepp
 class SyncOutcome:
     """How an iteration ends once compute and transfers end at ``compute_end``.
 
-    ``iteration_time_s = compute_end + sync_s + optimizer_s + gather_s``: ``sync_s`` is the exposed sync,
-    ``optimizer_s`` the slowest device's step, ``gather_s`` the exposed ZeRO-1 all-gather. Per bucket (as
+    ``iteration_time_s = compute_end + sync_s + optimizer_s + gather_s`` on the critical device (the last to step):
+    ``sync_s`` is its exposed sync, ``optimizer_s`` its step, ``gather_s`` the exposed ZeRO-1 all-gather. Per bucket (as
     :func:`sync_buckets` orders them): ``bucket_times`` (its all-reduce alone), ``gather_times`` (its
     all-gather alone, 0 when none) and ``covers`` (:func:`covering_slices`).
     """
@@ -204,6 +234,8 @@ class SyncOutcome:
     launch_order: tuple[int, ...]
     gather_s: float = 0.0
     gather_times: tuple[float, ...] = ()
+    critical_device: int = 0  # the device whose end sets the parts (finish_buckets)
+    sync_origin: int | None = None  # the bucket whose readiness began the critical device's exposed sync
 
 
 def finish_iteration(
@@ -224,31 +256,47 @@ def finish_iteration(
 
 
 def finish_buckets(
-    buckets: Sequence[SyncBucket], ready: Sequence[float], compute_end: float, cost_model: CostModel, num_devices: int
+    buckets: Sequence[SyncBucket], ready: Sequence[float], compute_end: float | np.ndarray, cost_model: CostModel,
+    num_devices: int,
 ) -> SyncOutcome:
-    """How an iteration ends once compute and transfers end at ``compute_end``: bucket ``i`` all-reduces from
-    ``ready[i]`` (the better of :func:`launch_orders` is kept), each device steps once its buckets are done, then
-    (ZeRO-1) the all-gathers."""
+    """How an iteration ends once compute and transfers end at ``compute_end`` (one time, or one per device: the
+    timeline's clocks): bucket ``i`` all-reduces from ``ready[i]`` (the better of :func:`launch_orders` is kept),
+    each device steps once its buckets and its own compute are done, then (ZeRO-1) the all-gathers.
+
+    The parts follow the critical path back from the *critical device* (the last to step; among equals the one whose
+    compute ends last): ``optimizer_s`` is its step, ``gather_s`` what follows the last step. When its sync outlasts its
+    own compute, ``sync_s`` runs from the readiness of the bucket that began the chain of all-reduces it waited for
+    (:attr:`SyncOutcome.sync_origin`; the caller splits the time before it into compute and transfers); otherwise
+    ``sync_s`` is 0 and compute ends at ``compute_end[critical]``. Either way the parts add up to the iteration."""
+    ends_at = np.broadcast_to(np.asarray(compute_end, dtype=float), (num_devices,))
     times = [bucket_time(b, cost_model) for b in buckets]
     gathers = [gather_time(b, cost_model) for b in buckets]
     step = optimizer_seconds(buckets, cost_model, num_devices)
     orders = launch_orders(buckets, times, ready)
     ends = []
     for order in orders.values():
-        stepped = np.maximum(schedule_sync(buckets, times, ready, order, num_devices), compute_end) + step
-        ends.append((float(schedule_gather(buckets, gathers, stepped).max()), float(stepped.max()), order))
-    iteration, last_step, order = min(ends, key=lambda e: e[0])  # the first (ready order) wins ties
-    optimizer_s = float(step.max())
+        synced, starts = sync_spans(buckets, times, ready, order, num_devices)
+        stepped = np.maximum(synced, ends_at) + step
+        ends.append((float(schedule_gather(buckets, gathers, stepped).max()), stepped, synced, starts, order))
+    iteration, stepped, synced, starts, order = min(ends, key=lambda e: e[0])  # the first (ready order) wins ties
+    c = int(np.lexsort((ends_at, stepped))[-1]) if num_devices else 0
+    last_step = float(stepped[c]) if num_devices else 0.0
+    origin, sync_s = None, 0.0
+    if num_devices and synced[c] > ends_at[c]:  # the device waited for its sync: the parts follow the sync's chain
+        origin = sync_origin(buckets, times, ready, starts, c, float(synced[c]))
+        sync_s = float(synced[c] - (ready[origin] if origin is not None else ends_at[c]))
     alone = schedule_sync(buckets, times, [0.0] * len(buckets), orders["longest"], num_devices)
     return SyncOutcome(
         iteration_time_s=iteration,
-        sync_s=max(0.0, last_step - compute_end - optimizer_s),  # >= 0 but for rounding: some device steps last
-        optimizer_s=optimizer_s,
-        sync_total_s=float(alone.max()),
+        sync_s=sync_s,
+        optimizer_s=float(step[c]) if num_devices else 0.0,
+        sync_total_s=float(alone.max()) if num_devices else 0.0,
         buckets=tuple(buckets),
         bucket_times=tuple(times),
         covers=(),
         launch_order=tuple(order),
         gather_s=iteration - last_step,
         gather_times=tuple(gathers),
+        critical_device=c,
+        sync_origin=origin,
     )

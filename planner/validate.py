@@ -28,6 +28,7 @@ from planner import program
 from planner.costmodel import Layout
 from planner.errors import SpecError
 from planner.metagraph import MetaOp
+from planner.phases import backward_positions, check_phase_starts, phase_of_waves
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
 from planner.plan import Plan, PlanMetaOp, PlanSlice
 from planner.program import LOSS_WAVE, plan_pieces
@@ -83,6 +84,7 @@ def check_plan(plan: Plan, source: str = "plan") -> None:
     _check_cluster(c)
     _check_metaops(c)
     _check_waves(c)
+    _check_phases(c)
     _check_layer_order(c)
     _check_tp_per_layer(c)
     _check_pieces(c)
@@ -150,6 +152,14 @@ def _check_waves(c: _Checker) -> None:
                     c.fail(f"{path}.slices[{i}].devices", s.devices, f"shares device {d} with slice {used[d]}",
                            "expected the slices of a wave on disjoint devices")
                 used[d] = i
+
+
+def _check_phases(c: _Checker) -> None:
+    """Phase starts: wave 0 first, ascending, within the waves (planner.phases)."""
+    why = check_phase_starts(c.plan.phases, len(c.plan.waves))
+    if why is not None:
+        c.fail("phases", c.plan.phases, why, f"expected ascending first waves of phases, from 0, below "
+               f"{len(c.plan.waves)}")
 
 
 def _check_slice(c: _Checker, path: str, s: PlanSlice) -> None:
@@ -230,12 +240,17 @@ def _check_tp_per_layer(c: _Checker) -> None:
 
 def _check_pieces(c: _Checker) -> None:
     """Every piece moves rows that exist (``0 <= start < stop <=`` the producer's batch) of an existing slice to an
-    existing slice (or the loss stage, wave -1) at the boundary before the consumer's wave, from a device of the
-    sending slice to a device of the receiving one (forward: producer -> target; backward: back)."""
+    existing slice (or the loss stage, wave -1) at the boundary before the consumer's wave, within one phase, from a
+    device of the sending slice to a device of the receiving one (forward: producer -> target; backward: back)."""
     tasks = {op.task for op in c.plan.metaops}
+    phase = phase_of_waves(c.plan.phases, len(c.plan.waves))
     for j, p in enumerate(c.plan.pieces):
         path = f"pieces[{j}]"
         producer, target = c.slice_at(f"{path}.producer", p.producer), c.slice_at(f"{path}.target", p.target)
+        if phase[p.producer[0]] != phase[p.target[0]]:
+            c.fail(path, f"producer {list(p.producer)}, target {list(p.target)}",
+                   f"crosses from phase {phase[p.producer[0]]} to phase {phase[p.target[0]]}",
+                   "expected every edge inside one phase (a phase's activations are freed before the next one)")
         inputs = 1
         if p.consumer is None:
             if p.wave != LOSS_WAVE:
@@ -302,9 +317,10 @@ def _check_holdings(c: _Checker) -> None:
             c.fail(path, (h.name, h.layer, h.shard), "is held twice", "expected one holding per shard")
         keys.add((h.name, h.layer, h.shard))
         c.devices(f"{path}.devices", h.devices)
-        if not 0 <= h.ready_wave <= len(c.plan.waves):
-            c.fail(f"{path}.ready_wave", h.ready_wave, "is not a wave of the plan",
-                   f"expected 0..{len(c.plan.waves)} ({len(c.plan.waves)}: the loss stage)")
+        last = len(c.plan.waves) + len(c.plan.phases) - 1
+        if not 0 <= h.ready_wave <= last:
+            c.fail(f"{path}.ready_wave", h.ready_wave, "is not a wave or loss stage of the plan",
+                   f"expected 0..{last} ({len(c.plan.waves)}..: the phases' loss stages)")
         c.number(f"{path}.params", h.params)
 
 
@@ -385,11 +401,11 @@ def check_program(plan: Plan, ops: Sequence[MetaOp], source: str = "plan") -> No
     _compare_metaops(plan, ops, source)
     placed = PlacedSchedule(tuple(PlacedWave(tuple(
         PlacedSlice(s.metaop, s.first_layer, s.num_layers, tuple(s.devices), Layout(s.dp_degree, s.tp_degree))
-        for s in wave.slices)) for wave in plan.waves))
+        for s in wave.slices)) for wave in plan.waves), tuple(plan.phases))
     rank = plan.rank
     pieces = [p for p in plan_pieces(ops, placed, element_bytes=4) if rank is None or rank in (p.src, p.dst)]
     held = program.holdings(ops, placed)
-    buckets = program.grad_buckets(held)
+    buckets = program.grad_buckets(held, backward_positions(placed.phases, len(placed.waves)))
     held_keys = [_holding_key(h.key, h.devices, h.trainable, h.ready_wave) for h in held
                  if rank is None or rank in h.devices]
     bucket_keys = [(b.ready_wave, tuple(b.devices), tuple(b.members)) for b in buckets

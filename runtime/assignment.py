@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from planner.metagraph import MetaGraph
+from planner.phases import loss_event, phase_of_waves, phase_ranges
 from planner.plan import Plan, PlanPiece, PlanSlice
 from planner.program import LOSS_WAVE
 from planner.spec import JobSpec
@@ -57,10 +58,13 @@ def is_lead(s: PlanSlice, device: int) -> bool:
 
 class CommSchedule:
     """The plan's slices and pieces, indexed: the pieces at every boundary in the plan's order, the number of
-    inputs of every slice, the loss hosts (all read from the pieces)."""
+    inputs of every slice, the loss hosts (all read from the pieces), and the phases (planner.phases): a loss
+    stage's pieces and hosts belong to the phase of the host's wave."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
+        self.phases = phase_ranges(plan.phases, len(plan.waves))  # [first, end) waves of each phase
+        self.phase_of = phase_of_waves(plan.phases, len(plan.waves))
         self.slices = {SliceRef(k, i): s for k, w in enumerate(plan.waves) for i, s in enumerate(w.slices)}
         self.by_metaop: dict[int, list[SliceRef]] = {}
         for ref in sorted(self.slices):
@@ -87,9 +91,21 @@ class CommSchedule:
         """How many inputs feed ``ref``'s first layer (0: a root MetaOp's layer 0, which reads raw data)."""
         return self.inputs.get(ref, 0)
 
-    def pieces_at(self, wave: int, backward: bool) -> list[Piece]:
-        """The pieces of the boundary before ``wave`` (LOSS_WAVE: the loss stage's), in the plan's order."""
-        return (self.backward_pieces if backward else self.forward_pieces).get(wave, [])
+    def pieces_at(self, wave: int, backward: bool, phase: int | None = None) -> list[Piece]:
+        """The pieces of the boundary before ``wave`` (LOSS_WAVE: the loss stage's, of phase ``phase`` when given), in
+        the plan's order."""
+        pieces = (self.backward_pieces if backward else self.forward_pieces).get(wave, [])
+        if wave == LOSS_WAVE and phase is not None and len(self.phases) > 1:
+            pieces = [p for p in pieces if self.phase_of[p.target[0]] == phase]
+        return pieces
+
+    def loss_hosts_of(self, phase: int) -> list[LossHost]:
+        """The loss hosts whose loss runs in ``phase``."""
+        return [h for h in self.loss_hosts if self.phase_of[h.host.wave] == phase]
+
+    def loss_event(self, phase: int) -> int:
+        """The ready code of ``phase``'s loss stage (buckets of heads whose loss runs there)."""
+        return loss_event(len(self.plan.waves), phase)
 
     def my_slices(self, device: int) -> list[SliceRef]:
         """The slices ``device`` runs, in wave order (at most one per wave)."""

@@ -222,44 +222,51 @@ class WaveWorker:
         return out
 
     def _micro_step(self, st: StepState, pending: list | None, timing: StepTiming, lap: Lap) -> dict:
-        """Forward, losses and backward of one micro-batch (gradients accumulate into ``.grad``); with ``pending``
+        """Forward, losses and backward of one micro-batch (gradients accumulate into ``.grad``), phase by phase
+        (planner.phases: a phase's forward, its tasks' losses, its backward, then the next phase); with ``pending``
         (the last micro-batch) the buckets' all-reduces are launched into it. Returns this device's losses."""
-        for wave in range(len(self.plan.waves)):
-            self.where = (st.step, st.micro, wave, "forward")
-            self._exchange(wave, st, forward=True)
-            timing.transfer_s[wave] += lap("transfer_forward", wave)
-            ref = self._my_slice(wave)
-            if ref is not None:
-                with autocast(self.job, self.device):
-                    self._run_slice(ref, st.step, st)
-                timing.compute_s[wave] += lap("forward", wave)
-        self.where = (st.step, st.micro, len(self.plan.waves), "loss")
-        losses = self._loss_stage(st.step, st, pending, timing, lap)
-        for wave in reversed(range(len(self.plan.waves))):
-            self.where = (st.step, st.micro, wave, "backward")
-            ref = self._my_slice(wave)
-            if ref is not None and ref in st.grad_out and st.outputs[ref].requires_grad:
-                torch.autograd.backward(st.outputs[ref], st.grad_out[ref])
-                timing.compute_s[wave] += lap("backward", wave)
-            self._launch_sync(wave, pending)
-            timing.sync_s += lap("sync", wave)
-            self._exchange(wave, st, forward=False)
-            timing.transfer_s[wave] += lap("transfer_backward", wave)
+        losses: dict[str, torch.Tensor] = {}
+        for phase, (first, end) in enumerate(self.comm.phases):
+            for wave in range(first, end):
+                self.where = (st.step, st.micro, wave, "forward")
+                self._exchange(wave, st, forward=True)
+                timing.transfer_s[wave] += lap("transfer_forward", wave)
+                ref = self._my_slice(wave)
+                if ref is not None:
+                    with autocast(self.job, self.device):
+                        self._run_slice(ref, st.step, st)
+                    timing.compute_s[wave] += lap("forward", wave)
+            self.where = (st.step, st.micro, len(self.plan.waves), "loss")
+            losses.update(self._loss_stage(st.step, st, pending, timing, lap, phase))
+            for wave in reversed(range(first, end)):
+                self.where = (st.step, st.micro, wave, "backward")
+                ref = self._my_slice(wave)
+                if ref is not None and ref in st.grad_out and st.outputs[ref].requires_grad:
+                    torch.autograd.backward(st.outputs[ref], st.grad_out[ref])
+                    timing.compute_s[wave] += lap("backward", wave)
+                self._launch_sync(wave, pending)
+                timing.sync_s += lap("sync", wave)
+                self._exchange(wave, st, forward=False)
+                timing.transfer_s[wave] += lap("transfer_backward", wave)
+            if len(self.comm.phases) > 1:
+                st.release(first, end)  # the phase's activations and their gradients are done with
         return {task: loss.detach() for task, loss in losses.items()}
 
-    def _loss_stage(self, step: int, st: StepState, pending: list | None, timing: StepTiming, lap: Lap) -> dict:
-        """The leaves' outputs to the loss hosts, the task losses, their backward (then the heads' gradients
-        are final: their buckets start), and the leaves' gradients back. Returns the losses this device holds."""
-        self._exchange(LOSS_WAVE, st, forward=True)
+    def _loss_stage(self, step: int, st: StepState, pending: list | None, timing: StepTiming, lap: Lap,
+                    phase: int = 0) -> dict:
+        """The leaves' outputs to the loss hosts of ``phase``'s tasks, their losses, their backward (then the heads'
+        gradients are final: their buckets start), and the leaves' gradients back. Returns the losses this device
+        holds."""
+        self._exchange(LOSS_WAVE, st, forward=True, phase=phase)
         with autocast(self.job, self.device):
-            losses = self._losses(step, st)
+            losses = self._losses(step, st, phase)
         total = sum(losses.values())
         if isinstance(total, torch.Tensor) and total.requires_grad:
             (total * self.scaler.scale).backward()  # scale 1 unless fp16's loss scaling
         timing.loss_s += lap("loss")
-        self._launch_sync(len(self.plan.waves), pending)
+        self._launch_sync(self.comm.loss_event(phase), pending)
         timing.sync_s += lap("sync")
-        self._exchange(LOSS_WAVE, st, forward=False)
+        self._exchange(LOSS_WAVE, st, forward=False, phase=phase)
         timing.loss_s += lap("loss")
         return losses
 
@@ -330,9 +337,9 @@ class WaveWorker:
             return leaves
         return [leaves[i] for i in input_order(self.job, self.plan, self.comm.slices[ref].metaop)]
 
-    def _losses(self, step: int, st: StepState) -> dict[str, torch.Tensor]:
+    def _losses(self, step: int, st: StepState, phase: int = 0) -> dict[str, torch.Tensor]:
         out = {}
-        for host in self.comm.loss_hosts:
+        for host in self.comm.loss_hosts_of(phase):
             s = self.comm.slices[host.host]
             if self.rank not in s.devices or not is_lead(s, self.rank):
                 continue
@@ -356,12 +363,12 @@ class WaveWorker:
 
     # ------------------------------------------------------------------ transfers
 
-    def _exchange(self, wave: int, st: StepState, forward: bool) -> None:
+    def _exchange(self, wave: int, st: StepState, forward: bool, phase: int | None = None) -> None:
         """Move the plan's pieces of one boundary (planner.program decided them): forward, rows of producers'
         outputs to the devices that read them; backward, the gradients of those rows back to every device of
         the producers (accumulated into their output gradients). Every rank walks the same boundaries and the
         plan's pieces in the plan's order, so the point-to-point calls pair up."""
-        pieces = self.comm.pieces_at(wave, backward=not forward)
+        pieces = self.comm.pieces_at(wave, backward=not forward, phase=phase)
         ops, landing, taken = [], [], []
         for p in pieces:
             if p.src != self.rank:
@@ -444,7 +451,7 @@ class WaveWorker:
 
     def _launch_sync(self, wave: int, pending: list | None) -> None:
         """Start the all-reduce (async) of every bucket whose gradients are final once ``wave``'s backward is
-        done (``len(waves)``: the loss stage's); appends (bucket, flat gradients, work) to ``pending``. None: a
+        done (``len(waves) + p``: phase p's loss stage); appends (bucket, flat gradients, work) to ``pending``. None: a
         micro-batch before the last (its gradients only accumulate). The bucket is reduced in the compute precision
         (bf16/fp16 under autocast: the plan's ``grad_bytes``), then its sum is float32 again."""
         if pending is None:

@@ -128,6 +128,14 @@ class StepState:
         self.loss_inputs: dict[SliceRef, torch.Tensor] = {}  # leaf outputs at the loss host, by leaf slice
         self.batches: dict[tuple[int, int, int], TaskBatch] = {}  # (task, start, stop): drawn once per step
 
+    def release(self, first: int, end: int) -> None:
+        """Drop the tensors of the slices of waves ``[first, end)`` (a phase whose backward is done)."""
+        for table in (self.outputs, self.grad_out, self.loss_inputs):
+            for ref in [r for r in table if first <= r[0] < end]:
+                del table[ref]
+        for key in [k for k in self.inputs if first <= k[0][0] < end]:
+            del self.inputs[key]
+
     def batch(self, job: JobSpec, task_index: int, step: int, start: int, stop: int) -> TaskBatch:
         key = (task_index, start, stop)
         if key not in self.batches:  # drawn on the CPU (deterministic generators), then moved

@@ -251,3 +251,20 @@ def test_connectors_between_towers_of_different_widths_equal_single_process(tmp_
 def test_planner_plan_with_connectors_equals_single_process(tmp_path):
     job = parse_job(connector_job(2, STEPS))
     check_equivalence(job, plan_job(job, with_baselines=False).plan, tmp_path)
+
+
+def test_a_plan_with_phases_equals_single_process(tmp_path):
+    """The sequential baseline's schedule as Loom adopts it (planner.candidates), exactly as planner.baselines places it:
+    tasks in turn as phases, so each device runs caption's forward, loss and backward, then align's; the shared text
+    tower's gradient is final only after align's backward (the runtime's task-parallel shapes, each task on its own
+    devices without a barrier, are what every plan above already runs)."""
+    from planner.api import make_cost_model, plan_placed
+    from planner.baselines import sequential_schedule
+    from planner.schedule import Problem
+
+    job = parse_job(tiny_job(4))
+    cost_model = make_cost_model(job)
+    plan = plan_placed(job, sequential_schedule(Problem.build(build_metagraph(job), cost_model)), cost_model,
+                       method="sequential")
+    assert plan.phases == [0, 2]  # caption's two waves, then align's
+    check_equivalence(job, plan, tmp_path)

@@ -152,6 +152,11 @@ CASES = [
     ("empty wave", _set("waves.1.slices", []), "waves[1].slices ([]) is empty"),
     ("wave index", _set("waves.1.index", 5), "waves[1].index (5) is not the wave's position; expected 1"),
     ("no waves", _set("waves", []), "waves ([]) is empty"),
+    ("phases past the waves", _set("phases", [0, 3]), "phases ([0, 3]) names a wave past the last one (2)"),
+    ("phases not from wave 0", _set("phases", [1]), "phases ([1]) does not start with wave 0"),
+    ("phases out of order", _set("phases", [0, 2, 1]), "phases ([0, 2, 1]) is not strictly ascending"),
+    ("an edge across phases", _set("phases", [0, 1]), "crosses from phase 0 to phase 1; expected every edge inside "
+     "one phase"),
     ("dependency on a later MetaOp", _set("metaops.0.deps", [3]), "metaops[0].deps ([3]) are not distinct earlier"),
     ("zero batch", _set("metaops.2.batch_size", 0), "metaops[2].batch_size (0) is not positive"),
     ("no nodes", _set("cluster.num_nodes", 0), "cluster.num_nodes (0) is not a node count"),

@@ -1,0 +1,96 @@
+"""Loom's last candidates: every baseline's schedule, adopted when it beats the solver's choice.
+
+The solver's candidates are wave schedules (one phase, placed by :func:`~planner.placement.place_schedule`). The
+baselines' schedules (:mod:`planner.baselines`) have shapes the solver does not search: task groups that run without
+a barrier with each other, tasks in turn as phases. All are priced by the same simulator and checked by the same
+memory ledger, so :func:`adopt_best` can put them side by side: the shortest predicted iteration among the solver's
+choice and every baseline that fits in memory and that the runtime can execute (:func:`runnable`) is the plan. So
+Loom is never predicted slower than a baseline whose plan fits. The plan's ``solver.method`` names an adopted
+baseline (``"<name> schedule (baseline)"``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+
+from planner.baselines import BaselinePlan
+from planner.errors import PlanningError
+from planner.placement import PlacedSchedule
+from planner.program import loss_hosts, plan_edges
+from planner.phases import phase_of_waves
+from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule, compute_makespan
+from planner.simulator import Simulation
+from planner.solver import SolveResult
+
+log = logging.getLogger(__name__)
+
+ADOPTED = " schedule (baseline)"  # method suffix of a plan that is a baseline's schedule
+
+
+def schedule_of(placed: PlacedSchedule) -> Schedule:
+    """The wave schedule (counts, no device ids) of a placed one."""
+    return Schedule(tuple(Wave(tuple(Slice(s.metaop, s.num_layers, len(s.devices)) for s in w.slices))
+                          for w in placed.waves))
+
+
+def runnable(problem: Problem, placed: PlacedSchedule, devices_per_node: int) -> str | None:
+    """Why the runtime could not execute ``placed`` (None: it can): a tensor-parallel group across nodes, a layer at
+    two TP degrees or in two TP groups on one device, an edge of the program crossing phases."""
+    ops = problem.graph.metaops
+    degree: dict[tuple[str, int], int] = {}
+    group_on: dict[tuple[str, int, int], tuple[int, ...]] = {}
+    for wave in placed.waves:
+        for s in wave.slices:
+            tp, group = s.layout.tp_degree, ops[s.metaop].param_group
+            for r in range(0, len(s.devices), tp):
+                members = s.devices[r:r + tp]
+                if members[0] // devices_per_node != members[-1] // devices_per_node:
+                    return f"{ops[s.metaop].name}: a tensor-parallel group spans nodes"
+                for layer in range(s.first_layer, s.first_layer + s.num_layers):
+                    if degree.setdefault((group, layer), tp) != tp:
+                        return f"layer {layer} of {group} at two tensor-parallel degrees"
+                    for d in members if tp > 1 else ():
+                        if group_on.setdefault((group, layer, d), members) != members:
+                            return f"layer {layer} of {group} in two tensor-parallel groups on device {d}"
+    if len(placed.phases) > 1:
+        phase = phase_of_waves(placed.phases, len(placed.waves))
+        hosts = loss_hosts(ops, placed)
+        for edge in plan_edges(ops, placed):
+            target = edge.target if edge.consumer is not None else hosts[edge.task][0]
+            if phase[edge.producer[0]] != phase[target[0]]:
+                return "an edge crosses phases"
+    return None
+
+
+def adopt_best(problem: Problem, devices_per_node: int, chosen: tuple[SolveResult, PlacedSchedule, Simulation] | None,
+               baselines: Sequence[BaselinePlan], error: PlanningError | None = None, bound_s: float = 0.0,
+               ) -> tuple[SolveResult, PlacedSchedule, Simulation]:
+    """The solver's ``chosen`` plan, or the baseline schedule predicted faster (strictly) that fits and runs; with no
+    solver plan (none fitted: ``error``), the fastest such baseline, else ``error`` is raised. ``bound_s``: the
+    compute lower bound an adopted schedule's gap is measured against."""
+    best = chosen
+    for b in sorted(baselines, key=lambda b: b.sim.iteration_time_s):  # stable: BASELINES order among equals
+        if best is not None and b.sim.iteration_time_s >= best[2].iteration_time_s * (1 - 1e-12):
+            break
+        why = b.unfit or runnable(problem, b.placed, devices_per_node)
+        if why is not None:
+            log.info("baseline %s not adopted: %s", b.name, why)
+            continue
+        schedule = schedule_of(b.placed)
+        check_schedule(problem, schedule)
+        makespan = compute_makespan(problem, schedule)
+        bound = chosen[0].bound_s if chosen is not None else bound_s
+        gap = (makespan - bound) / makespan if makespan > 0 else 0.0
+        template = chosen[0] if chosen is not None else SolveResult(schedule, "baselines", "heuristic", makespan, bound,
+                                                                     gap, b.name + ADOPTED)
+        result = replace(template, schedule=schedule, status="heuristic", objective_s=makespan, gap=gap,
+                         method=b.name + ADOPTED)
+        log.info("adopted the %s baseline's schedule: %.4g s", b.name, b.sim.iteration_time_s)
+        best = (result, b.placed, b.sim)
+        break
+    if best is None:
+        assert error is not None
+        raise error
+    return best
