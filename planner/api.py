@@ -16,7 +16,7 @@ from pathlib import Path
 
 from planner import baselines as baselines_mod
 from planner.bound import plan_bounds
-from planner.candidates import adopt_best, schedule_of
+from planner.candidates import ADOPTED, adopt_best, schedule_of
 from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel, lm_heads
 from planner.devices import resolve_hardware
 from planner.errors import PlanningError
@@ -107,6 +107,8 @@ def plan_job(
     # the clock made the same job's plan differ between runs
     baseline_plans = baselines_mod.baseline_plans(problem, cost_model, spindle=warm)
     result, placed, sim = adopt_best(problem, cost_model.hw.devices_per_node, chosen, baseline_plans, error, bounds.dag_s)
+    if result.method.endswith(ADOPTED):
+        planned = problem  # a baseline's schedule is on the job's own curves, not a memory repair's
     say(f"chose {result.method}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
     baseline_times = {b.name: b.sim.iteration_time_s for b in baseline_plans} if with_baselines else {}
     notes = {b.name: f"its plan does not fit in device memory: {b.unfit}" for b in baseline_plans

@@ -14,9 +14,13 @@ import time
 import pytest
 
 from planner import polish as polish_mod
-from planner.api import make_cost_model, memory_tightened, plan_job
+from planner.api import make_cost_model, memory_tightened, plan_job, repair_memory
+from planner.bound import plan_bounds
+from planner.candidates import ADOPTED
+from planner.errors import PlanningError
 from planner.metagraph import build_metagraph
 from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule, compute_makespan
+from planner.solver import SolverSettings
 from planner.spec import parse_job
 from planner.twowave import MIN_GRID, search_grid
 
@@ -122,13 +126,25 @@ def test_memory_repair_plans_a_job_whose_fastest_layouts_do_not_fit():
     outcome = plan_job(parse_job(data), progress=messages.append)
     assert any("no candidate fits in device memory" in m for m in messages), messages
     assert max(outcome.plan.peak_memory_bytes) <= outcome.plan.cluster.memory_bytes
+    # the repair on its own: a plan on the tightened curves that fits, the LLM on larger TP than its fastest layouts
     job = parse_job(data)
-    original = Problem.build(build_metagraph(job), make_cost_model(job))
-    assert outcome.problem.curves != original.curves  # planned on the tightened curves, consistently
+    cost_model = make_cost_model(job)
+    original = Problem.build(build_metagraph(job), cost_model)
+    settings = SolverSettings(solver=job.planner.solver, time_limit_s=job.planner.time_limit_s,
+                              mip_gap=job.planner.mip_gap, level_barriers=job.planner.level_barriers,
+                              deadline=time.thread_time() + job.planner.time_limit_s)
+    tight, (_, placed, sim, _) = repair_memory(original, cost_model, settings, plan_bounds(original, cost_model),
+                                               PlanningError("none fits"), messages.append)
+    assert tight.curves != original.curves
+    assert max(sim.peak_memory_bytes) <= cost_model.hw.memory_bytes
     llm = [op.id for op in original.graph.metaops if op.component == "llm"]
-    assert any(s.tp_degree > original.curves[s.metaop].layout(s.dp_degree * s.tp_degree).tp_degree
-               for w in outcome.plan.waves for s in w.slices if s.metaop in llm
-               if s.dp_degree * s.tp_degree in original.curves[s.metaop].counts)
+    assert any(s.layout.tp_degree > original.curves[s.metaop].layout(len(s.devices)).tp_degree
+               for w in placed.waves for s in w.slices if s.metaop in llm
+               if len(s.devices) in original.curves[s.metaop].counts)
+    # plan_job keeps the faster of the repaired plan and the baselines that fit (here sequential, in phases)
+    assert outcome.plan.predicted.iteration_time_s <= sim.iteration_time_s
+    adopted = outcome.plan.solver.method.endswith(ADOPTED)
+    assert (outcome.problem.curves == original.curves) == adopted  # the problem of the schedule it kept
 
 
 def test_a_small_placement_budget_goes_to_distinct_schedules_first(monkeypatch):
