@@ -257,7 +257,8 @@ def test_the_largest_cluster_plans_within_its_time_limit() -> None:
             "components": {"vit": {"kind": "vit", "num_layers": 24, "hidden_size": 1024, "num_heads": 16,
                                    "patch_size": 14, "image_size": 224},
                            "llm": {"kind": "llama", "num_layers": 32, "hidden_size": 4096, "num_heads": 32,
-                                   "num_kv_heads": 8, "seq_len": 2048, "vocab_size": 32000}},
+                                   "num_kv_heads": 8, "seq_len": 2048, "vocab_size": 32000,
+                                   "tensor_parallel": [1, 2, 4, 8]}},  # 7B at TP 1 holds 70 GiB of fp32 state + cast
             "tasks": [{"name": "cap", "batch_size": 512, "components": [{"component": "vit"}, {"component": "llm"}]},
                       {"name": "lm", "batch_size": 1024, "components": [{"component": "llm"}]}],
             "planner": {"time_limit_s": 0.05}}
