@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -90,13 +91,15 @@ def plan_job(
     say(f"bounds: per-level {bounds.per_level_s:.4g} s, DAG {bounds.dag_s:.4g} s, iteration {bounds.iteration_s:.4g} s")
     warm = spindle_schedule(problem)
     limit = job.planner.time_limit_s
+    reserve = finishing_reserve(problem, limit)
     settings = SolverSettings(
         solver=job.planner.solver, time_limit_s=limit, mip_gap=job.planner.mip_gap,
-        level_barriers=job.planner.level_barriers, deadline=start_cpu + limit - finishing_reserve(problem, limit),
+        level_barriers=job.planner.level_barriers, deadline=start_cpu + limit - reserve,
     )
     solved = solve(problem, settings, warm=warm, lower_bound=bounds.dag_s, progress=say)
     try:
-        chosen, planned, error = choose_candidate(problem, cost_model, solved, deadline=settings.deadline)[:3], problem, None
+        chosen = choose_candidate(problem, cost_model, solved, deadline=settings.deadline, grace_s=reserve / 2)[:3]
+        planned, error = problem, None
     except PlanningError as exc:  # no solver candidate fits in device memory: solve again within less memory
         try:
             planned, found = repair_memory(problem, cost_model, settings, bounds, exc, say)
@@ -206,7 +209,7 @@ REFINED = ", transfer-refined"  # method suffix of a plan the search improved
 
 
 def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResult, deadline: float | None = None,
-                     ) -> tuple[SolveResult, PlacedSchedule, Simulation, dict[str, str]]:
+                     grace_s: float = math.inf) -> tuple[SolveResult, PlacedSchedule, Simulation, dict[str, str]]:
     """Place and simulate every candidate schedule the solver found; keep the shortest predicted iteration.
 
     The solver ranks by compute alone; transfers and shared-parameter sync depend on placement, so the
@@ -217,7 +220,7 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
     Placing stops at :data:`PLACE_BUDGET` work units (see :func:`_place_candidates`; the first candidate is always
     placed): deterministic. Past ``deadline`` (``time.thread_time()``, the planner's time limit; a safety cap) only
     the best candidate's variants are still placed and the local search is skipped."""
-    placed_all, error, unfit = _place_candidates(problem, cost_model, solved, deadline)
+    placed_all, error, unfit = _place_candidates(problem, cost_model, solved, deadline, grace_s)
     if not placed_all:
         raise error
     ranked = sorted(placed_all, key=lambda e: e[2].sim.iteration_time_s)  # stable: solver order among equals
@@ -245,6 +248,7 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
 
 
 def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResult, deadline: float | None = None,
+                      grace_s: float = math.inf,
                       ) -> tuple[list[tuple[str, Candidate, Evaluated]], PlanningError | None, dict[str, str]]:
     """Candidate x order x strategy placements that fit, named (in candidate, then variant, order); the first
     placement error; why each unfit candidate (its own order, packed) failed.
@@ -253,7 +257,7 @@ def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResu
     candidates: first every candidate in its own order, packed (shortest compute first); then the other orders and
     strategies, the best candidates of the first pass first. Once something fits, the first pass stops at half of
     :data:`PLACE_BUDGET` work units, the second at all of it, and both past ``deadline`` (the best candidate's
-    variants excepted); with nothing fitting after :data:`UNFIT_BEFORE_REPAIR` candidates, placing stops. A
+    variants excepted for ``grace_s`` more seconds, part of what the time limit keeps after the search); with nothing fitting after :data:`UNFIT_BEFORE_REPAIR` candidates, placing stops. A
     variant whose schedule and strategy were placed already (a reversed candidate equal to another) is skipped."""
     candidates = list(solved.candidates or ())
     strategies = STRATEGIES if cost_model.hw.num_nodes > 1 else STRATEGIES[:1]
@@ -262,7 +266,7 @@ def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResu
     error, unfit, spent, seen = None, {}, 0, set()
 
     def stop(grace: bool = False) -> bool:
-        past = deadline is not None and time.thread_time() >= deadline and not grace
+        past = deadline is not None and time.thread_time() >= deadline + (grace_s if grace else 0.0)
         return bool(placed) and (spent >= PLACE_BUDGET or past)
 
     def place(i: int, o: int, s: int) -> None:
