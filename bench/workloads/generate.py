@@ -80,16 +80,19 @@ def clip_like_job(num_tasks: int, num_nodes: int = 16, seed: int = 0, uses_per_t
     return job
 
 
-# A vision-audio-language model at the size such clusters train: a 70B-class LLaMA (80 layers, 8192 wide, GQA with
-# 8 KV heads, FFN 28672; tensor parallel up to 8) fed by Qwen-VL's ViT-bigG/14 and a Whisper-large encoder, every
-# component with activation checkpointing. Parameters: 68.4B (LLM layers) + 1.8B + 0.6B = 70.9B, so memory binds.
+# A vision-audio-language model at the size such clusters train: a 34B-class LLaMA (Yi-34B's shape: 60 layers, 7168
+# wide, 56 heads with 8 KV heads, FFN 20480; tensor parallel up to 8) fed by Qwen-VL's ViT-bigG/14 and a Whisper-large
+# encoder, every component with activation checkpointing. Parameters: 33.4B (LLM layers) + 1.8B + 0.6B, so memory
+# binds. (It was a 70B-class LLaMA until the memory model followed the runtime: fp32 weight and gradient and the
+# bf16 cast on every tensor-parallel shard, >= 10 bytes per parameter, put 80 layers at TP 8 over an 80 GiB A800, and
+# Loom has no ZeRO-3 or pipeline parallelism to go further.)
 VLM_COMPONENTS: dict[str, dict[str, Any]] = {
     "vision": {"kind": "vit", "num_layers": 48, "hidden_size": 1664, "num_heads": 16, "ffn_hidden_size": 8192,
                "patch_size": 14, "image_size": 448, "in_channels": 3, "recompute": True},
     "audio": {"kind": "transformer", "num_layers": 32, "hidden_size": 1280, "num_heads": 20, "ffn_hidden_size": 5120,
               "seq_len": 1500, "recompute": True},
-    "llm": {"kind": "llama", "num_layers": 80, "hidden_size": 8192, "num_heads": 64, "num_kv_heads": 8,
-            "ffn_hidden_size": 28672, "vocab_size": 128256, "seq_len": 4096, "tensor_parallel": [1, 2, 4, 8],
+    "llm": {"kind": "llama", "num_layers": 60, "hidden_size": 7168, "num_heads": 56, "num_kv_heads": 8,
+            "ffn_hidden_size": 20480, "vocab_size": 64000, "seq_len": 4096, "tensor_parallel": [1, 2, 4, 8],
             "recompute": True},
 }
 VLM_IMAGE_SIZES = (224, 336, 448)  # vision input sides (257, 577, 1025 tokens)
@@ -98,7 +101,7 @@ VLM_BATCH_SIZES = (256, 512, 1024, 2048)
 
 
 def vlm_like_data(num_tasks: int, num_nodes: int = 512, seed: int = 0) -> dict[str, Any]:
-    """``num_tasks`` random tasks of a 70B-class vision-audio-language model: each an encoder (vision or audio,
+    """``num_tasks`` random tasks of a 34B-class vision-audio-language model: each an encoder (vision or audio,
     with a drawn input size) feeding the shared LLM (2 MetaOps), with a drawn LLM length and batch."""
     if num_tasks < 1:
         raise ValueError(f"num_tasks ({num_tasks}) must be at least 1.")
