@@ -25,6 +25,24 @@ class _PlanModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Sealed:
+    """A content-hashed JSON document (a Plan, a plan set): its ``hash`` field holds the hash of everything else."""
+
+    def content_hash(self) -> str:
+        body = self.model_dump(mode="json", exclude={"hash"})
+        return hashlib.sha256(_canonical(body).encode()).hexdigest()[:16]
+
+    def sealed(self):
+        """This document with its content hash filled in."""
+        return self.model_copy(update={"hash": self.content_hash()})
+
+    def to_json(self) -> str:
+        return _canonical(self.model_dump(mode="json"), indent=1) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+
 class PlanCluster(_PlanModel):
     num_nodes: int
     devices_per_node: int
@@ -189,7 +207,7 @@ class Bounds(_PlanModel):
                                "the compute bound plus the optimizer step and gradient sync no schedule hides.")
 
 
-class Plan(_PlanModel):
+class Plan(Sealed, _PlanModel):
     version: int = PLAN_VERSION
     job: str
     spec_hash: str
@@ -220,20 +238,6 @@ class Plan(_PlanModel):
         default_factory=dict, description="Why a baseline's time needs care, e.g. its plan exceeds device memory."
     )
     hash: str = ""
-
-    def content_hash(self) -> str:
-        body = self.model_dump(mode="json", exclude={"hash"})
-        return hashlib.sha256(_canonical(body).encode()).hexdigest()[:16]
-
-    def sealed(self) -> Plan:
-        """This plan with its content hash filled in."""
-        return self.model_copy(update={"hash": self.content_hash()})
-
-    def to_json(self) -> str:
-        return _canonical(self.model_dump(mode="json"), indent=1) + "\n"
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
 
 
 def _canonical(obj: object, indent: int | None = None) -> str:

@@ -24,7 +24,6 @@ costs and the comparison with the static plans; versioned and content-hashed lik
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -38,7 +37,7 @@ from planner.api import plan_job, predict_plan, spec_hash
 from planner.costmodel import CostModel
 from planner.cache_choice import INF, Priced, choose_plans, draw_buckets, expected_time
 from planner.errors import PlanningError, SpecError
-from planner.plan import Plan, _canonical
+from planner.plan import Plan, Sealed
 from planner.shapes import Point, ResolvedShapes, cluster_points, dim_name, job_at, mean_point, pick_bucket
 from planner.spec import JobSpec
 
@@ -91,7 +90,7 @@ class Comparison(_SetModel):
     max_shape: list[int]
 
 
-class PlanSet(_SetModel):
+class PlanSet(Sealed, _SetModel):
     """A plan cache: every bucket's shapes, probability and plan. ``loom plan --shapes --save`` writes it."""
 
     version: int = PLAN_SET_VERSION
@@ -106,18 +105,6 @@ class PlanSet(_SetModel):
     switch_s: list[list[float]] = Field(description="switch_s[i][j]: seconds to go from plans[i] to plans[j].")
     comparison: Comparison
     hash: str = ""
-
-    def content_hash(self) -> str:
-        return hashlib.sha256(_canonical(self.model_dump(mode="json", exclude={"hash"})).encode()).hexdigest()[:16]
-
-    def sealed(self) -> PlanSet:
-        return self.model_copy(update={"hash": self.content_hash()})
-
-    def to_json(self) -> str:
-        return _canonical(self.model_dump(mode="json"), indent=1) + "\n"
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
 
     def bucket_sequence(self, steps: int, seed: int = 0) -> list[int]:
         """The bucket of each step as the runtime draws them (planner.cache_choice.draw_buckets)."""
