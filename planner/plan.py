@@ -240,6 +240,17 @@ class Plan(Sealed, _PlanModel):
     hash: str = ""
 
 
+def validated(model: type[BaseModel], data: dict, source: str, rerun: str):
+    """``model.model_validate(data)``; its first error as one SpecError line naming the field and ``rerun``, the command
+    that writes such a file."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise SpecError(f"{source}: {where}: {err['msg'].lower()}. Re-run `{rerun}`.") from None
+
+
 def _canonical(obj: object, indent: int | None = None) -> str:
     return json.dumps(obj, sort_keys=True, indent=indent, separators=(",", ": ") if indent else (",", ":"))
 
@@ -258,12 +269,7 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
     if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
         found = data.get("version") if isinstance(data, dict) else None
         raise SpecError(f"{source}: plan version {found!r} is not supported; expected {PLAN_VERSION}. Re-run `loom plan`.")
-    try:
-        plan = Plan.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise SpecError(f"{source}: {where}: {err['msg'].lower()}. Re-run `loom plan`.") from None
+    plan = validated(Plan, data, source, "loom plan")
     if not plan.hash:
         raise SpecError(f"{source}: the plan has no content hash; it was not written by `loom plan`. Re-run `loom plan`.")
     if plan.hash != plan.content_hash():

@@ -30,14 +30,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from planner.align import align_plan
 from planner.api import plan_job, predict_plan, spec_hash
 from planner.costmodel import CostModel
 from planner.cache_choice import INF, Priced, choose_plans, draw_buckets, expected_time
 from planner.errors import PlanningError, SpecError
-from planner.plan import Plan, Sealed
+from planner.plan import Plan, Sealed, validated
 from planner.shapes import Point, ResolvedShapes, cluster_points, dim_name, job_at, mean_point, pick_bucket
 from planner.spec import JobSpec
 
@@ -320,12 +320,7 @@ def plan_set_from_json(text: str, source: str = "plan set") -> PlanSet:
     plans = data.get("plans")
     if isinstance(plans, list):  # each plan verified as a plan file is, naming its place in the set
         data = {**data, "plans": [plan_from_json(json.dumps(p), f"{source}: plans[{i}]") for i, p in enumerate(plans)]}
-    try:
-        plan_set = PlanSet.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise SpecError(f"{source}: {where}: {err['msg'].lower()}. Re-run `loom plan --shapes`.") from None
+    plan_set = validated(PlanSet, data, source, "loom plan --shapes")
     if plan_set.hash != plan_set.content_hash():
         raise SpecError(f"{source}: content hash {plan_set.hash or '(none)'} does not match the content; the file was "
                         "edited or not written by `loom plan --shapes`. Re-run it.")
