@@ -2,7 +2,7 @@
 # Create .venv (Python 3.11) and install Loom with its pinned stack; fast no-op when nothing changed.
 #
 # torch is installed first and on its own so that pip resolves the CPU wheel available on this kind
-# of machine (never a CUDA build); then `pip install -e ".[test]"` adds everything else.
+# of machine (never a CUDA build); then `pip install -e ".[test,cpu-triton]"` adds everything else.
 # A stamp file records a hash of pyproject.toml and of this script: the install is skipped while
 # both are unchanged and the environment still imports Loom. Last, the example models that
 # examples/hf-vlm-cpu.yaml names (examples/models/, not in git) are written when missing.
@@ -47,7 +47,7 @@ fi
 
 echo "setup.sh: installing torch==$TORCH_VERSION, then loom[test] (editable)" >&2
 "$PY" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
-"$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+"$PY" -m pip install --quiet --disable-pip-version-check -e ".[test,cpu-triton]"
 "$PY" -c "import orchestrator.cli, planner.api"
 echo "$want" > "$STAMP"
 example_models
