@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from planner.errors import SpecError
+from planner.errors import SpecError, did_you_mean
 from planner.kinds import BYTES_PER_ACT, LayerSegment, UseShape, kind_of, need  # noqa: F401  (re-exported)
 from planner.spec import ComponentSpec, JobSpec, TaskComponentSpec
 from planner.unet import unet_state_numel
@@ -132,6 +132,47 @@ def check_components(job: JobSpec) -> None:
                 f"components.{name}.num_kv_heads ({comp.num_kv_heads}) does not divide num_heads ({comp.num_heads}); "
                 "grouped-query attention needs num_heads to be a multiple of num_kv_heads."
             )
+        if comp.weights_from is not None:
+            check_hand_off(job, name)
     for t, task in enumerate(job.tasks):
         for u in range(len(task.components)):
+            check_mode(job, t, u)
             expand_use(job, t, u)
+
+
+SHAPE_FIELDS = ("kind", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
+                "patch_size", "in_channels", "channel_mults", "out_features")
+
+
+def check_hand_off(job: JobSpec, name: str) -> None:
+    """``components.<name>.weights_from`` names another component of the same shape (its weights are copied in)."""
+    comp = job.components[name]
+    source = comp.weights_from
+    if source == name or source not in job.components:
+        others = [n for n in job.components if n != name]
+        raise SpecError(f"components.{name}.weights_from ('{source}') is not another component of this job; "
+                        f"{did_you_mean(str(source), others)}")
+    for field in SHAPE_FIELDS:
+        mine, theirs = getattr(comp, field), getattr(job.components[source], field)
+        if mine != theirs:
+            raise SpecError(f"components.{name}.weights_from ('{source}'): a weight hand-off needs equal shapes, but "
+                            f"{field} is {mine!r} here and {theirs!r} in '{source}'. Make the shapes agree.")
+
+
+def check_mode(job: JobSpec, t: int, u: int) -> None:
+    """A use's mode fits its component (generate: a causal LM with a vocabulary; sample: a denoiser) and its task
+    (batch_size a multiple of the use's samples)."""
+    task = job.tasks[t]
+    use = task.components[u]
+    comp = job.components[use.component]
+    kind = kind_of(comp, use.component)
+    where = f"tasks[{t}].components[{u}]"
+    if use.mode == "generate" and (not kind.causal_lm or comp.vocab_size is None):
+        raise SpecError(f"{where}.mode ('generate'): component '{use.component}' (kind '{comp.kind}') has no "
+                        "vocabulary to decode into; generate needs a causal LM with vocab_size (e.g. kind llama).")
+    if use.mode == "sample" and not kind.denoiser:
+        raise SpecError(f"{where}.mode ('sample'): component '{use.component}' (kind '{comp.kind}') is not a "
+                        "denoiser; sample needs a diffusion model (kind unet2d).")
+    if task.batch_size % use.samples:
+        raise SpecError(f"{where}.samples ({use.samples}) does not divide tasks[{t}].batch_size "
+                        f"({task.batch_size}); the batch counts samples. Make batch_size a multiple of it.")

@@ -17,6 +17,9 @@ from planner.errors import SpecError, did_you_mean
 from planner.spec_file import load_yaml
 
 
+UseMode = Literal["train", "forward", "generate", "sample"]
+
+
 class StrictModel(BaseModel):
     """Base of every spec model: unknown keys are errors, values are immutable."""
 
@@ -77,6 +80,10 @@ class ComponentSpec(StrictModel):
         default_factory=lambda: [1],
         description="Tensor-parallel degrees the planner may choose from (1 = data parallel only).",
     )
+    weights_from: str | None = Field(
+        None, description="Another component whose trained weights this one receives after every step (a weight "
+        "hand-off, e.g. a generation copy of a policy laid out differently); same shape required. None: its own."
+    )
 
 
     @model_validator(mode="before")
@@ -103,10 +110,47 @@ class TaskComponentSpec(StrictModel):
     )
     seq_len: int | None = Field(None, ge=1, description="Sequence length seen here (overrides the component's).")
     image_size: int | None = Field(None, ge=1, description="Image side seen here (overrides the component's).")
+    mode: UseMode = Field(
+        "train", description="What this use runs (docs/job-spec.md, Modes): train = forward and backward (weights "
+        "train unless the component is frozen); forward = forward only, no weight gradients (a frozen scorer or "
+        "reference; gradients still pass through it to earlier trained uses); generate = autoregressive decoding "
+        "without gradient (prefill, then `new_tokens` tokens with a KV cache); sample = `denoise_steps` diffusion "
+        "denoising steps without gradient (the last with gradient when `grad_last_step`). The outputs of generate "
+        "and sample uses are samples: no gradient flows back through them."
+    )
+    new_tokens: int | None = Field(None, ge=1, description="generate: tokens decoded after the prompt (`seq_len`).")
+    samples: int = Field(
+        1, ge=1, description="generate/sample: samples drawn per input row (e.g. a GRPO group); the task's "
+        "batch_size counts samples, so it must be a multiple of this."
+    )
+    temperature: float = Field(1.0, ge=0, description="generate: sampling temperature (0 = greedy).")
+    denoise_steps: int | None = Field(None, ge=1, description="sample: denoising steps run from noise.")
+    grad_last_step: bool = Field(
+        False, description="sample: run the last denoising step with gradient (its output carries gradient)."
+    )
 
     @property
     def use_name(self) -> str:
         return self.name or self.component
+
+    @property
+    def detached(self) -> bool:
+        """Whether this use's output carries no gradient (a generate use; a sample use without grad_last_step)."""
+        return self.mode == "generate" or (self.mode == "sample" and not self.grad_last_step)
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> TaskComponentSpec:
+        """Each mode's own fields are given with it and only with it."""
+        needs = {"generate": "new_tokens", "sample": "denoise_steps"}
+        if self.mode in needs and getattr(self, needs[self.mode]) is None:
+            raise ValueError(f"mode '{self.mode}' of use '{self.use_name}' needs `{needs[self.mode]}`; add it.")
+        only = {"new_tokens": ("generate",), "temperature": ("generate",), "denoise_steps": ("sample",),
+                "grad_last_step": ("sample",), "samples": ("generate", "sample")}
+        for name, modes in only.items():
+            if name in self.model_fields_set and self.mode not in modes:
+                raise ValueError(f"`{name}` of use '{self.use_name}' applies only to mode "
+                                 f"{' or '.join(modes)} (this use is mode '{self.mode}'); remove it.")
+        return self
 
 
 class TaskSpec(StrictModel):
