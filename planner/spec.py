@@ -140,14 +140,15 @@ class TaskComponentSpec(StrictModel):
 
     @model_validator(mode="after")
     def _check_mode(self) -> TaskComponentSpec:
-        """Each mode's own fields are given with it and only with it."""
+        """Each mode's own fields are given with it and only with it (a field at its default counts as not given, so
+        a dumped spec validates again)."""
         needs = {"generate": "new_tokens", "sample": "denoise_steps"}
         if self.mode in needs and getattr(self, needs[self.mode]) is None:
             raise ValueError(f"mode '{self.mode}' of use '{self.use_name}' needs `{needs[self.mode]}`; add it.")
         only = {"new_tokens": ("generate",), "temperature": ("generate",), "denoise_steps": ("sample",),
                 "grad_last_step": ("sample",), "samples": ("generate", "sample")}
         for name, modes in only.items():
-            if name in self.model_fields_set and self.mode not in modes:
+            if getattr(self, name) != type(self).model_fields[name].default and self.mode not in modes:
                 raise ValueError(f"`{name}` of use '{self.use_name}' applies only to mode "
                                  f"{' or '.join(modes)} (this use is mode '{self.mode}'); remove it.")
         return self
