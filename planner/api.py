@@ -68,7 +68,9 @@ def make_cost_model(job: JobSpec, costs: str | Path | None = None) -> CostModel:
 
 
 def spec_hash(job: JobSpec) -> str:
-    return hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:16]
+    """The job's identity in plans and checkpoints: fields at their defaults are left out, so a Loom release that
+    adds a spec field with a default keeps every earlier job's hash (its plans and checkpoints still belong to it)."""
+    return hashlib.sha256(job.model_dump_json(exclude_defaults=True).encode()).hexdigest()[:16]
 
 
 def plan_job(
