@@ -33,6 +33,9 @@ from runtime.modules import stable_seed
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}  # stateless per step: any row subset, any order
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
+# SDXL's scheduler/scheduler_config.json: the training schedule IterComp's DDPMScheduler samples with
+SDXL_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                     steps_offset=1, timestep_spacing="leading", num_train_timesteps=1000)
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,9 @@ class SampleConfig:
                              "(IterComp: 40).")
         first, last = self.stop
         if not (0 <= first <= last < self.steps):
-            raise ValueError(f"sample.stop: {list(self.stop)} is not a range of step indices within 0..{self.steps - 1};"
-                             f" give [first, last] with 0 <= first <= last < steps (IterComp: [30, 39] of 40).")
+            raise ValueError(f"sample.stop: {list(self.stop)} is not a range of step indices within "
+                             f"0..{self.steps - 1}; give [first, last] with 0 <= first <= last < steps (IterComp: "
+                             "[30, 39] of 40).")
 
 
 def build_scheduler(config: SampleConfig):

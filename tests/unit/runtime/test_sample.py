@@ -10,15 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.sample import (SampleConfig, build_scheduler, denoise_to, diffusers_denoiser, initial_latents,
-                            predict_x0, row_generators, sample_with_grad_last, stop_index)
+from runtime.sample import (SDXL_SCHEDULE, SampleConfig, build_scheduler, denoise_to, diffusers_denoiser,
+                            initial_latents, predict_x0, row_generators, sample_with_grad_last, stop_index)
 
 sys.path.insert(0, str(Path(__file__).parents[3] / "examples"))
 from make_models import save_unet  # noqa: E402  (examples/make_models.py)
 
-# SDXL's scheduler/scheduler_config.json (the training schedule IterComp's DDPMScheduler samples with)
-SDXL_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                     steps_offset=1, timestep_spacing="leading", num_train_timesteps=1000)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHAPE = (4, 8, 8)  # the tiny UNet's latents
 
 
