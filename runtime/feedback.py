@@ -111,6 +111,30 @@ def feedback_losses(x0: torch.Tensor, objective: FeedbackObjective,
     return reward_hinge(rewards, objective.margin, objective.scale), rewards, images
 
 
+@dataclass
+class Scored:
+    """The scoring side of a feedback step split across workers (:func:`score_x0`): this part's ``loss`` share (its
+    per-sample ``losses`` summed over the task's batch size), ``rewards`` ``(K, B)`` and ``grad_x0``, the gradient of
+    the share with respect to the x0 it was given, which the sampling side backpropagates (``x0.backward(grad_x0)``)."""
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    rewards: torch.Tensor
+    grad_x0: torch.Tensor
+
+
+def score_x0(x0: torch.Tensor, objective: FeedbackObjective, scorer_inputs: Sequence[Any],
+             batch_size: int) -> Scored:
+    """Score x0 received from the worker that sampled it (a copy without graph) and return the gradient to send back:
+    :func:`feedback_losses` of these rows, their sum over ``batch_size``, and its gradient with respect to ``x0``. The
+    sampling side's ``x0.backward(grad_x0)`` then gives its denoiser exactly the gradient of the one-process step."""
+    x0 = x0.detach().requires_grad_(True)
+    losses, rewards, _ = feedback_losses(x0, objective, scorer_inputs)
+    loss = losses.sum() / batch_size
+    (grad,) = torch.autograd.grad(loss, x0)
+    return Scored(loss.detach(), losses.detach(), rewards.detach(), grad)
+
+
 def denoising_loss(denoiser: Denoiser, scheduler, latents: torch.Tensor, noise: torch.Tensor,
                    timesteps: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
     """The ordinary per-sample denoising loss ``(B,)``: the mean squared error of the denoiser's prediction on
@@ -165,19 +189,25 @@ def _per_sample(x: Any, samples: int) -> Any:
     return x.repeat_interleave(samples, dim=0) if isinstance(x, torch.Tensor) and samples > 1 else x
 
 
+def sample_batch(denoiser: Denoiser, scheduler, batch: FeedbackBatch, config: SampleConfig,
+                 latent_shape: Sequence[int], step: int, task: str) -> GradSample:
+    """The sampling side of a feedback step: ``batch``'s samples (``latent_shape`` = latent channels, side, side),
+    each input row's context repeated over its samples, denoised without gradient to :func:`stop_index` and one step
+    with gradient to x0 (runtime.sample.sample_with_grad_last)."""
+    rows = sample_rows(batch.start, batch.start + batch.rows, batch.samples)
+    generators = row_generators(config.seed, step, task, rows)
+    return sample_with_grad_last(denoiser, scheduler, _per_sample(batch.context, batch.samples), latent_shape,
+                                 stop_index(config, step, task), generators)
+
+
 def feedback_step(denoiser: Denoiser, scheduler, objective: FeedbackObjective, batch: FeedbackBatch,
                   config: SampleConfig, latent_shape: Sequence[int], step: int, task: str,
                   pre_loss: Callable[[], torch.Tensor] | None = None) -> FeedbackResult:
     """One IterComp feedback step in one process, up to the loss (call ``.backward()`` on ``result.loss``; only the
-    denoiser's parameters receive gradients when the VAE and scorers are frozen): the samples of ``batch``'s rows
-    (``latent_shape`` = latent channels, side, side) denoised without gradient to :func:`stop_index`, one step with
-    gradient to x0, :func:`feedback_losses`, the per-sample losses summed over ``batch.batch_size``, plus
-    ``pre_loss()`` (e.g. a weighted :func:`denoising_loss` share) when given."""
-    rows = sample_rows(batch.start, batch.start + batch.rows, batch.samples)
-    generators = row_generators(config.seed, step, task, rows)
-    context = _per_sample(batch.context, batch.samples)
-    sample = sample_with_grad_last(denoiser, scheduler, context, latent_shape, stop_index(config, step, task),
-                                   generators)
+    denoiser's parameters receive gradients when the VAE and scorers are frozen): :func:`sample_batch`, then
+    :func:`feedback_losses` of its x0, the per-sample losses summed over ``batch.batch_size``, plus ``pre_loss()``
+    (e.g. a weighted :func:`denoising_loss` share) when given."""
+    sample = sample_batch(denoiser, scheduler, batch, config, latent_shape, step, task)
     inputs = [_per_sample(x, batch.samples) for x in batch.scorer_inputs]
     losses, rewards, images = feedback_losses(sample.x0, objective, inputs)
     loss = losses.sum() / batch.batch_size

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from runtime.feedback import (ClipScorer, FeedbackBatch, FeedbackObjective, denoising_loss, feedback_step, frozen,
-                              reward_hinge, scorer_pixels, to_unit)
+                              reward_hinge, sample_batch, score_x0, scorer_pixels, to_unit)
 from runtime.sample import SDXL_SCHEDULE, SampleConfig, build_scheduler, diffusers_denoiser, stop_index
 from runtime.vae import vae_decoder
 
@@ -173,6 +173,39 @@ def test_one_feedback_step_trains_only_the_unet_and_equals_a_hand_written_one_st
     loss.backward()
     for name, p in unet0.named_parameters():
         torch.testing.assert_close(p.grad, got[name], rtol=1e-4, atol=1e-9, msg=name)
+
+
+def test_a_feedback_step_split_across_workers_equals_the_one_process_step(folders):
+    """Sampling on two workers (input rows 0 and 1, 2 samples each, each worker its own copy of the UNet) and scoring
+    on a third (the VAE and the scorers), which receives their x0 without graph and sends back the gradient of its
+    loss share: losses and rewards equal the one-process step's within 1e-5, and the UNet gradients summed over the
+    sampling workers (their data-parallel all-reduce) within 1e-5 relative (of each tensor's norm)."""
+    from diffusers import UNet2DConditionModel
+
+    unet, text, objective = _models(folders)
+    scheduler, batch = build_scheduler(CONFIG), _batch(text)
+    whole = feedback_step(diffusers_denoiser(unet), scheduler, objective, batch, CONFIG, SHAPE, step=3, task="fb")
+    whole.loss.backward()
+
+    workers = []
+    for start in (0, 1):
+        copy = UNet2DConditionModel.from_pretrained(folders / "unet")
+        part = FeedbackBatch(batch.context[start:start + 1], [batch.scorer_inputs[0][start:start + 1], None],
+                             batch_size=4, start=start, samples=2)
+        workers.append((copy, sample_batch(diffusers_denoiser(copy), scheduler, part, CONFIG, SHAPE, 3, "fb")))
+    x0 = torch.cat([sample.x0.detach() for _, sample in workers])  # what the scoring worker receives
+    scored = score_x0(x0, objective, [batch.scorer_inputs[0].repeat_interleave(2, dim=0), None], batch_size=4)
+    torch.testing.assert_close(scored.loss, whole.loss.detach(), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(scored.rewards, whole.rewards.detach(), rtol=1e-5, atol=1e-5)
+    for i, (_, sample) in enumerate(workers):
+        sample.x0.backward(scored.grad_x0[2 * i:2 * i + 2])
+    split = [dict(copy.named_parameters()) for copy, _ in workers]
+    worst = 0.0
+    for name, p in unet.named_parameters():
+        summed = split[0][name].grad + split[1][name].grad
+        worst = max(worst, float((summed - p.grad).norm() / p.grad.norm().clamp_min(1e-30)))
+    print(f"worst relative gradient difference {worst:.2e}")
+    assert worst < 1e-5, worst
 
 
 def test_a_short_feedback_run_raises_the_rewards(folders):
