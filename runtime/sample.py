@@ -17,7 +17,8 @@ one seeded draw per (seed, step, task) (:func:`stop_index`): every row of a step
 IterComp, so the rows batch together in one denoiser call.
 
 A denoiser is any ``(latents (B, C, H, W), timesteps (B,), context (B, L, W) or None) -> prediction (B, C, H, W)``;
-:func:`diffusers_denoiser` wraps a diffusers UNet2DConditionModel. Imports diffusers only when a scheduler is built.
+:func:`diffusers_denoiser` wraps a diffusers UNet2DConditionModel, :func:`layer_denoiser` Loom's own unet2d modules (Loom's
+kind or a pretrained UNet's blocks). Imports diffusers only when a scheduler is built.
 """
 
 from __future__ import annotations
@@ -116,6 +117,25 @@ def initial_latents(shape: Sequence[int], generators: list[torch.Generator]) -> 
 def diffusers_denoiser(unet: torch.nn.Module) -> Denoiser:
     """A diffusers UNet2DConditionModel as a denoiser (its ``.sample``; the context is ``encoder_hidden_states``)."""
     return lambda latents, timesteps, context: unet(latents, timesteps, encoder_hidden_states=context).sample
+
+
+def layer_denoiser(embed: torch.nn.Module, layers: Sequence[torch.nn.Module], norm_out: torch.nn.Module,
+                   conv_out: torch.nn.Module, side: int) -> Denoiser:
+    """Loom's unet2d modules as a denoiser: the use's input module (runtime.unet.UNetInput: latents, timesteps,
+    context -> the flat state), every layer of its segments in order (runtime.unet.UNetLayer, at latent ``side``),
+    then the denoising prediction GroupNorm -> SiLU -> conv (runtime.heads.DenoisingHead's ``norm_out`` and
+    ``conv_out``; a pretrained UNet's ``conv_norm_out`` and ``conv_out``). A sample use is one MetaOp, so one worker
+    holds all of them."""
+
+    def denoise(latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        state = embed(latents, timesteps, context)
+        context_len = 0 if context is None else context.shape[1]
+        for layer in layers:
+            state = layer(state, side=side, context_len=context_len)
+        h = state.reshape(state.shape[0], -1, side, side)
+        return conv_out(torch.nn.functional.silu(norm_out(h)))
+
+    return denoise
 
 
 def _timesteps(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from planner.spec import parse_job
+from runtime.reference import ReferenceTrainer
 from runtime.sample import (SDXL_SCHEDULE, SampleConfig, build_scheduler, denoise_to, diffusers_denoiser,
-                            initial_latents, predict_x0, row_generators, sample_with_grad_last, stop_index)
+                            initial_latents, layer_denoiser, predict_x0, row_generators, sample_with_grad_last, stop_index)
 
 sys.path.insert(0, str(Path(__file__).parents[3] / "examples"))
 from make_models import save_unet  # noqa: E402  (examples/make_models.py)
@@ -22,11 +24,29 @@ SHAPE = (4, 8, 8)  # the tiny UNet's latents
 
 
 @pytest.fixture(scope="module")
-def unet(tmp_path_factory):
+def folder(tmp_path_factory):
+    return save_unet(tmp_path_factory.mktemp("unet") / "unet")
+
+
+@pytest.fixture(scope="module")
+def unet(folder):
     from diffusers import UNet2DConditionModel
 
-    folder = save_unet(tmp_path_factory.mktemp("unet") / "unet")
     return UNet2DConditionModel.from_pretrained(folder).eval()
+
+
+def loom_denoiser(unet: dict) -> tuple:
+    """(Loom's modules of a unet2d fed by a 32-wide text encoder, composed by layer_denoiser; the single-process
+    trainer holding them) for component ``unet``."""
+    text = {"kind": "transformer", "num_layers": 1, "hidden_size": 32, "num_heads": 2, "seq_len": 5, "vocab_size": 20}
+    job = parse_job({"name": "sd", "components": {"unet": unet, "text": text}, "training": {"precision": "fp32"},
+                     "tasks": [{"name": "gen", "batch_size": 2, "loss": "mse",
+                                "components": [{"component": "text"}, {"component": "unet"}]}]})
+    ref = ReferenceTrainer(job)
+    ops = [op for op in ref.graph.ops_of_task("gen") if op.component == "unet"]
+    layers = [ref.modules[(op.param_group, i)] for op in ops for i in range(op.num_layers)]
+    head = ref.head(0)
+    return layer_denoiser(ref.modules[("embed:unet", 0)], layers, head.norm_out, head.conv_out, 8), ref
 
 
 def _context(rows: int, seed: int = 1) -> torch.Tensor:
@@ -92,6 +112,29 @@ def test_the_steps_without_gradient_keep_no_graph_and_the_last_step_has_one(unet
     start = initial_latents(SHAPE, row_generators(0, 0, "gen", [(0, 0), (0, 1)]))
     torch.testing.assert_close(denoise_to(diffusers_denoiser(unet), scheduler, start, _context(2), 6, []),
                                result.latents)
+
+
+def test_loom_unet2d_modules_sample_as_the_diffusers_model_does(folder, unet):
+    """layer_denoiser over Loom's blocks of a pretrained UNet predicts what UNet2DConditionModel predicts, so the
+    sampler gives the same x0 through either; on Loom's own unet2d kind the x0's gradient reaches every layer."""
+    config = SampleConfig(steps=10, stop=(6, 9), scheduler_config=SDXL_SCHEDULE)
+    scheduler, context = build_scheduler(config), _context(2)
+    denoiser, _ = loom_denoiser({"pretrained": str(folder)})
+    x, t = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 500])
+    with torch.no_grad():
+        torch.testing.assert_close(denoiser(x, t, context), unet(x, t, encoder_hidden_states=context).sample,
+                                   rtol=1e-5, atol=1e-6)
+    gens = lambda: row_generators(0, 1, "gen", [(0, 0), (1, 0)])  # noqa: E731
+    ours = sample_with_grad_last(denoiser, scheduler, context, SHAPE, 7, gens())
+    theirs = sample_with_grad_last(diffusers_denoiser(unet), scheduler, context, SHAPE, 7, gens())
+    torch.testing.assert_close(ours.x0, theirs.x0, rtol=1e-5, atol=1e-5)
+
+    own, ref = loom_denoiser({"kind": "unet2d", "num_layers": 1, "hidden_size": 8, "channel_mults": [1, 2],
+                              "num_heads": 2, "in_channels": 4, "image_size": 8})
+    sample_with_grad_last(own, scheduler, context, SHAPE, 7, gens()).x0.square().sum().backward()
+    unet_params = [(name, p) for (group, _), m in ref.modules.items() if group.startswith(("unet", "embed:unet"))
+                   for name, p in m.named_parameters()]
+    assert unet_params and all(p.grad is not None for _, p in unet_params)
 
 
 @pytest.mark.parametrize("fields, message", [
