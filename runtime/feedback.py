@@ -51,8 +51,8 @@ def scorer_pixels(images: torch.Tensor, side: int, mean: Sequence[float] = CLIP_
         h, w = images.shape[-2:]
     top, left = (h - side) // 2, (w - side) // 2
     images = images[..., top:top + side, left:left + side]
-    m = torch.tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     return (images - m) / s
 
 

@@ -108,10 +108,11 @@ def row_generators(seed: int, step: int, task: str, rows: Sequence[tuple[int, in
     return [torch.Generator().manual_seed(stable_seed("sample", seed, step, task, row, k)) for row, k in rows]
 
 
-def initial_latents(shape: Sequence[int], generators: list[torch.Generator]) -> torch.Tensor:
-    """``(B, *shape)`` standard Gaussian latents, row i drawn from ``generators[i]`` (as diffusers' ``randn_tensor``
-    draws over a list of generators)."""
-    return torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
+def initial_latents(shape: Sequence[int], generators: list[torch.Generator],
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(B, *shape)`` standard Gaussian latents on ``device``, row i drawn on the CPU from ``generators[i]`` (as
+    diffusers' ``randn_tensor`` draws over a list of CPU generators), so every device starts from the same noise."""
+    return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
 
 
 def diffusers_denoiser(unet: torch.nn.Module) -> Denoiser:
@@ -138,8 +139,9 @@ def layer_denoiser(embed: torch.nn.Module, layers: Sequence[torch.nn.Module], no
     return denoise
 
 
-def _timesteps(t: torch.Tensor, rows: int) -> torch.Tensor:
-    return t.reshape(1).expand(rows).to(torch.long)
+def _timesteps(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Timestep ``t`` for every row of ``like``, on its device (a UNet moves only 0-d timesteps itself)."""
+    return t.reshape(1).expand(like.shape[0]).to(like.device, torch.long)
 
 
 def denoise_to(denoiser: Denoiser, scheduler, latents: torch.Tensor, context: torch.Tensor | None, stop: int,
@@ -149,7 +151,7 @@ def denoise_to(denoiser: Denoiser, scheduler, latents: torch.Tensor, context: to
     with torch.no_grad():
         for t in scheduler.timesteps[:stop]:
             model_in = scheduler.scale_model_input(latents, t)
-            prediction = denoiser(model_in, _timesteps(t, latents.shape[0]), context)
+            prediction = denoiser(model_in, _timesteps(t, latents), context)
             latents = scheduler.step(prediction, t, latents, generator=generators).prev_sample
     return latents
 
@@ -160,7 +162,7 @@ def predict_x0(scheduler, prediction: torch.Tensor, latents: torch.Tensor, t: in
     sqrt(1 - a) v, sample the prediction itself; clipped to +-clip_sample_range when the scheduler clips. Equal to
     ``scheduler.step(prediction, t, latents).pred_original_sample``, differentiable in ``prediction``."""
     cfg = scheduler.config
-    a = scheduler.alphas_cumprod[int(t)].to(prediction.dtype)
+    a = scheduler.alphas_cumprod[int(t)].to(prediction.device, prediction.dtype)
     if cfg.prediction_type == "epsilon":
         x0 = (latents - (1 - a) ** 0.5 * prediction) / a ** 0.5
     elif cfg.prediction_type == "v_prediction":
@@ -186,11 +188,14 @@ class GradSample:
 
 
 def sample_with_grad_last(denoiser: Denoiser, scheduler, context: torch.Tensor | None, shape: Sequence[int],
-                          stop: int, generators: list[torch.Generator]) -> GradSample:
+                          stop: int, generators: list[torch.Generator],
+                          device: torch.device | str | None = None) -> GradSample:
     """One sample per generator: noise ``(B, *shape)`` (``shape`` = latent channels, side, side) denoised without
     gradient through the first ``stop`` timesteps of ``scheduler`` (:func:`denoise_to`), then one denoiser call with
-    gradient at timestep ``scheduler.timesteps[stop]`` and its x0 (:func:`predict_x0`)."""
-    latents = denoise_to(denoiser, scheduler, initial_latents(shape, generators), context, stop, generators)
+    gradient at timestep ``scheduler.timesteps[stop]`` and its x0 (:func:`predict_x0`). On ``device`` (default: the
+    context's, else the CPU); the noise is drawn on the CPU whatever the device."""
+    device = device if device is not None else context.device if context is not None else "cpu"
+    latents = denoise_to(denoiser, scheduler, initial_latents(shape, generators, device), context, stop, generators)
     t = scheduler.timesteps[stop]
-    prediction = denoiser(scheduler.scale_model_input(latents, t), _timesteps(t, latents.shape[0]), context)
+    prediction = denoiser(scheduler.scale_model_input(latents, t), _timesteps(t, latents), context)
     return GradSample(latents, stop, int(t), prediction, predict_x0(scheduler, prediction, latents, t))
