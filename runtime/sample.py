@@ -17,8 +17,9 @@ one seeded draw per (seed, step, task) (:func:`stop_index`): every row of a step
 IterComp, so the rows batch together in one denoiser call.
 
 A denoiser is any ``(latents (B, C, H, W), timesteps (B,), context (B, L, W) or None) -> prediction (B, C, H, W)``;
-:func:`diffusers_denoiser` wraps a diffusers UNet2DConditionModel, :func:`layer_denoiser` Loom's own unet2d modules (Loom's
-kind or a pretrained UNet's blocks). Imports diffusers only when a scheduler is built.
+:func:`diffusers_denoiser` wraps a diffusers UNet2DConditionModel, :func:`layer_denoiser` Loom's own unet2d modules
+(Loom's kind or a pretrained UNet's blocks). A sample use without ``grad_last_step`` is :func:`sample_without_grad`.
+Imports diffusers only when a scheduler is built.
 """
 
 from __future__ import annotations
@@ -199,3 +200,13 @@ def sample_with_grad_last(denoiser: Denoiser, scheduler, context: torch.Tensor |
     t = scheduler.timesteps[stop]
     prediction = denoiser(scheduler.scale_model_input(latents, t), _timesteps(t, latents), context)
     return GradSample(latents, stop, int(t), prediction, predict_x0(scheduler, prediction, latents, t))
+
+
+def sample_without_grad(denoiser: Denoiser, scheduler, context: torch.Tensor | None, shape: Sequence[int],
+                        generators: list[torch.Generator], device: torch.device | str | None = None) -> torch.Tensor:
+    """A sample use without ``grad_last_step``: noise ``(B, *shape)`` denoised through every timestep of ``scheduler``
+    without gradient, the final latents (detached: nothing flows back through them). Row i's noise from
+    ``generators[i]``, as in :func:`sample_with_grad_last`."""
+    device = device if device is not None else context.device if context is not None else "cpu"
+    latents = initial_latents(shape, generators, device)
+    return denoise_to(denoiser, scheduler, latents, context, len(scheduler.timesteps), generators)

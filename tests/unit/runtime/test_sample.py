@@ -13,7 +13,8 @@ import torch
 from planner.spec import parse_job
 from runtime.reference import ReferenceTrainer
 from runtime.sample import (SDXL_SCHEDULE, SampleConfig, build_scheduler, denoise_to, diffusers_denoiser,
-                            initial_latents, layer_denoiser, predict_x0, row_generators, sample_with_grad_last, stop_index)
+                            initial_latents, layer_denoiser, predict_x0, row_generators, sample_with_grad_last,
+                            sample_without_grad, stop_index)
 
 sys.path.insert(0, str(Path(__file__).parents[3] / "examples"))
 from make_models import save_unet  # noqa: E402  (examples/make_models.py)
@@ -135,6 +136,20 @@ def test_loom_unet2d_modules_sample_as_the_diffusers_model_does(folder, unet):
     unet_params = [(name, p) for (group, _), m in ref.modules.items() if group.startswith(("unet", "embed:unet"))
                    for name, p in m.named_parameters()]
     assert unet_params and all(p.grad is not None for _, p in unet_params)
+
+
+def test_sampling_without_gradient_is_the_grad_path_stepped_to_the_end(unet):
+    """A sample use without grad_last_step: every timestep without gradient. From the same noise it equals stopping
+    at the last index with gradient and taking the scheduler's step from that prediction (DDIM: no step noise)."""
+    config = SampleConfig(steps=8, stop=(7, 7), scheduler="ddim", scheduler_config=SDXL_SCHEDULE)
+    scheduler, denoiser, context = build_scheduler(config), diffusers_denoiser(unet), _context(2)
+    gens = lambda: row_generators(0, 2, "gen", [(0, 0), (1, 0)])  # noqa: E731
+    final = sample_without_grad(denoiser, scheduler, context, SHAPE, gens())
+    assert not final.requires_grad and final.shape == (2, *SHAPE)
+    last = sample_with_grad_last(denoiser, scheduler, context, SHAPE, 7, gens())
+    stepped = scheduler.step(last.prediction.detach(), scheduler.timesteps[7], last.latents).prev_sample
+    torch.testing.assert_close(final, stepped, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(final, last.latents)
 
 
 @pytest.mark.parametrize("fields, message", [
