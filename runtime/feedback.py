@@ -80,6 +80,21 @@ class ClipScorer(nn.Module):
         return self.model.logit_scale.exp() * (image * text).sum(-1)
 
 
+class LinearScorer(nn.Module):
+    """A frozen random linear reward of the [0, 1] image, ``gain * sum(w * (x - 0.5)) / sqrt(n)`` with ``w`` standard
+    normal from ``seed`` over ``pixels`` = C * H * W values: a scorer whose optimum a generator can reach (each pixel
+    toward the sign of its weight), for smoke runs and tests where the rewards must rise. Ignores its inputs."""
+
+    def __init__(self, pixels: int, seed: int, gain: float = 8.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(pixels, generator=torch.Generator().manual_seed(seed)))
+        self.gain = gain
+        frozen(self)
+
+    def forward(self, images: torch.Tensor, inputs: Any = None) -> torch.Tensor:
+        return (images.flatten(1) - 0.5) @ self.weight * self.gain / self.weight.numel() ** 0.5
+
+
 def reward_hinge(rewards: torch.Tensor, margin: float = MARGIN, scale: float = SCALE) -> torch.Tensor:
     """Per-sample feedback loss ``scale * sum_k ReLU(margin - rewards[k])`` of rewards ``(K, B)`` -> ``(B,)``: each
     reward model pushes its score above ``margin`` and stops pushing once it is there."""

@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from runtime.feedback import (ClipScorer, FeedbackBatch, FeedbackObjective, denoising_loss, feedback_step, frozen,
-                              reward_hinge, sample_batch, score_x0, scorer_pixels, to_unit)
+from runtime.feedback import (ClipScorer, FeedbackBatch, FeedbackObjective, LinearScorer, denoising_loss,
+                              feedback_step, frozen, reward_hinge, sample_batch, score_x0, scorer_pixels, to_unit)
 from runtime.sample import SDXL_SCHEDULE, SampleConfig, build_scheduler, diffusers_denoiser, stop_index
 from runtime.vae import vae_decoder
 
 sys.path.insert(0, str(Path(__file__).parents[3] / "examples"))
-from make_models import save_text_tower, save_unet, save_vae  # noqa: E402  (examples/make_models.py)
+from make_models import save_clip, save_text_tower, save_unet, save_vae  # noqa: E402  (examples/make_models.py)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,33 +32,19 @@ def folders(tmp_path_factory) -> Path:
     save_unet(root / "unet")
     save_vae(root / "vae")
     save_text_tower(root / "text")  # CLIPTextModel, 32 wide: the UNet's cross_attention_dim
+    save_clip(root / "clip")
     return root
 
 
-def clip_model(seed: int = 0) -> nn.Module:
-    """A tiny transformers CLIPModel (16 px images in 4 px patches, vocabulary 100 with end-of-text 1, 16-dim
-    projections)."""
-    from transformers import CLIPConfig, CLIPModel
+def clip_model(folders: Path) -> nn.Module:
+    from transformers import CLIPModel
 
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    torch.manual_seed(seed)
-    text = small | dict(vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return CLIPModel(CLIPConfig(text_config=text,
-                                vision_config=small | dict(image_size=16, patch_size=4), projection_dim=16)).eval()
+    return CLIPModel.from_pretrained(folders / "clip").eval()
 
 
-class LinearScorer(nn.Module):
-    """A frozen random linear function of the [0, 1] image (``sum(w * (x - 0.5)) / sqrt(n) * gain``): a reward whose
-    optimum the UNet can reach (push every pixel toward the sign of its weight), so feedback must raise it."""
-
-    def __init__(self, seed: int, pixels: int = 3 * 16 * 16, gain: float = 8.0):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(pixels, generator=torch.Generator().manual_seed(seed)))
-        self.gain = gain
-        frozen(self)
-
-    def forward(self, images: torch.Tensor, inputs: None) -> torch.Tensor:
-        return (images.flatten(1) - 0.5) @ self.weight * self.gain / self.weight.numel() ** 0.5
+def pixel_scorer(seed: int) -> LinearScorer:
+    """A frozen random linear reward of the tiny VAE's 3 x 16 x 16 images."""
+    return LinearScorer(3 * 16 * 16, seed)
 
 
 def _models(folders: Path, unet_seed: int = 0):
@@ -67,7 +53,7 @@ def _models(folders: Path, unet_seed: int = 0):
 
     unet = UNet2DConditionModel.from_pretrained(folders / "unet")
     text = frozen(CLIPTextModel.from_pretrained(folders / "text"))
-    objective = FeedbackObjective(vae_decoder(str(folders / "vae")), [ClipScorer(clip_model()), LinearScorer(1)])
+    objective = FeedbackObjective(vae_decoder(str(folders / "vae")), [ClipScorer(clip_model(folders)), pixel_scorer(1)])
     return unet, text, objective
 
 
@@ -98,8 +84,8 @@ def test_the_frozen_decoder_equals_diffusers_decode_and_reads_only_its_tensors(f
     assert want.shape == (2, 3, 16, 16) and not any(p.requires_grad for p in decoder.parameters())
 
 
-def test_the_clip_scorer_is_clipmodels_image_text_logit():
-    model = clip_model()
+def test_the_clip_scorer_is_clipmodels_image_text_logit(folders):
+    model = clip_model(folders)
     ids = prompts(3, 0)
     images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     want = model(input_ids=ids, pixel_values=scorer_pixels(images, 16)).logits_per_image.diagonal()
@@ -215,7 +201,7 @@ def test_a_short_feedback_run_raises_the_rewards(folders):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(folders / "unet")
-    objective = FeedbackObjective(vae_decoder(str(folders / "vae")), [LinearScorer(1), LinearScorer(2)])
+    objective = FeedbackObjective(vae_decoder(str(folders / "vae")), [pixel_scorer(1), pixel_scorer(2)])
     config = SampleConfig(steps=10, stop=(6, 9), seed=0, scheduler_config=SDXL_SCHEDULE)
     scheduler, denoiser = build_scheduler(config), diffusers_denoiser(unet)
     context = torch.randn(4, 5, 32, generator=torch.Generator().manual_seed(9))
