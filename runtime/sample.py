@@ -140,6 +140,11 @@ def layer_denoiser(embed: torch.nn.Module, layers: Sequence[torch.nn.Module], no
     return denoise
 
 
+def _device(device: torch.device | str | None, context: torch.Tensor | None) -> torch.device | str:
+    """Where a sample runs: ``device`` when given, else the context's device, else the CPU."""
+    return device if device is not None else context.device if context is not None else "cpu"
+
+
 def _timesteps(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Timestep ``t`` for every row of ``like``, on its device (a UNet moves only 0-d timesteps itself)."""
     return t.reshape(1).expand(like.shape[0]).to(like.device, torch.long)
@@ -195,8 +200,8 @@ def sample_with_grad_last(denoiser: Denoiser, scheduler, context: torch.Tensor |
     gradient through the first ``stop`` timesteps of ``scheduler`` (:func:`denoise_to`), then one denoiser call with
     gradient at timestep ``scheduler.timesteps[stop]`` and its x0 (:func:`predict_x0`). On ``device`` (default: the
     context's, else the CPU); the noise is drawn on the CPU whatever the device."""
-    device = device if device is not None else context.device if context is not None else "cpu"
-    latents = denoise_to(denoiser, scheduler, initial_latents(shape, generators, device), context, stop, generators)
+    latents = initial_latents(shape, generators, _device(device, context))
+    latents = denoise_to(denoiser, scheduler, latents, context, stop, generators)
     t = scheduler.timesteps[stop]
     prediction = denoiser(scheduler.scale_model_input(latents, t), _timesteps(t, latents), context)
     return GradSample(latents, stop, int(t), prediction, predict_x0(scheduler, prediction, latents, t))
@@ -207,6 +212,5 @@ def sample_without_grad(denoiser: Denoiser, scheduler, context: torch.Tensor | N
     """A sample use without ``grad_last_step``: noise ``(B, *shape)`` denoised through every timestep of ``scheduler``
     without gradient, the final latents (detached: nothing flows back through them). Row i's noise from
     ``generators[i]``, as in :func:`sample_with_grad_last`."""
-    device = device if device is not None else context.device if context is not None else "cpu"
-    latents = initial_latents(shape, generators, device)
+    latents = initial_latents(shape, generators, _device(device, context))
     return denoise_to(denoiser, scheduler, latents, context, len(scheduler.timesteps), generators)
