@@ -39,6 +39,21 @@ def save_clip_vision(path: str | Path, seed: int = 0, **config) -> Path:
     return Path(path)
 
 
+def save_clip(path: str | Path, seed: int = 0, **config) -> Path:
+    """A small two-tower CLIPModel (each tower 32 wide, 2 layers; 16 px images in 4 px patches; vocabulary 100 with
+    end-of-text 1; 16-dim projections) saved at ``path``: an image-text scorer (runtime.feedback.ClipScorer);
+    ``config`` overrides CLIPConfig's top-level defaults."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    text = small | dict(vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(text_config=text, vision_config=small | dict(image_size=16, patch_size=4), projection_dim=16)
+    CLIPModel(CLIPConfig(**(cfg.to_dict() | config))).save_pretrained(path)
+    return Path(path)
+
+
 def save_siglip_vision(path: str | Path, seed: int = 0, **config) -> Path:
     """A small SigLIP vision tower (SiglipVisionModel: 32 wide, 2 layers, 16 px images in 4 px patches, no class
     token, with its attention-pooling head) saved at ``path``; ``config`` overrides the defaults."""

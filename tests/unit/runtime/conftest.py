@@ -31,3 +31,15 @@ def tensor_reads(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(safetensors, "safe_open", Counting)
     return read
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module's tests, restored after: tiny models' many small calls (a denoising loop)
+    run tens of times slower when two intra-op threads fight the machine's other processes for its cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
