@@ -36,6 +36,7 @@ RL_BASELINES: tuple[str, ...] = ("colocated", "split")
 SPLIT_GRAIN_PARTS = 32  # the split search moves devices in grains of N // 32 (at least 1)
 SPLIT_SIMULATED = 8  # splits placed and simulated, the best by the compute estimate
 MAX_SPLIT_ROLES = 16  # more roles than this: no split baseline
+GEN_SHARES = (1.0, 0.5, 0.25)  # shares of the devices Loom's role placement tries for generation
 STAGES = (1, 2, 4, 8)  # pipeline stages the baselines try for MetaOps too large for one group (verl/OpenRLHF: PP)
 TIGHTER_SHARES = (1.0, 0.5, 0.25, 0.125)  # device memory shares the baselines' layouts are tightened to, in turn
 MAX_SPLIT_VECTORS = 40_000  # pool-size vectors estimated at most (the grain doubles until they are fewer)
@@ -230,35 +231,45 @@ def rl_schedules(problem: Problem, cost_model: CostModel) -> dict[str, tuple[Pla
     return {name: found for name, found in out.items() if found is not None}
 
 
-def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool = False) -> PlacedSchedule | None:
+def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool = False,
+                         gen_share: float = 1.0) -> PlacedSchedule | None:
     """Loom's role placement between colocated and split: the MetaLevels in order; a level's MetaOps (e.g. the
     reward model and the reference, both reading the rollouts) split the N devices in proportion to their work
     (planner.baselines.split_level: DistMM's rule), a level of one MetaOp (the generation, the update) takes them all;
     with ``trained_alone`` a level's MetaOps with a backward pass run first, each alone on all devices, and the rest
-    split them. Each MetaOp in ``stages`` pipeline stages over its devices. None when some stage's devices are too
-    few."""
+    split them. With ``gen_share`` < 1 the generate and sample MetaOps run on the first ``gen_share`` of the devices
+    and the forward-only MetaOps split the others (so no device holds a generation copy and a scorer). Each MetaOp
+    in ``stages`` pipeline stages over its devices. None when some stage's devices are too few."""
     from planner.baselines import split_level  # local: a sibling's helper, used only here
 
     builder = _Builder(problem)
     after = -1
     ops = problem.graph.metaops
+    n_all = problem.num_devices
+    n_gen = max(1, int(n_all * gen_share))
     for level in problem.graph.levels:
         groups = [list(level)]
         if trained_alone:
             alone = [m for m in level if ops[m].backward_factor > 0]
             rest = [m for m in level if ops[m].backward_factor == 0]
             groups = [[m] for m in alone] + ([rest] if rest else [])
-        stages_of_level = [st for group in groups for st in split_level(problem, group, problem.num_devices)]
         end = after
-        for stage in stages_of_level:
-            start = end
-            for m, devices in stage:
-                pool = tuple(range(devices[0], devices[0] + len(devices))) if len(stage) > 1 else \
-                    tuple(range(problem.num_devices))
-                k = _put(builder, m, pool, stages, start)
-                if k is None:
-                    return None
-                end = max(end, k)
+        for group in groups:
+            if all(ops[m].gen is not None for m in group):
+                offset, width = 0, n_gen
+            elif n_gen < n_all and all(ops[m].backward_factor == 0 for m in group):
+                offset, width = n_gen, n_all - n_gen
+            else:
+                offset, width = 0, n_all
+            for stage in split_level(problem, group, width):
+                start = end
+                for m, devices in stage:
+                    first = offset + (devices[0] if len(stage) > 1 else 0)
+                    size = len(devices) if len(stage) > 1 else width
+                    k = _put(builder, m, tuple(range(first, first + size)), stages, start)
+                    if k is None:
+                        return None
+                    end = max(end, k)
         after = end
     return builder.placed()
 
@@ -269,7 +280,8 @@ def role_candidate(problem: Problem, cost_model: CostModel) -> tuple[PlacedSched
     not fit (a 70B policy needs pipeline stages to train beside its generation copy)."""
     if not rl_shaped(problem):
         return None
-    found = _search(problem, cost_model, lambda p, k: [level_split_schedule(p, k, alone) for alone in (False, True)])
+    found = _search(problem, cost_model, lambda p, k: [level_split_schedule(p, k, alone, share)
+                                                       for alone in (False, True) for share in GEN_SHARES])
     if found is None or max(found[1].peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes:
         return None
     return found
