@@ -148,7 +148,7 @@ def wave_table(plan: Plan, wave: PlanWave) -> Table:
         op = plan.metaops[s.metaop]
         last = s.first_layer + s.num_layers - 1
         table.add_row(
-            op.name,
+            op.name if op.mode == "train" else f"{op.name} ({op.mode})",
             f"{s.first_layer}..{last} ({s.num_layers}/{op.num_layers})",
             compact_ranges(s.devices),
             f"{s.dp_degree} x {s.tp_degree}",
