@@ -219,3 +219,25 @@ def test_loom_is_never_slower_than_colocated_or_split(devices):
     assert [m.mode for m in again.metaops] == ["generate", "forward", "forward", "train"]
     assert again.predicted.handoff_s == pytest.approx(outcome.simulation.handoff_s)
     assert len(again.handoffs) == len(outcome.simulation.handoffs)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("mode", "decode", "metaops[0].mode ('decode') is not a use mode"),
+    ("num_layers", 2, "metaops[0].num_layers (2) is not 1 for a generate MetaOp"),
+    ("handoff", 9, "handoffs[0].metaop (9) is not a MetaOp of the plan"),
+])
+def test_a_plan_with_a_bad_mode_or_hand_off_is_one_error_line(field, value, message):
+    from planner.errors import SpecError
+    from planner.plan import Plan
+
+    job, cost_model, problem = setup()
+    data = plan_placed(job, colocated_schedule(problem), cost_model).model_dump(mode="json")
+    if field == "handoff":
+        data["handoffs"] = [{"component": "policy", "source": "policy", "metaop": value, "device": 0, "bytes": 1.0,
+                             "cross_node": False}]
+    else:
+        data["metaops"][0][field] = value
+    text = Plan.model_validate(data).sealed().to_json()
+    with pytest.raises(SpecError) as info:
+        plan_from_json(text, "bad.json")
+    assert str(info.value).startswith(f"bad.json: {message}") and "\n" not in str(info.value)
