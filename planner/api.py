@@ -25,7 +25,8 @@ from planner.metagraph import MetaGraph, build_metagraph
 from planner.placement import STRATEGIES, PlacedSchedule, PlacedSlice, PlacedWave, place_schedule
 from planner.refine import Evaluated, evaluation_cost, refine_transfers
 from planner.plan import (
-    Bounds, Plan, PlanCluster, PlanHandoff, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport, SyncGroup,
+    Bounds, Plan, PlanCluster, PlanHandoff, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport,
+    SyncGroup,
 )
 from planner.program import plan_buckets, plan_holdings, plan_pieces, process_groups
 from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs

@@ -6,19 +6,25 @@ after another on the same samples. RL frameworks make the user choose where role
 
 - ``colocated`` (verl's hybrid engine): every role on all devices, in turn (one MetaOp after another in
   topological order, each on the largest valid count <= N of the first devices), all roles' weights resident on
-  every device. No weight hand-off (the generating devices train every layer), but the memory of all roles adds up.
+  every device. No weight hand-off while the generating devices train every layer (no pipeline stages), but the
+  memory of all roles adds up.
 - ``split`` (OpenRLHF's Ray placement): the devices split into fixed pools, one per role; each role's MetaOps run
   on its pool in topological order, roles on different pools concurrently where the DAG allows. The policy's
   generation pool receives the updated weights after every step (a hand-off, planner.handoff). The split is
-  searched, for the job's layouts and for layouts tightened to fit (:func:`tightened`): every vector of pool sizes in multiples of a grain (``N // SPLIT_GRAIN_PARTS`` devices, at least one,
-  doubled until at most :data:`MAX_SPLIT_VECTORS` vectors remain) whose sum is at most N is ranked by a list-scheduled compute estimate; the :data:`SPLIT_SIMULATED` best are
-  placed, simulated and memory-checked, and the fastest that fits (else the fastest) is the baseline. The
-colocated placement likewise takes the first fitting of its layout versions.
+  searched: every vector of pool sizes in multiples of a grain (``N // SPLIT_GRAIN_PARTS`` devices, at least one,
+  doubled until at most :data:`MAX_SPLIT_VECTORS` vectors remain) whose sum is at most N is ranked by a
+  list-scheduled compute estimate; the :data:`SPLIT_SIMULATED` best are placed, simulated and memory-checked.
+
+Both search what a user of those frameworks tunes until the roles fit (:func:`_search`): pipeline stages
+(:func:`stage_plan`) and layout versions (:func:`tightened`); each keeps its fastest placement that fits (the
+fastest of all when none does).
 
 A role is a MetaOp's parameter group without its segment suffix: ``policy@generate`` (a generate use's copy),
 ``policy`` (its trained layers), ``reward``, ``reference``. Both are :class:`~planner.placement.PlacedSchedule`
 values priced by the same simulator and memory ledger as every other baseline (planner.baselines), so Loom adopts
-one when it is faster (planner.candidates).
+one when it is faster (planner.candidates). Loom's own role placement (:func:`role_candidate`, anything between the
+two: a level's roles side by side on shares of the devices, generation on a share of them) joins the solver's
+candidates (:func:`with_role_candidate`).
 """
 
 from __future__ import annotations
@@ -168,7 +174,8 @@ def tightened(problem: Problem, cost_model: CostModel, stages: int = 1) -> list[
         curves = []
         for op, curve in zip(problem.graph.metaops, problem.curves):
             k = max(1, min(stages, op.num_layers))
-            tight = cost_model._build_curve_within(op, share * cost_model.hw.memory_bytes / math.ceil(op.num_layers / k))
+            limit = share * cost_model.hw.memory_bytes / math.ceil(op.num_layers / k)
+            tight = cost_model._build_curve_within(op, limit)
             curves.append(curve if tight is None else tight)
         if all(tuple(curves) != p.curves for p in out):
             out.append(replace(problem, curves=tuple(curves)))

@@ -57,7 +57,8 @@ def markdown(records: list[dict]) -> str:
              "simulator (planner.simulator, weight hand-offs included); specs in bench/rl/*.yaml. The speed-up is over "
              "the better of colocated and split among those that fit in device memory; (!) marks a placement that "
              "does not fit.", "",
-             "| cell | devices | Loom | colocated | split | speed-up | Loom's choice |", "|---|---|---|---|---|---|---|"]
+             "| cell | devices | Loom | colocated | split | speed-up | Loom's choice |",
+             "|---|---|---|---|---|---|---|"]
 
     def cell(r: dict | None) -> str:
         if r is None:

@@ -15,8 +15,9 @@ from planner.metagraph import build_metagraph
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
 from planner.plan import PLAN_VERSION, plan_from_json
 from planner.program import plan_edges
-from planner.rlbaselines import colocated_schedule, rl_schedules, role_of, split_candidates, split_schedule
+from planner.rlbaselines import colocated_schedule, rl_schedules, role_of, split_candidates, split_schedule, stage_plan
 from planner.schedule import Problem
+from planner.simulator import simulate
 from planner.spec import parse_job
 
 H100 = DEVICES["h100"]
@@ -144,7 +145,8 @@ def test_hand_off_bytes_on_hand_made_placements():
                                                                           (0, 1, 2 * per_layer * 2, False)]
     assert hand_off_seconds(offs, cost_model, 4) == pytest.approx(
         H100.intra_latency_s + 2 * per_layer * 2 / cost_model.hw.intra_bandwidth)
-    assert plan_placed(job, split, cost_model).predicted.handoff_s == pytest.approx(hand_off_seconds(offs, cost_model, 4))
+    predicted = plan_placed(job, split, cost_model).predicted
+    assert predicted.handoff_s == pytest.approx(hand_off_seconds(offs, cost_model, 4))
     # the update split by layers: layer 0 on devices 0-1, layer 1 on 2-3; the rollout's devices lack layer 1 only
     half = slices(problem, layout, (0, 0, 0, 1, (0, 1)), (1, 3, 0, 1, (0, 1)), (2, 3, 1, 1, (2, 3)),
                   (1, 1, 0, 2, (2,)), (1, 2, 0, 2, (3,)))
@@ -241,3 +243,32 @@ def test_a_plan_with_a_bad_mode_or_hand_off_is_one_error_line(field, value, mess
     with pytest.raises(SpecError) as info:
         plan_from_json(text, "bad.json")
     assert str(info.value).startswith(f"bad.json: {message}") and "\n" not in str(info.value)
+
+
+def test_stage_plan_splits_layers_over_disjoint_sub_pools():
+    _, _, problem = setup(8)
+    policy = 3
+    assert stage_plan(problem, policy, 8, 1) == [(0, 2, 0, problem.curves[policy].counts[-1])]
+    two = stage_plan(problem, policy, 8, 2)
+    assert [(first, count, offset) for first, count, offset, _ in two] == [(0, 1, 0), (1, 1, 4)]
+    assert all(n <= 4 for *_, n in two)
+    assert len(stage_plan(problem, 0, 8, 4)) == 1  # a generate MetaOp is one layer: never staged
+
+
+def test_role_placements_fit_by_pipeline_stages_when_whole_models_do_not():
+    """With devices just too small for every role's whole model beside the others, the colocated placement finds
+    layouts and pipeline stages that fit, as a verl user would, and Loom's plan fits and is no slower."""
+    job, cost_model, problem = setup(8)
+    whole = max(simulate(problem, colocated_schedule(problem), cost_model).peak_memory_bytes)
+    data = grpo(8)
+    data["cluster"]["memory_gib"] = 0.8 * whole / 2**30
+    job = parse_job(data)
+    cost_model = make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cost_model)
+    whole = max(simulate(problem, colocated_schedule(problem), cost_model).peak_memory_bytes)
+    assert whole > cost_model.hw.memory_bytes
+    placed, sim = rl_schedules(problem, cost_model)["colocated"]
+    assert max(sim.peak_memory_bytes) <= cost_model.hw.memory_bytes
+    plan = plan_job(job, cost_model).plan
+    assert max(plan.peak_memory_bytes) <= plan.cluster.memory_bytes
+    assert plan.predicted.iteration_time_s <= sim.iteration_time_s * (1 + 1e-9)
