@@ -148,7 +148,7 @@ def wave_table(plan: Plan, wave: PlanWave) -> Table:
         op = plan.metaops[s.metaop]
         last = s.first_layer + s.num_layers - 1
         table.add_row(
-            op.name,
+            op.name if op.mode == "train" else f"{op.name} ({op.mode})",
             f"{s.first_layer}..{last} ({s.num_layers}/{op.num_layers})",
             compact_ranges(s.devices),
             f"{s.dp_degree} x {s.tp_degree}",
@@ -166,7 +166,8 @@ def plan_summary(plan: Plan) -> Group:
             ("predicted iteration ", "bold"), format_seconds(pred.iteration_time_s),
             f" = compute {format_seconds(pred.compute_s)} + transfer {format_seconds(pred.transfer_s)}"
             f" + exposed sync {format_seconds(pred.sync_s)} + optimizer {format_seconds(pred.optimizer_s)}"
-            f" + exposed all-gather {format_seconds(pred.gather_s)}",
+            f" + exposed all-gather {format_seconds(pred.gather_s)}"
+            + (f" + weight hand-off {format_seconds(pred.handoff_s)}" if pred.handoff_s else ""),
         ),
         Text.assemble(("bounds (compute) ", "bold"), _bounds_line(plan)),
         Text.assemble(("bound (iteration) ", "bold"), _iteration_bound_line(plan)),

@@ -25,10 +25,12 @@ from planner.metagraph import MetaGraph, build_metagraph
 from planner.placement import STRATEGIES, PlacedSchedule, PlacedSlice, PlacedWave, place_schedule
 from planner.refine import Evaluated, evaluation_cost, refine_transfers
 from planner.plan import (
-    Bounds, Plan, PlanCluster, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport, SyncGroup,
+    Bounds, Plan, PlanCluster, PlanHandoff, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport,
+    SyncGroup,
 )
 from planner.program import plan_buckets, plan_holdings, plan_pieces, process_groups
 from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
+from planner.rlbaselines import with_role_candidate
 from planner.simulator import Simulation, simulate, split_passes
 from planner.solver import Candidate, SolveResult, SolverSettings, solve
 from planner.spec import JobSpec
@@ -108,6 +110,8 @@ def plan_job(
             chosen, error = found[:3], None
         except PlanningError as still:  # nothing the solver finds fits: a baseline's schedule may
             chosen, planned, error = None, problem, still
+    chosen = with_role_candidate(problem, cost_model, chosen, bounds.dag_s)  # RL-shaped jobs: Loom's role placement
+    error = None if chosen is not None else error
     # the baselines always run, past the limit too: every one is a candidate (planner.candidates), and skipping them by
     # the clock made the same job's plan differ between runs
     baseline_plans = baselines_mod.baseline_plans(problem, cost_model, spindle=warm)
@@ -328,7 +332,7 @@ def build_plan(
             num_layers=op.num_layers, batch_size=op.batch_size, deps=list(op.deps), level=op.level,
             param_group=op.param_group, frozen=op.frozen, params_per_layer=op.layer.params,
             out_bytes_per_sample=op.layer.out_bytes, use=op.use, segment=op.segment, recompute=op.recompute,
-            input_modules=list(op.input_modules),
+            input_modules=list(op.input_modules), mode=op.mode,
         )
         for op in graph.metaops
     ]
@@ -363,10 +367,11 @@ def build_plan(
         grad_buckets=plan_buckets(sim.buckets),
         process_groups=process_groups(sim.holdings, placed),
         sync_groups=[SyncGroup(**vars(g)) for g in sim.sync_groups],
+        handoffs=[PlanHandoff(**vars(h)) for h in sim.handoffs],
         predicted=Prediction(iteration_time_s=sim.iteration_time_s, compute_s=sim.compute_s,
                              transfer_s=sim.transfer_s, sync_s=sim.sync_s, optimizer_s=sim.optimizer_s,
                              gather_s=sim.gather_s, loss_s=loss.forward_s, loss_transfer_in_s=loss.transfer_in_s,
-                             loss_transfer_back_s=loss.transfer_back_s),
+                             loss_transfer_back_s=loss.transfer_back_s, handoff_s=sim.handoff_s),
         peak_memory_bytes=list(sim.peak_memory_bytes),
         solver=SolverReport(name=result.solver, status=result.status, objective_s=result.objective_s,
                             bound_s=result.bound_s, gap=result.gap, method=result.method),

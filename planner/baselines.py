@@ -196,6 +196,20 @@ class _Builder:
             self.wave_of[m] = k
         return k
 
+    def put_slice(self, m: int, first_layer: int, num_layers: int, devices: tuple[int, ...], after: int = -1) -> int:
+        """Layers ``first_layer .. first_layer + num_layers`` of MetaOp ``m`` on ``devices`` in the earliest wave >
+        ``after`` (and > its predecessors' waves); returns it. A MetaOp split so runs its parts in the waves given."""
+        ops = self.problem.graph.metaops
+        deps = [self.wave_of[d] for d in ops[m].deps if d in self.wave_of]
+        self.crossing |= any(k < self.starts[-1] for k in deps)
+        k = max([after + 1, self.starts[-1], *(k + 1 for k in deps)])
+        while len(self.waves) <= k:
+            self.waves.append([])
+        layout = self.problem.curves[m].layout(len(devices))
+        self.waves[k].append(PlacedSlice(m, first_layer, num_layers, tuple(devices), layout))
+        self.wave_of[m] = k
+        return k
+
     def placed(self) -> PlacedSchedule:
         phases = (0,) if self.crossing else tuple(self.starts)
         return PlacedSchedule(tuple(PlacedWave(tuple(w)) for w in self.waves), phases)
@@ -301,13 +315,17 @@ class BaselinePlan:
 
 def baseline_schedules(problem: Problem, cost_model: CostModel, spindle: Schedule | None = None
                        ) -> dict[str, PlacedSchedule]:
-    """Every baseline's placed schedule, keyed as :data:`BASELINES`."""
+    """Every baseline's placed schedule, keyed as :data:`BASELINES`, then (an RL-shaped job: a use that does not
+    train) the colocated and best split role placements (planner.rlbaselines)."""
+    from planner.rlbaselines import rl_schedules  # local: rlbaselines builds on this module
+
     return {
         "sequential": sequential_schedule(problem),
         "uniform": uniform_schedule(problem),
         "optimus": optimus_schedule(problem),
         "distmm_mt": distmm_mt_schedule(problem),
         "spindle": spindle_placed(problem, cost_model, spindle),
+        **{name: placed for name, (placed, _) in rl_schedules(problem, cost_model).items()},
     }
 
 

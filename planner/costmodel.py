@@ -21,6 +21,7 @@ from planner.components import use_shape
 from planner.costfile import read_cost_file
 from planner.devices import Hardware
 from planner.errors import PlanningError
+from planner.generation import generate_time, kv_cache_bytes
 from planner.metagraph import MetaOp
 from planner.spec import JobSpec
 from planner.usegraph import leaf_uses, use_component
@@ -189,10 +190,16 @@ class CostModel:
         return op.layer.params * self.bytes_per_param(op, layout) / layout.tp_degree
 
     def activation_bytes(self, op: MetaOp, layout: Layout) -> float:
-        """Bytes per device per layer kept from forward to backward (only the layer input under recompute;
-        a forward-only layer keeps just its output until the next layer has run)."""
-        keeps_all = op.backward_factor > 0 and not op.recompute
-        saved = op.layer.act_bytes if keeps_all else op.layer.out_bytes
+        """Bytes per device per layer kept from forward to backward (only the layer input under recompute). A
+        MetaOp without backward keeps just its last output (each layer's is freed once the next has run): its one
+        output spread over its layers, so that a MetaOp's layers add up to it; a generate MetaOp, its KV cache."""
+        if op.gen is not None and op.gen.decoder is not None:  # generate: the KV cache, sharded by heads over TP
+            dec = op.gen.decoder
+            return kv_cache_bytes(dec.layers, dec.kv_dim, dec.prompt + dec.new_tokens, self.grad_bytes,
+                                  self.local_batch(op, layout)) / layout.tp_degree
+        if op.backward_factor == 0:
+            return op.layer.out_bytes * self.local_batch(op, layout) / layout.tp_degree / op.num_layers
+        saved = op.layer.out_bytes if op.recompute else op.layer.act_bytes
         return saved * self.local_batch(op, layout) / layout.tp_degree
 
     def layer_memory(self, op: MetaOp, layout: Layout) -> float:
@@ -201,8 +208,20 @@ class CostModel:
 
     @staticmethod
     def passes(op: MetaOp) -> float:
-        """Forward-pass equivalents per layer: 1 + backward (+1 forward again under recompute)."""
-        return 1.0 + op.backward_factor + (1.0 if op.recompute else 0.0)
+        """Forward-pass equivalents per layer: 1 + backward (+1 forward again under recompute); a sample use runs
+        ``denoise_steps`` forwards, the backward of its last step when it has one (a generate use is priced apart:
+        :meth:`AnalyticCostModel.layout_time`)."""
+        forwards = op.gen.denoise_steps if op.gen is not None and op.gen.mode == "sample" else 1.0
+        return forwards + op.backward_factor + (1.0 if op.recompute else 0.0)
+
+    @staticmethod
+    def forward_fraction(op: MetaOp) -> float:
+        """The part of a MetaOp's compute that runs in forward (before the loss): 1 / passes, all of it for a
+        generate use and every denoising step of a sample use."""
+        if op.gen is not None:
+            forwards = op.gen.denoise_steps if op.gen.mode == "sample" else 1.0
+            return forwards / (forwards + op.backward_factor + (1.0 if op.recompute else 0.0))
+        return 1.0 / CostModel.passes(op)
 
     def layouts(self, op: MetaOp, n: int) -> list[Layout]:
         out = []
@@ -217,7 +236,8 @@ class CostModel:
     def curve(self, op: MetaOp) -> Curve:
         """The valid counts of ``op`` with strictly decreasing times (cached per workload)."""
         # Everything _build_curve reads: recompute changes time and memory, num_layers the memory preference.
-        cache_key = (op.key, op.num_layers, op.batch_size, op.backward_factor, op.frozen, op.recompute, op.allowed_tp)
+        cache_key = (op.key, op.num_layers, op.batch_size, op.backward_factor, op.frozen, op.recompute, op.allowed_tp,
+                     op.gen)
         if cache_key not in self._curves:
             self._curves[cache_key] = self._build_curve(op)
         return self._curves[cache_key]
@@ -318,6 +338,8 @@ class AnalyticCostModel(CostModel):
     def layout_time(self, op: MetaOp, layout: Layout) -> float:
         dev, layer = self.hw.device, op.layer
         b = self.local_batch(op, layout)
+        if op.gen is not None and op.gen.decoder is not None:
+            return generate_time(self, op, layout)
         passes = self.passes(op)
         compute = layer.flops_fwd * b * passes / layout.tp_degree / (dev.peak_flops * dev.efficiency)
         moved = (2 * layer.params * passes + 2 * layer.act_bytes * b) / layout.tp_degree

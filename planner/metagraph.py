@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from planner.components import LayerSegment, expand_use, out_shapes
+from planner.generation import Generation, whole_use
 from planner.spec import JobSpec
 from planner.usegraph import input_modules
 
@@ -45,6 +46,8 @@ class MetaOp:
     # "adapt:<component>" (a connector's projection); see runtime.embeddings
     input_modules: tuple[str, ...] = ()
     kind: str = ""  # its component's kind (a key of planner.kinds.KINDS); "" for MetaOps built without a job (tests)
+    mode: str = "train"  # its use's mode (planner.spec.TaskComponentSpec.mode)
+    gen: Generation | None = None  # a generate or sample use: the whole use as one MetaOp of one layer
 
     @property
     def key(self) -> str:
@@ -59,6 +62,8 @@ class MetaGraph:
     levels: tuple[tuple[int, ...], ...]
     param_groups: dict[str, tuple[int, ...]] = field(default_factory=dict)
     num_micro_batches: int = 1  # training.grad_accum_steps: passes of the MetaOps (each of one micro-batch) per step
+    # components.<name>.weights_from: receiving component -> the component whose trained weights it receives
+    weights_from: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.metaops)
@@ -91,7 +96,14 @@ def _costs(seg: LayerSegment) -> tuple:
 
 
 def build_metagraph(job: JobSpec) -> MetaGraph:
-    """Expand every task of ``job`` into MetaOps with dependencies, levels and parameter groups."""
+    """Expand every task of ``job`` into MetaOps with dependencies, levels and parameter groups.
+
+    Modes (docs/planner.md, Modes): a ``train`` use trains its component's weights unless it is frozen; a ``forward``
+    use computes no weight gradient but passes input gradients back when a trained use feeds it; a ``generate`` or
+    ``sample`` use is one MetaOp of one layer (the whole use, :func:`planner.generation.whole_use`) with its own
+    parameter group ``<component>@<mode>`` (its copy of the weights), and its output is detached: no gradient flows
+    back into it, so nothing upstream of it trains through it. A sample use with ``grad_last_step`` on a trained
+    component trains that component (the last step's backward) and keeps its group."""
     ops: list[MetaOp] = []
     for t, task in enumerate(job.tasks):
         last_of_use: dict[str, int] = {}
@@ -102,12 +114,23 @@ def build_metagraph(job: JobSpec) -> MetaGraph:
             deps = tuple(sorted(last_of_use[name] for name in upstream))
             trainable_upstream = any(trainable_of_use[name] for name in upstream)
             segments = contract_segments(expand_use(job, t, u))
+            gen, shapes = None, None
+            trains = use.mode == "train" or (use.mode == "sample" and use.grad_last_step)
+            frozen = comp.frozen or not trains
+            if use.mode in ("generate", "sample"):
+                seg, gen, shape = whole_use(job, t, u, segments)
+                segments, shapes = [seg], ((shape,),)
             for s, seg in enumerate(segments):
-                if comp.frozen:
-                    backward = 1.0 if trainable_upstream else 0.0
-                else:
+                if use.detached:
+                    backward = 0.0
+                elif not frozen:
                     backward = 2.0
+                else:
+                    backward = 1.0 if trainable_upstream else 0.0
                 suffix = f"#{s}" if len(segments) > 1 else ""
+                group = f"{use.component}#{s}" if len(segments) > 1 else use.component
+                if gen is not None and frozen:
+                    group = f"{use.component}@{use.mode}"
                 op = MetaOp(
                     id=len(ops),
                     name=f"{task.name}.{use.use_name}{suffix}",
@@ -119,23 +142,26 @@ def build_metagraph(job: JobSpec) -> MetaGraph:
                     # spec checks that they divide the batch
                     batch_size=task.batch_size // job.training.grad_accum_steps,
                     deps=deps,
-                    param_group=f"{use.component}#{s}" if len(segments) > 1 else use.component,
-                    frozen=comp.frozen,
+                    param_group=group,
+                    frozen=frozen,
                     backward_factor=backward,
                     allowed_tp=tuple(sorted(set(comp.tensor_parallel))),
                     recompute=comp.recompute and backward > 0,
                     use=use.use_name,
                     segment=s,
-                    out_shapes=out_shapes(job, t, u, s, seg.count),
+                    out_shapes=shapes[s] if shapes else out_shapes(job, t, u, s, seg.count),
                     kind=comp.kind,
+                    mode=use.mode,
+                    gen=gen,
                 )
                 ops.append(op)
                 deps = (op.id,)
             last_of_use[use.use_name] = ops[-1].id
-            trainable_of_use[use.use_name] = trainable_upstream or not comp.frozen
+            trainable_of_use[use.use_name] = not use.detached and (trainable_upstream or not frozen)
     graph = finalize_graph(ops)
     return replace(graph, metaops=tuple(replace(op, input_modules=tuple(input_modules(job, graph, op)))
-                                        for op in graph.metaops), num_micro_batches=job.training.grad_accum_steps)
+                                        for op in graph.metaops), num_micro_batches=job.training.grad_accum_steps,
+                   weights_from={n: c.weights_from for n, c in job.components.items() if c.weights_from})
 
 
 def finalize_graph(ops: Sequence[MetaOp]) -> MetaGraph:

@@ -18,7 +18,8 @@ Memory model (bytes per device; the two parts of :meth:`CostModel.layer_memory`)
 - parameter state of every layer the device ever runs (:meth:`CostModel.bytes_per_param`: weight,
   gradient and the optimizer state sharded over the slice's data-parallel group; 2 B/param frozen),
   divided by the TP degree. A layer held twice counts once, at its largest shard;
-- activations saved for backward by every forward slice the device runs. Forward runs the waves in
+- activations saved for backward by every forward slice the device runs (a MetaOp without backward: one output
+  for all its layers, :meth:`CostModel.activation_bytes`). Forward runs the waves in
   order and backward runs them in reverse, so all of these are live when forward ends: that is the
   peak. With phases (:mod:`planner.phases`) a phase's activations are freed by its backward before
   the next phase runs: the activation peak is the largest phase's (parameters are held throughout).
@@ -166,6 +167,7 @@ class MemoryLedger:
         self.act_bytes = np.zeros(n)
         self.phase_act: dict[int, np.ndarray] = {}  # saved activations per phase (only once a phase > 0 is added)
         self.trainable_params = np.zeros(n)
+        self.transient = np.zeros(n)  # the largest KV cache of a generate slice on the device (freed after it)
         self.held: dict[str, dict[int, dict[int, int]]] = {}
         self.groups = group_facts(problem)
         self.slices: list[PlacedSlice] = []
@@ -174,6 +176,9 @@ class MemoryLedger:
         op = self.problem.graph.metaops[s.metaop]
         idx = np.fromiter(s.devices, dtype=np.int64, count=len(s.devices))
         saved = self.cost_model.activation_bytes(op, s.layout) * s.num_layers
+        if op.gen is not None and op.gen.decoder is not None:  # a KV cache lives while its generation runs only
+            self.transient[idx] = np.maximum(self.transient[idx], saved)
+            saved = op.layer.out_bytes * self.cost_model.local_batch(op, s.layout)
         if phase == 0 and not self.phase_act:
             self.act_bytes[idx] += saved
         else:  # a phase's activations are freed before the next phase runs: the peak is the largest phase's
@@ -216,8 +221,9 @@ class MemoryLedger:
 
     def peak(self) -> np.ndarray:
         """Peak bytes per device: parameter state plus every saved activation (end of forward), plus the logits of
-        the LM heads the device runs then (:meth:`head_bytes`)."""
-        return self.param_bytes + self.act_bytes + self.head_bytes()
+        the LM heads the device runs then (:meth:`head_bytes`), or, when larger, a generate slice's KV cache
+        beside those activations (a bound: the cache is freed when the generation ends)."""
+        return self.param_bytes + self.act_bytes + np.maximum(self.head_bytes(), self.transient)
 
     def head_bytes(self) -> np.ndarray:
         """Per device, :meth:`CostModel.head_memory` of each task with an LM head, on the first tensor-parallel

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from planner.errors import SpecError
 
-PLAN_VERSION = 5  # 2: predicted.gather_s; 3: pieces (the program every worker executes); 4: bounds.iteration_s;
-# 5: phases
+PLAN_VERSION = 6  # 2: predicted.gather_s; 3: pieces (the program every worker executes); 4: bounds.iteration_s;
+# 5: phases; 6: use modes (metaops[].mode) and weight hand-offs (handoffs, predicted.handoff_s)
 
 
 class _PlanModel(BaseModel):
@@ -69,6 +69,21 @@ class PlanMetaOp(_PlanModel):
     recompute: bool = Field(False, description="Activation checkpointing: its layers run forward again in backward.")
     input_modules: list[str] = Field(default_factory=list, description="Modules its first layer runs before it "
                                      "(embed:<component>, adapt:<component>).")
+    mode: str = Field("train", description="Its use's mode: train, forward, generate or sample (a generate or sample "
+                      "use is one MetaOp of one layer: the whole use).")
+
+
+class PlanHandoff(_PlanModel):
+    """Updated weights ``device`` receives after the optimizer step to run MetaOp ``metaop`` (planner.handoff: the
+    trained layers of ``source`` it runs and does not train itself)."""
+
+    component: str
+    source: str
+    metaop: int
+    device: int
+    bytes: float
+    cross_node: bool
+    network_bytes: float = 0.0
 
 
 class PlanSlice(_PlanModel):
@@ -170,7 +185,7 @@ class SyncGroup(_PlanModel):
 
 class Prediction(_PlanModel):
     """The simulator's iteration time and its parts along the critical path (planner.simulator): ``iteration_time_s =
-    compute_s + transfer_s + sync_s + optimizer_s + gather_s`` (seconds; sync and gather are the parts not hidden
+    compute_s + transfer_s + sync_s + optimizer_s + gather_s + handoff_s`` (seconds; sync and gather are the parts not hidden
     behind other work)."""
 
     iteration_time_s: float
@@ -185,6 +200,8 @@ class Prediction(_PlanModel):
     loss_transfer_in_s: float = Field(0.0, description="The leaves' outputs moving to the loss hosts (part of "
                                       "transfer_s).")
     loss_transfer_back_s: float = Field(0.0, description="Their gradients moving back (part of transfer_s).")
+    handoff_s: float = Field(0.0, description="Weight hand-offs after the step (planner.handoff), on the critical "
+                             "path: the next iteration's generation waits for them.")
 
 
 class SolverReport(_PlanModel):
@@ -222,6 +239,8 @@ class Plan(Sealed, _PlanModel):
     pieces: list[PlanPiece] = Field(description="Every move of every boundary, forward in execution order, then "
                                     "backward in the same order (planner.program).")
     sync_groups: list[SyncGroup]
+    handoffs: list[PlanHandoff] = Field(default_factory=list, description="Weight hand-offs after every step "
+                                        "(planner.handoff), by MetaOp and device.")
     holdings: list[PlanHolding] = Field(description="Every module shard and its holders (planner.program).")
     grad_buckets: list[PlanBucket] = Field(description="The gradient buckets every holder all-reduces, in launch order.")
     process_groups: list[list[int]] = Field(default_factory=list, description="Every device set with several members "

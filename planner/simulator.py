@@ -59,6 +59,7 @@ from planner.program import (
 from planner.schedule import Problem
 from planner.sync import SyncBucket, SyncOutcome, finish_buckets
 from planner.timeline import Clocks, exchange_of
+from planner.handoff import HandOff, hand_off_seconds, hand_offs
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ class SyncInfo:
 
 @dataclass(frozen=True)
 class Simulation:
-    """One predicted iteration: ``iteration_time_s = compute_s + transfer_s + sync_s + optimizer_s + gather_s``.
+    """One predicted iteration: ``iteration_time_s = compute_s + transfer_s + sync_s + optimizer_s + gather_s +
+    handoff_s`` (``handoff_s``: the weight hand-offs after the step, planner.handoff; 0 without them).
     With gradient accumulation (``training.grad_accum_steps`` k) ``compute_s`` and ``transfer_s`` are k passes of
     the waves over one micro-batch each; ``wave_durations``, ``phases`` and ``loss_s`` are one pass.
 
@@ -123,6 +125,8 @@ class Simulation:
     slice_seconds: tuple[tuple[float, ...], ...] = ()  # per wave, each slice's compute (slice_seconds)
     holdings: tuple[Holding, ...] = ()  # the module shards and holders the sync model priced (planner.program)
     buckets: tuple[Bucket, ...] = ()  # their gradient buckets, in launch order
+    handoff_s: float = 0.0  # the weight hand-offs after the step (planner.handoff), on the critical path
+    handoffs: tuple[HandOff, ...] = ()
 
 
 # --------------------------------------------------------------------------- transfers
@@ -228,8 +232,9 @@ class Phase:
 
 
 def split_passes(op: MetaOp, seconds: float) -> tuple[float, float]:
-    """(forward, backward) parts of ``seconds`` of ``op``'s compute: forward is ``1 / passes`` of it."""
-    forward = seconds / CostModel.passes(op)
+    """(forward, backward) parts of ``seconds`` of ``op``'s compute: forward is ``1 / passes`` of it (every denoising
+    step of a sample use, all of a generate use: CostModel.forward_fraction)."""
+    forward = seconds * CostModel.forward_fraction(op)
     return forward, seconds - forward
 
 
@@ -252,12 +257,13 @@ def slice_seconds(problem: Problem, s: PlacedSlice, cost_model: CostModel | None
     """Compute seconds of one slice: ``curve.time(n) * layers``, plus, when ``cost_model`` is given, what a MetaOp's
     first slice runs before its layers on each of its devices (:meth:`CostModel.embed_time`: a root's data and
     embedding, a bridge's or connector's input modules; 0 where not measured). A count the curve leaves out (no
-    faster than a smaller one under this model: a plan placed under another profile, re-predicted) is priced at
-    its own layout, ``cost_model.layout_time``."""
+    faster than a smaller one under this model: a plan placed under another profile, re-predicted) or a layout the
+    curve does not pick (a memory-tightened baseline) is priced at its own layout, ``cost_model.layout_time``."""
     op = problem.graph.metaops[s.metaop]
     curve = problem.curves[s.metaop]
-    if len(s.devices) in curve.counts or cost_model is None:
-        per_layer = curve.time(len(s.devices))
+    n = len(s.devices)
+    if cost_model is None or (n in curve.counts and curve.layout(n) == s.layout):
+        per_layer = curve.time(n)
     else:
         per_layer = cost_model.layout_time(op, s.layout)
     seconds = per_layer * s.num_layers
@@ -415,8 +421,11 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
     compute_s, transfer_s = (done.ready_parts[outcome.sync_origin] if outcome.sync_origin is not None
                              else (float(clocks.compute[c]), float(clocks.transfer[c])))
     sync_infos, sync_order = _sync_infos(problem.graph.metaops, program, outcome, cost_model.grad_bytes)
+    dpn = max(1, cost_model.hw.devices_per_node)
+    offs = hand_offs(problem.graph.metaops, placed, problem.graph.weights_from, cost_model.weight_bytes, dpn)
+    handoff_s = hand_off_seconds(offs, cost_model, dpn)
     return Simulation(
-        iteration_time_s=outcome.iteration_time_s,
+        iteration_time_s=outcome.iteration_time_s + handoff_s,
         compute_s=compute_s,
         transfer_s=transfer_s,
         sync_s=outcome.sync_s,
@@ -433,4 +442,6 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
         slice_seconds=tuple(tuple(slice_seconds(problem, s, cost_model) for s in w.slices) for w in placed.waves),
         holdings=tuple(held),
         buckets=tuple(program),
+        handoff_s=handoff_s,
+        handoffs=tuple(offs),
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import get_args
 
 from planner import program
 from planner.costmodel import Layout
@@ -32,7 +33,9 @@ from planner.phases import backward_positions, check_phase_starts, phase_of_wave
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
 from planner.plan import Plan, PlanMetaOp, PlanSlice
 from planner.program import LOSS_WAVE, plan_pieces
+from planner.spec import UseMode
 
+MODES = get_args(UseMode)  # the use modes a plan's MetaOps may name (planner.spec)
 FIX = "Re-run `loom plan JOB.yaml --save PLAN.json`; a plan is the planner's output, not a file to edit."
 
 
@@ -124,6 +127,11 @@ def _check_metaops(c: _Checker) -> None:
                 c.fail(f"{path}.{field}", getattr(op, field), "is not positive", "expected >= 1")
         c.number(f"{path}.params_per_layer", op.params_per_layer)
         c.number(f"{path}.out_bytes_per_sample", op.out_bytes_per_sample)
+        if op.mode not in MODES:
+            c.fail(f"{path}.mode", op.mode, "is not a use mode", f"expected one of {', '.join(MODES)}")
+        if op.mode in ("generate", "sample") and op.num_layers != 1:
+            c.fail(f"{path}.num_layers", op.num_layers, f"is not 1 for a {op.mode} MetaOp",
+                   "expected 1 (a generate or sample use is one MetaOp of one layer)")
 
 
 def _check_waves(c: _Checker) -> None:
@@ -370,6 +378,13 @@ def _check_groups_and_transfers(c: _Checker) -> None:
         c.devices(f"{path}.dst_devices", t.dst_devices)
         c.number(f"{path}.bytes", t.bytes)
         c.number(f"{path}.time_s", t.time_s)
+    for j, h in enumerate(c.plan.handoffs):
+        path = f"handoffs[{j}]"
+        if not 0 <= h.metaop < num_ops:
+            c.fail(f"{path}.metaop", h.metaop, "is not a MetaOp of the plan", f"expected 0..{num_ops - 1}")
+        c.device(f"{path}.device", h.device)
+        c.number(f"{path}.bytes", h.bytes)
+        c.number(f"{path}.network_bytes", h.network_bytes)
     for j, g in enumerate(c.plan.sync_groups):
         path = f"sync_groups[{j}]"
         if any(not 0 <= m < num_ops for m in g.metaops):
@@ -425,7 +440,7 @@ def metaop_record(op: MetaOp) -> PlanMetaOp:
         id=op.id, name=op.name, task=op.task, component=op.component, layer_key=op.key, num_layers=op.num_layers,
         batch_size=op.batch_size, deps=list(op.deps), level=op.level, param_group=op.param_group, frozen=op.frozen,
         params_per_layer=op.layer.params, out_bytes_per_sample=op.layer.out_bytes, use=op.use, segment=op.segment,
-        recompute=op.recompute, input_modules=list(op.input_modules),
+        recompute=op.recompute, input_modules=list(op.input_modules), mode=op.mode,
     )
 
 

@@ -72,7 +72,8 @@ def priced_transfer_seconds(plan: Plan, job) -> float:
 def check_program(plan: Plan) -> None:
     """Every device of a consumer (only the first of each TP group for the loss stage) receives each of its rows of
     every input exactly once; every device of a training producer receives the gradient of each of its rows once
-    per edge; local pieces move nothing; bytes are rows x the shape's elements x the same element size."""
+    per edge; local pieces move nothing; bytes are rows x the shape's elements x the same element size (8 for a
+    generate use's token ids, which send no gradient back)."""
     slices = {(k, i): s for k, w in enumerate(plan.waves) for i, s in enumerate(w.slices)}
     edges = Counter()
     element = set()
@@ -86,6 +87,8 @@ def check_program(plan: Plan) -> None:
         assert rank * per <= p.start < p.stop <= (rank + 1) * per, p
         if p.src == p.dst:
             assert p.bytes == 0
+        elif plan.metaops[src.metaop].mode == "generate":  # sampled token ids, 8 bytes each, whatever the precision
+            assert p.bytes == (p.stop - p.start) * int(np.prod(p.shape)) * 8 and not p.backward
         else:
             element.add(p.bytes / ((p.stop - p.start) * int(np.prod(p.shape))))
         for row in range(p.start, p.stop):

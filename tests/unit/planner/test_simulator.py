@@ -66,7 +66,7 @@ def gather(params: float, n: int, cross_node: bool = False, cm: CostModel = CM) 
 
 
 def identity(sim) -> float:
-    return sim.compute_s + sim.transfer_s + sim.sync_s + sim.optimizer_s + sim.gather_s
+    return sim.compute_s + sim.transfer_s + sim.sync_s + sim.optimizer_s + sim.gather_s + sim.handoff_s
 
 
 def samples_moved(flows, out_bytes: float) -> float:

@@ -1,0 +1,109 @@
+"""``python -m bench.rl [--cells NAME ...] [--no-write]``: Loom's plan against the colocated and split role placements.
+
+Every cell is a job spec in this folder (sizes and their sources in each file's comment). For each, one cost model
+(the analytic H100 model) and one simulator price three placements: Loom's plan (``plan_job``: the solver's
+candidates, Loom's role placement and every baseline it may adopt), verl-style ``colocated`` (every role on all
+devices in turn) and OpenRLHF-style ``split`` (the best fixed pool per role), both from planner.rlbaselines, with
+their peak memory against the device. The speed-up is over the better of colocated and split among those that fit
+in memory. Writes bench/results/rl.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+
+from bench.common import REPO_ROOT, write_results
+from planner.api import make_cost_model, plan_job
+from planner.metagraph import build_metagraph
+from planner.rlbaselines import pool_sizes, rl_schedules
+from planner.schedule import Problem
+from planner.spec import load_job
+
+log = logging.getLogger("bench.rl")
+CELLS = ("grpo-7b-16", "grpo-7b-64", "grpo-70b-64", "itercomp-32")
+GIB = 2**30
+
+
+def run_cell(name: str) -> dict:
+    """Plan one cell: Loom's plan and the two role placements, each with its predicted iteration and peak memory."""
+    job = load_job(REPO_ROOT / "bench" / "rl" / f"{name}.yaml")
+    cost_model = make_cost_model(job)
+    started = time.perf_counter()
+    outcome = plan_job(job, cost_model)
+    planning_s = time.perf_counter() - started
+    problem = Problem.build(build_metagraph(job), cost_model)
+    memory = cost_model.hw.memory_bytes
+    sim = outcome.simulation
+    rows = {"loom": {"iteration_s": sim.iteration_time_s, "peak_gib": max(sim.peak_memory_bytes) / GIB,
+                     "fits": max(sim.peak_memory_bytes) <= memory, "handoff_s": sim.handoff_s,
+                     "method": outcome.plan.solver.method, "pools": pool_sizes(problem, outcome.placed)}}
+    for placement, (placed, psim) in rl_schedules(problem, cost_model).items():
+        rows[placement] = {"iteration_s": psim.iteration_time_s, "peak_gib": max(psim.peak_memory_bytes) / GIB,
+                           "fits": max(psim.peak_memory_bytes) <= memory, "handoff_s": psim.handoff_s,
+                           "pools": pool_sizes(problem, placed), "waves": len(placed.waves)}
+    fitting = [rows[p]["iteration_s"] for p in ("colocated", "split") if p in rows and rows[p]["fits"]]
+    best = min(fitting) if fitting else math.inf
+    return {"cell": name, "devices": job.cluster.num_devices, "device": job.cluster.device,
+            "memory_gib": memory / GIB, "planning_s": planning_s, "placements": rows,
+            "speedup": best / sim.iteration_time_s if fitting else None}
+
+
+def markdown(records: list[dict]) -> str:
+    lines = ["# RL iterations: Loom vs colocated (verl-style) vs split (OpenRLHF-style) role placements", "",
+             "Predicted iteration time and peak memory per device under one cost model (analytic, H100 table) and one "
+             "simulator (planner.simulator, weight hand-offs included); specs in bench/rl/*.yaml. The speed-up is over "
+             "the better of colocated and split among those that fit in device memory; (!) marks a placement that "
+             "does not fit.", "",
+             "| cell | devices | Loom | colocated | split | speed-up | Loom's choice |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "none possible"
+        mark = "" if r["fits"] else " (!)"
+        return f"{r['iteration_s']:.2f} s, {r['peak_gib']:.1f} GiB{mark}"
+
+    for rec in records:
+        p = rec["placements"]
+        speed = f"{rec['speedup']:.2f}x" if rec["speedup"] else "n/a"
+        lines.append(f"| {rec['cell']} | {rec['devices']} x {rec['device']} ({rec['memory_gib']:.0f} GiB) | "
+                     f"{cell(p['loom'])} | {cell(p.get('colocated'))} | {cell(p.get('split'))} | {speed} | "
+                     f"{p['loom']['method']} |")
+    speedups = [r["speedup"] for r in records if r["speedup"]]
+    if speedups:
+        geo = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
+        lines += ["", f"Geometric mean speed-up over the better fitting baseline: **{geo:.2f}x** over "
+                      f"{len(speedups)} cells; slowest cell {min(speedups):.2f}x."]
+    lines += ["", "## Pools (devices each role's MetaOps use) and weight hand-offs", "",
+              "| cell | placement | pools | hand-off |", "|---|---|---|---|"]
+    for rec in records:
+        for name, r in rec["placements"].items():
+            pools = ", ".join(f"{k} {v}" for k, v in r["pools"].items())
+            lines.append(f"| {rec['cell']} | {name} | {pools} | {r['handoff_s'] * 1e3:.0f} ms |")
+    lines += ["", "Planning time per cell (Loom's `plan_job`, baselines included): " +
+              ", ".join(f"{r['cell']} {r['planning_s']:.1f} s" for r in records) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.rl", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", nargs="*", default=list(CELLS), choices=CELLS, help="cells to run (default: all)")
+    parser.add_argument("--no-write", action="store_true", help="print the report; leave bench/results alone")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    records = []
+    for name in args.cells:
+        records.append(run_cell(name))
+        print(f"{name}: done in {records[-1]['planning_s']:.1f} s", flush=True)
+    report = markdown(records)
+    print(report)
+    if not args.no_write:
+        write_results("rl", records, report, {"cells": list(args.cells), "cost_model": "analytic"})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""Generation and sampling MetaOps: what a ``generate`` or ``sample`` use is, and the analytic price of decoding.
+
+A generate or sample use is one MetaOp (all its layers; the agreed rule with the runtime, docs/planner.md): it is
+built with ``num_layers`` 1 and a :class:`Generation` describing the whole use. Pure Python: the cost model
+(:mod:`planner.costmodel`) prices it with :func:`generate_seconds` and :func:`kv_cache_bytes`; ``loom profile``
+measures the same work on a machine so the two can be compared.
+
+Decoding, for ``rows`` sequences on one device (its data-parallel share) at tensor-parallel degree ``tp``:
+
+- prefill: a forward over the ``prompt`` positions of every row,
+  ``max(rows * F_prefill / (peak * eff), (W + rows * A_prefill) / bw) + kernels * launch``;
+- each of the ``new_tokens`` decode steps ``t`` (context ``c = prompt + t`` cached positions) reads every weight and
+  every row's KV cache once and does one token's FLOPs per row:
+  ``max(rows * (2 P + 4 L c h) / (peak * eff), (W + rows * 2 L kv c e) / bw) + kernels * launch``,
+
+with ``P`` the parameters of the layers and the LM head, ``W = P * e`` the weight bytes read (``e`` bytes per
+element in the compute dtype), ``L`` layers, ``h`` hidden size, ``kv`` the key/value width (kv_heads x head_dim),
+``peak * eff`` the device's sustained FLOP/s, ``bw`` its memory bandwidth and ``launch`` its per-kernel latency.
+FLOPs and bytes divide by ``tp`` (heads and weights are split). At a small batch the weight read dominates
+(bandwidth-bound); at a large one the FLOPs do (compute-bound). The KV cache holds
+``2 * L * kv * (prompt + new_tokens) * e`` bytes per row (:func:`kv_cache_bytes`).
+
+A sample use runs ``denoise_steps`` forwards of the denoiser without gradient (plus one forward and backward when
+``grad_last_step``): the cost model counts them as passes of the use's layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+TOKEN_ID_BYTES = 8  # a sampled token id (int64) per position: what a generate use's output carries
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """The decoding facts of a generate use's causal LM: everything :func:`generate_seconds` needs besides the batch."""
+
+    layers: int
+    hidden: int
+    kv_dim: int  # key/value width: kv_heads * head_dim
+    params: float  # parameters of all layers plus the LM head (hidden x vocab)
+    prompt: int  # prompt positions (the use's seq_len)
+    new_tokens: int
+    prefill_flops: float  # forward FLOPs of one row's prompt through all layers, plus its last position's LM head
+    prefill_bytes: float  # activation bytes one row's prefill moves (saved-activation estimate of the layers)
+    kernels: int  # kernel launches of one forward of all layers (a decode step or the prefill)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What a generate or sample MetaOp runs (planner.spec.TaskComponentSpec's mode fields)."""
+
+    mode: str  # "generate" or "sample"
+    samples: int = 1
+    new_tokens: int = 0
+    denoise_steps: int = 0
+    grad_last_step: bool = False
+    decoder: Decoder | None = None  # generate only
+
+
+def kv_cache_bytes(layers: int, kv_dim: int, positions: int, element_bytes: float, rows: float) -> float:
+    """Bytes of the KV cache of ``rows`` sequences of ``positions``: a key and a value of ``kv_dim`` per layer and
+    position, ``2 * layers * kv_dim * positions * element_bytes * rows``."""
+    return 2.0 * layers * kv_dim * positions * element_bytes * rows
+
+
+def generate_seconds(dec: Decoder, rows: int, tp: int, flops_per_s: float, mem_bandwidth: float, launch_s: float,
+                     element_bytes: float) -> tuple[float, float]:
+    """(prefill, decode) seconds of generating for ``rows`` sequences on one device at tensor-parallel degree ``tp``
+    (module docstring formula); ``flops_per_s`` is the sustained rate (peak x efficiency)."""
+    weights = dec.params * element_bytes
+    prefill = max(rows * dec.prefill_flops / tp / flops_per_s,
+                  (weights + rows * dec.prefill_bytes) / tp / mem_bandwidth) + dec.kernels * launch_s
+    context = dec.prompt + np.arange(dec.new_tokens, dtype=np.float64)
+    flops = rows * (2.0 * dec.params + 4.0 * dec.layers * context * dec.hidden) / tp
+    read = (weights + kv_cache_bytes(dec.layers, dec.kv_dim, 1, element_bytes, rows) * context) / tp
+    steps = np.maximum(flops / flops_per_s, read / mem_bandwidth) + dec.kernels * launch_s
+    return float(prefill), float(steps.sum())
+
+
+def bandwidth_bound_fraction(dec: Decoder, rows: int, tp: int, flops_per_s: float, mem_bandwidth: float,
+                             element_bytes: float) -> float:
+    """Fraction of the decode steps whose memory read takes longer than their FLOPs (1: all bandwidth-bound)."""
+    context = dec.prompt + np.arange(dec.new_tokens, dtype=np.float64)
+    flops = rows * (2.0 * dec.params + 4.0 * dec.layers * context * dec.hidden) / tp / flops_per_s
+    read = (dec.params * element_bytes + kv_cache_bytes(dec.layers, dec.kv_dim, 1, element_bytes, rows) * context)
+    return float(np.mean(read / tp / mem_bandwidth > flops)) if dec.new_tokens else 0.0
+
+
+def whole_use(job, t: int, u: int, segments: list) -> tuple:
+    """The one layer segment, :class:`Generation` and output shape of generate or sample use ``u`` of task ``t``
+    (``segments``: the use's contracted layer segments). The segment sums the use's layers (FLOPs, parameters,
+    saved activations of one pass, kernels) under a key naming the mode and its fields, so equal keys are equal
+    work; its output is the sampled token ids (prompt + new positions, :data:`TOKEN_ID_BYTES` each) of a generate
+    use, or the denoiser's last output (the latents) of a sample use."""
+    from planner.components import out_shapes, use_shape  # local: components imports the spec, this module stays light
+    from planner.kinds import LayerSegment
+
+    use = job.tasks[t].components[u]
+    comp = job.components[use.component]
+    total = lambda attr: float(sum(getattr(s, attr) * s.count for s in segments))  # noqa: E731
+    layers = sum(s.count for s in segments)
+    digest = "+".join(f"{s.key}x{s.count}" for s in segments)
+    if use.mode == "generate":
+        shape = use_shape(job, t, u)
+        h, vocab = comp.hidden_size, comp.vocab_size or 0
+        dec = Decoder(layers=layers, hidden=h, kv_dim=h * (comp.num_kv_heads or comp.num_heads) // comp.num_heads,
+                      params=total("params") + h * vocab, prompt=shape.seq_len, new_tokens=use.new_tokens,
+                      prefill_flops=total("flops_fwd") + 2.0 * h * vocab, prefill_bytes=2 * total("act_bytes"),
+                      kernels=int(total("num_kernels")))
+        gen = Generation("generate", use.samples, new_tokens=use.new_tokens, decoder=dec)
+        key = f"generate[{digest},v={vocab},new={use.new_tokens}]"
+        out = (shape.seq_len + use.new_tokens,)
+        out_bytes = float(TOKEN_ID_BYTES * out[0])
+    else:
+        gen = Generation("sample", use.samples, denoise_steps=use.denoise_steps, grad_last_step=use.grad_last_step)
+        key = f"sample[{digest},steps={use.denoise_steps},grad={int(use.grad_last_step)}]"
+        last = len(segments) - 1
+        out = out_shapes(job, t, u, last, segments[-1].count)[-1]
+        out_bytes = segments[-1].out_bytes
+    seg = LayerSegment(key, 1, total("flops_fwd"), total("params"), total("act_bytes"), out_bytes,
+                       total("tp_comm_bytes"), int(total("num_kernels")))
+    return seg, gen, out
+
+
+def generate_time(cost_model, op, layout) -> float:
+    """A generate MetaOp ``op`` on ``layout`` under ``cost_model`` (a planner.costmodel.CostModel): prefill and decode
+    (:func:`generate_seconds`) for its local rows at the device table's rates, plus two TP all-reduces of one token's
+    hidden state per layer and decode step (and of the prompt's in prefill) when tp > 1."""
+    dev, dec = cost_model.hw.device, op.gen.decoder
+    b = cost_model.local_batch(op, layout)
+    element = cost_model.grad_bytes  # the compute dtype's bytes (2 bf16/fp16, 4 fp32)
+    prefill, decode = generate_seconds(dec, b, layout.tp_degree, dev.peak_flops * dev.efficiency, dev.mem_bandwidth,
+                                       dev.launch_s, element)
+    tp = 0.0
+    if layout.tp_degree > 1:
+        token = b * dec.hidden * element
+        tp = 2 * dec.layers * (dec.new_tokens * cost_model.allreduce_time(token, layout.tp_degree, cross_node=False)
+                               + cost_model.allreduce_time(token * dec.prompt, layout.tp_degree, cross_node=False))
+    return prefill + decode + tp

@@ -1,0 +1,127 @@
+"""Weight hand-offs: the updated weights that devices running a component without gradient receive after each step.
+
+The rule (docs/planner.md, Weight hand-off; the runtime derives the same transfers from the plan's MetaOps and
+slices). A component C *trains* when some MetaOp of C computes weight gradients (``frozen`` false). A *receiver*
+is every slice of
+
+- a MetaOp of C that computes no weight gradient (a ``forward``, ``generate`` or ``sample`` use without
+  ``grad_last_step``) while C trains (the implicit hand-off), and
+- every MetaOp of a component D with ``weights_from: C`` (the explicit one; C is its *source*).
+
+A receiver needs C's trained layers that it runs: a whole-use MetaOp (generate/sample, one layer) needs every
+trained layer of C; a layered MetaOp (a forward use) needs layers ``first_layer .. first_layer + num_layers`` of its
+parameter group (D's groups name C's with D's name in place of C's). Every device of the receiver's slice lacks the
+layers of those it does not itself train (no slice of a gradient-computing MetaOp of C runs that layer on the
+device): after the optimizer step (and ZeRO-1's all-gather) it receives, for each lacking layer, the layer's
+parameters x ``weight_bytes`` (2 at bf16/fp16, 4 at fp32) / the receiver's TP degree. A layer some trainer holds in
+the receiving device's node comes over NVLink, otherwise over the network. Devices that train every layer they
+need receive nothing (verl's colocated shape: the weights are already there).
+
+Price (:func:`hand_off_seconds`): each receiving device's NVLink bytes at the intra-node bandwidth, each node's
+network bytes at the node's bandwidth, plus one latency; the hand-off takes the longest of these. It ends the
+iteration: the next iteration's first use of the weights waits for it, so the simulator adds it to the iteration
+(``handoff_s``). Senders' links are not modelled (a layer usually has many holders).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from planner.metagraph import MetaOp
+from planner.placement import PlacedSchedule
+
+
+@dataclass(frozen=True)
+class HandOff:
+    """The updated weights of ``source``'s trained layers that ``device`` receives to run MetaOp ``metaop``."""
+
+    component: str  # the receiving MetaOp's component (``source`` itself for an implicit hand-off)
+    source: str  # the trained component whose weights move
+    metaop: int
+    device: int
+    bytes: float
+    cross_node: bool  # some of the bytes come over the network (no trainer of them in the device's node)
+    network_bytes: float = 0.0  # the part of ``bytes`` that crosses nodes
+
+
+def _source_group(group: str, component: str, source: str) -> str:
+    """The trained group of ``source`` whose weights a group of ``component`` runs (``D#1`` -> ``C#1``)."""
+    return source + group[len(component):] if group.startswith(component) else group
+
+
+def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mapping[str, str], weight_bytes: float,
+              devices_per_node: int) -> list[HandOff]:
+    """Every hand-off of ``placed`` (module docstring rule), sorted by (MetaOp, device); empty when no device lacks
+    a trained layer it runs."""
+    if not any((op.frozen and op.mode != "train") or op.component in weights_from for op in ops):
+        return []  # no receiver (every job without modes or weights_from): nothing to walk
+    trained_groups: dict[str, dict[str, float]] = {}  # component -> its trained groups' parameters per layer
+    layers_of: dict[str, int] = {}  # trained group -> its layer count
+    held: dict[int, set[tuple[str, int]]] = {}  # device -> (group, layer) it trains
+    for op in ops:
+        if not op.frozen:
+            trained_groups.setdefault(op.component, {})[op.param_group] = max(
+                op.layer.params, trained_groups.get(op.component, {}).get(op.param_group, 0.0))
+            layers_of[op.param_group] = max(layers_of.get(op.param_group, 0), op.num_layers)
+    for wave in placed.waves:
+        for s in wave.slices:
+            op = ops[s.metaop]
+            if not op.frozen:
+                for d in s.devices:
+                    held.setdefault(d, set()).update((op.param_group, j)
+                                                     for j in range(s.first_layer, s.first_layer + s.num_layers))
+    holders_in_node: dict[tuple[str, int, int], bool] = {}
+    for d, pairs in held.items():
+        for g, j in pairs:
+            holders_in_node[(g, j, d // devices_per_node)] = True
+    need: dict[tuple[int, int], dict[tuple[str, int], tuple[float, bool]]] = {}  # (MetaOp, device) -> lacking layers
+    names: dict[int, tuple[str, str]] = {}
+    for wave in placed.waves:
+        for s in wave.slices:
+            op = ops[s.metaop]
+            implicit = op.frozen and op.mode != "train"  # a forward, generate or sample use computing no gradient
+            source = weights_from.get(op.component) or (op.component if implicit else None)
+            groups = trained_groups.get(source or "", {})
+            if not groups:
+                continue
+            if op.gen is not None:  # a whole use runs every trained layer of its source
+                layers = [(g, j) for g in groups for j in range(layers_of[g])]
+            else:
+                g = _source_group(op.param_group, op.component, source)
+                if g not in groups:
+                    continue
+                layers = [(g, j) for j in range(s.first_layer, s.first_layer + s.num_layers)]
+            names[op.id] = (op.component, source)
+            for d in s.devices:
+                mine = held.get(d, set())
+                lacking = need.setdefault((op.id, d), {})
+                for g, j in layers:
+                    if (g, j) not in mine:
+                        lacking[(g, j)] = (groups[g] * weight_bytes / s.layout.tp_degree,
+                                           not holders_in_node.get((g, j, d // devices_per_node), False))
+    out = []
+    for (m, d), lacking in sorted(need.items()):
+        total = sum(b for b, _ in lacking.values())
+        network = sum(b for b, remote in lacking.values() if remote)
+        if total > 0:
+            out.append(HandOff(*names[m], m, d, total, network > 0, network))
+    return out
+
+
+def hand_off_seconds(offs: Sequence[HandOff], cost_model, devices_per_node: int) -> float:
+    """Seconds the hand-offs take (module docstring): the busiest device's NVLink bytes or the busiest node's
+    network bytes, plus one latency."""
+    if not offs:
+        return 0.0
+    intra: dict[int, float] = {}
+    inter: dict[int, float] = {}
+    for h in offs:
+        intra[h.device] = intra.get(h.device, 0.0) + h.bytes - h.network_bytes
+        node = h.device // devices_per_node
+        inter[node] = inter.get(node, 0.0) + h.network_bytes
+    hw = cost_model.hw
+    t_intra = max(intra.values()) / hw.intra_bandwidth
+    t_inter = max(inter.values()) / hw.inter_bandwidth
+    latency = hw.device.inter_latency_s if any(inter.values()) else hw.device.intra_latency_s
+    return latency + max(t_intra, t_inter)

@@ -1,0 +1,274 @@
+"""Pricing of generate and sample uses, detached edges, weight hand-offs and the RL role placements (colocated, split,
+Loom's role candidate) on a small GRPO-shaped job."""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.api import make_cost_model, plan_job, plan_placed
+from planner.baselines import baseline_plans
+from planner.costmodel import CostModel, Layout
+from planner.devices import DEVICES
+from planner.generation import Decoder, bandwidth_bound_fraction, generate_seconds, kv_cache_bytes
+from planner.handoff import hand_off_seconds, hand_offs
+from planner.metagraph import build_metagraph
+from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
+from planner.plan import PLAN_VERSION, plan_from_json
+from planner.program import plan_edges
+from planner.rlbaselines import colocated_schedule, rl_schedules, role_of, split_candidates, split_schedule, stage_plan
+from planner.schedule import Problem
+from planner.simulator import simulate
+from planner.spec import parse_job
+
+H100 = DEVICES["h100"]
+RATE = H100.peak_flops * H100.efficiency
+
+
+def decoder(new_tokens: int = 128, prompt: int = 64) -> Decoder:
+    """A 7B-class decoder (32 layers of hidden 4096, MHA) with a 32k vocabulary."""
+    h, layers = 4096, 32
+    params = layers * 12 * h * h + h * 32000
+    return Decoder(layers=layers, hidden=h, kv_dim=h, params=params, prompt=prompt, new_tokens=new_tokens,
+                   prefill_flops=2.0 * params * prompt, prefill_bytes=0.0, kernels=layers * 16)
+
+
+def test_decode_cost_grows_with_new_tokens():
+    times = [sum(generate_seconds(decoder(n), 8, 1, RATE, H100.mem_bandwidth, H100.launch_s, 2)) for n in (1, 64, 512)]
+    assert times[0] < times[1] < times[2]
+    # 64 -> 512 tokens: at least 8x the decode steps, each no cheaper (the KV cache grows)
+    prefill = generate_seconds(decoder(1), 8, 1, RATE, H100.mem_bandwidth, H100.launch_s, 2)[0]
+    assert times[2] - prefill >= 8 * (times[1] - prefill) * 0.999
+
+
+def test_bandwidth_bound_at_small_batch_compute_bound_at_large():
+    dec = decoder(64, prompt=16)
+    assert bandwidth_bound_fraction(dec, 1, 1, RATE, H100.mem_bandwidth, 2) == 1.0
+    assert bandwidth_bound_fraction(dec, 4096, 1, RATE, H100.mem_bandwidth, 2) == 0.0
+    # bandwidth-bound: one row costs about one weight read per step; 8 rows cost about the same
+    one = generate_seconds(dec, 1, 1, RATE, H100.mem_bandwidth, 0.0, 2)[1]
+    assert one == pytest.approx(64 * dec.params * 2 / H100.mem_bandwidth, rel=0.01)
+    assert generate_seconds(dec, 8, 1, RATE, H100.mem_bandwidth, 0.0, 2)[1] < 1.2 * one
+    # compute-bound: doubling the rows doubles the time
+    big = [generate_seconds(dec, r, 1, RATE, H100.mem_bandwidth, 0.0, 2)[1] for r in (4096, 8192)]
+    assert big[1] == pytest.approx(2 * big[0], rel=0.01)
+
+
+def test_kv_cache_formula_on_a_hand_made_case():
+    # 2 (key, value) x 3 layers x 64 wide x 10 positions x 2 bytes x 5 rows
+    assert kv_cache_bytes(3, 64, 10, 2, 5) == 2 * 3 * 64 * 10 * 2 * 5 == 38400
+
+
+def grpo(devices: int = 4, **training) -> dict:
+    """A tiny GRPO-shaped job on ``devices`` H100s of one node: the policy generates 4 samples per prompt, a frozen
+    reward model and reference score them, the policy trains."""
+    llama = {"kind": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2,
+             "vocab_size": 128, "seq_len": 24}
+    return {
+        "name": "grpo",
+        "cluster": {"num_nodes": 1, "devices_per_node": devices, "device": "h100"},
+        "components": {"policy": llama, "reference": {**llama, "frozen": True}, "reward": {**llama, "frozen": True}},
+        "tasks": [{"name": "grpo", "batch_size": 16, "loss": "grpo", "components": [
+            {"component": "policy", "name": "rollout", "mode": "generate", "seq_len": 8, "new_tokens": 16,
+             "samples": 4},
+            {"component": "reward", "mode": "forward", "after": ["rollout"]},
+            {"component": "reference", "mode": "forward", "after": ["rollout"]},
+            {"component": "policy", "after": ["rollout"]},
+        ]}],
+        "training": {"precision": "bf16", **training},
+        "planner": {"time_limit_s": 2},
+    }
+
+
+def setup(devices: int = 4):
+    job = parse_job(grpo(devices))
+    cost_model = make_cost_model(job)
+    return job, cost_model, Problem.build(build_metagraph(job), cost_model)
+
+
+def test_generate_use_is_one_detached_metaop_with_its_kv_cache():
+    job, cost_model, problem = setup()
+    rollout, reward, reference, policy = problem.graph.metaops
+    assert (rollout.mode, rollout.num_layers, rollout.frozen, rollout.backward_factor) == ("generate", 1, True, 0.0)
+    assert rollout.param_group == "policy@generate" and policy.param_group == "policy" and not policy.frozen
+    # nothing trains upstream of a detached edge: the scorers run forward only
+    assert reward.backward_factor == reference.backward_factor == 0.0 and policy.backward_factor == 2.0
+    # the KV cache: 2 x 2 layers x kv width 32 (2 of 4 heads of 16) x (8 + 16) positions x 2 bytes, per local row
+    layout = Layout(2, 2)
+    assert cost_model.activation_bytes(rollout, layout) == 2 * 2 * 32 * 24 * 2 * 8 / 2
+    # its output is the sampled token ids (8 bytes per position), no gradient comes back
+    everyone = tuple(range(4))
+    placed = PlacedSchedule((PlacedWave((PlacedSlice(0, 0, 1, everyone, problem.curves[0].layout(4)),)),
+                             PlacedWave(tuple(PlacedSlice(m, 0, problem.layers(m), (m,), problem.curves[m].layout(1))
+                                              for m in (1, 2, 3)))))
+    edges = [e for e in plan_edges(problem.graph.metaops, placed) if e.producer == (0, 0)]
+    assert len(edges) == 3 and all(len(e.backward) == 0 for e in edges) and any(e.forward.remote.any() for e in edges)
+    plan = plan_placed(job, placed, cost_model)
+    token_pieces = [p for p in plan.pieces if tuple(p.producer) == (0, 0) and p.src != p.dst]
+    assert token_pieces and all(p.bytes == (p.stop - p.start) * 24 * 8 for p in token_pieces)
+
+
+def test_sample_use_prices_its_denoising_steps_and_last_step_backward():
+    unet = {"kind": "unet2d", "num_layers": 1, "hidden_size": 32, "channel_mults": [1, 2], "in_channels": 4,
+            "image_size": 8}
+    base = {"name": "fb", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "h100"},
+            "components": {"unet": unet, "scorer": {"kind": "mlp", "num_layers": 2, "hidden_size": 16,
+                                                    "frozen": True}},
+            "tasks": [{"name": "fb", "batch_size": 4, "loss": "mse", "components": [
+                {"component": "unet", "mode": "sample", "denoise_steps": 10, "grad_last_step": True}]}]}
+    graph = build_metagraph(parse_job(base))
+    (op,) = graph.metaops
+    assert (op.num_layers, op.frozen, op.backward_factor, op.param_group) == (1, False, 2.0, "unet")
+    assert CostModel.passes(op) == 12 and CostModel.forward_fraction(op) == pytest.approx(10 / 12)
+    no_grad = {**base, "tasks": [{**base["tasks"][0], "components": [
+        {"component": "unet", "mode": "sample", "denoise_steps": 10}]}]}
+    (op,) = build_metagraph(parse_job(no_grad)).metaops
+    assert (op.frozen, op.backward_factor, CostModel.passes(op), CostModel.forward_fraction(op)) == (True, 0.0, 10, 1)
+
+
+def slices(problem, layout_of, *spec):
+    """A placed schedule from ``(wave, metaop, first layer, layers, devices)`` tuples."""
+    waves: dict[int, list] = {}
+    for k, m, first, count, devices in spec:
+        waves.setdefault(k, []).append(PlacedSlice(m, first, count, devices, layout_of(m, len(devices))))
+    return PlacedSchedule(tuple(PlacedWave(tuple(waves[k])) for k in sorted(waves)))
+
+
+def test_hand_off_bytes_on_hand_made_placements():
+    job, cost_model, problem = setup()
+    ops = problem.graph.metaops
+    layout = lambda m, n: problem.curves[m].layout(n)  # noqa: E731
+    per_layer = ops[3].layer.params
+    # split: the rollout on devices 0-1 (TP 1), the update on 2-3: devices 0 and 1 each receive both trained layers
+    split = slices(problem, layout, (0, 0, 0, 1, (0, 1)), (1, 1, 0, 2, (2,)), (1, 2, 0, 2, (3,)), (2, 3, 0, 2, (2, 3)))
+    offs = hand_offs(ops, split, {}, 2, 4)
+    assert [(h.metaop, h.device, h.bytes, h.cross_node) for h in offs] == [(0, 0, 2 * per_layer * 2, False),
+                                                                          (0, 1, 2 * per_layer * 2, False)]
+    assert hand_off_seconds(offs, cost_model, 4) == pytest.approx(
+        H100.intra_latency_s + 2 * per_layer * 2 / cost_model.hw.intra_bandwidth)
+    predicted = plan_placed(job, split, cost_model).predicted
+    assert predicted.handoff_s == pytest.approx(hand_off_seconds(offs, cost_model, 4))
+    # the update split by layers: layer 0 on devices 0-1, layer 1 on 2-3; the rollout's devices lack layer 1 only
+    half = slices(problem, layout, (0, 0, 0, 1, (0, 1)), (1, 3, 0, 1, (0, 1)), (2, 3, 1, 1, (2, 3)),
+                  (1, 1, 0, 2, (2,)), (1, 2, 0, 2, (3,)))
+    assert [(h.device, h.bytes) for h in hand_offs(ops, half, {}, 2, 4)] == [(0, per_layer * 2), (1, per_layer * 2)]
+    # colocated: the generating devices train every layer, nothing moves
+    together = slices(problem, layout, (0, 0, 0, 1, (0, 1)), (1, 3, 0, 2, (0, 1)), (1, 1, 0, 2, (2,)),
+                      (1, 2, 0, 2, (3,)))
+    assert hand_offs(ops, together, {}, 2, 4) == []
+    # across nodes: the bytes go over the network, priced at the node's bandwidth
+    far = hand_offs(ops, split, {}, 2, 2)
+    assert all(h.cross_node and h.network_bytes == h.bytes for h in far)
+    assert hand_off_seconds(far, cost_model, 2) == pytest.approx(
+        H100.inter_latency_s + 2 * 2 * per_layer * 2 / cost_model.hw.inter_bandwidth)
+
+
+def test_explicit_weights_from_hands_off_to_the_copy():
+    data = grpo()
+    data["components"]["sampler"] = {**data["components"]["policy"], "weights_from": "policy"}
+    data["tasks"][0]["components"][0]["component"] = "sampler"
+    job = parse_job(data)
+    cost_model = make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cost_model)
+    assert problem.graph.weights_from == {"sampler": "policy"}
+    layout = lambda m, n: problem.curves[m].layout(n)  # noqa: E731
+    placed = slices(problem, layout, (0, 0, 0, 1, (0,)), (1, 1, 0, 2, (1,)), (1, 2, 0, 2, (2,)), (1, 3, 0, 2, (3,)))
+    (off,) = hand_offs(problem.graph.metaops, placed, problem.graph.weights_from, 2, 4)
+    assert (off.component, off.source, off.device) == ("sampler", "policy", 0)
+    assert off.bytes == 2 * problem.graph.metaops[3].layer.params * 2
+
+
+def test_colocated_and_split_placements():
+    job, cost_model, problem = setup()
+    co = colocated_schedule(problem)
+    assert [len(w.slices) for w in co.waves] == [1, 1, 1, 1]  # every role in turn
+    assert all(s.devices[0] == 0 for w in co.waves for s in w.slices)
+    sizes = split_candidates(problem)
+    assert sizes and all(sum(s.values()) <= 4 for s in sizes)
+    placed = split_schedule(problem, sizes[0])
+    pools: dict[str, set[int]] = {}
+    for w in placed.waves:
+        for s in w.slices:
+            pools.setdefault(role_of(problem, s.metaop), set()).update(s.devices)
+    assert set(pools) == {"policy@generate", "reward", "reference", "policy"}
+    assert sum(len(p) for p in pools.values()) == len(set().union(*pools.values()))  # disjoint pools
+    found = rl_schedules(problem, cost_model)
+    assert set(found) == {"colocated", "split"}
+    names = [b.name for b in baseline_plans(problem, cost_model)]
+    assert names[-2:] == ["colocated", "split"]
+
+
+def test_role_placements_only_for_rl_shaped_jobs():
+    data = grpo()
+    data["tasks"][0]["components"] = [{"component": "policy"}]
+    job = parse_job(data)
+    cost_model = make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cost_model)
+    assert rl_schedules(problem, cost_model) == {}
+
+
+@pytest.mark.parametrize("devices", [4, 8])
+def test_loom_is_never_slower_than_colocated_or_split(devices):
+    outcome = plan_job(parse_job(grpo(devices)))
+    plan = outcome.plan
+    assert {"colocated", "split"} <= set(plan.baselines)
+    for name in ("colocated", "split"):
+        if name not in plan.baseline_notes:  # it fits
+            assert plan.predicted.iteration_time_s <= plan.baselines[name] * (1 + 1e-9)
+    assert max(plan.peak_memory_bytes) <= plan.cluster.memory_bytes
+    # the plan records modes and hand-offs and loads back (version bumped)
+    again = plan_from_json(plan.to_json())
+    assert again.version == PLAN_VERSION == 6
+    assert [m.mode for m in again.metaops] == ["generate", "forward", "forward", "train"]
+    assert again.predicted.handoff_s == pytest.approx(outcome.simulation.handoff_s)
+    assert len(again.handoffs) == len(outcome.simulation.handoffs)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("mode", "decode", "metaops[0].mode ('decode') is not a use mode"),
+    ("num_layers", 2, "metaops[0].num_layers (2) is not 1 for a generate MetaOp"),
+    ("handoff", 9, "handoffs[0].metaop (9) is not a MetaOp of the plan"),
+])
+def test_a_plan_with_a_bad_mode_or_hand_off_is_one_error_line(field, value, message):
+    from planner.errors import SpecError
+    from planner.plan import Plan
+
+    job, cost_model, problem = setup()
+    data = plan_placed(job, colocated_schedule(problem), cost_model).model_dump(mode="json")
+    if field == "handoff":
+        data["handoffs"] = [{"component": "policy", "source": "policy", "metaop": value, "device": 0, "bytes": 1.0,
+                             "cross_node": False}]
+    else:
+        data["metaops"][0][field] = value
+    text = Plan.model_validate(data).sealed().to_json()
+    with pytest.raises(SpecError) as info:
+        plan_from_json(text, "bad.json")
+    assert str(info.value).startswith(f"bad.json: {message}") and "\n" not in str(info.value)
+
+
+def test_stage_plan_splits_layers_over_disjoint_sub_pools():
+    _, _, problem = setup(8)
+    policy = 3
+    assert stage_plan(problem, policy, 8, 1) == [(0, 2, 0, problem.curves[policy].counts[-1])]
+    two = stage_plan(problem, policy, 8, 2)
+    assert [(first, count, offset) for first, count, offset, _ in two] == [(0, 1, 0), (1, 1, 4)]
+    assert all(n <= 4 for *_, n in two)
+    assert len(stage_plan(problem, 0, 8, 4)) == 1  # a generate MetaOp is one layer: never staged
+
+
+def test_role_placements_fit_by_pipeline_stages_when_whole_models_do_not():
+    """With devices just too small for every role's whole model beside the others, the colocated placement finds
+    layouts and pipeline stages that fit, as a verl user would, and Loom's plan fits and is no slower."""
+    job, cost_model, problem = setup(8)
+    whole = max(simulate(problem, colocated_schedule(problem), cost_model).peak_memory_bytes)
+    data = grpo(8)
+    data["cluster"]["memory_gib"] = 0.8 * whole / 2**30
+    job = parse_job(data)
+    cost_model = make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cost_model)
+    whole = max(simulate(problem, colocated_schedule(problem), cost_model).peak_memory_bytes)
+    assert whole > cost_model.hw.memory_bytes
+    placed, sim = rl_schedules(problem, cost_model)["colocated"]
+    assert max(sim.peak_memory_bytes) <= cost_model.hw.memory_bytes
+    plan = plan_job(job, cost_model).plan
+    assert max(plan.peak_memory_bytes) <= plan.cluster.memory_bytes
+    assert plan.predicted.iteration_time_s <= sim.iteration_time_s * (1 + 1e-9)
