@@ -1,12 +1,13 @@
 """The recipe's dataset: reward-model pairs with both sequences through the model, and the data files it ships.
 
-A ``reward_bt`` task without ``data:`` reads preference pairs here (runtime.data.register_dataset), because a
+A ``reward_bt`` or ``dpo`` task without ``data:`` reads preference pairs here (runtime.data.register_dataset), because a
 ``preference`` data source puts only the chosen sequence through the model (the rejected one rides in the batch's
-targets, docs/data.md). Each pair becomes one row of the task's two uses: the first (``chosen``) reads prompt +
-chosen answer, the second (``rejected``) prompt + rejected answer, each tokenised with the reward model's tokenizer
-(its pretrained folder) as a ``preference`` source would (runtime.tokenizer.encode_completion) and padded to the use's
-seq_len. ``targets`` carry the index of each sequence's last token (losses.last_key) and the scores
-(``score_chosen``, ``score_rejected``: NaN where a pair has none, so alpha = 0 there).
+targets, docs/data.md). Each pair becomes one row of the task's uses: the first (``chosen``) reads prompt + chosen
+answer, the second (``rejected``) prompt + rejected answer (a dpo task's third and fourth, the reference's, again),
+each tokenised with its model's tokenizer (the pretrained folder) as a ``preference`` source would
+(runtime.tokenizer.encode_completion) and padded to the use's seq_len. ``targets`` carry each sequence's labels (the
+answer tokens), the index of its last token (losses.last_key) and the scores (``score_chosen``, ``score_rejected``:
+NaN where a pair has none, so alpha = 0 there).
 
 Pairs come from the job's ``data_dir`` when it has one (``<data_dir>/<split>/preference.jsonl``, the documented
 preference JSONL, checked line by line as a source is), else from the generator (recipes.alignment.tasks): row ``g``
@@ -29,11 +30,11 @@ from recipes.alignment import tasks
 from recipes.alignment.losses import SCORE_KEYS, last_key
 from runtime.data import TaskBatch
 from runtime.source_files import load_records
-from runtime.tokenizer import encode_completion, load_tokenizer, pad_id, padded_row
+from runtime.tokenizer import encode_completion, labels_key, load_tokenizer, pad_id, padded_row
 
 TRAIN_PAIRS = 2048  # distinct training pairs of the generated stream
 UNSCORED_EVERY = 5  # every fifth generated pair carries no absolute scores
-PAIR_LOSSES = ("reward_bt",)
+PAIR_LOSSES = ("reward_bt", "dpo")
 
 
 def generated_pair(seed: int, split: str, index: int) -> dict:
@@ -64,14 +65,15 @@ def job_batch(job: JobSpec, t: int, step: int, start: int, stop: int, split: str
     size = task.batch_size
     rows = pairs(job, t, split, range(step * size + start, step * size + stop))
     inputs, targets = {}, {}
-    for side, use in zip(("chosen", "rejected"), leaf_uses(job, t)):
+    for side, use in zip(("chosen", "rejected") * 2, leaf_uses(job, t)):  # reward_bt: 2 leaves; dpo: 4
         name, comp = use_component(job, t, use)
         u = next(i for i, x in enumerate(task.components) if x.use_name == use)
         seq_len = resolve_shape(comp, name, task.components[u], f"tasks[{t}].components[{u}]").seq_len
         tokenizer = load_tokenizer(comp.pretrained, f"components.{name}.pretrained")
         docs = [encode_completion(tokenizer, row["prompt"], row[side]) for row in rows]
-        ids = [padded_row(doc, seq_len, pad_id(tokenizer)).ids for doc in docs]
-        inputs[use] = torch.tensor(ids, dtype=torch.long).reshape(len(rows), seq_len)
+        padded = [padded_row(doc, seq_len, pad_id(tokenizer)) for doc in docs]
+        inputs[use] = torch.tensor([r.ids for r in padded], dtype=torch.long).reshape(len(rows), seq_len)
+        targets[labels_key(use)] = torch.tensor([r.labels for r in padded], dtype=torch.long).reshape(inputs[use].shape)
         targets[last_key(use)] = torch.tensor([min(len(d.ids), seq_len) - 1 for d in docs], dtype=torch.long)
     for key in SCORE_KEYS:
         targets[key] = torch.tensor([float(row.get(key, math.nan)) for row in rows], dtype=torch.float32)

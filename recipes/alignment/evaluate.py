@@ -1,9 +1,13 @@
-"""``loom eval`` for recipe `alignment`: held-out reward-model accuracy, SFT loss and packing utilisation.
+"""``loom eval`` for recipe `alignment`: held-out reward accuracy, DPO margin, SFT loss and packing utilisation.
 
 - a ``reward_bt`` task: on held-out pairs (split ``heldout``: prompts and answers the train stream does not hold, or
-  ``<data_dir>/heldout/preference.jsonl``), pairwise accuracy (reward of chosen > reward of rejected), overall and
-  per domain, the mean reward margin and the squared error to the absolute scores; baseline: the rule "the longer
-  answer is better" on the same pairs (what a reward model that learned nothing but length would score);
+  ``<data_dir>/heldout/preference.jsonl``), pairwise accuracy (reward of chosen > reward of rejected), overall, per
+  domain and per kind of failure of the rejected answer, the mean reward margin and the squared error to the
+  absolute scores; baseline: the better length rule on the same pairs (the longer, or the shorter, answer preferred,
+  whichever is right more often; a coin on ties): what a reward model that learned nothing but length would score;
+- a ``dpo`` task: on the same held-out pairs, the mean implicit reward margin ``beta [(log pi - log ref)(y_w) -
+  (log pi - log ref)(y_l)]`` and the fraction of pairs where it is positive; baseline: the policy at its start (the
+  reference itself: margin 0, no pair positive);
 - a task with a ``data:`` source: its mean loss over its first rows (as runtime.evaluate does), and for a chat or
   text source its token utilisation: real tokens over row slots, packed (``pack: true``: documents concatenated
   into full rows) against padded (one document per row); the baseline is the padded figure.
@@ -19,7 +23,7 @@ from planner.components import resolve_shape
 from planner.spec import JobSpec
 from planner.usegraph import use_component
 from recipes.alignment.data import job_batch, pairs
-from recipes.alignment.losses import RewardHead, last_key
+from recipes.alignment.losses import DPOHead, RewardHead, dpo_loss, last_key
 from runtime.data import task_batch
 from runtime.evaluate import EvalReport
 from runtime.reference import ReferenceTrainer
@@ -34,7 +38,12 @@ def evaluate(job: JobSpec, model: ReferenceTrainer, split: str, num_samples: int
     for t, task in enumerate(job.tasks):
         if isinstance(model.head(t), RewardHead):
             report.metrics[task.name], report.baselines[task.name] = reward_metrics(job, model, t, split, num_samples)
-            report.notes[task.name] = f"{num_samples} {split} pairs; baseline: the longer answer is preferred"
+            report.notes[task.name] = (f"{num_samples} {split} pairs; baseline: a length rule (the longer, or the "
+                                           "shorter, answer preferred, whichever is right more often; a coin on ties)")
+        elif isinstance(model.head(t), DPOHead):
+            report.metrics[task.name] = dpo_metrics(job, model, t, split, num_samples)
+            report.baselines[task.name] = {"reward_margin": 0.0, "margin_positive": 0.0}
+            report.notes[task.name] = f"{num_samples} {split} pairs; baseline: the reference (the policy's start)"
         elif task.data is not None:
             report.metrics[task.name] = {"loss": source_loss(job, model, t, num_samples)}
             if task.data.format in ("chat", "text"):
@@ -58,19 +67,33 @@ def reward_metrics(job: JobSpec, model: ReferenceTrainer, t: int, split: str,
         chosen.append(c)
         rejected.append(r)
         use_c, use_r = head.leaves
-        longer.append(batch.targets[last_key(use_c)] > batch.targets[last_key(use_r)])
+        longer.append(torch.sign(batch.targets[last_key(use_c)] - batch.targets[last_key(use_r)]).float())
     c, r, longer_t = torch.cat(chosen), torch.cat(rejected), torch.cat(longer)
+    if longer_t.sum() < 0:  # shorter chosen answers: the length rule prefers the shorter answer
+        longer_t = -longer_t
+    longer_t = (longer_t + 1) / 2  # 1 where the rule is right, 0.5 on a tie (a coin), 0 where it is wrong
     rows = pairs(job, t, split, range(num_samples))
     scores = torch.tensor([[row.get("score_chosen", math.nan), row.get("score_rejected", math.nan)] for row in rows])
     scored = ~scores.isnan().any(dim=1)
     metrics = {"pairwise_accuracy": float((c > r).float().mean()), "reward_margin": float((c - r).mean()),
                "score_mse": float(((torch.stack([c, r], 1) - scores)[scored] ** 2).mean()) if scored.any() else 0.0}
-    baselines = {"pairwise_accuracy": float(longer_t.float().mean())}
-    for domain in sorted({row.get("domain", "all") for row in rows}):
-        mine = torch.tensor([row.get("domain", "all") == domain for row in rows])
-        metrics[f"pairwise_accuracy_{domain}"] = float((c > r)[mine].float().mean())
-        baselines[f"pairwise_accuracy_{domain}"] = float(longer_t[mine].float().mean())
+    baselines = {"pairwise_accuracy": float(longer_t.mean())}
+    for field in ("domain", "failure"):  # the generator's rows name them; a data_dir's may not
+        for value in sorted({row[field] for row in rows if field in row}):
+            mine = torch.tensor([row.get(field) == value for row in rows])
+            metrics[f"pairwise_accuracy_{value}"] = float((c > r)[mine].float().mean())
+            baselines[f"pairwise_accuracy_{value}"] = float(longer_t[mine].mean())
     return metrics, baselines
+
+
+def dpo_metrics(job: JobSpec, model: ReferenceTrainer, t: int, split: str, num_samples: int) -> dict[str, float]:
+    """Implicit reward margin of dpo task ``t`` over pairs ``0 .. num_samples - 1`` of ``split``."""
+    head, size, margins = model.head(t), job.tasks[t].batch_size, []
+    for step in range(math.ceil(num_samples / size)):
+        batch = job_batch(job, t, step, 0, min(size, num_samples - step * size), split)
+        margins.append(dpo_loss(*head.logprobs(model.forward(t, batch), batch), beta=head.beta)[1])
+    margin = torch.cat(margins)
+    return {"reward_margin": float(margin.mean()), "margin_positive": float((margin > 0).float().mean())}
 
 
 def source_loss(job: JobSpec, model: ReferenceTrainer, t: int, num_samples: int) -> float:

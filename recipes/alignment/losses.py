@@ -7,8 +7,10 @@ heads the runtime builds for a task (registered by recipes/alignment/__init__.py
   ``after: []``: each reads its own sequence); the reward of a sequence is ``Linear(H, 1)`` on the normalised hidden
   state of its last token; the loss is Eq. 1 of Baichuan Alignment (arXiv 2410.14940, §2.1):
   ``-log sigmoid(r_w - r_l) + alpha [(r_w - s_w)^2 + (r_l - s_l)^2]``, alpha = 0 on a pair without scores.
-- :func:`dpo_loss` (Rafailov et al. 2023) on sequence log-probs (:func:`sequence_logprobs`) of the policy and a frozen
-  reference. No head yet: the reference's log-probs need the reference's LM head next to the policy's in one loss.
+- ``dpo`` (:class:`DPOHead`): :func:`dpo_loss` (Rafailov et al. 2023) on sequence log-probs (:func:`sequence_logprobs`)
+  of the answers. A task with four uses: the policy on chosen then rejected, then a frozen reference (``frozen:
+  true``) on the same two, each ``after: []``. The head predicts through the policy's pretrained final norm and LM
+  head (trained, as a next-token task's) and the reference's (loaded beside them, frozen, not parameters).
 - :func:`sft_kl_penalty`: the KL(reference || policy) over the reference's top-k tokens per learned position
   (kernels.topk_kl, k = 500 in the report), which GRPO adds on SFT data instead of an SFT cross-entropy.
 """
@@ -25,7 +27,8 @@ from kernels import linear_logprobs, topk_kl
 from planner.spec import JobSpec
 from planner.usegraph import use_component
 from runtime.heads import TaskHead
-from runtime.tokenizer import IGNORE_INDEX
+from runtime.pretrained import load_lm_head
+from runtime.tokenizer import IGNORE_INDEX, labels_key
 
 if TYPE_CHECKING:
     from runtime.data import TaskBatch
@@ -126,5 +129,57 @@ def reward_head(job: JobSpec, task_index: int, leaves: list[str]) -> RewardHead:
     return RewardHead(task.name, leaves, use_component(job, task_index, leaves[0])[1].hidden_size)
 
 
-LOSS_FACTORIES = {"reward_bt": reward_head}
+class DPOHead(TaskHead):
+    """``dpo``: leaves (policy chosen, policy rejected, reference chosen, reference rejected); per pair
+    :func:`dpo_loss` of the answers' summed log-probs (``labels:<use>``: the answer tokens, as a preference source
+    marks them). :meth:`load_pretrained` (runtime.heads.build_head calls it) gives the policy's final norm and LM head
+    as this head's parameters, and keeps the reference's frozen outside the parameters (never trained or exported)."""
+
+    def __init__(self, task: str, leaves: list[str], hidden_size: int, vocab_size: int, beta: float = DPO_BETA):
+        super().__init__(task, leaves, hidden_size)
+        self.beta = beta
+        self.out = nn.Linear(hidden_size, vocab_size, bias=False)
+        self.reference: tuple[nn.Module, ...] = ()  # (module with the reference's norm and out), unregistered
+
+    def load_pretrained(self, job: JobSpec, task_index: int) -> DPOHead:
+        policy, reference = (use_component(job, task_index, self.leaves[i])[1] for i in (0, 2))
+        load_lm_head(policy, self)
+        self.reference = (load_lm_head(reference, nn.Module()).requires_grad_(False),)
+        return self
+
+    def logprobs(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> list[torch.Tensor]:
+        """Summed answer log-probs ``(B,)`` of each leaf, in leaf order (the reference's without gradient)."""
+        out = []
+        for i, leaf in enumerate(self.leaves):
+            labels = batch.targets[labels_key(leaf)]
+            if i < 2:
+                out.append(sequence_logprobs(self.normed(outputs[leaf]), self.out.weight, self.out.bias, labels))
+                continue
+            ref = self.reference[0].to(outputs[leaf].device)
+            with torch.no_grad():
+                out.append(sequence_logprobs(ref.norm(outputs[leaf]), ref.out.weight, ref.out.bias, labels))
+        return out
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
+        return dpo_loss(*self.logprobs(outputs, batch), beta=self.beta)[0]
+
+
+def dpo_head(job: JobSpec, task_index: int, leaves: list[str]) -> DPOHead:
+    """The ``dpo`` head of task ``task_index``: a ValueError unless its leaves are two uses of a pretrained policy
+    then two of a frozen pretrained reference of the same width and vocabulary."""
+    task = job.tasks[task_index]
+    comps = [use_component(job, task_index, leaf) for leaf in leaves]
+    ok = (len(leaves) == 4 and comps[0][0] == comps[1][0] != comps[2][0] == comps[3][0]
+          and all(c.pretrained for _, c in comps) and comps[2][1].frozen
+          and comps[0][1].hidden_size == comps[2][1].hidden_size and comps[0][1].vocab_size == comps[2][1].vocab_size)
+    if not ok:
+        raise ValueError(f"tasks[{task_index}] ('{task.name}'): loss dpo needs four leaf uses, each `after: []`: a "
+                         "pretrained policy on chosen then rejected answers, then a frozen pretrained reference "
+                         f"(`frozen: true`, same width and vocabulary) on the same two; got {leaves} of "
+                         f"{[name for name, _ in comps]}.")
+    policy = comps[0][1]
+    return DPOHead(task.name, leaves, policy.hidden_size, policy.vocab_size)
+
+
+LOSS_FACTORIES = {"reward_bt": reward_head, "dpo": dpo_head}
 

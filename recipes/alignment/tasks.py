@@ -12,7 +12,8 @@ the verifiable reward of RL and the normalised absolute score of the reward mode
 its checks; :func:`problem` draws one deterministically from (seed, split, index), so a row is a pure function of its
 index. :func:`pair` makes a chosen/rejected pair (the chosen answer passes every check, the rejected one fails some,
 with its score; ``failure`` names the check it fails), :func:`pas_complement` the prompt complement PAS learns
-(scenario, intent, format constraints, about 30 words, never the answer). Pure Python, no torch: the recipe's files are written from these (recipes.alignment.make).
+(scenario, intent, format constraints, about 30 words, never the answer). Pure Python, no torch: the recipe's files
+are written from these (recipes.alignment.make).
 """
 
 from __future__ import annotations

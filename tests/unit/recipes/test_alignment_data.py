@@ -137,3 +137,48 @@ def test_reward_batch_reads_a_data_dir_of_preference_files(tmp_path):
     batch = job_batch(job, 0, 0, 0, 4, "heldout")  # 4 rows cycle over the file's 3 lines
     assert batch.inputs["chosen"].shape == (4, 96) and torch.equal(batch.inputs["chosen"][0], batch.inputs["chosen"][3])
     assert batch.targets["score_rejected"].tolist() == [0.0] * 4
+
+
+def dpo_job(tmp_path: Path, frozen: bool = True):
+    model = str(make.write_model(tmp_path / "base", num_hidden_layers=1))
+    uses = [{"component": comp, "name": name, "seq_len": 96, "after": []}
+            for comp, name in (("policy", "pc"), ("policy", "pr"), ("reference", "rc"), ("reference", "rr"))]
+    return parse_job({
+        "name": "dpo", "recipe": "alignment", "cluster": {"num_nodes": 1, "devices_per_node": 1, "device": "cpu"},
+        "components": {"policy": {"pretrained": model}, "reference": {"pretrained": model, "frozen": frozen}},
+        "tasks": [{"name": "dpo", "batch_size": 4, "loss": "dpo", "components": uses}],
+        "training": {"precision": "fp32", "lr": 1e-3},
+    })
+
+
+def test_dpo_starts_at_log_two_and_trains_the_policy_only(tmp_path):
+    from orchestrator.recipes import load_recipe
+    from runtime.reference import ReferenceTrainer
+    from transformers import AutoModelForCausalLM
+
+    job = dpo_job(tmp_path)
+    load_recipe(job)
+    trainer = ReferenceTrainer(job)
+    head = trainer.head(0)
+    lm = AutoModelForCausalLM.from_pretrained(job.components["policy"].pretrained)
+    torch.testing.assert_close(head.out.weight, lm.lm_head.weight)  # the policy's pretrained LM head, trained here
+    assert sorted(n for n, _ in head.named_parameters()) == ["norm.weight", "out.weight"]  # the reference's: none
+    losses = trainer.train_step(0)
+    assert losses["dpo"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference: margin 0 on every pair
+    batch = job_batch(job, 0, 0, 0, 4, "train")
+    with torch.no_grad():
+        pc, pr, rc, rr = head.logprobs(trainer.forward(0, batch), batch)
+    assert not torch.equal(pc, rc)  # one step later the policy has moved, the reference has not
+    torch.testing.assert_close(head.reference[0].out.weight, lm.lm_head.weight)
+    frozen = [p for (name, _), m in trainer.modules.items() if name == "reference" for p in m.parameters()]
+    assert frozen and not any(p.requires_grad for p in frozen)
+
+
+def test_dpo_refuses_a_reference_that_is_not_frozen(tmp_path):
+    from orchestrator.recipes import load_recipe
+    from runtime.heads import build_head
+
+    job = dpo_job(tmp_path, frozen=False)
+    load_recipe(job)
+    with pytest.raises(ValueError, match=r"loss dpo needs four leaf uses.*frozen"):
+        build_head(job, 0)
