@@ -12,16 +12,12 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
-import time
 from pathlib import Path
 
 from bench.common import REPO_ROOT, write_results
-from bench.medical.__main__ import loss_falls
-from orchestrator.metrics import LogReporter
-from orchestrator.run import RunOptions, run_job
+from bench.medical.__main__ import train
 from orchestrator.recipes import load_job, load_recipe
 from runtime.evaluate import evaluate_job
-from runtime.reference import MODEL_FILE, load_model
 
 SPEC = "recipes/alignment/alignment-tiny.yaml"
 
@@ -51,21 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="training steps (default: the spec's)")
     parser.add_argument("--samples", type=int, default=256, help="held-out pairs per task")
     parser.add_argument("--no-write", action="store_true", help="print the report; leave bench/results alone")
+    parser.add_argument("--out", help="keep the run's output here (model.pt, export/, metrics) instead of a temp dir")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     job = load_job(REPO_ROOT / SPEC)
     load_recipe(job)  # its evaluator, for evaluate_job below
     with tempfile.TemporaryDirectory() as tmp:
-        started = time.perf_counter()
-        result = run_job(job, options=RunOptions(steps=args.steps, out_dir=Path(tmp), checkpoint_every=0),
-                         reporter=LogReporter())
-        train_s = time.perf_counter() - started
-        params = load_model(Path(tmp) / MODEL_FILE)
+        run, params = train(job, args.steps, Path(args.out or tmp))
     trained = evaluate_job(job, params, "heldout", args.samples).to_json()
     initial = evaluate_job(job, None, "heldout", args.samples).to_json()
-    run = {"steps": len(result.records), "workers": job.cluster.num_devices, "seed": job.training.seed,
-           "train_s": train_s, "step_s": result.mean_step_seconds(),
-           "predicted_step_s": result.plan.predicted.iteration_time_s, "loss": loss_falls(result.records)}
     report = markdown(run, trained, initial)
     print(report)
     if not args.no_write:
