@@ -182,3 +182,16 @@ def test_dpo_refuses_a_reference_that_is_not_frozen(tmp_path):
     load_recipe(job)
     with pytest.raises(ValueError, match=r"loss dpo needs four leaf uses.*frozen"):
         build_head(job, 0)
+
+
+def test_reward_bt_refuses_a_task_without_two_leaves_of_one_model(tmp_path):
+    from orchestrator.recipes import load_recipe
+    from runtime.heads import build_head
+
+    job = reward_job(tmp_path)
+    data = job.model_dump(exclude_unset=True)
+    data["tasks"][0]["components"][1].pop("after")  # rejected now reads chosen: one leaf
+    bad = parse_job(data)
+    load_recipe(bad)
+    with pytest.raises(ValueError, match=r"loss reward_bt needs two leaf uses of one reward model.*\['rejected'\]"):
+        build_head(bad, 0)
