@@ -26,7 +26,7 @@ example_models() {
     fi
     if [[ ! -f "$ROOT/recipes/alignment/models/base/model.safetensors" ]]; then  # recipes/alignment/alignment-tiny.yaml's
         echo "setup.sh: writing the alignment recipe's tiny Llama under recipes/alignment/models" >&2
-        "$PY" -m recipes.alignment.make --data "$(mktemp -d)" >&2
+        "$PY" -m recipes.alignment.make --models-only >&2
     fi
 }
 

@@ -1,6 +1,6 @@
 """Write the recipe's files: generated data, its tokenizer, and the tiny Llama the CPU job fine-tunes.
 
-    python -m recipes.alignment.make [--data DIR] [--models DIR]
+    python -m recipes.alignment.make [--data DIR] [--models DIR] [--models-only]
 
 Defaults: ``recipes/alignment/data`` (committed: JSONL files and the tokenizer, deterministic) and
 ``recipes/alignment/models`` (not committed: ``base/``, a 2-layer Llama 64 wide with the tokenizer saved beside it;
@@ -94,11 +94,13 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes.alignment.make", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(HERE / "data"), help="where the data files and the tokenizer go")
     parser.add_argument("--models", default=str(HERE / "models"), help="where the tiny Llama goes")
+    parser.add_argument("--models-only", action="store_true", help="write the tiny Llama only (scripts/setup.sh)")
     args = parser.parse_args(argv)
-    files = write_data(args.data)
-    write_tokenizer(Path(args.data) / "tokenizer")
-    model = write_model(Path(args.models) / "base")
-    print(f"wrote {len(files)} data files under {args.data}, its tokenizer, and {model}")
+    if not args.models_only:
+        files = write_data(args.data)
+        write_tokenizer(Path(args.data) / "tokenizer")
+        print(f"wrote {len(files)} data files and the tokenizer under {args.data}")
+    print(f"wrote {write_model(Path(args.models) / 'base')}")
     return 0
 
 
