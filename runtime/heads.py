@@ -247,6 +247,8 @@ def build_head(job: JobSpec, task_index: int) -> TaskHead:
         from runtime import unet_pretrained  # the diffusers UNet's conv_norm_out and conv_out
 
         head = unet_pretrained.load_head(comp, head)
+    if hasattr(head, "load_pretrained"):  # a recipe's head that starts from pretrained weights (DPO's LM heads)
+        head = head.load_pretrained(job, task_index)
     return head
 
 

@@ -24,6 +24,10 @@ example_models() {
         echo "setup.sh: writing the example models under $models" >&2
         "$PY" examples/make_models.py "$models" >&2
     fi
+    if [[ ! -f "$ROOT/recipes/alignment/models/base/model.safetensors" ]]; then  # recipes/alignment/alignment-tiny.yaml's
+        echo "setup.sh: writing the alignment recipe's tiny Llama under recipes/alignment/models" >&2
+        "$PY" -m recipes.alignment.make --models-only >&2
+    fi
 }
 
 if [[ -x "$PY" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] \

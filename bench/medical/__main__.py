@@ -33,6 +33,18 @@ def loss_falls(records, fraction: float = 0.1) -> dict[str, dict[str, float]]:
             for task in records[0].loss}
 
 
+def train(job, steps: int | None, out_dir: Path) -> tuple[dict, dict]:
+    """Train ``job`` as ``loom run`` does into ``out_dir`` (``steps``: None for the spec's); (run summary: steps,
+    workers, seed, seconds, measured and predicted step time, :func:`loss_falls`; the trained parameters)."""
+    started = time.perf_counter()
+    result = run_job(job, options=RunOptions(steps=steps, out_dir=out_dir, checkpoint_every=0, overwrite=True),
+                     reporter=LogReporter())
+    run = {"steps": len(result.records), "workers": job.cluster.num_devices, "seed": job.training.seed,
+           "train_s": time.perf_counter() - started, "step_s": result.mean_step_seconds(),
+           "predicted_step_s": result.plan.predicted.iteration_time_s, "loss": loss_falls(result.records)}
+    return run, load_model(out_dir / MODEL_FILE)
+
+
 def markdown(run: dict, heldout: dict, transfer: dict) -> str:
     lines = ["# Medical recipe (UniMed-style): trained on CPU, scored on held-out scans", "",
              f"`{SPEC}`: {run['steps']} steps on {run['workers']} CPU workers through `loom run` "
@@ -63,15 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     job = load_job(REPO_ROOT / SPEC)
     load_recipe(job)  # its evaluator, for evaluate_job below
     with tempfile.TemporaryDirectory() as tmp:
-        started = time.perf_counter()
-        result = run_job(job, options=RunOptions(steps=args.steps, out_dir=Path(tmp), checkpoint_every=0),
-                         reporter=LogReporter())
-        train_s = time.perf_counter() - started
-        params = load_model(Path(tmp) / MODEL_FILE)
+        run, params = train(job, args.steps, Path(tmp))
     heldout = evaluate_job(job, params, "heldout", args.samples).to_json()
     transfer = evaluate_job(job, params, "transfer").to_json()
-    run = {"steps": len(result.records), "workers": job.cluster.num_devices, "train_s": train_s, "step_s": result.mean_step_seconds(),
-           "predicted_step_s": result.plan.predicted.iteration_time_s, "loss": loss_falls(result.records)}
     report = markdown(run, heldout, transfer)
     print(report)
     if not args.no_write:

@@ -1,0 +1,1 @@
+"""python -m bench.alignment: recipe alignment trained on CPU and scored (bench/results/alignment.md)."""

@@ -1,0 +1,19 @@
+"""Recipe `alignment`: Baichuan Alignment (arXiv 2410.14940) on data with verifiable answers.
+
+Importing this package registers the recipe's losses (``reward_bt``), its dataset (reward-model pairs with both
+sequences through the model) and its evaluator with the runtime (a job opts in with ``recipe: alignment``). Modules:
+tasks (the generator: two domains, rule rewards, preference pairs, PAS complements), data (the dataset), losses
+(reward model, DPO, GRPO's KL penalty on SFT data), merge (linear, task arithmetic, Model Stock over exported model
+folders), evaluate (held-out reward accuracy, packing utilisation), make (writes the data, tokenizer and tiny Llama).
+docs/recipes/alignment.md.
+"""
+
+from recipes.alignment import data, evaluate, losses  # modules, so that their names are not shadowed
+from runtime.data import register_dataset
+from runtime.evaluate import register_evaluator
+from runtime.heads import register_loss
+
+for _name, _factory in losses.LOSS_FACTORIES.items():
+    register_loss(_name, _factory)
+register_dataset("alignment", data.job_batch)
+register_evaluator("alignment", evaluate.evaluate)

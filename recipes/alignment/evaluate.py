@@ -1,0 +1,122 @@
+"""``loom eval`` for recipe `alignment`: held-out reward accuracy, DPO margin, SFT loss and packing utilisation.
+
+- a ``reward_bt`` task: on held-out pairs (split ``heldout``: prompts and answers the train stream does not hold, or
+  ``<data_dir>/heldout/preference.jsonl``), pairwise accuracy (reward of chosen > reward of rejected), overall, per
+  domain and per kind of failure of the rejected answer, the mean reward margin and the squared error to the
+  absolute scores; baseline: the better length rule on the same pairs (the longer, or the shorter, answer preferred,
+  whichever is right more often; a coin on ties): what a reward model that learned nothing but length would score;
+- a ``dpo`` task: on the same held-out pairs, the mean implicit reward margin ``beta [(log pi - log ref)(y_w) -
+  (log pi - log ref)(y_l)]`` and the fraction of pairs where it is positive; baseline: the policy at its start (the
+  reference itself: margin 0, no pair positive);
+- a task with a ``data:`` source: its mean loss over its first rows (as runtime.evaluate does), and for a chat or
+  text source its token utilisation: real tokens over row slots, packed (``pack: true``: documents concatenated
+  into full rows) against padded (one document per row); the baseline is the padded figure.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from planner.components import resolve_shape
+from planner.spec import JobSpec
+from planner.usegraph import use_component
+from recipes.alignment.data import job_batch, pairs
+from recipes.alignment.losses import DPOHead, RewardHead, dpo_loss, last_key
+from runtime.data import task_batch
+from runtime.evaluate import EvalReport
+from runtime.reference import ReferenceTrainer
+from runtime.source_files import load_records, tokenizer_folder
+from runtime.sources import ENCODERS
+from runtime.tokenizer import load_tokenizer
+
+
+def evaluate(job: JobSpec, model: ReferenceTrainer, split: str, num_samples: int) -> EvalReport:
+    """Metrics per task (module docstring) on ``num_samples`` rows of ``split``."""
+    report = EvalReport(job.name, split, num_samples, {})
+    for t, task in enumerate(job.tasks):
+        if isinstance(model.head(t), RewardHead):
+            report.metrics[task.name], report.baselines[task.name] = reward_metrics(job, model, t, split, num_samples)
+            report.notes[task.name] = (f"{num_samples} {split} pairs; baseline: a length rule (the longer, or the "
+                                           "shorter, answer preferred, whichever is right more often; a coin on ties)")
+        elif isinstance(model.head(t), DPOHead):
+            report.metrics[task.name] = dpo_metrics(job, model, t, split, num_samples)
+            report.baselines[task.name] = {"reward_margin": 0.0, "margin_positive": 0.0}
+            report.notes[task.name] = f"{num_samples} {split} pairs; baseline: the reference (the policy's start)"
+        elif task.data is not None:
+            report.metrics[task.name] = {"loss": source_loss(job, model, t, num_samples)}
+            if task.data.format in ("chat", "text"):
+                packed, padded = token_utilisation(job, t)
+                report.metrics[task.name]["token_utilisation"] = packed if task.data.pack else padded
+                report.baselines[task.name] = {"token_utilisation": padded}
+                report.notes[task.name] = ("token_utilisation: real tokens / row slots of one epoch "
+                                           f"({'packed' if task.data.pack else 'padded'}); baseline: padded rows")
+    return report
+
+
+def reward_metrics(job: JobSpec, model: ReferenceTrainer, t: int, split: str,
+                   num_samples: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(metrics, baselines) of reward task ``t`` over pairs ``0 .. num_samples - 1`` of ``split``."""
+    head, size = model.head(t), job.tasks[t].batch_size
+    chosen, rejected, longer = [], [], []
+    for step in range(math.ceil(num_samples / size)):
+        rows = min(size, num_samples - step * size)
+        batch = job_batch(job, t, step, 0, rows, split)
+        c, r = head.rewards(model.forward(t, batch), batch)
+        chosen.append(c)
+        rejected.append(r)
+        use_c, use_r = head.leaves
+        longer.append(torch.sign(batch.targets[last_key(use_c)] - batch.targets[last_key(use_r)]).float())
+    c, r, longer_t = torch.cat(chosen), torch.cat(rejected), torch.cat(longer)
+    if longer_t.sum() < 0:  # shorter chosen answers: the length rule prefers the shorter answer
+        longer_t = -longer_t
+    longer_t = (longer_t + 1) / 2  # 1 where the rule is right, 0.5 on a tie (a coin), 0 where it is wrong
+    rows = pairs(job, t, split, range(num_samples))
+    scores = torch.tensor([[row.get("score_chosen", math.nan), row.get("score_rejected", math.nan)] for row in rows])
+    scored = ~scores.isnan().any(dim=1)
+    metrics = {"pairwise_accuracy": float((c > r).float().mean()), "reward_margin": float((c - r).mean()),
+               "score_mse": float(((torch.stack([c, r], 1) - scores)[scored] ** 2).mean()) if scored.any() else 0.0}
+    baselines = {"pairwise_accuracy": float(longer_t.mean())}
+    for field in ("domain", "failure"):  # the generator's rows name them; a data_dir's may not
+        for value in sorted({row[field] for row in rows if field in row}):
+            mine = torch.tensor([row.get(field) == value for row in rows])
+            metrics[f"pairwise_accuracy_{value}"] = float((c > r)[mine].float().mean())
+            baselines[f"pairwise_accuracy_{value}"] = float(longer_t[mine].mean())
+    return metrics, baselines
+
+
+def dpo_metrics(job: JobSpec, model: ReferenceTrainer, t: int, split: str, num_samples: int) -> dict[str, float]:
+    """Implicit reward margin of dpo task ``t`` over pairs ``0 .. num_samples - 1`` of ``split``."""
+    head, size, margins = model.head(t), job.tasks[t].batch_size, []
+    for step in range(math.ceil(num_samples / size)):
+        batch = job_batch(job, t, step, 0, min(size, num_samples - step * size), split)
+        margins.append(dpo_loss(*head.logprobs(model.forward(t, batch), batch), beta=head.beta)[1])
+    margin = torch.cat(margins)
+    return {"reward_margin": float(margin.mean()), "margin_positive": float((margin > 0).float().mean())}
+
+
+def source_loss(job: JobSpec, model: ReferenceTrainer, t: int, num_samples: int) -> float:
+    """Mean loss of task ``t`` over the first ``num_samples`` rows of its source's stream."""
+    size, total, seen, step = job.tasks[t].batch_size, 0.0, 0, 0
+    while seen < num_samples:
+        rows = min(size, num_samples - seen)
+        batch = task_batch(job, t, step, 0, rows)
+        total += float(model.head(t)(model.forward(t, batch), batch).sum())
+        seen, step = seen + rows, step + 1
+    return total / seen
+
+
+def token_utilisation(job: JobSpec, t: int) -> tuple[float, float]:
+    """(packed, padded) token utilisation of task ``t``'s text or chat source over one epoch: its documents' tokens
+    (each truncated to the use's seq_len) over the slots of the packed rows, and over one padded row per document."""
+    task = job.tasks[t]
+    name, comp = use_component(job, t, task.components[0].use_name)  # a text source feeds one token use
+    seq_len = resolve_shape(comp, name, task.components[0], f"tasks[{t}].components[0]").seq_len
+    folder, where = tokenizer_folder(job, t, name)
+    tokenizer = load_tokenizer(folder, where)
+    encode = ENCODERS[task.data.format]
+    rows = load_records(task.data, t, None, False).rows
+    tokens = [min(len(encode(tokenizer, task.data, row, where)[0].ids), seq_len) for row in rows]
+    packed_rows = max(1, math.ceil(sum(tokens) / seq_len))
+    return sum(tokens) / (packed_rows * seq_len), sum(tokens) / (len(tokens) * seq_len)
