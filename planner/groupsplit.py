@@ -1,4 +1,4 @@
-"""Sync-aware device split: every parameter group on a device range of its own, sized against its gradient sync.
+"""Sync-aware device split: every parameter group on device ranges of its own, sized against its gradient sync.
 
 The solver ranks schedules by compute and prices the gradient sync afterwards. At scale that order fails: a
 parameter group whose MetaOps are spread over thousands of devices (or whose layers are split across waves on
@@ -6,30 +6,36 @@ different device sets, so each layer range is an all-reduce bucket of its own) p
 grows with its participants (``2 (P - 1)`` steps) and a ZeRO-1 all-gather after it; at 10,240 devices that is ten
 times the compute. This search step trades device counts for sync instead:
 
-1. **Sizes.** Each group ``g`` gets ``D_g`` devices, whole nodes (or a power-of-two share of one node), chosen to
-   minimise ``max_g f_g(D_g)`` subject to ``sum D_g <= N``, where ``f_g(D)`` is the group's compute on ``D``
-   devices (:func:`compute_estimate`: its MetaOps at counts in proportion to their work, the larger of the area and
-   the longest one) plus the group's sync on those devices as :mod:`planner.sync` prices it (:func:`sync_estimate`:
-   one bucket's all-reduce, the optimizer step of a device, the ZeRO-1 all-gather; 0 for frozen groups). A bisection
-   over the ``f`` values finds the smallest achievable maximum; spare nodes then go to the slowest groups while
-   they shorten them.
-2. **Placement.** Groups take contiguous ranges (the largest first, so sub-node ranges share nodes without splitting
-   any); inside its range a group's MetaOps are list-scheduled longest first (levels in order) on the earliest-free
-   blocks of whole tensor-parallel groups. Every device of a range runs whole MetaOps of its group only, so each
-   layer of the group is held by the same devices: one all-reduce bucket per group, over ``D_g`` devices, node-local
-   when ``D_g`` fits in a node.
+1. **Units.** Every parameter group is a unit; with ``stages`` > 1 each heavy trainable group (:data:`HEAVY_SHARE`)
+   is cut into that many pipeline stages (near-equal runs of every MetaOp's layers), each a unit of its own: a
+   stage's bucket holds only its layers, on its own devices, so the stages' all-reduces run side by side, each
+   over fewer participants and bytes, at the price of the activations that move between stages and of a
+   pipeline without micro-batches.
+2. **Sizes.** Each unit ``u`` gets ``D_u`` devices, whole nodes (or a power-of-two share of one node), chosen to
+   minimise ``max_u f_u(D_u)`` subject to ``sum D_u <= N``, where ``f_u(D)`` (:func:`unit_costs`) is the unit's
+   compute on ``D`` devices (its slices at counts in proportion to their work, the larger of the area and the
+   longest one) plus its sync on those devices as :mod:`planner.sync` prices it (:func:`sync_estimate`: one bucket's
+   all-reduce, the optimizer step of a device, the ZeRO-1 all-gather; 0 for frozen groups) plus the activations it
+   sends out of its range and their gradients back (:func:`transfer_estimate`). A bisection over the ``f`` values
+   finds the smallest achievable maximum; a second one spends the spare devices on the longest compute within it.
+3. **Placement.** Units take contiguous ranges (the largest first, so sub-node ranges share nodes without splitting
+   any); inside its range a unit's slices are list-scheduled longest first (levels, then stages, in order) on the
+   earliest-free blocks of whole tensor-parallel groups, after their inputs. Every device of a range runs that
+   unit's layers only, so each unit is one all-reduce bucket over ``D_u`` devices, node-local when ``D_u`` fits in a
+   node. Each task's loss goes to its leaf with the largest output (:func:`loss_hosts`).
 
 The result is a placed schedule in one phase (the timeline runs each range on its own, no barrier between ranges),
-priced by the same simulator and memory-checked like every other candidate (``planner.api``). Deterministic and
-pure; its cost is a few passes over MetaOps x candidate sizes plus one list schedule.
+priced by the same simulator and memory-checked like every other candidate: :func:`group_split_candidate` builds it
+for each of :data:`STAGES` and keeps the fastest (``planner.api``). Deterministic and pure; its cost is a few
+vectorised passes over MetaOps x candidate sizes plus one list schedule and one simulation per stage count.
 """
-
 from __future__ import annotations
 
 import logging
 import math
 from bisect import bisect_right
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -46,7 +52,26 @@ log = logging.getLogger(__name__)
 
 SPLIT_METHOD = "sync-aware group split"  # solver.method of a plan that is this split
 
-MAX_SIZES = 96  # candidate sizes per group beyond the sub-node ones: all node counts up to this, then geometric
+MAX_SIZES = 32  # candidate sizes per unit beyond the sub-node ones: all node counts up to this, then geometric
+STAGES = (1, 2, 4)  # pipeline stages tried for the heavy groups (planner.api keeps the fastest simulated)
+HEAVY_SHARE = 0.25  # a trainable group is heavy (split into stages) when it holds this share of the largest's params
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Stage ``stage`` of ``stages`` of parameter group ``group``: layers ``[first(m), first(m) + count(m))`` of each
+    of its MetaOps ``ops``, on a device range of its own."""
+
+    group: str
+    stage: int
+    stages: int
+    ops: tuple[int, ...]
+
+    def layers(self, problem: Problem, m: int) -> tuple[int, int]:
+        """(first layer, layer count) of MetaOp ``m`` in this stage: its layers cut into ``stages`` near-equal runs."""
+        total = problem.layers(m)
+        first = total * self.stage // self.stages
+        return first, total * (self.stage + 1) // self.stages - first
 
 
 def groups_of(problem: Problem) -> dict[str, list[int]]:
@@ -57,26 +82,41 @@ def groups_of(problem: Problem) -> dict[str, list[int]]:
     return out
 
 
+def units_of(problem: Problem, stages: int) -> list[Unit]:
+    """Every group as one unit, the heavy trainable ones (:data:`HEAVY_SHARE`) cut into ``stages`` stages when every
+    MetaOp of theirs has that many layers."""
+    facts = group_facts(problem)
+    params = {g: f.params_per_layer * max(problem.layers(m) for m in f.metaops) for g, f in facts.items()
+              if f.trainable}
+    heaviest = max(params.values(), default=0.0)
+    out = []
+    for g, ops in groups_of(problem).items():
+        k = stages if (params.get(g, 0.0) >= HEAVY_SHARE * heaviest > 0
+                       and min(problem.layers(m) for m in ops) >= stages) else 1
+        out += [Unit(g, s, k, tuple(ops)) for s in range(k)]
+    return out
+
+
 def candidate_sizes(num_devices: int, unit: int) -> list[int]:
-    """Device counts a group may get: powers of two below ``unit`` that divide it (a share of one node), then whole
-    units (nodes): every count up to :data:`MAX_SIZES` units, a geometric grid (ratio ~1.03) beyond."""
+    """Device counts a unit may get: powers of two below ``unit`` that divide it (a share of one node), then whole
+    units (nodes): every count up to :data:`MAX_SIZES` units, a geometric grid (ratio ~1.04) beyond."""
     small = [s for s in (2 ** i for i in range(unit.bit_length())) if s < unit and unit % s == 0]
     units = num_devices // unit
     picked = set(range(1, min(units, MAX_SIZES) + 1))
     k = float(MAX_SIZES)
     while k < units:
-        k *= 1.03
+        k *= 1.04
         picked.add(min(units, int(round(k))))
     return small + [u * unit for u in sorted(picked)]
 
 
-def proportional_counts(problem: Problem, ops: Sequence[int], size: int) -> list[int] | None:
+def proportional_counts(problem: Problem, u: Unit, size: int) -> list[int] | None:
     """Each MetaOp's count on ``size`` devices: the largest valid count within its share of them (in proportion to
     its single-device work), at least its smallest count; None when some MetaOp has no valid count <= ``size``."""
-    curves = [problem.curves[m] for m in ops]
+    curves = [problem.curves[m] for m in u.ops]
     if any(c.counts[0] > size for c in curves):
         return None
-    work = [c.times[0] * c.counts[0] * problem.layers(m) for m, c in zip(ops, curves)]
+    work = [c.times[0] * c.counts[0] * u.layers(problem, m)[1] for m, c in zip(u.ops, curves)]
     total = sum(work)
     out = []
     for c, w in zip(curves, work):
@@ -85,26 +125,16 @@ def proportional_counts(problem: Problem, ops: Sequence[int], size: int) -> list
     return out
 
 
-def compute_estimate(problem: Problem, ops: Sequence[int], counts: Sequence[int], size: int) -> float:
-    """Seconds to run ``ops`` at ``counts`` on ``size`` devices: the larger of their device-seconds spread evenly and
-    the longest one (list scheduling ends within the sum of the two)."""
-    times = [problem.curves[m].time(n) * problem.layers(m) for m, n in zip(ops, counts)]
+def compute_estimate(problem: Problem, u: Unit, counts: Sequence[int], size: int) -> float:
+    """Seconds to run the unit's slices at ``counts`` on ``size`` devices: the larger of their device-seconds spread
+    evenly and the longest one (list scheduling ends within the sum of the two)."""
+    times = [problem.curves[m].time(n) * u.layers(problem, m)[1] for m, n in zip(u.ops, counts)]
     area = sum(t * n for t, n in zip(times, counts)) / size
     return max(area, max(times, default=0.0))
 
 
-def group_bucket(problem: Problem, facts: GroupFacts, group: str, ops: Sequence[int], counts: Sequence[int],
-                 devices: Sequence[int]) -> SyncBucket | None:
-    """The one all-reduce bucket of ``group`` (its ``facts``) held by ``devices`` (None for a frozen group)."""
-    if not facts.trainable:
-        return None
-    layers = max(problem.layers(m) for m in ops)
-    tp = max(problem.curves[m].layout(n).tp_degree for m, n in zip(ops, counts))
-    return SyncBucket(group, tuple(range(layers)), tuple(devices), tp, layers * facts.params_per_layer)
-
-
 def sync_estimate(cost_model: CostModel, bucket: SyncBucket | None) -> float:
-    """Seconds after the group's last backward: its all-reduce, one device's optimizer step (its ZeRO-1 share
+    """Seconds after the unit's last backward: its all-reduce, one device's optimizer step (its ZeRO-1 share
     when the optimizer is sharded), then the all-gather of the updated parameters."""
     if bucket is None:
         return 0.0
@@ -119,28 +149,32 @@ def loss_hosts(problem: Problem, cost_model: CostModel) -> set[int]:
     best: dict[str, tuple[float, int]] = {}
     for op in problem.graph.metaops:
         if op.id not in read:
-            key = (output_bytes(problem, cost_model, op.id), -op.id)
+            key = (output_bytes(problem, cost_model, op.id, op.num_layers), -op.id)
             best[op.task] = max(best.get(op.task, key), key)
     return {-m for _, m in best.values()}
 
 
-def output_bytes(problem: Problem, cost_model: CostModel, m: int) -> float:
-    """Bytes of MetaOp ``m``'s output over its whole batch."""
+def output_bytes(problem: Problem, cost_model: CostModel, m: int, boundary: int) -> float:
+    """Bytes of MetaOp ``m``'s activation after ``boundary`` layers, over its whole batch."""
     op = problem.graph.metaops[m]
-    return op.batch_size * row_bytes(op, op.num_layers, cost_model.weight_bytes)
+    return op.batch_size * row_bytes(op, boundary, cost_model.weight_bytes)
 
 
-def outbound_bytes(problem: Problem, cost_model: CostModel, ops: Sequence[int], hosts: set[int]) -> float:
-    """Bytes ``ops`` send out of their group's range: the outputs of leaves that do not host their task's loss and of
-    MetaOps read by another group (an upper estimate: a consumer may share devices)."""
+def outbound_bytes(problem: Problem, cost_model: CostModel, u: Unit, hosts: set[int]) -> float:
+    """Bytes the unit sends out of its range: to its next stage, or from its last one the outputs of leaves that
+    do not host their task's loss and of MetaOps read by another group (an upper estimate: a consumer may share
+    devices)."""
     graph = problem.graph
     succ = graph.successors()
     out = 0.0
-    for m in ops:
-        group = graph.metaops[m].param_group
+    for m in u.ops:
+        first, count = u.layers(problem, m)
+        if u.stage + 1 < u.stages:
+            out += output_bytes(problem, cost_model, m, first + count)
+            continue
         leaf_moves = not succ[m] and m not in hosts
-        if leaf_moves or any(graph.metaops[c].param_group != group for c in succ[m]):
-            out += output_bytes(problem, cost_model, m)
+        if leaf_moves or any(graph.metaops[c].param_group != u.group for c in succ[m]):
+            out += output_bytes(problem, cost_model, m, first + count)
     return out
 
 
@@ -151,21 +185,35 @@ def transfer_estimate(cost_model: CostModel, nbytes: float, size: int) -> float:
     return 2 * nbytes / (nodes * cost_model.hw.inter_bandwidth)
 
 
-def group_costs(problem: Problem, cost_model: CostModel, facts: GroupFacts, group: str, ops: Sequence[int],
-                sizes: Sequence[int], nbytes: float) -> list[float]:
-    """``f_g(D)`` for every size ``D`` (inf where the group cannot run): compute plus sync plus the transfers out of
-    the range (``nbytes``, :func:`outbound_bytes`), the sync priced on a range of ``D`` devices starting at a node
-    boundary."""
-    out = []
-    for size in sizes:
-        counts = proportional_counts(problem, ops, size)
-        if counts is None:
-            out.append(math.inf)
+def unit_costs(problem: Problem, cost_model: CostModel, facts: GroupFacts, u: Unit, sizes: Sequence[int],
+               nbytes: float) -> tuple[list[float], list[float]]:
+    """Per size ``D`` (inf where the unit cannot run): its compute (:func:`compute_estimate` at
+    :func:`proportional_counts`, vectorised over the sizes) and ``f(D)``: that plus its sync on a range of ``D``
+    devices from a node boundary plus the transfers out of the range (``nbytes``)."""
+    size = np.asarray(sizes, dtype=float)
+    curves = [problem.curves[m] for m in u.ops]
+    work = [c.times[0] * c.counts[0] * u.layers(problem, m)[1] for m, c in zip(u.ops, curves)]
+    total_work = sum(work)
+    runnable_at = size >= max(c.counts[0] for c in curves)
+    area, longest, tp = np.zeros(len(size)), np.zeros(len(size)), np.ones(len(size), dtype=np.int64)
+    for m, c, w in zip(u.ops, curves, work):
+        share = np.minimum(size, np.maximum(c.counts[0], size * w / total_work if total_work > 0 else size))
+        idx = np.maximum(np.searchsorted(np.asarray(c.counts, dtype=float), share, side="right") - 1, 0)
+        seconds = np.asarray(c.times)[idx] * u.layers(problem, m)[1]
+        area += seconds * np.asarray(c.counts)[idx]
+        longest = np.maximum(longest, seconds)
+        tp = np.maximum(tp, np.asarray([layout.tp_degree for layout in c.layouts])[idx])
+    compute = np.where(runnable_at, np.maximum(area / size, longest), np.inf)
+    first, count = max((u.layers(problem, m) for m in u.ops), key=lambda fc: fc[1])
+    total = []
+    for j, d in enumerate(sizes):
+        if not runnable_at[j]:
+            total.append(math.inf)
             continue
-        bucket = group_bucket(problem, facts, group, ops, counts, range(size))
-        out.append(compute_estimate(problem, ops, counts, size) + sync_estimate(cost_model, bucket)
-                   + transfer_estimate(cost_model, nbytes, size))
-    return out
+        bucket = (SyncBucket(u.group, tuple(range(first, first + count)), tuple(range(d)), int(tp[j]),
+                             count * facts.params_per_layer) if facts.trainable else None)
+        total.append(float(compute[j]) + sync_estimate(cost_model, bucket) + transfer_estimate(cost_model, nbytes, d))
+    return [float(x) for x in compute], total
 
 
 def _fits(chosen: Sequence[int], unit: int, num_devices: int) -> bool:
@@ -176,119 +224,131 @@ def _fits(chosen: Sequence[int], unit: int, num_devices: int) -> bool:
     return whole + math.ceil(part / unit) * unit <= num_devices
 
 
-def split_sizes(problem: Problem, cost_model: CostModel) -> dict[str, int] | None:
-    """The devices of every parameter group (step 1 of the module docstring); None when the groups do not fit
-    side by side (more groups than devices, or a MetaOp whose smallest count is larger than what is left)."""
+def split_sizes(problem: Problem, cost_model: CostModel, units: Sequence[Unit]) -> list[int] | None:
+    """The devices of every unit (step 1 of the module docstring); None when the units do not fit side by side
+    (more of them than devices, or a MetaOp whose smallest count is larger than what is left)."""
     num_devices = problem.num_devices
-    unit = max(1, min(cost_model.hw.devices_per_node, num_devices))
-    sizes = candidate_sizes(num_devices, unit)
-    groups = groups_of(problem)
+    node = max(1, min(cost_model.hw.devices_per_node, num_devices))
+    sizes = candidate_sizes(num_devices, node)
     facts, hosts = group_facts(problem), loss_hosts(problem, cost_model)
-    costs = {g: group_costs(problem, cost_model, facts[g], g, ops, sizes,
-                            outbound_bytes(problem, cost_model, ops, hosts)) for g, ops in groups.items()}
+    costs, computes = [], []
+    for u in units:
+        compute, total = unit_costs(problem, cost_model, facts[u.group], u, sizes,
+                                    outbound_bytes(problem, cost_model, u, hosts))
+        costs.append(total)
+        computes.append(compute)
 
-    computes = {g: [compute_estimate(problem, ops, counts, size) if counts is not None else math.inf
-                    for size, counts in ((size, proportional_counts(problem, ops, size)) for size in sizes)]
-                for g, ops in groups.items()}
-
-    def lowest(values: dict[str, list[float]], within: float | None) -> dict[str, int] | None:
-        """Per group the smallest size whose ``values`` are <= the smallest achievable maximum of them (with every
-        group's total cost within ``within``); None when no sizes fit."""
-        levels = sorted({f for fs in values.values() for f in fs if math.isfinite(f)})
+    def lowest(values: list[list[float]], within: float | None) -> list[int] | None:
+        """Per unit the smallest size whose ``values`` are <= the smallest achievable maximum of them (with every
+        unit's total cost within ``within``); None when no sizes fit."""
+        levels = sorted({f for fs in values for f in fs if math.isfinite(f)})
         lo, hi, found = 0, len(levels) - 1, None
         while lo <= hi:
             mid = (lo + hi) // 2
-            picked = {g: next((i for i, f in enumerate(values[g])
-                               if f <= levels[mid] and (within is None or costs[g][i] <= within)), None)
-                      for g in groups}
-            if all(i is not None for i in picked.values()) and _fits([sizes[i] for i in picked.values()], unit,
-                                                                      num_devices):
+            picked = [next((i for i, f in enumerate(values[j])
+                            if f <= levels[mid] and (within is None or costs[j][i] <= within)), None)
+                      for j in range(len(units))]
+            if all(i is not None for i in picked) and _fits([sizes[i] for i in picked], node, num_devices):
                 found, hi = picked, mid - 1
             else:
                 lo = mid + 1
         return found
 
-    best = lowest(costs, None)  # the smallest achievable max_g f_g
+    best = lowest(costs, None)  # the smallest achievable max f
     if best is None:
         return None
-    # then, within that, the spare devices shorten the longest compute (the loss waits for every group's forward)
-    best = lowest(computes, max(costs[g][i] for g, i in best.items())) or best
-    return {g: sizes[i] for g, i in best.items()}
+    # then, within that, the spare devices shorten the longest compute (the loss waits for every unit's forward)
+    best = lowest(computes, max(costs[j][i] for j, i in enumerate(best))) or best
+    return [sizes[i] for i in best]
 
 
-def group_ranges(sizes: dict[str, int], unit: int) -> dict[str, tuple[int, ...]]:
+def unit_ranges(sizes: Sequence[int]) -> list[tuple[int, ...]]:
     """Contiguous device ranges of the given sizes, largest first (ties: the given order), so every range starts at
-    a multiple of its size (sub-unit sizes are powers of two dividing ``unit``) and none splits a node needlessly."""
-    order = sorted(sizes, key=lambda g: (-sizes[g], list(sizes).index(g)))
-    out, start = {}, 0
-    for g in order:
-        out[g] = tuple(range(start, start + sizes[g]))
-        start += sizes[g]
+    a multiple of its size (sub-node sizes are powers of two dividing the node) and none splits a node needlessly."""
+    out: list[tuple[int, ...]] = [()] * len(sizes)
+    start = 0
+    for j in sorted(range(len(sizes)), key=lambda j: (-sizes[j], j)):
+        out[j] = tuple(range(start, start + sizes[j]))
+        start += sizes[j]
     return out
 
 
-def list_schedule(problem: Problem, ops: Sequence[int], counts: Sequence[int], devices: Sequence[int],
-                  ready: dict[int, float]) -> list[tuple[float, int, tuple[int, ...]]]:
-    """``ops`` at ``counts`` on ``devices``: longest first within each level, each on the earliest-free blocks of
-    whole tensor-parallel groups (aligned within the range), after its predecessors' estimated ends (``ready``,
-    updated). Returns (start, MetaOp, devices) per MetaOp."""
+Run = tuple[int, float, int, int, int, tuple[int, ...]]  # (level, start, MetaOp, first layer, layers, devices)
+
+
+def list_schedule(problem: Problem, u: Unit, members: Sequence[int], counts: Sequence[int], devices: Sequence[int],
+                  ready: dict[int, float], level: int) -> list[Run]:
+    """The unit's slices of ``members`` at ``counts`` on ``devices``: longest first, each on the earliest-free blocks
+    of whole tensor-parallel groups (aligned within the range), after its input's estimated end (``ready``: per
+    MetaOp, when its last scheduled slice ends; updated)."""
     free = np.zeros(len(devices))
     out = []
-    levels = problem.graph.metaops
-    timed = {m: (problem.curves[m].time(n) * problem.layers(m), n) for m, n in zip(ops, counts)}
-    for m in sorted(ops, key=lambda m: (levels[m].level, -timed[m][0], m)):
+    ops = problem.graph.metaops
+    timed = {m: (problem.curves[m].time(n) * u.layers(problem, m)[1], n) for m, n in zip(members, counts)}
+    for m in sorted(members, key=lambda m: (-timed[m][0], m)):
         seconds, n = timed[m]
         tp = problem.curves[m].layout(n).tp_degree
         blocks = free[: len(free) // tp * tp].reshape(-1, tp).max(axis=1)
         picked = np.sort(np.argsort(blocks, kind="stable")[: n // tp])
         local = (picked[:, None] * tp + np.arange(tp)).ravel()
-        start = max(float(free[local].max()), max((ready.get(p, 0.0) for p in levels[m].deps), default=0.0))
+        inputs = [ready.get(m, 0.0)] if u.stage else [ready.get(p, 0.0) for p in ops[m].deps]
+        start = max(float(free[local].max()), max(inputs, default=0.0))
         free[local] = start + seconds
         ready[m] = start + seconds
-        out.append((start, m, tuple(int(devices[i]) for i in local)))
+        first, count = u.layers(problem, m)
+        out.append((level, start, m, first, count, tuple(int(devices[i]) for i in local)))
     return out
 
 
-def group_split_schedule(problem: Problem, cost_model: CostModel) -> PlacedSchedule | None:
-    """The sync-aware split as a placed schedule (one phase), or None when the groups do not fit side by side."""
-    sizes = split_sizes(problem, cost_model)
+def group_split_schedule(problem: Problem, cost_model: CostModel, stages: int = 1) -> PlacedSchedule | None:
+    """The sync-aware split (heavy groups in ``stages`` stages) as a placed schedule (one phase), or None when the
+    units do not fit side by side."""
+    units = units_of(problem, stages)
+    sizes = split_sizes(problem, cost_model, units)
     if sizes is None:
         return None
-    unit = max(1, min(cost_model.hw.devices_per_node, problem.num_devices))
-    groups = groups_of(problem)
-    ranges = group_ranges(sizes, unit)
+    ranges = unit_ranges(sizes)
     ready: dict[int, float] = {}
-    runs: list[tuple[int, float, int, tuple[int, ...]]] = []  # (level, start, MetaOp, devices)
+    runs: list[Run] = []
     for level in sorted({op.level for op in problem.graph.metaops}):  # a level's predecessors are all scheduled
-        for g, ops in groups.items():
-            members = [m for m in ops if problem.graph.metaops[m].level == level]
-            if not members:
-                continue
-            counts = proportional_counts(problem, members, sizes[g])
-            if counts is None:
-                return None
-            runs += [(level, s, m, d) for s, m, d in list_schedule(problem, members, counts, ranges[g], ready)]
+        for step in range(max(u.stages for u in units)):
+            for u, size, devices in zip(units, sizes, ranges):
+                members = [m for m in u.ops if problem.graph.metaops[m].level == level]
+                if u.stage != step or not members:
+                    continue
+                counts = proportional_counts(problem, replace(u, ops=tuple(members)), size)
+                if counts is None:
+                    return None
+                runs += list_schedule(problem, u, members, counts, devices, ready, level)
+    return _waves(problem, cost_model, runs)
+
+
+def _waves(problem: Problem, cost_model: CostModel, runs: Sequence[Run]) -> PlacedSchedule:
+    """Waves from the list schedule's runs: each device runs its slices in start order, a MetaOp's slices in layer
+    order, and per level the loss hosts' last slices after every other slice, so each task's loss lands on its chosen
+    host (planner.program.loss_hosts takes the leaf in the latest wave)."""
     hosts = loss_hosts(problem, cost_model)
     last_wave = np.full(problem.num_devices, -1)
-    wave_of: dict[int, int] = {}
+    wave_of: dict[int, int] = {}  # MetaOp -> the wave of its latest slice so far
     waves: list[list[PlacedSlice]] = []
-    # each device runs its slices in wave order: the loss hosts last, so each task's loss lands on its chosen host
-    # (planner.program.loss_hosts takes the leaf in the latest wave)
-    floor, stage = 0, None
-    for level, host, _, m, devices in sorted((r[0], r[2] in hosts, r[1], r[2], r[3]) for r in runs):
-        if (level, host) != stage:  # a level's hosts after every other slice of the level
-            floor, stage = len(waves), (level, host)
-        op = problem.graph.metaops[m]
-        k = max([floor, int(last_wave[list(devices)].max()) + 1, *(wave_of[p] + 1 for p in op.deps)])
+    floor, batch = 0, None
+    ops = problem.graph.metaops
+    keyed = sorted((r[0], r[2] in hosts and r[3] + r[4] == ops[r[2]].num_layers, r[1], r[2], r[3], r[4], r[5])
+                   for r in runs)
+    for level, host, _, m, first, count, devices in keyed:
+        if (level, host) != batch:
+            floor, batch = len(waves), (level, host)
+        inputs = [wave_of[m]] if first else [wave_of[p] for p in ops[m].deps]
+        k = max([floor, int(last_wave[list(devices)].max()) + 1, *(w + 1 for w in inputs)])
         while len(waves) <= k:
             waves.append([])
-        waves[k].append(PlacedSlice(m, 0, op.num_layers, devices, problem.curves[m].layout(len(devices))))
+        waves[k].append(PlacedSlice(m, first, count, devices, problem.curves[m].layout(len(devices))))
         wave_of[m] = k
         last_wave[list(devices)] = k
     return PlacedSchedule(tuple(PlacedWave(tuple(sorted(w, key=lambda s: s.metaop))) for w in waves))
 
 
-SPLIT_CPU_S_PER_CELL = 2e-7  # CPU seconds per MetaOp x device of building, placing and simulating the split
+SPLIT_CPU_S_PER_CELL = 3e-7  # CPU seconds per MetaOp x device of building, placing and simulating the split
 
 
 def affordable(problem: Problem, limit_s: float, reserve_s: float) -> bool:
@@ -303,21 +363,26 @@ def group_split_candidate(problem: Problem, cost_model: CostModel, template: Sol
     """The split placed, simulated and checked like the solver's candidates: None when there is none, it does not
     fit in device memory or the runtime could not run it. ``template``: the solver's result whose fields (solver
     name, bound) the candidate's result keeps."""
-    placed = group_split_schedule(problem, cost_model)
-    if placed is None:
+    found = []
+    for stages in STAGES:
+        placed = group_split_schedule(problem, cost_model, stages)
+        if placed is None or (found and placed == found[-1][1]):
+            continue
+        sim = simulate(problem, placed, cost_model)
+        why = runnable(problem, placed, cost_model.hw.devices_per_node)
+        if max(sim.peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes:
+            why = "it does not fit in device memory"
+        if why is not None:
+            log.info("sync-aware split in %d stages not used: %s", stages, why)
+            continue
+        found.append((sim.iteration_time_s, placed, sim, stages))
+    if not found:
         return None
-    sim = simulate(problem, placed, cost_model)
-    if max(sim.peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes:
-        log.info("sync-aware split does not fit in device memory")
-        return None
-    why = runnable(problem, placed, cost_model.hw.devices_per_node)
-    if why is not None:
-        log.info("sync-aware split not runnable: %s", why)
-        return None
+    _, placed, sim, stages = min(found, key=lambda f: (f[0], f[3]))
     schedule = schedule_of(placed)
     makespan = compute_makespan(problem, schedule)
     bound = template.bound_s if template is not None else bound_s
     gap = (makespan - bound) / makespan if makespan > 0 else 0.0
     result = SolveResult(schedule, template.solver if template is not None else "heuristic", "heuristic", makespan,
-                         bound, gap, SPLIT_METHOD)
+                         bound, gap, SPLIT_METHOD + ("" if stages == 1 else f", {stages} stages"))
     return result, placed, sim
