@@ -22,7 +22,7 @@ times the compute. This search step trades device counts for sync instead:
    any); inside its range a unit's slices are list-scheduled longest first (levels, then stages, in order) on the
    earliest-free blocks of whole tensor-parallel groups, after their inputs. Every device of a range runs that
    unit's layers only, so each unit is one all-reduce bucket over ``D_u`` devices, node-local when ``D_u`` fits in a
-   node. Each task's loss goes to its leaf with the largest output (:func:`loss_hosts`).
+   node. Each task's loss goes to its leaf with the largest output (:func:`chosen_hosts`).
 
 The result is a placed schedule in one phase (the timeline runs each range on its own, no barrier between ranges),
 priced by the same simulator and memory-checked like every other candidate: :func:`group_split_candidate` builds it
@@ -125,14 +125,6 @@ def proportional_counts(problem: Problem, u: Unit, size: int) -> list[int] | Non
     return out
 
 
-def compute_estimate(problem: Problem, u: Unit, counts: Sequence[int], size: int) -> float:
-    """Seconds to run the unit's slices at ``counts`` on ``size`` devices: the larger of their device-seconds spread
-    evenly and the longest one (list scheduling ends within the sum of the two)."""
-    times = [problem.curves[m].time(n) * u.layers(problem, m)[1] for m, n in zip(u.ops, counts)]
-    area = sum(t * n for t, n in zip(times, counts)) / size
-    return max(area, max(times, default=0.0))
-
-
 def sync_estimate(cost_model: CostModel, bucket: SyncBucket | None) -> float:
     """Seconds after the unit's last backward: its all-reduce, one device's optimizer step (its ZeRO-1 share
     when the optimizer is sharded), then the all-gather of the updated parameters."""
@@ -143,7 +135,7 @@ def sync_estimate(cost_model: CostModel, bucket: SyncBucket | None) -> float:
     return bucket_time(bucket, cost_model) + step + gather_time(bucket, cost_model)
 
 
-def loss_hosts(problem: Problem, cost_model: CostModel) -> set[int]:
+def chosen_hosts(problem: Problem, cost_model: CostModel) -> set[int]:
     """Per task, the leaf MetaOp to host its loss: the one with the largest output (the fewest bytes move to it)."""
     read = {d for op in problem.graph.metaops for d in op.deps}
     best: dict[str, tuple[float, int]] = {}
@@ -187,9 +179,10 @@ def transfer_estimate(cost_model: CostModel, nbytes: float, size: int) -> float:
 
 def unit_costs(problem: Problem, cost_model: CostModel, facts: GroupFacts, u: Unit, sizes: Sequence[int],
                nbytes: float) -> tuple[list[float], list[float]]:
-    """Per size ``D`` (inf where the unit cannot run): its compute (:func:`compute_estimate` at
-    :func:`proportional_counts`, vectorised over the sizes) and ``f(D)``: that plus its sync on a range of ``D``
-    devices from a node boundary plus the transfers out of the range (``nbytes``)."""
+    """Per size ``D`` (inf where the unit cannot run): its compute, vectorised over the sizes (its slices at
+    :func:`proportional_counts`: the larger of their device-seconds spread evenly and the longest one, since list
+    scheduling ends within the sum of the two), and ``f(D)``: that plus its sync on a range of ``D`` devices from a
+    node boundary plus the transfers out of the range (``nbytes``)."""
     size = np.asarray(sizes, dtype=float)
     curves = [problem.curves[m] for m in u.ops]
     work = [c.times[0] * c.counts[0] * u.layers(problem, m)[1] for m, c in zip(u.ops, curves)]
@@ -230,7 +223,7 @@ def split_sizes(problem: Problem, cost_model: CostModel, units: Sequence[Unit]) 
     num_devices = problem.num_devices
     node = max(1, min(cost_model.hw.devices_per_node, num_devices))
     sizes = candidate_sizes(num_devices, node)
-    facts, hosts = group_facts(problem), loss_hosts(problem, cost_model)
+    facts, hosts = group_facts(problem), chosen_hosts(problem, cost_model)
     costs, computes = [], []
     for u in units:
         compute, total = unit_costs(problem, cost_model, facts[u.group], u, sizes,
@@ -327,7 +320,7 @@ def _waves(problem: Problem, cost_model: CostModel, runs: Sequence[Run]) -> Plac
     """Waves from the list schedule's runs: each device runs its slices in start order, a MetaOp's slices in layer
     order, and per level the loss hosts' last slices after every other slice, so each task's loss lands on its chosen
     host (planner.program.loss_hosts takes the leaf in the latest wave)."""
-    hosts = loss_hosts(problem, cost_model)
+    hosts = chosen_hosts(problem, cost_model)
     last_wave = np.full(problem.num_devices, -1)
     wave_of: dict[int, int] = {}  # MetaOp -> the wave of its latest slice so far
     waves: list[list[PlacedSlice]] = []
