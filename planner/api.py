@@ -21,6 +21,7 @@ from planner.candidates import ADOPTED, adopt_best, schedule_of
 from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel, lm_heads
 from planner.devices import resolve_hardware
 from planner.errors import PlanningError
+from planner.groupsplit import affordable, group_split_candidate
 from planner.metagraph import MetaGraph, build_metagraph
 from planner.placement import STRATEGIES, PlacedSchedule, PlacedSlice, PlacedWave, place_schedule
 from planner.refine import Evaluated, evaluation_cost, refine_transfers
@@ -112,6 +113,13 @@ def plan_job(
             chosen, planned, error = None, problem, still
     chosen = with_role_candidate(problem, cost_model, chosen, bounds.dag_s)  # RL-shaped jobs: Loom's role placement
     error = None if chosen is not None else error
+    # the sync-aware split (gradient sync inside the allocation: planner.groupsplit) competes on the simulated
+    # iteration; whether it runs depends on the limit, not the clock
+    if affordable(problem, limit, reserve):
+        split = group_split_candidate(problem, cost_model, chosen[0] if chosen else None, bounds.dag_s)
+        if split is not None and (chosen is None or split[2].iteration_time_s < chosen[2].iteration_time_s * (1 - 1e-12)):
+            say(f"sync-aware group split: predicted iteration {split[2].iteration_time_s:.4g} s")
+            chosen, planned, error = split, problem, None
     # the baselines always run, past the limit too: every one is a candidate (planner.candidates), and skipping them by
     # the clock made the same job's plan differ between runs
     baseline_plans = baselines_mod.baseline_plans(problem, cost_model, spindle=warm)

@@ -132,6 +132,7 @@ def test_plan_job_adopts_a_baseline_when_no_solver_candidate_fits(monkeypatch):
         raise PlanningError("device 0 needs more memory than it has")
 
     monkeypatch.setattr(api, "choose_candidate", nothing_fits)
+    monkeypatch.setattr(api, "group_split_candidate", lambda *args, **kwargs: None)  # no sync-aware split either
     job = parse_job(two_node_job())
     plan = plan_from_json(plan_job(job).plan.to_json(), "adopted")
     fitting = {name: t for name, t in plan.baselines.items() if name not in plan.baseline_notes}
