@@ -209,6 +209,11 @@ def validate(job_path: JobArg, cluster: ClusterOpt = None, verbose: Verbose = Fa
     from runtime.source_files import check_data_files
 
     configure_logging(verbose)
+    if (pipeline := _phased(job_path, cluster)) is not None:
+        from orchestrator.pipeline_cli import validate_phases
+
+        validate_phases(pipeline, job_path)
+        return
     job = load_job(job_path, cluster)
     check_data_files(job)  # the tasks' data files (torch-free; loom run also loads their tokenizers)
     typer.echo(f"{job_path}: valid. {describe_job(job)}")
@@ -259,6 +264,17 @@ def plan(
 
     No side effects except the files named by --save and --gantt.
     """
+    if (pipeline := _phased(job_path, cluster)) is not None:
+        if shapes is not None:
+            raise typer.BadParameter("--shapes plans one phase's batches; this job has phases. Plan a one-phase job "
+                                     "with --shapes.")
+        from orchestrator.pipeline_cli import plan_phases
+
+        configure_logging(verbose)
+        with ExitStack() as stack:
+            plan_phases(pipeline, costs, output is OutputFormat.json, save, gantt or [], no_baselines,
+                        _progress_reporter(stack), _write_output)
+        return
     if shapes is not None:
         if gantt:
             raise typer.BadParameter("--gantt draws one plan; with --shapes there are several. Save the plan set "
@@ -413,7 +429,11 @@ def run(
     if resume and cluster is not None:
         raise typer.BadParameter("--cluster with --resume: a resumed run continues on its saved plan's cluster "
                                  "(OUT/plan.json). Leave --cluster out, or start a new run without --resume.")
-    job = load_job(job_path, cluster)
+    pipeline = _phased(job_path, cluster)
+    if pipeline is not None and plan_path is not None:
+        raise typer.BadParameter("--plan runs one plan; a phased job plans each phase when it starts (a resumed "
+                                 "phase reuses OUT/<phase>/plan.json). Leave --plan out.")
+    job = load_job(job_path, cluster) if pipeline is None else None
     if costs is not None and plan_path is not None:
         raise typer.BadParameter("--costs plans the job; with --plan the plan is given. Use one of them.")
     given_plan = load_plan(plan_path) if plan_path is not None else None
@@ -422,6 +442,11 @@ def run(
                          object_store_from_bytes=OBJECT_STORE_FROM_BYTES if object_store_from is None
                          else int(object_store_from * 1024**2))
     try:
+        if pipeline is not None:
+            from orchestrator.pipeline_cli import run_phases
+
+            run_phases(pipeline, options)
+            return
         result = run_job(job, given_plan, options=options)
     except RunFailed as exc:
         typer.echo(f"error: {one_line(str(exc))}", err=True)
@@ -462,6 +487,13 @@ def gantt(
     ratio = f" ({summary.measured_s / summary.predicted_s:.2f}x)" if summary.predicted_s > 0 else ""
     typer.echo(f"step {summary.step}: measured {format_seconds(summary.measured_s)}, predicted "
                f"{format_seconds(summary.predicted_s)}{ratio}; wrote {', '.join(map(str, summary.paths))}")
+
+
+def _phased(job_path: Path, cluster: Path | None):
+    """The job file's phases (orchestrator.pipeline.read_pipeline, checked whole), None for a one-phase job."""
+    from orchestrator.pipeline import read_pipeline
+
+    return read_pipeline(job_path, cluster)
 
 
 # `loom submit`, `loom status`, `loom logs`, `loom stop` (Ray Jobs API) live in their own module.

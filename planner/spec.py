@@ -477,6 +477,9 @@ def parse_job(data: Any, source: str = "job spec", base: Path | None = None) -> 
     folder relative ``pretrained:`` paths are read from (the spec file's; default the cwd)."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the top level must be a mapping with keys name, cluster, components, tasks.")
+    if "phases" in data:  # planner.pipeline reads those; each of its trained phases is a JobSpec
+        raise SpecError(f"{source}: phases: a phased job (docs/job-spec.md, Phases) is read by `loom validate`, "
+                        "`loom plan` and `loom run`; this command takes a one-phase job. Give it one phase's spec.")
     try:
         return JobSpec.model_validate(data, context={"base": base})
     except ValidationError as exc:
