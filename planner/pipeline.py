@@ -178,6 +178,10 @@ def parse_pipeline(data: dict[str, Any], steps: Mapping[str, tuple[str, ...]], b
     if "tasks" in data:
         raise SpecError("tasks: a phased job lists its tasks under each phase (phases[i].tasks). Move them there.")
     doc = {k: v for k, v in data.items() if k != "phases"}
+    for ref in references(doc.get("components", {}), "components"):
+        raise SpecError(f"{ref.where} ('@{ref.phase}/{ref.artifact}'): a top-level component is shared by every "
+                        "phase and cannot read a phase's artifact. Override it in the phase that reads it "
+                        "(phases[i].components).")
     specs = [_phase_spec(item, i) for i, item in enumerate(raw)]
     names = [s.name for s in specs]
     written: dict[str, tuple[str, ...]] = {}
@@ -199,10 +203,6 @@ def parse_pipeline(data: dict[str, Any], steps: Mapping[str, tuple[str, ...]], b
         written[spec.name] = writes
         job = None if spec.step is not None else _planned_job(doc, spec, where, base)
         phases.append(Phase(spec, i, writes, job))
-    for ref in references(doc.get("components", {}), "components"):
-        raise SpecError(f"{ref.where} ('@{ref.phase}/{ref.artifact}'): a top-level component is shared by every "
-                        "phase and cannot read a phase's artifact. Override it in the phase that reads it "
-                        "(phases[i].components).")
     return Pipeline(str(data.get("name")), doc, base, tuple(phases))
 
 
