@@ -28,10 +28,10 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator.checkpoint import CKPT_DIRNAME, complete_checkpoints
 from orchestrator.outdir import OutDirLock, contained, earlier_run, move_aside
-from orchestrator.run import RunOptions, RunResult, run_job
 from orchestrator.run_inputs import RunInputError, check_runnable_job
 from orchestrator.signals import RunStopped, StopSignals
 from orchestrator.steps import STEPS, StepContext, check_step_args, registered_steps
@@ -40,6 +40,9 @@ from planner.pipeline import (
     EXPORT_DIR, MODEL, Phase, Pipeline, Reference, artifact_path, is_phased, parse_pipeline, phase_job,
     read_document, references,
 )
+
+if TYPE_CHECKING:
+    from orchestrator.run import RunOptions, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +105,12 @@ class PipelineResult:
     phases: list[PhaseResult] = field(default_factory=list)
 
 
-def run_pipeline(pipeline: Pipeline, options: RunOptions = RunOptions(), reporter=None) -> PipelineResult:
+def run_pipeline(pipeline: Pipeline, options: RunOptions | None = None, reporter=None) -> PipelineResult:
     """Run ``pipeline``'s phases in order (see the module docstring). Raises RunInputError for input that cannot
     run (before anything in ``OUT`` is written), RunFailed and RunStopped as :func:`orchestrator.run.run_job`."""
-    return PipelineRunner(pipeline, options, reporter).run()
+    from orchestrator.run import RunOptions  # local: torch loads only when a run starts
+
+    return PipelineRunner(pipeline, options or RunOptions(), reporter).run()
 
 
 class PipelineRunner:
@@ -278,6 +283,8 @@ class PipelineRunner:
         """The phase's job, its earlier phases' artifacts read from OUT, as one ``loom run`` into ``OUT/<phase>/``:
         resumed from its last complete checkpoint when there is one and the run resumes, else fresh (moving an
         unfinished attempt without a checkpoint aside)."""
+        from orchestrator.run import run_job
+
         job = phase_job(self.pipeline.doc, phase.spec, self.pipeline.base, locate=self.locate)
         if reads_data_artifacts(phase):
             check_runnable_job(job, self.options.address)
