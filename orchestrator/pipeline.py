@@ -31,15 +31,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator.checkpoint import CKPT_DIRNAME, complete_checkpoints
-from orchestrator.outdir import OutDirLock, contained, earlier_run, move_aside
+from orchestrator.outdir import OutDirLock, claim_folder, contained, earlier_run
 from orchestrator.run_inputs import RunInputError, check_runnable_job
 from orchestrator.signals import RunStopped, StopSignals
 from orchestrator.steps import STEPS, StepContext, check_step_args, registered_steps
 from planner.errors import SpecError
 from planner.pipeline import (
-    EXPORT_DIR, MODEL, Phase, Pipeline, Reference, artifact_path, is_phased, parse_pipeline, phase_job,
-    read_document, references,
+    EXPORT_DIR, MODEL, Phase, Pipeline, Reference, artifact_path, is_phased, parse_pipeline, phase_job, references,
 )
+from planner.spec_file import read_job_document
 
 if TYPE_CHECKING:
     from orchestrator.run import RunOptions, RunResult
@@ -56,7 +56,7 @@ def read_pipeline(path: str | Path, cluster: str | Path | None = None) -> Pipeli
     steps are registered by importing the recipe, only when a phase names a step that is not built in."""
     from orchestrator.recipes import RECIPES, check_recipe
 
-    data = read_document(path, cluster)
+    data = read_job_document(path, cluster)
     if not is_phased(data):
         return None
     named = {p.get("step") for p in data.get("phases") or [] if isinstance(p, dict)} - {None}
@@ -162,6 +162,7 @@ class PipelineRunner:
             self.lock.acquire(create=False)
         left = {p.name: self.left_behind(p) for p in self.pipeline.phases}
         left = {name: what for name, what in left.items() if what}
+        self.finished = 0
         if not self.options.resume:
             if left and not self.options.overwrite:
                 raise RunInputError(
@@ -204,20 +205,10 @@ class PipelineRunner:
     # ------------------------------------------------------------------ the run's first writes
 
     def claim(self) -> None:
-        """Create OUT, take its lock, record this process, move an earlier run aside for ``overwrite``."""
-        try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            if not self.lock.held:
-                self.lock.acquire(create=True)
-            self.lock.write_holder()
-            if self.options.overwrite:
-                self.previous = move_aside(self.out_dir)
-                if self.previous is not None:
-                    log.info("moved the earlier run in %s aside to %s (deleted once this run has finished a phase)",
-                             self.out_dir, self.previous)
-        except OSError as exc:
-            raise RunInputError(f"--out ({self.out_dir}): cannot write there ({exc.strerror or exc}). "
-                                "Check the path and permissions.") from None
+        """Create OUT, take its lock, record this process, move an earlier run aside for ``overwrite``
+        (orchestrator.outdir.claim_folder)."""
+        self.previous = claim_folder(self.out_dir, self.lock, self.options.overwrite, self.check,
+                                     "has finished a phase")
 
     def drop_previous(self) -> None:
         if self.previous is not None:

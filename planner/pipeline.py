@@ -31,7 +31,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from planner.errors import SpecError, did_you_mean
 from planner.spec import JobSpec, StrictModel, _format_error, parse_job
-from planner.spec_file import load_yaml
+from planner.spec_file import read_job_document
 
 MODEL = "model"  # artifact: the exported from_pretrained folders, OUT/<phase>/export/<component>/
 CHECKPOINT = "checkpoint"  # artifact: the phase's last complete checkpoint folder
@@ -64,8 +64,8 @@ class PhaseSpec(StrictModel):
     def _safe_name(cls, name: str) -> str:
         if not _SAFE_NAME.fullmatch(name) or name in RESERVED or name.startswith("previous-"):
             raise ValueError(f"({name!r}) is not a safe phase name; expected 1-32 characters from A-Z a-z 0-9 _ -, "
-                             "starting with a letter or digit, not {' or '.join(RESERVED)} or previous-* (it becomes a folder of OUT). "
-                             "Rename the phase.")
+                             f"starting with a letter or digit, not {' or '.join(RESERVED)} or previous-* (it becomes "
+                             "a folder of OUT). Rename the phase.")
         return name
 
     @model_validator(mode="after")
@@ -149,22 +149,10 @@ def references(value: Any, where: str) -> list[Reference]:
     return [ref] if ref else []
 
 
-def read_document(path: str | Path, cluster: str | Path | None = None) -> Any:
-    """A job file's parsed document; ``cluster`` (a YAML file with a `cluster:` section or its fields) replaces its
-    `cluster:`, as planner.spec.load_job does."""
-    data = load_yaml(path)
-    if cluster is not None and isinstance(data, dict):
-        cluster_data = load_yaml(cluster)
-        if isinstance(cluster_data, dict) and "cluster" in cluster_data:
-            cluster_data = cluster_data["cluster"]
-        data = {**data, "cluster": cluster_data}
-    return data
-
-
 def load_pipeline(path: str | Path, steps: Mapping[str, tuple[str, ...]],
                   cluster: str | Path | None = None) -> Pipeline:
     """Load a phased job file and check it (:func:`parse_pipeline`)."""
-    return parse_pipeline(read_document(path, cluster), steps, base=Path(path).resolve().parent)
+    return parse_pipeline(read_job_document(path, cluster), steps, base=Path(path).resolve().parent)
 
 
 def parse_pipeline(data: dict[str, Any], steps: Mapping[str, tuple[str, ...]], base: Path | None = None) -> Pipeline:

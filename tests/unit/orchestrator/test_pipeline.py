@@ -107,6 +107,13 @@ def test_validate_and_plan_a_phased_job(models, tmp_path):
     assert not (tmp_path / "plan.merge.json").exists()
 
 
+def test_the_example_validates():
+    example = Path(__file__).resolve().parents[3] / "examples" / "phases" / "phases-cpu.yaml"
+    result = CliRunner().invoke(app, ["validate", str(example)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].endswith("valid. phases-cpu: 3 phases")
+
+
 def test_a_model_artifact_is_planned_with_its_declared_shape(models, tmp_path):
     pipeline = read_pipeline(write(tmp_path / "job.yaml", phased_job(models)))
     tune = pipeline.phase("tune").job.components["lm"]
