@@ -35,7 +35,7 @@ from orchestrator.outdir import OutDirLock, claim_folder, contained, earlier_run
 from orchestrator.run_inputs import RunInputError, check_runnable_job
 from orchestrator.signals import RunStopped, StopSignals
 from orchestrator.steps import STEPS, StepContext, check_step_args, registered_steps
-from planner.errors import SpecError
+from planner.errors import LoomError, SpecError
 from planner.pipeline import (
     EXPORT_DIR, MODEL, Phase, Pipeline, Reference, artifact_path, is_phased, parse_pipeline, phase_job, references,
 )
@@ -155,7 +155,7 @@ class PipelineRunner:
             raise RunInputError("--resume continues the run in --out, --overwrite replaces it: pass one of them.")
         for phase in self.pipeline.phases:
             if phase.job is not None and not reads_data_artifacts(phase):
-                check_runnable_job(phase.job, self.options.address)
+                self.check_job(phase, phase.job)
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise RunInputError(f"--out ({self.out_dir}) is a file; give a directory.")
         if self.out_dir.is_dir():
@@ -187,6 +187,13 @@ class PipelineRunner:
                     f"--out ({self.out_dir}): phase '{phase.name}' holds results ({left[phase.name]}) though the "
                     f"earlier phase '{self.pipeline.phases[self.finished].name}' is unfinished. Pass --overwrite "
                     "to start over, or another --out.")
+
+    def check_job(self, phase: Phase, job) -> None:
+        """``loom run``'s checks of a trained phase's job (orchestrator.run_inputs), the error naming the phase."""
+        try:
+            check_runnable_job(job, self.options.address)
+        except LoomError as exc:
+            raise RunInputError(f"phases[{phase.index}] ('{phase.name}'): {exc}") from None
 
     def left_behind(self, phase: Phase) -> str | None:
         """What an earlier run left of ``phase`` (its marker, checkpoints), as a short phrase; None if nothing."""
@@ -278,7 +285,7 @@ class PipelineRunner:
 
         job = phase_job(self.pipeline.doc, phase.spec, self.pipeline.base, locate=self.locate)
         if reads_data_artifacts(phase):
-            check_runnable_job(job, self.options.address)
+            self.check_job(phase, job)
         resume = self.options.resume and bool(complete_checkpoints(folder))
         options = replace(self.options, out_dir=folder, resume=resume, overwrite=folder.exists() and not resume,
                           export_when_done=True)

@@ -160,6 +160,11 @@ def test_run_refuses_what_would_lose_or_mix_finished_phases(models, tmp_path):
     (out / "sft" / PHASE_MARKER).write_text(json.dumps({"spec": "another", "artifacts": {}}))
     with pytest.raises(RunInputError, match=r"phases\[0\] \('sft'\) finished under another spec"):
         PipelineRunner(pipeline, RunOptions(out_dir=out, resume=True)).check()
+    doc = phased_job(models)
+    doc["phases"][2]["tasks"] = [{**doc["phases"][2]["tasks"][0], "loss": "nonsense"}]
+    with pytest.raises(RunInputError, match=r"^phases\[2\] \('tune'\): .*nonsense"):
+        PipelineRunner(read_pipeline(write(tmp_path / "bad.yaml", doc)), RunOptions(out_dir=tmp_path / "o")).check()
+    assert not (tmp_path / "o").exists()
     with pytest.raises(RunInputError, match="--steps: a phased job"):
         PipelineRunner(pipeline, RunOptions(out_dir=out, steps=3)).check()
     assert sorted(p.name for p in out.rglob("*")) == sorted(before + ["tune", "ckpt", "step_1"])  # nothing deleted
