@@ -32,6 +32,7 @@ from rich.console import Console
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer.core import TyperGroup
 
+from orchestrator import pipeline_cli  # phased jobs (torch-free)
 from planner.errors import LoomError
 
 log = logging.getLogger(__name__)
@@ -209,11 +210,8 @@ def validate(job_path: JobArg, cluster: ClusterOpt = None, verbose: Verbose = Fa
     from runtime.source_files import check_data_files
 
     configure_logging(verbose)
-    if (pipeline := _phased(job_path, cluster)) is not None:
-        from orchestrator.pipeline_cli import validate_phases
-
-        validate_phases(pipeline, job_path)
-        return
+    if (pipeline := pipeline_cli.read_phased(job_path, cluster)) is not None:
+        return pipeline_cli.validate_phases(pipeline, job_path)
     job = load_job(job_path, cluster)
     check_data_files(job)  # the tasks' data files (torch-free; loom run also loads their tokenizers)
     typer.echo(f"{job_path}: valid. {describe_job(job)}")
@@ -264,15 +262,10 @@ def plan(
 
     No side effects except the files named by --save and --gantt.
     """
-    if (pipeline := _phased(job_path, cluster)) is not None:
-        if shapes is not None:
-            raise typer.BadParameter("--shapes plans one phase's batches; this job has phases. Plan a one-phase job "
-                                     "with --shapes.")
-        from orchestrator.pipeline_cli import plan_phases
-
+    if (pipeline := pipeline_cli.read_phased(job_path, cluster, shapes)) is not None:
         configure_logging(verbose)
         with ExitStack() as stack:
-            plan_phases(pipeline, costs, output is OutputFormat.json, save, gantt or [], no_baselines,
+            pipeline_cli.plan_phases(pipeline, costs, output is OutputFormat.json, save, gantt or [], no_baselines,
                         _progress_reporter(stack), _write_output)
         return
     if shapes is not None:
@@ -429,7 +422,7 @@ def run(
     if resume and cluster is not None:
         raise typer.BadParameter("--cluster with --resume: a resumed run continues on its saved plan's cluster "
                                  "(OUT/plan.json). Leave --cluster out, or start a new run without --resume.")
-    pipeline = _phased(job_path, cluster)
+    pipeline = pipeline_cli.read_phased(job_path, cluster)
     if pipeline is not None and plan_path is not None:
         raise typer.BadParameter("--plan runs one plan; a phased job plans each phase when it starts (a resumed "
                                  "phase reuses OUT/<phase>/plan.json). Leave --plan out.")
@@ -443,10 +436,7 @@ def run(
                          else int(object_store_from * 1024**2))
     try:
         if pipeline is not None:
-            from orchestrator.pipeline_cli import run_phases
-
-            run_phases(pipeline, options)
-            return
+            return pipeline_cli.run_phases(pipeline, options)
         result = run_job(job, given_plan, options=options)
     except RunFailed as exc:
         typer.echo(f"error: {one_line(str(exc))}", err=True)
@@ -487,13 +477,6 @@ def gantt(
     ratio = f" ({summary.measured_s / summary.predicted_s:.2f}x)" if summary.predicted_s > 0 else ""
     typer.echo(f"step {summary.step}: measured {format_seconds(summary.measured_s)}, predicted "
                f"{format_seconds(summary.predicted_s)}{ratio}; wrote {', '.join(map(str, summary.paths))}")
-
-
-def _phased(job_path: Path, cluster: Path | None):
-    """The job file's phases (orchestrator.pipeline.read_pipeline, checked whole), None for a one-phase job."""
-    from orchestrator.pipeline import read_pipeline
-
-    return read_pipeline(job_path, cluster)
 
 
 # `loom submit`, `loom status`, `loom logs`, `loom stop` (Ray Jobs API) live in their own module.

@@ -18,6 +18,18 @@ def phase_file(path: Path, phase: str) -> Path:
     return path.with_name(f"{path.stem}.{phase}{path.suffix}")
 
 
+def read_phased(job_path: Path, cluster: Path | None, shapes: Path | None = None) -> Pipeline | None:
+    """The job file's phases (orchestrator.pipeline.read_pipeline, checked whole), None for a one-phase job;
+    ``shapes`` (``loom plan --shapes``) is refused for a phased job."""
+    from orchestrator.pipeline import read_pipeline
+
+    pipeline = read_pipeline(job_path, cluster)
+    if pipeline is not None and shapes is not None:
+        raise typer.BadParameter("--shapes plans one phase's batches; this job has phases. Plan a one-phase job "
+                                 "with --shapes.")
+    return pipeline
+
+
 def validate_phases(pipeline: Pipeline, job_path: Path) -> None:
     """``loom validate``: the job's line, then one line per phase (its job's summary, or its step)."""
     from orchestrator.pipeline import reads_data_artifacts

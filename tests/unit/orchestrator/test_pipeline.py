@@ -105,6 +105,8 @@ def test_validate_and_plan_a_phased_job(models, tmp_path):
     plans = {p: json.loads((tmp_path / f"plan.{p}.json").read_text()) for p in ("sft", "tune")}
     assert plans["sft"]["job"] == "three.sft" and plans["tune"]["job"] == "three.tune"
     assert not (tmp_path / "plan.merge.json").exists()
+    result = CliRunner().invoke(app, ["plan", str(job), "--output", "json", "--no-baselines"])
+    assert result.exit_code == 0 and json.loads(result.stdout) == plans  # one object: trained phase -> its Plan
 
 
 def test_the_example_validates():
