@@ -32,6 +32,7 @@ from rich.console import Console
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer.core import TyperGroup
 
+from orchestrator import pipeline_cli  # phased jobs (torch-free)
 from planner.errors import LoomError
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,8 @@ def validate(job_path: JobArg, cluster: ClusterOpt = None, verbose: Verbose = Fa
     from runtime.source_files import check_data_files
 
     configure_logging(verbose)
+    if (pipeline := pipeline_cli.read_phased(job_path, cluster)) is not None:
+        return pipeline_cli.validate_phases(pipeline, job_path)
     job = load_job(job_path, cluster)
     check_data_files(job)  # the tasks' data files (torch-free; loom run also loads their tokenizers)
     typer.echo(f"{job_path}: valid. {describe_job(job)}")
@@ -259,6 +262,12 @@ def plan(
 
     No side effects except the files named by --save and --gantt.
     """
+    if (pipeline := pipeline_cli.read_phased(job_path, cluster, shapes)) is not None:
+        configure_logging(verbose)
+        with ExitStack() as stack:
+            pipeline_cli.plan_phases(pipeline, costs, output is OutputFormat.json, save, gantt or [], no_baselines,
+                        _progress_reporter(stack), _write_output)
+        return
     if shapes is not None:
         if gantt:
             raise typer.BadParameter("--gantt draws one plan; with --shapes there are several. Save the plan set "
@@ -413,7 +422,11 @@ def run(
     if resume and cluster is not None:
         raise typer.BadParameter("--cluster with --resume: a resumed run continues on its saved plan's cluster "
                                  "(OUT/plan.json). Leave --cluster out, or start a new run without --resume.")
-    job = load_job(job_path, cluster)
+    pipeline = pipeline_cli.read_phased(job_path, cluster)
+    if pipeline is not None and plan_path is not None:
+        raise typer.BadParameter("--plan runs one plan; a phased job plans each phase when it starts (a resumed "
+                                 "phase reuses OUT/<phase>/plan.json). Leave --plan out.")
+    job = load_job(job_path, cluster) if pipeline is None else None
     if costs is not None and plan_path is not None:
         raise typer.BadParameter("--costs plans the job; with --plan the plan is given. Use one of them.")
     given_plan = load_plan(plan_path) if plan_path is not None else None
@@ -422,6 +435,8 @@ def run(
                          object_store_from_bytes=OBJECT_STORE_FROM_BYTES if object_store_from is None
                          else int(object_store_from * 1024**2))
     try:
+        if pipeline is not None:
+            return pipeline_cli.run_phases(pipeline, options)
         result = run_job(job, given_plan, options=options)
     except RunFailed as exc:
         typer.echo(f"error: {one_line(str(exc))}", err=True)

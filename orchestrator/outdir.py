@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.checkpoint import CheckpointInfo, find_resume_point, step_dirs
@@ -74,22 +75,12 @@ class RunFolder:
         """The run's first writes: create the folder, take the lock (checking again under it when the folder had no
         lock file: another run may have written since), record this process in the lock file, move the earlier run
         aside for ``overwrite``. Returns the resume point, as :meth:`find_resume_point`."""
-        try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            if not self.lock.held:
-                self.lock.acquire(create=True)
-                self.check()
-                self.find_resume_point(plan_hash)
-            self.lock.write_holder()
-            self.claimed = True
-            if self.overwrite:
-                self.previous = move_aside(self.out_dir)
-                if self.previous is not None:
-                    log.info("moved the earlier run in %s aside to %s (deleted once this run has a checkpoint)",
-                             self.out_dir, self.previous)
-        except OSError as exc:
-            raise RunInputError(f"--out ({self.out_dir}): cannot write there ({exc.strerror or exc}). "
-                                "Check the path and permissions.") from None
+        def recheck() -> None:
+            self.check()
+            self.find_resume_point(plan_hash)
+
+        self.previous = claim_folder(self.out_dir, self.lock, self.overwrite, recheck, "has a checkpoint")
+        self.claimed = True
         return self.resume_point
 
     def drop_previous(self) -> None:
@@ -101,6 +92,28 @@ class RunFolder:
 
     def release(self) -> None:
         self.lock.release()
+
+
+def claim_folder(out_dir: Path, lock: OutDirLock, overwrite: bool, recheck: Callable[[], None],
+                 deleted_when: str) -> Path | None:
+    """A run's first writes into ``out_dir``: create it, take ``lock`` (calling ``recheck`` under it when the folder
+    had no lock file: another run may have written since the read-only checks), record this process in the lock
+    file, and for ``overwrite`` move the earlier run aside (:func:`move_aside`; returned, None without one;
+    ``deleted_when`` says when the caller deletes it). A RunInputError when the folder cannot be written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not lock.held:
+            lock.acquire(create=True)
+            recheck()
+        lock.write_holder()
+        previous = move_aside(out_dir) if overwrite else None
+        if previous is not None:
+            log.info("moved the earlier run in %s aside to %s (deleted once this run %s)", out_dir, previous,
+                     deleted_when)
+        return previous
+    except OSError as exc:
+        raise RunInputError(f"--out ({out_dir}): cannot write there ({exc.strerror or exc}). "
+                            "Check the path and permissions.") from None
 
 
 def contained(out_dir: Path, *parts: str | Path) -> Path:

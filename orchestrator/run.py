@@ -97,6 +97,8 @@ class RunOptions:
     object_store_from_bytes: int = OBJECT_STORE_FROM_BYTES  # CPU pieces this large and larger: object store (0: never)
     setup_timeout_s: float = SETUP_TIMEOUT_S
     placement_timeout_s: float = PLACEMENT_TIMEOUT_S  # wait this long for Ray to reserve the plan's nodes
+    # a resumed run already at its last step still restores and exports (a phase stopped before its export)
+    export_when_done: bool = False
 
 
 @dataclass
@@ -182,7 +184,7 @@ class Driver(Recovering):
         self.stop.install()
         try:
             self.prepare()
-            if self.first_step >= self.num_steps:  # a resumed run that is already there: start nothing
+            if self.first_step >= self.num_steps and not self.options.export_when_done:  # already there: start nothing
                 log.info("nothing to train: at step %d of %d", self.first_step, self.num_steps)
                 return self.result(None)
             self.start_cluster()

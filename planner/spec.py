@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from planner.data_spec import DataSpec
 from planner.errors import SpecError, did_you_mean
-from planner.spec_file import load_yaml
+from planner.spec_file import read_job_document
 
 
 UseMode = Literal["train", "forward", "generate", "sample"]
@@ -477,6 +477,9 @@ def parse_job(data: Any, source: str = "job spec", base: Path | None = None) -> 
     folder relative ``pretrained:`` paths are read from (the spec file's; default the cwd)."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the top level must be a mapping with keys name, cluster, components, tasks.")
+    if "phases" in data:  # planner.pipeline reads those; each of its trained phases is a JobSpec
+        raise SpecError(f"{source}: phases: a phased job (docs/job-spec.md, Phases) is read by `loom validate`, "
+                        "`loom plan` and `loom run`; this command takes a one-phase job. Give it one phase's spec.")
     try:
         return JobSpec.model_validate(data, context={"base": base})
     except ValidationError as exc:
@@ -489,12 +492,7 @@ def parse_job(data: Any, source: str = "job spec", base: Path | None = None) -> 
 def load_job(path: str | Path, cluster: str | Path | None = None) -> JobSpec:
     """Load and validate a job spec; ``cluster`` optionally replaces its `cluster` section with a YAML file's.
     ``recipe`` is only carried: the orchestrator checks and loads recipes (orchestrator.recipes)."""
-    data = load_yaml(path)
-    if cluster is not None and isinstance(data, dict):
-        cluster_data = load_yaml(cluster)
-        if isinstance(cluster_data, dict) and "cluster" in cluster_data:
-            cluster_data = cluster_data["cluster"]
-        data = {**data, "cluster": cluster_data}
+    data = read_job_document(path, cluster)
     job = parse_job(data, source=str(path), base=Path(path).resolve().parent)
     from planner.components import check_components  # local: components imports spec
 

@@ -83,3 +83,15 @@ def load_yaml(path: str | Path) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(f"{path}: not valid YAML{where}. Fix the syntax.") from None
+
+
+def read_job_document(path: str | Path, cluster: str | Path | None = None) -> Any:
+    """A job file's parsed document; ``cluster`` (a YAML file holding a `cluster:` section or its fields) replaces
+    its `cluster:` section. What planner.spec.load_job and planner.pipeline read."""
+    data = load_yaml(path)
+    if cluster is not None and isinstance(data, dict):
+        cluster_data = load_yaml(cluster)
+        if isinstance(cluster_data, dict) and "cluster" in cluster_data:
+            cluster_data = cluster_data["cluster"]
+        data = {**data, "cluster": cluster_data}
+    return data

@@ -1,0 +1,187 @@
+"""A phased job in the orchestrator, without Ray: the step registry and the built-in `average`, `loom validate` and
+`loom plan` of a phased job (one error line and exit 2 for bad phases), and what `loom run` refuses in OUT before
+anything runs (an earlier run's phases without --resume/--overwrite, a finished phase of another spec)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.pipeline import PHASE_MARKER, PipelineRunner, phase_hash, read_pipeline
+from orchestrator.run import RunOptions
+from orchestrator.run_inputs import RunInputError
+from orchestrator.steps import STEPS, StepContext, check_average, registered_steps
+from planner.errors import SpecError
+from planner.pipeline import EXPORT_DIR
+from runtime.export import EXPORT_DIR as RUNTIME_EXPORT_DIR
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples"))
+from make_models import save_llama  # noqa: E402  (examples/make_models.py)
+
+
+def phased_job(models: Path) -> dict:
+    """sft -> average(sft's model, the base) -> tune from the average: the shape of examples/phases-cpu.yaml."""
+    task = {"name": "chat", "batch_size": 4, "loss": "lm", "components": [{"component": "lm"}]}
+    return {
+        "name": "three", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+        "components": {"lm": {"pretrained": str(models / "base"), "seq_len": 8}},
+        "training": {"steps": 2, "lr": 0.01, "precision": "fp32", "checkpoint_every": 1},
+        "planner": {"time_limit_s": 2},
+        "phases": [
+            {"name": "sft", "tasks": [task]},
+            {"name": "merge", "step": "average",
+             "args": {"component": "lm", "models": ["@sft/model", str(models / "base")]}},
+            {"name": "tune", "components": {"lm": {"pretrained": "@merge/model"}}, "tasks": [task],
+             "training": {"steps": 3}},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    save_llama(root / "base", num_hidden_layers=2, hidden_size=32, intermediate_size=64)
+    save_llama(root / "other", seed=1, num_hidden_layers=2, hidden_size=32, intermediate_size=64)
+    return root
+
+
+def write(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_export_folder_names_agree():
+    assert EXPORT_DIR == RUNTIME_EXPORT_DIR  # planner.pipeline keeps a torch-free copy
+
+
+def test_average_is_the_weighted_mean_in_the_first_models_format(models, tmp_path):
+    args = {"component": "lm", "models": [str(models / "base"), str(models / "other")], "weights": [1, 3]}
+    check_average(args, None)
+    STEPS["average"].run(StepContext("merge", args, tmp_path))
+    out = tmp_path / "export" / "lm"
+    merged, a, b = (load_file(str(f / "model.safetensors")) for f in (out, models / "base", models / "other"))
+    assert set(merged) == set(a) and len(merged) > 10
+    for name in a:
+        torch.testing.assert_close(merged[name], (a[name] + 3 * b[name]) / 4, rtol=0, atol=1e-7)
+    assert json.loads((out / "config.json").read_text()) == json.loads((models / "base" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("args, expected", [
+    ({"component": "lm", "models": ["@a/model"]}, "models (['@a/model']): expected a list of 2 or more"),
+    ({"models": ["@a/model", "@b/model"]}, "component: required"),
+    ({"component": "lm", "models": ["@a/model", "nowhere"]}, "models[1] ('nowhere'): no such folder"),
+    ({"component": "lm", "models": ["@a/model", "@b/model"], "weights": [0, 0]}, "weights ([0, 0]): expected 2"),
+    ({"component": "lm", "models": ["@a/model", "@b/model"], "wieghts": [1, 1]}, "wieghts: unknown argument"),
+])
+def test_average_args_are_checked(args, expected, tmp_path):
+    with pytest.raises(ValueError) as info:
+        check_average(args, tmp_path)
+    assert expected in str(info.value)
+
+
+def test_registry_lists_the_builtin_step():
+    assert registered_steps()["average"] == ("model",)
+
+
+def test_validate_and_plan_a_phased_job(models, tmp_path):
+    job = write(tmp_path / "job.yaml", phased_job(models))
+    result = CliRunner().invoke(app, ["validate", str(job)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{job}: valid. three: 3 phases" and lines[2] == "  merge: step 'average' (writes model)"
+    assert lines[1].startswith("  sft: three.sft: 1 task") and lines[3].endswith(", 3 steps")
+    result = CliRunner().invoke(app, ["plan", str(job), "--save", str(tmp_path / "plan.json"), "--no-baselines"])
+    assert result.exit_code == 0, result.output
+    assert "phase 2/3 merge: step 'average' in the driver process" in result.stdout
+    assert "phase 3/3 tune: 3 steps" in result.stdout and "three.tune" in result.stdout
+    plans = {p: json.loads((tmp_path / f"plan.{p}.json").read_text()) for p in ("sft", "tune")}
+    assert plans["sft"]["job"] == "three.sft" and plans["tune"]["job"] == "three.tune"
+    assert not (tmp_path / "plan.merge.json").exists()
+    result = CliRunner().invoke(app, ["plan", str(job), "--output", "json", "--no-baselines"])
+    assert result.exit_code == 0 and json.loads(result.stdout) == plans  # one object: trained phase -> its Plan
+
+
+def test_the_example_validates():
+    example = Path(__file__).resolve().parents[3] / "examples" / "phases" / "phases-cpu.yaml"
+    result = CliRunner().invoke(app, ["validate", str(example)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].endswith("valid. phases-cpu: 3 phases")
+
+
+def test_a_model_artifact_is_planned_with_its_declared_shape(models, tmp_path):
+    pipeline = read_pipeline(write(tmp_path / "job.yaml", phased_job(models)))
+    tune = pipeline.phase("tune").job.components["lm"]
+    assert tune.pretrained == str((models / "base").resolve())  # no artifact exists yet: the declared folder
+    assert (tune.kind, tune.num_layers, tune.hidden_size) == ("llama", 2, 32)
+
+
+def test_a_bad_phase_is_one_error_line_and_exit_2(models, tmp_path):
+    doc = phased_job(models)
+    doc["phases"][1]["step"] = "averge"
+    job = write(tmp_path / "job.yaml", doc)
+    for command in (["validate", str(job)], ["plan", str(job)], ["run", str(job), "--out", str(tmp_path / "o")]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().splitlines() == [
+            "error: phases[1].step ('averge') is not a registered step; did you mean 'average'?"]
+    assert not (tmp_path / "o").exists()
+    doc["phases"][1]["step"] = "average"
+    doc["phases"][1]["args"]["models"][0] = "@tune/model"
+    result = CliRunner().invoke(app, ["run", str(write(tmp_path / "job.yaml", doc))])
+    assert result.exit_code == 2 and "reads a later phase's (phases[2]) artifact: a cycle" in result.stderr
+
+
+def finish(runner: PipelineRunner, name: str, spec: str | None = None) -> None:
+    phase = runner.pipeline.phase(name)
+    folder = runner.out_dir / name
+    folder.mkdir(parents=True)
+    (folder / PHASE_MARKER).write_text(json.dumps({"spec": spec or phase_hash(phase), "artifacts": {}}))
+
+
+def test_run_refuses_what_would_lose_or_mix_finished_phases(models, tmp_path):
+    pipeline = read_pipeline(write(tmp_path / "job.yaml", phased_job(models)))
+    out = tmp_path / "out"
+    finish(PipelineRunner(pipeline, RunOptions(out_dir=out)), "sft")
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(RunInputError, match=r"holds phases of an earlier run \(sft: finished\)"):
+        PipelineRunner(pipeline, RunOptions(out_dir=out)).check()
+    resumed = PipelineRunner(pipeline, RunOptions(out_dir=out, resume=True))
+    resumed.check()
+    assert resumed.finished == 1  # sft is skipped, merge runs next
+    (out / "tune" / "ckpt" / "step_1").mkdir(parents=True)  # a later phase's results with merge unfinished
+    with pytest.raises(RunInputError, match="phase 'tune' holds results .* the earlier phase 'merge' is unfinished"):
+        PipelineRunner(pipeline, RunOptions(out_dir=out, resume=True)).check()
+    (out / "sft" / PHASE_MARKER).write_text(json.dumps({"spec": "another", "artifacts": {}}))
+    with pytest.raises(RunInputError, match=r"phases\[0\] \('sft'\) finished under another spec"):
+        PipelineRunner(pipeline, RunOptions(out_dir=out, resume=True)).check()
+    doc = phased_job(models)
+    doc["phases"][2]["tasks"] = [{**doc["phases"][2]["tasks"][0], "loss": "nonsense"}]
+    with pytest.raises(RunInputError, match=r"^phases\[2\] \('tune'\): .*nonsense"):
+        PipelineRunner(read_pipeline(write(tmp_path / "bad.yaml", doc)), RunOptions(out_dir=tmp_path / "o")).check()
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(RunInputError, match="--steps: a phased job"):
+        PipelineRunner(pipeline, RunOptions(out_dir=out, steps=3)).check()
+    assert sorted(p.name for p in out.rglob("*")) == sorted(before + ["tune", "ckpt", "step_1"])  # nothing deleted
+
+
+def test_a_step_that_writes_nothing_is_an_error(models, tmp_path):
+    from orchestrator.steps import register_step
+
+    register_step("noop-test", lambda ctx: None, writes=("model",))
+    try:
+        doc = phased_job(models)
+        doc["phases"][1] = {"name": "merge", "step": "noop-test"}
+        pipeline = read_pipeline(write(tmp_path / "job.yaml", doc))
+        runner = PipelineRunner(pipeline, RunOptions(out_dir=tmp_path / "out"))
+        with pytest.raises(SpecError, match="step 'noop-test' did not write its artifact 'model'"):
+            runner.run_step(pipeline.phase("merge"), tmp_path / "out" / "merge")
+    finally:
+        STEPS.pop("noop-test")
