@@ -12,7 +12,7 @@ from planner.spec import parse_job
 from runtime.local_world import run_world
 from runtime.reference import ReferenceTrainer
 
-from _equivalence import RTOL, _compare_modules  # tests/integration/_equivalence.py
+from _equivalence import RTOL, _compare_modules, check_equivalence, placed_plan  # tests/integration/_equivalence.py
 
 STEPS = 2
 PROMPT, NEW = 6, 5
@@ -35,19 +35,6 @@ def grpo_job(**training):
         ]}],
         "training": {"steps": STEPS, "lr": 1e-2, "precision": "fp32", **training},
     })
-
-
-def placed_plan(job, waves):
-    """A Plan placing ``waves`` of (use, devices) exactly: each use's whole MetaOp, data parallel over its devices."""
-    from planner.api import plan_placed
-    from planner.costmodel import Layout
-    from planner.metagraph import build_metagraph
-    from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
-
-    ops = {op.use: op for op in build_metagraph(job).metaops}
-    return plan_placed(job, PlacedSchedule(tuple(PlacedWave(tuple(
-        PlacedSlice(ops[use].id, 0, ops[use].num_layers, tuple(devs), Layout(len(devs), 1)) for use, devs in wave))
-        for wave in waves)), method="hand-made")
 
 
 def test_grpo_iteration_split_over_workers_equals_one_process(tmp_path):
@@ -85,3 +72,20 @@ def test_grpo_iteration_split_over_workers_equals_one_process(tmp_path):
     assert {n for n in reference.last_gradients} == trained
     assert not any(n.startswith(("reward/", "reference/", "embed:reward", "embed:reference")) for n in trained)
     assert any(n.startswith("embed:policy") for n in trained) and any(n.startswith("policy/") for n in trained)
+
+
+def test_weights_from_hands_the_trained_weights_over_after_every_step(tmp_path):
+    """components.copy.weights_from: policy, the two on different workers: the copy (a forward use, so untrained)
+    scores its task with the policy's weights of the step before, as in one process."""
+    llama = {"kind": "llama", "num_layers": 2, "hidden_size": 16, "num_heads": 2, "vocab_size": 32, "seq_len": 8}
+    job = parse_job({
+        "name": "handoff", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+        "components": {"policy": llama, "copy": {**llama, "weights_from": "policy"}},
+        "tasks": [{"name": "train", "batch_size": 4, "loss": "lm", "components": [{"component": "policy"}]},
+                  {"name": "score", "batch_size": 4, "loss": "lm", "components": [
+                      {"component": "copy", "mode": "forward"}]}],
+        "training": {"steps": 3, "lr": 1e-2, "precision": "fp32"},
+    })
+    plan = placed_plan(job, [[("policy", [0]), ("copy", [1])]])
+    world = check_equivalence(job, plan, tmp_path)
+    assert torch.equal(world.parameters[1]["copy/1/down_proj.weight"], world.parameters[0]["policy/1/down_proj.weight"])
