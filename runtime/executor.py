@@ -355,7 +355,7 @@ class WaveWorker:
                   for layer in range(s.first_layer, s.first_layer + s.num_layers)]
         # megatron TP layers recompute too: their forward's all-reduces run again inside backward, at the same point
         # of the same graph on every rank of the TP group, so the group's collectives still pair up
-        modules = [self.modules[(op.param_group, layer)] for layer in range(s.first_layer, s.first_layer + s.num_layers)]
+        modules = [self.modules[(op.param_group, i)] for i in range(s.first_layer, s.first_layer + s.num_layers)]
         with forward_only(self.job, op, modules):  # a forward use: no weight gradients, its input's still flow
             st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute)
 

@@ -69,7 +69,8 @@ def grpo_losses(logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: t
 
 class LMHead(nn.Module):
     """An LM's final norm and output projection (``normed``, ``out``: what runtime.generate.lm_logits and
-    runtime.heads.next_token_losses read); a pretrained model's are loaded over them (runtime.pretrained.load_lm_head)."""
+    runtime.heads.next_token_losses read); a pretrained model's are loaded over them
+    (runtime.pretrained.load_lm_head)."""
 
     def __init__(self, hidden_size: int, vocab_size: int):
         super().__init__()
@@ -99,8 +100,8 @@ class GRPOHead(nn.Module):
                 frozen.requires_grad_(False)
 
     def logprobs(self, lm: LMHead, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities ``(B, N)`` of the generated tokens under ``lm`` from an LM's hidden states ``(B, P + N, H)``
-        over the rollout (position ``P - 1 + j`` predicts generated token ``j``)."""
+        """Log-probabilities ``(B, N)`` of the generated tokens under ``lm`` from an LM's hidden states
+        ``(B, P + N, H)`` over the rollout (position ``P - 1 + j`` predicts generated token ``j``)."""
         from runtime.heads import next_token_losses  # heads imports this module
 
         p = self.prompt_len

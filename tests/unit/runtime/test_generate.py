@@ -126,7 +126,8 @@ def test_a_row_samples_the_same_tokens_in_any_shard(loom_model):
     embed, layers, logits = loom_model
     prompts = torch.randint(0, 48, (8, PROMPT), generator=torch.Generator().manual_seed(4))
     whole = generate(decoder_for(embed, layers, logits), prompts, NEW, 1.0, row_generators(5, 2, "t", range(8), 4))
-    part = generate(decoder_for(embed, layers, logits), prompts[4:6], NEW, 1.0, row_generators(5, 2, "t", range(4, 6), 4))
+    part = generate(decoder_for(embed, layers, logits), prompts[4:6], NEW, 1.0,
+                    row_generators(5, 2, "t", range(4, 6), 4))
     assert torch.equal(part.tokens, whole.tokens[4:6])
     other_step = generate(decoder_for(embed, layers, logits), prompts, NEW, 1.0, row_generators(5, 3, "t", range(8), 4))
     assert not torch.equal(other_step.tokens, whole.tokens)  # the seed moves with the step

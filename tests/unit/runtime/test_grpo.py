@@ -88,3 +88,47 @@ def test_a_use_reading_rollouts_at_another_length_is_refused_in_one_line():
     with pytest.raises(SpecError) as info:
         check_trainable(_job(short))
     assert "at seq_len 8 (prompt 4 + new_tokens 4)" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_grpo_on_a_pretrained_llama_decodes_and_trains_with_the_models_own_lm_head(tmp_path):
+    """Policy and reference from one transformers LlamaForCausalLM folder: the loss head's LM heads are the model's
+    (the reference's frozen), the rollouts share each group's prompt, and at the first step the loss is 0 (policy =
+    reference, and a group's advantages sum to 0) while the policy's gradient is not."""
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from runtime.reference import ReferenceTrainer
+
+    sys.path.insert(0, str(Path(__file__).parents[3] / "examples"))
+    from make_models import save_llama  # examples/make_models.py
+
+    folder = save_llama(tmp_path / "llama", vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    lm = {"pretrained": str(folder), "seq_len": 10}
+    job = parse_job({
+        "name": "g", "cluster": {"num_nodes": 1, "devices_per_node": 1, "device": "cpu"},
+        "components": {"policy": lm, "reference": {**lm, "frozen": True},
+                       "reward": {"kind": "llama", "num_layers": 1, "hidden_size": 16, "num_heads": 2,
+                                  "vocab_size": 48, "seq_len": 10}},
+        "tasks": [{"name": "g", "batch_size": 4, "loss": "grpo", "components": [
+            {"component": "policy", "name": "rollout", "mode": "generate", "seq_len": 5, "new_tokens": 5,
+             "samples": 2},
+            {"component": "reward", "mode": "forward", "after": ["rollout"]},
+            {"component": "reference", "mode": "forward", "after": ["rollout"]},
+            {"component": "policy", "after": ["rollout"]}]}],
+        "training": {"precision": "fp32"},
+    })
+    trainer = ReferenceTrainer(job)
+    head = trainer.head(0)
+    lm_head = load_file(str(folder / "model.safetensors"))["lm_head.weight"]
+    assert torch.equal(head.reference.out.weight, lm_head) and torch.equal(head.policy.out.weight, lm_head)
+    assert not head.reference.out.weight.requires_grad and head.policy.out.weight.requires_grad
+    loss = trainer.train_step(0, keep_gradients=True)["g"]
+    assert abs(loss) < 1e-6
+    grads = trainer.last_gradients
+    assert float(grads["head:g/0/policy.out.weight"].norm()) > 0
+    assert float(grads["policy/0/layer.mlp.up_proj.weight"].norm()) > 0
+    assert not any(n.startswith(("reference/", "reward/", "head:g/0/reference.", "head:g/0/reward")) for n in grads)
+    rows = next(iter(trainer.last_rollouts.values()))
+    assert torch.equal(rows[0, :5], rows[1, :5]) and torch.equal(rows[2, :5], rows[3, :5])
