@@ -21,7 +21,7 @@ from planner.unet import unet_state_numel
 from planner.usegraph import connection, leaf_uses, op_connection, root_uses, use_component, use_index
 from planner.validate import check_plan, check_program
 
-BUILTIN_LOSSES = ("cross_entropy", "mse", "contrastive", "infonce", "lm", "next_token")  # runtime.heads builds them
+BUILTIN_LOSSES = ("cross_entropy", "mse", "contrastive", "infonce", "lm", "next_token", "grpo")  # runtime.heads builds them
 # Worker processes `loom run` starts per CPU core of this machine at most (one per device of the plan). Each imports
 # torch and builds its modules; at 4 per core a step already takes 4x its prediction, and far beyond it the start-up
 # (Ray worker processes, the gloo rendezvous) outlasts its timeouts or the machine's memory: 64 on 2 cores hung.
@@ -85,6 +85,10 @@ def check_head(job: JobSpec, t: int, recipe_losses: Collection[str] | None = ())
         )
     if not unets and loss in ("lm", "next_token"):
         next_token_source(job, t)
+    if loss == "grpo":
+        from runtime.grpo import grpo_roles
+
+        grpo_roles(job, t)
     if not unets and loss in ("contrastive", "infonce") and len(leaves) != 2:
         raise ValueError(
             f"tasks[{t}] ('{task.name}').loss ('{loss}') needs exactly two leaf uses "
@@ -120,6 +124,10 @@ def check_runnable(job: JobSpec, graph: MetaGraph) -> None:
     reads its inputs through a connector when their shapes differ from its own (runtime.connect: projection,
     pooling, its own text tokens after them, which only token kinds have); a decoder or unet2d attends to its
     inputs' outputs (concatenated along the sequence, so of one width); a unet2d's output feeds only the loss."""
+    if any(u.mode != "train" for task in job.tasks for u in task.components):
+        from runtime.rollout import check_modes  # rollout readers: alone, at the rollout's length
+
+        check_modes(job, graph)
     for op in graph.metaops:
         _check_unet_edges(job, graph, op)
         if not op.deps or graph.metaops[op.deps[0]].use == op.use:

@@ -48,6 +48,9 @@ from runtime.optim import (
     LossScaler, PrecisionError, autocast, build_grouped_optimizer, clip_coefficient, compute_dtype, module_component, owned_square_sum,
     scale_gradients, set_lr,
 )
+from runtime.rollout import (
+    Roles, forward_only, freeze_untrained, has_modes, rollout_input, run_generate, seq_len_of,
+)
 from runtime.steps import GradBucket, Lap, StepState, StepTiming, assemble_rows, fp32_output
 from runtime.zero import ShardedAdamW
 
@@ -65,7 +68,10 @@ class Groups:
     def create(cls, job: JobSpec, plan: Plan) -> Groups:
         """Collective: every rank of the default group calls this with its assignment of the same plan; the groups
         are the plan's ``process_groups``, created in that order."""
-        return cls(dist.group.WORLD, {tuple(s): dist.new_group(list(s)) for s in plan.process_groups})
+        sets = [tuple(s) for s in plan.process_groups]
+        if has_modes(job):  # the gradient sets the modes' extra module copies add (runtime.rollout), in sorted order
+            sets += [s for s in Roles.build(job, plan).groups() if s not in sets]
+        return cls(dist.group.WORLD, {s: dist.new_group(list(s)) for s in sets})
 
 
 class WaveWorker:
@@ -90,9 +96,19 @@ class WaveWorker:
         self.task_index = {t.name: i for i, t in enumerate(job.tasks)}
         self.tp_of = self._my_tp_groups()
         self.modules: dict[tuple[str, int], torch.nn.Module] = {}
+        # generate and forward uses, rollout readers and weight hand-offs (runtime.rollout); None: a plain training job
+        self.roles = Roles.build(job, plan) if has_modes(job) else None
+        extra = self.roles.mine(rank) if self.roles is not None else []
+        if self.roles is not None and job.training.grad_accum_steps > 1 and self.roles.generate:
+            raise ValueError("training.grad_accum_steps > 1 with a generate use: a rollout group's advantages need "
+                             "the whole batch; set grad_accum_steps: 1.")
         for (name, layer, _), devices in self.holders.items():
             if rank in devices and (name, layer) not in self.modules:
                 self.modules[(name, layer)] = self._build((name, layer)).to(self.device)
+        for key in extra:
+            self.modules[key] = self._build(key).to(self.device)
+        if self.roles is not None:
+            freeze_untrained(job, self.modules)
         self.optimizer = self._build_optimizer()
         self.scaler = LossScaler(compute_dtype(job, self.device) == torch.float16)
         # pieces (activations and their gradients) and gradient buckets cross devices in the compute precision, as the
@@ -177,6 +193,7 @@ class WaveWorker:
 
     last_timing: StepTiming | None = None  # where this device's last train_step went
     last_gradients: dict[str, torch.Tensor] | None = None  # the last train_step's, when asked for
+    last_rollouts: dict[int, tuple[int, torch.Tensor]] = {}  # generate MetaOp -> (first row, packed rows): last step
     last_sent: list[tuple[Piece, int]] = []  # the last micro-batch's pieces sent to other devices, bytes as sent
     # where the step in flight is: (step, micro-batch, wave, phase), replaced whole (read from another thread by the
     # driver's step watchdog, orchestrator.actors.WaveActor.progress)
@@ -201,6 +218,7 @@ class WaveWorker:
             st = StepState(self.device, step, micro, k)
             for task, loss in self._micro_step(st, pending if micro == k - 1 else None, timing, lap).items():
                 losses[task] = losses[task] + loss if task in losses else loss
+        self.last_rollouts = {g: (first, rows.detach().cpu()) for g, (first, rows) in st.rollouts.items()}
         self.where = (step, k - 1, -1, "gradient sync")
         self._sync_gradients(pending)
         timing.sync_s += lap("sync")
@@ -214,6 +232,9 @@ class WaveWorker:
                 set_lr(self.optimizer, self.job.training, step)
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            timing.optimizer_s += lap("optimizer")
+        if self.roles is not None:  # the updated weights to the devices that use but do not step them
+            self.roles.hand_off(self.modules, self.rank, self.device)
             timing.optimizer_s += lap("optimizer")
         out = self._reduce_losses(losses)
         lap("reduce_losses")
@@ -258,6 +279,8 @@ class WaveWorker:
         gradients are final: their buckets start), and the leaves' gradients back. Returns the losses this device
         holds."""
         self._exchange(LOSS_WAVE, st, forward=True, phase=phase)
+        if self.roles is not None:
+            self.roles.move_rollouts(lambda wave: self.comm.phase_of[wave] == phase, st, self.rank, self.device)
         with autocast(self.job, self.device):
             losses = self._losses(step, st, phase)
         total = sum(losses.values())
@@ -306,11 +329,20 @@ class WaveWorker:
         s = self.comm.slices[ref]
         op = self.plan.metaops[s.metaop]
         start, stop = self._rows(ref)
+        if self.roles is not None and s.metaop in self.roles.generate:  # the whole model's decode, no gradient
+            with torch.no_grad():
+                st.outputs[ref] = run_generate(
+                    self.job, op, lambda name, layer: self.modules[(name, layer)],
+                    lambda lo, hi: st.batch(self.job, self.task_index[op.task], step, lo, hi), step, start, stop)
+            st.rollouts[s.metaop] = (start, st.outputs[ref])
+            return
         kwargs = layer_kwargs(self.job, op) | row_kwargs(
             self.job, op, lambda: st.batch(self.job, self.task_index[op.task], step, start, stop))
         inputs = self._slice_inputs(ref, start, stop, st) if self.comm.num_inputs(ref) else []
         if s.first_layer > 0:  # the rest of a MetaOp whose first layers ran in an earlier wave
             x = inputs[0]
+        elif self.roles is not None and s.metaop in self.roles.readers:  # its own embedding of the rollout's tokens
+            x = rollout_input(inputs[0], self.modules[("embed:" + op.component, 0)], seq_len_of(self.job, op))
         else:  # a root MetaOp's layer 0 reads raw data through its input module; other uses read their inputs
             x = first_input(self.job, self.plan, op, inputs, lambda name: self.modules[(name, 0)],
                             lambda: st.batch(self.job, self.task_index[op.task], step, start, stop))
@@ -323,7 +355,9 @@ class WaveWorker:
                   for layer in range(s.first_layer, s.first_layer + s.num_layers)]
         # megatron TP layers recompute too: their forward's all-reduces run again inside backward, at the same point
         # of the same graph on every rank of the TP group, so the group's collectives still pair up
-        st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute)
+        modules = [self.modules[(op.param_group, i)] for i in range(s.first_layer, s.first_layer + s.num_layers)]
+        with forward_only(self.job, op, modules):  # a forward use: no weight gradients, its input's still flow
+            st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute)
 
     def _slice_inputs(self, ref: SliceRef, start: int, stop: int, st: StepState) -> list[torch.Tensor]:
         """Rows [start, stop) of each of ``ref``'s inputs, in the order of its use's ``after:`` list: each input's
@@ -352,6 +386,10 @@ class WaveWorker:
                 x = assemble_rows(st.received.pop(("loss", leaf), []), start, stop).requires_grad_(True)
                 st.loss_inputs[leaf] = x
                 outputs[leaf_op.use] = x
+            if self.roles is not None and host.task in self.roles.rollout_moves:  # the rollout's tokens (grpo)
+                g = self.roles.rollout_moves[host.task][0]
+                outputs[self.plan.metaops[g].use] = assemble_rows(st.received.pop(("rollout", host.task), []),
+                                                                  start, stop)
             batch = st.batch(self.job, t, step, start, stop)
             group = self.comm_loss_groups[host.task]
             if len(group) > 1:  # the task's other shards: a loss over the whole batch gathers their rows
@@ -369,6 +407,8 @@ class WaveWorker:
         the producers (accumulated into their output gradients). Every rank walks the same boundaries and the
         plan's pieces in the plan's order, so the point-to-point calls pair up."""
         pieces = self.comm.pieces_at(wave, backward=not forward, phase=phase)
+        if self.roles is not None:  # rollout rows cross at their own width, and carry no gradient back
+            pieces = self.roles.wire_pieces(self.plan, pieces)
         ops, landing, taken = [], [], []
         for p in pieces:
             if p.src != self.rank:
@@ -441,12 +481,19 @@ class WaveWorker:
         shares with other devices, with its parameters of their members. Every rank of a device set walks the plan's
         buckets in the plan's order, so collectives pair up."""
         out = []
+        synced = self.roles.synced if self.roles is not None else {}
         for b in self.plan.grad_buckets:
             if self.rank in b.devices and len(b.devices) > 1:
-                params = [p for name, layer, _ in b.members for p in self.modules[(name, layer)].parameters()
-                          if p.requires_grad]
+                params = [p for name, layer, _ in b.members if (name, layer) not in synced
+                          for p in self.modules[(name, layer)].parameters() if p.requires_grad]
                 if params:
                     out.append(GradBucket(b.ready_wave, tuple(b.devices), params))
+        # a module the modes' extra copies train too (runtime.rollout): summed over its holders and them, after the
+        # last backward of the step
+        for key, devices in sorted(synced.items()):
+            if self.rank in devices and len(devices) > 1:
+                params = [p for p in self.modules[key].parameters() if p.requires_grad]
+                out.append(GradBucket(self.comm.phases[-1][0], devices, params))
         return out
 
     def _launch_sync(self, wave: int, pending: list | None) -> None:

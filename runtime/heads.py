@@ -23,6 +23,7 @@ from planner.kinds import kind_of
 from planner.spec import ComponentSpec, JobSpec
 from runtime import unet
 from runtime.checks import BUILTIN_LOSSES, check_head, check_loss_name, next_token_source
+from runtime.grpo import GRPOHead, grpo_head
 from planner.usegraph import leaf_uses, use_component
 from runtime.kinds import image_channels
 from runtime.modules import DEFAULT_VOCAB, build_initialised, layer_seed
@@ -243,6 +244,13 @@ def build_head(job: JobSpec, task_index: int) -> TaskHead:
         from runtime import pretrained
 
         head = pretrained.load_lm_head(comp, head)
+    if isinstance(head, GRPOHead):  # a pretrained policy's or reference's own final norm and LM head
+        from runtime import pretrained
+
+        for role, lm in (("policy", head.policy), ("reference", head.reference)):
+            comp = use_component(job, task_index, head.roles[role])[1] if lm is not None else None
+            if comp is not None and comp.pretrained:
+                pretrained.load_lm_head(comp, lm).requires_grad_(role == "policy" and not comp.frozen)
     if isinstance(head, DenoisingHead) and (comp := use_component(job, task_index, head.leaves[0])[1]).pretrained:
         from runtime import unet_pretrained  # the diffusers UNet's conv_norm_out and conv_out
 
@@ -270,6 +278,8 @@ def head_factory(job: JobSpec, task_index: int) -> Callable[[], TaskHead]:
         return lambda: _RECIPE_LOSSES[loss](job, task_index, leaves)
     if denoising := _denoising_head(job, task_index, leaves):
         return denoising
+    if loss == "grpo":  # runtime.grpo: rollouts, reward model, reference, policy
+        return lambda: grpo_head(job, task_index)
     if loss in ("lm", "next_token"):
         text, offset, width, vocab = _next_token_args(job, task_index)
         return lambda: NextTokenHead(task.name, leaves, text, offset, width, vocab, job.training.kernels)

@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,8 @@ class WorldResult:
     step_seconds: list[float]  # per step, the slowest rank's wall time (steps start at a barrier)
     timings: list[list[dict]]  # per step, per rank: where the rank's time went (StepTiming.to_dict())
     sent: dict[int, list[tuple[dict, int]]]  # per rank: the last step's pieces sent to other ranks (JSON), bytes sent
+    # per rank: its rows of each generate MetaOp's last rollout, (first row, packed rows) (runtime.rollout)
+    rollouts: dict[int, dict[int, tuple[int, torch.Tensor]]] = field(default_factory=dict)
 
 
 def _worker(rank: int, world_size: int, port: int, job_json: str, assignments: list[str], steps: int, out_dir: str,
@@ -65,7 +67,8 @@ def _worker(rank: int, world_size: int, port: int, job_json: str, assignments: l
             timings.append(worker.last_timing.to_dict())
         torch.save({"losses": losses, "seconds": seconds, "timings": timings, "parameters": worker.named_parameters(),
                     "gradients": worker.last_gradients or {},
-                    "sent": [(p.model_dump(mode="json"), nbytes) for p, nbytes in worker.last_sent]},
+                    "sent": [(p.model_dump(mode="json"), nbytes) for p, nbytes in worker.last_sent],
+                    "rollouts": worker.last_rollouts},
                    Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -89,5 +92,5 @@ def run_world(job: JobSpec, plan: Plan, steps: int, out_dir: str | Path, keep_gr
     timings = [[per_rank[r]["timings"][i] for r in range(world_size)] for i in range(steps)]
     return WorldResult(per_rank[0]["losses"], {r: d["parameters"] for r, d in per_rank.items()},
                        {r: d["gradients"] for r, d in per_rank.items()}, seconds, timings,
-                       {r: d["sent"] for r, d in per_rank.items()})
+                       {r: d["sent"] for r, d in per_rank.items()}, {r: d["rollouts"] for r, d in per_rank.items()})
 

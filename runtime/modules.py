@@ -197,28 +197,47 @@ class LlamaBlock(nn.Module):
                 segments: torch.Tensor | None = None) -> torch.Tensor:
         """``segments``: a packed row's segment ids (runtime.modules.row_kwargs): attention stays within each document.
         ``positions`` are read by the component's embedding (learned positions), not here."""
-        b, s, h = x.shape
-        heads, kv_heads, d = self.num_heads, self.num_kv_heads, h // self.num_heads
         backend = backend_for(self.kernels, x.device)
         y = self.attn_norm(x) if backend is None else rms_norm(x, self.attn_norm.weight, self.attn_norm.eps,
                                                                backend=backend)[0]
-
-        def shared_kv(t: torch.Tensor) -> torch.Tensor:  # each kv head serves heads / kv_heads query heads
-            return t.reshape(b, s, kv_heads, d).repeat_interleave(heads // kv_heads, dim=2).reshape(b, s, h)
-
         mask = None
         if segments is not None:
             from runtime.tokenizer import document_mask  # local: this module imports no runtime module but kinds
 
             mask = document_mask(segments)
-        attn = attend(self.q_proj(y), shared_kv(self.k_proj(y)), shared_kv(self.v_proj(y)), heads, causal=True,
-                      mask=mask)
+        k, v = self._shared_kv(self.k_proj(y)), self._shared_kv(self.v_proj(y))
+        attn = attend(self.q_proj(y), k, v, self.num_heads, causal=True, mask=mask)
         if backend is None:
             x = x + self.o_proj(attn)
             y = self.mlp_norm(x)
             return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
         y, x = rms_norm(self.o_proj(attn), self.mlp_norm.weight, self.mlp_norm.eps, residual=x, backend=backend)
         return x + self.down_proj(swiglu(self.gate_proj(y), self.up_proj(y), backend=backend))
+
+    def _shared_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """Keys or values ``(B, S, kv_heads * d)`` widened to ``(B, S, heads * d)``: each kv head serves
+        ``heads / kv_heads`` consecutive query heads."""
+        b, s, _ = t.shape
+        d = self.q_proj.out_features // self.num_heads
+        return t.reshape(b, s, self.num_kv_heads, d).repeat_interleave(self.num_heads // self.num_kv_heads,
+                                                                        dim=2).reshape(b, s, -1)
+
+    def decode(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The layer on new positions with a KV cache (runtime.generate): ``x`` ``(B, s, H)`` are the positions after
+        the ``past`` keys and values ``(B, P, kv_heads * d)`` each (None: none, the prompt's prefill, attended
+        causally); one position at a time after a prefill, which attends to every cached position. Returns the
+        output and the keys and values of all ``P + s`` positions. The same math as :meth:`forward` without kernels
+        (what ``tests/unit/runtime/test_generate.py`` checks against full recomputation)."""
+        assert past is None or x.shape[1] == 1, "decode takes the whole prompt, then one position at a time"
+        y = self.attn_norm(x)
+        k, v = self.k_proj(y), self.v_proj(y)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
+        attn = attend(self.q_proj(y), self._shared_kv(k), self._shared_kv(v), self.num_heads, causal=past is None)
+        x = x + self.o_proj(attn)
+        y = self.mlp_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y)), (k, v)
 
 
 class MlpBlock(nn.Module):

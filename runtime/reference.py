@@ -8,6 +8,7 @@ other. Parameter names match :meth:`runtime.executor.WaveWorker.named_parameters
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -22,6 +23,9 @@ from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
 from runtime.modules import build_layer, layer_kwargs, row_kwargs
 from runtime.optim import autocast, build_grouped_optimizer, module_component, set_lr
+from runtime.rollout import (
+    copy_weights_from, forward_only, freeze_untrained, has_modes, rollout_input, run_generate, seq_len_of, use_of,
+)
 
 
 MODEL_FILE = "model.pt"  # a run's trained parameters, in its output directory
@@ -77,10 +81,13 @@ class ReferenceTrainer:
                     self.modules[(name, 0)] = build_input_module(job, name)
         for t, task in enumerate(job.tasks):
             self.modules[("head:" + task.name, 0)] = build_head(job, t)
+        if has_modes(job):
+            freeze_untrained(job, self.modules)
         self.optimizer = build_grouped_optimizer(job, (
             (module_component(self.graph.metaops, name), p)
             for (name, _), module in self.modules.items() for p in module.parameters()))
         self.device = torch.device("cpu")
+        self.last_rollouts = {}
 
     def task_loss(self, t: int, step: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """``loss_weight * sum of per-sample losses / batch_size`` of task ``t`` over rows [start, stop) of its batch at
@@ -88,28 +95,45 @@ class ReferenceTrainer:
         task = self.job.tasks[t]
         batch = task_batch(self.job, t, step, start, task.batch_size if stop is None else stop)
         with autocast(self.job, self.device):
-            per_sample = self.head(t)(self.forward(t, batch), batch)
+            per_sample = self.head(t)(self.forward(t, batch, step), batch)
         return task.loss_weight * per_sample.float().sum() / task.batch_size
 
     def head(self, t: int) -> torch.nn.Module:
         """Task ``t``'s loss head."""
         return self.modules[("head:" + self.job.tasks[t].name, 0)]
 
-    def forward(self, t: int, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        """Task ``t``'s leaf outputs by use name for ``batch`` (the loss head's input)."""
+    def forward(self, t: int, batch: TaskBatch, step: int = 0) -> dict[str, torch.Tensor]:
+        """Task ``t``'s leaf outputs by use name for ``batch`` (the loss head's input), and its generate uses' rollouts
+        (runtime.rollout; drawn for ``step``, rows numbered from ``batch.first_row``)."""
         ops = self.graph.ops_of_task(self.job.tasks[t].name)
         outputs: dict[int, torch.Tensor] = {}
+        rollouts = []
         for op in ops:
+            if has_modes(self.job) and use_of(self.job, op).mode == "generate":
+                with torch.no_grad():
+                    outputs[op.id] = run_generate(
+                        self.job, op, lambda name, layer: self.modules[(name, layer)],
+                        lambda lo, hi: task_batch(self.job, t, step, lo, hi), step, batch.first_row,
+                        batch.first_row + batch.num_samples)
+                rollouts.append(op)
+                self.last_rollouts[op.id] = outputs[op.id]
+                continue
             kwargs = layer_kwargs(self.job, op) | row_kwargs(self.job, op, lambda: batch)
             inputs = [outputs[op.deps[i]] for i in input_order(self.job, self.graph, op.id)]
-            x = first_input(self.job, self.graph, op, inputs, lambda name: self.modules[(name, 0)], lambda: batch)
-            for layer in range(op.num_layers):  # float32 between layers, as the workers (executor._fp32_output)
-                x = self.modules[(op.param_group, layer)](x, **kwargs).float()
+            if any(o in rollouts for o in (self.graph.metaops[d] for d in op.deps)) and op.segment == 0:
+                x = rollout_input(inputs[0], self.modules[("embed:" + op.component, 0)], seq_len_of(self.job, op))
+            else:
+                x = first_input(self.job, self.graph, op, inputs, lambda name: self.modules[(name, 0)], lambda: batch)
+            layers = [self.modules[(op.param_group, layer)] for layer in range(op.num_layers)]
+            with forward_only(self.job, op, layers) if has_modes(self.job) else contextlib.nullcontext():
+                for layer in layers:  # float32 between layers, as the workers (executor._fp32_output)
+                    x = layer(x, **kwargs).float()
             outputs[op.id] = x
         consumed = {d for op in ops for d in op.deps}
-        return {op.use: outputs[op.id] for op in ops if op.id not in consumed}
+        return {op.use: outputs[op.id] for op in ops if op.id not in consumed or op in rollouts}
 
     last_gradients: dict[str, torch.Tensor] | None = None  # the last train_step's, when asked for
+    last_rollouts: dict[int, torch.Tensor]  # generate MetaOp -> its packed rows of the last forward (runtime.rollout)
 
     def train_step(self, step: int, keep_gradients: bool = False) -> dict[str, float]:
         """One optimizer step: every micro-batch's losses backward (gradients accumulate), clipping by global norm,
@@ -135,6 +159,8 @@ class ReferenceTrainer:
             set_lr(self.optimizer, self.job.training, step)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if has_modes(self.job):  # weights_from: the hand-off (one process holds every copy of the rest)
+            copy_weights_from(self.job, self.modules)
         return {task.name: losses[task.name] / task.loss_weight if task.loss_weight else 0.0
                 for task in self.job.tasks}
 

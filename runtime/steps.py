@@ -127,6 +127,7 @@ class StepState:
         self.grad_out: dict[SliceRef, torch.Tensor] = {}  # accumulated d loss / d y of my slices
         self.loss_inputs: dict[SliceRef, torch.Tensor] = {}  # leaf outputs at the loss host, by leaf slice
         self.batches: dict[tuple[int, int, int], TaskBatch] = {}  # (task, start, stop): drawn once per step
+        self.rollouts: dict[int, tuple[int, torch.Tensor]] = {}  # generate MetaOp -> (first row, its packed rows)
 
     def release(self, first: int, end: int) -> None:
         """Drop the tensors of the slices of waves ``[first, end)`` (a phase whose backward is done)."""

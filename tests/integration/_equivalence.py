@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from orchestrator.recipes import load_recipe
-from planner.api import plan_schedule
+from planner.api import plan_placed, plan_schedule
+from planner.costmodel import Layout
 from planner.metagraph import build_metagraph
+from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
 from planner.schedule import Schedule, Slice, Wave
 from runtime.local_world import run_world
 from runtime.reference import ReferenceTrainer
@@ -28,6 +30,15 @@ def plan_from_waves(job, waves: list[list[tuple[str, int, int]]]):
     ids = {op.name: op.id for op in build_metagraph(job).metaops}
     schedule = Schedule(tuple(Wave(tuple(Slice(ids[name], layers, n) for name, layers, n in wave)) for wave in waves))
     return plan_schedule(job, schedule, method="hand-made")
+
+
+def placed_plan(job, waves: list[list[tuple[str, list[int]]]]):
+    """A Plan placing ``waves`` of (use, devices) exactly as given: each use's whole MetaOp (one per use), data
+    parallel over its devices."""
+    ops = {op.use: op for op in build_metagraph(job).metaops}
+    return plan_placed(job, PlacedSchedule(tuple(PlacedWave(tuple(
+        PlacedSlice(ops[use].id, 0, ops[use].num_layers, tuple(devs), Layout(len(devs), 1)) for use, devs in wave))
+        for wave in waves)), method="hand-made")
 
 
 def check_equivalence(job, plan, tmp_path, steps: int = STEPS):

@@ -1,0 +1,357 @@
+"""Use modes at run time: generate uses, the uses that read their tokens, forward uses, and weight hand-offs.
+
+- A ``mode: generate`` use is one MetaOp (the rule planner and runtime share; a plan that splits it across waves,
+  runs it tensor-parallel or micro-batches it is refused in one line): its slice holds the component's input module,
+  every layer and the LM head its task's loss head trains (the grpo head's ``policy``, or a next-token head), and
+  decodes each of its rows (runtime.generate; row r of the task's batch: prompt ``r - r % samples``'s ids, so the
+  ``samples`` rows of a group share the prompt). Its output rows are :func:`pack` ed ``(rows, P + 2N)`` float32: the
+  tokens, then which generated tokens count; they carry no gradient (no backward pieces run for it).
+- A use reading a generate use's tokens (its only input) embeds them with its own component's input module
+  (:func:`rollout_input`); its ``seq_len`` must be the rollout's ``P + N`` (:func:`check_modes`).
+- A ``mode: forward`` use runs with its parameters out of autograd (:func:`forward_only`): no weight gradient from
+  it, while gradients still pass through its activations to earlier uses.
+
+**Weight hand-off** (:class:`Roles`, derived on every rank from the whole plan, so all agree). The plan's holdings
+(planner.program.holdings) say which devices hold each module and sum its gradients. A device whose slice needs a
+module it does not hold under the plan holds an *extra* copy: the LM head on a generate use's devices, a component's
+input module on the devices of a use reading rollout tokens. An extra copy on a device that trains it (a train use
+reading the tokens) joins the module's gradient all-reduce (the holders plus those devices, one bucket after the
+last backward); every other extra copy of a trainable module is a *receiver*: after the optimizer step the lowest
+holder that steps the module sends it its new weights (point-to-point). ``components.X.weights_from: Y`` adds hand-offs
+from the lowest device that steps each module of Y to every device holding X's counterpart. A device that holds a
+component's layers for generation and is one of the plan's holders of them steps them itself (it is in their
+gradient all-reduce, with a zero gradient of its own), so it needs no hand-off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from planner.components import use_shape
+from planner.errors import SpecError
+from planner.metagraph import build_metagraph
+from planner.spec import JobSpec, TaskComponentSpec
+from runtime.generate import decoder_for, generate, lm_logits, row_generators
+
+Key = tuple[str, int]  # (module name, layer): a param group's layer, "embed:<component>" or "head:<task>" at 0
+
+
+def use_of(job: JobSpec, op) -> TaskComponentSpec:
+    """The task use MetaOp ``op`` (planner or plan MetaOp) runs."""
+    task = next(t for t in job.tasks if t.name == op.task)
+    return next(u for u in task.components if u.use_name == op.use)
+
+
+def has_modes(job: JobSpec) -> bool:
+    """Whether any use of the job runs another mode than train, or a component takes another's weights."""
+    return any(u.mode != "train" for t in job.tasks for u in t.components) or any(
+        c.weights_from for c in job.components.values())
+
+
+def seq_len_of(job: JobSpec, op) -> int:
+    t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
+    return use_shape(job, t, next(i for i, u in enumerate(job.tasks[t].components) if u.use_name == op.use)).seq_len
+
+
+def pack(tokens: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+    """A rollout's rows as one float32 tensor ``(B, P + 2N)``: tokens (exact below 2^24), then the generated mask."""
+    return torch.cat([tokens.float(), generated.float()], dim=1)
+
+
+def unpack(x: torch.Tensor, prompt: int, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens ``(B, P + N)`` int64, generated ``(B, N)`` bool) of :func:`pack` ed rows."""
+    x = x.detach()
+    return x[:, :prompt + new_tokens].round().long(), x[:, prompt + new_tokens:] > 0.5
+
+
+def eos_of(comp) -> int | None:
+    """The end-of-sequence token of a pretrained causal LM (its config's ``eos_token_id``); None for Loom's own kinds,
+    whose synthetic vocabulary has none."""
+    if not comp.pretrained:
+        return None
+    from planner.pretrained import resolve_pretrained
+
+    eos = resolve_pretrained(comp.pretrained).config.get("eos_token_id")
+    return eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None
+
+
+def run_generate(job: JobSpec, op, module: Callable[[str, int], nn.Module], rows: Callable[[int, int], object],
+                 step: int, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of generate MetaOp ``op`` :func:`pack` ed; ``module(name, layer)`` gives the modules,
+    ``rows(lo, hi)`` the task's runtime.data.TaskBatch of rows [lo, hi)."""
+    use = use_of(job, op)
+    comp = job.components[op.component]
+    first = start - start % use.samples
+    ids = rows(first, stop).inputs[op.use]
+    prompts = ids[[r - r % use.samples - first for r in range(start, stop)]]
+    head = module("head:" + op.task, 0)
+    decoder = decoder_for(module("embed:" + op.component, 0), [module(op.param_group, i) for i in range(op.num_layers)],
+                          lm_logits(getattr(head, "policy", head)))
+    eos = eos_of(comp)
+    out = generate(decoder, prompts, use.new_tokens, use.temperature,
+                   row_generators(job.training.seed, step, op.task, range(start, stop), use.samples),
+                   eos_id=eos, pad_id=eos if eos is not None else 0)
+    return pack(out.tokens, out.generated)
+
+
+def rollout_input(packed: torch.Tensor, embed: nn.Module, length: int) -> torch.Tensor:
+    """What the first layer of a use reading rollout tokens runs on: its component's input module on the ``length``
+    (prompt + new) tokens of the :func:`pack` ed rows."""
+    return embed(packed.detach()[:, :length].round().long())
+
+
+@contextmanager
+def forward_only(job: JobSpec, op, modules: list[nn.Module]):
+    """Run a ``mode: forward`` use's layers with their parameters out of autograd (autograd records at forward time, so
+    other uses of the same modules still train); a no-op for other modes."""
+    if use_of(job, op).mode != "forward":
+        yield
+        return
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def untrained(job: JobSpec) -> set[str]:
+    """Components no use trains (frozen, or only forward and generate uses): the runtime freezes their modules
+    (:func:`freeze_untrained`), so no optimizer step (weight decay included) moves them."""
+    trained = {u.component for t in job.tasks for u in t.components if u.mode == "train"}
+    return {name for name, comp in job.components.items() if comp.frozen or name not in trained}
+
+
+def freeze_untrained(job: JobSpec, modules: dict[Key, nn.Module]) -> None:
+    """Turn off the gradients of the modules of :func:`untrained` components (their layers and input modules)."""
+    names = untrained(job)
+    for (name, _), module in modules.items():
+        if name.split(":", 1)[-1].split("#")[0] in names and not name.startswith("head:"):
+            module.requires_grad_(False)
+
+
+def check_modes(job: JobSpec, graph=None) -> None:
+    """A use reading a generate use reads it alone, at the rollout's length (prompt + new_tokens); a forward use of a
+    trained component does not recompute (its recomputed forward would record weight gradients). SpecError, one
+    line, naming the use and the fix."""
+    graph = graph or build_metagraph(job)
+    ops = {op.id: op for op in graph.metaops}
+    for op in graph.metaops:
+        if use_of(job, op).mode == "forward" and op.recompute and op.component not in untrained(job):
+            raise SpecError(f"task '{op.task}' use '{op.use}' (mode forward) of trained component '{op.component}' "
+                            "cannot recompute: its recomputed forward would train it. Set recompute: false.")
+        rollouts = [d for d in op.deps if use_of(job, ops[d]).mode == "generate"]
+        if not rollouts or ops[op.deps[0]].use == op.use:
+            continue
+        src, use = ops[rollouts[0]], use_of(job, op)
+        want = seq_len_of(job, src) + use_of(job, src).new_tokens
+        if len(op.deps) > 1 or seq_len_of(job, op) != want or use.mode == "generate":
+            raise SpecError(
+                f"task '{op.task}' use '{op.use}' reads the rollouts of generate use '{src.use}': it must read them "
+                f"alone, at seq_len {want} (prompt {seq_len_of(job, src)} + new_tokens {use_of(job, src).new_tokens}),"
+                f" without generating itself; it has inputs {[ops[d].use for d in op.deps]} and seq_len "
+                f"{seq_len_of(job, op)}.")
+
+
+@dataclass
+class Roles:
+    """What the modes add to a plan's execution, the same on every rank (module docstring): the generate MetaOps,
+    the MetaOps reading their tokens, the extra module copies, the gradient sets that grow by them, the hand-offs
+    ``(receiver key, sender key, sender, receiver)`` and, per task with rollouts, the moves of rollout rows to the
+    loss's devices ``(src, dst, start, stop)``."""
+
+    generate: set[int]
+    readers: dict[int, int]  # MetaOp -> the generate MetaOp it reads
+    extra: dict[Key, tuple[int, ...]]
+    synced: dict[Key, tuple[int, ...]]
+    hand_offs: list[tuple[Key, Key, int, int]]
+    # task -> (generate MetaOp, wave of the loss's host slice, moves)
+    rollout_moves: dict[str, tuple[int, int, list[tuple[int, int, int, int]]]]
+    widths: dict[int, int]  # generate MetaOp -> width of its packed rows (P + 2N)
+
+    @classmethod
+    def build(cls, job: JobSpec, plan) -> Roles:
+        from planner import program
+        from planner.costmodel import Layout
+        from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
+        from runtime.assignment import sample_range
+
+        graph = build_metagraph(job)
+        ops = graph.metaops
+        placed = PlacedSchedule(tuple(PlacedWave(tuple(
+            PlacedSlice(s.metaop, s.first_layer, s.num_layers, tuple(s.devices), Layout(s.dp_degree, s.tp_degree))
+            for s in wave.slices)) for wave in plan.waves), tuple(plan.phases))
+        held = {(h.key[0], h.key[1]): set(h.devices) for h in program.holdings(ops, placed)}
+        generate = {op.id for op in ops if use_of(job, op).mode == "generate"}
+        readers = {op.id: d for op in ops for d in op.deps if d in generate and ops[d].use != op.use}
+        slices = [s for wave in plan.waves for s in wave.slices]
+        need: dict[Key, set[int]] = {}
+        trains: dict[Key, set[int]] = {}
+        for s in slices:
+            op = ops[s.metaop]
+            if s.metaop in generate:
+                if s.first_layer != 0 or s.num_layers != op.num_layers or s.tp_degree != 1:
+                    raise NotImplementedError(
+                        f"{op.name}: a generate use runs as one MetaOp (all {op.num_layers} layers in one slice, "
+                        f"data parallel only); the plan runs layers {s.first_layer}..{s.first_layer + s.num_layers - 1}"
+                        f" at tensor_parallel {s.tp_degree}. Re-plan with the planner that knows generate uses.")
+                for key in [("embed:" + op.component, 0), ("head:" + op.task, 0)]:
+                    need.setdefault(key, set()).update(s.devices)
+            if s.metaop in readers and s.first_layer == 0:
+                key = ("embed:" + op.component, 0)
+                need.setdefault(key, set()).update(s.devices)
+                if use_of(job, op).mode == "train" and not job.components[op.component].frozen:
+                    trains.setdefault(key, set()).update(s.devices)
+        extra = {k: tuple(sorted(d - held.get(k, set()))) for k, d in need.items() if d - held.get(k, set())}
+        synced = {k: tuple(sorted(held.get(k, set()) | (trains[k] & set(extra[k]))))
+                  for k in extra if trains.get(k, set()) & set(extra[k])}
+        frozen = {("embed:" + n, 0) for n in untrained(job)}
+
+        def steppers(key: Key) -> tuple[int, ...]:
+            return synced.get(key) or tuple(sorted(held.get(key, set())))
+
+        hand_offs = [(k, k, steppers(k)[0], d) for k in sorted(extra) if k not in frozen and steppers(k)
+                     for d in extra[k] if d not in synced.get(k, ())]
+        for name, comp in sorted(job.components.items()):
+            if comp.weights_from:
+                hand_offs += _weights_from_moves(name, comp.weights_from, held, extra, steppers)
+        moves = {}
+        hosts = program.loss_hosts(ops, placed)
+        for g in sorted(generate):
+            task = ops[g].task
+            src = next(s for s in slices if s.metaop == g)
+            host = placed.waves[hosts[task][0][0]].slices[hosts[task][0][1]]
+            batch = ops[g].batch_size
+            out = []
+            for i, dst in enumerate(host.devices[::host.layout.tp_degree]):
+                a, b = sample_range(batch, host.layout.dp_degree, i)
+                for j, dev in enumerate(src.devices):
+                    c, d = sample_range(batch, src.dp_degree, j)
+                    if max(a, c) < min(b, d):
+                        out.append((dev, dst, max(a, c), min(b, d)))
+            moves[task] = (g, hosts[task][0][0], out)
+        widths = {g: seq_len_of(job, ops[g]) + 2 * use_of(job, ops[g]).new_tokens for g in generate}
+        return cls(generate, readers, extra, synced, hand_offs, moves, widths)
+
+    def wire_pieces(self, plan, pieces: list) -> list:
+        """The plan's pieces of one boundary as they run: a generate MetaOp's output rows at their packed width, and
+        none of their gradients (the plan may price them; nothing flows back into a rollout)."""
+        out = []
+        for p in pieces:
+            g = plan.waves[p.producer[0]].slices[p.producer[1]].metaop
+            if g not in self.generate:
+                out.append(p)
+            elif not p.backward:
+                out.append(p.model_copy(update={"shape": (self.widths[g],)}))
+        return out
+
+    def move_rollouts(self, in_phase: Callable[[int], bool], st, rank: int, device: torch.device) -> None:
+        """Rollout rows to the devices computing the loss of the tasks whose loss host's wave is ``in_phase`` (a grpo
+        loss reads the tokens), into ``st.received[("rollout", task)]``; every rank walks the same moves, so the
+        point-to-point calls pair up."""
+        ops, landing = [], []
+        for task, (g, wave, moves) in sorted(self.rollout_moves.items()):
+            if not in_phase(wave):
+                continue
+            for src, dst, a, b in moves:
+                if rank == src:
+                    first, rows = st.rollouts[g]
+                    piece = rows[a - first:b - first].contiguous()
+                    if dst == rank:
+                        landing.append((task, a, piece.clone()))
+                    else:
+                        ops.append(dist.P2POp(dist.isend, piece, dst))
+                elif rank == dst:
+                    buf = torch.empty((b - a, self.widths[g]), device=device)
+                    ops.append(dist.P2POp(dist.irecv, buf, src))
+                    landing.append((task, a, buf))
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        for task, a, rows in landing:
+            st.received.setdefault(("rollout", task), []).append((a, rows))
+
+    def groups(self) -> list[tuple[int, ...]]:
+        """The device sets whose gradient all-reduce the extras add (process groups to create, sorted)."""
+        return sorted({d for d in self.synced.values() if len(d) > 1})
+
+    def mine(self, rank: int) -> list[Key]:
+        """The extra modules ``rank`` holds."""
+        return [k for k, devices in sorted(self.extra.items()) if rank in devices]
+
+    def handle(self, key: Key) -> bool:
+        """Whether the gradient of module ``key`` is summed over :attr:`synced` instead of the plan's bucket."""
+        return key in self.synced
+
+    def hand_off(self, modules: dict[Key, nn.Module], rank: int, device: torch.device) -> None:
+        """After the optimizer step: every hand-off's weights from its sender to its receiver (point-to-point; every
+        rank walks the same list, so the calls pair up)."""
+        ops, landing = [], []
+        for dst_key, src_key, src, dst in self.hand_offs:
+            if rank not in (src, dst):
+                continue
+            if src == dst:
+                with torch.no_grad():
+                    for p, q in zip(modules[dst_key].parameters(), modules[src_key].parameters()):
+                        p.copy_(q)
+                continue
+            if rank == src:
+                flat = torch.cat([p.detach().reshape(-1) for p in modules[src_key].parameters()]).to(device)
+                ops.append(dist.P2POp(dist.isend, flat, dst))
+            else:
+                params = list(modules[dst_key].parameters())
+                buf = torch.empty(sum(p.numel() for p in params), device=device)
+                ops.append(dist.P2POp(dist.irecv, buf, src))
+                landing.append((params, buf))
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        with torch.no_grad():
+            for params, buf in landing:
+                offset = 0
+                for p in params:
+                    p.copy_(buf[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+
+
+def _weights_from_moves(name: str, source: str, held: dict, extra: dict, steppers) -> list[tuple[Key, Key, int, int]]:
+    """Hand-offs of ``components.<name>.weights_from: <source>``: each module of ``source``'s (its layers, its input
+    module) from the lowest device that steps it to every device holding ``name``'s counterpart."""
+    out = []
+    keys = set(held) | set(extra)
+    for key in sorted(keys):
+        group, layer = key
+        if group == name:
+            src_key = (source, layer)
+        elif group == "embed:" + name:
+            src_key = ("embed:" + source, 0)
+        else:
+            continue
+        if not steppers(src_key):
+            raise ValueError(f"components.{name}.weights_from ('{source}'): no device holds {src_key[0]} layer "
+                             f"{src_key[1]} to hand its weights over; '{source}' must be used by a task.")
+        receivers = sorted(held.get(key, set()) | set(extra.get(key, ())))
+        out += [(key, src_key, steppers(src_key)[0], d) for d in receivers]
+    return out
+
+
+def copy_weights_from(job: JobSpec, modules: dict[Key, nn.Module]) -> None:
+    """Single-process hand-off: every ``weights_from`` component's modules take their source's weights."""
+    with torch.no_grad():
+        for name, comp in job.components.items():
+            if not comp.weights_from:
+                continue
+            for (group, layer), module in modules.items():
+                src = (comp.weights_from, layer) if group == name else (
+                    ("embed:" + comp.weights_from, 0) if group == "embed:" + name else None)
+                if src is not None:
+                    for p, q in zip(module.parameters(), modules[src].parameters()):
+                        p.copy_(q)

@@ -1,0 +1,91 @@
+"""One GRPO iteration over tiny llama models on a gloo world equals the same iteration in one process: rollouts generated
+on one worker, the reward model and the reference on another, the policy's update on two (data parallel 2: the rows
+re-split, a group of samples spanning both shards); identical sampled tokens, losses within 1e-5, gradients within
+1e-5 relative; and the generating worker receives the updated LM head it decodes with (the hand-off), so the second
+iteration's rollouts still match."""
+
+from __future__ import annotations
+
+import torch
+
+from planner.spec import parse_job
+from runtime.local_world import run_world
+from runtime.reference import ReferenceTrainer
+
+from _equivalence import RTOL, _compare_modules, check_equivalence, placed_plan  # tests/integration/_equivalence.py
+
+STEPS = 2
+PROMPT, NEW = 6, 5
+
+
+def grpo_job(**training):
+    llama = {"kind": "llama", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 40,
+             "seq_len": PROMPT + NEW}
+    return parse_job({
+        "name": "grpo", "cluster": {"num_nodes": 1, "devices_per_node": 4, "device": "cpu"},
+        "components": {"policy": llama, "reference": {**llama, "frozen": True},
+                       "reward": {**llama, "num_layers": 1, "hidden_size": 16, "num_heads": 2, "num_kv_heads": 1}},
+        # 12 samples in groups of 4: the policy's two shards hold rows 0-5 and 6-11, so group 4-7 spans both
+        "tasks": [{"name": "grpo", "batch_size": 12, "loss": "grpo", "components": [
+            {"component": "policy", "name": "rollout", "mode": "generate", "seq_len": PROMPT, "new_tokens": NEW,
+             "samples": 4, "temperature": 1.0},
+            {"component": "reward", "mode": "forward", "after": ["rollout"]},
+            {"component": "reference", "mode": "forward", "after": ["rollout"]},
+            {"component": "policy", "after": ["rollout"]},
+        ]}],
+        "training": {"steps": STEPS, "lr": 1e-2, "precision": "fp32", **training},
+    })
+
+
+def test_grpo_iteration_split_over_workers_equals_one_process(tmp_path):
+    job = grpo_job()
+    plan = placed_plan(job, [[("rollout", [0])], [("reward", [1]), ("policy", [2, 3])], [("reference", [1])]])
+    devices = {plan.metaops[s.metaop].use: s.devices for w in plan.waves for s in w.slices}
+    generator, = devices["rollout"]
+    assert devices["reward"] == devices["reference"] and generator not in devices["reward"] + devices["policy"]
+    assert len(devices["policy"]) == 2 and not set(devices["policy"]) & set(devices["reward"])
+
+    world = run_world(job, plan, STEPS, tmp_path, keep_gradients=True)
+    reference = ReferenceTrainer(job)
+    rollout_op = next(op.id for op in plan.metaops if op.use == "rollout")
+    for step in range(STEPS):
+        want = reference.train_step(step, keep_gradients=step == STEPS - 1)["grpo"]
+        got = world.losses[step]["grpo"]
+        assert abs(got - want) <= RTOL * max(abs(want), 1e-3), (step, got, want)
+    first, rows = world.rollouts[generator][rollout_op]  # the last step's rollouts
+    assert first == 0 and torch.equal(rows, reference.last_rollouts[rollout_op])
+    tokens = rows[:, PROMPT:PROMPT + NEW]
+    assert len({tuple(r.tolist()) for r in tokens[:4]}) > 1  # a group's samples differ
+    assert torch.equal(rows[0, :PROMPT], rows[3, :PROMPT]) and not torch.equal(rows[0, :PROMPT], rows[4, :PROMPT])
+
+    ref_params = reference.named_parameters()
+    for rank, params in world.parameters.items():
+        _compare_modules(params, ref_params, f"rank {rank}")
+    # the generating worker holds the policy's updated LM head, which it does not train (handed over after each step)
+    head = {n for n in world.parameters[generator] if n.startswith("head:grpo/0/policy.")}
+    assert head and not head & set(world.gradients[generator])
+    initial = ReferenceTrainer(job).named_parameters()
+    assert all(not torch.equal(world.parameters[generator][n], initial[n]) for n in head)
+    for rank, grads in world.gradients.items():
+        _compare_modules(grads, reference.last_gradients, f"rank {rank} gradient of")
+    trained = {n for rank, grads in world.gradients.items() for n in grads}
+    assert {n for n in reference.last_gradients} == trained
+    assert not any(n.startswith(("reward/", "reference/", "embed:reward", "embed:reference")) for n in trained)
+    assert any(n.startswith("embed:policy") for n in trained) and any(n.startswith("policy/") for n in trained)
+
+
+def test_weights_from_hands_the_trained_weights_over_after_every_step(tmp_path):
+    """components.copy.weights_from: policy, the two on different workers: the copy (a forward use, so untrained)
+    scores its task with the policy's weights of the step before, as in one process."""
+    llama = {"kind": "llama", "num_layers": 2, "hidden_size": 16, "num_heads": 2, "vocab_size": 32, "seq_len": 8}
+    job = parse_job({
+        "name": "handoff", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+        "components": {"policy": llama, "copy": {**llama, "weights_from": "policy"}},
+        "tasks": [{"name": "train", "batch_size": 4, "loss": "lm", "components": [{"component": "policy"}]},
+                  {"name": "score", "batch_size": 4, "loss": "lm", "components": [
+                      {"component": "copy", "mode": "forward"}]}],
+        "training": {"steps": 3, "lr": 1e-2, "precision": "fp32"},
+    })
+    plan = placed_plan(job, [[("policy", [0]), ("copy", [1])]])
+    world = check_equivalence(job, plan, tmp_path)
+    assert torch.equal(world.parameters[1]["copy/1/down_proj.weight"], world.parameters[0]["policy/1/down_proj.weight"])
