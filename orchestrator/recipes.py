@@ -21,6 +21,7 @@ from planner.spec import load_job as load_spec
 
 RECIPES: dict[str, str] = {
     "medical": "recipes.medical",  # UniMed-style multi-task medical imaging (docs/recipes/medical.md)
+    "diffusion": "recipes.diffusion",  # IterComp: shapes gallery, rankings, reward models (docs/recipes/diffusion.md)
 }
 
 
