@@ -4,8 +4,9 @@ A reward model scores a (prompt, image) pair: ``r(c, x) = MLP(mean of LayerNorm(
 where ``h`` is the output of the leaf use fed by the image and the prompt (a scoring transformer reading the frozen
 image tower's tokens, then the frozen text tower's: the prompt's are the last ``seq_len`` positions of its prompt
 use). As ImageReward reads its text encoder's output after it has cross-attended to the image, the reward reads the
-prompt's tokens after they have attended to the image's. The MLP is ``Linear(H, H) -> GELU -> Linear(H, H/4) -> GELU -> Linear(H/4, 1)``. Each task's
-head is its own (one reward model per category). The loss of a (better, worse) pair is
+prompt's tokens after they have attended to the image's. The MLP is
+``Linear(H, H) -> GELU -> Linear(H, H/4) -> GELU -> Linear(H/4, 1)``. Each task's head is its own (one reward model
+per category). The loss of a (better, worse) pair is
 ``-log sigmoid(r(c, x_better) - r(c, x_worse))`` (``softplus(r_worse - r_better)``), IterComp's and ImageReward's
 Bradley-Terry loss; a pair is ranked right when ``r(c, x_better) > r(c, x_worse)``.
 """

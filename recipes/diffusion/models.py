@@ -36,18 +36,19 @@ def sincos_grid(grid: int, width: int):
     return torch.cat(parts, dim=1)
 
 
-def save_towers(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
-    """Write ``folder/vision`` (CLIPVisionModel) and ``folder/text`` (CLIPTextModel); returns both paths."""
+def save_towers(folder: str | Path, seed: int = 0, patch: int = PATCH) -> tuple[Path, Path]:
+    """Write ``folder/vision`` (CLIPVisionModel, ``patch`` px patches) and ``folder/text`` (CLIPTextModel); returns
+    both paths."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    vision = CLIPVisionModel(CLIPVisionConfig(image_size=SIDE, patch_size=PATCH, num_channels=3, **WIDTH))
+    vision = CLIPVisionModel(CLIPVisionConfig(image_size=SIDE, patch_size=patch, num_channels=3, **WIDTH))
     with torch.no_grad():  # [class token, patches]: the class token's position stays zero
         positions = vision.embeddings.position_embedding.weight
         positions.zero_()
-        positions[1:] = POSITION_SCALE * sincos_grid(SIDE // PATCH, WIDTH["hidden_size"])
+        positions[1:] = POSITION_SCALE * sincos_grid(SIDE // patch, WIDTH["hidden_size"])
     vision.save_pretrained(folder / "vision")
     CLIPTextModel(CLIPTextConfig(vocab_size=len(WORDS), max_position_embeddings=16, bos_token_id=BOS,
                                  eos_token_id=EOS, pad_token_id=PAD, **WIDTH)).save_pretrained(folder / "text")

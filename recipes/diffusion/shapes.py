@@ -70,6 +70,8 @@ class Shape:
 
 @dataclass(frozen=True)
 class Scene:
+    """What is drawn: objects in painting order (a later one covers an earlier one)."""
+
     objects: tuple[Shape, ...]
 
 
@@ -158,8 +160,8 @@ def place_spatial(a: Shape, b: Shape, relation: str, rng: np.random.Generator) -
 
 
 def place_nonspatial(inner: Shape, outer: Shape, relation: str, rng: np.random.Generator) -> Scene:
-    """``inner`` inside ``outer`` (painted over it, at its centre; inside a triangle, lower, where it is wide enough) or next to
-    it (apart)."""
+    """``inner`` inside ``outer`` (painted over it, at its centre; inside a triangle lower, where it is wide enough)
+    or next to it (apart)."""
     if relation == "next to":
         return place_apart(inner, outer, rng)
     x, y = _free_position(outer.half, rng)
