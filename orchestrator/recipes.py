@@ -22,6 +22,7 @@ from planner.spec import load_job as load_spec
 RECIPES: dict[str, str] = {
     "alignment": "recipes.alignment",  # Baichuan Alignment: packed SFT, reward model, DPO, merging (docs/recipes/alignment.md)
     "medical": "recipes.medical",  # UniMed-style multi-task medical imaging (docs/recipes/medical.md)
+    "diffusion": "recipes.diffusion",  # IterComp: shapes gallery, rankings, reward models (docs/recipes/diffusion.md)
 }
 
 
