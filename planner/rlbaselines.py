@@ -307,8 +307,10 @@ def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool 
     (planner.baselines.split_level: DistMM's rule), a level of one MetaOp (the generation, the update) takes them all;
     with ``trained_alone`` a level's MetaOps with a backward pass run first, each alone on all devices, and the rest
     split them. With ``gen_share`` < 1 the generate and sample MetaOps run on the first ``gen_share`` of the devices
-    and the forward-only MetaOps split the others (so no device holds a generation copy and a scorer). Each MetaOp
-    in ``stages`` pipeline stages over its devices. None when some stage's devices are too few."""
+    and the forward-only MetaOps split the others (so no device holds a generation copy and a scorer); with
+    ``gen_pool`` every other MetaOp (the trainer too) runs on the others, so the generating devices do nothing else
+    (what :func:`streamed_candidate` needs for chunks to overlap). Each MetaOp in ``stages`` pipeline stages over its
+    devices. None when some stage's devices are too few."""
     from planner.baselines import split_level  # local: a sibling's helper, used only here
 
     builder = _Builder(problem)
