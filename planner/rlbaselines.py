@@ -249,25 +249,29 @@ class Work:
     """The deterministic work budget of one role-placement search (docs/planner.md, section 5's table): units of
     planner.refine.evaluation_cost (slices x started blocks of 64 devices) per placement simulated, and one per
     :data:`ESTIMATES_PER_UNIT` MetaOp estimates of the split search. Counted in work, never the clock, so a job
-    gets the same placements on a busy machine and an idle one."""
+    gets the same placements on a busy machine and an idle one. ``budget`` bounds the search once it has found a
+    placement that fits (``fits``); until then it may go on to :data:`RL_SEARCH_BUDGET` (a short time limit must
+    not leave a job that fits only with pipeline stages without a plan)."""
 
     def __init__(self, budget: float = RL_SEARCH_BUDGET):
         self.budget = budget
         self.spent = 0.0
+        self.fits = False  # the search has found a placement that fits in device memory
 
     def spend(self, units: float) -> None:
         self.spent += units
 
     def left(self) -> float:
-        return max(0.0, self.budget - self.spent)
+        """Units left: of ``budget`` once something fits, else of the larger of it and :data:`RL_SEARCH_BUDGET`."""
+        return max(0.0, (self.budget if self.fits else max(self.budget, RL_SEARCH_BUDGET)) - self.spent)
 
 
 def _search(problem: Problem, cost_model: CostModel, build, work: Work | None = None
             ) -> tuple[PlacedSchedule, Simulation] | None:
     """The fitting placement with the shortest predicted iteration (else the fastest) among ``build(version, stages,
     work)`` (an iterable of placements, None for impossible ones) over pipeline stage counts (:data:`STAGES`, more
-    only while none fits) and the layout versions for each (:func:`tightened`), until ``work``'s budget (a fresh
-    :class:`Work` by default) is spent; the first placement is always simulated."""
+    only while none fits) and the layout versions for each (:func:`tightened`), until ``work`` (a fresh
+    :class:`Work` by default) has nothing left; the first placement is always simulated."""
     work = work or Work()
     best = None
     blocks = -(-problem.num_devices // DEVICES_PER_UNIT)
@@ -281,6 +285,7 @@ def _search(problem: Problem, cost_model: CostModel, build, work: Work | None = 
                 x = _simulated(problem, cost_model, placed)
                 if x is not None and (best is None or x[:2] < best[:2]):
                     best = x
+                    work.fits = work.fits or not x[0]
         if best is not None and not best[0]:
             break
     return None if best is None else (best[2], best[3])

@@ -55,6 +55,22 @@ def test_the_budget_stops_the_search_deterministically():
     assert full.spent == 4 * units <= RL_SEARCH_BUDGET
     # from the limit, never the clock
     assert rl_budget(10) == 600 and rl_budget(1e6) == RL_SEARCH_BUDGET
+
+
+def test_a_short_budget_still_finds_a_placement_that_fits():
+    """Devices just too small for every role's whole model beside the others (test_generation's case): the first
+    placements do not fit, and the search goes on past a tiny budget (up to RL_SEARCH_BUDGET) to stages that fit."""
+    data = grpo(8)
+    _, cost_model, problem = setup(8)
+    data["cluster"]["memory_gib"] = 0.8 * max(simulate(problem, colocated_schedule(problem), cost_model)
+                                              .peak_memory_bytes) / 2**30
+    job = parse_job(data)
+    cost_model = make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cost_model)
+    work = Work(1)
+    placed, sim = _search(problem, cost_model, lambda p, k, w: [colocated_schedule(p, k)], work)
+    assert max(sim.peak_memory_bytes) <= cost_model.hw.memory_bytes and work.fits
+    assert 1 < work.spent <= RL_SEARCH_BUDGET
     assert rl_schedules(problem, cost_model, 1).keys() == rl_schedules(problem, cost_model).keys()
 
 
@@ -63,6 +79,8 @@ def test_a_short_budget_coarsens_the_split_grain():
     fine = split_candidates(problem)
     assert any(n % 2 for s in fine for n in s.values())  # grain 1 at 8 devices
     work = Work(1e-3)
+    assert split_candidates(problem, 1, work) == fine  # nothing fits yet: the search may go on
+    work.fits = True  # once something fits, the budget binds
     coarse = split_candidates(problem, 1, work)
     assert coarse and all(n % 2 == 0 for s in coarse for n in s.values())
     assert work.spent > 0
