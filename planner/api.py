@@ -31,7 +31,7 @@ from planner.plan import (
 )
 from planner.program import plan_buckets, plan_holdings, plan_pieces, process_groups
 from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
-from planner.rlbaselines import with_role_candidate
+from planner.rlbaselines import rl_budget, with_role_candidate
 from planner.simulator import Simulation, simulate, split_passes
 from planner.solver import Candidate, SolveResult, SolverSettings, solve
 from planner.spec import JobSpec
@@ -111,7 +111,9 @@ def plan_job(
             chosen, error = found[:3], None
         except PlanningError as still:  # nothing the solver finds fits: a baseline's schedule may
             chosen, planned, error = None, problem, still
-    chosen = with_role_candidate(problem, cost_model, chosen, bounds.dag_s)  # RL-shaped jobs: Loom's role placement
+    # RL-shaped jobs: Loom's role placement and the colocated/split baselines, each search on a work budget
+    role_budget = rl_budget(limit)
+    chosen = with_role_candidate(problem, cost_model, chosen, bounds.dag_s, role_budget)
     error = None if chosen is not None else error
     # the sync-aware split (gradient sync inside the allocation: planner.groupsplit) competes on the simulated
     # iteration; whether it runs depends on the limit, not the clock
@@ -122,7 +124,7 @@ def plan_job(
             chosen, planned, error = split, problem, None
     # the baselines always run, past the limit too: every one is a candidate (planner.candidates), and skipping them by
     # the clock made the same job's plan differ between runs
-    baseline_plans = baselines_mod.baseline_plans(problem, cost_model, spindle=warm)
+    baseline_plans = baselines_mod.baseline_plans(problem, cost_model, spindle=warm, rl_budget=role_budget)
     result, placed, sim = adopt_best(problem, cost_model.hw.devices_per_node, chosen, baseline_plans, error, bounds.dag_s)
     if result.method.endswith(ADOPTED):
         planned = problem  # a baseline's schedule is on the job's own curves, not a memory repair's

@@ -313,11 +313,12 @@ class BaselinePlan:
     unfit: str | None
 
 
-def baseline_schedules(problem: Problem, cost_model: CostModel, spindle: Schedule | None = None
-                       ) -> dict[str, PlacedSchedule]:
+def baseline_schedules(problem: Problem, cost_model: CostModel, spindle: Schedule | None = None,
+                       rl_budget: float | None = None) -> dict[str, PlacedSchedule]:
     """Every baseline's placed schedule, keyed as :data:`BASELINES`, then (an RL-shaped job: a use that does not
-    train) the colocated and best split role placements (planner.rlbaselines)."""
-    from planner.rlbaselines import rl_schedules  # local: rlbaselines builds on this module
+    train) the colocated and best split role placements (planner.rlbaselines; each search within ``rl_budget`` work
+    units, its default when None)."""
+    from planner.rlbaselines import RL_SEARCH_BUDGET, rl_schedules  # local: rlbaselines builds on this module
 
     return {
         "sequential": sequential_schedule(problem),
@@ -325,7 +326,8 @@ def baseline_schedules(problem: Problem, cost_model: CostModel, spindle: Schedul
         "optimus": optimus_schedule(problem),
         "distmm_mt": distmm_mt_schedule(problem),
         "spindle": spindle_placed(problem, cost_model, spindle),
-        **{name: placed for name, (placed, _) in rl_schedules(problem, cost_model).items()},
+        **{name: placed for name, (placed, _) in rl_schedules(
+            problem, cost_model, RL_SEARCH_BUDGET if rl_budget is None else rl_budget).items()},
     }
 
 
@@ -339,10 +341,12 @@ def memory_error(problem: Problem, placed: PlacedSchedule, cost_model: CostModel
     return None
 
 
-def baseline_plans(problem: Problem, cost_model: CostModel, spindle: Schedule | None = None) -> list[BaselinePlan]:
-    """Every baseline placed, simulated and memory-checked, in :data:`BASELINES` order."""
+def baseline_plans(problem: Problem, cost_model: CostModel, spindle: Schedule | None = None,
+                   rl_budget: float | None = None) -> list[BaselinePlan]:
+    """Every baseline placed, simulated and memory-checked, in :data:`BASELINES` order (``rl_budget``: see
+    :func:`baseline_schedules`)."""
     out = []
-    for name, placed in baseline_schedules(problem, cost_model, spindle).items():
+    for name, placed in baseline_schedules(problem, cost_model, spindle, rl_budget).items():
         sim = simulate(problem, placed, cost_model)  # its peaks are the ledger's: only an unfit plan needs the message
         fits = max(sim.peak_memory_bytes, default=0.0) <= cost_model.hw.memory_bytes
         out.append(BaselinePlan(name, placed, sim, None if fits else memory_error(problem, placed, cost_model)))

@@ -12,19 +12,22 @@ after another on the same samples. RL frameworks make the user choose where role
   on its pool in topological order, roles on different pools concurrently where the DAG allows. The policy's
   generation pool receives the updated weights after every step (a hand-off, planner.handoff). The split is
   searched: every vector of pool sizes in multiples of a grain (``N // SPLIT_GRAIN_PARTS`` devices, at least one,
-  doubled until at most :data:`MAX_SPLIT_VECTORS` vectors remain) whose sum is at most N is ranked by a
-  list-scheduled compute estimate; the :data:`SPLIT_SIMULATED` best are placed, simulated and memory-checked.
+  doubled until at most :data:`MAX_SPLIT_VECTORS` vectors remain, or until their estimates fit the budget) whose
+  sum is at most N is ranked by a list-scheduled compute estimate (:func:`split_estimates`, vectorised); the
+  :data:`SPLIT_SIMULATED` best are placed, simulated and memory-checked.
 
 Both search what a user of those frameworks tunes until the roles fit (:func:`_search`): pipeline stages
 (:func:`stage_plan`) and layout versions (:func:`tightened`); each keeps its fastest placement that fits (the
-fastest of all when none does).
+fastest of all when none does). Every search (colocated, split, Loom's role placement) stops at a deterministic work
+budget (:class:`Work`, :func:`rl_budget`: from the planner's time limit, never the clock).
 
 A role is a MetaOp's parameter group without its segment suffix: ``policy@generate`` (a generate use's copy),
 ``policy`` (its trained layers), ``reward``, ``reference``. Both are :class:`~planner.placement.PlacedSchedule`
 values priced by the same simulator and memory ledger as every other baseline (planner.baselines), so Loom adopts
 one when it is faster (planner.candidates). Loom's own role placement (:func:`role_candidate`, anything between the
 two: a level's roles side by side on shares of the devices, generation on a share of them) joins the solver's
-candidates (:func:`with_role_candidate`).
+candidates (:func:`with_role_candidate`). :func:`streamed_candidate` prices the rollouts streamed in chunks (bench.rl
+evaluates it; plans do not adopt it: the runtime refuses gradient accumulation with a generate use today).
 """
 
 from __future__ import annotations
@@ -32,9 +35,13 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import replace
+
+import numpy as np
+
 from planner.baselines import _Builder, largest_count
 from planner.costmodel import CostModel, Curve
 from planner.placement import PlacedSchedule
+from planner.refine import DEVICES_PER_UNIT
 from planner.schedule import Problem
 from planner.simulator import Simulation, simulate
 
@@ -46,6 +53,9 @@ GEN_SHARES = (1.0, 0.5, 0.25)  # shares of the devices Loom's role placement tri
 STAGES = (1, 2, 4, 8)  # pipeline stages the baselines try for MetaOps too large for one group (verl/OpenRLHF: PP)
 TIGHTER_SHARES = (1.0, 0.5, 0.25, 0.125)  # device memory shares the baselines' layouts are tightened to, in turn
 MAX_SPLIT_VECTORS = 40_000  # pool-size vectors estimated at most (the grain doubles until they are fewer)
+RL_SEARCH_BUDGET = 3_000  # work units (Work) of each role-placement search at most: colocated, split, Loom's
+RL_UNITS_PER_LIMIT_S = 60  # ... and at most this many per second of planner.time_limit_s (rl_budget)
+ESTIMATES_PER_UNIT = 10_000  # MetaOp estimates of the split search that cost one work unit
 
 
 def rl_shaped(problem: Problem) -> bool:
@@ -127,41 +137,58 @@ def split_schedule(problem: Problem, sizes: dict[str, int], stages: int = 1) -> 
     return builder.placed()
 
 
-def split_estimate(problem: Problem, sizes: dict[str, int], stages: int = 1) -> float:
-    """Compute makespan of :func:`split_schedule` (list-scheduled: a MetaOp starts after its predecessors and its
-    role's previous MetaOp, its stages one after another); inf when a pool is too small."""
-    end = [0.0] * len(problem.graph)
-    free: dict[str, float] = {}
+def _op_seconds(problem: Problem, m: int, size: int, stages: int) -> float:
+    """Compute seconds of MetaOp ``m`` on a pool of ``size`` devices in ``stages`` stages (one after another); inf
+    when the pool is too small."""
+    plan = stage_plan(problem, m, size, stages)
+    return math.inf if plan is None else sum(problem.curves[m].time(n) * count for _, count, _, n in plan)
+
+
+def split_estimates(problem: Problem, sizes: np.ndarray, stages: int = 1) -> np.ndarray:
+    """Compute makespan of :func:`split_schedule` for every row of ``sizes`` (pool sizes in role order, one row per
+    vector), list-scheduled: a MetaOp starts after its predecessors and its role's previous MetaOp, its stages one
+    after another (:func:`_op_seconds`); inf where a pool is too small. Vectorised over the rows (the split search
+    estimates tens of thousands of vectors)."""
+    names = roles(problem)
+    rows = sizes.shape[0]
+    end = np.zeros((len(problem.graph), rows))
+    free = np.zeros((len(names), rows))
     for m, op in enumerate(problem.graph.metaops):
-        r = role_of(problem, m)
-        plan = stage_plan(problem, m, sizes[r], stages)
-        if plan is None:
-            return math.inf
-        start = max([free.get(r, 0.0), *(end[d] for d in op.deps)])
-        end[m] = start + sum(problem.curves[m].time(n) * count for _, count, _, n in plan)
+        r = names.index(role_of(problem, m))
+        pool = sizes[:, r]
+        distinct, at = np.unique(pool, return_inverse=True)
+        t = np.array([_op_seconds(problem, m, int(n), stages) for n in distinct])[at]
+        start = np.max(np.vstack([free[r], *(end[d] for d in op.deps)]), axis=0)
+        end[m] = start + t
         free[r] = end[m]
-    return max(end, default=0.0)
+    return end.max(axis=0) if len(problem.graph) else np.zeros(rows)
 
 
-def split_candidates(problem: Problem, stages: int = 1) -> list[dict[str, int]]:
+def split_candidates(problem: Problem, stages: int = 1, work: Work | None = None) -> list[dict[str, int]]:
     """Pool-size vectors (multiples of the grain, summing to at most N), best compute estimate first; at most
-    :data:`SPLIT_SIMULATED`."""
+    :data:`SPLIT_SIMULATED`. The grain doubles until at most :data:`MAX_SPLIT_VECTORS` vectors remain, and, with
+    ``work``, until their estimates fit in what is left of its budget (a coarser split when the budget is short,
+    while every role still gets a grain of its own)."""
     names = roles(problem)
     if len(names) < 2 or len(names) > MAX_SPLIT_ROLES or len(names) > problem.num_devices:
         return []
     grain = max(1, problem.num_devices // SPLIT_GRAIN_PARTS)
-    while math.comb(problem.num_devices // grain, len(names)) > MAX_SPLIT_VECTORS:
+    per_vector = len(problem.graph) / ESTIMATES_PER_UNIT  # work units of one vector's estimate
+    while (math.comb(problem.num_devices // grain, len(names)) > MAX_SPLIT_VECTORS
+           or (work is not None and grain * 2 * len(names) <= problem.num_devices
+               and math.comb(problem.num_devices // grain, len(names)) * per_vector > work.left())):
         grain *= 2
     parts = problem.num_devices // grain
-    scored = []
-    for cut in itertools.combinations(range(1, parts + 1), len(names)):  # increasing cut points: sizes sum <= parts
-        bounds = (0, *cut)
-        sizes = {r: (bounds[i + 1] - bounds[i]) * grain for i, r in enumerate(names)}
-        t = split_estimate(problem, sizes, stages)
-        if t < math.inf:
-            scored.append((t, -sum(sizes.values()), tuple(sizes.values()), sizes))
-    scored.sort(key=lambda x: x[:3])
-    return [s for *_, s in scored[:SPLIT_SIMULATED]]
+    cuts = np.array(list(itertools.combinations(range(1, parts + 1), len(names))), dtype=np.int64)  # sums <= parts
+    sizes = np.diff(cuts, axis=1, prepend=0) * grain
+    if work is not None:
+        work.spend(len(sizes) * per_vector)
+    t = split_estimates(problem, sizes, stages)
+    ok = np.flatnonzero(t < math.inf)
+    # best estimate first, then more devices, then the pool sizes in role order (as a tuple sort would)
+    keys = [sizes[ok, i] for i in reversed(range(len(names)))] + [-sizes[ok].sum(axis=1), t[ok]]
+    best = ok[np.lexsort(keys)[:SPLIT_SIMULATED]]
+    return [{r: int(n) for r, n in zip(names, sizes[i])} for i in best]
 
 
 def tightened(problem: Problem, cost_model: CostModel, stages: int = 1) -> list[Problem]:
@@ -211,42 +238,84 @@ def _simulated(problem: Problem, cost_model: CostModel, placed: PlacedSchedule |
     return (max(sim.peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes, sim.iteration_time_s, placed, sim)
 
 
-def _search(problem: Problem, cost_model: CostModel, build) -> tuple[PlacedSchedule, Simulation] | None:
-    """The fitting placement with the shortest predicted iteration (else the fastest) among ``build(version, stages)``
-    (placements, None for impossible ones) over pipeline stage counts (:data:`STAGES`, more only while none fits) and
-    the layout versions for each (:func:`tightened`)."""
+def rl_budget(limit_s: float) -> float:
+    """Work units of each role-placement search under a planner time limit of ``limit_s`` CPU seconds: the limit's
+    share (:data:`RL_UNITS_PER_LIMIT_S` per second; a unit costs ~2-7 ms of CPU on the bench cells), at most
+    :data:`RL_SEARCH_BUDGET`. Derived from the limit, never the clock: the same job gets the same placements."""
+    return min(RL_SEARCH_BUDGET, RL_UNITS_PER_LIMIT_S * limit_s)
+
+
+class Work:
+    """The deterministic work budget of one role-placement search (docs/planner.md, section 5's table): units of
+    planner.refine.evaluation_cost (slices x started blocks of 64 devices) per placement simulated, and one per
+    :data:`ESTIMATES_PER_UNIT` MetaOp estimates of the split search. Counted in work, never the clock, so a job
+    gets the same placements on a busy machine and an idle one. ``budget`` bounds the search once it has found a
+    placement that fits (``fits``); until then it may go on to :data:`RL_SEARCH_BUDGET` (a short time limit must
+    not leave a job that fits only with pipeline stages without a plan)."""
+
+    def __init__(self, budget: float = RL_SEARCH_BUDGET):
+        self.budget = budget
+        self.spent = 0.0
+        self.fits = False  # the search has found a placement that fits in device memory
+
+    def spend(self, units: float) -> None:
+        self.spent += units
+
+    def left(self) -> float:
+        """Units left: of ``budget`` once something fits, else of the larger of it and :data:`RL_SEARCH_BUDGET`."""
+        return max(0.0, (self.budget if self.fits else max(self.budget, RL_SEARCH_BUDGET)) - self.spent)
+
+
+def _search(problem: Problem, cost_model: CostModel, build, work: Work | None = None
+            ) -> tuple[PlacedSchedule, Simulation] | None:
+    """The fitting placement with the shortest predicted iteration (else the fastest) among ``build(version, stages,
+    work)`` (an iterable of placements, None for impossible ones) over pipeline stage counts (:data:`STAGES`, more
+    only while none fits) and the layout versions for each (:func:`tightened`), until ``work`` (a fresh
+    :class:`Work` by default) has nothing left; the first placement is always simulated."""
+    work = work or Work()
     best = None
+    blocks = -(-problem.num_devices // DEVICES_PER_UNIT)
     for stages in STAGES:
         for version in tightened(problem, cost_model, stages):
-            for x in (_simulated(problem, cost_model, p) for p in build(version, stages)):
+            for placed in build(version, stages, work):
+                if best is not None and not work.left():
+                    return best[2], best[3]
+                if placed is not None:
+                    work.spend(max(1, sum(len(w.slices) for w in placed.waves)) * blocks)
+                x = _simulated(problem, cost_model, placed)
                 if x is not None and (best is None or x[:2] < best[:2]):
                     best = x
+                    work.fits = work.fits or not x[0]
         if best is not None and not best[0]:
             break
     return None if best is None else (best[2], best[3])
 
 
-def rl_schedules(problem: Problem, cost_model: CostModel) -> dict[str, tuple[PlacedSchedule, Simulation]]:
+def rl_schedules(problem: Problem, cost_model: CostModel, budget: float = RL_SEARCH_BUDGET
+                 ) -> dict[str, tuple[PlacedSchedule, Simulation]]:
     """The colocated and best split placements of an RL-shaped job (empty otherwise), each with its simulation: for
     each, the fastest that fits over the job's layouts, their memory-tightened versions (:func:`tightened`) and
-    pipeline stages (:func:`stage_plan`)."""
+    pipeline stages (:func:`stage_plan`), within ``budget`` work units each (:class:`Work`)."""
     if not rl_shaped(problem):
         return {}
-    out = {"colocated": _search(problem, cost_model, lambda p, k: [colocated_schedule(p, k)]),
+    out = {"colocated": _search(problem, cost_model, lambda p, k, w: [colocated_schedule(p, k)], Work(budget)),
            "split": _search(problem, cost_model,
-                            lambda p, k: [split_schedule(p, sizes, k) for sizes in split_candidates(p, k)])}
+                            lambda p, k, w: (split_schedule(p, sizes, k) for sizes in split_candidates(p, k, w)),
+                            Work(budget))}
     return {name: found for name, found in out.items() if found is not None}
 
 
 def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool = False,
-                         gen_share: float = 1.0) -> PlacedSchedule | None:
+                         gen_share: float = 1.0, gen_pool: bool = False) -> PlacedSchedule | None:
     """Loom's role placement between colocated and split: the MetaLevels in order; a level's MetaOps (e.g. the
     reward model and the reference, both reading the rollouts) split the N devices in proportion to their work
     (planner.baselines.split_level: DistMM's rule), a level of one MetaOp (the generation, the update) takes them all;
     with ``trained_alone`` a level's MetaOps with a backward pass run first, each alone on all devices, and the rest
     split them. With ``gen_share`` < 1 the generate and sample MetaOps run on the first ``gen_share`` of the devices
-    and the forward-only MetaOps split the others (so no device holds a generation copy and a scorer). Each MetaOp
-    in ``stages`` pipeline stages over its devices. None when some stage's devices are too few."""
+    and the forward-only MetaOps split the others (so no device holds a generation copy and a scorer); with
+    ``gen_pool`` every other MetaOp (the trainer too) runs on the others, so the generating devices do nothing else
+    (what :func:`streamed_candidate` needs for chunks to overlap). Each MetaOp in ``stages`` pipeline stages over its
+    devices. None when some stage's devices are too few."""
     from planner.baselines import split_level  # local: a sibling's helper, used only here
 
     builder = _Builder(problem)
@@ -264,7 +333,7 @@ def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool 
         for group in groups:
             if all(ops[m].gen is not None for m in group):
                 offset, width = 0, n_gen
-            elif n_gen < n_all and all(ops[m].backward_factor == 0 for m in group):
+            elif n_gen < n_all and (gen_pool or all(ops[m].backward_factor == 0 for m in group)):
                 offset, width = n_gen, n_all - n_gen
             else:
                 offset, width = 0, n_all
@@ -281,27 +350,31 @@ def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool 
     return builder.placed()
 
 
-def role_candidate(problem: Problem, cost_model: CostModel) -> tuple[PlacedSchedule, Simulation] | None:
+def role_candidate(problem: Problem, cost_model: CostModel, budget: float = RL_SEARCH_BUDGET
+                   ) -> tuple[PlacedSchedule, Simulation] | None:
     """Loom's own role placement of an RL-shaped job (None otherwise, or when nothing fits): the fastest fitting
     :func:`level_split_schedule` over pipeline stages and layout versions, for the jobs whose solver candidates do
-    not fit (a 70B policy needs pipeline stages to train beside its generation copy)."""
+    not fit (a 70B policy needs pipeline stages to train beside its generation copy); within ``budget`` work units
+    (:class:`Work`)."""
     if not rl_shaped(problem):
         return None
-    found = _search(problem, cost_model, lambda p, k: [level_split_schedule(p, k, alone, share)
-                                                       for alone in (False, True) for share in GEN_SHARES])
+    found = _search(problem, cost_model, lambda p, k, w: (level_split_schedule(p, k, alone, share)
+                                                          for alone in (False, True) for share in GEN_SHARES),
+                    Work(budget))
     if found is None or max(found[1].peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes:
         return None
     return found
 
 
-def with_role_candidate(problem: Problem, cost_model: CostModel, chosen, bound_s: float):
+def with_role_candidate(problem: Problem, cost_model: CostModel, chosen, bound_s: float,
+                        budget: float = RL_SEARCH_BUDGET):
     """``chosen`` (the solver's ``(SolveResult, placed, simulation)``, or None when none fits) or Loom's role
     placement (:func:`role_candidate`) when that fits and is predicted faster; the SolveResult's method then reads
     ``role placement``."""
     from planner.candidates import schedule_of  # local: planner.candidates imports this module
     from planner.solver import SolveResult
 
-    found = role_candidate(problem, cost_model)
+    found = role_candidate(problem, cost_model, budget)
     if found is None or (chosen is not None and found[1].iteration_time_s >= chosen[2].iteration_time_s):
         return chosen
     placed, sim = found
@@ -320,3 +393,36 @@ def pool_sizes(problem: Problem, placed: PlacedSchedule) -> dict[str, int]:
             used.setdefault(role_of(problem, s.metaop), set()).update(s.devices)
     return {r: len(d) for r, d in used.items()}
 
+
+
+STREAM_CHUNKS = (2, 4)  # chunk counts the streamed-rollout evaluation tries (bench.rl)
+
+
+def streamed_job(job, chunks: int):
+    """``job`` with every task's rows in ``chunks`` micro-batches (``training.grad_accum_steps``), or None when a
+    chunk would not hold whole sample groups of every use (GRPO's advantages normalise within a group) or the job
+    already accumulates."""
+    if job.training.grad_accum_steps != 1:
+        return None
+    for task in job.tasks:
+        rows = task.batch_size // chunks
+        if task.batch_size % chunks or any(rows % u.samples for u in task.components):
+            return None
+    return job.model_copy(update={"training": job.training.model_copy(update={"grad_accum_steps": chunks})})
+
+
+def streamed_candidate(problem: Problem, cost_model: CostModel, budget: float = RL_SEARCH_BUDGET
+                       ) -> tuple[PlacedSchedule, Simulation] | None:
+    """Rollouts streamed in chunks: ``problem`` has the job's rows in micro-batches (:func:`streamed_job`) and the
+    generation runs on a pool of its own (:func:`level_split_schedule` with ``gen_pool``), so the per-device
+    timeline (planner.timeline: each device walks every micro-batch, no global barrier) generates chunk i+1 while
+    the other devices score and train chunk i. The fastest fitting one over generation shares, stages and layout
+    versions within ``budget`` work units; None when none fits or the problem has one micro-batch."""
+    if not rl_shaped(problem) or problem.graph.num_micro_batches < 2:
+        return None
+    found = _search(problem, cost_model, lambda p, k, w: (level_split_schedule(p, k, alone, share, gen_pool=True)
+                                                          for alone in (False, True) for share in GEN_SHARES[1:]),
+                    Work(budget))
+    if found is None or max(found[1].peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes:
+        return None
+    return found

@@ -18,7 +18,7 @@ import time
 from bench.common import REPO_ROOT, write_results
 from planner.api import make_cost_model, plan_job
 from planner.metagraph import build_metagraph
-from planner.rlbaselines import pool_sizes, rl_schedules
+from planner.rlbaselines import STREAM_CHUNKS, pool_sizes, rl_schedules, streamed_candidate, streamed_job
 from planner.schedule import Problem
 from planner.spec import load_job
 
@@ -44,10 +44,22 @@ def run_cell(name: str) -> dict:
         rows[placement] = {"iteration_s": psim.iteration_time_s, "peak_gib": max(psim.peak_memory_bytes) / GIB,
                            "fits": max(psim.peak_memory_bytes) <= memory, "handoff_s": psim.handoff_s,
                            "pools": pool_sizes(problem, placed), "waves": len(placed.waves)}
+    streamed = []
+    for chunks in STREAM_CHUNKS:  # the rollouts streamed in chunks (evaluated; Loom does not adopt it: runtime work)
+        chunked = streamed_job(job, chunks)
+        if chunked is not None:
+            chunked_model = make_cost_model(chunked)
+            chunked_problem = Problem.build(build_metagraph(chunked), chunked_model)
+            found = streamed_candidate(chunked_problem, chunked_model)
+            if found is not None:
+                streamed.append({"chunks": chunks, "iteration_s": found[1].iteration_time_s,
+                                 "peak_gib": max(found[1].peak_memory_bytes) / GIB, "fits": True,
+                                 "handoff_s": found[1].handoff_s, "pools": pool_sizes(chunked_problem, found[0])})
     fitting = [rows[p]["iteration_s"] for p in ("colocated", "split") if p in rows and rows[p]["fits"]]
     best = min(fitting) if fitting else math.inf
     return {"cell": name, "devices": job.cluster.num_devices, "device": job.cluster.device,
             "memory_gib": memory / GIB, "planning_s": planning_s, "placements": rows,
+            "streamed": min(streamed, key=lambda r: r["iteration_s"]) if streamed else None,
             "speedup": best / sim.iteration_time_s if fitting else None}
 
 
@@ -57,8 +69,8 @@ def markdown(records: list[dict]) -> str:
              "simulator (planner.simulator, weight hand-offs included); specs in bench/rl/*.yaml. The speed-up is over "
              "the better of colocated and split among those that fit in device memory; (!) marks a placement that "
              "does not fit.", "",
-             "| cell | devices | Loom | colocated | split | speed-up | Loom's choice |",
-             "|---|---|---|---|---|---|---|"]
+             "| cell | devices | Loom | colocated | split | speed-up | Loom's choice | streamed rollouts |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def cell(r: dict | None) -> str:
         if r is None:
@@ -69,14 +81,20 @@ def markdown(records: list[dict]) -> str:
     for rec in records:
         p = rec["placements"]
         speed = f"{rec['speedup']:.2f}x" if rec["speedup"] else "n/a"
+        stream = rec.get("streamed")
+        stream = f"{cell(stream)}, {stream['chunks']} chunks" if stream else "none fits"
         lines.append(f"| {rec['cell']} | {rec['devices']} x {rec['device']} ({rec['memory_gib']:.0f} GiB) | "
                      f"{cell(p['loom'])} | {cell(p.get('colocated'))} | {cell(p.get('split'))} | {speed} | "
-                     f"{p['loom']['method']} |")
+                     f"{p['loom']['method']} | {stream} |")
     speedups = [r["speedup"] for r in records if r["speedup"]]
     if speedups:
         geo = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
         lines += ["", f"Geometric mean speed-up over the better fitting baseline: **{geo:.2f}x** over "
                       f"{len(speedups)} cells; slowest cell {min(speedups):.2f}x."]
+    lines += ["", "Streamed rollouts: the best fitting of Loom's role placements with the rows in 2 or 4 chunks "
+              "(micro-batches) and generation on a pool of its own, so chunk i+1 is generated while chunk i is "
+              "scored and trained (planner.rlbaselines.streamed_candidate); evaluated, not adopted: every chunk's "
+              "decode reads all the weights per token again, which costs more than the overlap saves here."]
     lines += ["", "## Pools (devices each role's MetaOps use) and weight hand-offs", "",
               "| cell | placement | pools | hand-off |", "|---|---|---|---|"]
     for rec in records:
