@@ -200,6 +200,15 @@ class FeedbackSpec(StrictModel):
     margin: float = Field(2.0, description="Hinge margin (IterComp: 2).")
     scale: float = Field(1e-3, gt=0, description="Loss scale (IterComp: 1e-3).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_vae(cls, data: Any, info: ValidationInfo) -> Any:
+        """A relative ``vae`` is read from the spec file's folder (the validation context's ``base``), else the cwd."""
+        if isinstance(data, dict) and isinstance(data.get("vae"), str) and data["vae"]:
+            base = Path((info.context or {}).get("base") or Path.cwd())
+            data = {**data, "vae": str((base / Path(data["vae"]).expanduser()).absolute())}
+        return data
+
 
 class TaskSpec(StrictModel):
     """A training task: an ordered set of component uses, a batch size and a loss weight."""

@@ -124,3 +124,18 @@ def build_module(job: JobSpec, plan_ops, key: Key) -> nn.Module | None:
     if any(op.param_group == key[0] for op in samples):
         return nn.Module()  # the plan's one layer of a sample use: its weights are the component's (above)
     return None
+
+
+def build_modules(job: JobSpec, op) -> dict[Key, nn.Module]:
+    """Every module of :func:`module_keys` built as the workers build them (same seeds; the head with its VAE and
+    scorers): a sample use in one process (tests' reference, evaluation of a trained model)."""
+    from runtime.embeddings import build_input_module
+    from runtime.heads import build_head
+    from runtime.modules import build_layer
+
+    modules: dict[Key, nn.Module] = {("embed:" + op.component, 0): build_input_module(job, "embed:" + op.component)}
+    for twin in twin_ops(job, op):
+        for layer in range(twin.num_layers):
+            modules[(twin.param_group, layer)] = build_layer(job, twin, layer)
+    modules[("head:" + op.task, 0)] = build_head(job, next(i for i, t in enumerate(job.tasks) if t.name == op.task))
+    return modules

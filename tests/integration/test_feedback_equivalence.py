@@ -11,13 +11,10 @@ from pathlib import Path
 import torch
 
 from planner.spec import parse_job
-from runtime.embeddings import build_input_module
 from runtime.feedback import FeedbackBatch, feedback_step
-from runtime.heads import build_head
 from runtime.local_world import run_world
-from runtime.modules import build_layer
 from runtime.sample import build_scheduler
-from runtime.sampleop import denoiser_of, latent_shape, sample_config, twin_ops
+from runtime.sampleop import build_modules, denoiser_of, latent_shape, sample_config
 
 from _equivalence import RTOL, _compare_modules, placed_plan  # tests/integration/_equivalence.py
 
@@ -50,10 +47,7 @@ def feedback_job(vae: Path, **training):
 def one_process(job, step: int = 0):
     """feedback_step over modules built as the workers build them; returns (result, gradients by worker name)."""
     sample = _sample_op(job)
-    modules = {("embed:unet", 0): build_input_module(job, "embed:unet"), ("head:fb", 0): build_head(job, 0)}
-    for twin in twin_ops(job, sample):
-        for layer in range(twin.num_layers):
-            modules[(twin.param_group, layer)] = build_layer(job, twin, layer)
+    modules = build_modules(job, sample)
     head = modules[("head:fb", 0)]
     config = sample_config(job, sample)
     result = feedback_step(denoiser_of(job, sample, lambda n, i: modules[(n, i)]), build_scheduler(config),
