@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from planner.spec import parse_job
@@ -24,7 +25,7 @@ from make_models import save_vae  # noqa: E402  (examples/make_models.py)
 BATCH, SAMPLES = 4, 2
 
 
-def feedback_job(vae: Path, **training):
+def feedback_job(vae: Path, devices: int = 2, **training):
     """A 2-level unet2d on 8x8 latents sampled 6 steps (the step with gradient seeded in 3..5), 2 samples per input
     row; a frozen text tower as a second leaf puts the loss on its worker."""
     unet = {"kind": "unet2d", "num_layers": 1, "hidden_size": 8, "channel_mults": [1, 2], "in_channels": 4,
@@ -32,7 +33,7 @@ def feedback_job(vae: Path, **training):
     text = {"kind": "transformer", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "vocab_size": 32, "seq_len": 4,
             "frozen": True}
     return parse_job({
-        "name": "feedback", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+        "name": "feedback", "cluster": {"num_nodes": 1, "devices_per_node": devices, "device": "cpu"},
         "components": {"unet": unet, "text": text},
         "tasks": [{"name": "fb", "batch_size": BATCH, "loss": "feedback",
                    "feedback": {"vae": str(vae), "scorers": [{"seed": 1}, {"seed": 2, "gain": 4.0}]},
@@ -65,28 +66,34 @@ def _sample_op(job):
     return next(op for op in build_metagraph(job).metaops if op.mode == "sample")
 
 
-def test_feedback_step_split_over_workers_equals_one_process(tmp_path):
-    job = feedback_job(save_vae(tmp_path / "vae"))
-    plan = placed_plan(job, [[("unet", [0])], [("text", [1])]])
+@pytest.mark.parametrize("samplers", [[0], [0, 1]])
+def test_feedback_step_split_over_workers_equals_one_process(tmp_path, samplers):
+    """The sample use on ``samplers`` (data parallel: each samples its rows), the loss on the next worker."""
+    loss_worker = len(samplers)
+    job = feedback_job(save_vae(tmp_path / "vae"), devices=loss_worker + 1)
+    plan = placed_plan(job, [[("unet", samplers)], [("text", [loss_worker])]])
     world = run_world(job, plan, 1, tmp_path / "run", keep_gradients=True)
     want, want_grads = one_process(job)
 
     sample = next(op.id for op in plan.metaops if op.mode == "sample")
-    first, x0 = world.rollouts[0][sample]
-    assert first == 0 and x0.shape == (BATCH, 4 * 8 * 8)
-    assert torch.allclose(x0, want.sample.x0.detach().flatten(1), atol=1e-5, rtol=0)
+    rows = BATCH // len(samplers)
+    for i, rank in enumerate(samplers):
+        first, x0 = world.rollouts[rank][sample]
+        assert first == i * rows and x0.shape == (rows, 4 * 8 * 8)
+        assert torch.allclose(x0, want.sample.x0.detach().flatten(1)[first:first + rows], atol=1e-5, rtol=0)
     assert want.sample.index in (3, 4, 5)
     got, loss = world.losses[0]["fb"], float(want.loss.detach())
     assert abs(got - loss) <= 1e-5 * max(abs(loss), 1e-3), (got, loss)
     assert loss > 0  # the hinge is active: the gradient is not trivially zero
 
-    grads = world.gradients[0]  # the sampling worker holds and trains every UNet module
-    assert set(grads) == set(want_grads)
-    assert any(n.startswith("unet#") for n in grads) and "head:fb/0/conv_out.weight" in grads
-    _compare_modules(grads, want_grads, "gradient of")
+    for rank in samplers:  # every sampling worker holds and trains every UNet module, summed over the samplers
+        grads = world.gradients[rank]
+        assert set(grads) == set(want_grads)
+        assert any(n.startswith("unet#") for n in grads) and "head:fb/0/conv_out.weight" in grads
+        _compare_modules(grads, want_grads, f"rank {rank} gradient of")
     # the loss worker's copy of the UNet's output layer took the same (all-reduced) gradient; nothing of the VAE or
     # the scorers trains
-    loss_side = world.gradients[1]
+    loss_side = world.gradients[loss_worker]
     assert set(loss_side) == {n for n in want_grads if n.startswith("head:fb/")}
     _compare_modules(loss_side, want_grads, "loss worker's gradient of")
     assert RTOL <= 1e-5
