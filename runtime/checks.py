@@ -80,6 +80,10 @@ def check_head(job: JobSpec, t: int, recipe_losses: Collection[str] | None = ())
     if loss == "feedback":
         feedback_leaf(job, t)
         return loss
+    sampled = [u.use_name for u in task.components if u.mode == "sample"]
+    if sampled:
+        raise ValueError(f"tasks[{t}] ('{task.name}'): sample use '{sampled[0]}' is run for loss 'feedback' (or a "
+                         f"recipe's loss); got loss '{loss}'. Use loss: feedback with its feedback: fields.")
     unets = [leaf for leaf in leaves if kind_of(use_component(job, t, leaf)[1]).denoiser]
     if unets and (loss != "mse" or len(leaves) != 1):
         raise ValueError(

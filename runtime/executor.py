@@ -100,9 +100,10 @@ class WaveWorker:
         # generate and forward uses, rollout readers and weight hand-offs (runtime.rollout); None: a plain training job
         self.roles = Roles.build(job, plan) if has_modes(job) else None
         extra = self.roles.mine(rank) if self.roles is not None else []
-        if self.roles is not None and job.training.grad_accum_steps > 1 and self.roles.generate:
-            raise ValueError("training.grad_accum_steps > 1 with a generate use: a rollout group's advantages need "
-                             "the whole batch; set grad_accum_steps: 1.")
+        if self.roles is not None and job.training.grad_accum_steps > 1 and (self.roles.generate or self.roles.sample):
+            raise ValueError("training.grad_accum_steps > 1 with a generate or sample use: a rollout group's "
+                             "advantages need the whole batch, and samples are seeded by their row in it; set "
+                             "grad_accum_steps: 1.")
         for (name, layer, _), devices in self.holders.items():
             if rank in devices and (name, layer) not in self.modules:
                 self.modules[(name, layer)] = self._build((name, layer)).to(self.device)

@@ -40,7 +40,7 @@ def vae(tmp_path_factory):
 def test_a_feedback_task_checks(vae):
     check_trainable(job(vae))  # the valid one
     with pytest.raises(SpecError, match="goes with loss 'feedback' and only with it; the loss is 'mse'"):
-        job(vae, loss="mse")
+        job(vae, loss="mse")  # feedback: given
     with pytest.raises(SpecError, match="goes with loss 'feedback'"):
         job(vae, feedback=False)
     cases = [
@@ -50,6 +50,7 @@ def test_a_feedback_task_checks(vae):
          "runs unconditionally here; it reads ['text']"),
         (job(vae, unet={"in_channels": 3}), "has 4 latent channels; component 'unet' denoises 3"),
         (job(vae.parent / "missing"), "no such folder"),
+        (job(vae, loss="mse", feedback=False), "sample use 'unet' is run for loss 'feedback'"),
     ]
     for spec, needle in cases:
         with pytest.raises(ValueError, match=re.escape(needle)) as err:
