@@ -14,6 +14,7 @@ import torch
 from planner.spec import parse_job
 from runtime.feedback import FeedbackBatch, feedback_step
 from runtime.local_world import run_world
+from runtime.reference import ReferenceTrainer
 from runtime.sample import build_scheduler
 from runtime.sampleop import build_modules, denoiser_of, latent_shape, sample_config
 
@@ -97,3 +98,15 @@ def test_feedback_step_split_over_workers_equals_one_process(tmp_path, samplers)
     assert set(loss_side) == {n for n in want_grads if n.startswith("head:fb/")}
     _compare_modules(loss_side, want_grads, "loss worker's gradient of")
     assert RTOL <= 1e-5
+
+
+def test_reference_trainer_runs_the_feedback_step(tmp_path):
+    """The single-process trainer (runtime.reference: `loom evaluate`, the equivalence helpers) holds the sample use's
+    real modules and computes feedback_step's loss and gradients."""
+    job = feedback_job(save_vae(tmp_path / "vae"))
+    want, want_grads = one_process(job)
+    reference = ReferenceTrainer(job)
+    got = reference.train_step(0, keep_gradients=True)["fb"]
+    assert abs(got - float(want.loss.detach())) <= 1e-6 * float(want.loss.detach())
+    assert set(reference.last_gradients) == set(want_grads)
+    _compare_modules(reference.last_gradients, want_grads, "reference gradient of")
