@@ -42,11 +42,11 @@ def _use(job: JobSpec, op) -> tuple[int, int, TaskComponentSpec]:
 
 
 def twin_ops(job: JobSpec, op) -> list[MetaOp]:
-    """The MetaOps a ``train`` use of sample MetaOp ``op``'s component would be (its layer segments, parameter groups
-    and seeds): what the sample use runs, in order."""
+    """The MetaOps a ``train`` use of whole-use MetaOp ``op``'s component would be (its layer segments, parameter groups
+    and seeds): what the sample use runs, in order. (A generate use's MetaOp maps the same way.)"""
     t, u, use = _use(job, op)
-    train = use.model_copy(update={"mode": "train", "denoise_steps": None, "grad_last_step": False, "samples": 1,
-                                   "stop_steps": None, "scheduler": "ddpm"})
+    modal = ("new_tokens", "temperature", "samples", "denoise_steps", "grad_last_step", "stop_steps", "scheduler")
+    train = use.model_copy(update={"mode": "train", **{f: type(use).model_fields[f].default for f in modal}})
     uses = list(job.tasks[t].components)
     uses[u] = train
     tasks = list(job.tasks)
