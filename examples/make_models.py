@@ -128,7 +128,8 @@ def save_vae(path: str | Path, seed: int = 0, **config) -> Path:
 
 def main(folder: str | Path = Path(__file__).resolve().parent / "models") -> None:
     """The models of examples/hf-vlm-cpu.yaml: a word-level tokenizer over the examples' data (chat.jsonl and the
-    shapes' captions) saved with a Llama whose vocabulary is exactly its size, and a CLIP vision tower."""
+    shapes' captions) saved with a Llama whose vocabulary is exactly its size, and a CLIP vision tower; and the VAE
+    of examples/feedback-cpu.yaml."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from make_tokenizer import build_tokenizer, corpus_texts
 
@@ -140,7 +141,9 @@ def main(folder: str | Path = Path(__file__).resolve().parent / "models") -> Non
     vocab = len(AutoTokenizer.from_pretrained(tokenizer, local_files_only=True))
     save_llama(out / "llama", vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=3)
     save_clip_vision(out / "clip")
-    print(f"wrote {out / 'llama'} (Llama, vocabulary {vocab}, with its tokenizer) and {out / 'clip'} (CLIP vision)")
+    save_vae(out / "vae")  # examples/feedback-cpu.yaml's frozen decoder
+    print(f"wrote {out / 'llama'} (Llama, vocabulary {vocab}, with its tokenizer), {out / 'clip'} (CLIP vision) and "
+          f"{out / 'vae'} (AutoencoderKL)")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ FLOPs and bytes divide by ``tp`` (heads and weights are split). At a small batch
 (bandwidth-bound); at a large one the FLOPs do (compute-bound). The KV cache holds
 ``2 * L * kv * (prompt + new_tokens) * e`` bytes per row (:func:`kv_cache_bytes`).
 
-A sample use runs ``denoise_steps`` forwards of the denoiser without gradient (plus one forward and backward when
-``grad_last_step``): the cost model counts them as passes of the use's layers.
+A sample use runs ``denoise_steps`` forwards of the denoiser without gradient; with ``grad_last_step`` it stops at a
+seeded step of ``stop_steps`` and runs that one with gradient (forward and backward), priced at the range's last
+(``TaskComponentSpec.denoise_passes`` forwards): the cost model counts them as passes of the use's layers.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Generation:
     mode: str  # "generate" or "sample"
     samples: int = 1
     new_tokens: int = 0
-    denoise_steps: int = 0
+    denoise_steps: int = 0  # sample: denoiser forwards run (TaskComponentSpec.denoise_passes)
     grad_last_step: bool = False
     decoder: Decoder | None = None  # generate only
 
@@ -115,8 +116,8 @@ def whole_use(job, t: int, u: int, segments: list) -> tuple:
         out = (shape.seq_len + use.new_tokens,)
         out_bytes = float(TOKEN_ID_BYTES * out[0])
     else:
-        gen = Generation("sample", use.samples, denoise_steps=use.denoise_steps, grad_last_step=use.grad_last_step)
-        key = f"sample[{digest},steps={use.denoise_steps},grad={int(use.grad_last_step)}]"
+        gen = Generation("sample", use.samples, denoise_steps=use.denoise_passes, grad_last_step=use.grad_last_step)
+        key = f"sample[{digest},steps={use.denoise_passes},grad={int(use.grad_last_step)}]"
         last = len(segments) - 1
         out = out_shapes(job, t, u, last, segments[-1].count)[-1]
         out_bytes = segments[-1].out_bytes

@@ -128,6 +128,24 @@ class TaskComponentSpec(StrictModel):
     grad_last_step: bool = Field(
         False, description="sample: run the last denoising step with gradient (its output carries gradient)."
     )
+    stop_steps: tuple[int, int] | None = Field(
+        None, description="sample with grad_last_step: [first, last] step indices (0-based, within denoise_steps) "
+        "the step with gradient is drawn from, seeded per training step (default: the late quarter, IterComp's "
+        "[30, 39] of 40); steps after it do not run."
+    )
+    scheduler: Literal["ddpm", "ddim"] = Field("ddpm", description="sample: the diffusers scheduler denoising runs.")
+
+    @property
+    def stop_range(self) -> tuple[int, int]:
+        """The seeded stop range of a sample use: ``stop_steps``, else the last quarter of ``denoise_steps``."""
+        steps = self.denoise_steps or 1
+        return tuple(self.stop_steps) if self.stop_steps is not None else (steps - max(1, steps // 4), steps - 1)
+
+    @property
+    def denoise_passes(self) -> int:
+        """Denoiser forwards a sample use runs at most: up to the stop range's last step and the step with gradient
+        (``stop + 1``, priced at the range's last) with ``grad_last_step``, else all ``denoise_steps``."""
+        return self.stop_range[1] + 1 if self.grad_last_step else self.denoise_steps or 0
 
     @property
     def use_name(self) -> str:
@@ -146,12 +164,50 @@ class TaskComponentSpec(StrictModel):
         if self.mode in needs and getattr(self, needs[self.mode]) is None:
             raise ValueError(f"mode '{self.mode}' of use '{self.use_name}' needs `{needs[self.mode]}`; add it.")
         only = {"new_tokens": ("generate",), "temperature": ("generate",), "denoise_steps": ("sample",),
-                "grad_last_step": ("sample",), "samples": ("generate", "sample")}
+                "grad_last_step": ("sample",), "samples": ("generate", "sample"), "stop_steps": ("sample",),
+                "scheduler": ("sample",)}
         for name, modes in only.items():
             if getattr(self, name) != type(self).model_fields[name].default and self.mode not in modes:
                 raise ValueError(f"`{name}` of use '{self.use_name}' applies only to mode "
                                  f"{' or '.join(modes)} (this use is mode '{self.mode}'); remove it.")
+        if self.stop_steps is not None:
+            first, last = self.stop_steps
+            if not self.grad_last_step:
+                raise ValueError(f"`stop_steps` of use '{self.use_name}' applies only with grad_last_step: true; "
+                                 "remove it or add grad_last_step.")
+            if not 0 <= first <= last < self.denoise_steps:
+                raise ValueError(f"`stop_steps` of use '{self.use_name}' ({[first, last]}) is not a range of step "
+                                 f"indices within 0..{self.denoise_steps - 1}; give [first, last] with "
+                                 "0 <= first <= last < denoise_steps (IterComp: [30, 39] of 40).")
         return self
+
+
+class ScorerSpec(StrictModel):
+    """One frozen reward model of a ``feedback`` task (runtime.feedback): ``linear``, a random linear reward of the
+    decoded image (seeded; for smoke runs, an optimum the generator can reach)."""
+
+    kind: Literal["linear"] = Field("linear", description="Scorer kind (runtime.feedback.LinearScorer).")
+    seed: int = Field(0, description="linear: seed of its weights.")
+    gain: float = Field(8.0, gt=0, description="linear: reward scale.")
+
+
+class FeedbackSpec(StrictModel):
+    """What a ``loss: feedback`` task scores its sample use's x0 with (docs/sampling.md): the frozen VAE decoder
+    (a diffusers AutoencoderKL folder) and K frozen scorers; per sample ``scale * sum_k ReLU(margin - r_k)``."""
+
+    vae: str = Field(description="Folder of a diffusers AutoencoderKL (config.json and weights); its decoder is used.")
+    scorers: list[ScorerSpec] = Field(min_length=1, description="The frozen reward models.")
+    margin: float = Field(2.0, description="Hinge margin (IterComp: 2).")
+    scale: float = Field(1e-3, gt=0, description="Loss scale (IterComp: 1e-3).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_vae(cls, data: Any, info: ValidationInfo) -> Any:
+        """A relative ``vae`` is read from the spec file's folder (the validation context's ``base``), else the cwd."""
+        if isinstance(data, dict) and isinstance(data.get("vae"), str) and data["vae"]:
+            base = Path((info.context or {}).get("base") or Path.cwd())
+            data = {**data, "vae": str((base / Path(data["vae"]).expanduser()).absolute())}
+        return data
 
 
 class TaskSpec(StrictModel):
@@ -165,6 +221,9 @@ class TaskSpec(StrictModel):
     data: DataSpec | None = Field(
         None, description="Where the task's samples come from (planner.data_spec, docs/data.md); none: synthetic data."
     )
+    feedback: FeedbackSpec | None = Field(
+        None, description="loss feedback: the frozen VAE decoder and scorers (docs/sampling.md); only with it."
+    )
 
     def upstream_names(self, use_index: int) -> list[str]:
         """Names of the uses feeding use ``use_index``, in its ``after:`` order: its ``after`` when given, else the
@@ -176,6 +235,10 @@ class TaskSpec(StrictModel):
 
     @model_validator(mode="after")
     def _check_uses(self) -> TaskSpec:
+        if (self.feedback is None) != (self.loss != "feedback"):
+            raise ValueError(f"task '{self.name}': `feedback:` (the VAE folder and scorers) goes with loss "
+                             f"'feedback' and only with it; the loss is '{self.loss}'"
+                             f"{'' if self.feedback is None else ', remove feedback:'}.")
         seen: list[str] = []
         for i, use in enumerate(self.components):
             if use.use_name in seen:

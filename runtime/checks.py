@@ -21,7 +21,7 @@ from planner.unet import unet_state_numel
 from planner.usegraph import connection, leaf_uses, op_connection, root_uses, use_component, use_index
 from planner.validate import check_plan, check_program
 
-BUILTIN_LOSSES = ("cross_entropy", "mse", "contrastive", "infonce", "lm", "next_token", "grpo")  # runtime.heads builds them
+BUILTIN_LOSSES = ("cross_entropy", "mse", "contrastive", "infonce", "lm", "next_token", "grpo", "feedback")  # runtime.heads builds them
 # Worker processes `loom run` starts per CPU core of this machine at most (one per device of the plan). Each imports
 # torch and builds its modules; at 4 per core a step already takes 4x its prediction, and far beyond it the start-up
 # (Ray worker processes, the gloo rendezvous) outlasts its timeouts or the machine's memory: 64 on 2 cores hung.
@@ -77,6 +77,13 @@ def check_head(job: JobSpec, t: int, recipe_losses: Collection[str] | None = ())
     if loss not in BUILTIN_LOSSES:
         return loss
     leaves = leaf_uses(job, t)
+    if loss == "feedback":
+        feedback_leaf(job, t)
+        return loss
+    sampled = [u.use_name for u in task.components if u.mode == "sample"]
+    if sampled:
+        raise ValueError(f"tasks[{t}] ('{task.name}'): sample use '{sampled[0]}' is run for loss 'feedback' (or a "
+                         f"recipe's loss); got loss '{loss}'. Use loss: feedback with its feedback: fields.")
     unets = [leaf for leaf in leaves if kind_of(use_component(job, t, leaf)[1]).denoiser]
     if unets and (loss != "mse" or len(leaves) != 1):
         raise ValueError(
@@ -95,6 +102,31 @@ def check_head(job: JobSpec, t: int, recipe_losses: Collection[str] | None = ())
             f"(two branches, e.g. `after: []` on the second); got {leaves}."
         )
     return loss
+
+
+def feedback_leaf(job: JobSpec, t: int) -> str:
+    """The sample use a ``loss: feedback`` task scores (runtime.feedback.FeedbackHead): its one leaf that is a unet2d
+    ``mode: sample`` use with ``grad_last_step`` and no inputs (unconditional), whose latent channels are the VAE's
+    (``tasks[t].feedback.vae``, checked as a folder). Other leaves are allowed (not read). A ValueError otherwise."""
+    from planner.vae_config import resolve_vae
+
+    task = job.tasks[t]
+    uses = {u.use_name: (i, u) for i, u in enumerate(task.components)}
+    found = [leaf for leaf in leaf_uses(job, t) if uses[leaf][1].mode == "sample" and uses[leaf][1].grad_last_step]
+    if len(found) != 1:
+        raise ValueError(f"tasks[{t}] ('{task.name}').loss ('feedback') scores one leaf use of mode sample with "
+                         f"grad_last_step: true; it has {len(found)} ({found}). Add or keep exactly one.")
+    i, use = uses[found[0]]
+    comp = job.components[use.component]
+    if task.upstream_names(i):
+        raise ValueError(f"tasks[{t}].components[{i}] ('{use.use_name}'): a sample use scored by loss 'feedback' "
+                         f"runs unconditionally here; it reads {task.upstream_names(i)}. Set `after: []`.")
+    info = resolve_vae(task.feedback.vae, f"tasks[{t}].feedback.vae")
+    channels = comp.in_channels or kind_of(comp).in_channels
+    if info.latent_channels != channels:
+        raise ValueError(f"tasks[{t}].feedback.vae ({task.feedback.vae}) has {info.latent_channels} latent channels; "
+                         f"component '{use.component}' denoises {channels}. Use a VAE of the UNet's latents.")
+    return found[0]
 
 
 def next_token_source(job: JobSpec, t: int) -> tuple[str, int]:

@@ -51,6 +51,7 @@ from runtime.optim import (
 from runtime.rollout import (
     Roles, forward_only, freeze_untrained, has_modes, rollout_input, run_generate, seq_len_of,
 )
+from runtime.sampleop import run_sample
 from runtime.steps import GradBucket, Lap, StepState, StepTiming, assemble_rows, fp32_output
 from runtime.zero import ShardedAdamW
 
@@ -99,9 +100,10 @@ class WaveWorker:
         # generate and forward uses, rollout readers and weight hand-offs (runtime.rollout); None: a plain training job
         self.roles = Roles.build(job, plan) if has_modes(job) else None
         extra = self.roles.mine(rank) if self.roles is not None else []
-        if self.roles is not None and job.training.grad_accum_steps > 1 and self.roles.generate:
-            raise ValueError("training.grad_accum_steps > 1 with a generate use: a rollout group's advantages need "
-                             "the whole batch; set grad_accum_steps: 1.")
+        if self.roles is not None and job.training.grad_accum_steps > 1 and (self.roles.generate or self.roles.sample):
+            raise ValueError("training.grad_accum_steps > 1 with a generate or sample use: a rollout group's "
+                             "advantages need the whole batch, and samples are seeded by their row in it; set "
+                             "grad_accum_steps: 1.")
         for (name, layer, _), devices in self.holders.items():
             if rank in devices and (name, layer) not in self.modules:
                 self.modules[(name, layer)] = self._build((name, layer)).to(self.device)
@@ -149,6 +151,11 @@ class WaveWorker:
 
     def _build(self, key: tuple[str, int]) -> torch.nn.Module:
         name, layer = key
+        if self.roles is not None and self.roles.sample:  # a sample use's placeholder or the component's real layers
+            from runtime.sampleop import build_module
+
+            if (module := build_module(self.job, self.plan.metaops, key)) is not None:
+                return module
         if name.startswith(("embed:", "adapt:")):
             return build_input_module(self.job, name)
         if name.startswith("head:"):
@@ -193,7 +200,8 @@ class WaveWorker:
 
     last_timing: StepTiming | None = None  # where this device's last train_step went
     last_gradients: dict[str, torch.Tensor] | None = None  # the last train_step's, when asked for
-    last_rollouts: dict[int, tuple[int, torch.Tensor]] = {}  # generate MetaOp -> (first row, packed rows): last step
+    # generate MetaOp -> (first row, packed rows), sample MetaOp -> (first row, x0 flattened): the last step's
+    last_rollouts: dict[int, tuple[int, torch.Tensor]] = {}
     last_sent: list[tuple[Piece, int]] = []  # the last micro-batch's pieces sent to other devices, bytes as sent
     # where the step in flight is: (step, micro-batch, wave, phase), replaced whole (read from another thread by the
     # driver's step watchdog, orchestrator.actors.WaveActor.progress)
@@ -335,6 +343,11 @@ class WaveWorker:
                     self.job, op, lambda name, layer: self.modules[(name, layer)],
                     lambda lo, hi: st.batch(self.job, self.task_index[op.task], step, lo, hi), step, start, stop)
             st.rollouts[s.metaop] = (start, st.outputs[ref])
+            return
+        if self.roles is not None and s.metaop in self.roles.sample:  # the whole denoising loop (runtime.sampleop)
+            st.outputs[ref] = run_sample(self.job, op, lambda name, layer: self.modules[(name, layer)], step, start,
+                                         stop, self.device)
+            st.rollouts[s.metaop] = (start, st.outputs[ref])  # kept as last_rollouts: the step's samples
             return
         kwargs = layer_kwargs(self.job, op) | row_kwargs(
             self.job, op, lambda: st.batch(self.job, self.task_index[op.task], step, start, stop))

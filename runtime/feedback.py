@@ -229,3 +229,52 @@ def feedback_step(denoiser: Denoiser, scheduler, objective: FeedbackObjective, b
     if pre_loss is not None:
         loss = loss + pre_loss()
     return FeedbackResult(loss, losses, rewards, images, sample)
+
+
+class FeedbackHead(nn.Module):
+    """The built-in ``loss: feedback`` head (IterComp's reward feedback on a sample use with ``grad_last_step``).
+
+    It owns the sampled UNet's output layer (``norm_out``: GroupNorm, SiLU, ``conv_out``: the prediction; the
+    sample use's devices hold a copy and train it, runtime.sampleop) and, once :meth:`load_pretrained` ran, the frozen
+    VAE decoder of ``tasks[].feedback.vae`` and the frozen scorers. ``forward(outputs, batch)``: the sample leaf's
+    flattened x0 ``(B, C * h * w)`` -> per-sample :func:`reward_hinge` losses; other leaves are not read. The last
+    call's rewards ``(K, B)`` are kept in :attr:`last_rewards`."""
+
+    def __init__(self, task: str, leaf: str, channels: int, latent: tuple[int, int, int], spec):
+        super().__init__()
+        from runtime import unet
+
+        self.task, self.leaves, self.leaf, self.latent, self.spec = task, [leaf], leaf, tuple(latent), spec
+        self.norm_out = nn.GroupNorm(unet.groups(channels), channels, eps=1e-5)
+        self.conv_out = nn.Conv2d(channels, latent[0], kernel_size=3, padding=1)
+        self.vae: nn.Module | None = None
+        self.scorers = nn.ModuleList()
+        self.last_rewards: torch.Tensor | None = None
+
+    def load_pretrained(self, job, task_index: int) -> FeedbackHead:
+        """Load the frozen VAE decoder and build the scorers (after the runtime initialised the trained part)."""
+        from planner.vae_config import resolve_vae
+        from runtime.vae import vae_decoder
+
+        from runtime.checks import feedback_leaf
+
+        comp = job.components[next(u.component for u in job.tasks[task_index].components
+                                   if u.use_name == feedback_leaf(job, task_index))]
+        if comp.pretrained:  # a diffusers UNet's own conv_norm_out and conv_out
+            from runtime import unet_pretrained
+
+            unet_pretrained.load_head(comp, self)
+        info = resolve_vae(self.spec.vae, f"tasks[{task_index}].feedback.vae")
+        self.vae = vae_decoder(self.spec.vae)
+        pixels = info.image_channels * (self.latent[1] * info.factor) ** 2
+        self.scorers = nn.ModuleList(LinearScorer(pixels, s.seed, s.gain) for s in self.spec.scorers)
+        return self
+
+    def objective(self) -> FeedbackObjective:
+        return FeedbackObjective(self.vae, list(self.scorers), self.spec.margin, self.spec.scale)
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        x0 = outputs[self.leaf].reshape(-1, *self.latent)
+        losses, rewards, _ = feedback_losses(x0, self.objective(), [None] * len(self.scorers))
+        self.last_rewards = rewards.detach()
+        return losses

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,7 +23,7 @@ from planner.components import resolve_shape
 from planner.kinds import kind_of
 from planner.spec import ComponentSpec, JobSpec
 from runtime import unet
-from runtime.checks import BUILTIN_LOSSES, check_head, check_loss_name, next_token_source
+from runtime.checks import BUILTIN_LOSSES, check_head, check_loss_name, feedback_leaf, next_token_source
 from runtime.grpo import GRPOHead, grpo_head
 from planner.usegraph import leaf_uses, use_component
 from runtime.kinds import image_channels
@@ -207,6 +208,19 @@ def _denoising_head(job: JobSpec, task_index: int, leaves: list[str]) -> Callabl
     return lambda: DenoisingHead(task.name, leaves[0], comp.hidden_size, image_channels(comp), side)
 
 
+def _feedback_head(job: JobSpec, task_index: int) -> TaskHead:
+    """The ``feedback`` head of task ``task_index`` over its sample leaf (runtime.checks.feedback_leaf)."""
+    from runtime.feedback import FeedbackHead
+    from runtime.sampleop import latent_shape
+
+    task = job.tasks[task_index]
+    leaf = feedback_leaf(job, task_index)
+    use = next(u for u in task.components if u.use_name == leaf)
+    op = SimpleNamespace(task=task.name, use=leaf)
+    return FeedbackHead(task.name, leaf, job.components[use.component].hidden_size, latent_shape(job, op),
+                        task.feedback)
+
+
 def _next_token_args(job: JobSpec, task_index: int) -> tuple[str, int, int, int]:
     """(use whose ids are predicted, their offset in the leaf's sequence, hidden size, vocab size) of a next-token
     task (runtime.checks.next_token_source; a ValueError as there)."""
@@ -276,6 +290,8 @@ def head_factory(job: JobSpec, task_index: int) -> Callable[[], TaskHead]:
     leaves = leaf_uses(job, task_index)
     if loss in _RECIPE_LOSSES:
         return lambda: _RECIPE_LOSSES[loss](job, task_index, leaves)
+    if loss == "feedback":  # runtime.feedback: the UNet's output layer, the frozen VAE decoder and scorers
+        return lambda: _feedback_head(job, task_index)
     if denoising := _denoising_head(job, task_index, leaves):
         return denoising
     if loss == "grpo":  # runtime.grpo: rollouts, reward model, reference, policy

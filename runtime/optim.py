@@ -58,12 +58,13 @@ def param_groups(job: JobSpec, owned: Iterable[tuple[str | None, nn.Parameter]])
 
 def module_component(metaops, name: str) -> str | None:
     """The component whose parameters module ``name`` holds: ``embed:<c>``/``adapt:<c>`` -> c, a parameter group ->
-    its MetaOps' component, ``head:<task>`` -> None. ``metaops``: the plan's or the MetaGraph's."""
+    its MetaOps' component (or the group's own component name), ``head:<task>`` -> None. ``metaops``: the plan's or the MetaGraph's."""
     if name.startswith(("embed:", "adapt:")):
         return name.split(":", 1)[1]
     if name.startswith("head:"):
         return None
-    return next(op.component for op in metaops if op.param_group == name)
+    # a group no MetaOp names is a component's layers a sample use runs (runtime.sampleop): "<component>#<segment>"
+    return next((op.component for op in metaops if op.param_group == name), name.split("#")[0])
 
 
 def build_grouped_optimizer(job: JobSpec, owned: Iterable[tuple[str | None, nn.Parameter]]):

@@ -22,6 +22,7 @@ from runtime.data import TaskBatch, task_batch
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
 from runtime.modules import build_layer, layer_kwargs, row_kwargs
+from runtime.sampleop import build_module, layer_keys, run_sample
 from runtime.optim import autocast, build_grouped_optimizer, module_component, set_lr
 from runtime.rollout import (
     copy_weights_from, forward_only, freeze_untrained, has_modes, rollout_input, run_generate, seq_len_of, use_of,
@@ -72,10 +73,12 @@ class ReferenceTrainer:
         self.graph = build_metagraph(job)
         self.modules: dict[tuple[str, int], torch.nn.Module] = {}
         for op in self.graph.metaops:
-            for layer in range(op.num_layers):
-                key = (op.param_group, layer)
+            # a sample use: its placeholder and the component's real layers (runtime.sampleop), as the workers hold
+            keys = layer_keys(job, op) if op.mode == "sample" else []
+            for key in [(op.param_group, layer) for layer in range(op.num_layers)] + keys:
                 if key not in self.modules:
-                    self.modules[key] = build_layer(job, op, layer)
+                    sampled = build_module(job, self.graph.metaops, key) if op.mode == "sample" else None
+                    self.modules[key] = sampled if sampled is not None else build_layer(job, op, key[1])
             for name in op.input_modules:
                 if (name, 0) not in self.modules:
                     self.modules[(name, 0)] = build_input_module(job, name)
@@ -117,6 +120,11 @@ class ReferenceTrainer:
                         batch.first_row + batch.num_samples)
                 rollouts.append(op)
                 self.last_rollouts[op.id] = outputs[op.id]
+                continue
+            if op.mode == "sample":  # the whole denoising loop; x0 with gradient when grad_last_step
+                outputs[op.id] = run_sample(self.job, op, lambda name, layer: self.modules[(name, layer)], step,
+                                            batch.first_row, batch.first_row + batch.num_samples)
+                self.last_rollouts[op.id] = outputs[op.id].detach()
                 continue
             kwargs = layer_kwargs(self.job, op) | row_kwargs(self.job, op, lambda: batch)
             inputs = [outputs[op.deps[i]] for i in input_order(self.job, self.graph, op.id)]

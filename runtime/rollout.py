@@ -27,7 +27,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -126,7 +128,8 @@ def forward_only(job: JobSpec, op, modules: list[nn.Module]):
 def untrained(job: JobSpec) -> set[str]:
     """Components no use trains (frozen, or only forward and generate uses): the runtime freezes their modules
     (:func:`freeze_untrained`), so no optimizer step (weight decay included) moves them."""
-    trained = {u.component for t in job.tasks for u in t.components if u.mode == "train"}
+    trained = {u.component for t in job.tasks for u in t.components
+               if u.mode == "train" or (u.mode == "sample" and u.grad_last_step)}
     return {name for name, comp in job.components.items() if comp.frozen or name not in trained}
 
 
@@ -175,7 +178,8 @@ class Roles:
     hand_offs: list[tuple[Key, Key, int, int]]
     # task -> (generate MetaOp, wave of the loss's host slice, moves)
     rollout_moves: dict[str, tuple[int, int, list[tuple[int, int, int, int]]]]
-    widths: dict[int, int]  # generate MetaOp -> width of its packed rows (P + 2N)
+    widths: dict[int, int]  # generate MetaOp -> width of its packed rows (P + 2N); sample MetaOp -> C * h * w
+    sample: dict[int, bool] = field(default_factory=dict)  # sample MetaOp -> whether its x0 carries gradient
 
     @classmethod
     def build(cls, job: JobSpec, plan) -> Roles:
@@ -191,6 +195,7 @@ class Roles:
             for s in wave.slices)) for wave in plan.waves), tuple(plan.phases))
         held = {(h.key[0], h.key[1]): set(h.devices) for h in program.holdings(ops, placed)}
         generate = {op.id for op in ops if use_of(job, op).mode == "generate"}
+        sample = {op.id: use_of(job, op).grad_last_step for op in ops if use_of(job, op).mode == "sample"}
         readers = {op.id: d for op in ops for d in op.deps if d in generate and ops[d].use != op.use}
         slices = [s for wave in plan.waves for s in wave.slices]
         need: dict[Key, set[int]] = {}
@@ -205,6 +210,17 @@ class Roles:
                         f" at tensor_parallel {s.tp_degree}. Re-plan with the planner that knows generate uses.")
                 for key in [("embed:" + op.component, 0), ("head:" + op.task, 0)]:
                     need.setdefault(key, set()).update(s.devices)
+            if s.metaop in sample:  # the component's real modules (runtime.sampleop), trained with grad_last_step
+                from runtime.sampleop import module_keys
+
+                if s.tp_degree != 1 or op.deps:
+                    raise NotImplementedError(f"{op.name}: a sample use runs unconditioned and data parallel only; it "
+                                              f"reads {len(op.deps)} uses and the plan runs it at tensor_parallel "
+                                              f"{s.tp_degree}. Use `after: []` and tensor_parallel [1].")
+                for key in module_keys(job, op):
+                    need.setdefault(key, set()).update(s.devices)
+                    if sample[s.metaop] and not job.components[op.component].frozen:
+                        trains.setdefault(key, set()).update(s.devices)
             if s.metaop in readers and s.first_layer == 0:
                 key = ("embed:" + op.component, 0)
                 need.setdefault(key, set()).update(s.devices)
@@ -239,17 +255,22 @@ class Roles:
                         out.append((dev, dst, max(a, c), min(b, d)))
             moves[task] = (g, hosts[task][0][0], out)
         widths = {g: seq_len_of(job, ops[g]) + 2 * use_of(job, ops[g]).new_tokens for g in generate}
-        return cls(generate, readers, extra, synced, hand_offs, moves, widths)
+        if sample:
+            from runtime.sampleop import latent_shape
+
+            widths |= {g: math.prod(latent_shape(job, ops[g])) for g in sample}
+        return cls(generate, readers, extra, synced, hand_offs, moves, widths, sample)
 
     def wire_pieces(self, plan, pieces: list) -> list:
-        """The plan's pieces of one boundary as they run: a generate MetaOp's output rows at their packed width, and
-        none of their gradients (the plan may price them; nothing flows back into a rollout)."""
+        """The plan's pieces of one boundary as they run: a generate MetaOp's output rows at their packed width and a
+        sample MetaOp's x0 (or latents) flattened, and none of their gradients (the plan may price them; nothing flows
+        back into a rollout) except those of x0 of a sample use with ``grad_last_step``."""
         out = []
         for p in pieces:
             g = plan.waves[p.producer[0]].slices[p.producer[1]].metaop
-            if g not in self.generate:
+            if g not in self.widths:
                 out.append(p)
-            elif not p.backward:
+            elif not p.backward or self.sample.get(g):
                 out.append(p.model_copy(update={"shape": (self.widths[g],)}))
         return out
 

@@ -57,6 +57,22 @@ def test_sample_is_detached_unless_its_last_step_has_gradient():
     assert not TaskComponentSpec(component="unet", mode="sample", denoise_steps=4, grad_last_step=True).detached
 
 
+def test_sample_stop_range_defaults_to_the_late_quarter_and_is_checked():
+    from planner.spec import TaskComponentSpec
+
+    use = TaskComponentSpec(component="unet", mode="sample", denoise_steps=40, grad_last_step=True)
+    assert use.stop_range == (30, 39) and use.denoise_passes == 40 and use.scheduler == "ddpm"
+    use = TaskComponentSpec(component="unet", mode="sample", denoise_steps=8, grad_last_step=True, stop_steps=(2, 4))
+    assert use.stop_range == (2, 4) and use.denoise_passes == 5
+    for fields, needle in [({"stop_steps": (2, 8), "grad_last_step": True}, "within 0..7"),
+                           ({"stop_steps": (5, 4), "grad_last_step": True}, "within 0..7"),
+                           ({"stop_steps": (2, 4)}, "only with grad_last_step"),
+                           ({"mode": "train", "denoise_steps": None, "scheduler": "ddim"},
+                            "`scheduler` of use 'unet' applies only to mode sample")]:
+        with pytest.raises(ValueError, match=needle):
+            TaskComponentSpec(**{"component": "unet", "mode": "sample", "denoise_steps": 8, **fields})
+
+
 @pytest.mark.parametrize("use, needle", [
     ({"new_tokens": None}, "needs `new_tokens`"),
     ({"mode": "forward", "new_tokens": None}, "`samples` of use 'rollout' applies only to mode generate or sample"),

@@ -1,0 +1,112 @@
+"""One IterComp feedback step planned and placed (the sample use of Loom's unet2d on one worker, the loss with the
+frozen VAE decoder and two frozen scorers on another) equals the same step in one process
+(runtime.feedback.feedback_step over the same modules): the same x0, loss within 1e-5, every gradient (the UNet's
+layers, its input module and output layer) within 1e-5 relative."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from planner.spec import parse_job
+from runtime.feedback import FeedbackBatch, feedback_step
+from runtime.local_world import run_world
+from runtime.reference import ReferenceTrainer
+from runtime.sample import build_scheduler
+from runtime.sampleop import build_modules, denoiser_of, latent_shape, sample_config
+
+from _equivalence import RTOL, _compare_modules, placed_plan  # tests/integration/_equivalence.py
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+from make_models import save_vae  # noqa: E402  (examples/make_models.py)
+
+BATCH, SAMPLES = 4, 2
+
+
+def feedback_job(vae: Path, devices: int = 2, **training):
+    """A 2-level unet2d on 8x8 latents sampled 6 steps (the step with gradient seeded in 3..5), 2 samples per input
+    row; a frozen text tower as a second leaf puts the loss on its worker."""
+    unet = {"kind": "unet2d", "num_layers": 1, "hidden_size": 8, "channel_mults": [1, 2], "in_channels": 4,
+            "image_size": 8}
+    text = {"kind": "transformer", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "vocab_size": 32, "seq_len": 4,
+            "frozen": True}
+    return parse_job({
+        "name": "feedback", "cluster": {"num_nodes": 1, "devices_per_node": devices, "device": "cpu"},
+        "components": {"unet": unet, "text": text},
+        "tasks": [{"name": "fb", "batch_size": BATCH, "loss": "feedback",
+                   "feedback": {"vae": str(vae), "scorers": [{"seed": 1}, {"seed": 2, "gain": 4.0}]},
+                   "components": [
+                       {"component": "unet", "mode": "sample", "denoise_steps": 6, "stop_steps": [3, 5],
+                        "grad_last_step": True, "samples": SAMPLES},
+                       {"component": "text", "mode": "forward", "after": []}]}],
+        "training": {"steps": 1, "lr": 1e-3, "precision": "fp32", **training},
+    })
+
+
+def one_process(job, step: int = 0):
+    """feedback_step over modules built as the workers build them; returns (result, gradients by worker name)."""
+    sample = _sample_op(job)
+    modules = build_modules(job, sample)
+    head = modules[("head:fb", 0)]
+    config = sample_config(job, sample)
+    result = feedback_step(denoiser_of(job, sample, lambda n, i: modules[(n, i)]), build_scheduler(config),
+                           head.objective(), FeedbackBatch(None, [None, None], BATCH, samples=SAMPLES),
+                           config, latent_shape(job, sample), step, "fb")
+    result.loss.backward()
+    grads = {f"{name}/{layer}/{p}": t.grad for (name, layer), m in modules.items()
+             for p, t in m.named_parameters() if t.grad is not None}
+    return result, grads
+
+
+def _sample_op(job):
+    from planner.metagraph import build_metagraph
+
+    return next(op for op in build_metagraph(job).metaops if op.mode == "sample")
+
+
+@pytest.mark.parametrize("samplers", [[0], [0, 1]])
+def test_feedback_step_split_over_workers_equals_one_process(tmp_path, samplers):
+    """The sample use on ``samplers`` (data parallel: each samples its rows), the loss on the next worker."""
+    loss_worker = len(samplers)
+    job = feedback_job(save_vae(tmp_path / "vae"), devices=loss_worker + 1)
+    plan = placed_plan(job, [[("unet", samplers)], [("text", [loss_worker])]])
+    world = run_world(job, plan, 1, tmp_path / "run", keep_gradients=True)
+    want, want_grads = one_process(job)
+
+    sample = next(op.id for op in plan.metaops if op.mode == "sample")
+    rows = BATCH // len(samplers)
+    for i, rank in enumerate(samplers):
+        first, x0 = world.rollouts[rank][sample]
+        assert first == i * rows and x0.shape == (rows, 4 * 8 * 8)
+        assert torch.allclose(x0, want.sample.x0.detach().flatten(1)[first:first + rows], atol=1e-5, rtol=0)
+    assert want.sample.index in (3, 4, 5)
+    got, loss = world.losses[0]["fb"], float(want.loss.detach())
+    assert abs(got - loss) <= 1e-5 * max(abs(loss), 1e-3), (got, loss)
+    assert loss > 0  # the hinge is active: the gradient is not trivially zero
+
+    for rank in samplers:  # every sampling worker holds and trains every UNet module, summed over the samplers
+        grads = world.gradients[rank]
+        assert set(grads) == set(want_grads)
+        assert any(n.startswith("unet#") for n in grads) and "head:fb/0/conv_out.weight" in grads
+        _compare_modules(grads, want_grads, f"rank {rank} gradient of")
+    # the loss worker's copy of the UNet's output layer took the same (all-reduced) gradient; nothing of the VAE or
+    # the scorers trains
+    loss_side = world.gradients[loss_worker]
+    assert set(loss_side) == {n for n in want_grads if n.startswith("head:fb/")}
+    _compare_modules(loss_side, want_grads, "loss worker's gradient of")
+    assert RTOL <= 1e-5
+
+
+def test_reference_trainer_runs_the_feedback_step(tmp_path):
+    """The single-process trainer (runtime.reference: `loom evaluate`, the equivalence helpers) holds the sample use's
+    real modules and computes feedback_step's loss and gradients."""
+    job = feedback_job(save_vae(tmp_path / "vae"))
+    want, want_grads = one_process(job)
+    reference = ReferenceTrainer(job)
+    got = reference.train_step(0, keep_gradients=True)["fb"]
+    assert abs(got - float(want.loss.detach())) <= 1e-6 * float(want.loss.detach())
+    assert set(reference.last_gradients) == set(want_grads)
+    _compare_modules(reference.last_gradients, want_grads, "reference gradient of")
