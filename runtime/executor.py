@@ -151,7 +151,8 @@ class WaveWorker:
 
     def _build(self, key: tuple[str, int]) -> torch.nn.Module:
         name, layer = key
-        if self.roles is not None and self.roles.sample:  # a sample use's placeholder or the component's real layers
+        if self.roles is not None and (self.roles.sample or self.roles.generate):  # a whole-use MetaOp's stand-in
+            # or the component's real layers it runs (runtime.sampleop.build_module)
             from runtime.sampleop import build_module
 
             if (module := build_module(self.job, self.plan.metaops, key)) is not None:

@@ -22,7 +22,7 @@ from runtime.data import TaskBatch, task_batch
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
 from runtime.modules import build_layer, layer_kwargs, row_kwargs
-from runtime.sampleop import build_module, layer_keys, run_sample
+from runtime.sampleop import WHOLE_USE_MODES, build_module, layer_keys, run_sample
 from runtime.optim import autocast, build_grouped_optimizer, module_component, set_lr
 from runtime.rollout import (
     copy_weights_from, forward_only, freeze_untrained, has_modes, rollout_input, run_generate, seq_len_of, use_of,
@@ -74,10 +74,11 @@ class ReferenceTrainer:
         self.modules: dict[tuple[str, int], torch.nn.Module] = {}
         for op in self.graph.metaops:
             # a sample use: its placeholder and the component's real layers (runtime.sampleop), as the workers hold
-            keys = layer_keys(job, op) if op.mode == "sample" else []
+            whole = op.mode in WHOLE_USE_MODES  # a sample or generate use: its stand-in and the component's layers
+            keys = layer_keys(job, op) if whole else []
             for key in [(op.param_group, layer) for layer in range(op.num_layers)] + keys:
                 if key not in self.modules:
-                    sampled = build_module(job, self.graph.metaops, key) if op.mode == "sample" else None
+                    sampled = build_module(job, self.graph.metaops, key) if whole else None
                     self.modules[key] = sampled if sampled is not None else build_layer(job, op, key[1])
             for name in op.input_modules:
                 if (name, 0) not in self.modules:

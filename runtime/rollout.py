@@ -40,6 +40,7 @@ from planner.errors import SpecError
 from planner.metagraph import build_metagraph
 from planner.spec import JobSpec, TaskComponentSpec
 from runtime.generate import decoder_for, generate, lm_logits, row_generators
+from runtime.sampleop import layer_keys
 
 Key = tuple[str, int]  # (module name, layer): a param group's layer, "embed:<component>" or "head:<task>" at 0
 
@@ -93,7 +94,7 @@ def run_generate(job: JobSpec, op, module: Callable[[str, int], nn.Module], rows
     ids = rows(first, stop).inputs[op.use]
     prompts = ids[[r - r % use.samples - first for r in range(start, stop)]]
     head = module("head:" + op.task, 0)
-    decoder = decoder_for(module("embed:" + op.component, 0), [module(op.param_group, i) for i in range(op.num_layers)],
+    decoder = decoder_for(module("embed:" + op.component, 0), [module(*key) for key in layer_keys(job, op)],
                           lm_logits(getattr(head, "policy", head)))
     eos = eos_of(comp)
     out = generate(decoder, prompts, use.new_tokens, use.temperature,
@@ -208,7 +209,7 @@ class Roles:
                         f"{op.name}: a generate use runs as one MetaOp (all {op.num_layers} layers in one slice, "
                         f"data parallel only); the plan runs layers {s.first_layer}..{s.first_layer + s.num_layers - 1}"
                         f" at tensor_parallel {s.tp_degree}. Re-plan with the planner that knows generate uses.")
-                for key in [("embed:" + op.component, 0), ("head:" + op.task, 0)]:
+                for key in [("embed:" + op.component, 0), *layer_keys(job, op), ("head:" + op.task, 0)]:
                     need.setdefault(key, set()).update(s.devices)
             if s.metaop in sample:  # the component's real modules (runtime.sampleop), trained with grad_last_step
                 from runtime.sampleop import module_keys

@@ -33,6 +33,8 @@ from runtime.sample import (
 )
 
 Key = tuple[str, int]
+# modes whose MetaOp is the whole use as one planned layer, run over the component's real layers (:func:`twin_ops`)
+WHOLE_USE_MODES = ("sample", "generate")
 
 
 def _use(job: JobSpec, op) -> tuple[int, int, TaskComponentSpec]:
@@ -56,7 +58,8 @@ def twin_ops(job: JobSpec, op) -> list[MetaOp]:
 
 
 def layer_keys(job: JobSpec, op) -> list[Key]:
-    """The (parameter group, layer) keys of the component's layers a sample MetaOp runs (:func:`twin_ops`)."""
+    """The (parameter group, layer) keys of the component's layers a sample or generate MetaOp runs (:func:`twin_ops`):
+    the component's own weights, never the planner's one-layer stand-in (which would be a fresh, untrained copy)."""
     return [(o.param_group, i) for o in twin_ops(job, op) for i in range(o.num_layers)]
 
 
@@ -111,18 +114,18 @@ def run_sample(job: JobSpec, op, module: Callable[[str, int], nn.Module], step: 
 
 
 def build_module(job: JobSpec, plan_ops, key: Key) -> nn.Module | None:
-    """The module a worker builds for ``key`` when a sample MetaOp of ``plan_ops`` (the plan's) decides it: an empty
-    placeholder for the sample MetaOp's own one-layer parameter group, the component's layer (built as a train use's,
+    """The module a worker builds for ``key`` when a sample or generate MetaOp of ``plan_ops`` (the plan's) decides it:
+    an empty placeholder for the MetaOp's own one-layer parameter group, the component's layer (built as a train use's,
     same seed) for a key of :func:`layer_keys`; None for every other key."""
     from runtime.modules import build_layer
 
-    samples = [op for op in plan_ops if op.mode == "sample"]
+    samples = [op for op in plan_ops if op.mode in WHOLE_USE_MODES]
     for op in samples:
         for twin in twin_ops(job, op):
             if twin.param_group == key[0] and key[1] < twin.num_layers:
                 return build_layer(job, twin, key[1])
     if any(op.param_group == key[0] for op in samples):
-        return nn.Module()  # the plan's one layer of a sample use: its weights are the component's (above)
+        return nn.Module()  # the plan's one layer of a sample or generate use: its weights are the component's (above)
     return None
 
 

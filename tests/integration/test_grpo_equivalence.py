@@ -66,6 +66,14 @@ def test_grpo_iteration_split_over_workers_equals_one_process(tmp_path):
     assert head and not head & set(world.gradients[generator])
     initial = ReferenceTrainer(job).named_parameters()
     assert all(not torch.equal(world.parameters[generator][n], initial[n]) for n in head)
+    # it decodes with the policy's own layers (never the planner's one-layer stand-in of the generate use), and holds
+    # them as the trainers stepped them
+    layers = {n for n in world.parameters[generator] if n.startswith("policy/")}
+    trainer = devices["policy"][0]
+    assert layers and not layers & set(world.gradients[generator])
+    assert all(torch.equal(world.parameters[generator][n], world.parameters[trainer][n]) for n in layers)
+    assert any(not torch.equal(world.parameters[generator][n], initial[n]) for n in layers)
+    assert not any("@generate" in n for params in world.parameters.values() for n in params)
     for rank, grads in world.gradients.items():
         _compare_modules(grads, reference.last_gradients, f"rank {rank} gradient of")
     trained = {n for rank, grads in world.gradients.items() for n in grads}
