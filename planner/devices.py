@@ -7,9 +7,12 @@ on A100-class hosts in eager PyTorch and megatron-core, 6 us on H100-class hosts
 forward kernel and again per backward kernel; link bandwidths are per direction. The CPU row describes one worker
 process with one thread on this kind of machine and is meant to be replaced by a profiled cost
 model (``loom profile``). Memory bandwidth (what a decode step of a generate use is bound by, planner.generation):
-H100 SXM 3.35 TB/s, A100/A800 80GB 2.0 TB/s, H200 4.8 TB/s (data sheets); the CPU row's 15 GB/s is measured: a
-one-thread fp32 matrix-vector product (8192 x 4096, torch) reads its matrix at 15.7 GB/s on this machine (AMD EPYC,
-2 cores, measured while other work ran).
+H100 SXM 3.35 TB/s, A100/A800 80GB 2.0 TB/s, H200 4.8 TB/s (data sheets); the CPU row's 9 GB/s is measured as a
+decode step reads: ``F.linear`` at one row through every weight matrix of a 4-layer llama (hidden 512, 29 matrices of
+1-16 MB, 71 MB in all, not cache-resident between steps), one thread, fp32, CPU time: 9.2 GB/s on this machine (AMD
+EPYC, 2 cores, load 8). One large matrix-vector product (8192 x 4096) reads at 14-20 GB/s, which a model's many
+smaller matrices do not reach (the row's earlier 15 GB/s came from that one product and priced decoding at about
+half the measured time: bench/results/generation.md).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ DEVICES: dict[str, DeviceInfo] = {
     "a800": DeviceInfo("a800", 312e12, 0.60, 2.0e12, 80 * GIB, 8e-6, 200e9, 5e-6, 1e-5),
     "h100": DeviceInfo("h100", 989e12, 0.55, 3.35e12, 80 * GIB, 6e-6, 450e9, 4e-6, 8e-6),
     "h200": DeviceInfo("h200", 989e12, 0.55, 4.8e12, 141 * GIB, 6e-6, 450e9, 4e-6, 8e-6),
-    "cpu": DeviceInfo("cpu", 1.0e11, 0.5, 1.5e10, 8 * GIB, 2e-5, 5e9, 5e-5, 1e-4),
+    "cpu": DeviceInfo("cpu", 1.0e11, 0.5, 9e9, 8 * GIB, 2e-5, 5e9, 5e-5, 1e-4),
 }
 
 

@@ -182,7 +182,10 @@ def build_embed(job: JobSpec, component: str) -> nn.Module:
         from runtime import pretrained
 
         return freeze_if(pretrained.build_embed(comp), comp)
-    max_len = max(component_seq_lens(job, component), default=comp.seq_len or 1)
+    # a generate use reads positions up to its prompt (seq_len) + new_tokens (runtime.generate)
+    uses = [use for task in job.tasks for use in task.components if use.component == component]
+    max_len = max((n + (use.new_tokens or 0 if use.mode == "generate" else 0)
+                   for n, use in zip(component_seq_lens(job, component), uses)), default=comp.seq_len or 1)
     factory = runtime_kind(comp, component).embed(job, component, max_len)
     module = build_initialised(factory, layer_seed(job.training.seed, component + ":embed", 0))
     return freeze_if(module, comp)

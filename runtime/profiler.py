@@ -7,7 +7,10 @@ when a trainable layer feeds a frozen one) at every per-device batch the planner
 divides the batch and fits the cluster. Each point is the median of ``repeats`` timed runs after
 ``warmup`` runs, with one thread and freed memory kept (runtime.host), as a worker runs, in as many
 processes at once as the job has workers per node on this host (:func:`profile_processes`), its
-samples taken round-robin over the points. The result is the JSON that
+samples taken round-robin over the points. A generate or sample MetaOp (one layer standing for the whole use) is
+timed whole at the same local batches (runtime.profile_modes: the prefill and every decode step of its rows, or its
+denoising steps, the last with gradient when it has one), so `loom plan --costs` prices decoding and denoising from
+measurements too. The result is the JSON that
 :class:`planner.costmodel.ProfiledCostModel` reads (piecewise alpha-beta between the points).
 
 The work of a step outside the layers is measured too (:class:`planner.costmodel.MeasuredCosts`):
@@ -44,6 +47,7 @@ from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
 from runtime.host import configure_worker_process, worker_device
 from runtime.modules import build_layer, build_optimizer, layer_kwargs
+from runtime.profile_modes import mode_timer, output_shape, rollout_rows
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +81,19 @@ def _run_chain(chain: list[torch.nn.Module], op: MetaOp, x: torch.Tensor, kwargs
 def sample_layers(job: JobSpec, repeats: int, warmup: int, barrier=None,
                   device: torch.device = torch.device("cpu")) -> dict[str, dict[int, list[float]]]:
     """Per distinct layer workload (its profile key) and local batch: ``repeats`` samples of seconds per layer of
-    a chain of its layers, forward and backward. Samples are taken round-robin (every point once per round), so
+    a chain of its layers, forward and backward; for a generate or sample MetaOp (one layer standing for the whole
+    use) the seconds of the whole use (runtime.profile_modes: prefill and decode, or the denoising steps). Samples are taken round-robin (every point once per round), so
     each point's samples spread over the whole profile rather than one burst: a shared host's speed wanders by
     +-10% over seconds. With ``barrier`` (a multiprocessing Barrier) every process takes each sample together."""
-    chains = {}
+    timers: dict[str, dict[int, Callable[[], float]]] = {}
     for op in build_metagraph(job).metaops:
         key = profile_key(op, Layout(1, 1))
-        if key in chains:
+        if key in timers:
+            continue
+        batches = local_batches(op, job.cluster.num_devices)
+        if op.gen is not None:  # a generate or sample use: the whole use's decode or denoising loop
+            timer = mode_timer(job, op, device)
+            timers[key] = {b: (lambda b=b, timer=timer: timer(b)) for b in batches}
             continue
         # a chain, as a slice runs them: the activations several layers keep for backward do not all stay in
         # cache, as one layer's can
@@ -92,16 +102,17 @@ def sample_layers(job: JobSpec, repeats: int, warmup: int, barrier=None,
             for layer in chain:
                 layer.requires_grad_(False)
         shape = feature_shape(job, op, boundary=0)
-        inputs = {b: torch.randn(b, *shape, device=device, requires_grad=op.backward_factor > 0)
-                  for b in local_batches(op, job.cluster.num_devices)}
-        chains[key] = (op, chain, inputs, layer_kwargs(job, op))
-    samples: dict[str, dict[int, list[float]]] = {key: {b: [] for b in c[2]} for key, c in chains.items()}
+        kwargs = layer_kwargs(job, op)
+        timers[key] = {b: (lambda op=op, chain=chain, kwargs=kwargs,
+                           x=torch.randn(b, *shape, device=device, requires_grad=op.backward_factor > 0):
+                           _run_chain(chain, op, x, kwargs) / len(chain)) for b in batches}
+    samples: dict[str, dict[int, list[float]]] = {key: {b: [] for b in runs} for key, runs in timers.items()}
     for i in range(warmup + repeats):
-        for key, (op, chain, inputs, kwargs) in chains.items():
-            for b, x in inputs.items():
+        for key, runs in timers.items():
+            for b, run in runs.items():
                 if barrier is not None:
                     barrier.wait()
-                seconds = _run_chain(chain, op, x, kwargs) / len(chain)
+                seconds = run()
                 if i >= warmup:
                     samples[key][b].append(seconds)
     return samples
@@ -235,7 +246,7 @@ def time_embeddings(job: JobSpec, repeats: int, warmup: int,
 def time_heads(job: JobSpec, repeats: int, warmup: int,
                device: torch.device = torch.device("cpu")) -> dict[str, list[list[float]]]:
     """Per task: median seconds of drawing its batch and its loss head forward and backward on outputs of its leaf
-    MetaOps' shapes, at every local batch the planner can ask for."""
+    MetaOps' shapes (and rollout tokens of its generate uses), at every local batch the planner can ask for."""
     graph = build_metagraph(job)
     read = {d for op in graph.metaops for d in op.deps}
     out = {}
@@ -246,12 +257,18 @@ def time_heads(job: JobSpec, repeats: int, warmup: int,
         head = build_head(job, t).to(device)
         points = []
         for b in local_batches(leaves[0], job.cluster.num_devices):
-            outputs = {op.use: torch.randn(b, *feature_shape(job, op), device=device, requires_grad=True)
+            outputs = {op.use: torch.randn(b, *output_shape(job, op), device=device, requires_grad=True)
                        for op in leaves}
+            # the rollouts of the task's generate uses (a grpo head reads the tokens), without gradient
+            outputs |= {op.use: rollout_rows(job, op, b, device) for op in graph.metaops
+                        if op.task == task.name and op.gen is not None and op.gen.mode == "generate"}
 
-            def run(outputs: dict = outputs, b: int = b, t: int = t) -> None:
+            def run(outputs: dict = outputs, b: int = b, t: int = t, rows: int = leaves[0].batch_size) -> None:
                 # the loss host draws its rows' labels (and inputs) itself: its rows differ from the slices' rows
-                head(outputs, synthetic_batch(job, t, 0, 0, b).to(device)).sum().backward()
+                batch = synthetic_batch(job, t, 0, 0, b).to(device)
+                if b < rows:  # a head reading every row of the batch (grpo's groups, infonce) gets the batch's rows
+                    batch.gather_rows = lambda x: x.repeat(-(-rows // b), *[1] * (x.dim() - 1))[:rows]
+                head(outputs, batch).sum().backward()
                 head.zero_grad(set_to_none=True)
 
             points.append([b, _median_seconds(run, repeats, warmup, device)])

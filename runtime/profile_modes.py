@@ -1,0 +1,159 @@
+"""Timing a generate or sample MetaOp on this device: the measured side of their price (``loom profile``).
+
+A generate or sample use is one MetaOp of one layer that stands for the whole use (planner.generation.whole_use), so
+its profile point is the seconds of the whole use at a local batch, not of one of its layers:
+
+- **generate**: the decode :func:`runtime.generate.generate` runs (the use's component input module, every layer of
+  the use and the LM head the task's loss head decodes with, the grpo head's ``policy``), on the task's synthetic
+  prompts, each row with its own seeded sampler at the use's ``temperature``: a prefill of the prompt, then
+  ``new_tokens`` decode steps against the KV cache. No end-of-sequence stop: every row decodes all its tokens, the
+  work the planner prices. :func:`generate_timer` also times the prefill alone (the bench's split);
+- **sample**: ``denoise_steps`` forwards of the use's layers without gradient, the last one with gradient and its
+  backward when the use has one (``grad_last_step`` on a trained component), as
+  :meth:`planner.costmodel.CostModel.passes` counts them; the scheduler's per-step update (a few elementwise ops on
+  the latents) is not timed.
+
+The layers are the whole use's (:func:`use_layers`: every layer segment of the use rebuilt as the layered MetaOps a
+``train`` use of it would have, with the runtime's modules), since the one-layer MetaOp does not name them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from planner.components import expand_use
+from planner.metagraph import MetaOp, contract_segments
+from planner.spec import JobSpec
+from planner.usegraph import use_index
+from runtime.checks import feature_shape
+from runtime.data import synthetic_batch
+from runtime.embeddings import build_input_module
+from runtime.generate import decoder_for, generate, lm_logits, row_generators
+from runtime.heads import build_head
+from runtime.modules import build_layer, layer_kwargs
+
+
+def use_layers(job: JobSpec, op: MetaOp) -> list[tuple[MetaOp, list[nn.Module]]]:
+    """The layers of generate or sample MetaOp ``op``'s whole use, per layer segment: ``(segment MetaOp, its layers)``,
+    the segment MetaOp being ``op`` with that segment's layer workload, count and index (what runtime.modules builds
+    the layers and their keyword arguments from)."""
+    t, u = use_index(job, op)
+    segments = contract_segments(expand_use(job, t, u))
+    out = []
+    for s, seg in enumerate(segments):
+        part = replace(op, layer=seg, num_layers=seg.count, segment=s, gen=None,
+                       param_group=f"{op.component}#{s}" if len(segments) > 1 else op.component)
+        out.append((part, [build_layer(job, part, i) for i in range(seg.count)]))
+    return out
+
+
+Clock = Callable[[], float]
+
+
+def _timed(run: Callable[[], object], device: torch.device, clock: Clock) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = clock()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return clock() - start
+
+
+def generate_timer(job: JobSpec, op: MetaOp, device: torch.device,
+                   clock: Clock = time.perf_counter) -> Callable[[int, bool], float]:
+    """``time(rows, prefill_only=False)``: seconds of generate MetaOp ``op`` decoding ``rows`` rows on ``device`` (the
+    whole generation, or its prefill alone); the modules are built once, the prompts drawn before the clock starts.
+    ``clock``: wall time (as `loom profile`), or ``time.thread_time`` for the CPU time of a one-thread CPU run (what it
+    takes without other processes competing for the core: bench.generation on a shared machine)."""
+    t, u = use_index(job, op)
+    use = job.tasks[t].components[u]
+    layers = [layer.to(device).eval() for _, part in use_layers(job, op) for layer in part]
+    head = build_head(job, t).to(device).eval()
+    decoder = decoder_for(build_input_module(job, "embed:" + op.component).to(device).eval(), layers,
+                          lm_logits(getattr(head, "policy", head)))
+    prompts: dict[int, torch.Tensor] = {}
+
+    def time_rows(rows: int, prefill_only: bool = False) -> float:
+        if rows not in prompts:
+            ids = synthetic_batch(job, t, 0, 0, rows).inputs[op.use]
+            prompts[rows] = ids[[r - r % use.samples for r in range(rows)]].to(device)  # a group shares its prompt
+        ids = prompts[rows]
+        if prefill_only:
+            def run():
+                with torch.no_grad():
+                    decoder.start()
+                    decoder(ids, 0)
+        else:
+            generators = row_generators(job.training.seed, 0, op.task, range(rows), use.samples)
+            def run():  # noqa: E306
+                generate(decoder, ids, use.new_tokens, use.temperature, generators)
+        return _timed(run, device, clock)
+
+    return time_rows
+
+
+def sample_timer(job: JobSpec, op: MetaOp, device: torch.device) -> Callable[[int], float]:
+    """``time(rows)``: seconds of sample MetaOp ``op`` on ``rows`` rows on ``device``: ``denoise_steps`` forwards of the
+    use's layers, the last with gradient and backward when ``op`` has a backward (module docstring)."""
+    segments = use_layers(job, op)
+    parts = [(layer_kwargs(job, part), [layer.to(device) for layer in layers]) for part, layers in segments]
+    shape = feature_shape(job, segments[0][0], boundary=0)
+    steps, grad = op.gen.denoise_steps, op.backward_factor > 0
+    inputs: dict[int, torch.Tensor] = {}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        for kwargs, layers in parts:
+            for layer in layers:
+                x = layer(x, **kwargs)
+        return x
+
+    def run(x: torch.Tensor) -> None:
+        with torch.no_grad():
+            for _ in range(steps - 1 if grad else steps):
+                forward(x)
+        if grad:
+            y = forward(x)
+            y.backward(torch.ones_like(y))
+            for _, layers in parts:
+                for layer in layers:
+                    layer.zero_grad(set_to_none=True)
+
+    def time_rows(rows: int) -> float:
+        if rows not in inputs:
+            inputs[rows] = torch.randn(rows, *shape, device=device)
+        return _timed(lambda: run(inputs[rows]), device, time.perf_counter)
+
+    return time_rows
+
+
+def output_shape(job: JobSpec, op: MetaOp) -> tuple[int, ...]:
+    """Per-sample shape of what MetaOp ``op`` hands on (runtime.checks.feature_shape), for a sample MetaOp its use's
+    last layer's output (its one stand-in layer names only the first segment)."""
+    if op.gen is None or op.gen.mode != "sample":
+        return feature_shape(job, op)
+    t, u = use_index(job, op)
+    segments = contract_segments(expand_use(job, t, u))
+    last = replace(op, layer=segments[-1], num_layers=segments[-1].count, segment=len(segments) - 1, gen=None)
+    return feature_shape(job, last)
+
+
+def rollout_rows(job: JobSpec, op: MetaOp, rows: int, device: torch.device) -> torch.Tensor:
+    """``rows`` rows of what generate MetaOp ``op`` hands a loss head (runtime.rollout.pack: the prompt and random new
+    tokens of the component's vocabulary, all counting): a stand-in rollout for timing the head that reads it."""
+    from runtime.rollout import pack  # rollout imports runtime.heads; keep this module's imports light
+
+    t, u = use_index(job, op)
+    prompts = synthetic_batch(job, t, 0, 0, rows).inputs[op.use]
+    new = torch.randint(job.components[op.component].vocab_size, (rows, op.gen.new_tokens))
+    return pack(torch.cat([prompts, new], dim=1), torch.ones_like(new, dtype=torch.bool)).to(device)
+
+
+def mode_timer(job: JobSpec, op: MetaOp, device: torch.device) -> Callable[[int], float]:
+    """The timer of a generate or sample MetaOp (seconds of the whole use at a number of rows)."""
+    return generate_timer(job, op, device) if op.gen.mode == "generate" else sample_timer(job, op, device)
