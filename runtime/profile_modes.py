@@ -36,20 +36,13 @@ from runtime.embeddings import build_input_module
 from runtime.generate import decoder_for, generate, lm_logits, row_generators
 from runtime.heads import build_head
 from runtime.modules import build_layer, layer_kwargs
+from runtime.sampleop import twin_ops
 
 
 def use_layers(job: JobSpec, op: MetaOp) -> list[tuple[MetaOp, list[nn.Module]]]:
-    """The layers of generate or sample MetaOp ``op``'s whole use, per layer segment: ``(segment MetaOp, its layers)``,
-    the segment MetaOp being ``op`` with that segment's layer workload, count and index (what runtime.modules builds
-    the layers and their keyword arguments from)."""
-    t, u = use_index(job, op)
-    segments = contract_segments(expand_use(job, t, u))
-    out = []
-    for s, seg in enumerate(segments):
-        part = replace(op, layer=seg, num_layers=seg.count, segment=s, gen=None,
-                       param_group=f"{op.component}#{s}" if len(segments) > 1 else op.component)
-        out.append((part, [build_layer(job, part, i) for i in range(seg.count)]))
-    return out
+    """The layers of generate or sample MetaOp ``op``'s whole use: ``(MetaOp, its layers)`` for each MetaOp a train use
+    of the component would be (runtime.sampleop.twin_ops: the layers the runtime runs for the use)."""
+    return [(twin, [build_layer(job, twin, i) for i in range(twin.num_layers)]) for twin in twin_ops(job, op)]
 
 
 Clock = Callable[[], float]

@@ -4,6 +4,8 @@ them instead of the analytic formula."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import json
 
 import pytest
@@ -46,13 +48,17 @@ def grpo_job(nodes: int = 1, new_tokens: int = 5):
     })
 
 
+VAE = Path(__file__).resolve().parents[3] / "examples" / "models" / "vae"  # scripts/setup.sh writes it
+
+
 def sample_job(steps: int, grad: bool = True):
     unet = {"kind": "unet2d", "num_layers": 1, "hidden_size": 32, "channel_mults": [1, 2], "in_channels": 4,
             "image_size": 8}
     return parse_job({
         "name": "fb", "cluster": {"num_nodes": 1, "devices_per_node": 1, "device": "cpu"}, "components": {"unet": unet},
-        "tasks": [{"name": "fb", "batch_size": 2, "loss": "mse", "components": [
-            {"component": "unet", "mode": "sample", "denoise_steps": steps, "grad_last_step": grad}]}],
+        "tasks": [{"name": "fb", "batch_size": 2, "loss": "feedback", "components": [
+            {"component": "unet", "mode": "sample", "denoise_steps": steps, "grad_last_step": grad}],
+            "feedback": {"vae": str(VAE), "scorers": [{"kind": "linear", "seed": 1}]}}],
         "training": {"precision": "fp32"},
     })
 
