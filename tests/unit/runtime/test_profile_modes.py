@@ -4,9 +4,8 @@ them instead of the analytic formula."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import pytest
 import torch
