@@ -37,7 +37,8 @@ def markdown(records: list[dict]) -> str:
              "hand-offs included) of Loom's plan, the colocated placement (verl-style: every role on all devices, in "
              "turn) and the best fixed split (OpenRLHF-style: a pool per role); (!) marks a placement that does not "
              "fit in device memory. The speed-up is over the better fitting baseline.", "",
-             "| spec | devices | Loom | colocated | split | speed-up | Loom's choice |", "|---|---|---|---|---|---|---|"]
+             "| spec | devices | Loom | colocated | split | speed-up | Loom's choice |",
+             "|---|---|---|---|---|---|---|"]
     for rec in records:
         p = rec["placements"]
         speed = f"{rec['speedup']:.2f}x" if rec["speedup"] else "n/a"

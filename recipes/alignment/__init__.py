@@ -5,7 +5,8 @@ sequences through the model) and its evaluator with the runtime (a job opts in w
 tasks (the generator: two domains, rule rewards, preference pairs, PAS complements), data (the dataset), losses
 (reward model, DPO, GRPO's KL penalty on SFT data), merge (linear, task arithmetic, Model Stock over exported model
 folders; the phase step ``merge``), grpo (loss ``grpo_rm``: GRPO scored by the trained reward model, its prompts,
-the step ``reward_head``), evaluate (held-out reward accuracy, packing utilisation), make (writes the data, tokenizer and tiny Llama).
+the step ``reward_head``), evaluate (held-out reward accuracy, packing utilisation), make (writes the data,
+tokenizer and tiny Llama).
 docs/recipes/alignment.md.
 """
 

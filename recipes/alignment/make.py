@@ -9,9 +9,9 @@ and built locally from config classes (examples/make_models.py, examples/make_to
 
 Data files (docs/data.md formats): ``train/sft.jsonl`` (chat: both domains, a correct answer each),
 ``train/sft_<domain>.jsonl`` (one domain each: per-domain SFT parents for merging), ``train/preference.jsonl`` and
-``heldout/preference.jsonl`` (prompt, chosen, rejected, scores on four pairs in five), ``train/preference_<domain>.jsonl``
-(the train pairs of one domain: the phased pipeline's SFT learns their chosen answers, in the reward model's format),
-``train/pas.jsonl`` and ``heldout/pas.jsonl`` (chat: prompt -> PAS complement).
+``heldout/preference.jsonl`` (prompt, chosen, rejected, scores on four pairs in five),
+``train/preference_<domain>.jsonl`` (the train pairs of one domain: the phased pipeline's SFT learns their chosen
+answers, in the reward model's format), ``train/pas.jsonl`` and ``heldout/pas.jsonl`` (chat: prompt -> PAS complement).
 """
 
 from __future__ import annotations

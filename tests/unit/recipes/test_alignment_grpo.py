@@ -104,3 +104,14 @@ def test_the_reward_head_step_writes_the_phase_heads_beside_its_export(model, tm
                        ({"seed": 1}, r"args\.seed: unknown argument of step 'reward_head'")]:
         with pytest.raises(SpecError, match=match):
             check_step_args("reward_head", args | bad, "phases[4].args", tmp_path)
+
+
+def test_the_pipeline_is_checked_whole():
+    from orchestrator.pipeline import read_pipeline
+
+    pipeline = read_pipeline(make.HERE / "pipeline" / "pipeline-tiny.yaml")
+    assert [(p.name, p.spec.step) for p in pipeline.phases] == [
+        ("sft", None), ("sft_arithmetic", None), ("sft_constraints", None), ("merge", "merge"), ("rm", None),
+        ("rm_head", "reward_head"), ("grpo", None)]
+    job = pipeline.phases[-1].job
+    assert job.tasks[0].loss == "grpo_rm" and job.components["reference"].frozen
