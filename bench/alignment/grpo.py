@@ -75,6 +75,29 @@ def kl_to(policy, reference, prompt_ids: list[int], answer_ids: list[int]) -> tu
     return float((logp.exp() * (logp - logq)).sum()), len(answer_ids)
 
 
+@torch.no_grad()
+def rollouts(model, tokenizer, reward: RewardModel, groups: int, seed: int = 0) -> dict[str, float]:
+    """GRPO's own view: groups of 4 answers sampled at temperature 1 to ``groups`` train prompts, left-padded to the
+    rollout's 20 tokens as recipes.alignment.grpo.prompt_batch pads them (attended, as Loom's generate attends every
+    prompt token), scored by the rule and the reward model: what GRPO's advantages follow."""
+    torch.manual_seed(seed)
+    scores, rewards = [], []
+    for g in range(groups):
+        p = grpo.problem(seed, "train", g)
+        ids = tokenizer(p.prompt)["input_ids"]
+        ids = [tokenizer.pad_token_id] * (20 - len(ids)) + ids
+        batch = torch.tensor([ids] * 4)
+        out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=NEW_TOKENS, do_sample=True,
+                             temperature=1.0, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, len(ids):].tolist():
+            row = row[:row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
+            text = tokenizer.decode([i for i in row if i != tokenizer.eos_token_id], skip_special_tokens=True)
+            scores.append(tasks.rule_score(p, text))
+            rewards.append(reward(ids + row))
+    return {"rule_score": sum(scores) / len(scores), "reward": sum(rewards) / len(rewards), "answers": len(scores)}
+
+
 def evaluate(out: Path, prompts: int, seed: int = 0) -> dict:
     """Every model's rule score, checks, reward-model score and answer length on ``prompts`` held-out prompts, and
     the GRPO policy's KL to the reference."""
@@ -104,7 +127,8 @@ def evaluate(out: Path, prompts: int, seed: int = 0) -> dict:
                       "checks": {k: v / len(problems) for k, v in passed.items()},
                       "example": {"prompt": problems[0].prompt, "answer": tokenizer.decode(
                           answer(model, tokenizer, problems[0].prompt), skip_special_tokens=True)}}
-    return {"prompts": prompts, "domain": grpo.DOMAIN, "models": rows, "losses": phase_losses(out)}
+    sampled = {name: rollouts(*models[name], reward, 24, seed) for name in ("merged SFT", "GRPO")}
+    return {"prompts": prompts, "domain": grpo.DOMAIN, "models": rows, "rollouts": sampled, "losses": phase_losses(out)}
 
 
 def phase_losses(out: Path) -> dict[str, dict[str, float]]:
@@ -131,6 +155,10 @@ def markdown(rec: dict) -> str:
     for name, r in rec["models"].items():
         lines.append(f"| {name} | {r['rule_score']:.3f} | " + " | ".join(f"{v:.2f}" for v in r["checks"].values()) +
                      f" | {r['reward']:.3f} | {r['answer_tokens']:.1f} | {r['kl_to_reference']:.4f} |")
+    lines += ["", "Sampled rollouts as GRPO trains on them (train prompts, left-padded to 20 tokens, 4 samples each at "
+              "temperature 1):", "", "| model | answers | rule score | reward model |", "|---|---|---|---|"]
+    for name, r in rec["rollouts"].items():
+        lines.append(f"| {name} | {r['answers']} | {r['rule_score']:.3f} | {r['reward']:.3f} |")
     lines += ["", "| phase/task | steps | loss, first 10% | loss, last 10% |", "|---|---|---|---|"]
     for phase, v in rec["losses"].items():
         lines.append(f"| {phase} | {v['steps']} | {v['first']:.4f} | {v['last']:.4f} |")
