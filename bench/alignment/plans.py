@@ -13,6 +13,7 @@ import argparse
 import os
 
 from bench.common import REPO_ROOT, write_results
+from bench.rl.__main__ import markdown as rl_markdown
 from bench.rl.__main__ import run_cell
 
 SPECS = ("recipes/alignment/grpo-qwen2-7b-16xH100.yaml", "recipes/alignment/grpo-llama3-70b-64xH100.yaml")
@@ -25,34 +26,17 @@ def plan_spec(spec: str) -> dict:
 
 
 def markdown(records: list[dict]) -> str:
-    """One row per spec: each placement's predicted iteration and peak memory, the speed-up, the pools."""
+    """bench.rl's tables and geometric mean of these records, under this bench's own heading."""
+    body = rl_markdown(records)
+    return HEADER + body[body.index("| cell |"):]
 
-    def cell(r: dict | None) -> str:
-        if r is None:
-            return "none possible"
-        return f"{r['iteration_s']:.2f} s, {r['peak_gib']:.1f} GiB{'' if r['fits'] else ' (!)'}"
 
-    lines = ["# Alignment recipe: `loom plan` of the GRPO iterations", "",
-             "Predicted iteration time and peak memory per device (analytic H100 cost model, planner.simulator, weight "
-             "hand-offs included) of Loom's plan, the colocated placement (verl-style: every role on all devices, in "
-             "turn) and the best fixed split (OpenRLHF-style: a pool per role); (!) marks a placement that does not "
-             "fit in device memory. The speed-up is over the better fitting baseline.", "",
-             "| spec | devices | Loom | colocated | split | speed-up | Loom's choice |",
-             "|---|---|---|---|---|---|---|"]
-    for rec in records:
-        p = rec["placements"]
-        speed = f"{rec['speedup']:.2f}x" if rec["speedup"] else "n/a"
-        lines.append(f"| `{rec['cell']}` | {rec['devices']} x {rec['device']} ({rec['memory_gib']:.0f} GiB) | "
-                     f"{cell(p['loom'])} | {cell(p.get('colocated'))} | {cell(p.get('split'))} | {speed} | "
-                     f"{p['loom']['method']} |")
-    lines += ["", "| spec | placement | pools (devices per role) | hand-off |", "|---|---|---|---|"]
-    for rec in records:
-        for name, r in rec["placements"].items():
-            pools = ", ".join(f"{k} {v}" for k, v in r["pools"].items())
-            lines.append(f"| `{rec['cell']}` | {name} | {pools} | {r['handoff_s'] * 1e3:.0f} ms |")
-    lines += ["", "Planning time (Loom's `plan_job`, baselines included): " +
-              ", ".join(f"`{r['cell']}` {r['planning_s']:.1f} s" for r in records) + "."]
-    return "\n".join(lines) + "\n"
+HEADER = ("# Alignment recipe: `loom plan` of the GRPO iterations\n\n"
+          "Predicted iteration time and peak memory per device (analytic H100 cost model, planner.simulator, weight "
+          "hand-offs included) of Loom's plan, the colocated placement (verl-style: every role on all devices, in "
+          "turn) and the best fixed split (OpenRLHF-style: a pool per role), for recipes/alignment/grpo-*.yaml "
+          "(bench.rl's tables); (!) marks a placement that does not fit in device memory. The speed-up is over the "
+          "better fitting baseline.\n\n")
 
 
 def main(argv: list[str] | None = None) -> int:
