@@ -4,16 +4,24 @@ Importing this package registers the recipe's losses (``reward_bt``), its datase
 sequences through the model) and its evaluator with the runtime (a job opts in with ``recipe: alignment``). Modules:
 tasks (the generator: two domains, rule rewards, preference pairs, PAS complements), data (the dataset), losses
 (reward model, DPO, GRPO's KL penalty on SFT data), merge (linear, task arithmetic, Model Stock over exported model
-folders), evaluate (held-out reward accuracy, packing utilisation), make (writes the data, tokenizer and tiny Llama).
+folders; the phase step ``merge``), grpo (loss ``grpo_rm``: GRPO scored by the trained reward model, its prompts,
+the step ``reward_head``), evaluate (held-out reward accuracy, packing utilisation), make (writes the data,
+tokenizer and tiny Llama).
 docs/recipes/alignment.md.
 """
 
-from recipes.alignment import data, evaluate, losses  # modules, so that their names are not shadowed
+from orchestrator.steps import register_step
+from recipes.alignment import data, evaluate, grpo, losses, merge  # modules, so that their names are not shadowed
 from runtime.data import register_dataset
 from runtime.evaluate import register_evaluator
 from runtime.heads import register_loss
 
 for _name, _factory in losses.LOSS_FACTORIES.items():
     register_loss(_name, _factory)
+register_loss("grpo_rm", grpo.grpo_rm_head)
 register_dataset("alignment", data.job_batch)
 register_evaluator("alignment", evaluate.evaluate)
+register_step("merge", merge.merge_step, check=merge.check_merge_args,
+              doc="merge model folders over their base (args: method, component, base, models, weights, scale)")
+register_step("reward_head", grpo.reward_head_step, check=grpo.check_reward_head_args,
+              doc="a reward-model phase's export with its trained scalar head (args: component, model, task)")

@@ -56,12 +56,17 @@ def pairs(job: JobSpec, t: int, split: str, indices: range) -> list[dict]:
 
 def job_batch(job: JobSpec, t: int, step: int, start: int, stop: int, split: str) -> TaskBatch:
     """Rows ``[start, stop)`` of task ``t``'s batch at ``step``: preference pairs for a ``reward_bt`` task (see the
-    module docstring); a ValueError for a task of another loss without ``data:``."""
+    module docstring); the rollout prompts of a ``grpo_rm`` task (recipes.alignment.grpo.prompt_batch); a ValueError
+    for a task of another loss without ``data:``."""
     task = job.tasks[t]
+    if task.loss == "grpo_rm":  # rollouts: the generator's prompts (recipes.alignment.grpo)
+        from recipes.alignment.grpo import prompt_batch
+
+        return prompt_batch(job, t, step, start, stop, split)
     if task.loss not in PAIR_LOSSES:
         raise ValueError(f"tasks[{t}] ('{task.name}'): recipe alignment generates data for losses "
-                         f"{', '.join(PAIR_LOSSES)} only, not '{task.loss}'; give the task a `data:` source "
-                         "(docs/data.md; recipes/alignment/data holds the generated files).")
+                         f"{', '.join(PAIR_LOSSES)} and grpo_rm only, not '{task.loss}'; give the task a `data:` "
+                         "source (docs/data.md; recipes/alignment/data holds the generated files).")
     size = task.batch_size
     rows = pairs(job, t, split, range(step * size + start, step * size + stop))
     inputs, targets = {}, {}

@@ -9,8 +9,9 @@ and built locally from config classes (examples/make_models.py, examples/make_to
 
 Data files (docs/data.md formats): ``train/sft.jsonl`` (chat: both domains, a correct answer each),
 ``train/sft_<domain>.jsonl`` (one domain each: per-domain SFT parents for merging), ``train/preference.jsonl`` and
-``heldout/preference.jsonl`` (prompt, chosen, rejected, scores on four pairs in five), ``train/pas.jsonl`` and
-``heldout/pas.jsonl`` (chat: prompt -> PAS complement).
+``heldout/preference.jsonl`` (prompt, chosen, rejected, scores on four pairs in five),
+``train/preference_<domain>.jsonl`` (the train pairs of one domain: the phased pipeline's SFT learns their chosen
+answers, in the reward model's format), ``train/pas.jsonl`` and ``heldout/pas.jsonl`` (chat: prompt -> PAS complement).
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ def write_data(folder: str | Path = HERE / "data", seed: int = SEED) -> list[Pat
         rows = [tasks.chat(seed, f"sft-{domain}", i, domain) for i in range(SFT_ROWS // 2)]
         written.append(_write(out / "train" / f"sft_{domain}.jsonl", rows))
     for split, n in PAIR_ROWS.items():
-        written.append(_write(out / split / "preference.jsonl", [generated_pair(seed, split, i) for i in range(n)]))
+        pairs = [generated_pair(seed, split, i) for i in range(n)]
+        written.append(_write(out / split / "preference.jsonl", pairs))
+        for domain in tasks.DOMAINS if split == "train" else ():  # the phased pipeline's per-domain SFT
+            rows = [pair for pair in pairs if pair["domain"] == domain]
+            written.append(_write(out / split / f"preference_{domain}.jsonl", rows))
     for split, n in PAS_ROWS.items():
         written.append(_write(out / split / "pas.jsonl", [tasks.pas_pair(seed, f"pas-{split}", i) for i in range(n)]))
     return written

@@ -16,6 +16,10 @@ tensor (one weight of one layer: how MergeKit applies them):
 The output folder is the first model's with merged weights (config, tokenizer and the rest copied), so a later
 ``pretrained:`` or ``from_pretrained`` reads it. Every model must hold the same tensor names and shapes as the base:
 anything else is refused in one line (MergeError).
+
+In a phased job (docs/job-spec.md, Phases) the step ``merge`` runs it between phases (:func:`merge_step`, registered
+by recipes/alignment/__init__.py): ``{method, component, base, models, weights, scale}``, ``models`` usually earlier
+phases' ``@<phase>/model``; it writes ``model`` (``OUT/<phase>/export/<component>/``).
 """
 
 from __future__ import annotations
@@ -136,6 +140,40 @@ def merge_folders(method: str, out: str | Path, base: str | Path, models: Sequen
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
+
+
+STEP_ARGS = ("method", "component", "base", "models", "weights", "scale")
+
+
+def check_merge_args(args: dict, base: Path | None) -> None:
+    """The ``merge`` step's args, torch-free (orchestrator.steps runs it before anything runs): a ValueError naming the
+    argument. ``component``, ``models`` and ``weights`` as the built-in ``average`` checks them."""
+    from orchestrator.steps import StepContext, check_average
+
+    for key in args:
+        if key not in STEP_ARGS:
+            raise ValueError(f"{key}: unknown argument of step 'merge'; it takes {', '.join(STEP_ARGS)}.")
+    if args.get("method") not in METHODS:
+        raise ValueError(f"method ({args.get('method')!r}): expected one of {', '.join(METHODS)}. Fix the value.")
+    folder = args.get("base")
+    if not isinstance(folder, str) or not (folder.startswith("@") or StepContext("", {}, Path(), base).path(
+            folder).is_dir()):
+        raise ValueError(f"base ({folder!r}): required, the from_pretrained folder every model was fine-tuned from "
+                         "(or a reference '@<phase>/model'). Fix the value.")
+    scale = args.get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"scale ({scale!r}): expected a number (task_arithmetic's delta scale). Fix the value.")
+    check_average({k: args[k] for k in ("component", "models", "weights") if k in args}, base)
+
+
+def merge_step(ctx) -> None:
+    """Step ``merge`` (an orchestrator.steps.StepContext): :func:`merge_folders` of ``models`` over ``base`` into
+    ``OUT/<phase>/export/<component>/``; a MergeError (one line) when the folders cannot be merged."""
+    from planner.pipeline import MODEL
+
+    args = ctx.args
+    merge_folders(args["method"], ctx.artifact(MODEL) / args["component"], ctx.path(args["base"]),
+                  [ctx.path(m) for m in args["models"]], args.get("weights"), float(args.get("scale", 1.0)))
 
 
 def main(argv: list[str]) -> int:

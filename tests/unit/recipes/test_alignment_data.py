@@ -83,7 +83,7 @@ def test_shipped_files_are_what_the_generator_writes_and_the_runtime_reads(tmp_p
     for path in written:
         shipped = DATA / path.relative_to(tmp_path)
         assert shipped.read_text() == path.read_text(), f"{shipped} is stale: run python -m recipes.alignment.make"
-        fmt = "preference" if path.name == "preference.jsonl" else "chat"
+        fmt = "preference" if path.name.startswith("preference") else "chat"
         assert len(load_records(DataSpec(format=fmt, path=str(path)), 0, None, False).rows) > 0
     tokenizer = load_tokenizer(str(DATA / "tokenizer"), "tokenizer")
     for path in written:

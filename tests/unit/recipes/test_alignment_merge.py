@@ -100,3 +100,32 @@ def test_mismatched_models_and_missing_folders_are_one_line_errors(tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith("error: models[0]") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_the_merge_step_writes_the_phase_model_and_checks_its_args(tmp_path):
+    from recipes.alignment import merge as _registered  # importing the recipe registers the step
+    from orchestrator.steps import STEPS, StepContext, check_step_args
+    from planner.errors import SpecError
+
+    small = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64)
+    base = make.write_model(tmp_path / "base", seed=0, **small)
+    parents = [make.write_model(tmp_path / f"sft{i}", seed=i + 1, **small) for i in range(2)]
+    args = {"method": "task_arithmetic", "component": "policy", "base": "base", "models": ["sft0", "@sft1/model"],
+            "scale": 0.5}
+    check_step_args("merge", args, "phases[2].args", tmp_path)  # a reference is the pipeline's to check
+    ctx = StepContext("merge", args | {"models": [str(p) for p in parents]}, tmp_path / "out" / "merge", tmp_path)
+    assert STEPS["merge"].run is _registered.merge_step
+    STEPS["merge"].run(ctx)
+    names = sorted(tensor_files(base))
+    merged = read_tensors(tmp_path / "out" / "merge" / "export" / "policy", names)
+    expected = merge_tensors("task_arithmetic", [read_tensors(p, names) for p in parents], read_tensors(base, names),
+                             scale=0.5)
+    for name in names:
+        torch.testing.assert_close(merged[name], expected[name])
+    for bad, match in [({"method": "ties"}, r"phases\[2\]\.args\.method \('ties'\): expected one of linear"),
+                       ({"base": "nowhere"}, r"args\.base \('nowhere'\): required"),
+                       ({"scale": "big"}, r"args\.scale \('big'\): expected a number"),
+                       ({"models": ["sft0"]}, r"args\.models .*2 or more"),
+                       ({"extra": 1}, r"args\.extra: unknown argument of step 'merge'")]:
+        with pytest.raises(SpecError, match=match):
+            check_step_args("merge", args | bad, "phases[2].args", tmp_path)
