@@ -54,16 +54,14 @@ def read_pipeline(path: str | Path, cluster: str | Path | None = None) -> Pipeli
     """The phased job in ``path`` checked whole (planner.pipeline, each step's args, the recipe's name), or None
     when the file has no ``phases:`` (a one-phase job: orchestrator.recipes.load_job reads it). A recipe's own
     steps are registered by importing the recipe, only when a phase names a step that is not built in."""
-    from orchestrator.recipes import RECIPES, check_recipe
+    from orchestrator.recipes import RECIPES, check_recipe, import_recipe
 
     data = read_job_document(path, cluster)
     if not is_phased(data):
         return None
     named = {p.get("step") for p in data.get("phases") or [] if isinstance(p, dict)} - {None}
     if named - set(STEPS) and data.get("recipe") in RECIPES:
-        import importlib
-
-        importlib.import_module(RECIPES[data["recipe"]])
+        import_recipe(data["recipe"])
     pipeline = parse_pipeline(data, registered_steps(), base=Path(path).resolve().parent)
     for phase in pipeline.phases:
         if phase.is_step:

@@ -37,7 +37,27 @@ def load_recipe(job: JobSpec) -> None:
     one. Importing again is free. A SpecError for a name not in :data:`RECIPES`."""
     check_recipe(job)
     if job.recipe is not None:
-        importlib.import_module(RECIPES[job.recipe])
+        import_recipe(job.recipe)
+
+
+def job_losses(job: JobSpec) -> tuple[str, ...]:
+    """The recipe losses ``job``'s workers will know: its recipe's, loaded here (:func:`load_recipe`); none without a
+    recipe, whatever other recipes this process has imported (a worker loads only the job's own)."""
+    from runtime.heads import registered_losses
+
+    load_recipe(job)
+    return registered_losses() if job.recipe is not None else ()
+
+
+def import_recipe(name: str) -> None:
+    """Import recipe ``name`` (a key of :data:`RECIPES`): it registers its losses, dataset and evaluator with the
+    runtime; the phase steps it declares (``PHASE_STEPS``: name -> orchestrator.steps.register_step's keyword
+    arguments) are registered here, since a recipe never imports the orchestrator."""
+    from orchestrator.steps import register_step
+
+    module = importlib.import_module(RECIPES[name])
+    for step, spec in getattr(module, "PHASE_STEPS", {}).items():
+        register_step(step, **spec)
 
 
 def load_job(path: str | Path, cluster: str | Path | None = None) -> JobSpec:

@@ -16,16 +16,15 @@ def check_runnable_job(job: JobSpec, address: str | None) -> None:
     """A RunInputError unless ``loom run`` can train ``job``: losses and chains the runtime runs and, unless it
     joins a cluster (``address``, from ``--address``), CPU devices (the embedded cluster is this machine's CPUs). Loads the job's
     recipe in the driver (its losses); each worker loads it again in its own process."""
-    from orchestrator.recipes import load_recipe
+    from orchestrator.recipes import job_losses
     from runtime.checks import check_trainable
-    from runtime.heads import registered_losses
     from runtime.sources import check_data
 
-    load_recipe(job)
+    losses = job_losses(job)
     if not address:
         check_cpu_device(job.cluster.device, "cluster.device")
     try:
-        check_trainable(job, registered_losses())
+        check_trainable(job, losses)
     except ValueError as exc:
         raise RunInputError(str(exc)) from None
     check_data(job)  # tasks' data: files, rows, tokenizers (a DataError, one line), before any Ray process starts

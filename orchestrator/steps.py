@@ -5,8 +5,9 @@ merging, filtering. Why the driver and not a Ray worker: a step reads and writes
 phases' exported models, generated datasets) and needs no accelerator; the driver is the one process sure to see
 that folder (a worker of a joined cluster may be on a node without it), and it holds no devices between phases.
 
-Recipes register their steps on import (:func:`register_step`), as they register losses and datasets
-(orchestrator.recipes); :func:`registered_steps` is what planner.pipeline checks step names and references against.
+A recipe declares its steps in its package's ``PHASE_STEPS`` (name -> :func:`register_step`'s keyword arguments)
+and orchestrator.recipes registers them when it imports the recipe (recipes never import the orchestrator:
+DESIGN.md §3); the step API they use (StepContext, check_average) is torch-free planner.pipeline's; :func:`registered_steps` is what planner.pipeline checks step names and references against.
 A step declares the artifacts it writes: ``model`` is the folder ``OUT/<phase>/export/`` (one from_pretrained folder
 per component, as a trained phase exports), any other name ``OUT/<phase>/<name>``. Torch loads only when a step
 runs.
@@ -21,27 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.errors import SpecError
-from planner.pipeline import EXPORT_DIR, MODEL
-
-
-@dataclass(frozen=True)
-class StepContext:
-    """What a step gets: its phase, its ``args`` (references already replaced by the artifacts' absolute paths),
-    the folder it writes its artifacts into and the spec file's folder (relative paths in ``args``)."""
-
-    phase: str
-    args: dict[str, Any]
-    out_dir: Path  # OUT/<phase>
-    base: Path | None = None
-
-    def path(self, value: str | Path) -> Path:
-        """``value`` as an absolute path: relative paths are read from the spec file's folder."""
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else (self.base or Path.cwd()) / path
-
-    def artifact(self, name: str) -> Path:
-        """Where this step writes artifact ``name`` (``model``: the export folder)."""
-        return self.out_dir / (EXPORT_DIR if name == MODEL else name)
+from planner.pipeline import MODEL, StepContext, check_average  # noqa: F401  (re-exported: the step API)
 
 
 @dataclass(frozen=True)
@@ -81,31 +62,6 @@ def check_step_args(step: str, args: dict[str, Any], where: str, base: Path | No
 
 
 # --------------------------------------------------------------------------- built-in: average
-
-
-def check_average(args: dict[str, Any], base: Path | None) -> None:
-    """``component`` (a name), ``models`` (2+ folders or references), optional ``weights`` (one number >= 0 per
-    model, not all 0); no other key. Plain folders must exist now; references are checked by planner.pipeline."""
-    known = {"component", "models", "weights"}
-    for key in args:
-        if key not in known:
-            raise ValueError(f"{key}: unknown argument of step 'average'; it takes {', '.join(sorted(known))}.")
-    if not isinstance(args.get("component"), str):
-        raise ValueError("component: required, the component name the averaged model is written as "
-                         "(OUT/<phase>/export/<component>/). Add it.")
-    models = args.get("models")
-    if not isinstance(models, list) or len(models) < 2 or not all(isinstance(m, str) for m in models):
-        raise ValueError(f"models ({models!r}): expected a list of 2 or more model folders or references "
-                         "('@<phase>/model'). Fix the value.")
-    for i, model in enumerate(models):
-        if not model.startswith("@") and not StepContext("", {}, Path(), base).path(model).is_dir():
-            raise ValueError(f"models[{i}] ({model!r}): no such folder. Point it at a from_pretrained folder.")
-    weights = args.get("weights")
-    if weights is not None and (not isinstance(weights, list) or len(weights) != len(models)
-                                or not all(isinstance(w, (int, float)) and w >= 0 for w in weights)
-                                or not sum(weights) > 0):
-        raise ValueError(f"weights ({weights!r}): expected {len(models)} numbers >= 0 (one per model), not all 0. "
-                         "Fix the value or leave it out (equal weights).")
 
 
 def average(ctx: StepContext) -> None:

@@ -37,7 +37,7 @@ import requests
 from ray.job_submission import JobSubmissionClient
 
 from planner.errors import LoomError
-from orchestrator.recipes import load_job, load_recipe
+from orchestrator.recipes import job_losses, load_job
 from planner.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -285,11 +285,9 @@ def submit_job(job_path: str | Path, address: str, *, plan: str | Path | None = 
 def _check_trainable(job: JobSpec) -> None:
     """``loom run``'s own check of the job (losses, shapes between uses), here rather than on the cluster."""
     from runtime.checks import check_trainable
-    from runtime.heads import registered_losses
 
-    load_recipe(job)  # its losses
     try:
-        check_trainable(job, registered_losses())
+        check_trainable(job, job_losses(job))
     except ValueError as exc:
         raise SubmitError(f"loom run would refuse this job: {exc}") from None
 

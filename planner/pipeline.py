@@ -311,3 +311,51 @@ def phase_job(doc: dict[str, Any], spec: PhaseSpec, base: Path | None, locate: L
     except ValueError as exc:
         raise SpecError(str(exc)) from None
     return job
+
+
+# --------------------------------------------------------------------------- what a step gets (orchestrator.steps runs it)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step gets: its phase, its ``args`` (references already replaced by the artifacts' absolute paths),
+    the folder it writes its artifacts into and the spec file's folder (relative paths in ``args``)."""
+
+    phase: str
+    args: dict[str, Any]
+    out_dir: Path  # OUT/<phase>
+    base: Path | None = None
+
+    def path(self, value: str | Path) -> Path:
+        """``value`` as an absolute path: relative paths are read from the spec file's folder."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.base or Path.cwd()) / path
+
+    def artifact(self, name: str) -> Path:
+        """Where this step writes artifact ``name`` (``model``: the export folder)."""
+        return self.out_dir / (EXPORT_DIR if name == MODEL else name)
+
+
+def check_average(args: dict[str, Any], base: Path | None) -> None:
+    """``component`` (a name), ``models`` (2+ folders or references), optional ``weights`` (one number >= 0 per
+    model, not all 0); no other key. Plain folders must exist now; references are checked by planner.pipeline."""
+    known = {"component", "models", "weights"}
+    for key in args:
+        if key not in known:
+            raise ValueError(f"{key}: unknown argument of step 'average'; it takes {', '.join(sorted(known))}.")
+    if not isinstance(args.get("component"), str):
+        raise ValueError("component: required, the component name the averaged model is written as "
+                         "(OUT/<phase>/export/<component>/). Add it.")
+    models = args.get("models")
+    if not isinstance(models, list) or len(models) < 2 or not all(isinstance(m, str) for m in models):
+        raise ValueError(f"models ({models!r}): expected a list of 2 or more model folders or references "
+                         "('@<phase>/model'). Fix the value.")
+    for i, model in enumerate(models):
+        if not model.startswith("@") and not StepContext("", {}, Path(), base).path(model).is_dir():
+            raise ValueError(f"models[{i}] ({model!r}): no such folder. Point it at a from_pretrained folder.")
+    weights = args.get("weights")
+    if weights is not None and (not isinstance(weights, list) or len(weights) != len(models)
+                                or not all(isinstance(w, (int, float)) and w >= 0 for w in weights)
+                                or not sum(weights) > 0):
+        raise ValueError(f"weights ({weights!r}): expected {len(models)} numbers >= 0 (one per model), not all 0. "
+                         "Fix the value or leave it out (equal weights).")

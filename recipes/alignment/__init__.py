@@ -10,7 +10,6 @@ tokenizer and tiny Llama).
 docs/recipes/alignment.md.
 """
 
-from orchestrator.steps import register_step
 from recipes.alignment import data, evaluate, grpo, losses, merge  # modules, so that their names are not shadowed
 from runtime.data import register_dataset
 from runtime.evaluate import register_evaluator
@@ -21,7 +20,10 @@ for _name, _factory in losses.LOSS_FACTORIES.items():
 register_loss("grpo_rm", grpo.grpo_rm_head)
 register_dataset("alignment", data.job_batch)
 register_evaluator("alignment", evaluate.evaluate)
-register_step("merge", merge.merge_step, check=merge.check_merge_args,
-              doc="merge model folders over their base (args: method, component, base, models, weights, scale)")
-register_step("reward_head", grpo.reward_head_step, check=grpo.check_reward_head_args,
-              doc="a reward-model phase's export with its trained scalar head (args: component, model, task)")
+# the phase steps, registered by the orchestrator when it imports the recipe (orchestrator.recipes.import_recipe)
+PHASE_STEPS = {
+    "merge": dict(run=merge.merge_step, check=merge.check_merge_args, doc="merge model folders over their base "
+                  "(args: method, component, base, models, weights, scale)"),
+    "reward_head": dict(run=grpo.reward_head_step, check=grpo.check_reward_head_args, doc="a reward-model phase's "
+                        "export with its trained scalar head (args: component, model, task)"),
+}

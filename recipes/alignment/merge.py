@@ -146,9 +146,9 @@ STEP_ARGS = ("method", "component", "base", "models", "weights", "scale")
 
 
 def check_merge_args(args: dict, base: Path | None) -> None:
-    """The ``merge`` step's args, torch-free (orchestrator.steps runs it before anything runs): a ValueError naming the
+    """The ``merge`` step's args, torch-free (the orchestrator runs it before anything runs): a ValueError naming the
     argument. ``component``, ``models`` and ``weights`` as the built-in ``average`` checks them."""
-    from orchestrator.steps import StepContext, check_average
+    from planner.pipeline import StepContext, check_average
 
     for key in args:
         if key not in STEP_ARGS:
@@ -167,7 +167,7 @@ def check_merge_args(args: dict, base: Path | None) -> None:
 
 
 def merge_step(ctx) -> None:
-    """Step ``merge`` (an orchestrator.steps.StepContext): :func:`merge_folders` of ``models`` over ``base`` into
+    """Step ``merge`` (given a planner.pipeline.StepContext): :func:`merge_folders` of ``models`` over ``base`` into
     ``OUT/<phase>/export/<component>/``; a MergeError (one line) when the folders cannot be merged."""
     from planner.pipeline import MODEL
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import recipes.alignment as recipe  # registers grpo_rm and the steps
+import recipes.alignment as recipe  # registers grpo_rm
+from orchestrator.recipes import import_recipe
 from orchestrator.steps import STEPS, StepContext, check_step_args
 from planner.errors import SpecError
 from planner.spec import parse_job
@@ -16,6 +17,8 @@ from recipes.alignment import grpo, make
 from runtime.heads import build_head
 from runtime.reference import MODEL_FILE
 from runtime.tokenizer import load_tokenizer
+
+import_recipe("alignment")  # its phase steps (PHASE_STEPS), as loom registers them for a job naming the recipe
 
 PROMPT, NEW, SAMPLES = 20, 6, 4
 

@@ -103,9 +103,12 @@ def test_mismatched_models_and_missing_folders_are_one_line_errors(tmp_path, cap
 
 
 def test_the_merge_step_writes_the_phase_model_and_checks_its_args(tmp_path):
-    from recipes.alignment import merge as _registered  # importing the recipe registers the step
+    from orchestrator.recipes import import_recipe
     from orchestrator.steps import STEPS, StepContext, check_step_args
     from planner.errors import SpecError
+    from recipes.alignment import merge as _registered
+
+    import_recipe("alignment")  # registers the recipe's PHASE_STEPS, as loom does for a job naming the recipe
 
     small = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64)
     base = make.write_model(tmp_path / "base", seed=0, **small)
