@@ -34,10 +34,12 @@ from orchestrator.checkpoint import CKPT_DIRNAME, complete_checkpoints
 from orchestrator.outdir import OutDirLock, claim_folder, contained, earlier_run
 from orchestrator.run_inputs import RunInputError, check_runnable_job
 from orchestrator.signals import RunStopped, StopSignals
-from orchestrator.steps import STEPS, StepContext, check_step_args, registered_steps
+from orchestrator.remote import RunFailed
+from orchestrator.steps import STEPS, StepContext, check_gate, check_step_args, registered_steps, step_metrics
 from planner.errors import LoomError, SpecError
 from planner.pipeline import (
-    EXPORT_DIR, MODEL, Phase, Pipeline, Reference, artifact_path, is_phased, parse_pipeline, phase_job, references,
+    EXPORT_DIR, MODEL, Phase, Pipeline, Reference, artifact_path, is_phased, parse_pipeline, phase_job,
+    references,
 )
 from planner.spec_file import read_job_document
 
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PHASE_MARKER = "PHASE_COMPLETE"
+METRICS_FILE = "metrics.json"  # a step's reported metrics, OUT/<phase>/metrics.json
 LOGS_DIR = "logs"  # the shared Ray cluster's worker logs (planner.pipeline reserves the name)
 
 
@@ -66,6 +69,7 @@ def read_pipeline(path: str | Path, cluster: str | Path | None = None) -> Pipeli
     for phase in pipeline.phases:
         if phase.is_step:
             check_step_args(phase.spec.step, phase.spec.args, f"phases[{phase.index}].args", pipeline.base)
+            check_gate(phase.spec.step, phase.spec.gate, f"phases[{phase.index}].gate")
         else:
             check_recipe(phase.job)
     return pipeline
@@ -74,7 +78,9 @@ def read_pipeline(path: str | Path, cluster: str | Path | None = None) -> Pipeli
 def phase_hash(phase: Phase) -> str:
     """What a finished phase's marker records of its spec: a SHA-256 of its planned job, or of its step and args."""
     text = phase.job.model_dump_json() if phase.job is not None else json.dumps(
-        {"step": phase.spec.step, "args": phase.spec.args}, sort_keys=True)
+        {"step": phase.spec.step, "args": phase.spec.args}
+        | ({"gate": {k: v.model_dump() for k, v in phase.spec.gate.items()}} if phase.spec.gate else {}),
+        sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -94,6 +100,11 @@ class PhaseResult:
     run: RunResult | None = None
     seconds: float = 0.0
     artifacts: dict[str, str] = field(default_factory=dict)  # artifact -> path
+    metrics: dict[str, float] = field(default_factory=dict)  # what a step reported
+
+
+class GateFailed(RunFailed):
+    """A step's metric fell outside its phase's ``gate``: the run stops after that phase (exit code 1)."""
 
 
 @dataclass
@@ -239,8 +250,10 @@ class PipelineRunner:
         what = f"phase {phase.index + 1}/{count} '{phase.name}'"
         if phase.index < self.finished:
             log.info("%s: finished earlier, skipped (%s)", what, folder)
+            marker = self.marker(phase)
             self.result.phases.append(PhaseResult(phase.name, folder, phase.spec.step, skipped=True,
-                                                  artifacts=self.marker(phase).get("artifacts", {})))
+                                                  artifacts=marker.get("artifacts", {}),
+                                                  metrics=marker.get("metrics", {})))
             return
         start = time.perf_counter()
         if phase.is_step:
@@ -265,7 +278,8 @@ class PipelineRunner:
         folder.mkdir(parents=True)
         args = self.resolve_args(phase.spec.args, phase.spec.args.get("component"), f"phases[{phase.index}].args")
         context = StepContext(phase.name, args, folder, self.pipeline.base)
-        STEPS[phase.spec.step].run(context)
+        where = f"phases[{phase.index}] ('{phase.name}')"
+        metrics = step_metrics(phase.spec.step, STEPS[phase.spec.step].run(context), where)
         artifacts = {}
         for name in phase.writes:
             path = context.artifact(name)
@@ -273,7 +287,11 @@ class PipelineRunner:
                 raise SpecError(f"phases[{phase.index}] ('{phase.name}'): step '{phase.spec.step}' did not write its "
                                 f"artifact '{name}' ({path}); the step is wrong or its args name nothing to write.")
             artifacts[name] = str(path)
-        return PhaseResult(phase.name, folder, phase.spec.step, artifacts=artifacts)
+        if metrics:
+            (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+            log.info("phase '%s' metrics: %s", phase.name, format_metrics(metrics))
+        check_phase_gate(phase, metrics, where)
+        return PhaseResult(phase.name, folder, phase.spec.step, artifacts=artifacts, metrics=metrics)
 
     def run_trained(self, phase: Phase, folder: Path) -> PhaseResult:
         """The phase's job, its earlier phases' artifacts read from OUT, as one ``loom run`` into ``OUT/<phase>/``:
@@ -303,7 +321,8 @@ class PipelineRunner:
         """``OUT/<phase>/PHASE_COMPLETE``, written to a temporary name and renamed: the phase is finished."""
         artifacts = {name: os.path.relpath(path, self.folder(phase)) for name, path in done.artifacts.items()}
         text = json.dumps({"phase": phase.name, "spec": phase_hash(phase), "step": phase.spec.step,
-                           "steps": done.run.last_step if done.run else None, "artifacts": artifacts}, indent=1)
+                           "steps": done.run.last_step if done.run else None, "artifacts": artifacts}
+                          | ({"metrics": done.metrics} if done.metrics else {}), indent=1)
         tmp = self.folder(phase) / (PHASE_MARKER + ".tmp")
         tmp.write_text(text + "\n")
         tmp.rename(self.folder(phase) / PHASE_MARKER)
@@ -329,6 +348,23 @@ class PipelineRunner:
         return str(self.locate(refs[0], sub)) if refs else value
 
 
+def format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4g}" for name, value in sorted(metrics.items()))
+
+
+def check_phase_gate(phase: Phase, metrics: dict[str, float], where: str) -> None:
+    """GateFailed for the first gated metric outside its bounds or not reported (the phase stays unfinished: its
+    metrics.json is kept, no marker, so a resumed run evaluates it again)."""
+    for metric, gate in phase.spec.gate.items():
+        if metric not in metrics:
+            raise GateFailed(f"{where}: gate on '{metric}', which step '{phase.spec.step}' did not report (it "
+                             f"reported {', '.join(sorted(metrics)) or 'no metrics'}). Gate a metric it reports.")
+        why = gate.failure(metric, metrics[metric])
+        if why is not None:
+            raise GateFailed(f"{where}: {why}; the run stops here (metrics in "
+                             f"{phase.name}/{METRICS_FILE}). Improve the model or relax phases[{phase.index}].gate.")
+
+
 def summary_lines(result: PipelineResult) -> list[str]:
     """The end-of-run summary of a phased job: per phase, a trained phase's summary (orchestrator.summary), a step's
     artifacts, or that it was finished earlier."""
@@ -342,7 +378,8 @@ def summary_lines(result: PipelineResult) -> list[str]:
         elif phase.run is not None:
             lines += run_summary(phase.run)
         else:
-            lines.append(f"{name}: step '{phase.step}' wrote " + ", ".join(
-                f"{artifact} {path}" for artifact, path in phase.artifacts.items()))
+            wrote = ", ".join(f"{artifact} {path}" for artifact, path in phase.artifacts.items())
+            scored = f"; metrics {format_metrics(phase.metrics)}" if phase.metrics else ""
+            lines.append(f"{name}: step '{phase.step}' wrote {wrote or 'no artifacts'}{scored}")
     return lines
 

@@ -8,6 +8,10 @@ that folder (a worker of a joined cluster may be on a node without it), and it h
 A recipe declares its steps in its package's ``PHASE_STEPS`` (name -> :func:`register_step`'s keyword arguments)
 and orchestrator.recipes registers them when it imports the recipe (recipes never import the orchestrator:
 DESIGN.md §3); the step API they use (StepContext, check_average) is torch-free planner.pipeline's; :func:`registered_steps` is what planner.pipeline checks step names and references against.
+A step may return its metrics (a mapping of name -> number; an evaluation step's scores): the orchestrator writes
+them to ``OUT/<phase>/metrics.json``, prints them in the summary and checks the phase's ``gate:`` against them (a
+value outside its bounds fails the run after the phase). A step that declares ``metrics`` (their names) has its
+phases' gates checked against them before anything runs.
 A step declares the artifacts it writes: ``model`` is the folder ``OUT/<phase>/export/`` (one from_pretrained folder
 per component, as a trained phase exports), any other name ``OUT/<phase>/<name>``. Torch loads only when a step
 runs.
@@ -16,34 +20,38 @@ runs.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner.errors import SpecError
+from planner.errors import SpecError, did_you_mean
 from planner.pipeline import MODEL, StepContext, check_average  # noqa: F401  (re-exported: the step API)
 
 
 @dataclass(frozen=True)
 class Step:
-    """A registered step: the function, the artifacts it writes, and a torch-free check of its ``args`` (a
-    ValueError naming the argument; run by ``loom validate``/``plan``/``run`` before anything runs)."""
+    """A registered step: the function (returning its metrics or None), the artifacts it writes, a torch-free
+    check of its ``args`` (a ValueError naming the argument; run by ``loom validate``/``plan``/``run`` before
+    anything runs) and the names of the metrics it reports (empty: not declared, gates are checked when it runs)."""
 
     name: str
-    run: Callable[[StepContext], None]
+    run: Callable[[StepContext], Mapping[str, float] | None]
     writes: tuple[str, ...]
     check: Callable[[dict[str, Any], Path | None], None] | None = None
     doc: str = field(default="", compare=False)
+    metrics: tuple[str, ...] = ()
 
 
 STEPS: dict[str, Step] = {}
 
 
-def register_step(name: str, run: Callable[[StepContext], None], writes: tuple[str, ...] = (MODEL,),
-                  check: Callable[[dict[str, Any], Path | None], None] | None = None, doc: str = "") -> None:
-    """Register step ``name`` (a recipe does it on import); registering the same name again replaces it."""
-    STEPS[name] = Step(name, run, tuple(writes), check, doc)
+def register_step(name: str, run: Callable[[StepContext], Mapping[str, float] | None],
+                  writes: tuple[str, ...] = (MODEL,), check: Callable[[dict[str, Any], Path | None], None] | None = None,
+                  doc: str = "", metrics: tuple[str, ...] = ()) -> None:
+    """Register step ``name`` (a recipe does it on import); registering the same name again replaces it. ``writes``
+    may be empty for a step that only reports ``metrics``."""
+    STEPS[name] = Step(name, run, tuple(writes), check, doc, tuple(metrics))
 
 
 def registered_steps() -> dict[str, tuple[str, ...]]:
@@ -59,6 +67,27 @@ def check_step_args(step: str, args: dict[str, Any], where: str, base: Path | No
             check(args, base)
         except ValueError as exc:
             raise SpecError(f"{where}.{exc}") from None
+
+
+def check_gate(step: str, gate: Mapping[str, Any], where: str) -> None:
+    """Every gated metric is one the step declares it reports (nothing to check for a step that declares none)."""
+    declared = STEPS[step].metrics
+    for metric in gate:
+        if declared and metric not in declared:
+            raise SpecError(f"{where}.{metric}: step '{step}' reports no metric '{metric}'; "
+                            f"{did_you_mean(metric, declared)}")
+
+
+def step_metrics(step: str, returned: Any, where: str) -> dict[str, float]:
+    """A step's return value as its metrics: None -> {}, else a mapping of names to finite numbers (a bug in the
+    step otherwise, reported as one line)."""
+    if returned is None:
+        return {}
+    if not isinstance(returned, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in returned.items()):
+        raise SpecError(f"{where}: step '{step}' returned {type(returned).__name__}, not a mapping of metric names "
+                        "to numbers (or None); the step is wrong.")
+    return {k: float(v) for k, v in returned.items()}
 
 
 # --------------------------------------------------------------------------- built-in: average

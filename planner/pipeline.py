@@ -42,6 +42,29 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 RESERVED = ("logs",)  # OUT/logs holds the shared Ray cluster's worker logs (orchestrator.pipeline)
 
 
+class GateBound(StrictModel):
+    """The bounds a gated metric must meet: ``min <= value <= max`` (either may be left out, not both)."""
+
+    min: float | None = Field(None, description="The smallest value that passes.")
+    max: float | None = Field(None, description="The largest value that passes.")
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> GateBound:
+        if self.min is None and self.max is None:
+            raise ValueError("a gate needs `min`, `max` or both. Add one, or remove the metric from `gate`.")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min:g}) is above max ({self.max:g}); no value passes. Fix one of them.")
+        return self
+
+    def failure(self, metric: str, value: float) -> str | None:
+        """Why ``value`` of ``metric`` fails this gate, or None when it passes."""
+        if self.min is not None and not value >= self.min:
+            return f"{metric} = {value:.4g} is below the gate's min {self.min:g}"
+        if self.max is not None and not value <= self.max:
+            return f"{metric} = {value:.4g} is above the gate's max {self.max:g}"
+        return None
+
+
 class PhaseSpec(StrictModel):
     """One phase: train ``tasks`` (with overrides) or run the Python step ``step`` with ``args``."""
 
@@ -58,6 +81,10 @@ class PhaseSpec(StrictModel):
     )
     step: str | None = Field(None, description="A registered Python step to run instead of training (e.g. average).")
     args: dict[str, Any] = Field(default_factory=dict, description="The step's arguments (paths may be references).")
+    gate: dict[str, GateBound] = Field(
+        default_factory=dict, description="Per metric the step reports, the bound it must meet or the run fails "
+        "after this phase: a number (the minimum) or {min: x, max: y} (e.g. `sysbench_csr: 0.5`).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -67,6 +94,15 @@ class PhaseSpec(StrictModel):
                              f"starting with a letter or digit, not {' or '.join(RESERVED)} or previous-* (it becomes "
                              "a folder of OUT). Rename the phase.")
         return name
+
+    @field_validator("gate", mode="before")
+    @classmethod
+    def _bare_minimum(cls, gate: Any) -> Any:
+        """A bare number is the minimum."""
+        if isinstance(gate, dict):
+            return {k: {"min": v} if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                    for k, v in gate.items()}
+        return gate
 
     @model_validator(mode="after")
     def _tasks_or_step(self) -> PhaseSpec:
@@ -79,6 +115,9 @@ class PhaseSpec(StrictModel):
                              "which only trained phases use. Remove them.")
         if self.step is None and self.args:
             raise ValueError(f"phase '{self.name}' trains tasks but has `args`, which only steps take. Remove them.")
+        if self.step is None and self.gate:
+            raise ValueError(f"phase '{self.name}' trains tasks but has `gate`, which only steps (evaluations) "
+                             "report metrics for. Gate a step phase that evaluates the trained model.")
         return self
 
 

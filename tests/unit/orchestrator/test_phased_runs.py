@@ -185,3 +185,39 @@ def test_a_step_that_writes_nothing_is_an_error(models, tmp_path):
             runner.run_step(pipeline.phase("merge"), tmp_path / "out" / "merge")
     finally:
         STEPS.pop("noop-test")
+
+
+def test_a_gated_evaluation_step_reports_metrics_and_stops_the_run_below_its_bound(models, tmp_path):
+    from orchestrator.pipeline import METRICS_FILE, GateFailed, summary_lines
+    from orchestrator.steps import register_step
+
+    register_step("score-test", lambda ctx: {"accuracy": ctx.args["value"], "error": 0.25}, writes=(),
+                  metrics=("accuracy", "error"))
+    try:
+        doc = phased_job(models)
+        doc["phases"][1:] = [{"name": "eval", "step": "score-test", "args": {"value": 0.4},
+                              "gate": {"accuracy": 0.3, "error": {"max": 0.5}}}]
+        runner = PipelineRunner(read_pipeline(write(tmp_path / "ok.yaml", doc)), RunOptions(out_dir=tmp_path / "a"))
+        done = runner.run_step(runner.pipeline.phase("eval"), tmp_path / "a" / "eval")
+        assert done.metrics == {"accuracy": 0.4, "error": 0.25}
+        assert json.loads((tmp_path / "a" / "eval" / METRICS_FILE).read_text()) == done.metrics
+        runner.result.phases.append(done)
+        assert summary_lines(runner.result) == ["three.eval: step 'score-test' wrote no artifacts; metrics "
+                                                "accuracy 0.4, error 0.25"]
+        doc["phases"][1]["gate"] = {"accuracy": {"min": 0.5}}
+        runner = PipelineRunner(read_pipeline(write(tmp_path / "low.yaml", doc)), RunOptions(out_dir=tmp_path / "b"))
+        with pytest.raises(GateFailed, match=r"^phases\[1\] \('eval'\): accuracy = 0.4 is below the gate's min 0.5"):
+            runner.run_step(runner.pipeline.phase("eval"), tmp_path / "b" / "eval")
+        assert (tmp_path / "b" / "eval" / METRICS_FILE).is_file() and not (tmp_path / "b" / "eval" / PHASE_MARKER).exists()
+        for gate, message in [({"acuracy": 0.5}, r"phases\[1\].gate.acuracy: step 'score-test' reports no metric "
+                                                 r"'acuracy'; did you mean 'accuracy'"),
+                              ({"accuracy": {"min": 2, "max": 1}}, "min \\(2\\) is above max \\(1\\)"),
+                              ({"accuracy": {}}, "a gate needs `min`, `max` or both")]:
+            doc["phases"][1]["gate"] = gate
+            with pytest.raises(SpecError, match=message):
+                read_pipeline(write(tmp_path / "bad.yaml", doc))
+        doc["phases"][0]["gate"] = {"accuracy": 0.5}
+        with pytest.raises(SpecError, match="trains tasks but has `gate`"):
+            read_pipeline(write(tmp_path / "bad.yaml", doc))
+    finally:
+        STEPS.pop("score-test")
