@@ -118,3 +118,13 @@ def test_the_pipeline_is_checked_whole():
         ("rm_head", "reward_head"), ("grpo", None)]
     job = pipeline.phases[-1].job
     assert job.tasks[0].loss == "grpo_rm" and job.components["reference"].frozen
+
+
+def test_greedy_answers_in_a_padded_batch_are_the_answers_alone(model):
+    from recipes.alignment.generation import greedy, load
+
+    policy, tokenizer = load(model)
+    prompts = ["what is 12 plus 7", "name three colours", "hi"]
+    batched = greedy(policy, tokenizer, prompts, new_tokens=6)
+    assert batched == [greedy(policy, tokenizer, [p], new_tokens=6)[0] for p in prompts]
+    assert all(0 < len(tokenizer(a)["input_ids"]) <= 6 for a in batched)
