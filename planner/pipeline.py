@@ -79,6 +79,10 @@ class PhaseSpec(StrictModel):
         default_factory=dict, description="Per component, fields this phase overrides (e.g. `pretrained: "
         "\"@sft/model\"`: initialise from an earlier phase's exported model)."
     )
+    data_dir: str | None = Field(
+        None, description="The job's `data_dir` for this phase (a recipe's data folder), e.g. `\"@data/data\"`: the "
+        "folder an earlier step wrote. Trained phases only."
+    )
     step: str | None = Field(None, description="A registered Python step to run instead of training (e.g. average).")
     args: dict[str, Any] = Field(default_factory=dict, description="The step's arguments (paths may be references).")
     gate: dict[str, GateBound] = Field(
@@ -110,8 +114,9 @@ class PhaseSpec(StrictModel):
             both = "both `tasks` and `step`" if self.tasks is not None else "neither `tasks` nor `step`"
             raise ValueError(f"phase '{self.name}' has {both}; a phase either trains tasks or runs one step. Give "
                              "exactly one of them.")
-        if self.step is not None and (self.training or self.components):
-            raise ValueError(f"phase '{self.name}' runs step '{self.step}' but overrides `training`/`components`, "
+        if self.step is not None and (self.training or self.components or self.data_dir is not None):
+            raise ValueError(f"phase '{self.name}' runs step '{self.step}' but overrides `training`/`components`/"
+                             "`data_dir`, "
                              "which only trained phases use. Remove them.")
         if self.step is None and self.args:
             raise ValueError(f"phase '{self.name}' trains tasks but has `args`, which only steps take. Remove them.")
@@ -245,7 +250,7 @@ def _phase_spec(item: Any, i: int) -> PhaseSpec:
 def _phase_references(spec: PhaseSpec, where: str) -> list[Reference]:
     """The references a phase reads: its components' overrides, its tasks (data paths), its step's args."""
     return (references(spec.components, f"{where}.components") + references(spec.tasks or [], f"{where}.tasks")
-            + references(spec.args, f"{where}.args"))
+            + references(spec.args, f"{where}.args") + references(spec.data_dir, f"{where}.data_dir"))
 
 
 def _check_reference(ref: Reference, phase: str, names: list[str], index: int,
@@ -270,6 +275,8 @@ def phase_document(pipeline_doc: dict[str, Any], spec: PhaseSpec) -> dict[str, A
     doc["name"] = f"{pipeline_doc.get('name')}.{spec.name}"
     doc["tasks"] = copy.deepcopy(spec.tasks)
     doc["training"] = {**(pipeline_doc.get("training") or {}), **spec.training}
+    if spec.data_dir is not None:
+        doc["data_dir"] = spec.data_dir
     declared = pipeline_doc.get("components") or {}
     used = {use.get("component") for task in spec.tasks or [] if isinstance(task, dict)
             for use in task.get("components") or [] if isinstance(use, dict)}
@@ -311,6 +318,9 @@ def resolve_references(doc: dict[str, Any], locate: Locate | None, top: Mapping[
                             "exists, and a phase exports only pretrained components. Declare it from a pretrained "
                             "folder.")
         comp["pretrained"] = declared["pretrained"]
+    ref = parse_reference(doc.get("data_dir"), "data_dir")
+    if ref is not None:
+        doc["data_dir"] = str(Path(locate(ref, None)).resolve())
     for t, task in enumerate(doc.get("tasks") or []):
         for key, value in ((task or {}).get("data") or {}).items():
             ref = parse_reference(value, f"tasks[{t}].data.{key}")

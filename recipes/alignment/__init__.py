@@ -6,11 +6,12 @@ tasks (the generator: two domains, rule rewards, preference pairs, PAS complemen
 (reward model, DPO, GRPO's KL penalty on SFT data), merge (linear, task arithmetic, Model Stock over exported model
 folders; the phase step ``merge``), grpo (loss ``grpo_rm``: GRPO scored by the trained reward model, its prompts,
 the step ``reward_head``), evaluate (held-out reward accuracy, packing utilisation), make (writes the data,
-tokenizer and tiny Llama).
+tokenizer and tiny Llama), supercorrect and supercorrect_data (SuperCorrect's data and evaluation steps).
 docs/recipes/alignment.md.
 """
 
 from recipes.alignment import data, evaluate, grpo, losses, merge  # modules, so that their names are not shadowed
+from recipes.alignment import supercorrect
 from runtime.data import register_dataset
 from runtime.evaluate import register_evaluator
 from runtime.heads import register_loss
@@ -26,4 +27,11 @@ PHASE_STEPS = {
                   "(args: method, component, base, models, weights, scale)"),
     "reward_head": dict(run=grpo.reward_head_step, check=grpo.check_reward_head_args, doc="a reward-model phase's "
                         "export with its trained scalar head (args: component, model, task)"),
+    # SuperCorrect (arXiv 2410.09008; recipes/alignment/supercorrect.py)
+    "supercorrect_data": dict(run=supercorrect.data_step, check=supercorrect.check_data_args, writes=("data",),
+                              metrics=supercorrect.DATA_METRICS, doc="SuperCorrect's SFT rows and cross-model DPO "
+                              "pairs at the first wrong step (args: style, train, heldout, seed)"),
+    "supercorrect_eval": dict(run=supercorrect.eval_step, check=supercorrect.check_eval_args, writes=(),
+                              metrics=supercorrect.EVAL_METRICS, doc="first errors located and fixed, answer accuracy "
+                              "on held-out problems (args: model, problems, limit, new_tokens)"),
 }
