@@ -25,7 +25,7 @@ from planner.pipeline import StepContext
 from recipes.alignment import supercorrect_data as sc
 
 DATA_DEFAULTS = {"style": "template", "train": 2000, "heldout": 128, "seed": 0}
-EVAL_DEFAULTS = {"limit": None, "new_tokens": 96}
+EVAL_DEFAULTS = {"limit": None, "new_tokens": 64}  # 64: above the longest response (53 tokens)
 DATA_METRICS = ("problems", "student_errors", "dpo_pairs")
 EVAL_METRICS = ("answer_accuracy", "first_error_located", "first_error_fixed")
 ANSWER = re.compile(r"answer (?:> )?(-?\d+)")
@@ -138,7 +138,7 @@ def score(record: dict, solved: str, checked: str) -> dict[str, bool]:
     return out | {"located": located, "fixed": fixed}
 
 
-def evaluate(model, tokenizer, records: list[dict], new_tokens: int = 96) -> tuple[dict[str, float], list[dict]]:
+def evaluate(model, tokenizer, records: list[dict], new_tokens: int = EVAL_DEFAULTS["new_tokens"]) -> tuple[dict[str, float], list[dict]]:
     """(metrics, one row per record with the model's answers and its outcome) of greedy decoding (module docstring)."""
     from recipes.alignment.generation import greedy
 

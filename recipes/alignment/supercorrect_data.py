@@ -7,7 +7,7 @@ A problem is one JSONL record (the real-data format, docs/recipes/alignment.md "
 steps, each ``a op b = c``), ``answer``, ``student_steps`` and ``student_answer`` (the student's own solution) and
 ``first_error`` (1-based index of the student's first wrong step; 0 when the student is right).
 
-The generator draws two kinds, with small numbers (0-49) so that a tiny word-level model can hold the facts:
+The generator draws two kinds, with small numbers (0-29) so that a tiny word-level model can hold the facts:
 
 - ``chain``: ``start with 7 , add 5 , multiply by 2 , subtract 4 .`` -> ``7 plus 5 = 12``, ``12 times 2 = 24``, ...
 - ``linear``: ``solve 3 x plus 4 = 19 for x .`` -> ``19 minus 4 = 15``, ``15 divided by 3 = 5``.
@@ -33,7 +33,7 @@ from runtime.source_files import stable_int
 
 KINDS = ("chain", "linear")
 STYLES = ("template", "plain")
-MAX_VALUE = 49  # every value a generated problem or its student's solution writes is in [0, MAX_VALUE]
+MAX_VALUE = 29  # every value a generated problem or its student's solution writes is in [0, MAX_VALUE]
 OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b,
        "divided by": lambda a, b: a // b}
 CHAIN_OPS = {"plus": ("add {n}", "add"), "minus": ("subtract {n}", "subtract"), "times": ("multiply by {n}", "multiply")}
@@ -59,7 +59,7 @@ def _chain(rng: random.Random) -> tuple[str, str, list[tuple[int, str, int]]]:
         if op == "times":
             n = 2 if 3 * value > MAX_VALUE else rng.randint(2, 3)
         else:
-            n = rng.randint(1, min(9, MAX_VALUE - value if op == "plus" else value))
+            n = rng.randint(1, min(6, MAX_VALUE - value if op == "plus" else value))
         ops.append((value, op, n))
         parts.append(CHAIN_OPS[op][0].format(n=n))
         plan.append(CHAIN_OPS[op][1])
@@ -68,12 +68,17 @@ def _chain(rng: random.Random) -> tuple[str, str, list[tuple[int, str, int]]]:
     return problem, " , then ".join(plan), ops
 
 
-def _linear(rng: random.Random) -> tuple[str, str, list[tuple[int, str, int]]]:
-    a, x, b = rng.randint(2, 4), rng.randint(1, 9), rng.randint(1, 9)
-    if rng.random() < 0.5 or a * x - b < 0:
-        c, sign, undo = a * x + b, "plus", "minus"
-    else:
-        c, sign, undo = a * x - b, "minus", "plus"
+def _linear(rng: random.Random, held_out: bool) -> tuple[str, str, list[tuple[int, str, int]]]:
+    """``a x +- b = c``; a quarter of these few hundred equations is reserved for the held-out split (``held_out``),
+    so that held-out linear problems are never training problems."""
+    while True:
+        a, x, b = rng.randint(2, 4), rng.randint(1, 5), rng.randint(1, 9)
+        if rng.random() < 0.5 or a * x - b < 0:
+            c, sign, undo = a * x + b, "plus", "minus"
+        else:
+            c, sign, undo = a * x - b, "minus", "plus"
+        if (stable_int("supercorrect-heldout", a, x, b, sign) % 4 == 0) == held_out:
+            break
     problem = f"solve {a} x {sign} {b} = {c} for x ."
     plan = f"{'subtract' if undo == 'minus' else 'add'} {b} on both sides , then divide by {a}"
     return problem, plan, [(c, undo, b), (a * x, "divided by", a)]
@@ -85,9 +90,10 @@ def _equation(a: int, op: str, b: int, value: int | None = None) -> str:
 
 def generate(seed: int, split: str, index: int) -> dict:
     """Problem ``index`` of ``split`` (any string: each split its own stream) under ``seed``, as a record (module
-    docstring). Every third is ``linear``, the others ``chain``; three students in four err (``first_error`` > 0)."""
+    docstring). Every fourth is ``linear`` (split ``heldout`` draws from its own quarter of them), the others
+    ``chain``; three students in four err (``first_error`` > 0)."""
     rng = random.Random(stable_int("supercorrect", seed, split, index))
-    problem, plan, ops = (_linear if index % 3 == 2 else _chain)(rng)
+    problem, plan, ops = _linear(rng, split == "heldout") if index % 4 == 3 else _chain(rng)
     steps = [_equation(a, op, b) for a, op, b in ops]
     answer = OPS[ops[-1][1]](ops[-1][0], ops[-1][2])
     record = {"problem": problem, "plan": plan, "steps": steps, "answer": str(answer)}
@@ -111,6 +117,9 @@ def generated(seed: int, split: str, count: int, exclude: set[str] = frozenset()
     repeat a training problem)."""
     out, index = [], 0
     while len(out) < count:
+        if index >= 100 * count:
+            raise ValueError(f"{split}: only {len(out)} of {count} problems are not in the training set after {index} "
+                             "draws; ask for fewer held-out problems or more distinct ones.")
         record = generate(seed, split, index)
         index += 1
         if record["problem"] not in exclude:
