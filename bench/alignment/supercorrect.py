@@ -1,6 +1,7 @@
 """``python -m bench.alignment.supercorrect [--out DIR] [--reuse] [--no-write]``: SuperCorrect against plain SFT.
 
-Runs both CPU pipelines with ``loom run`` (each into ``DIR/<spec name>``; ``--reuse`` keeps finished runs):
+Runs both CPU pipelines with ``loom run`` (each into ``DIR/<spec name>``; ``--reuse`` keeps finished runs and the
+scores of earlier bench runs on them, ``DIR/bench-scores``):
 recipes/alignment/pipeline/supercorrect-tiny.yaml (hierarchical-thought SFT, then cross-model collaborative DPO)
 and supercorrect-baseline-tiny.yaml (plain SFT on the same problems, as many steps as both together). Then every
 model answers the same held-out problems greedily (recipes.alignment.supercorrect.evaluate: the problems the data
@@ -57,6 +58,19 @@ def by_kind(rows: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def score(name: str, folder: Path, records: list[dict], root: Path, reuse: bool) -> tuple[dict, list[dict]]:
+    """(metrics, rows) of the model in ``folder`` on ``records``, kept in ``root/bench-scores/<name>.json`` and read
+    from there with ``reuse``."""
+    cache = root / "bench-scores" / f"{name}.json"
+    if reuse and cache.is_file():
+        metrics, rows = json.loads(cache.read_text())
+        return metrics, rows
+    metrics, rows = scs.evaluate(*load(folder), records)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps([metrics, rows]))
+    return metrics, rows
+
+
 def measure(root: Path, reuse: bool) -> dict:
     walls = {name: run_pipeline(spec, root / Path(spec).stem, reuse) for name, spec in SPECS.items()}
     tiny, baseline = root / Path(SPECS["supercorrect"]).stem, root / Path(SPECS["baseline"]).stem
@@ -72,7 +86,7 @@ def measure(root: Path, reuse: bool) -> dict:
             metrics = json.loads((scored[name] / "eval/metrics.json").read_text())
             rows = [json.loads(line) for line in (scored[name] / "eval/answers.jsonl").read_text().splitlines()]
         else:
-            metrics, rows = scs.evaluate(*load(folder), records)
+            metrics, rows = score(name, folder, records, root, reuse)
         models[name] = {"metrics": metrics, "by_kind": by_kind(rows), "example": rows[next(
             i for i, r in enumerate(rows) if r["first_error"])]}
     losses = {**{f"supercorrect/{k}": v for k, v in phase_losses(tiny).items()},
