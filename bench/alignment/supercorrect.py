@@ -5,7 +5,7 @@ scores of earlier bench runs on them, ``DIR/bench-scores``):
 recipes/alignment/pipeline/supercorrect-tiny.yaml (hierarchical-thought SFT, then cross-model collaborative DPO)
 and supercorrect-baseline-tiny.yaml (plain SFT on the same problems, as many steps as both together). Then every
 model answers the same held-out problems greedily (recipes.alignment.supercorrect.evaluate: the problems the data
-step wrote, none of them a training problem): the untrained student, plain SFT, HSFT alone and HSFT + cross DPO
+step wrote, none of them a training problem): plain SFT, HSFT alone and HSFT + cross DPO
 (the last two as the pipelines' own evaluation phases scored them: OUT/eval/{metrics.json,answers.jsonl}).
 Metrics per model: answer accuracy (solve prompts), first errors located and fixed (check prompts showing a student
 solution with an error at a known step), each split by problem kind; each trained phase's loss, first and last 10%
@@ -32,7 +32,6 @@ from recipes.alignment.generation import load
 
 SPECS = {"supercorrect": "recipes/alignment/pipeline/supercorrect-tiny.yaml",
          "baseline": "recipes/alignment/pipeline/supercorrect-baseline-tiny.yaml"}
-BASE = REPO_ROOT / "recipes/alignment/models/supercorrect"
 
 
 def run_pipeline(spec: str, out: Path, reuse: bool) -> float | None:
@@ -76,7 +75,7 @@ def measure(root: Path, reuse: bool) -> dict:
     tiny, baseline = root / Path(SPECS["supercorrect"]).stem, root / Path(SPECS["baseline"]).stem
     records = sc.read_records(tiny / "data/data/heldout/problems.jsonl")
     assert records == sc.read_records(baseline / "data/data/heldout/problems.jsonl")  # one held-out set for both
-    folders = {"untrained student": BASE, "plain SFT (baseline)": baseline / "sft/export/policy",
+    folders = {"plain SFT (baseline)": baseline / "sft/export/policy",
                "HSFT (template SFT)": tiny / "hsft/export/policy", "HSFT + cross DPO (SuperCorrect)":
                tiny / "dpo/export/policy"}
     scored = {"plain SFT (baseline)": baseline, "HSFT + cross DPO (SuperCorrect)": tiny}  # by their eval phases
