@@ -564,5 +564,9 @@ def load_job(path: str | Path, cluster: str | Path | None = None) -> JobSpec:
 
 
 def job_schema() -> dict[str, Any]:
-    """The JSON schema of a job spec, for editors."""
-    return JobSpec.model_json_schema()
+    """The JSON schema of a job spec, for editors. A component with ``pretrained:`` takes its kind and shape from
+    its folder's config, so those fields are required only without it."""
+    schema = JobSpec.model_json_schema()
+    component = schema["$defs"]["ComponentSpec"]
+    component["anyOf"] = [{"required": ["pretrained"]}, {"required": component.pop("required")}]
+    return schema
