@@ -101,7 +101,7 @@ def score(episodes: list[Episode]) -> dict[str, float]:
     return metrics
 
 
-def model_responder(folder, new_tokens: int = 32, batch_size: int = 16) -> Respond:
+def model_responder(folder, new_tokens: int = 24, batch_size: int = 64) -> Respond:
     """A :data:`Respond` from an exported model folder: each conversation rendered by the tokenizer's chat template
     with the assistant's generation prompt, answered greedily (recipes.alignment.generation) up to the end of the
     turn (the tokenizer's eos, the end-of-turn marker) or ``new_tokens``."""

@@ -9,8 +9,9 @@
 - step ``button_eval`` (writes nothing, reports metrics): a model folder plays the held-out tasks of ``kinds``
   (default sequential and parallel), or the tasks of the JSONL file ``tasks``, its calls executed
   (recipes.alignment.button_eval). Args: ``model`` (a from_pretrained folder or ``@<phase>/model``), ``component``
-  (the export's component folder, when ``model`` is a phase's export), ``kinds``, ``tasks``, ``limit`` (at most
-  this many tasks), ``seed``, ``max_turns`` (6), ``new_tokens`` (32).
+  (the component of a phase's export: ``@<phase>/model`` resolves to its folder, as does an
+  export folder holding it), ``kinds``, ``tasks``, ``limit`` (at most
+  this many tasks), ``seed``, ``max_turns`` (6), ``new_tokens`` (24).
 
 The model's tokenizer is word-level over every word the world and the generator write (button_world.vocabulary and
 the questions), with the chat template of examples/make_tokenizer.py and its end-of-turn marker ``<|im_end|>`` as the
@@ -28,8 +29,8 @@ from recipes.alignment.button import KINDS, SERIAL, PARALLEL, templates, chat_ro
 from recipes.alignment.button_world import vocabulary
 
 HERE = Path(__file__).resolve().parent
-LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=256)
+LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
 DATA_ARGS = ("kinds", "rows", "seed", "tasks")
 EVAL_ARGS = ("model", "component", "kinds", "tasks", "limit", "seed", "max_turns", "new_tokens")
 METRICS = ("task_success", "argument_accuracy", "malformed_rate", *(f"task_success_{k}" for k in KINDS))
@@ -95,7 +96,7 @@ def check_eval_args(args: dict, base: Path | None) -> None:
     _count(args, "limit", 1, 1, 1_000_000)
     _count(args, "seed", 0, 0, 2**31 - 1)
     _count(args, "max_turns", 6, 1, 32)
-    _count(args, "new_tokens", 32, 4, 256)
+    _count(args, "new_tokens", 24, 4, 256)
     _tasks_file(args, base)
 
 
@@ -121,14 +122,14 @@ def eval_step(ctx) -> dict[str, float]:
 
     args = ctx.args
     folder = ctx.path(args["model"])
-    if "component" in args:
+    if "component" in args and (folder / args["component"]).is_dir():  # a plain export folder, not a reference
         folder = folder / args["component"]
     if "tasks" in args:
         tasks = load_tasks(ctx.path(args["tasks"]))
     else:
         tasks = generate(_kinds(args, ("sequential", "parallel")), "heldout", args.get("seed", 0))
     tasks = tasks[:args["limit"]] if "limit" in args else tasks
-    respond = model_responder(folder, args.get("new_tokens", 32))
+    respond = model_responder(folder, args.get("new_tokens", 24))
     return score(play(tasks, respond, args.get("max_turns", 6)))
 
 
