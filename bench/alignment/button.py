@@ -31,9 +31,10 @@ BASE = REPO_ROOT / "recipes/alignment/models/button"
 
 
 def run_spec(spec: str, out: Path) -> dict:
-    """``loom run spec --out out`` (unless ``out`` holds a finished run); its wall time, eval metrics and losses."""
-    started = time.perf_counter()
-    if not (out / "eval" / "metrics.json").is_file():
+    """``loom run spec --out out`` (unless ``out`` holds a finished run: its eval phase's metrics); the eval phase's
+    metrics, the training's losses and seconds (the sum of its steps'), and the run's wall time when it ran here."""
+    started, ran = time.perf_counter(), not (out / "eval" / "metrics.json").is_file()
+    if ran:
         env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
         done = subprocess.run([sys.executable, "-m", "orchestrator", "run", spec, "--out", str(out)], cwd=REPO_ROOT,
                               env=env, capture_output=True, text=True)
@@ -43,7 +44,9 @@ def run_spec(spec: str, out: Path) -> dict:
     losses = [r["loss"]["sft"] for r in records]
     k = max(1, len(losses) // 10)
     phase = json.loads((out / "eval" / "metrics.json").read_text())
-    return {"wall_s": time.perf_counter() - started, "eval_phase": phase, "steps": len(losses), "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k}
+    return {"run_s": time.perf_counter() - started if ran else None, "eval_phase": phase, "steps": len(losses),
+            "train_s": sum(r["step_seconds"] for r in records), "loss_first": sum(losses[:k]) / k,
+            "loss_last": sum(losses[-k:]) / k}
 
 
 def evaluate(folder: Path, seed: int = 0) -> dict:
@@ -70,12 +73,12 @@ def markdown(rec: dict) -> str:
                          f"{m['argument_accuracy']:.3f} | {m['malformed_rate']:.3f} |")
     lines += ["", "Training (`loom run`, 2 CPU workers) and the pipeline's own eval phase (held-out sequential and "
               "parallel tasks together):", "",
-              "| pipeline | spec | steps | loss, first 10% | loss, last 10% | wall (s) | eval phase task_success | "
+              "| pipeline | spec | steps | loss, first 10% | loss, last 10% | training (s) | eval phase task_success | "
               "eval phase argument_accuracy |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rec["runs"].items():
         e = r["eval_phase"]
         lines.append(f"| {name} | `{SPECS[name]}` | {r['steps']} | {r['loss_first']:.4f} | {r['loss_last']:.4f} | "
-                     f"{r['wall_s']:.0f} | {e['task_success']:.3f} | {e['argument_accuracy']:.3f} |")
+                     f"{r['train_s']:.0f} | {e['task_success']:.3f} | {e['argument_accuracy']:.3f} |")
     lines += ["", "A held-out parallel task as each model played it:", ""]
     for name, per_kind in rec["models"].items():
         turns = " / ".join(f"{m['role']}: `{m['content']}`" for m in per_kind["parallel"]["example"])

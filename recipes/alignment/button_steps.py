@@ -29,7 +29,7 @@ from recipes.alignment.button import KINDS, SERIAL, PARALLEL, templates, chat_ro
 from recipes.alignment.button_world import vocabulary
 
 HERE = Path(__file__).resolve().parent
-LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)
 DATA_ARGS = ("kinds", "rows", "seed", "tasks")
 EVAL_ARGS = ("model", "component", "kinds", "tasks", "limit", "seed", "max_turns", "new_tokens")

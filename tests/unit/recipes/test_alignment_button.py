@@ -176,7 +176,8 @@ def test_the_pipelines_are_checked_whole():
         pipeline = read_pipeline(button_steps.HERE / "pipeline" / f"{name}.yaml")
         assert [(p.name, p.spec.step) for p in pipeline.phases] == [
             ("data", "button_data"), ("sft", None), ("eval", "button_eval")]
-        assert pipeline.phases[0].spec.args["kinds"] == kinds and pipeline.phases[2].spec.gate
+        assert pipeline.phases[0].spec.args["kinds"] == kinds and pipeline.phases[2].spec.args["model"] == "@sft/model"
+    assert read_pipeline(button_steps.HERE / "pipeline" / "button-tiny.yaml").phases[2].spec.gate["task_success"].min
 
 
 def test_the_steps_write_chat_data_and_evaluate_a_model(tmp_path):
