@@ -188,6 +188,10 @@ def test_the_steps_write_chat_data_and_evaluate_a_model(tmp_path):
     STEPS["button_data"].run(StepContext("data", {"rows": 24}, tmp_path / "data"))
     rows = [json.loads(line) for line in (tmp_path / "data" / "data" / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and rows[0]["messages"] == generate(KINDS, "train", 0, 1)[0].messages()
+    (tmp_path / "mine.jsonl").write_text((tmp_path / "data" / "data" / "tasks.jsonl").read_text().split("\n", 1)[1])
+    STEPS["button_data"].run(StepContext("mine", {"tasks": "mine.jsonl"}, tmp_path / "mine", tmp_path))
+    assert (tmp_path / "mine" / "data" / "train.jsonl").read_text().splitlines() == [
+        json.dumps(row) for row in rows[1:]]  # a task file gives the same trajectories as the generator's tasks
     tokenizer = AutoTokenizer.from_pretrained(folder)
     doc = encode_chat(tokenizer, rows[1]["messages"], "row 1")
     assert tokenizer.unk_token_id not in doc.ids
