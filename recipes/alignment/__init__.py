@@ -10,7 +10,7 @@ tokenizer and tiny Llama).
 docs/recipes/alignment.md.
 """
 
-from recipes.alignment import data, evaluate, grpo, losses, merge  # modules, so that their names are not shadowed
+from recipes.alignment import button_steps, data, evaluate, grpo, losses, merge  # modules, so that their names are not shadowed
 from runtime.data import register_dataset
 from runtime.evaluate import register_evaluator
 from runtime.heads import register_loss
@@ -26,4 +26,10 @@ PHASE_STEPS = {
                   "(args: method, component, base, models, weights, scale)"),
     "reward_head": dict(run=grpo.reward_head_step, check=grpo.check_reward_head_args, doc="a reward-model phase's "
                         "export with its trained scalar head (args: component, model, task)"),
+    # BUTTON (arXiv 2410.12952): compositional function-calling trajectories, and their executed evaluation
+    "button_data": dict(run=button_steps.data_step, check=button_steps.check_data_args, writes=("data",),
+                        doc="BUTTON's train trajectories, chat format (args: kinds, rows, seed, tasks)"),
+    "button_eval": dict(run=button_steps.eval_step, check=button_steps.check_eval_args, writes=(),
+                        metrics=button_steps.METRICS, doc="a model plays held-out BUTTON tasks, its calls executed "
+                        "(args: model, component, kinds, tasks, limit, seed, max_turns, new_tokens)"),
 }
