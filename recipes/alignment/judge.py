@@ -186,7 +186,8 @@ class EndpointJudge:
                              "choices[0].message.content). Point judge.url at an OpenAI-compatible server.") from None
 
     def _late(self) -> str:
-        return f"judge {self.endpoint}: no reply within {self.timeout_s:g} s. Raise judge.timeout_s or check the server."
+        return (f"judge {self.endpoint}: no reply within {self.timeout_s:g} s. Raise judge.timeout_s or check the "
+                "server.")
 
     def verdicts(self, context: str, answer: str, criteria: Sequence[Criterion]) -> list[bool]:
         """Each criterion's verdict, asked of the endpoint (``retries`` more tries on a malformed reply)."""

@@ -6,12 +6,13 @@ The recipe's own tokenizer (recipes/alignment/data/tokenizer) has no words for s
 "start every answer ..."), and its ids are fixed by committed data, so these benchmarks have a tokenizer of their own,
 built the same way (examples/make_tokenizer.py over every word the generators can write) and a tiny Llama of the
 recipe's shape (recipes.alignment.make.LLAMA) over it. Defaults: ``recipes/alignment/data/judges`` (committed,
-deterministic: ``train/sft.jsonl``, ``heldout/sysbench.jsonl``, ``heldout/fbbench.jsonl``, ``tokenizer/``) and
+deterministic: ``train/preference.jsonl``, ``heldout/sysbench.jsonl``, ``heldout/fbbench.jsonl``, ``tokenizer/``) and
 ``recipes/alignment/models/judges`` (not committed; scripts/setup.sh writes it).
 
-``train/sft.jsonl`` (docs/data.md, format preference) holds one row per turn of :data:`SFT_SESSIONS` synthetic
-SysBench sessions (the prompt with the reference history) and one per :data:`SFT_ITEMS` FB-Bench items, from the
-``train`` stream; the held-out files are the steps' default benchmarks (split ``heldout``), in the documented JSONL
+``train/preference.jsonl`` (docs/data.md, format preference: SFT learns its chosen answers, a DPO task reads its
+pairs through ``data_dir``) holds one row per turn of :data:`SFT_SESSIONS` synthetic SysBench sessions (the prompt
+with the reference history) and one per :data:`SFT_ITEMS` FB-Bench items, from the ``train`` stream; the held-out
+files are the steps' default benchmarks (split ``heldout``), in the documented JSONL
 formats, so that they double as examples of real data.
 """
 
@@ -45,7 +46,7 @@ def write_data(folder: str | Path = HERE / "data" / "judges", seed: int = SEED) 
     out = Path(folder)
     rows = sysbench.sft_rows(seed, "train", SFT_SESSIONS) + fbbench.sft_rows(seed, "train", SFT_ITEMS)
     heldout = {"seed": seed, **HELDOUT}
-    return [_write(out / "train" / "sft.jsonl", rows),
+    return [_write(out / "train" / "preference.jsonl", rows),
             _write(out / "heldout" / "sysbench.jsonl", [s.to_json() for s in sysbench.synthetic(heldout)]),
             _write(out / "heldout" / "fbbench.jsonl", [it.to_json() for it in fbbench.synthetic(heldout)])]
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,3 +283,38 @@ def synthetic(args: dict[str, Any]) -> list[Session]:
     """The step's synthetic sessions from its args (``sessions``, ``turns``, ``seed``; split ``heldout``)."""
     return [session(int(args.get("seed", 0)), "heldout", i, int(args.get("turns", 3)))
             for i in range(int(args.get("sessions", 48)))]
+
+
+def from_sysbench(record: dict) -> dict:
+    """One dialogue of SysBench's own release (datas/system_benchmark_eval_datas.json: ``system_prompt``,
+    ``messages``, ``prompt_infos[<user turn>] = {alignment, criteria: {id: {criteria_content, criteria_type}}}``,
+    ``rounds_related``) as a line of this module's JSONL format; its criteria have no rules (judge with an endpoint),
+    the dataset's assistant turns become the references."""
+    messages = [m for m in record["messages"] if m["role"] != "system"]
+    turns = []
+    for k, message in enumerate(messages):
+        if message["role"] != "user":
+            continue
+        info = record["prompt_infos"][message["content"]]
+        reply = messages[k + 1]["content"] if k + 1 < len(messages) and messages[k + 1]["role"] == "assistant" else ""
+        criteria = [{"id": str(c.get("criteria_id", i)), "type": c.get("criteria_type", ""),
+                     "content": c["criteria_content"]} for i, c in info["criteria"].items()]
+        turns.append({"user": message["content"], "alignment": info.get("alignment", "align"), "criteria": criteria}
+                     | ({"reference": reply} if reply else {}))
+    return {"id": str(record.get("system_id", "")), "system": record["system_prompt"],
+            "related": bool(record.get("rounds_related", False)), "turns": turns}
+
+
+def main(argv: list[str]) -> int:
+    """``python -m recipes.alignment.sysbench convert SYSBENCH.json OUT.jsonl``: SysBench's release in this format."""
+    if len(argv) != 3 or argv[0] != "convert":
+        print("usage: python -m recipes.alignment.sysbench convert SYSBENCH.json OUT.jsonl", file=sys.stderr)
+        return 2
+    records = json.loads(Path(argv[1]).read_text())
+    Path(argv[2]).write_text("".join(json.dumps(from_sysbench(r), ensure_ascii=False) + "\n" for r in records))
+    print(f"wrote {len(records)} sessions to {argv[2]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -227,3 +227,31 @@ def test_a_gated_pipeline_reports_metrics_and_stops_below_its_bound(tiny_model, 
     rows = (tmp_path / "out" / "sysbench" / "report" / "answers.jsonl").read_text().splitlines()
     assert len(rows) == 2 and len(json.loads(rows[0])["answers"]) == 2
     assert json.loads((tmp_path / "out" / "fbbench" / "metrics.json").read_text())["score"] < 0.99
+
+
+def test_sysbench_releases_convert_to_sessions_that_an_endpoint_judges(tmp_path):
+    record = {"system_id": 7, "system_prompt": "you are a guide", "rounds_related": True,
+              "messages": [{"role": "system", "content": "you are a guide"}, {"role": "user", "content": "hi"},
+                           {"role": "assistant", "content": "guide hello"}, {"role": "user", "content": "more"},
+                           {"role": "assistant", "content": "guide more"}],
+              "prompt_infos": {"hi": {"alignment": "align", "criteria": {"1": {"criteria_id": 1, "criteria_content":
+                                      "starts with guide", "criteria_type": "Role"}}},
+                               "more": {"alignment": "misalign", "criteria": {"1": {"criteria_id": 1,
+                                        "criteria_content": "short", "criteria_type": "Style"}}}}}
+    (tmp_path / "sb.jsonl").write_text(json.dumps(sysbench.from_sysbench(record)) + "\n")
+    with pytest.raises(ValueError, match="no judge endpoint"):
+        sysbench.load_sessions(tmp_path / "sb.jsonl", need_rules=True)
+    [s] = sysbench.load_sessions(tmp_path / "sb.jsonl", need_rules=False)
+    assert s.related and [t.alignment for t in s.turns] == ["align", "misalign"]
+    assert [t.reference for t in s.turns] == ["guide hello", "guide more"] and s.turns[0].criteria[0].type == "Role"
+    assert sysbench.render(s, ["guide hello"]) == ("system : you are a guide user : hi assistant : guide hello "
+                                                   "user : more assistant :")
+
+
+def test_the_judges_pipeline_gates_declared_metrics():
+    from orchestrator.pipeline import read_pipeline
+
+    pipeline = read_pipeline(judge_data.HERE / "pipeline" / "judges-tiny.yaml")
+    gated = {p.name: p.spec.gate for p in pipeline.phases if p.spec.gate}
+    assert set(gated) == {"sft_sysbench", "sft_fbbench"}
+    assert set(gated["sft_sysbench"]) <= set(sysbench.METRICS) and set(gated["sft_fbbench"]) <= set(fbbench.METRICS)
