@@ -108,13 +108,14 @@ def markdown(rec: dict) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.alignment.judges", description=__doc__.splitlines()[0])
-    parser.add_argument("out", nargs="?", default=str(REPO_ROOT / "out" / "judges"), help="the run's --out folder")
+    parser.add_argument("out", nargs="?", default="out/judges",
+                        help="the run's --out folder (a relative one is under the repository root)")
     parser.add_argument("--reuse", action="store_true", help="read a finished run in OUT instead of running")
     parser.add_argument("--no-write", action="store_true", help="print, do not write bench/results")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    seconds, code = (None, None) if args.reuse else run(out)
-    rec = measure(out, seconds, code)
+    seconds, code = (None, None) if args.reuse else run(out)  # loom runs from the repository root
+    rec = measure(out if out.is_absolute() else REPO_ROOT / out, seconds, code)
     text = markdown(rec)
     print(text)
     if not args.no_write:

@@ -77,11 +77,12 @@ def check_fbbench_args(args: dict[str, Any], base: Path | None) -> None:
 
 
 def model_folder(folder: Path, component: str | None) -> Path:
-    """The from_pretrained folder ``folder`` is or holds (an export folder's ``component``, or its only one)."""
-    if component is not None:
-        folder = folder / component
+    """The from_pretrained folder ``folder`` is (a reference ``@<phase>/model`` arrives as the export's ``component``
+    folder already) or holds: its ``component`` subfolder, else its only one."""
     if (folder / "config.json").is_file():
         return folder
+    if component is not None and (folder / component / "config.json").is_file():
+        return folder / component
     inner = sorted(p for p in folder.iterdir() if (p / "config.json").is_file()) if folder.is_dir() else []
     if len(inner) != 1:
         from planner.errors import SpecError

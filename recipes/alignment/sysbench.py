@@ -259,7 +259,7 @@ def sft_rows(seed: int, split: str, count: int, turns: int = 3) -> list[dict]:
     for i in range(count):
         s = session(seed, split, i, turns)
         rng = random.Random(stable_int("sysbench-rejected", seed, split, i))
-        topic = s.system.split()[3]
+        topic = s.system.split()[3]  # a synthetic system message opens "you are the <topic> <role> ."
         for k, turn in enumerate(s.turns):
             rejected = " ".join(rng.sample(TOPICS[topic].split(), rng.randint(4, 9)))
             rows.append({"prompt": render(s, [t.reference for t in s.turns[:k]]), "chosen": turn.reference,

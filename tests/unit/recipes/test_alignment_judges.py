@@ -255,3 +255,16 @@ def test_the_judges_pipeline_gates_declared_metrics():
     gated = {p.name: p.spec.gate for p in pipeline.phases if p.spec.gate}
     assert set(gated) == {"sft_sysbench", "sft_fbbench"}
     assert set(gated["sft_sysbench"]) <= set(sysbench.METRICS) and set(gated["sft_fbbench"]) <= set(fbbench.METRICS)
+
+
+def test_the_model_arg_reads_a_folder_an_export_or_one_of_its_components(tmp_path):
+    from recipes.alignment.judge_steps import model_folder
+
+    for name in ("policy", "reference"):
+        (tmp_path / "export" / name).mkdir(parents=True)
+        (tmp_path / "export" / name / "config.json").write_text("{}")
+    export = tmp_path / "export"
+    assert model_folder(export / "policy", "policy") == export / "policy"  # `@dpo/model` + component, resolved
+    assert model_folder(export, "reference") == export / "reference"
+    with pytest.raises(ValueError, match="holds 2 of them; name one with `component`"):
+        model_folder(export, None)
