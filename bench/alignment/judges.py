@@ -96,7 +96,7 @@ def markdown(rec: dict) -> str:
     gates = {0: " Every gate passed (exit 0).", 1: " A gate stopped the run (exit 1)."}.get(rec["exit_code"], "")
     return "\n".join([
         "# SysBench and FB-Bench of the tiny model: random init, after SFT, after SFT + DPO", "",
-        f"One `loom run {SPEC}`{ran}; SFT loss {loss['sft']['first']:.3f} -> {loss['sft']['last']:.3f} over "
+        f"`loom run {SPEC}`{ran}: SFT loss {loss['sft']['first']:.3f} -> {loss['sft']['last']:.3f} over "
         f"{loss['sft']['steps']} steps, DPO loss {loss['dpo']['first']:.3f} -> {loss['dpo']['last']:.3f} over "
         f"{loss['dpo']['steps']} steps (first vs last 10%). Rule judges; held-out synthetic data (split heldout)."
         + gates, "",

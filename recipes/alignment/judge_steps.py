@@ -6,7 +6,7 @@ the step returns the benchmark's metrics (the orchestrator writes OUT/<phase>/me
 Args (checked before anything runs by :func:`check_sysbench_args` / :func:`check_fbbench_args`):
 
 - ``model``: a from_pretrained folder (with its tokenizer), or an export folder holding one (``@<phase>/model``:
-  the component ``component`` names, or its only one);
+  the component ``component`` names, else its only one, else ``policy``);
 - ``data``: a JSONL file of real sessions / items (docs/recipes/alignment.md); without it, synthetic ones from
   ``seed`` (split heldout): ``sessions`` and ``turns`` (sysbench), ``items`` (fbbench);
 - ``judge``: an OpenAI-compatible endpoint ``{url, model, api_key_env, timeout_s, retries}``; without it, the rule
@@ -78,12 +78,15 @@ def check_fbbench_args(args: dict[str, Any], base: Path | None) -> None:
 
 def model_folder(folder: Path, component: str | None) -> Path:
     """The from_pretrained folder ``folder`` is (a reference ``@<phase>/model`` arrives as the export's ``component``
-    folder already) or holds: its ``component`` subfolder, else its only one."""
+    folder already) or holds: its ``component`` subfolder, else its only one, else its ``policy`` (the recipe's name
+    of the model being aligned)."""
     if (folder / "config.json").is_file():
         return folder
     if component is not None and (folder / component / "config.json").is_file():
         return folder / component
     inner = sorted(p for p in folder.iterdir() if (p / "config.json").is_file()) if folder.is_dir() else []
+    if len(inner) > 1 and (folder / "policy" / "config.json").is_file():  # a DPO export holds its reference too
+        return folder / "policy"
     if len(inner) != 1:
         from planner.errors import SpecError
 

@@ -266,5 +266,8 @@ def test_the_model_arg_reads_a_folder_an_export_or_one_of_its_components(tmp_pat
     export = tmp_path / "export"
     assert model_folder(export / "policy", "policy") == export / "policy"  # `@dpo/model` + component, resolved
     assert model_folder(export, "reference") == export / "reference"
-    with pytest.raises(ValueError, match="holds 2 of them; name one with `component`"):
-        model_folder(export, None)
+    assert model_folder(export, None) == export / "policy"  # a DPO export: the policy, not its frozen reference
+    (export / "policy" / "config.json").unlink()
+    assert model_folder(export, None) == export / "reference"  # the only one
+    with pytest.raises(ValueError, match="holds 0 of them; name one with `component`"):
+        model_folder(export / "policy", None)
