@@ -32,6 +32,10 @@ example_models() {
         echo "setup.sh: writing BUTTON's tiny Llama under recipes/alignment/models/button" >&2
         "$PY" -m recipes.alignment.button_steps >&2
     fi
+    if [[ ! -f "$ROOT/recipes/alignment/models/judges/model.safetensors" ]]; then  # pipeline/judges-tiny.yaml's
+        echo "setup.sh: writing the SysBench/FB-Bench tiny Llama under recipes/alignment/models/judges" >&2
+        "$PY" -m recipes.alignment.judge_data --models-only >&2
+    fi
     if [[ ! -f "$ROOT/recipes/diffusion/models/text/model.safetensors" ]]; then  # recipes/diffusion/itercomp-tiny.yaml's
         echo "setup.sh: writing the diffusion recipe's tiny CLIP towers under recipes/diffusion/models" >&2
         "$PY" -m recipes.diffusion.models >&2

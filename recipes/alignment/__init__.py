@@ -6,11 +6,13 @@ tasks (the generator: two domains, rule rewards, preference pairs, PAS complemen
 (reward model, DPO, GRPO's KL penalty on SFT data), merge (linear, task arithmetic, Model Stock over exported model
 folders; the phase step ``merge``), grpo (loss ``grpo_rm``: GRPO scored by the trained reward model, its prompts,
 the step ``reward_head``), evaluate (held-out reward accuracy, packing utilisation), make (writes the data,
-tokenizer and tiny Llama).
+tokenizer and tiny Llama); judge_steps (the evaluation steps ``sysbench`` and ``fbbench``: modules sysbench,
+fbbench, judge, judge_data).
 docs/recipes/alignment.md.
 """
 
-from recipes.alignment import button_steps, data, evaluate, grpo, losses, merge  # modules, so that their names are not shadowed
+# modules, so that their names are not shadowed
+from recipes.alignment import button_steps, data, evaluate, grpo, judge_steps, losses, merge
 from runtime.data import register_dataset
 from runtime.evaluate import register_evaluator
 from runtime.heads import register_loss
@@ -33,3 +35,4 @@ PHASE_STEPS = {
                         metrics=button_steps.METRICS, doc="a model plays held-out BUTTON tasks, its calls executed "
                         "(args: model, component, kinds, tasks, limit, seed, max_turns, new_tokens)"),
 }
+PHASE_STEPS |= judge_steps.PHASE_STEPS  # sysbench, fbbench: evaluation steps with declared metrics
