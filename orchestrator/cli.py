@@ -223,10 +223,10 @@ def validate(job_path: JobArg, cluster: ClusterOpt = None, verbose: Verbose = Fa
 
 @app.command()
 def schema() -> None:
-    """Print the JSON schema of a job spec (point your editor's YAML support at it)."""
-    from planner.spec import job_schema
+    """Print the JSON schema of a job file, one phase or phased (point your editor's YAML support at it)."""
+    from planner.pipeline import document_schema
 
-    typer.echo(json.dumps(job_schema(), indent=2))
+    typer.echo(json.dumps(document_schema(), indent=2))
 
 
 @app.command()

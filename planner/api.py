@@ -33,7 +33,7 @@ from planner.program import plan_buckets, plan_holdings, plan_pieces, process_gr
 from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
 from planner.rlbaselines import rl_budget, with_role_candidate
 from planner.simulator import Simulation, simulate, split_passes
-from planner.solver import Candidate, SolveResult, SolverSettings, solve
+from planner.solver import Candidate, SolveResult, SolverSettings, clocks, solve
 from planner.spec import JobSpec
 from planner.spindle import spindle_schedule
 
@@ -87,7 +87,7 @@ def plan_job(
     say = progress or (lambda msg: log.info(msg))
     # the limit counts this thread's CPU time: wall time grows with other load, and the process's CPU time with the
     # solver's worker threads (HiGHS's spin while waiting), either of which made plans differ between runs
-    start, start_cpu = time.perf_counter(), time.thread_time()
+    start, start_cpu = clocks()
     cost_model = cost_model or make_cost_model(job)
     graph = build_metagraph(job)
     say(f"MetaGraph: {len(graph)} MetaOps in {len(graph.levels)} levels, {len(graph.param_groups)} parameter groups")
@@ -99,7 +99,7 @@ def plan_job(
     reserve = finishing_reserve(problem, limit)
     settings = SolverSettings(
         solver=job.planner.solver, time_limit_s=limit, mip_gap=job.planner.mip_gap,
-        level_barriers=job.planner.level_barriers, deadline=start_cpu + limit - reserve,
+        level_barriers=job.planner.level_barriers, deadline=start_cpu + limit - reserve, started=(start, start_cpu),
     )
     solved = solve(problem, settings, warm=warm, lower_bound=bounds.dag_s, progress=say)
     try:

@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from planner.errors import SpecError, did_you_mean
-from planner.spec import JobSpec, StrictModel, _format_error, parse_job
+from planner.spec import JobSpec, StrictModel, _format_error, job_schema, parse_job
 from planner.spec_file import read_job_document
 
 MODEL = "model"  # artifact: the exported from_pretrained folders, OUT/<phase>/export/<component>/
@@ -360,6 +360,24 @@ def phase_job(doc: dict[str, Any], spec: PhaseSpec, base: Path | None, locate: L
     except ValueError as exc:
         raise SpecError(str(exc)) from None
     return job
+
+
+def document_schema() -> dict[str, Any]:
+    """The JSON schema of a job file, for editors (``loom schema``): a one-phase job (planner.spec.JobSpec) or a
+    phased one (the same top level with ``phases:`` instead of ``tasks:``)."""
+    one = job_schema()
+    phase = PhaseSpec.model_json_schema(ref_template="#/$defs/{model}")
+    defs = {**one.pop("$defs"), **phase.pop("$defs", {}), "PhaseSpec": phase}
+    phased = copy.deepcopy(one)
+    del phased["properties"]["tasks"]
+    phased["properties"]["phases"] = {
+        "type": "array", "minItems": 1, "items": {"$ref": "#/$defs/PhaseSpec"},
+        "description": "The job's phases, run in order (docs/job-spec.md, Phases); each trains tasks or runs a step."}
+    phased["required"] = [r for r in one["required"] if r != "tasks"] + ["phases"]
+    phased["title"] = "PhasedJob"
+    defs["JobSpec"], defs["PhasedJob"] = one, phased
+    return {"title": "Loom job", "description": "A Loom job file: one phase (tasks:) or several (phases:).",
+            "anyOf": [{"$ref": "#/$defs/JobSpec"}, {"$ref": "#/$defs/PhasedJob"}], "$defs": defs}
 
 
 # --------------------------------------------------------------------------- what a step gets (orchestrator.steps runs it)

@@ -26,7 +26,8 @@ caller (Spindle's wavefront), so it is never worse than the greedy.
 starts) bounds the whole search, not only each MILP: once it has passed, the optional work (column generation,
 further LP window modes, local search rounds, the two-wave packing of later levels, the packing ILP, the exact
 MILP) is skipped and the best candidate so far wins. CPU time, not the wall clock, so that a busy machine does
-not change the plan: on an idle one the two agree. Normal jobs finish long before it, so only oversized ones
+not change the plan: on an idle one the two agree. HiGHS limits only wall time, so a MILP's limit is the CPU time
+left scaled by the wall/CPU rate planning has had so far (:meth:`SolverSettings.milp_limit_s`). Normal jobs finish long before it, so only oversized ones
 see a different (never invalid) plan.
 """
 
@@ -50,6 +51,14 @@ log = logging.getLogger(__name__)
 
 
 
+MAX_WALL_PER_CPU = 16.0
+
+
+def clocks() -> tuple[float, float]:
+    """(wall, this thread's CPU) now: where planning starts, for :meth:`SolverSettings.milp_limit_s`'s rate."""
+    return time.perf_counter(), time.thread_time()
+
+
 @dataclass(frozen=True)
 class SolverSettings:
     solver: str = "highs"  # "highs" or "cbc"
@@ -58,14 +67,26 @@ class SolverSettings:
     level_barriers: bool = False  # True: Spindle's level barriers (no overlap of MetaLevels)
     max_nodes: int = 2000  # deterministic work limit of the MILP (branch-and-bound nodes)
     deadline: float | None = None  # time.thread_time() after which optional search stops; solve(): start + limit
+    started: tuple[float, float] | None = None  # clocks() when planning started (None: the MILP limit is wall time)
 
     def past_deadline(self) -> bool:
         return self.deadline is not None and time.thread_time() >= self.deadline
 
     def milp_limit_s(self) -> float:
-        """The wall-clock limit of a MILP solve started now: time_limit_s, or what is left before the deadline."""
+        """The wall-clock limit of a MILP solve started now: time_limit_s, or the CPU time left before the deadline,
+        in wall seconds at the rate this process has been getting CPU (HiGHS limits wall time only: on a machine
+        shared with other work, a limit of the CPU seconds left cut solves short that finish on an idle one, and the
+        plan changed with the load)."""
         left = self.time_limit_s if self.deadline is None else self.deadline - time.thread_time()
-        return max(min(self.time_limit_s, left), 0.01)
+        return max(min(self.time_limit_s, left), 0.01) * self.wall_per_cpu()
+
+    def wall_per_cpu(self) -> float:
+        """Wall seconds per CPU second this thread has had since planning started (>= 1, 1 on an idle machine: the
+        planner is CPU-bound), capped at :data:`MAX_WALL_PER_CPU`; 1 without ``started`` or before 0.05 s of CPU."""
+        if self.started is None:
+            return 1.0
+        wall, cpu = time.perf_counter() - self.started[0], time.thread_time() - self.started[1]
+        return min(max(wall / cpu, 1.0), MAX_WALL_PER_CPU) if cpu > 0.05 else 1.0
 
 
 @dataclass(frozen=True)

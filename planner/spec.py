@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from planner.data_spec import DataSpec
 from planner.errors import SpecError, did_you_mean
@@ -357,6 +357,16 @@ class JobSpec(StrictModel):
         "format the recipe documents; none: the recipe's synthetic data.",
     )
 
+    @field_validator("data_dir")
+    @classmethod
+    def _resolve_data_dir(cls, data_dir: str | None, info: ValidationInfo) -> str | None:
+        """A relative ``data_dir`` is read from the spec file's folder (the validation context's ``base``), as
+        ``pretrained:`` and data paths are; without a base, from the cwd."""
+        base = (info.context or {}).get("base")
+        if data_dir is None or base is None:
+            return data_dir
+        return str((Path(base) / Path(data_dir).expanduser()).absolute())
+
     @model_validator(mode="after")
     def _check_pretrained_uses(self) -> JobSpec:
         """Every use of a pretrained component within the positions its model embeds (planner.pretrained)."""
@@ -564,5 +574,9 @@ def load_job(path: str | Path, cluster: str | Path | None = None) -> JobSpec:
 
 
 def job_schema() -> dict[str, Any]:
-    """The JSON schema of a job spec, for editors."""
-    return JobSpec.model_json_schema()
+    """The JSON schema of a job spec, for editors. A component with ``pretrained:`` takes its kind and shape from
+    its folder's config, so those fields are required only without it."""
+    schema = JobSpec.model_json_schema()
+    component = schema["$defs"]["ComponentSpec"]
+    component["anyOf"] = [{"required": ["pretrained"]}, {"required": component.pop("required")}]
+    return schema

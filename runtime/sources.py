@@ -56,6 +56,27 @@ def check_data(job: JobSpec) -> None:
         check_packing(job, t)
         if task.data is not None:
             _source(job.model_dump_json(), t)
+    check_recipe_data(job)
+
+
+def check_recipe_data(job: JobSpec) -> None:
+    """A job's ``data_dir`` (a recipe's real data), read as its workers will: the first row of each task without
+    ``data:`` from the recipe's dataset (the recipe loaded in this process), so that a missing or malformed folder is
+    one DataError before any Ray process starts, not a worker's error at the first batch."""
+    if job.recipe is None or job.data_dir is None:
+        return
+    if not Path(job.data_dir).is_dir():
+        raise DataError(f"data_dir ({job.data_dir}): no such folder; it holds the recipe's real data, one subfolder "
+                        "per split (docs/recipes/<recipe>.md). Fix the path, or remove data_dir for synthetic data.")
+    from runtime.data import synthetic_batch  # the recipe's registered dataset for a job with a recipe
+
+    for t, task in enumerate(job.tasks):
+        if task.data is None:
+            try:
+                synthetic_batch(job, t, 0, 0, 1, "train")
+            except (ValueError, OSError, KeyError) as exc:
+                raise DataError(f"data_dir ({job.data_dir}): tasks[{t}] ('{task.name}') cannot read its first row: "
+                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 def source_batch(job: JobSpec, t: int, step: int, start: int, stop: int, split: str = "train") -> TaskBatch:

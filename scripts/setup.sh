@@ -28,6 +28,14 @@ example_models() {
         echo "setup.sh: writing the alignment recipe's tiny Llama under recipes/alignment/models" >&2
         "$PY" -m recipes.alignment.make --models-only >&2
     fi
+    if [[ ! -f "$ROOT/recipes/alignment/models/button/model.safetensors" ]]; then  # recipes/alignment/pipeline/button-*.yaml's
+        echo "setup.sh: writing BUTTON's tiny Llama under recipes/alignment/models/button" >&2
+        "$PY" -m recipes.alignment.button_steps >&2
+    fi
+    if [[ ! -f "$ROOT/recipes/alignment/models/judges/model.safetensors" ]]; then  # pipeline/judges-tiny.yaml's
+        echo "setup.sh: writing the SysBench/FB-Bench tiny Llama under recipes/alignment/models/judges" >&2
+        "$PY" -m recipes.alignment.judge_data --models-only >&2
+    fi
     if [[ ! -f "$ROOT/recipes/alignment/models/supercorrect/model.safetensors" ]]; then  # pipeline/supercorrect-*.yaml's
         echo "setup.sh: writing SuperCorrect's tokenizer and tiny Llama under recipes/alignment/models" >&2
         "$PY" -m recipes.alignment.supercorrect_model >&2

@@ -6,12 +6,13 @@ tasks (the generator: two domains, rule rewards, preference pairs, PAS complemen
 (reward model, DPO, GRPO's KL penalty on SFT data), merge (linear, task arithmetic, Model Stock over exported model
 folders; the phase step ``merge``), grpo (loss ``grpo_rm``: GRPO scored by the trained reward model, its prompts,
 the step ``reward_head``), evaluate (held-out reward accuracy, packing utilisation), make (writes the data,
-tokenizer and tiny Llama), supercorrect and supercorrect_data (SuperCorrect's data and evaluation steps).
+tokenizer and tiny Llama); judge_steps (the evaluation steps ``sysbench`` and ``fbbench``: modules sysbench,
+fbbench, judge, judge_data); supercorrect and supercorrect_data (SuperCorrect's data and evaluation steps).
 docs/recipes/alignment.md.
 """
 
-from recipes.alignment import data, evaluate, grpo, losses, merge  # modules, so that their names are not shadowed
-from recipes.alignment import supercorrect
+# modules, so that their names are not shadowed
+from recipes.alignment import button_steps, data, evaluate, grpo, judge_steps, losses, merge, supercorrect
 from runtime.data import register_dataset
 from runtime.evaluate import register_evaluator
 from runtime.heads import register_loss
@@ -27,6 +28,12 @@ PHASE_STEPS = {
                   "(args: method, component, base, models, weights, scale)"),
     "reward_head": dict(run=grpo.reward_head_step, check=grpo.check_reward_head_args, doc="a reward-model phase's "
                         "export with its trained scalar head (args: component, model, task)"),
+    # BUTTON (arXiv 2410.12952): compositional function-calling trajectories, and their executed evaluation
+    "button_data": dict(run=button_steps.data_step, check=button_steps.check_data_args, writes=("data",),
+                        doc="BUTTON's train trajectories, chat format (args: kinds, rows, seed, tasks)"),
+    "button_eval": dict(run=button_steps.eval_step, check=button_steps.check_eval_args, writes=(),
+                        metrics=button_steps.METRICS, doc="a model plays held-out BUTTON tasks, its calls executed "
+                        "(args: model, component, kinds, tasks, limit, seed, max_turns, new_tokens)"),
     # SuperCorrect (arXiv 2410.09008; recipes/alignment/supercorrect.py)
     "supercorrect_data": dict(run=supercorrect.data_step, check=supercorrect.check_data_args, writes=("data",),
                               metrics=supercorrect.DATA_METRICS, doc="SuperCorrect's SFT rows and cross-model DPO "
@@ -35,3 +42,4 @@ PHASE_STEPS = {
                               metrics=supercorrect.EVAL_METRICS, doc="first errors located and fixed, answer accuracy "
                               "on held-out problems (args: model, problems, limit, new_tokens)"),
 }
+PHASE_STEPS |= judge_steps.PHASE_STEPS  # sysbench, fbbench: evaluation steps with declared metrics

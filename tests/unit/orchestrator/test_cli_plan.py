@@ -132,13 +132,27 @@ def test_bad_costs_file_is_one_error_line(job_file: Path, tmp_path: Path) -> Non
     assert "costs.json" in result.stderr
 
 
-def test_schema_is_json_with_every_section() -> None:
+def test_schema_is_json_with_every_section_and_describes_every_shipped_job() -> None:
+    import jsonschema
+    import yaml
+
     result = CliRunner().invoke(app, ["schema"])
     assert result.exit_code == 0
     schema = json.loads(result.stdout)
-    assert set(schema["properties"]) == {
+    one, phased = schema["$defs"]["JobSpec"], schema["$defs"]["PhasedJob"]
+    assert set(one["properties"]) == {
         "name", "cluster", "components", "tasks", "training", "planner", "recipe", "data_dir"}
-    assert schema["additionalProperties"] is False
+    assert set(phased["properties"]) == set(one["properties"]) - {"tasks"} | {"phases"}
+    assert one["additionalProperties"] is False and "gate" in schema["$defs"]["PhaseSpec"]["properties"]
+    root = Path(__file__).parents[3]
+    jobs = [*root.glob("examples/**/*.yaml"), *root.glob("recipes/*/*.yaml"), *root.glob("recipes/*/pipeline/*.yaml")]
+    documents = [yaml.safe_load(p.read_text()) for p in jobs]
+    jobs = [p for p, doc in zip(jobs, documents) if "components" in doc]  # not cluster or shapes files
+    assert any("phases" in yaml.safe_load(p.read_text()) for p in jobs) and len(jobs) > 10
+    for path in jobs:
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)  # raises, naming the field, if the schema lags
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"name": "x", "components": {}, "phases": [{"name": "a", "gate": {"m": "high"}}]}, schema)
 
 
 @pytest.mark.parametrize("example", sorted(Path(__file__).parents[3].joinpath("examples").glob("*.yaml")),

@@ -162,3 +162,23 @@ def test_reversed_independent_runs_stay_valid():
         flipped = reverse_runs(problem, schedule)
         check_schedule(problem, flipped)
         assert sorted(map(str, flipped.waves)) == sorted(map(str, schedule.waves))
+
+
+def test_a_milp_limit_is_the_cpu_time_left_at_the_rate_planning_gets_cpu(monkeypatch) -> None:
+    """HiGHS limits wall time: on a machine shared 4 ways the CPU seconds left become 4x the wall seconds, so a
+    loaded machine does not cut short a solve that finishes on an idle one (and change the plan)."""
+    import time
+
+    from planner.solver import MAX_WALL_PER_CPU, SolverSettings
+
+    wall, cpu = [100.0], [10.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: wall[0])
+    monkeypatch.setattr(time, "thread_time", lambda: cpu[0])
+    settings = SolverSettings(time_limit_s=5.0, deadline=12.0, started=(100.0, 10.0))
+    wall[0], cpu[0] = 104.0, 11.0  # 1 CPU second in 4 wall seconds; 1 CPU second left
+    assert settings.milp_limit_s() == pytest.approx(4.0)
+    wall[0] = 101.0  # idle: the two clocks agree
+    assert settings.milp_limit_s() == pytest.approx(1.0)
+    wall[0] = 1000.0
+    assert settings.milp_limit_s() == pytest.approx(MAX_WALL_PER_CPU)
+    assert SolverSettings(time_limit_s=5.0, deadline=12.0).milp_limit_s() == pytest.approx(1.0)  # no start: wall

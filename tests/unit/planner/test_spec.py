@@ -358,3 +358,13 @@ def test_every_reader_of_after_agrees_with_upstream_names() -> None:
                 assert [task.components[i].use_name for i in upstream_indices(job, t, u)] == names
                 first = next(op for op in graph.metaops if op.task == task.name and op.use == use.use_name)
                 assert sorted(graph.metaops[d].use for d in first.deps) == sorted(names), (path.name, first.name)
+
+
+def test_a_relative_data_dir_is_read_from_the_spec_files_folder(tmp_path) -> None:
+    data = yaml.safe_load(JOB_YAML)
+    data["data_dir"] = "../real"
+    (tmp_path / "jobs").mkdir()
+    path = tmp_path / "jobs" / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_job(path).data_dir == str((tmp_path / "jobs" / ".." / "real").absolute())
+    assert parse_job(data).data_dir == "../real"  # no spec file: as given, from the cwd

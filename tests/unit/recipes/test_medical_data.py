@@ -405,3 +405,18 @@ def test_a_jobs_data_dir_feeds_the_runtime_from_manifests(tmp_path, job, scans48
     torch.testing.assert_close(got.targets["masks"][0, :len(want[0].lesions)], want[0].masks.float())
     with pytest.raises(ValueError, match=r"no transfer/manifest.json"):
         synthetic_batch(real, t, 0, 0, 2, "transfer")
+
+
+def test_a_data_dir_that_cannot_be_read_is_one_error_before_the_run(tmp_path, job, scans48) -> None:
+    from runtime.source_files import DataError
+    from runtime.sources import check_data
+
+    real = parse_job({**job.model_dump(), "recipe": "medical", "data_dir": str(tmp_path / "scans")})
+    with pytest.raises(DataError, match=r"^data_dir \(.*scans\): no such folder"):
+        check_data(real)
+    (tmp_path / "scans").mkdir()
+    with pytest.raises(DataError, match=r"^data_dir \(.*\): tasks\[0\] \('.*'\) cannot read its first row: .*no "
+                                        r"train/manifest.json"):
+        check_data(real)
+    write_manifest(tmp_path / "scans" / "train", scans48[:3])
+    check_data(real)  # readable: no error
