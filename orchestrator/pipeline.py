@@ -85,8 +85,9 @@ def phase_hash(phase: Phase) -> str:
 
 
 def reads_data_artifacts(phase: Phase) -> bool:
-    """Whether a trained phase's tasks read an earlier phase's artifact (its data is checked when it starts)."""
-    return bool(references(phase.spec.tasks or [], "tasks"))
+    """Whether a trained phase's tasks or its ``data_dir`` read an earlier phase's artifact (its data is checked when
+    it starts)."""
+    return bool(references(phase.spec.tasks or [], "tasks") + references(phase.spec.data_dir, "data_dir"))
 
 
 @dataclass

@@ -4,6 +4,8 @@ and the pipelines' validation (a phase's data_dir read from an earlier step's ar
 
 from __future__ import annotations
 
+import copy
+
 import json
 import re
 from pathlib import Path
@@ -191,6 +193,14 @@ def test_a_phase_reads_its_data_dir_from_an_earlier_step(tmp_path, model):
     located = phase_job(pipeline.doc, dpo.spec, tmp_path, locate=lambda ref, sub: model if ref.artifact == "model"
                         else tmp_path / ref.phase / ref.artifact)
     assert located.data_dir == str((tmp_path / "data" / "data").resolve())
+    from orchestrator.pipeline import PipelineRunner, reads_data_artifacts
+    from orchestrator.run import RunOptions
+
+    dpo_only = copy.deepcopy(doc)  # the DPO task alone: data_dir is the phase's only reference to the data step
+    dpo_only["phases"][2]["tasks"] = dpo_only["phases"][2]["tasks"][:1]
+    pipeline = parse_pipeline(dpo_only, steps, tmp_path)
+    assert reads_data_artifacts(pipeline.phase("dpo"))  # so its data is checked when it starts, not before
+    PipelineRunner(pipeline, RunOptions(out_dir=tmp_path / "out")).check()
     doc["phases"][2]["data_dir"] = "@eval/data"
     with pytest.raises(SpecError, match=r"phases\[2\].data_dir \('@eval/data'\) reads a later phase's"):
         parse_pipeline(doc, steps, tmp_path)
