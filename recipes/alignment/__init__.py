@@ -6,11 +6,13 @@ tasks (the generator: two domains, rule rewards, preference pairs, PAS complemen
 (reward model, DPO, GRPO's KL penalty on SFT data), merge (linear, task arithmetic, Model Stock over exported model
 folders; the phase step ``merge``), grpo (loss ``grpo_rm``: GRPO scored by the trained reward model, its prompts,
 the step ``reward_head``), evaluate (held-out reward accuracy, packing utilisation), make (writes the data,
-tokenizer and tiny Llama).
+tokenizer and tiny Llama), datasculpt (DataSculpt packing, the step ``datasculpt``), mixture (data-mixture
+detection, the steps ``mixture_data`` and ``mixture_eval``).
 docs/recipes/alignment.md.
 """
 
 from recipes.alignment import data, evaluate, grpo, losses, merge  # modules, so that their names are not shadowed
+from recipes.alignment import datasculpt, mixture
 from runtime.data import register_dataset
 from runtime.evaluate import register_evaluator
 from runtime.heads import register_loss
@@ -26,4 +28,16 @@ PHASE_STEPS = {
                   "(args: method, component, base, models, weights, scale)"),
     "reward_head": dict(run=grpo.reward_head_step, check=grpo.check_reward_head_args, doc="a reward-model phase's "
                         "export with its trained scalar head (args: component, model, task)"),
+}
+# DataSculpt packing and data-mixture detection (issue 18 items 3-4; docs/recipes/alignment.md)
+PHASE_STEPS |= {
+    "datasculpt": dict(run=datasculpt.step, check=datasculpt.check_args, writes=("data",), metrics=datasculpt.METRICS,
+                       doc="pack a corpus into context windows by DataSculpt, against first-fit (args: corpus, "
+                       "documents, window, tokenizer, clusters, dims, seed)"),
+    "mixture_data": dict(run=mixture.data_step, check=mixture.check_data_args, writes=("data",),
+                         metrics=tuple(f"true_{d}" for d in mixture.DOMAINS), doc="a known mixture of synthetic "
+                         "domains and labelled reference text (args: mixture, documents, reference_documents, seed)"),
+    "mixture_eval": dict(run=mixture.eval_step, check=mixture.check_eval_args, writes=(), metrics=mixture.EVAL_METRICS,
+                         doc="estimate a model's training mixture from its generations (args: model, reference, "
+                         "truth, samples, new_tokens, seed)"),
 }

@@ -149,14 +149,16 @@ class Weights:
     """The greedy assignment's objective weights: a piece goes to the open window with room that maximises
     ``similarity * cos(window centroid, doc) + cluster * [same cluster] + fill * size / room`` (relevance,
     homogeneity, utilisation as best fit); integrity is a hard constraint (a piece is never cut to fit). A new window
-    opens when none has room, or when the best score is below ``open_below`` while fewer than the windows the tokens
-    need at ``target`` utilisation are open."""
+    opens when none has room, or when the best score is below ``open_below`` while fewer windows are open than the
+    tokens need at ``target`` utilisation (1.0: the least number of windows that can hold them, so that seeding new
+    windows for relevance never costs utilisation below that count; measured against first-fit in
+    bench/results/alignment-datasculpt.md)."""
 
     similarity: float = 1.0
     cluster: float = 0.5
     fill: float = 0.25
     open_below: float = 1.0
-    target: float = 0.99
+    target: float = 1.0
 
 
 def datasculpt(lengths: Sequence[int], emb: np.ndarray, labels: np.ndarray, capacity: int,
