@@ -36,23 +36,23 @@ from recipes.alignment.tasks import TOPICS
 
 DOMAINS = ("arithmetic", "lists", "prose", "requests")
 MIXTURE = {"prose": 0.4, "lists": 0.3, "arithmetic": 0.2, "requests": 0.1}
-NOISE = 0.15  # the chance that a part of a document is written as another domain's
+NOISE = 0.15  # the chance that a document of one domain reads as another's
 BOS = "<eos>"  # the recipe tokenizer's eos, used as the beginning of a document
-WORDS = sorted({w for words in TOPICS.values() for w in words.split()})
 DATA_ARGS = ("mixture", "documents", "reference_documents", "seed")
 EVAL_ARGS = ("model", "reference", "truth", "samples", "new_tokens", "seed")
 
 
 def part(domain: str, rng: random.Random) -> str:
-    """One sentence (or one short list) of ``domain``; content words from a topic drawn per part (shared by every
-    domain)."""
+    """One sentence (or one short list) of ``domain``, opening with its domain's words (``compute``, ``list``, ``the``
+    / ``every`` / ``then``, ``write``: as code, tables and prose open differently); content words from a topic drawn per
+    part, shared by every domain."""
     topic = TOPICS[rng.choice(sorted(TOPICS))].split()
     if domain == "arithmetic":
         a, b, op = rng.randint(1, 9), rng.randint(1, 9), rng.choice(("minus", "plus", "times"))
         value = a + b if op == "plus" else a * b if op == "times" else a - b
-        return f"{a} {op} {b} is {'minus ' if value < 0 else ''}{abs(value)} ."
+        return f"compute {a} {op} {b} is {'minus ' if value < 0 else ''}{abs(value)} ."
     if domain == "lists":
-        return " ".join(f"{i + 1} . {rng.choice(topic)}" for i in range(rng.randint(2, 5))) + " ."
+        return "list " + " ".join(f"{i + 1} . {rng.choice(topic)}" for i in range(rng.randint(2, 5))) + " ."
     if domain == "prose":
         form = rng.choice(("the {0} and the {1} .", "every {0} is {1} .", "the {0} is still {1} after the {2} .",
                            "then the {0} from the {1} ."))
@@ -63,12 +63,13 @@ def part(domain: str, rng: random.Random) -> str:
 
 
 def document(domain: str, rng: random.Random) -> str:
-    """One document of ``domain``: 1 to 3 parts, each of another domain with probability :data:`NOISE` (as web pages
-    mix code and prose), so that a short document can be told apart only up to that noise and the classifier's
-    confusion is real."""
+    """One document of ``domain``: 1 to 3 parts, all written as one domain: its own, or with probability
+    :data:`NOISE` another's (as a source labelled one domain holds pages that read as another). Those documents are
+    misread by any classifier of the text, which is the confusion the estimate corrects; a model trained on the
+    mixture generates them at the same rate."""
     others = [d for d in DOMAINS if d != domain]
-    return " ".join(part(rng.choice(others) if rng.random() < NOISE else domain, rng)
-                    for _ in range(rng.randint(1, 3)))
+    look = rng.choice(others) if rng.random() < NOISE else domain
+    return " ".join(part(look, rng) for _ in range(rng.randint(1, 3)))
 
 
 def domain_texts(seed: int, split: str, counts: dict[str, int]) -> list[dict]:
@@ -90,7 +91,7 @@ def shares(mixture: dict[str, float], n: int) -> dict[str, int]:
 
 
 def write_data(out: Path, mixture: dict[str, float] | None = None, documents: int = 4000,
-               reference_documents: int = 400, seed: int = 0) -> dict[str, float]:
+               reference_documents: int = 1000, seed: int = 0) -> dict[str, float]:
     """The files of ``mixture_data`` (module docstring) under ``out``; returns the true proportions."""
     mixture = mixture or MIXTURE
     counts = shares(mixture, documents)
@@ -142,7 +143,7 @@ def read_reference(path: Path) -> list[dict]:
 
 
 def evaluate(model: Path, reference: Path, truth: dict[str, float] | None, samples: int = 1024,
-             new_tokens: int = 40, seed: int = 0, texts: list[str] | None = None) -> dict[str, float]:
+             new_tokens: int = 64, seed: int = 0, texts: list[str] | None = None) -> dict[str, float]:
     """The metrics of ``mixture_eval`` (module docstring); ``texts``: generations already made (skips sampling)."""
     rows = read_reference(reference)
     fit, held = rows[0::2], rows[1::2]
@@ -183,7 +184,7 @@ def check_data_args(args: dict, base: Path | None) -> None:
         raise ValueError(f"mixture ({mixture!r}): expected a mapping of domains ({', '.join(DOMAINS)}) to weights > 0, "
                          "e.g. {prose: 0.5, lists: 0.3, arithmetic: 0.2}. Fix the value.")
     _whole(args, "documents", 4000, len(mixture))
-    _whole(args, "reference_documents", 400, 2)
+    _whole(args, "reference_documents", 1000, 2)
     _whole(args, "seed", 0, 0)
 
 
@@ -205,7 +206,7 @@ def check_eval_args(args: dict, base: Path | None) -> None:
         raise ValueError(f"truth ({truth!r}): expected a JSON file or a mapping of domains to proportions (the "
                          "mixture the model was trained on). Fix the value or leave it out.")
     _whole(args, "samples", 1024, 1)
-    _whole(args, "new_tokens", 40, 1)
+    _whole(args, "new_tokens", 64, 1)
     _whole(args, "seed", 0, 0)
 
 
@@ -213,7 +214,7 @@ def data_step(ctx) -> dict[str, float]:
     """Step ``mixture_data``: :func:`write_data` into the artifact ``data``; reports the true proportions."""
     a = ctx.args
     truth = write_data(ctx.artifact("data"), a.get("mixture"), a.get("documents", 4000),
-                       a.get("reference_documents", 400), a.get("seed", 0))
+                       a.get("reference_documents", 1000), a.get("seed", 0))
     return {f"true_{d}": v for d, v in truth.items()}
 
 
@@ -224,7 +225,7 @@ def eval_step(ctx) -> dict[str, float]:
     if isinstance(truth, str):
         truth = json.loads(ctx.path(truth).read_text())
     return evaluate(ctx.path(a["model"]), ctx.path(a["reference"]), truth, a.get("samples", 1024),
-                    a.get("new_tokens", 40), a.get("seed", 0))
+                    a.get("new_tokens", 64), a.get("seed", 0))
 
 
 EVAL_METRICS = ("mixture_mae", "raw_mae", "classifier_accuracy", "samples", "empty_samples",
@@ -243,7 +244,7 @@ def main(argv: list[str]) -> int:
     ev.add_argument("reference", type=Path)
     ev.add_argument("--truth", type=Path, help="JSON domain -> proportion, for the error")
     ev.add_argument("--samples", type=int, default=1024)
-    ev.add_argument("--new-tokens", type=int, default=40)
+    ev.add_argument("--new-tokens", type=int, default=64)
     ev.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
