@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from bench.common import REPO_ROOT, write_results
@@ -27,6 +28,26 @@ SPEC = REPO_ROOT / "recipes/alignment/pipeline/mixture-tiny.yaml"
 MIXTURES = {"default": dict(mixture.MIXTURE), "reversed": {"prose": 0.1, "lists": 0.2, "arithmetic": 0.3,
                                                            "requests": 0.4}}
 SEEDS = (0, 1, 2)
+# the words a synthetic document's parts open with (recipes.alignment.mixture.part): its first word tells how it reads
+OPENERS = {"compute": "arithmetic", "list": "lists", "the": "prose", "every": "prose", "then": "prose",
+           "write": "requests"}
+
+
+def opening_marginal(folder: Path) -> dict[str, float]:
+    """The model's own probability of starting a document that reads as each domain: its exact next-token
+    distribution after the beginning-of-text token, summed over each domain's opening words (a synthetic document
+    reads wholly as one domain, the one its first word opens). ``other``: any other first token."""
+    import torch
+
+    from recipes.alignment.generation import load
+
+    model, tokenizer = load(folder)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([[tokenizer.eos_token_id]])).logits[0, -1].float(), dim=-1)
+    out = {d: 0.0 for d in mixture.DOMAINS}
+    for word, domain in OPENERS.items():
+        out[domain] += float(probs[tokenizer.convert_tokens_to_ids(word)])
+    return out | {"other": 1.0 - sum(out.values())}
 
 
 def run_pipeline(name: str, weights: dict[str, float], out: Path, reuse: bool) -> dict:
@@ -75,8 +96,14 @@ def measure(out: Path, reuse: bool) -> dict:
         step = json.loads((folder / "detect/metrics.json").read_text())
         trained = [mixture.evaluate(folder / "lm/export/lm", reference, truth, seed=s) for s in SEEDS]
         untrained = mixture.evaluate(base, reference, truth, seed=0)
+        looks = opening_marginal(folder / "lm/export/lm")
+        c = confusion_matrix(reference)
+        # the mixture the model actually generates: its reading shares, as the confusion matrix maps label shares to
+        # them, solved back (what a perfect estimator from infinitely many samples would report)
+        implied = est.correct(np.array([looks[d] for d in c["domains"]]) / (1 - looks["other"]), np.array(c["matrix"]))
         records[name] = {"truth": truth, "run": run, "step_metrics": step, "seeds": trained, "untrained": untrained,
-                         "loss": losses(folder / "lm/metrics.jsonl"), "confusion": confusion_matrix(reference)}
+                         "loss": losses(folder / "lm/metrics.jsonl"), "confusion": c, "reading_shares": looks,
+                         "implied": dict(zip(c["domains"], implied.tolist()))}
     return records
 
 
@@ -99,16 +126,22 @@ def markdown(rec: dict) -> str:
                   f"`loom run`'s own `detect` step (seed 0): mixture_mae {100 * r['step_metrics']['mixture_mae']:.2f} "
                   f"points, gate `mixture_mae <= 0.05` {gate}. LM loss {r['loss']['first']:.3f} -> "
                   f"{r['loss']['last']:.3f} (first vs last 10% of {r['loss']['steps']} steps).", "",
-                  "| domain | true | estimate (corrected, mean of seeds) | raw count | untrained model |",
-                  "|---|---|---|---|---|"]
+                  "| domain | true | estimate (corrected, mean of seeds) | raw count | the model's own mixture | "
+                  "untrained model |", "|---|---|---|---|---|---|"]
         for d in domains:
-            lines.append(f"| {d} | {r['truth'][d]:.3f} | {mean[d]:.3f} | {raw[d]:.3f} | "
+            lines.append(f"| {d} | {r['truth'][d]:.3f} | {mean[d]:.3f} | {raw[d]:.3f} | {r['implied'][d]:.3f} | "
                          f"{r['untrained'][f'estimate_{d}']:.3f} |")
+        implied_mae = 100 * statistics.mean(abs(r["implied"][d] - r["truth"][d]) for d in domains)
+        to_model = 100 * statistics.mean(abs(mean[d] - r["implied"][d]) for d in domains)
         lines += ["", f"- corrected MAE per seed: {', '.join(f'{m:.2f}' for m in maes)} points "
                   f"(mean {statistics.mean(maes):.2f})",
                   f"- raw (counting) MAE per seed: {', '.join(f'{m:.2f}' for m in raws)} points "
                   f"(mean {statistics.mean(raws):.2f})",
                   f"- untrained model: corrected MAE {100 * r['untrained']['mixture_mae']:.2f} points",
+                  f"- the model's own mixture (its exact probabilities of opening a document of each reading, "
+                  f"{100 * r['reading_shares']['other']:.1f}% other openings left out, corrected by the confusion "
+                  f"matrix) is {implied_mae:.2f} points from the truth; the estimate (mean of seeds) is "
+                  f"{to_model:.2f} points from the model's own mixture",
                   f"- classifier accuracy on held-out reference text: {r['seeds'][0]['classifier_accuracy']:.3f}; "
                   "confusion matrix (rows true, columns predicted, " + ", ".join(domains) + "): " +
                   "; ".join(" ".join(f"{v:.3f}" for v in row) for row in r["confusion"]["matrix"]), ""]
