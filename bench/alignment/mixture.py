@@ -121,7 +121,7 @@ def markdown(rec: dict) -> str:
         raw = {d: statistics.mean(s[f"raw_{d}"] for s in r["seeds"]) for d in domains}
         maes = [100 * s["mixture_mae"] for s in r["seeds"]]
         raws = [100 * s["raw_mae"] for s in r["seeds"]]
-        gate = {0: "passed", 1: "failed"}.get(r["run"]["rc"], "reused")
+        gate = "passed" if r["step_metrics"]["mixture_mae"] <= 0.05 else "failed"
         lines += [f"## Mixture `{name}`", "",
                   f"`loom run`'s own `detect` step (seed 0): mixture_mae {100 * r['step_metrics']['mixture_mae']:.2f} "
                   f"points, gate `mixture_mae <= 0.05` {gate}. LM loss {r['loss']['first']:.3f} -> "
