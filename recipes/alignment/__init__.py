@@ -6,13 +6,16 @@ tasks (the generator: two domains, rule rewards, preference pairs, PAS complemen
 (reward model, DPO, GRPO's KL penalty on SFT data), merge (linear, task arithmetic, Model Stock over exported model
 folders; the phase step ``merge``), grpo (loss ``grpo_rm``: GRPO scored by the trained reward model, its prompts,
 the step ``reward_head``), evaluate (held-out reward accuracy, packing utilisation), make (writes the data,
-tokenizer and tiny Llama); judge_steps (the evaluation steps ``sysbench`` and ``fbbench``: modules sysbench,
-fbbench, judge, judge_data); supercorrect and supercorrect_data (SuperCorrect's data and evaluation steps).
-docs/recipes/alignment.md.
+tokenizer and tiny Llama). The data and evaluation phases (issue 18; each a pair of steps): button_steps (BUTTON:
+modules button, button_world, button_eval), supercorrect (SuperCorrect: supercorrect_data), datasculpt (DataSculpt
+packing: datasculpt_pack), mixture (data-mixture detection: mixture_estimate), judge_steps (SysBench and FB-Bench:
+modules sysbench, fbbench, judge, judge_data). docs/recipes/alignment.md.
 """
 
 # modules, so that their names are not shadowed
-from recipes.alignment import button_steps, data, evaluate, grpo, judge_steps, losses, merge, supercorrect
+from recipes.alignment import (
+    button_steps, data, datasculpt, evaluate, grpo, judge_steps, losses, merge, mixture, supercorrect,
+)
 from runtime.data import register_dataset
 from runtime.evaluate import register_evaluator
 from runtime.heads import register_loss
@@ -43,3 +46,15 @@ PHASE_STEPS = {
                               "on held-out problems (args: model, problems, limit, new_tokens)"),
 }
 PHASE_STEPS |= judge_steps.PHASE_STEPS  # sysbench, fbbench: evaluation steps with declared metrics
+# DataSculpt packing and data-mixture detection (issue 18 items 3-4; docs/recipes/alignment.md)
+PHASE_STEPS |= {
+    "datasculpt": dict(run=datasculpt.step, check=datasculpt.check_args, writes=("data",), metrics=datasculpt.METRICS,
+                       doc="pack a corpus into context windows by DataSculpt, against first-fit (args: corpus, "
+                       "documents, window, tokenizer, clusters, dims, seed)"),
+    "mixture_data": dict(run=mixture.data_step, check=mixture.check_data_args, writes=("data",),
+                         metrics=tuple(f"true_{d}" for d in mixture.DOMAINS), doc="a known mixture of synthetic "
+                         "domains and labelled reference text (args: mixture, documents, reference_documents, seed)"),
+    "mixture_eval": dict(run=mixture.eval_step, check=mixture.check_eval_args, writes=(), metrics=mixture.EVAL_METRICS,
+                         doc="estimate a model's training mixture from its generations (args: model, reference, "
+                         "truth, samples, new_tokens, seed)"),
+}
