@@ -17,7 +17,7 @@ from pathlib import Path
 
 from planner import baselines as baselines_mod
 from planner.bound import plan_bounds
-from planner.bucketsplit import SPLIT, split_buckets
+from planner.bucketsplit import SPLIT, split_buckets, unsplit
 from planner.candidates import ADOPTED, adopt_best, schedule_of
 from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel, lm_heads
 from planner.devices import resolve_hardware
@@ -31,7 +31,7 @@ from planner.plan import (
     SyncGroup,
 )
 from planner.program import plan_buckets, plan_holdings, plan_pieces, process_groups
-from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
+from planner.schedule import Problem, Schedule, ScheduleError, check_schedule, compute_makespan, reverse_runs
 from planner.rlbaselines import rl_budget, with_role_candidate
 from planner.simulator import Simulation, simulate, split_passes
 from planner.solver import Candidate, SolveResult, SolverSettings, solve
@@ -112,6 +112,7 @@ def plan_job(
             chosen, error = found[:3], None
         except PlanningError as still:  # nothing the solver finds fits: a baseline's schedule may
             chosen, planned, error = None, problem, still
+    searched = chosen[0] if chosen is not None else None  # choose_candidate tried its bucket splits already
     # RL-shaped jobs: Loom's role placement and the colocated/split baselines, each search on a work budget
     role_budget = rl_budget(limit)
     chosen = with_role_candidate(problem, cost_model, chosen, bounds.dag_s, role_budget)
@@ -129,7 +130,7 @@ def plan_job(
     result, placed, sim = adopt_best(problem, cost_model.hw.devices_per_node, chosen, baseline_plans, error, bounds.dag_s)
     if result.method.endswith(ADOPTED):
         planned = problem  # a baseline's schedule is on the job's own curves, not a memory repair's
-    if not result.method.endswith(SPLIT):  # a baseline's or the group split's schedule: its buckets may split too
+    if result is not searched:  # a baseline's, the group split's or a role placement's schedule: its buckets may split
         result, placed, sim = split_chosen(planned, cost_model, result, placed, sim, SPLIT_BUDGET)[:3]
     say(f"chose {result.method}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
     baseline_times = {b.name: b.sim.iteration_time_s for b in baseline_plans} if with_baselines else {}
@@ -238,7 +239,10 @@ def split_chosen(problem: Problem, cost_model: CostModel, result: SolveResult, p
     if found is placed:
         return result, placed, sim, spent
     schedule = schedule_of(found)
-    makespan = compute_makespan(problem, schedule)
+    try:
+        makespan = compute_makespan(problem, unsplit(problem, schedule))
+    except (ScheduleError, KeyError):  # a role placement on layouts the job's curves do not pick (as adopt_best)
+        makespan = found_sim.compute_s
     gap = (makespan - result.bound_s) / makespan if makespan > 0 else 0.0
     return (replace(result, schedule=schedule, objective_s=makespan, gap=gap, status="heuristic",
                     method=result.method + SPLIT), found, found_sim, spent)
@@ -291,7 +295,7 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
         if found_sim.iteration_time_s < best.sim.iteration_time_s * (1 - 1e-12):
             best_name, cand = name + SPLIT, start_cand
             best = Evaluated(schedule_of(found), ev.strategy, found, found_sim)
-    makespan = compute_makespan(problem, best.schedule)
+    makespan = compute_makespan(problem, unsplit(problem, best.schedule))
     gap = (makespan - solved.bound_s) / makespan if makespan > 0 else 0.0
     # a reordered schedule has its candidate's compute; a refined one is a local-search result
     status = "heuristic" if best_name.endswith((REFINED, SPLIT)) else cand.status

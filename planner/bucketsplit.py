@@ -25,7 +25,7 @@ from __future__ import annotations
 from planner.costmodel import CostModel
 from planner.phases import phase_ranges
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
-from planner.schedule import Problem
+from planner.schedule import Problem, Schedule, merge_adjacent_waves
 from planner.simulator import Simulation, simulate
 
 FRACTIONS = (0.25, 1 / 3, 0.5, 2 / 3, 0.75)  # where a wave is cut: the share of each slice's layers in the first part
@@ -54,6 +54,13 @@ def split_wave(placed: PlacedSchedule, k: int, fraction: float) -> PlacedSchedul
         return None
     waves = placed.waves[:k] + (PlacedWave(tuple(first)), PlacedWave(tuple(second))) + placed.waves[k + 1:]
     return PlacedSchedule(waves, tuple(p if p <= k else p + 1 for p in placed.phases))
+
+
+def unsplit(problem: Problem, schedule: Schedule) -> Schedule:
+    """``schedule`` with the parts of every cut wave joined again (consecutive waves of the same slices on the same
+    counts): the schedule whose compute makespan (sum of wave durations) a split plan has. The parts run as one wave
+    does, since nothing waits between them, so the bench and the solver report count them as one."""
+    return Schedule(merge_adjacent_waves(problem, schedule.waves))
 
 
 def end_waves(placed: PlacedSchedule) -> list[int]:

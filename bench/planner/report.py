@@ -143,6 +143,12 @@ def _bound_target(records: Sequence[Record], key: str, label: str) -> Verdict:
     notes = []
     if over:
         notes.append("over: " + ", ".join(over))
+    least = [r["ratios"].get("solver_least_compute_over_per_level") for r in ok]
+    if key == "loom_compute_over_per_level" and ok and None not in least:
+        within = sum(v <= PER_LEVEL_TARGET + EPS for v in least)
+        notes.append(f"within {PER_LEVEL_TARGET}x in {sum(v <= PER_LEVEL_TARGET + EPS for v in ratios.values())} of "
+                     f"{len(ok)} cells; the solver's least-compute candidate (the plan is chosen on the simulated "
+                     f"iteration, not on compute) is within it in {within} of {len(ok)} (max {max(least):.3f})")
     if _failed(grid):
         notes.append("failed: " + _failed(grid))
     scale = [r["ratios"][key] for r in _ok(records) if r["group"] == "scale"]
