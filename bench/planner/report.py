@@ -324,6 +324,8 @@ def render_report(records: Sequence[Record], config: dict[str, Any]) -> str:
         "*vs Spindle* / *vs sequential*: baseline time / Loom time (> 1 means Loom is faster). "
         "(OOM): that baseline's plan needs more device memory than the cluster has (Loom's plan always fits).",
     ]
+    if config.get("note"):
+        parts.insert(1, f"**Note:** {config['note']}")
     for group, title in (("grid", "Grid: Spindle's workloads (8-64 devices)"),
                          ("sweep", "Sweep: synthetic CLIP-like workload, 100 MetaOps"),
                          ("scale", "Scale: 1,024 to 10,240 devices (bench/workloads/README.md)"),
