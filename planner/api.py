@@ -17,7 +17,7 @@ from pathlib import Path
 
 from planner import baselines as baselines_mod
 from planner.bound import plan_bounds
-from planner.bucketsplit import SPLIT, split_buckets, unsplit
+from planner.bucketsplit import SPLIT, split_buckets
 from planner.candidates import ADOPTED, adopt_best, schedule_of
 from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel, lm_heads
 from planner.devices import resolve_hardware
@@ -240,7 +240,7 @@ def split_chosen(problem: Problem, cost_model: CostModel, result: SolveResult, p
         return result, placed, sim, spent
     schedule = schedule_of(found)
     try:
-        makespan = compute_makespan(problem, unsplit(problem, schedule))
+        makespan = compute_makespan(problem, schedule)  # the plan's waves' (the bench joins a cut wave's parts)
     except (ScheduleError, KeyError):  # a role placement on layouts the job's curves do not pick (as adopt_best)
         makespan = found_sim.compute_s
     gap = (makespan - result.bound_s) / makespan if makespan > 0 else 0.0
@@ -295,7 +295,7 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
         if found_sim.iteration_time_s < best.sim.iteration_time_s * (1 - 1e-12):
             best_name, cand = name + SPLIT, start_cand
             best = Evaluated(schedule_of(found), ev.strategy, found, found_sim)
-    makespan = compute_makespan(problem, unsplit(problem, best.schedule))
+    makespan = compute_makespan(problem, best.schedule)
     gap = (makespan - solved.bound_s) / makespan if makespan > 0 else 0.0
     # a reordered schedule has its candidate's compute; a refined one is a local-search result
     status = "heuristic" if best_name.endswith((REFINED, SPLIT)) else cand.status

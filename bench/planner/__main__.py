@@ -1,11 +1,11 @@
-"""``python -m bench.planner [--quick] [--section grid|sweep|scale|recipe] [--only CELL ...] [--repeats 3] [--note TEXT]``.
+"""``python -m bench.planner [--quick] [--section grid|sweep|scale|recipe] [--only CELL ...] [--repeats 3]``.
 
 The full run (no --quick, --section or --only) writes bench/results/planner.{json,md}; ``--section S`` writes
 planner-S.*, another partial run planner-partial.*, a quick one planner-quick.*, so a partial run never overwrites
 the full results. Scale cells are planned in a fresh process each (peak RSS per cell), baselines included in the
 planning time, ``--scale-repeats`` times (default 1: the 10,240-device cell plans for up to a minute).
 ``--merge grid sweep scale recipe`` writes planner.{json,md} from the sections' results (run in parallel processes);
-``--note`` adds a line under the report's title (e.g. the machine's load while planning times were measured).
+``--note TEXT`` adds a line under the report's title (e.g. the machine's load while planning times were measured).
 """
 
 from __future__ import annotations

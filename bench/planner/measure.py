@@ -8,8 +8,8 @@ numbers come from one extra, untimed run with baselines. Two kinds of ratio are 
   the simulator) over a bound. The bounds cover compute only, so these ratios include overheads
   the bound never sees.
 * compute-only: the schedule's compute makespan (sum of wave durations, no placement; a bucket-split wave's
-  parts joined, planner.bucketsplit.unsplit) over a bound. This is what the bound actually bounds; Spindle's compute makespan is measured the same
-  way on its own wavefront schedule.
+  parts joined, planner.bucketsplit.unsplit) over a bound. This is what the bound actually bounds; Spindle's
+  compute makespan is measured the same way on its own wavefront schedule.
 
 Scale cells (:func:`measure_cell_isolated`) are planned in a fresh process each, so that the process's peak
 resident memory (``peak_rss_mib``, from ``getrusage``) is that cell's alone, and their planning time is that of

@@ -1,5 +1,5 @@
-"""Bucket splitting (planner.bucketsplit): a cut wave keeps every device's work and memory, makes two gradient buckets of
-one, and the search keeps only cuts that shorten the simulated iteration, within its budget; plan_job's split plans load
+"""Bucket splitting (planner.bucketsplit): a cut wave keeps every device's work and memory, makes two gradient buckets
+of one, and the search keeps only cuts that shorten the simulated iteration, within its budget; plan_job's split plans load
 and carry the program their waves give."""
 
 from __future__ import annotations
@@ -94,8 +94,9 @@ def _joined(problem, placed: PlacedSchedule) -> PlacedSchedule:
     waves: list[PlacedWave] = []
     for wave in placed.waves:
         prev = waves[-1] if waves else None
-        if prev is not None and [(s.metaop, s.devices) for s in prev.slices] == [(s.metaop, s.devices) for s in wave.slices] \
-                and all(a.first_layer + a.num_layers == b.first_layer for a, b in zip(prev.slices, wave.slices)):
+        same = prev is not None and [(s.metaop, s.devices) for s in prev.slices] == [
+            (s.metaop, s.devices) for s in wave.slices]
+        if same and all(a.first_layer + a.num_layers == b.first_layer for a, b in zip(prev.slices, wave.slices)):
             waves[-1] = PlacedWave(tuple(PlacedSlice(a.metaop, a.first_layer, a.num_layers + b.num_layers, a.devices,
                                                      a.layout) for a, b in zip(prev.slices, wave.slices)))
         else:
