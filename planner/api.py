@@ -226,7 +226,7 @@ UNFIT_BEFORE_REPAIR = 3  # candidates over memory (shortest compute first) after
 REFINE_TOP = 4  # the best placed candidates (distinct schedules) the transfer-aware search starts from
 REFINE_BUDGET = 20_000  # work units of that search (refine.evaluation_cost), shared by its starts
 REFINED = ", transfer-refined"  # method suffix of a plan the search improved
-SPLIT_TOP = 4  # the best placed candidates (distinct schedules, refined ones included) whose buckets are split
+SPLIT_TOP = 8  # the best placed candidates (distinct schedules, refined ones included) whose buckets are split
 SPLIT_BUDGET = 12_000  # work units (bucketsplit.split_cost) of bucket splitting, shared by those candidates
 
 
