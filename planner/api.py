@@ -223,8 +223,8 @@ def predict_plan(job: JobSpec, plan: Plan, cost_model: CostModel) -> Simulation:
 PLACE_BUDGET = 200_000  # work units (refine.evaluation_cost) of placing and simulating candidates: all of them up to
 # ~1,000 devices x 200 MetaOps, the best few beyond (the first always, whatever it costs)
 UNFIT_BEFORE_REPAIR = 3  # candidates over memory (shortest compute first) after which, none fitting, memory is repaired
-REFINE_TOP = 4  # the best placed candidates (distinct schedules) the transfer-aware search starts from
-REFINE_BUDGET = 20_000  # work units of that search (refine.evaluation_cost), shared by its starts
+REFINE_TOP = 2  # the best placed candidates (distinct schedules) the transfer-aware search starts from
+REFINE_BUDGET = 4000  # work units of that search (refine.evaluation_cost), shared by its starts
 REFINED = ", transfer-refined"  # method suffix of a plan the search improved
 SPLIT_TOP = 8  # the best placed candidates (distinct schedules, refined ones included) whose buckets are split
 SPLIT_BUDGET = 12_000  # work units (bucketsplit.split_cost) of bucket splitting, shared by those candidates
