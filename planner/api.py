@@ -17,7 +17,7 @@ from pathlib import Path
 
 from planner import baselines as baselines_mod
 from planner.bound import plan_bounds
-from planner.bucketsplit import SPLIT, split_buckets
+from planner.bucketsplit import SPLIT, split_buckets, split_chosen
 from planner.candidates import ADOPTED, adopt_best, schedule_of
 from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel, lm_heads
 from planner.devices import resolve_hardware
@@ -31,7 +31,7 @@ from planner.plan import (
     SyncGroup,
 )
 from planner.program import plan_buckets, plan_holdings, plan_pieces, process_groups
-from planner.schedule import Problem, Schedule, ScheduleError, check_schedule, compute_makespan, reverse_runs
+from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
 from planner.rlbaselines import rl_budget, with_role_candidate
 from planner.simulator import Simulation, simulate, split_passes
 from planner.solver import Candidate, SolveResult, SolverSettings, solve
@@ -228,24 +228,6 @@ REFINE_BUDGET = 4000  # work units of that search (refine.evaluation_cost), shar
 REFINED = ", transfer-refined"  # method suffix of a plan the search improved
 SPLIT_TOP = 8  # the best placed candidates (distinct schedules, refined ones included) whose buckets are split
 SPLIT_BUDGET = 12_000  # work units (bucketsplit.split_cost) of bucket splitting, shared by those candidates
-
-
-def split_chosen(problem: Problem, cost_model: CostModel, result: SolveResult, placed: PlacedSchedule, sim: Simulation,
-                 budget: int) -> tuple[SolveResult, PlacedSchedule, Simulation, int]:
-    """``result``'s plan with its waves cut where that shortens the predicted iteration (planner.bucketsplit), its
-    report updated (the schedule, its compute and gap, the method with :data:`~planner.bucketsplit.SPLIT`); the
-    units spent."""
-    found, found_sim, spent = split_buckets(problem, cost_model, placed, sim, budget)
-    if found is placed:
-        return result, placed, sim, spent
-    schedule = schedule_of(found)
-    try:
-        makespan = compute_makespan(problem, schedule)  # the plan's waves' (the bench joins a cut wave's parts)
-    except (ScheduleError, KeyError):  # a role placement on layouts the job's curves do not pick (as adopt_best)
-        makespan = found_sim.compute_s
-    gap = (makespan - result.bound_s) / makespan if makespan > 0 else 0.0
-    return (replace(result, schedule=schedule, objective_s=makespan, gap=gap, status="heuristic",
-                    method=result.method + SPLIT), found, found_sim, spent)
 
 
 def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResult, deadline: float | None = None,

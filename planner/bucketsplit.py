@@ -22,11 +22,15 @@ a work budget in :func:`planner.refine.evaluation_cost` units); pure.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from planner.candidates import schedule_of
 from planner.costmodel import CostModel
 from planner.phases import phase_ranges
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
-from planner.schedule import Problem, Schedule, merge_adjacent_waves
+from planner.schedule import Problem, Schedule, ScheduleError, compute_makespan, merge_adjacent_waves
 from planner.simulator import Simulation, simulate
+from planner.solver import SolveResult
 
 FRACTIONS = (0.25, 1 / 3, 0.5, 2 / 3, 0.75)  # where a wave is cut: the share of each slice's layers in the first part
 SPLIT = ", bucket-split"  # method suffix of a plan this search improved
@@ -101,3 +105,21 @@ def split_buckets(problem: Problem, cost_model: CostModel, placed: PlacedSchedul
             break
         placed, sim = best
     return placed, sim, spent
+
+
+def split_chosen(problem: Problem, cost_model: CostModel, result: SolveResult, placed: PlacedSchedule, sim: Simulation,
+                 budget: int) -> tuple[SolveResult, PlacedSchedule, Simulation, int]:
+    """``result``'s plan with its waves cut where that shortens the predicted iteration (:func:`split_buckets`), its
+    report updated (the schedule, its compute and gap, the method with :data:`SPLIT`); the
+    units spent."""
+    found, found_sim, spent = split_buckets(problem, cost_model, placed, sim, budget)
+    if found is placed:
+        return result, placed, sim, spent
+    schedule = schedule_of(found)
+    try:
+        makespan = compute_makespan(problem, schedule)  # the plan's waves' (the bench joins a cut wave's parts)
+    except (ScheduleError, KeyError):  # a role placement on layouts the job's curves do not pick (as adopt_best)
+        makespan = found_sim.compute_s
+    gap = (makespan - result.bound_s) / makespan if makespan > 0 else 0.0
+    return (replace(result, schedule=schedule, objective_s=makespan, gap=gap, status="heuristic",
+                    method=result.method + SPLIT), found, found_sim, spent)
