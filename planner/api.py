@@ -17,6 +17,7 @@ from pathlib import Path
 
 from planner import baselines as baselines_mod
 from planner.bound import plan_bounds
+from planner.bucketsplit import SPLIT, split_buckets, split_chosen
 from planner.candidates import ADOPTED, adopt_best, schedule_of
 from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel, lm_heads
 from planner.devices import resolve_hardware
@@ -111,6 +112,7 @@ def plan_job(
             chosen, error = found[:3], None
         except PlanningError as still:  # nothing the solver finds fits: a baseline's schedule may
             chosen, planned, error = None, problem, still
+    searched = chosen[0] if chosen is not None else None  # choose_candidate tried its bucket splits already
     # RL-shaped jobs: Loom's role placement and the colocated/split baselines, each search on a work budget
     role_budget = rl_budget(limit)
     chosen = with_role_candidate(problem, cost_model, chosen, bounds.dag_s, role_budget)
@@ -128,6 +130,8 @@ def plan_job(
     result, placed, sim = adopt_best(problem, cost_model.hw.devices_per_node, chosen, baseline_plans, error, bounds.dag_s)
     if result.method.endswith(ADOPTED):
         planned = problem  # a baseline's schedule is on the job's own curves, not a memory repair's
+    if result is not searched:  # a baseline's, the group split's or a role placement's schedule: its buckets may split
+        result, placed, sim = split_chosen(planned, cost_model, result, placed, sim, SPLIT_BUDGET)[:3]
     say(f"chose {result.method}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
     baseline_times = {b.name: b.sim.iteration_time_s for b in baseline_plans} if with_baselines else {}
     notes = {b.name: f"its plan does not fit in device memory: {b.unfit}" for b in baseline_plans
@@ -222,6 +226,8 @@ UNFIT_BEFORE_REPAIR = 3  # candidates over memory (shortest compute first) after
 REFINE_TOP = 2  # the best placed candidates (distinct schedules) the transfer-aware search starts from
 REFINE_BUDGET = 4000  # work units of that search (refine.evaluation_cost), shared by its starts
 REFINED = ", transfer-refined"  # method suffix of a plan the search improved
+SPLIT_TOP = 8  # the best placed candidates (distinct schedules, refined ones included) whose buckets are split
+SPLIT_BUDGET = 12_000  # work units (bucketsplit.split_cost) of bucket splitting, shared by those candidates
 
 
 def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResult, deadline: float | None = None,
@@ -255,10 +261,26 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
         budget -= spent
         if found.sim.iteration_time_s < best.sim.iteration_time_s * (1 - 1e-12):
             best_name, cand, best = name + REFINED, start_cand, found
+        if found is not ev:
+            ranked.append((name + REFINED, start_cand, found))
+    # bucket splits (planner.bucketsplit) on the best few distinct schedules: a schedule whose sync starts late or
+    # ends with a large bucket can overtake one that was faster before
+    budget, done = SPLIT_BUDGET, []
+    for name, start_cand, ev in sorted(ranked, key=lambda e: e[2].sim.iteration_time_s):
+        if len(done) == SPLIT_TOP or budget <= 0 or (deadline is not None and time.thread_time() >= deadline):
+            break
+        if any(ev.schedule == other.schedule for other in done):
+            continue
+        done.append(ev)
+        found, found_sim, spent = split_buckets(problem, cost_model, ev.placed, ev.sim, budget)
+        budget -= spent
+        if found_sim.iteration_time_s < best.sim.iteration_time_s * (1 - 1e-12):
+            best_name, cand = name + SPLIT, start_cand
+            best = Evaluated(schedule_of(found), ev.strategy, found, found_sim)
     makespan = compute_makespan(problem, best.schedule)
     gap = (makespan - solved.bound_s) / makespan if makespan > 0 else 0.0
     # a reordered schedule has its candidate's compute; a refined one is a local-search result
-    status = "heuristic" if best_name.endswith(REFINED) else cand.status
+    status = "heuristic" if best_name.endswith((REFINED, SPLIT)) else cand.status
     chosen = replace(solved, schedule=best.schedule, status=status, objective_s=makespan, gap=gap, method=best_name)
     return chosen, best.placed, best.sim, unfit
 

@@ -4,15 +4,18 @@ The full run (no --quick, --section or --only) writes bench/results/planner.{jso
 planner-S.*, another partial run planner-partial.*, a quick one planner-quick.*, so a partial run never overwrites
 the full results. Scale cells are planned in a fresh process each (peak RSS per cell), baselines included in the
 planning time, ``--scale-repeats`` times (default 1: the 10,240-device cell plans for up to a minute).
+``--merge grid sweep scale recipe`` writes planner.{json,md} from the sections' results (run in parallel processes);
+``--note TEXT`` adds a line under the report's title (e.g. the machine's load while planning times were measured).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
-from bench.common import write_results
+from bench.common import RESULTS_DIR, write_results
 from bench.planner.cells import all_cells, quick_cells, select_cells
 from bench.planner.measure import measure_cell, measure_cell_isolated
 from bench.planner.report import evaluate_targets, render_report
@@ -32,6 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale-repeats", type=int, default=1, help="timed plannings per scale cell (no warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed planning runs before the timed ones")
     parser.add_argument("--name", default=None, help="results file stem under bench/results/")
+    parser.add_argument("--note", default=None, help="a line under the report's title (e.g. the machine's load)")
+    parser.add_argument("--merge", nargs="+", default=None, choices=("grid", "sweep", "scale", "recipe"),
+                        help="write planner.{json,md} from these sections' planner-<section>.json, measuring nothing")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the planner's own log messages")
     return parser.parse_args(argv)
 
@@ -41,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not args.verbose:
         logging.getLogger("planner").setLevel(logging.WARNING)
+    if args.merge:
+        return merge_sections(args.merge, args.name or "planner", args.note)
     repeats, warmup = (1, 0) if args.quick else (args.repeats, args.warmup)
     only = [s for item in args.only + args.section for s in item.split(",")]
     if args.repeats < 1 or args.scale_repeats < 1 or args.warmup < 0:
@@ -54,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     section = "planner-" + "-".join(args.section) if args.section and not args.only else None
     name = args.name or ("planner-quick" if args.quick else section or ("planner-partial" if only else "planner"))
     config = {"cells": [c.name for c in cells], "repeats": repeats, "warmup": warmup, "quick": args.quick,
-              "scale_repeats": 1 if args.quick else args.scale_repeats, "cost_model": "analytic"}
+              "scale_repeats": 1 if args.quick else args.scale_repeats, "cost_model": "analytic", "note": args.note}
     records = []
     for i, cell in enumerate(cells, 1):
         log.info("[%d/%d] %s ...", i, len(cells), cell.name)
@@ -69,6 +77,28 @@ def main(argv: list[str] | None = None) -> int:
             log.info("[%d/%d] %s: Loom %.4g s, Spindle %.4g s, per-level bound %.4g s, plan %.2f s", i, len(cells),
                      cell.name, record["iteration_s"]["loom"], record["iteration_s"].get("spindle", float("nan")),
                      record["bounds"]["per_level_s"], record["planning_time_median_s"])
+    json_path, md_path = write_results(name, records, render_report(records, config), config)
+    for verdict in evaluate_targets(records):
+        print(f"{verdict.verdict:>12}  {verdict.target}: {verdict.measured}")
+    print(f"results: {md_path} and {json_path}")
+    return 0
+
+
+def merge_sections(sections: list[str], name: str, note: str | None) -> int:
+    """planner.{json,md} from the records of ``planner-<section>.json`` (each written by ``--section``), in the order
+    of :func:`all_cells`; the config of the first, its cells the union and ``note`` the given one (or the first's)."""
+    bodies = []
+    for section in sections:
+        path = RESULTS_DIR / f"planner-{section}.json"
+        if not path.exists():
+            print(f"error: {path} does not exist: run `python -m bench.planner --section {section}` first",
+                  file=sys.stderr)
+            return 2
+        bodies.append(json.loads(path.read_text()))
+    order = {c.name: i for i, c in enumerate(all_cells())}
+    records = sorted((r for b in bodies for r in b["records"]), key=lambda r: order.get(r["cell"], len(order)))
+    config = {**bodies[0]["config"], "cells": [r["cell"] for r in records], "sections": sections,
+              "note": note or bodies[0]["config"].get("note")}
     json_path, md_path = write_results(name, records, render_report(records, config), config)
     for verdict in evaluate_targets(records):
         print(f"{verdict.verdict:>12}  {verdict.target}: {verdict.measured}")

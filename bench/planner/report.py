@@ -143,6 +143,12 @@ def _bound_target(records: Sequence[Record], key: str, label: str) -> Verdict:
     notes = []
     if over:
         notes.append("over: " + ", ".join(over))
+    least = [r["ratios"].get("solver_least_compute_over_per_level") for r in ok]
+    if key == "loom_compute_over_per_level" and ok and None not in least:
+        within = sum(v <= PER_LEVEL_TARGET + EPS for v in least)
+        notes.append(f"within {PER_LEVEL_TARGET}x in {sum(v <= PER_LEVEL_TARGET + EPS for v in ratios.values())} of "
+                     f"{len(ok)} cells; the solver's least-compute candidate (the plan is chosen on the simulated "
+                     f"iteration, not on compute) is within it in {within} of {len(ok)} (max {max(least):.3f})")
     if _failed(grid):
         notes.append("failed: " + _failed(grid))
     scale = [r["ratios"][key] for r in _ok(records) if r["group"] == "scale"]
@@ -318,6 +324,8 @@ def render_report(records: Sequence[Record], config: dict[str, Any]) -> str:
         "*vs Spindle* / *vs sequential*: baseline time / Loom time (> 1 means Loom is faster). "
         "(OOM): that baseline's plan needs more device memory than the cluster has (Loom's plan always fits).",
     ]
+    if config.get("note"):
+        parts.insert(1, f"**Note:** {config['note']}")
     for group, title in (("grid", "Grid: Spindle's workloads (8-64 devices)"),
                          ("sweep", "Sweep: synthetic CLIP-like workload, 100 MetaOps"),
                          ("scale", "Scale: 1,024 to 10,240 devices (bench/workloads/README.md)"),

@@ -147,7 +147,7 @@ def test_memory_repair_plans_a_job_whose_fastest_layouts_do_not_fit():
                if len(s.devices) in original.curves[s.metaop].counts)
     # plan_job keeps the faster of the repaired plan and the baselines that fit (here sequential, in phases)
     assert outcome.plan.predicted.iteration_time_s <= sim.iteration_time_s
-    adopted = outcome.plan.solver.method.endswith(ADOPTED)
+    adopted = ADOPTED in outcome.plan.solver.method  # a baseline's schedule, its buckets maybe split
     assert (outcome.problem.curves == original.curves) == adopted  # the problem of the schedule it kept
 
 

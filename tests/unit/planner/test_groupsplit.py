@@ -38,7 +38,8 @@ def test_ignoring_sync_picks_the_slower_plan_and_the_split_is_faster():
     split = group_split_candidate(problem, cm, chosen[0], 0.0)
     assert split is not None and split[0].method.startswith(SPLIT_METHOD)
     assert chosen[0].objective_s < split[0].objective_s  # compute alone prefers the solver's plan
-    assert split[2].iteration_time_s < chosen[2].iteration_time_s * 0.9  # with sync priced the split wins clearly
+    # with sync priced the split wins clearly (by 9.8%: by more before the solver's plan had its buckets split)
+    assert split[2].iteration_time_s < chosen[2].iteration_time_s * 0.95
     assert split[2].sync_s < chosen[2].sync_s
     dpn = cm.hw.devices_per_node
     for group in ("a", "b"):  # each group's data-parallel devices are node-local: one intra-node bucket
