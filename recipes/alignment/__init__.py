@@ -18,6 +18,7 @@ from runtime.heads import register_loss
 for _name, _factory in losses.LOSS_FACTORIES.items():
     register_loss(_name, _factory)
 register_loss("grpo_rm", grpo.grpo_rm_head)
+register_loss("grpo_rule", grpo.grpo_rule_head)
 register_dataset("alignment", data.job_batch)
 register_evaluator("alignment", evaluate.evaluate)
 # the phase steps, registered by the orchestrator when it imports the recipe (orchestrator.recipes.import_recipe)

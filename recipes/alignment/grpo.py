@@ -35,6 +35,8 @@ from runtime.tokenizer import load_tokenizer, pad_id
 
 HEAD_FILE = "reward_head.safetensors"  # the reward model's trained scalar head, beside its from_pretrained weights
 DOMAIN = "constraints"  # the prompts' domain
+RULE_BETA = 0.04  # grpo_rule's KL weight
+RM_WEIGHT = 0.25  # grpo_rule with a reward-model leaf: reward = rule + RM_WEIGHT * reward model
 SPLITS = {"train": "grpo", "heldout": "grpo-heldout"}  # generator streams of the train and held-out prompts
 
 
@@ -97,6 +99,61 @@ def grpo_rm_head(job: JobSpec, t: int, leaves: list[str]) -> RewardModelGRPOHead
               "reference": base.reference.out.in_features if base.reference is not None else 0}
     return RewardModelGRPOHead(base.task, base.roles, base.prompt_len, base.new_tokens, base.samples, widths,
                                base.policy.out.out_features, base.kernels, base.beta)
+
+
+class RuleGRPOHead(GRPOHead):
+    """Loss ``grpo_rule``: runtime.grpo.GRPOHead whose reward is the rule (:func:`recipes.alignment.tasks.rule_score`)
+    of each rollout's answer to its prompt, both decoded from the rollout's tokens with the policy's tokenizer (the
+    prompt's pads and the answer's eos dropped; :func:`tasks.parse_prompt` reads the problem back from the prompt),
+    plus :data:`RM_WEIGHT` times the trained reward model's score when the task has a reward-model leaf
+    (``roles["reward"]``; its head loaded as ``grpo_rm``'s). ``beta``: :data:`RULE_BETA`."""
+
+    def __init__(self, base: GRPOHead, roles: dict[str, str | None], widths: dict[str, int], tokenizer):
+        super().__init__(base.task, roles, base.prompt_len, base.new_tokens, base.samples, widths,
+                         base.policy.out.out_features, base.kernels, RULE_BETA)
+        self.tokenizer = tokenizer
+        if roles["reward"] is None:  # the rule alone: no reward-model head
+            self.reward_norm = self.reward_out = None
+
+    def load_pretrained(self, job: JobSpec, t: int) -> RuleGRPOHead:
+        if self.roles["reward"] is not None:
+            RewardModelGRPOHead.load_pretrained(self, job, t)
+        return self
+
+    def rule_scores(self, tokens: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+        """The rule score ``(B,)`` of each rollout; a ValueError for a prompt that is not the recipe's."""
+        pad, eos, p = pad_id(self.tokenizer), self.tokenizer.eos_token_id, self.prompt_len
+        out = []
+        for prompt, answer, counts in zip(tokens[:, :p].tolist(), tokens[:, p:].tolist(), generated.tolist()):
+            text = self.tokenizer.decode([i for i in prompt if i != pad], skip_special_tokens=True)
+            problem_ = tasks.parse_prompt(text)
+            if problem_ is None:
+                raise ValueError(f"loss grpo_rule: the rollout prompt {text!r} is not one of the recipe's; the rule "
+                                 "scores the recipe's generated prompts only (recipes.alignment.tasks).")
+            kept = [i for i, c in zip(answer, counts) if c and i != eos]
+            out.append(tasks.rule_score(problem_, self.tokenizer.decode(kept, skip_special_tokens=True)))
+        return torch.tensor(out, dtype=torch.float32, device=tokens.device)
+
+    def scores(self, outputs: dict[str, torch.Tensor], tokens: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+        rule = self.rule_scores(tokens, generated)
+        if self.roles["reward"] is None:
+            return rule
+        return rule + RM_WEIGHT * super().scores(outputs, tokens, generated)
+
+
+def grpo_rule_head(job: JobSpec, t: int, leaves: list[str]) -> RuleGRPOHead:
+    """The ``grpo_rule`` head of task ``t``: the built-in grpo head's uses (runtime.grpo.grpo_head checks them), where
+    one forward leaf is the reference and two are the reward model, then the reference."""
+    base = grpo_head(job, t)
+    roles = dict(base.roles)
+    if roles["reference"] is None:  # runtime.grpo reads a lone forward leaf as the reward model; here it is the reference
+        roles["reference"], roles["reward"] = roles["reward"], None
+    widths = {role: use_component(job, t, name)[1].hidden_size for role, name in roles.items()
+              if role != "rollout" and name is not None}
+    widths.setdefault("reward", widths["policy"])  # unused: the head drops its reward-model layers
+    name, comp = use_component(job, t, roles["rollout"])
+    tokenizer = load_tokenizer(comp.pretrained, f"components.{name}.pretrained")
+    return RuleGRPOHead(base, roles, widths, tokenizer)
 
 
 # --------------------------------------------------------------------------- step reward_head
