@@ -4,13 +4,13 @@ Importing this package registers the recipe's losses (``reward_bt``), its datase
 sequences through the model) and its evaluator with the runtime (a job opts in with ``recipe: alignment``). Modules:
 tasks (the generator: two domains, rule rewards, preference pairs, PAS complements), data (the dataset), losses
 (reward model, DPO, GRPO's KL penalty on SFT data), merge (linear, task arithmetic, Model Stock over exported model
-folders; the phase step ``merge``), grpo (loss ``grpo_rm``: GRPO scored by the trained reward model, its prompts,
-the step ``reward_head``), evaluate (held-out reward accuracy, packing utilisation), make (writes the data,
-tokenizer and tiny Llama).
+folders; the phase step ``merge``), grpo (losses ``grpo_rm``: GRPO scored by the trained reward model, and
+``grpo_rule``: by the rule; its prompts; the step ``reward_head``), pas (step ``pas_eval``: PAS measured), evaluate
+(held-out reward accuracy, packing utilisation), make (writes the data, tokenizer and tiny Llama).
 docs/recipes/alignment.md.
 """
 
-from recipes.alignment import data, evaluate, grpo, losses, merge  # modules, so that their names are not shadowed
+from recipes.alignment import data, evaluate, grpo, losses, merge, pas  # modules, so that their names are not shadowed
 from runtime.data import register_dataset
 from runtime.evaluate import register_evaluator
 from runtime.heads import register_loss
@@ -27,4 +27,10 @@ PHASE_STEPS = {
                   "(args: method, component, base, models, weights, scale)"),
     "reward_head": dict(run=grpo.reward_head_step, check=grpo.check_reward_head_args, doc="a reward-model phase's "
                         "export with its trained scalar head (args: component, model, task)"),
+    "rule_eval": dict(run=evaluate.rule_eval_step, check=evaluate.check_rule_eval_args, writes=(),
+                      metrics=evaluate.RULE_METRICS, doc="a policy's greedy rule score on GRPO's held-out prompts and "
+                      "its KL to a reference (args: model, reference, prompts, new_tokens, split, seed)"),
+    "pas_eval": dict(run=pas.pas_eval_step, check=pas.check_pas_eval_args, writes=(), metrics=pas.METRICS,
+                     doc="the answer model's held-out rule score with and without the PAS model's complement (args: "
+                     "pas, model, prompts, new_tokens, seed)"),
 }
