@@ -7,8 +7,9 @@ prompt alone, unpadded, up to the rollout's 48 new tokens, ending at eos) and ev
 OUT/rm_head/export/rm). Models: the base, the SFT model on both domains (OUT/sft), the domain models (OUT/sft_<domain>),
 the merged model (OUT/merge: GRPO's start and its reference), the GRPO policy (OUT/grpo: loss grpo_rule, the rule as
 its reward). A model's KL to the reference is the mean over its answers' tokens of the full KL(model || reference)
-of the next-token distributions. PAS (recipes.alignment.pas.measure, what the pipeline's step pas_eval reports): the SFT model's greedy rule score on
-N held-out prompts of both domains alone, with the PAS model's complement (OUT/pas) and with the generator's own.
+of the next-token distributions. PAS (recipes.alignment.pas.measure, what the pipeline's step pas_eval reports): the
+SFT model's greedy rule score on N held-out prompts of both domains alone, with the PAS model's complement (OUT/pas)
+and with the generator's own.
 Writes bench/results/alignment-grpo.{json,md}.
 """
 
@@ -167,7 +168,7 @@ def markdown(rec: dict) -> str:
     for name, r in rec["models"].items():
         lines.append(f"| {name} | {r['rule_score']:.3f} | " + " | ".join(f"{v:.2f}" for v in r["checks"].values()) +
                      f" | {r['reward']:.3f} | {r['answer_tokens']:.1f} | {r['kl_to_reference']:.4f} |")
-    lines += ["", "The same greedy answers with each prompt left-padded to the rollout's 20 tokens and the pads attended "
+    lines += ["", "The same greedy answers with each prompt left-padded to the rollout's 20 tokens, the pads attended "
               "(as Loom's rollouts see their prompts: no attention mask): rule score " + ", ".join(
                   f"{name} {r['rule_score_padded']:.3f}" for name, r in rec["models"].items()
                   if "rule_score_padded" in r) + "."]

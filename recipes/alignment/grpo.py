@@ -146,7 +146,7 @@ def grpo_rule_head(job: JobSpec, t: int, leaves: list[str]) -> RuleGRPOHead:
     one forward leaf is the reference and two are the reward model, then the reference."""
     base = grpo_head(job, t)
     roles = dict(base.roles)
-    if roles["reference"] is None:  # runtime.grpo reads a lone forward leaf as the reward model; here it is the reference
+    if roles["reference"] is None:  # runtime.grpo reads a lone forward leaf as the reward model; here: the reference
         roles["reference"], roles["reward"] = roles["reward"], None
     widths = {role: use_component(job, t, name)[1].hidden_size for role, name in roles.items()
               if role != "rollout" and name is not None}
