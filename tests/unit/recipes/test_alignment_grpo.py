@@ -186,8 +186,9 @@ def test_grpo_rule_scores_each_rollout_by_the_rule_of_its_decoded_prompt(model, 
         head.rule_scores(bad, generated)
     rm = tmp_path / "rm"  # with a reward-model leaf: rule + RM_WEIGHT * the trained reward head's score
     shutil.copytree(model, rm)
-    save_file({"norm.weight": torch.ones(32), "norm.bias": torch.zeros(32),
-               "out.weight": torch.linspace(-1, 1, 32)[None], "out.bias": torch.tensor([0.5])}, str(rm / grpo.HEAD_FILE))
+    head_weights = {"norm.weight": torch.ones(32), "norm.bias": torch.zeros(32),
+                    "out.weight": torch.linspace(-1, 1, 32)[None], "out.bias": torch.tensor([0.5])}
+    save_file(head_weights, str(rm / grpo.HEAD_FILE))
     mixed = build_head(rule_job(model, rm), 0)
     assert mixed.roles["reward"] == "reward" and not mixed.reward_out.weight.requires_grad
     hidden = torch.randn(2 * SAMPLES, PROMPT + NEW, 32)
