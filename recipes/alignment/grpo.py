@@ -18,6 +18,7 @@ This module joins the two:
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from recipes.alignment import tasks
 from runtime.data import TaskBatch
 from runtime.grpo import GRPOHead, grpo_head, grpo_roles
 from runtime.tokenizer import load_tokenizer, pad_id
+
+log = logging.getLogger(__name__)
 
 HEAD_FILE = "reward_head.safetensors"  # the reward model's trained scalar head, beside its from_pretrained weights
 DOMAIN = "constraints"  # the prompts' domain
@@ -121,15 +124,18 @@ class RuleGRPOHead(GRPOHead):
         return self
 
     def rule_scores(self, tokens: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
-        """The rule score ``(B,)`` of each rollout; a ValueError for a prompt that is not the recipe's."""
+        """The rule score ``(B,)`` of each rollout. A prompt that is not the recipe's scores 0 with a warning (the
+        task's prompts are the generator's, :func:`prompt_batch`; ``loom profile`` times the head on random tokens)."""
         pad, eos, p = pad_id(self.tokenizer), self.tokenizer.eos_token_id, self.prompt_len
         out = []
         for prompt, answer, counts in zip(tokens[:, :p].tolist(), tokens[:, p:].tolist(), generated.tolist()):
             text = self.tokenizer.decode([i for i in prompt if i != pad], skip_special_tokens=True)
             problem_ = tasks.parse_prompt(text)
             if problem_ is None:
-                raise ValueError(f"loss grpo_rule: the rollout prompt {text!r} is not one of the recipe's; the rule "
-                                 "scores the recipe's generated prompts only (recipes.alignment.tasks).")
+                log.warning("loss grpo_rule: the rollout prompt %r is not one of the recipe's generated prompts; its "
+                            "rollouts score 0", text)
+                out.append(0.0)
+                continue
             kept = [i for i, c in zip(answer, counts) if c and i != eos]
             out.append(tasks.rule_score(problem_, self.tokenizer.decode(kept, skip_special_tokens=True)))
         return torch.tensor(out, dtype=torch.float32, device=tokens.device)

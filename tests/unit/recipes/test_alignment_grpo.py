@@ -182,8 +182,8 @@ def test_grpo_rule_scores_each_rollout_by_the_rule_of_its_decoded_prompt(model, 
     torch.testing.assert_close(head.scores({}, tokens, generated), torch.tensor(expected))
     bad = tokens.clone()
     bad[0, :PROMPT] = torch.tensor(tokenizer("what is 7 plus 5 ?")["input_ids"][:1] * PROMPT)
-    with pytest.raises(ValueError, match="loss grpo_rule: the rollout prompt 'what what"):
-        head.rule_scores(bad, generated)
+    assert expected[0] > 0  # an unreadable prompt scores 0 (loom profile times the head on random tokens)
+    torch.testing.assert_close(head.rule_scores(bad, generated), torch.tensor([0.0] + expected[1:]))
     rm = tmp_path / "rm"  # with a reward-model leaf: rule + RM_WEIGHT * the trained reward head's score
     shutil.copytree(model, rm)
     head_weights = {"norm.weight": torch.ones(32), "norm.bias": torch.zeros(32),
