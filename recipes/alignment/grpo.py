@@ -1,4 +1,4 @@
-"""GRPO in the alignment recipe: rollouts on the generator's prompts, scored by the reward model the pipeline trained.
+"""GRPO in the alignment recipe: rollouts on the generator's prompts, scored by the rule or by the trained reward model.
 
 Baichuan Alignment's RL stage (arXiv 2410.14940, §2.1) runs GRPO from the merged SFT model against a frozen reference
 (the same merged model) with a trained reward model. Loom's built-in ``grpo`` loss (runtime.grpo) scores a rollout
@@ -11,6 +11,9 @@ This module joins the two:
   loss head's parameters, which a phase's export does not hold);
 - loss ``grpo_rm`` (:class:`RewardModelGRPOHead`): the built-in ``grpo`` (same uses, advantages, k3 KL, on-policy
   update) whose reward head is loaded from :data:`HEAD_FILE` in the reward component's folder;
+- loss ``grpo_rule`` (:class:`RuleGRPOHead`): the same, rewarded by the rule (tasks.rule_score of each rollout's
+  decoded prompt and answer), optionally plus :data:`RM_WEIGHT` times a reward model's score: the verifiable reward
+  that the pipeline uses, since the reward model alone is hacked (docs/recipes/alignment.md);
 - :func:`prompt_batch`: the rollout use's prompts from the recipe's generator (the ``constraints`` domain, where the
   reward model reads format and length reliably; docs/recipes/alignment.md), each group of ``samples`` rows on one
   prompt, left-padded to the use's ``seq_len`` with the tokenizer's pad id (the prompts are 17 to 20 tokens).
