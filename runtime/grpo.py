@@ -113,6 +113,11 @@ class GRPOHead(nn.Module):
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.reward_out(self.reward_norm(h)).squeeze(-1).float()
 
+    def scores(self, outputs: dict[str, torch.Tensor], tokens: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+        """Each rollout's reward ``(B,)`` (no gradient): the reward model's (:meth:`rewards`); a recipe's head may score
+        the rollout's ``tokens`` ``(B, P + N)`` otherwise (recipes.alignment.grpo: by a rule)."""
+        return self.rewards(outputs[self.roles["reward"]].detach(), generated)
+
     def forward(self, outputs: dict[str, torch.Tensor], batch) -> torch.Tensor:
         from runtime.rollout import unpack  # rollout imports runtime.heads, which imports this module
 
@@ -123,7 +128,7 @@ class GRPOHead(nn.Module):
             with torch.no_grad():
                 ref = self.logprobs(self.reference, outputs[self.roles["reference"]].detach(), tokens)
         with torch.no_grad():
-            scores = batch.every_row(self.rewards(outputs[self.roles["reward"]].detach(), generated))
+            scores = batch.every_row(self.scores(outputs, tokens, generated))
         first = batch.first_row
         advantages = group_advantages(scores, self.samples)[first:first + batch.num_samples]
         return grpo_losses(logp, ref, advantages, generated, self.beta)

@@ -1,12 +1,15 @@
-"""``python -m bench.alignment.grpo OUT [--prompts N] [--no-write]``: the phased pipeline's GRPO policy, scored.
+"""``python -m bench.alignment.grpo OUT [--prompts N] [--no-write]``: the phased pipeline's GRPO policy and PAS, scored.
 
 OUT is a finished ``loom run recipes/alignment/pipeline/pipeline-tiny.yaml --out OUT``. On N held-out prompts of
 GRPO's domain (recipes.alignment.grpo: the ``heldout`` stream, never trained on), each model answers greedily (each
 prompt alone, unpadded, up to the rollout's 48 new tokens, ending at eos) and every answer is scored by the rule
 (tasks.rule_score and each check) and by the pipeline's trained reward model (its export and scalar head,
 OUT/rm_head/export/rm). Models: the base, the SFT model on both domains (OUT/sft), the domain models (OUT/sft_<domain>),
-the merged model (OUT/merge: GRPO's start and its reference), the GRPO policy (OUT/grpo). A model's KL to the
-reference is the mean over its answers' tokens of the full KL(model || reference) of the next-token distributions.
+the merged model (OUT/merge: GRPO's start and its reference), the GRPO policy (OUT/grpo: loss grpo_rule, the rule as
+its reward). A model's KL to the reference is the mean over its answers' tokens of the full KL(model || reference)
+of the next-token distributions. PAS (recipes.alignment.pas.measure, what the pipeline's step pas_eval reports): the
+SFT model's greedy rule score on N held-out prompts of both domains alone, with the PAS model's complement (OUT/pas)
+and with the generator's own.
 Writes bench/results/alignment-grpo.{json,md}.
 """
 
@@ -20,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import REPO_ROOT, write_results
-from recipes.alignment import grpo, tasks
+from recipes.alignment import grpo, pas, tasks
 
 SPEC = "recipes/alignment/pipeline/pipeline-tiny.yaml"
 NEW_TOKENS = 48
+ROLLOUT_PROMPT = 20  # the rollout use's seq_len: prompts left-padded to it
 
 
 def load(folder: Path):
@@ -34,9 +38,11 @@ def load(folder: Path):
 
 
 @torch.no_grad()
-def answer(model, tokenizer, prompt: str) -> list[int]:
-    """Greedy answer token ids (eos included when the model ends) to ``prompt`` alone."""
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+def answer(model, tokenizer, prompt: str, pad_to: int = 0) -> list[int]:
+    """Greedy answer token ids (eos included when the model ends) to ``prompt`` alone; with ``pad_to``, left-padded
+    to that many tokens and the pads attended (as Loom's rollouts see their prompts)."""
+    ids = tokenizer(prompt)["input_ids"]
+    ids = torch.tensor([[tokenizer.pad_token_id] * max(pad_to - len(ids), 0) + ids])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return out[0, ids.shape[1]:].tolist()
@@ -127,8 +133,15 @@ def evaluate(out: Path, prompts: int, seed: int = 0) -> dict:
                       "checks": {k: v / len(problems) for k, v in passed.items()},
                       "example": {"prompt": problems[0].prompt, "answer": tokenizer.decode(
                           answer(model, tokenizer, problems[0].prompt), skip_special_tokens=True)}}
+    for name in ("merged SFT", "GRPO"):  # the rollout's unmasked left padding: what it changes in greedy answers
+        model, tokenizer = models[name]
+        texts = [tokenizer.decode([i for i in answer(model, tokenizer, p.prompt, ROLLOUT_PROMPT)
+                                   if i != tokenizer.eos_token_id], skip_special_tokens=True) for p in problems]
+        rows[name]["rule_score_padded"] = sum(map(tasks.rule_score, problems, texts)) / len(problems)
     sampled = {name: rollouts(*models[name], reward, 24, seed) for name in ("merged SFT", "GRPO")}
-    return {"prompts": prompts, "domain": grpo.DOMAIN, "models": rows, "rollouts": sampled, "losses": phase_losses(out)}
+    pas_metrics, pas_rows = pas.measure(out / "pas/export/pas", out / "sft/export/policy", prompts, NEW_TOKENS, seed)
+    return {"prompts": prompts, "domain": grpo.DOMAIN, "models": rows, "rollouts": sampled, "losses": phase_losses(out),
+            "pas": {"metrics": pas_metrics, "examples": pas_rows[:4]}}
 
 
 def phase_losses(out: Path) -> dict[str, dict[str, float]]:
@@ -145,7 +158,7 @@ def phase_losses(out: Path) -> dict[str, dict[str, float]]:
 
 
 def markdown(rec: dict) -> str:
-    lines = ["# Alignment pipeline: the GRPO policy against the merged SFT model", "",
+    lines = ["# Alignment pipeline: the GRPO policy against the merged SFT model, and PAS", "",
              f"`{SPEC}` run by `loom run`, then `python -m bench.alignment.grpo OUT`: greedy answers to "
              f"{rec['prompts']} held-out {rec['domain']} prompts, scored by the rule and by the pipeline's reward "
              "model; KL(policy || reference) per answer token, the reference being the merged SFT model.", "",
@@ -155,6 +168,10 @@ def markdown(rec: dict) -> str:
     for name, r in rec["models"].items():
         lines.append(f"| {name} | {r['rule_score']:.3f} | " + " | ".join(f"{v:.2f}" for v in r["checks"].values()) +
                      f" | {r['reward']:.3f} | {r['answer_tokens']:.1f} | {r['kl_to_reference']:.4f} |")
+    lines += ["", "The same greedy answers with each prompt left-padded to the rollout's 20 tokens, the pads attended "
+              "(as Loom's rollouts see their prompts: no attention mask): rule score " + ", ".join(
+                  f"{name} {r['rule_score_padded']:.3f}" for name, r in rec["models"].items()
+                  if "rule_score_padded" in r) + "."]
     lines += ["", "Sampled rollouts as GRPO trains on them (train prompts, left-padded to 20 tokens, 4 samples each at "
               "temperature 1):", "", "| model | answers | rule score | reward model |", "|---|---|---|---|"]
     for name, r in rec["rollouts"].items():
@@ -166,7 +183,24 @@ def markdown(rec: dict) -> str:
               f"- prompt: `{rec['models']['GRPO']['example']['prompt']}`"]
     for name, r in rec["models"].items():
         lines.append(f"- {name}: `{r['example']['answer']}`")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + pas_markdown(rec["pas"], rec["prompts"])) + "\n"
+
+
+def pas_markdown(rec: dict, prompts: int) -> list[str]:
+    m = rec["metrics"]
+    lines = ["", "## PAS", "", f"The SFT model's greedy answers to {prompts} held-out prompts of both domains "
+             "(recipes.alignment.pas), scored by the rule; the PAS model's complement equals the generator's on "
+             f"{m['complement_exact']:.0%} of them.", "",
+             "| prompt | rule score | arithmetic | constraints |", "|---|---|---|---|"]
+    for way, what in (("rule_score", "alone"), ("rule_score_pas", "+ the PAS model's complement"),
+                      ("rule_score_oracle", "+ the generator's complement")):
+        lines.append(f"| {what} | {m[way]:.3f} | {m[way + '_arithmetic']:.3f} | {m[way + '_constraints']:.3f} |")
+    lines += ["", "Examples:", ""]
+    for row in rec["examples"][:2]:
+        lines += [f"- prompt: `{row['prompt']}`; PAS complement: `{row['complement']}`",
+                  f"  - alone: `{row['rule_score']}`; with PAS: `{row['rule_score_pas']}`; with the generator's: "
+                  f"`{row['rule_score_oracle']}`"]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,17 +4,19 @@ Importing this package registers the recipe's losses (``reward_bt``), its datase
 sequences through the model) and its evaluator with the runtime (a job opts in with ``recipe: alignment``). Modules:
 tasks (the generator: two domains, rule rewards, preference pairs, PAS complements), data (the dataset), losses
 (reward model, DPO, GRPO's KL penalty on SFT data), merge (linear, task arithmetic, Model Stock over exported model
-folders; the phase step ``merge``), grpo (loss ``grpo_rm``: GRPO scored by the trained reward model, its prompts,
-the step ``reward_head``), evaluate (held-out reward accuracy, packing utilisation), make (writes the data,
-tokenizer and tiny Llama). The data and evaluation phases (issue 18; each a pair of steps): button_steps (BUTTON:
-modules button, button_world, button_eval), supercorrect (SuperCorrect: supercorrect_data), datasculpt (DataSculpt
-packing: datasculpt_pack), mixture (data-mixture detection: mixture_estimate), judge_steps (SysBench and FB-Bench:
-modules sysbench, fbbench, judge, judge_data). docs/recipes/alignment.md.
+folders; the phase step ``merge``), grpo (losses ``grpo_rm``: GRPO scored by the trained reward model, and
+``grpo_rule``: by the rule; its prompts; the step ``reward_head``), pas (step ``pas_eval``: PAS measured), evaluate
+(held-out reward accuracy, packing utilisation; step ``rule_eval``), make (writes the data, tokenizer and tiny
+Llama), generation (greedy answers of an exported model). The data and evaluation phases (issue 18; each a pair of
+steps): button_steps (BUTTON: modules button, button_world, button_eval), supercorrect (SuperCorrect:
+supercorrect_data), datasculpt (DataSculpt packing: datasculpt_pack), mixture (data-mixture detection:
+mixture_estimate), judge_steps (SysBench and FB-Bench: modules sysbench, fbbench, judge, judge_data).
+docs/recipes/alignment.md.
 """
 
 # modules, so that their names are not shadowed
 from recipes.alignment import (
-    button_steps, data, datasculpt, evaluate, grpo, judge_steps, losses, merge, mixture, supercorrect,
+    button_steps, data, datasculpt, evaluate, grpo, judge_steps, losses, merge, mixture, pas, supercorrect,
 )
 from runtime.data import register_dataset
 from runtime.evaluate import register_evaluator
@@ -23,6 +25,7 @@ from runtime.heads import register_loss
 for _name, _factory in losses.LOSS_FACTORIES.items():
     register_loss(_name, _factory)
 register_loss("grpo_rm", grpo.grpo_rm_head)
+register_loss("grpo_rule", grpo.grpo_rule_head)
 register_dataset("alignment", data.job_batch)
 register_evaluator("alignment", evaluate.evaluate)
 # the phase steps, registered by the orchestrator when it imports the recipe (orchestrator.recipes.import_recipe)
@@ -31,6 +34,12 @@ PHASE_STEPS = {
                   "(args: method, component, base, models, weights, scale)"),
     "reward_head": dict(run=grpo.reward_head_step, check=grpo.check_reward_head_args, doc="a reward-model phase's "
                         "export with its trained scalar head (args: component, model, task)"),
+    "rule_eval": dict(run=evaluate.rule_eval_step, check=evaluate.check_rule_eval_args, writes=(),
+                      metrics=evaluate.RULE_METRICS, doc="a policy's greedy rule score on GRPO's held-out prompts and "
+                      "its KL to a reference (args: model, reference, prompts, new_tokens, split, seed)"),
+    "pas_eval": dict(run=pas.pas_eval_step, check=pas.check_pas_eval_args, writes=(), metrics=pas.METRICS,
+                     doc="the answer model's held-out rule score with and without the PAS model's complement (args: "
+                     "pas, model, prompts, new_tokens, seed)"),
     # BUTTON (arXiv 2410.12952): compositional function-calling trajectories, and their executed evaluation
     "button_data": dict(run=button_steps.data_step, check=button_steps.check_data_args, writes=("data",),
                         doc="BUTTON's train trajectories, chat format (args: kinds, rows, seed, tasks)"),

@@ -35,6 +35,7 @@ from runtime.tokenizer import encode_completion, labels_key, load_tokenizer, pad
 TRAIN_PAIRS = 2048  # distinct training pairs of the generated stream
 UNSCORED_EVERY = 5  # every fifth generated pair carries no absolute scores
 PAIR_LOSSES = ("reward_bt", "dpo")
+GRPO_LOSSES = ("grpo_rm", "grpo_rule")  # rollouts on the generator's prompts (recipes.alignment.grpo)
 
 
 def generated_pair(seed: int, split: str, index: int) -> dict:
@@ -56,16 +57,16 @@ def pairs(job: JobSpec, t: int, split: str, indices: range) -> list[dict]:
 
 def job_batch(job: JobSpec, t: int, step: int, start: int, stop: int, split: str) -> TaskBatch:
     """Rows ``[start, stop)`` of task ``t``'s batch at ``step``: preference pairs for a ``reward_bt`` task (see the
-    module docstring); the rollout prompts of a ``grpo_rm`` task (recipes.alignment.grpo.prompt_batch); a ValueError
-    for a task of another loss without ``data:``."""
+    module docstring); the rollout prompts of a ``grpo_rm`` or ``grpo_rule`` task
+    (recipes.alignment.grpo.prompt_batch); a ValueError for a task of another loss without ``data:``."""
     task = job.tasks[t]
-    if task.loss == "grpo_rm":  # rollouts: the generator's prompts (recipes.alignment.grpo)
+    if task.loss in GRPO_LOSSES:  # rollouts: the generator's prompts (recipes.alignment.grpo)
         from recipes.alignment.grpo import prompt_batch
 
         return prompt_batch(job, t, step, start, stop, split)
     if task.loss not in PAIR_LOSSES:
         raise ValueError(f"tasks[{t}] ('{task.name}'): recipe alignment generates data for losses "
-                         f"{', '.join(PAIR_LOSSES)} and grpo_rm only, not '{task.loss}'; give the task a `data:` "
+                         f"{', '.join(PAIR_LOSSES + GRPO_LOSSES)} only, not '{task.loss}'; give the task a `data:` "
                          "source (docs/data.md; recipes/alignment/data holds the generated files).")
     size = task.batch_size
     rows = pairs(job, t, split, range(step * size + start, step * size + stop))

@@ -11,6 +11,9 @@
 - a task with a ``data:`` source: its mean loss over its first rows (as runtime.evaluate does), and for a chat or
   text source its token utilisation: real tokens over row slots, packed (``pack: true``: documents concatenated
   into full rows) against padded (one document per row); the baseline is the padded figure.
+
+Step ``rule_eval`` (:func:`rule_eval_step`, a phase of the pipeline): a policy's greedy answers to GRPO's held-out
+prompts scored by the rule, and its KL to a reference, as the step's metrics (gateable).
 """
 
 from __future__ import annotations
@@ -120,3 +123,84 @@ def token_utilisation(job: JobSpec, t: int) -> tuple[float, float]:
     tokens = [min(len(encode(tokenizer, task.data, row, where)[0].ids), seq_len) for row in rows]
     packed_rows = max(1, math.ceil(sum(tokens) / seq_len))
     return sum(tokens) / (packed_rows * seq_len), sum(tokens) / (len(tokens) * seq_len)
+
+
+# --------------------------------------------------------------------------- step rule_eval
+
+RULE_EVAL_ARGS = ("model", "reference", "prompts", "new_tokens", "split", "seed")
+CHECKS = ("length", "keyword", "format")  # the constraints domain's checks (recipes.alignment.tasks.checks)
+RULE_METRICS = ("rule_score", *CHECKS, "answer_words", "kl_to_reference")
+
+
+def check_rule_eval_args(args: dict, base) -> None:
+    """``model`` (a reference ``@<phase>/model/<component>`` or a folder), optional ``reference`` (the same; KL is
+    reported against it), ``prompts`` (1..1024, default 64), ``new_tokens`` (1..256, default 48), ``split``
+    (``heldout`` or ``train``, default heldout), ``seed``; torch-free, a ValueError naming the argument."""
+    from pathlib import Path
+
+    from planner.pipeline import StepContext
+
+    for key in args:
+        if key not in RULE_EVAL_ARGS:
+            raise ValueError(f"{key}: unknown argument of step 'rule_eval'; it takes {', '.join(RULE_EVAL_ARGS)}.")
+    for key in ("model", "reference"):
+        value = args.get(key)
+        if value is None and key == "reference":
+            continue
+        if not isinstance(value, str):
+            raise ValueError(f"{key} ({value!r}): expected a reference '@<phase>/model/<component>' or a "
+                             "from_pretrained folder. Fix the value.")
+        if not value.startswith("@") and not StepContext("", {}, Path(), base).path(value).is_dir():
+            raise ValueError(f"{key} ({value!r}): no such folder. Point it at a from_pretrained folder.")
+    for key, low, high in (("prompts", 1, 1024), ("new_tokens", 1, 256), ("seed", 0, 2**31 - 1)):
+        value = args.get(key, low)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"{key} ({value!r}): expected a whole number in {low}..{high}. Fix the value.")
+    if args.get("split", "heldout") not in ("heldout", "train"):
+        raise ValueError(f"split ({args['split']!r}): expected heldout or train (GRPO's prompt streams). Fix it.")
+
+
+@torch.no_grad()
+def answer_kl(model, reference, tokenizer, prompts: list[str], answers: list[str]) -> float:
+    """Mean over the answers' tokens (eos included) of KL(model || reference) of the next-token distributions, each
+    prompt and answer alone."""
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    for prompt, answer in zip(prompts, answers):
+        head = tokenizer(prompt)["input_ids"]
+        tail = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = torch.tensor([head + tail])
+        logp = F.log_softmax(model(ids).logits[0, len(head) - 1:-1].float(), dim=-1)
+        logq = F.log_softmax(reference(ids).logits[0, len(head) - 1:-1].float(), dim=-1)
+        total, count = total + float((logp.exp() * (logp - logq)).sum()), count + len(tail)
+    return total / max(count, 1)
+
+
+def rule_eval(model_folder, reference_folder=None, prompts: int = 64, new_tokens: int = 48, split: str = "heldout",
+              seed: int = 0) -> dict[str, float]:
+    """Greedy answers of the model in ``model_folder`` to ``prompts`` prompts of GRPO's ``split``
+    (recipes.alignment.grpo.problem), batched and left-padded with a mask (recipes.alignment.generation): the mean
+    rule score, each check's pass rate, the mean answer length in words and the KL per answer token to the model in
+    ``reference_folder`` (0 without one)."""
+    from recipes.alignment import grpo, tasks
+    from recipes.alignment.generation import greedy, load
+
+    model, tokenizer = load(model_folder)
+    problems = [grpo.problem(seed, split, g) for g in range(prompts)]
+    texts = [p.prompt for p in problems]
+    answers = greedy(model, tokenizer, texts, new_tokens)
+    metrics = {"rule_score": sum(tasks.rule_score(p, a) for p, a in zip(problems, answers)) / prompts}
+    for check in CHECKS:
+        metrics[check] = sum(tasks.checks(p, a)[check] for p, a in zip(problems, answers)) / prompts
+    metrics["answer_words"] = sum(len(a.split()) for a in answers) / prompts
+    reference = load(reference_folder)[0] if reference_folder is not None else None
+    metrics["kl_to_reference"] = answer_kl(model, reference, tokenizer, texts, answers) if reference else 0.0
+    return metrics
+
+
+def rule_eval_step(ctx) -> dict[str, float]:
+    """Step ``rule_eval``: :func:`rule_eval` of ``args.model`` (against ``args.reference``); returns the metrics."""
+    a = ctx.args
+    return rule_eval(ctx.path(a["model"]), ctx.path(a["reference"]) if a.get("reference") else None,
+                     a.get("prompts", 64), a.get("new_tokens", 48), a.get("split", "heldout"), a.get("seed", 0))

@@ -1,4 +1,4 @@
-"""GRPO in the alignment recipe: rollouts on the generator's prompts, scored by the reward model the pipeline trained.
+"""GRPO in the alignment recipe: rollouts on the generator's prompts, scored by the rule or by the trained reward model.
 
 Baichuan Alignment's RL stage (arXiv 2410.14940, §2.1) runs GRPO from the merged SFT model against a frozen reference
 (the same merged model) with a trained reward model. Loom's built-in ``grpo`` loss (runtime.grpo) scores a rollout
@@ -11,6 +11,9 @@ This module joins the two:
   loss head's parameters, which a phase's export does not hold);
 - loss ``grpo_rm`` (:class:`RewardModelGRPOHead`): the built-in ``grpo`` (same uses, advantages, k3 KL, on-policy
   update) whose reward head is loaded from :data:`HEAD_FILE` in the reward component's folder;
+- loss ``grpo_rule`` (:class:`RuleGRPOHead`): the same, rewarded by the rule (tasks.rule_score of each rollout's
+  decoded prompt and answer), optionally plus :data:`RM_WEIGHT` times a reward model's score: the verifiable reward
+  that the pipeline uses, since the reward model alone is hacked (docs/recipes/alignment.md);
 - :func:`prompt_batch`: the rollout use's prompts from the recipe's generator (the ``constraints`` domain, where the
   reward model reads format and length reliably; docs/recipes/alignment.md), each group of ``samples`` rows on one
   prompt, left-padded to the use's ``seq_len`` with the tokenizer's pad id (the prompts are 17 to 20 tokens).
@@ -18,6 +21,7 @@ This module joins the two:
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,8 +37,12 @@ from runtime.data import TaskBatch
 from runtime.grpo import GRPOHead, grpo_head, grpo_roles
 from runtime.tokenizer import load_tokenizer, pad_id
 
+log = logging.getLogger(__name__)
+
 HEAD_FILE = "reward_head.safetensors"  # the reward model's trained scalar head, beside its from_pretrained weights
 DOMAIN = "constraints"  # the prompts' domain
+RULE_BETA = 0.04  # grpo_rule's KL weight
+RM_WEIGHT = 0.25  # grpo_rule with a reward-model leaf: reward = rule + RM_WEIGHT * reward model
 SPLITS = {"train": "grpo", "heldout": "grpo-heldout"}  # generator streams of the train and held-out prompts
 
 
@@ -97,6 +105,64 @@ def grpo_rm_head(job: JobSpec, t: int, leaves: list[str]) -> RewardModelGRPOHead
               "reference": base.reference.out.in_features if base.reference is not None else 0}
     return RewardModelGRPOHead(base.task, base.roles, base.prompt_len, base.new_tokens, base.samples, widths,
                                base.policy.out.out_features, base.kernels, base.beta)
+
+
+class RuleGRPOHead(GRPOHead):
+    """Loss ``grpo_rule``: runtime.grpo.GRPOHead whose reward is the rule (:func:`recipes.alignment.tasks.rule_score`)
+    of each rollout's answer to its prompt, both decoded from the rollout's tokens with the policy's tokenizer (the
+    prompt's pads and the answer's eos dropped; :func:`tasks.parse_prompt` reads the problem back from the prompt),
+    plus :data:`RM_WEIGHT` times the trained reward model's score when the task has a reward-model leaf
+    (``roles["reward"]``; its head loaded as ``grpo_rm``'s). ``beta``: :data:`RULE_BETA`."""
+
+    def __init__(self, base: GRPOHead, roles: dict[str, str | None], widths: dict[str, int], tokenizer):
+        super().__init__(base.task, roles, base.prompt_len, base.new_tokens, base.samples, widths,
+                         base.policy.out.out_features, base.kernels, RULE_BETA)
+        self.tokenizer = tokenizer
+        if roles["reward"] is None:  # the rule alone: no reward-model head
+            self.reward_norm = self.reward_out = None
+
+    def load_pretrained(self, job: JobSpec, t: int) -> RuleGRPOHead:
+        if self.roles["reward"] is not None:
+            RewardModelGRPOHead.load_pretrained(self, job, t)
+        return self
+
+    def rule_scores(self, tokens: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+        """The rule score ``(B,)`` of each rollout. A prompt that is not the recipe's scores 0 with a warning (the
+        task's prompts are the generator's, :func:`prompt_batch`; ``loom profile`` times the head on random tokens)."""
+        pad, eos, p = pad_id(self.tokenizer), self.tokenizer.eos_token_id, self.prompt_len
+        out = []
+        for prompt, answer, counts in zip(tokens[:, :p].tolist(), tokens[:, p:].tolist(), generated.tolist()):
+            text = self.tokenizer.decode([i for i in prompt if i != pad], skip_special_tokens=True)
+            problem_ = tasks.parse_prompt(text)
+            if problem_ is None:
+                log.warning("loss grpo_rule: the rollout prompt %r is not one of the recipe's generated prompts; its "
+                            "rollouts score 0", text)
+                out.append(0.0)
+                continue
+            kept = [i for i, c in zip(answer, counts) if c and i != eos]
+            out.append(tasks.rule_score(problem_, self.tokenizer.decode(kept, skip_special_tokens=True)))
+        return torch.tensor(out, dtype=torch.float32, device=tokens.device)
+
+    def scores(self, outputs: dict[str, torch.Tensor], tokens: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+        rule = self.rule_scores(tokens, generated)
+        if self.roles["reward"] is None:
+            return rule
+        return rule + RM_WEIGHT * super().scores(outputs, tokens, generated)
+
+
+def grpo_rule_head(job: JobSpec, t: int, leaves: list[str]) -> RuleGRPOHead:
+    """The ``grpo_rule`` head of task ``t``: the built-in grpo head's uses (runtime.grpo.grpo_head checks them), where
+    one forward leaf is the reference and two are the reward model, then the reference."""
+    base = grpo_head(job, t)
+    roles = dict(base.roles)
+    if roles["reference"] is None:  # runtime.grpo reads a lone forward leaf as the reward model; here: the reference
+        roles["reference"], roles["reward"] = roles["reward"], None
+    widths = {role: use_component(job, t, name)[1].hidden_size for role, name in roles.items()
+              if role != "rollout" and name is not None}
+    widths.setdefault("reward", widths["policy"])  # unused: the head drops its reward-model layers
+    name, comp = use_component(job, t, roles["rollout"])
+    tokenizer = load_tokenizer(comp.pretrained, f"components.{name}.pretrained")
+    return RuleGRPOHead(base, roles, widths, tokenizer)
 
 
 # --------------------------------------------------------------------------- step reward_head

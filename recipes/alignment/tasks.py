@@ -69,6 +69,25 @@ def problem(seed: int, split: str, index: int, domain: str | None = None) -> Pro
     return Problem(domain, prompt, words=words, keyword=keyword, form=form, topic=topic)
 
 
+ARITHMETIC_PROMPT = re.compile(r"what is (\d+) (plus|minus|times) (\d+) \?")
+CONSTRAINTS_PROMPT = re.compile(r"write (\d+) words about the (\w+) , include the word (\w+) , (.+) \.")
+
+
+def parse_prompt(prompt: str) -> Problem | None:
+    """The :class:`Problem` a generated prompt states (the inverse of :func:`problem`'s wording, whitespace
+    normalised: a tokenizer's decoding reads back), so that a rollout's answer can be scored by the rule from its
+    tokens alone; None for any other text."""
+    text = " ".join(prompt.split())
+    if m := ARITHMETIC_PROMPT.fullmatch(text):
+        a, op, b = int(m[1]), m[2], int(m[3])
+        return Problem("arithmetic", text, answer=OPS[op](a, b))
+    m = CONSTRAINTS_PROMPT.fullmatch(text)
+    forms = {words: form for form, words in FORMAT_WORDS.items()}
+    if m is None or m[2] not in TOPICS or m[4] not in forms:
+        return None
+    return Problem("constraints", text, words=int(m[1]), keyword=m[3], form=forms[m[4]], topic=m[2])
+
+
 def _last_number(response: str) -> int | None:
     """The last integer of ``response`` (``minus 3`` reads as -3); None without one."""
     numbers = re.findall(r"-?\d+", response.replace("minus ", "-"))

@@ -114,10 +114,10 @@ def test_the_pipeline_is_checked_whole():
 
     pipeline = read_pipeline(make.HERE / "pipeline" / "pipeline-tiny.yaml")
     assert [(p.name, p.spec.step) for p in pipeline.phases] == [
-        ("sft", None), ("sft_arithmetic", None), ("sft_constraints", None), ("merge", "merge"), ("rm", None),
-        ("rm_head", "reward_head"), ("grpo", None)]
-    job = pipeline.phases[-1].job
-    assert job.tasks[0].loss == "grpo_rm" and job.components["reference"].frozen
+        ("sft", None), ("pas", None), ("pas_eval", "pas_eval"), ("sft_arithmetic", None), ("sft_constraints", None),
+        ("merge", "merge"), ("rm", None), ("rm_head", "reward_head"), ("grpo", None), ("grpo_eval", "rule_eval")]
+    job = pipeline.phases[-2].job
+    assert job.tasks[0].loss == "grpo_rule" and job.components["reference"].frozen
 
 
 def test_greedy_answers_in_a_padded_batch_are_the_answers_alone(model):
@@ -128,3 +128,94 @@ def test_greedy_answers_in_a_padded_batch_are_the_answers_alone(model):
     batched = greedy(policy, tokenizer, prompts, new_tokens=6)
     assert batched == [greedy(policy, tokenizer, [p], new_tokens=6)[0] for p in prompts]
     assert all(0 < len(tokenizer(a)["input_ids"]) <= 6 for a in batched)
+
+
+def test_generated_prompts_read_back_as_their_problems():
+    from recipes.alignment import tasks
+
+    for split in ("grpo", "heldout"):
+        for index in range(40):  # both domains, every format
+            p = tasks.problem(0, split, index)
+            assert tasks.parse_prompt(p.prompt) == p and tasks.parse_prompt(f"  {p.prompt} ") == p
+    for text in ("what is 7 plus ?", "write 5 words about the moon , include the word sea , as a numbered list .",
+                 "write 5 words about the sea , include the word sea , in any way .", "hello"):
+        assert tasks.parse_prompt(text) is None
+
+
+def rule_job(policy, rm=None):
+    uses = [{"component": "policy", "name": "rollout", "mode": "generate", "seq_len": PROMPT, "new_tokens": NEW,
+             "samples": SAMPLES}]
+    uses += [{"component": "rm", "name": "reward", "mode": "forward", "seq_len": PROMPT + NEW, "after": ["rollout"]}
+             ] if rm else []
+    uses += [{"component": "reference", "mode": "forward", "seq_len": PROMPT + NEW, "after": ["rollout"]},
+             {"component": "policy", "seq_len": PROMPT + NEW, "after": ["rollout"]}]
+    return parse_job({
+        "name": "grpo", "recipe": "alignment", "cluster": {"num_nodes": 1, "devices_per_node": 1, "device": "cpu"},
+        "components": {"policy": {"pretrained": str(policy)}, "reference": {"pretrained": str(policy), "frozen": True}}
+        | ({"rm": {"pretrained": str(rm)}} if rm else {}),
+        "tasks": [{"name": "grpo", "batch_size": 8, "loss": "grpo_rule", "components": uses}],
+        "training": {"precision": "fp32"}})
+
+
+def test_grpo_rule_scores_each_rollout_by_the_rule_of_its_decoded_prompt(model, tmp_path):
+    from recipes.alignment import tasks
+
+    tokenizer = load_tokenizer(str(model), "model")
+    job = rule_job(model)
+    head = build_head(job, 0)
+    assert isinstance(head, grpo.RuleGRPOHead) and head.roles["reference"] == "reference"
+    assert head.roles["reward"] is None and head.reward_out is None and head.reference is not None
+    prompts = grpo.prompt_batch(job, 0, 0, 0, 2 * SAMPLES, "train").inputs["rollout"]
+    answers = ["sea .", "1 . waves", "waves done", "what is done"]  # too short for any NEW-token answer to pass all
+    tokens = torch.full((2 * SAMPLES, PROMPT + NEW), tokenizer.eos_token_id)
+    generated = torch.zeros(2 * SAMPLES, NEW, dtype=torch.bool)
+    expected = []
+    for row in range(2 * SAMPLES):
+        p = grpo.problem(0, "train", row // SAMPLES)
+        ids = tokenizer(answers[row % 4])["input_ids"] + [tokenizer.eos_token_id]
+        tokens[row, :PROMPT], tokens[row, PROMPT:PROMPT + len(ids)] = prompts[row], torch.tensor(ids)
+        generated[row, :len(ids)] = True
+        tokens[row, PROMPT + len(ids):] = tokenizer("done")["input_ids"][0]  # after eos: not counted
+        expected.append(tasks.rule_score(p, answers[row % 4]))
+    assert len(set(expected)) > 1
+    torch.testing.assert_close(head.rule_scores(tokens, generated), torch.tensor(expected))
+    torch.testing.assert_close(head.scores({}, tokens, generated), torch.tensor(expected))
+    bad = tokens.clone()
+    bad[0, :PROMPT] = torch.tensor(tokenizer("what is 7 plus 5 ?")["input_ids"][:1] * PROMPT)
+    assert expected[0] > 0  # an unreadable prompt scores 0 (loom profile times the head on random tokens)
+    torch.testing.assert_close(head.rule_scores(bad, generated), torch.tensor([0.0] + expected[1:]))
+    rm = tmp_path / "rm"  # with a reward-model leaf: rule + RM_WEIGHT * the trained reward head's score
+    shutil.copytree(model, rm)
+    head_weights = {"norm.weight": torch.ones(32), "norm.bias": torch.zeros(32),
+                    "out.weight": torch.linspace(-1, 1, 32)[None], "out.bias": torch.tensor([0.5])}
+    save_file(head_weights, str(rm / grpo.HEAD_FILE))
+    mixed = build_head(rule_job(model, rm), 0)
+    assert mixed.roles["reward"] == "reward" and not mixed.reward_out.weight.requires_grad
+    hidden = torch.randn(2 * SAMPLES, PROMPT + NEW, 32)
+    torch.testing.assert_close(mixed.scores({"reward": hidden}, tokens, generated),
+                               torch.tensor(expected) + grpo.RM_WEIGHT * mixed.rewards(hidden, generated))
+
+
+def test_rule_eval_on_a_tiny_model_and_the_eval_steps_arguments(model, tmp_path):
+    from recipes.alignment import evaluate, generation, pas, tasks
+
+    metrics = evaluate.rule_eval(model, model, prompts=3, new_tokens=4)
+    assert set(metrics) == set(evaluate.RULE_METRICS) == set(STEPS["rule_eval"].metrics)
+    assert abs(metrics["kl_to_reference"]) < 1e-6 and 0 <= metrics["rule_score"] <= 1
+    policy, tokenizer = generation.load(model)
+    problems = [tasks.problem(0, "grpo-heldout", g, "constraints") for g in range(3)]
+    answers = generation.greedy(policy, tokenizer, [p.prompt for p in problems], 4)
+    assert metrics["rule_score"] == pytest.approx(sum(map(tasks.rule_score, problems, answers)) / 3)
+    assert metrics["answer_words"] == pytest.approx(sum(len(a.split()) for a in answers) / 3)
+    assert set(STEPS["pas_eval"].metrics) == set(pas.METRICS)
+    good = {"pas": "@pas/model/pas", "model": str(model)}
+    check_step_args("pas_eval", good, "phases[2].args", tmp_path)
+    check_step_args("rule_eval", {"model": "@grpo/model/policy", "split": "train"}, "phases[9].args", tmp_path)
+    for step, bad, match in [
+            ("pas_eval", good | {"model": "nowhere"}, r"args\.model \('nowhere'\): no such folder"),
+            ("pas_eval", {"model": str(model)}, r"args\.pas \(None\): required"),
+            ("pas_eval", good | {"prompts": 0}, r"args\.prompts \(0\): expected a whole number in 1\.\.1024"),
+            ("rule_eval", {"model": str(model), "split": "test"}, r"args\.split \('test'\): expected heldout or train"),
+            ("rule_eval", {"model": str(model), "temperature": 1}, r"args\.temperature: unknown argument")]:
+        with pytest.raises(SpecError, match=match):
+            check_step_args(step, bad, "phases[2].args", tmp_path)

@@ -1,0 +1,111 @@
+"""PAS, Baichuan Alignment's prompt augmentation (arXiv 2410.14940, §2.1), measured: does appending a trained PAS
+model's complement to a prompt raise the rule score of the SFT model's answers?
+
+The PAS model is a trained phase of its own (``pipeline/pipeline-tiny.yaml``, phase ``pas``: loss ``lm`` on
+``data/train/pas.jsonl``, chat conversations prompt -> complement, recipes.alignment.tasks.pas_complement). Step
+``pas_eval`` (:func:`pas_eval_step`) then scores the answer model on held-out prompts of both domains (the
+generator's ``pas-heldout`` stream: ``data/heldout/pas.jsonl``'s prompts, never trained on), greedily, three ways:
+
+- ``rule_score``: the prompt alone;
+- ``rule_score_pas``: the prompt, a space, and the PAS model's greedy complement (its chat template's answer, up to
+  the end-of-turn marker);
+- ``rule_score_oracle``: the prompt and the generator's own complement (what a perfect PAS model would append);
+
+each also per domain (``rule_score_pas_arithmetic``, ...), and ``complement_exact``: the fraction of the PAS model's
+complements equal to the generator's (word for word). The step writes nothing; its metrics go to
+``OUT/<phase>/metrics.json`` (docs/job-spec.md, Evaluation steps and gates).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from recipes.alignment import tasks
+
+SPLIT = "pas-heldout"  # the generator stream of data/heldout/pas.jsonl (recipes.alignment.make)
+WAYS = ("rule_score", "rule_score_pas", "rule_score_oracle")
+METRICS = (*WAYS, *(f"{w}_{d}" for w in WAYS for d in tasks.DOMAINS), "complement_exact")
+STEP_ARGS = ("pas", "model", "prompts", "new_tokens", "seed")
+
+
+def check_pas_eval_args(args: dict[str, Any], base: Path | None) -> None:
+    """``pas`` and ``model`` (references ``@<phase>/model[/component]`` or folders), optional ``prompts`` (1..1024,
+    default 64), ``new_tokens`` (1..256, default 48), ``seed`` (default 0); torch-free, a ValueError naming the
+    argument."""
+    from planner.pipeline import StepContext
+
+    for key in args:
+        if key not in STEP_ARGS:
+            raise ValueError(f"{key}: unknown argument of step 'pas_eval'; it takes {', '.join(STEP_ARGS)}.")
+    for key, what in (("pas", "the trained PAS model"), ("model", "the model whose answers are scored")):
+        value = args.get(key)
+        if not isinstance(value, str):
+            raise ValueError(f"{key} ({value!r}): required, {what}: a reference '@<phase>/model/<component>' or a "
+                             "from_pretrained folder. Add it.")
+        if not value.startswith("@") and not StepContext("", {}, Path(), base).path(value).is_dir():
+            raise ValueError(f"{key} ({value!r}): no such folder. Point it at a from_pretrained folder.")
+    for key, low, high in (("prompts", 1, 1024), ("new_tokens", 1, 256), ("seed", 0, 2**31 - 1)):
+        value = args.get(key, low)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"{key} ({value!r}): expected a whole number in {low}..{high}. Fix the value.")
+
+
+def complements(model, tokenizer, prompts: list[str], new_tokens: int = 64, batch_size: int = 16) -> list[str]:
+    """The PAS model's greedy complement of each prompt: its chat template's user turn and generation prompt in,
+    the assistant turn out, up to the end-of-turn marker (``<|im_end|>``) or eos, which are not part of it."""
+    import torch
+
+    end = [i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id)
+           if i is not None and i != tokenizer.unk_token_id]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=True)["input_ids"])
+                for p in prompts[start:start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        with torch.no_grad():
+            generated = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                       eos_token_id=end, pad_token_id=pad)
+        for row in generated[:, width:].tolist():
+            cut = min([row.index(i) for i in end if i in row], default=len(row))
+            out.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return out
+
+
+def measure(pas_folder: str | Path, model_folder: str | Path, prompts: int = 64, new_tokens: int = 48,
+            seed: int = 0) -> tuple[dict[str, float], list[dict]]:
+    """(metrics, rows) of the module docstring on ``prompts`` held-out problems; a row per problem: its prompt,
+    both complements and the three answers."""
+    from recipes.alignment.generation import greedy, load
+
+    problems = [tasks.problem(seed, SPLIT, i) for i in range(prompts)]
+    texts = [p.prompt for p in problems]
+    pas_model, pas_tokenizer = load(pas_folder)
+    made = complements(pas_model, pas_tokenizer, texts)
+    oracle = [tasks.pas_complement(p) for p in problems]
+    model, tokenizer = load(model_folder)
+    answers = {"rule_score": greedy(model, tokenizer, texts, new_tokens),
+               "rule_score_pas": greedy(model, tokenizer, [f"{t} {c}" for t, c in zip(texts, made)], new_tokens),
+               "rule_score_oracle": greedy(model, tokenizer, [f"{t} {c}" for t, c in zip(texts, oracle)], new_tokens)}
+    metrics = {"complement_exact": sum(" ".join(m.split()) == o for m, o in zip(made, oracle)) / len(problems)}
+    for way, said in answers.items():
+        scores = [tasks.rule_score(p, a) for p, a in zip(problems, said)]
+        metrics[way] = sum(scores) / len(scores)
+        for domain in tasks.DOMAINS:
+            mine = [s for p, s in zip(problems, scores) if p.domain == domain]
+            metrics[f"{way}_{domain}"] = sum(mine) / max(len(mine), 1)
+    rows = [{"prompt": t, "complement": m, "oracle": o, **{way: said[i] for way, said in answers.items()}}
+            for i, (t, m, o) in enumerate(zip(texts, made, oracle))]
+    return metrics, rows
+
+
+def pas_eval_step(ctx) -> dict[str, float]:
+    """Step ``pas_eval``: :func:`measure` of ``args.pas`` and ``args.model``; returns the metrics."""
+    args = ctx.args
+    metrics, _ = measure(ctx.path(args["pas"]), ctx.path(args["model"]), args.get("prompts", 64),
+                         args.get("new_tokens", 48), args.get("seed", 0))
+    return metrics
