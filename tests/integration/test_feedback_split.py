@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:  # pytest's default import mode already adds it; the spawned workers need it
     sys.path.insert(0, HERE)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import _feedback_workers as fw  # noqa: E402
+from _worlds import start_world  # noqa: E402  (tests/integration/_worlds.py)
 from make_models import save_clip, save_text_tower, save_unet, save_vae  # noqa: E402
 
 from runtime.local_world import free_port  # noqa: E402
@@ -36,7 +36,7 @@ def test_a_feedback_step_split_over_three_processes_equals_one_process(folder, t
     from runtime.feedback import feedback_step
     from runtime.sample import build_scheduler, diffusers_denoiser
 
-    mp.spawn(fw.worker, args=(3, free_port(), str(folder), str(tmp_path)), nprocs=3, join=True, start_method="spawn")
+    start_world(fw.worker, args=(3, free_port(), str(folder), str(tmp_path)), nprocs=3)
     sampler, scorer = torch.load(tmp_path / "sampler.pt"), torch.load(tmp_path / "scorer.pt")
 
     threads = torch.get_num_threads()

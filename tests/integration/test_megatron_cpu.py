@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:  # pytest's default import mode already adds it; the spawned workers need it
     sys.path.insert(0, HERE)
 import _megatron_workers as workers  # noqa: E402
+from _worlds import start_world  # noqa: E402  (tests/integration/_worlds.py; its ranks run OMP_NUM_THREADS=1)
 
 from runtime import megatron_compat  # noqa: E402
 
@@ -50,10 +50,7 @@ def reference_result() -> dict:
 @pytest.fixture(scope="module")
 def world_results(tmp_path_factory) -> dict[int, dict]:
     out_dir = tmp_path_factory.mktemp("megatron_cpu")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        mp.start_processes(workers.tp_worker, args=(WORLD_SIZE, workers.free_port(), str(out_dir)),
-                           nprocs=WORLD_SIZE, join=True, start_method="spawn")
+    start_world(workers.tp_worker, args=(WORLD_SIZE, workers.free_port(), str(out_dir)), nprocs=WORLD_SIZE)
     return {rank: torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)}
 
 

@@ -13,16 +13,15 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 
 from planner.spec import load_job
 
 from _equivalence import STEPS, check_equivalence, check_transformers_losses, plan_from_waves  # tests/integration/_equivalence.py
 from _megatron_workers import free_port  # tests/integration/_megatron_workers.py
+from _worlds import start_world  # tests/integration/_worlds.py (its ranks run OMP_NUM_THREADS=1)
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
 from make_models import save_llama  # noqa: E402  (examples/make_models.py)
@@ -98,10 +97,7 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 def test_pretrained_layers_on_megatron_equal_the_transformers_layers(tmp_path):
     for seed, model_type in enumerate(MODEL_TYPES):
         save_llama(tmp_path / model_type, seed=seed, model_type=model_type)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        mp.start_processes(layer_worker, args=(2, free_port(), str(tmp_path), str(tmp_path)), nprocs=2, join=True,
-                           start_method="spawn")
+    start_world(layer_worker, args=(2, free_port(), str(tmp_path), str(tmp_path)), nprocs=2)
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt")
         for model_type in MODEL_TYPES:

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -31,6 +30,7 @@ from runtime.portable import PortableReader, export_state, import_state
 from runtime.reference import merge_parameters
 
 from _jobs import two_task_job  # tests/integration/_jobs.py
+from _worlds import start_world  # tests/integration/_worlds.py
 
 STEPS = 6
 
@@ -129,7 +129,7 @@ def test_tensor_parallel_state_round_trips_and_loads_without_tensor_parallelism(
     plan = plan_schedule(job, Schedule(tuple(Wave(tuple(Slice(ids[n], layers, k) for n, layers, k in w))
                                              for w in waves)), method="hand-made")
     assert {(s.tp_degree, s.dp_degree) for w in plan.waves for s in w.slices} == {(1, 2), (2, 2)}
-    mp.spawn(tp_worker, args=(4, free_port(), job.model_dump_json(), plan.to_json(), str(tmp_path)), nprocs=4)
+    start_world(tp_worker, args=(4, free_port(), job.model_dump_json(), plan.to_json(), str(tmp_path)), nprocs=4)
     results = [torch.load(tmp_path / f"result_{r}.pt", weights_only=True) for r in range(4)]
     for result in results:  # the same plan: exact
         assert result["losses"][0] == result["losses"][1]

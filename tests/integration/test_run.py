@@ -1,6 +1,6 @@
 """`loom run` end to end on an embedded Ray cluster of 2 CPU workers.
 
-The CLI test starts and stops its own Ray cluster, as `loom run` does; the library-level runs share
+The first CLI test starts and stops its own Ray cluster, as `loom run` does; the other runs share
 one embedded cluster per module (each run still creates, and kills, its own actors). Every test
 must leave no Ray process behind. Checked: the CLI trains and logs one metrics line per step; a run
 stopped at a checkpoint and resumed gives exactly the losses and final parameters of an
@@ -200,7 +200,8 @@ def assert_traces_and_gantt(runner, out: Path, plan: dict, records: list[dict]) 
     assert (out / "gantt.png").stat().st_size > 5000 and "<svg" in (out / "gantt.html").read_text()
 
 
-def test_cli_run_plans_with_a_profiled_cost_file(runner, tmp_path):
+def test_cli_run_plans_with_a_profiled_cost_file(ray_session, runner, tmp_path):
+    # on the module's cluster: what is checked is the plan the cost file gives (the test above starts its own)
     from planner.api import make_cost_model
     from planner.costmodel import Layout, profile_key
     from planner.metagraph import build_metagraph

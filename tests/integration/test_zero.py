@@ -7,12 +7,13 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from planner.spec import parse_job
 from runtime.local_world import free_port
 from runtime.optim import build_grouped_optimizer
 from runtime.zero import ShardedAdamW
+
+from _worlds import start_world  # tests/integration/_worlds.py
 
 JOB = parse_job({
     "name": "zero", "components": {"m": {"kind": "mlp", "num_layers": 1, "hidden_size": 4}},
@@ -52,7 +53,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_sharded_adamw_keeps_half_the_state_and_updates_exactly(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    start_world(_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     params = _params()
     plain = build_grouped_optimizer(JOB, [(None, p) for p in params])  # no weight decay on the (7,) bias
     for step in range(STEPS):
