@@ -120,63 +120,73 @@ def _reward_models(ctx, data_dir=None):
     return RewardModels(load_job(ctx.path(ctx.args["spec"]), data_dir), ctx.path(ctx.args["rm"]))
 
 
-def feedback_step(ctx) -> dict[str, float]:
-    """Step ``feedback`` (module docstring)."""
-    from PIL import Image
+def feedback_update(unet, text, rewards, prompts, scheduler, config, step: int, optimizer,
+                    pre_loss: float = 1.0) -> torch.Tensor:
+    """One optimizer step of IterComp's feedback on ``prompts`` (runtime.feedback.feedback_step: x0 from a last
+    denoising step with gradient, scored by each prompt's category's reward model, hinge ``1e-3 * ReLU(2 - r)``), plus
+    ``pre_loss`` times the denoising loss on exact images of the prompts; the rewards ``(B,)`` of each sample's own
+    category, before the step."""
     from torch import nn
 
     from runtime.feedback import FeedbackBatch, FeedbackObjective, denoising_loss, feedback_step as one_step
-    from runtime.sample import build_scheduler, diffusers_denoiser
+    from runtime.sample import diffusers_denoiser
+
+    denoiser = diffusers_denoiser(unet.train())
+    scorers = [_category_scorer(rewards, c, prompts) for c in CATEGORIES]
+    objective = FeedbackObjective(nn.Identity(), scorers)  # pixel space: the "VAE" is the identity
+    states = generator.context(text, prompts)
+    train = generator.TRAIN_SCHEDULE["num_train_timesteps"]
+
+    def denoising():
+        images = generator.exact_images(prompts, np.random.default_rng(step))
+        gen = torch.Generator().manual_seed(step)
+        noise = torch.randn(images.shape, generator=gen)
+        timesteps = torch.randint(0, train, (len(prompts),), generator=gen)
+        return pre_loss * denoising_loss(denoiser, scheduler, images, noise, timesteps, states).mean()
+
+    result = one_step(denoiser, scheduler, objective, FeedbackBatch(states, [None] * len(scorers), len(prompts)),
+                      config, (3, generator.SIDE, generator.SIDE), step, "feedback", denoising if pre_loss > 0 else None)
+    optimizer.zero_grad(set_to_none=True)
+    result.loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    optimizer.step()
+    unet.eval()
+    own = torch.stack([torch.tensor([p.category == c for p in prompts]) for c in CATEGORIES])
+    return result.rewards.T[own.T]
+
+
+def feedback_step(ctx) -> dict[str, float]:
+    """Step ``feedback`` (module docstring)."""
+    from PIL import Image
+
+    from runtime.sample import build_scheduler
 
     a = ctx.args
     seed, steps, batch, denoise = a.get("seed", 0), a.get("steps", 40), a.get("batch", 12), a.get("denoise_steps", 20)
     unet, text, rewards = _unet(ctx), generator.load_text(ctx.path(a["text"])), _reward_models(ctx)
-    prompts = eval_prompts(seed, a.get("eval_prompts", 16))
+    columns = a.get("eval_prompts", 16)
+    prompts = eval_prompts(seed, columns)
     before, images_before = sample_scores(unet, text, rewards, prompts, denoise, seed)
     config = generator.sample_config(denoise, (a.get("stop_first", denoise * 3 // 4), denoise - 1), seed)
-    scheduler, train_scheduler = build_scheduler(config), build_scheduler(generator.sample_config(10, (0, 9), seed))
+    scheduler = build_scheduler(config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=a.get("lr", 1e-4), weight_decay=0.0)
-    denoiser = diffusers_denoiser(unet.train())
     history = []
     for step in range(steps):
         batch_prompts = generator.training_prompts(seed + 1, step, batch, CATEGORIES)
-        scorers = [_category_scorer(rewards, c, batch_prompts) for c in CATEGORIES]
-        objective = FeedbackObjective(nn.Identity(), scorers)  # pixel space: the "VAE" is the identity
-        ctx_states = generator.context(text, batch_prompts)
-
-        def pre_loss():
-            rng = np.random.default_rng(step)
-            images = generator.exact_images(batch_prompts, rng)
-            gen = torch.Generator().manual_seed(step)
-            noise = torch.randn(images.shape, generator=gen)
-            t = torch.randint(0, train_scheduler.config.num_train_timesteps, (batch,), generator=gen)
-            return a.get("pre_loss", 1.0) * denoising_loss(denoiser, train_scheduler, images, noise, t,
-                                                           ctx_states).mean()
-
-        result = one_step(denoiser, scheduler, objective, FeedbackBatch(ctx_states, [None] * len(scorers), batch),
-                          config, (3, generator.SIDE, generator.SIDE), step, "feedback",
-                          pre_loss if a.get("pre_loss", 1.0) > 0 else None)
-        optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        mask = torch.stack([torch.tensor([p.category == c for p in batch_prompts]) for c in CATEGORIES])
-        history.append(float(result.rewards[mask].mean()))
+        history.append(float(feedback_update(unet, text, rewards, batch_prompts, scheduler, config, step, optimizer,
+                                             a.get("pre_loss", 1.0)).mean()))
         if (step + 1) % max(steps // 10, 1) == 0:
-            log.info("feedback step %d/%d: loss %.5f, own-category reward %.3f", step + 1, steps, float(result.loss),
+            log.info("feedback step %d/%d: own-category reward %.3f", step + 1, steps,
                      np.mean(history[-max(steps // 10, 1):]))
-    unet.eval()
     after, images_after = sample_scores(unet, text, rewards, prompts, denoise, seed)
     _save_unet(ctx, unet)
-    columns = a.get("eval_prompts", 16)
     for name, images in (("before", images_before), ("after", images_after)):
-        Image.fromarray(generator.grid(images, columns)).resize(
-            (generator.grid(images, columns).shape[1] * 3, generator.grid(images, columns).shape[0] * 3),
-            Image.NEAREST).save(ctx.out_dir / f"samples_{name}.png")
-    metrics = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
-    metrics["train_reward_first"] = float(np.mean(history[:max(steps // 10, 1)]))
-    metrics["train_reward_last"] = float(np.mean(history[-max(steps // 10, 1):]))
-    return metrics
+        tiles = generator.grid(images, columns)
+        Image.fromarray(tiles).resize((tiles.shape[1] * 3, tiles.shape[0] * 3), Image.NEAREST).save(
+            ctx.out_dir / f"samples_{name}.png")
+    tail = max(steps // 10, 1)
+    return ({f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
+            | {"train_reward_first": float(np.mean(history[:tail])), "train_reward_last": float(np.mean(history[-tail:]))})
 
 
 def _category_scorer(rewards, category: str, prompts):
