@@ -152,7 +152,7 @@ def feedback_update(unet, text, rewards, prompts, scheduler, config, step: int, 
     optimizer.step()
     unet.eval()
     own = torch.stack([torch.tensor([p.category == c for p in prompts]) for c in CATEGORIES])
-    return result.rewards.T[own.T]
+    return result.rewards.detach().T[own.T]
 
 
 def feedback_step(ctx) -> dict[str, float]:

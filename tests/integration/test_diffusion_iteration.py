@@ -47,12 +47,12 @@ def test_feedback_steps_raise_the_reward_models_scores_of_the_same_samples(parts
     prompts = generator.training_prompts(0, 0, 3, CATEGORIES)  # one prompt per category
     config = generator.sample_config(4, (2, 3), 0)
     scheduler = build_scheduler(config)
-    optimizer = torch.optim.Adam(unet.parameters(), lr=2e-3)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-4)
     before = [p.detach().clone() for p in unet.parameters()]
     trace = [steps.feedback_update(unet, text, rewards, prompts, scheduler, config, 0, optimizer, pre_loss=0.0)
-             for _ in range(4)]
+             for _ in range(3)]
     assert trace[0].shape == (3,)
-    assert (trace[-1] > trace[0]).all(), trace
+    assert (trace[1] > trace[0]).all() and (trace[2] > trace[1]).all(), trace
     assert all(r.requires_grad is False for r in trace)
     assert not all(torch.equal(a, b) for a, b in zip(before, unet.parameters()))
     assert all(not p.requires_grad for p in rewards.trainer.modules["head:attribute", 0].parameters())
