@@ -45,10 +45,11 @@ def _checker(step: str, required: dict[str, type], optional: dict[str, type]):
         for key in args:
             if key not in known:
                 raise ValueError(f"{key}: unknown argument of step '{step}'; it takes {', '.join(known)}.")
+        for key in required:
+            if key not in args:
+                raise ValueError(f"{key}: required argument of step '{step}' is missing. Add it.")
         for key, kind in known.items():
             if key not in args:
-                if key in required:
-                    raise ValueError(f"{key}: required argument of step '{step}' is missing. Add it.")
                 continue
             value = args[key]
             ok = isinstance(value, kind) and not isinstance(value, bool) if kind is not bool else isinstance(value, bool)
