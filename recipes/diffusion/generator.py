@@ -93,7 +93,7 @@ def pretrain(unet, text, steps: int, batch: int, lr: float, seed: int, categorie
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log is not None and (step + 1) % max(steps // 10, 1) == 0:
             log(f"denoise step {step + 1}/{steps}: loss {np.mean(losses[-max(steps // 10, 1):]):.4f}")
     unet.eval()
