@@ -9,7 +9,7 @@ registers the losses, the dataset and the evaluator (a job opts in with ``recipe
 ``itercomp-tiny.yaml``; docs/recipes/diffusion.md.
 """
 
-from recipes.diffusion import data, evaluate, heads  # modules, so that their names are not shadowed
+from recipes.diffusion import data, evaluate, heads, steps  # modules, so that their names are not shadowed
 from runtime.data import register_dataset
 from runtime.evaluate import register_evaluator
 from runtime.heads import register_loss
@@ -18,3 +18,18 @@ for _name, _factory in heads.LOSS_FACTORIES.items():
     register_loss(_name, _factory)
 register_dataset("diffusion", data.job_batch)
 register_evaluator("diffusion", evaluate.evaluate)
+# the iteration's phase steps (recipes.diffusion.steps), registered by orchestrator.recipes.import_recipe
+PHASE_STEPS = {
+    "denoise": dict(run=steps.denoise_step, check=steps.check_denoise, metrics=("loss_first", "loss_last"),
+                    doc="the base UNet trained on exact images (args: unet, text, steps, batch, lr, seed)"),
+    "feedback": dict(run=steps.feedback_step, check=steps.check_feedback, metrics=steps.FEEDBACK_METRICS,
+                     doc="IterComp's reward feedback of a UNet against the reward models (args: unet, text, spec, rm, "
+                     "steps, batch, lr, seed, denoise_steps, stop_first, pre_loss, eval_prompts)"),
+    "regenerate": dict(run=steps.regenerate_step, check=steps.check_regenerate, writes=("data",),
+                       metrics=("train_oracle_new", "heldout_oracle_new"),
+                       doc="a gallery folder with the UNet's samples ranked in (args: unet, text, prompts, "
+                       "heldout_prompts, samples, seed, denoise_steps)"),
+    "reward_update": dict(run=steps.reward_update_step, check=steps.check_reward_update, writes=("rm",),
+                          metrics=steps.UPDATE_METRICS, doc="the reward models retrained on a regenerated gallery "
+                          "(args: spec, rm, data, steps, lr, eval_pairs)"),
+}

@@ -23,13 +23,14 @@ import torch
 from planner.components import resolve_shape
 from planner.spec import JobSpec
 from planner.usegraph import leaf_uses, root_uses, upstream_uses, use_component
-from recipes.diffusion.gallery import Ranking, pairs, synthetic_entry
+from recipes.diffusion.gallery import Ranking, minimal_pair, pairs, synthetic_entry
 from recipes.diffusion.shapes import CATEGORIES, tokenize
 from runtime.data import TaskBatch
 from runtime.kinds import image_channels
 from runtime.modules import stable_seed
 
 LOSSES = {f"itercomp_{category}": category for category in CATEGORIES}
+MINIMAL_EVERY = 2  # every second training row is a minimal pair (0: gallery pairs only)
 MAX_REDRAWS = 64  # prompts tried for one training row before giving up (all-tied prompts are rare)
 
 
@@ -118,8 +119,14 @@ def pair_batch(layout: PairLayout, rows: list[tuple[Ranking, int, int]], first_r
 
 
 def train_row(seed: int, category: str, index: int) -> tuple[Ranking, int, int]:
-    """Training row ``index``: a pair of the first prompt from ``index`` on (in steps of a large stride) whose
-    images do not all tie, chosen by the row's seed."""
+    """Training row ``index``: every :data:`MINIMAL_EVERY`-th row (odd rows) a minimal pair
+    (recipes.diffusion.gallery.minimal_pair), the others a pair of the first gallery prompt from ``index`` on (in
+    steps of a large stride) whose images do not all tie, chosen by the row's seed."""
+    if MINIMAL_EVERY and index % MINIMAL_EVERY == MINIMAL_EVERY - 1:
+        for attempt in range(MAX_REDRAWS):
+            ranking = minimal_pair(seed, "train", category, index + attempt * (1 << 40))
+            if len(ranking.places) == 2:
+                return ranking, ranking.places[0][0], ranking.places[1][0]
     for attempt in range(MAX_REDRAWS):
         ranking = synthetic_entry(seed, "train", category, index + attempt * (1 << 40))
         candidates = pairs(ranking.places)

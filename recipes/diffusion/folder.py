@@ -108,24 +108,30 @@ def folder_rows(data_dir: str | Path, split: str, category: str, seed: int, step
 def write_gallery(folder: str | Path, seed: int, prompts: int, splits: tuple[str, ...] = ("train", "heldout")) -> Path:
     """A synthetic gallery (recipes.diffusion.gallery) of ``prompts`` prompts per category and split in the folder
     format: PNG images, ``rankings.json`` with the oracle's ranking."""
-    folder = Path(folder)
     for split in splits:
-        entries = []
-        for category in CATEGORIES:
-            for i in range(prompts):
-                ranking = synthetic_entry(seed, split, category, i)
-                names = []
-                for j, image in enumerate(ranking.images):
-                    name = f"{category}/{i}_{j}.png"
-                    (folder / split / category).mkdir(parents=True, exist_ok=True)
-                    pixels = np.round(image.transpose(1, 2, 0) * 255).astype(np.uint8)
-                    Image.fromarray(pixels).save(folder / split / name)
-                    names.append(name)
-                rank = [p if len(p) > 1 else p[0] for p in ranking.places]
-                entries.append({"category": category, "prompt": ranking.prompt.text, "images": names, "rank": rank})
-        (folder / split).mkdir(parents=True, exist_ok=True)
-        (folder / split / RANKINGS).write_text(json.dumps({"rankings": entries}, indent=1))
-    return folder
+        save_split(folder, split, [synthetic_entry(seed, split, category, i) for category in CATEGORIES
+                                   for i in range(prompts)])
+    return Path(folder)
+
+
+def save_split(folder: str | Path, split: str, rankings: list[Ranking]) -> Path:
+    """``rankings`` as split ``split`` of a gallery folder: ``<category>/<entry>_<image>.png`` and
+    ``rankings.json``."""
+    folder = Path(folder)
+    entries = []
+    for i, ranking in enumerate(rankings):
+        category = ranking.prompt.category
+        (folder / split / category).mkdir(parents=True, exist_ok=True)
+        names = []
+        for j, image in enumerate(ranking.images):
+            name = f"{category}/{i}_{j}.png"
+            Image.fromarray(np.round(image.transpose(1, 2, 0) * 255).astype(np.uint8)).save(folder / split / name)
+            names.append(name)
+        rank = [p if len(p) > 1 else p[0] for p in ranking.places]
+        entries.append({"category": category, "prompt": ranking.prompt.text, "images": names, "rank": rank})
+    (folder / split).mkdir(parents=True, exist_ok=True)
+    (folder / split / RANKINGS).write_text(json.dumps({"rankings": entries}, indent=1))
+    return folder / split
 
 
 if __name__ == "__main__":

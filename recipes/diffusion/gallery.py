@@ -46,6 +46,11 @@ class Ranking:
 def draw(prompt: Prompt, rate: float, rng: np.random.Generator) -> tuple[Scene, list[str]]:
     """The scene a generator of error ``rate`` draws for ``prompt``, and the errors that struck."""
     struck = [e for e in ERRORS if rng.random() < rate and not (e == "wrong relation" and prompt.relation is None)]
+    return draw_with(prompt, struck, rng), struck
+
+
+def draw_with(prompt: Prompt, struck: list[str], rng: np.random.Generator) -> Scene:
+    """The scene drawn for ``prompt`` after the errors ``struck`` (names of :data:`ERRORS`)."""
     (c1, s1), (c2, s2) = prompt.objects
     asked = prompt
     if "colour swap" in struck:
@@ -63,7 +68,7 @@ def draw(prompt: Prompt, rate: float, rng: np.random.Generator) -> tuple[Scene, 
     if "missing object" in struck:
         dropped = asked.objects[int(rng.integers(2))][0]
         scene = Scene(tuple(o for o in scene.objects if o.colour != dropped))
-    return scene, struck
+    return scene
 
 
 def rank(prompt: Prompt, images: list[np.ndarray], scores: list[float] | None = None) -> Ranking:
@@ -84,4 +89,16 @@ def synthetic_entry(seed: int, split: str, category: str, index: int) -> Ranking
     rng = np.random.default_rng(stable_seed("diffusion-gallery", seed, split, category, index))
     prompt = random_prompt(category, rng)
     images = [render(draw(prompt, rate, rng)[0], rng) for _, rate in GENERATORS]
+    return rank(prompt, images)
+
+
+def minimal_pair(seed: int, split: str, category: str, index: int) -> Ranking:
+    """A prompt drawn exactly and once with a single error that keeps both objects (colour swap, wrong shape or, outside
+    attribute binding, wrong relation), ranked by the oracle: a pair that differs in what the prompt binds, not in how
+    many objects there are (the hard negatives a gallery's rankings hold few of)."""
+    rng = np.random.default_rng(stable_seed("diffusion-minimal", seed, split, category, index))
+    prompt = random_prompt(category, rng)
+    kinds = [e for e in ERRORS[:3] if not (e == "wrong relation" and prompt.relation is None)]
+    error = kinds[int(rng.integers(len(kinds)))]
+    images = [render(draw_with(prompt, [], rng), rng), render(draw_with(prompt, [error], rng), rng)]
     return rank(prompt, images)

@@ -6,7 +6,8 @@ classes with seeded random weights and ``save_pretrained``-ed, as ``itercomp-tin
 One thing a pretrained tower knows is given to the vision tower by hand: where each patch is. CLIP initialises its
 position embeddings at a twentieth of its patch embeddings' scale, which a frozen random tower would keep, so its
 patch positions are a fixed 2-D sine-cosine grid (MAE's) at the patch embeddings' scale instead (:func:`sincos_grid`).
-Run ``python -m recipes.diffusion.models [FOLDER]`` (default ``recipes/diffusion/models``) before ``loom run``.
+``main`` also writes the random-weight UNet the iteration pipeline starts from (recipes.diffusion.generator). Run
+``python -m recipes.diffusion.models [FOLDER]`` (default ``recipes/diffusion/models``) before ``loom run``.
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ def save_towers(folder: str | Path, seed: int = 0, patch: int = PATCH) -> tuple[
 def main(argv: list[str]) -> None:
     folder = Path(argv[0]) if argv else Path(__file__).resolve().parent / "models"
     vision, text = save_towers(folder)
-    print(f"wrote {vision} (CLIP vision) and {text} (CLIP text)")
+    from recipes.diffusion.generator import save_unet
+
+    unet = save_unet(folder / "unet")
+    print(f"wrote {vision} (CLIP vision), {text} (CLIP text) and {unet} (UNet2DConditionModel, pixel space)")
 
 
 if __name__ == "__main__":

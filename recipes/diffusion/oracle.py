@@ -1,7 +1,8 @@
 """The oracle: how well an image shows a prompt, per category, read from the pixels alone.
 
 It never sees a scene: it segments the image by colour (each pixel to the nearest palette colour within
-:data:`COLOUR_TOLERANCE`, else background), takes each colour's pixels as one blob, fills it (so a blob with another
+:data:`COLOUR_TOLERANCE`, else background), takes each colour's pixels as one blob when its largest 4-connected region holds at least
+:data:`COHERENT` of them (scattered pixels of a colour in a generated image are no object), fills it (so a blob with another
 painted inside it, "a red circle inside a blue square", counts its hole) and reads the blob's shape from its filled
 mask (a pixel is filled when set pixels of the blob lie on both its sides along its row or along its
 column): a square fills its bounding box (fill ratio > :data:`SQUARE_FILL`); a triangle (pointing up) is
@@ -25,6 +26,7 @@ from recipes.diffusion.shapes import COLOURS, Prompt
 
 COLOUR_TOLERANCE = 0.3  # max Euclidean RGB distance of a pixel to its palette colour
 MIN_PIXELS = 6
+COHERENT = 0.4  # share of a colour's pixels its largest 4-connected region must hold to be an object
 SQUARE_FILL = 0.9
 TRIANGLE_SLOPE = 0.2  # width difference (of the bounding-box width) between the quarter rows that makes a triangle
 
@@ -50,6 +52,31 @@ def segment(image: np.ndarray) -> np.ndarray:
     dist = np.linalg.norm(image[None].astype(np.float32) - palette[:, :, None, None], axis=1)  # (K, I, I)
     nearest = dist.argmin(axis=0)
     return np.where(dist.min(axis=0) <= COLOUR_TOLERANCE, nearest, -1)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of ``mask``."""
+    seen = np.zeros_like(mask)
+    best: list[tuple[int, int]] = []
+    h, w = mask.shape
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        region, todo = [], [start]
+        while todo:
+            y, x = todo.pop()
+            region.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    todo.append((ny, nx))
+        if len(region) > len(best):
+            best = region
+    out = np.zeros_like(mask)
+    if best:
+        out[tuple(np.array(best).T)] = True
+    return out
 
 
 def fill(mask: np.ndarray) -> np.ndarray:
@@ -83,7 +110,7 @@ def blobs(image: np.ndarray) -> dict[str, Blob]:
     out = {}
     for index, colour in enumerate(COLOURS):
         mask = labels == index
-        if mask.sum() < MIN_PIXELS:
+        if mask.sum() < MIN_PIXELS or largest_component(mask).sum() < COHERENT * mask.sum():
             continue
         ys, xs = np.nonzero(mask)
         filled = fill(mask)

@@ -25,6 +25,27 @@ def test_rank_orders_by_score_and_ties_share_a_place():
     assert ranking.places == [[1], [0, 2], [3]]
 
 
+def test_minimal_pairs_keep_both_objects_and_rank_the_exact_drawing_first():
+    for category in CATEGORIES:
+        rankings = [gallery.minimal_pair(0, "train", category, i) for i in range(8)]
+        strict = [r for r in rankings if len(r.places) == 2]  # a swap of two equal shapes draws the prompt: a tie
+        assert len(strict) >= 5
+        for ranking in strict:
+            assert ranking.places == [[0], [1]]
+            exact, wrong = (oracle.blobs(image) for image in ranking.images)
+            assert set(exact) == set(wrong) == {c for c, _ in ranking.prompt.objects}  # no object missing
+            assert oracle.score(ranking.images[0], ranking.prompt) == 1.0
+
+
+def test_scattered_pixels_of_a_colour_are_no_object():
+    """A noise image has pixels near every palette colour; none is a region, so no prompt's object is found."""
+    noise = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
+    assert (oracle.segment(noise) >= 0).sum() > 4 * oracle.MIN_PIXELS
+    assert oracle.blobs(noise) == {}
+    prompt = Prompt("spatial", (("red", "square"), ("blue", "square")), "left of")
+    assert oracle.score(noise, prompt) == 0.0
+
+
 def test_exact_generator_is_always_right_and_errors_lower_the_oracle_score():
     rng = np.random.default_rng(0)
     for category in CATEGORIES:

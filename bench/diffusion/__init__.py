@@ -1,0 +1,1 @@
+"""Benchmarks of recipe ``diffusion`` (IterComp): ``python -m bench.diffusion.itercomp``."""

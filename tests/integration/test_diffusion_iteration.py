@@ -1,0 +1,84 @@
+"""The diffusion recipe's iteration pieces at test size: IterComp's feedback with the recipe's UNet and its reward
+models raises their rewards of the same samples, a regenerated gallery ranks the UNet's images in, and the steps'
+arguments are checked in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import recipes.diffusion  # noqa: F401  (registers the recipe)
+from recipes.diffusion import generator, steps
+from recipes.diffusion.gallery import rank
+from recipes.diffusion.models import save_towers
+from recipes.diffusion.scorers import RewardModels, load_job
+from recipes.diffusion.shapes import CATEGORIES
+from runtime.sample import build_scheduler
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "recipes" / "diffusion" / "itercomp-tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """The towers, a random UNet, and reward models at their initial weights over those towers."""
+    import yaml
+
+    folder = tmp_path_factory.mktemp("iteration")
+    vision, text = save_towers(folder)
+    data = yaml.safe_load(TINY.read_text())
+    data["components"]["vision"]["pretrained"], data["components"]["text"]["pretrained"] = str(vision), str(text)
+    for name in ("attribute_rm", "spatial_rm", "nonspatial_rm"):
+        data["components"][name]["num_layers"] = 1
+    spec = folder / "rm.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    torch.manual_seed(0)
+    return generator.load_unet(generator.save_unet(folder / "unet")), generator.load_text(text), \
+        RewardModels(load_job(spec), normalise=False), folder
+
+
+def test_feedback_steps_raise_the_reward_models_scores_of_the_same_samples(parts):
+    """Repeating one feedback step (same prompts, noise and stop step) raises each sample's own reward model's score:
+    the gradient reaches the UNet through the frozen scorers and x0."""
+    unet, text, rewards, _ = parts
+    prompts = generator.training_prompts(0, 0, 3, CATEGORIES)  # one prompt per category
+    config = generator.sample_config(4, (2, 3), 0)
+    scheduler = build_scheduler(config)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-4)
+    before = [p.detach().clone() for p in unet.parameters()]
+    trace = [steps.feedback_update(unet, text, rewards, prompts, scheduler, config, 0, optimizer, pre_loss=0.0)
+             for _ in range(3)]
+    assert trace[0].shape == (3,)
+    assert (trace[1] > trace[0]).all() and (trace[2] > trace[1]).all(), trace
+    assert all(r.requires_grad is False for r in trace)
+    assert not all(torch.equal(a, b) for a, b in zip(before, unet.parameters()))
+    assert all(not p.requires_grad for p in rewards.trainer.modules["head:attribute", 0].parameters())
+
+
+def test_samples_of_the_unet_join_a_ranking(parts):
+    unet, text, _, _ = parts
+    prompts = generator.training_prompts(1, 0, 2, ("spatial",))
+    images = generator.sample_images(unet, text, prompts, steps=2, seed=0, samples=2)
+    assert images.shape == (4, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+    again = generator.sample_images(unet, text, prompts, steps=2, seed=0, samples=2)
+    assert np.array_equal(images, again)  # seeded per (seed, prompt, sample)
+    exact = generator.exact_images(prompts[:1], np.random.default_rng(0)).numpy() / 2 + 0.5
+    ranking = rank(prompts[0], [exact[0], images[0], images[1]])
+    assert ranking.places[0] == [0]  # the exact drawing outranks the untrained UNet's noise
+
+
+@pytest.mark.parametrize("step, args, message", [
+    ("feedback", {"unet": "u", "text": "t", "spec": "s"}, "rm: required argument of step 'feedback'"),
+    ("feedback", {"unet": "@b/model", "text": "@b/model", "spec": "@x/y", "rm": "@r/checkpoint", "steps": 0},
+     "steps (0): step 'feedback' expects a positive int"),
+    ("denoise", {"unet": "no/such/folder", "text": "@a/model"}, "unet ('no/such/folder'): no such file or folder"),
+    ("regenerate", {"unet": "@f/model", "text": "@f/model", "sample": 2}, "sample: unknown argument of step"),
+])
+def test_bad_step_arguments_are_one_line(step, args, message, tmp_path):
+    check = {"feedback": steps.check_feedback, "denoise": steps.check_denoise, "regenerate": steps.check_regenerate}
+    with pytest.raises(ValueError) as err:
+        check[step](args, tmp_path)
+    assert message in str(err.value) and "\n" not in str(err.value)
