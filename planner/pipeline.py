@@ -87,7 +87,7 @@ class PhaseSpec(StrictModel):
     args: dict[str, Any] = Field(default_factory=dict, description="The step's arguments (paths may be references).")
     gate: dict[str, GateBound] = Field(
         default_factory=dict, description="Per metric the step reports, the bound it must meet or the run fails "
-        "after this phase: a number (the minimum) or {min: x, max: y} (e.g. `sysbench_csr: 0.5`).",
+        "after this phase: a number (the minimum) or {min: x, max: y} (e.g. `csr: 0.5`).",
     )
 
     @field_validator("name")
@@ -367,6 +367,8 @@ def document_schema() -> dict[str, Any]:
     phased one (the same top level with ``phases:`` instead of ``tasks:``)."""
     one = job_schema()
     phase = PhaseSpec.model_json_schema(ref_template="#/$defs/{model}")
+    gate = phase["properties"]["gate"]  # a bare number is the minimum (PhaseSpec._bare_minimum)
+    gate["additionalProperties"] = {"anyOf": [{"type": "number"}, gate["additionalProperties"]]}
     defs = {**one.pop("$defs"), **phase.pop("$defs", {}), "PhaseSpec": phase}
     phased = copy.deepcopy(one)
     del phased["properties"]["tasks"]
