@@ -49,7 +49,10 @@ def small_job(towers: tuple[Path, Path], batch: int = 4, lr: float = 1e-3, devic
 def test_distributed_reward_model_steps_equal_single_process(towers, tmp_path):
     job = parse_job(small_job(towers))
     plan = plan_job(job, with_baselines=False).plan
-    check_equivalence(job, plan, tmp_path, steps=2)
+    # Losses and parameters within 1e-5. Half the rows are minimal pairs (one image edited), so a reward model's
+    # gradient is the difference of two nearly equal branches: fp32 rounding of the ranks' differently ordered sums
+    # shows at ~1e-5 of it (1.1e-5 measured), far below what a gradient summed twice or dropped would give.
+    check_equivalence(job, plan, tmp_path, steps=2, grad_rtol=3e-5)
 
 
 def test_batches_hold_a_ranked_pair_per_row(towers):
