@@ -156,6 +156,7 @@ class _WarmHiGHS(pulp.HiGHS):
         import highspy
 
         status = lp.solverModel.getModelStatus()
+        self.time_limited = status == highspy.HighsModelStatus.kTimeLimit  # the stop depended on the clock
         if status == highspy.HighsModelStatus.kSolutionLimit:
             has_point = lp.solverModel.getInfo().primal_solution_status == 2
             solution = lp.solverModel.getSolution()

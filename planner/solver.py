@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 
 MAX_WALL_PER_CPU = 16.0
+EXACT_TIME_SHARE = 0.5  # of the time left, what the exact MILP may take; stopped by the clock, its result is dropped
 
 
 def clocks() -> tuple[float, float]:
@@ -152,10 +153,14 @@ def solve_exact(problem: Problem, settings: SolverSettings, num_waves: int | Non
     milp = build()
     if start is not None:
         set_start(problem, milp, start)
-    solver = make_solver(settings.solver, settings.milp_limit_s(), settings.mip_gap, settings.max_nodes)
+    # at most half the time left: the placement and refinement after the search keep theirs
+    solver = make_solver(settings.solver, settings.milp_limit_s() * EXACT_TIME_SHARE, settings.mip_gap,
+                         settings.max_nodes)
     result = solve_wave_milp(problem, milp, solver)
     if result.schedule is None and result.status == "infeasible":
         raise PlanningError("no wave schedule: " + explain_infeasible(problem, build, solver))
+    if getattr(solver, "time_limited", False):  # an incumbent of wherever the clock stopped it: not reproducible
+        return replace(result, schedule=None, status="time limit")
     return result
 
 

@@ -16,7 +16,7 @@ from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule, com
 from planner.patterns import knapsack_many
 from planner.solver import SolverSettings, solve, solve_exact, stage_windows
 
-EXACT = SolverSettings(mip_gap=0.0, time_limit_s=30, max_nodes=100000)
+EXACT = SolverSettings(mip_gap=0.0, time_limit_s=60, max_nodes=100000)  # a wall-clock backstop only
 
 
 def make_problem(seed: int, num_ops: int, num_devices: int, max_layers: int, edge_prob: float = 0.4) -> Problem:
