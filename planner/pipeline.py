@@ -405,6 +405,30 @@ class StepContext:
         return self.out_dir / (EXPORT_DIR if name == MODEL else name)
 
 
+def check_known_args(args: dict[str, Any], known, step: str) -> None:
+    """A ValueError for the first key of ``args`` not in ``known`` (a step's argument check)."""
+    for key in args:
+        if key not in known:
+            raise ValueError(f"{key}: unknown argument of step '{step}'; it takes {', '.join(known)}.")
+
+
+def check_whole_args(args: dict[str, Any], ranges) -> None:
+    """Each ``(key, low, high)`` of ``ranges``: ``args[key]`` (default ``low``) a whole number in ``low..high``."""
+    for key, low, high in ranges:
+        value = args.get(key, low)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"{key} ({value!r}): expected a whole number in {low}..{high}. Fix the value.")
+
+
+def check_model_arg(key: str, value: Any, base: Path | None, what: str) -> None:
+    """``value`` (argument ``key``, ``what`` it is) a reference or an existing from_pretrained folder."""
+    if not isinstance(value, str):
+        raise ValueError(f"{key} ({value!r}): required, {what}: a reference '@<phase>/model/<component>' or a "
+                         "from_pretrained folder. Add it.")
+    if not value.startswith("@") and not StepContext("", {}, Path(), base).path(value).is_dir():
+        raise ValueError(f"{key} ({value!r}): no such folder. Point it at a from_pretrained folder.")
+
+
 def check_average(args: dict[str, Any], base: Path | None) -> None:
     """``component`` (a name), ``models`` (2+ folders or references), optional ``weights`` (one number >= 0 per
     model, not all 0); no other key. Plain folders must exist now; references are checked by planner.pipeline."""

@@ -136,26 +136,13 @@ def check_rule_eval_args(args: dict, base) -> None:
     """``model`` (a reference ``@<phase>/model/<component>`` or a folder), optional ``reference`` (the same; KL is
     reported against it), ``prompts`` (1..1024, default 64), ``new_tokens`` (1..256, default 48), ``split``
     (``heldout`` or ``train``, default heldout), ``seed``; torch-free, a ValueError naming the argument."""
-    from pathlib import Path
+    from planner.pipeline import check_known_args, check_model_arg, check_whole_args
 
-    from planner.pipeline import StepContext
-
-    for key in args:
-        if key not in RULE_EVAL_ARGS:
-            raise ValueError(f"{key}: unknown argument of step 'rule_eval'; it takes {', '.join(RULE_EVAL_ARGS)}.")
-    for key in ("model", "reference"):
-        value = args.get(key)
-        if value is None and key == "reference":
-            continue
-        if not isinstance(value, str):
-            raise ValueError(f"{key} ({value!r}): expected a reference '@<phase>/model/<component>' or a "
-                             "from_pretrained folder. Fix the value.")
-        if not value.startswith("@") and not StepContext("", {}, Path(), base).path(value).is_dir():
-            raise ValueError(f"{key} ({value!r}): no such folder. Point it at a from_pretrained folder.")
-    for key, low, high in (("prompts", 1, 1024), ("new_tokens", 1, 256), ("seed", 0, 2**31 - 1)):
-        value = args.get(key, low)
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise ValueError(f"{key} ({value!r}): expected a whole number in {low}..{high}. Fix the value.")
+    check_known_args(args, RULE_EVAL_ARGS, "rule_eval")
+    check_model_arg("model", args.get("model"), base, "the policy whose answers are scored")
+    if args.get("reference") is not None:
+        check_model_arg("reference", args["reference"], base, "the model the KL is measured to")
+    check_whole_args(args, (("prompts", 1, 1024), ("new_tokens", 1, 256), ("seed", 0, 2**31 - 1)))
     if args.get("split", "heldout") not in ("heldout", "train"):
         raise ValueError(f"split ({args['split']!r}): expected heldout or train (GRPO's prompt streams). Fix it.")
 

@@ -20,14 +20,13 @@ reply must keep the count, the keyword and the topic's words). Real items load f
 
 from __future__ import annotations
 
-import json
 import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recipes.alignment.judge import Criterion, criterion_from_json, verdicts
+from recipes.alignment.judge import Criterion, criterion_from_json, json_objects, verdicts
 from recipes.alignment.tasks import OPS, TOPICS
 from runtime.source_files import stable_int
 
@@ -120,16 +119,8 @@ def load_items(path: str | Path, need_rules: bool) -> list[Item]:
     """Items from a JSONL file (one per line; docs/recipes/alignment.md); FB-Bench's own keys are read too
     (``origin_first_response``, ``bench_type`` "Error Correction"); a ValueError naming the line and field."""
     items = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, row in json_objects(path):
         where = f"line {n}"
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(f"{where} is not valid JSON ({exc}). Fix or remove the line.") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object. Fix the line.")
         row = dict(row)
         row.setdefault("first_response", row.get("origin_first_response"))
         for key in ("user_query", "first_response", "feedback"):

@@ -33,22 +33,12 @@ def check_pas_eval_args(args: dict[str, Any], base: Path | None) -> None:
     """``pas`` and ``model`` (references ``@<phase>/model[/component]`` or folders), optional ``prompts`` (1..1024,
     default 64), ``new_tokens`` (1..256, default 48), ``seed`` (default 0); torch-free, a ValueError naming the
     argument."""
-    from planner.pipeline import StepContext
+    from planner.pipeline import check_known_args, check_model_arg, check_whole_args
 
-    for key in args:
-        if key not in STEP_ARGS:
-            raise ValueError(f"{key}: unknown argument of step 'pas_eval'; it takes {', '.join(STEP_ARGS)}.")
+    check_known_args(args, STEP_ARGS, "pas_eval")
     for key, what in (("pas", "the trained PAS model"), ("model", "the model whose answers are scored")):
-        value = args.get(key)
-        if not isinstance(value, str):
-            raise ValueError(f"{key} ({value!r}): required, {what}: a reference '@<phase>/model/<component>' or a "
-                             "from_pretrained folder. Add it.")
-        if not value.startswith("@") and not StepContext("", {}, Path(), base).path(value).is_dir():
-            raise ValueError(f"{key} ({value!r}): no such folder. Point it at a from_pretrained folder.")
-    for key, low, high in (("prompts", 1, 1024), ("new_tokens", 1, 256), ("seed", 0, 2**31 - 1)):
-        value = args.get(key, low)
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise ValueError(f"{key} ({value!r}): expected a whole number in {low}..{high}. Fix the value.")
+        check_model_arg(key, args.get(key), base, what)
+    check_whole_args(args, (("prompts", 1, 1024), ("new_tokens", 1, 256), ("seed", 0, 2**31 - 1)))
 
 
 def complements(model, tokenizer, prompts: list[str], new_tokens: int = 64, batch_size: int = 16) -> list[str]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recipes.alignment.judge import Criterion, criterion_from_json, verdicts
+from recipes.alignment.judge import Criterion, criterion_from_json, json_objects, verdicts
 from recipes.alignment.tasks import TOPICS
 from runtime.source_files import stable_int
 
@@ -168,16 +168,9 @@ def load_sessions(path: str | Path, need_rules: bool) -> list[Session]:
     """Sessions from a JSONL file (one per line; docs/recipes/alignment.md); a ValueError naming the line and field.
     ``need_rules``: every criterion must carry a rule (no judge endpoint to ask)."""
     sessions = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, row in json_objects(path):
         where = f"line {n}"
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(f"{where} is not valid JSON ({exc}). Fix or remove the line.") from None
-        if not isinstance(row, dict) or not isinstance(row.get("system"), str) or not isinstance(
-                row.get("turns"), list) or not row["turns"]:
+        if not isinstance(row.get("system"), str) or not isinstance(row.get("turns"), list) or not row["turns"]:
             raise ValueError(f"{where}: expected an object with `system` (text) and `turns` (a non-empty list). "
                              "Fix the line.")
         turns = []
