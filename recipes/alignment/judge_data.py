@@ -18,13 +18,12 @@ formats, so that they double as examples of real data.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from recipes.alignment import fbbench, sysbench
-from recipes.alignment.make import LLAMA, _example
+from recipes.alignment.make import LLAMA, _example, make_main
 from recipes.alignment.sysbench import ROLES
 from recipes.alignment.tasks import OPS, TOPICS
 
@@ -80,18 +79,8 @@ def write_model(folder: str | Path = HERE / "models" / "judges", seed: int = SEE
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recipes.alignment.judge_data",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(HERE / "data" / "judges"), help="where the data and tokenizer go")
-    parser.add_argument("--models", default=str(HERE / "models"), help="where the tiny Llama goes (judges/)")
-    parser.add_argument("--models-only", action="store_true", help="write the tiny Llama only (scripts/setup.sh)")
-    args = parser.parse_args(argv)
-    if not args.models_only:
-        files = write_data(args.data)
-        write_tokenizer(Path(args.data) / "tokenizer")
-        print(f"wrote {len(files)} data files and the tokenizer under {args.data}")
-    print(f"wrote {write_model(Path(args.models) / 'judges')}")
-    return 0
+    return make_main(argv, "recipes.alignment.judge_data", __doc__, HERE / "data" / "judges", "judges", write_data,
+                     write_tokenizer, write_model)
 
 
 if __name__ == "__main__":

@@ -96,16 +96,24 @@ def write_model(folder: str | Path = HERE / "models" / "base", seed: int = SEED,
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recipes.alignment.make", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(HERE / "data"), help="where the data files and the tokenizer go")
-    parser.add_argument("--models", default=str(HERE / "models"), help="where the tiny Llama goes")
+    return make_main(argv, "recipes.alignment.make", __doc__, HERE / "data", "base", write_data, write_tokenizer,
+                     write_model)
+
+
+def make_main(argv: list[str], module: str, doc: str, data: Path, model: str, write_data, write_tokenizer,
+              write_model) -> int:
+    """The CLI of a data-and-model writer (this module's, recipes.alignment.judge_data's): ``--data`` (data files and
+    the tokenizer), ``--models`` (the tiny Llama, in the subfolder ``model``), ``--models-only``."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
+    parser.add_argument("--data", default=str(data), help="where the data files and the tokenizer go")
+    parser.add_argument("--models", default=str(HERE / "models"), help=f"where the tiny Llama goes ({model}/)")
     parser.add_argument("--models-only", action="store_true", help="write the tiny Llama only (scripts/setup.sh)")
     args = parser.parse_args(argv)
     if not args.models_only:
         files = write_data(args.data)
         write_tokenizer(Path(args.data) / "tokenizer")
         print(f"wrote {len(files)} data files and the tokenizer under {args.data}")
-    print(f"wrote {write_model(Path(args.models) / 'base')}")
+    print(f"wrote {write_model(Path(args.models) / model)}")
     return 0
 
 
