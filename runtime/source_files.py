@@ -187,7 +187,7 @@ def _load(spec: DataSpec, t: int, labels: str | None, captions: bool, mtime: int
     path, check = row_file(spec), format_of(spec).check_row
     where = data_where(t, "manifest" if format_of(spec).folder else "path")
     rows, lines = [], []
-    for line, row in _read_jsonl(path, where):
+    for line, row in read_jsonl(path, where):
         check(spec, row, f"{where} ({path}): line {line}", labels, captions)
         rows.append(row)
         lines.append(line)
@@ -219,23 +219,25 @@ def _check_exists(spec: DataSpec, t: int) -> None:
                         "path.")
 
 
-def _read_jsonl(path: Path, where: str):
-    """(line number, object) of every non-blank line; a DataError for a line that is not a JSON object."""
+def read_jsonl(path: Path, where: str | None = None):
+    """(line number, object) of every non-blank line; a DataError for a line that is not a JSON object, naming
+    ``where`` (the spec field) and the path when given, else only the line (a caller that names the file itself)."""
+    at = f"{where} ({path}): " if where else ""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{where} ({path}): cannot read it as UTF-8 text ({exc}).") from None
+        raise DataError(f"{at}cannot read it as UTF-8 text ({exc}).") from None
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{where} ({path}): line {number} is not valid JSON ({exc.msg} at column {exc.colno}); "
-                            "each line must be one JSON object. Fix or remove the line.") from None
+            raise DataError(f"{at}line {number} is not valid JSON ({exc.msg} at column {exc.colno}); each line must "
+                            "be one JSON object. Fix or remove the line.") from None
         if not isinstance(row, dict):
-            raise DataError(f"{where} ({path}): line {number} is a JSON {type(row).__name__}, not an object; each "
-                            "line must be one JSON object.")
+            raise DataError(f"{at}line {number} is a JSON {type(row).__name__}, not an object; each line must be one "
+                            "JSON object.")
         yield number, row
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from recipes.alignment import datasculpt_pack as pack
 from recipes.alignment.tasks import TOPICS
+from runtime.source_files import read_jsonl
 
 FILLERS = ("the", "a", "and", "with", "in", "is", "from", "after", "before", "by", "then", "still", "every")
 SENTENCES = ("the {0} and the {1} .", "{0} with {1} in the {2} .", "every {0} is {1} .", "{n} {0} , {1} and {2} .",
@@ -64,15 +65,8 @@ def read_corpus(path: Path) -> list[dict]:
     """The JSONL corpus at ``path``: each line an object with a non-empty string ``text`` and an optional string
     ``topic`` (ValueError naming the line otherwise)."""
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"corpus ({path}): line {i} is not valid JSON ({exc.msg}); each line must be one JSON "
-                             "object {\"text\": ..., \"topic\": optional}. Fix or remove the line.") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+    for i, row in read_jsonl(path, "corpus"):
+        if not isinstance(row.get("text"), str) or not row["text"].strip():
             raise ValueError(f"corpus ({path}): line {i} has no non-empty string \"text\". Fix or remove the line.")
         if "topic" in row and not isinstance(row["topic"], str):
             raise ValueError(f"corpus ({path}): line {i}: \"topic\" must be a string label. Fix the line.")

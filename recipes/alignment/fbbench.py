@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recipes.alignment.judge import Criterion, criterion_from_json, json_objects, verdicts
+from recipes.alignment.judge import Criterion, criterion_from_json, verdicts
 from recipes.alignment.tasks import OPS, TOPICS
-from runtime.source_files import stable_int
+from runtime.source_files import read_jsonl, stable_int
 
 BENCH_TYPES = ("error_correction", "response_maintenance")
 TASK_TYPES = ("mathematics", "text_creation")
@@ -119,7 +119,7 @@ def load_items(path: str | Path, need_rules: bool) -> list[Item]:
     """Items from a JSONL file (one per line; docs/recipes/alignment.md); FB-Bench's own keys are read too
     (``origin_first_response``, ``bench_type`` "Error Correction"); a ValueError naming the line and field."""
     items = []
-    for n, row in json_objects(path):
+    for n, row in read_jsonl(path):
         where = f"line {n}"
         row = dict(row)
         row.setdefault("first_response", row.get("origin_first_response"))

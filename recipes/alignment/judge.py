@@ -255,22 +255,3 @@ def endpoint_judge(value: dict | None) -> EndpointJudge | None:
 def verdicts(criteria: Sequence[Criterion], context: str, answer: str, judge: EndpointJudge | None) -> list[bool]:
     """Each criterion's verdict: by the endpoint when there is one, else by the rules."""
     return judge.verdicts(context, answer, criteria) if judge is not None else rule_verdicts(criteria, answer)
-
-
-def json_objects(path):
-    """(line number, object) for each non-blank line of the JSONL file ``path``; a ValueError naming the line for one
-    that is not a JSON object (the benchmarks' item files)."""
-    import json
-    from pathlib import Path
-
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"line {n}"
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(f"{where} is not valid JSON ({exc}). Fix or remove the line.") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object. Fix the line.")
-        yield n, row

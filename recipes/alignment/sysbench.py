@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recipes.alignment.judge import Criterion, criterion_from_json, json_objects, verdicts
+from recipes.alignment.judge import Criterion, criterion_from_json, verdicts
 from recipes.alignment.tasks import TOPICS
-from runtime.source_files import stable_int
+from runtime.source_files import read_jsonl, stable_int
 
 TYPES = ("action", "content", "background", "role", "format", "style")  # SysBench's constraint types
 ROLES = ("guide", "captain", "keeper", "farmer", "poet")
@@ -168,7 +168,7 @@ def load_sessions(path: str | Path, need_rules: bool) -> list[Session]:
     """Sessions from a JSONL file (one per line; docs/recipes/alignment.md); a ValueError naming the line and field.
     ``need_rules``: every criterion must carry a rule (no judge endpoint to ask)."""
     sessions = []
-    for n, row in json_objects(path):
+    for n, row in read_jsonl(path):
         where = f"line {n}"
         if not isinstance(row.get("system"), str) or not isinstance(row.get("turns"), list) or not row["turns"]:
             raise ValueError(f"{where}: expected an object with `system` (text) and `turns` (a non-empty list). "
