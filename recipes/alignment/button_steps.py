@@ -39,19 +39,6 @@ METRICS = ("task_success", "argument_accuracy", "malformed_rate", *(f"task_succe
 # --------------------------------------------------------------------------- argument checks (torch-free)
 
 
-def _known(args: dict, allowed: tuple[str, ...], step: str) -> None:
-    for key in args:
-        if key not in allowed:
-            raise ValueError(f"{key}: unknown argument of step '{step}'; it takes {', '.join(allowed)}.")
-
-
-def _count(args: dict, key: str, default: int, low: int, high: int) -> int:
-    value = args.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{key} ({value!r}): expected a whole number in [{low}, {high}]. Fix the value.")
-    return value
-
-
 def _kinds(args: dict, default: tuple[str, ...]) -> tuple[str, ...]:
     kinds = args.get("kinds", list(default))
     if not isinstance(kinds, list) or not kinds or any(k not in KINDS for k in kinds) or len(set(kinds)) < len(kinds):
@@ -75,28 +62,26 @@ def _tasks_file(args: dict, base: Path | None) -> None:
 
 def check_data_args(args: dict, base: Path | None) -> None:
     """Step ``button_data``'s args (module docstring); a ValueError naming the argument."""
-    _known(args, DATA_ARGS, "button_data")
+    from planner.pipeline import check_known_args, check_whole_args
+
+    check_known_args(args, DATA_ARGS, "button_data")
     _kinds(args, KINDS)
-    _count(args, "rows", 2000, 1, 1_000_000)
-    _count(args, "seed", 0, 0, 2**31 - 1)
+    check_whole_args(args, (("rows", 1, 1_000_000), ("seed", 0, 2**31 - 1)))
     _tasks_file(args, base)
 
 
 def check_eval_args(args: dict, base: Path | None) -> None:
     """Step ``button_eval``'s args (module docstring); a ValueError naming the argument."""
-    _known(args, EVAL_ARGS, "button_eval")
-    model = args.get("model")
-    if not isinstance(model, str) or not (model.startswith("@") or ((base or Path.cwd()) / model).is_dir()):
-        raise ValueError(f"model ({model!r}): required, a from_pretrained folder or a trained phase's "
-                         "'@<phase>/model'. Fix the value.")
+    from planner.pipeline import check_known_args, check_model_arg, check_whole_args
+
+    check_known_args(args, EVAL_ARGS, "button_eval")
+    check_model_arg("model", args.get("model"), base, "the model whose calls are executed")
     if "component" in args and not isinstance(args["component"], str):
         raise ValueError(f"component ({args['component']!r}): expected the component name of the model's export "
                          "(e.g. policy). Fix the value.")
     _kinds(args, ("sequential", "parallel"))
-    _count(args, "limit", 1, 1, 1_000_000)
-    _count(args, "seed", 0, 0, 2**31 - 1)
-    _count(args, "max_turns", 6, 1, 32)
-    _count(args, "new_tokens", 24, 4, 256)
+    check_whole_args(args, (("limit", 1, 1_000_000), ("seed", 0, 2**31 - 1), ("max_turns", 1, 32),
+                            ("new_tokens", 4, 256)))
     _tasks_file(args, base)
 
 

@@ -131,21 +131,13 @@ def _write(path: Path, lines: list[dict]) -> None:
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
-def _positive_int(args: dict, key: str, least: int) -> None:
-    value = args.get(key, DEFAULTS.get(key))
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{key} ({value!r}): expected a whole number >= {least}. Fix the value.")
-
-
 def check_args(args: dict, base: Path | None) -> None:
     """The ``datasculpt`` step's args (torch-free): a ValueError naming the argument."""
-    from planner.pipeline import StepContext
+    from planner.pipeline import StepContext, check_known_args, check_whole_args
 
-    for key in args:
-        if key not in STEP_ARGS:
-            raise ValueError(f"{key}: unknown argument of step 'datasculpt'; it takes {', '.join(STEP_ARGS)}.")
-    for key, least in (("documents", 2), ("window", 8), ("clusters", 1), ("dims", 2), ("seed", 0)):
-        _positive_int(args, key, least)
+    check_known_args(args, STEP_ARGS, "datasculpt")
+    check_whole_args(args, (("documents", 2, 10_000_000), ("window", 8, 1_000_000), ("clusters", 1, 100_000),
+                            ("dims", 2, 4096), ("seed", 0, 2**31 - 1)))
     ctx = StepContext("", {}, Path(), base)
     for key, kind in (("corpus", "JSONL file"), ("tokenizer", "tokenizer folder")):
         value = args.get(key)

@@ -36,19 +36,13 @@ def _path(value: str, base: Path | None) -> Path:
 
 
 def _check(step: str, args: dict[str, Any], base: Path | None) -> None:
-    for key in args:
-        if key not in ARGS[step]:
-            raise ValueError(f"{key}: unknown argument of step '{step}'; it takes {', '.join(ARGS[step])}.")
-    model = args.get("model")
-    if not isinstance(model, str) or not (model.startswith("@") or _path(model, base).is_dir()):
-        raise ValueError(f"model ({model!r}): required, a from_pretrained folder with its tokenizer or a reference "
-                         "'@<phase>/model'. Fix the value.")
+    from planner.pipeline import check_known_args, check_model_arg, check_whole_args
+
+    check_known_args(args, ARGS[step], step)
+    check_model_arg("model", args.get("model"), base, "the model answering, with its tokenizer")
     if "component" in args and not isinstance(args["component"], str):
         raise ValueError(f"component ({args['component']!r}): expected a component name. Fix the value.")
-    for key, (low, high) in LIMITS.items():
-        value = args.get(key)
-        if key in args and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
-            raise ValueError(f"{key} ({value!r}): expected an integer in [{low}, {high}]. Fix the value.")
+    check_whole_args(args, [(key, low, high) for key, (low, high) in LIMITS.items()])
     if args.get("judge") is not None:
         check_judge(args["judge"])
     data = args.get("data")

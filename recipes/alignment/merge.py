@@ -148,18 +148,12 @@ STEP_ARGS = ("method", "component", "base", "models", "weights", "scale")
 def check_merge_args(args: dict, base: Path | None) -> None:
     """The ``merge`` step's args, torch-free (the orchestrator runs it before anything runs): a ValueError naming the
     argument. ``component``, ``models`` and ``weights`` as the built-in ``average`` checks them."""
-    from planner.pipeline import StepContext, check_average
+    from planner.pipeline import check_average, check_known_args, check_model_arg
 
-    for key in args:
-        if key not in STEP_ARGS:
-            raise ValueError(f"{key}: unknown argument of step 'merge'; it takes {', '.join(STEP_ARGS)}.")
+    check_known_args(args, STEP_ARGS, "merge")
     if args.get("method") not in METHODS:
         raise ValueError(f"method ({args.get('method')!r}): expected one of {', '.join(METHODS)}. Fix the value.")
-    folder = args.get("base")
-    if not isinstance(folder, str) or not (folder.startswith("@") or StepContext("", {}, Path(), base).path(
-            folder).is_dir()):
-        raise ValueError(f"base ({folder!r}): required, the from_pretrained folder every model was fine-tuned from "
-                         "(or a reference '@<phase>/model'). Fix the value.")
+    check_model_arg("base", args.get("base"), base, "the from_pretrained folder every model was fine-tuned from")
     scale = args.get("scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise ValueError(f"scale ({scale!r}): expected a number (task_arithmetic's delta scale). Fix the value.")

@@ -126,7 +126,7 @@ def test_the_merge_step_writes_the_phase_model_and_checks_its_args(tmp_path):
     for name in names:
         torch.testing.assert_close(merged[name], expected[name])
     for bad, match in [({"method": "ties"}, r"phases\[2\]\.args\.method \('ties'\): expected one of linear"),
-                       ({"base": "nowhere"}, r"args\.base \('nowhere'\): required"),
+                       ({"base": "nowhere"}, r"args\.base \('nowhere'\): no such folder"),
                        ({"scale": "big"}, r"args\.scale \('big'\): expected a number"),
                        ({"models": ["sft0"]}, r"args\.models .*2 or more"),
                        ({"extra": 1}, r"args\.extra: unknown argument of step 'merge'")]:
