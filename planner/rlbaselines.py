@@ -50,6 +50,7 @@ SPLIT_GRAIN_PARTS = 32  # the split search moves devices in grains of N // 32 (a
 SPLIT_SIMULATED = 8  # splits placed and simulated, the best by the compute estimate
 MAX_SPLIT_ROLES = 16  # more roles than this: no split baseline
 GEN_SHARES = (1.0, 0.5, 0.25)  # shares of the devices Loom's role placement tries for generation
+POOL_SHARES = (0.5, 0.375, 0.25, 0.125)  # ... for a generation pool of its own, with training.rollout_lag 1
 STAGES = (1, 2, 4, 8)  # pipeline stages the baselines try for MetaOps too large for one group (verl/OpenRLHF: PP)
 TIGHTER_SHARES = (1.0, 0.5, 0.25, 0.125)  # device memory shares the baselines' layouts are tightened to, in turn
 MAX_SPLIT_VECTORS = 40_000  # pool-size vectors estimated at most (the grain doubles until they are fewer)
@@ -353,14 +354,17 @@ def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool 
 def role_candidate(problem: Problem, cost_model: CostModel, budget: float = RL_SEARCH_BUDGET
                    ) -> tuple[PlacedSchedule, Simulation] | None:
     """Loom's own role placement of an RL-shaped job (None otherwise, or when nothing fits): the fastest fitting
-    :func:`level_split_schedule` over pipeline stages and layout versions, for the jobs whose solver candidates do
+    :func:`level_split_schedule` over pipeline stages and layout versions (with ``training.rollout_lag`` 1 also
+    with the generation on a pool of its own, :data:`POOL_SHARES` of the devices, planner.rolloutlag), for the jobs whose solver candidates do
     not fit (a 70B policy needs pipeline stages to train beside its generation copy); within ``budget`` work units
     (:class:`Work`)."""
     if not rl_shaped(problem):
         return None
-    found = _search(problem, cost_model, lambda p, k, w: (level_split_schedule(p, k, alone, share)
-                                                          for alone in (False, True) for share in GEN_SHARES),
-                    Work(budget))
+    shapes = [(alone, share, False) for alone in (False, True) for share in GEN_SHARES]
+    if problem.graph.rollout_lag:  # the generation on a pool of its own can run beside the previous step
+        shapes += [(alone, share, True) for share in POOL_SHARES for alone in (False, True)]
+    found = _search(problem, cost_model, lambda p, k, w: (level_split_schedule(p, k, alone, share, gen_pool=pool)
+                                                          for alone, share, pool in shapes), Work(budget))
     if found is None or max(found[1].peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes:
         return None
     return found
