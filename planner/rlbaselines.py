@@ -42,6 +42,7 @@ from planner.baselines import _Builder, largest_count
 from planner.costmodel import CostModel, Curve
 from planner.placement import PlacedSchedule
 from planner.refine import DEVICES_PER_UNIT
+from planner.rolloutlag import lagged_generate
 from planner.schedule import Problem
 from planner.simulator import Simulation, simulate
 
@@ -149,20 +150,26 @@ def split_estimates(problem: Problem, sizes: np.ndarray, stages: int = 1) -> np.
     """Compute makespan of :func:`split_schedule` for every row of ``sizes`` (pool sizes in role order, one row per
     vector), list-scheduled: a MetaOp starts after its predecessors and its role's previous MetaOp, its stages one
     after another (:func:`_op_seconds`); inf where a pool is too small. Vectorised over the rows (the split search
-    estimates tens of thousands of vectors)."""
+    estimates tens of thousands of vectors). With ``training.rollout_lag`` 1 a root generate MetaOp runs beside the
+    rest (planner.rolloutlag): the estimate is the larger of its time and the others' makespan without it."""
     names = roles(problem)
     rows = sizes.shape[0]
     end = np.zeros((len(problem.graph), rows))
     free = np.zeros((len(names), rows))
+    early = lagged_generate(problem.graph)
+    ahead = np.zeros(rows)  # rollout_lag 1: the pools' time spent on the next step's rollouts (beside the rest)
     for m, op in enumerate(problem.graph.metaops):
         r = names.index(role_of(problem, m))
         pool = sizes[:, r]
         distinct, at = np.unique(pool, return_inverse=True)
         t = np.array([_op_seconds(problem, m, int(n), stages) for n in distinct])[at]
+        if m in early:  # ready at the step's start; its own role's pool is busy with it for t
+            ahead = np.maximum(ahead, t)
+            continue
         start = np.max(np.vstack([free[r], *(end[d] for d in op.deps)]), axis=0)
         end[m] = start + t
         free[r] = end[m]
-    return end.max(axis=0) if len(problem.graph) else np.zeros(rows)
+    return np.maximum(end.max(axis=0), ahead) if len(problem.graph) else np.zeros(rows)
 
 
 def split_candidates(problem: Problem, stages: int = 1, work: Work | None = None) -> list[dict[str, int]]:

@@ -4,11 +4,12 @@ a second copy of the generating weights; the field's one-line errors."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from planner.api import make_cost_model
 from planner.metagraph import build_metagraph
-from planner.rlbaselines import colocated_schedule, split_schedule
+from planner.rlbaselines import _op_seconds, colocated_schedule, split_estimates, split_schedule
 from planner.schedule import Problem
 from planner.simulator import simulate
 from planner.spec import parse_job
@@ -63,3 +64,14 @@ def test_a_lag_needs_a_grpo_task_with_rollouts():
     spec["tasks"][0]["loss"] = "lm"
     with pytest.raises(ValueError, match=r"training.rollout_lag \(1\) needs a task with a grpo loss"):
         parse_job(spec)
+
+
+def test_the_split_search_estimates_the_lagged_pipeline():
+    """At lag 1 the split search ranks pool vectors by the pipeline: the generation beside the slowest other role
+    (each on its own pool), not after it."""
+    (sync, _), (lagged, _) = problems()
+    sizes = np.array([[2, 1, 1, 4], [4, 1, 1, 2]])
+    for row, s, t in zip(sizes, split_estimates(sync, sizes), split_estimates(lagged, sizes)):
+        secs = [_op_seconds(sync, m, int(n), 1) for m, n in enumerate(row)]
+        assert s == pytest.approx(secs[0] + max(secs[1:]), rel=1e-12)
+        assert t == pytest.approx(max(secs[0], max(secs[1:])), rel=1e-12)
