@@ -14,7 +14,8 @@ after another on the same samples. RL frameworks make the user choose where role
   searched: every vector of pool sizes in multiples of a grain (``N // SPLIT_GRAIN_PARTS`` devices, at least one,
   doubled until at most :data:`MAX_SPLIT_VECTORS` vectors remain, or until their estimates fit the budget) whose
   sum is at most N is ranked by a list-scheduled compute estimate (:func:`split_estimates`, vectorised); the
-  :data:`SPLIT_SIMULATED` best are placed, simulated and memory-checked.
+  :data:`SPLIT_SIMULATED` best that use distinct devices (vectors whose pools run on the same devices are one
+  placement) are placed, simulated and memory-checked.
 
 Both search what a user of those frameworks tunes until the roles fit (:func:`_search`): pipeline stages
 (:func:`stage_plan`) and layout versions (:func:`tightened`); each keeps its fastest placement that fits (the
@@ -195,8 +196,31 @@ def split_candidates(problem: Problem, stages: int = 1, work: Work | None = None
     ok = np.flatnonzero(t < math.inf)
     # best estimate first, then more devices, then the pool sizes in role order (as a tuple sort would)
     keys = [sizes[ok, i] for i in reversed(range(len(names)))] + [-sizes[ok].sum(axis=1), t[ok]]
-    best = ok[np.lexsort(keys)[:SPLIT_SIMULATED]]
+    used = _used_devices(problem, sizes, stages)
+    best, seen = [], set()
+    for i in ok[np.lexsort(keys)]:  # one vector per placement: pools that run on the same devices are one split
+        if tuple(used[i]) not in seen:
+            seen.add(tuple(used[i]))
+            best.append(i)
+            if len(best) == SPLIT_SIMULATED:
+                break
     return [{r: int(n) for r, n in zip(names, sizes[i])} for i in best]
+
+
+def _used_devices(problem: Problem, sizes: np.ndarray, stages: int) -> np.ndarray:
+    """For every row of ``sizes`` and role, the devices of its pool its MetaOps use (:func:`stage_plan`: a pool of 38
+    runs a MetaOp valid on 32 on 32): rows equal here are the same placement."""
+    names = roles(problem)
+    out = np.zeros_like(sizes)
+    for r, name in enumerate(names):
+        ops = [m for m in range(len(problem.graph)) if role_of(problem, m) == name]
+        distinct, at = np.unique(sizes[:, r], return_inverse=True)
+        used = []
+        for n in distinct:
+            plans = [stage_plan(problem, m, int(n), stages) for m in ops]
+            used.append(max((p[-1][2] + p[-1][3] for p in plans if p), default=0))
+        out[:, r] = np.array(used)[at]
+    return out
 
 
 def tightened(problem: Problem, cost_model: CostModel, stages: int = 1) -> list[Problem]:
