@@ -337,6 +337,17 @@ def rl_schedules(problem: Problem, cost_model: CostModel, budget: float = RL_SEA
     return {name: found for name, found in out.items() if found is not None}
 
 
+def split_at(problem: Problem, cost_model: CostModel, sizes: dict[str, int], budget: float = RL_SEARCH_BUDGET
+             ) -> tuple[PlacedSchedule, Simulation] | None:
+    """The split placement with the pools ``sizes`` (every role named, summing to at most N), the fastest fitting
+    over stages and layout versions as :func:`rl_schedules` searches; None when the sizes are not a split. bench.rl
+    prices the split at the pools of Loom's plan with it: where Loom's plan is itself a split, the split search
+    must not lose to it for want of simulating that vector."""
+    if sorted(sizes) != sorted(roles(problem)) or sum(sizes.values()) > problem.num_devices:
+        return None
+    return _search(problem, cost_model, lambda p, k, w: [split_schedule(p, sizes, k)], Work(budget))
+
+
 def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool = False,
                          gen_share: float = 1.0, gen_pool: bool = False) -> PlacedSchedule | None:
     """Loom's role placement between colocated and split: the MetaLevels in order; a level's MetaOps (e.g. the
