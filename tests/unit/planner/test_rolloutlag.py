@@ -9,7 +9,10 @@ import pytest
 
 from planner.api import make_cost_model
 from planner.metagraph import build_metagraph
-from planner.rlbaselines import _op_seconds, colocated_schedule, split_estimates, split_schedule
+from planner.rlbaselines import (
+    SPLIT_SIMULATED, _op_seconds, _used_devices, colocated_schedule, pool_sizes, split_at, split_candidates,
+    split_estimates, split_schedule,
+)
 from planner.schedule import Problem
 from planner.simulator import simulate
 from planner.spec import parse_job
@@ -75,3 +78,13 @@ def test_the_split_search_estimates_the_lagged_pipeline():
         secs = [_op_seconds(sync, m, int(n), 1) for m, n in enumerate(row)]
         assert s == pytest.approx(secs[0] + max(secs[1:]), rel=1e-12)
         assert t == pytest.approx(max(secs[0], max(secs[1:])), rel=1e-12)
+
+
+def test_the_split_search_simulates_distinct_placements_and_split_at_prices_given_pools():
+    (_, _), (lagged, cm) = problems()
+    found = split_candidates(lagged)
+    used = _used_devices(lagged, np.array([list(c.values()) for c in found]), 1)
+    assert len(found) == SPLIT_SIMULATED and len({tuple(u) for u in used}) == len(found)
+    placed, sim = split_at(lagged, cm, SIZES)
+    assert pool_sizes(lagged, placed) == SIZES and sim.lag_hidden_s > 0
+    assert split_at(lagged, cm, {**SIZES, "policy": 8}) is None  # 14 devices of 8: not a split
