@@ -7,8 +7,8 @@
   ``samples`` rows of a group share the prompt). Its output rows are :func:`pack` ed ``(rows, P + 2N)`` float32: the
   tokens, then which generated tokens count; they carry no gradient (no backward pieces run for it).
 - With ``training.rollout_lag: 1`` step k decodes with the weights step k-1 started from (:class:`Behaviour`: every
-  generating device keeps a copy of them, taken when it generates; step 0, and the first step after a resume, use
-  the weights the step starts from), and the packed rows carry a third block, the behaviour log-probabilities of the
+  generating device keeps a copy of them, taken when it generates; step 0, and the first step after a resume or restart
+  (the copy is not checkpointed), use the weights the step starts from), and the packed rows carry a third block, the behaviour log-probabilities of the
   generated tokens ``(rows, P + 3N)``, for the loss's importance ratio (runtime.grpo).
 - A use reading a generate use's tokens (its only input) embeds them with its own component's input module
   (:func:`rollout_input`); its ``seq_len`` must be the rollout's ``P + N`` (:func:`check_modes`).
