@@ -64,6 +64,7 @@ class MetaGraph:
     num_micro_batches: int = 1  # training.grad_accum_steps: passes of the MetaOps (each of one micro-batch) per step
     # components.<name>.weights_from: receiving component -> the component whose trained weights it receives
     weights_from: dict[str, str] = field(default_factory=dict)
+    rollout_lag: int = 0  # training.rollout_lag: 1 lets a root generate MetaOp run beside the previous step
 
     def __len__(self) -> int:
         return len(self.metaops)
@@ -161,7 +162,8 @@ def build_metagraph(job: JobSpec) -> MetaGraph:
     graph = finalize_graph(ops)
     return replace(graph, metaops=tuple(replace(op, input_modules=tuple(input_modules(job, graph, op)))
                                         for op in graph.metaops), num_micro_batches=job.training.grad_accum_steps,
-                   weights_from={n: c.weights_from for n, c in job.components.items() if c.weights_from})
+                   weights_from={n: c.weights_from for n, c in job.components.items() if c.weights_from},
+                   rollout_lag=job.training.rollout_lag)
 
 
 def finalize_graph(ops: Sequence[MetaOp]) -> MetaGraph:

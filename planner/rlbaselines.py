@@ -14,7 +14,8 @@ after another on the same samples. RL frameworks make the user choose where role
   searched: every vector of pool sizes in multiples of a grain (``N // SPLIT_GRAIN_PARTS`` devices, at least one,
   doubled until at most :data:`MAX_SPLIT_VECTORS` vectors remain, or until their estimates fit the budget) whose
   sum is at most N is ranked by a list-scheduled compute estimate (:func:`split_estimates`, vectorised); the
-  :data:`SPLIT_SIMULATED` best are placed, simulated and memory-checked.
+  :data:`SPLIT_SIMULATED` best that use distinct devices (vectors whose pools run on the same devices are one
+  placement) are placed, simulated and memory-checked.
 
 Both search what a user of those frameworks tunes until the roles fit (:func:`_search`): pipeline stages
 (:func:`stage_plan`) and layout versions (:func:`tightened`); each keeps its fastest placement that fits (the
@@ -42,6 +43,7 @@ from planner.baselines import _Builder, largest_count
 from planner.costmodel import CostModel, Curve
 from planner.placement import PlacedSchedule
 from planner.refine import DEVICES_PER_UNIT
+from planner.rolloutlag import lagged_generate
 from planner.schedule import Problem
 from planner.simulator import Simulation, simulate
 
@@ -50,6 +52,7 @@ SPLIT_GRAIN_PARTS = 32  # the split search moves devices in grains of N // 32 (a
 SPLIT_SIMULATED = 8  # splits placed and simulated, the best by the compute estimate
 MAX_SPLIT_ROLES = 16  # more roles than this: no split baseline
 GEN_SHARES = (1.0, 0.5, 0.25)  # shares of the devices Loom's role placement tries for generation
+POOL_SHARES = (0.5, 0.375, 0.25, 0.125)  # ... for a generation pool of its own, with training.rollout_lag 1
 STAGES = (1, 2, 4, 8)  # pipeline stages the baselines try for MetaOps too large for one group (verl/OpenRLHF: PP)
 TIGHTER_SHARES = (1.0, 0.5, 0.25, 0.125)  # device memory shares the baselines' layouts are tightened to, in turn
 MAX_SPLIT_VECTORS = 40_000  # pool-size vectors estimated at most (the grain doubles until they are fewer)
@@ -148,20 +151,26 @@ def split_estimates(problem: Problem, sizes: np.ndarray, stages: int = 1) -> np.
     """Compute makespan of :func:`split_schedule` for every row of ``sizes`` (pool sizes in role order, one row per
     vector), list-scheduled: a MetaOp starts after its predecessors and its role's previous MetaOp, its stages one
     after another (:func:`_op_seconds`); inf where a pool is too small. Vectorised over the rows (the split search
-    estimates tens of thousands of vectors)."""
+    estimates tens of thousands of vectors). With ``training.rollout_lag`` 1 a root generate MetaOp runs beside the
+    rest (planner.rolloutlag): the estimate is the larger of its time and the others' makespan without it."""
     names = roles(problem)
     rows = sizes.shape[0]
     end = np.zeros((len(problem.graph), rows))
     free = np.zeros((len(names), rows))
+    early = lagged_generate(problem.graph)
+    ahead = np.zeros(rows)  # rollout_lag 1: the pools' time spent on the next step's rollouts (beside the rest)
     for m, op in enumerate(problem.graph.metaops):
         r = names.index(role_of(problem, m))
         pool = sizes[:, r]
         distinct, at = np.unique(pool, return_inverse=True)
         t = np.array([_op_seconds(problem, m, int(n), stages) for n in distinct])[at]
+        if m in early:  # ready at the step's start; its own role's pool is busy with it for t
+            ahead = np.maximum(ahead, t)
+            continue
         start = np.max(np.vstack([free[r], *(end[d] for d in op.deps)]), axis=0)
         end[m] = start + t
         free[r] = end[m]
-    return end.max(axis=0) if len(problem.graph) else np.zeros(rows)
+    return np.maximum(end.max(axis=0), ahead) if len(problem.graph) else np.zeros(rows)
 
 
 def split_candidates(problem: Problem, stages: int = 1, work: Work | None = None) -> list[dict[str, int]]:
@@ -187,8 +196,31 @@ def split_candidates(problem: Problem, stages: int = 1, work: Work | None = None
     ok = np.flatnonzero(t < math.inf)
     # best estimate first, then more devices, then the pool sizes in role order (as a tuple sort would)
     keys = [sizes[ok, i] for i in reversed(range(len(names)))] + [-sizes[ok].sum(axis=1), t[ok]]
-    best = ok[np.lexsort(keys)[:SPLIT_SIMULATED]]
+    used = _used_devices(problem, sizes, stages)
+    best, seen = [], set()
+    for i in ok[np.lexsort(keys)]:  # one vector per placement: pools that run on the same devices are one split
+        if tuple(used[i]) not in seen:
+            seen.add(tuple(used[i]))
+            best.append(i)
+            if len(best) == SPLIT_SIMULATED:
+                break
     return [{r: int(n) for r, n in zip(names, sizes[i])} for i in best]
+
+
+def _used_devices(problem: Problem, sizes: np.ndarray, stages: int) -> np.ndarray:
+    """For every row of ``sizes`` and role, the devices of its pool its MetaOps use (:func:`stage_plan`: a pool of 38
+    runs a MetaOp valid on 32 on 32): rows equal here are the same placement."""
+    names = roles(problem)
+    out = np.zeros_like(sizes)
+    for r, name in enumerate(names):
+        ops = [m for m in range(len(problem.graph)) if role_of(problem, m) == name]
+        distinct, at = np.unique(sizes[:, r], return_inverse=True)
+        used = []
+        for n in distinct:
+            plans = [stage_plan(problem, m, int(n), stages) for m in ops]
+            used.append(max((p[-1][2] + p[-1][3] for p in plans if p), default=0))
+        out[:, r] = np.array(used)[at]
+    return out
 
 
 def tightened(problem: Problem, cost_model: CostModel, stages: int = 1) -> list[Problem]:
@@ -305,6 +337,17 @@ def rl_schedules(problem: Problem, cost_model: CostModel, budget: float = RL_SEA
     return {name: found for name, found in out.items() if found is not None}
 
 
+def split_at(problem: Problem, cost_model: CostModel, sizes: dict[str, int], budget: float = RL_SEARCH_BUDGET
+             ) -> tuple[PlacedSchedule, Simulation] | None:
+    """The split placement with the pools ``sizes`` (every role named, summing to at most N), the fastest fitting
+    over stages and layout versions as :func:`rl_schedules` searches; None when the sizes are not a split. bench.rl
+    prices the split at the pools of Loom's plan with it: where Loom's plan is itself a split, the split search
+    must not lose to it for want of simulating that vector."""
+    if sorted(sizes) != sorted(roles(problem)) or sum(sizes.values()) > problem.num_devices:
+        return None
+    return _search(problem, cost_model, lambda p, k, w: [split_schedule(p, sizes, k)], Work(budget))
+
+
 def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool = False,
                          gen_share: float = 1.0, gen_pool: bool = False) -> PlacedSchedule | None:
     """Loom's role placement between colocated and split: the MetaLevels in order; a level's MetaOps (e.g. the
@@ -353,14 +396,17 @@ def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool 
 def role_candidate(problem: Problem, cost_model: CostModel, budget: float = RL_SEARCH_BUDGET
                    ) -> tuple[PlacedSchedule, Simulation] | None:
     """Loom's own role placement of an RL-shaped job (None otherwise, or when nothing fits): the fastest fitting
-    :func:`level_split_schedule` over pipeline stages and layout versions, for the jobs whose solver candidates do
+    :func:`level_split_schedule` over pipeline stages and layout versions (with ``training.rollout_lag`` 1 also
+    with the generation on a pool of its own, :data:`POOL_SHARES` of the devices, planner.rolloutlag), for the jobs whose solver candidates do
     not fit (a 70B policy needs pipeline stages to train beside its generation copy); within ``budget`` work units
     (:class:`Work`)."""
     if not rl_shaped(problem):
         return None
-    found = _search(problem, cost_model, lambda p, k, w: (level_split_schedule(p, k, alone, share)
-                                                          for alone in (False, True) for share in GEN_SHARES),
-                    Work(budget))
+    shapes = [(alone, share, False) for alone in (False, True) for share in GEN_SHARES]
+    if problem.graph.rollout_lag:  # the generation on a pool of its own can run beside the previous step
+        shapes += [(alone, share, True) for share in POOL_SHARES for alone in (False, True)]
+    found = _search(problem, cost_model, lambda p, k, w: (level_split_schedule(p, k, alone, share, gen_pool=pool)
+                                                          for alone, share, pool in shapes), Work(budget))
     if found is None or max(found[1].peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes:
         return None
     return found

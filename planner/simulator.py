@@ -60,6 +60,7 @@ from planner.schedule import Problem
 from planner.sync import SyncBucket, SyncOutcome, finish_buckets
 from planner.timeline import Clocks, exchange_of
 from planner.handoff import HandOff, hand_off_seconds, hand_offs
+from planner.rolloutlag import lagged
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,9 @@ class SyncInfo:
 @dataclass(frozen=True)
 class Simulation:
     """One predicted iteration: ``iteration_time_s = compute_s + transfer_s + sync_s + optimizer_s + gather_s +
-    handoff_s`` (``handoff_s``: the weight hand-offs after the step, planner.handoff; 0 without them).
+    handoff_s - lag_hidden_s`` (``handoff_s``: the weight hand-offs after the step, planner.handoff; 0 without them;
+    ``lag_hidden_s``: with ``training.rollout_lag: 1`` the generation hidden behind the previous step,
+    planner.rolloutlag; its behaviour copy of the weights is in ``peak_memory_bytes``).
     With gradient accumulation (``training.grad_accum_steps`` k) ``compute_s`` and ``transfer_s`` are k passes of
     the waves over one micro-batch each; ``wave_durations``, ``phases`` and ``loss_s`` are one pass.
 
@@ -127,6 +130,7 @@ class Simulation:
     buckets: tuple[Bucket, ...] = ()  # their gradient buckets, in launch order
     handoff_s: float = 0.0  # the weight hand-offs after the step (planner.handoff), on the critical path
     handoffs: tuple[HandOff, ...] = ()
+    lag_hidden_s: float = 0.0  # rollout_lag 1: the synchronous iteration minus the pipeline's period (rolloutlag)
 
 
 # --------------------------------------------------------------------------- transfers
@@ -424,8 +428,12 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
     dpn = max(1, cost_model.hw.devices_per_node)
     offs = hand_offs(problem.graph.metaops, placed, problem.graph.weights_from, cost_model.weight_bytes, dpn)
     handoff_s = hand_off_seconds(offs, cost_model, dpn)
+    peak = [float(x) for x in ledger.peak()]
+    lag = lagged(problem.graph, placed, durations, outcome.iteration_time_s, handoff_s, cost_model.weight_bytes)
+    for d, extra in (lag.extra_bytes.items() if lag else ()):
+        peak[d] += extra
     return Simulation(
-        iteration_time_s=outcome.iteration_time_s + handoff_s,
+        iteration_time_s=lag.period_s if lag else outcome.iteration_time_s + handoff_s,
         compute_s=compute_s,
         transfer_s=transfer_s,
         sync_s=outcome.sync_s,
@@ -433,7 +441,7 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
         wave_durations=durations,
         transfers=tuple(transfers),
         sync_groups=tuple(sync_infos),
-        peak_memory_bytes=tuple(float(x) for x in ledger.peak()),
+        peak_memory_bytes=tuple(peak),
         sync_total_s=outcome.sync_total_s,
         sync_order=sync_order,
         loss_s=phases[-1].forward_s,
@@ -444,4 +452,5 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
         buckets=tuple(program),
         handoff_s=handoff_s,
         handoffs=tuple(offs),
+        lag_hidden_s=lag.hidden_s if lag else 0.0,
     )

@@ -291,6 +291,12 @@ class TrainingSpec(StrictModel):
         1, ge=1, description="Micro-batches per step: each task's batch_size rows are split into this many "
         "micro-batches (the planner plans one), their gradients accumulated, then synchronised and stepped once."
     )
+    rollout_lag: int = Field(
+        0, ge=0, le=1, description="0: on-policy (a step's rollouts are generated with the weights it starts from). "
+        "1: one step off-policy (docs/job-spec.md \"Modes\"): step k's rollouts come from the weights step k-1 "
+        "started from (step 0's from the initial ones), so the planner may generate them while step k-1 trains; a "
+        "grpo loss then weighs each token by the clipped importance ratio against those behaviour log-probs."
+    )
     max_restarts: int = Field(
         3, ge=0, description="`loom run`: times a run restarts its workers after one dies or hangs past "
         "step_timeout_s, resuming from the last complete checkpoint (step 0 without one); 0: the first loss ends it."
@@ -403,6 +409,12 @@ class JobSpec(StrictModel):
                     f"tasks[{i}].batch_size ({task.batch_size}) is not divisible by training.grad_accum_steps ({k}); "
                     "each micro-batch needs the same rows. Make batch_size a multiple of grad_accum_steps."
                 )
+        lagged = [t for t in self.tasks if t.loss.startswith("grpo") and any(u.mode == "generate" for u in t.components)]
+        if self.training.rollout_lag and not lagged:
+            raise ValueError(
+                "training.rollout_lag (1) needs a task with a grpo loss (grpo, grpo_rm, grpo_rule) and a generate use: "
+                "only GRPO's loss corrects for rollouts of an older policy. Set rollout_lag: 0, or add a grpo task."
+            )
         if self.training.precision == "fp16" and self.cluster.device.lower() == "cpu":
             raise ValueError(
                 "training.precision ('fp16') is not supported on cluster.device cpu; CPUs compute in bf16 (autocast) "

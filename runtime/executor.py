@@ -49,7 +49,7 @@ from runtime.optim import (
     scale_gradients, set_lr,
 )
 from runtime.rollout import (
-    Roles, forward_only, freeze_untrained, has_modes, rollout_input, run_generate, seq_len_of,
+    Behaviour, Roles, forward_only, freeze_untrained, has_modes, rollout_input, run_generate, seq_len_of,
 )
 from runtime.sampleop import run_sample
 from runtime.steps import GradBucket, Lap, StepState, StepTiming, assemble_rows, fp32_output
@@ -99,6 +99,7 @@ class WaveWorker:
         self.modules: dict[tuple[str, int], torch.nn.Module] = {}
         # generate and forward uses, rollout readers and weight hand-offs (runtime.rollout); None: a plain training job
         self.roles = Roles.build(job, plan) if has_modes(job) else None
+        self.behaviour = Behaviour()  # rollout_lag 1: the weights this rank's generate slices decode with
         extra = self.roles.mine(rank) if self.roles is not None else []
         if self.roles is not None and job.training.grad_accum_steps > 1 and (self.roles.generate or self.roles.sample):
             raise ValueError("training.grad_accum_steps > 1 with a generate or sample use: a rollout group's "
@@ -342,7 +343,8 @@ class WaveWorker:
             with torch.no_grad():
                 st.outputs[ref] = run_generate(
                     self.job, op, lambda name, layer: self.modules[(name, layer)],
-                    lambda lo, hi: st.batch(self.job, self.task_index[op.task], step, lo, hi), step, start, stop)
+                    lambda lo, hi: st.batch(self.job, self.task_index[op.task], step, lo, hi), step, start, stop,
+                    self.behaviour)
             st.rollouts[s.metaop] = (start, st.outputs[ref])
             return
         if self.roles is not None and s.metaop in self.roles.sample:  # the whole denoising loop (runtime.sampleop)

@@ -16,7 +16,11 @@ Per sample ``i`` of a group of ``G`` (the generate use's ``samples``), over its 
   GRPOTrainer), gathered over the loss's data-parallel shards (runtime.data.TaskBatch.every_row), so a group may
   span shards;
 - ``loss_i = 1/n_i sum_t [ -A_i * ratio_t + beta * k3_t ]``, ``ratio_t = exp(logp_t - sg(logp_t))`` (1 in value: one
-  policy update per rollout, on-policy; its gradient is that of ``logp_t``) and ``k3_t = exp(ref_t - logp_t) -
+  policy update per rollout, on-policy; its gradient is that of ``logp_t``); with ``training.rollout_lag: 1`` the
+  rollouts come from the policy one step older (runtime.rollout), and the term is PPO's clipped one,
+  ``-min(ratio_t A_i, clip(ratio_t, 1 - eps, 1 + eps) A_i)`` with ``ratio_t = exp(logp_t - b_t)`` against the behaviour
+  log-probabilities ``b_t`` the generating device recorded and ``eps`` = :data:`CLIP` (DeepSeekMath's GRPO
+  objective, eq. 3; the importance ratio verl's and OpenRLHF's off-policy modes apply); and ``k3_t = exp(ref_t - logp_t) -
   (ref_t - logp_t) - 1`` (Schulman's unbiased, non-negative estimator of KL(policy || reference) at the sampled
   token, GRPO's choice; the top-k kernel kernels.topk_kl computes KL(reference top-k || policy), the other direction,
   and needs the reference's top-k logits moved to the loss instead of one log-probability per token);
@@ -36,6 +40,7 @@ from torch import nn
 from planner.spec import JobSpec
 
 BETA = 0.04  # KL weight (DeepSeekMath's)
+CLIP = 0.2  # the importance ratio's clip range with rollout_lag 1 (PPO's and DeepSeekMath's epsilon)
 ADVANTAGE_EPS = 1e-4
 
 
@@ -56,11 +61,17 @@ def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def grpo_losses(logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
-                generated: torch.Tensor, beta: float = BETA) -> torch.Tensor:
+                generated: torch.Tensor, beta: float = BETA, behaviour: torch.Tensor | None = None,
+                clip: float = CLIP) -> torch.Tensor:
     """Per-sample GRPO losses ``(B,)`` (module docstring) from the policy's and the reference's log-probabilities of the
-    generated tokens ``(B, N)``, the advantages ``(B,)`` and which tokens count ``(B, N)`` bool."""
-    ratio = torch.exp(logp - logp.detach())
-    per_token = -advantages[:, None] * ratio
+    generated tokens ``(B, N)``, the advantages ``(B,)`` and which tokens count ``(B, N)`` bool; with ``behaviour``
+    (the rollouts' own log-probabilities ``(B, N)``, rollout_lag 1) the clipped importance-ratio term."""
+    a = advantages[:, None]
+    if behaviour is None:
+        per_token = -a * torch.exp(logp - logp.detach())
+    else:  # tokens that do not count are masked below; their ratio is kept at 1 so that nothing overflows
+        ratio = torch.exp(torch.where(generated, logp - behaviour.detach(), torch.zeros_like(logp)))
+        per_token = -torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
     if ref_logp is not None and beta:
         per_token = per_token + beta * k3(logp, ref_logp.detach())
     mask = generated.float()
@@ -119,9 +130,10 @@ class GRPOHead(nn.Module):
         return self.rewards(outputs[self.roles["reward"]].detach(), generated)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch) -> torch.Tensor:
-        from runtime.rollout import unpack  # rollout imports runtime.heads, which imports this module
+        from runtime.rollout import behaviour_logprobs, unpack  # rollout imports runtime.heads, which imports this
 
-        tokens, generated = unpack(outputs[self.roles["rollout"]], self.prompt_len, self.new_tokens)
+        rows = outputs[self.roles["rollout"]]
+        tokens, generated = unpack(rows, self.prompt_len, self.new_tokens)
         logp = self.logprobs(self.policy, outputs[self.roles["policy"]], tokens)
         ref = None
         if self.reference is not None:
@@ -131,7 +143,8 @@ class GRPOHead(nn.Module):
             scores = batch.every_row(self.scores(outputs, tokens, generated))
         first = batch.first_row
         advantages = group_advantages(scores, self.samples)[first:first + batch.num_samples]
-        return grpo_losses(logp, ref, advantages, generated, self.beta)
+        return grpo_losses(logp, ref, advantages, generated, self.beta,
+                           behaviour_logprobs(rows, self.prompt_len, self.new_tokens))
 
 
 def grpo_roles(job: JobSpec, t: int) -> dict[str, str | None]:

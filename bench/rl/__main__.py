@@ -5,7 +5,10 @@ Every cell is a job spec in this folder (sizes and their sources in each file's 
 candidates, Loom's role placement and every baseline it may adopt), verl-style ``colocated`` (every role on all
 devices in turn) and OpenRLHF-style ``split`` (the best fixed pool per role), both from planner.rlbaselines, with
 their peak memory against the device. The speed-up is over the better of colocated and split among those that fit
-in memory. Writes bench/results/rl.{json,md}.
+in memory. A cell with a generate use is planned twice: on-policy (``training.rollout_lag: 0``) and one step
+off-policy (``rollout_lag: 1``, planner.rolloutlag), all three placements priced in the same mode (the async
+variants of colocated and split: verl's one-step off-policy recipe, OpenRLHF's async training). Writes
+bench/results/rl.{json,md}.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import time
 from bench.common import REPO_ROOT, write_results
 from planner.api import make_cost_model, plan_job
 from planner.metagraph import build_metagraph
-from planner.rlbaselines import STREAM_CHUNKS, pool_sizes, rl_schedules, streamed_candidate, streamed_job
+from planner.rlbaselines import (
+    STREAM_CHUNKS, pool_sizes, rl_schedules, split_at, streamed_candidate, streamed_job,
+)
 from planner.schedule import Problem
 from planner.spec import load_job
 
@@ -27,9 +32,17 @@ CELLS = ("grpo-7b-16", "grpo-7b-64", "grpo-70b-64", "itercomp-32")
 GIB = 2**30
 
 
-def run_cell(name: str) -> dict:
-    """Plan one cell: Loom's plan and the two role placements, each with its predicted iteration and peak memory."""
+def lags(name: str) -> tuple[int, ...]:
+    """The rollout lags cell ``name`` is planned at: 0 and 1 when it has a generate use, else 0."""
     job = load_job(REPO_ROOT / "bench" / "rl" / f"{name}.yaml")
+    return (0, 1) if any(u.mode == "generate" for t in job.tasks for u in t.components) else (0,)
+
+
+def run_cell(name: str, lag: int = 0) -> dict:
+    """Plan one cell at ``rollout_lag`` ``lag``: Loom's plan and the two role placements, each with its predicted
+    iteration and peak memory."""
+    job = load_job(REPO_ROOT / "bench" / "rl" / f"{name}.yaml")
+    job = job.model_copy(update={"training": job.training.model_copy(update={"rollout_lag": lag})})
     cost_model = make_cost_model(job)
     started = time.perf_counter()
     outcome = plan_job(job, cost_model)
@@ -39,13 +52,23 @@ def run_cell(name: str) -> dict:
     sim = outcome.simulation
     rows = {"loom": {"iteration_s": sim.iteration_time_s, "peak_gib": max(sim.peak_memory_bytes) / GIB,
                      "fits": max(sim.peak_memory_bytes) <= memory, "handoff_s": sim.handoff_s,
-                     "method": outcome.plan.solver.method, "pools": pool_sizes(problem, outcome.placed)}}
+                     "method": outcome.plan.solver.method, "pools": pool_sizes(problem, outcome.placed),
+                     "lag_hidden_s": sim.lag_hidden_s}}
     for placement, (placed, psim) in rl_schedules(problem, cost_model).items():
         rows[placement] = {"iteration_s": psim.iteration_time_s, "peak_gib": max(psim.peak_memory_bytes) / GIB,
                            "fits": max(psim.peak_memory_bytes) <= memory, "handoff_s": psim.handoff_s,
-                           "pools": pool_sizes(problem, placed), "waves": len(placed.waves)}
+                           "pools": pool_sizes(problem, placed), "waves": len(placed.waves),
+                           "lag_hidden_s": psim.lag_hidden_s}
+    same = split_at(problem, cost_model, rows["loom"]["pools"])  # Loom's pools as a split (a vector the search
+    if same is not None and "split" in rows:                     # may not have simulated)
+        placed, psim = same
+        fits = max(psim.peak_memory_bytes) <= memory
+        if (fits, -psim.iteration_time_s) > (rows["split"]["fits"], -rows["split"]["iteration_s"]):
+            rows["split"] = {"iteration_s": psim.iteration_time_s, "peak_gib": max(psim.peak_memory_bytes) / GIB,
+                             "fits": fits, "handoff_s": psim.handoff_s, "pools": pool_sizes(problem, placed),
+                             "waves": len(placed.waves), "lag_hidden_s": psim.lag_hidden_s, "at_loom_pools": True}
     streamed = []
-    for chunks in STREAM_CHUNKS:  # the rollouts streamed in chunks (evaluated; Loom does not adopt it: runtime work)
+    for chunks in STREAM_CHUNKS if not lag else ():  # the rollouts streamed in chunks (evaluated; Loom does not adopt it: runtime work)
         chunked = streamed_job(job, chunks)
         if chunked is not None:
             chunked_model = make_cost_model(chunked)
@@ -57,10 +80,36 @@ def run_cell(name: str) -> dict:
                                  "handoff_s": found[1].handoff_s, "pools": pool_sizes(chunked_problem, found[0])})
     fitting = [rows[p]["iteration_s"] for p in ("colocated", "split") if p in rows and rows[p]["fits"]]
     best = min(fitting) if fitting else math.inf
-    return {"cell": name, "devices": job.cluster.num_devices, "device": job.cluster.device,
+    return {"cell": name, "lag": lag, "devices": job.cluster.num_devices, "device": job.cluster.device,
             "memory_gib": memory / GIB, "planning_s": planning_s, "placements": rows,
             "streamed": min(streamed, key=lambda r: r["iteration_s"]) if streamed else None,
             "speedup": best / sim.iteration_time_s if fitting else None}
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def summary(records: list[dict]) -> dict:
+    """Geometric mean speed-ups: on-policy (lag 0 everywhere), off-policy (lag 1 where a cell generates, every
+    placement in that mode), and each side in its best mode (Loom's faster plan against the faster fitting baseline
+    over both lags)."""
+    cells = list(dict.fromkeys(r["cell"] for r in records))
+    at = {(r["cell"], r["lag"]): r for r in records}
+    out = {}
+    for key, lag in (("on_policy", 0), ("off_policy", 1)):
+        values = [(at.get((c, lag)) or at[(c, 0)])["speedup"] for c in cells]
+        out[key] = geomean(values) if values and all(values) else None
+    best = []
+    for c in cells:
+        recs = [r for r in records if r["cell"] == c]
+        loom = min(r["placements"]["loom"]["iteration_s"] for r in recs)
+        base = [r["placements"][p]["iteration_s"] for r in recs for p in ("colocated", "split")
+                if p in r["placements"] and r["placements"][p]["fits"]]
+        best.append(min(base) / loom if base else None)
+    out["best_modes"] = geomean(best) if best and all(best) else None
+    out["best_modes_cells"] = dict(zip(cells, best))
+    return out
 
 
 def markdown(records: list[dict]) -> str:
@@ -68,41 +117,53 @@ def markdown(records: list[dict]) -> str:
              "Predicted iteration time and peak memory per device under one cost model (analytic, H100 table) and one "
              "simulator (planner.simulator, weight hand-offs included); specs in bench/rl/*.yaml. The speed-up is over "
              "the better of colocated and split among those that fit in device memory; (!) marks a placement that "
-             "does not fit.", "",
-             "| cell | devices | Loom | colocated | split | speed-up | Loom's choice | streamed rollouts |",
-             "|---|---|---|---|---|---|---|---|"]
+             "does not fit. Lag 0: on-policy (each step's rollouts from the weights it starts from); lag 1: one step "
+             "off-policy (`training.rollout_lag: 1`: step k's rollouts from the weights step k-1 started from, "
+             "generated while step k-1 trains; planner.rolloutlag prices the pipeline's period, max(generation + "
+             "hand-off, the rest) when the generation has devices of its own, and a second weight copy on every "
+             "generating device). At lag 1 colocated and split are their async variants (verl's one-step off-policy "
+             "recipe, OpenRLHF's async training): every placement is priced by the same rule. IterComp's sample use "
+             "keeps its last step's gradient, so it has no lagged mode. Split is the better of the split search "
+             "(planner.rlbaselines.rl_schedules) and, when Loom's plan gives every role a pool of its own, the split at "
+             "those pool sizes (marked 'at Loom's pools': a split the search did not simulate).", "",
+             "| cell | lag | devices | Loom | colocated | split | speed-up | Loom's choice | streamed rollouts |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def cell(r: dict | None) -> str:
         if r is None:
             return "none possible"
         mark = "" if r["fits"] else " (!)"
-        return f"{r['iteration_s']:.2f} s, {r['peak_gib']:.1f} GiB{mark}"
+        hidden = f", {r['lag_hidden_s']:.2f} s hidden" if r.get("lag_hidden_s") else ""
+        same = " (at Loom's pools)" if r.get("at_loom_pools") else ""
+        return f"{r['iteration_s']:.2f} s, {r['peak_gib']:.1f} GiB{mark}{hidden}{same}"
 
     for rec in records:
         p = rec["placements"]
         speed = f"{rec['speedup']:.2f}x" if rec["speedup"] else "n/a"
         stream = rec.get("streamed")
-        stream = f"{cell(stream)}, {stream['chunks']} chunks" if stream else "none fits"
-        lines.append(f"| {rec['cell']} | {rec['devices']} x {rec['device']} ({rec['memory_gib']:.0f} GiB) | "
-                     f"{cell(p['loom'])} | {cell(p.get('colocated'))} | {cell(p.get('split'))} | {speed} | "
-                     f"{p['loom']['method']} | {stream} |")
-    speedups = [r["speedup"] for r in records if r["speedup"]]
-    if speedups:
-        geo = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
-        lines += ["", f"Geometric mean speed-up over the better fitting baseline: **{geo:.2f}x** over "
-                      f"{len(speedups)} cells; slowest cell {min(speedups):.2f}x."]
-    lines += ["", "Streamed rollouts: the best fitting of Loom's role placements with the rows in 2 or 4 chunks "
+        stream = f"{cell(stream)}, {stream['chunks']} chunks" if stream else "none fits" if not rec["lag"] else "-"
+        lines.append(f"| {rec['cell']} | {rec['lag']} | {rec['devices']} x {rec['device']} "
+                     f"({rec['memory_gib']:.0f} GiB) | {cell(p['loom'])} | {cell(p.get('colocated'))} | "
+                     f"{cell(p.get('split'))} | {speed} | {p['loom']['method']} | {stream} |")
+    geo = summary(records)
+    fmt = lambda v: f"**{v:.2f}x**" if v else "n/a"  # noqa: E731
+    lines += ["", "Geometric mean speed-up over the better fitting baseline (4 cells): on-policy (lag 0 everywhere) "
+                  f"{fmt(geo['on_policy'])}; one step off-policy (lag 1 in the GRPO cells, every placement in that "
+                  f"mode) {fmt(geo['off_policy'])}; each side in its faster mode (Loom's faster plan against the "
+                  f"fastest fitting baseline of either lag) {fmt(geo['best_modes'])} (" +
+                  ", ".join(f"{c} {v:.2f}x" for c, v in geo["best_modes_cells"].items() if v) + ")."]
+    lines += ["", "Streamed rollouts (lag 0): the best fitting of Loom's role placements with the rows in 2 or 4 chunks "
               "(micro-batches) and generation on a pool of its own, so chunk i+1 is generated while chunk i is "
               "scored and trained (planner.rlbaselines.streamed_candidate); evaluated, not adopted: every chunk's "
               "decode reads all the weights per token again, which costs more than the overlap saves here."]
     lines += ["", "## Pools (devices each role's MetaOps use) and weight hand-offs", "",
-              "| cell | placement | pools | hand-off |", "|---|---|---|---|"]
+              "| cell | lag | placement | pools | hand-off |", "|---|---|---|---|---|"]
     for rec in records:
         for name, r in rec["placements"].items():
             pools = ", ".join(f"{k} {v}" for k, v in r["pools"].items())
-            lines.append(f"| {rec['cell']} | {name} | {pools} | {r['handoff_s'] * 1e3:.0f} ms |")
+            lines.append(f"| {rec['cell']} | {rec['lag']} | {name} | {pools} | {r['handoff_s'] * 1e3:.0f} ms |")
     lines += ["", "Planning time per cell (Loom's `plan_job`, baselines included): " +
-              ", ".join(f"{r['cell']} {r['planning_s']:.1f} s" for r in records) + "."]
+              ", ".join(f"{r['cell']} (lag {r['lag']}) {r['planning_s']:.1f} s" for r in records) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -114,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     records = []
     for name in args.cells:
-        records.append(run_cell(name))
-        print(f"{name}: done in {records[-1]['planning_s']:.1f} s", flush=True)
+        for lag in lags(name):
+            records.append(run_cell(name, lag))
+            print(f"{name} (lag {lag}): done in {records[-1]['planning_s']:.1f} s", flush=True)
     report = markdown(records)
     print(report)
     if not args.no_write:

@@ -1,0 +1,68 @@
+"""``training.rollout_lag: 1`` (one-step off-policy rollouts): three GRPO steps over tiny llama models on a gloo world
+(rollouts on worker 0, reward and reference on worker 1, the update data parallel on workers 2-3) equal the same
+steps in one process with the same lag: identical sampled tokens and behaviour log-probabilities, losses within
+1e-5, gradients within 1e-5 relative. And the lag is real: step k decodes with the weights step k-1 started from
+(steps 0 and 1 with the initial ones, step 2 with those the generating worker received after step 0)."""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.local_world import run_world
+from runtime.data import task_batch
+from runtime.grpo import grpo_losses
+from runtime.reference import ReferenceTrainer
+from runtime.rollout import behaviour_logprobs, unpack
+
+from _equivalence import RTOL, _compare_modules, placed_plan  # tests/integration/_equivalence.py
+from test_grpo_equivalence import NEW, PROMPT, grpo_job
+
+STEPS = 3
+
+
+def test_lagged_rollouts_split_over_workers_equal_one_process(tmp_path):
+    job = grpo_job(rollout_lag=1, steps=STEPS)
+    plan = placed_plan(job, [[("rollout", [0])], [("reward", [1]), ("policy", [2, 3])], [("reference", [1])]])
+    world = run_world(job, plan, STEPS, tmp_path, keep_gradients=True)
+    reference = ReferenceTrainer(job)
+    rollout_op = next(op.id for op in plan.metaops if op.use == "rollout")
+    lagged = []
+    for step in range(STEPS):
+        want = reference.train_step(step, keep_gradients=step == STEPS - 1)["grpo"]
+        got = world.losses[step]["grpo"]
+        assert abs(got - want) <= RTOL * max(abs(want), 1e-3), (step, got, want)
+        lagged.append(reference.last_rollouts[rollout_op].clone())
+    first, rows = world.rollouts[0][rollout_op]  # the last step's rollouts, with their behaviour log-probabilities
+    assert first == 0 and rows.shape[1] == PROMPT + 3 * NEW
+    assert torch.equal(rows[:, :PROMPT + 2 * NEW], lagged[-1][:, :PROMPT + 2 * NEW])  # tokens, which count
+    assert torch.allclose(behaviour_logprobs(rows, PROMPT, NEW), behaviour_logprobs(lagged[-1], PROMPT, NEW),
+                          rtol=0, atol=1e-5)
+    for rank, grads in world.gradients.items():
+        _compare_modules(grads, reference.last_gradients, f"rank {rank} gradient of")
+    for rank, params in world.parameters.items():
+        _compare_modules(params, reference.named_parameters(), f"rank {rank}")
+
+    # step 0 decodes with the initial weights, step 1 with them again (the lag), step 2 with step 1's (handed over)
+    initial = ReferenceTrainer(grpo_job(steps=STEPS))  # on-policy, never stepped: the initial weights
+    for step in range(STEPS):
+        initial.forward(0, task_batch(job, 0, step, 0, job.tasks[0].batch_size), step)
+        same = torch.equal(lagged[step][:, :PROMPT + 2 * NEW], initial.last_rollouts[rollout_op])
+        assert same == (step < 2), step
+    assert torch.equal(behaviour_logprobs(rows, PROMPT, NEW) == 0, ~unpack(rows, PROMPT, NEW)[1])
+
+
+def test_clipped_ratio_matches_on_policy_at_ratio_one_and_stops_outside_the_clip():
+    torch.manual_seed(0)
+    logp = (-torch.rand(4, 3)).requires_grad_()
+    generated = torch.tensor([[1, 1, 0]] * 4, dtype=torch.bool)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    on = grpo_losses(logp, None, advantages, generated, beta=0.0)
+    (g_on,) = torch.autograd.grad(on.sum(), logp)
+    off = grpo_losses(logp, None, advantages, generated, beta=0.0, behaviour=logp.detach())
+    (g_off,) = torch.autograd.grad(off.sum(), logp)
+    assert torch.allclose(on, off) and torch.allclose(g_on, g_off)
+    # the policy moved up by 0.5 nats on every token since the rollouts: a positive advantage's ratio 1.65 is clipped
+    # (no gradient), a negative one's is not
+    off = grpo_losses(logp, None, advantages, generated, beta=0.0, behaviour=logp.detach() - 0.5)
+    (g,) = torch.autograd.grad(off.sum(), logp)
+    assert g[advantages > 0].abs().max() == 0 and g[advantages < 0][:, :2].abs().min() > 0
