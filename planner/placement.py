@@ -89,6 +89,10 @@ OVERFLOW_PENALTY = 100.0
 STRATEGIES = ("pack", "align")  # how a slice that neither continues nor follows on its devices picks them
 
 
+class TensorParallelRoomError(PlanningError):
+    """A wave has no placement that keeps every tensor-parallel group inside a node (not a memory limit)."""
+
+
 @dataclass(frozen=True)
 class PlacedSlice:
     """``num_layers`` layers of MetaOp ``metaop``, starting at layer ``first_layer``, on ``devices``."""
@@ -352,7 +356,7 @@ class _Placer:
                 self.ledger = build_ledger(self.problem, self.ledger.slices[:mark], self.cost_model)  # undo the wave
         if chosen is None:
             if self.tp_within_nodes:
-                raise PlanningError(self._no_room_message(k, wave, refused))
+                raise TensorParallelRoomError(self._no_room_message(k, wave, refused))
             log.warning("wave %d: no room for every tensor-parallel group inside nodes; a group spans nodes", k)
             chosen = self._choose_wave(wave, keep=False, spill=True)
         placed = []

@@ -151,16 +151,20 @@ def boundary_time(flows: Sequence[Flows], cost_model: CostModel) -> float:
     if not flows:
         return 0.0
     dpn = cost_model.hw.devices_per_node
-    snd = np.concatenate([f.senders for f in flows])
-    rcv = np.concatenate([f.receivers for f in flows])
-    nbytes = np.concatenate([f.nbytes for f in flows])
+    if len(flows) == 1:  # most calls: one edge's flows (a transfer's own time)
+        snd, rcv, nbytes = flows[0].senders, flows[0].receivers, flows[0].nbytes
+    else:
+        snd = np.concatenate([f.senders for f in flows])
+        rcv = np.concatenate([f.receivers for f in flows])
+        nbytes = np.concatenate([f.nbytes for f in flows])
     cross = snd // dpn != rcv // dpn
     worst = 0.0
-    for endpoints, divisor in ((snd, 1), (rcv, 1), (snd, dpn), (rcv, dpn)):
-        on_link = cross if divisor > 1 else ~cross
+    for on_link, divisor in ((~cross, 1), (cross, dpn)):
         if on_link.any():
-            per_link = np.bincount(endpoints[on_link] // divisor, weights=nbytes[on_link])
-            worst = max(worst, cost_model.p2p_time(float(per_link.max()), cross_node=divisor > 1))
+            weights = nbytes[on_link]
+            for endpoints in (snd, rcv):
+                per_link = np.bincount(endpoints[on_link] // divisor, weights=weights)
+                worst = max(worst, cost_model.p2p_time(float(per_link.max()), cross_node=divisor > 1))
     return worst
 
 
