@@ -209,15 +209,14 @@ class MemoryLedger:
             else:
                 after = {**by_tp, tp: by_tp.get(tp, 0) | mask}
                 added[id(by_tp)] = (after, layer_equivalents(after) - layer_equivalents(by_tp))
-        if len(distinct) == 1:
+        if len(distinct) == 1:  # one number for every device (the same products as per device, so the same bytes)
             after, grown = added[id(distinct[0])]
             holders.update(dict.fromkeys(s.devices, after))
-            layers = np.full(len(before), grown)
+            params = grown * facts.params_per_layer
         else:
             hits = [added[id(h)] for h in before]
             holders.update(zip(s.devices, [hit[0] for hit in hits]))
-            layers = np.array([hit[1] for hit in hits])
-        params = layers * facts.params_per_layer
+            params = np.array([hit[1] for hit in hits]) * facts.params_per_layer
         self.param_bytes[idx] += params * self.cost_model.bytes_per_param(op, s.layout)
         if facts.trainable:
             self.trainable_params[idx] += params
