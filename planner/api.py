@@ -24,7 +24,9 @@ from planner.devices import resolve_hardware
 from planner.errors import PlanningError
 from planner.groupsplit import affordable, group_split_candidate
 from planner.metagraph import MetaGraph, build_metagraph
-from planner.placement import STRATEGIES, PlacedSchedule, PlacedSlice, PlacedWave, place_schedule
+from planner.placement import (
+    STRATEGIES, PlacedSchedule, PlacedSlice, PlacedWave, TensorParallelRoomError, place_schedule,
+)
 from planner.refine import Evaluated, evaluation_cost, refine_transfers
 from planner.plan import (
     Bounds, Plan, PlanCluster, PlanHandoff, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport,
@@ -106,7 +108,7 @@ def plan_job(
     try:
         chosen = choose_candidate(problem, cost_model, solved, deadline=settings.deadline, grace_s=reserve / 2)[:3]
         planned, error = problem, None
-    except PlanningError as exc:  # no solver candidate fits in device memory: solve again within less memory
+    except PlanningError as exc:  # no solver candidate fits (memory, or TP groups inside nodes): tighter layouts
         try:
             planned, found = repair_memory(problem, cost_model, settings, bounds, exc, say)
             chosen, error = found[:3], None
@@ -166,13 +168,21 @@ def repair_memory(problem: Problem, cost_model: CostModel, settings: SolverSetti
         tight = memory_tightened(problem, cost_model, share)
         if tight is None:
             continue
-        say(f"no candidate fits in device memory; solving again with each MetaOp within {share:g} of a device")
+        say(f"{repair_reason(error)}; solving again with each MetaOp within {share:g} of a device")
         solved = solve(tight, settings, warm=spindle_schedule(tight), lower_bound=bounds.dag_s, progress=say)
         try:
             return tight, choose_candidate(tight, cost_model, solved, deadline=settings.deadline)
         except PlanningError:
             continue
     raise error
+
+
+def repair_reason(error: PlanningError) -> str:
+    """Why the solver's candidates were refused, for the memory repair's progress line: a wave without room for its
+    tensor-parallel groups inside nodes is not a memory limit (tighter layouts may still place: other TP degrees)."""
+    if isinstance(error, TensorParallelRoomError):
+        return "no candidate keeps its tensor-parallel groups inside nodes"
+    return "no candidate fits in device memory"
 
 
 FINISH_CPU_S_PER_CELL = 1.5e-6  # CPU seconds per MetaOp x device of what follows the search (baselines, one placement)

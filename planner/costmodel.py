@@ -80,14 +80,19 @@ class Curve:
     layouts: tuple[Layout, ...]
     memory: tuple[float, ...]  # bytes per device per layer at each count
 
+    def __post_init__(self) -> None:
+        # count -> position: the planner's searches ask a curve for a count's time hundreds of thousands of times
+        object.__setattr__(self, "_position", {n: i for i, n in enumerate(self.counts)})
+
     def index(self, n: int) -> int:
-        i = bisect_left(self.counts, n)
-        if i == len(self.counts) or self.counts[i] != n:
+        i = self._position.get(n)
+        if i is None:
             raise KeyError(f"{n} is not a valid device count (valid: {self.counts})")
         return i
 
     def time(self, n: int) -> float:
-        return self.times[self.index(n)]
+        i = self._position.get(n)
+        return self.times[i] if i is not None else self.times[self.index(n)]
 
     def layout(self, n: int) -> Layout:
         return self.layouts[self.index(n)]

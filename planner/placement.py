@@ -89,6 +89,10 @@ OVERFLOW_PENALTY = 100.0
 STRATEGIES = ("pack", "align")  # how a slice that neither continues nor follows on its devices picks them
 
 
+class TensorParallelRoomError(PlanningError):
+    """A wave has no placement that keeps every tensor-parallel group inside a node (not a memory limit)."""
+
+
 @dataclass(frozen=True)
 class PlacedSlice:
     """``num_layers`` layers of MetaOp ``metaop``, starting at layer ``first_layer``, on ``devices``."""
@@ -205,15 +209,14 @@ class MemoryLedger:
             else:
                 after = {**by_tp, tp: by_tp.get(tp, 0) | mask}
                 added[id(by_tp)] = (after, layer_equivalents(after) - layer_equivalents(by_tp))
-        if len(distinct) == 1:
+        if len(distinct) == 1:  # one number for every device (the same products as per device, so the same bytes)
             after, grown = added[id(distinct[0])]
             holders.update(dict.fromkeys(s.devices, after))
-            layers = np.full(len(before), grown)
+            params = grown * facts.params_per_layer
         else:
             hits = [added[id(h)] for h in before]
             holders.update(zip(s.devices, [hit[0] for hit in hits]))
-            layers = np.array([hit[1] for hit in hits])
-        params = layers * facts.params_per_layer
+            params = np.array([hit[1] for hit in hits]) * facts.params_per_layer
         self.param_bytes[idx] += params * self.cost_model.bytes_per_param(op, s.layout)
         if facts.trainable:
             self.trainable_params[idx] += params
@@ -352,7 +355,7 @@ class _Placer:
                 self.ledger = build_ledger(self.problem, self.ledger.slices[:mark], self.cost_model)  # undo the wave
         if chosen is None:
             if self.tp_within_nodes:
-                raise PlanningError(self._no_room_message(k, wave, refused))
+                raise TensorParallelRoomError(self._no_room_message(k, wave, refused))
             log.warning("wave %d: no room for every tensor-parallel group inside nodes; a group spans nodes", k)
             chosen = self._choose_wave(wave, keep=False, spill=True)
         placed = []

@@ -155,16 +155,20 @@ def boundary_time(flows: Sequence[Flows], cost_model: CostModel) -> float:
     if not flows:
         return 0.0
     dpn = cost_model.hw.devices_per_node
-    snd = np.concatenate([f.senders for f in flows])
-    rcv = np.concatenate([f.receivers for f in flows])
-    nbytes = np.concatenate([f.nbytes for f in flows])
+    if len(flows) == 1:  # most calls: one edge's flows (a transfer's own time)
+        snd, rcv, nbytes = flows[0].senders, flows[0].receivers, flows[0].nbytes
+    else:
+        snd = np.concatenate([f.senders for f in flows])
+        rcv = np.concatenate([f.receivers for f in flows])
+        nbytes = np.concatenate([f.nbytes for f in flows])
     cross = snd // dpn != rcv // dpn
     worst = 0.0
-    for endpoints, divisor in ((snd, 1), (rcv, 1), (snd, dpn), (rcv, dpn)):
-        on_link = cross if divisor > 1 else ~cross
+    for on_link, divisor in ((~cross, 1), (cross, dpn)):
         if on_link.any():
-            per_link = np.bincount(endpoints[on_link] // divisor, weights=nbytes[on_link])
-            worst = max(worst, cost_model.p2p_time(float(per_link.max()), cross_node=divisor > 1))
+            weights = nbytes[on_link]
+            for endpoints in (snd, rcv):
+                per_link = np.bincount(endpoints[on_link] // divisor, weights=weights)
+                worst = max(worst, cost_model.p2p_time(float(per_link.max()), cross_node=divisor > 1))
     return worst
 
 
@@ -277,17 +281,18 @@ def slice_seconds(problem: Problem, s: PlacedSlice, cost_model: CostModel | None
 
 
 def wave_phases(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forward: list[list[Flows]],
-                backward: list[list[Flows]]) -> list[Phase]:
+                backward: list[list[Flows]], seconds: Sequence[Sequence[float]]) -> list[Phase]:
     """Per wave the numbers a plan records (each wave split by its slowest slice's passes, its boundary's flows
     priced together as if at a barrier), then the loss stages' (forward only: :func:`loss_stage_seconds`, with the
-    leaves' transfers of every phase). Descriptive: the iteration is priced by the timeline (:mod:`planner.timeline`)."""
+    leaves' transfers of every phase). ``seconds``: each slice's :func:`slice_seconds`, wave by wave. Descriptive:
+    the iteration is priced by the timeline (:mod:`planner.timeline`)."""
     ops = problem.graph.metaops
     phases = []
     for k, wave in enumerate(placed.waves):
         fwd = bwd = 0.0
         if wave.slices:  # the first slowest slice sets the split
-            slowest = max(wave.slices, key=lambda s: slice_seconds(problem, s, cost_model))
-            fwd, bwd = split_passes(ops[slowest.metaop], slice_seconds(problem, slowest, cost_model))
+            j = max(range(len(wave.slices)), key=seconds[k].__getitem__)
+            fwd, bwd = split_passes(ops[wave.slices[j].metaop], seconds[k][j])
         phases.append(Phase(fwd, bwd, boundary_time(forward[k], cost_model), boundary_time(backward[k], cost_model)))
     k = len(placed.waves)
     phases.append(Phase(loss_stage_seconds(problem, placed, cost_model),
@@ -353,9 +358,10 @@ class Walk:
 
 
 def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forward: list[list[Flows]],
-         backward: list[list[Flows]], program: Sequence[Bucket]) -> Walk:
+         backward: list[list[Flows]], program: Sequence[Bucket], seconds: Sequence[Sequence[float]]) -> Walk:
     """Run the timeline (:mod:`planner.timeline`) of ``placed``: every micro-batch walks the phases; ``program``'s
-    buckets are ready when their event has passed on all their devices in the last one."""
+    buckets are ready when their event has passed on all their devices in the last one. ``seconds``: each slice's
+    :func:`slice_seconds`, wave by wave."""
     ops = problem.graph.metaops
     num_waves = len(placed.waves)
 
@@ -368,9 +374,9 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
 
     ex_fwd, ex_bwd = [exchange(f) for f in forward], [exchange(b) for b in backward]
     runs = []  # per wave: (devices, forward seconds, backward seconds) of each slice
-    for wave in placed.waves:
-        runs.append([(np.asarray(s.devices, dtype=np.int64),
-                      *split_passes(ops[s.metaop], slice_seconds(problem, s, cost_model))) for s in wave.slices])
+    for wave, times in zip(placed.waves, seconds):
+        runs.append([(np.asarray(s.devices, dtype=np.int64), *split_passes(ops[s.metaop], t))
+                     for s, t in zip(wave.slices, times)])
     heads: dict[int, list[tuple[np.ndarray, float]]] = {}
     phase = phase_of_waves(placed.phases, num_waves)
     for task, (ref, _) in loss_hosts(ops, placed).items():
@@ -411,12 +417,13 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
 
 def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> Simulation:
     """Predicted iteration time of ``placed`` (model in the module docstring)."""
-    durations = wave_durations(problem, placed, cost_model)
+    seconds = tuple(tuple(slice_seconds(problem, s, cost_model) for s in w.slices) for w in placed.waves)
+    durations = tuple(max(times, default=0.0) for times in seconds)  # as wave_durations
     transfers, forward, backward = boundary_transfers(problem, placed, cost_model)
-    phases = wave_phases(problem, placed, cost_model, forward, backward)
+    phases = wave_phases(problem, placed, cost_model, forward, backward, seconds)
     held = holdings(problem.graph.metaops, placed)
     program = grad_buckets(held, backward_positions(placed.phases, len(placed.waves)))  # what the runtime all-reduces
-    done = walk(problem, placed, cost_model, forward, backward, program)
+    done = walk(problem, placed, cost_model, forward, backward, program, seconds)
     ledger = placed_ledger(problem, placed, cost_model)
     clocks = done.clocks
     outcome = finish_buckets(sync_of(program), done.ready, clocks.t, cost_model, problem.num_devices)
@@ -447,7 +454,7 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
         loss_s=phases[-1].forward_s,
         gather_s=outcome.gather_s,
         phases=tuple(phases),
-        slice_seconds=tuple(tuple(slice_seconds(problem, s, cost_model) for s in w.slices) for w in placed.waves),
+        slice_seconds=seconds,
         holdings=tuple(held),
         buckets=tuple(program),
         handoff_s=handoff_s,

@@ -123,6 +123,27 @@ def scale_table(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
+def losses_table(records: Sequence[Record]) -> str:
+    """Where each cell's predicted iteration goes: the compute on the simulated critical path (*timeline*: no barrier
+    between waves, every forward, the losses, every backward) beside the waves' compute (each wave its slowest slice,
+    what the compute ratios divide), ZeRO-1's exposed all-gather with its share of the iteration, the exposed sync
+    and transfers. Records without the simulator's parts (``predicted``) are left out."""
+    head = ["Cell", "Loom", "timeline compute", "waves' compute", "per-level bound", "timeline / waves",
+            "gather (share)", "exposed sync", "transfers", "vs Spindle"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in _ok(records):
+        parts = r.get("predicted")
+        if not parts:
+            continue
+        it, waves = parts["iteration_time_s"], r["compute_s"]["loom"]
+        row = [r["cell"], _ms(it), _ms(parts["compute_s"]), _ms(waves), _ms(r["bounds"]["per_level_s"]),
+               _x(parts["compute_s"] / waves if waves else None),
+               f"{_ms(parts['gather_s'])} ({100 * parts['gather_s'] / it:.0f}%)" if it else "-",
+               _ms(parts["sync_s"]), _ms(parts["transfer_s"]), _x(r["ratios"].get("speedup_vs_spindle"))]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- targets
 
 
@@ -332,6 +353,8 @@ def render_report(records: Sequence[Record], config: dict[str, Any]) -> str:
                          ("recipe", "Recipes: full-size recipe jobs on their own clusters")):
         rows = [r for r in records if r["group"] == group]
         parts += [f"## {title}", results_table(rows) if rows else "_not run_"]
+        if group == "grid" and any(r.get("predicted") for r in _ok(rows)):
+            parts += ["Where the grid cells lose (ms; docs/planner.md section 10 reads this table):", losses_table(rows)]
         if group == "scale" and rows:
             parts += ["Scale cells, memory and planning cost (each planned in its own process; planning time "
                       "includes the baselines; OOM: that baseline's plan does not fit in device memory):",

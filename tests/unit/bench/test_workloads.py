@@ -16,7 +16,7 @@ from planner.metagraph import build_metagraph
 from planner.spec import JobSpec, load_job
 
 from bench.planner.cells import GRID_WORKLOADS, Cell, all_cells, load_cell_job, select_cells
-from bench.planner.report import evaluate_targets
+from bench.planner.report import evaluate_targets, losses_table
 from bench.workloads.generate import WORKLOAD_DIR, clip_like_job, vlm_like_data
 
 # workload -> (tasks, MetaOps): one MetaOp per component use (every component here is one segment).
@@ -204,6 +204,17 @@ def test_target_verdicts_report_misses_as_short():
     failed = good + [{"cell": "clip-7@8", "group": "grid", "num_devices": 8, "error": "PlanningError: x"}]
     assert all(v.verdict in {"SHORT", "NOT MEASURED"} for v in evaluate_targets(failed)
                if "sequential" not in v.target)
+
+
+def test_losses_table_puts_the_timeline_beside_the_waves_and_the_gather_share():
+    record = _record("clip-4@16", 0.30, 0.32, 0.25)
+    record["bounds"] = {"per_level_s": 0.25}
+    record["compute_s"] = {"loom": 0.25}
+    record["predicted"] = {"iteration_time_s": 0.30, "compute_s": 0.265, "gather_s": 0.03, "sync_s": 0.002,
+                           "transfer_s": 0.003}
+    rows = losses_table([record, _record("clip-4@8", 1.0, 1.06, 0.98)]).splitlines()
+    assert len(rows) == 3  # header, rule, and only the record with the simulator's parts
+    assert rows[2].split(" | ")[5:7] == ["1.060", "30.0 (10%)"]  # 265 / 250 ms; 30 of 300 ms
 
 
 def _scale_record(cell: str, loom: float, baselines: dict, oom: tuple = (), plan_s: float = 5.0,

@@ -13,11 +13,11 @@ from test_placement import LinearCost, hardware, op, problem_of, schedule
 
 from bench.planner.cells import Cell, load_cell_job
 from orchestrator.recipes import load_job
-from planner.api import make_cost_model
+from planner.api import make_cost_model, repair_reason
 from planner.bound import dag_bound
 from planner.errors import PlanningError
 from planner.metagraph import build_metagraph
-from planner.placement import STRATEGIES, place_schedule
+from planner.placement import STRATEGIES, TensorParallelRoomError, place_schedule
 from planner.schedule import Problem, reverse_runs
 from planner.solver import SolverSettings, solve
 from planner.spindle import spindle_schedule
@@ -57,8 +57,12 @@ def test_a_wave_without_room_for_its_tp_groups_is_refused_with_the_reason():
     problem = problem_of(ops, cm)
     sched = schedule([(0, 2, 6), (1, 2, 2)])  # two groups of 3 leave one device per node: no room for a pair
     with pytest.raises(PlanningError, match=r"wave 0: MetaOp t1.two needs 1 tensor-parallel groups of 2 devices.*"
-                                            r"t0.three 2x3, t1.two 1x2.*never spans nodes"):
+                                            r"t0.three 2x3, t1.two 1x2.*never spans nodes") as refused:
         place_schedule(problem, sched, cm)
+    # the memory repair that follows says why the candidates were refused: TP groups, not device memory
+    assert isinstance(refused.value, TensorParallelRoomError)
+    assert repair_reason(refused.value) == "no candidate keeps its tensor-parallel groups inside nodes"
+    assert repair_reason(PlanningError("device 0 needs 90 GiB")) == "no candidate fits in device memory"
     # a baseline's schedule is still priced as it is (a group across nodes)
     placed = place_schedule(problem, sched, cm, tp_within_nodes=False)
     assert sorted(d for s in placed.waves[0].slices for d in s.devices) == list(range(8))
