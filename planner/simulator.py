@@ -315,7 +315,7 @@ def _sync_infos(ops: Sequence[MetaOp], program: Sequence[Bucket], outcome: SyncO
     index: dict[int, int] = {}
     for i, (bucket, b, t) in enumerate(zip(outcome.buckets, program, outcome.bucket_times)):
         if len(b.devices) <= 1 or b.params <= 0:
-            continue  # one holder: nothing to all-reduce; or nothing the planner sizes (loss heads, input modules)
+            continue  # one holder: nothing to all-reduce; or nothing sized (input modules and heads without a profile)
         index[i] = len(infos)
         names = {name for name, _, _ in b.members}
         metaops = tuple(op.id for op in ops if op.param_group in names)
@@ -327,7 +327,7 @@ def sync_of(program: Sequence[Bucket]) -> list[SyncBucket]:
     """The program's buckets as the sync model's (one all-reduce each over its devices, tp degree 1: a layer's TP
     shards are separate buckets), labelled by the parameter groups and modules they hold."""
     return [SyncBucket("+".join(dict.fromkeys(name for name, _, _ in b.members)), (b.members[0][1],), b.devices, 1,
-                       b.params) for b in program]
+                       b.params, b.tensors) for b in program]
 
 
 def wave_durations(problem: Problem, placed: PlacedSchedule, cost_model: CostModel | None = None) -> tuple[float, ...]:
@@ -410,7 +410,7 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
     durations = wave_durations(problem, placed, cost_model)
     transfers, forward, backward = boundary_transfers(problem, placed, cost_model)
     phases = wave_phases(problem, placed, cost_model, forward, backward)
-    held = holdings(problem.graph.metaops, placed)
+    held = holdings(problem.graph.metaops, placed, cost_model.module_size)
     program = grad_buckets(held, backward_positions(placed.phases, len(placed.waves)))  # what the runtime all-reduces
     done = walk(problem, placed, cost_model, forward, backward, program)
     ledger = placed_ledger(problem, placed, cost_model)
