@@ -38,7 +38,8 @@ OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 0}  # per element stepped: AdamW's m
 # The float32 logits block the chunked loss kernels hold at once: kernels.rows.CHUNK_BYTES (a test compares them; the
 # planner may not import kernels).
 LOGITS_CHUNK_BYTES = 256 * 2**20
-NEXT_TOKEN_LOSSES = ("lm", "next_token")  # the losses whose head is a Linear(H, vocab) + cross-entropy per position
+NEXT_TOKEN_LOSSES = ("lm", "next_token")
+STEP_REDUCE_BYTES = 64  # a step's closing all-reduce: a float64 per task (a few), or the gradient norm  # the losses whose head is a Linear(H, vocab) + cross-entropy per position
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,9 @@ class CostModel:
         # (planner.api.make_cost_model: :func:`lm_heads`), and the job's training.kernels.
         self.heads: dict[str, LogitsShape] = {}
         self.kernels = "auto"
+        # all-reduces over every device that end each step (runtime.executor: the task losses, and the gradient norm
+        # when the job clips or scales), set by the caller for a job (planner.api.make_cost_model); 0: not priced
+        self.step_reduces = 0
 
     # ---- what subclasses provide
     def layout_time(self, op: MetaOp, layout: Layout) -> float:
@@ -312,11 +316,20 @@ class CostModel:
         bytes/param; the tensors cost nothing here: see :meth:`ProfiledCostModel.optimizer_time`)."""
         return num_params * 32 / self.hw.device.mem_bandwidth
 
+    def step_reduce_time(self, num_devices: int) -> float:
+        """Seconds of the step's closing all-reduces over ``num_devices`` (:attr:`step_reduces` of
+        :data:`STEP_REDUCE_BYTES` each): their latency, which a small job on a shared host pays every step."""
+        if num_devices <= 1:
+            return 0.0
+        cross = num_devices > self.hw.devices_per_node
+        return self.step_reduces * self.allreduce_time(STEP_REDUCE_BYTES, num_devices, cross_node=cross)
+
     def module_size(self, name: str) -> tuple[float, float]:
         """(parameters, tensors) of module ``name`` as the runtime builds it: a MetaOp's input module
         (``embed:<c>``, ``adapt:<c>``) or a task's loss head (``head:<task>``) whole, a parameter group per layer
-        (its parameters are the MetaOp's ``layer.params``). (0, 0) when unknown: without a profile the planner does not
-        size input modules and heads, and counts no tensors."""
+        (with its norms and biases, which ``layer.params`` leaves out). (0, 0) when unknown: without a profile the
+        planner does not size input modules and heads, prices a layer's bucket at ``layer.params`` and counts no
+        tensors."""
         return 0.0, 0.0
 
     # ---- work outside the layers (0 unless measured: see ProfiledCostModel)

@@ -255,7 +255,8 @@ class Holding:
     in reverse; ``len(waves)`` for heads: the loss stage). With phases (:mod:`planner.phases`) it is the backward event,
     in execution order, after which no later one runs the shard: the earliest wave of the last phase that runs it,
     ``len(waves) + p`` for a head whose loss runs in phase ``p``. ``params``: the shard's parameters as the planner models
-    them: a layer's ``layer.params / tp``; an input module's or head's from ``size`` (:func:`holdings`: the cost
+    them: a layer's ``/ tp`` of its parameters as ``size`` counts them, else of ``layer.params``; an input module's or
+    head's from ``size`` (:func:`holdings`: the cost
     model's :meth:`~planner.costmodel.CostModel.module_size`, what ``loom profile`` counted as the runtime builds it; 0
     when unknown). ``tensors``: the shard's parameter tensors, from the same source (0 when unknown): the optimizer's
     per-tensor cost."""
@@ -301,7 +302,8 @@ def holdings(ops: Sequence[MetaOp], placed: PlacedSchedule, size: ModuleSize | N
     for k, wave in enumerate(placed.waves):
         for s in wave.slices:
             op, tp = ops[s.metaop], s.layout.tp_degree
-            fact = (not op.frozen, op.layer.params / tp, size(op.param_group)[1])
+            params, tensors = size(op.param_group)  # as the runtime builds a layer (0: unknown, the modelled params)
+            fact = (not op.frozen, (params or op.layer.params) / tp, tensors)
             for shard in range(tp):  # TP rank ``shard`` of every data-parallel rank holds the layer's shard
                 mine = s.devices[shard::tp]
                 for layer in range(s.first_layer, s.first_layer + s.num_layers):

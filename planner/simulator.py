@@ -98,7 +98,8 @@ class SyncInfo:
 @dataclass(frozen=True)
 class Simulation:
     """One predicted iteration: ``iteration_time_s = compute_s + transfer_s + sync_s + optimizer_s + gather_s +
-    handoff_s`` (``handoff_s``: the weight hand-offs after the step, planner.handoff; 0 without them).
+    handoff_s + reduce_s`` (``handoff_s``: the weight hand-offs after the step, planner.handoff; 0 without them;
+    ``reduce_s``: the step's closing all-reduces over every device, :meth:`CostModel.step_reduce_time`).
     With gradient accumulation (``training.grad_accum_steps`` k) ``compute_s`` and ``transfer_s`` are k passes of
     the waves over one micro-batch each; ``wave_durations``, ``phases`` and ``loss_s`` are one pass.
 
@@ -127,6 +128,7 @@ class Simulation:
     buckets: tuple[Bucket, ...] = ()  # their gradient buckets, in launch order
     handoff_s: float = 0.0  # the weight hand-offs after the step (planner.handoff), on the critical path
     handoffs: tuple[HandOff, ...] = ()
+    reduce_s: float = 0.0  # the step's closing all-reduces over every device (the losses, the clipping norm)
 
 
 # --------------------------------------------------------------------------- transfers
@@ -424,8 +426,9 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
     dpn = max(1, cost_model.hw.devices_per_node)
     offs = hand_offs(problem.graph.metaops, placed, problem.graph.weights_from, cost_model.weight_bytes, dpn)
     handoff_s = hand_off_seconds(offs, cost_model, dpn)
+    reduce_s = cost_model.step_reduce_time(problem.num_devices)
     return Simulation(
-        iteration_time_s=outcome.iteration_time_s + handoff_s,
+        iteration_time_s=outcome.iteration_time_s + handoff_s + reduce_s,
         compute_s=compute_s,
         transfer_s=transfer_s,
         sync_s=outcome.sync_s,
@@ -443,5 +446,6 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
         holdings=tuple(held),
         buckets=tuple(program),
         handoff_s=handoff_s,
+        reduce_s=reduce_s,
         handoffs=tuple(offs),
     )
