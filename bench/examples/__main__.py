@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             records.append(measure(name, JOBS[name], args.steps, Path(tmp)))
             log.info("%s: measured %.1f ms vs predicted %.1f ms (%.2fx)", name, records[-1]["measured_step_s"] * 1e3,
                      records[-1]["predicted_step_s"] * 1e3, records[-1]["ratio"])
-    write_results(args.name, records, report(records, args.note), {"steps": args.steps, "note": args.note, "warmup_steps": WARMUP_STEPS,
-                                                        "target": TARGET}, env=environment())
+    config = {"steps": args.steps, "note": args.note, "warmup_steps": WARMUP_STEPS, "target": TARGET}
+    write_results(args.name, records, report(records, args.note), config, env=environment())
     return 0
 
 
