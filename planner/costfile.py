@@ -3,7 +3,7 @@ sense before any of it is fitted: one SpecError line naming the file, the entry,
 
 The format (planner.costmodel.ProfiledCostModel): a JSON object with ``points`` (profile key -> curve) and the
 optional ``version`` (1), ``device``, ``embed`` and ``head`` (name -> curve), ``optimizer_s_per_param``, ``optimizer``
-(the fitted step ``{"step_s": a, "s_per_param": b, "s_per_tensor": c}``), ``modules`` (module name -> ``[parameters,
+(the fitted step ``{"step_s": a, "s_per_param": b, "s_per_tensor": c}``, b > 0, a and c >= 0), ``modules`` (module name -> ``[parameters,
 tensors]``: what the runtime builds, for the planner's buckets and the optimizer's per-tensor term) and ``links``
 (``p2p``/``allreduce``/``allgather`` -> curve). A curve is a non-empty list of ``[x, seconds]`` pairs: x a local batch
 (a whole number, 1..2^24; links: bytes in (0, 2^50]), seconds in (0, 86400], no x twice, and **monotone**: more
@@ -130,9 +130,10 @@ def _optimizer(source: str, value: object) -> tuple[float, float, float] | None:
                "expected {\"step_s\": s, \"s_per_param\": s, \"s_per_tensor\": s}")
     tops = (MAX_SECONDS, MAX_SECONDS_PER_PARAM, MAX_SECONDS_PER_TENSOR)
     for term, top in zip(OPTIMIZER_TERMS, tops):
-        if not _is_number(value[term]) or not 0 <= value[term] <= top:
-            _fail(source, f"optimizer[{term!r}]", value[term], "is not a finite number of seconds >= 0",
-                  f"expected a fitted term in [0, {top:g}]")
+        low = 0 < value[term] if term == "s_per_param" else 0 <= value[term]  # updating parameters is never free
+        if not _is_number(value[term]) or not (low and value[term] <= top):
+            _fail(source, f"optimizer[{term!r}]", value[term], "is not a finite number of seconds "
+                  + ("> 0" if term == "s_per_param" else ">= 0"), f"expected a fitted term up to {top:g}")
     return tuple(float(value[term]) for term in OPTIMIZER_TERMS)
 
 

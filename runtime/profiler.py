@@ -149,6 +149,9 @@ def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) 
     return points, optimizer_keys([point for p in pooled for point in p["optimizer"]])
 
 
+MIN_SECONDS_PER_PARAM = 1e-15  # the fitted per-parameter term's floor (the cost file refuses 0)
+
+
 def optimizer_keys(points: list[list[float]]) -> dict:
     """The cost file's ``optimizer_s_per_param`` (the step over all the job's trainable tensors, per parameter) and
     ``optimizer`` (planner.costfit.fit_step over ``points``), both None when nothing trains."""
@@ -156,6 +159,7 @@ def optimizer_keys(points: list[list[float]]) -> dict:
         return {"optimizer_s_per_param": None, "optimizer": None}
     whole = [p for p in points if p[0] == max(q[0] for q in points) and p[1] == max(q[1] for q in points)]
     a, b, c = fit_step([tuple(p) for p in points])
+    b = max(b, MIN_SECONDS_PER_PARAM)  # noise may leave the parameters nothing to explain: they still cost
     return {"optimizer_s_per_param": max(statistics.median(p[2] for p in whole) / whole[0][0], 1e-15),
             "optimizer": {"step_s": a, "s_per_param": b, "s_per_tensor": c}}
 

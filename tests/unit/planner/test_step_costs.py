@@ -113,6 +113,7 @@ def test_cost_file_optimizer_and_modules_load_and_are_checked(tmp_path):
     assert MeasuredCosts.from_json(data).optimizer == (1e-3, 1e-8, 5e-5)
     for bad, message in (({"optimizer": {"step_s": -1.0, "s_per_param": 0, "s_per_tensor": 0}}, "optimizer['step_s']"),
                          ({"optimizer": {"step_s": 0}}, "is not the fitted optimizer step"),
+                         ({"optimizer": {"step_s": 0, "s_per_param": 0, "s_per_tensor": 0}}, "optimizer['s_per_param']"),
                          ({"modules": {"head:a": [1.5, 2]}}, "modules['head:a']"),
                          ({"modules": {"head:a": [10]}}, "is not a pair of numbers")):
         path.write_text(json.dumps(data | bad))
