@@ -134,8 +134,9 @@ def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) 
                                                                                      dict]:
     """The cost file's ``points`` (per layer workload, ``[[local batch, median seconds per layer], ...]`` over the
     samples of :func:`sample_layers`) and its optimizer keys (:func:`optimizer_keys`: ``optimizer_s_per_param`` and
-    the fitted ``optimizer`` step), measured in ``processes`` worker processes at once and pooled (medians of every
-    process's samples; the optimizer fitted over every process's points)."""
+    the fitted ``optimizer`` step): the layers measured in ``processes`` worker processes at once and pooled (medians
+    of every process's samples); the optimizer here, on the device a worker would use, since it steps the loss heads,
+    which a recipe registers in this process only (orchestrator.recipes)."""
     if processes <= 1:  # here, on the device a worker would use
         pooled = [json.loads(json.dumps(_measure_worker_side(job, repeats, warmup, None, worker_device(job))))]
     else:
@@ -146,7 +147,7 @@ def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) 
             pooled = [json.loads(path.read_text()) for path in sorted(Path(tmp).glob("*.json"))]
     points = {key: [[int(b), statistics.median(t for p in pooled for t in p["points"][key][b])] for b in samples]
               for key, samples in pooled[0]["points"].items()}
-    return points, optimizer_keys([point for p in pooled for point in p["optimizer"]])
+    return points, optimizer_keys(optimizer_points(job, repeats, warmup, worker_device(job)))
 
 
 MIN_SECONDS_PER_PARAM = 1e-15  # the fitted per-parameter term's floor (the cost file refuses 0)
@@ -166,10 +167,7 @@ def optimizer_keys(points: list[list[float]]) -> dict:
 
 def _measure_worker_side(job: JobSpec, repeats: int, warmup: int, barrier=None,
                          device: torch.device = torch.device("cpu")) -> dict:
-    points = sample_layers(job, repeats, warmup, barrier, device)
-    if barrier is not None:
-        barrier.wait()  # the optimizer steps of every process run together too (AdamW is memory-bound)
-    return {"points": points, "optimizer": optimizer_points(job, repeats, warmup, device)}
+    return {"points": sample_layers(job, repeats, warmup, barrier, device)}
 
 
 def _measure_in_worker(rank: int, job_json: str, repeats: int, warmup: int, barrier, out_dir: str) -> None:
