@@ -91,6 +91,9 @@ def report(records: list[dict], note: str = "") -> str:
              "| job | workers | waves | method | measured step | predicted | measured / predicted | verdict | "
              "load (1 min) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
+        if "error" in r:
+            lines.append(f"| {r['job']} | | | | | | | FAILED: {r['error']} | |")
+            continue
         verdict = "PASS" if abs(r["ratio"] - 1) <= TARGET else "SHORT"
         lines.append(f"| {r['job']} | {r['workers']} | {r['waves']} | {r['method']} | "
                      f"{r['measured_step_s'] * 1e3:.1f} ms | {r['predicted_step_s'] * 1e3:.1f} ms | {r['ratio']:.2f} | "
@@ -101,6 +104,8 @@ def report(records: list[dict], note: str = "") -> str:
               "the parts of the two sides need not add up alike.", "",
               "| job | " + " | ".join(PREDICTED_PARTS) + " |", "|---|" + "---|" * len(PREDICTED_PARTS)]
     for r in records:
+        if "error" in r:
+            continue
         cells = [f"{r.get('measured_parts_s', {}).get(part, 0.0) * 1e3:.1f} / {r['predicted_parts_s'][part] * 1e3:.1f}"
                  for part in PREDICTED_PARTS] if "predicted_parts_s" in r else ["-"] * len(PREDICTED_PARTS)
         lines.append(f"| {r['job']} (ms, measured / predicted) | " + " | ".join(cells) + " |")
@@ -119,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only or sorted(JOBS):
             log.info("%s: profiling and training %d steps", name, args.steps)
-            records.append(measure(name, JOBS[name], args.steps, Path(tmp)))
+            try:
+                records.append(measure(name, JOBS[name], args.steps, Path(tmp)))
+            except SystemExit as failed:  # one job's failure (e.g. a profile a busy host made non-monotone) is reported
+                records.append({"job": name, "error": str(failed).splitlines()[-1][-400:]})
+                log.warning("%s: %s", name, records[-1]["error"])
+                continue
             log.info("%s: measured %.1f ms vs predicted %.1f ms (%.2fx)", name, records[-1]["measured_step_s"] * 1e3,
                      records[-1]["predicted_step_s"] * 1e3, records[-1]["ratio"])
     config = {"steps": args.steps, "note": args.note, "warmup_steps": WARMUP_STEPS, "target": TARGET}
