@@ -1,7 +1,7 @@
 """Fits of what ``loom profile`` measures outside the layers, pure numpy (the planner stays torch-free).
 
 - :func:`alpha_beta`: a link's per-message latency and seconds per byte, ``t = alpha + beta * bytes``, least squares
-  over the measured (bytes, seconds) points with both terms >= 0. Two points give the line through them; one point a
+  of the relative errors over the measured (bytes, seconds) points with both terms >= 0. Two points give the line through them; one point a
   line through the origin.
 - :func:`fit_step`: an optimizer step ``t = a + b * params + c * tensors`` (a per-step cost, a per-parameter cost and a
   per-tensor cost: the kernel launches AdamW pays for every tensor it updates, which dominate a small model's step),
@@ -45,7 +45,9 @@ def alpha_beta(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
         return 0.0, t0 / x0
     xs = np.array([p[0] for p in points], dtype=float)
     ts = np.array([p[1] for p in points], dtype=float)
-    alpha, beta = nonneg_lstsq(np.stack([np.ones_like(xs), xs], axis=1), ts)
+    # relative errors: each point counts alike, so the small messages pin the latency rather than the largest one's
+    # noise deciding it (a fit to absolute errors could put the latency at 0 and price a small bucket at nothing)
+    alpha, beta = nonneg_lstsq(np.stack([np.ones_like(xs), xs], axis=1) / ts[:, None], np.ones_like(ts))
     return float(alpha), float(beta)
 
 
