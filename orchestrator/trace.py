@@ -197,7 +197,8 @@ def predicted_trace(plan: Plan) -> dict:
         t += wave.duration_s - wave.forward_s
         add("transfer_backward", k, wave.transfer_back_s, movers.get(k, ()))
         t += wave.transfer_back_s
-    for part, seconds in (("sync", pred.sync_s), ("optimizer", pred.optimizer_s), ("gather", pred.gather_s)):
+    for part, seconds in (("sync", pred.sync_s), ("optimizer", pred.optimizer_s), ("gather", pred.gather_s),
+                          ("reduce_losses", pred.reduce_s)):
         add(part, None, seconds, ranks)
         t += seconds
     return trace_document(plan, "predicted", events, steps=[0], iteration_s=pred.iteration_time_s)

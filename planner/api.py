@@ -70,6 +70,7 @@ def make_cost_model(job: JobSpec, costs: str | Path | None = None) -> CostModel:
         costs, hw, fallback=analytic, shard_optimizer=shard, grad_bytes=grad_bytes, weight_bytes=weight_bytes,
         **memory)
     model.heads, model.kernels = lm_heads(job), job.training.kernels  # the LM heads' logits (memory model)
+    model.step_reduces = 2 if job.training.grad_clip or job.training.precision == "fp16" else 1  # runtime.executor
     return model
 
 
@@ -413,7 +414,8 @@ def build_plan(
         predicted=Prediction(iteration_time_s=sim.iteration_time_s, compute_s=sim.compute_s,
                              transfer_s=sim.transfer_s, sync_s=sim.sync_s, optimizer_s=sim.optimizer_s,
                              gather_s=sim.gather_s, loss_s=loss.forward_s, loss_transfer_in_s=loss.transfer_in_s,
-                             loss_transfer_back_s=loss.transfer_back_s, handoff_s=sim.handoff_s),
+                             loss_transfer_back_s=loss.transfer_back_s, handoff_s=sim.handoff_s,
+                             reduce_s=sim.reduce_s),
         peak_memory_bytes=list(sim.peak_memory_bytes),
         solver=SolverReport(name=result.solver, status=result.status, objective_s=result.objective_s,
                             bound_s=result.bound_s, gap=result.gap, method=result.method),

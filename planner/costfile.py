@@ -2,7 +2,9 @@
 sense before any of it is fitted: one SpecError line naming the file, the entry, its value, what is wrong and the fix.
 
 The format (planner.costmodel.ProfiledCostModel): a JSON object with ``points`` (profile key -> curve) and the
-optional ``version`` (1), ``device``, ``embed`` and ``head`` (name -> curve), ``optimizer_s_per_param`` and ``links``
+optional ``version`` (1), ``device``, ``embed`` and ``head`` (name -> curve), ``optimizer_s_per_param``, ``optimizer``
+(the fitted step ``{"step_s": a, "s_per_param": b, "s_per_tensor": c}``, b > 0, a and c >= 0), ``modules`` (module name -> ``[parameters,
+tensors]``: what the runtime builds, for the planner's buckets and the optimizer's per-tensor term) and ``links``
 (``p2p``/``allreduce``/``allgather`` -> curve). A curve is a non-empty list of ``[x, seconds]`` pairs: x a local batch
 (a whole number, 1..2^24; links: bytes in (0, 2^50]), seconds in (0, 86400], no x twice, and **monotone**: more
 samples (or bytes) never take less time, beyond measurement noise. Precisely: sorted by x, a point is refused when
@@ -33,7 +35,11 @@ MAX_SECONDS = 86_400.0
 MAX_BATCH = 2**24
 MAX_BYTES = 2.0**50
 MAX_SECONDS_PER_PARAM = 1e-3
-KEYS = ("version", "device", "points", "embed", "head", "optimizer_s_per_param", "links")
+MAX_SECONDS_PER_TENSOR = 1.0  # an optimizer's work per tensor (kernel launches): far below a second
+MAX_PARAMS = 2.0**50  # a module's parameters
+MAX_TENSORS = 2**24  # a module's parameter tensors
+OPTIMIZER_TERMS = ("step_s", "s_per_param", "s_per_tensor")
+KEYS = ("version", "device", "points", "embed", "head", "optimizer_s_per_param", "optimizer", "modules", "links")
 LINK_KINDS = ("p2p", "allreduce", "allgather")
 FIX = "Re-run `loom profile JOB.yaml --output COSTS.json`"
 SHAPE = "not a profiled cost file"  # the start of every message about the file's structure (not its numbers)
@@ -50,6 +56,8 @@ class CostFile:
     head: dict[str, Points]
     optimizer_s_per_param: float | None
     links: dict[str, Points]
+    optimizer: tuple[float, float, float] | None = None  # (step_s, s_per_param, s_per_tensor): the fitted step
+    modules: dict[str, tuple[float, float]] | None = None  # module name -> (parameters, tensors) as the runtime builds
 
 
 def read_cost_file(path: str | Path) -> CostFile:
@@ -108,7 +116,40 @@ def check_cost_data(data: object, source: str = "costs") -> CostFile:
         head=_curves(source, "head", data.get("head", {}), batch=True),
         optimizer_s_per_param=float(rate) if rate is not None else None,
         links={kind: _curve(source, f"links[{kind!r}]", value, batch=False) for kind, value in links.items()},
+        optimizer=_optimizer(source, data.get("optimizer")),
+        modules=_modules(source, data.get("modules", {})),
     )
+
+
+def _optimizer(source: str, value: object) -> tuple[float, float, float] | None:
+    """The fitted optimizer step ``{"step_s", "s_per_param", "s_per_tensor"}`` (each finite and >= 0), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or sorted(value) != sorted(OPTIMIZER_TERMS):
+        _shape(source, "optimizer", value, "is not the fitted optimizer step",
+               "expected {\"step_s\": s, \"s_per_param\": s, \"s_per_tensor\": s}")
+    tops = (MAX_SECONDS, MAX_SECONDS_PER_PARAM, MAX_SECONDS_PER_TENSOR)
+    for term, top in zip(OPTIMIZER_TERMS, tops):
+        low = 0 < value[term] if term == "s_per_param" else 0 <= value[term]  # updating parameters is never free
+        if not _is_number(value[term]) or not (low and value[term] <= top):
+            _fail(source, f"optimizer[{term!r}]", value[term], "is not a finite number of seconds "
+                  + ("> 0" if term == "s_per_param" else ">= 0"), f"expected a fitted term up to {top:g}")
+    return tuple(float(value[term]) for term in OPTIMIZER_TERMS)
+
+
+def _modules(source: str, value: object) -> dict[str, tuple[float, float]]:
+    """Module name -> (parameters, tensors), each a whole number >= 0 (a module the runtime builds)."""
+    out = {}
+    for name, pair in _mapping(source, "modules", value).items():
+        where = f"modules[{name!r}]"
+        if not isinstance(pair, list) or len(pair) != 2 or not all(_is_number(v) for v in pair):
+            _shape(source, where, pair, "is not a pair of numbers", "expected [parameters, tensors]")
+        for v, top in zip(pair, (MAX_PARAMS, MAX_TENSORS)):
+            if not (math.isfinite(v) and float(v).is_integer() and 0 <= v <= top):
+                _fail(source, where, pair, "is not a pair of whole numbers >= 0",
+                      f"expected [parameters, tensors] of a module, each at most {top:g}")
+        out[str(name)] = (float(pair[0]), float(pair[1]))
+    return out
 
 
 def _short(value: object) -> str:

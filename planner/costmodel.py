@@ -19,6 +19,7 @@ from pathlib import Path
 
 from planner.components import use_shape
 from planner.costfile import read_cost_file
+from planner.costfit import alpha_beta
 from planner.devices import Hardware
 from planner.errors import PlanningError
 from planner.generation import generate_time, kv_cache_bytes
@@ -37,7 +38,8 @@ OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 0}  # per element stepped: AdamW's m
 # The float32 logits block the chunked loss kernels hold at once: kernels.rows.CHUNK_BYTES (a test compares them; the
 # planner may not import kernels).
 LOGITS_CHUNK_BYTES = 256 * 2**20
-NEXT_TOKEN_LOSSES = ("lm", "next_token")  # the losses whose head is a Linear(H, vocab) + cross-entropy per position
+NEXT_TOKEN_LOSSES = ("lm", "next_token")
+STEP_REDUCE_BYTES = 64  # a step's closing all-reduce: a float64 per task (a few), or the gradient norm  # the losses whose head is a Linear(H, vocab) + cross-entropy per position
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,9 @@ class CostModel:
         # (planner.api.make_cost_model: :func:`lm_heads`), and the job's training.kernels.
         self.heads: dict[str, LogitsShape] = {}
         self.kernels = "auto"
+        # all-reduces over every device that end each step (runtime.executor: the task losses, and the gradient norm
+        # when the job clips or scales), set by the caller for a job (planner.api.make_cost_model); 0: not priced
+        self.step_reduces = 0
 
     # ---- what subclasses provide
     def layout_time(self, op: MetaOp, layout: Layout) -> float:
@@ -311,9 +316,26 @@ class CostModel:
             return self.hw.device.inter_latency_s + nbytes / self.hw.inter_bandwidth
         return self.hw.device.intra_latency_s + nbytes / self.hw.intra_bandwidth
 
-    def optimizer_time(self, num_params: float) -> float:
-        """AdamW step over ``num_params`` parameters held by one device (memory bound, ~32 bytes/param)."""
+    def optimizer_time(self, num_params: float, num_tensors: float = 0.0) -> float:
+        """AdamW step over ``num_params`` parameters in ``num_tensors`` tensors held by one device (memory bound, ~32
+        bytes/param; the tensors cost nothing here: see :meth:`ProfiledCostModel.optimizer_time`)."""
         return num_params * 32 / self.hw.device.mem_bandwidth
+
+    def step_reduce_time(self, num_devices: int) -> float:
+        """Seconds of the step's closing all-reduces over ``num_devices`` (:attr:`step_reduces` of
+        :data:`STEP_REDUCE_BYTES` each): their latency, which a small job on a shared host pays every step."""
+        if num_devices <= 1:
+            return 0.0
+        cross = num_devices > self.hw.devices_per_node
+        return self.step_reduces * self.allreduce_time(STEP_REDUCE_BYTES, num_devices, cross_node=cross)
+
+    def module_size(self, name: str) -> tuple[float, float]:
+        """(parameters, tensors) of module ``name`` as the runtime builds it: a MetaOp's input module
+        (``embed:<c>``, ``adapt:<c>``) or a task's loss head (``head:<task>``) whole, a parameter group per layer
+        (with its norms and biases, which ``layer.params`` leaves out). (0, 0) when unknown: without a profile the
+        planner does not size input modules and heads, prices a layer's bucket at ``layer.params`` and counts no
+        tensors."""
+        return 0.0, 0.0
 
     # ---- work outside the layers (0 unless measured: see ProfiledCostModel)
     def embed_time(self, op: MetaOp, local_batch: int) -> float:
@@ -366,8 +388,8 @@ class ProfiledCostModel(CostModel):
     (:class:`MeasuredCosts`): ``"embed"`` (root MetaOp name -> points: its data and embedding per
     device), ``"head"`` (task -> points: its loss head per loss device), ``"optimizer_s_per_param"``
     (AdamW seconds per parameter held) and ``"links": {"p2p": [[bytes, s], ...], "allreduce": [...],
-    "allgather": [...]}`` (two processes of one node; ``allgather`` may be missing, see
-    :meth:`allgather_time`). Without them, embeddings and heads cost 0 and the optimizer and links
+    "allgather": [...]}`` (two processes of one node, fitted to a latency and a bandwidth:
+    :meth:`link_time`; ``allgather`` may be missing, see :meth:`allgather_time`). Without them, embeddings and heads cost 0 and the optimizer and links
     follow the device table.
     """
 
@@ -380,6 +402,9 @@ class ProfiledCostModel(CostModel):
         self.points = {k: sorted((float(b), float(t)) for b, t in v) for k, v in points.items()}
         self.fallback = fallback
         self.measured = measured or MeasuredCosts()
+        # per link kind, the fitted per-message latency and seconds per byte (planner.costfit.alpha_beta)
+        self.links = {kind: alpha_beta(pts) for kind in ("p2p", "allreduce", "allgather")
+                      if (pts := getattr(self.measured, kind))}
 
     @classmethod
     def load(cls, path: str | Path, hardware: Hardware, fallback: CostModel | None = None,
@@ -389,7 +414,8 @@ class ProfiledCostModel(CostModel):
         duplicate or non-monotone points, wrong types and unknown keys are a one-line SpecError naming the entry)."""
         costs = read_cost_file(path)
         measured = MeasuredCosts(costs.embed, costs.head, costs.optimizer_s_per_param,
-                                 *(costs.links.get(kind, []) for kind in ("p2p", "allreduce", "allgather")))
+                                 *(costs.links.get(kind, []) for kind in ("p2p", "allreduce", "allgather")),
+                                 optimizer=costs.optimizer, modules=costs.modules or {})
         return cls(hardware, costs.points, fallback, shard_optimizer, grad_bytes, measured, weight_bytes, precision,
                    optimizer)
 
@@ -412,21 +438,37 @@ class ProfiledCostModel(CostModel):
         pts = self.measured.head.get(task)
         return fit_piecewise(pts, local_batch) if pts else 0.0
 
-    def optimizer_time(self, num_params: float) -> float:
+    def optimizer_time(self, num_params: float, num_tensors: float = 0.0) -> float:
+        """The fitted step (``loom profile``: a whole optimizer step over the job's real tensors) ``a + b params + c
+        tensors`` on a device that steps something (0 otherwise); without the fit, the measured seconds per parameter;
+        without either, the device table."""
+        fit = self.measured.optimizer
+        if fit is not None:
+            step_s, per_param, per_tensor = fit
+            return step_s + per_param * num_params + per_tensor * num_tensors if num_params > 0 else 0.0
         rate = self.measured.optimizer_s_per_param
         return num_params * rate if rate is not None else super().optimizer_time(num_params)
+
+    def module_size(self, name: str) -> tuple[float, float]:
+        return self.measured.modules.get(name, (0.0, 0.0))
 
     def p2p_time(self, nbytes: float, cross_node: bool) -> float:
         if cross_node or not self.measured.p2p or nbytes <= 0:
             return super().p2p_time(nbytes, cross_node)
-        return fit_piecewise(self.measured.p2p, nbytes)
+        return self.link_time("p2p", nbytes)
+
+    def link_time(self, kind: str, nbytes: float) -> float:
+        """Seconds of one ``kind`` message (``p2p``, ``allreduce``, ``allgather``) of ``nbytes`` between two processes:
+        the measured points' fitted latency plus bytes over bandwidth (:func:`planner.costfit.alpha_beta`)."""
+        alpha, beta = self.links[kind]
+        return alpha + beta * nbytes
 
     def allreduce_time(self, nbytes: float, num_devices: int, cross_node: bool) -> float:
         """Measured between two processes: t2(b) = alpha + beta b. A ring over n devices takes 2(n-1) steps of
         b/n bytes, i.e. (n-1) alpha + 2(n-1)/n b beta = (n-1) t2(2b/n)."""
         if cross_node or not self.measured.allreduce or num_devices <= 1 or nbytes <= 0:
             return super().allreduce_time(nbytes, num_devices, cross_node)
-        return (num_devices - 1) * fit_piecewise(self.measured.allreduce, 2 * nbytes / num_devices)
+        return (num_devices - 1) * self.link_time("allreduce", 2 * nbytes / num_devices)
 
     def allgather_time(self, nbytes: float, num_devices: int, cross_node: bool) -> float:
         """Measured between two processes: t2(b) gathers ``b`` bytes in all (b/2 from each). A ring over n devices
@@ -436,7 +478,7 @@ class ProfiledCostModel(CostModel):
         if cross_node or num_devices <= 1 or nbytes <= 0:
             return super().allgather_time(nbytes, num_devices, cross_node)
         if self.measured.allgather:
-            return (num_devices - 1) * fit_piecewise(self.measured.allgather, 2 * nbytes / num_devices)
+            return (num_devices - 1) * self.link_time("allgather", 2 * nbytes / num_devices)
         if self.measured.allreduce:
             return self.allreduce_time(nbytes, num_devices, cross_node) / 2
         return super().allgather_time(nbytes, num_devices, cross_node)
@@ -451,6 +493,9 @@ class MeasuredCosts:
     one loss device. ``optimizer_s_per_param``: AdamW seconds per parameter a device holds (None: not
     measured). ``p2p``, ``allreduce`` and ``allgather``: (bytes, s) of one message, of one all-reduce and of
     one all-gather (bytes gathered in all) between two worker processes of one node (empty: not measured).
+    ``optimizer``: the fitted step ``(a, b, c)``: ``a + b params + c tensors`` seconds on a device that steps
+    (None: not measured). ``modules``: module name -> (parameters, tensors) as the runtime builds it
+    (:meth:`CostModel.module_size`).
     """
 
     embed: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
@@ -459,6 +504,8 @@ class MeasuredCosts:
     p2p: list[tuple[float, float]] = field(default_factory=list)
     allreduce: list[tuple[float, float]] = field(default_factory=list)
     allgather: list[tuple[float, float]] = field(default_factory=list)
+    optimizer: tuple[float, float, float] | None = None
+    modules: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict) -> MeasuredCosts:
@@ -471,8 +518,11 @@ class MeasuredCosts:
 
         rate = data.get("optimizer_s_per_param")
         links = dict(data.get("links", {}))
+        fit = data.get("optimizer")
         return cls(curves("embed"), curves("head"), float(rate) if rate is not None else None,
-                   *(points(links.get(kind, [])) for kind in ("p2p", "allreduce", "allgather")))
+                   *(points(links.get(kind, [])) for kind in ("p2p", "allreduce", "allgather")),
+                   optimizer=tuple(float(fit[k]) for k in ("step_s", "s_per_param", "s_per_tensor")) if fit else None,
+                   modules={str(k): (float(v[0]), float(v[1])) for k, v in dict(data.get("modules", {})).items()})
 
 
 def profile_key(op: MetaOp, layout: Layout) -> str:

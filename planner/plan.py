@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from planner.errors import SpecError
 
-PLAN_VERSION = 6  # 2: predicted.gather_s; 3: pieces (the program every worker executes); 4: bounds.iteration_s;
-# 5: phases; 6: use modes (metaops[].mode) and weight hand-offs (handoffs, predicted.handoff_s)
+PLAN_VERSION = 7  # 2: predicted.gather_s; 3: pieces (the program every worker executes); 4: bounds.iteration_s;
+# 5: phases; 6: use modes (metaops[].mode) and weight hand-offs (handoffs, predicted.handoff_s); 7: predicted.reduce_s
 
 
 class _PlanModel(BaseModel):
@@ -185,7 +185,7 @@ class SyncGroup(_PlanModel):
 
 class Prediction(_PlanModel):
     """The simulator's iteration time and its parts along the critical path (planner.simulator): ``iteration_time_s =
-    compute_s + transfer_s + sync_s + optimizer_s + gather_s + handoff_s`` (seconds; sync and gather are the parts not hidden
+    compute_s + transfer_s + sync_s + optimizer_s + gather_s + handoff_s + reduce_s`` (seconds; sync and gather are the parts not hidden
     behind other work)."""
 
     iteration_time_s: float
@@ -202,6 +202,8 @@ class Prediction(_PlanModel):
     loss_transfer_back_s: float = Field(0.0, description="Their gradients moving back (part of transfer_s).")
     handoff_s: float = Field(0.0, description="Weight hand-offs after the step (planner.handoff), on the critical "
                              "path: the next iteration's generation waits for them.")
+    reduce_s: float = Field(0.0, description="The step's closing all-reduces over every worker (the task losses; the "
+                            "gradient norm when clipping or scaling): a few bytes each, their latency.")
 
 
 class SolverReport(_PlanModel):

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -255,13 +255,18 @@ class Holding:
     in reverse; ``len(waves)`` for heads: the loss stage). With phases (:mod:`planner.phases`) it is the backward event,
     in execution order, after which no later one runs the shard: the earliest wave of the last phase that runs it,
     ``len(waves) + p`` for a head whose loss runs in phase ``p``. ``params``: the shard's parameters as the planner models
-    them (layers; 0 for input modules and heads, which the cost model does not size)."""
+    them: a layer's ``/ tp`` of its parameters as ``size`` counts them, else of ``layer.params``; an input module's or
+    head's from ``size`` (:func:`holdings`: the cost
+    model's :meth:`~planner.costmodel.CostModel.module_size`, what ``loom profile`` counted as the runtime builds it; 0
+    when unknown). ``tensors``: the shard's parameter tensors, from the same source (0 when unknown): the optimizer's
+    per-tensor cost."""
 
     key: ModuleKey
     devices: tuple[int, ...]
     trainable: bool
     ready_wave: int
     params: float
+    tensors: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -273,10 +278,17 @@ class Bucket:
     devices: tuple[int, ...]
     members: tuple[ModuleKey, ...]
     params: float
+    tensors: float = 0.0  # the members' parameter tensors (Holding.tensors)
 
 
-def holdings(ops: Sequence[MetaOp], placed: PlacedSchedule) -> list[Holding]:
-    """Every module shard of ``placed`` (frozen ones too: their holders build them), sorted by key."""
+ModuleSize = Callable[[str], tuple[float, float]]  # module name -> (parameters, tensors): CostModel.module_size
+
+
+def holdings(ops: Sequence[MetaOp], placed: PlacedSchedule, size: ModuleSize | None = None) -> list[Holding]:
+    """Every module shard of ``placed`` (frozen ones too: their holders build them), sorted by key. ``size`` gives the
+    parameters and tensors of the modules the MetaOps do not size (input modules and heads whole; per layer of a
+    parameter group, its tensors) (:class:`Holding`); without it they count 0."""
+    size = size or (lambda name: (0.0, 0.0))
     num_waves = len(placed.waves)
     position = backward_positions(placed.phases, num_waves)
     devices: dict[ModuleKey, set[int]] = {}
@@ -290,7 +302,8 @@ def holdings(ops: Sequence[MetaOp], placed: PlacedSchedule) -> list[Holding]:
     for k, wave in enumerate(placed.waves):
         for s in wave.slices:
             op, tp = ops[s.metaop], s.layout.tp_degree
-            fact = (not op.frozen, op.layer.params / tp)
+            params, tensors = size(op.param_group)  # as the runtime builds a layer (0: unknown, the modelled params)
+            fact = (not op.frozen, (params or op.layer.params) / tp, tensors)
             for shard in range(tp):  # TP rank ``shard`` of every data-parallel rank holds the layer's shard
                 mine = s.devices[shard::tp]
                 for layer in range(s.first_layer, s.first_layer + s.num_layers):
@@ -301,14 +314,15 @@ def holdings(ops: Sequence[MetaOp], placed: PlacedSchedule) -> list[Holding]:
             for name in op.input_modules if s.first_layer == 0 else ():
                 devices.setdefault((name, 0, 0), set()).update(s.devices)
                 final_after((name, 0, 0), k)
-                facts[(name, 0, 0)] = (not op.frozen, 0.0)
+                facts[(name, 0, 0)] = (not op.frozen, *size(name))
     phase = phase_of_waves(placed.phases, num_waves)
     for task, (ref, _) in loss_hosts(ops, placed).items():
         host = placed.waves[ref[0]].slices[ref[1]]
         key = ("head:" + task, 0, 0)
         devices[key] = set(host.devices[::host.layout.tp_degree])
-        ready[key], facts[key] = loss_event(num_waves, phase[ref[0]]), (True, 0.0)
-    return [Holding(key, tuple(sorted(devices[key])), facts[key][0], ready[key], facts[key][1]) for key in sorted(devices)]
+        ready[key], facts[key] = loss_event(num_waves, phase[ref[0]]), (True, *size(key[0]))
+    return [Holding(key, tuple(sorted(devices[key])), facts[key][0], ready[key], facts[key][1], facts[key][2])
+            for key in sorted(devices)]
 
 
 def grad_buckets(held: Sequence[Holding], position: Mapping[int, int] | None = None) -> list[Bucket]:
@@ -321,7 +335,8 @@ def grad_buckets(held: Sequence[Holding], position: Mapping[int, int] | None = N
         if h.trainable:
             groups.setdefault((h.ready_wave, h.devices), []).append(h)
     rank = (lambda code: position[code]) if position is not None else (lambda code: -code)
-    return [Bucket(wave, devs, tuple(h.key for h in groups[(wave, devs)]), sum(h.params for h in groups[(wave, devs)]))
+    return [Bucket(wave, devs, tuple(h.key for h in groups[(wave, devs)]), sum(h.params for h in groups[(wave, devs)]),
+                   sum(h.tensors for h in groups[(wave, devs)]))
             for wave, devs in sorted(groups, key=lambda g: (rank(g[0]), g[1]))]
 
 

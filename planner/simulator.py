@@ -99,7 +99,8 @@ class SyncInfo:
 @dataclass(frozen=True)
 class Simulation:
     """One predicted iteration: ``iteration_time_s = compute_s + transfer_s + sync_s + optimizer_s + gather_s +
-    handoff_s - lag_hidden_s`` (``handoff_s``: the weight hand-offs after the step, planner.handoff; 0 without them;
+    handoff_s + reduce_s - lag_hidden_s`` (``handoff_s``: the weight hand-offs after the step, planner.handoff; 0
+    without them; ``reduce_s``: the step's closing all-reduces over every device, :meth:`CostModel.step_reduce_time`;
     ``lag_hidden_s``: with ``training.rollout_lag: 1`` the generation hidden behind the previous step,
     planner.rolloutlag; its behaviour copy of the weights is in ``peak_memory_bytes``).
     With gradient accumulation (``training.grad_accum_steps`` k) ``compute_s`` and ``transfer_s`` are k passes of
@@ -131,6 +132,7 @@ class Simulation:
     handoff_s: float = 0.0  # the weight hand-offs after the step (planner.handoff), on the critical path
     handoffs: tuple[HandOff, ...] = ()
     lag_hidden_s: float = 0.0  # rollout_lag 1: the synchronous iteration minus the pipeline's period (rolloutlag)
+    reduce_s: float = 0.0  # the step's closing all-reduces over every device (the losses, the clipping norm)
 
 
 # --------------------------------------------------------------------------- transfers
@@ -324,7 +326,7 @@ def _sync_infos(ops: Sequence[MetaOp], program: Sequence[Bucket], outcome: SyncO
     index: dict[int, int] = {}
     for i, (bucket, b, t) in enumerate(zip(outcome.buckets, program, outcome.bucket_times)):
         if len(b.devices) <= 1 or b.params <= 0:
-            continue  # one holder: nothing to all-reduce; or nothing the planner sizes (loss heads, input modules)
+            continue  # one holder: nothing to all-reduce; or nothing sized (input modules and heads without a profile)
         index[i] = len(infos)
         names = {name for name, _, _ in b.members}
         metaops = tuple(op.id for op in ops if op.param_group in names)
@@ -336,7 +338,7 @@ def sync_of(program: Sequence[Bucket]) -> list[SyncBucket]:
     """The program's buckets as the sync model's (one all-reduce each over its devices, tp degree 1: a layer's TP
     shards are separate buckets), labelled by the parameter groups and modules they hold."""
     return [SyncBucket("+".join(dict.fromkeys(name for name, _, _ in b.members)), (b.members[0][1],), b.devices, 1,
-                       b.params) for b in program]
+                       b.params, b.tensors) for b in program]
 
 
 def wave_durations(problem: Problem, placed: PlacedSchedule, cost_model: CostModel | None = None) -> tuple[float, ...]:
@@ -421,7 +423,7 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
     durations = tuple(max(times, default=0.0) for times in seconds)  # as wave_durations
     transfers, forward, backward = boundary_transfers(problem, placed, cost_model)
     phases = wave_phases(problem, placed, cost_model, forward, backward, seconds)
-    held = holdings(problem.graph.metaops, placed)
+    held = holdings(problem.graph.metaops, placed, cost_model.module_size)
     program = grad_buckets(held, backward_positions(placed.phases, len(placed.waves)))  # what the runtime all-reduces
     done = walk(problem, placed, cost_model, forward, backward, program, seconds)
     ledger = placed_ledger(problem, placed, cost_model)
@@ -439,8 +441,9 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
     lag = lagged(problem.graph, placed, durations, outcome.iteration_time_s, handoff_s, cost_model.weight_bytes)
     for d, extra in (lag.extra_bytes.items() if lag else ()):
         peak[d] += extra
+    reduce_s = cost_model.step_reduce_time(problem.num_devices)
     return Simulation(
-        iteration_time_s=lag.period_s if lag else outcome.iteration_time_s + handoff_s,
+        iteration_time_s=(lag.period_s if lag else outcome.iteration_time_s + handoff_s) + reduce_s,
         compute_s=compute_s,
         transfer_s=transfer_s,
         sync_s=outcome.sync_s,
@@ -458,6 +461,7 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
         holdings=tuple(held),
         buckets=tuple(program),
         handoff_s=handoff_s,
+        reduce_s=reduce_s,
         handoffs=tuple(offs),
         lag_hidden_s=lag.hidden_s if lag else 0.0,
     )

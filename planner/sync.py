@@ -64,6 +64,7 @@ class SyncBucket:
     devices: tuple[int, ...]
     tp_degree: int
     num_params: float  # parameters of those layers, unsharded
+    num_tensors: float = 0.0  # their parameter tensors on each holder (0: not counted; the optimizer's per-tensor term)
 
 
 def sync_buckets(ledger: MemoryLedger) -> list[SyncBucket]:
@@ -191,13 +192,15 @@ def launch_orders(buckets: Sequence[SyncBucket], times: Sequence[float], ready: 
 
 
 def optimizer_seconds(buckets: Sequence[SyncBucket], cost_model: CostModel, num_devices: int) -> np.ndarray:
-    """Optimizer step seconds per device: the TP shard of every bucket it holds, divided over the bucket's
-    all-reduce participants when ``cost_model.shard_optimizer`` (ZeRO-1)."""
-    params = np.zeros(num_devices)
+    """Optimizer step seconds per device (:meth:`CostModel.optimizer_time`): the TP shard of every bucket it holds,
+    divided over the bucket's all-reduce participants when ``cost_model.shard_optimizer`` (ZeRO-1), and every tensor
+    of those buckets (ZeRO-1 still flattens and refills each of a bucket's tensors on every holder: runtime.zero)."""
+    params, tensors = np.zeros(num_devices), np.zeros(num_devices)
     for b in buckets:
         shards = max(1, len(b.devices) // b.tp_degree) if cost_model.shard_optimizer else 1
         params[list(b.devices)] += b.num_params / b.tp_degree / shards
-    return np.array([cost_model.optimizer_time(float(p)) if p > 0 else 0.0 for p in params])
+        tensors[list(b.devices)] += b.num_tensors
+    return np.array([cost_model.optimizer_time(float(p), float(t)) if p > 0 else 0.0 for p, t in zip(params, tensors)])
 
 
 def schedule_gather(buckets: Sequence[SyncBucket], times: Sequence[float], stepped: np.ndarray) -> np.ndarray:

@@ -15,11 +15,12 @@ measurements too. The result is the JSON that
 
 The work of a step outside the layers is measured too (:class:`planner.costmodel.MeasuredCosts`):
 per root MetaOp, drawing its synthetic data and its embedding's forward and backward (``embed``);
-per task, drawing its batch and its loss head's forward and backward (``head``), both at the same local batches; and one
-AdamW step (as the runtime runs it) over every trainable layer workload, as seconds per parameter.
+per task, drawing its batch and its loss head's forward and backward (``head``), both at the same local batches; the
+optimizer step over the job's real tensors, fitted ``a + b params + c tensors`` (``optimizer``), and the parameters and
+tensors of the modules the planner does not size (``modules``) (runtime.profile_step).
 For a CPU cluster with several devices per node, :func:`profile_links` also times a point-to-point
-message and an all-reduce between two gloo worker processes on this host (``links``), the link the
-runtime's transfers and gradient sync use there.
+message, an all-reduce and an all-gather between two gloo worker processes on this host (``links``) at the job's own
+message sizes, the link the runtime's transfers, gradient sync and ZeRO-1 gathers use there.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ from runtime.assignment import input_order
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
 from runtime.host import configure_worker_process, worker_device
-from runtime.modules import build_layer, build_optimizer, layer_kwargs
+from runtime.modules import build_layer, layer_kwargs
 from runtime.profile_modes import mode_timer, output_shape, rollout_rows
+from runtime.profile_step import message_sizes, module_sizes, optimizer_points
+from planner.costfit import fit_step
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +131,12 @@ def profile_processes(job: JobSpec) -> int:
 
 
 def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) -> tuple[dict[str, list[list[float]]],
-                                                                                     float | None]:
+                                                                                     dict]:
     """The cost file's ``points`` (per layer workload, ``[[local batch, median seconds per layer], ...]`` over the
-    samples of :func:`sample_layers`) and ``optimizer_s_per_param`` (:func:`optimizer_seconds_per_param`), measured
-    in ``processes`` worker processes at once and pooled (medians of every process's samples)."""
+    samples of :func:`sample_layers`) and its optimizer keys (:func:`optimizer_keys`: ``optimizer_s_per_param`` and
+    the fitted ``optimizer`` step): the layers measured in ``processes`` worker processes at once and pooled (medians
+    of every process's samples); the optimizer here, on the device a worker would use, since it steps the loss heads,
+    which a recipe registers in this process only (orchestrator.recipes)."""
     if processes <= 1:  # here, on the device a worker would use
         pooled = [json.loads(json.dumps(_measure_worker_side(job, repeats, warmup, None, worker_device(job))))]
     else:
@@ -142,16 +147,27 @@ def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) 
             pooled = [json.loads(path.read_text()) for path in sorted(Path(tmp).glob("*.json"))]
     points = {key: [[int(b), statistics.median(t for p in pooled for t in p["points"][key][b])] for b in samples]
               for key, samples in pooled[0]["points"].items()}
-    rates = [p["optimizer"] for p in pooled if p["optimizer"] is not None]
-    return points, statistics.median(rates) if rates else None
+    return points, optimizer_keys(optimizer_points(job, repeats, warmup, worker_device(job)))
+
+
+MIN_SECONDS_PER_PARAM = 1e-15  # the fitted per-parameter term's floor (the cost file refuses 0)
+
+
+def optimizer_keys(points: list[list[float]]) -> dict:
+    """The cost file's ``optimizer_s_per_param`` (the step over all the job's trainable tensors, per parameter) and
+    ``optimizer`` (planner.costfit.fit_step over ``points``), both None when nothing trains."""
+    if not points:
+        return {"optimizer_s_per_param": None, "optimizer": None}
+    whole = [p for p in points if p[0] == max(q[0] for q in points) and p[1] == max(q[1] for q in points)]
+    a, b, c = fit_step([tuple(p) for p in points])
+    b = max(b, MIN_SECONDS_PER_PARAM)  # noise may leave the parameters nothing to explain: they still cost
+    return {"optimizer_s_per_param": max(statistics.median(p[2] for p in whole) / whole[0][0], 1e-15),
+            "optimizer": {"step_s": a, "s_per_param": b, "s_per_tensor": c}}
 
 
 def _measure_worker_side(job: JobSpec, repeats: int, warmup: int, barrier=None,
                          device: torch.device = torch.device("cpu")) -> dict:
-    points = sample_layers(job, repeats, warmup, barrier, device)
-    if barrier is not None:
-        barrier.wait()  # the optimizer steps of every process run together too (AdamW is memory-bound)
-    return {"points": points, "optimizer": optimizer_seconds_per_param(job, repeats, warmup, device)}
+    return {"points": sample_layers(job, repeats, warmup, barrier, device)}
 
 
 def _measure_in_worker(rank: int, job_json: str, repeats: int, warmup: int, barrier, out_dir: str) -> None:
@@ -171,20 +187,23 @@ def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2, links: bool 
     configure_worker_process(device)  # as each worker: on CPU one thread and freed memory kept (the latter stays on)
     try:
         processes = profile_processes(job)
-        points, rate = profile_layers(job, repeats, warmup, processes)
+        points, optimizer = profile_layers(job, repeats, warmup, processes)
+        rate, fit = optimizer["optimizer_s_per_param"], optimizer["optimizer"]
         names = {profile_key(op, Layout(1, 1)): op.name for op in reversed(build_metagraph(job).metaops)}
         for key, pts in points.items():
             say(f"profiled {names[key]} ({processes} at once): " + ", ".join(f"b={b}: {t * 1e3:.2f} ms" for b, t in pts))
         embed, head = time_embeddings(job, repeats, warmup, device), time_heads(job, repeats, warmup, device)
         say("profiled outside the layers: embeddings " + ", ".join(f"{k} {v[-1][1] * 1e3:.2f} ms" for k, v in embed.items())
             + "; heads " + ", ".join(f"{k} {v[-1][1] * 1e3:.2f} ms" for k, v in head.items())
-            + (f"; AdamW {rate * 1e9:.2f} ns/parameter" if rate is not None else ""))
+            + (f"; optimizer step {fit['step_s'] * 1e3:.2f} ms + {fit['s_per_param'] * 1e9:.2f} ns/parameter + "
+               f"{fit['s_per_tensor'] * 1e6:.1f} us/tensor" if fit is not None else ""))
+        sizes = module_sizes(job)
         out = {"version": PROFILE_VERSION, "device": job.cluster.device, "points": points, "embed": embed,
-               "head": head, "optimizer_s_per_param": rate}
+               "head": head, "optimizer_s_per_param": rate, "optimizer": fit, "modules": sizes}
         if links and job.cluster.device.lower() == "cpu" and job.cluster.devices_per_node > 1:
-            out["links"] = profile_links(max(repeats, LINK_REPEATS), warmup)
+            out["links"] = profile_links(max(repeats, LINK_REPEATS), warmup, message_sizes(job, sizes))
             say("profiled gloo links between two processes: " + "; ".join(
-                f"{kind} {int(b) >> 10} KiB {t * 1e3:.2f} ms" for kind, pts in out["links"].items() for b, t in pts))
+                f"{kind} {b / 1024:.1f} KiB {t * 1e3:.2f} ms" for kind, pts in out["links"].items() for b, t in pts))
         return out
     finally:
         torch.set_num_threads(threads)
@@ -276,42 +295,18 @@ def time_heads(job: JobSpec, repeats: int, warmup: int,
     return out
 
 
-OPTIMIZER_PARAMS_CAP = 32_000_000  # parameters the AdamW timing builds at most (its state is 4x that in floats)
-
-
-def optimizer_seconds_per_param(job: JobSpec, repeats: int, warmup: int,
-                                device: torch.device = torch.device("cpu")) -> float | None:
-    """Seconds per parameter of one AdamW step (the runtime's :func:`build_optimizer`) over the trainable layers of
-    the job, all in one optimizer as a worker holds them (up to :data:`OPTIMIZER_PARAMS_CAP` parameters): a worker's
-    parameters, gradients and moments do not stay in cache between steps, and one layer's alone would (timed per
-    layer, AdamW ran at half the rate the bench/runtime workers measured). None when nothing trains."""
-    weights, seen = [], set()
-    for op in build_metagraph(job).metaops:
-        if op.frozen or op.param_group in seen:
-            continue
-        seen.add(op.param_group)
-        for layer in range(op.num_layers):
-            if sum(w.numel() for w in weights) >= OPTIMIZER_PARAMS_CAP:
-                break
-            weights += [p for p in build_layer(job, op, layer).to(device).parameters() if p.requires_grad]
-    if not weights:
-        return None
-    for w in weights:
-        w.grad = torch.randn_like(w)
-    adamw = build_optimizer(job, weights)
-    return _median_seconds(adamw.step, repeats, warmup, device) / sum(w.numel() for w in weights)
-
-
 LINK_BYTES = (1 << 14, 1 << 18, 1 << 20, 1 << 22)  # message sizes the link curves are measured at
 LINK_REPEATS = 25  # a message takes about a millisecond, and single samples on a shared host vary a lot
 
 
 def profile_links(repeats: int = 5, warmup: int = 2, sizes: tuple[int, ...] = LINK_BYTES
                   ) -> dict[str, list[list[float]]]:
-    """``{"p2p": [[bytes, s], ...], "allreduce": [[bytes, s], ...]}``: median seconds of one message
-    (``batch_isend_irecv``, as the runtime's transfers) and of one all-reduce (as its gradient sync) between two
-    gloo worker processes on this host, one thread each; per size, the slower of the two ranks, and never more
-    than at a larger size (a longer message cannot be faster: a slower median is noise of a shared host)."""
+    """``{"p2p": [[bytes, s], ...], "allreduce": [...], "allgather": [...]}``: median seconds of one message
+    (``batch_isend_irecv``, as the runtime's transfers), of one all-reduce (as its gradient sync) and of one
+    all-gather of ``bytes`` in all (as ZeRO-1's, runtime.zero) between two gloo worker processes on this host, one
+    thread each, at ``sizes`` (`loom profile`: the job's own message sizes, runtime.profile_step.message_sizes); per
+    size, the slower of the two ranks, and never more than at a larger size (a longer message cannot be faster: a
+    slower median is noise of a shared host). The planner fits each to a latency and a bandwidth."""
     from runtime.local_world import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -339,14 +334,18 @@ def _time_links(rank: int, port: int, repeats: int, warmup: int, sizes: tuple[in
             for request in dist.batch_isend_irecv([op]):
                 request.wait()
 
-        medians = torch.tensor([[timed(lambda x=torch.zeros(n // 4): message(x)),
-                                 timed(lambda x=torch.zeros(n // 4): dist.all_reduce(x))] for n in sizes],
+        def gather(mine: torch.Tensor) -> None:
+            dist.all_gather([torch.empty_like(mine) for _ in range(2)], mine)
+
+        medians = torch.tensor([[timed(lambda x=torch.zeros(max(1, n // 4)): message(x)),
+                                 timed(lambda x=torch.zeros(max(1, n // 4)): dist.all_reduce(x)),
+                                 timed(lambda x=torch.zeros(max(1, n // 8)): gather(x))] for n in sizes],
                                dtype=torch.float64)
         dist.all_reduce(medians, op=dist.ReduceOp.MAX)
         if rank == 0:
             rising = torch.cummin(medians.flip(0), dim=0).values.flip(0)  # a spike at one size: take a larger one's
             out = {kind: [[n, float(rising[i, j])] for i, n in enumerate(sizes)]
-                   for j, kind in enumerate(("p2p", "allreduce"))}
+                   for j, kind in enumerate(("p2p", "allreduce", "allgather"))}
             (Path(out_dir) / "links.json").write_text(json.dumps(out))
     finally:
         dist.destroy_process_group()

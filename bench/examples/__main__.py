@@ -50,25 +50,65 @@ def measure(name: str, path: Path, steps: int, work: Path) -> dict:
     plan = json.loads((out / "plan.json").read_text())
     timed = [r["step_seconds"] for r in records[WARMUP_STEPS:]] or [r["step_seconds"] for r in records]
     measured, predicted = statistics.median(timed), plan["predicted"]["iteration_time_s"]
+    parts = {part: plan["predicted"].get(key, 0.0) for part, key in PREDICTED_PARTS.items()}
     return {"job": name, "path": str(path.relative_to(REPO_ROOT)), "workers": len(plan["peak_memory_bytes"]),
             "waves": len(plan["waves"]), "method": plan["solver"]["method"], "steps": len(records),
             "measured_step_s": measured, "predicted_step_s": predicted, "ratio": measured / predicted,
             "step_seconds": [r["step_seconds"] for r in records], "profile_s": profiled,
-            "load_average": os.getloadavg()[0]}
+            "load_average": os.getloadavg()[0], "predicted_parts_s": parts,
+            "measured_parts_s": measured_parts(out / "trace.json")}
 
 
-def report(records: list[dict]) -> str:
+# the trace's categories (orchestrator.trace) beside the plan's predicted parts they compare with
+PREDICTED_PARTS = {"compute": "compute_s", "transfer": "transfer_s", "sync": "sync_s", "optimizer": "optimizer_s",
+                   "all-gather": "gather_s", "step all-reduce": "reduce_s"}
+
+
+def measured_parts(trace: Path) -> dict[str, float]:
+    """Seconds per step of each part in the run's ``trace.json`` (the last steps' measured spans): per rank the mean
+    over the recorded steps, then the slowest rank. The loss stage counts as compute (as the plan's compute_s holds
+    it), the losses' all-reduce as the step all-reduce, ZeRO-1's all-gather is inside the optimizer's span."""
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
+    steps = {e["args"]["step"] for e in events} or {0}
+    name = {"forward": "compute", "backward": "compute", "loss": "compute", "transfer_forward": "transfer",
+            "transfer_backward": "transfer", "sync": "sync", "optimizer": "optimizer",
+            "reduce_losses": "step all-reduce"}
+    per_rank: dict[tuple[str, int], float] = {}
+    for e in events:
+        key = (name.get(e["args"]["part"], e["args"]["part"]), e["tid"])
+        per_rank[key] = per_rank.get(key, 0.0) + e["dur"] / 1e6 / len(steps)
+    out: dict[str, float] = {}
+    for (part, _), seconds in per_rank.items():
+        out[part] = max(out.get(part, 0.0), seconds)
+    return out
+
+
+def report(records: list[dict], note: str = "") -> str:
     lines = ["# CPU examples: measured step vs the plan's prediction (profiled costs)", "",
              f"Each job: `loom profile JOB` then `loom run JOB --costs COSTS`; measured = median step after the first "
              f"{WARMUP_STEPS} (driver wall time), predicted = the plan's iteration time. Target: within "
-             f"{TARGET:.0%} (issue 10).", "",
+             f"{TARGET:.0%} (issue 10).", *([note, ""] if note else [""]),
              "| job | workers | waves | method | measured step | predicted | measured / predicted | verdict | "
              "load (1 min) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
+        if "error" in r:
+            lines.append(f"| {r['job']} | | | | | | | FAILED: {r['error']} | |")
+            continue
         verdict = "PASS" if abs(r["ratio"] - 1) <= TARGET else "SHORT"
         lines.append(f"| {r['job']} | {r['workers']} | {r['waves']} | {r['method']} | "
                      f"{r['measured_step_s'] * 1e3:.1f} ms | {r['predicted_step_s'] * 1e3:.1f} ms | {r['ratio']:.2f} | "
                      f"{verdict} | {r['load_average']:.1f} |")
+    lines += ["", "## Where the step goes", "",
+              "Measured: the run's `trace.json` (its last steps), per part the slowest worker's mean per step; the "
+              "optimizer's span holds ZeRO-1's all-gather. Predicted: the plan's parts along its critical path, so "
+              "the parts of the two sides need not add up alike.", "",
+              "| job | " + " | ".join(PREDICTED_PARTS) + " |", "|---|" + "---|" * len(PREDICTED_PARTS)]
+    for r in records:
+        if "error" in r:
+            continue
+        cells = [f"{r.get('measured_parts_s', {}).get(part, 0.0) * 1e3:.1f} / {r['predicted_parts_s'][part] * 1e3:.1f}"
+                 for part in PREDICTED_PARTS] if "predicted_parts_s" in r else ["-"] * len(PREDICTED_PARTS)
+        lines.append(f"| {r['job']} (ms, measured / predicted) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -77,17 +117,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=sorted(JOBS), help="one job; repeat for several")
     parser.add_argument("--steps", type=int, default=30, help="training steps per job (default 30)")
     parser.add_argument("--name", default="examples", help="results file stem under bench/results/")
+    parser.add_argument("--note", default="", help="a line for the report (e.g. what else loaded the machine)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only or sorted(JOBS):
             log.info("%s: profiling and training %d steps", name, args.steps)
-            records.append(measure(name, JOBS[name], args.steps, Path(tmp)))
+            try:
+                records.append(measure(name, JOBS[name], args.steps, Path(tmp)))
+            except SystemExit as failed:  # one job's failure (e.g. a profile a busy host made non-monotone) is reported
+                records.append({"job": name, "error": str(failed).splitlines()[-1][-400:]})
+                log.warning("%s: %s", name, records[-1]["error"])
+                continue
             log.info("%s: measured %.1f ms vs predicted %.1f ms (%.2fx)", name, records[-1]["measured_step_s"] * 1e3,
                      records[-1]["predicted_step_s"] * 1e3, records[-1]["ratio"])
-    write_results(args.name, records, report(records), {"steps": args.steps, "warmup_steps": WARMUP_STEPS,
-                                                        "target": TARGET}, env=environment())
+    config = {"steps": args.steps, "note": args.note, "warmup_steps": WARMUP_STEPS, "target": TARGET}
+    write_results(args.name, records, report(records, args.note), config, env=environment())
     return 0
 
 

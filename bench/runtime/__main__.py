@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     records = {}
     for run in range(args.rounds):  # alternate the two, so slow phases of a noisy machine hit both
         if run and not args.costs:  # profile again: this round's runs are predicted from costs seconds old
-            points, rate = profile_layers(job, PROFILE_REPEATS, 3, profile_processes(job))
-            cost_model = cost_model_of(job, {**costs, "points": points, "optimizer_s_per_param": rate})
+            points, optimizer = profile_layers(job, PROFILE_REPEATS, 3, profile_processes(job))
+            cost_model = cost_model_of(job, {**costs, "points": points, **optimizer})
         for name, plan in plans.items():
             predicted = predict_plan(job, plan, cost_model)
             log.info("training %s (round %d): %d waves", name, run + 1, len(plan.waves))

@@ -12,6 +12,8 @@ from planner.costmodel import Layout, ProfiledCostModel, profile_key
 from planner.devices import resolve_hardware
 from planner.metagraph import build_metagraph
 from planner.spec import parse_job
+from planner.costfit import alpha_beta
+from runtime.profile_step import message_sizes
 from runtime.profiler import local_batches, profile_job
 
 
@@ -54,8 +56,13 @@ def test_profile_covers_every_workload_and_feeds_the_planner(tmp_path):
     assert [b for b, _ in data["embed"]["a.enc"]] == local_batches(roots[0], 4)
     assert set(data["head"]) == {"a", "b"} and all(t > 0 for pts in data["head"].values() for _, t in pts)
     assert 0 < data["optimizer_s_per_param"] < 1e-6
-    # the gloo links between two worker processes: every size, never faster for a longer message
-    for kind in ("p2p", "allreduce"):
+    # the optimizer step fitted over the job's real tensors, and the modules the planner does not size, as built
+    assert set(data["optimizer"]) == {"step_s", "s_per_param", "s_per_tensor"}
+    assert all(v >= 0 for v in data["optimizer"].values()) and data["optimizer"]["s_per_param"] > 0
+    assert set(data["modules"]) >= {"head:a", "head:b", "enc"} and all(p > 0 and t >= 1 for p, t in data["modules"].values())
+    # the gloo links between two worker processes: at the job's own message sizes, never faster for a longer message
+    assert [n for n, _ in data["links"]["p2p"]] == list(message_sizes(j, data["modules"]))
+    for kind in ("p2p", "allreduce", "allgather"):
         sizes, seconds = zip(*data["links"][kind])
         assert list(sizes) == sorted(sizes) and len(sizes) >= 3
         assert 0 < seconds[0] and list(seconds) == sorted(seconds)
@@ -63,8 +70,10 @@ def test_profile_covers_every_workload_and_feeds_the_planner(tmp_path):
     path.write_text(json.dumps(data))
     model = ProfiledCostModel.load(path, resolve_hardware(j.cluster))
     assert model.embed_time(roots[0], 16) == data["embed"]["a.enc"][-1][1]
-    assert model.optimizer_time(1e6) == pytest.approx(1e6 * data["optimizer_s_per_param"])
-    assert model.p2p_time(data["links"]["p2p"][-1][0], cross_node=False) == data["links"]["p2p"][-1][1]
+    fit = data["optimizer"]
+    assert model.optimizer_time(1e6, 10) == pytest.approx(fit["step_s"] + 1e6 * fit["s_per_param"] + 10 * fit["s_per_tensor"])
+    alpha, beta = alpha_beta([tuple(p) for p in data["links"]["p2p"]])
+    assert model.p2p_time(1e6, cross_node=False) == pytest.approx(alpha + 1e6 * beta)
     plan = plan_job(j, model, with_baselines=False).plan
     assert plan.cost_model == "profiled"
     # the curve the planner used is the measured one (no analytic fallback involved)
@@ -130,3 +139,45 @@ def test_a_connector_is_profiled_with_its_use():
     data = profile_job(j, repeats=1, warmup=0)
     assert set(data["embed"]) == {"caption.img", "caption.lm"}
     assert all(t > 0 for _, t in data["embed"]["caption.lm"])
+
+
+@pytest.mark.parametrize("name", ["vlm-cpu", "quickstart-cpu"])
+def test_planned_buckets_hold_the_runtimes_real_parameters(name, tmp_path):
+    """With the module sizes `loom profile` counts, every gradient bucket the plan writes (layers, input modules and
+    loss heads) holds exactly the parameters the runtime builds for its members: its all-reduce is priced at the bytes
+    the runtime sends."""
+    from pathlib import Path
+
+    from planner.api import make_cost_model, plan_placed
+    from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
+    from planner.spec_file import read_job_document
+    from runtime.embeddings import build_input_module
+    from runtime.heads import build_head
+    from runtime.modules import build_layer
+    from runtime.profile_step import module_sizes
+
+    j = parse_job(read_job_document(Path(__file__).parents[2] / "examples" / f"{name}.yaml"))
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps({"points": {}, "modules": module_sizes(j)}))
+    ops = build_metagraph(j).metaops
+    placed = PlacedSchedule(tuple(PlacedWave((PlacedSlice(op.id, 0, op.num_layers, (0, 1), Layout(2, 1)),))
+                                  for op in ops))
+    plan = plan_placed(j, placed, make_cost_model(j, costs))
+    tasks = {t.name: i for i, t in enumerate(j.tasks)}
+
+    def real(key: list) -> int:
+        module_name, layer, _ = key
+        if module_name.startswith("head:"):
+            module = build_head(j, tasks[module_name.removeprefix("head:")])
+        elif module_name.startswith(("embed:", "adapt:")):
+            module = build_input_module(j, module_name)
+        else:
+            module = build_layer(j, next(op for op in ops if op.param_group == module_name), layer)
+        return sum(p.numel() for p in module.parameters())
+
+    shared = [b for b in plan.grad_buckets if len(b.devices) > 1]
+    assert {m[0].split(":")[0] for b in shared for m in b.members} >= {"head", "embed"}
+    for bucket in plan.grad_buckets:
+        assert bucket.params == sum(real(m) for m in bucket.members), bucket.members
+    element = 4 if j.training.precision == "fp32" else 2
+    assert sorted(g.bytes for g in plan.sync_groups) == sorted(element * b.params for b in shared)

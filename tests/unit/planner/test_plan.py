@@ -186,7 +186,8 @@ def test_predicted_times_add_up(planned):
     assert pred.compute_s > 0
     assert pred.iteration_time_s >= pred.compute_s
     assert pred.iteration_time_s == pytest.approx(
-        pred.compute_s + pred.transfer_s + pred.sync_s + pred.optimizer_s + pred.gather_s + pred.handoff_s)
+        pred.compute_s + pred.transfer_s + pred.sync_s + pred.optimizer_s + pred.gather_s + pred.handoff_s
+        + pred.reduce_s)
     assert pred.gather_s == pytest.approx(outcome.simulation.gather_s) and pred.gather_s >= 0
     # the critical path's compute: some of the waves' slices, forward and backward (no barrier between slices)
     slowest = sum(max(s.forward_s for s in w.slices) + max(s.time_s - s.forward_s for s in w.slices)
