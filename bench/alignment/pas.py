@@ -34,6 +34,7 @@ from recipes.alignment import tasks
 
 SPEC = REPO_ROOT / "recipes/alignment/pipeline/pas-tiny.yaml"
 VARIANTS = ("plain", "augmented")
+RUN_FILE = "bench-run.json"  # a run's exit code, wall time and load average, for --reuse
 WAYS = {"rule_score": "alone", "rule_score_pas": "+ PAS complement", "rule_score_oracle": "+ generator's complement",
         "pas_gain": "PAS gain"}
 
@@ -45,6 +46,9 @@ def variant_spec(variant: str, seed: int, out: Path) -> dict:
         component["pretrained"] = str((SPEC.parent / component["pretrained"]).resolve())
     doc["training"]["seed"] = seed
     phases = {p["name"]: p for p in doc["phases"]}
+    for task in (t for p in doc["phases"] for t in p.get("tasks", ())):  # the spec's relative files, from out/
+        if not task["data"]["path"].startswith("@"):
+            task["data"]["path"] = str((SPEC.parent / task["data"]["path"]).resolve())
     phases["pas_data"]["args"]["source"] = str((SPEC.parent / phases["pas_data"]["args"]["source"]).resolve())
     for name in ("pas_data", "pas_eval"):
         phases[name]["args"]["seed"] = seed
@@ -72,6 +76,9 @@ def run(variant: str, seed: int, out: Path, reuse: bool) -> dict:
             raise RuntimeError(f"loom run {spec} failed ({proc.returncode}): {proc.stderr[-2000:]}")
         record |= {"rc": proc.returncode, "seconds": time.perf_counter() - start,
                    "load_average": os.getloadavg()[0], "reused": False}
+        (target / RUN_FILE).write_text(json.dumps({k: record[k] for k in ("rc", "seconds", "load_average")}))
+    elif (target / RUN_FILE).exists():  # a run of this bench: its exit code and time
+        record |= json.loads((target / RUN_FILE).read_text())
     for phase in ("pas_data", "pas_eval"):
         record[phase] = json.loads((target / phase / "metrics.json").read_text())
     log = target / "sft" / "metrics.jsonl"
@@ -127,7 +134,7 @@ def markdown(rec: dict) -> str:
               f"{aug['complement_exact']['mean']:.1%} of the held-out ones equal the generator's word for word.", "",
               "| run | seed | exit | wall s | load average | rule score alone | + PAS | gain |", "|---|---|---|---|---|---|---|---|"]
     for r in rec["runs"]:
-        wall = "reused" if r["reused"] else f"{r['seconds']:.0f}"
+        wall = "not recorded" if r["seconds"] is None else f"{r['seconds']:.0f}"
         load = "" if r["load_average"] is None else f"{r['load_average']:.1f}"
         m = r["pas_eval"]
         lines.append(f"| {r['variant']} | {r['seed']} | {r['rc'] if r['rc'] is not None else ''} | {wall} | {load} | "
@@ -139,17 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.alignment.pas", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/loom-bench-pas"), help="where the runs go")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--seed", type=int, action="append", help="only this seed (repeatable; instead of --seeds): "
+                        "runs of several seeds at once, then one --reuse run over all of them writes the report")
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs under --out")
     parser.add_argument("--no-write", action="store_true", help="print the report; leave bench/results alone")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    runs = [run(variant, seed, out, args.reuse) for seed in range(args.seeds) for variant in reversed(VARIANTS)]
-    rec = {"seeds": list(range(args.seeds)), "runs": runs, "summary": summary(runs)}
+    seeds = args.seed or list(range(args.seeds))
+    runs = [run(variant, seed, out, args.reuse) for seed in seeds for variant in reversed(VARIANTS)]
+    rec = {"seeds": seeds, "runs": runs, "summary": summary(runs)}
     report = markdown(rec)
     print(report)
     if not args.no_write:
-        write_results("alignment-pas", [rec], report, {"spec": str(SPEC.relative_to(REPO_ROOT)), "seeds": args.seeds})
+        write_results("alignment-pas", [rec], report, {"spec": str(SPEC.relative_to(REPO_ROOT)), "seeds": seeds})
     return 0
 
 
