@@ -1,4 +1,4 @@
-"""``python -m bench.alignment.pas [--out DIR] [--seeds N] [--reuse] [--no-write]``: does PAS help the answer model?
+"""``python -m bench.alignment.pas [--out DIR] [--seeds N | --seed S ...] [--reuse] [--no-write]``: does PAS help?
 
 For each seed, two ``loom run`` s (subprocesses) of recipes/alignment/pipeline/pas-tiny.yaml with ``training.seed``
 and the steps' ``seed`` set to it:
