@@ -132,7 +132,8 @@ def markdown(rec: dict) -> str:
               f"{aug['train_complement_valid']['mean']:.1%} of the 256 written into the SFT data and "
               f"{aug['complement_valid']['mean']:.1%} of the 64 held-out ones obey them; "
               f"{aug['complement_exact']['mean']:.1%} of the held-out ones equal the generator's word for word.", "",
-              "| run | seed | exit | wall s | load average | rule score alone | + PAS | gain |", "|---|---|---|---|---|---|---|---|"]
+              "| run | seed | exit | wall s | load average | rule score alone | + PAS | gain |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rec["runs"]:
         wall = "not recorded" if r["seconds"] is None else f"{r['seconds']:.0f}"
         load = "" if r["load_average"] is None else f"{r['load_average']:.1f}"
