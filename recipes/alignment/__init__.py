@@ -5,7 +5,8 @@ sequences through the model) and its evaluator with the runtime (a job opts in w
 tasks (the generator: two domains, rule rewards, preference pairs, PAS complements), data (the dataset), losses
 (reward model, DPO, GRPO's KL penalty on SFT data), merge (linear, task arithmetic, Model Stock over exported model
 folders; the phase step ``merge``), grpo (losses ``grpo_rm``: GRPO scored by the trained reward model, and
-``grpo_rule``: by the rule; its prompts; the step ``reward_head``), pas (step ``pas_eval``: PAS measured), evaluate
+``grpo_rule``: by the rule; its prompts; the step ``reward_head``), pas (step ``pas_eval``: PAS measured), pas_data
+(step ``pas_data``: SFT prompts augmented by PAS), evaluate
 (held-out reward accuracy, packing utilisation; step ``rule_eval``), make (writes the data, tokenizer and tiny
 Llama), generation (greedy answers of an exported model). The data and evaluation phases (issue 18; each a pair of
 steps): button_steps (BUTTON: modules button, button_world, button_eval), supercorrect (SuperCorrect:
@@ -16,7 +17,7 @@ docs/recipes/alignment.md.
 
 # modules, so that their names are not shadowed
 from recipes.alignment import (
-    button_steps, data, datasculpt, evaluate, grpo, judge_steps, losses, merge, mixture, pas, supercorrect,
+    button_steps, data, datasculpt, evaluate, grpo, judge_steps, losses, merge, mixture, pas, pas_data, supercorrect,
 )
 from runtime.data import register_dataset
 from runtime.evaluate import register_evaluator
@@ -40,6 +41,9 @@ PHASE_STEPS = {
     "pas_eval": dict(run=pas.pas_eval_step, check=pas.check_pas_eval_args, writes=(), metrics=pas.METRICS,
                      doc="the answer model's held-out rule score with and without the PAS model's complement (args: "
                      "pas, model, prompts, new_tokens, seed)"),
+    "pas_data": dict(run=pas_data.data_step, check=pas_data.check_data_args, writes=("data",), metrics=pas_data.METRICS,
+                     doc="SFT data with a share of its prompts augmented by the PAS model's complements (args: pas, "
+                     "source, share, seed)"),
     # BUTTON (arXiv 2410.12952): compositional function-calling trajectories, and their executed evaluation
     "button_data": dict(run=button_steps.data_step, check=button_steps.check_data_args, writes=("data",),
                         doc="BUTTON's train trajectories, chat format (args: kinds, rows, seed, tasks)"),

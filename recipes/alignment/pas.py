@@ -11,13 +11,17 @@ generator's ``pas-heldout`` stream: ``data/heldout/pas.jsonl``'s prompts, never 
   the end-of-turn marker);
 - ``rule_score_oracle``: the prompt and the generator's own complement (what a perfect PAS model would append);
 
-each also per domain (``rule_score_pas_arithmetic``, ...), and ``complement_exact``: the fraction of the PAS model's
-complements equal to the generator's (word for word). The step writes nothing; its metrics go to
-``OUT/<phase>/metrics.json`` (docs/job-spec.md, Evaluation steps and gates).
+each also per domain (``rule_score_pas_arithmetic``, ...); ``pas_gain``: ``rule_score_pas - rule_score`` (what
+PAS adds, or takes away, on these prompts: a gate's ``min``); ``complement_exact``: the fraction of the PAS model's
+complements equal to the generator's (word for word); ``complement_valid``: the fraction that obey PAS's rules
+(:func:`complement_rules`: about 30 words, never the answer). The step writes nothing; its metrics go to
+``OUT/<phase>/metrics.json`` (docs/job-spec.md, Evaluation steps and gates). The answer model should have seen
+augmented prompts in training (recipes.alignment.pas_data); one that never did stops at once after a complement.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,11 @@ from recipes.alignment import tasks
 
 SPLIT = "pas-heldout"  # the generator stream of data/heldout/pas.jsonl (recipes.alignment.make)
 WAYS = ("rule_score", "rule_score_pas", "rule_score_oracle")
-METRICS = (*WAYS, *(f"{w}_{d}" for w in WAYS for d in tasks.DOMAINS), "complement_exact")
+METRICS = (*WAYS, *(f"{w}_{d}" for w in WAYS for d in tasks.DOMAINS), "pas_gain", "complement_exact",
+           "complement_valid")
+MIN_WORDS, MAX_WORDS = 20, 45  # "about 30 words" (the generator's complements: 26-36)
+NUMBER = re.compile(r"\d+")
+BATCH = 64  # prompts decoded together: fewer, larger forward passes (the driver shares a loaded CPU)
 STEP_ARGS = ("pas", "model", "prompts", "new_tokens", "seed")
 
 
@@ -39,6 +47,22 @@ def check_pas_eval_args(args: dict[str, Any], base: Path | None) -> None:
     for key, what in (("pas", "the trained PAS model"), ("model", "the model whose answers are scored")):
         check_model_arg(key, args.get(key), base, what)
     check_whole_args(args, (("prompts", 1, 1024), ("new_tokens", 1, 256), ("seed", 0, 2**31 - 1)))
+
+
+def complement_rules(p: tasks.Problem, complement: str) -> dict[str, bool]:
+    """PAS's rules for a complement of ``p``'s prompt: ``length``, :data:`MIN_WORDS`..:data:`MAX_WORDS` words (the
+    report's "about 30"); ``no_answer``, it does not answer: arithmetic, no number in it but the prompt's operands (so
+    no result is stated); constraints, no run of its words that ends where a clause ends (at ``;`` or the end) passes
+    the rule as an answer."""
+    words = complement.split()
+    if p.domain == "arithmetic":
+        operands = set(NUMBER.findall(p.prompt))
+        no_answer = all(n in operands for n in NUMBER.findall(complement))
+    else:
+        ends = [i for i, w in enumerate(words) if w == ";"] + [len(words)]
+        no_answer = not any(tasks.rule_score(p, " ".join(words[start:end])) == 1
+                            for end in ends for start in range(end))
+    return {"length": MIN_WORDS <= len(words) <= MAX_WORDS, "no_answer": no_answer}
 
 
 def complements(model, tokenizer, prompts: list[str], new_tokens: int = 64, batch_size: int = 16) -> list[str]:
@@ -75,19 +99,22 @@ def measure(pas_folder: str | Path, model_folder: str | Path, prompts: int = 64,
     problems = [tasks.problem(seed, SPLIT, i) for i in range(prompts)]
     texts = [p.prompt for p in problems]
     pas_model, pas_tokenizer = load(pas_folder)
-    made = complements(pas_model, pas_tokenizer, texts)
+    made = complements(pas_model, pas_tokenizer, texts, batch_size=BATCH)
     oracle = [tasks.pas_complement(p) for p in problems]
     model, tokenizer = load(model_folder)
-    answers = {"rule_score": greedy(model, tokenizer, texts, new_tokens),
-               "rule_score_pas": greedy(model, tokenizer, [f"{t} {c}" for t, c in zip(texts, made)], new_tokens),
-               "rule_score_oracle": greedy(model, tokenizer, [f"{t} {c}" for t, c in zip(texts, oracle)], new_tokens)}
-    metrics = {"complement_exact": sum(" ".join(m.split()) == o for m, o in zip(made, oracle)) / len(problems)}
+    answers = {way: greedy(model, tokenizer, inputs, new_tokens, BATCH) for way, inputs in (
+        ("rule_score", texts), ("rule_score_pas", [f"{t} {c}" for t, c in zip(texts, made)]),
+        ("rule_score_oracle", [f"{t} {c}" for t, c in zip(texts, oracle)]))}
+    metrics = {"complement_exact": sum(" ".join(m.split()) == o for m, o in zip(made, oracle)) / len(problems),
+               "complement_valid": sum(all(complement_rules(p, m).values()) for p, m in zip(problems, made))
+               / len(problems)}
     for way, said in answers.items():
         scores = [tasks.rule_score(p, a) for p, a in zip(problems, said)]
         metrics[way] = sum(scores) / len(scores)
         for domain in tasks.DOMAINS:
             mine = [s for p, s in zip(problems, scores) if p.domain == domain]
             metrics[f"{way}_{domain}"] = sum(mine) / max(len(mine), 1)
+    metrics["pas_gain"] = metrics["rule_score_pas"] - metrics["rule_score"]
     rows = [{"prompt": t, "complement": m, "oracle": o, **{way: said[i] for way, said in answers.items()}}
             for i, (t, m, o) in enumerate(zip(texts, made, oracle))]
     return metrics, rows

@@ -1,11 +1,19 @@
-"""recipes.alignment.pas: what each of step pas_eval's metrics scores (the rule_eval step and both steps' arguments:
-test_alignment_grpo.py, which has a tiny model)."""
+"""recipes.alignment.pas and pas_data: what each of step pas_eval's metrics scores (its arguments and rule_eval's:
+test_alignment_grpo.py), PAS's rules for a complement, step pas_data on a tiny model, and pipeline/pas-tiny.yaml."""
 
 from __future__ import annotations
 
+import json
 import random
 
-from recipes.alignment import generation, pas, tasks
+import pytest
+
+from orchestrator.recipes import import_recipe
+from orchestrator.steps import STEPS, StepContext, check_step_args
+from planner.errors import SpecError
+from recipes.alignment import generation, make, pas, pas_data, tasks
+
+import_recipe("alignment")  # its phase steps, as loom registers them for a job naming the recipe
 
 
 def test_pas_eval_scores_each_way_on_its_own_prompts(monkeypatch):
@@ -14,11 +22,11 @@ def test_pas_eval_scores_each_way_on_its_own_prompts(monkeypatch):
     problems = [tasks.problem(0, pas.SPLIT, i) for i in range(8)]
     by_prompt = {p.prompt: p for p in problems}
 
-    def complements(model, tokenizer, prompts):
+    def complements(model, tokenizer, prompts, batch_size=16):
         return [tasks.pas_complement(by_prompt[p]) if i % 2 == 0 else "the user wants a text ."
                 for i, p in enumerate(prompts)]
 
-    def greedy(model, tokenizer, prompts, new_tokens):
+    def greedy(model, tokenizer, prompts, new_tokens, batch_size=16):
         out = []
         for text in prompts:
             p = next(q for q in problems if text.startswith(q.prompt))
@@ -38,3 +46,71 @@ def test_pas_eval_scores_each_way_on_its_own_prompts(monkeypatch):
         right = [i % 2 == 0 for i, d in enumerate(domains) if d == domain]
         assert metrics[f"rule_score_pas_{domain}"] == sum(right) / len(right)
     assert rows[0]["prompt"] == problems[0].prompt and rows[0]["complement"] == rows[0]["oracle"]
+
+
+def test_pas_rules_pass_the_generators_complements_and_catch_answers():
+    for index in range(40):
+        p = tasks.problem(0, pas.SPLIT, index)
+        assert pas.complement_rules(p, tasks.pas_complement(p)) == {"length": True, "no_answer": True}
+        right = tasks.answer(p, random.Random(index))
+        padded = f"{tasks.pas_complement(p)} {right}"  # long enough, but it answers
+        leaks = p.domain == "constraints" or str(abs(p.answer)) not in pas.NUMBER.findall(p.prompt)
+        assert pas.complement_rules(p, padded)["no_answer"] is not leaks, padded  # a result equal to an operand hides
+        assert pas.complement_rules(p, "the user wants a text .")["length"] is False
+        assert pas.complement_rules(p, " ".join(["word"] * 46))["length"] is False
+    arithmetic = tasks.problem(0, pas.SPLIT, 0, "arithmetic")  # its operands may be restated, nothing else
+    a, b = (int(n) for n in pas.NUMBER.findall(arithmetic.prompt))
+    assert pas.complement_rules(arithmetic, f"restate {a} and {b} , then answer")["no_answer"]
+
+
+def test_pas_data_augments_a_seeded_share_of_the_prompts():
+    rows = [tasks.pair(0, "train", i) for i in range(20)]
+    made = []
+
+    def complement_of(prompts):
+        made.append(prompts)
+        return [tasks.pas_complement(tasks.parse_prompt(t)) if i % 2 else "short" for i, t in enumerate(prompts)]
+
+    out, metrics = pas_data.augment(rows, complement_of, 0.5, seed=3)
+    changed = [i for i, (old, new) in enumerate(zip(rows, out)) if old != new]
+    assert len(changed) == 10 and metrics == {"augmented": 10.0, "complement_valid": 0.5}
+    assert made == [[rows[i]["prompt"] for i in changed]]  # one call, the chosen prompts in order
+    for i in changed:
+        assert out[i]["prompt"] == f"{rows[i]['prompt']} {out[i]['pas_complement']}"
+        assert {k: v for k, v in out[i].items() if k not in ("prompt", "pas_complement")} == {
+            k: v for k, v in rows[i].items() if k != "prompt"}
+    again, _ = pas_data.augment(rows, complement_of, 0.5, seed=3)
+    other, _ = pas_data.augment(rows, complement_of, 0.5, seed=4)
+    assert again == out and other != out
+    assert pas_data.augment(rows, complement_of, 0, seed=3) == (rows, {"augmented": 0.0})
+
+
+def test_pas_data_step_on_a_tiny_model_its_arguments_and_the_pipeline(tmp_path, monkeypatch):
+    from orchestrator.pipeline import read_pipeline
+
+    made = []
+    real = pas.complements
+    monkeypatch.setattr(pas, "complements", lambda *a, **k: made.append((a[2], real(*a, **k))) or made[-1][1])
+
+    model = make.write_model(tmp_path / "pas", num_hidden_layers=1, hidden_size=32, intermediate_size=64)
+    source = tmp_path / "preference.jsonl"
+    rows = [tasks.pair(0, "train", i) for i in range(6)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = {"pas": str(model), "source": str(source), "share": 0.5, "seed": 1}
+    check_step_args("pas_data", args, "phases[1].args", tmp_path)
+    metrics = STEPS["pas_data"].run(StepContext("pas_data", args, tmp_path / "out" / "pas_data"))
+    assert set(metrics) == set(STEPS["pas_data"].metrics) == set(pas_data.METRICS) and metrics["augmented"] == 3
+    written = [json.loads(line) for line in (tmp_path / "out/pas_data/data" / pas_data.FILE).read_text().splitlines()]
+    augmented = [(old, new) for old, new in zip(rows, written) if old != new]
+    assert made == [([old["prompt"] for old, _ in augmented], [new["pas_complement"] for _, new in augmented])]
+    assert all(new["prompt"] == f"{old['prompt']} {new['pas_complement']}" for old, new in augmented)
+    for bad, match in [({"share": 1.5}, r"args\.share \(1\.5\): expected the fraction"),
+                       ({"source": "nowhere.jsonl"}, r"args\.source \('nowhere\.jsonl'\): required, a preference"),
+                       ({"pas": None}, r"args\.pas \(None\): required"),
+                       ({"prompts": 4}, r"args\.prompts: unknown argument of step 'pas_data'")]:
+        with pytest.raises(SpecError, match=match):
+            check_step_args("pas_data", args | bad, "phases[1].args", tmp_path)
+    pipeline = read_pipeline(make.HERE / "pipeline" / "pas-tiny.yaml")
+    assert [(p.name, p.spec.step) for p in pipeline.phases] == [
+        ("pas", None), ("pas_data", "pas_data"), ("sft", None), ("pas_eval", "pas_eval")]
+    assert set(pipeline.phases[-1].spec.gate) == {"pas_gain", "rule_score"}

@@ -1,0 +1,168 @@
+"""``python -m bench.alignment.pas [--out DIR] [--seeds N | --seed S ...] [--reuse] [--no-write]``: does PAS help?
+
+For each seed, two ``loom run`` s (subprocesses) of recipes/alignment/pipeline/pas-tiny.yaml with ``training.seed``
+and the steps' ``seed`` set to it:
+
+- ``augmented``: the spec as shipped: PAS trained, half of the SFT prompts augmented by its complements (step
+  ``pas_data``), the answer model trained on them, step ``pas_eval`` (gated);
+- ``plain``: the same spec with ``share: 0`` (the SFT prompts as they are: the answer model never sees a complement)
+  and the ``augmented`` run's PAS model instead of its own ``pas`` phase.
+
+Each run's ``pas_eval`` metrics (recipes.alignment.pas.measure: greedy answers to 64 held-out prompts of both domains,
+scored by the rule, alone, with the PAS model's complement appended and with the generator's) and ``pas_data``'s
+(the share of its complements that obey PAS's rules) are read from its ``OUT/<phase>/metrics.json``; the report gives
+their mean and sample standard deviation over the seeds, and each run's wall time (the machine's load average
+beside it). A run whose gate fails (exit 1) is a result, reported as such. Writes
+bench/results/alignment-pas.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from bench.common import REPO_ROOT, write_results
+from recipes.alignment import tasks
+
+SPEC = REPO_ROOT / "recipes/alignment/pipeline/pas-tiny.yaml"
+VARIANTS = ("plain", "augmented")
+RUN_FILE = "bench-run.json"  # a run's exit code, wall time and load average, for --reuse
+WAYS = {"rule_score": "alone", "rule_score_pas": "+ PAS complement", "rule_score_oracle": "+ generator's complement",
+        "pas_gain": "PAS gain"}
+
+
+def variant_spec(variant: str, seed: int, out: Path) -> dict:
+    """The spec of one run: ``seed`` everywhere; ``plain``: share 0 and the augmented run's PAS model."""
+    doc = yaml.safe_load(SPEC.read_text())
+    for component in doc["components"].values():
+        component["pretrained"] = str((SPEC.parent / component["pretrained"]).resolve())
+    doc["training"]["seed"] = seed
+    phases = {p["name"]: p for p in doc["phases"]}
+    for task in (t for p in doc["phases"] for t in p.get("tasks", ())):  # the spec's relative files, from out/
+        if not task["data"]["path"].startswith("@"):
+            task["data"]["path"] = str((SPEC.parent / task["data"]["path"]).resolve())
+    phases["pas_data"]["args"]["source"] = str((SPEC.parent / phases["pas_data"]["args"]["source"]).resolve())
+    for name in ("pas_data", "pas_eval"):
+        phases[name]["args"]["seed"] = seed
+    if variant == "plain":
+        pas_model = str(out / f"augmented-{seed}" / "pas/export/pas")
+        phases["pas_data"]["args"] |= {"share": 0, "pas": pas_model}
+        phases["pas_eval"]["args"]["pas"] = pas_model
+        doc["phases"] = [p for p in doc["phases"] if p["name"] != "pas"]
+        del doc["components"]["pas"]
+    return doc
+
+
+def run(variant: str, seed: int, out: Path, reuse: bool) -> dict:
+    """``loom run`` of :func:`variant_spec` into ``out/<variant>-<seed>``; its phases' metrics, exit code, time."""
+    target = out / f"{variant}-{seed}"
+    done = (target / "pas_eval" / "metrics.json").exists()
+    record = {"variant": variant, "seed": seed, "rc": None, "seconds": None, "load_average": None, "reused": True}
+    if not (reuse and done):
+        spec = out / f"{variant}-{seed}.yaml"
+        spec.write_text(yaml.safe_dump(variant_spec(variant, seed, out), sort_keys=False))
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(spec), "--out", str(target)],
+                              cwd=REPO_ROOT, capture_output=True, text=True)
+        if proc.returncode not in (0, 1):  # 1: the gate stopped the run, which is a result
+            raise RuntimeError(f"loom run {spec} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        record |= {"rc": proc.returncode, "seconds": time.perf_counter() - start,
+                   "load_average": os.getloadavg()[0], "reused": False}
+        (target / RUN_FILE).write_text(json.dumps({k: record[k] for k in ("rc", "seconds", "load_average")}))
+    elif (target / RUN_FILE).exists():  # a run of this bench: its exit code and time
+        record |= json.loads((target / RUN_FILE).read_text())
+    for phase in ("pas_data", "pas_eval"):
+        record[phase] = json.loads((target / phase / "metrics.json").read_text())
+    log = target / "sft" / "metrics.jsonl"
+    losses = [json.loads(line)["loss"]["sft"] for line in log.read_text().splitlines() if line.strip()]
+    record["sft_loss_last"] = statistics.fmean(losses[-len(losses) // 10:])
+    return record
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+
+
+def summary(runs: list[dict]) -> dict:
+    """Per variant and metric of pas_eval (and pas_data's complement_valid): mean and sample std over the seeds."""
+    out = {}
+    for variant in VARIANTS:
+        mine = [r for r in runs if r["variant"] == variant]
+        metrics = {k: [r["pas_eval"][k] for r in mine] for k in mine[0]["pas_eval"]}
+        if all("complement_valid" in r["pas_data"] for r in mine):  # plain runs write no complement
+            metrics["train_complement_valid"] = [r["pas_data"]["complement_valid"] for r in mine]
+        metrics["sft_loss_last"] = [r["sft_loss_last"] for r in mine]
+        out[variant] = {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                            "values": v} for k, v in metrics.items()}
+    return out
+
+
+def markdown(rec: dict) -> str:
+    s, seeds = rec["summary"], rec["seeds"]
+    cell = lambda variant, key: f"{s[variant][key]['mean']:.3f} ± {s[variant][key]['std']:.3f}"  # noqa: E731
+    lines = ["# PAS: the answer model's held-out rule score with and without PAS complements", "",
+             f"`{SPEC.relative_to(REPO_ROOT)}` through `loom run`, seeds {', '.join(map(str, seeds))} (training seed "
+             "and the steps' seeds), mean ± sample std over the seeds. Greedy answers to 64 held-out prompts of both "
+             "domains per seed (step `pas_eval`), scored by the recipe's rule (1: every check passes). `plain`: the "
+             "answer model fine-tuned on the SFT prompts as they are; `augmented`: on the same rows with half of the "
+             "prompts followed by the PAS model's complement (step `pas_data`). Both read the same PAS model per "
+             "seed.", "",
+             "| answer model | " + " | ".join(WAYS.values()) + " | SFT loss, last 10% |",
+             "|---|" + "---|" * (len(WAYS) + 1)]
+    for variant in VARIANTS:
+        lines.append(f"| {variant} | " + " | ".join(cell(variant, k) for k in WAYS) +
+                     f" | {cell(variant, 'sft_loss_last')} |")
+    lines += ["", "Per domain (`augmented`, then `plain`):", "", "| answer model | domain | " +
+              " | ".join(list(WAYS.values())[:3]) + " |", "|---|---|---|---|---|"]
+    for variant in reversed(VARIANTS):
+        for domain in tasks.DOMAINS:
+            lines.append(f"| {variant} | {domain} | " + " | ".join(cell(variant, f"{k}_{domain}")
+                                                                   for k in list(WAYS)[:3]) + " |")
+    aug = s["augmented"]
+    lines += ["", "The PAS model's complements against PAS's rules (recipes.alignment.pas.complement_rules: 20-45 "
+              "words, never the answer): "
+              f"{aug['train_complement_valid']['mean']:.1%} of the 256 written into the SFT data and "
+              f"{aug['complement_valid']['mean']:.1%} of the 64 held-out ones obey them; "
+              f"{aug['complement_exact']['mean']:.1%} of the held-out ones equal the generator's word for word.", "",
+              "| run | seed | exit | wall s | load average | rule score alone | + PAS | gain |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rec["runs"]:
+        wall = "not recorded" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        load = "" if r["load_average"] is None else f"{r['load_average']:.1f}"
+        m = r["pas_eval"]
+        lines.append(f"| {r['variant']} | {r['seed']} | {r['rc'] if r['rc'] is not None else ''} | {wall} | {load} | "
+                     f"{m['rule_score']:.3f} | {m['rule_score_pas']:.3f} | {m['pas_gain']:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.alignment.pas", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/loom-bench-pas"), help="where the runs go")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--seed", type=int, action="append", help="only this seed (repeatable; instead of --seeds): "
+                        "runs of several seeds at once, then one --reuse run over all of them writes the report")
+    parser.add_argument("--reuse", action="store_true", help="reuse finished runs under --out")
+    parser.add_argument("--no-write", action="store_true", help="print the report; leave bench/results alone")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = args.seed or list(range(args.seeds))
+    runs = [run(variant, seed, out, args.reuse) for seed in seeds for variant in reversed(VARIANTS)]
+    rec = {"seeds": seeds, "runs": runs, "summary": summary(runs)}
+    report = markdown(rec)
+    print(report)
+    if not args.no_write:
+        write_results("alignment-pas", [rec], report, {"spec": str(SPEC.relative_to(REPO_ROOT)), "seeds": seeds})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
