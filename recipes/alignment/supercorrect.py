@@ -29,7 +29,7 @@ EVAL_DEFAULTS = {"limit": None, "new_tokens": 64}  # 64: above the longest respo
 DATA_METRICS = ("problems", "student_errors", "dpo_pairs")
 EVAL_METRICS = ("answer_accuracy", "first_error_located", "first_error_fixed")
 ANSWER = re.compile(r"answer (?:> )?(-?\d+)")
-MARKED_WRONG = re.compile(r"step (\d+) wrong")
+MARKED_WRONG = re.compile(r"step (\d+) (?:> [^<]*?)?wrong")  # plain ``step k wrong``; the template's unit ``<step k> ... wrong``
 
 
 # --------------------------------------------------------------------------- argument checks (torch-free)
@@ -124,8 +124,9 @@ def _answer(text: str) -> str | None:
 def score(record: dict, solved: str, checked: str) -> dict[str, bool]:
     """One problem's outcome from the model's answer to its solve prompt (``solved``) and to its check prompt
     (``checked``): ``answer_correct`` (the last ``answer N`` is the teacher's), and, for a record whose student errs
-    at step k, ``located`` (the first ``step j wrong`` has j = k) and ``fixed`` (located, the teacher's step k
-    equation written after it, and the right answer)."""
+    at step k, ``located`` (the first step marked wrong, ``step j wrong`` or the template's ``<step j> ... wrong``,
+    has j = k) and ``fixed`` (located, the teacher's step k equation written from that mark on, and the right
+    answer)."""
     out = {"answer_correct": _answer(solved) == sc.normalise(record["answer"])}
     k = record["first_error"]
     if not k:
@@ -133,7 +134,7 @@ def score(record: dict, solved: str, checked: str) -> dict[str, bool]:
     text = sc.normalise(checked)
     marked = MARKED_WRONG.search(text)
     located = marked is not None and int(marked.group(1)) == k
-    fixed = (located and sc.normalise(record["steps"][k - 1]) in text[marked.end():]
+    fixed = (located and sc.normalise(record["steps"][k - 1]) in text[marked.start():]
              and _answer(text) == sc.normalise(record["answer"]))
     return out | {"located": located, "fixed": fixed}
 
