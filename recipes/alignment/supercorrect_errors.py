@@ -25,7 +25,7 @@ from typing import Any
 from planner.pipeline import StepContext, check_known_args, check_model_arg, check_whole_args
 from recipes.alignment import supercorrect_data as sc
 
-DEFAULTS = {"limit": 1000, "new_tokens": 80, "batch_size": 64}
+DEFAULTS = {"limit": 1000, "new_tokens": 64, "batch_size": 256}  # 64: above the longest template response (58)
 METRICS = ("problems", "solve_wrong", "check_wrong", "dpo_pairs")
 UNIT = re.compile(r" (?=< (?:plan|step \d+|fix|answer|check) >)")
 
