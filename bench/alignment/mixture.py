@@ -146,7 +146,7 @@ def measure(out: Path, reuse: bool) -> dict:
 def markdown(rec: dict) -> str:
     lines = ["# Data-mixture detection: a tiny LM's training mixture estimated from its generations", "",
              "`python -m bench.alignment.mixture`: `loom run recipes/alignment/pipeline/mixture-tiny.yaml` with each "
-             "mixture (4000 documents, the tiny Llama trained 400 steps from random weights), then "
+             "mixture (4000 documents, the tiny Llama trained 400 steps from random weights on packed rows), then "
              f"{len(SEEDS)} sampling seeds x 1024 generations from the beginning-of-text token at temperature 1, "
              "classified by naive Bayes (trained on 500 labelled documents per domain, confusion measured on 500 "
              "more) and corrected for its confusion. MAE in points (mean over the 4 domains of |estimate - true|).",
