@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -129,7 +130,8 @@ def measure(root: Path, seeds: list[int], reuse: bool) -> dict:
 def markdown(rec: dict) -> str:
     first = rec["runs"][0]
     lines = ["# SuperCorrect: hierarchical-thought SFT + cross-model DPO against plain SFT", "",
-             f"Both pipelines run by `loom run` on CPU under {len(rec['seeds'])} seeds (each seed: its own generated "
+             f"Both pipelines run by `loom run` on CPU under seed{'s' if len(rec['seeds']) > 1 else ''} "
+             f"{', '.join(map(str, rec['seeds']))} (each seed: its own generated "
              "problems, held-out set and data order); every model answers the same held-out problems greedily "
              f"({first['heldout']} a seed, {first['erring']} of them, seed {first['seed']}, shown with a student "
              "solution that errs at a known step).", "",
@@ -138,6 +140,12 @@ def markdown(rec: dict) -> str:
     for name, m in rec["mean"].items():
         lines.append(f"| {name} | {m['answer_accuracy']:.3f} | {m['first_error_located']:.3f} | "
                      f"{m['first_error_fixed']:.3f} |")
+    n, errs = first["heldout"], first["erring"]
+    lines += ["", f"Binomial standard errors at these sizes (seed {first['seed']}: {n} problems, {errs} erring): "
+              "answer accuracy " + ", ".join(f"{math.sqrt(m['answer_accuracy'] * (1 - m['answer_accuracy']) / n):.3f}"
+                                             for m in rec["mean"].values()) +
+              "; located " + ", ".join(f"{math.sqrt(m['first_error_located'] * (1 - m['first_error_located']) / errs):.3f}"
+                                       for m in rec["mean"].values()) + " (in the table's order)."]
     lines += ["", "Per seed (answer accuracy / located / fixed):", "",
               "| model | " + " | ".join(f"seed {r['seed']}" for r in rec["runs"]) + " |",
               "|---|" + "---|" * len(rec["runs"])]
