@@ -1,14 +1,16 @@
-"""``python -m bench.alignment.supercorrect [--out DIR] [--reuse] [--no-write]``: SuperCorrect against plain SFT.
+"""``python -m bench.alignment.supercorrect [--out DIR] [--seeds N ...] [--reuse] [--no-write]``: SuperCorrect
+against plain SFT.
 
-Runs both CPU pipelines with ``loom run`` (each into ``DIR/<spec name>``; ``--reuse`` keeps finished runs and the
-scores of earlier bench runs on them, ``DIR/bench-scores``):
-recipes/alignment/pipeline/supercorrect-tiny.yaml (hierarchical-thought SFT, then cross-model collaborative DPO)
-and supercorrect-baseline-tiny.yaml (plain SFT on the same problems, as many steps as both together). Then every
+Runs both CPU pipelines with ``loom run`` under each seed (the training seed and the data step's seed; each into
+``DIR/<spec name>-seed<N>``; ``--reuse`` keeps finished runs and the scores of earlier bench runs on them,
+``DIR/bench-scores``):
+recipes/alignment/pipeline/supercorrect-tiny.yaml (hierarchical-thought SFT, the HSFT student's own errors, then
+cross-model collaborative DPO on them) and supercorrect-baseline-tiny.yaml (plain SFT on the same problems, as many steps as both together). Then every
 model answers the same held-out problems greedily (recipes.alignment.supercorrect.evaluate: the problems the data
 step wrote, none of them a training problem): plain SFT, HSFT alone and HSFT + cross DPO
 (the last two as the pipelines' own evaluation phases scored them: OUT/eval/{metrics.json,answers.jsonl}).
 Metrics per model: answer accuracy (solve prompts), first errors located and fixed (check prompts showing a student
-solution with an error at a known step), each split by problem kind; each trained phase's loss, first and last 10%
+solution with an error at a known step), per seed and their mean, by problem kind; each trained phase's loss, first and last 10%
 of its steps; each pipeline's wall time. Writes bench/results/alignment-supercorrect.{json,md}.
 """
 
@@ -16,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
+import statistics
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from bench.alignment.grpo import phase_losses
 from bench.common import REPO_ROOT, write_results
@@ -32,15 +37,32 @@ from recipes.alignment.generation import load
 
 SPECS = {"supercorrect": "recipes/alignment/pipeline/supercorrect-tiny.yaml",
          "baseline": "recipes/alignment/pipeline/supercorrect-baseline-tiny.yaml"}
+SEEDS = (0, 1)
 
 
-def run_pipeline(spec: str, out: Path, reuse: bool) -> float | None:
+def seeded_spec(spec: str, seed: int, root: Path) -> Path:
+    """A copy of ``spec`` under ``root/specs`` with ``seed`` as its training seed and its data step's seed (other
+    problems, another held-out set, another data order), its relative model folders made absolute."""
+    source = REPO_ROOT / spec
+    doc = yaml.safe_load(source.read_text())
+    for component in doc["components"].values():
+        if component["pretrained"].startswith("."):
+            component["pretrained"] = str((source.parent / component["pretrained"]).resolve())
+    doc["training"]["seed"] = seed
+    doc["phases"][0]["args"]["seed"] = seed
+    out = root / "specs" / f"{source.stem}-seed{seed}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+def run_pipeline(spec: Path, out: Path, reuse: bool) -> float | None:
     """``loom run spec --out out`` in a subprocess; its wall seconds (None when a finished run is reused)."""
     if reuse and (out / "eval" / "metrics.json").is_file():
         return None
     start = time.perf_counter()
     env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
-    subprocess.run([sys.executable, "-m", "orchestrator", "run", spec, "--out", str(out), "--overwrite"],
+    subprocess.run([sys.executable, "-m", "orchestrator", "run", str(spec), "--out", str(out), "--overwrite"],
                    cwd=REPO_ROOT, env=env, check=True)
     return time.perf_counter() - start
 
@@ -70,9 +92,11 @@ def score(name: str, folder: Path, records: list[dict], root: Path, reuse: bool)
     return metrics, rows
 
 
-def measure(root: Path, reuse: bool) -> dict:
-    walls = {name: run_pipeline(spec, root / Path(spec).stem, reuse) for name, spec in SPECS.items()}
-    tiny, baseline = root / Path(SPECS["supercorrect"]).stem, root / Path(SPECS["baseline"]).stem
+def measure_seed(root: Path, seed: int, reuse: bool) -> dict:
+    """Both pipelines under ``seed`` (:func:`seeded_spec`) into ``root/<spec stem>-seed<seed>``, every model scored."""
+    outs = {name: root / f"{Path(spec).stem}-seed{seed}" for name, spec in SPECS.items()}
+    walls = {name: run_pipeline(seeded_spec(spec, seed, root), outs[name], reuse) for name, spec in SPECS.items()}
+    tiny, baseline = outs["supercorrect"], outs["baseline"]
     records = sc.read_records(tiny / "data/data/heldout/problems.jsonl")
     assert records == sc.read_records(baseline / "data/data/heldout/problems.jsonl")  # one held-out set for both
     folders = {"plain SFT (baseline)": baseline / "sft/export/policy",
@@ -85,36 +109,70 @@ def measure(root: Path, reuse: bool) -> dict:
             metrics = json.loads((scored[name] / "eval/metrics.json").read_text())
             rows = [json.loads(line) for line in (scored[name] / "eval/answers.jsonl").read_text().splitlines()]
         else:
-            metrics, rows = score(name, folder, records, root, reuse)
+            metrics, rows = score(f"{name}-seed{seed}", folder, records, root, reuse)
         models[name] = {"metrics": metrics, "by_kind": by_kind(rows), "example": rows[next(
             i for i, r in enumerate(rows) if r["first_error"])]}
     losses = {**{f"supercorrect/{k}": v for k, v in phase_losses(tiny).items()},
               **{f"baseline/{k}": v for k, v in phase_losses(baseline).items()}}
-    return {"heldout": len(records), "erring": sum(1 for r in records if r["first_error"]), "models": models,
-            "losses": losses, "wall_s": walls}
+    errors = json.loads((tiny / "errors/metrics.json").read_text())
+    return {"seed": seed, "heldout": len(records), "erring": sum(1 for r in records if r["first_error"]),
+            "models": models, "own_errors": errors, "losses": losses, "wall_s": walls}
+
+
+def measure(root: Path, seeds: list[int], reuse: bool) -> dict:
+    runs = [measure_seed(root, seed, reuse) for seed in seeds]
+    names = list(runs[0]["models"])
+    mean = {name: {m: statistics.mean(r["models"][name]["metrics"][m] for r in runs) for m in scs.EVAL_METRICS}
+            for name in names}
+    return {"seeds": seeds, "runs": runs, "mean": mean}
 
 
 def markdown(rec: dict) -> str:
+    first = rec["runs"][0]
     lines = ["# SuperCorrect: hierarchical-thought SFT + cross-model DPO against plain SFT", "",
-             f"Both pipelines run by `loom run` on CPU, then every model answers the same {rec['heldout']} held-out "
-             f"problems greedily ({rec['erring']} of them shown with a student solution that errs at a known step).", "",
+             f"Both pipelines run by `loom run` on CPU under seed{'s' if len(rec['seeds']) > 1 else ''} "
+             f"{', '.join(map(str, rec['seeds']))} (each seed: its own generated "
+             "problems, held-out set and data order); every model answers the same held-out problems greedily "
+             f"({first['heldout']} a seed, {first['erring']} of them, seed {first['seed']}, shown with a student "
+             "solution that errs at a known step).", "",
+             "Mean over seeds:", "",
              "| model | answer accuracy | first errors located | first errors fixed |", "|---|---|---|---|"]
-    for name, r in rec["models"].items():
-        m = r["metrics"]
+    for name, m in rec["mean"].items():
         lines.append(f"| {name} | {m['answer_accuracy']:.3f} | {m['first_error_located']:.3f} | "
                      f"{m['first_error_fixed']:.3f} |")
-    lines += ["", "By problem kind (answer accuracy / located / fixed):", "", "| model | chain | linear |", "|---|---|---|"]
-    for name, r in rec["models"].items():
+    n, errs = first["heldout"], first["erring"]
+    lines += ["", f"Binomial standard errors at these sizes (seed {first['seed']}: {n} problems, {errs} erring): "
+              "answer accuracy " + ", ".join(f"{math.sqrt(m['answer_accuracy'] * (1 - m['answer_accuracy']) / n):.3f}"
+                                             for m in rec["mean"].values()) +
+              "; located " + ", ".join(f"{math.sqrt(m['first_error_located'] * (1 - m['first_error_located']) / errs):.3f}"
+                                       for m in rec["mean"].values()) + " (in the table's order)."]
+    lines += ["", "Per seed (answer accuracy / located / fixed):", "",
+              "| model | " + " | ".join(f"seed {r['seed']}" for r in rec["runs"]) + " |",
+              "|---|" + "---|" * len(rec["runs"])]
+    for name in rec["mean"]:
+        cells = [" / ".join(f"{r['models'][name]['metrics'][m]:.3f}" for m in scs.EVAL_METRICS) for r in rec["runs"]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "By problem kind, seed " + str(first["seed"]) + " (answer accuracy / located / fixed):", "",
+              "| model | chain | linear |", "|---|---|---|"]
+    for name, r in first["models"].items():
         cells = [" / ".join(f"{r['by_kind'][k][m]:.2f}" for m in scs.EVAL_METRICS) for k in ("chain", "linear")]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
-    lines += ["", "| phase/task | steps | loss, first 10% | loss, last 10% |", "|---|---|---|---|"]
-    for phase, v in rec["losses"].items():
-        lines.append(f"| {phase} | {v['steps']} | {v['first']:.4f} | {v['last']:.4f} |")
-    walls = ", ".join(f"{k} {v:.0f} s" for k, v in rec["wall_s"].items() if v is not None)
-    lines += ["", f"Wall time of `loom run` on this machine: {walls or 'reused finished runs'}.", "",
-              "A held-out check prompt and each model's answer (the student errs at step "
-              f"{next(iter(rec['models'].values()))['example']['first_error']}):", ""]
-    for name, r in rec["models"].items():
+    lines += ["", "The HSFT student's own errors on 1000 training problems (step `supercorrect_errors`; the DPO "
+              "phase's pairs): " + "; ".join(
+                  f"seed {r['seed']}: solve wrong {r['own_errors']['solve_wrong']:.3f}, check wrong "
+                  f"{r['own_errors']['check_wrong']:.3f}, {r['own_errors']['dpo_pairs']:.0f} pairs"
+                  for r in rec["runs"]) + ".", "",
+              "| seed | phase/task | steps | loss, first 10% | loss, last 10% |", "|---|---|---|---|---|"]
+    for r in rec["runs"]:
+        for phase, v in r["losses"].items():
+            lines.append(f"| {r['seed']} | {phase} | {v['steps']} | {v['first']:.4f} | {v['last']:.4f} |")
+    walls = "; ".join(f"seed {r['seed']}: " + (", ".join(f"{k} {v:.0f} s" for k, v in r["wall_s"].items()
+                                                      if v is not None) or "reused finished runs")
+                      for r in rec["runs"])
+    lines += ["", f"Wall time of `loom run` on this (shared, loaded) machine: {walls}.", "",
+              "A held-out check prompt of seed " + str(first["seed"]) + " and each model's answer (the student errs "
+              f"at step {next(iter(first['models'].values()))['example']['first_error']}):", ""]
+    for name, r in first["models"].items():
         lines.append(f"- {name}: `{r['example']['checked']}`")
     return "\n".join(lines) + "\n"
 
@@ -124,13 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "bench-supercorrect", help="runs go here")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs in --out instead of rerunning")
     parser.add_argument("--no-write", action="store_true", help="print the report; leave bench/results alone")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="training and data seeds")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    rec = measure(args.out, args.reuse)
+    rec = measure(args.out, args.seeds, args.reuse)
     report = markdown(rec)
     print(report)
     if not args.no_write:
-        write_results("alignment-supercorrect", [rec], report, {"specs": SPECS, "out": str(args.out)})
+        write_results("alignment-supercorrect", [rec], report, {"specs": SPECS, "seeds": args.seeds,
+                                                                 "out": str(args.out)})
     return 0
 
 

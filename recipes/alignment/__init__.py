@@ -10,7 +10,7 @@ folders; the phase step ``merge``), grpo (losses ``grpo_rm``: GRPO scored by the
 (held-out reward accuracy, packing utilisation; step ``rule_eval``), make (writes the data, tokenizer and tiny
 Llama), generation (greedy answers of an exported model). The data and evaluation phases (issue 18; each a pair of
 steps): button_steps (BUTTON: modules button, button_world, button_eval), supercorrect (SuperCorrect:
-supercorrect_data), datasculpt (DataSculpt packing: datasculpt_pack), mixture (data-mixture detection:
+supercorrect_data, supercorrect_errors), datasculpt (DataSculpt packing: datasculpt_pack), mixture (data-mixture detection:
 mixture_estimate), judge_steps (SysBench and FB-Bench: modules sysbench, fbbench, judge, judge_data).
 docs/recipes/alignment.md.
 """
@@ -18,6 +18,7 @@ docs/recipes/alignment.md.
 # modules, so that their names are not shadowed
 from recipes.alignment import (
     button_steps, data, datasculpt, evaluate, grpo, judge_steps, losses, merge, mixture, pas, pas_data, supercorrect,
+    supercorrect_errors,
 )
 from runtime.data import register_dataset
 from runtime.evaluate import register_evaluator
@@ -57,6 +58,10 @@ PHASE_STEPS = {
     "supercorrect_eval": dict(run=supercorrect.eval_step, check=supercorrect.check_eval_args, writes=(),
                               metrics=supercorrect.EVAL_METRICS, doc="first errors located and fixed, answer accuracy "
                               "on held-out problems (args: model, problems, limit, new_tokens)"),
+    "supercorrect_errors": dict(run=supercorrect_errors.errors_step, check=supercorrect_errors.check_args,
+                                writes=("data",), metrics=supercorrect_errors.METRICS, doc="cross-model DPO pairs at "
+                                "the HSFT student's own first wrong step (args: model, problems, limit, new_tokens, "
+                                "batch_size)"),
 }
 PHASE_STEPS |= judge_steps.PHASE_STEPS  # sysbench, fbbench: evaluation steps with declared metrics
 # DataSculpt packing and data-mixture detection (issue 18 items 3-4; docs/recipes/alignment.md)

@@ -206,24 +206,35 @@ def solution(record: dict, style: str, steps: list[str] | None = None, answer: s
     return f"<plan> {record['plan']} {_tagged_steps(steps)} <answer> {answer}"
 
 
+def _verdict(step: int, teacher: str, written: str, wrong: bool) -> str:
+    """One ``<check>`` unit of the template: step ``step`` recomputed (the teacher's equation), then the value the
+    checked solution wrote there, then the verdict (``ok``, or ``wrong`` where the two values differ)."""
+    return f"<step {step}> {teacher} , {written.split(' = ')[-1]} {'wrong' if wrong else 'ok'}"
+
+
 def review(record: dict, style: str, wrong: int) -> str:
     """The check response that marks step ``wrong`` (1-based; 0: none) as the first wrong one, with the teacher's
-    fix from there: the template walks every step up to it (``ok``/``wrong``) in ``<check>``, then ``<fix>``."""
-    steps, answer = record["steps"], record["answer"]
+    fix from there. The template walks the steps up to it in ``<check>``, each recomputed before its verdict
+    (:func:`_verdict`: the detailed thought that makes the verdict a comparison of two written values), then
+    ``<fix>`` carries on from the corrected step and ``<answer>``; plain writes ``step k wrong`` and the steps from
+    k."""
+    steps, student, answer = record["steps"], record["student_steps"], record["answer"]
     if style == "plain":
         return (f"step {wrong} wrong , {' , '.join(steps[wrong - 1:])} , answer {answer}" if wrong
                 else f"no wrong step , answer {answer}")
-    verdicts = [f"step {i} {'wrong' if i == wrong else 'ok'}" for i in range(1, (wrong or len(steps)) + 1)]
-    fix = f" <fix> {_tagged_steps(steps[wrong - 1:], wrong)}" if wrong else ""
-    return f"<check> {' , '.join(verdicts)}{fix} <answer> {answer}"
+    units = [_verdict(i, steps[i - 1], student[i - 1], i == wrong) for i in range(1, (wrong or len(steps)) + 1)]
+    fix = f" <fix> {_tagged_steps(steps[wrong:], wrong + 1)}".rstrip() if wrong else ""
+    return f"<check> {' '.join(units)}{fix} <answer> {answer}"
 
 
 def student_review(record: dict, style: str) -> str:
-    """The student's own check of its solution: every step accepted, its own answer."""
-    n, answer = len(record["student_steps"]), record["student_answer"]
+    """The student's own check of its solution: every step accepted (recomputed from its own values), its own
+    answer."""
+    student, answer = record["student_steps"], record["student_answer"]
     if style == "plain":
         return f"no wrong step , answer {answer}"
-    return f"<check> {' , '.join(f'step {i} ok' for i in range(1, n + 1))} <answer> {answer}"
+    units = [_verdict(i, s, s, False) for i, s in enumerate(student, start=1)]
+    return f"<check> {' '.join(units)} <answer> {answer}"
 
 
 def sft_rows(record: dict, style: str) -> list[dict]:
@@ -255,7 +266,7 @@ def dpo_pairs(record: dict, style: str = "template") -> list[dict]:
         prefix = f"<plan> {record['plan']} {_tagged_steps(steps[:k - 1])}".rstrip()
         chosen = f"{_tagged_steps(steps[k - 1:], k)} <answer> {record['answer']}"
         rejected = f"{_tagged_steps(student[k - 1:], k)} <answer> {record['student_answer']}"
-        review_prefix = "<check> " + "".join(f"step {i} ok , " for i in range(1, k))
+        review_prefix = "<check> " + "".join(f"{_verdict(i, steps[i - 1], steps[i - 1], False)} " for i in range(1, k))
         review_chosen = review(record, style, k)[len(review_prefix):]
         review_rejected = student_review(record, style)[len(review_prefix):]
     return [{"prompt": f"{solve_prompt(record)} {prefix}".rstrip(), "chosen": chosen, "rejected": rejected,

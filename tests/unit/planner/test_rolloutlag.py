@@ -36,8 +36,8 @@ def test_a_generation_pool_of_its_own_runs_beside_the_rest_and_holds_a_second_co
     a, b = simulate(sync, placed, cm), simulate(lagged, placed, cm)
     gen = a.wave_durations[0]  # the rollouts' wave: the generation alone on its pool
     assert {s.metaop for s in placed.waves[0].slices} == {0} and gen > 0
-    rest = a.iteration_time_s - a.handoff_s - gen
-    assert b.iteration_time_s == pytest.approx(max(gen + a.handoff_s, rest), rel=1e-12)
+    rest = a.iteration_time_s - a.handoff_s - a.reduce_s - gen
+    assert b.iteration_time_s == pytest.approx(max(gen + a.handoff_s, rest) + a.reduce_s, rel=1e-12)
     assert b.iteration_time_s < a.iteration_time_s
     assert b.lag_hidden_s == pytest.approx(a.iteration_time_s - b.iteration_time_s, rel=1e-12)
     decoder = sync.graph.metaops[0].gen.decoder

@@ -104,8 +104,11 @@ def test_dpo_pairs_split_at_the_first_wrong_step():
         assert solve["prompt"].endswith(record["steps"][k - 2] if k > 1 else record["plan"])  # correct steps before k
         assert solve["chosen"].startswith(f"<step {k}> {record['steps'][k - 1]}")
         assert solve["rejected"].startswith(f"<step {k}> {record['student_steps'][k - 1]}")
-        assert check["chosen"].startswith(f"step {k} wrong <fix> <step {k}> {record['steps'][k - 1]}")
-        assert check["rejected"].startswith(f"step {k} ok")  # the student accepts its own step
+        student_value = record["student_steps"][k - 1].split(" = ")[1]
+        # the teacher recomputes step k, reads the student's value and rejects it; the student accepts its own
+        assert check["chosen"].startswith(f"<step {k}> {record['steps'][k - 1]} , {student_value} wrong <fix>")
+        assert check["rejected"].startswith(f"<step {k}> {record['student_steps'][k - 1]} , {student_value} ok")
+        assert check["prompt"].endswith("<check>" if k == 1 else f"{record['steps'][k - 2].split(' = ')[1]} ok")
         assert sc.normalise(f"{check['prompt']} {check['chosen']}") == sc.normalise(
             f"{sc.check_prompt(record)} {sc.review(record, 'template', k)}")
 
@@ -124,6 +127,12 @@ RECORD = {"problem": "start with 7 , add 5 , multiply by 2 .", "plan": "add , th
      (False, True, False)),  # the last answer counts; located, but the fix writes a wrong value
     ("", "<check> step 1 ok , step 2 ok <answer> 26", (False, False, False)),  # misses the error
     ("answer 24", "step 2 wrong , 12 times 2 = 24 , answer 26", (True, True, False)),  # right step, wrong answer
+    ("answer 24", "<check> <step 1> 7 plus 5 = 12 , 12 ok <step 2> 12 times 2 = 24 , 26 wrong <fix> <answer> 24",
+     (True, True, True)),  # the template's review: the recomputed step k is its fix
+    ("answer 24", "<check> <step 1> 7 plus 5 = 13 , 12 wrong <step 2> 12 times 2 = 24 , 26 wrong <answer> 24",
+     (True, False, False)),  # a false alarm at step 1 comes first
+    ("answer 24", "<check> <step 1> 7 plus 5 = 12 , 12 ok <step 2> 12 times 2 = 26 , 26 ok <answer> 26",
+     (True, False, False)),  # accepts the student's step
 ])
 def test_the_scorer_on_hand_made_answers(solved, checked, expected):
     result = scs.score(RECORD, solved, checked)
@@ -189,20 +198,20 @@ def test_a_phase_reads_its_data_dir_from_an_earlier_step(tmp_path, model):
     steps = {name: step.writes for name, step in STEPS.items()}
     pipeline = parse_pipeline(doc, steps, tmp_path)
     dpo = pipeline.phase("dpo")
-    assert dpo.job.data_dir == str(Path("out/supercorrect-tiny/data/data").resolve())  # plan time: where it will be
+    assert dpo.job.data_dir == str(Path("out/supercorrect-tiny/errors/data").resolve())  # plan time: where it will be
     located = phase_job(pipeline.doc, dpo.spec, tmp_path, locate=lambda ref, sub: model if ref.artifact == "model"
                         else tmp_path / ref.phase / ref.artifact)
-    assert located.data_dir == str((tmp_path / "data" / "data").resolve())
+    assert located.data_dir == str((tmp_path / "errors" / "data").resolve())
     from orchestrator.pipeline import PipelineRunner, reads_data_artifacts
     from orchestrator.run import RunOptions
 
     dpo_only = copy.deepcopy(doc)  # the DPO task alone: data_dir is the phase's only reference to the data step
-    dpo_only["phases"][2]["tasks"] = dpo_only["phases"][2]["tasks"][:1]
+    dpo_only["phases"][3]["tasks"] = dpo_only["phases"][3]["tasks"][:1]
     pipeline = parse_pipeline(dpo_only, steps, tmp_path)
     assert reads_data_artifacts(pipeline.phase("dpo"))  # so its data is checked when it starts, not before
     PipelineRunner(pipeline, RunOptions(out_dir=tmp_path / "out")).check()
-    doc["phases"][2]["data_dir"] = "@eval/data"
-    with pytest.raises(SpecError, match=r"phases\[2\].data_dir \('@eval/data'\) reads a later phase's"):
+    doc["phases"][3]["data_dir"] = "@eval/data"
+    with pytest.raises(SpecError, match=r"phases\[3\].data_dir \('@eval/data'\) reads a later phase's"):
         parse_pipeline(doc, steps, tmp_path)
 
 
@@ -215,5 +224,5 @@ def test_every_generated_row_tokenizes_without_unknown_words(model):
             for row in sc.sft_rows(record, style) + sc.dpo_pairs(record, style):
                 for side in ("chosen", "rejected"):
                     ids = tokenizer(f"{row['prompt']} {row[side]}")["input_ids"]
-                    assert tokenizer.unk_token_id not in ids and len(ids) < 112
+                    assert tokenizer.unk_token_id not in ids and len(ids) <= 120  # the pipelines' seq_len
                     assert tokenizer.decode(ids) == sc.normalise(f"{row['prompt']} {row[side]}")
