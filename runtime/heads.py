@@ -4,7 +4,8 @@ Built-in losses (:data:`SUPPORTED_LOSSES`: runtime.checks.BUILTIN_LOSSES) and th
 the orchestrator loads a job's recipe: orchestrator.recipes; the runtime never imports a recipe). Heads are built like every other
 module (runtime.modules: seeded, deterministic) and own a final LayerNorm over their leaf outputs. The next-token and
 InfoNCE heads compute their losses through kernels/ (chunked: never the whole logits) unless ``training.kernels`` is
-``off`` (docs/kernels.md).
+``off`` (docs/kernels.md). The pooled heads pool a pretrained tower's leaf as its model does (runtime.pooling,
+``tasks[].pooling``).
 """
 
 from __future__ import annotations
