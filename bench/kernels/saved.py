@@ -91,7 +91,8 @@ def report(records: list[dict]) -> str:
              f"{s['seq']} positions, batch {s['batch']}; one forward, saved tensors counted once each, parameters "
              "excluded. Planner: its per-layer figure for the same layer (bf16, planner.kinds), which does not depend "
              "on training.kernels.", "",
-             "| layer | dtype | off MiB | kernels MiB | saved by the kernels | planner MiB |", "|---|---|---:|---:|---:|---:|"]
+             "| layer | dtype | off MiB | kernels MiB | saved by the kernels | planner MiB |",
+             "|---|---|---:|---:|---:|---:|"]
     for r in records:
         lines.append(f"| {r['layer']} | {r['dtype']} | {r['off_bytes'] / MIB:.1f} | {r['reference_bytes'] / MIB:.1f} "
                      f"| {r['saved_fraction']:.0%} | {r['planner_bytes'] / MIB:.1f} |")
