@@ -218,6 +218,12 @@ class TaskSpec(StrictModel):
     batch_size: int = Field(ge=1, description="Global batch size (samples per iteration) of this task.")
     loss: str = Field("cross_entropy", description="Loss name (informational for planning).")
     loss_weight: float = Field(1.0, ge=0, description="Weight of this task's loss in the total.")
+    pooling: Literal["model", "mean"] | None = Field(
+        None, description="How a pooled loss (cross_entropy, mse, contrastive, infonce) turns each leaf's sequence "
+        "into one vector: `model`, the pretrained tower's own pooler_output (CLIP, SigLIP, BERT; "
+        "runtime.pretrained_pooling), or `mean` over positions after the head's LayerNorm; unset: the model's own "
+        "where the leaf's model has one, else mean."
+    )
     data: DataSpec | None = Field(
         None, description="Where the task's samples come from (planner.data_spec, docs/data.md); none: synthetic data."
     )

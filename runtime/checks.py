@@ -74,6 +74,9 @@ def check_head(job: JobSpec, t: int, recipe_losses: Collection[str] | None = ())
     next_token need :func:`next_token_source`; contrastive and infonce need exactly two leaves. A ValueError names
     the task and the fix."""
     task, loss = job.tasks[t], check_loss_name(job, t, recipe_losses)
+    from runtime.pooling import model_pooled_leaves  # tasks[].pooling
+
+    model_pooled_leaves(job, t)
     if loss not in BUILTIN_LOSSES:
         return loss
     leaves = leaf_uses(job, t)

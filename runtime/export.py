@@ -5,7 +5,9 @@ tensors merged from every rank (runtime.reference.merge_parameters) under the ch
 (runtime.pretrained.export_name) in one ``model.safetensors``, next to a copy of the source folder's other files
 (config, tokenizer, generation config), so ``AutoModelForCausalLM.from_pretrained(<out>/<component>)`` loads it. The
 LM head and final norm come from the first next-token task that predicts through them (each such task trains its own
-copy; docs/models.md); without one they are copied from the source. Tied embeddings are written untied
+copy; docs/models.md); without one they are copied from the source. A tower's own pooling modules (CLIP's
+post_layernorm, SigLIP's heads, BERT's pooler) come from the first pooled-loss task that pools with them
+(runtime.pooling), else from the source. Tied embeddings are written untied
 (``tie_word_embeddings: false``), since Loom trains the embedding and the head as two tensors.
 
 A diffusers UNet2DConditionModel is written as diffusers writes it (``diffusion_pytorch_model.safetensors`` next to
@@ -25,6 +27,7 @@ from planner import unet_config
 from planner.pretrained import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, resolve_pretrained, tensor_files, weights_file
 from planner.spec import JobSpec
 from runtime.heads import pretrained_lm
+from runtime.pooling import pooler_export_name, pooling_task
 from runtime.pretrained import export_name, head_export_name, is_diffusers_unet, read_tensors
 
 EXPORT_DIR = "export"  # under a run's --out
@@ -56,10 +59,17 @@ def component_tensors(job: JobSpec, component: str, params: dict[str, torch.Tens
             group, _, param = key.split("/", 2)
             if group == f"head:{head}" and (target := head_name(param)) is not None:
                 out[target] = tensor
+    if (pooling := pooling_task(job, component)) is not None:  # the model's own pooler, trained by a pooled loss
+        task, leaf = pooling
+        for key, tensor in params.items():
+            group, _, param = key.split("/", 2)
+            if group == f"head:{task}" and (target := pooler_export_name(param, leaf)) is not None:
+                out[target] = tensor
     source = comp.pretrained
     missing = sorted(set(tensor_files(Path(source))) - set(out))
     out |= read_tensors(source, missing)
-    if resolve_pretrained(source).config.get("tie_word_embeddings") and "lm_head.weight" not in out:
+    if resolve_pretrained(source).config.get("tie_word_embeddings") and "lm_head.weight" not in out \
+            and "model.embed_tokens.weight" in out:  # a causal LM's (a BERT's config says tied too, it has no head)
         out["lm_head.weight"] = out["model.embed_tokens.weight"].clone()
     return out
 

@@ -4,7 +4,8 @@ Built-in losses (:data:`SUPPORTED_LOSSES`: runtime.checks.BUILTIN_LOSSES) and th
 the orchestrator loads a job's recipe: orchestrator.recipes; the runtime never imports a recipe). Heads are built like every other
 module (runtime.modules: seeded, deterministic) and own a final LayerNorm over their leaf outputs. The next-token and
 InfoNCE heads compute their losses through kernels/ (chunked: never the whole logits) unless ``training.kernels`` is
-``off`` (docs/kernels.md).
+``off`` (docs/kernels.md). The pooled heads pool a pretrained tower's leaf as its model does (runtime.pooling,
+``tasks[].pooling``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from runtime.grpo import GRPOHead, grpo_head
 from planner.usegraph import leaf_uses, use_component
 from runtime.kinds import image_channels
 from runtime.modules import DEFAULT_VOCAB, build_initialised, layer_seed
+from runtime.pooling import model_pooled_leaves, pooled_width
+from runtime.pretrained_pooling import attach_poolers
 from runtime.tokenizer import IGNORE_INDEX, labels_key
 
 if TYPE_CHECKING:  # data imports this module
@@ -50,29 +53,44 @@ class TaskHead(nn.Module):
     stream unnormalised, and a projection straight off it starts with outsized outputs and learns slowly.
     Leaves of other widths (``leaf_widths``) are first projected to the narrowest, ``Linear(H_leaf, H_min)``
     per token without bias, as CLIP projects each tower into one embedding space.
+
+    A leaf in ``model_pooled`` (leaf names) is pooled by its pretrained model's own pooling (``poolers``, attached
+    after initialisation by runtime.pretrained_pooling.attach_poolers; ``leaf_widths`` then holds its pooled width),
+    not by the head's LayerNorm and a mean; a head whose leaves are all so pooled has no LayerNorm.
     """
 
     def __init__(self, task: str, leaves: list[str], norm_width: int | None = None,
-                 leaf_widths: dict[str, int] | None = None):
+                 leaf_widths: dict[str, int] | None = None, model_pooled: frozenset[str] = frozenset()):
         super().__init__()
         self.task, self.leaves = task, list(leaves)
+        if self.leaves and all(leaf in model_pooled for leaf in self.leaves):
+            norm_width = None
         self.norm = nn.LayerNorm(norm_width, eps=1e-5) if norm_width is not None else None
         widths = leaf_widths or {}
         narrowest = min(widths.values(), default=0)
         self.project = nn.ModuleDict({str(i): nn.Linear(widths[leaf], narrowest, bias=False)
                                       for i, leaf in enumerate(self.leaves) if widths[leaf] != narrowest}
                                      if widths else {})
+        self.poolers = nn.ModuleDict()  # leaf index -> runtime.pretrained_pooling.PretrainedPooler
 
     def normed(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x) if self.norm is not None else x
 
-    def pooled(self, outputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Mean over the sequence of each (projected, normalised) leaf output, in leaf order: ``(B, H)`` each."""
+    def pooled(self, outputs: dict[str, torch.Tensor], batch: TaskBatch | None = None) -> list[torch.Tensor]:
+        """One vector per sample of each leaf output, in leaf order, projected to the narrowest width: ``(B, H)``
+        each. A leaf with a model pooler gives its model's ``pooler_output`` (CLIP text's reads its ids in
+        ``batch.inputs``); every other leaf the mean over the sequence of its (projected) normalised output."""
         missing = [leaf for leaf in self.leaves if leaf not in outputs]
         assert not missing, f"task {self.task}: head got no output for leaf uses {missing}"
         out = []
         for i, leaf in enumerate(self.leaves):
-            x = self.project[str(i)](outputs[leaf]) if str(i) in self.project else outputs[leaf]
+            key = str(i)
+            if key in self.poolers:
+                ids = batch.inputs.get(leaf) if batch is not None else None
+                x = self.poolers[key](outputs[leaf], ids)
+                out.append(self.project[key](x) if key in self.project else x)
+                continue
+            x = self.project[key](outputs[leaf]) if key in self.project else outputs[leaf]
             out.append(self.normed(x).mean(dim=1))
         return out
 
@@ -80,26 +98,28 @@ class TaskHead(nn.Module):
 class ClassifierHead(TaskHead):
     """cross_entropy: sum of the pooled normalised leaves -> ``Linear(H, 10)`` -> CE against integer labels."""
 
-    def __init__(self, task: str, leaves: list[str], widths: dict[str, int]):
+    def __init__(self, task: str, leaves: list[str], widths: dict[str, int],
+                 model_pooled: frozenset[str] = frozenset()):
         hidden_size = min(widths.values())
-        super().__init__(task, leaves, hidden_size, widths)
+        super().__init__(task, leaves, hidden_size, widths, model_pooled)
         self.out = nn.Linear(hidden_size, NUM_CLASSES, bias=True)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
-        logits = self.out(torch.stack(self.pooled(outputs)).sum(dim=0))
+        logits = self.out(torch.stack(self.pooled(outputs, batch)).sum(dim=0))
         return F.cross_entropy(logits, batch.labels, reduction="none")
 
 
 class RegressionHead(TaskHead):
     """mse: sum of the pooled normalised leaves -> ``Linear(H, 1)`` -> squared error against float labels."""
 
-    def __init__(self, task: str, leaves: list[str], widths: dict[str, int]):
+    def __init__(self, task: str, leaves: list[str], widths: dict[str, int],
+                 model_pooled: frozenset[str] = frozenset()):
         hidden_size = min(widths.values())
-        super().__init__(task, leaves, hidden_size, widths)
+        super().__init__(task, leaves, hidden_size, widths, model_pooled)
         self.out = nn.Linear(hidden_size, 1, bias=True)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
-        pred = self.out(torch.stack(self.pooled(outputs)).sum(dim=0)).squeeze(-1)
+        pred = self.out(torch.stack(self.pooled(outputs, batch)).sum(dim=0)).squeeze(-1)
         return (pred - batch.labels) ** 2
 
 
@@ -110,7 +130,7 @@ class PairedCosineHead(TaskHead):
     """
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
-        a, b = self.pooled(outputs)
+        a, b = self.pooled(outputs, batch)
         return 1.0 - F.cosine_similarity(a, b, dim=-1)
 
 
@@ -121,8 +141,9 @@ class InfoNCEHead(TaskHead):
     against all ``b`` and of ``b_i`` against all ``a``, the target being row i. Each shard scores its own rows, so
     the shards' sum is the full batch's."""
 
-    def __init__(self, task: str, leaves: list[str], widths: dict[str, int], kernels: str = "auto"):
-        super().__init__(task, leaves, min(widths.values()), widths)
+    def __init__(self, task: str, leaves: list[str], widths: dict[str, int], kernels: str = "auto",
+                 model_pooled: frozenset[str] = frozenset()):
+        super().__init__(task, leaves, min(widths.values()), widths, model_pooled)
         self.logit_scale = nn.Parameter(torch.empty(()))
         self.kernels = kernels
 
@@ -130,7 +151,7 @@ class InfoNCEHead(TaskHead):
         self.logit_scale.fill_(math.log(1 / INFONCE_TEMPERATURE))
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
-        a, b = (F.normalize(batch.every_row(x), dim=-1) for x in self.pooled(outputs))
+        a, b = (F.normalize(batch.every_row(x), dim=-1) for x in self.pooled(outputs, batch))
         backend = backend_for(self.kernels, a.device)
         if backend is not None:  # only this shard's rows of the logits, a chunk at a time (kernels.infonce_rows)
             return infonce_rows(a, b, self.logit_scale.exp(), batch.first_row, batch.num_samples, backend=backend)
@@ -269,6 +290,8 @@ def build_head(job: JobSpec, task_index: int) -> TaskHead:
         from runtime import unet_pretrained  # the diffusers UNet's conv_norm_out and conv_out
 
         head = unet_pretrained.load_head(comp, head)
+    if model_pooled_leaves(job, task_index):  # the pretrained towers' own pooling modules
+        head = attach_poolers(job, task_index, head)
     if hasattr(head, "load_pretrained"):  # a recipe's head that starts from pretrained weights (DPO's LM heads)
         head = head.load_pretrained(job, task_index)
     return head
@@ -299,11 +322,13 @@ def head_factory(job: JobSpec, task_index: int) -> Callable[[], TaskHead]:
     if loss in ("lm", "next_token"):
         text, offset, width, vocab = _next_token_args(job, task_index)
         return lambda: NextTokenHead(task.name, leaves, text, offset, width, vocab, job.training.kernels)
-    widths = {leaf: use_component(job, task_index, leaf)[1].hidden_size for leaf in leaves}
+    pooled = frozenset(leaves[i] for i in model_pooled_leaves(job, task_index))  # by the models' own pooling
+    comps = {leaf: use_component(job, task_index, leaf)[1] for leaf in leaves}
+    widths = {leaf: pooled_width(c) if leaf in pooled else c.hidden_size for leaf, c in comps.items()}
     if loss == "cross_entropy":
-        return lambda: ClassifierHead(task.name, leaves, widths)
+        return lambda: ClassifierHead(task.name, leaves, widths, pooled)
     if loss == "mse":
-        return lambda: RegressionHead(task.name, leaves, widths)
+        return lambda: RegressionHead(task.name, leaves, widths, pooled)
     if loss == "infonce":
-        return lambda: InfoNCEHead(task.name, leaves, widths, job.training.kernels)
-    return lambda: PairedCosineHead(task.name, leaves, leaf_widths=widths)
+        return lambda: InfoNCEHead(task.name, leaves, widths, job.training.kernels, pooled)
+    return lambda: PairedCosineHead(task.name, leaves, leaf_widths=widths, model_pooled=pooled)

@@ -34,6 +34,7 @@ from planner import unet_config
 from planner.metagraph import MetaOp
 from planner.pretrained import resolve_pretrained, tensor_files
 from planner.spec import ComponentSpec, JobSpec
+from runtime.pretrained_kernels import KernelRMSNorm, fused_forward, is_rms_norm, use_kernels
 from runtime.tokenizer import document_mask
 
 
@@ -57,15 +58,15 @@ CAUSAL_LM = Layout("AutoModelForCausalLM", "model.layers", ("model.embed_tokens"
 LAYOUTS: dict[str, Layout] = {  # by model_type; planner.pretrained.ARCHITECTURES names the same
     **{name: CAUSAL_LM for name in ("llama", "qwen2", "qwen3", "mistral")},
     # the tower's sequence is [class, patches] after pre_layrnorm; post_layernorm only normalises CLIP's pooled
-    # class token, which Loom's heads do not read: it is exported unchanged
+    # class token: a pooled loss's head reads it (runtime.pretrained_pooling)
     "clip_vision_model": Layout("AutoModel", "encoder.layers", ("embeddings", "pre_layrnorm")),
     # [patches] (no class token); post_layernorm normalises the whole last hidden state; the attention-pooling head
-    # is exported unchanged
+    # is a pooled loss's (runtime.pretrained_pooling)
     "siglip_vision_model": Layout("AutoModel", "encoder.layers", ("embeddings",), final="post_layernorm"),
     # token + learned position embeddings, causal layers (CLIP) or bidirectional (SigLIP), final_layer_norm
     "clip_text_model": Layout("AutoModel", "encoder.layers", ("embeddings",), causal=True, final="final_layer_norm"),
     "siglip_text_model": Layout("SiglipTextModel", "encoder.layers", ("embeddings",), final="final_layer_norm"),
-    # word + learned position + token type 0 embeddings and their LayerNorm; the pooler is exported unchanged
+    # word + learned position + token type 0 embeddings and their LayerNorm; the pooler is a pooled loss's
     "bert": Layout("AutoModel", "encoder.layer", ("embeddings",)),
 }
 
@@ -147,9 +148,10 @@ class PretrainedLayer(nn.Module):
     normalises its last hidden state (CLIP and SigLIP text, SigLIP vision) also runs that norm (``final``)."""
 
     def __init__(self, layer: nn.Module, rotary: nn.Module | None, causal: bool = False,
-                 final: nn.Module | None = None):
+                 final: nn.Module | None = None, fused: bool = False):
         super().__init__()
         self.layer, self.rotary, self.causal = layer, rotary, causal or rotary is not None
+        self.fused = fused  # its norms and MLP run as Loom's kernels (runtime.pretrained_kernels)
         if final is not None:
             self.final = final
 
@@ -163,7 +165,8 @@ class PretrainedLayer(nn.Module):
         else:
             if positions is None:
                 positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-            x = self.layer(x, attention_mask=mask, position_ids=positions, position_embeddings=self.rotary(x, positions))
+            attention = dict(attention_mask=mask, position_ids=positions, position_embeddings=self.rotary(x, positions))
+            x = fused_forward(self.layer, x, **attention) if self.fused else self.layer(x, **attention)
         return self.final(x) if hasattr(self, "final") else x
 
 
@@ -199,15 +202,19 @@ def build_op_layer(job: JobSpec, op: MetaOp, index: int) -> nn.Module:
         return unet_pretrained.build_layer(comp, op.component, op.segment, index, use_shape_of(job, op).image_size,
                                            context_width(job, op.component))
     assert op.segment == 0, f"{op.name}: a pretrained component has one layer segment"
-    return build_layer(comp, index)
+    return build_layer(comp, index, job.training.kernels)
 
 
-def build_layer(comp: ComponentSpec, index: int) -> nn.Module:
-    """Layer ``index`` of pretrained ``comp``, holding its tensors only."""
+def build_layer(comp: ComponentSpec, index: int, kernels: str = "off") -> nn.Module:
+    """Layer ``index`` of pretrained ``comp``, holding its tensors only; a causal LM's runs its norms and MLP as
+    Loom's kernels unless ``kernels`` (training.kernels) is ``off`` (runtime.pretrained_kernels)."""
     where = layout(comp)
     rotary = _loaded(comp.pretrained, where.rotary) if where.rotary else None
     final = _loaded(comp.pretrained, where.final) if where.final and index == comp.num_layers - 1 else None
-    return PretrainedLayer(_loaded(comp.pretrained, f"{where.layers}.{index}"), rotary, where.causal, final)
+    layer = _loaded(comp.pretrained, f"{where.layers}.{index}")
+    hidden_act = resolve_pretrained(comp.pretrained).config.get("hidden_act")
+    fused = rotary is not None and use_kernels(layer, kernels, hidden_act)
+    return PretrainedLayer(layer, rotary, where.causal, final, fused)
 
 
 def build_embed(comp: ComponentSpec) -> nn.Module:
@@ -221,8 +228,10 @@ def build_embed(comp: ComponentSpec) -> nn.Module:
 
 def load_lm_head(comp: ComponentSpec, head: nn.Module) -> nn.Module:
     """``head`` (a runtime.heads.NextTokenHead) predicting through pretrained causal LM ``comp``'s final norm and LM
-    head."""
+    head; the norm runs as ``loom::rms_norm`` when the head's ``kernels`` (training.kernels) is not ``off``."""
     head.norm = _loaded(comp.pretrained, CAUSAL_LM.norm)
+    if getattr(head, "kernels", "off") != "off" and is_rms_norm(head.norm):  # the final norm as loom::rms_norm
+        head.norm = KernelRMSNorm(head.norm, head.kernels)
     head.out = _loaded(comp.pretrained, CAUSAL_LM.head)
     return head
 

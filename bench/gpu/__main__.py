@@ -9,7 +9,12 @@ without the CPU compatibility layer, diffusers' UNet blocks on CUDA. On one host
    one GPU per rank): its per-step losses against single-process training of the same job on the CPU (relative
    difference; TF32 convolutions and other kernels make a GPU differ by ~1e-4..1e-3, not by 1e-5), and its step
    times.
-2. **megatron-core blocks** at TP=1 on one GPU, every variant (encoder, llama, decoder): output and input
+   The same job again at ``training.precision: bf16`` (autocast over float32 master weights): its losses against the
+   float32 single-process run (``BF16_LOSS_RTOL``: bf16 rounds to 8 bits of mantissa).
+2. **A pretrained Hugging Face Llama** (a ``save_pretrained`` folder made here, RoPE, GQA; its RMSNorms and SwiGLU
+   run as Loom's kernels: Triton on a GPU), next-token training at fp32 and at bf16, against the float32
+   single-process run on the CPU.
+3. **megatron-core blocks** at TP=1 on one GPU, every variant (encoder, llama, decoder): output and input
    gradient against the plain block on the same GPU (max abs difference).
 
 ``--device cpu`` runs the same flow on CPU processes and gloo (to check the suite itself where there is no GPU).
@@ -35,6 +40,8 @@ from runtime.reference import ReferenceTrainer
 
 log = logging.getLogger("bench.gpu")
 LOSS_RTOL = 2e-3  # GPU vs CPU float32: TF32 convolutions and different reduction orders
+BF16_LOSS_RTOL = 5e-2  # bf16 autocast vs float32: 8-bit mantissas through every matmul of a few steps
+PRECISIONS = ("fp32", "bf16")
 
 GPU_JOB = {
     "name": "gpu-check",
@@ -65,26 +72,54 @@ GPU_JOB = {
 }
 
 
-def training_check(device: str, steps: int) -> dict:
-    """Train GPU_JOB on this host's GPUs (or CPU processes) and on one CPU process; losses and step times."""
+def training_check(device: str, steps: int, precision: str = "fp32", data: dict | None = None,
+                   check: str = "training") -> dict:
+    """Train ``data`` (default GPU_JOB) at ``precision`` on this host's GPUs (or CPU processes) and at float32 on one
+    CPU process; losses and step times."""
     gpus = torch.cuda.device_count() if device == "cuda" else 2
-    data = GPU_JOB | {"cluster": GPU_JOB["cluster"] | {"devices_per_node": max(1, gpus),
-                                                        "device": "h100" if device == "cuda" else "cpu"}}
-    data["training"] = data["training"] | {"steps": steps}
+    data = data or GPU_JOB
+    data = data | {"cluster": data["cluster"] | {"devices_per_node": max(1, gpus),
+                                                 "device": "h100" if device == "cuda" else "cpu"}}
+    data["training"] = data["training"] | {"steps": steps, "precision": precision}
     job = parse_job(data)
     plan = plan_job(job, with_baselines=False).plan
     with tempfile.TemporaryDirectory() as tmp:
         world = run_world(job, plan, steps, tmp)
-    reference = ReferenceTrainer(job)
+    reference = ReferenceTrainer(job.model_copy(update={"training": job.training.model_copy(
+        update={"precision": "fp32"})}))
     diffs = []
     for step in range(steps):
         want = reference.train_step(step)
         diffs.append({task: abs(world.losses[step][task] - value) / abs(value) for task, value in want.items()})
     worst = max(max(d.values()) for d in diffs)
-    return {"check": "training", "device": device, "workers": plan.cluster.devices_per_node, "steps": steps,
-            "loss_rel_diff": diffs, "worst_rel_diff": worst, "ok": worst <= LOSS_RTOL,
-            "step_s": world.step_seconds, "median_step_s": statistics.median(world.step_seconds[1:] or world.step_seconds),
+    limit = LOSS_RTOL if precision == "fp32" else BF16_LOSS_RTOL
+    return {"check": check, "device": device, "precision": precision, "workers": plan.cluster.devices_per_node,
+            "steps": steps, "losses": world.losses, "loss_rel_diff": diffs, "worst_rel_diff": worst, "limit": limit,
+            "ok": worst <= limit, "step_s": world.step_seconds,
+            "median_step_s": statistics.median(world.step_seconds[1:] or world.step_seconds),
             "predicted_s": plan.predicted.iteration_time_s}
+
+
+def pretrained_check(device: str, steps: int, precision: str, folder: str) -> dict:
+    """A pretrained Llama at ``folder`` (next-token, kernels auto), as :func:`training_check`."""
+    data = {"name": "gpu-check-hf", "cluster": {"num_nodes": 1, "devices_per_node": 1, "device": "h100"},
+            "components": {"lm": {"pretrained": folder, "seq_len": 64}},
+            "tasks": [{"name": "lm", "batch_size": 16, "loss": "lm", "components": [{"component": "lm"}]}],
+            "training": {"lr": 1e-3, "seed": 0, "kernels": "auto"}, "planner": {"time_limit_s": 5}}
+    return training_check(device, steps, precision, data, check="pretrained")
+
+
+def save_check_llama(folder: str) -> str:
+    """A Llama (256 wide, 4 layers, 8 heads over 2 kv heads, vocabulary 512) saved at ``folder`` with the library's
+    own config class and ``save_pretrained`` (random weights; nothing is downloaded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
 
 
 def megatron_check(device: str) -> list[dict]:
@@ -137,11 +172,15 @@ def report(records: list[dict]) -> str:
     train = next(r for r in records if r["check"] == "training")
     lines = ["# GPU path check", "",
              f"Device: `{train['device']}`, {train['workers']} worker(s) ({'NCCL' if train['device'] == 'cuda' else 'gloo'}).",
-             "", "| check | result | detail |", "|---|---|---|",
-             f"| training {train['steps']} steps vs single-process CPU | {'PASS' if train['ok'] else 'FAIL'} | worst "
-             f"relative loss difference {train['worst_rel_diff']:.1e} (limit {LOSS_RTOL:.0e}); median step "
-             f"{train['median_step_s'] * 1e3:.1f} ms, predicted {train['predicted_s'] * 1e3:.1f} ms |"]
+             "", "| check | result | detail |", "|---|---|---|"]
+    what = {"training": "training GPU_JOB", "pretrained": "training a pretrained HF Llama (kernels auto)"}
     for r in records:
+        if r["check"] in what:
+            lines.append(
+                f"| {what[r['check']]} {r['steps']} steps at {r['precision']} vs single-process CPU fp32 | "
+                f"{'PASS' if r['ok'] else 'FAIL'} | worst relative loss difference {r['worst_rel_diff']:.1e} (limit "
+                f"{r['limit']:.0e}); median step {r['median_step_s'] * 1e3:.1f} ms, predicted "
+                f"{r['predicted_s'] * 1e3:.1f} ms |")
         if r["check"] == "megatron":
             lines.append(f"| megatron-core {r['variant']} block, TP=1 | {'PASS' if r['ok'] else 'FAIL'} | max |out "
                          f"diff| {r['max_out_diff']:.1e}, max |input grad diff| {r['max_grad_diff']:.1e} |")
@@ -161,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     started = time.perf_counter()
-    records = [training_check(args.device, args.steps), *megatron_check(args.device)]
+    records = [training_check(args.device, args.steps, precision) for precision in PRECISIONS]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_check_llama(f"{tmp}/llama")
+        records += [pretrained_check(args.device, args.steps, precision, folder) for precision in PRECISIONS]
+    records += megatron_check(args.device)
     text = report(records)
     print(text)
     if not args.no_write:

@@ -1,5 +1,6 @@
-"""``python -m bench.kernels [--device cpu|cuda] [--skip-large] [--only KERNEL ...] [--no-write]``: each kernel of
-kernels/ against the naive torch expression it replaces, forward + backward: peak memory, time, gradient agreement.
+"""``python -m bench.kernels [--device cpu|cuda] [--skip-large] [--only KERNEL ...] [--results-dir DIR] [--no-write]``:
+each kernel of kernels/ against the naive torch expression it replaces, forward + backward: peak memory, time,
+gradient agreement.
 
 Each case runs in its own process (bench.kernels.cases). On CPU the kernels run their plain-torch twins (what
 ``training.kernels: auto`` runs there); with ``--device cuda`` (a GPU host) their Triton implementations, peak memory
@@ -10,7 +11,8 @@ Two memory figures per case: **peak** (bytes above what the process held before 
 backward allocate, the returned loss and gradients included) and **working memory** (peak minus the returned loss
 and gradients, which both variants must produce and a training step keeps: the weight gradient is parameter state).
 Subtracting the outputs from the naive side understates its working memory (its peak comes before its weight
-gradient exists), so the working-memory ratio is conservative. Writes bench/results/kernels.{json,md}.
+gradient exists), so the working-memory ratio is conservative. Writes bench/results/kernels.{json,md}, with
+``--device cuda`` kernels-cuda.{json,md} (the CPU table stays).
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the Triton kernels on a GPU")
     parser.add_argument("--skip-large", action="store_true", help="leave out the 128k-vocabulary target case")
     parser.add_argument("--only", nargs="+", help="only these kernels (linear_ce logprobs topk_kl infonce ...)")
+    parser.add_argument("--results-dir", help="write the results here instead of bench/results")
     parser.add_argument("--no-write", action="store_true", help="print the report; leave bench/results alone")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -139,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return 0
     env = environment(("torch", "triton", "numpy"))
-    write_results("kernels", records, text, {"device": args.device, "cases": cases}, env=env)
+    from pathlib import Path
+
+    write_results("kernels" if args.device == "cpu" else f"kernels-{args.device}", records, text,
+                  {"device": args.device, "cases": cases}, env=env,
+                  results_dir=Path(args.results_dir) if args.results_dir else None)
     return 0
 
 
