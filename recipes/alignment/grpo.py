@@ -16,7 +16,8 @@ This module joins the two:
   that the pipeline uses, since the reward model alone is hacked (docs/recipes/alignment.md);
 - :func:`prompt_batch`: the rollout use's prompts from the recipe's generator (the ``constraints`` domain, where the
   reward model reads format and length reliably; docs/recipes/alignment.md), each group of ``samples`` rows on one
-  prompt, left-padded to the use's ``seq_len`` with the tokenizer's pad id (the prompts are 17 to 20 tokens).
+  prompt, left-padded to the use's ``seq_len`` with the tokenizer's pad id (the prompts are 17 to 20 tokens) and
+  masked (runtime.tokenizer.prompt_mask_key): the rollouts and the log-prob passes never attend the pads.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from planner.usegraph import use_component
 from recipes.alignment import tasks
 from runtime.data import TaskBatch
 from runtime.grpo import GRPOHead, grpo_head, grpo_roles
-from runtime.tokenizer import load_tokenizer, pad_id
+from runtime.tokenizer import load_tokenizer, pad_id, prompt_mask_key
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def prompt_batch(job: JobSpec, t: int, step: int, start: int, stop: int, split: 
     length = resolve_shape(comp, component, use, f"tasks[{t}].components[{u}]").seq_len
     tokenizer = load_tokenizer(comp.pretrained, f"components.{component}.pretrained")
     pad = pad_id(tokenizer) or 0
-    rows = []
+    rows, real = [], []
     for r in range(start, stop):
         ids = list(tokenizer(problem(job.training.seed, split, (step * task.batch_size + r) // use.samples).prompt)
                    ["input_ids"])
@@ -70,8 +71,11 @@ def prompt_batch(job: JobSpec, t: int, step: int, start: int, stop: int, split: 
             raise ValueError(f"tasks[{t}].components[{u}].seq_len ({length}): a {DOMAIN} prompt has {len(ids)} "
                              f"tokens; set the rollout's seq_len to at least {len(ids)}.")
         rows.append([pad] * (length - len(ids)) + ids)
+        real.append(ids)
     n = stop - start
-    return TaskBatch({name: torch.tensor(rows, dtype=torch.long).reshape(n, length)}, torch.zeros(n), n,
+    ids = torch.tensor(rows, dtype=torch.long).reshape(n, length)
+    mask = torch.tensor([[i >= length - len(r) for i in range(length)] for r in real], dtype=torch.bool)
+    return TaskBatch({name: ids}, torch.zeros(n), n, {prompt_mask_key(name): mask.reshape(n, length)},
                      first_row=start)
 
 
