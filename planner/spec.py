@@ -218,6 +218,10 @@ class TaskSpec(StrictModel):
     batch_size: int = Field(ge=1, description="Global batch size (samples per iteration) of this task.")
     loss: str = Field("cross_entropy", description="Loss name (informational for planning).")
     loss_weight: float = Field(1.0, ge=0, description="Weight of this task's loss in the total.")
+    loss_args: dict[str, str | int | float] = Field(
+        default_factory=dict, description="Options of the loss, checked by its head before anything runs (grpo, "
+        "grpo_rm, grpo_rule: beta, kl: k3 | topk, topk; docs/job-spec.md, GRPO). Other losses take none."
+    )
     data: DataSpec | None = Field(
         None, description="Where the task's samples come from (planner.data_spec, docs/data.md); none: synthetic data."
     )
