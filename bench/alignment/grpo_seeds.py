@@ -2,9 +2,9 @@
 GRPO's margin over the merged SFT model, over several seeds.
 
 OUT is a finished ``loom run recipes/alignment/pipeline/pipeline-tiny.yaml --out OUT`` (its ``merge`` phase: GRPO's
-start and reference). For each seed the pipeline's ``grpo`` phase runs alone through ``loom run`` (a one-phase job
-written from the pipeline's own phase, policy and frozen reference both OUT/merge/export/policy, ``training.seed`` the
-seed: it draws the training prompts and every rollout; one CPU worker), then the step ``rule_eval``
+start and reference). For each seed the pipeline's ``grpo`` phase runs alone (a one-phase job written from the
+pipeline's own phase, policy and frozen reference both OUT/merge/export/policy, ``training.seed`` the seed: it draws
+the training prompts and every rollout; trained in one process, :func:`train_seed`), then the step ``rule_eval``
 (recipes.alignment.evaluate.rule_eval) scores the GRPO policy's greedy answers to N held-out prompts (the same N for
 every seed and for the merged model, whose greedy answers do not depend on a seed). ``--set`` changes the phase before
 it runs, e.g. ``--set training.lr=1e-3 --set tasks.0.components.0.samples=8`` (a dotted path into the one-phase job;
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -50,34 +48,55 @@ def grpo_job(out: Path, seed: int, overrides: list[str]) -> dict:
     return job
 
 
-def start_seed(out: Path, work: Path, seed: int, overrides: list[str]) -> tuple[subprocess.Popen, Path, float]:
-    """Start ``loom run`` of one seed's GRPO job under ``work`` (its log: ``seed<s>/run.log``)."""
+def train_seed(out: Path, work: Path, seed: int, overrides: list[str]) -> tuple[Path, float]:
+    """Train one seed's GRPO job in this process (runtime.reference.ReferenceTrainer: the runtime's one-process
+    oracle, whose steps the multi-process runtime is tested to equal) and export its policy as ``loom run`` does;
+    (the exported folder, seconds). In-process because an embedded Ray cluster times out starting on a machine this
+    loaded (loom's own runs of the same job: the same rollouts and updates, up to floating-point order)."""
+    import torch
+
+    from orchestrator.recipes import import_recipe
+    from planner.spec import parse_job
+    from runtime.export import export_pretrained
+    from runtime.reference import ReferenceTrainer
+
+    torch.set_num_threads(1)
     folder = work / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    spec = folder / "job.yaml"
-    spec.write_text(yaml.safe_dump(grpo_job(out, seed, overrides), sort_keys=False))
-    with open(folder / "run.log", "w") as log:
-        run = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(spec), "--out", str(folder / "out"),
-                                "--overwrite"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-    return run, folder, time.perf_counter()
+    spec = grpo_job(out, seed, overrides)
+    (folder / "job.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    job = parse_job(spec)
+    import_recipe(job.recipe)
+    start = time.perf_counter()
+    torch.manual_seed(job.training.seed)
+    trainer = ReferenceTrainer(job)
+    with open(folder / "losses.txt", "w") as log:
+        for step in range(job.training.steps):
+            log.write(f"{step} {trainer.train_step(step)}\n")
+    export_pretrained(job, trainer.named_parameters(), folder / "export")
+    return folder / "export/policy", time.perf_counter() - start
+
+
+def _train(args: tuple) -> tuple[Path, float]:
+    return train_seed(*args)
 
 
 def run_seeds(out: Path, work: Path, seeds: list[int], overrides: list[str], prompts: int,
               parallel: bool) -> tuple[dict, list[dict]]:
-    """(the merged model's :func:`rule_eval`, one row per seed): each seed's GRPO policy trained (all at once when
-    ``parallel``, while the merged model is scored) and scored (KL to the merged model); ``train_s`` is each run's
-    wall time (runs in parallel share the CPUs)."""
+    """(the merged model's :func:`rule_eval`, one row per seed): each seed's GRPO policy trained (in parallel
+    processes when ``parallel``) and scored (KL to the merged model); ``train_s`` is each run's wall time (parallel
+    runs share the CPUs)."""
+    import multiprocessing
+
+    jobs = [(out, work, seed, overrides) for seed in seeds]
+    with multiprocessing.get_context("spawn").Pool(len(seeds) if parallel else 1) as pool:
+        pending = pool.map_async(_train, jobs)  # the merged model is scored meanwhile
+        base = rule_eval(out / "merge/export/policy", None, prompts)
+        print(f"merged SFT: rule score {base['rule_score']:.3f}", flush=True)
+        trained = pending.get()
     rows = []
-    pending = [start_seed(out, work, s, overrides) for s in seeds] if parallel else []
-    base = rule_eval(out / "merge/export/policy", None, prompts)
-    print(f"merged SFT: rule score {base['rule_score']:.3f}", flush=True)
-    for i, seed in enumerate(seeds):
-        run, folder, start = pending[i] if parallel else start_seed(out, work, seed, overrides)
-        if run.wait() != 0:
-            raise SystemExit(f"error: loom run of seed {seed} failed ({folder / 'run.log'}).")
-        seconds = time.perf_counter() - start
-        rows.append({"seed": seed, "train_s": seconds,
-                     **rule_eval(folder / "out/export/policy", out / "merge/export/policy", prompts)})
+    for seed, (policy, seconds) in zip(seeds, trained):
+        rows.append({"seed": seed, "train_s": seconds, **rule_eval(policy, out / "merge/export/policy", prompts)})
         print(f"seed {seed}: rule score {rows[-1]['rule_score']:.3f}", flush=True)
     return base, rows
 
@@ -100,9 +119,10 @@ def markdown(rec: dict) -> str:
     base, rows, s = rec["base"], rec["seeds"], rec["summary"]
     change = ", ".join(rec["overrides"]) or "none"
     lines = [f"# GRPO over seeds: the held-out rule score before and after ({rec['name']})", "",
-             f"The `grpo` phase of `{SPEC}` run alone by `loom run` from the pipeline's merged SFT model (its start "
-             f"and its frozen reference), once per seed (the seed draws the training prompts and every rollout), on "
-             f"one CPU worker; changes to the phase: {change}. Each GRPO policy and the merged model answer the same "
+             f"The `grpo` phase of `{SPEC}` run alone from the pipeline's merged SFT model (its start and its "
+             f"frozen reference), once per seed (the seed draws the training prompts and every rollout), each in one "
+             f"process (runtime.reference.ReferenceTrainer); changes to the phase: {change}. Each GRPO policy and "
+             f"the merged model answer the same "
              f"{rec['prompts']} held-out constraints prompts greedily (step `rule_eval`), scored by the rule.", "",
              "| model | seed | rule score | length | keyword | format | answer words | KL to reference | train s |",
              "|---|---|---|---|---|---|---|---|---|",
@@ -128,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                         help="change the one-phase job before it runs (repeatable)")
     parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (default 64, as the pipeline's gate)")
-    parser.add_argument("--parallel", action="store_true", help="train the seeds at once (their wall times then "
-                        "share the CPUs)")
+    parser.add_argument("--parallel", action="store_true", help="train the seeds in parallel processes (their wall "
+                        "times then share the CPUs)")
     parser.add_argument("--work", type=Path, default=None, help="where the runs go (default OUT/grpo-seeds[-NAME])")
     parser.add_argument("--name", default="", help="a suffix naming this configuration's results")
     parser.add_argument("--no-write", action="store_true", help="print the report; leave bench/results alone")
