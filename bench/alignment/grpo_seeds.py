@@ -48,11 +48,13 @@ def grpo_job(out: Path, seed: int, overrides: list[str]) -> dict:
     return job
 
 
-def train_seed(out: Path, work: Path, seed: int, overrides: list[str]) -> tuple[Path, float]:
+def train_seed(out: Path, work: Path, seed: int, overrides: list[str],
+               reuse: bool = False) -> tuple[Path, float | None]:
     """Train one seed's GRPO job in this process (runtime.reference.ReferenceTrainer: the runtime's one-process
     oracle, whose steps the multi-process runtime is tested to equal) and export its policy as ``loom run`` does;
     (the exported folder, seconds). In-process because an embedded Ray cluster times out starting on a machine this
-    loaded (loom's own runs of the same job: the same rollouts and updates, up to floating-point order)."""
+    loaded (loom's own runs of the same job: the same rollouts and updates, up to floating-point order). With
+    ``reuse``, an earlier run's export of the same job is kept (seconds: its record in ``train_s.txt``, else None)."""
     import torch
 
     from orchestrator.recipes import import_recipe
@@ -62,8 +64,13 @@ def train_seed(out: Path, work: Path, seed: int, overrides: list[str]) -> tuple[
 
     torch.set_num_threads(1)
     folder = work / f"seed{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
     spec = grpo_job(out, seed, overrides)
+    done = (folder / "export/policy/config.json").is_file() and (folder / "job.yaml").is_file() and yaml.safe_load(
+        (folder / "job.yaml").read_text()) == spec
+    if reuse and done:
+        record = folder / "train_s.txt"
+        return folder / "export/policy", float(record.read_text()) if record.is_file() else None
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "job.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     job = parse_job(spec)
     import_recipe(job.recipe)
@@ -74,30 +81,32 @@ def train_seed(out: Path, work: Path, seed: int, overrides: list[str]) -> tuple[
         for step in range(job.training.steps):
             log.write(f"{step} {trainer.train_step(step)}\n")
     export_pretrained(job, trainer.named_parameters(), folder / "export")
-    return folder / "export/policy", time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    (folder / "train_s.txt").write_text(f"{seconds:.1f}\n")
+    return folder / "export/policy", seconds
 
 
-def _train(args: tuple) -> tuple[Path, float]:
-    return train_seed(*args)
+def _seed_row(args: tuple) -> dict:
+    """One seed trained (:func:`train_seed`) and scored: :func:`rule_eval` and the KL to the merged model."""
+    out, work, seed, overrides, prompts, reuse = args
+    policy, seconds = train_seed(out, work, seed, overrides, reuse)
+    return {"seed": seed, "train_s": seconds, **rule_eval(policy, out / "merge/export/policy", prompts)}
 
 
 def run_seeds(out: Path, work: Path, seeds: list[int], overrides: list[str], prompts: int,
-              parallel: bool) -> tuple[dict, list[dict]]:
-    """(the merged model's :func:`rule_eval`, one row per seed): each seed's GRPO policy trained (in parallel
-    processes when ``parallel``) and scored (KL to the merged model); ``train_s`` is each run's wall time (parallel
-    runs share the CPUs)."""
+              parallel: bool, reuse: bool = False) -> tuple[dict, list[dict]]:
+    """(the merged model's :func:`rule_eval`, one row per seed): each seed's GRPO policy trained and scored (in
+    parallel processes when ``parallel``); ``train_s`` is each run's wall time (parallel runs share the CPUs)."""
     import multiprocessing
 
-    jobs = [(out, work, seed, overrides) for seed in seeds]
+    jobs = [(out, work, seed, overrides, prompts, reuse) for seed in seeds]
     with multiprocessing.get_context("spawn").Pool(len(seeds) if parallel else 1) as pool:
-        pending = pool.map_async(_train, jobs)  # the merged model is scored meanwhile
+        pending = pool.map_async(_seed_row, jobs)  # the merged model is scored meanwhile
         base = rule_eval(out / "merge/export/policy", None, prompts)
         print(f"merged SFT: rule score {base['rule_score']:.3f}", flush=True)
-        trained = pending.get()
-    rows = []
-    for seed, (policy, seconds) in zip(seeds, trained):
-        rows.append({"seed": seed, "train_s": seconds, **rule_eval(policy, out / "merge/export/policy", prompts)})
-        print(f"seed {seed}: rule score {rows[-1]['rule_score']:.3f}", flush=True)
+        rows = pending.get()
+    for row in rows:
+        print(f"seed {row['seed']}: rule score {row['rule_score']:.3f}", flush=True)
     return base, rows
 
 
@@ -130,7 +139,8 @@ def markdown(rec: dict) -> str:
              f"{base['format']:.2f} | {base['answer_words']:.1f} | 0 | - |"]
     for r in rows:
         lines.append(f"| GRPO | {r['seed']} | {r['rule_score']:.3f} | {r['length']:.2f} | {r['keyword']:.2f} | "
-                     f"{r['format']:.2f} | {r['answer_words']:.1f} | {r['kl_to_reference']:.4f} | {r['train_s']:.0f} |")
+                     f"{r['format']:.2f} | {r['answer_words']:.1f} | {r['kl_to_reference']:.4f} | "
+                     f"{'-' if r['train_s'] is None else round(r['train_s'])} |")
     m = s["rule_score"]
     lines += [f"| GRPO, mean +- std over {len(rows)} seeds | - | {m['mean']:.3f} +- {m['std']:.3f} | "
               f"{s['length']['mean']:.2f} | {s['keyword']['mean']:.2f} | {s['format']['mean']:.2f} | "
@@ -151,12 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", action="store_true", help="train the seeds in parallel processes (their wall "
                         "times then share the CPUs)")
     parser.add_argument("--work", type=Path, default=None, help="where the runs go (default OUT/grpo-seeds[-NAME])")
+    parser.add_argument("--reuse", action="store_true", help="keep a seed's earlier export of the same job (its "
+                        "training is not rerun)")
     parser.add_argument("--name", default="", help="a suffix naming this configuration's results")
     parser.add_argument("--no-write", action="store_true", help="print the report; leave bench/results alone")
     args = parser.parse_args(argv)
     suffix = f"-{args.name}" if args.name else ""
     work = args.work or args.out / f"grpo-seeds{suffix}"
-    base, rows = run_seeds(args.out, work, args.seeds, args.overrides, args.prompts, args.parallel)
+    base, rows = run_seeds(args.out, work, args.seeds, args.overrides, args.prompts, args.parallel, args.reuse)
     rec = {"name": args.name or "the pipeline's grpo phase", "prompts": args.prompts, "overrides": args.overrides,
            "base": base, "seeds": rows, "summary": summary(rows, base)}
     report = markdown(rec)
