@@ -224,6 +224,10 @@ class TaskSpec(StrictModel):
         "runtime.pretrained_pooling), or `mean` over positions after the head's LayerNorm; unset: the model's own "
         "where the leaf's model has one, else mean."
     )
+    loss_args: dict[str, str | int | float] = Field(
+        default_factory=dict, description="Options of the loss, checked by its head before anything runs (grpo, "
+        "grpo_rm, grpo_rule: beta, kl: k3 | topk, topk; docs/job-spec.md, GRPO). Other losses take none."
+    )
     data: DataSpec | None = Field(
         None, description="Where the task's samples come from (planner.data_spec, docs/data.md); none: synthetic data."
     )

@@ -79,6 +79,9 @@ def check_head(job: JobSpec, t: int, recipe_losses: Collection[str] | None = ())
     model_pooled_leaves(job, t)
     if loss not in BUILTIN_LOSSES:
         return loss
+    if task.loss_args and loss != "grpo":
+        raise ValueError(f"tasks[{t}] ('{task.name}').loss_args: loss '{loss}' takes no options (grpo does). Remove "
+                         "loss_args.")
     leaves = leaf_uses(job, t)
     if loss == "feedback":
         feedback_leaf(job, t)
@@ -96,9 +99,10 @@ def check_head(job: JobSpec, t: int, recipe_losses: Collection[str] | None = ())
     if not unets and loss in ("lm", "next_token"):
         next_token_source(job, t)
     if loss == "grpo":
-        from runtime.grpo import grpo_roles
+        from runtime.grpo import grpo_options, grpo_roles
 
         grpo_roles(job, t)
+        grpo_options(job, t)
     if not unets and loss in ("contrastive", "infonce") and len(leaves) != 2:
         raise ValueError(
             f"tasks[{t}] ('{task.name}').loss ('{loss}') needs exactly two leaf uses "

@@ -21,6 +21,10 @@ task, prompt, sample) (:func:`row_generators`), and picks each token by invertin
 logits at ``temperature``; temperature 0 is greedy (argmax). So a row samples the same tokens on any worker, in any
 data-parallel shard. After an ``eos_id`` token a row is finished: its later tokens are ``pad_id`` and do not count
 (``Rollout.generated``).
+
+Left-padded prompts (a ``prompt_mask``, False on the pads: runtime.tokenizer.prompt_mask_key) are decoded as if
+unpadded: no position attends to a pad, and positions count the real tokens only (:func:`masked_positions`), so a row
+samples what its prompt alone would. The uses reading the rollout attend the same way (runtime.modules.row_kwargs).
 """
 
 from __future__ import annotations
@@ -49,6 +53,22 @@ class Rollout:
     logits: torch.Tensor | None = None
 
 
+def masked_positions(keys: torch.Tensor) -> torch.Tensor:
+    """Position ids ``(B, S)`` of rows whose attended tokens are ``keys`` ``(B, S)`` bool: 0, 1, ... over the attended
+    tokens (a left-padded prompt's first real token is 0, as unpadded), 0 before the first."""
+    return (keys.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def query_mask(keys: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    """The attention mask ``(B, 1, size, start + size)`` bool of queries at positions ``start..start + size - 1`` over
+    every position so far: causal, never to a key outside ``keys`` ``(B, >= start + size)``; a masked query attends to
+    itself only (no empty row). With ``start`` 0 it is runtime.tokenizer.document_mask of ``keys`` as segment ids."""
+    total = start + size
+    q = torch.arange(start, total, device=keys.device)[:, None]
+    k = torch.arange(total, device=keys.device)[None, :]
+    return ((keys[:, None, :total] & (k <= q)) | (k == q))[:, None]
+
+
 def lm_logits(head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The logits of a next-token head (runtime.heads.NextTokenHead: its final norm, then its output projection)."""
     return lambda hidden: head.out(head.normed(hidden))
@@ -65,8 +85,12 @@ class LoomDecoder:
     def start(self) -> None:
         self.cache = [None] * len(self.layers)
 
-    def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Logits ``(B, s, V)`` of ``ids`` ``(B, s)`` at positions ``start..start + s - 1``, after the cached ones."""
+    def __call__(self, ids: torch.Tensor, start: int, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, s, V)`` of ``ids`` ``(B, s)`` at positions ``start..start + s - 1``, after the cached ones.
+        ``keys``: which positions are attended (:func:`generate`); Loom's kinds have no padding token."""
+        if keys is not None and not bool(keys.all()):
+            raise ValueError("generate: a prompt mask with padding needs a pretrained causal LM; Loom's own llama "
+                             "kind reads unpadded prompts.")
         positions = torch.arange(start, start + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
         x = self.embed(ids, positions=positions)
         for i, layer in enumerate(self.layers):
@@ -88,12 +112,16 @@ class PretrainedDecoder:
 
         self.cache = DynamicCache()
 
-    def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+    def __call__(self, ids: torch.Tensor, start: int, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits as :meth:`LoomDecoder.__call__`; ``keys`` ``(B, start + s)`` bool: the positions attended (None:
+        all, causal over a prompt through transformers' SDPA path, every cached position for one new token)."""
+        if keys is None:
+            positions, mask = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0), None
+        else:
+            positions, mask = masked_positions(keys)[:, start:], query_mask(keys, start, ids.shape[1])
         x = self.embed(ids)
         for layer in self.layers:
-            # no mask: causal over a prompt (transformers' SDPA path), every cached position for one new token
-            x = layer.layer(x, attention_mask=None, position_ids=positions, cache=self.cache, use_cache=True,
+            x = layer.layer(x, attention_mask=mask, position_ids=positions, cache=self.cache, use_cache=True,
                             position_embeddings=layer.rotary(x, positions))
         return self.head(x)
 
@@ -127,17 +155,22 @@ def row_generators(seed: int, step: int, task: str, rows: range, samples: int) -
 @torch.no_grad()
 def generate(decoder, prompts: torch.Tensor, new_tokens: int, temperature: float,
              generators: Sequence[torch.Generator], eos_id: int | None = None, pad_id: int = 0,
-             keep_logits: bool = False) -> Rollout:
+             keep_logits: bool = False, prompt_mask: torch.Tensor | None = None) -> Rollout:
     """Prefill ``prompts`` ``(B, P)``, then decode ``new_tokens`` tokens per row with ``decoder``'s KV cache
     (:func:`decoder_for`); row ``i`` draws from ``generators[i]`` (:func:`row_generators`). Stops early once every
-    row has emitted ``eos_id``. See :class:`Rollout`."""
+    row has emitted ``eos_id``. ``prompt_mask`` ``(B, P)`` bool: False on a prompt's padding, never attended (module
+    docstring). See :class:`Rollout`."""
     rows, length = prompts.shape
     if len(generators) != rows:
         raise ValueError(f"generate: {len(generators)} generators for {rows} prompt rows; one per row.")
     uniforms = torch.stack([torch.rand(new_tokens, generator=g, dtype=torch.float64) for g in generators], dim=1)
     uniforms = uniforms.to(prompts.device)  # (N, B): token j's draws are row j, contiguous
+    keys = None if prompt_mask is None else prompt_mask.to(device=prompts.device, dtype=torch.bool)
+    def run(ids: torch.Tensor, start: int) -> torch.Tensor:  # keys only when masked: any decoder reads unmasked rows
+        return (decoder(ids, start) if keys is None else decoder(ids, start, keys))[:, -1].float()
+
     decoder.start()
-    logits = decoder(prompts, 0)[:, -1].float()
+    logits = run(prompts, 0)
     done = torch.zeros(rows, dtype=torch.bool, device=prompts.device)
     out, valid, logprobs, kept = [], [], [], []
     for j in range(new_tokens):
@@ -164,6 +197,8 @@ def generate(decoder, prompts: torch.Tensor, new_tokens: int, temperature: float
             logprobs += [torch.zeros_like(logprobs[-1])] * rest
             kept += [torch.zeros_like(logits)] * (rest if keep_logits else 0)
             break
-        logits = decoder(token[:, None], length + j)[:, -1].float()
+        if keys is not None:
+            keys = torch.cat([keys, torch.ones_like(keys[:, :1])], dim=1)
+        logits = run(token[:, None], length + j)
     return Rollout(torch.cat([prompts, torch.stack(out, dim=1)], dim=1), torch.stack(valid, dim=1),
                    torch.stack(logprobs, dim=1), torch.stack(kept, dim=1) if keep_logits else None)

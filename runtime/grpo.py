@@ -26,6 +26,12 @@ Per sample ``i`` of a group of ``G`` (the generate use's ``samples``), over its 
   and needs the reference's top-k logits moved to the loss instead of one log-probability per token);
   ``beta`` = :data:`BETA`.
 
+``loss_args`` (:func:`grpo_options`) change two things: ``beta``, and ``kl: topk`` (Baichuan Alignment's choice,
+arXiv 2410.14940 §2.1), which replaces ``k3_t`` with the KL from the reference's distribution renormalised over its
+``topk`` most likely tokens (k = 500 in the report) to the policy's whole distribution at the position that generated
+token ``t`` (kernels.topk_kl; with k = vocabulary, the full KL(reference || policy)): every token of the top-k is
+priced, not only the sampled one, at the cost of the reference's logits in the loss.
+
 Log-probabilities come from each LM's head (its final norm and ``Linear(H, V)``: for a pretrained model, the model's
 norm and ``lm_head``) through kernels.linear_cross_entropy (runtime.heads.next_token_losses: never the whole
 logits). The policy's LM head is trained here and is the one its generate use decodes with (runtime.rollout hands it
@@ -34,14 +40,45 @@ to the generating devices after every step); the reference's is frozen.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from kernels import backend_for, topk_kl
 from planner.spec import JobSpec
 
 BETA = 0.04  # KL weight (DeepSeekMath's)
 CLIP = 0.2  # the importance ratio's clip range with rollout_lag 1 (PPO's and DeepSeekMath's epsilon)
 ADVANTAGE_EPS = 1e-4
+KL_ESTIMATORS = ("k3", "topk")  # loss_args.kl
+TOPK = 500  # loss_args.topk's default: the report's k
+LOSS_ARGS = ("beta", "kl", "topk")
+
+
+def grpo_options(job: JobSpec, t: int, beta: float = BETA) -> dict[str, Any]:
+    """``beta``, ``kl`` and ``topk`` of grpo task ``t`` from its ``loss_args`` (defaults: ``beta``, k3, :data:`TOPK`);
+    a ValueError naming the argument, its value and the fix otherwise. Torch-free."""
+    task = job.tasks[t]
+    args, where = task.loss_args, f"tasks[{t}] ('{task.name}').loss_args"
+    unknown = sorted(set(args) - set(LOSS_ARGS))
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: not an option of loss '{task.loss}'; it takes {', '.join(LOSS_ARGS)}. "
+                         "Remove it.")
+    beta = args.get("beta", beta)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
+        raise ValueError(f"{where}.beta ({beta!r}): the KL weight must be a number >= 0 (0: no KL term). Fix it.")
+    kl = args.get("kl", "k3")
+    if kl not in KL_ESTIMATORS:
+        raise ValueError(f"{where}.kl ({kl!r}) is not a KL estimator; use k3 (at the sampled token) or topk (over "
+                         "the reference's top-k tokens).")
+    topk = args.get("topk", TOPK)
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"{where}.topk ({topk!r}): the number of the reference's tokens must be an integer >= 1.")
+    if "topk" in args and kl != "topk":
+        raise ValueError(f"{where}.topk ({topk}) is read only with kl: topk (kl is {kl}). Set kl: topk or drop topk.")
+    return {"beta": float(beta), "kl": kl, "topk": topk}
 
 
 def group_advantages(rewards: torch.Tensor, samples: int, eps: float = ADVANTAGE_EPS) -> torch.Tensor:
@@ -61,18 +98,21 @@ def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def grpo_losses(logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
-                generated: torch.Tensor, beta: float = BETA, behaviour: torch.Tensor | None = None,
-                clip: float = CLIP) -> torch.Tensor:
+                generated: torch.Tensor, beta: float = BETA, kl: torch.Tensor | None = None,
+                behaviour: torch.Tensor | None = None, clip: float = CLIP) -> torch.Tensor:
     """Per-sample GRPO losses ``(B,)`` (module docstring) from the policy's and the reference's log-probabilities of the
-    generated tokens ``(B, N)``, the advantages ``(B,)`` and which tokens count ``(B, N)`` bool; with ``behaviour``
-    (the rollouts' own log-probabilities ``(B, N)``, rollout_lag 1) the clipped importance-ratio term."""
+    generated tokens ``(B, N)``, the advantages ``(B,)`` and which tokens count ``(B, N)`` bool; ``kl`` ``(B, N)``
+    (the top-k KL per token, with gradient) replaces k3 of ``ref_logp`` when given; with ``behaviour`` (the rollouts'
+    own log-probabilities ``(B, N)``, rollout_lag 1) the clipped importance-ratio term."""
     a = advantages[:, None]
     if behaviour is None:
         per_token = -a * torch.exp(logp - logp.detach())
     else:  # tokens that do not count are masked below; their ratio is kept at 1 so that nothing overflows
         ratio = torch.exp(torch.where(generated, logp - behaviour.detach(), torch.zeros_like(logp)))
         per_token = -torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
-    if ref_logp is not None and beta:
+    if kl is not None and beta:
+        per_token = per_token + beta * kl
+    elif ref_logp is not None and beta:
         per_token = per_token + beta * k3(logp, ref_logp.detach())
     mask = generated.float()
     return (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
@@ -97,9 +137,11 @@ class GRPOHead(nn.Module):
     None), ``reward_norm``/``reward_out`` (the reward model's frozen scalar head)."""
 
     def __init__(self, task: str, roles: dict[str, str | None], prompt_len: int, new_tokens: int, samples: int,
-                 widths: dict[str, int], vocab_size: int, kernels: str = "auto", beta: float = BETA):
+                 widths: dict[str, int], vocab_size: int, kernels: str = "auto", beta: float = BETA,
+                 kl: str = "k3", topk: int = TOPK):
         super().__init__()
         self.task, self.roles, self.kernels, self.beta = task, dict(roles), kernels, beta
+        self.kl, self.topk = kl, topk
         self.prompt_len, self.new_tokens, self.samples = prompt_len, new_tokens, samples
         self.leaves = [roles[k] for k in ("reward", "reference", "policy") if roles[k] is not None]
         self.policy = LMHead(widths["policy"], vocab_size)
@@ -118,6 +160,21 @@ class GRPOHead(nn.Module):
         p = self.prompt_len
         return -next_token_losses(lm.normed(hidden[:, p - 1:-1]), lm.out, tokens[:, p:], self.kernels)
 
+    def topk_kl(self, hidden: torch.Tensor, ref_hidden: torch.Tensor) -> torch.Tensor:
+        """The top-k KL ``(B, N)`` (module docstring) at each generated token's position from the policy's and the
+        reference's hidden states ``(B, P + N, H)``: kernels.topk_kl unless training.kernels is off."""
+        p = self.prompt_len
+        with torch.no_grad():
+            ref = self.reference.out(self.reference.normed(ref_hidden[:, p - 1:-1].detach())).float()
+            top, index = ref.topk(min(self.topk, ref.shape[-1]), dim=-1)
+        h = self.policy.normed(hidden[:, p - 1:-1])
+        backend = backend_for(self.kernels, h.device)
+        if backend is not None:
+            return topk_kl(h, self.policy.out.weight, self.policy.out.bias, top, index, backend=backend)
+        logq = F.log_softmax(top, dim=-1)
+        logpi = F.log_softmax(self.policy.out(h).float(), dim=-1).gather(-1, index)
+        return (logq.exp() * (logq - logpi)).sum(-1)
+
     def rewards(self, hidden: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
         """The reward model's score ``(B,)`` of each rollout: its scalar head on the last token that counts."""
         last = self.prompt_len + generated.sum(dim=1).clamp(min=1) - 1
@@ -135,15 +192,17 @@ class GRPOHead(nn.Module):
         rows = outputs[self.roles["rollout"]]
         tokens, generated = unpack(rows, self.prompt_len, self.new_tokens)
         logp = self.logprobs(self.policy, outputs[self.roles["policy"]], tokens)
-        ref = None
-        if self.reference is not None:
+        ref = kl = None
+        if self.reference is not None and self.kl == "topk":
+            kl = self.topk_kl(outputs[self.roles["policy"]], outputs[self.roles["reference"]])
+        elif self.reference is not None:
             with torch.no_grad():
                 ref = self.logprobs(self.reference, outputs[self.roles["reference"]].detach(), tokens)
         with torch.no_grad():
             scores = batch.every_row(self.scores(outputs, tokens, generated))
         first = batch.first_row
         advantages = group_advantages(scores, self.samples)[first:first + batch.num_samples]
-        return grpo_losses(logp, ref, advantages, generated, self.beta,
+        return grpo_losses(logp, ref, advantages, generated, self.beta, kl,
                            behaviour_logprobs(rows, self.prompt_len, self.new_tokens))
 
 
@@ -192,4 +251,4 @@ def grpo_head(job: JobSpec, t: int) -> GRPOHead:
     widths = {role: comp.hidden_size for role, comp in comps.items()}
     prompt = use_shape(job, t, next(i for i, u in enumerate(task.components) if u.use_name == roles["rollout"])).seq_len
     return GRPOHead(task.name, roles, prompt, use.new_tokens, use.samples, widths,
-                    comps["policy"].vocab_size or DEFAULT_VOCAB, job.training.kernels)
+                    comps["policy"].vocab_size or DEFAULT_VOCAB, job.training.kernels, **grpo_options(job, t))

@@ -313,17 +313,42 @@ def use_shape_of(job: JobSpec, op: MetaOp) -> UseShape:
 
 def row_kwargs(job: JobSpec, op: MetaOp, batch) -> dict[str, torch.Tensor]:
     """Per-row keyword arguments of MetaOp ``op``'s layers: a packed task's position and segment ids of its token use
-    (runtime.sources; ``batch()`` the rows' runtime.data.TaskBatch, drawn only for a packed task), so that attention
-    stays within each document; empty for every other use."""
-    data = job.tasks[next(i for i, t in enumerate(job.tasks) if t.name == op.task)].data
+    (runtime.sources; ``batch()`` the rows' runtime.data.TaskBatch, drawn only when needed), so that attention
+    stays within each document; for a use reading a generate use whose prompts are masked
+    (runtime.tokenizer.prompt_mask_key), the rollout's positions and attended tokens (:func:`rollout_kwargs`); empty
+    for every other use."""
+    task = job.tasks[next(i for i, t in enumerate(job.tasks) if t.name == op.task)]
+    data = task.data
     if data is None or not data.pack:
-        return {}
+        return rollout_kwargs(job, op, batch)
     from runtime.tokenizer import positions_key, segments_key
 
     targets = batch().targets
     if segments_key(op.use) not in targets:
         return {}
     return {"positions": targets[positions_key(op.use)], "segments": targets[segments_key(op.use)]}
+
+
+def rollout_kwargs(job: JobSpec, op: MetaOp, batch) -> dict[str, torch.Tensor]:
+    """A use reading a generate use's rollout, whose prompts carry a mask (runtime.tokenizer.prompt_mask_key: False
+    on left padding): ``positions`` and ``segments`` ``(B, seq_len)`` (segment 1 on the prompt's real tokens and
+    every generated one, 0 on the pads), so its layers see the rollout as runtime.generate decoded it; empty
+    otherwise."""
+    task = next(t for t in job.tasks if t.name == op.task)
+    u = next(i for i, use in enumerate(task.components) if use.use_name == op.use)
+    modes = {use.use_name: use.mode for use in task.components}
+    rollout = [name for name in task.upstream_names(u) if modes.get(name) == "generate"]
+    if not rollout:
+        return {}
+    from runtime.generate import masked_positions  # local: this module imports no runtime module but kinds
+    from runtime.tokenizer import prompt_mask_key
+
+    mask = batch().targets.get(prompt_mask_key(rollout[0]))
+    if mask is None:
+        return {}
+    keys = torch.ones(mask.shape[0], use_shape_of(job, op).seq_len, dtype=torch.bool, device=mask.device)
+    keys[:, :mask.shape[1]] = mask.bool()
+    return {"positions": masked_positions(keys), "segments": keys.long()}
 
 
 def layer_kwargs(job: JobSpec, op: MetaOp) -> dict[str, int]:

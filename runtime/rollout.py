@@ -46,6 +46,7 @@ from planner.metagraph import build_metagraph
 from planner.spec import JobSpec, TaskComponentSpec
 from runtime.generate import decoder_for, generate, lm_logits, row_generators
 from runtime.sampleop import layer_keys
+from runtime.tokenizer import prompt_mask_key
 
 Key = tuple[str, int]  # (module name, layer): a param group's layer, "embed:<component>" or "head:<task>" at 0
 
@@ -133,15 +134,18 @@ def run_generate(job: JobSpec, op, module: Callable[[str, int], nn.Module], rows
     use = use_of(job, op)
     comp = job.components[op.component]
     first = start - start % use.samples
-    ids = rows(first, stop).inputs[op.use]
-    prompts = ids[[r - r % use.samples - first for r in range(start, stop)]]
+    batch = rows(first, stop)
+    groups = [r - r % use.samples - first for r in range(start, stop)]
+    prompts = batch.inputs[op.use][groups]
+    mask = batch.targets.get(prompt_mask_key(op.use))  # left padding, never attended (runtime.generate)
     head = module("head:" + op.task, 0)
     decoder = decoder_for(module("embed:" + op.component, 0), [module(*key) for key in layer_keys(job, op)],
                           lm_logits(getattr(head, "policy", head)))
     eos = eos_of(comp)
     out = generate(decoder, prompts, use.new_tokens, use.temperature,
                    row_generators(job.training.seed, step, op.task, range(start, stop), use.samples),
-                   eos_id=eos, pad_id=eos if eos is not None else 0)
+                   eos_id=eos, pad_id=eos if eos is not None else 0,
+                   prompt_mask=None if mask is None else mask[groups])
     return pack(out.tokens, out.generated, out.logprobs if lag else None)
 
 

@@ -40,6 +40,13 @@ def segments_key(use: str) -> str:
     return f"segments:{use}"
 
 
+def prompt_mask_key(use: str) -> str:
+    """``batch.targets`` key of a ``mode: generate`` use's prompt mask ``(B, P)`` bool (False on left padding): its
+    rollouts and the uses reading them attend to the real prompt tokens only (runtime.generate, runtime.modules
+    .row_kwargs). Without it every prompt token is attended."""
+    return f"prompt_mask:{use}"
+
+
 def document_mask(segments: Any, causal: bool = True) -> Any:
     """The attention mask of rows with segment ids ``segments`` ``(B, S)``: ``(B, 1, S, S)`` bool, True where query
     i may attend to key j: same nonzero segment (and j <= i when ``causal``); a padding query attends to itself only,

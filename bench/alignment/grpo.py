@@ -40,7 +40,7 @@ def load(folder: Path):
 @torch.no_grad()
 def answer(model, tokenizer, prompt: str, pad_to: int = 0) -> list[int]:
     """Greedy answer token ids (eos included when the model ends) to ``prompt`` alone; with ``pad_to``, left-padded
-    to that many tokens and the pads attended (as Loom's rollouts see their prompts)."""
+    to that many tokens and the pads attended (what Loom's rollouts saw before their prompts were masked)."""
     ids = tokenizer(prompt)["input_ids"]
     ids = torch.tensor([[tokenizer.pad_token_id] * max(pad_to - len(ids), 0) + ids])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
@@ -84,8 +84,8 @@ def kl_to(policy, reference, prompt_ids: list[int], answer_ids: list[int]) -> tu
 @torch.no_grad()
 def rollouts(model, tokenizer, reward: RewardModel, groups: int, seed: int = 0) -> dict[str, float]:
     """GRPO's own view: groups of 4 answers sampled at temperature 1 to ``groups`` train prompts, left-padded to the
-    rollout's 20 tokens as recipes.alignment.grpo.prompt_batch pads them (attended, as Loom's generate attends every
-    prompt token), scored by the rule and the reward model: what GRPO's advantages follow."""
+    rollout's 20 tokens as recipes.alignment.grpo.prompt_batch pads them and masked as it masks them (the pads never
+    attended), scored by the rule and the reward model: what GRPO's advantages follow."""
     torch.manual_seed(seed)
     scores, rewards = [], []
     for g in range(groups):
@@ -93,8 +93,8 @@ def rollouts(model, tokenizer, reward: RewardModel, groups: int, seed: int = 0) 
         ids = tokenizer(p.prompt)["input_ids"]
         ids = [tokenizer.pad_token_id] * (20 - len(ids)) + ids
         batch = torch.tensor([ids] * 4)
-        out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=NEW_TOKENS, do_sample=True,
-                             temperature=1.0, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
+        out = model.generate(batch, attention_mask=(batch != tokenizer.pad_token_id).long(), max_new_tokens=NEW_TOKENS,
+                             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
         for row in out[:, len(ids):].tolist():
             row = row[:row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
@@ -169,7 +169,7 @@ def markdown(rec: dict) -> str:
         lines.append(f"| {name} | {r['rule_score']:.3f} | " + " | ".join(f"{v:.2f}" for v in r["checks"].values()) +
                      f" | {r['reward']:.3f} | {r['answer_tokens']:.1f} | {r['kl_to_reference']:.4f} |")
     lines += ["", "The same greedy answers with each prompt left-padded to the rollout's 20 tokens, the pads attended "
-              "(as Loom's rollouts see their prompts: no attention mask): rule score " + ", ".join(
+              "(what Loom's rollouts saw before their prompts were masked): rule score " + ", ".join(
                   f"{name} {r['rule_score_padded']:.3f}" for name, r in rec["models"].items()
                   if "rule_score_padded" in r) + "."]
     lines += ["", "Sampled rollouts as GRPO trains on them (train prompts, left-padded to 20 tokens, 4 samples each at "

@@ -16,7 +16,8 @@ This module joins the two:
   that the pipeline uses, since the reward model alone is hacked (docs/recipes/alignment.md);
 - :func:`prompt_batch`: the rollout use's prompts from the recipe's generator (the ``constraints`` domain, where the
   reward model reads format and length reliably; docs/recipes/alignment.md), each group of ``samples`` rows on one
-  prompt, left-padded to the use's ``seq_len`` with the tokenizer's pad id (the prompts are 17 to 20 tokens).
+  prompt, left-padded to the use's ``seq_len`` with the tokenizer's pad id (the prompts are 17 to 20 tokens) and
+  masked (runtime.tokenizer.prompt_mask_key): the rollouts and the log-prob passes never attend the pads.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from planner.spec import JobSpec
 from planner.usegraph import use_component
 from recipes.alignment import tasks
 from runtime.data import TaskBatch
-from runtime.grpo import GRPOHead, grpo_head, grpo_roles
-from runtime.tokenizer import load_tokenizer, pad_id
+from runtime.grpo import GRPOHead, grpo_head, grpo_options, grpo_roles
+from runtime.tokenizer import load_tokenizer, pad_id, prompt_mask_key
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def prompt_batch(job: JobSpec, t: int, step: int, start: int, stop: int, split: 
     length = resolve_shape(comp, component, use, f"tasks[{t}].components[{u}]").seq_len
     tokenizer = load_tokenizer(comp.pretrained, f"components.{component}.pretrained")
     pad = pad_id(tokenizer) or 0
-    rows = []
+    rows, real = [], []
     for r in range(start, stop):
         ids = list(tokenizer(problem(job.training.seed, split, (step * task.batch_size + r) // use.samples).prompt)
                    ["input_ids"])
@@ -70,8 +71,11 @@ def prompt_batch(job: JobSpec, t: int, step: int, start: int, stop: int, split: 
             raise ValueError(f"tasks[{t}].components[{u}].seq_len ({length}): a {DOMAIN} prompt has {len(ids)} "
                              f"tokens; set the rollout's seq_len to at least {len(ids)}.")
         rows.append([pad] * (length - len(ids)) + ids)
+        real.append(ids)
     n = stop - start
-    return TaskBatch({name: torch.tensor(rows, dtype=torch.long).reshape(n, length)}, torch.zeros(n), n,
+    ids = torch.tensor(rows, dtype=torch.long).reshape(n, length)
+    mask = torch.tensor([[i >= length - len(r) for i in range(length)] for r in real], dtype=torch.bool)
+    return TaskBatch({name: ids}, torch.zeros(n), n, {prompt_mask_key(name): mask.reshape(n, length)},
                      first_row=start)
 
 
@@ -104,7 +108,7 @@ def grpo_rm_head(job: JobSpec, t: int, leaves: list[str]) -> RewardModelGRPOHead
     widths = {"policy": base.policy.out.in_features, "reward": base.reward_out.in_features,
               "reference": base.reference.out.in_features if base.reference is not None else 0}
     return RewardModelGRPOHead(base.task, base.roles, base.prompt_len, base.new_tokens, base.samples, widths,
-                               base.policy.out.out_features, base.kernels, base.beta)
+                               base.policy.out.out_features, base.kernels, base.beta, base.kl, base.topk)
 
 
 class RuleGRPOHead(GRPOHead):
@@ -112,11 +116,12 @@ class RuleGRPOHead(GRPOHead):
     of each rollout's answer to its prompt, both decoded from the rollout's tokens with the policy's tokenizer (the
     prompt's pads and the answer's eos dropped; :func:`tasks.parse_prompt` reads the problem back from the prompt),
     plus :data:`RM_WEIGHT` times the trained reward model's score when the task has a reward-model leaf
-    (``roles["reward"]``; its head loaded as ``grpo_rm``'s). ``beta``: :data:`RULE_BETA`."""
+    (``roles["reward"]``; its head loaded as ``grpo_rm``'s). ``beta``: :data:`RULE_BETA` unless ``loss_args`` set it."""
 
-    def __init__(self, base: GRPOHead, roles: dict[str, str | None], widths: dict[str, int], tokenizer):
+    def __init__(self, base: GRPOHead, roles: dict[str, str | None], widths: dict[str, int], tokenizer,
+                 beta: float = RULE_BETA):
         super().__init__(base.task, roles, base.prompt_len, base.new_tokens, base.samples, widths,
-                         base.policy.out.out_features, base.kernels, RULE_BETA)
+                         base.policy.out.out_features, base.kernels, beta, base.kl, base.topk)
         self.tokenizer = tokenizer
         if roles["reward"] is None:  # the rule alone: no reward-model head
             self.reward_norm = self.reward_out = None
@@ -162,7 +167,7 @@ def grpo_rule_head(job: JobSpec, t: int, leaves: list[str]) -> RuleGRPOHead:
     widths.setdefault("reward", widths["policy"])  # unused: the head drops its reward-model layers
     name, comp = use_component(job, t, roles["rollout"])
     tokenizer = load_tokenizer(comp.pretrained, f"components.{name}.pretrained")
-    return RuleGRPOHead(base, roles, widths, tokenizer)
+    return RuleGRPOHead(base, roles, widths, tokenizer, grpo_options(job, t, RULE_BETA)["beta"])
 
 
 # --------------------------------------------------------------------------- step reward_head

@@ -8,9 +8,10 @@ heads the runtime builds for a task (registered by recipes/alignment/__init__.py
   state of its last token; the loss is Eq. 1 of Baichuan Alignment (arXiv 2410.14940, §2.1):
   ``-log sigmoid(r_w - r_l) + alpha [(r_w - s_w)^2 + (r_l - s_l)^2]``, alpha = 0 on a pair without scores.
 - ``dpo`` (:class:`DPOHead`): :func:`dpo_loss` (Rafailov et al. 2023) on sequence log-probs (:func:`sequence_logprobs`)
-  of the answers. A task with four uses: the policy on chosen then rejected, then a frozen reference (``frozen:
-  true``) on the same two, each ``after: []``. The head predicts through the policy's pretrained final norm and LM
-  head (trained, as a next-token task's) and the reference's (loaded beside them, frozen, not parameters).
+  of the answers (through the chunked kernel unless ``training.kernels: off``). A task with four uses: the policy
+  on chosen then rejected, then a frozen reference (``frozen: true``) on the same two, each ``after: []``. The head
+  predicts through the policy's pretrained final norm and LM head (trained, as a next-token task's) and the
+  reference's (loaded beside them, frozen, not parameters).
 - :func:`sft_kl_penalty`: the KL(reference || policy) over the reference's top-k tokens per learned position
   (kernels.topk_kl, k = 500 in the report), which GRPO adds on SFT data instead of an SFT cross-entropy.
 """
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import linear_logprobs, topk_kl
+from kernels import backend_for, linear_logprobs, topk_kl
 from planner.spec import JobSpec
 from planner.usegraph import use_component
 from runtime.heads import TaskHead
@@ -66,14 +67,20 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 
 def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                      backend: str | None = None) -> torch.Tensor:
+                      kernels: str = "auto") -> torch.Tensor:
     """Sum over the learned tokens of each row of ``log p(labels[j + 1] | hidden[j])`` through the LM head
-    ``(weight, bias)``: hidden ``(B, S, H)``, labels ``(B, S)`` with IGNORE_INDEX where nothing is learned -> ``(B,)``
-    (kernels.linear_logprobs: never the whole logits)."""
+    ``(weight, bias)``: hidden ``(B, S, H)``, labels ``(B, S)`` with IGNORE_INDEX where nothing is learned -> ``(B,)``.
+    Through kernels.linear_logprobs (chunked: never the whole logits) unless ``kernels`` (training.kernels) is
+    ``off``: then the plain log-softmax of the logits."""
     targets = labels[:, 1:]
     learned = targets != IGNORE_INDEX
-    logp = linear_logprobs(hidden[:, :-1], weight, bias, torch.where(learned, targets, torch.zeros_like(targets)),
-                           backend=backend)
+    index = torch.where(learned, targets, torch.zeros_like(targets))
+    backend = backend_for(kernels, hidden.device)
+    if backend is None:
+        logits = F.linear(hidden[:, :-1], weight, bias).float()
+        logp = F.log_softmax(logits, dim=-1).gather(-1, index[..., None]).squeeze(-1)
+    else:
+        logp = linear_logprobs(hidden[:, :-1], weight, bias, index, backend=backend)
     return (logp * learned).sum(dim=1)
 
 
@@ -135,9 +142,10 @@ class DPOHead(TaskHead):
     marks them). :meth:`load_pretrained` (runtime.heads.build_head calls it) gives the policy's final norm and LM head
     as this head's parameters, and keeps the reference's frozen outside the parameters (never trained or exported)."""
 
-    def __init__(self, task: str, leaves: list[str], hidden_size: int, vocab_size: int, beta: float = DPO_BETA):
+    def __init__(self, task: str, leaves: list[str], hidden_size: int, vocab_size: int, beta: float = DPO_BETA,
+                 kernels: str = "auto"):
         super().__init__(task, leaves, hidden_size)
-        self.beta = beta
+        self.beta, self.kernels = beta, kernels
         self.out = nn.Linear(hidden_size, vocab_size, bias=False)
         self.reference: tuple[nn.Module, ...] = ()  # (module with the reference's norm and out), unregistered
 
@@ -153,11 +161,13 @@ class DPOHead(TaskHead):
         for i, leaf in enumerate(self.leaves):
             labels = batch.targets[labels_key(leaf)]
             if i < 2:
-                out.append(sequence_logprobs(self.normed(outputs[leaf]), self.out.weight, self.out.bias, labels))
+                out.append(sequence_logprobs(self.normed(outputs[leaf]), self.out.weight, self.out.bias, labels,
+                                             self.kernels))
                 continue
             ref = self.reference[0].to(outputs[leaf].device)
             with torch.no_grad():
-                out.append(sequence_logprobs(ref.norm(outputs[leaf]), ref.out.weight, ref.out.bias, labels))
+                out.append(sequence_logprobs(ref.norm(outputs[leaf]), ref.out.weight, ref.out.bias, labels,
+                                             self.kernels))
         return out
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
@@ -178,7 +188,7 @@ def dpo_head(job: JobSpec, task_index: int, leaves: list[str]) -> DPOHead:
                          f"(`frozen: true`, same width and vocabulary) on the same two; got {leaves} of "
                          f"{[name for name, _ in comps]}.")
     policy = comps[0][1]
-    return DPOHead(task.name, leaves, policy.hidden_size, policy.vocab_size)
+    return DPOHead(task.name, leaves, policy.hidden_size, policy.vocab_size, kernels=job.training.kernels)
 
 
 LOSS_FACTORIES = {"reward_bt": reward_head, "dpo": dpo_head}
