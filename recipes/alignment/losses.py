@@ -152,7 +152,9 @@ class DPOHead(TaskHead):
     def load_pretrained(self, job: JobSpec, task_index: int) -> DPOHead:
         policy, reference = (use_component(job, task_index, self.leaves[i])[1] for i in (0, 2))
         load_lm_head(policy, self)
-        self.reference = (load_lm_head(reference, nn.Module()).requires_grad_(False),)
+        holder = nn.Module()
+        holder.kernels = self.kernels  # the reference's final norm runs as the policy's does (same rounding)
+        self.reference = (load_lm_head(reference, holder).requires_grad_(False),)
         return self
 
     def logprobs(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> list[torch.Tensor]:
