@@ -168,16 +168,12 @@ def _whole(args: dict, key: str, default: int, least: int) -> int:
     return value
 
 
-def _known(args: dict, step: str, known: tuple[str, ...]) -> None:
-    for key in args:
-        if key not in known:
-            raise ValueError(f"{key}: unknown argument of step '{step}'; it takes {', '.join(known)}.")
-
-
 def check_data_args(args: dict, base: Path | None) -> None:
     """``mixture_data``'s args: ``mixture`` (domain -> weight > 0, domains of :data:`DOMAINS`), ``documents``,
     ``reference_documents`` (per domain), ``seed``."""
-    _known(args, "mixture_data", DATA_ARGS)
+    from planner.pipeline import check_known_args
+
+    check_known_args(args, DATA_ARGS, "mixture_data")
     mixture = args.get("mixture", MIXTURE)
     if (not isinstance(mixture, dict) or not mixture or any(d not in DOMAINS for d in mixture)
             or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in mixture.values())):
@@ -191,9 +187,9 @@ def check_data_args(args: dict, base: Path | None) -> None:
 def check_eval_args(args: dict, base: Path | None) -> None:
     """``mixture_eval``'s args: ``model`` (a from_pretrained folder or a reference), ``reference`` (a labelled JSONL
     file), optional ``truth`` (a JSON file or a mapping domain -> proportion), ``samples``, ``new_tokens``, ``seed``."""
-    from planner.pipeline import StepContext
+    from planner.pipeline import StepContext, check_known_args
 
-    _known(args, "mixture_eval", EVAL_ARGS)
+    check_known_args(args, EVAL_ARGS, "mixture_eval")
     ctx = StepContext("", {}, Path(), base)
     for key, want, is_ok in (("model", "a from_pretrained folder (or '@<phase>/model/<component>')", Path.is_dir),
                              ("reference", "a JSONL file of {\"text\", \"domain\"} lines", Path.is_file)):

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from planner.pipeline import StepContext
+from planner.pipeline import StepContext, check_known_args
 from recipes.alignment import supercorrect_data as sc
 
 DATA_DEFAULTS = {"style": "template", "train": 2000, "heldout": 128, "seed": 0}
@@ -35,12 +35,6 @@ MARKED_WRONG = re.compile(r"step (\d+) (?:> [^<]*?)?wrong")  # plain ``step k wr
 
 
 # --------------------------------------------------------------------------- argument checks (torch-free)
-
-
-def _unknown(args: dict, known: dict, step: str) -> None:
-    for key in args:
-        if key not in known:
-            raise ValueError(f"{key}: unknown argument of step '{step}'; it takes {', '.join(sorted(known))}.")
 
 
 def _count_or_file(args: dict, key: str, base: Path | None, top: int) -> None:
@@ -59,7 +53,7 @@ def _count_or_file(args: dict, key: str, base: Path | None, top: int) -> None:
 
 def check_data_args(args: dict[str, Any], base: Path | None) -> None:
     """``style`` (template | plain), ``train`` / ``heldout`` (a count to generate or a records file), ``seed``."""
-    _unknown(args, DATA_DEFAULTS, "supercorrect_data")
+    check_known_args(args, sorted(DATA_DEFAULTS), "supercorrect_data")
     style = args.get("style", "template")
     if style not in sc.STYLES:
         raise ValueError(f"style ({style!r}): expected one of {', '.join(sc.STYLES)} (template: SuperCorrect's "
@@ -74,7 +68,7 @@ def check_data_args(args: dict[str, Any], base: Path | None) -> None:
 def check_eval_args(args: dict[str, Any], base: Path | None) -> None:
     """``model`` (a from_pretrained folder or reference), ``problems`` (a records file or reference), optional
     ``limit`` (problems scored, > 0) and ``new_tokens`` (1..512)."""
-    _unknown(args, {"model": 0, "problems": 0} | EVAL_DEFAULTS, "supercorrect_eval")
+    check_known_args(args, sorted({"model", "problems", *EVAL_DEFAULTS}), "supercorrect_eval")
     for key, kind in (("model", "is_dir"), ("problems", "is_file")):
         value = args.get(key)
         if not isinstance(value, str):
