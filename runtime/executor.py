@@ -22,6 +22,7 @@ pieces cross devices in the compute precision (the plan's bytes) and are float32
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -392,8 +393,9 @@ class WaveWorker:
         ``rollout_lag`` 1 those decoded during the previous step, and the next step's decoded now (runtime.lagged)."""
         t = self.task_index[op.task]
 
-        def decode(at: int) -> torch.Tensor:  # grad mode and autocast are per thread: set here
-            with torch.no_grad(), autocast(self.job, self.device):
+        def decode(at: int) -> torch.Tensor:  # grad mode, autocast and the current CUDA device are per thread
+            device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+            with device, torch.no_grad(), autocast(self.job, self.device):
                 return run_generate(self.job, op, lambda name, layer: self.modules[(name, layer)],
                                     lambda lo, hi: task_batch(self.job, t, at, lo, hi).to(self.device), at, start,
                                     stop)
