@@ -40,6 +40,7 @@ from runtime.assignment import (
     loss_groups, sample_range, tp_group_of,
 )
 from runtime.channel import PieceChannel, piece_key
+from runtime.data import task_batch
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
 from runtime.kinds import is_token_decoder
@@ -53,7 +54,6 @@ from runtime.lagged import RolloutsAhead
 from runtime.rollout import (
     Roles, forward_only, freeze_untrained, has_modes, rollout_input, run_generate, seq_len_of,
 )
-from runtime.data import task_batch
 from runtime.sampleop import run_sample
 from runtime.steps import GradBucket, Lap, StepState, StepTiming, assemble_rows, fp32_output
 from runtime.zero import ShardedAdamW
