@@ -63,6 +63,19 @@ def ahead_bytes(graph, op, local_batch: int) -> float:
     return op.layer.out_bytes * local_batch
 
 
+def generation_pool(waves, early: set[int]) -> set[int]:
+    """The devices that run the lagged generate MetaOps ``early`` when none of them runs any other slice (the
+    generation has a pool of its own: the only case :func:`lagged` overlaps), else the empty set. ``waves``: each
+    wave's slices as ``(metaop, devices)`` pairs. The runtime decodes the next step's rollouts beside the step on
+    exactly these devices (runtime.executor), so what runs and what is priced come from this one rule."""
+    gen: set[int] = set()
+    other: set[int] = set()
+    for wave in waves:
+        for metaop, devices in wave:
+            (gen if metaop in early else other).update(devices)
+    return gen if not gen & other else set()
+
+
 def lagged(graph, placed: PlacedSchedule, wave_durations, iteration_s: float, handoff_s: float) -> Lagged | None:
     """The pipelined prediction of ``placed`` (module docstring) from its synchronous one: ``wave_durations`` (compute
     per wave), ``iteration_s`` (the synchronous iteration, hand-off excluded) and ``handoff_s``; None when the job
@@ -70,16 +83,10 @@ def lagged(graph, placed: PlacedSchedule, wave_durations, iteration_s: float, ha
     early = lagged_generate(graph)
     if not early:
         return None
-    gen_devices: set[int] = set()
-    other_devices: set[int] = set()
-    generation = 0.0
-    for wave, seconds in zip(placed.waves, wave_durations):
-        if all(s.metaop in early for s in wave.slices):
-            generation += seconds
-        for s in wave.slices:
-            (gen_devices if s.metaop in early else other_devices).update(s.devices)
-    generation *= graph.num_micro_batches
+    generation = sum(seconds for wave, seconds in zip(placed.waves, wave_durations)
+                     if all(s.metaop in early for s in wave.slices)) * graph.num_micro_batches
     rest = max(0.0, iteration_s - generation)
-    overlaps = not gen_devices & other_devices and generation > 0
+    pool = generation_pool(([(s.metaop, s.devices) for s in wave.slices] for wave in placed.waves), early)
+    overlaps = bool(pool) and generation > 0
     period = (max(generation, rest) if overlaps else iteration_s) + handoff_s
     return Lagged(period, iteration_s + handoff_s - period, generation, rest, overlaps)

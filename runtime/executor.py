@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from planner.kinds import kind_of
 from planner.plan import Plan, PlanMetaOp
+from planner.rolloutlag import generation_pool
 from planner.spec import JobSpec
 from runtime.assignment import (
     LOSS_WAVE, CommSchedule, Piece, SliceRef, dp_rank_of, holders, input_order, is_lead, layer_tp_degrees,
@@ -102,10 +103,12 @@ class WaveWorker:
         self.modules: dict[tuple[str, int], torch.nn.Module] = {}
         # generate and forward uses, rollout readers and weight hand-offs (runtime.rollout); None: a plain training job
         self.roles = Roles.build(job, plan) if has_modes(job) else None
-        # rollout_lag 1: this rank's generate slices decode a step ahead, in a thread beside the step when it runs
-        # nothing else (runtime.lagged)
-        self.ahead = RolloutsAhead(background=bool(self.roles is not None and self.mine and all(
-            self.comm.slices[r].metaop in self.roles.generate for r in self.mine)))
+        # rollout_lag 1: this rank's generate slices decode a step ahead, in a thread beside the step where the plan
+        # prices that overlap (planner.rolloutlag.generation_pool; runtime.lagged)
+        early = {op.id for op in plan.metaops if self.roles is not None and op.id in self.roles.generate
+                 and not op.deps} if job.training.rollout_lag else set()
+        self.ahead = RolloutsAhead(background=rank in generation_pool(
+            ([(s.metaop, s.devices) for s in wave.slices] for wave in plan.waves), early))
         extra = self.roles.mine(rank) if self.roles is not None else []
         if self.roles is not None and job.training.grad_accum_steps > 1 and (self.roles.generate or self.roles.sample):
             raise ValueError("training.grad_accum_steps > 1 with a generate or sample use: a rollout group's "

@@ -4,10 +4,10 @@ k-1 started from, W_{k-1}; step 0's with the initial ones), computed two ways th
 - :class:`Behaviour` (the single-process reference, runtime.reference): decodes step k's rows at step k with a copy
   of W_{k-1} it took at step k-1 (the definition, written the plain way).
 - :class:`RolloutsAhead` (every worker, runtime.executor): decodes step k+1's rows at step k with the weights it holds
-  then, W_k (and step k+1's seeds), so no weight copy is kept, and step k uses the rows decoded at step k-1. On a
-  device that runs nothing but generate slices (the plan gives the generation devices of its own) that decode runs
-  in a thread beside the rest of step k (the others' scoring and training, the gradient sync): the overlap
-  planner.rolloutlag prices. Its rows are part of the worker's checkpoint (runtime.portable), so a resumed run decodes
+  then, W_k (and step k+1's seeds), so no weight copy is kept, and step k uses the rows decoded at step k-1. On the
+  generation's own pool (planner.rolloutlag.generation_pool: no device runs both a generate slice and another) that
+  decode runs in a thread beside the rest of step k (the others' scoring and training, the gradient sync): the
+  overlap planner.rolloutlag prices, by the same rule. Its rows are part of the worker's checkpoint (runtime.portable), so a resumed run decodes
   nothing again and equals an uninterrupted one.
 """
 
@@ -48,7 +48,7 @@ class Behaviour:
 
 class RolloutsAhead:
     """One worker's rows decoded a step ahead, by generate MetaOp (module docstring). ``background``: decode them in a
-    thread (the worker runs nothing but generate slices); :meth:`wait` joins it, and must run before the worker's
+    thread (the worker is in the generation's own pool); :meth:`wait` joins it, and must run before the worker's
     weights change (optimizer step, hand-off) or are saved."""
 
     def __init__(self, background: bool):

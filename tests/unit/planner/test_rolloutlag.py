@@ -16,6 +16,7 @@ from planner.rlbaselines import (
     SPLIT_SIMULATED, _op_seconds, _used_devices, colocated_schedule, pool_sizes, split_at, split_candidates,
     split_estimates, split_schedule,
 )
+from planner.rolloutlag import generation_pool, lagged_generate
 from planner.schedule import Problem
 from planner.simulator import simulate
 from planner.spec import parse_job
@@ -47,6 +48,11 @@ def test_a_generation_pool_of_its_own_runs_beside_the_rest_and_keeps_the_rows_ah
     rollout = sync.graph.metaops[0]
     rows = rollout.layer.out_bytes * rollout.batch_size / 2  # each of the 2 generating devices: half the rows
     assert 0 < rows < 0.01 * rollout.gen.decoder.params * cm.weight_bytes  # far below a copy of the weights
+    # the devices the runtime decodes ahead on beside the step (runtime.executor): the generation's pool, by the same
+    # rule; none when colocated
+    slices = lambda p: ([(s.metaop, s.devices) for s in w.slices] for w in p.waves)  # noqa: E731
+    assert generation_pool(slices(placed), lagged_generate(lagged.graph)) == {0, 1}
+    assert generation_pool(slices(colocated_schedule(lagged)), lagged_generate(lagged.graph)) == set()
     for d in range(8):  # the rows decoded ahead, on the generating devices only
         assert b.peak_memory_bytes[d] == pytest.approx(a.peak_memory_bytes[d] + (rows if d < 2 else 0.0), rel=1e-12)
 
