@@ -8,8 +8,10 @@ and the steps' ``seed`` set to it:
 - ``plain``: the same spec with ``share: 0`` (the SFT prompts as they are: the answer model never sees a complement)
   and the ``augmented`` run's PAS model instead of its own ``pas`` phase.
 
-Each run's ``pas_eval`` metrics (recipes.alignment.pas.measure: greedy answers to 64 held-out prompts of both domains,
-scored by the rule, alone, with the PAS model's complement appended and with the generator's) and ``pas_data``'s
+Each run's ``pas_eval`` metrics (recipes.alignment.pas.measure: greedy answers to 96 held-out prompts of three kinds,
+arithmetic, explicit constraints and scene prompts that leave length and format to the scene
+(recipes.alignment.pas_scenes), scored by the rule, alone, with the PAS model's complement appended and with the
+generator's) and ``pas_data``'s
 (the share of its complements that obey PAS's rules) are read from its ``OUT/<phase>/metrics.json``; the report gives
 their mean and sample standard deviation over the seeds, and each run's wall time (the machine's load average
 beside it). A run whose gate fails (exit 1) is a result, reported as such. Writes
@@ -30,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from bench.common import REPO_ROOT, write_results
-from recipes.alignment import tasks
+from recipes.alignment import pas_scenes
 
 SPEC = REPO_ROOT / "recipes/alignment/pipeline/pas-tiny.yaml"
 VARIANTS = ("plain", "augmented")
@@ -110,27 +112,34 @@ def markdown(rec: dict) -> str:
     cell = lambda variant, key: f"{s[variant][key]['mean']:.3f} ± {s[variant][key]['std']:.3f}"  # noqa: E731
     lines = ["# PAS: the answer model's held-out rule score with and without PAS complements", "",
              f"`{SPEC.relative_to(REPO_ROOT)}` through `loom run`, seeds {', '.join(map(str, seeds))} (training seed "
-             "and the steps' seeds), mean ± sample std over the seeds. Greedy answers to 64 held-out prompts of both "
-             "domains per seed (step `pas_eval`), scored by the recipe's rule (1: every check passes). `plain`: the "
-             "answer model fine-tuned on the SFT prompts as they are; `augmented`: on the same rows with half of the "
-             "prompts followed by the PAS model's complement (step `pas_data`). Both read the same PAS model per "
-             "seed.", "",
+             "and the steps' seeds), mean ± sample std over the seeds. Greedy answers to 96 held-out prompts per seed "
+             "(step `pas_eval`), a third each arithmetic, explicit constraints and scene prompts (length and format "
+             "left to the scene: recipes.alignment.pas_scenes), scored by the recipe's rule (the fraction of checks "
+             "passed). `plain`: the answer model fine-tuned on the explicit SFT prompts as they are; `augmented`: on "
+             "the same rows with half of the prompts followed by the PAS model's complement (step `pas_data`). Both "
+             "read the same PAS model per seed.", "",
              "| answer model | " + " | ".join(WAYS.values()) + " | SFT loss, last 10% |",
              "|---|" + "---|" * (len(WAYS) + 1)]
     for variant in VARIANTS:
         lines.append(f"| {variant} | " + " | ".join(cell(variant, k) for k in WAYS) +
                      f" | {cell(variant, 'sft_loss_last')} |")
-    lines += ["", "Per domain (`augmented`, then `plain`):", "", "| answer model | domain | " +
+    lines += ["", "Per kind of prompt (`augmented`, then `plain`):", "", "| answer model | prompts | " +
               " | ".join(list(WAYS.values())[:3]) + " |", "|---|---|---|---|---|"]
     for variant in reversed(VARIANTS):
-        for domain in tasks.DOMAINS:
-            lines.append(f"| {variant} | {domain} | " + " | ".join(cell(variant, f"{k}_{domain}")
-                                                                   for k in list(WAYS)[:3]) + " |")
+        for kind in pas_scenes.KINDS:
+            lines.append(f"| {variant} | {kind} | " + " | ".join(cell(variant, f"{k}_{kind}")
+                                                                 for k in list(WAYS)[:3]) + " |")
+    best = max(s["plain"]["rule_score"]["mean"], s["augmented"]["rule_score"]["mean"])
+    lines += ["", f"The best answer model without PAS scores {best:.3f}; the augmented one with PAS's complement "
+              f"{s['augmented']['rule_score_pas']['mean']:.3f} "
+              f"({s['augmented']['rule_score_pas']['mean'] - best:+.3f}). Per seed, the augmented model's gain from "
+              "PAS: " + ", ".join(f"{v:+.3f}" for v in s["augmented"]["pas_gain"]["values"]) + " (all prompts), " +
+              ", ".join(f"{v:+.3f}" for v in s["augmented"]["pas_gain_scene"]["values"]) + " (scene prompts)."]
     aug = s["augmented"]
     lines += ["", "The PAS model's complements against PAS's rules (recipes.alignment.pas.complement_rules: 20-45 "
               "words, never the answer): "
               f"{aug['train_complement_valid']['mean']:.1%} of the 256 written into the SFT data and "
-              f"{aug['complement_valid']['mean']:.1%} of the 64 held-out ones obey them; "
+              f"{aug['complement_valid']['mean']:.1%} of the 96 held-out ones obey them; "
               f"{aug['complement_exact']['mean']:.1%} of the held-out ones equal the generator's word for word.", "",
               "| run | seed | exit | wall s | load average | rule score alone | + PAS | gain |",
               "|---|---|---|---|---|---|---|---|"]
