@@ -37,6 +37,7 @@ from recipes.alignment import pas_scenes, tasks
 SPEC = REPO_ROOT / "recipes/alignment/pipeline/pas-tiny.yaml"
 VARIANTS = ("plain", "augmented")
 RUN_FILE = "bench-run.json"  # a run's exit code, wall time and load average, for --reuse
+CHECKS_FILE = "bench-checks.json"  # check_rates of an augmented run
 WAYS = {"rule_score": "alone", "rule_score_pas": "+ PAS complement", "rule_score_oracle": "+ generator's complement",
         "pas_gain": "PAS gain"}
 
@@ -98,6 +99,8 @@ def check_rates(out: Path, seed: int, prompts: int) -> dict[str, dict[str, float
     from recipes.alignment import pas
 
     target = out / f"augmented-{seed}"
+    if (target / CHECKS_FILE).exists():  # decoded before (--checks is slow on a loaded machine)
+        return json.loads((target / CHECKS_FILE).read_text())
     metrics, rows = pas.measure(target / "pas/export/pas", target / "sft/export/policy", prompts, seed=seed)
     rates: dict[str, dict[str, float]] = {"rule_score_pas": {"all": metrics["rule_score_pas"]}}
     problems = [pas_scenes.problem(seed, pas.SPLIT, i) for i in range(prompts)]
@@ -109,6 +112,7 @@ def check_rates(out: Path, seed: int, prompts: int) -> dict[str, dict[str, float
                     tasks.checks(p, row[way])[check] for p, row in mine) / len(mine)
         rates[f"{kind} PAS states length"] = {"rule_score_pas": sum(
             f"exactly {p.words} counted words" in row["complement"] for p, row in mine) / len(mine)}
+    (target / CHECKS_FILE).write_text(json.dumps(rates))
     return rates
 
 
