@@ -177,8 +177,8 @@ def markdown(rec: dict) -> str:
         lines.append(f"| {r['variant']} | {r['seed']} | {r['rc'] if r['rc'] is not None else ''} | {wall} | {load} | "
                      f"{m['rule_score']:.3f} | {m['rule_score_pas']:.3f} | {m['pas_gain']:+.3f} |")
     if "checks" in rec:
-        lines += ["", "Check by check, the augmented answer model on the held-out constraints prompts (pass rates, mean "
-                  "over the seeds; `python -m bench.alignment.pas --checks` decodes the runs' models again):", "",
+        lines += ["", "Check by check, the augmented answer model on the held-out constraints prompts (pass rates, "
+                  "mean over the seeds; `python -m bench.alignment.pas --checks` decodes the runs' models again):", "",
                   "| prompts, check | alone | + PAS complement |", "|---|---|---|"]
         for key in next(iter(rec["checks"].values())):
             if key == "rule_score_pas":

@@ -12,10 +12,10 @@ is stated; the length and the format are implicit, and recoverable: the PAS mode
 from its training pairs (prompt -> complement, :func:`complement`), and its complement states them in the same words
 for a scene prompt as for an explicit one. A complement adds what the prompt leaves out and points back to what it
 says (the keyword: "the word the user asks for"), as the report's complements carry requirements, not the prompt
-again; a 2-layer PAS model copies a topic's keyword wrong often enough to mislead the answer model otherwise. The answer model is fine-tuned on explicit prompts only (the
-preference file's; a share of them followed by PAS's complement: recipes.alignment.pas_data), so it learns to follow
-stated constraints and never sees a scene's answer: it can only get a scene right alone by chance, and with PAS's
-complement by following what the complement states.
+again; a 2-layer PAS model copies a topic's keyword wrong often enough to mislead the answer model otherwise. The
+answer model is fine-tuned on explicit prompts only (the preference file's; a share of them followed by PAS's
+complement: recipes.alignment.pas_data), so it learns to follow stated constraints and never sees a scene's answer:
+it can only get a scene right alone by chance, and with PAS's complement by following what the complement states.
 
 :func:`problem` draws the held-out and training problems of the PAS pipeline, cycling arithmetic, explicit
 constraints and scene prompts; :func:`kind` names a problem's kind; :func:`parse_prompt` reads any of them back from
