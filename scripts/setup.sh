@@ -28,6 +28,10 @@ example_models() {
         echo "setup.sh: writing the alignment recipe's tiny Llama under recipes/alignment/models" >&2
         "$PY" -m recipes.alignment.make --models-only >&2
     fi
+    if [[ ! -f "$ROOT/recipes/alignment/models/pas/model.safetensors" ]]; then  # recipes/alignment/pipeline/pas-tiny.yaml's
+        echo "setup.sh: writing PAS's tiny Llama under recipes/alignment/models/pas" >&2
+        "$PY" -m recipes.alignment.pas_scenes --models-only >&2
+    fi
     if [[ ! -f "$ROOT/recipes/alignment/models/button/model.safetensors" ]]; then  # recipes/alignment/pipeline/button-*.yaml's
         echo "setup.sh: writing BUTTON's tiny Llama under recipes/alignment/models/button" >&2
         "$PY" -m recipes.alignment.button_steps >&2

@@ -1,4 +1,4 @@
-"""``python -m bench.alignment.grpo OUT [--prompts N] [--no-write]``: the phased pipeline's GRPO policy and PAS, scored.
+"""``python -m bench.alignment.grpo OUT [--prompts N] [--no-write]``: the phased pipeline's GRPO policy, scored.
 
 OUT is a finished ``loom run recipes/alignment/pipeline/pipeline-tiny.yaml --out OUT``. On N held-out prompts of
 GRPO's domain (recipes.alignment.grpo: the ``heldout`` stream, never trained on), each model answers greedily (each
@@ -7,9 +7,7 @@ prompt alone, unpadded, up to the rollout's 48 new tokens, ending at eos) and ev
 OUT/rm_head/export/rm). Models: the base, the SFT model on both domains (OUT/sft), the domain models (OUT/sft_<domain>),
 the merged model (OUT/merge: GRPO's start and its reference), the GRPO policy (OUT/grpo: loss grpo_rule, the rule as
 its reward). A model's KL to the reference is the mean over its answers' tokens of the full KL(model || reference)
-of the next-token distributions. PAS (recipes.alignment.pas.measure, what the pipeline's step pas_eval reports): the
-SFT model's greedy rule score on N held-out prompts of both domains alone, with the PAS model's complement (OUT/pas)
-and with the generator's own.
+of the next-token distributions. (PAS has a pipeline and a bench of its own: bench.alignment.pas.)
 Writes bench/results/alignment-grpo.{json,md}.
 """
 
@@ -23,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import REPO_ROOT, write_results
-from recipes.alignment import grpo, pas, tasks
+from recipes.alignment import grpo, tasks
 
 SPEC = "recipes/alignment/pipeline/pipeline-tiny.yaml"
 NEW_TOKENS = 48
@@ -139,9 +137,7 @@ def evaluate(out: Path, prompts: int, seed: int = 0) -> dict:
                                    if i != tokenizer.eos_token_id], skip_special_tokens=True) for p in problems]
         rows[name]["rule_score_padded"] = sum(map(tasks.rule_score, problems, texts)) / len(problems)
     sampled = {name: rollouts(*models[name], reward, 24, seed) for name in ("merged SFT", "GRPO")}
-    pas_metrics, pas_rows = pas.measure(out / "pas/export/pas", out / "sft/export/policy", prompts, NEW_TOKENS, seed)
-    return {"prompts": prompts, "domain": grpo.DOMAIN, "models": rows, "rollouts": sampled, "losses": phase_losses(out),
-            "pas": {"metrics": pas_metrics, "examples": pas_rows[:4]}}
+    return {"prompts": prompts, "domain": grpo.DOMAIN, "models": rows, "rollouts": sampled, "losses": phase_losses(out)}
 
 
 def phase_losses(out: Path) -> dict[str, dict[str, float]]:
@@ -158,7 +154,7 @@ def phase_losses(out: Path) -> dict[str, dict[str, float]]:
 
 
 def markdown(rec: dict) -> str:
-    lines = ["# Alignment pipeline: the GRPO policy against the merged SFT model, and PAS", "",
+    lines = ["# Alignment pipeline: the GRPO policy against the merged SFT model", "",
              f"`{SPEC}` run by `loom run`, then `python -m bench.alignment.grpo OUT`: greedy answers to "
              f"{rec['prompts']} held-out {rec['domain']} prompts, scored by the rule and by the pipeline's reward "
              "model; KL(policy || reference) per answer token, the reference being the merged SFT model.", "",
@@ -183,24 +179,7 @@ def markdown(rec: dict) -> str:
               f"- prompt: `{rec['models']['GRPO']['example']['prompt']}`"]
     for name, r in rec["models"].items():
         lines.append(f"- {name}: `{r['example']['answer']}`")
-    return "\n".join(lines + pas_markdown(rec["pas"], rec["prompts"])) + "\n"
-
-
-def pas_markdown(rec: dict, prompts: int) -> list[str]:
-    m = rec["metrics"]
-    lines = ["", "## PAS", "", f"The SFT model's greedy answers to {prompts} held-out prompts of both domains "
-             "(recipes.alignment.pas), scored by the rule; the PAS model's complement equals the generator's on "
-             f"{m['complement_exact']:.0%} of them.", "",
-             "| prompt | rule score | arithmetic | constraints |", "|---|---|---|---|"]
-    for way, what in (("rule_score", "alone"), ("rule_score_pas", "+ the PAS model's complement"),
-                      ("rule_score_oracle", "+ the generator's complement")):
-        lines.append(f"| {what} | {m[way]:.3f} | {m[way + '_arithmetic']:.3f} | {m[way + '_constraints']:.3f} |")
-    lines += ["", "Examples:", ""]
-    for row in rec["examples"][:2]:
-        lines += [f"- prompt: `{row['prompt']}`; PAS complement: `{row['complement']}`",
-                  f"  - alone: `{row['rule_score']}`; with PAS: `{row['rule_score_pas']}`; with the generator's: "
-                  f"`{row['rule_score_oracle']}`"]
-    return lines
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from recipes.alignment import pas, tasks
+from recipes.alignment import pas, pas_scenes
 
 STEP_ARGS = ("pas", "source", "share", "seed")
 METRICS = ("augmented", "complement_valid")
@@ -69,7 +69,7 @@ def augment(rows: list[dict], complement_of, share: float, seed: int) -> tuple[l
     valid = []
     for i, complement in zip(chosen, made):
         out[i] |= {"prompt": f"{rows[i]['prompt']} {complement}", "pas_complement": complement}
-        if (problem := tasks.parse_prompt(rows[i]["prompt"])) is not None:
+        if (problem := pas_scenes.parse_prompt(rows[i]["prompt"])) is not None:
             valid.append(all(pas.complement_rules(problem, complement).values()))
     metrics = {"augmented": float(len(chosen))}
     if valid:

@@ -114,8 +114,8 @@ def test_the_pipeline_is_checked_whole():
 
     pipeline = read_pipeline(make.HERE / "pipeline" / "pipeline-tiny.yaml")
     assert [(p.name, p.spec.step) for p in pipeline.phases] == [
-        ("sft", None), ("pas", None), ("pas_eval", "pas_eval"), ("sft_arithmetic", None), ("sft_constraints", None),
-        ("merge", "merge"), ("rm", None), ("rm_head", "reward_head"), ("grpo", None), ("grpo_eval", "rule_eval")]
+        ("sft", None), ("sft_arithmetic", None), ("sft_constraints", None), ("merge", "merge"), ("rm", None),
+        ("rm_head", "reward_head"), ("grpo", None), ("grpo_eval", "rule_eval")]
     job = pipeline.phases[-2].job
     assert job.tasks[0].loss == "grpo_rule" and job.components["reference"].frozen
 
