@@ -49,7 +49,9 @@ def seeded_spec(spec: str, seed: int, root: Path) -> Path:
         if component["pretrained"].startswith("."):
             component["pretrained"] = str((source.parent / component["pretrained"]).resolve())
     doc["training"]["seed"] = seed
-    doc["phases"][0]["args"]["seed"] = seed
+    for phase in doc["phases"]:
+        if phase.get("step") in ("supercorrect_data", "supercorrect_errors"):  # the problems; the balancing draw
+            phase["args"]["seed"] = seed
     out = root / "specs" / f"{source.stem}-seed{seed}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
