@@ -118,7 +118,9 @@ def measure_seed(root: Path, seed: int, reuse: bool) -> dict:
     losses = {**{f"supercorrect/{k}": v for k, v in phase_losses(tiny).items()},
               **{f"baseline/{k}": v for k, v in phase_losses(baseline).items()}}
     errors = json.loads((tiny / "errors/metrics.json").read_text())
-    return {"seed": seed, "heldout": len(records), "erring": sum(1 for r in records if r["first_error"]),
+    erring = [r for r in records if r["first_error"]]
+    return {"seed": seed, "heldout": len(records), "erring": len(erring),
+            "guess_located": sum(1 / len(r["student_steps"]) for r in erring) / len(erring),
             "models": models, "own_errors": errors, "losses": losses, "wall_s": walls}
 
 
@@ -150,6 +152,9 @@ def markdown(rec: dict) -> str:
     for name, m in rec["mean"].items():
         lines.append(f"| {name} | " + " | ".join(f"{m[k]:.3f} +- {rec['std'][name][k]:.3f}" for k in scs.EVAL_METRICS)
                      + " |")
+    guess = statistics.fmean(r["guess_located"] for r in rec["runs"])
+    lines += ["", f"A check that names one step wrong at random on every problem would locate {guess:.3f} of the first "
+              "errors (mean over seeds of 1 / the solution's steps) at a false-alarm rate of 1."]
     above = rec["above_baseline"]
     lines += ["", f"Target (SuperCorrect locates and fixes more first errors than plain SFT, means over seeds): "
               f"**{'met' if rec['target_met'] else 'not met'}** (located "
