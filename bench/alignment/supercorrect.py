@@ -5,7 +5,9 @@ Runs both CPU pipelines with ``loom run`` under each seed (the training seed and
 ``DIR/<spec name>-seed<N>``; ``--reuse`` keeps finished runs and the scores of earlier bench runs on them,
 ``DIR/bench-scores``):
 recipes/alignment/pipeline/supercorrect-tiny.yaml (hierarchical-thought SFT, the HSFT student's own errors, then
-cross-model collaborative DPO on them) and supercorrect-baseline-tiny.yaml (plain SFT on the same problems, as many steps as both together). Then every
+cross-model collaborative DPO on them) and supercorrect-baseline-tiny.yaml (plain SFT on the same problems, as many steps as both together). The
+ablation: supercorrect-tiny's errors step with ``balance: false`` (every own-error pair), its DPO and eval resumed
+from a copy of the seed's data and HSFT phases (``DIR/unbalanced-seed<N>``). Then every
 model answers the same held-out problems greedily (recipes.alignment.supercorrect.evaluate: the problems the data
 step wrote, none of them a training problem): plain SFT, HSFT alone and HSFT + cross DPO
 (the last two as the pipelines' own evaluation phases scored them: OUT/eval/{metrics.json,answers.jsonl}).
@@ -22,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import statistics
@@ -41,11 +44,13 @@ SPECS = {"supercorrect": "recipes/alignment/pipeline/supercorrect-tiny.yaml",
          "baseline": "recipes/alignment/pipeline/supercorrect-baseline-tiny.yaml"}
 SEEDS = (0, 1, 2)
 BASELINE, SUPERCORRECT = "plain SFT (baseline)", "HSFT + cross DPO (SuperCorrect)"
+UNBALANCED = "HSFT + cross DPO, unbalanced pairs (ablation)"
 
 
-def seeded_spec(spec: str, seed: int, root: Path) -> Path:
+def seeded_spec(spec: str, seed: int, root: Path, balance: bool = True) -> Path:
     """A copy of ``spec`` under ``root/specs`` with ``seed`` as its training seed and its data step's seed (other
-    problems, another held-out set, another data order), its relative model folders made absolute."""
+    problems, another held-out set, another data order), its relative model folders made absolute; with ``balance``
+    false, its errors step keeps every pair (the ablation)."""
     source = REPO_ROOT / spec
     doc = yaml.safe_load(source.read_text())
     for component in doc["components"].values():
@@ -55,19 +60,22 @@ def seeded_spec(spec: str, seed: int, root: Path) -> Path:
     for phase in doc["phases"]:
         if phase.get("step") in ("supercorrect_data", "supercorrect_errors"):  # the problems; the balancing draw
             phase["args"]["seed"] = seed
-    out = root / "specs" / f"{source.stem}-seed{seed}.yaml"
+        if phase.get("step") == "supercorrect_errors" and not balance:
+            phase["args"]["balance"] = False
+    out = root / "specs" / f"{source.stem}-seed{seed}{'' if balance else '-unbalanced'}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
     return out
 
 
-def run_pipeline(spec: Path, out: Path, reuse: bool) -> float | None:
-    """``loom run spec --out out`` in a subprocess; its wall seconds (None when a finished run is reused)."""
+def run_pipeline(spec: Path, out: Path, reuse: bool, resume: bool = False) -> float | None:
+    """``loom run spec --out out`` in a subprocess (``--resume`` with ``resume``, else ``--overwrite``); its wall
+    seconds (None when a finished run is reused)."""
     if reuse and (out / "eval" / "metrics.json").is_file():
         return None
     start = time.perf_counter()
     env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
-    subprocess.run([sys.executable, "-m", "orchestrator", "run", str(spec), "--out", str(out), "--overwrite"],
+    subprocess.run([sys.executable, "-m", "orchestrator", "run", str(spec), "--out", str(out), "--resume" if resume else "--overwrite"],
                    cwd=REPO_ROOT, env=env, check=True)
     return time.perf_counter() - start
 
@@ -99,12 +107,20 @@ def measure_seed(root: Path, seed: int, reuse: bool) -> dict:
     outs = {name: root / f"{Path(spec).stem}-seed{seed}" for name, spec in SPECS.items()}
     walls = {name: run_pipeline(seeded_spec(spec, seed, root), outs[name], reuse) for name, spec in SPECS.items()}
     tiny, baseline = outs["supercorrect"], outs["baseline"]
+    # the ablation: the errors step keeping every pair, DPO and eval resumed from a copy of this seed's data and
+    # HSFT phases, so that both DPO phases start from the same HSFT model
+    unbalanced = root / f"unbalanced-seed{seed}"
+    for phase in ("data", "hsft"):
+        if not (unbalanced / phase).exists():
+            shutil.copytree(tiny / phase, unbalanced / phase)
+    walls["unbalanced"] = run_pipeline(seeded_spec(SPECS["supercorrect"], seed, root, balance=False), unbalanced,
+                                       reuse, resume=True)
     records = sc.read_records(tiny / "data/data/heldout/problems.jsonl")
     assert records == sc.read_records(baseline / "data/data/heldout/problems.jsonl")  # one held-out set for both
     folders = {"plain SFT (baseline)": baseline / "sft/export/policy",
                "HSFT (template SFT)": tiny / "hsft/export/policy", "HSFT + cross DPO (SuperCorrect)":
-               tiny / "dpo/export/policy"}
-    scored = {"plain SFT (baseline)": baseline, "HSFT + cross DPO (SuperCorrect)": tiny}  # by their eval phases
+               tiny / "dpo/export/policy", UNBALANCED: unbalanced / "dpo/export/policy"}
+    scored = {BASELINE: baseline, SUPERCORRECT: tiny, UNBALANCED: unbalanced}  # by their eval phases
     models = {}
     for name, folder in folders.items():
         if name in scored:  # the pipeline's eval phase scored this model on these records: read its answers
@@ -121,7 +137,8 @@ def measure_seed(root: Path, seed: int, reuse: bool) -> dict:
     erring = [r for r in records if r["first_error"]]
     return {"seed": seed, "heldout": len(records), "erring": len(erring),
             "guess_located": sum(1 / len(r["student_steps"]) for r in erring) / len(erring),
-            "models": models, "own_errors": errors, "losses": losses, "wall_s": walls}
+            "models": models, "own_errors": errors, "losses": losses, "wall_s": walls,
+            "unbalanced_pairs": json.loads((unbalanced / "errors/metrics.json").read_text())["dpo_pairs"]}
 
 
 def measure(root: Path, seeds: list[int], reuse: bool) -> dict:
@@ -184,7 +201,8 @@ def markdown(rec: dict) -> str:
                   f"seed {r['seed']}: solve wrong {r['own_errors']['solve_wrong']:.3f}, check wrong "
                   f"{r['own_errors']['check_wrong']:.3f} (missed {r['own_errors'].get('missed_errors', math.nan):.3f}, "
                   f"false alarms {r['own_errors'].get('false_alarms', math.nan):.3f}), "
-                  f"{r['own_errors']['dpo_pairs']:.0f} pairs" for r in rec["runs"]) + ".", "",
+                  f"{r['own_errors']['dpo_pairs']:.0f} pairs kept (unbalanced: {r['unbalanced_pairs']:.0f})"
+                  for r in rec["runs"]) + ".", "",
               "| seed | phase/task | steps | loss, first 10% | loss, last 10% |", "|---|---|---|---|---|"]
     for r in rec["runs"]:
         for phase, v in r["losses"].items():
