@@ -5,13 +5,17 @@ Runs both CPU pipelines with ``loom run`` under each seed (the training seed and
 ``DIR/<spec name>-seed<N>``; ``--reuse`` keeps finished runs and the scores of earlier bench runs on them,
 ``DIR/bench-scores``):
 recipes/alignment/pipeline/supercorrect-tiny.yaml (hierarchical-thought SFT, the HSFT student's own errors, then
-cross-model collaborative DPO on them) and supercorrect-baseline-tiny.yaml (plain SFT on the same problems, as many steps as both together). Then every
+cross-model collaborative DPO on them) and supercorrect-baseline-tiny.yaml (plain SFT on the same problems, as many steps as both together). The
+ablation: supercorrect-tiny's errors step with ``balance: false`` (every own-error pair), its DPO and eval resumed
+from a copy of the seed's data and HSFT phases (``DIR/unbalanced-seed<N>``). Then every
 model answers the same held-out problems greedily (recipes.alignment.supercorrect.evaluate: the problems the data
 step wrote, none of them a training problem): plain SFT, HSFT alone and HSFT + cross DPO
 (the last two as the pipelines' own evaluation phases scored them: OUT/eval/{metrics.json,answers.jsonl}).
 Metrics per model: answer accuracy (solve prompts), first errors located and fixed (check prompts showing a student
-solution with an error at a known step), per seed and their mean, by problem kind; each trained phase's loss, first and last 10%
-of its steps; each pipeline's wall time. Writes bench/results/alignment-supercorrect.{json,md}.
+solution with an error at a known step), the false-alarm rate (check prompts showing a right solution: any step
+marked wrong), per seed and their mean and sample std, by problem kind; the DPO pairs by kind (missed errors, false
+alarms) before balancing; each trained phase's loss, first and last 10% of its steps; each pipeline's wall time.
+Writes bench/results/alignment-supercorrect.{json,md}.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import statistics
@@ -37,45 +42,50 @@ from recipes.alignment.generation import load
 
 SPECS = {"supercorrect": "recipes/alignment/pipeline/supercorrect-tiny.yaml",
          "baseline": "recipes/alignment/pipeline/supercorrect-baseline-tiny.yaml"}
-SEEDS = (0, 1)
+SEEDS = (0, 1, 2)
+BASELINE, SUPERCORRECT = "plain SFT (baseline)", "HSFT + cross DPO (SuperCorrect)"
+UNBALANCED = "HSFT + cross DPO, unbalanced pairs (ablation)"
 
 
-def seeded_spec(spec: str, seed: int, root: Path) -> Path:
+def seeded_spec(spec: str, seed: int, root: Path, balance: bool = True) -> Path:
     """A copy of ``spec`` under ``root/specs`` with ``seed`` as its training seed and its data step's seed (other
-    problems, another held-out set, another data order), its relative model folders made absolute."""
+    problems, another held-out set, another data order), its relative model folders made absolute; with ``balance``
+    false, its errors step keeps every pair (the ablation)."""
     source = REPO_ROOT / spec
     doc = yaml.safe_load(source.read_text())
     for component in doc["components"].values():
         if component["pretrained"].startswith("."):
             component["pretrained"] = str((source.parent / component["pretrained"]).resolve())
     doc["training"]["seed"] = seed
-    doc["phases"][0]["args"]["seed"] = seed
-    out = root / "specs" / f"{source.stem}-seed{seed}.yaml"
+    for phase in doc["phases"]:
+        if phase.get("step") in ("supercorrect_data", "supercorrect_errors"):  # the problems; the balancing draw
+            phase["args"]["seed"] = seed
+        if phase.get("step") == "supercorrect_errors" and not balance:
+            phase["args"]["balance"] = False
+    out = root / "specs" / f"{source.stem}-seed{seed}{'' if balance else '-unbalanced'}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
     return out
 
 
-def run_pipeline(spec: Path, out: Path, reuse: bool) -> float | None:
-    """``loom run spec --out out`` in a subprocess; its wall seconds (None when a finished run is reused)."""
+def run_pipeline(spec: Path, out: Path, reuse: bool, resume: bool = False) -> float | None:
+    """``loom run spec --out out`` in a subprocess (``--resume`` with ``resume``, else ``--overwrite``); its wall
+    seconds (None when a finished run is reused)."""
     if reuse and (out / "eval" / "metrics.json").is_file():
         return None
     start = time.perf_counter()
     env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
-    subprocess.run([sys.executable, "-m", "orchestrator", "run", str(spec), "--out", str(out), "--overwrite"],
+    subprocess.run([sys.executable, "-m", "orchestrator", "run", str(spec), "--out", str(out), "--resume" if resume else "--overwrite"],
                    cwd=REPO_ROOT, env=env, check=True)
     return time.perf_counter() - start
 
 
 def by_kind(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """The three metrics per problem kind (chain: ``start with``; linear: ``solve``)."""
+    """The metrics per problem kind (chain: ``start with``; linear: ``solve``)."""
     out = {}
     for kind, word in (("chain", "start"), ("linear", "solve")):
         mine = [r for r in rows if r["problem"].startswith(word)]
-        erring = [r for r in mine if r["first_error"]]
-        out[kind] = {"problems": len(mine), "answer_accuracy": sum(r["answer_correct"] for r in mine) / max(1, len(mine)),
-                     "first_error_located": sum(r["located"] for r in erring) / max(1, len(erring)),
-                     "first_error_fixed": sum(r["fixed"] for r in erring) / max(1, len(erring))}
+        out[kind] = {"problems": len(mine)} | scs.rates(mine)
     return out
 
 
@@ -97,17 +107,26 @@ def measure_seed(root: Path, seed: int, reuse: bool) -> dict:
     outs = {name: root / f"{Path(spec).stem}-seed{seed}" for name, spec in SPECS.items()}
     walls = {name: run_pipeline(seeded_spec(spec, seed, root), outs[name], reuse) for name, spec in SPECS.items()}
     tiny, baseline = outs["supercorrect"], outs["baseline"]
+    # the ablation: the errors step keeping every pair, DPO and eval resumed from a copy of this seed's data and
+    # HSFT phases, so that both DPO phases start from the same HSFT model
+    unbalanced = root / f"unbalanced-seed{seed}"
+    for phase in ("data", "hsft"):
+        if not (unbalanced / phase).exists():
+            shutil.copytree(tiny / phase, unbalanced / phase)
+    walls["unbalanced"] = run_pipeline(seeded_spec(SPECS["supercorrect"], seed, root, balance=False), unbalanced,
+                                       reuse, resume=True)
     records = sc.read_records(tiny / "data/data/heldout/problems.jsonl")
     assert records == sc.read_records(baseline / "data/data/heldout/problems.jsonl")  # one held-out set for both
     folders = {"plain SFT (baseline)": baseline / "sft/export/policy",
                "HSFT (template SFT)": tiny / "hsft/export/policy", "HSFT + cross DPO (SuperCorrect)":
-               tiny / "dpo/export/policy"}
-    scored = {"plain SFT (baseline)": baseline, "HSFT + cross DPO (SuperCorrect)": tiny}  # by their eval phases
+               tiny / "dpo/export/policy", UNBALANCED: unbalanced / "dpo/export/policy"}
+    scored = {BASELINE: baseline, SUPERCORRECT: tiny, UNBALANCED: unbalanced}  # by their eval phases
     models = {}
     for name, folder in folders.items():
         if name in scored:  # the pipeline's eval phase scored this model on these records: read its answers
             metrics = json.loads((scored[name] / "eval/metrics.json").read_text())
             rows = [json.loads(line) for line in (scored[name] / "eval/answers.jsonl").read_text().splitlines()]
+            assert metrics == scs.rates(rows), (name, metrics)  # the phase's own metrics are its answers' rates
         else:
             metrics, rows = score(f"{name}-seed{seed}", folder, records, root, reuse)
         models[name] = {"metrics": metrics, "by_kind": by_kind(rows), "example": rows[next(
@@ -115,16 +134,24 @@ def measure_seed(root: Path, seed: int, reuse: bool) -> dict:
     losses = {**{f"supercorrect/{k}": v for k, v in phase_losses(tiny).items()},
               **{f"baseline/{k}": v for k, v in phase_losses(baseline).items()}}
     errors = json.loads((tiny / "errors/metrics.json").read_text())
-    return {"seed": seed, "heldout": len(records), "erring": sum(1 for r in records if r["first_error"]),
-            "models": models, "own_errors": errors, "losses": losses, "wall_s": walls}
+    erring = [r for r in records if r["first_error"]]
+    return {"seed": seed, "heldout": len(records), "erring": len(erring),
+            "guess_located": sum(1 / len(r["student_steps"]) for r in erring) / len(erring),
+            "models": models, "own_errors": errors, "losses": losses, "wall_s": walls,
+            "unbalanced_pairs": json.loads((unbalanced / "errors/metrics.json").read_text())["dpo_pairs"]}
 
 
 def measure(root: Path, seeds: list[int], reuse: bool) -> dict:
+    """Every seed measured (:func:`measure_seed`), each model's mean and sample std over them, and whether
+    SuperCorrect's mean located and fixed are both above plain SFT's (the issue's target)."""
     runs = [measure_seed(root, seed, reuse) for seed in seeds]
     names = list(runs[0]["models"])
-    mean = {name: {m: statistics.mean(r["models"][name]["metrics"][m] for r in runs) for m in scs.EVAL_METRICS}
-            for name in names}
-    return {"seeds": seeds, "runs": runs, "mean": mean}
+    values = {name: {m: [r["models"][name]["metrics"][m] for r in runs] for m in scs.EVAL_METRICS} for name in names}
+    mean = {name: {m: statistics.fmean(v) for m, v in ms.items()} for name, ms in values.items()}
+    std = {name: {m: statistics.stdev(v) if len(v) > 1 else 0.0 for m, v in ms.items()} for name, ms in values.items()}
+    target = {m: mean[SUPERCORRECT][m] > mean[BASELINE][m] for m in ("first_error_located", "first_error_fixed")}
+    return {"seeds": seeds, "runs": runs, "mean": mean, "std": std, "target_met": all(target.values()),
+            "above_baseline": target}
 
 
 def markdown(rec: dict) -> str:
@@ -135,32 +162,46 @@ def markdown(rec: dict) -> str:
              "problems, held-out set and data order); every model answers the same held-out problems greedily "
              f"({first['heldout']} a seed, {first['erring']} of them, seed {first['seed']}, shown with a student "
              "solution that errs at a known step).", "",
-             "Mean over seeds:", "",
-             "| model | answer accuracy | first errors located | first errors fixed |", "|---|---|---|---|"]
+             "Mean +- sample std over seeds (false alarms: a step marked wrong in a right solution; located and "
+             "fixed: over the solutions with an error):", "",
+             "| model | answer accuracy | first errors located | first errors fixed | false-alarm rate |",
+             "|---|---|---|---|---|"]
     for name, m in rec["mean"].items():
-        lines.append(f"| {name} | {m['answer_accuracy']:.3f} | {m['first_error_located']:.3f} | "
-                     f"{m['first_error_fixed']:.3f} |")
+        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.3f} +- {rec['std'][name][k]:.3f}" for k in scs.EVAL_METRICS)
+                     + " |")
+    guess = statistics.fmean(r["guess_located"] for r in rec["runs"])
+    lines += ["", f"A check that names one step wrong at random on every problem would locate {guess:.3f} of the first "
+              "errors (mean over seeds of 1 / the solution's steps) at a false-alarm rate of 1."]
+    above = rec["above_baseline"]
+    lines += ["", f"Target (SuperCorrect locates and fixes more first errors than plain SFT, means over seeds): "
+              f"**{'met' if rec['target_met'] else 'not met'}** (located "
+              f"{'above' if above['first_error_located'] else 'not above'}, fixed "
+              f"{'above' if above['first_error_fixed'] else 'not above'})."]
     n, errs = first["heldout"], first["erring"]
-    lines += ["", f"Binomial standard errors at these sizes (seed {first['seed']}: {n} problems, {errs} erring): "
-              "answer accuracy " + ", ".join(f"{math.sqrt(m['answer_accuracy'] * (1 - m['answer_accuracy']) / n):.3f}"
-                                             for m in rec["mean"].values()) +
-              "; located " + ", ".join(f"{math.sqrt(m['first_error_located'] * (1 - m['first_error_located']) / errs):.3f}"
-                                       for m in rec["mean"].values()) + " (in the table's order)."]
-    lines += ["", "Per seed (answer accuracy / located / fixed):", "",
+    lines += ["", f"Binomial standard errors of one seed at these sizes (seed {first['seed']}: {n} problems, {errs} "
+              "erring), at the mean rates: located " + ", ".join(
+                  f"{math.sqrt(m['first_error_located'] * (1 - m['first_error_located']) / errs):.3f}"
+                  for m in rec["mean"].values()) + "; false alarms " + ", ".join(
+                  f"{math.sqrt(m['false_alarm_rate'] * (1 - m['false_alarm_rate']) / max(1, n - errs)):.3f}"
+                  for m in rec["mean"].values()) + " (in the table's order)."]
+    lines += ["", "Per seed (answer accuracy / located / fixed / false alarms):", "",
               "| model | " + " | ".join(f"seed {r['seed']}" for r in rec["runs"]) + " |",
               "|---|" + "---|" * len(rec["runs"])]
     for name in rec["mean"]:
         cells = [" / ".join(f"{r['models'][name]['metrics'][m]:.3f}" for m in scs.EVAL_METRICS) for r in rec["runs"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "By problem kind, seed " + str(first["seed"]) + " (answer accuracy / located / fixed):", "",
+    lines += ["", "By problem kind, seed " + str(first["seed"]) + " (answer accuracy / located / fixed / false alarms):", "",
               "| model | chain | linear |", "|---|---|---|"]
     for name, r in first["models"].items():
         cells = [" / ".join(f"{r['by_kind'][k][m]:.2f}" for m in scs.EVAL_METRICS) for k in ("chain", "linear")]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
-    lines += ["", "The HSFT student's own errors on 1000 training problems (step `supercorrect_errors`; the DPO "
-              "phase's pairs): " + "; ".join(
+    lines += ["", "The HSFT student's own errors on its training problems (step `supercorrect_errors`; the DPO "
+              "phase's pairs), as shares of the problems answered: wrong solutions, wrong checks, and among those "
+              "missed errors and false alarms (before balancing); the pairs kept: " + "; ".join(
                   f"seed {r['seed']}: solve wrong {r['own_errors']['solve_wrong']:.3f}, check wrong "
-                  f"{r['own_errors']['check_wrong']:.3f}, {r['own_errors']['dpo_pairs']:.0f} pairs"
+                  f"{r['own_errors']['check_wrong']:.3f} (missed {r['own_errors'].get('missed_errors', math.nan):.3f}, "
+                  f"false alarms {r['own_errors'].get('false_alarms', math.nan):.3f}), "
+                  f"{r['own_errors']['dpo_pairs']:.0f} pairs kept (unbalanced: {r['unbalanced_pairs']:.0f})"
                   for r in rec["runs"]) + ".", "",
               "| seed | phase/task | steps | loss, first 10% | loss, last 10% |", "|---|---|---|---|---|"]
     for r in rec["runs"]:

@@ -60,8 +60,8 @@ PHASE_STEPS = {
                               "on held-out problems (args: model, problems, limit, new_tokens)"),
     "supercorrect_errors": dict(run=supercorrect_errors.errors_step, check=supercorrect_errors.check_args,
                                 writes=("data",), metrics=supercorrect_errors.METRICS, doc="cross-model DPO pairs at "
-                                "the HSFT student's own first wrong step (args: model, problems, limit, new_tokens, "
-                                "batch_size)"),
+                                "the HSFT student's own first wrong step, missed errors and false alarms balanced "
+                                "(args: model, problems, limit, balance, seed, new_tokens, batch_size)"),
 }
 PHASE_STEPS |= judge_steps.PHASE_STEPS  # sysbench, fbbench: evaluation steps with declared metrics
 # DataSculpt packing and data-mixture detection (issue 18 items 3-4; docs/recipes/alignment.md)

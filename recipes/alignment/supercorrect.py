@@ -8,7 +8,9 @@ and its scorer, and the tiny model the CPU pipelines train.
 - step ``supercorrect_eval`` (reports metrics, gateable): greedy answers of a model folder to held-out problems,
   scored by :func:`score`: ``answer_accuracy`` (solve prompts), ``first_error_located`` and ``first_error_fixed``
   (check prompts showing a student solution with an error: is the first step the model marks wrong the student's
-  first wrong step, and does its fix write that step's exact equation and the right answer).
+  first wrong step, and does its fix write that step's exact equation and the right answer), and
+  ``false_alarm_rate`` (check prompts showing a right solution: does the model mark any step wrong; a model that
+  flags every step locates every error at step 1 and cannot hide it here).
 The tiny model: recipes.alignment.supercorrect_model.
 
 Pipelines: recipes/alignment/pipeline/supercorrect-tiny.yaml (HSFT -> cross DPO -> eval) and
@@ -27,7 +29,7 @@ from recipes.alignment import supercorrect_data as sc
 DATA_DEFAULTS = {"style": "template", "train": 2000, "heldout": 128, "seed": 0}
 EVAL_DEFAULTS = {"limit": None, "new_tokens": 64}  # 64: above the longest response (53 tokens)
 DATA_METRICS = ("problems", "student_errors", "dpo_pairs")
-EVAL_METRICS = ("answer_accuracy", "first_error_located", "first_error_fixed")
+EVAL_METRICS = ("answer_accuracy", "first_error_located", "first_error_fixed", "false_alarm_rate")
 EVAL_BATCH = 64  # prompts decoded together (left-padded: each decodes as it would alone); on CPU a decoding step costs
 # about the same for 16 rows as for 64
 ANSWER = re.compile(r"answer (?:> )?(-?\d+)")
@@ -122,13 +124,13 @@ def score(record: dict, solved: str, checked: str) -> dict[str, bool]:
     (``checked``): ``answer_correct`` (the last ``answer N`` is the teacher's), and, for a record whose student errs
     at step k, ``located`` (the first step marked wrong, ``step j wrong`` or the template's ``<step j> ... wrong``,
     has j = k) and ``fixed`` (located, the teacher's step k equation written from that mark on, and the right
-    answer)."""
+    answer); for a record whose student is right, ``false_alarm`` (some step marked wrong)."""
     out = {"answer_correct": _answer(solved) == sc.normalise(record["answer"])}
     k = record["first_error"]
-    if not k:
-        return out
     text = sc.normalise(checked)
     marked = MARKED_WRONG.search(text)
+    if not k:
+        return out | {"false_alarm": marked is not None}
     located = marked is not None and int(marked.group(1)) == k
     fixed = (located and sc.normalise(record["steps"][k - 1]) in text[marked.start():]
              and _answer(text) == sc.normalise(record["answer"]))
@@ -143,11 +145,18 @@ def evaluate(model, tokenizer, records: list[dict], new_tokens: int = EVAL_DEFAU
     checked = greedy(model, tokenizer, [sc.check_prompt(r) for r in records], new_tokens, EVAL_BATCH)
     rows = [{"problem": r["problem"], "first_error": r["first_error"], "solved": s, "checked": c} | score(r, s, c)
             for r, s, c in zip(records, solved, checked)]
+    return rates(rows), rows
+
+
+def rates(rows: list[dict]) -> dict[str, float]:
+    """:data:`EVAL_METRICS` of scored rows (:func:`score`): located and fixed over the rows whose student errs, false
+    alarms over the others (0 when there are none)."""
     erring = [row for row in rows if row["first_error"]]
-    metrics = {"answer_accuracy": sum(row["answer_correct"] for row in rows) / len(rows),
-               "first_error_located": sum(row["located"] for row in erring) / max(1, len(erring)),
-               "first_error_fixed": sum(row["fixed"] for row in erring) / max(1, len(erring))}
-    return metrics, rows
+    right = [row for row in rows if not row["first_error"]]
+    return {"answer_accuracy": sum(row["answer_correct"] for row in rows) / len(rows),
+            "first_error_located": sum(row["located"] for row in erring) / max(1, len(erring)),
+            "first_error_fixed": sum(row["fixed"] for row in erring) / max(1, len(erring)),
+            "false_alarm_rate": sum(row["false_alarm"] for row in right) / max(1, len(right))}
 
 
 def eval_step(ctx: StepContext) -> dict[str, float]:

@@ -137,8 +137,25 @@ RECORD = {"problem": "start with 7 , add 5 , multiply by 2 .", "plan": "add , th
 def test_the_scorer_on_hand_made_answers(solved, checked, expected):
     result = scs.score(RECORD, solved, checked)
     assert (result["answer_correct"], result["located"], result["fixed"]) == expected
-    assert scs.score(RECORD | {"first_error": 0, "student_steps": RECORD["steps"]}, solved, checked).keys() == {
-        "answer_correct"}
+    right = scs.score(RECORD | {"first_error": 0, "student_steps": RECORD["steps"]}, solved, checked)
+    assert right == {"answer_correct": expected[0], "false_alarm": "wrong" in checked}  # shown a right solution
+
+
+def test_rates_count_located_over_erring_and_false_alarms_over_right_solutions():
+    rows = [{"first_error": 2, "answer_correct": True, "located": True, "fixed": False},
+            {"first_error": 1, "answer_correct": False, "located": False, "fixed": False},
+            {"first_error": 0, "answer_correct": True, "false_alarm": True},
+            {"first_error": 0, "answer_correct": True, "false_alarm": False},
+            {"first_error": 0, "answer_correct": False, "false_alarm": False}]
+    assert scs.rates(rows) == {"answer_accuracy": 0.6, "first_error_located": 0.5, "first_error_fixed": 0.0,
+                               "false_alarm_rate": pytest.approx(1 / 3)}
+    # a model that marks step 1 wrong on every check locates only the errors at step 1, and every right solution
+    # counts against it
+    flags = [scs.score(r, "", "step 1 wrong , answer 0") for r in RECORDS[:80]]
+    rates = scs.rates([dict(f, first_error=r["first_error"]) for f, r in zip(flags, RECORDS)])
+    at_one = [r for r in RECORDS[:80] if r["first_error"] == 1]
+    assert rates["false_alarm_rate"] == 1.0 and rates["first_error_located"] == pytest.approx(
+        len(at_one) / sum(1 for r in RECORDS[:80] if r["first_error"]))
 
 
 @pytest.mark.parametrize("step, args, message", [
