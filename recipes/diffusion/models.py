@@ -37,9 +37,10 @@ def sincos_grid(grid: int, width: int):
     return torch.cat(parts, dim=1)
 
 
-def save_towers(folder: str | Path, seed: int = 0, patch: int = PATCH) -> tuple[Path, Path]:
-    """Write ``folder/vision`` (CLIPVisionModel, ``patch`` px patches) and ``folder/text`` (CLIPTextModel); returns
-    both paths."""
+def save_towers(folder: str | Path, seed: int = 0, patch: int = PATCH, pretrain_steps: int = 0,
+                log=None) -> tuple[Path, Path]:
+    """Write ``folder/vision`` (CLIPVisionModel, ``patch`` px patches; trained ``pretrain_steps`` steps on the
+    renderer's images first, recipes.diffusion.backbone) and ``folder/text`` (CLIPTextModel); returns both paths."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
@@ -50,6 +51,10 @@ def save_towers(folder: str | Path, seed: int = 0, patch: int = PATCH) -> tuple[
         positions = vision.embeddings.position_embedding.weight
         positions.zero_()
         positions[1:] = POSITION_SCALE * sincos_grid(SIDE // patch, WIDTH["hidden_size"])
+    if pretrain_steps:
+        from recipes.diffusion.backbone import pretrain_vision
+
+        pretrain_vision(vision, pretrain_steps, seed=seed, log=log)
     vision.save_pretrained(folder / "vision")
     CLIPTextModel(CLIPTextConfig(vocab_size=len(WORDS), max_position_embeddings=16, bos_token_id=BOS,
                                  eos_token_id=EOS, pad_token_id=PAD, **WIDTH)).save_pretrained(folder / "text")
