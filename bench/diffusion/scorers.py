@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                         "models/vision)")
     parser.add_argument("--cache", type=Path, default=None, help="folder keeping the rendered pairs between runs")
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--name", default="diffusion-scorers", help="results file name under bench/results")
     parser.add_argument("--append", action="store_true",
                         help="keep the records of bench/results/diffusion-scorers.json of other (tower, seed)s")
     parser.add_argument("--no-write", action="store_true")
@@ -231,12 +232,12 @@ def main(argv: list[str] | None = None) -> None:
                                                   "seeds")}
         runs = [{**config, "towers": towers}]
         if args.append:
-            old = json.loads((RESULTS_DIR / "diffusion-scorers.json").read_text())
+            old = json.loads((RESULTS_DIR / f"{args.name}.json").read_text())
             ran = {(r["category"], r["variant"], r["tower"], r["seed"]) for r in records}
-            records = [r for r in old["records"] if (r["category"], r["variant"], r["tower"], r["seed"]) not in ran] \
-                + records
-            runs = old["config"].get("runs", []) + runs
-        write_results("diffusion-scorers", records, markdown(records, args), {"runs": runs})
+            records = [r for r in old["records"] if "tower" in r  # records of the bench before towers and seeds: dropped
+                       and (r["category"], r["variant"], r["tower"], r["seed"]) not in ran] + records
+            runs = old["config"].get("runs", []) + runs if any("tower" in r for r in old["records"]) else runs
+        write_results(args.name, records, markdown(records, args), {"runs": runs})
 
 
 if __name__ == "__main__":
