@@ -1,5 +1,6 @@
-"""``python -m bench.diffusion.scorers [--rows N] [--steps S] [--variants fusion,cross] [--no-write]``: which scoring
-layers on the frozen towers learn the reward models' pairs, measured single-process.
+"""``python -m bench.diffusion.scorers [--rows N] [--steps S] [--seeds 0,1] [--tower NAME=FOLDER] [--variants
+fusion,cross] [--cache DIR] [--name NAME] [--append] [--no-write]``: which scoring layers on which frozen vision tower
+learn the reward models' pairs, measured single-process over seeds.
 
 A reward model (recipes/diffusion/itercomp-tiny.yaml) is frozen towers, a trained scoring component and the head
 (recipes.diffusion.heads.PairwiseRewardHead). The towers are frozen, so their outputs for a fixed set of training
@@ -69,7 +70,8 @@ def cached_pairs(cache: Path | None, category: str, seed: int, count: int, split
     return arrays
 
 
-def tower_features(arrays: dict[str, np.ndarray], vision_folder: Path, models: Path = MODELS) -> dict[str, torch.Tensor]:
+def tower_features(arrays: dict[str, np.ndarray], vision_folder: Path,
+                   models: Path = MODELS) -> dict[str, torch.Tensor]:
     """The frozen towers' outputs of the pairs ``arrays`` (:func:`pair_arrays`): ``better`` and ``worse``
     ``(N, 65, 64)`` (the vision tower's last hidden state, as Loom's clip_vision layout runs it) and ``prompt``
     ``(N, 10, 64)``, float16; plus ``counted``."""
@@ -171,7 +173,8 @@ def markdown(records: list[dict], args) -> str:
              "come from the same small space), split into pairs whose better image has more objects and the others "
              "(colour, shape or relation). This 2-core machine was shared with other sessions (load average 20-50), "
              "so wall times are only indicative.", "",
-             "| Category | Variant | Tower | Seed | Step | Held-out acc. | more-objects pairs | other pairs (n) | wall |",
+             "| Category | Variant | Tower | Seed | Step | Held-out acc. | more-objects pairs | other pairs (n) "
+             "| wall |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['category']} | {r['variant']} | {r['tower']} | {r['seed']} | {r['step']} | {r['acc']:.3f} "
@@ -234,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.append:
             old = json.loads((RESULTS_DIR / f"{args.name}.json").read_text())
             ran = {(r["category"], r["variant"], r["tower"], r["seed"]) for r in records}
-            records = [r for r in old["records"] if "tower" in r  # records of the bench before towers and seeds: dropped
+            # records of the bench before towers and seeds (no "tower") are dropped
+            records = [r for r in old["records"] if "tower" in r
                        and (r["category"], r["variant"], r["tower"], r["seed"]) not in ran] + records
             runs = old["config"].get("runs", []) + runs if any("tower" in r for r in old["records"]) else runs
         write_results(args.name, records, markdown(records, args), {"runs": runs})
