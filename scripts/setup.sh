@@ -44,8 +44,8 @@ example_models() {
         echo "setup.sh: writing SuperCorrect's tokenizer and tiny Llama under recipes/alignment/models" >&2
         "$PY" -m recipes.alignment.supercorrect_model >&2
     fi
-    if [[ ! -f "$ROOT/recipes/diffusion/models/unet/config.json" ]]; then  # recipes/diffusion/itercomp-*.yaml's
-        echo "setup.sh: writing the diffusion recipe's tiny CLIP towers and UNet under recipes/diffusion/models" >&2
+    if [[ ! -f "$ROOT/recipes/diffusion/models/vision/pretrain.json" ]]; then  # recipes/diffusion/itercomp-*.yaml's
+        echo "setup.sh: writing the diffusion recipe's tiny CLIP towers (the vision tower trained on renders) and UNet under recipes/diffusion/models" >&2
         "$PY" -m recipes.diffusion.models >&2
     fi
 }

@@ -1,5 +1,6 @@
-"""``python -m bench.diffusion.scorers [--rows N] [--steps S] [--variants fusion,cross] [--no-write]``: which scoring
-layers on the frozen towers learn the reward models' pairs, measured single-process.
+"""``python -m bench.diffusion.scorers [--rows N] [--steps S] [--seeds 0,1] [--tower NAME=FOLDER] [--variants
+fusion,cross] [--cache DIR] [--name NAME] [--append] [--no-write]``: which scoring layers on which frozen vision tower
+learn the reward models' pairs, measured single-process over seeds.
 
 A reward model (recipes/diffusion/itercomp-tiny.yaml) is frozen towers, a trained scoring component and the head
 (recipes.diffusion.heads.PairwiseRewardHead). The towers are frozen, so their outputs for a fixed set of training
@@ -22,6 +23,7 @@ Writes bench/results/diffusion-scorers.{json,md}.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import time
 from pathlib import Path
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.common import write_results
+from bench.common import RESULTS_DIR, write_results
 from recipes.diffusion import oracle
 from recipes.diffusion.data import heldout_rows, pixels, train_row
 from recipes.diffusion.heads import PairwiseRewardHead, pairwise_loss
@@ -41,26 +43,52 @@ MODELS = Path(__file__).resolve().parents[2] / "recipes" / "diffusion" / "models
 WIDTH, HEADS, LAYERS, PROMPT_LEN = 64, 4, 2, 10
 
 
-def tower_features(rows, models: Path = MODELS) -> dict[str, torch.Tensor]:
-    """The frozen towers' outputs of ``rows`` (ranking, better, worse): ``better`` and ``worse`` ``(N, 65, 64)`` (the
-    vision tower's last hidden state, as Loom's clip_vision layout runs it) and ``prompt`` ``(N, 10, 64)``; plus
-    ``counted``: whether the better image has more objects than the worse one (the oracle's blobs)."""
+def pair_arrays(rows) -> dict[str, np.ndarray]:
+    """The pairs of ``rows`` (ranking, better, worse) as arrays: ``better``/``worse`` ``(N, 3, S, S)`` float16 in
+    [0, 1], ``ids`` ``(N, 10)`` the prompt's tokens, ``counted`` whether the better image has more objects than the
+    worse one (the oracle's blobs), ``prompt`` the prompt texts."""
+    return {"better": np.stack([r.images[b] for r, b, _ in rows]).astype(np.float16),
+            "worse": np.stack([r.images[w] for r, _, w in rows]).astype(np.float16),
+            "ids": np.stack([tokenize(r.prompt.text, PROMPT_LEN) for r, _, _ in rows]),
+            "counted": np.array([len(oracle.blobs(r.images[b])) > len(oracle.blobs(r.images[w])) for r, b, w in rows]),
+            "prompt": np.array([r.prompt.text for r, _, _ in rows])}
+
+
+def cached_pairs(cache: Path | None, category: str, seed: int, count: int, split: str) -> dict[str, np.ndarray]:
+    """:func:`pair_arrays` of ``count`` training rows (recipes.diffusion.data.train_row, ``seed``) or held-out pairs
+    (heldout_rows, seed 0), read from ``cache`` when a previous run wrote them there."""
+    path = cache / f"{split}-{category}-{seed}-{count}.npz" if cache is not None else None
+    if path is not None and path.is_file():
+        with np.load(path) as data:
+            return dict(data)
+    rows = [train_row(seed, category, i) for i in range(count)] if split == "train" else \
+        heldout_rows(0, category, count)
+    arrays = pair_arrays(rows)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **arrays)
+    return arrays
+
+
+def tower_features(arrays: dict[str, np.ndarray], vision_folder: Path,
+                   models: Path = MODELS) -> dict[str, torch.Tensor]:
+    """The frozen towers' outputs of the pairs ``arrays`` (:func:`pair_arrays`): ``better`` and ``worse``
+    ``(N, 65, 64)`` (the vision tower's last hidden state, as Loom's clip_vision layout runs it) and ``prompt``
+    ``(N, 10, 64)``, float16; plus ``counted``."""
     from transformers import CLIPTextModel, CLIPVisionModel
 
-    vision = CLIPVisionModel.from_pretrained(models / "vision").eval()
+    vision = CLIPVisionModel.from_pretrained(vision_folder).eval()
     text = CLIPTextModel.from_pretrained(models / "text").eval()
     out: dict[str, list[torch.Tensor]] = {"better": [], "worse": [], "prompt": []}
     with torch.no_grad():
-        for i in range(0, len(rows), 256):
-            chunk = rows[i:i + 256]
-            for key, k in (("better", 1), ("worse", 2)):
-                x = pixels([row[0].images[row[k]] for row in chunk], SIDE, 3)
-                out[key].append(vision(pixel_values=x).last_hidden_state)
-            ids = torch.from_numpy(np.stack([tokenize(row[0].prompt.text, PROMPT_LEN) for row in chunk]))
-            out["prompt"].append(text(input_ids=ids).last_hidden_state)
+        for i in range(0, len(arrays["ids"]), 256):
+            for key in ("better", "worse"):
+                x = pixels(list(arrays[key][i:i + 256].astype(np.float32)), SIDE, 3)
+                out[key].append(vision(pixel_values=x).last_hidden_state.half())
+            ids = torch.from_numpy(arrays["ids"][i:i + 256])
+            out["prompt"].append(text(input_ids=ids).last_hidden_state.half())
     feats = {k: torch.cat(v) for k, v in out.items()}
-    feats["counted"] = torch.tensor([len(oracle.blobs(r.images[b])) > len(oracle.blobs(r.images[w]))
-                                     for r, b, w in rows])
+    feats["counted"] = torch.from_numpy(arrays["counted"])
     return feats
 
 
@@ -101,72 +129,119 @@ def accuracy(scorer: Scorer, feats: dict[str, torch.Tensor]) -> dict[str, float]
             "acc_other": right[~counted].float().mean().item(), "pairs_other": int((~counted).sum())}
 
 
-def train(job: tuple[str, str, dict, dict, int, int, float]) -> list[dict]:
-    category, variant, train_feats, held, steps, batch, lr = job
+def train(job: tuple) -> list[dict]:
+    category, variant, tower, seed, train_feats, held, steps, batch, lr = job
     torch.set_num_threads(1)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     scorer = Scorer(variant)
     opt = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     n, records, start = len(train_feats["prompt"]), [], time.time()
+    held = {k: v.float() if v.is_floating_point() else v for k, v in held.items()}
     for step in range(1, steps + 1):
         idx = torch.randint(0, n, (batch,), generator=gen)
-        prompt = train_feats["prompt"][idx]
-        loss = pairwise_loss(scorer(train_feats["better"][idx], prompt), scorer(train_feats["worse"][idx], prompt))
+        prompt = train_feats["prompt"][idx].float()
+        loss = pairwise_loss(scorer(train_feats["better"][idx].float(), prompt),
+                             scorer(train_feats["worse"][idx].float(), prompt))
         opt.zero_grad()
         loss.mean().backward()
         opt.step()
         if step % max(steps // 5, 1) == 0 or step == steps:
-            rec = {"category": category, "variant": variant, "step": step, "wall_s": round(time.time() - start, 1),
-                   **accuracy(scorer, held)}
+            rec = {"category": category, "variant": variant, "tower": tower, "seed": seed, "step": step,
+                   "wall_s": round(time.time() - start, 1), **accuracy(scorer, held)}
             print(rec, flush=True)
             records.append(rec)
     return records
 
 
-def features(job: tuple[str, int]) -> tuple[str, dict, dict]:
-    category, rows = job
+def features(job: tuple) -> tuple[tuple[str, str, int], dict]:
+    """Tower features of one (category, tower, seed, split)."""
+    category, tower, folder, seed, split, count, cache = job
     torch.set_num_threads(1)
-    return category, tower_features([train_row(0, category, i) for i in range(rows)]), \
-        tower_features(heldout_rows(0, category, 256))
+    arrays = cached_pairs(cache, category, seed, count, split)
+    return (category, tower, seed if split == "train" else -1), tower_features(arrays, Path(folder))
 
 
 def markdown(records: list[dict], args) -> str:
     lines = ["# Recipe diffusion: scoring layers of the reward models (measured)", "",
              f"`python -m bench.diffusion.scorers --rows {args.rows} --steps {args.steps} --batch {args.batch} "
-             f"--lr {args.lr}`: single process per (category, variant), the frozen towers' outputs of {args.rows} "
-             "training rows per category computed once (gallery and minimal pairs alternating), scoring layers and "
-             "head trained on them; accuracy on the 256 held-out gallery pairs per category (seed 0), split into "
-             "pairs whose better image has more objects and the others (colour, shape or relation). This 2-core "
-             "machine was shared with other sessions (load average 20-50), so wall times are only indicative.", "",
-             "| Category | Variant | Step | Held-out acc. | more-objects pairs | other pairs (n) | wall |",
-             "|---|---|---|---|---|---|---|"]
+             f"--lr {args.lr} --seeds {args.seeds}`: single process per (category, variant, tower, seed), the "
+             f"frozen towers' outputs of {args.rows} training rows per category and seed computed once (gallery and "
+             "minimal pairs alternating; rows drawn from the training stream with that seed), scoring layers and "
+             f"head trained on them (initialised and batched by the seed); accuracy on the {args.heldout} held-out "
+             "gallery pairs per category (the held-out stream's scenes, seed 0: scenes never trained on; prompt texts "
+             "come from the same small space), split into pairs whose better image has more objects and the others "
+             "(colour, shape or relation). This 2-core machine was shared with other sessions (load average 20-50), "
+             "so wall times are only indicative.", "",
+             "| Category | Variant | Tower | Seed | Step | Held-out acc. | more-objects pairs | other pairs (n) "
+             "| wall |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['category']} | {r['variant']} | {r['step']} | {r['acc']:.3f} | {r['acc_counted']:.3f} | "
-                     f"{r['acc_other']:.3f} ({r['pairs_other']}) | {r['wall_s']:.0f} s |")
+        lines.append(f"| {r['category']} | {r['variant']} | {r['tower']} | {r['seed']} | {r['step']} | {r['acc']:.3f} "
+                     f"| {r['acc_counted']:.3f} | {r['acc_other']:.3f} ({r['pairs_other']}) | {r['wall_s']:.0f} s |")
+    last = {}
+    for r in records:  # the last record of each run
+        key = (r["category"], r["variant"], r["tower"], r["seed"])
+        last[key] = r if key not in last or r["step"] > last[key]["step"] else last[key]
+    final = list(last.values())
+    lines += ["", "Final step, mean over seeds (min - max):", "",
+              "| Category | Variant | Tower | Held-out acc. | other pairs |", "|---|---|---|---|---|"]
+    for key in sorted({(r["category"], r["variant"], r["tower"]) for r in final}, key=lambda k: (k[2], k[0], k[1])):
+        accs = [r["acc"] for r in final if (r["category"], r["variant"], r["tower"]) == key]
+        other = [r["acc_other"] for r in final if (r["category"], r["variant"], r["tower"]) == key]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {np.mean(accs):.3f} ({min(accs):.3f} - {max(accs):.3f}) "
+                     f"| {np.mean(other):.3f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=4000)
+    parser.add_argument("--heldout", type=int, default=512)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--categories", default=",".join(CATEGORIES))
-    parser.add_argument("--variants", default="fusion,cross")
+    parser.add_argument("--variants", default="fusion")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--tower", action="append", default=None,
+                        help="NAME=FOLDER of the vision tower (repeatable; default: pretrained=the recipe's "
+                        "models/vision)")
+    parser.add_argument("--cache", type=Path, default=None, help="folder keeping the rendered pairs between runs")
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--name", default="diffusion-scorers", help="results file name under bench/results")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the records of bench/results/diffusion-scorers.json of other (tower, seed)s")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     categories, variants = args.categories.split(","), args.variants.split(",")
+    seeds = [int(x) for x in args.seeds.split(",")]
+    towers = dict(t.split("=", 1) for t in args.tower) if args.tower else {"pretrained": str(MODELS / "vision")}
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(len(categories)) as pool:
-        feats = {c: (tr, ho) for c, tr, ho in pool.map(features, [(c, args.rows) for c in categories])}
-    jobs = [(c, v, *feats[c], args.steps, args.batch, args.lr) for c in categories for v in variants]
-    with ctx.Pool(len(jobs)) as pool:
-        records = [r for rs in pool.map(train, jobs) for r in rs]
+    with ctx.Pool(args.workers) as pool:  # rows first (cached), so towers of one category reuse them
+        if args.cache is not None:
+            pool.starmap(cached_pairs, [(args.cache, c, s, args.rows, "train") for c in categories for s in seeds]
+                         + [(args.cache, c, 0, args.heldout, "heldout") for c in categories])
+        jobs = [(c, t, f, s, "train", args.rows, args.cache) for c in categories for t, f in towers.items()
+                for s in seeds] + [(c, t, f, 0, "heldout", args.heldout, args.cache) for c in categories
+                                   for t, f in towers.items()]
+        feats = dict(pool.map(features, jobs))
+    train_jobs = [(c, v, t, s, feats[c, t, s], feats[c, t, -1], args.steps, args.batch, args.lr)
+                  for c in categories for v in variants for t in towers for s in seeds]
+    with ctx.Pool(min(len(train_jobs), args.workers * 2)) as pool:
+        records = [r for rs in pool.map(train, train_jobs) for r in rs]
     if not args.no_write:
-        config = {k: getattr(args, k) for k in ("rows", "steps", "batch", "lr", "categories", "variants")}
-        write_results("diffusion-scorers", records, markdown(records, args), config)
+        config = {k: getattr(args, k) for k in ("rows", "heldout", "steps", "batch", "lr", "categories", "variants",
+                                                  "seeds")}
+        runs = [{**config, "towers": towers}]
+        if args.append:
+            old = json.loads((RESULTS_DIR / f"{args.name}.json").read_text())
+            ran = {(r["category"], r["variant"], r["tower"], r["seed"]) for r in records}
+            # records of the bench before towers and seeds (no "tower") are dropped
+            records = [r for r in old["records"] if "tower" in r
+                       and (r["category"], r["variant"], r["tower"], r["seed"]) not in ran] + records
+            runs = old["config"].get("runs", []) + runs if any("tower" in r for r in old["records"]) else runs
+        write_results(args.name, records, markdown(records, args), {"runs": runs})
 
 
 if __name__ == "__main__":

@@ -55,28 +55,26 @@ def segment(image: np.ndarray) -> np.ndarray:
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected region of ``mask``."""
-    seen = np.zeros_like(mask)
-    best: list[tuple[int, int]] = []
+    """The largest 4-connected region of ``mask`` (of equal ones, the one whose first pixel in row-major order comes
+    first). Labels spread as the minimum over 4-neighbours, with pointer jumping, until nothing changes: numpy
+    passes instead of a Python flood fill (the oracle scores every gallery image)."""
     h, w = mask.shape
-    for start in zip(*np.nonzero(mask)):
-        if seen[start]:
-            continue
-        seen[start] = True
-        region, todo = [], [start]
-        while todo:
-            y, x = todo.pop()
-            region.append((y, x))
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    todo.append((ny, nx))
-        if len(region) > len(best):
-            best = region
-    out = np.zeros_like(mask)
-    if best:
-        out[tuple(np.array(best).T)] = True
-    return out
+    if not mask.any():
+        return np.zeros_like(mask)
+    big = h * w
+    labels = np.where(mask, np.arange(big).reshape(h, w), big)
+    while True:
+        padded = np.pad(labels, 1, constant_values=big)
+        spread = np.minimum.reduce([labels, padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]])
+        spread = np.where(mask, spread, big)
+        flat = spread.reshape(-1)
+        jumped = np.where(mask, flat[np.minimum(flat, big - 1)].reshape(h, w), big)
+        spread = np.minimum(spread, jumped)
+        if np.array_equal(spread, labels):
+            break
+        labels = spread
+    roots, counts = np.unique(labels[mask], return_counts=True)
+    return labels == roots[counts.argmax()]
 
 
 def fill(mask: np.ndarray) -> np.ndarray:
@@ -86,11 +84,10 @@ def fill(mask: np.ndarray) -> np.ndarray:
 
 
 def _fill_rows(mask: np.ndarray) -> np.ndarray:
-    filled = np.zeros_like(mask)
-    for row in np.flatnonzero(mask.any(axis=1)):
-        cols = np.flatnonzero(mask[row])
-        filled[row, cols[0]:cols[-1] + 1] = True
-    return filled
+    cols = np.arange(mask.shape[1])
+    first = mask.argmax(axis=1)
+    last = mask.shape[1] - 1 - mask[:, ::-1].argmax(axis=1)
+    return (cols >= first[:, None]) & (cols <= last[:, None]) & mask.any(axis=1)[:, None]
 
 
 def classify(filled: np.ndarray) -> str:

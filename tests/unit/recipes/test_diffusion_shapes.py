@@ -92,3 +92,17 @@ def test_prompts_parse_back_and_tokenize():
         tokenize("a red circle and a blue square", 6)
     with pytest.raises(ValueError, match="is not a spatial prompt"):
         parse_prompt("a red circle and a blue square", "spatial")
+
+
+def test_largest_component_follows_a_winding_region_and_keeps_the_first_of_equal_ones():
+    """A U-shaped region (its ends meet only through the bend) is one region; of two equal regions the one whose
+    first pixel comes first in row-major order is kept; diagonal neighbours are not connected."""
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[1:7, 1] = mask[6, 1:6] = mask[1:7, 5] = True  # U: 15 pixels
+    mask[0, 6] = mask[0, 7] = True  # touches the U's right arm (1, 5) only diagonally
+    got = oracle.largest_component(mask)
+    assert got.sum() == 15 and got[1, 1] and got[1, 5] and not got[0, 6] and not got[0, 7]
+    twins = np.zeros((6, 6), dtype=bool)
+    twins[4:6, 0:2] = twins[0:2, 4:6] = True
+    assert oracle.largest_component(twins)[0, 4] and not oracle.largest_component(twins)[4, 0]
+    assert not oracle.largest_component(np.zeros((4, 4), dtype=bool)).any()
