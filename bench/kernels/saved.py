@@ -31,15 +31,16 @@ SHAPE = {"hidden": 1024, "ffn": 2816, "heads": 16, "kv_heads": 4, "seq": 512, "b
 _VIEWS = {"TBackward0", "ViewBackward0", "TransposeBackward0", "UnsafeViewBackward0", "PermuteBackward0"}
 
 
-def is_weight_copy(t: torch.Tensor) -> bool:
-    """Whether ``t`` is (a view of) autocast's low-precision copy of a parameter: a ToCopy of a leaf."""
+def is_weight_copy(t: torch.Tensor, params: set[int]) -> bool:
+    """Whether ``t`` is (a view of) autocast's low-precision copy of one of the parameters whose data pointers are
+    ``params``: a ToCopy of that leaf (a cast of the layer's input, a leaf too, is an activation)."""
     fn = t.grad_fn
     while fn is not None and type(fn).__name__ in _VIEWS:
         fn = fn.next_functions[0][0]
     if fn is None or type(fn).__name__ != "ToCopyBackward0":
         return False
     source = fn.next_functions[0][0]
-    return source is not None and type(source).__name__ == "AccumulateGrad"
+    return type(source).__name__ == "AccumulateGrad" and source.variable.data_ptr() in params
 
 
 def saved_bytes(module: torch.nn.Module, x: torch.Tensor, precision: str, **kwargs) -> int:
@@ -49,7 +50,7 @@ def saved_bytes(module: torch.nn.Module, x: torch.Tensor, precision: str, **kwar
     seen: dict[tuple[int, int], int] = {}
 
     def pack(t: torch.Tensor):
-        if t.numel() and t.data_ptr() not in params and not is_weight_copy(t):
+        if t.numel() and t.data_ptr() not in params and not is_weight_copy(t, params):
             storage = t.untyped_storage()
             seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
         return t

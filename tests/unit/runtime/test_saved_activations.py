@@ -37,3 +37,22 @@ def test_the_planner_predicts_what_each_layer_saves(layers, precision):
             assert ref < 0.85 * off and abs((off_pred - ref_pred) / (off - ref) - 1) <= 0.1, (name, by_mode)
         else:  # no kernels in these layers
             assert (ref, ref_pred) == (off, off_pred), (name, by_mode)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_planner_predicts_what_decoder_and_mlp_layers_save(precision):
+    from planner.kinds import UseShape, kind_of
+    from planner.memory import saved_mode
+    from planner.spec import ComponentSpec
+    from runtime.modules import DecoderBlock, MlpBlock
+
+    h, s, c, batch = 64, 24, 40, 2
+    decoder = ComponentSpec(kind="decoder", num_layers=1, hidden_size=h, num_heads=4, ffn_hidden_size=4 * h)
+    mlp = ComponentSpec(kind="mlp", num_layers=1, hidden_size=h)
+    cases = [(decoder, DecoderBlock(h, 4, 4 * h, causal=True), UseShape(s, None, cross_len=c), s + c, {"stream_len": s}),
+             (mlp, MlpBlock(h), UseShape(s, None), s, {})]
+    for comp, layer, shape, rows, kwargs in cases:
+        x = torch.randn(batch, rows, h, generator=torch.Generator().manual_seed(0))
+        measured = saved_bytes(layer, x, precision, **kwargs)
+        (segment,) = kind_of(comp).segments(comp, "c", shape, saved_mode(precision, "auto"))
+        assert abs(batch * segment.act_bytes / measured - 1) <= TOLERANCE, (comp.kind, measured, segment.act_bytes)
