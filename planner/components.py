@@ -9,10 +9,10 @@ from dataclasses import replace
 
 from planner.errors import SpecError, did_you_mean
 from planner.kinds import BYTES_PER_ACT, LayerSegment, UseShape, kind_of, need  # noqa: F401  (re-exported)
+from planner.memory import ACT_BYTES, saved_mode
 from planner.spec import ComponentSpec, JobSpec, TaskComponentSpec
 from planner.unet import unet_state_numel
 
-ACT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes of an activation element in each training.precision
 
 
 def resolve_shape(comp: ComponentSpec, comp_name: str, use: TaskComponentSpec, where: str) -> UseShape:
@@ -42,14 +42,15 @@ def expand_use(job: JobSpec, task_index: int, use_index: int) -> list[LayerSegme
     shape = use_shape(job, task_index, use_index)
     kind = kind_of(comp, use.component)
     need(comp, use.component, *kind.requires)
-    segments = kind.segments(comp, use.component, shape)
-    # the kinds price bf16 activations (BYTES_PER_ACT); the runtime's autocast saves, sends and all-reduces them in
-    # the job's precision, so fp32 doubles every byte count (bf16/fp16: factor 1, the same numbers bit for bit)
+    segments = kind.segments(comp, use.component, shape, saved_mode(job.training.precision, job.training.kernels))
+    # saved activations are priced at the job's precision and kernels (planner.memory); the kinds price what crosses
+    # devices in bf16 (BYTES_PER_ACT), and the runtime sends and all-reduces it in the job's precision, so fp32
+    # doubles those byte counts (bf16/fp16: factor 1, the same numbers bit for bit)
     scale = ACT_BYTES[job.training.precision] / BYTES_PER_ACT
     if scale == 1:
         return segments
-    return [replace(seg, act_bytes=seg.act_bytes * scale, out_bytes=seg.out_bytes * scale,
-                    tp_comm_bytes=seg.tp_comm_bytes * scale) for seg in segments]
+    return [replace(seg, out_bytes=seg.out_bytes * scale, tp_comm_bytes=seg.tp_comm_bytes * scale)
+            for seg in segments]
 
 
 def output_shape(job: JobSpec, t: int, u: int) -> tuple[int, int]:

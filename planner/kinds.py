@@ -8,7 +8,8 @@ builders of every kind in runtime.kinds, keyed by the same names (a test checks 
 kinds). Adding a kind: an entry here, one in runtime.kinds, and their tests.
 
 A *segment* is a run of identical layers (same type, same input shape). Each carries the per-sample forward FLOPs,
-parameters, saved-activation bytes and boundary bytes of one layer, which is all the cost model needs.
+parameters, saved-activation bytes (planner.memory: what the runtime's layer keeps for backward at the job's precision
+and kernels) and boundary bytes of one layer, which is all the cost model needs.
 
 Modelling choices (written down so benchmarks can be read): embeddings, patch projections and
 final norms are folded away (under 2% of a layer stack's FLOPs for every workload in bench/);
@@ -23,10 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from planner.errors import SpecError, did_you_mean
+from planner.memory import (LOOM_LLAMA, LOOM_TRANSFORMER, Block, SavedMode, decoder_bytes, mlp_bytes, pretrained_block,
+                            transformer_bytes)
 from planner.spec import ComponentSpec, TaskComponentSpec
 from planner.unet import Context, block_cost, channel_mults, output_numel, state_numel, unet_blocks
 
-BYTES_PER_ACT = 2  # bf16 activations
+BYTES_PER_ACT = 2  # bf16 activations crossing a wave boundary (planner.components scales them to the precision)
 
 
 @dataclass(frozen=True)
@@ -136,45 +139,58 @@ def _pixels_shape(comp: ComponentSpec, comp_name: str, use: TaskComponentSpec, w
 
 
 def _transformer_layer(
-    tag: str, h: int, f: int, s: int, heads: int, *, gated: bool = False, kv_dim: int | None = None,
+    tag: str, h: int, f: int, s: int, heads: int, act: float, *, gated: bool = False, kv_dim: int | None = None,
     cross_len: int | None = None,
 ) -> tuple[str, float, float, float, float, float, int]:
+    """Key, FLOPs, parameters, saved bytes (``act``, per sample: planner.memory), output and tensor-parallel bytes and
+    kernel launches of one transformer-family layer."""
     kv = kv_dim if kv_dim is not None else h
     attn_proj = 2 * s * h * (h + 2 * kv) + 2 * s * h * h  # q, k, v and output projections
     attn_core = 4 * s * s * h  # scores and weighted sum
     mlp = (6 if gated else 4) * s * h * f
     params = 2 * h * h + 2 * h * kv + (3 if gated else 2) * h * f
     flops = attn_proj + attn_core + mlp
-    # Korthikanti et al. 2022: s*h*(34 + 5*a*s/h) bytes per layer per sample, no recompute.
-    act = s * h * (34 + 5 * heads * s / h)
     kernels = 16  # LN x2, QKV, attention (3-4 with softmax), output proj, 2 residual adds, MLP (3), dropouts
     if cross_len is not None:
         flops += 2 * s * h * h * 2 + 4 * cross_len * h * h + 4 * s * cross_len * h
         params += 4 * h * h
-        act += s * h * 12 + 5 * heads * s * cross_len
         kernels += 6
     key = f"{tag}[h={h},f={f},s={s},a={heads}" + (f",c={cross_len}" if cross_len else "") + "]"
     return key, float(flops), float(params), float(act), float(s * h * BYTES_PER_ACT), float(2 * s * h * BYTES_PER_ACT), kernels
 
 
-def _transformer(comp: ComponentSpec, name: str, shape: UseShape, tag: str = "transformer") -> list[LayerSegment]:
-    key, *rest = _transformer_layer(tag, comp.hidden_size, default_ffn_size(comp), shape.seq_len, comp.num_heads)
+def _block(comp: ComponentSpec, own: Block) -> Block:
+    """The block the runtime builds for ``comp``: a pretrained model's own (planner.memory.pretrained_block), else
+    Loom's ``own``."""
+    if comp.pretrained is None:
+        return own
+    from planner.pretrained import resolve_pretrained  # local: only pretrained components read a folder
+
+    info = resolve_pretrained(comp.pretrained)
+    return pretrained_block(info.model_type, info.config)
+
+
+def _transformer(comp: ComponentSpec, name: str, shape: UseShape, mode: SavedMode,
+                 tag: str = "transformer") -> list[LayerSegment]:
+    h, f, s = comp.hidden_size, default_ffn_size(comp), shape.seq_len
+    act = s * transformer_bytes(_block(comp, LOOM_TRANSFORMER), mode, h, f, h, comp.num_heads)
+    key, *rest = _transformer_layer(tag, h, f, s, comp.num_heads, act)
     return [LayerSegment(key, comp.num_layers, *rest)]
 
 
-def _vit(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegment]:
-    return _transformer(comp, name, shape, tag="vit")
+def _vit(comp: ComponentSpec, name: str, shape: UseShape, mode: SavedMode) -> list[LayerSegment]:
+    return _transformer(comp, name, shape, mode, tag="vit")
 
 
-def _llama(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegment]:
-    h = comp.hidden_size
+def _llama(comp: ComponentSpec, name: str, shape: UseShape, mode: SavedMode) -> list[LayerSegment]:
+    h, f, s = comp.hidden_size, llama_ffn_size(comp), shape.seq_len
     kv_dim = h * (comp.num_kv_heads or comp.num_heads) // comp.num_heads
-    key, *rest = _transformer_layer("llama", h, llama_ffn_size(comp), shape.seq_len, comp.num_heads, gated=True,
-                                    kv_dim=kv_dim)
+    act = s * transformer_bytes(_block(comp, LOOM_LLAMA), mode, h, f, kv_dim, comp.num_heads)
+    key, *rest = _transformer_layer("llama", h, f, s, comp.num_heads, act, gated=True, kv_dim=kv_dim)
     return [LayerSegment(key, comp.num_layers, *rest)]
 
 
-def _decoder(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegment]:
+def _decoder(comp: ComponentSpec, name: str, shape: UseShape, mode: SavedMode) -> list[LayerSegment]:
     """Self-attention over the use's stream, cross-attention to the memory, MLP. The memory travels with
     the stream through the layers (the runtime carries both in one tensor), so it counts in the boundary."""
     cross = shape.cross_len or comp.cross_seq_len
@@ -183,21 +199,23 @@ def _decoder(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegme
             f"components.{name}.cross_seq_len: required for a decoder use with no upstream use to attend to. "
             "Add `cross_seq_len:` or feed the use from another use."
         )
+    h, f = comp.hidden_size, default_ffn_size(comp)
+    act = decoder_bytes(mode, h, f, comp.num_heads, shape.seq_len, cross)
     key, flops, params, act, _, tp_bytes, kernels = _transformer_layer(
-        "decoder", comp.hidden_size, default_ffn_size(comp), shape.seq_len, comp.num_heads, cross_len=cross
+        "decoder", h, f, shape.seq_len, comp.num_heads, act, cross_len=cross
     )
     out = float((shape.seq_len + cross) * comp.hidden_size * BYTES_PER_ACT)
     return [LayerSegment(key, comp.num_layers, flops, params, act, out, tp_bytes, kernels)]
 
 
-def _mlp(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegment]:
+def _mlp(comp: ComponentSpec, name: str, shape: UseShape, mode: SavedMode) -> list[LayerSegment]:
     h, s = comp.hidden_size, shape.seq_len
     flops = 2.0 * h * h * s
-    return [LayerSegment(f"mlp[h={h},s={s}]", comp.num_layers, flops, float(h * h), 2.0 * s * h * BYTES_PER_ACT,
+    return [LayerSegment(f"mlp[h={h},s={s}]", comp.num_layers, flops, float(h * h), s * mlp_bytes(mode, h),
                          float(s * h * BYTES_PER_ACT), float(s * h * BYTES_PER_ACT), 3)]
 
 
-def _unet2d(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegment]:
+def _unet2d(comp: ComponentSpec, name: str, shape: UseShape, mode: SavedMode) -> list[LayerSegment]:
     """One segment per level and path (planner.unet): down levels, the mid block, then up levels deepest first; each
     priced at the mean of its blocks, its boundary the whole state after its last block (h, time embedding,
     context, skips)."""
@@ -215,7 +233,7 @@ def _unet2d(comp: ComponentSpec, name: str, shape: UseShape) -> list[LayerSegmen
         key += "" if last.mid else "/up" if last.up else "/down"
         segments.append(LayerSegment(
             key, len(mine), *(sum(getattr(c, f) for c in costs) / len(mine) for f in ("flops", "params")),
-            BYTES_PER_ACT * sum(c.act for c in costs) / len(mine), float(out * BYTES_PER_ACT), 0.0,
+            mode.compute_bytes * sum(c.act for c in costs) / len(mine), float(out * BYTES_PER_ACT), 0.0,
             round(sum(c.kernels for c in costs) / len(mine)),
         ))
     return segments
@@ -229,7 +247,8 @@ class KindSpec:
     """Everything the planner and the runtime ask of one component kind (the runtime's torch builders: runtime.kinds)."""
 
     name: str
-    segments: Callable[[ComponentSpec, str, UseShape], list[LayerSegment]]  # layer segments with their costs
+    # (comp, comp name, shape, saved mode) -> layer segments with their costs, saved bytes as the runtime keeps them
+    segments: Callable[[ComponentSpec, str, UseShape, SavedMode], list[LayerSegment]]
     shape: Callable[[ComponentSpec, str, TaskComponentSpec, str], UseShape]  # (comp, comp name, use, where) -> shape
     requires: tuple[str, ...] = ()  # ComponentSpec fields its layers need (checked before ``segments``)
     root_input: str = "tokens"  # what a use reads from the data: 'tokens', 'image', 'latents' or 'features'

@@ -227,7 +227,8 @@ def test_loss_scaler_skips_overflowing_steps_and_grows_back():
 def test_the_planner_prices_activations_in_the_training_precision():
     bf16 = expand_use(parse_job(job_dict(precision="bf16")), 0, 0)[0]
     fp32 = expand_use(parse_job(job_dict(precision="fp32")), 0, 0)[0]
-    assert fp32.act_bytes == 2 * bf16.act_bytes and fp32.out_bytes == 2 * bf16.out_bytes
+    # the norms keep the float32 residual stream in both (planner.memory), so saved bytes grow by less than 2x
+    assert bf16.act_bytes < fp32.act_bytes < 2 * bf16.act_bytes and fp32.out_bytes == 2 * bf16.out_bytes
     assert (fp32.flops_fwd, fp32.params, fp32.key) == (bf16.flops_fwd, bf16.params, bf16.key)
 
 
