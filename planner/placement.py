@@ -319,12 +319,53 @@ def place_schedule(
     docstring); with ``tp_within_nodes=False`` such a wave spans nodes instead, with a warning (a
     baseline's schedule priced as it is).
     """
+    return place_traced(problem, schedule, cost_model, check_memory_limit=check_memory_limit, strategy=strategy,
+                        tp_within_nodes=tp_within_nodes)[0]
+
+
+@dataclass(frozen=True)
+class PlacementTrace:
+    """How :func:`place_traced` placed a schedule: its waves, the placed waves, and the ledger's slices in the order
+    they were committed with the count committed after each wave. Placement is greedy wave by wave, so a schedule that
+    starts with the same waves is placed the same way up to its first different wave: placing it can resume there."""
+
+    strategy: str
+    waves: tuple[Wave, ...]
+    placed: tuple[PlacedWave, ...]
+    committed: tuple[PlacedSlice, ...]
+    marks: tuple[int, ...]  # len(committed) after each wave
+
+
+def place_traced(
+    problem: Problem, schedule: Schedule, cost_model: CostModel, *, check_memory_limit: bool = True,
+    strategy: str = "pack", tp_within_nodes: bool = True, resume: PlacementTrace | None = None,
+) -> tuple[PlacedSchedule, PlacementTrace]:
+    """:func:`place_schedule` and its :class:`PlacementTrace`. With ``resume`` (a trace of the same strategy and rules)
+    the waves ``schedule`` shares with it at the start are taken from it, not placed again: the result is the same as
+    placing from scratch (the ledger is rebuilt from the committed slices in their order, as a wave's undo does)."""
     assert strategy in STRATEGIES, strategy
     placer = _Placer(problem, cost_model, strategy, tp_within_nodes)
-    waves = tuple(placer.place_wave(k, wave) for k, wave in enumerate(schedule.waves))
+    same = 0
+    if resume is not None:
+        assert resume.strategy == strategy, (resume.strategy, strategy)
+        limit = min(len(resume.waves), len(schedule.waves))
+        while same < limit and resume.waves[same] == schedule.waves[same]:
+            same += 1
+    placed = list(resume.placed[:same]) if same else []
+    if same:
+        placer.ledger = build_ledger(problem, resume.committed[:resume.marks[same - 1]], cost_model)
+        for wave in placed:
+            for p in wave.slices:
+                placer.layers_done[p.metaop] += p.num_layers
+                placer.last[p.metaop] = p
+    marks = list(resume.marks[:same]) if same else []
+    for k in range(same, len(schedule.waves)):
+        placed.append(placer.place_wave(k, schedule.waves[k]))
+        marks.append(len(placer.ledger.slices))
     if check_memory_limit:
         check_memory(placer.ledger, cost_model.hw.memory_bytes, placer.dpn)
-    return PlacedSchedule(waves)
+    trace = PlacementTrace(strategy, schedule.waves, tuple(placed), tuple(placer.ledger.slices), tuple(marks))
+    return PlacedSchedule(tuple(placed)), trace
 
 
 class _Placer:

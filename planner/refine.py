@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from planner.costmodel import CostModel
 from planner.errors import PlanningError
-from planner.placement import PlacedSchedule, place_schedule
+from planner.placement import PlacedSchedule, PlacementTrace, place_traced
 from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule, merge_adjacent_waves
 from planner.simulator import Simulation, simulate
 
@@ -36,15 +36,19 @@ class Evaluated:
     strategy: str
     placed: PlacedSchedule
     sim: Simulation
+    trace: PlacementTrace | None = None  # how it was placed: a neighbour's placement resumes from it
 
 
-def evaluate(problem: Problem, cost_model: CostModel, schedule: Schedule, strategy: str) -> Evaluated | None:
-    """Place ``schedule`` with ``strategy`` and simulate it; None when it does not fit in device memory."""
+def evaluate(problem: Problem, cost_model: CostModel, schedule: Schedule, strategy: str,
+             resume: PlacementTrace | None = None) -> Evaluated | None:
+    """Place ``schedule`` with ``strategy`` and simulate it; None when it does not fit in device memory. ``resume``:
+    the trace of a placed schedule that starts with the same waves (:func:`planner.placement.place_traced`: the same
+    placement, sooner)."""
     try:
-        placed = place_schedule(problem, schedule, cost_model, strategy=strategy)
+        placed, trace = place_traced(problem, schedule, cost_model, strategy=strategy, resume=resume)
     except PlanningError:
         return None
-    return Evaluated(schedule, strategy, placed, simulate(problem, placed, cost_model))
+    return Evaluated(schedule, strategy, placed, simulate(problem, placed, cost_model), trace)
 
 
 def evaluation_cost(problem: Problem, schedule: Schedule) -> int:
@@ -100,6 +104,8 @@ def refine_transfers(problem: Problem, cost_model: CostModel, start: Evaluated, 
     seen = {start.schedule}
     while spent < budget:
         best = current
+        trace = current.trace or place_traced(problem, current.schedule, cost_model, strategy=current.strategy,
+                                              check_memory_limit=False)[1]  # its neighbours resume from it
         for schedule in neighbours(problem, current):
             if spent >= budget:
                 break
@@ -108,7 +114,7 @@ def refine_transfers(problem: Problem, cost_model: CostModel, start: Evaluated, 
             seen.add(schedule)
             check_schedule(problem, schedule)
             spent += evaluation_cost(problem, schedule)
-            found = evaluate(problem, cost_model, schedule, current.strategy)
+            found = evaluate(problem, cost_model, schedule, current.strategy, trace)
             if found is not None and found.sim.iteration_time_s < best.sim.iteration_time_s * (1 - 1e-9):
                 best = found
         if best is current:

@@ -58,7 +58,7 @@ from planner.program import (
 )
 from planner.schedule import Problem
 from planner.sync import SyncBucket, SyncOutcome, finish_buckets
-from planner.timeline import Clocks, exchange_of
+from planner.timeline import Clocks, exchange_of, flow_memo
 from planner.handoff import HandOff, hand_off_seconds, hand_offs
 from planner.rolloutlag import lagged
 
@@ -152,7 +152,8 @@ class Flows:
 
 
 def boundary_time(flows: Sequence[Flows], cost_model: CostModel) -> float:
-    """Seconds for ``flows`` running concurrently: the busiest link (device intra-node, node network) per direction."""
+    """Seconds for ``flows`` running concurrently: the busiest link (device intra-node, node network) per direction.
+    Remembered (:func:`planner.timeline.flow_memo`)."""
     flows = [f for f in flows if len(f.nbytes)]
     if not flows:
         return 0.0
@@ -163,6 +164,9 @@ def boundary_time(flows: Sequence[Flows], cost_model: CostModel) -> float:
         snd = np.concatenate([f.senders for f in flows])
         rcv = np.concatenate([f.receivers for f in flows])
         nbytes = np.concatenate([f.nbytes for f in flows])
+    memo, key = flow_memo(cost_model, "boundary", snd, rcv, nbytes)
+    if key is not None and key in memo:
+        return memo[key]
     cross = snd // dpn != rcv // dpn
     worst = 0.0
     for on_link, divisor in ((~cross, 1), (cross, dpn)):
@@ -171,6 +175,8 @@ def boundary_time(flows: Sequence[Flows], cost_model: CostModel) -> float:
             for endpoints in (snd, rcv):
                 per_link = np.bincount(endpoints[on_link] // divisor, weights=weights)
                 worst = max(worst, cost_model.p2p_time(float(per_link.max()), cross_node=divisor > 1))
+    if key is not None:
+        memo[key] = worst
     return worst
 
 

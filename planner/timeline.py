@@ -82,12 +82,38 @@ def _busiest(component: np.ndarray, num: int, load: np.ndarray) -> np.ndarray:
     return out
 
 
+MEMO_MAX_MOVES = 4096  # flows of at most this many moves are remembered (:func:`flow_memo`); larger ones are priced
+
+
+def flow_memo(cost_model: CostModel, kind: str, *arrays: np.ndarray) -> tuple[dict, tuple | None]:
+    """The memo of flow prices under ``cost_model`` and the key of ``arrays`` in it (None: too large to keep).
+
+    A search simulates many placements that share most boundaries (a bucket split's cuts, a local search's
+    neighbours, a candidate's two orders), and pricing a boundary is a pure function of its moves and the cost
+    model, so the prices are kept beside the cost model (one per ``plan_job``) by the moves' bytes. Only flows of at
+    most :data:`MEMO_MAX_MOVES` moves: memory stays small at 10,240 devices, where few simulations repeat anyway."""
+    memo = cost_model.__dict__.setdefault("_flow_memo", {})
+    if len(arrays[-1]) > MEMO_MAX_MOVES:
+        return memo, None
+    return memo, (kind, *((a.dtype.str, a.tobytes()) for a in arrays))
+
+
 def exchange_of(senders: np.ndarray, receivers: np.ndarray, nbytes: np.ndarray, cost_model: CostModel,
                 ) -> Exchange | None:
     """The components of one boundary's remote moves (``senders[i]`` sends ``nbytes[i]`` to ``receivers[i]``, none
-    local), each priced at its busiest link; None without any move."""
+    local), each priced at its busiest link; None without any move. Remembered (:func:`flow_memo`)."""
     if not len(nbytes):
         return None
+    memo, key = flow_memo(cost_model, "exchange", senders, receivers, nbytes)
+    if key is not None and key in memo:
+        return memo[key]
+    found = _exchange(senders, receivers, nbytes, cost_model)
+    if key is not None:
+        memo[key] = found
+    return found
+
+
+def _exchange(senders: np.ndarray, receivers: np.ndarray, nbytes: np.ndarray, cost_model: CostModel) -> Exchange:
     devices, inverse = np.unique(np.concatenate([senders, receivers]), return_inverse=True)
     a, b = inverse[:len(senders)], inverse[len(senders):]
     component = _components(a, b, len(devices))

@@ -113,7 +113,10 @@ def _describe(outcome: PlanOutcome) -> dict[str, Any]:
         "iteration_s": iteration,
         "predicted": plan.predicted.model_dump(),
         "bounds": {"per_level_s": per_level, "dag_s": dag},
-        "compute_s": {"loom": loom_compute, "spindle": spindle_compute, "solver_least": least_compute},
+        # the allocation LP (valid counts, whole layers per pattern, fractional repetitions; best window kind): what
+        # integer device counts alone cost; the least-compute candidate adds the packing; the plan, the choice
+        "compute_s": {"loom": loom_compute, "spindle": spindle_compute, "solver_least": least_compute,
+                      "allocation_lp": outcome.solve.lp_value_s or None},
         "ratios": {
             "loom_over_per_level": _ratio(loom_s, per_level),
             "loom_over_dag": _ratio(loom_s, dag),

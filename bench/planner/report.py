@@ -144,6 +144,25 @@ def losses_table(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
+def compute_steps_table(records: Sequence[Record]) -> str:
+    """Where each grid cell's compute goes beyond the per-level bound, step by step (ratios to the bound): the
+    allocation LP (valid device counts, whole layers per pattern, fractional repetitions; the best of the stage-window
+    kinds: integer counts and dependencies), the solver's least-compute candidate (packing into waves of whole
+    repetitions), the plan (chosen on the simulated iteration, not on compute) and its timeline compute (no barrier
+    between waves). Records without the LP's value are left out."""
+    head = ["Cell", "allocation LP", "least-compute candidate", "plan (waves)", "plan (timeline)", "plan's method"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in _ok(records):
+        compute, bound = r["compute_s"], (r.get("bounds") or {}).get("per_level_s")
+        if not compute.get("allocation_lp") or not bound:
+            continue
+        timeline, least = (r.get("predicted") or {}).get("compute_s"), compute.get("solver_least")
+        row = [r["cell"], _x(compute["allocation_lp"] / bound), _x(least / bound if least else None),
+               _x(compute["loom"] / bound), _x(timeline / bound if timeline else None), r["solver"]["method"]]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- targets
 
 
@@ -355,6 +374,9 @@ def render_report(records: Sequence[Record], config: dict[str, Any]) -> str:
         parts += [f"## {title}", results_table(rows) if rows else "_not run_"]
         if group == "grid" and any(r.get("predicted") for r in _ok(rows)):
             parts += ["Where the grid cells lose (ms; docs/planner.md section 10 reads this table):", losses_table(rows)]
+            if any(r["compute_s"].get("allocation_lp") for r in _ok(rows)):
+                parts += ["Where the compute goes, step by step (ratios to the per-level bound; docs/planner.md "
+                          "section 10):", compute_steps_table(rows)]
         if group == "scale" and rows:
             parts += ["Scale cells, memory and planning cost (each planned in its own process; planning time "
                       "includes the baselines; OOM: that baseline's plan does not fit in device memory):",

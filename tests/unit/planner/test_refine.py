@@ -144,3 +144,35 @@ def test_shared_encoder_job_beats_sequential_by_moving_little():
     assert plan.predicted.iteration_time_s < 0.97 * plan.baselines["sequential"]
     assert plan.predicted.transfer_s < 0.05 * plan.predicted.iteration_time_s
     assert plan.predicted.iteration_time_s <= plan.baselines["spindle"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_neighbour_placed_from_its_start_trace_is_placed_as_from_scratch(strategy):
+    """The search places a neighbour from the start's trace (planner.placement.place_traced): the waves they share are
+    taken over and the rest placed; the result must equal placing the neighbour from nothing, ledger included."""
+    from bench.planner.cells import Cell, load_cell_job
+    from planner.placement import place_traced
+    from planner.refine import with_count
+
+    job = load_cell_job(Cell("clip-4", 16, "grid"))
+    cm = make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cm)
+    start = spindle_schedule(problem)
+    _, trace = place_traced(problem, start, cm, strategy=strategy)
+    checked: set[int] = set()  # waves where a neighbour differs first
+    for k, wave in enumerate(start.waves):
+        for s in wave.slices[:2]:
+            free = problem.num_devices - wave.num_devices + s.num_devices
+            for count in (c for c in problem.curves[s.metaop].counts if c != s.num_devices and c <= free):
+                other = with_count(problem, start, k, s.metaop, count)
+                try:
+                    fresh = place_schedule(problem, other, cm, strategy=strategy)
+                except Exception as exc:  # noqa: BLE001 - the resumed placement must fail the same way
+                    with pytest.raises(type(exc)):
+                        place_traced(problem, other, cm, strategy=strategy, resume=trace)
+                    continue
+                resumed, again = place_traced(problem, other, cm, strategy=strategy, resume=trace)
+                assert resumed == fresh
+                assert again.committed == place_traced(problem, other, cm, strategy=strategy)[1].committed
+                checked.add(k)
+    assert len(checked) >= 3  # resumed after 0, 1, 2... shared waves
