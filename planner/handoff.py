@@ -13,7 +13,8 @@ trained layer of C; a layered MetaOp (a forward use) needs layers ``first_layer 
 parameter group (D's groups name C's with D's name in place of C's). Every device of the receiver's slice lacks the
 layers of those it does not itself train (no slice of a gradient-computing MetaOp of C runs that layer on the
 device): after the optimizer step (and ZeRO-1's all-gather) it receives, for each lacking layer, the layer's
-parameters x ``weight_bytes`` (2 at bf16/fp16, 4 at fp32) / the receiver's TP degree. A layer some trainer holds in
+parameters x ``weight_bytes`` (the simulator passes ``CostModel.param_bytes_moved``: 4, the runtime's float32
+parameters in every precision) / the receiver's TP degree. A layer some trainer holds in
 the receiving device's node comes over NVLink, otherwise over the network. Devices that train every layer they
 need receive nothing (verl's colocated shape: the weights are already there).
 

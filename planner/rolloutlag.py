@@ -22,7 +22,8 @@ iteration.
 
 Memory: every device running a lagged generate slice holds a second copy of the weights it decodes with (the
 behaviour policy's, kept while the next version is stepped or handed over; runtime.rollout keeps it the same way):
-the generate MetaOp's parameters x the weight bytes / its tensor-parallel degree, added to the device's peak.
+the generate MetaOp's parameters x the weight bytes (``CostModel.param_bytes_moved``: the runtime deep-copies its
+float32 modules) / its tensor-parallel degree, added to the device's peak.
 """
 
 from __future__ import annotations

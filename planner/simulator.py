@@ -435,10 +435,11 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
                              else (float(clocks.compute[c]), float(clocks.transfer[c])))
     sync_infos, sync_order = _sync_infos(problem.graph.metaops, program, outcome, cost_model.grad_bytes)
     dpn = max(1, cost_model.hw.devices_per_node)
-    offs = hand_offs(problem.graph.metaops, placed, problem.graph.weights_from, cost_model.weight_bytes, dpn)
+    offs = hand_offs(problem.graph.metaops, placed, problem.graph.weights_from, cost_model.param_bytes_moved, dpn)
     handoff_s = hand_off_seconds(offs, cost_model, dpn)
     peak = [float(x) for x in ledger.peak()]
-    lag = lagged(problem.graph, placed, durations, outcome.iteration_time_s, handoff_s, cost_model.weight_bytes)
+    lag = lagged(problem.graph, placed, durations, outcome.iteration_time_s, handoff_s,
+                 cost_model.param_bytes_moved)
     for d, extra in (lag.extra_bytes.items() if lag else ()):
         peak[d] += extra
     reduce_s = cost_model.step_reduce_time(problem.num_devices)

@@ -42,7 +42,7 @@ def test_a_generation_pool_of_its_own_runs_beside_the_rest_and_holds_a_second_co
     assert b.lag_hidden_s == pytest.approx(a.iteration_time_s - b.iteration_time_s, rel=1e-12)
     decoder = sync.graph.metaops[0].gen.decoder
     for d in range(8):  # the behaviour copy on the generating devices only (data parallel: whole weights each)
-        extra = decoder.params * cm.weight_bytes if d < 2 else 0.0
+        extra = decoder.params * cm.param_bytes_moved if d < 2 else 0.0
         assert b.peak_memory_bytes[d] == pytest.approx(a.peak_memory_bytes[d] + extra, rel=1e-9)
 
 

@@ -1,0 +1,91 @@
+"""The byte contract: every message the runtime puts on the wire is one the plan priced, at the bytes it priced.
+
+Real runs on gloo workers, counted where messages leave each process (tests/integration/_traffic.py), against what
+the simulator prices for each kind of traffic: activation pieces (the plan's pieces), gradient buckets
+(planner.sync.allreduce_bytes of the plan's buckets), ZeRO-1's all-gather of the updated shares
+(planner.sync.gather_bytes) and weight hand-offs (the plan's handoffs). In fp32 and in bf16: activations and gradients
+cross in the compute precision, parameters as the runtime holds them (float32). The planner sizes the modules as the
+runtime builds them (what ``loom profile`` records), so the byte counts are exact, not modelled.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+
+import pytest
+
+from planner.api import make_cost_model, plan_schedule
+from planner.metagraph import build_metagraph
+from planner.schedule import Schedule, Slice, Wave
+from planner.spec import parse_job
+from planner.sync import SyncBucket, allreduce_bytes, gather_bytes
+from runtime.local_world import run_world
+from runtime.profile_step import module_sizes
+
+from _jobs import two_task_job  # tests/integration/_jobs.py
+from _traffic import count_traffic, read_traffic  # tests/integration/_traffic.py
+
+STEPS = 2
+
+
+def sized_cost_model(job):
+    """The job's cost model, with every module sized as the runtime builds it (as from a `loom profile` cost file)."""
+    cost_model = make_cost_model(job)
+    sizes = module_sizes(job)
+    cost_model.module_size = lambda name: tuple(float(x) for x in sizes.get(name, (0, 0)))
+    return cost_model
+
+
+def hand_made(job, waves, cost_model):
+    ids = {op.name: op.id for op in build_metagraph(job).metaops}
+    schedule = Schedule(tuple(Wave(tuple(Slice(ids[n], layers, d) for n, layers, d in wave)) for wave in waves))
+    return plan_schedule(job, schedule, cost_model, method="hand-made")
+
+
+def priced(plan, cost_model, rank: int) -> Counter:
+    """What the plan prices for ``rank`` per step: (kind, peer or group, bytes) -> messages."""
+    out = Counter()
+    for p in plan.pieces:
+        if p.src == rank and p.src != p.dst:
+            out["pieces", (p.dst,), p.bytes] += 1
+    for b in plan.grad_buckets:
+        if rank in b.devices and len(b.devices) > 1:
+            sync = SyncBucket("", (0,), tuple(b.devices), 1, b.params)
+            out["buckets", tuple(b.devices), allreduce_bytes(sync, cost_model)] += 1
+            if cost_model.shard_optimizer:
+                out["gather", tuple(b.devices), gather_bytes(sync, cost_model)] += 1
+    return out
+
+
+def counted(out_dir, rank: int) -> Counter:
+    """What ``rank`` sent per step over ``STEPS`` steps (every step sends the same): kind, peer or group, bytes."""
+    out = Counter()
+    for m in read_traffic(out_dir, rank):
+        if m["kind"] in ("pieces", "buckets", "gather", "handoff"):
+            where = (m["peer"],) if "peer" in m else tuple(m["group"])
+            out[m["kind"], where, float(m["bytes"])] += 1
+    assert all(n % STEPS == 0 for n in out.values()), out
+    return Counter({k: n // STEPS for k, n in out.items()})
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero1_run_sends_exactly_the_priced_bytes(tmp_path, precision):
+    data = two_task_job(2, STEPS)
+    data["training"].update(precision=precision, shard_optimizer=True)
+    job = parse_job(data)
+    cost_model = sized_cost_model(job)
+    # the shared text tower data parallel over both devices (one ZeRO-1 bucket over (0, 1)), the image tower on one
+    # device feeding it (pieces forward and gradients back), the audio tower on the other
+    plan = hand_made(job, [[("caption.img", 2, 1), ("align.aud", 2, 1)], [("caption.txt", 2, 2)],
+                           [("align.txt", 2, 2)]], cost_model)
+    assert cost_model.weight_bytes == (4 if precision == "fp32" else 2) and cost_model.param_bytes_moved == 4
+    run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
+    for rank in range(2):
+        want, got = priced(plan, cost_model, rank), counted(tmp_path, rank)
+        kinds = {k for k, _, _ in want}
+        assert {"pieces", "buckets", "gather"} <= kinds, f"rank {rank}: the plan should move all three: {want}"
+        assert got == want, f"rank {rank}: sent {sorted(got - want)}, priced but not sent {sorted(want - got)}"
+    wire = {m["kind"]: m["dtype"] for m in read_traffic(tmp_path, 0)}
+    compute = "torch.float32" if precision == "fp32" else "torch.bfloat16"
+    assert (wire["pieces"], wire["buckets"], wire["gather"]) == (compute, compute, "torch.float32")
