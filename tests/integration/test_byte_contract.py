@@ -89,3 +89,36 @@ def test_zero1_run_sends_exactly_the_priced_bytes(tmp_path, precision):
     wire = {m["kind"]: m["dtype"] for m in read_traffic(tmp_path, 0)}
     compute = "torch.float32" if precision == "fp32" else "torch.bfloat16"
     assert (wire["pieces"], wire["buckets"], wire["gather"]) == (compute, compute, "torch.float32")
+
+
+def handoff_job(precision: str):
+    llama = {"kind": "llama", "num_layers": 2, "hidden_size": 16, "num_heads": 2, "vocab_size": 32, "seq_len": 8}
+    return parse_job({
+        "name": "handoff", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+        "components": {"policy": llama, "copy": {**llama, "weights_from": "policy"}},
+        "tasks": [{"name": "train", "batch_size": 4, "loss": "lm", "components": [{"component": "policy"}]},
+                  {"name": "score", "batch_size": 4, "loss": "lm", "components": [
+                      {"component": "copy", "mode": "forward"}]}],
+        "training": {"steps": STEPS, "lr": 1e-2, "precision": precision},
+    })
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_weight_hand_off_sends_exactly_the_priced_bytes(tmp_path, precision):
+    job = handoff_job(precision)
+    cost_model = sized_cost_model(job)
+    plan = hand_made(job, [[("train.policy", 2, 1), ("score.copy", 2, 1)]], cost_model)
+    copy = next(s for w in plan.waves for s in w.slices if plan.metaops[s.metaop].component == "copy")
+    receiver, = copy.devices
+    run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
+    sent = Counter()
+    for rank in range(2):
+        for m in read_traffic(tmp_path, rank):
+            if m["kind"] == "handoff":
+                sent[m["peer"]] += m["bytes"] / STEPS
+                assert m["dtype"] == "torch.float32"
+    want = Counter()
+    for h in plan.handoffs:
+        want[h.device] += h.bytes
+    assert set(want) == {receiver}
+    assert sent == want
