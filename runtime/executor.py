@@ -130,7 +130,8 @@ class WaveWorker:
         if not (self.job.training.shard_optimizer and self.groups is not None and self._grad_buckets):
             return build_grouped_optimizer(self.job, owned)
         shared = {id(p) for bucket in self._grad_buckets for p in bucket.params}
-        return ShardedAdamW(self.job, [(b.devices, b.params) for b in self._grad_buckets], self.groups.by_devices,
+        return ShardedAdamW(self.job, [(b.devices, b.params, b.shards or b.devices) for b in self._grad_buckets],
+                            self.groups.by_devices,
                             self.rank, [p for _, p in owned if id(p) not in shared], {id(p): c for c, p in owned})
 
     def _my_tp_groups(self) -> dict[tuple[str, int], tuple[int, ...]]:
@@ -503,7 +504,7 @@ class WaveWorker:
                 params = [p for name, layer, _ in b.members if (name, layer) not in synced
                           for p in self.modules[(name, layer)].parameters() if p.requires_grad]
                 if params:
-                    out.append(GradBucket(b.ready_wave, tuple(b.devices), params))
+                    out.append(GradBucket(b.ready_wave, tuple(b.devices), params, tuple(b.shards)))
         # a module the modes' extra copies train too (runtime.rollout): summed over its holders and them, after the
         # last backward of the step
         for key, devices in sorted(synced.items()):
