@@ -430,7 +430,7 @@ class WaveWorker:
         for p in pieces:
             if p.src != self.rank:
                 continue
-            tensor = self._piece_tensor(p, st, forward).to(self.wire_dtype)
+            tensor = self._piece_tensor(p, st, forward).to(self._wire_dtype_of(p))
             if p.dst == self.rank:
                 landing.append((p, tensor.clone()))
                 continue
@@ -445,7 +445,7 @@ class WaveWorker:
             if self._by_channel(p):
                 taken.append(p)
                 continue
-            buf = torch.empty((p.stop - p.start, *p.shape), device=self.device, dtype=self.wire_dtype)
+            buf = torch.empty((p.stop - p.start, *p.shape), device=self.device, dtype=self._wire_dtype_of(p))
             ops.append(dist.P2POp(dist.irecv, buf, p.src))
             landing.append((p, buf))
         if ops:
@@ -465,8 +465,16 @@ class WaveWorker:
     def _by_channel(self, p: Piece) -> bool:
         """Whether piece ``p`` moves through the channel: one of at least its ``min_bytes`` (rows in the compute
         precision), a function of the job and plan, so both ends agree."""
-        size = (p.stop - p.start) * math.prod(p.shape) * self.wire_dtype.itemsize
+        size = (p.stop - p.start) * math.prod(p.shape) * self._wire_dtype_of(p).itemsize
         return self.channel is not None and size >= self.channel.min_bytes
+
+    def _wire_dtype_of(self, p: Piece) -> torch.dtype:
+        """The dtype piece ``p`` crosses in: the compute precision, except a generate use's packed rollout rows, which
+        stay float32 (token ids are exact in float32 below 2^24, in bf16 only up to 256; runtime.rollout.pack)."""
+        producer = self.plan.waves[p.producer[0]].slices[p.producer[1]]
+        if self.roles is not None and producer.metaop in self.roles.generate:
+            return torch.float32
+        return self.wire_dtype
 
     def _piece_tensor(self, p: Piece, st: StepState, forward: bool) -> torch.Tensor:
         if forward:  # rows of my producer output
