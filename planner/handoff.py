@@ -8,15 +8,18 @@ is every slice of
   ``grad_last_step``) while C trains (the implicit hand-off), and
 - every MetaOp of a component D with ``weights_from: C`` (the explicit one; C is its *source*).
 
-A receiver needs C's trained layers that it runs: a whole-use MetaOp (generate/sample, one layer) needs every
-trained layer of C; a layered MetaOp (a forward use) needs layers ``first_layer .. first_layer + num_layers`` of its
-parameter group (D's groups name C's with D's name in place of C's). Every device of the receiver's slice lacks the
-layers of those it does not itself train (no slice of a gradient-computing MetaOp of C runs that layer on the
-device): after the optimizer step (and ZeRO-1's all-gather) it receives, for each lacking layer, the layer's
-parameters x ``weight_bytes`` (the simulator passes ``CostModel.param_bytes_moved``: 4, the runtime's float32
-parameters in every precision) / the receiver's TP degree. A layer some trainer holds in
-the receiving device's node comes over NVLink, otherwise over the network. Devices that train every layer they
-need receive nothing (verl's colocated shape: the weights are already there).
+A receiver needs C's trained modules that it runs: a whole-use MetaOp (generate/sample, one layer) needs every
+trained layer of C, C's input module and its task's head; a layered MetaOp (a forward use) needs layers
+``first_layer .. first_layer + num_layers`` of its parameter group (D's groups name C's with D's name in place of C's)
+and, running layer 0 with its own input module, C's. The plan's holders of a module (planner.program.holdings) step
+it; after the optimizer step (and ZeRO-1's all-gather) the lowest holder sends it to every device of the receiver's
+slice that does not hold it, and for ``weights_from`` to every device of it but itself: what runtime.rollout.Roles
+sends (tests/integration/test_byte_contract.py counts it). A module moves its parameters as the runtime builds it
+(``size``: the cost model's module sizes, from ``loom profile``; else a layer's modelled ``params`` and 0 for an
+input module or head) x ``weight_bytes`` (the simulator passes ``CostModel.param_bytes_moved``: 4, the runtime's
+float32 parameters in every precision) / the receiver's TP degree. A module some holder keeps in the receiving
+device's node comes over NVLink, otherwise over the network. Devices that hold every module they need receive
+nothing (verl's colocated shape: the weights are already there).
 
 Price (:func:`hand_off_seconds`): each receiving device's NVLink bytes at the intra-node bandwidth, each node's
 network bytes at the node's bandwidth, plus one latency; the hand-off takes the longest of these. It ends the

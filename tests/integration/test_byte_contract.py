@@ -15,8 +15,10 @@ from collections import Counter
 
 import pytest
 
-from planner.api import make_cost_model, plan_schedule
+from planner.api import make_cost_model, plan_placed, plan_schedule
+from planner.costmodel import Layout
 from planner.metagraph import build_metagraph
+from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
 from planner.schedule import Schedule, Slice, Wave
 from planner.spec import parse_job
 from planner.sync import SyncBucket, allreduce_bytes, gather_bytes
@@ -122,3 +124,39 @@ def test_weight_hand_off_sends_exactly_the_priced_bytes(tmp_path, precision):
         want[h.device] += h.bytes
     assert set(want) == {receiver}
     assert sent == want
+
+
+def rollout_job():
+    llama = {"kind": "llama", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "vocab_size": 40, "seq_len": 6}
+    return parse_job({
+        "name": "rollout", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+        "components": {"policy": llama, "reward": {**llama, "frozen": True}},
+        "tasks": [{"name": "grpo", "batch_size": 4, "loss": "grpo", "components": [
+            {"component": "policy", "name": "rollout", "mode": "generate", "seq_len": 3, "new_tokens": 3,
+             "samples": 2},
+            {"component": "reward", "mode": "forward", "after": ["rollout"]},
+            {"component": "policy", "after": ["rollout"]}]}],
+        "training": {"steps": STEPS, "lr": 1e-2, "precision": "fp32"},
+    })
+
+
+def test_generating_device_receives_exactly_the_priced_weights(tmp_path):
+    """The rollouts decode on device 0, the policy trains on device 1: after every step device 0 receives the
+    policy's layers and the task's LM head (the implicit hand-off), at the priced bytes. The policy's input module it
+    holds under the plan (the generate MetaOp's first slice runs it), so it steps it in its gradient bucket instead."""
+    job = rollout_job()
+    sizes = module_sizes(job)
+    ops = {op.use: op for op in build_metagraph(job).metaops}
+    placed = PlacedSchedule(tuple(PlacedWave((PlacedSlice(ops[use].id, 0, 1, (d,), Layout(1, 1)),))
+                                  for use, d in (("rollout", 0), ("reward", 1), ("policy", 1))))
+    plan = plan_placed(job, placed, sized_cost_model(job), method="hand-made")
+    run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
+    sent = Counter()
+    for m in read_traffic(tmp_path, 1):
+        if m["kind"] == "handoff":
+            sent[m["peer"]] += m["bytes"] / STEPS
+    want = Counter()
+    for h in plan.handoffs:
+        want[h.device] += h.bytes
+    modules = sizes["policy"][0] + sizes["head:grpo"][0]  # one layer and the head, float32
+    assert (want, sent) == (Counter({0: 4 * modules}),) * 2, (want, sent)
