@@ -62,7 +62,7 @@ def make_cost_model(job: JobSpec, costs: str | Path | None = None) -> CostModel:
     hw = resolve_hardware(job.cluster)
     shard = job.training.shard_optimizer
     # Activations and gradients cross devices in the compute precision (runtime.executor's wire dtype); parameters
-    # (ZeRO-1's all-gather, hand-offs, the behaviour copy) move as the runtime holds them, float32 in every precision:
+    # (ZeRO-1's all-gather, weight hand-offs) move as the runtime holds them, float32 in every precision:
     # CostModel.param_bytes_moved (docs/planner.md "What moves, at how many bytes").
     grad_bytes = weight_bytes = 4 if job.training.precision == "fp32" else 2
     memory = {"precision": job.training.precision, "optimizer": job.training.optimizer}  # what a device holds

@@ -156,7 +156,7 @@ class CostModel:
         # precision (2 at bf16/fp16 autocast, 4 at fp32), as the runtime sends them (runtime.executor's wire dtype).
         self.weight_bytes = weight_bytes
         # Bytes per parameter element wherever parameters move or are copied: ZeRO-1's all-gather of the updated
-        # shares, weight hand-offs, rollout_lag's behaviour copy. The runtime's parameters are float32 in every
+        # shares and weight hand-offs. The runtime's parameters are float32 in every
         # precision (autocast computes from them), so it moves BYTES_WEIGHT; docs/planner.md "What moves".
         self.param_bytes_moved = BYTES_WEIGHT
         self._curves: dict[tuple, Curve] = {}

@@ -72,6 +72,7 @@ from planner.costmodel import CostModel, Layout
 from planner.errors import PlanningError
 from planner.metagraph import MetaOp
 from planner.reshard import aligned_devices, can_align
+from planner.rolloutlag import ahead_bytes
 from planner.schedule import Problem, Schedule, ScheduleError, Slice, Wave
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ class MemoryLedger:
         self.phase_act: dict[int, np.ndarray] = {}  # saved activations per phase (only once a phase > 0 is added)
         self.trainable_params = np.zeros(n)
         self.transient = np.zeros(n)  # the largest KV cache of a generate slice on the device (freed after it)
+        self.ahead = np.zeros(n)  # rollout_lag 1: the rows decoded a step ahead, kept across the step (rolloutlag)
         self.held: dict[str, dict[int, dict[int, int]]] = {}
         self.groups = group_facts(problem)
         self.slices: list[PlacedSlice] = []
@@ -183,6 +185,7 @@ class MemoryLedger:
         if op.gen is not None and op.gen.decoder is not None:  # a KV cache lives while its generation runs only
             self.transient[idx] = np.maximum(self.transient[idx], saved)
             saved = op.layer.out_bytes * self.cost_model.local_batch(op, s.layout)
+            self.ahead[idx] += ahead_bytes(self.problem.graph, op, self.cost_model.local_batch(op, s.layout))
         if phase == 0 and not self.phase_act:
             self.act_bytes[idx] += saved
         else:  # a phase's activations are freed before the next phase runs: the peak is the largest phase's
@@ -225,8 +228,9 @@ class MemoryLedger:
     def peak(self) -> np.ndarray:
         """Peak bytes per device: parameter state plus every saved activation (end of forward), plus the logits of
         the LM heads the device runs then (:meth:`head_bytes`), or, when larger, a generate slice's KV cache
-        beside those activations (a bound: the cache is freed when the generation ends)."""
-        return self.param_bytes + self.act_bytes + np.maximum(self.head_bytes(), self.transient)
+        beside those activations (a bound: the cache is freed when the generation ends); with ``rollout_lag`` 1 the
+        rows a generating device decoded a step ahead (planner.rolloutlag.ahead_bytes)."""
+        return self.param_bytes + self.act_bytes + self.ahead + np.maximum(self.head_bytes(), self.transient)
 
     def head_bytes(self) -> np.ndarray:
         """Per device, :meth:`CostModel.head_memory` of each task with an LM head, on the first tensor-parallel

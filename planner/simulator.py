@@ -102,7 +102,7 @@ class Simulation:
     handoff_s + reduce_s - lag_hidden_s`` (``handoff_s``: the weight hand-offs after the step, planner.handoff; 0
     without them; ``reduce_s``: the step's closing all-reduces over every device, :meth:`CostModel.step_reduce_time`;
     ``lag_hidden_s``: with ``training.rollout_lag: 1`` the generation hidden behind the previous step,
-    planner.rolloutlag; its behaviour copy of the weights is in ``peak_memory_bytes``).
+    planner.rolloutlag; the rows it decodes a step ahead are in ``peak_memory_bytes``, through the ledger).
     With gradient accumulation (``training.grad_accum_steps`` k) ``compute_s`` and ``transfer_s`` are k passes of
     the waves over one micro-batch each; ``wave_durations``, ``phases`` and ``loss_s`` are one pass.
 
@@ -439,10 +439,7 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
                      cost_model.module_size)
     handoff_s = hand_off_seconds(offs, cost_model, dpn)
     peak = [float(x) for x in ledger.peak()]
-    lag = lagged(problem.graph, placed, durations, outcome.iteration_time_s, handoff_s,
-                 cost_model.param_bytes_moved)
-    for d, extra in (lag.extra_bytes.items() if lag else ()):
-        peak[d] += extra
+    lag = lagged(problem.graph, placed, durations, outcome.iteration_time_s, handoff_s)
     reduce_s = cost_model.step_reduce_time(problem.num_devices)
     return Simulation(
         iteration_time_s=(lag.period_s if lag else outcome.iteration_time_s + handoff_s) + reduce_s,

@@ -22,6 +22,7 @@ pieces cross devices in the compute precision (the plan's bytes) and are float32
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -33,12 +34,14 @@ import torch.distributed as dist
 
 from planner.kinds import kind_of
 from planner.plan import Plan, PlanMetaOp
+from planner.rolloutlag import generation_pool
 from planner.spec import JobSpec
 from runtime.assignment import (
     LOSS_WAVE, CommSchedule, Piece, SliceRef, dp_rank_of, holders, input_order, is_lead, layer_tp_degrees,
     loss_groups, sample_range, tp_group_of,
 )
 from runtime.channel import PieceChannel, piece_key
+from runtime.data import task_batch
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
 from runtime.kinds import is_token_decoder
@@ -48,8 +51,9 @@ from runtime.optim import (
     LossScaler, PrecisionError, autocast, build_grouped_optimizer, clip_coefficient, compute_dtype, module_component, owned_square_sum,
     scale_gradients, set_lr,
 )
+from runtime.lagged import RolloutsAhead
 from runtime.rollout import (
-    Behaviour, Roles, forward_only, freeze_untrained, has_modes, rollout_input, run_generate, seq_len_of,
+    Roles, forward_only, freeze_untrained, has_modes, rollout_input, run_generate, seq_len_of,
 )
 from runtime.sampleop import run_sample
 from runtime.steps import GradBucket, Lap, StepState, StepTiming, assemble_rows, fp32_output
@@ -99,7 +103,12 @@ class WaveWorker:
         self.modules: dict[tuple[str, int], torch.nn.Module] = {}
         # generate and forward uses, rollout readers and weight hand-offs (runtime.rollout); None: a plain training job
         self.roles = Roles.build(job, plan) if has_modes(job) else None
-        self.behaviour = Behaviour()  # rollout_lag 1: the weights this rank's generate slices decode with
+        # rollout_lag 1: this rank's generate slices decode a step ahead, in a thread beside the step where the plan
+        # prices that overlap (planner.rolloutlag.generation_pool; runtime.lagged)
+        early = {op.id for op in plan.metaops if self.roles is not None and op.id in self.roles.generate
+                 and not op.deps} if job.training.rollout_lag else set()
+        self.ahead = RolloutsAhead(background=rank in generation_pool(
+            ([(s.metaop, s.devices) for s in wave.slices] for wave in plan.waves), early))
         extra = self.roles.mine(rank) if self.roles is not None else []
         if self.roles is not None and job.training.grad_accum_steps > 1 and (self.roles.generate or self.roles.sample):
             raise ValueError("training.grad_accum_steps > 1 with a generate or sample use: a rollout group's "
@@ -238,6 +247,7 @@ class WaveWorker:
         if keep_gradients:
             self.last_gradients = self.named_gradients()
             lap()  # not part of the step's time
+        self._join_ahead(timing, lap)
         if self.optimizer is not None:
             if may_step:
                 set_lr(self.optimizer, self.job.training, step)
@@ -252,6 +262,16 @@ class WaveWorker:
         timing.finish(lap)
         self.last_timing = timing
         return out
+
+    def _join_ahead(self, timing: StepTiming, lap: Lap) -> None:
+        """Wait for the next step's rollouts decoded in the background (rollout_lag 1) before this device's weights
+        change; the wait counts as the generate wave's forward, and the decode's span goes to ``timing.ahead``."""
+        if not self.ahead.pending:
+            return
+        self.ahead.wait()
+        wave = min(r.wave for r in self.mine)
+        timing.compute_s[wave] += lap("forward", wave)
+        timing.ahead = (self.ahead.span[0] - lap.start, self.ahead.span[1] - lap.start)
 
     def _micro_step(self, st: StepState, pending: list | None, timing: StepTiming, lap: Lap) -> dict:
         """Forward, losses and backward of one micro-batch (gradients accumulate into ``.grad``), phase by phase
@@ -341,11 +361,7 @@ class WaveWorker:
         op = self.plan.metaops[s.metaop]
         start, stop = self._rows(ref)
         if self.roles is not None and s.metaop in self.roles.generate:  # the whole model's decode, no gradient
-            with torch.no_grad():
-                st.outputs[ref] = run_generate(
-                    self.job, op, lambda name, layer: self.modules[(name, layer)],
-                    lambda lo, hi: st.batch(self.job, self.task_index[op.task], step, lo, hi), step, start, stop,
-                    self.behaviour)
+            st.outputs[ref] = self._generate(op, step, start, stop)
             st.rollouts[s.metaop] = (start, st.outputs[ref])
             return
         if self.roles is not None and s.metaop in self.roles.sample:  # the whole denoising loop (runtime.sampleop)
@@ -375,6 +391,24 @@ class WaveWorker:
         modules = [self.modules[(op.param_group, i)] for i in range(s.first_layer, s.first_layer + s.num_layers)]
         with forward_only(self.job, op, modules):  # a forward use: no weight gradients, its input's still flow
             st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute)
+
+    def _generate(self, op: PlanMetaOp, step: int, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of generate MetaOp ``op`` at ``step``, decoded with the weights held now; with
+        ``rollout_lag`` 1 those decoded during the previous step, and the next step's decoded now (runtime.lagged)."""
+        t = self.task_index[op.task]
+
+        def decode(at: int) -> torch.Tensor:  # grad mode, autocast and the current CUDA device are per thread
+            device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+            with device, torch.no_grad(), autocast(self.job, self.device):
+                return run_generate(self.job, op, lambda name, layer: self.modules[(name, layer)],
+                                    lambda lo, hi: task_batch(self.job, t, at, lo, hi).to(self.device), at, start,
+                                    stop)
+
+        if not self.job.training.rollout_lag:
+            return decode(step)
+        rows = self.ahead.take(op.id, (step, start, stop), decode)
+        self.ahead.ahead(op.id, (step + 1, start, stop), decode)
+        return rows
 
     def _slice_inputs(self, ref: SliceRef, start: int, stop: int, st: StepState) -> list[torch.Tensor]:
         """Rows [start, stop) of each of ``ref``'s inputs, in the order of its use's ``after:`` list: each input's
@@ -562,6 +596,7 @@ class WaveWorker:
             "modules": {f"{name}/{layer}": module.state_dict() for (name, layer), module in sorted(self.modules.items())},
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "loss_scale": self.scaler.state_dict(),
+            "rollouts_ahead": self.ahead.state(),  # rollout_lag 1: the next step's rows, decoded already
         })
 
     def load_state_dict(self, state: dict) -> None:
@@ -572,6 +607,7 @@ class WaveWorker:
             self.optimizer.load_state_dict(state["optimizer"])
         if "loss_scale" in state:  # absent in checkpoints written before fp16's loss scaling
             self.scaler.load_state_dict(state["loss_scale"])
+        self.ahead.restore(state.get("rollouts_ahead", {}), self.device)
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
         """Every parameter this device holds in the plain layout, keyed ``<group or embed:/head:name>/<layer>/<param>``.

@@ -14,6 +14,10 @@ One safetensors file per rank (``rank_<r>.safetensors``), holding:
   writes it whole.)
 - ``s:<scalar>:<name>``: AdamW's ``step`` of the parameter, with the piece that starts at 0.
 - ``loss_scale``: ``[scale, good steps]`` (float64) of fp16's loss scaler, in rank 0's file.
+- ``a:<task>/<use>@<step>:<first row>``: with ``training.rollout_lag: 1``, rows ``[first, first + n)`` of the rollouts
+  of generate use ``<use>`` for step ``<step>``, decoded a step ahead (runtime.lagged), written by the rank that
+  decoded them; a worker of any plan takes the rows its slice needs (when the pieces cover them; else it decodes them
+  again, with the weights the step starts from).
 
 Why safetensors with a manifest rather than torch.distributed.checkpoint: the runtime's shards are not DTensors (ZeRO-1
 shares are runs of a flattened bucket, TP shards are megatron's fused, permuted layouts), so DCP would need a custom
@@ -65,6 +69,9 @@ def export_state(worker) -> dict[str, torch.Tensor]:
         if writer[key] == worker.rank:
             out.update({"p:" + global_name(key, n): t for n, t in plain.items()})
     _export_optimizer(worker, writer, out)
+    for op, ((step, first, _), rows) in worker.ahead.state().items():
+        meta = worker.plan.metaops[op]
+        out[f"a:{meta.task}/{meta.use}@{step}:{first}"] = rows
     if worker.rank == 0:
         scaler = worker.scaler.state_dict()
         out[LOSS_SCALE] = torch.tensor([scaler["scale"], scaler["good_steps"]], dtype=torch.float64)
@@ -318,6 +325,35 @@ def import_state(worker, reader: PortableReader) -> None:
     if reader.has(LOSS_SCALE):
         scale, good = reader.tensor(LOSS_SCALE).tolist()
         worker.scaler.load_state_dict({"scale": scale, "good_steps": int(good)})
+    _import_ahead(worker, reader)
+
+
+def _import_ahead(worker, reader: PortableReader) -> None:
+    """The rollouts decoded a step ahead (``a:`` keys) that this worker's generate slices need, when the
+    checkpoint's pieces cover their rows."""
+    pieces: dict[str, list[tuple[int, int, int, str]]] = {}  # task/use -> (step, first, rows, key)
+    for key, entry in reader.index.items():
+        if key.startswith("a:"):
+            name, at = key[2:].rsplit("@", 1)
+            step, first = (int(v) for v in at.split(":"))
+            pieces.setdefault(name, []).append((step, first, entry["shape"][0], key))
+    state = {}
+    for ref in worker.mine if pieces else ():
+        s = worker.comm.slices[ref]
+        meta = worker.plan.metaops[s.metaop]
+        found = pieces.get(f"{meta.task}/{meta.use}", [])
+        if worker.roles is None or s.metaop not in worker.roles.generate or not found:
+            continue
+        start, stop = worker._rows(ref)
+        step = found[0][0]
+        parts = sorted((first, n, key) for at, first, n, key in found
+                       if at == step and first < stop and first + n > start)
+        if sum(min(stop, first + n) - max(start, first) for first, n, _ in parts) != stop - start:
+            continue
+        rows = torch.cat([reader.tensor(key)[max(start, first) - first:min(stop, first + n) - first]
+                          for first, n, key in parts])
+        state[s.metaop] = ((step, start, stop), rows)
+    worker.ahead.restore(state, worker.device)
 
 
 def _whole_states(worker, reader: PortableReader, params: list) -> dict:

@@ -24,8 +24,9 @@ from runtime.heads import build_head
 from runtime.modules import build_layer, layer_kwargs, row_kwargs
 from runtime.sampleop import WHOLE_USE_MODES, build_module, layer_keys, run_sample
 from runtime.optim import autocast, build_grouped_optimizer, module_component, set_lr
+from runtime.lagged import Behaviour
 from runtime.rollout import (
-    Behaviour, copy_weights_from, forward_only, freeze_untrained, has_modes, rollout_input, run_generate, seq_len_of,
+    copy_weights_from, forward_only, freeze_untrained, has_modes, rollout_input, run_generate, seq_len_of,
     use_of,
 )
 
@@ -93,7 +94,7 @@ class ReferenceTrainer:
             for (name, _), module in self.modules.items() for p in module.parameters()))
         self.device = torch.device("cpu")
         self.last_rollouts = {}
-        self.behaviour = Behaviour()  # rollout_lag 1: the weights the generate uses decode with (runtime.rollout)
+        self.behaviour = Behaviour()  # rollout_lag 1: the weights the generate uses decode with (runtime.lagged)
 
     def task_loss(self, t: int, step: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """``loss_weight * sum of per-sample losses / batch_size`` of task ``t`` over rows [start, stop) of its batch at
@@ -117,10 +118,12 @@ class ReferenceTrainer:
         for op in ops:
             if has_modes(self.job) and use_of(self.job, op).mode == "generate":
                 with torch.no_grad():
+                    module = lambda name, layer: self.modules[(name, layer)]  # noqa: E731
+                    if self.job.training.rollout_lag:
+                        module = self.behaviour.lookup(self.job, op, module, step)
                     outputs[op.id] = run_generate(
-                        self.job, op, lambda name, layer: self.modules[(name, layer)],
-                        lambda lo, hi: task_batch(self.job, t, step, lo, hi), step, batch.first_row,
-                        batch.first_row + batch.num_samples, self.behaviour)
+                        self.job, op, module, lambda lo, hi: task_batch(self.job, t, step, lo, hi), step,
+                        batch.first_row, batch.first_row + batch.num_samples)
                 rollouts.append(op)
                 self.last_rollouts[op.id] = outputs[op.id]
                 continue

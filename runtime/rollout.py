@@ -6,10 +6,10 @@
   decodes each of its rows (runtime.generate; row r of the task's batch: prompt ``r - r % samples``'s ids, so the
   ``samples`` rows of a group share the prompt). Its output rows are :func:`pack` ed ``(rows, P + 2N)`` float32: the
   tokens, then which generated tokens count; they carry no gradient (no backward pieces run for it).
-- With ``training.rollout_lag: 1`` step k decodes with the weights step k-1 started from (:class:`Behaviour`: every
-  generating device keeps a copy of them, taken when it generates; step 0, and the first step after a resume or restart
-  (the copy is not checkpointed), use the weights the step starts from), and the packed rows carry a third block, the behaviour log-probabilities of the
-  generated tokens ``(rows, P + 3N)``, for the loss's importance ratio (runtime.grpo).
+- With ``training.rollout_lag: 1`` step k's rows are decoded with the weights step k-1 started from (step 0's with
+  the initial ones; runtime.lagged: the worker decodes them during step k-1, the reference keeps a copy of the
+  weights), and the packed rows carry a third block, the behaviour log-probabilities of the generated tokens
+  ``(rows, P + 3N)``, for the loss's importance ratio (runtime.grpo).
 - A use reading a generate use's tokens (its only input) embeds them with its own component's input module
   (:func:`rollout_input`); its ``seq_len`` must be the rollout's ``P + N`` (:func:`check_modes`).
 - A ``mode: forward`` use runs with its parameters out of autograd (:func:`forward_only`): no weight gradient from
@@ -29,7 +29,6 @@ gradient all-reduce, with a zero gradient of its own), so it needs no hand-off.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -86,26 +85,6 @@ def rollout_width(job: JobSpec, op) -> int:
     return seq_len_of(job, op) + (2 + (1 if job.training.rollout_lag else 0)) * use_of(job, op).new_tokens
 
 
-class Behaviour:
-    """``training.rollout_lag: 1`` on one process: the weights each generate MetaOp decodes with. At step k the
-    process's modules hold the weights step k starts from (stepped, or handed over after step k-1); :meth:`lookup`
-    copies them for step k+1 and answers with the copy taken at step k-1 (the modules themselves at step 0, or when
-    step k-1 did not run here: a resumed run's first step)."""
-
-    def __init__(self):
-        self.kept: dict[int, tuple[int, dict[Key, nn.Module]]] = {}  # MetaOp -> (step copied at, copies)
-
-    def lookup(self, job: JobSpec, op, module: Callable[[str, int], nn.Module], step: int
-               ) -> Callable[[str, int], nn.Module]:
-        keys = [("embed:" + op.component, 0), *layer_keys(job, op), ("head:" + op.task, 0)]
-        before = self.kept.get(op.id)
-        with torch.no_grad():
-            self.kept[op.id] = (step, {k: copy.deepcopy(module(*k)) for k in keys})
-        if before is None or before[0] != step - 1:
-            return module
-        return lambda name, layer: before[1][(name, layer)]
-
-
 def unpack(x: torch.Tensor, prompt: int, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens ``(B, P + N)`` int64, generated ``(B, N)`` bool) of :func:`pack` ed rows."""
     x = x.detach()
@@ -124,13 +103,11 @@ def eos_of(comp) -> int | None:
 
 
 def run_generate(job: JobSpec, op, module: Callable[[str, int], nn.Module], rows: Callable[[int, int], object],
-                 step: int, start: int, stop: int, behaviour: Behaviour | None = None) -> torch.Tensor:
-    """Rows ``[start, stop)`` of generate MetaOp ``op`` :func:`pack` ed; ``module(name, layer)`` gives the modules,
-    ``rows(lo, hi)`` the task's runtime.data.TaskBatch of rows [lo, hi); with ``rollout_lag`` 1 ``behaviour`` (the
-    process's :class:`Behaviour`) picks the weights it decodes with, and the rows carry its log-probabilities."""
+                 step: int, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of generate MetaOp ``op`` at ``step`` (its seeds) :func:`pack` ed; ``module(name,
+    layer)`` gives the modules it decodes with (the caller picks their weights: runtime.lagged), ``rows(lo, hi)`` the
+    task's runtime.data.TaskBatch of rows [lo, hi); with ``rollout_lag`` 1 the rows carry their log-probabilities."""
     lag = bool(job.training.rollout_lag)
-    if lag:
-        module = (behaviour or Behaviour()).lookup(job, op, module, step)
     use = use_of(job, op)
     comp = job.components[op.component]
     first = start - start % use.samples

@@ -57,7 +57,9 @@ class StepTiming:
     the buckets, then waiting for them). ``optimizer_s``: AdamW. ``total_s``: the whole step, including the
     all-reduce of the losses at its end. ``spans``: the same time as :class:`Span` s in the order they ran (they
     do not overlap); ``start_unix``: the step's start on this host's wall clock (``time.time()``), to line up the
-    spans of several devices."""
+    spans of several devices. ``ahead``: with ``rollout_lag`` 1 on a device that runs only generate slices, the
+    decode of the next step's rollouts that ran in a thread beside this step (start and end, seconds from the step's
+    start; runtime.lagged); None otherwise."""
 
     compute_s: list[float]
     transfer_s: list[float]
@@ -67,6 +69,7 @@ class StepTiming:
     total_s: float = 0.0
     spans: list[Span] = field(default_factory=list)
     start_unix: float = 0.0
+    ahead: tuple[float, float] | None = None
 
     def finish(self, lap: Lap) -> None:
         """Close the step: its total time, spans and start from the stopwatch that timed it."""
@@ -76,7 +79,8 @@ class StepTiming:
         """Plain values (lists and floats) for crossing a process boundary; a span is [part, wave, start, end]."""
         return {"compute_s": list(self.compute_s), "transfer_s": list(self.transfer_s), "loss_s": self.loss_s,
                 "sync_s": self.sync_s, "optimizer_s": self.optimizer_s, "total_s": self.total_s,
-                "spans": [span.to_list() for span in self.spans], "start_unix": self.start_unix}
+                "spans": [span.to_list() for span in self.spans], "start_unix": self.start_unix,
+                "ahead": list(self.ahead) if self.ahead is not None else None}
 
 
 class Lap:

@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import time
 
 from bench.common import REPO_ROOT, write_results
+from bench.rl.stages import MICRO_PER_STAGE, pipelined_s
 from planner.api import make_cost_model, plan_job
 from planner.metagraph import build_metagraph
 from planner.rlbaselines import (
@@ -53,12 +55,13 @@ def run_cell(name: str, lag: int = 0) -> dict:
     rows = {"loom": {"iteration_s": sim.iteration_time_s, "peak_gib": max(sim.peak_memory_bytes) / GIB,
                      "fits": max(sim.peak_memory_bytes) <= memory, "handoff_s": sim.handoff_s,
                      "method": outcome.plan.solver.method, "pools": pool_sizes(problem, outcome.placed),
-                     "lag_hidden_s": sim.lag_hidden_s}}
+                     "lag_hidden_s": sim.lag_hidden_s,
+                     "pipelined_s": pipelined_s(problem, outcome.placed, sim)}}
     for placement, (placed, psim) in rl_schedules(problem, cost_model).items():
         rows[placement] = {"iteration_s": psim.iteration_time_s, "peak_gib": max(psim.peak_memory_bytes) / GIB,
                            "fits": max(psim.peak_memory_bytes) <= memory, "handoff_s": psim.handoff_s,
                            "pools": pool_sizes(problem, placed), "waves": len(placed.waves),
-                           "lag_hidden_s": psim.lag_hidden_s}
+                           "lag_hidden_s": psim.lag_hidden_s, "pipelined_s": pipelined_s(problem, placed, psim)}
     same = split_at(problem, cost_model, rows["loom"]["pools"])  # Loom's pools as a split (a vector the search
     if same is not None and "split" in rows:                     # may not have simulated)
         placed, psim = same
@@ -66,7 +69,8 @@ def run_cell(name: str, lag: int = 0) -> dict:
         if (fits, -psim.iteration_time_s) > (rows["split"]["fits"], -rows["split"]["iteration_s"]):
             rows["split"] = {"iteration_s": psim.iteration_time_s, "peak_gib": max(psim.peak_memory_bytes) / GIB,
                              "fits": fits, "handoff_s": psim.handoff_s, "pools": pool_sizes(problem, placed),
-                             "waves": len(placed.waves), "lag_hidden_s": psim.lag_hidden_s, "at_loom_pools": True}
+                             "waves": len(placed.waves), "lag_hidden_s": psim.lag_hidden_s, "at_loom_pools": True,
+                             "pipelined_s": pipelined_s(problem, placed, psim)}
     streamed = []
     for chunks in STREAM_CHUNKS if not lag else ():  # the rollouts streamed in chunks (evaluated; Loom does not adopt it: runtime work)
         chunked = streamed_job(job, chunks)
@@ -80,10 +84,12 @@ def run_cell(name: str, lag: int = 0) -> dict:
                                  "handoff_s": found[1].handoff_s, "pools": pool_sizes(chunked_problem, found[0])})
     fitting = [rows[p]["iteration_s"] for p in ("colocated", "split") if p in rows and rows[p]["fits"]]
     best = min(fitting) if fitting else math.inf
+    piped = [rows[p]["pipelined_s"] for p in ("colocated", "split") if p in rows and rows[p]["fits"]]
     return {"cell": name, "lag": lag, "devices": job.cluster.num_devices, "device": job.cluster.device,
             "memory_gib": memory / GIB, "planning_s": planning_s, "placements": rows,
             "streamed": min(streamed, key=lambda r: r["iteration_s"]) if streamed else None,
-            "speedup": best / sim.iteration_time_s if fitting else None}
+            "speedup": best / sim.iteration_time_s if fitting else None,
+            "pipelined_speedup": min(piped) / rows["loom"]["pipelined_s"] if piped else None}
 
 
 def geomean(values: list[float]) -> float:
@@ -107,6 +113,10 @@ def summary(records: list[dict]) -> dict:
         base = [r["placements"][p]["iteration_s"] for r in recs for p in ("colocated", "split")
                 if p in r["placements"] and r["placements"][p]["fits"]]
         best.append(min(base) / loom if base else None)
+    values = [(at.get((c, 1)) or at[(c, 0)])["pipelined_speedup"] for c in cells] + [
+        at[(c, 0)]["pipelined_speedup"] for c in cells]
+    out["pipelined_on_policy"] = geomean(values[len(cells):]) if all(values) else None
+    out["pipelined_off_policy"] = geomean(values[:len(cells)]) if all(values) else None
     out["best_modes"] = geomean(best) if best and all(best) else None
     out["best_modes_cells"] = dict(zip(cells, best))
     return out
@@ -119,9 +129,10 @@ def markdown(records: list[dict]) -> str:
              "the better of colocated and split among those that fit in device memory; (!) marks a placement that "
              "does not fit. Lag 0: on-policy (each step's rollouts from the weights it starts from); lag 1: one step "
              "off-policy (`training.rollout_lag: 1`: step k's rollouts from the weights step k-1 started from, "
-             "generated while step k-1 trains; planner.rolloutlag prices the pipeline's period, max(generation + "
-             "hand-off, the rest) when the generation has devices of its own, and a second weight copy on every "
-             "generating device). At lag 1 colocated and split are their async variants (verl's one-step off-policy "
+             "generated while step k-1 trains; planner.rolloutlag prices the pipeline's period, max(generation, the "
+             "rest) + hand-off when the generation has devices of its own, as runtime.lagged runs it: the "
+             "generating devices decode the next step's rows during the step in a thread, and keep those rows, not "
+             "a second copy of the weights). At lag 1 colocated and split are their async variants (verl's one-step off-policy "
              "recipe, OpenRLHF's async training): every placement is priced by the same rule. IterComp's sample use "
              "keeps its last step's gradient, so it has no lagged mode. Split is the better of the split search "
              "(planner.rlbaselines.rl_schedules) and, when Loom's plan gives every role a pool of its own, the split at "
@@ -156,6 +167,21 @@ def markdown(records: list[dict]) -> str:
               "(micro-batches) and generation on a pool of its own, so chunk i+1 is generated while chunk i is "
               "scored and trained (planner.rlbaselines.streamed_candidate); evaluated, not adopted: every chunk's "
               "decode reads all the weights per token again, which costs more than the overlap saves here."]
+    lines += ["", "## Pipeline stages with overlapping micro-batches (estimate, not simulated)", "",
+              "The simulator runs a MetaOp cut into p pipeline stages as p waves one after another over the whole "
+              "batch, as Loom's runtime runs it; verl's Megatron backend and OpenRLHF's DeepSpeed pipeline run 1F1B "
+              f"over micro-batches. bench.rl.stages re-prices every run of stage waves as 1F1B over {MICRO_PER_STAGE}p "
+              "micro-batches ((m + p - 1) / m x its slowest stage), for every placement alike, time only (no "
+              "re-planning for the activations the micro-batches save).", "",
+              "| cell | lag | Loom | colocated | split | speed-up |", "|---|---|---|---|---|---|"]
+    for rec in records:
+        p = rec["placements"]
+        est = lambda r: f"{r['pipelined_s']:.2f} s" + ("" if r["fits"] else " (!)") if r else "-"  # noqa: E731
+        speed = f"{rec['pipelined_speedup']:.2f}x" if rec.get("pipelined_speedup") else "n/a"
+        lines.append(f"| {rec['cell']} | {rec['lag']} | {est(p['loom'])} | {est(p.get('colocated'))} | "
+                     f"{est(p.get('split'))} | {speed} |")
+    lines += ["", f"Geometric mean with stages so priced: on-policy {fmt(geo['pipelined_on_policy'])}; one step "
+                  f"off-policy {fmt(geo['pipelined_off_policy'])}."]
     lines += ["", "## Pools (devices each role's MetaOps use) and weight hand-offs", "",
               "| cell | lag | placement | pools | hand-off |", "|---|---|---|---|---|"]
     for rec in records:
@@ -173,15 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the report; leave bench/results alone")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    load = os.getloadavg()[0]  # planning times inflate with it; the predictions do not depend on it
     records = []
     for name in args.cells:
         for lag in lags(name):
             records.append(run_cell(name, lag))
             print(f"{name} (lag {lag}): done in {records[-1]['planning_s']:.1f} s", flush=True)
-    report = markdown(records)
+    report = markdown(records) + (f"\nMachine load when the run started: {load:.0f} (1-minute load average on "
+                                  f"{os.cpu_count()} CPUs): the planning times above inflate with it, the predicted "
+                                  "iterations and memory do not depend on it.\n")
     print(report)
     if not args.no_write:
-        write_results("rl", records, report, {"cells": list(args.cells), "cost_model": "analytic"})
+        write_results("rl", records, report, {"cells": list(args.cells), "cost_model": "analytic", "load": load})
     return 0
 
 

@@ -50,6 +50,20 @@ def test_lagged_rollouts_split_over_workers_equal_one_process(tmp_path):
         assert same == (step < 2), step
     assert torch.equal(behaviour_logprobs(rows, PROMPT, NEW) == 0, ~unpack(rows, PROMPT, NEW)[1])
 
+    # worker 0 runs only the generation: it decodes step k+1's rollouts in a thread while the others train step k. The
+    # decode starts before the trainers' loss (which needs the rows it sends after starting it), and in some step it is
+    # still running when a trainer already holds its rows (a decode done before sending would end first)
+    overlapped = []
+    for step, ranks in enumerate(world.timings):
+        start, end = (ranks[0]["start_unix"] + t for t in ranks[0]["ahead"])
+        trainer = ranks[2]
+        loss_end = max(trainer["start_unix"] + e for part, _, _, e in trainer["spans"] if part == "loss")
+        rows_in = min(trainer["start_unix"] + e for part, wave, _, e in trainer["spans"]
+                      if part == "transfer_forward" and wave == 1)
+        assert start < loss_end, (step, start, loss_end)
+        overlapped.append((end - rows_in, end - start))
+    assert any(late > 0 for late, _ in overlapped), overlapped
+
 
 def test_clipped_ratio_matches_on_policy_at_ratio_one_and_stops_outside_the_clip():
     torch.manual_seed(0)
@@ -66,3 +80,46 @@ def test_clipped_ratio_matches_on_policy_at_ratio_one_and_stops_outside_the_clip
     off = grpo_losses(logp, None, advantages, generated, beta=0.0, behaviour=logp.detach() - 0.5)
     (g,) = torch.autograd.grad(off.sum(), logp)
     assert g[advantages > 0].abs().max() == 0 and g[advantages < 0][:, :2].abs().min() > 0
+
+
+def test_lagged_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    """One worker (every use on device 0): a run checkpointed after step 1 (the portable checkpoint, and the per-rank
+    state_dict) and resumed in a new worker gives the uninterrupted run's losses and weights. The checkpoint holds the
+    rollouts decoded ahead for step 2 (with the weights step 1 started from); decoding them again after the restart
+    would use step 2's weights."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file, save_file
+
+    from runtime.executor import Groups, WaveWorker
+    from runtime.local_world import free_port
+    from runtime.portable import PortableReader, export_state, import_state
+
+    job = grpo_job(rollout_lag=1, steps=4)
+    job = job.model_copy(update={"cluster": job.cluster.model_copy(update={"devices_per_node": 1})})
+    plan = placed_plan(job, [[("rollout", [0])], [("reward", [0])], [("reference", [0])], [("policy", [0])]])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a worker process runs (runtime.host); more only oversubscribe the shared cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        whole = WaveWorker(job, plan, 0, Groups.create(job, plan))
+        want = [whole.train_step(step) for step in range(4)]
+        first = WaveWorker(job, plan, 0, Groups.create(job, plan))
+        assert [first.train_step(step) for step in range(2)] == want[:2]
+        save_file(export_state(first), tmp_path / "rank_0.safetensors")
+        index = {k: {"file": "rank_0.safetensors", "shape": list(t.shape)}
+                 for k, t in load_file(tmp_path / "rank_0.safetensors").items()}
+        assert any(k.startswith("a:grpo/rollout@2:") for k in index), sorted(index)[:5]
+        portable = WaveWorker(job, plan, 0, Groups.create(job, plan))
+        import_state(portable, PortableReader(tmp_path, index, "checkpoint"))
+        pickled = WaveWorker(job, plan, 0, Groups.create(job, plan))
+        pickled.load_state_dict(first.state_dict())
+        fresh = WaveWorker(job, plan, 0, Groups.create(job, plan))  # its weights only: the rows decoded again
+        fresh.load_state_dict({**first.state_dict(), "rollouts_ahead": {}})
+        for resumed in (portable, pickled):
+            assert [resumed.train_step(step) for step in (2, 3)] == want[2:]
+            for name, tensor in whole.named_parameters().items():
+                assert torch.equal(tensor, resumed.named_parameters()[name]), name
+        assert fresh.train_step(2) != want[2]  # what the checkpoint's rows are for
+    finally:
+        dist.destroy_process_group()
+        torch.set_num_threads(threads)

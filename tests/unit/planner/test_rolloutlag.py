@@ -1,6 +1,7 @@
 """``training.rollout_lag: 1`` priced as a pipeline (planner.rolloutlag) on the small GRPO job of test_generation: a
-generation pool of its own hides the generation behind the rest, a colocated placement hides nothing, and both hold
-a second copy of the generating weights; the field's one-line errors."""
+generation pool of its own hides the generation behind the rest, a colocated placement hides nothing, and both keep
+the rows decoded a step ahead (no second copy of the weights), which the placer's memory check counts; the field's
+one-line errors."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import numpy as np
 import pytest
 
 from planner.api import make_cost_model
+from planner.errors import PlanningError
 from planner.metagraph import build_metagraph
+from planner.placement import check_memory, placed_ledger
 from planner.rlbaselines import (
     SPLIT_SIMULATED, _op_seconds, _used_devices, colocated_schedule, pool_sizes, split_at, split_candidates,
     split_estimates, split_schedule,
 )
+from planner.rolloutlag import generation_pool, lagged_generate
 from planner.schedule import Problem
 from planner.simulator import simulate
 from planner.spec import parse_job
@@ -30,28 +34,41 @@ def problems(devices: int = 8):
     return out
 
 
-def test_a_generation_pool_of_its_own_runs_beside_the_rest_and_holds_a_second_copy():
+def test_a_generation_pool_of_its_own_runs_beside_the_rest_and_keeps_the_rows_ahead():
     (sync, cm), (lagged, _) = problems()
     placed = split_schedule(sync, SIZES)
     a, b = simulate(sync, placed, cm), simulate(lagged, placed, cm)
     gen = a.wave_durations[0]  # the rollouts' wave: the generation alone on its pool
     assert {s.metaop for s in placed.waves[0].slices} == {0} and gen > 0
     rest = a.iteration_time_s - a.handoff_s - a.reduce_s - gen
-    assert b.iteration_time_s == pytest.approx(max(gen + a.handoff_s, rest) + a.reduce_s, rel=1e-12)
-    assert b.iteration_time_s < a.iteration_time_s
+    # the hand-off follows both sides (the runtime's exchange blocks sender and receiver): it is not hidden
+    assert b.iteration_time_s == pytest.approx(max(gen, rest) + a.handoff_s + a.reduce_s, rel=1e-12)
+    assert a.handoff_s > 0 and b.iteration_time_s < a.iteration_time_s
     assert b.lag_hidden_s == pytest.approx(a.iteration_time_s - b.iteration_time_s, rel=1e-12)
-    decoder = sync.graph.metaops[0].gen.decoder
-    for d in range(8):  # the behaviour copy on the generating devices only (data parallel: whole weights each)
-        extra = decoder.params * cm.param_bytes_moved if d < 2 else 0.0
-        assert b.peak_memory_bytes[d] == pytest.approx(a.peak_memory_bytes[d] + extra, rel=1e-9)
+    rollout = sync.graph.metaops[0]
+    rows = rollout.layer.out_bytes * rollout.batch_size / 2  # each of the 2 generating devices: half the rows
+    assert 0 < rows < 0.01 * rollout.gen.decoder.params * cm.weight_bytes  # far below a copy of the weights
+    # the devices the runtime decodes ahead on beside the step (runtime.executor): the generation's pool, by the same
+    # rule; none when colocated
+    slices = lambda p: ([(s.metaop, s.devices) for s in w.slices] for w in p.waves)  # noqa: E731
+    assert generation_pool(slices(placed), lagged_generate(lagged.graph)) == {0, 1}
+    assert generation_pool(slices(colocated_schedule(lagged)), lagged_generate(lagged.graph)) == set()
+    for d in range(8):  # the rows decoded ahead, on the generating devices only
+        assert b.peak_memory_bytes[d] == pytest.approx(a.peak_memory_bytes[d] + (rows if d < 2 else 0.0), rel=1e-12)
 
 
-def test_colocated_hides_nothing_and_pays_the_copy():
+def test_colocated_hides_nothing_and_its_rows_ahead_can_make_a_plan_not_fit():
     (sync, cm), (lagged, _) = problems()
     placed = colocated_schedule(sync)
     a, b = simulate(sync, placed, cm), simulate(lagged, placed, cm)
     assert b.iteration_time_s == a.iteration_time_s and b.lag_hidden_s == 0.0
     assert max(b.peak_memory_bytes) > max(a.peak_memory_bytes)
+    # the placer's check (the same ledger the simulator's peak comes from): a device memory between the two peaks
+    # fits the on-policy plan and refuses the lagged one, naming its device
+    memory = (max(a.peak_memory_bytes) + max(b.peak_memory_bytes)) / 2
+    check_memory(placed_ledger(sync, placed, cm), memory, cm.hw.devices_per_node)
+    with pytest.raises(PlanningError, match="device 0 .* needs"):
+        check_memory(placed_ledger(lagged, placed, cm), memory, cm.hw.devices_per_node)
 
 
 @pytest.mark.parametrize("training, needle", [
