@@ -61,8 +61,9 @@ def make_cost_model(job: JobSpec, costs: str | Path | None = None) -> CostModel:
     """The analytic cost model of the job's cluster, or a profiled one (analytic fallback) from ``costs``."""
     hw = resolve_hardware(job.cluster)
     shard = job.training.shard_optimizer
-    # Gradients are reduced, and parameters all-gathered after a ZeRO-1 step, in the job's precision: the compute
-    # dtype of the weights (bf16 beside fp32 masters on GPUs; fp32 throughout in the CPU runtime's jobs).
+    # Activations and gradients cross devices in the compute precision (runtime.executor's wire dtype); parameters
+    # (ZeRO-1's all-gather, weight hand-offs) move as the runtime holds them, float32 in every precision:
+    # CostModel.param_bytes_moved (docs/planner.md "What moves, at how many bytes").
     grad_bytes = weight_bytes = 4 if job.training.precision == "fp32" else 2
     memory = {"precision": job.training.precision, "optimizer": job.training.optimizer}  # what a device holds
     analytic = AnalyticCostModel(hw, shard_optimizer=shard, grad_bytes=grad_bytes, weight_bytes=weight_bytes, **memory)

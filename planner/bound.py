@@ -379,7 +379,7 @@ def _last_bucket_seconds(problem: Problem, cost_model: CostModel, m: int, groups
         shard = min(o.layer.params for o in group_ops) / tp
         seconds = _cheapest(cost_model.allreduce_time, cost_model.grad_bytes * shard, layout.dp_degree)
         if cost_model.shard_optimizer:
-            seconds += _cheapest(cost_model.allgather_time, cost_model.weight_bytes * shard, layout.dp_degree)
+            seconds += _cheapest(cost_model.allgather_time, cost_model.param_bytes_moved * shard, layout.dp_degree)
         best = min(best, seconds)
     return 0.0 if best == math.inf else best
 

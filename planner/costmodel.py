@@ -152,9 +152,13 @@ class CostModel:
         self.shard_optimizer = shard_optimizer
         self.precision, self.optimizer = precision, optimizer  # training.precision, training.optimizer: memory terms
         self.grad_bytes = grad_bytes  # bytes per gradient element all-reduced (2 for bf16/fp16, 4 for fp32)
-        # Bytes per parameter element all-gathered after a ZeRO-1 step: the parameters every replica computes
-        # with (2 for bf16 weights beside fp32 masters; 4 where the parameters themselves are fp32, as in the runtime).
+        # Bytes per element of activations and their gradients crossing devices at wave boundaries: the compute
+        # precision (2 at bf16/fp16 autocast, 4 at fp32), as the runtime sends them (runtime.executor's wire dtype).
         self.weight_bytes = weight_bytes
+        # Bytes per parameter element wherever parameters move or are copied: ZeRO-1's all-gather of the updated
+        # shares and weight hand-offs. The runtime's parameters are float32 in every
+        # precision (autocast computes from them), so it moves BYTES_WEIGHT; docs/planner.md "What moves".
+        self.param_bytes_moved = BYTES_WEIGHT
         self._curves: dict[tuple, Curve] = {}
         # The LM heads the memory model prices (:meth:`head_memory`): per next-token task, set by the caller
         # (planner.api.make_cost_model: :func:`lm_heads`), and the job's training.kernels.

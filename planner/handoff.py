@@ -8,14 +8,18 @@ is every slice of
   ``grad_last_step``) while C trains (the implicit hand-off), and
 - every MetaOp of a component D with ``weights_from: C`` (the explicit one; C is its *source*).
 
-A receiver needs C's trained layers that it runs: a whole-use MetaOp (generate/sample, one layer) needs every
-trained layer of C; a layered MetaOp (a forward use) needs layers ``first_layer .. first_layer + num_layers`` of its
-parameter group (D's groups name C's with D's name in place of C's). Every device of the receiver's slice lacks the
-layers of those it does not itself train (no slice of a gradient-computing MetaOp of C runs that layer on the
-device): after the optimizer step (and ZeRO-1's all-gather) it receives, for each lacking layer, the layer's
-parameters x ``weight_bytes`` (2 at bf16/fp16, 4 at fp32) / the receiver's TP degree. A layer some trainer holds in
-the receiving device's node comes over NVLink, otherwise over the network. Devices that train every layer they
-need receive nothing (verl's colocated shape: the weights are already there).
+A receiver needs C's trained modules that it runs: a whole-use MetaOp (generate/sample, one layer) needs every
+trained layer of C, C's input module and its task's head; a layered MetaOp (a forward use) needs layers
+``first_layer .. first_layer + num_layers`` of its parameter group (D's groups name C's with D's name in place of C's)
+and, running layer 0 with its own input module, C's. The plan's holders of a module (planner.program.holdings) step
+it; after the optimizer step (and ZeRO-1's all-gather) the lowest holder sends it to every device of the receiver's
+slice that does not hold it, and for ``weights_from`` to every device of it but itself: what runtime.rollout.Roles
+sends (tests/integration/test_byte_contract.py counts it). A module moves its parameters as the runtime builds it
+(``size``: the cost model's module sizes, from ``loom profile``; else a layer's modelled ``params`` and 0 for an
+input module or head) x ``weight_bytes`` (the simulator passes ``CostModel.param_bytes_moved``: 4, the runtime's
+float32 parameters in every precision) / the receiver's TP degree. A module some holder keeps in the receiving
+device's node comes over NVLink, otherwise over the network. Devices that hold every module they need receive
+nothing (verl's colocated shape: the weights are already there).
 
 Price (:func:`hand_off_seconds`): each receiving device's NVLink bytes at the intra-node bandwidth, each node's
 network bytes at the node's bandwidth, plus one latency; the hand-off takes the longest of these. It ends the
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 
 from planner.metagraph import MetaOp
 from planner.placement import PlacedSchedule
+from planner.program import ModuleSize, holdings
 
 
 @dataclass(frozen=True)
@@ -51,31 +56,27 @@ def _source_group(group: str, component: str, source: str) -> str:
 
 
 def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mapping[str, str], weight_bytes: float,
-              devices_per_node: int) -> list[HandOff]:
+              devices_per_node: int, size: ModuleSize | None = None) -> list[HandOff]:
     """Every hand-off of ``placed`` (module docstring rule), sorted by (MetaOp, device); empty when no device lacks
-    a trained layer it runs."""
+    a trained module it runs. ``size``: module name -> (parameters, tensors) as the runtime builds it
+    (:meth:`~planner.costmodel.CostModel.module_size`); a layer unknown to it counts ``layer.params``, an input module
+    or a head 0 (as the gradient buckets count them)."""
     if not any((op.frozen and op.mode != "train") or op.component in weights_from for op in ops):
         return []  # no receiver (every job without modes or weights_from): nothing to walk
+    size = size or (lambda name: (0.0, 0.0))
     trained_groups: dict[str, dict[str, float]] = {}  # component -> its trained groups' parameters per layer
     layers_of: dict[str, int] = {}  # trained group -> its layer count
-    held: dict[int, set[tuple[str, int]]] = {}  # device -> (group, layer) it trains
     for op in ops:
         if not op.frozen:
+            params = size(op.param_group)[0] or op.layer.params
             trained_groups.setdefault(op.component, {})[op.param_group] = max(
-                op.layer.params, trained_groups.get(op.component, {}).get(op.param_group, 0.0))
+                params, trained_groups.get(op.component, {}).get(op.param_group, 0.0))
             layers_of[op.param_group] = max(layers_of.get(op.param_group, 0), op.num_layers)
-    for wave in placed.waves:
-        for s in wave.slices:
-            op = ops[s.metaop]
-            if not op.frozen:
-                for d in s.devices:
-                    held.setdefault(d, set()).update((op.param_group, j)
-                                                     for j in range(s.first_layer, s.first_layer + s.num_layers))
-    holders_in_node: dict[tuple[str, int, int], bool] = {}
-    for d, pairs in held.items():
-        for g, j in pairs:
-            holders_in_node[(g, j, d // devices_per_node)] = True
-    need: dict[tuple[int, int], dict[tuple[str, int], tuple[float, bool]]] = {}  # (MetaOp, device) -> lacking layers
+    steppers: dict[tuple[str, int], set[int]] = {}  # module -> the plan's holders, which step it (runtime.rollout)
+    for h in holdings(ops, placed):
+        steppers.setdefault(h.key[:2], set()).update(h.devices)
+    in_node = {(key, d // devices_per_node) for key, devices in steppers.items() for d in devices}
+    need: dict[tuple[int, int], dict[tuple[str, int], tuple[float, bool]]] = {}  # (MetaOp, device) -> lacking modules
     names: dict[int, tuple[str, str]] = {}
     for wave in placed.waves:
         for s in wave.slices:
@@ -85,21 +86,28 @@ def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mappi
             groups = trained_groups.get(source or "", {})
             if not groups:
                 continue
-            if op.gen is not None:  # a whole use runs every trained layer of its source
-                layers = [(g, j) for g in groups for j in range(layers_of[g])]
+            modules: list[tuple[tuple[str, int], float]] = []
+            if op.gen is not None:  # a whole use runs every trained layer of its source, its input module and head
+                modules += [((g, j), groups[g]) for g in groups for j in range(layers_of[g])]
+                modules += [((name, 0), size(name)[0]) for name in ("embed:" + source, "head:" + op.task)]
             else:
                 g = _source_group(op.param_group, op.component, source)
                 if g not in groups:
                     continue
-                layers = [(g, j) for j in range(s.first_layer, s.first_layer + s.num_layers)]
+                modules += [((g, j), groups[g] / s.layout.tp_degree)
+                            for j in range(s.first_layer, s.first_layer + s.num_layers)]
+                if s.first_layer == 0 and "embed:" + op.component in op.input_modules:
+                    modules.append((("embed:" + source, 0), size("embed:" + source)[0]))
             names[op.id] = (op.component, source)
             for d in s.devices:
-                mine = held.get(d, set())
                 lacking = need.setdefault((op.id, d), {})
-                for g, j in layers:
-                    if (g, j) not in mine:
-                        lacking[(g, j)] = (groups[g] * weight_bytes / s.layout.tp_degree,
-                                           not holders_in_node.get((g, j, d // devices_per_node), False))
+                for key, params in modules:
+                    holders = steppers.get(key, set())
+                    # the runtime (runtime.rollout.Roles) sends from the lowest stepper: to a weights_from receiver
+                    # unless it is that stepper, to an implicit receiver unless it steps the module itself
+                    sent = (d != min(holders)) if op.component in weights_from and holders else d not in holders
+                    if holders and sent and params > 0:
+                        lacking[key] = (params * weight_bytes, (key, d // devices_per_node) not in in_node)
     out = []
     for (m, d), lacking in sorted(need.items()):
         total = sum(b for b, _ in lacking.values())

@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from planner.errors import SpecError
 
-PLAN_VERSION = 7  # 2: predicted.gather_s; 3: pieces (the program every worker executes); 4: bounds.iteration_s;
-# 5: phases; 6: use modes (metaops[].mode) and weight hand-offs (handoffs, predicted.handoff_s); 7: predicted.reduce_s
+PLAN_VERSION = 8  # 2: predicted.gather_s; 3: pieces (the program every worker executes); 4: bounds.iteration_s;
+# 5: phases; 6: use modes (metaops[].mode) and weight hand-offs (handoffs, predicted.handoff_s); 7: predicted.reduce_s;
+# 8: grad_buckets[].shards (ZeRO-1's optimizer shards)
 
 
 class _PlanModel(BaseModel):
@@ -170,6 +171,20 @@ class PlanBucket(_PlanModel):
     devices: list[int]
     members: list[tuple[str, int, int]]
     params: float
+    shards: list[int] = Field(description="ZeRO-1's optimizer shards: ``shards[i]`` is the device that steps share i "
+                              "of the bucket's flattened parameters (members in order), elements "
+                              "shard_range(elements, len(shards), i), and gathers it to the others; one share per "
+                              "device of ``devices``.")
+
+
+def shard_range(elements: int, num_shards: int, index: int) -> tuple[int, int]:
+    """Elements ``[lo, hi)`` of share ``index`` of a bucket of ``elements`` flattened parameter elements cut into
+    ``num_shards`` shares of ``ceil(elements / num_shards)`` (the last ones short, or empty when the bucket has fewer
+    elements than shares): the optimizer shard a :attr:`PlanBucket.shards` device steps (runtime.zero; the simulator
+    prices the all-gather of the padded shares, planner.sync.gather_bytes). The element count is the runtime's: the
+    planner models parameters (``params``) and knows them exactly only from ``loom profile``'s module sizes."""
+    per = -(-elements // num_shards)
+    return min(index * per, elements), min((index + 1) * per, elements)
 
 
 class SyncGroup(_PlanModel):

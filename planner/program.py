@@ -345,9 +345,15 @@ def plan_holdings(held: Sequence[Holding]) -> list[PlanHolding]:
                         ready_wave=h.ready_wave, params=h.params) for h in held]
 
 
+def optimizer_shards(bucket: Bucket) -> list[int]:
+    """ZeRO-1's owners of a bucket's shares (:attr:`planner.plan.PlanBucket.shards`): share ``i`` to the ``i``-th
+    holder in rank order, the order of the all-gather's parts (a process group orders its ranks ascending)."""
+    return list(bucket.devices)
+
+
 def plan_buckets(buckets: Sequence[Bucket]) -> list[PlanBucket]:
-    return [PlanBucket(ready_wave=b.ready_wave, devices=list(b.devices), members=list(b.members), params=b.params)
-            for b in buckets]
+    return [PlanBucket(ready_wave=b.ready_wave, devices=list(b.devices), members=list(b.members), params=b.params,
+                       shards=optimizer_shards(b)) for b in buckets]
 
 
 def process_groups(held: Sequence[Holding], placed: PlacedSchedule) -> list[list[int]]:

@@ -10,7 +10,8 @@ Model. Times are in seconds, bytes per iteration. The caller gives when each buc
 transfers end (``compute_end``: one time, or one per device, as the per-device timeline of :mod:`planner.timeline`
 gives it).
 
-- **sync**: gradients of trainable parameter groups only (2 bytes/param), all-reduced among the
+- **sync**: gradients of trainable parameter groups only (``cost_model.grad_bytes`` per parameter: the compute
+  precision, in which the runtime reduces them), all-reduced among the
   devices that hold them. Layers of a group held by the same device set (and TP degree) form one
   bucket (:func:`sync_buckets`). A bucket over ``D`` devices at TP degree ``t`` is ``t`` concurrent
   ring all-reduces of ``bytes / t`` over ``D / t`` devices, cross-node when ``D`` spans nodes. A
@@ -34,7 +35,7 @@ gives it).
   optimizer state is sharded over its ``D / t`` all-reduce participants, and a device steps
   ``1 / (D / t)`` of the bucket. Then the participants all-gather the updated shares
   (:func:`gather_time`: ``t`` concurrent ring all-gathers over ``D / t`` devices of the bucket's
-  parameters at ``cost_model.weight_bytes``, each share padded to ``ceil(params / (D / t))``
+  parameters at ``cost_model.param_bytes_moved``, the runtime's float32, each share padded to ``ceil(params / (D / t))``
   elements), so every replica ends with the full parameters. A bucket's all-gather starts once
   the slowest of its participants has stepped (its whole step: a device steps all its shares,
   then gathers); buckets sharing a device serialise on its link, launched in the order they can
@@ -101,22 +102,37 @@ def _crosses_nodes(bucket: SyncBucket, cost_model: CostModel) -> bool:
     return bucket.devices[0] // dpn != bucket.devices[-1] // dpn
 
 
+def allreduce_bytes(bucket: SyncBucket, cost_model: CostModel) -> float:
+    """Bytes one ring of a bucket's all-reduce reduces: its TP shard's gradients at ``cost_model.grad_bytes`` (the
+    compute precision, as the runtime reduces them)."""
+    return cost_model.grad_bytes * bucket.num_params / bucket.tp_degree
+
+
 def bucket_time(bucket: SyncBucket, cost_model: CostModel) -> float:
     """Seconds of one bucket's all-reduce (``tp_degree`` concurrent rings, one per shard)."""
     participants = len(bucket.devices) // bucket.tp_degree
-    nbytes = cost_model.grad_bytes * bucket.num_params / bucket.tp_degree
-    return cost_model.allreduce_time(nbytes, participants, cross_node=_crosses_nodes(bucket, cost_model))
+    return cost_model.allreduce_time(allreduce_bytes(bucket, cost_model), participants,
+                                     cross_node=_crosses_nodes(bucket, cost_model))
 
 
-def gather_time(bucket: SyncBucket, cost_model: CostModel) -> float:
-    """Seconds of one bucket's ZeRO-1 all-gather of its updated parameters (``tp_degree`` concurrent rings over the
-    ``D / t`` participants, one per shard; every participant's share padded to ``ceil(params / (D / t))`` elements
-    of ``cost_model.weight_bytes``, as the runtime gathers). 0 without ``shard_optimizer`` or with one participant."""
+def gather_bytes(bucket: SyncBucket, cost_model: CostModel) -> float:
+    """Bytes one ring of a bucket's ZeRO-1 all-gather gathers in all: every one of the ``D / t`` participants' share,
+    padded to ``ceil(params / (D / t))`` elements, at ``cost_model.param_bytes_moved`` (the runtime's float32
+    parameters, whatever the precision). 0 without ``shard_optimizer`` or with one participant."""
     participants = len(bucket.devices) // bucket.tp_degree
     if not cost_model.shard_optimizer or participants <= 1:
         return 0.0
     per_share = math.ceil(bucket.num_params / bucket.tp_degree / participants)
-    nbytes = cost_model.weight_bytes * per_share * participants
+    return cost_model.param_bytes_moved * per_share * participants
+
+
+def gather_time(bucket: SyncBucket, cost_model: CostModel) -> float:
+    """Seconds of one bucket's ZeRO-1 all-gather of its updated parameters (``tp_degree`` concurrent rings over the
+    ``D / t`` participants, one per shard, of :func:`gather_bytes` each). 0 when it gathers nothing."""
+    nbytes = gather_bytes(bucket, cost_model)
+    if nbytes <= 0:
+        return 0.0
+    participants = len(bucket.devices) // bucket.tp_degree
     return cost_model.allgather_time(nbytes, participants, cross_node=_crosses_nodes(bucket, cost_model))
 
 

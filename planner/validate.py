@@ -349,6 +349,9 @@ def _check_buckets(c: _Checker) -> None:
             if tuple(member) in bucketed:
                 c.fail(f"{path}.members[{n}]", list(member), "is in two buckets", "expected each shard in one bucket")
             bucketed.add(tuple(member))
+        if sorted(b.shards) != sorted(b.devices):
+            c.fail(f"{path}.shards", b.shards, "is not one optimizer share per device of the bucket",
+                   f"expected its devices {b.devices} in the order their shares are stepped")
     for j, h in enumerate(c.plan.holdings):
         if h.trainable and (h.name, h.layer, h.shard) not in bucketed:
             c.fail(f"holdings[{j}]", (h.name, h.layer, h.shard), "is trainable but in no gradient bucket",
@@ -423,14 +426,14 @@ def check_program(plan: Plan, ops: Sequence[MetaOp], source: str = "plan") -> No
     buckets = program.grad_buckets(held, backward_positions(placed.phases, len(placed.waves)))
     held_keys = [_holding_key(h.key, h.devices, h.trainable, h.ready_wave) for h in held
                  if rank is None or rank in h.devices]
-    bucket_keys = [(b.ready_wave, tuple(b.devices), tuple(b.members)) for b in buckets
-                   if rank is None or rank in b.devices]
+    bucket_keys = [(b.ready_wave, tuple(b.devices), tuple(b.members), tuple(program.optimizer_shards(b)))
+                   for b in buckets if rank is None or rank in b.devices]
     _compare(source, "pieces", [p.model_dump(exclude={"bytes"}) for p in plan.pieces],
              [p.model_dump(exclude={"bytes"}) for p in pieces])
     _compare(source, "holdings", [_holding_key((h.name, h.layer, h.shard), h.devices, h.trainable, h.ready_wave)
                                   for h in plan.holdings], held_keys)
-    _compare(source, "grad_buckets", [(b.ready_wave, tuple(b.devices), tuple(tuple(m) for m in b.members))
-                                      for b in plan.grad_buckets], bucket_keys)
+    _compare(source, "grad_buckets", [(b.ready_wave, tuple(b.devices), tuple(tuple(m) for m in b.members),
+                                       tuple(b.shards)) for b in plan.grad_buckets], bucket_keys)
     _compare(source, "process_groups", plan.process_groups, program.process_groups(held, placed))
 
 

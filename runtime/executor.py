@@ -139,7 +139,8 @@ class WaveWorker:
         if not (self.job.training.shard_optimizer and self.groups is not None and self._grad_buckets):
             return build_grouped_optimizer(self.job, owned)
         shared = {id(p) for bucket in self._grad_buckets for p in bucket.params}
-        return ShardedAdamW(self.job, [(b.devices, b.params) for b in self._grad_buckets], self.groups.by_devices,
+        return ShardedAdamW(self.job, [(b.devices, b.params, b.shards or b.devices) for b in self._grad_buckets],
+                            self.groups.by_devices,
                             self.rank, [p for _, p in owned if id(p) not in shared], {id(p): c for c, p in owned})
 
     def _my_tp_groups(self) -> dict[tuple[str, int], tuple[int, ...]]:
@@ -463,7 +464,7 @@ class WaveWorker:
         for p in pieces:
             if p.src != self.rank:
                 continue
-            tensor = self._piece_tensor(p, st, forward).to(self.wire_dtype)
+            tensor = self._piece_tensor(p, st, forward).to(self._wire_dtype_of(p))
             if p.dst == self.rank:
                 landing.append((p, tensor.clone()))
                 continue
@@ -478,7 +479,7 @@ class WaveWorker:
             if self._by_channel(p):
                 taken.append(p)
                 continue
-            buf = torch.empty((p.stop - p.start, *p.shape), device=self.device, dtype=self.wire_dtype)
+            buf = torch.empty((p.stop - p.start, *p.shape), device=self.device, dtype=self._wire_dtype_of(p))
             ops.append(dist.P2POp(dist.irecv, buf, p.src))
             landing.append((p, buf))
         if ops:
@@ -498,8 +499,16 @@ class WaveWorker:
     def _by_channel(self, p: Piece) -> bool:
         """Whether piece ``p`` moves through the channel: one of at least its ``min_bytes`` (rows in the compute
         precision), a function of the job and plan, so both ends agree."""
-        size = (p.stop - p.start) * math.prod(p.shape) * self.wire_dtype.itemsize
+        size = (p.stop - p.start) * math.prod(p.shape) * self._wire_dtype_of(p).itemsize
         return self.channel is not None and size >= self.channel.min_bytes
+
+    def _wire_dtype_of(self, p: Piece) -> torch.dtype:
+        """The dtype piece ``p`` crosses in: the compute precision, except a generate use's packed rollout rows, which
+        stay float32 (token ids are exact in float32 below 2^24, in bf16 only up to 256; runtime.rollout.pack)."""
+        producer = self.plan.waves[p.producer[0]].slices[p.producer[1]]
+        if self.roles is not None and producer.metaop in self.roles.generate:
+            return torch.float32
+        return self.wire_dtype
 
     def _piece_tensor(self, p: Piece, st: StepState, forward: bool) -> torch.Tensor:
         if forward:  # rows of my producer output
@@ -537,7 +546,7 @@ class WaveWorker:
                 params = [p for name, layer, _ in b.members if (name, layer) not in synced
                           for p in self.modules[(name, layer)].parameters() if p.requires_grad]
                 if params:
-                    out.append(GradBucket(b.ready_wave, tuple(b.devices), params))
+                    out.append(GradBucket(b.ready_wave, tuple(b.devices), params, tuple(b.shards)))
         # a module the modes' extra copies train too (runtime.rollout): summed over its holders and them, after the
         # last backward of the step
         for key, devices in sorted(synced.items()):

@@ -177,7 +177,7 @@ def _tp_bucket_states(worker, opt) -> dict[int, dict[str, torch.Tensor]]:
                 continue
             parts = [torch.empty(share.per, device=mine.device) for _ in range(share.num_holders)]
             dist.all_gather(parts, mine, group=share.group)
-            flat, offset = torch.cat(parts)[:share.total], 0
+            flat, offset = share.gathered(parts), 0
             for p in share.params:
                 if names[id(p)] is None:
                     out.setdefault(id(p), {})[state_name] = flat[offset:offset + p.numel()].view_as(p).clone()

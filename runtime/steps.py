@@ -110,11 +110,13 @@ class Lap:
 
 @dataclass
 class GradBucket:
-    """Trainable parameters this device shares with exactly ``devices``, all final after ``ready_wave``'s backward."""
+    """Trainable parameters this device shares with exactly ``devices``, all final after ``ready_wave``'s backward;
+    ``shards``: the plan's ZeRO-1 share owners (planner.plan.PlanBucket.shards; empty: ``devices`` in order)."""
 
     ready_wave: int
     devices: tuple[int, ...]
     params: list[torch.nn.Parameter] = field(default_factory=list)
+    shards: tuple[int, ...] = ()
 
 
 class StepState:

@@ -1,9 +1,11 @@
 """ZeRO-1 on the gradient buckets: each holder of a shared parameter keeps AdamW state for its share only.
 
 The executor's buckets group the parameters this device shares with exactly the same devices; after
-their gradients are summed (all-reduce), holder ``i`` of ``n`` updates elements ``[i*L/n, (i+1)*L/n)``
+their gradients are summed (all-reduce), the device the plan names for share ``i`` of ``n``
+(planner.plan.PlanBucket.shards) updates elements ``shard_range(L, n, i)`` (``[i*ceil(L/n), (i+1)*ceil(L/n))``)
 of the bucket's flattened parameters with its own AdamW state, then the holders all-gather the
-updated shares so every replica ends the step with the same full parameters. AdamW is element-wise,
+updated shares (float32, as the plan prices them: planner.sync.gather_bytes) so every replica ends the step with
+the same full parameters. AdamW is element-wise,
 so this is the same update as every holder stepping all of it; the optimizer state per holder
 shrinks to 1/n of the bucket (``training.shard_optimizer``, which the planner's memory model
 assumes). Parameters this device holds alone keep ordinary AdamW state.
@@ -21,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from planner.plan import shard_range
 from planner.spec import JobSpec
 from runtime.modules import build_optimizer
 from runtime.optim import group_key
@@ -41,7 +44,8 @@ class _Run:
 class _Share:
     """This device's share of one bucket: elements ``[lo, hi)`` of its ``total`` flattened elements (empty when
     the bucket has fewer elements than holders), cut into :class:`_Run` s by optimizer group; every holder's share
-    is padded to ``per`` elements for the all-gather."""
+    is padded to ``per`` elements for the all-gather. ``order[j]``: the share the group's rank ``j`` steps (the plan's
+    ``shards`` seen from the process group, whose ranks are the holders ascending)."""
 
     params: list[nn.Parameter]
     group: object
@@ -52,6 +56,13 @@ class _Share:
     lo: int
     hi: int
     runs: list[_Run]
+    order: tuple[int, ...] = ()
+
+    def gathered(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The bucket's ``total`` flattened elements from an all-gather's ``parts`` (one per group rank, each a padded
+        share): the shares in share order, as :attr:`order` places them."""
+        by_share = sorted(range(self.num_holders), key=lambda j: self.order[j])
+        return torch.cat([parts[j] for j in by_share])[:self.total]
 
 
 def _runs(job: JobSpec, params: list[nn.Parameter], lo: int, hi: int,
@@ -76,22 +87,25 @@ def _runs(job: JobSpec, params: list[nn.Parameter], lo: int, hi: int,
 
 class ShardedAdamW:
     """The optimizer of a worker with ZeRO-1: ``step``/``zero_grad``/``state_dict``/``load_state_dict`` and
-    ``param_groups`` like a torch optimizer. ``buckets`` are (devices, parameters) pairs, identical and in the same
-    order on every holder; ``component_of`` maps ``id(parameter)`` to its component (for its learning rate; absent:
-    ``training.lr``)."""
+    ``param_groups`` like a torch optimizer. ``buckets`` are (devices, parameters, shards) triples, identical and in
+    the same order on every holder; ``shards`` are the plan's share owners (planner.plan.PlanBucket.shards: device
+    ``shards[i]`` steps share ``i``), a permutation of ``devices``. ``component_of`` maps ``id(parameter)`` to its
+    component (for its learning rate; absent: ``training.lr``)."""
 
-    def __init__(self, job: JobSpec, buckets: list[tuple[tuple[int, ...], list[nn.Parameter]]],
+    def __init__(self, job: JobSpec,
+                 buckets: list[tuple[tuple[int, ...], list[nn.Parameter], tuple[int, ...]]],
                  groups: dict[tuple[int, ...], object], rank: int, alone: list[nn.Parameter],
                  component_of: dict[int, str | None] | None = None):
         component_of = component_of or {}
         self.shares: list[_Share] = []
-        for devices, params in buckets:
-            n, i = len(devices), devices.index(rank)
+        for devices, params, shards in buckets:
+            assert sorted(shards) == sorted(devices), f"shards {shards} are not one per device of {devices}"
+            n, i = len(devices), list(shards).index(rank)
             total = sum(p.numel() for p in params)
-            per = -(-total // n)
-            lo, hi = min(i * per, total), min((i + 1) * per, total)
-            self.shares.append(_Share(params, groups[devices], i, n, total, per, lo, hi,
-                                      _runs(job, params, lo, hi, component_of)))
+            lo, hi = shard_range(total, n, i)
+            order = tuple(list(shards).index(d) for d in sorted(devices))
+            self.shares.append(_Share(params, groups[tuple(devices)], sorted(devices).index(rank), n, total,
+                                      -(-total // n), lo, hi, _runs(job, params, lo, hi, component_of), order))
         by_key: dict[tuple[float, float], list[nn.Parameter]] = {}
         for share in self.shares:
             for run in share.runs:
@@ -128,7 +142,7 @@ class ShardedAdamW:
             mine[run.lo - share.lo:run.hi - share.lo] = run.master.detach()
         parts = [torch.empty(share.per, device=device) for _ in range(share.num_holders)]
         dist.all_gather(parts, mine, group=share.group)
-        flat = torch.cat(parts)[:share.total]
+        flat = share.gathered(parts)
         offset = 0
         with torch.no_grad():
             for p in share.params:

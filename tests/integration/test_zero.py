@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -34,26 +35,29 @@ def _grads(rank: int, step: int) -> list[torch.Tensor]:
     return [torch.randn(shape, generator=gen) for shape in SHAPES]
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, shards: tuple[int, ...] = (0, 1)) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         params = _params()
-        opt = ShardedAdamW(JOB, [((0, 1), params)], {(0, 1): dist.group.WORLD}, rank, [])
+        opt = ShardedAdamW(JOB, [((0, 1), params, shards)], {(0, 1): dist.group.WORLD}, rank, [])
         for step in range(STEPS):
             for p, g in zip(params, _grads(rank, step)):
                 dist.all_reduce(g)  # what the executor's bucket sync does
                 p.grad = g
             opt.step()
             opt.zero_grad()
-        torch.save({"params": [p.detach() for p in params], "state": opt.state_elements()}, f"{out_dir}/rank{rank}.pt")
+        torch.save({"params": [p.detach() for p in params], "state": opt.state_elements(),
+                    "range": (opt.shares[0].lo, opt.shares[0].hi)}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_sharded_adamw_keeps_half_the_state_and_updates_exactly(tmp_path):
-    start_world(_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+@pytest.mark.parametrize("shards", [(0, 1), (1, 0)], ids=["rank-order", "reversed"])
+def test_sharded_adamw_keeps_half_the_state_and_updates_exactly(tmp_path, shards):
+    """The plan's share owners (PlanBucket.shards) decide who steps which half; either order updates exactly."""
+    start_world(_worker, args=(free_port(), str(tmp_path), shards), nprocs=2)
     params = _params()
     plain = build_grouped_optimizer(JOB, [(None, p) for p in params])  # no weight decay on the (7,) bias
     for step in range(STEPS):
@@ -67,3 +71,4 @@ def test_sharded_adamw_keeps_half_the_state_and_updates_exactly(tmp_path):
         for a, b in zip(got["params"], params):
             torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
         assert got["state"] == 2 * total // 2  # exp_avg and exp_avg_sq for its 13 of 26 elements
+        assert got["range"] == ((0, 13) if shards.index(rank) == 0 else (13, 26))

@@ -45,7 +45,7 @@ def problem_of(cm: CostModel, *ops: MetaOp) -> Problem:
 
 def gather(cm: CostModel, params: float, n: int, cross_node: bool = False) -> float:
     """ZeRO-1's all-gather of ``params`` updated parameters over ``n`` holders (shares padded to ceil(params / n))."""
-    return cm.allgather_time(cm.weight_bytes * math.ceil(params / n) * n, n, cross_node)
+    return cm.allgather_time(cm.param_bytes_moved * math.ceil(params / n) * n, n, cross_node)
 
 
 def time_of(build, problem: Problem, cm: CostModel) -> float:

@@ -393,9 +393,9 @@ def test_gradient_bytes_follow_the_training_precision():
     assert make_cost_model(job("fp32")).grad_bytes == 4
 
 
-def test_gathered_parameter_bytes_follow_the_training_precision(tmp_path):
-    """ZeRO-1 all-gathers the parameters in the job's precision: bf16 weights by default, fp32 in the CPU runtime's
-    fp32 jobs, for the analytic model and for a profiled one alike."""
+def test_moved_bytes_are_what_the_runtime_sends(tmp_path):
+    """Activations cross devices in the job's precision (2 bytes at bf16, 4 at fp32), for the analytic model and for a
+    profiled one alike; parameters (ZeRO-1's all-gather, hand-offs) move as the runtime holds them, float32."""
     from planner.api import make_cost_model
     from planner.spec import parse_job
 
@@ -412,3 +412,5 @@ def test_gathered_parameter_bytes_follow_the_training_precision(tmp_path):
     assert make_cost_model(job("fp32")).weight_bytes == 4
     assert make_cost_model(job("fp32"), costs).weight_bytes == 4
     assert make_cost_model(job("bf16"), costs).weight_bytes == 2
+    # parameters move as the runtime holds them, float32 in every precision (ZeRO-1 gather, hand-offs)
+    assert {make_cost_model(job(p)).param_bytes_moved for p in ("bf16", "fp32")} == {4}

@@ -177,6 +177,8 @@ CASES = [
     ("bucket of no holding", _set("grad_buckets.0.members", [["head:z", 0, 0]]), "grad_buckets[0].members[0] "
      "(['head:z', 0, 0]) is not a trainable holding"),
     ("trainable holding in no bucket", _set("grad_buckets", []), "is trainable but in no gradient bucket"),
+    ("optimizer shards not one per holder", _set("grad_buckets.0.shards", [0, 0]), "grad_buckets[0].shards ([0, 0]) "
+     "is not one optimizer share per device of the bucket"),
     ("process group of one", _set("process_groups", [[0]]), "process_groups[0] ([0]) has fewer than 2 device(s)"),
     ("process group outside", _set("process_groups", [[0, 8]]), "process_groups[0][1] (8) is not a device"),
     ("sync group of no MetaOp", _set("sync_groups.0.metaops", [9]), "sync_groups[0].metaops ([9]) are not MetaOps"),
@@ -296,3 +298,42 @@ def test_loom_submit_refuses_a_bad_plan_before_sending(plan, tmp_path) -> None:
     bad.write_text(edited(plan, _set("waves.0.slices.0.devices", [7])))
     with pytest.raises(SpecError, match=r"waves\[0\]\.slices\[0\]\.devices\[0\] \(7\) is not a device of the plan's"):
         _check_plan(bad, parse_job(JOB))
+
+
+def _swap_shards(data: dict) -> None:
+    bucket = next(b for b in data["grad_buckets"] if len(b["devices"]) == 2)
+    bucket["shards"] = bucket["shards"][::-1]  # a valid order, but not the one the planner wrote
+
+
+def test_optimizer_shards_are_the_planners_and_a_hand_edited_range_is_refused(plan, graph, tmp_path) -> None:
+    """ZeRO-1's share owners are in the plan (rank order, the split runtime.zero made before they were) and `loom run`
+    refuses a plan whose shards were edited, in one `error:` line, before any worker starts."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+    from planner.plan import shard_range
+
+    shared = [b for b in plan.grad_buckets if len(b.devices) > 1]
+    assert shared and all(b.shards == b.devices for b in shared)
+    for elements in (0, 1, 5, 26, 1000):  # the ranges the runtime steps: the split it made before shards were planned
+        for n in (2, 3, 4):
+            per = -(-elements // n)
+            assert [shard_range(elements, n, i) for i in range(n)] == [
+                (min(i * per, elements), min((i + 1) * per, elements)) for i in range(n)]
+    changed = plan_from_json(edited(plan, _swap_shards), "p.json")  # makes sense on its own
+    with pytest.raises(SpecError, match=r"^p\.json: grad_buckets\[\d+\] \(.*planner\.program derives"):
+        check_plan_matches_job(changed, graph, "p.json", "checked")
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(JOB))
+    out = tmp_path / "out"
+    cases = [(_swap_shards, "grad_buckets[0] ((3, (0, 1), (('head:b', 0, 0),), (1, 0))) is not what planner.program "
+              "derives"), (_set("grad_buckets.0.shards", [0, 7]), "grad_buckets[0].shards ([0, 7]) is not one optimizer "
+              "share per device of the bucket")]
+    for i, (edit, fragment) in enumerate(cases):
+        bad = tmp_path / f"bad{i}.json"
+        bad.write_text(edited(plan, edit))
+        result = CliRunner().invoke(app, ["run", str(job), "--plan", str(bad), "--out", str(out)])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, (result.stderr, result.exception)
+        assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
+        assert not out.exists()

@@ -62,7 +62,7 @@ def placed(problem: Problem, *waves: list[tuple[int, int, int, tuple[int, ...]]]
 
 def gather(params: float, n: int, cross_node: bool = False, cm: CostModel = CM) -> float:
     """ZeRO-1's all-gather of ``params`` updated parameters over ``n`` holders (shares padded to ceil(params / n))."""
-    return cm.allgather_time(cm.weight_bytes * math.ceil(params / n) * n, n, cross_node)
+    return cm.allgather_time(cm.param_bytes_moved * math.ceil(params / n) * n, n, cross_node)
 
 
 def identity(sim) -> float:
@@ -82,7 +82,7 @@ def test_single_wave_iteration_is_compute_plus_sync_plus_optimizer_plus_gather()
     compute = 8 * 1e9 / 4 / 1e12 * 6  # 2 samples per device, 1 GFLOP each, on a 1 TFLOP/s linear model
     sync = CM.allreduce_time(CM.grad_bytes * 2e6 * 6, 4, cross_node=False)
     optimizer = CM.optimizer_time(2e6 * 6 / 4)  # ZeRO-1: each of the 4 replicas steps a quarter
-    gathered = CM.allgather_time(CM.weight_bytes * 2e6 * 6, 4, cross_node=False)  # then they gather the quarters
+    gathered = CM.allgather_time(CM.param_bytes_moved * 2e6 * 6, 4, cross_node=False)  # then they gather the quarters
     assert sim.compute_s == pytest.approx(compute)
     assert sim.wave_durations == (pytest.approx(compute),)
     assert sim.transfer_s == 0 and sim.transfers == ()

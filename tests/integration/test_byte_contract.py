@@ -1,0 +1,162 @@
+"""The byte contract: every message the runtime puts on the wire is one the plan priced, at the bytes it priced.
+
+Real runs on gloo workers, counted where messages leave each process (tests/integration/_traffic.py), against what
+the simulator prices for each kind of traffic: activation pieces (the plan's pieces), gradient buckets
+(planner.sync.allreduce_bytes of the plan's buckets), ZeRO-1's all-gather of the updated shares
+(planner.sync.gather_bytes) and weight hand-offs (the plan's handoffs). In fp32 and in bf16: activations and gradients
+cross in the compute precision, parameters as the runtime holds them (float32). The planner sizes the modules as the
+runtime builds them (what ``loom profile`` records), so the byte counts are exact, not modelled.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+
+import pytest
+
+from planner.api import make_cost_model, plan_placed, plan_schedule
+from planner.costmodel import Layout
+from planner.metagraph import build_metagraph
+from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
+from planner.schedule import Schedule, Slice, Wave
+from planner.spec import parse_job
+from planner.sync import SyncBucket, allreduce_bytes, gather_bytes
+from runtime.local_world import run_world
+from runtime.profile_step import module_sizes
+
+from _jobs import two_task_job  # tests/integration/_jobs.py
+from _traffic import count_traffic, read_traffic  # tests/integration/_traffic.py
+
+STEPS = 2
+
+
+def sized_cost_model(job):
+    """The job's cost model, with every module sized as the runtime builds it (as from a `loom profile` cost file)."""
+    cost_model = make_cost_model(job)
+    sizes = module_sizes(job)
+    cost_model.module_size = lambda name: tuple(float(x) for x in sizes.get(name, (0, 0)))
+    return cost_model
+
+
+def hand_made(job, waves, cost_model):
+    ids = {op.name: op.id for op in build_metagraph(job).metaops}
+    schedule = Schedule(tuple(Wave(tuple(Slice(ids[n], layers, d) for n, layers, d in wave)) for wave in waves))
+    return plan_schedule(job, schedule, cost_model, method="hand-made")
+
+
+def priced(plan, cost_model, rank: int) -> Counter:
+    """What the plan prices for ``rank`` per step: (kind, peer or group, bytes) -> messages."""
+    out = Counter()
+    for p in plan.pieces:
+        if p.src == rank and p.src != p.dst:
+            out["pieces", (p.dst,), p.bytes] += 1
+    for b in plan.grad_buckets:
+        if rank in b.devices and len(b.devices) > 1:
+            sync = SyncBucket("", (0,), tuple(b.devices), 1, b.params)
+            out["buckets", tuple(b.devices), allreduce_bytes(sync, cost_model)] += 1
+            if cost_model.shard_optimizer:
+                out["gather", tuple(b.devices), gather_bytes(sync, cost_model)] += 1
+    return out
+
+
+def counted(out_dir, rank: int) -> Counter:
+    """What ``rank`` sent per step over ``STEPS`` steps (every step sends the same): kind, peer or group, bytes."""
+    out = Counter()
+    for m in read_traffic(out_dir, rank):
+        if m["kind"] in ("pieces", "buckets", "gather", "handoff"):
+            where = (m["peer"],) if "peer" in m else tuple(m["group"])
+            out[m["kind"], where, float(m["bytes"])] += 1
+    assert all(n % STEPS == 0 for n in out.values()), out
+    return Counter({k: n // STEPS for k, n in out.items()})
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero1_run_sends_exactly_the_priced_bytes(tmp_path, precision):
+    data = two_task_job(2, STEPS)
+    data["training"].update(precision=precision, shard_optimizer=True)
+    job = parse_job(data)
+    cost_model = sized_cost_model(job)
+    # the shared text tower data parallel over both devices (one ZeRO-1 bucket over (0, 1)), the image tower on one
+    # device feeding it (pieces forward and gradients back), the audio tower on the other
+    plan = hand_made(job, [[("caption.img", 2, 1), ("align.aud", 2, 1)], [("caption.txt", 2, 2)],
+                           [("align.txt", 2, 2)]], cost_model)
+    assert cost_model.weight_bytes == (4 if precision == "fp32" else 2) and cost_model.param_bytes_moved == 4
+    run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
+    for rank in range(2):
+        want, got = priced(plan, cost_model, rank), counted(tmp_path, rank)
+        kinds = {k for k, _, _ in want}
+        assert {"pieces", "buckets", "gather"} <= kinds, f"rank {rank}: the plan should move all three: {want}"
+        assert got == want, f"rank {rank}: sent {sorted(got - want)}, priced but not sent {sorted(want - got)}"
+    wire = {m["kind"]: m["dtype"] for m in read_traffic(tmp_path, 0)}
+    compute = "torch.float32" if precision == "fp32" else "torch.bfloat16"
+    assert (wire["pieces"], wire["buckets"], wire["gather"]) == (compute, compute, "torch.float32")
+
+
+def handoff_job(precision: str):
+    llama = {"kind": "llama", "num_layers": 2, "hidden_size": 16, "num_heads": 2, "vocab_size": 32, "seq_len": 8}
+    return parse_job({
+        "name": "handoff", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+        "components": {"policy": llama, "copy": {**llama, "weights_from": "policy"}},
+        "tasks": [{"name": "train", "batch_size": 4, "loss": "lm", "components": [{"component": "policy"}]},
+                  {"name": "score", "batch_size": 4, "loss": "lm", "components": [
+                      {"component": "copy", "mode": "forward"}]}],
+        "training": {"steps": STEPS, "lr": 1e-2, "precision": precision},
+    })
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_weight_hand_off_sends_exactly_the_priced_bytes(tmp_path, precision):
+    job = handoff_job(precision)
+    cost_model = sized_cost_model(job)
+    plan = hand_made(job, [[("train.policy", 2, 1), ("score.copy", 2, 1)]], cost_model)
+    copy = next(s for w in plan.waves for s in w.slices if plan.metaops[s.metaop].component == "copy")
+    receiver, = copy.devices
+    run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
+    sent = Counter()
+    for rank in range(2):
+        for m in read_traffic(tmp_path, rank):
+            if m["kind"] == "handoff":
+                sent[m["peer"]] += m["bytes"] / STEPS
+                assert m["dtype"] == "torch.float32"
+    want = Counter()
+    for h in plan.handoffs:
+        want[h.device] += h.bytes
+    assert set(want) == {receiver}
+    assert sent == want
+
+
+def rollout_job():
+    llama = {"kind": "llama", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "vocab_size": 40, "seq_len": 6}
+    return parse_job({
+        "name": "rollout", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+        "components": {"policy": llama, "reward": {**llama, "frozen": True}},
+        "tasks": [{"name": "grpo", "batch_size": 4, "loss": "grpo", "components": [
+            {"component": "policy", "name": "rollout", "mode": "generate", "seq_len": 3, "new_tokens": 3,
+             "samples": 2},
+            {"component": "reward", "mode": "forward", "after": ["rollout"]},
+            {"component": "policy", "after": ["rollout"]}]}],
+        "training": {"steps": STEPS, "lr": 1e-2, "precision": "fp32"},
+    })
+
+
+def test_generating_device_receives_exactly_the_priced_weights(tmp_path):
+    """The rollouts decode on device 0, the policy trains on device 1: after every step device 0 receives the
+    policy's layers and the task's LM head (the implicit hand-off), at the priced bytes. The policy's input module it
+    holds under the plan (the generate MetaOp's first slice runs it), so it steps it in its gradient bucket instead."""
+    job = rollout_job()
+    sizes = module_sizes(job)
+    ops = {op.use: op for op in build_metagraph(job).metaops}
+    placed = PlacedSchedule(tuple(PlacedWave((PlacedSlice(ops[use].id, 0, 1, (d,), Layout(1, 1)),))
+                                  for use, d in (("rollout", 0), ("reward", 1), ("policy", 1))))
+    plan = plan_placed(job, placed, sized_cost_model(job), method="hand-made")
+    run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
+    sent = Counter()
+    for m in read_traffic(tmp_path, 1):
+        if m["kind"] == "handoff":
+            sent[m["peer"]] += m["bytes"] / STEPS
+    want = Counter()
+    for h in plan.handoffs:
+        want[h.device] += h.bytes
+    modules = sizes["policy"][0] + sizes["head:grpo"][0]  # one layer and the head, float32
+    assert (want, sent) == (Counter({0: 4 * modules}),) * 2, (want, sent)
