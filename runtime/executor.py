@@ -32,8 +32,7 @@ import torch
 import torch.distributed as dist
 
 from planner.kinds import kind_of
-from planner.plan import Plan, PlanMetaOp
-from planner.spec import JobSpec
+from planner.plan import PlanMetaOp
 from runtime.assignment import (
     LOSS_WAVE, CommSchedule, Piece, SliceRef, dp_rank_of, holders, input_order, is_lead, layer_tp_degrees,
     loss_groups, sample_range, tp_group_of,
@@ -44,12 +43,13 @@ from runtime.heads import build_head
 from runtime.kinds import is_token_decoder
 from runtime.megatron_backend import owned_fractions  # cheap: megatron-core itself is imported lazily
 from runtime.modules import build_layer, layer_kwargs, row_kwargs, run_layers
+from runtime.payload import WorkerPayload
 from runtime.optim import (
     LossScaler, PrecisionError, autocast, build_grouped_optimizer, clip_coefficient, compute_dtype, module_component, owned_square_sum,
     scale_gradients, set_lr,
 )
 from runtime.rollout import (
-    Behaviour, Roles, forward_only, freeze_untrained, has_modes, rollout_input, run_generate, seq_len_of,
+    Behaviour, Roles, forward_only, freeze_untrained, rollout_input, run_generate, seq_len_of,
 )
 from runtime.sampleop import run_sample
 from runtime.steps import GradBucket, Lap, StepState, StepTiming, assemble_rows, fp32_output
@@ -66,24 +66,27 @@ class Groups:
     by_devices: dict[tuple[int, ...], object]
 
     @classmethod
-    def create(cls, job: JobSpec, plan: Plan) -> Groups:
-        """Collective: every rank of the default group calls this with its assignment of the same plan; the groups
-        are the plan's ``process_groups``, created in that order."""
-        sets = [tuple(s) for s in plan.process_groups]
-        if has_modes(job):  # the gradient sets the modes' extra module copies add (runtime.rollout), in sorted order
-            sets += [s for s in Roles.build(job, plan).groups() if s not in sets]
+    def create(cls, payload: WorkerPayload) -> Groups:
+        """Collective: every rank of the default group calls this with its payload of the same plan; the groups are
+        the plan's ``process_groups``, created in that order, then those the modes' extra module copies add
+        (runtime.rollout.Roles.groups, sorted)."""
+        sets = [tuple(s) for s in payload.assignment.process_groups]
+        if payload.roles is not None:
+            sets += [s for s in Roles(**payload.roles.fields()).groups() if s not in sets]
         return cls(dist.group.WORLD, {s: dist.new_group(list(s)) for s in sets})
 
 
 class WaveWorker:
-    """One device's part of a plan: build every rank with the same job and its assignment of the same plan
-    (planner.program.assignment; the whole plan works too). ``device``: where its modules live and compute (a CUDA
-    device with an NCCL default group, or the CPU with gloo)."""
+    """One device's part of a plan, built from the rank's :class:`~runtime.payload.WorkerPayload` (its Assignment, the
+    specs it builds and runs, the training settings; runtime.prepare builds it in the driver). ``device``: where its
+    modules live and compute (a CUDA device with an NCCL default group, or the CPU with gloo)."""
 
-    def __init__(self, job: JobSpec, plan: Plan, rank: int, groups: Groups | None = None,
-                 device: torch.device | str = "cpu", channel: PieceChannel | None = None):
-        assert plan.rank in (None, rank), f"rank {rank} was handed rank {plan.rank}'s assignment"
-        self.job, self.plan, self.rank, self.groups = job, plan, rank, groups
+    def __init__(self, payload: WorkerPayload, groups: Groups | None = None, device: torch.device | str = "cpu",
+                 channel: PieceChannel | None = None):
+        plan, rank = payload.assignment, payload.rank
+        assert plan.rank == rank, f"rank {rank}'s payload carries rank {plan.rank}'s assignment"
+        # the payload offers the JobSpec surface the module builders, data and losses read (runtime.payload)
+        self.payload, self.plan, self.rank, self.groups = payload, plan, rank, groups
         self.channel = channel  # large pieces go through it instead of point-to-point (runtime.channel)
         self.device = torch.device(device)
         # a worker rebuilds no MetaGraph: the plan's MetaOps carry what it builds and wires its modules from, and the
@@ -94,14 +97,15 @@ class WaveWorker:
         self.mine = self.comm.my_slices(rank)
         self.holders = holders(plan)
         self.tp_degree = layer_tp_degrees(plan, self.comm)
-        self.task_index = {t.name: i for i, t in enumerate(job.tasks)}
+        self.task_index = {t.name: i for i, t in enumerate(payload.tasks)}  # positions in the payload's tasks
         self.tp_of = self._my_tp_groups()
         self.modules: dict[tuple[str, int], torch.nn.Module] = {}
-        # generate and forward uses, rollout readers and weight hand-offs (runtime.rollout); None: a plain training job
-        self.roles = Roles.build(job, plan) if has_modes(job) else None
+        # generate and forward uses, rollout readers and weight hand-offs (runtime.rollout, decided by the driver);
+        # None: a plain training job
+        self.roles = Roles(**payload.roles.fields()) if payload.roles is not None else None
         self.behaviour = Behaviour()  # rollout_lag 1: the weights this rank's generate slices decode with
         extra = self.roles.mine(rank) if self.roles is not None else []
-        if self.roles is not None and job.training.grad_accum_steps > 1 and (self.roles.generate or self.roles.sample):
+        if self.roles is not None and payload.training.grad_accum_steps > 1 and (self.roles.generate or self.roles.sample):
             raise ValueError("training.grad_accum_steps > 1 with a generate or sample use: a rollout group's "
                              "advantages need the whole batch, and samples are seeded by their row in it; set "
                              "grad_accum_steps: 1.")
@@ -110,13 +114,13 @@ class WaveWorker:
                 self.modules[(name, layer)] = self._build((name, layer)).to(self.device)
         for key in extra:
             self.modules[key] = self._build(key).to(self.device)
-        if self.roles is not None:
-            freeze_untrained(job, self.modules)
+        if self.roles is not None:  # the payload holds every task using a component this rank builds
+            freeze_untrained(payload, self.modules)
         self.optimizer = self._build_optimizer()
-        self.scaler = LossScaler(compute_dtype(job, self.device) == torch.float16)
+        self.scaler = LossScaler(compute_dtype(payload, self.device) == torch.float16)
         # pieces (activations and their gradients) and gradient buckets cross devices in the compute precision, as the
         # plan prices them
-        self.wire_dtype = compute_dtype(job, self.device) or torch.float32
+        self.wire_dtype = compute_dtype(payload, self.device) or torch.float32
         if self.device.type == "cuda" and groups is not None:
             # NCCL: the first operation on a group must involve all of its ranks, and the first on the default group
             # would otherwise be a point-to-point exchange between two of them (batch_isend_irecv's documented rule)
@@ -127,10 +131,10 @@ class WaveWorker:
         state of every parameter shared with other devices is split among them (runtime.zero)."""
         owned = [(module_component(self.plan.metaops, name), p) for (name, _), m in self.modules.items()
                  for p in m.parameters() if p.requires_grad]
-        if not (self.job.training.shard_optimizer and self.groups is not None and self._grad_buckets):
-            return build_grouped_optimizer(self.job, owned)
+        if not (self.payload.training.shard_optimizer and self.groups is not None and self._grad_buckets):
+            return build_grouped_optimizer(self.payload, owned)
         shared = {id(p) for bucket in self._grad_buckets for p in bucket.params}
-        return ShardedAdamW(self.job, [(b.devices, b.params) for b in self._grad_buckets], self.groups.by_devices,
+        return ShardedAdamW(self.payload, [(b.devices, b.params) for b in self._grad_buckets], self.groups.by_devices,
                             self.rank, [p for _, p in owned if id(p) not in shared], {id(p): c for c, p in owned})
 
     def _my_tp_groups(self) -> dict[tuple[str, int], tuple[int, ...]]:
@@ -156,14 +160,14 @@ class WaveWorker:
             # or the component's real layers it runs (runtime.sampleop.build_module)
             from runtime.sampleop import build_module
 
-            if (module := build_module(self.job, self.plan.metaops, key)) is not None:
+            if (module := build_module(self.payload, self.plan.metaops, key)) is not None:
                 return module
         if name.startswith(("embed:", "adapt:")):
-            return build_input_module(self.job, name)
+            return build_input_module(self.payload, name)
         if name.startswith("head:"):
-            return build_head(self.job, self.task_index[name.removeprefix("head:")])
+            return build_head(self.payload, self.task_index[name.removeprefix("head:")])
         op = next(op for op in self.plan.metaops if op.param_group == name)
-        reference = build_layer(self.job, op, layer)
+        reference = build_layer(self.payload, op, layer)
         if key not in self.tp_of:
             return reference
         return self._megatron_layer(op, reference, self.tp_of[key])
@@ -173,16 +177,16 @@ class WaveWorker:
         from runtime.megatron_backend import MegatronTransformerBlock, load_reference, seed_model_parallel_rng
 
         if self.device.type == "cpu":
-            if compute_dtype(self.job, self.device) is not None:  # a ValueError: `loom run` reports it in one line
+            if compute_dtype(self.payload, self.device) is not None:  # a ValueError: `loom run` reports it in one line
                 raise PrecisionError(
                     f"{op.name}: tensor_parallel {len(group)} with training.precision "
-                    f"'{self.job.training.precision}' on a CPU; megatron-core's tensor-parallel linears cannot run "
+                    f"'{self.payload.training.precision}' on a CPU; megatron-core's tensor-parallel linears cannot run "
                     "backward under CPU autocast. Set training.precision: fp32, or tensor_parallel: [1]."
                 )
             megatron_compat.apply_cpu_compat()
         tp_rank = group.index(self.rank)
-        seed_model_parallel_rng(self.job.training.seed, tp_rank)
-        comp = self.job.components[op.component]
+        seed_model_parallel_rng(self.payload.training.seed, tp_rank)
+        comp = self.payload.components[op.component]
         if comp.pretrained:  # a Hugging Face layer: the megatron layer follows its model's config
             from runtime.megatron_pretrained import build_pretrained_block
 
@@ -221,7 +225,7 @@ class WaveWorker:
         :attr:`last_gradients` (as :meth:`named_gradients`)."""
         lap = Lap(self.device)
         timing = StepTiming([0.0] * len(self.plan.waves), [0.0] * len(self.plan.waves))
-        k = self.job.training.grad_accum_steps
+        k = self.payload.training.grad_accum_steps
         pending: list[tuple[GradBucket, torch.Tensor, object]] = []
         losses: dict[str, torch.Tensor] = {}
         for micro in range(k):
@@ -239,7 +243,7 @@ class WaveWorker:
             lap()  # not part of the step's time
         if self.optimizer is not None:
             if may_step:
-                set_lr(self.optimizer, self.job.training, step)
+                set_lr(self.optimizer, self.payload.training, step)
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             timing.optimizer_s += lap("optimizer")
@@ -264,7 +268,7 @@ class WaveWorker:
                 timing.transfer_s[wave] += lap("transfer_forward", wave)
                 ref = self._my_slice(wave)
                 if ref is not None:
-                    with autocast(self.job, self.device):
+                    with autocast(self.payload, self.device):
                         self._run_slice(ref, st.step, st)
                     timing.compute_s[wave] += lap("forward", wave)
             self.where = (st.step, st.micro, len(self.plan.waves), "loss")
@@ -291,7 +295,7 @@ class WaveWorker:
         self._exchange(LOSS_WAVE, st, forward=True, phase=phase)
         if self.roles is not None:
             self.roles.move_rollouts(lambda wave: self.comm.phase_of[wave] == phase, st, self.rank, self.device)
-        with autocast(self.job, self.device):
+        with autocast(self.payload, self.device):
             losses = self._losses(step, st, phase)
         total = sum(losses.values())
         if isinstance(total, torch.Tensor) and total.requires_grad:
@@ -307,7 +311,7 @@ class WaveWorker:
         """After the sync: undo the loss scale, then clip every gradient by the global norm over all devices; whether
         the optimizer may step (False: fp16 gradients overflowed somewhere; the scale halves). Collective over the
         whole world when the job clips or scales (one all-reduce of the sum of squares each device owns)."""
-        clip = self.job.training.grad_clip
+        clip = self.payload.training.grad_clip
         if not clip and not self.scaler.enabled:
             return True
         params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
@@ -342,26 +346,26 @@ class WaveWorker:
         if self.roles is not None and s.metaop in self.roles.generate:  # the whole model's decode, no gradient
             with torch.no_grad():
                 st.outputs[ref] = run_generate(
-                    self.job, op, lambda name, layer: self.modules[(name, layer)],
-                    lambda lo, hi: st.batch(self.job, self.task_index[op.task], step, lo, hi), step, start, stop,
+                    self.payload, op, lambda name, layer: self.modules[(name, layer)],
+                    lambda lo, hi: st.batch(self.payload, self.task_index[op.task], step, lo, hi), step, start, stop,
                     self.behaviour)
             st.rollouts[s.metaop] = (start, st.outputs[ref])
             return
         if self.roles is not None and s.metaop in self.roles.sample:  # the whole denoising loop (runtime.sampleop)
-            st.outputs[ref] = run_sample(self.job, op, lambda name, layer: self.modules[(name, layer)], step, start,
+            st.outputs[ref] = run_sample(self.payload, op, lambda name, layer: self.modules[(name, layer)], step, start,
                                          stop, self.device)
             st.rollouts[s.metaop] = (start, st.outputs[ref])  # kept as last_rollouts: the step's samples
             return
-        kwargs = layer_kwargs(self.job, op) | row_kwargs(
-            self.job, op, lambda: st.batch(self.job, self.task_index[op.task], step, start, stop))
+        kwargs = layer_kwargs(self.payload, op) | row_kwargs(
+            self.payload, op, lambda: st.batch(self.payload, self.task_index[op.task], step, start, stop))
         inputs = self._slice_inputs(ref, start, stop, st) if self.comm.num_inputs(ref) else []
         if s.first_layer > 0:  # the rest of a MetaOp whose first layers ran in an earlier wave
             x = inputs[0]
         elif self.roles is not None and s.metaop in self.roles.readers:  # its own embedding of the rollout's tokens
-            x = rollout_input(inputs[0], self.modules[("embed:" + op.component, 0)], seq_len_of(self.job, op))
+            x = rollout_input(inputs[0], self.modules[("embed:" + op.component, 0)], seq_len_of(self.payload, op))
         else:  # a root MetaOp's layer 0 reads raw data through its input module; other uses read their inputs
-            x = first_input(self.job, self.plan, op, inputs, lambda name: self.modules[(name, 0)],
-                            lambda: st.batch(self.job, self.task_index[op.task], step, start, stop))
+            x = first_input(self.payload, self.plan, op, inputs, lambda name: self.modules[(name, 0)],
+                            lambda: st.batch(self.payload, self.task_index[op.task], step, start, stop))
             if op.input_modules and not is_lead(s, self.rank):
                 # the other TP ranks repeat the lead's input modules, and megatron's backward hands every TP rank
                 # the whole gradient of x: only the lead's reaches the modules (and the inputs: only the lead
@@ -372,7 +376,7 @@ class WaveWorker:
         # megatron TP layers recompute too: their forward's all-reduces run again inside backward, at the same point
         # of the same graph on every rank of the TP group, so the group's collectives still pair up
         modules = [self.modules[(op.param_group, i)] for i in range(s.first_layer, s.first_layer + s.num_layers)]
-        with forward_only(self.job, op, modules):  # a forward use: no weight gradients, its input's still flow
+        with forward_only(self.payload, op, modules):  # a forward use: no weight gradients, its input's still flow
             st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute)
 
     def _slice_inputs(self, ref: SliceRef, start: int, stop: int, st: StepState) -> list[torch.Tensor]:
@@ -385,7 +389,7 @@ class WaveWorker:
             leaves.append(leaf)
         if len(leaves) == 1:  # one input, or the rest of a MetaOp split across waves
             return leaves
-        return [leaves[i] for i in input_order(self.job, self.plan, self.comm.slices[ref].metaop)]
+        return [leaves[i] for i in input_order(self.payload, self.plan, self.comm.slices[ref].metaop)]
 
     def _losses(self, step: int, st: StepState, phase: int = 0) -> dict[str, torch.Tensor]:
         out = {}
@@ -394,7 +398,7 @@ class WaveWorker:
             if self.rank not in s.devices or not is_lead(s, self.rank):
                 continue
             t = self.task_index[host.task]
-            task = self.job.tasks[t]
+            task = self.payload.tasks[t]
             start, stop = self._rows(host.host)
             outputs = {}
             for leaf in host.leaves:
@@ -406,7 +410,7 @@ class WaveWorker:
                 g = self.roles.rollout_moves[host.task][0]
                 outputs[self.plan.metaops[g].use] = assemble_rows(st.received.pop(("rollout", host.task), []),
                                                                   start, stop)
-            batch = st.batch(self.job, t, step, start, stop)
+            batch = st.batch(self.payload, t, step, start, stop)
             group = self.comm_loss_groups[host.task]
             if len(group) > 1:  # the task's other shards: a loss over the whole batch gathers their rows
                 batch = replace(batch, gather_rows=functools.partial(
@@ -540,12 +544,12 @@ class WaveWorker:
                 offset += n
 
     def _reduce_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
-        names = [t.name for t in self.job.tasks]
-        values = torch.tensor([float(losses[n].detach()) if n in losses else 0.0 for n in names], dtype=torch.float64,
-                              device=self.device)  # NCCL reduces device tensors only
+        """Every task's mean loss (all ranks): one all-reduce of the job's tasks in the job's order."""
+        weights = self.payload.loss_weights
+        values = torch.tensor([float(losses[n].detach()) if n in losses else 0.0 for n in weights],
+                              dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(values)
-        return {n: float(v) / self.job.tasks[i].loss_weight if self.job.tasks[i].loss_weight else float(v)
-                for i, (n, v) in enumerate(zip(names, values))}
+        return {n: float(v) / w if w else float(v) for (n, w), v in zip(weights.items(), values)}
 
     def state_dict(self) -> dict:
         """This device's part of a checkpoint: a snapshot (copies, not views) of its modules and optimizer state."""
@@ -556,7 +560,7 @@ class WaveWorker:
         })
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` of a worker built from the same job, plan and rank."""
+        """Restore :meth:`state_dict` of a worker built from the same payload (job, plan and rank)."""
         for (name, layer), module in sorted(self.modules.items()):
             module.load_state_dict(state["modules"][f"{name}/{layer}"])
         if self.optimizer is not None:
