@@ -15,7 +15,8 @@ holds:
 - ``loss_weights``: every task's name and loss weight in the job's order (the step's losses are all-reduced as one
   vector, the same on every rank);
 - ``roles``: what use modes add to the execution (runtime.rollout.Roles), decided once in the driver from the whole
-  plan; None for a job of train uses only.
+  plan; None for a job of train uses only; ``twins``: the layers a generate or sample MetaOp runs (its component's
+  train MetaOps, runtime.sampleop.twin_ops), so that no worker rebuilds the MetaGraph.
 
 The payload offers the JobSpec surface the runtime's builders read (``name``, ``recipe``, ``data_dir``,
 ``components``, ``tasks``, ``training``, ``cluster``), so the module builders, data sources and losses take it where
@@ -27,7 +28,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from planner.errors import SpecError
-from planner.plan import Plan
+from planner.plan import Plan, PlanMetaOp
 from planner.spec import ClusterSpec, ComponentSpec, TaskSpec, TrainingSpec
 
 Key = tuple[str, int]  # (module name, layer), as runtime.rollout's
@@ -80,6 +81,9 @@ class WorkerPayload(BaseModel):
     cluster: ClusterSpec = Field(description="The job's cluster (where the worker computes: cpu or a GPU).")
     loss_weights: dict[str, float] = Field(description="Every task of the job: name -> loss weight, job order.")
     roles: RolesData | None = Field(None, description="What use modes add (runtime.rollout.Roles); None: train only.")
+    twins: dict[int, list[PlanMetaOp]] = Field(
+        default_factory=dict, description="Per generate or sample MetaOp of the tasks above: the MetaOps a train use of "
+        "its component would be (runtime.sampleop.twin_ops), whose layers it runs.")
 
     def to_json(self) -> str:
         return self.model_dump_json()

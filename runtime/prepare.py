@@ -9,8 +9,10 @@ from __future__ import annotations
 from planner.plan import Plan
 from planner.program import assignment
 from planner.spec import JobSpec
+from planner.validate import metaop_record
 from runtime.optim import module_component
 from runtime.payload import RolesData, WorkerPayload
+from runtime.sampleop import WHOLE_USE_MODES, twin_ops
 
 
 def build_payloads(job: JobSpec, plan: Plan) -> list[WorkerPayload]:
@@ -31,10 +33,13 @@ def build_payload(job: JobSpec, plan: Plan, rank: int, roles: RolesData | None |
     heads = {h.name.removeprefix("head:") for h in part.holdings if h.name.startswith("head:")}
     tasks = [t for t in job.tasks if t.name in runs | heads or any(u.component in built for u in t.components)]
     names = built | {u.component for t in tasks for u in t.components}
+    kept = {t.name for t in tasks}
+    twins = {op.id: [metaop_record(twin) for twin in twin_ops(job, op)] for op in plan.metaops
+             if op.mode in WHOLE_USE_MODES and op.task in kept}
     return WorkerPayload(
         rank=rank, assignment=part, name=job.name, recipe=job.recipe, data_dir=job.data_dir,
         components={n: c for n, c in job.components.items() if n in names}, tasks=tasks, training=job.training,
-        cluster=job.cluster, loss_weights={t.name: t.loss_weight for t in job.tasks}, roles=roles)
+        cluster=job.cluster, loss_weights={t.name: t.loss_weight for t in job.tasks}, roles=roles, twins=twins)
 
 
 def held_components(part: Plan, roles: RolesData | None, rank: int) -> set[str]:
