@@ -87,3 +87,53 @@ def test_roles_cross_as_json_unchanged():
                   {"t": (3, 1, [(0, 1, 0, 4)])}, {3: 17}, {5: True})
     data = RolesData.model_validate_json(RolesData.of(roles).model_dump_json())
     assert Roles(**data.fields()) == roles
+
+
+LLAMA = {"kind": "llama", "num_layers": 2, "hidden_size": 16, "num_heads": 2, "num_kv_heads": 1, "vocab_size": 24,
+         "seq_len": 7}
+GRPO = parse_job({
+    "name": "grpo-payload", "cluster": {"num_nodes": 1, "devices_per_node": 3, "device": "cpu"},
+    "components": {"policy": LLAMA, "reference": {**LLAMA, "frozen": True}},
+    "tasks": [{"name": "grpo", "batch_size": 4, "loss": "grpo", "components": [
+        {"component": "policy", "name": "rollout", "mode": "generate", "seq_len": 4, "new_tokens": 3, "samples": 2},
+        {"component": "reference", "mode": "forward", "after": ["rollout"]},
+        {"component": "policy", "after": ["rollout"]},
+    ]}],
+    "training": {"precision": "fp32"},
+})
+
+
+def test_workers_of_a_job_with_modes_are_built_without_a_metagraph(monkeypatch):
+    """The generate use's layers (its component's train MetaOps) and the modes' roles come in the payload: every
+    rank's worker builds, with the MetaGraph builder disabled, the modules it built from the whole job before."""
+    import planner.metagraph
+    from planner.costmodel import Layout
+    from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
+    from runtime.executor import WaveWorker
+    from runtime.rollout import Roles
+    from runtime.sampleop import layer_keys
+    from planner.api import plan_placed
+
+    ops = {op.use: op for op in build_metagraph(GRPO).metaops}
+    waves = [[("rollout", [0])], [("reference", [1]), ("policy", [2])]]
+    plan = plan_placed(GRPO, PlacedSchedule(tuple(PlacedWave(tuple(
+        PlacedSlice(ops[use].id, 0, ops[use].num_layers, tuple(devs), Layout(len(devs), 1)) for use, devs in wave))
+        for wave in waves)), method="hand-made")
+    payloads = [WorkerPayload.from_json(p.to_json()) for p in build_payloads(GRPO, plan)]
+    rollout = next(op for op in plan.metaops if op.mode == "generate")
+    assert Roles(**payloads[0].roles.fields()) == Roles.build(GRPO, plan)
+    assert layer_keys(payloads[0], rollout) == layer_keys(GRPO, rollout) == [("policy", 0), ("policy", 1)]
+
+    def refuse(job):
+        raise AssertionError("a worker rebuilt the MetaGraph")
+
+    monkeypatch.setattr(planner.metagraph, "build_metagraph", refuse)
+    workers = [WaveWorker(p) for p in payloads]
+    generator = workers[0].modules
+    assert {("policy", 0), ("policy", 1), ("embed:policy", 0), ("head:grpo", 0)} <= set(generator)
+    assert sum(x.numel() for x in generator[("policy", 0)].parameters()) > 0  # the real layer, not the stand-in
+    # the generator decodes with the trainer's initial weights (same seeds), which the hand-off then keeps equal
+    trainer = workers[2].modules
+    for key in [("policy", 0), ("policy", 1)]:
+        for (name, a), b in zip(generator[key].named_parameters(), trainer[key].parameters()):
+            assert a.equal(b), (key, name)
