@@ -17,16 +17,16 @@ from runtime.sampleop import WHOLE_USE_MODES, twin_ops
 
 def build_payloads(job: JobSpec, plan: Plan) -> list[WorkerPayload]:
     """Every rank's payload, in rank order (the ranks of the plan's cluster)."""
-    roles = _roles(job, plan)
-    return [build_payload(job, plan, rank, roles) for rank in range(plan.cluster.num_nodes * plan.cluster.devices_per_node)]
+    roles = _roles(job, plan)  # once for every rank: they are the same on all
+    return [_payload(job, plan, rank, roles) for rank in range(plan.cluster.num_nodes * plan.cluster.devices_per_node)]
 
 
-def build_payload(job: JobSpec, plan: Plan, rank: int, roles: RolesData | None | bool = True) -> WorkerPayload:
-    """Rank ``rank``'s payload of ``plan`` (a whole plan of ``job``, checked against it by the caller). ``roles``: the
-    job's runtime.rollout.Roles in JSON form when the caller built them already (None for a train-only job); True
-    builds them here."""
-    if roles is True:
-        roles = _roles(job, plan)
+def build_payload(job: JobSpec, plan: Plan, rank: int) -> WorkerPayload:
+    """Rank ``rank``'s payload of ``plan`` (a whole plan of ``job``, checked against it by the caller)."""
+    return _payload(job, plan, rank, _roles(job, plan))
+
+
+def _payload(job: JobSpec, plan: Plan, rank: int, roles: RolesData | None) -> WorkerPayload:
     part = assignment(plan, rank)
     built = held_components(part, roles, rank)
     runs = {plan.metaops[s.metaop].task for wave in part.waves for s in wave.slices if rank in s.devices}
