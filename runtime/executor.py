@@ -18,6 +18,10 @@ gradients accumulating, then syncs the buckets once; then the gradients are clip
 device adds the squares it owns, one all-reduce), the learning rate follows the schedule and the optimizer
 steps. Forward runs under the job's autocast (bf16/fp16) over fp32 weights, gradients and optimizer state;
 pieces cross devices in the compute precision (the plan's bytes) and are float32 again on arrival.
+
+A worker is built from its payload (runtime.payload: its Assignment and the specs it builds and runs, never the whole
+job). The transfers at wave boundaries are runtime.transfers' (PieceTransfers), the gradient buckets' sync and the
+clip runtime.gradsync's (GradientSync), both mixed into :class:`WaveWorker`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,25 +37,23 @@ import torch.distributed as dist
 from planner.kinds import kind_of
 from planner.plan import PlanMetaOp
 from runtime.assignment import (
-    LOSS_WAVE, CommSchedule, Piece, SliceRef, dp_rank_of, holders, input_order, is_lead, layer_tp_degrees,
-    loss_groups, sample_range, tp_group_of,
+    LOSS_WAVE, CommSchedule, SliceRef, dp_rank_of, holders, input_order, is_lead, layer_tp_degrees, loss_groups,
+    sample_range, tp_group_of,
 )
-from runtime.channel import PieceChannel, piece_key
+from runtime.channel import PieceChannel
 from runtime.embeddings import build_input_module, first_input
+from runtime.gradsync import GradientSync
 from runtime.heads import build_head
 from runtime.kinds import is_token_decoder
-from runtime.megatron_backend import owned_fractions  # cheap: megatron-core itself is imported lazily
 from runtime.modules import build_layer, layer_kwargs, row_kwargs, run_layers
-from runtime.payload import WorkerPayload
 from runtime.optim import (
-    LossScaler, PrecisionError, autocast, build_grouped_optimizer, clip_coefficient, compute_dtype, module_component, owned_square_sum,
-    scale_gradients, set_lr,
+    LossScaler, PrecisionError, autocast, build_grouped_optimizer, compute_dtype, module_component, set_lr,
 )
-from runtime.rollout import (
-    Behaviour, Roles, forward_only, freeze_untrained, rollout_input, run_generate, seq_len_of,
-)
+from runtime.payload import WorkerPayload
+from runtime.rollout import Behaviour, Roles, forward_only, freeze_untrained, rollout_input, run_generate, seq_len_of
 from runtime.sampleop import run_sample
 from runtime.steps import GradBucket, Lap, StepState, StepTiming, assemble_rows, fp32_output
+from runtime.transfers import PieceTransfers
 from runtime.zero import ShardedAdamW
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Groups:
         return cls(dist.group.WORLD, {s: dist.new_group(list(s)) for s in sets})
 
 
-class WaveWorker:
+class WaveWorker(PieceTransfers, GradientSync):
     """One device's part of a plan, built from the rank's :class:`~runtime.payload.WorkerPayload` (its Assignment, the
     specs it builds and runs, the training settings; runtime.prepare builds it in the driver). ``device``: where its
     modules live and compute (a CUDA device with an NCCL default group, or the CPU with gloo)."""
@@ -105,7 +106,8 @@ class WaveWorker:
         self.roles = Roles(**payload.roles.fields()) if payload.roles is not None else None
         self.behaviour = Behaviour()  # rollout_lag 1: the weights this rank's generate slices decode with
         extra = self.roles.mine(rank) if self.roles is not None else []
-        if self.roles is not None and payload.training.grad_accum_steps > 1 and (self.roles.generate or self.roles.sample):
+        modes_rollout = self.roles is not None and bool(self.roles.generate or self.roles.sample)
+        if modes_rollout and payload.training.grad_accum_steps > 1:
             raise ValueError("training.grad_accum_steps > 1 with a generate or sample use: a rollout group's "
                              "advantages need the whole batch, and samples are seeded by their row in it; set "
                              "grad_accum_steps: 1.")
@@ -208,11 +210,9 @@ class WaveWorker:
     last_gradients: dict[str, torch.Tensor] | None = None  # the last train_step's, when asked for
     # generate MetaOp -> (first row, packed rows), sample MetaOp -> (first row, x0 flattened): the last step's
     last_rollouts: dict[int, tuple[int, torch.Tensor]] = {}
-    last_sent: list[tuple[Piece, int]] = []  # the last micro-batch's pieces sent to other devices, bytes as sent
     # where the step in flight is: (step, micro-batch, wave, phase), replaced whole (read from another thread by the
     # driver's step watchdog, orchestrator.actors.WaveActor.progress)
     where: tuple[int, int, int, str] | None = None
-    _sent_step: int | None = None
 
     def train_step(self, step: int, keep_gradients: bool = False) -> dict[str, float]:
         """Forward, losses and backward of each of ``step``'s micro-batches, gradient sync, clipping and the optimizer
@@ -307,31 +307,6 @@ class WaveWorker:
         timing.loss_s += lap("loss")
         return losses
 
-    def _finish_gradients(self) -> bool:
-        """After the sync: undo the loss scale, then clip every gradient by the global norm over all devices; whether
-        the optimizer may step (False: fp16 gradients overflowed somewhere; the scale halves). Collective over the
-        whole world when the job clips or scales (one all-reduce of the sum of squares each device owns)."""
-        clip = self.payload.training.grad_clip
-        if not clip and not self.scaler.enabled:
-            return True
-        params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
-        if self.scaler.enabled:
-            scale_gradients(params, 1.0 / self.scaler.scale)
-        total = self._owned_square_sum()
-        dist.all_reduce(total, group=self.groups.world if self.groups is not None else None)
-        if not self.scaler.update(found_inf=not math.isfinite(float(total))):
-            return False
-        if clip:
-            scale_gradients(params, clip_coefficient(float(total), clip))
-        return True
-
-    def _owned_square_sum(self) -> torch.Tensor:
-        """The sum of squares of the gradients this device owns (runtime.optim.owned_square_sum): a parameter of a
-        bucket of n holders counts 1/n, a replicated parameter of a tensor-parallel layer 1/tp_size."""
-        replicas = {id(p): len(b.devices) for b in self._grad_buckets for p in b.params}
-        fractions = {key: owned_fractions(module) for key, module in self.modules.items() if key in self.tp_of}
-        return owned_square_sum(self.modules, replicas, fractions, self.device)
-
     def _my_slice(self, wave: int) -> SliceRef | None:
         return next((r for r in self.mine if r.wave == wave), None)
 
@@ -419,129 +394,7 @@ class WaveWorker:
             out[host.task] = task.loss_weight * per_sample.float().sum() / task.batch_size
         return out
 
-    # ------------------------------------------------------------------ transfers
-
-    def _exchange(self, wave: int, st: StepState, forward: bool, phase: int | None = None) -> None:
-        """Move the plan's pieces of one boundary (planner.program decided them): forward, rows of producers'
-        outputs to the devices that read them; backward, the gradients of those rows back to every device of
-        the producers (accumulated into their output gradients). Every rank walks the same boundaries and the
-        plan's pieces in the plan's order, so the point-to-point calls pair up."""
-        pieces = self.comm.pieces_at(wave, backward=not forward, phase=phase)
-        if self.roles is not None:  # rollout rows cross at their own width, and carry no gradient back
-            pieces = self.roles.wire_pieces(self.plan, pieces)
-        ops, landing, taken = [], [], []
-        for p in pieces:
-            if p.src != self.rank:
-                continue
-            tensor = self._piece_tensor(p, st, forward).to(self.wire_dtype)
-            if p.dst == self.rank:
-                landing.append((p, tensor.clone()))
-                continue
-            self._record_sent(st.move_id, p, tensor)
-            if self._by_channel(p):
-                self.channel.post(piece_key(st.move_id, forward, p, p.dst), tensor.contiguous())
-            else:
-                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), p.dst))
-        for p in pieces:
-            if p.dst != self.rank or p.src == self.rank:
-                continue  # not mine, or landed by the send loop
-            if self._by_channel(p):
-                taken.append(p)
-                continue
-            buf = torch.empty((p.stop - p.start, *p.shape), device=self.device, dtype=self.wire_dtype)
-            ops.append(dist.P2POp(dist.irecv, buf, p.src))
-            landing.append((p, buf))
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
-        landing += [(p, self.channel.take(p.src, piece_key(st.move_id, forward, p, self.rank))) for p in taken]
-        for p, tensor in landing:
-            self._land(p, tensor.float(), st, forward)
-
-    def _record_sent(self, move_id: int, p: Piece, tensor: torch.Tensor) -> None:
-        """Keep (piece, bytes) of every piece this device sends to another in :attr:`last_sent` (the last micro-batch's:
-        the plan's pieces are one micro-batch's)."""
-        if self._sent_step != move_id:
-            self._sent_step, self.last_sent = move_id, []
-        self.last_sent.append((p, tensor.numel() * tensor.element_size()))
-
-    def _by_channel(self, p: Piece) -> bool:
-        """Whether piece ``p`` moves through the channel: one of at least its ``min_bytes`` (rows in the compute
-        precision), a function of the job and plan, so both ends agree."""
-        size = (p.stop - p.start) * math.prod(p.shape) * self.wire_dtype.itemsize
-        return self.channel is not None and size >= self.channel.min_bytes
-
-    def _piece_tensor(self, p: Piece, st: StepState, forward: bool) -> torch.Tensor:
-        if forward:  # rows of my producer output
-            y = st.outputs[p.producer]
-            start, _ = self._rows(p.producer)
-            return y.detach()[p.start - start:p.stop - start]
-        leaf = st.inputs.get((p.consumer, p.input)) if p.consumer is not None else st.loss_inputs.get(p.producer)
-        start, _ = self._rows(p.target)
-        if leaf is None or leaf.grad is None:
-            return torch.zeros((p.stop - p.start, *p.shape), device=self.device)
-        return leaf.grad[p.start - start:p.stop - start]
-
-    def _land(self, p: Piece, tensor: torch.Tensor, st: StepState, forward: bool) -> None:
-        if forward:
-            key = ("slice", p.consumer, p.input) if p.consumer is not None else ("loss", p.producer)
-            st.received.setdefault(key, []).append((p.start, tensor))
-            return
-        start, stop = self._rows(p.producer)
-        grad = st.grad_out.get(p.producer)
-        if grad is None:
-            grad = st.grad_out[p.producer] = torch.zeros((stop - start, *p.shape), device=self.device)
-        grad[p.start - start:p.stop - start] += tensor
-
     # ------------------------------------------------------------------ gradients and losses
-
-    @functools.cached_property
-    def _grad_buckets(self) -> list[GradBucket]:
-        """This device's gradient buckets in launch order: the plan's buckets (planner.program.grad_buckets) that it
-        shares with other devices, with its parameters of their members. Every rank of a device set walks the plan's
-        buckets in the plan's order, so collectives pair up."""
-        out = []
-        synced = self.roles.synced if self.roles is not None else {}
-        for b in self.plan.grad_buckets:
-            if self.rank in b.devices and len(b.devices) > 1:
-                params = [p for name, layer, _ in b.members if (name, layer) not in synced
-                          for p in self.modules[(name, layer)].parameters() if p.requires_grad]
-                if params:
-                    out.append(GradBucket(b.ready_wave, tuple(b.devices), params))
-        # a module the modes' extra copies train too (runtime.rollout): summed over its holders and them, after the
-        # last backward of the step
-        for key, devices in sorted(synced.items()):
-            if self.rank in devices and len(devices) > 1:
-                params = [p for p in self.modules[key].parameters() if p.requires_grad]
-                out.append(GradBucket(self.comm.phases[-1][0], devices, params))
-        return out
-
-    def _launch_sync(self, wave: int, pending: list | None) -> None:
-        """Start the all-reduce (async) of every bucket whose gradients are final once ``wave``'s backward is
-        done (``len(waves) + p``: phase p's loss stage); appends (bucket, flat gradients, work) to ``pending``. None: a
-        micro-batch before the last (its gradients only accumulate). The bucket is reduced in the compute precision
-        (bf16/fp16 under autocast: the plan's ``grad_bytes``), then its sum is float32 again."""
-        if pending is None:
-            return
-        for bucket in self._grad_buckets:
-            if bucket.ready_wave != wave:
-                continue
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                              for p in bucket.params]).to(self.wire_dtype)
-            work = dist.all_reduce(flat, group=self.groups.by_devices[bucket.devices], async_op=True)
-            pending.append((bucket, flat, work))
-
-    def _sync_gradients(self, pending: list) -> None:
-        """Wait for the launched all-reduces; each parameter's gradient becomes its slice of the summed bucket."""
-        assert len(pending) == len(self._grad_buckets), "a gradient bucket was never launched"
-        for bucket, flat, work in pending:
-            work.wait()
-            flat = flat.float()  # a no-op in fp32
-            offset = 0
-            for p in bucket.params:
-                n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p)
-                offset += n
 
     def _reduce_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         """Every task's mean loss (all ranks): one all-reduce of the job's tasks in the job's order."""

@@ -333,7 +333,8 @@ def test_worker_modules_never_rebuild_the_metagraph() -> None:
     """Issue 10: a worker takes its MetaOps, pieces and buckets from the Plan; the code a worker runs (the executor and
     what it reads the plan with) never names build_metagraph (tests/unit/runtime/test_gradient_buckets.py builds
     workers with it disabled)."""
-    for module in ("runtime.executor", "runtime.assignment", "runtime.steps", "runtime.zero", "runtime.channel"):
+    for module in ("runtime.executor", "runtime.transfers", "runtime.gradsync", "runtime.payload", "runtime.assignment",
+                   "runtime.steps", "runtime.zero", "runtime.channel"):
         tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
         names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
             n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | {
