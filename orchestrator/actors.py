@@ -16,7 +16,7 @@ collective), builds the plan's sub-groups and the worker. After that every metho
 collective step of the run, called on every actor: ``train_step``, ``save``, ``load`` (checkpoints in
 runtime.portable's layout, which any plan of the job can load); ``progress`` answers beside a running step. Worker
 logic stays in :mod:`runtime.executor`; this module only moves values across the Ray boundary
-(JSON for the job and plan, plain dicts for results) and, for large activation pieces between CPU
+(JSON for each rank's payload, plain dicts for results) and, for large activation pieces between CPU
 workers, through the object store (:class:`ObjectStoreChannel`: peers call ``fetch`` while the
 actor's ``train_step`` runs, so actors run their calls in threads).
 
@@ -101,11 +101,12 @@ def rendezvous_store(master_addr: str, master_port: int, rank: int, world_size: 
 
 
 class WaveActor:
-    """One rank of a run. ``job_json`` is the ``JobSpec`` JSON, ``plan_json`` this rank's Assignment
-    (planner.program.assignment: the plan cut to what the rank runs, sends, receives and holds)."""
+    """One rank of a run. ``payload_json`` is this rank's runtime.payload.WorkerPayload as JSON: its Assignment
+    (planner.program.assignment: the plan cut to what the rank runs, sends, receives and holds), the component and
+    task specs it builds and runs, the training settings; never the whole job."""
 
-    def __init__(self, job_json: str, plan_json: str, rank: int, world_size: int, use_gpu: bool = False):
-        self.job_json, self.plan_json = job_json, plan_json
+    def __init__(self, payload_json: str, rank: int, world_size: int, use_gpu: bool = False):
+        self.payload_json = payload_json
         self.rank, self.world_size, self.use_gpu = rank, world_size, use_gpu
         self.worker = None
         self.channel = None
@@ -129,24 +130,22 @@ class WaveActor:
         import torch.distributed as dist
 
         from orchestrator.recipes import load_recipe
-        from planner.plan import plan_from_json
-        from planner.spec import JobSpec
         from runtime.executor import Groups, WaveWorker
         from runtime.host import backend_for, configure_worker_process, worker_device
+        from runtime.payload import WorkerPayload
 
-        job = JobSpec.model_validate_json(self.job_json)
-        load_recipe(job)  # the recipe's losses and dataset, registered in this worker process
+        payload = WorkerPayload.from_json(self.payload_json, f"rank {self.rank}'s payload")
+        load_recipe(payload)  # the recipe's losses and dataset (by the job's recipe name), registered in this process
         # Ray shows an actor given a GPU that GPU alone, as cuda:0; an actor given none computes on CPU whatever it sees
-        device = worker_device(job) if self.use_gpu else torch.device("cpu")
+        device = worker_device(payload) if self.use_gpu else torch.device("cpu")
         configure_worker_process(device)
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         store = rendezvous_store(master_addr, master_port, self.rank, self.world_size)
         dist.init_process_group(backend_for(device), store=store, rank=self.rank, world_size=self.world_size,
                                 timeout=GLOO_TIMEOUT)
-        plan = plan_from_json(self.plan_json)
         if peers and store_from_bytes > 0 and device.type == "cpu":  # NCCL moves GPU pieces faster than any store
             self.channel = ObjectStoreChannel(peers, store_from_bytes)
-        self.worker = WaveWorker(job, plan, self.rank, Groups.create(job, plan), device, self.channel)
+        self.worker = WaveWorker(payload, Groups.create(payload), device, self.channel)
         return os.getpid()
 
     def fetch(self, key) -> object:
@@ -240,8 +239,8 @@ class ObjectStoreChannel:
             return torch.from_numpy(array)
 
 
-def create_actors(job_json: str, assignments: list[str], placement: RankPlacement, group: PlacementGroup) -> list:
-    """One :class:`WaveActor` handle per rank (creation is asynchronous; call ``setup`` next), rank r in bundle
+def create_actors(payloads: list[str], placement: RankPlacement, group: PlacementGroup) -> list:
+    """One :class:`WaveActor` handle per rank, given its payload's JSON (``payloads[rank]``; creation is asynchronous; call ``setup`` next), rank r in bundle
     ``placement.node_of(r)`` of ``group`` (from :func:`reserve_nodes`), i.e. on its plan node's Ray node. Each actor
     runs its calls in threads: ``train_step`` and, beside it, one ``fetch`` per peer (object-store pieces)."""
     world_size = placement.world_size
@@ -250,7 +249,7 @@ def create_actors(job_json: str, assignments: list[str], placement: RankPlacemen
     use_gpu = placement.gpus_per_rank > 0
     return [remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 group, placement_group_bundle_index=placement.node_of(rank)))
-            .remote(job_json, assignments[rank], rank, world_size, use_gpu)
+            .remote(payloads[rank], rank, world_size, use_gpu)
             for rank in range(world_size)]
 
 

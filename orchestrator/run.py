@@ -355,10 +355,10 @@ class Driver(Recovering):
 
     def create_workers(self) -> None:
         """Reserve the plan's nodes, then one actor per device on its plan node's Ray node (with a GPU each when the
-        cluster has them for a GPU job), joined in one gloo or NCCL group; the workers build their modules from the
-        job."""
+        cluster has them for a GPU job), joined in one gloo or NCCL group; each worker builds its modules from its payload
+        (runtime.payload: its Assignment and the specs it builds, not the whole job)."""
         from orchestrator.actors import create_actors, free_port, reserve_nodes
-        from planner.program import assignment
+        from runtime.prepare import build_payloads
 
         placement = self.placement()
         self.placement_group = reserve_nodes(placement, self.options.placement_timeout_s)
@@ -368,8 +368,8 @@ class Driver(Recovering):
                 f"{self.options.placement_timeout_s:g} s: its nodes are big enough but busy. Free CPUs"
                 f"{' and GPUs' if placement.gpus_per_rank else ''} on them (`ray status`), or plan for fewer devices."
             )
-        assignments = [assignment(self.plan, rank).to_json() for rank in range(placement.world_size)]
-        self.actors = create_actors(self.job.model_dump_json(), assignments, placement, self.placement_group)
+        payloads = [p.to_json() for p in build_payloads(self.job, self.plan)]  # what each rank receives
+        self.actors = create_actors(payloads, placement, self.placement_group)
         start = time.perf_counter()
         try:
             self.worker_nodes = self.gather(lambda a, r: a.node_id.remote(), STARTING,

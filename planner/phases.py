@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+LOSS_WAVE = -1  # the pseudo-wave of the loss stage, after every real wave (planner.program's pieces and the runtime's)
+
 ONE_PHASE: tuple[int, ...] = (0,)
 
 

@@ -40,11 +40,10 @@ import numpy as np
 from planner.costmodel import Layout
 from planner.generation import TOKEN_ID_BYTES
 from planner.metagraph import MetaOp
-from planner.phases import backward_positions, loss_event, phase_of_waves
+from planner.phases import LOSS_WAVE, backward_positions, loss_event, phase_of_waves
 from planner.placement import PlacedSchedule, PlacedSlice
 from planner.plan import Plan, PlanBucket, PlanHolding, PlanPiece
 
-LOSS_WAVE = -1  # the pseudo-wave of the loss stage, after every real wave
 
 SliceId = tuple[int, int]  # (wave, index of the slice in its wave)
 

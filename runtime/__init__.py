@@ -7,5 +7,6 @@ inter-wave transfers, backward, shared-parameter gradient sync, AdamW), the mega
 layer profiler (profiler.py). May import planner types, torch and megatron-core (lazily); never
 ray, pulp, the orchestrator, bench, or a recipe (recipes register into runtime's registries when
 the orchestrator loads them; tests/unit/test_import_rules.py enforces all of it). Entry point:
-:class:`runtime.executor.WaveWorker`. See docs/runtime.md.
+:class:`runtime.executor.WaveWorker`, built from its rank's :class:`runtime.payload.WorkerPayload` (the Assignment and
+the specs it builds and runs, never the whole job; runtime.prepare builds them in the driver). See docs/runtime.md.
 """

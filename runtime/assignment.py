@@ -2,7 +2,8 @@
 
 The planner decides every move between workers once (planner.program) and writes it into the Plan as
 pieces; this module only selects and indexes them (nothing here re-derives who sends what), plus the
-process-group facts the workers build their groups from. Pure Python (no torch): it imports planner modules only.
+process-group facts the workers build their groups from. Pure Python (no torch): it imports the planner's plan
+types, never its builders.
 
 Conventions (planner.program's): a slice's devices are ascending; with layout dp x tp,
 ``devices[i*tp:(i+1)*tp]`` is data-parallel rank i, which owns samples ``[i*B/dp, (i+1)*B/dp)`` of its
@@ -11,13 +12,14 @@ MetaOp's batch B. A task's loss runs on the first TP device of each data-paralle
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from planner.metagraph import MetaGraph
-from planner.phases import loss_event, phase_of_waves, phase_ranges
+from planner.phases import LOSS_WAVE, loss_event, phase_of_waves, phase_ranges
 from planner.plan import Plan, PlanPiece, PlanSlice
-from planner.program import LOSS_WAVE
 from planner.spec import JobSpec
+
+if TYPE_CHECKING:  # a worker reads the plan's MetaOps; it never loads the MetaGraph builder
+    from planner.metagraph import MetaGraph
 
 __all__ = ["LOSS_WAVE", "CommSchedule", "LossHost", "Piece", "SliceRef"]
 

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 from planner.components import output_shape, upstream_indices, use_shape
 from planner.errors import SpecError
 from planner.kinds import KINDS, kind_of, tensor_parallel_kinds
-from planner.metagraph import MetaGraph, MetaOp, build_metagraph
 from planner.plan import Plan
 from planner.spec import JobSpec
 from planner.unet import unet_state_numel
 from planner.usegraph import connection, leaf_uses, op_connection, root_uses, use_component, use_index
-from planner.validate import check_plan, check_program
+
+if TYPE_CHECKING:
+    from planner.metagraph import MetaGraph, MetaOp
 
 BUILTIN_LOSSES = ("cross_entropy", "mse", "contrastive", "infonce", "lm", "next_token", "grpo", "feedback")  # runtime.heads builds them
 # Worker processes `loom run` starts per CPU core of this machine at most (one per device of the plan). Each imports
@@ -47,6 +49,8 @@ def check_trainable(job: JobSpec, recipe_losses: Collection[str] | None = None) 
     and the fix. ``recipe_losses``: the losses registered in this process (``runtime.heads.registered_losses()``,
     after the orchestrator loaded the job's recipe); None where the recipe is not loaded (``loom validate``), which
     leaves a loss that is not built in to the job's recipe."""
+    from planner.metagraph import build_metagraph  # the driver's checks: workers import this module for its head checks
+
     for t in range(len(job.tasks)):
         check_head(job, t, recipe_losses)
     check_runnable(job, build_metagraph(job))
@@ -227,12 +231,14 @@ def _check_bridge_inputs(job: JobSpec, graph: MetaGraph, op: MetaOp) -> None:
 
 def check_plan_matches_job(plan: Plan, graph: MetaGraph, source: str = "plan", job_name: str | None = None) -> None:
     """The one check that ``plan`` belongs to the job whose MetaGraph is ``graph`` (``loom run``, ``loom submit``
-    and every worker call it): the same MetaOps in the same order (name, layer key, layer count, batch size and
+    call it in the driver; workers receive their payload after it passed): the same MetaOps in the same order (name, layer key, layer count, batch size and
     dependencies first, then every field: planner.validate.check_program), only layouts the runtime runs (tensor
     parallelism only on kinds with a ``tp_variant``, planner.kinds), and a plan that makes sense
     (planner.validate.check_plan) whose program (pieces, holdings, buckets, process groups) is the one
     planner.program derives from its waves for these MetaOps (check_program). The job's name, cluster and training
     settings may differ: a plan is a schedule of these MetaOps. A SpecError naming ``source``."""
+    from planner.validate import check_plan, check_program  # the driver's: workers import this module for its head checks
+
     check_plan(plan, source)
     want = [(op.name, op.key, op.num_layers, op.batch_size, list(op.deps)) for op in graph.metaops]
     have = [(op.name, op.layer_key, op.num_layers, op.batch_size, op.deps) for op in plan.metaops]

@@ -17,18 +17,21 @@ head (:func:`runtime.heads.build_head`). Imports runtime.modules, never the reve
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from planner.components import resolve_shape
-from planner.metagraph import MetaGraph, MetaOp
 from planner.spec import JobSpec
 from planner.usegraph import op_connection, reads_embed
 from runtime.connect import build_adapter, connect
 from runtime.kinds import runtime_kind
 from runtime.modules import build_initialised, freeze_if, layer_seed
+
+if TYPE_CHECKING:  # planner MetaOps and the plan's alike; a worker never loads the MetaGraph builder
+    from planner.metagraph import MetaGraph, MetaOp
 
 
 POSITION_BASE = 100.0  # longest wavelength scale of the ViT's 2-D sin-cos position grid (grids are <= ~64 wide)

@@ -18,6 +18,10 @@ gradients accumulating, then syncs the buckets once; then the gradients are clip
 device adds the squares it owns, one all-reduce), the learning rate follows the schedule and the optimizer
 steps. Forward runs under the job's autocast (bf16/fp16) over fp32 weights, gradients and optimizer state;
 pieces cross devices in the compute precision (the plan's bytes) and are float32 again on arrival.
+
+A worker is built from its payload (runtime.payload: its Assignment and the specs it builds and runs, never the whole
+job). The transfers at wave boundaries are runtime.transfers' (PieceTransfers), the gradient buckets' sync and the
+clip runtime.gradsync's (GradientSync), both mixed into :class:`WaveWorker`.
 """
 
 from __future__ import annotations
@@ -26,37 +30,34 @@ import contextlib
 import copy
 import functools
 import logging
-import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
 from planner.kinds import kind_of
-from planner.plan import Plan, PlanMetaOp
+from planner.plan import PlanMetaOp
 from planner.rolloutlag import generation_pool
-from planner.spec import JobSpec
 from runtime.assignment import (
-    LOSS_WAVE, CommSchedule, Piece, SliceRef, dp_rank_of, holders, input_order, is_lead, layer_tp_degrees,
-    loss_groups, sample_range, tp_group_of,
+    LOSS_WAVE, CommSchedule, SliceRef, dp_rank_of, holders, input_order, is_lead, layer_tp_degrees, loss_groups,
+    sample_range, tp_group_of,
 )
-from runtime.channel import PieceChannel, piece_key
+from runtime.channel import PieceChannel
 from runtime.data import task_batch
 from runtime.embeddings import build_input_module, first_input
+from runtime.gradsync import GradientSync
 from runtime.heads import build_head
 from runtime.kinds import is_token_decoder
-from runtime.megatron_backend import owned_fractions  # cheap: megatron-core itself is imported lazily
 from runtime.modules import build_layer, layer_kwargs, row_kwargs, run_layers
 from runtime.optim import (
-    LossScaler, PrecisionError, autocast, build_grouped_optimizer, clip_coefficient, compute_dtype, module_component, owned_square_sum,
-    scale_gradients, set_lr,
+    LossScaler, PrecisionError, autocast, build_grouped_optimizer, compute_dtype, module_component, set_lr,
 )
 from runtime.lagged import RolloutsAhead
-from runtime.rollout import (
-    Roles, forward_only, freeze_untrained, has_modes, rollout_input, run_generate, seq_len_of,
-)
+from runtime.payload import WorkerPayload
+from runtime.rollout import Roles, forward_only, freeze_untrained, rollout_input, run_generate, seq_len_of
 from runtime.sampleop import run_sample
 from runtime.steps import GradBucket, Lap, StepState, StepTiming, assemble_rows, fp32_output
+from runtime.transfers import PieceTransfers
 from runtime.zero import ShardedAdamW
 
 log = logging.getLogger(__name__)
@@ -70,24 +71,27 @@ class Groups:
     by_devices: dict[tuple[int, ...], object]
 
     @classmethod
-    def create(cls, job: JobSpec, plan: Plan) -> Groups:
-        """Collective: every rank of the default group calls this with its assignment of the same plan; the groups
-        are the plan's ``process_groups``, created in that order."""
-        sets = [tuple(s) for s in plan.process_groups]
-        if has_modes(job):  # the gradient sets the modes' extra module copies add (runtime.rollout), in sorted order
-            sets += [s for s in Roles.build(job, plan).groups() if s not in sets]
+    def create(cls, payload: WorkerPayload) -> Groups:
+        """Collective: every rank of the default group calls this with its payload of the same plan; the groups are
+        the plan's ``process_groups``, created in that order, then those the modes' extra module copies add
+        (runtime.rollout.Roles.groups, sorted)."""
+        sets = [tuple(s) for s in payload.assignment.process_groups]
+        if payload.roles is not None:
+            sets += [s for s in Roles(**payload.roles.fields()).groups() if s not in sets]
         return cls(dist.group.WORLD, {s: dist.new_group(list(s)) for s in sets})
 
 
-class WaveWorker:
-    """One device's part of a plan: build every rank with the same job and its assignment of the same plan
-    (planner.program.assignment; the whole plan works too). ``device``: where its modules live and compute (a CUDA
-    device with an NCCL default group, or the CPU with gloo)."""
+class WaveWorker(PieceTransfers, GradientSync):
+    """One device's part of a plan, built from the rank's :class:`~runtime.payload.WorkerPayload` (its Assignment, the
+    specs it builds and runs, the training settings; runtime.prepare builds it in the driver). ``device``: where its
+    modules live and compute (a CUDA device with an NCCL default group, or the CPU with gloo)."""
 
-    def __init__(self, job: JobSpec, plan: Plan, rank: int, groups: Groups | None = None,
-                 device: torch.device | str = "cpu", channel: PieceChannel | None = None):
-        assert plan.rank in (None, rank), f"rank {rank} was handed rank {plan.rank}'s assignment"
-        self.job, self.plan, self.rank, self.groups = job, plan, rank, groups
+    def __init__(self, payload: WorkerPayload, groups: Groups | None = None, device: torch.device | str = "cpu",
+                 channel: PieceChannel | None = None):
+        plan, rank = payload.assignment, payload.rank
+        assert plan.rank == rank, f"rank {rank}'s payload carries rank {plan.rank}'s assignment"
+        # the payload offers the JobSpec surface the module builders, data and losses read (runtime.payload)
+        self.payload, self.plan, self.rank, self.groups = payload, plan, rank, groups
         self.channel = channel  # large pieces go through it instead of point-to-point (runtime.channel)
         self.device = torch.device(device)
         # a worker rebuilds no MetaGraph: the plan's MetaOps carry what it builds and wires its modules from, and the
@@ -98,19 +102,21 @@ class WaveWorker:
         self.mine = self.comm.my_slices(rank)
         self.holders = holders(plan)
         self.tp_degree = layer_tp_degrees(plan, self.comm)
-        self.task_index = {t.name: i for i, t in enumerate(job.tasks)}
+        self.task_index = {t.name: i for i, t in enumerate(payload.tasks)}  # positions in the payload's tasks
         self.tp_of = self._my_tp_groups()
         self.modules: dict[tuple[str, int], torch.nn.Module] = {}
-        # generate and forward uses, rollout readers and weight hand-offs (runtime.rollout); None: a plain training job
-        self.roles = Roles.build(job, plan) if has_modes(job) else None
+        # generate and forward uses, rollout readers and weight hand-offs (runtime.rollout, decided by the driver);
+        # None: a plain training job
+        self.roles = Roles(**payload.roles.fields()) if payload.roles is not None else None
         # rollout_lag 1: this rank's generate slices decode a step ahead, in a thread beside the step where the plan
         # prices that overlap (planner.rolloutlag.generation_pool; runtime.lagged)
         early = {op.id for op in plan.metaops if self.roles is not None and op.id in self.roles.generate
-                 and not op.deps} if job.training.rollout_lag else set()
+                 and not op.deps} if payload.training.rollout_lag else set()
         self.ahead = RolloutsAhead(background=rank in generation_pool(
             ([(s.metaop, s.devices) for s in wave.slices] for wave in plan.waves), early))
         extra = self.roles.mine(rank) if self.roles is not None else []
-        if self.roles is not None and job.training.grad_accum_steps > 1 and (self.roles.generate or self.roles.sample):
+        modes_rollout = self.roles is not None and bool(self.roles.generate or self.roles.sample)
+        if modes_rollout and payload.training.grad_accum_steps > 1:
             raise ValueError("training.grad_accum_steps > 1 with a generate or sample use: a rollout group's "
                              "advantages need the whole batch, and samples are seeded by their row in it; set "
                              "grad_accum_steps: 1.")
@@ -119,13 +125,13 @@ class WaveWorker:
                 self.modules[(name, layer)] = self._build((name, layer)).to(self.device)
         for key in extra:
             self.modules[key] = self._build(key).to(self.device)
-        if self.roles is not None:
-            freeze_untrained(job, self.modules)
+        if self.roles is not None:  # the payload holds every task using a component this rank builds
+            freeze_untrained(payload, self.modules)
         self.optimizer = self._build_optimizer()
-        self.scaler = LossScaler(compute_dtype(job, self.device) == torch.float16)
+        self.scaler = LossScaler(compute_dtype(payload, self.device) == torch.float16)
         # pieces (activations and their gradients) and gradient buckets cross devices in the compute precision, as the
         # plan prices them
-        self.wire_dtype = compute_dtype(job, self.device) or torch.float32
+        self.wire_dtype = compute_dtype(payload, self.device) or torch.float32
         if self.device.type == "cuda" and groups is not None:
             # NCCL: the first operation on a group must involve all of its ranks, and the first on the default group
             # would otherwise be a point-to-point exchange between two of them (batch_isend_irecv's documented rule)
@@ -136,10 +142,10 @@ class WaveWorker:
         state of every parameter shared with other devices is split among them (runtime.zero)."""
         owned = [(module_component(self.plan.metaops, name), p) for (name, _), m in self.modules.items()
                  for p in m.parameters() if p.requires_grad]
-        if not (self.job.training.shard_optimizer and self.groups is not None and self._grad_buckets):
-            return build_grouped_optimizer(self.job, owned)
+        if not (self.payload.training.shard_optimizer and self.groups is not None and self._grad_buckets):
+            return build_grouped_optimizer(self.payload, owned)
         shared = {id(p) for bucket in self._grad_buckets for p in bucket.params}
-        return ShardedAdamW(self.job, [(b.devices, b.params, b.shards or b.devices) for b in self._grad_buckets],
+        return ShardedAdamW(self.payload, [(b.devices, b.params, b.shards or b.devices) for b in self._grad_buckets],
                             self.groups.by_devices,
                             self.rank, [p for _, p in owned if id(p) not in shared], {id(p): c for c, p in owned})
 
@@ -166,14 +172,14 @@ class WaveWorker:
             # or the component's real layers it runs (runtime.sampleop.build_module)
             from runtime.sampleop import build_module
 
-            if (module := build_module(self.job, self.plan.metaops, key)) is not None:
+            if (module := build_module(self.payload, self.plan.metaops, key)) is not None:
                 return module
         if name.startswith(("embed:", "adapt:")):
-            return build_input_module(self.job, name)
+            return build_input_module(self.payload, name)
         if name.startswith("head:"):
-            return build_head(self.job, self.task_index[name.removeprefix("head:")])
+            return build_head(self.payload, self.task_index[name.removeprefix("head:")])
         op = next(op for op in self.plan.metaops if op.param_group == name)
-        reference = build_layer(self.job, op, layer)
+        reference = build_layer(self.payload, op, layer)
         if key not in self.tp_of:
             return reference
         return self._megatron_layer(op, reference, self.tp_of[key])
@@ -183,16 +189,16 @@ class WaveWorker:
         from runtime.megatron_backend import MegatronTransformerBlock, load_reference, seed_model_parallel_rng
 
         if self.device.type == "cpu":
-            if compute_dtype(self.job, self.device) is not None:  # a ValueError: `loom run` reports it in one line
+            if compute_dtype(self.payload, self.device) is not None:  # a ValueError: `loom run` reports it in one line
                 raise PrecisionError(
                     f"{op.name}: tensor_parallel {len(group)} with training.precision "
-                    f"'{self.job.training.precision}' on a CPU; megatron-core's tensor-parallel linears cannot run "
+                    f"'{self.payload.training.precision}' on a CPU; megatron-core's tensor-parallel linears cannot run "
                     "backward under CPU autocast. Set training.precision: fp32, or tensor_parallel: [1]."
                 )
             megatron_compat.apply_cpu_compat()
         tp_rank = group.index(self.rank)
-        seed_model_parallel_rng(self.job.training.seed, tp_rank)
-        comp = self.job.components[op.component]
+        seed_model_parallel_rng(self.payload.training.seed, tp_rank)
+        comp = self.payload.components[op.component]
         if comp.pretrained:  # a Hugging Face layer: the megatron layer follows its model's config
             from runtime.megatron_pretrained import build_pretrained_block
 
@@ -214,11 +220,9 @@ class WaveWorker:
     last_gradients: dict[str, torch.Tensor] | None = None  # the last train_step's, when asked for
     # generate MetaOp -> (first row, packed rows), sample MetaOp -> (first row, x0 flattened): the last step's
     last_rollouts: dict[int, tuple[int, torch.Tensor]] = {}
-    last_sent: list[tuple[Piece, int]] = []  # the last micro-batch's pieces sent to other devices, bytes as sent
     # where the step in flight is: (step, micro-batch, wave, phase), replaced whole (read from another thread by the
     # driver's step watchdog, orchestrator.actors.WaveActor.progress)
     where: tuple[int, int, int, str] | None = None
-    _sent_step: int | None = None
 
     def train_step(self, step: int, keep_gradients: bool = False) -> dict[str, float]:
         """Forward, losses and backward of each of ``step``'s micro-batches, gradient sync, clipping and the optimizer
@@ -231,7 +235,7 @@ class WaveWorker:
         :attr:`last_gradients` (as :meth:`named_gradients`)."""
         lap = Lap(self.device)
         timing = StepTiming([0.0] * len(self.plan.waves), [0.0] * len(self.plan.waves))
-        k = self.job.training.grad_accum_steps
+        k = self.payload.training.grad_accum_steps
         pending: list[tuple[GradBucket, torch.Tensor, object]] = []
         losses: dict[str, torch.Tensor] = {}
         for micro in range(k):
@@ -250,7 +254,7 @@ class WaveWorker:
         self._join_ahead(timing, lap)
         if self.optimizer is not None:
             if may_step:
-                set_lr(self.optimizer, self.job.training, step)
+                set_lr(self.optimizer, self.payload.training, step)
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             timing.optimizer_s += lap("optimizer")
@@ -285,7 +289,7 @@ class WaveWorker:
                 timing.transfer_s[wave] += lap("transfer_forward", wave)
                 ref = self._my_slice(wave)
                 if ref is not None:
-                    with autocast(self.job, self.device):
+                    with autocast(self.payload, self.device):
                         self._run_slice(ref, st.step, st)
                     timing.compute_s[wave] += lap("forward", wave)
             self.where = (st.step, st.micro, len(self.plan.waves), "loss")
@@ -312,7 +316,7 @@ class WaveWorker:
         self._exchange(LOSS_WAVE, st, forward=True, phase=phase)
         if self.roles is not None:
             self.roles.move_rollouts(lambda wave: self.comm.phase_of[wave] == phase, st, self.rank, self.device)
-        with autocast(self.job, self.device):
+        with autocast(self.payload, self.device):
             losses = self._losses(step, st, phase)
         total = sum(losses.values())
         if isinstance(total, torch.Tensor) and total.requires_grad:
@@ -323,31 +327,6 @@ class WaveWorker:
         self._exchange(LOSS_WAVE, st, forward=False, phase=phase)
         timing.loss_s += lap("loss")
         return losses
-
-    def _finish_gradients(self) -> bool:
-        """After the sync: undo the loss scale, then clip every gradient by the global norm over all devices; whether
-        the optimizer may step (False: fp16 gradients overflowed somewhere; the scale halves). Collective over the
-        whole world when the job clips or scales (one all-reduce of the sum of squares each device owns)."""
-        clip = self.job.training.grad_clip
-        if not clip and not self.scaler.enabled:
-            return True
-        params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
-        if self.scaler.enabled:
-            scale_gradients(params, 1.0 / self.scaler.scale)
-        total = self._owned_square_sum()
-        dist.all_reduce(total, group=self.groups.world if self.groups is not None else None)
-        if not self.scaler.update(found_inf=not math.isfinite(float(total))):
-            return False
-        if clip:
-            scale_gradients(params, clip_coefficient(float(total), clip))
-        return True
-
-    def _owned_square_sum(self) -> torch.Tensor:
-        """The sum of squares of the gradients this device owns (runtime.optim.owned_square_sum): a parameter of a
-        bucket of n holders counts 1/n, a replicated parameter of a tensor-parallel layer 1/tp_size."""
-        replicas = {id(p): len(b.devices) for b in self._grad_buckets for p in b.params}
-        fractions = {key: owned_fractions(module) for key, module in self.modules.items() if key in self.tp_of}
-        return owned_square_sum(self.modules, replicas, fractions, self.device)
 
     def _my_slice(self, wave: int) -> SliceRef | None:
         return next((r for r in self.mine if r.wave == wave), None)
@@ -365,20 +344,20 @@ class WaveWorker:
             st.rollouts[s.metaop] = (start, st.outputs[ref])
             return
         if self.roles is not None and s.metaop in self.roles.sample:  # the whole denoising loop (runtime.sampleop)
-            st.outputs[ref] = run_sample(self.job, op, lambda name, layer: self.modules[(name, layer)], step, start,
+            st.outputs[ref] = run_sample(self.payload, op, lambda name, layer: self.modules[(name, layer)], step, start,
                                          stop, self.device)
             st.rollouts[s.metaop] = (start, st.outputs[ref])  # kept as last_rollouts: the step's samples
             return
-        kwargs = layer_kwargs(self.job, op) | row_kwargs(
-            self.job, op, lambda: st.batch(self.job, self.task_index[op.task], step, start, stop))
+        kwargs = layer_kwargs(self.payload, op) | row_kwargs(
+            self.payload, op, lambda: st.batch(self.payload, self.task_index[op.task], step, start, stop))
         inputs = self._slice_inputs(ref, start, stop, st) if self.comm.num_inputs(ref) else []
         if s.first_layer > 0:  # the rest of a MetaOp whose first layers ran in an earlier wave
             x = inputs[0]
         elif self.roles is not None and s.metaop in self.roles.readers:  # its own embedding of the rollout's tokens
-            x = rollout_input(inputs[0], self.modules[("embed:" + op.component, 0)], seq_len_of(self.job, op))
+            x = rollout_input(inputs[0], self.modules[("embed:" + op.component, 0)], seq_len_of(self.payload, op))
         else:  # a root MetaOp's layer 0 reads raw data through its input module; other uses read their inputs
-            x = first_input(self.job, self.plan, op, inputs, lambda name: self.modules[(name, 0)],
-                            lambda: st.batch(self.job, self.task_index[op.task], step, start, stop))
+            x = first_input(self.payload, self.plan, op, inputs, lambda name: self.modules[(name, 0)],
+                            lambda: st.batch(self.payload, self.task_index[op.task], step, start, stop))
             if op.input_modules and not is_lead(s, self.rank):
                 # the other TP ranks repeat the lead's input modules, and megatron's backward hands every TP rank
                 # the whole gradient of x: only the lead's reaches the modules (and the inputs: only the lead
@@ -389,7 +368,7 @@ class WaveWorker:
         # megatron TP layers recompute too: their forward's all-reduces run again inside backward, at the same point
         # of the same graph on every rank of the TP group, so the group's collectives still pair up
         modules = [self.modules[(op.param_group, i)] for i in range(s.first_layer, s.first_layer + s.num_layers)]
-        with forward_only(self.job, op, modules):  # a forward use: no weight gradients, its input's still flow
+        with forward_only(self.payload, op, modules):  # a forward use: no weight gradients, its input's still flow
             st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute)
 
     def _generate(self, op: PlanMetaOp, step: int, start: int, stop: int) -> torch.Tensor:
@@ -399,12 +378,12 @@ class WaveWorker:
 
         def decode(at: int) -> torch.Tensor:  # grad mode, autocast and the current CUDA device are per thread
             device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-            with device, torch.no_grad(), autocast(self.job, self.device):
-                return run_generate(self.job, op, lambda name, layer: self.modules[(name, layer)],
-                                    lambda lo, hi: task_batch(self.job, t, at, lo, hi).to(self.device), at, start,
+            with device, torch.no_grad(), autocast(self.payload, self.device):
+                return run_generate(self.payload, op, lambda name, layer: self.modules[(name, layer)],
+                                    lambda lo, hi: task_batch(self.payload, t, at, lo, hi).to(self.device), at, start,
                                     stop)
 
-        if not self.job.training.rollout_lag:
+        if not self.payload.training.rollout_lag:
             return decode(step)
         rows = self.ahead.take(op.id, (step, start, stop), decode)
         self.ahead.ahead(op.id, (step + 1, start, stop), decode)
@@ -420,7 +399,7 @@ class WaveWorker:
             leaves.append(leaf)
         if len(leaves) == 1:  # one input, or the rest of a MetaOp split across waves
             return leaves
-        return [leaves[i] for i in input_order(self.job, self.plan, self.comm.slices[ref].metaop)]
+        return [leaves[i] for i in input_order(self.payload, self.plan, self.comm.slices[ref].metaop)]
 
     def _losses(self, step: int, st: StepState, phase: int = 0) -> dict[str, torch.Tensor]:
         out = {}
@@ -429,7 +408,7 @@ class WaveWorker:
             if self.rank not in s.devices or not is_lead(s, self.rank):
                 continue
             t = self.task_index[host.task]
-            task = self.job.tasks[t]
+            task = self.payload.tasks[t]
             start, stop = self._rows(host.host)
             outputs = {}
             for leaf in host.leaves:
@@ -441,7 +420,7 @@ class WaveWorker:
                 g = self.roles.rollout_moves[host.task][0]
                 outputs[self.plan.metaops[g].use] = assemble_rows(st.received.pop(("rollout", host.task), []),
                                                                   start, stop)
-            batch = st.batch(self.job, t, step, start, stop)
+            batch = st.batch(self.payload, t, step, start, stop)
             group = self.comm_loss_groups[host.task]
             if len(group) > 1:  # the task's other shards: a loss over the whole batch gathers their rows
                 batch = replace(batch, gather_rows=functools.partial(
@@ -450,145 +429,15 @@ class WaveWorker:
             out[host.task] = task.loss_weight * per_sample.float().sum() / task.batch_size
         return out
 
-    # ------------------------------------------------------------------ transfers
-
-    def _exchange(self, wave: int, st: StepState, forward: bool, phase: int | None = None) -> None:
-        """Move the plan's pieces of one boundary (planner.program decided them): forward, rows of producers'
-        outputs to the devices that read them; backward, the gradients of those rows back to every device of
-        the producers (accumulated into their output gradients). Every rank walks the same boundaries and the
-        plan's pieces in the plan's order, so the point-to-point calls pair up."""
-        pieces = self.comm.pieces_at(wave, backward=not forward, phase=phase)
-        if self.roles is not None:  # rollout rows cross at their own width, and carry no gradient back
-            pieces = self.roles.wire_pieces(self.plan, pieces)
-        ops, landing, taken = [], [], []
-        for p in pieces:
-            if p.src != self.rank:
-                continue
-            tensor = self._piece_tensor(p, st, forward).to(self._wire_dtype_of(p))
-            if p.dst == self.rank:
-                landing.append((p, tensor.clone()))
-                continue
-            self._record_sent(st.move_id, p, tensor)
-            if self._by_channel(p):
-                self.channel.post(piece_key(st.move_id, forward, p, p.dst), tensor.contiguous())
-            else:
-                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), p.dst))
-        for p in pieces:
-            if p.dst != self.rank or p.src == self.rank:
-                continue  # not mine, or landed by the send loop
-            if self._by_channel(p):
-                taken.append(p)
-                continue
-            buf = torch.empty((p.stop - p.start, *p.shape), device=self.device, dtype=self._wire_dtype_of(p))
-            ops.append(dist.P2POp(dist.irecv, buf, p.src))
-            landing.append((p, buf))
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
-        landing += [(p, self.channel.take(p.src, piece_key(st.move_id, forward, p, self.rank))) for p in taken]
-        for p, tensor in landing:
-            self._land(p, tensor.float(), st, forward)
-
-    def _record_sent(self, move_id: int, p: Piece, tensor: torch.Tensor) -> None:
-        """Keep (piece, bytes) of every piece this device sends to another in :attr:`last_sent` (the last micro-batch's:
-        the plan's pieces are one micro-batch's)."""
-        if self._sent_step != move_id:
-            self._sent_step, self.last_sent = move_id, []
-        self.last_sent.append((p, tensor.numel() * tensor.element_size()))
-
-    def _by_channel(self, p: Piece) -> bool:
-        """Whether piece ``p`` moves through the channel: one of at least its ``min_bytes`` (rows in the compute
-        precision), a function of the job and plan, so both ends agree."""
-        size = (p.stop - p.start) * math.prod(p.shape) * self._wire_dtype_of(p).itemsize
-        return self.channel is not None and size >= self.channel.min_bytes
-
-    def _wire_dtype_of(self, p: Piece) -> torch.dtype:
-        """The dtype piece ``p`` crosses in: the compute precision, except a generate use's packed rollout rows, which
-        stay float32 (token ids are exact in float32 below 2^24, in bf16 only up to 256; runtime.rollout.pack)."""
-        producer = self.plan.waves[p.producer[0]].slices[p.producer[1]]
-        if self.roles is not None and producer.metaop in self.roles.generate:
-            return torch.float32
-        return self.wire_dtype
-
-    def _piece_tensor(self, p: Piece, st: StepState, forward: bool) -> torch.Tensor:
-        if forward:  # rows of my producer output
-            y = st.outputs[p.producer]
-            start, _ = self._rows(p.producer)
-            return y.detach()[p.start - start:p.stop - start]
-        leaf = st.inputs.get((p.consumer, p.input)) if p.consumer is not None else st.loss_inputs.get(p.producer)
-        start, _ = self._rows(p.target)
-        if leaf is None or leaf.grad is None:
-            return torch.zeros((p.stop - p.start, *p.shape), device=self.device)
-        return leaf.grad[p.start - start:p.stop - start]
-
-    def _land(self, p: Piece, tensor: torch.Tensor, st: StepState, forward: bool) -> None:
-        if forward:
-            key = ("slice", p.consumer, p.input) if p.consumer is not None else ("loss", p.producer)
-            st.received.setdefault(key, []).append((p.start, tensor))
-            return
-        start, stop = self._rows(p.producer)
-        grad = st.grad_out.get(p.producer)
-        if grad is None:
-            grad = st.grad_out[p.producer] = torch.zeros((stop - start, *p.shape), device=self.device)
-        grad[p.start - start:p.stop - start] += tensor
-
     # ------------------------------------------------------------------ gradients and losses
 
-    @functools.cached_property
-    def _grad_buckets(self) -> list[GradBucket]:
-        """This device's gradient buckets in launch order: the plan's buckets (planner.program.grad_buckets) that it
-        shares with other devices, with its parameters of their members. Every rank of a device set walks the plan's
-        buckets in the plan's order, so collectives pair up."""
-        out = []
-        synced = self.roles.synced if self.roles is not None else {}
-        for b in self.plan.grad_buckets:
-            if self.rank in b.devices and len(b.devices) > 1:
-                params = [p for name, layer, _ in b.members if (name, layer) not in synced
-                          for p in self.modules[(name, layer)].parameters() if p.requires_grad]
-                if params:
-                    out.append(GradBucket(b.ready_wave, tuple(b.devices), params, tuple(b.shards)))
-        # a module the modes' extra copies train too (runtime.rollout): summed over its holders and them, after the
-        # last backward of the step
-        for key, devices in sorted(synced.items()):
-            if self.rank in devices and len(devices) > 1:
-                params = [p for p in self.modules[key].parameters() if p.requires_grad]
-                out.append(GradBucket(self.comm.phases[-1][0], devices, params))
-        return out
-
-    def _launch_sync(self, wave: int, pending: list | None) -> None:
-        """Start the all-reduce (async) of every bucket whose gradients are final once ``wave``'s backward is
-        done (``len(waves) + p``: phase p's loss stage); appends (bucket, flat gradients, work) to ``pending``. None: a
-        micro-batch before the last (its gradients only accumulate). The bucket is reduced in the compute precision
-        (bf16/fp16 under autocast: the plan's ``grad_bytes``), then its sum is float32 again."""
-        if pending is None:
-            return
-        for bucket in self._grad_buckets:
-            if bucket.ready_wave != wave:
-                continue
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                              for p in bucket.params]).to(self.wire_dtype)
-            work = dist.all_reduce(flat, group=self.groups.by_devices[bucket.devices], async_op=True)
-            pending.append((bucket, flat, work))
-
-    def _sync_gradients(self, pending: list) -> None:
-        """Wait for the launched all-reduces; each parameter's gradient becomes its slice of the summed bucket."""
-        assert len(pending) == len(self._grad_buckets), "a gradient bucket was never launched"
-        for bucket, flat, work in pending:
-            work.wait()
-            flat = flat.float()  # a no-op in fp32
-            offset = 0
-            for p in bucket.params:
-                n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p)
-                offset += n
-
     def _reduce_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
-        names = [t.name for t in self.job.tasks]
-        values = torch.tensor([float(losses[n].detach()) if n in losses else 0.0 for n in names], dtype=torch.float64,
-                              device=self.device)  # NCCL reduces device tensors only
+        """Every task's mean loss (all ranks): one all-reduce of the job's tasks in the job's order."""
+        weights = self.payload.loss_weights
+        values = torch.tensor([float(losses[n].detach()) if n in losses else 0.0 for n in weights],
+                              dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(values)
-        return {n: float(v) / self.job.tasks[i].loss_weight if self.job.tasks[i].loss_weight else float(v)
-                for i, (n, v) in enumerate(zip(names, values))}
+        return {n: float(v) / w if w else float(v) for (n, w), v in zip(weights.items(), values)}
 
     def state_dict(self) -> dict:
         """This device's part of a checkpoint: a snapshot (copies, not views) of its modules and optimizer state."""
@@ -600,7 +449,7 @@ class WaveWorker:
         })
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` of a worker built from the same job, plan and rank."""
+        """Restore :meth:`state_dict` of a worker built from the same payload (job, plan and rank)."""
         for (name, layer), module in sorted(self.modules.items()):
             module.load_state_dict(state["modules"][f"{name}/{layer}"])
         if self.optimizer is not None:

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from planner.kinds import kind_of
-from planner.metagraph import MetaOp
 from planner.spec import ComponentSpec, JobSpec
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from planner.metagraph import MetaOp  # planner MetaOps and the plan's alike
 
 Factory = Callable[[], "nn.Module"]
 

@@ -2,7 +2,7 @@
 
 For tests and benchmarks of the worker logic: each process joins a gloo group on 127.0.0.1 (NCCL, one GPU per
 process, for a GPU job on a host with GPUs),
-creates the plan's sub-groups, builds a :class:`~runtime.executor.WaveWorker` and trains
+creates the plan's sub-groups, builds a :class:`~runtime.executor.WaveWorker` from its rank's payload and trains
 ``steps`` steps. Results (per-step task losses and the final parameters each rank holds) come back
 through files in ``out_dir``.
 """
@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from planner.plan import Plan, plan_from_json
-from planner.program import assignment
+from planner.plan import Plan
 from planner.spec import JobSpec
 from runtime.host import backend_for, configure_worker_process, worker_device
+from runtime.payload import WorkerPayload
 
 
 def free_port() -> int:
@@ -44,20 +44,19 @@ class WorldResult:
     rollouts: dict[int, dict[int, tuple[int, torch.Tensor]]] = field(default_factory=dict)
 
 
-def _worker(rank: int, world_size: int, port: int, job_json: str, assignments: list[str], steps: int, out_dir: str,
-            keep_gradients: bool, setup: Callable[[JobSpec], None] | None) -> None:
+def _worker(rank: int, world_size: int, port: int, payloads: list[str], steps: int, out_dir: str,
+            keep_gradients: bool, setup: Callable[[WorkerPayload], None] | None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    job = JobSpec.model_validate_json(job_json)
+    payload = WorkerPayload.from_json(payloads[rank], f"rank {rank}'s payload")
     if setup is not None:
-        setup(job)
-    device = worker_device(job, rank)  # this host's GPUs in turn for a GPU job, else the CPU
+        setup(payload)
+    device = worker_device(payload, rank)  # this host's GPUs in turn for a GPU job, else the CPU
     configure_worker_process(device)
     dist.init_process_group(backend_for(device), rank=rank, world_size=world_size)
     try:
         from runtime.executor import Groups, WaveWorker
 
-        plan = plan_from_json(assignments[rank])
-        worker = WaveWorker(job, plan, rank, Groups.create(job, plan), device)
+        worker = WaveWorker(payload, Groups.create(payload), device)
         losses, seconds, timings = [], [], []
         for step in range(steps):
             dist.barrier()  # every rank starts the step together, so a step's wall time is the iteration time
@@ -75,17 +74,19 @@ def _worker(rank: int, world_size: int, port: int, job_json: str, assignments: l
 
 
 def run_world(job: JobSpec, plan: Plan, steps: int, out_dir: str | Path, keep_gradients: bool = False,
-              setup: Callable[[JobSpec], None] | None = None) -> WorldResult:
+              setup: Callable[[WorkerPayload], None] | None = None) -> WorldResult:
     """Train ``steps`` steps of ``plan`` on one process per device of the plan's cluster; with ``keep_gradients``
-    the result holds the gradients of the last step (else none). ``setup(job)`` runs first in every process (a
-    picklable function): a job with a recipe passes ``orchestrator.recipes.load_recipe``, which the runtime cannot
-    call itself."""
+    the result holds the gradients of the last step (else none). Each process receives its rank's payload
+    (runtime.prepare.build_payloads), not the job. ``setup(payload)`` runs first in every process (a picklable
+    function): a job with a recipe passes ``orchestrator.recipes.load_recipe``, which the runtime cannot call itself
+    (it reads the payload's ``recipe``)."""
     world_size = plan.cluster.num_nodes * plan.cluster.devices_per_node
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    assignments = [assignment(plan, rank).to_json() for rank in range(world_size)]  # what each rank receives
-    mp.spawn(_worker, args=(world_size, free_port(), job.model_dump_json(), assignments, steps, str(out_dir),
-                            keep_gradients, setup),
+    from runtime.prepare import build_payloads  # the driver's side: the ranks' processes import only the payload type
+
+    payloads = [p.to_json() for p in build_payloads(job, plan)]  # what each rank receives
+    mp.spawn(_worker, args=(world_size, free_port(), payloads, steps, str(out_dir), keep_gradients, setup),
              nprocs=world_size, join=True)
     per_rank = {r: torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)}
     seconds = [max(d["seconds"][i] for d in per_rank.values()) for i in range(steps)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +28,11 @@ from torch import nn
 from kernels import backend_for, rms_norm, swiglu
 from planner.components import UseShape, upstream_width, use_shape
 from planner.errors import SpecError
-from planner.metagraph import MetaOp
 from planner.spec import ComponentSpec, JobSpec
 from runtime.kinds import runtime_kind
+
+if TYPE_CHECKING:  # planner MetaOps and the plan's alike; a worker never loads the MetaGraph builder
+    from planner.metagraph import MetaOp
 
 
 DEFAULT_VOCAB = 256  # vocabulary of a token component without vocab_size

@@ -26,16 +26,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from planner import unet_config
-from planner.metagraph import MetaOp
 from planner.pretrained import resolve_pretrained, tensor_files
 from planner.spec import ComponentSpec, JobSpec
 from runtime.pretrained_kernels import KernelRMSNorm, fused_forward, is_rms_norm, use_kernels
 from runtime.tokenizer import document_mask
+
+if TYPE_CHECKING:  # planner MetaOps and the plan's alike; a worker never loads the MetaGraph builder
+    from planner.metagraph import MetaOp
 
 
 @dataclass(frozen=True)

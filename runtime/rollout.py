@@ -15,7 +15,8 @@
 - A ``mode: forward`` use runs with its parameters out of autograd (:func:`forward_only`): no weight gradient from
   it, while gradients still pass through its activations to earlier uses.
 
-**Weight hand-off** (:class:`Roles`, derived on every rank from the whole plan, so all agree). The plan's holdings
+**Weight hand-off** (:class:`Roles`, derived once by the driver from the whole plan, runtime.prepare; every rank
+receives the same in its payload). The plan's holdings
 (planner.program.holdings) say which devices hold each module and sum its gradients. A device whose slice needs a
 module it does not hold under the plan holds an *extra* copy: the LM head on a generate use's devices, a component's
 input module on the devices of a use reading rollout tokens. An extra copy on a device that trains it (a train use
@@ -41,7 +42,6 @@ from torch import nn
 
 from planner.components import use_shape
 from planner.errors import SpecError
-from planner.metagraph import build_metagraph
 from planner.spec import JobSpec, TaskComponentSpec
 from runtime.generate import decoder_for, generate, lm_logits, row_generators
 from runtime.sampleop import layer_keys
@@ -169,6 +169,8 @@ def check_modes(job: JobSpec, graph=None) -> None:
     """A use reading a generate use reads it alone, at the rollout's length (prompt + new_tokens); a forward use of a
     trained component does not recompute (its recomputed forward would record weight gradients). SpecError, one
     line, naming the use and the fix."""
+    from planner.metagraph import build_metagraph  # the driver's check (runtime.checks); workers never call it
+
     graph = graph or build_metagraph(job)
     ops = {op.id: op for op in graph.metaops}
     for op in graph.metaops:
@@ -209,6 +211,7 @@ class Roles:
     def build(cls, job: JobSpec, plan) -> Roles:
         from planner import program
         from planner.costmodel import Layout
+        from planner.metagraph import build_metagraph
         from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
         from runtime.assignment import sample_range
 

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from planner.components import resolve_shape
-from planner.metagraph import MetaOp, build_metagraph
 from planner.spec import JobSpec, TaskComponentSpec
 from runtime.kinds import image_channels
+from runtime.payload import WorkerPayload
 from runtime.sample import (
     SampleConfig, build_scheduler, layer_denoiser, row_generators, sample_with_grad_last, sample_without_grad,
     stop_index,
@@ -43,9 +43,14 @@ def _use(job: JobSpec, op) -> tuple[int, int, TaskComponentSpec]:
     return t, u, job.tasks[t].components[u]
 
 
-def twin_ops(job: JobSpec, op) -> list[MetaOp]:
+def twin_ops(job: JobSpec | WorkerPayload, op) -> list:
     """The MetaOps a ``train`` use of whole-use MetaOp ``op``'s component would be (its layer segments, parameter groups
-    and seeds): what the sample use runs, in order. (A generate use's MetaOp maps the same way.)"""
+    and seeds): what the sample use runs, in order. (A generate use's MetaOp maps the same way.) A worker's payload
+    carries them (the plan's records of them, built by the driver): a worker never rebuilds the MetaGraph."""
+    if isinstance(job, WorkerPayload):
+        return job.twins[op.id]
+    from planner.metagraph import build_metagraph
+
     t, u, use = _use(job, op)
     modal = ("new_tokens", "temperature", "samples", "denoise_steps", "grad_last_step", "stop_steps", "scheduler")
     train = use.model_copy(update={"mode": "train", **{f: type(use).model_fields[f].default for f in modal}})

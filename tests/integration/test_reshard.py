@@ -25,6 +25,7 @@ from planner.plan import plan_from_json
 from planner.schedule import Schedule, Slice, Wave
 from planner.spec import JobSpec, parse_job
 from runtime.executor import Groups, WaveWorker
+from runtime.prepare import build_payload
 from runtime.local_world import free_port
 from runtime.portable import PortableReader, export_state, import_state
 from runtime.reference import merge_parameters
@@ -104,12 +105,13 @@ def tp_worker(rank: int, world_size: int, port: int, job_json: str, plan_json: s
     job, plan, out = JobSpec.model_validate_json(job_json), plan_from_json(plan_json), Path(out)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        first = WaveWorker(job, plan, rank, Groups.create(job, plan))
+        payload = build_payload(job, plan, rank)
+        first = WaveWorker(payload, Groups.create(payload))
         for step in range(2):
             first.train_step(step)
         save_file(export_state(first), out / f"rank_{rank}.safetensors")
         dist.barrier()
-        fresh = WaveWorker(job, plan, rank, Groups.create(job, plan))
+        fresh = WaveWorker(payload, Groups.create(payload))
         import_state(fresh, PortableReader(out, index_of(out, world_size), "tp"))
         losses = [first.train_step(2), fresh.train_step(2)]
         torch.save({"losses": losses, "first": first.named_parameters(), "fresh": fresh.named_parameters()},
@@ -140,7 +142,8 @@ def test_tensor_parallel_state_round_trips_and_loads_without_tensor_parallelism(
     single_plan = plan_job(single, with_baselines=False).plan
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
-        worker = WaveWorker(single, single_plan, 0, Groups.create(single, single_plan))
+        payload = build_payload(single, single_plan, 0)
+        worker = WaveWorker(payload, Groups.create(payload))
         reader = PortableReader(tmp_path, index_of(tmp_path, 4), "tp")
         import_state(worker, reader)
         assert_close(worker.train_step(2), results[0]["losses"][0], "step 2 without TP")

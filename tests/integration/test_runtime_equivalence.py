@@ -142,15 +142,17 @@ def test_worker_state_round_trip_resumes_exactly(tmp_path):
 
     from runtime.executor import Groups, WaveWorker
     from runtime.local_world import free_port
+    from runtime.prepare import build_payload
 
     job = parse_job(tiny_job(1))
     plan = plan_job(job, with_baselines=False).plan
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
-        first = WaveWorker(job, plan, 0, Groups.create(job, plan))
+        payload = build_payload(job, plan, 0)
+        first = WaveWorker(payload, Groups.create(payload))
         first.train_step(0)
         saved = first.state_dict()
-        second = WaveWorker(job, plan, 0, Groups.create(job, plan))
+        second = WaveWorker(payload, Groups.create(payload))
         second.load_state_dict(saved)
         assert first.train_step(1) == second.train_step(1)
         for name, tensor in first.named_parameters().items():

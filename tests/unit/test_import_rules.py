@@ -14,7 +14,13 @@ and ``importlib.util.find_spec("...")`` whose name is a literal (or an f-string 
 
 Dynamically, in fresh interpreters: importing a package's modules leaves the forbidden packages out of
 ``sys.modules``; ``import orchestrator.cli`` loads no torch; ``loom plan`` and ``loom validate`` on an example run
-without importing torch; a worker's modules do not load the planner's solver.
+without importing torch; a worker's modules do not load the planner's solver, its API or its MetaGraph builder.
+
+The worker's side (issue 10: a worker runs its payload, runtime.payload): every runtime module a worker process loads
+imports nothing of planner.{solver,milp,api} (nor the rest of the solver stack), at module level or inside a function,
+and planner.metagraph only for types (``if TYPE_CHECKING:``) or inside the few driver-side functions listed in
+:data:`DRIVER_SIDE_METAGRAPH` (that no worker calls them is shown by building and stepping workers with the builder
+disabled: tests/unit/runtime/test_gradient_buckets.py, tests/unit/runtime/test_worker_payload.py).
 """
 
 from __future__ import annotations
@@ -56,9 +62,16 @@ DYNAMIC_FORBIDDEN: dict[str, tuple[str, ...]] = {
 # The planner's solver stack ("workers do not import the planner's solver", issue 10).
 SOLVER_MODULES = ("planner.solver", "planner.milp", "planner.patterns", "planner.spindle", "planner.twowave",
                   "planner.polish", "planner.refine", "planner.baselines", "pulp", "highspy")
-# What a worker process imports: the actor and the recipe registry, the worker, its host set-up, a recipe.
-WORKER_MODULES = ("orchestrator.actors", "orchestrator.recipes", "runtime.executor", "runtime.host",
-                  "runtime.local_world", "recipes.medical")
+# What a worker process imports: the actor and the recipe registry, the worker, its payload, its host set-up, a recipe.
+WORKER_RUNTIME = ("orchestrator.actors", "orchestrator.recipes", "runtime.payload", "runtime.executor", "runtime.host",
+                  "runtime.local_world")
+WORKER_MODULES = (*WORKER_RUNTIME, "recipes.medical")
+# What a worker never imports, not even inside a function (issue 10); the planner's MetaGraph builder only for types
+WORKER_NEVER = ("planner.solver", "planner.milp", "planner.api", *SOLVER_MODULES)
+# Functions in modules a worker loads that build a MetaGraph for the driver (file, function): the job's checks and the
+# modes' roles, decided once in the driver (runtime.prepare), and twin MetaOps of a job (a payload carries them)
+DRIVER_SIDE_METAGRAPH = {("runtime/checks.py", "check_trainable"), ("runtime/rollout.py", "check_modes"),
+                         ("runtime/rollout.py", "build"), ("runtime/sampleop.py", "twin_ops")}
 DYNAMIC_CALLS = {"import_module", "__import__", "find_spec"}
 
 
@@ -68,13 +81,15 @@ DYNAMIC_CALLS = {"import_module", "__import__", "find_spec"}
 @dataclass(frozen=True)
 class Edge:
     """One import in a file: ``target`` is the dotted name (a prefix for an f-string), ``how`` is "import",
-    "lazy import" (inside a function), "dynamic" (importlib/__import__/find_spec on a literal) or "computed"
-    (a dynamic import whose name the source does not spell out)."""
+    "type-only" (under ``if TYPE_CHECKING:``, never run), "lazy import" (inside a function), "dynamic"
+    (importlib/__import__/find_spec on a literal) or "computed" (a dynamic import whose name the source does not spell
+    out); ``scope``: the function it is in ("" at module level)."""
 
     file: str
     line: int
     target: str
     how: str
+    scope: str = ""
 
     @property
     def top(self) -> str:
@@ -86,27 +101,45 @@ class Edge:
 
 class _ImportCollector(ast.NodeVisitor):
     def __init__(self, file: str, package: str):
-        self.file, self.package, self.depth = file, package, 0
+        self.file, self.package, self.depth, self.type_only = file, package, 0, 0
+        self.scopes: list[str] = []
         self.edges: list[Edge] = []
 
     def _add(self, node: ast.AST, target: str, how: str) -> None:
-        self.edges.append(Edge(self.file, node.lineno, target, how))
+        self.edges.append(Edge(self.file, node.lineno, target, how, self.scopes[-1] if self.scopes else ""))
+
+    def _how(self) -> str:
+        return "lazy import" if self.depth else "type-only" if self.type_only else "import"
 
     def _scoped(self, node: ast.AST) -> None:
         self.depth += 1
+        self.scopes.append(getattr(node, "name", "<lambda>"))
         self.generic_visit(node)
+        self.scopes.pop()
         self.depth -= 1
 
     visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _scoped
 
+    def visit_If(self, node: ast.If) -> None:
+        test = node.test
+        guarded = (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+            isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        self.visit(node.test)
+        self.type_only += guarded
+        for child in node.body:
+            self.visit(child)
+        self.type_only -= guarded
+        for child in node.orelse:
+            self.visit(child)
+
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
-            self._add(node, alias.name, "lazy import" if self.depth else "import")
+            self._add(node, alias.name, self._how())
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         target = self.package if node.level else ""  # a relative import stays inside its own package
         target = ".".join(p for p in (target, node.module or "") if p)
-        self._add(node, target, "lazy import" if self.depth else "import")
+        self._add(node, target, self._how())
 
     def visit_Call(self, node: ast.Call) -> None:
         func = node.func
@@ -169,9 +202,10 @@ def test_the_collector_finds_every_kind_of_import() -> None:
     edges = source_edges(source, "x.py", "runtime")
     assert [(e.target, e.how) for e in edges] == [
         ("os", "import"), ("torch.nn", "import"), ("planner.spec", "import"), ("runtime", "import"),
-        ("orchestrator.run", "import"), ("ray", "lazy import"), ("runtime.modules", "lazy import"),
+        ("orchestrator.run", "type-only"), ("ray", "lazy import"), ("runtime.modules", "lazy import"),
         ("recipes", "dynamic"), ("pulp", "dynamic"), ("bench", "dynamic"), ("", "computed"),
     ]
+    assert {e.scope for e in edges if e.how in ("lazy import", "dynamic", "computed")} == {"build"}
     flagged = [int(v.split(" ")[0].split(":")[1]) for v in violations("runtime", edges)]
     assert flagged == [5, 7, 9, 10, 11, 12]  # orchestrator, ray, recipes, pulp, bench, a computed name
     kernels = source_edges("import math, torch, triton\nimport numpy\nfrom planner.spec import JobSpec\n", "k.py", "kernels")
@@ -252,17 +286,55 @@ def test_the_runtimes_checks_load_no_torch() -> None:
     assert loaded_by(["runtime.checks", "planner.usegraph"], ("torch",)) == {}
 
 
-def test_workers_do_not_import_the_planners_solver() -> None:
+def test_workers_do_not_import_the_planners_solver_or_metagraph() -> None:
     """Issue 10: a worker runs a Plan; it never loads the solver (MILP, pattern LP, wavefront, baselines, PuLP,
-    HiGHS)."""
-    assert loaded_by(WORKER_MODULES, SOLVER_MODULES) == {}
+    HiGHS) nor the planner's API, and the worker's own modules (the actor, the recipe registry, the worker and its
+    payload) never load planner.metagraph: its MetaOps come from the plan, the modes' roles and twins from its payload.
+    (A recipe may: the medical recipe's evaluator imports the single-process reference trainer, which builds one.)"""
+    found = loaded_by(WORKER_MODULES, ("planner.metagraph", *WORKER_NEVER))
+    assert found.get("planner.metagraph") in (None, *set(WORKER_MODULES) - set(WORKER_RUNTIME)), found
+    assert {m: first for m, first in found.items() if m != "planner.metagraph"} == {}
+
+
+def worker_files() -> list[Path]:
+    """Every runtime module a worker may run: those the worker's entry points import, at module level or inside a
+    function, followed through runtime's own imports (``from runtime import x`` included)."""
+    todo = ["runtime.executor", "runtime.host", "runtime.local_world", "runtime.payload"]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        path = ROOT / (name.replace(".", "/") + ".py")
+        if name in seen or not path.is_file():
+            continue
+        seen.add(name)
+        tree = ast.parse(path.read_text())
+        targets = [e.target for e in source_edges(path.read_text(), str(path), "runtime")]
+        targets += [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                    for a in n.names]
+        todo += [t for t in targets if t.startswith("runtime.")]
+    return [ROOT / (name.replace(".", "/") + ".py") for name in sorted(seen)]
+
+
+def test_worker_modules_import_no_solver_and_the_metagraph_only_for_types() -> None:
+    """Issue 10, statically (lazy imports too): the runtime modules a worker may run never import the solver stack or
+    planner.api; planner.metagraph only for types, or inside the driver-side functions of DRIVER_SIDE_METAGRAPH."""
+    files = worker_files()
+    names = {str(f.relative_to(ROOT)) for f in files}
+    assert {"runtime/executor.py", "runtime/payload.py", "runtime/rollout.py", "runtime/megatron_backend.py"} <= names
+    edges = [e for f in files for e in source_edges(f.read_text(), str(f.relative_to(ROOT)), "runtime")]
+    never = [str(e) for e in edges if any(e.target == m or e.target.startswith(m + ".") for m in WORKER_NEVER)]
+    assert not never, "a worker's modules import the solver or the planner's API:\n" + "\n".join(never)
+    graph = [e for e in edges if e.target == "planner.metagraph" and e.how != "type-only"]
+    assert not [str(e) for e in graph if not e.scope], "a worker's module loads the MetaGraph builder at import"
+    assert {(e.file, e.scope) for e in graph} == DRIVER_SIDE_METAGRAPH, [str(e) for e in graph]
 
 
 def test_worker_modules_never_rebuild_the_metagraph() -> None:
     """Issue 10: a worker takes its MetaOps, pieces and buckets from the Plan; the code a worker runs (the executor and
     what it reads the plan with) never names build_metagraph (tests/unit/runtime/test_gradient_buckets.py builds
     workers with it disabled)."""
-    for module in ("runtime.executor", "runtime.assignment", "runtime.steps", "runtime.zero", "runtime.channel"):
+    for module in ("runtime.executor", "runtime.transfers", "runtime.gradsync", "runtime.payload", "runtime.assignment",
+                   "runtime.steps", "runtime.zero", "runtime.channel"):
         tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
         names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
             n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | {

@@ -9,6 +9,7 @@ from planner.metagraph import build_metagraph
 from planner.schedule import Schedule, Slice, Wave
 from planner.spec import parse_job
 from runtime.executor import WaveWorker
+from runtime.prepare import build_payloads
 
 JOB = parse_job({
     "name": "buckets",
@@ -54,13 +55,14 @@ def test_workers_take_their_buckets_from_the_plan(monkeypatch):
     import planner.metagraph
 
     p = plan()
+    payloads = build_payloads(JOB, p)  # in the driver
 
     def refuse(job):
         raise AssertionError("a worker rebuilt the MetaGraph")
 
     monkeypatch.setattr(planner.metagraph, "build_metagraph", refuse)
     for rank in range(4):
-        w = WaveWorker(JOB, p, rank)
+        w = WaveWorker(payloads[rank])
         want = [(b.ready_wave, tuple(b.devices)) for b in p.grad_buckets if rank in b.devices and len(b.devices) > 1
                 and any(x.requires_grad for n, layer, _ in b.members for x in w.modules[(n, layer)].parameters())]
         assert [(b.ready_wave, b.devices) for b in w._grad_buckets] == want
@@ -68,7 +70,7 @@ def test_workers_take_their_buckets_from_the_plan(monkeypatch):
 
 def test_every_rank_of_a_device_set_launches_the_same_buckets_in_the_same_order():
     p = plan()
-    workers = [WaveWorker(JOB, p, rank) for rank in range(4)]
+    workers = [WaveWorker(payload) for payload in build_payloads(JOB, p)]
     for w in workers:
         buckets = w._grad_buckets
         waves = [b.ready_wave for b in buckets]

@@ -1,0 +1,107 @@
+"""Transfers at wave boundaries: the plan's pieces between devices, for runtime.executor.WaveWorker.
+
+Forward, rows of producers' outputs go to the devices that read them; backward, the gradients of those rows go back to
+every device of the producers. planner.program decided every piece; this module only moves them, in the plan's order
+on every rank, so the point-to-point calls pair up. Pieces cross in the compute precision (the plan's bytes) and are
+float32 again on arrival; large ones go through the worker's channel (runtime.channel) when it has one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from runtime.assignment import Piece
+from runtime.channel import piece_key
+from runtime.steps import StepState
+
+
+class PieceTransfers:
+    """The transfer half of a WaveWorker (mixed into it). Reads the worker's ``plan``, ``comm`` (its CommSchedule),
+    ``rank``, ``device``, ``wire_dtype``, ``channel``, ``roles`` and ``_rows(ref)``; keeps the last micro-batch's sent
+    pieces in :attr:`last_sent`."""
+
+    last_sent: list[tuple[Piece, int]] = []  # the last micro-batch's pieces sent to other devices, bytes as sent
+    _sent_step: int | None = None
+
+    def _exchange(self, wave: int, st: StepState, forward: bool, phase: int | None = None) -> None:
+        """Move the plan's pieces of one boundary (planner.program decided them): forward, rows of producers'
+        outputs to the devices that read them; backward, the gradients of those rows back to every device of
+        the producers (accumulated into their output gradients). Every rank walks the same boundaries and the
+        plan's pieces in the plan's order, so the point-to-point calls pair up."""
+        pieces = self.comm.pieces_at(wave, backward=not forward, phase=phase)
+        if self.roles is not None:  # rollout rows cross at their own width, and carry no gradient back
+            pieces = self.roles.wire_pieces(self.plan, pieces)
+        ops, landing, taken = [], [], []
+        for p in pieces:
+            if p.src != self.rank:
+                continue
+            tensor = self._piece_tensor(p, st, forward).to(self._wire_dtype_of(p))
+            if p.dst == self.rank:
+                landing.append((p, tensor.clone()))
+                continue
+            self._record_sent(st.move_id, p, tensor)
+            if self._by_channel(p):
+                self.channel.post(piece_key(st.move_id, forward, p, p.dst), tensor.contiguous())
+            else:
+                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), p.dst))
+        for p in pieces:
+            if p.dst != self.rank or p.src == self.rank:
+                continue  # not mine, or landed by the send loop
+            if self._by_channel(p):
+                taken.append(p)
+                continue
+            buf = torch.empty((p.stop - p.start, *p.shape), device=self.device, dtype=self._wire_dtype_of(p))
+            ops.append(dist.P2POp(dist.irecv, buf, p.src))
+            landing.append((p, buf))
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        landing += [(p, self.channel.take(p.src, piece_key(st.move_id, forward, p, self.rank))) for p in taken]
+        for p, tensor in landing:
+            self._land(p, tensor.float(), st, forward)
+
+    def _record_sent(self, move_id: int, p: Piece, tensor: torch.Tensor) -> None:
+        """Keep (piece, bytes) of every piece this device sends to another in :attr:`last_sent` (the last micro-batch's:
+        the plan's pieces are one micro-batch's)."""
+        if self._sent_step != move_id:
+            self._sent_step, self.last_sent = move_id, []
+        self.last_sent.append((p, tensor.numel() * tensor.element_size()))
+
+    def _by_channel(self, p: Piece) -> bool:
+        """Whether piece ``p`` moves through the channel: one of at least its ``min_bytes`` (rows in the compute
+        precision), a function of the job and plan, so both ends agree."""
+        size = (p.stop - p.start) * math.prod(p.shape) * self._wire_dtype_of(p).itemsize
+        return self.channel is not None and size >= self.channel.min_bytes
+
+    def _wire_dtype_of(self, p: Piece) -> torch.dtype:
+        """The dtype piece ``p`` crosses in: the compute precision, except a generate use's packed rollout rows, which
+        stay float32 (token ids are exact in float32 below 2^24, in bf16 only up to 256; runtime.rollout.pack)."""
+        producer = self.plan.waves[p.producer[0]].slices[p.producer[1]]
+        if self.roles is not None and producer.metaop in self.roles.generate:
+            return torch.float32
+        return self.wire_dtype
+
+    def _piece_tensor(self, p: Piece, st: StepState, forward: bool) -> torch.Tensor:
+        if forward:  # rows of my producer output
+            y = st.outputs[p.producer]
+            start, _ = self._rows(p.producer)
+            return y.detach()[p.start - start:p.stop - start]
+        leaf = st.inputs.get((p.consumer, p.input)) if p.consumer is not None else st.loss_inputs.get(p.producer)
+        start, _ = self._rows(p.target)
+        if leaf is None or leaf.grad is None:
+            return torch.zeros((p.stop - p.start, *p.shape), device=self.device)
+        return leaf.grad[p.start - start:p.stop - start]
+
+    def _land(self, p: Piece, tensor: torch.Tensor, st: StepState, forward: bool) -> None:
+        if forward:
+            key = ("slice", p.consumer, p.input) if p.consumer is not None else ("loss", p.producer)
+            st.received.setdefault(key, []).append((p.start, tensor))
+            return
+        start, stop = self._rows(p.producer)
+        grad = st.grad_out.get(p.producer)
+        if grad is None:
+            grad = st.grad_out[p.producer] = torch.zeros((stop - start, *p.shape), device=self.device)
+        grad[p.start - start:p.stop - start] += tensor
