@@ -93,6 +93,7 @@ def test_lagged_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tmp_p
     from runtime.executor import Groups, WaveWorker
     from runtime.local_world import free_port
     from runtime.portable import PortableReader, export_state, import_state
+    from runtime.prepare import build_payload
 
     job = grpo_job(rollout_lag=1, steps=4)
     job = job.model_copy(update={"cluster": job.cluster.model_copy(update={"devices_per_node": 1})})
@@ -100,20 +101,21 @@ def test_lagged_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tmp_p
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a worker process runs (runtime.host); more only oversubscribe the shared cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    payload = build_payload(job, plan, 0)
     try:
-        whole = WaveWorker(job, plan, 0, Groups.create(job, plan))
+        whole = WaveWorker(payload, Groups.create(payload))
         want = [whole.train_step(step) for step in range(4)]
-        first = WaveWorker(job, plan, 0, Groups.create(job, plan))
+        first = WaveWorker(payload, Groups.create(payload))
         assert [first.train_step(step) for step in range(2)] == want[:2]
         save_file(export_state(first), tmp_path / "rank_0.safetensors")
         index = {k: {"file": "rank_0.safetensors", "shape": list(t.shape)}
                  for k, t in load_file(tmp_path / "rank_0.safetensors").items()}
         assert any(k.startswith("a:grpo/rollout@2:") for k in index), sorted(index)[:5]
-        portable = WaveWorker(job, plan, 0, Groups.create(job, plan))
+        portable = WaveWorker(payload, Groups.create(payload))
         import_state(portable, PortableReader(tmp_path, index, "checkpoint"))
-        pickled = WaveWorker(job, plan, 0, Groups.create(job, plan))
+        pickled = WaveWorker(payload, Groups.create(payload))
         pickled.load_state_dict(first.state_dict())
-        fresh = WaveWorker(job, plan, 0, Groups.create(job, plan))  # its weights only: the rows decoded again
+        fresh = WaveWorker(payload, Groups.create(payload))  # its weights only: the rows decoded again
         fresh.load_state_dict({**first.state_dict(), "rollouts_ahead": {}})
         for resumed in (portable, pickled):
             assert [resumed.train_step(step) for step in (2, 3)] == want[2:]

@@ -12,6 +12,7 @@ from planner.metagraph import build_metagraph
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
 from planner.spec import parse_job
 from runtime.executor import WaveWorker
+from runtime.prepare import build_payload
 
 
 def test_rollout_rows_cross_in_float32_and_activations_in_bf16():
@@ -31,7 +32,7 @@ def test_rollout_rows_cross_in_float32_and_activations_in_bf16():
                              PlacedWave((PlacedSlice(ops["reward"].id, 0, 1, (1,), Layout(1, 1)),
                                          PlacedSlice(ops["policy"].id, 0, 1, (0,), Layout(1, 1))))))
     plan = plan_placed(job, placed, method="hand-made")
-    worker = WaveWorker(job, plan, 0)
+    worker = WaveWorker(build_payload(job, plan, 0))
     rollout = [p for p in plan.pieces if plan.waves[p.producer[0]].slices[p.producer[1]].metaop == ops["rollout"].id]
     crossing = [p for p in rollout if p.src != p.dst]
     assert crossing, "the rollout should cross to the reward's device"
