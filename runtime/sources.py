@@ -55,7 +55,7 @@ def check_data(job: JobSpec) -> None:
     for t, task in enumerate(job.tasks):
         check_packing(job, t)
         if task.data is not None:
-            _source(job.model_dump_json(), t)
+            _source(type(job), job.model_dump_json(), t)
     check_recipe_data(job)
 
 
@@ -84,17 +84,18 @@ def source_batch(job: JobSpec, t: int, step: int, start: int, stop: int, split: 
     docstring); a ValueError for a split other than train (a source has one split)."""
     if split != "train":
         raise ValueError(f"split ('{split}'): tasks[{t}].data has only the 'train' split.")
-    return _source(job.model_dump_json(), t).batch(step, start, stop)
+    return _source(type(job), job.model_dump_json(), t).batch(step, start, stop)
 
 
 def epoch_rows(job: JobSpec, t: int) -> int:
     """The rows of one epoch of task ``t``'s source: its lines, or the rows its packed documents fill."""
-    return _source(job.model_dump_json(), t).rows_per_epoch
+    return _source(type(job), job.model_dump_json(), t).rows_per_epoch
 
 
 @functools.lru_cache(maxsize=16)
-def _source(job_json: str, t: int) -> TaskSource:
-    return TaskSource(JobSpec.model_validate_json(job_json), t)
+def _source(kind: type, job_json: str, t: int) -> TaskSource:
+    """Task ``t``'s source of a job or of a worker's payload (runtime.payload: the same fields), cached by content."""
+    return TaskSource(kind.model_validate_json(job_json), t)
 
 
 @dataclass(frozen=True)
