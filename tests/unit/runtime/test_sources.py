@@ -202,7 +202,7 @@ def test_packed_rows_are_the_documents_in_epoch_order_with_segments_and_position
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
     seq = 8
     job = lm_job({"format": "text", "path": str(path), "tokenizer": str(tok_dir), "pack": True}, batch=2, seq=seq)
-    source = sources._source(job.model_dump_json(), 0)
+    source = sources._source(type(job), job.model_dump_json(), 0)
     docs = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
     total = sum(len(d) for d in docs)
     assert source.rows_per_epoch == math.ceil(total / seq)
