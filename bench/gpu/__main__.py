@@ -168,14 +168,26 @@ def megatron_check(device: str) -> list[dict]:
         dist.destroy_process_group()
 
 
+def guarded(check: str, precision: str, run, *args):
+    """``run(*args)``, or a failed record holding the error: one broken check must not cost the others (a GPU lease
+    is short)."""
+    try:
+        return run(*args)
+    except Exception as error:  # noqa: BLE001 - any failure of a check is that check's result
+        log.exception("%s check at %s failed", check, precision)
+        return {"check": check, "precision": precision, "ok": False, "error": f"{type(error).__name__}: {error}"}
+
+
 def report(records: list[dict]) -> str:
-    train = next(r for r in records if r["check"] == "training")
-    lines = ["# GPU path check", "",
-             f"Device: `{train['device']}`, {train['workers']} worker(s) ({'NCCL' if train['device'] == 'cuda' else 'gloo'}).",
-             "", "| check | result | detail |", "|---|---|---|"]
+    train = next((r for r in records if r["check"] == "training" and "error" not in r), None)
+    where = (f"Device: `{train['device']}`, {train['workers']} worker(s) "
+             f"({'NCCL' if train['device'] == 'cuda' else 'gloo'}).") if train else "No training check ran."
+    lines = ["# GPU path check", "", where, "", "| check | result | detail |", "|---|---|---|"]
     what = {"training": "training GPU_JOB", "pretrained": "training a pretrained HF Llama (kernels auto)"}
     for r in records:
-        if r["check"] in what:
+        if "error" in r:
+            lines.append(f"| {r['check']} at {r['precision']} | FAIL | {r['error'].splitlines()[0][:300]} |")
+        elif r["check"] in what:
             lines.append(
                 f"| {what[r['check']]} {r['steps']} steps at {r['precision']} vs single-process CPU fp32 | "
                 f"{'PASS' if r['ok'] else 'FAIL'} | worst relative loss difference {r['worst_rel_diff']:.1e} (limit "
@@ -200,11 +212,14 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     started = time.perf_counter()
-    records = [training_check(args.device, args.steps, precision) for precision in PRECISIONS]
+    records = [guarded("training", precision, training_check, args.device, args.steps, precision)
+               for precision in PRECISIONS]
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_check_llama(f"{tmp}/llama")
-        records += [pretrained_check(args.device, args.steps, precision, folder) for precision in PRECISIONS]
-    records += megatron_check(args.device)
+        records += [guarded("pretrained", precision, pretrained_check, args.device, args.steps, precision, folder)
+                    for precision in PRECISIONS]
+    megatron = guarded("megatron", "fp32", megatron_check, args.device)
+    records += megatron if isinstance(megatron, list) else [megatron]
     text = report(records)
     print(text)
     if not args.no_write:

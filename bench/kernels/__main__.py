@@ -133,21 +133,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cases = [c for c in CASES if not (args.skip_large and c[1] == TARGET["size"] and c[0] == TARGET["kernel"])]
     cases = [c for c in cases if not args.only or c[0] in args.only]
-    records = []
+    records, failed = [], []
     for kernel, size, repeats, warmup in cases:
         log.info("%s (%s) on %s", kernel, size_text(size), args.device)
-        records.append(run_case(kernel, size, args.device, repeats, warmup))
-    text = report(records, args.device, load_text())
+        try:
+            records.append(run_case(kernel, size, args.device, repeats, warmup))
+        except RuntimeError as error:  # one broken case must not cost the others (a GPU lease is short)
+            log.error("%s", error)
+            failed.append({"kernel": kernel, "size": size, "error": str(error)})
+    text = report(records, args.device, load_text()) + "".join(
+        f"\n**FAILED**: {f['kernel']} ({size_text(f['size'])}): {f['error'].strip().splitlines()[-1]}\n" for f in failed)
     if args.no_write:
         print(text)
-        return 0
+        return 1 if failed else 0
     env = environment(("torch", "triton", "numpy"))
     from pathlib import Path
 
     write_results("kernels" if args.device == "cpu" else f"kernels-{args.device}", records, text,
-                  {"device": args.device, "cases": cases}, env=env,
+                  {"device": args.device, "cases": cases, "failed": failed}, env=env,
                   results_dir=Path(args.results_dir) if args.results_dir else None)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
