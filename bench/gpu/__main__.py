@@ -24,16 +24,18 @@ Writes bench/results/gpu.{json,md}.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from bench.common import write_results
-from planner.api import plan_job
+from planner.api import make_cost_model, plan_job
 from planner.spec import parse_job
 from runtime.local_world import run_world
 from runtime.reference import ReferenceTrainer
@@ -73,17 +75,24 @@ GPU_JOB = {
 
 
 def training_check(device: str, steps: int, precision: str = "fp32", data: dict | None = None,
-                   check: str = "training") -> dict:
+                   check: str = "training", profiled: bool = False) -> dict:
     """Train ``data`` (default GPU_JOB) at ``precision`` on this host's GPUs (or CPU processes) and at float32 on one
-    CPU process; losses and step times."""
+    CPU process; losses and step times. ``profiled``: plan with the costs ``loom profile`` measures on this host (as
+    ``loom run --costs``), so the step time is checked against a measured-cost prediction."""
     gpus = torch.cuda.device_count() if device == "cuda" else 2
     data = data or GPU_JOB
     data = data | {"cluster": data["cluster"] | {"devices_per_node": max(1, gpus),
                                                  "device": "h100" if device == "cuda" else "cpu"}}
     data["training"] = data["training"] | {"steps": steps, "precision": precision}
     job = parse_job(data)
-    plan = plan_job(job, with_baselines=False).plan
     with tempfile.TemporaryDirectory() as tmp:
+        costs = None
+        if profiled:
+            from runtime.profiler import profile_job
+
+            costs = Path(tmp) / "costs.json"
+            costs.write_text(json.dumps(profile_job(job, repeats=3)))
+        plan = plan_job(job, make_cost_model(job, costs), with_baselines=False).plan
         world = run_world(job, plan, steps, tmp)
     reference = ReferenceTrainer(job.model_copy(update={"training": job.training.model_copy(
         update={"precision": "fp32"})}))
@@ -183,7 +192,8 @@ def report(records: list[dict]) -> str:
     where = (f"Device: `{train['device']}`, {train['workers']} worker(s) "
              f"({'NCCL' if train['device'] == 'cuda' else 'gloo'}).") if train else "No training check ran."
     lines = ["# GPU path check", "", where, "", "| check | result | detail |", "|---|---|---|"]
-    what = {"training": "training GPU_JOB", "pretrained": "training a pretrained HF Llama (kernels auto)"}
+    what = {"training": "training GPU_JOB", "pretrained": "training a pretrained HF Llama (kernels auto)",
+            "profiled": "training GPU_JOB planned with `loom profile`'s costs"}
     for r in records:
         if "error" in r:
             lines.append(f"| {r['check']} at {r['precision']} | FAIL | {r['error'].splitlines()[0][:300]} |")
@@ -192,7 +202,7 @@ def report(records: list[dict]) -> str:
                 f"| {what[r['check']]} {r['steps']} steps at {r['precision']} vs single-process CPU fp32 | "
                 f"{'PASS' if r['ok'] else 'FAIL'} | worst relative loss difference {r['worst_rel_diff']:.1e} (limit "
                 f"{r['limit']:.0e}); median step {r['median_step_s'] * 1e3:.1f} ms, predicted "
-                f"{r['predicted_s'] * 1e3:.1f} ms |")
+                f"{r['predicted_s'] * 1e3:.1f} ms ({r['median_step_s'] / r['predicted_s']:.2f}x) |")
         if r["check"] == "megatron":
             lines.append(f"| megatron-core {r['variant']} block, TP=1 | {'PASS' if r['ok'] else 'FAIL'} | max |out "
                          f"diff| {r['max_out_diff']:.1e}, max |input grad diff| {r['max_grad_diff']:.1e} |")
@@ -214,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     records = [guarded("training", precision, training_check, args.device, args.steps, precision)
                for precision in PRECISIONS]
+    records.append(guarded("profiled", "fp32", training_check, args.device, args.steps, "fp32", None, "profiled", True))
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_check_llama(f"{tmp}/llama")
         records += [guarded("pretrained", precision, pretrained_check, args.device, args.steps, precision, folder)
@@ -223,8 +234,6 @@ def main(argv: list[str] | None = None) -> int:
     text = report(records)
     print(text)
     if not args.no_write:
-        from pathlib import Path
-
         write_results("gpu", records, text, {"device": args.device, "steps": args.steps,
                                               "seconds": time.perf_counter() - started},
                       results_dir=Path(args.results_dir) if args.results_dir else None)

@@ -30,7 +30,7 @@ def test_a_failing_check_is_reported_and_the_others_still_run(monkeypatch, capsy
                                                                   "max_out_diff": 0.0, "max_grad_diff": 0.0,
                                                                   "ok": True}])
     assert main(["--device", "cpu", "--results-dir", str(tmp_path)]) == 1
-    assert len(ran) == 4  # both precisions of both training checks ran although each failed
+    assert len(ran) == 5  # both precisions of both training checks and the profiled one ran although each failed
     text = (tmp_path / "gpu.md").read_text()
-    assert text.count("| FAIL | RuntimeError: NCCL error: unhandled system error |") == 4
+    assert text.count("| FAIL | RuntimeError: NCCL error: unhandled system error |") == 5
     assert "| megatron-core llama block, TP=1 | PASS |" in text
