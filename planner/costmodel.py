@@ -205,11 +205,9 @@ class CostModel:
         return op.layer.params * self.bytes_per_param(op, layout) / layout.tp_degree
 
     def activation_bytes(self, op: MetaOp, layout: Layout) -> float:
-        """Bytes per device per layer kept from forward to backward (``layer.act_bytes``: planner.memory; only the
-        layer input under recompute). A MetaOp without backward keeps just its last output (each layer's is freed
-        once the next has run): its one output spread over its layers, so that a MetaOp's layers add up to it; a
-        generate MetaOp, its KV cache. A layer's input and output on a device are the float32 residual stream
-        whatever the precision (``out_bytes`` prices them as they cross devices, in the compute precision)."""
+        """Bytes per device per layer kept for backward (planner.memory; under recompute the layer's input). Without
+        backward, its last output spread over its layers; a generate MetaOp, its KV cache. Inputs and outputs kept
+        are the float32 stream whatever the precision (``out_bytes`` is what crosses devices, in compute dtype)."""
         if op.gen is not None and op.gen.decoder is not None:  # generate: the KV cache, sharded by heads over TP
             dec = op.gen.decoder
             return kv_cache_bytes(dec.layers, dec.kv_dim, dec.prompt + dec.new_tokens, self.grad_bytes,
@@ -217,8 +215,7 @@ class CostModel:
         stream = op.layer.out_bytes * STREAM_BYTES / ACT_BYTES[self.precision]
         if op.backward_factor == 0:
             return stream * self.local_batch(op, layout) / layout.tp_degree / op.num_layers
-        saved = stream if op.recompute else op.layer.act_bytes
-        return saved * self.local_batch(op, layout) / layout.tp_degree
+        return (stream if op.recompute else op.layer.act_bytes) * self.local_batch(op, layout) / layout.tp_degree
 
     def layer_memory(self, op: MetaOp, layout: Layout) -> float:
         """Bytes per device for one layer: parameter state plus activations saved for backward."""
