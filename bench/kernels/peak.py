@@ -19,12 +19,13 @@ TOP = 8  # groups kept per side
 
 
 def where(frames: list[dict], root: Path) -> str:
-    """``path:line function`` of the innermost frame in ``root`` (Loom's code), else the innermost frame's file, else
-    the autograd engine's thread (a C++ backward has no Python frame)."""
-    for frame in frames:
-        path = Path(frame.get("filename", ""))
-        if path.is_relative_to(root) and path.name != "peak.py":
-            return f"{path.relative_to(root)}:{frame.get('line')} {frame.get('name')}"
+    """``path:line function`` of the innermost frame in ``root`` (Loom's code) outside bench/ (the kernels), else in
+    bench/ (a naive expression's line), else the innermost frame's file, else the autograd engine's thread (a C++
+    backward has no Python frame)."""
+    ours = [(Path(f.get("filename", "")), f) for f in frames]
+    ours = [(path.relative_to(root), f) for path, f in ours if path.is_relative_to(root) and path.name != "peak.py"]
+    for rel, frame in sorted(ours, key=lambda item: item[0].parts[0] == "bench"):  # stable: innermost first
+        return f"{rel}:{frame.get('line')} {frame.get('name')}"
     if frames:
         return f"{Path(frames[0].get('filename', '?')).name}:{frames[0].get('line')} {frames[0].get('name')}"
     return "no Python frame (the autograd engine's backward)"

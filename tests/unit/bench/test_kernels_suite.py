@@ -11,7 +11,7 @@ import torch
 from bench.kernels.__main__ import CASES as BENCH_CASES
 from bench.kernels.__main__ import TARGET, main, report, runs_on
 from bench.kernels.cases import CASES, run_case
-from bench.kernels.peak import live_at_peak
+from bench.kernels.peak import live_at_peak, where
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -42,6 +42,7 @@ def test_without_cuda_the_gpu_run_refuses_in_one_line(monkeypatch, capsys) -> No
 def frames(path: str, line: int, name: str) -> list[dict]:
     """An allocation's Python stack as the allocator records it, innermost first (a torch frame above Loom's)."""
     return [{"filename": "/usr/lib/python3/site-packages/torch/functional.py", "line": 1, "name": "inner"},
+            {"filename": str(ROOT / "bench/kernels/cases.py"), "line": 5, "name": "forward_backward"},
             {"filename": str(ROOT / path), "line": line, "name": name}]
 
 
@@ -66,6 +67,8 @@ def test_live_at_peak_keeps_what_was_allocated_and_not_yet_freed_at_the_highest_
         {"where": "no Python frame (the autograd engine's backward)", "bytes": 48 * mib, "count": 1},
         {"where": "kernels/triton_kernels.py:30 bwd", "bytes": 32 * mib, "count": 2},
     ]
+    # a naive expression's allocation has only the bench's frames: its line there
+    assert where(frames("kernels/norms.py", 20, "tmp")[:2], ROOT) == "bench/kernels/cases.py:5 forward_backward"
 
 
 def test_the_report_says_where_a_kernel_above_the_naive_peak_holds_its_memory() -> None:
