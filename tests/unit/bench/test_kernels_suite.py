@@ -11,7 +11,7 @@ import torch
 from bench.kernels.__main__ import CASES as BENCH_CASES
 from bench.kernels.__main__ import TARGET, main, report, runs_on
 from bench.kernels.cases import CASES, run_case
-from bench.kernels.peak import live_at_peak, where
+from bench.kernels.peak import live_at_peak, traced_peak, where
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -91,3 +91,17 @@ def test_a_gpu_run_warms_up_every_case_the_target_too() -> None:
     assert target[2:] == (1, 0)  # on 2 CPU cores the target runs once, cold (minutes per variant)
     assert runs_on("cpu", 1, 0) == (1, 0)
     assert all(runs_on("cuda", r, w) >= (3, 1) and runs_on("cuda", r, w)[1] >= 1 for _, _, r, w in BENCH_CASES)
+
+
+def test_a_peak_that_cannot_be_traced_is_an_error_entry_not_a_failed_case(monkeypatch) -> None:
+    """Without the CUDA allocator's history (here: no GPU) the timed figures stand and the trace says why it is
+    missing; ``run`` is not called without a history to record it in."""
+    calls = []
+
+    def broken_history(*args, **kwargs):
+        raise RuntimeError("no CUDA allocator here")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", broken_history)
+    traced = traced_peak(lambda: calls.append(1), ROOT)
+    assert traced == {"error": "RuntimeError: no CUDA allocator here"} and calls == []
