@@ -19,6 +19,7 @@ import triton.language as tl
 
 MAX_BLOCK_V = 4096  # columns of a logits row one step of the row loop reads
 ROW_PROGRAMS = 1024  # at most this many programs share a reduction over rows (RMSNorm's weight gradient)
+PROGRAMS_PER_SM = 2  # on a GPU, RMSNorm's backward runs this many programs per multiprocessor (its dW partials)
 
 
 @triton.jit
@@ -148,8 +149,9 @@ def rms_norm_forward(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     summed = torch.empty_like(x) if residual is not None else x
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
+        block = triton.next_power_of_2(width)
         _rms_forward_kernel[(rows,)](x, residual if residual is not None else x, weight, y, summed, rstd, width, eps,
-                                     HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(width))
+                                     HAS_RES=residual is not None, BLOCK=block, num_warps=_warps(block))
     return y, summed, rstd
 
 
@@ -157,14 +159,30 @@ def rms_norm_backward(grad_y: torch.Tensor, grad_sum: torch.Tensor | None, summe
                       weight: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(d input, d weight): the input's gradient includes ``grad_sum``, the gradient reaching x + residual."""
     rows, width = summed.shape
-    programs = max(1, min(rows, ROW_PROGRAMS))
+    programs = row_programs(rows, summed.device)
     dx = torch.empty_like(summed)
     dw = torch.zeros(programs, width, dtype=torch.float32, device=summed.device)
     if rows:
+        block = triton.next_power_of_2(width)
         _rms_backward_kernel[(programs,)](grad_y, grad_sum if grad_sum is not None else grad_y, summed, weight, rstd,
-                                          dx, dw, rows, width, HAS_DSUM=grad_sum is not None,
-                                          BLOCK=triton.next_power_of_2(width))
+                                          dx, dw, rows, width, HAS_DSUM=grad_sum is not None, BLOCK=block,
+                                          num_warps=_warps(block))
     return dx, dw.sum(0).to(weight.dtype)
+
+
+def row_programs(rows: int, device: torch.device) -> int:
+    """Programs of RMSNorm's backward: each loops over every ``programs``-th row and keeps one float32 row of weight
+    gradient, so the ``(programs, H)`` partials it leaves cost memory: on a GPU enough programs to fill its
+    multiprocessors (PROGRAMS_PER_SM each), never more than ROW_PROGRAMS or the rows."""
+    programs = ROW_PROGRAMS
+    if device.type == "cuda":
+        programs = min(programs, PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count)
+    return max(1, min(rows, programs))
+
+
+def _warps(block: int) -> int:
+    """Warps of a program that holds ``block`` columns of a row: 16 columns per thread, 4 to 16 warps."""
+    return max(4, min(16, block // 512))
 
 
 @triton.jit

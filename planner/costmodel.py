@@ -23,6 +23,7 @@ from planner.costfit import alpha_beta
 from planner.devices import Hardware
 from planner.errors import PlanningError
 from planner.generation import generate_time, kv_cache_bytes
+from planner.memory import ACT_BYTES, STREAM_BYTES
 from planner.metagraph import MetaOp
 from planner.spec import JobSpec
 from planner.usegraph import leaf_uses, use_component
@@ -204,17 +205,17 @@ class CostModel:
         return op.layer.params * self.bytes_per_param(op, layout) / layout.tp_degree
 
     def activation_bytes(self, op: MetaOp, layout: Layout) -> float:
-        """Bytes per device per layer kept from forward to backward (only the layer input under recompute). A
-        MetaOp without backward keeps just its last output (each layer's is freed once the next has run): its one
-        output spread over its layers, so that a MetaOp's layers add up to it; a generate MetaOp, its KV cache."""
+        """Bytes per device per layer kept for backward (planner.memory; under recompute the layer's input). Without
+        backward, its last output spread over its layers; a generate MetaOp, its KV cache. Inputs and outputs kept
+        are the float32 stream whatever the precision (``out_bytes`` is what crosses devices, in compute dtype)."""
         if op.gen is not None and op.gen.decoder is not None:  # generate: the KV cache, sharded by heads over TP
             dec = op.gen.decoder
             return kv_cache_bytes(dec.layers, dec.kv_dim, dec.prompt + dec.new_tokens, self.grad_bytes,
                                   self.local_batch(op, layout)) / layout.tp_degree
+        stream = op.layer.out_bytes * STREAM_BYTES / ACT_BYTES[self.precision]
         if op.backward_factor == 0:
-            return op.layer.out_bytes * self.local_batch(op, layout) / layout.tp_degree / op.num_layers
-        saved = op.layer.out_bytes if op.recompute else op.layer.act_bytes
-        return saved * self.local_batch(op, layout) / layout.tp_degree
+            return stream * self.local_batch(op, layout) / layout.tp_degree / op.num_layers
+        return (stream if op.recompute else op.layer.act_bytes) * self.local_batch(op, layout) / layout.tp_degree
 
     def layer_memory(self, op: MetaOp, layout: Layout) -> float:
         """Bytes per device for one layer: parameter state plus activations saved for backward."""

@@ -44,6 +44,18 @@ CASES = [
 ]
 
 
+GPU_RUNS = (3, 1)  # on a GPU every case, the target too, gets at least 3 timed runs after 1 warm-up run
+
+
+def runs_on(device: str, repeats: int, warmup: int) -> tuple[int, int]:
+    """(repeats, warm-up runs) of a case on ``device``. CASES sizes them for 2 CPU cores (the target once, cold); on a
+    GPU a run takes a second, and a cold first run times Triton compiling its kernels for the case's block sizes
+    (the tiny warm-up case in bench.kernels.cases compiles other ones), not the kernels."""
+    if device == "cpu":
+        return repeats, warmup
+    return max(repeats, GPU_RUNS[0]), max(warmup, GPU_RUNS[1])
+
+
 def run_case(kernel: str, size: dict, device: str, repeats: int, warmup: int) -> dict:
     """One case in a fresh process (bench.kernels.cases); its record."""
     case = {"kernel": kernel, "size": size, "device": device, "repeats": repeats, "warmup": warmup}
@@ -110,7 +122,31 @@ def report(records: list[dict], device: str, load: str) -> str:
     target = [r for r in records if r["kernel"] == TARGET["kernel"] and r["size"] == TARGET["size"]]
     if target:
         lines += target_verdict(target[0])
+    lines += at_peak_lines(records)
     return "\n".join(lines) + "\n"
+
+
+def at_peak_lines(records: list[dict]) -> list[str]:
+    """For each case whose kernel held more than the naive expression at its peak (CUDA runs record what each side
+    held there, bench.kernels.peak): both sides' largest allocations live at that moment, by the line that made them."""
+    over = [r for r in records if "at_peak" in r["fused"] and r["fused"]["peak_bytes"] > r["naive"]["peak_bytes"]]
+    if not over:
+        return []
+    lines = ["", "## Where the peak goes (kernels above the naive peak)", "",
+             "Allocations made during one more, untimed forward + backward of each side and live at its highest "
+             "allocated total (CUDA allocator history), grouped by the line that made them.", ""]
+    for r in over:
+        lines.append(f"**{r['kernel']}** ({size_text(r['size'])}):")
+        lines.append("")
+        for side in ("naive", "fused"):
+            traced = r[side]["at_peak"]
+            if "error" in traced:
+                lines.append(f"- {side}: not traced ({traced['error']})")
+                continue
+            parts = "; ".join(f"{p['bytes'] / MIB:.1f} MiB x{p['count']} at `{p['where']}`" for p in traced["parts"])
+            lines.append(f"- {side}: {traced['bytes'] / MIB:.1f} MiB: {parts}")
+        lines.append("")
+    return lines
 
 
 def load_text() -> str:
@@ -137,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     for kernel, size, repeats, warmup in cases:
         log.info("%s (%s) on %s", kernel, size_text(size), args.device)
         try:
-            records.append(run_case(kernel, size, args.device, repeats, warmup))
+            records.append(run_case(kernel, size, args.device, *runs_on(args.device, repeats, warmup)))
         except RuntimeError as error:  # one broken case must not cost the others (a GPU lease is short)
             log.error("%s", error)
             failed.append({"kernel": kernel, "size": size, "error": str(error)})

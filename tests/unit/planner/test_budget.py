@@ -116,7 +116,7 @@ def test_memory_tightening_trades_speed_for_memory():
 
 
 def test_memory_repair_plans_a_job_whose_fastest_layouts_do_not_fit():
-    """Four image-to-LLM tasks (a 7B-shaped LLM, 2,048 tokens, batch 128) on 8 A800s: every candidate of the
+    """Four image-to-LLM tasks (a 7B-shaped LLM, 2,048 tokens, batch 80) on 8 A800s: every candidate of the
     fastest layouts needs more than 80 GiB on some device; solving again within half a device gives a plan whose
     every device fits, with the LLM on larger tensor-parallel degrees than its fastest layouts."""
     data = {"name": "mem", "cluster": {"num_nodes": 1, "devices_per_node": 8, "device": "a800"},
@@ -125,7 +125,7 @@ def test_memory_repair_plans_a_job_whose_fastest_layouts_do_not_fit():
                                    "recompute": True},
                            "vit": {"kind": "vit", "num_layers": 24, "hidden_size": 1024, "num_heads": 16,
                                    "patch_size": 14, "image_size": 224}},
-            "tasks": [{"name": f"t{i}", "batch_size": 128, "components": [{"component": "vit"}, {"component": "llm"}]}
+            "tasks": [{"name": f"t{i}", "batch_size": 80, "components": [{"component": "vit"}, {"component": "llm"}]}
                       for i in range(4)]}
     messages: list[str] = []
     outcome = plan_job(parse_job(data), progress=messages.append)

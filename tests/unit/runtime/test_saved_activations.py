@@ -56,3 +56,47 @@ def test_the_planner_predicts_what_decoder_and_mlp_layers_save(precision):
         measured = saved_bytes(layer, x, precision, **kwargs)
         (segment,) = kind_of(comp).segments(comp, "c", shape, saved_mode(precision, "auto"))
         assert abs(batch * segment.act_bytes / measured - 1) <= TOLERANCE, (comp.kind, measured, segment.act_bytes)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_under_recompute_the_planner_prices_the_float32_input_the_checkpoint_keeps(precision):
+    """A recomputed layer (runtime.modules runs it under torch's non-reentrant checkpoint) keeps only its input, the
+    float32 residual stream whatever the precision: what CostModel.activation_bytes prices for a recompute MetaOp
+    (under bf16, twice the bytes its output costs on the wire)."""
+    from dataclasses import replace
+
+    from planner.api import make_cost_model
+    from planner.costmodel import Layout
+    from planner.metagraph import build_metagraph
+    from planner.spec import parse_job
+    from runtime.modules import LlamaBlock
+
+    h, seq, batch = 64, 32, 2
+    job = parse_job({"name": "ckpt", "cluster": {"num_nodes": 1, "devices_per_node": 1, "device": "a800"},
+                     "components": {"llm": {"kind": "llama", "num_layers": 2, "hidden_size": h, "num_heads": 4,
+                                            "num_kv_heads": 2, "ffn_hidden_size": 176, "seq_len": seq,
+                                            "recompute": True}},
+                     "training": {"precision": precision},
+                     "tasks": [{"name": "t", "batch_size": batch, "components": [{"component": "llm"}]}]})
+    (op,) = [o for o in build_metagraph(job).metaops if o.component == "llm"]
+    assert op.recompute and op.backward_factor > 0
+    cost_model = make_cost_model(job)
+    predicted = cost_model.activation_bytes(op, Layout(1, 1))  # the whole batch on one device
+
+    layer = LlamaBlock(h, 4, 2, 176, kernels="auto")
+    params = {p.data_ptr() for p in layer.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(batch, seq, h, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    assert sum(kept.values()) == batch * seq * h * 4
+    assert predicted == pytest.approx(sum(kept.values()))
+    # without recompute the same layer keeps far more (planner.memory's per-layer figure)
+    assert cost_model.activation_bytes(replace(op, recompute=False), Layout(1, 1)) > 5 * predicted
