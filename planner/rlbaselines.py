@@ -33,6 +33,7 @@ evaluates it; plans do not adopt it: the runtime refuses gradient accumulation w
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import replace
@@ -298,13 +299,31 @@ class Work:
         return max(0.0, (self.budget if self.fits else max(self.budget, RL_SEARCH_BUDGET)) - self.spent)
 
 
+@contextlib.contextmanager
+def uneven_rows(cost_model: CostModel):
+    """``cost_model`` with :attr:`~planner.costmodel.CostModel.uneven_rows` on inside the block: its layouts take any
+    data-parallel degree up to the batch (planner.rows), so a pool of any size runs a MetaOp on all its devices."""
+    before, cost_model.uneven_rows = cost_model.uneven_rows, True
+    try:
+        yield cost_model
+    finally:
+        cost_model.uneven_rows = before
+
+
 def _search(problem: Problem, cost_model: CostModel, build, work: Work | None = None
             ) -> tuple[PlacedSchedule, Simulation] | None:
     """The fitting placement with the shortest predicted iteration (else the fastest) among ``build(version, stages,
     work)`` (an iterable of placements, None for impossible ones) over pipeline stage counts (:data:`STAGES`, more
     only while none fits) and the layout versions for each (:func:`tightened`), until ``work`` (a fresh
-    :class:`Work` by default) has nothing left; the first placement is always simulated."""
-    work = work or Work()
+    :class:`Work` by default) has nothing left; the first placement is always simulated. Every role placement
+    (colocated, split, Loom's) searches with uneven row shares (:func:`uneven_rows`): the same freedom for all."""
+    with uneven_rows(cost_model):
+        problem = replace(problem, curves=tuple(cost_model.curve(op) for op in problem.graph.metaops))
+        return _search_versions(problem, cost_model, build, work or Work())
+
+
+def _search_versions(problem: Problem, cost_model: CostModel, build, work: Work
+                     ) -> tuple[PlacedSchedule, Simulation] | None:
     best = None
     blocks = -(-problem.num_devices // DEVICES_PER_UNIT)
     for stages in STAGES:

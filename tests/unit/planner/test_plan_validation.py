@@ -137,10 +137,10 @@ CASES = [
      "strictly ascending"),
     ("dp x tp is not the device count", _set("waves.0.slices.1.dp_degree", 1), "waves[0].slices[1] ('dp 1 x tp 1') "
      "does not match its 2 devices"),
-    ("dp does not divide the batch", _set("waves.0.slices.1", {
+    ("rows not the shares", _set("waves.0.slices.1", {
         "metaop": 2, "first_layer": 0, "num_layers": 2, "devices": [0, 1, 3], "dp_degree": 3, "tp_degree": 1,
-        "time_s": 0.1, "forward_s": 0.03, "memory_bytes": 1.0}), "waves[0].slices[1].dp_degree (3) does not divide "
-     "MetaOp b.img's batch of 4"),
+        "time_s": 0.1, "forward_s": 0.03, "memory_bytes": 1.0, "rows": [1, 1, 2]}), "waves[0].slices[1].rows "
+     "([1, 1, 2]) are not the shares of MetaOp b.img's batch the program moves; expected [2, 1, 1]"),
     ("tensor parallel across nodes", _two_nodes_tp, "waves[0].slices[1].devices ([1, 2]) form a tensor-parallel group "
      "across nodes"),
     ("NaN time", _set("waves.1.slices.0.time_s", math.nan), "waves[1].slices[0].time_s (nan) is not a finite positive"),
