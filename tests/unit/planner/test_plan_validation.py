@@ -116,7 +116,7 @@ def _head_before_encoder(data: dict) -> None:
 def _two_nodes_tp(data: dict) -> None:
     data["cluster"] |= {"num_nodes": 2, "devices_per_node": 2}
     data["peak_memory_bytes"] = data["peak_memory_bytes"][:4]
-    data["waves"][0]["slices"][1] |= {"devices": [1, 2], "dp_degree": 1, "tp_degree": 2}
+    data["waves"][0]["slices"][1] |= {"devices": [1, 2], "dp_degree": 1, "tp_degree": 2, "rows": [4]}
     data["waves"][0]["slices"][0] |= {"devices": [0]}
 
 
@@ -195,7 +195,7 @@ def test_an_edited_and_resealed_plan_is_refused_with_the_field(plan, edit, fragm
 
 def test_a_different_tp_degree_on_one_layer_is_refused(plan) -> None:
     def edit(data: dict) -> None:  # b.enc's layers 0-2 on [0, 1] as one TP group; a.enc ran them at TP 1
-        data["waves"][1]["slices"][1] |= {"dp_degree": 1, "tp_degree": 2}
+        data["waves"][1]["slices"][1] |= {"dp_degree": 1, "tp_degree": 2, "rows": [4]}
     assert "waves[1].slices[1].tp_degree (2) differs from another slice's degree 1 on layers of parameter group enc" \
         in refusal(edited(plan, edit))
 
