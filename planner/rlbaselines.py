@@ -33,7 +33,6 @@ evaluates it; plans do not adopt it: the runtime refuses gradient accumulation w
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from dataclasses import replace
@@ -45,6 +44,7 @@ from planner.costmodel import CostModel, Curve
 from planner.placement import PlacedSchedule
 from planner.refine import DEVICES_PER_UNIT
 from planner.rolloutlag import lagged_generate
+from planner.rows import uneven_rows
 from planner.schedule import Problem
 from planner.simulator import Simulation, simulate
 
@@ -304,17 +304,6 @@ class Work:
     def left(self) -> float:
         """Units left: of ``budget`` once something fits, else of the larger of it and :data:`RL_SEARCH_BUDGET`."""
         return max(0.0, (self.budget if self.fits else max(self.budget, RL_SEARCH_BUDGET)) - self.spent)
-
-
-@contextlib.contextmanager
-def uneven_rows(cost_model: CostModel):
-    """``cost_model`` with :attr:`~planner.costmodel.CostModel.uneven_rows` on inside the block: its layouts take any
-    data-parallel degree up to the batch (planner.rows), so a pool of any size runs a MetaOp on all its devices."""
-    before, cost_model.uneven_rows = cost_model.uneven_rows, True
-    try:
-        yield cost_model
-    finally:
-        cost_model.uneven_rows = before
 
 
 def _search(problem: Problem, cost_model: CostModel, build, work: Work | None = None

@@ -15,6 +15,7 @@ the gradients summed over the ranks do not depend on how the rows are shared.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 
@@ -42,3 +43,15 @@ def rank_rows(batch: int, dp: int, rank: int) -> tuple[int, int]:
 def even(batch: int, dp: int) -> bool:
     """Whether every rank owns the same number of rows."""
     return batch % dp == 0
+
+
+@contextlib.contextmanager
+def uneven_rows(cost_model):
+    """``cost_model`` (a planner.costmodel.CostModel) with ``uneven_rows`` on inside the block: its layouts take any
+    data-parallel degree up to the batch, so a pool of any size runs a MetaOp on all its devices (the RL role
+    searches, planner.rlbaselines); its curves are cached per setting."""
+    before, cost_model.uneven_rows = cost_model.uneven_rows, True
+    try:
+        yield cost_model
+    finally:
+        cost_model.uneven_rows = before

@@ -424,9 +424,8 @@ class WaveWorker(PieceTransfers, GradientSync):
             batch = st.batch(self.payload, t, step, start, stop)
             group = self.comm_loss_groups[host.task]
             if len(group) > 1:  # the task's other shards: a loss over the whole batch gathers their rows
-                batch = replace(batch, gather_rows=functools.partial(
-                    _GatherRows.apply, group=self.groups.by_devices[group],
-                    shares=row_shares(self.comm.batch(s.metaop), s.dp_degree)))
+                batch = replace(batch, gather_rows=functools.partial(_GatherRows.apply, group=self.groups.by_devices[
+                    group], shares=row_shares(self.comm.batch(s.metaop), s.dp_degree)))
             per_sample = self.modules[("head:" + host.task, 0)](outputs, batch)
             out[host.task] = task.loss_weight * per_sample.float().sum() / task.batch_size
         return out
@@ -484,16 +483,13 @@ class WaveWorker(PieceTransfers, GradientSync):
 
 class _GatherRows(torch.autograd.Function):
     """Rows of every data-parallel shard of a loss, concatenated in rank order (``shares``: rows per rank, planner.rows;
-    shards one row short are padded for the all-gather); backward sums the gradient of the whole over the shards
+    a shard one row short is padded for the all-gather); backward sums the gradient of the whole over the shards
     (every shard's loss reads every row) and hands each its own rows."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group, shares: tuple[int, ...]) -> torch.Tensor:
-        rank = dist.get_rank(group)
-        ctx.group, ctx.start, ctx.rows = group, sum(shares[:rank]), x.shape[0]
-        most = max(shares)
-        padded = x.new_zeros((most, *x.shape[1:]))
-        padded[:x.shape[0]] = x
+        ctx.group, ctx.start, ctx.rows = group, sum(shares[:dist.get_rank(group)]), x.shape[0]
+        padded = torch.cat([x, x.new_zeros((max(shares) - x.shape[0], *x.shape[1:]))]).contiguous()
         pieces = [torch.empty_like(padded) for _ in shares]
         dist.all_gather(pieces, padded, group=group)
         return torch.cat([piece[:n] for piece, n in zip(pieces, shares)])

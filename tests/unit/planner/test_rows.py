@@ -10,8 +10,8 @@ from planner.api import plan_placed
 from planner.costmodel import Layout
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
 from planner.program import forward_moves
-from planner.rlbaselines import split_schedule, uneven_rows
-from planner.rows import rank_rows, row_bounds, row_shares
+from planner.rlbaselines import split_schedule
+from planner.rows import rank_rows, row_bounds, row_shares, uneven_rows
 from runtime.assignment import sample_range
 from tests.unit.planner.test_generation import setup
 
