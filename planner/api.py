@@ -35,6 +35,7 @@ from planner.plan import (
 from planner.program import plan_buckets, plan_holdings, plan_pieces, process_groups
 from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
 from planner.rlbaselines import rl_budget, with_role_candidate
+from planner.rows import row_shares
 from planner.simulator import Simulation, simulate, split_passes
 from planner.solver import Candidate, SolveResult, SolverSettings, clocks, solve
 from planner.spec import JobSpec
@@ -216,7 +217,10 @@ def plan_placed(job: JobSpec, placed: PlacedSchedule, cost_model: CostModel | No
     sim = simulate(problem, placed, cost_model)
     bounds = plan_bounds(problem, cost_model)
     schedule = schedule_of(placed)
-    makespan = compute_makespan(problem, schedule)
+    try:
+        makespan = compute_makespan(problem, schedule)
+    except KeyError:  # a count the job's curves do not pick (uneven row shares, planner.rows): as simulated
+        makespan = sim.compute_s
     gap = (makespan - bounds.dag_s) / makespan if makespan > 0 else 0.0
     result = SolveResult(schedule, method, "heuristic", makespan, bounds.dag_s, gap, method)
     return build_plan(job, graph, cost_model, placed, sim, result, bounds, {})
@@ -388,6 +392,7 @@ def build_plan(
                 dp_degree=s.layout.dp_degree, tp_degree=s.layout.tp_degree, time_s=seconds,
                 forward_s=split_passes(graph.metaops[s.metaop], seconds)[0],
                 memory_bytes=cost_model.layer_memory(graph.metaops[s.metaop], s.layout) * s.num_layers,
+                rows=list(row_shares(graph.metaops[s.metaop].batch_size, s.layout.dp_degree)),
             )
             for s, seconds in zip(wave.slices, sim.slice_seconds[k])
         ]

@@ -245,7 +245,7 @@ class MemoryLedger:
             if s.metaop not in read and ops[s.metaop].task in self.cost_model.heads:
                 host[ops[s.metaop].task] = s
         for task, s in host.items():
-            local_batch = ops[s.metaop].batch_size // s.layout.dp_degree
+            local_batch = self.cost_model.local_batch(ops[s.metaop], s.layout)  # the largest share (planner.rows)
             out[list(s.devices[::s.layout.tp_degree])] += self.cost_model.head_memory(task, local_batch)
         return out
 

@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from planner.errors import SpecError
 
-PLAN_VERSION = 8  # 2: predicted.gather_s; 3: pieces (the program every worker executes); 4: bounds.iteration_s;
+PLAN_VERSION = 9  # 2: predicted.gather_s; 3: pieces (the program every worker executes); 4: bounds.iteration_s;
 # 5: phases; 6: use modes (metaops[].mode) and weight hand-offs (handoffs, predicted.handoff_s); 7: predicted.reduce_s;
-# 8: grad_buckets[].shards (ZeRO-1's optimizer shards)
+# 8: grad_buckets[].shards (ZeRO-1's optimizer shards); 9: slices[].rows (uneven row shares, planner.rows)
 
 
 class _PlanModel(BaseModel):
@@ -98,6 +98,9 @@ class PlanSlice(_PlanModel):
                           "its input modules).")
     forward_s: float = Field(description="The forward part of time_s (1 / passes of it; the rest is backward).")
     memory_bytes: float = Field(description="Predicted bytes per device for this slice's layers.")
+    rows: list[int] = Field(default_factory=list, description="Rows of the MetaOp's batch each data-parallel rank owns, "
+                            "in rank order (planner.rows: uneven by one row where dp_degree does not divide the "
+                            "batch); empty in a hand-written plan: the same shares.")
 
 
 class PlanWave(_PlanModel):

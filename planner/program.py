@@ -8,8 +8,8 @@ and the runtime executes the Plan's pieces without deriving anything (runtime.as
 Conventions (pure Python + numpy):
 
 - **rows**: a slice with layout ``dp x tp`` on devices ``d_0 < d_1 < ...``: ``devices[i*tp:(i+1)*tp]`` is
-  data-parallel rank ``i``, which owns rows ``[i*per, (i+1)*per)`` of its MetaOp's batch ``B``
-  (``per = B // dp``; the planner only uses degrees that divide ``B``). Every TP device of a rank holds
+  data-parallel rank ``i``, which owns its share of its MetaOp's batch ``B`` (planner.rows: ``B // dp`` rows
+  each when dp divides ``B``, else one more for the first ``B % dp`` ranks). Every TP device of a rank holds
   the rank's rows, in and out (a tensor-parallel layer's output is replicated over its TP group).
 - **edges**: a slice's first layer reads the previous slice of its MetaOp or, for a MetaOp's first slice,
   the last slice (in wave order) of every dependency, in ``deps`` order (``input`` is that position); a
@@ -43,6 +43,7 @@ from planner.metagraph import MetaOp
 from planner.phases import LOSS_WAVE, backward_positions, loss_event, phase_of_waves
 from planner.placement import PlacedSchedule, PlacedSlice
 from planner.plan import Plan, PlanBucket, PlanHolding, PlanPiece
+from planner.rows import row_bounds
 
 
 SliceId = tuple[int, int]  # (wave, index of the slice in its wave)
@@ -85,15 +86,19 @@ class Edge:
 
 
 def _segments(batch: int, dp_src: int, dp_dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The row ranges on which both splits agree: (starts, stops, source dp rank, destination dp rank). Rows are
-    whole when both degrees divide ``batch`` (always in a plan); otherwise (synthetic problems) fractional."""
+    """The row ranges on which both splits agree: (starts, stops, source dp rank, destination dp rank). Each split
+    is planner.rows' (whole rows, uneven where a degree does not divide ``batch``); a degree above ``batch``
+    (synthetic problems only) splits it in equal fractional shares."""
+    if batch >= max(dp_src, dp_dst):
+        src, dst = np.asarray(row_bounds(batch, dp_src)), np.asarray(row_bounds(batch, dp_dst))
+        rows = np.union1d(src, dst)
+        src_rank = np.searchsorted(src, rows[:-1], side="right") - 1
+        dst_rank = np.searchsorted(dst, rows[:-1], side="right") - 1
+        return rows[:-1], rows[1:], src_rank, dst_rank
     units = math.lcm(dp_src, dp_dst)  # rank boundaries of both splits are whole multiples of batch / units
     bounds = np.union1d(np.arange(dp_src + 1) * (units // dp_src), np.arange(dp_dst + 1) * (units // dp_dst))
     src_rank, dst_rank = bounds[:-1] // (units // dp_src), bounds[:-1] // (units // dp_dst)
-    if batch % units == 0:
-        rows = bounds * (batch // units)
-    else:
-        rows = bounds * (batch / units)
+    rows = bounds * (batch / units)
     return rows[:-1], rows[1:], src_rank, dst_rank
 
 

@@ -44,6 +44,7 @@ from planner.costmodel import CostModel, Curve
 from planner.placement import PlacedSchedule
 from planner.refine import DEVICES_PER_UNIT
 from planner.rolloutlag import lagged_generate
+from planner.rows import uneven_rows
 from planner.schedule import Problem
 from planner.simulator import Simulation, simulate
 
@@ -173,11 +174,15 @@ def split_estimates(problem: Problem, sizes: np.ndarray, stages: int = 1) -> np.
     return np.maximum(end.max(axis=0), ahead) if len(problem.graph) else np.zeros(rows)
 
 
-def split_candidates(problem: Problem, stages: int = 1, work: Work | None = None) -> list[dict[str, int]]:
+def split_candidates(problem: Problem, stages: int = 1, work: Work | None = None, per_node: int = 0
+                     ) -> list[dict[str, int]]:
     """Pool-size vectors (multiples of the grain, summing to at most N), best compute estimate first; at most
-    :data:`SPLIT_SIMULATED`. The grain doubles until at most :data:`MAX_SPLIT_VECTORS` vectors remain, and, with
+    :data:`SPLIT_SIMULATED`; with ``per_node`` (devices per node) only those the runtime can run (planner.candidates.
+    runnable: no tensor-parallel group across nodes, which a pool starting mid-node would make). The grain doubles until at most :data:`MAX_SPLIT_VECTORS` vectors remain, and, with
     ``work``, until their estimates fit in what is left of its budget (a coarser split when the budget is short,
     while every role still gets a grain of its own)."""
+    from planner.candidates import runnable  # local: planner.candidates imports this module
+
     names = roles(problem)
     if len(names) < 2 or len(names) > MAX_SPLIT_ROLES or len(names) > problem.num_devices:
         return []
@@ -201,6 +206,9 @@ def split_candidates(problem: Problem, stages: int = 1, work: Work | None = None
     for i in ok[np.lexsort(keys)]:  # one vector per placement: pools that run on the same devices are one split
         if tuple(used[i]) not in seen:
             seen.add(tuple(used[i]))
+            placed = split_schedule(problem, dict(zip(names, map(int, sizes[i]))), stages) if per_node else None
+            if per_node and (placed is None or runnable(problem, placed, per_node) is not None):
+                continue  # e.g. a pool starting mid-node whose tensor-parallel groups would span nodes
             best.append(i)
             if len(best) == SPLIT_SIMULATED:
                 break
@@ -303,8 +311,25 @@ def _search(problem: Problem, cost_model: CostModel, build, work: Work | None = 
     """The fitting placement with the shortest predicted iteration (else the fastest) among ``build(version, stages,
     work)`` (an iterable of placements, None for impossible ones) over pipeline stage counts (:data:`STAGES`, more
     only while none fits) and the layout versions for each (:func:`tightened`), until ``work`` (a fresh
-    :class:`Work` by default) has nothing left; the first placement is always simulated."""
+    :class:`Work` by default) has nothing left; the first placement is always simulated. Every role placement
+    (colocated, split, Loom's) searches twice, on the job's layouts and with uneven row shares as well
+    (:func:`uneven_rows`, a fresh budget of the same size), and keeps the better: the same freedom for all."""
     work = work or Work()
+    budget = work.budget
+    found = [_search_versions(problem, cost_model, build, work)]
+    with uneven_rows(cost_model):
+        uneven = replace(problem, curves=tuple(cost_model.curve(op) for op in problem.graph.metaops))
+        if uneven.curves != problem.curves:
+            found.append(_search_versions(uneven, cost_model, build, Work(budget)))
+    found = [f for f in found if f is not None]
+    return min(found, key=lambda f: (max(f[1].peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes,
+                                     f[1].iteration_time_s)) if found else None
+
+
+def _search_versions(problem: Problem, cost_model: CostModel, build, work: Work
+                     ) -> tuple[PlacedSchedule, Simulation] | None:
+    from planner.candidates import runnable  # local: planner.candidates imports this module
+
     best = None
     blocks = -(-problem.num_devices // DEVICES_PER_UNIT)
     for stages in STAGES:
@@ -314,6 +339,8 @@ def _search(problem: Problem, cost_model: CostModel, build, work: Work | None = 
                     return best[2], best[3]
                 if placed is not None:
                     work.spend(max(1, sum(len(w.slices) for w in placed.waves)) * blocks)
+                    if runnable(problem, placed, cost_model.hw.devices_per_node) is not None:
+                        continue  # e.g. a pool starting mid-node whose tensor-parallel groups span nodes
                 x = _simulated(problem, cost_model, placed)
                 if x is not None and (best is None or x[:2] < best[:2]):
                     best = x
@@ -332,7 +359,8 @@ def rl_schedules(problem: Problem, cost_model: CostModel, budget: float = RL_SEA
         return {}
     out = {"colocated": _search(problem, cost_model, lambda p, k, w: [colocated_schedule(p, k)], Work(budget)),
            "split": _search(problem, cost_model,
-                            lambda p, k, w: (split_schedule(p, sizes, k) for sizes in split_candidates(p, k, w)),
+                            lambda p, k, w: (split_schedule(p, sizes, k) for sizes in
+                                                            split_candidates(p, k, w, cost_model.hw.devices_per_node)),
                             Work(budget))}
     return {name: found for name, found in out.items() if found is not None}
 

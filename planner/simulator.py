@@ -284,7 +284,7 @@ def slice_seconds(problem: Problem, s: PlacedSlice, cost_model: CostModel | None
         per_layer = cost_model.layout_time(op, s.layout)
     seconds = per_layer * s.num_layers
     if cost_model is not None and s.first_layer == 0:
-        seconds += cost_model.embed_time(op, op.batch_size // s.layout.dp_degree)
+        seconds += cost_model.embed_time(op, cost_model.local_batch(op, s.layout))
     return seconds
 
 
@@ -316,7 +316,7 @@ def loss_stage_seconds(problem: Problem, placed: PlacedSchedule, cost_model: Cos
     per_device: dict[int, float] = {}
     for task, (ref, _) in loss_hosts(ops, placed).items():
         host = placed.waves[ref[0]].slices[ref[1]]
-        seconds = cost_model.head_time(task, ops[host.metaop].batch_size // host.layout.dp_degree)
+        seconds = cost_model.head_time(task, cost_model.local_batch(ops[host.metaop], host.layout))
         for d in host.devices[::host.layout.tp_degree]:
             per_device[d] = per_device.get(d, 0.0) + seconds
     return max(per_device.values(), default=0.0)
@@ -389,7 +389,7 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
     phase = phase_of_waves(placed.phases, num_waves)
     for task, (ref, _) in loss_hosts(ops, placed).items():
         host = placed.waves[ref[0]].slices[ref[1]]
-        seconds = cost_model.head_time(task, ops[host.metaop].batch_size // host.layout.dp_degree)
+        seconds = cost_model.head_time(task, cost_model.local_batch(ops[host.metaop], host.layout))
         heads.setdefault(phase[ref[0]], []).append((np.asarray(host.devices[::host.layout.tp_degree]), seconds))
     waiting: dict[int, list[int]] = {}
     for i, b in enumerate(program):

@@ -33,6 +33,7 @@ from planner.phases import backward_positions, check_phase_starts, phase_of_wave
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
 from planner.plan import Plan, PlanMetaOp, PlanSlice
 from planner.program import LOSS_WAVE, plan_pieces
+from planner.rows import row_shares
 from planner.spec import UseMode
 
 MODES = get_args(UseMode)  # the use modes a plan's MetaOps may name (planner.spec)
@@ -171,8 +172,9 @@ def _check_phases(c: _Checker) -> None:
 
 
 def _check_slice(c: _Checker, path: str, s: PlanSlice) -> None:
-    """One slice: an existing MetaOp, valid devices, ``dp x tp`` of them with dp dividing the batch, tensor-parallel
-    groups within one node, a layer range inside the MetaOp, finite times (the slice's own > 0)."""
+    """One slice: an existing MetaOp, valid devices, ``dp x tp`` of them with dp at most the batch (its rows, when
+    recorded, planner.rows' shares), tensor-parallel groups within one node, a layer range inside the MetaOp, finite
+    times (the slice's own > 0)."""
     if not 0 <= s.metaop < len(c.plan.metaops):
         c.fail(f"{path}.metaop", s.metaop, "is not a MetaOp of the plan", f"expected 0..{len(c.plan.metaops) - 1}")
     op = c.plan.metaops[s.metaop]
@@ -180,9 +182,12 @@ def _check_slice(c: _Checker, path: str, s: PlanSlice) -> None:
     if s.dp_degree < 1 or s.tp_degree < 1 or s.dp_degree * s.tp_degree != len(s.devices):
         c.fail(f"{path}", f"dp {s.dp_degree} x tp {s.tp_degree}", f"does not match its {len(s.devices)} devices",
                "expected dp_degree x tp_degree = the number of devices, both >= 1")
-    if op.batch_size % s.dp_degree:
-        c.fail(f"{path}.dp_degree", s.dp_degree, f"does not divide MetaOp {op.name}'s batch of {op.batch_size}",
-               "expected a divisor of the batch (every data-parallel rank gets the same rows)")
+    if s.dp_degree > op.batch_size:
+        c.fail(f"{path}.dp_degree", s.dp_degree, f"exceeds MetaOp {op.name}'s batch of {op.batch_size}",
+               "expected at most the batch (every data-parallel rank owns at least one row)")
+    elif s.rows and s.rows != list(row_shares(op.batch_size, s.dp_degree)):
+        c.fail(f"{path}.rows", s.rows, f"are not the shares of MetaOp {op.name}'s batch the program moves",
+               f"expected {list(row_shares(op.batch_size, s.dp_degree))} (planner.rows) or none")
     per_node = c.plan.cluster.devices_per_node
     for r in range(s.dp_degree):
         group = s.devices[r * s.tp_degree:(r + 1) * s.tp_degree]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from planner.phases import LOSS_WAVE, loss_event, phase_of_waves, phase_ranges
 from planner.plan import Plan, PlanPiece, PlanSlice
+from planner.rows import rank_rows
 from planner.spec import JobSpec
 
 if TYPE_CHECKING:  # a worker reads the plan's MetaOps; it never loads the MetaGraph builder
@@ -42,8 +43,9 @@ class LossHost(NamedTuple):
 
 
 def sample_range(batch_size: int, dp_degree: int, dp_rank: int) -> tuple[int, int]:
-    per = batch_size // dp_degree
-    return dp_rank * per, (dp_rank + 1) * per
+    """``(start, stop)``: the rows data-parallel rank ``dp_rank`` of ``dp_degree`` owns (planner.rows, the shares the
+    plan's slices record and its pieces move; uneven by one row where the degree does not divide the batch)."""
+    return rank_rows(batch_size, dp_degree, dp_rank)
 
 
 def dp_rank_of(s: PlanSlice, device: int) -> int:

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from planner.kinds import kind_of
 from planner.plan import PlanMetaOp
 from planner.rolloutlag import generation_pool
+from planner.rows import row_shares
 from runtime.assignment import (
     LOSS_WAVE, CommSchedule, SliceRef, dp_rank_of, holders, input_order, is_lead, layer_tp_degrees, loss_groups,
     sample_range, tp_group_of,
@@ -423,8 +424,8 @@ class WaveWorker(PieceTransfers, GradientSync):
             batch = st.batch(self.payload, t, step, start, stop)
             group = self.comm_loss_groups[host.task]
             if len(group) > 1:  # the task's other shards: a loss over the whole batch gathers their rows
-                batch = replace(batch, gather_rows=functools.partial(
-                    _GatherRows.apply, group=self.groups.by_devices[group], size=len(group)))
+                batch = replace(batch, gather_rows=functools.partial(_GatherRows.apply, group=self.groups.by_devices[
+                    group], shares=row_shares(self.comm.batch(s.metaop), s.dp_degree)))
             per_sample = self.modules[("head:" + host.task, 0)](outputs, batch)
             out[host.task] = task.loss_weight * per_sample.float().sum() / task.batch_size
         return out
@@ -481,18 +482,20 @@ class WaveWorker(PieceTransfers, GradientSync):
 
 
 class _GatherRows(torch.autograd.Function):
-    """Rows of every data-parallel shard of a loss, concatenated in rank order (equal shard sizes); backward sums the
-    gradient of the whole over the shards (every shard's loss reads every row) and hands each its own rows."""
+    """Rows of every data-parallel shard of a loss, concatenated in rank order (``shares``: rows per rank, planner.rows;
+    a shard one row short is padded for the all-gather); backward sums the gradient of the whole over the shards
+    (every shard's loss reads every row) and hands each its own rows."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group, size: int) -> torch.Tensor:
-        ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), x.shape[0]
-        pieces = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(pieces, x.contiguous(), group=group)
-        return torch.cat(pieces)
+    def forward(ctx, x: torch.Tensor, group, shares: tuple[int, ...]) -> torch.Tensor:
+        ctx.group, ctx.start, ctx.rows = group, sum(shares[:dist.get_rank(group)]), x.shape[0]
+        padded = torch.cat([x, x.new_zeros((max(shares) - x.shape[0], *x.shape[1:]))]).contiguous()
+        pieces = [torch.empty_like(padded) for _ in shares]
+        dist.all_gather(pieces, padded, group=group)
+        return torch.cat([piece[:n] for piece, n in zip(pieces, shares)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None, None
+        return grad[ctx.start:ctx.start + ctx.rows], None, None

@@ -136,7 +136,12 @@ def markdown(records: list[dict]) -> str:
              "recipe, OpenRLHF's async training): every placement is priced by the same rule. IterComp's sample use "
              "keeps its last step's gradient, so it has no lagged mode. Split is the better of the split search "
              "(planner.rlbaselines.rl_schedules) and, when Loom's plan gives every role a pool of its own, the split at "
-             "those pool sizes (marked 'at Loom's pools': a split the search did not simulate).", "",
+             "those pool sizes (marked 'at Loom's pools': a split the search did not simulate). Every role placement "
+             "(colocated, split, Loom's) is searched twice, on the job's layouts and with uneven data-parallel row "
+             "shares (planner.rows: any degree up to the batch, the first batch % dp ranks one row more, priced at "
+             "the largest share; the runtime runs them), and keeps the better: a pool of any size trains on all its "
+             "devices (12 trainers beside 4 generators at 7B/16). Placements the runtime cannot run (a pool starting "
+             "mid-node whose tensor-parallel groups span nodes) are skipped for every placement alike.", "",
              "| cell | lag | devices | Loom | colocated | split | speed-up | Loom's choice | streamed rollouts |",
              "|---|---|---|---|---|---|---|---|---|"]
 

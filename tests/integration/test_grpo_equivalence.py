@@ -97,3 +97,49 @@ def test_weights_from_hands_the_trained_weights_over_after_every_step(tmp_path):
     plan = placed_plan(job, [[("policy", [0]), ("copy", [1])]])
     world = check_equivalence(job, plan, tmp_path)
     assert torch.equal(world.parameters[1]["copy/1/down_proj.weight"], world.parameters[0]["policy/1/down_proj.weight"])
+
+
+def uneven_job(**training):
+    """:func:`grpo_job` with 10 samples in groups of 5 (so 3 ranks share them 4-3-3)."""
+    job = grpo_job(**training)
+    return job.model_copy(update={"tasks": [job.tasks[0].model_copy(update={
+        "batch_size": 10, "components": [u.model_copy(update={"samples": 5}) if u.mode == "generate" else u
+                                         for u in job.tasks[0].components]})]})
+
+
+def compare_uneven(world, reference) -> None:
+    """Every rank's parameters and last gradients against one process; the loss head's frozen parts (reference,
+    reward) report zero gradients on a loss of several shards, which one process leaves out."""
+    ref_params = reference.named_parameters()
+    for rank, params in world.parameters.items():
+        _compare_modules(params, ref_params, f"rank {rank}")
+    for rank, grads in world.gradients.items():
+        assert all(not g.any() for n, g in grads.items() if n not in reference.last_gradients), rank
+        _compare_modules({n: g for n, g in grads.items() if n in reference.last_gradients}, reference.last_gradients,
+                         f"rank {rank} gradient of")
+    assert {n for grads in world.gradients.values() for n in grads} >= set(reference.last_gradients)
+
+
+def test_uneven_row_shares_equal_one_process(tmp_path):
+    """Uneven data-parallel row shares (planner.rows): 10 samples in groups of 5; the reward model on 2 workers (rows
+    0-4, 5-9), the policy's update on 3 (rows 0-3, 4-6, 7-9: the first rank one row more), so the rollouts and the
+    reward scores re-split unevenly, both groups span two policy shards and the loss gathers shards of different
+    sizes. Identical rollouts, losses within 1e-5 and gradients within 1e-5 relative of one process, and the plan
+    records the shares."""
+    job = uneven_job()
+    plan = placed_plan(job, [[("rollout", [0])], [("reward", [1, 2]), ("reference", [0])], [("policy", [1, 2, 3])]])
+    shares = {plan.metaops[s.metaop].use: s.rows for w in plan.waves for s in w.slices}
+    assert shares == {"rollout": [10], "reward": [5, 5], "reference": [10], "policy": [4, 3, 3]}
+    moved = {(p.start, p.stop) for p in plan.pieces if not p.backward and p.dst in (1, 2, 3) and p.src != p.dst}
+    assert {(4, 5), (7, 10)} <= moved  # reward rows 0-4 | 5-9 (devices 1, 2) re-split for the policy's 0-3 | 4-6 | 7-9
+
+    world = run_world(job, plan, STEPS, tmp_path, keep_gradients=True)
+    reference = ReferenceTrainer(job)
+    rollout_op = next(op.id for op in plan.metaops if op.use == "rollout")
+    for step in range(STEPS):
+        want = reference.train_step(step, keep_gradients=step == STEPS - 1)["grpo"]
+        got = world.losses[step]["grpo"]
+        assert abs(got - want) <= RTOL * max(abs(want), 1e-3), (step, got, want)
+    first, rows = world.rollouts[0][rollout_op]
+    assert first == 0 and torch.equal(rows, reference.last_rollouts[rollout_op])
+    compare_uneven(world, reference)

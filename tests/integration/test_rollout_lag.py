@@ -15,7 +15,7 @@ from runtime.reference import ReferenceTrainer
 from runtime.rollout import behaviour_logprobs, unpack
 
 from _equivalence import RTOL, _compare_modules, placed_plan  # tests/integration/_equivalence.py
-from test_grpo_equivalence import NEW, PROMPT, grpo_job
+from test_grpo_equivalence import NEW, PROMPT, compare_uneven, grpo_job, uneven_job
 
 STEPS = 3
 
@@ -125,3 +125,24 @@ def test_lagged_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tmp_p
     finally:
         dist.destroy_process_group()
         torch.set_num_threads(threads)
+
+
+def test_lagged_rollouts_with_uneven_row_shares_equal_one_process(tmp_path):
+    """The 4-on-12 shape of bench.rl's 7B/16 plan in small: generation alone on worker 0 (decoding a step ahead), the
+    reward model on workers 1-2 (5 + 5 rows), the reference on 3, the update on 1-3 (4 + 3 + 3 rows): three lagged
+    steps equal one process with the same lag."""
+    job = uneven_job(rollout_lag=1, steps=STEPS)
+    plan = placed_plan(job, [[("rollout", [0])], [("reward", [1, 2]), ("reference", [3])], [("policy", [1, 2, 3])]])
+    assert {plan.metaops[s.metaop].use: s.rows for w in plan.waves for s in w.slices}["policy"] == [4, 3, 3]
+    world = run_world(job, plan, STEPS, tmp_path, keep_gradients=True)
+    reference = ReferenceTrainer(job)
+    rollout_op = next(op.id for op in plan.metaops if op.use == "rollout")
+    for step in range(STEPS):
+        want = reference.train_step(step, keep_gradients=step == STEPS - 1)["grpo"]
+        got = world.losses[step]["grpo"]
+        assert abs(got - want) <= RTOL * max(abs(want), 1e-3), (step, got, want)
+    first, rows = world.rollouts[0][rollout_op]
+    assert first == 0 and torch.equal(rows[:, :PROMPT + 2 * NEW],
+                                      reference.last_rollouts[rollout_op][:, :PROMPT + 2 * NEW])
+    assert world.timings[-1][0]["ahead"]  # worker 0 decoded ahead in its thread (generation on a pool of its own)
+    compare_uneven(world, reference)

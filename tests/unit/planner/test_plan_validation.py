@@ -116,7 +116,7 @@ def _head_before_encoder(data: dict) -> None:
 def _two_nodes_tp(data: dict) -> None:
     data["cluster"] |= {"num_nodes": 2, "devices_per_node": 2}
     data["peak_memory_bytes"] = data["peak_memory_bytes"][:4]
-    data["waves"][0]["slices"][1] |= {"devices": [1, 2], "dp_degree": 1, "tp_degree": 2}
+    data["waves"][0]["slices"][1] |= {"devices": [1, 2], "dp_degree": 1, "tp_degree": 2, "rows": [4]}
     data["waves"][0]["slices"][0] |= {"devices": [0]}
 
 
@@ -137,10 +137,10 @@ CASES = [
      "strictly ascending"),
     ("dp x tp is not the device count", _set("waves.0.slices.1.dp_degree", 1), "waves[0].slices[1] ('dp 1 x tp 1') "
      "does not match its 2 devices"),
-    ("dp does not divide the batch", _set("waves.0.slices.1", {
+    ("rows not the shares", _set("waves.0.slices.1", {
         "metaop": 2, "first_layer": 0, "num_layers": 2, "devices": [0, 1, 3], "dp_degree": 3, "tp_degree": 1,
-        "time_s": 0.1, "forward_s": 0.03, "memory_bytes": 1.0}), "waves[0].slices[1].dp_degree (3) does not divide "
-     "MetaOp b.img's batch of 4"),
+        "time_s": 0.1, "forward_s": 0.03, "memory_bytes": 1.0, "rows": [1, 1, 2]}), "waves[0].slices[1].rows "
+     "([1, 1, 2]) are not the shares of MetaOp b.img's batch the program moves; expected [2, 1, 1]"),
     ("tensor parallel across nodes", _two_nodes_tp, "waves[0].slices[1].devices ([1, 2]) form a tensor-parallel group "
      "across nodes"),
     ("NaN time", _set("waves.1.slices.0.time_s", math.nan), "waves[1].slices[0].time_s (nan) is not a finite positive"),
@@ -195,7 +195,7 @@ def test_an_edited_and_resealed_plan_is_refused_with_the_field(plan, edit, fragm
 
 def test_a_different_tp_degree_on_one_layer_is_refused(plan) -> None:
     def edit(data: dict) -> None:  # b.enc's layers 0-2 on [0, 1] as one TP group; a.enc ran them at TP 1
-        data["waves"][1]["slices"][1] |= {"dp_degree": 1, "tp_degree": 2}
+        data["waves"][1]["slices"][1] |= {"dp_degree": 1, "tp_degree": 2, "rows": [4]}
     assert "waves[1].slices[1].tp_degree (2) differs from another slice's degree 1 on layers of parameter group enc" \
         in refusal(edited(plan, edit))
 

@@ -10,8 +10,8 @@ import pytest
 from planner.api import make_cost_model
 from planner.metagraph import build_metagraph
 from planner.rlbaselines import (
-    RL_SEARCH_BUDGET, Work, _op_seconds, _search, colocated_schedule, rl_budget, rl_schedules, role_of, roles,
-    split_candidates, split_estimates, streamed_candidate, streamed_job, tightened,
+    RL_SEARCH_BUDGET, Work, _op_seconds, _search, _search_versions, colocated_schedule, rl_budget, rl_schedules,
+    role_of, roles, split_candidates, split_estimates, streamed_candidate, streamed_job, tightened,
 )
 from planner.schedule import Problem
 from planner.simulator import simulate
@@ -45,12 +45,12 @@ def test_the_budget_stops_the_search_deterministically():
 
     units = sum(len(w.slices) for w in colocated_schedule(problem).waves)  # 8 devices: one 64-device block
     tiny = Work(1)
-    assert _search(problem, cost_model, build, tiny) is not None
+    assert _search_versions(problem, cost_model, build, tiny) is not None
     assert tiny.spent == units and not tiny.left()  # the first placement is always simulated, then it stops
     assert len(simulated) == 2  # the second was built, then the spent budget stopped the search
     simulated.clear()
     full = Work()
-    _search(problem, cost_model, build, full)
+    _search_versions(problem, cost_model, build, full)
     assert len(tightened(problem, cost_model, 1)) == 1 and simulated == [1] * 4  # one stage fits: no more stages
     assert full.spent == 4 * units <= RL_SEARCH_BUDGET
     # from the limit, never the clock
