@@ -38,7 +38,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.costmodel import Layout
-from planner.generation import TOKEN_ID_BYTES
 from planner.metagraph import MetaOp
 from planner.phases import LOSS_WAVE, backward_positions, loss_event, phase_of_waves
 from planner.placement import PlacedSchedule, PlacedSlice
@@ -210,10 +209,11 @@ def out_shape(op: MetaOp, boundary: int) -> tuple[int, ...]:
 def row_bytes(op: MetaOp, boundary: int, element_bytes: int) -> float:
     """Bytes of one sample's activation after ``boundary`` layers of ``op``: its shape's elements at
     ``element_bytes`` each, or the layer's modelled ``out_bytes`` for a MetaOp without shapes. A generate use's
-    output is its sampled token ids, TOKEN_ID_BYTES each (detached: no gradient comes back)."""
+    output is its packed rollout rows, whatever the precision: the segment's ``out_bytes``
+    (planner.generation.rollout_width float32 elements; detached: no gradient comes back)."""
     shape = out_shape(op, boundary)
     if op.mode == "generate":
-        return float(math.prod(shape) * TOKEN_ID_BYTES)
+        return float(op.layer.out_bytes)
     return float(math.prod(shape) * element_bytes) if shape else op.layer.out_bytes
 
 

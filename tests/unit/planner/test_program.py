@@ -90,8 +90,9 @@ def check_program(plan: Plan) -> None:
         assert rank * per <= p.start < p.stop <= (rank + 1) * per, p
         if p.src == p.dst:
             assert p.bytes == 0
-        elif plan.metaops[src.metaop].mode == "generate":  # sampled token ids, 8 bytes each, whatever the precision
-            assert p.bytes == (p.stop - p.start) * int(np.prod(p.shape)) * 8 and not p.backward
+        elif plan.metaops[src.metaop].mode == "generate":  # packed rollout rows, float32 whatever the precision
+            op = plan.metaops[src.metaop]
+            assert p.bytes == (p.stop - p.start) * op.out_bytes_per_sample and not p.backward
         else:
             element.add(p.bytes / ((p.stop - p.start) * int(np.prod(p.shape))))
         for row in range(p.start, p.stop):
