@@ -298,6 +298,10 @@ def holdings(ops: Sequence[MetaOp], placed: PlacedSchedule, size: ModuleSize | N
         if key not in ready or position[k] > position[ready[key]]:
             ready[key] = k
 
+    def learn(key: ModuleKey, fact: tuple[bool, float, float]) -> None:  # trainable when any use trains it (a
+        # ``mode: forward`` use of a trained component shares its modules, frozen in that use only)
+        facts[key] = (fact[0] or facts[key][0], *fact[1:]) if key in facts else fact
+
     for k, wave in enumerate(placed.waves):
         for s in wave.slices:
             op, tp = ops[s.metaop], s.layout.tp_degree
@@ -309,11 +313,11 @@ def holdings(ops: Sequence[MetaOp], placed: PlacedSchedule, size: ModuleSize | N
                     key = (op.param_group, layer, shard)
                     devices.setdefault(key, set()).update(mine)
                     final_after(key, k)
-                    facts[key] = fact
+                    learn(key, fact)
             for name in op.input_modules if s.first_layer == 0 else ():
                 devices.setdefault((name, 0, 0), set()).update(s.devices)
                 final_after((name, 0, 0), k)
-                facts[(name, 0, 0)] = (not op.frozen, *size(name))
+                learn((name, 0, 0), (not op.frozen, *size(name)))
     phase = phase_of_waves(placed.phases, num_waves)
     for task, (ref, _) in loss_hosts(ops, placed).items():
         host = placed.waves[ref[0]].slices[ref[1]]
