@@ -31,7 +31,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TOKEN_ID_BYTES = 8  # a sampled token id (int64) per position: what a generate use's output carries
+ROLLOUT_ELEMENT_BYTES = 4  # a packed rollout row crosses in float32 (token ids exact below 2^24; runtime.rollout.pack)
+
+
+def rollout_width(prompt: int, new_tokens: int, rollout_lag: int = 0) -> int:
+    """Elements of one packed rollout row, what a generate use's output carries (runtime.rollout.pack): the
+    ``prompt + new_tokens`` token ids, the ``new_tokens`` generated mask, and with ``rollout_lag`` 1 the
+    ``new_tokens`` behaviour log-probabilities: ``P + 2N``, ``P + 3N``."""
+    return prompt + (3 if rollout_lag else 2) * new_tokens
 
 
 @dataclass(frozen=True)
@@ -94,8 +101,9 @@ def whole_use(job, t: int, u: int, segments: list) -> tuple:
     """The one layer segment, :class:`Generation` and output shape of generate or sample use ``u`` of task ``t``
     (``segments``: the use's contracted layer segments). The segment sums the use's layers (FLOPs, parameters,
     saved activations of one pass, kernels) under a key naming the mode and its fields, so equal keys are equal
-    work; its output is the sampled token ids (prompt + new positions, :data:`TOKEN_ID_BYTES` each) of a generate
-    use, or the denoiser's last output (the latents) of a sample use."""
+    work; its output is the sampled token ids (prompt + new positions) of a generate use, which cross as packed rows
+    (:func:`rollout_width` elements of :data:`ROLLOUT_ELEMENT_BYTES`: the segment's ``out_bytes``), or the denoiser's
+    last output (the latents) of a sample use."""
     from planner.components import out_shapes, use_shape  # local: components imports the spec, this module stays light
     from planner.kinds import LayerSegment
 
@@ -114,7 +122,8 @@ def whole_use(job, t: int, u: int, segments: list) -> tuple:
         gen = Generation("generate", use.samples, new_tokens=use.new_tokens, decoder=dec)
         key = f"generate[{digest},v={vocab},new={use.new_tokens}]"
         out = (shape.seq_len + use.new_tokens,)
-        out_bytes = float(TOKEN_ID_BYTES * out[0])
+        out_bytes = float(ROLLOUT_ELEMENT_BYTES
+                          * rollout_width(shape.seq_len, use.new_tokens, job.training.rollout_lag))
     else:
         gen = Generation("sample", use.samples, denoise_steps=use.denoise_passes, grad_last_step=use.grad_last_step)
         key = f"sample[{digest},steps={use.denoise_passes},grad={int(use.grad_last_step)}]"

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.costmodel import Layout
-from planner.generation import TOKEN_ID_BYTES
 from planner.metagraph import MetaOp
 from planner.phases import LOSS_WAVE, backward_positions, loss_event, phase_of_waves
 from planner.placement import PlacedSchedule, PlacedSlice
@@ -215,10 +214,11 @@ def out_shape(op: MetaOp, boundary: int) -> tuple[int, ...]:
 def row_bytes(op: MetaOp, boundary: int, element_bytes: int) -> float:
     """Bytes of one sample's activation after ``boundary`` layers of ``op``: its shape's elements at
     ``element_bytes`` each, or the layer's modelled ``out_bytes`` for a MetaOp without shapes. A generate use's
-    output is its sampled token ids, TOKEN_ID_BYTES each (detached: no gradient comes back)."""
+    output is its packed rollout rows, whatever the precision: the segment's ``out_bytes``
+    (planner.generation.rollout_width float32 elements; detached: no gradient comes back)."""
     shape = out_shape(op, boundary)
     if op.mode == "generate":
-        return float(math.prod(shape) * TOKEN_ID_BYTES)
+        return float(op.layer.out_bytes)
     return float(math.prod(shape) * element_bytes) if shape else op.layer.out_bytes
 
 
@@ -303,6 +303,10 @@ def holdings(ops: Sequence[MetaOp], placed: PlacedSchedule, size: ModuleSize | N
         if key not in ready or position[k] > position[ready[key]]:
             ready[key] = k
 
+    def learn(key: ModuleKey, fact: tuple[bool, float, float]) -> None:  # trainable when any use trains it (a
+        # ``mode: forward`` use of a trained component shares its modules, frozen in that use only)
+        facts[key] = (fact[0] or facts[key][0], *fact[1:]) if key in facts else fact
+
     for k, wave in enumerate(placed.waves):
         for s in wave.slices:
             op, tp = ops[s.metaop], s.layout.tp_degree
@@ -314,11 +318,11 @@ def holdings(ops: Sequence[MetaOp], placed: PlacedSchedule, size: ModuleSize | N
                     key = (op.param_group, layer, shard)
                     devices.setdefault(key, set()).update(mine)
                     final_after(key, k)
-                    facts[key] = fact
+                    learn(key, fact)
             for name in op.input_modules if s.first_layer == 0 else ():
                 devices.setdefault((name, 0, 0), set()).update(s.devices)
                 final_after((name, 0, 0), k)
-                facts[(name, 0, 0)] = (not op.frozen, *size(name))
+                learn((name, 0, 0), (not op.frozen, *size(name)))
     phase = phase_of_waves(placed.phases, num_waves)
     for task, (ref, _) in loss_hosts(ops, placed).items():
         host = placed.waves[ref[0]].slices[ref[1]]

@@ -42,6 +42,7 @@ from torch import nn
 
 from planner.components import use_shape
 from planner.errors import SpecError
+from planner.generation import rollout_width as rollout_width_of
 from planner.spec import JobSpec, TaskComponentSpec
 from runtime.generate import decoder_for, generate, lm_logits, row_generators
 from runtime.sampleop import layer_keys
@@ -82,7 +83,7 @@ def behaviour_logprobs(x: torch.Tensor, prompt: int, new_tokens: int) -> torch.T
 
 def rollout_width(job: JobSpec, op) -> int:
     """Width of generate MetaOp ``op``'s packed rows: ``P + 2N``, ``P + 3N`` with ``rollout_lag`` 1."""
-    return seq_len_of(job, op) + (2 + (1 if job.training.rollout_lag else 0)) * use_of(job, op).new_tokens
+    return rollout_width_of(seq_len_of(job, op), use_of(job, op).new_tokens, job.training.rollout_lag)
 
 
 def unpack(x: torch.Tensor, prompt: int, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,12 +51,13 @@ def measure(name: str, path: Path, steps: int, work: Path) -> dict:
     timed = [r["step_seconds"] for r in records[WARMUP_STEPS:]] or [r["step_seconds"] for r in records]
     measured, predicted = statistics.median(timed), plan["predicted"]["iteration_time_s"]
     parts = {part: plan["predicted"].get(key, 0.0) for part, key in PREDICTED_PARTS.items()}
+    measured_parts = measured_parts_of(out / "trace.json") | {"driver round trip": driver_round_trip(records)}
     return {"job": name, "path": str(path.relative_to(REPO_ROOT)), "workers": len(plan["peak_memory_bytes"]),
             "waves": len(plan["waves"]), "method": plan["solver"]["method"], "steps": len(records),
             "measured_step_s": measured, "predicted_step_s": predicted, "ratio": measured / predicted,
             "step_seconds": [r["step_seconds"] for r in records], "profile_s": profiled,
             "load_average": os.getloadavg()[0], "predicted_parts_s": parts,
-            "measured_parts_s": measured_parts(out / "trace.json")}
+            "measured_parts_s": measured_parts}
 
 
 # the trace's categories (orchestrator.trace) beside the plan's predicted parts they compare with
@@ -64,7 +65,19 @@ PREDICTED_PARTS = {"compute": "compute_s", "transfer": "transfer_s", "sync": "sy
                    "all-gather": "gather_s", "step all-reduce": "reduce_s"}
 
 
-def measured_parts(trace: Path) -> dict[str, float]:
+def driver_round_trip(records: list[dict]) -> float:
+    """Median seconds per step the driver waits beyond its slowest worker's ``train_step`` call (metrics.jsonl's
+    ``step_seconds`` minus the largest ``worker_seconds``, steps after the first ``WARMUP_STEPS``): Ray's dispatch of
+    the calls and the return of their results, which no part of the plan prices."""
+    timed = [r for r in records[WARMUP_STEPS:] or records if r.get("worker_seconds")]
+    return statistics.median(r["step_seconds"] - max(r["worker_seconds"]) for r in timed) if timed else 0.0
+
+
+# measured only: what the run pays beside the workers' steps, priced nowhere in the plan
+UNPRICED_PARTS = ("driver round trip",)
+
+
+def measured_parts_of(trace: Path) -> dict[str, float]:
     """Seconds per step of each part in the run's ``trace.json`` (the last steps' measured spans): per rank the mean
     over the recorded steps, then the slowest rank. The loss stage counts as compute (as the plan's compute_s holds
     it), the losses' all-reduce as the step all-reduce, ZeRO-1's all-gather is inside the optimizer's span."""
@@ -101,13 +114,17 @@ def report(records: list[dict], note: str = "") -> str:
     lines += ["", "## Where the step goes", "",
               "Measured: the run's `trace.json` (its last steps), per part the slowest worker's mean per step; the "
               "optimizer's span holds ZeRO-1's all-gather. Predicted: the plan's parts along its critical path, so "
-              "the parts of the two sides need not add up alike.", "",
-              "| job | " + " | ".join(PREDICTED_PARTS) + " |", "|---|" + "---|" * len(PREDICTED_PARTS)]
+              "the parts of the two sides need not add up alike. Driver round trip: the median of the driver's step "
+              "minus its slowest worker's `train_step` call (Ray's dispatch and return; the plan prices none).", "",
+              "| job | " + " | ".join([*PREDICTED_PARTS, *UNPRICED_PARTS]) + " |",
+              "|---|" + "---|" * (len(PREDICTED_PARTS) + len(UNPRICED_PARTS))]
     for r in records:
         if "error" in r:
             continue
         cells = [f"{r.get('measured_parts_s', {}).get(part, 0.0) * 1e3:.1f} / {r['predicted_parts_s'][part] * 1e3:.1f}"
                  for part in PREDICTED_PARTS] if "predicted_parts_s" in r else ["-"] * len(PREDICTED_PARTS)
+        cells += [f"{r['measured_parts_s'][part] * 1e3:.1f} / -" if part in r.get("measured_parts_s", {}) else "-"
+                  for part in UNPRICED_PARTS]
         lines.append(f"| {r['job']} (ms, measured / predicted) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -136,3 +136,21 @@ def diffusion_job(num_devices: int, steps: int = 3) -> dict:
         "training": {"steps": steps, "precision": "fp32", "lr": 1e-3, "seed": 5},
         "planner": {"time_limit_s": 2},
     }
+
+
+def rollout_job(vocab_size: int = 40, precision: str = "fp32", steps: int = 2, rollout_lag: int = 0) -> dict:
+    """A tiny GRPO task on 2 devices: a policy generates 2 samples of 3 new tokens from 3-token prompts, a frozen
+    reward model reads them (forward only) and the policy trains on them. ``vocab_size`` above 256 puts token ids on
+    the wire that bf16 cannot hold exactly (tests/unit/runtime/test_wire_dtype.py)."""
+    llama = {"kind": "llama", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "vocab_size": vocab_size,
+             "seq_len": 6}
+    return {
+        "name": "rollout", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+        "components": {"policy": llama, "reward": {**llama, "frozen": True}},
+        "tasks": [{"name": "grpo", "batch_size": 4, "loss": "grpo", "components": [
+            {"component": "policy", "name": "rollout", "mode": "generate", "seq_len": 3, "new_tokens": 3,
+             "samples": 2},
+            {"component": "reward", "mode": "forward", "after": ["rollout"]},
+            {"component": "policy", "after": ["rollout"]}]}],
+        "training": {"steps": steps, "lr": 1e-2, "precision": precision, "rollout_lag": rollout_lag},
+    }

@@ -25,7 +25,7 @@ from planner.sync import SyncBucket, allreduce_bytes, gather_bytes
 from runtime.local_world import run_world
 from runtime.profile_step import module_sizes
 
-from _jobs import two_task_job  # tests/integration/_jobs.py
+from _jobs import rollout_job, two_task_job  # tests/integration/_jobs.py
 from _traffic import count_traffic, read_traffic  # tests/integration/_traffic.py
 
 STEPS = 2
@@ -126,25 +126,11 @@ def test_weight_hand_off_sends_exactly_the_priced_bytes(tmp_path, precision):
     assert sent == want
 
 
-def rollout_job():
-    llama = {"kind": "llama", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "vocab_size": 40, "seq_len": 6}
-    return parse_job({
-        "name": "rollout", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
-        "components": {"policy": llama, "reward": {**llama, "frozen": True}},
-        "tasks": [{"name": "grpo", "batch_size": 4, "loss": "grpo", "components": [
-            {"component": "policy", "name": "rollout", "mode": "generate", "seq_len": 3, "new_tokens": 3,
-             "samples": 2},
-            {"component": "reward", "mode": "forward", "after": ["rollout"]},
-            {"component": "policy", "after": ["rollout"]}]}],
-        "training": {"steps": STEPS, "lr": 1e-2, "precision": "fp32"},
-    })
-
-
 def test_generating_device_receives_exactly_the_priced_weights(tmp_path):
     """The rollouts decode on device 0, the policy trains on device 1: after every step device 0 receives the
     policy's layers and the task's LM head (the implicit hand-off), at the priced bytes. The policy's input module it
     holds under the plan (the generate MetaOp's first slice runs it), so it steps it in its gradient bucket instead."""
-    job = rollout_job()
+    job = parse_job(rollout_job(steps=STEPS))
     sizes = module_sizes(job)
     ops = {op.use: op for op in build_metagraph(job).metaops}
     placed = PlacedSchedule(tuple(PlacedWave((PlacedSlice(ops[use].id, 0, 1, (d,), Layout(1, 1)),))
@@ -160,3 +146,31 @@ def test_generating_device_receives_exactly_the_priced_weights(tmp_path):
         want[h.device] += h.bytes
     modules = sizes["policy"][0] + sizes["head:grpo"][0]  # one layer and the head, float32
     assert (want, sent) == (Counter({0: 4 * modules}),) * 2, (want, sent)
+
+
+@pytest.mark.parametrize("precision, lag", [("fp32", 0), ("bf16", 1)])
+def test_rollout_rows_cross_at_the_priced_bytes(tmp_path, precision, lag):
+    """The rollouts decode on device 0 and the frozen reward model reads them on device 1: the rows cross as the
+    runtime packs them (float32 whatever the precision: the P + N token ids, the N-wide generated mask and, with
+    rollout_lag 1, the N behaviour log-probabilities), at the bytes the plan prices for those pieces."""
+    job = parse_job(rollout_job(precision=precision, steps=STEPS, rollout_lag=lag))
+    ops = {op.use: op for op in build_metagraph(job).metaops}
+    placed = PlacedSchedule((PlacedWave((PlacedSlice(ops["rollout"].id, 0, 1, (0,), Layout(1, 1)),)),
+                             PlacedWave((PlacedSlice(ops["reward"].id, 0, 1, (1,), Layout(1, 1)),
+                                         PlacedSlice(ops["policy"].id, 0, 1, (0,), Layout(1, 1))))))
+    cost_model = sized_cost_model(job)
+    plan = plan_placed(job, placed, cost_model, method="hand-made")
+    run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
+    rollout = [p for p in plan.pieces if p.src != p.dst and plan.waves[p.producer[0]].slices[p.producer[1]].metaop
+               == ops["rollout"].id]
+    prompt, new = 3, 3
+    row = 4 * (prompt + (3 if lag else 2) * new)  # float32: tokens (P + N), mask (N), log-probabilities (N, lag 1)
+    assert [(p.src, p.dst, p.backward, p.bytes) for p in rollout] == [(0, 1, False, 4 * row)]
+    for rank in range(2):
+        want, got = priced(plan, cost_model, rank), counted(tmp_path, rank)
+        got_pieces = Counter({k: n for k, n in got.items() if k[0] == "pieces"})
+        want_pieces = Counter({k: n for k, n in want.items() if k[0] == "pieces"})
+        assert got_pieces == want_pieces, f"rank {rank}: sent {sorted(got_pieces - want_pieces)}, priced but not " \
+                                          f"sent {sorted(want_pieces - got_pieces)}"
+    wire = [m["dtype"] for m in read_traffic(tmp_path, 0) if m["kind"] == "pieces"]
+    assert wire and set(wire) == {"torch.float32"}

@@ -95,7 +95,7 @@ def test_generate_use_is_one_detached_metaop_with_its_kv_cache():
     # the KV cache: 2 x 2 layers x kv width 32 (2 of 4 heads of 16) x (8 + 16) positions x 2 bytes, per local row
     layout = Layout(2, 2)
     assert cost_model.activation_bytes(rollout, layout) == 2 * 2 * 32 * 24 * 2 * 8 / 2
-    # its output is the sampled token ids (8 bytes per position), no gradient comes back
+    # its output is the packed rollout rows (float32: 8 + 16 token ids, the 16-wide generated mask), no gradient back
     everyone = tuple(range(4))
     placed = PlacedSchedule((PlacedWave((PlacedSlice(0, 0, 1, everyone, problem.curves[0].layout(4)),)),
                              PlacedWave(tuple(PlacedSlice(m, 0, problem.layers(m), (m,), problem.curves[m].layout(1))
@@ -104,7 +104,7 @@ def test_generate_use_is_one_detached_metaop_with_its_kv_cache():
     assert len(edges) == 3 and all(len(e.backward) == 0 for e in edges) and any(e.forward.remote.any() for e in edges)
     plan = plan_placed(job, placed, cost_model)
     token_pieces = [p for p in plan.pieces if tuple(p.producer) == (0, 0) and p.src != p.dst]
-    assert token_pieces and all(p.bytes == (p.stop - p.start) * 24 * 8 for p in token_pieces)
+    assert token_pieces and all(p.bytes == (p.stop - p.start) * 4 * (24 + 16) for p in token_pieces)
 
 
 def test_sample_use_prices_its_denoising_steps_and_last_step_backward():

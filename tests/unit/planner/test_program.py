@@ -90,8 +90,9 @@ def check_program(plan: Plan) -> None:
         assert rank * per <= p.start < p.stop <= (rank + 1) * per, p
         if p.src == p.dst:
             assert p.bytes == 0
-        elif plan.metaops[src.metaop].mode == "generate":  # sampled token ids, 8 bytes each, whatever the precision
-            assert p.bytes == (p.stop - p.start) * int(np.prod(p.shape)) * 8 and not p.backward
+        elif plan.metaops[src.metaop].mode == "generate":  # packed rollout rows, float32 whatever the precision
+            op = plan.metaops[src.metaop]
+            assert p.bytes == (p.stop - p.start) * op.out_bytes_per_sample and not p.backward
         else:
             element.add(p.bytes / ((p.stop - p.start) * int(np.prod(p.shape))))
         for row in range(p.start, p.stop):
@@ -252,3 +253,23 @@ def test_every_rank_gets_exactly_its_part_of_the_program():
     assert {p for part in parts for p in part.pieces} == set(plan.pieces)
     assert {(h.name, h.layer, h.shard) for part in parts for h in part.holdings} == \
         {(h.name, h.layer, h.shard) for h in plan.holdings}
+
+
+@pytest.mark.parametrize("forward_last", [False, True])
+def test_a_layer_is_trainable_when_any_use_trains_it_whatever_the_wave_order(forward_last):
+    """One component, a train use in one task and a forward use (its weights out of autograd) in another, on both
+    devices: its layers and input module train (holdings, buckets), whichever of the two slices comes last."""
+    llama = {"kind": "llama", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "vocab_size": 32, "seq_len": 8}
+    job = parse_job({
+        "name": "shared", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+        "components": {"lm": llama},
+        "tasks": [{"name": "train", "batch_size": 4, "loss": "lm", "components": [{"component": "lm"}]},
+                  {"name": "score", "batch_size": 4, "loss": "lm", "components": [
+                      {"component": "lm", "mode": "forward"}]}],
+        "training": {"steps": 1},
+    })
+    waves = [[("train.lm", 1, 2)], [("score.lm", 1, 2)]]
+    plan = plan_of(job, waves[::-1] if forward_last is False else waves)
+    held = {(h.name, h.layer): h for h in plan.holdings}
+    assert held[("lm", 0)].trainable and held[("embed:lm", 0)].trainable, plan.holdings
+    assert any(b.devices == [0, 1] for b in plan.grad_buckets)

@@ -5,6 +5,8 @@ one-line errors."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -35,7 +37,9 @@ def problems(devices: int = 8):
 
 
 def test_a_generation_pool_of_its_own_runs_beside_the_rest_and_keeps_the_rows_ahead():
-    (sync, cm), (lagged, _) = problems()
+    _, (lagged, cm) = problems()
+    # the synchronous twin of the lagged job: its rows are as wide (P + 3N with the behaviour log-probabilities)
+    sync = Problem.build(dataclasses.replace(lagged.graph, rollout_lag=0), cm)
     placed = split_schedule(sync, SIZES)
     a, b = simulate(sync, placed, cm), simulate(lagged, placed, cm)
     gen = a.wave_durations[0]  # the rollouts' wave: the generation alone on its pool

@@ -4,6 +4,9 @@ bf16 holds integers exactly only up to 256 and the rows carry token ids (and the
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
 from planner.api import plan_placed
@@ -14,19 +17,12 @@ from planner.spec import parse_job
 from runtime.executor import WaveWorker
 from runtime.prepare import build_payload
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integration"))
+from _jobs import rollout_job  # noqa: E402  (tests/integration/_jobs.py: the tiny GRPO job the byte contract runs)
+
 
 def test_rollout_rows_cross_in_float32_and_activations_in_bf16():
-    llama = {"kind": "llama", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "vocab_size": 300, "seq_len": 6}
-    job = parse_job({
-        "name": "wire", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
-        "components": {"policy": llama, "reward": {**llama, "frozen": True}},
-        "tasks": [{"name": "grpo", "batch_size": 4, "loss": "grpo", "components": [
-            {"component": "policy", "name": "rollout", "mode": "generate", "seq_len": 3, "new_tokens": 3,
-             "samples": 2},
-            {"component": "reward", "mode": "forward", "after": ["rollout"]},
-            {"component": "policy", "after": ["rollout"]}]}],
-        "training": {"precision": "bf16"},
-    })
+    job = parse_job(rollout_job(vocab_size=300, precision="bf16"))
     ops = {op.use: op for op in build_metagraph(job).metaops}
     placed = PlacedSchedule((PlacedWave((PlacedSlice(ops["rollout"].id, 0, 1, (0,), Layout(1, 1)),)),
                              PlacedWave((PlacedSlice(ops["reward"].id, 0, 1, (1,), Layout(1, 1)),
