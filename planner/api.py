@@ -239,7 +239,7 @@ REFINE_TOP = 2  # the best placed candidates (distinct schedules) the transfer-a
 REFINE_BUDGET = 4000  # work units of that search (refine.evaluation_cost), shared by its starts
 REFINED = ", transfer-refined"  # method suffix of a plan the search improved
 COMPUTE_BUDGET = 6000  # work units (refine.compute_cost) of the compute search from the best placed candidate: about
-# 130-300 evaluations at 8 devices, 30-40 at 32; not started below refine.MIN_EVALUATIONS (the sweep and scale cells)
+# 130-300 evaluations at 8 devices, 24-125 at 32; not started below refine.MIN_EVALUATIONS (the sweep and scale cells)
 COMPUTE_REFINED = ", compute-refined"  # method suffix of a plan that search improved
 SPLIT_TOP = 8  # the best placed candidates (distinct schedules, refined ones included) whose buckets are split
 SPLIT_BUDGET = 12_000  # work units (bucketsplit.split_cost) of bucket splitting, shared by those candidates

@@ -12,7 +12,7 @@ from planner.api import make_cost_model, plan_job
 from planner.costmodel import CostModel
 from planner.metagraph import build_metagraph
 from planner.refine import MIN_EVALUATIONS, compute_cost, compute_neighbours, evaluate, pass_cost, refine_compute
-from planner.schedule import Problem, Slice, check_schedule
+from planner.schedule import Problem, check_schedule
 from planner.spindle import spindle_schedule
 
 
@@ -115,4 +115,3 @@ def test_plan_job_with_the_compute_search_is_never_slower(clip4_8, monkeypatch):
     assert with_search.plan.predicted.iteration_time_s < without.plan.predicted.iteration_time_s
     assert "compute-refined" in with_search.plan.solver.method
     assert "compute-refined" not in without.plan.solver.method
-    assert isinstance(with_search.solve.schedule.waves[0].slices[0], Slice)
