@@ -27,7 +27,7 @@ from planner.metagraph import MetaGraph, build_metagraph
 from planner.placement import (
     STRATEGIES, PlacedSchedule, PlacedSlice, PlacedWave, TensorParallelRoomError, place_schedule,
 )
-from planner.refine import Evaluated, evaluation_cost, refine_transfers
+from planner.refine import Evaluated, evaluation_cost, refine_compute, refine_transfers
 from planner.plan import (
     Bounds, Plan, PlanCluster, PlanHandoff, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport,
     SyncGroup,
@@ -242,6 +242,9 @@ UNFIT_BEFORE_REPAIR = 3  # candidates over memory (shortest compute first) after
 REFINE_TOP = 2  # the best placed candidates (distinct schedules) the transfer-aware search starts from
 REFINE_BUDGET = 4000  # work units of that search (refine.evaluation_cost), shared by its starts
 REFINED = ", transfer-refined"  # method suffix of a plan the search improved
+COMPUTE_BUDGET = 6000  # work units (refine.compute_cost) of the compute search from the best placed candidate: about
+# 130-300 evaluations at 8 devices, 24-125 at 32; not started below refine.MIN_EVALUATIONS (the sweep and scale cells)
+COMPUTE_REFINED = ", compute-refined"  # method suffix of a plan that search improved
 SPLIT_TOP = 8  # the best placed candidates (distinct schedules, refined ones included) whose buckets are split
 SPLIT_BUDGET = 12_000  # work units (bucketsplit.split_cost) of bucket splitting, shared by those candidates
 
@@ -253,7 +256,7 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
     The solver ranks by compute alone; transfers and shared-parameter sync depend on placement, so the
     final choice is made on the full simulated time: every candidate in both orders of its independent
     runs, under every placement strategy (one node: packing only), then the transfer-aware local search
-    (:mod:`planner.refine`) from the best few. A candidate that does not fit in memory is skipped; when
+    (:mod:`planner.refine`) from the best few, the compute search from the best and bucket splits. A candidate that does not fit in memory is skipped; when
     none fits, the error of the shortest one is raised. Also returns why each unfit candidate failed.
     Placing stops at :data:`PLACE_BUDGET` work units (see :func:`_place_candidates`; the first candidate is always
     placed): deterministic. Past ``deadline`` (``time.thread_time()``, the planner's time limit; a safety cap) only
@@ -279,6 +282,13 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
             best_name, cand, best = name + REFINED, start_cand, found
         if found is not ev:
             ranked.append((name + REFINED, start_cand, found))
+    # the compute search (planner.refine.refine_compute) from the best so far: layers and counts moved, judged on the
+    # simulated iteration
+    if deadline is None or time.thread_time() < deadline:
+        found, _ = refine_compute(problem, cost_model, best, COMPUTE_BUDGET)
+        if found is not best:
+            best_name, best = best_name + COMPUTE_REFINED, found
+            ranked.append((best_name, cand, found))
     # bucket splits (planner.bucketsplit) on the best few distinct schedules: a schedule whose sync starts late or
     # ends with a large bucket can overtake one that was faster before
     budget, done = SPLIT_BUDGET, []
@@ -296,7 +306,7 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
     makespan = compute_makespan(problem, best.schedule)
     gap = (makespan - solved.bound_s) / makespan if makespan > 0 else 0.0
     # a reordered schedule has its candidate's compute; a refined one is a local-search result
-    status = "heuristic" if best_name.endswith((REFINED, SPLIT)) else cand.status
+    status = "heuristic" if best_name.endswith((REFINED, COMPUTE_REFINED, SPLIT)) else cand.status
     chosen = replace(solved, schedule=best.schedule, status=status, objective_s=makespan, gap=gap, method=best_name)
     return chosen, best.placed, best.sim, unfit
 

@@ -9,6 +9,14 @@ slice's wave (the rest of the wave unchanged). Each neighbour is placed with the
 placement strategy and simulated, and the best one that shortens the predicted iteration is kept;
 rounds repeat until none does or the work budget is spent.
 
+A second search, :func:`refine_compute`, moves compute instead: one or two layers of a MetaOp from one of its waves
+to another, or one slice's device count, judged the same way (placed and simulated). The solver prices a wave as
+its slowest slice, the runtime (and the timeline) has no barrier and runs every forward, the losses, then every
+backward, so a wave whose slices split their time differently between the passes lasts about its largest forward
+plus its largest backward. Neighbours are tried in the order of that pass-aware estimate (:func:`pass_cost`), and
+the first that shortens the simulated iteration is taken (first improvement: a full round costs more evaluations
+than a grid cell can afford).
+
 Deterministic: the neighbours are visited in a fixed order and the budget counts evaluations, never
 seconds. Pure: no files, no globals.
 """
@@ -120,4 +128,96 @@ def refine_transfers(problem: Problem, cost_model: CostModel, start: Evaluated, 
         if best is current:
             break
         current = best
+    return current, spent
+
+
+COMPUTE_DEVICES_PER_UNIT = 8  # the compute search's evaluation: one unit per slice per started block of this many
+MOVED_LAYERS = (1, 2)  # layers one compute move takes from a slice to another slice of the same MetaOp
+MIN_EVALUATIONS = 20  # a compute search whose budget affords fewer simulations of its start is not started
+
+
+def compute_cost(problem: Problem, schedule: Schedule) -> int:
+    """Work units of one evaluation of the compute search: slices times started blocks of 8 devices (finer than
+    :func:`evaluation_cost`: a 32-device cell affords a quarter of an 8-device cell's evaluations, a 1,024-device
+    job with 100 slices none)."""
+    blocks = -(-problem.num_devices // COMPUTE_DEVICES_PER_UNIT)
+    return max(1, sum(len(w.slices) for w in schedule.waves) * blocks)
+
+
+def pass_cost(problem: Problem, slices: tuple[Slice, ...]) -> float:
+    """A wave's largest forward plus its largest backward (seconds): about what it lasts on the timeline when its
+    slices split their compute differently between the passes (CostModel.forward_fraction)."""
+    forward = backward = 0.0
+    for s in slices:
+        t = problem.slice_time(s)
+        f = t * CostModel.forward_fraction(problem.graph.metaops[s.metaop])
+        forward, backward = max(forward, f), max(backward, t - f)
+    return forward + backward
+
+
+def compute_neighbours(problem: Problem, schedule: Schedule) -> Iterator[Schedule]:
+    """Schedules one compute move away, the best :func:`pass_cost` estimate first (ties in a fixed order): a MetaOp
+    that runs in two waves gives one or two layers from one to the other (its first and last wave stay, so its
+    dependencies hold), or a slice takes another valid count that fits its wave."""
+    waves = schedule.waves
+    base = [pass_cost(problem, w.slices) for w in waves]
+
+    def changed(k: int, m: int, layers: int = 0, count: int | None = None) -> tuple[Slice, ...]:
+        return tuple(Slice(s.metaop, s.num_layers + layers, count or s.num_devices) if s.metaop == m else s
+                     for s in waves[k].slices)
+
+    runs: dict[int, list[int]] = {}
+    for k, wave in enumerate(waves):
+        for s in wave.slices:
+            runs.setdefault(s.metaop, []).append(k)
+    moves: list[tuple[float, int, dict[int, tuple[Slice, ...]]]] = []
+    for m, ks in sorted(runs.items()):
+        for a in ks:
+            have = next(s.num_layers for s in waves[a].slices if s.metaop == m)
+            for b in ks:
+                for d in MOVED_LAYERS:
+                    if a != b and have > d:
+                        na, nb = changed(a, m, -d), changed(b, m, d)
+                        gain = pass_cost(problem, na) + pass_cost(problem, nb) - base[a] - base[b]
+                        moves.append((gain, len(moves), {a: na, b: nb}))
+    for k, wave in enumerate(waves):
+        for s in wave.slices:
+            free = problem.num_devices - wave.num_devices + s.num_devices
+            for count in problem.curves[s.metaop].counts:
+                if count != s.num_devices and count <= free:
+                    nk = changed(k, s.metaop, 0, count)
+                    moves.append((pass_cost(problem, nk) - base[k], len(moves), {k: nk}))
+    moves.sort(key=lambda x: (x[0], x[1]))
+    for _, _, change in moves:
+        yield Schedule(merge_adjacent_waves(problem, [Wave(change.get(k, w.slices)) for k, w in enumerate(waves)]))
+
+
+def refine_compute(problem: Problem, cost_model: CostModel, start: Evaluated, budget: int) -> tuple[Evaluated, int]:
+    """First-improvement search from ``start`` over :func:`compute_neighbours` (same placement strategy): the first
+    neighbour whose simulated iteration is shorter is taken and its neighbours are listed again, until none is or
+    ``budget`` work units (:func:`compute_cost`) are spent (an evaluation that would pass it is not made); not
+    started when the budget affords fewer than :data:`MIN_EVALUATIONS` evaluations. Returns the best schedule found
+    (``start`` when nothing helps) and the units spent."""
+    current, spent = start, 0
+    seen = {start.schedule}
+    # too few affordable evaluations to find anything (a 100-MetaOp job on 128 devices: 3): not started, so such a
+    # job's plan, often at its time limit, does not lose the search's CPU seconds to it
+    improved = compute_cost(problem, start.schedule) * MIN_EVALUATIONS <= budget
+    while improved:
+        improved = False
+        trace = current.trace or place_traced(problem, current.schedule, cost_model, strategy=current.strategy,
+                                              check_memory_limit=False)[1]  # its neighbours resume from it
+        for schedule in compute_neighbours(problem, current.schedule):
+            if schedule in seen:
+                continue
+            cost = compute_cost(problem, schedule)
+            if spent + cost > budget:
+                return current, spent
+            seen.add(schedule)
+            check_schedule(problem, schedule)
+            spent += cost
+            found = evaluate(problem, cost_model, schedule, current.strategy, trace)
+            if found is not None and found.sim.iteration_time_s < current.sim.iteration_time_s * (1 - 1e-9):
+                current, improved = found, True
+                break
     return current, spent
