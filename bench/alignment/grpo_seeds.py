@@ -147,6 +147,9 @@ def markdown(rec: dict) -> str:
                      f"{r['format']:.2f} | {r['answer_words']:.1f} | {r['kl_to_reference']:.4f} | "
                      f"{'-' if r['train_s'] is None else round(r['train_s'])} |")
     m = s["rule_score"]
+    if len(rows) == 1:  # no spread to report
+        lines += ["", f"Margin over the merged model: {s['margin']:+.3f}, one seed (no spread measured)."]
+        return "\n".join(lines) + "\n"
     lines += [f"| GRPO, mean +- std over {len(rows)} seeds | - | {m['mean']:.3f} +- {m['std']:.3f} | "
               f"{s['length']['mean']:.2f} | {s['keyword']['mean']:.2f} | {s['format']['mean']:.2f} | "
               f"{s['answer_words']['mean']:.1f} | {s['kl_to_reference']['mean']:.4f} | - |", "",
