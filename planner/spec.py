@@ -226,7 +226,8 @@ class TaskSpec(StrictModel):
     )
     loss_args: dict[str, str | int | float] = Field(
         default_factory=dict, description="Options of the loss, checked by its head before anything runs (grpo, "
-        "grpo_rm, grpo_rule: beta, kl: k3 | topk, topk; docs/job-spec.md, GRPO). Other losses take none."
+        "grpo_rm, grpo_rule: beta, kl: k3 | topk, topk; docs/job-spec.md, GRPO; the alignment recipe's sft_kl: topk). "
+        "Other losses take none."
     )
     data: DataSpec | None = Field(
         None, description="Where the task's samples come from (planner.data_spec, docs/data.md); none: synthetic data."

@@ -82,6 +82,10 @@ def check_head(job: JobSpec, t: int, recipe_losses: Collection[str] | None = ())
 
     model_pooled_leaves(job, t)
     if loss not in BUILTIN_LOSSES:
+        if recipe_losses and loss in recipe_losses:  # the recipe is loaded here: its own check of the task
+            from runtime.heads import check_recipe_loss  # heads imports this module
+
+            check_recipe_loss(job, t)
         return loss
     if task.loss_args and loss != "grpo":
         raise ValueError(f"tasks[{t}] ('{task.name}').loss_args: loss '{loss}' takes no options (grpo does). Remove "

@@ -5,7 +5,8 @@ tensors merged from every rank (runtime.reference.merge_parameters) under the ch
 (runtime.pretrained.export_name) in one ``model.safetensors``, next to a copy of the source folder's other files
 (config, tokenizer, generation config), so ``AutoModelForCausalLM.from_pretrained(<out>/<component>)`` loads it. The
 LM head and final norm come from the first next-token task that predicts through them (each such task trains its own
-copy; docs/models.md); without one they are copied from the source. A tower's own pooling modules (CLIP's
+copy; docs/models.md), else from the first task that generates with the component (a GRPO task's head trains the
+policy's LM head the rollouts decode with), else they are copied from the source. A tower's own pooling modules (CLIP's
 post_layernorm, SigLIP's heads, BERT's pooler) come from the first pooled-loss task that pools with them
 (runtime.pooling), else from the source. Tied embeddings are written untied
 (``tie_word_embeddings: false``), since Loom trains the embedding and the head as two tensors.
@@ -83,8 +84,17 @@ def _head_task(job: JobSpec, component: str):
 
         return next((t.name for t in job.tasks if t.loss == "mse" and any(
             u.component == component for u in t.components)), None), unet_head_name
-    return next((t.name for i, t in enumerate(job.tasks)
-                 if t.loss in ("lm", "next_token") and pretrained_lm(job, i) is comp), None), head_export_name
+    lm = next((t.name for i, t in enumerate(job.tasks)
+               if t.loss in ("lm", "next_token") and pretrained_lm(job, i) is comp), None)
+    if lm is not None:
+        return lm, head_export_name
+    # an RL task (runtime.grpo.GRPOHead, and a recipe's heads built on it) trains the LM head its rollouts decode with,
+    # as its ``policy.*`` parameters: that head is the trained policy's
+    rl = next((t.name for t in job.tasks if any(u.component == component and u.mode == "generate" and not comp.frozen
+                                                for u in t.components)), None)
+    if rl is None:
+        return None, None
+    return rl, lambda param: head_export_name(param.removeprefix("policy.")) if param.startswith("policy.") else None
 
 
 def _export_component(job: JobSpec, component: str, params: dict[str, torch.Tensor], folder: Path) -> Path:

@@ -198,6 +198,7 @@ def next_token_losses(hidden: torch.Tensor, out: nn.Module, targets: torch.Tenso
 
 HeadFactory = Callable[[JobSpec, int, list[str]], TaskHead]
 _RECIPE_LOSSES: dict[str, HeadFactory] = {}
+_RECIPE_CHECKS: dict[str, Callable[[JobSpec, int], None]] = {}  # loss -> its torch-light check (register_loss)
 
 
 class DenoisingHead(TaskHead):
@@ -250,11 +251,23 @@ def _next_token_args(job: JobSpec, task_index: int) -> tuple[str, int, int, int]
     return text, offset, comp.hidden_size, comp.vocab_size or DEFAULT_VOCAB
 
 
-def register_loss(name: str, factory: HeadFactory) -> None:
+def register_loss(name: str, factory: HeadFactory, check: Callable[[JobSpec, int], None] | None = None) -> None:
     """Make loss ``name`` available to tasks: ``factory(job, task_index, leaf uses)`` builds its head (the
-    runtime initialises the head's parameters afterwards, see :func:`build_head`). Recipes call this on import."""
+    runtime initialises the head's parameters afterwards, see :func:`build_head`); ``check(job, task_index)``, when
+    given, raises a ValueError for a task the head cannot serve (its uses, its ``loss_args``) without building
+    anything, so that ``loom run`` refuses the job before any worker starts (:func:`check_recipe_loss`). Recipes
+    call this on import."""
     assert name not in SUPPORTED_LOSSES, f"loss {name} is built in"
     _RECIPE_LOSSES[name] = factory
+    if check is not None:
+        _RECIPE_CHECKS[name] = check
+
+
+def check_recipe_loss(job: JobSpec, task_index: int) -> None:
+    """The registered check of task ``task_index``'s recipe loss (nothing for a loss registered without one)."""
+    check = _RECIPE_CHECKS.get(job.tasks[task_index].loss)
+    if check is not None:
+        check(job, task_index)
 
 
 def registered_losses() -> tuple[str, ...]:

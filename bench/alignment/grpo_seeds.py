@@ -8,7 +8,9 @@ the training prompts and every rollout; trained in one process, :func:`train_see
 (recipes.alignment.evaluate.rule_eval) scores the GRPO policy's greedy answers to N held-out prompts (the same N for
 every seed and for the merged model, whose greedy answers do not depend on a seed). ``--set`` changes the phase before
 it runs, e.g. ``--set training.lr=1e-3 --set tasks.0.components.0.samples=8`` (a dotted path into the one-phase job;
-the value read as YAML); ``--parallel`` trains every seed at once. Writes
+the value read as YAML; an index one past a list's end appends, e.g. ``--set 'tasks.1={name: sft_kl, ...}'`` adds
+GRPO's KL penalty on SFT data as a second task, as docs/recipes/alignment.md shows); ``--parallel`` trains every seed
+at once. Writes
 bench/results/alignment-grpo-seeds[-NAME].{json,md} (``--name``).
 """
 
@@ -44,7 +46,10 @@ def grpo_job(out: Path, seed: int, overrides: list[str]) -> dict:
         node = job
         for key in parents:
             node = node[int(key)] if isinstance(node, list) else node[key]
-        node[int(last) if isinstance(node, list) else last] = yaml.safe_load(value)
+        if isinstance(node, list) and int(last) == len(node):  # one past the end: appended (a task, a use)
+            node.append(yaml.safe_load(value))
+        else:
+            node[int(last) if isinstance(node, list) else last] = yaml.safe_load(value)
     return job
 
 
@@ -142,6 +147,9 @@ def markdown(rec: dict) -> str:
                      f"{r['format']:.2f} | {r['answer_words']:.1f} | {r['kl_to_reference']:.4f} | "
                      f"{'-' if r['train_s'] is None else round(r['train_s'])} |")
     m = s["rule_score"]
+    if len(rows) == 1:  # no spread to report
+        lines += ["", f"Margin over the merged model: {s['margin']:+.3f}, one seed (no spread measured)."]
+        return "\n".join(lines) + "\n"
     lines += [f"| GRPO, mean +- std over {len(rows)} seeds | - | {m['mean']:.3f} +- {m['std']:.3f} | "
               f"{s['length']['mean']:.2f} | {s['keyword']['mean']:.2f} | {s['format']['mean']:.2f} | "
               f"{s['answer_words']['mean']:.1f} | {s['kl_to_reference']['mean']:.4f} | - |", "",

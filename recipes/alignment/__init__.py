@@ -3,7 +3,7 @@
 Importing this package registers the recipe's losses (``reward_bt``), its dataset (reward-model pairs with both
 sequences through the model) and its evaluator with the runtime (a job opts in with ``recipe: alignment``). Modules:
 tasks (the generator: two domains, rule rewards, preference pairs, PAS complements), data (the dataset), losses
-(reward model, DPO, GRPO's KL penalty on SFT data), merge (linear, task arithmetic, Model Stock over exported model
+(reward model, DPO, GRPO's KL penalty on SFT data: loss ``sft_kl``), merge (linear, task arithmetic, Model Stock over exported model
 folders; the phase step ``merge``), grpo (losses ``grpo_rm``: GRPO scored by the trained reward model, and
 ``grpo_rule``: by the rule; its prompts; the step ``reward_head``), pas (step ``pas_eval``: PAS measured), pas_data
 (step ``pas_data``: SFT prompts augmented by PAS), evaluate
@@ -25,9 +25,9 @@ from runtime.evaluate import register_evaluator
 from runtime.heads import register_loss
 
 for _name, _factory in losses.LOSS_FACTORIES.items():
-    register_loss(_name, _factory)
-register_loss("grpo_rm", grpo.grpo_rm_head)
-register_loss("grpo_rule", grpo.grpo_rule_head)
+    register_loss(_name, _factory, losses.LOSS_CHECKS.get(_name))
+register_loss("grpo_rm", grpo.grpo_rm_head, grpo.check_grpo_rm)
+register_loss("grpo_rule", grpo.grpo_rule_head, grpo.check_grpo_rule)
 register_dataset("alignment", data.job_batch)
 register_evaluator("alignment", evaluate.evaluate)
 # the phase steps, registered by the orchestrator when it imports the recipe (orchestrator.recipes.import_recipe)

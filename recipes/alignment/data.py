@@ -7,7 +7,9 @@ answer, the second (``rejected``) prompt + rejected answer (a dpo task's third a
 each tokenised with its model's tokenizer (the pretrained folder) as a ``preference`` source would
 (runtime.tokenizer.encode_completion) and padded to the use's seq_len. ``targets`` carry each sequence's labels (the
 answer tokens), the index of its last token (losses.last_key) and the scores (``score_chosen``, ``score_rejected``:
-NaN where a pair has none, so alpha = 0 there).
+NaN where a pair has none, so alpha = 0 there). An ``sft_kl`` task (GRPO's KL penalty on SFT data) puts each pair's
+prompt + chosen answer through both its uses (the policy's and the reference's), the answer's tokens learned: the
+pipeline's SFT rows.
 
 Pairs come from the job's ``data_dir`` when it has one (``<data_dir>/<split>/preference.jsonl``, the documented
 preference JSONL, checked line by line as a source is), else from the generator (recipes.alignment.tasks): row ``g``
@@ -34,7 +36,8 @@ from runtime.tokenizer import encode_completion, labels_key, load_tokenizer, pad
 
 TRAIN_PAIRS = 2048  # distinct training pairs of the generated stream
 UNSCORED_EVERY = 5  # every fifth generated pair carries no absolute scores
-PAIR_LOSSES = ("reward_bt", "dpo")
+SFT_KL = "sft_kl"  # GRPO's KL penalty on SFT data: the pairs' prompt + chosen answer through both its uses
+PAIR_LOSSES = ("reward_bt", "dpo", SFT_KL)
 GRPO_LOSSES = ("grpo_rm", "grpo_rule")  # rollouts on the generator's prompts (recipes.alignment.grpo)
 
 
@@ -56,8 +59,9 @@ def pairs(job: JobSpec, t: int, split: str, indices: range) -> list[dict]:
 
 
 def job_batch(job: JobSpec, t: int, step: int, start: int, stop: int, split: str) -> TaskBatch:
-    """Rows ``[start, stop)`` of task ``t``'s batch at ``step``: preference pairs for a ``reward_bt`` task (see the
-    module docstring); the rollout prompts of a ``grpo_rm`` or ``grpo_rule`` task
+    """Rows ``[start, stop)`` of task ``t``'s batch at ``step``: preference pairs for a ``reward_bt`` or ``dpo`` task
+    (see the module docstring), their prompts and chosen answers (the SFT rows) for an ``sft_kl`` task; the rollout
+    prompts of a ``grpo_rm`` or ``grpo_rule`` task
     (recipes.alignment.grpo.prompt_batch); a ValueError for a task of another loss without ``data:``."""
     task = job.tasks[t]
     if task.loss in GRPO_LOSSES:  # rollouts: the generator's prompts (recipes.alignment.grpo)
@@ -71,7 +75,8 @@ def job_batch(job: JobSpec, t: int, step: int, start: int, stop: int, split: str
     size = task.batch_size
     rows = pairs(job, t, split, range(step * size + start, step * size + stop))
     inputs, targets = {}, {}
-    for side, use in zip(("chosen", "rejected") * 2, leaf_uses(job, t)):  # reward_bt: 2 leaves; dpo: 4
+    sides = ("chosen", "chosen") if task.loss == SFT_KL else ("chosen", "rejected") * 2
+    for side, use in zip(sides, leaf_uses(job, t)):  # reward_bt: 2 leaves; dpo: 4; sft_kl: 2 on the same answer
         name, comp = use_component(job, t, use)
         u = next(i for i, x in enumerate(task.components) if x.use_name == use)
         seq_len = resolve_shape(comp, name, task.components[u], f"tasks[{t}].components[{u}]").seq_len

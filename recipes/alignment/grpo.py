@@ -111,6 +111,19 @@ def grpo_rm_head(job: JobSpec, t: int, leaves: list[str]) -> RewardModelGRPOHead
                                base.policy.out.out_features, base.kernels, base.beta, base.kl, base.topk)
 
 
+def check_grpo_rm(job: JobSpec, t: int) -> None:
+    """What a ``grpo_rm`` task needs, checked before any worker starts (runtime.heads.register_loss): the built-in
+    grpo's uses and ``loss_args`` (a ValueError as runtime.grpo's)."""
+    grpo_roles(job, t)
+    grpo_options(job, t)
+
+
+def check_grpo_rule(job: JobSpec, t: int) -> None:
+    """As :func:`check_grpo_rm`, for ``grpo_rule`` (whose one forward leaf may be the reference alone)."""
+    grpo_roles(job, t)
+    grpo_options(job, t, RULE_BETA)
+
+
 class RuleGRPOHead(GRPOHead):
     """Loss ``grpo_rule``: runtime.grpo.GRPOHead whose reward is the rule (:func:`recipes.alignment.tasks.rule_score`)
     of each rollout's answer to its prompt, both decoded from the rollout's tokens with the policy's tokenizer (the

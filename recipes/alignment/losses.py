@@ -12,8 +12,14 @@ heads the runtime builds for a task (registered by recipes/alignment/__init__.py
   on chosen then rejected, then a frozen reference (``frozen: true``) on the same two, each ``after: []``. The head
   predicts through the policy's pretrained final norm and LM head (trained, as a next-token task's) and the
   reference's (loaded beside them, frozen, not parameters).
-- :func:`sft_kl_penalty`: the KL(reference || policy) over the reference's top-k tokens per learned position
-  (kernels.topk_kl, k = 500 in the report), which GRPO adds on SFT data instead of an SFT cross-entropy.
+- ``sft_kl`` (:class:`SFTKLHead`): GRPO's penalty on SFT data (the report's, "a KL penalty on SFT data instead of
+  the usual SFT loss"), a task of its own beside the GRPO task in the same phase, weighted by its ``loss_weight``: per
+  row :func:`sft_kl_penalty`, the KL(reference || policy) over the reference's top-``topk`` tokens (``loss_args``,
+  :func:`sft_kl_options`; k = 500 in the report) at every learned position (kernels.topk_kl). Two leaves on the same
+  SFT rows, each ``after: []``: the policy (trained), then the frozen reference. Both predict through their own
+  pretrained final norm and LM head, frozen and outside the parameters: the penalty moves the policy's layers, which
+  the GRPO task trains too, and prices the model ``loom run`` exports (whose LM head is the pretrained one: no
+  next-token task of the phase trains it).
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ if TYPE_CHECKING:
 
 RM_ALPHA = 0.5  # weight of the reward model's squared error to the absolute scores (the report gives no value)
 DPO_BETA = 0.1  # DPO's temperature on the log-ratio margin (the DPO paper's usual value)
+SFT_KL_TOPK = 500  # sft_kl's default k: the report's
+SFT_KL_ARGS = ("topk",)  # sft_kl's loss_args
 SCORE_KEYS = ("score_chosen", "score_rejected")  # batch.targets: (B,) float32 absolute scores in [0, 1], NaN: none
 
 
@@ -89,9 +97,15 @@ def sft_kl_penalty(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """GRPO's penalty on SFT data, per row: the mean over ``learned`` positions ``(B, P)`` of KL(q || pi), ``q`` the
     reference's distribution renormalised over its top-``k`` tokens (``ref_logits`` ``(B, P, V)``, detached) and
     ``pi`` the policy's softmax of ``F.linear(hidden, weight, bias)`` (``hidden`` ``(B, P, H)``). With k = V it is
-    the full KL(ref || policy)."""
+    the full KL(ref || policy); 0 for a row without learned positions. ``backend``: kernels.topk_kl's (None: what
+    ``auto`` picks), or ``off`` for the plain log-softmax of the whole logits."""
     top, index = ref_logits.detach().float().topk(min(k, ref_logits.shape[-1]), dim=-1)
-    per_position = topk_kl(hidden, weight, bias, top, index, backend=backend)
+    if backend == "off":
+        logq = F.log_softmax(top, dim=-1)
+        logpi = F.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1).gather(-1, index)
+        per_position = (logq.exp() * (logq - logpi)).sum(-1)
+    else:
+        per_position = topk_kl(hidden, weight, bias, top, index, backend=backend)
     mask = learned.to(per_position.dtype)
     return (per_position * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
@@ -193,5 +207,81 @@ def dpo_head(job: JobSpec, task_index: int, leaves: list[str]) -> DPOHead:
     return DPOHead(task.name, leaves, policy.hidden_size, policy.vocab_size, kernels=job.training.kernels)
 
 
-LOSS_FACTORIES = {"reward_bt": reward_head, "dpo": dpo_head}
+def sft_kl_options(job: JobSpec, t: int) -> dict[str, int]:
+    """``topk`` of sft_kl task ``t`` from its ``loss_args`` (default :data:`SFT_KL_TOPK`); a ValueError naming the
+    argument, its value and the fix otherwise."""
+    task = job.tasks[t]
+    where = f"tasks[{t}] ('{task.name}').loss_args"
+    unknown = sorted(set(task.loss_args) - set(SFT_KL_ARGS))
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: not an option of loss 'sft_kl'; it takes {', '.join(SFT_KL_ARGS)} "
+                         "(its weight is the task's loss_weight). Remove it.")
+    topk = task.loss_args.get("topk", SFT_KL_TOPK)
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"{where}.topk ({topk!r}): the number of the reference's tokens must be an integer >= 1.")
+    return {"topk": topk}
+
+
+def check_sft_kl(job: JobSpec, t: int) -> None:
+    """What an ``sft_kl`` task needs (a ValueError naming the task and the fix otherwise): :func:`sft_kl_options`,
+    and two leaves, each ``after: []``, on the same rows: a trained pretrained policy, then a frozen pretrained
+    reference of the same width and vocabulary. Builds nothing (``loom run`` calls it before any worker starts)."""
+    from planner.usegraph import leaf_uses
+
+    task = job.tasks[t]
+    sft_kl_options(job, t)
+    leaves = leaf_uses(job, t)
+    comps = [use_component(job, t, leaf) for leaf in leaves]
+    uses = {u.use_name: u for u in task.components}
+    ok = (len(leaves) == 2 == len(task.components) and comps[0][0] != comps[1][0]
+          and all(c.pretrained for _, c in comps) and not comps[0][1].frozen and comps[1][1].frozen
+          and uses[leaves[0]].mode == "train" and uses[leaves[0]].seq_len == uses[leaves[1]].seq_len
+          and comps[0][1].hidden_size == comps[1][1].hidden_size and comps[0][1].vocab_size == comps[1][1].vocab_size)
+    if not ok:
+        raise ValueError(f"tasks[{t}] ('{task.name}'): loss sft_kl needs two uses, each `after: []` and of one seq_len, "
+                         "on the same SFT rows: a trained pretrained policy, then a frozen pretrained reference "
+                         f"(`frozen: true`, same width and vocabulary); got {leaves} of {[name for name, _ in comps]}.")
+
+
+class SFTKLHead(TaskHead):
+    """``sft_kl``: leaves (policy, reference) over the same SFT rows (``labels:<policy leaf>``: the learned tokens);
+    per row :func:`sft_kl_penalty` at every learned position. No parameters of its own: :meth:`load_pretrained`
+    (runtime.heads.build_head calls it) keeps the policy's and the reference's pretrained final norm and LM head,
+    frozen, outside the parameters (the module docstring says why)."""
+
+    def __init__(self, task: str, leaves: list[str], topk: int = SFT_KL_TOPK, kernels: str = "auto"):
+        super().__init__(task, leaves)
+        self.topk, self.kernels = topk, kernels
+        self.lm_heads: tuple[nn.Module, ...] = ()  # (the policy's, the reference's), unregistered
+
+    def load_pretrained(self, job: JobSpec, task_index: int) -> SFTKLHead:
+        heads = []
+        for leaf in self.leaves:
+            holder = nn.Module()
+            holder.kernels = self.kernels  # both final norms run as the policy's trunk runs them (same rounding)
+            heads.append(load_lm_head(use_component(job, task_index, leaf)[1], holder).requires_grad_(False))
+        self.lm_heads = tuple(heads)
+        return self
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
+        policy_leaf, reference_leaf = self.leaves
+        hidden = outputs[policy_leaf]
+        policy, reference = (m.to(hidden.device) for m in self.lm_heads)
+        learned = batch.targets[labels_key(policy_leaf)][:, 1:] != IGNORE_INDEX  # position j predicts token j + 1
+        with torch.no_grad():
+            ref_logits = reference.out(reference.norm(outputs[reference_leaf][:, :-1].detach()))
+        backend = backend_for(self.kernels, hidden.device) or "off"
+        return sft_kl_penalty(policy.norm(hidden[:, :-1]), policy.out.weight, policy.out.bias, ref_logits, learned,
+                              self.topk, backend)
+
+
+def sft_kl_head(job: JobSpec, task_index: int, leaves: list[str]) -> SFTKLHead:
+    """The ``sft_kl`` head of task ``task_index`` (:func:`check_sft_kl` first)."""
+    check_sft_kl(job, task_index)
+    return SFTKLHead(job.tasks[task_index].name, leaves, sft_kl_options(job, task_index)["topk"],
+                     job.training.kernels)
+
+
+LOSS_FACTORIES = {"reward_bt": reward_head, "dpo": dpo_head, "sft_kl": sft_kl_head}
+LOSS_CHECKS = {"sft_kl": check_sft_kl}  # run by `loom run` before any worker starts (runtime.heads.register_loss)
 

@@ -85,6 +85,28 @@ def test_grpo_rm_scores_with_the_trained_reward_head(model, tmp_path):
         build_head(grpo_job(model, model), 0)
 
 
+def test_a_grpo_phase_exports_the_lm_head_its_rollouts_decode_with(model):
+    """No next-token task trains the policy's LM head in a GRPO phase: its export takes the GRPO head's (``policy.*``,
+    trained, what runtime.rollout decodes with), not the source's; the frozen reference keeps its own."""
+    from runtime.export import component_tensors
+    from runtime.pretrained import read_tensors
+
+    data = grpo_job(model, model).model_dump(exclude_unset=True)
+    data["tasks"][0]["loss"] = "grpo"  # the built-in head: its reward head needs no trained file
+    job = parse_job(data)
+    head = build_head(job, 0)
+    with torch.no_grad():
+        head.policy.out.weight.add_(1.0)  # as if trained
+        head.policy.norm.weight.mul_(2.0)
+    params = {f"head:grpo/0/{name}": p.detach() for name, p in head.named_parameters()}
+    source = read_tensors(str(model), ["lm_head.weight", "model.norm.weight"])
+    policy = component_tensors(job, "policy", params)
+    torch.testing.assert_close(policy["lm_head.weight"], source["lm_head.weight"] + 1.0)
+    torch.testing.assert_close(policy["model.norm.weight"], source["model.norm.weight"] * 2.0)
+    reference = component_tensors(job, "reference", params)
+    assert torch.equal(reference["lm_head.weight"], source["lm_head.weight"])
+
+
 def test_the_reward_head_step_writes_the_phase_heads_beside_its_export(model, tmp_path):
     export = tmp_path / "out" / "rm" / "export" / "rm"
     shutil.copytree(model, export)

@@ -1,0 +1,144 @@
+"""``python -m bench.alignment.grpo_runs WORK [--seeds 0 1 2] [--score-only] [--no-write]``: the whole phase pipeline
+through ``loom run``, once per seed, and GRPO's margin over each run's own merged SFT model.
+
+For each seed, ``recipes/alignment/pipeline/pipeline-tiny.yaml`` with ``training.seed`` the seed (every phase: data
+order, heads, rollouts) is written to ``WORK/pipeline-seed<S>.yaml`` (its paths made absolute) and run by ``loom run
+... --out WORK/out<S>`` (exit code, wall time and load average in ``WORK/run<S>.json``); ``--score-only`` scores
+the runs already there (runs started by hand with the same files, e.g. side by side). Each run's models answer the
+same N held-out constraints prompts greedily (step ``rule_eval``'s function, recipes.alignment.evaluate.rule_eval):
+the two domain models (the merge's parents), the merged model (GRPO's start and reference) and the GRPO policy.
+Where a run's GRPO export predates the export of the GRPO head's trained LM head (runtime.export: until 2026-12-04 a
+GRPO phase exported the source's LM head and final norm), its policy is exported again from the run's ``model.pt``
+by the current code before it is scored (``reexported``). Writes bench/results/alignment-grpo-runs.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import REPO_ROOT, write_results
+
+SPEC = REPO_ROOT / "recipes/alignment/pipeline/pipeline-tiny.yaml"
+MODELS = ("sft_arithmetic", "sft_constraints", "merge", "grpo")
+
+
+def seed_spec(work: Path, seed: int) -> Path:
+    """The pipeline at ``seed``, its relative paths made absolute, written under ``work``."""
+    text = SPEC.read_text().replace("../", f"{SPEC.parent.parent}/")
+    assert "seed: 0}" in text
+    text = text.replace("seed: 0}", f"seed: {seed}}}").replace("name: alignment-pipeline-tiny",
+                                                                f"name: alignment-pipeline-seed{seed}")
+    path = work / f"pipeline-seed{seed}.yaml"
+    path.write_text(text)
+    return path
+
+
+def run(work: Path, seed: int) -> dict:
+    """``loom run`` of the seed's pipeline: exit code, wall seconds, load average at the end."""
+    spec, out = seed_spec(work, seed), work / f"out{seed}"
+    start = time.perf_counter()
+    with open(work / f"run{seed}.log", "w") as log:
+        rc = subprocess.call([sys.executable, "-m", "orchestrator", "run", str(spec), "--out", str(out)],
+                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    record = {"exit": rc, "wall_s": time.perf_counter() - start, "load": os.getloadavg()[0]}
+    (work / f"run{seed}.json").write_text(json.dumps(record))
+    return record
+
+
+def grpo_policy(out: Path) -> tuple[Path, bool]:
+    """(the GRPO policy's folder, whether it was exported again): the run's export when its LM head is the GRPO
+    head's, else a fresh export from ``OUT/grpo/model.pt`` by the current code (``OUT/grpo/reexport``)."""
+    import torch
+
+    from bench.alignment.grpo_seeds import grpo_job
+    from orchestrator.recipes import import_recipe
+    from planner.spec import parse_job
+    from runtime.export import component_tensors, export_pretrained
+    from runtime.pretrained import read_tensors
+    from runtime.reference import MODEL_FILE, load_model
+
+    params = load_model(out / "grpo" / MODEL_FILE)
+    exported = out / "grpo/export/policy"
+    head = next((t for k, t in params.items() if k.endswith("/policy.out.weight") and k.startswith("head:")), None)
+    current = read_tensors(str(exported), ["lm_head.weight"])["lm_head.weight"]
+    if head is None or torch.equal(current, head):
+        return exported, False
+    job = parse_job(grpo_job(out, 0, []))  # the phase's job as bench.alignment.grpo_seeds writes it: the same sources
+    import_recipe(job.recipe)
+    assert torch.equal(component_tensors(job, "policy", params)["lm_head.weight"], head)
+    export_pretrained(job, params, out / "grpo/reexport")
+    return out / "grpo/reexport/policy", True
+
+
+def score(out: Path, prompts: int) -> dict:
+    from recipes.alignment.evaluate import rule_eval
+
+    merged = out / "merge/export/policy"
+    row = {}
+    for name in MODELS:
+        folder, again = grpo_policy(out) if name == "grpo" else (out / name / "export/policy", False)
+        row[name] = rule_eval(folder, merged, prompts) | ({"reexported": again} if name == "grpo" else {})
+    return row
+
+
+def markdown(records: list[dict], prompts: int) -> str:
+    lines = ["# The alignment pipeline through `loom run`, per seed: GRPO against its merged SFT model", "",
+             f"`recipes/alignment/pipeline/pipeline-tiny.yaml` run whole by `loom run` once per seed (`training.seed`: "
+             f"every phase), then each run's models answer the same {prompts} held-out constraints prompts greedily, "
+             "scored by the rule (step `rule_eval`'s function); KL per answer token to the run's merged model.", "",
+             "| seed | loom run exit | wall s | load | SFT arithmetic | SFT constraints | merged | GRPO | GRPO - merged "
+             "| GRPO KL to merged |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        s = r["scores"]
+        run_ = r.get("run") or {}
+        wall = f"{run_['wall_s']:.0f}" if run_ else "-"
+        load = f"{run_['load']:.0f}" if run_ else "-"
+        lines.append(f"| {r['seed']} | {run_.get('exit', '-')} | {wall} | {load} | "
+                     f"{s['sft_arithmetic']['rule_score']:.3f} | {s['sft_constraints']['rule_score']:.3f} | "
+                     f"{s['merge']['rule_score']:.3f} | {s['grpo']['rule_score']:.3f}"
+                     f"{' (re-exported)' if s['grpo']['reexported'] else ''} | "
+                     f"{s['grpo']['rule_score'] - s['merge']['rule_score']:+.3f} | {s['grpo']['kl_to_reference']:.4f} |")
+    gains = [r["scores"]["grpo"]["rule_score"] - r["scores"]["merge"]["rule_score"] for r in records]
+    if len(gains) > 1:
+        lines += ["", f"GRPO's gain over its merged model: {statistics.fmean(gains):+.3f} +- "
+                  f"{statistics.stdev(gains):.3f} (mean +- sample std over {len(gains)} seeds), "
+                  f"{sum(g > 0 for g in gains)} of {len(gains)} positive."]
+    below = [r["seed"] for r in records if r["scores"]["merge"]["rule_score"] < min(
+        r["scores"]["sft_arithmetic"]["rule_score"], r["scores"]["sft_constraints"]["rule_score"])]
+    lines += ["", "Merged model below both parents on these (constraints) prompts in seeds: "
+              + (", ".join(map(str, below)) or "none") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.alignment.grpo_runs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("work", type=Path, help="where the seeds' specs and runs go")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (default 64, as the gate's)")
+    parser.add_argument("--score-only", action="store_true", help="score the runs already in WORK")
+    parser.add_argument("--no-write", action="store_true", help="print the report; leave bench/results alone")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    records = []
+    for seed in args.seeds:
+        done = args.work / f"run{seed}.json"  # what run() recorded, when the run was made here
+        rec = {"seed": seed, "run": (json.loads(done.read_text()) if done.is_file() else None) if args.score_only
+               else run(args.work, seed)}
+        rec["scores"] = score(args.work / f"out{seed}", args.prompts)
+        records.append(rec)
+    report = markdown(records, args.prompts)
+    print(report)
+    if not args.no_write:
+        write_results("alignment-grpo-runs", records, report, {"seeds": args.seeds, "prompts": args.prompts})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
