@@ -151,7 +151,8 @@ def stage_feedback(args) -> None:
         save_grid(images[rows], 8, out / f"samples_{name}.png")
     tail = max(args.steps // 10, 1)
     record = {"seed": args.seed, "rm_seed": args.rm_seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-              "pre_loss": args.pre_loss, "prompts": args.prompts, "samples": args.samples, "denoise_steps": args.denoise_steps,
+              "pre_loss": args.pre_loss, "prompts": args.prompts, "samples": args.samples,
+              "denoise_steps": args.denoise_steps,
               "before": before, "after": after, "train_reward_first": float(np.mean(history[:tail])),
               "train_reward_last": float(np.mean(history[-tail:])), "wall_s": round(time.time() - start, 1)}
     (out / "record.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -170,8 +171,9 @@ def stage_iterate(args) -> None:
     start, out = time.time(), args.work / f"iterate-{args.seed}"
     out.mkdir(parents=True, exist_ok=True)
     unet, text = generator.load_unet(args.work / f"feedback-{args.seed}" / "unet"), generator.load_text(MODELS / "text")
-    record = {"seed": args.seed, "prompts": args.prompts, "samples": args.samples, "steps": args.rm_steps}
-    for category in CATEGORIES:
+    for category in args.categories.split(","):
+        record = {"seed": args.seed, "category": category, "prompts": args.prompts, "samples": args.samples,
+                  "steps": args.rm_steps, "old_rows": args.old_rows}
         new = {}
         for split, count in (("train", args.prompts * 4), ("heldout", args.prompts)):
             entries = [synthetic_entry(args.seed, split, category, i) for i in range(count)]
@@ -181,8 +183,8 @@ def stage_iterate(args) -> None:
                         for i, e in enumerate(entries)]
             new[split] = new_image_pairs(rankings, len(GENERATORS))
         feats = {split: tower_features(pair_arrays(rows), MODELS / "vision") for split, rows in new.items()}
-        old_train = tower_features(cached_pairs(args.cache, category, args.rm_seed, args.rows, "train"),
-                                   MODELS / "vision")
+        old = cached_pairs(args.cache, category, args.rm_seed, args.rows, "train")
+        old_train = tower_features({k: v[:args.old_rows] for k, v in old.items()}, MODELS / "vision")
         gallery = tower_features(cached_pairs(args.cache, category, 0, args.heldout, "heldout"), MODELS / "vision")
         init = torch.load(args.work / f"rm-{args.rm_seed}" / f"scorer-{category}.pt")
         job = (category, "fusion", "pretrained", args.seed, joined([old_train, feats["train"]]), feats["heldout"],
@@ -197,9 +199,9 @@ def stage_iterate(args) -> None:
         record[f"new_{category}_after"] = accuracy(scorer, feats["heldout"])["acc"]
         record[f"gallery_{category}_after"] = accuracy(scorer, gallery)["acc"]
         record[f"new_pairs_{category}"] = {k: len(v) for k, v in new.items()}
-        print(category, record, flush=True)
-    record["wall_s"] = round(time.time() - start, 1)
-    (out / "record.json").write_text(json.dumps(record, indent=1) + "\n")
+        record["wall_s"] = round(time.time() - start, 1)
+        print(record, flush=True)
+        (out / f"record-{category}.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 def stage_report(args) -> None:
@@ -247,8 +249,13 @@ def stage_report(args) -> None:
         lines += ["", "## Iteration 2: reward models' held-out accuracy, before -> after retraining", "",
                   "| seed | category | pairs with a new image | gallery pairs |", "|---|---|---|---|"]
         for r in runs["iterate"]:
-            lines += [f"| {r['seed']} | {c} | {r[f'new_{c}_before']:.3f} -> {r[f'new_{c}_after']:.3f} | "
-                      f"{r[f'gallery_{c}_before']:.3f} -> {r[f'gallery_{c}_after']:.3f} |" for c in CATEGORIES]
+            c = r["category"]
+            lines.append(f"| {r['seed']} | {c} | {r[f'new_{c}_before']:.3f} -> {r[f'new_{c}_after']:.3f} | "
+                         f"{r[f'gallery_{c}_before']:.3f} -> {r[f'gallery_{c}_after']:.3f} |")
+        r = runs["iterate"][0]
+        lines += ["", f"{r['prompts'] * 4} training and {r['prompts']} held-out prompts per category x "
+                  f"{r['samples']} samples of the fine-tuned UNet ranked into the gallery; the scoring layers train "
+                  f"{r['steps']} more steps on {r['old_rows']} old rows plus the training pairs with a new image."]
     report = "\n".join(lines) + "\n"
     print(report)
     write_results("diffusion-feedback", [r for kind in runs.values() for r in kind], report,
@@ -271,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--heldout", type=int, default=512)
     parser.add_argument("--rm-steps", type=int, default=400)
+    parser.add_argument("--old-rows", type=int, default=1000, help="stage iterate: old training rows kept")
     parser.add_argument("--rm-lr", type=float, default=1e-3, help="the scoring layers' lr in iteration 2")
     parser.add_argument("--rm-seed", type=int, default=0, help="stages feedback, iterate: the reward models' seed")
     parser.add_argument("--unet", type=Path, default=None, help="the base UNet folder (the denoise step's model)")
