@@ -183,6 +183,7 @@ def stage_iterate(args) -> None:
                         for i, e in enumerate(entries)]
             new[split] = new_image_pairs(rankings, len(GENERATORS))
         feats = {split: tower_features(pair_arrays(rows), MODELS / "vision") for split, rows in new.items()}
+        as_float = (lambda f: {k: v.float() if v.is_floating_point() else v for k, v in f.items()})
         old = cached_pairs(args.cache, category, args.rm_seed, args.rows, "train")
         old_train = tower_features({k: v[:args.old_rows] for k, v in old.items()}, MODELS / "vision")
         gallery = tower_features(cached_pairs(args.cache, category, 0, args.heldout, "heldout"), MODELS / "vision")
@@ -193,11 +194,11 @@ def stage_iterate(args) -> None:
         before.load_state_dict(init)
         from bench.diffusion.scorers import accuracy
 
-        record[f"new_{category}_before"] = accuracy(before, feats["heldout"])["acc"]
-        record[f"gallery_{category}_before"] = accuracy(before, gallery)["acc"]
+        record[f"new_{category}_before"] = accuracy(before, as_float(feats["heldout"]))["acc"]
+        record[f"gallery_{category}_before"] = accuracy(before, as_float(gallery))["acc"]
         scorer, _ = fit(job, init)
-        record[f"new_{category}_after"] = accuracy(scorer, feats["heldout"])["acc"]
-        record[f"gallery_{category}_after"] = accuracy(scorer, gallery)["acc"]
+        record[f"new_{category}_after"] = accuracy(scorer, as_float(feats["heldout"]))["acc"]
+        record[f"gallery_{category}_after"] = accuracy(scorer, as_float(gallery))["acc"]
         record[f"new_pairs_{category}"] = {k: len(v) for k, v in new.items()}
         record["wall_s"] = round(time.time() - start, 1)
         print(record, flush=True)
