@@ -130,10 +130,18 @@ def accuracy(scorer: Scorer, feats: dict[str, torch.Tensor]) -> dict[str, float]
 
 
 def train(job: tuple) -> list[dict]:
+    return fit(job)[1]
+
+
+def fit(job: tuple, init: dict | None = None) -> tuple[Scorer, list[dict]]:
+    """The trained scorer of one (category, variant, tower, seed, features, held-out features, steps, batch, lr)
+    and its held-out accuracy every fifth of the steps; from the weights ``init`` (a state dict) when given."""
     category, variant, tower, seed, train_feats, held, steps, batch, lr = job
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     scorer = Scorer(variant)
+    if init is not None:
+        scorer.load_state_dict(init)
     opt = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     n, records, start = len(train_feats["prompt"]), [], time.time()
@@ -151,7 +159,7 @@ def train(job: tuple) -> list[dict]:
                    "wall_s": round(time.time() - start, 1), **accuracy(scorer, held)}
             print(rec, flush=True)
             records.append(rec)
-    return records
+    return scorer.eval(), records
 
 
 def features(job: tuple) -> tuple[tuple[str, str, int], dict]:

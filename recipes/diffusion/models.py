@@ -77,7 +77,7 @@ def main(argv: list[str]) -> None:
     from recipes.diffusion.generator import save_unet
 
     unet = save_unet(folder / "unet")
-    print(f"wrote {vision} (CLIP vision), {text} (CLIP text) and {unet} (UNet2DConditionModel, pixel space)")
+    print(f"wrote {vision} (CLIP vision), {text} (CLIP text) and {unet} (UNet2DConditionModel over 16-px latents)")
 
 
 if __name__ == "__main__":

@@ -64,15 +64,21 @@ class RewardModels:
         self.tasks = {pair_layout(job, t).category: t for t in range(len(job.tasks))}
         self.scale = {c: (0.0, 1.0) for c in self.tasks}
         if normalise:
-            for category in self.tasks:
-                images, prompts = [], []
-                for i in range(NORM_PROMPTS):
-                    entry = synthetic_entry(job.training.seed, "heldout", category, i)
-                    images += entry.images
-                    prompts += [entry.prompt] * len(entry.images)
-                with torch.no_grad():
-                    r = self.reward(torch.from_numpy(np.stack(images)), prompts, category)
-                self.scale[category] = (float(r.mean()), float(r.std()) or 1.0)
+            self.normalise()
+
+    def normalise(self) -> None:
+        """Set each model's reward scale to the mean and standard deviation of its raw rewards on the held-out
+        gallery's images (again after its weights change)."""
+        self.scale = {c: (0.0, 1.0) for c in self.tasks}
+        for category in self.tasks:
+            images, prompts = [], []
+            for i in range(NORM_PROMPTS):
+                entry = synthetic_entry(self.job.training.seed, "heldout", category, i)
+                images += entry.images
+                prompts += [entry.prompt] * len(entry.images)
+            with torch.no_grad():
+                r = self.reward(torch.from_numpy(np.stack(images)), prompts, category)
+            self.scale[category] = (float(r.mean()), float(r.std()) or 1.0)
 
     def reward(self, images: torch.Tensor, prompts: list[Prompt], category: str) -> torch.Tensor:
         """``(B,)`` normalised rewards of ``images`` ``(B, 3, I, I)`` in [0, 1] for ``prompts`` (all of

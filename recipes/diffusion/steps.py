@@ -125,28 +125,27 @@ def feedback_update(unet, text, rewards, prompts, scheduler, config, step: int, 
                     pre_loss: float = 1.0) -> torch.Tensor:
     """One optimizer step of IterComp's feedback on ``prompts`` (runtime.feedback.feedback_step: x0 from a last
     denoising step with gradient, scored by each prompt's category's reward model, hinge ``1e-3 * ReLU(2 - r)``), plus
-    ``pre_loss`` times the denoising loss on exact images of the prompts; the rewards ``(B,)`` of each sample's own
+    ``pre_loss`` times the denoising loss on the latents of exact images of the prompts; the rewards ``(B,)`` of each sample's own
     category, before the step."""
-    from torch import nn
-
     from runtime.feedback import FeedbackBatch, FeedbackObjective, denoising_loss, feedback_step as one_step
     from runtime.sample import diffusers_denoiser
 
     denoiser = diffusers_denoiser(unet.train())
     scorers = [_category_scorer(rewards, c, prompts) for c in CATEGORIES]
-    objective = FeedbackObjective(nn.Identity(), scorers)  # pixel space: the "VAE" is the identity
+    objective = FeedbackObjective(generator.Decoder(), scorers)  # the frozen "VAE decoder": 16 -> 32 px
     states = generator.context(text, prompts)
     train = generator.TRAIN_SCHEDULE["num_train_timesteps"]
 
     def denoising():
-        images = generator.exact_images(prompts, np.random.default_rng(step))
+        images = generator.exact_latents(prompts, np.random.default_rng(step))
         gen = torch.Generator().manual_seed(step)
         noise = torch.randn(images.shape, generator=gen)
         timesteps = torch.randint(0, train, (len(prompts),), generator=gen)
         return pre_loss * denoising_loss(denoiser, scheduler, images, noise, timesteps, states).mean()
 
     result = one_step(denoiser, scheduler, objective, FeedbackBatch(states, [None] * len(scorers), len(prompts)),
-                      config, (3, generator.SIDE, generator.SIDE), step, "feedback", denoising if pre_loss > 0 else None)
+                      config, (3, generator.LATENT, generator.LATENT), step, "feedback",
+                      denoising if pre_loss > 0 else None)
     optimizer.zero_grad(set_to_none=True)
     result.loss.backward()
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

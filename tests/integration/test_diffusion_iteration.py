@@ -41,8 +41,9 @@ def parts(tmp_path_factory):
 
 
 def test_feedback_steps_raise_the_reward_models_scores_of_the_same_samples(parts):
-    """Repeating one feedback step (same prompts, noise and stop step) raises each sample's own reward model's score:
-    the gradient reaches the UNet through the frozen scorers and x0."""
+    """Repeating one feedback step (same prompts, noise and stop step) raises the batch's mean own-category reward
+    (what the summed hinge loss pushes; one sample's reward may dip while the others rise, since all share the UNet):
+    the gradient reaches the UNet through the frozen scorers, the decoder and x0."""
     unet, text, rewards, _ = parts
     prompts = generator.training_prompts(0, 0, 3, CATEGORIES)  # one prompt per category
     config = generator.sample_config(4, (2, 3), 0)
@@ -52,7 +53,7 @@ def test_feedback_steps_raise_the_reward_models_scores_of_the_same_samples(parts
     trace = [steps.feedback_update(unet, text, rewards, prompts, scheduler, config, 0, optimizer, pre_loss=0.0)
              for _ in range(3)]
     assert trace[0].shape == (3,)
-    assert (trace[1] > trace[0]).all() and (trace[2] > trace[1]).all(), trace
+    assert trace[1].mean() > trace[0].mean() and trace[2].mean() > trace[1].mean(), trace
     assert all(r.requires_grad is False for r in trace)
     assert not all(torch.equal(a, b) for a, b in zip(before, unet.parameters()))
     assert all(not p.requires_grad for p in rewards.trainer.modules["head:attribute", 0].parameters())

@@ -1,0 +1,298 @@
+"""``python -m bench.diffusion.feedback STAGE ...``: does IterComp's feedback move the oracle? Measured single-process.
+
+Stages (each writes under ``--work``, so a loaded machine can run them one at a time or side by side):
+
+* ``rm --seed S``: the three reward models of ``itercomp-tiny.yaml`` on the recipe's pretrained vision tower, their
+  scoring layers and heads trained on cached tower outputs (bench.diffusion.scorers: ``--rows`` training rows per
+  category, ``--rm-steps`` steps of 64 pairs), then loaded into the recipe's own reward models
+  (recipes.diffusion.scorers.RewardModels: the job's modules, as the ``feedback`` step reads a ``loom run``'s
+  ``model.pt``), whose held-out accuracy is measured again through them. Writes ``rm-S/model.pt``.
+* ``feedback --seed S --unet FOLDER``: the base UNet (recipes.diffusion.generator, pretrained by the ``denoise``
+  step's code) before and after ``--steps`` of IterComp's feedback (recipes.diffusion.steps.feedback_update, the
+  ``feedback`` step's update) against ``rm-S``; per category the oracle's mean score and the share of samples it
+  scores 1, on ``--prompts`` held-out prompts x ``--samples`` samples from the same seeded noise before and after;
+  sample grids. Writes ``feedback-S/``.
+* ``iterate --seed S``: IterComp's second iteration: the fine-tuned UNet's samples of training and held-out prompts
+  join the gallery's rankings (ranked by the oracle), and the reward models' scoring layers train on again from
+  ``rm-S`` on the old rows plus the pairs with a new image; their held-out accuracy on pairs with a new image and on
+  the gallery's held-out pairs, before and after.
+* ``report``: collects every seed into bench/results/diffusion-feedback.{json,md} and the grids into
+  docs/recipes/img/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import write_results
+from bench.diffusion.scorers import MODELS, Scorer, cached_pairs, fit, pair_arrays, tower_features
+from recipes.diffusion import generator, oracle
+from recipes.diffusion.shapes import CATEGORIES
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = ROOT / "recipes" / "diffusion" / "itercomp-tiny.yaml"
+IMAGES = ROOT / "docs" / "recipes" / "img"
+
+
+def load_into(rewards, category: str, scorer: Scorer) -> None:
+    """Copy a bench scorer (its ``layers`` and ``head``) into ``rewards``' model of ``category`` (the spec's
+    ``<category>_rm`` transformer and the task's head): the same modules, named per component and layer."""
+    params = rewards.parameters()
+    for name, value in scorer.named_parameters():
+        part, rest = name.split(".", 1)
+        key = (f"{category}_rm/{rest.replace('.', '/', 1)}" if part == "layers" else f"head:{category}/0/{rest}")
+        params[key] = value.detach()
+    rewards.trainer.load_parameters(params)
+
+
+def rewards_accuracy(rewards, category: str, rows) -> float:
+    """Held-out pairwise accuracy of ``rewards``' model of ``category`` on (ranking, better, worse) ``rows``."""
+    arrays = pair_arrays(rows)
+    from recipes.diffusion.shapes import parse_prompt
+
+    prompts = [parse_prompt(str(t), category) for t in arrays["prompt"]]
+    with torch.no_grad():
+        better = rewards.reward(torch.from_numpy(arrays["better"].astype(np.float32)), prompts, category)
+        worse = rewards.reward(torch.from_numpy(arrays["worse"].astype(np.float32)), prompts, category)
+    return float((better > worse).float().mean())
+
+
+def stage_rm(args) -> None:
+    from recipes.diffusion.data import heldout_rows
+    from recipes.diffusion.scorers import RewardModels, load_job
+
+    torch.set_num_threads(1)
+    out = args.work / f"rm-{args.seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    rewards = RewardModels(load_job(SPEC), None, normalise=False)
+    for category in args.categories.split(","):
+        start = time.time()
+        train = tower_features(cached_pairs(args.cache, category, args.seed, args.rows, "train"), MODELS / "vision")
+        held = tower_features(cached_pairs(args.cache, category, 0, args.heldout, "heldout"), MODELS / "vision")
+        scorer, records = fit((category, "fusion", "pretrained", args.seed, train, held, args.rm_steps, 64, 3e-3))
+        torch.save(scorer.state_dict(), out / f"scorer-{category}.pt")
+        load_into(rewards, category, scorer)
+        record = {"seed": args.seed, "category": category, "rows": args.rows, "steps": args.rm_steps,
+                  "heldout": args.heldout, "bench_acc": records[-1]["acc"], "acc_other": records[-1]["acc_other"],
+                  "acc": rewards_accuracy(rewards, category, heldout_rows(0, category, args.heldout)),
+                  "wall_s": round(time.time() - start, 1)}
+        print(record, flush=True)
+        (out / f"record-{category}.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def load_rewards(work: Path, seed: int):
+    """The recipe's reward models with the scoring layers ``rm`` wrote under ``work/rm-<seed>``, normalised."""
+    from recipes.diffusion.scorers import RewardModels, load_job
+
+    rewards = RewardModels(load_job(SPEC), None, normalise=False)
+    for category in CATEGORIES:
+        scorer = Scorer("fusion")
+        scorer.load_state_dict(torch.load(work / f"rm-{seed}" / f"scorer-{category}.pt"))
+        load_into(rewards, category, scorer)
+    rewards.normalise()
+    return rewards
+
+
+def oracle_scores(unet, text, prompts, samples: int, steps: int, seed: int) -> tuple[dict[str, float], np.ndarray]:
+    """Per category the oracle's mean score (``score_<c>``) and share of samples scored 1 (``exact_<c>``)."""
+    images = generator.sample_images(unet, text, prompts, steps, seed, samples)
+    scores = np.array([oracle.score(images[i], prompts[i // samples]) for i in range(len(images))])
+    cats = np.array([prompts[i // samples].category for i in range(len(images))])
+    out = {}
+    for c in CATEGORIES:
+        out[f"score_{c}"] = float(scores[cats == c].mean())
+        out[f"exact_{c}"] = float((scores[cats == c] == 1).mean())
+    return out, images
+
+
+def save_grid(images: np.ndarray, columns: int, path: Path) -> None:
+    from PIL import Image
+
+    tiles = generator.grid(images, columns)
+    Image.fromarray(tiles).resize((tiles.shape[1] * 3, tiles.shape[0] * 3), Image.NEAREST).save(path)
+
+
+def stage_feedback(args) -> None:
+    from recipes.diffusion.steps import eval_prompts, feedback_update
+    from runtime.sample import build_scheduler
+
+    torch.set_num_threads(1)
+    start, out = time.time(), args.work / f"feedback-{args.seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    unet, text = generator.load_unet(args.unet), generator.load_text(MODELS / "text")
+    rewards = load_rewards(args.work, args.rm_seed)
+    prompts = eval_prompts(0, args.prompts)  # the held-out stream's first prompts, the same for every seed
+    before, images_before = oracle_scores(unet, text, prompts, args.samples, args.denoise_steps, 100)
+    print("before", before, flush=True)
+    config = generator.sample_config(args.denoise_steps, (args.denoise_steps * 3 // 4, args.denoise_steps - 1),
+                                     args.seed)
+    scheduler = build_scheduler(config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    history = []
+    for step in range(args.steps):
+        batch = generator.training_prompts(args.seed + 1, step, args.batch, CATEGORIES)
+        history.append(float(feedback_update(unet, text, rewards, batch, scheduler, config, step, optimizer,
+                                             args.pre_loss).mean()))
+        if (step + 1) % max(args.steps // 10, 1) == 0:
+            print(f"feedback step {step + 1}/{args.steps}: own-category reward {np.mean(history[-10:]):.3f} "
+                  f"(wall {time.time() - start:.0f} s)", flush=True)
+    after, images_after = oracle_scores(unet, text, prompts, args.samples, args.denoise_steps, 100)
+    print("after", after, flush=True)
+    unet.save_pretrained(out / "unet")
+    # grids: the first 8 prompts of each category (a row each), sample 0
+    rows = [c * args.prompts * args.samples + i * args.samples for c in range(len(CATEGORIES)) for i in range(8)]
+    for name, images in (("before", images_before), ("after", images_after)):
+        save_grid(images[rows], 8, out / f"samples_{name}.png")
+    tail = max(args.steps // 10, 1)
+    record = {"seed": args.seed, "rm_seed": args.rm_seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+              "pre_loss": args.pre_loss, "prompts": args.prompts, "samples": args.samples,
+              "denoise_steps": args.denoise_steps,
+              "before": before, "after": after, "train_reward_first": float(np.mean(history[:tail])),
+              "train_reward_last": float(np.mean(history[-tail:])), "wall_s": round(time.time() - start, 1)}
+    (out / "record.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def joined(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def stage_iterate(args) -> None:
+    """IterComp's second iteration (module doc)."""
+    from recipes.diffusion.gallery import GENERATORS, rank, synthetic_entry
+    from recipes.diffusion.steps import new_image_pairs
+
+    torch.set_num_threads(1)
+    start, out = time.time(), args.work / f"iterate-{args.seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    unet, text = generator.load_unet(args.work / f"feedback-{args.seed}" / "unet"), generator.load_text(MODELS / "text")
+    for category in args.categories.split(","):
+        record = {"seed": args.seed, "category": category, "prompts": args.prompts, "samples": args.samples,
+                  "steps": args.rm_steps, "old_rows": args.old_rows}
+        new = {}
+        for split, count in (("train", args.prompts * 4), ("heldout", args.prompts)):
+            entries = [synthetic_entry(args.seed, split, category, i) for i in range(count)]
+            images = generator.sample_images(unet, text, [e.prompt for e in entries], args.denoise_steps,
+                                             args.seed + 7 + (split == "heldout"), args.samples)
+            rankings = [rank(e.prompt, e.images + list(images[i * args.samples:(i + 1) * args.samples]))
+                        for i, e in enumerate(entries)]
+            new[split] = new_image_pairs(rankings, len(GENERATORS))
+        feats = {split: tower_features(pair_arrays(rows), MODELS / "vision") for split, rows in new.items()}
+        as_float = (lambda f: {k: v.float() if v.is_floating_point() else v for k, v in f.items()})
+        old = cached_pairs(args.cache, category, args.rm_seed, args.rows, "train")
+        old_train = tower_features({k: v[:args.old_rows] for k, v in old.items()}, MODELS / "vision")
+        gallery = tower_features(cached_pairs(args.cache, category, 0, args.heldout, "heldout"), MODELS / "vision")
+        init = torch.load(args.work / f"rm-{args.rm_seed}" / f"scorer-{category}.pt")
+        job = (category, "fusion", "pretrained", args.seed, joined([old_train, feats["train"]]), feats["heldout"],
+               args.rm_steps, 64, args.rm_lr)
+        before = Scorer("fusion")
+        before.load_state_dict(init)
+        from bench.diffusion.scorers import accuracy
+
+        record[f"new_{category}_before"] = accuracy(before, as_float(feats["heldout"]))["acc"]
+        record[f"gallery_{category}_before"] = accuracy(before, as_float(gallery))["acc"]
+        scorer, _ = fit(job, init)
+        record[f"new_{category}_after"] = accuracy(scorer, as_float(feats["heldout"]))["acc"]
+        record[f"gallery_{category}_after"] = accuracy(scorer, as_float(gallery))["acc"]
+        record[f"new_pairs_{category}"] = {k: len(v) for k, v in new.items()}
+        record["wall_s"] = round(time.time() - start, 1)
+        print(record, flush=True)
+        (out / f"record-{category}.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def stage_report(args) -> None:
+    import shutil
+
+    runs = {kind: [json.loads(p.read_text()) for p in sorted(args.work.glob(f"{kind}-*/record*.json"))]
+            for kind in ("rm", "feedback", "iterate")}
+    folders = {}  # each feedback record's folder
+    for work in [args.work, *args.also]:
+        for path in sorted(work.glob("feedback-*/record.json")):
+            record = json.loads(path.read_text())
+            folders[record["pre_loss"], record["seed"]] = path.parent
+    runs["feedback"] = [json.loads((folders[k] / "record.json").read_text()) for k in sorted(folders)]
+    lines = ["# Recipe diffusion: does IterComp's feedback move the oracle? (measured)", "",
+             "`python -m bench.diffusion.feedback` stages `rm`, `feedback`, `iterate` per seed, then `report` "
+             "(single process, this machine's CPU). Decoder ceiling (renders encoded to 16-px latents and decoded, "
+             "under the oracle): " + ", ".join(f"{c} {v:.2f}" for c, v in generator.decoder_ceiling(64).items())
+             + ".", ""]
+    if runs["rm"]:
+        lines += ["## Reward models (held-out gallery pairs, through the recipe's RewardModels)", "",
+                  "| seed | " + " | ".join(CATEGORIES) + " |", "|---" * (len(CATEGORIES) + 1) + "|"]
+        for seed in sorted({r["seed"] for r in runs["rm"]}):
+            by = {r["category"]: r for r in runs["rm"] if r["seed"] == seed}
+            lines.append(f"| {seed} | " + " | ".join(f"{by[c]['acc']:.3f} ({by[c]['acc_other']:.2f})" if c in by
+                                                     else "-" for c in CATEGORIES) + " |")
+        r = runs["rm"][0]
+        lines += ["", f"In brackets: pairs without a missing object. {r['rows']} training rows per category, "
+                  f"{r['steps']} steps of 64 pairs, {r['heldout']} held-out pairs."]
+    if runs["feedback"]:
+        lines += ["", "## Feedback: the oracle on held-out prompts, before -> after", "",
+                  "Mean oracle score (share of samples scored 1):", "",
+                  "| pre_loss | seed | " + " | ".join(CATEGORIES) + " | own-category reward (train batches) |",
+                  "|---" * (len(CATEGORIES) + 3) + "|"]
+        for r in runs["feedback"]:
+            b, a = r["before"], r["after"]
+            lines.append(f"| {r['pre_loss']} | {r['seed']} | " + " | ".join(
+                f"{b[f'score_{c}']:.3f} ({b[f'exact_{c}']:.2f}) -> {a[f'score_{c}']:.3f} ({a[f'exact_{c}']:.2f})"
+                for c in CATEGORIES) + f" | {r['train_reward_first']:.2f} -> {r['train_reward_last']:.2f} |")
+        f = runs["feedback"][0]
+        lines += ["", f"Settings: {f['steps']} steps of {f['batch']} prompts, lr {f['lr']}, "
+                  f"DDIM {f['denoise_steps']} steps; {f['prompts']} held-out prompts x {f['samples']} samples per "
+                  "category, the same noise before and after. Wall per seed: "
+                  + ", ".join(f"{r['wall_s'] / 60:.1f} min" for r in runs["feedback"]) + "."]
+    if runs["iterate"]:
+        lines += ["", "## Iteration 2: reward models' held-out accuracy, before -> after retraining", "",
+                  "| seed | category | pairs with a new image | gallery pairs |", "|---|---|---|---|"]
+        for r in runs["iterate"]:
+            c = r["category"]
+            lines.append(f"| {r['seed']} | {c} | {r[f'new_{c}_before']:.3f} -> {r[f'new_{c}_after']:.3f} | "
+                         f"{r[f'gallery_{c}_before']:.3f} -> {r[f'gallery_{c}_after']:.3f} |")
+        r = runs["iterate"][0]
+        lines += ["", f"{r['prompts'] * 4} training and {r['prompts']} held-out prompts per category x "
+                  f"{r['samples']} samples of the fine-tuned UNet ranked into the gallery; the scoring layers train "
+                  f"{r['steps']} more steps on {r['old_rows']} old rows plus the training pairs with a new image."]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    write_results("diffusion-feedback", [r for kind in runs.values() for r in kind], report,
+                  {"work": str(args.work)})
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    for (pre_loss, seed), folder in folders.items():  # "before": the base UNet, the same noise in every run
+        shutil.copy(folder / "samples_before.png", IMAGES / "itercomp-feedback-before.png")
+        shutil.copy(folder / "samples_after.png", IMAGES / f"itercomp-feedback-pre{pre_loss}-seed{seed}.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.diffusion.feedback", description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=("rm", "feedback", "iterate", "report"))
+    parser.add_argument("--work", type=Path, default=ROOT / "out" / "diffusion-feedback")
+    parser.add_argument("--also", type=Path, action="append", default=[],
+                        help="stage report: more --work folders whose feedback runs join the table")
+    parser.add_argument("--cache", type=Path, default=None, help="folder keeping the rendered pairs between runs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--categories", default=",".join(CATEGORIES), help="stage rm: the reward models to train")
+    parser.add_argument("--rows", type=int, default=3000)
+    parser.add_argument("--heldout", type=int, default=512)
+    parser.add_argument("--rm-steps", type=int, default=400)
+    parser.add_argument("--old-rows", type=int, default=1000, help="stage iterate: old training rows kept")
+    parser.add_argument("--rm-lr", type=float, default=1e-3, help="the scoring layers' lr in iteration 2")
+    parser.add_argument("--rm-seed", type=int, default=0, help="stages feedback, iterate: the reward models' seed")
+    parser.add_argument("--unet", type=Path, default=None, help="the base UNet folder (the denoise step's model)")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--pre-loss", type=float, default=1.0)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--denoise-steps", type=int, default=20)
+    args = parser.parse_args(argv)
+    {"rm": stage_rm, "feedback": stage_feedback, "iterate": stage_iterate, "report": stage_report}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
