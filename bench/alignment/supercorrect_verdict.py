@@ -65,64 +65,39 @@ def own_units(answers: list[dict]) -> dict[str, int]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def encode(tok, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """Token ids and labels as Loom's ``preference`` rows under loss ``lm``: the completion and an eos learned."""
+    head = tok(prompt)["input_ids"]
+    tail = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return head + tail, [-100] * len(head) + tail
 
-    p = argparse.ArgumentParser(prog="python -m bench.alignment.supercorrect_verdict", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train", type=int, default=2000)
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--checkrep", type=int, default=1)
-    p.add_argument("--unitrows", action="store_true")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--style", choices=sc.STYLES, default="template", help="plain: the baseline's rows (no verdict units)")
-    p.add_argument("--save", default="", help="a folder for the model and its greedy answers")
-    a = p.parse_args(argv)
-    torch.manual_seed(a.seed)
-    torch.set_num_threads(1)
-    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
-    cfg = LlamaConfig.from_pretrained(MODEL_DIR)
-    cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size = a.layers, a.hidden, 2 * a.hidden
-    cfg.head_dim = a.hidden // cfg.num_attention_heads
-    model = LlamaForCausalLM(cfg)
-    train = sc.generated(a.seed, "train", a.train)
-    held = sc.generated(a.seed, "heldout", 128, {r["problem"] for r in train})
 
-    def enc(prompt: str, completion: str) -> tuple[list[int], list[int]]:
-        head = tok(prompt)["input_ids"]
-        tail = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        return head + tail, [-100] * len(head) + tail
-
-    data = [enc(r["prompt"], r["chosen"]) for r in rows_of(train, a.checkrep, a.unitrows, a.style)]
-    print("rows", len(data), "maxlen", max(len(d[0]) for d in data), flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
-    rng, order = random.Random(a.seed), []
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+def teacher_forced(model, tok, held: list[dict]) -> dict[str, list[int]]:
+    """[right, all] of the teacher's ``ok`` and ``wrong`` verdicts in the held-out template reviews: is the right word
+    the likelier of the two, the review before it given."""
     ok_id, wrong_id = tok.convert_tokens_to_ids("ok"), tok.convert_tokens_to_ids("wrong")
+    stats = {"ok": [0, 0], "wrong": [0, 0]}
+    model.eval()
+    with torch.no_grad():
+        for r in held:
+            check = sc.sft_rows(r, "template")[1]
+            ids, lab = encode(tok, check["prompt"], check["chosen"])
+            logits = model(torch.tensor([ids])).logits[0]
+            for i in range(1, len(ids)):
+                if lab[i] in (ok_id, wrong_id):
+                    pred = wrong_id if logits[i - 1, wrong_id] > logits[i - 1, ok_id] else ok_id
+                    kind = "ok" if lab[i] == ok_id else "wrong"
+                    stats[kind][0] += pred == lab[i]
+                    stats[kind][1] += 1
+    model.train()
+    return stats
 
-    def teacher_forced() -> None:
-        if a.style == "plain":  # no per-step verdicts (and ``no wrong step`` holds a ``wrong``)
-            return
-        model.eval()
-        stats = {"ok": [0, 0], "wrong": [0, 0]}
-        with torch.no_grad():
-            for r in held:
-                check = sc.sft_rows(r, "template")[1]
-                ids, lab = enc(check["prompt"], check["chosen"])
-                logits = model(torch.tensor([ids])).logits[0]
-                for i in range(1, len(ids)):
-                    if lab[i] in (ok_id, wrong_id):
-                        pred = wrong_id if logits[i - 1, wrong_id] > logits[i - 1, ok_id] else ok_id
-                        kind = "ok" if lab[i] == ok_id else "wrong"
-                        stats[kind][0] += pred == lab[i]
-                        stats[kind][1] += 1
-        print("teacher-forced verdict acc: ok %d/%d wrong %d/%d" % (*stats["ok"], *stats["wrong"]), flush=True)
-        model.train()
 
-    t0 = time.time()
+def train(model, data: list[tuple[list[int], list[int]]], a: argparse.Namespace, pad: int, checkpoint) -> None:
+    """``a.steps`` AdamW steps on batches of ``a.batch`` rows (each epoch a seeded shuffle), loss the mean over each
+    row's learned tokens then over the batch; ``checkpoint()`` every 300 steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+    rng, order, t0 = random.Random(a.seed), [], time.time()
     for step in range(a.steps):
         if len(order) < a.batch:
             idx = list(range(len(data)))
@@ -142,8 +117,49 @@ def main(argv: list[str] | None = None) -> int:
         if step % 100 == 0 or step == a.steps - 1:
             print(step, round(loss.item(), 4), round(time.time() - t0, 1), flush=True)
         if (step + 1) % 300 == 0:
-            teacher_forced()
-    teacher_forced()
+            checkpoint()
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.alignment.supercorrect_verdict", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=int, default=2000)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--checkrep", type=int, default=1)
+    p.add_argument("--unitrows", action="store_true")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--style", choices=sc.STYLES, default="template", help="plain: the baseline's rows (no verdict units)")
+    p.add_argument("--save", default="", help="a folder for the model and its greedy answers")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    a = parse(argv)
+    torch.manual_seed(a.seed)
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    cfg = LlamaConfig.from_pretrained(MODEL_DIR)
+    cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size = a.layers, a.hidden, 2 * a.hidden
+    cfg.head_dim = a.hidden // cfg.num_attention_heads
+    model = LlamaForCausalLM(cfg)
+    train_records = sc.generated(a.seed, "train", a.train)
+    held = sc.generated(a.seed, "heldout", 128, {r["problem"] for r in train_records})
+    data = [encode(tok, r["prompt"], r["chosen"]) for r in rows_of(train_records, a.checkrep, a.unitrows, a.style)]
+    print("rows", len(data), "maxlen", max(len(d[0]) for d in data), flush=True)
+
+    def checkpoint() -> None:
+        if a.style == "template":  # plain rows have no per-step verdicts (and ``no wrong step`` holds a ``wrong``)
+            stats = teacher_forced(model, tok, held)
+            print("teacher-forced verdict acc: ok %d/%d wrong %d/%d" % (*stats["ok"], *stats["wrong"]), flush=True)
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    train(model, data, a, pad, checkpoint)
+    checkpoint()
     model.eval()
     metrics, answers = scs.evaluate(model, tok, held)
     print("EVAL", json.dumps({k: round(v, 3) for k, v in metrics.items()}), flush=True)
