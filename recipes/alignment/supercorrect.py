@@ -3,7 +3,7 @@ and its scorer, and the tiny model the CPU pipelines train.
 
 - step ``supercorrect_data`` (writes ``data``): problem records (generated, or a JSONL of the documented format:
   recipes.alignment.supercorrect_data) -> ``data/train/sft.jsonl`` (solve and check rows, hierarchical template or
-  plain style), ``data/train/preference.jsonl`` (the cross-model collaborative DPO pairs at the first wrong step: a
+  plain style; each check row ``check_rows`` times), ``data/train/preference.jsonl`` (the cross-model collaborative DPO pairs at the first wrong step: a
   ``dpo`` phase reads them with ``data_dir: "@<phase>/data"``), ``data/{train,heldout}/problems.jsonl``.
 - step ``supercorrect_eval`` (reports metrics, gateable): greedy answers of a model folder to held-out problems,
   scored by :func:`score`: ``answer_accuracy`` (solve prompts), ``first_error_located`` and ``first_error_fixed``
@@ -26,7 +26,7 @@ from typing import Any
 from planner.pipeline import StepContext, check_known_args
 from recipes.alignment import supercorrect_data as sc
 
-DATA_DEFAULTS = {"style": "template", "train": 2000, "heldout": 128, "seed": 0}
+DATA_DEFAULTS = {"style": "template", "train": 2000, "heldout": 128, "seed": 0, "check_rows": 1}
 EVAL_DEFAULTS = {"limit": None, "new_tokens": 64}  # 64: above the longest response (53 tokens)
 DATA_METRICS = ("problems", "student_errors", "dpo_pairs")
 EVAL_METRICS = ("answer_accuracy", "first_error_located", "first_error_fixed", "false_alarm_rate")
@@ -54,7 +54,8 @@ def _count_or_file(args: dict, key: str, base: Path | None, top: int) -> None:
 
 
 def check_data_args(args: dict[str, Any], base: Path | None) -> None:
-    """``style`` (template | plain), ``train`` / ``heldout`` (a count to generate or a records file), ``seed``."""
+    """``style`` (template | plain), ``train`` / ``heldout`` (a count to generate or a records file), ``seed``,
+    ``check_rows`` (each check row written that many times, 1..10: the check task's weight in the SFT rows)."""
     check_known_args(args, sorted(DATA_DEFAULTS), "supercorrect_data")
     style = args.get("style", "template")
     if style not in sc.STYLES:
@@ -65,6 +66,10 @@ def check_data_args(args: dict[str, Any], base: Path | None) -> None:
     seed = args.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed ({seed!r}): expected an integer >= 0. Fix the value.")
+    rows = args.get("check_rows", 1)
+    if not isinstance(rows, int) or isinstance(rows, bool) or not 1 <= rows <= 10:
+        raise ValueError(f"check_rows ({rows!r}): expected an integer in 1..10 (how many times each check row is "
+                         "written). Fix the value.")
 
 
 def check_eval_args(args: dict[str, Any], base: Path | None) -> None:
@@ -103,7 +108,9 @@ def data_step(ctx: StepContext) -> dict[str, float]:
     heldout = _records(ctx, "heldout", seed, {r["problem"] for r in train})
     pairs = [p for r in train for p in sc.dpo_pairs(r)]
     sc.write_jsonl(out / "train" / "problems.jsonl", train)
-    sc.write_jsonl(out / "train" / "sft.jsonl", [row for r in train for row in sc.sft_rows(r, style)])
+    solve_check = [sc.sft_rows(r, style) for r in train]
+    sc.write_jsonl(out / "train" / "sft.jsonl", [row for solve, check in solve_check
+                                                  for row in [solve] + [check] * ctx.args.get("check_rows", 1)])
     sc.write_jsonl(out / "train" / "preference.jsonl", pairs)
     sc.write_jsonl(out / "heldout" / "problems.jsonl", heldout)
     sc.write_jsonl(out / "heldout" / "preference.jsonl", [p for r in heldout for p in sc.dpo_pairs(r)])

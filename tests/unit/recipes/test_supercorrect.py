@@ -163,6 +163,7 @@ def test_rates_count_located_over_erring_and_false_alarms_over_right_solutions()
     ("supercorrect_data", {"train": 0}, "phases[0].args.train (0): expected a number of problems in 1..100000"),
     ("supercorrect_data", {"heldout": "nowhere.jsonl"}, "phases[0].args.heldout ('nowhere.jsonl'): no such file."),
     ("supercorrect_data", {"trian": 5}, "phases[0].args.trian: unknown argument of step 'supercorrect_data'"),
+    ("supercorrect_data", {"check_rows": 0}, "phases[0].args.check_rows (0): expected an integer in 1..10"),
     ("supercorrect_eval", {"problems": "@data/data/x.jsonl"}, "phases[0].args.model: required"),
     ("supercorrect_eval", {"model": "@a/model", "problems": "@d/data/p", "new_tokens": 0},
      "phases[0].args.new_tokens (0): expected an integer in 1..512."),
@@ -185,6 +186,12 @@ def test_data_and_eval_steps_end_to_end(tmp_path, model):
     heldout = sc.read_records(folder / "heldout" / "problems.jsonl")
     assert len(heldout) == 4 and not {r["problem"] for r in heldout} & {r["problem"] for r in sc.generated(0, "train",
                                                                                                             24)}
+    # check_rows writes each check row that many times, the solve rows once
+    heavy = StepContext("heavy", {"train": 24, "heldout": 4, "check_rows": 3}, tmp_path / "heavy", tmp_path)
+    STEPS["supercorrect_data"].run(heavy)
+    rows = [json.loads(line) for line in (heavy.artifact("data") / "train" / "sft.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in rows] == ["solve", "check", "check", "check"] * 24
+    assert [r for r in rows if r["task"] == "check"][::3] == [r for r in sft if r["task"] == "check"]
     # a real-data file in the documented format goes through the same code
     real = StepContext("real", {"train": str(folder / "train" / "problems.jsonl"), "heldout": 2}, tmp_path / "real")
     assert STEPS["supercorrect_data"].run(real)["problems"] == 24
