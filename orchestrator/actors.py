@@ -55,6 +55,8 @@ TOKEN_ENV = "RAY_AUTH_TOKEN"
 # Ray 2.60: with this off, every Ray process takes 127.0.0.1 as its node IP and binds its servers to it (the switch Ray
 # uses on macOS/Windows, where clusters are local only); processes read it from the environment at import
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray starts its worker processes at niceness 15 unless told otherwise; an embedded cluster's workers are the run
+NICENESS_ENV = "RAY_worker_niceness"
 LOOPBACK = "127.0.0.1"
 CONNECT_TIMEOUT_S = 15.0  # --address: a GCS that does not answer within this is reported, not retried for minutes
 OBJECT_STORE_BYTES = 256 * 1024**2  # a run moves only control data and, on request, parameters
@@ -293,7 +295,11 @@ class EmbeddedRay:
     fresh random token in ``<temp dir>/auth-*/auth_token`` (0600, in a 0700 folder) that only this run's processes
     are given (``RAY_AUTH_TOKEN_PATH``), so another user of this machine cannot drive the cluster through loopback.
     The token is never logged; Ray never writes ``~/.ray/auth_token`` for it. The environment, Ray's cached config and
-    its token cache are restored on :meth:`stop`."""
+    its token cache are restored on :meth:`stop`.
+
+    Priority: Ray starts its workers at niceness 15 (``RAY_worker_niceness``), below its own GCS, raylet and this
+    driver; on a machine with as many cores as workers those then take the workers' cores whenever they wake, so an
+    embedded cluster starts its workers at the driver's priority (0) unless ``RAY_worker_niceness`` is set."""
 
     def __init__(self, num_cpus: int):
         self.num_cpus = num_cpus
@@ -302,8 +308,10 @@ class EmbeddedRay:
 
     def start(self) -> EmbeddedRay:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="loom-ray-", dir="/tmp"))
-        self._saved_env = {name: os.environ.get(name) for name in (AUTH_ENV, TOKEN_PATH_ENV, LOCAL_ONLY_ENV)}
+        self._saved_env = {name: os.environ.get(name) for name in (AUTH_ENV, TOKEN_PATH_ENV, LOCAL_ONLY_ENV,
+                                                                   NICENESS_ENV)}
         os.environ[LOCAL_ONLY_ENV] = "0"
+        os.environ.setdefault(NICENESS_ENV, "0")
         os.environ.setdefault(AUTH_ENV, "token")
         if os.environ[AUTH_ENV].lower() == "token" and TOKEN_ENV not in os.environ and TOKEN_PATH_ENV not in os.environ:
             # a folder of its own: Ray makes its temp dir world-readable (0777) once it starts

@@ -4,6 +4,7 @@ While a `loom run` process trains on its embedded Ray cluster, every TCP socket 
 driver, GCS, raylet, dashboard and runtime-env agents, autoscaler monitor, the WaveActor workers and their gloo
 rendezvous) listens on is read from /proc: each must be bound to loopback. The cluster runs with token
 authentication, its token file is mode 0600 inside a 0700 folder, and the token never appears in the run's output.
+Its workers run at the driver's priority, not at Ray's default niceness 15 (orchestrator.actors.EmbeddedRay).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def test_embedded_run_listens_on_loopback_only_with_a_private_token(tmp_path: Pa
         proc = subprocess.Popen([*loom_command(), "run", str(job), "--out", str(tmp_path / "out")], cwd=ROOT, env=env,
                                 stdout=out, stderr=err, stdin=subprocess.DEVNULL)
         try:
-            seen, names, token_files = watch_run(proc, stderr)
+            seen, names, token_files, niceness = watch_run(proc, stderr)
         finally:
             proc.send_signal(signal.SIGINT)  # stop after the step in flight
             try:
@@ -106,15 +107,20 @@ def test_embedded_run_listens_on_loopback_only_with_a_private_token(tmp_path: Pa
     assert "step 1/" in output
     assert token not in output
     assert not Path(path).exists(), "the token file outlived the run"
+    workers = {pid: value for pid, value in niceness.items() if "WaveActor" in names.get(pid, "")}
+    assert workers, names
+    assert set(workers.values()) == {os.getpriority(os.PRIO_PROCESS, 0)}, workers  # not Ray's default 15 below it
 
 
-def watch_run(proc: subprocess.Popen, stderr: Path, timeout_s: float = 240) -> tuple[set, dict, dict]:
+def watch_run(proc: subprocess.Popen, stderr: Path, timeout_s: float = 240) -> tuple[set, dict, dict, dict]:
     """Sample the run's listening sockets from start until its workers have trained a few steps (then 10 more
-    times, 0.2 s apart); also the token file its Ray processes were given (see :func:`token_file_of`)."""
+    times, 0.2 s apart); also the token file its Ray processes were given (see :func:`token_file_of`) and each
+    process's niceness {pid: nice}."""
     deadline = time.monotonic() + timeout_s
     seen: set[tuple[int, str, int]] = set()
     names: dict[int, str] = {}
     token_files: dict[str, tuple[int, int, str]] = {}
+    niceness: dict[int, int] = {}
     samples_after_training = 0
     while samples_after_training < 10:
         assert proc.poll() is None, f"loom run ended early (exit {proc.returncode}): {stderr.read_text()[-2000:]}"
@@ -125,10 +131,14 @@ def watch_run(proc: subprocess.Popen, stderr: Path, timeout_s: float = 240) -> t
             names[pid] = f"{names.get(pid, '')} {process_name(pid)}"  # ray::IDLE, then ray::WaveActor
         for pid in pids:
             token_files.update(token_file_of(pid))
+            try:
+                niceness[pid] = os.getpriority(os.PRIO_PROCESS, pid)
+            except OSError:  # the process ended meanwhile
+                pass
         if "step 3/" in stderr.read_text():
             samples_after_training += 1
         time.sleep(0.2)
-    return seen, names, token_files
+    return seen, names, token_files, niceness
 
 
 def token_file_of(pid: int) -> dict[str, tuple[int, int, str]]:
