@@ -9,9 +9,9 @@ tensors]``: what the runtime builds, for the planner's buckets and the optimizer
 (a whole number, 1..2^24; links: bytes in (0, 2^50]), seconds in (0, 86400], no x twice, and **monotone**: more
 samples (or bytes) never take less time, beyond measurement noise. Precisely: sorted by x, a point is refused when
 its time is below ``1 - MONOTONE_TOLERANCE`` (half) of the largest time at a smaller x *and* more than
-``MONOTONE_NOISE_S`` (5 ms) below it. Smaller dips are the noise of a busy host, which `loom profile` does write
-(seen on 2 cores under load 12: an embedding at 1.85 ms for 8 samples, 0.69 ms for 16); a larger fall is a broken
-or edited measurement, which the piecewise-linear fit would extrapolate towards zero (the fit's floor) for larger
+``MONOTONE_NOISE_S`` (5 ms) below it. Smaller dips are the noise of a busy host (seen on 2 cores under load 12: an
+embedding at 1.85 ms for 8 samples, 0.69 ms for 16; `loom profile` now writes rising curves,
+runtime.profiler.rising_curves); a larger fall is a broken or edited measurement, which the piecewise-linear fit would extrapolate towards zero (the fit's floor) for larger
 batches.
 """
 
