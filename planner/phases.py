@@ -12,6 +12,9 @@ its backward is done.
 Backward events. A gradient is final after a *backward event*: wave ``k``'s backward (code ``k``) or the loss stage
 of phase ``p`` (code ``num_waves + p``; with one phase ``num_waves``, as before phases existed). Their execution order
 is phase by phase: the phase's loss stage, then its waves from last to first (:func:`backward_positions`).
+Forward events, where a parameter is first needed (ZeRO-1's all-gather must have ended by then): wave ``k``'s forward
+(code ``k``) or phase ``p``'s loss stage (code ``num_waves + p``), phase by phase: the phase's waves in order, then its
+loss stage (:func:`forward_positions`).
 Pure Python; imports nothing from the planner.
 """
 
@@ -50,6 +53,16 @@ def backward_positions(starts: Sequence[int], num_waves: int) -> dict[int, int]:
         out[loss_event(num_waves, p)] = len(out)
         for k in reversed(range(a, b)):
             out[k] = len(out)
+    return out
+
+
+def forward_positions(starts: Sequence[int], num_waves: int) -> dict[int, int]:
+    """Every forward-event code's position in execution order (module docstring)."""
+    out: dict[int, int] = {}
+    for p, (a, b) in enumerate(phase_ranges(starts, num_waves)):
+        for k in range(a, b):
+            out[k] = len(out)
+        out[loss_event(num_waves, p)] = len(out)
     return out
 
 
