@@ -39,7 +39,7 @@ import numpy as np
 
 from planner.costmodel import Layout
 from planner.metagraph import MetaOp
-from planner.phases import LOSS_WAVE, backward_positions, forward_positions, loss_event, phase_of_waves
+from planner.phases import LOSS_WAVE, backward_positions, loss_event, phase_of_waves
 from planner.placement import PlacedSchedule, PlacedSlice
 from planner.plan import Plan, PlanBucket, PlanHolding, PlanPiece
 from planner.rows import row_bounds
@@ -346,37 +346,6 @@ def grad_buckets(held: Sequence[Holding], position: Mapping[int, int] | None = N
     return [Bucket(wave, devs, tuple(h.key for h in groups[(wave, devs)]), sum(h.params for h in groups[(wave, devs)]),
                    sum(h.tensors for h in groups[(wave, devs)]))
             for wave, devs in sorted(groups, key=lambda g: (rank(g[0]), g[1]))]
-
-
-def gather_events(ops: Sequence, waves: Sequence, starts: Sequence[int], buckets: Sequence) -> list[int]:
-    """Per bucket (:class:`Bucket` or :class:`planner.plan.PlanBucket`), the forward event (:mod:`planner.phases`: a
-    wave, or a phase's loss stage) at which an iteration first needs its parameters: the earliest, in execution order,
-    that runs one of its members (a layer; an input module, at its MetaOp's first slice; a loss head, at its loss
-    stage, which is its ``ready_wave``). ``ops``: MetaOps or the plan's (``param_group``, ``input_modules``);
-    ``waves``: placed or plan waves; ``starts``: the phases' first waves.
-
-    ZeRO-1 overlaps the all-gather of a bucket's updated parameters with the next iteration's forward: after the
-    optimizer step every holder launches the gathers in the order of these events (then the buckets' order), and
-    waits for a bucket's before its own first forward event at or after the bucket's (runtime.zero; priced by
-    :func:`planner.sync.finish_buckets`)."""
-    position = forward_positions(starts, len(waves))
-    first: dict[tuple[str, int], int] = {}
-    for k, wave in enumerate(waves):  # waves ascend in forward order: the first wave seen is the earliest
-        for s in wave.slices:
-            op = ops[s.metaop]
-            for layer in range(s.first_layer, s.first_layer + s.num_layers):
-                first.setdefault((op.param_group, layer), k)
-            for name in op.input_modules if s.first_layer == 0 else ():
-                first.setdefault((name, 0), k)
-    return [min((first.get((name, layer), b.ready_wave) for name, layer, _ in b.members), key=position.__getitem__)
-            for b in buckets]
-
-
-def gather_order(events: Sequence[int], starts: Sequence[int], num_waves: int) -> list[int]:
-    """The launch order of the buckets' ZeRO-1 all-gathers (indices): by :func:`gather_events` in forward order, then
-    by the buckets' own order."""
-    position = forward_positions(starts, num_waves)
-    return sorted(range(len(events)), key=lambda i: (position[events[i]], i))
 
 
 def plan_holdings(held: Sequence[Holding]) -> list[PlanHolding]:

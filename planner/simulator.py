@@ -27,7 +27,7 @@ Model. Times are in seconds, bytes per iteration.
 - **sync, optimizer, all-gather**: :func:`~planner.sync.finish_buckets` (model in :mod:`planner.sync`) over the
   program's gradient buckets, each ready when its event (:mod:`planner.phases`) has passed on all its devices, and
   each device's own end of compute. Under ZeRO-1, in a job whose uses all train (no weight hand-offs), the
-  all-gathers overlap the next iteration's forward (:func:`planner.program.gather_events`, :func:`next_uses`): the
+  all-gathers overlap the next iteration's forward (:func:`planner.phases.gather_events`, :func:`next_uses`): the
   prediction is the steady-state period; otherwise they end the iteration.
 - **reported parts**, along the critical path (:func:`planner.sync.finish_buckets`): back from the device that steps
   last, through its exposed sync into the compute and transfers that led there. ``compute_s`` and ``transfer_s``
@@ -54,11 +54,12 @@ import numpy as np
 
 from planner.costmodel import CostModel
 from planner.metagraph import MetaOp
-from planner.phases import backward_positions, forward_positions, loss_event, phase_of_waves, phase_ranges
+from planner.phases import (
+    backward_positions, forward_positions, gather_events, gather_order, loss_event, phase_of_waves, phase_ranges,
+)
 from planner.placement import PlacedSchedule, PlacedSlice, placed_ledger
 from planner.program import (
-    LOSS_WAVE, Bucket, Edge, Holding, Moves, gather_events, gather_order, grad_buckets, holdings, loss_hosts,
-    plan_edges, row_bytes,
+    LOSS_WAVE, Bucket, Edge, Holding, Moves, grad_buckets, holdings, loss_hosts, plan_edges, row_bytes,
 )
 from planner.schedule import Problem
 from planner.sync import SyncBucket, SyncOutcome, finish_buckets, gathers_overlap
@@ -438,7 +439,7 @@ def next_uses(starts: Sequence[tuple[int, np.ndarray, float]], events: Sequence[
               position: dict[int, int], num_devices: int) -> list[float]:
     """Per bucket of ``program``, when the next iteration's forward first waits for its ZeRO-1 all-gather (seconds
     from the iteration's start): each holder waits before its own first forward event at or after the bucket's
-    :func:`~planner.program.gather_events` event (``events``), so the earliest start of such an event over its
+    :func:`~planner.phases.gather_events` event (``events``), so the earliest start of such an event over its
     devices (``starts``: :attr:`Walk.starts`; ``position``: :func:`~planner.phases.forward_positions`)."""
     at: dict[int, list[tuple[np.ndarray, float]]] = {}
     for code, devices, start in starts:

@@ -43,7 +43,7 @@ gives it).
   all-gather (or step) ends. (The memory ledger shards each slice's state over that slice's
   data-parallel group; both agree when one slice holds the layers.)
 - **overlapped all-gather** (``next_use``, what ``runtime/zero.py`` runs in a job whose uses all train): the holders
-  launch the gathers right after their step, in the order the caller gives (:func:`planner.program.gather_order`:
+  launch the gathers right after their step, in the order the caller gives (:func:`planner.phases.gather_order`:
   the forward event that first needs each bucket), and the next iteration starts on each device once it has stepped;
   a device waits for a bucket's gather before its first forward event that needs it. The prediction is the
   steady-state period ``T``: the iteration repeated every ``T`` seconds is feasible when every device has stepped by

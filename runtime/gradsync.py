@@ -14,8 +14,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from planner.phases import forward_positions
-from planner.program import gather_events
+from planner.phases import forward_positions, gather_events
 from runtime.megatron_backend import owned_fractions  # cheap: megatron-core itself is imported lazily
 from runtime.optim import clip_coefficient, owned_square_sum, scale_gradients
 from runtime.steps import GradBucket

@@ -16,7 +16,7 @@ run its own fp32 master in that group's optimizer group; one all-gather per buck
 
 Overlap (``step(defer=True)``, what the executor does in a job whose uses all train): the all-gathers are launched
 asynchronously after the step, in the order of the forward event that first needs each bucket
-(planner.program.gather_events / gather_order, the order the simulator prices), and :meth:`ShardedAdamW.wait_until`
+(planner.phases.gather_events / gather_order, the order the simulator prices), and :meth:`ShardedAdamW.wait_until`
 completes those the next iteration's forward is about to need; :meth:`ShardedAdamW.settle` completes them all (before
 anything else reads the parameters: checkpoints, exports, gradients). Every holder launches the same buckets in the
 same order, so the collectives pair up whatever order the waits come in.
