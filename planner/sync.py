@@ -261,19 +261,24 @@ def gathers_overlap(graph, cost_model: CostModel) -> bool:
     return cost_model.shard_optimizer and all(op.mode == "train" for op in graph.metaops) and not graph.weights_from
 
 
-def overlapped_end(buckets: Sequence[SyncBucket], stepped: np.ndarray, gather_ends: Sequence[float],
-                   next_use: Sequence[float], ready: Sequence[float]) -> float:
-    """The steady-state period of an iteration whose ZeRO-1 gathers overlap the next one's forward (module docstring:
-    *overlapped all-gather*): every device has stepped, and every bucket's gather ends by the period plus the earlier
-    of its ``next_use`` and the earliest readiness of a bucket on its devices."""
-    period = float(stepped.max()) if len(stepped) else 0.0
-    first_ready = np.full(len(stepped), np.inf)
+def gather_limits(buckets: Sequence[SyncBucket], next_use: Sequence[float], ready: Sequence[float],
+                  num_devices: int) -> np.ndarray:
+    """Per bucket, how long after the next iteration starts its ZeRO-1 gather may end (module docstring:
+    *overlapped all-gather*): the earlier of its ``next_use`` and the earliest readiness of a bucket on its devices."""
+    first_ready = np.full(num_devices, np.inf)
     for b, r in zip(buckets, ready):
         idx = np.asarray(b.devices, dtype=np.int64)
         first_ready[idx] = np.minimum(first_ready[idx], r)
-    for b, end, use in zip(buckets, gather_ends, next_use):
-        limit = min(use, float(first_ready[list(b.devices)].min()))
-        period = max(period, end - limit)
+    return np.array([min(use, float(first_ready[list(b.devices)].min())) for b, use in zip(buckets, next_use)])
+
+
+def overlapped_end(stepped: np.ndarray, gather_ends: Sequence[float], limits: np.ndarray) -> float:
+    """The steady-state period of an iteration whose ZeRO-1 gathers overlap the next one's forward: every device has
+    stepped, and every bucket's gather (ending at ``gather_ends``) ends by the period plus its ``limits``
+    (:func:`gather_limits`)."""
+    period = float(stepped.max()) if len(stepped) else 0.0
+    if len(limits):
+        period = max(period, float((np.asarray(gather_ends) - limits).max()))
     return period
 
 
@@ -338,12 +343,13 @@ def finish_buckets(
     gathers = [gather_time(b, cost_model) for b in buckets]
     step = optimizer_seconds(buckets, cost_model, num_devices)
     orders = launch_orders(buckets, times, ready)
+    limits = gather_limits(buckets, next_use, ready, num_devices) if next_use is not None else None
     ends = []
     for order in orders.values():
         synced, starts = sync_spans(buckets, times, ready, order, num_devices)
         stepped = np.maximum(synced, ends_at) + step
         free, gathered = gather_spans(buckets, gathers, stepped, gather_order)
-        end = (overlapped_end(buckets, stepped, gathered, next_use, ready) if next_use is not None
+        end = (overlapped_end(stepped, gathered, limits) if limits is not None
                else float(free.max()) if num_devices else 0.0)
         ends.append((end, stepped, synced, starts, order))
     iteration, stepped, synced, starts, order = min(ends, key=lambda e: e[0])  # the first (ready order) wins ties
