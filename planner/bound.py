@@ -36,6 +36,7 @@ from planner.costmodel import CostModel, Curve
 from planner.metagraph import MetaOp
 from planner.plan import Bounds
 from planner.schedule import Problem
+from planner.sync import gathers_overlap
 
 log = logging.getLogger(__name__)
 
@@ -360,8 +361,8 @@ def _cheapest(collective, nbytes: float, num_devices: int) -> float:
 
 def _last_bucket_seconds(problem: Problem, cost_model: CostModel, m: int, groups: dict[str, list[MetaOp]]) -> float:
     """Fewest seconds the gradient of MetaOp ``m``'s slice can take once its backward is the last to end: its
-    all-reduce and (ZeRO-1) the all-gather after the step, over at least its data-parallel ranks, at its cheapest
-    valid count. 0 where it syncs nothing (one data-parallel rank) or its group (``groups``: members per
+    all-reduce and (ZeRO-1, unless the gathers overlap the next iteration: :func:`planner.sync.gathers_overlap`) the
+    all-gather after the step, over at least its data-parallel ranks, at its cheapest valid count. 0 where it syncs nothing (one data-parallel rank) or its group (``groups``: members per
     parameter group) has a frozen member."""
     op = problem.graph.metaops[m]
     group_ops = groups[op.param_group]
@@ -378,7 +379,7 @@ def _last_bucket_seconds(problem: Problem, cost_model: CostModel, m: int, groups
         tp = layout.tp_degree if len(group_ops) == 1 else max(max(o.allowed_tp) for o in group_ops)
         shard = min(o.layer.params for o in group_ops) / tp
         seconds = _cheapest(cost_model.allreduce_time, cost_model.grad_bytes * shard, layout.dp_degree)
-        if cost_model.shard_optimizer:
+        if cost_model.shard_optimizer and not gathers_overlap(problem.graph, cost_model):
             seconds += _cheapest(cost_model.allgather_time, cost_model.param_bytes_moved * shard, layout.dp_degree)
         best = min(best, seconds)
     return 0.0 if best == math.inf else best
@@ -424,8 +425,11 @@ def iteration_bound(problem: Problem, cost_model: CostModel, dag: float | None =
       could follow, and it has none) belongs to a trainable MetaOp ``m`` whose predecessors run no backward
       (a predecessor that did would run its backward after it; a frozen MetaOp runs one only downstream of a
       trainable one). Its slice's layers become final at ``T_c``; each TP shard's bucket holds at least that
-      shard, over at least the slice's data-parallel ranks, so its all-reduce (and, under ZeRO-1, the
-      all-gather after its devices step) runs after ``T_c`` with nothing left to hide it. The cheapest over
+      shard, over at least the slice's data-parallel ranks, so its all-reduce (and, under ZeRO-1 with gathers that
+      end the iteration, the all-gather after its devices step) runs after ``T_c`` with nothing left to hide it.
+      Where the gathers overlap the next iteration's forward (:func:`planner.sync.gathers_overlap`), the forward
+      that precedes ``m``'s slice on its devices (forward-only predecessors, earlier waves of frozen MetaOps) may
+      hide its gather, so the gather is not counted. The cheapest over
       ``m``'s valid counts and over intra- or cross-node prices is taken; 0 when a count has one
       data-parallel rank. This needs collective times non-decreasing in bytes and devices (the alpha-beta
       model's; profiled link fits with a non-negative intercept).

@@ -26,7 +26,9 @@ Model. Times are in seconds, bytes per iteration.
   per direction, a node's network link per direction for cross-node bytes; ``inter_bandwidth`` is per node).
 - **sync, optimizer, all-gather**: :func:`~planner.sync.finish_buckets` (model in :mod:`planner.sync`) over the
   program's gradient buckets, each ready when its event (:mod:`planner.phases`) has passed on all its devices, and
-  each device's own end of compute.
+  each device's own end of compute. Under ZeRO-1, in a job whose uses all train (no weight hand-offs), the
+  all-gathers overlap the next iteration's forward (:func:`planner.phases.gather_events`, :func:`next_uses`): the
+  prediction is the steady-state period; otherwise they end the iteration.
 - **reported parts**, along the critical path (:func:`planner.sync.finish_buckets`): back from the device that steps
   last, through its exposed sync into the compute and transfers that led there. ``compute_s`` and ``transfer_s``
   are that path's slice and loss-head seconds and its exchange seconds; ``sync_s`` its exposed all-reduces;
@@ -44,6 +46,7 @@ Model. Times are in seconds, bytes per iteration.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,13 +54,15 @@ import numpy as np
 
 from planner.costmodel import CostModel
 from planner.metagraph import MetaOp
-from planner.phases import backward_positions, loss_event, phase_of_waves, phase_ranges
+from planner.phases import (
+    backward_positions, forward_positions, gather_events, gather_order, loss_event, phase_of_waves, phase_ranges,
+)
 from planner.placement import PlacedSchedule, PlacedSlice, placed_ledger
 from planner.program import (
     LOSS_WAVE, Bucket, Edge, Holding, Moves, grad_buckets, holdings, loss_hosts, plan_edges, row_bytes,
 )
 from planner.schedule import Problem
-from planner.sync import SyncBucket, SyncOutcome, finish_buckets
+from planner.sync import SyncBucket, SyncOutcome, finish_buckets, gathers_overlap
 from planner.timeline import Clocks, exchange_of, flow_memo
 from planner.handoff import HandOff, hand_off_seconds, hand_offs
 from planner.rolloutlag import lagged
@@ -363,6 +368,8 @@ class Walk:
     clocks: Clocks
     ready: list[float]
     ready_parts: list[tuple[float, float]]  # per bucket, the (compute, transfer) path of the device it waited for
+    # the first micro-batch's forward events: (code, devices, start) of every slice's forward and every loss head
+    starts: tuple[tuple[int, np.ndarray, float], ...] = ()
 
 
 def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forward: list[list[Flows]],
@@ -396,6 +403,7 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
         waiting.setdefault(b.ready_wave, []).append(i)
     clocks, ready = Clocks(problem.num_devices), [0.0] * len(program)
     parts = [(0.0, 0.0)] * len(program)
+    starts: list[tuple[int, np.ndarray, float]] = []
     micro = problem.graph.num_micro_batches
     for pass_ in range(micro):
         last = pass_ == micro - 1
@@ -408,11 +416,15 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
             for k in range(first, end):
                 clocks.exchange(ex_fwd[k])
                 for devices, fwd, _ in runs[k]:
-                    clocks.run(devices, fwd)
+                    at = clocks.run(devices, fwd)
+                    if pass_ == 0:
+                        starts.append((k, devices, at))
             code = loss_event(num_waves, p)
             clocks.exchange(ex_fwd[code])
             for devices, seconds in heads.get(p, ()):
-                clocks.run(devices, seconds)
+                at = clocks.run(devices, seconds)
+                if pass_ == 0:
+                    starts.append((code, devices, at))
             passed(code)
             clocks.exchange(ex_bwd[code])
             for k in reversed(range(first, end)):
@@ -420,7 +432,29 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
                     clocks.run(devices, bwd)
                 passed(k)
                 clocks.exchange(ex_bwd[k])
-    return Walk(clocks, ready, parts)
+    return Walk(clocks, ready, parts, tuple(starts))
+
+
+def next_uses(starts: Sequence[tuple[int, np.ndarray, float]], events: Sequence[int], program: Sequence[Bucket],
+              position: dict[int, int], num_devices: int) -> list[float]:
+    """Per bucket of ``program``, when the next iteration's forward first waits for its ZeRO-1 all-gather (seconds
+    from the iteration's start): each holder waits before its own first forward event at or after the bucket's
+    :func:`~planner.phases.gather_events` event (``events``), so the earliest start of such an event over its
+    devices (``starts``: :attr:`Walk.starts`; ``position``: :func:`~planner.phases.forward_positions`)."""
+    at: dict[int, list[tuple[np.ndarray, float]]] = {}
+    for code, devices, start in starts:
+        at.setdefault(position[code], []).append((devices, start))
+    wanted: dict[int, list[int]] = {}
+    for i, code in enumerate(events):
+        wanted.setdefault(position[code], []).append(i)
+    upcoming = np.full(num_devices, np.inf)  # per device, the start of its first forward event at or after q
+    out = [math.inf] * len(program)
+    for q in sorted(set(at) | set(wanted), reverse=True):
+        for devices, start in at.get(q, ()):
+            upcoming[devices] = np.minimum(upcoming[devices], start)
+        for i in wanted.get(q, ()):
+            out[i] = float(upcoming[list(program[i].devices)].min())
+    return out
 
 
 def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> Simulation:
@@ -434,7 +468,11 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
     done = walk(problem, placed, cost_model, forward, backward, program, seconds)
     ledger = placed_ledger(problem, placed, cost_model)
     clocks = done.clocks
-    outcome = finish_buckets(sync_of(program), done.ready, clocks.t, cost_model, problem.num_devices)
+    events = gather_events(problem.graph.metaops, placed.waves, placed.phases, program)
+    order = gather_order(events, placed.phases, len(placed.waves))
+    uses = (next_uses(done.starts, events, program, forward_positions(placed.phases, len(placed.waves)),
+                      problem.num_devices) if gathers_overlap(problem.graph, cost_model) else None)
+    outcome = finish_buckets(sync_of(program), done.ready, clocks.t, cost_model, problem.num_devices, uses, order)
     c = outcome.critical_device
     # the critical path: the critical device's own compute, or the device whose readiness began its exposed sync
     compute_s, transfer_s = (done.ready_parts[outcome.sync_origin] if outcome.sync_origin is not None

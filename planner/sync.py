@@ -39,9 +39,18 @@ gives it).
   elements), so every replica ends with the full parameters. A bucket's all-gather starts once
   the slowest of its participants has stepped (its whole step: a device steps all its shares,
   then gathers); buckets sharing a device serialise on its link, launched in the order they can
-  start, longest first among equals (:func:`schedule_gather`). The iteration ends when the last
+  start, longest first among equals (:func:`schedule_gather`). Without ``next_use`` the iteration ends when the last
   all-gather (or step) ends. (The memory ledger shards each slice's state over that slice's
   data-parallel group; both agree when one slice holds the layers.)
+- **overlapped all-gather** (``next_use``, what ``runtime/zero.py`` runs in a job whose uses all train): the holders
+  launch the gathers right after their step, in the order the caller gives (:func:`planner.phases.gather_order`:
+  the forward event that first needs each bucket), and the next iteration starts on each device once it has stepped;
+  a device waits for a bucket's gather before its first forward event that needs it. The prediction is the
+  steady-state period ``T``: the iteration repeated every ``T`` seconds is feasible when every device has stepped by
+  ``T`` and every bucket's gather, ending at ``G``, ends by ``T + next_use`` (``next_use``: the earliest start, over
+  the bucket's devices, of the forward work that waits for it) and by ``T`` + the earliest readiness of a bucket on
+  its devices (so the next iteration's all-reduces never share a link with it). ``gather_s`` is then the part of the
+  gathers that the next iteration's forward does not hide: ``T`` - the critical device's step end.
 """
 
 from __future__ import annotations
@@ -219,18 +228,58 @@ def optimizer_seconds(buckets: Sequence[SyncBucket], cost_model: CostModel, num_
     return np.array([cost_model.optimizer_time(float(p), float(t)) if p > 0 else 0.0 for p, t in zip(params, tensors)])
 
 
-def schedule_gather(buckets: Sequence[SyncBucket], times: Sequence[float], stepped: np.ndarray) -> np.ndarray:
+def schedule_gather(buckets: Sequence[SyncBucket], times: Sequence[float], stepped: np.ndarray,
+                    order: Sequence[int] | None = None) -> np.ndarray:
     """ZeRO-1 all-gathers after the optimizer: device ``d`` has stepped at ``stepped[d]``; bucket ``i`` gathers for
-    ``times[i]`` once all its devices have stepped and are free, launched in the order they can start (longest
-    first among equals). Returns per device when its last all-gather ends (``stepped[d]`` without any)."""
+    ``times[i]`` once all its devices have stepped and are free, launched in ``order`` (default: the order they can
+    start, longest first among equals). Returns per device when its last all-gather ends (``stepped[d]`` without
+    any)."""
+    return gather_spans(buckets, times, stepped, order)[0]
+
+
+def gather_spans(buckets: Sequence[SyncBucket], times: Sequence[float], stepped: np.ndarray,
+                 order: Sequence[int] | None = None) -> tuple[np.ndarray, list[float]]:
+    """:func:`schedule_gather`'s per-device ends and when each bucket's gather ends (its step's end without one)."""
     free = np.array(stepped, dtype=float)
     start = [float(free[list(b.devices)].max()) for b in buckets]
-    order = sorted((i for i in range(len(buckets)) if times[i] > 0),
-                   key=lambda i: (start[i], -times[i], buckets[i].param_group, buckets[i].layers[0]))
+    if order is None:
+        order = sorted(range(len(buckets)),
+                       key=lambda i: (start[i], -times[i], buckets[i].param_group, buckets[i].layers[0]))
+    ends = list(start)
     for i in order:
+        if times[i] <= 0:
+            continue
         idx = np.asarray(buckets[i].devices, dtype=np.int64)
-        free[idx] = float(free[idx].max()) + times[i]
-    return free
+        free[idx] = ends[i] = float(free[idx].max()) + times[i]
+    return free, ends
+
+
+def gathers_overlap(graph, cost_model: CostModel) -> bool:
+    """Whether ZeRO-1's all-gathers overlap the next iteration (``graph``: a MetaGraph): runtime.zero defers them in a
+    job whose uses all train and that hands no weights off (a hand-off or a rollout reads the weights right after the
+    step, so there they end the iteration)."""
+    return cost_model.shard_optimizer and all(op.mode == "train" for op in graph.metaops) and not graph.weights_from
+
+
+def gather_limits(buckets: Sequence[SyncBucket], next_use: Sequence[float], ready: Sequence[float],
+                  num_devices: int) -> np.ndarray:
+    """Per bucket, how long after the next iteration starts its ZeRO-1 gather may end (module docstring:
+    *overlapped all-gather*): the earlier of its ``next_use`` and the earliest readiness of a bucket on its devices."""
+    first_ready = np.full(num_devices, np.inf)
+    for b, r in zip(buckets, ready):
+        idx = np.asarray(b.devices, dtype=np.int64)
+        first_ready[idx] = np.minimum(first_ready[idx], r)
+    return np.array([min(use, float(first_ready[list(b.devices)].min())) for b, use in zip(buckets, next_use)])
+
+
+def overlapped_end(stepped: np.ndarray, gather_ends: Sequence[float], limits: np.ndarray) -> float:
+    """The steady-state period of an iteration whose ZeRO-1 gathers overlap the next one's forward: every device has
+    stepped, and every bucket's gather (ending at ``gather_ends``) ends by the period plus its ``limits``
+    (:func:`gather_limits`)."""
+    period = float(stepped.max()) if len(stepped) else 0.0
+    if len(limits):
+        period = max(period, float((np.asarray(gather_ends) - limits).max()))
+    return period
 
 
 @dataclass(frozen=True)
@@ -276,11 +325,13 @@ def finish_iteration(
 
 def finish_buckets(
     buckets: Sequence[SyncBucket], ready: Sequence[float], compute_end: float | np.ndarray, cost_model: CostModel,
-    num_devices: int,
+    num_devices: int, next_use: Sequence[float] | None = None, gather_order: Sequence[int] | None = None,
 ) -> SyncOutcome:
     """How an iteration ends once compute and transfers end at ``compute_end`` (one time, or one per device: the
     timeline's clocks): bucket ``i`` all-reduces from ``ready[i]`` (the better of :func:`launch_orders` is kept),
-    each device steps once its buckets and its own compute are done, then (ZeRO-1) the all-gathers.
+    each device steps once its buckets and its own compute are done, then (ZeRO-1) the all-gathers: launched in
+    ``gather_order`` when given; with ``next_use`` (per bucket, seconds from the iteration's start to the first forward
+    work that waits for its gather) they overlap the next iteration (module docstring), else they end it.
 
     The parts follow the critical path back from the *critical device* (the last to step; among equals the one whose
     compute ends last): ``optimizer_s`` is its step, ``gather_s`` what follows the last step. When its sync outlasts its
@@ -292,11 +343,15 @@ def finish_buckets(
     gathers = [gather_time(b, cost_model) for b in buckets]
     step = optimizer_seconds(buckets, cost_model, num_devices)
     orders = launch_orders(buckets, times, ready)
+    limits = gather_limits(buckets, next_use, ready, num_devices) if next_use is not None else None
     ends = []
     for order in orders.values():
         synced, starts = sync_spans(buckets, times, ready, order, num_devices)
         stepped = np.maximum(synced, ends_at) + step
-        ends.append((float(schedule_gather(buckets, gathers, stepped).max()), stepped, synced, starts, order))
+        free, gathered = gather_spans(buckets, gathers, stepped, gather_order)
+        end = (overlapped_end(stepped, gathered, limits) if limits is not None
+               else float(free.max()) if num_devices else 0.0)
+        ends.append((end, stepped, synced, starts, order))
     iteration, stepped, synced, starts, order = min(ends, key=lambda e: e[0])  # the first (ready order) wins ties
     c = int(np.lexsort((ends_at, stepped))[-1]) if num_devices else 0
     last_step = float(stepped[c]) if num_devices else 0.0

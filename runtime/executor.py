@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from planner.kinds import kind_of
+from planner.phases import forward_positions
 from planner.plan import PlanMetaOp
 from planner.rolloutlag import generation_pool
 from planner.rows import row_shares
@@ -148,7 +149,25 @@ class WaveWorker(PieceTransfers, GradientSync):
         shared = {id(p) for bucket in self._grad_buckets for p in bucket.params}
         return ShardedAdamW(self.payload, [(b.devices, b.params, b.shards or b.devices) for b in self._grad_buckets],
                             self.groups.by_devices,
-                            self.rank, [p for _, p in owned if id(p) not in shared], {id(p): c for c, p in owned})
+                            self.rank, [p for _, p in owned if id(p) not in shared], {id(p): c for c, p in owned},
+                            [b.gather_position for b in self._grad_buckets])
+
+    @functools.cached_property
+    def _forward_position(self) -> dict[int, int]:
+        """Every forward event's position (planner.phases.forward_positions): where ZeRO-1's deferred gathers land."""
+        return forward_positions(self.plan.phases, len(self.plan.waves))
+
+    def _await_parameters(self, event: int) -> None:
+        """Before forward event ``event`` (a wave, or ``len(waves) + p``: phase p's losses) runs on this device: land
+        the deferred ZeRO-1 all-gathers of every bucket first needed there or before (runtime.zero)."""
+        if isinstance(self.optimizer, ShardedAdamW):
+            self.optimizer.wait_until(self._forward_position[event])
+
+    def settle_parameters(self) -> None:
+        """Land every deferred ZeRO-1 all-gather: this device's parameters are the last step's (call before reading
+        them outside a training step: checkpoints, exports, evaluation)."""
+        if isinstance(self.optimizer, ShardedAdamW):
+            self.optimizer.settle()
 
     def _my_tp_groups(self) -> dict[tuple[str, int], tuple[int, ...]]:
         """The TP group (devices) in which this device runs each tensor-parallel layer it holds."""
@@ -256,7 +275,12 @@ class WaveWorker(PieceTransfers, GradientSync):
         if self.optimizer is not None:
             if may_step:
                 set_lr(self.optimizer, self.payload.training, step)
-                self.optimizer.step()
+                if isinstance(self.optimizer, ShardedAdamW):
+                    # the gathers overlap the next step's forward, as the plan prices them in a job whose uses all
+                    # train (planner.simulator.gathers_overlap); a hand-off or a rollout reads the weights at once
+                    self.optimizer.step(defer=self.roles is None)
+                else:
+                    self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             timing.optimizer_s += lap("optimizer")
         if self.roles is not None:  # the updated weights to the devices that use but do not step them
@@ -290,6 +314,7 @@ class WaveWorker(PieceTransfers, GradientSync):
                 timing.transfer_s[wave] += lap("transfer_forward", wave)
                 ref = self._my_slice(wave)
                 if ref is not None:
+                    self._await_parameters(wave)
                     with autocast(self.payload, self.device):
                         self._run_slice(ref, st.step, st)
                     timing.compute_s[wave] += lap("forward", wave)
@@ -408,6 +433,7 @@ class WaveWorker(PieceTransfers, GradientSync):
             s = self.comm.slices[host.host]
             if self.rank not in s.devices or not is_lead(s, self.rank):
                 continue
+            self._await_parameters(len(self.plan.waves) + phase)
             t = self.task_index[host.task]
             task = self.payload.tasks[t]
             start, stop = self._rows(host.host)
@@ -442,6 +468,7 @@ class WaveWorker(PieceTransfers, GradientSync):
 
     def state_dict(self) -> dict:
         """This device's part of a checkpoint: a snapshot (copies, not views) of its modules and optimizer state."""
+        self.settle_parameters()
         return copy.deepcopy({
             "modules": {f"{name}/{layer}": module.state_dict() for (name, layer), module in sorted(self.modules.items())},
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
@@ -451,6 +478,7 @@ class WaveWorker(PieceTransfers, GradientSync):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` of a worker built from the same payload (job, plan and rank)."""
+        self.settle_parameters()
         for (name, layer), module in sorted(self.modules.items()):
             module.load_state_dict(state["modules"][f"{name}/{layer}"])
         if self.optimizer is not None:
@@ -471,6 +499,7 @@ class WaveWorker(PieceTransfers, GradientSync):
     def _named(self, gradients: bool) -> dict[str, torch.Tensor]:
         from runtime.megatron_backend import gather_reference_grads, gather_reference_weights
 
+        self.settle_parameters()
         out = {}
         for (name, layer), module in sorted(self.modules.items()):
             if (name, layer) in self.tp_of:

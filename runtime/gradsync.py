@@ -14,6 +14,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from planner.phases import forward_positions, gather_events
 from runtime.megatron_backend import owned_fractions  # cheap: megatron-core itself is imported lazily
 from runtime.optim import clip_coefficient, owned_square_sum, scale_gradients
 from runtime.steps import GradBucket
@@ -30,12 +31,15 @@ class GradientSync:
         buckets in the plan's order, so collectives pair up."""
         out = []
         synced = self.roles.synced if self.roles is not None else {}
-        for b in self.plan.grad_buckets:
+        plan = self.plan
+        events = gather_events(plan.metaops, plan.waves, plan.phases, plan.grad_buckets)
+        position = forward_positions(plan.phases, len(plan.waves))
+        for b, event in zip(plan.grad_buckets, events):
             if self.rank in b.devices and len(b.devices) > 1:
                 params = [p for name, layer, _ in b.members if (name, layer) not in synced
                           for p in self.modules[(name, layer)].parameters() if p.requires_grad]
                 if params:
-                    out.append(GradBucket(b.ready_wave, tuple(b.devices), params, tuple(b.shards)))
+                    out.append(GradBucket(b.ready_wave, tuple(b.devices), params, tuple(b.shards), position[event]))
         # a module the modes' extra copies train too (runtime.rollout): summed over its holders and them, after the
         # last backward of the step
         for key, devices in sorted(synced.items()):

@@ -59,6 +59,7 @@ def export_state(worker) -> dict[str, torch.Tensor]:
 
     Collective: every rank of the plan calls it (tensor-parallel gathers over each TP group, one all-gather of the
     optimizer state per ZeRO-1 bucket that holds a tensor-parallel parameter)."""
+    worker.settle_parameters()
     writer = _writers(worker)
     out: dict[str, torch.Tensor] = {}
     for key, module in sorted(worker.modules.items()):
@@ -296,6 +297,7 @@ def import_state(worker, reader: PortableReader) -> None:
     no communication. CheckpointMismatch (one line) for a checkpoint of another job."""
     from runtime.zero import ShardedAdamW
 
+    worker.settle_parameters()
     with torch.no_grad():
         for key, module in sorted(worker.modules.items()):
             if key in worker.tp_of:

@@ -117,6 +117,9 @@ class GradBucket:
     devices: tuple[int, ...]
     params: list[torch.nn.Parameter] = field(default_factory=list)
     shards: tuple[int, ...] = ()
+    # forward position (planner.phases.forward_positions) of the event that first needs the bucket's parameters: ZeRO-1
+    # launches its all-gather in that order and waits for it there (planner.phases.gather_events)
+    gather_position: int = 0
 
 
 class StepState:

@@ -13,6 +13,13 @@ assumes). Parameters this device holds alone keep ordinary AdamW state.
 Parameter groups (runtime.optim: no weight decay on 1-d parameters, per-component learning rates) do not
 move the shares: a share is cut into runs of consecutive elements of parameters with the same group, each
 run its own fp32 master in that group's optimizer group; one all-gather per bucket, as the plan prices.
+
+Overlap (``step(defer=True)``, what the executor does in a job whose uses all train): the all-gathers are launched
+asynchronously after the step, in the order of the forward event that first needs each bucket
+(planner.phases.gather_events / gather_order, the order the simulator prices), and :meth:`ShardedAdamW.wait_until`
+completes those the next iteration's forward is about to need; :meth:`ShardedAdamW.settle` completes them all (before
+anything else reads the parameters: checkpoints, exports, gradients). Every holder launches the same buckets in the
+same order, so the collectives pair up whatever order the waits come in.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class _Share:
     hi: int
     runs: list[_Run]
     order: tuple[int, ...] = ()
+    position: int = 0  # forward position of the event that first needs the bucket (planner.phases.forward_positions)
 
     def gathered(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The bucket's ``total`` flattened elements from an all-gather's ``parts`` (one per group rank, each a padded
@@ -90,14 +98,16 @@ class ShardedAdamW:
     ``param_groups`` like a torch optimizer. ``buckets`` are (devices, parameters, shards) triples, identical and in
     the same order on every holder; ``shards`` are the plan's share owners (planner.plan.PlanBucket.shards: device
     ``shards[i]`` steps share ``i``), a permutation of ``devices``. ``component_of`` maps ``id(parameter)`` to its
-    component (for its learning rate; absent: ``training.lr``)."""
+    component (for its learning rate; absent: ``training.lr``). ``positions``: per bucket, the forward position of the
+    event that first needs it (the gathers' launch order, then the buckets' order; default: the buckets' order)."""
 
     def __init__(self, job: JobSpec,
                  buckets: list[tuple[tuple[int, ...], list[nn.Parameter], tuple[int, ...]]],
                  groups: dict[tuple[int, ...], object], rank: int, alone: list[nn.Parameter],
-                 component_of: dict[int, str | None] | None = None):
+                 component_of: dict[int, str | None] | None = None, positions: list[int] | None = None):
         component_of = component_of or {}
         self.shares: list[_Share] = []
+        self.pending: list[tuple[_Share, object, list[torch.Tensor]]] = []  # gathers in flight, in launch order
         for devices, params, shards in buckets:
             assert sorted(shards) == sorted(devices), f"shards {shards} are not one per device of {devices}"
             n, i = len(devices), list(shards).index(rank)
@@ -105,7 +115,8 @@ class ShardedAdamW:
             lo, hi = shard_range(total, n, i)
             order = tuple(list(shards).index(d) for d in sorted(devices))
             self.shares.append(_Share(params, groups[tuple(devices)], sorted(devices).index(rank), n, total,
-                                      -(-total // n), lo, hi, _runs(job, params, lo, hi, component_of), order))
+                                      -(-total // n), lo, hi, _runs(job, params, lo, hi, component_of), order,
+                                      positions[len(self.shares)] if positions is not None else 0))
         by_key: dict[tuple[float, float], list[nn.Parameter]] = {}
         for share in self.shares:
             for run in share.runs:
@@ -120,9 +131,11 @@ class ShardedAdamW:
         """The inner optimizer's groups (the schedule sets their ``lr``)."""
         return self.inner.param_groups if self.inner is not None else []
 
-    def step(self) -> None:
+    def step(self, defer: bool = False) -> None:
         """Update this device's shares (and its unshared parameters), then all-gather every bucket's shares (also
-        with nothing to update: the other holders wait for this one's part)."""
+        with nothing to update: the other holders wait for this one's part), in launch order. ``defer``: launch the
+        gathers and return; :meth:`wait_until` / :meth:`settle` complete them."""
+        self.settle()
         for share in self.shares:
             if share.runs:
                 flat = torch.cat([p.detach().reshape(-1) for p in share.params])
@@ -132,16 +145,41 @@ class ShardedAdamW:
                     run.master.grad = grad[run.lo:run.hi].clone()
         if self.inner is not None:
             self.inner.step()
-        for share in self.shares:
-            self._gather(share)
+        for i in sorted(range(len(self.shares)), key=lambda i: (self.shares[i].position, i)):
+            self._launch(self.shares[i])
+        if not defer:
+            self.settle()
 
-    def _gather(self, share: _Share) -> None:
+    def wait_until(self, position: int) -> None:
+        """Complete the gathers in flight of every bucket first needed at or before forward ``position``."""
+        if not self.pending:
+            return
+        left = []
+        for share, work, parts in self.pending:
+            if share.position <= position:
+                self._land(share, work, parts)
+            else:
+                left.append((share, work, parts))
+        self.pending = left
+
+    def settle(self) -> None:
+        """Complete every gather in flight: the parameters are this step's everywhere."""
+        pending, self.pending = self.pending, []
+        for share, work, parts in pending:
+            self._land(share, work, parts)
+
+    def _launch(self, share: _Share) -> None:
         device = share.params[0].device
         mine = torch.zeros(share.per, device=device)
         for run in share.runs:
             mine[run.lo - share.lo:run.hi - share.lo] = run.master.detach()
         parts = [torch.empty(share.per, device=device) for _ in range(share.num_holders)]
-        dist.all_gather(parts, mine, group=share.group)
+        work = dist.all_gather(parts, mine, group=share.group, async_op=True)
+        self.pending.append((share, work, parts))
+
+    @staticmethod
+    def _land(share: _Share, work, parts: list[torch.Tensor]) -> None:
+        work.wait()
         flat = share.gathered(parts)
         offset = 0
         with torch.no_grad():
@@ -157,9 +195,11 @@ class ShardedAdamW:
                 p.grad = None
 
     def state_dict(self) -> dict:
+        self.settle()
         return self.inner.state_dict() if self.inner is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
+        self.settle()
         if self.inner is not None:
             self.inner.load_state_dict(state)
 

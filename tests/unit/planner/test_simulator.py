@@ -294,7 +294,8 @@ def test_later_wave_group_syncs_during_the_earlier_waves_backward(params_y):
     are done once they have sent the gradients back (no barrier with devices 0-1).
 
     Small y: fully hidden, x's devices (sync ready at the very end) step last. Large y: y's devices step
-    last, after their sync: the critical path runs through y's backward and its all-reduce.
+    last, after their sync: the critical path runs through y's backward and its all-reduce. ZeRO-1's
+    all-gathers overlap the next iteration: x's is needed at once, y's only when wave 1 starts.
     """
     x = op(0, "x", task="t", params=1e3, out=1e6)
     y = op(1, "y", task="t", deps=(0,), params=params_y)
@@ -311,7 +312,8 @@ def test_later_wave_group_syncs_during_the_earlier_waves_backward(params_y):
     sync_y = CM.allreduce_time(2 * params_y * 4, 2, False)
     step_x, step_y = CM.optimizer_time(1e3 * 4 / 2), CM.optimizer_time(params_y * 4 / 2)
     stepped_x, stepped_y = compute_end + sync_x + step_x, max(end_y, ready_y + sync_y) + step_y
-    iteration = max(stepped_x + gather(1e3 * 4, 2), stepped_y + gather(params_y * 4, 2))
+    start_y = forward_x + hop  # when the next iteration's wave 1 starts on devices 2-3
+    iteration = max(stepped_x + gather(1e3 * 4, 2), stepped_y + gather(params_y * 4, 2) - start_y, stepped_y)
     assert sim.iteration_time_s == pytest.approx(iteration)
     if params_y == 1e6:
         assert stepped_x > stepped_y  # x's devices step last: the parts are theirs
@@ -338,7 +340,10 @@ def test_buckets_on_shared_devices_serialise_after_the_earlier_one():
     sync_x, sync_y = CM.allreduce_time(2 * 1e3 * 4, 2, False), CM.allreduce_time(2 * 5e8 * 4, 2, False)
     assert sync_y > backward_x
     step = CM.optimizer_time((1e3 + 5e8) * 4 / 2)
-    gathers = gather(1e3 * 4, 2) + gather(5e8 * 4, 2)  # after the step, one after the other on the same devices
+    # after the step, one after the other on the same devices, x's first (the next iteration needs it first); y's
+    # overlaps the next iteration's wave 0 forward
+    gather_x, gather_y = gather(1e3 * 4, 2), gather(5e8 * 4, 2)
+    gathers = max(gather_x, gather_x + gather_y - compute_end / 9)  # wave 0's forward: a third of its 16 ms
     assert sim.iteration_time_s == pytest.approx(compute_end - backward_x + sync_y + sync_x + step + gathers)
     # the critical path: up to y's readiness (before wave 0's backward), then y's and x's all-reduces
     assert sim.compute_s == pytest.approx(compute_end - backward_x)
@@ -363,8 +368,10 @@ def test_longest_first_launch_is_kept_when_ready_order_would_block():
     longest_first = compute_end + sync_r + sync_q + step
     ready_order = ready_p + sync_p + sync_q + sync_r + step
     assert longest_first < ready_order
-    # every device steps at the same time; p's and r's gathers (disjoint devices, longest) run side by side, then q's
-    assert sim.gather_s == pytest.approx(gather(8e8 * 4, 2) + gather(1e7 * 4, 4))
+    # every device steps at the same time; the gathers follow the waves that need them, r, q, p, each overlapping
+    # the next iteration's forward up to its wave (r: none; q: r's forward; p: r's and q's)
+    g_big, g_q = gather(8e8 * 4, 2), gather(1e7 * 4, 4)
+    assert sim.gather_s == pytest.approx(max(g_big, g_big + g_q - 16e-3 / 3, 2 * g_big + g_q - 32e-3 / 3))
     assert sim.iteration_time_s == pytest.approx(longest_first + sim.gather_s)
     groups = [g.param_group for g in sim.sync_groups]
     assert [groups[i] for i in sim.sync_order] == ["p", "r", "q"]

@@ -69,7 +69,9 @@ def test_other_metaops_are_refused_with_the_first_difference(plan, path, value, 
 
 def test_tensor_parallel_on_a_kind_the_runtime_cannot_split_is_refused(plan) -> None:
     s = next(s for w in plan.waves for s in w.slices if plan.metaops[s.metaop].component == "head")
-    split = s.model_copy(update={"tp_degree": 2, "dp_degree": 1, "devices": [0, 1]})
+    # one data-parallel rank: all the slice's rows (whatever data-parallel degree the planner chose)
+    rows = [sum(s.rows)] if s.rows else []
+    split = s.model_copy(update={"tp_degree": 2, "dp_degree": 1, "devices": [0, 1], "rows": rows})
     waves = [w.model_copy(update={"slices": [split if x is s else x for x in w.slices]}) for w in plan.waves]
     with pytest.raises(SpecError, match=r"^plan: MetaOp t\.head has tensor_parallel 2; the runtime runs"):
         check_plan_matches_job(plan.model_copy(update={"waves": waves}), build_metagraph(parse_job(JOB)))
