@@ -279,3 +279,31 @@ def test_role_placements_fit_by_pipeline_stages_when_whole_models_do_not():
     plan = plan_job(job, cost_model).plan
     assert max(plan.peak_memory_bytes) <= plan.cluster.memory_bytes
     assert plan.predicted.iteration_time_s <= sim.iteration_time_s * (1 + 1e-9)
+
+
+def test_as_run_plans_generation_only_at_tensor_parallel_1():
+    """runtime.rollout runs a generate slice data parallel only: modes_refused names a placement that decodes at a
+    larger degree, and under as_run the cost model offers no such layout, so Loom's plan and both role baselines
+    decode at tensor_parallel 1 (bench.rl's 'as the runtime runs it' table)."""
+    from planner.generation import as_run, modes_refused
+
+    data = grpo(4)
+    data["components"]["policy"]["tensor_parallel"] = [1, 2, 4]
+    job = parse_job(data)
+    cost_model = make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cost_model)
+    rollout = problem.graph.metaops[0]
+    assert {lay.tp_degree for lay in cost_model.layouts(rollout, 4)} == {1, 2, 4}
+    tp2 = slices(problem, lambda m, n: Layout(n // 2, 2) if m == 0 else problem.curves[m].layout(n),
+                 (0, 0, 0, 1, (0, 1)), (1, 1, 0, 2, (0, 1)), (1, 2, 0, 2, (2, 3)), (2, 3, 0, 2, (0, 1, 2, 3)))
+    assert modes_refused(problem.graph.metaops, tp2) == "grpo.rollout generates at tensor_parallel 2"
+    with as_run(cost_model):
+        assert [lay.tp_degree for lay in cost_model.layouts(rollout, 4)] == [1]
+        assert {lay.tp_degree for lay in cost_model.layouts(problem.graph.metaops[3], 4)} == {1, 2, 4}  # training
+        ran = Problem.build(build_metagraph(job), cost_model)
+        outcome = plan_job(job, cost_model)
+        assert modes_refused(ran.graph.metaops, outcome.placed) is None
+        for placed, _ in rl_schedules(ran, cost_model).values():
+            assert modes_refused(ran.graph.metaops, placed) is None
+    assert not cost_model.modes_as_run
+    assert {lay.tp_degree for lay in cost_model.layouts(rollout, 4)} == {1, 2, 4}  # off again outside the block
