@@ -12,8 +12,9 @@ A receiver needs C's trained modules that it runs: a whole-use MetaOp (generate/
 trained layer of C, C's input module and its task's head; a layered MetaOp (a forward use) needs layers
 ``first_layer .. first_layer + num_layers`` of its parameter group (D's groups name C's with D's name in place of C's)
 and, running layer 0 with its own input module, C's. The plan's holders of a module (planner.program.holdings) step
-it; after the optimizer step (and ZeRO-1's all-gather) the lowest holder sends it to every device of the receiver's
-slice that does not hold it, and for ``weights_from`` to every device of it but itself: what runtime.rollout.Roles
+it; after the optimizer step (and ZeRO-1's all-gather) a holder sends it to every device of the receiver's slice that
+does not hold it (:func:`sender`: the lowest holder in the receiving device's node, else the lowest), and for
+``weights_from`` the lowest holder to every device of it but itself: what runtime.rollout.Roles
 sends (tests/integration/test_byte_contract.py counts it). A module moves its parameters as the runtime builds it
 (``size``: the cost model's module sizes, from ``loom profile``; else a layer's modelled ``params`` and 0 for an
 input module or head) x ``weight_bytes`` (the simulator passes ``CostModel.param_bytes_moved``: 4, the runtime's
@@ -48,6 +49,14 @@ class HandOff:
     bytes: float
     cross_node: bool  # some of the bytes come over the network (no trainer of them in the device's node)
     network_bytes: float = 0.0  # the part of ``bytes`` that crosses nodes
+
+
+def sender(holders, device: int, devices_per_node: int) -> int:
+    """The holder that sends a module to ``device`` in an implicit hand-off: the lowest of ``holders`` in ``device``'s
+    node (NVLink), else the lowest (the network). runtime.rollout.Roles sends from it; :func:`hand_offs` prices the
+    bytes over NVLink exactly when it is in the node."""
+    node = device // devices_per_node
+    return min((h for h in holders if h // devices_per_node == node), default=min(holders))
 
 
 def _source_group(group: str, component: str, source: str) -> str:

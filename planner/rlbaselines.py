@@ -376,8 +376,26 @@ def split_at(problem: Problem, cost_model: CostModel, sizes: dict[str, int], bud
     return _search(problem, cost_model, lambda p, k, w: [split_schedule(p, sizes, k)], Work(budget))
 
 
+def pool_order(num_devices: int, n_gen: int, per_node: int = 0) -> tuple[int, ...] | None:
+    """The devices in the order :func:`level_split_schedule` cuts pools from: the generation's ``n_gen`` first, then
+    the others. Plain order (devices 0..N-1), or spread over nodes of ``per_node`` devices (when not 0): the first
+    ``n_gen / nodes`` devices of every node first, so every node keeps devices of the other roles beside its
+    generators (a hand-off from a holder in the same node comes over NVLink, planner.handoff). None when spread and
+    ``n_gen`` is not a multiple of the nodes, or there is one node."""
+    n_all = num_devices
+    if not per_node:
+        return tuple(range(n_all))
+    nodes = n_all // per_node
+    if nodes < 2 or n_gen % nodes or n_gen >= n_all:
+        return None
+    g = n_gen // nodes
+    gen = [node * per_node + i for node in range(nodes) for i in range(g)]
+    return tuple(gen) + tuple(d for d in range(n_all) if d % per_node >= g)
+
+
 def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool = False,
-                         gen_share: float = 1.0, gen_pool: bool = False) -> PlacedSchedule | None:
+                         gen_share: float = 1.0, gen_pool: bool = False, spread: int = 0
+                         ) -> PlacedSchedule | None:
     """Loom's role placement between colocated and split: the MetaLevels in order; a level's MetaOps (e.g. the
     reward model and the reference, both reading the rollouts) split the N devices in proportion to their work
     (planner.baselines.split_level: DistMM's rule), a level of one MetaOp (the generation, the update) takes them all;
@@ -385,8 +403,9 @@ def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool 
     split them. With ``gen_share`` < 1 the generate and sample MetaOps run on the first ``gen_share`` of the devices
     and the forward-only MetaOps split the others (so no device holds a generation copy and a scorer); with
     ``gen_pool`` every other MetaOp (the trainer too) runs on the others, so the generating devices do nothing else
-    (what :func:`streamed_candidate` needs for chunks to overlap). Each MetaOp in ``stages`` pipeline stages over its
-    devices. None when some stage's devices are too few."""
+    (what :func:`streamed_candidate` needs for chunks to overlap); with ``spread`` (devices per node) the generating
+    devices are a share of every node rather than the first devices (:func:`pool_order`). Each MetaOp in ``stages``
+    pipeline stages over its devices. None when some stage's devices are too few."""
     from planner.baselines import split_level  # local: a sibling's helper, used only here
 
     builder = _Builder(problem)
@@ -394,6 +413,9 @@ def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool 
     ops = problem.graph.metaops
     n_all = problem.num_devices
     n_gen = max(1, int(n_all * gen_share))
+    order = pool_order(n_all, n_gen, spread)
+    if order is None:
+        return None
     for level in problem.graph.levels:
         groups = [list(level)]
         if trained_alone:
@@ -413,7 +435,7 @@ def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool 
                 for m, devices in stage:
                     first = offset + (devices[0] if len(stage) > 1 else 0)
                     size = len(devices) if len(stage) > 1 else width
-                    k = _put(builder, m, tuple(range(first, first + size)), stages, start)
+                    k = _put(builder, m, order[first:first + size], stages, start)
                     if k is None:
                         return None
                     end = max(end, k)
@@ -430,11 +452,13 @@ def role_candidate(problem: Problem, cost_model: CostModel, budget: float = RL_S
     (:class:`Work`)."""
     if not rl_shaped(problem):
         return None
-    shapes = [(alone, share, False) for alone in (False, True) for share in GEN_SHARES]
-    if problem.graph.rollout_lag:  # the generation on a pool of its own can run beside the previous step
-        shapes += [(alone, share, True) for share in POOL_SHARES for alone in (False, True)]
-    found = _search(problem, cost_model, lambda p, k, w: (level_split_schedule(p, k, alone, share, gen_pool=pool)
-                                                          for alone, share, pool in shapes), Work(budget))
+    shapes = [(alone, share, False, 0) for alone in (False, True) for share in GEN_SHARES]
+    if problem.graph.rollout_lag:  # the generation on a pool of its own can run beside the previous step, the pool
+        # at the first devices or spread over the nodes (its hand-off over NVLink from trainers in its nodes)
+        shapes += [(alone, share, True, spread) for spread in (0, cost_model.hw.devices_per_node)
+                   for share in POOL_SHARES for alone in (False, True)]
+    found = _search(problem, cost_model, lambda p, k, w: (level_split_schedule(p, k, alone, share, pool, spread)
+                                                          for alone, share, pool, spread in shapes), Work(budget))
     if found is None or max(found[1].peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes:
         return None
     return found

@@ -307,3 +307,31 @@ def test_as_run_plans_generation_only_at_tensor_parallel_1():
             assert modes_refused(ran.graph.metaops, placed) is None
     assert not cost_model.modes_as_run
     assert {lay.tp_degree for lay in cost_model.layouts(rollout, 4)} == {1, 2, 4}  # off again outside the block
+
+
+def test_a_generation_pool_spread_over_nodes_hands_off_over_nvlink():
+    """With rollout_lag 1 Loom's role placement also spreads the generation pool over the nodes (pool_order), so
+    every generating device has a trainer in its node and receives the weights over NVLink from it (handoff.sender,
+    the rule runtime.rollout.Roles sends by), where a pool on the first node receives them over the network."""
+    from planner.handoff import sender
+    from planner.rlbaselines import level_split_schedule, pool_order
+
+    assert pool_order(8, 4, 4) == (0, 1, 4, 5, 2, 3, 6, 7)
+    assert pool_order(8, 4) == tuple(range(8))
+    assert pool_order(8, 3, 4) is None and pool_order(4, 2, 4) is None  # not a multiple of the nodes; one node
+    assert sender({2, 3, 6, 7}, 4, 4) == 6 and sender({2, 3}, 4, 4) == 2  # in the node, else the lowest
+    data = grpo(8, rollout_lag=1)
+    data["cluster"] = {"num_nodes": 2, "devices_per_node": 4, "device": "h100"}
+    job = parse_job(data)
+    cost_model = make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cost_model)
+    # the trainer alone on the other devices first (trained_alone), then the scorers side by side
+    first = level_split_schedule(problem, 1, True, 0.5, gen_pool=True)
+    spread = level_split_schedule(problem, 1, True, 0.5, gen_pool=True, spread=4)
+    gen = {d for w in spread.waves for s in w.slices if s.metaop == 0 for d in s.devices}
+    assert gen == {0, 1, 4, 5}
+    assert not gen & {d for w in spread.waves for s in w.slices if s.metaop != 0 for d in s.devices}
+    far, near = (simulate(problem, placed, cost_model) for placed in (first, spread))
+    assert far.handoffs and any(h.cross_node for h in far.handoffs)
+    assert near.handoffs and not any(h.cross_node for h in near.handoffs)
+    assert near.handoff_s < far.handoff_s
