@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from planner.metagraph import MetaOp
 from planner.placement import PlacedSchedule
-from planner.program import ModuleSize, holdings
+from planner.program import Holding, ModuleSize, holdings
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,11 @@ def _source_group(group: str, component: str, source: str) -> str:
 
 
 def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mapping[str, str], weight_bytes: float,
-              devices_per_node: int, size: ModuleSize | None = None) -> list[HandOff]:
+              devices_per_node: int, size: ModuleSize | None = None, held: Sequence[Holding] | None = None
+              ) -> list[HandOff]:
     """Every hand-off of ``placed`` (module docstring rule), sorted by (MetaOp, device); empty when no device lacks
-    a trained module it runs. ``size``: module name -> (parameters, tensors) as the runtime builds it
+    a trained module it runs. ``held``: ``placed``'s holdings when the caller has them (the simulator), else derived
+    here. ``size``: module name -> (parameters, tensors) as the runtime builds it
     (:meth:`~planner.costmodel.CostModel.module_size`); a layer unknown to it counts ``layer.params``, an input module
     or a head 0 (as the gradient buckets count them)."""
     if not any((op.frozen and op.mode != "train") or op.component in weights_from for op in ops):
@@ -82,9 +84,9 @@ def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mappi
                 params, trained_groups.get(op.component, {}).get(op.param_group, 0.0))
             layers_of[op.param_group] = max(layers_of.get(op.param_group, 0), op.num_layers)
     steppers: dict[tuple[str, int], set[int]] = {}  # module -> the plan's holders, which step it (runtime.rollout)
-    for h in holdings(ops, placed):
+    for h in holdings(ops, placed) if held is None else held:
         steppers.setdefault(h.key[:2], set()).update(h.devices)
-    in_node = {(key, d // devices_per_node) for key, devices in steppers.items() for d in devices}
+    in_node = {key: {d // devices_per_node for d in devices} for key, devices in steppers.items()}
     need: dict[tuple[int, int], dict[tuple[str, int], tuple[float, bool]]] = {}  # (MetaOp, device) -> lacking modules
     names: dict[int, tuple[str, str]] = {}
     for wave in placed.waves:
@@ -108,15 +110,22 @@ def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mappi
                 if s.first_layer == 0 and "embed:" + op.component in op.input_modules:
                     modules.append((("embed:" + source, 0), size("embed:" + source)[0]))
             names[op.id] = (op.component, source)
+            # the runtime (runtime.rollout.Roles) sends from the lowest stepper: to a weights_from receiver unless it
+            # is that stepper, to an implicit receiver unless it steps the module itself
+            kept: dict[int, set] = {}  # device -> the modules it is sent none of
+            for key, _ in modules:
+                holders = steppers.get(key)
+                for h in ((min(holders),) if op.component in weights_from else holders) if holders else ():
+                    kept.setdefault(h, set()).add(key)
+            by_node: dict[int, dict] = {}  # every module a device of the node could be sent, and whether remotely
             for d in s.devices:
-                lacking = need.setdefault((op.id, d), {})
-                for key, params in modules:
-                    holders = steppers.get(key, set())
-                    # the runtime (runtime.rollout.Roles) sends from the lowest stepper: to a weights_from receiver
-                    # unless it is that stepper, to an implicit receiver unless it steps the module itself
-                    sent = (d != min(holders)) if op.component in weights_from and holders else d not in holders
-                    if holders and sent and params > 0:
-                        lacking[key] = (params * weight_bytes, (key, d // devices_per_node) not in in_node)
+                node = d // devices_per_node
+                if node not in by_node:
+                    by_node[node] = {key: (params * weight_bytes, node not in in_node[key]) for key, params in modules
+                                     if params > 0 and steppers.get(key)}
+                mine = kept.get(d)
+                need.setdefault((op.id, d), {}).update(
+                    by_node[node] if not mine else {k: v for k, v in by_node[node].items() if k not in mine})
     out = []
     for (m, d), lacking in sorted(need.items()):
         total = sum(b for b, _ in lacking.values())
