@@ -335,3 +335,28 @@ def test_a_generation_pool_spread_over_nodes_hands_off_over_nvlink():
     assert far.handoffs and any(h.cross_node for h in far.handoffs)
     assert near.handoffs and not any(h.cross_node for h in near.handoffs)
     assert near.handoff_s < far.handoff_s
+
+
+def test_role_searches_also_try_the_generation_at_tensor_parallel_1():
+    """A curve keeps the fastest layout per count, which decodes tensor-parallel here; the role searches
+    (rlbaselines._search) also search a version with the generation's tensor_parallel 1 curve, which the runtime runs,
+    and every other MetaOp's curve as it was."""
+    from planner.rlbaselines import as_run_version
+
+    data = grpo(8)
+    data["components"]["policy"].update(tensor_parallel=[1, 2, 4], hidden_size=4096, num_heads=32, num_layers=4)
+    job = parse_job(data)
+    cost_model = make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cost_model)
+    assert max(lay.tp_degree for lay in problem.curves[0].layouts) > 1
+    version = as_run_version(problem, cost_model)
+    assert {lay.tp_degree for lay in version.curves[0].layouts} == {1}
+    assert version.curves[1:] == problem.curves[1:] and not cost_model.modes_as_run
+    assert as_run_version(version, cost_model) is None  # nothing left to change
+    rollout = problem.graph.metaops[0]  # devices where the generation fits at TP 4 and not at TP 1: no version
+    least = {tp: min(cost_model.layer_memory(rollout, Layout(n // tp, tp)) for n in (4, 8)) for tp in (1, 4)}
+    data["cluster"]["memory_gib"] = (least[1] + least[4]) / 2 / 2**30
+    tight = parse_job(data)
+    tight_model = make_cost_model(tight)
+    tight_problem = Problem.build(build_metagraph(tight), tight_model)
+    assert as_run_version(tight_problem, tight_model) is None
