@@ -294,7 +294,8 @@ class CostModel:
         raise PlanningError(
             f"MetaOp {op.name}: no valid device count; one layer needs {need / 2**30:.1f} GiB per device at best "
             f"and a device has {self.hw.memory_bytes / 2**30:.1f} GiB (batch {op.batch_size}, tensor_parallel "
-            f"{list(op.allowed_tp)}). Allow a larger tensor_parallel degree, lower the batch size, or use larger devices."
+            f"{[1] if self.modes_as_run and op.gen is not None else list(op.allowed_tp)}). Allow a larger "
+            "tensor_parallel degree, lower the batch size, or use larger devices."
         )
 
     # ---- communication (alpha-beta)

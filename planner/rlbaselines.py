@@ -42,7 +42,7 @@ import numpy as np
 from planner.baselines import _Builder, largest_count
 from planner.costmodel import CostModel, Curve
 from planner.errors import PlanningError
-from planner.generation import as_run
+from planner.generation import as_run, modes_refused
 from planner.placement import PlacedSchedule
 from planner.refine import DEVICES_PER_UNIT
 from planner.rolloutlag import lagged_generate
@@ -345,9 +345,10 @@ def _search(problem: Problem, cost_model: CostModel, build, work: Work | None = 
         if decoding is not None:  # and with the generation at tensor_parallel 1, every layout version beside it
             with as_run(cost_model):
                 found.append(_search_versions(decoding, cost_model, build, Work(budget)))
-    found = [f for f in found if f is not None]
+    found = [f for f in found if f is not None]  # on a tie, a placement the runtime runs (TP-1 generation)
     return min(found, key=lambda f: (max(f[1].peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes,
-                                     f[1].iteration_time_s)) if found else None
+                                     f[1].iteration_time_s,
+                                     modes_refused(problem.graph.metaops, f[0]) is not None)) if found else None
 
 
 def _search_versions(problem: Problem, cost_model: CostModel, build, work: Work
