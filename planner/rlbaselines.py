@@ -27,8 +27,8 @@ A role is a MetaOp's parameter group without its segment suffix: ``policy@genera
 values priced by the same simulator and memory ledger as every other baseline (planner.baselines), so Loom adopts
 one when it is faster (planner.candidates). Loom's own role placement (:func:`role_candidate`, anything between the
 two: a level's roles side by side on shares of the devices, generation on a share of them) joins the solver's
-candidates (:func:`with_role_candidate`). :func:`streamed_candidate` prices the rollouts streamed in chunks (bench.rl
-evaluates it; plans do not adopt it: the runtime refuses gradient accumulation with a generate use today).
+candidates (:func:`with_role_candidate`). planner.streamed prices the rollouts streamed in chunks (bench.rl evaluates
+it; plans do not adopt it: the runtime refuses gradient accumulation with a generate use today).
 """
 
 from __future__ import annotations
@@ -428,7 +428,7 @@ def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool 
     split them. With ``gen_share`` < 1 the generate and sample MetaOps run on the first ``gen_share`` of the devices
     and the forward-only MetaOps split the others (so no device holds a generation copy and a scorer); with
     ``gen_pool`` every other MetaOp (the trainer too) runs on the others, so the generating devices do nothing else
-    (what :func:`streamed_candidate` needs for chunks to overlap); with ``spread`` (devices per node) the generating
+    (what planner.streamed needs for chunks to overlap); with ``spread`` (devices per node) the generating
     devices are a share of every node rather than the first devices (:func:`pool_order`). Each MetaOp in ``stages``
     pipeline stages over its devices. None when some stage's devices are too few."""
     from planner.baselines import split_level  # local: a sibling's helper, used only here
@@ -515,37 +515,3 @@ def pool_sizes(problem: Problem, placed: PlacedSchedule) -> dict[str, int]:
         for s in wave.slices:
             used.setdefault(role_of(problem, s.metaop), set()).update(s.devices)
     return {r: len(d) for r, d in used.items()}
-
-
-
-STREAM_CHUNKS = (2, 4)  # chunk counts the streamed-rollout evaluation tries (bench.rl)
-
-
-def streamed_job(job, chunks: int):
-    """``job`` with every task's rows in ``chunks`` micro-batches (``training.grad_accum_steps``), or None when a
-    chunk would not hold whole sample groups of every use (GRPO's advantages normalise within a group) or the job
-    already accumulates."""
-    if job.training.grad_accum_steps != 1:
-        return None
-    for task in job.tasks:
-        rows = task.batch_size // chunks
-        if task.batch_size % chunks or any(rows % u.samples for u in task.components):
-            return None
-    return job.model_copy(update={"training": job.training.model_copy(update={"grad_accum_steps": chunks})})
-
-
-def streamed_candidate(problem: Problem, cost_model: CostModel, budget: float = RL_SEARCH_BUDGET
-                       ) -> tuple[PlacedSchedule, Simulation] | None:
-    """Rollouts streamed in chunks: ``problem`` has the job's rows in micro-batches (:func:`streamed_job`) and the
-    generation runs on a pool of its own (:func:`level_split_schedule` with ``gen_pool``), so the per-device
-    timeline (planner.timeline: each device walks every micro-batch, no global barrier) generates chunk i+1 while
-    the other devices score and train chunk i. The fastest fitting one over generation shares, stages and layout
-    versions within ``budget`` work units; None when none fits or the problem has one micro-batch."""
-    if not rl_shaped(problem) or problem.graph.num_micro_batches < 2:
-        return None
-    found = _search(problem, cost_model, lambda p, k, w: (level_split_schedule(p, k, alone, share, gen_pool=True)
-                                                          for alone in (False, True) for share in GEN_SHARES[1:]),
-                    Work(budget))
-    if found is None or max(found[1].peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes:
-        return None
-    return found

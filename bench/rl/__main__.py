@@ -27,8 +27,9 @@ from planner.errors import PlanningError
 from planner.generation import as_run, modes_refused
 from planner.metagraph import build_metagraph
 from planner.rlbaselines import (
-    STREAM_CHUNKS, pool_sizes, rl_budget, rl_schedules, split_at, streamed_candidate, streamed_job,
+    pool_sizes, rl_budget, rl_schedules, split_at,
 )
+from planner.streamed import STREAM_CHUNKS, streamed_candidate, streamed_job
 from planner.schedule import Problem
 from planner.spec import load_job
 
@@ -96,7 +97,8 @@ def measure_cell(job, cost_model, name: str, lag: int, runnable: bool) -> dict:
         if (fits, -psim.iteration_time_s) > (rows["split"]["fits"], -rows["split"]["iteration_s"]):
             rows["split"] = placement_row(problem, cost_model, placed, psim) | {"at_loom_pools": True}
     streamed = []
-    for chunks in STREAM_CHUNKS if not lag and not runnable else ():  # the rollouts streamed in chunks (evaluated; Loom does not adopt it: runtime work)
+    # the rollouts streamed in chunks (evaluated; Loom does not adopt it: runtime work)
+    for chunks in STREAM_CHUNKS if not lag and not runnable else ():
         chunked = streamed_job(job, chunks)
         if chunked is not None:
             chunked_model = make_cost_model(chunked)
