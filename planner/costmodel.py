@@ -5,8 +5,9 @@ against the device table, alpha-beta collectives) and :class:`ProfiledCostModel`
 (local batch, seconds) points fitted piecewise alpha-beta). Both produce a :class:`Curve` per
 MetaOp: the valid device counts with strictly decreasing per-layer times, so every scheduler sees
 a non-increasing T_m(n). A count is valid when some layout (dp x tp = n, tp in the component's
-allowed degrees and within one node) has dp dividing the MetaOp's batch (any dp up to the batch with
-``uneven_rows``: planner.rows) and one layer fits in device memory.
+allowed degrees and within one node; 1 for a generate or sample use with ``modes_as_run``, planner.generation.as_run)
+has dp dividing the MetaOp's batch (any dp up to the batch with ``uneven_rows``: planner.rows) and one layer fits in
+device memory.
 """
 
 from __future__ import annotations
@@ -169,6 +170,8 @@ class CostModel:
         # when the job clips or scales), set by the caller for a job (planner.api.make_cost_model); 0: not priced
         self.step_reduces = 0
         self.uneven_rows = False  # layouts whose dp does not divide the batch (planner.rows; the RL role searches)
+        # generate and sample uses at tensor_parallel 1 only, as runtime.rollout runs them (planner.generation.as_run)
+        self.modes_as_run = False
 
     # ---- what subclasses provide
     def layout_time(self, op: MetaOp, layout: Layout) -> float:
@@ -242,7 +245,7 @@ class CostModel:
     def layouts(self, op: MetaOp, n: int) -> list[Layout]:
         out = []
         for tp in op.allowed_tp:
-            if n % tp or tp > self.hw.devices_per_node:
+            if n % tp or tp > self.hw.devices_per_node or (tp > 1 and self.modes_as_run and op.gen is not None):
                 continue
             dp = n // tp
             if op.batch_size % dp == 0 or (self.uneven_rows and dp <= op.batch_size):
@@ -253,7 +256,7 @@ class CostModel:
         """The valid counts of ``op`` with strictly decreasing times (cached per workload)."""
         # Everything _build_curve reads: recompute changes time and memory, num_layers the memory preference.
         cache_key = (op.key, op.num_layers, op.batch_size, op.backward_factor, op.frozen, op.recompute, op.allowed_tp,
-                     op.gen, self.uneven_rows)
+                     op.gen, self.uneven_rows, self.modes_as_run)
         if cache_key not in self._curves:
             self._curves[cache_key] = self._build_curve(op)
         return self._curves[cache_key]
@@ -291,7 +294,8 @@ class CostModel:
         raise PlanningError(
             f"MetaOp {op.name}: no valid device count; one layer needs {need / 2**30:.1f} GiB per device at best "
             f"and a device has {self.hw.memory_bytes / 2**30:.1f} GiB (batch {op.batch_size}, tensor_parallel "
-            f"{list(op.allowed_tp)}). Allow a larger tensor_parallel degree, lower the batch size, or use larger devices."
+            f"{[1] if self.modes_as_run and op.gen is not None else list(op.allowed_tp)}). Allow a larger "
+            "tensor_parallel degree, lower the batch size, or use larger devices."
         )
 
     # ---- communication (alpha-beta)

@@ -27,6 +27,7 @@ seeded step of ``stop_steps`` and runs that one with gradient (forward and backw
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,3 +151,26 @@ def generate_time(cost_model, op, layout) -> float:
         tp = 2 * dec.layers * (dec.new_tokens * cost_model.allreduce_time(token, layout.tp_degree, cross_node=False)
                                + cost_model.allreduce_time(token * dec.prompt, layout.tp_degree, cross_node=False))
     return prefill + decode + tp
+
+
+@contextlib.contextmanager
+def as_run(cost_model):
+    """``cost_model`` (a planner.costmodel.CostModel) with ``modes_as_run`` on inside the block: generate and sample
+    uses take tensor_parallel 1 only, the layouts runtime.rollout executes (it refuses a generate or sample slice at a
+    larger degree), so every placement made inside runs as planned. Outside it a placement may decode
+    tensor-parallel: priced, not run (:func:`modes_refused`)."""
+    before, cost_model.modes_as_run = cost_model.modes_as_run, True
+    try:
+        yield cost_model
+    finally:
+        cost_model.modes_as_run = before
+
+
+def modes_refused(ops, placed) -> str | None:
+    """Why the runtime would refuse the generate and sample slices of ``placed`` (a PlacedSchedule over MetaOps
+    ``ops``): one run at tensor_parallel > 1 (runtime.rollout.Roles); None when it runs them all."""
+    for wave in placed.waves:
+        for s in wave.slices:
+            if ops[s.metaop].gen is not None and s.layout.tp_degree > 1:
+                return f"{ops[s.metaop].name} {ops[s.metaop].gen.mode}s at tensor_parallel {s.layout.tp_degree}"
+    return None

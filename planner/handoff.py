@@ -12,8 +12,9 @@ A receiver needs C's trained modules that it runs: a whole-use MetaOp (generate/
 trained layer of C, C's input module and its task's head; a layered MetaOp (a forward use) needs layers
 ``first_layer .. first_layer + num_layers`` of its parameter group (D's groups name C's with D's name in place of C's)
 and, running layer 0 with its own input module, C's. The plan's holders of a module (planner.program.holdings) step
-it; after the optimizer step (and ZeRO-1's all-gather) the lowest holder sends it to every device of the receiver's
-slice that does not hold it, and for ``weights_from`` to every device of it but itself: what runtime.rollout.Roles
+it; after the optimizer step (and ZeRO-1's all-gather) a holder sends it to every device of the receiver's slice that
+does not hold it (:func:`sender`: the lowest holder in the receiving device's node, else the lowest), and for
+``weights_from`` the lowest holder to every device of it but itself: what runtime.rollout.Roles
 sends (tests/integration/test_byte_contract.py counts it). A module moves its parameters as the runtime builds it
 (``size``: the cost model's module sizes, from ``loom profile``; else a layer's modelled ``params`` and 0 for an
 input module or head) x ``weight_bytes`` (the simulator passes ``CostModel.param_bytes_moved``: 4, the runtime's
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 
 from planner.metagraph import MetaOp
 from planner.placement import PlacedSchedule
-from planner.program import ModuleSize, holdings
+from planner.program import Holding, ModuleSize, holdings
 
 
 @dataclass(frozen=True)
@@ -50,15 +51,25 @@ class HandOff:
     network_bytes: float = 0.0  # the part of ``bytes`` that crosses nodes
 
 
+def sender(holders, device: int, devices_per_node: int) -> int:
+    """The holder that sends a module to ``device`` in an implicit hand-off: the lowest of ``holders`` in ``device``'s
+    node (NVLink), else the lowest (the network). runtime.rollout.Roles sends from it; :func:`hand_offs` prices the
+    bytes over NVLink exactly when it is in the node."""
+    node = device // devices_per_node
+    return min((h for h in holders if h // devices_per_node == node), default=min(holders))
+
+
 def _source_group(group: str, component: str, source: str) -> str:
     """The trained group of ``source`` whose weights a group of ``component`` runs (``D#1`` -> ``C#1``)."""
     return source + group[len(component):] if group.startswith(component) else group
 
 
 def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mapping[str, str], weight_bytes: float,
-              devices_per_node: int, size: ModuleSize | None = None) -> list[HandOff]:
+              devices_per_node: int, size: ModuleSize | None = None, held: Sequence[Holding] | None = None
+              ) -> list[HandOff]:
     """Every hand-off of ``placed`` (module docstring rule), sorted by (MetaOp, device); empty when no device lacks
-    a trained module it runs. ``size``: module name -> (parameters, tensors) as the runtime builds it
+    a trained module it runs. ``held``: ``placed``'s holdings when the caller has them (the simulator), else derived
+    here. ``size``: module name -> (parameters, tensors) as the runtime builds it
     (:meth:`~planner.costmodel.CostModel.module_size`); a layer unknown to it counts ``layer.params``, an input module
     or a head 0 (as the gradient buckets count them)."""
     if not any((op.frozen and op.mode != "train") or op.component in weights_from for op in ops):
@@ -73,9 +84,9 @@ def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mappi
                 params, trained_groups.get(op.component, {}).get(op.param_group, 0.0))
             layers_of[op.param_group] = max(layers_of.get(op.param_group, 0), op.num_layers)
     steppers: dict[tuple[str, int], set[int]] = {}  # module -> the plan's holders, which step it (runtime.rollout)
-    for h in holdings(ops, placed):
+    for h in holdings(ops, placed) if held is None else held:
         steppers.setdefault(h.key[:2], set()).update(h.devices)
-    in_node = {(key, d // devices_per_node) for key, devices in steppers.items() for d in devices}
+    in_node = {key: {d // devices_per_node for d in devices} for key, devices in steppers.items()}
     need: dict[tuple[int, int], dict[tuple[str, int], tuple[float, bool]]] = {}  # (MetaOp, device) -> lacking modules
     names: dict[int, tuple[str, str]] = {}
     for wave in placed.waves:
@@ -99,15 +110,22 @@ def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mappi
                 if s.first_layer == 0 and "embed:" + op.component in op.input_modules:
                     modules.append((("embed:" + source, 0), size("embed:" + source)[0]))
             names[op.id] = (op.component, source)
+            # the runtime (runtime.rollout.Roles) sends from the lowest stepper: to a weights_from receiver unless it
+            # is that stepper, to an implicit receiver unless it steps the module itself
+            kept: dict[int, set] = {}  # device -> the modules it is sent none of
+            for key, _ in modules:
+                holders = steppers.get(key)
+                for h in ((min(holders),) if op.component in weights_from else holders) if holders else ():
+                    kept.setdefault(h, set()).add(key)
+            by_node: dict[int, dict] = {}  # every module a device of the node could be sent, and whether remotely
             for d in s.devices:
-                lacking = need.setdefault((op.id, d), {})
-                for key, params in modules:
-                    holders = steppers.get(key, set())
-                    # the runtime (runtime.rollout.Roles) sends from the lowest stepper: to a weights_from receiver
-                    # unless it is that stepper, to an implicit receiver unless it steps the module itself
-                    sent = (d != min(holders)) if op.component in weights_from and holders else d not in holders
-                    if holders and sent and params > 0:
-                        lacking[key] = (params * weight_bytes, (key, d // devices_per_node) not in in_node)
+                node = d // devices_per_node
+                if node not in by_node:
+                    by_node[node] = {key: (params * weight_bytes, node not in in_node[key]) for key, params in modules
+                                     if params > 0 and steppers.get(key)}
+                mine = kept.get(d)
+                need.setdefault((op.id, d), {}).update(
+                    by_node[node] if not mine else {k: v for k, v in by_node[node].items() if k not in mine})
     out = []
     for (m, d), lacking in sorted(need.items()):
         total = sum(b for b, _ in lacking.values())

@@ -27,8 +27,8 @@ A role is a MetaOp's parameter group without its segment suffix: ``policy@genera
 values priced by the same simulator and memory ledger as every other baseline (planner.baselines), so Loom adopts
 one when it is faster (planner.candidates). Loom's own role placement (:func:`role_candidate`, anything between the
 two: a level's roles side by side on shares of the devices, generation on a share of them) joins the solver's
-candidates (:func:`with_role_candidate`). :func:`streamed_candidate` prices the rollouts streamed in chunks (bench.rl
-evaluates it; plans do not adopt it: the runtime refuses gradient accumulation with a generate use today).
+candidates (:func:`with_role_candidate`). planner.streamed prices the rollouts streamed in chunks (bench.rl evaluates
+it; plans do not adopt it: the runtime refuses gradient accumulation with a generate use today).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ import numpy as np
 
 from planner.baselines import _Builder, largest_count
 from planner.costmodel import CostModel, Curve
+from planner.errors import PlanningError
+from planner.generation import as_run, modes_refused
 from planner.placement import PlacedSchedule
 from planner.refine import DEVICES_PER_UNIT
 from planner.rolloutlag import lagged_generate
@@ -234,7 +236,7 @@ def _used_devices(problem: Problem, sizes: np.ndarray, stages: int) -> np.ndarra
 def tightened(problem: Problem, cost_model: CostModel, stages: int = 1) -> list[Problem]:
     """``problem`` and versions of it whose layouts fit a pipeline stage's layers (``ceil(layers / stages)``) in all,
     half, a quarter and an eighth of a device (:meth:`CostModel._build_curve_within`, as planner.api.memory_tightened
-    does for whole MetaOps), and the least-memory layouts (:func:`least_memory_curve`): the layouts a user tries in
+    does for whole MetaOps), the least-memory layouts (:func:`least_memory_curve`): the layouts a user tries in
     turn (larger tensor-parallel degrees, wider optimizer shards) until the roles fit beside each other."""
     out = [problem]
     for share in TIGHTER_SHARES:
@@ -251,6 +253,22 @@ def tightened(problem: Problem, cost_model: CostModel, stages: int = 1) -> list[
     if all(leanest != p.curves for p in out):
         out.append(replace(problem, curves=leanest))
     return out
+
+
+def as_run_version(problem: Problem, cost_model: CostModel) -> Problem | None:
+    """``problem`` with its generate and sample MetaOps on their tensor_parallel 1 curves (planner.generation.as_run):
+    a curve keeps one layout per count, the fastest, so where that decodes tensor-parallel a layout the runtime runs
+    is never tried (at 7B on 64 devices a generation pool spread over the nodes, 2 devices per node, cannot hold the
+    TP-4 groups its curve picks, while TP 1 fits and runs). None when nothing changes or no such curve exists."""
+    if cost_model.modes_as_run or not any(op.gen is not None for op in problem.graph.metaops):
+        return None
+    try:
+        with as_run(cost_model):
+            curves = tuple(cost_model.curve(op) if op.gen is not None else curve
+                           for op, curve in zip(problem.graph.metaops, problem.curves))
+    except PlanningError:  # no count fits at tensor_parallel 1 (a 70B policy's generation)
+        return None
+    return None if curves == problem.curves else replace(problem, curves=curves)
 
 
 def least_memory_curve(cost_model: CostModel, op, num_devices: int) -> Curve | None:
@@ -313,7 +331,9 @@ def _search(problem: Problem, cost_model: CostModel, build, work: Work | None = 
     only while none fits) and the layout versions for each (:func:`tightened`), until ``work`` (a fresh
     :class:`Work` by default) has nothing left; the first placement is always simulated. Every role placement
     (colocated, split, Loom's) searches twice, on the job's layouts and with uneven row shares as well
-    (:func:`uneven_rows`, a fresh budget of the same size), and keeps the better: the same freedom for all."""
+    (:func:`uneven_rows`, a fresh budget of the same size), and a third time when the generation's curve decodes
+    tensor-parallel: uneven shares with the generation at tensor_parallel 1 (:func:`as_run_version`; what the runtime
+    runs), and keeps the best: the same freedom for all."""
     work = work or Work()
     budget = work.budget
     found = [_search_versions(problem, cost_model, build, work)]
@@ -321,9 +341,14 @@ def _search(problem: Problem, cost_model: CostModel, build, work: Work | None = 
         uneven = replace(problem, curves=tuple(cost_model.curve(op) for op in problem.graph.metaops))
         if uneven.curves != problem.curves:
             found.append(_search_versions(uneven, cost_model, build, Work(budget)))
-    found = [f for f in found if f is not None]
+        decoding = as_run_version(uneven, cost_model)
+        if decoding is not None:  # and with the generation at tensor_parallel 1, every layout version beside it
+            with as_run(cost_model):
+                found.append(_search_versions(decoding, cost_model, build, Work(budget)))
+    found = [f for f in found if f is not None]  # on a tie, a placement the runtime runs (TP-1 generation)
     return min(found, key=lambda f: (max(f[1].peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes,
-                                     f[1].iteration_time_s)) if found else None
+                                     f[1].iteration_time_s,
+                                     modes_refused(problem.graph.metaops, f[0]) is not None)) if found else None
 
 
 def _search_versions(problem: Problem, cost_model: CostModel, build, work: Work
@@ -376,8 +401,26 @@ def split_at(problem: Problem, cost_model: CostModel, sizes: dict[str, int], bud
     return _search(problem, cost_model, lambda p, k, w: [split_schedule(p, sizes, k)], Work(budget))
 
 
+def pool_order(num_devices: int, n_gen: int, per_node: int = 0) -> tuple[int, ...] | None:
+    """The devices in the order :func:`level_split_schedule` cuts pools from: the generation's ``n_gen`` first, then
+    the others. Plain order (devices 0..N-1), or spread over nodes of ``per_node`` devices (when not 0): the first
+    ``n_gen / nodes`` devices of every node first, so every node keeps devices of the other roles beside its
+    generators (a hand-off from a holder in the same node comes over NVLink, planner.handoff). None when spread and
+    ``n_gen`` is not a multiple of the nodes, or there is one node."""
+    n_all = num_devices
+    if not per_node:
+        return tuple(range(n_all))
+    nodes = n_all // per_node
+    if nodes < 2 or n_gen % nodes or n_gen >= n_all:
+        return None
+    g = n_gen // nodes
+    gen = [node * per_node + i for node in range(nodes) for i in range(g)]
+    return tuple(gen) + tuple(d for d in range(n_all) if d % per_node >= g)
+
+
 def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool = False,
-                         gen_share: float = 1.0, gen_pool: bool = False) -> PlacedSchedule | None:
+                         gen_share: float = 1.0, gen_pool: bool = False, spread: int = 0
+                         ) -> PlacedSchedule | None:
     """Loom's role placement between colocated and split: the MetaLevels in order; a level's MetaOps (e.g. the
     reward model and the reference, both reading the rollouts) split the N devices in proportion to their work
     (planner.baselines.split_level: DistMM's rule), a level of one MetaOp (the generation, the update) takes them all;
@@ -385,8 +428,9 @@ def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool 
     split them. With ``gen_share`` < 1 the generate and sample MetaOps run on the first ``gen_share`` of the devices
     and the forward-only MetaOps split the others (so no device holds a generation copy and a scorer); with
     ``gen_pool`` every other MetaOp (the trainer too) runs on the others, so the generating devices do nothing else
-    (what :func:`streamed_candidate` needs for chunks to overlap). Each MetaOp in ``stages`` pipeline stages over its
-    devices. None when some stage's devices are too few."""
+    (what planner.streamed needs for chunks to overlap); with ``spread`` (devices per node) the generating
+    devices are a share of every node rather than the first devices (:func:`pool_order`). Each MetaOp in ``stages``
+    pipeline stages over its devices. None when some stage's devices are too few."""
     from planner.baselines import split_level  # local: a sibling's helper, used only here
 
     builder = _Builder(problem)
@@ -394,6 +438,9 @@ def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool 
     ops = problem.graph.metaops
     n_all = problem.num_devices
     n_gen = max(1, int(n_all * gen_share))
+    order = pool_order(n_all, n_gen, spread)
+    if order is None:
+        return None
     for level in problem.graph.levels:
         groups = [list(level)]
         if trained_alone:
@@ -413,7 +460,7 @@ def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool 
                 for m, devices in stage:
                     first = offset + (devices[0] if len(stage) > 1 else 0)
                     size = len(devices) if len(stage) > 1 else width
-                    k = _put(builder, m, tuple(range(first, first + size)), stages, start)
+                    k = _put(builder, m, order[first:first + size], stages, start)
                     if k is None:
                         return None
                     end = max(end, k)
@@ -430,11 +477,13 @@ def role_candidate(problem: Problem, cost_model: CostModel, budget: float = RL_S
     (:class:`Work`)."""
     if not rl_shaped(problem):
         return None
-    shapes = [(alone, share, False) for alone in (False, True) for share in GEN_SHARES]
-    if problem.graph.rollout_lag:  # the generation on a pool of its own can run beside the previous step
-        shapes += [(alone, share, True) for share in POOL_SHARES for alone in (False, True)]
-    found = _search(problem, cost_model, lambda p, k, w: (level_split_schedule(p, k, alone, share, gen_pool=pool)
-                                                          for alone, share, pool in shapes), Work(budget))
+    shapes = [(alone, share, False, 0) for alone in (False, True) for share in GEN_SHARES]
+    if problem.graph.rollout_lag:  # the generation on a pool of its own can run beside the previous step, the pool
+        # at the first devices or spread over the nodes (its hand-off over NVLink from trainers in its nodes)
+        shapes += [(alone, share, True, spread) for spread in (0, cost_model.hw.devices_per_node)
+                   for share in POOL_SHARES for alone in (False, True)]
+    found = _search(problem, cost_model, lambda p, k, w: (level_split_schedule(p, k, alone, share, pool, spread)
+                                                          for alone, share, pool, spread in shapes), Work(budget))
     if found is None or max(found[1].peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes:
         return None
     return found
@@ -466,37 +515,3 @@ def pool_sizes(problem: Problem, placed: PlacedSchedule) -> dict[str, int]:
         for s in wave.slices:
             used.setdefault(role_of(problem, s.metaop), set()).update(s.devices)
     return {r: len(d) for r, d in used.items()}
-
-
-
-STREAM_CHUNKS = (2, 4)  # chunk counts the streamed-rollout evaluation tries (bench.rl)
-
-
-def streamed_job(job, chunks: int):
-    """``job`` with every task's rows in ``chunks`` micro-batches (``training.grad_accum_steps``), or None when a
-    chunk would not hold whole sample groups of every use (GRPO's advantages normalise within a group) or the job
-    already accumulates."""
-    if job.training.grad_accum_steps != 1:
-        return None
-    for task in job.tasks:
-        rows = task.batch_size // chunks
-        if task.batch_size % chunks or any(rows % u.samples for u in task.components):
-            return None
-    return job.model_copy(update={"training": job.training.model_copy(update={"grad_accum_steps": chunks})})
-
-
-def streamed_candidate(problem: Problem, cost_model: CostModel, budget: float = RL_SEARCH_BUDGET
-                       ) -> tuple[PlacedSchedule, Simulation] | None:
-    """Rollouts streamed in chunks: ``problem`` has the job's rows in micro-batches (:func:`streamed_job`) and the
-    generation runs on a pool of its own (:func:`level_split_schedule` with ``gen_pool``), so the per-device
-    timeline (planner.timeline: each device walks every micro-batch, no global barrier) generates chunk i+1 while
-    the other devices score and train chunk i. The fastest fitting one over generation shares, stages and layout
-    versions within ``budget`` work units; None when none fits or the problem has one micro-batch."""
-    if not rl_shaped(problem) or problem.graph.num_micro_batches < 2:
-        return None
-    found = _search(problem, cost_model, lambda p, k, w: (level_split_schedule(p, k, alone, share, gen_pool=True)
-                                                          for alone in (False, True) for share in GEN_SHARES[1:]),
-                    Work(budget))
-    if found is None or max(found[1].peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes:
-        return None
-    return found

@@ -480,7 +480,7 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
     sync_infos, sync_order = _sync_infos(problem.graph.metaops, program, outcome, cost_model.grad_bytes)
     dpn = max(1, cost_model.hw.devices_per_node)
     offs = hand_offs(problem.graph.metaops, placed, problem.graph.weights_from, cost_model.param_bytes_moved, dpn,
-                     cost_model.module_size)
+                     cost_model.module_size, held)
     handoff_s = hand_off_seconds(offs, cost_model, dpn)
     peak = [float(x) for x in ledger.peak()]
     lag = lagged(problem.graph, placed, durations, outcome.iteration_time_s, handoff_s)

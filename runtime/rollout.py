@@ -21,8 +21,9 @@ receives the same in its payload). The plan's holdings
 module it does not hold under the plan holds an *extra* copy: the LM head on a generate use's devices, a component's
 input module on the devices of a use reading rollout tokens. An extra copy on a device that trains it (a train use
 reading the tokens) joins the module's gradient all-reduce (the holders plus those devices, one bucket after the
-last backward); every other extra copy of a trainable module is a *receiver*: after the optimizer step the lowest
-holder that steps the module sends it its new weights (point-to-point). ``components.X.weights_from: Y`` adds hand-offs
+last backward); every other extra copy of a trainable module is a *receiver*: after the optimizer step a holder that
+steps the module sends it its new weights (point-to-point; planner.handoff.sender: the lowest in the receiver's node,
+else the lowest). ``components.X.weights_from: Y`` adds hand-offs
 from the lowest device that steps each module of Y to every device holding X's counterpart. A device that holds a
 component's layers for generation and is one of the plan's holders of them steps them itself (it is in their
 gradient all-reduce, with a zero gradient of its own), so it needs no hand-off.
@@ -212,6 +213,7 @@ class Roles:
     def build(cls, job: JobSpec, plan) -> Roles:
         from planner import program
         from planner.costmodel import Layout
+        from planner.handoff import sender
         from planner.metagraph import build_metagraph
         from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
         from runtime.assignment import sample_range
@@ -262,8 +264,9 @@ class Roles:
         def steppers(key: Key) -> tuple[int, ...]:
             return synced.get(key) or tuple(sorted(held.get(key, set())))
 
-        hand_offs = [(k, k, steppers(k)[0], d) for k in sorted(extra) if k not in frozen and steppers(k)
-                     for d in extra[k] if d not in synced.get(k, ())]
+        per_node = job.cluster.devices_per_node
+        hand_offs = [(k, k, sender(steppers(k), d, per_node), d) for k in sorted(extra) if k not in frozen
+                     and steppers(k) for d in extra[k] if d not in synced.get(k, ())]
         for name, comp in sorted(job.components.items()):
             if comp.weights_from:
                 hand_offs += _weights_from_moves(name, comp.weights_from, held, extra, steppers)

@@ -14,6 +14,7 @@ bench/results/rl.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -22,10 +23,13 @@ import time
 from bench.common import REPO_ROOT, write_results
 from bench.rl.stages import MICRO_PER_STAGE, pipelined_s
 from planner.api import make_cost_model, plan_job
+from planner.errors import PlanningError
+from planner.generation import as_run, modes_refused
 from planner.metagraph import build_metagraph
 from planner.rlbaselines import (
-    STREAM_CHUNKS, pool_sizes, rl_schedules, split_at, streamed_candidate, streamed_job,
+    pool_sizes, rl_budget, rl_schedules, split_at,
 )
+from planner.streamed import STREAM_CHUNKS, streamed_candidate, streamed_job
 from planner.schedule import Problem
 from planner.spec import load_job
 
@@ -40,39 +44,61 @@ def lags(name: str) -> tuple[int, ...]:
     return (0, 1) if any(u.mode == "generate" for t in job.tasks for u in t.components) else (0,)
 
 
-def run_cell(name: str, lag: int = 0) -> dict:
+def run_cell(name: str, lag: int = 0, runnable: bool = False) -> dict:
     """Plan one cell at ``rollout_lag`` ``lag``: Loom's plan and the two role placements, each with its predicted
-    iteration and peak memory."""
+    iteration and peak memory. With ``runnable`` every placement (Loom's and the baselines') decodes at
+    tensor_parallel 1, the layouts the runtime executes (planner.generation.as_run); Loom's row is None when no plan
+    exists then."""
     job = load_job(REPO_ROOT / "bench" / "rl" / f"{name}.yaml")
     job = job.model_copy(update={"training": job.training.model_copy(update={"rollout_lag": lag})})
     cost_model = make_cost_model(job)
+    with as_run(cost_model) if runnable else contextlib.nullcontext():
+        return measure_cell(job, cost_model, name, lag, runnable)
+
+
+def placement_row(problem: Problem, cost_model, placed, sim) -> dict:
+    """One placement's record: predicted iteration, peak memory, hand-off, pools, and why the runtime would refuse
+    its generation (None: it runs it)."""
+    return {"iteration_s": sim.iteration_time_s, "peak_gib": max(sim.peak_memory_bytes) / GIB,
+            "fits": max(sim.peak_memory_bytes) <= cost_model.hw.memory_bytes, "handoff_s": sim.handoff_s,
+            "pools": pool_sizes(problem, placed), "waves": len(placed.waves), "lag_hidden_s": sim.lag_hidden_s,
+            "pipelined_s": pipelined_s(problem, placed, sim), "refused": modes_refused(problem.graph.metaops, placed)}
+
+
+def measure_cell(job, cost_model, name: str, lag: int, runnable: bool) -> dict:
+    """:func:`run_cell`'s measurements under ``cost_model`` as it is set."""
     started = time.perf_counter()
-    outcome = plan_job(job, cost_model)
+    try:
+        outcome = plan_job(job, cost_model)
+    except PlanningError as exc:
+        if not runnable:
+            raise
+        outcome, why = None, str(exc).split(". ")[0]
     planning_s = time.perf_counter() - started
-    problem = Problem.build(build_metagraph(job), cost_model)
+    problem = Problem.build(build_metagraph(job), cost_model) if outcome is not None else None
+    rows = {}
+    if outcome is not None:
+        sim = outcome.simulation
+        rows["loom"] = placement_row(problem, cost_model, outcome.placed, sim) | {"method": outcome.plan.solver.method}
+        for placement, (placed, psim) in rl_schedules(problem, cost_model, rl_budget(job.planner.time_limit_s)).items():
+            rows[placement] = placement_row(problem, cost_model, placed, psim)
+    record = {"cell": name, "lag": lag, "devices": job.cluster.num_devices, "device": job.cluster.device,
+              "memory_gib": cost_model.hw.memory_bytes / GIB, "planning_s": planning_s, "placements": rows,
+              "runnable": runnable, "streamed": None, "speedup": None, "pipelined_speedup": None}
+    if outcome is None:
+        return record | {"none_possible": why}
     memory = cost_model.hw.memory_bytes
     sim = outcome.simulation
-    rows = {"loom": {"iteration_s": sim.iteration_time_s, "peak_gib": max(sim.peak_memory_bytes) / GIB,
-                     "fits": max(sim.peak_memory_bytes) <= memory, "handoff_s": sim.handoff_s,
-                     "method": outcome.plan.solver.method, "pools": pool_sizes(problem, outcome.placed),
-                     "lag_hidden_s": sim.lag_hidden_s,
-                     "pipelined_s": pipelined_s(problem, outcome.placed, sim)}}
-    for placement, (placed, psim) in rl_schedules(problem, cost_model).items():
-        rows[placement] = {"iteration_s": psim.iteration_time_s, "peak_gib": max(psim.peak_memory_bytes) / GIB,
-                           "fits": max(psim.peak_memory_bytes) <= memory, "handoff_s": psim.handoff_s,
-                           "pools": pool_sizes(problem, placed), "waves": len(placed.waves),
-                           "lag_hidden_s": psim.lag_hidden_s, "pipelined_s": pipelined_s(problem, placed, psim)}
-    same = split_at(problem, cost_model, rows["loom"]["pools"])  # Loom's pools as a split (a vector the search
-    if same is not None and "split" in rows:                     # may not have simulated)
+    # Loom's pools as a split (a vector the search may not have simulated)
+    same = split_at(problem, cost_model, rows["loom"]["pools"], rl_budget(job.planner.time_limit_s))
+    if same is not None and "split" in rows:
         placed, psim = same
         fits = max(psim.peak_memory_bytes) <= memory
         if (fits, -psim.iteration_time_s) > (rows["split"]["fits"], -rows["split"]["iteration_s"]):
-            rows["split"] = {"iteration_s": psim.iteration_time_s, "peak_gib": max(psim.peak_memory_bytes) / GIB,
-                             "fits": fits, "handoff_s": psim.handoff_s, "pools": pool_sizes(problem, placed),
-                             "waves": len(placed.waves), "lag_hidden_s": psim.lag_hidden_s, "at_loom_pools": True,
-                             "pipelined_s": pipelined_s(problem, placed, psim)}
+            rows["split"] = placement_row(problem, cost_model, placed, psim) | {"at_loom_pools": True}
     streamed = []
-    for chunks in STREAM_CHUNKS if not lag else ():  # the rollouts streamed in chunks (evaluated; Loom does not adopt it: runtime work)
+    # the rollouts streamed in chunks (evaluated; Loom does not adopt it: runtime work)
+    for chunks in STREAM_CHUNKS if not lag and not runnable else ():
         chunked = streamed_job(job, chunks)
         if chunked is not None:
             chunked_model = make_cost_model(chunked)
@@ -85,11 +111,9 @@ def run_cell(name: str, lag: int = 0) -> dict:
     fitting = [rows[p]["iteration_s"] for p in ("colocated", "split") if p in rows and rows[p]["fits"]]
     best = min(fitting) if fitting else math.inf
     piped = [rows[p]["pipelined_s"] for p in ("colocated", "split") if p in rows and rows[p]["fits"]]
-    return {"cell": name, "lag": lag, "devices": job.cluster.num_devices, "device": job.cluster.device,
-            "memory_gib": memory / GIB, "planning_s": planning_s, "placements": rows,
-            "streamed": min(streamed, key=lambda r: r["iteration_s"]) if streamed else None,
-            "speedup": best / sim.iteration_time_s if fitting else None,
-            "pipelined_speedup": min(piped) / rows["loom"]["pipelined_s"] if piped else None}
+    return record | {"streamed": min(streamed, key=lambda r: r["iteration_s"]) if streamed else None,
+                     "speedup": best / sim.iteration_time_s if fitting else None,
+                     "pipelined_speedup": min(piped) / rows["loom"]["pipelined_s"] if piped else None}
 
 
 def geomean(values: list[float]) -> float:
@@ -123,6 +147,8 @@ def summary(records: list[dict]) -> dict:
 
 
 def markdown(records: list[dict]) -> str:
+    runs = [r for r in records if r.get("runnable")]
+    records = [r for r in records if not r.get("runnable")]
     lines = ["# RL iterations: Loom vs colocated (verl-style) vs split (OpenRLHF-style) role placements", "",
              "Predicted iteration time and peak memory per device under one cost model (analytic, H100 table) and one "
              "simulator (planner.simulator, weight hand-offs included); specs in bench/rl/*.yaml. The speed-up is over "
@@ -151,7 +177,8 @@ def markdown(records: list[dict]) -> str:
         mark = "" if r["fits"] else " (!)"
         hidden = f", {r['lag_hidden_s']:.2f} s hidden" if r.get("lag_hidden_s") else ""
         same = " (at Loom's pools)" if r.get("at_loom_pools") else ""
-        return f"{r['iteration_s']:.2f} s, {r['peak_gib']:.1f} GiB{mark}{hidden}{same}"
+        refused = " †" if r.get("refused") else ""
+        return f"{r['iteration_s']:.2f} s, {r['peak_gib']:.1f} GiB{mark}{hidden}{same}{refused}"
 
     for rec in records:
         p = rec["placements"]
@@ -168,6 +195,11 @@ def markdown(records: list[dict]) -> str:
                   f"mode) {fmt(geo['off_policy'])}; each side in its faster mode (Loom's faster plan against the "
                   f"fastest fitting baseline of either lag) {fmt(geo['best_modes'])} (" +
                   ", ".join(f"{c} {v:.2f}x" for c, v in geo["best_modes_cells"].items() if v) + ")."]
+    lines += ["", "† the runtime refuses this placement's generation: it decodes at tensor_parallel > 1, which the "
+              "cost model prices but runtime.rollout does not run (a generate or sample slice runs data parallel "
+              "only). Predicted only; the next section plans every placement as the runtime runs it."]
+    if runs:
+        lines += runnable_section(runs, cell, fmt)
     lines += ["", "Streamed rollouts (lag 0): the best fitting of Loom's role placements with the rows in 2 or 4 chunks "
               "(micro-batches) and generation on a pool of its own, so chunk i+1 is generated while chunk i is "
               "scored and trained (planner.rlbaselines.streamed_candidate); evaluated, not adopted: every chunk's "
@@ -194,8 +226,36 @@ def markdown(records: list[dict]) -> str:
             pools = ", ".join(f"{k} {v}" for k, v in r["pools"].items())
             lines.append(f"| {rec['cell']} | {rec['lag']} | {name} | {pools} | {r['handoff_s'] * 1e3:.0f} ms |")
     lines += ["", "Planning time per cell (Loom's `plan_job`, baselines included): " +
-              ", ".join(f"{r['cell']} (lag {r['lag']}) {r['planning_s']:.1f} s" for r in records) + "."]
+              ", ".join(f"{r['cell']} (lag {r['lag']}) {r['planning_s']:.1f} s" for r in records) + "; as the "
+              "runtime runs (tensor_parallel 1 generation): " +
+              ", ".join(f"{r['cell']} (lag {r['lag']}) {r['planning_s']:.1f} s" for r in runs) + "."]
     return "\n".join(lines) + "\n"
+
+
+def runnable_section(runs: list[dict], cell, fmt) -> list[str]:
+    """The table of the placements planned as the runtime runs them (:func:`run_cell` with ``runnable``)."""
+    lines = ["", "## As the runtime runs it: generation at tensor_parallel 1", "",
+             "Every placement planned again with generate and sample uses at tensor_parallel 1 only "
+             "(planner.generation.as_run: the cost model's layouts for them), Loom's plan and both baseline searches "
+             "alike, so every number here is a placement `loom run` executes. 'none possible': no placement fits "
+             "(a 70B policy's float32 weights, 4 bytes x 69B, do not fit one 80 GiB device, so it cannot decode "
+             "data parallel).", "",
+             "| cell | lag | Loom | colocated | split | speed-up | Loom's choice |", "|---|---|---|---|---|---|---|"]
+    for rec in runs:
+        p = rec["placements"]
+        if not p:
+            lines.append(f"| {rec['cell']} | {rec['lag']} | none possible: {rec.get('none_possible', '')} | - | - | "
+                         "n/a | - |")
+            continue
+        speed = f"{rec['speedup']:.2f}x" if rec["speedup"] else "n/a"
+        lines.append(f"| {rec['cell']} | {rec['lag']} | {cell(p['loom'])} | {cell(p.get('colocated'))} | "
+                     f"{cell(p.get('split'))} | {speed} | {p['loom']['method']} |")
+    planned = [r for r in runs if r["speedup"]]
+    geo = summary(planned) if planned else {}
+    cells = ", ".join(dict.fromkeys(r["cell"] for r in planned))
+    lines += ["", f"Geometric mean over the cells with a runnable plan ({cells}): on-policy "
+                  f"{fmt(geo.get('on_policy'))}; one step off-policy {fmt(geo.get('off_policy'))}."]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,10 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     load = os.getloadavg()[0]  # planning times inflate with it; the predictions do not depend on it
     records = []
-    for name in args.cells:
-        for lag in lags(name):
-            records.append(run_cell(name, lag))
-            print(f"{name} (lag {lag}): done in {records[-1]['planning_s']:.1f} s", flush=True)
+    for runnable in (False, True):
+        for name in args.cells:
+            for lag in lags(name):
+                records.append(run_cell(name, lag, runnable))
+                print(f"{name} (lag {lag}{', as run' if runnable else ''}): done in "
+                      f"{records[-1]['planning_s']:.1f} s", flush=True)
     report = markdown(records) + (f"\nMachine load when the run started: {load:.0f} (1-minute load average on "
                                   f"{os.cpu_count()} CPUs): the planning times above inflate with it, the predicted "
                                   "iterations and memory do not depend on it.\n")

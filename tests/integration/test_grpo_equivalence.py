@@ -143,3 +143,29 @@ def test_uneven_row_shares_equal_one_process(tmp_path):
     first, rows = world.rollouts[0][rollout_op]
     assert first == 0 and torch.equal(rows, reference.last_rollouts[rollout_op])
     compare_uneven(world, reference)
+
+
+def test_hand_off_from_a_trainer_in_the_receivers_node_equals_one_process(tmp_path):
+    """A generation pool spread over two nodes (planner.rlbaselines.pool_order): rollouts on devices 0 and 2 (one per
+    node of 2), the policy's update on 1 and 3. Each generating device receives the updated weights from the trainer
+    in its own node (planner.handoff.sender: NVLink, as the planner prices it), not all from device 1; the second
+    step's rollouts, decoded with the handed-off weights, and the losses and parameters equal one process."""
+    from runtime.rollout import Roles
+
+    job = grpo_job()
+    job = job.model_copy(update={"cluster": job.cluster.model_copy(update={"num_nodes": 2, "devices_per_node": 2})})
+    plan = placed_plan(job, [[("rollout", [0, 2])], [("reward", [1]), ("reference", [3])], [("policy", [1, 3])]])
+    senders = {(dst, src) for _, _, src, dst in Roles.build(job, plan).hand_offs}
+    assert senders == {(0, 1), (2, 3)}
+
+    world = run_world(job, plan, STEPS, tmp_path, keep_gradients=True)
+    reference = ReferenceTrainer(job)
+    rollout_op = next(op.id for op in plan.metaops if op.use == "rollout")
+    for step in range(STEPS):
+        want = reference.train_step(step, keep_gradients=step == STEPS - 1)["grpo"]
+        got = world.losses[step]["grpo"]
+        assert abs(got - want) <= RTOL * max(abs(want), 1e-3), (step, got, want)
+    for generator in (0, 2):
+        first, rows = world.rollouts[generator][rollout_op]
+        assert torch.equal(rows, reference.last_rollouts[rollout_op][first:first + len(rows)])
+    compare_uneven(world, reference)

@@ -279,3 +279,84 @@ def test_role_placements_fit_by_pipeline_stages_when_whole_models_do_not():
     plan = plan_job(job, cost_model).plan
     assert max(plan.peak_memory_bytes) <= plan.cluster.memory_bytes
     assert plan.predicted.iteration_time_s <= sim.iteration_time_s * (1 + 1e-9)
+
+
+def test_as_run_plans_generation_only_at_tensor_parallel_1():
+    """runtime.rollout runs a generate slice data parallel only: modes_refused names a placement that decodes at a
+    larger degree, and under as_run the cost model offers no such layout, so Loom's plan and both role baselines
+    decode at tensor_parallel 1 (bench.rl's 'as the runtime runs it' table)."""
+    from planner.generation import as_run, modes_refused
+
+    data = grpo(4)
+    data["components"]["policy"]["tensor_parallel"] = [1, 2, 4]
+    job = parse_job(data)
+    cost_model = make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cost_model)
+    rollout = problem.graph.metaops[0]
+    assert {lay.tp_degree for lay in cost_model.layouts(rollout, 4)} == {1, 2, 4}
+    tp2 = slices(problem, lambda m, n: Layout(n // 2, 2) if m == 0 else problem.curves[m].layout(n),
+                 (0, 0, 0, 1, (0, 1)), (1, 1, 0, 2, (0, 1)), (1, 2, 0, 2, (2, 3)), (2, 3, 0, 2, (0, 1, 2, 3)))
+    assert modes_refused(problem.graph.metaops, tp2) == "grpo.rollout generates at tensor_parallel 2"
+    with as_run(cost_model):
+        assert [lay.tp_degree for lay in cost_model.layouts(rollout, 4)] == [1]
+        assert {lay.tp_degree for lay in cost_model.layouts(problem.graph.metaops[3], 4)} == {1, 2, 4}  # training
+        ran = Problem.build(build_metagraph(job), cost_model)
+        outcome = plan_job(job, cost_model)
+        assert modes_refused(ran.graph.metaops, outcome.placed) is None
+        for placed, _ in rl_schedules(ran, cost_model).values():
+            assert modes_refused(ran.graph.metaops, placed) is None
+    assert not cost_model.modes_as_run
+    assert {lay.tp_degree for lay in cost_model.layouts(rollout, 4)} == {1, 2, 4}  # off again outside the block
+
+
+def test_a_generation_pool_spread_over_nodes_hands_off_over_nvlink():
+    """With rollout_lag 1 Loom's role placement also spreads the generation pool over the nodes (pool_order), so
+    every generating device has a trainer in its node and receives the weights over NVLink from it (handoff.sender,
+    the rule runtime.rollout.Roles sends by), where a pool on the first node receives them over the network."""
+    from planner.handoff import sender
+    from planner.rlbaselines import level_split_schedule, pool_order
+
+    assert pool_order(8, 4, 4) == (0, 1, 4, 5, 2, 3, 6, 7)
+    assert pool_order(8, 4) == tuple(range(8))
+    assert pool_order(8, 3, 4) is None and pool_order(4, 2, 4) is None  # not a multiple of the nodes; one node
+    assert sender({2, 3, 6, 7}, 4, 4) == 6 and sender({2, 3}, 4, 4) == 2  # in the node, else the lowest
+    data = grpo(8, rollout_lag=1)
+    data["cluster"] = {"num_nodes": 2, "devices_per_node": 4, "device": "h100"}
+    job = parse_job(data)
+    cost_model = make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cost_model)
+    # the trainer alone on the other devices first (trained_alone), then the scorers side by side
+    first = level_split_schedule(problem, 1, True, 0.5, gen_pool=True)
+    spread = level_split_schedule(problem, 1, True, 0.5, gen_pool=True, spread=4)
+    gen = {d for w in spread.waves for s in w.slices if s.metaop == 0 for d in s.devices}
+    assert gen == {0, 1, 4, 5}
+    assert not gen & {d for w in spread.waves for s in w.slices if s.metaop != 0 for d in s.devices}
+    far, near = (simulate(problem, placed, cost_model) for placed in (first, spread))
+    assert far.handoffs and any(h.cross_node for h in far.handoffs)
+    assert near.handoffs and not any(h.cross_node for h in near.handoffs)
+    assert near.handoff_s < far.handoff_s
+
+
+def test_role_searches_also_try_the_generation_at_tensor_parallel_1():
+    """A curve keeps the fastest layout per count, which decodes tensor-parallel here; the role searches
+    (rlbaselines._search) also search a version with the generation's tensor_parallel 1 curve, which the runtime runs,
+    and every other MetaOp's curve as it was."""
+    from planner.rlbaselines import as_run_version
+
+    data = grpo(8)
+    data["components"]["policy"].update(tensor_parallel=[1, 2, 4], hidden_size=4096, num_heads=32, num_layers=4)
+    job = parse_job(data)
+    cost_model = make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cost_model)
+    assert max(lay.tp_degree for lay in problem.curves[0].layouts) > 1
+    version = as_run_version(problem, cost_model)
+    assert {lay.tp_degree for lay in version.curves[0].layouts} == {1}
+    assert version.curves[1:] == problem.curves[1:] and not cost_model.modes_as_run
+    assert as_run_version(version, cost_model) is None  # nothing left to change
+    rollout = problem.graph.metaops[0]  # devices where the generation fits at TP 4 and not at TP 1: no version
+    least = {tp: min(cost_model.layer_memory(rollout, Layout(n // tp, tp)) for n in (4, 8)) for tp in (1, 4)}
+    data["cluster"]["memory_gib"] = (least[1] + least[4]) / 2 / 2**30
+    tight = parse_job(data)
+    tight_model = make_cost_model(tight)
+    tight_problem = Problem.build(build_metagraph(tight), tight_model)
+    assert as_run_version(tight_problem, tight_model) is None

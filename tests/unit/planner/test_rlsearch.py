@@ -11,10 +11,11 @@ from planner.api import make_cost_model
 from planner.metagraph import build_metagraph
 from planner.rlbaselines import (
     RL_SEARCH_BUDGET, Work, _op_seconds, _search, _search_versions, colocated_schedule, rl_budget, rl_schedules,
-    role_of, roles, split_candidates, split_estimates, streamed_candidate, streamed_job, tightened,
+    role_of, roles, split_candidates, split_estimates, tightened,
 )
 from planner.schedule import Problem
 from planner.simulator import simulate
+from planner.streamed import streamed_candidate, streamed_job
 from planner.spec import parse_job
 from tests.unit.planner.test_generation import grpo, setup
 
