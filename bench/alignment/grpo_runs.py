@@ -144,6 +144,11 @@ def score(out: Path, prompts: int) -> dict:
     return row
 
 
+def signed(x: float) -> str:
+    """``x`` to 3 decimals with its sign, +0.000 for a difference that is 0 up to float error."""
+    return f"{round(x, 9) + 0.0:+.3f}"
+
+
 def markdown(records: list[dict], prompts: int) -> str:
     one = all("one_process" in r for r in records)
     lines = ["# The alignment pipeline through `loom run`, per seed: GRPO against its merged SFT model", "",
@@ -163,15 +168,15 @@ def markdown(records: list[dict], prompts: int) -> str:
                      f"{s['sft_arithmetic']['rule_score']:.3f} | {s['sft_constraints']['rule_score']:.3f} | "
                      f"{s['merge']['rule_score']:.3f} | {s['grpo']['rule_score']:.3f}"
                      f"{' (re-exported)' if s['grpo']['reexported'] else ''} | "
-                     f"{s['grpo']['rule_score'] - s['merge']['rule_score']:+.3f} | {s['grpo']['kl_to_reference']:.4f} |"
+                     f"{signed(s['grpo']['rule_score'] - s['merge']['rule_score'])} | {s['grpo']['kl_to_reference']:.4f} |"
                      + (f" {r['one_process']['rule_score']:.3f} | "
-                        f"{r['one_process']['rule_score'] - s['merge']['rule_score']:+.3f} | "
+                        f"{signed(r['one_process']['rule_score'] - s['merge']['rule_score'])} | "
                         f"{r['one_process']['kl_to_reference']:.4f} | {r['same_until']} |" if one else ""))
     for what, score_of in [("through `loom run`", lambda r: r["scores"]["grpo"]["rule_score"])] + (
             [("in one process", lambda r: r["one_process"]["rule_score"])] if one else []):
         gains = [score_of(r) - r["scores"]["merge"]["rule_score"] for r in records]
         if len(gains) > 1:
-            lines += ["", f"GRPO's gain over its merged model {what}: {statistics.fmean(gains):+.3f} +- "
+            lines += ["", f"GRPO's gain over its merged model {what}: {signed(statistics.fmean(gains))} +- "
                       f"{statistics.stdev(gains):.3f} (mean +- sample std over {len(gains)} seeds), "
                       f"{sum(g > 0 for g in gains)} of {len(gains)} positive."]
     below = [r["seed"] for r in records if r["scores"]["merge"]["rule_score"] < min(
