@@ -1,5 +1,5 @@
-"""``python -m bench.alignment.grpo_runs WORK [--seeds 0 1 2] [--score-only] [--no-write]``: the whole phase pipeline
-through ``loom run``, once per seed, and GRPO's margin over each run's own merged SFT model.
+"""``python -m bench.alignment.grpo_runs WORK [--seeds 0 1 2] [--score-only] [--one-process] [--no-write]``: the whole
+phase pipeline through ``loom run``, once per seed, and GRPO's margin over each run's own merged SFT model.
 
 For each seed, ``recipes/alignment/pipeline/pipeline-tiny.yaml`` with ``training.seed`` the seed (every phase: data
 order, heads, rollouts) is written to ``WORK/pipeline-seed<S>.yaml`` (its paths made absolute) and run by ``loom run
@@ -9,7 +9,15 @@ same N held-out constraints prompts greedily (step ``rule_eval``'s function, rec
 the two domain models (the merge's parents), the merged model (GRPO's start and reference) and the GRPO policy.
 Where a run's GRPO export predates the export of the GRPO head's trained LM head (runtime.export: until 2026-12-04 a
 GRPO phase exported the source's LM head and final norm), its policy is exported again from the run's ``model.pt``
-by the current code before it is scored (``reexported``). Writes bench/results/alignment-grpo-runs.{json,md}.
+by the current code before it is scored (``reexported``).
+
+``--one-process`` also trains each run's ``grpo`` phase again in one process (runtime.reference.ReferenceTrainer: the
+runtime's oracle) from the same merged model, with the same job (the phase's job as ``loom run`` built it, its
+artifacts read from ``WORK/out<S>``), into ``WORK/one<S>/`` (kept when done already; ``--parallel`` trains the seeds
+at once), scores it the same way and reports the first step whose GRPO loss differs between the two runtimes by more
+than 1e-3 relative (``same_until``; the number of steps when none does): the two are the same computation up to the
+order of floating-point sums, so their trajectories part only where a sampled token flips. Writes
+bench/results/alignment-grpo-runs.{json,md}.
 """
 
 from __future__ import annotations
@@ -77,6 +85,54 @@ def grpo_policy(out: Path) -> tuple[Path, bool]:
     return out / "grpo/reexport/policy", True
 
 
+def phase_job_of(work: Path, seed: int):
+    """The ``grpo`` phase's job of seed ``seed``'s run exactly as ``loom run`` built it (its artifacts, the merged
+    model, read from ``WORK/out<S>``)."""
+    from orchestrator.pipeline import read_pipeline
+    from planner.pipeline import artifact_path, phase_job
+
+    pipeline, out = read_pipeline(work / f"pipeline-seed{seed}.yaml"), work / f"out{seed}"
+    return phase_job(pipeline.doc, pipeline.phase("grpo").spec, pipeline.base,
+                     locate=lambda ref, sub: artifact_path(out, ref, sub).resolve())
+
+
+def train_one_process(work: Path, seed: int) -> Path:
+    """Seed ``seed``'s ``grpo`` phase trained in this process (:func:`phase_job_of`, ReferenceTrainer) and exported as
+    ``loom run`` exports it: ``WORK/one<S>/`` with ``export/policy`` and ``losses.txt`` (one loss per step). A
+    finished one is kept."""
+    import torch
+
+    from orchestrator.recipes import load_recipe
+    from runtime.export import export_pretrained
+    from runtime.reference import ReferenceTrainer
+
+    folder, job = work / f"one{seed}", phase_job_of(work, seed)
+    record = folder / "losses.txt"
+    if (folder / "export/policy/config.json").is_file() and record.is_file() \
+            and len(record.read_text().split()) == job.training.steps:
+        return folder
+    torch.set_num_threads(1)
+    load_recipe(job)
+    trainer = ReferenceTrainer(job)
+    losses = [trainer.train_step(step)["grpo"] for step in range(job.training.steps)]
+    export_pretrained(job, trainer.named_parameters(), folder / "export")
+    record.write_text("".join(f"{value!r}\n" for value in losses))
+    return folder
+
+
+def same_until(out: Path, one: Path, rtol: float = 1e-3) -> int:
+    """The first step whose GRPO loss in the ``loom run`` (``OUT/grpo/metrics.jsonl``) and in one process
+    (``ONE/losses.txt``) differ by more than ``rtol`` relative (of at least 1e-4: a loss near 0 has no digits to
+    compare); the number of steps when none does."""
+    loom = {}
+    for line in (out / "grpo/metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        loom[record["step"]] = record["loss"]["grpo"]
+    mine = [float(v) for v in (one / "losses.txt").read_text().split()]
+    return next((step for step, value in enumerate(mine)
+                 if abs(loom[step] - value) > rtol * max(abs(value), 1e-4)), len(mine))
+
+
 def score(out: Path, prompts: int) -> dict:
     from recipes.alignment.evaluate import rule_eval
 
@@ -88,13 +144,21 @@ def score(out: Path, prompts: int) -> dict:
     return row
 
 
+def signed(x: float) -> str:
+    """``x`` to 3 decimals with its sign, +0.000 for a difference that is 0 up to float error."""
+    return f"{round(x, 9) + 0.0:+.3f}"
+
+
 def markdown(records: list[dict], prompts: int) -> str:
+    one = all("one_process" in r for r in records)
     lines = ["# The alignment pipeline through `loom run`, per seed: GRPO against its merged SFT model", "",
              f"`recipes/alignment/pipeline/pipeline-tiny.yaml` run whole by `loom run` once per seed (`training.seed`: "
              f"every phase), then each run's models answer the same {prompts} held-out constraints prompts greedily, "
              "scored by the rule (step `rule_eval`'s function); KL per answer token to the run's merged model.", "",
              "| seed | loom run exit | wall s | load | SFT arithmetic | SFT constraints | merged | GRPO | GRPO - merged "
-             "| GRPO KL to merged |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| GRPO KL to merged |" + (" GRPO in one process | one process - merged | its KL | losses equal until step |"
+                                       if one else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if one else "")]
     for r in records:
         s = r["scores"]
         run_ = r.get("run") or {}
@@ -104,17 +168,38 @@ def markdown(records: list[dict], prompts: int) -> str:
                      f"{s['sft_arithmetic']['rule_score']:.3f} | {s['sft_constraints']['rule_score']:.3f} | "
                      f"{s['merge']['rule_score']:.3f} | {s['grpo']['rule_score']:.3f}"
                      f"{' (re-exported)' if s['grpo']['reexported'] else ''} | "
-                     f"{s['grpo']['rule_score'] - s['merge']['rule_score']:+.3f} | {s['grpo']['kl_to_reference']:.4f} |")
-    gains = [r["scores"]["grpo"]["rule_score"] - r["scores"]["merge"]["rule_score"] for r in records]
-    if len(gains) > 1:
-        lines += ["", f"GRPO's gain over its merged model: {statistics.fmean(gains):+.3f} +- "
-                  f"{statistics.stdev(gains):.3f} (mean +- sample std over {len(gains)} seeds), "
-                  f"{sum(g > 0 for g in gains)} of {len(gains)} positive."]
+                     f"{signed(s['grpo']['rule_score'] - s['merge']['rule_score'])} | {s['grpo']['kl_to_reference']:.4f} |"
+                     + (f" {r['one_process']['rule_score']:.3f} | "
+                        f"{signed(r['one_process']['rule_score'] - s['merge']['rule_score'])} | "
+                        f"{r['one_process']['kl_to_reference']:.4f} | {r['same_until']} |" if one else ""))
+    for what, score_of in [("through `loom run`", lambda r: r["scores"]["grpo"]["rule_score"])] + (
+            [("in one process", lambda r: r["one_process"]["rule_score"])] if one else []):
+        gains = [score_of(r) - r["scores"]["merge"]["rule_score"] for r in records]
+        if len(gains) > 1:
+            lines += ["", f"GRPO's gain over its merged model {what}: {signed(statistics.fmean(gains))} +- "
+                      f"{statistics.stdev(gains):.3f} (mean +- sample std over {len(gains)} seeds), "
+                      f"{sum(g > 0 for g in gains)} of {len(gains)} positive."]
     below = [r["seed"] for r in records if r["scores"]["merge"]["rule_score"] < min(
         r["scores"]["sft_arithmetic"]["rule_score"], r["scores"]["sft_constraints"]["rule_score"])]
     lines += ["", "Merged model below both parents on these (constraints) prompts in seeds: "
               + (", ".join(map(str, below)) or "none") + "."]
     return "\n".join(lines) + "\n"
+
+
+def one_process(work: Path, records: list[dict], prompts: int, parallel: bool) -> None:
+    """Each record's seed trained in one process (:func:`train_one_process`; in parallel processes when ``parallel``),
+    scored against the run's merged model, and the step its losses part from the ``loom run``'s."""
+    import multiprocessing
+
+    from recipes.alignment.evaluate import rule_eval
+
+    seeds = [r["seed"] for r in records]
+    with multiprocessing.get_context("spawn").Pool(len(seeds) if parallel else 1) as pool:
+        folders = pool.starmap(train_one_process, [(work, seed) for seed in seeds])
+    for rec, folder in zip(records, folders):
+        out = work / f"out{rec['seed']}"
+        rec["one_process"] = rule_eval(folder / "export/policy", out / "merge/export/policy", prompts)
+        rec["same_until"] = same_until(out, folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (default 64, as the gate's)")
     parser.add_argument("--score-only", action="store_true", help="score the runs already in WORK")
+    parser.add_argument("--one-process", action="store_true", help="also train each run's grpo phase in one process "
+                        "from the same merged model and compare (module docstring)")
+    parser.add_argument("--parallel", action="store_true", help="with --one-process: train the seeds at once")
     parser.add_argument("--no-write", action="store_true", help="print the report; leave bench/results alone")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -133,10 +221,13 @@ def main(argv: list[str] | None = None) -> int:
                else run(args.work, seed)}
         rec["scores"] = score(args.work / f"out{seed}", args.prompts)
         records.append(rec)
+    if args.one_process:
+        one_process(args.work, records, args.prompts, args.parallel)
     report = markdown(records, args.prompts)
     print(report)
     if not args.no_write:
-        write_results("alignment-grpo-runs", records, report, {"seeds": args.seeds, "prompts": args.prompts})
+        write_results("alignment-grpo-runs", records, report, {"seeds": args.seeds, "prompts": args.prompts,
+                                                                "one_process": args.one_process})
     return 0
 
 

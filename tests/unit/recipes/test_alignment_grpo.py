@@ -140,6 +140,9 @@ def test_the_pipeline_is_checked_whole():
         ("rm_head", "reward_head"), ("grpo", None), ("grpo_eval", "rule_eval")]
     job = pipeline.phases[-2].job
     assert job.tasks[0].loss == "grpo_rule" and job.components["reference"].frozen
+    gate = pipeline.phases[-1].spec.gate  # a collapsed or runaway policy only (docs/recipes/alignment.md)
+    assert gate["rule_score"].min == 0.25 and gate["kl_to_reference"].max == 0.5 and set(gate) == {
+        "rule_score", "kl_to_reference"}
 
 
 def test_greedy_answers_in_a_padded_batch_are_the_answers_alone(model):
