@@ -153,8 +153,11 @@ class Recovering:
             return
         before = self.world_size
         self.job = self.job.model_copy(update={"cluster": cluster})
-        self.plan = plan_job(self.job, make_cost_model(self.job, self.options.costs), with_baselines=False,
-                             progress=log.debug).plan
+        from planner.generation import as_run
+
+        cost_model = make_cost_model(self.job, self.options.costs)
+        with as_run(cost_model):  # as Driver.load_plan plans: what the runtime runs
+            self.plan = plan_job(self.job, cost_model, with_baselines=False, progress=log.debug).plan
         self.plan.save(self.path(PLAN_FILE))
         log.warning("the cluster holds %d node(s) of %d workers each now: re-planned for %d devices instead of %d "
                     "(plan %s)", cluster.num_nodes, cluster.devices_per_node, self.world_size, before, self.plan.hash)

@@ -269,8 +269,11 @@ class Driver(Recovering):
             from planner.api import make_cost_model, plan_job
 
             log.info("planning %s%s ...", self.job.name, f" with {self.options.costs}" if self.options.costs else "")
+            from planner.generation import as_run
+
             cost_model = make_cost_model(self.job, self.options.costs)
-            plan = plan_job(self.job, cost_model, with_baselines=False, progress=log.debug).plan
+            with as_run(cost_model):  # generate and sample uses at tensor_parallel 1: what the runtime runs
+                plan = plan_job(self.job, cost_model, with_baselines=False, progress=log.debug).plan
         check_plan_for_job(plan, self.job, source)
         if not self.options.address:
             from runtime.checks import check_local_workers  # no more workers than this machine can start

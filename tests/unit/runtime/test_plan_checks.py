@@ -4,6 +4,8 @@ and every worker call: same MetaOps (name, layer key, layers, batch size), runna
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,9 @@ from planner.errors import SpecError
 from planner.metagraph import build_metagraph
 from planner.spec import parse_job
 from runtime.checks import check_plan_matches_job
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integration"))
+from _jobs import rollout_job  # noqa: E402  (tests/integration/_jobs.py: a tiny GRPO job)
 
 JOB = {
     "name": "owner",
@@ -75,6 +80,21 @@ def test_tensor_parallel_on_a_kind_the_runtime_cannot_split_is_refused(plan) -> 
     waves = [w.model_copy(update={"slices": [split if x is s else x for x in w.slices]}) for w in plan.waves]
     with pytest.raises(SpecError, match=r"^plan: MetaOp t\.head has tensor_parallel 2; the runtime runs"):
         check_plan_matches_job(plan.model_copy(update={"waves": waves}), build_metagraph(parse_job(JOB)))
+
+
+def test_a_generate_use_at_tensor_parallel_2_is_refused_before_any_worker_starts() -> None:
+    doc = rollout_job()
+    doc["components"]["policy"]["tensor_parallel"] = [1, 2]
+    job = parse_job(doc)
+    plan = plan_job(job, with_baselines=False).plan
+    check_plan_matches_job(plan, build_metagraph(job))  # as planned
+    s = next(s for w in plan.waves for s in w.slices if plan.metaops[s.metaop].name.endswith("rollout"))
+    split = s.model_copy(update={"tp_degree": 2, "dp_degree": 1, "devices": [0, 1],
+                                 "rows": [sum(s.rows)] if s.rows else []})
+    waves = [w.model_copy(update={"slices": [split if x is s else x for x in w.slices]}) for w in plan.waves]
+    with pytest.raises(SpecError, match=r"^plan: MetaOp grpo\.rollout generates at tensor_parallel 2; the runtime "
+                                         r"runs a generate use data parallel only .*without --plan plans it that way"):
+        check_plan_matches_job(plan.model_copy(update={"waves": waves}), build_metagraph(job))
 
 
 def test_loom_run_and_loom_submit_use_this_check(plan, tmp_path) -> None:
