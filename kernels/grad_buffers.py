@@ -1,0 +1,64 @@
+"""Persistent gradient buffers that a fused kernel adds a weight's gradient into (Megatron's
+``gradient_accumulation_fusion``).
+
+A caller that keeps a parameter's ``.grad`` allocated between steps (zeroed in place, never set to None) marks the
+parameter with :func:`keep_grad_buffer`. In backward, the chunked loss kernels (kernels.linear_ce: linear +
+cross-entropy, log-probs, top-k KL) then add the weight's gradient into that buffer block by block
+(``buffer += z_block.T @ hidden_block``) and return none for autograd to add: the same sum autograd's AccumulateGrad
+forms when ``.grad`` exists (it adds a returned gradient into ``.grad`` in place), without the full-size gradient
+tensor in between.
+
+Contract:
+
+- the buffer is the parameter's ``.grad`` itself: other uses of the parameter accumulate into it through autograd as
+  usual, and whoever reads ``.grad`` after backward sees every contribution;
+- a kernel uses it only while ``param.grad is`` the marked buffer (:func:`grad_buffer`); when ``.grad`` was replaced
+  or set to None, or the kernel reads a cast copy of the parameter (autocast), it returns the gradient as before;
+- hooks on the parameter (``register_hook``, ``register_post_accumulate_grad_hook``) do not see the kernel's part,
+  and ``torch.autograd.grad`` with respect to a marked parameter gets nothing from it: mark only parameters whose
+  gradient is read from ``.grad`` after backward.
+
+Imports torch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+_ATTR = "_loom_grad_buffer"
+
+
+def keep_grad_buffer(param: torch.Tensor) -> torch.Tensor:
+    """Give ``param`` (a leaf that requires grad) a persistent ``.grad``: its current one, or zeros; returns it."""
+    assert param.is_leaf and param.requires_grad, "a gradient buffer belongs to a leaf that requires grad"
+    buffer = getattr(param, _ATTR, None)
+    if buffer is None:
+        buffer = param.grad if param.grad is not None else torch.zeros_like(param)
+        setattr(param, _ATTR, buffer)
+    param.grad = buffer
+    return buffer
+
+
+def grad_buffer(param: torch.Tensor) -> torch.Tensor | None:
+    """``param``'s persistent gradient buffer when it has one and it is ``param.grad`` now; else None."""
+    buffer = getattr(param, _ATTR, None)
+    return buffer if buffer is not None and param.grad is buffer else None
+
+
+def has_grad_buffer(param: torch.Tensor) -> bool:
+    """Whether ``param`` was given a persistent gradient buffer (whether or not it is ``.grad`` right now)."""
+    return getattr(param, _ATTR, None) is not None
+
+
+def zero_grads(params: Iterable[torch.Tensor]) -> None:
+    """``zero_grad`` for ``params``: a parameter with a persistent buffer gets it back as ``.grad``, zeroed in place;
+    every other one's ``.grad`` is set to None (``zero_grad(set_to_none=True)``)."""
+    for p in params:
+        buffer = getattr(p, _ATTR, None)
+        if buffer is None:
+            p.grad = None
+        else:
+            buffer.zero_()
+            p.grad = buffer
