@@ -14,9 +14,11 @@ Contract:
   usual, and whoever reads ``.grad`` after backward sees every contribution;
 - a kernel uses it only while ``param.grad is`` the marked buffer (:func:`grad_buffer`); when ``.grad`` was replaced
   or set to None, or the kernel reads a cast copy of the parameter (autocast), it returns the gradient as before;
+- a kernel adds into it only in a backward that accumulates into the parameter (``backward()``); a
+  ``torch.autograd.grad`` with respect to other tensors leaves it alone;
 - hooks on the parameter (``register_hook``, ``register_post_accumulate_grad_hook``) do not see the kernel's part,
-  and ``torch.autograd.grad`` with respect to a marked parameter gets nothing from it: mark only parameters whose
-  gradient is read from ``.grad`` after backward.
+  and ``torch.autograd.grad`` with respect to a marked parameter gets nothing from it (the kernel's part goes into
+  the buffer): mark only parameters whose gradient is read from ``.grad`` after backward.
 
 Imports torch only.
 """
@@ -45,6 +47,18 @@ def grad_buffer(param: torch.Tensor) -> torch.Tensor | None:
     """``param``'s persistent gradient buffer when it has one and it is ``param.grad`` now; else None."""
     buffer = getattr(param, _ATTR, None)
     return buffer if buffer is not None and param.grad is buffer else None
+
+
+def accumulating_buffer(param: torch.Tensor) -> torch.Tensor | None:
+    """Inside a backward: ``param``'s buffer (:func:`grad_buffer`) when this backward accumulates into ``param``
+    (``backward()``, or ``torch.autograd.grad`` with respect to ``param`` itself, which the contract excludes); None
+    when it does not reach ``param`` (``torch.autograd.grad`` with respect to other tensors): the buffer is then
+    left alone, as autograd leaves ``.grad``."""
+    buffer = grad_buffer(param)
+    if buffer is None:
+        return None
+    node = torch.autograd.graph.get_gradient_edge(param).node
+    return buffer if torch._C._will_engine_execute_node(node) else None
 
 
 def has_grad_buffer(param: torch.Tensor) -> bool:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from kernels.backend import resolve
-from kernels.grad_buffers import grad_buffer
+from kernels.grad_buffers import accumulating_buffer, grad_buffer
 from kernels.rows import ce_rows_backward_, ce_rows_forward, chunk_rows_for, spans
 
 
@@ -119,7 +119,7 @@ def _setup_linear_ce(ctx, inputs, output):
 def _backward_linear_ce(ctx, grad_loss, grad_lse):
     hidden, weight, bias, index, target_weight, lse = ctx.saved_tensors
     args = (grad_loss.contiguous(), hidden, weight, bias, index, target_weight, lse, ctx.chunk_rows, ctx.backend)
-    buffer = grad_buffer(ctx.buffered) if ctx.buffered is not None and ctx.needs_input_grad[1] else None
+    buffer = accumulating_buffer(ctx.buffered) if ctx.buffered is not None and ctx.needs_input_grad[1] else None
     if buffer is not None:  # still the parameter's .grad: the weight gradient goes straight into it
         grad_hidden, grad_bias = torch.ops.loom.linear_ce_backward_into(*args, buffer)
         grad_weight = None

@@ -169,6 +169,18 @@ def test_the_buffer_is_left_alone_when_the_kernel_reads_a_cast_copy_or_it_is_not
     assert grad_buffer(weight) is None and has_grad_buffer(weight)
 
 
+def test_autograd_grad_of_other_inputs_leaves_the_buffer_alone() -> None:
+    """``torch.autograd.grad`` with respect to the hidden states does not reach the weight: its buffer stays as it
+    was (autograd leaves ``.grad`` alone there too), and the hidden gradient is the naive one."""
+    hidden, weight, b, gen = lm_inputs(9, 8, 21)
+    targets = torch.randint(0, 21, (9,), generator=gen)
+    buffer = keep_grad_buffer(weight)
+    (got,) = torch.autograd.grad(linear_cross_entropy(hidden, weight, b, targets, backend="reference").sum(), hidden)
+    (want,) = torch.autograd.grad(F.cross_entropy(F.linear(hidden, weight, b), targets, reduction="none").sum(), hidden)
+    assert weight.grad is buffer and float(buffer.abs().sum()) == 0
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("residual", [True, False])
 def test_rms_norm_equals_nn_rmsnorm_after_the_residual_add(residual: bool) -> None:
     gen = torch.Generator().manual_seed(1)
