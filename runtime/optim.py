@@ -9,6 +9,8 @@
 - Gradient clipping by global norm: :func:`clip_coefficient` from the sum of squares of every trainable
   parameter counted once (each device adds what it owns, the worker all-reduces the sum), the same formula
   as ``torch.nn.utils.clip_grad_norm_``, which the reference calls.
+- Persistent gradient buffers (:func:`keep_kernel_grad_buffers`, :func:`zero_gradients`): the weights a loss kernel
+  reads keep their ``.grad`` between steps, zeroed in place, and the kernel adds into it (kernels.grad_buffers).
 - Precision: :func:`compute_dtype` and :func:`autocast` (bf16/fp16 autocast around forward, fp32 master
   weights and optimizer state), and :class:`LossScaler` (dynamic loss scaling for fp16).
 
@@ -24,6 +26,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from kernels.grad_buffers import keep_grad_buffer, zero_grads
 from planner.spec import JobSpec, TrainingSpec
 from runtime.modules import build_optimizer
 
@@ -122,6 +125,45 @@ def scale_gradients(params: Iterable[nn.Parameter], coefficient: float) -> None:
     grads = {id(p.grad): p.grad for p in params if p.grad is not None}
     if grads:
         torch._foreach_mul_(list(grads.values()), coefficient)
+
+
+# --------------------------------------------------------------------------- persistent gradient buffers
+
+
+def lm_kernel_weights(out: nn.Module, kernels: str) -> list[nn.Parameter]:
+    """``[out.weight]`` when the loss kernels read it (``kernels``, training.kernels, is not ``off`` and ``out`` is a
+    plain ``nn.Linear``: kernels.linear_cross_entropy, linear_logprobs, topk_kl) and it is trained; else ``[]``. What
+    an LM head's ``kernel_weights()`` returns for its output projection."""
+    if kernels == "off" or not isinstance(out, nn.Linear) or not out.weight.requires_grad:
+        return []
+    return [out.weight]
+
+
+def keep_kernel_grad_buffers(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    """Give every weight that a loss kernel reads (each module's ``kernel_weights()``, declared by the heads that hand
+    their LM projection to kernels/) a persistent gradient buffer (kernels.grad_buffers): its ``.grad`` is allocated
+    now, zeroed in place by :func:`zero_gradients` instead of dropped, and the kernel adds its gradient into it block
+    by block instead of returning a new ``(vocab, hidden)`` tensor. Returns those parameters.
+
+    Such a weight gets a gradient in every step that runs its loss (the kernel writes zeros for ignored positions),
+    so a zeroed buffer is what the optimizer would see anyway; and a step holds every gradient at the end of its
+    backward, so keeping this one between steps raises no step's peak (docs/kernels.md)."""
+    out = []
+    for module in modules:
+        declared = getattr(module, "kernel_weights", None)
+        for p in declared() if declared is not None else []:
+            if all(p is not q for q in out):
+                keep_grad_buffer(p)
+                out.append(p)
+    return out
+
+
+def zero_gradients(optimizer, params: Iterable[nn.Parameter]) -> None:
+    """The step's ``zero_grad``: ``optimizer.zero_grad(set_to_none=True)``, then every parameter of ``params`` with a
+    persistent gradient buffer gets it back as ``.grad``, zeroed in place (kernels.grad_buffers.zero_grads)."""
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    zero_grads(params)
 
 
 # --------------------------------------------------------------------------- precision
