@@ -2,7 +2,8 @@
 ``gradient_accumulation_fusion``).
 
 A caller that keeps a parameter's ``.grad`` allocated between steps (zeroed in place, never set to None) marks the
-parameter with :func:`keep_grad_buffer`. In backward, the chunked loss kernels (kernels.linear_ce: linear +
+parameter with :func:`keep_grad_buffer` (allocated now) or :func:`mark_grad_buffer` (its first gradient becomes the
+buffer). In backward, the chunked loss kernels (kernels.linear_ce: linear +
 cross-entropy, log-probs, top-k KL) then add the weight's gradient into that buffer block by block
 (``buffer += z_block.T @ hidden_block``) and return none for autograd to add: the same sum autograd's AccumulateGrad
 forms when ``.grad`` exists (it adds a returned gradient into ``.grad`` in place), without the full-size gradient
@@ -29,13 +30,22 @@ from collections.abc import Iterable
 
 import torch
 
-_ATTR = "_loom_grad_buffer"
+_ATTR = "_loom_grad_buffer"  # on a marked parameter: its buffer, or None until it has one
+
+
+def mark_grad_buffer(param: torch.Tensor) -> None:
+    """Mark ``param`` (a leaf that requires grad) for a persistent gradient buffer, allocated lazily: the first
+    ``.grad`` it gets (from an ordinary backward) becomes the buffer at the next :func:`zero_grads`. A parameter that
+    never gets a gradient never holds one."""
+    assert param.is_leaf and param.requires_grad, "a gradient buffer belongs to a leaf that requires grad"
+    if not hasattr(param, _ATTR):
+        setattr(param, _ATTR, None)
 
 
 def keep_grad_buffer(param: torch.Tensor) -> torch.Tensor:
-    """Give ``param`` (a leaf that requires grad) a persistent ``.grad``: its current one, or zeros; returns it."""
-    assert param.is_leaf and param.requires_grad, "a gradient buffer belongs to a leaf that requires grad"
-    buffer = getattr(param, _ATTR, None)
+    """Mark ``param`` and give it its buffer now: its current ``.grad``, or zeros; returns it (also ``.grad``)."""
+    mark_grad_buffer(param)
+    buffer = getattr(param, _ATTR)
     if buffer is None:
         buffer = param.grad if param.grad is not None else torch.zeros_like(param)
         setattr(param, _ATTR, buffer)
@@ -62,17 +72,26 @@ def accumulating_buffer(param: torch.Tensor) -> torch.Tensor | None:
 
 
 def has_grad_buffer(param: torch.Tensor) -> bool:
-    """Whether ``param`` was given a persistent gradient buffer (whether or not it is ``.grad`` right now)."""
-    return getattr(param, _ATTR, None) is not None
+    """Whether ``param`` is marked for a persistent gradient buffer (allocated yet or not, ``.grad`` now or not)."""
+    return hasattr(param, _ATTR)
+
+
+def adopt_grad_buffers(params: Iterable[torch.Tensor]) -> None:
+    """Every marked parameter of ``params`` that has a ``.grad`` but no buffer yet keeps that ``.grad`` as its buffer
+    (before a ``zero_grad(set_to_none=True)`` drops it; :func:`zero_grads` then gives it back, zeroed)."""
+    for p in params:
+        if hasattr(p, _ATTR) and getattr(p, _ATTR) is None and p.grad is not None:
+            setattr(p, _ATTR, p.grad)
 
 
 def zero_grads(params: Iterable[torch.Tensor]) -> None:
-    """``zero_grad`` for ``params``: a parameter with a persistent buffer gets it back as ``.grad``, zeroed in place;
-    every other one's ``.grad`` is set to None (``zero_grad(set_to_none=True)``)."""
+    """``zero_grad`` for ``params``: a marked parameter's buffer (its first ``.grad``, adopted here) is zeroed in place
+    and is ``.grad`` again; a marked one without a gradient yet, and every unmarked one, gets ``.grad = None``
+    (``zero_grad(set_to_none=True)``)."""
     for p in params:
-        buffer = getattr(p, _ATTR, None)
-        if buffer is None:
+        if not hasattr(p, _ATTR):
             p.grad = None
+        elif getattr(p, _ATTR) is not None or p.grad is not None:
+            keep_grad_buffer(p).zero_()
         else:
-            buffer.zero_()
-            p.grad = buffer
+            p.grad = None

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from kernels.grad_buffers import keep_grad_buffer, zero_grads
+from kernels.grad_buffers import adopt_grad_buffers, mark_grad_buffer, zero_grads
 from planner.spec import JobSpec, TrainingSpec
 from runtime.modules import build_optimizer
 
@@ -140,27 +140,32 @@ def lm_kernel_weights(out: nn.Module, kernels: str) -> list[nn.Parameter]:
 
 
 def keep_kernel_grad_buffers(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
-    """Give every weight that a loss kernel reads (each module's ``kernel_weights()``, declared by the heads that hand
-    their LM projection to kernels/) a persistent gradient buffer (kernels.grad_buffers): its ``.grad`` is allocated
-    now, zeroed in place by :func:`zero_gradients` instead of dropped, and the kernel adds its gradient into it block
-    by block instead of returning a new ``(vocab, hidden)`` tensor. Returns those parameters.
+    """Mark every weight that a loss kernel reads (each module's ``kernel_weights()``, declared by the heads that hand
+    their LM projection to kernels/) for a persistent gradient buffer (kernels.grad_buffers.mark_grad_buffer); returns
+    those parameters. The first step's backward gives such a weight its gradient as before; :func:`zero_gradients`
+    then keeps that tensor as the weight's ``.grad``, zeroed in place instead of dropped, and from the next step on
+    the kernel adds its gradient into it block by block instead of returning a new ``(vocab, hidden)`` tensor. A
+    weight this device holds but never computes a loss with (a rollout worker's copy of the policy's head) never
+    gets a gradient, so never a buffer.
 
-    Such a weight gets a gradient in every step that runs its loss (the kernel writes zeros for ignored positions),
-    so a zeroed buffer is what the optimizer would see anyway; and a step holds every gradient at the end of its
-    backward, so keeping this one between steps raises no step's peak (docs/kernels.md)."""
+    A weight whose loss runs gets a gradient in every step (the kernel writes zeros for ignored positions), so a
+    zeroed buffer is what the optimizer would see anyway. What the buffer costs in a step's peak: docs/kernels.md."""
     out = []
     for module in modules:
         declared = getattr(module, "kernel_weights", None)
         for p in declared() if declared is not None else []:
             if all(p is not q for q in out):
-                keep_grad_buffer(p)
+                mark_grad_buffer(p)
                 out.append(p)
     return out
 
 
 def zero_gradients(optimizer, params: Iterable[nn.Parameter]) -> None:
-    """The step's ``zero_grad``: ``optimizer.zero_grad(set_to_none=True)``, then every parameter of ``params`` with a
-    persistent gradient buffer gets it back as ``.grad``, zeroed in place (kernels.grad_buffers.zero_grads)."""
+    """The step's ``zero_grad``: ``optimizer.zero_grad(set_to_none=True)``, then every parameter of ``params`` marked
+    for a persistent gradient buffer gets it back as ``.grad``, zeroed in place (its first gradient becomes it:
+    kernels.grad_buffers); one that never had a gradient stays None."""
+    params = list(params)
+    adopt_grad_buffers(params)  # a first gradient becomes the buffer before the optimizer drops it
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     zero_grads(params)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from kernels.grad_buffers import grad_buffer, keep_grad_buffer
+from kernels.grad_buffers import grad_buffer, has_grad_buffer, keep_grad_buffer
 from runtime.gradsync import GradientSync
 from runtime.heads import NextTokenHead, next_token_losses
 from runtime.optim import keep_kernel_grad_buffers, lm_kernel_weights, zero_gradients
@@ -24,8 +24,8 @@ def test_only_the_projection_a_kernel_reads_gets_a_buffer() -> None:
     h = head("auto")
     assert h.kernel_weights() == [h.out.weight]
     assert keep_kernel_grad_buffers([h, nn.Linear(3, 3)]) == [h.out.weight]
-    assert grad_buffer(h.out.weight) is h.out.weight.grad and float(h.out.weight.grad.abs().sum()) == 0
-    assert h.out.bias.grad is None and h.norm.weight.grad is None
+    assert has_grad_buffer(h.out.weight) and h.out.weight.grad is None  # lazily: its first gradient becomes it
+    assert not has_grad_buffer(h.out.bias) and not has_grad_buffer(h.norm.weight)
     assert keep_kernel_grad_buffers([head("off")]) == []  # the naive expression: nothing to add into
     frozen = head("auto").requires_grad_(False)
     assert keep_kernel_grad_buffers([frozen]) == []
@@ -44,14 +44,15 @@ def train(buffered: bool, steps: int = 3, micro: int = 2) -> tuple[list[torch.Te
     params = list(h.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     buffers = keep_kernel_grad_buffers([h]) if buffered else []
-    buffer = h.out.weight.grad
     for step in range(steps):
         for m in range(micro):
             next_token_losses(h.normed(hidden[step, m]), h.out, targets[step, m], "auto").sum().backward()
+        first = h.out.weight.grad if step == 0 else first
         optimizer.step()
         zero_gradients(optimizer, buffers)
-        if buffered:
-            assert h.out.weight.grad is buffer and float(buffer.abs().sum()) == 0
+        if buffered:  # the first step's gradient is kept, zeroed, and the kernel adds into it from then on
+            assert h.out.weight.grad is first and grad_buffer(h.out.weight) is first
+            assert float(first.abs().sum()) == 0
         else:
             assert h.out.weight.grad is None
     return [p.detach() for p in params], sum(handed)
@@ -60,7 +61,8 @@ def train(buffered: bool, steps: int = 3, micro: int = 2) -> tuple[list[torch.Te
 def test_a_step_with_the_buffer_trains_as_with_set_to_none() -> None:
     got, handed_buffered = train(buffered=True)
     want, handed_plain = train(buffered=False)
-    assert handed_buffered == 0 and handed_plain == 6  # the kernel added 6 micro-batches' gradients in place
+    # the first step's 2 micro-batches hand their gradients to autograd; the 4 after go into the kept buffer
+    assert handed_buffered == 2 and handed_plain == 6
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
@@ -97,3 +99,12 @@ def test_zero1_zero_grad_keeps_the_buffer(set_to_none: bool) -> None:
     optimizer.inner, optimizer.shares = None, [type("Share", (), {"params": [a, b]})()]
     optimizer.zero_grad(set_to_none=set_to_none)
     assert a.grad is buffer and float(buffer.abs().sum()) == 0 and b.grad is None
+
+
+def test_a_marked_weight_without_a_gradient_gets_no_buffer() -> None:
+    """A head this device holds but computes no loss with (a rollout worker's copy of the policy's): no buffer, no
+    gradient, as with set_to_none."""
+    h = head("auto")
+    buffers = keep_kernel_grad_buffers([h])
+    zero_gradients(None, buffers)
+    assert h.out.weight.grad is None and grad_buffer(h.out.weight) is None
