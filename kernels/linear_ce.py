@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from kernels.backend import resolve
+from kernels.grad_buffers import accumulating_buffer, grad_buffer
 from kernels.rows import ce_rows_backward_, ce_rows_forward, chunk_rows_for, spans
 
 
@@ -50,15 +51,13 @@ def _linear_ce_fake(hidden, weight, bias, index, target_weight, chunk_rows, back
     return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
 
 
-@torch.library.custom_op("loom::linear_ce_backward", mutates_args=())
-def linear_ce_backward(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                       bias: Optional[torch.Tensor], index: torch.Tensor, target_weight: torch.Tensor,
-                       lse: torch.Tensor, chunk_rows: int, backend: str
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d hidden, d weight, d bias) of ``sum(grad_loss * loss)``; d bias is ``(V,)`` zeros when there is no bias.
-    The weight gradient accumulates over chunks in the weight's dtype."""
+def _backward_blocks(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor], index: torch.Tensor, target_weight: torch.Tensor, lse: torch.Tensor,
+                     chunk_rows: int, backend: str, grad_weight: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d hidden, d bias) of ``sum(grad_loss * loss)``, block by block; d weight is added into ``grad_weight`` (the
+    weight's shape and dtype) one block at a time."""
     grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros_like(weight)
     grad_bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
     for start, stop in spans(hidden.shape[0], chunk_rows):
         h = hidden[start:stop]
@@ -70,6 +69,19 @@ def linear_ce_backward(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: to
         if bias is not None:
             grad_bias += z.sum(0)
         del z
+    return grad_hidden, grad_bias
+
+
+@torch.library.custom_op("loom::linear_ce_backward", mutates_args=())
+def linear_ce_backward(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                       bias: Optional[torch.Tensor], index: torch.Tensor, target_weight: torch.Tensor,
+                       lse: torch.Tensor, chunk_rows: int, backend: str
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d hidden, d weight, d bias) of ``sum(grad_loss * loss)``; d bias is ``(V,)`` zeros when there is no bias.
+    The weight gradient accumulates over chunks in the weight's dtype."""
+    grad_weight = torch.zeros_like(weight)
+    grad_hidden, grad_bias = _backward_blocks(grad_loss, hidden, weight, bias, index, target_weight, lse, chunk_rows,
+                                              backend, grad_weight)
     return grad_hidden, grad_weight, grad_bias
 
 
@@ -78,18 +90,42 @@ def _linear_ce_backward_fake(grad_loss, hidden, weight, bias, index, target_weig
     return torch.empty_like(hidden), torch.empty_like(weight), weight.new_empty(weight.shape[0])
 
 
+@torch.library.custom_op("loom::linear_ce_backward_into", mutates_args=("grad_weight",))
+def linear_ce_backward_into(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                            bias: Optional[torch.Tensor], index: torch.Tensor, target_weight: torch.Tensor,
+                            lse: torch.Tensor, chunk_rows: int, backend: str, grad_weight: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`linear_ce_backward` with the weight gradient added into ``grad_weight`` (the weight's persistent
+    gradient buffer, kernels.grad_buffers) block by block instead of returned: (d hidden, d bias)."""
+    return _backward_blocks(grad_loss, hidden, weight, bias, index, target_weight, lse, chunk_rows, backend,
+                            grad_weight)
+
+
+@linear_ce_backward_into.register_fake
+def _linear_ce_backward_into_fake(grad_loss, hidden, weight, bias, index, target_weight, lse, chunk_rows, backend,
+                                  grad_weight):
+    return torch.empty_like(hidden), weight.new_empty(weight.shape[0])
+
+
 def _setup_linear_ce(ctx, inputs, output):
     hidden, weight, bias, index, target_weight, chunk_rows, backend = inputs
     ctx.save_for_backward(hidden, weight, bias, index, target_weight, output[1])
     ctx.chunk_rows, ctx.backend, ctx.has_bias = chunk_rows, backend, bias is not None
+    # the parameter itself (not a cast copy) with a persistent gradient buffer: backward adds into it
+    ctx.buffered = weight if grad_buffer(weight) is not None else None
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward_linear_ce(ctx, grad_loss, grad_lse):
     hidden, weight, bias, index, target_weight, lse = ctx.saved_tensors
-    grads = torch.ops.loom.linear_ce_backward(grad_loss.contiguous(), hidden, weight, bias, index, target_weight, lse,
-                                              ctx.chunk_rows, ctx.backend)
-    return grads[0], grads[1], grads[2] if ctx.has_bias else None, None, None, None, None
+    args = (grad_loss.contiguous(), hidden, weight, bias, index, target_weight, lse, ctx.chunk_rows, ctx.backend)
+    buffer = accumulating_buffer(ctx.buffered) if ctx.buffered is not None and ctx.needs_input_grad[1] else None
+    if buffer is not None:  # still the parameter's .grad: the weight gradient goes straight into it
+        grad_hidden, grad_bias = torch.ops.loom.linear_ce_backward_into(*args, buffer)
+        grad_weight = None
+    else:
+        grad_hidden, grad_weight, grad_bias = torch.ops.loom.linear_ce_backward(*args)
+    return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None
 
 
 linear_ce.register_autograd(_backward_linear_ce, setup_context=_setup_linear_ce)

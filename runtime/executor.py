@@ -52,7 +52,8 @@ from runtime.heads import build_head
 from runtime.kinds import is_token_decoder
 from runtime.modules import build_layer, layer_kwargs, row_kwargs, run_layers
 from runtime.optim import (
-    LossScaler, PrecisionError, autocast, build_grouped_optimizer, compute_dtype, module_component, set_lr,
+    LossScaler, PrecisionError, autocast, build_grouped_optimizer, compute_dtype, keep_kernel_grad_buffers,
+    module_component, set_lr, zero_gradients,
 )
 from runtime.lagged import RolloutsAhead
 from runtime.payload import WorkerPayload
@@ -130,6 +131,8 @@ class WaveWorker(PieceTransfers, GradientSync):
         if self.roles is not None:  # the payload holds every task using a component this rank builds
             freeze_untrained(payload, self.modules)
         self.optimizer = self._build_optimizer()
+        # the weights a loss kernel reads keep their .grad between steps, which the kernel adds into (runtime.optim)
+        self.grad_buffers = keep_kernel_grad_buffers(self.modules.values())
         self.scaler = LossScaler(compute_dtype(payload, self.device) == torch.float16)
         # pieces (activations and their gradients) and gradient buckets cross devices in the compute precision, as the
         # plan prices them
@@ -281,7 +284,7 @@ class WaveWorker(PieceTransfers, GradientSync):
                     self.optimizer.step(defer=self.roles is None)
                 else:
                     self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            zero_gradients(self.optimizer, self.grad_buffers)
             timing.optimizer_s += lap("optimizer")
         if self.roles is not None:  # the updated weights to the devices that use but do not step them
             self.roles.hand_off(self.modules, self.rank, self.device)

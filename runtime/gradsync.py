@@ -14,6 +14,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from kernels.grad_buffers import has_grad_buffer, keep_grad_buffer
 from planner.phases import forward_positions, gather_events
 from runtime.megatron_backend import owned_fractions  # cheap: megatron-core itself is imported lazily
 from runtime.optim import clip_coefficient, owned_square_sum, scale_gradients
@@ -64,7 +65,8 @@ class GradientSync:
             pending.append((bucket, flat, work))
 
     def _sync_gradients(self, pending: list) -> None:
-        """Wait for the launched all-reduces; each parameter's gradient becomes its slice of the summed bucket."""
+        """Wait for the launched all-reduces; each parameter's gradient becomes its slice of the summed bucket (copied
+        into it where the parameter keeps a persistent gradient buffer, kernels.grad_buffers)."""
         assert len(pending) == len(self._grad_buckets), "a gradient bucket was never launched"
         for bucket, flat, work in pending:
             work.wait()
@@ -72,7 +74,10 @@ class GradientSync:
             offset = 0
             for p in bucket.params:
                 n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p)
+                if has_grad_buffer(p):  # a persistent buffer (runtime.optim) stays the gradient: the sum into it
+                    keep_grad_buffer(p).copy_(flat[offset:offset + n].view_as(p))
+                else:
+                    p.grad = flat[offset:offset + n].view_as(p)
                 offset += n
 
     def _finish_gradients(self) -> bool:

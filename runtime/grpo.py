@@ -48,6 +48,7 @@ from torch import nn
 
 from kernels import backend_for, topk_kl
 from planner.spec import JobSpec
+from runtime.optim import lm_kernel_weights
 
 BETA = 0.04  # KL weight (DeepSeekMath's)
 CLIP = 0.2  # the importance ratio's clip range with rollout_lag 1 (PPO's and DeepSeekMath's epsilon)
@@ -151,6 +152,10 @@ class GRPOHead(nn.Module):
         for frozen in (self.reference, self.reward_norm, self.reward_out):
             if frozen is not None:
                 frozen.requires_grad_(False)
+
+    def kernel_weights(self) -> list[nn.Parameter]:
+        """The policy's LM projection, when the loss kernels read it (runtime.optim.keep_kernel_grad_buffers)."""
+        return lm_kernel_weights(self.policy.out, self.kernels)
 
     def logprobs(self, lm: LMHead, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Log-probabilities ``(B, N)`` of the generated tokens under ``lm`` from an LM's hidden states

@@ -29,6 +29,7 @@ from runtime.grpo import GRPOHead, grpo_head
 from planner.usegraph import leaf_uses, use_component
 from runtime.kinds import image_channels
 from runtime.modules import DEFAULT_VOCAB, build_initialised, layer_seed
+from runtime.optim import lm_kernel_weights
 from runtime.pooling import model_pooled_leaves, pooled_width
 from runtime.pretrained_pooling import attach_poolers
 from runtime.tokenizer import IGNORE_INDEX, labels_key
@@ -173,6 +174,11 @@ class NextTokenHead(TaskHead):
         super().__init__(task, leaves, hidden_size)
         self.text, self.offset, self.kernels = text, offset, kernels
         self.out = nn.Linear(hidden_size, vocab_size, bias=True)
+
+    def kernel_weights(self) -> list[nn.Parameter]:
+        """The output projection, when kernels.linear_cross_entropy reads it (runtime.optim.keep_kernel_grad_buffers:
+        its gradient is added into a persistent buffer)."""
+        return lm_kernel_weights(self.out, self.kernels)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
         first = max(self.offset - 1, 0)  # the first predicting position

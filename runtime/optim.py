@@ -9,6 +9,8 @@
 - Gradient clipping by global norm: :func:`clip_coefficient` from the sum of squares of every trainable
   parameter counted once (each device adds what it owns, the worker all-reduces the sum), the same formula
   as ``torch.nn.utils.clip_grad_norm_``, which the reference calls.
+- Persistent gradient buffers (:func:`keep_kernel_grad_buffers`, :func:`zero_gradients`): the weights a loss kernel
+  reads keep their ``.grad`` between steps, zeroed in place, and the kernel adds into it (kernels.grad_buffers).
 - Precision: :func:`compute_dtype` and :func:`autocast` (bf16/fp16 autocast around forward, fp32 master
   weights and optimizer state), and :class:`LossScaler` (dynamic loss scaling for fp16).
 
@@ -24,6 +26,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from kernels.grad_buffers import adopt_grad_buffers, mark_grad_buffer, zero_grads
 from planner.spec import JobSpec, TrainingSpec
 from runtime.modules import build_optimizer
 
@@ -122,6 +125,50 @@ def scale_gradients(params: Iterable[nn.Parameter], coefficient: float) -> None:
     grads = {id(p.grad): p.grad for p in params if p.grad is not None}
     if grads:
         torch._foreach_mul_(list(grads.values()), coefficient)
+
+
+# --------------------------------------------------------------------------- persistent gradient buffers
+
+
+def lm_kernel_weights(out: nn.Module, kernels: str) -> list[nn.Parameter]:
+    """``[out.weight]`` when the loss kernels read it (``kernels``, training.kernels, is not ``off`` and ``out`` is a
+    plain ``nn.Linear``: kernels.linear_cross_entropy, linear_logprobs, topk_kl) and it is trained; else ``[]``. What
+    an LM head's ``kernel_weights()`` returns for its output projection."""
+    if kernels == "off" or not isinstance(out, nn.Linear) or not out.weight.requires_grad:
+        return []
+    return [out.weight]
+
+
+def keep_kernel_grad_buffers(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    """Mark every weight that a loss kernel reads (each module's ``kernel_weights()``, declared by the heads that hand
+    their LM projection to kernels/) for a persistent gradient buffer (kernels.grad_buffers.mark_grad_buffer); returns
+    those parameters. The first step's backward gives such a weight its gradient as before; :func:`zero_gradients`
+    then keeps that tensor as the weight's ``.grad``, zeroed in place instead of dropped, and from the next step on
+    the kernel adds its gradient into it block by block instead of returning a new ``(vocab, hidden)`` tensor. A
+    weight this device holds but never computes a loss with (a rollout worker's copy of the policy's head) never
+    gets a gradient, so never a buffer.
+
+    A weight whose loss runs gets a gradient in every step (the kernel writes zeros for ignored positions), so a
+    zeroed buffer is what the optimizer would see anyway. What the buffer costs in a step's peak: docs/kernels.md."""
+    out = []
+    for module in modules:
+        declared = getattr(module, "kernel_weights", None)
+        for p in declared() if declared is not None else []:
+            if all(p is not q for q in out):
+                mark_grad_buffer(p)
+                out.append(p)
+    return out
+
+
+def zero_gradients(optimizer, params: Iterable[nn.Parameter]) -> None:
+    """The step's ``zero_grad``: ``optimizer.zero_grad(set_to_none=True)``, then every parameter of ``params`` marked
+    for a persistent gradient buffer gets it back as ``.grad``, zeroed in place (its first gradient becomes it:
+    kernels.grad_buffers); one that never had a gradient stays None."""
+    params = list(params)
+    adopt_grad_buffers(params)  # a first gradient becomes the buffer before the optimizer drops it
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    zero_grads(params)
 
 
 # --------------------------------------------------------------------------- precision

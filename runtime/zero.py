@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kernels.grad_buffers import zero_grads
 from planner.plan import shard_range
 from planner.spec import JobSpec
 from runtime.modules import build_optimizer
@@ -190,9 +191,8 @@ class ShardedAdamW:
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self.inner is not None:
             self.inner.zero_grad(set_to_none=set_to_none)
-        for share in self.shares:
-            for p in share.params:
-                p.grad = None
+        for share in self.shares:  # None, but a persistent gradient buffer (runtime.optim) is zeroed in place, kept
+            zero_grads(share.params)
 
     def state_dict(self) -> dict:
         self.settle()

@@ -5,6 +5,12 @@ Run as ``python -m bench.kernels.cases '<json case>'``; prints one JSON record. 
 case's allocations out of another's peak. Peak memory on CPU is the process's resident-set high-water mark
 (``VmHWM``, reset through ``/proc/self/clear_refs`` before each run) above its resident set just before the run; on
 CUDA, ``torch.cuda.max_memory_allocated`` above the allocated bytes before the run.
+
+The LM-head cases' weight has a persistent gradient buffer on both sides, allocated and touched before either side
+runs, as a training step with the runtime's persistent buffers has it (kernels.grad_buffers; runtime.executor keeps
+one for every weight a loss kernel reads): each run starts with the step's zero_grad (the buffer zeroed in place),
+then autograd's naive side adds its fresh weight gradient into it (AccumulateGrad, in place) and the kernel adds its
+blocks into it directly. The buffer is neither side's output; the other inputs' gradients are returned fresh.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ import torch.nn.functional as F
 
 from bench.kernels.peak import traced_peak
 from kernels import infonce_rows, linear_cross_entropy, linear_logprobs, rms_norm, swiglu, topk_kl
+from kernels.grad_buffers import has_grad_buffer, keep_grad_buffer, zero_grads
 
 ROOT = Path(__file__).resolve().parents[2]
 
 Case = tuple[list[torch.Tensor], Callable[..., torch.Tensor], Callable[..., torch.Tensor]]  # leaves, naive, kernel
+BUFFERED = {"linear_ce", "logprobs", "topk_kl"}  # cases whose weight (leaf 1) keeps a persistent gradient buffer
 
 
 def _status_kib(key: str) -> int:
@@ -136,9 +144,21 @@ CASES = {"linear_ce": linear_ce_case, "logprobs": logprobs_case, "topk_kl": topk
 
 
 def forward_backward(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
+    """One step's forward + backward of ``fn``: zero_grad first (a persistent buffer zeroed in place, other ``.grad`` s
+    dropped), then ``backward``; (output, every input's gradient). A buffered input's gradient is its buffer."""
+    zero_grads(inputs)
     out = fn(*inputs)
     grad_out = torch.linspace(-1.0, 2.0, out.numel(), device=out.device).reshape(out.shape)  # per-row weights
-    return out.detach(), list(torch.autograd.grad(out, inputs, grad_outputs=grad_out))
+    out.backward(grad_out)
+    grads = [x.grad for x in inputs]
+    zero_grads(x for x in inputs if not has_grad_buffer(x))  # the fresh gradients are the caller's now
+    return out.detach(), grads
+
+
+def fresh_bytes(out: torch.Tensor, grads: list[torch.Tensor], inputs: list[torch.Tensor]) -> int:
+    """Bytes of what a run returned new: its output and the gradients of the inputs without a persistent buffer."""
+    fresh = [g for g, x in zip(grads, inputs, strict=True) if not has_grad_buffer(x)]
+    return out.numel() * out.element_size() + sum(g.numel() * g.element_size() for g in fresh)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor, rows: int = 1024) -> tuple[float, float]:
@@ -171,7 +191,7 @@ def _timed(fn, inputs, device: torch.device, repeats: int, warmup: int) -> tuple
         if device.type == "cuda":
             torch.cuda.synchronize()
         samples.append(time.perf_counter() - start)
-    output_bytes = out.numel() * out.element_size() + sum(g.numel() * g.element_size() for g in grads)
+    output_bytes = fresh_bytes(out, grads, inputs)
     stats = {"peak_bytes": peak.bytes, "output_bytes": output_bytes,
                  "median_s": sorted(samples)[len(samples) // 2], "samples_s": samples}
     return stats, out, grads
@@ -184,10 +204,15 @@ def run_case(kernel: str, size: dict, device: str, repeats: int, warmup: int, se
     # one-time costs first (the custom ops' first call imports torch._dynamo): both variants on a tiny case
     tiny, tiny_naive, tiny_fused = CASES[kernel]({k: min(v, 8) for k, v in size.items()}, dev,
                                                  torch.Generator().manual_seed(seed), backend)
+    if kernel in BUFFERED:  # the buffered op's first call too
+        keep_grad_buffer(tiny[1])
     forward_backward(tiny_naive, tiny)
     forward_backward(tiny_fused, tiny)
     wrt, naive, fused = CASES[kernel](size, dev, torch.Generator().manual_seed(seed), backend)
+    if kernel in BUFFERED:
+        keep_grad_buffer(wrt[1]).zero_()  # allocated and written (resident) before either side is measured
     naive_stats, naive_out, naive_grads = _timed(naive, wrt, dev, repeats, warmup)
+    naive_grads = [g.clone() if has_grad_buffer(x) else g for g, x in zip(naive_grads, wrt)]  # the kernel reuses it
     kernel_stats, kernel_out, kernel_grads = _timed(fused, wrt, dev, repeats, warmup)
     errors = [relative_error(g, w) for g, w in zip(kernel_grads, naive_grads, strict=True)]
     output_error = relative_error(kernel_out.float(), naive_out.float())[0]
@@ -197,6 +222,7 @@ def run_case(kernel: str, size: dict, device: str, repeats: int, warmup: int, se
         kernel_stats["at_peak"] = traced_peak(lambda: forward_backward(fused, wrt), ROOT)
     return {"kernel": kernel, "size": size, "device": device, "backend": backend, "repeats": repeats,
             "warmup": warmup, "threads": torch.get_num_threads(), "naive": naive_stats, "fused": kernel_stats,
+            "grad_buffer_bytes": sum(x.numel() * x.element_size() for x in wrt if has_grad_buffer(x)),
             "output_rel_err": output_error,
             "grad_rel_err": max(e[0] for e in errors), "grad_max_rel_err": max(e[1] for e in errors)}
 

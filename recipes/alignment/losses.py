@@ -34,6 +34,7 @@ from kernels import backend_for, linear_logprobs, topk_kl
 from planner.spec import JobSpec
 from planner.usegraph import use_component
 from runtime.heads import TaskHead
+from runtime.optim import lm_kernel_weights
 from runtime.pretrained import load_lm_head
 from runtime.tokenizer import IGNORE_INDEX, labels_key
 
@@ -170,6 +171,11 @@ class DPOHead(TaskHead):
         holder.kernels = self.kernels  # the reference's final norm runs as the policy's does (same rounding)
         self.reference = (load_lm_head(reference, holder).requires_grad_(False),)
         return self
+
+    def kernel_weights(self) -> list[nn.Parameter]:
+        """The policy's LM projection, when kernels.linear_logprobs reads it (runtime.optim.keep_kernel_grad_buffers:
+        its gradient is added into a persistent buffer)."""
+        return lm_kernel_weights(self.out, self.kernels)
 
     def logprobs(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> list[torch.Tensor]:
         """Summed answer log-probs ``(B,)`` of each leaf, in leaf order (the reference's without gradient)."""

@@ -96,3 +96,24 @@ def test_bf16_world_sends_the_plans_two_byte_pieces_and_tracks_the_reference(tmp
         got = sorted((Piece.model_validate(d).model_dump_json(), float(n)) for d, n in world.sent[rank])
         assert got == want and got, f"rank {rank} sent other pieces than its plan's"
     assert all(p.bytes == 2 * (p.stop - p.start) * math.prod(p.shape) for p in plan.pieces if p.src != p.dst)
+
+
+def test_lm_head_gradient_buffers_with_accumulation_clipping_and_zero_equal_single_process(tmp_path):
+    """The next-token head's output projection keeps a persistent gradient buffer on the workers (runtime.optim:
+    the loss kernel adds into it; ``training.kernels: auto``), the single-process reference none: over micro-batches,
+    clipping, and a head replicated on two devices (a gradient bucket summed into the buffer, ZeRO-1 shares of it),
+    the world still equals the reference step by step."""
+    from _jobs import connector_job
+
+    data = connector_job(4, STEPS)
+    data["tasks"] = [t for t in data["tasks"] if t["name"] != "match"]  # the llama's next-token and regression uses
+    data["training"].update(grad_clip=CLIP, grad_accum_steps=2, shard_optimizer=True, kernels="auto")
+    job = parse_job(data)
+    plan = plan_from_waves(job, [
+        [("caption.img", 2, 2), ("rate.img", 2, 2)],
+        [("caption.lm", 2, 2), ("rate.lm", 2, 2)],  # dp 2: head:caption on both of its devices
+        [("rate.score", 2, 2)],
+    ])
+    heads = [b for b in plan.grad_buckets if any(name == "head:caption" for name, _, _ in b.members)]
+    assert heads and all(len(b.devices) == 2 for b in heads)
+    check_equivalence(job, plan, tmp_path)

@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from kernels import backend_for, infonce_rows, linear_cross_entropy, linear_logprobs, rms_norm, swiglu, topk_kl
 from kernels.backend import resolve, triton_installed
+from kernels.grad_buffers import grad_buffer, has_grad_buffer, keep_grad_buffer, zero_grads
 from kernels.rows import CHUNK_BYTES, chunk_rows_for, spans
 
 IGNORE = -100
@@ -90,6 +91,94 @@ def test_linear_cross_entropy_under_autocast_follows_f_linear() -> None:
     g_got, g_want = grads(got, (hidden, weight)), grads(want, (hidden, weight))
     assert g_got[1].dtype == torch.float32  # the fp32 master weight gets an fp32 gradient
     assert_all_close(g_got, g_want, atol=2e-2, rtol=5e-2)
+
+
+# --------------------------------------------------------------------------- weight-gradient buffers
+
+
+def _loss_fns(gen: torch.Generator, n: int, v: int):
+    """(fused, naive) pairs ``fn(hidden, weight, bias, backend) -> per-position loss`` of the three losses on
+    loom::linear_ce (cross-entropy, log-probs, top-k KL), the naive one autograd's over the full logits."""
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[::4] = IGNORE
+    tokens = torch.randint(0, v, (n,), generator=gen)
+    ref_logits, ref_index = torch.randn(n, 3, generator=gen), torch.randint(0, v, (n, 3), generator=gen)
+    q = torch.softmax(ref_logits, -1)
+    return [
+        (lambda h, w, b, backend: linear_cross_entropy(h, w, b, targets, IGNORE, backend=backend, chunk_rows=4),
+         lambda h, w, b, backend: F.cross_entropy(F.linear(h, w, b), targets, reduction="none", ignore_index=IGNORE)),
+        (lambda h, w, b, backend: linear_logprobs(h, w, b, tokens, backend=backend, chunk_rows=5),
+         lambda h, w, b, backend: torch.log_softmax(F.linear(h, w, b), -1).gather(-1, tokens[:, None])[:, 0]),
+        (lambda h, w, b, backend: topk_kl(h, w, b, ref_logits, ref_index, backend=backend, chunk_rows=3),
+         lambda h, w, b, backend: (q * (q.log() - torch.log_softmax(F.linear(h, w, b), -1).gather(-1, ref_index))
+                                   ).sum(-1)),
+    ]
+
+
+def accumulated_over_micro_batches(fn, hidden, weight, b, backend: str, buffered: bool, steps: int = 2):
+    """``.grad`` of (weight, bias, hidden) after ``steps`` backward passes of ``fn`` on different rows of ``hidden``
+    (micro-batches), with the weight's gradient buffer kept (kernels.grad_buffers) or not; and how many full-size
+    weight gradients autograd handed on to be added into ``.grad`` (a tensor hook sees each, or None)."""
+    hidden, weight = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    b = b.detach().clone().requires_grad_()
+    accumulated = []
+    weight.register_hook(lambda g: accumulated.append(g is not None))
+    if buffered:
+        buffer = keep_grad_buffer(weight)
+        buffer.fill_(0.5)  # a buffer holding an earlier gradient: the kernel adds to it
+        zero_grads([weight, b, hidden])  # ... until the step's zero_grad zeroes it in place
+        assert weight.grad is buffer and float(buffer.abs().sum()) == 0 and b.grad is None
+    rows = hidden.shape[0] // steps
+    for step in range(steps):
+        loss = fn(hidden[step * rows:(step + 1) * rows], weight, b, backend)
+        (loss * torch.linspace(-1.0, 2.0, loss.numel())).sum().backward()
+    if buffered:
+        assert weight.grad is buffer
+    return (weight.grad, b.grad, hidden.grad), sum(accumulated)
+
+
+@pytest.mark.parametrize("case", range(3), ids=["linear_ce", "logprobs", "topk_kl"])
+def test_weight_gradient_added_into_its_buffer_equals_the_returned_one(case: int) -> None:
+    """Over two micro-batches (gradient accumulation), the weight gradient the kernel adds into the parameter's
+    persistent buffer equals the one it returns for autograd to add (fp32, 1e-5 relative), and so does every other
+    gradient; both equal autograd's over the full logits; no full-size weight gradient reaches autograd from the
+    kernel when the buffer is kept."""
+    hidden, weight, b, gen = lm_inputs(24, 8, 37)
+    fused, naive = _loss_fns(gen, 12, 37)[case]
+    returned, calls_returned = accumulated_over_micro_batches(fused, hidden, weight, b, "reference", buffered=False)
+    added, calls_added = accumulated_over_micro_batches(fused, hidden, weight, b, "reference", buffered=True)
+    want, calls_naive = accumulated_over_micro_batches(naive, hidden, weight, b, "reference", buffered=True)
+    assert (calls_returned, calls_added, calls_naive) == (2, 0, 2)
+    assert_all_close(added, returned, rtol=1e-5, atol=0)
+    assert_all_close(added, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_buffer_is_left_alone_when_the_kernel_reads_a_cast_copy_or_it_is_not_the_grad() -> None:
+    """Under autocast the kernel reads a bf16 copy of the weight: its gradient is returned (through the cast) and
+    autograd adds it into the buffer; a buffer that is no longer ``.grad`` is not written either."""
+    hidden, weight, b, gen = lm_inputs(10, 16, 30)
+    targets = torch.randint(0, 30, (10,), generator=gen)
+    buffer = keep_grad_buffer(weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear_cross_entropy(hidden, weight, b, targets, backend="reference").sum().backward()
+    assert weight.grad is buffer and float(buffer.abs().sum()) > 0
+    zero_grads([weight])
+    weight.grad = None  # replaced (set to None): the kernel must return its gradient
+    linear_cross_entropy(hidden, weight, b, targets, backend="reference").sum().backward()
+    assert float(buffer.abs().sum()) == 0 and weight.grad is not None and weight.grad is not buffer
+    assert grad_buffer(weight) is None and has_grad_buffer(weight)
+
+
+def test_autograd_grad_of_other_inputs_leaves_the_buffer_alone() -> None:
+    """``torch.autograd.grad`` with respect to the hidden states does not reach the weight: its buffer stays as it
+    was (autograd leaves ``.grad`` alone there too), and the hidden gradient is the naive one."""
+    hidden, weight, b, gen = lm_inputs(9, 8, 21)
+    targets = torch.randint(0, 21, (9,), generator=gen)
+    buffer = keep_grad_buffer(weight)
+    (got,) = torch.autograd.grad(linear_cross_entropy(hidden, weight, b, targets, backend="reference").sum(), hidden)
+    (want,) = torch.autograd.grad(F.cross_entropy(F.linear(hidden, weight, b), targets, reduction="none").sum(), hidden)
+    assert weight.grad is buffer and float(buffer.abs().sum()) == 0
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("residual", [True, False])
@@ -186,6 +275,8 @@ def op_samples():
         (ops.linear_ce, (hidden, weight, b, index, tw, 4, "reference")),
         (ops.linear_ce, (hidden, weight, None, index, tw, 6, "reference")),
         (ops.linear_ce_backward, (torch.randn(6), hidden, weight, b, index, tw, lse, 4, "reference")),
+        (ops.linear_ce_backward_into, (torch.randn(6), hidden, weight, b, index, tw, lse, 4, "reference",
+                                       torch.randn(9, 4))),
         (ops.rms_norm, (x, r, w, 1e-6, "reference")),
         (ops.rms_norm, (x, None, w, 1e-6, "reference")),
         (ops.rms_norm_backward, (torch.randn(5, 7), torch.randn(5, 7), x, w, rstd, "reference")),
@@ -196,7 +287,7 @@ def op_samples():
     ]
 
 
-@pytest.mark.parametrize("index", range(10))
+@pytest.mark.parametrize("index", range(11))
 def test_every_op_passes_opcheck(index: int) -> None:
     op, args = op_samples()[index]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import infonce_rows, linear_cross_entropy, rms_norm, swiglu, topk_kl
+from kernels.grad_buffers import keep_grad_buffer
 
 ROOT = Path(__file__).resolve().parents[3]
 INSTALLED = importlib.util.find_spec("triton") is not None
@@ -90,6 +91,39 @@ def test_topk_kl(block_v) -> None:
     ref_logits = torch.randn(7, 3, generator=gen)
     ref_index = torch.stack([torch.randperm(45, generator=gen)[:3] for _ in range(7)])
     assert_twins_equal(topk_kl, [hidden, weight, bias], ref_logits, ref_index, chunk_rows=3)
+
+
+@in_interpreter
+@pytest.mark.parametrize("loss", ["linear_ce", "topk_kl"])
+def test_weight_gradient_into_its_buffer(block_v, loss) -> None:
+    """With the weight's persistent gradient buffer (kernels.grad_buffers), the Triton path adds the weight gradient
+    of two micro-batches into it and returns none to autograd, and ends where the reference returning its gradients
+    ends (every gradient, fp32)."""
+    gen = torch.Generator().manual_seed(7)
+    n, h, v, k = 12, 8, 45, 3
+    hidden, weight, bias = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen), torch.randn(v)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[::5] = -100
+    ref_logits, ref_index = torch.randn(n, k, generator=gen), torch.randint(0, v, (n, k), generator=gen)
+    fns = {"linear_ce": lambda h, w, b, rows, backend: linear_cross_entropy(h, w, b, targets[rows], backend=backend,
+                                                                            chunk_rows=4),
+           "topk_kl": lambda h, w, b, rows, backend: topk_kl(h, w, b, ref_logits[rows], ref_index[rows],
+                                                             backend=backend, chunk_rows=4)}
+    ends = {}
+    for backend, buffered in (("triton", True), ("reference", False)):
+        leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+        handed = []
+        leaves[1].register_hook(lambda g: handed.append(g is not None))
+        if buffered:
+            buffer = keep_grad_buffer(leaves[1])
+        for rows in (slice(0, 7), slice(7, n)):  # two micro-batches, one ragged
+            out = fns[loss](leaves[0][rows], leaves[1], leaves[2], rows, backend)
+            (out * torch.linspace(-1, 2, out.numel())).sum().backward()
+        assert sum(handed) == (0 if buffered else 2), backend
+        assert not buffered or leaves[1].grad is buffer
+        ends[backend] = [t.grad for t in leaves]
+    for got, want in zip(ends["triton"], ends["reference"], strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
 @in_interpreter
