@@ -54,6 +54,9 @@ class TaskBatch:
     num_samples: int
     targets: dict[str, torch.Tensor] = field(default_factory=dict)
     first_row: int = 0  # index of these rows' first in the task's batch
+    # index of the first row of the micro-batch these rows belong to (training.grad_accum_steps): every_row gathers
+    # that micro-batch's rows, so these rows sit at first_row - micro_first among them
+    micro_first: int = 0
     # every_row's gather (None: these rows are the whole batch); the executor sets it on a loss host's shard
     gather_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
 
@@ -65,10 +68,17 @@ class TaskBatch:
         return replace(self, inputs=move(self.inputs), labels=self.labels.to(device), targets=move(self.targets))
 
     def every_row(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (one row per sample of this batch, differentiable) for every row of the task's batch, in order: the
-        data-parallel shards' rows gathered, gradients summed back to each shard (a loss coupling the samples of a
-        batch, as InfoNCE, needs them); ``x`` itself when these rows are the whole batch."""
+        """``x`` (one row per sample of this batch, differentiable) for every row of the task's (micro-)batch, in
+        order: the data-parallel shards' rows gathered, gradients summed back to each shard (a loss coupling the
+        samples of a batch, as InfoNCE, needs them); ``x`` itself when these rows are the whole (micro-)batch. These
+        rows are at :attr:`rows_in_gathered` among them."""
         return x if self.gather_rows is None else self.gather_rows(x)
+
+    @property
+    def rows_in_gathered(self) -> range:
+        """Where these rows are among :meth:`every_row`'s."""
+        first = self.first_row - self.micro_first
+        return range(first, first + self.num_samples)
 
 
 SPLITS = ("train", "heldout", "transfer")

@@ -154,10 +154,11 @@ class InfoNCEHead(TaskHead):
     def forward(self, outputs: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
         a, b = (F.normalize(batch.every_row(x), dim=-1) for x in self.pooled(outputs, batch))
         backend = backend_for(self.kernels, a.device)
+        rows = batch.rows_in_gathered  # a micro-batch is its own batch here (its rows gathered, not the whole batch's)
         if backend is not None:  # only this shard's rows of the logits, a chunk at a time (kernels.infonce_rows)
-            return infonce_rows(a, b, self.logit_scale.exp(), batch.first_row, batch.num_samples, backend=backend)
+            return infonce_rows(a, b, self.logit_scale.exp(), rows.start, len(rows), backend=backend)
         logits = self.logit_scale.exp() * a @ b.T  # (all rows, all rows)
-        mine = torch.arange(batch.first_row, batch.first_row + batch.num_samples, device=logits.device)
+        mine = torch.arange(rows.start, rows.stop, device=logits.device)
         return 0.5 * (F.cross_entropy(logits[mine], mine, reduction="none")
                       + F.cross_entropy(logits.T[mine], mine, reduction="none"))
 

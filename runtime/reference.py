@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -101,6 +102,7 @@ class ReferenceTrainer:
         ``step`` (default the whole batch: the mean), computed under the job's autocast."""
         task = self.job.tasks[t]
         batch = task_batch(self.job, t, step, start, task.batch_size if stop is None else stop)
+        batch = replace(batch, micro_first=start)  # the rows asked for are the (micro-)batch a loss may couple
         with autocast(self.job, self.device):
             per_sample = self.head(t)(self.forward(t, batch, step), batch)
         return task.loss_weight * per_sample.float().sum() / task.batch_size

@@ -14,7 +14,7 @@ No process groups or collectives here: values, a clock and the task's batches.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -150,7 +150,8 @@ class StepState:
         key = (task_index, start, stop)
         if key not in self.batches:  # drawn on the CPU (deterministic generators), then moved
             offset = self.micro * job.tasks[task_index].batch_size // self.num_micro
-            self.batches[key] = task_batch(job, task_index, step, offset + start, offset + stop).to(self.device)
+            drawn = task_batch(job, task_index, step, offset + start, offset + stop)
+            self.batches[key] = replace(drawn, micro_first=offset).to(self.device)
         return self.batches[key]
 
 
