@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 # runtime function making the call -> kind of traffic
-KINDS = {"_exchange": "pieces", "_launch_sync": "buckets", "_gather": "gather", "hand_off": "handoff",
+KINDS = {"_exchange": "pieces", "_launch_sync": "buckets", "_launch": "gather", "hand_off": "handoff",
          "move_rollouts": "rollouts"}
 
 
