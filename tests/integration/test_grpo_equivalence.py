@@ -37,6 +37,21 @@ def grpo_job(**training):
     })
 
 
+def world_and_reference(job, plan, tmp_path, steps: int = STEPS, after_step=None):
+    """Train ``plan`` ``steps`` steps on a gloo world and in one process; each step's GRPO losses must agree within
+    RTOL (``after_step(reference)`` is called after each of the reference's steps). Returns the world's result, the
+    reference and the rollout MetaOp's id."""
+    world = run_world(job, plan, steps, tmp_path, keep_gradients=True)
+    reference = ReferenceTrainer(job)
+    for step in range(steps):
+        want = reference.train_step(step, keep_gradients=step == steps - 1)["grpo"]
+        got = world.losses[step]["grpo"]
+        assert abs(got - want) <= RTOL * max(abs(want), 1e-3), (step, got, want)
+        if after_step is not None:
+            after_step(reference)
+    return world, reference, next(op.id for op in plan.metaops if op.use == "rollout")
+
+
 def test_grpo_iteration_split_over_workers_equals_one_process(tmp_path):
     job = grpo_job()
     plan = placed_plan(job, [[("rollout", [0])], [("reward", [1]), ("policy", [2, 3])], [("reference", [1])]])
@@ -45,13 +60,7 @@ def test_grpo_iteration_split_over_workers_equals_one_process(tmp_path):
     assert devices["reward"] == devices["reference"] and generator not in devices["reward"] + devices["policy"]
     assert len(devices["policy"]) == 2 and not set(devices["policy"]) & set(devices["reward"])
 
-    world = run_world(job, plan, STEPS, tmp_path, keep_gradients=True)
-    reference = ReferenceTrainer(job)
-    rollout_op = next(op.id for op in plan.metaops if op.use == "rollout")
-    for step in range(STEPS):
-        want = reference.train_step(step, keep_gradients=step == STEPS - 1)["grpo"]
-        got = world.losses[step]["grpo"]
-        assert abs(got - want) <= RTOL * max(abs(want), 1e-3), (step, got, want)
+    world, reference, rollout_op = world_and_reference(job, plan, tmp_path)
     first, rows = world.rollouts[generator][rollout_op]  # the last step's rollouts
     assert first == 0 and torch.equal(rows, reference.last_rollouts[rollout_op])
     tokens = rows[:, PROMPT:PROMPT + NEW]
@@ -133,13 +142,7 @@ def test_uneven_row_shares_equal_one_process(tmp_path):
     moved = {(p.start, p.stop) for p in plan.pieces if not p.backward and p.dst in (1, 2, 3) and p.src != p.dst}
     assert {(4, 5), (7, 10)} <= moved  # reward rows 0-4 | 5-9 (devices 1, 2) re-split for the policy's 0-3 | 4-6 | 7-9
 
-    world = run_world(job, plan, STEPS, tmp_path, keep_gradients=True)
-    reference = ReferenceTrainer(job)
-    rollout_op = next(op.id for op in plan.metaops if op.use == "rollout")
-    for step in range(STEPS):
-        want = reference.train_step(step, keep_gradients=step == STEPS - 1)["grpo"]
-        got = world.losses[step]["grpo"]
-        assert abs(got - want) <= RTOL * max(abs(want), 1e-3), (step, got, want)
+    world, reference, rollout_op = world_and_reference(job, plan, tmp_path)
     first, rows = world.rollouts[0][rollout_op]
     assert first == 0 and torch.equal(rows, reference.last_rollouts[rollout_op])
     compare_uneven(world, reference)
@@ -158,13 +161,7 @@ def test_hand_off_from_a_trainer_in_the_receivers_node_equals_one_process(tmp_pa
     senders = {(dst, src) for _, _, src, dst in Roles.build(job, plan).hand_offs}
     assert senders == {(0, 1), (2, 3)}
 
-    world = run_world(job, plan, STEPS, tmp_path, keep_gradients=True)
-    reference = ReferenceTrainer(job)
-    rollout_op = next(op.id for op in plan.metaops if op.use == "rollout")
-    for step in range(STEPS):
-        want = reference.train_step(step, keep_gradients=step == STEPS - 1)["grpo"]
-        got = world.losses[step]["grpo"]
-        assert abs(got - want) <= RTOL * max(abs(want), 1e-3), (step, got, want)
+    world, reference, rollout_op = world_and_reference(job, plan, tmp_path)
     for generator in (0, 2):
         first, rows = world.rollouts[generator][rollout_op]
         assert torch.equal(rows, reference.last_rollouts[rollout_op][first:first + len(rows)])

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from runtime.local_world import run_world
 from runtime.data import task_batch
 from runtime.grpo import grpo_losses
 from runtime.reference import ReferenceTrainer
 from runtime.rollout import behaviour_logprobs, unpack
 
-from _equivalence import RTOL, _compare_modules, placed_plan  # tests/integration/_equivalence.py
-from test_grpo_equivalence import NEW, PROMPT, compare_uneven, grpo_job, uneven_job
+from _equivalence import _compare_modules, placed_plan  # tests/integration/_equivalence.py
+from test_grpo_equivalence import NEW, PROMPT, compare_uneven, grpo_job, uneven_job, world_and_reference
 
 STEPS = 3
 
@@ -23,15 +22,10 @@ STEPS = 3
 def test_lagged_rollouts_split_over_workers_equal_one_process(tmp_path):
     job = grpo_job(rollout_lag=1, steps=STEPS)
     plan = placed_plan(job, [[("rollout", [0])], [("reward", [1]), ("policy", [2, 3])], [("reference", [1])]])
-    world = run_world(job, plan, STEPS, tmp_path, keep_gradients=True)
-    reference = ReferenceTrainer(job)
-    rollout_op = next(op.id for op in plan.metaops if op.use == "rollout")
     lagged = []
-    for step in range(STEPS):
-        want = reference.train_step(step, keep_gradients=step == STEPS - 1)["grpo"]
-        got = world.losses[step]["grpo"]
-        assert abs(got - want) <= RTOL * max(abs(want), 1e-3), (step, got, want)
-        lagged.append(reference.last_rollouts[rollout_op].clone())
+    rollout_op = next(op.id for op in plan.metaops if op.use == "rollout")
+    world, reference, _ = world_and_reference(job, plan, tmp_path, STEPS,
+                                              lambda ref: lagged.append(ref.last_rollouts[rollout_op].clone()))
     first, rows = world.rollouts[0][rollout_op]  # the last step's rollouts, with their behaviour log-probabilities
     assert first == 0 and rows.shape[1] == PROMPT + 3 * NEW
     assert torch.equal(rows[:, :PROMPT + 2 * NEW], lagged[-1][:, :PROMPT + 2 * NEW])  # tokens, which count
@@ -134,13 +128,7 @@ def test_lagged_rollouts_with_uneven_row_shares_equal_one_process(tmp_path):
     job = uneven_job(rollout_lag=1, steps=STEPS)
     plan = placed_plan(job, [[("rollout", [0])], [("reward", [1, 2]), ("reference", [3])], [("policy", [1, 2, 3])]])
     assert {plan.metaops[s.metaop].use: s.rows for w in plan.waves for s in w.slices}["policy"] == [4, 3, 3]
-    world = run_world(job, plan, STEPS, tmp_path, keep_gradients=True)
-    reference = ReferenceTrainer(job)
-    rollout_op = next(op.id for op in plan.metaops if op.use == "rollout")
-    for step in range(STEPS):
-        want = reference.train_step(step, keep_gradients=step == STEPS - 1)["grpo"]
-        got = world.losses[step]["grpo"]
-        assert abs(got - want) <= RTOL * max(abs(want), 1e-3), (step, got, want)
+    world, reference, rollout_op = world_and_reference(job, plan, tmp_path, STEPS)
     first, rows = world.rollouts[0][rollout_op]
     assert first == 0 and torch.equal(rows[:, :PROMPT + 2 * NEW],
                                       reference.last_rollouts[rollout_op][:, :PROMPT + 2 * NEW])
