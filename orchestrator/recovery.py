@@ -147,16 +147,15 @@ class Recovering:
         from orchestrator.placement import nodes_from_ray
         from orchestrator.run import PLAN_FILE
         from planner.api import make_cost_model, plan_job
+        from planner.generation import as_run
 
         cluster = shrunk_cluster(self.job.cluster, self.placement(), nodes_from_ray(ray.nodes()))
         if cluster is None:
             return
         before = self.world_size
         self.job = self.job.model_copy(update={"cluster": cluster})
-        from planner.generation import as_run
-
         cost_model = make_cost_model(self.job, self.options.costs)
-        with as_run(cost_model):  # as Driver.load_plan plans: what the runtime runs
+        with as_run(cost_model):  # as Driver.resolve_plan plans: what the runtime runs
             self.plan = plan_job(self.job, cost_model, with_baselines=False, progress=log.debug).plan
         self.plan.save(self.path(PLAN_FILE))
         log.warning("the cluster holds %d node(s) of %d workers each now: re-planned for %d devices instead of %d "

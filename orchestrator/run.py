@@ -267,10 +267,9 @@ class Driver(Recovering):
                 plan, source = None, "--plan"
         if plan is None:
             from planner.api import make_cost_model, plan_job
-
-            log.info("planning %s%s ...", self.job.name, f" with {self.options.costs}" if self.options.costs else "")
             from planner.generation import as_run
 
+            log.info("planning %s%s ...", self.job.name, f" with {self.options.costs}" if self.options.costs else "")
             cost_model = make_cost_model(self.job, self.options.costs)
             with as_run(cost_model):  # generate and sample uses at tensor_parallel 1: what the runtime runs
                 plan = plan_job(self.job, cost_model, with_baselines=False, progress=log.debug).plan
