@@ -32,7 +32,9 @@ example_models() {
         echo "setup.sh: writing PAS's tiny Llama under recipes/alignment/models/pas" >&2
         "$PY" -m recipes.alignment.pas_scenes --models-only >&2
     fi
-    if [[ ! -f "$ROOT/recipes/alignment/models/button/model.safetensors" ]]; then  # recipes/alignment/pipeline/button-*.yaml's
+    # recipes/alignment/pipeline/button-*.yaml's; a folder written before it was 128 wide is rewritten
+    local button="$ROOT/recipes/alignment/models/button"
+    if [[ ! -f "$button/model.safetensors" ]] || ! grep -q '"hidden_size": 128,' "$button/config.json"; then
         echo "setup.sh: writing BUTTON's tiny Llama under recipes/alignment/models/button" >&2
         "$PY" -m recipes.alignment.button_steps >&2
     fi

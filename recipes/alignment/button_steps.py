@@ -29,8 +29,10 @@ from recipes.alignment.button import KINDS, SERIAL, PARALLEL, templates, chat_ro
 from recipes.alignment.button_world import vocabulary
 
 HERE = Path(__file__).resolve().parent
-LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256)
+# 128 wide: at 64 (2 kv heads) whether the model learned to copy items and days from the question by the end of
+# training depended on the seed (held-out task success 0.74-0.99 over seeds at 1400 steps, 0.33-0.95 at 700)
+LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=4, max_position_embeddings=256)
 DATA_ARGS = ("kinds", "rows", "seed", "tasks")
 EVAL_ARGS = ("model", "component", "kinds", "tasks", "limit", "seed", "max_turns", "new_tokens")
 METRICS = ("task_success", "argument_accuracy", "malformed_rate", *(f"task_success_{k}" for k in KINDS))
