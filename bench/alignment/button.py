@@ -1,5 +1,5 @@
-"""``python -m bench.alignment.button [--runs DIR] [--no-write]``: BUTTON's compositional data against atomic tasks
-only, measured by executing the trained models' calls.
+"""``python -m bench.alignment.button [--runs DIR] [--seeds S ...] [--no-write]``: BUTTON's compositional data against
+atomic tasks only, measured by executing the trained models' calls.
 
 Runs ``loom run`` on recipes/alignment/pipeline/button-tiny.yaml (trajectories of atomic, sequential and parallel
 tasks) and on button-atomic.yaml (atomic tasks only, the same number of trajectories, steps and model), each into
@@ -7,7 +7,9 @@ DIR/<spec name> (a temporary folder by default; a finished run there is reused: 
 again). Then every model plays every held-out task of each kind (questions never trained on; the untrained tiny
 Llama as the floor), its calls executed against the world's tools (recipes.alignment.button_eval): task success
 (final answer right), argument accuracy (gold calls made) and malformed turns, per kind. The eval phase's own
-metrics (its gate's) are read from the run. Writes bench/results/alignment-button.{json,md}.
+metrics (its gate's) are read from the run. ``--seeds``: the compositional pipeline again with each other
+``training.seed`` (the same data; DIR/button-tiny-seed<S>), its eval phase's metrics reported per seed, since one
+seed's number can mislead (docs/recipes/alignment.md, BUTTON). Writes bench/results/alignment-button.{json,md}.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 from bench.common import REPO_ROOT, write_results
 from recipes.alignment.button import KINDS, generate
@@ -47,6 +51,17 @@ def run_spec(spec: str, out: Path) -> dict:
     return {"run_s": time.perf_counter() - started if ran else None, "eval_phase": phase, "steps": len(losses),
             "train_s": sum(r["step_seconds"] for r in records), "loss_first": sum(losses[:k]) / k,
             "loss_last": sum(losses[-k:]) / k}
+
+
+def seed_spec(spec: str, seed: int, folder: Path) -> Path:
+    """``spec`` with ``training.seed`` = ``seed`` and its pretrained folders made absolute, written under ``folder``."""
+    doc = yaml.safe_load((REPO_ROOT / spec).read_text())
+    doc["training"]["seed"] = seed
+    for comp in doc["components"].values():
+        comp["pretrained"] = str((REPO_ROOT / spec).parent / comp["pretrained"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (path := folder / f"{Path(spec).stem}-seed{seed}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
 
 
 def evaluate(folder: Path, seed: int = 0) -> dict:
@@ -79,6 +94,15 @@ def markdown(rec: dict) -> str:
         e = r["eval_phase"]
         lines.append(f"| {name} | `{SPECS[name]}` | {r['steps']} | {r['loss_first']:.4f} | {r['loss_last']:.4f} | "
                      f"{r['train_s']:.0f} | {e['task_success']:.3f} | {e['argument_accuracy']:.3f} |")
+    if rec.get("seeds"):
+        lines += ["", "The compositional pipeline by `training.seed` (the same data and model; its eval phase):", "",
+                  "| seed | loss, last 10% | eval phase task_success | sequential | parallel | argument_accuracy |",
+                  "|---|---|---|---|---|---|"]
+        for seed, r in sorted(rec["seeds"].items(), key=lambda kv: int(kv[0])):
+            e = r["eval_phase"]
+            lines.append(f"| {seed} | {r['loss_last']:.4f} | {e['task_success']:.3f} | "
+                         f"{e['task_success_sequential']:.3f} | {e['task_success_parallel']:.3f} | "
+                         f"{e['argument_accuracy']:.3f} |")
     lines += ["", "A held-out parallel task as each model played it:", ""]
     for name, per_kind in rec["models"].items():
         turns = " / ".join(f"{m['role']}: `{m['content']}`" for m in per_kind["parallel"]["example"])
@@ -89,6 +113,8 @@ def markdown(rec: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.alignment.button", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, help="the runs' folder (default: a temporary one)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S",
+                        help="training seeds of the compositional pipeline (default: 0, the spec's own)")
     parser.add_argument("--no-write", action="store_true", help="print the report; leave bench/results alone")
     args = parser.parse_args(argv)
     if not (BASE / "model.safetensors").is_file():
@@ -97,14 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = args.runs or Path(tmp)
         runs = {name: run_spec(spec, runs_dir / Path(spec).stem) for name, spec in SPECS.items()}
+        compositional = SPECS["compositional"]
+        own = yaml.safe_load((REPO_ROOT / compositional).read_text())["training"]["seed"]
+        seeds = {seed: runs["compositional"] if seed == own else run_spec(
+            str(seed_spec(compositional, seed, runs_dir / "specs")), runs_dir / f"{Path(compositional).stem}-seed{seed}")
+            for seed in args.seeds}
         models = {"untrained": evaluate(BASE)}
         models |= {name: evaluate(runs_dir / Path(spec).stem / "sft" / "export" / "policy")
                    for name, spec in SPECS.items()}
-    rec = {"runs": runs, "models": models}
+    rec = {"runs": runs, "models": models, "seeds": seeds}
     report = markdown(rec)
     print(report)
     if not args.no_write:
-        write_results("alignment-button", [rec], report, {"specs": SPECS, "seed": 0})
+        write_results("alignment-button", [rec], report, {"specs": SPECS, "seeds": args.seeds})
     return 0
 
 
