@@ -14,7 +14,10 @@ group (:func:`reserve_nodes`: each plan node on a Ray node of its own, see
 of them at once: that call joins the gloo default group (rendezvous at ``master_addr:master_port``,
 collective), builds the plan's sub-groups and the worker. After that every method is one
 collective step of the run, called on every actor: ``train_step``, ``save``, ``load`` (checkpoints in
-runtime.portable's layout, which any plan of the job can load); ``progress`` answers beside a running step. Worker
+runtime.portable's layout, which any plan of the job can load); ``progress`` answers beside a running step. The
+driver sends step k+1 before step k's results are back (hiding Ray's round trip); the actor runs its steps in the
+order the driver names (``train_step``'s ``after``), never two at once, and the driver never sends a step ahead of a
+``save``. Worker
 logic stays in :mod:`runtime.executor`; this module only moves values across the Ray boundary
 (JSON for each rank's payload, plain dicts for results) and, for large activation pieces between CPU
 workers, through the object store (:class:`ObjectStoreChannel`: peers call ``fetch`` while the
@@ -60,6 +63,9 @@ NICENESS_ENV = "RAY_worker_niceness"
 LOOPBACK = "127.0.0.1"
 CONNECT_TIMEOUT_S = 15.0  # --address: a GCS that does not answer within this is reported, not retried for minutes
 OBJECT_STORE_BYTES = 256 * 1024**2  # a run moves only control data and, on request, parameters
+# an actor's threads besides one ``fetch`` per peer (object-store pieces): the running ``train_step``, the next one
+# waiting for it (sent ahead by the driver), and ``progress`` (the step watchdog) or a probe (orchestrator.recovery)
+ACTOR_THREADS = 3
 QUIET = {"logging_level": logging.WARNING, "configure_logging": False, "log_to_driver": False}
 
 
@@ -112,6 +118,10 @@ class WaveActor:
         self.rank, self.world_size, self.use_gpu = rank, world_size, use_gpu
         self.worker = None
         self.channel = None
+        # the steps' order on this actor (train_step's ``after``): the last step finished here, a step that failed
+        self._turn = threading.Condition()
+        self._finished: int | None = None
+        self._failed: int | None = None
 
     def node_id(self) -> str:
         """The Ray node this actor runs on (hex id): the driver checks it against the plan's node of this rank."""
@@ -154,14 +164,41 @@ class WaveActor:
         """A piece this rank posted to its :class:`ObjectStoreChannel` (waits for it): another rank's ``take``."""
         return self.channel.fetch(key, GLOO_TIMEOUT.total_seconds())
 
-    def train_step(self, step: int) -> dict:
-        """Collective: one training step. Returns {"losses": {task: mean loss}, "seconds": time in this call,
-        "timing": where this worker's step went (``StepTiming.to_dict()``)}."""
-        start = time.perf_counter()
-        losses = self.worker.train_step(step)
+    def train_step(self, step: int, after: int | None = None) -> dict:
+        """Collective: one training step. Returns {"losses": {task: mean loss}, "seconds": time in this step (not its
+        wait for ``after``), "timing": where this worker's step went (``StepTiming.to_dict()``)}.
+
+        ``after``: the step the driver sent just before this one without waiting for its results (it sends the next
+        step ahead, orchestrator.run). Ray runs a threaded actor's calls in any order and at once, so this call
+        waits until step ``after`` has finished here; when that step failed, this one raises at once (the driver
+        kills the actors after a failure anyway, and a step run after a failed one would pair its collectives with
+        nothing)."""
+        if after is not None:
+            self._wait_turn(step, after)
+        try:
+            start = time.perf_counter()
+            losses = self.worker.train_step(step)
+        except BaseException:
+            with self._turn:
+                self._failed = step
+                self._turn.notify_all()
+            raise
+        seconds = time.perf_counter() - start
+        with self._turn:
+            self._finished = step
+            self._turn.notify_all()
         timing = self.worker.last_timing
-        return {"losses": losses, "seconds": time.perf_counter() - start,
-                "timing": timing.to_dict() if timing is not None else None}
+        return {"losses": losses, "seconds": seconds, "timing": timing.to_dict() if timing is not None else None}
+
+    def _wait_turn(self, step: int, after: int) -> None:
+        """Block until step ``after`` has finished on this actor (see :meth:`train_step`)."""
+        with self._turn:
+            ready = self._turn.wait_for(lambda: self._finished == after or self._failed is not None,
+                                        timeout=GLOO_TIMEOUT.total_seconds())
+            if self._failed is not None:
+                raise RuntimeError(f"step {step} not run: step {self._failed} failed on this worker")
+            if not ready:
+                raise TimeoutError(f"step {step} waited {GLOO_TIMEOUT} for step {after} to finish on this worker")
 
     def save(self, path: str) -> dict[str, list[int]]:
         """Collective: write this rank's part of a portable checkpoint (runtime.portable) to ``path`` (a temporary
@@ -244,10 +281,10 @@ class ObjectStoreChannel:
 def create_actors(payloads: list[str], placement: RankPlacement, group: PlacementGroup) -> list:
     """One :class:`WaveActor` handle per rank, given its payload's JSON (``payloads[rank]``; creation is asynchronous; call ``setup`` next), rank r in bundle
     ``placement.node_of(r)`` of ``group`` (from :func:`reserve_nodes`), i.e. on its plan node's Ray node. Each actor
-    runs its calls in threads: ``train_step`` and, beside it, one ``fetch`` per peer (object-store pieces)."""
+    runs its calls in threads (:data:`ACTOR_THREADS` beside the peers' fetches)."""
     world_size = placement.world_size
     remote = ray.remote(num_cpus=placement.cpus_per_rank, num_gpus=placement.gpus_per_rank, max_restarts=0,
-                        max_task_retries=0, max_concurrency=world_size + 1)(WaveActor)
+                        max_task_retries=0, max_concurrency=world_size - 1 + ACTOR_THREADS)(WaveActor)
     use_gpu = placement.gpus_per_rank > 0
     return [remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 group, placement_group_bundle_index=placement.node_of(rank)))

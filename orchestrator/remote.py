@@ -1,7 +1,8 @@
 """The driver's calls to its worker actors: every rank at once, failing fast, each failure one line.
 
-:func:`gather` calls a method on every actor and returns the results in rank order; the first worker error
-raises :class:`RunFailed` (exit code 1; :class:`WorkerLost` when the worker's process is gone), or a
+:func:`gather` calls a method on every actor and returns the results in rank order (:func:`collect` waits for
+calls made earlier); the first worker error raises :class:`RunFailed` (exit code 1; :class:`WorkerLost` when the
+worker's process is gone), or a
 RunInputError when a worker rejects the job while it is being built (``what`` is :data:`STARTING`) or the
 checkpoint while restoring it (:data:`RESTORING`), without waiting for the other actors, which may be stuck
 in a collective. A timeout raises :class:`GatherTimeout`, naming the ranks that had not answered. Used by
@@ -41,9 +42,14 @@ class GatherTimeout(Exception):
 def gather(actors: list, call, what: str, timeout: float | None = None) -> list:
     """Call ``call(actor, rank)`` on every actor; their results in rank order (see the module docstring).
     ``timeout`` (seconds) ends the wait with :class:`GatherTimeout`."""
+    return collect([call(a, r) for r, a in enumerate(actors)], what, timeout)
+
+
+def collect(refs: list, what: str, timeout: float | None = None) -> list:
+    """The results of calls already made, one per rank (``refs[rank]``), as :func:`gather` waits for them; the
+    ``timeout`` counts from now."""
     import ray
 
-    refs = [call(a, r) for r, a in enumerate(actors)]
     rank_of = {ref: r for r, ref in enumerate(refs)}
     pending, deadline = list(refs), None if timeout is None else time.monotonic() + timeout
     while pending:

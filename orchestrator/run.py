@@ -15,11 +15,13 @@ Entry point :func:`run_job`. A run is a sequence of named phases (:class:`Driver
    directory: its lock, the earlier run moved aside for ``overwrite``, ``plan.json``), ``restore``
    (every rank reads what it holds from the checkpoint, runtime.portable). A cluster whose nodes
    cannot hold the plan's nodes is refused before any actor starts (:mod:`orchestrator.placement`).
-3. ``train``: one collective ``train_step`` per step on every actor; each step is logged to
+3. ``train``: one collective ``train_step`` per step on every actor, the next step sent before this one's results
+   are back (so the actors never wait for Ray's round trip to the driver; they run their steps in order) unless a
+   checkpoint is due after this one or a stop signal came; each step is logged to
    ``metrics.jsonl``, the metrics and the progress reporter; every ``checkpoint_every`` steps the
    actors write their files and the driver writes the manifest and the completion marker, then applies
-   ``keep_last``. SIGINT or SIGTERM stops the run after the step in flight, with a final checkpoint when
-   checkpointing is on (:mod:`orchestrator.signals`; :class:`RunStopped`, exit 128 + the signal).
+   ``keep_last``. SIGINT or SIGTERM stops the run after the steps in flight (the one sent ahead too), with a final
+   checkpoint when checkpointing is on (:mod:`orchestrator.signals`; :class:`RunStopped`, exit 128 + the signal).
 4. ``shutdown`` (always): kill the actors, stop the embedded cluster (keeping the workers' logs
    that hold output under ``<out>/logs`` once the run has claimed it) or disconnect from ``--address``,
    stop the metrics server, release the output directory's lock.
@@ -56,7 +58,7 @@ from orchestrator.metrics import (
 from orchestrator.outdir import LOCK_FILE, RunFolder
 from orchestrator.placement import RankPlacement, fitting_nodes, misplaced_ranks, nodes_from_ray, placement_mismatch
 from orchestrator.recovery import Recovering, watchdog_failure
-from orchestrator.remote import RESTORING, STARTING, GatherTimeout, RunFailed, gather, gather_one
+from orchestrator.remote import RESTORING, STARTING, GatherTimeout, RunFailed, collect, gather, gather_one
 from orchestrator.run_inputs import RunInputError, check_cpu_device, check_plan_for_job, check_runnable_job
 from orchestrator.signals import RunStopped, StopSignals, signal_name
 from orchestrator.trace import PREDICTED_TRACE_FILE, TRACE_FILE, TraceRecorder, write_run_traces
@@ -94,6 +96,7 @@ class RunOptions:
     address: str | None = None  # join this Ray cluster instead of starting an embedded one
     costs: Path | None = None  # plan with this profiled cost file (`loom profile`) instead of the analytic model
     collect_parameters: bool = False  # return every rank's final parameters in RunResult (tests)
+    send_ahead: bool = True  # send each step before the previous one's results are back (Driver.may_send_ahead)
     object_store_from_bytes: int = OBJECT_STORE_FROM_BYTES  # CPU pieces this large and larger: object store (0: never)
     setup_timeout_s: float = SETUP_TIMEOUT_S
     placement_timeout_s: float = PLACEMENT_TIMEOUT_S  # wait this long for Ray to reserve the plan's nodes
@@ -172,6 +175,8 @@ class Driver(Recovering):
         self.checkpoints: list[CheckpointInfo] = []
         self.restarts = 0  # automatic restarts so far (recover)
         self.trace = TraceRecorder()  # the last steps' spans, for trace.json
+        self.ahead: tuple[int, list] | None = None  # (step, its calls): sent before the previous step's results came
+        self.step_end = 0.0  # perf_counter() when the last step's results were all in
         self.folder = RunFolder(self.out_dir, resume=options.resume, overwrite=options.overwrite, outputs=OUTPUTS)
         self.stop = StopSignals()
 
@@ -448,19 +453,32 @@ class Driver(Recovering):
         self.reporter.step(record)
         done = step + 1
         stopping = self.stop.requested is not None
+        if stopping and self.ahead is not None:  # step `done` runs already: the run stops after it, its checkpoint then
+            return
         if self.checkpoint_every and (done % self.checkpoint_every == 0 or done == self.num_steps or stopping):
             self.save_checkpoint(done)
         if stopping:
             raise RunStopped(self.stop.requested, "")
 
     def run_step(self, step: int, batch: dict[str, int], tokens: dict[str, int]) -> StepRecord:
-        start = time.perf_counter()
+        """Step ``step`` on every actor (sent now, or earlier as the step ahead), with step ``step + 1`` sent behind
+        it when :meth:`may_send_ahead`; its record. The measured step time runs from when the actors could start
+        it (its sending, or the previous step's results for a step sent ahead) to its results: the period
+        of the steps, as the plan predicts it, without Ray's round trip when the step was sent ahead."""
         timeout = self.job.training.step_timeout_s
+        if self.ahead is not None and self.ahead[0] == step:
+            (_, refs), start = self.ahead, self.step_end
+        else:
+            refs, start = [a.train_step.remote(step) for a in self.actors], time.perf_counter()
+        self.ahead = None
+        if self.may_send_ahead(step):
+            self.ahead = (step + 1, [a.train_step.remote(step + 1, step) for a in self.actors])
         try:
-            results = self.gather(lambda a, r: a.train_step.remote(step), f"at step {step}", timeout=timeout)
+            results = collect(refs, f"at step {step}", timeout=timeout)
         except GatherTimeout as exc:
             raise watchdog_failure(self.actors, f"step {step}", timeout, exc.pending) from None
-        seconds = time.perf_counter() - start
+        self.step_end = time.perf_counter()
+        seconds = self.step_end - start
         losses = results[0]["losses"]  # identical on every rank (all-reduced)
         waves, parts = step_breakdown([r.get("timing") for r in results])
         self.trace.record(step, [r.get("timing") for r in results])
@@ -472,6 +490,14 @@ class Driver(Recovering):
             worker_seconds=[r["seconds"] for r in results],
             wave_seconds=waves, predicted_wave_seconds=predicted_wave_seconds(self.plan), part_seconds=parts,
         )
+
+    def may_send_ahead(self, step: int) -> bool:
+        """Whether step ``step + 1`` goes to the actors before ``step``'s results are back: when it is a step of this
+        run, no checkpoint is due after ``step`` (the actors' ``save`` must see ``step``'s weights) and no stop
+        signal came (the run stops after the step in flight)."""
+        done = step + 1
+        due = self.checkpoint_every and done % self.checkpoint_every == 0
+        return self.options.send_ahead and done < self.num_steps and not due and self.stop.requested is None
 
     def save_checkpoint(self, done: int) -> None:
         """Every rank writes its file, then the driver writes the manifest and marks ``step_<done>`` complete; only
@@ -515,6 +541,7 @@ class Driver(Recovering):
         """Kill the actors and free their reserved nodes (shutdown, and before a restart)."""
         from orchestrator.actors import end_processes, kill_actors, release_nodes
 
+        self.ahead = None  # a step sent ahead dies with the actors
         if self.actors:
             kill_actors(self.actors)
             self.actors = []

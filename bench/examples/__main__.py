@@ -43,7 +43,7 @@ def measure(name: str, path: Path, steps: int, work: Path) -> dict:
     """Profile ``path``, train it ``steps`` steps with that profile and compare measured with predicted."""
     costs, out = work / f"{name}.costs.json", work / name
     started = time.perf_counter()
-    loom("profile", str(path), "--output", str(costs), "--repeats", "3")
+    loom("profile", str(path), "--output", str(costs))  # its default repeats, as a user and scripts/main-job.sh
     profiled = time.perf_counter() - started
     loom("run", str(path), "--costs", str(costs), "--out", str(out), "--steps", str(steps))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -182,14 +182,17 @@ def test_run_survives_three_killed_workers_with_the_uninterrupted_result(ray_ses
             assert torch.equal(tensor, result.parameters[rank][name]), (rank, name)
 
 
+# checkpoint_every 1: step 1 is sent when step 0's results are in; 0: step 1 was sent with step 0 (send-ahead) and
+# may run already when the worker freezes
+@pytest.mark.parametrize("every", [1, 0])
 def test_step_watchdog_restarts_a_frozen_worker_naming_where_each_rank_stopped(ray_session, job_plan, whole,
-                                                                               tmp_path, caplog, monkeypatch):
+                                                                               tmp_path, caplog, monkeypatch, every):
     job, plan = job_plan
     job = job.model_copy(update={"training": job.training.model_copy(update={"step_timeout_s": 8.0})})
     chaos = Chaos(monkeypatch, {1: (signal.SIGSTOP, "before")}, seed=3)
     try:
         with caplog.at_level(logging.INFO):
-            result = run_job(job, plan, options=RunOptions(steps=3, out_dir=tmp_path))
+            result = run_job(job, plan, options=RunOptions(steps=3, out_dir=tmp_path, checkpoint_every=every))
     finally:
         chaos.end_frozen()
     [hung] = restart_lines(caplog)

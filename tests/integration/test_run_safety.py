@@ -228,21 +228,22 @@ def test_keep_last_fallback_sigint_and_overwrite(ray_session, job, plan, tmp_pat
     assert all(damage(c) is None for c in complete_checkpoints(out))
     assert (out / LOCK_FILE).is_file() and lock_is_free(out)  # released at the end
 
-    # a damaged latest checkpoint: --resume falls back to step_2; SIGINT after the first step stops the run
-    # with a final checkpoint (step_3, written again), exit code 130
+    # a damaged latest checkpoint: --resume falls back to step_2; SIGINT after the first step stops the run after
+    # the steps in flight (the first, and the second, sent before the first's results came back) with a final
+    # checkpoint (step_4), exit code 130
     damaged = rank_file(step_dir(out, 3), 1)
     damaged.write_bytes(damaged.read_bytes()[:-10])
     interrupt = WatchingReporter(2, lambda: os.kill(os.getpid(), signal.SIGINT))
     with caplog.at_level(logging.WARNING, logger="orchestrator.checkpoint"), pytest.raises(RunStopped) as stopped:
-        run_job(job, plan, options=RunOptions(steps=4, out_dir=out, resume=True, checkpoint_every=100),
+        run_job(job, plan, options=RunOptions(steps=6, out_dir=out, resume=True, checkpoint_every=100),
                 reporter=interrupt)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "step_3 is damaged (rank_1.safetensors has" in warnings[0], warnings
-    assert [r.step for r in interrupt.records] == [2]
+    assert [r.step for r in interrupt.records] == [2, 3]
     assert interrupt.records[0].loss == first.records[2].loss  # the state after step 2, restored intact
     assert stopped.value.exit_code == 130 and str(stopped.value) == (
-        f"stopped by SIGINT after step 3 of 4; continue from checkpoint {step_dir(out, 3)} (step 3) with --resume")
-    assert find_resume_point(out, plan.hash).step == 3 and lock_is_free(out)
+        f"stopped by SIGINT after step 4 of 6; continue from checkpoint {step_dir(out, 4)} (step 4) with --resume")
+    assert find_resume_point(out, plan.hash).step == 4 and lock_is_free(out)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is gone
 
     with pytest.raises(RunInputError, match="holds checkpoints of an earlier run"):

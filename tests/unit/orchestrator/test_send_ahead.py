@@ -1,0 +1,103 @@
+"""Steps sent ahead (orchestrator.run, orchestrator.actors): an actor runs its steps one at a time in the order the
+driver names, and the driver sends a step ahead only where nothing must happen between two steps. Threads, no Ray
+processes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from orchestrator.actors import WaveActor
+from orchestrator.run import Driver, RunOptions
+from planner.spec import parse_job
+
+
+class SlowWorker:
+    """A WaveWorker stand-in whose steps take ``seconds`` and log when they start and end; ``fail_at``: a step that
+    raises."""
+
+    last_timing = None
+
+    def __init__(self, seconds: float = 0.05, fail_at: int | None = None):
+        self.seconds, self.fail_at = seconds, fail_at
+        self.log: list[tuple[str, int]] = []
+        self.running = 0
+
+    def train_step(self, step: int) -> dict[str, float]:
+        self.running += 1
+        assert self.running == 1, "two steps ran at once"
+        self.log.append(("start", step))
+        time.sleep(self.seconds)
+        self.running -= 1
+        if step == self.fail_at:
+            raise ValueError(f"bad row at step {step}")
+        self.log.append(("end", step))
+        return {"task": float(step)}
+
+
+def actor_with(worker: SlowWorker) -> WaveActor:
+    actor = WaveActor("{}", rank=0, world_size=1)
+    actor.worker = worker
+    return actor
+
+
+def in_thread(call) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = call()
+        except Exception as exc:  # noqa: BLE001 - the test reads it
+            out["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def test_a_step_that_arrives_before_the_one_it_follows_waits_for_it():
+    worker = SlowWorker()
+    actor = actor_with(worker)
+    # Ray may start the later call first: step 2 (after 1) and step 1 (after 0) arrive before step 0
+    later, later_out = in_thread(lambda: actor.train_step(2, after=1))
+    second, second_out = in_thread(lambda: actor.train_step(1, after=0))
+    time.sleep(0.5)
+    assert worker.log == []  # both wait
+    first = actor.train_step(0)
+    second.join(5)
+    later.join(5)
+    assert worker.log == [("start", 0), ("end", 0), ("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+    assert first["losses"] == {"task": 0.0} and second_out["value"]["losses"] == {"task": 1.0}
+    assert later_out["value"]["losses"] == {"task": 2.0}
+    # a step's time is its own (0.05 s), not its wait for the one before (over 0.5 s)
+    assert 0.04 < second_out["value"]["seconds"] < 0.4
+
+
+def test_a_step_behind_a_failed_one_fails_without_running():
+    worker = SlowWorker(fail_at=0)
+    actor = actor_with(worker)
+    waiting, out = in_thread(lambda: actor.train_step(1, after=0))
+    with pytest.raises(ValueError, match="bad row at step 0"):
+        actor.train_step(0)
+    waiting.join(5)
+    assert isinstance(out["error"], RuntimeError) and str(out["error"]) == \
+        "step 1 not run: step 0 failed on this worker"
+    assert worker.log == [("start", 0)]
+
+
+JOB = {"name": "ahead", "cluster": {"num_nodes": 1, "devices_per_node": 1, "device": "cpu"},
+       "components": {"enc": {"kind": "mlp", "num_layers": 1, "hidden_size": 8}},
+       "tasks": [{"name": "t", "batch_size": 2, "loss": "mse", "components": [{"component": "enc"}]}],
+       "training": {"steps": 7}}
+
+
+@pytest.mark.parametrize("every, sent", [(0, [0, 1, 2, 3, 4, 5]), (3, [0, 1, 3, 4]), (1, [])])
+def test_the_driver_sends_ahead_unless_a_checkpoint_or_the_end_comes_next(tmp_path, every, sent):
+    driver = Driver(parse_job(JOB), None, RunOptions(out_dir=tmp_path, checkpoint_every=every), reporter=None)
+    assert [step for step in range(7) if driver.may_send_ahead(step)] == sent
+    driver.stop.requested = 2  # SIGINT came: the run stops after the step in flight, nothing more is sent
+    assert not any(driver.may_send_ahead(step) for step in range(7))
+    off = Driver(parse_job(JOB), None, RunOptions(out_dir=tmp_path, send_ahead=False), reporter=None)
+    assert not any(off.may_send_ahead(step) for step in range(7))
