@@ -14,7 +14,8 @@ step wrote, none of them a training problem): plain SFT, HSFT alone and HSFT + c
 Metrics per model: answer accuracy (solve prompts), first errors located and fixed (check prompts showing a student
 solution with an error at a known step), the false-alarm rate (check prompts showing a right solution: any step
 marked wrong), per seed and their mean and sample std, by problem kind; the DPO pairs by kind (missed errors, false
-alarms) before balancing; each trained phase's loss, first and last 10% of its steps; each pipeline's wall time.
+alarms) before balancing; each trained phase's loss, first and last 10% of its steps; each pipeline's wall time;
+whether SuperCorrect's located and fixed are above plain SFT's on the mean and on which seeds.
 Writes bench/results/alignment-supercorrect.{json,md}.
 """
 
@@ -70,14 +71,19 @@ def seeded_spec(spec: str, seed: int, root: Path, balance: bool = True) -> Path:
 
 def run_pipeline(spec: Path, out: Path, reuse: bool, resume: bool = False) -> float | None:
     """``loom run spec --out out`` in a subprocess (``--resume`` with ``resume``, else ``--overwrite``); its wall
-    seconds (None when a finished run is reused)."""
+    seconds, kept in ``<out's parent>/bench-walls/<out's name>.json`` so that a reused finished run still reports
+    the wall time it took (None when a finished run is reused and its wall time was not kept)."""
+    kept = out.parent / "bench-walls" / f"{out.name}.json"
     if reuse and (out / "eval" / "metrics.json").is_file():
-        return None
+        return json.loads(kept.read_text()) if kept.is_file() else None
     start = time.perf_counter()
     env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
     subprocess.run([sys.executable, "-m", "orchestrator", "run", str(spec), "--out", str(out), "--resume" if resume else "--overwrite"],
                    cwd=REPO_ROOT, env=env, check=True)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps(wall))
+    return wall
 
 
 def by_kind(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -150,8 +156,17 @@ def measure(root: Path, seeds: list[int], reuse: bool) -> dict:
     mean = {name: {m: statistics.fmean(v) for m, v in ms.items()} for name, ms in values.items()}
     std = {name: {m: statistics.stdev(v) if len(v) > 1 else 0.0 for m, v in ms.items()} for name, ms in values.items()}
     target = {m: mean[SUPERCORRECT][m] > mean[BASELINE][m] for m in ("first_error_located", "first_error_fixed")}
+    per_seed = seeds_above_baseline(runs)
     return {"seeds": seeds, "runs": runs, "mean": mean, "std": std, "target_met": all(target.values()),
-            "above_baseline": target}
+            "above_baseline": target, "seeds_above_baseline": per_seed,
+            "every_seed_above": all(len(v) == len(runs) for v in per_seed.values())}
+
+
+def seeds_above_baseline(runs: list[dict]) -> dict[str, list[int]]:
+    """For located and fixed, the seeds on which SuperCorrect's rate is strictly above plain SFT's (a tie is not
+    above)."""
+    return {m: [r["seed"] for r in runs if r["models"][SUPERCORRECT]["metrics"][m] > r["models"][BASELINE]["metrics"][m]]
+            for m in ("first_error_located", "first_error_fixed")}
 
 
 def markdown(rec: dict) -> str:
@@ -177,6 +192,11 @@ def markdown(rec: dict) -> str:
               f"**{'met' if rec['target_met'] else 'not met'}** (located "
               f"{'above' if above['first_error_located'] else 'not above'}, fixed "
               f"{'above' if above['first_error_fixed'] else 'not above'})."]
+    seeds_above = rec["seeds_above_baseline"]
+    every = "every seed" if rec["every_seed_above"] else "not every seed"
+    lines += ["", f"Per seed: SuperCorrect above plain SFT on **{every}** (located above on seeds "
+              + (", ".join(map(str, seeds_above["first_error_located"])) or "none") + "; fixed above on seeds "
+              + (", ".join(map(str, seeds_above["first_error_fixed"])) or "none") + ")."]
     n, errs = first["heldout"], first["erring"]
     lines += ["", f"Binomial standard errors of one seed at these sizes (seed {first['seed']}: {n} problems, {errs} "
               "erring), at the mean rates: located " + ", ".join(
