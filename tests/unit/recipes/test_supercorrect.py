@@ -250,3 +250,23 @@ def test_every_generated_row_tokenizes_without_unknown_words(model):
                     ids = tokenizer(f"{row['prompt']} {row[side]}")["input_ids"]
                     assert tokenizer.unk_token_id not in ids and len(ids) <= 120  # the pipelines' seq_len
                     assert tokenizer.decode(ids) == sc.normalise(f"{row['prompt']} {row[side]}")
+
+
+def _trained_steps(doc: dict) -> dict[str, int]:
+    """Each trained phase's steps: its own ``training.steps``, else the spec's."""
+    return {phase["name"]: phase.get("training", {}).get("steps", doc["training"]["steps"])
+            for phase in doc["phases"] if "tasks" in phase}
+
+
+def test_the_baseline_trains_as_many_steps_as_hsft_and_dpo_together_on_the_same_problems():
+    tiny = yaml.safe_load((PIPELINES / "supercorrect-tiny.yaml").read_text())
+    baseline = yaml.safe_load((PIPELINES / "supercorrect-baseline-tiny.yaml").read_text())
+    steps = _trained_steps(tiny)
+    assert set(steps) == {"hsft", "dpo"} and steps["hsft"] > steps["dpo"]
+    assert _trained_steps(baseline) == {"sft": steps["hsft"] + steps["dpo"]}
+    data = {doc["name"]: next(p["args"] for p in doc["phases"] if p.get("step") == "supercorrect_data")
+            for doc in (tiny, baseline)}
+    assert data["supercorrect-tiny"].pop("style") == "template"
+    assert data["supercorrect-baseline-tiny"].pop("style") == "plain"
+    assert data["supercorrect-tiny"] == data["supercorrect-baseline-tiny"]  # same problems, seed and check rows
+    assert (tiny["training"]["lr"], tiny["training"]["seed"]) == (baseline["training"]["lr"], baseline["training"]["seed"])
