@@ -4,8 +4,8 @@
 fraction of a percent of each other on the timeline often differ by 5-10% in their waves' compute (each wave its
 slowest slice: the device time a plan holds), because the timeline has no barrier between waves and hides a wave's
 idle devices that the waves' sum counts. Among the schedules predicted within :data:`TOLERANCE` of the fastest, the
-planner keeps the one with the least waves' compute: the iteration it gives up is bounded by the tolerance, and
-never past a baseline's (:func:`prefer_less_compute`: Loom is never predicted slower than a baseline that fits).
+planner keeps the one with the least waves' compute that saves a larger share of compute than it adds to the
+iteration: what it gives up is bounded by the tolerance, and never past a baseline's (:func:`prefer_less_compute`: Loom is never predicted slower than a baseline that fits).
 
 Pure: no files, no globals. What it must not import: the Ray or runtime layers.
 """
@@ -57,16 +57,18 @@ def prefer_less_compute(problem: Problem, devices_per_node: int,
                         chosen: tuple[SolveResult, PlacedSchedule, Simulation],
                         alternatives: Sequence[Alternative], baselines: Sequence[BaselinePlan],
                         ) -> tuple[SolveResult, PlacedSchedule, Simulation]:
-    """``chosen`` (the fastest of Loom's own schedules), or the alternative with the least waves' compute below
-    ``chosen``'s that is predicted no slower than any baseline that fits in memory and runs (those baselines' fastest
-    time is the ceiling; the alternatives are already within the tolerance of ``chosen``)."""
+    """``chosen`` (the fastest of Loom's own schedules), or the alternative with the least waves' compute that saves
+    at least as large a share of ``chosen``'s compute as it adds to its iteration (device time is not traded away
+    for a token saving) and is predicted no slower than any baseline that fits in memory and runs (those baselines'
+    fastest time is the ceiling; the alternatives are already within the tolerance of ``chosen``)."""
     ceiling = float("inf")
     for b in sorted(baselines, key=lambda b: b.sim.iteration_time_s):
         if not b.unfit and runnable(problem, b.placed, devices_per_node) is None:
             ceiling = b.sim.iteration_time_s
             break
-    own = waves_compute(problem, chosen[0].schedule)
+    own, fastest = waves_compute(problem, chosen[0].schedule), chosen[2].iteration_time_s
     for alt in alternatives:  # least compute first
-        if alt.compute_s < own * (1 - 1e-9) and alt.sim.iteration_time_s <= ceiling:
+        saved, lost = 1 - alt.compute_s / own, alt.sim.iteration_time_s / fastest - 1
+        if saved > 1e-9 and saved >= lost and alt.sim.iteration_time_s <= ceiling:
             return alt.result, alt.placed, alt.sim
     return chosen
