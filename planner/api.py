@@ -27,6 +27,7 @@ from planner.metagraph import MetaGraph, build_metagraph
 from planner.placement import (
     STRATEGIES, PlacedSchedule, PlacedSlice, PlacedWave, TensorParallelRoomError, place_schedule,
 )
+from planner.leastcompute import LEAST_SPLIT_TOP, Alternative, near_fastest, prefer_less_compute, waves_compute
 from planner.refine import Evaluated, evaluation_cost, refine_compute, refine_transfers
 from planner.plan import (
     Bounds, Plan, PlanCluster, PlanHandoff, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport,
@@ -109,14 +110,15 @@ def plan_job(
     )
     solved = solve(problem, settings, warm=warm, lower_bound=bounds.dag_s, progress=say)
     try:
-        chosen = choose_candidate(problem, cost_model, solved, deadline=settings.deadline, grace_s=reserve / 2)[:3]
+        found = choose_candidate(problem, cost_model, solved, deadline=settings.deadline, grace_s=reserve / 2)
         planned, error = problem, None
     except PlanningError as exc:  # no solver candidate fits (memory, or TP groups inside nodes): tighter layouts
         try:
             planned, found = repair_memory(problem, cost_model, settings, bounds, exc, say)
-            chosen, error = found[:3], None
+            error = None
         except PlanningError as still:  # nothing the solver finds fits: a baseline's schedule may
-            chosen, planned, error = None, problem, still
+            found, planned, error = None, problem, still
+    chosen, alternatives = (found[:3], found[4]) if found is not None else (None, ())
     searched = chosen[0] if chosen is not None else None  # choose_candidate tried its bucket splits already
     # RL-shaped jobs: Loom's role placement and the colocated/split baselines, each search on a work budget
     role_budget = rl_budget(limit)
@@ -135,6 +137,10 @@ def plan_job(
     result, placed, sim = adopt_best(problem, cost_model.hw.devices_per_node, chosen, baseline_plans, error, bounds.dag_s)
     if result.method.endswith(ADOPTED):
         planned = problem  # a baseline's schedule is on the job's own curves, not a memory repair's
+    elif result is searched:  # near the fastest, the least waves' compute, never slower than a baseline that fits
+        result, placed, sim = prefer_less_compute(planned, cost_model.hw.devices_per_node, (result, placed, sim),
+                                                  alternatives, baseline_plans)
+        searched = result
     if result is not searched:  # a baseline's, the group split's or a role placement's schedule: its buckets may split
         result, placed, sim = split_chosen(planned, cost_model, result, placed, sim, SPLIT_BUDGET)[:3]
     say(f"chose {result.method}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
@@ -247,17 +253,21 @@ COMPUTE_BUDGET = 6000  # work units (refine.compute_cost) of the compute search 
 COMPUTE_REFINED = ", compute-refined"  # method suffix of a plan that search improved
 SPLIT_TOP = 8  # the best placed candidates (distinct schedules, refined ones included) whose buckets are split
 SPLIT_BUDGET = 12_000  # work units (bucketsplit.split_cost) of bucket splitting, shared by those candidates
+LEAST_SPLIT_BUDGET = 3000  # work units of splitting the least-compute schedules (leastcompute.LEAST_SPLIT_TOP)
 
 
 def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResult, deadline: float | None = None,
-                     grace_s: float = math.inf) -> tuple[SolveResult, PlacedSchedule, Simulation, dict[str, str]]:
+                     grace_s: float = math.inf,
+                     ) -> tuple[SolveResult, PlacedSchedule, Simulation, dict[str, str], tuple[Alternative, ...]]:
     """Place and simulate every candidate schedule the solver found; keep the shortest predicted iteration.
 
     The solver ranks by compute alone; transfers and shared-parameter sync depend on placement, so the
     final choice is made on the full simulated time: every candidate in both orders of its independent
     runs, under every placement strategy (one node: packing only), then the transfer-aware local search
     (:mod:`planner.refine`) from the best few, the compute search from the best and bucket splits. A candidate that does not fit in memory is skipped; when
-    none fits, the error of the shortest one is raised. Also returns why each unfit candidate failed.
+    none fits, the error of the shortest one is raised. Also returns why each unfit candidate failed, and every
+    placed schedule predicted within :data:`planner.leastcompute.TOLERANCE` of the chosen one, least waves' compute
+    first (the caller may prefer one of them once the baselines are known: :func:`prefer_less_compute`).
     Placing stops at :data:`PLACE_BUDGET` work units (see :func:`_place_candidates`; the first candidate is always
     placed): deterministic. Past ``deadline`` (``time.thread_time()``, the planner's time limit; a safety cap) only
     the best candidate's variants are still placed and the local search is skipped."""
@@ -290,25 +300,48 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
             best_name, best = best_name + COMPUTE_REFINED, found
             ranked.append((best_name, cand, found))
     # bucket splits (planner.bucketsplit) on the best few distinct schedules: a schedule whose sync starts late or
-    # ends with a large bucket can overtake one that was faster before
-    budget, done = SPLIT_BUDGET, []
-    for name, start_cand, ev in sorted(ranked, key=lambda e: e[2].sim.iteration_time_s):
-        if len(done) == SPLIT_TOP or budget <= 0 or (deadline is not None and time.thread_time() >= deadline):
+    # ends with a large bucket can overtake one that was faster before; then on the least-compute few, which a split
+    # may bring within the tolerance of the fastest (planner.leastcompute)
+    split, tried = _split_some(problem, cost_model, sorted(ranked, key=lambda e: e[2].sim.iteration_time_s),
+                               SPLIT_TOP, SPLIT_BUDGET, deadline, [])
+    by_compute = sorted(ranked, key=lambda e: (waves_compute(problem, e[2].schedule), e[2].sim.iteration_time_s))
+    pool = ranked + split + _split_some(problem, cost_model, by_compute, LEAST_SPLIT_TOP, LEAST_SPLIT_BUDGET,
+                                        deadline, tried)[0]
+    for name, start_cand, ev in split:
+        if ev.sim.iteration_time_s < best.sim.iteration_time_s * (1 - 1e-12):
+            best_name, cand, best = name, start_cand, ev
+    results = {id(e[2]): _result_of(problem, solved, e[0], e[1], e[2]) for e in pool}
+    alternatives = near_fastest([Alternative(results[id(e[2])], e[2].placed, e[2].sim,
+                                             waves_compute(problem, e[2].schedule)) for e in pool])
+    return results[id(best)], best.placed, best.sim, unfit, tuple(alternatives)
+
+
+def _split_some(problem: Problem, cost_model: CostModel, entries: list, top: int, budget: int,
+                deadline: float | None, done: list) -> tuple[list, list]:
+    """Bucket splits (:func:`planner.bucketsplit.split_buckets`) of the first ``top`` distinct schedules of
+    ``entries`` (name, candidate, Evaluated) not in ``done`` (schedules tried already), within ``budget`` work units
+    and ``deadline``: each improved one as (name + SPLIT, candidate, Evaluated), and ``done`` with those tried."""
+    out, tried = [], list(done)
+    for name, start_cand, ev in entries:
+        if len(tried) - len(done) == top or budget <= 0 or (deadline is not None and time.thread_time() >= deadline):
             break
-        if any(ev.schedule == other.schedule for other in done):
+        if any(ev.schedule == other for other in tried):
             continue
-        done.append(ev)
+        tried.append(ev.schedule)
         found, found_sim, spent = split_buckets(problem, cost_model, ev.placed, ev.sim, budget)
         budget -= spent
-        if found_sim.iteration_time_s < best.sim.iteration_time_s * (1 - 1e-12):
-            best_name, cand = name + SPLIT, start_cand
-            best = Evaluated(schedule_of(found), ev.strategy, found, found_sim)
-    makespan = compute_makespan(problem, best.schedule)
+        if found is not ev.placed:
+            out.append((name + SPLIT, start_cand, Evaluated(schedule_of(found), ev.strategy, found, found_sim)))
+    return out, tried
+
+
+def _result_of(problem: Problem, solved: SolveResult, name: str, cand: Candidate, ev: Evaluated) -> SolveResult:
+    """The solver's report for a placed schedule: its compute, gap and method; a reordered schedule has its
+    candidate's status, a refined or split one is a local-search result."""
+    makespan = compute_makespan(problem, ev.schedule)
     gap = (makespan - solved.bound_s) / makespan if makespan > 0 else 0.0
-    # a reordered schedule has its candidate's compute; a refined one is a local-search result
-    status = "heuristic" if best_name.endswith((REFINED, COMPUTE_REFINED, SPLIT)) else cand.status
-    chosen = replace(solved, schedule=best.schedule, status=status, objective_s=makespan, gap=gap, method=best_name)
-    return chosen, best.placed, best.sim, unfit
+    status = "heuristic" if name.endswith((REFINED, COMPUTE_REFINED, SPLIT)) else cand.status
+    return replace(solved, schedule=ev.schedule, status=status, objective_s=makespan, gap=gap, method=name)
 
 
 def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResult, deadline: float | None = None,

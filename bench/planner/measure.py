@@ -29,8 +29,10 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from planner.api import PlanOutcome, plan_job
+from planner.bound import relaxed_allocation
 from planner.bucketsplit import unsplit
-from planner.schedule import compute_makespan
+from planner.layerbound import layer_bound
+from planner.schedule import Problem, compute_makespan
 from planner.spindle import spindle_schedule
 
 from bench.common import median_of
@@ -91,6 +93,14 @@ def measure_cell_isolated(cell: Cell, repeats: int = 1, warmup: int = 0) -> dict
         return pool.submit(_measure_in_child, cell, repeats, warmup).result()
 
 
+def pattern_lp_bound(problem: Problem) -> float:
+    """The per-level bound tightened by whole layers and valid counts: over the levels, the larger of the fluid
+    optimum and the pattern LP's certificate (:func:`planner.layerbound.layer_bound`; 0 where a level is too large to
+    price). Still a lower bound on every wave schedule with level barriers (tests/unit/planner/test_layerbound.py)."""
+    return sum(max(relaxed_allocation(problem, level, hull=True)[0], layer_bound(problem, level))
+               for level in problem.graph.levels)
+
+
 def _describe(outcome: PlanOutcome) -> dict[str, Any]:
     """The numbers of one planned cell (see the module docstring for what each ratio means)."""
     plan, problem = outcome.plan, outcome.problem
@@ -103,6 +113,7 @@ def _describe(outcome: PlanOutcome) -> dict[str, Any]:
     # the solver ranks its candidates by compute, the planner by the simulated iteration: the least compute it found
     least_compute = min((c.makespan_s for c in outcome.solve.candidates), default=None)
     spindle_compute = compute_makespan(problem, spindle_schedule(problem))
+    pattern_lp = pattern_lp_bound(problem)
     spindle_s = plan.baselines.get("spindle")
     sequential_s = plan.baselines.get("sequential")
     return {
@@ -112,7 +123,7 @@ def _describe(outcome: PlanOutcome) -> dict[str, Any]:
         "num_waves": len(plan.waves),
         "iteration_s": iteration,
         "predicted": plan.predicted.model_dump(),
-        "bounds": {"per_level_s": per_level, "dag_s": dag},
+        "bounds": {"per_level_s": per_level, "dag_s": dag, "pattern_lp_s": pattern_lp},
         # the allocation LP (valid counts, whole layers per pattern, fractional repetitions; best window kind): what
         # integer device counts alone cost; the least-compute candidate adds the packing; the plan, the choice
         "compute_s": {"loom": loom_compute, "spindle": spindle_compute, "solver_least": least_compute,
@@ -123,6 +134,8 @@ def _describe(outcome: PlanOutcome) -> dict[str, Any]:
             "loom_compute_over_per_level": _ratio(loom_compute, per_level),
             "loom_compute_over_dag": _ratio(loom_compute, dag),
             "solver_least_compute_over_per_level": _ratio(least_compute, per_level),
+            "loom_compute_over_pattern_lp": _ratio(loom_compute, pattern_lp),
+            "solver_least_compute_over_pattern_lp": _ratio(least_compute, pattern_lp),
             "spindle_compute_over_per_level": _ratio(spindle_compute, per_level),
             "spindle_compute_over_dag": _ratio(spindle_compute, dag),
             "speedup_vs_spindle": _ratio(spindle_s, loom_s),

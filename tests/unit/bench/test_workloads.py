@@ -219,13 +219,13 @@ def test_losses_table_puts_the_timeline_beside_the_waves_and_the_gather_share():
 
 def test_compute_steps_table_divides_each_step_by_the_per_level_bound():
     record = _record("clip-10@8", 1.15, 1.17, 1.0)
-    record["bounds"] = {"per_level_s": 1.0}
+    record["bounds"] = {"per_level_s": 1.0, "pattern_lp_s": 1.009}
     record["compute_s"] = {"loom": 1.09, "solver_least": 1.036, "allocation_lp": 1.015}
     record["predicted"] = {"compute_s": 1.045}
     record["solver"] = {"method": "spindle reversed"}
     rows = compute_steps_table([record, _record("clip-4@8", 1.0, 1.06, 0.98)]).splitlines()
     assert len(rows) == 3  # header, rule, and only the record with the LP's value
-    assert rows[2].split(" | ")[1:] == ["1.015", "1.036", "1.090", "1.045", "spindle reversed |"]
+    assert rows[2].split(" | ")[1:] == ["1.009", "1.015", "1.036", "1.090", "1.045", "1.080", "spindle reversed |"]
 
 
 def _scale_record(cell: str, loom: float, baselines: dict, oom: tuple = (), plan_s: float = 5.0,

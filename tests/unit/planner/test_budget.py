@@ -138,7 +138,7 @@ def test_memory_repair_plans_a_job_whose_fastest_layouts_do_not_fit():
     settings = SolverSettings(solver=job.planner.solver, time_limit_s=job.planner.time_limit_s,
                               mip_gap=job.planner.mip_gap, level_barriers=job.planner.level_barriers,
                               deadline=time.thread_time() + job.planner.time_limit_s)
-    tight, (_, placed, sim, _) = repair_memory(original, cost_model, settings, plan_bounds(original, cost_model),
+    tight, (_, placed, sim, _, _) = repair_memory(original, cost_model, settings, plan_bounds(original, cost_model),
                                                PlanningError("none fits"), messages.append)
     assert tight.curves != original.curves
     assert max(sim.peak_memory_bytes) <= cost_model.hw.memory_bytes

@@ -127,7 +127,7 @@ def test_choose_candidate_is_never_worse_than_packing_any_candidate():
     problem = Problem.build(build_metagraph(job), cm)
     solved = solve(problem, SolverSettings(time_limit_s=5), warm=spindle_schedule(problem),
                    lower_bound=dag_bound(problem), progress=lambda _: None)
-    chosen, placed, sim, _ = choose_candidate(problem, cm, solved)
+    chosen, placed, sim, _, _ = choose_candidate(problem, cm, solved)
     check_schedule(problem, chosen.schedule)
     packed = [simulate(problem, place_schedule(problem, c.schedule, cm), cm).iteration_time_s
               for c in solved.candidates]

@@ -1,0 +1,74 @@
+"""Least compute among near-fastest plans: the tie-break of the planner's choice.
+
+:func:`planner.api.choose_candidate` ranks placed schedules by their simulated iteration time. Schedules within a
+fraction of a percent of each other on the timeline often differ by 5-10% in their waves' compute (each wave its
+slowest slice: the device time a plan holds), because the timeline has no barrier between waves and hides a wave's
+idle devices that the waves' sum counts. Among the schedules predicted within :data:`TOLERANCE` of the fastest, the
+planner keeps the one with the least waves' compute that saves a larger share of compute than it adds to the
+iteration: what it gives up is bounded by the tolerance, and never past a baseline's (:func:`prefer_less_compute`: Loom is never predicted slower than a baseline that fits).
+
+Pure: no files, no globals. What it must not import: the Ray or runtime layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from planner.baselines import BaselinePlan
+from planner.bucketsplit import unsplit
+from planner.candidates import runnable
+from planner.placement import PlacedSchedule
+from planner.schedule import Problem, Schedule, compute_makespan
+from planner.simulator import Simulation
+from planner.solver import SolveResult
+
+TOLERANCE = 0.01  # predicted iteration a plan may give up (relative to the fastest found) for less waves' compute
+LEAST_SPLIT_TOP = 3  # the least-compute placed schedules whose buckets are split as well as the fastest few
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """A placed and simulated schedule near the fastest, with its waves' compute (a cut wave's parts joined)."""
+
+    result: SolveResult
+    placed: PlacedSchedule
+    sim: Simulation
+    compute_s: float
+
+
+def waves_compute(problem: Problem, schedule: Schedule) -> float:
+    """The waves' compute of ``schedule`` (seconds): the sum of its waves' slowest slices, a bucket split's parts run
+    as one wave (:func:`planner.bucketsplit.unsplit`). What the per-level bound bounds."""
+    return compute_makespan(problem, unsplit(problem, schedule))
+
+
+def near_fastest(alternatives: Sequence[Alternative], tolerance: float = TOLERANCE) -> list[Alternative]:
+    """The alternatives predicted within ``tolerance`` of the fastest, least waves' compute first (then the faster,
+    then the given order)."""
+    if not alternatives:
+        return []
+    fastest = min(a.sim.iteration_time_s for a in alternatives)
+    near = [a for a in alternatives if a.sim.iteration_time_s <= fastest * (1 + tolerance)]
+    return sorted(near, key=lambda a: (a.compute_s, a.sim.iteration_time_s))
+
+
+def prefer_less_compute(problem: Problem, devices_per_node: int,
+                        chosen: tuple[SolveResult, PlacedSchedule, Simulation],
+                        alternatives: Sequence[Alternative], baselines: Sequence[BaselinePlan],
+                        ) -> tuple[SolveResult, PlacedSchedule, Simulation]:
+    """``chosen`` (the fastest of Loom's own schedules), or the alternative with the least waves' compute that saves
+    at least as large a share of ``chosen``'s compute as it adds to its iteration (device time is not traded away
+    for a token saving) and is predicted no slower than any baseline that fits in memory and runs (those baselines'
+    fastest time is the ceiling; the alternatives are already within the tolerance of ``chosen``)."""
+    ceiling = float("inf")
+    for b in sorted(baselines, key=lambda b: b.sim.iteration_time_s):
+        if not b.unfit and runnable(problem, b.placed, devices_per_node) is None:
+            ceiling = b.sim.iteration_time_s
+            break
+    own, fastest = waves_compute(problem, chosen[0].schedule), chosen[2].iteration_time_s
+    for alt in alternatives:  # least compute first
+        saved, lost = 1 - alt.compute_s / own, alt.sim.iteration_time_s / fastest - 1
+        if saved > 1e-9 and saved >= lost and alt.sim.iteration_time_s <= ceiling:
+            return alt.result, alt.placed, alt.sim
+    return chosen

@@ -1,0 +1,78 @@
+"""Least compute among near-fastest plans (planner.leastcompute): on Spindle's clip-4@8 cell the fastest placed
+schedule computes 3.7% over the per-level bound and another within 1% of its iteration 0.9%; the plan takes the
+latter (it saves a larger share of compute than it costs of the iteration), and never one slower than a baseline that
+fits."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from bench.planner.cells import Cell, load_cell_job
+from planner.api import choose_candidate, make_cost_model, plan_job
+from planner.baselines import baseline_plans
+from planner.bound import dag_bound
+from planner.candidates import runnable
+from planner.leastcompute import TOLERANCE, near_fastest, prefer_less_compute, waves_compute
+from planner.metagraph import build_metagraph
+from planner.schedule import Problem
+from planner.solver import SolverSettings, solve
+from planner.spindle import spindle_schedule
+
+
+@pytest.fixture(scope="module")
+def clip4():
+    job = load_cell_job(Cell("clip-4", 8, "grid"))
+    cm = make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cm)
+    solved = solve(problem, SolverSettings(time_limit_s=job.planner.time_limit_s), warm=spindle_schedule(problem),
+                   lower_bound=dag_bound(problem), progress=lambda _: None)
+    return job, cm, problem, choose_candidate(problem, cm, solved)
+
+
+def test_alternatives_are_the_near_fastest_least_compute_first(clip4):
+    _, _, problem, (chosen, placed, sim, _, alternatives) = clip4
+    assert any(a.placed == placed for a in alternatives)  # the fastest is one of them
+    assert all(a.sim.iteration_time_s <= sim.iteration_time_s * (1 + TOLERANCE) for a in alternatives)
+    assert all(a.sim.iteration_time_s >= sim.iteration_time_s * (1 - 1e-12) for a in alternatives)
+    computes = [a.compute_s for a in alternatives]
+    assert computes == sorted(computes)
+    assert all(a.compute_s == pytest.approx(waves_compute(problem, a.result.schedule)) for a in alternatives)
+    # on this cell a schedule within the tolerance computes clearly less than the fastest
+    assert computes[0] < waves_compute(problem, chosen.schedule) * 0.98
+    # widening the tolerance never drops one, narrowing it to 0 keeps the fastest
+    assert len(near_fastest(alternatives, 2 * TOLERANCE)) == len(alternatives)
+    assert {id(a) for a in near_fastest(alternatives, 0.0)} <= {id(a) for a in alternatives}
+
+
+def test_plan_job_takes_the_least_compute_one_no_slower_than_a_baseline(clip4):
+    job, cm, problem, (chosen, _, sim, _, alternatives) = clip4
+    outcome = plan_job(job, progress=lambda _: None)
+    fitting = [t for name, t in outcome.plan.baselines.items() if name not in outcome.plan.baseline_notes]
+    assert outcome.simulation.iteration_time_s <= min(fitting)
+    assert outcome.simulation.iteration_time_s <= sim.iteration_time_s * (1 + TOLERANCE)
+    assert waves_compute(problem, outcome.solve.schedule) == pytest.approx(alternatives[0].compute_s)
+    assert outcome.solve.objective_s < chosen.objective_s
+
+
+def test_a_baseline_between_the_fastest_and_the_cheapest_caps_the_choice(clip4):
+    """A baseline predicted faster than the least-compute alternative makes that alternative ineligible: the choice is
+    the least compute among those no slower than the baseline (the fastest at worst)."""
+    _, cm, problem, (chosen, placed, sim, _, alternatives) = clip4
+    slower = [a for a in alternatives if a.sim.iteration_time_s > sim.iteration_time_s * (1 + 1e-9)]
+    assert slower, "the cell's cheapest near-fastest schedule is slower than the fastest"
+    ceiling = 0.5 * (sim.iteration_time_s + slower[0].sim.iteration_time_s)
+    plans = baseline_plans(problem, cm)
+    real = next(b for b in plans if not b.unfit and runnable(problem, b.placed, cm.hw.devices_per_node) is None)
+    capped = [replace(real, sim=replace(real.sim, iteration_time_s=ceiling))]
+    result, _, got = prefer_less_compute(problem, cm.hw.devices_per_node, (chosen, placed, sim), alternatives, capped)
+    assert got.iteration_time_s <= ceiling
+    own = waves_compute(problem, chosen.schedule)
+    worth = [a.compute_s for a in alternatives if a.sim.iteration_time_s <= ceiling
+             and 1 - a.compute_s / own >= a.sim.iteration_time_s / sim.iteration_time_s - 1]
+    assert waves_compute(problem, result.schedule) == pytest.approx(min(worth))
+    # with no baseline in reach the cheapest is taken (it saves 2.7% of compute for 0.7% of iteration)
+    far = [replace(real, sim=replace(real.sim, iteration_time_s=10 * sim.iteration_time_s))]
+    assert prefer_less_compute(problem, cm.hw.devices_per_node, (chosen, placed, sim), alternatives, far)[2] \
+        is alternatives[0].sim
