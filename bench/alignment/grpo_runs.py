@@ -1,10 +1,12 @@
-"""``python -m bench.alignment.grpo_runs WORK [--seeds 0 1 2] [--score-only] [--one-process] [--no-write]``: the whole
-phase pipeline through ``loom run``, once per seed, and GRPO's margin over each run's own merged SFT model.
+"""``python -m bench.alignment.grpo_runs WORK [--seeds 0 1 2] [--resume] [--score-only] [--one-process] [--no-write]``:
+the whole phase pipeline through ``loom run``, once per seed, and GRPO's margin over each run's own merged SFT model.
 
 For each seed, ``recipes/alignment/pipeline/pipeline-tiny.yaml`` with ``training.seed`` the seed (every phase: data
 order, heads, rollouts) is written to ``WORK/pipeline-seed<S>.yaml`` (its paths made absolute) and run by ``loom run
-... --out WORK/out<S>`` (exit code, wall time and load average in ``WORK/run<S>.json``); ``--score-only`` scores
-the runs already there (runs started by hand with the same files, e.g. side by side). Each run's models answer the
+... --out WORK/out<S>`` (exit code, wall time and load average in ``WORK/run<S>.json``); ``--resume`` passes
+``--resume`` to it, so that phases an earlier run of the same file finished there (each checked against its spec's
+hash) are kept and the rest run (the wall time is then the rest's); ``--score-only`` scores the runs already there
+(runs started by hand with the same files, e.g. side by side). Each run's models answer the
 same N held-out constraints prompts greedily (step ``rule_eval``'s function, recipes.alignment.evaluate.rule_eval):
 the two domain models (the merge's parents), the merged model (GRPO's start and reference) and the GRPO policy.
 Where a run's GRPO export predates the export of the GRPO head's trained LM head (runtime.export: until 2026-12-04 a
@@ -48,14 +50,15 @@ def seed_spec(work: Path, seed: int) -> Path:
     return path
 
 
-def run(work: Path, seed: int) -> dict:
-    """``loom run`` of the seed's pipeline: exit code, wall seconds, load average at the end."""
+def run(work: Path, seed: int, resume: bool = False) -> dict:
+    """``loom run`` of the seed's pipeline (``--resume`` with ``resume``): exit code, wall seconds, load average at
+    the end, whether it resumed."""
     spec, out = seed_spec(work, seed), work / f"out{seed}"
     start = time.perf_counter()
     with open(work / f"run{seed}.log", "w") as log:
-        rc = subprocess.call([sys.executable, "-m", "orchestrator", "run", str(spec), "--out", str(out)],
-                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-    record = {"exit": rc, "wall_s": time.perf_counter() - start, "load": os.getloadavg()[0]}
+        rc = subprocess.call([sys.executable, "-m", "orchestrator", "run", str(spec), "--out", str(out)]
+                             + (["--resume"] if resume else []), stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    record = {"exit": rc, "wall_s": time.perf_counter() - start, "load": os.getloadavg()[0], "resumed": resume}
     (work / f"run{seed}.json").write_text(json.dumps(record))
     return record
 
@@ -162,7 +165,7 @@ def markdown(records: list[dict], prompts: int) -> str:
     for r in records:
         s = r["scores"]
         run_ = r.get("run") or {}
-        wall = f"{run_['wall_s']:.0f}" if run_ else "-"
+        wall = (f"{run_['wall_s']:.0f}" + (" (resumed)" if run_.get("resumed") else "")) if run_ else "-"
         load = f"{run_['load']:.0f}" if run_ else "-"
         lines.append(f"| {r['seed']} | {run_.get('exit', '-')} | {wall} | {load} | "
                      f"{s['sft_arithmetic']['rule_score']:.3f} | {s['sft_constraints']['rule_score']:.3f} | "
@@ -207,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("work", type=Path, help="where the seeds' specs and runs go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (default 64, as the gate's)")
+    parser.add_argument("--resume", action="store_true", help="loom run --resume: keep the phases an earlier run of "
+                        "the same file finished in WORK/out<S>")
     parser.add_argument("--score-only", action="store_true", help="score the runs already in WORK")
     parser.add_argument("--one-process", action="store_true", help="also train each run's grpo phase in one process "
                         "from the same merged model and compare (module docstring)")
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         done = args.work / f"run{seed}.json"  # what run() recorded, when the run was made here
         rec = {"seed": seed, "run": (json.loads(done.read_text()) if done.is_file() else None) if args.score_only
-               else run(args.work, seed)}
+               else run(args.work, seed, args.resume)}
         rec["scores"] = score(args.work / f"out{seed}", args.prompts)
         records.append(rec)
     if args.one_process:
