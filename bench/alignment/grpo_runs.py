@@ -16,7 +16,7 @@ by the current code before it is scored (``reexported``).
 ``--one-process`` also trains each run's ``grpo`` phase again in one process (runtime.reference.ReferenceTrainer: the
 runtime's oracle) from the same merged model, with the same job (the phase's job as ``loom run`` built it, its
 artifacts read from ``WORK/out<S>``), into ``WORK/one<S>/`` (kept when done already; ``--parallel`` trains the seeds
-at once), scores it the same way and reports the first step whose GRPO loss differs between the two runtimes by more
+at once, and scores every seed's runs at once with or without ``--one-process``), scores it the same way and reports the first step whose GRPO loss differs between the two runtimes by more
 than 1e-3 relative (``same_until``; the number of steps when none does): the two are the same computation up to the
 order of floating-point sums, so their trajectories part only where a sampled token flips. Writes
 bench/results/alignment-grpo-runs.{json,md}.
@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-only", action="store_true", help="score the runs already in WORK")
     parser.add_argument("--one-process", action="store_true", help="also train each run's grpo phase in one process "
                         "from the same merged model and compare (module docstring)")
-    parser.add_argument("--parallel", action="store_true", help="with --one-process: train the seeds at once")
+    parser.add_argument("--parallel", action="store_true", help="score the seeds' runs at once (and with "
+                        "--one-process, train them at once)")
     parser.add_argument("--no-write", action="store_true", help="print the report; leave bench/results alone")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -224,8 +225,16 @@ def main(argv: list[str] | None = None) -> int:
         done = args.work / f"run{seed}.json"  # what run() recorded, when the run was made here
         rec = {"seed": seed, "run": (json.loads(done.read_text()) if done.is_file() else None) if args.score_only
                else run(args.work, seed, args.resume)}
-        rec["scores"] = score(args.work / f"out{seed}", args.prompts)
+        if not args.parallel:
+            rec["scores"] = score(args.work / f"out{seed}", args.prompts)
         records.append(rec)
+    if args.parallel:  # the seeds' runs scored at once
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(len(records)) as pool:
+            scores = pool.starmap(score, [(args.work / f"out{r['seed']}", args.prompts) for r in records])
+        for rec, row in zip(records, scores):
+            rec["scores"] = row
     if args.one_process:
         one_process(args.work, records, args.prompts, args.parallel)
     report = markdown(records, args.prompts)
