@@ -136,10 +136,34 @@ def same_until(out: Path, one: Path, rtol: float = 1e-3) -> int:
                  if abs(loom[step] - value) > rtol * max(abs(value), 1e-4)), len(mine))
 
 
-def score(out: Path, prompts: int) -> dict:
+def gate_scores(out: Path, prompts: int) -> dict | None:
+    """The merged model's and the GRPO policy's scores as the run's own step ``grpo_eval`` measured them
+    (``OUT/grpo_eval/metrics.json``: rule_eval of the GRPO export against the merged model, with the merged model as
+    its ``baseline``, on the same held-out prompts), or None when that step did not measure them so (no baseline, or
+    another number of prompts than ``prompts``)."""
+    import yaml
+
+    path = out / "grpo_eval/metrics.json"
+    spec = yaml.safe_load(SPEC.read_text())
+    args = next(p for p in spec["phases"] if p["name"] == "grpo_eval")["args"]
+    if not path.is_file() or args.get("prompts", 64) != prompts or "baseline" not in args:
+        return None
+    metrics = json.loads(path.read_text())
+    return {"merge": {"rule_score": metrics["baseline_rule_score"]},
+            "grpo": {k: v for k, v in metrics.items() if k not in ("baseline_rule_score", "gain")} | {
+                "reexported": False}}
+
+
+def score(out: Path, prompts: int, from_gate: bool = False) -> dict:
+    """Each of :data:`MODELS` scored by rule_eval against the run's merged model; with ``from_gate``, the merged model
+    and the GRPO policy alone, as the run's step ``grpo_eval`` scored them (:func:`gate_scores`; the parents are not
+    scored)."""
     from recipes.alignment.evaluate import rule_eval
 
     merged = out / "merge/export/policy"
+    row = gate_scores(out, prompts) if from_gate else None
+    if row is not None:
+        return row
     row = {}
     for name in MODELS:
         folder, again = grpo_policy(out) if name == "grpo" else (out / name / "export/policy", False)
@@ -167,8 +191,9 @@ def markdown(records: list[dict], prompts: int) -> str:
         run_ = r.get("run") or {}
         wall = (f"{run_['wall_s']:.0f}" + (" (resumed)" if run_.get("resumed") else "")) if run_ else "-"
         load = f"{run_['load']:.0f}" if run_ else "-"
-        lines.append(f"| {r['seed']} | {run_.get('exit', '-')} | {wall} | {load} | "
-                     f"{s['sft_arithmetic']['rule_score']:.3f} | {s['sft_constraints']['rule_score']:.3f} | "
+        parents = " | ".join(f"{s[k]['rule_score']:.3f}" if k in s else "-"
+                             for k in ("sft_arithmetic", "sft_constraints"))
+        lines.append(f"| {r['seed']} | {run_.get('exit', '-')} | {wall} | {load} | {parents} | "
                      f"{s['merge']['rule_score']:.3f} | {s['grpo']['rule_score']:.3f}"
                      f"{' (re-exported)' if s['grpo']['reexported'] else ''} | "
                      f"{signed(s['grpo']['rule_score'] - s['merge']['rule_score'])} | {s['grpo']['kl_to_reference']:.4f} |"
@@ -182,10 +207,14 @@ def markdown(records: list[dict], prompts: int) -> str:
             lines += ["", f"GRPO's gain over its merged model {what}: {signed(statistics.fmean(gains))} +- "
                       f"{statistics.stdev(gains):.3f} (mean +- sample std over {len(gains)} seeds), "
                       f"{sum(g > 0 for g in gains)} of {len(gains)} positive."]
-    below = [r["seed"] for r in records if r["scores"]["merge"]["rule_score"] < min(
-        r["scores"]["sft_arithmetic"]["rule_score"], r["scores"]["sft_constraints"]["rule_score"])]
-    lines += ["", "Merged model below both parents on these (constraints) prompts in seeds: "
-              + (", ".join(map(str, below)) or "none") + "."]
+    if all("sft_arithmetic" in r["scores"] for r in records):
+        below = [r["seed"] for r in records if r["scores"]["merge"]["rule_score"] < min(
+            r["scores"]["sft_arithmetic"]["rule_score"], r["scores"]["sft_constraints"]["rule_score"])]
+        lines += ["", "Merged model below both parents on these (constraints) prompts in seeds: "
+                  + (", ".join(map(str, below)) or "none") + "."]
+    else:
+        lines += ["", "Scores of the merged model and GRPO as each run's own gated step `grpo_eval` measured them "
+                  "(`--from-gate`: the same rule_eval, prompts and baseline); the parents were not scored."]
     return "\n".join(lines) + "\n"
 
 
@@ -213,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="loom run --resume: keep the phases an earlier run of "
                         "the same file finished in WORK/out<S>")
     parser.add_argument("--score-only", action="store_true", help="score the runs already in WORK")
+    parser.add_argument("--from-gate", action="store_true", help="take the merged model's and GRPO's scores from each "
+                        "run's grpo_eval step (the same rule_eval, prompts and baseline); the parents are not scored")
     parser.add_argument("--one-process", action="store_true", help="also train each run's grpo phase in one process "
                         "from the same merged model and compare (module docstring)")
     parser.add_argument("--parallel", action="store_true", help="score the seeds' runs at once (and with "
@@ -226,13 +257,14 @@ def main(argv: list[str] | None = None) -> int:
         rec = {"seed": seed, "run": (json.loads(done.read_text()) if done.is_file() else None) if args.score_only
                else run(args.work, seed, args.resume)}
         if not args.parallel:
-            rec["scores"] = score(args.work / f"out{seed}", args.prompts)
+            rec["scores"] = score(args.work / f"out{seed}", args.prompts, args.from_gate)
         records.append(rec)
     if args.parallel:  # the seeds' runs scored at once
         import multiprocessing
 
         with multiprocessing.get_context("spawn").Pool(len(records)) as pool:
-            scores = pool.starmap(score, [(args.work / f"out{r['seed']}", args.prompts) for r in records])
+            scores = pool.starmap(score, [(args.work / f"out{r['seed']}", args.prompts, args.from_gate)
+                                          for r in records])
         for rec, row in zip(records, scores):
             rec["scores"] = row
     if args.one_process:
