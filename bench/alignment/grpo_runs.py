@@ -1,10 +1,12 @@
-"""``python -m bench.alignment.grpo_runs WORK [--seeds 0 1 2] [--score-only] [--one-process] [--no-write]``: the whole
-phase pipeline through ``loom run``, once per seed, and GRPO's margin over each run's own merged SFT model.
+"""``python -m bench.alignment.grpo_runs WORK [--seeds 0 1 2] [--resume] [--score-only] [--one-process] [--no-write]``:
+the whole phase pipeline through ``loom run``, once per seed, and GRPO's margin over each run's own merged SFT model.
 
 For each seed, ``recipes/alignment/pipeline/pipeline-tiny.yaml`` with ``training.seed`` the seed (every phase: data
 order, heads, rollouts) is written to ``WORK/pipeline-seed<S>.yaml`` (its paths made absolute) and run by ``loom run
-... --out WORK/out<S>`` (exit code, wall time and load average in ``WORK/run<S>.json``); ``--score-only`` scores
-the runs already there (runs started by hand with the same files, e.g. side by side). Each run's models answer the
+... --out WORK/out<S>`` (exit code, wall time and load average in ``WORK/run<S>.json``); ``--resume`` passes
+``--resume`` to it, so that phases an earlier run of the same file finished there (each checked against its spec's
+hash) are kept and the rest run (the wall time is then the rest's); ``--score-only`` scores the runs already there
+(runs started by hand with the same files, e.g. side by side). Each run's models answer the
 same N held-out constraints prompts greedily (step ``rule_eval``'s function, recipes.alignment.evaluate.rule_eval):
 the two domain models (the merge's parents), the merged model (GRPO's start and reference) and the GRPO policy.
 Where a run's GRPO export predates the export of the GRPO head's trained LM head (runtime.export: until 2026-12-04 a
@@ -14,7 +16,7 @@ by the current code before it is scored (``reexported``).
 ``--one-process`` also trains each run's ``grpo`` phase again in one process (runtime.reference.ReferenceTrainer: the
 runtime's oracle) from the same merged model, with the same job (the phase's job as ``loom run`` built it, its
 artifacts read from ``WORK/out<S>``), into ``WORK/one<S>/`` (kept when done already; ``--parallel`` trains the seeds
-at once), scores it the same way and reports the first step whose GRPO loss differs between the two runtimes by more
+at once, and scores every seed's runs at once with or without ``--one-process``), scores it the same way and reports the first step whose GRPO loss differs between the two runtimes by more
 than 1e-3 relative (``same_until``; the number of steps when none does): the two are the same computation up to the
 order of floating-point sums, so their trajectories part only where a sampled token flips. Writes
 bench/results/alignment-grpo-runs.{json,md}.
@@ -48,14 +50,15 @@ def seed_spec(work: Path, seed: int) -> Path:
     return path
 
 
-def run(work: Path, seed: int) -> dict:
-    """``loom run`` of the seed's pipeline: exit code, wall seconds, load average at the end."""
+def run(work: Path, seed: int, resume: bool = False) -> dict:
+    """``loom run`` of the seed's pipeline (``--resume`` with ``resume``): exit code, wall seconds, load average at
+    the end, whether it resumed."""
     spec, out = seed_spec(work, seed), work / f"out{seed}"
     start = time.perf_counter()
     with open(work / f"run{seed}.log", "w") as log:
-        rc = subprocess.call([sys.executable, "-m", "orchestrator", "run", str(spec), "--out", str(out)],
-                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-    record = {"exit": rc, "wall_s": time.perf_counter() - start, "load": os.getloadavg()[0]}
+        rc = subprocess.call([sys.executable, "-m", "orchestrator", "run", str(spec), "--out", str(out)]
+                             + (["--resume"] if resume else []), stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    record = {"exit": rc, "wall_s": time.perf_counter() - start, "load": os.getloadavg()[0], "resumed": resume}
     (work / f"run{seed}.json").write_text(json.dumps(record))
     return record
 
@@ -133,10 +136,34 @@ def same_until(out: Path, one: Path, rtol: float = 1e-3) -> int:
                  if abs(loom[step] - value) > rtol * max(abs(value), 1e-4)), len(mine))
 
 
-def score(out: Path, prompts: int) -> dict:
+def gate_scores(out: Path, prompts: int) -> dict | None:
+    """The merged model's and the GRPO policy's scores as the run's own step ``grpo_eval`` measured them
+    (``OUT/grpo_eval/metrics.json``: rule_eval of the GRPO export against the merged model, with the merged model as
+    its ``baseline``, on the same held-out prompts), or None when that step did not measure them so (no baseline, or
+    another number of prompts than ``prompts``)."""
+    import yaml
+
+    path = out / "grpo_eval/metrics.json"
+    spec = yaml.safe_load(SPEC.read_text())
+    args = next(p for p in spec["phases"] if p["name"] == "grpo_eval")["args"]
+    if not path.is_file() or args.get("prompts", 64) != prompts or "baseline" not in args:
+        return None
+    metrics = json.loads(path.read_text())
+    return {"merge": {"rule_score": metrics["baseline_rule_score"]},
+            "grpo": {k: v for k, v in metrics.items() if k not in ("baseline_rule_score", "gain")} | {
+                "reexported": False}}
+
+
+def score(out: Path, prompts: int, from_gate: bool = False) -> dict:
+    """Each of :data:`MODELS` scored by rule_eval against the run's merged model; with ``from_gate``, the merged model
+    and the GRPO policy alone, as the run's step ``grpo_eval`` scored them (:func:`gate_scores`; the parents are not
+    scored)."""
     from recipes.alignment.evaluate import rule_eval
 
     merged = out / "merge/export/policy"
+    row = gate_scores(out, prompts) if from_gate else None
+    if row is not None:
+        return row
     row = {}
     for name in MODELS:
         folder, again = grpo_policy(out) if name == "grpo" else (out / name / "export/policy", False)
@@ -162,10 +189,11 @@ def markdown(records: list[dict], prompts: int) -> str:
     for r in records:
         s = r["scores"]
         run_ = r.get("run") or {}
-        wall = f"{run_['wall_s']:.0f}" if run_ else "-"
+        wall = (f"{run_['wall_s']:.0f}" + (" (resumed)" if run_.get("resumed") else "")) if run_ else "-"
         load = f"{run_['load']:.0f}" if run_ else "-"
-        lines.append(f"| {r['seed']} | {run_.get('exit', '-')} | {wall} | {load} | "
-                     f"{s['sft_arithmetic']['rule_score']:.3f} | {s['sft_constraints']['rule_score']:.3f} | "
+        parents = " | ".join(f"{s[k]['rule_score']:.3f}" if k in s else "-"
+                             for k in ("sft_arithmetic", "sft_constraints"))
+        lines.append(f"| {r['seed']} | {run_.get('exit', '-')} | {wall} | {load} | {parents} | "
                      f"{s['merge']['rule_score']:.3f} | {s['grpo']['rule_score']:.3f}"
                      f"{' (re-exported)' if s['grpo']['reexported'] else ''} | "
                      f"{signed(s['grpo']['rule_score'] - s['merge']['rule_score'])} | {s['grpo']['kl_to_reference']:.4f} |"
@@ -179,10 +207,14 @@ def markdown(records: list[dict], prompts: int) -> str:
             lines += ["", f"GRPO's gain over its merged model {what}: {signed(statistics.fmean(gains))} +- "
                       f"{statistics.stdev(gains):.3f} (mean +- sample std over {len(gains)} seeds), "
                       f"{sum(g > 0 for g in gains)} of {len(gains)} positive."]
-    below = [r["seed"] for r in records if r["scores"]["merge"]["rule_score"] < min(
-        r["scores"]["sft_arithmetic"]["rule_score"], r["scores"]["sft_constraints"]["rule_score"])]
-    lines += ["", "Merged model below both parents on these (constraints) prompts in seeds: "
-              + (", ".join(map(str, below)) or "none") + "."]
+    if all("sft_arithmetic" in r["scores"] for r in records):
+        below = [r["seed"] for r in records if r["scores"]["merge"]["rule_score"] < min(
+            r["scores"]["sft_arithmetic"]["rule_score"], r["scores"]["sft_constraints"]["rule_score"])]
+        lines += ["", "Merged model below both parents on these (constraints) prompts in seeds: "
+                  + (", ".join(map(str, below)) or "none") + "."]
+    else:
+        lines += ["", "Scores of the merged model and GRPO as each run's own gated step `grpo_eval` measured them "
+                  "(`--from-gate`: the same rule_eval, prompts and baseline); the parents were not scored."]
     return "\n".join(lines) + "\n"
 
 
@@ -207,10 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("work", type=Path, help="where the seeds' specs and runs go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (default 64, as the gate's)")
+    parser.add_argument("--resume", action="store_true", help="loom run --resume: keep the phases an earlier run of "
+                        "the same file finished in WORK/out<S>")
     parser.add_argument("--score-only", action="store_true", help="score the runs already in WORK")
+    parser.add_argument("--from-gate", action="store_true", help="take the merged model's and GRPO's scores from each "
+                        "run's grpo_eval step (the same rule_eval, prompts and baseline); the parents are not scored")
     parser.add_argument("--one-process", action="store_true", help="also train each run's grpo phase in one process "
                         "from the same merged model and compare (module docstring)")
-    parser.add_argument("--parallel", action="store_true", help="with --one-process: train the seeds at once")
+    parser.add_argument("--parallel", action="store_true", help="score the seeds' runs at once (and with "
+                        "--one-process, train them at once)")
     parser.add_argument("--no-write", action="store_true", help="print the report; leave bench/results alone")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -218,9 +255,18 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         done = args.work / f"run{seed}.json"  # what run() recorded, when the run was made here
         rec = {"seed": seed, "run": (json.loads(done.read_text()) if done.is_file() else None) if args.score_only
-               else run(args.work, seed)}
-        rec["scores"] = score(args.work / f"out{seed}", args.prompts)
+               else run(args.work, seed, args.resume)}
+        if not args.parallel:
+            rec["scores"] = score(args.work / f"out{seed}", args.prompts, args.from_gate)
         records.append(rec)
+    if args.parallel:  # the seeds' runs scored at once
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(len(records)) as pool:
+            scores = pool.starmap(score, [(args.work / f"out{r['seed']}", args.prompts, args.from_gate)
+                                          for r in records])
+        for rec, row in zip(records, scores):
+            rec["scores"] = row
     if args.one_process:
         one_process(args.work, records, args.prompts, args.parallel)
     report = markdown(records, args.prompts)

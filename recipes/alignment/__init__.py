@@ -37,8 +37,9 @@ PHASE_STEPS = {
     "reward_head": dict(run=grpo.reward_head_step, check=grpo.check_reward_head_args, doc="a reward-model phase's "
                         "export with its trained scalar head (args: component, model, task)"),
     "rule_eval": dict(run=evaluate.rule_eval_step, check=evaluate.check_rule_eval_args, writes=(),
-                      metrics=evaluate.RULE_METRICS, doc="a policy's greedy rule score on GRPO's held-out prompts and "
-                      "its KL to a reference (args: model, reference, prompts, new_tokens, split, seed)"),
+                      metrics=evaluate.RULE_METRICS + evaluate.BASELINE_METRICS, doc="a policy's greedy rule score on "
+                      "GRPO's held-out prompts, its KL to a reference and its gain over a baseline (args: model, "
+                      "reference, baseline, prompts, new_tokens, split, seed)"),
     "pas_eval": dict(run=pas.pas_eval_step, check=pas.check_pas_eval_args, writes=(), metrics=pas.METRICS,
                      doc="the answer model's held-out rule score with and without the PAS model's complement (args: "
                      "pas, model, prompts, new_tokens, seed)"),

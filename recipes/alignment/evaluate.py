@@ -13,7 +13,8 @@
   into full rows) against padded (one document per row); the baseline is the padded figure.
 
 Step ``rule_eval`` (:func:`rule_eval_step`, a phase of the pipeline): a policy's greedy answers to GRPO's held-out
-prompts scored by the rule, and its KL to a reference, as the step's metrics (gateable).
+prompts scored by the rule, and its KL to a reference, as the step's metrics (gateable); with a ``baseline`` model
+(GRPO's start) also that model's rule score on the same prompts and the policy's gain over it.
 """
 
 from __future__ import annotations
@@ -127,14 +128,15 @@ def token_utilisation(job: JobSpec, t: int) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------- step rule_eval
 
-RULE_EVAL_ARGS = ("model", "reference", "prompts", "new_tokens", "split", "seed")
+RULE_EVAL_ARGS = ("model", "reference", "baseline", "prompts", "new_tokens", "split", "seed")
 CHECKS = ("length", "keyword", "format")  # the constraints domain's checks (recipes.alignment.tasks.checks)
-RULE_METRICS = ("rule_score", *CHECKS, "answer_words", "kl_to_reference")
+RULE_METRICS = ("rule_score", *CHECKS, "answer_words", "kl_to_reference")  # rule_eval's
+BASELINE_METRICS = ("baseline_rule_score", "gain")  # step rule_eval's with a baseline: its score, rule_score - it
 
 
 def check_rule_eval_args(args: dict, base) -> None:
     """``model`` (a reference ``@<phase>/model/<component>`` or a folder), optional ``reference`` (the same; KL is
-    reported against it), ``prompts`` (1..1024, default 64), ``new_tokens`` (1..256, default 48), ``split``
+    reported against it) and ``baseline`` (the same; its rule score and the model's gain over it), ``prompts`` (1..1024, default 64), ``new_tokens`` (1..256, default 48), ``split``
     (``heldout`` or ``train``, default heldout), ``seed``; torch-free, a ValueError naming the argument."""
     from planner.pipeline import check_known_args, check_model_arg, check_whole_args
 
@@ -142,6 +144,8 @@ def check_rule_eval_args(args: dict, base) -> None:
     check_model_arg("model", args.get("model"), base, "the policy whose answers are scored")
     if args.get("reference") is not None:
         check_model_arg("reference", args["reference"], base, "the model the KL is measured to")
+    if args.get("baseline") is not None:
+        check_model_arg("baseline", args["baseline"], base, "the model whose rule score the gain is measured over")
     check_whole_args(args, (("prompts", 1, 1024), ("new_tokens", 1, 256), ("seed", 0, 2**31 - 1)))
     if args.get("split", "heldout") not in ("heldout", "train"):
         raise ValueError(f"split ({args['split']!r}): expected heldout or train (GRPO's prompt streams). Fix it.")
@@ -187,7 +191,13 @@ def rule_eval(model_folder, reference_folder=None, prompts: int = 64, new_tokens
 
 
 def rule_eval_step(ctx) -> dict[str, float]:
-    """Step ``rule_eval``: :func:`rule_eval` of ``args.model`` (against ``args.reference``); returns the metrics."""
+    """Step ``rule_eval``: :func:`rule_eval` of ``args.model`` (against ``args.reference``); with ``args.baseline``,
+    also :data:`BASELINE_METRICS`: the baseline's rule score on the same prompts and ``gain`` = the model's minus it
+    (so a gate can ask that GRPO beat its start). Returns the metrics."""
     a = ctx.args
-    return rule_eval(ctx.path(a["model"]), ctx.path(a["reference"]) if a.get("reference") else None,
-                     a.get("prompts", 64), a.get("new_tokens", 48), a.get("split", "heldout"), a.get("seed", 0))
+    prompts = (a.get("prompts", 64), a.get("new_tokens", 48), a.get("split", "heldout"), a.get("seed", 0))
+    metrics = rule_eval(ctx.path(a["model"]), ctx.path(a["reference"]) if a.get("reference") else None, *prompts)
+    if a.get("baseline"):
+        base = rule_eval(ctx.path(a["baseline"]), None, *prompts)["rule_score"]
+        metrics |= {"baseline_rule_score": base, "gain": metrics["rule_score"] - base}
+    return metrics

@@ -13,7 +13,9 @@ This module joins the two:
   update) whose reward head is loaded from :data:`HEAD_FILE` in the reward component's folder;
 - loss ``grpo_rule`` (:class:`RuleGRPOHead`): the same, rewarded by the rule (tasks.rule_score of each rollout's
   decoded prompt and answer), optionally plus :data:`RM_WEIGHT` times a reward model's score: the verifiable reward
-  that the pipeline uses, since the reward model alone is hacked (docs/recipes/alignment.md);
+  that the pipeline uses, since the reward model alone is hacked (docs/recipes/alignment.md); its ``loss_args`` also
+  take ``lm_head: frozen`` (:func:`rule_options`), which keeps the policy's final norm and LM head as they start:
+  the pipeline's choice, since the trained head costs greedy answers here (docs/recipes/alignment.md);
 - :func:`prompt_batch`: the rollout use's prompts from the recipe's generator (the ``constraints`` domain, where the
   reward model reads format and length reliably; docs/recipes/alignment.md), each group of ``samples`` rows on one
   prompt, left-padded to the use's ``seq_len`` with the tokenizer's pad id (the prompts are 17 to 20 tokens) and
@@ -45,6 +47,7 @@ DOMAIN = "constraints"  # the prompts' domain
 RULE_BETA = 0.04  # grpo_rule's KL weight
 RM_WEIGHT = 0.25  # grpo_rule with a reward-model leaf: reward = rule + RM_WEIGHT * reward model
 SPLITS = {"train": "grpo", "heldout": "grpo-heldout"}  # generator streams of the train and held-out prompts
+LM_HEADS = ("trained", "frozen")  # grpo_rule's loss_args.lm_head: the policy's final norm and LM head
 
 
 def problem(seed: int, split: str, group: int) -> tasks.Problem:
@@ -118,10 +121,34 @@ def check_grpo_rm(job: JobSpec, t: int) -> None:
     grpo_options(job, t)
 
 
+def without_lm_head_arg(job: JobSpec, t: int) -> JobSpec:
+    """``job`` with task ``t``'s ``loss_args`` less ``lm_head`` (grpo_rule's own option; runtime.grpo reads the rest)."""
+    task = job.tasks[t]
+    if "lm_head" not in task.loss_args:
+        return job
+    args = {k: v for k, v in task.loss_args.items() if k != "lm_head"}
+    tasks_ = list(job.tasks)
+    tasks_[t] = task.model_copy(update={"loss_args": args})
+    return job.model_copy(update={"tasks": tasks_})
+
+
+def rule_options(job: JobSpec, t: int) -> dict[str, Any]:
+    """``grpo_rule``'s ``loss_args``: runtime.grpo.grpo_options' (``beta`` defaulting to :data:`RULE_BETA`) and
+    ``lm_head`` (:data:`LM_HEADS`; default ``trained``, as the built-in grpo: the policy's final norm and LM head train
+    with its layers; ``frozen`` keeps them as the pretrained model's). A ValueError naming the argument otherwise."""
+    lm_head = job.tasks[t].loss_args.get("lm_head", "trained")
+    if lm_head not in LM_HEADS:
+        raise ValueError(f"tasks[{t}] ('{job.tasks[t].name}').loss_args.lm_head ({lm_head!r}): expected trained (the "
+                         "policy's final norm and LM head train with its layers) or frozen (they stay the pretrained "
+                         "model's). Fix the value.")
+    return grpo_options(without_lm_head_arg(job, t), t, RULE_BETA) | {"lm_head": lm_head}
+
+
 def check_grpo_rule(job: JobSpec, t: int) -> None:
-    """As :func:`check_grpo_rm`, for ``grpo_rule`` (whose one forward leaf may be the reference alone)."""
+    """As :func:`check_grpo_rm`, for ``grpo_rule`` (whose one forward leaf may be the reference alone; its
+    ``loss_args`` as :func:`rule_options` reads them)."""
     grpo_roles(job, t)
-    grpo_options(job, t, RULE_BETA)
+    rule_options(job, t)
 
 
 class RuleGRPOHead(GRPOHead):
@@ -129,19 +156,23 @@ class RuleGRPOHead(GRPOHead):
     of each rollout's answer to its prompt, both decoded from the rollout's tokens with the policy's tokenizer (the
     prompt's pads and the answer's eos dropped; :func:`tasks.parse_prompt` reads the problem back from the prompt),
     plus :data:`RM_WEIGHT` times the trained reward model's score when the task has a reward-model leaf
-    (``roles["reward"]``; its head loaded as ``grpo_rm``'s). ``beta``: :data:`RULE_BETA` unless ``loss_args`` set it."""
+    (``roles["reward"]``; its head loaded as ``grpo_rm``'s). ``beta``: :data:`RULE_BETA` unless ``loss_args`` set it;
+    ``lm_head`` (:func:`rule_options`): whether the policy's final norm and LM head train (``frozen``: they stay the
+    pretrained model's, so the exported policy and the rollouts decode through the starting model's head)."""
 
     def __init__(self, base: GRPOHead, roles: dict[str, str | None], widths: dict[str, int], tokenizer,
-                 beta: float = RULE_BETA):
+                 beta: float = RULE_BETA, lm_head: str = "trained"):
         super().__init__(base.task, roles, base.prompt_len, base.new_tokens, base.samples, widths,
                          base.policy.out.out_features, base.kernels, beta, base.kl, base.topk)
-        self.tokenizer = tokenizer
+        self.tokenizer, self.lm_head = tokenizer, lm_head
         if roles["reward"] is None:  # the rule alone: no reward-model head
             self.reward_norm = self.reward_out = None
 
     def load_pretrained(self, job: JobSpec, t: int) -> RuleGRPOHead:
         if self.roles["reward"] is not None:
             RewardModelGRPOHead.load_pretrained(self, job, t)
+        if self.lm_head == "frozen":  # runtime.heads.build_head loaded the pretrained head as trained
+            self.policy.requires_grad_(False)
         return self
 
     def rule_scores(self, tokens: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
@@ -171,7 +202,8 @@ class RuleGRPOHead(GRPOHead):
 def grpo_rule_head(job: JobSpec, t: int, leaves: list[str]) -> RuleGRPOHead:
     """The ``grpo_rule`` head of task ``t``: the built-in grpo head's uses (runtime.grpo.grpo_head checks them), where
     one forward leaf is the reference and two are the reward model, then the reference."""
-    base = grpo_head(job, t)
+    options = rule_options(job, t)
+    base = grpo_head(without_lm_head_arg(job, t), t)
     roles = dict(base.roles)
     if roles["reference"] is None:  # runtime.grpo reads a lone forward leaf as the reward model; here: the reference
         roles["reference"], roles["reward"] = roles["reward"], None
@@ -180,7 +212,7 @@ def grpo_rule_head(job: JobSpec, t: int, leaves: list[str]) -> RuleGRPOHead:
     widths.setdefault("reward", widths["policy"])  # unused: the head drops its reward-model layers
     name, comp = use_component(job, t, roles["rollout"])
     tokenizer = load_tokenizer(comp.pretrained, f"components.{name}.pretrained")
-    return RuleGRPOHead(base, roles, widths, tokenizer, grpo_options(job, t, RULE_BETA)["beta"])
+    return RuleGRPOHead(base, roles, widths, tokenizer, options["beta"], options["lm_head"])
 
 
 # --------------------------------------------------------------------------- step reward_head

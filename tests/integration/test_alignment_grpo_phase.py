@@ -1,9 +1,10 @@
-"""The alignment pipeline's own ``grpo`` phase (recipes/alignment/pipeline/pipeline-tiny.yaml, its real config: 16 rows
+"""The alignment pipeline's own ``grpo`` phase (recipes/alignment/pipeline/pipeline-tiny.yaml, its real config: 32 rows
 in groups of 4, prompts of 20 tokens left-padded and masked, 48 new tokens at temperature 1, on-policy, the rule's
-reward, the k3 KL to the frozen reference at the default beta, the LM head trained) built as ``loom run`` builds it and
-planned as ``loom run`` plans it, trains on a gloo world exactly as in one process for three steps: the same sampled
-tokens on every rank at every step (so each generating copy decoded with the trained weights and LM head of the step
-before), losses, parameters and gradients. The phase reads the merged model; the recipe's tiny Llama stands in."""
+reward, the k3 KL to the frozen reference at the default beta, the LM head frozen, a cosine learning rate) built as
+``loom run`` builds it and planned as ``loom run`` plans it, trains on a gloo world exactly as in one process for three
+steps: the same sampled tokens on every rank at every step (so each generating copy decoded with the trained weights
+of the step before), losses, parameters and gradients; the policy's LM head stays the merged model's on every rank.
+The phase reads the merged model; the recipe's tiny Llama stands in."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def test_the_pipelines_grpo_phase_on_workers_equals_one_process(job, tmp_path):
     task, = job.tasks
     rollout = next(u for u in task.components if u.mode == "generate")
     assert (task.loss, task.batch_size, rollout.samples, rollout.new_tokens, job.training.rollout_lag) == (
-        "grpo_rule", 16, 4, 48, 0) and job.components["reference"].frozen and not task.loss_args
+        "grpo_rule", 32, 4, 48, 0) and job.components["reference"].frozen
+    assert task.loss_args == {"lm_head": "frozen"} and job.training.lr_schedule == "cosine"
     load_recipe(job)
     plan = plan_job(job, with_baselines=False).plan  # as `loom run` plans it
     op = next(op.id for op in plan.metaops if op.use == "rollout")
@@ -63,6 +65,8 @@ def test_the_pipelines_grpo_phase_on_workers_equals_one_process(job, tmp_path):
     for rank, params in world.parameters.items():
         _compare_modules(params, ref_params, f"rank {rank}")
         head_params = [n for n in params if n.startswith("head:grpo/0/policy.")]
-        assert head_params and all(not torch.equal(params[n], initial[n]) for n in head_params)  # trained
+        assert head_params and all(torch.equal(params[n], initial[n]) for n in head_params)  # frozen
+        layers = [n for n in params if n.startswith("policy/")]
+        assert layers and any(not torch.equal(params[n], initial[n]) for n in layers)  # trained
     for rank, grads in world.gradients.items():
         _compare_modules(grads, reference.last_gradients, f"rank {rank} gradient of")

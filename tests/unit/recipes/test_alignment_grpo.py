@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,9 +141,11 @@ def test_the_pipeline_is_checked_whole():
         ("rm_head", "reward_head"), ("grpo", None), ("grpo_eval", "rule_eval")]
     job = pipeline.phases[-2].job
     assert job.tasks[0].loss == "grpo_rule" and job.components["reference"].frozen
-    gate = pipeline.phases[-1].spec.gate  # a collapsed or runaway policy only (docs/recipes/alignment.md)
-    assert gate["rule_score"].min == 0.25 and gate["kl_to_reference"].max == 0.5 and set(gate) == {
-        "rule_score", "kl_to_reference"}
+    assert job.tasks[0].loss_args == {"lm_head": "frozen"}
+    evaluation = pipeline.phases[-1].spec  # GRPO must beat its start, the merged model, near the reference
+    assert evaluation.args["baseline"] == evaluation.args["reference"] == "@merge/model/policy"
+    gate = evaluation.gate
+    assert gate["gain"].min == 0.005 and gate["kl_to_reference"].max == 0.5 and set(gate) == {"gain", "kl_to_reference"}
 
 
 def test_greedy_answers_in_a_padded_batch_are_the_answers_alone(model):
@@ -225,7 +228,8 @@ def test_rule_eval_on_a_tiny_model_and_the_eval_steps_arguments(model, tmp_path)
     from recipes.alignment import evaluate, generation, pas, tasks
 
     metrics = evaluate.rule_eval(model, model, prompts=3, new_tokens=4)
-    assert set(metrics) == set(evaluate.RULE_METRICS) == set(STEPS["rule_eval"].metrics)
+    assert set(metrics) == set(evaluate.RULE_METRICS)
+    assert set(STEPS["rule_eval"].metrics) == set(evaluate.RULE_METRICS + evaluate.BASELINE_METRICS)
     assert abs(metrics["kl_to_reference"]) < 1e-6 and 0 <= metrics["rule_score"] <= 1
     policy, tokenizer = generation.load(model)
     problems = [tasks.problem(0, "grpo-heldout", g, "constraints") for g in range(3)]
@@ -241,6 +245,66 @@ def test_rule_eval_on_a_tiny_model_and_the_eval_steps_arguments(model, tmp_path)
             ("pas_eval", {"model": str(model)}, r"args\.pas \(None\): required"),
             ("pas_eval", good | {"prompts": 0}, r"args\.prompts \(0\): expected a whole number in 1\.\.1024"),
             ("rule_eval", {"model": str(model), "split": "test"}, r"args\.split \('test'\): expected heldout or train"),
-            ("rule_eval", {"model": str(model), "temperature": 1}, r"args\.temperature: unknown argument")]:
+            ("rule_eval", {"model": str(model), "temperature": 1}, r"args\.temperature: unknown argument"),
+            ("rule_eval", {"model": str(model), "baseline": "nowhere"}, r"args\.baseline \('nowhere'\): no such")]:
         with pytest.raises(SpecError, match=match):
             check_step_args(step, bad, "phases[2].args", tmp_path)
+
+
+def test_rule_eval_step_reports_the_gain_over_its_baseline(model, tmp_path, monkeypatch):
+    """Step ``rule_eval`` with ``baseline``: the baseline's rule score on the same prompts (rule_eval of that folder,
+    with the step's prompt arguments) and the model's gain over it (what the pipeline's gate reads); without one,
+    rule_eval's metrics alone. rule_eval itself is tested above; here it returns a score per folder."""
+    from recipes.alignment import evaluate
+
+    shutil.copytree(model, tmp_path / "grpo")
+    calls = []
+
+    def scored(folder, reference, *prompts):
+        calls.append((Path(folder).name, reference, prompts))
+        return {key: 0.0 for key in evaluate.RULE_METRICS} | {"rule_score": {"grpo": 0.5}.get(Path(folder).name, 0.25)}
+
+    monkeypatch.setattr(evaluate, "rule_eval", scored)
+    args = {"model": str(tmp_path / "grpo"), "baseline": str(model), "prompts": 6, "new_tokens": 12}
+    check_step_args("rule_eval", args, "phases[9].args", tmp_path)
+    metrics = STEPS["rule_eval"].run(StepContext("grpo_eval", args, tmp_path / "out" / "grpo_eval"))
+    assert set(metrics) == set(STEPS["rule_eval"].metrics)
+    assert (metrics["rule_score"], metrics["baseline_rule_score"], metrics["gain"]) == (0.5, 0.25, 0.25)
+    assert calls == [("grpo", None, (6, 12, "heldout", 0)), (model.name, None, (6, 12, "heldout", 0))]
+    alone = STEPS["rule_eval"].run(StepContext("grpo_eval", {"model": args["model"]}, tmp_path / "out" / "e"))
+    assert set(alone) == set(evaluate.RULE_METRICS)
+
+
+def test_grpo_rule_with_a_frozen_lm_head_trains_the_layers_alone(model, monkeypatch):
+    """``loss_args: {lm_head: frozen}``: one GRPO step moves the policy's layers and leaves its final norm and LM head
+    (the GRPO head's ``policy.*``) as loaded, which the export then writes; the default trains them; a bad value and
+    the built-in options are checked as runtime.grpo checks its own. (The tiny random model's answers all score 0 by
+    the rule, so each row is rewarded by its index here: every group has advantages.)"""
+    from runtime.heads import check_recipe_loss
+    from runtime.reference import ReferenceTrainer
+
+    data = rule_job(model).model_dump(exclude_unset=True)
+    data["tasks"][0]["loss_args"] = {"lm_head": "frozen", "beta": 0.1}
+    job = parse_job(data)
+    head = build_head(job, 0)
+    assert head.lm_head == "frozen" and head.beta == 0.1
+    assert not any(p.requires_grad for p in head.policy.parameters()) and head.kernel_weights() == []
+    monkeypatch.setattr(grpo.RuleGRPOHead, "scores", lambda self, outputs, tokens, generated: torch.arange(
+        tokens.shape[0], dtype=torch.float32))
+    moved = {}
+    for frozen in (True, False):
+        trainer = ReferenceTrainer(job if frozen else rule_job(model))
+        before = {k: v.clone() for k, v in trainer.named_parameters().items()}
+        trainer.train_step(0)
+        after = trainer.named_parameters()
+        moved[frozen] = {k for k in before if not torch.equal(before[k], after[k])}
+    heads = {k for k in moved[False] if k.startswith("head:grpo/0/policy.")}
+    assert heads and not heads & moved[True]  # the default trains the head; frozen keeps it
+    layers = {k for k in moved[False] if k.startswith("policy/")}
+    assert layers and {k for k in moved[True] if k.startswith("policy/")} == layers  # the layers train either way
+    for args, message in (({"lm_head": "fixed"}, "lm_head ('fixed'): expected trained"),
+                          ({"lm_head": "frozen", "kl": "k2"}, "kl ('k2') is not a KL estimator"),
+                          ({"lm_head": "frozen", "topk": 5}, "is read only with kl: topk")):
+        data["tasks"][0]["loss_args"] = args
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            check_recipe_loss(parse_job(data), 0)
