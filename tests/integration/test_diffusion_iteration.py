@@ -63,8 +63,10 @@ def test_an_ensemble_of_reward_models_adds_each_members_hinge(parts):
     """With two reward models per category (an ensemble) the step's loss sums both members' hinges, and the rewards
     it returns are the members' mean of each sample's own category (checked against each member alone)."""
     unet, text, first, _, spec = parts
-    torch.manual_seed(1)
-    second = RewardModels(load_job(spec), normalise=False)  # other random scoring layers
+    second = RewardModels(load_job(spec), normalise=False)  # the job's seed gives the same weights: perturb them
+    gen = torch.Generator().manual_seed(1)
+    second.trainer.load_parameters({k: v + 0.5 * torch.randn(v.shape, generator=gen)
+                                    for k, v in second.parameters().items()})
     prompts = generator.training_prompts(0, 1, 3, CATEGORIES)
     config = generator.sample_config(4, (2, 3), 0)
     scheduler = build_scheduler(config)
