@@ -63,7 +63,50 @@ def rewards_accuracy(rewards, category: str, rows) -> float:
     return float((better > worse).float().mean())
 
 
+def stage_base(args) -> None:
+    """The base UNet: the ``denoise`` step's code (generator.pretrain on exact renders) from the recipe's random UNet,
+    ``--base-steps`` steps of ``--base-batch`` prompts at ``--base-lr``. Writes ``base/unet``."""
+    torch.set_num_threads(1)
+    start, out = time.time(), args.work / "base"
+    unet, text = generator.load_unet(MODELS / "unet"), generator.load_text(MODELS / "text")
+    losses = generator.pretrain(unet, text, args.base_steps, args.base_batch, args.base_lr, 0,
+                                CATEGORIES, lambda m: print(m, flush=True))
+    unet.save_pretrained(out / "unet")
+    tail = max(len(losses) // 10, 1)
+    record = {"steps": args.base_steps, "batch": args.base_batch, "lr": args.base_lr,
+              "loss_first": float(np.mean(losses[:tail])), "loss_last": float(np.mean(losses[-tail:])),
+              "wall_s": round(time.time() - start, 1)}
+    (out / "record.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def unet_pairs(unet, text, category: str, seed: int, prompts: int, samples: int, denoise_steps: int,
+               sample_seed: int) -> dict[str, list]:
+    """IterComp's gallery with the UNet as one more model: per split (``train``: ``4 * prompts`` prompts,
+    ``heldout``: ``prompts``) each gallery prompt's five images and ``samples`` of the UNet's, ranked by the oracle;
+    the (ranking, better, worse) pairs with a UNet image."""
+    from recipes.diffusion.gallery import GENERATORS, rank, synthetic_entry
+    from recipes.diffusion.steps import new_image_pairs
+
+    out = {}
+    for split, count in (("train", prompts * 4), ("heldout", prompts)):
+        entries = [synthetic_entry(seed, split, category, i) for i in range(count)]
+        images = generator.sample_images(unet, text, [e.prompt for e in entries], denoise_steps,
+                                         sample_seed + (split == "heldout"), samples)
+        rankings = [rank(e.prompt, e.images + list(images[i * samples:(i + 1) * samples]))
+                    for i, e in enumerate(entries)]
+        out[split] = new_image_pairs(rankings, len(GENERATORS))
+    return out
+
+
+def as_float(feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in feats.items()}
+
+
 def stage_rm(args) -> None:
+    """The reward models (module doc); with ``--unet`` the base UNet's samples join the gallery first (IterComp's
+    first gallery holds SDXL, the model it then fine-tunes): ``--unet-prompts`` x 4 training prompts per category,
+    ``--unet-samples`` samples each, ranked by the oracle, their pairs with a UNet image added to the training rows."""
+    from bench.diffusion.scorers import accuracy
     from recipes.diffusion.data import heldout_rows
     from recipes.diffusion.scorers import RewardModels, load_job
 
@@ -71,17 +114,30 @@ def stage_rm(args) -> None:
     out = args.work / f"rm-{args.seed}"
     out.mkdir(parents=True, exist_ok=True)
     rewards = RewardModels(load_job(SPEC), None, normalise=False)
+    unet = generator.load_unet(args.unet) if args.unet is not None else None
+    text = generator.load_text(MODELS / "text")
     for category in args.categories.split(","):
         start = time.time()
         train = tower_features(cached_pairs(args.cache, category, args.seed, args.rows, "train"), MODELS / "vision")
         held = tower_features(cached_pairs(args.cache, category, 0, args.heldout, "heldout"), MODELS / "vision")
-        scorer, records = fit((category, "fusion", "pretrained", args.seed, train, held, args.rm_steps, 64, 3e-3))
+        record = {"seed": args.seed, "category": category, "rows": args.rows, "steps": args.rm_steps,
+                  "heldout": args.heldout, "schedule": args.rm_schedule, "unet": str(args.unet)}
+        if unet is not None:
+            new = unet_pairs(unet, text, category, 1000 + args.seed, args.unet_prompts, args.unet_samples,
+                             args.denoise_steps, 500 + args.seed)
+            feats = {split: tower_features(pair_arrays(rows, counted=split == "heldout"), MODELS / "vision")
+                     for split, rows in new.items()}
+            train = joined([train, feats["train"]])
+            record["unet_pairs"] = {split: len(rows) for split, rows in new.items()}
+        scorer, records = fit((category, "fusion", "pretrained", args.seed, train, held, args.rm_steps, 64,
+                               args.rm_lr or 3e-3), schedule=args.rm_schedule)
         torch.save(scorer.state_dict(), out / f"scorer-{category}.pt")
         load_into(rewards, category, scorer)
-        record = {"seed": args.seed, "category": category, "rows": args.rows, "steps": args.rm_steps,
-                  "heldout": args.heldout, "bench_acc": records[-1]["acc"], "acc_other": records[-1]["acc_other"],
-                  "acc": rewards_accuracy(rewards, category, heldout_rows(0, category, args.heldout)),
-                  "wall_s": round(time.time() - start, 1)}
+        record.update(bench_acc=records[-1]["acc"], acc_other=records[-1]["acc_other"],
+                      acc=rewards_accuracy(rewards, category, heldout_rows(0, category, args.heldout)))
+        if unet is not None:
+            record["acc_unet"] = accuracy(scorer, as_float(feats["heldout"]))["acc"]
+        record["wall_s"] = round(time.time() - start, 1)
         print(record, flush=True)
         (out / f"record-{category}.json").write_text(json.dumps(record, indent=1) + "\n")
 
@@ -126,7 +182,7 @@ def stage_feedback(args) -> None:
     start, out = time.time(), args.work / f"feedback-{args.seed}"
     out.mkdir(parents=True, exist_ok=True)
     unet, text = generator.load_unet(args.unet), generator.load_text(MODELS / "text")
-    rewards = load_rewards(args.work, args.rm_seed)
+    rewards = [load_rewards(args.work, seed) for seed in args.rm_seeds]
     prompts = eval_prompts(0, args.prompts)  # the held-out stream's first prompts, the same for every seed
     before, images_before = oracle_scores(unet, text, prompts, args.samples, args.denoise_steps, 100)
     print("before", before, flush=True)
@@ -150,7 +206,7 @@ def stage_feedback(args) -> None:
     for name, images in (("before", images_before), ("after", images_after)):
         save_grid(images[rows], 8, out / f"samples_{name}.png")
     tail = max(args.steps // 10, 1)
-    record = {"seed": args.seed, "rm_seed": args.rm_seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+    record = {"seed": args.seed, "rm_seeds": args.rm_seeds, "steps": args.steps, "batch": args.batch, "lr": args.lr,
               "pre_loss": args.pre_loss, "prompts": args.prompts, "samples": args.samples,
               "denoise_steps": args.denoise_steps,
               "before": before, "after": after, "train_reward_first": float(np.mean(history[:tail])),
@@ -174,22 +230,15 @@ def stage_iterate(args) -> None:
     for category in args.categories.split(","):
         record = {"seed": args.seed, "category": category, "prompts": args.prompts, "samples": args.samples,
                   "steps": args.rm_steps, "old_rows": args.old_rows}
-        new = {}
-        for split, count in (("train", args.prompts * 4), ("heldout", args.prompts)):
-            entries = [synthetic_entry(args.seed, split, category, i) for i in range(count)]
-            images = generator.sample_images(unet, text, [e.prompt for e in entries], args.denoise_steps,
-                                             args.seed + 7 + (split == "heldout"), args.samples)
-            rankings = [rank(e.prompt, e.images + list(images[i * args.samples:(i + 1) * args.samples]))
-                        for i, e in enumerate(entries)]
-            new[split] = new_image_pairs(rankings, len(GENERATORS))
-        feats = {split: tower_features(pair_arrays(rows), MODELS / "vision") for split, rows in new.items()}
-        as_float = (lambda f: {k: v.float() if v.is_floating_point() else v for k, v in f.items()})
+        new = unet_pairs(unet, text, category, args.seed, args.prompts, args.samples, args.denoise_steps, args.seed + 7)
+        feats = {split: tower_features(pair_arrays(rows, counted=split == "heldout"), MODELS / "vision")
+                     for split, rows in new.items()}
         old = cached_pairs(args.cache, category, args.rm_seed, args.rows, "train")
         old_train = tower_features({k: v[:args.old_rows] for k, v in old.items()}, MODELS / "vision")
         gallery = tower_features(cached_pairs(args.cache, category, 0, args.heldout, "heldout"), MODELS / "vision")
         init = torch.load(args.work / f"rm-{args.rm_seed}" / f"scorer-{category}.pt")
         job = (category, "fusion", "pretrained", args.seed, joined([old_train, feats["train"]]), feats["heldout"],
-               args.rm_steps, 64, args.rm_lr)
+               args.rm_steps, 64, args.rm_lr or 1e-3)
         before = Scorer("fusion")
         before.load_state_dict(init)
         from bench.diffusion.scorers import accuracy
@@ -230,7 +279,18 @@ def stage_report(args) -> None:
                                                      else "-" for c in CATEGORIES) + " |")
         r = runs["rm"][0]
         lines += ["", f"In brackets: pairs without a missing object. {r['rows']} training rows per category, "
-                  f"{r['steps']} steps of 64 pairs, {r['heldout']} held-out pairs."]
+                  f"{r['steps']} steps of 64 pairs (lr 3e-3, {r.get('schedule', 'constant')}), {r['heldout']} "
+                  "held-out pairs."]
+        if "acc_unet" in r:
+            lines += ["", f"The base UNet's samples joined the training gallery ({r['unet_pairs']['train']} pairs "
+                      "with a UNet image, ranked by the oracle, for the first category and seed). Held-out pairs "
+                      "with a base-UNet image (prompts of the held-out stream):", "",
+                      "| seed | " + " | ".join(CATEGORIES) + " |", "|---" * (len(CATEGORIES) + 1) + "|"]
+            for seed in sorted({r["seed"] for r in runs["rm"]}):
+                by = {r["category"]: r for r in runs["rm"] if r["seed"] == seed}
+                lines.append(f"| {seed} | " + " | ".join(
+                    f"{by[c]['acc_unet']:.3f} ({by[c]['unet_pairs']['heldout']})" if c in by else "-"
+                    for c in CATEGORIES) + " |")
     if runs["feedback"]:
         lines += ["", "## Feedback: the oracle on held-out prompts, before -> after", "",
                   "Mean oracle score (share of samples scored 1):", "",
@@ -242,7 +302,8 @@ def stage_report(args) -> None:
                 f"{b[f'score_{c}']:.3f} ({b[f'exact_{c}']:.2f}) -> {a[f'score_{c}']:.3f} ({a[f'exact_{c}']:.2f})"
                 for c in CATEGORIES) + f" | {r['train_reward_first']:.2f} -> {r['train_reward_last']:.2f} |")
         f = runs["feedback"][0]
-        lines += ["", f"Settings: {f['steps']} steps of {f['batch']} prompts, lr {f['lr']}, "
+        lines += ["", f"Settings: {f['steps']} steps of {f['batch']} prompts, lr {f['lr']}, reward models of seeds "
+                  f"{f.get('rm_seeds', [f.get('rm_seed', 0)])} (each one more hinge), "
                   f"DDIM {f['denoise_steps']} steps; {f['prompts']} held-out prompts x {f['samples']} samples per "
                   "category, the same noise before and after. Wall per seed: "
                   + ", ".join(f"{r['wall_s'] / 60:.1f} min" for r in runs["feedback"]) + "."]
@@ -269,7 +330,7 @@ def stage_report(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.diffusion.feedback", description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("rm", "feedback", "iterate", "report"))
+    parser.add_argument("stage", choices=("base", "rm", "feedback", "iterate", "report"))
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "diffusion-feedback")
     parser.add_argument("--also", type=Path, action="append", default=[],
                         help="stage report: more --work folders whose feedback runs join the table")
@@ -280,9 +341,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heldout", type=int, default=512)
     parser.add_argument("--rm-steps", type=int, default=400)
     parser.add_argument("--old-rows", type=int, default=1000, help="stage iterate: old training rows kept")
-    parser.add_argument("--rm-lr", type=float, default=1e-3, help="the scoring layers' lr in iteration 2")
-    parser.add_argument("--rm-seed", type=int, default=0, help="stages feedback, iterate: the reward models' seed")
+    parser.add_argument("--rm-lr", type=float, default=None,
+                        help="the scoring layers' lr (default: 3e-3 in stage rm, 1e-3 in iteration 2)")
+    parser.add_argument("--rm-seed", type=int, default=0, help="stage iterate: the reward models' seed")
+    parser.add_argument("--rm-seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0],
+                        help="stage feedback: the reward models' seeds, an ensemble when several (each one more "
+                        "reward model of IterComp's sum of hinges)")
+    parser.add_argument("--rm-schedule", choices=("constant", "cosine"), default="cosine",
+                        help="stage rm: the scoring layers' lr over the steps (bench.diffusion.scorers.fit)")
+    parser.add_argument("--unet-prompts", type=int, default=100,
+                        help="stage rm with --unet: x 4 training prompts per category the base UNet draws")
+    parser.add_argument("--unet-samples", type=int, default=4, help="stage rm with --unet: samples per prompt")
     parser.add_argument("--unet", type=Path, default=None, help="the base UNet folder (the denoise step's model)")
+    parser.add_argument("--base-steps", type=int, default=300, help="stage base: the UNet's denoising steps")
+    parser.add_argument("--base-batch", type=int, default=32)
+    parser.add_argument("--base-lr", type=float, default=2e-3)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -291,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--denoise-steps", type=int, default=20)
     args = parser.parse_args(argv)
-    {"rm": stage_rm, "feedback": stage_feedback, "iterate": stage_iterate, "report": stage_report}[args.stage](args)
+    {"base": stage_base, "rm": stage_rm, "feedback": stage_feedback, "iterate": stage_iterate, "report": stage_report}[args.stage](args)
 
 
 if __name__ == "__main__":

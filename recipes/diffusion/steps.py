@@ -125,13 +125,16 @@ def feedback_update(unet, text, rewards, prompts, scheduler, config, step: int, 
                     pre_loss: float = 1.0) -> torch.Tensor:
     """One optimizer step of IterComp's feedback on ``prompts`` (runtime.feedback.feedback_step: x0 from a last
     denoising step with gradient, scored by each prompt's category's reward model, hinge ``1e-3 * ReLU(2 - r)``), plus
-    ``pre_loss`` times the denoising loss on the latents of exact images of the prompts; the rewards ``(B,)`` of each sample's own
-    category, before the step."""
+    ``pre_loss`` times the denoising loss on the latents of exact images of the prompts; the rewards ``(B,)`` of each
+    sample's own category, before the step. ``rewards``: one RewardModels, or a sequence of them (an ensemble: each
+    member is one more reward model of the sum, as IterComp sums its models' hinges; the rewards returned are the
+    members' mean)."""
     from runtime.feedback import FeedbackBatch, FeedbackObjective, denoising_loss, feedback_step as one_step
     from runtime.sample import diffusers_denoiser
 
+    members = list(rewards) if isinstance(rewards, (list, tuple)) else [rewards]
     denoiser = diffusers_denoiser(unet.train())
-    scorers = [_category_scorer(rewards, c, prompts) for c in CATEGORIES]
+    scorers = [_category_scorer(member, c, prompts) for member in members for c in CATEGORIES]
     objective = FeedbackObjective(generator.Decoder(), scorers)  # the frozen "VAE decoder": 16 -> 32 px
     states = generator.context(text, prompts)
     train = generator.TRAIN_SCHEDULE["num_train_timesteps"]
@@ -151,8 +154,8 @@ def feedback_update(unet, text, rewards, prompts, scheduler, config, step: int, 
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
     optimizer.step()
     unet.eval()
-    own = torch.stack([torch.tensor([p.category == c for p in prompts]) for c in CATEGORIES])
-    return result.rewards.detach().T[own.T]
+    own = torch.stack([torch.tensor([p.category == c for p in prompts]) for c in CATEGORIES] * len(members))
+    return result.rewards.detach().T[own.T].reshape(len(prompts), len(members)).mean(dim=1)
 
 
 def feedback_step(ctx) -> dict[str, float]:

@@ -37,14 +37,14 @@ def parts(tmp_path_factory):
     spec.write_text(yaml.safe_dump(data))
     torch.manual_seed(0)
     return generator.load_unet(generator.save_unet(folder / "unet")), generator.load_text(text), \
-        RewardModels(load_job(spec), normalise=False), folder
+        RewardModels(load_job(spec), normalise=False), folder, spec
 
 
 def test_feedback_steps_raise_the_reward_models_scores_of_the_same_samples(parts):
     """Repeating one feedback step (same prompts, noise and stop step) raises the batch's mean own-category reward
     (what the summed hinge loss pushes; one sample's reward may dip while the others rise, since all share the UNet):
     the gradient reaches the UNet through the frozen scorers, the decoder and x0."""
-    unet, text, rewards, _ = parts
+    unet, text, rewards, _, _ = parts
     prompts = generator.training_prompts(0, 0, 3, CATEGORIES)  # one prompt per category
     config = generator.sample_config(4, (2, 3), 0)
     scheduler = build_scheduler(config)
@@ -59,8 +59,34 @@ def test_feedback_steps_raise_the_reward_models_scores_of_the_same_samples(parts
     assert all(not p.requires_grad for p in rewards.trainer.modules["head:attribute", 0].parameters())
 
 
+def test_an_ensemble_of_reward_models_adds_each_members_hinge(parts):
+    """With two reward models per category (an ensemble) the step's loss sums both members' hinges, and the rewards
+    it returns are the members' mean of each sample's own category (checked against each member alone)."""
+    unet, text, first, _, spec = parts
+    second = RewardModels(load_job(spec), normalise=False)  # the job's seed gives the same weights: perturb them
+    gen = torch.Generator().manual_seed(1)
+    second.trainer.load_parameters({k: v + 0.5 * torch.randn(v.shape, generator=gen)
+                                    for k, v in second.parameters().items()})
+    prompts = generator.training_prompts(0, 1, 3, CATEGORIES)
+    config = generator.sample_config(4, (2, 3), 0)
+    scheduler = build_scheduler(config)
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.zero_grad(set_to_none=True)
+    optimizer = torch.optim.SGD(unet.parameters(), lr=0.0)  # no change: each call sees the same UNet
+
+    def run(rewards):
+        out = steps.feedback_update(unet, text, rewards, prompts, scheduler, config, 0, optimizer, 0.0)
+        return out, torch.cat([p.grad.flatten() for p in unet.parameters() if p.grad is not None])
+
+    (r1, g1), (r2, g2), (both, g) = run(first), run(second), run([first, second])
+    assert torch.equal(unet.state_dict()["conv_in.weight"], state["conv_in.weight"])
+    assert not torch.allclose(r1, r2) and g1.norm() < 1.0 and g.norm() < 1.0
+    torch.testing.assert_close(both, (r1 + r2) / 2)
+    torch.testing.assert_close(g, g1 + g2)
+
+
 def test_samples_of_the_unet_join_a_ranking(parts):
-    unet, text, _, _ = parts
+    unet, text, _, _, _ = parts
     prompts = generator.training_prompts(1, 0, 2, ("spatial",))
     images = generator.sample_images(unet, text, prompts, steps=2, seed=0, samples=2)
     assert images.shape == (4, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
