@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         compositional = SPECS["compositional"]
         own = yaml.safe_load((REPO_ROOT / compositional).read_text())["training"]["seed"]
         seeds = {seed: runs["compositional"] if seed == own else run_spec(
-            str(seed_spec(compositional, seed, runs_dir / "specs")), runs_dir / f"{Path(compositional).stem}-seed{seed}")
-            for seed in args.seeds}
+            str(seed_spec(compositional, seed, runs_dir / "specs")),
+            runs_dir / f"{Path(compositional).stem}-seed{seed}") for seed in args.seeds}
         models = {"untrained": evaluate(BASE)}
         models |= {name: evaluate(runs_dir / Path(spec).stem / "sft" / "export" / "policy")
                    for name, spec in SPECS.items()}

@@ -16,10 +16,10 @@ by the current code before it is scored (``reexported``).
 ``--one-process`` also trains each run's ``grpo`` phase again in one process (runtime.reference.ReferenceTrainer: the
 runtime's oracle) from the same merged model, with the same job (the phase's job as ``loom run`` built it, its
 artifacts read from ``WORK/out<S>``), into ``WORK/one<S>/`` (kept when done already; ``--parallel`` trains the seeds
-at once, and scores every seed's runs at once with or without ``--one-process``), scores it the same way and reports the first step whose GRPO loss differs between the two runtimes by more
-than 1e-3 relative (``same_until``; the number of steps when none does): the two are the same computation up to the
-order of floating-point sums, so their trajectories part only where a sampled token flips. Writes
-bench/results/alignment-grpo-runs.{json,md}.
+at once, and scores every seed's runs at once with or without ``--one-process``), scores it the same way and
+reports the first step whose GRPO loss differs between the two runtimes by more than 1e-3 relative (``same_until``;
+the number of steps when none does): the two are the same computation up to the order of floating-point sums, so
+their trajectories part only where a sampled token flips. Writes bench/results/alignment-grpo-runs.{json,md}.
 """
 
 from __future__ import annotations

@@ -220,9 +220,6 @@ def joined(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def stage_iterate(args) -> None:
     """IterComp's second iteration (module doc)."""
-    from recipes.diffusion.gallery import GENERATORS, rank, synthetic_entry
-    from recipes.diffusion.steps import new_image_pairs
-
     torch.set_num_threads(1)
     start, out = time.time(), args.work / f"iterate-{args.seed}"
     out.mkdir(parents=True, exist_ok=True)

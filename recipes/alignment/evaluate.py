@@ -136,8 +136,9 @@ BASELINE_METRICS = ("baseline_rule_score", "gain")  # step rule_eval's with a ba
 
 def check_rule_eval_args(args: dict, base) -> None:
     """``model`` (a reference ``@<phase>/model/<component>`` or a folder), optional ``reference`` (the same; KL is
-    reported against it) and ``baseline`` (the same; its rule score and the model's gain over it), ``prompts`` (1..1024, default 64), ``new_tokens`` (1..256, default 48), ``split``
-    (``heldout`` or ``train``, default heldout), ``seed``; torch-free, a ValueError naming the argument."""
+    reported against it) and ``baseline`` (the same; its rule score and the model's gain over it), ``prompts``
+    (1..1024, default 64), ``new_tokens`` (1..256, default 48), ``split`` (``heldout`` or ``train``, default
+    heldout), ``seed``; torch-free, a ValueError naming the argument."""
     from planner.pipeline import check_known_args, check_model_arg, check_whole_args
 
     check_known_args(args, RULE_EVAL_ARGS, "rule_eval")
