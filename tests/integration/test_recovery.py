@@ -209,4 +209,6 @@ def test_a_loss_past_max_restarts_ends_the_run_with_one_line(ray_session, job_pl
     with pytest.raises(RunFailed) as failed:
         run_job(job, plan, options=RunOptions(steps=3, out_dir=tmp_path, checkpoint_every=0))
     message = str(failed.value)
-    assert "\n" not in message and message.startswith("worker ") and "at step 1" in message, message
+    # step 1 went to the workers with step 0 (send-ahead) and may be done when the signal lands: then the loss
+    # surfaces in step 2, which the driver had sent behind it
+    assert "\n" not in message and message.startswith("worker ") and re.search(r"at step [12]:", message), message
