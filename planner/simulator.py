@@ -64,7 +64,7 @@ from planner.program import (
 )
 from planner.schedule import Problem
 from planner.sync import SyncBucket, SyncOutcome, finish_buckets, gathers_overlap
-from planner.timeline import Clocks, exchange_of, flow_memo
+from planner.timeline import MEMO_MAX_MOVES, Clocks, exchange_of, flow_memo
 from planner.handoff import HandOff, hand_off_seconds, hand_offs
 from planner.rolloutlag import lagged
 
@@ -164,7 +164,11 @@ def boundary_time(flows: Sequence[Flows], cost_model: CostModel) -> float:
     if not flows:
         return 0.0
     dpn = cost_model.hw.devices_per_node
-    if len(flows) == 1:  # most calls: one edge's flows (a transfer's own time)
+    if len(flows) == 1:  # most calls: one edge's flows (a transfer's own time), shared (move_flows): by identity
+        priced = cost_model.__dict__.setdefault("_flows_priced", {})
+        known = priced.get(id(flows[0]))
+        if known is not None and known[0] is flows[0]:
+            return known[1]
         snd, rcv, nbytes = flows[0].senders, flows[0].receivers, flows[0].nbytes
     else:
         snd = np.concatenate([f.senders for f in flows])
@@ -183,13 +187,26 @@ def boundary_time(flows: Sequence[Flows], cost_model: CostModel) -> float:
                 worst = max(worst, cost_model.p2p_time(float(per_link.max()), cross_node=divisor > 1))
     if key is not None:
         memo[key] = worst
+        if len(flows) == 1 and getattr(flows[0], "shared", False):  # kept alive by the entry: ids stay unique
+            priced[id(flows[0])] = (flows[0], worst)
     return worst
 
 
 def move_flows(moves: Moves, row_bytes: float) -> Flows:
-    """The remote part of ``moves`` (local moves cost nothing) as flows of ``row_bytes`` per row."""
-    remote = moves.remote
-    return Flows(moves.senders[remote], moves.receivers[remote], moves.rows[remote] * row_bytes)
+    """The remote part of ``moves`` (local moves cost nothing) as flows of ``row_bytes`` per row. Remembered on
+    ``moves`` per row size (the program's moves are cached and shared, planner.program), read-only, up to
+    :data:`~planner.timeline.MEMO_MAX_MOVES` moves: every simulation of a search rebuilt the same flows."""
+    memo = moves.__dict__.setdefault("_flows", {}) if len(moves) <= MEMO_MAX_MOVES else {}
+    flows = memo.get(row_bytes)
+    if flows is None:
+        remote = moves.remote
+        flows = Flows(moves.senders[remote], moves.receivers[remote], moves.rows[remote] * row_bytes)
+        if len(moves) <= MEMO_MAX_MOVES:
+            for a in (flows.senders, flows.receivers, flows.nbytes):
+                a.flags.writeable = False
+            flows.__dict__["shared"] = True
+            memo[row_bytes] = flows
+    return flows
 
 
 def edge_flows(problem: Problem, placed: PlacedSchedule, edge: Edge, cost_model: CostModel) -> tuple[Flows, Flows]:

@@ -462,3 +462,19 @@ def test_simulations_are_remembered_per_problem_and_placement():
         simulate(problem, other_placement, cm)
     again = simulate(problem, two, cm)
     assert again is not first and again == first
+
+
+def test_flows_of_shared_moves_are_built_once_read_only_and_priced_alike():
+    """The program's cached moves give the same read-only Flows per row size; its price by identity equals the
+    price of an equal copy (which goes through the bytes memo) and of a fresh cost model."""
+    moves = forward_moves((0, 1, 2, 3), Layout(4, 1), (4, 5), Layout(2, 1), 8)
+    flows = move_flows(moves, 1e6)
+    assert move_flows(moves, 1e6) is flows and move_flows(moves, 2e6) is not flows
+    assert float(move_flows(moves, 2e6).nbytes.sum()) == 2 * float(flows.nbytes.sum())
+    with pytest.raises(ValueError):
+        flows.nbytes[0] = 0.0  # shared by every simulation: never written
+    cm = LinearCost(CM.hw)
+    price = boundary_time([flows], cm)
+    copy = type(flows)(flows.senders.copy(), flows.receivers.copy(), flows.nbytes.copy())
+    assert boundary_time([flows], cm) == price == boundary_time([copy], cm) == boundary_time([flows], LinearCost(CM.hw))
+    assert price == pytest.approx(CM.p2p_time(8e6, cross_node=True))  # all 8 rows cross node 0 -> 1 on one link
