@@ -465,11 +465,13 @@ def test_simulations_are_remembered_per_problem_and_placement():
 
 
 def test_flows_of_shared_moves_are_built_once_read_only_and_priced_alike():
-    """The program's cached moves give the same read-only Flows per row size; its price by identity equals the
-    price of an equal copy (which goes through the bytes memo) and of a fresh cost model."""
+    """Kept (jobs up to FLOWS_MEMO_MAX_DEVICES), the program's cached moves give the same read-only Flows per row
+    size; its price by identity equals the price of an equal copy (which goes through the bytes memo) and of a fresh
+    cost model."""
     moves = forward_moves((0, 1, 2, 3), Layout(4, 1), (4, 5), Layout(2, 1), 8)
-    flows = move_flows(moves, 1e6)
-    assert move_flows(moves, 1e6) is flows and move_flows(moves, 2e6) is not flows
+    flows = move_flows(moves, 1e6, keep=True)
+    assert move_flows(moves, 1e6, keep=True) is flows and move_flows(moves, 2e6, keep=True) is not flows
+    assert move_flows(moves, 1e6) is not flows and move_flows(moves, 1e6).nbytes.flags.writeable  # not kept
     assert float(move_flows(moves, 2e6).nbytes.sum()) == 2 * float(flows.nbytes.sum())
     with pytest.raises(ValueError):
         flows.nbytes[0] = 0.0  # shared by every simulation: never written
