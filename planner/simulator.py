@@ -483,7 +483,7 @@ def next_uses(starts: Sequence[tuple[int, np.ndarray, float]], events: Sequence[
 
 
 SIM_MEMO_SIZE = 16  # the most recent simulations kept beside the cost model (:func:`simulate`)
-SIM_MEMO_MAX_SLOTS = 4096  # placements of at most this many slice x device slots are remembered (the grid's 2,000)
+SIM_MEMO_MAX_SLOTS = 4096  # placements of at most this many slice x device slots are remembered
 
 
 def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> Simulation:
@@ -492,8 +492,8 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
     :func:`planner.timeline.flow_memo`'s prices), since a search prices the same placement again within a few steps
     (a bucket split's fractions that round to the same cut, a candidate placed by two paths): 5-15% of a grid cell's
     simulations. Keyed by the problem object (a memory-tightened problem has other curves) and the placement; only
-    placements of at most :data:`SIM_MEMO_MAX_SLOTS` slice x device slots: at 10,240 devices hashing one costs more
-    than the rare repeat saves, and 16 such simulations held 40 MB."""
+    placements of at most :data:`SIM_MEMO_MAX_SLOTS` slice x device slots (the grid's are under 2,000): at 10,240 devices
+    hashing a placement is work that its rare repeat would not repay, and its simulations are large to keep."""
     if sum(len(s.devices) for w in placed.waves for s in w.slices) > SIM_MEMO_MAX_SLOTS:
         return _simulate(problem, placed, cost_model)
     memo = cost_model.__dict__.setdefault("_sim_memo", OrderedDict())
