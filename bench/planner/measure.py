@@ -1,7 +1,9 @@
 """One benchmark cell -> one record: predicted times, bounds, ratios, solver report, planning time.
 
 Planning time is the median of ``repeats`` wall-clock runs of ``plan_job(job, with_baselines=False)``
-after ``warmup`` untimed runs (every run builds its own cost model, so no cache carries over). The
+after ``warmup`` untimed runs (every run builds its own cost model, so no cache carries over), and beside it the
+median of the same runs' process CPU seconds (``planning_cpu_median_s``: what the planner itself spends, which a
+machine shared with other work inflates far less than the wall clock; the solver runs one thread). The
 numbers come from one extra, untimed run with baselines. Two kinds of ratio are recorded:
 
 * full: predicted iteration time (compute + transfers + shared-parameter sync + optimizer, from
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import resource
+import statistics
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -62,9 +65,12 @@ def measure_cell(cell: Cell, repeats: int = 3, warmup: int = 1, with_baselines: 
     try:
         job = load_cell_job(cell)
         timed_iterations: list[float] = []
+        cpu_samples: list[float] = []
 
         def run_once() -> PlanOutcome:
+            cpu = time.process_time()
             outcome = plan_job(job, with_baselines=with_baselines, progress=_quiet)
+            cpu_samples.append(time.process_time() - cpu)
             timed_iterations.append(outcome.plan.predicted.iteration_time_s)
             return outcome
 
@@ -73,6 +79,8 @@ def measure_cell(cell: Cell, repeats: int = 3, warmup: int = 1, with_baselines: 
         record.update(_describe(outcome))
         record["planning_time_median_s"] = timing.median_s
         record["planning_time_samples_s"] = list(timing.samples_s)
+        record["planning_cpu_median_s"] = statistics.median(cpu_samples[warmup:])
+        record["planning_cpu_samples_s"] = cpu_samples[warmup:]
         record["timed_iteration_s"] = timed_iterations[warmup:]
     except Exception as exc:  # a benchmark reports a failing cell and goes on to the next
         record["error"] = f"{type(exc).__name__}: {exc}"

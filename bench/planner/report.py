@@ -68,7 +68,7 @@ def results_table(records: Sequence[Record]) -> str:
     keys = _baseline_keys(records)
     head = (["Cell", "MetaOps"] + keys + ["Loom", "per-level bound", "DAG bound", "Loom/PL full",
             "Loom/PL compute", "Loom/DAG compute", "Spindle/PL compute", "vs Spindle", "vs sequential",
-            "solver (gap)", "plan s (median)"])
+            "solver (gap)", "plan s (median)", "plan CPU s (median)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         if r.get("error"):
@@ -81,10 +81,16 @@ def results_table(records: Sequence[Record]) -> str:
             _x(ra["loom_compute_over_per_level"]), _x(ra["loom_compute_over_dag"]),
             _x(ra["spindle_compute_over_per_level"]), _x(ra["speedup_vs_spindle"]),
             _x(ra["speedup_vs_sequential"], 2), f"{r['solver']['status']} ({r['solver']['gap']:.3f})",
-            f"{r['planning_time_median_s']:.2f}",
+            f"{r['planning_time_median_s']:.2f}", _cpu(r),
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _cpu(record: Record) -> str:
+    """The planning process's CPU seconds (median), '-' in records from before it was measured."""
+    cpu = record.get("planning_cpu_median_s")
+    return "-" if cpu is None else f"{cpu:.2f}"
 
 
 def best_fitting_baseline(record: Record) -> tuple[str, float] | None:
@@ -288,6 +294,10 @@ def _plan_time(records: Sequence[Record], label: str, select, limit: float) -> V
     notes = []
     if slow:
         notes.append("over: " + ", ".join(slow))
+    timed = [r for r in ok if r.get("planning_cpu_median_s") is not None]
+    if timed:  # what the planner spends itself: wall time above it is the machine's other load
+        busiest = max(timed, key=lambda r: r["planning_cpu_median_s"])
+        notes.append(f"CPU time max {busiest['planning_cpu_median_s']:.2f} s ({busiest['cell']})")
     if _failed(cells):
         notes.append("failed: " + _failed(cells))
     return Verdict(target, measured, "PASS" if not slow and not _failed(cells) else "SHORT", "; ".join(notes))

@@ -4,6 +4,7 @@ schedules."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -17,7 +18,7 @@ from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, all_slice
 from planner.program import forward_moves, grad_buckets, holdings
 from planner.schedule import Problem
 from planner.simulator import (
-    Phase, backward_ends, boundary_time, move_flows, simulate, simulate_transfers, split_passes, sync_of,
+    SIM_MEMO_SIZE, Phase, backward_ends, boundary_time, move_flows, simulate, simulate_transfers, split_passes, sync_of,
 )
 from planner.sync import bucket_time, finish_iteration, gather_time, sync_buckets
 
@@ -439,3 +440,43 @@ def test_a_plan_re_predicted_under_a_model_without_its_count_prices_its_layout()
                        problem.num_devices)
     sim = simulate(narrowed, placed_schedule, CM)
     assert sim.wave_durations == (pytest.approx(CM.layout_time(o, Layout(2, 1)) * 4),)
+
+
+def test_simulations_are_remembered_per_problem_and_placement():
+    """A placement priced again under the same problem is the same Simulation; another problem (other curves) with
+    the same placement is priced on its own curves; the memo keeps only the latest SIM_MEMO_SIZE placements."""
+    cm = LinearCost(Hardware(DEVICES["a800"], 2, 4, 80 * GIB, 200e9, 50e9))
+    problem = problem_of(op(0, "enc", layers=6), op(1, "dec", layers=2, deps=(0,)))
+    two = placed(problem, [(0, 0, 6, (0, 1, 2, 3))], [(1, 0, 2, (4, 5))])
+    first = simulate(problem, two, cm)
+    assert simulate(problem, two, cm) is first
+    heavier = problem_of(op(0, "enc", layers=6), op(1, "dec", layers=2, deps=(0,), batch=16))  # same shapes, 2x rows
+    other = simulate(heavier, two, cm)
+    assert other is not first and other.iteration_time_s > first.iteration_time_s
+    assert other == simulate(heavier, two, LinearCost(cm.hw))  # what a fresh cost model (no memo) predicts
+    others = [placed(problem, [(0, 0, 6, enc)], [(1, 0, 2, dec)]) for enc in ((0, 1, 2, 3), (4, 5, 6, 7))
+              for k in (1, 2) for dec in itertools.combinations(sorted(set(range(8)) - set(enc)), k)]
+    others = [p for p in others if p != two][:SIM_MEMO_SIZE]
+    assert len(others) == SIM_MEMO_SIZE
+    for other_placement in others:  # as many other placements: the first is forgotten, then priced again
+        simulate(problem, other_placement, cm)
+    again = simulate(problem, two, cm)
+    assert again is not first and again == first
+
+
+def test_flows_of_shared_moves_are_built_once_read_only_and_priced_alike():
+    """Kept (jobs up to FLOWS_MEMO_MAX_DEVICES), the program's cached moves give the same read-only Flows per row
+    size; its price by identity equals the price of an equal copy (which goes through the bytes memo) and of a fresh
+    cost model."""
+    moves = forward_moves((0, 1, 2, 3), Layout(4, 1), (4, 5), Layout(2, 1), 8)
+    flows = move_flows(moves, 1e6, keep=True)
+    assert move_flows(moves, 1e6, keep=True) is flows and move_flows(moves, 2e6, keep=True) is not flows
+    assert move_flows(moves, 1e6) is not flows and move_flows(moves, 1e6).nbytes.flags.writeable  # not kept
+    assert float(move_flows(moves, 2e6).nbytes.sum()) == 2 * float(flows.nbytes.sum())
+    with pytest.raises(ValueError):
+        flows.nbytes[0] = 0.0  # shared by every simulation: never written
+    cm = LinearCost(CM.hw)
+    price = boundary_time([flows], cm)
+    copy = type(flows)(flows.senders.copy(), flows.receivers.copy(), flows.nbytes.copy())
+    assert boundary_time([flows], cm) == price == boundary_time([copy], cm) == boundary_time([flows], LinearCost(CM.hw))
+    assert price == pytest.approx(CM.p2p_time(8e6, cross_node=True))  # all 8 rows cross node 0 -> 1 on one link
