@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.alignment.grpo_runs", description=__doc__.split("\n\n")[0])
     parser.add_argument("work", type=Path, help="where the seeds' specs and runs go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (default 64, as the gate's)")
+    parser.add_argument("--prompts", type=int, default=512, help="held-out prompts (default 512, as the gate's)")
     parser.add_argument("--resume", action="store_true", help="loom run --resume: keep the phases an earlier run of "
                         "the same file finished in WORK/out<S>")
     parser.add_argument("--score-only", action="store_true", help="score the runs already in WORK")
