@@ -4,7 +4,8 @@ For each job (default: the CPU examples with the shortest steps, where Ray's rou
 once, one plan from that profile, then ``R`` rounds of two runs of ``N`` steps each on one embedded Ray cluster,
 alternating: ``RunOptions(send_ahead=False)`` (every step sent once the last one's results are back, the driver
 before this change) and ``send_ahead=True`` (orchestrator.run: step k+1 sent with step k). Per run: the median step
-after the first ``WARMUP_STEPS`` (the driver's wall time, as bench.examples), the driver's round trip (median of the
+after the first ``WARMUP_STEPS`` and the median period (the gap between two steps' ends at the driver: the two arms
+measure their steps from different points, the period is measured alike in both), the driver's round trip (median of the
 step minus its slowest worker's ``train_step``; with send-ahead that is what Ray adds between two steps, and can be
 negative), the skew of the ranks' step starts and the slowest rank's gradient sync and loss all-reduce from the
 run's ``trace.json`` (waits for a peer included), and the machine's 1-minute load. Ratios compare the two arms of
@@ -20,6 +21,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from bench.common import environment, write_results
@@ -30,14 +32,27 @@ log = logging.getLogger("bench.sendahead")
 DEFAULT_JOBS = ("chat-sft-cpu", "caption-cpu")
 
 
-class Quiet:
-    """A reporter that reports nothing (the runs are timed, not watched)."""
+class Clock:
+    """A reporter that prints nothing and notes when the driver finished each step (``times``): the gaps between
+    them are the run's true period, the driver's own work between steps included, whether or not a step was sent
+    ahead (a record's ``step_seconds`` starts at the sending, or at the previous step's results when sent ahead, so
+    it leaves the driver's bookkeeping out in one arm and not in the other)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
 
     def start(self, first_step: int, last_step: int) -> None: ...
 
-    def step(self, record) -> None: ...
+    def step(self, record) -> None:
+        self.times.append(time.perf_counter())
 
     def close(self) -> None: ...
+
+
+def period_s(times: list[float], warmup: int) -> float:
+    """The median gap between consecutive step ends after the first ``warmup`` steps."""
+    gaps = [b - a for a, b in zip(times[warmup:], times[warmup + 1:])]
+    return statistics.median(gaps)
 
 
 def start_skew_s(trace: Path) -> float:
@@ -54,11 +69,13 @@ def start_skew_s(trace: Path) -> float:
 def one_run(job, plan, ahead: bool, steps: int, out: Path) -> dict:
     from orchestrator.run import RunOptions, run_job
 
+    clock = Clock()
     result = run_job(job, plan, options=RunOptions(steps=steps, out_dir=out, checkpoint_every=0, send_ahead=ahead),
-                     reporter=Quiet())
+                     reporter=clock)
     timed = result.records[WARMUP_STEPS:] or result.records
     parts = measured_parts_of(out / "trace.json")
     return {"send_ahead": ahead, "step_s": statistics.median(r.step_seconds for r in timed),
+            "period_s": period_s(clock.times, WARMUP_STEPS),
             "round_trip_s": statistics.median(r.step_seconds - max(r.worker_seconds) for r in timed),
             "start_skew_s": start_skew_s(out / "trace.json"), "sync_s": parts.get("sync", 0.0),
             "reduce_s": parts.get("step all-reduce", 0.0), "load_average": os.getloadavg()[0],
@@ -94,21 +111,25 @@ def median_of(runs: list[dict], key: str, ahead: bool) -> float:
 def report(records: list[dict], note: str) -> str:
     lines = ["# The driver sending each step ahead: off vs on, alternating", "",
              "Per job one profile and one plan, then rounds of two runs (send-ahead off, on) on one embedded Ray "
-             f"cluster. Values: medians over the rounds of each run's median step after {WARMUP_STEPS} (driver "
-             "wall time), driver round trip (step minus slowest worker's call), rank start skew, slowest rank's "
-             "gradient sync and loss all-reduce (from trace.json, waits included). Ratio: per round on / off, "
-             "then the median.", *([note] if note else []), "",
-             "| job | predicted | step off | step on | on / off | measured / predicted (on) | round trip off / on | "
-             "start skew off / on | sync off / on | loss all-reduce off / on | same losses | load (1 min) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"cluster. Values: medians over the rounds of each run's median after {WARMUP_STEPS} steps of: the "
+             "period (the gap between two steps' ends at the driver, its own work between steps included: what a "
+             "run's wall time is made of), the recorded step (driver wall time from the sending, or from the "
+             "previous step's results when sent ahead, so it leaves the driver's work between steps out when off), "
+             "driver round trip (step minus slowest worker's call), rank start skew, slowest rank's gradient sync "
+             "and loss all-reduce (from trace.json, waits included). Ratio: per round on / off of the period, then "
+             "the median.", *([note] if note else []), "",
+             "| job | predicted | period off | period on | on / off | step off / on | measured / predicted (on) | "
+             "round trip off / on | start skew off / on | sync off / on | loss all-reduce off / on | same losses | "
+             "load (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         runs, ms = r["runs"], lambda v: f"{v * 1e3:.1f} ms"
-        ratio = statistics.median(b["step_s"] / a["step_s"] for a, b in zip(runs[::2], runs[1::2]))
+        ratio = statistics.median(b["period_s"] / a["period_s"] for a, b in zip(runs[::2], runs[1::2]))
         pair = lambda key: f"{median_of(runs, key, False) * 1e3:.2f} / {median_of(runs, key, True) * 1e3:.2f} ms"
         loads = [x["load_average"] for x in runs]
-        lines.append(f"| {r['job']} | {ms(r['predicted_step_s'])} | {ms(median_of(runs, 'step_s', False))} | "
-                     f"{ms(median_of(runs, 'step_s', True))} | {ratio:.2f} | "
-                     f"{median_of(runs, 'step_s', True) / r['predicted_step_s']:.2f} | {pair('round_trip_s')} | "
+        lines.append(f"| {r['job']} | {ms(r['predicted_step_s'])} | {ms(median_of(runs, 'period_s', False))} | "
+                     f"{ms(median_of(runs, 'period_s', True))} | {ratio:.2f} | {pair('step_s')} | "
+                     f"{median_of(runs, 'period_s', True) / r['predicted_step_s']:.2f} | {pair('round_trip_s')} | "
                      f"{pair('start_skew_s')} | {pair('sync_s')} | {pair('reduce_s')} | {r['same_losses']} | "
                      f"{min(loads):.1f}-{max(loads):.1f} |")
     return "\n".join(lines)
