@@ -11,7 +11,7 @@ module prices a schedule as a dataflow over per-device clocks:
 - **an exchange** at one boundary: the devices its remote moves connect form components (devices linked by a move,
   transitively: they pair up in one batch of sends and receives). A component starts when its last device arrives
   and lasts as long as its busiest link (a device's intra-node link per direction, a node's network link per
-  direction, as :func:`planner.simulator.boundary_time` prices a boundary); devices without remote moves pass;
+  direction, as :func:`planner.flows.boundary_time` prices a boundary); devices without remote moves pass;
 - **a loss stage**: each task's loss head on its host's loss devices (``head_time``), after the loss boundary;
 - **gradient accumulation**: the walk repeats per micro-batch; gradient buckets start in the last one.
 

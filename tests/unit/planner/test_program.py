@@ -18,7 +18,7 @@ from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, all_slice
 from planner.plan import Plan, plan_from_json
 from planner.program import assignment, backward_moves, forward_moves
 from planner.schedule import Problem, Schedule, Slice, Wave
-from planner.simulator import Flows, boundary_time
+from planner.flows import Flows, boundary_time
 from planner.pipeline import is_phased
 from planner.spec import load_job, parse_job
 from planner.sync import sync_buckets
@@ -56,7 +56,7 @@ def plan_of(job, waves) -> Plan:
 
 def priced_transfer_seconds(plan: Plan, job) -> float:
     """What the plan's pieces cost under the plan's own cost model: per boundary and direction, every remote
-    piece at once (planner.simulator.boundary_time), summed: the simulator's transfer_s when both agree."""
+    piece at once (planner.flows.boundary_time), summed: the simulator's transfer_s when both agree."""
     from planner.api import make_cost_model
 
     cost_model = make_cost_model(job)

@@ -13,12 +13,13 @@ import pytest
 from planner.components import LayerSegment
 from planner.costmodel import CostModel, Curve, Layout
 from planner.devices import DEVICES, GIB, Hardware
+from planner.flows import boundary_time, move_flows
 from planner.metagraph import MetaOp, finalize_graph
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, all_slices, build_ledger, place_schedule
 from planner.program import forward_moves, grad_buckets, holdings
 from planner.schedule import Problem
 from planner.simulator import (
-    SIM_MEMO_SIZE, Phase, backward_ends, boundary_time, move_flows, simulate, simulate_transfers, split_passes, sync_of,
+    SIM_MEMO_SIZE, Phase, backward_ends, simulate, simulate_transfers, split_passes, sync_of,
 )
 from planner.sync import bucket_time, finish_iteration, gather_time, sync_buckets
 

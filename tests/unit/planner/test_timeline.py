@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from planner.placement import PlacedSchedule
-from planner.simulator import Flows, boundary_time, simulate
+from planner.flows import Flows, boundary_time
+from planner.simulator import simulate
 from planner.timeline import _components, exchange_of
 
 from test_simulator import CM, op, placed, problem_of
