@@ -22,6 +22,7 @@ class Flows:
     senders: np.ndarray
     receivers: np.ndarray
     nbytes: np.ndarray
+    shared: bool = False  # kept by move_flows for every simulation (read-only): boundary_time prices it once
 
     @property
     def total_bytes(self) -> float:
@@ -58,7 +59,7 @@ def boundary_time(flows: Sequence[Flows], cost_model: CostModel) -> float:
                 worst = max(worst, cost_model.p2p_time(float(per_link.max()), cross_node=divisor > 1))
     if key is not None:
         memo[key] = worst
-        if len(flows) == 1 and getattr(flows[0], "shared", False):  # kept alive by the entry: ids stay unique
+        if len(flows) == 1 and flows[0].shared:  # kept alive by the entry: ids stay unique
             priced[id(flows[0])] = (flows[0], worst)
     return worst
 
@@ -77,11 +78,10 @@ def move_flows(moves: Moves, row_bytes: float, keep: bool = False) -> Flows:
     flows = memo.get(row_bytes)
     if flows is None:
         remote = moves.remote
-        flows = Flows(moves.senders[remote], moves.receivers[remote], moves.rows[remote] * row_bytes)
+        flows = Flows(moves.senders[remote], moves.receivers[remote], moves.rows[remote] * row_bytes, shared=keep)
         if keep:
             for a in (flows.senders, flows.receivers, flows.nbytes):
                 a.flags.writeable = False
-            flows.__dict__["shared"] = True
             memo[row_bytes] = flows
     return flows
 
