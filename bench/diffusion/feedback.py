@@ -40,6 +40,13 @@ SPEC = ROOT / "recipes" / "diffusion" / "itercomp-tiny.yaml"
 IMAGES = ROOT / "docs" / "recipes" / "img"
 
 
+def rm_layers(category: str) -> int:
+    """The scoring layers of ``category``'s reward model in the spec (its ``<category>_rm`` component)."""
+    from recipes.diffusion.scorers import load_job
+
+    return load_job(SPEC).components[f"{category}_rm"].num_layers
+
+
 def load_into(rewards, category: str, scorer: Scorer) -> None:
     """Copy a bench scorer (its ``layers`` and ``head``) into ``rewards``' model of ``category`` (the spec's
     ``<category>_rm`` transformer and the task's head): the same modules, named per component and layer."""
@@ -130,7 +137,7 @@ def stage_rm(args) -> None:
             train = joined([train, feats["train"]])
             record["unet_pairs"] = {split: len(rows) for split, rows in new.items()}
         scorer, records = fit((category, "fusion", "pretrained", args.seed, train, held, args.rm_steps, 64,
-                               args.rm_lr or 3e-3), schedule=args.rm_schedule)
+                               args.rm_lr or 3e-3), schedule=args.rm_schedule, layers=rm_layers(category))
         torch.save(scorer.state_dict(), out / f"scorer-{category}.pt")
         load_into(rewards, category, scorer)
         record.update(bench_acc=records[-1]["acc"], acc_other=records[-1]["acc_other"],
@@ -148,7 +155,7 @@ def load_rewards(work: Path, seed: int):
 
     rewards = RewardModels(load_job(SPEC), None, normalise=False)
     for category in CATEGORIES:
-        scorer = Scorer("fusion")
+        scorer = Scorer("fusion", rm_layers(category))
         scorer.load_state_dict(torch.load(work / f"rm-{seed}" / f"scorer-{category}.pt"))
         load_into(rewards, category, scorer)
     rewards.normalise()
@@ -236,19 +243,24 @@ def stage_iterate(args) -> None:
         init = torch.load(args.work / f"rm-{args.rm_seed}" / f"scorer-{category}.pt")
         job = (category, "fusion", "pretrained", args.seed, joined([old_train, feats["train"]]), feats["heldout"],
                args.rm_steps, 64, args.rm_lr or 1e-3)
-        before = Scorer("fusion")
+        before = Scorer("fusion", rm_layers(category))
         before.load_state_dict(init)
         from bench.diffusion.scorers import accuracy
 
         record[f"new_{category}_before"] = accuracy(before, as_float(feats["heldout"]))["acc"]
         record[f"gallery_{category}_before"] = accuracy(before, as_float(gallery))["acc"]
-        scorer, _ = fit(job, init)
+        scorer, _ = fit(job, init, layers=rm_layers(category))
         record[f"new_{category}_after"] = accuracy(scorer, as_float(feats["heldout"]))["acc"]
         record[f"gallery_{category}_after"] = accuracy(scorer, as_float(gallery))["acc"]
         record[f"new_pairs_{category}"] = {k: len(v) for k, v in new.items()}
         record["wall_s"] = round(time.time() - start, 1)
         print(record, flush=True)
         (out / f"record-{category}.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def run_key(record: dict) -> tuple:
+    """What tells a feedback run from another: (pre_loss, lr, steps, seed)."""
+    return record["pre_loss"], record["lr"], record["steps"], record["seed"]
 
 
 def stage_report(args) -> None:
@@ -260,7 +272,7 @@ def stage_report(args) -> None:
     for work in [args.work, *args.also]:
         for path in sorted(work.glob("feedback-*/record.json")):
             record = json.loads(path.read_text())
-            folders[record["pre_loss"], record["seed"]] = path.parent
+            folders[run_key(record)] = path.parent
     runs["feedback"] = [json.loads((folders[k] / "record.json").read_text()) for k in sorted(folders)]
     lines = ["# Recipe diffusion: does IterComp's feedback move the oracle? (measured)", "",
              "`python -m bench.diffusion.feedback` stages `rm`, `feedback`, `iterate` per seed, then `report` "
@@ -291,15 +303,15 @@ def stage_report(args) -> None:
     if runs["feedback"]:
         lines += ["", "## Feedback: the oracle on held-out prompts, before -> after", "",
                   "Mean oracle score (share of samples scored 1):", "",
-                  "| pre_loss | seed | " + " | ".join(CATEGORIES) + " | own-category reward (train batches) |",
-                  "|---" * (len(CATEGORIES) + 3) + "|"]
+                  "| pre_loss | lr | steps | seed | " + " | ".join(CATEGORIES)
+                  + " | own-category reward (train batches) |", "|---" * (len(CATEGORIES) + 5) + "|"]
         for r in runs["feedback"]:
             b, a = r["before"], r["after"]
-            lines.append(f"| {r['pre_loss']} | {r['seed']} | " + " | ".join(
+            lines.append(f"| {r['pre_loss']} | {r['lr']} | {r['steps']} | {r['seed']} | " + " | ".join(
                 f"{b[f'score_{c}']:.3f} ({b[f'exact_{c}']:.2f}) -> {a[f'score_{c}']:.3f} ({a[f'exact_{c}']:.2f})"
                 for c in CATEGORIES) + f" | {r['train_reward_first']:.2f} -> {r['train_reward_last']:.2f} |")
         f = runs["feedback"][0]
-        lines += ["", f"Settings: {f['steps']} steps of {f['batch']} prompts, lr {f['lr']}, reward models of seeds "
+        lines += ["", f"Settings: batches of {f['batch']} prompts, reward models of seeds "
                   f"{f.get('rm_seeds', [f.get('rm_seed', 0)])} (each one more hinge), "
                   f"DDIM {f['denoise_steps']} steps; {f['prompts']} held-out prompts x {f['samples']} samples per "
                   "category, the same noise before and after. Wall per seed: "
@@ -320,9 +332,10 @@ def stage_report(args) -> None:
     write_results("diffusion-feedback", [r for kind in runs.values() for r in kind], report,
                   {"work": str(args.work)})
     IMAGES.mkdir(parents=True, exist_ok=True)
-    for (pre_loss, seed), folder in folders.items():  # "before": the base UNet, the same noise in every run
+    for (pre_loss, lr, steps, seed), folder in folders.items():  # "before": the base UNet, the same noise in every run
         shutil.copy(folder / "samples_before.png", IMAGES / "itercomp-feedback-before.png")
-        shutil.copy(folder / "samples_after.png", IMAGES / f"itercomp-feedback-pre{pre_loss}-seed{seed}.png")
+        shutil.copy(folder / "samples_after.png",
+                    IMAGES / f"itercomp-feedback-pre{pre_loss}-lr{lr:g}-steps{steps}-seed{seed}.png")
 
 
 def main(argv: list[str] | None = None) -> None:

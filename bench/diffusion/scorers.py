@@ -98,13 +98,13 @@ def tower_features(arrays: dict[str, np.ndarray], vision_folder: Path,
 class Scorer(nn.Module):
     """Scoring layers and a reward head over tower features (see the module doc for the two variants)."""
 
-    def __init__(self, variant: str):
+    def __init__(self, variant: str, layers: int = LAYERS):
         super().__init__()
         self.variant = variant
         if variant == "fusion":
-            self.layers = nn.ModuleList(TransformerBlock(WIDTH, HEADS, 4 * WIDTH) for _ in range(LAYERS))
+            self.layers = nn.ModuleList(TransformerBlock(WIDTH, HEADS, 4 * WIDTH) for _ in range(layers))
         elif variant == "cross":
-            self.layers = nn.ModuleList(DecoderBlock(WIDTH, HEADS, 4 * WIDTH, causal=False) for _ in range(LAYERS))
+            self.layers = nn.ModuleList(DecoderBlock(WIDTH, HEADS, 4 * WIDTH, causal=False) for _ in range(layers))
         else:
             raise ValueError(f"variant '{variant}': use fusion or cross.")
         self.head = PairwiseRewardHead("bench", "better", "worse", WIDTH, PROMPT_LEN)
@@ -133,18 +133,20 @@ def accuracy(scorer: Scorer, feats: dict[str, torch.Tensor]) -> dict[str, float]
 
 
 def train(job: tuple) -> list[dict]:
-    return fit(job[:-1], schedule=job[-1])[1]
+    return fit(job[:-2], schedule=job[-2], layers=job[-1])[1]
 
 
-def fit(job: tuple, init: dict | None = None, schedule: str = "constant") -> tuple[Scorer, list[dict]]:
-    """The trained scorer of one (category, variant, tower, seed, features, held-out features, steps, batch, lr)
-    and its held-out accuracy every fifth of the steps; from the weights ``init`` (a state dict) when given.
+def fit(job: tuple, init: dict | None = None, schedule: str = "constant",
+        layers: int = LAYERS) -> tuple[Scorer, list[dict]]:
+    """The trained scorer (``layers`` scoring layers) of one (category, variant, tower, seed, features, held-out
+    features, steps, batch, lr) and its held-out accuracy every fifth of the steps; from the weights ``init`` (a
+    state dict) when given.
     ``schedule``: ``constant`` lr, or ``cosine`` (decayed to 0 over the steps after a warm-up of 5% of them: at a
     constant 3e-3 the held-out accuracy swings by up to 0.12 between checkpoints, the optimiser's noise)."""
     category, variant, tower, seed, train_feats, held, steps, batch, lr = job
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    scorer = Scorer(variant)
+    scorer = Scorer(variant, layers)
     if init is not None:
         scorer.load_state_dict(init)
     opt = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=0.01)
@@ -183,7 +185,7 @@ def features(job: tuple) -> tuple[tuple[str, str, int], dict]:
 def markdown(records: list[dict], args) -> str:
     lines = ["# Recipe diffusion: scoring layers of the reward models (measured)", "",
              f"`python -m bench.diffusion.scorers --rows {args.rows} --steps {args.steps} --batch {args.batch} "
-             f"--lr {args.lr} --schedule {args.schedule} --seeds {args.seeds}`: single process per (category, variant, tower, seed), the "
+             f"--lr {args.lr} --schedule {args.schedule} --layers {args.layers} --seeds {args.seeds}`: single process per (category, variant, tower, seed), the "
              f"frozen towers' outputs of {args.rows} training rows per category and seed computed once (gallery and "
              "minimal pairs alternating; rows drawn from the training stream with that seed), scoring layers and "
              f"head trained on them (initialised and batched by the seed); accuracy on the {args.heldout} held-out "
@@ -221,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--schedule", choices=("constant", "cosine"), default="cosine",
                         help="the lr over the steps (fit)")
+    parser.add_argument("--layers", type=int, default=LAYERS, help="scoring layers (the spec's <category>_rm)")
     parser.add_argument("--categories", default=",".join(CATEGORIES))
     parser.add_argument("--variants", default="fusion")
     parser.add_argument("--seeds", default="0,1")
@@ -246,13 +249,13 @@ def main(argv: list[str] | None = None) -> None:
                 for s in seeds] + [(c, t, f, 0, "heldout", args.heldout, args.cache) for c in categories
                                    for t, f in towers.items()]
         feats = dict(pool.map(features, jobs))
-    train_jobs = [(c, v, t, s, feats[c, t, s], feats[c, t, -1], args.steps, args.batch, args.lr, args.schedule)
-                  for c in categories for v in variants for t in towers for s in seeds]
+    train_jobs = [(c, v, t, s, feats[c, t, s], feats[c, t, -1], args.steps, args.batch, args.lr, args.schedule,
+                   args.layers) for c in categories for v in variants for t in towers for s in seeds]
     with ctx.Pool(min(len(train_jobs), args.workers * 2)) as pool:
         records = [r for rs in pool.map(train, train_jobs) for r in rs]
     if not args.no_write:
-        config = {k: getattr(args, k) for k in ("rows", "heldout", "steps", "batch", "lr", "schedule", "categories",
-                                                  "variants", "seeds")}
+        config = {k: getattr(args, k) for k in ("rows", "heldout", "steps", "batch", "lr", "schedule", "layers",
+                                                  "categories", "variants", "seeds")}
         runs = [{**config, "towers": towers}]
         if args.append:
             old = json.loads((RESULTS_DIR / f"{args.name}.json").read_text())
