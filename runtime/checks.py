@@ -121,8 +121,9 @@ def check_head(job: JobSpec, t: int, recipe_losses: Collection[str] | None = ())
 
 def feedback_leaf(job: JobSpec, t: int) -> str:
     """The sample use a ``loss: feedback`` task scores (runtime.feedback.FeedbackHead): its one leaf that is a unet2d
-    ``mode: sample`` use with ``grad_last_step`` and no inputs (unconditional), whose latent channels are the VAE's
-    (``tasks[t].feedback.vae``, checked as a folder). Other leaves are allowed (not read). A ValueError otherwise."""
+    ``mode: sample`` use with ``grad_last_step`` (unconditional, or conditioned on its upstream uses' outputs with one
+    sample per row), whose latent channels are the VAE's (``tasks[t].feedback.vae``, checked as a folder). Other
+    leaves are allowed (not read). A ValueError otherwise."""
     from planner.vae_config import resolve_vae
 
     task = job.tasks[t]
@@ -133,9 +134,11 @@ def feedback_leaf(job: JobSpec, t: int) -> str:
                          f"grad_last_step: true; it has {len(found)} ({found}). Add or keep exactly one.")
     i, use = uses[found[0]]
     comp = job.components[use.component]
-    if task.upstream_names(i):
-        raise ValueError(f"tasks[{t}].components[{i}] ('{use.use_name}'): a sample use scored by loss 'feedback' "
-                         f"runs unconditionally here; it reads {task.upstream_names(i)}. Set `after: []`.")
+    if task.upstream_names(i) and use.samples != 1:
+        raise ValueError(f"tasks[{t}].components[{i}] ('{use.use_name}'): a sample use that reads "
+                         f"{task.upstream_names(i)} (its context) draws one sample per row (sample r is conditioned "
+                         f"on its upstream's row r); it has samples: {use.samples}. Set samples: 1 and give the "
+                         "prompts more rows.")
     info = resolve_vae(task.feedback.vae, f"tasks[{t}].feedback.vae")
     channels = comp.in_channels or kind_of(comp).in_channels
     if info.latent_channels != channels:

@@ -58,7 +58,7 @@ from runtime.optim import (
 from runtime.lagged import RolloutsAhead
 from runtime.payload import WorkerPayload
 from runtime.rollout import Roles, forward_only, freeze_untrained, rollout_input, run_generate, seq_len_of
-from runtime.sampleop import run_sample
+from runtime.sampleop import run_sample, sample_context
 from runtime.steps import GradBucket, Lap, StepState, StepTiming, assemble_rows, fp32_output
 from runtime.transfers import PieceTransfers
 from runtime.zero import ShardedAdamW
@@ -373,8 +373,9 @@ class WaveWorker(PieceTransfers, GradientSync):
             st.rollouts[s.metaop] = (start, st.outputs[ref])
             return
         if self.roles is not None and s.metaop in self.roles.sample:  # the whole denoising loop (runtime.sampleop)
+            context = sample_context(self._slice_inputs(ref, start, stop, st) if self.comm.num_inputs(ref) else [])
             st.outputs[ref] = run_sample(self.payload, op, lambda name, layer: self.modules[(name, layer)], step, start,
-                                         stop, self.device)
+                                         stop, self.device, context)
             st.rollouts[s.metaop] = (start, st.outputs[ref])  # kept as last_rollouts: the step's samples
             return
         kwargs = layer_kwargs(self.payload, op) | row_kwargs(

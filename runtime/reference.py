@@ -23,7 +23,7 @@ from runtime.data import TaskBatch, task_batch
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
 from runtime.modules import build_layer, layer_kwargs, row_kwargs
-from runtime.sampleop import WHOLE_USE_MODES, build_module, layer_keys, run_sample
+from runtime.sampleop import WHOLE_USE_MODES, build_module, layer_keys, run_sample, sample_context
 from runtime.optim import autocast, build_grouped_optimizer, module_component, set_lr
 from runtime.lagged import Behaviour
 from runtime.rollout import (
@@ -130,8 +130,9 @@ class ReferenceTrainer:
                 self.last_rollouts[op.id] = outputs[op.id]
                 continue
             if op.mode == "sample":  # the whole denoising loop; x0 with gradient when grad_last_step
+                context = sample_context([outputs[op.deps[i]] for i in input_order(self.job, self.graph, op.id)])
                 outputs[op.id] = run_sample(self.job, op, lambda name, layer: self.modules[(name, layer)], step,
-                                            batch.first_row, batch.first_row + batch.num_samples)
+                                            batch.first_row, batch.first_row + batch.num_samples, context=context)
                 self.last_rollouts[op.id] = outputs[op.id].detach()
                 continue
             kwargs = layer_kwargs(self.job, op) | row_kwargs(self.job, op, lambda: batch)

@@ -243,10 +243,9 @@ class Roles:
             if s.metaop in sample:  # the component's real modules (runtime.sampleop), trained with grad_last_step
                 from runtime.sampleop import module_keys
 
-                if s.tp_degree != 1 or op.deps:
-                    raise NotImplementedError(f"{op.name}: a sample use runs unconditioned and data parallel only; it "
-                                              f"reads {len(op.deps)} uses and the plan runs it at tensor_parallel "
-                                              f"{s.tp_degree}. Use `after: []` and tensor_parallel [1].")
+                if s.tp_degree != 1:
+                    raise NotImplementedError(f"{op.name}: a sample use runs data parallel only; the plan runs it at "
+                                              f"tensor_parallel {s.tp_degree}. Use tensor_parallel [1].")
                 for key in module_keys(job, op):
                     need.setdefault(key, set()).update(s.devices)
                     if sample[s.metaop] and not job.components[op.component].frozen:

@@ -97,11 +97,19 @@ def denoiser_of(job: JobSpec, op, module: Callable[[str, int], nn.Module]):
                           head.norm_out, head.conv_out, latent_shape(job, op)[1])
 
 
+def sample_context(inputs: list[torch.Tensor]) -> torch.Tensor | None:
+    """The context a sample MetaOp's denoiser cross-attends to: its upstream outputs ``(rows, L_i, W)`` in ``after:``
+    order, joined along the sequence (as a train use of the UNet reads them); None for an unconditional use."""
+    return (torch.cat(inputs, dim=1) if len(inputs) > 1 else inputs[0]) if inputs else None
+
+
 def run_sample(job: JobSpec, op, module: Callable[[str, int], nn.Module], step: int, start: int, stop: int,
-               device: torch.device | str = "cpu") -> torch.Tensor:
+               device: torch.device | str = "cpu", context: torch.Tensor | None = None) -> torch.Tensor:
     """Samples [start, stop) of the task's batch of sample MetaOp ``op`` at training ``step``, flattened: x0 with its
     gradient (``grad_last_step``) or the final latents, detached. Sample r is input row ``r // samples``'s sample
-    ``r % samples`` (a row's samples adjacent, as runtime.feedback.sample_rows lays them out)."""
+    ``r % samples`` (a row's samples adjacent, as runtime.feedback.sample_rows lays them out). ``context``: rows
+    [start, stop) of :func:`sample_context` for a conditioned use (one sample per row, runtime.checks.feedback_leaf);
+    the step with gradient passes the gradient on to it."""
     use = _use(job, op)[2]
     config = sample_config(job, op)
     scheduler = build_scheduler(config)
@@ -110,11 +118,11 @@ def run_sample(job: JobSpec, op, module: Callable[[str, int], nn.Module], step: 
                                                               for r in range(start, stop)])
     shape = latent_shape(job, op)
     if use.grad_last_step:
-        x = sample_with_grad_last(denoiser, scheduler, None, shape, stop_index(config, step, op.task), generators,
+        x = sample_with_grad_last(denoiser, scheduler, context, shape, stop_index(config, step, op.task), generators,
                                   device).x0
     else:
         with torch.no_grad():
-            x = sample_without_grad(denoiser, scheduler, None, shape, generators, device)
+            x = sample_without_grad(denoiser, scheduler, context, shape, generators, device)
     return x.flatten(1)
 
 

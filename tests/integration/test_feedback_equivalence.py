@@ -1,7 +1,8 @@
 """One IterComp feedback step planned and placed (the sample use of Loom's unet2d on one worker, the loss with the
 frozen VAE decoder and two frozen scorers on another) equals the same step in one process
 (runtime.feedback.feedback_step over the same modules): the same x0, loss within 1e-5, every gradient (the UNet's
-layers, its input module and output layer) within 1e-5 relative."""
+layers, its input module and output layer) within 1e-5 relative. A text-conditioned step (the text tower's states
+sent to the sampling workers, the context's gradient back) equals runtime.reference's one process the same way."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from runtime.reference import ReferenceTrainer
 from runtime.sample import build_scheduler
 from runtime.sampleop import build_modules, denoiser_of, latent_shape, sample_config
 
-from _equivalence import RTOL, _compare_modules, placed_plan  # tests/integration/_equivalence.py
+from _equivalence import RTOL, _compare_modules, check_equivalence, placed_plan  # tests/integration/_equivalence.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from make_models import save_vae  # noqa: E402  (examples/make_models.py)
@@ -110,3 +111,39 @@ def test_reference_trainer_runs_the_feedback_step(tmp_path):
     assert abs(got - float(want.loss.detach())) <= 1e-6 * float(want.loss.detach())
     assert set(reference.last_gradients) == set(want_grads)
     _compare_modules(reference.last_gradients, want_grads, "reference gradient of")
+
+
+def conditioned_job(vae: Path, text_mode: str):
+    """A text-to-image feedback step: the UNet cross-attends to a text tower's output (``text_mode``: train or
+    forward), one sample per row; a frozen probe tower as a second leaf puts the loss on another worker."""
+    unet = {"kind": "unet2d", "num_layers": 1, "hidden_size": 8, "channel_mults": [1, 2], "in_channels": 4,
+            "image_size": 8}
+    tower = {"kind": "transformer", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "vocab_size": 32, "seq_len": 4}
+    return parse_job({
+        "name": "feedback-text", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+        "components": {"unet": unet, "text": tower, "probe": {**tower, "frozen": True}},
+        "tasks": [{"name": "fb", "batch_size": BATCH, "loss": "feedback",
+                   "feedback": {"vae": str(vae), "scorers": [{"seed": 1}]},
+                   "components": [
+                       {"component": "text", "mode": text_mode},
+                       {"component": "unet", "mode": "sample", "denoise_steps": 6, "stop_steps": [3, 5],
+                        "grad_last_step": True, "after": ["text"]},
+                       {"component": "probe", "mode": "forward", "after": []}]}],
+        "training": {"steps": 1, "lr": 1e-3, "precision": "fp32"},
+    })
+
+
+@pytest.mark.parametrize("text_mode", ["train", "forward"])
+def test_text_conditioned_feedback_step_over_workers_equals_one_process(tmp_path, text_mode):
+    """The text tower on worker 0 sends its states to the sampling workers (both: each samples its rows, cross-attending
+    to them), x0 goes to the loss on worker 0 and its gradient back; a trained tower gets the context's gradient of the
+    step with gradient. Losses, parameters and gradients equal one process's (runtime.reference)."""
+    job = conditioned_job(save_vae(tmp_path / "vae"), text_mode)
+    plan = placed_plan(job, [[("text", [0])], [("unet", [0, 1])], [("probe", [0])]])
+    # one step, as above: the second step's gradients are about a hundredth of the first's, and the float32 noise of
+    # the sampling loop is 1-4e-5 of them (measured), where the first step's is 2-4e-6
+    world = check_equivalence(job, plan, tmp_path / "run", steps=1)
+    trained = {n for n in world.gradients[0] if n.startswith("text")}
+    assert bool(trained) == (text_mode == "train")
+    assert all(float(g.abs().sum()) > 0 for n, g in world.gradients[0].items() if n.startswith("text"))
+

@@ -46,8 +46,10 @@ def test_a_feedback_task_checks(vae):
     cases = [
         (job(vae, use={"grad_last_step": False}), "scores one leaf use of mode sample with grad_last_step: true"),
         (job(vae, uses=[{"component": "text", "mode": "forward"},
-                        {"component": "unet", "mode": "sample", "denoise_steps": 4, "grad_last_step": True}]),
-         "runs unconditionally here; it reads ['text']"),
+                        {"component": "unet", "mode": "sample", "denoise_steps": 4, "grad_last_step": True,
+                         "samples": 2}]),
+         "that reads ['text'] (its context) draws one sample per row (sample r is conditioned on its upstream's row "
+         "r); it has samples: 2"),
         (job(vae, unet={"in_channels": 3}), "has 4 latent channels; component 'unet' denoises 3"),
         (job(vae.parent / "missing"), "no such folder"),
         (job(vae, loss="mse", feedback=False), "sample use 'unet' is run for loss 'feedback'"),
