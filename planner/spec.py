@@ -184,18 +184,30 @@ class TaskComponentSpec(StrictModel):
 
 class ScorerSpec(StrictModel):
     """One frozen reward model of a ``feedback`` task (runtime.feedback): ``linear``, a random linear reward of the
-    decoded image (seeded; for smoke runs, an optimum the generator can reach)."""
+    decoded image (seeded; for smoke runs, an optimum the generator can reach), or a kind a recipe registers
+    (runtime.feedback.register_scorer) with its ``args``."""
 
-    kind: Literal["linear"] = Field("linear", description="Scorer kind (runtime.feedback.LinearScorer).")
+    kind: str = Field("linear", description="Scorer kind: linear (runtime.feedback.LinearScorer) or one the job's "
+                      "recipe registers (the diffusion recipe's reward_model).")
     seed: int = Field(0, description="linear: seed of its weights.")
     gain: float = Field(8.0, gt=0, description="linear: reward scale.")
+    args: dict[str, Any] = Field(default_factory=dict, description="A recipe kind's arguments, checked by the recipe "
+                                 "before anything runs (paths may be phase references, e.g. '@rm/checkpoint').")
+
+    @model_validator(mode="after")
+    def _linear_takes_no_args(self) -> ScorerSpec:
+        if self.kind == "linear" and self.args:
+            raise ValueError(f"a linear scorer takes seed and gain, not args ({sorted(self.args)}). Remove args.")
+        return self
 
 
 class FeedbackSpec(StrictModel):
     """What a ``loss: feedback`` task scores its sample use's x0 with (docs/sampling.md): the frozen VAE decoder
-    (a diffusers AutoencoderKL folder) and K frozen scorers; per sample ``scale * sum_k ReLU(margin - r_k)``."""
+    (a diffusers AutoencoderKL folder; none: x0 is the image) and K frozen scorers; per sample
+    ``scale * sum_k ReLU(margin - r_k)``."""
 
-    vae: str = Field(description="Folder of a diffusers AutoencoderKL (config.json and weights); its decoder is used.")
+    vae: str | None = Field(description="Folder of a diffusers AutoencoderKL (config.json and weights); its decoder "
+                            "is used. null: the UNet denoises pixels (x0 is the image in [-1, 1], 3 channels).")
     scorers: list[ScorerSpec] = Field(min_length=1, description="The frozen reward models.")
     margin: float = Field(2.0, description="Hinge margin (IterComp: 2).")
     scale: float = Field(1e-3, gt=0, description="Loss scale (IterComp: 1e-3).")

@@ -122,8 +122,9 @@ def check_head(job: JobSpec, t: int, recipe_losses: Collection[str] | None = ())
 def feedback_leaf(job: JobSpec, t: int) -> str:
     """The sample use a ``loss: feedback`` task scores (runtime.feedback.FeedbackHead): its one leaf that is a unet2d
     ``mode: sample`` use with ``grad_last_step`` (unconditional, or conditioned on its upstream uses' outputs with one
-    sample per row), whose latent channels are the VAE's (``tasks[t].feedback.vae``, checked as a folder). Other
-    leaves are allowed (not read). A ValueError otherwise."""
+    sample per row), whose latent channels are the VAE's (``tasks[t].feedback.vae``, checked as a folder; none: an
+    image's 3), scored by known scorer kinds (runtime.feedback.check_scorers). Other leaves are allowed (not read). A
+    ValueError otherwise."""
     from planner.vae_config import resolve_vae
 
     task = job.tasks[t]
@@ -139,11 +140,19 @@ def feedback_leaf(job: JobSpec, t: int) -> str:
                          f"{task.upstream_names(i)} (its context) draws one sample per row (sample r is conditioned "
                          f"on its upstream's row r); it has samples: {use.samples}. Set samples: 1 and give the "
                          "prompts more rows.")
-    info = resolve_vae(task.feedback.vae, f"tasks[{t}].feedback.vae")
     channels = comp.in_channels or kind_of(comp).in_channels
-    if info.latent_channels != channels:
-        raise ValueError(f"tasks[{t}].feedback.vae ({task.feedback.vae}) has {info.latent_channels} latent channels; "
-                         f"component '{use.component}' denoises {channels}. Use a VAE of the UNet's latents.")
+    if task.feedback.vae is None and channels != 3:
+        raise ValueError(f"tasks[{t}].feedback.vae is null (x0 is the image), but component '{use.component}' denoises "
+                         f"{channels} channels, not an image's 3. Name the VAE of its latents.")
+    if task.feedback.vae is not None:
+        info = resolve_vae(task.feedback.vae, f"tasks[{t}].feedback.vae")
+        if info.latent_channels != channels:
+            raise ValueError(f"tasks[{t}].feedback.vae ({task.feedback.vae}) has {info.latent_channels} latent "
+                             f"channels; component '{use.component}' denoises {channels}. Use a VAE of the UNet's "
+                             "latents.")
+    from runtime.feedback import check_scorers
+
+    check_scorers(job, t)
     return found[0]
 
 

@@ -95,6 +95,40 @@ class LinearScorer(nn.Module):
         return (images.flatten(1) - 0.5) @ self.weight * self.gain / self.weight.numel() ** 0.5
 
 
+ScorerFactory = Callable[[Any, Any, int, int], nn.Module]
+_SCORERS: dict[str, tuple[ScorerFactory, Callable[[Any, Any, int], None] | None]] = {}
+
+
+def register_scorer(kind: str, factory: ScorerFactory, check: Callable[[Any, Any, int], None] | None = None) -> None:
+    """Make scorer ``kind`` available to ``tasks[].feedback.scorers``: ``factory(scorer spec, job, task index,
+    pixels)`` builds the frozen scorer, a module ``(images (B, 3, H, W) in [0, 1], the rows' runtime.data.TaskBatch)
+    -> (B,)`` (``pixels``: C * H * W of the decoded images); ``check(scorer spec, job, task index)``, when given, raises
+    a ValueError for arguments it cannot serve, before anything runs. Recipes call this on import."""
+    assert kind != "linear", "scorer kind linear is built in"
+    _SCORERS[kind] = (factory, check)
+
+
+def check_scorers(job, task_index: int) -> None:
+    """Every scorer of task ``task_index``'s ``feedback:`` is a known kind whose check passes; a ValueError (one line)
+    otherwise."""
+    for k, scorer in enumerate(job.tasks[task_index].feedback.scorers):
+        if scorer.kind != "linear" and scorer.kind not in _SCORERS:
+            known = ", ".join(["linear", *sorted(_SCORERS)])
+            raise ValueError(f"tasks[{task_index}].feedback.scorers[{k}].kind ('{scorer.kind}') is not a scorer kind; "
+                             f"known: {known} (a recipe registers its kinds: set the job's `recipe:`).")
+        check = _SCORERS.get(scorer.kind, (None, None))[1]
+        if check is not None:
+            check(scorer, job, task_index)
+
+
+def build_scorer(scorer, job, task_index: int, pixels: int) -> nn.Module:
+    """The frozen scorer of ``scorer`` (a planner.spec.ScorerSpec) in task ``task_index`` scoring images of ``pixels``
+    values."""
+    if scorer.kind == "linear":
+        return LinearScorer(pixels, scorer.seed, scorer.gain)
+    return frozen(_SCORERS[scorer.kind][0](scorer, job, task_index, pixels))
+
+
 def reward_hinge(rewards: torch.Tensor, margin: float = MARGIN, scale: float = SCALE) -> torch.Tensor:
     """Per-sample feedback loss ``scale * sum_k ReLU(margin - rewards[k])`` of rewards ``(K, B)`` -> ``(B,)``: each
     reward model pushes its score above ``margin`` and stops pushing once it is there."""
@@ -236,9 +270,10 @@ class FeedbackHead(nn.Module):
 
     It owns the sampled UNet's output layer (``norm_out``: GroupNorm, SiLU, ``conv_out``: the prediction; the
     sample use's devices hold a copy and train it, runtime.sampleop) and, once :meth:`load_pretrained` ran, the frozen
-    VAE decoder of ``tasks[].feedback.vae`` and the frozen scorers. ``forward(outputs, batch)``: the sample leaf's
-    flattened x0 ``(B, C * h * w)`` -> per-sample :func:`reward_hinge` losses; other leaves are not read. The last
-    call's rewards ``(K, B)`` are kept in :attr:`last_rewards`."""
+    VAE decoder of ``tasks[].feedback.vae`` (none: x0 is the image) and the frozen scorers (:func:`build_scorer`).
+    ``forward(outputs, batch)``: the sample leaf's flattened x0 ``(B, C * h * w)`` -> per-sample
+    :func:`reward_hinge` losses, each scorer given the rows' ``batch`` (a registered scorer reads its prompts there);
+    other leaves are not read. The last call's rewards ``(K, B)`` are kept in :attr:`last_rewards`."""
 
     def __init__(self, task: str, leaf: str, channels: int, latent: tuple[int, int, int], spec):
         super().__init__()
@@ -264,10 +299,13 @@ class FeedbackHead(nn.Module):
             from runtime import unet_pretrained
 
             unet_pretrained.load_head(comp, self)
-        info = resolve_vae(self.spec.vae, f"tasks[{task_index}].feedback.vae")
-        self.vae = vae_decoder(self.spec.vae)
-        pixels = info.image_channels * (self.latent[1] * info.factor) ** 2
-        self.scorers = nn.ModuleList(LinearScorer(pixels, s.seed, s.gain) for s in self.spec.scorers)
+        if self.spec.vae is None:  # pixel-space diffusion: x0 is the image
+            self.vae, pixels = nn.Identity(), self.latent[0] * self.latent[1] ** 2
+        else:
+            info = resolve_vae(self.spec.vae, f"tasks[{task_index}].feedback.vae")
+            self.vae = vae_decoder(self.spec.vae)
+            pixels = info.image_channels * (self.latent[1] * info.factor) ** 2
+        self.scorers = nn.ModuleList(build_scorer(s, job, task_index, pixels) for s in self.spec.scorers)
         return self
 
     def objective(self) -> FeedbackObjective:
@@ -275,6 +313,6 @@ class FeedbackHead(nn.Module):
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         x0 = outputs[self.leaf].reshape(-1, *self.latent)
-        losses, rewards, _ = feedback_losses(x0, self.objective(), [None] * len(self.scorers))
+        losses, rewards, _ = feedback_losses(x0, self.objective(), [batch] * len(self.scorers))
         self.last_rewards = rewards.detach()
         return losses

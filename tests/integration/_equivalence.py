@@ -41,13 +41,14 @@ def placed_plan(job, waves: list[list[tuple[str, list[int]]]]):
         for wave in waves)), method="hand-made")
 
 
-def check_equivalence(job, plan, tmp_path, steps: int = STEPS, grad_rtol: float = RTOL):
+def check_equivalence(job, plan, tmp_path, steps: int = STEPS, grad_rtol: float = RTOL, setup=load_recipe):
     """Train ``steps`` steps of ``plan`` on a gloo world and in one process: per-step losses, every rank's final
     parameters and the gradients of the last step must agree within RTOL (the gradients within ``grad_rtol``), and
-    every parameter must be held by some rank. (AdamW's update hardly changes when a gradient is scaled, so a parameter whose gradient is summed twice
-    still trains to the same values; the gradients show it.) Returns the world's result."""
-    load_recipe(job)  # the reference's losses and data; each gloo process loads it too (setup)
-    world = run_world(job, plan, steps, tmp_path, keep_gradients=True, setup=load_recipe)
+    every parameter must be held by some rank. (AdamW's update hardly changes when a gradient is scaled, so a parameter
+    whose gradient is summed twice still trains to the same values; the gradients show it.) ``setup(job)`` runs first
+    in this process and in every gloo process (default: load the job's recipe). Returns the world's result."""
+    setup(job)  # the reference's losses and data; each gloo process runs it too
+    world = run_world(job, plan, steps, tmp_path, keep_gradients=True, setup=setup)
     reference = ReferenceTrainer(job)
     for step in range(steps):
         want = reference.train_step(step, keep_gradients=step == steps - 1)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from planner.spec import parse_job
+from runtime.data import synthetic_batch
 from runtime.feedback import FeedbackBatch, feedback_step
 from runtime.local_world import run_world
 from runtime.reference import ReferenceTrainer
@@ -113,17 +114,18 @@ def test_reference_trainer_runs_the_feedback_step(tmp_path):
     _compare_modules(reference.last_gradients, want_grads, "reference gradient of")
 
 
-def conditioned_job(vae: Path, text_mode: str):
+def conditioned_job(vae: Path | None, text_mode: str, scorers: list | None = None):
     """A text-to-image feedback step: the UNet cross-attends to a text tower's output (``text_mode``: train or
-    forward), one sample per row; a frozen probe tower as a second leaf puts the loss on another worker."""
-    unet = {"kind": "unet2d", "num_layers": 1, "hidden_size": 8, "channel_mults": [1, 2], "in_channels": 4,
-            "image_size": 8}
+    forward), one sample per row; a frozen probe tower as a second leaf puts the loss on another worker. Without a
+    ``vae`` the UNet denoises 3-channel pixels."""
+    unet = {"kind": "unet2d", "num_layers": 1, "hidden_size": 8, "channel_mults": [1, 2],
+            "in_channels": 4 if vae else 3, "image_size": 8}
     tower = {"kind": "transformer", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "vocab_size": 32, "seq_len": 4}
     return parse_job({
         "name": "feedback-text", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
         "components": {"unet": unet, "text": tower, "probe": {**tower, "frozen": True}},
         "tasks": [{"name": "fb", "batch_size": BATCH, "loss": "feedback",
-                   "feedback": {"vae": str(vae), "scorers": [{"seed": 1}]},
+                   "feedback": {"vae": str(vae) if vae else None, "scorers": scorers or [{"seed": 1}]},
                    "components": [
                        {"component": "text", "mode": text_mode},
                        {"component": "unet", "mode": "sample", "denoise_steps": 6, "stop_steps": [3, 5],
@@ -147,3 +149,34 @@ def test_text_conditioned_feedback_step_over_workers_equals_one_process(tmp_path
     assert bool(trained) == (text_mode == "train")
     assert all(float(g.abs().sum()) > 0 for n, g in world.gradients[0].items() if n.startswith("text"))
 
+
+
+class PromptedScorer(torch.nn.Module):
+    """A registered scorer kind that reads its rows' prompts: a linear reward of the image whose sign is the parity of
+    the sum of the row's text tokens, so a row scored with another row's prompt gets another loss and gradient."""
+
+    def __init__(self, pixels: int, seed: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(pixels, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, images: torch.Tensor, batch) -> torch.Tensor:
+        sign = 1.0 - 2.0 * (batch.inputs["text"].sum(1) % 2).float()
+        return 8.0 * sign * ((images.flatten(1) - 0.5) @ self.weight) / self.weight.numel() ** 0.5
+
+
+def register_prompted(job) -> None:
+    """Every process's setup (check_equivalence): the ``prompted`` kind, its seed from ``args``."""
+    from runtime.feedback import register_scorer
+
+    register_scorer("prompted", lambda spec, job, t, pixels: PromptedScorer(pixels, spec.args["seed"]))
+
+
+def test_a_registered_scorer_reads_the_prompts_of_its_rows_in_pixel_space(tmp_path):
+    """No VAE (the UNet denoises pixels) and a scorer kind registered in every process, reading each row's prompt from
+    the loss host's batch: the distributed step equals one process, so every row was scored with its own prompt."""
+    job = conditioned_job(None, "forward", [{"kind": "prompted", "args": {"seed": 3}}, {"seed": 1}])
+    plan = placed_plan(job, [[("text", [0])], [("unet", [0, 1])], [("probe", [0])]])
+    parity = synthetic_batch(job, 0, 0, 0, BATCH).inputs["text"].sum(1) % 2
+    assert 0 < int(parity.sum()) < BATCH  # both signs occur: a row scored with another's prompt would differ
+    world = check_equivalence(job, plan, tmp_path / "run", steps=1, setup=register_prompted)
+    assert world.losses[0]["fb"] > 0

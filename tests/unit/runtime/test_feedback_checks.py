@@ -23,11 +23,11 @@ TEXT = {"kind": "transformer", "num_layers": 1, "hidden_size": 16, "num_heads": 
         "frozen": True}
 
 
-def job(vae, use=None, loss="feedback", feedback=True, unet=None, uses=None):
+def job(vae, use=None, loss="feedback", feedback=True, unet=None, uses=None, scorers=None):
     task = {"name": "fb", "batch_size": 4, "loss": loss, "components": uses or [
         {"component": "unet", "mode": "sample", "denoise_steps": 4, "grad_last_step": True, **(use or {})}]}
     if feedback:
-        task["feedback"] = {"vae": str(vae), "scorers": [{"seed": 1}]}
+        task["feedback"] = {"vae": vae and str(vae), "scorers": scorers or [{"seed": 1}]}
     return parse_job({"name": "j", "cluster": {"num_nodes": 1, "devices_per_node": 1, "device": "cpu"},
                       "components": {"unet": {**UNET, **(unet or {})}, "text": TEXT}, "tasks": [task]})
 
@@ -43,6 +43,9 @@ def test_a_feedback_task_checks(vae):
         job(vae, loss="mse")  # feedback: given
     with pytest.raises(SpecError, match="goes with loss 'feedback'"):
         job(vae, feedback=False)
+    with pytest.raises(SpecError, match=re.escape("a linear scorer takes seed and gain, not args (['seed'])")):
+        job(vae, scorers=[{"kind": "linear", "args": {"seed": 2}}])
+    check_trainable(job(None, unet={"in_channels": 3}))  # pixel space: x0 is the image
     cases = [
         (job(vae, use={"grad_last_step": False}), "scores one leaf use of mode sample with grad_last_step: true"),
         (job(vae, uses=[{"component": "text", "mode": "forward"},
@@ -52,6 +55,9 @@ def test_a_feedback_task_checks(vae):
          "r); it has samples: 2"),
         (job(vae, unet={"in_channels": 3}), "has 4 latent channels; component 'unet' denoises 3"),
         (job(vae.parent / "missing"), "no such folder"),
+        (job(None), "tasks[0].feedback.vae is null (x0 is the image), but component 'unet' denoises 4 channels"),
+        (job(vae, scorers=[{"seed": 1}, {"kind": "clip"}]), "tasks[0].feedback.scorers[1].kind ('clip') is not a "
+         "scorer kind; known: linear"),
         (job(vae, loss="mse", feedback=False), "sample use 'unet' is run for loss 'feedback'"),
     ]
     for spec, needle in cases:
