@@ -321,12 +321,20 @@ def resolve_references(doc: dict[str, Any], locate: Locate | None, top: Mapping[
     ref = parse_reference(doc.get("data_dir"), "data_dir")
     if ref is not None:
         doc["data_dir"] = str(Path(locate(ref, None)).resolve())
-    for t, task in enumerate(doc.get("tasks") or []):
-        for key, value in ((task or {}).get("data") or {}).items():
-            ref = parse_reference(value, f"tasks[{t}].data.{key}")
-            if ref is not None:
-                task["data"][key] = str(Path(locate(ref, None)).resolve())
+    if doc.get("tasks"):
+        doc["tasks"] = [_resolved(task, f"tasks[{t}]", locate) for t, task in enumerate(doc["tasks"])]
     return doc
+
+
+def _resolved(value: Any, where: str, locate: Locate) -> Any:
+    """``value`` (a task or a part of it) with every reference replaced by ``locate``'s path of the artifact: a data
+    file or folder, a scorer's weights."""
+    if isinstance(value, dict):
+        return {k: _resolved(v, f"{where}.{k}", locate) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolved(v, f"{where}[{i}]", locate) for i, v in enumerate(value)]
+    ref = parse_reference(value, where)
+    return value if ref is None else str(Path(locate(ref, None)).resolve())
 
 
 def artifact_path(out_dir: Path, ref: Reference, default_sub: str | None = None, checkpoint: str = "ckpt") -> Path:

@@ -191,13 +191,29 @@ class ScorerSpec(StrictModel):
                       "recipe registers (the diffusion recipe's reward_model).")
     seed: int = Field(0, description="linear: seed of its weights.")
     gain: float = Field(8.0, gt=0, description="linear: reward scale.")
-    args: dict[str, Any] = Field(default_factory=dict, description="A recipe kind's arguments, checked by the recipe "
-                                 "before anything runs (paths may be phase references, e.g. '@rm/checkpoint').")
+    spec: str | None = Field(None, description="A registered kind's reward model: the Loom job spec that trained it "
+                             "(relative to this spec's folder).")
+    model: str | None = Field(None, description="A registered kind's weights: a model.pt a run of `spec` wrote, or a "
+                              "trained phase's '@<phase>/checkpoint' (relative to this spec's folder).")
+    args: dict[str, Any] = Field(default_factory=dict, description="A registered kind's other arguments (e.g. the "
+                                 "category it scores), checked by the recipe before anything runs.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_paths(cls, data: Any, info: ValidationInfo) -> Any:
+        """A relative ``spec`` or ``model`` is read from the spec file's folder (the validation context's ``base``);
+        a phase reference is left to the pipeline (planner.pipeline.resolve_references)."""
+        if isinstance(data, dict):
+            base = Path((info.context or {}).get("base") or Path.cwd())
+            data = {**data, **{k: str((base / Path(data[k]).expanduser()).absolute()) for k in ("spec", "model")
+                               if isinstance(data.get(k), str) and data[k] and not data[k].startswith("@")}}
+        return data
 
     @model_validator(mode="after")
-    def _linear_takes_no_args(self) -> ScorerSpec:
-        if self.kind == "linear" and self.args:
-            raise ValueError(f"a linear scorer takes seed and gain, not args ({sorted(self.args)}). Remove args.")
+    def _linear_takes_no_model(self) -> ScorerSpec:
+        extra = [k for k in ("spec", "model", "args") if getattr(self, k)]
+        if self.kind == "linear" and extra:
+            raise ValueError(f"a linear scorer takes seed and gain, not {', '.join(extra)}. Remove them.")
         return self
 
 

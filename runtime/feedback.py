@@ -118,7 +118,10 @@ def check_scorers(job, task_index: int) -> None:
                              f"known: {known} (a recipe registers its kinds: set the job's `recipe:`).")
         check = _SCORERS.get(scorer.kind, (None, None))[1]
         if check is not None:
-            check(scorer, job, task_index)
+            try:
+                check(scorer, job, task_index)
+            except ValueError as exc:
+                raise ValueError(f"tasks[{task_index}].feedback.scorers[{k}] ({scorer.kind}): {exc}") from None
 
 
 def build_scorer(scorer, job, task_index: int, pixels: int) -> nn.Module:

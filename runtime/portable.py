@@ -80,10 +80,15 @@ def export_state(worker) -> dict[str, torch.Tensor]:
 
 
 def _writers(worker) -> dict[tuple[str, int], int]:
-    """The rank that writes each module's tensors: the lowest of every device holding any shard of it."""
+    """The rank that writes each module's tensors: the lowest of every device holding any shard or copy of it (the
+    plan's holders, and the copies a generate or sample use runs over: runtime.rollout.Roles.extra, the only holders
+    of a component that no use trains in a slice of its own)."""
+    held = [((name, layer), devices) for (name, layer, _), devices in worker.holders.items()]
+    if worker.roles is not None:
+        held += list(worker.roles.extra.items())
     lowest: dict[tuple[str, int], int] = {}
-    for (name, layer, _), devices in worker.holders.items():
-        lowest[(name, layer)] = min(min(devices), lowest.get((name, layer), min(devices)))
+    for key, devices in held:
+        lowest[key] = min(min(devices), lowest.get(key, min(devices)))
     return lowest
 
 

@@ -21,7 +21,8 @@ receives the same in its payload). The plan's holdings
 module it does not hold under the plan holds an *extra* copy: the LM head on a generate use's devices, a component's
 input module on the devices of a use reading rollout tokens. An extra copy on a device that trains it (a train use
 reading the tokens) joins the module's gradient all-reduce (the holders plus those devices, one bucket after the
-last backward); every other extra copy of a trainable module is a *receiver*: after the optimizer step a holder that
+last backward, which also sums a module a mode trains only on devices that hold it: the plan's bucket would run
+before the mode's backward); every other extra copy of a trainable module is a *receiver*: after the optimizer step a holder that
 steps the module sends it its new weights (point-to-point; planner.handoff.sender: the lowest in the receiver's node,
 else the lowest). ``components.X.weights_from: Y`` adds hand-offs
 from the lowest device that steps each module of Y to every device holding X's counterpart. A device that holds a
@@ -256,8 +257,10 @@ class Roles:
                 if use_of(job, op).mode == "train" and not job.components[op.component].frozen:
                     trains.setdefault(key, set()).update(s.devices)
         extra = {k: tuple(sorted(d - held.get(k, set()))) for k, d in need.items() if d - held.get(k, set())}
-        synced = {k: tuple(sorted(held.get(k, set()) | (trains[k] & set(extra[k]))))
-                  for k in extra if trains.get(k, set()) & set(extra[k])}
+        # every module a mode trains is summed after the last backward, over its holders and the extra copies that
+        # train it: the plan's bucket of a module a sample use's x0 trains would be launched at the loss, before the
+        # sample's backward has added its gradient (a loss host data parallel over the sampling devices)
+        synced = {k: tuple(sorted(held.get(k, set()) | devices)) for k, devices in trains.items()}
         frozen = {("embed:" + n, 0) for n in untrained(job)}
 
         def steppers(key: Key) -> tuple[int, ...]:

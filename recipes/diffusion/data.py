@@ -23,6 +23,7 @@ import torch
 from planner.components import resolve_shape
 from planner.spec import JobSpec
 from planner.usegraph import leaf_uses, root_uses, upstream_uses, use_component
+from recipes.diffusion.feedback import feedback_batch
 from recipes.diffusion.gallery import Ranking, minimal_pair, pairs, synthetic_entry
 from recipes.diffusion.shapes import CATEGORIES, tokenize
 from runtime.data import TaskBatch
@@ -151,7 +152,10 @@ def heldout_rows(seed: int, category: str, count: int, rankings=None) -> list[tu
 
 
 def job_batch(job: JobSpec, t: int, step: int, start: int, stop: int, split: str = "train") -> TaskBatch:
-    """The recipe's dataset (runtime.data.register_dataset): rows ``[start, stop)`` of task ``t`` at ``step``."""
+    """The recipe's dataset (runtime.data.register_dataset): rows ``[start, stop)`` of task ``t`` at ``step`` (a
+    feedback task's prompts: recipes.diffusion.feedback.feedback_batch)."""
+    if job.tasks[t].loss == "feedback":
+        return feedback_batch(job, t, step, start, stop)
     layout = pair_layout(job, t)
     size = job.tasks[t].batch_size
     if not 0 <= start <= stop <= (size if split == "train" else 1 << 30):

@@ -108,11 +108,15 @@ def decoder_ceiling(count: int, seed: int = 0) -> dict[str, float]:
     return out
 
 
+def training_prompt(seed: int, step: int, row: int, categories: tuple[str, ...]) -> Prompt:
+    """Row ``row`` of batch ``step``'s prompts: category ``row`` in turn, the prompt seeded by (seed, step, row)."""
+    return random_prompt(categories[row % len(categories)],
+                         np.random.default_rng(stable_seed("diffusion-unet-prompt", seed, step, row)))
+
+
 def training_prompts(seed: int, step: int, batch: int, categories: tuple[str, ...]) -> list[Prompt]:
-    """Batch ``step``'s prompts, the categories in turn, each prompt seeded by (seed, step, row)."""
-    return [random_prompt(categories[row % len(categories)],
-                          np.random.default_rng(stable_seed("diffusion-unet-prompt", seed, step, row)))
-            for row in range(batch)]
+    """Batch ``step``'s prompts (:func:`training_prompt` of each row)."""
+    return [training_prompt(seed, step, row, categories) for row in range(batch)]
 
 
 def pretrain(unet, text, steps: int, batch: int, lr: float, seed: int, categories: tuple[str, ...],

@@ -83,14 +83,23 @@ class RewardModels:
     def reward(self, images: torch.Tensor, prompts: list[Prompt], category: str) -> torch.Tensor:
         """``(B,)`` normalised rewards of ``images`` ``(B, 3, I, I)`` in [0, 1] for ``prompts`` (all of
         ``category``), differentiable in ``images``."""
+        layout = pair_layout(self.job, self.tasks[category])
+        ids = torch.from_numpy(np.stack([tokenize(p.text, layout.seq_len) for p in prompts]))
+        return self.reward_ids(images, ids, category)
+
+    def reward_ids(self, images: torch.Tensor, ids: torch.Tensor, category: str) -> torch.Tensor:
+        """:meth:`reward` of prompts given as token ids ``(B, S)`` (recipes.diffusion.shapes.tokenize; S = the
+        model's prompt length)."""
         t = self.tasks[category]
         layout = pair_layout(self.job, t)
+        if ids.shape[1] != layout.seq_len:
+            raise ValueError(f"prompt ids of {ids.shape[1]} tokens; the {category} reward model reads "
+                             f"{layout.seq_len}. Give the prompt use seq_len {layout.seq_len}.")
         x = images * 2.0 - 1.0
         if x.shape[-1] != layout.side:
             x = torch.nn.functional.interpolate(x, size=(layout.side, layout.side), mode="bilinear", antialias=True)
-        ids = torch.from_numpy(np.stack([tokenize(p.text, layout.seq_len) for p in prompts]))
-        batch = TaskBatch({layout.better: x, layout.worse: x, layout.prompt: ids}, torch.zeros(len(prompts)),
-                          len(prompts))
+        batch = TaskBatch({layout.better: x, layout.worse: x, layout.prompt: ids.to(torch.long)},
+                          torch.zeros(len(ids)), len(ids))
         r = self.trainer.head(t).reward(self.trainer.forward(t, batch)[layout.better_leaf])
         mean, std = self.scale[category]
         return (r - mean) / std

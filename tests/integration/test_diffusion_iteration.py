@@ -97,6 +97,63 @@ def test_samples_of_the_unet_join_a_ranking(parts):
     assert ranking.places[0] == [0]  # the exact drawing outranks the untrained UNet's noise
 
 
+def planned_feedback_job(folder: Path, spec: Path, model: Path, batch: int = 6):
+    """The feedback step as a trained phase's job (itercomp-pipeline-tiny.yaml's `feedback`): the frozen text tower,
+    the recipe's UNet sampled cross-attending to it, x0 (pixels: no VAE) scored by the three reward models."""
+    from planner.spec import parse_job
+
+    scorers = [{"kind": "reward_model", "spec": str(spec), "model": str(model), "args": {"category": c}}
+               for c in CATEGORIES]
+    return parse_job({
+        "name": "feedback", "recipe": "diffusion", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+        "components": {"text": {"pretrained": str(folder / "text"), "frozen": True, "seq_len": generator.TEXT_LEN},
+                       "unet": {"pretrained": str(folder / "unet")}},
+        "tasks": [{"name": "feedback", "batch_size": batch, "loss": "feedback",
+                   "feedback": {"vae": None, "scorers": scorers},
+                   "components": [{"component": "text", "name": "prompt", "mode": "forward"},
+                                  {"component": "unet", "mode": "sample", "scheduler": "ddim", "denoise_steps": 4,
+                                   "stop_steps": [2, 3], "grad_last_step": True, "after": ["prompt"]}]}],
+        "training": {"steps": 1, "lr": 1e-4, "precision": "fp32"},
+    })
+
+
+def test_the_planned_feedback_step_with_reward_model_scorers_equals_one_process(parts, tmp_path):
+    """The recipe's feedback step planned and placed: the text tower on worker 0, the UNet sampling data parallel on
+    both (3 prompts each, the categories in turn), each worker's x0 scored by the three reward models, only a row's own
+    category's pushing (recipes.diffusion.feedback): losses, parameters and gradients equal one process's."""
+    from runtime.reference import save_model
+
+    from _equivalence import check_equivalence, placed_plan  # tests/integration/_equivalence.py
+
+    _, _, rewards, folder, spec = parts
+    save_model(folder / "rm.pt", [rewards.parameters()])
+    job = planned_feedback_job(folder, spec, folder / "rm.pt")
+    plan = placed_plan(job, [[("prompt", [0])], [("unet", [0, 1])]])
+    world = check_equivalence(job, plan, tmp_path, steps=1)
+    assert world.losses[0]["feedback"] > 0
+    assert any(n.startswith("unet") for n in world.gradients[1])
+
+
+@pytest.mark.parametrize("scorer, message", [
+    ({"args": {"category": "colour"}}, "tasks[0].feedback.scorers[0] (reward_model): args ({'category': 'colour'}): "
+     "give only category, one of attribute"),
+    ({"spec": "no/such.yaml"}, "no/such.yaml): no such file; name the reward models' job spec"),
+    ({"model": "no/such/model.pt"}, "no model.pt there or up to two folders above"),
+])
+def test_bad_reward_model_scorers_are_one_line(parts, scorer, message):
+    from runtime.checks import check_trainable
+
+    _, _, _, folder, spec = parts
+    job = planned_feedback_job(folder, spec, folder / "rm.pt")
+    data = job.model_dump()
+    data["tasks"][0]["feedback"]["scorers"][0].update(scorer)
+    from planner.spec import parse_job
+
+    with pytest.raises(ValueError) as err:
+        check_trainable(parse_job(data))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("step, args, message", [
     ("feedback", {"unet": "u", "text": "t", "spec": "s"}, "rm: required argument of step 'feedback'"),
     ("feedback", {"unet": "@b/model", "text": "@b/model", "spec": "@x/y", "rm": "@r/checkpoint", "steps": 0},

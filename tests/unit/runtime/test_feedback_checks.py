@@ -43,7 +43,7 @@ def test_a_feedback_task_checks(vae):
         job(vae, loss="mse")  # feedback: given
     with pytest.raises(SpecError, match="goes with loss 'feedback'"):
         job(vae, feedback=False)
-    with pytest.raises(SpecError, match=re.escape("a linear scorer takes seed and gain, not args (['seed'])")):
+    with pytest.raises(SpecError, match=re.escape("a linear scorer takes seed and gain, not args. Remove them.")):
         job(vae, scorers=[{"kind": "linear", "args": {"seed": 2}}])
     check_trainable(job(None, unet={"in_channels": 3}))  # pixel space: x0 is the image
     cases = [
