@@ -39,7 +39,7 @@ def validate_phases(pipeline: Pipeline, job_path: Path) -> None:
     typer.echo(f"{job_path}: valid. {pipeline.name}: {len(pipeline.phases)} phases")
     for phase in pipeline.phases:
         if phase.is_step:
-            typer.echo(f"  {phase.name}: step '{phase.spec.step}' (writes {', '.join(phase.writes)})")
+            typer.echo(f"  {phase.name}: step '{phase.spec.step}' ({_writes(phase)})")
             continue
         if not reads_data_artifacts(phase):  # an earlier phase's dataset is checked when the phase starts
             check_data_files(phase.job)
@@ -76,7 +76,7 @@ def plan_phases(pipeline: Pipeline, costs: Path | None, json_output: bool, save:
         outcome = plans[phase.name]
         if outcome is None:
             console.print(f"[bold]phase {phase.index + 1}/{len(pipeline.phases)} {phase.name}[/bold]: step "
-                          f"'{phase.spec.step}' in the driver process (writes {', '.join(phase.writes)})")
+                          f"'{phase.spec.step}' in the driver process ({_writes(phase)})")
             console.print()
             continue
         console.print(f"[bold]phase {phase.index + 1}/{len(pipeline.phases)} {phase.name}[/bold]: "
@@ -90,3 +90,8 @@ def run_phases(pipeline: Pipeline, options) -> None:
 
     for line in summary_lines(run_pipeline(pipeline, options)):
         typer.echo(line)
+
+
+def _writes(phase) -> str:
+    """What a step phase writes, as the listings say it ("writes model", "reports only")."""
+    return f"writes {', '.join(phase.writes)}" if phase.writes else "reports only"

@@ -42,6 +42,7 @@ class WorldResult:
     sent: dict[int, list[tuple[dict, int]]]  # per rank: the last step's pieces sent to other ranks (JSON), bytes sent
     # per rank: its rows of each generate MetaOp's last rollout, (first row, packed rows) (runtime.rollout)
     rollouts: dict[int, dict[int, tuple[int, torch.Tensor]]] = field(default_factory=dict)
+    first_gradients: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # per rank: the first step's
 
 
 def _worker(rank: int, world_size: int, port: int, payloads: list[str], steps: int, out_dir: str,
@@ -57,15 +58,17 @@ def _worker(rank: int, world_size: int, port: int, payloads: list[str], steps: i
         from runtime.executor import Groups, WaveWorker
 
         worker = WaveWorker(payload, Groups.create(payload), device)
-        losses, seconds, timings = [], [], []
+        losses, seconds, timings, first = [], [], [], {}
         for step in range(steps):
             dist.barrier()  # every rank starts the step together, so a step's wall time is the iteration time
             started = time.perf_counter()
-            losses.append(worker.train_step(step, keep_gradients=keep_gradients and step == steps - 1))
+            losses.append(worker.train_step(step, keep_gradients=keep_gradients and step in (0, steps - 1)))
             seconds.append(time.perf_counter() - started)
             timings.append(worker.last_timing.to_dict())
+            if step == 0:
+                first = dict(worker.last_gradients or {})
         torch.save({"losses": losses, "seconds": seconds, "timings": timings, "parameters": worker.named_parameters(),
-                    "gradients": worker.last_gradients or {},
+                    "gradients": worker.last_gradients or {}, "first_gradients": first,
                     "sent": [(p.model_dump(mode="json"), nbytes) for p, nbytes in worker.last_sent],
                     "rollouts": worker.last_rollouts},
                    Path(out_dir) / f"rank{rank}.pt")
@@ -76,7 +79,7 @@ def _worker(rank: int, world_size: int, port: int, payloads: list[str], steps: i
 def run_world(job: JobSpec, plan: Plan, steps: int, out_dir: str | Path, keep_gradients: bool = False,
               setup: Callable[[WorkerPayload], None] | None = None) -> WorldResult:
     """Train ``steps`` steps of ``plan`` on one process per device of the plan's cluster; with ``keep_gradients``
-    the result holds the gradients of the last step (else none). Each process receives its rank's payload
+    the result holds the gradients of the first and the last step (else none). Each process receives its rank's payload
     (runtime.prepare.build_payloads), not the job. ``setup(payload)`` runs first in every process (a picklable
     function): a job with a recipe passes ``orchestrator.recipes.load_recipe``, which the runtime cannot call itself
     (it reads the payload's ``recipe``)."""
@@ -93,5 +96,6 @@ def run_world(job: JobSpec, plan: Plan, steps: int, out_dir: str | Path, keep_gr
     timings = [[per_rank[r]["timings"][i] for r in range(world_size)] for i in range(steps)]
     return WorldResult(per_rank[0]["losses"], {r: d["parameters"] for r, d in per_rank.items()},
                        {r: d["gradients"] for r, d in per_rank.items()}, seconds, timings,
-                       {r: d["sent"] for r, d in per_rank.items()}, {r: d["rollouts"] for r, d in per_rank.items()})
+                       {r: d["sent"] for r, d in per_rank.items()}, {r: d["rollouts"] for r, d in per_rank.items()},
+                       {r: d["first_gradients"] for r, d in per_rank.items()})
 

@@ -28,6 +28,9 @@ PHASE_STEPS = {
     "feedback": dict(run=steps.feedback_step, check=steps.check_feedback, metrics=steps.FEEDBACK_METRICS,
                      doc="IterComp's reward feedback of a UNet against the reward models (args: unet, text, spec, rm, "
                      "steps, batch, lr, seed, denoise_steps, stop_first, pre_loss, eval_prompts)"),
+    "compare": dict(run=steps.compare_step, check=steps.check_compare, writes=(), metrics=steps.COMPARE_METRICS,
+                    doc="the feedback step's report for two UNets, e.g. before and after a trained feedback phase "
+                    "(args: before, after, text, spec, rm, seed, denoise_steps, eval_prompts)"),
     "regenerate": dict(run=steps.regenerate_step, check=steps.check_regenerate, writes=("data",),
                        metrics=("train_oracle_new", "heldout_oracle_new"),
                        doc="a gallery folder with the UNet's samples ranked in (args: unet, text, prompts, "

@@ -23,7 +23,7 @@ import torch
 from planner.components import resolve_shape
 from planner.spec import JobSpec
 from planner.usegraph import leaf_uses, root_uses, upstream_uses, use_component
-from recipes.diffusion.feedback import feedback_batch
+from recipes.diffusion.feedback import denoise_batch, feedback_batch
 from recipes.diffusion.gallery import Ranking, minimal_pair, pairs, synthetic_entry
 from recipes.diffusion.shapes import CATEGORIES, tokenize
 from runtime.data import TaskBatch
@@ -31,6 +31,7 @@ from runtime.kinds import image_channels
 from runtime.modules import stable_seed
 
 LOSSES = {f"itercomp_{category}": category for category in CATEGORIES}
+PROMPT_BATCHES = {"feedback": feedback_batch, "mse": denoise_batch}
 MINIMAL_EVERY = 2  # every second training row is a minimal pair (0: gallery pairs only)
 MAX_REDRAWS = 64  # prompts tried for one training row before giving up (all-tied prompts are rare)
 
@@ -153,9 +154,9 @@ def heldout_rows(seed: int, category: str, count: int, rankings=None) -> list[tu
 
 def job_batch(job: JobSpec, t: int, step: int, start: int, stop: int, split: str = "train") -> TaskBatch:
     """The recipe's dataset (runtime.data.register_dataset): rows ``[start, stop)`` of task ``t`` at ``step`` (a
-    feedback task's prompts: recipes.diffusion.feedback.feedback_batch)."""
-    if job.tasks[t].loss == "feedback":
-        return feedback_batch(job, t, step, start, stop)
+    feedback task's prompts and a denoising task's exact images: recipes.diffusion.feedback)."""
+    if job.tasks[t].loss in PROMPT_BATCHES:  # the feedback phase's tasks (recipes.diffusion.feedback)
+        return PROMPT_BATCHES[job.tasks[t].loss](job, t, step, start, stop)
     layout = pair_layout(job, t)
     size = job.tasks[t].batch_size
     if not 0 <= start <= stop <= (size if split == "train" else 1 << 30):

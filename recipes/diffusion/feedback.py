@@ -4,7 +4,8 @@ A feedback task of a ``recipe: diffusion`` job (docs/recipes/diffusion.md, "The 
 reads one root token use (the prompt, encoded by the frozen text tower the UNet cross-attends to) and samples one
 image per row. :func:`feedback_batch` gives row ``r`` of step ``s`` the prompt the driver's ``feedback`` step draws for
 it (recipes.diffusion.generator.training_prompt with the job's seed + 1: the categories in turn), its tokens under
-the prompt use, and its category's index in ``targets["category"]``.
+the prompt use, and its category's index in ``targets["category"]``. A denoising task beside it (loss mse on the same
+UNet, IterComp's ``--apply_pre_loss``) gets the same prompts drawn exactly (:func:`denoise_batch`).
 
 A ``reward_model`` scorer (runtime.feedback.register_scorer) is one category's reward model of a trained reward-model
 job: ``spec`` names that job (itercomp-tiny.yaml's tasks), ``model`` its weights (a model.pt, or the phase reference
@@ -22,7 +23,7 @@ from torch import nn
 from planner.components import resolve_shape
 from planner.spec import JobSpec
 from planner.usegraph import root_uses
-from recipes.diffusion.generator import training_prompt
+from recipes.diffusion.generator import LATENT, exact_latents, training_prompt
 from recipes.diffusion.shapes import CATEGORIES, tokenize
 from runtime.data import TaskBatch
 from runtime.feedback import MARGIN
@@ -44,14 +45,44 @@ def prompt_use(job, t: int) -> tuple[str, int]:
     return use.use_name, shape.seq_len
 
 
-def feedback_batch(job: JobSpec, t: int, step: int, start: int, stop: int) -> TaskBatch:
-    """Rows [start, stop) of feedback task ``t`` at ``step`` (module docstring)."""
+def _prompts(job, t: int, step: int, start: int, stop: int) -> tuple[list, dict[str, torch.Tensor]]:
+    """The prompts of rows [start, stop) at ``step`` and the inputs of the task's prompt use (their tokens)."""
     name, seq_len = prompt_use(job, t)
     prompts = [training_prompt(job.training.seed + 1, step, row, CATEGORIES) for row in range(start, stop)]
     ids = np.stack([tokenize(p.text, seq_len) for p in prompts]) if prompts else np.zeros((0, seq_len), np.int64)
+    return prompts, {name: torch.from_numpy(ids)}
+
+
+def feedback_batch(job: JobSpec, t: int, step: int, start: int, stop: int) -> TaskBatch:
+    """Rows [start, stop) of feedback task ``t`` at ``step`` (module docstring)."""
+    prompts, inputs = _prompts(job, t, step, start, stop)
     category = torch.tensor([CATEGORIES.index(p.category) for p in prompts], dtype=torch.long)
-    return TaskBatch({name: torch.from_numpy(ids)}, torch.zeros(len(prompts)), len(prompts), first_row=start,
-                     targets={CATEGORY: category})
+    return TaskBatch(inputs, torch.zeros(len(prompts)), len(prompts), first_row=start, targets={CATEGORY: category})
+
+
+def denoise_batch(job: JobSpec, t: int, step: int, start: int, stop: int) -> TaskBatch:
+    """Rows [start, stop) of a denoising task (loss mse on the UNet cross-attending to the prompt use; IterComp's
+    ``--apply_pre_loss`` beside the feedback task): the same prompts as the feedback task's rows, each drawn exactly
+    by the renderer and encoded to latents (recipes.diffusion.generator.exact_latents), noised at a uniform DDPM
+    timestep (runtime.data.NOISE, the schedule the runtime's synthetic latents use); seeded per (seed, step, row)."""
+    from runtime.data import NOISE
+    from runtime.modules import stable_seed
+    from runtime.unet import NUM_TIMESTEPS, noise_key, timesteps_key
+
+    prompts, inputs = _prompts(job, t, step, start, stop)
+    unet = next(u.use_name for u in job.tasks[t].components if job.components[u.component].kind == "unet2d")
+    rows = []
+    for row, prompt in zip(range(start, stop), prompts):
+        seed = stable_seed("diffusion-denoise", job.training.seed, step, row)
+        x0 = exact_latents([prompt], np.random.default_rng(seed))[0]
+        gen = torch.Generator().manual_seed(seed)
+        timestep = int(torch.randint(0, NUM_TIMESTEPS, (1,), generator=gen))
+        eps = torch.randn(x0.shape, generator=gen)
+        rows.append((NOISE.noised(x0, eps, timestep), torch.tensor(timestep), eps))
+    noisy, timesteps, noise = (torch.stack(c) for c in zip(*rows)) if rows else \
+        (torch.empty(0, 3, LATENT, LATENT), torch.empty(0, dtype=torch.long), torch.empty(0, 3, LATENT, LATENT))
+    return TaskBatch({**inputs, unet: noisy}, torch.zeros(len(prompts)), len(prompts), first_row=start,
+                     targets={timesteps_key(unet): timesteps, noise_key(unet): noise})
 
 
 class RewardScorer(nn.Module):

@@ -8,14 +8,16 @@
   its prompt's category's reward model (recipes.diffusion.scorers; the other models add nothing for it: our
   categories' prompts are disjoint). Writes ``model`` and reports, before and after, per category the oracle's score
   and the reward of the UNet's samples of held-out prompts.
+* ``compare``: the same report for two UNets (``before``, ``after``: e.g. the base model and a trained ``feedback``
+  phase's, docs/recipes/diffusion.md "The feedback step as a trained phase"), without training.
 * ``regenerate``: the UNet's samples join the gallery: per prompt the five generators' images and the UNet's, ranked
   by the oracle (exact here; IterComp ranks new images by reward), written as a gallery folder (``data``).
 * ``reward_update``: the reward models retrained from their weights on the regenerated gallery (the second
   iteration's reward-model phase); reports their accuracy on held-out pairs with a new image and on the synthetic
   held-out pairs, before and after. Writes ``rm/model.pt``.
 
-Steps run in the ``loom run`` driver, in one process (a planned, multi-worker feedback step is the runtime's
-``loss: feedback``, which samples unconditional UNets only: see docs/recipes/diffusion.md).
+Steps run in the ``loom run`` driver, in one process; the planned, multi-worker feedback step is a trained phase
+(the runtime's ``loss: feedback`` with the recipe's ``reward_model`` scorers, recipes.diffusion.feedback).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _checker(step: str, required: dict[str, type], optional: dict[str, type]):
             if not ok or (kind in (int, float) and value <= 0):
                 raise ValueError(f"{key} ({value!r}): step '{step}' expects a {'positive ' if kind in (int, float) else ''}"
                                  f"{kind.__name__}. Fix the value.")
-            if key in ("unet", "text", "spec") and not value.startswith("@"):
+            if key in ("unet", "text", "spec", "before", "after") and not value.startswith("@"):
                 path = Path(value) if Path(value).is_absolute() or base is None else base / value
                 if not path.exists():
                     raise ValueError(f"{key} ({value!r}): no such file or folder. Point it at one.")
@@ -71,13 +73,20 @@ check_feedback = _checker("feedback", {**MODELS, **REWARDS}, dict(
 check_regenerate = _checker("regenerate", MODELS, dict(prompts=int, heldout_prompts=int, samples=int, seed=int,
                                                        denoise_steps=int))
 check_reward_update = _checker("reward_update", dict(**REWARDS, data=str), dict(steps=int, lr=float, eval_pairs=int))
+check_compare = _checker("compare", dict(before=str, after=str, text=str, **REWARDS), dict(
+    seed=int, denoise_steps=int, eval_prompts=int))
+COMPARE_METRICS = FEEDBACK_METRICS[:-2]
 
 
 # --------------------------------------------------------------------------- steps
 
+def _load_unet(path: Path):
+    """The UNet at ``path``: a UNet folder, or a model artifact holding one as ``unet/``."""
+    return generator.load_unet(path / "unet" if (path / "unet").is_dir() else path)
+
+
 def _unet(ctx):
-    return generator.load_unet(ctx.path(ctx.args["unet"]) / "unet" if (ctx.path(ctx.args["unet"]) / "unet").is_dir()
-                               else ctx.path(ctx.args["unet"]))
+    return _load_unet(ctx.path(ctx.args["unet"]))
 
 
 def _save_unet(ctx, unet) -> None:
@@ -160,15 +169,12 @@ def feedback_update(unet, text, rewards, prompts, scheduler, config, step: int, 
 
 def feedback_step(ctx) -> dict[str, float]:
     """Step ``feedback`` (module docstring)."""
-    from PIL import Image
-
     from runtime.sample import build_scheduler
 
     a = ctx.args
     seed, steps, batch, denoise = a.get("seed", 0), a.get("steps", 40), a.get("batch", 12), a.get("denoise_steps", 20)
     unet, text, rewards = _unet(ctx), generator.load_text(ctx.path(a["text"])), _reward_models(ctx)
-    columns = a.get("eval_prompts", 16)
-    prompts = eval_prompts(seed, columns)
+    prompts = eval_prompts(seed, a.get("eval_prompts", 16))
     before, images_before = sample_scores(unet, text, rewards, prompts, denoise, seed)
     config = generator.sample_config(denoise, (a.get("stop_first", denoise * 3 // 4), denoise - 1), seed)
     scheduler = build_scheduler(config)
@@ -183,13 +189,32 @@ def feedback_step(ctx) -> dict[str, float]:
                      np.mean(history[-max(steps // 10, 1):]))
     after, images_after = sample_scores(unet, text, rewards, prompts, denoise, seed)
     _save_unet(ctx, unet)
-    for name, images in (("before", images_before), ("after", images_after)):
+    tail = max(steps // 10, 1)
+    return (_before_after(ctx, (before, images_before), (after, images_after), a.get("eval_prompts", 16))
+            | {"train_reward_first": float(np.mean(history[:tail])), "train_reward_last": float(np.mean(history[-tail:]))})
+
+
+def _before_after(ctx, before: tuple[dict, np.ndarray], after: tuple[dict, np.ndarray], columns: int) -> dict:
+    """The metrics of :func:`sample_scores` before and after (``<metric>_before``, ``<metric>_after``); the sample grids
+    written as ``samples_before.png`` and ``samples_after.png`` in the phase's folder (a category per row)."""
+    from PIL import Image
+
+    for name, (_, images) in (("before", before), ("after", after)):
         tiles = generator.grid(images, columns)
         Image.fromarray(tiles).resize((tiles.shape[1] * 3, tiles.shape[0] * 3), Image.NEAREST).save(
             ctx.out_dir / f"samples_{name}.png")
-    tail = max(steps // 10, 1)
-    return ({f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
-            | {"train_reward_first": float(np.mean(history[:tail])), "train_reward_last": float(np.mean(history[-tail:]))})
+    return {f"{k}_before": v for k, v in before[0].items()} | {f"{k}_after": v for k, v in after[0].items()}
+
+
+def compare_step(ctx) -> dict[str, float]:
+    """Step ``compare`` (module docstring)."""
+    a = ctx.args
+    seed, denoise = a.get("seed", 0), a.get("denoise_steps", 20)
+    text, rewards = generator.load_text(ctx.path(a["text"])), _reward_models(ctx)
+    prompts = eval_prompts(seed, a.get("eval_prompts", 16))
+    scores = [sample_scores(_load_unet(ctx.path(a[which])), text, rewards, prompts, denoise, seed)
+              for which in ("before", "after")]
+    return _before_after(ctx, *scores, a.get("eval_prompts", 16))
 
 
 def _category_scorer(rewards, category: str, prompts):

@@ -15,6 +15,10 @@ from runtime.reference import ReferenceTrainer
 
 STEPS = 3
 RTOL = 1e-5
+# the last of several steps' gradients: AdamW's first update moves every element by about lr * sign(g), so an element
+# whose gradient is a cancelling sum near zero takes the sign of its float32 rounding, and later gradients carry that
+# noise (measured on the UNet test below: the first step's gradients within 6e-7, the third's within 1.4-2.9e-5)
+LATER_GRAD_RTOL = 1e-4
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float = RTOL) -> None:
@@ -42,16 +46,19 @@ def placed_plan(job, waves: list[list[tuple[str, list[int]]]]):
 
 
 def check_equivalence(job, plan, tmp_path, steps: int = STEPS, grad_rtol: float = RTOL, setup=load_recipe):
-    """Train ``steps`` steps of ``plan`` on a gloo world and in one process: per-step losses, every rank's final
-    parameters and the gradients of the last step must agree within RTOL (the gradients within ``grad_rtol``), and
-    every parameter must be held by some rank. (AdamW's update hardly changes when a gradient is scaled, so a parameter
-    whose gradient is summed twice still trains to the same values; the gradients show it.) ``setup(job)`` runs first
-    in this process and in every gloo process (default: load the job's recipe). Returns the world's result."""
+    """Train ``steps`` steps of ``plan`` on a gloo world and in one process: per-step losses and every rank's final
+    parameters must agree within RTOL, the gradients of the first step within ``grad_rtol`` and those of the last
+    within LATER_GRAD_RTOL, and every parameter must be held by some rank. (AdamW's update hardly changes when a
+    gradient is scaled, so a parameter whose gradient is summed twice still trains to the same values; the gradients
+    show it.) ``setup(job)`` runs first in this process and in every gloo process (default: load the job's recipe).
+    Returns the world's result."""
     setup(job)  # the reference's losses and data; each gloo process runs it too
     world = run_world(job, plan, steps, tmp_path, keep_gradients=True, setup=setup)
     reference = ReferenceTrainer(job)
+    first = None
     for step in range(steps):
-        want = reference.train_step(step, keep_gradients=step == steps - 1)
+        want = reference.train_step(step, keep_gradients=step in (0, steps - 1))
+        first = reference.last_gradients if step == 0 else first
         for task, value in want.items():
             got = world.losses[step][task]
             assert abs(got - value) <= RTOL * abs(value), f"step {step} task {task}: {got} vs {value}"
@@ -60,10 +67,14 @@ def check_equivalence(job, plan, tmp_path, steps: int = STEPS, grad_rtol: float 
     for rank, params in world.parameters.items():
         held.update(_compare_modules(params, ref_params, f"rank {rank}"))
     assert held == set(ref_params), f"parameters nobody holds: {sorted(set(ref_params) - held)[:5]}"
-    for rank, grads in world.gradients.items():
-        trained = {n for n in world.parameters[rank] if n in reference.last_gradients}
-        assert set(grads) == trained, f"rank {rank}: no gradient for {sorted(trained - set(grads))[:5]}"
-        _compare_modules(grads, reference.last_gradients, f"rank {rank} gradient of", grad_rtol)
+    checks = [(world.first_gradients, first, grad_rtol, "first step")]
+    if steps > 1:
+        checks.append((world.gradients, reference.last_gradients, max(grad_rtol, LATER_GRAD_RTOL), "last step"))
+    for got_by_rank, want, rtol, when in checks:
+        for rank, grads in got_by_rank.items():
+            trained = {n for n in world.parameters[rank] if n in want}
+            assert set(grads) == trained, f"rank {rank}: no {when} gradient for {sorted(trained - set(grads))[:5]}"
+            _compare_modules(grads, want, f"rank {rank} {when} gradient of", rtol)
     return world
 
 

@@ -97,13 +97,16 @@ def test_samples_of_the_unet_join_a_ranking(parts):
     assert ranking.places[0] == [0]  # the exact drawing outranks the untrained UNet's noise
 
 
-def planned_feedback_job(folder: Path, spec: Path, model: Path, batch: int = 6):
+def planned_feedback_job(folder: Path, spec: Path, model: Path, batch: int = 6, pre_loss: bool = False):
     """The feedback step as a trained phase's job (itercomp-pipeline-tiny.yaml's `feedback`): the frozen text tower,
-    the recipe's UNet sampled cross-attending to it, x0 (pixels: no VAE) scored by the three reward models."""
+    the recipe's UNet sampled cross-attending to it, x0 (pixels: no VAE) scored by the three reward models; with
+    ``pre_loss`` the denoising task beside it."""
     from planner.spec import parse_job
 
     scorers = [{"kind": "reward_model", "spec": str(spec), "model": str(model), "args": {"category": c}}
                for c in CATEGORIES]
+    denoise = [{"name": "denoise", "batch_size": batch, "loss": "mse", "components": [
+        {"component": "text", "name": "prompt", "mode": "forward"}, {"component": "unet", "after": ["prompt"]}]}]
     return parse_job({
         "name": "feedback", "recipe": "diffusion", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
         "components": {"text": {"pretrained": str(folder / "text"), "frozen": True, "seq_len": generator.TEXT_LEN},
@@ -112,9 +115,34 @@ def planned_feedback_job(folder: Path, spec: Path, model: Path, batch: int = 6):
                    "feedback": {"vae": None, "scorers": scorers},
                    "components": [{"component": "text", "name": "prompt", "mode": "forward"},
                                   {"component": "unet", "mode": "sample", "scheduler": "ddim", "denoise_steps": 4,
-                                   "stop_steps": [2, 3], "grad_last_step": True, "after": ["prompt"]}]}],
+                                   "stop_steps": [2, 3], "grad_last_step": True, "after": ["prompt"]}]}]
+        + (denoise if pre_loss else []),
         "training": {"steps": 1, "lr": 1e-4, "precision": "fp32"},
     })
+
+
+def test_the_feedback_phase_rows_are_the_driver_steps_prompts(parts):
+    """A feedback task's rows are the prompts the driver's feedback step draws (seed + 1, the categories in turn), as
+    tokens of its prompt use with each row's category; the denoising task's rows are exact latents of the same prompts,
+    noised; any shard equals the same rows of the whole batch."""
+    from recipes.diffusion.data import job_batch
+    from recipes.diffusion.shapes import tokenize
+    from runtime.unet import noise_key, timesteps_key
+
+    _, _, _, folder, spec = parts
+    job = planned_feedback_job(folder, spec, folder / "rm.pt", pre_loss=True)
+    batch = job_batch(job, 0, 3, 2, 5)
+    want = generator.training_prompts(job.training.seed + 1, 3, 5, CATEGORIES)[2:]
+    assert torch.equal(batch.inputs["prompt"], torch.from_numpy(np.stack([tokenize(p.text, 10) for p in want])))
+    assert batch.targets["category"].tolist() == [2, 0, 1] and batch.first_row == 2
+    whole, shard = job_batch(job, 1, 3, 0, 6), job_batch(job, 1, 3, 4, 6)
+    assert whole.inputs["unet"].shape == (6, 3, generator.LATENT, generator.LATENT)
+    for key in ("prompt", "unet"):
+        assert torch.equal(whole.inputs[key][4:], shard.inputs[key])
+    assert torch.equal(whole.targets[noise_key("unet")][4:], shard.targets[noise_key("unet")])
+    t = whole.targets[timesteps_key("unet")]
+    assert t.dtype == torch.long and len(set(t.tolist())) > 1 and not torch.equal(whole.inputs["unet"][0],
+                                                                                   whole.inputs["unet"][1])
 
 
 def test_the_planned_feedback_step_with_reward_model_scorers_equals_one_process(parts, tmp_path):
@@ -160,9 +188,12 @@ def test_bad_reward_model_scorers_are_one_line(parts, scorer, message):
      "steps (0): step 'feedback' expects a positive int"),
     ("denoise", {"unet": "no/such/folder", "text": "@a/model"}, "unet ('no/such/folder'): no such file or folder"),
     ("regenerate", {"unet": "@f/model", "text": "@f/model", "sample": 2}, "sample: unknown argument of step"),
+    ("compare", {"before": "@b/model", "after": "no/such", "text": "@b/model", "spec": "@s/x", "rm": "@r/checkpoint"},
+     "after ('no/such'): no such file or folder"),
 ])
 def test_bad_step_arguments_are_one_line(step, args, message, tmp_path):
-    check = {"feedback": steps.check_feedback, "denoise": steps.check_denoise, "regenerate": steps.check_regenerate}
+    check = {"feedback": steps.check_feedback, "denoise": steps.check_denoise, "regenerate": steps.check_regenerate,
+             "compare": steps.check_compare}
     with pytest.raises(ValueError) as err:
         check[step](args, tmp_path)
     assert message in str(err.value) and "\n" not in str(err.value)
