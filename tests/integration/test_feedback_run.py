@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -49,13 +50,26 @@ def mean_reward(job, parameters: dict[str, torch.Tensor] | None) -> float:
 
 
 def test_loom_run_of_the_feedback_example_raises_the_reward(tmp_path):
+    """... and checkpoints it every 3 steps: the UNet, which only the sample use runs (no slice of the plan holds its
+    layers), is written with its optimizer state, and a run resumed from step 3 ends with the same parameters."""
     save_vae(tmp_path / "models" / "vae")
-    shutil.copy(EXAMPLES / "feedback-cpu.yaml", tmp_path / "job.yaml")
+    text = (EXAMPLES / "feedback-cpu.yaml").read_text().replace("training: {", "training: {checkpoint_every: 3, ")
+    (tmp_path / "job.yaml").write_text(text)
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml"), "--steps", "6", "--out", str(out)])
     assert result.exit_code == 0, (result.stderr, result.exception)
     records = read_step_log(out / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(6))
+    tensors = json.loads((out / "ckpt" / "step_3" / "MANIFEST.json").read_text())["tensors"]
+    assert any(k.startswith("p:unet#") for k in tensors) and any(k.startswith("o:exp_avg@0:unet#") for k in tensors)
+    trained = torch.load(out / MODEL_FILE)["parameters"]
+    shutil.rmtree(out / "ckpt" / "step_6")
+    (out / MODEL_FILE).unlink()
+    resumed = CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml"), "--steps", "6", "--out", str(out),
+                                       "--resume"])
+    assert resumed.exit_code == 0, (resumed.stderr, resumed.exception)
+    again = torch.load(out / MODEL_FILE)["parameters"]
+    assert again.keys() == trained.keys() and all(torch.equal(again[k], trained[k]) for k in trained)
     assert all(math.isfinite(r["loss"]["feedback"]) and r["loss"]["feedback"] > 0 for r in records)
 
     job = load_job(tmp_path / "job.yaml")
