@@ -1,10 +1,14 @@
-"""The shipped BUTTON pipeline (recipes/alignment/pipeline/button-tiny.yaml) end to end as a user runs it: a real
-`loom run` process writes the compositional trajectories, fine-tunes the tiny Llama on 2 CPU workers and plays the
-held-out sequential and parallel tasks; its eval phase's gate (task success) passes and the run exits 0.
+"""The shipped BUTTON pipeline (recipes/alignment/pipeline/button-tiny.yaml) end to end as a user runs it, at a
+fifth of its fine-tuning: a real `loom run` process writes the compositional trajectories, fine-tunes the tiny Llama
+on 2 CPU workers for 400 of the recipe's 2100 steps and plays the held-out sequential and parallel tasks; its eval
+phase's gate passes and the run exits 0.
 
-This is the recipe's quality check: a change that trains the model differently (a kernel, the optimizer, the data
-path) and loses the compositional skill fails here. (The recipe is sized so that every seed tried passes: the earlier
-64-wide, 700-step recipe passed or failed by seed, docs/recipes/alignment.md, BUTTON.)"""
+The shipped 2100 steps take about 14 minutes on this 2-core machine (0.39 s a step), more than half of the suite's
+budget, so the recipe's own gate (task success 0.8: 0.966 and 0.992 on seeds 0 and 1) is measured by
+`python -m bench.alignment.button --seeds` (bench/results/alignment-button.md), and this test checks what 400 steps
+give every time: the call format learned (malformed calls 0.000 and 0.009 measured) and
+some compositional tasks solved (task success 0.12 with kernels off, 0.22 with them, seed 0), with the gate set to
+0.05. A change that breaks training (a kernel, the optimizer, the data path) leaves the model unable to call."""
 
 from __future__ import annotations
 
@@ -19,17 +23,27 @@ from recipes.alignment import button_steps
 from test_cli_subprocess import ROOT, loom_command
 
 SPEC = ROOT / "recipes" / "alignment" / "pipeline" / "button-tiny.yaml"
+STEPS = 400
+GATE = 0.05
 
 
-def test_the_shipped_button_pipeline_passes_its_gate(tmp_path):
+def test_the_shipped_button_pipeline_passes_its_gate_at_a_fifth_of_its_steps(tmp_path):
     model = button_steps.HERE / "models" / "button"
     assert (model / "config.json").is_file(), f"{model} is missing: scripts/setup.sh writes it"
-    gate = next(p["gate"] for p in yaml.safe_load(SPEC.read_text())["phases"] if p["name"] == "eval")
+    doc = yaml.safe_load(SPEC.read_text())
+    doc["components"]["policy"]["pretrained"] = str(model)
+    doc["training"]["steps"] = STEPS
+    eval_phase = next(p for p in doc["phases"] if p["name"] == "eval")
+    assert eval_phase["gate"]["task_success"] >= 0.8  # the shipped gate, measured by the bench
+    eval_phase["gate"] = {"task_success": GATE}
+    spec = tmp_path / "button.yaml"
+    spec.write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([*loom_command(), "run", str(SPEC), "--out", str(out)], cwd=ROOT, env=env, text=True,
-                          capture_output=True, timeout=900, stdin=subprocess.DEVNULL)
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    done = subprocess.run([*loom_command(), "run", str(spec), "--out", str(out)], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=540, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert metrics["task_success"] >= gate["task_success"]
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["task_success"] >= GATE
     assert metrics["malformed_rate"] <= 0.05
+    assert len((out / "sft" / "metrics.jsonl").read_text().splitlines()) == STEPS
