@@ -103,7 +103,8 @@ def register_scorer(kind: str, factory: ScorerFactory, check: Callable[[Any, Any
     """Make scorer ``kind`` available to ``tasks[].feedback.scorers``: ``factory(scorer spec, job, task index,
     pixels)`` builds the frozen scorer, a module ``(images (B, 3, H, W) in [0, 1], the rows' runtime.data.TaskBatch)
     -> (B,)`` (``pixels``: C * H * W of the decoded images); ``check(scorer spec, job, task index)``, when given, raises
-    a ValueError for arguments it cannot serve, before anything runs. Recipes call this on import."""
+    a ValueError for arguments it cannot serve, before anything runs (check_scorers prefixes the scorer's path).
+    Recipes call this on import."""
     assert kind != "linear", "scorer kind linear is built in"
     _SCORERS[kind] = (factory, check)
 

@@ -88,9 +88,14 @@ def test_json_round_trip(planned, tmp_path):
     assert load_plan(path) == plan
 
 
-def test_same_job_gives_byte_identical_plan(plan8):
-    again = plan_job(parse_job(job_dict(1))).plan
-    assert again.to_json() == plan8.to_json()
+def test_same_job_gives_byte_identical_plan():
+    """Two plans of one job are byte-identical when the search ends on its own (1.5 s here; the 30 s cap is not
+    reached). At the file's 1 s cap the search is cut by the planning thread's CPU clock (1.2 s of planning), and
+    where that clock stops moves with the machine's load: two plans differed once in the full suite."""
+    data = job_dict(1)
+    data["planner"]["time_limit_s"] = 30.0
+    first, again = (plan_job(parse_job(data)).plan.to_json() for _ in range(2))
+    assert again == first
 
 
 def test_different_job_gives_different_hash(plan8):
