@@ -1,0 +1,136 @@
+"""Tensor-parallel decoding: a megatron-core llama block (runtime.megatron_backend.MegatronTransformerBlock) on new
+positions with a KV cache of this rank's heads, and the weight hand-off that delivers a TP rank its shard.
+
+:func:`decode` is what runtime.modules.LlamaBlock.decode computes, on the block's own megatron modules: the input
+norm, megatron's fused column-parallel ``linear_qkv`` split into this rank's query heads and key/value groups by
+megatron's own ``get_query_key_value_tensors``, softmax attention of the local heads over the cached keys and values
+(query head i of a rank reads its local group i // (heads / groups), as megatron's ``DotProductAttention`` repeats
+them), the row-parallel ``linear_proj`` (its all-reduce over the block's TP group sums the heads of every rank), the
+residual, then megatron's ``_forward_mlp`` (pre-MLP norm, column-parallel gated fc1, row-parallel fc2, residual). The
+cache of a rank holds its ``num_kv_heads / tp`` groups: ``(B, P, groups / tp, d)`` keys and values per layer. Every
+TP rank of a group runs the same positions and ends with the same hidden state (the all-reduces), so the replicated
+LM head gives the same logits on each; runtime.generate still draws each token on the group's first rank and
+broadcasts it (:func:`agree_on_first`), so the ranks agree whatever the collectives' rounding.
+
+Hand-off (runtime.rollout.Roles): a decoding rank that does not train the layers receives, after each optimizer step,
+its TP shard only (:func:`shard_of`: the reference layer's parameters fused and cut as megatron lays them out, the
+order of the block's parameter map) from a trainer that holds the whole layer (tensor_parallel 1), or its own
+local parameters from a trainer at the same degree and TP rank (the same shard); :func:`flat_shard` /
+:func:`load_flat_shard` are the two ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def decode(block: nn.Module, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
+           ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``block`` (a llama MegatronTransformerBlock) on ``x`` ``(B, s, H)``, the positions after ``past`` (keys and
+    values ``(B, P, local groups, d)``; None: the prompt's prefill, causal). Returns the output ``(B, s, H)`` (the
+    same on every rank of the block's TP group) and the keys and values of all ``P + s`` positions."""
+    assert block.variant == "llama", block.variant
+    assert past is None or x.shape[1] == 1, "decode takes the whole prompt, then one position at a time"
+    layer, attn = block.layer, block.layer.self_attention
+    hidden = x.transpose(0, 1).contiguous()  # megatron's [s, B, H]
+    query, key, value = attn.get_query_key_value_tensors(layer.input_layernorm(hidden))
+    k, v = key.transpose(0, 1), value.transpose(0, 1)  # (B, s, groups, d)
+    if past is not None:
+        k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
+    per_group = query.shape[2] // k.shape[2]
+    q = query.permute(1, 2, 0, 3)  # (B, heads, s, d)
+    keys, values = (t.repeat_interleave(per_group, dim=2).transpose(1, 2) for t in (k, v))
+    context = F.scaled_dot_product_attention(q, keys, values, is_causal=past is None)
+    context = context.permute(2, 0, 1, 3).reshape(hidden.shape[0], hidden.shape[1], -1)  # [s, B, heads * d]
+    out, bias = attn.linear_proj(context)
+    hidden = hidden + (out if bias is None else out + bias)
+    hidden = layer._forward_mlp(hidden)
+    if isinstance(hidden, tuple):
+        hidden = hidden[0]
+    return hidden.transpose(0, 1), (k, v)
+
+
+class DecodingBlock:
+    """A megatron llama block with the ``decode`` of runtime.modules.LlamaBlock (what runtime.generate.LoomDecoder
+    calls on each layer)."""
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+
+    def decode(self, x: torch.Tensor, past=None):
+        return decode(self.block, x, past)
+
+
+def agree_on_first(group, first: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The tokens a TP group decodes next: rank ``first``'s (the group's first, global rank), broadcast over
+    ``group``; every rank of the group calls it at the same decode step."""
+    def agree(token: torch.Tensor) -> torch.Tensor:
+        token = token.contiguous()
+        dist.broadcast(token, src=first, group=group)
+        return token
+    return agree
+
+
+def _layout(param_map, num_heads: int, num_kv_heads: int, tp_size: int, tp_rank: int):
+    """The attributes of a block that the parameter map's fuse functions and ``_shard`` read
+    (runtime.megatron_backend), without building one."""
+    return SimpleNamespace(param_map=param_map, num_heads=num_heads, num_kv_heads=num_kv_heads, tp_size=tp_size,
+                           tp_rank=tp_rank)
+
+
+def shard_of(reference: nn.Module, param_map, num_heads: int, num_kv_heads: int, tp_size: int, tp_rank: int
+             ) -> list[torch.Tensor]:
+    """TP rank ``tp_rank``'s shard of ``reference`` (a plain layer, runtime.modules) at degree ``tp_size``: one tensor
+    per entry of ``param_map`` (runtime.megatron_backend.PARAM_MAPS[variant]) in its order, as
+    runtime.megatron_backend.load_reference cuts them."""
+    from runtime.megatron_backend import _shard
+
+    params = dict(reference.named_parameters())
+    where_block = _layout(param_map, num_heads, num_kv_heads, tp_size, tp_rank)
+    out = []
+    for where in param_map.values():
+        full = where.fuse([params[r].detach() for r in where.references], where_block)
+        out.append(_shard(full, where, where_block))
+    return out
+
+
+def local_shard(block: nn.Module) -> list[torch.Tensor]:
+    """A megatron block's own parameters in its parameter map's order (the shard a receiver at its degree and TP rank
+    takes)."""
+    from runtime.megatron_backend import _mapped
+
+    local = _mapped(block)
+    return [local[name].detach() for name in block.param_map]
+
+
+def flat_shard(module: nn.Module, receiver: tuple[int, int] | None, num_heads: int, num_kv_heads: int
+               ) -> torch.Tensor:
+    """What a sender puts on the wire for a receiver decoding at ``receiver`` = (tp_size, tp_rank): its shard, cut
+    from ``module`` (a plain layer, or a megatron block at that degree and rank), flattened; ``receiver`` None: all of
+    ``module``'s parameters (a whole copy)."""
+    if receiver is None:
+        return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+    from runtime.megatron_backend import MegatronTransformerBlock, PARAM_MAPS
+
+    if isinstance(module, MegatronTransformerBlock):
+        assert (module.tp_size, module.tp_rank) == receiver, ((module.tp_size, module.tp_rank), receiver)
+        tensors = local_shard(module)
+    else:
+        tensors = shard_of(module, PARAM_MAPS["llama"], num_heads, num_kv_heads, *receiver)
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def receive_order(module: nn.Module) -> list[torch.Tensor]:
+    """The parameters a receiver fills from the wire, in the order :func:`flat_shard` sends them."""
+    from runtime.megatron_backend import MegatronTransformerBlock, _mapped
+
+    if isinstance(module, MegatronTransformerBlock):
+        local = _mapped(module)
+        return [local[name] for name in module.param_map]
+    return list(module.parameters())
