@@ -67,6 +67,9 @@ class Generation:
     denoise_steps: int = 0  # sample: denoiser forwards run (TaskComponentSpec.denoise_passes)
     grad_last_step: bool = False
     decoder: Decoder | None = None  # generate only
+    # the runtime decodes it tensor-parallel (runtime.tp_decode: Loom's own llama kind on megatron-core blocks); a
+    # pretrained causal LM's decode and a sample use run at tensor_parallel 1
+    tensor_parallel: bool = False
 
 
 def kv_cache_bytes(layers: int, kv_dim: int, positions: int, element_bytes: float, rows: float) -> float:
@@ -120,7 +123,8 @@ def whole_use(job, t: int, u: int, segments: list) -> tuple:
                       params=total("params") + h * vocab, prompt=shape.seq_len, new_tokens=use.new_tokens,
                       prefill_flops=total("flops_fwd") + 2.0 * h * vocab, prefill_bytes=2 * total("act_bytes"),
                       kernels=int(total("num_kernels")))
-        gen = Generation("generate", use.samples, new_tokens=use.new_tokens, decoder=dec)
+        gen = Generation("generate", use.samples, new_tokens=use.new_tokens, decoder=dec,
+                         tensor_parallel=not comp.pretrained and comp.kind == "llama")
         key = f"generate[{digest},v={vocab},new={use.new_tokens}]"
         out = (shape.seq_len + use.new_tokens,)
         out_bytes = float(ROLLOUT_ELEMENT_BYTES
@@ -155,10 +159,11 @@ def generate_time(cost_model, op, layout) -> float:
 
 @contextlib.contextmanager
 def as_run(cost_model):
-    """``cost_model`` (a planner.costmodel.CostModel) with ``modes_as_run`` on inside the block: generate and sample
-    uses take tensor_parallel 1 only, the layouts runtime.rollout executes (it refuses a generate or sample slice at a
-    larger degree), so every placement made inside runs as planned. Outside it a placement may decode
-    tensor-parallel: priced, not run (:func:`modes_refused`)."""
+    """``cost_model`` (a planner.costmodel.CostModel) with ``modes_as_run`` on inside the block: a generate or sample
+    use takes only the tensor-parallel degrees the runtime runs it at (any allowed degree for a use whose
+    ``Generation.tensor_parallel`` is set, Loom's llama decode; tensor_parallel 1 for a sample use or a pretrained
+    causal LM's decode), so every placement made inside runs as planned. Outside it a placement may decode
+    tensor-parallel where the runtime does not: priced, not run (:func:`modes_refused`)."""
     before, cost_model.modes_as_run = cost_model.modes_as_run, True
     try:
         yield cost_model
@@ -166,11 +171,63 @@ def as_run(cost_model):
         cost_model.modes_as_run = before
 
 
-def modes_refused(ops, placed) -> str | None:
-    """Why the runtime would refuse the generate and sample slices of ``placed`` (a PlacedSchedule over MetaOps
-    ``ops``): one run at tensor_parallel > 1 (runtime.rollout.Roles); None when it runs them all."""
+def runs_tensor_parallel(op) -> bool:
+    """Whether the runtime runs MetaOp ``op`` at tensor_parallel > 1 when its component allows it: every MetaOp but a
+    sample use and a generate use of a pretrained causal LM (:attr:`Generation.tensor_parallel`)."""
+    return op.gen is None or op.gen.tensor_parallel
+
+
+def decode_refused(ops, placed) -> str | None:
+    """Why the runtime cannot give the devices of a generate slice of ``placed`` the weights they decode with (None:
+    it can). A device of a generate slice at tensor_parallel t decodes with TP rank r's shard of its group of t
+    (runtime.tp_decode). For every trained layer of the use's component it either holds that layer for training in
+    the same TP group (tensor_parallel 1: alone), and decodes with it, or holds none of it and receives its shard
+    after each step (runtime.rollout.Roles) from a trainer at tensor_parallel 1 (which cuts the shard) or at t (whose
+    own shard at rank r is it). A device training the layer in another group, or trainers at another degree, would
+    need a second copy or a re-shard of the layer: not run."""
+    held: dict[tuple[str, int, int], tuple[int, ...]] = {}  # (group, layer, device) -> its training TP group
+    degree: dict[tuple[str, int], int] = {}
+    layers: dict[str, set[tuple[str, int]]] = {}  # component -> its trained layers
     for wave in placed.waves:
         for s in wave.slices:
-            if ops[s.metaop].gen is not None and s.layout.tp_degree > 1:
-                return f"{ops[s.metaop].name} {ops[s.metaop].gen.mode}s at tensor_parallel {s.layout.tp_degree}"
+            op = ops[s.metaop]
+            if op.gen is not None or op.frozen:
+                continue
+            tp = s.layout.tp_degree
+            for j in range(s.first_layer, s.first_layer + s.num_layers):
+                degree[(op.param_group, j)] = tp
+                layers.setdefault(op.component, set()).add((op.param_group, j))
+                for i in range(0, len(s.devices), tp):
+                    for d in s.devices[i:i + tp]:
+                        held[(op.param_group, j, d)] = tuple(s.devices[i:i + tp])
+    for wave in placed.waves:
+        for s in wave.slices:
+            op = ops[s.metaop]
+            if op.gen is None or op.gen.mode != "generate":
+                continue
+            tp = s.layout.tp_degree
+            for i in range(0, len(s.devices), tp):
+                members = tuple(s.devices[i:i + tp])
+                for group, j in sorted(layers.get(op.component, ())):
+                    for d in members:
+                        mine = held.get((group, j, d))
+                        if mine is not None and mine != members:
+                            return (f"{op.name} decodes on device {d} in TP group {list(members)}, which trains layer "
+                                    f"{j} of {group} in TP group {list(mine)}")
+                        if mine is None and degree[(group, j)] not in (1, tp):
+                            return (f"{op.name} decodes at tensor_parallel {tp} with layer {j} of {group} trained at "
+                                    f"tensor_parallel {degree[(group, j)]}")
     return None
+
+
+def modes_refused(ops, placed) -> str | None:
+    """Why the runtime would refuse the generate and sample slices of ``placed`` (a PlacedSchedule over MetaOps
+    ``ops``): a sample use or a pretrained causal LM's decode at tensor_parallel > 1 (:func:`runs_tensor_parallel`),
+    or a decode whose weights the runtime cannot place (:func:`decode_refused`); None when it runs them all."""
+    for wave in placed.waves:
+        for s in wave.slices:
+            op = ops[s.metaop]
+            if not runs_tensor_parallel(op) and s.layout.tp_degree > 1:
+                what = "samples" if op.gen.mode == "sample" else "decodes a pretrained causal LM"
+                return f"{op.name} {what} at tensor_parallel {s.layout.tp_degree}"
+    return decode_refused(ops, placed)
