@@ -72,6 +72,14 @@ class Generation:
     tensor_parallel: bool = False
 
 
+def decode_shard_params(layer_params: float, dec: Decoder, tp: int) -> float:
+    """Parameters of one TP rank's shard of a decoded llama layer of ``layer_params`` (runtime.tp_decode, as
+    megatron-core lays it out): its two RMSNorm weights (``2 * hidden``) whole on every rank, the projections split
+    ``tp`` ways."""
+    norms = 2.0 * dec.hidden if tp > 1 else 0.0
+    return (layer_params - norms) / tp + norms
+
+
 def kv_cache_bytes(layers: int, kv_dim: int, positions: int, element_bytes: float, rows: float) -> float:
     """Bytes of the KV cache of ``rows`` sequences of ``positions``: a key and a value of ``kv_dim`` per layer and
     position, ``2 * layers * kv_dim * positions * element_bytes * rows``."""

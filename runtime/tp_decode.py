@@ -109,8 +109,7 @@ def local_shard(block: nn.Module) -> list[torch.Tensor]:
     return [local[name].detach() for name in block.param_map]
 
 
-def flat_shard(module: nn.Module, receiver: tuple[int, int] | None, num_heads: int, num_kv_heads: int
-               ) -> torch.Tensor:
+def flat_shard(module: nn.Module, receiver: tuple[int, int] | None) -> torch.Tensor:
     """What a sender puts on the wire for a receiver decoding at ``receiver`` = (tp_size, tp_rank): its shard, cut
     from ``module`` (a plain layer, or a megatron block at that degree and rank), flattened; ``receiver`` None: all of
     ``module``'s parameters (a whole copy)."""
@@ -122,7 +121,7 @@ def flat_shard(module: nn.Module, receiver: tuple[int, int] | None, num_heads: i
         assert (module.tp_size, module.tp_rank) == receiver, ((module.tp_size, module.tp_rank), receiver)
         tensors = local_shard(module)
     else:
-        tensors = shard_of(module, PARAM_MAPS["llama"], num_heads, num_kv_heads, *receiver)
+        tensors = shard_of(module, PARAM_MAPS["llama"], module.num_heads, module.num_kv_heads, *receiver)
     return torch.cat([t.reshape(-1) for t in tensors])
 
 

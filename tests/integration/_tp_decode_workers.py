@@ -95,8 +95,7 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             out["shards"] = [torch.equal(a, b) for layer, block in zip(plain, blocks)
                              for a, b in zip(shard_of(layer, PARAM_MAPS["llama"], 4, 2, world_size, rank),
                                              local_shard(block))]
-            out["flat"] = [torch.equal(flat_shard(layer, (world_size, rank), 4, 2),
-                                       flat_shard(block, (world_size, rank), 4, 2))
+            out["flat"] = [torch.equal(flat_shard(layer, (world_size, rank)), flat_shard(block, (world_size, rank)))
                            for layer, block in zip(plain, blocks)]
             out["cache"] = blocks[0].layer.self_attention.num_query_groups_per_partition
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
