@@ -188,13 +188,12 @@ def runs_tensor_parallel(op) -> bool:
 def decode_refused(ops, placed) -> str | None:
     """Why the runtime cannot give the devices of a generate slice of ``placed`` the weights they decode with (None:
     it can). A device of a generate slice at tensor_parallel t decodes with TP rank r's shard of its group of t
-    (runtime.tp_decode). For every trained layer of the use's component it either holds that layer for training in
-    the same TP group (tensor_parallel 1: alone), and decodes with it, or holds none of it and receives its shard
-    after each step (runtime.rollout.Roles) from a trainer at tensor_parallel 1 (which cuts the shard) or at t (whose
-    own shard at rank r is it). A device training the layer in another group, or trainers at another degree, would
-    need a second copy or a re-shard of the layer: not run."""
+    (runtime.tp_decode; t = 1: the whole layer). For every trained layer of the use's component it either holds that
+    layer for training in the same TP group (tensor_parallel 1: alone), and decodes with it, or holds none of it and
+    receives its cut after each step (runtime.rollout.Roles: a trainer's own shard at the same degree and rank, cut
+    from a whole layer, or from the layer its TP group gathers first). A device that trains the layer in another
+    group would need a second, differently cut copy of it beside the one it trains: not run."""
     held: dict[tuple[str, int, int], tuple[int, ...]] = {}  # (group, layer, device) -> its training TP group
-    degree: dict[tuple[str, int], int] = {}
     layers: dict[str, set[tuple[str, int]]] = {}  # component -> its trained layers
     for wave in placed.waves:
         for s in wave.slices:
@@ -203,7 +202,6 @@ def decode_refused(ops, placed) -> str | None:
                 continue
             tp = s.layout.tp_degree
             for j in range(s.first_layer, s.first_layer + s.num_layers):
-                degree[(op.param_group, j)] = tp
                 layers.setdefault(op.component, set()).add((op.param_group, j))
                 for i in range(0, len(s.devices), tp):
                     for d in s.devices[i:i + tp]:
@@ -222,9 +220,6 @@ def decode_refused(ops, placed) -> str | None:
                         if mine is not None and mine != members:
                             return (f"{op.name} decodes on device {d} in TP group {list(members)}, which trains layer "
                                     f"{j} of {group} in TP group {list(mine)}")
-                        if mine is None and degree[(group, j)] not in (1, tp):
-                            return (f"{op.name} decodes at tensor_parallel {tp} with layer {j} of {group} trained at "
-                                    f"tensor_parallel {degree[(group, j)]}")
     return None
 
 

@@ -297,7 +297,7 @@ class WaveWorker(PieceTransfers, GradientSync):
             zero_gradients(self.optimizer, self.grad_buffers)
             timing.optimizer_s += lap("optimizer")
         if self.roles is not None:  # the updated weights to the devices that use but do not step them
-            self.roles.hand_off(self.modules, self.rank, self.device)
+            self.roles.hand_off(self.modules, self.rank, self.device, self.tp_of)
             timing.optimizer_s += lap("optimizer")
         out = self._reduce_losses(losses)
         lap("reduce_losses")

@@ -47,7 +47,7 @@ from planner.errors import SpecError
 from planner.generation import modes_refused, rollout_width as rollout_width_of
 from planner.spec import JobSpec, TaskComponentSpec
 from runtime.generate import decoder_for, generate, lm_logits, row_generators
-from runtime.tp_decode import flat_shard, receive_order
+from runtime.tp_decode import flat_shard, needs_gather, receive_order
 from runtime.sampleop import layer_keys
 from runtime.tokenizer import prompt_mask_key
 
@@ -278,11 +278,11 @@ class Roles:
         def steppers(key: Key) -> tuple[int, ...]:
             return synced.get(key) or tuple(sorted(held.get(key, set())))
 
-        def senders(key: Key, device: int) -> tuple[int, ...]:  # a TP decode's shard: from a trainer of it
+        def senders(key: Key, device: int) -> tuple[int, ...]:  # a TP decode's shard: from a trainer of that shard
             group, by_shard = tp_decode.get(device), shards.get(key, {})
-            if group is None or key[0].startswith(("embed:", "head:")) or len(by_shard) == 1:
-                return steppers(key)  # a whole module, or trainers at tensor_parallel 1 (the sender cuts the shard)
-            return tuple(sorted(by_shard[group.index(device)]))  # trainers at the decode's degree (decode_refused)
+            if group is None or key[0].startswith(("embed:", "head:")) or len(by_shard) != len(group):
+                return steppers(key)  # the sender cuts it (from its whole layer, or its TP group's gathered one)
+            return tuple(sorted(by_shard[group.index(device)]))  # trainers at the decode's degree: their own shard
 
         per_node = job.cluster.devices_per_node
         hand_offs = [(k, k, sender(senders(k, d), d, per_node), d) for k in sorted(extra) if k not in frozen
@@ -370,10 +370,23 @@ class Roles:
             return None
         return len(group), group.index(device)
 
-    def hand_off(self, modules: dict[Key, nn.Module], rank: int, device: torch.device) -> None:
+    def hand_off(self, modules: dict[Key, nn.Module], rank: int, device: torch.device,
+                 tp_of: dict[Key, tuple[int, ...]] | None = None) -> None:
         """After the optimizer step: every hand-off's weights from its sender to its receiver (point-to-point; every
         rank walks the same list, so the calls pair up); a tensor-parallel decode's device receives its shard of each
-        layer (runtime.tp_decode.flat_shard, cut by the sender)."""
+        layer (runtime.tp_decode.flat_shard, cut by the sender). ``tp_of``: the TP group of each tensor-parallel layer
+        ``rank`` holds (runtime.executor): where a sender's own shard is not what its receiver takes, every rank of the
+        sender's group first gathers the whole layer (runtime.tp_decode.needs_gather; the groups walk the list in the
+        same order, so their all-gathers pair up)."""
+        from runtime.megatron_backend import gather_reference_weights
+
+        tp_of = tp_of or {}
+        whole: dict[Key, dict[str, torch.Tensor]] = {}
+        for dst_key, src_key, src, dst in self.hand_offs:
+            group = tp_of.get(src_key)
+            if group is not None and src in group and src_key not in whole and src != dst and needs_gather(
+                    modules[src_key], self._shard_of(dst_key, dst)):
+                whole[src_key] = gather_reference_weights(modules[src_key])
         ops, landing = [], []
         for dst_key, src_key, src, dst in self.hand_offs:
             if rank not in (src, dst):
@@ -385,10 +398,10 @@ class Roles:
                 continue
             shard = self._shard_of(dst_key, dst)
             if rank == src:
-                flat = flat_shard(modules[src_key], shard).to(device)
+                flat = flat_shard(modules[src_key], shard, whole.get(src_key)).to(device)
                 ops.append(dist.P2POp(dist.isend, flat, dst))
             else:
-                params = receive_order(modules[dst_key]) if shard is not None else list(modules[dst_key].parameters())
+                params = receive_order(modules[dst_key], shard)
                 buf = torch.empty(sum(p.numel() for p in params), device=device)
                 ops.append(dist.P2POp(dist.irecv, buf, src))
                 landing.append((params, buf))

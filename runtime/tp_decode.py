@@ -14,9 +14,10 @@ broadcasts it (:func:`agree_on_first`), so the ranks agree whatever the collecti
 
 Hand-off (runtime.rollout.Roles): a decoding rank that does not train the layers receives, after each optimizer step,
 its TP shard only (:func:`shard_of`: the reference layer's parameters fused and cut as megatron lays them out, the
-order of the block's parameter map) from a trainer that holds the whole layer (tensor_parallel 1), or its own
-local parameters from a trainer at the same degree and TP rank (the same shard); :func:`flat_shard` /
-:func:`load_flat_shard` are the two ends.
+order of the block's parameter map): a trainer at the same degree and TP rank sends its own shard; a trainer that
+holds the whole layer (tensor_parallel 1) cuts it; a trainer at another degree first gathers the whole layer in its
+TP group (:func:`needs_gather`), then cuts it (a whole-layer receiver, decoding at tensor_parallel 1, takes it all).
+:func:`flat_shard` and :func:`receive_order` are the two ends.
 """
 
 from __future__ import annotations
@@ -84,14 +85,13 @@ def _layout(param_map, num_heads: int, num_kv_heads: int, tp_size: int, tp_rank:
                            tp_rank=tp_rank)
 
 
-def shard_of(reference: nn.Module, param_map, num_heads: int, num_kv_heads: int, tp_size: int, tp_rank: int
-             ) -> list[torch.Tensor]:
-    """TP rank ``tp_rank``'s shard of ``reference`` (a plain layer, runtime.modules) at degree ``tp_size``: one tensor
-    per entry of ``param_map`` (runtime.megatron_backend.PARAM_MAPS[variant]) in its order, as
-    runtime.megatron_backend.load_reference cuts them."""
+def shard_of(params: dict[str, torch.Tensor], param_map, num_heads: int, num_kv_heads: int, tp_size: int,
+             tp_rank: int) -> list[torch.Tensor]:
+    """TP rank ``tp_rank``'s shard at degree ``tp_size`` of a plain layer's parameters ``params`` (name -> tensor,
+    runtime.modules' names): one tensor per entry of ``param_map`` (runtime.megatron_backend.PARAM_MAPS[variant]) in
+    its order, as runtime.megatron_backend.load_reference cuts them."""
     from runtime.megatron_backend import _shard
 
-    params = dict(reference.named_parameters())
     where_block = _layout(param_map, num_heads, num_kv_heads, tp_size, tp_rank)
     out = []
     for where in param_map.values():
@@ -109,27 +109,41 @@ def local_shard(block: nn.Module) -> list[torch.Tensor]:
     return [local[name].detach() for name in block.param_map]
 
 
-def flat_shard(module: nn.Module, receiver: tuple[int, int] | None) -> torch.Tensor:
-    """What a sender puts on the wire for a receiver decoding at ``receiver`` = (tp_size, tp_rank): its shard, cut
-    from ``module`` (a plain layer, or a megatron block at that degree and rank), flattened; ``receiver`` None: all of
-    ``module``'s parameters (a whole copy)."""
-    if receiver is None:
-        return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
-    from runtime.megatron_backend import MegatronTransformerBlock, PARAM_MAPS
+def needs_gather(module: nn.Module, receiver: tuple[int, int] | None) -> bool:
+    """Whether a sender holding ``module`` must first gather its TP group's whole layer
+    (runtime.megatron_backend.gather_reference_weights, collective over the group) to cut what ``receiver`` (tp_size,
+    tp_rank; None: the whole layer) takes: a megatron block whose own shard is not that."""
+    from runtime.megatron_backend import MegatronTransformerBlock
 
-    if isinstance(module, MegatronTransformerBlock):
-        assert (module.tp_size, module.tp_rank) == receiver, ((module.tp_size, module.tp_rank), receiver)
+    return isinstance(module, MegatronTransformerBlock) and receiver != (module.tp_size, module.tp_rank)
+
+
+def flat_shard(module: nn.Module, receiver: tuple[int, int] | None,
+               whole: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """What a sender holding ``module`` puts on the wire for a receiver that runs ``receiver`` = (tp_size, tp_rank),
+    flattened: its shard, cut from the whole layer (``module`` itself when plain, runtime.modules.LlamaBlock; else
+    ``whole``, the layer its TP group gathered: :func:`needs_gather`) or ``module``'s own shard (a megatron block at
+    that degree and rank); ``receiver`` None: every parameter of the whole module, by name."""
+    from runtime.megatron_backend import PARAM_MAPS, MegatronTransformerBlock
+
+    if whole is None and not isinstance(module, MegatronTransformerBlock):
+        whole = {name: p.detach() for name, p in module.named_parameters()}  # a plain module
+    if whole is None:
+        assert not needs_gather(module, receiver), "gather the layer first (needs_gather)"
         tensors = local_shard(module)
+    elif receiver is None:
+        tensors = [whole[name] for name in sorted(whole)]
     else:
-        tensors = shard_of(module, PARAM_MAPS["llama"], module.num_heads, module.num_kv_heads, *receiver)
+        tensors = shard_of(whole, PARAM_MAPS["llama"], module.num_heads, module.num_kv_heads, *receiver)
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def receive_order(module: nn.Module) -> list[torch.Tensor]:
-    """The parameters a receiver fills from the wire, in the order :func:`flat_shard` sends them."""
+def receive_order(module: nn.Module, receiver: tuple[int, int] | None) -> list[torch.Tensor]:
+    """The parameters a receiver holding ``module`` fills from the wire, in the order :func:`flat_shard` sends them:
+    a megatron block's in its parameter map's order, a whole module's by name."""
     from runtime.megatron_backend import MegatronTransformerBlock, _mapped
 
-    if isinstance(module, MegatronTransformerBlock):
+    if receiver is not None and isinstance(module, MegatronTransformerBlock):
         local = _mapped(module)
         return [local[name] for name in module.param_map]
-    return list(module.parameters())
+    return [p for _, p in sorted(module.named_parameters())]

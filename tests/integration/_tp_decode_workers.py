@@ -93,7 +93,7 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 out[temperature] = {"cached": cached, "full": full}
             # the hand-off's two ends: the shard cut from the plain layer is the block's own
             out["shards"] = [torch.equal(a, b) for layer, block in zip(plain, blocks)
-                             for a, b in zip(shard_of(layer, PARAM_MAPS["llama"], 4, 2, world_size, rank),
+                             for a, b in zip(shard_of(dict(layer.named_parameters()), PARAM_MAPS["llama"], 4, 2, world_size, rank),
                                              local_shard(block))]
             out["flat"] = [torch.equal(flat_shard(layer, (world_size, rank)), flat_shard(block, (world_size, rank)))
                            for layer, block in zip(plain, blocks)]

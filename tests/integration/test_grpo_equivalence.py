@@ -237,3 +237,17 @@ def test_tensor_parallel_decode_from_tensor_parallel_trainers_with_rollout_lag_1
     # after two AdamW updates, compared at LATER_GRAD_RTOL (_equivalence.py says why; measured 1.2e-5 here)
     world, reference, rollout_op = world_and_reference(job, plan, tmp_path, steps=3)
     check_tp_rollouts(world, reference, rollout_op, (0, 1), LATER_GRAD_RTOL)
+
+
+def test_decode_at_tensor_parallel_1_from_tensor_parallel_2_trainers(tmp_path):
+    """The rollout decodes data parallel on device 0 while the policy trains at tensor_parallel 2 on devices 2-3:
+    after every step the trainers' TP group gathers each layer whole (runtime.tp_decode.needs_gather) and one of them
+    sends it; rollouts, losses and gradients equal one process."""
+    from runtime.rollout import Roles
+
+    job = tp_job()
+    plan = placed_plan(job, [[("rollout", [0])], [("reward", [1]), ("policy", [2, 3], 2)], [("reference", [1])]])
+    roles = Roles.build(job, plan)
+    assert not roles.tp_decode and {dst for k, _, _, dst in roles.hand_offs if k[0] == "policy"} == {0}
+    world, reference, rollout_op = world_and_reference(job, plan, tmp_path)
+    check_tp_rollouts(world, reference, rollout_op, (0,))
