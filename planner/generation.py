@@ -67,8 +67,8 @@ class Generation:
     denoise_steps: int = 0  # sample: denoiser forwards run (TaskComponentSpec.denoise_passes)
     grad_last_step: bool = False
     decoder: Decoder | None = None  # generate only
-    # the runtime decodes it tensor-parallel (runtime.tp_decode: Loom's own llama kind on megatron-core blocks); a
-    # pretrained causal LM's decode and a sample use run at tensor_parallel 1
+    # the runtime runs it tensor-parallel where the component allows it (runtime.tp_decode: a generate use, Loom's llama
+    # kind or a pretrained Llama-family causal LM, on megatron-core blocks); a sample use runs at tensor_parallel 1
     tensor_parallel: bool = False
 
 
@@ -131,8 +131,7 @@ def whole_use(job, t: int, u: int, segments: list) -> tuple:
                       params=total("params") + h * vocab, prompt=shape.seq_len, new_tokens=use.new_tokens,
                       prefill_flops=total("flops_fwd") + 2.0 * h * vocab, prefill_bytes=2 * total("act_bytes"),
                       kernels=int(total("num_kernels")))
-        gen = Generation("generate", use.samples, new_tokens=use.new_tokens, decoder=dec,
-                         tensor_parallel=not comp.pretrained and comp.kind == "llama")
+        gen = Generation("generate", use.samples, new_tokens=use.new_tokens, decoder=dec, tensor_parallel=True)
         key = f"generate[{digest},v={vocab},new={use.new_tokens}]"
         out = (shape.seq_len + use.new_tokens,)
         out_bytes = float(ROLLOUT_ELEMENT_BYTES
@@ -169,9 +168,9 @@ def generate_time(cost_model, op, layout) -> float:
 def as_run(cost_model):
     """``cost_model`` (a planner.costmodel.CostModel) with ``modes_as_run`` on inside the block: a generate or sample
     use takes only the tensor-parallel degrees the runtime runs it at (any allowed degree for a use whose
-    ``Generation.tensor_parallel`` is set, Loom's llama decode; tensor_parallel 1 for a sample use or a pretrained
-    causal LM's decode), so every placement made inside runs as planned. Outside it a placement may decode
-    tensor-parallel where the runtime does not: priced, not run (:func:`modes_refused`)."""
+    ``Generation.tensor_parallel`` is set: a decode, runtime.tp_decode; tensor_parallel 1 for a sample use), so every
+    placement made inside runs as planned. Outside it a placement may sample tensor-parallel, which the runtime does
+    not: priced, not run (:func:`modes_refused`)."""
     before, cost_model.modes_as_run = cost_model.modes_as_run, True
     try:
         yield cost_model
@@ -181,7 +180,7 @@ def as_run(cost_model):
 
 def runs_tensor_parallel(op) -> bool:
     """Whether the runtime runs MetaOp ``op`` at tensor_parallel > 1 when its component allows it: every MetaOp but a
-    sample use and a generate use of a pretrained causal LM (:attr:`Generation.tensor_parallel`)."""
+    sample use (:attr:`Generation.tensor_parallel`)."""
     return op.gen is None or op.gen.tensor_parallel
 
 
@@ -225,12 +224,11 @@ def decode_refused(ops, placed) -> str | None:
 
 def modes_refused(ops, placed) -> str | None:
     """Why the runtime would refuse the generate and sample slices of ``placed`` (a PlacedSchedule over MetaOps
-    ``ops``): a sample use or a pretrained causal LM's decode at tensor_parallel > 1 (:func:`runs_tensor_parallel`),
-    or a decode whose weights the runtime cannot place (:func:`decode_refused`); None when it runs them all."""
+    ``ops``): a sample use at tensor_parallel > 1 (:func:`runs_tensor_parallel`), or a decode whose weights the
+    runtime cannot place (:func:`decode_refused`); None when it runs them all."""
     for wave in placed.waves:
         for s in wave.slices:
             op = ops[s.metaop]
             if not runs_tensor_parallel(op) and s.layout.tp_degree > 1:
-                what = "samples" if op.gen.mode == "sample" else "decodes a pretrained causal LM"
-                return f"{op.name} {what} at tensor_parallel {s.layout.tp_degree}"
+                return f"{op.name} {op.gen.mode}s at tensor_parallel {s.layout.tp_degree}"
     return decode_refused(ops, placed)

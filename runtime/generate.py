@@ -139,11 +139,14 @@ def decoder_for(embed: nn.Module, layers: Sequence[nn.Module], head: Callable[[t
     from runtime.megatron_backend import MegatronTransformerBlock
 
     if any(isinstance(layer, MegatronTransformerBlock) for layer in layers):  # a tensor-parallel decode
-        from runtime.tp_decode import DecodingBlock
+        from runtime.tp_decode import DecodingBlock, PretrainedTensorParallelDecoder
 
-        if any(getattr(layer, "variant", "llama") != "llama" for layer in layers):
-            raise ValueError("generate at tensor_parallel > 1 runs Loom's own llama kind; a pretrained causal LM "
-                             "decodes at tensor_parallel 1 (runtime.tp_decode).")
+        variants = {getattr(layer, "variant", None) for layer in layers}
+        if variants == {"pretrained"}:
+            return PretrainedTensorParallelDecoder(embed, layers, head)
+        if variants != {"llama"}:
+            raise ValueError(f"generate at tensor_parallel > 1 runs llama blocks or a pretrained causal LM's, not "
+                             f"{sorted(str(v) for v in variants)} (runtime.tp_decode).")
 
         layers = [DecodingBlock(layer) if isinstance(layer, MegatronTransformerBlock) else layer for layer in layers]
     if not all(hasattr(layer, "decode") for layer in layers):

@@ -31,23 +31,30 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def decode(block: nn.Module, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
+def decode(block: nn.Module, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None,
+           positions: torch.Tensor | None = None, mask: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """``block`` (a llama MegatronTransformerBlock) on ``x`` ``(B, s, H)``, the positions after ``past`` (keys and
-    values ``(B, P, local groups, d)``; None: the prompt's prefill, causal). Returns the output ``(B, s, H)`` (the
-    same on every rank of the block's TP group) and the keys and values of all ``P + s`` positions."""
-    assert block.variant == "llama", block.variant
+    """``block`` (a llama MegatronTransformerBlock, or runtime.megatron_pretrained's block of a Llama-family layer) on
+    ``x`` ``(B, s, H)``, the positions after ``past`` (keys and values ``(B, P, local groups, d)``; None: the prompt's
+    prefill, causal). A pretrained block rotates queries and keys by the model's RoPE at ``positions`` ``(B, s)`` (its
+    rotary embedding's frequencies, megatron's non-interleaved halves) and attends where ``mask`` ``(B, 1, s, P + s)``
+    is True (None: causal over the prefill, every cached position after it), as runtime.generate.PretrainedDecoder.
+    Returns the output ``(B, s, H)`` (the same on every rank of the block's TP group) and the keys and values of all
+    ``P + s`` positions."""
+    assert block.variant in ("llama", "pretrained"), block.variant
     assert past is None or x.shape[1] == 1, "decode takes the whole prompt, then one position at a time"
     layer, attn = block.layer, block.layer.self_attention
     hidden = x.transpose(0, 1).contiguous()  # megatron's [s, B, H]
-    query, key, value = attn.get_query_key_value_tensors(layer.input_layernorm(hidden))
+    query, key, value = attn.get_query_key_value_tensors(layer.input_layernorm(hidden))  # q/k norms applied
+    if block.variant == "pretrained":
+        query, key = (_rotate(t, block, positions) for t in (query, key))
     k, v = key.transpose(0, 1), value.transpose(0, 1)  # (B, s, groups, d)
     if past is not None:
         k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
     per_group = query.shape[2] // k.shape[2]
     q = query.permute(1, 2, 0, 3)  # (B, heads, s, d)
     keys, values = (t.repeat_interleave(per_group, dim=2).transpose(1, 2) for t in (k, v))
-    context = F.scaled_dot_product_attention(q, keys, values, is_causal=past is None)
+    context = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=past is None and mask is None)
     context = context.permute(2, 0, 1, 3).reshape(hidden.shape[0], hidden.shape[1], -1)  # [s, B, heads * d]
     out, bias = attn.linear_proj(context)
     hidden = hidden + (out if bias is None else out + bias)
@@ -55,6 +62,16 @@ def decode(block: nn.Module, x: torch.Tensor, past: tuple[torch.Tensor, torch.Te
     if isinstance(hidden, tuple):
         hidden = hidden[0]
     return hidden.transpose(0, 1), (k, v)
+
+
+def _rotate(t: torch.Tensor, block: nn.Module, positions: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[s, B, heads, d]`` rotated by ``block``'s RoPE at ``positions`` ``(B, s)``: megatron's unfused
+    non-interleaved rotation (``t * cos + rotate_half(t) * sin``, the two halves of each head together; Hugging Face's
+    ``rotate_half``), with the frequencies of megatron's ``RotaryEmbedding`` read per row."""
+    freqs = block.rotary(int(positions.max()) + 1)[:, 0, 0, :]  # (L, d): the angles of positions 0..L-1
+    angles = freqs[positions].transpose(0, 1).unsqueeze(2).to(t.dtype)  # [s, B, 1, d]
+    first, second = t.chunk(2, dim=-1)
+    return t * angles.cos() + torch.cat([-second, first], dim=-1) * angles.sin()
 
 
 class DecodingBlock:
@@ -66,6 +83,32 @@ class DecodingBlock:
 
     def decode(self, x: torch.Tensor, past=None):
         return decode(self.block, x, past)
+
+
+class PretrainedTensorParallelDecoder:
+    """runtime.generate.PretrainedDecoder over runtime.megatron_pretrained's tensor-parallel blocks: the model's input
+    module and LM head whole (``embed``, ``head``), each layer's KV cache of this rank's key/value groups; positions
+    and masks as PretrainedDecoder's (a left-padded prompt decodes as unpadded)."""
+
+    def __init__(self, embed: nn.Module, blocks, head):
+        self.embed, self.blocks, self.head = embed, list(blocks), head
+        self.cache: list = []
+
+    def start(self) -> None:
+        self.cache = [None] * len(self.blocks)
+
+    def __call__(self, ids: torch.Tensor, start: int, keys: torch.Tensor | None = None) -> torch.Tensor:
+        from runtime.generate import masked_positions, query_mask
+
+        if keys is None:
+            positions = torch.arange(start, start + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+            mask = None
+        else:
+            positions, mask = masked_positions(keys)[:, start:], query_mask(keys, start, ids.shape[1])
+        x = self.embed(ids)
+        for i, block in enumerate(self.blocks):
+            x, self.cache[i] = decode(block, x, self.cache[i], positions, mask)
+        return self.head(x)
 
 
 def agree_on_first(group, first: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -124,7 +167,7 @@ def flat_shard(module: nn.Module, receiver: tuple[int, int] | None,
     flattened: its shard, cut from the whole layer (``module`` itself when plain, runtime.modules.LlamaBlock; else
     ``whole``, the layer its TP group gathered: :func:`needs_gather`) or ``module``'s own shard (a megatron block at
     that degree and rank); ``receiver`` None: every parameter of the whole module, by name."""
-    from runtime.megatron_backend import PARAM_MAPS, MegatronTransformerBlock
+    from runtime.megatron_backend import MegatronTransformerBlock
 
     if whole is None and not isinstance(module, MegatronTransformerBlock):
         whole = {name: p.detach() for name, p in module.named_parameters()}  # a plain module
@@ -134,8 +177,24 @@ def flat_shard(module: nn.Module, receiver: tuple[int, int] | None,
     elif receiver is None:
         tensors = [whole[name] for name in sorted(whole)]
     else:
-        tensors = shard_of(whole, PARAM_MAPS["llama"], module.num_heads, module.num_kv_heads, *receiver)
+        tensors = shard_of(whole, *_cut(module), *receiver)
     return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _cut(module: nn.Module) -> tuple:
+    """(parameter map, heads, key/value heads) of a layer as megatron-core shards it: a megatron block's own, a
+    pretrained Llama-family layer's (runtime.megatron_pretrained), Loom's llama block's."""
+    from runtime.megatron_backend import PARAM_MAPS, MegatronTransformerBlock
+    from runtime.pretrained import PretrainedLayer
+
+    if isinstance(module, MegatronTransformerBlock):
+        return module.param_map, module.num_heads, module.num_kv_heads
+    if isinstance(module, PretrainedLayer):
+        from runtime.megatron_pretrained import PretrainedLayerShape, pretrained_param_map
+
+        shape = PretrainedLayerShape(module)
+        return pretrained_param_map(shape.qkv_bias, shape.qk_norm), shape.num_heads, shape.num_kv_heads
+    return PARAM_MAPS["llama"], module.num_heads, module.num_kv_heads
 
 
 def receive_order(module: nn.Module, receiver: tuple[int, int] | None) -> list[torch.Tensor]:

@@ -101,3 +101,67 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def pretrained_job(folder: str):
+    from planner.spec import parse_job
+
+    return parse_job({
+        "name": "gen", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+        "components": {"lm": {"pretrained": folder, "seq_len": PROMPT + NEW, "tensor_parallel": [1, 2]}},
+        "tasks": [{"name": "t", "batch_size": 4, "loss": "lm", "components": [{"component": "lm"}]}],
+        "training": {"precision": "fp32"},
+    })
+
+
+def pretrained_modules(folder: str):
+    """(embed, PretrainedLayers, logits) of a transformers causal LM saved at ``folder``, as the runtime builds them."""
+    from runtime.generate import lm_logits
+    from runtime.reference import ReferenceTrainer
+
+    job = pretrained_job(folder)
+    ref = ReferenceTrainer(job)
+    layers = [ref.modules[("lm", i)] for i in range(job.components["lm"].num_layers)]
+    return ref.modules[("embed:lm", 0)], layers, lm_logits(ref.head(0))
+
+
+def prompt_mask() -> torch.Tensor:
+    """Left padding: rows 1 and 4 have 2 and 1 pad positions."""
+    mask = torch.ones(ROWS, PROMPT, dtype=torch.bool)
+    mask[1, :2] = False
+    mask[4, :1] = False
+    return mask
+
+
+def pretrained_worker(rank: int, world_size: int, port: int, out_dir: str, folder: str) -> None:
+    """A transformers causal LM at ``folder`` decoded at tensor_parallel ``world_size`` (runtime.megatron_pretrained's
+    blocks), with and without left padding; results to ``out_dir/rank{rank}.pt``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from runtime import megatron_compat
+
+    megatron_compat.apply_cpu_compat()
+    from runtime.generate import decoder_for, generate, row_generators
+    from runtime.megatron_backend import seed_model_parallel_rng
+    from runtime.megatron_pretrained import build_pretrained_block
+    from runtime.tp_decode import PretrainedTensorParallelDecoder, agree_on_first, flat_shard, local_shard
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        group = dist.new_group(list(range(world_size)))
+        seed_model_parallel_rng(0, rank)
+        embed, plain, logits = pretrained_modules(folder)
+        blocks = [build_pretrained_block(layer, group, rank, world_size) for layer in plain]
+        out = {}
+        with torch.no_grad():
+            decoder = decoder_for(embed, blocks, logits)
+            out["decoder"] = type(decoder) is PretrainedTensorParallelDecoder
+            for masked in (False, True):
+                out[masked] = generate(decoder, prompts(), NEW, 1.0, row_generators(3, 0, "t", range(ROWS), 2),
+                                       keep_logits=True, agree=agree_on_first(group, 0),
+                                       prompt_mask=prompt_mask() if masked else None)
+            out["flat"] = [torch.equal(flat_shard(layer, (world_size, rank)), torch.cat(
+                [t.reshape(-1) for t in local_shard(block)])) for layer, block in zip(plain, blocks)]
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -4,6 +4,7 @@ Loom's role candidate) on a small GRPO-shaped job."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -328,10 +329,11 @@ def test_as_run_plans_tensor_parallel_decodes_whose_weights_the_runtime_places()
     assert not cost_model.modes_as_run
 
 
-def test_as_run_plans_a_pretrained_decode_at_tensor_parallel_1(tmp_path):
-    """A pretrained causal LM decodes at tensor_parallel 1 (runtime.tp_decode runs Loom's llama kind only): under
-    as_run its generate use has TP-1 layouts only, and modes_refused names a TP-2 decode of it."""
-    from planner.generation import as_run, modes_refused
+def test_as_run_keeps_a_pretrained_decode_tensor_parallel_and_a_sample_use_at_1(tmp_path):
+    """A pretrained Llama-family causal LM decodes tensor-parallel too (runtime.tp_decode over
+    runtime.megatron_pretrained's blocks): under as_run its generate use keeps its TP layouts; a sample use is the
+    one mode still run at tensor_parallel 1 only (its MetaOp's Generation says so)."""
+    from planner.generation import Generation, as_run, runs_tensor_parallel
 
     sys.path.insert(0, str(Path(__file__).parents[3] / "examples"))
     from make_models import save_llama  # examples/make_models.py
@@ -344,14 +346,10 @@ def test_as_run_plans_a_pretrained_decode_at_tensor_parallel_1(tmp_path):
     cost_model = make_cost_model(job)
     problem = Problem.build(build_metagraph(job), cost_model)
     rollout = problem.graph.metaops[0]
-    assert not rollout.gen.tensor_parallel
-    assert {lay.tp_degree for lay in cost_model.layouts(rollout, 4)} == {1, 2}
+    assert rollout.gen.tensor_parallel and runs_tensor_parallel(rollout)
     with as_run(cost_model):
-        assert [lay.tp_degree for lay in cost_model.layouts(rollout, 4)] == [1]
-    tp2 = slices(problem, lambda m, n: Layout(n // 2, 2) if m == 0 else problem.curves[m].layout(n),
-                 (0, 0, 0, 1, (0, 1)), (1, 1, 0, 2, (2,)), (1, 2, 0, 2, (3,)), (2, 3, 0, 2, (2, 3)))
-    assert modes_refused(problem.graph.metaops, tp2) == (
-        "grpo.rollout decodes a pretrained causal LM at tensor_parallel 2")
+        assert {lay.tp_degree for lay in cost_model.layouts(rollout, 4)} == {1, 2}
+    assert not runs_tensor_parallel(replace(rollout, gen=Generation("sample", 1, denoise_steps=4)))
 
 
 def test_a_generation_pool_spread_over_nodes_hands_off_over_nvlink():
