@@ -263,12 +263,16 @@ def tp1_generation_version(problem: Problem, cost_model: CostModel) -> Problem |
     None when nothing changes or no such curve exists."""
     if not any(op.gen is not None for op in problem.graph.metaops):
         return None
+    # the MetaOps themselves allow tensor_parallel 1 only, so the search's layout versions (tightened, least memory)
+    # keep it too
+    ops = tuple(replace(op, allowed_tp=(1,)) if op.gen is not None else op for op in problem.graph.metaops)
     try:
-        curves = tuple(cost_model.curve(replace(op, allowed_tp=(1,))) if op.gen is not None else curve
-                       for op, curve in zip(problem.graph.metaops, problem.curves))
+        curves = tuple(cost_model.curve(op) if op.gen is not None else curve for op, curve in zip(ops, problem.curves))
     except PlanningError:  # no count fits at tensor_parallel 1 (a 70B policy's generation)
         return None
-    return None if curves == problem.curves else replace(problem, curves=curves)
+    if curves == problem.curves:
+        return None
+    return replace(problem, graph=replace(problem.graph, metaops=ops), curves=curves)
 
 
 def least_memory_curve(cost_model: CostModel, op, num_devices: int) -> Curve | None:

@@ -195,11 +195,11 @@ def markdown(records: list[dict]) -> str:
                   f"fastest fitting baseline of either lag) {fmt(geo['best_modes'])} (" +
                   ", ".join(f"{c} {v:.2f}x" for c, v in geo["best_modes_cells"].items() if v) + ")."]
     lines += ["", "† the runtime refuses this placement's generation (planner.generation.modes_refused: a sample use "
-              "or a pretrained causal LM's decode at tensor_parallel > 1). Predicted only; the next section plans "
-              "every placement as the runtime runs it. A decode of Loom's llama kind at tensor_parallel > 1 runs "
-              "(runtime.tp_decode) when its devices train the policy in the same TP groups or receive their shards "
-              "from trainers at tensor_parallel 1 or the decode's degree (planner.generation.decode_refused); the "
-              "planner skips every other placement (planner.candidates.runnable)."]
+              "at tensor_parallel > 1). Predicted only; the next section plans every placement as the runtime runs "
+              "it. A decode at tensor_parallel > 1 runs (runtime.tp_decode) when each decoding device trains the "
+              "policy in its decode TP group or trains none of it and receives its shard after each step "
+              "(planner.generation.decode_refused); the planner skips every other placement "
+              "(planner.candidates.runnable)."]
     if runs:
         lines += runnable_section(runs, cell, fmt)
     lines += ["", "Streamed rollouts (lag 0): the best fitting of Loom's role placements with the rows in 2 or 4 chunks "
@@ -238,8 +238,8 @@ def runnable_section(runs: list[dict], cell, fmt) -> list[str]:
     """The table of the placements planned as the runtime runs them (:func:`run_cell` with ``runnable``)."""
     lines = ["", "## As the runtime runs it", "",
              "Every placement planned again with the layouts the runtime runs for generate and sample uses "
-             "(planner.generation.as_run: a decode of Loom's llama kind at any allowed tensor_parallel, "
-             "runtime.tp_decode; a sample use and a pretrained causal LM's decode at tensor_parallel 1), Loom's plan "
+             "(planner.generation.as_run: a decode at any allowed tensor_parallel, runtime.tp_decode; a sample use "
+             "at tensor_parallel 1), Loom's plan "
              "and both baseline searches alike, so every number here is a placement `loom run` executes. "
              "'none possible': no placement fits.", "",
              "| cell | lag | Loom | colocated | split | speed-up | Loom's choice |", "|---|---|---|---|---|---|---|"]
