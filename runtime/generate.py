@@ -1,7 +1,8 @@
 """Autoregressive decoding with a KV cache: what a ``mode: generate`` use runs (docs/runtime.md, Generation).
 
 A generate use decodes its component's whole model in one MetaOp (the rule planner and runtime share: never split
-across waves or device groups; it may be data parallel over rows): it prefills the prompt (the use's ``seq_len``
+across waves; it may be data parallel over rows and tensor parallel over a TP group's megatron-core shards,
+runtime.tp_decode): it prefills the prompt (the use's ``seq_len``
 tokens) in one pass, keeping every layer's keys and values, then decodes ``new_tokens`` tokens one at a time, each
 step running only the newest position against the cache. Two model families:
 

@@ -1,7 +1,8 @@
 """Use modes at run time: generate uses, the uses that read their tokens, forward uses, and weight hand-offs.
 
-- A ``mode: generate`` use is one MetaOp (the rule planner and runtime share; a plan that splits it across waves,
-  runs it tensor-parallel or micro-batches it is refused in one line): its slice holds the component's input module,
+- A ``mode: generate`` use is one MetaOp (the rule planner and runtime share; a plan that splits it across waves or
+  micro-batches it is refused in one line; at tensor_parallel t each data-parallel rank's t devices decode as one TP
+  group on megatron-core shards, runtime.tp_decode): its slice holds the component's input module,
   every layer and the LM head its task's loss head trains (the grpo head's ``policy``, or a next-token head), and
   decodes each of its rows (runtime.generate; row r of the task's batch: prompt ``r - r % samples``'s ids, so the
   ``samples`` rows of a group share the prompt). Its output rows are :func:`pack` ed ``(rows, P + 2N)`` float32: the
@@ -27,7 +28,10 @@ steps the module sends it its new weights (point-to-point; planner.handoff.sende
 else the lowest). ``components.X.weights_from: Y`` adds hand-offs
 from the lowest device that steps each module of Y to every device holding X's counterpart. A device that holds a
 component's layers for generation and is one of the plan's holders of them steps them itself (it is in their
-gradient all-reduce, with a zero gradient of its own), so it needs no hand-off.
+gradient all-reduce, with a zero gradient of its own), so it needs no hand-off. A device decoding at tensor_parallel
+t (:attr:`Roles.tp_decode`) receives its TP rank's shard of each layer (runtime.tp_decode.flat_shard): from a
+trainer of that shard, else cut by its sender, after the sender's TP group gathered the layer when the sender holds
+another shard; planner.generation.decode_refused names the placements this cannot serve.
 """
 
 from __future__ import annotations
