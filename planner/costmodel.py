@@ -247,7 +247,8 @@ class CostModel:
     def layouts(self, op: MetaOp, n: int) -> list[Layout]:
         out = []
         for tp in op.allowed_tp:
-            if n % tp or tp > self.hw.devices_per_node or (tp > 1 and self.modes_as_run and not runs_tensor_parallel(op)):
+            if n % tp or tp > self.hw.devices_per_node or (
+                    tp > 1 and self.modes_as_run and not runs_tensor_parallel(op)):
                 continue
             dp = n // tp
             if op.batch_size % dp == 0 or (self.uneven_rows and dp <= op.batch_size):

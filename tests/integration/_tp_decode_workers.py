@@ -92,9 +92,9 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                                 row_generators(3, 0, "t", range(ROWS), 2), keep_logits=True)
                 out[temperature] = {"cached": cached, "full": full}
             # the hand-off's two ends: the shard cut from the plain layer is the block's own
-            out["shards"] = [torch.equal(a, b) for layer, block in zip(plain, blocks)
-                             for a, b in zip(shard_of(dict(layer.named_parameters()), PARAM_MAPS["llama"], 4, 2, world_size, rank),
-                                             local_shard(block))]
+            out["shards"] = [torch.equal(a, b) for layer, block in zip(plain, blocks) for a, b in zip(
+                shard_of(dict(layer.named_parameters()), PARAM_MAPS["llama"], 4, 2, world_size, rank),
+                local_shard(block))]
             out["flat"] = [torch.equal(flat_shard(layer, (world_size, rank)), flat_shard(block, (world_size, rank)))
                            for layer, block in zip(plain, blocks)]
             out["cache"] = blocks[0].layer.self_attention.num_query_groups_per_partition

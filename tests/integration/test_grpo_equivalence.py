@@ -2,7 +2,9 @@
 on one worker, the reward model and the reference on another, the policy's update on two (data parallel 2: the rows
 re-split, a group of samples spanning both shards); identical sampled tokens, losses within 1e-5, gradients within
 1e-5 relative; and the generating worker receives the updated LM head it decodes with (the hand-off), so the second
-iteration's rollouts still match."""
+iteration's rollouts still match. The same holds with the rollout decoded tensor-parallel (runtime.tp_decode): on a
+pool of its own, colocated with the policy's TP-2 training, fed by TP-2 trainers at rollout_lag 1, and a TP-1 decode
+fed by TP-2 trainers."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from planner.spec import parse_job
 from runtime.local_world import run_world
 from runtime.reference import ReferenceTrainer
 
-from _equivalence import LATER_GRAD_RTOL, RTOL, _compare_modules, check_equivalence, placed_plan  # tests/integration/_equivalence.py
+from _equivalence import (  # tests/integration/_equivalence.py
+    LATER_GRAD_RTOL, RTOL, _compare_modules, check_equivalence, placed_plan,
+)
 
 STEPS = 2
 PROMPT, NEW = 6, 5

@@ -44,7 +44,7 @@ def test_tp2_kv_cache_decode_equals_full_recomputation(decoded, temperature):
     for rank, result in decoded.items():
         cached, full = result[temperature]["cached"], result[temperature]["full"]
         assert torch.equal(cached.tokens, full.tokens), rank
-        assert torch.allclose(cached.logits, full.logits, atol=1e-5, rtol=1e-5), (cached.logits - full.logits).abs().max()
+        assert torch.allclose(cached.logits, full.logits, atol=1e-5, rtol=1e-5), rank
 
 
 def test_hand_off_shard_of_a_plain_layer_is_the_blocks_shard(decoded):
