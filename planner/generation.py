@@ -187,17 +187,18 @@ def runs_tensor_parallel(op) -> bool:
 def decode_refused(ops, placed) -> str | None:
     """Why the runtime cannot give the devices of a generate slice of ``placed`` the weights they decode with (None:
     it can). A device of a generate slice at tensor_parallel t decodes with TP rank r's shard of its group of t
-    (runtime.tp_decode; t = 1: the whole layer). For every trained layer of the use's component it either holds that
-    layer for training in the same TP group (tensor_parallel 1: alone), and decodes with it, or holds none of it and
-    receives its cut after each step (runtime.rollout.Roles: a trainer's own shard at the same degree and rank, cut
-    from a whole layer, or from the layer its TP group gathers first). A device that trains the layer in another
-    group would need a second, differently cut copy of it beside the one it trains: not run."""
-    held: dict[tuple[str, int, int], tuple[int, ...]] = {}  # (group, layer, device) -> its training TP group
-    layers: dict[str, set[tuple[str, int]]] = {}  # component -> its trained layers
+    (runtime.tp_decode; t = 1: the whole layer). For every layer of the use's component that another use runs (train
+    or forward) it either holds that layer in the same TP group (tensor_parallel 1: alone), and decodes with it, or
+    holds none of it and, when the layer trains, receives its cut after each step (runtime.rollout.Roles: a
+    trainer's own shard at the same degree and rank, cut from a whole layer, or from the layer its TP group gathers
+    first). A device that runs the layer in another group would need a second, differently cut copy of it beside
+    the one it holds: not run."""
+    held: dict[tuple[str, int, int], tuple[int, ...]] = {}  # (group, layer, device) -> the TP group it runs it in
+    layers: dict[str, set[tuple[str, int]]] = {}  # component -> its layers other uses run (train or forward)
     for wave in placed.waves:
         for s in wave.slices:
             op = ops[s.metaop]
-            if op.gen is not None or op.frozen:
+            if op.gen is not None:
                 continue
             tp = s.layout.tp_degree
             for j in range(s.first_layer, s.first_layer + s.num_layers):
@@ -217,7 +218,7 @@ def decode_refused(ops, placed) -> str | None:
                     for d in members:
                         mine = held.get((group, j, d))
                         if mine is not None and mine != members:
-                            return (f"{op.name} decodes on device {d} in TP group {list(members)}, which trains layer "
+                            return (f"{op.name} decodes on device {d} in TP group {list(members)}, which runs layer "
                                     f"{j} of {group} in TP group {list(mine)}")
     return None
 

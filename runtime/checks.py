@@ -280,9 +280,9 @@ def check_plan_matches_job(plan: Plan, graph: MetaGraph, source: str = "plan", j
     why = modes_refused(graph.metaops, placed_schedule(plan))
     if why is not None:
         raise SpecError(
-            f"{source}: {why}, which the runtime does not run (a sample use and a pretrained causal LM's decode run at "
-            "tensor_parallel 1; a tensor-parallel decode's devices train the policy in the same TP groups or none "
-            "of it). `loom run JOB.yaml` without --plan plans what it runs (planner.generation.as_run)."
+            f"{source}: {why}, which the runtime does not run (a sample use runs at tensor_parallel 1; a decode's "
+            "devices run the component's other uses in the TP groups they decode in, or none of them). `loom run "
+            "JOB.yaml` without --plan plans what it runs (planner.generation.as_run)."
         )
     check_program(plan, graph.metaops, source)
 

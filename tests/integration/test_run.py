@@ -429,7 +429,7 @@ def test_cli_run_decodes_at_tensor_parallel_2_and_refuses_a_decode_it_cannot_pla
     refused.save(tmp_path / "refused.json")
     result = runner.invoke(app, ["run", str(job_path), "--plan", str(tmp_path / "refused.json"),
                                  "--out", str(tmp_path / "no")])
-    assert_one_error_line(result, 2, "grpo.rollout decodes on device 0 in TP group [0, 1], which trains layer 0 of "
+    assert_one_error_line(result, 2, "grpo.rollout decodes on device 0 in TP group [0, 1], which runs layer 0 of "
                           "policy in TP group [0]")
     out = tmp_path / "out"
     result = runner.invoke(app, ["run", str(job_path), "--plan", str(tmp_path / "runs.json"), "--out", str(out)])

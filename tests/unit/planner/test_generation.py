@@ -312,7 +312,7 @@ def test_as_run_plans_tensor_parallel_decodes_whose_weights_the_runtime_places()
     assert modes_refused(problem.graph.metaops, placed((0, 1, 2, 3), 2, 2)) is None
     # colocated at other degrees: device 0 trains in group [0] and would decode in [0, 1]
     assert decode_refused(problem.graph.metaops, placed((0, 1, 2, 3), 2, 1)) == (
-        "grpo.rollout decodes on device 0 in TP group [0, 1], which trains layer 0 of policy in TP group [0]")
+        "grpo.rollout decodes on device 0 in TP group [0, 1], which runs layer 0 of policy in TP group [0]")
     # a pool of its own (devices 0-1 decode, the update on 2-3): its cut comes from trainers at any degree
     split = lambda tp, train: slices(problem, lambda m, n: Layout(n // tp, tp) if m == 0 else (  # noqa: E731
         Layout(n // train, train) if m == 3 else problem.curves[m].layout(n)),

@@ -95,7 +95,7 @@ def test_a_decode_the_runtime_cannot_place_is_refused_before_any_worker_starts()
                                  "rows": [sum(s.rows)] if s.rows else []})
     waves = [w.model_copy(update={"slices": [split if x is s else x for x in w.slices]}) for w in plan.waves]
     with pytest.raises(SpecError, match=r"^plan: grpo\.rollout decodes on device \d in TP group \[0, 1\], which "
-                                         r"trains layer 0 of policy in TP group \[\d\], which the runtime does not "
+                                         r"runs layer 0 of policy in TP group \[\d\], which the runtime does not "
                                          r"run .*without --plan plans what it runs"):
         check_plan_matches_job(plan.model_copy(update={"waves": waves}), build_metagraph(job))
 
