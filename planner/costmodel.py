@@ -5,8 +5,7 @@ against the device table, alpha-beta collectives) and :class:`ProfiledCostModel`
 (local batch, seconds) points fitted piecewise alpha-beta). Both produce a :class:`Curve` per
 MetaOp: the valid device counts with strictly decreasing per-layer times, so every scheduler sees
 a non-increasing T_m(n). A count is valid when some layout (dp x tp = n, tp in the component's
-allowed degrees and within one node; 1 for a sample use or a pretrained causal LM's decode with ``modes_as_run``,
-planner.generation.as_run)
+allowed degrees and within one node; 1 for a sample use with ``modes_as_run``, planner.generation.as_run)
 has dp dividing the MetaOp's batch (any dp up to the batch with ``uneven_rows``: planner.rows) and one layer fits in
 device memory.
 """
@@ -171,8 +170,7 @@ class CostModel:
         # when the job clips or scales), set by the caller for a job (planner.api.make_cost_model); 0: not priced
         self.step_reduces = 0
         self.uneven_rows = False  # layouts whose dp does not divide the batch (planner.rows; the RL role searches)
-        # sample uses and pretrained decodes at tensor_parallel 1 only, as the runtime runs them
-        # (planner.generation.as_run)
+        # sample uses at tensor_parallel 1 only, as the runtime runs them (planner.generation.as_run)
         self.modes_as_run = False
 
     # ---- what subclasses provide

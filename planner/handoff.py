@@ -11,8 +11,8 @@ is every slice of
 A receiver needs C's trained modules that it runs: a whole-use MetaOp (generate/sample, one layer) needs every
 trained layer of C (at tensor_parallel t its TP rank's shard of each, runtime.tp_decode: the norms whole, the rest
 / t, planner.generation.decode_shard_params), C's input module and its task's head (whole); a layered MetaOp (a
-forward use) needs layers ``first_layer .. first_layer + num_layers`` of its parameter group (D's groups name C's with D's name in place of C's)
-and, running layer 0 with its own input module, C's. The plan's holders of a module (planner.program.holdings) step
+forward use) needs layers ``first_layer .. first_layer + num_layers`` of its parameter group (D's groups name C's
+with D's name in place of C's) and, running layer 0 with its own input module, C's. The plan's holders of a module (planner.program.holdings) step
 it; after the optimizer step (and ZeRO-1's all-gather) a holder sends it to every device of the receiver's slice that
 does not hold it (:func:`sender`: the lowest holder in the receiving device's node, else the lowest), and for
 ``weights_from`` the lowest holder to every device of it but itself: what runtime.rollout.Roles
