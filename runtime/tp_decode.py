@@ -1,7 +1,9 @@
-"""Tensor-parallel decoding: a megatron-core llama block (runtime.megatron_backend.MegatronTransformerBlock) on new
-positions with a KV cache of this rank's heads, and the weight hand-off that delivers a TP rank its shard.
+"""Tensor-parallel decoding: a megatron-core llama block (runtime.megatron_backend.MegatronTransformerBlock, or
+runtime.megatron_pretrained's block of a pretrained Llama-family layer) on new positions with a KV cache of this
+rank's heads, and the weight hand-off that delivers a TP rank its shard.
 
-:func:`decode` is what runtime.modules.LlamaBlock.decode computes, on the block's own megatron modules: the input
+:func:`decode` is what runtime.modules.LlamaBlock.decode computes (and, for a pretrained block, with RoPE and the
+prompt mask, what runtime.generate.PretrainedDecoder does), on the block's own megatron modules: the input
 norm, megatron's fused column-parallel ``linear_qkv`` split into this rank's query heads and key/value groups by
 megatron's own ``get_query_key_value_tensors``, softmax attention of the local heads over the cached keys and values
 (query head i of a rank reads its local group i // (heads / groups), as megatron's ``DotProductAttention`` repeats
