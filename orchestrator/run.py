@@ -276,7 +276,7 @@ class Driver(Recovering):
 
             log.info("planning %s%s ...", self.job.name, f" with {self.options.costs}" if self.options.costs else "")
             cost_model = make_cost_model(self.job, self.options.costs)
-            with as_run(cost_model):  # generate and sample uses at tensor_parallel 1: what the runtime runs
+            with as_run(cost_model):  # generate and sample uses at the layouts the runtime runs them at
                 plan = plan_job(self.job, cost_model, with_baselines=False, progress=log.debug).plan
         check_plan_for_job(plan, self.job, source)
         if not self.options.address:

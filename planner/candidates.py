@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from planner.baselines import BaselinePlan
 from planner.errors import PlanningError
+from planner.generation import decode_refused
 from planner.placement import PlacedSchedule
 from planner.rlbaselines import RL_BASELINES
 from planner.program import loss_hosts, plan_edges
@@ -38,7 +39,8 @@ def schedule_of(placed: PlacedSchedule) -> Schedule:
 
 def runnable(problem: Problem, placed: PlacedSchedule, devices_per_node: int) -> str | None:
     """Why the runtime could not execute ``placed`` (None: it can): a tensor-parallel group across nodes, a layer at
-    two TP degrees or in two TP groups on one device, an edge of the program crossing phases."""
+    two TP degrees or in two TP groups on one device, a decode whose weights it cannot place
+    (planner.generation.decode_refused), an edge of the program crossing phases."""
     ops = problem.graph.metaops
     degree: dict[tuple[str, int], int] = {}
     group_on: dict[tuple[str, int, int], tuple[int, ...]] = {}
@@ -55,6 +57,9 @@ def runnable(problem: Problem, placed: PlacedSchedule, devices_per_node: int) ->
                     for d in members if tp > 1 else ():
                         if group_on.setdefault((group, layer, d), members) != members:
                             return f"layer {layer} of {group} in two tensor-parallel groups on device {d}"
+    why = decode_refused(ops, placed)  # the weights a tensor-parallel decode needs (runtime.rollout.Roles)
+    if why is not None:
+        return why
     if len(placed.phases) > 1:
         phase = phase_of_waves(placed.phases, len(placed.waves))
         hosts = loss_hosts(ops, placed)

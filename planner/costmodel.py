@@ -5,7 +5,7 @@ against the device table, alpha-beta collectives) and :class:`ProfiledCostModel`
 (local batch, seconds) points fitted piecewise alpha-beta). Both produce a :class:`Curve` per
 MetaOp: the valid device counts with strictly decreasing per-layer times, so every scheduler sees
 a non-increasing T_m(n). A count is valid when some layout (dp x tp = n, tp in the component's
-allowed degrees and within one node; 1 for a generate or sample use with ``modes_as_run``, planner.generation.as_run)
+allowed degrees and within one node; 1 for a sample use with ``modes_as_run``, planner.generation.as_run)
 has dp dividing the MetaOp's batch (any dp up to the batch with ``uneven_rows``: planner.rows) and one layer fits in
 device memory.
 """
@@ -23,7 +23,7 @@ from planner.costfile import read_cost_file
 from planner.costfit import alpha_beta
 from planner.devices import Hardware
 from planner.errors import PlanningError
-from planner.generation import generate_time, kv_cache_bytes
+from planner.generation import generate_time, kv_cache_bytes, runs_tensor_parallel
 from planner.memory import ACT_BYTES, STREAM_BYTES
 from planner.metagraph import MetaOp
 from planner.spec import JobSpec
@@ -170,7 +170,7 @@ class CostModel:
         # when the job clips or scales), set by the caller for a job (planner.api.make_cost_model); 0: not priced
         self.step_reduces = 0
         self.uneven_rows = False  # layouts whose dp does not divide the batch (planner.rows; the RL role searches)
-        # generate and sample uses at tensor_parallel 1 only, as runtime.rollout runs them (planner.generation.as_run)
+        # sample uses at tensor_parallel 1 only, as the runtime runs them (planner.generation.as_run)
         self.modes_as_run = False
 
     # ---- what subclasses provide
@@ -245,7 +245,8 @@ class CostModel:
     def layouts(self, op: MetaOp, n: int) -> list[Layout]:
         out = []
         for tp in op.allowed_tp:
-            if n % tp or tp > self.hw.devices_per_node or (tp > 1 and self.modes_as_run and op.gen is not None):
+            if n % tp or tp > self.hw.devices_per_node or (
+                    tp > 1 and self.modes_as_run and not runs_tensor_parallel(op)):
                 continue
             dp = n // tp
             if op.batch_size % dp == 0 or (self.uneven_rows and dp <= op.batch_size):
@@ -294,7 +295,7 @@ class CostModel:
         raise PlanningError(
             f"MetaOp {op.name}: no valid device count; one layer needs {need / 2**30:.1f} GiB per device at best "
             f"and a device has {self.hw.memory_bytes / 2**30:.1f} GiB (batch {op.batch_size}, tensor_parallel "
-            f"{[1] if self.modes_as_run and op.gen is not None else list(op.allowed_tp)}). Allow a larger "
+            f"{[1] if self.modes_as_run and not runs_tensor_parallel(op) else list(op.allowed_tp)}). Allow a larger "
             "tensor_parallel degree, lower the batch size, or use larger devices."
         )
 

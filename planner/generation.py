@@ -67,6 +67,17 @@ class Generation:
     denoise_steps: int = 0  # sample: denoiser forwards run (TaskComponentSpec.denoise_passes)
     grad_last_step: bool = False
     decoder: Decoder | None = None  # generate only
+    # the runtime runs it tensor-parallel where the component allows it (runtime.tp_decode: a generate use, Loom's llama
+    # kind or a pretrained Llama-family causal LM, on megatron-core blocks); a sample use runs at tensor_parallel 1
+    tensor_parallel: bool = False
+
+
+def decode_shard_params(layer_params: float, dec: Decoder, tp: int) -> float:
+    """Parameters of one TP rank's shard of a decoded llama layer of ``layer_params`` (runtime.tp_decode, as
+    megatron-core lays it out): its two RMSNorm weights (``2 * hidden``) whole on every rank, the projections split
+    ``tp`` ways."""
+    norms = 2.0 * dec.hidden if tp > 1 else 0.0
+    return (layer_params - norms) / tp + norms
 
 
 def kv_cache_bytes(layers: int, kv_dim: int, positions: int, element_bytes: float, rows: float) -> float:
@@ -120,7 +131,7 @@ def whole_use(job, t: int, u: int, segments: list) -> tuple:
                       params=total("params") + h * vocab, prompt=shape.seq_len, new_tokens=use.new_tokens,
                       prefill_flops=total("flops_fwd") + 2.0 * h * vocab, prefill_bytes=2 * total("act_bytes"),
                       kernels=int(total("num_kernels")))
-        gen = Generation("generate", use.samples, new_tokens=use.new_tokens, decoder=dec)
+        gen = Generation("generate", use.samples, new_tokens=use.new_tokens, decoder=dec, tensor_parallel=True)
         key = f"generate[{digest},v={vocab},new={use.new_tokens}]"
         out = (shape.seq_len + use.new_tokens,)
         out_bytes = float(ROLLOUT_ELEMENT_BYTES
@@ -155,10 +166,11 @@ def generate_time(cost_model, op, layout) -> float:
 
 @contextlib.contextmanager
 def as_run(cost_model):
-    """``cost_model`` (a planner.costmodel.CostModel) with ``modes_as_run`` on inside the block: generate and sample
-    uses take tensor_parallel 1 only, the layouts runtime.rollout executes (it refuses a generate or sample slice at a
-    larger degree), so every placement made inside runs as planned. Outside it a placement may decode
-    tensor-parallel: priced, not run (:func:`modes_refused`)."""
+    """``cost_model`` (a planner.costmodel.CostModel) with ``modes_as_run`` on inside the block: a generate or sample
+    use takes only the tensor-parallel degrees the runtime runs it at (any allowed degree for a use whose
+    ``Generation.tensor_parallel`` is set: a decode, runtime.tp_decode; tensor_parallel 1 for a sample use), so every
+    placement made inside runs as planned. Outside it a placement may sample tensor-parallel, which the runtime does
+    not: priced, not run (:func:`modes_refused`)."""
     before, cost_model.modes_as_run = cost_model.modes_as_run, True
     try:
         yield cost_model
@@ -166,11 +178,58 @@ def as_run(cost_model):
         cost_model.modes_as_run = before
 
 
-def modes_refused(ops, placed) -> str | None:
-    """Why the runtime would refuse the generate and sample slices of ``placed`` (a PlacedSchedule over MetaOps
-    ``ops``): one run at tensor_parallel > 1 (runtime.rollout.Roles); None when it runs them all."""
+def runs_tensor_parallel(op) -> bool:
+    """Whether the runtime runs MetaOp ``op`` at tensor_parallel > 1 when its component allows it: every MetaOp but a
+    sample use (:attr:`Generation.tensor_parallel`)."""
+    return op.gen is None or op.gen.tensor_parallel
+
+
+def decode_refused(ops, placed) -> str | None:
+    """Why the runtime cannot give the devices of a generate slice of ``placed`` the weights they decode with (None:
+    it can). A device of a generate slice at tensor_parallel t decodes with TP rank r's shard of its group of t
+    (runtime.tp_decode; t = 1: the whole layer). For every layer of the use's component that another use runs (train
+    or forward) it either holds that layer in the same TP group (tensor_parallel 1: alone), and decodes with it, or
+    holds none of it and, when the layer trains, receives its cut after each step (runtime.rollout.Roles: a
+    trainer's own shard at the same degree and rank, cut from a whole layer, or from the layer its TP group gathers
+    first). A device that runs the layer in another group would need a second, differently cut copy of it beside
+    the one it holds: not run."""
+    held: dict[tuple[str, int, int], tuple[int, ...]] = {}  # (group, layer, device) -> the TP group it runs it in
+    layers: dict[str, set[tuple[str, int]]] = {}  # component -> its layers other uses run (train or forward)
     for wave in placed.waves:
         for s in wave.slices:
-            if ops[s.metaop].gen is not None and s.layout.tp_degree > 1:
-                return f"{ops[s.metaop].name} {ops[s.metaop].gen.mode}s at tensor_parallel {s.layout.tp_degree}"
+            op = ops[s.metaop]
+            if op.gen is not None:
+                continue
+            tp = s.layout.tp_degree
+            for j in range(s.first_layer, s.first_layer + s.num_layers):
+                layers.setdefault(op.component, set()).add((op.param_group, j))
+                for i in range(0, len(s.devices), tp):
+                    for d in s.devices[i:i + tp]:
+                        held[(op.param_group, j, d)] = tuple(s.devices[i:i + tp])
+    for wave in placed.waves:
+        for s in wave.slices:
+            op = ops[s.metaop]
+            if op.gen is None or op.gen.mode != "generate":
+                continue
+            tp = s.layout.tp_degree
+            for i in range(0, len(s.devices), tp):
+                members = tuple(s.devices[i:i + tp])
+                for group, j in sorted(layers.get(op.component, ())):
+                    for d in members:
+                        mine = held.get((group, j, d))
+                        if mine is not None and mine != members:
+                            return (f"{op.name} decodes on device {d} in TP group {list(members)}, which runs layer "
+                                    f"{j} of {group} in TP group {list(mine)}")
     return None
+
+
+def modes_refused(ops, placed) -> str | None:
+    """Why the runtime would refuse the generate and sample slices of ``placed`` (a PlacedSchedule over MetaOps
+    ``ops``): a sample use at tensor_parallel > 1 (:func:`runs_tensor_parallel`), or a decode whose weights the
+    runtime cannot place (:func:`decode_refused`); None when it runs them all."""
+    for wave in placed.waves:
+        for s in wave.slices:
+            op = ops[s.metaop]
+            if not runs_tensor_parallel(op) and s.layout.tp_degree > 1:
+                return f"{op.name} {op.gen.mode}s at tensor_parallel {s.layout.tp_degree}"
+    return decode_refused(ops, placed)

@@ -9,9 +9,10 @@ is every slice of
 - every MetaOp of a component D with ``weights_from: C`` (the explicit one; C is its *source*).
 
 A receiver needs C's trained modules that it runs: a whole-use MetaOp (generate/sample, one layer) needs every
-trained layer of C, C's input module and its task's head; a layered MetaOp (a forward use) needs layers
-``first_layer .. first_layer + num_layers`` of its parameter group (D's groups name C's with D's name in place of C's)
-and, running layer 0 with its own input module, C's. The plan's holders of a module (planner.program.holdings) step
+trained layer of C (at tensor_parallel t its TP rank's shard of each, runtime.tp_decode: the norms whole, the rest
+/ t, planner.generation.decode_shard_params), C's input module and its task's head (whole); a layered MetaOp (a
+forward use) needs layers ``first_layer .. first_layer + num_layers`` of its parameter group (D's groups name C's
+with D's name in place of C's) and, running layer 0 with its own input module, C's. The plan's holders of a module (planner.program.holdings) step
 it; after the optimizer step (and ZeRO-1's all-gather) a holder sends it to every device of the receiver's slice that
 does not hold it (:func:`sender`: the lowest holder in the receiving device's node, else the lowest), and for
 ``weights_from`` the lowest holder to every device of it but itself: what runtime.rollout.Roles
@@ -33,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from planner.generation import decode_shard_params
 from planner.metagraph import MetaOp
 from planner.placement import PlacedSchedule
 from planner.program import Holding, ModuleSize, holdings
@@ -98,8 +100,12 @@ def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mappi
             if not groups:
                 continue
             modules: list[tuple[tuple[str, int], float]] = []
-            if op.gen is not None:  # a whole use runs every trained layer of its source, its input module and head
-                modules += [((g, j), groups[g]) for g in groups for j in range(layers_of[g])]
+            if op.gen is not None:  # a whole use runs every trained layer of its source (its TP shard of each:
+                # runtime.tp_decode), its input module and head (whole)
+                tp = s.layout.tp_degree
+                shard = (lambda p: decode_shard_params(p, op.gen.decoder, tp)) if op.gen.decoder and tp > 1 else (
+                    lambda p: p)
+                modules += [((g, j), shard(groups[g])) for g in groups for j in range(layers_of[g])]
                 modules += [((name, 0), size(name)[0]) for name in ("embed:" + source, "head:" + op.task)]
             else:
                 g = _source_group(op.param_group, op.component, source)

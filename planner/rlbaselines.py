@@ -42,7 +42,7 @@ import numpy as np
 from planner.baselines import _Builder, largest_count
 from planner.costmodel import CostModel, Curve
 from planner.errors import PlanningError
-from planner.generation import as_run, modes_refused
+from planner.generation import modes_refused
 from planner.placement import PlacedSchedule
 from planner.refine import DEVICES_PER_UNIT
 from planner.rolloutlag import lagged_generate
@@ -255,20 +255,24 @@ def tightened(problem: Problem, cost_model: CostModel, stages: int = 1) -> list[
     return out
 
 
-def as_run_version(problem: Problem, cost_model: CostModel) -> Problem | None:
-    """``problem`` with its generate and sample MetaOps on their tensor_parallel 1 curves (planner.generation.as_run):
-    a curve keeps one layout per count, the fastest, so where that decodes tensor-parallel a layout the runtime runs
-    is never tried (at 7B on 64 devices a generation pool spread over the nodes, 2 devices per node, cannot hold the
-    TP-4 groups its curve picks, while TP 1 fits and runs). None when nothing changes or no such curve exists."""
-    if cost_model.modes_as_run or not any(op.gen is not None for op in problem.graph.metaops):
+def tp1_generation_version(problem: Problem, cost_model: CostModel) -> Problem | None:
+    """``problem`` with its generate and sample MetaOps on their tensor_parallel 1 curves: a curve keeps one layout
+    per count, the fastest, so where that decodes tensor-parallel a data-parallel decode is never tried (at 7B on 64
+    devices a generation pool spread over the nodes, 2 devices per node, cannot hold the TP-4 groups its curve picks,
+    while TP 1 fits; a TP-1 decode also needs no trainer at the decode's degree, planner.generation.decode_refused).
+    None when nothing changes or no such curve exists."""
+    if not any(op.gen is not None for op in problem.graph.metaops):
         return None
+    # the MetaOps themselves allow tensor_parallel 1 only, so the search's layout versions (tightened, least memory)
+    # keep it too
+    ops = tuple(replace(op, allowed_tp=(1,)) if op.gen is not None else op for op in problem.graph.metaops)
     try:
-        with as_run(cost_model):
-            curves = tuple(cost_model.curve(op) if op.gen is not None else curve
-                           for op, curve in zip(problem.graph.metaops, problem.curves))
+        curves = tuple(cost_model.curve(op) if op.gen is not None else curve for op, curve in zip(ops, problem.curves))
     except PlanningError:  # no count fits at tensor_parallel 1 (a 70B policy's generation)
         return None
-    return None if curves == problem.curves else replace(problem, curves=curves)
+    if curves == problem.curves:
+        return None
+    return replace(problem, graph=replace(problem.graph, metaops=ops), curves=curves)
 
 
 def least_memory_curve(cost_model: CostModel, op, num_devices: int) -> Curve | None:
@@ -332,8 +336,8 @@ def _search(problem: Problem, cost_model: CostModel, build, work: Work | None = 
     :class:`Work` by default) has nothing left; the first placement is always simulated. Every role placement
     (colocated, split, Loom's) searches twice, on the job's layouts and with uneven row shares as well
     (:func:`uneven_rows`, a fresh budget of the same size), and a third time when the generation's curve decodes
-    tensor-parallel: uneven shares with the generation at tensor_parallel 1 (:func:`as_run_version`; what the runtime
-    runs), and keeps the best: the same freedom for all."""
+    tensor-parallel: uneven shares with the generation at tensor_parallel 1 (:func:`tp1_generation_version`), and
+    keeps the best: the same freedom for all."""
     work = work or Work()
     budget = work.budget
     found = [_search_versions(problem, cost_model, build, work)]
@@ -341,11 +345,10 @@ def _search(problem: Problem, cost_model: CostModel, build, work: Work | None = 
         uneven = replace(problem, curves=tuple(cost_model.curve(op) for op in problem.graph.metaops))
         if uneven.curves != problem.curves:
             found.append(_search_versions(uneven, cost_model, build, Work(budget)))
-        decoding = as_run_version(uneven, cost_model)
+        decoding = tp1_generation_version(uneven, cost_model)
         if decoding is not None:  # and with the generation at tensor_parallel 1, every layout version beside it
-            with as_run(cost_model):
-                found.append(_search_versions(decoding, cost_model, build, Work(budget)))
-    found = [f for f in found if f is not None]  # on a tie, a placement the runtime runs (TP-1 generation)
+            found.append(_search_versions(decoding, cost_model, build, Work(budget)))
+    found = [f for f in found if f is not None]  # on a tie, a placement the runtime runs (planner.generation)
     return min(found, key=lambda f: (max(f[1].peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes,
                                      f[1].iteration_time_s,
                                      modes_refused(problem.graph.metaops, f[0]) is not None)) if found else None

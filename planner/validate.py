@@ -415,6 +415,13 @@ def _check_prediction(c: _Checker) -> None:
         c.number(f"peak_memory_bytes[{d}]", value)
 
 
+def placed_schedule(plan: Plan) -> PlacedSchedule:
+    """The placed schedule a plan's waves and phases describe (what planner.program derives the program from)."""
+    return PlacedSchedule(tuple(PlacedWave(tuple(
+        PlacedSlice(s.metaop, s.first_layer, s.num_layers, tuple(s.devices), Layout(s.dp_degree, s.tp_degree))
+        for s in wave.slices)) for wave in plan.waves), tuple(plan.phases))
+
+
 def check_program(plan: Plan, ops: Sequence[MetaOp], source: str = "plan") -> None:
     """Raise a SpecError naming ``source`` unless the plan's pieces, holdings, gradient buckets and process groups are
     exactly what :mod:`planner.program` derives from its waves for ``ops`` (the job's MetaOps, which
@@ -422,9 +429,7 @@ def check_program(plan: Plan, ops: Sequence[MetaOp], source: str = "plan") -> No
     is compared with the derivation cut to its rank. Bytes are left out (they follow the job's precision, which a
     run may change); the rows, devices and shapes are compared. Run :func:`check_plan` first."""
     _compare_metaops(plan, ops, source)
-    placed = PlacedSchedule(tuple(PlacedWave(tuple(
-        PlacedSlice(s.metaop, s.first_layer, s.num_layers, tuple(s.devices), Layout(s.dp_degree, s.tp_degree))
-        for s in wave.slices)) for wave in plan.waves), tuple(plan.phases))
+    placed = placed_schedule(plan)
     rank = plan.rank
     pieces = [p for p in plan_pieces(ops, placed, element_bytes=4) if rank is None or rank in (p.src, p.dst)]
     held = program.holdings(ops, placed)

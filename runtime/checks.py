@@ -252,9 +252,11 @@ def check_plan_matches_job(plan: Plan, graph: MetaGraph, source: str = "plan", j
     parallelism only on kinds with a ``tp_variant``, planner.kinds), and a plan that makes sense
     (planner.validate.check_plan) whose program (pieces, holdings, buckets, process groups) is the one
     planner.program derives from its waves for these MetaOps (check_program). The job's name, cluster and training
-    settings may differ: a plan is a schedule of these MetaOps; a generate or sample use must run at tensor_parallel 1
-(runtime.rollout.Roles). A SpecError naming ``source``."""
-    from planner.validate import check_plan, check_program  # the driver's: workers import this module for its head checks
+    settings may differ: a plan is a schedule of these MetaOps; its generate and sample uses must run as the runtime
+    runs them (planner.generation.modes_refused). A SpecError naming ``source``."""
+    from planner.generation import modes_refused
+    from planner.validate import check_plan, check_program, placed_schedule  # the driver's: workers import this
+    # module for its head checks
 
     check_plan(plan, source)
     want = [(op.name, op.key, op.num_layers, op.batch_size, list(op.deps)) for op in graph.metaops]
@@ -275,13 +277,13 @@ def check_plan_matches_job(plan: Plan, graph: MetaGraph, source: str = "plan", j
                     f"runs tensor parallelism for {', '.join(tp[:-1])} and {tp[-1]} layers only (on megatron-core)."
                 )
             _check_allowed_tp(plan, graph, s.metaop, s.tp_degree, source)
-            gen = graph.metaops[s.metaop].gen
-            if gen is not None and s.tp_degree != 1:
-                raise SpecError(
-                    f"{source}: MetaOp {plan.metaops[s.metaop].name} {gen.mode}s at tensor_parallel {s.tp_degree}; the "
-                    f"runtime runs a {gen.mode} use data parallel only (tensor_parallel 1). `loom run JOB.yaml` without "
-                    f"--plan plans it that way (planner.generation.as_run)."
-                )
+    why = modes_refused(graph.metaops, placed_schedule(plan))
+    if why is not None:
+        raise SpecError(
+            f"{source}: {why}, which the runtime does not run (a sample use runs at tensor_parallel 1; a decode's "
+            "devices run the component's other uses in the TP groups they decode in, or none of them). `loom run "
+            "JOB.yaml` without --plan plans what it runs (planner.generation.as_run)."
+        )
     check_program(plan, graph.metaops, source)
 
 

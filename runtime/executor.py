@@ -58,7 +58,7 @@ from runtime.optim import (
 from runtime.lagged import RolloutsAhead
 from runtime.payload import WorkerPayload
 from runtime.rollout import Roles, forward_only, freeze_untrained, rollout_input, run_generate, seq_len_of
-from runtime.sampleop import run_sample, sample_context
+from runtime.sampleop import layer_keys, run_sample, sample_context
 from runtime.steps import GradBucket, Lap, StepState, StepTiming, assemble_rows, fp32_output
 from runtime.transfers import PieceTransfers
 from runtime.zero import ShardedAdamW
@@ -106,11 +106,11 @@ class WaveWorker(PieceTransfers, GradientSync):
         self.holders = holders(plan)
         self.tp_degree = layer_tp_degrees(plan, self.comm)
         self.task_index = {t.name: i for i, t in enumerate(payload.tasks)}  # positions in the payload's tasks
-        self.tp_of = self._my_tp_groups()
-        self.modules: dict[tuple[str, int], torch.nn.Module] = {}
         # generate and forward uses, rollout readers and weight hand-offs (runtime.rollout, decided by the driver);
         # None: a plain training job
         self.roles = Roles(**payload.roles.fields()) if payload.roles is not None else None
+        self.tp_of = self._my_tp_groups()
+        self.modules: dict[tuple[str, int], torch.nn.Module] = {}
         # rollout_lag 1: this rank's generate slices decode a step ahead, in a thread beside the step where the plan
         # prices that overlap (planner.rolloutlag.generation_pool; runtime.lagged)
         early = {op.id for op in plan.metaops if self.roles is not None and op.id in self.roles.generate
@@ -173,7 +173,8 @@ class WaveWorker(PieceTransfers, GradientSync):
             self.optimizer.settle()
 
     def _my_tp_groups(self) -> dict[tuple[str, int], tuple[int, ...]]:
-        """The TP group (devices) in which this device runs each tensor-parallel layer it holds."""
+        """The TP group (devices) in which this device runs each tensor-parallel layer it holds: a generate slice's
+        group holds the component's layers it decodes with (runtime.tp_decode), not its one-layer stand-in."""
         out: dict[tuple[str, int], tuple[int, ...]] = {}
         for ref in self.mine:
             s = self.comm.slices[ref]
@@ -181,30 +182,39 @@ class WaveWorker(PieceTransfers, GradientSync):
                 continue
             group = tp_group_of(s, dp_rank_of(s, self.rank))
             op = self.plan.metaops[s.metaop]
-            for layer in range(s.first_layer, s.first_layer + s.num_layers):
-                if out.setdefault((op.param_group, layer), group) != group:
+            if self.roles is not None and s.metaop in self.roles.generate:
+                keys = layer_keys(self.payload, op)
+            else:
+                keys = [(op.param_group, layer) for layer in range(s.first_layer, s.first_layer + s.num_layers)]
+            for key in keys:
+                if out.setdefault(key, group) != group:
                     raise NotImplementedError(
-                        f"device {self.rank} runs layer {layer} of {op.param_group} in two TP groups "
-                        f"{out[(op.param_group, layer)]} and {group}; the runtime needs one."
+                        f"device {self.rank} runs layer {key[1]} of {key[0]} in two TP groups {out[key]} and "
+                        f"{group}; the runtime needs one."
                     )
         return out
 
     def _build(self, key: tuple[str, int]) -> torch.nn.Module:
         name, layer = key
+        reference = None
         if self.roles is not None and (self.roles.sample or self.roles.generate):  # a whole-use MetaOp's stand-in
             # or the component's real layers it runs (runtime.sampleop.build_module)
             from runtime.sampleop import build_module
 
-            if (module := build_module(self.payload, self.plan.metaops, key)) is not None:
-                return module
-        if name.startswith(("embed:", "adapt:")):
-            return build_input_module(self.payload, name)
-        if name.startswith("head:"):
-            return build_head(self.payload, self.task_index[name.removeprefix("head:")])
-        op = next(op for op in self.plan.metaops if op.param_group == name)
-        reference = build_layer(self.payload, op, layer)
+            reference = build_module(self.payload, self.plan.metaops, key)
+        if reference is None:
+            if name.startswith(("embed:", "adapt:")):
+                return build_input_module(self.payload, name)
+            if name.startswith("head:"):
+                return build_head(self.payload, self.task_index[name.removeprefix("head:")])
+            reference = build_layer(self.payload, next(op for op in self.plan.metaops if op.param_group == name),
+                                    layer)
         if key not in self.tp_of:
             return reference
+        # a layer trained or decoded tensor-parallel (a component only generate uses run has no train MetaOp: the
+        # generate MetaOp's twin names it)
+        op = next((op for op in self.plan.metaops if op.param_group == name), None) or next(
+            t for twins in self.payload.twins.values() for t in twins if t.param_group == name)
         return self._megatron_layer(op, reference, self.tp_of[key])
 
     def _megatron_layer(self, op: PlanMetaOp, reference: torch.nn.Module, group: tuple[int, ...]) -> torch.nn.Module:
@@ -287,7 +297,7 @@ class WaveWorker(PieceTransfers, GradientSync):
             zero_gradients(self.optimizer, self.grad_buffers)
             timing.optimizer_s += lap("optimizer")
         if self.roles is not None:  # the updated weights to the devices that use but do not step them
-            self.roles.hand_off(self.modules, self.rank, self.device)
+            self.roles.hand_off(self.modules, self.rank, self.device, self.tp_of)
             timing.optimizer_s += lap("optimizer")
         out = self._reduce_losses(losses)
         lap("reduce_losses")
@@ -369,7 +379,7 @@ class WaveWorker(PieceTransfers, GradientSync):
         op = self.plan.metaops[s.metaop]
         start, stop = self._rows(ref)
         if self.roles is not None and s.metaop in self.roles.generate:  # the whole model's decode, no gradient
-            st.outputs[ref] = self._generate(op, step, start, stop)
+            st.outputs[ref] = self._generate(op, step, start, stop, tp_group_of(s, dp_rank_of(s, self.rank)))
             st.rollouts[s.metaop] = (start, st.outputs[ref])
             return
         if self.roles is not None and s.metaop in self.roles.sample:  # the whole denoising loop (runtime.sampleop)
@@ -385,6 +395,8 @@ class WaveWorker(PieceTransfers, GradientSync):
             x = inputs[0]
         elif self.roles is not None and s.metaop in self.roles.readers:  # its own embedding of the rollout's tokens
             x = rollout_input(inputs[0], self.modules[("embed:" + op.component, 0)], seq_len_of(self.payload, op))
+            if not is_lead(s, self.rank):  # as below: only the TP group's lead trains the embedding
+                x = x.detach().requires_grad_(True)
         else:  # a root MetaOp's layer 0 reads raw data through its input module; other uses read their inputs
             x = first_input(self.payload, self.plan, op, inputs, lambda name: self.modules[(name, 0)],
                             lambda: st.batch(self.payload, self.task_index[op.task], step, start, stop))
@@ -401,17 +413,23 @@ class WaveWorker(PieceTransfers, GradientSync):
         with forward_only(self.payload, op, modules):  # a forward use: no weight gradients, its input's still flow
             st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute)
 
-    def _generate(self, op: PlanMetaOp, step: int, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of generate MetaOp ``op`` at ``step``, decoded with the weights held now; with
-        ``rollout_lag`` 1 those decoded during the previous step, and the next step's decoded now (runtime.lagged)."""
+    def _generate(self, op: PlanMetaOp, step: int, start: int, stop: int, group: tuple[int, ...]) -> torch.Tensor:
+        """Rows [start, stop) of generate MetaOp ``op`` at ``step``, decoded with the weights held now (in TP group
+        ``group``: the ranks decode the same rows, each with its shard, runtime.tp_decode); with ``rollout_lag`` 1
+        those decoded during the previous step, and the next step's decoded now (runtime.lagged)."""
         t = self.task_index[op.task]
+        agree = None
+        if len(group) > 1:
+            from runtime.tp_decode import agree_on_first
+
+            agree = agree_on_first(self.groups.by_devices[group], group[0])
 
         def decode(at: int) -> torch.Tensor:  # grad mode, autocast and the current CUDA device are per thread
             device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
             with device, torch.no_grad(), autocast(self.payload, self.device):
                 return run_generate(self.payload, op, lambda name, layer: self.modules[(name, layer)],
                                     lambda lo, hi: task_batch(self.payload, t, at, lo, hi).to(self.device), at, start,
-                                    stop)
+                                    stop, agree)
 
         if not self.payload.training.rollout_lag:
             return decode(step)

@@ -1,7 +1,8 @@
 """Autoregressive decoding with a KV cache: what a ``mode: generate`` use runs (docs/runtime.md, Generation).
 
 A generate use decodes its component's whole model in one MetaOp (the rule planner and runtime share: never split
-across waves or device groups; it may be data parallel over rows): it prefills the prompt (the use's ``seq_len``
+across waves; it may be data parallel over rows and tensor parallel over a TP group's megatron-core shards,
+runtime.tp_decode): it prefills the prompt (the use's ``seq_len``
 tokens) in one pass, keeping every layer's keys and values, then decodes ``new_tokens`` tokens one at a time, each
 step running only the newest position against the cache. Two model families:
 
@@ -136,6 +137,19 @@ def decoder_for(embed: nn.Module, layers: Sequence[nn.Module], head: Callable[[t
             raise ValueError("generate needs a causal LM; these pretrained layers have no rotary embedding "
                              "(an encoder or a text tower).")
         return PretrainedDecoder(embed, layers, head)
+    from runtime.megatron_backend import MegatronTransformerBlock
+
+    if any(isinstance(layer, MegatronTransformerBlock) for layer in layers):  # a tensor-parallel decode
+        from runtime.tp_decode import DecodingBlock, PretrainedTensorParallelDecoder
+
+        variants = {getattr(layer, "variant", None) for layer in layers}
+        if variants == {"pretrained"}:
+            return PretrainedTensorParallelDecoder(embed, layers, head)
+        if variants != {"llama"}:
+            raise ValueError(f"generate at tensor_parallel > 1 runs llama blocks or a pretrained causal LM's, not "
+                             f"{sorted(str(v) for v in variants)} (runtime.tp_decode).")
+
+        layers = [DecodingBlock(layer) if isinstance(layer, MegatronTransformerBlock) else layer for layer in layers]
     if not all(hasattr(layer, "decode") for layer in layers):
         names = sorted({type(layer).__name__ for layer in layers if not hasattr(layer, "decode")})
         raise ValueError(f"generate runs llama layers or a pretrained causal LM's, not {', '.join(names)}.")
@@ -155,11 +169,13 @@ def row_generators(seed: int, step: int, task: str, rows: range, samples: int) -
 @torch.no_grad()
 def generate(decoder, prompts: torch.Tensor, new_tokens: int, temperature: float,
              generators: Sequence[torch.Generator], eos_id: int | None = None, pad_id: int = 0,
-             keep_logits: bool = False, prompt_mask: torch.Tensor | None = None) -> Rollout:
+             keep_logits: bool = False, prompt_mask: torch.Tensor | None = None,
+             agree: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Rollout:
     """Prefill ``prompts`` ``(B, P)``, then decode ``new_tokens`` tokens per row with ``decoder``'s KV cache
     (:func:`decoder_for`); row ``i`` draws from ``generators[i]`` (:func:`row_generators`). Stops early once every
     row has emitted ``eos_id``. ``prompt_mask`` ``(B, P)`` bool: False on a prompt's padding, never attended (module
-    docstring). See :class:`Rollout`."""
+    docstring). ``agree``: the tokens every rank of a tensor-parallel group decodes next, from the drawn ones (the
+    group's first rank's, broadcast: runtime.tp_decode.agree_on_first); None in one process. See :class:`Rollout`."""
     rows, length = prompts.shape
     if len(generators) != rows:
         raise ValueError(f"generate: {len(generators)} generators for {rows} prompt rows; one per row.")
@@ -181,6 +197,8 @@ def generate(decoder, prompts: torch.Tensor, new_tokens: int, temperature: float
         else:
             cdf = torch.softmax(logits.double() / temperature, dim=-1).cumsum(dim=-1)
             token = torch.searchsorted(cdf, uniforms[j][:, None], right=True).squeeze(1).clamp(max=cdf.shape[-1] - 1)
+        if agree is not None:
+            token = agree(token)
         live = ~done
         token = torch.where(live, token, torch.full_like(token, pad_id))
         logprobs.append(torch.where(live, F.log_softmax(logits, dim=-1).gather(1, token[:, None]).squeeze(1), 0.0))

@@ -47,20 +47,21 @@ class RolesData(BaseModel):
     rollout_moves: dict[str, tuple[int, int, list[tuple[int, int, int, int]]]]
     widths: dict[int, int]
     sample: dict[int, bool]
+    tp_decode: dict[int, tuple[int, ...]] = {}
 
     @classmethod
     def of(cls, roles) -> RolesData:
         """The JSON form of a runtime.rollout.Roles."""
         return cls(generate=sorted(roles.generate), readers=roles.readers, extra=sorted(roles.extra.items()),
                    synced=sorted(roles.synced.items()), hand_offs=roles.hand_offs, rollout_moves=roles.rollout_moves,
-                   widths=roles.widths, sample=roles.sample)
+                   widths=roles.widths, sample=roles.sample, tp_decode=roles.tp_decode)
 
     def fields(self) -> dict:
         """Keyword arguments of runtime.rollout.Roles (sets and tuple-keyed dicts again)."""
         return {"generate": set(self.generate), "readers": dict(self.readers), "extra": dict(self.extra),
                 "synced": dict(self.synced), "hand_offs": list(self.hand_offs),
                 "rollout_moves": {t: (g, w, list(m)) for t, (g, w, m) in self.rollout_moves.items()},
-                "widths": dict(self.widths), "sample": dict(self.sample)}
+                "widths": dict(self.widths), "sample": dict(self.sample), "tp_decode": dict(self.tp_decode)}
 
 
 class WorkerPayload(BaseModel):

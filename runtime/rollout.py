@@ -1,7 +1,8 @@
 """Use modes at run time: generate uses, the uses that read their tokens, forward uses, and weight hand-offs.
 
-- A ``mode: generate`` use is one MetaOp (the rule planner and runtime share; a plan that splits it across waves,
-  runs it tensor-parallel or micro-batches it is refused in one line): its slice holds the component's input module,
+- A ``mode: generate`` use is one MetaOp (the rule planner and runtime share; a plan that splits it across waves or
+  micro-batches it is refused in one line; at tensor_parallel t each data-parallel rank's t devices decode as one TP
+  group on megatron-core shards, runtime.tp_decode): its slice holds the component's input module,
   every layer and the LM head its task's loss head trains (the grpo head's ``policy``, or a next-token head), and
   decodes each of its rows (runtime.generate; row r of the task's batch: prompt ``r - r % samples``'s ids, so the
   ``samples`` rows of a group share the prompt). Its output rows are :func:`pack` ed ``(rows, P + 2N)`` float32: the
@@ -27,7 +28,10 @@ steps the module sends it its new weights (point-to-point; planner.handoff.sende
 else the lowest). ``components.X.weights_from: Y`` adds hand-offs
 from the lowest device that steps each module of Y to every device holding X's counterpart. A device that holds a
 component's layers for generation and is one of the plan's holders of them steps them itself (it is in their
-gradient all-reduce, with a zero gradient of its own), so it needs no hand-off.
+gradient all-reduce, with a zero gradient of its own), so it needs no hand-off. A device decoding at tensor_parallel
+t (:attr:`Roles.tp_decode`) receives its TP rank's shard of each layer (runtime.tp_decode.flat_shard): from a
+trainer of that shard, else cut by its sender, after the sender's TP group gathered the layer when the sender holds
+another shard; planner.generation.decode_refused names the placements this cannot serve.
 """
 
 from __future__ import annotations
@@ -44,9 +48,10 @@ from torch import nn
 
 from planner.components import use_shape
 from planner.errors import SpecError
-from planner.generation import rollout_width as rollout_width_of
+from planner.generation import modes_refused, rollout_width as rollout_width_of
 from planner.spec import JobSpec, TaskComponentSpec
 from runtime.generate import decoder_for, generate, lm_logits, row_generators
+from runtime.tp_decode import flat_shard, needs_gather, receive_order
 from runtime.sampleop import layer_keys
 from runtime.tokenizer import prompt_mask_key
 
@@ -106,10 +111,13 @@ def eos_of(comp) -> int | None:
 
 
 def run_generate(job: JobSpec, op, module: Callable[[str, int], nn.Module], rows: Callable[[int, int], object],
-                 step: int, start: int, stop: int) -> torch.Tensor:
+                 step: int, start: int, stop: int, agree: Callable[[torch.Tensor], torch.Tensor] | None = None
+                 ) -> torch.Tensor:
     """Rows ``[start, stop)`` of generate MetaOp ``op`` at ``step`` (its seeds) :func:`pack` ed; ``module(name,
-    layer)`` gives the modules it decodes with (the caller picks their weights: runtime.lagged), ``rows(lo, hi)`` the
-    task's runtime.data.TaskBatch of rows [lo, hi); with ``rollout_lag`` 1 the rows carry their log-probabilities."""
+    layer)`` gives the modules it decodes with (the caller picks their weights: runtime.lagged; megatron-core blocks
+    of a TP group decode tensor-parallel, runtime.tp_decode, with ``agree`` making the group's tokens one),
+    ``rows(lo, hi)`` the task's runtime.data.TaskBatch of rows [lo, hi); with ``rollout_lag`` 1 the rows carry their
+    log-probabilities."""
     lag = bool(job.training.rollout_lag)
     use = use_of(job, op)
     comp = job.components[op.component]
@@ -125,7 +133,7 @@ def run_generate(job: JobSpec, op, module: Callable[[str, int], nn.Module], rows
     out = generate(decoder, prompts, use.new_tokens, use.temperature,
                    row_generators(job.training.seed, step, op.task, range(start, stop), use.samples),
                    eos_id=eos, pad_id=eos if eos is not None else 0,
-                   prompt_mask=None if mask is None else mask[groups])
+                   prompt_mask=None if mask is None else mask[groups], agree=agree)
     return pack(out.tokens, out.generated, out.logprobs if lag else None)
 
 
@@ -209,44 +217,52 @@ class Roles:
     rollout_moves: dict[str, tuple[int, int, list[tuple[int, int, int, int]]]]
     widths: dict[int, int]  # generate MetaOp -> width of its packed rows (P + 2N); sample MetaOp -> C * h * w
     sample: dict[int, bool] = field(default_factory=dict)  # sample MetaOp -> whether its x0 carries gradient
+    # device -> the TP group it decodes in, for a generate slice at tensor_parallel > 1 (runtime.tp_decode): its
+    # layer hand-offs carry its TP rank's shard
+    tp_decode: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, job: JobSpec, plan) -> Roles:
         from planner import program
-        from planner.costmodel import Layout
         from planner.handoff import sender
         from planner.metagraph import build_metagraph
-        from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
+        from planner.validate import placed_schedule
         from runtime.assignment import sample_range
 
         graph = build_metagraph(job)
         ops = graph.metaops
-        placed = PlacedSchedule(tuple(PlacedWave(tuple(
-            PlacedSlice(s.metaop, s.first_layer, s.num_layers, tuple(s.devices), Layout(s.dp_degree, s.tp_degree))
-            for s in wave.slices)) for wave in plan.waves), tuple(plan.phases))
-        held = {(h.key[0], h.key[1]): set(h.devices) for h in program.holdings(ops, placed)}
+        placed = placed_schedule(plan)
+        held: dict[Key, set[int]] = {}  # a module's holders, any TP shard
+        shards: dict[Key, dict[int, set[int]]] = {}  # a layer's holders by TP shard
+        for h in program.holdings(ops, placed):
+            held.setdefault(h.key[:2], set()).update(h.devices)
+            shards.setdefault(h.key[:2], {})[h.key[2]] = set(h.devices)
+        why = modes_refused(ops, placed)  # the generate and sample layouts the runtime does not run
+        if why is not None:
+            raise NotImplementedError(f"{why}: the runtime does not run it (planner.generation.modes_refused). "
+                                      "Re-plan with `loom run JOB.yaml` (without --plan), which plans what it runs.")
         generate = {op.id for op in ops if use_of(job, op).mode == "generate"}
         sample = {op.id: use_of(job, op).grad_last_step for op in ops if use_of(job, op).mode == "sample"}
         readers = {op.id: d for op in ops for d in op.deps if d in generate and ops[d].use != op.use}
         slices = [s for wave in plan.waves for s in wave.slices]
         need: dict[Key, set[int]] = {}
         trains: dict[Key, set[int]] = {}
+        tp_decode: dict[int, tuple[int, ...]] = {}  # device -> the TP group it decodes in (tensor_parallel > 1)
         for s in slices:
             op = ops[s.metaop]
             if s.metaop in generate:
-                if s.first_layer != 0 or s.num_layers != op.num_layers or s.tp_degree != 1:
+                if s.first_layer != 0 or s.num_layers != op.num_layers:
                     raise NotImplementedError(
-                        f"{op.name}: a generate use runs as one MetaOp (all {op.num_layers} layers in one slice, "
-                        f"data parallel only); the plan runs layers {s.first_layer}..{s.first_layer + s.num_layers - 1}"
-                        f" at tensor_parallel {s.tp_degree}. Re-plan with the planner that knows generate uses.")
+                        f"{op.name}: a generate use runs as one MetaOp (all {op.num_layers} layers in one slice); the "
+                        f"plan runs layers {s.first_layer}..{s.first_layer + s.num_layers - 1}. Re-plan with the "
+                        "planner that knows generate uses.")
                 for key in [("embed:" + op.component, 0), *layer_keys(job, op), ("head:" + op.task, 0)]:
                     need.setdefault(key, set()).update(s.devices)
+                for i in range(0, len(s.devices), s.tp_degree) if s.tp_degree > 1 else ():
+                    tp_decode.update({d: tuple(s.devices[i:i + s.tp_degree]) for d in s.devices[i:i + s.tp_degree]})
             if s.metaop in sample:  # the component's real modules (runtime.sampleop), trained with grad_last_step
                 from runtime.sampleop import module_keys
 
-                if s.tp_degree != 1:
-                    raise NotImplementedError(f"{op.name}: a sample use runs data parallel only; the plan runs it at "
-                                              f"tensor_parallel {s.tp_degree}. Use tensor_parallel [1].")
                 for key in module_keys(job, op):
                     need.setdefault(key, set()).update(s.devices)
                     if sample[s.metaop] and not job.components[op.component].frozen:
@@ -266,8 +282,14 @@ class Roles:
         def steppers(key: Key) -> tuple[int, ...]:
             return synced.get(key) or tuple(sorted(held.get(key, set())))
 
+        def senders(key: Key, device: int) -> tuple[int, ...]:  # a TP decode's shard: from a trainer of that shard
+            group, by_shard = tp_decode.get(device), shards.get(key, {})
+            if group is None or key[0].startswith(("embed:", "head:")) or len(by_shard) != len(group):
+                return steppers(key)  # the sender cuts it (from its whole layer, or its TP group's gathered one)
+            return tuple(sorted(by_shard[group.index(device)]))  # trainers at the decode's degree: their own shard
+
         per_node = job.cluster.devices_per_node
-        hand_offs = [(k, k, sender(steppers(k), d, per_node), d) for k in sorted(extra) if k not in frozen
+        hand_offs = [(k, k, sender(senders(k, d), d, per_node), d) for k in sorted(extra) if k not in frozen
                      and steppers(k) for d in extra[k] if d not in synced.get(k, ())]
         for name, comp in sorted(job.components.items()):
             if comp.weights_from:
@@ -282,7 +304,7 @@ class Roles:
             out = []
             for i, dst in enumerate(host.devices[::host.layout.tp_degree]):
                 a, b = sample_range(batch, host.layout.dp_degree, i)
-                for j, dev in enumerate(src.devices):
+                for j, dev in enumerate(src.devices[::src.tp_degree]):  # a TP group's first rank sends its rows
                     c, d = sample_range(batch, src.dp_degree, j)
                     if max(a, c) < min(b, d):
                         out.append((dev, dst, max(a, c), min(b, d)))
@@ -292,7 +314,7 @@ class Roles:
             from runtime.sampleop import latent_shape
 
             widths |= {g: math.prod(latent_shape(job, ops[g])) for g in sample}
-        return cls(generate, readers, extra, synced, hand_offs, moves, widths, sample)
+        return cls(generate, readers, extra, synced, hand_offs, moves, widths, sample, tp_decode)
 
     def wire_pieces(self, plan, pieces: list) -> list:
         """The plan's pieces of one boundary as they run: a generate MetaOp's output rows at their packed width and a
@@ -345,9 +367,30 @@ class Roles:
         """Whether the gradient of module ``key`` is summed over :attr:`synced` instead of the plan's bucket."""
         return key in self.synced
 
-    def hand_off(self, modules: dict[Key, nn.Module], rank: int, device: torch.device) -> None:
+    def _shard_of(self, key: Key, device: int) -> tuple[int, int] | None:
+        """(tp_size, tp_rank) of the shard of layer ``key`` that ``device`` decodes with (None: the whole module)."""
+        group = self.tp_decode.get(device)
+        if group is None or key[0].startswith(("embed:", "head:", "adapt:")):
+            return None
+        return len(group), group.index(device)
+
+    def hand_off(self, modules: dict[Key, nn.Module], rank: int, device: torch.device,
+                 tp_of: dict[Key, tuple[int, ...]] | None = None) -> None:
         """After the optimizer step: every hand-off's weights from its sender to its receiver (point-to-point; every
-        rank walks the same list, so the calls pair up)."""
+        rank walks the same list, so the calls pair up); a tensor-parallel decode's device receives its shard of each
+        layer (runtime.tp_decode.flat_shard, cut by the sender). ``tp_of``: the TP group of each tensor-parallel layer
+        ``rank`` holds (runtime.executor): where a sender's own shard is not what its receiver takes, every rank of the
+        sender's group first gathers the whole layer (runtime.tp_decode.needs_gather; the groups walk the list in the
+        same order, so their all-gathers pair up)."""
+        from runtime.megatron_backend import gather_reference_weights
+
+        tp_of = tp_of or {}
+        whole: dict[Key, dict[str, torch.Tensor]] = {}
+        for dst_key, src_key, src, dst in self.hand_offs:
+            group = tp_of.get(src_key)
+            if group is not None and src in group and src_key not in whole and src != dst and needs_gather(
+                    modules[src_key], self._shard_of(dst_key, dst)):
+                whole[src_key] = gather_reference_weights(modules[src_key])
         ops, landing = [], []
         for dst_key, src_key, src, dst in self.hand_offs:
             if rank not in (src, dst):
@@ -357,11 +400,12 @@ class Roles:
                     for p, q in zip(modules[dst_key].parameters(), modules[src_key].parameters()):
                         p.copy_(q)
                 continue
+            shard = self._shard_of(dst_key, dst)
             if rank == src:
-                flat = torch.cat([p.detach().reshape(-1) for p in modules[src_key].parameters()]).to(device)
+                flat = flat_shard(modules[src_key], shard, whole.get(src_key)).to(device)
                 ops.append(dist.P2POp(dist.isend, flat, dst))
             else:
-                params = list(modules[dst_key].parameters())
+                params = receive_order(modules[dst_key], shard)
                 buf = torch.empty(sum(p.numel() for p in params), device=device)
                 ops.append(dist.P2POp(dist.irecv, buf, src))
                 landing.append((params, buf))

@@ -23,7 +23,7 @@ SPECS = ("recipes/alignment/grpo-qwen2-7b-16xH100.yaml", "recipes/alignment/grpo
 
 def plan_spec(spec: str, runnable: bool = False) -> dict:
     """bench.rl's record of one recipe spec (path from the repository root); with ``runnable``, every placement
-    planned with the generation at tensor_parallel 1, as the runtime runs it (bench.rl.run_cell)."""
+    planned with the generation's layouts the runtime runs (planner.generation.as_run; bench.rl.run_cell)."""
     name = os.path.relpath(REPO_ROOT / spec, REPO_ROOT / "bench" / "rl").removesuffix(".yaml")
     return run_cell(name, runnable=runnable) | {"cell": spec}
 

@@ -46,9 +46,8 @@ def lags(name: str) -> tuple[int, ...]:
 
 def run_cell(name: str, lag: int = 0, runnable: bool = False) -> dict:
     """Plan one cell at ``rollout_lag`` ``lag``: Loom's plan and the two role placements, each with its predicted
-    iteration and peak memory. With ``runnable`` every placement (Loom's and the baselines') decodes at
-    tensor_parallel 1, the layouts the runtime executes (planner.generation.as_run); Loom's row is None when no plan
-    exists then."""
+    iteration and peak memory. With ``runnable`` every placement (Loom's and the baselines') takes the generate and
+    sample layouts the runtime executes (planner.generation.as_run); Loom's row is None when no plan exists then."""
     job = load_job(REPO_ROOT / "bench" / "rl" / f"{name}.yaml")
     job = job.model_copy(update={"training": job.training.model_copy(update={"rollout_lag": lag})})
     cost_model = make_cost_model(job)
@@ -195,9 +194,12 @@ def markdown(records: list[dict]) -> str:
                   f"mode) {fmt(geo['off_policy'])}; each side in its faster mode (Loom's faster plan against the "
                   f"fastest fitting baseline of either lag) {fmt(geo['best_modes'])} (" +
                   ", ".join(f"{c} {v:.2f}x" for c, v in geo["best_modes_cells"].items() if v) + ")."]
-    lines += ["", "† the runtime refuses this placement's generation: it decodes at tensor_parallel > 1, which the "
-              "cost model prices but runtime.rollout does not run (a generate or sample slice runs data parallel "
-              "only). Predicted only; the next section plans every placement as the runtime runs it."]
+    lines += ["", "† the runtime refuses this placement's generation (planner.generation.modes_refused: a sample use "
+              "at tensor_parallel > 1). Predicted only; the next section plans every placement as the runtime runs "
+              "it. A decode at tensor_parallel > 1 runs (runtime.tp_decode) when each decoding device trains the "
+              "policy in its decode TP group or trains none of it and receives its shard after each step "
+              "(planner.generation.decode_refused); the planner skips every other placement "
+              "(planner.candidates.runnable)."]
     if runs:
         lines += runnable_section(runs, cell, fmt)
     lines += ["", "Streamed rollouts (lag 0): the best fitting of Loom's role placements with the rows in 2 or 4 chunks "
@@ -227,19 +229,19 @@ def markdown(records: list[dict]) -> str:
             lines.append(f"| {rec['cell']} | {rec['lag']} | {name} | {pools} | {r['handoff_s'] * 1e3:.0f} ms |")
     lines += ["", "Planning time per cell (Loom's `plan_job`, baselines included): " +
               ", ".join(f"{r['cell']} (lag {r['lag']}) {r['planning_s']:.1f} s" for r in records) + "; as the "
-              "runtime runs (tensor_parallel 1 generation): " +
+              "runtime runs: " +
               ", ".join(f"{r['cell']} (lag {r['lag']}) {r['planning_s']:.1f} s" for r in runs) + "."]
     return "\n".join(lines) + "\n"
 
 
 def runnable_section(runs: list[dict], cell, fmt) -> list[str]:
     """The table of the placements planned as the runtime runs them (:func:`run_cell` with ``runnable``)."""
-    lines = ["", "## As the runtime runs it: generation at tensor_parallel 1", "",
-             "Every placement planned again with generate and sample uses at tensor_parallel 1 only "
-             "(planner.generation.as_run: the cost model's layouts for them), Loom's plan and both baseline searches "
-             "alike, so every number here is a placement `loom run` executes. 'none possible': no placement fits "
-             "(a 70B policy's float32 weights, 4 bytes x 69B, do not fit one 80 GiB device, so it cannot decode "
-             "data parallel).", "",
+    lines = ["", "## As the runtime runs it", "",
+             "Every placement planned again with the layouts the runtime runs for generate and sample uses "
+             "(planner.generation.as_run: a decode at any allowed tensor_parallel, runtime.tp_decode; a sample use "
+             "at tensor_parallel 1), Loom's plan "
+             "and both baseline searches alike, so every number here is a placement `loom run` executes. "
+             "'none possible': no placement fits.", "",
              "| cell | lag | Loom | colocated | split | speed-up | Loom's choice |", "|---|---|---|---|---|---|---|"]
     for rec in runs:
         p = rec["placements"]

@@ -36,13 +36,13 @@ def plan_from_waves(job, waves: list[list[tuple[str, int, int]]]):
     return plan_schedule(job, schedule, method="hand-made")
 
 
-def placed_plan(job, waves: list[list[tuple[str, list[int]]]]):
-    """A Plan placing ``waves`` of (use, devices) exactly as given: each use's whole MetaOp (one per use), data
-    parallel over its devices."""
+def placed_plan(job, waves: list[list[tuple]]):
+    """A Plan placing ``waves`` of (use, devices) or (use, devices, tensor_parallel) exactly as given: each use's whole
+    MetaOp (one per use), data parallel over its devices (in TP groups of ``tensor_parallel`` consecutive ones)."""
     ops = {op.use: op for op in build_metagraph(job).metaops}
     return plan_placed(job, PlacedSchedule(tuple(PlacedWave(tuple(
-        PlacedSlice(ops[use].id, 0, ops[use].num_layers, tuple(devs), Layout(len(devs), 1)) for use, devs in wave))
-        for wave in waves)), method="hand-made")
+        PlacedSlice(ops[use].id, 0, ops[use].num_layers, tuple(devs), Layout(len(devs) // tp, tp))
+        for use, devs, tp in ((*entry, 1)[:3] for entry in wave))) for wave in waves)), method="hand-made")
 
 
 def check_equivalence(job, plan, tmp_path, steps: int = STEPS, grad_rtol: float = RTOL, setup=load_recipe):

@@ -174,3 +174,31 @@ def test_rollout_rows_cross_at_the_priced_bytes(tmp_path, precision, lag):
                                           f"sent {sorted(want_pieces - got_pieces)}"
     wire = [m["dtype"] for m in read_traffic(tmp_path, 0) if m["kind"] == "pieces"]
     assert wire and set(wire) == {"torch.float32"}
+
+
+def test_tensor_parallel_decode_receives_exactly_the_priced_shards(tmp_path):
+    """The rollouts decode at tensor_parallel 2 on devices 0-1 (runtime.tp_decode), the policy trains on device 2:
+    after every step each decoding device receives its TP rank's shard of the policy's layer (its two norms whole,
+    the projections halved: planner.generation.decode_shard_params) and the whole LM head, at the priced bytes."""
+    data = rollout_job(steps=STEPS)
+    data["cluster"]["devices_per_node"] = 3
+    data["components"]["policy"]["tensor_parallel"] = [1, 2]
+    job = parse_job(data)
+    sizes = module_sizes(job)
+    ops = {op.use: op for op in build_metagraph(job).metaops}
+    placed = PlacedSchedule((PlacedWave((PlacedSlice(ops["rollout"].id, 0, 1, (0, 1), Layout(1, 2)),)),
+                             PlacedWave((PlacedSlice(ops["reward"].id, 0, 1, (2,), Layout(1, 1)),)),
+                             PlacedWave((PlacedSlice(ops["policy"].id, 0, 1, (2,), Layout(1, 1)),))))
+    plan = plan_placed(job, placed, sized_cost_model(job), method="hand-made")
+    run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
+    sent = Counter()
+    for m in read_traffic(tmp_path, 2):
+        if m["kind"] == "handoff":
+            sent[m["peer"]] += m["bytes"] / STEPS
+    want = Counter()
+    for h in plan.handoffs:
+        want[h.device] += h.bytes
+    hidden = job.components["policy"].hidden_size
+    shard = (sizes["policy"][0] - 2 * hidden) / 2 + 2 * hidden  # the layer's norms whole, its projections halved
+    assert (want, sent) == (Counter({0: 4 * (shard + sizes["head:grpo"][0]),
+                                     1: 4 * (shard + sizes["head:grpo"][0])}),) * 2, (want, sent)

@@ -24,10 +24,17 @@ def folder(tmp_path_factory):
                             intermediate_size=64)
 
 
-def test_masked_grpo_rule_split_over_workers_equals_one_process(folder, tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_masked_grpo_rule_split_over_workers_equals_one_process(folder, tmp_path, tp):
+    """tp 1: the rollout on worker 0, the policy data parallel on both. tp 2: the pretrained policy decodes at
+    tensor_parallel 2 on workers 0-1 (runtime.megatron_pretrained's blocks; RoPE at each row's positions, the left
+    padding masked: runtime.tp_decode) and trains on worker 2, which hands each decoder its shard; the same rollouts
+    and loss. (Training a pretrained policy tensor-parallel on left-padded rows is not run: megatron's block takes no
+    per-row positions or mask.)"""
     job = parse_job({
-        "name": "maskworld", "recipe": "alignment", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
-        "components": {"policy": {"pretrained": str(folder)},
+        "name": "maskworld", "recipe": "alignment",
+        "cluster": {"num_nodes": 1, "devices_per_node": 1 + tp, "device": "cpu"},
+        "components": {"policy": {"pretrained": str(folder), "tensor_parallel": [1, 2]},
                        "reference": {"pretrained": str(folder), "frozen": True}},
         "tasks": [{"name": "grpo", "batch_size": 4, "loss": "grpo_rule", "components": [
             {"component": "policy", "name": "rollout", "mode": "generate", "seq_len": PROMPT, "new_tokens": NEW,
@@ -35,13 +42,17 @@ def test_masked_grpo_rule_split_over_workers_equals_one_process(folder, tmp_path
             {"component": "reference", "mode": "forward", "seq_len": PROMPT + NEW, "after": ["rollout"]},
             {"component": "policy", "seq_len": PROMPT + NEW, "after": ["rollout"]}]}],
         "training": {"steps": 1, "lr": 1e-2, "precision": "fp32"}})
-    plan = placed_plan(job, [[("rollout", [0])], [("reference", [0, 1])], [("policy", [0, 1])]])  # rows split in two
+    if tp == 1:
+        plan = placed_plan(job, [[("rollout", [0])], [("reference", [0, 1])], [("policy", [0, 1])]])  # rows in two
+    else:
+        plan = placed_plan(job, [[("rollout", [0, 1], 2)], [("reference", [2])], [("policy", [2])]])
     load_recipe(job)
-    world = run_world(job, plan, 1, tmp_path, setup=load_recipe)
+    world = run_world(job, plan, 2, tmp_path, setup=load_recipe)  # step 1 decodes with handed-off weights
     reference = ReferenceTrainer(job)
-    want = reference.train_step(0)["grpo"]
-    got = world.losses[0]["grpo"]
-    assert abs(got - want) <= RTOL * max(abs(want), 1e-3), (got, want)
+    for step in range(2):
+        want = reference.train_step(step)["grpo"]
+        got = world.losses[step]["grpo"]
+        assert abs(got - want) <= RTOL * max(abs(want), 1e-3), (step, got, want)
     rollout = next(op.id for op in plan.metaops if op.use == "rollout")
     first, rows = world.rollouts[0][rollout]
     assert first == 0 and torch.equal(rows, reference.last_rollouts[rollout])

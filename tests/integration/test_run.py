@@ -398,3 +398,41 @@ def test_latest_complete_skips_unfinished_checkpoints(tmp_path):
     assert (info.step, info.plan_hash, info.num_ranks) == (4, "h", 2)
     rank_file(step_dir(tmp_path, 4), 1).unlink()
     assert latest_complete(tmp_path).step == 2
+
+
+GRPO_TP = {
+    "name": "grpo-tp", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+    "components": {
+        "policy": {"kind": "llama", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2,
+                   "vocab_size": 40, "seq_len": 11, "tensor_parallel": [1, 2]},
+        "reward": {"kind": "llama", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "num_kv_heads": 1,
+                   "vocab_size": 40, "seq_len": 11, "frozen": True}},
+    "tasks": [{"name": "grpo", "batch_size": 8, "loss": "grpo", "components": [
+        {"component": "policy", "name": "rollout", "mode": "generate", "seq_len": 6, "new_tokens": 5, "samples": 4},
+        {"component": "reward", "mode": "forward", "after": ["rollout"]},
+        {"component": "policy", "after": ["rollout"]}]}],
+    "training": {"steps": 2, "lr": 1e-2, "precision": "fp32"},
+}
+
+
+def test_cli_run_decodes_at_tensor_parallel_2_and_refuses_a_decode_it_cannot_place(runner, tmp_path):
+    """`loom run --plan` of a GRPO job whose rollout decodes at tensor_parallel 2 on both workers, colocated with the
+    policy's TP-2 training in the same group (runtime.tp_decode through the Ray actors), trains its 2 steps; a plan
+    decoding in a TP group on devices that train the policy data parallel is one error line, exit 2."""
+    from _equivalence import placed_plan  # tests/integration/_equivalence.py
+
+    job_path = write_job(tmp_path / "job.yaml", GRPO_TP)
+    job = parse_job(GRPO_TP)
+    runs = placed_plan(job, [[("rollout", [0, 1], 2)], [("reward", [0, 1])], [("policy", [0, 1], 2)]])
+    refused = placed_plan(job, [[("rollout", [0, 1], 2)], [("reward", [0, 1])], [("policy", [0, 1])]])
+    runs.save(tmp_path / "runs.json")
+    refused.save(tmp_path / "refused.json")
+    result = runner.invoke(app, ["run", str(job_path), "--plan", str(tmp_path / "refused.json"),
+                                 "--out", str(tmp_path / "no")])
+    assert_one_error_line(result, 2, "grpo.rollout decodes on device 0 in TP group [0, 1], which runs layer 0 of "
+                          "policy in TP group [0]")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(job_path), "--plan", str(tmp_path / "runs.json"), "--out", str(out)])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    records = read_step_log(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1] and all(math.isfinite(r["loss"]["grpo"]) for r in records)

@@ -3,6 +3,10 @@ Loom's role candidate) on a small GRPO-shaped job."""
 
 from __future__ import annotations
 
+import sys
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
 from planner.api import make_cost_model, plan_job, plan_placed
@@ -281,11 +285,12 @@ def test_role_placements_fit_by_pipeline_stages_when_whole_models_do_not():
     assert plan.predicted.iteration_time_s <= sim.iteration_time_s * (1 + 1e-9)
 
 
-def test_as_run_plans_generation_only_at_tensor_parallel_1():
-    """runtime.rollout runs a generate slice data parallel only: modes_refused names a placement that decodes at a
-    larger degree, and under as_run the cost model offers no such layout, so Loom's plan and both role baselines
-    decode at tensor_parallel 1 (bench.rl's 'as the runtime runs it' table)."""
-    from planner.generation import as_run, modes_refused
+def test_as_run_plans_tensor_parallel_decodes_whose_weights_the_runtime_places():
+    """runtime.tp_decode decodes Loom's llama kind at tensor_parallel > 1 when each decoding device either trains the
+    layers in its decode group or trains none of them and receives its cut after each step (decode_refused);
+    modes_refused names the rest. Under as_run the rollout keeps its TP layouts, and Loom's plan and
+    both role baselines run as planned (bench.rl's 'as the runtime runs it' table)."""
+    from planner.generation import as_run, decode_refused, modes_refused
 
     data = grpo(4)
     data["components"]["policy"]["tensor_parallel"] = [1, 2, 4]
@@ -293,20 +298,58 @@ def test_as_run_plans_generation_only_at_tensor_parallel_1():
     cost_model = make_cost_model(job)
     problem = Problem.build(build_metagraph(job), cost_model)
     rollout = problem.graph.metaops[0]
+    assert rollout.gen.tensor_parallel
     assert {lay.tp_degree for lay in cost_model.layouts(rollout, 4)} == {1, 2, 4}
-    tp2 = slices(problem, lambda m, n: Layout(n // 2, 2) if m == 0 else problem.curves[m].layout(n),
-                 (0, 0, 0, 1, (0, 1)), (1, 1, 0, 2, (0, 1)), (1, 2, 0, 2, (2, 3)), (2, 3, 0, 2, (0, 1, 2, 3)))
-    assert modes_refused(problem.graph.metaops, tp2) == "grpo.rollout generates at tensor_parallel 2"
+
+    def placed(rollout_devices, rollout_tp, train_tp):
+        def layout(m, n):
+            return {0: Layout(n // rollout_tp, rollout_tp), 3: Layout(n // train_tp, train_tp)}.get(m) or \
+                problem.curves[m].layout(n)
+        return slices(problem, layout, (0, 0, 0, 1, rollout_devices), (1, 1, 0, 2, (0, 1)), (1, 2, 0, 2, (2, 3)),
+                      (2, 3, 0, 2, (0, 1, 2, 3)))
+
+    # colocated, the same TP-2 groups for decoding and training: the decode uses the trained shards
+    assert modes_refused(problem.graph.metaops, placed((0, 1, 2, 3), 2, 2)) is None
+    # colocated at other degrees: device 0 trains in group [0] and would decode in [0, 1]
+    assert decode_refused(problem.graph.metaops, placed((0, 1, 2, 3), 2, 1)) == (
+        "grpo.rollout decodes on device 0 in TP group [0, 1], which runs layer 0 of policy in TP group [0]")
+    # a pool of its own (devices 0-1 decode, the update on 2-3): its cut comes from trainers at any degree
+    split = lambda tp, train: slices(problem, lambda m, n: Layout(n // tp, tp) if m == 0 else (  # noqa: E731
+        Layout(n // train, train) if m == 3 else problem.curves[m].layout(n)),
+        (0, 0, 0, 1, (0, 1)), (1, 1, 0, 2, (2,)), (1, 2, 0, 2, (3,)), (2, 3, 0, 2, (2, 3)))
+    for tp, train in ((2, 1), (2, 2), (1, 2)):
+        assert modes_refused(problem.graph.metaops, split(tp, train)) is None
     with as_run(cost_model):
-        assert [lay.tp_degree for lay in cost_model.layouts(rollout, 4)] == [1]
-        assert {lay.tp_degree for lay in cost_model.layouts(problem.graph.metaops[3], 4)} == {1, 2, 4}  # training
+        assert {lay.tp_degree for lay in cost_model.layouts(rollout, 4)} == {1, 2, 4}
         ran = Problem.build(build_metagraph(job), cost_model)
         outcome = plan_job(job, cost_model)
         assert modes_refused(ran.graph.metaops, outcome.placed) is None
-        for placed, _ in rl_schedules(ran, cost_model).values():
-            assert modes_refused(ran.graph.metaops, placed) is None
+        for found, _ in rl_schedules(ran, cost_model).values():
+            assert modes_refused(ran.graph.metaops, found) is None
     assert not cost_model.modes_as_run
-    assert {lay.tp_degree for lay in cost_model.layouts(rollout, 4)} == {1, 2, 4}  # off again outside the block
+
+
+def test_as_run_keeps_a_pretrained_decode_tensor_parallel_and_a_sample_use_at_1(tmp_path):
+    """A pretrained Llama-family causal LM decodes tensor-parallel too (runtime.tp_decode over
+    runtime.megatron_pretrained's blocks): under as_run its generate use keeps its TP layouts; a sample use is the
+    one mode still run at tensor_parallel 1 only (its MetaOp's Generation says so)."""
+    from planner.generation import Generation, as_run, runs_tensor_parallel
+
+    sys.path.insert(0, str(Path(__file__).parents[3] / "examples"))
+    from make_models import save_llama  # examples/make_models.py
+
+    folder = save_llama(tmp_path / "llama", vocab_size=128, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2)
+    data = grpo(4)
+    data["components"]["policy"] = {"pretrained": str(folder), "seq_len": 24, "tensor_parallel": [1, 2]}
+    job = parse_job(data)
+    cost_model = make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cost_model)
+    rollout = problem.graph.metaops[0]
+    assert rollout.gen.tensor_parallel and runs_tensor_parallel(rollout)
+    with as_run(cost_model):
+        assert {lay.tp_degree for lay in cost_model.layouts(rollout, 4)} == {1, 2}
+    assert not runs_tensor_parallel(replace(rollout, gen=Generation("sample", 1, denoise_steps=4)))
 
 
 def test_a_generation_pool_spread_over_nodes_hands_off_over_nvlink():
@@ -341,7 +384,7 @@ def test_role_searches_also_try_the_generation_at_tensor_parallel_1():
     """A curve keeps the fastest layout per count, which decodes tensor-parallel here; the role searches
     (rlbaselines._search) also search a version with the generation's tensor_parallel 1 curve, which the runtime runs,
     and every other MetaOp's curve as it was."""
-    from planner.rlbaselines import as_run_version
+    from planner.rlbaselines import tp1_generation_version
 
     data = grpo(8)
     data["components"]["policy"].update(tensor_parallel=[1, 2, 4], hidden_size=4096, num_heads=32, num_layers=4)
@@ -349,14 +392,14 @@ def test_role_searches_also_try_the_generation_at_tensor_parallel_1():
     cost_model = make_cost_model(job)
     problem = Problem.build(build_metagraph(job), cost_model)
     assert max(lay.tp_degree for lay in problem.curves[0].layouts) > 1
-    version = as_run_version(problem, cost_model)
+    version = tp1_generation_version(problem, cost_model)
     assert {lay.tp_degree for lay in version.curves[0].layouts} == {1}
-    assert version.curves[1:] == problem.curves[1:] and not cost_model.modes_as_run
-    assert as_run_version(version, cost_model) is None  # nothing left to change
+    assert version.curves[1:] == problem.curves[1:]
+    assert tp1_generation_version(version, cost_model) is None  # nothing left to change
     rollout = problem.graph.metaops[0]  # devices where the generation fits at TP 4 and not at TP 1: no version
     least = {tp: min(cost_model.layer_memory(rollout, Layout(n // tp, tp)) for n in (4, 8)) for tp in (1, 4)}
     data["cluster"]["memory_gib"] = (least[1] + least[4]) / 2 / 2**30
     tight = parse_job(data)
     tight_model = make_cost_model(tight)
     tight_problem = Problem.build(build_metagraph(tight), tight_model)
-    assert as_run_version(tight_problem, tight_model) is None
+    assert tp1_generation_version(tight_problem, tight_model) is None

@@ -82,7 +82,9 @@ def test_tensor_parallel_on_a_kind_the_runtime_cannot_split_is_refused(plan) -> 
         check_plan_matches_job(plan.model_copy(update={"waves": waves}), build_metagraph(parse_job(JOB)))
 
 
-def test_a_generate_use_at_tensor_parallel_2_is_refused_before_any_worker_starts() -> None:
+def test_a_decode_the_runtime_cannot_place_is_refused_before_any_worker_starts() -> None:
+    """A TP-2 decode on devices that train the policy data parallel (each in a TP group of its own) would need a
+    second, sharded copy of the layers: refused in one line (planner.generation.decode_refused)."""
     doc = rollout_job()
     doc["components"]["policy"]["tensor_parallel"] = [1, 2]
     job = parse_job(doc)
@@ -92,8 +94,9 @@ def test_a_generate_use_at_tensor_parallel_2_is_refused_before_any_worker_starts
     split = s.model_copy(update={"tp_degree": 2, "dp_degree": 1, "devices": [0, 1],
                                  "rows": [sum(s.rows)] if s.rows else []})
     waves = [w.model_copy(update={"slices": [split if x is s else x for x in w.slices]}) for w in plan.waves]
-    with pytest.raises(SpecError, match=r"^plan: MetaOp grpo\.rollout generates at tensor_parallel 2; the runtime "
-                                         r"runs a generate use data parallel only .*without --plan plans it that way"):
+    with pytest.raises(SpecError, match=r"^plan: grpo\.rollout decodes on device \d in TP group \[0, 1\], which "
+                                         r"runs layer 0 of policy in TP group \[\d\], which the runtime does not "
+                                         r"run .*without --plan plans what it runs"):
         check_plan_matches_job(plan.model_copy(update={"waves": waves}), build_metagraph(job))
 
 
