@@ -7,9 +7,14 @@ process, so only the results travel."""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "runtime"))
+from test_generate import FullRecompute  # noqa: E402  (the unit tests' decoder without a cache)
 
 PROMPT, NEW, ROWS, VOCAB = 5, 7, 6, 48
 
@@ -37,20 +42,6 @@ def plain_modules():
 
 def prompts() -> torch.Tensor:
     return torch.randint(0, VOCAB, (ROWS, PROMPT), generator=torch.Generator().manual_seed(1))
-
-
-class FullRecompute:
-    """No cache: every call runs the whole sequence so far through ``forward`` (ids -> logits)."""
-
-    def __init__(self, forward):
-        self.forward, self.ids = forward, None
-
-    def start(self):
-        self.ids = None
-
-    def __call__(self, ids, start):
-        self.ids = ids if self.ids is None else torch.cat([self.ids, ids], dim=1)
-        return self.forward(self.ids)
 
 
 def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:

@@ -71,6 +71,20 @@ def counted(out_dir, rank: int) -> Counter:
     return Counter({k: n // STEPS for k, n in out.items()})
 
 
+def handoff_bytes(plan, out_dir, senders) -> tuple[Counter, Counter]:
+    """(priced, sent): the hand-off bytes per receiving device and step, as the plan prices them and as ``senders``
+    (ranks) sent them at the channel (every one in float32)."""
+    want, sent = Counter(), Counter()
+    for h in plan.handoffs:
+        want[h.device] += h.bytes
+    for rank in senders:
+        for m in read_traffic(out_dir, rank):
+            if m["kind"] == "handoff":
+                sent[m["peer"]] += m["bytes"] / STEPS
+                assert m["dtype"] == "torch.float32"
+    return want, sent
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_zero1_run_sends_exactly_the_priced_bytes(tmp_path, precision):
     data = two_task_job(2, STEPS)
@@ -113,15 +127,7 @@ def test_weight_hand_off_sends_exactly_the_priced_bytes(tmp_path, precision):
     copy = next(s for w in plan.waves for s in w.slices if plan.metaops[s.metaop].component == "copy")
     receiver, = copy.devices
     run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
-    sent = Counter()
-    for rank in range(2):
-        for m in read_traffic(tmp_path, rank):
-            if m["kind"] == "handoff":
-                sent[m["peer"]] += m["bytes"] / STEPS
-                assert m["dtype"] == "torch.float32"
-    want = Counter()
-    for h in plan.handoffs:
-        want[h.device] += h.bytes
+    want, sent = handoff_bytes(plan, tmp_path, range(2))
     assert set(want) == {receiver}
     assert sent == want
 
@@ -137,13 +143,7 @@ def test_generating_device_receives_exactly_the_priced_weights(tmp_path):
                                   for use, d in (("rollout", 0), ("reward", 1), ("policy", 1))))
     plan = plan_placed(job, placed, sized_cost_model(job), method="hand-made")
     run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
-    sent = Counter()
-    for m in read_traffic(tmp_path, 1):
-        if m["kind"] == "handoff":
-            sent[m["peer"]] += m["bytes"] / STEPS
-    want = Counter()
-    for h in plan.handoffs:
-        want[h.device] += h.bytes
+    want, sent = handoff_bytes(plan, tmp_path, [1])
     modules = sizes["policy"][0] + sizes["head:grpo"][0]  # one layer and the head, float32
     assert (want, sent) == (Counter({0: 4 * modules}),) * 2, (want, sent)
 
@@ -191,13 +191,7 @@ def test_tensor_parallel_decode_receives_exactly_the_priced_shards(tmp_path):
                              PlacedWave((PlacedSlice(ops["policy"].id, 0, 1, (2,), Layout(1, 1)),))))
     plan = plan_placed(job, placed, sized_cost_model(job), method="hand-made")
     run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
-    sent = Counter()
-    for m in read_traffic(tmp_path, 2):
-        if m["kind"] == "handoff":
-            sent[m["peer"]] += m["bytes"] / STEPS
-    want = Counter()
-    for h in plan.handoffs:
-        want[h.device] += h.bytes
+    want, sent = handoff_bytes(plan, tmp_path, [2])
     hidden = job.components["policy"].hidden_size
     shard = (sizes["policy"][0] - 2 * hidden) / 2 + 2 * hidden  # the layer's norms whole, its projections halved
     assert (want, sent) == (Counter({0: 4 * (shard + sizes["head:grpo"][0]),
