@@ -35,6 +35,7 @@ from planner.plan import (
 )
 from planner.program import plan_buckets, plan_holdings, plan_pieces, process_groups
 from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
+from planner.tighten import tighten_chosen
 from planner.rlbaselines import rl_budget, with_role_candidate
 from planner.rows import row_shares
 from planner.simulator import Simulation, simulate, split_passes
@@ -140,6 +141,8 @@ def plan_job(
     elif result is searched:  # near the fastest, the least waves' compute, never slower than a baseline that fits
         result, placed, sim = prefer_less_compute(planned, cost_model.hw.devices_per_node, (result, placed, sim),
                                                   alternatives, baseline_plans)
+        # the waves made to say what the timeline runs: less waves' compute, never a longer predicted iteration
+        result, placed, sim = tighten_chosen(planned, cost_model, result, placed, sim, TIGHTEN_BUDGET)
         searched = result
     if result is not searched:  # a baseline's, the group split's or a role placement's schedule: its buckets may split
         result, placed, sim = split_chosen(planned, cost_model, result, placed, sim, SPLIT_BUDGET)[:3]
@@ -253,6 +256,8 @@ COMPUTE_BUDGET = 6000  # work units (refine.compute_cost) of the compute search 
 COMPUTE_REFINED = ", compute-refined"  # method suffix of a plan that search improved
 SPLIT_TOP = 8  # the best placed candidates (distinct schedules, refined ones included) whose buckets are split
 SPLIT_BUDGET = 12_000  # work units (bucketsplit.split_cost) of bucket splitting, shared by those candidates
+TIGHTEN_BUDGET = 1500  # work units (bucketsplit.split_cost: slices per simulation at <= 64 devices) of tightening
+# the chosen plan's waves (planner.tighten): 15-40 simulations in a grid cell, not started in the sweep and scale cells
 LEAST_SPLIT_BUDGET = 3000  # work units of splitting the least-compute schedules (leastcompute.LEAST_SPLIT_TOP)
 
 
