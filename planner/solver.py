@@ -40,7 +40,8 @@ from dataclasses import dataclass, replace
 
 from planner.milp import build_wave_milp, explain_infeasible, make_solver, set_start, solve_wave_milp
 from planner.patterns import (
-    Column, PatternLP, PatternMaster, dive, pattern_duration, patterns_to_schedule, solve_pattern_ip, solve_pattern_lp,
+    Column, PatternLP, PatternMaster, dive, pattern_duration, patterns_to_schedule, round_layers, solve_pattern_ip,
+    solve_pattern_lp,
 )
 from planner.polish import polish
 from planner.twowave import pack_stage
@@ -307,6 +308,9 @@ def solve(problem: Problem, settings: SolverSettings, warm: Schedule | None = No
         say(f"time limit ({settings.time_limit_s:g} s) reached: packing ILP and exact MILP skipped")
     else:
         found += _recombine(problem, settings, master, windows, dived, lp, found, say)
+    # after the packing ILP, which it would warm-start and change
+    found.append(_candidate(problem, "lp-rounding", round_layers(problem, lp), deadline=deadline))
+    say(f"layer rounding of the allocation LP: {found[-1].makespan_s:.4g} s")
     num_exact_waves = sum(op.num_layers for op in problem.graph.metaops)
     if len(full_candidates(problem, 1)) * num_exact_waves <= EXACT_MAX_CANDIDATES and not settings.past_deadline():
         best = min(found, key=lambda c: (c.makespan_s, c.name))
