@@ -333,9 +333,12 @@ def late_alternatives(problem: Problem, cost_model: CostModel, late: SolveResult
                       ) -> tuple[Alternative, ...]:
     """The held-back candidates (:data:`planner.leastcompute.LATE`) through the same search as the others
     (:func:`choose_candidate`: placed, refined, split), on their own: their placed schedules near their fastest, for
-    :func:`planner.leastcompute.adopt_late`. Empty when there are none, none fits, or past ``deadline``."""
+    :func:`planner.leastcompute.adopt_late`. Empty when there are none, none fits, past ``deadline``, or where one
+    placement of them costs more than their transfer-aware search's budget (the scale cells)."""
     if late is None or (deadline is not None and time.thread_time() >= deadline):
         return ()
+    if evaluation_cost(problem, late.candidates[0].schedule) > REFINE_BUDGET * LATE_SHARE:
+        return ()  # not one refining step affordable (thousands of devices): placing them alone costs seconds
     try:
         found = choose_candidate(problem, cost_model, late, deadline=deadline, share=LATE_SHARE)
     except PlanningError:
