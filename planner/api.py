@@ -187,7 +187,9 @@ def repair_memory(problem: Problem, cost_model: CostModel, settings: SolverSetti
         if tight is None:
             continue
         say(f"{repair_reason(error)}; solving again with each MetaOp within {share:g} of a device")
-        solved = solve(tight, settings, warm=spindle_schedule(tight), lower_bound=bounds.dag_s, progress=say)
+        # the held-back candidates are left out here (plan_job searches them only on the job's own curves)
+        solved = held_back(solve(tight, settings, warm=spindle_schedule(tight), lower_bound=bounds.dag_s,
+                                 progress=say))[0]
         try:
             return tight, choose_candidate(tight, cost_model, solved, deadline=settings.deadline)
         except PlanningError:

@@ -22,9 +22,9 @@ from planner.validate import check_program
 
 
 @pytest.fixture(scope="module")
-def ofasys4_16():
-    """ofasys-4 on 16 devices (Spindle's grid): its fastest plan's waves end far apart (1.06x the per-level bound)."""
-    job = load_cell_job(Cell("ofasys-4", 16, "grid"))
+def clip10_8():
+    """clip-10 on 8 devices (Spindle's grid): its fastest plan's waves end far apart (1.12x the per-level bound)."""
+    job = load_cell_job(Cell("clip-10", 8, "grid"))
     cost_model = make_cost_model(job)
     with patch.object(api, "TIGHTEN_BUDGET", 0):  # the chosen plan as it was before tightening
         loose = plan_job(job, cost_model, with_baselines=False, progress=lambda msg: None)
@@ -50,8 +50,8 @@ def layer_runs(placed: PlacedSchedule) -> dict[int, list[int]]:
     return out
 
 
-def test_moves_keep_every_layer_once_in_order_and_catch_ups_keep_each_device_s_work(ofasys4_16):
-    _, _, outcome, _ = ofasys4_16
+def test_moves_keep_every_layer_once_in_order_and_catch_ups_keep_each_device_s_work(clip10_8):
+    _, _, outcome, _ = clip10_8
     problem = outcome.problem
     joined = outcome.placed
     layers = {m: list(range(problem.layers(m))) for m in range(len(problem.graph))}
@@ -67,8 +67,8 @@ def test_moves_keep_every_layer_once_in_order_and_catch_ups_keep_each_device_s_w
         assert len(cand.waves) in (len(joined.waves), len(joined.waves) + 1)
 
 
-def test_the_search_lowers_compute_never_the_iteration_and_is_deterministic(ofasys4_16):
-    _, cost_model, outcome, tight = ofasys4_16
+def test_the_search_lowers_compute_never_the_iteration_and_is_deterministic(clip10_8):
+    _, cost_model, outcome, tight = clip10_8
     problem = outcome.problem
     start = outcome.placed
     start_sim = simulate(problem, start, cost_model)
@@ -90,8 +90,8 @@ def test_the_search_lowers_compute_never_the_iteration_and_is_deterministic(ofas
     assert waves_compute(problem, tight.solve.schedule) < waves_compute(problem, outcome.solve.schedule)
 
 
-def test_plan_job_tightens_and_the_plan_loads_with_its_program(ofasys4_16):
-    job, _, loose, outcome = ofasys4_16
+def test_plan_job_tightens_and_the_plan_loads_with_its_program(clip10_8):
+    job, _, loose, outcome = clip10_8
     plan = outcome.plan
     assert TIGHTENED not in loose.plan.solver.method
     assert TIGHTENED in plan.solver.method
