@@ -27,7 +27,9 @@ from planner.metagraph import MetaGraph, build_metagraph
 from planner.placement import (
     STRATEGIES, PlacedSchedule, PlacedSlice, PlacedWave, TensorParallelRoomError, place_schedule,
 )
-from planner.leastcompute import LEAST_SPLIT_TOP, Alternative, near_fastest, prefer_less_compute, waves_compute
+from planner.leastcompute import (
+    LEAST_SPLIT_TOP, Alternative, adopt_late, held_back, near_fastest, prefer_less_compute, waves_compute,
+)
 from planner.refine import Evaluated, evaluation_cost, refine_compute, refine_transfers
 from planner.plan import (
     Bounds, Plan, PlanCluster, PlanHandoff, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport,
@@ -35,6 +37,7 @@ from planner.plan import (
 )
 from planner.program import plan_buckets, plan_holdings, plan_pieces, process_groups
 from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
+from planner.tighten import tighten_chosen
 from planner.rlbaselines import rl_budget, with_role_candidate
 from planner.rows import row_shares
 from planner.simulator import Simulation, simulate, split_passes
@@ -108,16 +111,18 @@ def plan_job(
         solver=job.planner.solver, time_limit_s=limit, mip_gap=job.planner.mip_gap,
         level_barriers=job.planner.level_barriers, deadline=start_cpu + limit - reserve, started=(start, start_cpu),
     )
-    solved = solve(problem, settings, warm=warm, lower_bound=bounds.dag_s, progress=say)
+    every = solve(problem, settings, warm=warm, lower_bound=bounds.dag_s, progress=say)
+    solved, late = held_back(every)
     try:
         found = choose_candidate(problem, cost_model, solved, deadline=settings.deadline, grace_s=reserve / 2)
         planned, error = problem, None
+        late = late_alternatives(problem, cost_model, late, settings.deadline)
     except PlanningError as exc:  # no solver candidate fits (memory, or TP groups inside nodes): tighter layouts
         try:
             planned, found = repair_memory(problem, cost_model, settings, bounds, exc, say)
-            error = None
+            error, late = None, ()
         except PlanningError as still:  # nothing the solver finds fits: a baseline's schedule may
-            found, planned, error = None, problem, still
+            found, planned, error, late = None, problem, still, ()
     chosen, alternatives = (found[:3], found[4]) if found is not None else (None, ())
     searched = chosen[0] if chosen is not None else None  # choose_candidate tried its bucket splits already
     # RL-shaped jobs: Loom's role placement and the colocated/split baselines, each search on a work budget
@@ -140,6 +145,10 @@ def plan_job(
     elif result is searched:  # near the fastest, the least waves' compute, never slower than a baseline that fits
         result, placed, sim = prefer_less_compute(planned, cost_model.hw.devices_per_node, (result, placed, sim),
                                                   alternatives, baseline_plans)
+        result, placed, sim = adopt_late(planned, (result, placed, sim), late)
+        result = replace(result, candidates=every.candidates)  # the report lists every candidate, held back or not
+        # the waves made to say what the timeline runs: less waves' compute, never a longer predicted iteration
+        result, placed, sim = tighten_chosen(planned, cost_model, result, placed, sim, TIGHTEN_BUDGET)
         searched = result
     if result is not searched:  # a baseline's, the group split's or a role placement's schedule: its buckets may split
         result, placed, sim = split_chosen(planned, cost_model, result, placed, sim, SPLIT_BUDGET)[:3]
@@ -178,7 +187,9 @@ def repair_memory(problem: Problem, cost_model: CostModel, settings: SolverSetti
         if tight is None:
             continue
         say(f"{repair_reason(error)}; solving again with each MetaOp within {share:g} of a device")
-        solved = solve(tight, settings, warm=spindle_schedule(tight), lower_bound=bounds.dag_s, progress=say)
+        # the held-back candidates are left out here (plan_job searches them only on the job's own curves)
+        solved = held_back(solve(tight, settings, warm=spindle_schedule(tight), lower_bound=bounds.dag_s,
+                                 progress=say))[0]
         try:
             return tight, choose_candidate(tight, cost_model, solved, deadline=settings.deadline)
         except PlanningError:
@@ -253,11 +264,14 @@ COMPUTE_BUDGET = 6000  # work units (refine.compute_cost) of the compute search 
 COMPUTE_REFINED = ", compute-refined"  # method suffix of a plan that search improved
 SPLIT_TOP = 8  # the best placed candidates (distinct schedules, refined ones included) whose buckets are split
 SPLIT_BUDGET = 12_000  # work units (bucketsplit.split_cost) of bucket splitting, shared by those candidates
+LATE_SHARE = 0.25  # of each search budget above, for the held-back candidates' own search (late_alternatives)
+TIGHTEN_BUDGET = 1500  # work units (bucketsplit.split_cost: slices per simulation at <= 64 devices) of tightening
+# the chosen plan's waves (planner.tighten): 15-40 simulations in a grid cell, not started in the sweep and scale cells
 LEAST_SPLIT_BUDGET = 3000  # work units of splitting the least-compute schedules (leastcompute.LEAST_SPLIT_TOP)
 
 
 def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResult, deadline: float | None = None,
-                     grace_s: float = math.inf,
+                     grace_s: float = math.inf, share: float = 1.0,
                      ) -> tuple[SolveResult, PlacedSchedule, Simulation, dict[str, str], tuple[Alternative, ...]]:
     """Place and simulate every candidate schedule the solver found; keep the shortest predicted iteration.
 
@@ -269,14 +283,15 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
     placed schedule predicted within :data:`planner.leastcompute.TOLERANCE` of the chosen one, least waves' compute
     first (the caller may prefer one of them once the baselines are known: :func:`prefer_less_compute`).
     Placing stops at :data:`PLACE_BUDGET` work units (see :func:`_place_candidates`; the first candidate is always
-    placed): deterministic. Past ``deadline`` (``time.thread_time()``, the planner's time limit; a safety cap) only
+    placed): deterministic. ``share`` scales the budgets of the searches after placing (the held-back candidates' own
+    search: :func:`late_alternatives`). Past ``deadline`` (``time.thread_time()``, the planner's time limit; a safety cap) only
     the best candidate's variants are still placed and the local search is skipped."""
     placed_all, error, unfit = _place_candidates(problem, cost_model, solved, deadline, grace_s)
     if not placed_all:
         raise error
     ranked = sorted(placed_all, key=lambda e: e[2].sim.iteration_time_s)  # stable: solver order among equals
     best_name, cand, best = ranked[0]
-    budget, starts = REFINE_BUDGET, []
+    budget, starts = int(REFINE_BUDGET * share), []
     for entry in ranked:
         if len(starts) == REFINE_TOP:
             break
@@ -295,7 +310,7 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
     # the compute search (planner.refine.refine_compute) from the best so far: layers and counts moved, judged on the
     # simulated iteration
     if deadline is None or time.thread_time() < deadline:
-        found, _ = refine_compute(problem, cost_model, best, COMPUTE_BUDGET)
+        found, _ = refine_compute(problem, cost_model, best, int(COMPUTE_BUDGET * share))
         if found is not best:
             best_name, best = best_name + COMPUTE_REFINED, found
             ranked.append((best_name, cand, found))
@@ -303,10 +318,10 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
     # ends with a large bucket can overtake one that was faster before; then on the least-compute few, which a split
     # may bring within the tolerance of the fastest (planner.leastcompute)
     split, tried = _split_some(problem, cost_model, sorted(ranked, key=lambda e: e[2].sim.iteration_time_s),
-                               SPLIT_TOP, SPLIT_BUDGET, deadline, [])
+                               SPLIT_TOP, int(SPLIT_BUDGET * share), deadline, [])
     by_compute = sorted(ranked, key=lambda e: (waves_compute(problem, e[2].schedule), e[2].sim.iteration_time_s))
-    pool = ranked + split + _split_some(problem, cost_model, by_compute, LEAST_SPLIT_TOP, LEAST_SPLIT_BUDGET,
-                                        deadline, tried)[0]
+    pool = ranked + split + _split_some(problem, cost_model, by_compute, LEAST_SPLIT_TOP,
+                                        int(LEAST_SPLIT_BUDGET * share), deadline, tried)[0]
     for name, start_cand, ev in split:
         if ev.sim.iteration_time_s < best.sim.iteration_time_s * (1 - 1e-12):
             best_name, cand, best = name, start_cand, ev
@@ -314,6 +329,23 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
     alternatives = near_fastest([Alternative(results[id(e[2])], e[2].placed, e[2].sim,
                                              waves_compute(problem, e[2].schedule)) for e in pool])
     return results[id(best)], best.placed, best.sim, unfit, tuple(alternatives)
+
+
+def late_alternatives(problem: Problem, cost_model: CostModel, late: SolveResult | None, deadline: float | None,
+                      ) -> tuple[Alternative, ...]:
+    """The held-back candidates (:data:`planner.leastcompute.LATE`) through the same search as the others
+    (:func:`choose_candidate`: placed, refined, split), on their own: their placed schedules near their fastest, for
+    :func:`planner.leastcompute.adopt_late`. Empty when there are none, none fits, past ``deadline``, or where one
+    placement of them costs more than their transfer-aware search's budget (the scale cells)."""
+    if late is None or (deadline is not None and time.thread_time() >= deadline):
+        return ()
+    if evaluation_cost(problem, late.candidates[0].schedule) > REFINE_BUDGET * LATE_SHARE:
+        return ()  # not one refining step affordable (thousands of devices): placing them alone costs seconds
+    try:
+        found = choose_candidate(problem, cost_model, late, deadline=deadline, share=LATE_SHARE)
+    except PlanningError:
+        return ()
+    return found[4]
 
 
 def _split_some(problem: Problem, cost_model: CostModel, entries: list, top: int, budget: int,

@@ -13,7 +13,7 @@ Pure: no files, no globals. What it must not import: the Ray or runtime layers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.baselines import BaselinePlan
 from planner.bucketsplit import unsplit
@@ -23,6 +23,7 @@ from planner.schedule import Problem, Schedule, compute_makespan
 from planner.simulator import Simulation
 from planner.solver import SolveResult
 
+LATE = ("lp-rounding",)  # solver candidates searched apart and adopted only where no slower (adopt_late)
 TOLERANCE = 0.01  # predicted iteration a plan may give up (relative to the fastest found) for less waves' compute
 LEAST_SPLIT_TOP = 3  # the least-compute placed schedules whose buckets are split as well as the fastest few
 
@@ -72,3 +73,32 @@ def prefer_less_compute(problem: Problem, devices_per_node: int,
         if saved > 1e-9 and saved >= lost and alt.sim.iteration_time_s <= ceiling:
             return alt.result, alt.placed, alt.sim
     return chosen
+
+
+def held_back(solved: SolveResult) -> tuple[SolveResult, SolveResult | None]:
+    """``solved`` without the candidates named in :data:`LATE`, and a copy holding only those (None when it has none
+    or they are all it has). A candidate added to the solver changes which schedules the planner's searches start
+    from (the best few of the pool), and so plans it does not win: searched apart, it competes only at the end."""
+    cands = solved.candidates or ()
+    late = tuple(c for c in cands if c.name in LATE)
+    if not late or len(late) == len(cands):
+        return solved, None
+    return replace(solved, candidates=tuple(c for c in cands if c.name not in LATE)), replace(solved, candidates=late)
+
+
+def adopt_late(problem: Problem, chosen: tuple[SolveResult, PlacedSchedule, Simulation],
+               late: Sequence[Alternative]) -> tuple[SolveResult, PlacedSchedule, Simulation]:
+    """``chosen``, or a held-back candidate's plan (:func:`held_back`) predicted no slower than it: among ``chosen`` and
+    those, the least waves' compute within :data:`TOLERANCE` of the fastest that saves at least the share of compute
+    it adds to the iteration (the rule of :func:`prefer_less_compute`). Never slower than ``chosen``."""
+    ceiling = chosen[2].iteration_time_s
+    pool = [a for a in late if a.sim.iteration_time_s <= ceiling]
+    if not pool:
+        return chosen
+    pool.append(Alternative(*chosen, waves_compute(problem, chosen[0].schedule)))
+    fastest = min(pool, key=lambda a: a.sim.iteration_time_s)
+    for alt in near_fastest(pool):
+        saved, lost = 1 - alt.compute_s / fastest.compute_s, alt.sim.iteration_time_s / fastest.sim.iteration_time_s - 1
+        if alt is fastest or (saved > 1e-9 and saved >= lost):
+            return alt.result, alt.placed, alt.sim
+    return fastest.result, fastest.placed, fastest.sim

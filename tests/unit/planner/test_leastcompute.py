@@ -1,7 +1,7 @@
 """Least compute among near-fastest plans (planner.leastcompute): on Spindle's clip-4@8 cell the fastest placed
 schedule computes 3.7% over the per-level bound and another within 1% of its iteration 0.9%; the plan takes the
 latter (it saves a larger share of compute than it costs of the iteration), and never one slower than a baseline that
-fits."""
+fits. Since issue 13 plan_job adopts a 2.4% faster plan from the held-back layer rounding here (adopt_late)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from planner.api import choose_candidate, make_cost_model, plan_job
 from planner.baselines import baseline_plans
 from planner.bound import dag_bound
 from planner.candidates import runnable
-from planner.leastcompute import TOLERANCE, near_fastest, prefer_less_compute, waves_compute
+from planner.leastcompute import TOLERANCE, held_back, near_fastest, prefer_less_compute, waves_compute
 from planner.metagraph import build_metagraph
 from planner.schedule import Problem
 from planner.solver import SolverSettings, solve
@@ -28,7 +28,7 @@ def clip4():
     problem = Problem.build(build_metagraph(job), cm)
     solved = solve(problem, SolverSettings(time_limit_s=job.planner.time_limit_s), warm=spindle_schedule(problem),
                    lower_bound=dag_bound(problem), progress=lambda _: None)
-    return job, cm, problem, choose_candidate(problem, cm, solved)
+    return job, cm, problem, choose_candidate(problem, cm, held_back(solved)[0])  # as plan_job: lp-rounding apart
 
 
 def test_alternatives_are_the_near_fastest_least_compute_first(clip4):
@@ -51,9 +51,13 @@ def test_plan_job_takes_the_least_compute_one_no_slower_than_a_baseline(clip4):
     outcome = plan_job(job, progress=lambda _: None)
     fitting = [t for name, t in outcome.plan.baselines.items() if name not in outcome.plan.baseline_notes]
     assert outcome.simulation.iteration_time_s <= min(fitting)
-    assert outcome.simulation.iteration_time_s <= sim.iteration_time_s * (1 + TOLERANCE)
-    assert waves_compute(problem, outcome.solve.schedule) == pytest.approx(alternatives[0].compute_s)
-    assert outcome.solve.objective_s < chosen.objective_s
+    before = alternatives[0]  # the plan without the held-back candidates: the cheapest (no baseline is in reach)
+    assert before.compute_s < waves_compute(problem, chosen.schedule)
+    assert outcome.simulation.iteration_time_s <= before.sim.iteration_time_s
+    if waves_compute(problem, outcome.solve.schedule) != pytest.approx(before.compute_s):
+        # a held-back candidate's plan (layer rounding), adopted only because it is no slower: here 2.4% faster
+        assert "lp-rounding" in outcome.solve.method
+        assert outcome.simulation.iteration_time_s < before.sim.iteration_time_s * (1 - TOLERANCE)
 
 
 def test_a_baseline_between_the_fastest_and_the_cheapest_caps_the_choice(clip4):
