@@ -53,7 +53,21 @@ def check_trainable(job: JobSpec, recipe_losses: Collection[str] | None = None) 
 
     for t in range(len(job.tasks)):
         check_head(job, t, recipe_losses)
+    check_init_from(job)
     check_runnable(job, build_metagraph(job))
+
+
+def check_init_from(job: JobSpec) -> None:
+    """Every component's ``init_from`` names a Loom model file (runtime.init_from.model_file_of); a ValueError, one
+    line, otherwise. Its parameters' names and shapes are checked when the modules are built."""
+    from runtime.init_from import model_file_of  # torch-free
+
+    for name, comp in job.components.items():
+        if comp.init_from is not None:
+            try:
+                model_file_of(comp.init_from)
+            except FileNotFoundError as exc:
+                raise ValueError(f"components.{name}.init_from: {exc}") from None
 
 
 def check_loss_name(job: JobSpec, t: int, recipe_losses: Collection[str] | None = ()) -> str:
