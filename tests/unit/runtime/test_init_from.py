@@ -67,3 +67,25 @@ def test_what_does_not_fit_is_one_line(trained, tmp_path):
     with pytest.raises(SpecError, match="init_from .* is for Loom's own kinds"):
         parse_job({"name": "j", "components": {"v": {"pretrained": str(VISION), "init_from": "x.pt"}},
                    "tasks": [{"name": "t", "batch_size": 1, "components": [{"component": "v"}]}]})
+
+
+def test_a_phase_whose_component_starts_from_an_earlier_phase_passes_loom_runs_checks(tmp_path):
+    """`loom run` checks every trained phase before anything runs; a phase whose component's init_from names an
+    earlier phase's checkpoint is checked when it starts (the file does not exist before), as a phase reading an
+    earlier phase's data is."""
+    import yaml
+
+    from orchestrator.pipeline import PipelineRunner, read_pipeline
+    from orchestrator.run import RunOptions
+
+    task = {"name": "cls", "batch_size": 2, "components": [{"component": "encoder"}]}
+    doc = {"name": "two", "cluster": {"num_nodes": 1, "devices_per_node": 1, "device": "cpu"},
+           "components": {"encoder": ENCODER}, "training": {"steps": 1, "precision": "fp32", "checkpoint_every": 1},
+           "phases": [{"name": "first", "tasks": [task]},
+                      {"name": "second", "components": {"encoder": {"init_from": "@first/checkpoint"}},
+                       "tasks": [task]}]}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    pipeline = read_pipeline(tmp_path / "job.yaml")
+    PipelineRunner(pipeline, RunOptions(out_dir=tmp_path / "out")).check()  # no error: nothing exists yet
+    second = pipeline.phases[1].job
+    assert second.components["encoder"].init_from.endswith(str(Path("out/two/first/ckpt")))
