@@ -33,7 +33,10 @@ WORKERS_PER_CORE = 4
 def feature_shape(job: JobSpec, op: MetaOp, boundary: int | None = None) -> tuple[int, ...]:
     """Per-sample shape of the activation after ``boundary`` layers of MetaOp ``op`` (0: its input; None: its
     output): ``(sequence length, hidden size)`` (a decoder's: stream + memory), the same at every boundary, except
-    a unet2d's flat state ``(N,)`` (runtime.unet), whose skip stack grows and shrinks layer by layer."""
+    a unet2d's flat state ``(N,)`` (runtime.unet), whose skip stack grows and shrinks layer by layer, and the output
+    of a sample use's MetaOp: its x0 (or final latents), ``(C * h * w,)``."""
+    if op.mode == "sample" and boundary is None:  # one MetaOp of the whole use: it hands on x0, flattened
+        return tuple(op.out_shapes[-1])  # planner.generation.whole_use
     t, u = use_index(job, op)
     comp = job.components[op.component]
     if kind_of(comp).flat_state:

@@ -305,6 +305,7 @@ def _builtin_losses() -> tuple[str, ...]:
     return BUILTIN_LOSSES
 
 
+@functools.lru_cache(maxsize=64)  # read on every forward of a use reading samples (runtime.sampleop.sample_pixels)
 def image_normalisation(pretrained: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) per channel: the pretrained folder's preprocessor_config.json image_mean/image_std (what the
     tower was trained with), else 0.5/0.5 (pixels in [0, 1] become [-1, 1])."""

@@ -104,3 +104,10 @@ def test_what_run_refuses_is_one_line(uses, extra, needle):
     with pytest.raises(ValueError, match=re.escape(needle)) as err:
         check_trainable(job(uses, **extra))
     assert "\n" not in str(err.value)
+
+
+def test_loom_profile_times_a_readers_input_module_on_samples_of_the_shape_that_crosses():
+    from runtime.profiler import time_embeddings
+
+    timed = time_embeddings(job(), repeats=1, warmup=0)
+    assert timed["score.vision"] and all(seconds > 0 for _, seconds in timed["score.vision"])
