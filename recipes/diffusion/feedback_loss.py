@@ -117,7 +117,9 @@ class FeedbackRewardHead(TaskHead):
 
     def load_pretrained(self, job: JobSpec, t: int) -> FeedbackRewardHead:
         """Every category's score head from the model file its scoring component starts from, frozen, and its
-        reward scale on the held-out gallery (runtime.heads.build_head calls this after initialising the head)."""
+        reward scale on the held-out gallery of this job's seed (a pipeline's phases share the top-level seed, so
+        it is the reward models' own; the reward_model scorer uses its spec's) (runtime.heads.build_head calls this
+        after initialising the head)."""
         from recipes.diffusion.scorers import RewardModels
 
         _, _, scorers = dag_layout(job, t)
