@@ -111,3 +111,17 @@ def test_loom_profile_times_a_readers_input_module_on_samples_of_the_shape_that_
 
     timed = time_embeddings(job(), repeats=1, warmup=0)
     assert timed["score.vision"] and all(seconds > 0 for _, seconds in timed["score.vision"])
+
+
+def test_one_rank_writes_a_sampled_heads_checkpoint_when_the_loss_host_is_another():
+    """The loss host (rank 0) holds the head under the plan; the sampling rank 1 holds an extra copy and sees only it
+    in its Assignment: both must name rank 0 the writer (two writers fail the checkpoint's index)."""
+    from types import SimpleNamespace
+
+    from runtime.portable import _writers
+
+    key = ("head:score", 0)
+    roles = SimpleNamespace(extra={key: (1,)}, synced={key: (0, 1)})
+    rank0 = SimpleNamespace(holders={("head:score", 0, 0): (0,)}, roles=roles)
+    rank1 = SimpleNamespace(holders={}, roles=roles)
+    assert _writers(rank0)[key] == _writers(rank1)[key] == 0
