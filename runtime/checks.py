@@ -272,8 +272,9 @@ def check_sample_reader(job: JobSpec, t: int, u: int) -> None:
                         f"after: [{source.use_name}] and join the others in a later use (after: [{use.use_name}, ...]).")
     want = comp.in_channels or kind.in_channels
     if want != channels:
-        raise SpecError(f"{where} reads {what}; component '{use.component}' embeds {want}-channel images. Sample in pixel space (a unet2d of in_channels 3, the reader's channels): a "
-                        "latent denoiser's x0 needs its VAE's decoder, which a use does not run.")
+        raise SpecError(f"{where} reads {what}; component '{use.component}' embeds {want}-channel images. Sample "
+                        "in pixel space (a unet2d of in_channels 3, the reader's channels): a latent denoiser's x0 "
+                        "needs its VAE's decoder, which a use does not run.")
 
 
 def _use_path(job: JobSpec, op: MetaOp) -> str:

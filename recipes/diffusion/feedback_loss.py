@@ -66,7 +66,8 @@ def dag_layout(job: JobSpec, t: int) -> tuple[str, str, dict[str, str]]:
 
 
 def check_feedback_loss(job: JobSpec, t: int) -> None:
-    """What ``loss: itercomp_feedback`` needs of task ``t`` (:func:`dag_layout`, ``loss_args``), before anything runs."""
+    """What ``loss: itercomp_feedback`` needs of task ``t`` (:func:`dag_layout`, ``loss_args``), checked before
+    anything runs."""
     dag_layout(job, t)
     bad = sorted(set(job.tasks[t].loss_args) - set(OPTIONS))
     if bad or any(not isinstance(v, (int, float)) or v < 0 for v in job.tasks[t].loss_args.values()):
