@@ -85,9 +85,11 @@ def phase_hash(phase: Phase) -> str:
 
 
 def reads_data_artifacts(phase: Phase) -> bool:
-    """Whether a trained phase's tasks or its ``data_dir`` read an earlier phase's artifact (its data is checked when
-    it starts)."""
-    return bool(references(phase.spec.tasks or [], "tasks") + references(phase.spec.data_dir, "data_dir"))
+    """Whether a trained phase's tasks, its ``data_dir`` or a component's ``init_from`` read an earlier phase's
+    artifact (its data and the model files its components start from are checked when it starts)."""
+    starts = {name: comp.get("init_from") for name, comp in phase.spec.components.items()}
+    return bool(references(phase.spec.tasks or [], "tasks") + references(phase.spec.data_dir, "data_dir")
+                + references(starts, "components"))
 
 
 @dataclass

@@ -114,10 +114,11 @@ def whole_use(job, t: int, u: int, segments: list) -> tuple:
     (``segments``: the use's contracted layer segments). The segment sums the use's layers (FLOPs, parameters,
     saved activations of one pass, kernels) under a key naming the mode and its fields, so equal keys are equal
     work; its output is the sampled token ids (prompt + new positions) of a generate use, which cross as packed rows
-    (:func:`rollout_width` elements of :data:`ROLLOUT_ELEMENT_BYTES`: the segment's ``out_bytes``), or the denoiser's
-    last output (the latents) of a sample use."""
-    from planner.components import out_shapes, use_shape  # local: components imports the spec, this module stays light
-    from planner.kinds import LayerSegment
+    (:func:`rollout_width` elements of :data:`ROLLOUT_ELEMENT_BYTES`: the segment's ``out_bytes``), or a sample use's
+    x0 (or final latents), ``in_channels * side^2`` elements per sample."""
+    from planner.components import use_shape  # local: components imports the spec, this module stays light
+    from planner.kinds import LayerSegment, kind_of
+    from planner.memory import ACT_BYTES
 
     use = job.tasks[t].components[u]
     comp = job.components[use.component]
@@ -139,9 +140,11 @@ def whole_use(job, t: int, u: int, segments: list) -> tuple:
     else:
         gen = Generation("sample", use.samples, denoise_steps=use.denoise_passes, grad_last_step=use.grad_last_step)
         key = f"sample[{digest},steps={use.denoise_passes},grad={int(use.grad_last_step)}]"
-        last = len(segments) - 1
-        out = out_shapes(job, t, u, last, segments[-1].count)[-1]
-        out_bytes = segments[-1].out_bytes
+        # what crosses is x0 (or the final latents): the denoiser's channels at the use's side, not its last block's
+        # feature map (the output layer runs inside the use), as runtime.sampleop.run_sample flattens it
+        side = use_shape(job, t, u).image_size
+        out = ((comp.in_channels or kind_of(comp).in_channels) * side * side,)
+        out_bytes = float(ACT_BYTES[job.training.precision] * out[0])  # at the precision it crosses in
     seg = LayerSegment(key, 1, total("flops_fwd"), total("params"), total("act_bytes"), out_bytes,
                        total("tp_comm_bytes"), int(total("num_kernels")))
     return seg, gen, out

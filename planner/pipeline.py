@@ -296,7 +296,8 @@ Locate = Callable[[Reference, "str | None"], Path]  # (reference, the reading co
 def resolve_references(doc: dict[str, Any], locate: Locate | None, top: Mapping[str, Any]) -> dict[str, Any]:
     """``doc`` (a phase document) with every reference replaced: at run time by ``locate``'s path (the artifacts
     exist); at plan time (None) a component's ``pretrained:`` reference by its top-level declaration's folder (the
-    shape the artifact will have) and a data path by where the artifact will be under ``out/<job>``."""
+    shape the artifact will have) and a data path or a component's ``init_from:`` by where the artifact will be under
+    ``out/<job>``."""
     doc = copy.deepcopy(doc)
     if locate is None:
         root = Path("out") / str(top.get("name"))
@@ -305,6 +306,9 @@ def resolve_references(doc: dict[str, Any], locate: Locate | None, top: Mapping[
     else:
         planning = False
     for name, comp in doc.get("components", {}).items():
+        init = parse_reference(comp.get("init_from"), f"components.{name}.init_from")
+        if init is not None:  # a model file, read when the phase's modules are built (where it will be, planning)
+            comp["init_from"] = str(Path(locate(init, None)).resolve())
         ref = parse_reference(comp.get("pretrained"), f"components.{name}.pretrained")
         if ref is None:
             continue

@@ -84,6 +84,30 @@ class ComponentSpec(StrictModel):
         None, description="Another component whose trained weights this one receives after every step (a weight "
         "hand-off, e.g. a generation copy of a policy laid out differently); same shape required. None: its own."
     )
+    init_from: str | None = Field(
+        None, description="A Loom model file this component starts from instead of its seeded initialisation: a "
+        "run's model.pt, or a folder with one up to two levels above (a trained phase's '@<phase>/checkpoint'), "
+        "holding this component's parameters under the same names (a run of a job with this component). Relative to "
+        "the spec's folder. Loom's own kinds only: a pretrained component starts from its folder."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_init_from(cls, data: Any, info: ValidationInfo) -> Any:
+        """A relative ``init_from`` is read from the spec file's folder (the validation context's ``base``); a phase
+        reference is left to the pipeline (planner.pipeline.resolve_references)."""
+        if isinstance(data, dict) and isinstance(data.get("init_from"), str) and data["init_from"] \
+                and not data["init_from"].startswith("@"):
+            base = Path((info.context or {}).get("base") or Path.cwd())
+            data = {**data, "init_from": str((base / Path(data["init_from"]).expanduser()).absolute())}
+        return data
+
+    @model_validator(mode="after")
+    def _init_from_own_kinds(self) -> ComponentSpec:
+        if self.init_from is not None and self.pretrained is not None:
+            raise ValueError(f"init_from ({self.init_from}) is for Loom's own kinds; this component is pretrained "
+                             f"({self.pretrained}) and starts from its folder. Remove one of them.")
+        return self
 
 
     @model_validator(mode="before")

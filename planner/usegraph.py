@@ -45,6 +45,15 @@ def use_component(job: JobSpec, task_index: int, use_name: str) -> tuple[str, Co
     return use.component, job.components[use.component]
 
 
+def sample_source(job: JobSpec, t: int, u: int) -> int | None:
+    """The index of the ``mode: sample`` use whose samples use ``u`` of task ``t`` reads as its images (one of its
+    ``after:`` uses is one); None for a use that reads no sample use. Such a use's first layer reads its component's
+    input module applied to the samples (runtime.sampleop.sample_pixels), not a connector (runtime.checks says which
+    uses may: :func:`runtime.checks.check_sample_reader`)."""
+    task = job.tasks[t]
+    return next((i for i in upstream_indices(job, t, u) if task.components[i].mode == "sample"), None)
+
+
 def use_index(job: JobSpec, op: MetaOp) -> tuple[int, int]:
     """(task index, use index) of MetaOp ``op``'s use."""
     t = next(i for i, task in enumerate(job.tasks) if task.name == op.task)
@@ -84,10 +93,11 @@ class Connection:
 
 
 def connection(job: JobSpec, t: int, u: int) -> Connection | None:
-    """The :class:`Connection` of use ``u`` of task ``t``; None for a root use and for a use of a bridge kind."""
+    """The :class:`Connection` of use ``u`` of task ``t``; None for a root use, a use of a bridge kind and a use reading
+    a sample use's images (:func:`sample_source`)."""
     comp = job.components[job.tasks[t].components[u].component]
     ups = upstream_indices(job, t, u)
-    if not ups or kind_of(comp).bridge:
+    if not ups or kind_of(comp).bridge or sample_source(job, t, u) is not None:
         return None
     return Connection(tuple(output_shape(job, t, p) for p in ups), use_shape(job, t, u).seq_len, comp.hidden_size)
 
@@ -102,11 +112,14 @@ def op_connection(job: JobSpec, graph: MetaGraph, op: MetaOp) -> Connection | No
 
 
 def reads_embed(job: JobSpec, graph: MetaGraph, op: MetaOp) -> bool:
-    """Whether ``op``'s layer 0 starts with its component's input module: a root MetaOp's (raw data in), and the
-    first MetaOp of a decoder or unet2d use fed by another use (the module also reads the upstream output)."""
+    """Whether ``op``'s layer 0 starts with its component's input module: a root MetaOp's (raw data in), the first
+    MetaOp of a decoder or unet2d use fed by another use (the module also reads the upstream output), and the first
+    MetaOp of a use reading a sample use's images (:func:`sample_source`: the module embeds them)."""
     if not op.deps:
         return True
-    return kind_of(job.components[op.component]).bridge and graph.metaops[op.deps[0]].use != op.use
+    if graph.metaops[op.deps[0]].use == op.use:
+        return False
+    return kind_of(job.components[op.component]).bridge or sample_source(job, *use_index(job, op)) is not None
 
 
 def input_modules(job: JobSpec, graph: MetaGraph, op: MetaOp) -> list[str]:

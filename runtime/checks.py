@@ -33,7 +33,10 @@ WORKERS_PER_CORE = 4
 def feature_shape(job: JobSpec, op: MetaOp, boundary: int | None = None) -> tuple[int, ...]:
     """Per-sample shape of the activation after ``boundary`` layers of MetaOp ``op`` (0: its input; None: its
     output): ``(sequence length, hidden size)`` (a decoder's: stream + memory), the same at every boundary, except
-    a unet2d's flat state ``(N,)`` (runtime.unet), whose skip stack grows and shrinks layer by layer."""
+    a unet2d's flat state ``(N,)`` (runtime.unet), whose skip stack grows and shrinks layer by layer, and the output
+    of a sample use's MetaOp: its x0 (or final latents), ``(C * h * w,)``."""
+    if op.mode == "sample" and boundary is None:  # one MetaOp of the whole use: it hands on x0, flattened
+        return tuple(op.out_shapes[-1])  # planner.generation.whole_use
     t, u = use_index(job, op)
     comp = job.components[op.component]
     if kind_of(comp).flat_state:
@@ -53,7 +56,21 @@ def check_trainable(job: JobSpec, recipe_losses: Collection[str] | None = None) 
 
     for t in range(len(job.tasks)):
         check_head(job, t, recipe_losses)
+    check_init_from(job)
     check_runnable(job, build_metagraph(job))
+
+
+def check_init_from(job: JobSpec) -> None:
+    """Every component's ``init_from`` names a Loom model file (runtime.init_from.model_file_of); a ValueError, one
+    line, otherwise. Its parameters' names and shapes are checked when the modules are built."""
+    from runtime.init_from import model_file_of  # torch-free
+
+    for name, comp in job.components.items():
+        if comp.init_from is not None:
+            try:
+                model_file_of(comp.init_from)
+            except FileNotFoundError as exc:
+                raise ValueError(f"components.{name}.init_from: {exc}") from None
 
 
 def check_loss_name(job: JobSpec, t: int, recipe_losses: Collection[str] | None = ()) -> str:
@@ -81,6 +98,12 @@ def check_head(job: JobSpec, t: int, recipe_losses: Collection[str] | None = ())
     from runtime.pooling import model_pooled_leaves  # tasks[].pooling
 
     model_pooled_leaves(job, t)
+    sampling = {u.component for u in task.components if u.mode == "sample"}
+    unet_uses = {u.component for u in task.components if kind_of(job.components[u.component]).denoiser}
+    if sampling and len(unet_uses) > 1:
+        raise ValueError(f"tasks[{t}] ('{task.name}') samples {sorted(sampling)} and uses unet2d components "
+                         f"{sorted(unet_uses)}; the task's head holds one UNet's output layer. Use one unet2d "
+                         "component per task that samples.")
     if loss not in BUILTIN_LOSSES:
         if recipe_losses and loss in recipe_losses:  # the recipe is loaded here: its own check of the task
             from runtime.heads import check_recipe_loss  # heads imports this module
@@ -94,10 +117,12 @@ def check_head(job: JobSpec, t: int, recipe_losses: Collection[str] | None = ())
     if loss == "feedback":
         feedback_leaf(job, t)
         return loss
-    sampled = [u.use_name for u in task.components if u.mode == "sample"]
+    sampled = [u.use_name for u in task.components if u.mode == "sample" and u.use_name in leaves]
     if sampled:
-        raise ValueError(f"tasks[{t}] ('{task.name}'): sample use '{sampled[0]}' is run for loss 'feedback' (or a "
-                         f"recipe's loss); got loss '{loss}'. Use loss: feedback with its feedback: fields.")
+        raise ValueError(f"tasks[{t}] ('{task.name}'): sample use '{sampled[0]}' is a leaf and loss '{loss}' does not "
+                         "read samples; only loss feedback (with its feedback: fields) scores a sample leaf. Read the "
+                         f"samples in an image use (after: [{sampled[0]}]) whose output the loss reads, or use loss: "
+                         "feedback.")
     unets = [leaf for leaf in leaves if kind_of(use_component(job, t, leaf)[1]).denoiser]
     if unets and (loss != "mse" or len(leaves) != 1):
         raise ValueError(
@@ -208,14 +233,48 @@ def check_runnable(job: JobSpec, graph: MetaGraph) -> None:
 
 def _check_unet_edges(job: JobSpec, graph: MetaGraph, op: MetaOp) -> None:
     """A unet2d use's own output (a feature map) feeds only its task's loss head: the runtime has no adapter from a
-    feature map to another component."""
+    feature map to another component. A ``mode: sample`` use's output is images, which an image use may read
+    (:func:`check_sample_reader`)."""
     for dep in op.deps:
         producer = graph.metaops[dep]
-        if producer.use != op.use and kind_of(job.components[producer.component]).denoiser:
+        if producer.use != op.use and producer.mode == "sample":
+            check_sample_reader(job, *use_index(job, op))
+        elif producer.use != op.use and kind_of(job.components[producer.component]).denoiser:
             raise SpecError(
                 f"{_use_path(job, op)} ('{op.use}') reads the output of unet2d use '{producer.use}'; the runtime feeds "
                 "a unet2d's output only to its task's loss head. Make the unet2d use a leaf of its task."
             )
+
+
+def check_sample_reader(job: JobSpec, t: int, u: int) -> None:
+    """Use ``u`` of task ``t`` reads a ``mode: sample`` use's samples as its images (planner.usegraph.sample_source;
+    runtime.sampleop.sample_pixels turns them into its pixels): it reads them alone, its component embeds images (a
+    kind whose root use reads images: Loom's vit, a pretrained CLIP or SigLIP vision tower) and the sample has the
+    channels of its images (a pixel-space denoiser: a latent one's x0 needs its VAE's decoder, which a use does not
+    run). A SpecError, one line, naming the use and the fix."""
+    from planner.usegraph import sample_source
+
+    task = job.tasks[t]
+    use, where = task.components[u], f"tasks[{t}].components[{u}] ('{task.components[u].use_name}')"
+    source = task.components[sample_source(job, t, u)]
+    comp, sampler = job.components[use.component], job.components[source.component]
+    side = use_shape(job, t, next(i for i, x in enumerate(task.components) if x is source)).image_size
+    channels = sampler.in_channels or kind_of(sampler).in_channels
+    what = f"the samples of sample use '{source.use_name}' ({channels} x {side} x {side} images)"
+    kind = kind_of(comp)
+    if kind.root_input != "image" or kind.bridge:
+        raise SpecError(f"{where} reads {what}; component '{use.component}' (kind '{comp.kind}') does not embed "
+                        "images: only an image use (kind vit, a pretrained CLIP or SigLIP vision tower) reads them. "
+                        f"Put a vision tower use with after: [{source.use_name}] first and read its output.")
+    others = [name for name in task.upstream_names(u) if name != source.use_name]
+    if others:
+        raise SpecError(f"{where} reads {what} together with {others}; a use reads a sample use's images alone. Set "
+                        f"after: [{source.use_name}] and join the others in a later use (after: [{use.use_name}, ...]).")
+    want = comp.in_channels or kind.in_channels
+    if want != channels:
+        raise SpecError(f"{where} reads {what}; component '{use.component}' embeds {want}-channel images. Sample "
+                        "in pixel space (a unet2d of in_channels 3, the reader's channels): a latent denoiser's x0 "
+                        "needs its VAE's decoder, which a use does not run.")
 
 
 def _use_path(job: JobSpec, op: MetaOp) -> str:

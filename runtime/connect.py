@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from planner.spec import JobSpec
+from runtime.init_from import load_initial
 from runtime.modules import build_initialised, freeze_if, layer_seed
 from planner.usegraph import Connection, connection
 
@@ -59,7 +60,7 @@ def build_adapter(job: JobSpec, component: str) -> InputAdapter:
     comp = job.components[component]
     module = build_initialised(lambda: InputAdapter(adapter_widths(job, component), comp.hidden_size),
                                layer_seed(job.training.seed, component + ":adapt", 0))
-    return freeze_if(module, comp)
+    return freeze_if(load_initial(module, component, comp.init_from, "adapt:" + component, 0), comp)
 
 
 def connect(c: Connection, inputs: list[torch.Tensor], adapter: nn.Module | None, text: torch.Tensor | None

@@ -27,6 +27,7 @@ from planner.components import resolve_shape
 from planner.spec import JobSpec
 from planner.usegraph import op_connection, reads_embed
 from runtime.connect import build_adapter, connect
+from runtime.init_from import load_initial
 from runtime.kinds import runtime_kind
 from runtime.modules import build_initialised, freeze_if, layer_seed
 
@@ -191,4 +192,4 @@ def build_embed(job: JobSpec, component: str) -> nn.Module:
                    for n, use in zip(component_seq_lens(job, component), uses)), default=comp.seq_len or 1)
     factory = runtime_kind(comp, component).embed(job, component, max_len)
     module = build_initialised(factory, layer_seed(job.training.seed, component + ":embed", 0))
-    return freeze_if(module, comp)
+    return freeze_if(load_initial(module, component, comp.init_from, "embed:" + component, 0), comp)

@@ -13,8 +13,9 @@ post_layernorm, SigLIP's heads, BERT's pooler) come from the first pooled-loss t
 
 A diffusers UNet2DConditionModel is written as diffusers writes it (``diffusion_pytorch_model.safetensors`` next to
 the source's config, so ``UNet2DConditionModel.from_pretrained`` loads it); its conv_norm_out and conv_out come from
-the first mse task that denoises with it, else the first feedback task that samples it (runtime.unet_pretrained;
-both heads hold them as ``norm_out`` and ``conv_out``).
+the first task that samples it with gradient (the output layer its samples are drawn through), else the first mse task
+that denoises with it, else the first feedback task (runtime.unet_pretrained; every such head holds them as
+``norm_out`` and ``conv_out``).
 """
 
 from __future__ import annotations
@@ -83,7 +84,10 @@ def _head_task(job: JobSpec, component: str):
     if is_diffusers_unet(comp):
         from runtime.unet_pretrained import head_export_name as unet_head_name
 
-        return next((t.name for loss in ("mse", "feedback") for t in job.tasks if t.loss == loss and any(
+        # the task that samples the UNet with gradient trains the output layer its samples are drawn through
+        sampled = next((t.name for t in job.tasks if any(u.component == component and u.mode == "sample"
+                                                         and u.grad_last_step for u in t.components)), None)
+        return sampled or next((t.name for loss in ("mse", "feedback") for t in job.tasks if t.loss == loss and any(
             u.component == component for u in t.components)), None), unet_head_name
     lm = next((t.name for i, t in enumerate(job.tasks)
                if t.loss in ("lm", "next_token") and pretrained_lm(job, i) is comp), None)

@@ -310,6 +310,10 @@ def build_head(job: JobSpec, task_index: int) -> TaskHead:
         from runtime import unet_pretrained  # the diffusers UNet's conv_norm_out and conv_out
 
         head = unet_pretrained.load_head(comp, head)
+    if (sampled := sampled_unet(job, task_index)) is not None and sampled[1].pretrained:
+        from runtime import unet_pretrained  # the sampled diffusers UNet's conv_norm_out and conv_out
+
+        head = unet_pretrained.load_head(sampled[1], head)
     if model_pooled_leaves(job, task_index):  # the pretrained towers' own pooling modules
         head = attach_poolers(job, task_index, head)
     if hasattr(head, "load_pretrained"):  # a recipe's head that starts from pretrained weights (DPO's LM heads)
@@ -324,10 +328,47 @@ def pretrained_lm(job: JobSpec, task_index: int) -> ComponentSpec | None:
     return comp if comp.pretrained else None
 
 
+def sampled_unet(job: JobSpec, task_index: int) -> tuple[str, ComponentSpec] | None:
+    """(name, spec) of the unet2d a ``mode: sample`` use of task ``task_index`` samples for an image use to read
+    (planner.usegraph.sample_source) rather than for a feedback head: the task's head then holds that UNet's output
+    layer (:func:`with_sample_output`); None for a task without one."""
+    task = job.tasks[task_index]
+    if task.loss == "feedback":
+        return None  # runtime.feedback.FeedbackHead holds it
+    return next(((use.component, job.components[use.component]) for use in task.components if use.mode == "sample"),
+                None)
+
+
+def with_sample_output(factory: Callable[[], TaskHead], channels: int, in_channels: int) -> Callable[[], TaskHead]:
+    """``factory`` whose head also owns a sampled UNet's output layer (``norm_out``: GroupNorm, SiLU, ``conv_out``),
+    as runtime.feedback.FeedbackHead does: runtime.sampleop runs the sampled denoiser through the task's head, which
+    is where the UNet's output layer trains and is saved. Registered after the head's own parameters, so their
+    seeded initial values are those of the head alone."""
+
+    def build() -> TaskHead:
+        head = factory()
+        if hasattr(head, "conv_out"):  # a denoising leaf's head: the same UNet's (runtime.checks.check_head)
+            return head
+        head.norm_out = nn.GroupNorm(unet.groups(channels), channels, eps=1e-5)
+        head.conv_out = nn.Conv2d(channels, in_channels, kernel_size=3, padding=1)
+        return head
+
+    return build
+
+
 def head_factory(job: JobSpec, task_index: int) -> Callable[[], TaskHead]:
     """What builds task ``task_index``'s head, after checking that the task can have one (runtime.checks.check_head,
-    without building it). Raises ValueError for an unknown loss, a contrastive or infonce task without exactly two
-    leaves, a unet2d leaf with another loss than mse, or a next-token task the causal layers cannot serve."""
+    without building it), with a sampled UNet's output layer when the task samples one (:func:`sampled_unet`). Raises
+    ValueError for an unknown loss, a contrastive or infonce task without exactly two leaves, a unet2d leaf with
+    another loss than mse, or a next-token task the causal layers cannot serve."""
+    factory = _loss_factory(job, task_index)
+    if (sampled := sampled_unet(job, task_index)) is not None:
+        return with_sample_output(factory, sampled[1].hidden_size, image_channels(sampled[1]))
+    return factory
+
+
+def _loss_factory(job: JobSpec, task_index: int) -> Callable[[], TaskHead]:
+    """:func:`head_factory` without a sampled UNet's output layer."""
     task = job.tasks[task_index]
     loss = check_head(job, task_index, registered_losses())
     leaves = leaf_uses(job, task_index)

@@ -136,6 +136,16 @@ def _raw_input(job: JobSpec, op: MetaOp, embed: nn.Module, upstream: torch.Tenso
     return embed(batch.inputs[op.use])
 
 
+def _image_input(job: JobSpec, op: MetaOp, embed: nn.Module, upstream: torch.Tensor | None, batch) -> torch.Tensor:
+    """A root use's images from the batch; a use reading a sample use's samples embeds them as its images
+    (runtime.sampleop.sample_pixels)."""
+    if upstream is None:
+        return embed(batch.inputs[op.use])
+    from runtime.sampleop import sample_pixels
+
+    return embed(sample_pixels(job, op, upstream))
+
+
 def _token_input(job: JobSpec, op: MetaOp, embed: nn.Module, upstream: torch.Tensor | None, batch) -> torch.Tensor:
     """Token ids, with a packed row's per-document position ids when the batch has them (runtime.sources)."""
     from runtime.tokenizer import positions_key
@@ -175,7 +185,7 @@ class RuntimeKind:
 
 RUNTIME_KINDS: dict[str, RuntimeKind] = {k.name: k for k in (
     RuntimeKind("transformer", _transformer_layer, _token_embed, use_input=_token_input),
-    RuntimeKind("vit", _transformer_layer, _patch_embed),
+    RuntimeKind("vit", _transformer_layer, _patch_embed, use_input=_image_input),
     RuntimeKind("llama", _llama_layer, _token_embed, use_input=_token_input),
     RuntimeKind("decoder", _decoder_layer, _decoder_bridge, _decoder_kwargs, _decoder_input),
     RuntimeKind("mlp", _mlp_layer, _feature_embed),

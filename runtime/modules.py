@@ -30,6 +30,7 @@ from planner.components import UseShape, upstream_width, use_shape
 from planner.errors import SpecError
 from planner.spec import ComponentSpec, JobSpec
 from runtime.kinds import runtime_kind
+from runtime.init_from import load_initial
 
 if TYPE_CHECKING:  # planner MetaOps and the plan's alike; a worker never loads the MetaGraph builder
     from planner.metagraph import MetaOp
@@ -265,7 +266,7 @@ def build_layer(job: JobSpec, op: MetaOp, layer_index: int) -> nn.Module:
     """Layer ``layer_index`` (0-based within ``op``) of MetaOp ``op``: ``(B, S, H) -> (B, S, H)`` float32.
 
     Seeded by ``layer_seed(job.training.seed, op.param_group, layer_index)``, so MetaOps of the same
-    parameter group get bit-identical layers. Frozen components return frozen modules. Decoder and unet2d
+    parameter group get bit-identical layers (a component with ``init_from`` then takes its model file's weights). Frozen components return frozen modules. Decoder and unet2d
     layers take further keyword arguments (see :func:`layer_kwargs`); unet2d layers run on a flat state
     ``(B, N)`` (runtime.unet).
     """
@@ -278,6 +279,7 @@ def build_layer(job: JobSpec, op: MetaOp, layer_index: int) -> nn.Module:
         return freeze_if(pretrained.build_op_layer(job, op, layer_index), comp)
     factory = runtime_kind(comp, op.component).layer(job, op, layer_index)
     module = build_initialised(factory, layer_seed(job.training.seed, op.param_group, layer_index))
+    module = load_initial(module, op.component, comp.init_from, op.param_group, layer_index)  # runtime.init_from
     return freeze_if(module, comp)
 
 

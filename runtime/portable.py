@@ -82,10 +82,12 @@ def export_state(worker) -> dict[str, torch.Tensor]:
 def _writers(worker) -> dict[tuple[str, int], int]:
     """The rank that writes each module's tensors: the lowest of every device holding any shard or copy of it (the
     plan's holders, and the copies a generate or sample use runs over: runtime.rollout.Roles.extra, the only holders
-    of a component that no use trains in a slice of its own)."""
+    of a component that no use trains in a slice of its own). A rank's Assignment names only the holdings it takes
+    part in, so a rank holding only an extra copy does not see the plan's holders of that module: Roles.synced, the
+    same on every rank, names both for a module a mode trains (a sample use's head, whose loss host is elsewhere)."""
     held = [((name, layer), devices) for (name, layer, _), devices in worker.holders.items()]
     if worker.roles is not None:
-        held += list(worker.roles.extra.items())
+        held += list(worker.roles.extra.items()) + list(worker.roles.synced.items())
     lowest: dict[tuple[str, int], int] = {}
     for key, devices in held:
         lowest[key] = min(min(devices), lowest.get(key, min(devices)))

@@ -22,6 +22,7 @@ from runtime.assignment import input_order
 from runtime.data import TaskBatch, task_batch
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
+from runtime.init_from import MODEL_FILE  # a run's trained parameters, in its --out (re-exported)
 from runtime.modules import build_layer, layer_kwargs, row_kwargs
 from runtime.sampleop import WHOLE_USE_MODES, build_module, layer_keys, run_sample, sample_context
 from runtime.optim import autocast, build_grouped_optimizer, module_component, set_lr
@@ -30,9 +31,6 @@ from runtime.rollout import (
     copy_weights_from, forward_only, freeze_untrained, has_modes, rollout_input, run_generate, seq_len_of,
     use_of,
 )
-
-
-MODEL_FILE = "model.pt"  # a run's trained parameters, in its output directory
 
 
 class ModelFileError(LoomError):

@@ -19,6 +19,7 @@ step by (seed, step, task): any data-parallel split samples what one process doe
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -124,6 +125,36 @@ def run_sample(job: JobSpec, op, module: Callable[[str, int], nn.Module], step: 
         with torch.no_grad():
             x = sample_without_grad(denoiser, scheduler, context, shape, generators, device)
     return x.flatten(1)
+
+
+def sample_pixels(job: JobSpec, op, samples: torch.Tensor) -> torch.Tensor:
+    """The images ``(rows, C, I, I)`` the first layer of image use ``op`` embeds when it reads a sample use's samples
+    (planner.usegraph.sample_source; runtime.checks.check_sample_reader let it): the sample use's flattened output
+    ``(rows, C * h * h)`` (x0, with its gradient) as pixel-space images in [-1, 1] (diffusers' convention), mapped to
+    [0, 1] and clamped (runtime.feedback.to_unit), normalised as the component's image data is (runtime.sources:
+    a pretrained folder's preprocessor mean and std, else [-1, 1]) and resized to the use's side ``I`` (bilinear,
+    antialiased) when it differs, as the diffusion recipe's reward_model scorer prepared its reward models' images.
+    Differentiable: the gradient of the images flows back to x0."""
+    import torch.nn.functional as F
+
+    from planner.usegraph import sample_source, use_index
+    from runtime.feedback import to_unit
+    from runtime.sources import image_normalisation
+
+    t, u = use_index(job, op)
+    use = job.tasks[t].components[u]
+    source = job.tasks[t].components[sample_source(job, t, u)]
+    channels, side, _ = latent_shape(job, SimpleNamespace(task=op.task, use=source.use_name))
+    images = to_unit(samples.reshape(-1, channels, side, side))
+    mean, std = image_normalisation(job.components[use.component].pretrained)
+    mean, std = (mean, std) if len(mean) == channels else ((mean[0],) * channels, (std[0],) * channels)
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    images = (images - m) / s
+    want = resolve_shape(job.components[use.component], use.component, use, f"tasks[{t}].components[{u}]").image_size
+    if want != side:
+        images = F.interpolate(images, size=(want, want), mode="bilinear", antialias=True)
+    return images
 
 
 def build_module(job: JobSpec, plan_ops, key: Key) -> nn.Module | None:

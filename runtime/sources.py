@@ -173,7 +173,7 @@ class TaskSource:
         if channels not in (1, 3):
             raise DataError(f"tasks[{self.t}].data.format (images): use '{root.use}' reads {channels}-channel images; "
                             "image files give 1 (grey) or 3 (RGB). Set the component's in_channels to 1 or 3.")
-        mean, std = _normalisation(getattr(use_component(self.job, self.t, root.use)[1], "pretrained", None))
+        mean, std = image_normalisation(getattr(use_component(self.job, self.t, root.use)[1], "pretrained", None))
         if len(mean) != channels:
             mean, std = (mean[0],) * channels, (std[0],) * channels
         return _ImageUse(root.use, channels, side, mean, std)
@@ -305,7 +305,8 @@ def _builtin_losses() -> tuple[str, ...]:
     return BUILTIN_LOSSES
 
 
-def _normalisation(pretrained: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+@functools.lru_cache(maxsize=64)  # read on every forward of a use reading samples (runtime.sampleop.sample_pixels)
+def image_normalisation(pretrained: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) per channel: the pretrained folder's preprocessor_config.json image_mean/image_std (what the
     tower was trained with), else 0.5/0.5 (pixels in [0, 1] become [-1, 1])."""
     if pretrained is not None:

@@ -65,7 +65,7 @@ def markdown(metrics: dict[str, dict[str, float]], spec: Path, wall: float | Non
                   f"{trained['feedback_loss_last']:.5f} (second half), of the denoising task "
                   f"{trained['denoise_loss_first']:.4f} -> {trained['denoise_loss_last']:.4f}; median step "
                   f"{trained['step_s']:.3f} s measured, {trained['predicted_s']:.3f} s predicted (from the analytic "
-                  "cost model, which prices no loss head: the three reward models run in the feedback task's)."]
+                  "cost model, unprofiled: it prices the reward models' MetaOps, no loss head and no input module)."]
     if re:
         lines += ["", f"Regenerated gallery: the UNet's samples score {re['train_oracle_new']:.3f} (train prompts) and "
                   f"{re['heldout_oracle_new']:.3f} (held-out prompts) under the oracle."]

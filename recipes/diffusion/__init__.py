@@ -5,12 +5,13 @@ three categories (attribute binding, spatial, non-spatial) and a numpy renderer 
 image for a prompt from its pixels (oracle), generators with controlled error rates whose images the oracle ranks
 into (better, worse) pairs (gallery; real galleries: folder), and one reward model per category trained on the pairs
 through ``loom run`` (data, heads; towers: models) and scored by ``loom eval`` (evaluate); the feedback step as a
-trained phase reads them as ``reward_model`` scorers (feedback). Importing this package registers the losses, the
+trained phase reads them as ``reward_model`` scorers (feedback), or runs them as planned MetaOps under the loss
+``itercomp_feedback`` (feedback_loss). Importing this package registers the losses, the
 dataset, the scorer kind and the evaluator (a job opts in with ``recipe: diffusion``). The spec:
 ``itercomp-tiny.yaml``; docs/recipes/diffusion.md.
 """
 
-from recipes.diffusion import data, evaluate, feedback, heads, steps  # modules, so that their names are not shadowed
+from recipes.diffusion import data, evaluate, feedback, feedback_loss, heads, steps  # modules: names not shadowed
 from runtime.data import register_dataset
 from runtime.evaluate import register_evaluator
 from runtime.feedback import register_scorer
@@ -18,6 +19,7 @@ from runtime.heads import register_loss
 
 for _name, _factory in heads.LOSS_FACTORIES.items():
     register_loss(_name, _factory)
+register_loss(feedback_loss.LOSS, feedback_loss.build_feedback_head, feedback_loss.check_feedback_loss)
 register_scorer("reward_model", feedback.build_reward_scorer, feedback.check_reward_scorer)
 register_dataset("diffusion", data.job_batch)
 register_evaluator("diffusion", evaluate.evaluate)

@@ -31,7 +31,9 @@ from runtime.kinds import image_channels
 from runtime.modules import stable_seed
 
 LOSSES = {f"itercomp_{category}": category for category in CATEGORIES}
-PROMPT_BATCHES = {"feedback": feedback_batch, "mse": denoise_batch}
+# the feedback phase's tasks: loss feedback (reward_model scorers), the planned DAG's loss (recipes.diffusion.feedback_loss)
+# and the denoising task beside them
+PROMPT_BATCHES = {"feedback": feedback_batch, "itercomp_feedback": feedback_batch, "mse": denoise_batch}
 MINIMAL_EVERY = 2  # every second training row is a minimal pair (0: gallery pairs only)
 MAX_REDRAWS = 64  # prompts tried for one training row before giving up (all-tied prompts are rare)
 

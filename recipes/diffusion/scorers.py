@@ -21,22 +21,16 @@ from recipes.diffusion.data import pair_layout
 from recipes.diffusion.gallery import synthetic_entry
 from recipes.diffusion.shapes import Prompt, tokenize
 from runtime.data import TaskBatch
-from runtime.reference import MODEL_FILE, ReferenceTrainer, load_model
+from runtime.init_from import model_file_of
+from runtime.reference import ReferenceTrainer, load_model
 
 NORM_PROMPTS = 24  # held-out gallery prompts per category whose images set a model's reward scale
 
 
 def model_file(path: str | Path) -> Path:
-    """The ``model.pt`` a path names: the file itself, or the first one in the folder or up to two folders above (a
-    trained phase's ``@<phase>/checkpoint``, ``OUT/<phase>/ckpt/step_<k>``, finds ``OUT/<phase>/model.pt``)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    for folder in (path, path.parent, path.parent.parent):
-        if (folder / MODEL_FILE).is_file():
-            return folder / MODEL_FILE
-    raise FileNotFoundError(f"{path}: no {MODEL_FILE} there or up to two folders above; name a reward-model run's "
-                            f"{MODEL_FILE} or its phase's '@<phase>/checkpoint'.")
+    """The ``model.pt`` a path names (runtime.init_from.model_file_of: the file itself, or the first one in the folder
+    or up to two folders above, so a trained phase's ``@<phase>/checkpoint`` finds ``OUT/<phase>/model.pt``)."""
+    return model_file_of(path)
 
 
 def load_job(spec: str | Path, data_dir: str | Path | None = None) -> JobSpec:

@@ -39,6 +39,14 @@ def _one_leaf_contrastive(doc: dict) -> None:
     doc["tasks"][0]["loss"] = "contrastive"
 
 
+def _samples_into_text(doc: dict) -> None:  # a pixel-space UNet's samples piped into a text transformer
+    doc["components"]["unet"] = {"kind": "unet2d", "num_layers": 1, "hidden_size": 8, "channel_mults": [1, 2],
+                                 "in_channels": 3, "image_size": 8}
+    doc["tasks"][0]["components"] = [
+        {"component": "unet", "mode": "sample", "denoise_steps": 2, "grad_last_step": True},
+        {"component": "txt", "mode": "forward"}]
+
+
 @pytest.mark.parametrize("mutate, reason", [
     # the supported losses that follow depend on which recipes this test process has loaded (their losses register
     # process-wide), so only the reason itself is compared
@@ -46,7 +54,9 @@ def _one_leaf_contrastive(doc: dict) -> None:
     (_longer_than_its_input, "tasks[0].components[1] ('pool') reads 'img' (17 x 32), 17 positions, but is declared "
                              "with 40; only a transformer or llama use adds its own text tokens"),
     (_one_leaf_contrastive, "tasks[0] ('caption').loss ('contrastive') needs exactly two leaf uses"),
-], ids=["unknown-loss", "use-longer-than-input", "contrastive-one-leaf"])
+    (_samples_into_text, "tasks[0].components[1] ('txt') reads the samples of sample use 'unet' (3 x 8 x 8 images); "
+                         "component 'txt' (kind 'transformer') does not embed images"),
+], ids=["unknown-loss", "use-longer-than-input", "contrastive-one-leaf", "samples-into-text"])
 def test_validate_says_what_run_refuses(tmp_path: Path, mutate, reason: str) -> None:
     doc = copy.deepcopy(TRAINABLE)
     mutate(doc)

@@ -58,7 +58,7 @@ def test_a_feedback_task_checks(vae):
         (job(None), "tasks[0].feedback.vae is null (x0 is the image), but component 'unet' denoises 4 channels"),
         (job(vae, scorers=[{"seed": 1}, {"kind": "clip"}]), "tasks[0].feedback.scorers[1].kind ('clip') is not a "
          "scorer kind; known: linear"),
-        (job(vae, loss="mse", feedback=False), "sample use 'unet' is run for loss 'feedback'"),
+        (job(vae, loss="mse", feedback=False), "sample use 'unet' is a leaf and loss 'mse' does not read samples"),
     ]
     for spec, needle in cases:
         with pytest.raises(ValueError, match=re.escape(needle)) as err:

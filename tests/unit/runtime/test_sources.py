@@ -190,8 +190,8 @@ def test_images_are_resized_normalised_and_carry_labels_and_captions(tmp_path, t
 def test_image_normalisation_follows_a_pretrained_preprocessor(tmp_path) -> None:
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.25, 0.0],
                                                                    "image_std": [0.5, 0.25, 1.0]}))
-    assert sources._normalisation(str(tmp_path)) == ((0.5, 0.25, 0.0), (0.5, 0.25, 1.0))
-    assert sources._normalisation(None) == ((0.5,), (0.5,))
+    assert sources.image_normalisation(str(tmp_path)) == ((0.5, 0.25, 0.0), (0.5, 0.25, 1.0))
+    assert sources.image_normalisation(None) == ((0.5,), (0.5,))
 
 
 # --------------------------------------------------------------------------- packing
