@@ -109,7 +109,6 @@ class ComponentSpec(StrictModel):
                              f"({self.pretrained}) and starts from its folder. Remove one of them.")
         return self
 
-
     @model_validator(mode="before")
     @classmethod
     def _read_pretrained(cls, data: Any, info: ValidationInfo) -> Any:
