@@ -17,7 +17,9 @@ import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-MODEL_FILE = "model.pt"  # runtime.reference.MODEL_FILE (kept here so that this module stays torch-free to import)
+from planner.errors import LoomError
+
+MODEL_FILE = "model.pt"  # a run's trained parameters, in its --out (runtime.reference.save_model writes it)
 
 if TYPE_CHECKING:
     import torch
@@ -38,10 +40,29 @@ def model_file_of(path: str | Path) -> Path:
                             f"{MODEL_FILE} or a trained phase's '@<phase>/checkpoint'.")
 
 
+class ModelFileError(LoomError):
+    """A model file is missing, unreadable or made for another job."""
+
+
+def load_model(path: str | Path) -> dict[str, torch.Tensor]:
+    """The parameters runtime.reference.save_model wrote; a ModelFileError naming the file when it is missing or not
+    one. (Here, not in runtime.reference, so that a worker loading ``init_from`` imports no single-process trainer.)"""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file; `loom run` writes {MODEL_FILE} into its --out directory.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a corrupt file
+        raise ModelFileError(f"{path}: not a Loom model file ({type(err).__name__}).") from None
+    if not isinstance(state, dict) or "parameters" not in state:
+        raise ModelFileError(f"{path}: not a Loom model file (no 'parameters').")
+    return state["parameters"]
+
+
 @functools.lru_cache(maxsize=4)
 def _parameters(path: str) -> dict[str, torch.Tensor]:
-    from runtime.reference import load_model  # local: runtime.reference imports the module builders
-
     return load_model(model_file_of(path))
 
 

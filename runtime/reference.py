@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from planner.errors import LoomError
 from planner.metagraph import build_metagraph
 from planner.spec import JobSpec
 from runtime.assignment import input_order
 from runtime.data import TaskBatch, task_batch
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
-from runtime.init_from import MODEL_FILE  # a run's trained parameters, in its --out (re-exported)
+from runtime.init_from import MODEL_FILE, load_model  # noqa: F401  (re-exported: a run's model file, read back)
+from runtime.init_from import ModelFileError
 from runtime.modules import build_layer, layer_kwargs, row_kwargs
 from runtime.sampleop import WHOLE_USE_MODES, build_module, layer_keys, run_sample, sample_context
 from runtime.optim import autocast, build_grouped_optimizer, module_component, set_lr
@@ -31,10 +31,6 @@ from runtime.rollout import (
     copy_weights_from, forward_only, freeze_untrained, has_modes, rollout_input, run_generate, seq_len_of,
     use_of,
 )
-
-
-class ModelFileError(LoomError):
-    """A model file is missing, unreadable or made for another job."""
 
 
 def save_model(path: str | Path, per_rank: list[dict[str, torch.Tensor]]) -> None:
@@ -52,20 +48,6 @@ def merge_parameters(per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch
     for params in per_rank:
         merged.update(params)
     return dict(sorted(merged.items()))
-
-
-def load_model(path: str | Path) -> dict[str, torch.Tensor]:
-    """The parameters :func:`save_model` wrote; a ModelFileError naming the file when it is missing or not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file; `loom run` writes {MODEL_FILE} into its --out directory.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a corrupt file
-        raise ModelFileError(f"{path}: not a Loom model file ({type(err).__name__}).") from None
-    if not isinstance(state, dict) or "parameters" not in state:
-        raise ModelFileError(f"{path}: not a Loom model file (no 'parameters').")
-    return state["parameters"]
 
 
 class ReferenceTrainer:
