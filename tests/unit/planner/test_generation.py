@@ -228,7 +228,7 @@ def test_loom_is_never_slower_than_colocated_or_split(devices):
     assert max(plan.peak_memory_bytes) <= plan.cluster.memory_bytes
     # the plan records modes and hand-offs and loads back (version bumped)
     again = plan_from_json(plan.to_json())
-    assert again.version == PLAN_VERSION == 9
+    assert again.version == PLAN_VERSION == 10
     assert [m.mode for m in again.metaops] == ["generate", "forward", "forward", "train"]
     assert again.predicted.handoff_s == pytest.approx(outcome.simulation.handoff_s)
     assert len(again.handoffs) == len(outcome.simulation.handoffs)
