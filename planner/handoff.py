@@ -112,13 +112,15 @@ def _source(op: MetaOp, weights_from: Mapping[str, str]) -> str | None:
 
 
 def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mapping[str, str], weight_bytes: float,
-              devices_per_node: int, size: ModuleSize | None = None, held: Sequence[Holding] | None = None
-              ) -> list[HandOff]:
+              devices_per_node: int, size: ModuleSize | None = None, held: Sequence[Holding] | None = None,
+              tp_whole_params: Mapping[str, float] | None = None) -> list[HandOff]:
     """Every hand-off of ``placed`` (module docstring rule), sorted by (MetaOp, device); empty when no device lacks
     a trained module it runs. ``held``: ``placed``'s holdings when the caller has them (the simulator), else derived
     here. ``size``: module name -> (parameters, tensors) as the runtime builds it
     (:meth:`~planner.costmodel.CostModel.module_size`); a layer unknown to it counts ``layer.params``, an input module
-    or a head 0 (as the gradient buckets count them)."""
+    or a head 0 (as the gradient buckets count them). ``tp_whole_params``: component -> parameters of a layer every TP
+    rank keeps whole (planner.metagraph.MetaGraph.tp_whole_params), which a layered receiver at tensor_parallel t
+    takes whole beside ``1 / t`` of the rest (none: ``1 / t`` of the layer)."""
     if not _receives(ops, weights_from):
         return []
     size = size or (lambda name: (0.0, 0.0))
@@ -148,7 +150,9 @@ def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mappi
                 g = _source_group(op.param_group, op.component, source)
                 if g not in groups:
                     continue
-                modules += [((g, j), groups[g] / s.layout.tp_degree)
+                tp = s.layout.tp_degree
+                whole = (tp_whole_params or {}).get(source, 0.0) if tp > 1 else 0.0
+                modules += [((g, j), (groups[g] - whole) / tp + whole)  # its TP rank's shard: the norms whole
                             for j in range(s.first_layer, s.first_layer + s.num_layers)]
                 if s.first_layer == 0 and "embed:" + op.component in op.input_modules:
                     modules.append((("embed:" + source, 0), size("embed:" + source)[0]))

@@ -252,23 +252,31 @@ def test_tensor_parallel_trainers_gather_exactly_the_priced_bytes(tmp_path, deco
     assert plan.predicted.handoff_s == pytest.approx(alone + gather_s, rel=1e-12)
 
 
-def test_weights_from_a_tensor_parallel_trainer_gathers_exactly_the_priced_bytes(tmp_path):
-    """components.copy.weights_from: policy, the policy trained at tensor_parallel 2 on devices 0-1 and the copy
-    scoring whole on device 1: its lowest holder (device 0) sends every layer whole after the TP group gathered it;
-    the copy on device 1 receives the whole layers (not a shard) and the policy's input module, and the bytes
-    gathered and sent are the priced ones."""
+@pytest.mark.parametrize("trainer_tp", [2, 1])
+def test_weights_from_across_tensor_parallel_layouts_moves_exactly_the_priced_bytes(tmp_path, trainer_tp):
+    """components.copy.weights_from: policy, the two in different layouts. The policy trained at tensor_parallel 2
+    on devices 0-1 and the copy scoring whole on device 1: the lowest holder (device 0) sends every layer whole
+    after the TP group gathered it, and the copy also takes the policy's input module. The policy trained whole on
+    device 0 and the copy at tensor_parallel 2 on devices 1-2: device 0 cuts each copy device its TP rank's shard
+    (the two norms whole, the rest halved), nothing is gathered. The bytes gathered and sent are the priced ones."""
     data = handoff_job("fp32").model_dump(exclude_defaults=True)
+    data["cluster"]["devices_per_node"] = 3
     data["components"]["policy"]["tensor_parallel"] = [1, 2]
+    data["components"]["copy"]["tensor_parallel"] = [1, 2]
     job = parse_job(data)
     sizes = module_sizes(job)
+    hidden = job.components["policy"].hidden_size
     ops = {op.use: op for op in build_metagraph(job).metaops}
-    placed = PlacedSchedule((PlacedWave((PlacedSlice(ops["policy"].id, 0, 2, (0, 1), Layout(1, 2)),)),
-                             PlacedWave((PlacedSlice(ops["copy"].id, 0, 2, (1,), Layout(1, 1)),))))
+    trainers, copies = ((0, 1), (1,)) if trainer_tp == 2 else ((0,), (1, 2))
+    placed = PlacedSchedule((
+        PlacedWave((PlacedSlice(ops["policy"].id, 0, 2, trainers, Layout(1, len(trainers))),)),
+        PlacedWave((PlacedSlice(ops["copy"].id, 0, 2, copies, Layout(1, len(copies))),))))
     plan = plan_placed(job, placed, sized_cost_model(job), method="hand-made")
     run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
-    split = sizes["policy"][0] - 2 * job.components["policy"].hidden_size
-    want, got = gathered_bytes(plan, tmp_path, range(2))
-    assert want == got == Counter({0: 2 * 4 * split, 1: 2 * 4 * split})  # two layers
+    split = sizes["policy"][0] - 2 * hidden  # a layer but its two norms
+    want, got = gathered_bytes(plan, tmp_path, range(3))
+    assert want == got == (Counter({0: 2 * 4 * split, 1: 2 * 4 * split}) if trainer_tp == 2 else Counter())
     priced, sent = handoff_bytes(plan, tmp_path, [0])
-    # both layers whole, and the input module (the copy's first slice runs its own)
-    assert priced == sent == Counter({1: 4 * (2 * sizes["policy"][0] + sizes["embed:policy"][0])})
+    layer = sizes["policy"][0] if trainer_tp == 2 else split / 2 + 2 * hidden  # whole, or a TP rank's shard
+    # two layers and the input module (the copy's first slice runs its own)
+    assert priced == sent == Counter({d: 4 * (2 * layer + sizes["embed:policy"][0]) for d in copies})
