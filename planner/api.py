@@ -32,8 +32,8 @@ from planner.leastcompute import (
 )
 from planner.refine import Evaluated, evaluation_cost, refine_compute, refine_transfers
 from planner.plan import (
-    Bounds, Plan, PlanCluster, PlanHandoff, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave, Prediction, SolverReport,
-    SyncGroup,
+    Bounds, Plan, PlanCluster, PlanHandoff, PlanHandoffGather, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave,
+    Prediction, SolverReport, SyncGroup,
 )
 from planner.program import plan_buckets, plan_holdings, plan_pieces, process_groups
 from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
@@ -492,6 +492,7 @@ def build_plan(
         process_groups=process_groups(sim.holdings, placed),
         sync_groups=[SyncGroup(**vars(g)) for g in sim.sync_groups],
         handoffs=[PlanHandoff(**vars(h)) for h in sim.handoffs],
+        handoff_gathers=[PlanHandoffGather(**vars(g)) for g in sim.handoff_gathers],
         predicted=Prediction(iteration_time_s=sim.iteration_time_s, compute_s=sim.compute_s,
                              transfer_s=sim.transfer_s, sync_s=sim.sync_s, optimizer_s=sim.optimizer_s,
                              gather_s=sim.gather_s, loss_s=loss.forward_s, loss_transfer_in_s=loss.transfer_in_s,

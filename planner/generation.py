@@ -187,6 +187,24 @@ def runs_tensor_parallel(op) -> bool:
     return op.gen is None or op.gen.tensor_parallel
 
 
+def layer_tp_groups(ops, placed) -> dict[tuple[str, int, int], tuple[int, ...]]:
+    """(parameter group, layer, device) -> the devices of the TP group in which the device runs that layer, for every
+    layered slice (train or forward; a generate or sample slice's stand-in is skipped) of ``placed`` (a whole group
+    of one at tensor_parallel 1): the layout the runtime builds those layers in (runtime.assignment.layer_tp_groups)."""
+    out: dict[tuple[str, int, int], tuple[int, ...]] = {}
+    for wave in placed.waves:
+        for s in wave.slices:
+            op = ops[s.metaop]
+            if op.gen is not None:
+                continue
+            tp = s.layout.tp_degree
+            for j in range(s.first_layer, s.first_layer + s.num_layers):
+                for i in range(0, len(s.devices), tp):
+                    for d in s.devices[i:i + tp]:
+                        out[(op.param_group, j, d)] = tuple(s.devices[i:i + tp])
+    return out
+
+
 def decode_refused(ops, placed) -> str | None:
     """Why the runtime cannot give the devices of a generate slice of ``placed`` the weights they decode with (None:
     it can). A device of a generate slice at tensor_parallel t decodes with TP rank r's shard of its group of t
@@ -196,19 +214,14 @@ def decode_refused(ops, placed) -> str | None:
     trainer's own shard at the same degree and rank, cut from a whole layer, or from the layer its TP group gathers
     first). A device that runs the layer in another group would need a second, differently cut copy of it beside
     the one it holds: not run."""
-    held: dict[tuple[str, int, int], tuple[int, ...]] = {}  # (group, layer, device) -> the TP group it runs it in
+    held = layer_tp_groups(ops, placed)  # (group, layer, device) -> the TP group it runs it in
     layers: dict[str, set[tuple[str, int]]] = {}  # component -> its layers other uses run (train or forward)
     for wave in placed.waves:
         for s in wave.slices:
             op = ops[s.metaop]
-            if op.gen is not None:
-                continue
-            tp = s.layout.tp_degree
-            for j in range(s.first_layer, s.first_layer + s.num_layers):
-                layers.setdefault(op.component, set()).add((op.param_group, j))
-                for i in range(0, len(s.devices), tp):
-                    for d in s.devices[i:i + tp]:
-                        held[(op.param_group, j, d)] = tuple(s.devices[i:i + tp])
+            if op.gen is None:
+                layers.setdefault(op.component, set()).update(
+                    (op.param_group, j) for j in range(s.first_layer, s.first_layer + s.num_layers))
     for wave in placed.waves:
         for s in wave.slices:
             op = ops[s.metaop]

@@ -23,10 +23,18 @@ float32 parameters in every precision) / the receiver's TP degree. A module some
 device's node comes over NVLink, otherwise over the network. Devices that hold every module they need receive
 nothing (verl's colocated shape: the weights are already there).
 
-Price (:func:`hand_off_seconds`): each receiving device's NVLink bytes at the intra-node bandwidth, each node's
-network bytes at the node's bandwidth, plus one latency; the hand-off takes the longest of these. It ends the
-iteration: the next iteration's first use of the weights waits for it, so the simulator adds it to the iteration
-(``handoff_s``). Senders' links are not modelled (a layer usually has many holders).
+Gathers (:func:`hand_off_gathers`): a sender holding a TP shard of a layer other than the one its receiver takes
+(runtime.tp_decode.needs_gather: a whole-layer receiver, or another degree or rank) first all-gathers the whole layer
+in its TP group, once per layer and group, every device of the group gathering the layer's split parameters (all
+but ``tp_whole_params``: norms and row-parallel biases, planner.kinds) x ``weight_bytes``. The runtime's sender is
+the one :func:`sender` picks among the layer's holders, or, for a decode at the trainers' degree, among the trainers
+of its own shard (no gather), and for ``weights_from`` the lowest holder.
+
+Price (:func:`hand_off_seconds`): the gathers first (each device's all-gathers one after another,
+``CostModel.allgather_time``; the busiest device's), then each receiving device's NVLink bytes at the intra-node
+bandwidth, each node's network bytes at the node's bandwidth, plus one latency; the sends take the longest of these.
+It ends the iteration: the next iteration's first use of the weights waits for it, so the simulator adds it to the
+iteration (``handoff_s``). Senders' links are not modelled (a layer usually has many holders).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from planner.generation import decode_shard_params
+from planner.generation import decode_shard_params, layer_tp_groups
 from planner.metagraph import MetaOp
 from planner.placement import PlacedSchedule
 from planner.program import Holding, ModuleSize, holdings
@@ -53,6 +61,18 @@ class HandOff:
     network_bytes: float = 0.0  # the part of ``bytes`` that crosses nodes
 
 
+@dataclass(frozen=True)
+class HandOffGather:
+    """The all-gather that TP group ``devices`` runs after the optimizer step to rebuild layer ``layer`` of
+    ``param_group`` whole before one of them cuts a hand-off from it (module docstring): each device gathers
+    ``bytes`` in all (every member's part of the split parameters, as the runtime holds them)."""
+
+    param_group: str
+    layer: int
+    devices: tuple[int, ...]
+    bytes: float
+
+
 def sender(holders, device: int, devices_per_node: int) -> int:
     """The holder that sends a module to ``device`` in an implicit hand-off: the lowest of ``holders`` in ``device``'s
     node (NVLink), else the lowest (the network). runtime.rollout.Roles sends from it; :func:`hand_offs` prices the
@@ -66,25 +86,45 @@ def _source_group(group: str, component: str, source: str) -> str:
     return source + group[len(component):] if group.startswith(component) else group
 
 
-def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mapping[str, str], weight_bytes: float,
-              devices_per_node: int, size: ModuleSize | None = None, held: Sequence[Holding] | None = None
-              ) -> list[HandOff]:
-    """Every hand-off of ``placed`` (module docstring rule), sorted by (MetaOp, device); empty when no device lacks
-    a trained module it runs. ``held``: ``placed``'s holdings when the caller has them (the simulator), else derived
-    here. ``size``: module name -> (parameters, tensors) as the runtime builds it
-    (:meth:`~planner.costmodel.CostModel.module_size`); a layer unknown to it counts ``layer.params``, an input module
-    or a head 0 (as the gradient buckets count them)."""
-    if not any((op.frozen and op.mode != "train") or op.component in weights_from for op in ops):
-        return []  # no receiver (every job without modes or weights_from): nothing to walk
-    size = size or (lambda name: (0.0, 0.0))
-    trained_groups: dict[str, dict[str, float]] = {}  # component -> its trained groups' parameters per layer
-    layers_of: dict[str, int] = {}  # trained group -> its layer count
+def _receives(ops: Sequence[MetaOp], weights_from: Mapping[str, str]) -> bool:
+    """Whether any MetaOp of ``ops`` receives weights (module docstring); every job without modes or weights_from
+    has none, and nothing to walk."""
+    return any((op.frozen and op.mode != "train") or op.component in weights_from for op in ops)
+
+
+def _trained(ops: Sequence[MetaOp], size: ModuleSize) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+    """(component -> its trained groups' parameters per layer, trained group -> its layer count)."""
+    trained_groups: dict[str, dict[str, float]] = {}
+    layers_of: dict[str, int] = {}
     for op in ops:
         if not op.frozen:
             params = size(op.param_group)[0] or op.layer.params
             trained_groups.setdefault(op.component, {})[op.param_group] = max(
                 params, trained_groups.get(op.component, {}).get(op.param_group, 0.0))
             layers_of[op.param_group] = max(layers_of.get(op.param_group, 0), op.num_layers)
+    return trained_groups, layers_of
+
+
+def _source(op: MetaOp, weights_from: Mapping[str, str]) -> str | None:
+    """The trained component whose weights MetaOp ``op`` receives: its ``weights_from``, itself for a use computing
+    no gradient (a forward, generate or sample use), else None."""
+    return weights_from.get(op.component) or (op.component if op.frozen and op.mode != "train" else None)
+
+
+def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mapping[str, str], weight_bytes: float,
+              devices_per_node: int, size: ModuleSize | None = None, held: Sequence[Holding] | None = None,
+              tp_whole_params: Mapping[str, float] | None = None) -> list[HandOff]:
+    """Every hand-off of ``placed`` (module docstring rule), sorted by (MetaOp, device); empty when no device lacks
+    a trained module it runs. ``held``: ``placed``'s holdings when the caller has them (the simulator), else derived
+    here. ``size``: module name -> (parameters, tensors) as the runtime builds it
+    (:meth:`~planner.costmodel.CostModel.module_size`); a layer unknown to it counts ``layer.params``, an input module
+    or a head 0 (as the gradient buckets count them). ``tp_whole_params``: component -> parameters of a layer every TP
+    rank keeps whole (planner.metagraph.MetaGraph.tp_whole_params), which a layered receiver at tensor_parallel t
+    takes whole beside ``1 / t`` of the rest (none: ``1 / t`` of the layer)."""
+    if not _receives(ops, weights_from):
+        return []
+    size = size or (lambda name: (0.0, 0.0))
+    trained_groups, layers_of = _trained(ops, size)
     steppers: dict[tuple[str, int], set[int]] = {}  # module -> the plan's holders, which step it (runtime.rollout)
     for h in holdings(ops, placed) if held is None else held:
         steppers.setdefault(h.key[:2], set()).update(h.devices)
@@ -94,8 +134,7 @@ def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mappi
     for wave in placed.waves:
         for s in wave.slices:
             op = ops[s.metaop]
-            implicit = op.frozen and op.mode != "train"  # a forward, generate or sample use computing no gradient
-            source = weights_from.get(op.component) or (op.component if implicit else None)
+            source = _source(op, weights_from)
             groups = trained_groups.get(source or "", {})
             if not groups:
                 continue
@@ -111,7 +150,9 @@ def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mappi
                 g = _source_group(op.param_group, op.component, source)
                 if g not in groups:
                     continue
-                modules += [((g, j), groups[g] / s.layout.tp_degree)
+                tp = s.layout.tp_degree
+                whole = (tp_whole_params or {}).get(source, 0.0) if tp > 1 else 0.0
+                modules += [((g, j), (groups[g] - whole) / tp + whole)  # its TP rank's shard: the norms whole
                             for j in range(s.first_layer, s.first_layer + s.num_layers)]
                 if s.first_layer == 0 and "embed:" + op.component in op.input_modules:
                     modules.append((("embed:" + source, 0), size("embed:" + source)[0]))
@@ -141,11 +182,67 @@ def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mappi
     return out
 
 
-def hand_off_seconds(offs: Sequence[HandOff], cost_model, devices_per_node: int) -> float:
-    """Seconds the hand-offs take (module docstring): the busiest device's NVLink bytes or the busiest node's
-    network bytes, plus one latency."""
+def hand_off_gathers(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mapping[str, str],
+                     weight_bytes: float, devices_per_node: int, tp_whole_params: Mapping[str, float],
+                     size: ModuleSize | None = None, held: Sequence[Holding] | None = None) -> list[HandOffGather]:
+    """Every all-gather the senders of ``placed``'s hand-offs run first (module docstring; what
+    runtime.rollout.Roles.hand_off gathers), sorted; empty when every sender holds what its receivers take (a layer
+    trained at tensor_parallel 1, or a decode fed by the trainers of its own shard). Arguments as
+    :func:`hand_offs`'s; ``tp_whole_params``: component -> parameters of a layer every TP rank keeps whole
+    (planner.metagraph.MetaGraph.tp_whole_params)."""
+    if not _receives(ops, weights_from):
+        return []
+    size = size or (lambda name: (0.0, 0.0))
+    trained_groups, layers_of = _trained(ops, size)
+    steppers: dict[tuple[str, int], set[int]] = {}  # a layer's holders, any TP shard
+    shards: dict[tuple[str, int], set[int]] = {}  # a layer's TP ranks held
+    for h in holdings(ops, placed) if held is None else held:
+        steppers.setdefault(h.key[:2], set()).update(h.devices)
+        shards.setdefault(h.key[:2], set()).add(h.key[2])
+    groups_of = layer_tp_groups(ops, placed)
+    out: dict[tuple[str, int, tuple[int, ...]], float] = {}
+    for wave in placed.waves:
+        for s in wave.slices:
+            op = ops[s.metaop]
+            source = _source(op, weights_from)
+            groups = trained_groups.get(source or "", {})
+            if op.gen is not None:  # a whole use decodes every trained layer of its source
+                keys = [(g, j) for g in groups for j in range(layers_of[g])]
+            else:
+                g = _source_group(op.param_group, op.component, source or "")
+                keys = [(g, j) for j in range(s.first_layer, s.first_layer + s.num_layers)] if g in groups else []
+            tp = s.layout.tp_degree
+            for i, d in enumerate(s.devices):
+                taken = (tp, i % tp) if tp > 1 else None  # the shard the receiver holds (None: whole)
+                for key in keys:
+                    holders = steppers.get(key)
+                    if not holders:
+                        continue
+                    if op.component in weights_from:
+                        src = min(holders)
+                    elif d in holders or (taken is not None and len(shards[key]) == tp):
+                        continue  # it steps the layer itself, or a trainer of its own shard sends it
+                    else:
+                        src = sender(holders, d, devices_per_node)
+                    group = groups_of.get((*key, src), (src,))
+                    if len(group) > 1 and (len(group), group.index(src)) != taken:
+                        out[(*key, group)] = (groups[key[0]] - tp_whole_params.get(source, 0.0)) * weight_bytes
+    return [HandOffGather(g, j, devices, b) for (g, j, devices), b in sorted(out.items())]
+
+
+def hand_off_seconds(offs: Sequence[HandOff], cost_model, devices_per_node: int,
+                     gathers: Sequence[HandOffGather] = ()) -> float:
+    """Seconds the hand-offs take (module docstring): the busiest device's all-gathers, then the busiest device's
+    NVLink bytes or the busiest node's network bytes, plus one latency."""
+    busy: dict[int, float] = {}  # device -> seconds of the gathers it takes part in, one after another
+    for g in gathers:
+        cross = len({d // devices_per_node for d in g.devices}) > 1
+        seconds = cost_model.allgather_time(g.bytes, len(g.devices), cross)
+        for d in g.devices:
+            busy[d] = busy.get(d, 0.0) + seconds
+    gather_s = max(busy.values(), default=0.0)
     if not offs:
-        return 0.0
+        return gather_s
     intra: dict[int, float] = {}
     inter: dict[int, float] = {}
     for h in offs:
@@ -156,4 +253,4 @@ def hand_off_seconds(offs: Sequence[HandOff], cost_model, devices_per_node: int)
     t_intra = max(intra.values()) / hw.intra_bandwidth
     t_inter = max(inter.values()) / hw.inter_bandwidth
     latency = hw.device.inter_latency_s if any(inter.values()) else hw.device.intra_latency_s
-    return latency + max(t_intra, t_inter)
+    return gather_s + latency + max(t_intra, t_inter)

@@ -263,17 +263,20 @@ class KindSpec:
     flat_state: bool = False  # its layers carry a flat per-sample state (planner.unet), not (positions, width)
     denoiser: bool = False  # its leaf predicts noise (mse against the drawn noise); its output feeds no other use
     tp_variant: str | None = None  # megatron-core block variant that runs it tensor parallel; None: no tensor parallel
+    # parameters of one layer per unit of hidden size that every TP rank keeps whole: its norms and row-parallel biases
+    # (runtime.megatron_backend.PARAM_MAPS entries without a split dim); a hand-off's gather moves the rest
+    tp_whole_per_hidden: int = 0
 
 
 KINDS: dict[str, KindSpec] = {k.name: k for k in (
     KindSpec("transformer", _transformer, _sequence_shape, requires=("num_heads",), ffn_size=default_ffn_size,
-             text_tokens=True, tp_variant="transformer"),
+             text_tokens=True, tp_variant="transformer", tp_whole_per_hidden=6),
     KindSpec("vit", _vit, _patches_shape, requires=("num_heads", "patch_size"), root_input="image", in_channels=3,
-             ffn_size=default_ffn_size, tp_variant="transformer"),
+             ffn_size=default_ffn_size, tp_variant="transformer", tp_whole_per_hidden=6),
     KindSpec("llama", _llama, _sequence_shape, requires=("num_heads",), ffn_size=llama_ffn_size, text_tokens=True,
-             causal_lm=True, tp_variant="llama"),
+             causal_lm=True, tp_variant="llama", tp_whole_per_hidden=2),
     KindSpec("decoder", _decoder, _sequence_shape, requires=("num_heads",), ffn_size=default_ffn_size, bridge=True,
-             memory=True, queries=True, tp_variant="decoder"),
+             memory=True, queries=True, tp_variant="decoder", tp_whole_per_hidden=11),
     KindSpec("mlp", _mlp, _features_shape, root_input="features"),
     KindSpec("unet2d", _unet2d, _pixels_shape, root_input="latents", in_channels=4, bridge=True, context=True,
              flat_state=True, denoiser=True),

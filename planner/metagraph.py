@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from planner.components import LayerSegment, expand_use, out_shapes
 from planner.generation import Generation, whole_use
+from planner.kinds import KINDS
 from planner.spec import JobSpec
 from planner.usegraph import input_modules
 
@@ -65,6 +66,9 @@ class MetaGraph:
     # components.<name>.weights_from: receiving component -> the component whose trained weights it receives
     weights_from: dict[str, str] = field(default_factory=dict)
     rollout_lag: int = 0  # training.rollout_lag: 1 lets a root generate MetaOp run beside the previous step
+    # component -> parameters of one of its layers every TP rank keeps whole (planner.kinds.KindSpec.tp_whole_per_hidden
+    # x hidden_size): what a hand-off's all-gather of a tensor-parallel layer leaves out (planner.handoff)
+    tp_whole_params: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.metaops)
@@ -163,7 +167,9 @@ def build_metagraph(job: JobSpec) -> MetaGraph:
     return replace(graph, metaops=tuple(replace(op, input_modules=tuple(input_modules(job, graph, op)))
                                         for op in graph.metaops), num_micro_batches=job.training.grad_accum_steps,
                    weights_from={n: c.weights_from for n, c in job.components.items() if c.weights_from},
-                   rollout_lag=job.training.rollout_lag)
+                   rollout_lag=job.training.rollout_lag,
+                   tp_whole_params={n: float(KINDS[c.kind].tp_whole_per_hidden * (c.hidden_size or 0))
+                                    for n, c in job.components.items() if c.kind in KINDS})
 
 
 def finalize_graph(ops: Sequence[MetaOp]) -> MetaGraph:

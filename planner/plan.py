@@ -17,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from planner.errors import SpecError
 
-PLAN_VERSION = 9  # 2: predicted.gather_s; 3: pieces (the program every worker executes); 4: bounds.iteration_s;
+PLAN_VERSION = 10  # 2: predicted.gather_s; 3: pieces (the program every worker executes); 4: bounds.iteration_s;
 # 5: phases; 6: use modes (metaops[].mode) and weight hand-offs (handoffs, predicted.handoff_s); 7: predicted.reduce_s;
-# 8: grad_buckets[].shards (ZeRO-1's optimizer shards); 9: slices[].rows (uneven row shares, planner.rows)
+# 8: grad_buckets[].shards (ZeRO-1's optimizer shards); 9: slices[].rows (uneven row shares, planner.rows);
+# 10: handoff_gathers (the TP all-gathers before a hand-off, priced in predicted.handoff_s)
 
 
 class _PlanModel(BaseModel):
@@ -85,6 +86,17 @@ class PlanHandoff(_PlanModel):
     bytes: float
     cross_node: bool
     network_bytes: float = 0.0
+
+
+class PlanHandoffGather(_PlanModel):
+    """The all-gather TP group ``devices`` runs after the optimizer step to rebuild layer ``layer`` of
+    ``param_group`` whole before a hand-off is cut from it (planner.handoff.hand_off_gathers): each device gathers
+    ``bytes`` in all."""
+
+    param_group: str
+    layer: int
+    devices: list[int]
+    bytes: float
 
 
 class PlanSlice(_PlanModel):
@@ -261,6 +273,9 @@ class Plan(Sealed, _PlanModel):
     sync_groups: list[SyncGroup]
     handoffs: list[PlanHandoff] = Field(default_factory=list, description="Weight hand-offs after every step "
                                         "(planner.handoff), by MetaOp and device.")
+    handoff_gathers: list[PlanHandoffGather] = Field(
+        default_factory=list, description="The all-gathers of tensor-parallel layers that the hand-offs' senders run "
+        "first (planner.handoff), by layer and TP group.")
     holdings: list[PlanHolding] = Field(description="Every module shard and its holders (planner.program).")
     grad_buckets: list[PlanBucket] = Field(description="The gradient buckets every holder all-reduces, in launch order.")
     process_groups: list[list[int]] = Field(default_factory=list, description="Every device set with several members "

@@ -64,7 +64,7 @@ from planner.program import LOSS_WAVE, Bucket, Holding, grad_buckets, holdings, 
 from planner.schedule import Problem
 from planner.sync import SyncBucket, SyncOutcome, finish_buckets, gathers_overlap
 from planner.timeline import Clocks, exchange_of
-from planner.handoff import HandOff, hand_off_seconds, hand_offs
+from planner.handoff import HandOff, HandOffGather, hand_off_gathers, hand_off_seconds, hand_offs
 from planner.rolloutlag import lagged
 
 
@@ -136,6 +136,7 @@ class Simulation:
     buckets: tuple[Bucket, ...] = ()  # their gradient buckets, in launch order
     handoff_s: float = 0.0  # the weight hand-offs after the step (planner.handoff), on the critical path
     handoffs: tuple[HandOff, ...] = ()
+    handoff_gathers: tuple[HandOffGather, ...] = ()  # the TP all-gathers the hand-offs' senders run first
     lag_hidden_s: float = 0.0  # rollout_lag 1: the synchronous iteration minus the pipeline's period (rolloutlag)
     reduce_s: float = 0.0  # the step's closing all-reduces over every device (the losses, the clipping norm)
 
@@ -450,8 +451,10 @@ def _simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -
     sync_infos, sync_order = _sync_infos(problem.graph.metaops, program, outcome, cost_model.grad_bytes)
     dpn = max(1, cost_model.hw.devices_per_node)
     offs = hand_offs(problem.graph.metaops, placed, problem.graph.weights_from, cost_model.param_bytes_moved, dpn,
-                     cost_model.module_size, held)
-    handoff_s = hand_off_seconds(offs, cost_model, dpn)
+                     cost_model.module_size, held, problem.graph.tp_whole_params)
+    gathers = hand_off_gathers(problem.graph.metaops, placed, problem.graph.weights_from, cost_model.param_bytes_moved,
+                               dpn, problem.graph.tp_whole_params, cost_model.module_size, held)
+    handoff_s = hand_off_seconds(offs, cost_model, dpn, gathers)
     peak = [float(x) for x in ledger.peak()]
     lag = lagged(problem.graph, placed, durations, outcome.iteration_time_s, handoff_s)
     reduce_s = cost_model.step_reduce_time(problem.num_devices)
@@ -476,5 +479,6 @@ def _simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -
         handoff_s=handoff_s,
         reduce_s=reduce_s,
         handoffs=tuple(offs),
+        handoff_gathers=tuple(gathers),
         lag_hidden_s=lag.hidden_s if lag else 0.0,
     )

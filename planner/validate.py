@@ -393,6 +393,9 @@ def _check_groups_and_transfers(c: _Checker) -> None:
         c.device(f"{path}.device", h.device)
         c.number(f"{path}.bytes", h.bytes)
         c.number(f"{path}.network_bytes", h.network_bytes)
+    for j, g in enumerate(c.plan.handoff_gathers):
+        c.devices(f"handoff_gathers[{j}].devices", g.devices)
+        c.number(f"handoff_gathers[{j}].bytes", g.bytes)
     for j, g in enumerate(c.plan.sync_groups):
         path = f"sync_groups[{j}]"
         if any(not 0 <= m < num_ops for m in g.metaops):

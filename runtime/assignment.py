@@ -12,6 +12,7 @@ MetaOp's batch B. A task's loss runs on the first TP device of each data-paralle
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from planner.phases import LOSS_WAVE, loss_event, phase_of_waves, phase_ranges
@@ -54,6 +55,32 @@ def dp_rank_of(s: PlanSlice, device: int) -> int:
 
 def tp_group_of(s: PlanSlice, dp_rank: int) -> tuple[int, ...]:
     return tuple(s.devices[dp_rank * s.tp_degree:(dp_rank + 1) * s.tp_degree])
+
+
+def layer_tp_groups(plan: Plan, decoded: Callable[[int], Sequence[tuple[str, int]] | None],
+                    device: int | None = None) -> dict[tuple[tuple[str, int], int], tuple[int, ...]]:
+    """(layer key, device) -> the TP group (devices) in which the device runs that layer, for every slice of ``plan``
+    at tensor_parallel > 1 (only ``device``'s slices when given): a slice runs its MetaOp's layers, or, where
+    ``decoded(metaop)`` names keys (a generate use), the component's layers it decodes with (runtime.tp_decode), not
+    its one-layer stand-in. The executor builds its megatron-core blocks in these groups and runtime.rollout.Roles
+    cuts each hand-off for them. NotImplementedError when a device would run one layer in two TP groups."""
+    out: dict[tuple[tuple[str, int], int], tuple[int, ...]] = {}
+    for wave in plan.waves:
+        for s in wave.slices:
+            if s.tp_degree == 1 or (device is not None and device not in s.devices):
+                continue
+            op = plan.metaops[s.metaop]
+            keys = decoded(s.metaop) or [(op.param_group, j) for j in range(s.first_layer,
+                                                                             s.first_layer + s.num_layers)]
+            for i in range(0, len(s.devices), s.tp_degree):
+                group = tuple(s.devices[i:i + s.tp_degree])
+                for d in group if device is None else [device] if device in group else []:
+                    for key in keys:
+                        if out.setdefault((key, d), group) != group:
+                            raise NotImplementedError(
+                                f"device {d} runs layer {key[1]} of {key[0]} in two TP groups {out[key, d]} and "
+                                f"{group}; the runtime needs one.")
+    return out
 
 
 def is_lead(s: PlanSlice, device: int) -> bool:

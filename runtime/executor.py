@@ -41,8 +41,8 @@ from planner.plan import PlanMetaOp
 from planner.rolloutlag import generation_pool
 from planner.rows import row_shares
 from runtime.assignment import (
-    LOSS_WAVE, CommSchedule, SliceRef, dp_rank_of, holders, input_order, is_lead, layer_tp_degrees, loss_groups,
-    sample_range, tp_group_of,
+    LOSS_WAVE, CommSchedule, SliceRef, dp_rank_of, holders, input_order, is_lead, layer_tp_degrees, layer_tp_groups,
+    loss_groups, sample_range, tp_group_of,
 )
 from runtime.channel import PieceChannel
 from runtime.data import task_batch
@@ -173,26 +173,15 @@ class WaveWorker(PieceTransfers, GradientSync):
             self.optimizer.settle()
 
     def _my_tp_groups(self) -> dict[tuple[str, int], tuple[int, ...]]:
-        """The TP group (devices) in which this device runs each tensor-parallel layer it holds: a generate slice's
-        group holds the component's layers it decodes with (runtime.tp_decode), not its one-layer stand-in."""
-        out: dict[tuple[str, int], tuple[int, ...]] = {}
-        for ref in self.mine:
-            s = self.comm.slices[ref]
-            if s.tp_degree == 1:
-                continue
-            group = tp_group_of(s, dp_rank_of(s, self.rank))
-            op = self.plan.metaops[s.metaop]
-            if self.roles is not None and s.metaop in self.roles.generate:
-                keys = layer_keys(self.payload, op)
-            else:
-                keys = [(op.param_group, layer) for layer in range(s.first_layer, s.first_layer + s.num_layers)]
-            for key in keys:
-                if out.setdefault(key, group) != group:
-                    raise NotImplementedError(
-                        f"device {self.rank} runs layer {key[1]} of {key[0]} in two TP groups {out[key]} and "
-                        f"{group}; the runtime needs one."
-                    )
-        return out
+        """The TP group (devices) in which this device runs each tensor-parallel layer it holds
+        (runtime.assignment.layer_tp_groups): a generate slice's group holds the component's layers it decodes with
+        (runtime.tp_decode), not its one-layer stand-in."""
+        generate = self.roles.generate if self.roles is not None else set()
+
+        def decoded(metaop: int):
+            return layer_keys(self.payload, self.plan.metaops[metaop]) if metaop in generate else None
+
+        return {key: group for (key, _), group in layer_tp_groups(self.plan, decoded, self.rank).items()}
 
     def _build(self, key: tuple[str, int]) -> torch.nn.Module:
         name, layer = key

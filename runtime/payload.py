@@ -48,20 +48,23 @@ class RolesData(BaseModel):
     widths: dict[int, int]
     sample: dict[int, bool]
     tp_decode: dict[int, tuple[int, ...]] = {}
+    shards: list[tuple[Key, int, tuple[int, int]]] = []
 
     @classmethod
     def of(cls, roles) -> RolesData:
         """The JSON form of a runtime.rollout.Roles."""
         return cls(generate=sorted(roles.generate), readers=roles.readers, extra=sorted(roles.extra.items()),
                    synced=sorted(roles.synced.items()), hand_offs=roles.hand_offs, rollout_moves=roles.rollout_moves,
-                   widths=roles.widths, sample=roles.sample, tp_decode=roles.tp_decode)
+                   widths=roles.widths, sample=roles.sample, tp_decode=roles.tp_decode,
+                   shards=sorted((k, d, shard) for (k, d), shard in roles.shards.items()))
 
     def fields(self) -> dict:
         """Keyword arguments of runtime.rollout.Roles (sets and tuple-keyed dicts again)."""
         return {"generate": set(self.generate), "readers": dict(self.readers), "extra": dict(self.extra),
                 "synced": dict(self.synced), "hand_offs": list(self.hand_offs),
                 "rollout_moves": {t: (g, w, list(m)) for t, (g, w, m) in self.rollout_moves.items()},
-                "widths": dict(self.widths), "sample": dict(self.sample), "tp_decode": dict(self.tp_decode)}
+                "widths": dict(self.widths), "sample": dict(self.sample), "tp_decode": dict(self.tp_decode),
+                "shards": {(k, d): shard for k, d, shard in self.shards}}
 
 
 class WorkerPayload(BaseModel):

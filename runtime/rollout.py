@@ -28,10 +28,14 @@ steps the module sends it its new weights (point-to-point; planner.handoff.sende
 else the lowest). ``components.X.weights_from: Y`` adds hand-offs
 from the lowest device that steps each module of Y to every device holding X's counterpart. A device that holds a
 component's layers for generation and is one of the plan's holders of them steps them itself (it is in their
-gradient all-reduce, with a zero gradient of its own), so it needs no hand-off. A device decoding at tensor_parallel
-t (:attr:`Roles.tp_decode`) receives its TP rank's shard of each layer (runtime.tp_decode.flat_shard): from a
-trainer of that shard, else cut by its sender, after the sender's TP group gathered the layer when the sender holds
-another shard; planner.generation.decode_refused names the placements this cannot serve.
+gradient all-reduce, with a zero gradient of its own), so it needs no hand-off. Every receiver takes a layer as it
+holds it (:attr:`Roles.shards`, from the plan's TP groups, runtime.assignment.layer_tp_groups): a device decoding at
+tensor_parallel t (:attr:`Roles.tp_decode`) its TP rank's shard of each layer it decodes (runtime.tp_decode.flat_shard),
+from a trainer of that shard where the trainers run at t, a device running a ``weights_from`` copy tensor-parallel its
+shard of the copy, any other receiver the whole layer (also a whole copy on a device that decodes tensor-parallel). A
+sender holding another shard than its receiver takes first gathers the layer in its TP group (runtime.tp_decode.
+needs_gather; planner.handoff prices those gathers); planner.generation.decode_refused names the placements this
+cannot serve.
 """
 
 from __future__ import annotations
@@ -220,6 +224,9 @@ class Roles:
     # device -> the TP group it decodes in, for a generate slice at tensor_parallel > 1 (runtime.tp_decode): its
     # layer hand-offs carry its TP rank's shard
     tp_decode: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # (receiver key, receiving device) -> (tp_size, tp_rank): the TP shard of a layer a hand-off's receiver holds
+    # (runtime.assignment.layer_tp_groups: a layer it decodes or runs tensor-parallel); absent: the whole layer
+    shards: dict[tuple[Key, int], tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, job: JobSpec, plan) -> Roles:
@@ -227,7 +234,7 @@ class Roles:
         from planner.handoff import sender
         from planner.metagraph import build_metagraph
         from planner.validate import placed_schedule
-        from runtime.assignment import sample_range
+        from runtime.assignment import layer_tp_groups, sample_range
 
         graph = build_metagraph(job)
         ops = graph.metaops
@@ -294,6 +301,11 @@ class Roles:
         for name, comp in sorted(job.components.items()):
             if comp.weights_from:
                 hand_offs += _weights_from_moves(name, comp.weights_from, held, extra, steppers)
+        # each receiver takes the layer as it holds it: a TP shard where it runs (or decodes) the layer
+        # tensor-parallel, else whole, whatever else its device decodes (a weights_from copy beside a TP decode)
+        tp_groups = layer_tp_groups(plan, lambda g: layer_keys(job, ops[g]) if g in generate else None)
+        received = {(k, d): (len(tp_groups[k, d]), tp_groups[k, d].index(d)) for k, _, _, d in hand_offs
+                    if (k, d) in tp_groups}
         moves = {}
         hosts = program.loss_hosts(ops, placed)
         for g in sorted(generate):
@@ -314,7 +326,7 @@ class Roles:
             from runtime.sampleop import latent_shape
 
             widths |= {g: math.prod(latent_shape(job, ops[g])) for g in sample}
-        return cls(generate, readers, extra, synced, hand_offs, moves, widths, sample, tp_decode)
+        return cls(generate, readers, extra, synced, hand_offs, moves, widths, sample, tp_decode, received)
 
     def wire_pieces(self, plan, pieces: list) -> list:
         """The plan's pieces of one boundary as they run: a generate MetaOp's output rows at their packed width and a
@@ -368,42 +380,40 @@ class Roles:
         return key in self.synced
 
     def _shard_of(self, key: Key, device: int) -> tuple[int, int] | None:
-        """(tp_size, tp_rank) of the shard of layer ``key`` that ``device`` decodes with (None: the whole module)."""
-        group = self.tp_decode.get(device)
-        if group is None or key[0].startswith(("embed:", "head:", "adapt:")):
-            return None
-        return len(group), group.index(device)
+        """(tp_size, tp_rank) of the shard of layer ``key`` that ``device`` holds and receives (None: the whole
+        module): :attr:`shards`, decided from the plan for the receiving module itself, so a whole copy on a device
+        that decodes another component tensor-parallel still takes the whole layer."""
+        return self.shards.get((key, device))
 
     def hand_off(self, modules: dict[Key, nn.Module], rank: int, device: torch.device,
                  tp_of: dict[Key, tuple[int, ...]] | None = None) -> None:
         """After the optimizer step: every hand-off's weights from its sender to its receiver (point-to-point; every
-        rank walks the same list, so the calls pair up); a tensor-parallel decode's device receives its shard of each
-        layer (runtime.tp_decode.flat_shard, cut by the sender). ``tp_of``: the TP group of each tensor-parallel layer
-        ``rank`` holds (runtime.executor): where a sender's own shard is not what its receiver takes, every rank of the
-        sender's group first gathers the whole layer (runtime.tp_decode.needs_gather; the groups walk the list in the
-        same order, so their all-gathers pair up)."""
+        rank walks the same list, so the calls pair up; a sender that is its own receiver copies), each receiver
+        taking the layer as it holds it (:meth:`_shard_of`; runtime.tp_decode.flat_shard, cut by the sender).
+        ``tp_of``: the TP group of each tensor-parallel layer ``rank`` holds (runtime.executor): where the sender's
+        shard is not what its receiver takes, every rank of the sender's group first gathers the whole layer, once
+        per layer (runtime.tp_decode.needs_gather of the sender's shard, the same on every rank of the group; the
+        groups walk the list in the same order, so their all-gathers pair up)."""
         from runtime.megatron_backend import gather_reference_weights
 
         tp_of = tp_of or {}
         whole: dict[Key, dict[str, torch.Tensor]] = {}
         for dst_key, src_key, src, dst in self.hand_offs:
             group = tp_of.get(src_key)
-            if group is not None and src in group and src_key not in whole and src != dst and needs_gather(
-                    modules[src_key], self._shard_of(dst_key, dst)):
+            if group is not None and src in group and src_key not in whole and needs_gather(
+                    (len(group), group.index(src)), self._shard_of(dst_key, dst)):
                 whole[src_key] = gather_reference_weights(modules[src_key])
         ops, landing = [], []
         for dst_key, src_key, src, dst in self.hand_offs:
             if rank not in (src, dst):
                 continue
-            if src == dst:
-                with torch.no_grad():
-                    for p, q in zip(modules[dst_key].parameters(), modules[src_key].parameters()):
-                        p.copy_(q)
-                continue
             shard = self._shard_of(dst_key, dst)
             if rank == src:
                 flat = flat_shard(modules[src_key], shard, whole.get(src_key)).to(device)
-                ops.append(dist.P2POp(dist.isend, flat, dst))
+                if src == dst:  # its own receiver: a copy, cut as the receiving module holds the layer
+                    landing.append((receive_order(modules[dst_key], shard), flat))
+                else:
+                    ops.append(dist.P2POp(dist.isend, flat, dst))
             else:
                 params = receive_order(modules[dst_key], shard)
                 buf = torch.empty(sum(p.numel() for p in params), device=device)
@@ -414,6 +424,7 @@ class Roles:
                 req.wait()
         with torch.no_grad():
             for params, buf in landing:
+                assert buf.numel() == sum(p.numel() for p in params), (buf.numel(), [p.shape for p in params])
                 offset = 0
                 for p in params:
                     p.copy_(buf[offset:offset + p.numel()].view_as(p))

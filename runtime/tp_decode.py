@@ -17,8 +17,9 @@ broadcasts it (:func:`agree_on_first`), so the ranks agree whatever the collecti
 Hand-off (runtime.rollout.Roles): a decoding rank that does not train the layers receives, after each optimizer step,
 its TP shard only (:func:`shard_of`: the reference layer's parameters fused and cut as megatron lays them out, the
 order of the block's parameter map): a trainer at the same degree and TP rank sends its own shard; a trainer that
-holds the whole layer (tensor_parallel 1) cuts it; a trainer at another degree first gathers the whole layer in its
-TP group (:func:`needs_gather`), then cuts it (a whole-layer receiver, decoding at tensor_parallel 1, takes it all).
+holds the whole layer (tensor_parallel 1) cuts it; a trainer holding another shard first gathers the whole layer in
+its TP group (:func:`needs_gather`), then cuts it (a whole-layer receiver, decoding at tensor_parallel 1 or a
+``weights_from`` copy run whole, takes it all).
 :func:`flat_shard` and :func:`receive_order` are the two ends.
 """
 
@@ -154,13 +155,13 @@ def local_shard(block: nn.Module) -> list[torch.Tensor]:
     return [local[name].detach() for name in block.param_map]
 
 
-def needs_gather(module: nn.Module, receiver: tuple[int, int] | None) -> bool:
-    """Whether a sender holding ``module`` must first gather its TP group's whole layer
-    (runtime.megatron_backend.gather_reference_weights, collective over the group) to cut what ``receiver`` (tp_size,
-    tp_rank; None: the whole layer) takes: a megatron block whose own shard is not that."""
-    from runtime.megatron_backend import MegatronTransformerBlock
-
-    return isinstance(module, MegatronTransformerBlock) and receiver != (module.tp_size, module.tp_rank)
+def needs_gather(held: tuple[int, int] | None, receiver: tuple[int, int] | None) -> bool:
+    """Whether a sender holding shard ``held`` (tp_size, tp_rank) of a layer (None: the whole layer) must first gather
+    its TP group's whole layer (runtime.megatron_backend.gather_reference_weights, collective over the group) to cut
+    what ``receiver`` (tp_size, tp_rank; None: the whole layer) takes: it holds a shard, and not that one. A pure
+    function of the two shards, so every rank of the sender's TP group decides the same (their all-gathers pair up);
+    planner.handoff.hand_off_gathers prices the same gathers."""
+    return held is not None and receiver != held
 
 
 def flat_shard(module: nn.Module, receiver: tuple[int, int] | None,
@@ -174,7 +175,7 @@ def flat_shard(module: nn.Module, receiver: tuple[int, int] | None,
     if whole is None and not isinstance(module, MegatronTransformerBlock):
         whole = {name: p.detach() for name, p in module.named_parameters()}  # a plain module
     if whole is None:
-        assert not needs_gather(module, receiver), "gather the layer first (needs_gather)"
+        assert not needs_gather((module.tp_size, module.tp_rank), receiver), "gather the layer first (needs_gather)"
         tensors = local_shard(module)
     elif receiver is None:
         tensors = [whole[name] for name in sorted(whole)]

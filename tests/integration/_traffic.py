@@ -4,7 +4,9 @@ all-reduces and all-gathers (used by test_byte_contract.py).
 ``count_traffic(out_dir, job)`` is a run_world ``setup``: in each rank's process it wraps those three calls, and each
 call appends one JSON line to ``out_dir/traffic-rank<r>.jsonl``: the kind of traffic (named by the runtime function
 that made the call, :data:`KINDS`; ``other`` for the rest: megatron's tensor-parallel reductions, the loss's row
-gathers, the step's closing all-reduces), the peer or the group's ranks, the bytes and the dtype. An all-gather counts
+gathers, the step's closing all-reduces; ``handoff_gather`` for the all-gathers of a tensor-parallel layer that a weight
+hand-off's sender runs first, runtime.megatron_backend's ``_unshard`` under runtime.rollout.Roles.hand_off), the peer
+or the group's ranks, the bytes and the dtype. An all-gather counts
 the bytes gathered in all (every member's part), as the planner prices it; a point-to-point batch counts its sends.
 """
 
@@ -37,7 +39,12 @@ def count_traffic(out_dir: str, job) -> None:
             f.write(json.dumps({"kind": kind, **entry}) + "\n")
 
     def caller() -> str:
-        return KINDS.get(sys._getframe(2).f_code.co_name, "other")
+        frame = sys._getframe(2)
+        if frame.f_code.co_name == "_unshard":  # a TP layer gathered whole: for a hand-off (Roles.hand_off), or not
+            while frame is not None and frame.f_code.co_name != "hand_off":
+                frame = frame.f_back
+            return "handoff_gather" if frame is not None else "other"
+        return KINDS.get(frame.f_code.co_name, "other")
 
     def nbytes(t: torch.Tensor) -> int:
         return t.numel() * t.element_size()

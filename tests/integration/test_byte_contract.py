@@ -196,3 +196,87 @@ def test_tensor_parallel_decode_receives_exactly_the_priced_shards(tmp_path):
     shard = (sizes["policy"][0] - 2 * hidden) / 2 + 2 * hidden  # the layer's norms whole, its projections halved
     assert (want, sent) == (Counter({0: 4 * (shard + sizes["head:grpo"][0]),
                                      1: 4 * (shard + sizes["head:grpo"][0])}),) * 2, (want, sent)
+
+
+def gathered_bytes(plan, out_dir, ranks) -> tuple[Counter, Counter]:
+    """(priced, gathered): per device and step, the bytes of the all-gathers of tensor-parallel layers that the
+    hand-offs' senders run first, as the plan prices them (plan.handoff_gathers) and as ``ranks`` gathered them
+    (every member's part, float32)."""
+    want, got = Counter(), Counter()
+    for g in plan.handoff_gathers:
+        for d in g.devices:
+            want[d] += g.bytes
+    for rank in ranks:
+        for m in read_traffic(out_dir, rank):
+            if m["kind"] == "handoff_gather":
+                got[rank] += m["bytes"] / STEPS
+                assert m["dtype"] == "torch.float32"
+    return want, got
+
+
+def tp_rollout_job(devices: int):
+    data = rollout_job(steps=STEPS)
+    data["cluster"]["devices_per_node"] = devices
+    data["components"]["policy"]["tensor_parallel"] = [1, 2]
+    return parse_job(data)
+
+
+@pytest.mark.parametrize("decode_tp", [1, 2])
+def test_tensor_parallel_trainers_gather_exactly_the_priced_bytes(tmp_path, decode_tp):
+    """The policy trains at tensor_parallel 2 on devices 2-3. Decoding at tensor_parallel 1 on device 0 takes the
+    whole layer, so the trainers' TP group first gathers it (runtime.tp_decode.needs_gather): each of them gathers
+    the layer's split parameters (all but its two norms), as plan.handoff_gathers prices them; decoding at
+    tensor_parallel 2 on 0-1 each device takes its own shard from the trainer of that shard: nothing is gathered or
+    priced. The hand-off bytes themselves are the priced ones either way, and the gathers add their
+    CostModel.allgather_time to predicted.handoff_s."""
+    from planner.handoff import hand_off_seconds, HandOff
+
+    job = tp_rollout_job(4)
+    sizes = module_sizes(job)
+    ops = {op.use: op for op in build_metagraph(job).metaops}
+    decoders = (0,) if decode_tp == 1 else (0, 1)
+    placed = PlacedSchedule((PlacedWave((PlacedSlice(ops["rollout"].id, 0, 1, decoders, Layout(1, decode_tp)),)),
+                             PlacedWave((PlacedSlice(ops["reward"].id, 0, 1, (1,), Layout(1, 1)),)),
+                             PlacedWave((PlacedSlice(ops["policy"].id, 0, 1, (2, 3), Layout(1, 2)),))))
+    cost_model = sized_cost_model(job)
+    plan = plan_placed(job, placed, cost_model, method="hand-made")
+    run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
+    want, got = gathered_bytes(plan, tmp_path, range(4))
+    split = sizes["policy"][0] - 2 * job.components["policy"].hidden_size  # the layer but its norms
+    assert (want, got) == ((Counter({2: 4 * split, 3: 4 * split}),) * 2 if decode_tp == 1 else (Counter(),) * 2)
+    priced, sent = handoff_bytes(plan, tmp_path, [2, 3])
+    assert priced == sent and set(sent) == set(decoders)
+    offs = [HandOff(**h.model_dump()) for h in plan.handoffs]
+    alone = hand_off_seconds(offs, cost_model, 4)
+    gather_s = cost_model.allgather_time(4 * split, 2, cross_node=False) if decode_tp == 1 else 0.0
+    assert plan.predicted.handoff_s == pytest.approx(alone + gather_s, rel=1e-12)
+
+
+@pytest.mark.parametrize("trainer_tp", [2, 1])
+def test_weights_from_across_tensor_parallel_layouts_moves_exactly_the_priced_bytes(tmp_path, trainer_tp):
+    """components.copy.weights_from: policy, the two in different layouts. The policy trained at tensor_parallel 2
+    on devices 0-1 and the copy scoring whole on device 1: the lowest holder (device 0) sends every layer whole
+    after the TP group gathered it, and the copy also takes the policy's input module. The policy trained whole on
+    device 0 and the copy at tensor_parallel 2 on devices 1-2: device 0 cuts each copy device its TP rank's shard
+    (the two norms whole, the rest halved), nothing is gathered. The bytes gathered and sent are the priced ones."""
+    data = handoff_job("fp32").model_dump(exclude_defaults=True)
+    data["cluster"]["devices_per_node"] = 3
+    data["components"]["policy"]["tensor_parallel"] = [1, 2]
+    data["components"]["copy"]["tensor_parallel"] = [1, 2]
+    job = parse_job(data)
+    sizes = module_sizes(job)
+    hidden = job.components["policy"].hidden_size
+    ops = {op.use: op for op in build_metagraph(job).metaops}
+    trainers, copies = ((0, 1), (1,)) if trainer_tp == 2 else ((0,), (1, 2))
+    placed = PlacedSchedule((
+        PlacedWave((PlacedSlice(ops["policy"].id, 0, 2, trainers, Layout(1, len(trainers))),)),
+        PlacedWave((PlacedSlice(ops["copy"].id, 0, 2, copies, Layout(1, len(copies))),))))
+    plan = plan_placed(job, placed, sized_cost_model(job), method="hand-made")
+    run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
+    split = sizes["policy"][0] - 2 * hidden  # a layer but its two norms
+    want, got = gathered_bytes(plan, tmp_path, range(3))
+    assert want == got == (Counter({0: 2 * 4 * split, 1: 2 * 4 * split}) if trainer_tp == 2 else Counter())
+    priced, sent = handoff_bytes(plan, tmp_path, [0])
+    layer = sizes["policy"][0] if trainer_tp == 2 else split / 2 + 2 * hidden  # whole, or a TP rank's shard
+    # two layers and the input module (the copy's first slice runs its own)
+    assert priced == sent == Counter({d: 4 * (2 * layer + sizes["embed:policy"][0]) for d in copies})

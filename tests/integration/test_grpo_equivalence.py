@@ -4,10 +4,12 @@ re-split, a group of samples spanning both shards); identical sampled tokens, lo
 1e-5 relative; and the generating worker receives the updated LM head it decodes with (the hand-off), so the second
 iteration's rollouts still match. The same holds with the rollout decoded tensor-parallel (runtime.tp_decode): on a
 pool of its own, colocated with the policy's TP-2 training, fed by TP-2 trainers at rollout_lag 1, and a TP-1 decode
-fed by TP-2 trainers."""
+fed by TP-2 trainers; and a ``weights_from`` copy on the TP decode's devices takes the layers as it holds them (whole,
+or its own TP shard), not the decode's shard."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from planner.spec import parse_job
@@ -255,3 +257,40 @@ def test_decode_at_tensor_parallel_1_from_tensor_parallel_2_trainers(tmp_path):
     assert not roles.tp_decode and {dst for k, _, _, dst in roles.hand_offs if k[0] == "policy"} == {0}
     world, reference, rollout_op = world_and_reference(job, plan, tmp_path)
     check_tp_rollouts(world, reference, rollout_op, (0,))
+
+
+def weights_from_tp_job(reference_tp: list[int] = (1,), **training):
+    """:func:`tp_job` whose reference takes the policy's weights after every step (``weights_from: policy``), as a
+    reference refreshed from the trainer or a second scorer of the current policy would, at the tensor-parallel
+    degrees ``reference_tp``."""
+    job = tp_job(**training)
+    reference = job.components["reference"].model_copy(update={"weights_from": "policy",
+                                                               "tensor_parallel": list(reference_tp)})
+    return job.model_copy(update={"components": {**job.components, "reference": reference}})
+
+
+@pytest.mark.parametrize("reference_tp", [1, 2])
+def test_weights_from_receiver_on_a_tensor_parallel_decoding_device_takes_its_own_layout(tmp_path, reference_tp):
+    """The rollout decodes at tensor_parallel 2 on devices 0-1, and the reference (a ``weights_from: policy``
+    receiver) runs on the same devices: at tensor_parallel 1 on device 0 its layers are whole, so the trainer on
+    device 3 sends them whole (before the fix: the TP shard device 0 decodes the policy with, into a whole-layer
+    buffer, and step 1's loss came out 0.054 against 0.032); at tensor_parallel 2 on 0-1 each device takes its own
+    shard of the reference. The reference scores with the policy's weights of the step before, as in one process."""
+    from runtime.rollout import Roles
+
+    job = weights_from_tp_job([1, 2] if reference_tp == 2 else [1])
+    devices = [0] if reference_tp == 1 else [0, 1]
+    plan = placed_plan(job, [[("rollout", [0, 1], 2)], [("reward", [2]), ("policy", [3])],
+                             [("reference", devices, reference_tp)]])
+    roles = Roles.build(job, plan)
+    assert roles.tp_decode == {0: (0, 1), 1: (0, 1)}
+    offs = {(k, src, dst) for k, _, src, dst in roles.hand_offs if k[0] == "reference"}
+    assert offs == {(("reference", j), 3, d) for j in range(2) for d in devices}
+    held = {(k, d): roles._shard_of(k, d) for k, _, d in offs}
+    assert set(held.values()) == ({None} if reference_tp == 1 else {(2, 0), (2, 1)})
+    world, reference, rollout_op = world_and_reference(job, plan, tmp_path)
+    check_tp_rollouts(world, reference, rollout_op, (0, 1))
+    if reference_tp == 1:
+        received = {n: p for n, p in world.parameters[0].items() if n.startswith("reference/")}
+        assert received and all(torch.equal(p, world.parameters[3]["policy/" + n.removeprefix("reference/")])
+                                for n, p in received.items())

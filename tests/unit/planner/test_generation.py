@@ -14,7 +14,7 @@ from planner.baselines import baseline_plans
 from planner.costmodel import CostModel, Layout
 from planner.devices import DEVICES
 from planner.generation import Decoder, bandwidth_bound_fraction, generate_seconds, kv_cache_bytes
-from planner.handoff import hand_off_seconds, hand_offs
+from planner.handoff import hand_off_gathers, hand_off_seconds, hand_offs
 from planner.metagraph import build_metagraph
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
 from planner.plan import PLAN_VERSION, plan_from_json
@@ -173,6 +173,41 @@ def test_hand_off_bytes_on_hand_made_placements():
         H100.inter_latency_s + 2 * 2 * per_layer * 2 / cost_model.hw.inter_bandwidth)
 
 
+def test_tensor_parallel_trainers_gather_before_a_hand_off_of_another_cut():
+    """The policy trains at tensor_parallel 2 on devices 2-3. A TP-1 decode on devices 0-1 takes whole layers, so the
+    trainers' TP group all-gathers each layer first (its split parameters: all but the two norms), priced with
+    CostModel.allgather_time before the sends; a TP-2 decode on 0-1 takes each rank's shard from the trainer of that
+    shard: no gather, the sends alone."""
+    data = grpo()
+    data["components"]["policy"]["tensor_parallel"] = [1, 2]
+    job = parse_job(data)
+    cost_model = make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cost_model)
+    ops, graph = problem.graph.metaops, problem.graph
+    assert graph.tp_whole_params["policy"] == 2 * 64  # llama: the two RMSNorm weights
+    per_layer = ops[3].layer.params
+    for decode_tp in (1, 2):
+        placed = PlacedSchedule((
+            PlacedWave((PlacedSlice(0, 0, 1, (0, 1), Layout(2 // decode_tp, decode_tp)),)),
+            PlacedWave((PlacedSlice(1, 0, 2, (0,), Layout(1, 1)), PlacedSlice(2, 0, 2, (1,), Layout(1, 1)))),
+            PlacedWave((PlacedSlice(3, 0, 2, (2, 3), Layout(1, 2)),))))
+        gathers = hand_off_gathers(ops, placed, {}, 4, 4, graph.tp_whole_params)
+        offs = hand_offs(ops, placed, {}, 4, 4, tp_whole_params=graph.tp_whole_params)
+        if decode_tp == 1:
+            split = (per_layer - 2 * 64) * 4
+            assert [(g.param_group, g.layer, g.devices, g.bytes) for g in gathers] == [
+                ("policy", 0, (2, 3), split), ("policy", 1, (2, 3), split)]
+        else:
+            assert gathers == []
+        gather_s = 2 * cost_model.allgather_time((per_layer - 2 * 64) * 4, 2, False) if decode_tp == 1 else 0.0
+        assert hand_off_seconds(offs, cost_model, 4, gathers) == pytest.approx(
+            hand_off_seconds(offs, cost_model, 4) + gather_s, rel=1e-12)
+        predicted = plan_placed(job, placed, cost_model).predicted
+        assert predicted.handoff_s == pytest.approx(hand_off_seconds(
+            hand_offs(ops, placed, {}, cost_model.param_bytes_moved, 4, tp_whole_params=graph.tp_whole_params),
+            cost_model, 4, hand_off_gathers(ops, placed, {}, cost_model.param_bytes_moved, 4, graph.tp_whole_params)))
+
+
 def test_explicit_weights_from_hands_off_to_the_copy():
     data = grpo()
     data["components"]["sampler"] = {**data["components"]["policy"], "weights_from": "policy"}
@@ -228,7 +263,7 @@ def test_loom_is_never_slower_than_colocated_or_split(devices):
     assert max(plan.peak_memory_bytes) <= plan.cluster.memory_bytes
     # the plan records modes and hand-offs and loads back (version bumped)
     again = plan_from_json(plan.to_json())
-    assert again.version == PLAN_VERSION == 9
+    assert again.version == PLAN_VERSION == 10
     assert [m.mode for m in again.metaops] == ["generate", "forward", "forward", "train"]
     assert again.predicted.handoff_s == pytest.approx(outcome.simulation.handoff_s)
     assert len(again.handoffs) == len(outcome.simulation.handoffs)

@@ -82,3 +82,20 @@ def test_a_rank_holds_the_q_k_v_biases_of_its_own_query_group():
 def test_which_pretrained_configs_run_tensor_parallel(model_type, cfg, refused):
     reason = tensor_parallel_refusal(model_type, cfg)
     assert reason is None if refused is None else refused in reason, reason
+
+
+@pytest.mark.parametrize("kind", ["transformer", "vit", "llama", "decoder"])
+def test_the_planners_whole_parameters_per_tp_rank_are_the_maps_unsplit_ones(kind):
+    """planner.kinds' ``tp_whole_per_hidden`` (what a hand-off's all-gather leaves out, planner.handoff) counts the
+    parameters of a plain layer that the kind's parameter map keeps whole on every TP rank (no split dim)."""
+    from planner.kinds import KINDS
+    from runtime.modules import DecoderBlock, LlamaBlock, TransformerBlock
+
+    hidden = 16
+    layer = {"transformer": TransformerBlock(hidden, 2, 32), "vit": TransformerBlock(hidden, 2, 32),
+             "llama": LlamaBlock(hidden, 2, 1, 32), "decoder": DecoderBlock(hidden, 2, 32, causal=True)}[kind]
+    params = dict(layer.named_parameters())
+    maps = PARAM_MAPS[KINDS[kind].tp_variant]
+    assert {r for where in maps.values() for r in where.references} == set(params)  # the map covers the layer
+    whole = sum(params[r].numel() for where in maps.values() if where.dim is None for r in where.references)
+    assert whole == KINDS[kind].tp_whole_per_hidden * hidden > 0
