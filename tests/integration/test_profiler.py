@@ -63,11 +63,14 @@ def test_profile_covers_every_workload_and_feeds_the_planner(tmp_path):
     trained = data["points"][profile_key(graph.metaops[0], Layout(1, 1))]
     frozen = data["points"][profile_key(graph.metaops[1], Layout(1, 1))]
     assert trained[-1][1] > frozen[-1][1]
-    # outside the layers: each root MetaOp's data + embedding, each task's head, AdamW per parameter
+    # outside the layers: each root MetaOp's embedding, each task's head, AdamW per parameter
     roots = [op for op in graph.metaops if not op.deps]
     assert set(data["embed"]) == {op.name for op in roots} == {"a.enc", "b.frozen_enc"}
     assert [b for b, _ in data["embed"]["a.enc"]] == local_batches(roots[0], 4)
     assert set(data["head"]) == {"a", "b"} and all(t > 0 for pts in data["head"].values() for _, t in pts)
+    # each task's rows drawn, at the same local batches (the synthetic data here)
+    assert set(data["data"]) == {"a", "b"} and all(t > 0 for pts in data["data"].values() for _, t in pts)
+    assert [b for b, _ in data["data"]["a"]] == local_batches(roots[0], 4)
     assert 0 < data["optimizer_s_per_param"] < 1e-6
     # the optimizer step fitted over the job's real tensors, and the modules the planner does not size, as built
     assert set(data["optimizer"]) == {"step_s", "s_per_param", "s_per_tensor"}
@@ -83,6 +86,7 @@ def test_profile_covers_every_workload_and_feeds_the_planner(tmp_path):
     path.write_text(json.dumps(data))
     model = ProfiledCostModel.load(path, resolve_hardware(j.cluster))
     assert model.embed_time(roots[0], 16) == data["embed"]["a.enc"][-1][1]
+    assert model.data_time("a", 16) == data["data"]["a"][-1][1]
     fit = data["optimizer"]
     assert model.optimizer_time(1e6, 10) == pytest.approx(fit["step_s"] + 1e6 * fit["s_per_param"] + 10 * fit["s_per_tensor"])
     alpha, beta = alpha_beta([tuple(p) for p in data["links"]["p2p"]])
