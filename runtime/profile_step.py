@@ -33,14 +33,15 @@ MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES = 4, 1 << 28
 STEP_PARAMS_CAP = 32_000_000  # parameters the optimizer timing builds at most (its state is 4x that in floats)
 
 
-def _count(module: torch.nn.Module) -> list[int]:
-    params = list(module.parameters())
+def _count(module: torch.nn.Module, trainable: bool = False) -> list[int]:
+    params = [p for p in module.parameters() if p.requires_grad or not trainable]
     return [sum(p.numel() for p in params), len(params)]
 
 
 def module_sizes(job: JobSpec) -> dict[str, list[int]]:
-    """Module name -> ``[parameters, tensors]``: ``embed:``/``adapt:`` input modules and ``head:<task>`` whole, a
-    parameter group per layer (module docstring). Generate and sample uses (whole-use MetaOps) are left out."""
+    """Module name -> ``[parameters, tensors]``: ``embed:``/``adapt:`` input modules whole, ``head:<task>``'s trainable
+    ones (what its bucket syncs and its optimizer steps), a parameter group per layer (module docstring). Generate and
+    sample uses (whole-use MetaOps) are left out."""
     out: dict[str, list[int]] = {}
     for op in build_metagraph(job).metaops:
         if op.gen is None and op.param_group not in out:
@@ -48,8 +49,8 @@ def module_sizes(job: JobSpec) -> dict[str, list[int]]:
         for name in op.input_modules:
             if name not in out:
                 out[name] = _count(build_input_module(job, name))
-    for t, task in enumerate(job.tasks):
-        out["head:" + task.name] = _count(build_head(job, t))
+    for t, task in enumerate(job.tasks):  # a head's frozen modules (a feedback loss's VAE) are neither synced nor stepped
+        out["head:" + task.name] = _count(build_head(job, t), trainable=True)
     return out
 
 

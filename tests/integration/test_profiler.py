@@ -12,6 +12,7 @@ from planner.costmodel import Layout, ProfiledCostModel, profile_key
 from planner.devices import resolve_hardware
 from planner.metagraph import build_metagraph
 from planner.spec import parse_job
+from planner.spec_file import read_job_document
 from planner.costfit import alpha_beta
 from runtime.profile_step import message_sizes
 from runtime.profiler import local_batches, profile_job, rising_curves
@@ -167,13 +168,13 @@ def test_planned_buckets_hold_the_runtimes_real_parameters(name, tmp_path):
 
     from planner.api import make_cost_model, plan_placed
     from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
-    from planner.spec_file import read_job_document
     from runtime.embeddings import build_input_module
     from runtime.heads import build_head
     from runtime.modules import build_layer
     from runtime.profile_step import module_sizes
 
-    j = parse_job(read_job_document(Path(__file__).parents[2] / "examples" / f"{name}.yaml"))
+    path = Path(__file__).parents[2] / "examples" / f"{name}.yaml"
+    j = parse_job(read_job_document(path), base=path.parent)
     costs = tmp_path / "costs.json"
     costs.write_text(json.dumps({"points": {}, "modules": module_sizes(j)}))
     ops = build_metagraph(j).metaops
@@ -190,7 +191,7 @@ def test_planned_buckets_hold_the_runtimes_real_parameters(name, tmp_path):
             module = build_input_module(j, module_name)
         else:
             module = build_layer(j, next(op for op in ops if op.param_group == module_name), layer)
-        return sum(p.numel() for p in module.parameters())
+        return sum(p.numel() for p in module.parameters() if p.requires_grad)  # what its all-reduce sends
 
     shared = [b for b in plan.grad_buckets if len(b.devices) > 1]
     assert {m[0].split(":")[0] for b in shared for m in b.members} >= {"head", "embed"}
@@ -198,3 +199,21 @@ def test_planned_buckets_hold_the_runtimes_real_parameters(name, tmp_path):
         assert bucket.params == sum(real(m) for m in bucket.members), bucket.members
     element = 4 if j.training.precision == "fp32" else 2
     assert sorted(g.bytes for g in plan.sync_groups) == sorted(element * b.params for b in shared)
+
+
+def test_a_heads_frozen_modules_stay_out_of_its_bucket():
+    """The feedback head holds a frozen VAE decoder and scorers beside its few trainable parameters: the size `loom
+    profile` records for its bucket (what the plan syncs and steps) is the trainable part, as the runtime's gradient
+    sync sends (runtime.gradsync: parameters that require grad)."""
+    from pathlib import Path
+
+    from runtime.heads import build_head
+    from runtime.profile_step import module_sizes
+
+    path = Path(__file__).parents[2] / "examples" / "feedback-cpu.yaml"
+    j = parse_job(read_job_document(path), base=path.parent)
+    head = build_head(j, 0)
+    trainable = [p for p in head.parameters() if p.requires_grad]
+    assert module_sizes(j)["head:feedback"] == [sum(p.numel() for p in trainable), len(trainable)]
+    assert sum(p.numel() for p in trainable) < sum(p.numel() for p in head.parameters()) / 100
+
