@@ -160,7 +160,9 @@ def optimizer_keys(points: list[list[float]]) -> dict:
     ``optimizer`` (planner.costfit.fit_step over ``points``), both None when nothing trains."""
     if not points:
         return {"optimizer_s_per_param": None, "optimizer": None}
-    whole = [p for p in points if p[0] == max(q[0] for q in points) and p[1] == max(q[1] for q in points)]
+    tensors = max(q[1] for q in points)  # the step over all the job's tensors (not the extra flat point)
+    params = max(q[0] for q in points if q[1] == tensors)
+    whole = [p for p in points if (p[0], p[1]) == (params, tensors)]
     a, b, c = fit_step([tuple(p) for p in points])
     b = max(b, MIN_SECONDS_PER_PARAM)  # noise may leave the parameters nothing to explain: they still cost
     return {"optimizer_s_per_param": max(statistics.median(p[2] for p in whole) / whole[0][0], 1e-15),
