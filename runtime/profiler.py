@@ -7,7 +7,8 @@ when a trainable layer feeds a frozen one) at every per-device batch the planner
 divides the batch and fits the cluster. Each point is the median of ``repeats`` timed runs after
 ``warmup`` runs, with one thread and freed memory kept (runtime.host), as a worker runs, in as many
 processes at once as the job has workers per node on this host (:func:`profile_processes`), its
-samples taken round-robin over the points. A generate or sample MetaOp (one layer standing for the whole use) is
+samples taken round-robin over the points and together (each the slowest process's: a wave ends with its slowest
+device, and on a shared host the devices' times vary from step to step). A generate or sample MetaOp (one layer standing for the whole use) is
 timed whole at the same local batches (runtime.profile_modes: the prefill and every decode step of its rows, or its
 denoising steps, the last with gradient when it has one), so `loom plan --costs` prices decoding and denoising from
 measurements too. The result is the JSON that
@@ -136,8 +137,8 @@ def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) 
                                                                                      dict]:
     """The cost file's ``points`` (per layer workload, ``[[local batch, median seconds per layer], ...]`` over the
     samples of :func:`sample_layers`) and its optimizer keys (:func:`optimizer_keys`: ``optimizer_s_per_param`` and
-    the fitted ``optimizer`` step): the layers measured in ``processes`` worker processes at once and pooled (medians
-    of every process's samples); the optimizer here, on the device a worker would use, since it steps the loss heads,
+    the fitted ``optimizer`` step): the layers measured in ``processes`` worker processes at once, each sample the
+    slowest process's (the median of those); the optimizer here, on the device a worker would use, since it steps the loss heads,
     which a recipe registers in this process only (orchestrator.recipes)."""
     if processes <= 1:  # here, on the device a worker would use
         pooled = [json.loads(json.dumps(_measure_worker_side(job, repeats, warmup, None, worker_device(job))))]
@@ -147,9 +148,16 @@ def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) 
             mp.spawn(_measure_in_worker, args=(job.model_dump_json(), repeats, warmup, barrier, tmp), nprocs=processes,
                      join=True)
             pooled = [json.loads(path.read_text()) for path in sorted(Path(tmp).glob("*.json"))]
-    points = {key: [[int(b), statistics.median(t for p in pooled for t in p["points"][key][b])] for b in samples]
-              for key, samples in pooled[0]["points"].items()}
-    return points, optimizer_keys(optimizer_points(job, repeats, warmup, worker_device(job)))
+    return slowest_medians([p["points"] for p in pooled]), optimizer_keys(optimizer_points(job, repeats, warmup,
+                                                                                        worker_device(job)))
+
+
+def slowest_medians(samples: list[dict[str, dict]]) -> dict[str, list[list[float]]]:
+    """Per workload and local batch, the median over the samples of the slowest process's time: ``samples[r][key][b]``
+    are process r's samples, taken together with the other processes' (a barrier before each), and a wave of the run
+    ends with its slowest device."""
+    return {key: [[int(b), statistics.median(map(max, zip(*(s[key][b] for s in samples))))] for b in points]
+            for key, points in samples[0].items()}
 
 
 MIN_SECONDS_PER_PARAM = 1e-15  # the fitted per-parameter term's floor (the cost file refuses 0)

@@ -15,7 +15,7 @@ from planner.spec import parse_job
 from planner.spec_file import read_job_document
 from planner.costfit import alpha_beta
 from runtime.profile_step import message_sizes
-from runtime.profiler import local_batches, profile_job, rising_curves
+from runtime.profiler import local_batches, profile_job, rising_curves, slowest_medians
 from planner.costfile import check_cost_data
 
 
@@ -38,6 +38,13 @@ def job():
 def test_local_batches_are_the_dp_splits_the_planner_asks_for():
     op = build_metagraph(job()).metaops[0]
     assert local_batches(op, 4) == [4, 8, 16]  # dp 4, 2, 1 (dp 3 does not divide 16)
+
+
+def test_each_sample_is_the_slowest_process_and_the_point_their_median():
+    one = {"k": {"8": [1.0, 5.0, 2.0], "16": [2.0, 2.0, 2.0]}}
+    two = {"k": {"8": [3.0, 1.0, 1.0], "16": [1.0, 4.0, 3.0]}}
+    assert slowest_medians([one, two]) == {"k": [[8, 3.0], [16, 3.0]]}  # maxima (3, 5, 2) and (2, 4, 3)
+    assert slowest_medians([one]) == {"k": [[8, 2.0], [16, 2.0]]}
 
 
 def test_a_spike_at_a_small_batch_takes_the_larger_batchs_time_so_the_file_is_valid():
