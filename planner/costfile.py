@@ -2,7 +2,7 @@
 sense before any of it is fitted: one SpecError line naming the file, the entry, its value, what is wrong and the fix.
 
 The format (planner.costmodel.ProfiledCostModel): a JSON object with ``points`` (profile key -> curve) and the
-optional ``version`` (1), ``device``, ``embed`` and ``head`` (name -> curve), ``optimizer_s_per_param``, ``optimizer``
+optional ``version`` (1), ``device``, ``embed``, ``head`` and ``data`` (name -> curve), ``optimizer_s_per_param``, ``optimizer``
 (the fitted step ``{"step_s": a, "s_per_param": b, "s_per_tensor": c}``, b > 0, a and c >= 0), ``modules`` (module name -> ``[parameters,
 tensors]``: what the runtime builds, for the planner's buckets and the optimizer's per-tensor term) and ``links``
 (``p2p``/``allreduce``/``allgather`` -> curve). A curve is a non-empty list of ``[x, seconds]`` pairs: x a local batch
@@ -39,7 +39,7 @@ MAX_SECONDS_PER_TENSOR = 1.0  # an optimizer's work per tensor (kernel launches)
 MAX_PARAMS = 2.0**50  # a module's parameters
 MAX_TENSORS = 2**24  # a module's parameter tensors
 OPTIMIZER_TERMS = ("step_s", "s_per_param", "s_per_tensor")
-KEYS = ("version", "device", "points", "embed", "head", "optimizer_s_per_param", "optimizer", "modules", "links")
+KEYS = ("version", "device", "points", "embed", "head", "data", "optimizer_s_per_param", "optimizer", "modules", "links")
 LINK_KINDS = ("p2p", "allreduce", "allgather")
 FIX = "Re-run `loom profile JOB.yaml --output COSTS.json`"
 SHAPE = "not a profiled cost file"  # the start of every message about the file's structure (not its numbers)
@@ -58,6 +58,7 @@ class CostFile:
     links: dict[str, Points]
     optimizer: tuple[float, float, float] | None = None  # (step_s, s_per_param, s_per_tensor): the fitted step
     modules: dict[str, tuple[float, float]] | None = None  # module name -> (parameters, tensors) as the runtime builds
+    data: dict[str, Points] | None = None  # task -> drawing its rows of the batch (absent in files before it)
 
 
 def read_cost_file(path: str | Path) -> CostFile:
@@ -118,6 +119,7 @@ def check_cost_data(data: object, source: str = "costs") -> CostFile:
         links={kind: _curve(source, f"links[{kind!r}]", value, batch=False) for kind, value in links.items()},
         optimizer=_optimizer(source, data.get("optimizer")),
         modules=_modules(source, data.get("modules", {})),
+        data=_curves(source, "data", data.get("data", {}), batch=True),
     )
 
 

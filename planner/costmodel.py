@@ -363,6 +363,11 @@ class CostModel:
         """Seconds one loss device of ``task`` spends per step on its loss head, forward and backward."""
         return 0.0
 
+    def data_time(self, task: str, local_batch: int) -> float:
+        """Seconds one device spends per step drawing ``local_batch`` rows of ``task``'s batch from its data source
+        (reading, decoding, tokenising) and moving them to the device."""
+        return 0.0
+
     def head_memory(self, task: str, local_batch: int) -> float:
         """Bytes one loss device of ``task`` holds for its loss head's logits at the loss stage (:func:`logits_bytes`
         at the job's precision and kernels); 0 for tasks without an LM head in :attr:`heads`."""
@@ -401,10 +406,11 @@ class ProfiledCostModel(CostModel):
     where the profile key is :func:`profile_key` of the MetaOp and layout. Keys missing from the file
     fall back to ``fallback`` when given, else they are a PlanningError naming the MetaOp. Optional keys
     (:class:`MeasuredCosts`): ``"embed"`` (root MetaOp name -> points: its data and embedding per
-    device), ``"head"`` (task -> points: its loss head per loss device), ``"optimizer_s_per_param"``
+    device), ``"head"`` (task -> points: its loss head per loss device), ``"data"`` (task -> points: drawing its rows
+    of the batch per device), ``"optimizer_s_per_param"``
     (AdamW seconds per parameter held) and ``"links": {"p2p": [[bytes, s], ...], "allreduce": [...],
     "allgather": [...]}`` (two processes of one node, fitted to a latency and a bandwidth:
-    :meth:`link_time`; ``allgather`` may be missing, see :meth:`allgather_time`). Without them, embeddings and heads cost 0 and the optimizer and links
+    :meth:`link_time`; ``allgather`` may be missing, see :meth:`allgather_time`). Without them, embeddings, heads and data cost 0 and the optimizer and links
     follow the device table.
     """
 
@@ -430,7 +436,7 @@ class ProfiledCostModel(CostModel):
         costs = read_cost_file(path)
         measured = MeasuredCosts(costs.embed, costs.head, costs.optimizer_s_per_param,
                                  *(costs.links.get(kind, []) for kind in ("p2p", "allreduce", "allgather")),
-                                 optimizer=costs.optimizer, modules=costs.modules or {})
+                                 optimizer=costs.optimizer, modules=costs.modules or {}, data=costs.data or {})
         return cls(hardware, costs.points, fallback, shard_optimizer, grad_bytes, measured, weight_bytes, precision,
                    optimizer)
 
@@ -451,6 +457,10 @@ class ProfiledCostModel(CostModel):
 
     def head_time(self, task: str, local_batch: int) -> float:
         pts = self.measured.head.get(task)
+        return fit_piecewise(pts, local_batch) if pts else 0.0
+
+    def data_time(self, task: str, local_batch: int) -> float:
+        pts = self.measured.data.get(task)
         return fit_piecewise(pts, local_batch) if pts else 0.0
 
     def optimizer_time(self, num_params: float, num_tensors: float = 0.0) -> float:
@@ -504,8 +514,9 @@ class MeasuredCosts:
     """What ``loom profile`` measures besides the layers; every curve is sorted (x, seconds) points.
 
     ``embed``: per MetaOp name with input modules (a root's embedding, a bridge, a connector), (local batch, s) of
-    drawing its data and those modules' forward and backward on one device. ``head``: per task, (local batch, s) of its loss head forward and backward on
-    one loss device. ``optimizer_s_per_param``: AdamW seconds per parameter a device holds (None: not
+    those modules' forward and backward on one device. ``head``: per task, (local batch, s) of its loss head forward
+    and backward on one loss device. ``data``: per task, (local batch, s) of drawing that many rows of its batch on
+    one device (its data source's reading, decoding and tokenising; the synthetic or a recipe's data otherwise). ``optimizer_s_per_param``: AdamW seconds per parameter a device holds (None: not
     measured). ``p2p``, ``allreduce`` and ``allgather``: (bytes, s) of one message, of one all-reduce and of
     one all-gather (bytes gathered in all) between two worker processes of one node (empty: not measured).
     ``optimizer``: the fitted step ``(a, b, c)``: ``a + b params + c tensors`` seconds on a device that steps
@@ -521,6 +532,7 @@ class MeasuredCosts:
     allgather: list[tuple[float, float]] = field(default_factory=list)
     optimizer: tuple[float, float, float] | None = None
     modules: dict[str, tuple[float, float]] = field(default_factory=dict)
+    data: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict) -> MeasuredCosts:
@@ -537,7 +549,8 @@ class MeasuredCosts:
         return cls(curves("embed"), curves("head"), float(rate) if rate is not None else None,
                    *(points(links.get(kind, [])) for kind in ("p2p", "allreduce", "allgather")),
                    optimizer=tuple(float(fit[k]) for k in ("step_s", "s_per_param", "s_per_tensor")) if fit else None,
-                   modules={str(k): (float(v[0]), float(v[1])) for k, v in dict(data.get("modules", {})).items()})
+                   modules={str(k): (float(v[0]), float(v[1])) for k, v in dict(data.get("modules", {})).items()},
+                   data=curves("data"))
 
 
 def profile_key(op: MetaOp, layout: Layout) -> str:

@@ -14,6 +14,8 @@ Model. Times are in seconds, bytes per iteration.
   forward+backward, plus, for a MetaOp's first slice, :meth:`~planner.costmodel.CostModel.embed_time` (0 unless
   profiled). The loss stage runs every task's loss head on the first TP device of each data-parallel rank of the
   last slice of its leaf MetaOps (the runtime's loss host), :meth:`~planner.costmodel.CostModel.head_time` each.
+  A device draws its rows of a task's batch once, before the first of these that reads them
+  (:func:`batch_draws`, :meth:`~planner.costmodel.CostModel.data_time`; 0 unless profiled).
   With gradient accumulation (``training.grad_accum_steps`` k) every device walks it k times.
 - **transfers**: exactly the moves of the program the runtime executes (:mod:`planner.program`, whose docstring
   gives the rules: which rows of which producer reach which device, forward and backward, local moves free), each
@@ -131,7 +133,7 @@ class Simulation:
     loss_s: float = 0.0  # the loss stage (part of compute_s)
     gather_s: float = 0.0
     phases: tuple[Phase, ...] = ()  # the timeline: one per wave, then the loss stage's
-    slice_seconds: tuple[tuple[float, ...], ...] = ()  # per wave, each slice's compute (slice_seconds)
+    slice_seconds: tuple[tuple[float, ...], ...] = ()  # per wave, each slice's compute (slice_seconds + batch_draws)
     holdings: tuple[Holding, ...] = ()  # the module shards and holders the sync model priced (planner.program)
     buckets: tuple[Bucket, ...] = ()  # their gradient buckets, in launch order
     handoff_s: float = 0.0  # the weight hand-offs after the step (planner.handoff), on the critical path
@@ -239,7 +241,8 @@ def slice_seconds(problem: Problem, s: PlacedSlice, cost_model: CostModel | None
 
 
 def wave_phases(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forward: list[list[Flows]],
-                backward: list[list[Flows]], seconds: Sequence[Sequence[float]]) -> list[Phase]:
+                backward: list[list[Flows]], seconds: Sequence[Sequence[float]],
+                draws: dict[str, float] | None = None) -> list[Phase]:
     """Per wave the numbers a plan records (each wave split by its slowest slice's passes, its boundary's flows
     priced together as if at a barrier), then the loss stages' (forward only: :func:`loss_stage_seconds`, with the
     leaves' transfers of every phase). ``seconds``: each slice's :func:`slice_seconds`, wave by wave. Descriptive:
@@ -253,23 +256,72 @@ def wave_phases(problem: Problem, placed: PlacedSchedule, cost_model: CostModel,
             fwd, bwd = split_passes(ops[wave.slices[j].metaop], seconds[k][j])
         phases.append(Phase(fwd, bwd, boundary_time(forward[k], cost_model), boundary_time(backward[k], cost_model)))
     k = len(placed.waves)
-    phases.append(Phase(loss_stage_seconds(problem, placed, cost_model),
+    phases.append(Phase(loss_stage_seconds(problem, placed, cost_model, draws),
                         0.0, sum(boundary_time(f, cost_model) for f in forward[k:]),
                         sum(boundary_time(b, cost_model) for b in backward[k:])))
     return phases
 
 
-def loss_stage_seconds(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> float:
-    """Seconds of the loss stage: on each device the loss heads it hosts (:func:`planner.program.loss_hosts`: on
-    the first TP device of each data-parallel rank of the host slice), the busiest device."""
-    ops = problem.graph.metaops
+def loss_stage_seconds(problem: Problem, placed: PlacedSchedule, cost_model: CostModel,
+                       draws: dict[str, float] | None = None) -> float:
+    """Seconds of the loss stage: on each device the loss heads it hosts (:func:`loss_heads`), the busiest device."""
     per_device: dict[int, float] = {}
+    for _, devices, seconds in loss_heads(problem, placed, cost_model, draws):
+        for d in devices:
+            per_device[int(d)] = per_device.get(int(d), 0.0) + seconds
+    return max(per_device.values(), default=0.0)
+
+
+def loss_heads(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, draws: dict[str, float] | None = None
+               ) -> list[tuple[int, np.ndarray, float]]:
+    """Per task with a loss: (the host's wave, the devices its head runs on, seconds): the head runs on the first TP
+    device of each data-parallel rank of its host slice (:func:`planner.program.loss_hosts`) for
+    :meth:`CostModel.head_time`, plus ``draws[task]`` (:func:`batch_draws`: the rows it draws itself)."""
+    ops = problem.graph.metaops
+    out = []
     for task, (ref, _) in loss_hosts(ops, placed).items():
         host = placed.waves[ref[0]].slices[ref[1]]
         seconds = cost_model.head_time(task, cost_model.local_batch(ops[host.metaop], host.layout))
-        for d in host.devices[::host.layout.tp_degree]:
-            per_device[d] = per_device.get(d, 0.0) + seconds
-    return max(per_device.values(), default=0.0)
+        out.append((ref[0], np.asarray(host.devices[::host.layout.tp_degree]), seconds + (draws or {}).get(task, 0.0)))
+    return out
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Seconds of drawing data (:func:`batch_draws`): per wave each slice's (before its forward), per task its loss
+    head's."""
+
+    slices: tuple[tuple[float, ...], ...]
+    heads: dict[str, float]
+
+
+def _after_draw(passes: tuple[float, float], drawn: float) -> tuple[float, float]:
+    """A slice's (forward, backward) seconds with ``drawn`` seconds of data drawn before its forward."""
+    return passes[0] + drawn, passes[1]
+
+
+def batch_draws(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> Draws:
+    """Seconds of drawing data (:meth:`CostModel.data_time`) that each slice, wave by wave, and each task's loss head
+    add. A device draws its rows of a task's batch once a step (runtime.steps.StepState.batch keeps them), at the
+    first of its events that reads them: the first slice of a MetaOp with input modules (its embedding or a
+    connector's text reads the batch; every TP device of the slice draws), then the task's loss head (its labels;
+    on the heads' devices). A slice or head pays when one of its devices has not drawn those rows (the task's rows
+    at that data-parallel degree and rank) yet."""
+    ops = problem.graph.metaops
+    drawn: set[tuple[int, str, int, int]] = set()
+
+    def draw(s: PlacedSlice, leads_only: bool) -> float:
+        op, tp = ops[s.metaop], s.layout.tp_degree
+        keys = {(d, op.task, s.layout.dp_degree, i // tp) for i, d in enumerate(s.devices) if not leads_only or i % tp == 0}
+        if keys <= drawn:
+            return 0.0
+        drawn.update(keys)
+        return cost_model.data_time(op.task, cost_model.local_batch(op, s.layout))
+
+    slices = tuple(tuple(draw(s, False) if s.first_layer == 0 and ops[s.metaop].input_modules and ops[s.metaop].gen
+                         is None else 0.0 for s in wave.slices) for wave in placed.waves)
+    heads = {task: draw(placed.waves[ref[0]].slices[ref[1]], True) for task, (ref, _) in loss_hosts(ops, placed).items()}
+    return Draws(slices, heads)
 
 
 # --------------------------------------------------------------------------- the whole iteration
@@ -318,10 +370,12 @@ class Walk:
 
 
 def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forward: list[list[Flows]],
-         backward: list[list[Flows]], program: Sequence[Bucket], seconds: Sequence[Sequence[float]]) -> Walk:
+         backward: list[list[Flows]], program: Sequence[Bucket], seconds: Sequence[Sequence[float]],
+         draws: Draws | None = None) -> Walk:
     """Run the timeline (:mod:`planner.timeline`) of ``placed``: every micro-batch walks the phases; ``program``'s
     buckets are ready when their event has passed on all their devices in the last one. ``seconds``: each slice's
-    :func:`slice_seconds`, wave by wave."""
+    :func:`slice_seconds`, wave by wave; ``draws`` (:func:`batch_draws`): the data each slice draws before its
+    forward and each loss head before its loss."""
     ops = problem.graph.metaops
     num_waves = len(placed.waves)
 
@@ -334,15 +388,14 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
 
     ex_fwd, ex_bwd = [exchange(f) for f in forward], [exchange(b) for b in backward]
     runs = []  # per wave: (devices, forward seconds, backward seconds) of each slice
-    for wave, times in zip(placed.waves, seconds):
-        runs.append([(np.asarray(s.devices, dtype=np.int64), *split_passes(ops[s.metaop], t))
-                     for s, t in zip(wave.slices, times)])
+    draws = draws or Draws(tuple((0.0,) * len(w.slices) for w in placed.waves), {})
+    for wave, times, drawn in zip(placed.waves, seconds, draws.slices):
+        runs.append([(np.asarray(s.devices, dtype=np.int64), *_after_draw(split_passes(ops[s.metaop], t), d))
+                     for s, t, d in zip(wave.slices, times, drawn)])
     heads: dict[int, list[tuple[np.ndarray, float]]] = {}
     phase = phase_of_waves(placed.phases, num_waves)
-    for task, (ref, _) in loss_hosts(ops, placed).items():
-        host = placed.waves[ref[0]].slices[ref[1]]
-        seconds = cost_model.head_time(task, cost_model.local_batch(ops[host.metaop], host.layout))
-        heads.setdefault(phase[ref[0]], []).append((np.asarray(host.devices[::host.layout.tp_degree]), seconds))
+    for wave, devices, seconds in loss_heads(problem, placed, cost_model, draws.heads):
+        heads.setdefault(phase[wave], []).append((devices, seconds))
     waiting: dict[int, list[int]] = {}
     for i, b in enumerate(program):
         waiting.setdefault(b.ready_wave, []).append(i)
@@ -430,13 +483,15 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
 
 
 def _simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> Simulation:
+    draws = batch_draws(problem, placed, cost_model)
     seconds = tuple(tuple(slice_seconds(problem, s, cost_model) for s in w.slices) for w in placed.waves)
-    durations = tuple(max(times, default=0.0) for times in seconds)  # as wave_durations
+    drawn = tuple(tuple(t + d for t, d in zip(times, extra)) for times, extra in zip(seconds, draws.slices))
+    durations = tuple(max(times, default=0.0) for times in drawn)  # as wave_durations, with the data drawn
     transfers, forward, backward = boundary_transfers(problem, placed, cost_model)
-    phases = wave_phases(problem, placed, cost_model, forward, backward, seconds)
+    phases = wave_phases(problem, placed, cost_model, forward, backward, drawn, draws.heads)
     held = holdings(problem.graph.metaops, placed, cost_model.module_size)
     program = grad_buckets(held, backward_positions(placed.phases, len(placed.waves)))  # what the runtime all-reduces
-    done = walk(problem, placed, cost_model, forward, backward, program, seconds)
+    done = walk(problem, placed, cost_model, forward, backward, program, seconds, draws)
     ledger = placed_ledger(problem, placed, cost_model)
     clocks = done.clocks
     events = gather_events(problem.graph.metaops, placed.waves, placed.phases, program)
@@ -473,7 +528,7 @@ def _simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -
         loss_s=phases[-1].forward_s,
         gather_s=outcome.gather_s,
         phases=tuple(phases),
-        slice_seconds=seconds,
+        slice_seconds=drawn,
         holdings=tuple(held),
         buckets=tuple(program),
         handoff_s=handoff_s,

@@ -41,12 +41,14 @@ class GradientSync:
                           for p in self.modules[(name, layer)].parameters() if p.requires_grad]
                 if params:
                     out.append(GradBucket(b.ready_wave, tuple(b.devices), params, tuple(b.shards), position[event]))
-        # a module the modes' extra copies train too (runtime.rollout): summed over its holders and them, after the
-        # last backward of the step
+        # the modules the modes' extra copies train too (runtime.rollout): summed over their holders and them, after
+        # the last backward of the step, one bucket per device set (as the plan buckets a sample use's layers)
+        shared: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
         for key, devices in sorted(synced.items()):
             if self.rank in devices and len(devices) > 1:
-                params = [p for p in self.modules[key].parameters() if p.requires_grad]
-                out.append(GradBucket(self.comm.phases[-1][0], devices, params))
+                shared.setdefault(tuple(devices), []).extend(
+                    p for p in self.modules[key].parameters() if p.requires_grad)
+        out += [GradBucket(self.comm.phases[-1][0], devices, params) for devices, params in shared.items()]
         return out
 
     def _launch_sync(self, wave: int, pending: list | None) -> None:

@@ -6,7 +6,8 @@ sizes of the job's messages (the curves and the file: runtime.profiler).
   tensors. The planner puts them into its gradient buckets (planner.program.holdings), so the sync of those buckets
   is priced, and counts the optimizer's tensors per device.
 - :func:`optimizer_points`: one optimizer step (the runtime's grouped AdamW/SGD, ``step`` then ``zero_grad`` as a worker
-  runs them) over prefixes of the job's real trainable tensors, and over the same parameters as one flat tensor:
+  runs them) over prefixes of the job's real trainable tensors (a generate or sample use's layers among them), and over
+  the same parameters as one flat tensor (and over at least :data:`FLAT_PARAMS_MIN` in one):
   ``(params, tensors, seconds)`` points that planner.costfit.fit_step turns into ``a + b params + c tensors``.
 - :func:`message_sizes`: the bytes of the job's pieces (a MetaOp's output rows at every local batch) and gradient
   buckets (a layer, a whole parameter group, an input module, a head) in the compute precision, a few of them spread
@@ -31,16 +32,20 @@ from runtime.optim import build_grouped_optimizer, module_component
 LINK_SIZES = 6  # message sizes the links are timed at
 MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES = 4, 1 << 28
 STEP_PARAMS_CAP = 32_000_000  # parameters the optimizer timing builds at most (its state is 4x that in floats)
+# the fewest parameters the optimizer is timed over in one tensor: a job of a few thousand parameters is all per-tensor
+# work, which left the per-parameter term at its floor while ZeRO-1 steps a share of ~10^5 (feedback-cpu)
+FLAT_PARAMS_MIN = 1 << 20
 
 
-def _count(module: torch.nn.Module) -> list[int]:
-    params = list(module.parameters())
+def _count(module: torch.nn.Module, trainable: bool = False) -> list[int]:
+    params = [p for p in module.parameters() if p.requires_grad or not trainable]
     return [sum(p.numel() for p in params), len(params)]
 
 
 def module_sizes(job: JobSpec) -> dict[str, list[int]]:
-    """Module name -> ``[parameters, tensors]``: ``embed:``/``adapt:`` input modules and ``head:<task>`` whole, a
-    parameter group per layer (module docstring). Generate and sample uses (whole-use MetaOps) are left out."""
+    """Module name -> ``[parameters, tensors]``: ``embed:``/``adapt:`` input modules whole, ``head:<task>``'s trainable
+    ones (what its bucket syncs and its optimizer steps), a parameter group per layer (module docstring). Generate and
+    sample uses (whole-use MetaOps) are left out."""
     out: dict[str, list[int]] = {}
     for op in build_metagraph(job).metaops:
         if op.gen is None and op.param_group not in out:
@@ -48,18 +53,23 @@ def module_sizes(job: JobSpec) -> dict[str, list[int]]:
         for name in op.input_modules:
             if name not in out:
                 out[name] = _count(build_input_module(job, name))
-    for t, task in enumerate(job.tasks):
-        out["head:" + task.name] = _count(build_head(job, t))
+    for t, task in enumerate(job.tasks):  # a head's frozen modules (a feedback loss's VAE) are neither synced nor stepped
+        out["head:" + task.name] = _count(build_head(job, t), trainable=True)
     return out
 
 
 def _trainable(job: JobSpec, device: torch.device) -> list[tuple[str | None, torch.nn.Parameter]]:
     """(component, parameter) of every trainable tensor the job's modules hold (layers up to STEP_PARAMS_CAP)."""
+    from runtime.sampleop import twin_ops
+
     graph = build_metagraph(job)
     owned: list[tuple[str | None, torch.nn.Parameter]] = []
     seen: set[str] = set()
-    for op in graph.metaops:
-        if op.frozen or op.gen is not None or op.param_group in seen:
+    # a generate or sample use runs its component's layers as a train use's would (its twins): those train too when
+    # the use keeps a gradient and no train use holds them
+    ops = [twin for op in graph.metaops for twin in (twin_ops(job, op) if op.gen is not None else [op])]
+    for op in ops:
+        if op.frozen or op.param_group in seen:
             continue
         seen.add(op.param_group)
         for layer in range(op.num_layers):
@@ -108,9 +118,15 @@ def optimizer_points(job: JobSpec, repeats: int, warmup: int,
         prefix = owned[:k]
         params = sum(p.numel() for _, p in prefix)
         points.append([params, k, _step_seconds(job, prefix, repeats, warmup, device)])
-        flat = torch.nn.Parameter(torch.zeros(params, device=device))
-        points.append([params, 1, _step_seconds(job, [(None, flat)], repeats, warmup, device)])
+        points.append([params, 1, _flat_step_seconds(job, params, repeats, warmup, device)])
+    if points[-1][0] < FLAT_PARAMS_MIN:  # a small job: the per-tensor work hides the per-parameter term
+        points.append([FLAT_PARAMS_MIN, 1, _flat_step_seconds(job, FLAT_PARAMS_MIN, repeats, warmup, device)])
     return points
+
+
+def _flat_step_seconds(job: JobSpec, params: int, repeats: int, warmup: int, device: torch.device) -> float:
+    """:func:`_step_seconds` over ``params`` parameters in one tensor (as ZeRO-1 steps a bucket's share)."""
+    return _step_seconds(job, [(None, torch.nn.Parameter(torch.zeros(params, device=device)))], repeats, warmup, device)
 
 
 def message_sizes(job: JobSpec, sizes: dict[str, list[int]] | None = None, count: int = LINK_SIZES) -> tuple[int, ...]:

@@ -7,15 +7,17 @@ when a trainable layer feeds a frozen one) at every per-device batch the planner
 divides the batch and fits the cluster. Each point is the median of ``repeats`` timed runs after
 ``warmup`` runs, with one thread and freed memory kept (runtime.host), as a worker runs, in as many
 processes at once as the job has workers per node on this host (:func:`profile_processes`), its
-samples taken round-robin over the points. A generate or sample MetaOp (one layer standing for the whole use) is
+samples taken round-robin over the points and together (each the slowest process's: a wave ends with its slowest
+device, and on a shared host the devices' times vary from step to step). A generate or sample MetaOp (one layer standing for the whole use) is
 timed whole at the same local batches (runtime.profile_modes: the prefill and every decode step of its rows, or its
 denoising steps, the last with gradient when it has one), so `loom plan --costs` prices decoding and denoising from
 measurements too. The result is the JSON that
 :class:`planner.costmodel.ProfiledCostModel` reads (piecewise alpha-beta between the points).
 
 The work of a step outside the layers is measured too (:class:`planner.costmodel.MeasuredCosts`):
-per root MetaOp, drawing its synthetic data and its embedding's forward and backward (``embed``);
-per task, drawing its batch and its loss head's forward and backward (``head``), both at the same local batches; the
+per MetaOp with input modules, its embedding's forward and backward (``embed``); per task, its loss head's forward
+and backward (``head``) and drawing its rows of the batch from its data source (``data``), all at the same local
+batches; the
 optimizer step over the job's real tensors, fitted ``a + b params + c tensors`` (``optimizer``), and the parameters and
 tensors of the modules the planner does not size (``modules``) (runtime.profile_step).
 For a CPU cluster with several devices per node, :func:`profile_links` also times a point-to-point
@@ -25,6 +27,7 @@ message sizes, the link the runtime's transfers, gradient sync and ZeRO-1 gather
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -41,7 +44,7 @@ import torch.multiprocessing as mp
 from planner.costmodel import Layout, profile_key
 from planner.metagraph import MetaOp, build_metagraph
 from planner.spec import JobSpec
-from runtime.data import synthetic_batch
+from runtime.data import synthetic_batch, task_batch
 from runtime.checks import feature_shape
 from runtime.assignment import input_order
 from runtime.embeddings import build_input_module, first_input
@@ -134,8 +137,8 @@ def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) 
                                                                                      dict]:
     """The cost file's ``points`` (per layer workload, ``[[local batch, median seconds per layer], ...]`` over the
     samples of :func:`sample_layers`) and its optimizer keys (:func:`optimizer_keys`: ``optimizer_s_per_param`` and
-    the fitted ``optimizer`` step): the layers measured in ``processes`` worker processes at once and pooled (medians
-    of every process's samples); the optimizer here, on the device a worker would use, since it steps the loss heads,
+    the fitted ``optimizer`` step): the layers measured in ``processes`` worker processes at once, each sample the
+    slowest process's (the median of those); the optimizer here, on the device a worker would use, since it steps the loss heads,
     which a recipe registers in this process only (orchestrator.recipes)."""
     if processes <= 1:  # here, on the device a worker would use
         pooled = [json.loads(json.dumps(_measure_worker_side(job, repeats, warmup, None, worker_device(job))))]
@@ -145,9 +148,16 @@ def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) 
             mp.spawn(_measure_in_worker, args=(job.model_dump_json(), repeats, warmup, barrier, tmp), nprocs=processes,
                      join=True)
             pooled = [json.loads(path.read_text()) for path in sorted(Path(tmp).glob("*.json"))]
-    points = {key: [[int(b), statistics.median(t for p in pooled for t in p["points"][key][b])] for b in samples]
-              for key, samples in pooled[0]["points"].items()}
-    return points, optimizer_keys(optimizer_points(job, repeats, warmup, worker_device(job)))
+    return slowest_medians([p["points"] for p in pooled]), optimizer_keys(optimizer_points(job, repeats, warmup,
+                                                                                        worker_device(job)))
+
+
+def slowest_medians(samples: list[dict[str, dict]]) -> dict[str, list[list[float]]]:
+    """Per workload and local batch, the median over the samples of the slowest process's time: ``samples[r][key][b]``
+    are process r's samples, taken together with the other processes' (a barrier before each), and a wave of the run
+    ends with its slowest device."""
+    return {key: [[int(b), statistics.median(map(max, zip(*(s[key][b] for s in samples))))] for b in points]
+            for key, points in samples[0].items()}
 
 
 MIN_SECONDS_PER_PARAM = 1e-15  # the fitted per-parameter term's floor (the cost file refuses 0)
@@ -158,7 +168,9 @@ def optimizer_keys(points: list[list[float]]) -> dict:
     ``optimizer`` (planner.costfit.fit_step over ``points``), both None when nothing trains."""
     if not points:
         return {"optimizer_s_per_param": None, "optimizer": None}
-    whole = [p for p in points if p[0] == max(q[0] for q in points) and p[1] == max(q[1] for q in points)]
+    tensors = max(q[1] for q in points)  # the step over all the job's tensors (not the extra flat point)
+    params = max(q[0] for q in points if q[1] == tensors)
+    whole = [p for p in points if (p[0], p[1]) == (params, tensors)]
     a, b, c = fit_step([tuple(p) for p in points])
     b = max(b, MIN_SECONDS_PER_PARAM)  # noise may leave the parameters nothing to explain: they still cost
     return {"optimizer_s_per_param": max(statistics.median(p[2] for p in whole) / whole[0][0], 1e-15),
@@ -193,14 +205,16 @@ def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2, links: bool 
         for key, pts in points.items():
             say(f"profiled {names[key]} ({processes} at once): " + ", ".join(f"b={b}: {t * 1e3:.2f} ms" for b, t in pts))
         embed, head = time_embeddings(job, repeats, warmup, device), time_heads(job, repeats, warmup, device)
+        data = time_data(job, repeats, warmup, device)
         say("profiled outside the layers: embeddings " + ", ".join(f"{k} {v[-1][1] * 1e3:.2f} ms" for k, v in embed.items())
             + "; heads " + ", ".join(f"{k} {v[-1][1] * 1e3:.2f} ms" for k, v in head.items())
+            + "; data " + ", ".join(f"{k} {v[-1][1] * 1e3:.2f} ms" for k, v in data.items())
             + (f"; optimizer step {fit['step_s'] * 1e3:.2f} ms + {fit['s_per_param'] * 1e9:.2f} ns/parameter + "
                f"{fit['s_per_tensor'] * 1e6:.1f} us/tensor" if fit is not None else ""))
         sizes = module_sizes(job)
-        points, embed, head = (rising_curves(curves, say) for curves in (points, embed, head))
+        points, embed, head, data = (rising_curves(curves, say) for curves in (points, embed, head, data))
         out = {"version": PROFILE_VERSION, "device": job.cluster.device, "points": points, "embed": embed,
-               "head": head, "optimizer_s_per_param": rate, "optimizer": fit, "modules": sizes}
+               "head": head, "data": data, "optimizer_s_per_param": rate, "optimizer": fit, "modules": sizes}
         if links and job.cluster.device.lower() == "cpu" and job.cluster.devices_per_node > 1:
             out["links"] = profile_links(max(repeats, LINK_REPEATS), warmup, message_sizes(job, sizes))
             say("profiled gloo links between two processes: " + "; ".join(
@@ -253,9 +267,9 @@ def _median_seconds(run: Callable[[], None], repeats: int, warmup: int,
 def time_embeddings(job: JobSpec, repeats: int, warmup: int,
                     device: torch.device = torch.device("cpu")) -> dict[str, list[list[float]]]:
     """Per MetaOp whose first layer runs input modules (MetaOp.input_modules: a root's embedding, a
-    decoder's or UNet's bridge, a connector), by name: median seconds of drawing its task's data and running those
-    modules forward and backward (backward only when they train) on inputs of its producers' output shapes, at
-    every local batch the planner can ask for."""
+    decoder's or UNet's bridge, a connector), by name: median seconds of running those modules forward and backward
+    (backward only when they train) on inputs of its producers' output shapes and a drawn batch, at every local batch
+    the planner can ask for."""
     graph = build_metagraph(job)
     index = {t.name: i for i, t in enumerate(job.tasks)}
     modules: dict[str, torch.nn.Module] = {}
@@ -268,8 +282,7 @@ def time_embeddings(job: JobSpec, repeats: int, warmup: int,
             modules.setdefault(name, build_input_module(job, name).to(device))
         shapes = [feature_shape(job, graph.metaops[op.deps[i]]) for i in input_order(job, graph, op.id)]
 
-        def run(b: int, inputs: list[torch.Tensor], op: MetaOp = op) -> None:
-            batch = synthetic_batch(job, index[op.task], 0, 0, b).to(device)
+        def run(batch, inputs: list[torch.Tensor], op: MetaOp = op) -> None:
             y = first_input(job, graph, op, inputs, modules.__getitem__, lambda: batch)
             if y.requires_grad:
                 y.backward(torch.ones_like(y))
@@ -279,15 +292,17 @@ def time_embeddings(job: JobSpec, repeats: int, warmup: int,
         out[op.name] = []
         for b in local_batches(op, job.cluster.num_devices):
             inputs = [torch.randn(b, *shape, device=device).requires_grad_(True) for shape in shapes]  # as received
-            seconds = _median_seconds(lambda b=b, inputs=inputs, run=run: run(b, inputs), repeats, warmup, device)
+            batch = synthetic_batch(job, index[op.task], 0, 0, b).to(device)  # drawing it is `data`'s (time_data)
+            seconds = _median_seconds(lambda batch=batch, inputs=inputs, run=run: run(batch, inputs), repeats, warmup,
+                                      device)
             out[op.name].append([b, seconds])
     return out
 
 
 def time_heads(job: JobSpec, repeats: int, warmup: int,
                device: torch.device = torch.device("cpu")) -> dict[str, list[list[float]]]:
-    """Per task: median seconds of drawing its batch and its loss head forward and backward on outputs of its leaf
-    MetaOps' shapes (and rollout tokens of its generate uses), at every local batch the planner can ask for."""
+    """Per task: median seconds of its loss head forward and backward on outputs of its leaf MetaOps' shapes (and
+    rollout tokens of its generate uses) and a drawn batch, at every local batch the planner can ask for."""
     graph = build_metagraph(job)
     read = {d for op in graph.metaops for d in op.deps}
     out = {}
@@ -304,16 +319,38 @@ def time_heads(job: JobSpec, repeats: int, warmup: int,
             outputs |= {op.use: rollout_rows(job, op, b, device) for op in graph.metaops
                         if op.task == task.name and op.gen is not None and op.gen.mode == "generate"}
 
-            def run(outputs: dict = outputs, b: int = b, t: int = t, rows: int = leaves[0].batch_size) -> None:
-                # the loss host draws its rows' labels (and inputs) itself: its rows differ from the slices' rows
-                batch = synthetic_batch(job, t, 0, 0, b).to(device)
-                if b < rows:  # a head reading every row of the batch (grpo's groups, infonce) gets the batch's rows
-                    batch.gather_rows = lambda x: x.repeat(-(-rows // b), *[1] * (x.dim() - 1))[:rows]
+            # the loss host's rows' labels (and inputs); drawing them is `data`'s (time_data)
+            batch = synthetic_batch(job, t, 0, 0, b).to(device)
+            rows = leaves[0].batch_size
+            if b < rows:  # a head reading every row of the batch (grpo's groups, infonce) gets the batch's rows
+                batch.gather_rows = lambda x, b=b, rows=rows: x.repeat(-(-rows // b), *[1] * (x.dim() - 1))[:rows]
+
+            def run(outputs: dict = outputs, batch=batch) -> None:
                 head(outputs, batch).sum().backward()
                 head.zero_grad(set_to_none=True)
 
             points.append([b, _median_seconds(run, repeats, warmup, device)])
         out[task.name] = points
+    return out
+
+
+def time_data(job: JobSpec, repeats: int, warmup: int,
+              device: torch.device = torch.device("cpu")) -> dict[str, list[list[float]]]:
+    """Per task: median seconds of drawing ``b`` rows of its batch (runtime.data.task_batch: its data source's
+    reading, decoding and tokenising, or the synthetic or a recipe's data) and moving them to ``device``, at every
+    local batch the planner can ask for: what a worker pays once a step for each task whose rows it reads
+    (runtime.steps.StepState.batch; planner.simulator.batch_draws). Every draw is of the next step's rows, as a run
+    draws them from its first step: a source's caches (each record encoded once, decoded images) warm as they do in
+    a run, so a small dataset's epochs after the first are timed as cached and a large one's rows as fresh."""
+    graph = build_metagraph(job)
+    out = {}
+    for t, task in enumerate(job.tasks):
+        op = next((op for op in graph.metaops if op.task == task.name), None)
+        if op is None:
+            continue
+        steps = itertools.count()
+        out[task.name] = [[b, _median_seconds(lambda b=b, t=t: task_batch(job, t, next(steps), 0, b).to(device),
+                                              repeats, warmup, device)] for b in local_batches(op, job.cluster.num_devices)]
     return out
 
 

@@ -74,6 +74,17 @@ class _Share:
         return torch.cat([parts[j] for j in by_share])[:self.total]
 
 
+def _elements(tensors: list[torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+    """Elements ``[lo, hi)`` of ``tensors`` flattened and concatenated, reading only the tensors that overlap them."""
+    pieces, offset = [], 0
+    for t in tensors:
+        n = t.numel()
+        if offset < hi and lo < offset + n:
+            pieces.append(t.reshape(-1)[max(lo - offset, 0):min(hi - offset, n)])
+        offset += n
+    return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
+
+
 def _runs(job: JobSpec, params: list[nn.Parameter], lo: int, hi: int,
           component_of: dict[int, str | None]) -> list[_Run]:
     """The runs of ``[lo, hi)``: the parts of each parameter inside it, consecutive ones of the same group merged."""
@@ -138,12 +149,9 @@ class ShardedAdamW:
         gathers and return; :meth:`wait_until` / :meth:`settle` complete them."""
         self.settle()
         for share in self.shares:
-            if share.runs:
-                flat = torch.cat([p.detach().reshape(-1) for p in share.params])
-                grad = torch.cat([p.grad.reshape(-1) for p in share.params])
-                for run in share.runs:
-                    run.master.data.copy_(flat[run.lo:run.hi])
-                    run.master.grad = grad[run.lo:run.hi].clone()
+            for run in share.runs:  # only the share's elements: the bucket's others are the other holders' to step
+                run.master.data.copy_(_elements([p.detach() for p in share.params], run.lo, run.hi))
+                run.master.grad = _elements([p.grad for p in share.params], run.lo, run.hi).clone()
         if self.inner is not None:
             self.inner.step()
         for i in sorted(range(len(self.shares)), key=lambda i: (self.shares[i].position, i)):

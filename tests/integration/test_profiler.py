@@ -12,9 +12,10 @@ from planner.costmodel import Layout, ProfiledCostModel, profile_key
 from planner.devices import resolve_hardware
 from planner.metagraph import build_metagraph
 from planner.spec import parse_job
+from planner.spec_file import read_job_document
 from planner.costfit import alpha_beta
 from runtime.profile_step import message_sizes
-from runtime.profiler import local_batches, profile_job, rising_curves
+from runtime.profiler import local_batches, profile_job, rising_curves, slowest_medians
 from planner.costfile import check_cost_data
 
 
@@ -37,6 +38,13 @@ def job():
 def test_local_batches_are_the_dp_splits_the_planner_asks_for():
     op = build_metagraph(job()).metaops[0]
     assert local_batches(op, 4) == [4, 8, 16]  # dp 4, 2, 1 (dp 3 does not divide 16)
+
+
+def test_each_sample_is_the_slowest_process_and_the_point_their_median():
+    one = {"k": {"8": [1.0, 5.0, 2.0], "16": [2.0, 2.0, 2.0]}}
+    two = {"k": {"8": [3.0, 1.0, 1.0], "16": [1.0, 4.0, 3.0]}}
+    assert slowest_medians([one, two]) == {"k": [[8, 3.0], [16, 3.0]]}  # maxima (3, 5, 2) and (2, 4, 3)
+    assert slowest_medians([one]) == {"k": [[8, 2.0], [16, 2.0]]}
 
 
 def test_a_spike_at_a_small_batch_takes_the_larger_batchs_time_so_the_file_is_valid():
@@ -63,11 +71,14 @@ def test_profile_covers_every_workload_and_feeds_the_planner(tmp_path):
     trained = data["points"][profile_key(graph.metaops[0], Layout(1, 1))]
     frozen = data["points"][profile_key(graph.metaops[1], Layout(1, 1))]
     assert trained[-1][1] > frozen[-1][1]
-    # outside the layers: each root MetaOp's data + embedding, each task's head, AdamW per parameter
+    # outside the layers: each root MetaOp's embedding, each task's head, AdamW per parameter
     roots = [op for op in graph.metaops if not op.deps]
     assert set(data["embed"]) == {op.name for op in roots} == {"a.enc", "b.frozen_enc"}
     assert [b for b, _ in data["embed"]["a.enc"]] == local_batches(roots[0], 4)
     assert set(data["head"]) == {"a", "b"} and all(t > 0 for pts in data["head"].values() for _, t in pts)
+    # each task's rows drawn, at the same local batches (the synthetic data here)
+    assert set(data["data"]) == {"a", "b"} and all(t > 0 for pts in data["data"].values() for _, t in pts)
+    assert [b for b, _ in data["data"]["a"]] == local_batches(roots[0], 4)
     assert 0 < data["optimizer_s_per_param"] < 1e-6
     # the optimizer step fitted over the job's real tensors, and the modules the planner does not size, as built
     assert set(data["optimizer"]) == {"step_s", "s_per_param", "s_per_tensor"}
@@ -83,6 +94,7 @@ def test_profile_covers_every_workload_and_feeds_the_planner(tmp_path):
     path.write_text(json.dumps(data))
     model = ProfiledCostModel.load(path, resolve_hardware(j.cluster))
     assert model.embed_time(roots[0], 16) == data["embed"]["a.enc"][-1][1]
+    assert model.data_time("a", 16) == data["data"]["a"][-1][1]
     fit = data["optimizer"]
     assert model.optimizer_time(1e6, 10) == pytest.approx(fit["step_s"] + 1e6 * fit["s_per_param"] + 10 * fit["s_per_tensor"])
     alpha, beta = alpha_beta([tuple(p) for p in data["links"]["p2p"]])
@@ -163,13 +175,13 @@ def test_planned_buckets_hold_the_runtimes_real_parameters(name, tmp_path):
 
     from planner.api import make_cost_model, plan_placed
     from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
-    from planner.spec_file import read_job_document
     from runtime.embeddings import build_input_module
     from runtime.heads import build_head
     from runtime.modules import build_layer
     from runtime.profile_step import module_sizes
 
-    j = parse_job(read_job_document(Path(__file__).parents[2] / "examples" / f"{name}.yaml"))
+    path = Path(__file__).parents[2] / "examples" / f"{name}.yaml"
+    j = parse_job(read_job_document(path), base=path.parent)
     costs = tmp_path / "costs.json"
     costs.write_text(json.dumps({"points": {}, "modules": module_sizes(j)}))
     ops = build_metagraph(j).metaops
@@ -186,7 +198,7 @@ def test_planned_buckets_hold_the_runtimes_real_parameters(name, tmp_path):
             module = build_input_module(j, module_name)
         else:
             module = build_layer(j, next(op for op in ops if op.param_group == module_name), layer)
-        return sum(p.numel() for p in module.parameters())
+        return sum(p.numel() for p in module.parameters() if p.requires_grad)  # what its all-reduce sends
 
     shared = [b for b in plan.grad_buckets if len(b.devices) > 1]
     assert {m[0].split(":")[0] for b in shared for m in b.members} >= {"head", "embed"}
@@ -194,3 +206,21 @@ def test_planned_buckets_hold_the_runtimes_real_parameters(name, tmp_path):
         assert bucket.params == sum(real(m) for m in bucket.members), bucket.members
     element = 4 if j.training.precision == "fp32" else 2
     assert sorted(g.bytes for g in plan.sync_groups) == sorted(element * b.params for b in shared)
+
+
+def test_a_heads_frozen_modules_stay_out_of_its_bucket():
+    """The feedback head holds a frozen VAE decoder and scorers beside its few trainable parameters: the size `loom
+    profile` records for its bucket (what the plan syncs and steps) is the trainable part, as the runtime's gradient
+    sync sends (runtime.gradsync: parameters that require grad)."""
+    from pathlib import Path
+
+    from runtime.heads import build_head
+    from runtime.profile_step import module_sizes
+
+    path = Path(__file__).parents[2] / "examples" / "feedback-cpu.yaml"
+    j = parse_job(read_job_document(path), base=path.parent)
+    head = build_head(j, 0)
+    trainable = [p for p in head.parameters() if p.requires_grad]
+    assert module_sizes(j)["head:feedback"] == [sum(p.numel() for p in trainable), len(trainable)]
+    assert sum(p.numel() for p in trainable) < sum(p.numel() for p in head.parameters()) / 100
+

@@ -6,6 +6,7 @@ they were)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -89,6 +90,28 @@ def test_loss_host_is_the_last_slice_of_the_leaves_on_its_first_tp_devices():
     assert loss_stage_seconds(problem, placed, cm) == pytest.approx(0.002)
 
 
+def test_each_device_draws_a_tasks_rows_once_at_their_first_reader():
+    """Data drawn (MeasuredCosts.data) at a device's first event that reads the task's rows: a root with input
+    modules, else the loss head; a head on a device that drew the same rows (same data-parallel degree and rank)
+    draws nothing more."""
+    ops, placed = two_tasks()
+    ops = [replace(ops[0], input_modules=("embed:enc0",)), ops[1], replace(ops[2], input_modules=("embed:enc2",))]
+    drawing = MeasuredCosts(head={"a": [(8.0, 0.0005)], "b": [(8.0, 0.004)]},
+                            data={"a": [(4.0, 0.001), (8.0, 0.002)], "b": [(8.0, 0.003)]})
+    cm = cost_model(ops, drawing)
+    sim = simulate(Problem.build(finalize_graph(ops), cm), placed, cm)
+    # wave 0: enc0 on both devices draws a's 4 rows each; wave 1: enc1 reads enc0's output (no input modules, no
+    # draw), enc2 on device 1 draws b's 8 rows
+    assert sim.wave_durations == pytest.approx((2 * LAYER_S[2] + 0.001, 2 * LAYER_S[1] + 0.003))
+    # a's head on device 0 reads all 8 rows (data parallel 1), not the 4 drawn in wave 0: it draws them; b's head
+    # on device 1 reads the rows enc2 drew there
+    assert sim.loss_s == pytest.approx(max(0.0005 + 0.002, 0.004))
+    assert sim.iteration_time_s == pytest.approx(
+        sim.compute_s + sim.transfer_s + sim.sync_s + sim.optimizer_s + sim.gather_s)
+    none = cost_model(ops, replace(drawing, data={}))
+    assert simulate(Problem.build(finalize_graph(ops), none), placed, none).iteration_time_s < sim.iteration_time_s
+
+
 def test_measured_adamw_rate_replaces_the_device_table():
     ops, placed = two_tasks()
     cm = cost_model(ops, OVERHEADS)
@@ -109,7 +132,7 @@ def test_without_measured_overheads_nothing_changes():
 def test_cost_file_carries_the_overheads_and_rejects_bad_ones(tmp_path):
     ops, _ = two_tasks()
     data = {"version": 1, "device": "cpu", "points": {profile_key(ops[0], Layout(1, 1)): [[8, 0.01]]},
-            "embed": {"a.enc0": [[8, 0.003], [4, 0.002]]}, "head": {"a": [[8, 0.0015]]},
+            "embed": {"a.enc0": [[8, 0.003], [4, 0.002]]}, "head": {"a": [[8, 0.0015]]}, "data": {"b": [[8, 0.004]]},
             "optimizer_s_per_param": 2e-9}
     path = tmp_path / "costs.json"
     path.write_text(json.dumps(data))
@@ -117,6 +140,7 @@ def test_cost_file_carries_the_overheads_and_rejects_bad_ones(tmp_path):
     assert cm.measured.embed["a.enc0"] == [(4.0, 0.002), (8.0, 0.003)]
     assert cm.embed_time(ops[0], 8) == pytest.approx(0.003) and cm.embed_time(ops[1], 8) == 0
     assert cm.head_time("a", 8) == pytest.approx(0.0015) and cm.head_time("b", 8) == 0
+    assert cm.data_time("b", 8) == pytest.approx(0.004) and cm.data_time("a", 8) == 0
     assert cm.optimizer_time(1e6) == pytest.approx(2e-3)
     data["embed"] = {"a.enc0": [[8]]}
     path.write_text(json.dumps(data))
