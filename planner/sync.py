@@ -63,6 +63,7 @@ import numpy as np
 
 from planner.costmodel import CostModel
 from planner.placement import MemoryLedger
+from planner.timeline import device_index
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def sync_spans(
     for i in order:
         if times[i] <= 0:
             continue
-        idx = np.asarray(buckets[i].devices, dtype=np.int64)
+        idx = device_index(buckets[i].devices)
         starts[i] = max(ready[i], float(free[idx].max()))
         free[idx] = starts[i] + times[i]
     return free, starts
@@ -223,8 +224,9 @@ def optimizer_seconds(buckets: Sequence[SyncBucket], cost_model: CostModel, num_
     params, tensors = np.zeros(num_devices), np.zeros(num_devices)
     for b in buckets:
         shards = max(1, len(b.devices) // b.tp_degree) if cost_model.shard_optimizer else 1
-        params[list(b.devices)] += b.num_params / b.tp_degree / shards
-        tensors[list(b.devices)] += b.num_tensors
+        idx = device_index(b.devices)
+        params[idx] += b.num_params / b.tp_degree / shards
+        tensors[idx] += b.num_tensors
     return np.array([cost_model.optimizer_time(float(p), float(t)) if p > 0 else 0.0 for p, t in zip(params, tensors)])
 
 
@@ -241,7 +243,7 @@ def gather_spans(buckets: Sequence[SyncBucket], times: Sequence[float], stepped:
                  order: Sequence[int] | None = None) -> tuple[np.ndarray, list[float]]:
     """:func:`schedule_gather`'s per-device ends and when each bucket's gather ends (its step's end without one)."""
     free = np.array(stepped, dtype=float)
-    start = [float(free[list(b.devices)].max()) for b in buckets]
+    start = [float(free[device_index(b.devices)].max()) for b in buckets]
     if order is None:
         order = sorted(range(len(buckets)),
                        key=lambda i: (start[i], -times[i], buckets[i].param_group, buckets[i].layers[0]))
@@ -249,7 +251,7 @@ def gather_spans(buckets: Sequence[SyncBucket], times: Sequence[float], stepped:
     for i in order:
         if times[i] <= 0:
             continue
-        idx = np.asarray(buckets[i].devices, dtype=np.int64)
+        idx = device_index(buckets[i].devices)
         free[idx] = ends[i] = float(free[idx].max()) + times[i]
     return free, ends
 
@@ -267,9 +269,9 @@ def gather_limits(buckets: Sequence[SyncBucket], next_use: Sequence[float], read
     *overlapped all-gather*): the earlier of its ``next_use`` and the earliest readiness of a bucket on its devices."""
     first_ready = np.full(num_devices, np.inf)
     for b, r in zip(buckets, ready):
-        idx = np.asarray(b.devices, dtype=np.int64)
+        idx = device_index(b.devices)
         first_ready[idx] = np.minimum(first_ready[idx], r)
-    return np.array([min(use, float(first_ready[list(b.devices)].min())) for b, use in zip(buckets, next_use)])
+    return np.array([min(use, float(first_ready[device_index(b.devices)].min())) for b, use in zip(buckets, next_use)])
 
 
 def overlapped_end(stepped: np.ndarray, gather_ends: Sequence[float], limits: np.ndarray) -> float:
