@@ -34,6 +34,7 @@ import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
@@ -167,8 +168,22 @@ def _edge(ops: Sequence[MetaOp], wave: int, producer: SliceId, src: PlacedSlice,
     return Edge(wave, producer, consumer, target, task, input, fwd, bwd)
 
 
-def loss_hosts(ops: Sequence[MetaOp], placed: PlacedSchedule) -> dict[str, tuple[SliceId, tuple[SliceId, ...]]]:
-    """Per task (in MetaOp order): the slice hosting its loss and its leaves' last slices (module docstring)."""
+def loss_hosts(ops: Sequence[MetaOp], placed: PlacedSchedule) -> Mapping[str, tuple[SliceId, tuple[SliceId, ...]]]:
+    """Per task (in MetaOp order): the slice hosting its loss and its leaves' last slices (module docstring).
+    Read-only; the last call's answer is kept: one simulation asks four times (edges, holdings, timeline, loss stage)
+    for the same ``ops`` and ``placed``, which the entry holds, so they are the same objects when it answers."""
+    last_ops, last_placed, found = _LAST_HOSTS[0]
+    if last_ops is ops and last_placed is placed:
+        return found
+    found = MappingProxyType(_loss_hosts(ops, placed))
+    _LAST_HOSTS[0] = (ops, placed, found)  # one assignment: a reader sees the old entry or the new one whole
+    return found
+
+
+_LAST_HOSTS: list[tuple] = [(None, None, None)]  # (ops, placed, loss_hosts(ops, placed)) of the last call
+
+
+def _loss_hosts(ops: Sequence[MetaOp], placed: PlacedSchedule) -> dict[str, tuple[SliceId, tuple[SliceId, ...]]]:
     last: dict[int, SliceId] = {}
     for k, wave in enumerate(placed.waves):
         for i, s in enumerate(wave.slices):

@@ -16,7 +16,7 @@ from planner.devices import DEVICES, GIB, Hardware
 from planner.flows import boundary_time, move_flows
 from planner.metagraph import MetaOp, finalize_graph
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, all_slices, build_ledger, place_schedule
-from planner.program import forward_moves, grad_buckets, holdings
+from planner.program import _loss_hosts, forward_moves, grad_buckets, holdings, loss_hosts
 from planner.schedule import Problem
 from planner.simulator import (
     SIM_MEMO_SIZE, Phase, backward_ends, simulate, simulate_transfers, split_passes, sync_of,
@@ -481,3 +481,17 @@ def test_flows_of_shared_moves_are_built_once_read_only_and_priced_alike():
     copy = type(flows)(flows.senders.copy(), flows.receivers.copy(), flows.nbytes.copy())
     assert boundary_time([flows], cm) == price == boundary_time([copy], cm) == boundary_time([flows], LinearCost(CM.hw))
     assert price == pytest.approx(CM.p2p_time(8e6, cross_node=True))  # all 8 rows cross node 0 -> 1 on one link
+
+
+def test_the_kept_loss_hosts_are_the_last_placements_only():
+    """loss_hosts keeps its last answer (one simulation asks several times): another placement, or an equal one
+    built anew, gets what computing afresh gives, and the answer cannot be changed in place."""
+    problem = problem_of(op(0, "enc", layers=4), op(1, "dec", layers=2, deps=(0,)), op(2, "aux", layers=2, task="t1"))
+    ops = problem.graph.metaops
+    one = placed(problem, [(0, 0, 4, (0, 1)), (2, 0, 2, (2, 3))], [(1, 0, 2, (4, 5))])
+    other = placed(problem, [(0, 0, 4, (0, 1))], [(1, 0, 2, (4, 5)), (2, 0, 2, (2, 3))])  # aux's host moves on
+    for schedule in (one, one, other, placed(problem, [(0, 0, 4, (0, 1)), (2, 0, 2, (2, 3))], [(1, 0, 2, (4, 5))])):
+        assert dict(loss_hosts(ops, schedule)) == _loss_hosts(ops, schedule)
+    assert dict(loss_hosts(ops, one)) != dict(loss_hosts(ops, other))
+    with pytest.raises(TypeError):
+        loss_hosts(ops, one)["t1"] = ((0, 0), ())
