@@ -8,6 +8,7 @@ import itertools
 import math
 import random
 
+import numpy as np
 import pytest
 
 from planner.components import LayerSegment
@@ -21,7 +22,9 @@ from planner.schedule import Problem
 from planner.simulator import (
     SIM_MEMO_SIZE, Phase, backward_ends, simulate, simulate_transfers, split_passes, sync_of,
 )
-from planner.sync import bucket_time, finish_iteration, gather_time, sync_buckets
+from planner.sync import (
+    SyncBucket, bucket_time, finish_iteration, gather_limits, gather_spans, gather_time, optimizer_seconds, sync_buckets,
+)
 
 from conftest import random_schedule
 
@@ -495,3 +498,40 @@ def test_the_kept_loss_hosts_are_the_last_placements_only():
     assert dict(loss_hosts(ops, one)) != dict(loss_hosts(ops, other))
     with pytest.raises(TypeError):
         loss_hosts(ops, one)["t1"] = ((0, 0), ())
+
+
+def test_per_bucket_reductions_in_one_call_equal_a_loop_over_the_buckets():
+    """optimizer_seconds, gather_spans and gather_limits reduce over every bucket's devices in one numpy call each
+    (sync.bucket_devices); on random buckets (overlapping device sets, ZeRO-1 on and off) they give the same bits as
+    a loop over the buckets in their order."""
+    rng = random.Random(7)
+    for trial in range(40):
+        n = rng.randint(1, 16)
+        buckets = [SyncBucket(f"g{i}", (i,), tuple(sorted(rng.sample(range(n), rng.randint(1, n)))), 1,
+                              rng.uniform(1e3, 1e8), float(rng.randint(0, 9))) for i in range(rng.randint(1, 12))]
+        cm = LinearCost(CM.hw, shard_optimizer=rng.random() < 0.5)
+        params, tensors = [0.0] * n, [0.0] * n
+        for b in buckets:
+            shards = max(1, len(b.devices) // b.tp_degree) if cm.shard_optimizer else 1
+            for d in b.devices:
+                params[d] += b.num_params / b.tp_degree / shards
+                tensors[d] += b.num_tensors
+        step = [cm.optimizer_time(p, t) if p > 0 else 0.0 for p, t in zip(params, tensors)]
+        assert optimizer_seconds(buckets, cm, n).tolist() == step
+        stepped = [rng.uniform(0, 1) for _ in range(n)]
+        times = [rng.choice((0.0, rng.uniform(0, 0.1))) for _ in buckets]
+        free, ends = list(stepped), [max(stepped[d] for d in b.devices) for b in buckets]
+        order = sorted(range(len(buckets)),
+                       key=lambda i: (ends[i], -times[i], buckets[i].param_group, buckets[i].layers[0]))
+        for i in order:
+            if times[i] > 0:
+                ends[i] = max(free[d] for d in buckets[i].devices) + times[i]
+                for d in buckets[i].devices:
+                    free[d] = ends[i]
+        got_free, got_ends = gather_spans(buckets, times, np.array(stepped))
+        assert got_free.tolist() == free and got_ends == ends
+        ready = [rng.uniform(0, 1) for _ in buckets]
+        uses = [rng.choice((math.inf, rng.uniform(0, 1))) for _ in buckets]
+        first = [min((r for b, r in zip(buckets, ready) if d in b.devices), default=math.inf) for d in range(n)]
+        assert gather_limits(buckets, uses, ready, n).tolist() == [
+            min(u, min(first[d] for d in b.devices)) for b, u in zip(buckets, uses)]
