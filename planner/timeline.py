@@ -33,7 +33,8 @@ from planner.costmodel import CostModel
 
 
 DeviceIndex = slice | np.ndarray  # an index of per-device arrays: device_index
-DEVICE_INDEX_MAX_KEPT = 1024  # device sets up to this size keep their index arrays (device_index)
+DEVICE_INDEX_MAX_KEPT = 64  # device sets up to this size keep their index arrays (device_index): every set of a grid
+# cell; at most 16,384 kept arrays of 512 bytes, so the scale cells' peak RSS stays put
 
 
 def device_index(devices: Sequence[int]) -> DeviceIndex:
