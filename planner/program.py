@@ -170,8 +170,9 @@ def _edge(ops: Sequence[MetaOp], wave: int, producer: SliceId, src: PlacedSlice,
 
 def loss_hosts(ops: Sequence[MetaOp], placed: PlacedSchedule) -> Mapping[str, tuple[SliceId, tuple[SliceId, ...]]]:
     """Per task (in MetaOp order): the slice hosting its loss and its leaves' last slices (module docstring).
-    Read-only; the last call's answer is kept: one simulation asks four times (edges, holdings, timeline, loss stage)
-    for the same ``ops`` and ``placed``, which the entry holds, so they are the same objects when it answers."""
+    Read-only; the last call's answer is kept: one simulation asks five times (edges, holdings, data draws, timeline,
+    loss stage) for the same ``ops`` and ``placed``, which the entry holds, so they are the same objects when it
+    answers."""
     last_ops, last_placed, found = _LAST_HOSTS[0]
     if last_ops is ops and last_placed is placed:
         return found
