@@ -31,24 +31,35 @@ class Flows:
 
 def boundary_time(flows: Sequence[Flows], cost_model: CostModel) -> float:
     """Seconds for ``flows`` running concurrently: the busiest link (device intra-node, node network) per direction.
-    Remembered (:func:`planner.timeline.flow_memo`)."""
+    Remembered: kept flows by identity (one edge's, or a boundary's together: :func:`shared_memo`), any by their
+    bytes (:func:`planner.timeline.flow_memo`)."""
     flows = [f for f in flows if len(f.nbytes)]
     if not flows:
         return 0.0
-    dpn = cost_model.hw.devices_per_node
     if len(flows) == 1:  # most calls: one edge's flows (a transfer's own time), shared (move_flows): by identity
-        priced = cost_model.__dict__.setdefault("_flows_priced", {})
-        known = priced.get(id(flows[0]))
-        if known is not None and known[0] is flows[0]:
-            return known[1]
+        together, ids = cost_model.__dict__.setdefault("_flows_priced", {}), (id(flows[0]),)
+        if not flows[0].shared:
+            ids = None
         snd, rcv, nbytes = flows[0].senders, flows[0].receivers, flows[0].nbytes
     else:
+        together, ids = shared_memo(cost_model, "boundary", flows)
+    if ids is not None and ids in together:
+        return together[ids][1]
+    if len(flows) > 1:
         snd = np.concatenate([f.senders for f in flows])
         rcv = np.concatenate([f.receivers for f in flows])
         nbytes = np.concatenate([f.nbytes for f in flows])
+    worst = _busiest_link_time(snd, rcv, nbytes, cost_model)
+    if ids is not None:
+        together[ids] = (tuple(flows), worst)
+    return worst
+
+
+def _busiest_link_time(snd: np.ndarray, rcv: np.ndarray, nbytes: np.ndarray, cost_model: CostModel) -> float:
     memo, key = flow_memo(cost_model, "boundary", snd, rcv, nbytes)
     if key is not None and key in memo:
         return memo[key]
+    dpn = cost_model.hw.devices_per_node
     cross = snd // dpn != rcv // dpn
     worst = 0.0
     for on_link, divisor in ((~cross, 1), (cross, dpn)):
@@ -59,9 +70,18 @@ def boundary_time(flows: Sequence[Flows], cost_model: CostModel) -> float:
                 worst = max(worst, cost_model.p2p_time(float(per_link.max()), cross_node=divisor > 1))
     if key is not None:
         memo[key] = worst
-        if len(flows) == 1 and flows[0].shared:  # kept alive by the entry: ids stay unique
-            priced[id(flows[0])] = (flows[0], worst)
     return worst
+
+
+def shared_memo(cost_model: CostModel, kind: str, flows: Sequence[Flows]) -> tuple[dict, tuple[int, ...] | None]:
+    """The memo of what ``kind`` of pricing gave for several flows taken together, beside ``cost_model`` (one per
+    ``plan_job``), and the key of ``flows`` in it: their identities, when every one is kept (:func:`move_flows`), else
+    None. A boundary's flows are the same kept objects in every simulation that keeps the boundary's edges, so their
+    identities say as much as their bytes (:func:`planner.timeline.flow_memo`) without concatenating and hashing them.
+    Each entry is ``(flows, price)``: it keeps its flows alive, so an identity is not reused while its entry stands."""
+    if not all(f.shared for f in flows):
+        return {}, None
+    return cost_model.__dict__.setdefault("_shared_" + kind, {}), tuple(map(id, flows))
 
 
 FLOWS_MEMO_MAX_MOVES = 256  # every edge of the grid's cells has at most 128 moves

@@ -84,22 +84,23 @@ def knapsack_many(values: Sequence[np.ndarray], weights: Sequence[Sequence[int]]
         for j, w in enumerate(wts):
             if w > capacity:
                 break
-            cand = np.full_like(dp, -np.inf)
-            cand[:, w:] = dp[:, : capacity + 1 - w] + vals[:, j : j + 1]
-            better = cand > new + 1e-12 * np.abs(new) + 1e-300
-            new = np.where(better, cand, new)
-            arg[better] = j
+            # only the columns w.. can take option j (below w it does not fit, and -inf never beats new >= 0):
+            # updated in place on those columns, the same comparisons and values as over the whole row
+            cand = dp[:, : capacity + 1 - w] + vals[:, j : j + 1]
+            target = new[:, w:]
+            better = cand > target + 1e-12 * np.abs(target) + 1e-300
+            np.copyto(target, cand, where=better)
+            np.copyto(arg[:, w:], j, where=better)
         choices.append(arg)
         dp = new
-    picks = []
-    for row in range(num_rows):
-        cap, picked = capacity, []
-        for g in range(len(choices) - 1, -1, -1):
-            j = int(choices[g][row, cap])
-            if j >= 0:
-                picked.append((g, j))
-                cap -= weights[g][j]
-        picks.append(picked[::-1])
+    # walk the choices back, every row at once: row r's capacity left before group g
+    rows, cap = np.arange(num_rows), np.full(num_rows, capacity)
+    picked = np.full((len(choices), num_rows), -1, dtype=np.int64)
+    for g in range(len(choices) - 1, -1, -1):
+        j = choices[g][rows, cap].astype(np.int64)
+        picked[g] = j
+        cap = cap - np.where(j >= 0, np.asarray(weights[g], dtype=np.int64)[np.maximum(j, 0)], 0)
+    picks = [[(g, j) for g, j in enumerate(row) if j >= 0] for row in picked.T.tolist()]
     return dp[:, capacity], picks
 
 

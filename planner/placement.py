@@ -74,6 +74,7 @@ from planner.metagraph import MetaOp
 from planner.reshard import aligned_devices, can_align
 from planner.rolloutlag import ahead_bytes
 from planner.schedule import Problem, Schedule, ScheduleError, Slice, Wave
+from planner.timeline import device_index
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +178,11 @@ class MemoryLedger:
         self.held: dict[str, dict[int, dict[int, int]]] = {}
         self.groups = group_facts(problem)
         self.slices: list[PlacedSlice] = []
+        self._known: dict[int, tuple[dict[int, int], float]] = {}  # id of a holding -> (it, its layer equivalents)
 
     def add(self, s: PlacedSlice, phase: int = 0) -> None:
         op = self.problem.graph.metaops[s.metaop]
-        idx = np.fromiter(s.devices, dtype=np.int64, count=len(s.devices))
+        idx = device_index(s.devices)
         saved = self.cost_model.activation_bytes(op, s.layout) * s.num_layers
         if op.gen is not None and op.gen.decoder is not None:  # a KV cache lives while its generation runs only
             self.transient[idx] = np.maximum(self.transient[idx], saved)
@@ -208,10 +210,13 @@ class MemoryLedger:
         added: dict[int, tuple[dict[int, int], float]] = {}  # id of a holding before -> (after, layers added)
         for by_tp in distinct:
             if by_tp is None:
-                added[id(by_tp)] = ({tp: mask}, s.num_layers / tp)
+                after, equivalents, grown = {tp: mask}, s.num_layers / tp, s.num_layers / tp
             else:
                 after = {**by_tp, tp: by_tp.get(tp, 0) | mask}
-                added[id(by_tp)] = (after, layer_equivalents(after) - layer_equivalents(by_tp))
+                equivalents = layer_equivalents(after)
+                grown = equivalents - self._equivalents(by_tp)
+            added[id(by_tp)] = (after, grown)
+            self._known[id(after)] = (after, equivalents)
         if len(distinct) == 1:  # one number for every device (the same products as per device, so the same bytes)
             after, grown = added[id(distinct[0])]
             holders.update(dict.fromkeys(s.devices, after))
@@ -224,6 +229,12 @@ class MemoryLedger:
         if facts.trainable:
             self.trainable_params[idx] += params
         self.slices.append(s)
+
+    def _equivalents(self, by_tp: dict[int, int]) -> float:
+        """:func:`layer_equivalents` of a holding: remembered for the holdings this ledger made (each entry keeps its
+        holding, never mutated, alive: an id names one holding while its entry stands)."""
+        known = self._known.get(id(by_tp))
+        return known[1] if known is not None else layer_equivalents(by_tp)
 
     def peak(self) -> np.ndarray:
         """Peak bytes per device: parameter state plus every saved activation (end of forward), plus the logits of

@@ -44,7 +44,9 @@ class _State:
         return self.p.curves[m].time(n) * l
 
     def dur(self, k: int) -> float:
-        return max((self.t(m, n, l) for m, (n, l) in self.waves[k].items()), default=0.0)
+        wave, curves = self.waves[k], self.p.curves
+        self.work += len(wave)  # one slice-time evaluation each, as t() counts them
+        return max((curves[m].time(n) * l for m, (n, l) in wave.items()), default=0.0)
 
     def free(self, k: int) -> int:
         return self.p.num_devices - sum(n for n, _ in self.waves[k].values())

@@ -34,6 +34,7 @@ import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
@@ -167,8 +168,23 @@ def _edge(ops: Sequence[MetaOp], wave: int, producer: SliceId, src: PlacedSlice,
     return Edge(wave, producer, consumer, target, task, input, fwd, bwd)
 
 
-def loss_hosts(ops: Sequence[MetaOp], placed: PlacedSchedule) -> dict[str, tuple[SliceId, tuple[SliceId, ...]]]:
-    """Per task (in MetaOp order): the slice hosting its loss and its leaves' last slices (module docstring)."""
+def loss_hosts(ops: Sequence[MetaOp], placed: PlacedSchedule) -> Mapping[str, tuple[SliceId, tuple[SliceId, ...]]]:
+    """Per task (in MetaOp order): the slice hosting its loss and its leaves' last slices (module docstring).
+    Read-only; the last call's answer is kept: one simulation asks five times (edges, holdings, data draws, timeline,
+    loss stage) for the same ``ops`` and ``placed``, which the entry holds, so they are the same objects when it
+    answers."""
+    last_ops, last_placed, found = _LAST_HOSTS[0]
+    if last_ops is ops and last_placed is placed:
+        return found
+    found = MappingProxyType(_loss_hosts(ops, placed))
+    _LAST_HOSTS[0] = (ops, placed, found)  # one assignment: a reader sees the old entry or the new one whole
+    return found
+
+
+_LAST_HOSTS: list[tuple] = [(None, None, None)]  # (ops, placed, loss_hosts(ops, placed)) of the last call
+
+
+def _loss_hosts(ops: Sequence[MetaOp], placed: PlacedSchedule) -> dict[str, tuple[SliceId, tuple[SliceId, ...]]]:
     last: dict[int, SliceId] = {}
     for k, wave in enumerate(placed.waves):
         for i, s in enumerate(wave.slices):
@@ -295,42 +311,43 @@ def holdings(ops: Sequence[MetaOp], placed: PlacedSchedule, size: ModuleSize | N
     size = size or (lambda name: (0.0, 0.0))
     num_waves = len(placed.waves)
     position = backward_positions(placed.phases, num_waves)
-    devices: dict[ModuleKey, set[int]] = {}
-    ready: dict[ModuleKey, int] = {}
-    facts: dict[ModuleKey, tuple[bool, float]] = {}
+    # per module shard: [holders, ready_wave, trainable, params, tensors]. ready_wave: the last backward event (in
+    # execution order) that runs it; trainable when any use trains it (a ``mode: forward`` use of a trained component
+    # shares its modules, frozen in that use only); params and tensors as the last slice that runs it counts them
+    table: dict[ModuleKey, list] = {}
 
-    def final_after(key: ModuleKey, k: int) -> None:  # the last backward event (in execution order) that runs it
-        if key not in ready or position[k] > position[ready[key]]:
-            ready[key] = k
-
-    def learn(key: ModuleKey, fact: tuple[bool, float, float]) -> None:  # trainable when any use trains it (a
-        # ``mode: forward`` use of a trained component shares its modules, frozen in that use only)
-        facts[key] = (fact[0] or facts[key][0], *fact[1:]) if key in facts else fact
+    def held_by(key: ModuleKey, holders: Sequence[int], k: int, trains: bool, params: float, tensors: float) -> None:
+        entry = table.get(key)
+        if entry is None:
+            table[key] = [set(holders), k, trains, params, tensors]
+            return
+        entry[0].update(holders)
+        if position[k] > position[entry[1]]:
+            entry[1] = k
+        entry[2:] = trains or entry[2], params, tensors
 
     for k, wave in enumerate(placed.waves):
         for s in wave.slices:
             op, tp = ops[s.metaop], s.layout.tp_degree
             params, tensors = size(op.param_group)  # as the runtime builds a layer (0: unknown, the modelled params)
-            fact = (not op.frozen, (params or op.layer.params) / tp, tensors)
+            trains, per_shard = not op.frozen, (params or op.layer.params) / tp
             for shard in range(tp):  # TP rank ``shard`` of every data-parallel rank holds the layer's shard
                 mine = s.devices[shard::tp]
                 for layer in range(s.first_layer, s.first_layer + s.num_layers):
-                    key = (op.param_group, layer, shard)
-                    devices.setdefault(key, set()).update(mine)
-                    final_after(key, k)
-                    learn(key, fact)
+                    held_by((op.param_group, layer, shard), mine, k, trains, per_shard, tensors)
             for name in op.input_modules if s.first_layer == 0 else ():
-                devices.setdefault((name, 0, 0), set()).update(s.devices)
-                final_after((name, 0, 0), k)
-                learn((name, 0, 0), (not op.frozen, *size(name)))
+                held_by((name, 0, 0), s.devices, k, trains, *size(name))
     phase = phase_of_waves(placed.phases, num_waves)
     for task, (ref, _) in loss_hosts(ops, placed).items():
         host = placed.waves[ref[0]].slices[ref[1]]
         key = ("head:" + task, 0, 0)
-        devices[key] = set(host.devices[::host.layout.tp_degree])
-        ready[key], facts[key] = loss_event(num_waves, phase[ref[0]]), (True, *size(key[0]))
-    return [Holding(key, tuple(sorted(devices[key])), facts[key][0], ready[key], facts[key][1], facts[key][2])
-            for key in sorted(devices)]
+        table[key] = [set(host.devices[::host.layout.tp_degree]), loss_event(num_waves, phase[ref[0]]), True,
+                      *size(key[0])]
+    out = []
+    for key in sorted(table):
+        holders, ready_wave, trainable, params, tensors = table[key]
+        out.append(Holding(key, tuple(sorted(holders)), trainable, ready_wave, params, tensors))
+    return out
 
 
 def grad_buckets(held: Sequence[Holding], position: Mapping[int, int] | None = None) -> list[Bucket]:

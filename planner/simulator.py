@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.costmodel import CostModel
-from planner.flows import Flows, boundary_time, edge_flows
+from planner.flows import Flows, boundary_time, edge_flows, shared_memo
 from planner.metagraph import MetaOp
 from planner.phases import (
     backward_positions, forward_positions, gather_events, gather_order, loss_event, phase_of_waves, phase_ranges,
@@ -65,7 +65,7 @@ from planner.placement import PlacedSchedule, PlacedSlice, placed_ledger
 from planner.program import LOSS_WAVE, Bucket, Holding, grad_buckets, holdings, loss_hosts, plan_edges
 from planner.schedule import Problem
 from planner.sync import SyncBucket, SyncOutcome, finish_buckets, gathers_overlap
-from planner.timeline import Clocks, exchange_of
+from planner.timeline import Clocks, DeviceIndex, device_index, exchange_of
 from planner.handoff import HandOff, HandOffGather, hand_off_gathers, hand_off_seconds, hand_offs
 from planner.rolloutlag import lagged
 
@@ -366,7 +366,7 @@ class Walk:
     ready: list[float]
     ready_parts: list[tuple[float, float]]  # per bucket, the (compute, transfer) path of the device it waited for
     # the first micro-batch's forward events: (code, devices, start) of every slice's forward and every loss head
-    starts: tuple[tuple[int, np.ndarray, float], ...] = ()
+    starts: tuple[tuple[int, DeviceIndex, float], ...] = ()  # devices: planner.timeline.device_index
 
 
 def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forward: list[list[Flows]],
@@ -383,25 +383,31 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
         flows = [f for f in flows if len(f.nbytes)]
         if not flows:
             return None
-        return exchange_of(*(np.concatenate([getattr(f, a) for f in flows]) for a in ("senders", "receivers", "nbytes")),
-                           cost_model)
+        together, ids = shared_memo(cost_model, "exchange", flows)
+        if ids is not None and ids in together:
+            return together[ids][1]
+        found = exchange_of(*(np.concatenate([getattr(f, a) for f in flows]) for a in ("senders", "receivers", "nbytes")),
+                            cost_model)
+        if ids is not None:
+            together[ids] = (tuple(flows), found)
+        return found
 
     ex_fwd, ex_bwd = [exchange(f) for f in forward], [exchange(b) for b in backward]
     runs = []  # per wave: (devices, forward seconds, backward seconds) of each slice
     draws = draws or Draws(tuple((0.0,) * len(w.slices) for w in placed.waves), {})
     for wave, times, drawn in zip(placed.waves, seconds, draws.slices):
-        runs.append([(np.asarray(s.devices, dtype=np.int64), *_after_draw(split_passes(ops[s.metaop], t), d))
+        runs.append([(device_index(s.devices), *_after_draw(split_passes(ops[s.metaop], t), d))
                      for s, t, d in zip(wave.slices, times, drawn)])
-    heads: dict[int, list[tuple[np.ndarray, float]]] = {}
+    heads: dict[int, list[tuple[DeviceIndex, float]]] = {}
     phase = phase_of_waves(placed.phases, num_waves)
     for wave, devices, seconds in loss_heads(problem, placed, cost_model, draws.heads):
-        heads.setdefault(phase[wave], []).append((devices, seconds))
+        heads.setdefault(phase[wave], []).append((device_index(devices.tolist()), seconds))
     waiting: dict[int, list[int]] = {}
     for i, b in enumerate(program):
         waiting.setdefault(b.ready_wave, []).append(i)
     clocks, ready = Clocks(problem.num_devices), [0.0] * len(program)
     parts = [(0.0, 0.0)] * len(program)
-    starts: list[tuple[int, np.ndarray, float]] = []
+    starts: list[tuple[int, DeviceIndex, float]] = []
     micro = problem.graph.num_micro_batches
     for pass_ in range(micro):
         last = pass_ == micro - 1
@@ -433,13 +439,13 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
     return Walk(clocks, ready, parts, tuple(starts))
 
 
-def next_uses(starts: Sequence[tuple[int, np.ndarray, float]], events: Sequence[int], program: Sequence[Bucket],
+def next_uses(starts: Sequence[tuple[int, DeviceIndex, float]], events: Sequence[int], program: Sequence[Bucket],
               position: dict[int, int], num_devices: int) -> list[float]:
     """Per bucket of ``program``, when the next iteration's forward first waits for its ZeRO-1 all-gather (seconds
     from the iteration's start): each holder waits before its own first forward event at or after the bucket's
     :func:`~planner.phases.gather_events` event (``events``), so the earliest start of such an event over its
     devices (``starts``: :attr:`Walk.starts`; ``position``: :func:`~planner.phases.forward_positions`)."""
-    at: dict[int, list[tuple[np.ndarray, float]]] = {}
+    at: dict[int, list[tuple[DeviceIndex, float]]] = {}
     for code, devices, start in starts:
         at.setdefault(position[code], []).append((devices, start))
     wanted: dict[int, list[int]] = {}
@@ -451,7 +457,7 @@ def next_uses(starts: Sequence[tuple[int, np.ndarray, float]], events: Sequence[
         for devices, start in at.get(q, ()):
             upcoming[devices] = np.minimum(upcoming[devices], start)
         for i in wanted.get(q, ()):
-            out[i] = float(upcoming[list(program[i].devices)].min())
+            out[i] = float(upcoming[device_index(program[i].devices)].min())
     return out
 
 

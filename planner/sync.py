@@ -55,6 +55,7 @@ gives it).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -63,6 +64,7 @@ import numpy as np
 
 from planner.costmodel import CostModel
 from planner.placement import MemoryLedger
+from planner.timeline import device_index
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ def sync_spans(
     for i in order:
         if times[i] <= 0:
             continue
-        idx = np.asarray(buckets[i].devices, dtype=np.int64)
+        idx = device_index(buckets[i].devices)
         starts[i] = max(ready[i], float(free[idx].max()))
         free[idx] = starts[i] + times[i]
     return free, starts
@@ -221,10 +223,11 @@ def optimizer_seconds(buckets: Sequence[SyncBucket], cost_model: CostModel, num_
     divided over the bucket's all-reduce participants when ``cost_model.shard_optimizer`` (ZeRO-1), and every tensor
     of those buckets (ZeRO-1 still flattens and refills each of a bucket's tensors on every holder: runtime.zero)."""
     params, tensors = np.zeros(num_devices), np.zeros(num_devices)
-    for b in buckets:
-        shards = max(1, len(b.devices) // b.tp_degree) if cost_model.shard_optimizer else 1
-        params[list(b.devices)] += b.num_params / b.tp_degree / shards
-        tensors[list(b.devices)] += b.num_tensors
+    if buckets:  # np.add.at adds in index order: per device, bucket by bucket, as a loop over the buckets would
+        index, sizes = bucket_devices(buckets)
+        shards = [max(1, len(b.devices) // b.tp_degree) if cost_model.shard_optimizer else 1 for b in buckets]
+        np.add.at(params, index, np.repeat([b.num_params / b.tp_degree / n for b, n in zip(buckets, shards)], sizes))
+        np.add.at(tensors, index, np.repeat([float(b.num_tensors) for b in buckets], sizes))
     return np.array([cost_model.optimizer_time(float(p), float(t)) if p > 0 else 0.0 for p, t in zip(params, tensors)])
 
 
@@ -241,7 +244,7 @@ def gather_spans(buckets: Sequence[SyncBucket], times: Sequence[float], stepped:
                  order: Sequence[int] | None = None) -> tuple[np.ndarray, list[float]]:
     """:func:`schedule_gather`'s per-device ends and when each bucket's gather ends (its step's end without one)."""
     free = np.array(stepped, dtype=float)
-    start = [float(free[list(b.devices)].max()) for b in buckets]
+    start = _per_bucket(np.maximum, free, buckets) if buckets else []
     if order is None:
         order = sorted(range(len(buckets)),
                        key=lambda i: (start[i], -times[i], buckets[i].param_group, buckets[i].layers[0]))
@@ -249,7 +252,7 @@ def gather_spans(buckets: Sequence[SyncBucket], times: Sequence[float], stepped:
     for i in order:
         if times[i] <= 0:
             continue
-        idx = np.asarray(buckets[i].devices, dtype=np.int64)
+        idx = device_index(buckets[i].devices)
         free[idx] = ends[i] = float(free[idx].max()) + times[i]
     return free, ends
 
@@ -266,10 +269,29 @@ def gather_limits(buckets: Sequence[SyncBucket], next_use: Sequence[float], read
     """Per bucket, how long after the next iteration starts its ZeRO-1 gather may end (module docstring:
     *overlapped all-gather*): the earlier of its ``next_use`` and the earliest readiness of a bucket on its devices."""
     first_ready = np.full(num_devices, np.inf)
-    for b, r in zip(buckets, ready):
-        idx = np.asarray(b.devices, dtype=np.int64)
-        first_ready[idx] = np.minimum(first_ready[idx], r)
-    return np.array([min(use, float(first_ready[list(b.devices)].min())) for b, use in zip(buckets, next_use)])
+    if not buckets:
+        return np.zeros(0)
+    index, sizes = bucket_devices(buckets)
+    np.minimum.at(first_ready, index, np.repeat(np.asarray(ready, dtype=float), sizes))
+    return np.minimum(np.asarray(next_use, dtype=float), _per_bucket(np.minimum, first_ready, buckets))
+
+
+def bucket_devices(buckets: Sequence[SyncBucket]) -> tuple[np.ndarray, np.ndarray]:
+    """Every bucket's devices end to end and each bucket's number of them (each has one or more): per-bucket numpy
+    reductions in one call (:func:`_per_bucket`) instead of one call per bucket. Exact: a max, a min, or sums taken in
+    the buckets' order."""
+    sizes = np.fromiter((len(b.devices) for b in buckets), dtype=np.int64, count=len(buckets))
+    index = np.fromiter(itertools.chain.from_iterable(b.devices for b in buckets), dtype=np.int64,
+                        count=int(sizes.sum()))
+    return index, sizes
+
+
+def _per_bucket(reduce: np.ufunc, values: np.ndarray, buckets: Sequence[SyncBucket]) -> list[float]:
+    """``reduce`` (np.maximum or np.minimum) of ``values`` over each bucket's devices."""
+    index, sizes = bucket_devices(buckets)
+    starts = np.zeros(len(sizes), dtype=np.int64)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    return reduce.reduceat(values[index], starts).tolist()
 
 
 def overlapped_end(stepped: np.ndarray, gather_ends: Sequence[float], limits: np.ndarray) -> float:

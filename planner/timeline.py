@@ -23,12 +23,46 @@ consecutive waves) runs every group on its own, as the task-parallel baselines d
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from planner.costmodel import CostModel
+
+
+DeviceIndex = slice | np.ndarray  # an index of per-device arrays: device_index
+DEVICE_INDEX_MAX_KEPT = 64  # device sets up to this size keep their index arrays (device_index): every set of a grid
+# cell; at most 16,384 kept arrays of 512 bytes, so the scale cells' peak RSS stays put
+
+
+def device_index(devices: Sequence[int]) -> DeviceIndex:
+    """An index of per-device numpy arrays for ``devices`` (distinct ids, in their order): ``slice(a, b)`` when they
+    are ``a, a + 1, ..., b - 1`` (most slices' and buckets' device sets: a view, no gather), else an int64 array.
+    Either reads and writes the same elements in the same order as ``arr[list(devices)]``, so every result is the same
+    bits; the simulator indexes its per-device arrays by the same sets many times per search, hence remembered (read-only
+    arrays, sets of at most :data:`DEVICE_INDEX_MAX_KEPT` devices)."""
+    devices = tuple(devices)
+    if len(devices) > DEVICE_INDEX_MAX_KEPT:
+        return _device_index(devices)
+    return _kept_device_index(devices)
+
+
+def _device_index(devices: tuple[int, ...]) -> DeviceIndex:
+    if devices and devices[-1] - devices[0] == len(devices) - 1 and devices == tuple(range(devices[0], devices[-1] + 1)):
+        return slice(devices[0], devices[-1] + 1)
+    idx = np.array(devices, dtype=np.int64)
+    idx.flags.writeable = False
+    return idx
+
+
+_kept_device_index = functools.lru_cache(maxsize=1 << 14)(_device_index)
+
+
+def index_device(idx: DeviceIndex, i: int) -> int:
+    """The ``i``-th device of a :func:`device_index` (``devices[i]``)."""
+    return idx.start + i if isinstance(idx, slice) else int(idx[i])
 
 
 @dataclass(frozen=True)
@@ -39,6 +73,17 @@ class Exchange:
     devices: np.ndarray
     component: np.ndarray
     seconds: np.ndarray
+
+    @functools.cached_property
+    def ends(self) -> np.ndarray:
+        """Per component, the position of its last member once the members are sorted by component (components are
+        numbered 0..C-1, none empty): where :meth:`Clocks.exchange` finds each component's last arrival."""
+        return np.cumsum(np.bincount(self.component, minlength=len(self.seconds))) - 1
+
+    @functools.cached_property
+    def member_seconds(self) -> np.ndarray:
+        """Per member (``devices``), its component's seconds."""
+        return self.seconds[self.component]
 
 
 def _components(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
@@ -148,13 +193,15 @@ class Clocks:
         self.compute = np.zeros(num_devices)
         self.transfer = np.zeros(num_devices)
 
-    def run(self, devices: np.ndarray, seconds: float) -> float:
-        """Work of ``seconds`` on all of ``devices`` once they are all free; returns when it started. No work (a frozen
-        slice's backward, an unprofiled loss head) waits for nothing: the runtime skips it."""
-        j = devices[int(np.argmax(self.t[devices]))]
+    def run(self, devices: DeviceIndex, seconds: float) -> float:
+        """Work of ``seconds`` on all of ``devices`` (:func:`device_index`) once they are all free; returns when it
+        started. No work (a frozen slice's backward, an unprofiled loss head) waits for nothing: the runtime skips it."""
+        clocks = self.t[devices]
+        k = int(clocks.argmax())  # the method: np.argmax's dispatch costs more than the search over a few devices
+        j = index_device(devices, k)
+        start = float(clocks[k])
         if seconds <= 0:
-            return float(self.t[j])
-        start = float(self.t[j])
+            return start
         self.t[devices] = start + seconds
         self.compute[devices] = self.compute[j] + seconds
         self.transfer[devices] = self.transfer[j]
@@ -165,15 +212,15 @@ class Clocks:
         if ex is None:
             return
         order = np.lexsort((self.t[ex.devices], ex.component))
-        last = np.flatnonzero(np.diff(ex.component[order], append=len(ex.seconds)))
-        lead = ex.devices[order[last]]  # per component, the device that arrives last
+        lead = ex.devices[order[ex.ends]]  # per component, the device that arrives last
         start = self.t[lead][ex.component]
-        self.t[ex.devices] = start + ex.seconds[ex.component]
+        seconds = ex.member_seconds
+        self.t[ex.devices] = start + seconds
         self.compute[ex.devices] = self.compute[lead][ex.component]
-        self.transfer[ex.devices] = self.transfer[lead][ex.component] + ex.seconds[ex.component]
+        self.transfer[ex.devices] = self.transfer[lead][ex.component] + seconds
 
     def latest(self, devices: Sequence[int] | np.ndarray) -> tuple[float, tuple[float, float]]:
         """The latest clock of ``devices`` and its (compute, transfer) path."""
-        idx = np.asarray(devices, dtype=np.int64)
-        j = idx[int(np.argmax(self.t[idx]))]
+        idx = device_index(devices)
+        j = index_device(idx, int(self.t[idx].argmax()))
         return float(self.t[j]), (float(self.compute[j]), float(self.transfer[j]))

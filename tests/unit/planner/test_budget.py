@@ -60,6 +60,30 @@ def test_polish_stops_at_its_work_budget_and_is_deterministic(seed, monkeypatch)
     assert spent[1] > spent[0]
 
 
+@pytest.mark.parametrize("budget", (2_000, polish_mod.POLISH_BUDGET))
+def test_polish_counts_a_waves_duration_as_one_evaluation_per_slice(budget, monkeypatch):
+    """_State.dur prices a wave's slices without calling t() for each: the same schedule and the same work count as
+    counting every slice through t() (what the budget is in), under a budget that binds and one that does not."""
+    problem = make_problem(503, num_ops=30, num_devices=32, max_layers=24, edge_prob=0.0)
+    start = _sequential(problem)
+    spent: list[int] = []
+    real_state = polish_mod._State
+
+    class Counting(real_state):
+        def schedule(self):
+            spent.append(self.work)
+            return super().schedule()
+
+    class SliceBySlice(Counting):
+        def dur(self, k):
+            return max((self.t(m, n, l) for m, (n, l) in self.waves[k].items()), default=0.0)
+
+    monkeypatch.setattr(polish_mod, "_State", Counting)
+    fast = polish_mod.polish(problem, start, budget=budget)
+    monkeypatch.setattr(polish_mod, "_State", SliceBySlice)
+    assert polish_mod.polish(problem, start, budget=budget) == fast
+    assert spent[0] == spent[1] > 0
+
 def test_two_wave_grid_shrinks_with_the_instance():
     """The D1 grid is full on small instances and shrinks (to MIN_GRID at least) where one DP costs more."""
     rng = random.Random(0)

@@ -12,7 +12,7 @@ from planner.devices import DEVICES, GIB, Hardware, resolve_hardware
 from planner.errors import PlanningError
 from planner.metagraph import MetaOp, build_metagraph, finalize_graph
 from planner.placement import (
-    STRATEGIES, MemoryLedger, PlacedSlice, build_ledger, place_schedule,
+    STRATEGIES, MemoryLedger, PlacedSlice, build_ledger, layer_equivalents, place_schedule,
 )
 from planner.program import forward_moves
 from planner.schedule import Problem, Schedule, Slice, Wave
@@ -207,6 +207,27 @@ def test_ledger_counts_a_layer_once_at_its_largest_shard():
     assert ledger.param_bytes[1] == pytest.approx(1.0 * o.layer.params * per_param)
     assert ledger.trainable_params[0] == pytest.approx(3.5 * o.layer.params)
 
+
+def test_ledger_remembers_its_holdings_layer_equivalents_without_mixing_them_up(monkeypatch):
+    """Random slices of shared groups at TP 1 and 2, several per device: every byte and parameter count is what the
+    ledger gives when it counts each holding's layer equivalents afresh (the uncached path)."""
+    cm = LinearCost(hardware())
+    ops = [op(0, "g", layers=6, tp=(1, 2)), op(1, "g", layers=6, tp=(1, 2)), op(2, "h", layers=5, tp=(1, 2))]
+    problem = problem_of(ops, cm)
+    rng = random.Random(11)
+    slices = []
+    for _ in range(40):
+        m, tp = rng.randrange(3), rng.choice((1, 2))
+        first = rng.randrange(ops[m].num_layers)
+        devices = tuple(sorted(rng.sample(range(8), 2 * rng.randint(1, 2))))
+        slices.append(PlacedSlice(m, first, rng.randint(1, ops[m].num_layers - first), devices,
+                                  Layout(len(devices) // tp, tp)))
+    remembered = build_ledger(problem, slices, cm)
+    monkeypatch.setattr(MemoryLedger, "_equivalents", lambda self, by_tp: layer_equivalents(by_tp))
+    fresh = build_ledger(problem, slices, cm)
+    assert remembered.param_bytes.tolist() == fresh.param_bytes.tolist()
+    assert remembered.trainable_params.tolist() == fresh.trainable_params.tolist()
+    assert remembered.peak().tolist() == fresh.peak().tolist()
 
 def test_memory_overflow_names_the_metaop():
     job = parse_job({

@@ -8,6 +8,7 @@ import itertools
 import math
 import random
 
+import numpy as np
 import pytest
 
 from planner.components import LayerSegment
@@ -16,12 +17,14 @@ from planner.devices import DEVICES, GIB, Hardware
 from planner.flows import boundary_time, move_flows
 from planner.metagraph import MetaOp, finalize_graph
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, all_slices, build_ledger, place_schedule
-from planner.program import forward_moves, grad_buckets, holdings
+from planner.program import _loss_hosts, forward_moves, grad_buckets, holdings, loss_hosts
 from planner.schedule import Problem
 from planner.simulator import (
     SIM_MEMO_SIZE, Phase, backward_ends, simulate, simulate_transfers, split_passes, sync_of,
 )
-from planner.sync import bucket_time, finish_iteration, gather_time, sync_buckets
+from planner.sync import (
+    SyncBucket, bucket_time, finish_iteration, gather_limits, gather_spans, gather_time, optimizer_seconds, sync_buckets,
+)
 
 from conftest import random_schedule
 
@@ -481,3 +484,54 @@ def test_flows_of_shared_moves_are_built_once_read_only_and_priced_alike():
     copy = type(flows)(flows.senders.copy(), flows.receivers.copy(), flows.nbytes.copy())
     assert boundary_time([flows], cm) == price == boundary_time([copy], cm) == boundary_time([flows], LinearCost(CM.hw))
     assert price == pytest.approx(CM.p2p_time(8e6, cross_node=True))  # all 8 rows cross node 0 -> 1 on one link
+
+
+def test_the_kept_loss_hosts_are_the_last_placements_only():
+    """loss_hosts keeps its last answer (one simulation asks several times): another placement, or an equal one
+    built anew, gets what computing afresh gives, and the answer cannot be changed in place."""
+    problem = problem_of(op(0, "enc", layers=4), op(1, "dec", layers=2, deps=(0,)), op(2, "aux", layers=2, task="t1"))
+    ops = problem.graph.metaops
+    one = placed(problem, [(0, 0, 4, (0, 1)), (2, 0, 2, (2, 3))], [(1, 0, 2, (4, 5))])
+    other = placed(problem, [(0, 0, 4, (0, 1))], [(1, 0, 2, (4, 5)), (2, 0, 2, (2, 3))])  # aux's host moves on
+    for schedule in (one, one, other, placed(problem, [(0, 0, 4, (0, 1)), (2, 0, 2, (2, 3))], [(1, 0, 2, (4, 5))])):
+        assert dict(loss_hosts(ops, schedule)) == _loss_hosts(ops, schedule)
+    assert dict(loss_hosts(ops, one)) != dict(loss_hosts(ops, other))
+    with pytest.raises(TypeError):
+        loss_hosts(ops, one)["t1"] = ((0, 0), ())
+
+
+def test_per_bucket_reductions_in_one_call_equal_a_loop_over_the_buckets():
+    """optimizer_seconds, gather_spans and gather_limits reduce over every bucket's devices in one numpy call each
+    (sync.bucket_devices); on random buckets (overlapping device sets, ZeRO-1 on and off) they give the same bits as
+    a loop over the buckets in their order."""
+    rng = random.Random(7)
+    for trial in range(40):
+        n = rng.randint(1, 16)
+        buckets = [SyncBucket(f"g{i}", (i,), tuple(sorted(rng.sample(range(n), rng.randint(1, n)))), 1,
+                              rng.uniform(1e3, 1e8), float(rng.randint(0, 9))) for i in range(rng.randint(1, 12))]
+        cm = LinearCost(CM.hw, shard_optimizer=rng.random() < 0.5)
+        params, tensors = [0.0] * n, [0.0] * n
+        for b in buckets:
+            shards = max(1, len(b.devices) // b.tp_degree) if cm.shard_optimizer else 1
+            for d in b.devices:
+                params[d] += b.num_params / b.tp_degree / shards
+                tensors[d] += b.num_tensors
+        step = [cm.optimizer_time(p, t) if p > 0 else 0.0 for p, t in zip(params, tensors)]
+        assert optimizer_seconds(buckets, cm, n).tolist() == step
+        stepped = [rng.uniform(0, 1) for _ in range(n)]
+        times = [rng.choice((0.0, rng.uniform(0, 0.1))) for _ in buckets]
+        free, ends = list(stepped), [max(stepped[d] for d in b.devices) for b in buckets]
+        order = sorted(range(len(buckets)),
+                       key=lambda i: (ends[i], -times[i], buckets[i].param_group, buckets[i].layers[0]))
+        for i in order:
+            if times[i] > 0:
+                ends[i] = max(free[d] for d in buckets[i].devices) + times[i]
+                for d in buckets[i].devices:
+                    free[d] = ends[i]
+        got_free, got_ends = gather_spans(buckets, times, np.array(stepped))
+        assert got_free.tolist() == free and got_ends == ends
+        ready = [rng.uniform(0, 1) for _ in buckets]
+        uses = [rng.choice((math.inf, rng.uniform(0, 1))) for _ in buckets]
+        first = [min((r for b, r in zip(buckets, ready) if d in b.devices), default=math.inf) for d in range(n)]
+        assert gather_limits(buckets, uses, ready, n).tolist() == [
+            min(u, min(first[d] for d in b.devices)) for b, u in zip(buckets, uses)]

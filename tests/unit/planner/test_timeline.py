@@ -8,12 +8,14 @@ import random
 import numpy as np
 import pytest
 
+from planner.costmodel import Layout
 from planner.placement import PlacedSchedule
-from planner.flows import Flows, boundary_time
+from planner.flows import Flows, boundary_time, move_flows
+from planner.program import forward_moves
 from planner.simulator import simulate
-from planner.timeline import _components, exchange_of
+from planner.timeline import DEVICE_INDEX_MAX_KEPT, _components, device_index, exchange_of, index_device
 
-from test_simulator import CM, op, placed, problem_of
+from test_simulator import CM, LinearCost, op, placed, problem_of
 
 
 def test_components_are_the_same_by_union_find_and_by_label_propagation():
@@ -78,3 +80,63 @@ def test_a_phase_finishes_its_backward_before_the_next_phase_runs():
     assert sim_two.sync_s < sim_one.sync_s == pytest.approx(sync_x)
     # the memory ledger holds one phase's activations at a time
     assert max(sim_two.peak_memory_bytes) < max(sim_one.peak_memory_bytes)
+
+
+def test_device_index_reads_and_writes_what_a_list_of_the_devices_does():
+    """A run of consecutive devices becomes a slice, any other set an index array; either reads, argmaxes and writes
+    the same elements as indexing by the list of devices, and a remembered index is never another set's."""
+    rng = random.Random(3)
+    sets = [tuple(range(a, a + n)) for a in (0, 5) for n in (1, 4)]  # runs
+    sets += [tuple(rng.sample(range(16), rng.randint(1, 8))) for _ in range(40)]  # gaps, any order
+    sets += [(4, 5, 6, 8), (7, 6, 5), (3, 4, 5, 6, 7, 8, 9, 10)]
+    for devices in sets * 2:  # the second time from the memo
+        idx = device_index(devices)
+        assert isinstance(idx, slice) == (devices == tuple(range(devices[0], devices[0] + len(devices))))
+        values = np.array([rng.random() for _ in range(16)])
+        assert values[idx].tolist() == values[list(devices)].tolist()
+        k = int(values[idx].argmax())
+        assert index_device(idx, k) == devices[k] == devices[int(np.argmax(values[list(devices)]))]
+        mine, theirs = values.copy(), values.copy()
+        mine[idx] += 1.5
+        theirs[list(devices)] += 1.5
+        assert mine.tolist() == theirs.tolist()
+    many = tuple(range(0, 2 * DEVICE_INDEX_MAX_KEPT, 2))  # too many devices to remember: built each time
+    assert device_index(many).tolist() == list(many)
+
+
+def test_an_exchange_finds_each_components_last_arrival_like_a_sort_by_component():
+    """Exchange.ends (each component's last position once members are sorted by component) and member_seconds, kept
+    on the exchange, are what sorting and differencing the components on every call gave."""
+    rng = random.Random(5)
+    for trial in range(50):
+        n, m = rng.randint(2, 24), rng.randint(1, 30)
+        snd = np.array([rng.randrange(n) for _ in range(m)])
+        rcv = np.array([rng.randrange(n) for _ in range(m)])
+        keep = snd != rcv
+        if not keep.any():
+            continue
+        ex = exchange_of(snd[keep], rcv[keep], np.array([rng.uniform(1e3, 1e6) for _ in range(int(keep.sum()))]),
+                         LinearCost(CM.hw))
+        t = np.array([rng.random() for _ in range(len(ex.devices))])
+        order = np.lexsort((t, ex.component))
+        assert ex.ends.tolist() == np.flatnonzero(np.diff(ex.component[order], append=len(ex.seconds))).tolist()
+        assert ex.member_seconds.tolist() == ex.seconds[ex.component].tolist()
+
+
+def test_boundaries_priced_together_are_remembered_by_their_flows_not_whatever_came_first():
+    """A boundary of several kept flows is priced by their identities (planner.flows.shared_memo): the same flows
+    again give the remembered price, a boundary with one flow changed is priced anew, and both equal what a fresh cost
+    model (no memo) gives; so does the timeline's exchange of the same flows."""
+    cm = LinearCost(CM.hw)
+    a = move_flows(forward_moves((0, 1), Layout(2, 1), (4, 5), Layout(2, 1), 8), 1e6, keep=True)
+    b = move_flows(forward_moves((2, 3), Layout(2, 1), (6, 7), Layout(2, 1), 8), 1e6, keep=True)
+    c = move_flows(forward_moves((2, 3), Layout(2, 1), (6, 7), Layout(2, 1), 8), 4e6, keep=True)  # 4x the bytes
+    together = boundary_time([a, b], cm)
+    assert boundary_time([a, b], cm) == together == boundary_time([a, b], LinearCost(CM.hw))
+    changed = boundary_time([a, c], cm)
+    assert changed == boundary_time([a, c], LinearCost(CM.hw)) > together
+    problem = problem_of(op(0, "enc", layers=2), op(1, "dec", layers=2, deps=(0,)))
+    one = placed(problem, [(0, 0, 2, (0, 1))], [(1, 0, 2, (4, 5))])
+    other = placed(problem, [(0, 0, 2, (0, 1))], [(1, 0, 2, (2, 3))])  # the decoder on other devices
+    for schedule in (one, other, one):
+        assert simulate(problem, schedule, cm) == simulate(problem, schedule, LinearCost(CM.hw))
