@@ -14,7 +14,8 @@ denoising steps, the last with gradient when it has one), so `loom plan --costs`
 measurements too. The result is the JSON that
 :class:`planner.costmodel.ProfiledCostModel` reads (piecewise alpha-beta between the points).
 
-The work of a step outside the layers is measured too (:class:`planner.costmodel.MeasuredCosts`):
+The work of a step outside the layers is measured too (:class:`planner.costmodel.MeasuredCosts`), beside as many
+processes running the job's layers as a run has other workers on the node (:func:`busy_neighbours`):
 per MetaOp with input modules, its embedding's forward and backward (``embed``); per task, its loss head's forward
 and backward (``head``) and drawing its rows of the batch from its data source (``data``), all at the same local
 batches; the
@@ -27,6 +28,7 @@ message sizes, the link the runtime's transfers, gradient sync and ZeRO-1 gather
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -91,6 +93,22 @@ def sample_layers(job: JobSpec, repeats: int, warmup: int, barrier=None,
     use) the seconds of the whole use (runtime.profile_modes: prefill and decode, or the denoising steps). Samples are taken round-robin (every point once per round), so
     each point's samples spread over the whole profile rather than one burst: a shared host's speed wanders by
     +-10% over seconds. With ``barrier`` (a multiprocessing Barrier) every process takes each sample together."""
+    timers = layer_timers(job, device)
+    samples: dict[str, dict[int, list[float]]] = {key: {b: [] for b in runs} for key, runs in timers.items()}
+    for i in range(warmup + repeats):
+        for key, runs in timers.items():
+            for b, run in runs.items():
+                if barrier is not None:
+                    barrier.wait()
+                seconds = run()
+                if i >= warmup:
+                    samples[key][b].append(seconds)
+    return samples
+
+
+def layer_timers(job: JobSpec, device: torch.device) -> dict[str, dict[int, Callable[[], float]]]:
+    """Per distinct layer workload (its profile key) and local batch: a call that runs it once and returns its
+    seconds per layer (:func:`sample_layers`)."""
     timers: dict[str, dict[int, Callable[[], float]]] = {}
     for op in build_metagraph(job).metaops:
         key = profile_key(op, Layout(1, 1))
@@ -112,16 +130,40 @@ def sample_layers(job: JobSpec, repeats: int, warmup: int, barrier=None,
         timers[key] = {b: (lambda op=op, chain=chain, kwargs=kwargs,
                            x=torch.randn(b, *shape, device=device, requires_grad=op.backward_factor > 0):
                            _run_chain(chain, op, x, kwargs) / len(chain)) for b in batches}
-    samples: dict[str, dict[int, list[float]]] = {key: {b: [] for b in runs} for key, runs in timers.items()}
-    for i in range(warmup + repeats):
-        for key, runs in timers.items():
-            for b, run in runs.items():
-                if barrier is not None:
-                    barrier.wait()
-                seconds = run()
-                if i >= warmup:
-                    samples[key][b].append(seconds)
-    return samples
+    return timers
+
+
+@contextlib.contextmanager
+def busy_neighbours(job: JobSpec, count: int):
+    """``count`` processes running the job's layers over and over (as a run's other workers on this host do) while
+    the block runs: the work a worker does outside the layers (data, embeddings, heads, the optimizer) is timed beside
+    them, as it runs. Nothing for ``count`` 0."""
+    if count <= 0:
+        yield
+        return
+    ctx = mp.get_context("spawn")
+    stop, ready = ctx.Event(), ctx.Barrier(count + 1)
+    procs = [ctx.Process(target=_keep_busy, args=(job.model_dump_json(), stop, ready), daemon=True)
+             for _ in range(count)]
+    for proc in procs:
+        proc.start()
+    try:
+        ready.wait()
+        yield
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.join()
+
+
+def _keep_busy(job_json: str, stop, ready) -> None:
+    configure_worker_process()
+    timers = [run for runs in layer_timers(JobSpec.model_validate_json(job_json), torch.device("cpu")).values()
+              for run in runs.values()]
+    ready.wait()
+    while not stop.is_set():
+        for run in timers:
+            run()
 
 
 def profile_processes(job: JobSpec) -> int:
@@ -148,8 +190,9 @@ def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) 
             mp.spawn(_measure_in_worker, args=(job.model_dump_json(), repeats, warmup, barrier, tmp), nprocs=processes,
                      join=True)
             pooled = [json.loads(path.read_text()) for path in sorted(Path(tmp).glob("*.json"))]
-    return slowest_medians([p["points"] for p in pooled]), optimizer_keys(optimizer_points(job, repeats, warmup,
-                                                                                        worker_device(job)))
+    with busy_neighbours(job, processes - 1):
+        optimizer = optimizer_keys(optimizer_points(job, repeats, warmup, worker_device(job)))
+    return slowest_medians([p["points"] for p in pooled]), optimizer
 
 
 def slowest_medians(samples: list[dict[str, dict]]) -> dict[str, list[list[float]]]:
@@ -204,8 +247,9 @@ def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2, links: bool 
         names = {profile_key(op, Layout(1, 1)): op.name for op in reversed(build_metagraph(job).metaops)}
         for key, pts in points.items():
             say(f"profiled {names[key]} ({processes} at once): " + ", ".join(f"b={b}: {t * 1e3:.2f} ms" for b, t in pts))
-        embed, head = time_embeddings(job, repeats, warmup, device), time_heads(job, repeats, warmup, device)
-        data = time_data(job, repeats, warmup, device)
+        with busy_neighbours(job, processes - 1):  # beside the other workers' layers, as in a run
+            embed, head = time_embeddings(job, repeats, warmup, device), time_heads(job, repeats, warmup, device)
+            data = time_data(job, repeats, warmup, device)
         say("profiled outside the layers: embeddings " + ", ".join(f"{k} {v[-1][1] * 1e3:.2f} ms" for k, v in embed.items())
             + "; heads " + ", ".join(f"{k} {v[-1][1] * 1e3:.2f} ms" for k, v in head.items())
             + "; data " + ", ".join(f"{k} {v[-1][1] * 1e3:.2f} ms" for k, v in data.items())

@@ -15,7 +15,7 @@ from planner.spec import parse_job
 from planner.spec_file import read_job_document
 from planner.costfit import alpha_beta
 from runtime.profile_step import message_sizes
-from runtime.profiler import local_batches, profile_job, rising_curves, slowest_medians
+from runtime.profiler import busy_neighbours, local_batches, profile_job, rising_curves, slowest_medians
 from planner.costfile import check_cost_data
 
 
@@ -38,6 +38,19 @@ def job():
 def test_local_batches_are_the_dp_splits_the_planner_asks_for():
     op = build_metagraph(job()).metaops[0]
     assert local_batches(op, 4) == [4, 8, 16]  # dp 4, 2, 1 (dp 3 does not divide 16)
+
+
+def test_busy_neighbours_compute_until_the_block_ends():
+    """The outside-the-layer timings run beside the run's other workers (here one): a process computing the job's
+    layers, started before the block and gone after it."""
+    import multiprocessing
+
+    with busy_neighbours(job(), 1):
+        (neighbour,) = multiprocessing.active_children()
+        assert neighbour.is_alive()
+    assert not neighbour.is_alive() and multiprocessing.active_children() == []
+    with busy_neighbours(job(), 0):  # a job with one worker per node: nothing beside it
+        assert multiprocessing.active_children() == []
 
 
 def test_each_sample_is_the_slowest_process_and_the_point_their_median():
