@@ -35,6 +35,17 @@ def _sequential(problem: Problem) -> Schedule:
                           for m in range(len(problem.graph))))
 
 
+def _counting(spent: list[int]) -> type:
+    """polish's _State, appending the work each schedule() has done to ``spent``."""
+
+    class Counting(polish_mod._State):
+        def schedule(self):
+            spent.append(self.work)
+            return super().schedule()
+
+    return Counting
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_polish_stops_at_its_work_budget_and_is_deterministic(seed, monkeypatch):
     """A small budget does less work than a large one (counted in slice-time evaluations), never lengthens the
@@ -42,14 +53,7 @@ def test_polish_stops_at_its_work_budget_and_is_deterministic(seed, monkeypatch)
     problem = make_problem(500 + seed, num_ops=30, num_devices=32, max_layers=24, edge_prob=0.0)
     start = _sequential(problem)
     spent: list[int] = []
-    real_state = polish_mod._State
-
-    class Counting(real_state):
-        def schedule(self):
-            spent.append(self.work)
-            return super().schedule()
-
-    monkeypatch.setattr(polish_mod, "_State", Counting)
+    monkeypatch.setattr(polish_mod, "_State", _counting(spent))
     small = polish_mod.polish(problem, start, budget=2_000)
     full = polish_mod.polish(problem, start)
     assert polish_mod.polish(problem, start, budget=2_000) == small
@@ -67,12 +71,7 @@ def test_polish_counts_a_waves_duration_as_one_evaluation_per_slice(budget, monk
     problem = make_problem(503, num_ops=30, num_devices=32, max_layers=24, edge_prob=0.0)
     start = _sequential(problem)
     spent: list[int] = []
-    real_state = polish_mod._State
-
-    class Counting(real_state):
-        def schedule(self):
-            spent.append(self.work)
-            return super().schedule()
+    Counting = _counting(spent)
 
     class SliceBySlice(Counting):
         def dur(self, k):
