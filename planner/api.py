@@ -151,7 +151,10 @@ def plan_job(
         result, placed, sim = tighten_chosen(planned, cost_model, result, placed, sim, TIGHTEN_BUDGET)
         searched = result
     if result is not searched:  # a baseline's, the group split's or a role placement's schedule: its buckets may split
-        result, placed, sim = split_chosen(planned, cost_model, result, placed, sim, SPLIT_BUDGET)[:3]
+        if settings.past_deadline():  # a search like the others: past the limit (2 CPU s at 16,384 devices) it is not
+            log.info("time limit reached: bucket split of the chosen plan skipped")
+        else:
+            result, placed, sim = split_chosen(planned, cost_model, result, placed, sim, SPLIT_BUDGET)[:3]
     say(f"chose {result.method}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
     baseline_times = {b.name: b.sim.iteration_time_s for b in baseline_plans} if with_baselines else {}
     notes = {b.name: f"its plan does not fit in device memory: {b.unfit}" for b in baseline_plans

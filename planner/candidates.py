@@ -43,20 +43,24 @@ def runnable(problem: Problem, placed: PlacedSchedule, devices_per_node: int) ->
     (planner.generation.decode_refused), an edge of the program crossing phases."""
     ops = problem.graph.metaops
     degree: dict[tuple[str, int], int] = {}
-    group_on: dict[tuple[str, int, int], tuple[int, ...]] = {}
+    group_on: dict[tuple[str, int], list[tuple[range, tuple[int, ...]]]] = {}  # (group, device) -> its layers' TP groups
     for wave in placed.waves:
         for s in wave.slices:
             tp, group = s.layout.tp_degree, ops[s.metaop].param_group
-            for r in range(0, len(s.devices), tp):
+            layers = range(s.first_layer, s.first_layer + s.num_layers)
+            for layer in layers:
+                if degree.setdefault((group, layer), tp) != tp:
+                    return f"layer {layer} of {group} at two tensor-parallel degrees"
+            for r in range(0, len(s.devices), tp) if tp > 1 else ():
                 members = s.devices[r:r + tp]
                 if members[0] // devices_per_node != members[-1] // devices_per_node:
                     return f"{ops[s.metaop].name}: a tensor-parallel group spans nodes"
-                for layer in range(s.first_layer, s.first_layer + s.num_layers):
-                    if degree.setdefault((group, layer), tp) != tp:
-                        return f"layer {layer} of {group} at two tensor-parallel degrees"
-                    for d in members if tp > 1 else ():
-                        if group_on.setdefault((group, layer, d), members) != members:
-                            return f"layer {layer} of {group} in two tensor-parallel groups on device {d}"
+                for d in members:
+                    for other, held in group_on.setdefault((group, d), []):
+                        first = max(other.start, layers.start)
+                        if first < min(other.stop, layers.stop) and held != members:
+                            return f"layer {first} of {group} in two tensor-parallel groups on device {d}"
+                    group_on[group, d].append((layers, members))
     why = decode_refused(ops, placed)  # the weights a tensor-parallel decode needs (runtime.rollout.Roles)
     if why is not None:
         return why

@@ -214,6 +214,9 @@ def decode_refused(ops, placed) -> str | None:
     trainer's own shard at the same degree and rank, cut from a whole layer, or from the layer its TP group gathers
     first). A device that runs the layer in another group would need a second, differently cut copy of it beside
     the one it holds: not run."""
+    if not any(ops[s.metaop].gen is not None and ops[s.metaop].gen.mode == "generate"
+               for wave in placed.waves for s in wave.slices):
+        return None  # nothing decodes (layer_tp_groups walks every layer x device: seconds at 16,384 devices)
     held = layer_tp_groups(ops, placed)  # (group, layer, device) -> the TP group it runs it in
     layers: dict[str, set[tuple[str, int]]] = {}  # component -> its layers other uses run (train or forward)
     for wave in placed.waves:

@@ -149,3 +149,35 @@ def test_plan_job_adopts_a_baseline_when_no_solver_candidate_fits(monkeypatch):
     placed = {b.name: b.placed for b in baseline_plans(Problem.build(build_metagraph(job), cm), cm)}[best]
     assert plan.phases == list(placed.phases) or (plan.solver.method.endswith(SPLIT)  # a cut shifts later phases
                                                   and len(plan.phases) == len(placed.phases))
+
+
+def test_runnable_names_each_tensor_parallel_layout_the_runtime_cannot_build():
+    """Two MetaOps sharing one parameter group (4 layers) on 2 nodes of 4 devices: a TP group across nodes, a layer at
+    two degrees, a layer in two TP groups on one device are refused; layers apart, or the same groups, run."""
+    from conftest import make_problem
+    from planner.costmodel import Layout
+    from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
+
+    curve = _curve()
+    base = make_problem([4, 4], [[], []], [curve, curve], 8)
+    ops = tuple(replace(o, param_group="shared") for o in base.graph.metaops)
+    problem = Problem(finalize_graph(list(ops)), base.curves, 8)
+
+    def placed(*slices):  # (metaop, first layer, layers, devices, tp) per wave
+        return PlacedSchedule(tuple(PlacedWave((PlacedSlice(m, first, n, devs, Layout(len(devs) // tp, tp)),))
+                                    for m, first, n, devs, tp in slices))
+
+    assert runnable(problem, placed((0, 0, 4, (2, 3, 4, 5), 2), (1, 0, 4, (2, 3, 4, 5), 2)), 4) is None
+    assert runnable(problem, placed((0, 0, 4, (0, 1), 1), (1, 0, 4, (2, 3), 1)), 4) is None  # TP 1: any devices
+    assert runnable(problem, placed((0, 0, 2, (0, 1), 2), (1, 2, 2, (1, 2), 2)), 4) is None  # other layers
+    assert runnable(problem, placed((0, 0, 4, (3, 4), 2),), 4) == "op0: a tensor-parallel group spans nodes"
+    assert runnable(problem, placed((0, 0, 4, (0, 1), 2), (1, 3, 1, (0, 1, 2, 3), 4)), 4) == \
+        "layer 3 of shared at two tensor-parallel degrees"
+    assert runnable(problem, placed((0, 0, 4, (0, 1, 2, 3), 2), (1, 1, 3, (1, 2), 2)), 4) == \
+        "layer 1 of shared in two tensor-parallel groups on device 1"
+
+
+def _curve():
+    from conftest import make_curve
+
+    return make_curve([1, 2, 4, 8], [8.0, 4.5, 2.5, 1.5])
