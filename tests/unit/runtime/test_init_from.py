@@ -13,9 +13,9 @@ from planner.errors import SpecError
 from planner.pipeline import resolve_references
 from planner.spec import parse_job
 from runtime.checks import check_trainable
+from recipes.diffusion.models import save_towers
 from runtime.reference import ReferenceTrainer, save_model
 
-VISION = Path(__file__).resolve().parents[3] / "recipes" / "diffusion" / "models" / "vision"  # scripts/setup.sh
 ENCODER = {"kind": "transformer", "num_layers": 2, "hidden_size": 16, "num_heads": 2, "seq_len": 4}
 
 
@@ -65,7 +65,8 @@ def test_what_does_not_fit_is_one_line(trained, tmp_path):
         ReferenceTrainer(job({"init_from": str(tmp_path / "narrow.pt")}))
     assert "of shape" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(SpecError, match="init_from .* is for Loom's own kinds"):
-        parse_job({"name": "j", "components": {"v": {"pretrained": str(VISION), "init_from": "x.pt"}},
+        vision, _ = save_towers(tmp_path / "towers")  # a CLIP vision tower (the diffusion recipe's, random weights)
+        parse_job({"name": "j", "components": {"v": {"pretrained": str(vision), "init_from": "x.pt"}},
                    "tasks": [{"name": "t", "batch_size": 1, "components": [{"component": "v"}]}]})
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +12,11 @@ import torch.nn.functional as F
 
 from planner.metagraph import build_metagraph
 from planner.spec import parse_job
+from recipes.diffusion.models import save_towers
 from runtime.checks import check_trainable
 from runtime.reference import ReferenceTrainer
 from runtime.sampleop import sample_pixels
 
-MODELS = Path(__file__).resolve().parents[3] / "recipes" / "diffusion" / "models"  # scripts/setup.sh builds them
 UNET = {"kind": "unet2d", "num_layers": 1, "hidden_size": 16, "channel_mults": [1, 2], "in_channels": 3,
         "image_size": 8}
 VISION = {"kind": "vit", "num_layers": 1, "hidden_size": 32, "num_heads": 4, "patch_size": 4, "image_size": 16,
@@ -58,8 +56,7 @@ def test_a_reader_embeds_the_samples_as_its_images_and_the_gradient_reaches_x0(t
     images.sum().backward()
     assert x0.grad is not None and x0.grad.abs().sum() > 0
     # a pretrained CLIP tower (the diffusion recipe's) with its own normalisation (preprocessor_config.json) at 32 px
-    tower = tmp_path / "vision"
-    shutil.copytree(MODELS / "vision", tower)
+    tower, _ = save_towers(tmp_path)  # random weights
     (tower / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.4, 0.3],
                                                                 "image_std": [0.2, 0.25, 0.5]}))
     spec = job(vision={"pretrained": str(tower), "frozen": True})
