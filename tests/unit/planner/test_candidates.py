@@ -8,13 +8,17 @@ from dataclasses import replace
 
 import pytest
 
+from conftest import make_curve, make_problem
+
 from bench.workloads.generate import clip_like_job
 from planner.api import make_cost_model, plan_job, plan_placed, predict_plan
 from planner.baselines import BASELINES, baseline_plans, sequential_schedule
 from planner.bucketsplit import SPLIT
 from planner.candidates import ADOPTED, adopt_best, runnable
+from planner.costmodel import Layout
 from planner.errors import PlanningError
 from planner.metagraph import build_metagraph, finalize_graph
+from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
 from planner.plan import plan_from_json
 from planner.schedule import Problem
 from planner.spec import parse_job
@@ -154,11 +158,7 @@ def test_plan_job_adopts_a_baseline_when_no_solver_candidate_fits(monkeypatch):
 def test_runnable_names_each_tensor_parallel_layout_the_runtime_cannot_build():
     """Two MetaOps sharing one parameter group (4 layers) on 2 nodes of 4 devices: a TP group across nodes, a layer at
     two degrees, a layer in two TP groups on one device are refused; layers apart, or the same groups, run."""
-    from conftest import make_problem
-    from planner.costmodel import Layout
-    from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
-
-    curve = _curve()
+    curve = make_curve([1, 2, 4, 8], [8.0, 4.5, 2.5, 1.5])
     base = make_problem([4, 4], [[], []], [curve, curve], 8)
     ops = tuple(replace(o, param_group="shared") for o in base.graph.metaops)
     problem = Problem(finalize_graph(list(ops)), base.curves, 8)
@@ -175,9 +175,3 @@ def test_runnable_names_each_tensor_parallel_layout_the_runtime_cannot_build():
         "layer 3 of shared at two tensor-parallel degrees"
     assert runnable(problem, placed((0, 0, 4, (0, 1, 2, 3), 2), (1, 1, 3, (1, 2), 2)), 4) == \
         "layer 1 of shared in two tensor-parallel groups on device 1"
-
-
-def _curve():
-    from conftest import make_curve
-
-    return make_curve([1, 2, 4, 8], [8.0, 4.5, 2.5, 1.5])
