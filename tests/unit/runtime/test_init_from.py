@@ -12,8 +12,8 @@ import torch
 from planner.errors import SpecError
 from planner.pipeline import resolve_references
 from planner.spec import parse_job
-from runtime.checks import check_trainable
 from recipes.diffusion.models import save_towers
+from runtime.checks import check_trainable
 from runtime.reference import ReferenceTrainer, save_model
 
 ENCODER = {"kind": "transformer", "num_layers": 2, "hidden_size": 16, "num_heads": 2, "seq_len": 4}
@@ -64,8 +64,8 @@ def test_what_does_not_fit_is_one_line(trained, tmp_path):
     with pytest.raises(ValueError, match=re.escape("components.encoder.init_from (")) as err:
         ReferenceTrainer(job({"init_from": str(tmp_path / "narrow.pt")}))
     assert "of shape" in str(err.value) and "\n" not in str(err.value)
+    vision, _ = save_towers(tmp_path / "towers")  # a CLIP vision tower (the diffusion recipe's, random weights)
     with pytest.raises(SpecError, match="init_from .* is for Loom's own kinds"):
-        vision, _ = save_towers(tmp_path / "towers")  # a CLIP vision tower (the diffusion recipe's, random weights)
         parse_job({"name": "j", "components": {"v": {"pretrained": str(vision), "init_from": "x.pt"}},
                    "tasks": [{"name": "t", "batch_size": 1, "components": [{"component": "v"}]}]})
 
