@@ -175,13 +175,10 @@ def profile_processes(job: JobSpec) -> int:
     return max(1, min(job.cluster.devices_per_node, os.cpu_count() or 1))
 
 
-def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) -> tuple[dict[str, list[list[float]]],
-                                                                                     dict]:
+def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) -> dict[str, list[list[float]]]:
     """The cost file's ``points`` (per layer workload, ``[[local batch, median seconds per layer], ...]`` over the
-    samples of :func:`sample_layers`) and its optimizer keys (:func:`optimizer_keys`: ``optimizer_s_per_param`` and
-    the fitted ``optimizer`` step): the layers measured in ``processes`` worker processes at once, each sample the
-    slowest process's (the median of those); the optimizer here, on the device a worker would use, since it steps the loss heads,
-    which a recipe registers in this process only (orchestrator.recipes)."""
+    samples of :func:`sample_layers`): the layers measured in ``processes`` worker processes at once, each sample the
+    slowest process's (the median of those)."""
     if processes <= 1:  # here, on the device a worker would use
         pooled = [json.loads(json.dumps(_measure_worker_side(job, repeats, warmup, None, worker_device(job))))]
     else:
@@ -190,9 +187,15 @@ def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) 
             mp.spawn(_measure_in_worker, args=(job.model_dump_json(), repeats, warmup, barrier, tmp), nprocs=processes,
                      join=True)
             pooled = [json.loads(path.read_text()) for path in sorted(Path(tmp).glob("*.json"))]
-    with busy_neighbours(job, processes - 1):
-        optimizer = optimizer_keys(optimizer_points(job, repeats, warmup, worker_device(job)))
-    return slowest_medians([p["points"] for p in pooled]), optimizer
+    return slowest_medians([p["points"] for p in pooled])
+
+
+def time_optimizer(job: JobSpec, repeats: int, warmup: int) -> dict:
+    """The cost file's optimizer keys (:func:`optimizer_keys`: ``optimizer_s_per_param`` and the fitted ``optimizer``
+    step), timed here on the device a worker would use, since the step covers the loss heads, which a recipe
+    registers in this process only (orchestrator.recipes). Time it inside :func:`busy_neighbours`, as a run steps
+    beside its other workers."""
+    return optimizer_keys(optimizer_points(job, repeats, warmup, worker_device(job)))
 
 
 def slowest_medians(samples: list[dict[str, dict]]) -> dict[str, list[list[float]]]:
@@ -242,14 +245,15 @@ def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2, links: bool 
     configure_worker_process(device)  # as each worker: on CPU one thread and freed memory kept (the latter stays on)
     try:
         processes = profile_processes(job)
-        points, optimizer = profile_layers(job, repeats, warmup, processes)
-        rate, fit = optimizer["optimizer_s_per_param"], optimizer["optimizer"]
+        points = profile_layers(job, repeats, warmup, processes)
         names = {profile_key(op, Layout(1, 1)): op.name for op in reversed(build_metagraph(job).metaops)}
         for key, pts in points.items():
             say(f"profiled {names[key]} ({processes} at once): " + ", ".join(f"b={b}: {t * 1e3:.2f} ms" for b, t in pts))
         with busy_neighbours(job, processes - 1):  # beside the other workers' layers, as in a run
+            optimizer = time_optimizer(job, repeats, warmup)
             embed, head = time_embeddings(job, repeats, warmup, device), time_heads(job, repeats, warmup, device)
             data = time_data(job, repeats, warmup, device)
+        rate, fit = optimizer["optimizer_s_per_param"], optimizer["optimizer"]
         say("profiled outside the layers: embeddings " + ", ".join(f"{k} {v[-1][1] * 1e3:.2f} ms" for k, v in embed.items())
             + "; heads " + ", ".join(f"{k} {v[-1][1] * 1e3:.2f} ms" for k, v in head.items())
             + "; data " + ", ".join(f"{k} {v[-1][1] * 1e3:.2f} ms" for k, v in data.items())
