@@ -18,7 +18,7 @@ from pathlib import Path
 from planner import baselines as baselines_mod
 from planner.bound import plan_bounds
 from planner.bucketsplit import SPLIT, split_buckets, split_chosen
-from planner.candidates import ADOPTED, adopt_best, schedule_of
+from planner.candidates import ADOPTED, adopt_best, schedule_of, zero_choice
 from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel, lm_heads
 from planner.devices import resolve_hardware
 from planner.errors import PlanningError
@@ -33,7 +33,7 @@ from planner.leastcompute import (
 from planner.refine import Evaluated, evaluation_cost, refine_compute, refine_transfers
 from planner.plan import (
     Bounds, Plan, PlanCluster, PlanHandoff, PlanHandoffGather, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave,
-    Prediction, SolverReport, SyncGroup,
+    Prediction, SolverReport, SyncGroup, zero_sharded,
 )
 from planner.program import plan_buckets, plan_holdings, plan_pieces, process_groups
 from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
@@ -65,7 +65,7 @@ class PlanOutcome:
 def make_cost_model(job: JobSpec, costs: str | Path | None = None) -> CostModel:
     """The analytic cost model of the job's cluster, or a profiled one (analytic fallback) from ``costs``."""
     hw = resolve_hardware(job.cluster)
-    shard = job.training.shard_optimizer
+    shard = job.training.shard_optimizer is not False  # auto: planned with ZeRO-1, then priced without (plan_job)
     # Activations and gradients cross devices in the compute precision (runtime.executor's wire dtype); parameters
     # (ZeRO-1's all-gather, weight hand-offs) move as the runtime holds them, float32 in every precision:
     # CostModel.param_bytes_moved (docs/planner.md "What moves, at how many bytes").
@@ -102,7 +102,9 @@ def plan_job(
     graph = build_metagraph(job)
     say(f"MetaGraph: {len(graph)} MetaOps in {len(graph.levels)} levels, {len(graph.param_groups)} parameter groups")
     problem = Problem.build(graph, cost_model)
-    bounds = plan_bounds(problem, cost_model)
+    auto_zero = job.training.shard_optimizer == "auto"
+    # with ZeRO-1 left to the planner, the bound without it (no all-gather after the step) holds for either setting
+    bounds = plan_bounds(problem, cost_model.with_shard_optimizer(False) if auto_zero else cost_model)
     say(f"bounds: per-level {bounds.per_level_s:.4g} s, DAG {bounds.dag_s:.4g} s, iteration {bounds.iteration_s:.4g} s")
     warm = spindle_schedule(problem)
     limit = job.planner.time_limit_s
@@ -155,6 +157,10 @@ def plan_job(
             log.info("time limit reached: bucket split of the chosen plan skipped")
         else:
             result, placed, sim = split_chosen(planned, cost_model, result, placed, sim, SPLIT_BUDGET)[:3]
+    if auto_zero:  # ZeRO-1 or not, whichever is faster (each baseline likewise): one more simulation of the plan and
+        # of each baseline, made past the limit too, as the baselines are, so the choice never depends on the clock
+        (result, placed, sim), cost_model, baseline_plans = zero_choice(planned, cost_model, (result, placed, sim),
+                                                                        baseline_plans)
     say(f"chose {result.method}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
     baseline_times = {b.name: b.sim.iteration_time_s for b in baseline_plans} if with_baselines else {}
     notes = {b.name: f"its plan does not fit in device memory: {b.unfit}" for b in baseline_plans
@@ -248,7 +254,9 @@ def plan_placed(job: JobSpec, placed: PlacedSchedule, cost_model: CostModel | No
 
 def predict_plan(job: JobSpec, plan: Plan, cost_model: CostModel) -> Simulation:
     """The simulator's iteration for ``plan`` exactly as placed (same slices on the same devices) under
-    ``cost_model``: e.g. a plan made with one profile, predicted with a later one."""
+    ``cost_model``: e.g. a plan made with one profile, predicted with a later one; with ZeRO-1 as the plan runs it
+    (planner.plan.zero_sharded)."""
+    cost_model = cost_model.with_shard_optimizer(zero_sharded(plan, job.training))
     graph = build_metagraph(job)
     waves = tuple(PlacedWave(tuple(
         PlacedSlice(s.metaop, s.first_layer, s.num_layers, tuple(s.devices), Layout(s.dp_degree, s.tp_degree))
@@ -501,6 +509,7 @@ def build_plan(
                              gather_s=sim.gather_s, loss_s=loss.forward_s, loss_transfer_in_s=loss.transfer_in_s,
                              loss_transfer_back_s=loss.transfer_back_s, handoff_s=sim.handoff_s,
                              reduce_s=sim.reduce_s),
+        shard_optimizer=cost_model.shard_optimizer if job.training.shard_optimizer == "auto" else None,
         peak_memory_bytes=list(sim.peak_memory_bytes),
         solver=SolverReport(name=result.solver, status=result.status, objective_s=result.objective_s,
                             bound_s=result.bound_s, gap=result.gap, method=result.method),

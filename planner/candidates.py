@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from planner.baselines import BaselinePlan
+from planner.costmodel import CostModel
 from planner.errors import PlanningError
 from planner.generation import decode_refused
 from planner.placement import PlacedSchedule
@@ -23,7 +24,7 @@ from planner.rlbaselines import RL_BASELINES
 from planner.program import loss_hosts, plan_edges
 from planner.phases import phase_of_waves
 from planner.schedule import Problem, Schedule, ScheduleError, Slice, Wave, check_schedule, compute_makespan
-from planner.simulator import Simulation
+from planner.simulator import Simulation, simulate
 from planner.solver import SolveResult
 
 log = logging.getLogger(__name__)
@@ -109,3 +110,41 @@ def adopt_best(problem: Problem, devices_per_node: int, chosen: tuple[SolveResul
         assert error is not None
         raise error
     return best
+
+
+UNSHARDED = ", optimizer unsharded"  # method suffix of a plan that steps without ZeRO-1 (training.shard_optimizer: auto)
+
+
+def zero_choice(problem: Problem, sharded: CostModel, chosen: tuple[SolveResult, PlacedSchedule, Simulation],
+                baselines: Sequence[BaselinePlan],
+                ) -> tuple[tuple[SolveResult, PlacedSchedule, Simulation], CostModel, list[BaselinePlan]]:
+    """``training.shard_optimizer: auto``: Loom's ``chosen`` plan and every baseline, each priced with ZeRO-1
+    (``sharded``, what they were planned under) and without it, each at the faster setting that fits in device memory
+    (ZeRO-1's all-gather of the updated weights can end the iteration where the first wave needs them at once; without
+    it every holder steps all its parameters and keeps all their optimizer state). Then :func:`adopt_best` between
+    them, so the rule holds in both settings. Returns the plan, the cost model it is priced with and the baselines as
+    reported (their faster setting)."""
+    plain = sharded.with_shard_optimizer(False)
+    memory = sharded.hw.memory_bytes
+
+    def fits(sim: Simulation) -> bool:
+        return max(sim.peak_memory_bytes, default=0.0) <= memory
+
+    result, placed, sim = chosen
+    alone = simulate(problem, placed, plain)
+    unsharded = {id(alone)}
+    if fits(alone) and alone.iteration_time_s < sim.iteration_time_s * (1 - 1e-12):
+        chosen = (replace(result, method=result.method + UNSHARDED), placed, alone)
+    reported = []
+    for b in baselines:
+        other = simulate(problem, b.placed, plain)
+        if fits(other) and (b.unfit or other.iteration_time_s < b.sim.iteration_time_s * (1 - 1e-12)):
+            unsharded.add(id(other))
+            b = replace(b, sim=other, unfit=None)
+        reported.append(b)
+    best = adopt_best(problem, sharded.hw.devices_per_node, chosen, reported)
+    if id(best[2]) not in unsharded:
+        return best, sharded, reported
+    if not best[0].method.endswith(UNSHARDED):  # an adopted baseline's schedule, priced without ZeRO-1
+        best = (replace(best[0], method=best[0].method + UNSHARDED), *best[1:])
+    return best, plain, reported

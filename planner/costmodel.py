@@ -12,6 +12,7 @@ device memory.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from bisect import bisect_left
@@ -172,6 +173,17 @@ class CostModel:
         self.uneven_rows = False  # layouts whose dp does not divide the batch (planner.rows; the RL role searches)
         # sample uses at tensor_parallel 1 only, as the runtime runs them (planner.generation.as_run)
         self.modes_as_run = False
+
+    def with_shard_optimizer(self, shard: bool) -> CostModel:
+        """This model with ZeRO-1 on or off (``training.shard_optimizer: auto``, planner.candidates.zero_choice): a
+        copy without the memos the planner keeps on a model (the curves, simulations and flow prices: planner.timeline,
+        planner.simulator), since memory and the optimizer's step are priced otherwise."""
+        if shard == self.shard_optimizer:
+            return self
+        twin = copy.copy(self)
+        twin.__dict__ = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        twin.shard_optimizer, twin._curves = shard, {}
+        return twin
 
     # ---- what subclasses provide
     def layout_time(self, op: MetaOp, layout: Layout) -> float:

@@ -283,6 +283,9 @@ class Plan(Sealed, _PlanModel):
                                             "rank creates these groups in this order.")
     rank: int | None = Field(None, description="Set on a worker's Assignment (planner.program.assignment): the rank "
                              "whose pieces, holdings and buckets it keeps.")
+    shard_optimizer: bool | None = Field(
+        None, description="ZeRO-1 chosen by the planner for a job with training.shard_optimizer: auto (priced and run "
+        "so); None: as the job's training.shard_optimizer says (:func:`zero_sharded`).")
     predicted: Prediction
     peak_memory_bytes: list[float]
     solver: SolverReport
@@ -292,6 +295,14 @@ class Plan(Sealed, _PlanModel):
         default_factory=dict, description="Why a baseline's time needs care, e.g. its plan exceeds device memory."
     )
     hash: str = ""
+
+
+def zero_sharded(plan: Plan, training) -> bool:
+    """Whether ``plan`` runs ZeRO-1 (``training``: its job's TrainingSpec): the planner's choice for
+    ``shard_optimizer: auto``, else the job's setting (a plan of an earlier release records no choice)."""
+    if plan.shard_optimizer is not None:
+        return plan.shard_optimizer
+    return training.shard_optimizer is not False
 
 
 def validated(model: type[BaseModel], data: dict, source: str, rerun: str):

@@ -37,7 +37,7 @@ from planner.api import plan_job, predict_plan, spec_hash
 from planner.costmodel import CostModel
 from planner.cache_choice import INF, Priced, choose_plans, draw_buckets, expected_time
 from planner.errors import PlanningError, SpecError
-from planner.plan import Plan, Sealed, validated
+from planner.plan import Plan, Sealed, validated, zero_sharded
 from planner.shapes import Point, ResolvedShapes, cluster_points, dim_name, job_at, mean_point, pick_bucket
 from planner.spec import JobSpec
 
@@ -155,7 +155,7 @@ def plan_candidates(job: JobSpec, shapes: ResolvedShapes, cost_model: CostModel,
     say(f"{len(extra)} plans renumbered to hold parameters where plan {anchor} does; pricing them")
     seconds += price_plans(extra, shapes, jobs, cost_model)
     plans += extra
-    switch = [[switch_seconds(a, b, cost_model, job.training.shard_optimizer) for b in plans] for a in plans]
+    switch = [[switch_seconds(a, b, cost_model, zero_sharded(b, job.training)) for b in plans] for a in plans]
     mean_i, max_i = (planned.index(p) if p in planned else None for p in (shapes.mean(), shapes.max()))
     padded = None if max_i is None else predict_plan(jobs[shapes.max()], plans[max_i], cost_model).iteration_time_s
     return Candidates(Priced(plans, list(shapes.points), probs, seconds, switch), source, anchor, mean_i, max_i,

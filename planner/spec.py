@@ -332,8 +332,10 @@ class TrainingSpec(StrictModel):
         "bf16", description="Compute precision: bf16/fp16 autocast forward over fp32 master weights and optimizer "
         "state (fp16 with loss scaling, GPU only), or fp32; the planner prices activations and gradients in it."
     )
-    shard_optimizer: bool = Field(
-        True, description="ZeRO-1: shard fp32 master weights and Adam state over each data-parallel group."
+    shard_optimizer: bool | Literal["auto"] = Field(
+        True, description="ZeRO-1: shard fp32 master weights and Adam state over each data-parallel group. auto: the "
+        "planner decides per plan, sharded or not, whichever it predicts faster and fits in device memory (its "
+        "all-gather of the updated weights can end an iteration; without it every holder steps all its parameters)."
     )
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="Learning rate after warmup: constant, or a linear or cosine decay from `lr` towards "

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from planner.kinds import kind_of
 from planner.phases import forward_positions
-from planner.plan import PlanMetaOp
+from planner.plan import PlanMetaOp, zero_sharded
 from planner.rolloutlag import generation_pool
 from planner.rows import row_shares
 from runtime.assignment import (
@@ -143,11 +143,12 @@ class WaveWorker(PieceTransfers, GradientSync):
             dist.all_reduce(torch.zeros(1, device=self.device), group=groups.world)
 
     def _build_optimizer(self):
-        """AdamW over the trainable parameters this device holds; with ``training.shard_optimizer`` (ZeRO-1) the
-        state of every parameter shared with other devices is split among them (runtime.zero)."""
+        """AdamW over the trainable parameters this device holds; with ZeRO-1 (``training.shard_optimizer``, or the
+        plan's choice under ``auto``: planner.plan.zero_sharded) the state of every parameter shared with other
+        devices is split among them (runtime.zero)."""
         owned = [(module_component(self.plan.metaops, name), p) for (name, _), m in self.modules.items()
                  for p in m.parameters() if p.requires_grad]
-        if not (self.payload.training.shard_optimizer and self.groups is not None and self._grad_buckets):
+        if not (zero_sharded(self.plan, self.payload.training) and self.groups is not None and self._grad_buckets):
             return build_grouped_optimizer(self.payload, owned)
         shared = {id(p) for bucket in self._grad_buckets for p in bucket.params}
         return ShardedAdamW(self.payload, [(b.devices, b.params, b.shards or b.devices) for b in self._grad_buckets],

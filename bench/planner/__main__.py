@@ -6,6 +6,7 @@ the full results. Scale cells are planned in a fresh process each (peak RSS per 
 planning time, ``--scale-repeats`` times (default 1: the 10,240-device cell plans for up to a minute).
 ``--merge grid sweep scale recipe`` writes planner.{json,md} from the sections' results (run in parallel processes);
 ``--note TEXT`` adds a line under the report's title (e.g. the machine's load while planning times were measured).
+``--shard-optimizer auto`` plans every cell with that ``training.shard_optimizer`` (results: <name>-zero-auto.*).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 
 from bench.common import RESULTS_DIR, write_results
 from bench.planner.cells import all_cells, quick_cells, select_cells
@@ -35,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale-repeats", type=int, default=1, help="timed plannings per scale cell (no warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed planning runs before the timed ones")
     parser.add_argument("--name", default=None, help="results file stem under bench/results/")
+    parser.add_argument("--shard-optimizer", choices=("true", "false", "auto"), default=None,
+                        help="training.shard_optimizer for every cell's job (default: each workload's own)")
     parser.add_argument("--note", default=None, help="a line under the report's title (e.g. the machine's load)")
     parser.add_argument("--merge", nargs="+", default=None, choices=("grid", "sweep", "scale", "recipe"),
                         help="write planner.{json,md} from these sections' planner-<section>.json, measuring nothing")
@@ -59,10 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.shard_optimizer is not None:
+        shard = {"true": True, "false": False}.get(args.shard_optimizer, args.shard_optimizer)
+        cells = [replace(c, shard_optimizer=shard) for c in cells]
     section = "planner-" + "-".join(args.section) if args.section and not args.only else None
     name = args.name or ("planner-quick" if args.quick else section or ("planner-partial" if only else "planner"))
+    if args.shard_optimizer is not None and not args.name:  # never the results of the workloads' own settings
+        name += f"-zero-{args.shard_optimizer}"
     config = {"cells": [c.name for c in cells], "repeats": repeats, "warmup": warmup, "quick": args.quick,
-              "scale_repeats": 1 if args.quick else args.scale_repeats, "cost_model": "analytic", "note": args.note}
+              "scale_repeats": 1 if args.quick else args.scale_repeats, "cost_model": "analytic", "note": args.note,
+              "shard_optimizer": args.shard_optimizer}
     records = []
     for i, cell in enumerate(cells, 1):
         log.info("[%d/%d] %s ...", i, len(cells), cell.name)

@@ -58,6 +58,7 @@ class Cell:
     workload: str
     num_devices: int
     group: str
+    shard_optimizer: bool | str | None = None  # training.shard_optimizer for the cell's job (None: the workload's)
 
     @property
     def name(self) -> str:
@@ -111,6 +112,8 @@ def load_cell_job(cell: Cell) -> JobSpec:
     if cell.num_devices % per_node:
         raise ValueError(f"{cell.name}: {cell.num_devices} devices is not a multiple of {per_node} per node.")
     data = {**data, "cluster": {**data["cluster"], "num_nodes": cell.num_devices // per_node}}
+    if cell.shard_optimizer is not None:
+        data["training"] = {**data.get("training", {}), "shard_optimizer": cell.shard_optimizer}
     job = parse_job(data, source=cell.name)
     check_components(job)
     return job

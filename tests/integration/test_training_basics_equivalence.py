@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from orchestrator.recipes import load_recipe
+from planner.plan import zero_sharded
 from planner.spec import parse_job
 from runtime.assignment import Piece
 from runtime.local_world import run_world
@@ -136,3 +137,22 @@ def test_infonce_over_micro_batches_split_over_shards_equals_single_process(kern
     # the image tower's embedding gradient sums each row's share through the gathered batch's backward, in another
     # order than one process: 1.3e-5 relative seen (a wrong row would be O(1))
     check_equivalence(job, plan, tmp_path, grad_rtol=3e-5)
+
+
+def test_a_plan_that_drops_zero1_for_an_auto_job_trains_as_one_process(tmp_path):
+    """training.shard_optimizer: auto, and a plan that chose to step without ZeRO-1 (Plan.shard_optimizer false): the
+    workers, each holder stepping all its parameters (runtime.executor builds its optimizer by
+    planner.plan.zero_sharded, tests/unit/planner/test_zero_choice.py), train as one process does."""
+    data = two_task_job(2, STEPS)  # 2 workers: the cheapest world with buckets of several holders
+    data["training"]["shard_optimizer"] = "auto"
+    job = parse_job(data)
+    plan = plan_from_waves(job, [
+        [("caption.img", 2, 1), ("align.aud", 2, 1)],
+        [("caption.txt", 2, 2)],  # the shared txt layers held by both devices
+        [("align.txt", 2, 2)],
+    ])
+    assert any(len(b.devices) == 2 for b in plan.grad_buckets)
+    assert plan.shard_optimizer is True  # placed with ZeRO-1, as the planner searches
+    unsharded = plan.model_copy(update={"shard_optimizer": False}).sealed()
+    assert zero_sharded(unsharded, job.training) is False and unsharded.hash != plan.hash
+    check_equivalence(job, unsharded, tmp_path)
