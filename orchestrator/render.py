@@ -119,6 +119,8 @@ def plan_header(plan: Plan, planning_time_s: float | None = None) -> Table:
         f"{cluster.devices_per_node} {cluster.device}, {format_bytes(cluster.memory_bytes)} each)",
     )
     grid.add_row("cost model", plan.cost_model)
+    if plan.shard_optimizer is not None:  # the planner's choice (training.shard_optimizer: auto)
+        grid.add_row("optimizer", f"ZeRO-1 {'on' if plan.shard_optimizer else 'off'} (auto: the faster that fits)")
     phases = f" in {len(plan.phases)} phases (first waves {plan.phases})" if len(plan.phases) > 1 else ""
     grid.add_row("MetaOps", f"{len(plan.metaops)} in {len(plan.waves)} wave{'s' if len(plan.waves) != 1 else ''}{phases}")
     if planning_time_s is not None:

@@ -139,3 +139,11 @@ def test_describe_job_counts_example() -> None:
     # every use of a non-unet component is one MetaOp
     assert f"{sum(len(t['components']) for t in doc['tasks'])} MetaOps" in line
     assert f"{num_devices} devices" in line
+
+
+def test_the_header_names_the_planners_zero1_choice_only_where_it_made_one(small_plan) -> None:
+    assert small_plan.shard_optimizer is None and "ZeRO-1" not in render_plan_text(small_plan)  # the job's setting
+    for choice, said in ((False, "ZeRO-1 off"), (True, "ZeRO-1 on")):
+        text = render_plan_text(small_plan.model_copy(update={"shard_optimizer": choice}))
+        line = next(line for line in text.splitlines() if line.startswith("optimizer"))
+        assert said in line and "auto" in line
