@@ -337,6 +337,14 @@ class TrainingSpec(StrictModel):
         "planner decides per plan, sharded or not, whichever it predicts faster and fits in device memory (its "
         "all-gather of the updated weights can end an iteration; without it every holder steps all its parameters)."
     )
+
+    @field_validator("shard_optimizer", mode="before")
+    @classmethod
+    def _true_false_or_auto(cls, value: Any) -> bool | str:
+        """One readable error for anything else (pydantic would report the bool and the literal apart)."""
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError(f"expected true, false or auto, got {value!r}")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="Learning rate after warmup: constant, or a linear or cosine decay from `lr` towards "
         "`lr * min_lr_ratio` at step `steps` (runtime.optim.lr_factor; a pure function of the step)."

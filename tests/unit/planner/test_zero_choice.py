@@ -72,5 +72,5 @@ def test_shard_optimizer_accepts_true_false_and_auto_only():
             "tasks": [{"name": "t", "batch_size": 2, "components": [{"component": "enc"}]}]}
     for value in (True, False, "auto"):
         assert parse_job({**base, "training": {"shard_optimizer": value}}).training.shard_optimizer == value
-    with pytest.raises(SpecError, match="shard_optimizer"):
+    with pytest.raises(SpecError, match="shard_optimizer: expected true, false or auto"):
         parse_job({**base, "training": {"shard_optimizer": "sometimes"}})
