@@ -311,43 +311,47 @@ def holdings(ops: Sequence[MetaOp], placed: PlacedSchedule, size: ModuleSize | N
     size = size or (lambda name: (0.0, 0.0))
     num_waves = len(placed.waves)
     position = backward_positions(placed.phases, num_waves)
-    # per module shard: [holders, ready_wave, trainable, params, tensors]. ready_wave: the last backward event (in
-    # execution order) that runs it; trainable when any use trains it (a ``mode: forward`` use of a trained component
-    # shares its modules, frozen in that use only); params and tensors as the last slice that runs it counts them
-    table: dict[ModuleKey, list] = {}
-
-    def held_by(key: ModuleKey, holders: Sequence[int], k: int, trains: bool, params: float, tensors: float) -> None:
-        entry = table.get(key)
-        if entry is None:
-            table[key] = [set(holders), k, trains, params, tensors]
-            return
-        entry[0].update(holders)
-        if position[k] > position[entry[1]]:
-            entry[1] = k
-        entry[2:] = trains or entry[2], params, tensors
-
+    # Per module (a parameter group's TP shard, or an input module): what runs it, in execution order, as
+    # (first layer, end, holders, wave, trains, params, tensors). A layer's holders are the union over the runs that
+    # cover it; its ready_wave the last backward event (in execution order) among them; trainable when any use trains
+    # it (a ``mode: forward`` use of a trained component shares its modules, frozen in that use only); params and
+    # tensors as the last run counts them. Runs cover layer ranges, so each stretch between their ends is priced
+    # once (a 80-layer group held by a few slices is a few stretches, not 80 layers).
+    runs: dict[tuple[str, int], list[tuple]] = {}
     for k, wave in enumerate(placed.waves):
         for s in wave.slices:
             op, tp = ops[s.metaop], s.layout.tp_degree
             params, tensors = size(op.param_group)  # as the runtime builds a layer (0: unknown, the modelled params)
             trains, per_shard = not op.frozen, (params or op.layer.params) / tp
+            end = s.first_layer + s.num_layers
             for shard in range(tp):  # TP rank ``shard`` of every data-parallel rank holds the layer's shard
-                mine = s.devices[shard::tp]
-                for layer in range(s.first_layer, s.first_layer + s.num_layers):
-                    held_by((op.param_group, layer, shard), mine, k, trains, per_shard, tensors)
+                runs.setdefault((op.param_group, shard), []).append(
+                    (s.first_layer, end, s.devices[shard::tp], k, trains, per_shard, tensors))
             for name in op.input_modules if s.first_layer == 0 else ():
-                held_by((name, 0, 0), s.devices, k, trains, *size(name))
+                runs.setdefault((name, 0), []).append((0, 1, s.devices, k, trains, *size(name)))
+    table: dict[ModuleKey, tuple] = {}  # key -> the Holding's fields after its key
+    for (name, shard), covering in runs.items():
+        cuts = sorted({x for run in covering for x in run[:2]})
+        for a, b in zip(cuts, cuts[1:]):
+            here = [run for run in covering if run[0] <= a and run[1] >= b]
+            if not here:
+                continue
+            holders: set[int] = set()
+            ready = here[0][3]
+            for run in here:
+                holders.update(run[2])
+                if position[run[3]] > position[ready]:
+                    ready = run[3]
+            entry = (tuple(sorted(holders)), any(run[4] for run in here), ready, here[-1][5], here[-1][6])
+            for layer in range(a, b):
+                table[(name, layer, shard)] = entry
     phase = phase_of_waves(placed.phases, num_waves)
     for task, (ref, _) in loss_hosts(ops, placed).items():
         host = placed.waves[ref[0]].slices[ref[1]]
         key = ("head:" + task, 0, 0)
-        table[key] = [set(host.devices[::host.layout.tp_degree]), loss_event(num_waves, phase[ref[0]]), True,
-                      *size(key[0])]
-    out = []
-    for key in sorted(table):
-        holders, ready_wave, trainable, params, tensors = table[key]
-        out.append(Holding(key, tuple(sorted(holders)), trainable, ready_wave, params, tensors))
-    return out
+        table[key] = (tuple(sorted(set(host.devices[::host.layout.tp_degree]))), True,
+                      loss_event(num_waves, phase[ref[0]]), *size(key[0]))
+    return [Holding(key, *table[key]) for key in sorted(table)]
 
 
 def grad_buckets(held: Sequence[Holding], position: Mapping[int, int] | None = None) -> list[Bucket]:
