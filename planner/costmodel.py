@@ -176,8 +176,9 @@ class CostModel:
 
     def with_shard_optimizer(self, shard: bool) -> CostModel:
         """This model with ZeRO-1 on or off (``training.shard_optimizer: auto``, planner.candidates.zero_choice): a
-        copy without the memos the planner keeps on a model (the curves, simulations and flow prices: planner.timeline,
-        planner.simulator), since memory and the optimizer's step are priced otherwise."""
+        copy without its private attributes, which a model uses for memos only (its curves; the simulations and flow
+        prices planner.simulator and planner.timeline keep on it), since memory and the optimizer's step are priced
+        otherwise."""
         if shard == self.shard_optimizer:
             return self
         twin = copy.copy(self)
