@@ -333,7 +333,7 @@ class TrainingSpec(StrictModel):
         "state (fp16 with loss scaling, GPU only), or fp32; the planner prices activations and gradients in it."
     )
     shard_optimizer: bool | Literal["auto"] = Field(
-        True, description="ZeRO-1: shard fp32 master weights and Adam state over each data-parallel group. auto: the "
+        "auto", description="ZeRO-1: shard fp32 master weights and Adam state over each data-parallel group. auto: the "
         "planner decides per plan, sharded or not, whichever it predicts faster and fits in device memory (its "
         "all-gather of the updated weights can end an iteration; without it every holder steps all its parameters)."
     )

@@ -47,9 +47,14 @@ def lags(name: str) -> tuple[int, ...]:
 def run_cell(name: str, lag: int = 0, runnable: bool = False) -> dict:
     """Plan one cell at ``rollout_lag`` ``lag``: Loom's plan and the two role placements, each with its predicted
     iteration and peak memory. With ``runnable`` every placement (Loom's and the baselines') takes the generate and
-    sample layouts the runtime executes (planner.generation.as_run); Loom's row is None when no plan exists then."""
+    sample layouts the runtime executes (planner.generation.as_run); Loom's row is None when no plan exists then.
+    A cell that leaves ``training.shard_optimizer`` to the planner (``auto``, the default) is priced with ZeRO-1 on:
+    colocated and split are priced here, outside plan_job, whose choice alone would try both settings
+    (planner.candidates.zero_choice), so every placement is priced in the one setting."""
     job = load_job(REPO_ROOT / "bench" / "rl" / f"{name}.yaml")
-    job = job.model_copy(update={"training": job.training.model_copy(update={"rollout_lag": lag})})
+    zero = job.training.shard_optimizer if job.training.shard_optimizer != "auto" else True
+    job = job.model_copy(update={"training": job.training.model_copy(update={"rollout_lag": lag,
+                                                                             "shard_optimizer": zero})})
     cost_model = make_cost_model(job)
     with as_run(cost_model) if runnable else contextlib.nullcontext():
         return measure_cell(job, cost_model, name, lag, runnable)

@@ -96,7 +96,7 @@ def test_yaml_round_trips_into_jobspec(tmp_path):
     assert job.tasks[0].loss == "cross_entropy" and job.tasks[0].loss_weight == 1.0
     assert job.tasks[1].components[1].seq_len == 16
     assert job.training.steps == 7 and job.training.optimizer == "sgd"
-    assert job.training.shard_optimizer is True
+    assert job.training.shard_optimizer == "auto"  # default: the planner chooses ZeRO-1 or not
     assert job.planner.time_limit_s == 1.5 and job.planner.solver == "highs"
     # The validated model dumps back into something that validates to the same model.
     assert parse_job(job.model_dump()) == job
