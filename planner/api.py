@@ -40,7 +40,7 @@ from planner.schedule import Problem, Schedule, check_schedule, compute_makespan
 from planner.tighten import tighten_chosen
 from planner.rlbaselines import rl_budget, with_role_candidate
 from planner.rows import row_shares
-from planner.simulator import Simulation, simulate, split_passes
+from planner.simulator import Simulation, simulate
 from planner.solver import Candidate, SolveResult, SolverSettings, clocks, solve
 from planner.spec import JobSpec
 from planner.spindle import spindle_schedule
@@ -476,11 +476,11 @@ def build_plan(
             PlanSlice(
                 metaop=s.metaop, first_layer=s.first_layer, num_layers=s.num_layers, devices=list(s.devices),
                 dp_degree=s.layout.dp_degree, tp_degree=s.layout.tp_degree, time_s=seconds,
-                forward_s=split_passes(graph.metaops[s.metaop], seconds)[0],
+                forward_s=passes[0],
                 memory_bytes=cost_model.layer_memory(graph.metaops[s.metaop], s.layout) * s.num_layers,
                 rows=list(row_shares(graph.metaops[s.metaop].batch_size, s.layout.dp_degree)),
             )
-            for s, seconds in zip(wave.slices, sim.slice_seconds[k])
+            for s, seconds, passes in zip(wave.slices, sim.slice_seconds[k], sim.slice_passes[k])
         ]
         phase = sim.phases[k]
         waves.append(PlanWave(index=k, start_s=start, duration_s=duration, forward_s=phase.forward_s,

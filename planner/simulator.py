@@ -103,6 +103,9 @@ class SyncInfo:
     time_s: float
 
 
+Passes = tuple[tuple[tuple[float, float], ...], ...]  # per wave, each slice's (forward, backward) seconds
+
+
 @dataclass(frozen=True)
 class Simulation:
     """One predicted iteration: ``iteration_time_s = compute_s + transfer_s + sync_s + optimizer_s + gather_s +
@@ -134,6 +137,7 @@ class Simulation:
     gather_s: float = 0.0
     phases: tuple[Phase, ...] = ()  # the timeline: one per wave, then the loss stage's
     slice_seconds: tuple[tuple[float, ...], ...] = ()  # per wave, each slice's compute (slice_seconds + batch_draws)
+    slice_passes: Passes = ()  # the same split into (forward with the data drawn before it, backward)
     holdings: tuple[Holding, ...] = ()  # the module shards and holders the sync model priced (planner.program)
     buckets: tuple[Bucket, ...] = ()  # their gradient buckets, in launch order
     handoff_s: float = 0.0  # the weight hand-offs after the step (planner.handoff), on the critical path
@@ -241,19 +245,14 @@ def slice_seconds(problem: Problem, s: PlacedSlice, cost_model: CostModel | None
 
 
 def wave_phases(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forward: list[list[Flows]],
-                backward: list[list[Flows]], seconds: Sequence[Sequence[float]],
-                draws: dict[str, float] | None = None) -> list[Phase]:
+                backward: list[list[Flows]], passes: Passes, draws: dict[str, float] | None = None) -> list[Phase]:
     """Per wave the numbers a plan records (each wave split by its slowest slice's passes, its boundary's flows
     priced together as if at a barrier), then the loss stages' (forward only: :func:`loss_stage_seconds`, with the
-    leaves' transfers of every phase). ``seconds``: each slice's :func:`slice_seconds`, wave by wave. Descriptive:
+    leaves' transfers of every phase). ``passes``: each slice's (:func:`slice_passes`), wave by wave. Descriptive:
     the iteration is priced by the timeline (:mod:`planner.timeline`)."""
-    ops = problem.graph.metaops
     phases = []
     for k, wave in enumerate(placed.waves):
-        fwd = bwd = 0.0
-        if wave.slices:  # the first slowest slice sets the split
-            j = max(range(len(wave.slices)), key=seconds[k].__getitem__)
-            fwd, bwd = split_passes(ops[wave.slices[j].metaop], seconds[k][j])
+        fwd, bwd = max(passes[k], key=sum, default=(0.0, 0.0))  # the first slowest slice sets the split
         phases.append(Phase(fwd, bwd, boundary_time(forward[k], cost_model), boundary_time(backward[k], cost_model)))
     k = len(placed.waves)
     phases.append(Phase(loss_stage_seconds(problem, placed, cost_model, draws),
@@ -295,9 +294,14 @@ class Draws:
     heads: dict[str, float]
 
 
-def _after_draw(passes: tuple[float, float], drawn: float) -> tuple[float, float]:
-    """A slice's (forward, backward) seconds with ``drawn`` seconds of data drawn before its forward."""
-    return passes[0] + drawn, passes[1]
+def slice_passes(problem: Problem, placed: PlacedSchedule, seconds: Sequence[Sequence[float]], draws: Draws) -> Passes:
+    """Per wave, each slice's (forward, backward) seconds: its :func:`slice_seconds` split by its passes
+    (:func:`split_passes`), the data it draws (``draws``, :func:`batch_draws`) before its forward, as the runtime
+    draws it."""
+    ops = problem.graph.metaops
+    return tuple(tuple((fwd + d, bwd) for (fwd, bwd), d in
+                       ((split_passes(ops[s.metaop], t), d) for s, t, d in zip(wave.slices, times, drawn)))
+                 for wave, times, drawn in zip(placed.waves, seconds, draws.slices))
 
 
 def batch_draws(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> Draws:
@@ -370,13 +374,11 @@ class Walk:
 
 
 def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forward: list[list[Flows]],
-         backward: list[list[Flows]], program: Sequence[Bucket], seconds: Sequence[Sequence[float]],
-         draws: Draws | None = None) -> Walk:
+         backward: list[list[Flows]], program: Sequence[Bucket], passes: Passes, draws: Draws) -> Walk:
     """Run the timeline (:mod:`planner.timeline`) of ``placed``: every micro-batch walks the phases; ``program``'s
-    buckets are ready when their event has passed on all their devices in the last one. ``seconds``: each slice's
-    :func:`slice_seconds`, wave by wave; ``draws`` (:func:`batch_draws`): the data each slice draws before its
-    forward and each loss head before its loss."""
-    ops = problem.graph.metaops
+    buckets are ready when their event has passed on all their devices in the last one. ``passes``: each slice's
+    forward and backward seconds (:func:`slice_passes`), wave by wave; ``draws`` (:func:`batch_draws`): the data each
+    loss head draws before its loss."""
     num_waves = len(placed.waves)
 
     def exchange(flows: list[Flows]):
@@ -393,11 +395,8 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
         return found
 
     ex_fwd, ex_bwd = [exchange(f) for f in forward], [exchange(b) for b in backward]
-    runs = []  # per wave: (devices, forward seconds, backward seconds) of each slice
-    draws = draws or Draws(tuple((0.0,) * len(w.slices) for w in placed.waves), {})
-    for wave, times, drawn in zip(placed.waves, seconds, draws.slices):
-        runs.append([(device_index(s.devices), *_after_draw(split_passes(ops[s.metaop], t), d))
-                     for s, t, d in zip(wave.slices, times, drawn)])
+    # per wave: (devices, forward seconds, backward seconds) of each slice
+    runs = [[(device_index(s.devices), *p) for s, p in zip(wave.slices, ps)] for wave, ps in zip(placed.waves, passes)]
     heads: dict[int, list[tuple[DeviceIndex, float]]] = {}
     phase = phase_of_waves(placed.phases, num_waves)
     for wave, devices, seconds in loss_heads(problem, placed, cost_model, draws.heads):
@@ -494,10 +493,11 @@ def _simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -
     drawn = tuple(tuple(t + d for t, d in zip(times, extra)) for times, extra in zip(seconds, draws.slices))
     durations = tuple(max(times, default=0.0) for times in drawn)  # as wave_durations, with the data drawn
     transfers, forward, backward = boundary_transfers(problem, placed, cost_model)
-    phases = wave_phases(problem, placed, cost_model, forward, backward, drawn, draws.heads)
+    passes = slice_passes(problem, placed, seconds, draws)
+    phases = wave_phases(problem, placed, cost_model, forward, backward, passes, draws.heads)
     held = holdings(problem.graph.metaops, placed, cost_model.module_size)
     program = grad_buckets(held, backward_positions(placed.phases, len(placed.waves)))  # what the runtime all-reduces
-    done = walk(problem, placed, cost_model, forward, backward, program, seconds, draws)
+    done = walk(problem, placed, cost_model, forward, backward, program, passes, draws)
     ledger = placed_ledger(problem, placed, cost_model)
     clocks = done.clocks
     events = gather_events(problem.graph.metaops, placed.waves, placed.phases, program)
@@ -535,6 +535,7 @@ def _simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -
         gather_s=outcome.gather_s,
         phases=tuple(phases),
         slice_seconds=drawn,
+        slice_passes=passes,
         holdings=tuple(held),
         buckets=tuple(program),
         handoff_s=handoff_s,

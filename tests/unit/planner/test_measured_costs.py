@@ -122,6 +122,22 @@ def test_measured_adamw_rate_replaces_the_device_table():
     assert sim.optimizer_s == pytest.approx(2 * 2 * 1e5 * 1e-8)
 
 
+def test_a_root_slice_draws_its_data_before_its_forward():
+    """The data a root slice draws runs before its forward, on the timeline and in the plan's split of the slice
+    (PlanSlice.forward_s, which the predicted trace draws), not in proportion to the slice's passes."""
+    ops, placed = two_tasks()
+    ops[0] = replace(ops[0], input_modules=("embed:enc0",))
+    draw = 0.004
+    cm = cost_model(ops, replace(OVERHEADS, data={"a": [(4.0, draw), (8.0, 2 * draw)]}))
+    sim = simulate(Problem.build(finalize_graph(ops), cm), placed, cm)
+    fwd, bwd = split_passes(ops[0], 2 * LAYER_S[2] + 0.002)  # its layers and its embedding, split by passes
+    assert sim.slice_passes[0] == ((pytest.approx(fwd + draw), pytest.approx(bwd)),)
+    assert sim.slice_seconds[0] == (pytest.approx(fwd + bwd + draw),)
+    assert (sim.phases[0].forward_s, sim.phases[0].backward_s) == (pytest.approx(fwd + draw), pytest.approx(bwd))
+    # wave 1: no slice draws (enc1 reads enc0's output, enc2 has no input modules)
+    assert all(f + b == pytest.approx(t) for (f, b), t in zip(sim.slice_passes[1], sim.slice_seconds[1]))
+
+
 def test_without_measured_overheads_nothing_changes():
     ops, placed = two_tasks()
     sim = simulate(Problem.build(finalize_graph(ops), cost_model(ops, None)), placed, cost_model(ops, None))
