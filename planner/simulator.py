@@ -299,9 +299,13 @@ def slice_passes(problem: Problem, placed: PlacedSchedule, seconds: Sequence[Seq
     (:func:`split_passes`), the data it draws (``draws``, :func:`batch_draws`) before its forward, as the runtime
     draws it."""
     ops = problem.graph.metaops
-    return tuple(tuple((fwd + d, bwd) for (fwd, bwd), d in
-                       ((split_passes(ops[s.metaop], t), d) for s, t, d in zip(wave.slices, times, drawn)))
-                 for wave, times, drawn in zip(placed.waves, seconds, draws.slices))
+
+    def one(s: PlacedSlice, t: float, d: float) -> tuple[float, float]:
+        fwd, bwd = split_passes(ops[s.metaop], t)
+        return fwd + d, bwd
+
+    return tuple(tuple(map(one, wave.slices, times, drawn)) for wave, times, drawn in zip(placed.waves, seconds,
+                                                                                             draws.slices))
 
 
 def batch_draws(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> Draws:
