@@ -1,5 +1,6 @@
 """Loom's fused kernels: each a ``torch.library`` custom op (``loom::*``) with a fake implementation (shapes traced
-without running it), a Triton implementation for GPUs and a plain-torch reference twin (the CPU path, the oracle).
+without running it), a Triton implementation for GPUs and a plain-torch reference twin (the CPU path, the oracle);
+eager calls run the op's functions as an ``autograd.Function``, past the library's dispatch (kernels.op).
 
 - :func:`linear_cross_entropy`, :func:`linear_logprobs`, :func:`topk_kl` (kernels.linear_ce): the LM head's
   cross-entropy, log-prob gather and GRPO's top-k KL, chunked over positions: never the ``(positions, vocab)`` logits;

@@ -13,6 +13,7 @@ Op ``loom::infonce`` (``loom::infonce_backward``); public entry point :func:`inf
 import torch
 
 from kernels.backend import resolve
+from kernels.op import backward_call, kernel_op, library_op
 from kernels.rows import ce_rows_backward_, ce_rows_forward, chunk_rows_for, spans
 
 
@@ -21,9 +22,8 @@ def _targets(start: int, stop: int, device: torch.device) -> tuple[torch.Tensor,
     return index, torch.ones(index.shape, dtype=torch.float32, device=device)
 
 
-@torch.library.custom_op("loom::infonce", mutates_args=())
-def infonce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, first_row: int, num_rows: int, chunk_rows: int,
-            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _infonce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, first_row: int, num_rows: int, chunk_rows: int,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse of the a->b rows, lse of the b->a rows), float32 ``(num_rows,)`` each; ``scale`` a 0-d tensor."""
     loss = torch.empty(num_rows, dtype=torch.float32, device=a.device)
     lse_a, lse_b = torch.empty_like(loss), torch.empty_like(loss)
@@ -36,14 +36,12 @@ def infonce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, first_row: in
     return loss, lse_a, lse_b
 
 
-@infonce.register_fake
 def _infonce_fake(a, b, scale, first_row, num_rows, chunk_rows, backend):
     return tuple(a.new_empty(num_rows, dtype=torch.float32) for _ in range(3))
 
 
-@torch.library.custom_op("loom::infonce_backward", mutates_args=())
-def infonce_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, lse_a: torch.Tensor,
-                     lse_b: torch.Tensor, first_row: int, chunk_rows: int, backend: str
+def _infonce_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, lse_a: torch.Tensor,
+                      lse_b: torch.Tensor, first_row: int, chunk_rows: int, backend: str
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d a, d b, d scale) of ``sum(grad * loss)``."""
     grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
@@ -65,9 +63,11 @@ def infonce_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale
     return grad_a, grad_b, grad_scale.to(scale.dtype)
 
 
-@infonce_backward.register_fake
 def _infonce_backward_fake(grad, a, b, scale, lse_a, lse_b, first_row, chunk_rows, backend):
     return torch.empty_like(a), torch.empty_like(b), torch.empty_like(scale)
+
+
+infonce_backward = library_op("loom::infonce_backward", _infonce_backward, _infonce_backward_fake)
 
 
 def _setup_infonce(ctx, inputs, output):
@@ -79,12 +79,13 @@ def _setup_infonce(ctx, inputs, output):
 
 def _backward_infonce(ctx, grad, grad_lse_a, grad_lse_b):
     a, b, scale, lse_a, lse_b = ctx.saved_tensors
-    da, db, ds = torch.ops.loom.infonce_backward(grad.contiguous(), a, b, scale, lse_a, lse_b, ctx.first_row,
-                                                 ctx.chunk_rows, ctx.backend)
+    da, db, ds = backward_call(ctx, infonce_backward, _infonce_backward)(
+        grad.contiguous(), a, b, scale, lse_a, lse_b, ctx.first_row, ctx.chunk_rows, ctx.backend)
     return da, db, ds, None, None, None, None
 
 
-infonce.register_autograd(_backward_infonce, setup_context=_setup_infonce)
+infonce_op, infonce_call = kernel_op("loom::infonce", _infonce, _infonce_fake, _setup_infonce,
+                                     _backward_infonce)
 
 
 def infonce_rows(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, first_row: int, num_rows: int, *,
@@ -100,6 +101,6 @@ def infonce_rows(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, first_ro
         torch.promote_types(a.dtype, b.dtype)
     rows = chunk_rows or chunk_rows_for(num_rows, 2 * a.shape[0])
     with torch.autocast(device.type, enabled=False):
-        loss, _, _ = infonce(a.to(dtype).contiguous(), b.to(dtype).contiguous(), scale.float(), first_row, num_rows,
-                             rows, resolve(backend, device))
+        loss, _, _ = infonce_call(a.to(dtype).contiguous(), b.to(dtype).contiguous(), scale.float(), first_row,
+                                  num_rows, rows, resolve(backend, device))
     return loss

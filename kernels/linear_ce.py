@@ -23,6 +23,7 @@ import torch
 
 from kernels.backend import resolve
 from kernels.grad_buffers import accumulating_buffer, grad_buffer
+from kernels.op import backward_call, kernel_op, library_op
 from kernels.rows import ce_rows_backward_, ce_rows_forward, chunk_rows_for, spans
 
 
@@ -30,9 +31,8 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return torch.addmm(bias, hidden, weight.t()) if bias is not None else hidden @ weight.t()
 
 
-@torch.library.custom_op("loom::linear_ce", mutates_args=())
-def linear_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], index: torch.Tensor,
-              target_weight: torch.Tensor, chunk_rows: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _linear_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], index: torch.Tensor,
+               target_weight: torch.Tensor, chunk_rows: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse) float32 ``(N,)``: hidden ``(N, H)``, weight ``(V, H)``, bias ``(V,)`` or None (all one dtype);
     targets ``index`` int64 ``(N, K)`` with float32 ``target_weight`` ``(N, K)`` (kernels.rows)."""
     n = hidden.shape[0]
@@ -45,7 +45,6 @@ def linear_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return loss, lse
 
 
-@linear_ce.register_fake
 def _linear_ce_fake(hidden, weight, bias, index, target_weight, chunk_rows, backend):
     n = hidden.shape[0]
     return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
@@ -72,10 +71,9 @@ def _backward_blocks(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torc
     return grad_hidden, grad_bias
 
 
-@torch.library.custom_op("loom::linear_ce_backward", mutates_args=())
-def linear_ce_backward(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                       bias: Optional[torch.Tensor], index: torch.Tensor, target_weight: torch.Tensor,
-                       lse: torch.Tensor, chunk_rows: int, backend: str
+def _linear_ce_backward(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor], index: torch.Tensor, target_weight: torch.Tensor,
+                        lse: torch.Tensor, chunk_rows: int, backend: str
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d hidden, d weight, d bias) of ``sum(grad_loss * loss)``; d bias is ``(V,)`` zeros when there is no bias.
     The weight gradient accumulates over chunks in the weight's dtype."""
@@ -85,15 +83,16 @@ def linear_ce_backward(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: to
     return grad_hidden, grad_weight, grad_bias
 
 
-@linear_ce_backward.register_fake
 def _linear_ce_backward_fake(grad_loss, hidden, weight, bias, index, target_weight, lse, chunk_rows, backend):
     return torch.empty_like(hidden), torch.empty_like(weight), weight.new_empty(weight.shape[0])
 
 
-@torch.library.custom_op("loom::linear_ce_backward_into", mutates_args=("grad_weight",))
-def linear_ce_backward_into(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                            bias: Optional[torch.Tensor], index: torch.Tensor, target_weight: torch.Tensor,
-                            lse: torch.Tensor, chunk_rows: int, backend: str, grad_weight: torch.Tensor
+linear_ce_backward = library_op("loom::linear_ce_backward", _linear_ce_backward, _linear_ce_backward_fake)
+
+
+def _linear_ce_backward_into(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                             bias: Optional[torch.Tensor], index: torch.Tensor, target_weight: torch.Tensor,
+                             lse: torch.Tensor, chunk_rows: int, backend: str, grad_weight: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`linear_ce_backward` with the weight gradient added into ``grad_weight`` (the weight's persistent
     gradient buffer, kernels.grad_buffers) block by block instead of returned: (d hidden, d bias)."""
@@ -101,10 +100,13 @@ def linear_ce_backward_into(grad_loss: torch.Tensor, hidden: torch.Tensor, weigh
                             grad_weight)
 
 
-@linear_ce_backward_into.register_fake
 def _linear_ce_backward_into_fake(grad_loss, hidden, weight, bias, index, target_weight, lse, chunk_rows, backend,
                                   grad_weight):
     return torch.empty_like(hidden), weight.new_empty(weight.shape[0])
+
+
+linear_ce_backward_into = library_op("loom::linear_ce_backward_into", _linear_ce_backward_into,
+                                     _linear_ce_backward_into_fake, mutates_args=("grad_weight",))
 
 
 def _setup_linear_ce(ctx, inputs, output):
@@ -121,14 +123,15 @@ def _backward_linear_ce(ctx, grad_loss, grad_lse):
     args = (grad_loss.contiguous(), hidden, weight, bias, index, target_weight, lse, ctx.chunk_rows, ctx.backend)
     buffer = accumulating_buffer(ctx.buffered) if ctx.buffered is not None and ctx.needs_input_grad[1] else None
     if buffer is not None:  # still the parameter's .grad: the weight gradient goes straight into it
-        grad_hidden, grad_bias = torch.ops.loom.linear_ce_backward_into(*args, buffer)
+        grad_hidden, grad_bias = backward_call(ctx, linear_ce_backward_into, _linear_ce_backward_into)(*args, buffer)
         grad_weight = None
     else:
-        grad_hidden, grad_weight, grad_bias = torch.ops.loom.linear_ce_backward(*args)
+        grad_hidden, grad_weight, grad_bias = backward_call(ctx, linear_ce_backward, _linear_ce_backward)(*args)
     return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None
 
 
-linear_ce.register_autograd(_backward_linear_ce, setup_context=_setup_linear_ce)
+linear_ce_op, linear_ce_call = kernel_op("loom::linear_ce", _linear_ce, _linear_ce_fake, _setup_linear_ce,
+                                         _backward_linear_ce)
 
 
 def _apply(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor,
@@ -145,8 +148,8 @@ def _apply(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     b = bias.to(dtype) if bias is not None else None
     rows = chunk_rows or chunk_rows_for(h.shape[0], w.shape[0])
     with torch.autocast(device.type, enabled=False):
-        loss, _ = linear_ce(h.contiguous(), w, b, index.reshape(h.shape[0], -1),
-                            target_weight.reshape(h.shape[0], -1).float(), rows, chosen)
+        loss, _ = linear_ce_call(h.contiguous(), w, b, index.reshape(h.shape[0], -1),
+                                 target_weight.reshape(h.shape[0], -1).float(), rows, chosen)
     return loss.reshape(hidden.shape[:-1])
 
 

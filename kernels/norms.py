@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import resolve, triton_module
+from kernels.op import backward_call, kernel_op, library_op
 
 
-@torch.library.custom_op("loom::rms_norm", mutates_args=())
-def rms_norm_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
+              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, s, rstd) for rows ``x`` ``(N, H)``; ``s`` is ``x + residual``, an empty ``(0,)`` tensor without a residual
     (an output may not alias an input); ``rstd`` float32 ``(N,)``."""
     if backend == "triton":
@@ -32,15 +32,13 @@ def rms_norm_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch
     return y, summed if residual is not None else x.new_empty(0), rstd
 
 
-@rms_norm_op.register_fake
 def _rms_norm_fake(x, residual, weight, eps, backend):
     return torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0), \
         x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("loom::rms_norm_backward", mutates_args=())
-def rms_norm_backward(grad_y: torch.Tensor, grad_sum: Optional[torch.Tensor], summed: torch.Tensor,
-                      weight: torch.Tensor, rstd: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_backward(grad_y: torch.Tensor, grad_sum: Optional[torch.Tensor], summed: torch.Tensor,
+                       weight: torch.Tensor, rstd: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(d s, d weight); ``d s`` (the gradient of x and of the residual) includes ``grad_sum``, what reached ``s``."""
     if backend == "triton":
         return triton_module().rms_norm_backward(grad_y.contiguous(), grad_sum, summed, weight, rstd)
@@ -55,9 +53,11 @@ def rms_norm_backward(grad_y: torch.Tensor, grad_sum: Optional[torch.Tensor], su
     return dx.to(summed.dtype), grad_weight
 
 
-@rms_norm_backward.register_fake
 def _rms_norm_backward_fake(grad_y, grad_sum, summed, weight, rstd, backend):
     return torch.empty_like(summed), torch.empty_like(weight)
+
+
+rms_norm_backward = library_op("loom::rms_norm_backward", _rms_norm_backward, _rms_norm_backward_fake)
 
 
 def _setup_rms_norm(ctx, inputs, output):
@@ -70,12 +70,13 @@ def _setup_rms_norm(ctx, inputs, output):
 def _backward_rms_norm(ctx, grad_y, grad_sum, grad_rstd):
     summed, weight, rstd = ctx.saved_tensors
     has_sum = ctx.has_residual and grad_sum is not None and grad_sum.numel() > 0
-    dx, dw = torch.ops.loom.rms_norm_backward(grad_y, grad_sum.contiguous() if has_sum else None, summed, weight,
-                                              rstd, ctx.backend)
+    dx, dw = backward_call(ctx, rms_norm_backward, _rms_norm_backward)(
+        grad_y, grad_sum.contiguous() if has_sum else None, summed, weight, rstd, ctx.backend)
     return dx, dx if ctx.has_residual else None, dw, None, None
 
 
-rms_norm_op.register_autograd(_backward_rms_norm, setup_context=_setup_rms_norm)
+rms_norm_op, rms_norm_call = kernel_op("loom::rms_norm", _rms_norm, _rms_norm_fake, _setup_rms_norm,
+                                       _backward_rms_norm)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
@@ -86,25 +87,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     rows = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
     res = residual.reshape(rows.shape).to(dtype).contiguous() if residual is not None else None
-    y, summed, _ = rms_norm_op(rows, res, weight.to(dtype), float(eps), chosen)
+    y, summed, _ = rms_norm_call(rows, res, weight.to(dtype), float(eps), chosen)
     return y.reshape(x.shape), summed.reshape(x.shape) if residual is not None else x
 
 
-@torch.library.custom_op("loom::swiglu", mutates_args=())
-def swiglu_op(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
+def _swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
     """``silu(gate) * up`` of two contiguous tensors of one shape and dtype."""
     if backend == "triton":
         return triton_module().swiglu_forward(gate, up)
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
-@swiglu_op.register_fake
 def _swiglu_fake(gate, up, backend):
     return torch.empty_like(gate)
 
 
-@torch.library.custom_op("loom::swiglu_backward", mutates_args=())
-def swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str
+def _swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d gate, d up) of ``silu(gate) * up``."""
     if backend == "triton":
@@ -118,9 +116,11 @@ def swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, ba
     return grad_gate.to(gate.dtype), silu.mul_(d).to(up.dtype)
 
 
-@swiglu_backward.register_fake
 def _swiglu_backward_fake(grad, gate, up, backend):
     return torch.empty_like(gate), torch.empty_like(up)
+
+
+swiglu_backward = library_op("loom::swiglu_backward", _swiglu_backward, _swiglu_backward_fake)
 
 
 def _setup_swiglu(ctx, inputs, output):
@@ -131,14 +131,14 @@ def _setup_swiglu(ctx, inputs, output):
 
 def _backward_swiglu(ctx, grad):
     gate, up = ctx.saved_tensors
-    dg, du = torch.ops.loom.swiglu_backward(grad, gate, up, ctx.backend)
+    dg, du = backward_call(ctx, swiglu_backward, _swiglu_backward)(grad, gate, up, ctx.backend)
     return dg, du, None
 
 
-swiglu_op.register_autograd(_backward_swiglu, setup_context=_setup_swiglu)
+swiglu_op, swiglu_call = kernel_op("loom::swiglu", _swiglu, _swiglu_fake, _setup_swiglu, _backward_swiglu)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """``F.silu(gate) * up`` (one shape; promoted to one dtype)."""
     dtype = torch.promote_types(gate.dtype, up.dtype)
-    return swiglu_op(gate.to(dtype).contiguous(), up.to(dtype).contiguous(), resolve(backend, gate.device))
+    return swiglu_call(gate.to(dtype).contiguous(), up.to(dtype).contiguous(), resolve(backend, gate.device))

@@ -4,14 +4,20 @@ switch. The Triton twins are checked against these in test_kernel_triton.py."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels import backend_for, infonce_rows, linear_cross_entropy, linear_logprobs, rms_norm, swiglu, topk_kl
 from kernels.backend import resolve, triton_installed
+from kernels.contrastive import infonce_call
 from kernels.grad_buffers import grad_buffer, has_grad_buffer, keep_grad_buffer, zero_grads
+from kernels.linear_ce import linear_ce_call
+from kernels.norms import rms_norm_call, swiglu_call
 from kernels.rows import CHUNK_BYTES, chunk_rows_for, spans
 
 IGNORE = -100
@@ -25,6 +31,11 @@ def grads(value: torch.Tensor, inputs) -> list[torch.Tensor]:
 def assert_all_close(got, want, **tol) -> None:
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, **tol)
+
+
+def assert_all_equal(got, want) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
 
 
 def lm_inputs(n: int, h: int, v: int, seed: int = 0, bias: bool = True):
@@ -322,3 +333,40 @@ def test_torch_compile_traces_each_op_forward_and_backward() -> None:
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(hidden, weight, b, x)
     torch.testing.assert_close(compiled, eager)
     assert_all_close(torch.autograd.grad(compiled, (hidden, weight, b, x)), eager_grads)
+
+
+class _OpsSeen(TorchDispatchMode):
+    """The names of the ops the dispatcher runs inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("index", [0, 1, 4, 5, 7, 9])
+def test_an_eager_call_runs_the_ops_functions_with_the_librarys_results_past_its_dispatch(index: int) -> None:
+    """Each forward op with autograd through its entry point (kernels.op's twin) and through torch.ops.loom: the
+    same outputs and gradients bit for bit; the twin's forward and backward reach the dispatcher as aten ops only."""
+    op, args = op_samples()[index]
+    name = str(op).removeprefix("loom.")
+    call = {"linear_ce": linear_ce_call, "rms_norm": rms_norm_call, "swiglu": swiglu_call,
+            "infonce": infonce_call}[name]
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def run(fn, mode=None):
+        with mode or contextlib.nullcontext():
+            out = fn(*args)
+            first = out[0] if isinstance(out, tuple) else out
+            return [first.detach(), *grads(first, inputs)]
+
+    seen = _OpsSeen()
+    twin = run(call, seen)
+    assert not [name for name in seen.names if name.startswith("loom::")]
+    assert len(seen.names) > 2
+    library = _OpsSeen()
+    assert_all_equal(twin, run(op, library))
+    assert f"loom::{name}" in library.names
