@@ -168,7 +168,7 @@ def read_marker(directory: Path) -> CheckpointInfo | None:
         info = CheckpointInfo(directory, int(body["step"]), str(body["plan_hash"]), int(body["num_ranks"]),
                               str(body.get("job", "")), None if manifest_sha256 is None else str(manifest_sha256),
                               str(body.get("format", LEGACY)))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):  # not UTF-8, not JSON, too deep
         return None
     if any(not path.is_file() for path in info.files()):
         return None
@@ -197,12 +197,15 @@ def damage(info: CheckpointInfo) -> str | None:
     if info.manifest_sha256 is None:
         return None
     try:
-        text = (info.path / MANIFEST).read_text()
+        data = (info.path / MANIFEST).read_bytes()
     except OSError as exc:
         return f"{MANIFEST} cannot be read ({exc.strerror or exc})"
-    if hashlib.sha256(text.encode()).hexdigest() != info.manifest_sha256:
+    if hashlib.sha256(data).hexdigest() != info.manifest_sha256:
         return f"{MANIFEST} is not the one its {MARKER} marker names"
-    files = json.loads(text).get("files", {})
+    try:
+        files = json.loads(data.decode()).get("files", {})
+    except (ValueError, AttributeError, RecursionError):  # not UTF-8, not JSON, not an object, too deep
+        return f"{MANIFEST} is not a JSON object"
     for path in info.files():
         want = files.get(path.name)
         if want is None:

@@ -52,8 +52,8 @@ class RunFolder:
 
     def check(self) -> None:
         """Read-only, before planning: the lock (taken when the folder has a lock file; a RunInputError when another
-        run holds it), the output names resolving inside the folder, and for a fresh run the refusal of an earlier
-        run's checkpoints without ``overwrite``."""
+        run holds it), the output names and the checkpoint folders resolving inside the folder, and for a fresh run
+        the refusal of an earlier run's checkpoints without ``overwrite``."""
         if self.resume and self.overwrite:
             raise RunInputError("--resume continues the run in --out, --overwrite replaces it: pass one of them.")
         if self.out_dir.exists() and not self.out_dir.is_dir():
@@ -62,6 +62,8 @@ class RunFolder:
             self.lock.acquire(create=False)
         for name in self.outputs:
             self.path(name)
+        for directory in step_dirs(self.out_dir).values():  # a resume reads them, retention deletes them
+            self.path(directory.relative_to(self.out_dir))
         if not self.resume:
             check_fresh_run(self.out_dir, self.overwrite)
 

@@ -48,6 +48,7 @@ def test_manifest_records_each_rank_file_before_the_marker(tmp_path):
     (lambda d: rank_file(d, 0).write_bytes(os.urandom(rank_file(d, 0).stat().st_size)), "rank_0.safetensors does not match"),
     (lambda d: (d / MANIFEST).write_text('{"files": {}}'), "MANIFEST.json is not the one"),
     (lambda d: (d / MANIFEST).unlink(), "MANIFEST.json cannot be read"),
+    (lambda d: (d / MANIFEST).write_bytes(bytes(range(128, 256)) * 8), "MANIFEST.json is not the one"),
 ])
 def test_damaged_latest_checkpoint_falls_back_with_one_warning(tmp_path, caplog, harm, phrase):
     write_checkpoint(tmp_path, 2)
@@ -165,6 +166,31 @@ def test_two_runs_started_together_into_a_new_folder_one_claims_it(tmp_path):
     with pytest.raises(RunInputError, match=rf"in use by another `loom run` \(pid {os.getpid()} "):
         second.claim(PLAN)
     first.release()
+
+
+def test_unreadable_manifests_and_markers_are_damage_not_a_crash(tmp_path):
+    """Binary bytes in every manifest, then a marker nested too deep for json: no UnicodeDecodeError or
+    RecursionError, each checkpoint is skipped and the error names the damaged ones."""
+    for step in (2, 4):
+        (write_checkpoint(tmp_path, step).path / MANIFEST).write_bytes(bytes(range(128, 256)) * 8)
+    with pytest.raises(CheckpointError, match=r"\(damaged: step_4, step_2\)"):
+        find_resume_point(tmp_path, PLAN)
+    info = write_checkpoint(tmp_path, 6)
+    (info.path / MARKER).write_text("[" * 100_000 + "]" * 100_000)
+    assert read_marker(info.path) is None
+    assert [c.step for c in complete_checkpoints(tmp_path)] == [4, 2]
+
+
+def test_a_checkpoint_folder_linked_outside_the_folder_is_refused_before_any_write(tmp_path):
+    """A resume would skip it as incomplete, train from an older one and only fail when writing there."""
+    out, outside = tmp_path / "out", tmp_path / "elsewhere"
+    write_checkpoint(out, 2)
+    outside.mkdir()
+    step_dir(out, 4).symlink_to(outside)
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(RunInputError, match=r"step_4: resolves to .*elsewhere, outside --out"):
+        RunFolder(out, resume=True, overwrite=False, outputs=("plan.json",)).check()
+    assert sorted(p.name for p in out.rglob("*")) == before
 
 
 def test_paths_that_resolve_outside_the_folder_are_refused(tmp_path):
