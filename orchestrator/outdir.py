@@ -14,12 +14,14 @@ here touches Ray or torch.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +60,7 @@ class RunFolder:
             raise RunInputError("--resume continues the run in --out, --overwrite replaces it: pass one of them.")
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise RunInputError(f"--out ({self.out_dir}) is a file; give a directory.")
+        check_writable(self.out_dir)
         if self.out_dir.is_dir():
             self.lock.acquire(create=False)
         for name in self.outputs:
@@ -118,6 +121,24 @@ def claim_folder(out_dir: Path, lock: OutDirLock, overwrite: bool, recheck: Call
                             "Check the path and permissions.") from None
 
 
+def check_writable(out_dir: Path) -> None:
+    """A RunInputError unless ``out_dir`` is a folder this process can write in or can create: its nearest existing
+    ancestor must be such a folder. Proved by making and removing an empty temporary folder there (permission bits
+    do not tell: root passes them on /sys, which refuses new files), so a refused run leaves nothing behind."""
+    existing = next(path for path in (out_dir, *out_dir.parents) if path.exists() or path == Path())
+    if not existing.is_dir():
+        raise RunInputError(f"--out ({out_dir}): {existing} is a file, so the folder cannot be created. Give a path "
+                            "under a directory.")
+    where = "there" if existing == out_dir else f"in {existing}, where it would be created"
+    try:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        tempfile.TemporaryDirectory(dir=existing, prefix=".loom-check-").cleanup()
+    except OSError as exc:
+        raise RunInputError(f"--out ({out_dir}): cannot write {where} ({exc.strerror or exc}). Check the path and "
+                            "permissions, or pick another --out.") from None
+
+
 def contained(out_dir: Path, *parts: str | Path) -> Path:
     """``out_dir / parts``, after checking that it resolves (symlinks followed) to a path under ``out_dir``'s own
     resolved path; a RunInputError naming both otherwise. Returns the unresolved path (as the user named it)."""
@@ -151,11 +172,12 @@ class OutDirLock:
             return True
         try:
             fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
-        except FileNotFoundError:
-            if create:
-                raise RunInputError(f"--out ({self.out_dir}): the folder does not exist; it could not be created.")
-            return False
         except OSError as exc:
+            if isinstance(exc, FileNotFoundError) and not create:
+                return False
+            if not self.out_dir.is_dir():
+                raise RunInputError(f"--out ({self.out_dir}): the folder does not exist; it could not be created.") \
+                    from None
             raise RunInputError(f"--out ({self.out_dir}): cannot open its lock file {self.path} "
                                 f"({exc.strerror or exc}). Check the path and permissions.") from None
         try:
