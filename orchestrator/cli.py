@@ -19,6 +19,8 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -104,7 +106,7 @@ ClusterOpt = Annotated[
 JobArg = Annotated[Path, typer.Argument(metavar="JOB.yaml", exists=True, dir_okay=False, help="Job spec (YAML).")]
 
 
-def _check_output_path(path: Path | None) -> Path | None:
+def check_output_path(path: Path | None) -> Path | None:
     """An output file must not be a directory and its directory must exist (checked before planning)."""
     if path is None:
         return None
@@ -121,8 +123,51 @@ def _check_gantt_paths(paths: list[Path] | None) -> list[Path]:
     for path in paths or []:
         if path.suffix.lower() not in GANTT_SUFFIXES:
             raise typer.BadParameter(f"'{path}' has an unsupported suffix; use {' or '.join(GANTT_SUFFIXES)}.")
-        _check_output_path(path)
+        check_output_path(path)
     return paths or []
+
+
+def check_distinct_files(inputs: Sequence[tuple[str, Path | None]], outputs: Sequence[tuple[str, Path | None]]) -> None:
+    """A BadParameter, before any work, when an output file (``(option, path)``; None: not given) is one of the
+    command's inputs or another of its outputs: the same file once relative paths and symbolic links are resolved
+    (or a hard link of it). Writing it would destroy what the command reads, or what it wrote first."""
+    seen = [(name, path) for name, path in inputs if path is not None]
+    for name, path in outputs:
+        if path is None:
+            continue
+        for other, known in seen:
+            if _same_file(path, known):
+                raise typer.BadParameter(f"{name} ({path}) is the same file as {other} ({known}), which the command "
+                                         f"would overwrite. Give {name} another file name.")
+        seen.append((name, path))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
+
+
+def _out_dir(value: str) -> Path:
+    """``--out`` as given: an empty value would mean the current directory, never what was meant."""
+    if not value.strip():
+        raise ValueError("'' names no folder; give the run's output folder, or leave --out out for out/<job name>.")
+    return Path(value)
+
+
+def _check_run_address(value: str | None) -> str | None:
+    """``loom run --address``: an empty value would silently start an embedded cluster instead of joining one."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("'' names no cluster; give the Ray head's GCS address (HOST:PORT, or 'auto'), or "
+                                 "leave --address out to start an embedded cluster on this machine.")
+    return value
+
+
+def _check_finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number; give a size in MiB, e.g. 32, or 0 for never.")
+    return value
 
 
 def configure_logging(verbose: bool) -> None:
@@ -241,7 +286,7 @@ def plan(
         "--output", "-o", case_sensitive=False, help="table: waves and summary for people; json: exactly the Plan.",
     )] = OutputFormat.table,
     save: Annotated[Path | None, typer.Option(
-        "--save", metavar="PLAN.json", callback=_check_output_path, help="Also write the Plan JSON to this file.",
+        "--save", metavar="PLAN.json", callback=check_output_path, help="Also write the Plan JSON to this file.",
     )] = None,
     gantt: Annotated[list[Path] | None, typer.Option(
         "--gantt", metavar="FILE.png|FILE.html", callback=_check_gantt_paths,
@@ -262,6 +307,8 @@ def plan(
 
     No side effects except the files named by --save and --gantt.
     """
+    check_distinct_files([("JOB.yaml", job_path), ("--cluster", cluster), ("--costs", costs), ("--shapes", shapes)],
+                         [("--save", save), *(("--gantt", chart) for chart in gantt or [])])
     if (pipeline := pipeline_cli.read_phased(job_path, cluster, shapes)) is not None:
         configure_logging(verbose)
         with ExitStack() as stack:
@@ -328,7 +375,7 @@ def profile(
     job_path: JobArg,
     cluster: ClusterOpt = None,
     output: Annotated[Path, typer.Option(
-        "--output", "-o", metavar="COSTS.json", callback=_check_output_path,
+        "--output", "-o", metavar="COSTS.json", callback=check_output_path,
         help="Where to write the profiled cost file (for `loom plan --costs`).",
     )] = Path("costs.json"),
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs per point (median).")] = 5,
@@ -341,6 +388,7 @@ def profile(
     task's loss head, AdamW per parameter and, with 2+ CPU workers per node, gloo point-to-point and
     all-reduce times between two worker processes.
     """
+    check_distinct_files([("JOB.yaml", job_path), ("--cluster", cluster)], [("--output", output)])
     from orchestrator.recipes import load_job, load_recipe
     from runtime.profiler import profile_job  # local: torch loads only when profiling
 
@@ -370,7 +418,7 @@ def run(
         "--steps", min=1, help="Train until this many steps are done (default: the job's training.steps).",
     )] = None,
     out: Annotated[Path | None, typer.Option(
-        "--out", metavar="DIR", file_okay=False,
+        "--out", metavar="DIR", parser=_out_dir,
         help="Output directory: plan.json, metrics.jsonl, ckpt/, logs/ (default: out/<job name>).",
     )] = None,
     metrics_port: Annotated[int, typer.Option(
@@ -393,10 +441,11 @@ def run(
              "(default: keep every one).",
     )] = None,
     address: Annotated[str | None, typer.Option(
-        "--address", metavar="ADDR", help="Join this Ray cluster (host:port) instead of starting an embedded one.",
+        "--address", metavar="ADDR", callback=_check_run_address,
+        help="Join this Ray cluster (host:port) instead of starting an embedded one.",
     )] = None,
     object_store_from: Annotated[float | None, typer.Option(
-        "--object-store-from", metavar="MIB", min=0,
+        "--object-store-from", metavar="MIB", min=0, callback=_check_finite,
         help="Move activation pieces of at least MIB MiB between CPU workers through Ray's object store instead of "
              "gloo point-to-point (0: never). Default 32: where it became cheaper on a 2-core host "
              "(bench/results/transfer.md).",

@@ -13,6 +13,13 @@ from typing import Annotated
 import typer
 
 JobArg = Annotated[Path, typer.Argument(metavar="JOB.yaml", exists=True, dir_okay=False, help="Job spec (YAML).")]
+MAX_SAMPLES = 65_536  # --samples per task: 256 times the default; more runs for hours on CPU
+
+
+def _check_output_path(path: Path | None) -> Path | None:
+    from orchestrator.cli import check_output_path  # local: cli imports this module
+
+    return check_output_path(path)
 
 
 def eval_command(
@@ -24,12 +31,16 @@ def eval_command(
     split: Annotated[str | None, typer.Option(
         "--split", help="Data split: heldout or transfer (recipes), train. Default: heldout for a recipe, else train.",
     )] = None,
-    samples: Annotated[int, typer.Option("--samples", help="Samples per task.")] = 256,
+    samples: Annotated[int, typer.Option("--samples", min=1, max=MAX_SAMPLES, help="Samples per task.")] = 256,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", metavar="EVAL.json", help="Also write the report as JSON here.",
+        "--output", "-o", metavar="EVAL.json", callback=_check_output_path,
+        help="Also write the report as JSON here (its folder must exist).",
     )] = None,
 ) -> None:
     """Evaluate a trained job on data it did not train on: per-task metrics next to trivial baselines."""
+    from orchestrator.cli import check_distinct_files  # local: cli imports this module
+
+    check_distinct_files([("JOB.yaml", job_path), ("--model", model)], [("--output", output)])
     from orchestrator.recipes import load_job, load_recipe
     from runtime.evaluate import evaluate_job  # local: torch loads only here
     from runtime.reference import load_model
@@ -41,7 +52,6 @@ def eval_command(
     for line in report_lines(report, "trained" if model is not None else "initial weights"):
         typer.echo(line)
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report.to_json(), indent=1) + "\n")
         typer.echo(f"wrote {output}", err=True)  # a note: stdout carries only the report
 

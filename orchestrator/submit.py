@@ -85,10 +85,18 @@ class JobState:
 def check_address(address: str) -> str:
     """The Jobs API base URL ``http(s)://HOST[:PORT]`` without a trailing slash; SubmitError otherwise."""
     url = address.strip()
+    if not url:
+        raise SubmitError("--address is empty; give the Ray dashboard's HTTP address (the Jobs API), e.g. "
+                          "'http://127.0.0.1:8265'.")
     if "://" not in url:
         raise SubmitError(f"--address ('{address}') has no scheme; the Jobs API is the dashboard's HTTP "
                           f"address, e.g. 'http://{url.rstrip('/') or 'HOST'}' (port 8265 by default).")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (parsed lazily: raises for a port that is not a number in 0-65535)
+    except ValueError as exc:  # e.g. 'http://[::1' (an unclosed IPv6 bracket)
+        raise SubmitError(f"--address ('{address}') is not a URL ({exc}); give the dashboard's address, e.g. "
+                          "'http://127.0.0.1:8265' or 'http://[::1]:8265'.") from None
     if parts.scheme not in ("http", "https"):
         raise SubmitError(f"--address ('{address}') uses scheme '{parts.scheme}://'; the Jobs API needs "
                           f"http:// or https://, e.g. 'http://{parts.hostname or 'HOST'}:8265' (the dashboard "
@@ -252,6 +260,7 @@ def submit_job(job_path: str | Path, address: str, *, plan: str | Path | None = 
     one, the job file and plan must lie inside it and the entrypoint names them relative to it.
     ``entrypoint`` replaces the ``loom run`` command (see :func:`build_entrypoint`).
     """
+    url = check_address(address)  # first: a malformed address is refused before the job is loaded
     job_path = Path(job_path)
     job = load_job(job_path)
     plan_path = Path(plan) if plan is not None else None
@@ -259,7 +268,6 @@ def submit_job(job_path: str | Path, address: str, *, plan: str | Path | None = 
         _check_plan(plan_path, job)
     if entrypoint is None:
         _check_trainable(job)
-    url = check_address(address)
     env = dict(runtime_env or {})
     with contextlib.ExitStack() as stack:
         if env.get("working_dir"):

@@ -368,3 +368,84 @@ def _assert_one_error_line_after_logs(result, expected: list[str]) -> str:
     for text in expected:
         assert text in errors[0], f"{text!r} not in {errors[0]!r}"
     return errors[0]
+
+
+# --------------------------------------------------------------------------- outputs and option values (QA pass)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["plan", "job.yaml", "--save", "job.yaml"], ["--save (job.yaml) is the same file as JOB.yaml"]),
+    (["plan", "job.yaml", "--save", "link.yaml"], ["--save (link.yaml) is the same file as JOB.yaml (job.yaml)"]),
+    (["plan", "job.yaml", "--save", "../run/job.yaml"], ["--save", "is the same file as JOB.yaml"]),
+    (["plan", "job.yaml", "--costs", "costs.json", "--save", "costs.json"], ["--save", "same file as --costs"]),
+    (["plan", "job.yaml", "--cluster", "job.yaml", "--gantt", "job.yaml.html", "--save", "job.yaml.html"],
+     ["--gantt (job.yaml.html) is the same file as --save"]),
+    (["profile", "job.yaml", "-o", "job.yaml"], ["--output (job.yaml) is the same file as JOB.yaml"]),
+    (["eval", "job.yaml", "-o", "link.yaml"], ["--output (link.yaml) is the same file as JOB.yaml"]),
+], ids=["plan-save-spec", "plan-save-symlink", "plan-save-relative", "plan-save-costs", "plan-gantt-save",
+        "profile-output-spec", "eval-output-symlink"])
+def test_an_output_that_is_an_input_or_another_output_is_refused(runner: CliRunner, tmp_path: Path, monkeypatch,
+                                                                 args: list[str], expected: list[str]) -> None:
+    """Refused before any work: the spec (and the cost file) keep their bytes."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    Path("job.yaml").write_text(yaml.safe_dump(BASE))
+    Path("link.yaml").symlink_to("job.yaml")
+    Path("costs.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    line = _assert_one_error_line(runner.invoke(app, args), [*expected, "Give", "another file name"])
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before, line
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["run", "job.yaml", "--out", ""], ["--out", "'' names no folder"]),
+    (["run", "job.yaml", "--address", ""], ["--address", "'' names no cluster"]),
+    (["run", "job.yaml", "--object-store-from", "inf"], ["--object-store-from", "inf is not a finite number"]),
+    (["run", "job.yaml", "--object-store-from", "1e999"], ["--object-store-from", "inf is not a finite number"]),
+    (["submit", "job.yaml", "--address", ""], ["--address is empty"]),
+    (["logs", "raysubmit_a1B2c3D4e5F6g7H8", "--address", " "], ["--address is empty"]),
+    (["status", "raysubmit_a1B2c3D4e5F6g7H8", "--address", "http://[::1"], ["'http://[::1') is not a URL"]),
+    (["stop", "raysubmit_a1B2c3D4e5F6g7H8", "--address", "http://h:99999"], ["is not a URL", "Port out of range"]),
+    (["eval", "job.yaml", "--samples", "99999999999999999999"], ["--samples", "65536"]),
+    (["eval", "job.yaml", "--samples", "0"], ["--samples"]),
+    (["eval", "job.yaml", "-o", "."], ["--output", "is a directory"]),
+], ids=["run-empty-out", "run-empty-address", "object-store-inf", "object-store-overflow", "submit-empty-address",
+        "logs-blank-address", "status-malformed-ipv6", "stop-port-out-of-range", "eval-samples-huge",
+        "eval-samples-zero", "eval-output-directory"])
+def test_option_values_refused_before_any_work(runner: CliRunner, tmp_path: Path, monkeypatch, args: list[str],
+                                               expected: list[str]) -> None:
+    """Each is refused before the job is even loaded (load_job would fail the test): no Ray, no evaluation."""
+    import orchestrator.recipes
+
+    def no_load(*a, **k):
+        raise AssertionError("the job was loaded")
+
+    monkeypatch.chdir(tmp_path)
+    Path("job.yaml").write_text(yaml.safe_dump(CPU_JOB))
+    monkeypatch.setattr(orchestrator.recipes, "load_job", no_load)
+    if args[0] == "submit":
+        import orchestrator.submit
+
+        monkeypatch.setattr(orchestrator.submit, "load_job", no_load)
+    _assert_one_error_line(runner.invoke(app, args), expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
+
+
+@pytest.mark.parametrize("out", ["afile/sub", "/proc/self", "/proc/self/x"], ids=["parent-is-a-file", "proc", "under-proc"])
+def test_unwritable_out_is_refused_before_planning(runner: CliRunner, tmp_path: Path, monkeypatch, out: str) -> None:
+    """Before: planning and the Ray start ran first (about 17 s), and /proc/self was said not to exist."""
+    import planner.api
+
+    if out.startswith("/proc") and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc on this system")
+
+    def no_planning(*a, **k):
+        raise AssertionError("planned")
+
+    monkeypatch.setattr(planner.api, "plan_job", no_planning)
+    monkeypatch.chdir(tmp_path)
+    Path("job.yaml").write_text(yaml.safe_dump(CPU_JOB))
+    Path("afile").write_text("")
+    line = _assert_one_error_line_after_logs(runner.invoke(app, ["run", "job.yaml", "--out", out]), [f"--out ({out})"])
+    assert ("afile is a file" in line) if out == "afile/sub" else ("cannot write" in line and "exist" not in line)
