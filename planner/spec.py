@@ -18,12 +18,14 @@ from planner.spec_file import read_job_document
 
 
 UseMode = Literal["train", "forward", "generate", "sample"]
+MIN_MEMORY_GIB = 2**-10  # cluster.memory_gib: 1 MiB; below it no layer fits and memory ratios lose their meaning
 
 
 class StrictModel(BaseModel):
-    """Base of every spec model: unknown keys are errors, values are immutable."""
+    """Base of every spec model: unknown keys are errors, values are immutable, and every float is finite (no inf or
+    NaN, nor a string or YAML value that parses to one: `.inf`, `1e999`), whichever field it is."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ClusterSpec(StrictModel):
@@ -33,7 +35,7 @@ class ClusterSpec(StrictModel):
     devices_per_node: int = Field(8, ge=1, description="Accelerators (or CPU workers) per node.")
     device: str = Field("a800", description="Device kind, a key of the device table: a100, a800, h100, h200, cpu.")
     memory_gib: float | None = Field(
-        None, gt=0, description="Usable memory per device in GiB; defaults to the device table's value."
+        None, ge=MIN_MEMORY_GIB, description="Usable memory per device in GiB; defaults to the device table's value."
     )
     intra_node_gbps: float | None = Field(
         None, gt=0, description="Per-device bandwidth inside a node in Gbit/s (NVLink); defaults to the device table's."
@@ -77,7 +79,7 @@ class ComponentSpec(StrictModel):
         False, description="Activation checkpointing: keep only each layer's input, recompute the rest in backward."
     )
     tensor_parallel: list[int] = Field(
-        default_factory=lambda: [1],
+        default_factory=lambda: [1], min_length=1,
         description="Tensor-parallel degrees the planner may choose from (1 = data parallel only).",
     )
     weights_from: str | None = Field(
@@ -308,7 +310,12 @@ class TaskSpec(StrictModel):
                     f"components[{i}].name ('{use.use_name}') is used twice in task '{self.name}'; "
                     "names must be unique. Give the second use its own `name:`."
                 )
-            for dep in use.after or []:
+            for k, dep in enumerate(use.after or []):
+                if dep in use.after[:k]:
+                    raise ValueError(
+                        f"components[{i}].after ('{dep}') names the same use twice in task '{self.name}'; each "
+                        "upstream use feeds it once. Remove the repeat."
+                    )
                 if dep not in seen:
                     raise ValueError(
                         f"components[{i}].after ('{dep}') is not an earlier use in task '{self.name}'; "
@@ -495,6 +502,20 @@ class JobSpec(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _check_tensor_parallel(self) -> JobSpec:
+        """A tensor-parallel group runs inside one node: a component needs a degree the planner can use there (it
+        skips degrees above devices_per_node, so a list of only those leaves no layout at all)."""
+        per_node = self.cluster.devices_per_node
+        for name, comp in self.components.items():
+            if min(comp.tensor_parallel) > per_node:
+                raise ValueError(
+                    f"components.{name}.tensor_parallel ({comp.tensor_parallel}) has no degree up to "
+                    f"cluster.devices_per_node ({per_node}); a tensor-parallel group runs inside one node. Add a "
+                    f"degree <= {per_node} (e.g. 1)."
+                )
+        return self
+
+    @model_validator(mode="after")
     def _check_references(self) -> JobSpec:
         names = [t.name for t in self.tasks]
         for i, task in enumerate(self.tasks):
@@ -562,6 +583,24 @@ class JobSpec(StrictModel):
             if value is not None and value > limit:
                 raise ValueError(f"{path} ({value}) is over the limit of {limit} {what} that keeps planning "
                                  "bounded. Use a smaller value (see docs/job-spec.md, Limits).")
+        return self
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> JobSpec:
+        """A kind with attention heads splits hidden_size into num_heads equal heads (runtime.modules.attend), else
+        a worker fails; after the size limits, which name the bigger problem. A pretrained component's heads are its
+        config's (it may set head_dim)."""
+        from planner.kinds import KINDS  # local: kinds imports this module
+
+        for name, comp in self.components.items():
+            kind = KINDS.get(comp.kind)
+            if comp.pretrained is None and kind is not None and "num_heads" in kind.requires and comp.num_heads \
+                    and comp.hidden_size % comp.num_heads:
+                raise ValueError(
+                    f"components.{name}.hidden_size ({comp.hidden_size}) is not divisible by num_heads "
+                    f"({comp.num_heads}); each attention head gets hidden_size / num_heads units. Make hidden_size a "
+                    "multiple of num_heads."
+                )
         return self
 
 

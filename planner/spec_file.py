@@ -90,8 +90,24 @@ def read_job_document(path: str | Path, cluster: str | Path | None = None) -> An
     its `cluster:` section. What planner.spec.load_job and planner.pipeline read."""
     data = load_yaml(path)
     if cluster is not None and isinstance(data, dict):
-        cluster_data = load_yaml(cluster)
-        if isinstance(cluster_data, dict) and "cluster" in cluster_data:
-            cluster_data = cluster_data["cluster"]
-        data = {**data, "cluster": cluster_data}
+        data = {**data, "cluster": read_cluster_section(cluster)}
+    return data
+
+
+def read_cluster_section(path: str | Path) -> dict[str, Any]:
+    """A ``--cluster`` file's section: a non-empty mapping, either ``cluster: {...}`` alone or the section's fields
+    (checked by planner.spec.ClusterSpec). An empty file or section would silently mean the default cluster, and a
+    key beside ``cluster:`` would be ignored: both are one SpecError naming the file."""
+    data = load_yaml(path)
+    if isinstance(data, dict) and "cluster" in data:
+        for key in data:
+            if key != "cluster":
+                raise SpecError(f"{path}: {key}: unknown key beside `cluster:`; a cluster file holds only the "
+                                "`cluster:` section (or only its fields). Remove it.")
+        data = data["cluster"]
+    if not isinstance(data, dict) or not data:
+        shown = "empty" if not data else f"a {type(data).__name__}, not a mapping"
+        raise SpecError(f"{path}: the cluster section is {shown}; expected `cluster: {{num_nodes: ..., "
+                        "devices_per_node: ..., device: ...}}` (or those fields). Fill it in; without --cluster the "
+                        "spec's own cluster is used.")
     return data

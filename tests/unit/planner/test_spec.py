@@ -368,3 +368,74 @@ def test_a_relative_data_dir_is_read_from_the_spec_files_folder(tmp_path) -> Non
     path.write_text(yaml.safe_dump(data))
     assert load_job(path).data_dir == str((tmp_path / "jobs" / ".." / "real").absolute())
     assert parse_job(data).data_dir == "../real"  # no spec file: as given, from the cwd
+
+
+def test_after_may_not_name_a_use_twice():
+    data = base_job()
+    data["tasks"][0]["components"][1]["after"] = ["vision", "vision"]  # the planner would add one constraint twice
+    msg = spec_error(data)
+    assert msg.startswith("tasks[0].components[1].after ('vision') names the same use twice in task 'caption'"), msg
+    assert "Remove the repeat" in msg
+
+
+@pytest.mark.parametrize("name", ["vision", "text"])
+def test_hidden_size_must_split_into_heads(name):
+    data = base_job()
+    data["components"][name]["num_heads"] = 7  # 64 / 7: attention reshapes to (heads, hidden / heads) in a worker
+    msg = spec_error(data)
+    assert msg.startswith(f"components.{name}.hidden_size (64) is not divisible by num_heads (7)"), msg
+
+
+def test_hidden_size_must_split_into_heads_for_every_kind_with_heads():
+    from planner.kinds import KINDS
+
+    with_heads = [name for name, kind in KINDS.items() if "num_heads" in kind.requires]
+    assert {"transformer", "vit", "llama", "decoder"} <= set(with_heads)
+    for kind in with_heads:
+        data = base_job()
+        data["components"]["text"] |= {"kind": kind, "hidden_size": 160, "num_heads": 7}
+        assert "is not divisible by num_heads (7)" in spec_error(data), kind
+
+
+@pytest.mark.parametrize("path, value", [
+    ("training.lr", float("inf")), ("training.lr", "1e999"), ("training.weight_decay", float("inf")),
+    ("training.lr", float("nan")), ("tasks[0].loss_weight", float("inf")), ("cluster.memory_gib", float("inf")),
+    ("planner.time_limit_s", float("inf")),
+])
+def test_non_finite_numbers_are_refused_naming_the_field(path, value):
+    data = base_job()
+    section, key = path.rsplit(".", 1)
+    node = data["tasks"][0] if section == "tasks[0]" else data[section]
+    node[key] = value
+    msg = spec_error(data)
+    assert msg.startswith(f"{path} ("), msg
+    assert "finite number" in msg
+
+
+def test_yaml_infinity_is_refused(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(JOB_YAML.replace("optimizer: sgd", "optimizer: sgd\n  lr: .inf"))
+    with pytest.raises(SpecError, match=r"^training.lr \(inf\): input should be a finite number"):
+        load_job(path)
+
+
+def test_a_vanishing_device_memory_is_refused():
+    data = base_job()
+    data["cluster"]["memory_gib"] = 1e-300
+    assert spec_error(data).startswith("cluster.memory_gib (1e-300): input should be greater than or equal to")
+
+
+def test_an_empty_tensor_parallel_list_is_refused():
+    data = base_job()
+    data["components"]["text"]["tensor_parallel"] = []
+    assert spec_error(data).startswith("components.text.tensor_parallel (list): list should have at least 1 item")
+
+
+def test_tensor_parallel_needs_a_degree_that_fits_one_node():
+    data = base_job()
+    data["cluster"]["devices_per_node"] = 2
+    data["components"]["text"]["tensor_parallel"] = [4]  # the planner skips it: no layout, "nan GiB per device"
+    msg = spec_error(data)
+    assert msg.startswith("components.text.tensor_parallel ([4]) has no degree up to cluster.devices_per_node (2)")
+    data["components"]["text"]["tensor_parallel"] = [1, 4]  # 4 is skipped, 1 plans
+    parse_job(data)

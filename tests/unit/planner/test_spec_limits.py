@@ -266,3 +266,20 @@ def test_the_largest_cluster_plans_within_its_time_limit() -> None:
     assert seconds < 0.05 + PLANNING_MARGIN_S, messages
     assert plan.cluster.num_nodes * plan.cluster.devices_per_node == spec.MAX_DEVICES
     assert_covers_every_layer(plan)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("cluster: {num_nodes: 1, devices_per_node: 2, device: cpu}\nfoo: 1\n", "foo: unknown key beside `cluster:`"),
+    ("{}\n", "the cluster section is empty"),
+    ("", "the cluster section is empty"),
+    ("cluster: {}\n", "the cluster section is empty"),
+    ("cluster:\n", "the cluster section is empty"),
+    ("[1, 2]\n", "the cluster section is a list, not a mapping"),
+])
+def test_a_cluster_file_is_one_nonempty_section(tmp_path: Path, text: str, expected: str) -> None:
+    job = write(tmp_path, yaml.safe_dump(BASE))
+    cluster = write(tmp_path, text, "cluster.yaml")
+    with pytest.raises(SpecError) as info:
+        load_job(job, cluster)
+    assert str(info.value).startswith(f"{cluster}: {expected}"), info.value
+    assert "\n" not in str(info.value)
