@@ -25,11 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from planner import unet_config
+from planner.spec import MAX_IMAGE_SIZE, MAX_LAYERS_PER_COMPONENT, MAX_SEQ_LEN, MAX_WIDTH
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 2**20  # a safetensors header larger than this is not one
+MAX_JSON_BYTES = 16 * 2**20  # a config is a few KB, a shard index of the largest models a few MB
+MAX_JSON_DEPTH = 32  # a config nests about 3 levels (rope_scaling, a tower's sub-config); json recurses per level
+# the spec's limit (planner.spec, docs/job-spec.md "Limits") of each spec field a config fills; others: MAX_WIDTH
+FIELD_LIMITS = {"num_layers": MAX_LAYERS_PER_COMPONENT, "image_size": MAX_IMAGE_SIZE, "patch_size": MAX_IMAGE_SIZE}
+# config keys the tensor shapes read besides an architecture's fields, with their limits (absent: not used)
+SHAPE_KEYS = {"head_dim": MAX_WIDTH, "max_position_embeddings": MAX_SEQ_LEN, "projection_size": MAX_WIDTH}
 
 
 class PretrainedError(ValueError):
@@ -190,6 +197,9 @@ def resolve_pretrained(path: str | Path) -> PretrainedInfo:
 @lru_cache(maxsize=32)
 def _resolve(path: str) -> PretrainedInfo:
     folder = Path(path)
+    if folder.is_file():
+        raise PretrainedError(f"{folder}: a file, not a folder. Point `pretrained:` at the saved model's folder "
+                              "(the one holding config.json and model.safetensors).")
     if not folder.is_dir():
         raise PretrainedError(f"{folder}: no such folder. Point `pretrained:` at a saved model folder "
                               "(save_pretrained writes config.json and model.safetensors).")
@@ -207,25 +217,66 @@ def _resolve(path: str) -> PretrainedInfo:
                               "(docs/models.md lists what is refused).")
     fields = arch.derive(cfg) if arch.derive else {}
     for field, key in arch.fields.items():
-        value = cfg.get(key)
-        if value is None and key not in arch.optional:
+        if cfg.get(key) is None and key not in arch.optional:
             raise PretrainedError(f"{folder / CONFIG_FILE}: '{key}' is missing; a {model_type} config has it. "
                                   "Re-save the model with save_pretrained.")
+        value = _config_size(folder / CONFIG_FILE, cfg, key, FIELD_LIMITS.get(field, MAX_WIDTH))
         if value is not None:
-            fields[field] = int(value)
+            fields[field] = value
+    for key, limit in SHAPE_KEYS.items():
+        _config_size(folder / CONFIG_FILE, cfg, key, limit)
     check_tensors(folder, arch.tensors(cfg))
     return PretrainedInfo(path, model_type, arch.kind, fields, cfg)
 
 
+def _config_size(path: Path, cfg: dict[str, Any], key: str, limit: int) -> int | None:
+    """Config ``key`` as a whole number in 1..``limit`` (the spec's limit of the field it fills: a config is input
+    like a spec), None when absent; a PretrainedError naming the file and key otherwise."""
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+        raise PretrainedError(f"{path}: {key} ({value!r}) is not a whole number in 1..{limit} (the limit that keeps "
+                              "planning bounded, docs/job-spec.md \"Limits\"). Fix config.json, or re-save the model "
+                              "with save_pretrained.")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deep JSON ``value`` nests (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level + 1)
+            stack += [(v, level + 1) for v in (item.values() if isinstance(item, dict) else item)]
+    return deepest
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A pretrained folder's JSON file as a mapping: bounded (size, nesting), UTF-8; one PretrainedError naming the
+    file otherwise."""
     if not path.is_file():
         raise PretrainedError(f"{path}: missing ({what}). A pretrained folder holds the files save_pretrained writes.")
+    fix = "Re-save the model with save_pretrained."
+    too_deep = PretrainedError(f"{path}: nests deeper than {MAX_JSON_DEPTH} levels; {what} nests a few. {fix}")
     try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PretrainedError(f"{path}: not valid JSON ({exc}). Re-save the model with save_pretrained.") from None
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise PretrainedError(f"{path}: {size} bytes is too large for {what} (at most {MAX_JSON_BYTES}). {fix}")
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise PretrainedError(f"{path}: cannot be read ({exc.strerror}). Check its permissions.") from None
+    except UnicodeDecodeError as exc:
+        raise PretrainedError(f"{path}: not a UTF-8 text file (byte {exc.start}). {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise PretrainedError(f"{path}: not valid JSON ({exc}). {fix}") from None
+    except RecursionError:  # json recurses per level: nested too deep for the parser
+        raise too_deep from None
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise too_deep
     if not isinstance(data, dict):
-        raise PretrainedError(f"{path}: not a JSON object. Re-save the model with save_pretrained.")
+        raise PretrainedError(f"{path}: not a JSON object. {fix}")
     return data
 
 

@@ -1,0 +1,83 @@
+"""planner.pretrained reads a pretrained folder's config.json as input: bounded (size, nesting), each size a whole
+number within the spec's limits, named `DIR/config.json: <key>` in one SpecError line, never a traceback or a hang."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from planner.errors import SpecError
+from planner.spec import MAX_LAYERS_PER_COMPONENT, parse_job
+
+LLAMA = Path(__file__).resolve().parents[3] / "examples" / "models" / "llama"
+
+
+def job(pretrained: str | Path) -> dict:
+    return {"name": "pre", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+            "components": {"lm": {"pretrained": str(pretrained), "seq_len": 8}},
+            "tasks": [{"name": "chat", "batch_size": 2, "loss": "lm", "components": [{"component": "lm"}]}]}
+
+
+def llama_with(tmp_path: Path, config_text: str | None = None, **changes) -> Path:
+    folder = tmp_path / "llama"
+    shutil.copytree(LLAMA, folder)
+    config = json.loads((LLAMA / "config.json").read_text()) | changes
+    (folder / "config.json").write_text(config_text if config_text is not None else json.dumps(config))
+    return folder
+
+
+def refusal(data: dict) -> str:
+    start = time.perf_counter()
+    with pytest.raises(SpecError) as info:
+        parse_job(data)
+    assert time.perf_counter() - start < 10  # nothing iterates over a size before it is checked
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_the_example_folder_is_valid() -> None:
+    assert parse_job(job(LLAMA)).components["lm"].num_layers == 3
+
+
+@pytest.mark.parametrize("key, value", [
+    ("num_hidden_layers", "3"), ("num_hidden_layers", -1), ("num_hidden_layers", 0), ("num_hidden_layers", 3.0),
+    ("num_hidden_layers", True), ("num_hidden_layers", 10**9), ("hidden_size", float("nan")),
+    ("hidden_size", float("inf")), ("vocab_size", 10**12), ("num_key_value_heads", 0), ("head_dim", "16"),
+    ("max_position_embeddings", -5),
+])
+def test_a_bad_config_size_names_the_file_and_key(tmp_path: Path, key: str, value) -> None:
+    folder = llama_with(tmp_path, **{key: value})
+    message = refusal(job(folder))
+    assert f"{folder.resolve() / 'config.json'}: {key} ({value!r}) is not a whole number in 1.." in message, message
+    assert "components.lm.num_layers" not in message  # a field the user never wrote
+
+
+def test_config_layers_meet_the_spec_limit(tmp_path: Path) -> None:
+    message = refusal(job(llama_with(tmp_path, num_hidden_layers=MAX_LAYERS_PER_COMPONENT + 1)))
+    assert f"in 1..{MAX_LAYERS_PER_COMPONENT}" in message
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000,
+                                  '{"model_type": "llama", "x": ' + "[" * 50 + "]" * 50 + "}"])
+def test_a_deeply_nested_config_is_one_line(tmp_path: Path, text: str) -> None:
+    folder = llama_with(tmp_path, config_text=text)
+    assert f"{folder.resolve() / 'config.json'}: nests deeper than 32 levels" in refusal(job(folder))
+
+
+@pytest.mark.parametrize("raw, expected", [(b"\xff\xfe{}", "not a UTF-8 text file"), (b"{", "not valid JSON"),
+                                           (b"[1]", "not a JSON object")])
+def test_an_unreadable_config_is_one_line(tmp_path: Path, raw: bytes, expected: str) -> None:
+    folder = llama_with(tmp_path)
+    (folder / "config.json").write_bytes(raw)
+    assert f"{folder.resolve() / 'config.json'}: {expected}" in refusal(job(folder))
+
+
+def test_a_file_is_not_a_pretrained_folder(tmp_path: Path) -> None:
+    file = tmp_path / "passwd"
+    file.write_text("root:x:0:0\n")
+    assert f"{file.resolve()}: a file, not a folder" in refusal(job(file))
