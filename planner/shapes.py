@@ -254,12 +254,13 @@ def _check_value(job: JobSpec, dim: Dim, value: int, source: str) -> None:
 
 def _sample_points(batches: Sequence[BatchSample], index: dict[Dim, int], base: Point) -> dict[Point, float]:
     weights: dict[Point, float] = {}
+    top = max(batch.weight for batch in batches)  # relative to the largest: a sum of large finite weights stays finite
     for batch in batches:
         point = list(base)
         for task, shape in batch.tasks.items():
             for (dim, _), value in zip(_dims_of(task, shape, ""), _values_of(shape)):
                 point[index[dim]] = value
-        weights[tuple(point)] = weights.get(tuple(point), 0.0) + batch.weight
+        weights[tuple(point)] = weights.get(tuple(point), 0.0) + batch.weight / top
         if len(weights) > MAX_POINTS:
             raise SpecError(f"batches: more than {MAX_POINTS} distinct shapes; round the lengths (e.g. to multiples "
                             "of 64) so batches share shapes.")
@@ -278,8 +279,7 @@ def _product_points(dist: dict[str, TaskDistribution], index: dict[Dim, int], ba
         given = [shape.batch_size] if shape.batch_size is not None else []
         given += list(shape.seq_len.values()) + list(shape.image_size.values())
         for (dim, _), values in zip(_dims_of(task, shape, ""), given):
-            total = sum(values.values())
-            marginals.append((index[dim], {v: w / total for v, w in values.items()}))
+            marginals.append((index[dim], _normalised(values)))
     size = math.prod(len(m) for _, m in marginals)
     if size > MAX_POINTS:
         raise SpecError(f"{source}: distribution: {size} combinations of values is over the limit of {MAX_POINTS} "
@@ -295,9 +295,12 @@ def _product_points(dist: dict[str, TaskDistribution], index: dict[Dim, int], ba
     return _normalised(points)
 
 
-def _normalised(weights: dict[Point, float]) -> dict[Point, float]:
-    total = sum(weights.values())
-    return {point: w / total for point, w in sorted(weights.items())}
+def _normalised(weights: dict[Any, float]) -> dict[Any, float]:
+    """Finite positive weights as probabilities summing to 1, by key; scaled by the largest first, so weights near
+    the float maximum (1e308) do not sum to inf and tiny ones do not all round to 0."""
+    top = max(weights.values())
+    total = math.fsum(w / top for w in weights.values())
+    return {key: w / top / total for key, w in sorted(weights.items())}
 
 
 # --------------------------------------------------------------------------- jobs per shape

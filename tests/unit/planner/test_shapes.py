@@ -203,3 +203,13 @@ def test_expected_time_is_the_mean_over_a_drawn_sequence_of_steps():
         expected, switching = expected_time(priced, choice, run_length)
         assert switching == pytest.approx(0.25 * 3.0 / run_length)
         assert total / steps == pytest.approx(expected, rel=0.02)
+
+
+def test_weights_near_the_float_maximum_normalise(job):
+    """1e308 + 1e308 overflows to inf: weights are scaled by the largest before they are summed."""
+    shapes = parse_shapes({"distribution": {"caption": {"batch_size": {8: 1e308, 16: 1e308}}}}, job)
+    assert shapes.points == pytest.approx({(8,): 0.5, (16,): 0.5})
+    shapes = parse_shapes({"batches": [{"weight": 1e308, "tasks": {"caption": {"batch_size": 8}}},
+                                       {"weight": 1e308, "tasks": {"caption": {"batch_size": 8}}},
+                                       {"weight": 5e-324, "tasks": {"caption": {"batch_size": 16}}}]}, job)
+    assert shapes.points[(8,)] == pytest.approx(1.0) and math.isfinite(sum(shapes.points.values()))
