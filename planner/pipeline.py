@@ -21,6 +21,7 @@ registry). Every problem is one :class:`~planner.errors.SpecError` line naming `
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -460,7 +461,12 @@ def check_average(args: dict[str, Any], base: Path | None) -> None:
             raise ValueError(f"models[{i}] ({model!r}): no such folder. Point it at a from_pretrained folder.")
     weights = args.get("weights")
     if weights is not None and (not isinstance(weights, list) or len(weights) != len(models)
-                                or not all(isinstance(w, (int, float)) and w >= 0 for w in weights)
-                                or not sum(weights) > 0):
-        raise ValueError(f"weights ({weights!r}): expected {len(models)} numbers >= 0 (one per model), not all 0. "
-                         "Fix the value or leave it out (equal weights).")
+                                or not all(is_finite_number(w) and w >= 0 for w in weights)
+                                or not 0 < sum(weights) < math.inf):
+        raise ValueError(f"weights ({weights!r}): expected {len(models)} finite numbers >= 0 (one per model), not "
+                         "all 0. Fix the value or leave it out (equal weights).")
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether a step argument is a finite int or float (not a bool, not inf or NaN: a merge with one writes NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -148,15 +148,16 @@ STEP_ARGS = ("method", "component", "base", "models", "weights", "scale")
 def check_merge_args(args: dict, base: Path | None) -> None:
     """The ``merge`` step's args, torch-free (the orchestrator runs it before anything runs): a ValueError naming the
     argument. ``component``, ``models`` and ``weights`` as the built-in ``average`` checks them."""
-    from planner.pipeline import check_average, check_known_args, check_model_arg
+    from planner.pipeline import check_average, check_known_args, check_model_arg, is_finite_number
 
     check_known_args(args, STEP_ARGS, "merge")
     if args.get("method") not in METHODS:
         raise ValueError(f"method ({args.get('method')!r}): expected one of {', '.join(METHODS)}. Fix the value.")
     check_model_arg("base", args.get("base"), base, "the from_pretrained folder every model was fine-tuned from")
     scale = args.get("scale", 1.0)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise ValueError(f"scale ({scale!r}): expected a number (task_arithmetic's delta scale). Fix the value.")
+    if not is_finite_number(scale):
+        raise ValueError(f"scale ({scale!r}): expected a finite number (task_arithmetic's delta scale). Fix the "
+                         "value.")
     check_average({k: args[k] for k in ("component", "models", "weights") if k in args}, base)
 
 

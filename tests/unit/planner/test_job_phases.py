@@ -137,3 +137,15 @@ def test_artifact_paths():
     assert artifact_path("/o", parse_reference("@sft/checkpoint", "x"), checkpoint="ckpt/step_6").as_posix() == \
         "/o/sft/ckpt/step_6"
     assert artifact_path("/o", parse_reference("@g/dataset/a.jsonl", "x")).as_posix() == "/o/g/dataset/a.jsonl"
+
+
+@pytest.mark.parametrize("weights", [[float("inf"), 1], [float("nan"), 1], [1e308, 1e308], [True, 1], [0, 0],
+                                     [-1, 2], [1]])
+def test_average_weights_are_finite_non_negative_with_a_finite_positive_sum(weights):
+    """An inf weight makes every averaged tensor inf / inf = NaN: refused before anything runs."""
+    from planner.pipeline import check_average
+
+    args = {"component": "enc", "models": ["@a/model", "@b/model"], "weights": weights}
+    with pytest.raises(ValueError, match=r"^weights \(.*\): expected 2 finite numbers >= 0"):
+        check_average(args, None)
+    check_average(args | {"weights": [0, 1e300]}, None)

@@ -127,7 +127,9 @@ def test_the_merge_step_writes_the_phase_model_and_checks_its_args(tmp_path):
         torch.testing.assert_close(merged[name], expected[name])
     for bad, match in [({"method": "ties"}, r"phases\[2\]\.args\.method \('ties'\): expected one of linear"),
                        ({"base": "nowhere"}, r"args\.base \('nowhere'\): no such folder"),
-                       ({"scale": "big"}, r"args\.scale \('big'\): expected a number"),
+                       ({"scale": "big"}, r"args\.scale \('big'\): expected a finite number"),
+                       ({"scale": math.inf}, r"args\.scale \(inf\): expected a finite number"),
+                       ({"weights": [math.inf, 1]}, r"args\.weights \(\[inf, 1\]\): expected 2 finite numbers"),
                        ({"models": ["sft0"]}, r"args\.models .*2 or more"),
                        ({"extra": 1}, r"args\.extra: unknown argument of step 'merge'")]:
         with pytest.raises(SpecError, match=match):
