@@ -10,8 +10,8 @@ and orchestrator.recipes registers them when it imports the recipe (recipes neve
 DESIGN.md §3); the step API they use (StepContext, check_average) is torch-free planner.pipeline's; :func:`registered_steps` is what planner.pipeline checks step names and references against.
 A step may return its metrics (a mapping of name -> number; an evaluation step's scores): the orchestrator writes
 them to ``OUT/<phase>/metrics.json``, prints them in the summary and checks the phase's ``gate:`` against them (a
-value outside its bounds fails the run after the phase). A step that declares ``metrics`` (their names) has its
-phases' gates checked against them before anything runs.
+value outside its bounds fails the run after the phase). A step that declares ``metrics`` (their names; ``()``
+for a step that reports none) has its phases' gates checked against them before anything runs.
 A step declares the artifacts it writes: ``model`` is the folder ``OUT/<phase>/export/`` (one from_pretrained folder
 per component, as a trained phase exports), any other name ``OUT/<phase>/<name>``. Torch loads only when a step
 runs.
@@ -33,14 +33,15 @@ from planner.pipeline import MODEL, StepContext, check_average  # noqa: F401  (r
 class Step:
     """A registered step: the function (returning its metrics or None), the artifacts it writes, a torch-free
     check of its ``args`` (a ValueError naming the argument; run by ``loom validate``/``plan``/``run`` before
-    anything runs) and the names of the metrics it reports (empty: not declared, gates are checked when it runs)."""
+    anything runs) and the names of the metrics it reports (``()``: none; None: not declared, gates are checked when
+    it runs)."""
 
     name: str
     run: Callable[[StepContext], Mapping[str, float] | None]
     writes: tuple[str, ...]
     check: Callable[[dict[str, Any], Path | None], None] | None = None
     doc: str = field(default="", compare=False)
-    metrics: tuple[str, ...] = ()
+    metrics: tuple[str, ...] | None = None
 
 
 STEPS: dict[str, Step] = {}
@@ -48,10 +49,10 @@ STEPS: dict[str, Step] = {}
 
 def register_step(name: str, run: Callable[[StepContext], Mapping[str, float] | None],
                   writes: tuple[str, ...] = (MODEL,), check: Callable[[dict[str, Any], Path | None], None] | None = None,
-                  doc: str = "", metrics: tuple[str, ...] = ()) -> None:
+                  doc: str = "", metrics: tuple[str, ...] | None = None) -> None:
     """Register step ``name`` (a recipe does it on import); registering the same name again replaces it. ``writes``
     may be empty for a step that only reports ``metrics``."""
-    STEPS[name] = Step(name, run, tuple(writes), check, doc, tuple(metrics))
+    STEPS[name] = Step(name, run, tuple(writes), check, doc, None if metrics is None else tuple(metrics))
 
 
 def registered_steps() -> dict[str, tuple[str, ...]]:
@@ -70,12 +71,13 @@ def check_step_args(step: str, args: dict[str, Any], where: str, base: Path | No
 
 
 def check_gate(step: str, gate: Mapping[str, Any], where: str) -> None:
-    """Every gated metric is one the step declares it reports (nothing to check for a step that declares none)."""
+    """Every gated metric is one the step declares it reports (nothing to check for a step that does not declare
+    its metrics: its gate is checked when it runs)."""
     declared = STEPS[step].metrics
     for metric in gate:
-        if declared and metric not in declared:
-            raise SpecError(f"{where}.{metric}: step '{step}' reports no metric '{metric}'; "
-                            f"{did_you_mean(metric, declared)}")
+        if declared is not None and metric not in declared:
+            known = did_you_mean(metric, declared) if declared else "it reports no metrics, so it cannot be gated"
+            raise SpecError(f"{where}.{metric}: step '{step}' reports no metric '{metric}'; {known}")
 
 
 def step_metrics(step: str, returned: Any, where: str) -> dict[str, float]:
@@ -125,5 +127,5 @@ def average(ctx: StepContext) -> None:
               str(target / weights_file(folders[0])), metadata={"format": "pt"})
 
 
-register_step("average", average, writes=(MODEL,), check=check_average,
+register_step("average", average, writes=(MODEL,), check=check_average, metrics=(),
               doc="weighted average of model folders (args: component, models, weights)")

@@ -221,3 +221,11 @@ def test_a_gated_evaluation_step_reports_metrics_and_stops_the_run_below_its_bou
             read_pipeline(write(tmp_path / "bad.yaml", doc))
     finally:
         STEPS.pop("score-test")
+
+
+def test_a_gate_on_a_step_that_reports_no_metrics_is_refused_before_anything_runs(models, tmp_path):
+    doc = phased_job(models)
+    doc["phases"][1]["gate"] = {"x": 1}  # the built-in average declares that it reports none
+    with pytest.raises(SpecError, match=r"phases\[1\].gate.x: step 'average' reports no metric 'x'; it reports no "
+                                        "metrics, so it cannot be gated"):
+        read_pipeline(write(tmp_path / "gated.yaml", doc))
