@@ -181,6 +181,10 @@ def parse_reference(value: Any, where: str) -> Reference | None:
     if match is None:
         raise SpecError(f"{where} ({value!r}) is not a reference; expected '@<phase>/<artifact>[/<path>]', e.g. "
                         "'@sft/model'. Fix the value.")
+    inner = match.group(3)
+    if inner is not None and (Path(inner).is_absolute() or ".." in Path(inner).parts):
+        raise SpecError(f"{where} ({value!r}) leads out of the artifact: its path may not be absolute or contain "
+                        "'..'. Name a file or folder inside '@<phase>/<artifact>'.")
     return Reference(*match.groups(), where=where)
 
 

@@ -91,6 +91,8 @@ def test_a_job_without_phases_is_not_a_pipeline_and_a_phased_one_is_not_a_job():
     ({"name": "b", "tasks": [TASK], "colour": 1}, "phases[2].colour: unknown key"),
     ({"name": "b", "tasks": [TASK], "args": {"x": 1}}, "phase 'b' trains tasks but has `args`"),
     ({"name": "b", "step": "rank", "args": {"x": "@a"}}, "phases[2].args.x ('@a') is not a reference"),
+    ({"name": "b", "step": "rank", "args": {"x": "@a/model/../../../../etc"}},
+     "phases[2].args.x ('@a/model/../../../../etc') leads out of the artifact"),
 ])
 def test_bad_phases_are_one_line_naming_the_phase(phase, expected):
     doc = doc_with(p2=phase)
