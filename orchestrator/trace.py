@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from planner.jsonfile import JsonKind, read_json
 from planner.plan import Plan, PlanSlice
 
 TRACE_FILE = "trace.json"
@@ -50,6 +51,9 @@ PARTS = {
     "gather": ("sync", "parameter all-gather"),
 }
 US = 1e6  # trace units per second
+MAX_TRACE_BYTES = 256 * 2**20  # TRACE_STEPS steps of a thousand ranks at ~100 spans each: ~100 MiB
+TRACE_JSON = JsonKind("trace file", "not a Chrome trace", 'a JSON object with a "traceEvents" list, as `loom run` '
+                      "writes", "Re-run the job with this --out", MAX_TRACE_BYTES)
 
 
 @dataclass(frozen=True)
@@ -248,11 +252,9 @@ def write_trace(path: str | Path, trace: dict) -> None:
 
 
 def load_trace(path: str | Path, ranks: int | None = None) -> dict:
-    """A trace file written by :func:`write_trace`, checked (:func:`check_trace`); TraceError when it is not one."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise TraceError(f"cannot read it as JSON ({exc})") from None
+    """A trace file written by :func:`write_trace`, checked (:func:`check_trace`): a SpecError naming the file when it
+    cannot be read as JSON (planner.jsonfile), TraceError when its JSON is not a trace."""
+    data = read_json(path, TRACE_JSON)
     check_trace(data, ranks)
     return data
 

@@ -17,12 +17,12 @@ batches.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from planner.errors import SpecError, did_you_mean
+from planner.jsonfile import JsonKind, read_json
 
 COST_FILE_VERSION = 1  # runtime.profiler.PROFILE_VERSION writes it (a test checks they agree)
 MONOTONE_TOLERANCE = 0.5  # a time may fall this fraction below one at a smaller x (noise) ...
@@ -43,6 +43,8 @@ KEYS = ("version", "device", "points", "embed", "head", "data", "optimizer_s_per
 LINK_KINDS = ("p2p", "allreduce", "allgather")
 FIX = "Re-run `loom profile JOB.yaml --output COSTS.json`"
 SHAPE = "not a profiled cost file"  # the start of every message about the file's structure (not its numbers)
+COST_FILE = JsonKind("cost file", SHAPE, "the JSON `loom profile` writes: a 'points' mapping of [[local_batch, "
+                     "seconds], ...] lists", FIX, MAX_COST_FILE_BYTES)
 
 Points = list[tuple[float, float]]
 
@@ -63,27 +65,7 @@ class CostFile:
 
 def read_cost_file(path: str | Path) -> CostFile:
     """The cost file at ``path``, checked (module docstring); a SpecError naming the file and entry otherwise."""
-    path = Path(path)
-    try:
-        if path.stat().st_size > MAX_COST_FILE_BYTES:
-            raise SpecError(f"{path}: {SHAPE}: {path.stat().st_size} bytes, more than {MAX_COST_FILE_BYTES}; expected "
-                            f"the JSON `loom profile` writes. {FIX}.")
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such cost file. Run `loom profile` to make one.") from None
-    except IsADirectoryError:
-        raise SpecError(f"{path}: is a directory, not a cost file. Give the file `loom profile` wrote.") from None
-    except UnicodeDecodeError:
-        raise SpecError(f"{path}: {SHAPE} (not UTF-8 text); expected the JSON `loom profile` writes. {FIX}.") from None
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read the cost file ({exc.strerror or exc}). Check the path.") from None
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else "not JSON"
-        raise SpecError(f"{path}: {SHAPE} ({reason}); expected JSON with a 'points' mapping of [[local_batch, "
-                        f"seconds], ...] lists. {FIX}.") from None
-    return check_cost_data(data, str(path))
+    return check_cost_data(read_json(path, COST_FILE), str(path))
 
 
 def check_cost_data(data: object, source: str = "costs") -> CostFile:

@@ -16,11 +16,15 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from planner.errors import SpecError
+from planner.jsonfile import JsonKind, parse_json, read_json
 
 PLAN_VERSION = 10  # 2: predicted.gather_s; 3: pieces (the program every worker executes); 4: bounds.iteration_s;
 # 5: phases; 6: use modes (metaops[].mode) and weight hand-offs (handoffs, predicted.handoff_s); 7: predicted.reduce_s;
 # 8: grad_buckets[].shards (ZeRO-1's optimizer shards); 9: slices[].rows (uneven row shares, planner.rows);
 # 10: handoff_gathers (the TP all-gathers before a hand-off, priced in predicted.handoff_s)
+MAX_PLAN_BYTES = 256 * 2**20  # quickstart-cpu's plan is 20 KiB; one of thousands of devices tens of MiB
+PLAN_FILE = JsonKind("plan file", "not a Loom plan", "the JSON `loom plan --save` writes",
+                     "Re-run `loom plan JOB.yaml --save PLAN.json`", MAX_PLAN_BYTES)
 
 
 class _PlanModel(BaseModel):
@@ -31,8 +35,7 @@ class Sealed:
     """A content-hashed JSON document (a Plan, a plan set): its ``hash`` field holds the hash of everything else."""
 
     def content_hash(self) -> str:
-        body = self.model_dump(mode="json", exclude={"hash"})
-        return hashlib.sha256(_canonical(body).encode()).hexdigest()[:16]
+        return _digest(self.model_dump(mode="json", exclude={"hash"}))
 
     def sealed(self):
         """This document with its content hash filled in."""
@@ -320,14 +323,20 @@ def _canonical(obj: object, indent: int | None = None) -> str:
     return json.dumps(obj, sort_keys=True, indent=indent, separators=(",", ": ") if indent else (",", ":"))
 
 
+def _digest(body: dict) -> str:
+    """The content hash of a sealed document's JSON ``body`` (everything but its ``hash``)."""
+    return hashlib.sha256(_canonical(body).encode()).hexdigest()[:16]
+
+
 def plan_from_json(text: str, source: str = "plan") -> Plan:
-    """Parse and verify a Plan: a SpecError naming ``source`` for text that is not a sealed plan of this version (the
+    """Parse and verify a Plan (:func:`plan_from_data`); a SpecError naming ``source`` for text that is not JSON."""
+    return plan_from_data(parse_json(text, source, PLAN_FILE), source)
+
+
+def plan_from_data(data: object, source: str = "plan") -> Plan:
+    """Verify parsed plan JSON: a SpecError naming ``source`` for data that is not a sealed plan of this version (the
     hash does not match the content) or one that makes no sense (:func:`planner.validate.check_plan`: layers missing,
     devices outside the cluster, ...)."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        raise SpecError(f"{source}: not JSON. Pass a file written by `loom plan --output json`.") from None
     if isinstance(data, dict) and "buckets" in data and "plans" in data:  # planner.plan_cache.PlanSet
         raise SpecError(f"{source}: a plan set (from `loom plan --shapes`), not a plan; a run takes one plan. "
                         "Save one with `loom plan` without --shapes.")
@@ -346,7 +355,5 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
 
 
 def load_plan(path: str | Path) -> Plan:
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such plan file. Check the path.")
-    return plan_from_json(path.read_text(), str(path))
+    """The plan file at ``path``, verified (:func:`plan_from_data`); a SpecError naming the file otherwise."""
+    return plan_from_data(read_json(path, PLAN_FILE), str(path))

@@ -12,6 +12,7 @@ from orchestrator.trace import (
     CATEGORIES, MEASURED_PID, PREDICTED_PID, TRACE_STEPS, RecordedStep, TraceError, TraceRecorder, check_trace,
     load_trace, measured_trace, predicted_trace, transfer_ranks, write_run_traces, write_trace,
 )
+from planner.errors import SpecError
 from planner.plan import Plan, PlanPiece, PlanTransfer, SyncGroup
 from runtime.steps import SPAN_PARTS
 
@@ -219,7 +220,7 @@ def test_check_trace_names_what_is_wrong(make_plan, mutate, message: str) -> Non
 def test_load_trace_rejects_what_is_not_json(tmp_path: Path) -> None:
     path = tmp_path / "trace.json"
     path.write_text("{not json")
-    with pytest.raises(TraceError, match="JSON"):
+    with pytest.raises(SpecError, match="not a Chrome trace \\(not JSON\\)"):
         load_trace(path)
     write_trace(path, {"traceEvents": [], "displayTimeUnit": "ms"})
     assert load_trace(path) == {"traceEvents": [], "displayTimeUnit": "ms"}

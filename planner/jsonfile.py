@@ -1,0 +1,53 @@
+"""Reading a JSON file a user hands Loom (a plan, a cost file, a trace): every way the file can fail to be JSON -- missing,
+a directory, unreadable, larger than its kind ever is, not UTF-8, not JSON, nested deeper than the parser recurses --
+is one SpecError line naming the file, what it should hold and the command that writes one. What the JSON must
+contain is each reader's own check (planner.plan, planner.costfile, orchestrator.trace).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from planner.errors import SpecError
+
+
+@dataclass(frozen=True)
+class JsonKind:
+    """One kind of JSON file Loom reads, for its messages and its size limit."""
+
+    name: str  # "cost file": "no such cost file"
+    shape: str  # "not a profiled cost file": the start of every message about the file's structure
+    expected: str  # what the file should hold: "expected <expected>"
+    fix: str  # the command that writes one, as a sentence without its full stop
+    max_bytes: int  # no file of this kind is larger; a larger one would only exhaust memory
+
+
+def read_json(path: str | Path, kind: JsonKind) -> object:
+    """The parsed JSON of the file at ``path``; a SpecError naming the file otherwise (module docstring)."""
+    path = Path(path)
+    try:
+        if path.is_file() and path.stat().st_size > kind.max_bytes:
+            raise SpecError(f"{path}: {kind.shape}: {path.stat().st_size} bytes, more than {kind.max_bytes}; "
+                            f"expected {kind.expected}. {kind.fix}.")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such {kind.name}. Check the path; {kind.fix[0].lower()}{kind.fix[1:]} to make "
+                        "one.") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory, not a {kind.name}. Give the file itself.") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: {kind.shape} (not UTF-8 text); expected {kind.expected}. {kind.fix}.") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the {kind.name} ({exc.strerror or exc}). Check the path.") from None
+    return parse_json(text, str(path), kind)
+
+
+def parse_json(text: str, source: str, kind: JsonKind) -> object:
+    """``json.loads(text)``; a SpecError naming ``source`` for text that is not JSON or is nested too deeply."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else "not JSON"
+        raise SpecError(f"{source}: {kind.shape} ({reason}); expected {kind.expected}. {kind.fix}.") from None
