@@ -336,7 +336,11 @@ def plan_from_json(text: str, source: str = "plan") -> Plan:
 def plan_from_data(data: object, source: str = "plan") -> Plan:
     """Verify parsed plan JSON: a SpecError naming ``source`` for data that is not a sealed plan of this version (the
     hash does not match the content) or one that makes no sense (:func:`planner.validate.check_plan`: layers missing,
-    devices outside the cluster, ...)."""
+    devices outside the cluster, ...).
+
+    The hash is checked over what the file holds, not over the model's dump: a plan written before a field with a
+    default was added (``shard_optimizer``, PLAN_VERSION 10) lacks its key and was hashed without it; it reads as the
+    default, which for such a field means what the plan did then (None: the job's own setting)."""
     if isinstance(data, dict) and "buckets" in data and "plans" in data:  # planner.plan_cache.PlanSet
         raise SpecError(f"{source}: a plan set (from `loom plan --shapes`), not a plan; a run takes one plan. "
                         "Save one with `loom plan` without --shapes.")
@@ -346,7 +350,7 @@ def plan_from_data(data: object, source: str = "plan") -> Plan:
     plan = validated(Plan, data, source, "loom plan")
     if not plan.hash:
         raise SpecError(f"{source}: the plan has no content hash; it was not written by `loom plan`. Re-run `loom plan`.")
-    if plan.hash != plan.content_hash():
+    if plan.hash != _digest({key: value for key, value in data.items() if key != "hash"}):
         raise SpecError(f"{source}: content hash {plan.hash} does not match the content; the file was edited. Re-run `loom plan`.")
     from planner.validate import check_plan  # planner.validate imports planner.program, which imports this module
 

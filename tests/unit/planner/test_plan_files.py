@@ -1,16 +1,19 @@
 """Plan files as a user hands them to Loom (`loom run --plan`, `loom submit --plan`, a resumed run's or `loom gantt`'s
-OUT/plan.json): bytes that are no plan are one SpecError naming the file (planner.jsonfile)."""
+OUT/plan.json): bytes that are no plan are one SpecError naming the file (planner.jsonfile), and a plan written
+before a field with a default was added still matches its content hash, read as what it was planned with."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 
 import pytest
 
 import planner.plan
 from planner.api import plan_job
 from planner.errors import SpecError
-from planner.plan import load_plan
+from planner.plan import load_plan, plan_from_json, zero_sharded
 from planner.spec import parse_job
 
 
@@ -53,3 +56,40 @@ def test_a_plan_file_larger_than_any_plan_is_refused_unread(tmp_path, plan_text,
     assert f"{len(plan_text.encode())} bytes, more than 100" in refusal(path)
     assert "no such plan file" in refusal(tmp_path / "absent.json")
     assert "is a directory" in refusal(tmp_path)
+
+
+def older_plan(plan_text: str) -> dict:
+    """The plan as a Loom before Plan.shard_optimizer wrote it: no such key, and the hash of what it did write."""
+    data = json.loads(plan_text)
+    del data["shard_optimizer"]
+    body = {key: value for key, value in data.items() if key != "hash"}
+    data["hash"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    return data
+
+
+def test_a_plan_written_before_shard_optimizer_loads_as_planned(tmp_path, plan_text) -> None:
+    """Plan.shard_optimizer came without a PLAN_VERSION bump; an older plan's hash covers the keys it has. It used to be
+    refused as edited (the hash was recomputed over the model's dump, which adds the new key), which blocked resuming
+    older runs. Missing, it reads as None: the job's own setting, which is what the plan was made with."""
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(older_plan(plan_text), indent=1))
+    plan = load_plan(path)
+    assert plan.shard_optimizer is None
+    for setting, sharded in ((True, True), ("auto", True), (False, False)):
+        assert zero_sharded(plan, parse_job(tiny_job(shard_optimizer=setting)).training) is sharded
+
+
+def test_a_really_edited_plan_is_still_refused(plan_text) -> None:
+    """Dropping the key but keeping the hash the file was sealed with, or adding it to an older plan, is an edit."""
+    data = json.loads(plan_text)
+    del data["shard_optimizer"]
+    with pytest.raises(SpecError, match="does not match the content; the file was edited"):
+        plan_from_json(json.dumps(data))
+    data = older_plan(plan_text)
+    data["shard_optimizer"] = False
+    with pytest.raises(SpecError, match="does not match the content; the file was edited"):
+        plan_from_json(json.dumps(data))
+    data = older_plan(plan_text)
+    data["predicted"]["iteration_time_s"] *= 0.5
+    with pytest.raises(SpecError, match="does not match the content; the file was edited"):
+        plan_from_json(json.dumps(data))
