@@ -235,6 +235,9 @@ def read_jsonl(path: Path, where: str | None = None):
         except json.JSONDecodeError as exc:
             raise DataError(f"{at}line {number} is not valid JSON ({exc.msg} at column {exc.colno}); each line must "
                             "be one JSON object. Fix or remove the line.") from None
+        except RecursionError:  # the parser recurses once per bracket
+            raise DataError(f"{at}line {number} is nested too deeply to read as JSON; each line must be one JSON "
+                            "object. Fix or remove the line.") from None
         if not isinstance(row, dict):
             raise DataError(f"{at}line {number} is a JSON {type(row).__name__}, not an object; each line must be one "
                             "JSON object.")
