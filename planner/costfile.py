@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from planner.devices import DEVICES
 from planner.errors import SpecError, did_you_mean
 from planner.jsonfile import JsonKind, read_json
 
@@ -61,11 +62,18 @@ class CostFile:
     optimizer: tuple[float, float, float] | None = None  # (step_s, s_per_param, s_per_tensor): the fitted step
     modules: dict[str, tuple[float, float]] | None = None  # module name -> (parameters, tensors) as the runtime builds
     data: dict[str, Points] | None = None  # task -> drawing its rows of the batch (absent in files before it)
+    device: str = ""  # the device kind it was profiled on (planner.devices.DEVICES); "" when the file names none
 
 
-def read_cost_file(path: str | Path) -> CostFile:
-    """The cost file at ``path``, checked (module docstring); a SpecError naming the file and entry otherwise."""
-    return check_cost_data(read_json(path, COST_FILE), str(path))
+def read_cost_file(path: str | Path, device: str | None = None) -> CostFile:
+    """The cost file at ``path``, checked (module docstring); a SpecError naming the file and entry otherwise. With
+    ``device`` (the job's cluster.device), a file profiled on another device kind is refused: its times are not the
+    job's devices' (a file that names no device is taken as it is)."""
+    costs = check_cost_data(read_json(path, COST_FILE), str(path))
+    if device is not None and costs.device and costs.device != device:
+        _fail(str(path), "device", costs.device, f"is not the job's cluster.device ('{device}'); its times are another "
+              "device kind's", f"expected a file profiled on {device}")
+    return costs
 
 
 def check_cost_data(data: object, source: str = "costs") -> CostFile:
@@ -80,8 +88,11 @@ def check_cost_data(data: object, source: str = "costs") -> CostFile:
     version = data.get("version", COST_FILE_VERSION)
     if type(version) is not int or version != COST_FILE_VERSION:
         _shape(source, "version", version, "is not a supported version", f"expected {COST_FILE_VERSION}")
-    if not isinstance(data.get("device", ""), str):
-        _shape(source, "device", data["device"], "is not a device name", "expected a string such as 'cpu'")
+    device = data.get("device", "")
+    if not isinstance(device, str):
+        _shape(source, "device", device, "is not a device name", "expected a string such as 'cpu'")
+    if device and device not in DEVICES:
+        _fail(source, "device", device, "is not a known device kind", did_you_mean(device, DEVICES))
     if "points" not in data:
         _shape(source, "points", "missing", "is required", "expected a mapping of profile key -> [[local_batch, "
                "seconds], ...]")
@@ -102,6 +113,7 @@ def check_cost_data(data: object, source: str = "costs") -> CostFile:
         optimizer=_optimizer(source, data.get("optimizer")),
         modules=_modules(source, data.get("modules", {})),
         data=_curves(source, "data", data.get("data", {}), batch=True),
+        device=device,
     )
 
 
