@@ -446,7 +446,7 @@ class ProfiledCostModel(CostModel):
              optimizer: str = "adamw") -> ProfiledCostModel:
         """The cost model of the cost file at ``path``, checked first (planner.costfile: NaN, zero batches,
         duplicate or non-monotone points, wrong types and unknown keys are a one-line SpecError naming the entry)."""
-        costs = read_cost_file(path)
+        costs = read_cost_file(path, hardware.device.name)
         measured = MeasuredCosts(costs.embed, costs.head, costs.optimizer_s_per_param,
                                  *(costs.links.get(kind, []) for kind in ("p2p", "allreduce", "allgather")),
                                  optimizer=costs.optimizer, modules=costs.modules or {}, data=costs.data or {})

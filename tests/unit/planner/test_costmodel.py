@@ -325,10 +325,16 @@ def test_profile_key_names_workload_backward_and_tp():
     assert profile_key(make_op(key="x"), Layout(1, 1)) == "x|bwd=2|tp=1"
 
 
-def write_costs(tmp_path, points: dict) -> str:
+def write_costs(tmp_path, points: dict, device: str | None = None) -> str:
+    """A cost file of ``points`` profiled on ``device`` (default: the device of :func:`hardware`)."""
     path = tmp_path / "costs.json"
-    path.write_text(json.dumps({"version": 1, "device": "cpu", "points": points}))
+    path.write_text(json.dumps({"version": 1, "device": device or hardware().device.name, "points": points}))
     return str(path)
+
+
+def test_a_cost_file_of_another_device_kind_is_refused(tmp_path):
+    with pytest.raises(SpecError, match=r"device \('cpu'\) is not the job's cluster.device \('a800'\)"):
+        ProfiledCostModel.load(write_costs(tmp_path, {}, device="cpu"), hardware())
 
 
 def test_profiled_curve_uses_points_per_key(tmp_path):
