@@ -4,6 +4,7 @@ plan and the workers' spans, no Ray): the chart files, and one `error:` line wit
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.trace import PREDICTED_TRACE_FILE, TRACE_FILE, write_run_traces
+from orchestrator.trace import PREDICTED_TRACE_FILE, TRACE_FILE, load_trace, write_run_traces
 from orchestrator.timeline import recorded_steps, trace_blocks
+from planner.errors import SpecError
 
 from test_trace import recorded, with_transfers  # tests/unit/orchestrator/test_trace.py
 
@@ -115,3 +117,26 @@ def test_step_not_in_the_trace_is_one_error_line(run_out: Path) -> None:
 
 def test_bad_chart_suffix_is_one_error_line(run_out: Path) -> None:
     assert_one_error_line(CliRunner().invoke(app, ["gantt", str(run_out), "-o", "chart.pdf"]), "chart.pdf")
+
+
+BAD_BYTES = {"binary": bytes(range(128, 256)) * 3, "deeply nested": b"[" * 100_000 + b"]" * 100_000}
+REASONS = {"binary": "(not UTF-8 text)", "deeply nested": "(nested too deeply)"}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_BYTES))
+def test_load_trace_names_the_file(tmp_path: Path, bad: str) -> None:
+    path = tmp_path / TRACE_FILE
+    path.write_bytes(BAD_BYTES[bad])
+    with pytest.raises(SpecError, match=re.escape(f"not a Chrome trace {REASONS[bad]}")):
+        load_trace(path)
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_BYTES))
+@pytest.mark.parametrize("name, kind", [("plan.json", "not a Loom plan"), (TRACE_FILE, "not a Chrome trace")])
+def test_gantt_of_a_folder_with_a_broken_file_is_one_line(run_out: Path, name: str, kind: str, bad: str) -> None:
+    """plan.json or trace.json that is no JSON file (binary, nested deeper than the parser recurses): one line naming
+    the file (planner.jsonfile), never a traceback."""
+    (run_out / name).write_bytes(BAD_BYTES[bad])
+    result = CliRunner().invoke(app, ["gantt", str(run_out)])
+    assert assert_one_error_line(result).startswith(f"error: {run_out / name}: {kind} {REASONS[bad]}")
+    assert not (run_out / "gantt.png").exists()
