@@ -83,11 +83,17 @@ class JobState:
 
 
 def check_address(address: str) -> str:
-    """The Jobs API base URL ``http(s)://HOST[:PORT]`` without a trailing slash; SubmitError otherwise."""
+    """The Jobs API base URL ``http(s)://HOST[:PORT]`` without a trailing slash; SubmitError otherwise. No message
+    repeats a user name or password given before the host (they are refused: Loom authenticates with the cluster's
+    token, docs/submit.md)."""
     url = address.strip()
     if not url:
         raise SubmitError("--address is empty; give the Ray dashboard's HTTP address (the Jobs API), e.g. "
                           "'http://127.0.0.1:8265'.")
+    redacted = _CREDENTIALS.sub(r"\1***@", url)
+    if redacted != url:
+        raise SubmitError(f"--address ('{redacted}') carries a user name or password; Loom authenticates with the "
+                          "cluster's token file instead (docs/submit.md). Give http://HOST:PORT.")
     if "://" not in url:
         raise SubmitError(f"--address ('{address}') has no scheme; the Jobs API is the dashboard's HTTP "
                           f"address, e.g. 'http://{url.rstrip('/') or 'HOST'}' (port 8265 by default).")
@@ -105,6 +111,9 @@ def check_address(address: str) -> str:
         raise SubmitError(f"--address ('{address}') is not of the form http://HOST:PORT; "
                           f"give the dashboard's address, e.g. 'http://127.0.0.1:8265'.")
     return f"{parts.scheme}://{parts.netloc}"
+
+
+_CREDENTIALS = re.compile(r"^(\s*(?:[A-Za-z][\w+.-]*://)?)[^/@\s]*@")  # 'user:pw@' before the host
 
 
 def check_job_id(job_id: str) -> str:

@@ -449,3 +449,11 @@ def test_unwritable_out_is_refused_before_planning(runner: CliRunner, tmp_path: 
     Path("afile").write_text("")
     line = _assert_one_error_line_after_logs(runner.invoke(app, ["run", "job.yaml", "--out", out]), [f"--out ({out})"])
     assert ("afile is a file" in line) if out == "afile/sub" else ("cannot write" in line and "exist" not in line)
+
+
+@pytest.mark.parametrize("address", ["http://user:s3cret@127.0.0.1:8265", "user:s3cret@127.0.0.1:8265",
+                                     "https://s3cret@head:8265"])
+def test_an_address_with_credentials_is_refused_without_repeating_them(runner: CliRunner, address: str) -> None:
+    result = runner.invoke(app, ["status", "raysubmit_a1B2c3D4e5F6g7H8", "--address", address])
+    line = _assert_one_error_line(result, ["--address", "carries a user name or password", "***@"])
+    assert "s3cret" not in result.stderr + result.stdout, line
