@@ -35,7 +35,7 @@ class Sealed:
     """A content-hashed JSON document (a Plan, a plan set): its ``hash`` field holds the hash of everything else."""
 
     def content_hash(self) -> str:
-        return _digest(self.model_dump(mode="json", exclude={"hash"}))
+        return digest(self.model_dump(mode="json", exclude={"hash"}))
 
     def sealed(self):
         """This document with its content hash filled in."""
@@ -323,7 +323,7 @@ def _canonical(obj: object, indent: int | None = None) -> str:
     return json.dumps(obj, sort_keys=True, indent=indent, separators=(",", ": ") if indent else (",", ":"))
 
 
-def _digest(body: dict) -> str:
+def digest(body: dict) -> str:
     """The content hash of a sealed document's JSON ``body`` (everything but its ``hash``)."""
     return hashlib.sha256(_canonical(body).encode()).hexdigest()[:16]
 
@@ -350,7 +350,7 @@ def plan_from_data(data: object, source: str = "plan") -> Plan:
     plan = validated(Plan, data, source, "loom plan")
     if not plan.hash:
         raise SpecError(f"{source}: the plan has no content hash; it was not written by `loom plan`. Re-run `loom plan`.")
-    if plan.hash != _digest({key: value for key, value in data.items() if key != "hash"}):
+    if plan.hash != digest({key: value for key, value in data.items() if key != "hash"}):
         raise SpecError(f"{source}: content hash {plan.hash} does not match the content; the file was edited. Re-run `loom plan`.")
     from planner.validate import check_plan  # planner.validate imports planner.program, which imports this module
 

@@ -24,7 +24,6 @@ costs and the comparison with the static plans; versioned and content-hashed lik
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,13 +36,16 @@ from planner.api import plan_job, predict_plan, spec_hash
 from planner.costmodel import CostModel
 from planner.cache_choice import INF, Priced, choose_plans, draw_buckets, expected_time
 from planner.errors import PlanningError, SpecError
-from planner.plan import Plan, Sealed, validated, zero_sharded
+from planner.jsonfile import JsonKind, parse_json, read_json
+from planner.plan import Plan, Sealed, digest, validated, zero_sharded
 from planner.shapes import Point, ResolvedShapes, cluster_points, dim_name, job_at, mean_point, pick_bucket
 from planner.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
 PLAN_SET_VERSION = 1
+PLAN_SET_FILE = JsonKind("plan set file", "not a Loom plan set", "the JSON `loom plan --shapes FILE --save` writes",
+                         "Re-run `loom plan JOB.yaml --shapes SHAPES.yaml --save SET.json`", 1024 * 2**20)
 FIT_SLACK = 1 + 1e-9  # peak memory within the device's, up to rounding
 
 
@@ -305,23 +307,26 @@ def _plan_set(job: JobSpec, shapes: ResolvedShapes, found: Candidates, choice: l
 
 
 def plan_set_from_json(text: str, source: str = "plan set") -> PlanSet:
-    """Parse and verify a plan set: its hash, every plan's (planner.plan.plan_from_json), and that buckets,
-    shapes and plans agree. A SpecError naming ``source`` otherwise."""
-    from planner.plan import plan_from_json
+    """Parse and verify a plan set (:func:`plan_set_from_data`); a SpecError naming ``source`` for text that is not
+    JSON."""
+    return plan_set_from_data(parse_json(text, source, PLAN_SET_FILE), source)
 
-    try:
-        data = json.loads(text)
-    except ValueError:
-        raise SpecError(f"{source}: not JSON. Pass a file written by `loom plan --shapes FILE --save`.") from None
+
+def plan_set_from_data(data: object, source: str = "plan set") -> PlanSet:
+    """Verify a parsed plan set: its hash, every plan's (planner.plan.plan_from_data), and that buckets, shapes and
+    plans agree. A SpecError naming ``source`` otherwise."""
+    from planner.plan import plan_from_data
+
     if not isinstance(data, dict) or data.get("version") != PLAN_SET_VERSION:
         found = data.get("version") if isinstance(data, dict) else None
         raise SpecError(f"{source}: plan set version {found!r} is not supported; expected {PLAN_SET_VERSION}. "
                         "Re-run `loom plan --shapes`.")
+    held = digest({key: value for key, value in data.items() if key != "hash"})  # over what the file holds, as plans
     plans = data.get("plans")
     if isinstance(plans, list):  # each plan verified as a plan file is, naming its place in the set
-        data = {**data, "plans": [plan_from_json(json.dumps(p), f"{source}: plans[{i}]") for i, p in enumerate(plans)]}
+        data = {**data, "plans": [plan_from_data(p, f"{source}: plans[{i}]") for i, p in enumerate(plans)]}
     plan_set = validated(PlanSet, data, source, "loom plan --shapes")
-    if plan_set.hash != plan_set.content_hash():
+    if plan_set.hash != held:
         raise SpecError(f"{source}: content hash {plan_set.hash or '(none)'} does not match the content; the file was "
                         "edited or not written by `loom plan --shapes`. Re-run it.")
     _check_consistent(plan_set, source)
@@ -346,7 +351,6 @@ def _check_consistent(plan_set: PlanSet, source: str) -> None:
 
 
 def load_plan_set(path: str | Path) -> PlanSet:
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such plan set file. Check the path.")
-    return plan_set_from_json(path.read_text(), str(path))
+    """The plan set file at ``path``, verified (:func:`plan_set_from_data`); a SpecError naming the file otherwise
+    (planner.jsonfile: missing, not UTF-8, not JSON, nested too deeply, too large)."""
+    return plan_set_from_data(read_json(path, PLAN_SET_FILE), str(path))

@@ -89,7 +89,7 @@ def test_plan_set_round_trips_and_verifies(cache: PlanSet, tmp_path) -> None:
     assert again.to_json() == path.read_text()
 
 
-def test_an_edited_plan_set_is_refused(cache: PlanSet) -> None:
+def test_an_edited_plan_set_is_refused(cache: PlanSet, tmp_path) -> None:
     data = json.loads(cache.to_json())
     data["comparison"]["cache_s"] = 0.0
     with pytest.raises(SpecError, match="content hash .* does not match"):
@@ -107,6 +107,11 @@ def test_an_edited_plan_set_is_refused(cache: PlanSet) -> None:
         plan_set_from_json(json.dumps({**json.loads(cache.to_json()), "version": 99}), "set.json")
     with pytest.raises(SpecError, match="no such plan set file"):
         load_plan_set(Path("/nonexistent/set.json"))
+    for name, data in (("binary", bytes(range(128, 256))), ("deep", b"[" * 100_000 + b"]" * 100_000)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(SpecError, match=f"{tmp_path / name}: not a Loom plan set \\((not UTF-8 text|nested too "
+                                            "deeply)\\)"):
+            load_plan_set(tmp_path / name)
 
 
 @pytest.fixture(scope="module")
