@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from planner.data_spec import DataSpec
-from planner.errors import LoomError
+from planner.errors import LoomError, SpecError
+from planner.jsonfile import JsonKind, read_json
 from planner.spec import JobSpec
 
 NUM_LABEL_CLASSES = 10  # classes of a cross_entropy label: runtime.heads.NUM_CLASSES (a test checks they agree)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # one of them marks a tokenizer folder
+TOKENIZER_JSON = JsonKind("tokenizer file", "not a tokenizer file", "the JSON tokenizer.save_pretrained writes",
+                          "Save the tokenizer again with tokenizer.save_pretrained", 512 * 2**20)
 LABEL_LOSSES = ("cross_entropy", "mse")  # losses whose rows carry a label (an int class, a number)
 PREFERENCE_SCORES = ("score_chosen", "score_rejected")
 
@@ -158,6 +161,15 @@ def check_tokenizer_folder(folder: str, where: str) -> Path:
         raise DataError(f"{where} ({folder}): the folder holds no tokenizer ({' or '.join(TOKENIZER_FILES)}). Save "
                         "one there with tokenizer.save_pretrained, or set tasks[].data.tokenizer to a folder that has "
                         "one.")
+    for name in TOKENIZER_FILES:  # what transformers reads first: JSON objects (a binary file loaded only in a run)
+        if (path / name).is_file():
+            try:
+                data = read_json(path / name, TOKENIZER_JSON)
+            except SpecError as exc:
+                raise DataError(f"{where}: {exc}") from None
+            if not isinstance(data, dict):
+                raise DataError(f"{where}: {path / name}: not a tokenizer file (a JSON {type(data).__name__}, not an "
+                                f"object). {TOKENIZER_JSON.fix}.")
     return path
 
 

@@ -395,6 +395,12 @@ def test_missing_tokenizer_names_the_folder(tmp_path, tok_dir) -> None:
         lm_job({"format": "chat", "path": str(CHAT), "tokenizer": str(missing)}))
     missing.mkdir()
     assert "holds no tokenizer" in check(lm_job({"format": "chat", "path": str(CHAT), "tokenizer": str(missing)}))
+    (missing / "tokenizer.json").write_bytes(bytes(range(128, 256)))  # what `loom run` alone used to refuse
+    assert f"{missing / 'tokenizer.json'}: not a tokenizer file (not UTF-8 text)" in check(
+        lm_job({"format": "chat", "path": str(CHAT), "tokenizer": str(missing)}))
+    (missing / "tokenizer.json").write_text("[1, 2]")
+    assert "not a tokenizer file (a JSON list, not an object)" in check(
+        lm_job({"format": "chat", "path": str(CHAT), "tokenizer": str(missing)}))
     assert "has no pretrained folder" in check(lm_job({"format": "chat", "path": str(CHAT)}))
     with pytest.raises(DataError, match="components.lm .* has no pretrained folder"):  # loom validate's check too
         check_data_files(lm_job({"format": "chat", "path": str(CHAT)}))
