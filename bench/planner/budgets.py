@@ -74,7 +74,7 @@ def summary(records: list[dict]) -> dict:
 
 def render(records: list[dict], settings: list[str]) -> str:
     lines = ["# Planner budgets: grid planning time against plan quality", "",
-             __doc__.split("\n\n", 1)[1].strip(), "",
+             __doc__.split("\n\n", 1)[1].strip().replace("``", "`").replace(":data:", ""), "",
              "| setting | replaces | median CPU s | geomean vs Spindle | min vs Spindle |", "|---|---|---|---|---|"]
     for name in settings:
         s = summary([r for r in records if r["setting"] == name])
