@@ -1,7 +1,8 @@
-"""Reading a JSON file a user hands Loom (a plan, a cost file, a trace): every way the file can fail to be JSON -- missing,
-a directory, unreadable, larger than its kind ever is, not UTF-8, not JSON, nested deeper than the parser recurses --
-is one SpecError line naming the file, what it should hold and the command that writes one. What the JSON must
-contain is each reader's own check (planner.plan, planner.costfile, orchestrator.trace).
+"""Reading a JSON file a user hands Loom (a plan, a plan set, a cost file, a trace, a tokenizer file): every way the
+file can fail to be JSON -- missing, a directory, unreadable, larger than its kind ever is, not UTF-8, not JSON,
+nested deeper than the parser recurses -- is one SpecError line naming the file, what it should hold and the command
+that writes one. What the JSON must contain is each reader's own check (planner.plan, planner.plan_cache,
+planner.costfile, orchestrator.trace, runtime.source_files).
 """
 
 from __future__ import annotations

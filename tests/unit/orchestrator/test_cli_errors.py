@@ -432,7 +432,8 @@ def test_option_values_refused_before_any_work(runner: CliRunner, tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
 
 
-@pytest.mark.parametrize("out", ["afile/sub", "/proc/self", "/proc/self/x"], ids=["parent-is-a-file", "proc", "under-proc"])
+@pytest.mark.parametrize("out", ["afile/sub", "/proc/self", "/proc/self/x"],
+                         ids=["parent-is-a-file", "proc", "under-proc"])
 def test_unwritable_out_is_refused_before_planning(runner: CliRunner, tmp_path: Path, monkeypatch, out: str) -> None:
     """Before: planning and the Ray start ran first (about 17 s), and /proc/self was said not to exist."""
     import planner.api
