@@ -20,7 +20,6 @@ import enum
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -35,6 +34,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer.core import TyperGroup
 
 from orchestrator import pipeline_cli  # phased jobs (torch-free)
+from orchestrator.cli_paths import check_distinct_files, check_output_path
 from planner.errors import LoomError
 
 log = logging.getLogger(__name__)
@@ -106,17 +106,6 @@ ClusterOpt = Annotated[
 JobArg = Annotated[Path, typer.Argument(metavar="JOB.yaml", exists=True, dir_okay=False, help="Job spec (YAML).")]
 
 
-def check_output_path(path: Path | None) -> Path | None:
-    """An output file must not be a directory and its directory must exist (checked before planning)."""
-    if path is None:
-        return None
-    if path.is_dir():
-        raise typer.BadParameter(f"'{path}' is a directory; give a file name.")
-    if not path.parent.is_dir():
-        raise typer.BadParameter(f"directory '{path.parent}' does not exist; create it first.")
-    return path
-
-
 def _check_gantt_paths(paths: list[Path] | None) -> list[Path]:
     from orchestrator.gantt import GANTT_SUFFIXES
 
@@ -125,28 +114,6 @@ def _check_gantt_paths(paths: list[Path] | None) -> list[Path]:
             raise typer.BadParameter(f"'{path}' has an unsupported suffix; use {' or '.join(GANTT_SUFFIXES)}.")
         check_output_path(path)
     return paths or []
-
-
-def check_distinct_files(inputs: Sequence[tuple[str, Path | None]], outputs: Sequence[tuple[str, Path | None]]) -> None:
-    """A BadParameter, before any work, when an output file (``(option, path)``; None: not given) is one of the
-    command's inputs or another of its outputs: the same file once relative paths and symbolic links are resolved
-    (or a hard link of it). Writing it would destroy what the command reads, or what it wrote first."""
-    seen = [(name, path) for name, path in inputs if path is not None]
-    for name, path in outputs:
-        if path is None:
-            continue
-        for other, known in seen:
-            if _same_file(path, known):
-                raise typer.BadParameter(f"{name} ({path}) is the same file as {other} ({known}), which the command "
-                                         f"would overwrite. Give {name} another file name.")
-        seen.append((name, path))
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return a.resolve() == b.resolve()
 
 
 def _out_dir(value: str) -> Path:

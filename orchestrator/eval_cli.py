@@ -12,14 +12,10 @@ from typing import Annotated
 
 import typer
 
+from orchestrator.cli_paths import check_distinct_files, check_output_path
+
 JobArg = Annotated[Path, typer.Argument(metavar="JOB.yaml", exists=True, dir_okay=False, help="Job spec (YAML).")]
 MAX_SAMPLES = 65_536  # --samples per task: 256 times the default; more runs for hours on CPU
-
-
-def _check_output_path(path: Path | None) -> Path | None:
-    from orchestrator.cli import check_output_path  # local: cli imports this module
-
-    return check_output_path(path)
 
 
 def eval_command(
@@ -33,13 +29,11 @@ def eval_command(
     )] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, max=MAX_SAMPLES, help="Samples per task.")] = 256,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", metavar="EVAL.json", callback=_check_output_path,
+        "--output", "-o", metavar="EVAL.json", callback=check_output_path,
         help="Also write the report as JSON here (its folder must exist).",
     )] = None,
 ) -> None:
     """Evaluate a trained job on data it did not train on: per-task metrics next to trivial baselines."""
-    from orchestrator.cli import check_distinct_files  # local: cli imports this module
-
     check_distinct_files([("JOB.yaml", job_path), ("--model", model)], [("--output", output)])
     from orchestrator.recipes import load_job, load_recipe
     from runtime.evaluate import evaluate_job  # local: torch loads only here
