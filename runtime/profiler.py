@@ -51,7 +51,7 @@ from runtime.checks import feature_shape
 from runtime.assignment import input_order
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
-from runtime.host import configure_worker_process, worker_device
+from runtime.host import configure_worker_process, pin_worker, pinned, worker_device
 from runtime.modules import build_layer, layer_kwargs
 from runtime.profile_modes import mode_timer, output_shape, rollout_rows
 from runtime.profile_step import message_sizes, module_sizes, optimizer_points
@@ -143,8 +143,8 @@ def busy_neighbours(job: JobSpec, count: int):
         return
     ctx = mp.get_context("spawn")
     stop, ready = ctx.Event(), ctx.Barrier(count + 1)
-    procs = [ctx.Process(target=_keep_busy, args=(job.model_dump_json(), stop, ready), daemon=True)
-             for _ in range(count)]
+    procs = [ctx.Process(target=_keep_busy, args=(job.model_dump_json(), stop, ready, i + 1, count + 1), daemon=True)
+             for i in range(count)]
     for proc in procs:
         proc.start()
     try:
@@ -156,8 +156,9 @@ def busy_neighbours(job: JobSpec, count: int):
             proc.join()
 
 
-def _keep_busy(job_json: str, stop, ready) -> None:
+def _keep_busy(job_json: str, stop, ready, index: int, workers: int) -> None:
     configure_worker_process()
+    pin_worker(index, workers)  # as a run's workers (runtime.host)
     timers = [run for runs in layer_timers(JobSpec.model_validate_json(job_json), torch.device("cpu")).values()
               for run in runs.values()]
     ready.wait()
@@ -184,8 +185,8 @@ def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) 
     else:
         with tempfile.TemporaryDirectory() as tmp:
             barrier = mp.get_context("spawn").Barrier(processes)
-            mp.spawn(_measure_in_worker, args=(job.model_dump_json(), repeats, warmup, barrier, tmp), nprocs=processes,
-                     join=True)
+            mp.spawn(_measure_in_worker, args=(job.model_dump_json(), repeats, warmup, barrier, tmp, processes),
+                     nprocs=processes, join=True)
             pooled = [json.loads(path.read_text()) for path in sorted(Path(tmp).glob("*.json"))]
     return slowest_medians([p["points"] for p in pooled])
 
@@ -228,8 +229,10 @@ def _measure_worker_side(job: JobSpec, repeats: int, warmup: int, barrier=None,
     return {"points": sample_layers(job, repeats, warmup, barrier, device)}
 
 
-def _measure_in_worker(rank: int, job_json: str, repeats: int, warmup: int, barrier, out_dir: str) -> None:
+def _measure_in_worker(rank: int, job_json: str, repeats: int, warmup: int, barrier, out_dir: str,
+                       workers: int) -> None:
     configure_worker_process()
+    pin_worker(rank, workers)  # as a run's workers (runtime.host)
     result = _measure_worker_side(JobSpec.model_validate_json(job_json), repeats, warmup, barrier)
     (Path(out_dir) / f"{rank}.json").write_text(json.dumps(result))
 
@@ -249,7 +252,8 @@ def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2, links: bool 
         names = {profile_key(op, Layout(1, 1)): op.name for op in reversed(build_metagraph(job).metaops)}
         for key, pts in points.items():
             say(f"profiled {names[key]} ({processes} at once): " + ", ".join(f"b={b}: {t * 1e3:.2f} ms" for b, t in pts))
-        with busy_neighbours(job, processes - 1):  # beside the other workers' layers, as in a run
+        # beside the other workers' layers, as in a run, and pinned as its first worker would be
+        with busy_neighbours(job, processes - 1), pinned(0, processes):
             optimizer = time_optimizer(job, repeats, warmup)
             embed, head = time_embeddings(job, repeats, warmup, device), time_heads(job, repeats, warmup, device)
             data = time_data(job, repeats, warmup, device)
@@ -264,7 +268,7 @@ def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2, links: bool 
         out = {"version": PROFILE_VERSION, "device": job.cluster.device, "points": points, "embed": embed,
                "head": head, "data": data, "optimizer_s_per_param": rate, "optimizer": fit, "modules": sizes}
         if links and job.cluster.device.lower() == "cpu" and job.cluster.devices_per_node > 1:
-            out["links"] = profile_links(max(repeats, LINK_REPEATS), warmup, message_sizes(job, sizes))
+            out["links"] = profile_links(max(repeats, LINK_REPEATS), warmup, message_sizes(job, sizes), processes)
             say("profiled gloo links between two processes: " + "; ".join(
                 f"{kind} {b / 1024:.1f} KiB {t * 1e3:.2f} ms" for kind, pts in out["links"].items() for b, t in pts))
         return out
@@ -406,24 +410,27 @@ LINK_BYTES = (1 << 14, 1 << 18, 1 << 20, 1 << 22)  # message sizes the link curv
 LINK_REPEATS = 25  # a message takes about a millisecond, and single samples on a shared host vary a lot
 
 
-def profile_links(repeats: int = 5, warmup: int = 2, sizes: tuple[int, ...] = LINK_BYTES
+def profile_links(repeats: int = 5, warmup: int = 2, sizes: tuple[int, ...] = LINK_BYTES, workers: int = 2
                   ) -> dict[str, list[list[float]]]:
     """``{"p2p": [[bytes, s], ...], "allreduce": [...], "allgather": [...]}``: median seconds of one message
     (``batch_isend_irecv``, as the runtime's transfers), of one all-reduce (as its gradient sync) and of one
     all-gather of ``bytes`` in all (as ZeRO-1's, runtime.zero) between two gloo worker processes on this host, one
     thread each, at ``sizes`` (`loom profile`: the job's own message sizes, runtime.profile_step.message_sizes); per
     size, the slower of the two ranks, and never more than at a larger size (a longer message cannot be faster: a
-    slower median is noise of a shared host). The planner fits each to a latency and a bandwidth."""
+    slower median is noise of a shared host). The two are pinned as the first two of a run's ``workers`` on this host
+are (runtime.host.pin_worker). The planner fits each to a latency and a bandwidth."""
     from runtime.local_world import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_time_links, args=(free_port(), repeats, warmup, sizes, tmp), nprocs=2, join=True)
+        mp.spawn(_time_links, args=(free_port(), repeats, warmup, sizes, tmp, workers), nprocs=2, join=True)
         return json.loads((Path(tmp) / "links.json").read_text())
 
 
-def _time_links(rank: int, port: int, repeats: int, warmup: int, sizes: tuple[int, ...], out_dir: str) -> None:
+def _time_links(rank: int, port: int, repeats: int, warmup: int, sizes: tuple[int, ...], out_dir: str,
+                workers: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     configure_worker_process()
+    pin_worker(rank, workers)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         def timed(run: Callable[[], None]) -> float:

@@ -63,3 +63,45 @@ def test_workers_compute_on_a_gpu_only_for_a_gpu_job_that_sees_one(monkeypatch):
     assert worker_device(job_on("h100"), 3) == torch.device("cuda", 1)  # this host's GPUs in turn
     assert worker_device(job_on("cpu"), 3) == torch.device("cpu")
     assert (backend_for(torch.device("cuda", 0)), backend_for(torch.device("cpu"))) == ("nccl", "gloo")
+
+
+def test_a_cpu_worker_is_pinned_only_where_the_workers_are_exactly_the_cpus(monkeypatch):
+    import os
+
+    from runtime import host
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {5, 2, 7, 3})
+    assert [host.pin_cpu(i, 4) for i in range(4)] == [2, 3, 5, 7]  # the i-th CPU this process may use
+    assert host.pin_cpu(1, 3) is None and host.pin_cpu(1, 5) is None  # room left, or two to a core: the kernel's
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})
+    assert host.pin_cpu(0, 1) is None  # one worker alone is never pinned
+
+
+# Pinned for a block: every thread (one started before, one inside) on the one CPU, the process's CPUs back after.
+PIN_SNIPPET = """
+import os, threading
+from runtime.host import pinned
+
+cpus = sorted(os.sched_getaffinity(0))
+stop = threading.Event()
+before = threading.Thread(target=stop.wait); before.start()
+with pinned(len(cpus) - 1, len(cpus)) as cpu:
+    seen = {}
+    inside = threading.Thread(target=lambda: seen.update(inside=os.sched_getaffinity(0))); inside.start(); inside.join()
+    every = {tid: os.sched_getaffinity(int(tid)) for tid in os.listdir("/proc/self/task")}
+after = os.sched_getaffinity(0)
+stop.set(); before.join()
+print(cpu, len(cpus), all(a == {cpu} for a in every.values()) and len(every) >= 2, seen["inside"] == {cpu},
+      after == set(cpus))
+"""
+
+
+def test_pinned_puts_every_thread_on_one_cpu_and_gives_them_back():
+    out = subprocess.run([sys.executable, "-c", PIN_SNIPPET], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    cpu, count, *checks = out.stdout.split()
+    if int(count) < 2:  # one CPU: nothing to pin
+        assert cpu == "None" and checks[-1] == "True"
+        return
+    assert checks == ["True", "True", "True"]
