@@ -67,16 +67,22 @@ def task_labels(job: JobSpec, t: int) -> str | None:
 
 
 def check_data_files(job: JobSpec) -> None:
-    """Every task's data files exist and hold what its format and loss need (a DataError otherwise), and each
-    tokenizer folder named or implied holds a tokenizer. Torch-free: what ``loom validate`` can check."""
+    """Every task's data files exist and hold what its format and loss need (a DataError otherwise), each tokenizer
+    folder named or implied holds a tokenizer, and a chat task's template renders its conversations
+    (runtime.chat_template). Torch-free: what ``loom validate`` can check."""
     for t, task in enumerate(job.tasks):
         if task.data is None:
             continue
         text_uses = _text_uses(job, t)
         check_packing(job, t)
-        load_records(task.data, t, task_labels(job, t), bool(text_uses))
+        records = load_records(task.data, t, task_labels(job, t), bool(text_uses))
         if text_uses:
-            check_tokenizer_folder(*tokenizer_folder(job, t, text_uses[0]))
+            folder, where = tokenizer_folder(job, t, text_uses[0])
+            path = check_tokenizer_folder(folder, where)
+            if task.data.format == "chat":
+                from runtime.chat_template import check_chat_template  # it imports this module
+
+                check_chat_template(path, where, records, task.data.messages_field)
         check_vae(job, t)
 
 

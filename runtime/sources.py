@@ -33,6 +33,7 @@ import torch
 from planner.data_spec import DataSpec
 from planner.spec import JobSpec
 from planner.usegraph import use_component
+from runtime.chat_template import check_chat_template
 from runtime.data import NOISE, TaskBatch, root_inputs
 from runtime.modules import stable_seed
 from runtime.source_files import (
@@ -159,6 +160,8 @@ class TaskSource:
         first = use_component(self.job, self.t, next(iter(self.token_uses)))[0]
         folder, where = tokenizer_folder(self.job, self.t, first)
         tokenizer = load_tokenizer(folder, where)
+        if self.spec.format == "chat":  # a template that fails to render: one line here, not a worker's traceback
+            check_chat_template(Path(folder), where, self.records, self.spec.messages_field)
         size = vocab_size(tokenizer)
         for r in roots:
             if r.kind == "tokens" and size > r.vocab_size:
