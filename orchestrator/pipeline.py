@@ -68,7 +68,8 @@ def read_pipeline(path: str | Path, cluster: str | Path | None = None) -> Pipeli
     pipeline = parse_pipeline(data, registered_steps(), base=Path(path).resolve().parent)
     for phase in pipeline.phases:
         if phase.is_step:
-            check_step_args(phase.spec.step, phase.spec.args, f"phases[{phase.index}].args", pipeline.base)
+            check_step_args(phase.spec.step, phase.spec.args, f"phases[{phase.index}].args", pipeline.base,
+                            pipeline.doc.get("components") or {})
             check_gate(phase.spec.step, phase.spec.gate, f"phases[{phase.index}].gate")
         else:
             check_recipe(phase.job)

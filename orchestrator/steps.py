@@ -33,8 +33,9 @@ from planner.pipeline import MODEL, StepContext, check_average  # noqa: F401  (r
 class Step:
     """A registered step: the function (returning its metrics or None), the artifacts it writes, a torch-free
     check of its ``args`` (a ValueError naming the argument; run by ``loom validate``/``plan``/``run`` before
-    anything runs) and the names of the metrics it reports (``()``: none; None: not declared, gates are checked when
-    it runs)."""
+    anything runs), the names of the metrics it reports (``()``: none; None: not declared, gates are checked when
+    it runs) and the arguments that name a component of the job (the one it writes its model as, read by later
+    phases as ``@<phase>/model``): checked against the job's components with its args."""
 
     name: str
     run: Callable[[StepContext], Mapping[str, float] | None]
@@ -42,6 +43,7 @@ class Step:
     check: Callable[[dict[str, Any], Path | None], None] | None = None
     doc: str = field(default="", compare=False)
     metrics: tuple[str, ...] | None = None
+    component_args: tuple[str, ...] = ()
 
 
 STEPS: dict[str, Step] = {}
@@ -49,10 +51,12 @@ STEPS: dict[str, Step] = {}
 
 def register_step(name: str, run: Callable[[StepContext], Mapping[str, float] | None],
                   writes: tuple[str, ...] = (MODEL,), check: Callable[[dict[str, Any], Path | None], None] | None = None,
-                  doc: str = "", metrics: tuple[str, ...] | None = None) -> None:
+                  doc: str = "", metrics: tuple[str, ...] | None = None,
+                  component_args: tuple[str, ...] = ()) -> None:
     """Register step ``name`` (a recipe does it on import); registering the same name again replaces it. ``writes``
-    may be empty for a step that only reports ``metrics``."""
-    STEPS[name] = Step(name, run, tuple(writes), check, doc, None if metrics is None else tuple(metrics))
+    may be empty for a step that only reports ``metrics``; ``component_args``: the arguments naming a component."""
+    STEPS[name] = Step(name, run, tuple(writes), check, doc, None if metrics is None else tuple(metrics),
+                       tuple(component_args))
 
 
 def registered_steps() -> dict[str, tuple[str, ...]]:
@@ -60,14 +64,20 @@ def registered_steps() -> dict[str, tuple[str, ...]]:
     return {name: step.writes for name, step in STEPS.items()}
 
 
-def check_step_args(step: str, args: dict[str, Any], where: str, base: Path | None) -> None:
-    """The step's own check of ``args``, as one SpecError naming ``where`` (``phases[i].args``)."""
+def check_step_args(step: str, args: dict[str, Any], where: str, base: Path | None,
+                    components: Mapping[str, Any] | None = None) -> None:
+    """The step's own check of ``args``, then each of its ``component_args`` is one of the job's ``components``
+    (None: the args alone, as a step's tests check them): one SpecError naming ``where`` (``phases[i].args``)."""
     check = STEPS[step].check
     if check is not None:
         try:
             check(args, base)
         except ValueError as exc:
             raise SpecError(f"{where}.{exc}") from None
+    for key in STEPS[step].component_args if components is not None else ():
+        if isinstance(args.get(key), str) and args[key] not in components:
+            raise SpecError(f"{where}.{key} ('{args[key]}'): not a component of the job (step '{step}' writes its "
+                            f"model under that name, for later phases to read); {did_you_mean(args[key], components)}")
 
 
 def check_gate(step: str, gate: Mapping[str, Any], where: str) -> None:
@@ -127,5 +137,5 @@ def average(ctx: StepContext) -> None:
               str(target / weights_file(folders[0])), metadata={"format": "pt"})
 
 
-register_step("average", average, writes=(MODEL,), check=check_average, metrics=(),
+register_step("average", average, writes=(MODEL,), check=check_average, metrics=(), component_args=("component",),
               doc="weighted average of model folders (args: component, models, weights)")

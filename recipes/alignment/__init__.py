@@ -32,10 +32,11 @@ register_dataset("alignment", data.job_batch)
 register_evaluator("alignment", evaluate.evaluate)
 # the phase steps, registered by the orchestrator when it imports the recipe (orchestrator.recipes.import_recipe)
 PHASE_STEPS = {
-    "merge": dict(run=merge.merge_step, check=merge.check_merge_args, doc="merge model folders over their base "
-                  "(args: method, component, base, models, weights, scale)"),
-    "reward_head": dict(run=grpo.reward_head_step, check=grpo.check_reward_head_args, doc="a reward-model phase's "
-                        "export with its trained scalar head (args: component, model, task)"),
+    "merge": dict(run=merge.merge_step, check=merge.check_merge_args, component_args=("component",),
+                  doc="merge model folders over their base (args: method, component, base, models, weights, scale)"),
+    "reward_head": dict(run=grpo.reward_head_step, check=grpo.check_reward_head_args, component_args=("component",),
+                        doc="a reward-model phase's export with its trained scalar head (args: component, model, "
+                        "task)"),
     "rule_eval": dict(run=evaluate.rule_eval_step, check=evaluate.check_rule_eval_args, writes=(),
                       metrics=evaluate.RULE_METRICS + evaluate.BASELINE_METRICS, doc="a policy's greedy rule score on "
                       "GRPO's held-out prompts, its KL to a reference and its gain over a baseline (args: model, "

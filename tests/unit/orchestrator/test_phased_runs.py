@@ -139,6 +139,22 @@ def test_a_bad_phase_is_one_error_line_and_exit_2(models, tmp_path):
     assert result.exit_code == 2 and "reads a later phase's (phases[2]) artifact: a cycle" in result.stderr
 
 
+def test_an_average_written_as_an_unknown_component_is_refused_by_validate(models, tmp_path):
+    """A later phase reads `@merge/model` as its own component's folder: a name that is no component of the job
+    would be found missing only then."""
+    doc = phased_job(models)
+    doc["phases"][1]["args"]["component"] = "zzz"
+    job = write(tmp_path / "job.yaml", doc)
+    for command in (["validate", str(job)], ["run", str(job), "--out", str(tmp_path / "o")]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().splitlines() == [
+            "error: phases[1].args.component ('zzz'): not a component of the job (step 'average' writes its model "
+            "under that name, for later phases to read); valid names: 'lm'"]
+    assert not (tmp_path / "o").exists()
+    assert STEPS["average"].component_args == ("component",)
+
+
 def finish(runner: PipelineRunner, name: str, spec: str | None = None) -> None:
     phase = runner.pipeline.phase(name)
     folder = runner.out_dir / name

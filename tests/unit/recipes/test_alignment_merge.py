@@ -134,3 +134,7 @@ def test_the_merge_step_writes_the_phase_model_and_checks_its_args(tmp_path):
                        ({"extra": 1}, r"args\.extra: unknown argument of step 'merge'")]:
         with pytest.raises(SpecError, match=match):
             check_step_args("merge", args | bad, "phases[2].args", tmp_path)
+    check_step_args("merge", args, "phases[2].args", tmp_path, {"policy": {}, "reference": {}})
+    with pytest.raises(SpecError, match=r"^phases\[2\]\.args\.component \('polcy'\): not a component of the job "
+                                        r"\(step 'merge' writes .*; did you mean 'policy'\?$"):
+        check_step_args("merge", args | {"component": "polcy"}, "phases[2].args", tmp_path, {"policy": {}})
