@@ -93,6 +93,21 @@ def reads_data_artifacts(phase: Phase) -> bool:
                 + references(starts, "components"))
 
 
+def check_phase_data(phase: Phase) -> None:
+    """A trained phase's data as ``loom validate`` checks it (runtime.source_files, torch-free), the error naming the
+    phase: all of it, or for a phase reading an earlier phase's artifacts (which exist once that phase has run, and
+    are checked when this one starts) its ``data_dir`` when that is a plain path, which must exist now."""
+    from runtime.source_files import check_data_dir, check_data_files
+
+    try:
+        if not reads_data_artifacts(phase):
+            check_data_files(phase.job)
+        elif not references(phase.spec.data_dir, "data_dir"):
+            check_data_dir(phase.job)
+    except LoomError as exc:
+        raise SpecError(f"phases[{phase.index}] ('{phase.name}'): {exc}") from None
+
+
 @dataclass
 class PhaseResult:
     """One phase of a pipeline run: trained (``run``), a step, or finished earlier and skipped."""
@@ -169,6 +184,8 @@ class PipelineRunner:
         for phase in self.pipeline.phases:
             if phase.job is not None and not reads_data_artifacts(phase):
                 self.check_job(phase, phase.job)
+            elif phase.job is not None:  # the rest of its data is checked when it starts (run_trained)
+                check_phase_data(phase)
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise RunInputError(f"--out ({self.out_dir}) is a file; give a directory.")
         if self.out_dir.is_dir():

@@ -32,17 +32,15 @@ def read_phased(job_path: Path, cluster: Path | None, shapes: Path | None = None
 
 def validate_phases(pipeline: Pipeline, job_path: Path) -> None:
     """``loom validate``: the job's line, then one line per phase (its job's summary, or its step)."""
-    from orchestrator.pipeline import reads_data_artifacts
+    from orchestrator.pipeline import check_phase_data
     from orchestrator.render import describe_job
-    from runtime.source_files import check_data_files
 
     typer.echo(f"{job_path}: valid. {pipeline.name}: {len(pipeline.phases)} phases")
     for phase in pipeline.phases:
         if phase.is_step:
             typer.echo(f"  {phase.name}: step '{phase.spec.step}' ({_writes(phase)})")
             continue
-        if not reads_data_artifacts(phase):  # an earlier phase's dataset is checked when the phase starts
-            check_data_files(phase.job)
+        check_phase_data(phase)  # an earlier phase's dataset is checked when the phase starts
         typer.echo(f"  {phase.name}: {describe_job(phase.job)}, {phase.job.training.steps} steps")
 
 

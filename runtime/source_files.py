@@ -66,10 +66,21 @@ def task_labels(job: JobSpec, t: int) -> str | None:
     return label_kind(job.tasks[t].loss)
 
 
+def check_data_dir(job: JobSpec) -> None:
+    """The job's ``data_dir`` (a recipe's real data; already resolved, an earlier phase's artifact included) is a
+    folder; a DataError otherwise."""
+    if job.data_dir is None or Path(job.data_dir).is_dir():
+        return
+    what = "not a folder" if Path(job.data_dir).exists() else "no such folder"
+    raise DataError(f"data_dir ({job.data_dir}): {what}; it holds the recipe's real data, one subfolder per split "
+                    "(docs/recipes/<recipe>.md). Fix the path, or remove data_dir for synthetic data.")
+
+
 def check_data_files(job: JobSpec) -> None:
     """Every task's data files exist and hold what its format and loss need (a DataError otherwise), each tokenizer
     folder named or implied holds a tokenizer, and a chat task's template renders its conversations
-    (runtime.chat_template). Torch-free: what ``loom validate`` can check."""
+    (runtime.chat_template), and ``data_dir`` is a folder. Torch-free: what ``loom validate`` can check."""
+    check_data_dir(job)
     for t, task in enumerate(job.tasks):
         if task.data is None:
             continue

@@ -37,8 +37,8 @@ from runtime.chat_template import check_chat_template
 from runtime.data import NOISE, TaskBatch, root_inputs
 from runtime.modules import stable_seed
 from runtime.source_files import (
-    PREFERENCE_SCORES, DataError, check_packing, check_vae, epoch_order, format_of, load_records, task_labels,
-    tokenizer_folder,
+    PREFERENCE_SCORES, DataError, check_data_dir, check_packing, check_vae, epoch_order, format_of, load_records,
+    task_labels, tokenizer_folder,
 )
 from runtime.unet import noise_key, timesteps_key
 from runtime.tokenizer import (
@@ -64,11 +64,9 @@ def check_recipe_data(job: JobSpec) -> None:
     """A job's ``data_dir`` (a recipe's real data), read as its workers will: the first row of each task without
     ``data:`` from the recipe's dataset (the recipe loaded in this process), so that a missing or malformed folder is
     one DataError before any Ray process starts, not a worker's error at the first batch."""
+    check_data_dir(job)
     if job.recipe is None or job.data_dir is None:
         return
-    if not Path(job.data_dir).is_dir():
-        raise DataError(f"data_dir ({job.data_dir}): no such folder; it holds the recipe's real data, one subfolder "
-                        "per split (docs/recipes/<recipe>.md). Fix the path, or remove data_dir for synthetic data.")
     from runtime.data import synthetic_batch  # the recipe's registered dataset for a job with a recipe
 
     for t, task in enumerate(job.tasks):

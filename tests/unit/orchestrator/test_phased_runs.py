@@ -5,6 +5,7 @@ anything runs (an earlier run's phases without --resume/--overwrite, a finished 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -153,6 +154,40 @@ def test_an_average_written_as_an_unknown_component_is_refused_by_validate(model
             "under that name, for later phases to read); valid names: 'lm'"]
     assert not (tmp_path / "o").exists()
     assert STEPS["average"].component_args == ("component",)
+
+
+@pytest.mark.parametrize("reads_artifacts", [False, True])
+def test_a_phases_plain_data_dir_must_exist_before_anything_runs(models, tmp_path, reads_artifacts):
+    """A plain data_dir is checked by validate and before a run claims OUT, also in a phase whose tasks read an
+    earlier phase's artifact (those are checked when the phase starts)."""
+    doc = phased_job(models)
+    doc["phases"][2]["data_dir"] = "nowhere"
+    if reads_artifacts:
+        doc["phases"][2]["tasks"] = [{**doc["phases"][2]["tasks"][0], "data": {"format": "text",
+                                                                           "path": "@sft/model/rows.jsonl"}}]
+    job = write(tmp_path / "job.yaml", doc)
+    for command in (["validate", str(job)], ["run", str(job), "--out", str(tmp_path / "o")]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().splitlines() == [
+            f"error: phases[2] ('tune'): data_dir ({tmp_path / 'nowhere'}): no such folder; it holds the recipe's "
+            "real data, one subfolder per split (docs/recipes/<recipe>.md). Fix the path, or remove data_dir for "
+            "synthetic data."]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_data_dir_reference_is_resolved_when_its_phase_starts_and_must_exist(models, tmp_path):
+    doc = phased_job(models)
+    doc["phases"][2]["data_dir"] = "@merge/model/rows"
+    pipeline = read_pipeline(write(tmp_path / "job.yaml", doc))
+    runner = PipelineRunner(pipeline, RunOptions(out_dir=tmp_path / "out"))
+    runner.check()  # the artifact does not exist before its phase runs: not checked yet
+    shutil.copytree(models / "base", tmp_path / "out" / "merge" / "export" / "lm")
+    (tmp_path / "out" / "merge" / PHASE_MARKER).write_text(json.dumps({"artifacts": {"model": "export"}}))
+    missing = tmp_path / "out" / "merge" / "export" / "rows"
+    with pytest.raises(RunInputError, match=rf"^phases\[2\] \('tune'\): data_dir \({missing}\): no such folder; "):
+        runner.run_trained(pipeline.phase("tune"), tmp_path / "out" / "tune")
+    assert not (tmp_path / "out" / "tune").exists()
 
 
 def finish(runner: PipelineRunner, name: str, spec: str | None = None) -> None:
