@@ -20,6 +20,7 @@ import enum
 import json
 import logging
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -124,10 +125,16 @@ def _out_dir(value: str) -> Path:
 
 
 def _check_run_address(value: str | None) -> str | None:
-    """``loom run --address``: an empty value would silently start an embedded cluster instead of joining one."""
+    """``loom run --address``: an empty value would silently start an embedded cluster instead of joining one, and a
+    port that is no port number would be reported as a connection failure (or not at all) after planning."""
     if value is not None and not value.strip():
         raise typer.BadParameter("'' names no cluster; give the Ray head's GCS address (HOST:PORT, or 'auto'), or "
                                  "leave --address out to start an embedded cluster on this machine.")
+    _, colon, port = (value or "").rpartition(":")
+    if colon and not (re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
+        raise typer.BadParameter(f"'{value}': port '{port}' is not a port number (1-65535); give the Ray head's GCS "
+                                 "address as HOST:PORT, e.g. '10.0.0.1:6379' (what `ray start --head` prints), or "
+                                 "'auto'.")
     return value
 
 

@@ -57,7 +57,8 @@ def load_run_traces(out_dir: str | Path) -> RunTraces:
     """The plan and both traces of the run whose output folder is ``out_dir``; RunOutputError when one is missing."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        raise RunOutputError(f"{out_dir}: no such directory. Give the --out folder of a finished `loom run`.")
+        what = "not a directory" if out_dir.exists() else "no such directory"
+        raise RunOutputError(f"{out_dir}: {what}. Give the --out folder of a finished `loom run`.")
     plan_path, trace_path = out_dir / PLAN_FILE, out_dir / TRACE_FILE
     if not plan_path.is_file():
         raise RunOutputError(f"{out_dir}: no {PLAN_FILE}; this is not the output folder of a `loom run`. Give the "

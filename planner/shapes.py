@@ -27,12 +27,13 @@ from planner.errors import LoomError, SpecError, did_you_mean
 from planner.spec import (
     MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MAX_SEQ_LEN, JobSpec, StrictModel, _format_error, _path_str,
 )
-from planner.spec_file import load_yaml
+from planner.spec_file import YamlKind, load_yaml
 
 MAX_POINTS = 1024  # distinct shapes a file may describe: every candidate plan is priced at each
 MAX_BATCHES = 100_000  # entries of `batches:`
 MAX_BUCKETS = 8  # plans in one cache: 2 candidates per bucket (+2) are planned in full
 FIELDS = ("batch_size", "seq_len", "image_size")
+SHAPES_FILE = YamlKind("shapes file", "give the --shapes file (YAML or JSON; docs/shapes.md)")
 LIMITS = {"batch_size": MAX_BATCH_SIZE, "seq_len": MAX_SEQ_LEN, "image_size": MAX_IMAGE_SIZE}
 
 Count = Annotated[int, Field(ge=1)]
@@ -184,7 +185,7 @@ def _owner(loc: tuple[Any, ...]) -> type[StrictModel]:
 
 def load_shapes(path: str | Path, job: JobSpec) -> ResolvedShapes:
     """Read, validate and resolve a shapes file (YAML or JSON) for ``job``."""
-    return parse_shapes(load_yaml(path), job, str(path))
+    return parse_shapes(load_yaml(path, SHAPES_FILE), job, str(path))
 
 
 def resolve_shapes(spec: ShapesSpec, job: JobSpec, source: str = "shapes file") -> ResolvedShapes:

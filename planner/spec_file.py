@@ -6,6 +6,8 @@ binary, not UTF-8, a syntax error, a key given twice, nesting too deep) is one S
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,20 @@ from planner.errors import SpecError
 
 MAX_SPEC_BYTES = 256 * 1024  # a job spec is a few KB; PyYAML parses ~100 KB/s on a busy core
 MAX_YAML_DEPTH = 32  # a job spec nests 5 levels; PyYAML composes nested nodes recursively (10,000 `[` overflow it)
+_UNKNOWN_TAG = re.compile(r"could not determine a constructor for the tag '([^']*)'")
+
+
+@dataclass(frozen=True)
+class YamlKind:
+    """One kind of YAML file Loom reads, for its messages: ``name`` ("job spec": "too large for a job spec") and
+    ``fix`` ("give the job's YAML file": what to give instead of a file that is not one)."""
+
+    name: str
+    fix: str
+
+
+JOB_SPEC = YamlKind("job spec", "give the job's YAML file")
+CLUSTER_FILE = YamlKind("cluster file", "give the --cluster YAML file (a `cluster:` section or its fields)")
 
 
 class _SpecLoader(yaml.SafeLoader):
@@ -56,25 +72,29 @@ class _SpecLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_yaml(path: str | Path) -> Any:
-    """Read a YAML file as plain data (``_SpecLoader``: safe tags only, unique keys, bounded nesting). A missing,
-    oversized, binary or non-UTF-8 file, a YAML syntax error, a duplicate key or too deep nesting becomes one
-    SpecError that names the file (and the line)."""
+def load_yaml(path: str | Path, kind: YamlKind = JOB_SPEC) -> Any:
+    """Read a YAML file (a ``kind``, for the messages) as plain data (``_SpecLoader``: safe tags only, unique keys,
+    bounded nesting). A missing file, a directory or other file that is not a regular one (a device, a pipe), an
+    oversized, binary or non-UTF-8 file, a YAML syntax error, a tag that is not plain data (``!!python/object``), a
+    duplicate key or too deep nesting becomes one SpecError that names the file (and the line)."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"{path}: no such file. Check the path.")
+        what = "no such file. Check the path" if not path.exists() else (
+            f"a directory, not a {kind.name}; {kind.fix}" if path.is_dir()
+            else f"not a regular file (a device, pipe or socket); {kind.fix}")
+        raise SpecError(f"{path}: {what}.")
     size = path.stat().st_size
     if size > MAX_SPEC_BYTES:
-        raise SpecError(f"{path}: {size} bytes is too large for a job spec (at most {MAX_SPEC_BYTES}); "
-                        "give the job's YAML file.")
+        raise SpecError(f"{path}: {size} bytes is too large for a {kind.name} (at most {MAX_SPEC_BYTES}); "
+                        f"{kind.fix}.")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SpecError(f"{path}: not a UTF-8 text file (byte {exc.start} is 0x{raw[exc.start]:02x}); "
-                        "give the job's YAML file.") from None
+                        f"{kind.fix}.") from None
     if "\0" in text:
-        raise SpecError(f"{path}: a binary file (it holds NUL bytes), not YAML; give the job's YAML file.")
+        raise SpecError(f"{path}: a binary file (it holds NUL bytes), not YAML; {kind.fix}.")
     try:
         return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - _SpecLoader is a SafeLoader
     except SpecError as exc:
@@ -82,6 +102,11 @@ def load_yaml(path: str | Path) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        tag = _UNKNOWN_TAG.search(str(getattr(exc, "problem", "")))
+        if tag is not None:  # SafeLoader constructs no objects: the file parses, the tag is refused
+            shown = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+            raise SpecError(f"{path}: the tag '{shown}'{where} is not allowed; a {kind.name} holds plain data "
+                            "(mappings, lists, strings, numbers). Remove the tag.") from None
         raise SpecError(f"{path}: not valid YAML{where}. Fix the syntax.") from None
 
 
@@ -98,7 +123,7 @@ def read_cluster_section(path: str | Path) -> dict[str, Any]:
     """A ``--cluster`` file's section: a non-empty mapping, either ``cluster: {...}`` alone or the section's fields
     (checked by planner.spec.ClusterSpec). An empty file or section would silently mean the default cluster, and a
     key beside ``cluster:`` would be ignored: both are one SpecError naming the file."""
-    data = load_yaml(path)
+    data = load_yaml(path, CLUSTER_FILE)
     if isinstance(data, dict) and "cluster" in data:
         for key in data:
             if key != "cluster":

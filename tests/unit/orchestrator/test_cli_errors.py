@@ -7,6 +7,7 @@ the offending field path (and, for misspellings, the suggestion), with no traceb
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -255,6 +256,32 @@ def test_hostile_file(runner: CliRunner, tmp_path: Path, content: bytes, expecte
         _assert_one_error_line(runner.invoke(app, [command, str(path)]), expected)
 
 
+def test_a_file_that_is_no_regular_file_or_holds_code_tags_is_named_as_such(runner: CliRunner, tmp_path: Path) -> None:
+    """A device or pipe is no missing file, a binary --cluster/--shapes file no job spec, a tag that would construct
+    a Python object no syntax error: each message says what is wrong."""
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(BASE))
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", str(fifo)):
+        _assert_one_error_line(runner.invoke(app, ["validate", path]), [
+            f"error: {path}: not a regular file (a device, pipe or socket); give the job's YAML file."])
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)))
+    _assert_one_error_line(runner.invoke(app, ["validate", str(job), "--cluster", str(binary)]), [
+        "not a UTF-8 text file", "give the --cluster YAML file (a `cluster:` section or its fields)."])
+    _assert_one_error_line(runner.invoke(app, ["plan", str(job), "--shapes", str(binary)]), [
+        "not a UTF-8 text file", "give the --shapes file (YAML or JSON; docs/shapes.md)."])
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text("name: !!python/object/apply:os.system [echo]\n")
+    _assert_one_error_line(runner.invoke(app, ["validate", str(tagged)]), [
+        f"error: {tagged}: the tag '!!python/object/apply:os.system' at line 1, column 7 is not allowed; a job spec "
+        "holds plain data (mappings, lists, strings, numbers). Remove the tag."])
+    tagged.write_text("cluster: !local {num_nodes: 1}\n")
+    _assert_one_error_line(runner.invoke(app, ["validate", str(job), "--cluster", str(tagged)]), [
+        "the tag '!local' at line 1, column 10 is not allowed; a cluster file holds plain data"])
+
+
 @pytest.mark.parametrize("mutate, expected", [
     (_set("components.decoder.num_layers", 1_000_000_000), ["components.decoder.num_layers (1000000000)", "1024"]),
     (lambda d: d["cluster"].update(num_nodes=125_000, devices_per_node=8),
@@ -410,9 +437,14 @@ def test_an_output_that_is_an_input_or_another_output_is_refused(runner: CliRunn
     (["eval", "job.yaml", "--samples", "99999999999999999999"], ["--samples", "65536"]),
     (["eval", "job.yaml", "--samples", "0"], ["--samples"]),
     (["eval", "job.yaml", "-o", "."], ["--output", "is a directory"]),
+    (["run", "job.yaml", "--address", "10.0.0.1:99999"], ["--address", "'10.0.0.1:99999': port '99999' is not a "
+                                                         "port number (1-65535)"]),
+    (["run", "job.yaml", "--address", "head:abc"], ["--address", "port 'abc' is not a port number"]),
+    (["run", "job.yaml", "--address", "head:"], ["--address", "port '' is not a port number"]),
 ], ids=["run-empty-out", "run-empty-address", "object-store-inf", "object-store-overflow", "submit-empty-address",
         "logs-blank-address", "status-malformed-ipv6", "stop-port-out-of-range", "eval-samples-huge",
-        "eval-samples-zero", "eval-output-directory"])
+        "eval-samples-zero", "eval-output-directory", "run-port-out-of-range", "run-port-not-a-number",
+        "run-port-empty"])
 def test_option_values_refused_before_any_work(runner: CliRunner, tmp_path: Path, monkeypatch, args: list[str],
                                                expected: list[str]) -> None:
     """Each is refused before the job is even loaded (load_job would fail the test): no Ray, no evaluation."""

@@ -97,6 +97,7 @@ def _replace(path: Path, old: str, new: str) -> int:
 
 @pytest.mark.parametrize("breakage, fragments", [
     (lambda out: out / "missing", ["no such directory"]),
+    (lambda out: out / "plan.json", ["plan.json: not a directory. Give the --out folder of a finished `loom run`."]),
     (lambda out: (out / "plan.json").unlink() or out, ["no plan.json", "loom run"]),
     (lambda out: (out / TRACE_FILE).unlink() or out, ["no trace.json"]),
     (lambda out: (out / TRACE_FILE).write_text("{") and out, ["trace.json", "JSON"]),
@@ -104,7 +105,8 @@ def _replace(path: Path, old: str, new: str) -> int:
     (lambda out: (out / "plan.json").write_text("[]") and out, ["plan.json"]),
     (lambda out: _replace(out / TRACE_FILE, '"plan_hash": "', '"plan_hash": "0') and out,
      ["trace.json", "written for plan 0"]),
-], ids=["missing-dir", "no-plan", "no-trace", "trace-not-json", "trace-bad-event", "plan-not-a-plan", "other-plan"])
+], ids=["missing-dir", "a-file", "no-plan", "no-trace", "trace-not-json", "trace-bad-event", "plan-not-a-plan",
+        "other-plan"])
 def test_bad_out_folder_is_one_error_line(run_out: Path, breakage, fragments: list[str]) -> None:
     target = breakage(run_out)
     assert_one_error_line(CliRunner().invoke(app, ["gantt", str(target)]), *fragments)
