@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,9 @@ class Architecture:
     class_tokens: int = 0  # a vision tower's tokens before its patches (CLIP's class token; SigLIP has none)
     derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # spec fields computed from the config
     refuse: Callable[[dict[str, Any]], str | None] | None = None  # why a config cannot run exactly (None: it can)
+    # config keys ``derive``, ``refuse`` and ``tensors`` read, each a number or a list of them (one per level), with
+    # the limit of each number: checked first, so that none of them iterates over or divides by an unchecked size
+    sizes: Mapping[str, int] = field(default_factory=dict)
 
 
 _LLAMA_FIELDS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
@@ -161,7 +164,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "bert": Architecture("transformer", _TEXT_FIELDS, _bert_tensors, max_positions="max_position_embeddings"),
     # a diffusers folder names its class (config "_class_name"), not a model_type
     unet_config.CLASS_NAME: Architecture("unet2d", {}, unet_config.config_tensors, derive=unet_config.config_fields,
-                                         refuse=unet_config.config_refusal),
+                                         refuse=unet_config.config_refusal, sizes=unet_config.SIZE_LIMITS),
 }
 
 
@@ -211,6 +214,8 @@ def _resolve(path: str) -> PretrainedInfo:
     if arch is None:
         raise PretrainedError(f"{folder / CONFIG_FILE}: model_type '{model_type}' is not supported; supported: "
                               f"{', '.join(sorted(ARCHITECTURES))}. See docs/models.md for how to add one.")
+    for key, limit in arch.sizes.items():
+        _config_sizes(folder / CONFIG_FILE, cfg, key, limit)
     reason = arch.refuse(cfg) if arch.refuse else None
     if reason:
         raise PretrainedError(f"{folder / CONFIG_FILE}: {reason}. Use a model whose config Loom runs exactly "
@@ -233,10 +238,21 @@ def _config_size(path: Path, cfg: dict[str, Any], key: str, limit: int) -> int |
     """Config ``key`` as a whole number in 1..``limit`` (the spec's limit of the field it fills: a config is input
     like a spec), None when absent; a PretrainedError naming the file and key otherwise."""
     value = cfg.get(key)
-    if value is None:
-        return None
+    return None if value is None else _whole(path, key, value, limit)
+
+
+def _config_sizes(path: Path, cfg: dict[str, Any], key: str, limit: int) -> None:
+    """Config ``key``, a number or a list of them (one per level), each as :func:`_config_size` checks it."""
+    value = cfg.get(key)
+    for i, item in enumerate(value) if isinstance(value, list) else ():
+        _whole(path, f"{key}[{i}]", item, limit)
+    if not isinstance(value, list):
+        _config_size(path, cfg, key, limit)
+
+
+def _whole(path: Path, name: str, value: Any, limit: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
-        raise PretrainedError(f"{path}: {key} ({value!r}) is not a whole number in 1..{limit} (the limit that keeps "
+        raise PretrainedError(f"{path}: {name} ({value!r}) is not a whole number in 1..{limit} (the limit that keeps "
                               "planning bounded, docs/job-spec.md \"Limits\"). Fix config.json, or re-save the model "
                               "with save_pretrained.")
     return value

@@ -20,6 +20,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from planner.spec import MAX_IMAGE_SIZE, MAX_LAYERS_PER_COMPONENT, MAX_WIDTH
 from planner.unet import UNetArch
 
 CLASS_NAME = "UNet2DConditionModel"
@@ -28,6 +29,14 @@ INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # block type -> has a transformer
 UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 MID_TYPE = "UNetMidBlock2DCrossAttn"
+
+# config key -> the limit of its number, or of each of its numbers per level (planner.pretrained checks them before
+# anything here reads them): the spec's limit of what it fills (planner.spec, docs/job-spec.md "Limits"); a kernel
+# side is bounded as an image side is
+SIZE_LIMITS = {"block_out_channels": MAX_WIDTH, "layers_per_block": MAX_LAYERS_PER_COMPONENT, "in_channels": MAX_WIDTH,
+               "out_channels": MAX_WIDTH, "sample_size": MAX_IMAGE_SIZE, "attention_head_dim": MAX_WIDTH,
+               "cross_attention_dim": MAX_WIDTH, "transformer_layers_per_block": MAX_LAYERS_PER_COMPONENT,
+               "norm_num_groups": MAX_WIDTH, "conv_in_kernel": MAX_IMAGE_SIZE, "conv_out_kernel": MAX_IMAGE_SIZE}
 
 # config key -> (the value Loom runs, what it would change): anything else is refused naming the key
 _EXACT: dict[str, tuple[Any, str]] = {

@@ -8,6 +8,7 @@ import copy
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,34 @@ def test_a_config_loom_cannot_run_is_one_error_line(models, tmp_path, changes, e
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: components.unet: "), lines
     assert expected in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"layers_per_block": 10**9}, "layers_per_block (1000000000) is not a whole number in 1..1024"),
+    ({"layers_per_block": [1, 10**9]}, "layers_per_block[1] (1000000000) is not a whole number in 1..1024"),
+    ({"block_out_channels": [10**12, 2 * 10**12]}, "block_out_channels[0] (1000000000000) is not a whole number in "
+                                                   "1..1048576"),
+    ({"block_out_channels": [0, 64]}, "block_out_channels[0] (0) is not a whole number"),  # was a ZeroDivisionError
+    ({"sample_size": 10**7}, "sample_size (10000000) is not a whole number in 1..65536"),
+    ({"in_channels": 1e9}, "in_channels (1000000000.0) is not a whole number"),
+    ({"attention_head_dim": [4, 0]}, "attention_head_dim[1] (0) is not a whole number"),
+    ({"cross_attention_dim": True}, "cross_attention_dim (True) is not a whole number"),
+    ({"conv_in_kernel": 10**9}, "conv_in_kernel (1000000000) is not a whole number in 1..65536"),
+], ids=["layers", "layers-per-level", "channels", "zero-channels", "sample-size", "float-channels", "zero-heads",
+        "bool-context", "kernel"])
+def test_config_sizes_meet_the_spec_limits_at_validate(models, tmp_path, changes, expected):
+    """The limits the transformer configs get (planner.pretrained): a UNet config's sizes are checked before
+    anything iterates over them (1e9 layers per block hung validate)."""
+    shutil.copytree(models / "unet", tmp_path / "unet")
+    _set_config(tmp_path / "unet", **changes)
+    start = time.perf_counter()
+    result = CliRunner().invoke(app, ["validate", str(write_job(tmp_path))])
+    assert time.perf_counter() - start < 10
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: components.unet: {tmp_path / 'unet' / 'config.json'}: {expected}"), line
+    assert line.endswith("(the limit that keeps planning bounded, docs/job-spec.md \"Limits\"). Fix config.json, or "
+                         "re-save the model with save_pretrained."), line
 
 
 @pytest.mark.parametrize("text_width, got", [(None, "no context (a root use)"), (16, "a context 16 wide")])
