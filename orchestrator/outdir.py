@@ -58,9 +58,7 @@ class RunFolder:
         the refusal of an earlier run's checkpoints without ``overwrite``."""
         if self.resume and self.overwrite:
             raise RunInputError("--resume continues the run in --out, --overwrite replaces it: pass one of them.")
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise RunInputError(f"--out ({self.out_dir}) is a file; give a directory.")
-        check_writable(self.out_dir)
+        check_out_dir(self.out_dir)
         if self.out_dir.is_dir():
             self.lock.acquire(create=False)
         for name in self.outputs:
@@ -119,6 +117,14 @@ def claim_folder(out_dir: Path, lock: OutDirLock, overwrite: bool, recheck: Call
     except OSError as exc:
         raise RunInputError(f"--out ({out_dir}): cannot write there ({exc.strerror or exc}). "
                             "Check the path and permissions.") from None
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """A RunInputError unless ``out_dir`` is a folder, or none yet, that this process can write in or create
+    (:func:`check_writable`): read-only, before anything else of a run is checked."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunInputError(f"--out ({out_dir}) is a file; give a directory.")
+    check_writable(out_dir)
 
 
 def check_writable(out_dir: Path) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator.checkpoint import CKPT_DIRNAME, complete_checkpoints
-from orchestrator.outdir import OutDirLock, claim_folder, contained, earlier_run
+from orchestrator.outdir import OutDirLock, check_out_dir, claim_folder, contained, earlier_run
 from orchestrator.run_inputs import RunInputError, check_runnable_job
 from orchestrator.signals import RunStopped, StopSignals
 from orchestrator.remote import RunFailed
@@ -181,13 +181,12 @@ class PipelineRunner:
                                 "out (set phases[i].training.steps).")
         if self.options.resume and self.options.overwrite:
             raise RunInputError("--resume continues the run in --out, --overwrite replaces it: pass one of them.")
+        check_out_dir(self.out_dir)  # the pipeline's folder, before the phases' (OUT/<phase>: each run's own check)
         for phase in self.pipeline.phases:
             if phase.job is not None and not reads_data_artifacts(phase):
                 self.check_job(phase, phase.job)
             elif phase.job is not None:  # the rest of its data is checked when it starts (run_trained)
                 check_phase_data(phase)
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise RunInputError(f"--out ({self.out_dir}) is a file; give a directory.")
         if self.out_dir.is_dir():
             self.lock.acquire(create=False)
         left = {p.name: self.left_behind(p) for p in self.pipeline.phases}

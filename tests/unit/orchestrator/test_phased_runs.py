@@ -190,6 +190,32 @@ def test_a_data_dir_reference_is_resolved_when_its_phase_starts_and_must_exist(m
     assert not (tmp_path / "out" / "tune").exists()
 
 
+@pytest.mark.parametrize("out", ["afile", "afile/sub", "/proc/self", "/sys/loom-out"])
+def test_an_unwritable_out_of_a_phased_job_is_refused_before_its_phases_are_checked(models, tmp_path, monkeypatch,
+                                                                                     out):
+    """As for a one-phase run (orchestrator.outdir.check_out_dir): before, the phases were checked first and the folder
+    only when claimed (/proc/self: 'cannot open its lock file ... No such file or directory')."""
+    import orchestrator.pipeline
+
+    if out.startswith(("/proc", "/sys")) and not Path(out).parent.is_dir():
+        pytest.skip(f"no {Path(out).parent} on this system")
+
+    def unchecked(*args, **kwargs):
+        raise AssertionError("a phase was checked before --out")
+
+    monkeypatch.setattr(orchestrator.pipeline, "check_runnable_job", unchecked)
+    monkeypatch.chdir(tmp_path)
+    job = write(tmp_path / "job.yaml", phased_job(models))
+    Path("afile").write_text("")
+    result = CliRunner().invoke(app, ["run", str(job), "--out", out])
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: --out ({out})"), line
+    expected = {"afile": "is a file; give a directory", "afile/sub": "afile is a file, so the folder cannot be created"}
+    assert expected.get(out, "cannot write") in line and "No such file" not in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "job.yaml"]
+
+
 def finish(runner: PipelineRunner, name: str, spec: str | None = None) -> None:
     phase = runner.pipeline.phase(name)
     folder = runner.out_dir / name
