@@ -214,8 +214,7 @@ def _resolve(path: str) -> PretrainedInfo:
     if arch is None:
         raise PretrainedError(f"{folder / CONFIG_FILE}: model_type '{model_type}' is not supported; supported: "
                               f"{', '.join(sorted(ARCHITECTURES))}. See docs/models.md for how to add one.")
-    for key, limit in arch.sizes.items():
-        _config_sizes(folder / CONFIG_FILE, cfg, key, limit)
+    check_config_sizes(folder / CONFIG_FILE, cfg, arch.sizes)
     reason = arch.refuse(cfg) if arch.refuse else None
     if reason:
         raise PretrainedError(f"{folder / CONFIG_FILE}: {reason}. Use a model whose config Loom runs exactly "
@@ -241,13 +240,15 @@ def _config_size(path: Path, cfg: dict[str, Any], key: str, limit: int) -> int |
     return None if value is None else _whole(path, key, value, limit)
 
 
-def _config_sizes(path: Path, cfg: dict[str, Any], key: str, limit: int) -> None:
-    """Config ``key``, a number or a list of them (one per level), each as :func:`_config_size` checks it."""
-    value = cfg.get(key)
-    for i, item in enumerate(value) if isinstance(value, list) else ():
-        _whole(path, f"{key}[{i}]", item, limit)
-    if not isinstance(value, list):
-        _config_size(path, cfg, key, limit)
+def check_config_sizes(path: Path, cfg: dict[str, Any], limits: Mapping[str, int]) -> None:
+    """Each config key of ``limits``, a number or a list of them (one per level), each number as
+    :func:`_config_size` checks it against the key's limit (absent keys pass)."""
+    for key, limit in limits.items():
+        value = cfg.get(key)
+        for i, item in enumerate(value) if isinstance(value, list) else ():
+            _whole(path, f"{key}[{i}]", item, limit)
+        if not isinstance(value, list):
+            _config_size(path, cfg, key, limit)
 
 
 def _whole(path: Path, name: str, value: Any, limit: int) -> int:

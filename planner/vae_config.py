@@ -13,14 +13,21 @@ checks it fits a unet2d use: ``latent_channels`` equal to the UNet's ``in_channe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from planner.pretrained import CONFIG_FILE, PretrainedError, check_tensors, read_json
+from planner.pretrained import CONFIG_FILE, PretrainedError, check_config_sizes, check_tensors, read_json
+from planner.spec import MAX_IMAGE_SIZE, MAX_LAYERS_PER_COMPONENT, MAX_WIDTH
 
 CLASS_NAME = "AutoencoderKL"
+# config key -> the limit of its number (or of each per level), as a UNet's (planner.unet_config.SIZE_LIMITS)
+SIZE_LIMITS = {"block_out_channels": MAX_WIDTH, "in_channels": MAX_WIDTH, "out_channels": MAX_WIDTH,
+               "latent_channels": MAX_WIDTH, "layers_per_block": MAX_LAYERS_PER_COMPONENT, "norm_num_groups": MAX_WIDTH,
+               "sample_size": MAX_IMAGE_SIZE}
+MAX_LEVELS = int(math.log2(MAX_IMAGE_SIZE)) + 1  # the images a data source loads are latents x 2^(levels - 1) wide
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,21 @@ def _resolve(path: str, where: str) -> VaeInfo:
     if not isinstance(cfg.get("block_out_channels"), list) or not cfg["block_out_channels"]:
         raise PretrainedError(f"{where} ({folder / CONFIG_FILE}): 'block_out_channels' is missing; an {CLASS_NAME} "
                               "config has it. Re-save the model with save_pretrained.")
+    try:
+        check_config_sizes(folder / CONFIG_FILE, cfg, SIZE_LIMITS)
+    except PretrainedError as exc:
+        raise PretrainedError(f"{where}: {exc}") from None
+    levels = len(cfg["block_out_channels"])
+    if levels > MAX_LEVELS:
+        raise PretrainedError(f"{where}: {folder / CONFIG_FILE}: block_out_channels has {levels} levels, more than "
+                              f"{MAX_LEVELS} (each halves the image side; images would be over {MAX_IMAGE_SIZE} "
+                              "pixels wide). Fix config.json, or re-save the model with save_pretrained.")
+    for key in ("scaling_factor", "shift_factor"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not math.isfinite(value)):
+            raise PretrainedError(f"{where}: {folder / CONFIG_FILE}: {key} ({value!r}) is not a finite number. Fix "
+                                  "config.json, or re-save the model with save_pretrained.")
     check_tensors(folder, encoder_tensors(cfg))
     return VaeInfo(path, cfg)
 

@@ -151,6 +151,23 @@ def test_bad_vae_inputs_are_one_error_line(folders, tmp_path):
     assert "vae: format text has no images to encode" in _validate(tmp_path, doc)
 
 
+@pytest.mark.parametrize("changes, expected", [
+    ({"latent_channels": "4"}, "latent_channels ('4') is not a whole number in 1..1048576"),
+    ({"block_out_channels": [32, 0]}, "block_out_channels[1] (0) is not a whole number"),
+    ({"in_channels": 1e12}, "in_channels (1000000000000.0) is not a whole number"),
+    ({"block_out_channels": [32] * 21}, "block_out_channels has 21 levels, more than 17 (each halves the image side"),
+    ({"scaling_factor": "x"}, "scaling_factor ('x') is not a finite number"),
+], ids=["text-channels", "zero-channels", "huge-channels", "levels", "scaling"])
+def test_vae_config_sizes_are_checked_at_validate(folders, tmp_path, changes, expected):
+    """A VAE's config.json gets the limits a UNet's does: `2 ** 20` times larger images, or int('x') in a worker,
+    were found only by the run."""
+    shutil.copytree(folders / "vae", tmp_path / "vae-big")
+    cfg = json.loads((tmp_path / "vae-big" / "config.json").read_text())
+    (tmp_path / "vae-big" / "config.json").write_text(json.dumps(cfg | changes))
+    line = _validate(tmp_path, job_doc(folders, vae=str(tmp_path / "vae-big")))
+    assert line.startswith(f"error: tasks[0].data.vae: {tmp_path / 'vae-big' / 'config.json'}: {expected}"), line
+
+
 def test_check_vae_without_latent_uses(folders):
     doc = job_doc(folders)
     doc["components"]["unet"] = {"kind": "vit", "num_layers": 1, "hidden_size": 32, "num_heads": 4, "patch_size": 4,
