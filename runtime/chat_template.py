@@ -110,7 +110,8 @@ def check_chat_template(folder: Path, where: str, records: Records, messages_fie
         reason = str(exc.message).rstrip(".")
         raise DataError(f"{where}: {path}: the chat template does not compile (line {exc.lineno}: {reason}). Fix its "
                         "syntax.") from None
-    tokens, prefixes = _special_tokens(folder), not GENERATION_TAG.search(source)
+    # what transformers passes besides the messages (tools and documents None, not undefined: `is not none` tests)
+    given, prefixes = {"tools": None, "documents": None, **_special_tokens(folder)}, not GENERATION_TAG.search(source)
     seen: set[tuple[str, ...]] = set()
     for row, line in zip(records.rows, records.lines):
         messages = row[messages_field]
@@ -119,9 +120,9 @@ def check_chat_template(folder: Path, where: str, records: Records, messages_fie
             continue
         seen.add(roles)
         try:
-            template.render(messages=messages, add_generation_prompt=False, **tokens)
+            template.render(messages=messages, add_generation_prompt=False, **given)
             for i in (i for i, role in enumerate(roles) if role == "assistant" and prefixes):
-                template.render(messages=messages[:i], add_generation_prompt=True, **tokens)
+                template.render(messages=messages[:i], add_generation_prompt=True, **given)
         except Exception as exc:  # noqa: BLE001 - the template is the user's code: any error it raises is theirs
             text = str(exc).splitlines()[0] if str(exc) else ""
             raise DataError(f"{where}: {path}: the chat template fails on {records.path} line {line} "

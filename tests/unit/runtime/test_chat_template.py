@@ -27,7 +27,8 @@ RICH = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% if m['role'] == 
         "{% if m['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('bad role') }}{% endif %}"
         "{% set ns.n = ns.n + 1 %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
         "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{{ {'turns': ns.n} | tojson }}{{ eos_token }}")
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{{ {'turns': ns.n} | tojson }}{{ eos_token }}"
+        "{% if tools is not none %}{{ tools | tojson }}{% endif %}")
 
 
 @pytest.fixture
@@ -123,7 +124,7 @@ def test_templates_transformers_renders_pass_and_render_as_transformers_does(tok
     source, _ = read_chat_template(tok_dir, "x")
     rendered = chat_template._environment().from_string(source)
     assert isinstance(chat_template._environment(), ImmutableSandboxedEnvironment)
-    tokens = chat_template._special_tokens(tok_dir)
+    tokens = chat_template._special_tokens(tok_dir) | {"tools": None, "documents": None}
     for messages, prompt in ((CONVO, False), (CONVO[:2], True)):
         assert rendered.render(messages=messages, add_generation_prompt=prompt, **tokens) == (
             tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt))
