@@ -310,19 +310,14 @@ def check_plan_matches_job(plan: Plan, graph: MetaGraph, source: str = "plan", j
     dependencies first, then every field: planner.validate.check_program), only layouts the runtime runs (tensor
     parallelism only on kinds with a ``tp_variant``, planner.kinds), and a plan that makes sense
     (planner.validate.check_plan) whose program (pieces, holdings, buckets, process groups) is the one
-    planner.program derives from its waves for these MetaOps (check_program). With ``job_name`` given (the driver's
-    callers), the plan's ``job`` must be that name: a plan edited and sealed again for another job's MetaOps is not
-    this job's. The job's cluster and training settings may differ: a plan is a schedule of these MetaOps; its
-    generate and sample uses must run as the runtime runs them (planner.generation.modes_refused). A SpecError
-    naming ``source``."""
+    planner.program derives from its waves for these MetaOps (check_program). The job's name, cluster and training
+    settings may differ: a plan is a schedule of these MetaOps; its generate and sample uses must run as the runtime
+    runs them (planner.generation.modes_refused). A SpecError naming ``source``."""
     from planner.generation import modes_refused
     from planner.validate import check_plan, check_program, placed_schedule  # the driver's: workers import this
     # module for its head checks
 
     check_plan(plan, source)
-    if job_name is not None and plan.job != job_name:
-        raise SpecError(f"{source}: the plan was made for job '{plan.job}' (plan {plan.hash}), not for job "
-                        f"'{job_name}'. Re-run `loom plan JOB.yaml --save PLAN.json` for this job.")
     want = [(op.name, op.key, op.num_layers, op.batch_size, list(op.deps)) for op in graph.metaops]
     have = [(op.name, op.layer_key, op.num_layers, op.batch_size, op.deps) for op in plan.metaops]
     if want != have:
