@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field as dataclass_field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -138,7 +138,7 @@ class Architecture:
     refuse: Callable[[dict[str, Any]], str | None] | None = None  # why a config cannot run exactly (None: it can)
     # config keys ``derive``, ``refuse`` and ``tensors`` read, each a number or a list of them (one per level), with
     # the limit of each number: checked first, so that none of them iterates over or divides by an unchecked size
-    sizes: Mapping[str, int] = field(default_factory=dict)
+    sizes: Mapping[str, int] = dataclass_field(default_factory=dict)
 
 
 _LLAMA_FIELDS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
