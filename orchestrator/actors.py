@@ -143,17 +143,15 @@ class WaveActor:
 
         from orchestrator.recipes import load_recipe
         from runtime.executor import Groups, WaveWorker
-        from runtime.host import backend_for, configure_worker_process, pin_worker, worker_device
+        from runtime.host import backend_for, configure_worker_process, worker_device
         from runtime.payload import WorkerPayload
 
         payload = WorkerPayload.from_json(self.payload_json, f"rank {self.rank}'s payload")
         load_recipe(payload)  # the recipe's losses and dataset (by the job's recipe name), registered in this process
         # Ray shows an actor given a GPU that GPU alone, as cuda:0; an actor given none computes on CPU whatever it sees
         device = worker_device(payload) if self.use_gpu else torch.device("cpu")
-        configure_worker_process(device)
-        if device.type == "cpu":  # its own CPU where the node's workers are exactly its CPUs (runtime.host)
-            per_node = payload.cluster.devices_per_node
-            pin_worker(self.rank % per_node, per_node)
+        per_node = payload.cluster.devices_per_node  # on CPU, its own CPU where they are the node's CPUs
+        configure_worker_process(device, (self.rank % per_node, per_node))
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         store = rendezvous_store(master_addr, master_port, self.rank, self.world_size)
         dist.init_process_group(backend_for(device), store=store, rank=self.rank, world_size=self.world_size,

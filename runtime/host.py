@@ -16,8 +16,9 @@ Ray's own processes (driver, raylet, GCS) wake, its caches go cold, and the othe
 collective. Interleaved `loom run`s with one profile (session 24, beside a test run at load 3-5): chat-sft's median
 step 17.8-19.6 ms unpinned, 13.0-13.3 ms pinned; caption's 39-47 against 27-28 ms. Fewer workers than CPUs leave the
 kernel room to place them (and other jobs' workers), more would pin two to a core while another core idles: neither
-is pinned. :func:`pinned` applies the same rule to ``loom profile``'s timing processes, so the profile measures the
-layers as the run computes them.
+is pinned. ``loom profile``'s timing processes and runtime.local_world's gloo worlds (bench.runtime, the equivalence
+tests) are pinned by the same rule (``configure_worker_process``'s ``slot``, :func:`pinned`), so the profile measures
+the layers as the run computes them.
 """
 
 from __future__ import annotations
@@ -71,15 +72,18 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def configure_worker_process(device: torch.device | str = "cpu") -> None:
+def configure_worker_process(device: torch.device | str = "cpu", slot: tuple[int, int] | None = None) -> None:
     """A device's worker process: on CPU one intra-op thread (one logical CPU per worker; more only oversubscribe
-    the cores) and freed memory kept; on a GPU, that GPU as the process's current device."""
+    the cores), freed memory kept and, with ``slot`` (its index among the node's workers, their number), pinned by
+    :func:`pin_worker`'s rule; on a GPU, that GPU as the process's current device."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         return
     torch.set_num_threads(1)
     keep_freed_memory()
+    if slot is not None:
+        pin_worker(*slot)
 
 
 def pin_cpu(index: int, workers: int) -> int | None:

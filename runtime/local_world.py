@@ -52,7 +52,8 @@ def _worker(rank: int, world_size: int, port: int, payloads: list[str], steps: i
     if setup is not None:
         setup(payload)
     device = worker_device(payload, rank)  # this host's GPUs in turn for a GPU job, else the CPU
-    configure_worker_process(device)
+    per_node = payload.cluster.devices_per_node  # pinned as a Ray actor of the run would be (runtime.host)
+    configure_worker_process(device, (rank % per_node, per_node))
     dist.init_process_group(backend_for(device), rank=rank, world_size=world_size)
     try:
         from runtime.executor import Groups, WaveWorker

@@ -51,7 +51,7 @@ from runtime.checks import feature_shape
 from runtime.assignment import input_order
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
-from runtime.host import configure_worker_process, pin_worker, pinned, worker_device
+from runtime.host import configure_worker_process, pinned, worker_device
 from runtime.modules import build_layer, layer_kwargs
 from runtime.profile_modes import mode_timer, output_shape, rollout_rows
 from runtime.profile_step import message_sizes, module_sizes, optimizer_points
@@ -157,8 +157,7 @@ def busy_neighbours(job: JobSpec, count: int):
 
 
 def _keep_busy(job_json: str, stop, ready, index: int, workers: int) -> None:
-    configure_worker_process()
-    pin_worker(index, workers)  # as a run's workers (runtime.host)
+    configure_worker_process(slot=(index, workers))  # pinned as a run's workers are (runtime.host)
     timers = [run for runs in layer_timers(JobSpec.model_validate_json(job_json), torch.device("cpu")).values()
               for run in runs.values()]
     ready.wait()
@@ -231,8 +230,7 @@ def _measure_worker_side(job: JobSpec, repeats: int, warmup: int, barrier=None,
 
 def _measure_in_worker(rank: int, job_json: str, repeats: int, warmup: int, barrier, out_dir: str,
                        workers: int) -> None:
-    configure_worker_process()
-    pin_worker(rank, workers)  # as a run's workers (runtime.host)
+    configure_worker_process(slot=(rank, workers))  # pinned as a run's workers are (runtime.host)
     result = _measure_worker_side(JobSpec.model_validate_json(job_json), repeats, warmup, barrier)
     (Path(out_dir) / f"{rank}.json").write_text(json.dumps(result))
 
@@ -429,8 +427,7 @@ are (runtime.host.pin_worker). The planner fits each to a latency and a bandwidt
 def _time_links(rank: int, port: int, repeats: int, warmup: int, sizes: tuple[int, ...], out_dir: str,
                 workers: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    configure_worker_process()
-    pin_worker(rank, workers)
+    configure_worker_process(slot=(rank, workers))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         def timed(run: Callable[[], None]) -> float:
