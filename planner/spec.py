@@ -8,7 +8,7 @@ expected and, for a misspelt key or name, the closest valid one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -63,7 +63,9 @@ class ComponentSpec(StrictModel):
     patch_size: int | None = Field(None, ge=1, description="ViT patch side in pixels.")
     in_channels: int | None = Field(None, ge=1, description="Input channels (vit, unet2d).")
     cross_seq_len: int | None = Field(None, ge=1, description="Length of the sequence a decoder cross-attends to.")
-    channel_mults: list[int] | None = Field(None, description="unet2d: channel multiplier per resolution level.")
+    channel_mults: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="unet2d: channel multiplier per resolution level (at most MAX_LEVELS levels: each halves the "
+        "image; docs/job-spec.md, Limits).")
     out_features: int | None = Field(None, ge=1, description="mlp: output width (classes, embedding size).")
     pretrained: str | None = Field(
         None,
@@ -419,7 +421,8 @@ MAX_TOTAL_LAYERS = 16_384  # layers the planner schedules: num_layers summed ove
 MAX_BATCH_SIZE = 1_048_576  # tasks[i].batch_size (samples per iteration)
 MAX_SEQ_LEN = 2_097_152  # seq_len and cross_seq_len, of a component or a use (2M tokens)
 MAX_IMAGE_SIZE = 65_536  # image_size in pixels, of a component or a use
-MAX_WIDTH = 1_048_576  # hidden_size, ffn_hidden_size, vocab_size, out_features
+MAX_WIDTH = 1_048_576  # hidden_size, ffn_hidden_size, vocab_size, out_features (and a unet2d level's channels)
+MAX_LEVELS = MAX_IMAGE_SIZE.bit_length()  # 17: unet2d channel_mults entries, a VAE's levels (each halves the side)
 
 
 class JobSpec(StrictModel):
@@ -563,6 +566,10 @@ class JobSpec(StrictModel):
         values that pass their field's ``ge=1`` but would make planning run for hours or exhaust memory."""
         checks = [("cluster.num_nodes * cluster.devices_per_node", self.cluster.num_devices, MAX_DEVICES, "devices")]
         for name, comp in self.components.items():
+            _check_levels(f"components.{name}", comp)
+            if comp.channel_mults:
+                checks.append((f"components.{name}.hidden_size x max(channel_mults)",
+                               comp.hidden_size * max(comp.channel_mults), MAX_WIDTH, "channels"))
             checks.append((f"components.{name}.num_layers", comp.num_layers, MAX_LAYERS_PER_COMPONENT,
                            "layers per component"))
             checks += [(f"components.{name}.{field}", getattr(comp, field), limit, what) for field, limit, what in (
@@ -644,6 +651,18 @@ def _inner_model(annotation: Any) -> Any:
         if inner is not None:
             return inner
     return None
+
+
+def _check_levels(where: str, comp: ComponentSpec) -> None:
+    """A unet2d's ``channel_mults`` has at most MAX_LEVELS entries: the planner's blocks grow with them, and each level
+    halves the image side, so a use's image_size (at most MAX_IMAGE_SIZE) is divisible by 2^(levels - 1) only up to
+    there."""
+    levels = len(comp.channel_mults or ())
+    if levels > MAX_LEVELS:
+        raise ValueError(f"{where}.channel_mults ({levels} levels) is over the limit of {MAX_LEVELS} resolution levels "
+                         f"that keeps planning bounded (each level halves the image side; an image of at most "
+                         f"{MAX_IMAGE_SIZE} pixels has {MAX_LEVELS}). Use fewer levels (see docs/job-spec.md, "
+                         "Limits).")
 
 
 def _format_error(model: type[BaseModel], err: dict[str, Any]) -> str:

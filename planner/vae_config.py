@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from planner.pretrained import CONFIG_FILE, PretrainedError, check_config_sizes, check_tensors, read_json
-from planner.spec import MAX_IMAGE_SIZE, MAX_LAYERS_PER_COMPONENT, MAX_WIDTH
+from planner.spec import MAX_IMAGE_SIZE, MAX_LAYERS_PER_COMPONENT, MAX_LEVELS, MAX_WIDTH
 
 CLASS_NAME = "AutoencoderKL"
 # config key -> the limit of its number (or of each per level), as a UNet's (planner.unet_config.SIZE_LIMITS)
 SIZE_LIMITS = {"block_out_channels": MAX_WIDTH, "in_channels": MAX_WIDTH, "out_channels": MAX_WIDTH,
                "latent_channels": MAX_WIDTH, "layers_per_block": MAX_LAYERS_PER_COMPONENT, "norm_num_groups": MAX_WIDTH,
                "sample_size": MAX_IMAGE_SIZE}
-MAX_LEVELS = int(math.log2(MAX_IMAGE_SIZE)) + 1  # the images a data source loads are latents x 2^(levels - 1) wide
 
 
 @dataclass(frozen=True)

@@ -189,6 +189,46 @@ def test_size_limits_name_the_field(key: str, limit: int, path: str) -> None:
     assert parse_job(job_with(**{key: limit}))
 
 
+UNET = {"kind": "unet2d", "num_layers": 1, "hidden_size": 8, "num_heads": 2, "in_channels": 4}
+
+
+def unet_job(channel_mults: list[int]) -> dict:
+    """BASE with a unet2d on images of the largest side, whose 2^16 allows the most levels (17)."""
+    return job_with(**{"components.u": {**UNET, "channel_mults": channel_mults},
+                       "tasks": [{"name": "d", "batch_size": 4, "loss": "mse",
+                                  "components": [{"component": "u", "image_size": spec.MAX_IMAGE_SIZE}]}]})
+
+
+def test_unet_levels_are_bounded_like_a_vaes() -> None:
+    """channel_mults had no length limit while the planner's blocks grow with it: a 5,000-level list was refused
+    only by its use's image_size ("divisible by 2^4999"), and not at all by a component no task uses. The limit is
+    a VAE's (planner.vae_config): one level more than the halvings of the largest image."""
+    from planner import vae_config
+
+    assert spec.MAX_LEVELS == vae_config.MAX_LEVELS == 17 and 2 ** (spec.MAX_LEVELS - 1) == spec.MAX_IMAGE_SIZE
+    assert parse_job(unet_job([1] * spec.MAX_LEVELS)).components["u"].channel_mults == [1] * spec.MAX_LEVELS
+    for levels in (spec.MAX_LEVELS + 1, 5_000):
+        assert limit_error(unet_job([1] * levels)) == (
+            f"components.u.channel_mults ({levels} levels) is over the limit of {spec.MAX_LEVELS} resolution levels "
+            f"that keeps planning bounded (each level halves the image side; an image of at most "
+            f"{spec.MAX_IMAGE_SIZE} pixels has {spec.MAX_LEVELS}). Use fewer levels (see docs/job-spec.md, Limits).")
+    unused = job_with(**{"components.u": {**UNET, "channel_mults": [1] * 5_000}})
+    assert "components.u.channel_mults (5000 levels) is over the limit" in limit_error(unused)
+
+
+def test_unet_level_widths_are_whole_and_bounded() -> None:
+    """A multiplier of 0 or below made a level of no channels, and one of 10^8 a level far over MAX_WIDTH; both
+    validated."""
+    assert limit_error(unet_job([0, 1])) == ("components.u.channel_mults[0] (0): input should be greater than or "
+                                              "equal to 1. Fix the value in the spec.")
+    assert limit_error(unet_job([1, -2])).startswith("components.u.channel_mults[1] (-2): input should be greater")
+    wide = spec.MAX_WIDTH // UNET["hidden_size"]
+    assert parse_job(unet_job([1, wide]))
+    assert limit_error(unet_job([1, wide + 1])) == (
+        f"components.u.hidden_size x max(channel_mults) ({UNET['hidden_size'] * (wide + 1)}) is over the limit of "
+        f"{spec.MAX_WIDTH} channels that keeps planning bounded. Use a smaller value (see docs/job-spec.md, Limits).")
+
+
 def test_examples_are_within_the_limits() -> None:
     root = Path(__file__).resolve().parents[3]
     for path in sorted((root / "examples").glob("*.yaml")) + sorted((root / "bench" / "workloads").glob("*.yaml")):
