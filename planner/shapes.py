@@ -21,16 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from planner.errors import LoomError, SpecError, did_you_mean
 from planner.spec import (
     MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MAX_SEQ_LEN, JobSpec, StrictModel, _format_error, _path_str,
 )
-from planner.spec_file import YamlKind, load_yaml
+from planner.spec_file import MAX_SPEC_BYTES, YamlKind, load_yaml
 
 MAX_POINTS = 1024  # distinct shapes a file may describe: every candidate plan is priced at each
-MAX_BATCHES = 100_000  # entries of `batches:`
+# entries of `batches:`: 4,096, what a shapes file (read as a job spec: at most MAX_SPEC_BYTES) holds at 64 bytes an
+# entry (a task or two and a weight); a longer log gives each distinct batch once, its count as the weight
+MAX_BATCHES = MAX_SPEC_BYTES // 64
 MAX_BUCKETS = 8  # plans in one cache: 2 candidates per bucket (+2) are planned in full
 FIELDS = ("batch_size", "seq_len", "image_size")
 SHAPES_FILE = YamlKind("shapes file", "give the --shapes file (YAML or JSON; docs/shapes.md)")
@@ -76,9 +78,20 @@ class ShapesSpec(StrictModel):
         "priced", description="priced: plans may hold parameters on different devices, the switch priced; shared: "
         "only plans that hold every parameter where the best static plan does (switching moves nothing).")
     batches: list[BatchSample] | None = Field(
-        None, min_length=1, max_length=MAX_BATCHES, description="A sample of batches, each one step's shapes.")
+        None, min_length=1, description="A sample of batches, each one step's shapes (at most MAX_BATCHES; each "
+        "distinct batch once, with its count as its weight, describes any longer log).")
     distribution: dict[str, TaskDistribution] | None = Field(
         None, min_length=1, description="Per task, independent distributions of its shapes.")
+
+    @field_validator("batches", mode="before")
+    @classmethod
+    def _few_batches(cls, batches: Any) -> Any:
+        """At most MAX_BATCHES entries, before each is validated (a dict given to parse_shapes is not size-capped)."""
+        if isinstance(batches, list) and len(batches) > MAX_BATCHES:
+            raise ValueError(f"{len(batches)} entries, over the limit of {MAX_BATCHES} (what a shapes file of at most "
+                             f"{MAX_SPEC_BYTES // 1024} KiB holds). Give each distinct batch once, with how often it "
+                             "occurs as its `weight` (docs/shapes.md).")
+        return batches
 
     @model_validator(mode="after")
     def _one_source(self) -> ShapesSpec:

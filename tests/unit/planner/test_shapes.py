@@ -79,6 +79,30 @@ def test_bad_shapes_are_one_spec_error_naming_the_file_and_path(job, doc, expect
     assert "\n" not in str(err.value)
 
 
+def test_the_batches_limit_is_what_a_shapes_file_holds(job, tmp_path):
+    """A shapes file is read as a job spec, at most MAX_SPEC_BYTES (256 KiB), while `batches:` allowed 100,000
+    entries: several MB, which no file could hold (a 100,000-entry log of 6.8 MB was refused by its size, and took
+    PyYAML 40 s to parse). The entry limit is what the file holds at 64 bytes an entry: a file at the limit loads, one
+    entry more is refused by its count, with the fix (each distinct batch once, weighted)."""
+    from planner.shapes import MAX_BATCHES
+    from planner.spec_file import MAX_SPEC_BYTES
+
+    entry = "  - {weight: 2, tasks: {caption: {batch_size: 16}, rate: {batch_size: 8}}}\n"  # 76 bytes
+    path = tmp_path / "log.yaml"
+    path.write_text("batches:\n" + entry * MAX_BATCHES)
+    assert MAX_BATCHES * 64 <= MAX_SPEC_BYTES < path.stat().st_size  # entries longer than 64 bytes: the size limit
+    with pytest.raises(SpecError, match="bytes is too large for a shapes file"):
+        load_shapes(path, job)
+    path.write_text("batches:\n" + entry.replace(", rate: {batch_size: 8}", "") * MAX_BATCHES)
+    shapes = load_shapes(path, job)
+    assert len(shapes.points) == 1
+    with pytest.raises(SpecError) as err:
+        parse_shapes({"batches": [{"tasks": {}}] * (MAX_BATCHES + 1)}, job, "s.yaml")
+    assert str(err.value) == (f"s.yaml: batches: {MAX_BATCHES + 1} entries, over the limit of {MAX_BATCHES} (what a "
+                              "shapes file of at most 256 KiB holds). Give each distinct batch once, with how often "
+                              "it occurs as its `weight` (docs/shapes.md).")
+
+
 def test_a_file_that_is_not_a_mapping_or_not_yaml_is_an_error(job, tmp_path):
     (tmp_path / "list.yaml").write_text("[1, 2]\n")
     with pytest.raises(SpecError, match="list.yaml: the top level must be a mapping"):
