@@ -215,10 +215,11 @@ def parse_pipeline(data: dict[str, Any], steps: Mapping[str, tuple[str, ...]], b
     if "tasks" in data:
         raise SpecError("tasks: a phased job lists its tasks under each phase (phases[i].tasks). Move them there.")
     doc = {k: v for k, v in data.items() if k != "phases"}
-    for ref in references(doc.get("components", {}), "components"):
-        raise SpecError(f"{ref.where} ('@{ref.phase}/{ref.artifact}'): a top-level component is shared by every "
-                        "phase and cannot read a phase's artifact. Override it in the phase that reads it "
-                        "(phases[i].components).")
+    for section, what in (("components", "component"), ("data_dir", "data_dir")):  # what every phase reads
+        for ref in references(doc.get(section), section):
+            raise SpecError(f"{ref.where} ('@{ref.phase}/{ref.artifact}'): a top-level {what} is shared by every "
+                            "phase and cannot read a phase's artifact (references are resolved per phase only). "
+                            f"Override it in the phase that reads it (phases[i].{section}).")
     specs = [_phase_spec(item, i) for i, item in enumerate(raw)]
     names = [s.name for s in specs]
     written: dict[str, tuple[str, ...]] = {}

@@ -190,6 +190,21 @@ def test_a_data_dir_reference_is_resolved_when_its_phase_starts_and_must_exist(m
     assert not (tmp_path / "out" / "tune").exists()
 
 
+def test_a_top_level_data_dir_reference_is_refused_naming_the_phase_field(models, tmp_path):
+    """A top-level data_dir is every phase's: a reference there was resolved for each phase (even for the phase it
+    names, or a phase that does not exist), then `loom validate` said "no such folder" and `loom plan` planned it."""
+    doc = phased_job(models) | {"data_dir": "@merge/model"}
+    job = write(tmp_path / "job.yaml", doc)
+    for command in (["validate", str(job)], ["plan", str(job)], ["run", str(job), "--out", str(tmp_path / "o")]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().splitlines() == [
+            "error: data_dir ('@merge/model'): a top-level data_dir is shared by every phase and cannot read a "
+            "phase's artifact (references are resolved per phase only). Override it in the phase that reads it "
+            "(phases[i].data_dir)."]
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("out", ["afile", "afile/sub", "/proc/self", "/sys/loom-out"])
 def test_an_unwritable_out_of_a_phased_job_is_refused_before_its_phases_are_checked(models, tmp_path, monkeypatch,
                                                                                      out):

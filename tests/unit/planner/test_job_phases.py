@@ -116,6 +116,12 @@ def test_a_later_phase_is_a_cycle_naming_the_order():
     ({"phases": []}, "phases: expected a non-empty list"),
     ({"components": {"enc": {**JOB["components"]["enc"], "pretrained": "@a/model"}}},
      "components.enc.pretrained ('@a/model'): a top-level component is shared by every phase"),
+    # phase_document copies it into every phase, whose own data_dir check then said "no such folder" (validate) or
+    # nothing at all (plan; '@nosuch/model' too)
+    ({"data_dir": "@a/model"}, "data_dir ('@a/model'): a top-level data_dir is shared by every phase and cannot read "
+     "a phase's artifact (references are resolved per phase only). Override it in the phase that reads it "
+     "(phases[i].data_dir)."),
+    ({"data_dir": "@nosuch/model"}, "data_dir ('@nosuch/model'): a top-level data_dir is shared by every phase"),
 ])
 def test_bad_top_level_sections(change, expected):
     assert expected in error_of({**copy.deepcopy(JOB), **change})
