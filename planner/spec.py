@@ -456,6 +456,16 @@ class JobSpec(StrictModel):
         return str((Path(base) / Path(data_dir).expanduser()).absolute())
 
     @model_validator(mode="after")
+    def _check_data_dir_has_a_recipe(self) -> JobSpec:
+        """Only a recipe's dataset reads ``data_dir`` (runtime.data.register_dataset; a task's own ``data:`` names
+        its files): without ``recipe:`` the folder would be ignored and the job train on synthetic data."""
+        if self.data_dir is not None and self.recipe is None:
+            raise ValueError(f"data_dir ({self.data_dir}) is read only by a recipe's dataset, and this job has no "
+                             "`recipe:`, so it would be ignored. Set `recipe:` (docs/recipes/), give each task its "
+                             "files under `data:` (docs/data.md), or remove data_dir.")
+        return self
+
+    @model_validator(mode="after")
     def _check_pretrained_uses(self) -> JobSpec:
         """Every use of a pretrained component within the positions its model embeds (planner.pretrained)."""
         from planner.pretrained import check_use  # local: only pretrained components need it

@@ -85,12 +85,26 @@ def test_a_trainable_job_validates_in_one_line(tmp_path: Path) -> None:
     assert len(result.stdout.splitlines()) == 1 and "valid." in result.stdout
 
 
+def test_validate_plan_and_run_refuse_a_data_dir_without_a_recipe(tmp_path: Path) -> None:
+    """Only a recipe's dataset reads data_dir: without `recipe:` an existing folder validated and was ignored."""
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({**TRAINABLE, "data_dir": "."}))
+    expected = (f"error: data_dir ({tmp_path}) is read only by a recipe's dataset, and this job has no `recipe:`, so "
+                "it would be ignored. Set `recipe:` (docs/recipes/), give each task its files under `data:` "
+                "(docs/data.md), or remove data_dir.")
+    for command in (["validate", str(job)], ["plan", str(job)], ["run", str(job), "--out", str(tmp_path / "out")]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip() == expected and result.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("data_dir, what", [("nowhere", "no such folder"), ("job.yaml", "not a folder")])
 def test_validate_and_run_refuse_a_data_dir_that_is_no_folder(tmp_path: Path, data_dir: str, what: str) -> None:
     """A relative data_dir is read from the spec's folder; one that names no folder is refused before anything runs,
     by `loom validate` as by `loom run`."""
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({**TRAINABLE, "data_dir": data_dir}))
+    job.write_text(yaml.safe_dump({**TRAINABLE, "recipe": "medical", "data_dir": data_dir}))
     expected = (f"error: data_dir ({tmp_path / data_dir}): {what}; it holds the recipe's real data, one subfolder "
                 "per split (docs/recipes/<recipe>.md). Fix the path, or remove data_dir for synthetic data.")
     for command in (["validate", str(job)], ["run", str(job), "--out", str(tmp_path / "out")]):

@@ -160,7 +160,7 @@ def test_an_average_written_as_an_unknown_component_is_refused_by_validate(model
 def test_a_phases_plain_data_dir_must_exist_before_anything_runs(models, tmp_path, reads_artifacts):
     """A plain data_dir is checked by validate and before a run claims OUT, also in a phase whose tasks read an
     earlier phase's artifact (those are checked when the phase starts)."""
-    doc = phased_job(models)
+    doc = phased_job(models) | {"recipe": "alignment"}
     doc["phases"][2]["data_dir"] = "nowhere"
     if reads_artifacts:
         doc["phases"][2]["tasks"] = [{**doc["phases"][2]["tasks"][0], "data": {"format": "text",
@@ -177,7 +177,7 @@ def test_a_phases_plain_data_dir_must_exist_before_anything_runs(models, tmp_pat
 
 
 def test_a_data_dir_reference_is_resolved_when_its_phase_starts_and_must_exist(models, tmp_path):
-    doc = phased_job(models)
+    doc = phased_job(models) | {"recipe": "alignment"}
     doc["phases"][2]["data_dir"] = "@merge/model/rows"
     pipeline = read_pipeline(write(tmp_path / "job.yaml", doc))
     runner = PipelineRunner(pipeline, RunOptions(out_dir=tmp_path / "out"))

@@ -361,13 +361,23 @@ def test_every_reader_of_after_agrees_with_upstream_names() -> None:
 
 
 def test_a_relative_data_dir_is_read_from_the_spec_files_folder(tmp_path) -> None:
-    data = yaml.safe_load(JOB_YAML)
-    data["data_dir"] = "../real"
+    data = yaml.safe_load(JOB_YAML) | {"recipe": "medical", "data_dir": "../real"}
     (tmp_path / "jobs").mkdir()
     path = tmp_path / "jobs" / "job.yaml"
     path.write_text(yaml.safe_dump(data))
     assert load_job(path).data_dir == str((tmp_path / "jobs" / ".." / "real").absolute())
     assert parse_job(data).data_dir == "../real"  # no spec file: as given, from the cwd
+
+
+def test_a_data_dir_without_a_recipe_is_refused() -> None:
+    """Only a recipe's dataset reads data_dir (the built-in synthetic data and a task's `data:` do not): without
+    `recipe:` it was checked to be a folder and then ignored, the job training on synthetic data."""
+    data = yaml.safe_load(JOB_YAML) | {"data_dir": "/data/real"}
+    with pytest.raises(SpecError) as err:
+        parse_job(data)
+    assert str(err.value) == ("data_dir (/data/real) is read only by a recipe's dataset, and this job has no "
+                              "`recipe:`, so it would be ignored. Set `recipe:` (docs/recipes/), give each task its "
+                              "files under `data:` (docs/data.md), or remove data_dir.")
 
 
 def test_after_may_not_name_a_use_twice():
