@@ -455,6 +455,7 @@ def run(
     given_plan = load_plan(plan_path) if plan_path is not None else None
     options = RunOptions(steps=steps, out_dir=out, metrics_port=metrics_port, checkpoint_every=checkpoint_every,
                          resume=resume, overwrite=overwrite, keep_last=keep_last, address=address, costs=costs,
+                         plan_file=plan_path,
                          object_store_from_bytes=OBJECT_STORE_FROM_BYTES if object_store_from is None
                          else int(object_store_from * 1024**2))
     try:

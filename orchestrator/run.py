@@ -95,6 +95,7 @@ class RunOptions:
     keep_last: int | None = None  # keep this many newest complete checkpoints (None: every one)
     address: str | None = None  # join this Ray cluster instead of starting an embedded one
     costs: Path | None = None  # plan with this profiled cost file (`loom profile`) instead of the analytic model
+    plan_file: Path | None = None  # the file the given plan was read from (`--plan`), named in errors about it
     collect_parameters: bool = False  # return every rank's final parameters in RunResult (tests)
     send_ahead: bool = True  # send each step before the previous one's results are back (Driver.may_send_ahead)
     object_store_from_bytes: int = OBJECT_STORE_FROM_BYTES  # CPU pieces this large and larger: object store (0: never)
@@ -260,8 +261,9 @@ class Driver(Recovering):
         return self.folder.path(*parts)
 
     def resolve_plan(self) -> Plan:
-        """The given plan, else the plan a resumed run used (``<out>/plan.json``), else a new one."""
-        plan, source = self.plan, "--plan"
+        """The given plan, else the plan a resumed run used (``<out>/plan.json``), else a new one. Errors name where
+        it came from: ``--plan PATH``, the saved file, or the job (a new plan is its cluster's)."""
+        plan, source = self.plan, "--plan" if self.options.plan_file is None else f"--plan {self.options.plan_file}"
         saved = self.out_dir / PLAN_FILE
         if plan is None and self.options.resume and saved.is_file():
             plan, source = load_plan(saved), str(saved)  # replanning could differ (solver time limits)
@@ -269,8 +271,9 @@ class Driver(Recovering):
                 check_plan_for_job(plan, self.job, source)
             except RunInputError as exc:  # e.g. the job's cluster changed: a new plan, the checkpoint reshards
                 log.info("%s does not fit this job (%s); planning anew", saved, str(exc).split(": ", 1)[-1])
-                plan, source = None, "--plan"
+                plan = None
         if plan is None:
+            source = f"job '{self.job.name}'"
             from planner.api import make_cost_model, plan_job
             from planner.generation import as_run
 

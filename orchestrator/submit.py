@@ -247,7 +247,7 @@ def _check_plan(plan_path: Path, job: JobSpec) -> None:
     from planner.plan import load_plan
     from runtime.checks import check_plan_matches_job
 
-    check_plan_matches_job(load_plan(plan_path), build_metagraph(job), str(plan_path), job.name)
+    check_plan_matches_job(load_plan(plan_path), build_metagraph(job), f"--plan {plan_path}", job.name)
 
 
 def _relative_inside(path: Path, directory: Path) -> str:

@@ -256,7 +256,8 @@ def test_loom_run_refuses_a_bad_plan_before_anything_starts(plan, tmp_path) -> N
 
 def test_loom_run_refuses_more_local_workers_than_the_machine_starts(tmp_path, monkeypatch) -> None:
     """A valid plan for 64 devices, `loom run` on 2 cores without --address: one line, exit 2, before Ray starts
-    (it used to start 64 actors and hang)."""
+    (it used to start 64 actors and hang). The line names the plan file (it said `--plan:` alone), or without
+    --plan the job (it said `--plan:` although none was given)."""
     from typer.testing import CliRunner
 
     from orchestrator.cli import app
@@ -272,7 +273,11 @@ def test_loom_run_refuses_more_local_workers_than_the_machine_starts(tmp_path, m
     result = CliRunner().invoke(app, ["run", str(job), "--plan", str(plan), "--out", str(out)])
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1, (result.stderr, result.exception)
-    assert lines[0].startswith("error: --plan: cluster (1 node(s) x 64 devices) needs 64 worker processes")
+    assert lines[0].startswith(f"error: --plan {plan}: cluster (1 node(s) x 64 devices) needs 64 worker processes")
+    result = CliRunner().invoke(app, ["run", str(job), "--out", str(out)])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2, (result.stderr, result.exception)
+    assert lines[-1].startswith("error: job 'checked': cluster (1 node(s) x 64 devices) needs 64 worker processes")
     assert not out.exists()
 
 

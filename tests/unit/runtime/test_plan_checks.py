@@ -116,5 +116,5 @@ def test_loom_run_and_loom_submit_use_this_check(plan, tmp_path) -> None:
     plan.save(path)
     with pytest.raises(SpecError) as got:
         _check_plan(path, job)
-    assert str(got.value) == str(want.value).replace("p.json", str(path), 1)
+    assert str(got.value) == str(want.value).replace("p.json", f"--plan {path}", 1)
     _check_plan(path, _job(name="renamed"))  # what loom run accepts, loom submit sends
