@@ -156,6 +156,21 @@ def busy_neighbours(job: JobSpec, count: int):
             proc.join()
 
 
+@contextlib.contextmanager
+def as_first_worker(job: JobSpec, processes: int):
+    """The block runs in this process as a run's first worker on its node does: one intra-op thread, beside
+    ``processes - 1`` busy neighbours (:func:`busy_neighbours`) and pinned as that worker is (runtime.host.pinned).
+    The thread count matters with the pin: a process of two OpenMP threads pinned to one CPU took 1.7 s for an
+    AdamW step of 10 ms (bench.runtime, session 24)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with busy_neighbours(job, processes - 1), pinned(0, processes):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _keep_busy(job_json: str, stop, ready, index: int, workers: int) -> None:
     configure_worker_process(slot=(index, workers))  # pinned as a run's workers are (runtime.host)
     timers = [run for runs in layer_timers(JobSpec.model_validate_json(job_json), torch.device("cpu")).values()
@@ -193,7 +208,7 @@ def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) 
 def time_optimizer(job: JobSpec, repeats: int, warmup: int) -> dict:
     """The cost file's optimizer keys (:func:`optimizer_keys`: ``optimizer_s_per_param`` and the fitted ``optimizer``
     step), timed here on the device a worker would use, since the step covers the loss heads, which a recipe
-    registers in this process only (orchestrator.recipes). Time it inside :func:`busy_neighbours`, as a run steps
+    registers in this process only (orchestrator.recipes). Time it inside :func:`as_first_worker`, as a run steps
     beside its other workers."""
     return optimizer_keys(optimizer_points(job, repeats, warmup, worker_device(job)))
 
@@ -250,8 +265,7 @@ def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2, links: bool 
         names = {profile_key(op, Layout(1, 1)): op.name for op in reversed(build_metagraph(job).metaops)}
         for key, pts in points.items():
             say(f"profiled {names[key]} ({processes} at once): " + ", ".join(f"b={b}: {t * 1e3:.2f} ms" for b, t in pts))
-        # beside the other workers' layers, as in a run, and pinned as its first worker would be
-        with busy_neighbours(job, processes - 1), pinned(0, processes):
+        with as_first_worker(job, processes):  # beside the other workers' layers, pinned, as in a run
             optimizer = time_optimizer(job, repeats, warmup)
             embed, head = time_embeddings(job, repeats, warmup, device), time_heads(job, repeats, warmup, device)
             data = time_data(job, repeats, warmup, device)

@@ -32,7 +32,7 @@ from planner.schedule import Problem
 from planner.solver import sequential_schedule
 from planner.spec import load_job
 from runtime.local_world import run_world
-from runtime.profiler import busy_neighbours, profile_job, profile_layers, profile_processes, time_optimizer
+from runtime.profiler import as_first_worker, profile_job, profile_layers, profile_processes, time_optimizer
 
 log = logging.getLogger("bench.runtime")
 DEFAULT_WORKLOAD = REPO_ROOT / "bench" / "runtime" / "hetero.yaml"
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if run and not args.costs:  # profile again: this round's runs are predicted from costs seconds old
             processes = profile_processes(job)
             points = profile_layers(job, PROFILE_REPEATS, 3, processes)
-            with busy_neighbours(job, processes - 1):
+            with as_first_worker(job, processes):  # as profile_job times it
                 optimizer = time_optimizer(job, PROFILE_REPEATS, 3)
             cost_model = cost_model_of(job, {**costs, "points": points, **optimizer})
         for name, plan in plans.items():
