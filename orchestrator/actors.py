@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -111,7 +112,15 @@ def rendezvous_store(master_addr: str, master_port: int, rank: int, world_size: 
 class WaveActor:
     """One rank of a run. ``payload_json`` is this rank's runtime.payload.WorkerPayload as JSON: its Assignment
     (planner.program.assignment: the plan cut to what the rank runs, sends, receives and holds), the component and
-    task specs it builds and runs, the training settings; never the whole job."""
+    task specs it builds and runs, the training settings; never the whole job.
+
+    Ray runs a threaded actor's calls on a pool of threads, so consecutive steps ran on different threads: each
+    thread's first step paid its own warm-up (glibc gives each thread its own heap arena, oneDNN its own scratch
+    buffers), which showed as steps of 1-2 s at random among the first ~8 (quickstart-cpu, steady 0.5 s), and the
+    steady steps reused memory another thread had touched. The worker is built and every step runs on one compute
+    thread of the actor's own (:meth:`_compute`); the other threads only wait for it or answer the driver
+    (``progress``, ``fetch``). Interleaved runs of quickstart-cpu (session 25): the slowest step after the first
+    0.72-0.89 s on the pool, 0.58-0.63 s on one thread, the mean step 4-9% shorter."""
 
     def __init__(self, payload_json: str, rank: int, world_size: int, use_gpu: bool = False):
         self.payload_json = payload_json
@@ -122,6 +131,11 @@ class WaveActor:
         self._turn = threading.Condition()
         self._finished: int | None = None
         self._failed: int | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loom-compute")
+
+    def _compute(self, fn, *args):
+        """``fn(*args)`` on this actor's compute thread (class docstring); its result, or its exception raised here."""
+        return self._thread.submit(fn, *args).result()
 
     def node_id(self) -> str:
         """The Ray node this actor runs on (hex id): the driver checks it against the plan's node of this rank."""
@@ -138,6 +152,9 @@ class WaveActor:
         of that size and more through the object store (:class:`ObjectStoreChannel`).
 
         ValueError or NotImplementedError from the worker mean the job or plan cannot run (user input)."""
+        return self._compute(self._setup, master_addr, master_port, peers, store_from_bytes)
+
+    def _setup(self, master_addr: str, master_port: int, peers: list | None, store_from_bytes: int) -> int:
         import torch
         import torch.distributed as dist
 
@@ -178,7 +195,7 @@ class WaveActor:
             self._wait_turn(step, after)
         try:
             start = time.perf_counter()
-            losses = self.worker.train_step(step)
+            losses = self._compute(self.worker.train_step, step)
         except BaseException:
             with self._turn:
                 self._failed = step
@@ -225,10 +242,11 @@ class WaveActor:
         if fmt != PORTABLE:
             import torch
 
-            self.worker.load_state_dict(torch.load(rank_file(directory, self.rank, fmt), weights_only=True))
+            state = torch.load(rank_file(directory, self.rank, fmt), weights_only=True)
+            self._compute(self.worker.load_state_dict, state)
             return 0
         reader = PortableReader(directory, index, directory)
-        import_state(self.worker, reader)
+        self._compute(import_state, self.worker, reader)
         return reader.tensors_read
 
     def progress(self) -> dict | None:
