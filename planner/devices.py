@@ -38,6 +38,11 @@ class DeviceInfo:
     intra_node_bandwidth: float  # bytes/s, per device, per direction
     intra_latency_s: float
     inter_latency_s: float
+    # whether a collective progresses while the device computes: a GPU's NCCL runs on SMs and copy engines of its own
+    # beside the compute stream; a CPU worker's gloo all-reduce or all-gather needs the one core the worker computes
+    # on (two gloo processes, pinned: an all-reduce launched before 1 ms of compute on both cores still had most of its
+    # time to go after it; session 24), so a bucket's all-reduce, and ZeRO-1's all-gather, wait for compute to end
+    overlaps_collectives: bool = True
 
 
 DEVICES: dict[str, DeviceInfo] = {
@@ -45,7 +50,7 @@ DEVICES: dict[str, DeviceInfo] = {
     "a800": DeviceInfo("a800", 312e12, 0.60, 2.0e12, 80 * GIB, 8e-6, 200e9, 5e-6, 1e-5),
     "h100": DeviceInfo("h100", 989e12, 0.55, 3.35e12, 80 * GIB, 6e-6, 450e9, 4e-6, 8e-6),
     "h200": DeviceInfo("h200", 989e12, 0.55, 4.8e12, 141 * GIB, 6e-6, 450e9, 4e-6, 8e-6),
-    "cpu": DeviceInfo("cpu", 1.0e11, 0.5, 9e9, 8 * GIB, 2e-5, 5e9, 5e-5, 1e-4),
+    "cpu": DeviceInfo("cpu", 1.0e11, 0.5, 9e9, 8 * GIB, 2e-5, 5e9, 5e-5, 1e-4, overlaps_collectives=False),
 }
 
 

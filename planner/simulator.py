@@ -511,8 +511,13 @@ def _simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -
     outcome = finish_buckets(sync_of(program), done.ready, clocks.t, cost_model, problem.num_devices, uses, order)
     c = outcome.critical_device
     # the critical path: the critical device's own compute, or the device whose readiness began its exposed sync
-    compute_s, transfer_s = (done.ready_parts[outcome.sync_origin] if outcome.sync_origin is not None
-                             else (float(clocks.compute[c]), float(clocks.transfer[c])))
+    # (where collectives wait for compute, planner.sync.finish_buckets, the last of its bucket's devices to stop)
+    origin = outcome.sync_origin
+    if origin is not None and cost_model.hw.device.overlaps_collectives:
+        compute_s, transfer_s = done.ready_parts[origin]
+    else:
+        d = c if origin is None else max(outcome.buckets[origin].devices, key=lambda i: clocks.t[i])
+        compute_s, transfer_s = float(clocks.compute[d]), float(clocks.transfer[d])
     sync_infos, sync_order = _sync_infos(problem.graph.metaops, program, outcome, cost_model.grad_bytes)
     dpn = max(1, cost_model.hw.devices_per_node)
     offs = hand_offs(problem.graph.metaops, placed, problem.graph.weights_from, cost_model.param_bytes_moved, dpn,

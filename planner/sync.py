@@ -18,7 +18,10 @@ gives it).
   layer held at mixed TP degrees is treated as if every holder used the largest one. As in PyTorch
   DDP buckets or Megatron's overlapped gradient reduce, a bucket is *ready* as soon as every
   gradient it accumulates is final: when the backward of the earliest wave (in forward order) that
-  runs any of its layers has finished. It then overlaps with the rest of the backward. A device's
+  runs any of its layers has finished. It then overlaps with the rest of the backward, on a device whose collectives
+  progress while it computes (a GPU); a CPU worker's gloo collectives need the core it computes on, so there a bucket
+  is ready once every device holding it has stopped computing, and ZeRO-1's all-gathers end the iteration
+  (:attr:`planner.devices.DeviceInfo.overlaps_collectives`). A device's
   links are the sync's resource: buckets are launched in one order, each starts at
   ``max(ready, end of every earlier-launched bucket on its devices)``, so buckets on disjoint
   devices overlap and buckets sharing a device serialise. Inter-wave transfers and sync are
@@ -260,8 +263,10 @@ def gather_spans(buckets: Sequence[SyncBucket], times: Sequence[float], stepped:
 def gathers_overlap(graph, cost_model: CostModel) -> bool:
     """Whether ZeRO-1's all-gathers overlap the next iteration (``graph``: a MetaGraph): runtime.zero defers them in a
     job whose uses all train and that hands no weights off (a hand-off or a rollout reads the weights right after the
-    step, so there they end the iteration)."""
-    return cost_model.shard_optimizer and all(op.mode == "train" for op in graph.metaops) and not graph.weights_from
+    step, so there they end the iteration), on a device whose collectives progress beside its compute (not a CPU
+    worker's: planner.devices.DeviceInfo.overlaps_collectives)."""
+    return (cost_model.shard_optimizer and cost_model.hw.device.overlaps_collectives
+            and all(op.mode == "train" for op in graph.metaops) and not graph.weights_from)
 
 
 def gather_limits(buckets: Sequence[SyncBucket], next_use: Sequence[float], ready: Sequence[float],
@@ -361,6 +366,8 @@ def finish_buckets(
     (:attr:`SyncOutcome.sync_origin`; the caller splits the time before it into compute and transfers); otherwise
     ``sync_s`` is 0 and compute ends at ``compute_end[critical]``. Either way the parts add up to the iteration."""
     ends_at = np.broadcast_to(np.asarray(compute_end, dtype=float), (num_devices,))
+    if not cost_model.hw.device.overlaps_collectives:  # a CPU worker all-reduces once it has stopped computing
+        ready = [max(r, float(ends_at[device_index(b.devices)].max())) for r, b in zip(ready, buckets)]
     times = [bucket_time(b, cost_model) for b in buckets]
     gathers = [gather_time(b, cost_model) for b in buckets]
     step = optimizer_seconds(buckets, cost_model, num_devices)

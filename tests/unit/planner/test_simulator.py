@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -332,6 +333,31 @@ def test_later_wave_group_syncs_during_the_earlier_waves_backward(params_y):
         assert sim.sync_s == pytest.approx(sync_y) == pytest.approx(sim.sync_total_s)
     assert sim.gather_s == pytest.approx(iteration - max(stepped_x, stepped_y))
     assert sim.iteration_time_s == pytest.approx(identity(sim))
+
+
+def test_collectives_wait_for_compute_on_a_device_that_cannot_overlap_them():
+    """The plan above with a large y on a device whose collectives need the core it computes on (a CPU worker's gloo:
+    planner.devices.DeviceInfo.overlaps_collectives False): y's all-reduce starts once y's devices stop computing
+    (after sending the gradients back), not when its gradients are final, and ZeRO-1's all-gathers end the iteration
+    instead of overlapping the next one's forward; the parts still add up to the iteration."""
+    cm = LinearCost(replace(CM.hw, device=replace(DEVICES["a800"], overlaps_collectives=False)))
+    x = op(0, "x", task="t", params=1e3, out=1e6)
+    y = op(1, "y", task="t", deps=(0,), params=5e8)
+    problem = Problem.build(finalize_graph([x, y]), cm)
+    sim = simulate(problem, placed(problem, [(0, 0, 4, (0, 1))], [(1, 0, 4, (2, 3))]), cm)
+    forward_x, backward_x, forward_y, backward_y = 16e-3 / 3, 32e-3 / 3, 32e-3 / 3, 64e-3 / 3
+    hop = cm.p2p_time(4 * 1e6, cross_node=False)
+    end_y = forward_x + hop + forward_y + backward_y + hop
+    compute_end = end_y + backward_x
+    stepped_x = compute_end + cm.allreduce_time(2 * 1e3 * 4, 2, False) + cm.optimizer_time(1e3 * 4 / 2)
+    stepped_y = end_y + cm.allreduce_time(2 * 5e8 * 4, 2, False) + cm.optimizer_time(5e8 * 4 / 2)
+    iteration = max(stepped_x + gather(1e3 * 4, 2, cm=cm), stepped_y + gather(5e8 * 4, 2, cm=cm))
+    assert stepped_y > stepped_x
+    assert sim.iteration_time_s == pytest.approx(iteration)
+    assert sim.compute_s + sim.transfer_s == pytest.approx(end_y)  # y's devices' whole compute, then their sync
+    assert sim.iteration_time_s == pytest.approx(identity(sim))
+    on_gpu = simulate(problem_of(x, y), placed(problem_of(x, y), [(0, 0, 4, (0, 1))], [(1, 0, 4, (2, 3))]), CM)
+    assert on_gpu.iteration_time_s < sim.iteration_time_s  # the same plan with its sync overlapping backward
 
 
 def test_buckets_on_shared_devices_serialise_after_the_earlier_one():
