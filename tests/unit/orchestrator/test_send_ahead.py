@@ -23,12 +23,14 @@ class SlowWorker:
     def __init__(self, seconds: float = 0.05, fail_at: int | None = None):
         self.seconds, self.fail_at = seconds, fail_at
         self.log: list[tuple[str, int]] = []
+        self.threads: list[int] = []  # the thread each step ran on
         self.running = 0
 
     def train_step(self, step: int) -> dict[str, float]:
         self.running += 1
         assert self.running == 1, "two steps ran at once"
         self.log.append(("start", step))
+        self.threads.append(threading.get_ident())
         time.sleep(self.seconds)
         self.running -= 1
         if step == self.fail_at:
@@ -55,6 +57,20 @@ def in_thread(call) -> tuple[threading.Thread, dict]:
     thread = threading.Thread(target=run)
     thread.start()
     return thread, out
+
+
+def test_every_step_runs_on_the_actors_one_compute_thread():
+    """Ray hands a threaded actor's calls to pool threads; the steps still all run on one thread of the actor's own
+    (WaveActor's docstring: a thread's first step paid its own warm-up)."""
+    worker = SlowWorker(seconds=0.01)
+    actor = actor_with(worker)
+    callers = [in_thread(lambda step=step: actor.train_step(step, after=step - 1 if step else None))
+               for step in range(4)]
+    for thread, out in callers:
+        thread.join(5)
+        assert "error" not in out
+    assert [entry for entry in worker.log if entry[0] == "start"] == [("start", step) for step in range(4)]
+    assert len(set(worker.threads)) == 1 and worker.threads[0] not in {t.ident for t, _ in callers}
 
 
 def test_a_step_that_arrives_before_the_one_it_follows_waits_for_it():
