@@ -46,8 +46,20 @@ def ray_session():
 
 
 def job_and_plan(num_workers: int):
-    job = parse_job(two_task_job(num_workers, steps=STEPS))
-    return job, plan_job(job, with_baselines=False).plan
+    """The job on ``num_workers`` CPU workers with ZeRO-1 (its shares are what a reshard splits and reassembles) and
+    its plan; on 3 workers the caption task (6 rows) runs data parallel on all three, so the text tower's bucket has
+    3 holders and its shares start inside a parameter (the planner itself, pricing CPU sync after compute, gives
+    each MetaOp a worker of its own there)."""
+    spec = two_task_job(num_workers, steps=STEPS)
+    spec["training"]["shard_optimizer"] = True
+    spec["tasks"][0]["batch_size"] = 6
+    job = parse_job(spec)
+    if num_workers != 3:
+        return job, plan_job(job, with_baselines=False).plan
+    ids = {op.name: op.id for op in build_metagraph(job).metaops}
+    waves = [[("caption.img", 2, 3)], [("caption.txt", 2, 3)], [("align.aud", 2, 2)], [("align.txt", 2, 2)]]
+    return job, plan_schedule(job, Schedule(tuple(Wave(tuple(Slice(ids[n], layers, k) for n, layers, k in w))
+                                                  for w in waves)), method="hand-made")
 
 
 def assert_close(got: dict[str, float], want: dict[str, float], what: str) -> None:
