@@ -121,3 +121,22 @@ def pinned(index: int, workers: int) -> Iterator[int | None]:
     finally:
         if cpu is not None:
             _set_affinity(before)
+
+
+# bytes read before every timed sample of `loom profile`, per device type: more than a core's share of this host's
+# caches (2 MiB of L2 per core, a shared L3) on CPU; on a GPU Triton's do_bench choice, 256 MiB (an H100 has 50 MB of L2)
+EVICT_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+_evict_buffers: dict[str, torch.Tensor] = {}
+
+
+def evict_caches(device: torch.device) -> None:
+    """Read :data:`EVICT_BYTES` of memory on ``device`` so that the next timed sample starts with cold caches, as a
+    run meets each layer, embedding, head and optimizer step once a step after other work (a profile that repeats
+    one back to back keeps its weights and activations cached: timed so, the optimizer step and loss heads came out
+    at about half what a run of quickstart-cpu spends in them). A read, not a write, so no dirty lines are written
+    back during the sample."""
+    key = str(device)
+    if key not in _evict_buffers:
+        _evict_buffers[key] = torch.ones(EVICT_BYTES.get(device.type, EVICT_BYTES["cpu"]) // 4, device=device)
+    float(_evict_buffers[key].sum())
+

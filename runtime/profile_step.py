@@ -26,6 +26,7 @@ from planner.metagraph import build_metagraph
 from planner.spec import JobSpec
 from runtime.embeddings import build_input_module
 from runtime.heads import build_head
+from runtime.host import evict_caches
 from runtime.modules import build_layer
 from runtime.optim import build_grouped_optimizer, module_component
 
@@ -93,6 +94,7 @@ def _step_seconds(job: JobSpec, owned: list[tuple[str | None, torch.nn.Parameter
     for i in range(warmup + repeats):
         for (_, p), g in zip(owned, grads):
             p.grad = g
+        evict_caches(device)  # the step meets parameters, gradients and state cold, after backward
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()

@@ -51,7 +51,7 @@ from runtime.checks import feature_shape
 from runtime.assignment import input_order
 from runtime.embeddings import build_input_module, first_input
 from runtime.heads import build_head
-from runtime.host import configure_worker_process, pinned, worker_device
+from runtime.host import configure_worker_process, evict_caches, pinned, worker_device
 from runtime.modules import build_layer, layer_kwargs
 from runtime.profile_modes import mode_timer, output_shape, rollout_rows
 from runtime.profile_step import message_sizes, module_sizes, optimizer_points
@@ -69,7 +69,9 @@ def local_batches(op: MetaOp, num_devices: int) -> list[int]:
 
 
 def _run_chain(chain: list[torch.nn.Module], op: MetaOp, x: torch.Tensor, kwargs: dict) -> float:
-    """Seconds of one forward (and backward, when ``op`` has one) of ``chain`` on ``x`` (on ``x``'s device)."""
+    """Seconds of one forward (and backward, when ``op`` has one) of ``chain`` on ``x`` (on ``x``'s device), from cold
+    caches (runtime.host.evict_caches)."""
+    evict_caches(x.device)
     _synchronize(x.device)
     start = time.perf_counter()
     with torch.set_grad_enabled(op.backward_factor > 0):
@@ -317,8 +319,11 @@ def _synchronize(device: torch.device) -> None:
 
 def _median_seconds(run: Callable[[], None], repeats: int, warmup: int,
                     device: torch.device = torch.device("cpu")) -> float:
+    """The median seconds of ``run`` over ``repeats`` samples after ``warmup``, each from cold caches
+    (runtime.host.evict_caches)."""
     samples = []
     for i in range(warmup + repeats):
+        evict_caches(device)
         _synchronize(device)
         start = time.perf_counter()
         run()

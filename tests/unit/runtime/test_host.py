@@ -105,3 +105,22 @@ def test_pinned_puts_every_thread_on_one_cpu_and_gives_them_back():
         assert cpu == "None" and checks[-1] == "True"
         return
     assert checks == ["True", "True", "True"]
+
+
+def test_every_profiled_sample_starts_from_cold_caches(monkeypatch):
+    """loom profile reads EVICT_BYTES before each timed sample (runtime.host.evict_caches), warm-up included, so each
+    op is timed as a run meets it once a step after other work; the buffer is allocated once per device."""
+    import torch
+
+    import runtime.host as host
+    import runtime.profiler as profiler
+
+    events: list[str] = []
+    real = host.evict_caches
+    monkeypatch.setattr(profiler, "evict_caches", lambda device: (events.append("evict"), real(device)))
+    profiler._median_seconds(lambda: events.append("run"), repeats=3, warmup=2)
+    assert events == ["evict", "run"] * 5
+    buffer = host._evict_buffers["cpu"]
+    assert buffer.numel() * buffer.element_size() == host.EVICT_BYTES["cpu"]
+    host.evict_caches(torch.device("cpu"))
+    assert host._evict_buffers["cpu"] is buffer
