@@ -7,8 +7,10 @@ expected and, for a misspelt key or name, the closest valid one.
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -21,11 +23,47 @@ UseMode = Literal["train", "forward", "generate", "sample"]
 MIN_MEMORY_GIB = 2**-10  # cluster.memory_gib: 1 MiB; below it no layer fits and memory ratios lose their meaning
 
 
+def _admits(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a field annotated ``annotation`` takes a value of one of ``kinds`` (directly or as a union member)."""
+    if annotation in kinds:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _admits(typing.get_args(annotation)[0], kinds)
+    if origin in (Union, types.UnionType):
+        return any(_admits(a, kinds) for a in typing.get_args(annotation))
+    return origin is Literal and any(isinstance(a, kinds) for a in typing.get_args(annotation))
+
+
+def _boolean_for_number(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` puts a boolean (YAML's true/false) where ``annotation`` wants a number: pydantic's lax mode
+    would read it as 1 or 0 (``num_layers: true`` was one layer). Also the elements of a list of numbers."""
+    if isinstance(value, bool):
+        return _admits(annotation, (int, float)) and not _admits(annotation, (bool,))
+    if isinstance(value, list) and any(isinstance(v, bool) for v in value):
+        members = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (
+            annotation,)
+        elements = [typing.get_args(m)[0] for m in members if typing.get_origin(m) in (list, tuple) and typing.get_args(m)]
+        return any(_admits(e, (int, float)) and not _admits(e, (bool,)) for e in elements)
+    return False
+
+
 class StrictModel(BaseModel):
-    """Base of every spec model: unknown keys are errors, values are immutable, and every float is finite (no inf or
-    NaN, nor a string or YAML value that parses to one: `.inf`, `1e999`), whichever field it is."""
+    """Base of every spec model: unknown keys are errors, values are immutable, every float is finite (no inf or
+    NaN, nor a string or YAML value that parses to one: `.inf`, `1e999`), whichever field it is, and no number is a
+    boolean."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is not None and _boolean_for_number(field.annotation, value):
+            if isinstance(value, bool):
+                raise ValueError(f"{str(value).lower()} is a boolean where a number is expected; write the number")
+            raise ValueError("the list holds true or false where numbers are expected; write the numbers")
+        return value
 
 
 class ClusterSpec(StrictModel):

@@ -422,6 +422,31 @@ def test_non_finite_numbers_are_refused_naming_the_field(path, value):
     assert "finite number" in msg
 
 
+@pytest.mark.parametrize("path, value", [
+    ("components.text.num_layers", True), ("cluster.devices_per_node", False), ("training.lr", True),
+    ("tasks[0].batch_size", True), ("components.text.tensor_parallel", [1, True]),
+])
+def test_a_boolean_where_a_number_is_expected_is_refused(path, value):
+    """pydantic's lax mode reads YAML's true/false as 1/0 (`num_layers: true` was one layer)."""
+    data = base_job()
+    *parents, key = path.split(".")
+    node = data
+    for part in parents:
+        node = node["tasks"][0] if part == "tasks[0]" else node[part]
+    node[key] = value
+    msg = spec_error(data)
+    assert msg.startswith(f"{path}: "), msg
+    assert "boolean where a number is expected" in msg or "true or false where numbers are expected" in msg
+
+
+def test_booleans_stay_booleans():
+    data = base_job()
+    data["components"]["text"]["frozen"] = True
+    data["training"]["shard_optimizer"] = False
+    job = parse_job(data)
+    assert job.components["text"].frozen is True and job.training.shard_optimizer is False
+
+
 def test_yaml_infinity_is_refused(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(JOB_YAML.replace("optimizer: sgd", "optimizer: sgd\n  lr: .inf"))
