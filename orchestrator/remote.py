@@ -52,13 +52,14 @@ def collect(refs: list, what: str, timeout: float | None = None) -> list:
 
     rank_of = {ref: r for r, ref in enumerate(refs)}
     pending, deadline = list(refs), None if timeout is None else time.monotonic() + timeout
+    results: list = [None] * len(refs)
     while pending:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         done, pending = ray.wait(pending, num_returns=1, timeout=left)
         if not done:
             raise GatherTimeout(what, sorted(rank_of[ref] for ref in pending))
-        gather_one(done[0], rank_of[done[0]], what)
-    return ray.get(refs)
+        results[rank_of[done[0]]] = gather_one(done[0], rank_of[done[0]], what)  # each result fetched once
+    return results
 
 
 def gather_one(ref, rank: int, what: str) -> Any:
