@@ -132,7 +132,9 @@ def report(records: list[dict], note: str = "") -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.examples", description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=sorted(JOBS), help="one job; repeat for several")
-    parser.add_argument("--steps", type=int, default=30, help="training steps per job (default 30)")
+    # 100: a tiny job's step is ~10 ms, and 27 timed steps (0.3 s, while Ray's own daemons finish starting) measured
+    # chat-sft-cpu at 13.9 ms where runs of hundreds of steps settle at 9-10 ms
+    parser.add_argument("--steps", type=int, default=100, help="training steps per job (default 100)")
     parser.add_argument("--name", default="examples", help="results file stem under bench/results/")
     parser.add_argument("--note", default="", help="a line for the report (e.g. what else loaded the machine)")
     args = parser.parse_args(argv)
