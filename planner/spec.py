@@ -41,9 +41,10 @@ def _boolean_for_number(annotation: Any, value: Any) -> bool:
     if isinstance(value, bool):
         return _admits(annotation, (int, float)) and not _admits(annotation, (bool,))
     if isinstance(value, list) and any(isinstance(v, bool) for v in value):
-        members = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (
-            annotation,)
-        elements = [typing.get_args(m)[0] for m in members if typing.get_origin(m) in (list, tuple) and typing.get_args(m)]
+        union = typing.get_origin(annotation) in (Union, types.UnionType)
+        members = typing.get_args(annotation) if union else (annotation,)
+        elements = [typing.get_args(m)[0] for m in members
+                    if typing.get_origin(m) in (list, tuple) and typing.get_args(m)]
         return any(_admits(e, (int, float)) and not _admits(e, (bool,)) for e in elements)
     return False
 

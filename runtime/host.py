@@ -124,7 +124,7 @@ def pinned(index: int, workers: int) -> Iterator[int | None]:
 
 
 # bytes read before every timed sample of `loom profile`, per device type: more than a core's share of this host's
-# caches (2 MiB of L2 per core, a shared L3) on CPU; on a GPU Triton's do_bench choice, 256 MiB (an H100 has 50 MB of L2)
+# caches (2 MiB of L2 per core, a shared L3) on CPU; on a GPU Triton's do_bench choice, 256 MiB (an H100: 50 MB of L2)
 EVICT_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 _evict_buffers: dict[str, torch.Tensor] = {}
 
