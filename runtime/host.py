@@ -18,7 +18,8 @@ step 17.8-19.6 ms unpinned, 13.0-13.3 ms pinned; caption's 39-47 against 27-28 m
 kernel room to place them (and other jobs' workers), more would pin two to a core while another core idles: neither
 is pinned. ``loom profile``'s timing processes and runtime.local_world's gloo worlds (bench.runtime, the equivalence
 tests) are pinned by the same rule (``configure_worker_process``'s ``slot``, :func:`pinned`), so the profile measures
-the layers as the run computes them.
+the layers as the run computes them. For the same reason every timed sample of the profile starts from cold caches
+(:func:`evict_caches`).
 """
 
 from __future__ import annotations
