@@ -61,12 +61,16 @@ def lost_workers(actors: list, timeout_s: float = PROBE_TIMEOUT_S) -> dict[int, 
     return lost
 
 
-def watchdog_failure(actors: list, what: str, timeout_s: float, pending: list[int]) -> WorkerLost:
+def watchdog_failure(actors: list, what: str, timeout_s: float, pending: list[int],
+                     step: int | None = None) -> WorkerLost:
     """The failure of a step (or checkpoint: ``what``) that ran past ``timeout_s``: which ranks had not finished and
-    where each stopped (``WaveActor.progress``), one line."""
+    where each stopped (``WaveActor.progress``), one line. For a ``step``, also where each rank that finished it
+    stopped in the step sent behind it (a rank that froze after the step's last collective leaves the others
+    waiting there)."""
     import ray
 
-    refs = {actors[rank].progress.remote(): rank for rank in pending}
+    asked = range(len(actors)) if step is not None else pending
+    refs = {actors[rank].progress.remote(): rank for rank in asked}
     done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=PROGRESS_TIMEOUT_S)
     where = {}
     for ref in done:
@@ -75,6 +79,8 @@ def watchdog_failure(actors: list, what: str, timeout_s: float, pending: list[in
         except ray.exceptions.RayError as exc:
             where[refs[ref]] = first_line(exc)
     parts = [f"rank {rank} {describe(where[rank]) if rank in where else 'does not answer'}" for rank in pending]
+    parts += [f"rank {rank} finished it and {describe(where[rank])}" for rank in asked
+              if rank not in pending and isinstance(where.get(rank), dict) and where[rank]["step"] > step]
     return WorkerLost(f"{what} ran past training.step_timeout_s ({timeout_s:g} s): {'; '.join(parts)}")
 
 

@@ -479,7 +479,7 @@ class Driver(Recovering):
         try:
             results = collect(refs, f"at step {step}", timeout=timeout)
         except GatherTimeout as exc:
-            raise watchdog_failure(self.actors, f"step {step}", timeout, exc.pending) from None
+            raise watchdog_failure(self.actors, f"step {step}", timeout, exc.pending, step) from None
         self.step_end = time.perf_counter()
         seconds = self.step_end - start
         losses = results[0]["losses"]  # identical on every rank (all-reduced)

@@ -42,3 +42,30 @@ def test_a_cluster_that_lost_a_node_is_re_planned_for_the_nodes_left():
     assert smaller == ClusterSpec(num_nodes=2, devices_per_node=2, device="cpu")  # a 1-CPU node holds no plan node
     with pytest.raises(RunFailed, match="no node of the cluster can hold 2 workers any more"):
         shrunk_cluster(job_cluster, placement, [])
+
+
+def test_a_step_watchdog_names_where_the_ranks_that_finished_it_wait(monkeypatch):
+    """A rank that froze after the step's last collective is the only one pending; the others finished the step and
+    wait in the one sent behind it: the line says where (a checkpoint's watchdog asks only the pending ranks)."""
+    import ray
+
+    from orchestrator.recovery import watchdog_failure
+
+    where = {0: None, 1: {"step": 2, "micro": 0, "wave": 0, "phase": "forward"}}
+
+    class Actor:
+        def __init__(self, rank: int):
+            self.progress = type("Method", (), {"remote": staticmethod(lambda: ("ref", rank))})
+
+    asked = []
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns, timeout: (asked.extend(refs) or
+                                                                      [r for r in refs if r[1] == 1], []))
+    monkeypatch.setattr(ray, "get", lambda ref: where[ref[1]])
+    actors = [Actor(0), Actor(1)]
+    message = str(watchdog_failure(actors, "step 1", 8.0, [0], step=1))
+    assert message == ("step 1 ran past training.step_timeout_s (8 s): rank 0 does not answer; "
+                       "rank 1 finished it and stopped in wave 0 (forward) of step 2")
+    asked.clear()
+    message = str(watchdog_failure(actors, "checkpoint 2", 8.0, [0]))
+    assert asked == [("ref", 0)] and message.endswith("rank 0 does not answer")
+
