@@ -56,10 +56,15 @@ def job_and_plan(num_workers: int):
     job = parse_job(spec)
     if num_workers != 3:
         return job, plan_job(job, with_baselines=False).plan
+    return job, hand_made(job, [[("caption.img", 2, 3)], [("caption.txt", 2, 3)], [("align.aud", 2, 2)],
+                                [("align.txt", 2, 2)]])
+
+
+def hand_made(job: JobSpec, waves: list[list[tuple[str, int, int]]]):
+    """The plan of ``waves``: per wave, (MetaOp name, layers, devices) of each slice."""
     ids = {op.name: op.id for op in build_metagraph(job).metaops}
-    waves = [[("caption.img", 2, 3)], [("caption.txt", 2, 3)], [("align.aud", 2, 2)], [("align.txt", 2, 2)]]
-    return job, plan_schedule(job, Schedule(tuple(Wave(tuple(Slice(ids[n], layers, k) for n, layers, k in w))
-                                                  for w in waves)), method="hand-made")
+    return plan_schedule(job, Schedule(tuple(Wave(tuple(Slice(ids[n], layers, k) for n, layers, k in w))
+                                             for w in waves)), method="hand-made")
 
 
 def assert_close(got: dict[str, float], want: dict[str, float], what: str) -> None:
@@ -138,10 +143,8 @@ def test_tensor_parallel_state_round_trips_and_loads_without_tensor_parallelism(
     job = parse_job(doc)
     # the text tower TP 2 x DP 2 on 4 devices: each TP shard's ZeRO-1 bucket is shared by 2 holders, whose state the
     # checkpoint gathers before mapping the shards to the plain layout
-    ids = {op.name: op.id for op in build_metagraph(job).metaops}
-    waves = [[("caption.img", 2, 2), ("align.aud", 2, 2)], [("caption.txt", 2, 4)], [("align.txt", 2, 4)]]
-    plan = plan_schedule(job, Schedule(tuple(Wave(tuple(Slice(ids[n], layers, k) for n, layers, k in w))
-                                             for w in waves)), method="hand-made")
+    plan = hand_made(job, [[("caption.img", 2, 2), ("align.aud", 2, 2)], [("caption.txt", 2, 4)],
+                           [("align.txt", 2, 4)]])
     assert {(s.tp_degree, s.dp_degree) for w in plan.waves for s in w.slices} == {(1, 2), (2, 2)}
     start_world(tp_worker, args=(4, free_port(), job.model_dump_json(), plan.to_json(), str(tmp_path)), nprocs=4)
     results = [torch.load(tmp_path / f"result_{r}.pt", weights_only=True) for r in range(4)]
