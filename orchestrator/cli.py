@@ -432,10 +432,10 @@ def run(
     A worker failure is one `error:` line and exit code 1; SIGINT (Ctrl-C) and SIGTERM stop after the step in
     flight with a final checkpoint (exit 130, 143). See docs/run.md and docs/reliability.md.
     """
-    from planner.plan import load_plan
     from orchestrator.recipes import load_job
     from orchestrator.remote import RunFailed
     from orchestrator.run import OBJECT_STORE_FROM_BYTES, RunOptions, run_job
+    from orchestrator.run_inputs import load_plan_option
     from orchestrator.signals import RunStopped
     from orchestrator.summary import summary_lines
 
@@ -452,7 +452,7 @@ def run(
     job = load_job(job_path, cluster) if pipeline is None else None
     if costs is not None and plan_path is not None:
         raise typer.BadParameter("--costs plans the job; with --plan the plan is given. Use one of them.")
-    given_plan = load_plan(plan_path) if plan_path is not None else None
+    given_plan = load_plan_option(plan_path) if plan_path is not None else None
     options = RunOptions(steps=steps, out_dir=out, metrics_port=metrics_port, checkpoint_every=checkpoint_every,
                          resume=resume, overwrite=overwrite, keep_last=keep_last, address=address, costs=costs,
                          plan_file=plan_path,

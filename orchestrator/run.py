@@ -59,7 +59,9 @@ from orchestrator.outdir import LOCK_FILE, RunFolder
 from orchestrator.placement import RankPlacement, fitting_nodes, misplaced_ranks, nodes_from_ray, placement_mismatch
 from orchestrator.recovery import Recovering, watchdog_failure
 from orchestrator.remote import RESTORING, STARTING, GatherTimeout, RunFailed, collect, gather, gather_one
-from orchestrator.run_inputs import RunInputError, check_cpu_device, check_plan_for_job, check_runnable_job
+from orchestrator.run_inputs import (
+    RunInputError, check_cpu_device, check_plan_for_job, check_runnable_job, plan_option,
+)
 from orchestrator.signals import RunStopped, StopSignals, signal_name
 from orchestrator.trace import PREDICTED_TRACE_FILE, TRACE_FILE, TraceRecorder, write_run_traces
 from planner.plan import Plan, load_plan
@@ -263,7 +265,7 @@ class Driver(Recovering):
     def resolve_plan(self) -> Plan:
         """The given plan, else the plan a resumed run used (``<out>/plan.json``), else a new one. Errors name where
         it came from: ``--plan PATH``, the saved file, or the job (a new plan is its cluster's)."""
-        plan, source = self.plan, "--plan" if self.options.plan_file is None else f"--plan {self.options.plan_file}"
+        plan, source = self.plan, plan_option(self.options.plan_file)
         saved = self.out_dir / PLAN_FILE
         if plan is None and self.options.resume and saved.is_file():
             plan, source = load_plan(saved), str(saved)  # replanning could differ (solver time limits)

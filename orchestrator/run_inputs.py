@@ -3,8 +3,10 @@ it, the devices are this machine's CPUs. Each problem is a :class:`RunInputError
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from planner.errors import LoomError
-from planner.plan import Plan
+from planner.plan import Plan, load_plan
 from planner.spec import JobSpec
 
 
@@ -40,7 +42,18 @@ def check_cpu_device(device: str, where: str) -> None:
         )
 
 
-def check_plan_for_job(plan: Plan, job: JobSpec, source: str = "--plan") -> None:
+def plan_option(path: str | Path | None) -> str:
+    """How every message about a plan given with ``--plan`` (``loom run``, ``loom submit``) names it: ``--plan PATH``
+    (``--plan`` alone for a plan handed to the library without a file)."""
+    return "--plan" if path is None else f"--plan {path}"
+
+
+def load_plan_option(path: str | Path) -> Plan:
+    """The plan file given with ``--plan``, verified (planner.plan.load_plan); its SpecError starts ``--plan PATH:``."""
+    return load_plan(path, plan_option(path))
+
+
+def check_plan_for_job(plan: Plan, job: JobSpec, source: str = plan_option(None)) -> None:
     """A RunInputError unless ``plan`` belongs to ``job`` (runtime.checks.check_plan_matches_job: the workers' own
     check, and loom submit's, run here first so that it fails before any Ray process starts)."""
     from planner.metagraph import build_metagraph

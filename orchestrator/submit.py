@@ -243,11 +243,11 @@ def build_entrypoint(job_name: str, plan_name: str | None = None, command: str |
 def _check_plan(plan_path: Path, job: JobSpec) -> None:
     """The plan must be readable, sealed and belong to this job, as ``loom run`` checks it
     (runtime.checks.check_plan_matches_job; else SpecError)."""
+    from orchestrator.run_inputs import load_plan_option, plan_option
     from planner.metagraph import build_metagraph
-    from planner.plan import load_plan
     from runtime.checks import check_plan_matches_job
 
-    check_plan_matches_job(load_plan(plan_path), build_metagraph(job), f"--plan {plan_path}", job.name)
+    check_plan_matches_job(load_plan_option(plan_path), build_metagraph(job), plan_option(plan_path), job.name)
 
 
 def _relative_inside(path: Path, directory: Path) -> str:

@@ -25,24 +25,26 @@ class JsonKind:
     max_bytes: int  # no file of this kind is larger; a larger one would only exhaust memory
 
 
-def read_json(path: str | Path, kind: JsonKind) -> object:
-    """The parsed JSON of the file at ``path``; a SpecError naming the file otherwise (module docstring)."""
+def read_json(path: str | Path, kind: JsonKind, source: str | None = None) -> object:
+    """The parsed JSON of the file at ``path``; a SpecError otherwise (module docstring) that starts with ``source``,
+    how the user named the file (``--plan PATH``; default the path)."""
     path = Path(path)
+    source = str(path) if source is None else source
     try:
         if path.is_file() and path.stat().st_size > kind.max_bytes:
-            raise SpecError(f"{path}: {kind.shape}: {path.stat().st_size} bytes, more than {kind.max_bytes}; "
+            raise SpecError(f"{source}: {kind.shape}: {path.stat().st_size} bytes, more than {kind.max_bytes}; "
                             f"expected {kind.expected}. {kind.fix}.")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError(f"{path}: no such {kind.name}. Check the path; {kind.fix[0].lower()}{kind.fix[1:]} to make "
+        raise SpecError(f"{source}: no such {kind.name}. Check the path; {kind.fix[0].lower()}{kind.fix[1:]} to make "
                         "one.") from None
     except IsADirectoryError:
-        raise SpecError(f"{path}: is a directory, not a {kind.name}. Give the file itself.") from None
+        raise SpecError(f"{source}: is a directory, not a {kind.name}. Give the file itself.") from None
     except UnicodeDecodeError:
-        raise SpecError(f"{path}: {kind.shape} (not UTF-8 text); expected {kind.expected}. {kind.fix}.") from None
+        raise SpecError(f"{source}: {kind.shape} (not UTF-8 text); expected {kind.expected}. {kind.fix}.") from None
     except OSError as exc:
-        raise SpecError(f"{path}: cannot read the {kind.name} ({exc.strerror or exc}). Check the path.") from None
-    return parse_json(text, str(path), kind)
+        raise SpecError(f"{source}: cannot read the {kind.name} ({exc.strerror or exc}). Check the path.") from None
+    return parse_json(text, source, kind)
 
 
 def parse_json(text: str, source: str, kind: JsonKind) -> object:

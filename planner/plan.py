@@ -358,6 +358,8 @@ def plan_from_data(data: object, source: str = "plan") -> Plan:
     return plan
 
 
-def load_plan(path: str | Path) -> Plan:
-    """The plan file at ``path``, verified (:func:`plan_from_data`); a SpecError naming the file otherwise."""
-    return plan_from_data(read_json(path, PLAN_FILE), str(path))
+def load_plan(path: str | Path, source: str | None = None) -> Plan:
+    """The plan file at ``path``, verified (:func:`plan_from_data`); a SpecError otherwise that starts with ``source``,
+    how the user named the file (default its path; orchestrator.run_inputs.plan_option for ``--plan``)."""
+    source = str(path) if source is None else source
+    return plan_from_data(read_json(path, PLAN_FILE, source), source)

@@ -58,6 +58,32 @@ def test_a_plan_file_larger_than_any_plan_is_refused_unread(tmp_path, plan_text,
     assert "is a directory" in refusal(tmp_path)
 
 
+@pytest.mark.parametrize("command", [["run"], ["submit", "--address", "http://127.0.0.1:9"]], ids=["run", "submit"])
+def test_a_plan_given_with_the_plan_option_that_does_not_load_is_named_by_the_option(tmp_path, plan_text, monkeypatch,
+                                                                                     command: list[str]) -> None:
+    """`loom run --plan` and `loom submit --plan`: a file that is no plan is one `error: --plan PATH: ...` line, exit 2,
+    nothing started or sent (the line began with the path alone and did not say which input it was)."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(tiny_job()))
+    monkeypatch.setattr(planner.plan, "PLAN_FILE", dataclasses.replace(planner.plan.PLAN_FILE, max_bytes=1000))
+    cases = [("{oops", "not a Loom plan (not JSON)"),
+             (json.dumps({"version": planner.plan.PLAN_VERSION}), "field required. Re-run `loom plan`"),
+             (plan_text, f"not a Loom plan: {len(plan_text.encode())} bytes, more than 1000")]
+    for i, (text, fragment) in enumerate(cases):
+        path = tmp_path / f"p{i}.json"
+        path.write_text(text)
+        extra = ["--out", str(tmp_path / "out")] if command == ["run"] else []
+        result = CliRunner().invoke(app, [command[0], str(job), *command[1:], "--plan", str(path), *extra])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, (result.stderr, result.exception)
+        assert lines[0].startswith(f"error: --plan {path}: ") and fragment in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 def older_plan(plan_text: str) -> dict:
     """The plan as a Loom before Plan.shard_optimizer wrote it: no such key, and the hash of what it did write."""
     data = json.loads(plan_text)

@@ -236,7 +236,7 @@ def test_a_local_run_starts_at_most_four_workers_per_core(plan) -> None:
 
 
 def test_loom_run_refuses_a_bad_plan_before_anything_starts(plan, tmp_path) -> None:
-    """In-process CLI: exit 2, one `error:` line naming the file and field, no output folder created."""
+    """In-process CLI: exit 2, one `error:` line naming the option, file and field, no output folder created."""
     from typer.testing import CliRunner
 
     from orchestrator.cli import app
@@ -249,7 +249,7 @@ def test_loom_run_refuses_a_bad_plan_before_anything_starts(plan, tmp_path) -> N
     result = CliRunner().invoke(app, ["run", str(job), "--plan", str(bad), "--out", str(out)])
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1, (result.stderr, result.exception)
-    assert lines[0].startswith(f"error: {bad}: metaops[3] ('b.enc') runs 3 of its 4 layers")
+    assert lines[0].startswith(f"error: --plan {bad}: metaops[3] ('b.enc') runs 3 of its 4 layers")
     assert not out.exists()
 
 
