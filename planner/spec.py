@@ -103,8 +103,8 @@ class ComponentSpec(StrictModel):
     in_channels: int | None = Field(None, ge=1, description="Input channels (vit, unet2d).")
     cross_seq_len: int | None = Field(None, ge=1, description="Length of the sequence a decoder cross-attends to.")
     channel_mults: list[Annotated[int, Field(ge=1)]] | None = Field(
-        None, description="unet2d: channel multiplier per resolution level (at most MAX_LEVELS levels: each halves the "
-        "image; docs/job-spec.md, Limits).")
+        None, min_length=1, description="unet2d: channel multiplier per resolution level (1 to MAX_LEVELS levels: each "
+        "halves the image; docs/job-spec.md, Limits); left out, [1, 2, 4, 4].")
     out_features: int | None = Field(None, ge=1, description="mlp: output width (classes, embedding size).")
     pretrained: str | None = Field(
         None,

@@ -466,6 +466,16 @@ def test_an_empty_tensor_parallel_list_is_refused():
     assert spec_error(data).startswith("components.text.tensor_parallel (list): list should have at least 1 item")
 
 
+def test_an_empty_channel_mults_list_is_refused():
+    """`channel_mults: []` names no resolution level; it was read as the default levels ([1, 2, 4, 4]), as if left
+    out."""
+    data = base_job()
+    data["components"]["unet"] = {"kind": "unet2d", "num_layers": 1, "hidden_size": 8, "num_heads": 2, "image_size": 16}
+    assert parse_job(data).components["unet"].channel_mults is None  # left out: the default
+    data["components"]["unet"]["channel_mults"] = []
+    assert spec_error(data).startswith("components.unet.channel_mults (list): list should have at least 1 item")
+
+
 def test_tensor_parallel_needs_a_degree_that_fits_one_node():
     data = base_job()
     data["cluster"]["devices_per_node"] = 2
