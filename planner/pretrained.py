@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from planner import unet_config
-from planner.spec import MAX_IMAGE_SIZE, MAX_LAYERS_PER_COMPONENT, MAX_SEQ_LEN, MAX_WIDTH
+from planner.spec import MAX_IMAGE_SIZE, MAX_LAYERS_PER_COMPONENT, MAX_LEVELS, MAX_SEQ_LEN, MAX_WIDTH
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -139,6 +139,7 @@ class Architecture:
     # config keys ``derive``, ``refuse`` and ``tensors`` read, each a number or a list of them (one per level), with
     # the limit of each number: checked first, so that none of them iterates over or divides by an unchecked size
     sizes: Mapping[str, int] = dataclass_field(default_factory=dict)
+    levels: str | None = None  # a diffusers config's key with one entry per resolution level (check_config_levels)
 
 
 _LLAMA_FIELDS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
@@ -164,7 +165,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "bert": Architecture("transformer", _TEXT_FIELDS, _bert_tensors, max_positions="max_position_embeddings"),
     # a diffusers folder names its class (config "_class_name"), not a model_type
     unet_config.CLASS_NAME: Architecture("unet2d", {}, unet_config.config_tensors, derive=unet_config.config_fields,
-                                         refuse=unet_config.config_refusal, sizes=unet_config.SIZE_LIMITS),
+                                         refuse=unet_config.config_refusal, sizes=unet_config.SIZE_LIMITS,
+                                         levels="block_out_channels"),
 }
 
 
@@ -215,6 +217,8 @@ def _resolve(path: str) -> PretrainedInfo:
         raise PretrainedError(f"{folder / CONFIG_FILE}: model_type '{model_type}' is not supported; supported: "
                               f"{', '.join(sorted(ARCHITECTURES))}. See docs/models.md for how to add one.")
     check_config_sizes(folder / CONFIG_FILE, cfg, arch.sizes)
+    if arch.levels:
+        check_config_levels(folder / CONFIG_FILE, cfg, arch.levels)
     reason = arch.refuse(cfg) if arch.refuse else None
     if reason:
         raise PretrainedError(f"{folder / CONFIG_FILE}: {reason}. Use a model whose config Loom runs exactly "
@@ -249,6 +253,18 @@ def check_config_sizes(path: Path, cfg: dict[str, Any], limits: Mapping[str, int
             _whole(path, f"{key}[{i}]", item, limit)
         if not isinstance(value, list):
             _config_size(path, cfg, key, limit)
+
+
+def check_config_levels(path: Path, cfg: dict[str, Any], key: str = "block_out_channels") -> None:
+    """A diffusers config's ``key`` (one entry per resolution level: a UNet's, a VAE's) has at most MAX_LEVELS
+    entries, the spec's limit of a unet2d's channel_mults; a PretrainedError naming the file and ``key`` otherwise
+    (what the user's config has, not the spec field it fills)."""
+    value = cfg.get(key)
+    levels = len(value) if isinstance(value, list) else 0
+    if levels > MAX_LEVELS:
+        raise PretrainedError(f"{path}: {key} has {levels} levels, more than {MAX_LEVELS} (each halves the image side; "
+                              f"images would be over {MAX_IMAGE_SIZE} pixels wide). Fix config.json, or re-save the "
+                              "model with save_pretrained.")
 
 
 def _whole(path: Path, name: str, value: Any, limit: int) -> int:

@@ -19,8 +19,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from planner.pretrained import CONFIG_FILE, PretrainedError, check_config_sizes, check_tensors, read_json
-from planner.spec import MAX_IMAGE_SIZE, MAX_LAYERS_PER_COMPONENT, MAX_LEVELS, MAX_WIDTH
+from planner.pretrained import (
+    CONFIG_FILE, PretrainedError, check_config_levels, check_config_sizes, check_tensors, read_json,
+)
+from planner.spec import MAX_IMAGE_SIZE, MAX_LAYERS_PER_COMPONENT, MAX_WIDTH
 
 CLASS_NAME = "AutoencoderKL"
 # config key -> the limit of its number (or of each per level), as a UNet's (planner.unet_config.SIZE_LIMITS)
@@ -92,13 +94,9 @@ def _resolve(path: str, where: str) -> VaeInfo:
                               "config has it. Re-save the model with save_pretrained.")
     try:
         check_config_sizes(folder / CONFIG_FILE, cfg, SIZE_LIMITS)
+        check_config_levels(folder / CONFIG_FILE, cfg)
     except PretrainedError as exc:
         raise PretrainedError(f"{where}: {exc}") from None
-    levels = len(cfg["block_out_channels"])
-    if levels > MAX_LEVELS:
-        raise PretrainedError(f"{where}: {folder / CONFIG_FILE}: block_out_channels has {levels} levels, more than "
-                              f"{MAX_LEVELS} (each halves the image side; images would be over {MAX_IMAGE_SIZE} "
-                              "pixels wide). Fix config.json, or re-save the model with save_pretrained.")
     for key in ("scaling_factor", "shift_factor"):
         value = cfg.get(key)
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)

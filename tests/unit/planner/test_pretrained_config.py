@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from planner.errors import SpecError
-from planner.spec import MAX_LAYERS_PER_COMPONENT, parse_job
+from planner.spec import MAX_LAYERS_PER_COMPONENT, MAX_LEVELS, parse_job
 
 LLAMA = Path(__file__).resolve().parents[3] / "examples" / "models" / "llama"
 
@@ -81,3 +81,24 @@ def test_a_file_is_not_a_pretrained_folder(tmp_path: Path) -> None:
     file = tmp_path / "passwd"
     file.write_text("root:x:0:0\n")
     assert f"{file.resolve()}: a file, not a folder" in refusal(job(file))
+
+
+def test_a_unet_config_with_more_levels_than_the_limit_names_its_block_out_channels(tmp_path: Path) -> None:
+    """A diffusers UNet of 18 levels was refused as `channel_mults (18 levels)`, a field the user never wrote (after its
+    tensors were listed and checked); the line names config.json's block_out_channels, before any tensor is read."""
+    from planner.unet_config import WEIGHTS_FILE, config_tensors
+
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    levels = MAX_LEVELS + 1
+    config = {"_class_name": "UNet2DConditionModel", "block_out_channels": [32] * levels, "layers_per_block": 1,
+              "down_block_types": ["DownBlock2D"] * levels, "up_block_types": ["UpBlock2D"] * levels,
+              "sample_size": 8, "attention_head_dim": 8, "cross_attention_dim": 32, "transformer_layers_per_block": 1}
+    (folder / "config.json").write_text(json.dumps(config))
+    header = json.dumps({name: {"dtype": "F32", "shape": list(shape), "data_offsets": [0, 0]}
+                         for name, shape in config_tensors(config).items()}).encode()
+    (folder / WEIGHTS_FILE).write_bytes(len(header).to_bytes(8, "little") + header)  # the tensors match the config
+    message = refusal(job(folder) | {"components": {"lm": {"pretrained": str(folder)}}})
+    assert f"{folder.resolve() / 'config.json'}: block_out_channels has {levels} levels, more than {MAX_LEVELS}" \
+        in message, message
+    assert "channel_mults" not in message, message

@@ -202,10 +202,9 @@ def unet_job(channel_mults: list[int]) -> dict:
 def test_unet_levels_are_bounded_like_a_vaes() -> None:
     """channel_mults had no length limit while the planner's blocks grow with it: a 5,000-level list was refused
     only by its use's image_size ("divisible by 2^4999"), and not at all by a component no task uses. The limit is
-    a VAE's (planner.vae_config): one level more than the halvings of the largest image."""
-    from planner import vae_config
-
-    assert spec.MAX_LEVELS == vae_config.MAX_LEVELS == 17 and 2 ** (spec.MAX_LEVELS - 1) == spec.MAX_IMAGE_SIZE
+    a VAE's and a pretrained UNet's (planner.pretrained.check_config_levels): one level more than the halvings of the
+    largest image."""
+    assert spec.MAX_LEVELS == 17 and 2 ** (spec.MAX_LEVELS - 1) == spec.MAX_IMAGE_SIZE
     assert parse_job(unet_job([1] * spec.MAX_LEVELS)).components["u"].channel_mults == [1] * spec.MAX_LEVELS
     for levels in (spec.MAX_LEVELS + 1, 5_000):
         assert limit_error(unet_job([1] * levels)) == (
