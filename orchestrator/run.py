@@ -64,8 +64,8 @@ from orchestrator.run_inputs import (
 )
 from orchestrator.signals import RunStopped, StopSignals, signal_name
 from orchestrator.trace import PREDICTED_TRACE_FILE, TRACE_FILE, TraceRecorder, write_run_traces
-from planner.plan import Plan, load_plan
-from planner.spec import JobSpec
+from planner.plan import Plan, PlanCluster, load_plan
+from planner.spec import ClusterSpec, JobSpec
 from runtime.export import EXPORT_DIR, export_pretrained
 from runtime.reference import MODEL_FILE, merge_parameters, save_model
 
@@ -274,8 +274,10 @@ class Driver(Recovering):
             except RunInputError as exc:  # e.g. the job's cluster changed: a new plan, the checkpoint reshards
                 log.info("%s does not fit this job (%s); planning anew", saved, str(exc).split(": ", 1)[-1])
                 plan = None
-        if plan is None:
+        given = plan is not None  # with --plan, or the resumed run's
+        if not given:
             source = f"job '{self.job.name}'"
+            self.check_local_cluster(self.job.cluster, source)  # before planning (seconds): it plans for this cluster
             from planner.api import make_cost_model, plan_job
             from planner.generation import as_run
 
@@ -284,12 +286,18 @@ class Driver(Recovering):
             with as_run(cost_model):  # generate and sample uses at the layouts the runtime runs them at
                 plan = plan_job(self.job, cost_model, with_baselines=False, progress=log.debug).plan
         check_plan_for_job(plan, self.job, source)
-        if not self.options.address:
-            from runtime.checks import check_local_workers  # no more workers than this machine can start
-
-            check_cpu_device(plan.cluster.device, f"{source}: cluster.device")
-            check_local_workers(plan, source)
+        if given:
+            self.check_local_cluster(plan.cluster, source)  # its cluster may not be the job's
         return plan
+
+    def check_local_cluster(self, cluster: ClusterSpec | PlanCluster, source: str) -> None:
+        """Without --address the workers run on this machine: CPU devices, and no more workers than it can start
+        (runtime.checks.check_local_workers); ``cluster`` is the plan's, or the job's that a new plan is made for."""
+        if not self.options.address:
+            from runtime.checks import check_local_workers
+
+            check_cpu_device(cluster.device, f"{source}: cluster.device")
+            check_local_workers(cluster, source)
 
     # ------------------------------------------------------------------ phase 2: processes
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 from planner.components import output_shape, upstream_indices, use_shape
 from planner.errors import SpecError
 from planner.kinds import KINDS, kind_of, tensor_parallel_kinds
-from planner.plan import Plan
-from planner.spec import JobSpec
+from planner.plan import Plan, PlanCluster
+from planner.spec import ClusterSpec, JobSpec
 from planner.unet import unet_state_numel
 from planner.usegraph import connection, leaf_uses, op_connection, root_uses, use_component, use_index
 
@@ -359,12 +359,11 @@ def _check_allowed_tp(plan: Plan, graph: MetaGraph, metaop: int, degree: int, so
         )
 
 
-def check_local_workers(plan: Plan, source: str = "plan", cores: int | None = None) -> None:
+def check_local_workers(cluster: ClusterSpec | PlanCluster, source: str = "plan", cores: int | None = None) -> None:
     """A SpecError naming ``source`` when ``loom run`` without ``--address`` would start more worker processes (one
-    per device of ``plan``'s cluster) than :data:`WORKERS_PER_CORE` per core of this machine (``cores``: default
-    ``os.cpu_count()``), instead of starting them and hanging."""
+    per device of ``cluster``: a plan's, or the job's before it is planned) than :data:`WORKERS_PER_CORE` per core of
+    this machine (``cores``: default ``os.cpu_count()``), instead of starting them and hanging."""
     cores = cores or os.cpu_count() or 1
-    cluster = plan.cluster
     world = cluster.num_nodes * cluster.devices_per_node
     limit = WORKERS_PER_CORE * cores
     if world > limit:

@@ -484,6 +484,26 @@ def test_unwritable_out_is_refused_before_planning(runner: CliRunner, tmp_path: 
     assert ("afile is a file" in line) if out == "afile/sub" else ("cannot write" in line and "exist" not in line)
 
 
+def test_more_local_workers_than_the_machine_starts_is_refused_before_planning(runner: CliRunner, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    """`loom run` without --address or --plan: the plan it makes is for the job's cluster, so a cluster of more devices
+    than this machine starts workers for is refused from the spec; it was refused after planning (many seconds)."""
+    import planner.api
+
+    def no_planning(*a, **k):
+        raise AssertionError("planned")
+
+    monkeypatch.setattr(planner.api, "plan_job", no_planning)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.chdir(tmp_path)
+    doc = copy.deepcopy(CPU_JOB)
+    doc["cluster"]["devices_per_node"] = 64
+    Path("job.yaml").write_text(yaml.safe_dump(doc))
+    _assert_one_error_line(runner.invoke(app, ["run", "job.yaml", "--out", "out"]), [
+        "job 'tiny-cpu': cluster (1 node(s) x 64 devices) needs 64 worker processes", "2 CPU cores, at most 8"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
+
+
 @pytest.mark.parametrize("address", ["http://user:s3cret@127.0.0.1:8265", "user:s3cret@127.0.0.1:8265",
                                      "https://s3cret@head:8265"])
 def test_an_address_with_credentials_is_refused_without_repeating_them(runner: CliRunner, address: str) -> None:

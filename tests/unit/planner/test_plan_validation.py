@@ -225,8 +225,8 @@ def test_dependencies_are_part_of_the_match(plan, graph) -> None:
 
 
 def test_a_local_run_starts_at_most_four_workers_per_core(plan) -> None:
-    check_local_workers(plan, "p.json", cores=1)  # 4 workers on 1 core: slow, but it starts
-    wide = plan.model_copy(update={"cluster": plan.cluster.model_copy(update={"devices_per_node": 64})})
+    check_local_workers(plan.cluster, "p.json", cores=1)  # 4 workers on 1 core: slow, but it starts
+    wide = plan.cluster.model_copy(update={"devices_per_node": 64})
     with pytest.raises(SpecError) as err:
         check_local_workers(wide, "p.json", cores=2)
     assert str(err.value).startswith(
