@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from planner import unet_config
+from planner.jsonfile import JsonKind, read_json
 from planner.spec import MAX_IMAGE_SIZE, MAX_LAYERS_PER_COMPONENT, MAX_LEVELS, MAX_SEQ_LEN, MAX_WIDTH
 
 CONFIG_FILE = "config.json"
@@ -41,6 +42,13 @@ SHAPE_KEYS = {"head_dim": MAX_WIDTH, "max_position_embeddings": MAX_SEQ_LEN, "pr
 
 class PretrainedError(ValueError):
     """A pretrained folder that cannot be used; the message is one line naming the path and the fix."""
+
+
+# a pretrained folder's JSON files, read by planner.jsonfile.read_json within these limits (read_folder_json)
+CONFIG_JSON = JsonKind("model config", "not a model config", "the config.json save_pretrained writes",
+                       "Re-save the model with save_pretrained", MAX_JSON_BYTES, MAX_JSON_DEPTH, PretrainedError)
+INDEX_JSON = JsonKind("shard index", "not a shard index", "the index.json save_pretrained writes beside the shards",
+                      "Re-save the model with save_pretrained", MAX_JSON_BYTES, MAX_JSON_DEPTH, PretrainedError)
 
 
 Shapes = Callable[[dict[str, Any]], dict[str, tuple[int, ...]]]
@@ -208,7 +216,7 @@ def _resolve(path: str) -> PretrainedInfo:
     if not folder.is_dir():
         raise PretrainedError(f"{folder}: no such folder. Point `pretrained:` at a saved model folder "
                               "(save_pretrained writes config.json and model.safetensors).")
-    cfg = read_json(folder / CONFIG_FILE, "the model's config")
+    cfg = read_folder_json(folder / CONFIG_FILE, CONFIG_JSON)
     model_type = cfg.get("model_type") or cfg.get("_class_name")  # transformers' model_type, diffusers' class
     arch = ARCHITECTURES.get(model_type)
     if model_type in NOT_YET:
@@ -275,48 +283,19 @@ def _whole(path: Path, name: str, value: Any, limit: int) -> int:
     return value
 
 
-def _depth(value: Any) -> int:
-    """How deep JSON ``value`` nests (0 for a scalar), without recursion."""
-    deepest, stack = 0, [(value, 0)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, level + 1)
-            stack += [(v, level + 1) for v in (item.values() if isinstance(item, dict) else item)]
-    return deepest
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A pretrained folder's JSON file as a mapping: bounded (size, nesting), UTF-8; one PretrainedError naming the
-    file otherwise."""
-    if not path.is_file():
-        raise PretrainedError(f"{path}: missing ({what}). A pretrained folder holds the files save_pretrained writes.")
-    fix = "Re-save the model with save_pretrained."
-    too_deep = PretrainedError(f"{path}: nests deeper than {MAX_JSON_DEPTH} levels; {what} nests a few. {fix}")
-    try:
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise PretrainedError(f"{path}: {size} bytes is too large for {what} (at most {MAX_JSON_BYTES}). {fix}")
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise PretrainedError(f"{path}: cannot be read ({exc.strerror}). Check its permissions.") from None
-    except UnicodeDecodeError as exc:
-        raise PretrainedError(f"{path}: not a UTF-8 text file (byte {exc.start}). {fix}") from None
-    except json.JSONDecodeError as exc:
-        raise PretrainedError(f"{path}: not valid JSON ({exc}). {fix}") from None
-    except RecursionError:  # json recurses per level: nested too deep for the parser
-        raise too_deep from None
-    if _depth(data) > MAX_JSON_DEPTH:
-        raise too_deep
+def read_folder_json(path: Path, kind: JsonKind) -> dict[str, Any]:
+    """A pretrained folder's JSON file as a mapping: read by planner.jsonfile.read_json (bounded size and nesting,
+    UTF-8), one PretrainedError naming the file otherwise."""
+    data = read_json(path, kind)
     if not isinstance(data, dict):
-        raise PretrainedError(f"{path}: not a JSON object. {fix}")
+        raise PretrainedError(f"{path}: {kind.shape} (not a JSON object); expected {kind.expected}. {kind.fix}.")
     return data
 
 
 def tensor_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it (one file, or the shards an index names)."""
     if (folder / INDEX_FILE).is_file():
-        index = read_json(folder / INDEX_FILE, "the shard index").get("weight_map")
+        index = read_folder_json(folder / INDEX_FILE, INDEX_JSON).get("weight_map")
         if not isinstance(index, dict):
             raise PretrainedError(f"{folder / INDEX_FILE}: no 'weight_map'. Re-save the model with save_pretrained.")
         return {name: folder / file for name, file in index.items()}
@@ -331,7 +310,7 @@ def tensor_files(folder: Path) -> dict[str, Path]:
 
 def _diffusers_tensor_files(folder: Path) -> dict[str, Path]:
     if (folder / unet_config.INDEX_FILE).is_file():
-        index = read_json(folder / unet_config.INDEX_FILE, "the shard index").get("weight_map")
+        index = read_folder_json(folder / unet_config.INDEX_FILE, INDEX_JSON).get("weight_map")
         if not isinstance(index, dict):
             raise PretrainedError(f"{folder / unet_config.INDEX_FILE}: no 'weight_map'. Re-save the model with "
                                   "save_pretrained.")
@@ -342,7 +321,7 @@ def _diffusers_tensor_files(folder: Path) -> dict[str, Path]:
 
 def weights_file(folder: Path) -> str:
     """The single safetensors file name of ``folder``'s format: diffusers' for a diffusers model, else transformers'."""
-    cfg = read_json(folder / CONFIG_FILE, "the model's config")
+    cfg = read_folder_json(folder / CONFIG_FILE, CONFIG_JSON)
     return unet_config.WEIGHTS_FILE if cfg.get("_class_name") and not cfg.get("model_type") else SINGLE_FILE
 
 

@@ -14,17 +14,20 @@ checks it fits a unet2d use: ``latent_channels`` equal to the UNet's ``in_channe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from planner.pretrained import (
-    CONFIG_FILE, PretrainedError, check_config_levels, check_config_sizes, check_tensors, read_json,
+    CONFIG_FILE, CONFIG_JSON, PretrainedError, check_config_levels, check_config_sizes, check_tensors,
+    read_folder_json,
 )
 from planner.spec import MAX_IMAGE_SIZE, MAX_LAYERS_PER_COMPONENT, MAX_WIDTH
 
 CLASS_NAME = "AutoencoderKL"
+VAE_CONFIG_JSON = replace(CONFIG_JSON, name="VAE config", shape="not a VAE config",
+                          expected="the config.json AutoencoderKL.save_pretrained writes")
 # config key -> the limit of its number (or of each per level), as a UNet's (planner.unet_config.SIZE_LIMITS)
 SIZE_LIMITS = {"block_out_channels": MAX_WIDTH, "in_channels": MAX_WIDTH, "out_channels": MAX_WIDTH,
                "latent_channels": MAX_WIDTH, "layers_per_block": MAX_LAYERS_PER_COMPONENT, "norm_num_groups": MAX_WIDTH,
@@ -84,7 +87,7 @@ def _resolve(path: str, where: str) -> VaeInfo:
     if not folder.is_dir():
         raise PretrainedError(f"{where} ({folder}): no such folder. Point it at a folder AutoencoderKL.save_pretrained "
                               "wrote (config.json and diffusion_pytorch_model.safetensors).")
-    cfg = read_json(folder / CONFIG_FILE, "the VAE's config")
+    cfg = read_folder_json(folder / CONFIG_FILE, VAE_CONFIG_JSON)
     if cfg.get("_class_name") != CLASS_NAME:
         found = cfg.get("_class_name") or cfg.get("model_type") or "no _class_name"
         raise PretrainedError(f"{where} ({folder}): config.json is a '{found}', not an {CLASS_NAME}. Name a diffusers "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +57,8 @@ def test_a_plan_file_larger_than_any_plan_is_refused_unread(tmp_path, plan_text,
     assert f"{len(plan_text.encode())} bytes, more than 100" in refusal(path)
     assert "no such plan file" in refusal(tmp_path / "absent.json")
     assert "is a directory" in refusal(tmp_path)
+    if Path("/dev/zero").exists():  # read, it never ends (its size is 0): refused before reading
+        assert "not a regular file (a device, pipe or socket), not a plan file" in refusal(Path("/dev/zero"))
 
 
 @pytest.mark.parametrize("command", [["run"], ["submit", "--address", "http://127.0.0.1:9"]], ids=["run", "submit"])

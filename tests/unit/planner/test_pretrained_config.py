@@ -66,15 +66,45 @@ def test_config_layers_meet_the_spec_limit(tmp_path: Path) -> None:
                                   '{"model_type": "llama", "x": ' + "[" * 50 + "]" * 50 + "}"])
 def test_a_deeply_nested_config_is_one_line(tmp_path: Path, text: str) -> None:
     folder = llama_with(tmp_path, config_text=text)
-    assert f"{folder.resolve() / 'config.json'}: nests deeper than 32 levels" in refusal(job(folder))
+    assert f"{folder.resolve() / 'config.json'}: not a model config (nested deeper than 32 levels)" \
+        in refusal(job(folder))
 
 
-@pytest.mark.parametrize("raw, expected", [(b"\xff\xfe{}", "not a UTF-8 text file"), (b"{", "not valid JSON"),
-                                           (b"[1]", "not a JSON object")])
+@pytest.mark.parametrize("raw, expected", [(b"\xff\xfe{}", "(not UTF-8 text)"), (b"{", "(not JSON)"),
+                                           (b"[1]", "(not a JSON object)")])
 def test_an_unreadable_config_is_one_line(tmp_path: Path, raw: bytes, expected: str) -> None:
     folder = llama_with(tmp_path)
     (folder / "config.json").write_bytes(raw)
-    assert f"{folder.resolve() / 'config.json'}: {expected}" in refusal(job(folder))
+    message = refusal(job(folder))
+    assert f"{folder.resolve() / 'config.json'}: not a model config {expected}; expected the config.json " \
+           "save_pretrained writes. Re-save the model with save_pretrained." in message, message
+
+
+def test_a_config_is_read_by_planner_jsonfile_with_its_limits(tmp_path: Path, monkeypatch) -> None:
+    """One bounded JSON reader (planner.jsonfile.read_json) for plans, cost files and pretrained folders: a config.json
+    that is a directory or a pipe was said to be missing, and one over the size limit is refused unread."""
+    import dataclasses
+    import os
+
+    import planner.pretrained
+
+    folder = llama_with(tmp_path)
+    config = folder / "config.json"
+    config.unlink()
+    config.mkdir()
+    assert f"{config.resolve()}: is a directory, not a model config. Give the file itself." in refusal(job(folder))
+    config.rmdir()
+    os.mkfifo(config)  # read, it would block
+    assert f"{config.resolve()}: not a regular file (a device, pipe or socket), not a model config." \
+        in refusal(job(folder))
+    config.unlink()
+    assert f"{config.resolve()}: no such model config. Check the path; re-save the model with save_pretrained to " \
+        "make one." in refusal(job(folder))
+    config.write_text(json.dumps(json.loads((LLAMA / "config.json").read_text())))
+    monkeypatch.setattr(planner.pretrained, "CONFIG_JSON", dataclasses.replace(planner.pretrained.CONFIG_JSON,
+                                                                                 max_bytes=100))
+    assert f"{config.resolve()}: not a model config: {config.stat().st_size} bytes, more than 100; expected " \
+        in refusal(job(folder))
 
 
 def test_a_file_is_not_a_pretrained_folder(tmp_path: Path) -> None:

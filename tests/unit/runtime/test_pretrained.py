@@ -304,7 +304,7 @@ def _set_config(folder: Path, **changes) -> None:
     (lambda f: _set_config(f, intermediate_size=96), ["model.safetensors", "gate_proj", "[128, 64]", "[96, 64]"]),
     (_corrupt_shape, ["model.safetensors", "model.norm.weight", "[8, 8]", "[64]"]),
     (lambda f: (f / "model.safetensors").unlink(), ["no model.safetensors"]),
-    (lambda f: (f / "config.json").write_text("{not json"), ["config.json", "not valid JSON"]),
+    (lambda f: (f / "config.json").write_text("{not json"), ["config.json", "not a model config (not JSON)"]),
 ], ids=["missing-folder", "unsupported", "missing-field", "config-contradicts-weights", "bad-shape", "no-weights",
         "bad-config"])
 def test_a_bad_folder_is_one_error_line(models, tmp_path, breaks, expected):
