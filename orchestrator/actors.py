@@ -13,15 +13,15 @@ group (:func:`reserve_nodes`: each plan node on a Ray node of its own, see
 :mod:`orchestrator.placement`). The driver creates them, then calls :meth:`WaveActor.setup` on all
 of them at once: that call joins the gloo default group (rendezvous at ``master_addr:master_port``,
 collective), builds the plan's sub-groups and the worker. After that every method is one
-collective step of the run, called on every actor: ``train_step``, ``save``, ``load`` (checkpoints in
+collective step of the run, called on every actor: ``train_steps``, ``save``, ``load`` (checkpoints in
 runtime.portable's layout, which any plan of the job can load); ``progress`` answers beside a running step. The
-driver sends step k+1 before step k's results are back (hiding Ray's round trip); the actor runs its steps in the
-order the driver names (``train_step``'s ``after``), never two at once, and the driver never sends a step ahead of a
-``save``. Worker
+driver sends the next call of steps before this one's results are back (hiding Ray's round trip); the actor runs its
+steps in the order the driver names (``train_steps``' ``after``), never two at once, and the driver never sends a
+step ahead of a ``save``. Worker
 logic stays in :mod:`runtime.executor`; this module only moves values across the Ray boundary
 (JSON for each rank's payload, plain dicts for results) and, for large activation pieces between CPU
 workers, through the object store (:class:`ObjectStoreChannel`: peers call ``fetch`` while the
-actor's ``train_step`` runs, so actors run their calls in threads).
+actor's ``train_steps`` runs, so actors run their calls in threads).
 
 Imports torch and runtime lazily, inside the actor process: the driver only needs the class.
 """
@@ -47,6 +47,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.placement import RankPlacement
+from orchestrator.remote import note_step
 from planner.errors import LoomError
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ NICENESS_ENV = "RAY_worker_niceness"
 LOOPBACK = "127.0.0.1"
 CONNECT_TIMEOUT_S = 15.0  # --address: a GCS that does not answer within this is reported, not retried for minutes
 OBJECT_STORE_BYTES = 256 * 1024**2  # a run moves only control data and, on request, parameters
-# an actor's threads besides one ``fetch`` per peer (object-store pieces): the running ``train_step``, the next one
+# an actor's threads besides one ``fetch`` per peer (object-store pieces): the running ``train_steps``, the next one
 # waiting for it (sent ahead by the driver), and ``progress`` (the step watchdog) or a probe (orchestrator.recovery)
 ACTOR_THREADS = 3
 QUIET = {"logging_level": logging.WARNING, "configure_logging": False, "log_to_driver": False}
@@ -127,7 +128,7 @@ class WaveActor:
         self.rank, self.world_size, self.use_gpu = rank, world_size, use_gpu
         self.worker = None
         self.channel = None
-        # the steps' order on this actor (train_step's ``after``): the last step finished here, a step that failed
+        # the steps' order on this actor (train_steps' ``after``): the last step finished here, a step that failed
         self._turn = threading.Condition()
         self._finished: int | None = None
         self._failed: int | None = None
@@ -182,34 +183,45 @@ class WaveActor:
         """A piece this rank posted to its :class:`ObjectStoreChannel` (waits for it): another rank's ``take``."""
         return self.channel.fetch(key, GLOO_TIMEOUT.total_seconds())
 
-    def train_step(self, step: int, after: int | None = None) -> dict:
-        """Collective: one training step. Returns {"losses": {task: mean loss}, "seconds": time in this step (not its
-        wait for ``after``), "timing": where this worker's step went (``StepTiming.to_dict()``)}.
+    def train_steps(self, first: int, count: int = 1, after: int | None = None) -> list[dict]:
+        """Collective: training steps ``first .. first + count - 1``, one after another on the compute thread (one Ray
+        call for several steps of a job whose steps are short: orchestrator.run's ``call_seconds``). Returns per step
+        {"losses": {task: mean loss}, "seconds": this rank's time in the step, "timing": where it went
+        (``StepTiming.to_dict()``)}.
 
-        ``after``: the step the driver sent just before this one without waiting for its results (it sends the next
-        step ahead, orchestrator.run). Ray runs a threaded actor's calls in any order and at once, so this call
-        waits until step ``after`` has finished here; when that step failed, this one raises at once (the driver
-        kills the actors after a failure anyway, and a step run after a failed one would pair its collectives with
-        nothing)."""
+        ``after``: the last step of the call the driver sent just before this one without waiting for its results
+        (it sends the next call ahead, orchestrator.run). Ray runs a threaded actor's calls in any order and at once,
+        so this call waits until step ``after`` has finished here; when that step failed, this one raises at once
+        (the driver kills the actors after a failure anyway, and a step run after a failed one would pair its
+        collectives with nothing)."""
         if after is not None:
-            self._wait_turn(step, after)
-        try:
+            self._wait_turn(first, after)
+        return self._compute(self._run_steps, first, count)
+
+    def _run_steps(self, first: int, count: int) -> list[dict]:
+        results = []
+        for step in range(first, first + count):
             start = time.perf_counter()
-            losses = self._compute(self.worker.train_step, step)
-        except BaseException:
+            try:
+                losses = self.worker.train_step(step)
+            except BaseException as exc:
+                with self._turn:
+                    self._failed = step
+                    self._turn.notify_all()
+                if count > 1:
+                    note_step(exc, step)
+                raise
+            seconds = time.perf_counter() - start
             with self._turn:
-                self._failed = step
+                self._finished = step
                 self._turn.notify_all()
-            raise
-        seconds = time.perf_counter() - start
-        with self._turn:
-            self._finished = step
-            self._turn.notify_all()
-        timing = self.worker.last_timing
-        return {"losses": losses, "seconds": seconds, "timing": timing.to_dict() if timing is not None else None}
+            timing = self.worker.last_timing
+            results.append({"losses": losses, "seconds": seconds,
+                            "timing": timing.to_dict() if timing is not None else None})
+        return results
 
     def _wait_turn(self, step: int, after: int) -> None:
-        """Block until step ``after`` has finished on this actor (see :meth:`train_step`)."""
+        """Block until step ``after`` has finished on this actor (see :meth:`train_steps`)."""
         with self._turn:
             ready = self._turn.wait_for(lambda: self._finished == after or self._failed is not None,
                                         timeout=GLOO_TIMEOUT.total_seconds())
@@ -251,7 +263,7 @@ class WaveActor:
 
     def progress(self) -> dict | None:
         """Where this rank's step is now (``WaveWorker.where``: step, micro-batch, wave, phase), None before its first
-        step; answered while ``train_step`` runs (the actor runs its calls in threads), for the step watchdog."""
+        step; answered while ``train_steps`` runs (the actor runs its calls in threads), for the step watchdog."""
         where = self.worker.where if self.worker is not None else None
         return dict(zip(("step", "micro", "wave", "phase"), where)) if where is not None else None
 

@@ -63,14 +63,24 @@ def lost_workers(actors: list, timeout_s: float = PROBE_TIMEOUT_S) -> dict[int, 
 
 def watchdog_failure(actors: list, what: str, timeout_s: float, pending: list[int],
                      step: int | None = None) -> WorkerLost:
-    """The failure of a step (or checkpoint: ``what``) that ran past ``timeout_s``: which ranks had not finished and
-    where each stopped (``WaveActor.progress``), one line. For a ``step``, also where each rank that finished it
-    stopped in the step sent behind it (a rank that froze after the step's last collective leaves the others
-    waiting there)."""
+    """The failure of a call (``what``: its steps, or a checkpoint) that ran past ``timeout_s``: which ranks had not
+    finished and where each stopped (``WaveActor.progress``), one line. For a call ending at ``step``, also where
+    each rank that finished it stopped in the call sent behind it (a rank that froze after the step's last
+    collective leaves the others waiting there)."""
+    asked = range(len(actors)) if step is not None else pending
+    where = ask_progress(actors, asked)
+    parts = [f"rank {rank} {describe(where[rank]) if rank in where else 'does not answer'}" for rank in pending]
+    parts += [f"rank {rank} finished it and {describe(where[rank])}" for rank in asked
+              if rank not in pending and isinstance(where.get(rank), dict) and where[rank]["step"] > step]
+    return WorkerLost(f"{what} ran past training.step_timeout_s ({timeout_s:g} s): {'; '.join(parts)}")
+
+
+def ask_progress(actors: list, ranks) -> dict[int, dict | str | None]:
+    """Rank -> its ``WaveActor.progress`` answer (or the error's first line) for the ``ranks`` that answer within
+    PROGRESS_TIMEOUT_S."""
     import ray
 
-    asked = range(len(actors)) if step is not None else pending
-    refs = {actors[rank].progress.remote(): rank for rank in asked}
+    refs = {actors[rank].progress.remote(): rank for rank in ranks}
     done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=PROGRESS_TIMEOUT_S)
     where = {}
     for ref in done:
@@ -78,10 +88,24 @@ def watchdog_failure(actors: list, what: str, timeout_s: float, pending: list[in
             where[refs[ref]] = ray.get(ref)
         except ray.exceptions.RayError as exc:
             where[refs[ref]] = first_line(exc)
-    parts = [f"rank {rank} {describe(where[rank]) if rank in where else 'does not answer'}" for rank in pending]
-    parts += [f"rank {rank} finished it and {describe(where[rank])}" for rank in asked
-              if rank not in pending and isinstance(where.get(rank), dict) and where[rank]["step"] > step]
-    return WorkerLost(f"{what} ran past training.step_timeout_s ({timeout_s:g} s): {'; '.join(parts)}")
+    return where
+
+
+class StepsAdvance:
+    """The step watchdog of a call of several steps (orchestrator.run): each time the call runs past
+    ``training.step_timeout_s``, it may go on only if every rank it waits for has finished a step since the last
+    look (its ``progress`` names a later step): each step, not the whole call, gets the timeout."""
+
+    def __init__(self, actors: list, first: int):
+        self.actors, self.seen = actors, {}
+        self.first = first
+
+    def __call__(self, pending: list[int]) -> bool:
+        where = ask_progress(self.actors, pending)
+        now = {rank: where[rank]["step"] for rank in pending if isinstance(where.get(rank), dict)}
+        moved = len(now) == len(pending) and all(now[r] > self.seen.get(r, self.first) for r in pending)
+        self.seen.update(now)
+        return moved
 
 
 def describe(progress: dict | str | None) -> str:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from orchestrator.run_inputs import RunInputError
 
 log = logging.getLogger(__name__)
 
+STEP_NOTE = "in step "  # a note a call of several steps adds to the error of the one that failed (note_step)
 STARTING = "while starting"  # what a worker was doing when setup failed: its job errors are user errors
 RESTORING = "while restoring the checkpoint"  # a checkpoint the workers refuse (another job's) is a user error
 
@@ -45,9 +47,11 @@ def gather(actors: list, call, what: str, timeout: float | None = None) -> list:
     return collect([call(a, r) for r, a in enumerate(actors)], what, timeout)
 
 
-def collect(refs: list, what: str, timeout: float | None = None) -> list:
+def collect(refs: list, what: str, timeout: float | None = None,
+            go_on: Callable[[list[int]], bool] | None = None) -> list:
     """The results of calls already made, one per rank (``refs[rank]``), as :func:`gather` waits for them; the
-    ``timeout`` counts from now."""
+    ``timeout`` counts from now. When it runs out, ``go_on(ranks not done)`` may grant another ``timeout`` (a call
+    of several steps whose ranks still advance: orchestrator.recovery.StepsAdvance)."""
     import ray
 
     rank_of = {ref: r for r, ref in enumerate(refs)}
@@ -57,7 +61,11 @@ def collect(refs: list, what: str, timeout: float | None = None) -> list:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         done, pending = ray.wait(pending, num_returns=1, timeout=left)
         if not done:
-            raise GatherTimeout(what, sorted(rank_of[ref] for ref in pending))
+            waiting = sorted(rank_of[ref] for ref in pending)
+            if go_on is not None and go_on(waiting):
+                deadline = time.monotonic() + timeout
+                continue
+            raise GatherTimeout(what, waiting)
         results[rank_of[done[0]]] = gather_one(done[0], rank_of[done[0]], what)  # each result fetched once
     return results
 
@@ -72,6 +80,7 @@ def gather_one(ref, rank: int, what: str) -> Any:
         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
         log.debug("worker %d failed %s:\n%s", rank, what, exc)
         message = first_line(cause)
+        what = failed_step(cause, what)
         if what == STARTING and isinstance(cause, (ValueError, NotImplementedError)):
             raise RunInputError(f"worker {rank} cannot run this job: {message}") from None
         if what == RESTORING and isinstance(cause, ValueError):
@@ -79,6 +88,17 @@ def gather_one(ref, rank: int, what: str) -> Any:
         raise RunFailed(f"worker {rank} failed {what}: {type(cause).__name__}: {message}") from None
     except ray.exceptions.RayActorError as exc:
         raise WorkerLost(f"worker {rank} died {what}: {first_line(exc)}") from None
+
+
+def note_step(exc: BaseException, step: int) -> None:
+    """Say on ``exc`` which step of a call of several steps raised it (the driver's line names that step)."""
+    exc.add_note(f"{STEP_NOTE}{step}")
+
+
+def failed_step(cause: BaseException, what: str) -> str:
+    """``at step N`` when ``cause`` carries :func:`note_step`'s note, else ``what`` (``at steps 4-9``)."""
+    notes = [n for n in getattr(cause, "__notes__", ()) if isinstance(n, str) and n.startswith(STEP_NOTE)]
+    return f"at step {notes[-1][len(STEP_NOTE):]}" if notes else what
 
 
 def first_line(exc: BaseException) -> str:

@@ -15,12 +15,13 @@ Entry point :func:`run_job`. A run is a sequence of named phases (:class:`Driver
    directory: its lock, the earlier run moved aside for ``overwrite``, ``plan.json``), ``restore``
    (every rank reads what it holds from the checkpoint, runtime.portable). A cluster whose nodes
    cannot hold the plan's nodes is refused before any actor starts (:mod:`orchestrator.placement`).
-3. ``train``: one collective ``train_step`` per step on every actor, the next step sent before this one's results
-   are back (so the actors never wait for Ray's round trip to the driver; they run their steps in order) unless a
-   checkpoint is due after this one or a stop signal came; each step is logged to
+3. ``train``: collective ``train_steps`` calls on every actor, each of one step or, where steps are short, of as
+   many as the plan predicts in ``CALL_SECONDS`` (Ray's cost per call is paid once for them), the next call sent
+   before this one's results are back (so the actors never wait for Ray's round trip to the driver; they run their
+   steps in order) unless a checkpoint is due after it or a stop signal came; each step is logged to
    ``metrics.jsonl``, the metrics and the progress reporter; every ``checkpoint_every`` steps the
    actors write their files and the driver writes the manifest and the completion marker, then applies
-   ``keep_last``. SIGINT or SIGTERM stops the run after the steps in flight (the one sent ahead too), with a final
+   ``keep_last``. SIGINT or SIGTERM stops the run after the steps in flight (the call sent ahead too), with a final
    checkpoint when checkpointing is on (:mod:`orchestrator.signals`; :class:`RunStopped`, exit 128 + the signal).
 4. ``shutdown`` (always): kill the actors, stop the embedded cluster (keeping the workers' logs
    that hold output under ``<out>/logs`` once the run has claimed it) or disconnect from ``--address``,
@@ -57,7 +58,7 @@ from orchestrator.metrics import (
 )
 from orchestrator.outdir import LOCK_FILE, RunFolder
 from orchestrator.placement import RankPlacement, fitting_nodes, misplaced_ranks, nodes_from_ray, placement_mismatch
-from orchestrator.recovery import Recovering, watchdog_failure
+from orchestrator.recovery import Recovering, StepsAdvance, watchdog_failure
 from orchestrator.remote import RESTORING, STARTING, GatherTimeout, RunFailed, collect, gather, gather_one
 from orchestrator.run_inputs import (
     RunInputError, check_cpu_device, check_plan_for_job, check_runnable_job, plan_option,
@@ -79,6 +80,12 @@ PLACEMENT_TIMEOUT_S = 60.0  # a placement group Ray has not placed by then is re
 # pieces from this size on move between CPU workers through Ray's object store: cheaper than gloo from 32 MiB on one
 # host (bench/results/transfer.md: 0.40x at 32 MiB, 2.4x dearer at 16 MiB)
 OBJECT_STORE_FROM_BYTES = 32 * 1024**2
+# Steps per call to the actors: as many as the plan predicts in this many seconds (at most MAX_STEPS_PER_CALL). Each
+# call costs the driver ~1.5 ms of CPU and each actor ~0.6 ms (Ray's submission, dispatch, results) on the cores the
+# workers compute on; a step of a few milliseconds paid it every step (chat-sft-cpu: 9.4 -> 8.5 ms a step in 8-step
+# calls, session 26). A stop signal waits for at most two calls, so this bounds its delay too.
+CALL_SECONDS = 0.2
+MAX_STEPS_PER_CALL = 32
 # every name the run writes at the top of its output directory (checked to resolve inside it before the first write)
 OUTPUTS = (LOCK_FILE, PLAN_FILE, STEP_LOG_FILE, CKPT_DIRNAME, LOGS_DIR, MODEL_FILE, EXPORT_DIR, TRACE_FILE,
            PREDICTED_TRACE_FILE)
@@ -99,7 +106,8 @@ class RunOptions:
     costs: Path | None = None  # plan with this profiled cost file (`loom profile`) instead of the analytic model
     plan_file: Path | None = None  # the file the given plan was read from (`--plan`), named in errors about it
     collect_parameters: bool = False  # return every rank's final parameters in RunResult (tests)
-    send_ahead: bool = True  # send each step before the previous one's results are back (Driver.may_send_ahead)
+    send_ahead: bool = True  # send each call before the previous one's results are back (Driver.may_send_ahead)
+    call_seconds: float = CALL_SECONDS  # steps per actor call: as many as predicted in this time (Driver.call_size)
     object_store_from_bytes: int = OBJECT_STORE_FROM_BYTES  # CPU pieces this large and larger: object store (0: never)
     setup_timeout_s: float = SETUP_TIMEOUT_S
     placement_timeout_s: float = PLACEMENT_TIMEOUT_S  # wait this long for Ray to reserve the plan's nodes
@@ -153,6 +161,14 @@ def run_job(job: JobSpec, plan: Plan | None = None, *, options: RunOptions = Run
     return Driver(job, plan, options, reporter or default_reporter()).run()
 
 
+def call_shares(seconds: float, results: list[list[dict]]) -> list[float]:
+    """Each step's share of a call's measured ``seconds`` (``results[rank][i]``: rank's result of the call's i-th
+    step): in proportion to the time its slowest rank spent in it, so that the steps add up to the call."""
+    slowest = [max(rank[i]["seconds"] for rank in results) for i in range(len(results[0]))]
+    total = sum(slowest)
+    return [seconds * s / total if total > 0 else seconds / len(slowest) for s in slowest]
+
+
 class Driver(Recovering):
     """One run's state and its phases (see the module docstring); use :func:`run_job`."""
 
@@ -178,7 +194,8 @@ class Driver(Recovering):
         self.checkpoints: list[CheckpointInfo] = []
         self.restarts = 0  # automatic restarts so far (recover)
         self.trace = TraceRecorder()  # the last steps' spans, for trace.json
-        self.ahead: tuple[int, list] | None = None  # (step, its calls): sent before the previous step's results came
+        # (first step, steps, its calls): the call sent before the previous call's results came
+        self.ahead: tuple[int, int, list] | None = None
         self.step_end = 0.0  # perf_counter() when the last step's results were all in
         self.folder = RunFolder(self.out_dir, resume=options.resume, overwrite=options.overwrite, outputs=OUTPUTS)
         self.stop = StopSignals()
@@ -436,7 +453,7 @@ class Driver(Recovering):
 
     def train(self) -> None:
         """Steps ``first_step .. num_steps - 1``, each logged; checkpoints on schedule and at the end. A stop signal
-        (orchestrator.signals) ends the loop after the step in flight, with a final checkpoint when checkpointing
+        (orchestrator.signals) ends the loop after the steps in flight, with a final checkpoint when checkpointing
         is on, by raising RunStopped."""
         batch = {t.name: t.batch_size for t in self.job.tasks}
         tokens = tokens_per_sample(self.job)
@@ -444,57 +461,83 @@ class Driver(Recovering):
         self.reporter.start(self.first_step, self.num_steps)
         self.stop.graceful = True
         try:
-            step = self.first_step
+            step, fresh = self.first_step, True
             while step < self.num_steps:
                 try:
-                    self.train_one(step, batch, tokens)
-                    step += 1
+                    step += self.train_one(step, fresh, batch, tokens)
+                    fresh = False
                 except RunFailed as failure:
                     if self.stop.requested is not None:  # the signal reached the workers too
                         raise RunStopped(self.stop.requested, "") from None
-                    step = self.recover(failure)
+                    step, fresh = self.recover(failure), True
         finally:
             self.stop.graceful = False
             self.reporter.close()
 
-    def train_one(self, step: int, batch: dict[str, int], tokens: dict[str, int]) -> None:
-        """Step ``step``, logged, then its checkpoint when one is due; RunStopped after it when a signal came."""
-        record = self.run_step(step, batch, tokens)
-        self.records.append(record)
-        self.step_log.write(record)
-        self.metrics.record_step(record, batch, tokens)
-        self.reporter.step(record)
-        done = step + 1
+    def train_one(self, step: int, fresh: bool, batch: dict[str, int], tokens: dict[str, int]) -> int:
+        """The call of steps from ``step`` (``fresh``: the first since the workers started), each logged, then a
+        checkpoint when one is due; RunStopped after it when a signal came. Returns the number of steps run."""
+        records = self.run_step(step, fresh, batch, tokens)
+        for record in records:
+            self.records.append(record)
+            self.step_log.write(record)
+            self.metrics.record_step(record, batch, tokens)
+            self.reporter.step(record)
+        done = step + len(records)
         stopping = self.stop.requested is not None
-        if stopping and self.ahead is not None:  # step `done` runs already: the run stops after it, its checkpoint then
-            return
+        if stopping and self.ahead is not None:  # the next call runs already: the run stops after it, its checkpoint then
+            return len(records)
         if self.checkpoint_every and (done % self.checkpoint_every == 0 or done == self.num_steps or stopping):
             self.save_checkpoint(done)
         if stopping:
             raise RunStopped(self.stop.requested, "")
+        return len(records)
 
-    def run_step(self, step: int, batch: dict[str, int], tokens: dict[str, int]) -> StepRecord:
-        """Step ``step`` on every actor (sent now, or earlier as the step ahead), with step ``step + 1`` sent behind
-        it when :meth:`may_send_ahead`; its record. The measured step time runs from when the actors could start
-        it (its sending, or the previous step's results for a step sent ahead) to its results: the period
-        of the steps, as the plan predicts it, without Ray's round trip when the step was sent ahead."""
+    def call_size(self, step: int, fresh: bool) -> int:
+        """How many steps the call from ``step`` runs: one for the first step after the workers start (its warm-up
+        is its own), else as many as the plan predicts in ``options.call_seconds`` (CALL_SECONDS), at most
+        MAX_STEPS_PER_CALL; never past a checkpoint (the actors' ``save`` must see that step's weights) or the end."""
+        predicted = self.plan.predicted.iteration_time_s
+        count = 1 if fresh or predicted <= 0 else int(self.options.call_seconds / predicted)
+        end = self.num_steps
+        if self.checkpoint_every:
+            end = min(end, (step // self.checkpoint_every + 1) * self.checkpoint_every)
+        return max(1, min(count, MAX_STEPS_PER_CALL, end - step))
+
+    def run_step(self, step: int, fresh: bool, batch: dict[str, int], tokens: dict[str, int]) -> list[StepRecord]:
+        """The call of steps from ``step`` on every actor (sent now, or earlier as the call ahead), with the next call
+        sent behind it when :meth:`may_send_ahead`; a record per step. The measured time of the call runs from when
+        the actors could start it (its sending, or the previous call's results for a call sent ahead) to its
+        results: the period of the steps, as the plan predicts it, without Ray's round trip when the call was sent
+        ahead; each step gets the share of it its slowest rank spent in the step."""
         timeout = self.job.training.step_timeout_s
         if self.ahead is not None and self.ahead[0] == step:
-            (_, refs), start = self.ahead, self.step_end
+            (_, count, refs), start = self.ahead, self.step_end
         else:
-            refs, start = [a.train_step.remote(step) for a in self.actors], time.perf_counter()
+            count = self.call_size(step, fresh)
+            refs, start = [a.train_steps.remote(step, count) for a in self.actors], time.perf_counter()
+        last = step + count - 1
         self.ahead = None
-        if self.may_send_ahead(step):
-            self.ahead = (step + 1, [a.train_step.remote(step + 1, step) for a in self.actors])
+        if self.may_send_ahead(last):
+            following = self.call_size(last + 1, False)
+            self.ahead = (last + 1, following, [a.train_steps.remote(last + 1, following, last) for a in self.actors])
+        what = f"step {step}" if count == 1 else f"steps {step}-{last}"
         try:
-            results = collect(refs, f"at step {step}", timeout=timeout)
+            results = collect(refs, f"at {what}", timeout=timeout,
+                              go_on=StepsAdvance(self.actors, step) if count > 1 else None)
         except GatherTimeout as exc:
-            raise watchdog_failure(self.actors, f"step {step}", timeout, exc.pending, step) from None
+            raise watchdog_failure(self.actors, what, timeout, exc.pending, last) from None
         self.step_end = time.perf_counter()
-        seconds = self.step_end - start
+        shares = call_shares(self.step_end - start, results)
+        return [self.step_record(step + i, [r[i] for r in results], shares[i], batch, tokens) for i in range(count)]
+
+    def step_record(self, step: int, results: list[dict], seconds: float, batch: dict[str, int],
+                    tokens: dict[str, int]) -> StepRecord:
+        """Step ``step``'s record from every rank's result of it, ``seconds`` its measured time."""
         losses = results[0]["losses"]  # identical on every rank (all-reduced)
-        waves, parts = step_breakdown([r.get("timing") for r in results])
-        self.trace.record(step, [r.get("timing") for r in results])
+        timings = [r.get("timing") for r in results]
+        waves, parts = step_breakdown(timings)
+        self.trace.record(step, timings)
         return StepRecord(
             step=step, loss=losses, step_seconds=seconds,
             samples_per_s={t: batch[t] / seconds for t in losses},
@@ -505,9 +548,9 @@ class Driver(Recovering):
         )
 
     def may_send_ahead(self, step: int) -> bool:
-        """Whether step ``step + 1`` goes to the actors before ``step``'s results are back: when it is a step of this
-        run, no checkpoint is due after ``step`` (the actors' ``save`` must see ``step``'s weights) and no stop
-        signal came (the run stops after the step in flight)."""
+        """Whether the call after the one ending at step ``step`` goes to the actors before its results are back:
+        when it holds steps of this run, no checkpoint is due after ``step`` (the actors' ``save`` must see
+        ``step``'s weights) and no stop signal came (the run stops after the steps in flight)."""
         done = step + 1
         due = self.checkpoint_every and done % self.checkpoint_every == 0
         return self.options.send_ahead and done < self.num_steps and not due and self.stop.requested is None
@@ -554,7 +597,7 @@ class Driver(Recovering):
         """Kill the actors and free their reserved nodes (shutdown, and before a restart)."""
         from orchestrator.actors import end_processes, kill_actors, release_nodes
 
-        self.ahead = None  # a step sent ahead dies with the actors
+        self.ahead = None  # a call sent ahead dies with the actors
         if self.actors:
             kill_actors(self.actors)
             self.actors = []

@@ -2,8 +2,11 @@
 
 For each job (``examples/*-cpu.yaml`` and the medical recipe's ``unimed-tiny.yaml``) this runs what a user runs:
 ``loom profile JOB --output COSTS`` and ``loom run JOB --costs COSTS --steps N``, then reads the run's
-``metrics.jsonl`` and ``plan.json``. A run's measured step is the median of its steps after the first
-``WARMUP_STEPS`` (the driver's wall time per step), compared with the plan's predicted iteration time. Target
+``metrics.jsonl`` and ``plan.json``. A run's measured step is the mean of its steps after the first
+``WARMUP_STEPS`` (the driver's wall time per step: the run's time per step, as the plan predicts it), compared with
+the plan's predicted iteration time; the median is reported beside it. (Until session 26 the median was the
+measure; since then the driver sends short steps several to a call and shares the call's time among them in
+proportion to each one's slowest rank, which leaves the median below the time per step.) Target
 (issue 10): every example within 20% of its prediction. Writes ``bench/results/examples.{json,md}``.
 """
 
@@ -49,12 +52,13 @@ def measure(name: str, path: Path, steps: int, work: Path) -> dict:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     plan = json.loads((out / "plan.json").read_text())
     timed = [r["step_seconds"] for r in records[WARMUP_STEPS:]] or [r["step_seconds"] for r in records]
-    measured, predicted = statistics.median(timed), plan["predicted"]["iteration_time_s"]
+    measured, predicted = statistics.mean(timed), plan["predicted"]["iteration_time_s"]
     parts = {part: plan["predicted"].get(key, 0.0) for part, key in PREDICTED_PARTS.items()}
     measured_parts = measured_parts_of(out / "trace.json") | {"driver round trip": driver_round_trip(records)}
     return {"job": name, "path": str(path.relative_to(REPO_ROOT)), "workers": len(plan["peak_memory_bytes"]),
             "waves": len(plan["waves"]), "method": plan["solver"]["method"], "steps": len(records),
-            "measured_step_s": measured, "predicted_step_s": predicted, "ratio": measured / predicted,
+            "measured_step_s": measured, "median_step_s": statistics.median(timed), "predicted_step_s": predicted,
+            "ratio": measured / predicted,
             "step_seconds": [r["step_seconds"] for r in records], "profile_s": profiled,
             "load_average": os.getloadavg()[0], "predicted_parts_s": parts,
             "measured_parts_s": measured_parts}
@@ -66,9 +70,10 @@ PREDICTED_PARTS = {"compute": "compute_s", "transfer": "transfer_s", "sync": "sy
 
 
 def driver_round_trip(records: list[dict]) -> float:
-    """Median seconds per step the driver waits beyond its slowest worker's ``train_step`` call (metrics.jsonl's
+    """Median seconds per step the driver waits beyond its slowest worker's time in the step (metrics.jsonl's
     ``step_seconds`` minus the largest ``worker_seconds``, steps after the first ``WARMUP_STEPS``): Ray's dispatch of
-    the calls and the return of their results, which no part of the plan prices."""
+    the calls and the return of their results (a call of several steps shares it among them), which no part of the
+    plan prices."""
     timed = [r for r in records[WARMUP_STEPS:] or records if r.get("worker_seconds")]
     return statistics.median(r["step_seconds"] - max(r["worker_seconds"]) for r in timed) if timed else 0.0
 
@@ -98,24 +103,26 @@ def measured_parts_of(trace: Path) -> dict[str, float]:
 
 def report(records: list[dict], note: str = "") -> str:
     lines = ["# CPU examples: measured step vs the plan's prediction (profiled costs)", "",
-             f"Each job: `loom profile JOB` then `loom run JOB --costs COSTS`; measured = median step after the first "
+             f"Each job: `loom profile JOB` then `loom run JOB --costs COSTS`; measured = mean step after the first "
              f"{WARMUP_STEPS} (driver wall time), predicted = the plan's iteration time. Target: within "
              f"{TARGET:.0%} (issue 10).", *([note, ""] if note else [""]),
-             "| job | workers | waves | method | measured step | predicted | measured / predicted | verdict | "
-             "load (1 min) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| job | workers | waves | method | measured step | median step | predicted | measured / predicted | "
+             "verdict | load (1 min) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['job']} | | | | | | | FAILED: {r['error']} | |")
+            lines.append(f"| {r['job']} | | | | | | | | FAILED: {r['error']} | |")
             continue
         verdict = "PASS" if abs(r["ratio"] - 1) <= TARGET else "SHORT"
+        median = f"{r['median_step_s'] * 1e3:.1f} ms" if "median_step_s" in r else "-"
         lines.append(f"| {r['job']} | {r['workers']} | {r['waves']} | {r['method']} | "
-                     f"{r['measured_step_s'] * 1e3:.1f} ms | {r['predicted_step_s'] * 1e3:.1f} ms | {r['ratio']:.2f} | "
-                     f"{verdict} | {r['load_average']:.1f} |")
+                     f"{r['measured_step_s'] * 1e3:.1f} ms | {median} | {r['predicted_step_s'] * 1e3:.1f} ms | "
+                     f"{r['ratio']:.2f} | {verdict} | {r['load_average']:.1f} |")
     lines += ["", "## Where the step goes", "",
               "Measured: the run's `trace.json` (its last steps), per part the slowest worker's mean per step; the "
               "optimizer's span holds ZeRO-1's all-gather. Predicted: the plan's parts along its critical path, so "
               "the parts of the two sides need not add up alike. Driver round trip: the median of the driver's step "
-              "minus its slowest worker's `train_step` call (Ray's dispatch and return; the plan prices none).", "",
+              "minus its slowest worker's time in the step (Ray's dispatch and return, shared by a call's steps; the plan "
+              "prices none).", "",
               "| job | " + " | ".join([*PREDICTED_PARTS, *UNPRICED_PARTS]) + " |",
               "|---|" + "---|" * (len(PREDICTED_PARTS) + len(UNPRICED_PARTS))]
     for r in records:

@@ -3,7 +3,8 @@
 For each job (default: the CPU examples with the shortest steps, where Ray's round trip weighs most), ``loom profile``
 once, one plan from that profile, then ``R`` rounds of two runs of ``N`` steps each on one embedded Ray cluster,
 alternating: ``RunOptions(send_ahead=False)`` (every step sent once the last one's results are back, the driver
-before this change) and ``send_ahead=True`` (orchestrator.run: step k+1 sent with step k). Per run: the median step
+before this change) and ``send_ahead=True`` (orchestrator.run: step k+1 sent with step k), one step per call in both
+(``call_seconds=0``: the driver's several steps per call are measured by bench.examples). Per run: the median step
 after the first ``WARMUP_STEPS`` and the median period (the gap between two steps' ends at the driver: the two arms
 measure their steps from different points, the period is measured alike in both), the driver's round trip (median of the
 step minus its slowest worker's ``train_step``; with send-ahead that is what Ray adds between two steps, and can be
@@ -70,8 +71,9 @@ def one_run(job, plan, ahead: bool, steps: int, out: Path) -> dict:
     from orchestrator.run import RunOptions, run_job
 
     clock = Clock()
-    result = run_job(job, plan, options=RunOptions(steps=steps, out_dir=out, checkpoint_every=0, send_ahead=ahead),
-                     reporter=clock)
+    # one step per call in both arms (call_seconds 0): the reporter's clock times each step's end at the driver
+    result = run_job(job, plan, options=RunOptions(steps=steps, out_dir=out, checkpoint_every=0, send_ahead=ahead,
+                                                   call_seconds=0), reporter=clock)
     timed = result.records[WARMUP_STEPS:] or result.records
     parts = measured_parts_of(out / "trace.json")
     return {"send_ahead": ahead, "step_s": statistics.median(r.step_seconds for r in timed),

@@ -235,8 +235,9 @@ def test_keep_last_fallback_sigint_and_overwrite(ray_session, job, plan, tmp_pat
     damaged.write_bytes(damaged.read_bytes()[:-10])
     interrupt = WatchingReporter(2, lambda: os.kill(os.getpid(), signal.SIGINT))
     with caplog.at_level(logging.WARNING, logger="orchestrator.checkpoint"), pytest.raises(RunStopped) as stopped:
-        run_job(job, plan, options=RunOptions(steps=6, out_dir=out, resume=True, checkpoint_every=100),
-                reporter=interrupt)
+        # one step per call (call_seconds 0), so that the steps in flight are the two named above
+        run_job(job, plan, options=RunOptions(steps=6, out_dir=out, resume=True, checkpoint_every=100,
+                                              call_seconds=0), reporter=interrupt)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "step_3 is damaged (rank_1.safetensors has" in warnings[0], warnings
     assert [r.step for r in interrupt.records] == [2, 3]

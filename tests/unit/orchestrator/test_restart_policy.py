@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.recovery import decide, describe
+from orchestrator import recovery
+from orchestrator.recovery import StepsAdvance, decide, describe
 
 
 def test_a_lost_worker_restarts_while_restarts_are_left():
@@ -69,3 +70,17 @@ def test_a_step_watchdog_names_where_the_ranks_that_finished_it_wait(monkeypatch
     message = str(watchdog_failure(actors, "checkpoint 2", 8.0, [0]))
     assert asked == [("ref", 0)] and message.endswith("rank 0 does not answer")
 
+
+
+def test_a_call_of_several_steps_goes_on_past_the_timeout_while_every_waited_rank_finishes_steps(monkeypatch):
+    """The step watchdog of a call of steps 4-9 (StepsAdvance): each time it runs past step_timeout_s it goes on only
+    if every rank still running has finished a step since the last look."""
+    answers = iter([{0: {"step": 5}, 1: {"step": 6}},  # both moved past step 4
+                    {0: {"step": 7}, 1: {"step": 6}},  # rank 1 is still in step 6: hung there
+                    ])
+    monkeypatch.setattr(recovery, "ask_progress", lambda actors, ranks: next(answers))
+    advance = StepsAdvance(actors=[None, None], first=4)
+    assert advance([0, 1])
+    assert not advance([0, 1])
+    monkeypatch.setattr(recovery, "ask_progress", lambda actors, ranks: {0: "does not answer"})
+    assert not StepsAdvance(actors=[None], first=4)([0])  # a rank that cannot say where it is has not moved
