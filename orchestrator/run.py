@@ -485,7 +485,7 @@ class Driver(Recovering):
             self.reporter.step(record)
         done = step + len(records)
         stopping = self.stop.requested is not None
-        if stopping and self.ahead is not None:  # the next call runs already: the run stops after it, its checkpoint then
+        if stopping and self.ahead is not None:  # the next call runs already: the run stops (and saves) after it
             return len(records)
         if self.checkpoint_every and (done % self.checkpoint_every == 0 or done == self.num_steps or stopping):
             self.save_checkpoint(done)

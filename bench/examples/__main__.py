@@ -121,8 +121,8 @@ def report(records: list[dict], note: str = "") -> str:
               "Measured: the run's `trace.json` (its last steps), per part the slowest worker's mean per step; the "
               "optimizer's span holds ZeRO-1's all-gather. Predicted: the plan's parts along its critical path, so "
               "the parts of the two sides need not add up alike. Driver round trip: the median of the driver's step "
-              "minus its slowest worker's time in the step (Ray's dispatch and return, shared by a call's steps; the plan "
-              "prices none).", "",
+              "minus its slowest worker's time in the step (Ray's dispatch and return, shared by a call's steps; the "
+              "plan prices none).", "",
               "| job | " + " | ".join([*PREDICTED_PARTS, *UNPRICED_PARTS]) + " |",
               "|---|" + "---|" * (len(PREDICTED_PARTS) + len(UNPRICED_PARTS))]
     for r in records:
