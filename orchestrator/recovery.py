@@ -97,8 +97,8 @@ class StepsAdvance:
     look (its ``progress`` names a later step): each step, not the whole call, gets the timeout."""
 
     def __init__(self, actors: list, first: int):
-        self.actors, self.seen = actors, {}
-        self.first = first
+        self.actors, self.first = actors, first
+        self.seen: dict[int, int] = {}  # rank -> the step it was in at the last look
 
     def __call__(self, pending: list[int]) -> bool:
         where = ask_progress(self.actors, pending)

@@ -82,8 +82,8 @@ PLACEMENT_TIMEOUT_S = 60.0  # a placement group Ray has not placed by then is re
 OBJECT_STORE_FROM_BYTES = 32 * 1024**2
 # Steps per call to the actors: as many as the plan predicts in this many seconds (at most MAX_STEPS_PER_CALL). Each
 # call costs the driver ~1.5 ms of CPU and each actor ~0.6 ms (Ray's submission, dispatch, results) on the cores the
-# workers compute on; a step of a few milliseconds paid it every step (chat-sft-cpu: 9.4 -> 8.5 ms a step in 8-step
-# calls, session 26). A stop signal waits for at most two calls, so this bounds its delay too.
+# workers compute on; a step of a few milliseconds paid it every step (chat-sft-cpu: 8.9-9.4 -> 7.5 ms a step at 29
+# steps a call, session 26). A stop signal waits for at most two calls, so this bounds its delay too.
 CALL_SECONDS = 0.2
 MAX_STEPS_PER_CALL = 32
 # every name the run writes at the top of its output directory (checked to resolve inside it before the first write)
