@@ -75,7 +75,8 @@ def measure(repeats: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_rank, args=(free_port(), repeats, tmp), nprocs=2, join=True)
         medians = json.loads((Path(tmp) / "medians.json").read_text())
-    return [{"operation": op, "work": kind, "gap_ms": gap, "seconds": s} for (op, kind, gap), s in zip(cases(), medians)]
+    return [{"operation": op, "work": kind, "gap_ms": gap, "seconds": s}
+            for (op, kind, gap), s in zip(cases(), medians)]
 
 
 def report(records: list[dict], repeats: int) -> str:
