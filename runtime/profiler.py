@@ -443,6 +443,13 @@ are (runtime.host.pin_worker). The planner fits each to a latency and a bandwidt
         return json.loads((Path(tmp) / "links.json").read_text())
 
 
+def one_message(x: torch.Tensor, rank: int) -> None:
+    """Rank 0 sends ``x`` to rank 1 (``batch_isend_irecv``, as the runtime's transfers); rank 1 receives it."""
+    op = dist.P2POp(dist.isend, x, 1) if rank == 0 else dist.P2POp(dist.irecv, x, 0)
+    for request in dist.batch_isend_irecv([op]):
+        request.wait()
+
+
 def _time_links(rank: int, port: int, repeats: int, warmup: int, sizes: tuple[int, ...], out_dir: str,
                 workers: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -459,15 +466,10 @@ def _time_links(rank: int, port: int, repeats: int, warmup: int, sizes: tuple[in
                     samples.append(time.perf_counter() - start)
             return statistics.median(samples)
 
-        def message(x: torch.Tensor) -> None:
-            op = dist.P2POp(dist.isend, x, 1) if rank == 0 else dist.P2POp(dist.irecv, x, 0)
-            for request in dist.batch_isend_irecv([op]):
-                request.wait()
-
         def gather(mine: torch.Tensor) -> None:
             dist.all_gather([torch.empty_like(mine) for _ in range(2)], mine)
 
-        medians = torch.tensor([[timed(lambda x=torch.zeros(max(1, n // 4)): message(x)),
+        medians = torch.tensor([[timed(lambda x=torch.zeros(max(1, n // 4)): one_message(x, rank)),
                                  timed(lambda x=torch.zeros(max(1, n // 4)): dist.all_reduce(x)),
                                  timed(lambda x=torch.zeros(max(1, n // 8)): gather(x))] for n in sizes],
                                dtype=torch.float64)

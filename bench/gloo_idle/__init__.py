@@ -33,6 +33,7 @@ def _rank(rank: int, port: int, repeats: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     from runtime.host import configure_worker_process
+    from runtime.profiler import one_message
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     configure_worker_process(slot=(rank, 2))
@@ -40,15 +41,11 @@ def _rank(rank: int, port: int, repeats: int, out_dir: str) -> None:
     x, a, v = torch.zeros(BYTES // 4), torch.randn(128, 128), torch.randn(16384)
     work = {"matmul 128": lambda: a @ a, "add 16k": lambda: v + v, "sleep(0)": lambda: time.sleep(0)}
 
-    def message() -> None:
-        op = dist.P2POp(dist.isend, x, 1) if rank == 0 else dist.P2POp(dist.irecv, x, 0)
-        for request in dist.batch_isend_irecv([op]):
-            request.wait()
-
     try:
         medians = []
         for op, kind, gap in cases():
-            run, fill, samples = (lambda: dist.all_reduce(x)) if op == "all-reduce" else message, work[kind], []
+            run = (lambda: dist.all_reduce(x)) if op == "all-reduce" else (lambda: one_message(x, rank))
+            fill, samples = work[kind], []
             for i in range(2 + repeats):
                 dist.barrier()
                 until = time.perf_counter() + gap / 1e3
