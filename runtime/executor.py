@@ -49,6 +49,7 @@ from runtime.data import task_batch
 from runtime.embeddings import build_input_module, first_input
 from runtime.gradsync import GradientSync
 from runtime.heads import build_head
+from runtime.host import finish_collective
 from runtime.kinds import is_token_decoder
 from runtime.modules import build_layer, layer_kwargs, row_kwargs, run_layers
 from runtime.optim import (
@@ -475,7 +476,7 @@ class WaveWorker(PieceTransfers, GradientSync):
         weights = self.payload.loss_weights
         values = torch.tensor([float(losses[n].detach()) if n in losses else 0.0 for n in weights],
                               dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
-        dist.all_reduce(values)
+        finish_collective(dist.all_reduce(values, async_op=True), self.device)
         return {n: float(v) / w if w else float(v) for (n, w), v in zip(weights.items(), values)}
 
     def state_dict(self) -> dict:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from kernels.grad_buffers import has_grad_buffer, keep_grad_buffer
 from planner.phases import forward_positions, gather_events
+from runtime.host import finish_collective
 from runtime.megatron_backend import owned_fractions  # cheap: megatron-core itself is imported lazily
 from runtime.optim import clip_coefficient, owned_square_sum, scale_gradients
 from runtime.steps import GradBucket
@@ -71,7 +72,7 @@ class GradientSync:
         into it where the parameter keeps a persistent gradient buffer, kernels.grad_buffers)."""
         assert len(pending) == len(self._grad_buckets), "a gradient bucket was never launched"
         for bucket, flat, work in pending:
-            work.wait()
+            finish_collective(work, flat.device)
             flat = flat.float()  # a no-op in fp32
             offset = 0
             for p in bucket.params:
@@ -93,7 +94,8 @@ class GradientSync:
         if self.scaler.enabled:
             scale_gradients(params, 1.0 / self.scaler.scale)
         total = self._owned_square_sum()
-        dist.all_reduce(total, group=self.groups.world if self.groups is not None else None)
+        finish_collective(dist.all_reduce(total, group=self.groups.world if self.groups is not None else None,
+                                          async_op=True), total.device)
         if not self.scaler.update(found_inf=not math.isfinite(float(total))):
             return False
         if clip:

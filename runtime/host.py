@@ -20,6 +20,13 @@ is pinned. ``loom profile``'s timing processes and runtime.local_world's gloo wo
 tests) are pinned by the same rule (``configure_worker_process``'s ``slot``, :func:`pinned`), so the profile measures
 the layers as the run computes them. For the same reason every timed sample of the profile starts from cold caches
 (:func:`evict_caches`).
+
+On this kind of VM a gloo message or collective between two workers that both computed for several milliseconds
+before it costs ~3 ms instead of ~0.1-0.3 ms when the waiting thread blocks (``python -m bench.gloo_idle``: one
+scheduler tick, the cliff between 3 and 4 ms of compute), and ``loom profile`` times links without it. Two ways
+around it, measured there: a receive posted before the compute (runtime.transfers posts each boundary's receives one
+boundary ahead) and a wait that polls the collective, yielding the CPU, instead of blocking
+(:func:`finish_collective`).
 """
 
 from __future__ import annotations
@@ -30,9 +37,11 @@ import ctypes.util
 import functools
 import logging
 import os
+import time
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 
 from planner.spec import JobSpec
 
@@ -71,6 +80,23 @@ def worker_device(job: JobSpec, local_rank: int = 0) -> torch.device:
 def backend_for(device: torch.device) -> str:
     """The torch.distributed backend of a worker on ``device``: NCCL between GPUs, gloo between CPU processes."""
     return "nccl" if device.type == "cuda" else "gloo"
+
+
+POLL_SECONDS = 0.02  # how long finish_collective polls before it blocks (a peer still computing: no cliff then)
+
+
+def finish_collective(work: dist.Work, device: torch.device) -> None:
+    """Wait for the asynchronous collective ``work`` on ``device``. On CPU (gloo) the waiting thread polls it and
+    yields the CPU for up to :data:`POLL_SECONDS` before it blocks: a blocked wait right after both ends computed
+    several milliseconds pays ~3 ms more (module docstring). ``wait`` still raises the collective's error (and its
+    timeout). Only a worker pinned to a CPU of its own polls: where workers share CPUs, one that waits leaves its CPU to
+    another instead of idle (the cliff needs an idle CPU), and polling would take turns from it. Point-to-point
+    requests never report completion before ``wait``: not for them."""
+    if device.type == "cpu" and len(os.sched_getaffinity(0)) == 1:
+        until = time.perf_counter() + POLL_SECONDS
+        while not work.is_completed() and time.perf_counter() < until:
+            os.sched_yield()
+    work.wait()
 
 
 def configure_worker_process(device: torch.device | str = "cpu", slot: tuple[int, int] | None = None) -> None:
@@ -131,13 +157,15 @@ _evict_buffers: dict[str, torch.Tensor] = {}
 
 
 def evict_caches(device: torch.device) -> None:
-    """Read :data:`EVICT_BYTES` of memory on ``device`` so that the next timed sample starts with cold caches, as a
-    run meets each layer, embedding, head and optimizer step once a step after other work (a profile that repeats
-    one back to back keeps its weights and activations cached: timed so, the optimizer step and loss heads came out
-    at about half what a run of quickstart-cpu spends in them). A read, not a write, so no dirty lines are written
-    back during the sample."""
+    """Write :data:`EVICT_BYTES` of memory on ``device`` so that the next timed sample starts with cold caches full of
+    dirty lines, as a run meets each layer, embedding, head and optimizer step once a step after other work that wrote
+    its activations and gradients (a profile that repeats one back to back keeps its weights and activations cached:
+    timed so, the optimizer step and loss heads came out at about half what a run of quickstart-cpu spends in them).
+    Until session 27 the buffer was read, which leaves clean lines: the layers of diffusion-cpu timed 5-30% faster so
+    than after a write (the sample pays the write-back of what the run wrote before it), and the run's waves computed
+    8-30% longer than that profile predicted."""
     key = str(device)
     if key not in _evict_buffers:
         _evict_buffers[key] = torch.ones(EVICT_BYTES.get(device.type, EVICT_BYTES["cpu"]) // 4, device=device)
-    float(_evict_buffers[key].sum())
+    _evict_buffers[key].add_(1.0)
 

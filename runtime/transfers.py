@@ -13,7 +13,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from runtime.assignment import Piece
+from runtime.assignment import LOSS_WAVE, Piece
 from runtime.channel import piece_key
 from runtime.steps import StepState
 
@@ -30,11 +30,12 @@ class PieceTransfers:
         """Move the plan's pieces of one boundary (planner.program decided them): forward, rows of producers'
         outputs to the devices that read them; backward, the gradients of those rows back to every device of
         the producers (accumulated into their output gradients). Every rank walks the same boundaries and the
-        plan's pieces in the plan's order, so the point-to-point calls pair up."""
-        pieces = self.comm.pieces_at(wave, backward=not forward, phase=phase)
-        if self.roles is not None:  # rollout rows cross at their own width, and carry no gradient back
-            pieces = self.roles.wire_pieces(self.plan, pieces)
-        ops, landing, taken = [], [], []
+        plan's pieces in the plan's order, so the point-to-point calls pair up. On gloo each boundary's messages carry
+        its own tag and, once this boundary is done, the next one's receives are posted (:meth:`_post_receives`)."""
+        at = self._boundary_index((wave, forward, None if wave != LOSS_WAVE else phase))
+        pieces = self._boundary_pieces(at)
+        tag = at + 1 if self._ahead_enabled() else 0
+        ops, landing = [], []
         for p in pieces:
             if p.src != self.rank:
                 continue
@@ -46,22 +47,76 @@ class PieceTransfers:
             if self._by_channel(p):
                 self.channel.post(piece_key(st.move_id, forward, p, p.dst), tensor.contiguous())
             else:
-                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), p.dst))
-        for p in pieces:
-            if p.dst != self.rank or p.src == self.rank:
-                continue  # not mine, or landed by the send loop
-            if self._by_channel(p):
-                taken.append(p)
-                continue
-            buf = torch.empty((p.stop - p.start, *p.shape), device=self.device, dtype=self._wire_dtype_of(p))
-            ops.append(dist.P2POp(dist.irecv, buf, p.src))
-            landing.append((p, buf))
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
+                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), p.dst, tag=tag))
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:  # posted for this boundary: a receive left behind would take a later boundary's message
+            assert ahead[0] == (st.move_id, at), f"receives posted for boundary {ahead[0]} met boundary {st.move_id, at}"
+            received, requests = ahead[1], ahead[2]
+        else:
+            received, receives = self._receives(pieces, tag)
+            requests = dist.batch_isend_irecv(receives) if receives else []
+        requests += dist.batch_isend_irecv(ops) if ops else []
+        for req in requests:
+            req.wait()
+        landing += received
+        taken = [p for p in pieces if p.dst == self.rank and p.src != self.rank and self._by_channel(p)]
         landing += [(p, self.channel.take(p.src, piece_key(st.move_id, forward, p, self.rank))) for p in taken]
         for p, tensor in landing:
             self._land(p, tensor.float(), st, forward)
+        self._post_receives(st.move_id, at + 1)
+
+    def _receives(self, pieces: list[Piece], tag: int) -> tuple[list[tuple[Piece, torch.Tensor]], list]:
+        """The buffers of this device's point-to-point receives among ``pieces`` (in the plan's order) and their
+        receive operations."""
+        received, ops = [], []
+        for p in pieces:
+            if p.dst != self.rank or p.src == self.rank or self._by_channel(p):
+                continue  # not mine, landed by the send loop, or taken from the channel
+            buf = torch.empty((p.stop - p.start, *p.shape), device=self.device, dtype=self._wire_dtype_of(p))
+            ops.append(dist.P2POp(dist.irecv, buf, p.src, tag=tag))
+            received.append((p, buf))
+        return received, ops
+
+    def _post_receives(self, move_id: int, at: int) -> None:
+        """Post the receives of boundary ``at`` of this micro-batch now, while this device computes the wave before
+        it. On this kind of VM a gloo message that lands on a worker blocked in its receive right after several
+        milliseconds of compute costs ~3 ms instead of ~0.1 ms (``python -m bench.gloo_idle``); a receive posted
+        before the compute does not pay it, and ``loom profile`` prices links without it. Gloo only: NCCL runs a
+        posted receive on the communicator's stream, ahead of the collectives issued after it."""
+        if not self._ahead_enabled() or at >= len(self._boundary_order()):
+            return
+        received, receives = self._receives(self._boundary_pieces(at), at + 1)
+        if receives:
+            self._ahead = ((move_id, at), received, dist.batch_isend_irecv(receives))
+
+    _ahead: tuple | None = None  # ((move_id, boundary), [(piece, buffer)], requests) posted by _post_receives
+    _order: list[tuple[int, bool, int | None]] | None = None
+
+    def _ahead_enabled(self) -> bool:
+        return self.device.type == "cpu"
+
+    def _boundary_order(self) -> list[tuple[int, bool, int | None]]:
+        """Every boundary of one micro-batch as (wave, forward, phase of a loss stage) in the order the worker
+        crosses them (runtime.executor: per phase its waves forward, the loss stage forth and back, its waves
+        backward)."""
+        if self._order is None:
+            order = []
+            for phase, (first, end) in enumerate(self.comm.phases):
+                order += [(wave, True, None) for wave in range(first, end)]
+                order += [(LOSS_WAVE, True, phase), (LOSS_WAVE, False, phase)]
+                order += [(wave, False, None) for wave in reversed(range(first, end))]
+            self._order = order
+        return self._order
+
+    def _boundary_index(self, key: tuple[int, bool, int | None]) -> int:
+        return self._boundary_order().index(key)
+
+    def _boundary_pieces(self, at: int) -> list[Piece]:
+        wave, forward, phase = self._boundary_order()[at]
+        pieces = self.comm.pieces_at(wave, backward=not forward, phase=phase)
+        if self.roles is not None:  # rollout rows cross at their own width, and carry no gradient back
+            pieces = self.roles.wire_pieces(self.plan, pieces)
+        return pieces
 
     def _record_sent(self, move_id: int, p: Piece, tensor: torch.Tensor) -> None:
         """Keep (piece, bytes) of every piece this device sends to another in :attr:`last_sent` (the last micro-batch's:

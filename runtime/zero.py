@@ -33,6 +33,7 @@ from torch import nn
 from kernels.grad_buffers import zero_grads
 from planner.plan import shard_range
 from planner.spec import JobSpec
+from runtime.host import finish_collective
 from runtime.modules import build_optimizer
 from runtime.optim import group_key
 
@@ -188,7 +189,7 @@ class ShardedAdamW:
 
     @staticmethod
     def _land(share: _Share, work, parts: list[torch.Tensor]) -> None:
-        work.wait()
+        finish_collective(work, parts[0].device)
         flat = share.gathered(parts)
         offset = 0
         with torch.no_grad():

@@ -7,7 +7,8 @@ that made the call, :data:`KINDS`; ``other`` for the rest: megatron's tensor-par
 gathers, the step's closing all-reduces; ``handoff_gather`` for the all-gathers of a tensor-parallel layer that a weight
 hand-off's sender runs first, runtime.megatron_backend's ``_unshard`` under runtime.rollout.Roles.hand_off), the peer
 or the group's ranks, the bytes and the dtype. An all-gather counts
-the bytes gathered in all (every member's part), as the planner prices it; a point-to-point batch counts its sends.
+the bytes gathered in all (every member's part), as the planner prices it; a point-to-point batch counts its sends,
+and records each receive as kind ``receive`` with the runtime function that posted it (``posted_by``).
 """
 
 from __future__ import annotations
@@ -50,10 +51,13 @@ def count_traffic(out_dir: str, job) -> None:
         return t.numel() * t.element_size()
 
     def counted_batch(ops):
-        kind = caller()
+        kind, poster = caller(), sys._getframe(1).f_code.co_name
         for op in ops:
-            if getattr(op.op, "__name__", "") == "isend":
+            name = getattr(op.op, "__name__", "")
+            if name == "isend":
                 record(kind, peer=op.peer, bytes=nbytes(op.tensor), dtype=str(op.tensor.dtype))
+            elif name == "irecv":
+                record("receive", peer=op.peer, bytes=nbytes(op.tensor), dtype=str(op.tensor.dtype), posted_by=poster)
         return batch(ops)
 
     def counted_all_reduce(tensor, *args, **kwargs):

@@ -107,6 +107,22 @@ def test_zero1_run_sends_exactly_the_priced_bytes(tmp_path, precision):
     assert (wire["pieces"], wire["buckets"], wire["gather"]) == (compute, compute, "torch.float32")
 
 
+def test_pieces_land_in_receives_posted_a_boundary_ahead(tmp_path):
+    """On gloo every boundary's receives are posted once the boundary before it is done (runtime.transfers
+    ._post_receives), while the wave between them computes: a message that reaches a worker blocked in its receive
+    right after milliseconds of compute costs ~3 ms on this kind of VM (bench.gloo_idle). The plan's first boundary
+    moves nothing, so no piece here is received by a receive posted at its own boundary; the sends still pair up
+    (the run finishes and sends what the plan priced)."""
+    job = parse_job(two_task_job(2, STEPS))
+    cost_model = sized_cost_model(job)
+    plan = hand_made(job, [[("caption.img", 2, 1), ("align.aud", 2, 1)], [("caption.txt", 2, 2)],
+                           [("align.txt", 2, 2)]], cost_model)
+    run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
+    receives = [m for rank in range(2) for m in read_traffic(tmp_path, rank) if m["kind"] == "receive"]
+    assert receives and {m["posted_by"] for m in receives} == {"_post_receives"}, receives
+    assert sum(m["bytes"] for m in receives) == STEPS * sum(p.bytes for p in plan.pieces if p.src != p.dst)
+
+
 def handoff_job(precision: str):
     llama = {"kind": "llama", "num_layers": 2, "hidden_size": 16, "num_heads": 2, "vocab_size": 32, "seq_len": 8}
     return parse_job({

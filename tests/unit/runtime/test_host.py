@@ -108,8 +108,9 @@ def test_pinned_puts_every_thread_on_one_cpu_and_gives_them_back():
 
 
 def test_every_profiled_sample_starts_from_cold_caches(monkeypatch):
-    """loom profile reads EVICT_BYTES before each timed sample (runtime.host.evict_caches), warm-up included, so each
-    op is timed as a run meets it once a step after other work; the buffer is allocated once per device."""
+    """loom profile writes EVICT_BYTES before each timed sample (runtime.host.evict_caches), warm-up included, so each
+    op is timed as a run meets it once a step after other work wrote its caches full; the buffer is allocated once per
+    device and every eviction writes all of it."""
     import torch
 
     import runtime.host as host
@@ -122,5 +123,48 @@ def test_every_profiled_sample_starts_from_cold_caches(monkeypatch):
     assert events == ["evict", "run"] * 5
     buffer = host._evict_buffers["cpu"]
     assert buffer.numel() * buffer.element_size() == host.EVICT_BYTES["cpu"]
+    before = buffer.clone()
     host.evict_caches(torch.device("cpu"))
     assert host._evict_buffers["cpu"] is buffer
+    assert bool((buffer == before + 1).all())
+
+
+class _Work:
+    """A collective in flight that completes after ``polls`` calls of is_completed."""
+
+    def __init__(self, polls: int):
+        self.polls, self.asked, self.waited = polls, 0, 0
+
+    def is_completed(self) -> bool:
+        self.asked += 1
+        return self.asked > self.polls
+
+    def wait(self) -> bool:
+        self.waited += 1
+        return True
+
+
+def test_a_pinned_cpu_worker_polls_its_collective_before_it_waits(monkeypatch):
+    """runtime.host.finish_collective: a CPU worker pinned to one CPU polls the collective (yielding) until it completes
+    and then waits on it (which raises its error); a worker sharing CPUs, or a CUDA one, only waits; a collective that
+    takes longer than POLL_SECONDS is waited for after polling that long."""
+    import torch
+
+    import runtime.host as host
+
+    yields = []
+    monkeypatch.setattr(host.os, "sched_yield", lambda: yields.append(1))
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: {0})
+    work = _Work(polls=3)
+    host.finish_collective(work, torch.device("cpu"))
+    assert (work.asked, len(yields), work.waited) == (4, 3, 1)
+    for affinity, device in (({0, 1}, "cpu"), ({0}, "cuda")):
+        monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid, cpus=affinity: cpus)
+        work = _Work(polls=3)
+        host.finish_collective(work, torch.device(device))
+        assert (work.asked, work.waited) == (0, 1)
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(host, "POLL_SECONDS", 0.01)
+    work = _Work(polls=10**9)
+    host.finish_collective(work, torch.device("cpu"))
+    assert work.waited == 1 and work.asked > 1
