@@ -8,10 +8,12 @@ its profile point is the seconds of the whole use at a local batch, not of one o
   prompts, each row with its own seeded sampler at the use's ``temperature``: a prefill of the prompt, then
   ``new_tokens`` decode steps against the KV cache. No end-of-sequence stop: every row decodes all its tokens, the
   work the planner prices. :func:`generate_timer` also times the prefill alone (the bench's split);
-- **sample**: ``denoise_steps`` forwards of the use's layers without gradient, the last one with gradient and its
-  backward when the use has one (``grad_last_step`` on a trained component), as
-  :meth:`planner.costmodel.CostModel.passes` counts them; the scheduler's per-step update (a few elementwise ops on
-  the latents) is not timed.
+- **sample**: what runtime.sampleop.run_sample runs (:func:`sample_timer`): every row's seeded noise, then per
+  denoising step the use's input module, layers, output norm and convolution and the scheduler's update, without
+  gradient up to the stop step; with ``grad_last_step`` on a trained component the stop step with gradient and the
+  backward of its x0. The stop step cycles through the use's stop range, so the profile holds the run's mean where
+  :meth:`planner.costmodel.CostModel.passes` (the analytic model's count) takes the range's last. Until session 27
+  only the layers were timed, ``denoise_passes`` times: feedback-cpu's sample use ran 16-20% longer than priced.
 
 The layers are the whole use's (:func:`use_layers`: every layer segment of the use rebuilt as the layered MetaOps a
 ``train`` use of it would have, with the runtime's modules), since the one-layer MetaOp does not name them.
@@ -19,6 +21,7 @@ The layers are the whole use's (:func:`use_layers`: every layer segment of the u
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,17 +30,20 @@ import torch
 from torch import nn
 
 from planner.components import expand_use
-from planner.metagraph import MetaOp, contract_segments
+from planner.metagraph import MetaOp, build_metagraph, contract_segments
 from planner.spec import JobSpec
 from planner.usegraph import use_index
+from runtime.assignment import input_order
 from runtime.checks import feature_shape
 from runtime.data import synthetic_batch
 from runtime.embeddings import build_input_module
 from runtime.generate import decoder_for, generate, lm_logits, row_generators
 from runtime.heads import build_head
 from runtime.host import evict_caches
-from runtime.modules import build_layer, layer_kwargs
-from runtime.sampleop import twin_ops
+from runtime.modules import build_layer
+from runtime.sample import build_scheduler, sample_with_grad_last, sample_without_grad
+from runtime.sample import row_generators as noise_generators
+from runtime.sampleop import denoiser_of, latent_shape, module_keys, sample_config, twin_ops
 
 
 def use_layers(job: JobSpec, op: MetaOp) -> list[tuple[MetaOp, list[nn.Module]]]:
@@ -94,35 +100,48 @@ def generate_timer(job: JobSpec, op: MetaOp, device: torch.device,
 
 
 def sample_timer(job: JobSpec, op: MetaOp, device: torch.device) -> Callable[[int], float]:
-    """``time(rows)``: seconds of sample MetaOp ``op`` on ``rows`` rows on ``device``: ``denoise_steps`` forwards of the
-    use's layers, the last with gradient and backward when ``op`` has a backward (module docstring)."""
-    segments = use_layers(job, op)
-    parts = [(layer_kwargs(job, part), [layer.to(device) for layer in layers]) for part, layers in segments]
-    shape = feature_shape(job, segments[0][0], boundary=0)
-    steps, grad = op.gen.denoise_steps, op.backward_factor > 0
-    inputs: dict[int, torch.Tensor] = {}
+    """``time(rows)``: seconds of sample MetaOp ``op`` on ``rows`` rows on ``device``, run as a worker runs it
+    (runtime.sampleop.run_sample's parts, over the modules a worker builds for it): every row's noise from its seeded
+    generator, each denoising step's input module, layers, output norm and convolution and the scheduler's update, and
+    with ``grad_last_step`` the step with gradient and the backward of its x0. The stop step cycles through the use's
+    stop range from one call to the next, so the median of several calls is the run's mean (the runtime draws it
+    uniformly per step). With a context (a conditioned use) stand-in upstream outputs of its producers' shapes."""
+    t, u = use_index(job, op)
+    use = job.tasks[t].components[u]
+    graph = build_metagraph(job)
+    twins = {(twin.param_group, i): (twin, i) for twin in twin_ops(job, op) for i in range(twin.num_layers)}
+    modules = {}
+    for name, layer in module_keys(job, op):
+        if name.startswith("embed:"):
+            modules[name, layer] = build_input_module(job, name)
+        elif name.startswith("head:"):
+            modules[name, layer] = build_head(job, t)
+        else:
+            modules[name, layer] = build_layer(job, *twins[name, layer])
+    modules = {key: module.to(device) for key, module in modules.items()}
+    denoiser = denoiser_of(job, op, lambda name, layer: modules[name, layer])
+    config = sample_config(job, op)
+    scheduler, shape, grad = build_scheduler(config), latent_shape(job, op), op.backward_factor > 0
+    context_shapes = [feature_shape(job, graph.metaops[op.deps[i]]) for i in input_order(job, graph, op.id)]
+    stops = itertools.cycle(range(config.stop[0], config.stop[1] + 1))
+    contexts: dict[int, torch.Tensor | None] = {}
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        for kwargs, layers in parts:
-            for layer in layers:
-                x = layer(x, **kwargs)
-        return x
-
-    def run(x: torch.Tensor) -> None:
-        with torch.no_grad():
-            for _ in range(steps - 1 if grad else steps):
-                forward(x)
-        if grad:
-            y = forward(x)
-            y.backward(torch.ones_like(y))
-            for _, layers in parts:
-                for layer in layers:
-                    layer.zero_grad(set_to_none=True)
+    def run(rows: int, stop: int) -> None:
+        generators = noise_generators(config.seed, 0, op.task, [(r // use.samples, r % use.samples) for r in range(rows)])
+        if not grad:
+            with torch.no_grad():
+                sample_without_grad(denoiser, scheduler, contexts[rows], shape, generators, device)
+            return
+        x0 = sample_with_grad_last(denoiser, scheduler, contexts[rows], shape, stop, generators, device).x0
+        x0.backward(torch.ones_like(x0))
+        for module in modules.values():
+            module.zero_grad(set_to_none=True)
 
     def time_rows(rows: int) -> float:
-        if rows not in inputs:
-            inputs[rows] = torch.randn(rows, *shape, device=device)
-        return _timed(lambda: run(inputs[rows]), device, time.perf_counter)
+        if rows not in contexts:
+            parts = [torch.randn(rows, *s, device=device, requires_grad=grad) for s in context_shapes]
+            contexts[rows] = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]) if parts else None
+        return _timed(lambda stop=next(stops): run(rows, stop), device, time.perf_counter)
 
     return time_rows
 

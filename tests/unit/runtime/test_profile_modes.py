@@ -50,13 +50,14 @@ def grpo_job(nodes: int = 1, new_tokens: int = 5):
 VAE = Path(__file__).resolve().parents[3] / "examples" / "models" / "vae"  # scripts/setup.sh writes it
 
 
-def sample_job(steps: int, grad: bool = True):
+def sample_job(steps: int, grad: bool = True, stop: list[int] | None = None):
     unet = {"kind": "unet2d", "num_layers": 1, "hidden_size": 32, "channel_mults": [1, 2], "in_channels": 4,
             "image_size": 8}
     return parse_job({
         "name": "fb", "cluster": {"num_nodes": 1, "devices_per_node": 1, "device": "cpu"}, "components": {"unet": unet},
         "tasks": [{"name": "fb", "batch_size": 2, "loss": "feedback", "components": [
-            {"component": "unet", "mode": "sample", "denoise_steps": steps, "grad_last_step": grad}],
+            {"component": "unet", "mode": "sample", "denoise_steps": steps, "grad_last_step": grad,
+             **({"stop_steps": stop} if stop else {})}],
             "feedback": {"vae": str(VAE), "scorers": [{"kind": "linear", "seed": 1}]}}],
         "training": {"precision": "fp32"},
     })
@@ -90,6 +91,39 @@ def test_a_sample_use_is_profiled_as_its_denoising_steps():
     one, many = (sample_timer(j, build_metagraph(j).metaops[0], torch.device("cpu"))
                  for j in (sample_job(1), sample_job(12)))
     assert min(many(2) for _ in range(3)) > 3 * min(one(2) for _ in range(3))
+
+
+def test_the_sample_timer_runs_what_a_worker_runs_through_the_stop_range(monkeypatch):
+    """Each denoising step runs the use's input module and the head's output convolution (runtime.sampleop.run_sample's
+    denoiser), and the stop step cycles through the stop range from call to call: stop + 1 denoiser calls each, and
+    the step with gradient gives the layers their gradients (cleared again after the call)."""
+    import runtime.profile_modes as modes
+
+    calls, built = [], {}
+    real_embed, real_head = modes.build_input_module, modes.build_head
+
+    def embed(job, name):
+        built["embed"] = module = real_embed(job, name)
+        module.register_forward_hook(lambda *args: calls.append("embed"))
+        return module
+
+    def head(job, t):
+        built["head"] = module = real_head(job, t)
+        module.conv_out.register_forward_hook(lambda *args: calls.append("conv_out"))
+        return module
+
+    monkeypatch.setattr(modes, "build_input_module", embed)
+    monkeypatch.setattr(modes, "build_head", head)
+    job = sample_job(10, stop=[6, 9])
+    timer = sample_timer(job, build_metagraph(job).metaops[0], torch.device("cpu"))
+    per_call = []
+    for _ in range(5):
+        calls.clear()
+        assert timer(2) > 0
+        assert calls.count("embed") == calls.count("conv_out")
+        per_call.append(calls.count("embed"))
+    assert per_call == [7, 8, 9, 10, 7]
+    assert all(p.grad is None for p in built["head"].parameters())
 
 
 def test_the_generate_timer_decodes_every_new_token_with_the_whole_use():
