@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +168,26 @@ def call_shares(seconds: float, results: list[list[dict]]) -> list[float]:
     slowest = [max(rank[i]["seconds"] for rank in results) for i in range(len(results[0]))]
     total = sum(slowest)
     return [seconds * s / total if total > 0 else seconds / len(slowest) for s in slowest]
+
+
+def caller_owns_ray() -> bool:
+    """Whether this process already has a Ray session (a notebook's, a test fixture's), which ``loom run`` then uses
+    instead of starting its embedded cluster. Without importing Ray: a session needs it imported."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def check_embedded_nodes(cluster: ClusterSpec | PlanCluster, source: str) -> None:
+    """The embedded cluster is one Ray node (this machine): a plan for several nodes is refused rather than run with
+    its nodes folded onto one, which would train but never test the placement the plan was made for."""
+    if cluster.num_nodes > 1:
+        world = cluster.num_nodes * cluster.devices_per_node
+        raise RunInputError(
+            f"{source}: cluster.num_nodes ({cluster.num_nodes}): the plan places its workers on {cluster.num_nodes} "
+            f"nodes, but `loom run` without --address starts a one-node Ray cluster on this machine. Plan for "
+            f"num_nodes: 1 and devices_per_node: {world} to train here, or join a cluster of {cluster.num_nodes} "
+            "nodes with --address."
+        )
 
 
 class Driver(Recovering):
@@ -308,13 +329,16 @@ class Driver(Recovering):
         return plan
 
     def check_local_cluster(self, cluster: ClusterSpec | PlanCluster, source: str) -> None:
-        """Without --address the workers run on this machine: CPU devices, and no more workers than it can start
-        (runtime.checks.check_local_workers); ``cluster`` is the plan's, or the job's that a new plan is made for."""
+        """Without --address the workers run on this machine: CPU devices, no more workers than it can start
+        (runtime.checks.check_local_workers) and, on the embedded cluster (one Ray node), one node; ``cluster`` is
+        the plan's, or the job's that a new plan is made for (so the job is refused before planning)."""
         if not self.options.address:
             from runtime.checks import check_local_workers
 
             check_cpu_device(cluster.device, f"{source}: cluster.device")
             check_local_workers(cluster, source)
+            if not caller_owns_ray():
+                check_embedded_nodes(cluster, source)
 
     # ------------------------------------------------------------------ phase 2: processes
 
@@ -342,29 +366,16 @@ class Driver(Recovering):
             self.joined = True
             join_cluster(self.options.address)
             self._check_cluster(f"--address ({self.options.address})")
-        elif ray.is_initialized():  # the caller owns the session (a notebook, a test fixture)
+        elif caller_owns_ray():  # a notebook's or a test fixture's session
             log.info("using this process's Ray session")
             self._check_cluster("this process's Ray session")
-        else:
-            self._check_embedded_nodes()
+        else:  # check_local_cluster refused a plan of several nodes
             cores = os.cpu_count() or 1
             if self.world_size > cores:
                 log.warning("%d workers share this machine's %d CPU cores: each computes at about %.0f%% of the core "
                             "the plan assumes, so steps will take longer than predicted. Plan for %d devices, or "
                             "`loom profile` the job here.", self.world_size, cores, 100 * cores / self.world_size, cores)
             self.embedded = EmbeddedRay(self.world_size).start()
-
-    def _check_embedded_nodes(self) -> None:
-        """The embedded cluster is one Ray node (this machine): a plan for several nodes is refused rather than run
-        with its nodes folded onto one, which would train but never test the placement the plan was made for."""
-        cluster = self.plan.cluster
-        if cluster.num_nodes > 1:
-            raise RunInputError(
-                f"cluster.num_nodes ({cluster.num_nodes}): the plan places its workers on {cluster.num_nodes} nodes, "
-                f"but `loom run` without --address starts a one-node Ray cluster on this machine. Plan for "
-                f"num_nodes: 1 and devices_per_node: {self.world_size} to train here, or join a cluster of "
-                f"{cluster.num_nodes} nodes with --address."
-            )
 
     def _check_cluster(self, where: str) -> None:
         """The cluster's alive nodes can hold the plan's nodes (:func:`orchestrator.placement.placement_mismatch`),

@@ -504,6 +504,25 @@ def test_more_local_workers_than_the_machine_starts_is_refused_before_planning(r
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
 
 
+def test_a_job_of_several_nodes_is_refused_before_planning_without_address(runner: CliRunner, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    """`loom run` without --address starts a one-node Ray cluster: a job of 2 nodes is refused from the spec, before
+    it is planned (it was refused once the plan was made, when the cluster started)."""
+    import planner.api
+
+    def no_planning(*a, **k):
+        raise AssertionError("planned")
+
+    monkeypatch.setattr(planner.api, "plan_job", no_planning)
+    monkeypatch.chdir(tmp_path)
+    doc = copy.deepcopy(CPU_JOB)
+    doc["cluster"].update(num_nodes=2, devices_per_node=1)
+    Path("job.yaml").write_text(yaml.safe_dump(doc))
+    _assert_one_error_line(runner.invoke(app, ["run", "job.yaml", "--out", "out"]), [
+        "job 'tiny-cpu': cluster.num_nodes (2)", "one-node Ray cluster", "num_nodes: 1 and devices_per_node: 2"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
+
+
 @pytest.mark.parametrize("address", ["http://user:s3cret@127.0.0.1:8265", "user:s3cret@127.0.0.1:8265",
                                      "https://s3cret@head:8265"])
 def test_an_address_with_credentials_is_refused_without_repeating_them(runner: CliRunner, address: str) -> None:
