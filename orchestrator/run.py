@@ -358,8 +358,6 @@ class Driver(Recovering):
 
     def start_cluster(self) -> None:
         """Join ``--address``, or use the Ray session this process already has, or start an embedded cluster."""
-        import ray
-
         from orchestrator.actors import EmbeddedRay, join_cluster
 
         if self.options.address:

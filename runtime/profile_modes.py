@@ -127,7 +127,8 @@ def sample_timer(job: JobSpec, op: MetaOp, device: torch.device) -> Callable[[in
     contexts: dict[int, torch.Tensor | None] = {}
 
     def run(rows: int, stop: int) -> None:
-        generators = noise_generators(config.seed, 0, op.task, [(r // use.samples, r % use.samples) for r in range(rows)])
+        samples = [(r // use.samples, r % use.samples) for r in range(rows)]  # (input row, its sample), as run_sample
+        generators = noise_generators(config.seed, 0, op.task, samples)
         if not grad:
             with torch.no_grad():
                 sample_without_grad(denoiser, scheduler, contexts[rows], shape, generators, device)

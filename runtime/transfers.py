@@ -50,7 +50,7 @@ class PieceTransfers:
                 ops.append(dist.P2POp(dist.isend, tensor.contiguous(), p.dst, tag=tag))
         ahead, self._ahead = self._ahead, None
         if ahead is not None:  # posted for this boundary: a receive left behind would take a later boundary's message
-            assert ahead[0] == (st.move_id, at), f"receives posted for boundary {ahead[0]} met boundary {st.move_id, at}"
+            assert ahead[0] == (st.move_id, at), f"receives posted for {ahead[0]} met boundary {st.move_id, at}"
             received, requests = ahead[1], ahead[2]
         else:
             received, receives = self._receives(pieces, tag)

@@ -181,7 +181,8 @@ def test_a_placement_ray_cannot_grant_in_time_is_refused(two_nodes, tmp_path, mo
 
 def test_a_plan_for_two_nodes_is_refused_on_the_embedded_cluster(tmp_path, nothing_reserved):
     job = job_on(num_nodes=2, devices_per_node=1, tensor_parallel=False)
-    with pytest.raises(RunInputError, match=r"^--plan: cluster.num_nodes \(2\): .* one-node Ray .* devices_per_node: 2"):
+    refusal = r"^--plan: cluster.num_nodes \(2\): .* one-node Ray .* devices_per_node: 2"
+    with pytest.raises(RunInputError, match=refusal):
         run_job(job, plan_for(job, [[("caption.img", 2, 1), ("align.aud", 2, 1)],
                                     [("caption.txt", 2, 1), ("align.txt", 2, 1)]]),
                 options=RunOptions(out_dir=tmp_path / "out"))
