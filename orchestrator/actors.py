@@ -421,6 +421,48 @@ class EmbeddedRay:
         self.stop()
 
 
+class ProfileActor:
+    """One CPU worker process of ``loom profile``'s layer timing (:func:`profile_in_actors`): a Ray actor, as a run's
+    :class:`WaveActor`, timing on a compute thread of its own (as WaveActor computes), its samples started together
+    with the other actors' through a gloo barrier."""
+
+    def measure(self, rank: int, job_json: str, repeats: int, warmup: int, workers: int, port: int) -> dict:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loom-compute") as thread:
+            return thread.submit(self._measure, rank, job_json, repeats, warmup, workers, port).result()
+
+    @staticmethod
+    def _measure(rank: int, job_json: str, repeats: int, warmup: int, workers: int, port: int) -> dict:
+        import torch.distributed as dist
+
+        from runtime.profiler import measure_as_worker
+
+        store = rendezvous_store(LOOPBACK, port, rank, workers)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=workers, timeout=GLOO_TIMEOUT)
+        try:
+            return measure_as_worker(rank, job_json, repeats, warmup, _GlooBarrier(), workers)
+        finally:
+            dist.destroy_process_group()
+
+
+class _GlooBarrier:
+    def wait(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def profile_in_actors(job, repeats: int, warmup: int, processes: int) -> list[dict]:
+    """runtime.profiler's layer timing in ``processes`` Ray actors of an embedded cluster, the processes a run's
+    workers compute in: a layer ran 8-12% slower in a run's actor than in a plain worker process of the same plan
+    (feedback-cpu, session 27), and `loom profile` times what the run will pay (runtime.profiler.Launcher)."""
+    with EmbeddedRay(processes):
+        remote = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(ProfileActor)
+        actors = [remote.remote() for _ in range(processes)]
+        port = free_port()
+        return ray.get([actor.measure.remote(rank, job.model_dump_json(), repeats, warmup, processes, port)
+                        for rank, actor in enumerate(actors)])
+
+
 def write_token(path: Path) -> Path:
     """A fresh random token (256 bits, hex) in a new file ``path`` created with mode 0600 (never widened by the
     umask, never readable by others for an instant); the token itself is not returned, to keep it out of logs."""

@@ -370,10 +370,18 @@ def profile(
     job = load_job(job_path, cluster)
     load_recipe(job)  # the loss heads it times may be the recipe's
     with ExitStack() as stack:
-        costs = profile_job(job, repeats=repeats, progress=_progress_reporter(stack))
+        costs = profile_job(job, repeats=repeats, progress=_progress_reporter(stack), launcher=_actors_launcher())
     _write_output(output, lambda path: path.write_text(json.dumps(costs, indent=1) + "\n"), "cost file")
     typer.echo(f"{output}: {len(costs['points'])} layer workloads profiled on {job.cluster.device}. "
                f"Plan with: loom plan {job_path} --costs {output}")
+
+
+def _actors_launcher():
+    """The layers of a CPU job are timed in Ray actors, as its run computes them (orchestrator.actors
+    .profile_in_actors)."""
+    from orchestrator.actors import profile_in_actors  # local: Ray loads only when profiling
+
+    return profile_in_actors
 
 
 @app.command()

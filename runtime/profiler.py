@@ -6,7 +6,8 @@ per layer (forward only for a frozen layer with nothing trainable upstream; inpu
 when a trainable layer feeds a frozen one) at every per-device batch the planner can ask for: ``batch / dp`` for each data-parallel degree dp that
 divides the batch and fits the cluster. Each point is the median of ``repeats`` timed runs after
 ``warmup`` runs, with one thread and freed memory kept (runtime.host), as a worker runs, in as many
-processes at once as the job has workers per node on this host (:func:`profile_processes`), its
+processes at once as the job has workers per node on this host (:func:`profile_processes`; ``loom profile`` makes
+them Ray actors, the processes a run computes in: orchestrator.actors.profile_in_actors), its
 samples taken round-robin over the points and together (each the slowest process's: a wave ends with its slowest
 device, and on a shared host the devices' times vary from step to step). A generate or sample MetaOp (one layer standing for the whole use) is
 timed whole at the same local batches (runtime.profile_modes: the prefill and every decode step of its rows, or its
@@ -192,12 +193,20 @@ def profile_processes(job: JobSpec) -> int:
     return max(1, min(job.cluster.devices_per_node, os.cpu_count() or 1))
 
 
-def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1) -> dict[str, list[list[float]]]:
+# ``launcher(job, repeats, warmup, processes)``: every process's :func:`measure_as_worker` result, the processes
+# started by the caller (``loom profile``: Ray actors, as a run's workers; orchestrator.actors.profile_in_actors)
+Launcher = Callable[[JobSpec, int, int, int], list[dict]]
+
+
+def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1,
+                   launcher: Launcher | None = None) -> dict[str, list[list[float]]]:
     """The cost file's ``points`` (per layer workload, ``[[local batch, median seconds per layer], ...]`` over the
     samples of :func:`sample_layers`): the layers measured in ``processes`` worker processes at once, each sample the
-    slowest process's (the median of those)."""
+    slowest process's (the median of those); the processes are ``launcher``'s, else spawned here."""
     if processes <= 1:  # here, on the device a worker would use
         pooled = [json.loads(json.dumps(_measure_worker_side(job, repeats, warmup, None, worker_device(job))))]
+    elif launcher is not None:
+        pooled = launcher(job, repeats, warmup, processes)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             barrier = mp.get_context("spawn").Barrier(processes)
@@ -245,25 +254,31 @@ def _measure_worker_side(job: JobSpec, repeats: int, warmup: int, barrier=None,
     return {"points": sample_layers(job, repeats, warmup, barrier, device)}
 
 
+def measure_as_worker(rank: int, job_json: str, repeats: int, warmup: int, barrier, workers: int) -> dict:
+    """In a CPU worker process of ``workers`` (pinned as a run's, runtime.host): this process's samples of every
+    layer workload (:func:`sample_layers`, ``barrier.wait()`` before each sample)."""
+    configure_worker_process(slot=(rank, workers))
+    return _measure_worker_side(JobSpec.model_validate_json(job_json), repeats, warmup, barrier)
+
+
 def _measure_in_worker(rank: int, job_json: str, repeats: int, warmup: int, barrier, out_dir: str,
                        workers: int) -> None:
-    configure_worker_process(slot=(rank, workers))  # pinned as a run's workers are (runtime.host)
-    result = _measure_worker_side(JobSpec.model_validate_json(job_json), repeats, warmup, barrier)
+    result = measure_as_worker(rank, job_json, repeats, warmup, barrier, workers)
     (Path(out_dir) / f"{rank}.json").write_text(json.dumps(result))
 
 
 def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2, links: bool = True,
-                progress: Callable[[str], None] | None = None) -> dict:
-    """Measure every distinct layer workload of ``job`` (in :func:`profile_processes` processes at once) and the
-    work outside the layers (and, with ``links``, for a CPU cluster of several devices per node, the gloo links:
-    two processes); returns the cost file as a dict."""
+                progress: Callable[[str], None] | None = None, launcher: Launcher | None = None) -> dict:
+    """Measure every distinct layer workload of ``job`` (in :func:`profile_processes` processes at once, started by
+    ``launcher`` when given) and the work outside the layers (and, with ``links``, for a CPU cluster of several
+    devices per node, the gloo links: two processes); returns the cost file as a dict."""
     say = progress or log.info
     threads = torch.get_num_threads()
     device = worker_device(job)
     configure_worker_process(device)  # as each worker: on CPU one thread and freed memory kept (the latter stays on)
     try:
         processes = profile_processes(job)
-        points = profile_layers(job, repeats, warmup, processes)
+        points = profile_layers(job, repeats, warmup, processes, launcher)
         names = {profile_key(op, Layout(1, 1)): op.name for op in reversed(build_metagraph(job).metaops)}
         for key, pts in points.items():
             say(f"profiled {names[key]} ({processes} at once): " + ", ".join(f"b={b}: {t * 1e3:.2f} ms" for b, t in pts))

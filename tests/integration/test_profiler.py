@@ -120,6 +120,27 @@ def test_profile_covers_every_workload_and_feeds_the_planner(tmp_path):
 
 
 
+def test_the_layers_are_timed_in_ray_actors_as_a_run_computes_them():
+    """`loom profile` times a CPU job's layers in Ray actors of an embedded cluster (orchestrator.actors
+    .profile_in_actors), one per worker of the node: every process returns every workload's samples at every local
+    batch, and the cluster is gone afterwards."""
+    import ray
+    import torch
+
+    from orchestrator.actors import profile_in_actors
+    from runtime.profiler import layer_timers
+
+    j = job()
+    pooled = profile_in_actors(j, repeats=2, warmup=0, processes=2)
+    assert len(pooled) == 2 and not ray.is_initialized()
+    want = {key: sorted(runs) for key, runs in layer_timers(j, torch.device("cpu")).items()}
+    for result in pooled:
+        assert {key: sorted(int(b) for b in runs) for key, runs in result["points"].items()} == want
+        assert all(len(samples) == 2 and min(samples) > 0 for runs in result["points"].values()
+                   for samples in runs.values())
+    assert set(slowest_medians([p["points"] for p in pooled])) == set(want)
+
+
 def test_loom_profile_writes_a_cost_file_that_loom_plan_reads(tmp_path):
     import yaml
     from typer.testing import CliRunner
