@@ -87,10 +87,12 @@ def test_a_sample_use_is_profiled_as_its_denoising_steps():
     data = profile_job(job, repeats=1, warmup=1, links=False)
     (op,) = build_metagraph(job).metaops
     assert list(data["points"]) == [profile_key(op, Layout(1, 1))] and "sample[" in next(iter(data["points"]))
-    # the timer runs every step: 12 steps take longer than 1 (the best of three runs each)
+    # the timer runs every step: 10-12 denoiser calls (the stop range 9..11, then the step with gradient) take longer
+    # than 1 (the best of three runs each). Each call also draws noise, runs the backward of x0 and clears gradients,
+    # the same for both: the ratio stays well under 10 (the exact counts: the test below)
     one, many = (sample_timer(j, build_metagraph(j).metaops[0], torch.device("cpu"))
                  for j in (sample_job(1), sample_job(12)))
-    assert min(many(2) for _ in range(3)) > 3 * min(one(2) for _ in range(3))
+    assert min(many(2) for _ in range(3)) > 1.5 * min(one(2) for _ in range(3))
 
 
 def test_the_sample_timer_runs_what_a_worker_runs_through_the_stop_range(monkeypatch):
