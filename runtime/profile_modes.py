@@ -43,7 +43,7 @@ from runtime.host import evict_caches
 from runtime.modules import build_layer
 from runtime.sample import build_scheduler, sample_with_grad_last, sample_without_grad
 from runtime.sample import row_generators as noise_generators
-from runtime.sampleop import denoiser_of, latent_shape, module_keys, sample_config, twin_ops
+from runtime.sampleop import build_modules, denoiser_of, latent_shape, sample_config, twin_ops
 
 
 def use_layers(job: JobSpec, op: MetaOp) -> list[tuple[MetaOp, list[nn.Module]]]:
@@ -109,16 +109,7 @@ def sample_timer(job: JobSpec, op: MetaOp, device: torch.device) -> Callable[[in
     t, u = use_index(job, op)
     use = job.tasks[t].components[u]
     graph = build_metagraph(job)
-    twins = {(twin.param_group, i): (twin, i) for twin in twin_ops(job, op) for i in range(twin.num_layers)}
-    modules = {}
-    for name, layer in module_keys(job, op):
-        if name.startswith("embed:"):
-            modules[name, layer] = build_input_module(job, name)
-        elif name.startswith("head:"):
-            modules[name, layer] = build_head(job, t)
-        else:
-            modules[name, layer] = build_layer(job, *twins[name, layer])
-    modules = {key: module.to(device) for key, module in modules.items()}
+    modules = {key: module.to(device) for key, module in build_modules(job, op).items()}  # as a worker's
     denoiser = denoiser_of(job, op, lambda name, layer: modules[name, layer])
     config = sample_config(job, op)
     scheduler, shape, grad = build_scheduler(config), latent_shape(job, op), op.backward_factor > 0

@@ -102,20 +102,16 @@ def test_the_sample_timer_runs_what_a_worker_runs_through_the_stop_range(monkeyp
     import runtime.profile_modes as modes
 
     calls, built = [], {}
-    real_embed, real_head = modes.build_input_module, modes.build_head
+    real = modes.build_modules
 
-    def embed(job, name):
-        built["embed"] = module = real_embed(job, name)
-        module.register_forward_hook(lambda *args: calls.append("embed"))
-        return module
+    def build_modules(job, op):
+        modules = real(job, op)
+        built["embed"], built["head"] = modules["embed:" + op.component, 0], modules["head:" + op.task, 0]
+        built["embed"].register_forward_hook(lambda *args: calls.append("embed"))
+        built["head"].conv_out.register_forward_hook(lambda *args: calls.append("conv_out"))
+        return modules
 
-    def head(job, t):
-        built["head"] = module = real_head(job, t)
-        module.conv_out.register_forward_hook(lambda *args: calls.append("conv_out"))
-        return module
-
-    monkeypatch.setattr(modes, "build_input_module", embed)
-    monkeypatch.setattr(modes, "build_head", head)
+    monkeypatch.setattr(modes, "build_modules", build_modules)
     job = sample_job(10, stop=[6, 9])
     timer = sample_timer(job, build_metagraph(job).metaops[0], torch.device("cpu"))
     per_call = []
