@@ -5,7 +5,8 @@ The format (planner.costmodel.ProfiledCostModel): a JSON object with ``points`` 
 optional ``version`` (1), ``device``, ``embed``, ``head`` and ``data`` (name -> curve), ``optimizer_s_per_param``, ``optimizer``
 (the fitted step ``{"step_s": a, "s_per_param": b, "s_per_tensor": c}``, b > 0, a and c >= 0), ``modules`` (module name -> ``[parameters,
 tensors]``: what the runtime builds, for the planner's buckets and the optimizer's per-tensor term) and ``links``
-(``p2p``/``allreduce``/``allgather`` -> curve). A curve is a non-empty list of ``[x, seconds]`` pairs: x a local batch
+(``p2p``/``allreduce``/``allgather`` -> curve) and ``forward`` (profile key -> ``[[local_batch, share], ...]``: the
+share of a layer's time its forward took, each in (0, 1]; no monotone rule). A curve is a non-empty list of ``[x, seconds]`` pairs: x a local batch
 (a whole number, 1..2^24; links: bytes in (0, 2^50]), seconds in (0, 86400], no x twice, and **monotone**: more
 samples (or bytes) never take less time, beyond measurement noise. Precisely: sorted by x, a point is refused when
 its time is below ``1 - MONOTONE_TOLERANCE`` (half) of the largest time at a smaller x *and* more than
@@ -40,7 +41,8 @@ MAX_SECONDS_PER_TENSOR = 1.0  # an optimizer's work per tensor (kernel launches)
 MAX_PARAMS = 2.0**50  # a module's parameters
 MAX_TENSORS = 2**24  # a module's parameter tensors
 OPTIMIZER_TERMS = ("step_s", "s_per_param", "s_per_tensor")
-KEYS = ("version", "device", "points", "embed", "head", "data", "optimizer_s_per_param", "optimizer", "modules", "links")
+KEYS = ("version", "device", "points", "embed", "head", "data", "optimizer_s_per_param", "optimizer", "modules", "links",
+        "forward")
 LINK_KINDS = ("p2p", "allreduce", "allgather")
 FIX = "Re-run `loom profile JOB.yaml --output COSTS.json`"
 SHAPE = "not a profiled cost file"  # the start of every message about the file's structure (not its numbers)
@@ -63,6 +65,7 @@ class CostFile:
     modules: dict[str, tuple[float, float]] | None = None  # module name -> (parameters, tensors) as the runtime builds
     data: dict[str, Points] | None = None  # task -> drawing its rows of the batch (absent in files before it)
     device: str = ""  # the device kind it was profiled on (planner.devices.DEVICES); "" when the file names none
+    forward: dict[str, Points] | None = None  # profile key -> the forward's share of a layer's time, per local batch
 
 
 def read_cost_file(path: str | Path, device: str | None = None) -> CostFile:
@@ -114,6 +117,8 @@ def check_cost_data(data: object, source: str = "costs") -> CostFile:
         modules=_modules(source, data.get("modules", {})),
         data=_curves(source, "data", data.get("data", {}), batch=True),
         device=device,
+        forward={str(key): _curve(source, f"forward[{key!r}]", curve, batch=True, share=True)
+                 for key, curve in _mapping(source, "forward", data.get("forward", {})).items()},
     )
 
 
@@ -178,17 +183,17 @@ def _curves(source: str, entry: str, value: object, batch: bool) -> dict[str, Po
             for key, curve in _mapping(source, entry, value).items()}
 
 
-def _curve(source: str, entry: str, value: object, batch: bool) -> Points:
-    """One curve, checked and sorted by x (module docstring)."""
-    x_name = "local batch" if batch else "bytes"
+def _curve(source: str, entry: str, value: object, batch: bool, share: bool = False) -> Points:
+    """One curve, checked and sorted by x (module docstring); with ``share``, of forward shares in (0, 1]."""
+    x_name, y_name = "local batch" if batch else "bytes", "share" if share else "seconds"
     if not isinstance(value, list) or not value:
         _shape(source, entry, type(value).__name__ if not isinstance(value, list) else value,
-               "is not a non-empty list", f"expected [[{x_name}, seconds], ...]")
+               "is not a non-empty list", f"expected [[{x_name}, {y_name}], ...]")
     points = []
     for j, pair in enumerate(value):
         where = f"{entry}[{j}]"
         if not isinstance(pair, list) or len(pair) != 2 or not all(_is_number(v) for v in pair):
-            _shape(source, where, pair, "is not a pair of numbers", f"expected [{x_name}, seconds]")
+            _shape(source, where, pair, "is not a pair of numbers", f"expected [{x_name}, {y_name}]")
         x, t = pair
         top = MAX_BATCH if batch else MAX_BYTES
         whole = not batch or (math.isfinite(x) and float(x).is_integer())
@@ -196,15 +201,19 @@ def _curve(source: str, entry: str, value: object, batch: bool) -> Points:
             _fail(source, where, pair, f"has {x_name} {x}, not a " + ("whole number >= 1" if batch else
                   "finite number > 0") + f" up to {top:g}", f"expected [{x_name}, seconds] with {x_name} in "
                   + ("1.." if batch else "(0, ") + f"{top:g}" + ("" if batch else "]"))
-        if not 0 < t <= MAX_SECONDS:
+        if share and not 0 < t <= 1:
+            _fail(source, where, pair, f"has share {t}, not a share in (0, 1]",
+                  "expected the part of a layer's time its forward took")
+        if not share and not 0 < t <= MAX_SECONDS:
             _fail(source, where, pair, f"has {t} seconds, not a time in (0, {MAX_SECONDS:g}]",
                   "expected a measured time (finite, > 0, at most a day)")
         points.append((float(x), float(t)))
     points.sort()
     for (x0, _), (x1, _) in zip(points, points[1:]):
         if x0 == x1:
-            _fail(source, entry, f"{x_name} {x0:g} twice", "has duplicate points", f"expected one time per {x_name}")
-    _check_monotone(source, entry, points, x_name)
+            _fail(source, entry, f"{x_name} {x0:g} twice", "has duplicate points", f"expected one {y_name} per {x_name}")
+    if not share:
+        _check_monotone(source, entry, points, x_name)
     return points
 
 

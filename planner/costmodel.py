@@ -84,6 +84,7 @@ class Curve:
     times: tuple[float, ...]
     layouts: tuple[Layout, ...]
     memory: tuple[float, ...]  # bytes per device per layer at each count
+    forward: tuple[float, ...] = ()  # the share of each count's time that runs in forward (CostModel.forward_fraction)
 
     def __post_init__(self) -> None:
         # count -> position: the planner's searches ask a curve for a count's time hundreds of thousands of times
@@ -101,6 +102,10 @@ class Curve:
 
     def layout(self, n: int) -> Layout:
         return self.layouts[self.index(n)]
+
+    def forward_fraction(self, n: int) -> float | None:
+        """The share of a layer's time on ``n`` devices that runs in forward; None for a curve built without them."""
+        return self.forward[self.index(n)] if self.forward else None
 
     def speedup(self, n: float) -> float:
         """T(1-equivalent)/T(n) interpolated linearly between valid counts (and from 0 at n=0)."""
@@ -247,13 +252,18 @@ class CostModel:
         return forwards + op.backward_factor + (1.0 if op.recompute else 0.0)
 
     @staticmethod
-    def forward_fraction(op: MetaOp) -> float:
-        """The part of a MetaOp's compute that runs in forward (before the loss): 1 / passes, all of it for a
-        generate use and every denoising step of a sample use."""
+    def passes_fraction(op: MetaOp) -> float:
+        """The part of a MetaOp's compute that runs in forward (before the loss) when every pass costs a forward:
+        1 / passes, all of it for a generate use and every denoising step of a sample use."""
         if op.gen is not None:
             forwards = op.gen.denoise_steps if op.gen.mode == "sample" else 1.0
             return forwards / (forwards + op.backward_factor + (1.0 if op.recompute else 0.0))
         return 1.0 / CostModel.passes(op)
+
+    def forward_fraction(self, op: MetaOp, layout: Layout) -> float:
+        """The part of ``op``'s compute on ``layout`` that runs in forward: :meth:`passes_fraction` here (a backward
+        costs two forwards); a profiled model uses the share it measured."""
+        return self.passes_fraction(op)
 
     def layouts(self, op: MetaOp, n: int) -> list[Layout]:
         out = []
@@ -300,7 +310,8 @@ class CostModel:
             memory.append(best[2])
         if not counts:
             return None
-        return Curve(tuple(counts), tuple(times), tuple(layouts), tuple(memory))
+        return Curve(tuple(counts), tuple(times), tuple(layouts), tuple(memory),
+                     tuple(self.forward_fraction(op, lay) for lay in layouts))
 
     def _no_curve(self, op: MetaOp) -> Curve:
         layouts = [lay for n in range(1, self.hw.num_devices + 1) for lay in self.layouts(op, n)]
@@ -424,16 +435,19 @@ class ProfiledCostModel(CostModel):
     (AdamW seconds per parameter held) and ``"links": {"p2p": [[bytes, s], ...], "allreduce": [...],
     "allgather": [...]}`` (two processes of one node, fitted to a latency and a bandwidth:
     :meth:`link_time`; ``allgather`` may be missing, see :meth:`allgather_time`). Without them, embeddings, heads and data cost 0 and the optimizer and links
-    follow the device table.
+    follow the device table. ``"forward"`` (profile key -> ``[[local_batch, share], ...]``): the share of a layer's
+    time that its forward took (:meth:`forward_fraction`; without it, by passes).
     """
 
     source = "profiled"
 
     def __init__(self, hardware: Hardware, points: dict[str, list[tuple[float, float]]], fallback: CostModel | None = None,
                  shard_optimizer: bool = True, grad_bytes: int = 2, measured: MeasuredCosts | None = None,
-                 weight_bytes: int = 2, precision: str = "bf16", optimizer: str = "adamw"):
+                 weight_bytes: int = 2, precision: str = "bf16", optimizer: str = "adamw",
+                 forward: dict[str, list[tuple[float, float]]] | None = None):
         super().__init__(hardware, shard_optimizer, grad_bytes, weight_bytes, precision, optimizer)
         self.points = {k: sorted((float(b), float(t)) for b, t in v) for k, v in points.items()}
+        self.forward = {k: sorted((float(b), float(f)) for b, f in v) for k, v in (forward or {}).items()}
         self.fallback = fallback
         self.measured = measured or MeasuredCosts()
         # per link kind, the fitted per-message latency and seconds per byte (planner.costfit.alpha_beta)
@@ -451,7 +465,7 @@ class ProfiledCostModel(CostModel):
                                  *(costs.links.get(kind, []) for kind in ("p2p", "allreduce", "allgather")),
                                  optimizer=costs.optimizer, modules=costs.modules or {}, data=costs.data or {})
         return cls(hardware, costs.points, fallback, shard_optimizer, grad_bytes, measured, weight_bytes, precision,
-                   optimizer)
+                   optimizer, costs.forward)
 
     def layout_time(self, op: MetaOp, layout: Layout) -> float:
         pts = self.points.get(profile_key(op, layout))
@@ -463,6 +477,18 @@ class ProfiledCostModel(CostModel):
                 "Re-run `loom profile` for this job."
             )
         return fit_piecewise(pts, self.local_batch(op, layout))
+
+    def forward_fraction(self, op: MetaOp, layout: Layout) -> float:
+        """The share of ``op``'s layer time that its forward took in the profile, at this local batch (between the
+        measured batches linear, beyond them the nearest one's); by passes for a generate or sample use, under
+        recompute (profiled without it) and for a workload the file has no shares of."""
+        pts = self.forward.get(profile_key(op, layout)) if op.gen is None and not op.recompute else None
+        if not pts:
+            return self.passes_fraction(op)
+        x = self.local_batch(op, layout)
+        if x <= pts[0][0] or x >= pts[-1][0]:
+            return pts[0][1] if x <= pts[0][0] else pts[-1][1]
+        return fit_piecewise(pts, x)
 
     def embed_time(self, op: MetaOp, local_batch: int) -> float:
         pts = self.measured.embed.get(op.name)

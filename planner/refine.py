@@ -150,7 +150,7 @@ def pass_cost(problem: Problem, slices: tuple[Slice, ...]) -> float:
     forward = backward = 0.0
     for s in slices:
         t = problem.slice_time(s)
-        f = t * CostModel.forward_fraction(problem.graph.metaops[s.metaop])
+        f = t * problem.forward_fraction(s)
         forward, backward = max(forward, f), max(backward, t - f)
     return forward + backward
 

@@ -289,7 +289,8 @@ def least_memory_curve(cost_model: CostModel, op, num_devices: int) -> Curve | N
             times.append(t)
             layouts.append(lay)
             memory.append(mem)
-    return Curve(tuple(counts), tuple(times), tuple(layouts), tuple(memory)) if counts else None
+    return Curve(tuple(counts), tuple(times), tuple(layouts), tuple(memory),
+                 tuple(cost_model.forward_fraction(op, lay) for lay in layouts)) if counts else None
 
 
 def _simulated(problem: Problem, cost_model: CostModel, placed: PlacedSchedule | None):

@@ -56,6 +56,12 @@ class Problem:
     def slice_time(self, s: Slice) -> float:
         return self.curves[s.metaop].time(s.num_devices) * s.num_layers
 
+    def forward_fraction(self, s: Slice) -> float:
+        """The share of ``s``'s compute that runs in forward (its curve's, CostModel.forward_fraction; by passes for a
+        curve built without shares)."""
+        share = self.curves[s.metaop].forward_fraction(s.num_devices)
+        return share if share is not None else CostModel.passes_fraction(self.graph.metaops[s.metaop])
+
 
 def wave_duration(problem: Problem, wave: Wave) -> float:
     """Seconds of the wave's slowest slice (forward+backward compute only)."""

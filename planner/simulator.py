@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.costmodel import CostModel
+from planner.costmodel import CostModel, Layout
 from planner.flows import Flows, boundary_time, edge_flows, shared_memo
 from planner.metagraph import MetaOp
 from planner.phases import (
@@ -203,10 +203,13 @@ class Phase:
     transfer_back_s: float = 0.0
 
 
-def split_passes(op: MetaOp, seconds: float) -> tuple[float, float]:
-    """(forward, backward) parts of ``seconds`` of ``op``'s compute: forward is ``1 / passes`` of it (every denoising
-    step of a sample use, all of a generate use: CostModel.forward_fraction)."""
-    forward = seconds * CostModel.forward_fraction(op)
+def split_passes(op: MetaOp, seconds: float, cost_model: CostModel | None = None,
+                 layout: Layout | None = None) -> tuple[float, float]:
+    """(forward, backward) parts of ``seconds`` of ``op``'s compute on ``layout``: ``cost_model``'s forward share
+    (CostModel.forward_fraction: measured by a profile); without a cost model ``1 / passes`` of it (every denoising
+    step of a sample use, all of a generate use: CostModel.passes_fraction)."""
+    share = cost_model.forward_fraction(op, layout) if cost_model is not None else CostModel.passes_fraction(op)
+    forward = seconds * share
     return forward, seconds - forward
 
 
@@ -294,14 +297,15 @@ class Draws:
     heads: dict[str, float]
 
 
-def slice_passes(problem: Problem, placed: PlacedSchedule, seconds: Sequence[Sequence[float]], draws: Draws) -> Passes:
+def slice_passes(problem: Problem, placed: PlacedSchedule, seconds: Sequence[Sequence[float]], draws: Draws,
+                 cost_model: CostModel) -> Passes:
     """Per wave, each slice's (forward, backward) seconds: its :func:`slice_seconds` split by its passes
     (:func:`split_passes`), the data it draws (``draws``, :func:`batch_draws`) before its forward, as the runtime
     draws it."""
     ops = problem.graph.metaops
 
     def one(s: PlacedSlice, t: float, d: float) -> tuple[float, float]:
-        fwd, bwd = split_passes(ops[s.metaop], t)
+        fwd, bwd = split_passes(ops[s.metaop], t, cost_model, s.layout)
         return fwd + d, bwd
 
     return tuple(tuple(map(one, wave.slices, times, drawn)) for wave, times, drawn in zip(placed.waves, seconds,
@@ -497,7 +501,7 @@ def _simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -
     drawn = tuple(tuple(t + d for t, d in zip(times, extra)) for times, extra in zip(seconds, draws.slices))
     durations = tuple(max(times, default=0.0) for times in drawn)  # as wave_durations, with the data drawn
     transfers, forward, backward = boundary_transfers(problem, placed, cost_model)
-    passes = slice_passes(problem, placed, seconds, draws)
+    passes = slice_passes(problem, placed, seconds, draws, cost_model)
     phases = wave_phases(problem, placed, cost_model, forward, backward, passes, draws.heads)
     held = holdings(problem.graph.metaops, placed, cost_model.module_size)
     program = grad_buckets(held, backward_positions(placed.phases, len(placed.waves)))  # what the runtime all-reduces

@@ -3,7 +3,8 @@
 For every distinct layer workload of a job (layer shape, backward factor, TP degree 1), a chain of up
 to :data:`CHAIN_LAYERS` of its layers is built with the runtime's modules and timed forward+backward,
 per layer (forward only for a frozen layer with nothing trainable upstream; input gradients only
-when a trainable layer feeds a frozen one) at every per-device batch the planner can ask for: ``batch / dp`` for each data-parallel degree dp that
+when a trainable layer feeds a frozen one), and its forward apart (the cost file's ``forward`` shares: a backward is
+not twice a forward everywhere; on this 2-core host forward takes 37-48% of a layer's time) at every per-device batch the planner can ask for: ``batch / dp`` for each data-parallel degree dp that
 divides the batch and fits the cluster. Each point is the median of ``repeats`` timed runs after
 ``warmup`` runs, with one thread and freed memory kept (runtime.host), as a worker runs, in as many
 processes at once as the job has workers per node on this host (:func:`profile_processes`; ``loom profile`` makes
@@ -69,9 +70,9 @@ def local_batches(op: MetaOp, num_devices: int) -> list[int]:
     return sorted({op.batch_size // dp for dp in range(1, num_devices + 1) if op.batch_size % dp == 0})
 
 
-def _run_chain(chain: list[torch.nn.Module], op: MetaOp, x: torch.Tensor, kwargs: dict) -> float:
+def _run_chain(chain: list[torch.nn.Module], op: MetaOp, x: torch.Tensor, kwargs: dict) -> tuple[float, float]:
     """Seconds of one forward (and backward, when ``op`` has one) of ``chain`` on ``x`` (on ``x``'s device), from cold
-    caches (runtime.host.evict_caches)."""
+    caches (runtime.host.evict_caches), and the seconds of its forward alone (the same when it has no backward)."""
     evict_caches(x.device)
     _synchronize(x.device)
     start = time.perf_counter()
@@ -79,6 +80,8 @@ def _run_chain(chain: list[torch.nn.Module], op: MetaOp, x: torch.Tensor, kwargs
         y = x
         for layer in chain:
             y = layer(y, **kwargs)
+        _synchronize(x.device)
+        forward = time.perf_counter() - start
         if op.backward_factor > 0:
             y.backward(torch.ones_like(y))
     _synchronize(x.device)
@@ -86,33 +89,42 @@ def _run_chain(chain: list[torch.nn.Module], op: MetaOp, x: torch.Tensor, kwargs
     for layer in chain:
         layer.zero_grad(set_to_none=True)
     x.grad = None
-    return seconds
+    return seconds, forward
+
+
+Samples = dict[str, dict[int, list[float]]]  # profile key -> local batch -> samples
 
 
 def sample_layers(job: JobSpec, repeats: int, warmup: int, barrier=None,
-                  device: torch.device = torch.device("cpu")) -> dict[str, dict[int, list[float]]]:
+                  device: torch.device = torch.device("cpu")) -> tuple[Samples, Samples]:
     """Per distinct layer workload (its profile key) and local batch: ``repeats`` samples of seconds per layer of
     a chain of its layers, forward and backward; for a generate or sample MetaOp (one layer standing for the whole
     use) the seconds of the whole use (runtime.profile_modes: prefill and decode, or the denoising steps). Samples are taken round-robin (every point once per round), so
     each point's samples spread over the whole profile rather than one burst: a shared host's speed wanders by
-    +-10% over seconds. With ``barrier`` (a multiprocessing Barrier) every process takes each sample together."""
+    +-10% over seconds. With ``barrier`` (a multiprocessing Barrier) every process takes each sample together.
+    Second, for the chains with a backward, each sample's share of forward (the planner splits a slice's time
+    between its passes by it: CostModel.forward_fraction)."""
     timers = layer_timers(job, device)
-    samples: dict[str, dict[int, list[float]]] = {key: {b: [] for b in runs} for key, runs in timers.items()}
+    samples: Samples = {key: {b: [] for b in runs} for key, runs in timers.items()}
+    shares: Samples = {}
     for i in range(warmup + repeats):
         for key, runs in timers.items():
             for b, run in runs.items():
                 if barrier is not None:
                     barrier.wait()
-                seconds = run()
+                seconds, forward = run()
                 if i >= warmup:
                     samples[key][b].append(seconds)
-    return samples
+                    if forward is not None:
+                        shares.setdefault(key, {}).setdefault(b, []).append(forward / seconds)
+    return samples, shares
 
 
-def layer_timers(job: JobSpec, device: torch.device) -> dict[str, dict[int, Callable[[], float]]]:
+def layer_timers(job: JobSpec, device: torch.device
+                 ) -> dict[str, dict[int, Callable[[], tuple[float, float | None]]]]:
     """Per distinct layer workload (its profile key) and local batch: a call that runs it once and returns its
-    seconds per layer (:func:`sample_layers`)."""
-    timers: dict[str, dict[int, Callable[[], float]]] = {}
+    seconds per layer and, for a chain with a backward, the seconds of its forward (:func:`sample_layers`)."""
+    timers: dict[str, dict[int, Callable[[], tuple[float, float | None]]]] = {}
     for op in build_metagraph(job).metaops:
         key = profile_key(op, Layout(1, 1))
         if key in timers:
@@ -120,7 +132,7 @@ def layer_timers(job: JobSpec, device: torch.device) -> dict[str, dict[int, Call
         batches = local_batches(op, job.cluster.num_devices)
         if op.gen is not None:  # a generate or sample use: the whole use's decode or denoising loop
             timer = mode_timer(job, op, device)
-            timers[key] = {b: (lambda b=b, timer=timer: timer(b)) for b in batches}
+            timers[key] = {b: (lambda b=b, timer=timer: (timer(b), None)) for b in batches}
             continue
         # a chain, as a slice runs them: the activations several layers keep for backward do not all stay in
         # cache, as one layer's can
@@ -132,8 +144,14 @@ def layer_timers(job: JobSpec, device: torch.device) -> dict[str, dict[int, Call
         kwargs = layer_kwargs(job, op)
         timers[key] = {b: (lambda op=op, chain=chain, kwargs=kwargs,
                            x=torch.randn(b, *shape, device=device, requires_grad=op.backward_factor > 0):
-                           _run_chain(chain, op, x, kwargs) / len(chain)) for b in batches}
+                           _per_layer(_run_chain(chain, op, x, kwargs), len(chain), op)) for b in batches}
     return timers
+
+
+def _per_layer(timed: tuple[float, float], layers: int, op: MetaOp) -> tuple[float, float | None]:
+    """A chain's (seconds, forward seconds) per layer; no forward for a chain without backward (all of it is)."""
+    seconds, forward = timed
+    return seconds / layers, forward / layers if op.backward_factor > 0 else None
 
 
 @contextlib.contextmanager
@@ -198,11 +216,12 @@ def profile_processes(job: JobSpec) -> int:
 Launcher = Callable[[JobSpec, int, int, int], list[dict]]
 
 
-def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1,
-                   launcher: Launcher | None = None) -> dict[str, list[list[float]]]:
+def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1, launcher: Launcher | None = None
+                   ) -> tuple[dict[str, list[list[float]]], dict[str, list[list[float]]]]:
     """The cost file's ``points`` (per layer workload, ``[[local batch, median seconds per layer], ...]`` over the
     samples of :func:`sample_layers`): the layers measured in ``processes`` worker processes at once, each sample the
-    slowest process's (the median of those); the processes are ``launcher``'s, else spawned here."""
+    slowest process's (the median of those); the processes are ``launcher``'s, else spawned here. Second, its
+    ``forward``: per workload with a backward, the median share of forward over every process's samples."""
     if processes <= 1:  # here, on the device a worker would use
         pooled = [json.loads(json.dumps(_measure_worker_side(job, repeats, warmup, None, worker_device(job))))]
     elif launcher is not None:
@@ -213,7 +232,7 @@ def profile_layers(job: JobSpec, repeats: int, warmup: int, processes: int = 1,
             mp.spawn(_measure_in_worker, args=(job.model_dump_json(), repeats, warmup, barrier, tmp, processes),
                      nprocs=processes, join=True)
             pooled = [json.loads(path.read_text()) for path in sorted(Path(tmp).glob("*.json"))]
-    return slowest_medians([p["points"] for p in pooled])
+    return slowest_medians([p["points"] for p in pooled]), median_shares([p["forward"] for p in pooled])
 
 
 def time_optimizer(job: JobSpec, repeats: int, warmup: int) -> dict:
@@ -230,6 +249,14 @@ def slowest_medians(samples: list[dict[str, dict]]) -> dict[str, list[list[float
     ends with its slowest device."""
     return {key: [[int(b), statistics.median(map(max, zip(*(s[key][b] for s in samples))))] for b in points]
             for key, points in samples[0].items()}
+
+
+def median_shares(shares: list[dict[str, dict]]) -> dict[str, list[list[float]]]:
+    """Per workload and local batch, the median of every process's forward shares (``shares[r][key][b]``): a share
+    is the same work's split wherever it ran, so the processes' samples pool."""
+    keys = {key: sorted({b for s in shares for b in s.get(key, {})}, key=int) for s in shares for key in s}
+    return {key: [[int(b), statistics.median(v for s in shares for v in s.get(key, {}).get(b, []))] for b in batches]
+            for key, batches in keys.items()}
 
 
 MIN_SECONDS_PER_PARAM = 1e-15  # the fitted per-parameter term's floor (the cost file refuses 0)
@@ -251,7 +278,8 @@ def optimizer_keys(points: list[list[float]]) -> dict:
 
 def _measure_worker_side(job: JobSpec, repeats: int, warmup: int, barrier=None,
                          device: torch.device = torch.device("cpu")) -> dict:
-    return {"points": sample_layers(job, repeats, warmup, barrier, device)}
+    points, forward = sample_layers(job, repeats, warmup, barrier, device)
+    return {"points": points, "forward": forward}
 
 
 def measure_as_worker(rank: int, job_json: str, repeats: int, warmup: int, barrier, workers: int) -> dict:
@@ -278,10 +306,11 @@ def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2, links: bool 
     configure_worker_process(device)  # as each worker: on CPU one thread and freed memory kept (the latter stays on)
     try:
         processes = profile_processes(job)
-        points = profile_layers(job, repeats, warmup, processes, launcher)
+        points, forward = profile_layers(job, repeats, warmup, processes, launcher)
         names = {profile_key(op, Layout(1, 1)): op.name for op in reversed(build_metagraph(job).metaops)}
         for key, pts in points.items():
-            say(f"profiled {names[key]} ({processes} at once): " + ", ".join(f"b={b}: {t * 1e3:.2f} ms" for b, t in pts))
+            say(f"profiled {names[key]} ({processes} at once): " + ", ".join(f"b={b}: {t * 1e3:.2f} ms" for b, t in pts)
+                + (f" (forward {forward[key][-1][1]:.0%})" if key in forward else ""))
         with as_first_worker(job, processes):  # beside the other workers' layers, pinned, as in a run
             optimizer = time_optimizer(job, repeats, warmup)
             embed, head = time_embeddings(job, repeats, warmup, device), time_heads(job, repeats, warmup, device)
@@ -294,8 +323,9 @@ def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2, links: bool 
                f"{fit['s_per_tensor'] * 1e6:.1f} us/tensor" if fit is not None else ""))
         sizes = module_sizes(job)
         points, embed, head, data = (rising_curves(curves, say) for curves in (points, embed, head, data))
-        out = {"version": PROFILE_VERSION, "device": job.cluster.device, "points": points, "embed": embed,
-               "head": head, "data": data, "optimizer_s_per_param": rate, "optimizer": fit, "modules": sizes}
+        out = {"version": PROFILE_VERSION, "device": job.cluster.device, "points": points, "forward": forward,
+               "embed": embed, "head": head, "data": data, "optimizer_s_per_param": rate, "optimizer": fit,
+               "modules": sizes}
         if links and job.cluster.device.lower() == "cpu" and job.cluster.devices_per_node > 1:
             out["links"] = profile_links(max(repeats, LINK_REPEATS), warmup, message_sizes(job, sizes), processes)
             say("profiled gloo links between two processes: " + "; ".join(

@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     for run in range(args.rounds):  # alternate the two, so slow phases of a noisy machine hit both
         if run and not args.costs:  # profile again: this round's runs are predicted from costs seconds old
             processes = profile_processes(job)
-            points = profile_layers(job, PROFILE_REPEATS, 3, processes)
+            points, forward = profile_layers(job, PROFILE_REPEATS, 3, processes)
             with as_first_worker(job, processes):  # as profile_job times it
                 optimizer = time_optimizer(job, PROFILE_REPEATS, 3)
-            cost_model = cost_model_of(job, {**costs, "points": points, **optimizer})
+            cost_model = cost_model_of(job, {**costs, "points": points, "forward": forward, **optimizer})
         for name, plan in plans.items():
             predicted = predict_plan(job, plan, cost_model)
             log.info("training %s (round %d): %d waves", name, run + 1, len(plan.waves))

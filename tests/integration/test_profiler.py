@@ -15,7 +15,7 @@ from planner.spec import parse_job
 from planner.spec_file import read_job_document
 from planner.costfit import alpha_beta
 from runtime.profile_step import message_sizes
-from runtime.profiler import busy_neighbours, local_batches, profile_job, rising_curves, slowest_medians
+from runtime.profiler import busy_neighbours, local_batches, median_shares, profile_job, rising_curves, slowest_medians
 from planner.costfile import check_cost_data
 
 
@@ -60,6 +60,12 @@ def test_each_sample_is_the_slowest_process_and_the_point_their_median():
     assert slowest_medians([one]) == {"k": [[8, 2.0], [16, 2.0]]}
 
 
+def test_forward_shares_pool_every_process_s_samples():
+    one = {"k": {"8": [0.30, 0.50], "16": [0.40]}}
+    two = {"k": {"8": [0.42, 0.41], "16": [0.38, 0.36]}, "j": {"4": [0.6]}}
+    assert median_shares([one, two]) == {"k": [[8, 0.415], [16, 0.38]], "j": [[4, 0.6]]}
+
+
 def test_a_spike_at_a_small_batch_takes_the_larger_batchs_time_so_the_file_is_valid():
     # measured under load 20 on 2 cores: the caption head at 23.1 ms for 8 samples, 10.8 ms for 16
     spiky = {"caption": [[16, 0.0108], [8, 0.0231], [4, 0.004]], "flat": [[1, 0.002], [2, 0.003]]}
@@ -84,6 +90,10 @@ def test_profile_covers_every_workload_and_feeds_the_planner(tmp_path):
     trained = data["points"][profile_key(graph.metaops[0], Layout(1, 1))]
     frozen = data["points"][profile_key(graph.metaops[1], Layout(1, 1))]
     assert trained[-1][1] > frozen[-1][1]
+    # the forward's share of each workload's time where it has a backward (none for the forward-only one)
+    assert set(data["forward"]) == {profile_key(graph.metaops[0], Layout(1, 1))}
+    shares = data["forward"][profile_key(graph.metaops[0], Layout(1, 1))]
+    assert [b for b, _ in shares] == [b for b, _ in trained] and all(0 < f < 1 for _, f in shares)
     # outside the layers: each root MetaOp's embedding, each task's head, AdamW per parameter
     roots = [op for op in graph.metaops if not op.deps]
     assert set(data["embed"]) == {op.name for op in roots} == {"a.enc", "b.frozen_enc"}
@@ -139,6 +149,8 @@ def test_the_layers_are_timed_in_ray_actors_as_a_run_computes_them():
         assert all(len(samples) == 2 and min(samples) > 0 for runs in result["points"].values()
                    for samples in runs.values())
     assert set(slowest_medians([p["points"] for p in pooled])) == set(want)
+    assert set(median_shares([p["forward"] for p in pooled])) == set(want) - {  # the forward-only workload has none
+        profile_key(op, Layout(1, 1)) for op in build_metagraph(j).metaops if op.backward_factor == 0}
 
 
 def test_loom_profile_writes_a_cost_file_that_loom_plan_reads(tmp_path):

@@ -24,6 +24,7 @@ VALID = {
     "head": {"a": [[8, 0.002]]},
     "optimizer_s_per_param": 2.5e-9,
     "links": {"p2p": [[16384, 1e-4], [1048576, 9e-4]], "allreduce": [[16384, 2e-4], [1048576, 1.5e-3]]},
+    "forward": {KEY: [[8, 0.38], [2, 0.45]]},  # shares need not rise with the batch
 }
 
 
@@ -56,14 +57,16 @@ def test_a_profile_loads_sorted_and_unchanged(tmp_path) -> None:
     assert costs.points == {KEY: [(2.0, 0.010), (4.0, 0.018), (8.0, 0.034)]}
     assert costs.embed == {"a.enc": [(2.0, 0.001), (8.0, 0.003)]}
     assert costs.optimizer_s_per_param == 2.5e-9 and costs.links["allreduce"][1] == (1048576.0, 1.5e-3)
+    assert costs.forward == {KEY: [(2.0, 0.45), (8.0, 0.38)]}
     hw = resolve_hardware(ClusterSpec(num_nodes=1, devices_per_node=2, device="cpu"))
     model = ProfiledCostModel.load(write(tmp_path, VALID), hw)
     assert model.points[KEY] == costs.points[KEY] and model.measured.head == {"a": [(8.0, 0.002)]}
+    assert model.forward[KEY] == costs.forward[KEY]
 
 
 def test_the_optional_parts_may_be_missing(tmp_path) -> None:
     costs = read_cost_file(write(tmp_path, {"points": {KEY: [[1, 0.5]]}}))
-    assert costs.embed == {} and costs.links == {} and costs.optimizer_s_per_param is None
+    assert costs.embed == {} and costs.links == {} and costs.optimizer_s_per_param is None and costs.forward == {}
 
 
 def test_the_profiler_writes_this_version() -> None:
@@ -112,6 +115,14 @@ CASES = [
     ("pair of three", {"points": {KEY: [[1, 2, 3]]}}, f"points['{KEY}'][0] ([1, 2, 3]) is not a pair of numbers"),
     ("pair of strings", {"points": {KEY: [["1", "0.1"]]}}, "(['1', '0.1']) is not a pair of numbers"),
     ("boolean batch", {"points": {KEY: [[True, 0.1]]}}, "([True, 0.1]) is not a pair of numbers"),
+    ("forward share above 1", {"forward": {KEY: [[8, 1.5]]}}, f"forward['{KEY}'][0] ([8, 1.5]) has share 1.5, not a "
+     "share in (0, 1]"),
+    ("forward share zero", {"forward": {KEY: [[8, 0]]}}, "has share 0, not a share in (0, 1]"),
+    ("forward share twice", {"forward": {KEY: [[8, 0.4], [8, 0.5]]}}, f"forward['{KEY}'] ('local batch 8 twice') has "
+     "duplicate points; expected one share per local batch"),
+    ("forward a list", {"forward": [[8, 0.4]]}, "not a profiled cost file: forward ('list') is not a mapping"),
+    ("forward pair of one", {"forward": {KEY: [[8]]}}, f"forward['{KEY}'][0] ([8]) is not a pair of numbers; expected "
+     "[local batch, share]"),
 ]
 
 

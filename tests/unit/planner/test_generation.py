@@ -122,16 +122,16 @@ def test_sample_use_prices_its_denoising_steps_and_last_step_backward():
     graph = build_metagraph(parse_job(base))
     (op,) = graph.metaops
     assert (op.num_layers, op.frozen, op.backward_factor, op.param_group) == (1, False, 2.0, "unet")
-    assert CostModel.passes(op) == 12 and CostModel.forward_fraction(op) == pytest.approx(10 / 12)
+    assert CostModel.passes(op) == 12 and CostModel.passes_fraction(op) == pytest.approx(10 / 12)
     no_grad = {**base, "tasks": [{**base["tasks"][0], "components": [
         {"component": "unet", "mode": "sample", "denoise_steps": 10}]}]}
     (op,) = build_metagraph(parse_job(no_grad)).metaops
-    assert (op.frozen, op.backward_factor, CostModel.passes(op), CostModel.forward_fraction(op)) == (True, 0.0, 10, 1)
+    assert (op.frozen, op.backward_factor, CostModel.passes(op), CostModel.passes_fraction(op)) == (True, 0.0, 10, 1)
     # a seeded stop in [3, 5]: at most 5 steps without gradient and the 6th with it run, priced at the range's last
     early = {**base, "tasks": [{**base["tasks"][0], "components": [
         {"component": "unet", "mode": "sample", "denoise_steps": 10, "grad_last_step": True, "stop_steps": [3, 5]}]}]}
     (op,) = build_metagraph(parse_job(early)).metaops
-    assert CostModel.passes(op) == 8 and CostModel.forward_fraction(op) == pytest.approx(6 / 8)
+    assert CostModel.passes(op) == 8 and CostModel.passes_fraction(op) == pytest.approx(6 / 8)
 
 
 def slices(problem, layout_of, *spec):

@@ -77,6 +77,28 @@ def test_loss_stage_runs_between_the_last_forward_and_the_first_backward():
     assert split_passes(ops[0], 0.03) == pytest.approx((0.01, 0.02))  # forward is a third of a trained layer
 
 
+def test_a_profiled_forward_share_splits_slices_and_curves():
+    """The forward's measured share of a layer's time (the cost file's ``forward``) splits each slice between its
+    passes, in the simulator and in the curves the searches read; beyond the measured batches the nearest one's; by
+    passes (a third of a trained layer) under recompute and without a share."""
+    ops, placed = two_tasks()
+    shares = {profile_key(ops[0], Layout(1, 1)): [(8.0, 0.45)]}  # measured at local batch 8 only
+    model = ProfiledCostModel(HW, cost_model(ops, None).points, shard_optimizer=False, grad_bytes=4, forward=shares)
+    assert model.forward_fraction(ops[0], Layout(1, 1)) == pytest.approx(0.45)
+    assert model.forward_fraction(ops[0], Layout(2, 1)) == pytest.approx(0.45)  # local batch 4: the nearest share
+    assert model.forward_fraction(ops[1], Layout(1, 1)) == pytest.approx(1 / 3)  # another workload: no share
+    assert model.forward_fraction(replace(ops[0], recompute=True), Layout(1, 1)) == pytest.approx(1 / 4)
+    assert cost_model(ops, None).forward_fraction(ops[0], Layout(1, 1)) == pytest.approx(1 / 3)
+    two = ProfiledCostModel(HW, model.points, forward={profile_key(ops[0], Layout(1, 1)): [(4.0, 0.5), (12.0, 0.3)]})
+    assert two.forward_fraction(ops[0], Layout(1, 1)) == pytest.approx(0.4)  # between two batches: linear
+    problem = Problem.build(finalize_graph(ops), model)
+    assert problem.curves[0].forward == (0.45, 0.45)  # counts 1 and 2
+    sim = simulate(problem, placed, model)
+    assert sim.slice_passes[0][0] == pytest.approx((0.45 * 2 * LAYER_S[2], 0.55 * 2 * LAYER_S[2]))
+    assert sim.slice_passes[1][0] == pytest.approx((2 * LAYER_S[1] / 3, 4 * LAYER_S[1] / 3))
+    assert split_passes(ops[0], 1.0, model, Layout(1, 1)) == pytest.approx((0.45, 0.55))
+
+
 def test_loss_host_is_the_last_slice_of_the_leaves_on_its_first_tp_devices():
     ops = [op(0, "a"), op(1, "a", (0,))]
     cm = cost_model(ops, MeasuredCosts(head={"a": [(2.0, 0.001), (4.0, 0.002)]}))

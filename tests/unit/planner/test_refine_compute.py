@@ -32,7 +32,7 @@ def test_pass_cost_is_the_largest_forward_plus_the_largest_backward(clip4_8):
     parts = []
     for s in wave.slices:
         t = problem.slice_time(s)
-        f = t * CostModel.forward_fraction(problem.graph.metaops[s.metaop])
+        f = t * CostModel.passes_fraction(problem.graph.metaops[s.metaop])  # the analytic model: by passes
         parts.append((f, t - f))
     assert pass_cost(problem, wave.slices) == pytest.approx(max(f for f, _ in parts) + max(b for _, b in parts))
     assert pass_cost(problem, wave.slices) >= max(problem.slice_time(s) for s in wave.slices) * (1 - 1e-12)
