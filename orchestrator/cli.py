@@ -353,6 +353,11 @@ def profile(
         help="Where to write the profiled cost file (for `loom plan --costs`).",
     )] = Path("costs.json"),
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs per point (median).")] = 5,
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate/--no-calibrate",
+        help="CPU jobs on one node: end with a few training steps of the sequential plan and scale the profile's "
+             "compute, loss and optimizer times to what the runtime measured.",
+    )] = True,
     verbose: Verbose = False,
 ) -> None:
     """Measure the job's costs on this machine at the per-device batches the planner uses.
@@ -360,7 +365,8 @@ def profile(
     Writes the profiled cost file `loom plan --costs` reads: each distinct layer workload (one thread,
     as a worker runs, forward+backward, tensor parallel degree 1), each root's data and embedding, each
     task's loss head, AdamW per parameter and, with 2+ CPU workers per node, gloo point-to-point and
-    all-reduce times between two worker processes.
+    all-reduce times between two worker processes. A CPU job on one node is then calibrated against the
+    runtime (--no-calibrate skips it).
     """
     check_distinct_files([("JOB.yaml", job_path), ("--cluster", cluster)], [("--output", output)])
     from orchestrator.recipes import load_job, load_recipe
@@ -370,7 +376,12 @@ def profile(
     job = load_job(job_path, cluster)
     load_recipe(job)  # the loss heads it times may be the recipe's
     with ExitStack() as stack:
-        costs = profile_job(job, repeats=repeats, progress=_progress_reporter(stack), launcher=_actors_launcher())
+        progress = _progress_reporter(stack)
+        costs = profile_job(job, repeats=repeats, progress=progress, launcher=_actors_launcher())
+        if calibrate and job.cluster.device.lower() == "cpu" and job.cluster.num_nodes == 1:
+            from orchestrator.calibrate import calibrate_costs  # local: Ray loads only when profiling
+
+            costs["calibration"] = calibrate_costs(job, costs, progress)
     _write_output(output, lambda path: path.write_text(json.dumps(costs, indent=1) + "\n"), "cost file")
     typer.echo(f"{output}: {len(costs['points'])} layer workloads profiled on {job.cluster.device}. "
                f"Plan with: loom plan {job_path} --costs {output}")

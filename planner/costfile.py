@@ -6,7 +6,9 @@ optional ``version`` (1), ``device``, ``embed``, ``head`` and ``data`` (name -> 
 (the fitted step ``{"step_s": a, "s_per_param": b, "s_per_tensor": c}``, b > 0, a and c >= 0), ``modules`` (module name -> ``[parameters,
 tensors]``: what the runtime builds, for the planner's buckets and the optimizer's per-tensor term) and ``links``
 (``p2p``/``allreduce``/``allgather`` -> curve) and ``forward`` (profile key -> ``[[local_batch, share], ...]``: the
-share of a layer's time its forward took, each in (0, 1]; no monotone rule). A curve is a non-empty list of ``[x, seconds]`` pairs: x a local batch
+share of a layer's time its forward took, each in (0, 1]; no monotone rule) and ``calibration`` (part -> ratio:
+``compute``, ``loss``, ``optimizer``, each in :data:`CALIBRATION_BOUNDS`: what the runtime measured over what the
+profile predicted, orchestrator.calibrate). A curve is a non-empty list of ``[x, seconds]`` pairs: x a local batch
 (a whole number, 1..2^24; links: bytes in (0, 2^50]), seconds in (0, 86400], no x twice, and **monotone**: more
 samples (or bytes) never take less time, beyond measurement noise. Precisely: sorted by x, a point is refused when
 its time is below ``1 - MONOTONE_TOLERANCE`` (half) of the largest time at a smaller x *and* more than
@@ -42,7 +44,9 @@ MAX_PARAMS = 2.0**50  # a module's parameters
 MAX_TENSORS = 2**24  # a module's parameter tensors
 OPTIMIZER_TERMS = ("step_s", "s_per_param", "s_per_tensor")
 KEYS = ("version", "device", "points", "embed", "head", "data", "optimizer_s_per_param", "optimizer", "modules", "links",
-        "forward")
+        "forward", "calibration")
+CALIBRATION_PARTS = ("compute", "loss", "optimizer")
+CALIBRATION_BOUNDS = (0.1, 10.0)  # a run at a tenth or ten times its profile (4 workers on 2 cores: 4-8x): went wrong
 LINK_KINDS = ("p2p", "allreduce", "allgather")
 FIX = "Re-run `loom profile JOB.yaml --output COSTS.json`"
 SHAPE = "not a profiled cost file"  # the start of every message about the file's structure (not its numbers)
@@ -66,6 +70,7 @@ class CostFile:
     data: dict[str, Points] | None = None  # task -> drawing its rows of the batch (absent in files before it)
     device: str = ""  # the device kind it was profiled on (planner.devices.DEVICES); "" when the file names none
     forward: dict[str, Points] | None = None  # profile key -> the forward's share of a layer's time, per local batch
+    calibration: dict[str, float] | None = None  # part -> measured in the runtime / predicted from the profile
 
 
 def read_cost_file(path: str | Path, device: str | None = None) -> CostFile:
@@ -119,7 +124,24 @@ def check_cost_data(data: object, source: str = "costs") -> CostFile:
         device=device,
         forward={str(key): _curve(source, f"forward[{key!r}]", curve, batch=True, share=True)
                  for key, curve in _mapping(source, "forward", data.get("forward", {})).items()},
+        calibration=_calibration(source, data.get("calibration", {})),
     )
+
+
+def _calibration(source: str, value: object) -> dict[str, float]:
+    """Part -> ratio, each part one of CALIBRATION_PARTS and each ratio a number in CALIBRATION_BOUNDS."""
+    low, high = CALIBRATION_BOUNDS
+    out = {}
+    for part, ratio in _mapping(source, "calibration", value).items():
+        if part not in CALIBRATION_PARTS:
+            hint = did_you_mean(str(part), CALIBRATION_PARTS)
+            _shape(source, f"calibration[{part!r}]", "", f"is not a calibrated part ({hint})",
+                   "expected " + ", ".join(CALIBRATION_PARTS))
+        if not _is_number(ratio) or not low <= ratio <= high:
+            _fail(source, f"calibration[{part!r}]", ratio, f"is not a ratio in [{low:g}, {high:g}]",
+                  "expected the runtime's measured time over the profile's prediction")
+        out[str(part)] = float(ratio)
+    return out
 
 
 def _optimizer(source: str, value: object) -> tuple[float, float, float] | None:

@@ -436,7 +436,10 @@ class ProfiledCostModel(CostModel):
     "allgather": [...]}`` (two processes of one node, fitted to a latency and a bandwidth:
     :meth:`link_time`; ``allgather`` may be missing, see :meth:`allgather_time`). Without them, embeddings, heads and data cost 0 and the optimizer and links
     follow the device table. ``"forward"`` (profile key -> ``[[local_batch, share], ...]``): the share of a layer's
-    time that its forward took (:meth:`forward_fraction`; without it, by passes).
+    time that its forward took (:meth:`forward_fraction`; without it, by passes). ``"calibration"`` (``compute``,
+    ``loss``, ``optimizer`` -> ratio, orchestrator.calibrate): what the runtime measured over what these times
+    predicted; the layers, embeddings and data draws are priced times ``compute``, the loss heads ``loss``, the
+    optimizer step ``optimizer`` (the fallback model's times are not).
     """
 
     source = "profiled"
@@ -444,8 +447,10 @@ class ProfiledCostModel(CostModel):
     def __init__(self, hardware: Hardware, points: dict[str, list[tuple[float, float]]], fallback: CostModel | None = None,
                  shard_optimizer: bool = True, grad_bytes: int = 2, measured: MeasuredCosts | None = None,
                  weight_bytes: int = 2, precision: str = "bf16", optimizer: str = "adamw",
-                 forward: dict[str, list[tuple[float, float]]] | None = None):
+                 forward: dict[str, list[tuple[float, float]]] | None = None,
+                 calibration: dict[str, float] | None = None):
         super().__init__(hardware, shard_optimizer, grad_bytes, weight_bytes, precision, optimizer)
+        self.calibration = {part: (calibration or {}).get(part, 1.0) for part in ("compute", "loss", "optimizer")}
         self.points = {k: sorted((float(b), float(t)) for b, t in v) for k, v in points.items()}
         self.forward = {k: sorted((float(b), float(f)) for b, f in v) for k, v in (forward or {}).items()}
         self.fallback = fallback
@@ -465,7 +470,7 @@ class ProfiledCostModel(CostModel):
                                  *(costs.links.get(kind, []) for kind in ("p2p", "allreduce", "allgather")),
                                  optimizer=costs.optimizer, modules=costs.modules or {}, data=costs.data or {})
         return cls(hardware, costs.points, fallback, shard_optimizer, grad_bytes, measured, weight_bytes, precision,
-                   optimizer, costs.forward)
+                   optimizer, costs.forward, costs.calibration)
 
     def layout_time(self, op: MetaOp, layout: Layout) -> float:
         pts = self.points.get(profile_key(op, layout))
@@ -476,7 +481,7 @@ class ProfiledCostModel(CostModel):
                 f"MetaOp {op.name}: the cost file has no points for '{profile_key(op, layout)}'. "
                 "Re-run `loom profile` for this job."
             )
-        return fit_piecewise(pts, self.local_batch(op, layout))
+        return fit_piecewise(pts, self.local_batch(op, layout)) * self.calibration["compute"]
 
     def forward_fraction(self, op: MetaOp, layout: Layout) -> float:
         """The share of ``op``'s layer time that its forward took in the profile, at this local batch (between the
@@ -492,26 +497,26 @@ class ProfiledCostModel(CostModel):
 
     def embed_time(self, op: MetaOp, local_batch: int) -> float:
         pts = self.measured.embed.get(op.name)
-        return fit_piecewise(pts, local_batch) if pts else 0.0
+        return fit_piecewise(pts, local_batch) * self.calibration["compute"] if pts else 0.0
 
     def head_time(self, task: str, local_batch: int) -> float:
         pts = self.measured.head.get(task)
-        return fit_piecewise(pts, local_batch) if pts else 0.0
+        return fit_piecewise(pts, local_batch) * self.calibration["loss"] if pts else 0.0
 
     def data_time(self, task: str, local_batch: int) -> float:
         pts = self.measured.data.get(task)
-        return fit_piecewise(pts, local_batch) if pts else 0.0
+        return fit_piecewise(pts, local_batch) * self.calibration["compute"] if pts else 0.0
 
     def optimizer_time(self, num_params: float, num_tensors: float = 0.0) -> float:
         """The fitted step (``loom profile``: a whole optimizer step over the job's real tensors) ``a + b params + c
         tensors`` on a device that steps something (0 otherwise); without the fit, the measured seconds per parameter;
         without either, the device table."""
-        fit = self.measured.optimizer
+        fit, scale = self.measured.optimizer, self.calibration["optimizer"]
         if fit is not None:
             step_s, per_param, per_tensor = fit
-            return step_s + per_param * num_params + per_tensor * num_tensors if num_params > 0 else 0.0
+            return (step_s + per_param * num_params + per_tensor * num_tensors) * scale if num_params > 0 else 0.0
         rate = self.measured.optimizer_s_per_param
-        return num_params * rate if rate is not None else super().optimizer_time(num_params)
+        return num_params * rate * scale if rate is not None else super().optimizer_time(num_params)
 
     def module_size(self, name: str) -> tuple[float, float]:
         return self.measured.modules.get(name, (0.0, 0.0))

@@ -167,6 +167,11 @@ def test_loom_profile_writes_a_cost_file_that_loom_plan_reads(tmp_path):
     assert result.exit_code == 0, result.output
     assert "layer workloads profiled on cpu" in result.output
     assert set(json.loads(costs.read_text())["points"])  # measured points for at least one workload
+    # then calibrated against a few steps of the sequential plan in the runtime (4 workers on this 2-core host run
+    # several times slower than the profile's layers predict: the ratios say so)
+    calibration = json.loads(costs.read_text())["calibration"]
+    assert "compute" in calibration and set(calibration) <= {"compute", "loss", "optimizer"}
+    assert "calibrated (measured / predicted): compute" in result.output
     planned = runner.invoke(app, ["plan", str(job_file), "--costs", str(costs), "--output", "json",
                                   "--no-baselines"])
     assert planned.exit_code == 0, planned.output

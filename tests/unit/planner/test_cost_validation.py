@@ -25,6 +25,7 @@ VALID = {
     "optimizer_s_per_param": 2.5e-9,
     "links": {"p2p": [[16384, 1e-4], [1048576, 9e-4]], "allreduce": [[16384, 2e-4], [1048576, 1.5e-3]]},
     "forward": {KEY: [[8, 0.38], [2, 0.45]]},  # shares need not rise with the batch
+    "calibration": {"compute": 1.1, "loss": 1.5},  # a part may be missing (1)
 }
 
 
@@ -62,6 +63,8 @@ def test_a_profile_loads_sorted_and_unchanged(tmp_path) -> None:
     model = ProfiledCostModel.load(write(tmp_path, VALID), hw)
     assert model.points[KEY] == costs.points[KEY] and model.measured.head == {"a": [(8.0, 0.002)]}
     assert model.forward[KEY] == costs.forward[KEY]
+    assert costs.calibration == {"compute": 1.1, "loss": 1.5}
+    assert model.calibration == {"compute": 1.1, "loss": 1.5, "optimizer": 1.0}
 
 
 def test_the_optional_parts_may_be_missing(tmp_path) -> None:
@@ -121,6 +124,13 @@ CASES = [
     ("forward share twice", {"forward": {KEY: [[8, 0.4], [8, 0.5]]}}, f"forward['{KEY}'] ('local batch 8 twice') has "
      "duplicate points; expected one share per local batch"),
     ("forward a list", {"forward": [[8, 0.4]]}, "not a profiled cost file: forward ('list') is not a mapping"),
+    ("calibration of an unknown part", {"calibration": {"compute": 1.0, "komput": 1.2}}, "not a profiled cost file: "
+     "calibration['komput'] is not a calibrated part"),
+    ("calibration ratio too large", {"calibration": {"loss": 17.5}}, "calibration['loss'] (17.5) is not a ratio in "
+     "[0.1, 10]"),
+    ("calibration ratio a string", {"calibration": {"optimizer": "1.2"}}, "calibration['optimizer'] ('1.2') is not a "
+     "ratio in [0.1, 10]"),
+    ("calibration a list", {"calibration": [1.2]}, "not a profiled cost file: calibration ('list') is not a mapping"),
     ("forward pair of one", {"forward": {KEY: [[8]]}}, f"forward['{KEY}'][0] ([8]) is not a pair of numbers; expected "
      "[local batch, share]"),
 ]

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 from planner.components import LayerSegment
-from planner.costmodel import Layout, ProfiledCostModel, MeasuredCosts, profile_key
+from planner.costmodel import AnalyticCostModel, Layout, ProfiledCostModel, MeasuredCosts, profile_key
 from planner.devices import DEVICES, GIB, Hardware
 from planner.errors import SpecError
 from planner.metagraph import MetaOp, finalize_graph
@@ -97,6 +97,25 @@ def test_a_profiled_forward_share_splits_slices_and_curves():
     assert sim.slice_passes[0][0] == pytest.approx((0.45 * 2 * LAYER_S[2], 0.55 * 2 * LAYER_S[2]))
     assert sim.slice_passes[1][0] == pytest.approx((2 * LAYER_S[1] / 3, 4 * LAYER_S[1] / 3))
     assert split_passes(ops[0], 1.0, model, Layout(1, 1)) == pytest.approx((0.45, 0.55))
+
+
+def test_a_calibrated_profile_scales_each_part_by_its_ratio():
+    """A cost file's ``calibration`` (orchestrator.calibrate: the runtime's measured over the profile's predicted)
+    multiplies the layers, embeddings and data draws by ``compute``, the loss heads by ``loss`` and the optimizer step
+    by ``optimizer``; the analytic fallback's times stay as they are."""
+    ops, _ = two_tasks()
+    plain = cost_model(ops, replace(OVERHEADS, data={"a": [(8.0, 0.001)]}, optimizer=(1e-4, 1e-9, 1e-6)))
+    fallback = AnalyticCostModel(HW)
+    layout = Layout(1, 1)
+    first = {profile_key(ops[0], layout): plain.points[profile_key(ops[0], layout)]}  # ops[1]: no points
+    calibrated = ProfiledCostModel(HW, first, fallback, measured=plain.measured,
+                                   calibration={"compute": 1.25, "loss": 2.0, "optimizer": 0.5})
+    assert calibrated.layout_time(ops[0], layout) == pytest.approx(1.25 * plain.layout_time(ops[0], layout))
+    assert calibrated.embed_time(ops[0], 8) == pytest.approx(1.25 * plain.embed_time(ops[0], 8))
+    assert calibrated.data_time("a", 8) == pytest.approx(1.25 * plain.data_time("a", 8)) and plain.data_time("a", 8)
+    assert calibrated.head_time("a", 8) == pytest.approx(2.0 * plain.head_time("a", 8))
+    assert calibrated.optimizer_time(1e6, 10) == pytest.approx(0.5 * plain.optimizer_time(1e6, 10))
+    assert calibrated.layout_time(ops[1], layout) == pytest.approx(fallback.layout_time(ops[1], layout))
 
 
 def test_loss_host_is_the_last_slice_of_the_leaves_on_its_first_tp_devices():
