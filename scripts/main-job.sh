@@ -13,9 +13,9 @@ OUT="${LOOM_OUT:-$ROOT/out}"
 mkdir -p "$OUT"
 LOOM="$ROOT/.venv/bin/loom"
 
-# 1. Profile the job's layers, data, losses, optimizer and gloo links on this machine (about 30 s,
-# 5 timed runs per point), so that the plan's prediction is this machine's and not the analytic
-# model's generic CPU.
+# 1. Profile the job's layers, data, losses, optimizer and gloo links on this machine (about 40 s,
+# 5 timed runs per point, then a few seconds of the sequential plan's steps to calibrate against the
+# runtime), so that the plan's prediction is this machine's and not the analytic model's generic CPU.
 echo "== profiling quickstart-cpu" >&2
 "$LOOM" profile examples/quickstart-cpu.yaml --output "$OUT/quickstart-cpu.costs.json"
 
