@@ -7,8 +7,7 @@ start of a step 1.4-2.3x its profiled time, layers' forwards 1.0-1.2x, the loss 
 and a small job's layers faster (caption-cpu's waves at 0.7x: its few MiB stay cached, which a profile that evicts 64
 MiB before each sample does not see).
 
-So for a CPU job with several workers on a node (the jobs whose layers :func:`orchestrator.actors.profile_in_actors`
-times in Ray actors) the profile ends with a few seconds of training steps of the job's *sequential* plan
+So for a CPU job on one node (`loom profile`; ``--no-calibrate`` skips it) the profile ends with a few seconds of training steps of the job's *sequential* plan
 (planner.baselines: each task in turn, every MetaOp on all the workers) planned with the fresh profile, through
 :func:`orchestrator.run.run_job`, as `loom run` trains (:func:`calibration_steps`: about
 :data:`CALIBRATION_SECONDS` of them). Over its steps after the first quarter, three ratios of
@@ -91,19 +90,19 @@ def calibrate_costs(job: JobSpec, costs: dict, progress: Callable[[str], None] =
     outside planner.costfile's CALIBRATION_BOUNDS is left out (and reported)."""
     from orchestrator.remote import RunFailed
     from orchestrator.run import RunOptions, run_job
-    from orchestrator.run_inputs import RunInputError
+    from planner.errors import LoomError
 
     with tempfile.TemporaryDirectory(prefix="loom-calibrate-") as tmp:
         path = Path(tmp) / "costs.json"
         path.write_text(json.dumps(costs))
-        plan = calibration_plan(job, path)
-        steps = calibration_steps(plan.predicted.iteration_time_s)
-        progress(f"calibrating: {steps} steps of the sequential plan ({len(plan.waves)} waves, "
-                 f"{plan.predicted.iteration_time_s * 1e3:.1f} ms predicted) in the runtime")
-        options = RunOptions(steps=steps, out_dir=Path(tmp) / "run", checkpoint_every=0)
         try:
+            plan = calibration_plan(job, path)
+            steps = calibration_steps(plan.predicted.iteration_time_s)
+            progress(f"calibrating: {steps} steps of the sequential plan ({len(plan.waves)} waves, "
+                     f"{plan.predicted.iteration_time_s * 1e3:.1f} ms predicted) in the runtime")
+            options = RunOptions(steps=steps, out_dir=Path(tmp) / "run", checkpoint_every=0)
             result = run_job(job, plan, options=options, reporter=_Quiet())
-        except (RunInputError, RunFailed) as exc:  # the profile stands without it
+        except (LoomError, RunFailed) as exc:  # a plan that cannot be placed or run here: the profile stands without
             progress(f"calibration skipped: the sequential plan did not run ({exc})")
             return {}
     found = ratios(result.records[len(result.records) // WARMUP_SHARE:], plan)

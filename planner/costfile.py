@@ -43,8 +43,8 @@ MAX_SECONDS_PER_TENSOR = 1.0  # an optimizer's work per tensor (kernel launches)
 MAX_PARAMS = 2.0**50  # a module's parameters
 MAX_TENSORS = 2**24  # a module's parameter tensors
 OPTIMIZER_TERMS = ("step_s", "s_per_param", "s_per_tensor")
-KEYS = ("version", "device", "points", "embed", "head", "data", "optimizer_s_per_param", "optimizer", "modules", "links",
-        "forward", "calibration")
+KEYS = ("version", "device", "points", "embed", "head", "data", "optimizer_s_per_param", "optimizer", "modules",
+        "links", "forward", "calibration")
 CALIBRATION_PARTS = ("compute", "loss", "optimizer")
 CALIBRATION_BOUNDS = (0.1, 10.0)  # a run at a tenth or ten times its profile (4 workers on 2 cores: 4-8x): went wrong
 LINK_KINDS = ("p2p", "allreduce", "allgather")
@@ -221,7 +221,7 @@ def _curve(source: str, entry: str, value: object, batch: bool, share: bool = Fa
         whole = not batch or (math.isfinite(x) and float(x).is_integer())
         if not 0 < x <= top or not whole:
             _fail(source, where, pair, f"has {x_name} {x}, not a " + ("whole number >= 1" if batch else
-                  "finite number > 0") + f" up to {top:g}", f"expected [{x_name}, seconds] with {x_name} in "
+                  "finite number > 0") + f" up to {top:g}", f"expected [{x_name}, {y_name}] with {x_name} in "
                   + ("1.." if batch else "(0, ") + f"{top:g}" + ("" if batch else "]"))
         if share and not 0 < t <= 1:
             _fail(source, where, pair, f"has share {t}, not a share in (0, 1]",
@@ -233,7 +233,8 @@ def _curve(source: str, entry: str, value: object, batch: bool, share: bool = Fa
     points.sort()
     for (x0, _), (x1, _) in zip(points, points[1:]):
         if x0 == x1:
-            _fail(source, entry, f"{x_name} {x0:g} twice", "has duplicate points", f"expected one {y_name} per {x_name}")
+            _fail(source, entry, f"{x_name} {x0:g} twice", "has duplicate points",
+                  f"expected one {y_name} per {x_name}")
     if not share:
         _check_monotone(source, entry, points, x_name)
     return points

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from planner.components import use_shape
-from planner.costfile import read_cost_file
+from planner.costfile import CALIBRATION_PARTS, read_cost_file
 from planner.costfit import alpha_beta
 from planner.devices import Hardware
 from planner.errors import PlanningError
@@ -450,7 +450,7 @@ class ProfiledCostModel(CostModel):
                  forward: dict[str, list[tuple[float, float]]] | None = None,
                  calibration: dict[str, float] | None = None):
         super().__init__(hardware, shard_optimizer, grad_bytes, weight_bytes, precision, optimizer)
-        self.calibration = {part: (calibration or {}).get(part, 1.0) for part in ("compute", "loss", "optimizer")}
+        self.calibration = {part: (calibration or {}).get(part, 1.0) for part in CALIBRATION_PARTS}
         self.points = {k: sorted((float(b), float(t)) for b, t in v) for k, v in points.items()}
         self.forward = {k: sorted((float(b), float(f)) for b, f in v) for k, v in (forward or {}).items()}
         self.fallback = fallback

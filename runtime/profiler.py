@@ -1,20 +1,20 @@
 """Profile MetaOp layers on this device: the measured side of the cost model (``loom profile``).
 
-For every distinct layer workload of a job (layer shape, backward factor, TP degree 1), a chain of up
-to :data:`CHAIN_LAYERS` of its layers is built with the runtime's modules and timed forward+backward,
-per layer (forward only for a frozen layer with nothing trainable upstream; input gradients only
-when a trainable layer feeds a frozen one), and its forward apart (the cost file's ``forward`` shares: a backward is
-not twice a forward everywhere; on this 2-core host forward takes 37-48% of a layer's time) at every per-device batch the planner can ask for: ``batch / dp`` for each data-parallel degree dp that
-divides the batch and fits the cluster. Each point is the median of ``repeats`` timed runs after
-``warmup`` runs, with one thread and freed memory kept (runtime.host), as a worker runs, in as many
-processes at once as the job has workers per node on this host (:func:`profile_processes`; ``loom profile`` makes
-them Ray actors, the processes a run computes in: orchestrator.actors.profile_in_actors), its
-samples taken round-robin over the points and together (each the slowest process's: a wave ends with its slowest
-device, and on a shared host the devices' times vary from step to step). A generate or sample MetaOp (one layer standing for the whole use) is
+For every distinct layer workload of a job (layer shape, backward factor, TP degree 1), a chain of up to
+:data:`CHAIN_LAYERS` of its layers is built with the runtime's modules and timed forward+backward, per layer (forward
+only for a frozen layer with nothing trainable upstream; input gradients only when a trainable layer feeds a frozen
+one), and its forward apart (the cost file's ``forward`` shares: a backward is not twice a forward everywhere; on this
+2-core host forward takes 37-48% of a layer's time) at every per-device batch the planner can ask for: ``batch / dp``
+for each data-parallel degree dp that divides the batch and fits the cluster. Each point is the median of ``repeats``
+timed runs after ``warmup`` runs, with one thread and freed memory kept (runtime.host), as a worker runs, in as many
+processes at once as the job has workers per node on this host (:func:`profile_processes`; ``loom profile`` makes them
+Ray actors, the processes a run computes in: orchestrator.actors.profile_in_actors), its samples taken round-robin
+over the points and together (each the slowest process's: a wave ends with its slowest device, and on a shared host
+the devices' times vary from step to step). A generate or sample MetaOp (one layer standing for the whole use) is
 timed whole at the same local batches (runtime.profile_modes: the prefill and every decode step of its rows, or its
 denoising steps, the last with gradient when it has one), so `loom plan --costs` prices decoding and denoising from
-measurements too. The result is the JSON that
-:class:`planner.costmodel.ProfiledCostModel` reads (piecewise alpha-beta between the points).
+measurements too. The result is the JSON that :class:`planner.costmodel.ProfiledCostModel` reads (piecewise alpha-beta
+between the points).
 
 The work of a step outside the layers is measured too (:class:`planner.costmodel.MeasuredCosts`), beside as many
 processes running the job's layers as a run has other workers on the node (:func:`busy_neighbours`):
@@ -309,8 +309,9 @@ def profile_job(job: JobSpec, *, repeats: int = 5, warmup: int = 2, links: bool 
         points, forward = profile_layers(job, repeats, warmup, processes, launcher)
         names = {profile_key(op, Layout(1, 1)): op.name for op in reversed(build_metagraph(job).metaops)}
         for key, pts in points.items():
-            say(f"profiled {names[key]} ({processes} at once): " + ", ".join(f"b={b}: {t * 1e3:.2f} ms" for b, t in pts)
-                + (f" (forward {forward[key][-1][1]:.0%})" if key in forward else ""))
+            shares = f" (forward {forward[key][-1][1]:.0%})" if key in forward else ""
+            say(f"profiled {names[key]} ({processes} at once): "
+                + ", ".join(f"b={b}: {t * 1e3:.2f} ms" for b, t in pts) + shares)
         with as_first_worker(job, processes):  # beside the other workers' layers, pinned, as in a run
             optimizer = time_optimizer(job, repeats, warmup)
             embed, head = time_embeddings(job, repeats, warmup, device), time_heads(job, repeats, warmup, device)

@@ -43,3 +43,52 @@ def test_a_plan_runs_about_three_seconds_of_steps():
     assert calibration_steps(0.3) == MIN_STEPS  # 10 steps would be 3 s: at least MIN_STEPS
     assert calibration_steps(0.016) == 188
     assert calibration_steps(0.0001) == MAX_STEPS
+
+
+def tiny_job():
+    from planner.spec import parse_job
+
+    return parse_job({"name": "tiny", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+                      "components": {"enc": {"kind": "transformer", "num_layers": 2, "hidden_size": 32, "num_heads": 4,
+                                             "seq_len": 8}},
+                      "tasks": [{"name": "a", "batch_size": 8, "components": [{"component": "enc"}]}]})
+
+
+def test_a_run_that_fails_leaves_the_profile_uncalibrated(monkeypatch):
+    import orchestrator.run
+    from orchestrator.calibrate import calibrate_costs
+    from orchestrator.remote import RunFailed
+
+    def fail(*args, **kwargs):
+        raise RunFailed("worker 1 (rank 1) failed at step 0: out of memory")
+
+    monkeypatch.setattr(orchestrator.run, "run_job", fail)
+    said = []
+    assert calibrate_costs(tiny_job(), {"points": {}}, said.append) == {}
+    assert said[-1] == ("calibration skipped: the sequential plan did not run (worker 1 (rank 1) failed at step 0: out "
+                        "of memory)")
+
+
+def test_a_ratio_outside_the_bounds_is_left_out_and_said(monkeypatch):
+    import orchestrator.run
+    from orchestrator.calibrate import calibrate_costs
+
+    def run(job, plan, options, reporter):  # every step's waves 20x the plan's, the rest as predicted
+        p = plan.predicted
+        waves = [20 * t for t in plan_waves(plan)]
+        records = [StepRecord(step=i, loss={}, step_seconds=1.0, samples_per_s={}, tokens_per_s={},
+                              predicted_iteration_s=p.iteration_time_s, worker_seconds=[], wave_seconds=waves,
+                              predicted_wave_seconds=plan_waves(plan),
+                              part_seconds={"optimizer": p.optimizer_s + p.gather_s}) for i in range(options.steps)]
+        return SimpleNamespace(records=records)
+
+    monkeypatch.setattr(orchestrator.run, "run_job", run)
+    said = []
+    assert calibrate_costs(tiny_job(), {"points": {}}, said.append) == {"optimizer": pytest.approx(1.0)}
+    assert any(line.startswith("calibration: compute measured 20.00x its prediction, outside [0.1, 10]") for line in said)
+
+
+def plan_waves(plan) -> list[float]:
+    from orchestrator.metrics import predicted_wave_seconds
+
+    return predicted_wave_seconds(plan)
