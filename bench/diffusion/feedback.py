@@ -329,8 +329,7 @@ def stage_report(args) -> None:
                   f"{r['steps']} more steps on {r['old_rows']} old rows plus the training pairs with a new image."]
     report = "\n".join(lines) + "\n"
     print(report)
-    write_results("diffusion-feedback", [r for kind in runs.values() for r in kind], report,
-                  {"work": str(args.work)})
+    write_results(args.name, [r for kind in runs.values() for r in kind], report, {"work": str(args.work)})
     IMAGES.mkdir(parents=True, exist_ok=True)
     for (pre_loss, lr, steps, seed), folder in folders.items():  # "before": the base UNet, the same noise in every run
         shutil.copy(folder / "samples_before.png", IMAGES / "itercomp-feedback-before.png")
@@ -344,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "diffusion-feedback")
     parser.add_argument("--also", type=Path, action="append", default=[],
                         help="stage report: more --work folders whose feedback runs join the table")
+    parser.add_argument("--name", default="diffusion-feedback",
+                        help="stage report: the results file stem under bench/results/")
     parser.add_argument("--cache", type=Path, default=None, help="folder keeping the rendered pairs between runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--categories", default=",".join(CATEGORIES), help="stage rm: the reward models to train")
