@@ -199,7 +199,7 @@ def stage_feedback(args) -> None:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     history = []
     for step in range(args.steps):
-        batch = generator.training_prompts(args.seed + 1, step, args.batch, CATEGORIES)
+        batch = generator.training_prompts(args.seed + 1, step, args.batch, tuple(args.categories.split(",")))
         history.append(float(feedback_update(unet, text, rewards, batch, scheduler, config, step, optimizer,
                                              args.pre_loss).mean()))
         if (step + 1) % max(args.steps // 10, 1) == 0:
@@ -213,7 +213,8 @@ def stage_feedback(args) -> None:
     for name, images in (("before", images_before), ("after", images_after)):
         save_grid(images[rows], 8, out / f"samples_{name}.png")
     tail = max(args.steps // 10, 1)
-    record = {"seed": args.seed, "rm_seeds": args.rm_seeds, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+    record = {"seed": args.seed, "rm_seeds": args.rm_seeds, "categories": args.categories, "steps": args.steps,
+              "batch": args.batch, "lr": args.lr,
               "pre_loss": args.pre_loss, "prompts": args.prompts, "samples": args.samples,
               "denoise_steps": args.denoise_steps,
               "before": before, "after": after, "train_reward_first": float(np.mean(history[:tail])),
@@ -259,8 +260,9 @@ def stage_iterate(args) -> None:
 
 
 def run_key(record: dict) -> tuple:
-    """What tells a feedback run from another: (pre_loss, lr, steps, seed)."""
-    return record["pre_loss"], record["lr"], record["steps"], record["seed"]
+    """What tells a feedback run from another: (pre_loss, lr, steps, seed, reward-model seeds, prompt categories)."""
+    return (record["pre_loss"], record["lr"], record["steps"], record["seed"], tuple(record.get("rm_seeds", [0])),
+            record.get("categories", ",".join(CATEGORIES)))
 
 
 def stage_report(args) -> None:
@@ -303,16 +305,18 @@ def stage_report(args) -> None:
     if runs["feedback"]:
         lines += ["", "## Feedback: the oracle on held-out prompts, before -> after", "",
                   "Mean oracle score (share of samples scored 1):", "",
-                  "| pre_loss | lr | steps | seed | " + " | ".join(CATEGORIES)
-                  + " | own-category reward (train batches) |", "|---" * (len(CATEGORIES) + 5) + "|"]
+                  "| pre_loss | lr | steps | seed | reward models | prompts | " + " | ".join(CATEGORIES)
+                  + " | own-category reward (train batches) |", "|---" * (len(CATEGORIES) + 7) + "|"]
         for r in runs["feedback"]:
             b, a = r["before"], r["after"]
-            lines.append(f"| {r['pre_loss']} | {r['lr']} | {r['steps']} | {r['seed']} | " + " | ".join(
+            models = ",".join(map(str, r.get("rm_seeds", [r.get("rm_seed", 0)])))
+            lines.append(f"| {r['pre_loss']} | {r['lr']} | {r['steps']} | {r['seed']} | {models} | "
+                         f"{r.get('categories', 'all')} | " + " | ".join(
                 f"{b[f'score_{c}']:.3f} ({b[f'exact_{c}']:.2f}) -> {a[f'score_{c}']:.3f} ({a[f'exact_{c}']:.2f})"
                 for c in CATEGORIES) + f" | {r['train_reward_first']:.2f} -> {r['train_reward_last']:.2f} |")
         f = runs["feedback"][0]
-        lines += ["", f"Settings: batches of {f['batch']} prompts, reward models of seeds "
-                  f"{f.get('rm_seeds', [f.get('rm_seed', 0)])} (each one more hinge), "
+        lines += ["", f"Settings: batches of {f['batch']} prompts (of the categories in `prompts`), the reward "
+                  "models of the seeds in `reward models` (several: each one more hinge), "
                   f"DDIM {f['denoise_steps']} steps; {f['prompts']} held-out prompts x {f['samples']} samples per "
                   "category, the same noise before and after. Wall per seed: "
                   + ", ".join(f"{r['wall_s'] / 60:.1f} min" for r in runs["feedback"]) + "."]
@@ -330,8 +334,10 @@ def stage_report(args) -> None:
     report = "\n".join(lines) + "\n"
     print(report)
     write_results(args.name, [r for kind in runs.values() for r in kind], report, {"work": str(args.work)})
+    if args.no_images:
+        return
     IMAGES.mkdir(parents=True, exist_ok=True)
-    for (pre_loss, lr, steps, seed), folder in folders.items():  # "before": the base UNet, the same noise in every run
+    for (pre_loss, lr, steps, seed, *_), folder in folders.items():  # "before": the base UNet, the same noise in every run
         shutil.copy(folder / "samples_before.png", IMAGES / "itercomp-feedback-before.png")
         shutil.copy(folder / "samples_after.png",
                     IMAGES / f"itercomp-feedback-pre{pre_loss}-lr{lr:g}-steps{steps}-seed{seed}.png")
@@ -345,9 +351,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="stage report: more --work folders whose feedback runs join the table")
     parser.add_argument("--name", default="diffusion-feedback",
                         help="stage report: the results file stem under bench/results/")
+    parser.add_argument("--no-images", action="store_true", help="stage report: leave docs/recipes/img alone")
     parser.add_argument("--cache", type=Path, default=None, help="folder keeping the rendered pairs between runs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--categories", default=",".join(CATEGORIES), help="stage rm: the reward models to train")
+    parser.add_argument("--categories", default=",".join(CATEGORIES),
+                        help="stage rm: the reward models to train; stage feedback: the categories of its training "
+                        "prompts")
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--heldout", type=int, default=512)
     parser.add_argument("--rm-steps", type=int, default=400)
