@@ -7,14 +7,15 @@ start of a step 1.4-2.3x its profiled time, layers' forwards 1.0-1.2x, the loss 
 and a small job's layers faster (caption-cpu's waves at 0.7x: its few MiB stay cached, which a profile that evicts 64
 MiB before each sample does not see).
 
-So for a CPU job on one node (`loom profile`; ``--no-calibrate`` skips it) the profile ends with a few seconds of training steps of the job's *sequential* plan
-(planner.baselines: each task in turn, every MetaOp on all the workers) planned with the fresh profile, through
-:func:`orchestrator.run.run_job`, as `loom run` trains (:func:`calibration_steps`: about
-:data:`CALIBRATION_SECONDS` of them). Over its steps after the first quarter, three ratios of
-measured to predicted: ``compute`` (the waves: every layer, embedding and data draw), ``loss`` (the loss stage) and
-``optimizer`` (the step and ZeRO-1's gathers). The cost file keeps them as ``calibration`` and
-planner.costmodel.ProfiledCostModel multiplies its times by them. The plan a job then runs is not the one measured
-here (the sequential baseline is rarely chosen), so its prediction is still a prediction.
+So for a CPU job on one node (`loom profile`; ``--no-calibrate`` skips it) the profile ends with a few seconds of
+training steps of the job's *sequential* plan (planner.baselines: each task in turn, every MetaOp on all the workers)
+planned with the fresh profile, through :func:`orchestrator.run.run_job`, as `loom run` trains
+(:func:`calibration_steps`: about :data:`CALIBRATION_SECONDS` of them). Over its steps after the first quarter, three
+ratios of measured to predicted: ``compute`` (the waves: every layer, embedding and data draw), ``loss`` (the loss
+stage) and ``optimizer`` (the step and ZeRO-1's gathers). The cost file keeps them as ``calibration`` and
+planner.costmodel.ProfiledCostModel multiplies its times by them. The plan a job then runs is usually another one, so
+its prediction is still a prediction (when the planner picks the sequential plan itself, as quickstart-cpu's once in
+session 28, the calibration was measured on the plan it predicts).
 """
 
 from __future__ import annotations

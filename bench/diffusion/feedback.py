@@ -337,7 +337,8 @@ def stage_report(args) -> None:
     if args.no_images:
         return
     IMAGES.mkdir(parents=True, exist_ok=True)
-    for (pre_loss, lr, steps, seed, *_), folder in folders.items():  # "before": the base UNet, the same noise in every run
+    # "before": the base UNet, the same noise in every run
+    for (pre_loss, lr, steps, seed, *_), folder in folders.items():
         shutil.copy(folder / "samples_before.png", IMAGES / "itercomp-feedback-before.png")
         shutil.copy(folder / "samples_after.png",
                     IMAGES / f"itercomp-feedback-pre{pre_loss}-lr{lr:g}-steps{steps}-seed{seed}.png")

@@ -85,7 +85,8 @@ def test_a_ratio_outside_the_bounds_is_left_out_and_said(monkeypatch):
     monkeypatch.setattr(orchestrator.run, "run_job", run)
     said = []
     assert calibrate_costs(tiny_job(), {"points": {}}, said.append) == {"optimizer": pytest.approx(1.0)}
-    assert any(line.startswith("calibration: compute measured 20.00x its prediction, outside [0.1, 10]") for line in said)
+    assert any(line.startswith("calibration: compute measured 20.00x its prediction, outside [0.1, 10]")
+               for line in said)
 
 
 def plan_waves(plan) -> list[float]:
