@@ -20,7 +20,6 @@ session 28, the calibration was measured on the plan it predicts).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tempfile
@@ -54,14 +53,14 @@ class _Quiet:
         pass
 
 
-def calibration_plan(job: JobSpec, costs_path: Path) -> Plan:
-    """The job's sequential baseline plan, priced with the cost file at ``costs_path``."""
+def calibration_plan(job: JobSpec, costs: dict) -> Plan:
+    """The job's sequential baseline plan, priced with the cost file ``costs`` (its contents)."""
     from planner.api import make_cost_model, plan_placed
     from planner.baselines import sequential_schedule
     from planner.metagraph import build_metagraph
     from planner.schedule import Problem
 
-    cost_model = make_cost_model(job, costs_path)
+    cost_model = make_cost_model(job, costs)
     return plan_placed(job, sequential_schedule(Problem.build(build_metagraph(job), cost_model)), cost_model,
                        "sequential")
 
@@ -94,10 +93,8 @@ def calibrate_costs(job: JobSpec, costs: dict, progress: Callable[[str], None] =
     from planner.errors import LoomError
 
     with tempfile.TemporaryDirectory(prefix="loom-calibrate-") as tmp:
-        path = Path(tmp) / "costs.json"
-        path.write_text(json.dumps(costs))
         try:
-            plan = calibration_plan(job, path)
+            plan = calibration_plan(job, costs)
             steps = calibration_steps(plan.predicted.iteration_time_s)
             progress(f"calibrating: {steps} steps of the sequential plan ({len(plan.waves)} waves, "
                      f"{plan.predicted.iteration_time_s * 1e3:.1f} ms predicted) in the runtime")

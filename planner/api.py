@@ -62,8 +62,9 @@ class PlanOutcome:
     solve: SolveResult
 
 
-def make_cost_model(job: JobSpec, costs: str | Path | None = None) -> CostModel:
-    """The analytic cost model of the job's cluster, or a profiled one (analytic fallback) from ``costs``."""
+def make_cost_model(job: JobSpec, costs: str | Path | dict | None = None) -> CostModel:
+    """The analytic cost model of the job's cluster, or a profiled one (analytic fallback) from ``costs``: a cost
+    file's path, or its contents (a profile just taken)."""
     hw = resolve_hardware(job.cluster)
     shard = job.training.shard_optimizer is not False  # auto: planned with ZeRO-1, then priced without (plan_job)
     # Activations and gradients cross devices in the compute precision (runtime.executor's wire dtype); parameters

@@ -73,13 +73,15 @@ class CostFile:
     calibration: dict[str, float] | None = None  # part -> measured in the runtime / predicted from the profile
 
 
-def read_cost_file(path: str | Path, device: str | None = None) -> CostFile:
-    """The cost file at ``path``, checked (module docstring); a SpecError naming the file and entry otherwise. With
-    ``device`` (the job's cluster.device), a file profiled on another device kind is refused: its times are not the
-    job's devices' (a file that names no device is taken as it is)."""
-    costs = check_cost_data(read_json(path, COST_FILE), str(path))
+def read_cost_file(path: str | Path | dict, device: str | None = None) -> CostFile:
+    """The cost file at ``path`` (or its parsed contents, a dict: a profile just taken), checked (module docstring); a
+    SpecError naming the file and entry otherwise. With ``device`` (the job's cluster.device), a file profiled on
+    another device kind is refused: its times are not the job's devices' (a file that names no device is taken as it
+    is)."""
+    source = "costs" if isinstance(path, dict) else str(path)
+    costs = check_cost_data(path if isinstance(path, dict) else read_json(path, COST_FILE), source)
     if device is not None and costs.device and costs.device != device:
-        _fail(str(path), "device", costs.device, f"is not the job's cluster.device ('{device}'); its times are another "
+        _fail(source, "device", costs.device, f"is not the job's cluster.device ('{device}'); its times are another "
               "device kind's", f"expected a file profiled on {device}")
     return costs
 

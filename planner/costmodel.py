@@ -460,10 +460,10 @@ class ProfiledCostModel(CostModel):
                       if (pts := getattr(self.measured, kind))}
 
     @classmethod
-    def load(cls, path: str | Path, hardware: Hardware, fallback: CostModel | None = None,
+    def load(cls, path: str | Path | dict, hardware: Hardware, fallback: CostModel | None = None,
              shard_optimizer: bool = True, grad_bytes: int = 2, weight_bytes: int = 2, precision: str = "bf16",
              optimizer: str = "adamw") -> ProfiledCostModel:
-        """The cost model of the cost file at ``path``, checked first (planner.costfile: NaN, zero batches,
+        """The cost model of the cost file at ``path`` (or of its parsed contents), checked first (planner.costfile: NaN, zero batches,
         duplicate or non-monotone points, wrong types and unknown keys are a one-line SpecError naming the entry)."""
         costs = read_cost_file(path, hardware.device.name)
         measured = MeasuredCosts(costs.embed, costs.head, costs.optimizer_s_per_param,
@@ -490,10 +490,7 @@ class ProfiledCostModel(CostModel):
         pts = self.forward.get(profile_key(op, layout)) if op.gen is None and not op.recompute else None
         if not pts:
             return self.passes_fraction(op)
-        x = self.local_batch(op, layout)
-        if x <= pts[0][0] or x >= pts[-1][0]:
-            return pts[0][1] if x <= pts[0][0] else pts[-1][1]
-        return fit_piecewise(pts, x)
+        return fit_piecewise(pts, min(max(self.local_batch(op, layout), pts[0][0]), pts[-1][0]))
 
     def embed_time(self, op: MetaOp, local_batch: int) -> float:
         pts = self.measured.embed.get(op.name)

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     job = load_job(args.workload)
     costs = (json.loads(Path(args.costs).read_text()) if args.costs
              else profile_job(job, repeats=PROFILE_REPEATS, warmup=3, progress=log.info))
-    cost_model = cost_model_of(job, costs)  # the job's precision and optimizer sharding, as `loom plan --costs`
+    cost_model = make_cost_model(job, costs)  # the job's precision and optimizer sharding, as `loom plan --costs`
     loom = plan_job(job, cost_model, with_baselines=True, progress=log.info).plan
     problem = Problem.build(build_metagraph(job), cost_model)
     plans = {"loom": loom, "sequential": plan_schedule(job, sequential_schedule(problem), cost_model, method="sequential")}
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             points, forward = profile_layers(job, PROFILE_REPEATS, 3, processes)
             with as_first_worker(job, processes):  # as profile_job times it
                 optimizer = time_optimizer(job, PROFILE_REPEATS, 3)
-            cost_model = cost_model_of(job, {**costs, "points": points, "forward": forward, **optimizer})
+            cost_model = make_cost_model(job, {**costs, "points": points, "forward": forward, **optimizer})
         for name, plan in plans.items():
             predicted = predict_plan(job, plan, cost_model)
             log.info("training %s (round %d): %d waves", name, run + 1, len(plan.waves))
@@ -103,14 +103,6 @@ def main(argv: list[str] | None = None) -> int:
                   {"workload": args.workload, "steps": args.steps, "warmup": args.warmup, "profile": costs,
                    "environment_note": "2-core machine; one worker process per device, one thread each"})
     return 0
-
-
-def cost_model_of(job, costs: dict):
-    """The profiled cost model of ``costs`` (a cost file's contents) for ``job``."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:  # read at once; removed on leaving (once per round)
-        json.dump(costs, f)
-        f.flush()
-        return make_cost_model(job, f.name)
 
 
 def predicted_parts(sim) -> dict[str, float]:
