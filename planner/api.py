@@ -28,7 +28,8 @@ from planner.placement import (
     STRATEGIES, PlacedSchedule, PlacedSlice, PlacedWave, TensorParallelRoomError, place_schedule,
 )
 from planner.leastcompute import (
-    LEAST_SPLIT_TOP, Alternative, adopt_late, held_back, near_fastest, prefer_less_compute, waves_compute,
+    LEAST_SPLIT_TOP, Alternative, adopt_late, held_back, near_fastest, prefer_less_compute, prefer_unsharded,
+    waves_compute,
 )
 from planner.refine import Evaluated, evaluation_cost, refine_compute, refine_transfers
 from planner.plan import (
@@ -126,7 +127,7 @@ def plan_job(
             error, late = None, ()
         except PlanningError as still:  # nothing the solver finds fits: a baseline's schedule may
             found, planned, error, late = None, problem, still, ()
-    chosen, alternatives = (found[:3], found[4]) if found is not None else (None, ())
+    chosen, pool = (found[:3], found[4]) if found is not None else (None, ())
     searched = chosen[0] if chosen is not None else None  # choose_candidate tried its bucket splits already
     # RL-shaped jobs: Loom's role placement and the colocated/split baselines, each search on a work budget
     role_budget = rl_budget(limit)
@@ -147,8 +148,11 @@ def plan_job(
         planned = problem  # a baseline's schedule is on the job's own curves, not a memory repair's
     elif result is searched:  # near the fastest, the least waves' compute, never slower than a baseline that fits
         result, placed, sim = prefer_less_compute(planned, cost_model.hw.devices_per_node, (result, placed, sim),
-                                                  alternatives, baseline_plans)
+                                                  near_fastest(pool), baseline_plans)
         result, placed, sim = adopt_late(planned, (result, placed, sim), late)
+        if auto_zero:  # each of the search's schedules at its faster ZeRO-1 setting; zero_choice below sets it
+            result, placed, sim = prefer_unsharded(planned, cost_model.with_shard_optimizer(False),
+                                                   (result, placed, sim), (*pool, *late), baseline_plans)
         result = replace(result, candidates=every.candidates)  # the report lists every candidate, held back or not
         # the waves made to say what the timeline runs: less waves' compute, never a longer predicted iteration
         result, placed, sim = tighten_chosen(planned, cost_model, result, placed, sim, TIGHTEN_BUDGET)
@@ -292,8 +296,9 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
     runs, under every placement strategy (one node: packing only), then the transfer-aware local search
     (:mod:`planner.refine`) from the best few, the compute search from the best and bucket splits. A candidate that does not fit in memory is skipped; when
     none fits, the error of the shortest one is raised. Also returns why each unfit candidate failed, and every
-    placed schedule predicted within :data:`planner.leastcompute.TOLERANCE` of the chosen one, least waves' compute
-    first (the caller may prefer one of them once the baselines are known: :func:`prefer_less_compute`).
+    placed, refined or split schedule as an Alternative (the caller may prefer one of those predicted within
+    :data:`planner.leastcompute.TOLERANCE` of the chosen one once the baselines are known,
+    :func:`prefer_less_compute`, or one that is faster at the other ZeRO-1 setting, :func:`prefer_unsharded`).
     Placing stops at :data:`PLACE_BUDGET` work units (see :func:`_place_candidates`; the first candidate is always
     placed): deterministic. ``share`` scales the budgets of the searches after placing (the held-back candidates' own
     search: :func:`late_alternatives`). Past ``deadline`` (``time.thread_time()``, the planner's time limit; a safety cap) only
@@ -338,15 +343,15 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
         if ev.sim.iteration_time_s < best.sim.iteration_time_s * (1 - 1e-12):
             best_name, cand, best = name, start_cand, ev
     results = {id(e[2]): _result_of(problem, solved, e[0], e[1], e[2]) for e in pool}
-    alternatives = near_fastest([Alternative(results[id(e[2])], e[2].placed, e[2].sim,
-                                             waves_compute(problem, e[2].schedule)) for e in pool])
-    return results[id(best)], best.placed, best.sim, unfit, tuple(alternatives)
+    alternatives = tuple(Alternative(results[id(e[2])], e[2].placed, e[2].sim, waves_compute(problem, e[2].schedule))
+                         for e in pool)
+    return results[id(best)], best.placed, best.sim, unfit, alternatives
 
 
 def late_alternatives(problem: Problem, cost_model: CostModel, late: SolveResult | None, deadline: float | None,
                       ) -> tuple[Alternative, ...]:
     """The held-back candidates (:data:`planner.leastcompute.LATE`) through the same search as the others
-    (:func:`choose_candidate`: placed, refined, split), on their own: their placed schedules near their fastest, for
+    (:func:`choose_candidate`: placed, refined, split), on their own: their placed schedules, for
     :func:`planner.leastcompute.adopt_late`. Empty when there are none, none fits, past ``deadline``, or where one
     placement of them costs more than their transfer-aware search's budget (the scale cells)."""
     if late is None or (deadline is not None and time.thread_time() >= deadline):

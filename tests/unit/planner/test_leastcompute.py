@@ -10,25 +10,35 @@ from dataclasses import replace
 import pytest
 
 from bench.planner.cells import Cell, load_cell_job
+from planner import api
 from planner.api import choose_candidate, make_cost_model, plan_job
 from planner.baselines import baseline_plans
 from planner.bound import dag_bound
 from planner.candidates import runnable
-from planner.leastcompute import TOLERANCE, held_back, near_fastest, prefer_less_compute, waves_compute
+from planner.leastcompute import (
+    TOLERANCE, held_back, near_fastest, prefer_less_compute, prefer_unsharded, waves_compute,
+)
 from planner.metagraph import build_metagraph
 from planner.schedule import Problem
+from planner.simulator import simulate
 from planner.solver import SolverSettings, solve
 from planner.spindle import spindle_schedule
 
 
-@pytest.fixture(scope="module")
-def clip4():
-    job = load_cell_job(Cell("clip-4", 8, "grid"))
+def searched(cell: Cell):
+    """The job, cost model, problem and choose_candidate's result on ``cell``, solved as plan_job solves it."""
+    job = load_cell_job(cell)
     cm = make_cost_model(job)
     problem = Problem.build(build_metagraph(job), cm)
     solved = solve(problem, SolverSettings(time_limit_s=job.planner.time_limit_s), warm=spindle_schedule(problem),
                    lower_bound=dag_bound(problem), progress=lambda _: None)
     return job, cm, problem, choose_candidate(problem, cm, held_back(solved)[0])  # as plan_job: lp-rounding apart
+
+
+@pytest.fixture(scope="module")
+def clip4():
+    job, cm, problem, found = searched(Cell("clip-4", 8, "grid"))
+    return job, cm, problem, (*found[:4], tuple(near_fastest(found[4])))  # plan_job's near-fastest alternatives
 
 
 def test_alternatives_are_the_near_fastest_least_compute_first(clip4):
@@ -80,3 +90,27 @@ def test_a_baseline_between_the_fastest_and_the_cheapest_caps_the_choice(clip4):
     far = [replace(real, sim=replace(real.sim, iteration_time_s=10 * sim.iteration_time_s))]
     assert prefer_less_compute(problem, cm.hw.devices_per_node, (chosen, placed, sim), alternatives, far)[2] \
         is alternatives[0].sim
+
+
+def test_every_searched_schedule_counts_at_its_faster_zero1_setting(monkeypatch):
+    """``shard_optimizer: auto`` on clip-4@32 (four nodes): the search ranks its schedules with ZeRO-1, and the
+    least-compute rule picked among them by those times; without ZeRO-1 (which the plan then steps without) the
+    ranking differs (a schedule whose all-gather ended its iteration gains most). Each schedule counts at its faster
+    setting (prefer_unsharded), so the plan is within the tolerance of every schedule the search placed, at either
+    setting; priced the old way it was 3% slower than the fastest of them."""
+    job, cm, problem, (chosen, placed, sim, _, pool) = searched(Cell("clip-4", 32, "grid"))
+    assert job.training.shard_optimizer == "auto"
+    plain = cm.with_shard_optimizer(False)
+
+    def best(placed_schedule, sharded):
+        alone = simulate(problem, placed_schedule, plain)
+        fits = max(alone.peak_memory_bytes) <= cm.hw.memory_bytes
+        return min(sharded.iteration_time_s, alone.iteration_time_s) if fits else sharded.iteration_time_s
+
+    fastest = min(best(a.placed, a.sim) for a in pool)
+    planned = plan_job(job, progress=lambda _: None).simulation.iteration_time_s
+    assert planned <= fastest * (1 + TOLERANCE)
+    monkeypatch.setattr(api, "prefer_unsharded", lambda problem, plain, chosen, pool, baselines: chosen)
+    assert plan_job(job, progress=lambda _: None).simulation.iteration_time_s > fastest * (1 + 2 * TOLERANCE)
+    # without a budget for pricing the others, the search's choice stands
+    assert prefer_unsharded(problem, plain, (chosen, placed, sim), pool, [], budget=0)[1] is placed
