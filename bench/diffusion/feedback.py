@@ -10,12 +10,14 @@ Stages (each writes under ``--work``, so a loaded machine can run them one at a 
 * ``feedback --seed S --unet FOLDER``: the base UNet (recipes.diffusion.generator, pretrained by the ``denoise``
   step's code) before and after ``--steps`` of IterComp's feedback (recipes.diffusion.steps.feedback_update, the
   ``feedback`` step's update) against ``rm-S``; per category the oracle's mean score and the share of samples it
-  scores 1, on ``--prompts`` held-out prompts x ``--samples`` samples from the same seeded noise before and after;
-  sample grids. Writes ``feedback-S/``.
+  scores 1, on ``--prompts`` held-out prompts x ``--samples`` samples from the same seeded noise before and after,
+  and the paired change with its standard error; sample grids. ``--grad-from`` moves where the step with gradient
+  may fall, ``--reward-weight 0`` trains on the denoising loss alone (the control). Writes ``feedback-S/``.
 * ``iterate --seed S``: IterComp's second iteration: the fine-tuned UNet's samples of training and held-out prompts
   join the gallery's rankings (ranked by the oracle), and the reward models' scoring layers train on again from
   ``rm-S`` on the old rows plus the pairs with a new image; their held-out accuracy on pairs with a new image and on
-  the gallery's held-out pairs, before and after.
+  the gallery's held-out pairs, before and after. Writes ``iterate-S-rmR/`` (``--rm-seed R``), the retrained
+  scoring layers beside the records, so that a second feedback round can read them as ``rm-R``.
 * ``report``: collects every seed into bench/results/diffusion-feedback.{json,md} and the grids into
   docs/recipes/img/.
 """
@@ -77,10 +79,10 @@ def stage_base(args) -> None:
     start, out = time.time(), args.work / "base"
     unet, text = generator.load_unet(MODELS / "unet"), generator.load_text(MODELS / "text")
     losses = generator.pretrain(unet, text, args.base_steps, args.base_batch, args.base_lr, 0,
-                                CATEGORIES, lambda m: print(m, flush=True))
+                                CATEGORIES, lambda m: print(m, flush=True), cosine=args.base_schedule == "cosine")
     unet.save_pretrained(out / "unet")
     tail = max(len(losses) // 10, 1)
-    record = {"steps": args.base_steps, "batch": args.base_batch, "lr": args.base_lr,
+    record = {"steps": args.base_steps, "batch": args.base_batch, "lr": args.base_lr, "schedule": args.base_schedule,
               "loss_first": float(np.mean(losses[:tail])), "loss_last": float(np.mean(losses[-tail:])),
               "wall_s": round(time.time() - start, 1)}
     (out / "record.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -162,16 +164,34 @@ def load_rewards(work: Path, seed: int):
     return rewards
 
 
-def oracle_scores(unet, text, prompts, samples: int, steps: int, seed: int) -> tuple[dict[str, float], np.ndarray]:
-    """Per category the oracle's mean score (``score_<c>``) and share of samples scored 1 (``exact_<c>``)."""
+def oracle_scores(unet, text, prompts, samples: int, steps: int,
+                  seed: int) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Per category the oracle's mean score (``score_<c>``) and share of samples scored 1 (``exact_<c>``); the
+    images; each image's score."""
     images = generator.sample_images(unet, text, prompts, steps, seed, samples)
     scores = np.array([oracle.score(images[i], prompts[i // samples]) for i in range(len(images))])
-    cats = np.array([prompts[i // samples].category for i in range(len(images))])
     out = {}
-    for c in CATEGORIES:
-        out[f"score_{c}"] = float(scores[cats == c].mean())
-        out[f"exact_{c}"] = float((scores[cats == c] == 1).mean())
-    return out, images
+    for c, mask in category_masks(prompts, samples).items():
+        out[f"score_{c}"] = float(scores[mask].mean())
+        out[f"exact_{c}"] = float((scores[mask] == 1).mean())
+    return out, images, scores
+
+
+def category_masks(prompts, samples: int) -> dict[str, np.ndarray]:
+    """Per category, which of the ``len(prompts) * samples`` images (each prompt's samples adjacent) are its."""
+    cats = np.repeat([p.category for p in prompts], samples)
+    return {c: cats == c for c in CATEGORIES}
+
+
+def paired_change(before: np.ndarray, after: np.ndarray, prompts, samples: int) -> dict[str, float]:
+    """Per category the mean change of the oracle's score over the same noise and prompts (``change_<c>``) and its
+    standard error over the samples (``change_se_<c>``): a paired difference, far less noisy than either mean."""
+    out = {}
+    for c, mask in category_masks(prompts, samples).items():
+        diff = after[mask] - before[mask]
+        out[f"change_{c}"] = float(diff.mean())
+        out[f"change_se_{c}"] = float(diff.std(ddof=1) / np.sqrt(len(diff)))
+    return out
 
 
 def save_grid(images: np.ndarray, columns: int, path: Path) -> None:
@@ -191,22 +211,23 @@ def stage_feedback(args) -> None:
     unet, text = generator.load_unet(args.unet), generator.load_text(MODELS / "text")
     rewards = [load_rewards(args.work, seed) for seed in args.rm_seeds]
     prompts = eval_prompts(0, args.prompts)  # the held-out stream's first prompts, the same for every seed
-    before, images_before = oracle_scores(unet, text, prompts, args.samples, args.denoise_steps, 100)
+    before, images_before, scores_before = oracle_scores(unet, text, prompts, args.samples, args.denoise_steps, 100)
     print("before", before, flush=True)
-    config = generator.sample_config(args.denoise_steps, (args.denoise_steps * 3 // 4, args.denoise_steps - 1),
-                                     args.seed)
+    config = generator.sample_config(args.denoise_steps, (int(args.denoise_steps * args.grad_from),
+                                                          args.denoise_steps - 1), args.seed)
     scheduler = build_scheduler(config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     history = []
     for step in range(args.steps):
         batch = generator.training_prompts(args.seed + 1, step, args.batch, tuple(args.categories.split(",")))
         history.append(float(feedback_update(unet, text, rewards, batch, scheduler, config, step, optimizer,
-                                             args.pre_loss).mean()))
+                                             args.pre_loss, args.reward_weight).mean()))
         if (step + 1) % max(args.steps // 10, 1) == 0:
             print(f"feedback step {step + 1}/{args.steps}: own-category reward {np.mean(history[-10:]):.3f} "
                   f"(wall {time.time() - start:.0f} s)", flush=True)
-    after, images_after = oracle_scores(unet, text, prompts, args.samples, args.denoise_steps, 100)
-    print("after", after, flush=True)
+    after, images_after, scores_after = oracle_scores(unet, text, prompts, args.samples, args.denoise_steps, 100)
+    change = paired_change(scores_before, scores_after, prompts, args.samples)
+    print("after", after, change, flush=True)
     unet.save_pretrained(out / "unet")
     # grids: the first 8 prompts of each category (a row each), sample 0
     rows = [c * args.prompts * args.samples + i * args.samples for c in range(len(CATEGORIES)) for i in range(8)]
@@ -216,8 +237,10 @@ def stage_feedback(args) -> None:
     record = {"seed": args.seed, "rm_seeds": args.rm_seeds, "categories": args.categories, "steps": args.steps,
               "batch": args.batch, "lr": args.lr,
               "pre_loss": args.pre_loss, "prompts": args.prompts, "samples": args.samples,
-              "denoise_steps": args.denoise_steps,
-              "before": before, "after": after, "train_reward_first": float(np.mean(history[:tail])),
+              "denoise_steps": args.denoise_steps, "grad_from": args.grad_from, "reward_weight": args.reward_weight,
+              "before": before, "after": after, "change": change,
+              "sample_scores": {"before": scores_before.round(4).tolist(), "after": scores_after.round(4).tolist()},
+              "train_reward_first": float(np.mean(history[:tail])),
               "train_reward_last": float(np.mean(history[-tail:])), "wall_s": round(time.time() - start, 1)}
     (out / "record.json").write_text(json.dumps(record, indent=1) + "\n")
 
@@ -229,11 +252,12 @@ def joined(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 def stage_iterate(args) -> None:
     """IterComp's second iteration (module doc)."""
     torch.set_num_threads(1)
-    start, out = time.time(), args.work / f"iterate-{args.seed}"
+    start, out = time.time(), args.work / f"iterate-{args.seed}-rm{args.rm_seed}"
     out.mkdir(parents=True, exist_ok=True)
     unet, text = generator.load_unet(args.work / f"feedback-{args.seed}" / "unet"), generator.load_text(MODELS / "text")
     for category in args.categories.split(","):
-        record = {"seed": args.seed, "category": category, "prompts": args.prompts, "samples": args.samples,
+        record = {"seed": args.seed, "rm_seed": args.rm_seed, "category": category, "prompts": args.prompts,
+                  "samples": args.samples, "schedule": args.rm_schedule, "lr": args.rm_lr or 1e-3,
                   "steps": args.rm_steps, "old_rows": args.old_rows}
         new = unet_pairs(unet, text, category, args.seed, args.prompts, args.samples, args.denoise_steps, args.seed + 7)
         feats = {split: tower_features(pair_arrays(rows, counted=split == "heldout"), MODELS / "vision")
@@ -243,32 +267,47 @@ def stage_iterate(args) -> None:
         gallery = tower_features(cached_pairs(args.cache, category, 0, args.heldout, "heldout"), MODELS / "vision")
         init = torch.load(args.work / f"rm-{args.rm_seed}" / f"scorer-{category}.pt")
         job = (category, "fusion", "pretrained", args.seed, joined([old_train, feats["train"]]), feats["heldout"],
-               args.rm_steps, 64, args.rm_lr or 1e-3)
+               args.rm_steps, 64, record["lr"])
         before = Scorer("fusion", rm_layers(category))
         before.load_state_dict(init)
         from bench.diffusion.scorers import accuracy
 
         record[f"new_{category}_before"] = accuracy(before, as_float(feats["heldout"]))["acc"]
         record[f"gallery_{category}_before"] = accuracy(before, as_float(gallery))["acc"]
-        scorer, _ = fit(job, init, layers=rm_layers(category))
+        scorer, _ = fit(job, init, schedule=args.rm_schedule, layers=rm_layers(category))
         record[f"new_{category}_after"] = accuracy(scorer, as_float(feats["heldout"]))["acc"]
         record[f"gallery_{category}_after"] = accuracy(scorer, as_float(gallery))["acc"]
         record[f"new_pairs_{category}"] = {k: len(v) for k, v in new.items()}
+        torch.save(scorer.state_dict(), out / f"scorer-{category}.pt")  # a second feedback round reads these
         record["wall_s"] = round(time.time() - start, 1)
         print(record, flush=True)
         (out / f"record-{category}.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 def run_key(record: dict) -> tuple:
-    """What tells a feedback run from another: (pre_loss, lr, steps, seed, reward-model seeds, prompt categories)."""
+    """What tells a feedback run from another: (pre_loss, lr, steps, seed, reward-model seeds, prompt categories,
+    where the step with gradient may fall, the rewards' weight)."""
     return (record["pre_loss"], record["lr"], record["steps"], record["seed"], tuple(record.get("rm_seeds", [0])),
-            record.get("categories", ",".join(CATEGORIES)))
+            record.get("categories", ",".join(CATEGORIES)), record.get("grad_from", 0.75),
+            record.get("reward_weight", 1.0))
+
+
+def _change_cell(record: dict, category: str) -> str:
+    """One category's cell of the feedback table: before -> after (share scored 1), the paired change +- its error."""
+    b, a = record["before"], record["after"]
+    cell = (f"{b[f'score_{category}']:.3f} ({b[f'exact_{category}']:.2f}) -> "
+            f"{a[f'score_{category}']:.3f} ({a[f'exact_{category}']:.2f})")
+    change = record.get("change")
+    if change:
+        cell += f", {change[f'change_{category}']:+.3f} +- {change[f'change_se_{category}']:.3f}"
+    return cell
 
 
 def stage_report(args) -> None:
     import shutil
 
-    runs = {kind: [json.loads(p.read_text()) for p in sorted(args.work.glob(f"{kind}-*/record*.json"))]
+    runs = {kind: [{**json.loads(p.read_text()), "folder": p.parent.name}
+                   for p in sorted(args.work.glob(f"{kind}-*/record*.json"))]
             for kind in ("rm", "feedback", "iterate")}
     folders = {}  # each feedback record's folder
     for work in [args.work, *args.also]:
@@ -305,32 +344,41 @@ def stage_report(args) -> None:
     if runs["feedback"]:
         lines += ["", "## Feedback: the oracle on held-out prompts, before -> after", "",
                   "Mean oracle score (share of samples scored 1):", "",
-                  "| pre_loss | lr | steps | seed | reward models | prompts | " + " | ".join(CATEGORIES)
-                  + " | own-category reward (train batches) |", "|---" * (len(CATEGORIES) + 7) + "|"]
+                  "| pre_loss | lr | steps | seed | reward models | reward weight | gradient step from | prompts | "
+                  + " | ".join(CATEGORIES) + " | own-category reward (train batches) |",
+                  "|---" * (len(CATEGORIES) + 9) + "|"]
         for r in runs["feedback"]:
-            b, a = r["before"], r["after"]
             models = ",".join(map(str, r.get("rm_seeds", [r.get("rm_seed", 0)])))
             lines.append(f"| {r['pre_loss']} | {r['lr']} | {r['steps']} | {r['seed']} | {models} | "
-                         f"{r.get('categories', 'all')} | " + " | ".join(
-                f"{b[f'score_{c}']:.3f} ({b[f'exact_{c}']:.2f}) -> {a[f'score_{c}']:.3f} ({a[f'exact_{c}']:.2f})"
-                for c in CATEGORIES) + f" | {r['train_reward_first']:.2f} -> {r['train_reward_last']:.2f} |")
+                         f"{r.get('reward_weight', 1.0):g} | {r.get('grad_from', 0.75):g} | "
+                         f"{r.get('categories', 'all')} | " + " | ".join(_change_cell(r, c) for c in CATEGORIES)
+                         + f" | {r['train_reward_first']:.2f} -> {r['train_reward_last']:.2f} |")
         f = runs["feedback"][0]
-        lines += ["", f"Settings: batches of {f['batch']} prompts (of the categories in `prompts`), the reward "
+        lines += ["", "In brackets the share of samples scored 1, then the change of the mean over the same prompts "
+                  "and noise, +- its standard error over the samples (runs before the paired change was recorded: "
+                  "none). Gradient step from: the step with gradient falls uniformly between that fraction of the "
+                  "denoising steps and the last (IterComp: 0.75).",
+                  "", f"Settings: batches of {f['batch']} prompts (of the categories in `prompts`), the reward "
                   "models of the seeds in `reward models` (several: each one more hinge), "
                   f"DDIM {f['denoise_steps']} steps; {f['prompts']} held-out prompts x {f['samples']} samples per "
                   "category, the same noise before and after. Wall per seed: "
                   + ", ".join(f"{r['wall_s'] / 60:.1f} min" for r in runs["feedback"]) + "."]
     if runs["iterate"]:
         lines += ["", "## Iteration 2: reward models' held-out accuracy, before -> after retraining", "",
-                  "| seed | category | pairs with a new image | gallery pairs |", "|---|---|---|---|"]
+                  "| folder | seed | reward models' seed | held-out prompts | steps | old rows | lr | lr schedule | "
+                  "category | pairs with a new image | gallery pairs |", "|---" * 11 + "|"]
         for r in runs["iterate"]:
             c = r["category"]
-            lines.append(f"| {r['seed']} | {c} | {r[f'new_{c}_before']:.3f} -> {r[f'new_{c}_after']:.3f} | "
+            lines.append(f"| {r['folder']} | {r['seed']} | {r.get('rm_seed', 0)} | {r['prompts']} | {r['steps']} | "
+                         f"{r['old_rows']} | "
+                         f"{r.get('lr', '-')} | {r.get('schedule', 'constant')} | {c} | "
+                         f"{r[f'new_{c}_before']:.3f} -> {r[f'new_{c}_after']:.3f} "
+                         f"({r[f'new_pairs_{c}']['heldout']}) | "
                          f"{r[f'gallery_{c}_before']:.3f} -> {r[f'gallery_{c}_after']:.3f} |")
-        r = runs["iterate"][0]
-        lines += ["", f"{r['prompts'] * 4} training and {r['prompts']} held-out prompts per category x "
-                  f"{r['samples']} samples of the fine-tuned UNet ranked into the gallery; the scoring layers train "
-                  f"{r['steps']} more steps on {r['old_rows']} old rows plus the training pairs with a new image."]
+        lines += ["", "4 x `held-out prompts` training prompts and the held-out prompts per category x 2 samples of "
+                  "the fine-tuned UNet ranked into the gallery; the scoring layers train `steps` more steps on "
+                  "`old rows` old rows plus the training pairs with a new image (lr '-': not recorded, the folder's "
+                  "name says it where it was not 1e-3). In brackets the held-out pairs with a new image."]
     report = "\n".join(lines) + "\n"
     print(report)
     write_results(args.name, [r for kind in runs.values() for r in kind], report, {"work": str(args.work)})
@@ -338,10 +386,13 @@ def stage_report(args) -> None:
         return
     IMAGES.mkdir(parents=True, exist_ok=True)
     # "before": the base UNet, the same noise in every run
-    for (pre_loss, lr, steps, seed, *_), folder in folders.items():
-        shutil.copy(folder / "samples_before.png", IMAGES / "itercomp-feedback-before.png")
+    # the default report's images keep their old names; another report's carry its name
+    stem = "itercomp-feedback" if args.name == "diffusion-feedback" else args.name
+    for (pre_loss, lr, steps, seed, _, _, grad_from, weight), folder in folders.items():
+        shutil.copy(folder / "samples_before.png", IMAGES / f"{stem}-before.png")
+        extra = (f"-from{grad_from:g}" if grad_from != 0.75 else "") + (f"-rw{weight:g}" if weight != 1 else "")
         shutil.copy(folder / "samples_after.png",
-                    IMAGES / f"itercomp-feedback-pre{pre_loss}-lr{lr:g}-steps{steps}-seed{seed}.png")
+                    IMAGES / f"{stem}-pre{pre_loss}-lr{lr:g}-steps{steps}-seed{seed}{extra}.png")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -351,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--also", type=Path, action="append", default=[],
                         help="stage report: more --work folders whose feedback runs join the table")
     parser.add_argument("--name", default="diffusion-feedback",
-                        help="stage report: the results file stem under bench/results/")
+                        help="stage report: the results file stem under bench/results/ (and, unless the default, "
+                        "of the grids under docs/recipes/img/)")
     parser.add_argument("--no-images", action="store_true", help="stage report: leave docs/recipes/img alone")
     parser.add_argument("--cache", type=Path, default=None, help="folder keeping the rendered pairs between runs")
     parser.add_argument("--seed", type=int, default=0)
@@ -369,7 +421,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="stage feedback: the reward models' seeds, an ensemble when several (each one more "
                         "reward model of IterComp's sum of hinges)")
     parser.add_argument("--rm-schedule", choices=("constant", "cosine"), default="cosine",
-                        help="stage rm: the scoring layers' lr over the steps (bench.diffusion.scorers.fit)")
+                        help="stages rm and iterate: the scoring layers' lr over the steps "
+                        "(bench.diffusion.scorers.fit)")
     parser.add_argument("--unet-prompts", type=int, default=100,
                         help="stage rm with --unet: x 4 training prompts per category the base UNet draws")
     parser.add_argument("--unet-samples", type=int, default=4, help="stage rm with --unet: samples per prompt")
@@ -377,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-steps", type=int, default=300, help="stage base: the UNet's denoising steps")
     parser.add_argument("--base-batch", type=int, default=32)
     parser.add_argument("--base-lr", type=float, default=2e-3)
+    parser.add_argument("--base-schedule", choices=("constant", "cosine"), default="constant",
+                        help="stage base: the UNet's lr over the steps")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -384,7 +439,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--denoise-steps", type=int, default=20)
+    parser.add_argument("--grad-from", type=float, default=0.75,
+                        help="stage feedback: the step with gradient falls uniformly from this fraction of the "
+                             "denoising steps to the last (IterComp: 30-39 of 40, 0.75)")
+    parser.add_argument("--reward-weight", type=float, default=1.0,
+                        help="stage feedback: the reward hinges' weight (0: the denoising loss alone, a control)")
     args = parser.parse_args(argv)
+    if not 0 <= args.grad_from < 1:
+        parser.error(f"--grad-from: {args.grad_from} is not a fraction in [0, 1)")
     {"base": stage_base, "rm": stage_rm, "feedback": stage_feedback, "iterate": stage_iterate, "report": stage_report}[args.stage](args)
 
 

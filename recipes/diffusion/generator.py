@@ -120,13 +120,15 @@ def training_prompts(seed: int, step: int, batch: int, categories: tuple[str, ..
 
 
 def pretrain(unet, text, steps: int, batch: int, lr: float, seed: int, categories: tuple[str, ...],
-             log=None) -> list[float]:
+             log=None, cosine: bool = False) -> list[float]:
     """Train ``unet`` in place on the latents of the renderer's exact images of random prompts (AdamW, the denoising
-    loss of epsilon prediction at uniform timesteps); the per-step losses."""
+    loss of epsilon prediction at uniform timesteps; ``lr`` constant, or ``cosine``: decayed to 0 over the steps); the
+    per-step losses."""
     from runtime.feedback import denoising_loss
 
     scheduler = build_scheduler(SampleConfig(steps=10, stop=(0, 9), scheduler="ddpm", scheduler_config=TRAIN_SCHEDULE))
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if cosine else None
     denoiser = diffusers_denoiser(unet.train())
     losses = []
     for step in range(steps):
@@ -140,6 +142,8 @@ def pretrain(unet, text, steps: int, batch: int, lr: float, seed: int, categorie
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
+        if decay is not None:
+            decay.step()
         losses.append(float(loss.detach()))
         if log is not None and (step + 1) % max(steps // 10, 1) == 0:
             log(f"denoise step {step + 1}/{steps}: loss {np.mean(losses[-max(steps // 10, 1):]):.4f}")

@@ -41,6 +41,10 @@ UPDATE_METRICS = tuple(f"{kind}_{c}_{when}" for when in ("before", "after") for 
 
 # --------------------------------------------------------------------------- argument checks (torch-free)
 
+NON_NEGATIVE = ("pre_loss",)  # numbers that may be 0 (every other number must be positive)
+CHOICES = {"schedule": ("constant", "cosine")}
+
+
 def _checker(step: str, required: dict[str, type], optional: dict[str, type]):
     def check(args: dict[str, Any], base: Path | None) -> None:
         known = {**required, **optional}
@@ -55,9 +59,12 @@ def _checker(step: str, required: dict[str, type], optional: dict[str, type]):
                 continue
             value = args[key]
             ok = isinstance(value, kind) and not isinstance(value, bool) if kind is not bool else isinstance(value, bool)
-            if not ok or (kind in (int, float) and value <= 0):
-                raise ValueError(f"{key} ({value!r}): step '{step}' expects a {'positive ' if kind in (int, float) else ''}"
-                                 f"{kind.__name__}. Fix the value.")
+            sign = "non-negative" if key in NON_NEGATIVE else "positive"
+            if not ok or (kind in (int, float) and (value < 0 if key in NON_NEGATIVE else value <= 0)):
+                number = sign + " " if kind in (int, float) else ""
+                raise ValueError(f"{key} ({value!r}): step '{step}' expects a {number}{kind.__name__}. Fix the value.")
+            if key in CHOICES and value not in CHOICES[key]:
+                raise ValueError(f"{key} ({value!r}): step '{step}' expects one of {', '.join(CHOICES[key])}.")
             if key in ("unet", "text", "spec", "before", "after") and not value.startswith("@"):
                 path = Path(value) if Path(value).is_absolute() or base is None else base / value
                 if not path.exists():
@@ -67,7 +74,7 @@ def _checker(step: str, required: dict[str, type], optional: dict[str, type]):
 
 MODELS = dict(unet=str, text=str)
 REWARDS = dict(spec=str, rm=str)
-check_denoise = _checker("denoise", MODELS, dict(steps=int, batch=int, lr=float, seed=int))
+check_denoise = _checker("denoise", MODELS, dict(steps=int, batch=int, lr=float, seed=int, schedule=str))
 check_feedback = _checker("feedback", {**MODELS, **REWARDS}, dict(
     steps=int, batch=int, lr=float, seed=int, denoise_steps=int, stop_first=int, pre_loss=float, eval_prompts=int))
 check_regenerate = _checker("regenerate", MODELS, dict(prompts=int, heldout_prompts=int, samples=int, seed=int,
@@ -94,11 +101,12 @@ def _save_unet(ctx, unet) -> None:
 
 
 def denoise_step(ctx) -> dict[str, float]:
-    """Step ``denoise``: the base UNet trained on exact images (``steps``, ``batch``, ``lr``, ``seed``)."""
+    """Step ``denoise``: the base UNet trained on exact images (``steps``, ``batch``, ``lr``, ``seed``; ``schedule``:
+    the lr ``constant`` (default) or ``cosine``, decayed to 0 over the steps)."""
     a = ctx.args
     unet, text = _unet(ctx), generator.load_text(ctx.path(a["text"]))
     losses = generator.pretrain(unet, text, a.get("steps", 300), a.get("batch", 16), a.get("lr", 1e-3),
-                                a.get("seed", 0), CATEGORIES, log.info)
+                                a.get("seed", 0), CATEGORIES, log.info, cosine=a.get("schedule") == "cosine")
     _save_unet(ctx, unet)
     tail = max(len(losses) // 10, 1)
     return {"loss_first": float(np.mean(losses[:tail])), "loss_last": float(np.mean(losses[-tail:]))}
@@ -131,11 +139,12 @@ def _reward_models(ctx, data_dir=None):
 
 
 def feedback_update(unet, text, rewards, prompts, scheduler, config, step: int, optimizer,
-                    pre_loss: float = 1.0) -> torch.Tensor:
+                    pre_loss: float = 1.0, reward_weight: float = 1.0) -> torch.Tensor:
     """One optimizer step of IterComp's feedback on ``prompts`` (runtime.feedback.feedback_step: x0 from a last
     denoising step with gradient, scored by each prompt's category's reward model, hinge ``1e-3 * ReLU(2 - r)``), plus
     ``pre_loss`` times the denoising loss on the latents of exact images of the prompts; the rewards ``(B,)`` of each
-    sample's own category, before the step. ``rewards``: one RewardModels, or a sequence of them (an ensemble: each
+    sample's own category, before the step. ``reward_weight`` scales the hinges (0: the denoising loss alone, a
+    control). ``rewards``: one RewardModels, or a sequence of them (an ensemble: each
     member is one more reward model of the sum, as IterComp sums its models' hinges; the rewards returned are the
     members' mean)."""
     from runtime.feedback import FeedbackBatch, FeedbackObjective, denoising_loss, feedback_step as one_step
@@ -156,10 +165,10 @@ def feedback_update(unet, text, rewards, prompts, scheduler, config, step: int, 
         return pre_loss * denoising_loss(denoiser, scheduler, images, noise, timesteps, states).mean()
 
     result = one_step(denoiser, scheduler, objective, FeedbackBatch(states, [None] * len(scorers), len(prompts)),
-                      config, (3, generator.LATENT, generator.LATENT), step, "feedback",
-                      denoising if pre_loss > 0 else None)
+                      config, (3, generator.LATENT, generator.LATENT), step, "feedback")
+    loss = reward_weight * result.loss + (denoising() if pre_loss > 0 else 0.0)
     optimizer.zero_grad(set_to_none=True)
-    result.loss.backward()
+    loss.backward()
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
     optimizer.step()
     unet.eval()

@@ -85,6 +85,26 @@ def test_an_ensemble_of_reward_models_adds_each_members_hinge(parts):
     torch.testing.assert_close(g, g1 + g2)
 
 
+def test_the_reward_weight_scales_the_hinges_alone(parts):
+    """``reward_weight`` multiplies the reward hinges and not the denoising loss: the gradient of the hinges plus the
+    denoising loss is the hinges' alone plus the denoising loss's alone (weight 0, the bench's control)."""
+    unet, text, rewards, _, _ = parts
+    prompts = generator.training_prompts(0, 2, 3, CATEGORIES)
+    config = generator.sample_config(4, (2, 3), 0)
+    scheduler = build_scheduler(config)
+    optimizer = torch.optim.SGD(unet.parameters(), lr=0.0)
+
+    def grad(pre_loss, weight):
+        unet.zero_grad(set_to_none=True)
+        steps.feedback_update(unet, text, rewards, prompts, scheduler, config, 0, optimizer, pre_loss, weight)
+        return torch.cat([p.grad.flatten() for p in unet.parameters()])
+
+    both, hinges, denoising = grad(0.5, 1.0), grad(0.0, 1.0), grad(0.5, 0.0)
+    assert hinges.norm() > 0 and denoising.norm() > 0 and both.norm() < 1.0  # under the step's gradient clip
+    torch.testing.assert_close(both, hinges + denoising, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grad(0.0, 2.0), 2 * hinges, rtol=1e-4, atol=1e-7)
+
+
 def test_samples_of_the_unet_join_a_ranking(parts):
     unet, text, _, _, _ = parts
     prompts = generator.training_prompts(1, 0, 2, ("spatial",))
@@ -186,14 +206,23 @@ def test_bad_reward_model_scorers_are_one_line(parts, scorer, message):
     ("feedback", {"unet": "u", "text": "t", "spec": "s"}, "rm: required argument of step 'feedback'"),
     ("feedback", {"unet": "@b/model", "text": "@b/model", "spec": "@x/y", "rm": "@r/checkpoint", "steps": 0},
      "steps (0): step 'feedback' expects a positive int"),
+    ("feedback", {"unet": "@b/model", "text": "@b/model", "spec": "@x/y", "rm": "@r/checkpoint", "pre_loss": -0.1},
+     "pre_loss (-0.1): step 'feedback' expects a non-negative float"),
     ("denoise", {"unet": "no/such/folder", "text": "@a/model"}, "unet ('no/such/folder'): no such file or folder"),
+    ("denoise", {"unet": "@a/model", "text": "@a/model", "schedule": "linear"},
+     "schedule ('linear'): step 'denoise' expects one of constant, cosine"),
     ("regenerate", {"unet": "@f/model", "text": "@f/model", "sample": 2}, "sample: unknown argument of step"),
     ("compare", {"before": "@b/model", "after": "no/such", "text": "@b/model", "spec": "@s/x", "rm": "@r/checkpoint"},
      "after ('no/such'): no such file or folder"),
 ])
 def test_bad_step_arguments_are_one_line(step, args, message, tmp_path):
+    """Each argument error is one line naming the argument (and a feedback without the denoising loss, pre_loss 0,
+    and a cosine base are accepted: the settings docs/recipes/diffusion.md measures)."""
     check = {"feedback": steps.check_feedback, "denoise": steps.check_denoise, "regenerate": steps.check_regenerate,
              "compare": steps.check_compare}
     with pytest.raises(ValueError) as err:
         check[step](args, tmp_path)
     assert message in str(err.value) and "\n" not in str(err.value)
+    steps.check_feedback({"unet": "@b/model", "text": "@b/model", "spec": "@x/y", "rm": "@r/checkpoint",
+                          "pre_loss": 0.0}, tmp_path)
+    steps.check_denoise({"unet": "@a/model", "text": "@a/model", "schedule": "cosine"}, tmp_path)

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.diffusion.feedback import load_into
+from bench.diffusion.feedback import load_into, paired_change
 from bench.diffusion.scorers import Scorer, pair_arrays, tower_features
 from recipes.diffusion import generator
 from recipes.diffusion.data import heldout_rows
 from recipes.diffusion.models import save_towers
 from recipes.diffusion.scorers import RewardModels, load_job
-from recipes.diffusion.shapes import SIDE, parse_prompt
+from recipes.diffusion.shapes import CATEGORIES, SIDE, parse_prompt
 
 TINY = Path(__file__).resolve().parents[3] / "recipes" / "diffusion" / "itercomp-tiny.yaml"
 
@@ -51,3 +51,18 @@ def test_a_bench_scorer_loaded_into_the_reward_models_gives_their_rewards(tmp_pa
                              [parse_prompt(str(t), "spatial") for t in arrays["prompt"]], "spatial")
     assert not torch.allclose(before, want, atol=1e-2)
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)  # the bench's tower outputs are float16
+
+
+def test_the_paired_change_is_per_category_over_the_same_samples():
+    """Two prompts per category, two samples each (adjacent): the change is the mean of after - before over the
+    category's four samples, its error their standard deviation over sqrt(4)."""
+    prompts = [parse_prompt(p, c) for c, p in (("attribute", "a red circle and a blue square"),
+                                                ("spatial", "a red circle left of a blue square"),
+                                                ("nonspatial", "a red circle inside a blue square"))
+               for _ in range(2)]
+    before = np.zeros(12)
+    after = np.array([1, 1, 1, 1, 0, 0.5, 0, 0.5, -1, 0, 0, 0], dtype=float)
+    out = paired_change(before, after, prompts, samples=2)
+    assert [out[f"change_{c}"] for c in CATEGORIES] == [1.0, 0.25, -0.25]
+    assert out["change_se_attribute"] == 0.0
+    assert np.isclose(out["change_se_spatial"], np.std([0, 0.5, 0, 0.5], ddof=1) / 2)
