@@ -59,10 +59,10 @@ def _checker(step: str, required: dict[str, type], optional: dict[str, type]):
                 continue
             value = args[key]
             ok = isinstance(value, kind) and not isinstance(value, bool) if kind is not bool else isinstance(value, bool)
-            sign = "non-negative" if key in NON_NEGATIVE else "positive"
-            if not ok or (kind in (int, float) and (value < 0 if key in NON_NEGATIVE else value <= 0)):
-                number = sign + " " if kind in (int, float) else ""
-                raise ValueError(f"{key} ({value!r}): step '{step}' expects a {number}{kind.__name__}. Fix the value.")
+            zero_ok = key in NON_NEGATIVE
+            if not ok or (kind in (int, float) and (value < 0 or (value == 0 and not zero_ok))):
+                sign = ("non-negative " if zero_ok else "positive ") if kind in (int, float) else ""
+                raise ValueError(f"{key} ({value!r}): step '{step}' expects a {sign}{kind.__name__}. Fix the value.")
             if key in CHOICES and value not in CHOICES[key]:
                 raise ValueError(f"{key} ({value!r}): step '{step}' expects one of {', '.join(CHOICES[key])}.")
             if key in ("unet", "text", "spec", "before", "after") and not value.startswith("@"):
