@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from planner import baselines as baselines_mod
@@ -28,10 +29,10 @@ from planner.placement import (
     STRATEGIES, PlacedSchedule, PlacedSlice, PlacedWave, TensorParallelRoomError, place_schedule,
 )
 from planner.leastcompute import (
-    LEAST_SPLIT_TOP, Alternative, adopt_late, held_back, near_fastest, prefer_less_compute, prefer_unsharded,
-    waves_compute,
+    LEAST_SPLIT_TOP, Alternative, adopt_late, faster_time, held_back, near_fastest, prefer_less_compute,
+    prefer_unsharded, waves_compute,
 )
-from planner.refine import Evaluated, evaluation_cost, refine_compute, refine_transfers
+from planner.refine import Evaluated, evaluation_cost, refine_compute, refine_order, refine_transfers
 from planner.plan import (
     Bounds, Plan, PlanCluster, PlanHandoff, PlanHandoffGather, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave,
     Prediction, SolverReport, SyncGroup, zero_sharded,
@@ -137,7 +138,10 @@ def plan_job(
     # iteration; whether it runs depends on the limit, not the clock
     if affordable(problem, limit, reserve):
         split = group_split_candidate(problem, cost_model, chosen[0] if chosen else None, bounds.dag_s)
-        if split is not None and (chosen is None or split[2].iteration_time_s < chosen[2].iteration_time_s * (1 - 1e-12)):
+        # with ZeRO-1 left to the planner each at its faster setting, as every later choice is (prefer_unsharded)
+        time_of = partial(faster_time, problem, cost_model.with_shard_optimizer(False)) if auto_zero else \
+            (lambda triple: triple[2].iteration_time_s)
+        if split is not None and (chosen is None or time_of(split) < time_of(chosen) * (1 - 1e-12)):
             say(f"sync-aware group split: predicted iteration {split[2].iteration_time_s:.4g} s")
             chosen, planned, error = split, problem, None
     # the baselines always run, past the limit too: every one is a candidate (planner.candidates), and skipping them by
@@ -278,6 +282,11 @@ REFINED = ", transfer-refined"  # method suffix of a plan the search improved
 COMPUTE_BUDGET = 6000  # work units (refine.compute_cost) of the compute search from the best placed candidate: about
 # 130-300 evaluations at 8 devices, 24-125 at 32; not started below refine.MIN_EVALUATIONS (the sweep and scale cells)
 COMPUTE_REFINED = ", compute-refined"  # method suffix of a plan that search improved
+ORDER_TOP, ORDER_LEAST = 2, 2  # the fastest and then the least-compute placed schedules the order search starts from
+ORDER_BUDGET = 4000  # work units (refine.evaluation_cost) of that search, shared by its starts: 50-100 evaluations
+# at 8-32 devices
+ORDER_SPLIT_BUDGET = 2000  # work units (bucketsplit.split_cost) of splitting the schedules it improved
+REORDERED = ", reordered"  # method suffix of a plan that search improved
 SPLIT_TOP = 8  # the best placed candidates (distinct schedules, refined ones included) whose buckets are split
 SPLIT_BUDGET = 12_000  # work units (bucketsplit.split_cost) of bucket splitting, shared by those candidates
 LATE_SHARE = 0.25  # of each search budget above, for the held-back candidates' own search (late_alternatives)
@@ -308,13 +317,8 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
         raise error
     ranked = sorted(placed_all, key=lambda e: e[2].sim.iteration_time_s)  # stable: solver order among equals
     best_name, cand, best = ranked[0]
-    budget, starts = int(REFINE_BUDGET * share), []
-    for entry in ranked:
-        if len(starts) == REFINE_TOP:
-            break
-        if all(entry[2].schedule != other[2].schedule for other in starts):
-            starts.append(entry)
-    for name, start_cand, ev in starts:
+    budget = int(REFINE_BUDGET * share)
+    for name, start_cand, ev in _distinct(ranked, REFINE_TOP):
         if deadline is not None and time.thread_time() >= deadline:
             log.info("time limit reached: transfer-aware search skipped")
             break
@@ -339,7 +343,12 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
     by_compute = sorted(ranked, key=lambda e: (waves_compute(problem, e[2].schedule), e[2].sim.iteration_time_s))
     pool = ranked + split + _split_some(problem, cost_model, by_compute, LEAST_SPLIT_TOP,
                                         int(LEAST_SPLIT_BUDGET * share), deadline, tried)[0]
-    for name, start_cand, ev in split:
+    # last, the order search (planner.refine.refine_order) from the fastest and the least-compute few, each result's
+    # buckets split again: a schedule's wave order decides its transfers and its last, unhidden sync
+    reordered = _reorder_some(problem, cost_model, sorted(pool, key=lambda e: e[2].sim.iteration_time_s),
+                              int(ORDER_BUDGET * share), int(ORDER_SPLIT_BUDGET * share), deadline)
+    pool += reordered
+    for name, start_cand, ev in split + reordered:
         if ev.sim.iteration_time_s < best.sim.iteration_time_s * (1 - 1e-12):
             best_name, cand, best = name, start_cand, ev
     results = {id(e[2]): _result_of(problem, solved, e[0], e[1], e[2]) for e in pool}
@@ -363,6 +372,36 @@ def late_alternatives(problem: Problem, cost_model: CostModel, late: SolveResult
     except PlanningError:
         return ()
     return found[4]
+
+
+def _reorder_some(problem: Problem, cost_model: CostModel, ranked: list, budget: int, split_budget: int,
+                  deadline: float | None) -> list:
+    """The order search (:func:`planner.refine.refine_order`) from the :data:`ORDER_TOP` fastest and then the
+    :data:`ORDER_LEAST` least-compute distinct schedules of ``ranked`` (name, candidate, Evaluated; fastest first),
+    sharing ``budget`` work units, within ``deadline``: each improved one as (name + REORDERED, candidate,
+    Evaluated), and then those of them whose buckets ``split_budget`` work units split (:func:`_split_some`)."""
+    by_compute = sorted(ranked, key=lambda e: (waves_compute(problem, e[2].schedule), e[2].sim.iteration_time_s))
+    out = []
+    for name, start_cand, ev in _distinct(by_compute, ORDER_TOP + ORDER_LEAST, _distinct(ranked, ORDER_TOP)):
+        if budget <= 0 or (deadline is not None and time.thread_time() >= deadline):
+            break
+        found, spent = refine_order(problem, cost_model, ev, budget)
+        budget -= spent
+        if found is not ev:
+            out.append((name + REORDERED, start_cand, found))
+    return out + _split_some(problem, cost_model, out, len(out), split_budget, deadline, [])[0]
+
+
+def _distinct(entries: list, top: int, first: list | None = None) -> list:
+    """``first`` (default none) and then ``entries`` (name, candidate, Evaluated) whose schedule none before has, up to
+    ``top`` in all."""
+    out = list(first or [])
+    for entry in entries:
+        if len(out) >= top:
+            break
+        if all(entry[2].schedule != other[2].schedule for other in out):
+            out.append(entry)
+    return out
 
 
 def _split_some(problem: Problem, cost_model: CostModel, entries: list, top: int, budget: int,
@@ -389,7 +428,7 @@ def _result_of(problem: Problem, solved: SolveResult, name: str, cand: Candidate
     candidate's status, a refined or split one is a local-search result."""
     makespan = compute_makespan(problem, ev.schedule)
     gap = (makespan - solved.bound_s) / makespan if makespan > 0 else 0.0
-    status = "heuristic" if name.endswith((REFINED, COMPUTE_REFINED, SPLIT)) else cand.status
+    status = "heuristic" if name.endswith((REFINED, COMPUTE_REFINED, REORDERED, SPLIT)) else cand.status
     return replace(solved, schedule=ev.schedule, status=status, objective_s=makespan, gap=gap, method=name)
 
 

@@ -95,6 +95,16 @@ def least_compute(pool: Sequence[Alternative], time: Callable[[Alternative], flo
     return fastest
 
 
+def faster_time(problem: Problem, plain: CostModel, planned: tuple[SolveResult, PlacedSchedule, Simulation]) -> float:
+    """``planned``'s predicted iteration (priced with ZeRO-1) or, when shorter and it fits in device memory, the same
+    placed schedule's without ZeRO-1 (``plain``): its time at its faster setting."""
+    _, placed, sim = planned
+    alone = simulate(problem, placed, plain)
+    if max(alone.peak_memory_bytes, default=0.0) > plain.hw.memory_bytes:
+        return sim.iteration_time_s
+    return min(sim.iteration_time_s, alone.iteration_time_s)
+
+
 def prefer_unsharded(problem: Problem, plain: CostModel, chosen: tuple[SolveResult, PlacedSchedule, Simulation],
                      pool: Sequence[Alternative], baselines: Sequence[BaselinePlan], budget: int = ZERO_BUDGET,
                      ) -> tuple[SolveResult, PlacedSchedule, Simulation]:
@@ -106,7 +116,6 @@ def prefer_unsharded(problem: Problem, plain: CostModel, chosen: tuple[SolveResu
     their faster setting that fits (``plain``: the cost model without ZeRO-1), and the rule of :func:`least_compute`
     picks one, no slower than the fastest fitting baseline unless it is the fastest. Returns its triple as the search
     priced it: zero_choice then decides its setting."""
-    memory = plain.hw.memory_bytes
     options, times, spent = [Alternative(*chosen, waves_compute(problem, chosen[0].schedule))], {}, 0
     for alt in sorted(pool, key=lambda a: a.sim.iteration_time_s):
         spent += evaluation_cost(problem, alt.result.schedule)
@@ -115,9 +124,7 @@ def prefer_unsharded(problem: Problem, plain: CostModel, chosen: tuple[SolveResu
         if alt.placed is not chosen[1]:
             options.append(alt)
     for alt in options:
-        alone = simulate(problem, alt.placed, plain)
-        fits = max(alone.peak_memory_bytes, default=0.0) <= memory
-        times[id(alt)] = min(alt.sim.iteration_time_s, alone.iteration_time_s) if fits else alt.sim.iteration_time_s
+        times[id(alt)] = faster_time(problem, plain, (alt.result, alt.placed, alt.sim))
     ceiling = baseline_ceiling(problem, plain.hw.devices_per_node, baselines)
     pick = least_compute(options, lambda a: times[id(a)], ceiling)
     return pick.result, pick.placed, pick.sim

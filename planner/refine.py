@@ -17,19 +17,22 @@ plus its largest backward. Neighbours are tried in the order of that pass-aware 
 the first that shortens the simulated iteration is taken (first improvement: a full round costs more evaluations
 than a grid cell can afford).
 
+A third, :func:`refine_order`, keeps every wave and changes their order inside an independent run (a wave moved to
+the run's start or end), which moves the transfers between waves and the gradient sync left after the last backward.
+
 Deterministic: the neighbours are visited in a fixed order and the budget counts evaluations, never
 seconds. Pure: no files, no globals.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from planner.costmodel import CostModel
 from planner.errors import PlanningError
 from planner.placement import PlacedSchedule, PlacementTrace, place_traced
-from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule, merge_adjacent_waves
+from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule, independent_runs, merge_adjacent_waves
 from planner.simulator import Simulation, simulate
 
 MAX_TRANSFERS = 4  # the costliest transfers whose ends are tried in one round
@@ -198,24 +201,57 @@ def refine_compute(problem: Problem, cost_model: CostModel, start: Evaluated, bu
     ``budget`` work units (:func:`compute_cost`) are spent (an evaluation that would pass it is not made); not
     started when the budget affords fewer than :data:`MIN_EVALUATIONS` evaluations. Returns the best schedule found
     (``start`` when nothing helps) and the units spent."""
-    current, spent = start, 0
-    seen = {start.schedule}
     # too few affordable evaluations to find anything (a 100-MetaOp job on 128 devices: 3): not started, so such a
     # job's plan, often at its time limit, does not lose the search's CPU seconds to it
-    improved = compute_cost(problem, start.schedule) * MIN_EVALUATIONS <= budget
+    if compute_cost(problem, start.schedule) * MIN_EVALUATIONS > budget:
+        return start, 0
+    return first_improvement(problem, cost_model, start, budget, compute_neighbours, compute_cost)
+
+
+def order_neighbours(problem: Problem, schedule: Schedule) -> Iterator[Schedule]:
+    """The same waves with one of them moved to the start or the end of its independent run
+    (:func:`planner.schedule.independent_runs`: any order of a run is valid), earlier waves first."""
+    waves = schedule.waves
+    for first, end in independent_runs(problem, schedule):
+        for k in range(first, end):
+            for to in (first, end - 1):
+                if to != k:
+                    moved = list(waves)
+                    moved.insert(to, moved.pop(k))
+                    yield Schedule(tuple(moved))
+
+
+def refine_order(problem: Problem, cost_model: CostModel, start: Evaluated, budget: int) -> tuple[Evaluated, int]:
+    """First-improvement search from ``start`` over :func:`order_neighbours` (same placement strategy; work units of
+    :func:`evaluation_cost`). The order of a run's waves changes no wave's compute but where each MetaOp's layers
+    sit, so the transfers between waves and which gradients are ready last (the sync nothing after it hides): a wave
+    with few parameters to sync does best at the start, whose backward runs last. Returns the best schedule found
+    (``start`` when nothing helps) and the units spent."""
+    return first_improvement(problem, cost_model, start, budget, order_neighbours, evaluation_cost)
+
+
+def first_improvement(problem: Problem, cost_model: CostModel, start: Evaluated, budget: int,
+                      neighbours: Callable[[Problem, Schedule], Iterable[Schedule]],
+                      cost: Callable[[Problem, Schedule], int]) -> tuple[Evaluated, int]:
+    """From ``start``, take the first of ``neighbours`` whose simulated iteration is shorter and list its neighbours
+    again, until none is or ``budget`` units of ``cost`` are spent (an evaluation that would pass it is not made).
+    Returns the best schedule found and the units spent."""
+    current, spent = start, 0
+    seen = {start.schedule}
+    improved = cost(problem, start.schedule) <= budget  # not one evaluation affordable: not even its start re-placed
     while improved:
         improved = False
         trace = current.trace or place_traced(problem, current.schedule, cost_model, strategy=current.strategy,
                                               check_memory_limit=False)[1]  # its neighbours resume from it
-        for schedule in compute_neighbours(problem, current.schedule):
+        for schedule in neighbours(problem, current.schedule):
             if schedule in seen:
                 continue
-            cost = compute_cost(problem, schedule)
-            if spent + cost > budget:
+            units = cost(problem, schedule)
+            if spent + units > budget:
                 return current, spent
             seen.add(schedule)
             check_schedule(problem, schedule)
-            spent += cost
+            spent += units
             found = evaluate(problem, cost_model, schedule, current.strategy, trace)
             if found is not None and found.sim.iteration_time_s < current.sim.iteration_time_s * (1 - 1e-9):
                 current, improved = found, True

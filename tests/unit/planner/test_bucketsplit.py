@@ -13,8 +13,10 @@ from planner.candidates import runnable, schedule_of
 from planner.metagraph import build_metagraph
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
 from planner.plan import plan_from_json
-from planner.schedule import check_schedule, compute_makespan
+from planner.refine import evaluate
+from planner.schedule import check_schedule, compute_makespan, reverse_runs
 from planner.simulator import simulate
+from planner.spindle import spindle_schedule
 from planner.validate import check_program
 
 
@@ -70,7 +72,8 @@ def test_a_wave_of_single_layers_cannot_be_cut_and_phases_shift():
 def test_the_search_shortens_the_iteration_within_its_budget(clip4_32):
     _, cost_model, outcome = clip4_32
     problem = outcome.problem
-    joined = _joined(problem, outcome.placed)  # the plan before its cuts, so that the search has something to find
+    # Spindle's schedule in reverse, packed: what the plan's cuts started from, so that the search has something to find
+    joined = evaluate(problem, cost_model, reverse_runs(problem, spindle_schedule(problem)), "pack").placed
     start = simulate(problem, joined, cost_model)
     found, sim, spent = split_buckets(problem, cost_model, joined, start, budget=10**6)
     assert sim.iteration_time_s < start.iteration_time_s * 0.99  # the ViT-H's sync starts a wave earlier
@@ -87,22 +90,6 @@ def test_the_search_shortens_the_iteration_within_its_budget(clip4_32):
     # deterministic
     again = split_buckets(problem, cost_model, joined, start, budget=10**6)
     assert again[0] == found and again[2] == spent
-
-
-def _joined(problem, placed: PlacedSchedule) -> PlacedSchedule:
-    """``placed`` with consecutive waves of the same slices on the same devices joined."""
-    waves: list[PlacedWave] = []
-    for wave in placed.waves:
-        prev = waves[-1] if waves else None
-        same = prev is not None and [(s.metaop, s.devices) for s in prev.slices] == [
-            (s.metaop, s.devices) for s in wave.slices]
-        if same and all(a.first_layer + a.num_layers == b.first_layer for a, b in zip(prev.slices, wave.slices)):
-            waves[-1] = PlacedWave(tuple(PlacedSlice(a.metaop, a.first_layer, a.num_layers + b.num_layers, a.devices,
-                                                     a.layout) for a, b in zip(prev.slices, wave.slices)))
-        else:
-            waves.append(wave)
-    assert len(placed.phases) == 1
-    return PlacedSchedule(tuple(waves), placed.phases)
 
 
 def test_plan_job_splits_buckets_and_the_plan_loads_with_its_program(clip4_32):

@@ -1,7 +1,7 @@
 """Least compute among near-fastest plans (planner.leastcompute): on Spindle's clip-4@8 cell the fastest placed
-schedule computes 3.7% over the per-level bound and another within 1% of its iteration 0.9%; the plan takes the
+schedule computes 3.7% over the per-level bound and another within 1% of its iteration 2.7%; the rule takes the
 latter (it saves a larger share of compute than it costs of the iteration), and never one slower than a baseline that
-fits. Since issue 13 plan_job adopts a 2.4% faster plan from the held-back layer rounding here (adopt_late)."""
+fits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from dataclasses import replace
 import pytest
 
 from bench.planner.cells import Cell, load_cell_job
-from planner import api
 from planner.api import choose_candidate, make_cost_model, plan_job
 from planner.baselines import baseline_plans
 from planner.bound import dag_bound
@@ -49,8 +48,8 @@ def test_alternatives_are_the_near_fastest_least_compute_first(clip4):
     computes = [a.compute_s for a in alternatives]
     assert computes == sorted(computes)
     assert all(a.compute_s == pytest.approx(waves_compute(problem, a.result.schedule)) for a in alternatives)
-    # on this cell a schedule within the tolerance computes clearly less than the fastest
-    assert computes[0] < waves_compute(problem, chosen.schedule) * 0.98
+    # on this cell a schedule within the tolerance computes less than the fastest
+    assert computes[0] < waves_compute(problem, chosen.schedule) * 0.995
     # widening the tolerance never drops one, narrowing it to 0 keeps the fastest
     assert len(near_fastest(alternatives, 2 * TOLERANCE)) == len(alternatives)
     assert {id(a) for a in near_fastest(alternatives, 0.0)} <= {id(a) for a in alternatives}
@@ -65,9 +64,10 @@ def test_plan_job_takes_the_least_compute_one_no_slower_than_a_baseline(clip4):
     assert before.compute_s < waves_compute(problem, chosen.schedule)
     assert outcome.simulation.iteration_time_s <= before.sim.iteration_time_s
     if waves_compute(problem, outcome.solve.schedule) != pytest.approx(before.compute_s):
-        # a held-back candidate's plan (layer rounding), adopted only because it is no slower: here 2.4% faster
-        assert "lp-rounding" in outcome.solve.method
-        assert outcome.simulation.iteration_time_s < before.sim.iteration_time_s * (1 - TOLERANCE)
+        # not the cheapest near-fastest schedule: one the rule found worth its compute on the search's prices, a
+        # held-back candidate's (layer rounding, adopted only where no slower) or one faster at its ZeRO-1 setting;
+        # each is faster than the cheapest
+        assert outcome.simulation.iteration_time_s < before.sim.iteration_time_s
 
 
 def test_a_baseline_between_the_fastest_and_the_cheapest_caps_the_choice(clip4):
@@ -92,12 +92,11 @@ def test_a_baseline_between_the_fastest_and_the_cheapest_caps_the_choice(clip4):
         is alternatives[0].sim
 
 
-def test_every_searched_schedule_counts_at_its_faster_zero1_setting(monkeypatch):
-    """``shard_optimizer: auto`` on clip-4@32 (four nodes): the search ranks its schedules with ZeRO-1, and the
-    least-compute rule picked among them by those times; without ZeRO-1 (which the plan then steps without) the
-    ranking differs (a schedule whose all-gather ended its iteration gains most). Each schedule counts at its faster
-    setting (prefer_unsharded), so the plan is within the tolerance of every schedule the search placed, at either
-    setting; priced the old way it was 3% slower than the fastest of them."""
+def test_every_searched_schedule_counts_at_its_faster_zero1_setting():
+    """``shard_optimizer: auto`` on clip-4@32 (four nodes): the search ranks its schedules with ZeRO-1; without ZeRO-1
+    (which the plan then steps without) the ranking can differ (a schedule whose all-gather ended its iteration gains
+    most). Each schedule counts at its faster setting (prefer_unsharded), so the plan is within the tolerance of every
+    schedule the search placed, at either setting, whichever of them the search chose."""
     job, cm, problem, (chosen, placed, sim, _, pool) = searched(Cell("clip-4", 32, "grid"))
     assert job.training.shard_optimizer == "auto"
     plain = cm.with_shard_optimizer(False)
@@ -110,7 +109,9 @@ def test_every_searched_schedule_counts_at_its_faster_zero1_setting(monkeypatch)
     fastest = min(best(a.placed, a.sim) for a in pool)
     planned = plan_job(job, progress=lambda _: None).simulation.iteration_time_s
     assert planned <= fastest * (1 + TOLERANCE)
-    monkeypatch.setattr(api, "prefer_unsharded", lambda problem, plain, chosen, pool, baselines: chosen)
-    assert plan_job(job, progress=lambda _: None).simulation.iteration_time_s > fastest * (1 + 2 * TOLERANCE)
+    # from a chosen schedule 3% slower than the fastest at their faster settings, the choice still reaches it
+    slow = next(a for a in pool if best(a.placed, a.sim) > fastest * (1 + 3 * TOLERANCE))
+    picked = prefer_unsharded(problem, plain, (slow.result, slow.placed, slow.sim), pool, [])
+    assert best(picked[1], picked[2]) <= fastest * (1 + TOLERANCE)
     # without a budget for pricing the others, the search's choice stands
     assert prefer_unsharded(problem, plain, (chosen, placed, sim), pool, [], budget=0)[1] is placed

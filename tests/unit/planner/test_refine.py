@@ -12,8 +12,10 @@ from planner.costmodel import CostModel, Layout
 from planner.devices import DEVICES, GIB, Hardware
 from planner.metagraph import MetaOp, build_metagraph, finalize_graph
 from planner.placement import STRATEGIES, place_schedule
-from planner.refine import evaluate, evaluation_cost, neighbours, refine_transfers, transfer_ends
-from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule, compute_makespan
+from planner.refine import (
+    evaluate, evaluation_cost, neighbours, order_neighbours, refine_order, refine_transfers, transfer_ends,
+)
+from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule, compute_makespan, independent_runs
 from planner.simulator import simulate
 from planner.solver import SolverSettings, solve
 from planner.spec import parse_job
@@ -177,3 +179,54 @@ def test_a_neighbour_placed_from_its_start_trace_is_placed_as_from_scratch(strat
                 assert again.committed == place_traced(problem, other, cm, strategy=strategy)[1].committed
                 checked.add(k)
     assert len(checked) >= 3  # resumed after 0, 1, 2... shared waves
+
+
+# --------------------------------------------------------------------------- the order search
+
+
+def big_and_small() -> tuple[Problem, CostModel, Schedule]:
+    """Two independent tasks on one node, each a wave of its own on all 8 devices (10 ms a layer): one MetaOp with
+    1 GB of parameters per layer, one with a few; the big one runs first, so its backward runs last and its gradient sync
+    has nothing after it to hide behind."""
+    cm = HeadCost(Hardware(DEVICES["a800"], 1, 8, 80 * GIB, 200e9, 25e9))
+    seg = lambda name, params: LayerSegment(name, 4, 1e10, params, 1e5, 1e3, 1e4, 4)  # noqa: E731
+    ops = [
+        MetaOp(0, "t0.big", "t0", "big", seg("big", 2.5e8), 4, 8, (), "big", False, 2.0),
+        MetaOp(1, "t1.small", "t1", "small", seg("small", 1e3), 4, 8, (), "small", False, 2.0),
+    ]
+    problem = Problem.build(finalize_graph(ops), cm)
+    return problem, cm, Schedule((Wave((Slice(0, 4, 8),)), Wave((Slice(1, 4, 8),))))
+
+
+def test_order_neighbours_move_one_wave_to_an_end_of_its_run():
+    problem, _, schedule = big_and_small()
+    swapped = Schedule(schedule.waves[::-1])
+    assert list(order_neighbours(problem, schedule)) == [swapped, swapped]  # the first to the end, the last to the front
+    job = parse_job(shared_encoder_job())
+    cm = make_cost_model(job)
+    problem = Problem.build(build_metagraph(job), cm)
+    spindle = spindle_schedule(problem)
+    runs = independent_runs(problem, spindle)
+    seen = list(order_neighbours(problem, spindle))
+    assert len(seen) == sum(2 * (end - first) - 2 for first, end in runs if end - first > 1)
+    for moved in seen:
+        check_schedule(problem, moved)
+        assert compute_makespan(problem, moved) == pytest.approx(compute_makespan(problem, spindle))
+        for first, end in runs:  # a wave stays in its run: the same waves, another order
+            assert sorted(map(repr, moved.waves[first:end])) == sorted(map(repr, spindle.waves[first:end]))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_refine_order_runs_the_wave_with_the_large_gradient_last_in_forward(strategy):
+    problem, cm, schedule = big_and_small()
+    start = evaluate(problem, cm, schedule, strategy)
+    assert start.sim.sync_s > 0
+    found, spent = refine_order(problem, cm, start, budget=100)
+    assert [s.metaop for w in found.schedule.waves for s in w.slices] == [1, 0]
+    assert found.sim.sync_s < start.sim.sync_s and found.sim.iteration_time_s < start.sim.iteration_time_s
+    assert found.sim.compute_s == pytest.approx(start.sim.compute_s)
+    assert 0 < spent <= 100
+    assert refine_order(problem, cm, start, budget=100) == (found, spent)  # deterministic
+    assert refine_order(problem, cm, start, budget=1) == (start, 0)  # not one evaluation affordable
+    again, _ = refine_order(problem, cm, found, budget=100)
+    assert again is found  # nothing left to move
