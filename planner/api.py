@@ -40,6 +40,7 @@ from planner.plan import (
 from planner.program import plan_buckets, plan_holdings, plan_pieces, process_groups
 from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
 from planner.tighten import tighten_chosen
+from planner.waveorder import reorder_chosen
 from planner.rlbaselines import rl_budget, with_role_candidate
 from planner.rows import row_shares
 from planner.simulator import Simulation, simulate
@@ -170,6 +171,10 @@ def plan_job(
         # of each baseline, made past the limit too, as the baselines are, so the choice never depends on the clock
         (result, placed, sim), cost_model, baseline_plans = zero_choice(planned, cost_model, (result, placed, sim),
                                                                         baseline_plans)
+    if settings.past_deadline():  # a search like the others
+        log.info("time limit reached: order search of the chosen plan skipped")
+    else:  # its waves' order under the setting it runs with (planner.waveorder)
+        result, placed, sim = reorder_chosen(planned, cost_model, result, placed, sim, ORDER_BUDGET)
     say(f"chose {result.method}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
     baseline_times = {b.name: b.sim.iteration_time_s for b in baseline_plans} if with_baselines else {}
     notes = {b.name: f"its plan does not fit in device memory: {b.unfit}" for b in baseline_plans

@@ -118,11 +118,18 @@ def split_chosen(problem: Problem, cost_model: CostModel, result: SolveResult, p
     found, found_sim, spent = split_buckets(problem, cost_model, placed, sim, budget)
     if found is placed:
         return result, placed, sim, spent
-    schedule = schedule_of(found)
+    return searched_report(problem, result, found, found_sim, SPLIT), found, found_sim, spent
+
+
+def searched_report(problem: Problem, result: SolveResult, placed: PlacedSchedule, sim: Simulation,
+                    suffix: str) -> SolveResult:
+    """``result``'s report for ``placed`` (simulated as ``sim``), what a local search made of its plan: the schedule,
+    its compute and gap, status heuristic, the method with ``suffix``."""
+    schedule = schedule_of(placed)
     try:
         makespan = compute_makespan(problem, schedule)  # the plan's waves' (the bench joins a cut wave's parts)
     except (ScheduleError, KeyError):  # a role placement on layouts the job's curves do not pick (as adopt_best)
-        makespan = found_sim.compute_s
+        makespan = sim.compute_s
     gap = (makespan - result.bound_s) / makespan if makespan > 0 else 0.0
-    return (replace(result, schedule=schedule, objective_s=makespan, gap=gap, status="heuristic",
-                    method=result.method + SPLIT), found, found_sim, spent)
+    return replace(result, schedule=schedule, objective_s=makespan, gap=gap, status="heuristic",
+                   method=result.method + suffix)

@@ -1,6 +1,7 @@
 """Shared builders for planner unit tests: hand-made curves and Problems, and seeded random Problems.
 
-Import the helpers with ``from conftest import random_problem, make_problem, make_curve, random_schedule``.
+Import the helpers with ``from conftest import random_problem, make_problem, make_curve, random_schedule`` (and
+``HeadCost``, ``big_and_small``: a cost model and a two-task Problem that the simulator prices).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from planner.components import LayerSegment
-from planner.costmodel import Curve, Layout
+from planner.costmodel import CostModel, Curve, Layout
+from planner.devices import DEVICES, GIB, Hardware
 from planner.metagraph import MetaOp, finalize_graph
 from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule
 
@@ -104,3 +106,27 @@ def random_schedule(problem: Problem, rng: random.Random) -> Schedule:
     schedule = Schedule(tuple(waves))
     check_schedule(problem, schedule)
     return schedule
+
+
+class HeadCost(CostModel):
+    """Data-parallel scaling for every MetaOp except ``head`` MetaOps, whose layer takes 1 ms on any count:
+    so only transfers can tell a head's counts apart."""
+
+    def layout_time(self, op: MetaOp, layout: Layout) -> float:
+        if op.component == "head":
+            return 1e-3 / (1 + 1e-3 * layout.num_devices)  # strictly decreasing, by a hair
+        return op.layer.flops_fwd * self.local_batch(op, layout) / 1e12
+
+
+def big_and_small() -> tuple[Problem, CostModel, Schedule]:
+    """Two independent tasks on one node, each a wave of its own on all 8 devices (10 ms a layer): one MetaOp with
+    1 GB of parameters per layer, one with a few; the big one runs first, so its backward runs last and its gradient sync
+    has nothing after it to hide behind."""
+    cm = HeadCost(Hardware(DEVICES["a800"], 1, 8, 80 * GIB, 200e9, 25e9))
+    seg = lambda name, params: LayerSegment(name, 4, 1e10, params, 1e5, 1e3, 1e4, 4)  # noqa: E731
+    ops = [
+        MetaOp(0, "t0.big", "t0", "big", seg("big", 2.5e8), 4, 8, (), "big", False, 2.0),
+        MetaOp(1, "t1.small", "t1", "small", seg("small", 1e3), 4, 8, (), "small", False, 2.0),
+    ]
+    problem = Problem.build(finalize_graph(ops), cm)
+    return problem, cm, Schedule((Wave((Slice(0, 4, 8),)), Wave((Slice(1, 4, 8),))))

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import HeadCost, big_and_small
+
 from planner.api import choose_candidate, make_cost_model, plan_job
 from planner.bound import dag_bound
 from planner.components import LayerSegment
-from planner.costmodel import CostModel, Layout
+from planner.costmodel import CostModel
 from planner.devices import DEVICES, GIB, Hardware
 from planner.metagraph import MetaOp, build_metagraph, finalize_graph
 from planner.placement import STRATEGIES, place_schedule
@@ -20,16 +22,6 @@ from planner.simulator import simulate
 from planner.solver import SolverSettings, solve
 from planner.spec import parse_job
 from planner.spindle import spindle_schedule
-
-
-class HeadCost(CostModel):
-    """Data-parallel scaling for every MetaOp except ``head`` MetaOps, whose layer takes 1 ms on any count:
-    so only transfers can tell a head's counts apart."""
-
-    def layout_time(self, op: MetaOp, layout: Layout) -> float:
-        if op.component == "head":
-            return 1e-3 / (1 + 1e-3 * layout.num_devices)  # strictly decreasing, by a hair
-        return op.layer.flops_fwd * self.local_batch(op, layout) / 1e12
 
 
 def encoder_and_head() -> tuple[Problem, CostModel]:
@@ -182,20 +174,6 @@ def test_a_neighbour_placed_from_its_start_trace_is_placed_as_from_scratch(strat
 
 
 # --------------------------------------------------------------------------- the order search
-
-
-def big_and_small() -> tuple[Problem, CostModel, Schedule]:
-    """Two independent tasks on one node, each a wave of its own on all 8 devices (10 ms a layer): one MetaOp with
-    1 GB of parameters per layer, one with a few; the big one runs first, so its backward runs last and its gradient sync
-    has nothing after it to hide behind."""
-    cm = HeadCost(Hardware(DEVICES["a800"], 1, 8, 80 * GIB, 200e9, 25e9))
-    seg = lambda name, params: LayerSegment(name, 4, 1e10, params, 1e5, 1e3, 1e4, 4)  # noqa: E731
-    ops = [
-        MetaOp(0, "t0.big", "t0", "big", seg("big", 2.5e8), 4, 8, (), "big", False, 2.0),
-        MetaOp(1, "t1.small", "t1", "small", seg("small", 1e3), 4, 8, (), "small", False, 2.0),
-    ]
-    problem = Problem.build(finalize_graph(ops), cm)
-    return problem, cm, Schedule((Wave((Slice(0, 4, 8),)), Wave((Slice(1, 4, 8),))))
 
 
 def test_order_neighbours_move_one_wave_to_an_end_of_its_run():
