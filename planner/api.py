@@ -174,7 +174,7 @@ def plan_job(
     if settings.past_deadline():  # a search like the others
         log.info("time limit reached: order search of the chosen plan skipped")
     else:  # its waves' order under the setting it runs with (planner.waveorder)
-        result, placed, sim = reorder_chosen(planned, cost_model, result, placed, sim, ORDER_BUDGET)
+        result, placed, sim = reorder_chosen(planned, cost_model, result, placed, sim, IN_PLACE_BUDGET)
     say(f"chose {result.method}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
     baseline_times = {b.name: b.sim.iteration_time_s for b in baseline_plans} if with_baselines else {}
     notes = {b.name: f"its plan does not fit in device memory: {b.unfit}" for b in baseline_plans
@@ -288,10 +288,11 @@ COMPUTE_BUDGET = 6000  # work units (refine.compute_cost) of the compute search 
 # 130-300 evaluations at 8 devices, 24-125 at 32; not started below refine.MIN_EVALUATIONS (the sweep and scale cells)
 COMPUTE_REFINED = ", compute-refined"  # method suffix of a plan that search improved
 ORDER_TOP, ORDER_LEAST = 2, 2  # the fastest and then the least-compute placed schedules the order search starts from
-ORDER_BUDGET = 4000  # work units (refine.evaluation_cost) of that search, shared by its starts: 50-100 evaluations
+ORDER_BUDGET = 2000  # work units (refine.evaluation_cost) of that search, shared by its starts: 25-60 evaluations
 # at 8-32 devices
 ORDER_SPLIT_BUDGET = 2000  # work units (bucketsplit.split_cost) of splitting the schedules it improved
 REORDERED = ", reordered"  # method suffix of a plan that search improved
+IN_PLACE_BUDGET = 2000  # work units (bucketsplit.split_cost) of reordering the chosen plan in place (planner.waveorder)
 SPLIT_TOP = 8  # the best placed candidates (distinct schedules, refined ones included) whose buckets are split
 SPLIT_BUDGET = 12_000  # work units (bucketsplit.split_cost) of bucket splitting, shared by those candidates
 LATE_SHARE = 0.25  # of each search budget above, for the held-back candidates' own search (late_alternatives)
