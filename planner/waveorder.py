@@ -16,11 +16,13 @@ Pure; deterministic (moves in a fixed order, a budget in work units, never secon
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
+
 from planner.bucketsplit import searched_report, split_cost
 from planner.candidates import runnable, schedule_of
 from planner.costmodel import CostModel
 from planner.phases import phase_ranges
-from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
+from planner.placement import PlacedSchedule, PlacedWave
 from planner.schedule import Problem, independent_runs
 from planner.simulator import Simulation, simulate
 from planner.solver import SolveResult
@@ -39,10 +41,10 @@ def move_wave(placed: PlacedSchedule, k: int, to: int) -> PlacedSchedule:
         slices = []
         for s in wave.slices:
             first = done.get(s.metaop, 0)
-            slices.append(PlacedSlice(s.metaop, first, s.num_layers, s.devices, s.layout))
+            slices.append(replace(s, first_layer=first))
             done[s.metaop] = first + s.num_layers
         out.append(PlacedWave(tuple(slices)))
-    return PlacedSchedule(tuple(out), placed.phases)
+    return replace(placed, waves=tuple(out))
 
 
 def wave_moves(problem: Problem, placed: PlacedSchedule) -> Iterator[PlacedSchedule]:

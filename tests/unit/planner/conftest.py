@@ -120,8 +120,8 @@ class HeadCost(CostModel):
 
 def big_and_small() -> tuple[Problem, CostModel, Schedule]:
     """Two independent tasks on one node, each a wave of its own on all 8 devices (10 ms a layer): one MetaOp with
-    1 GB of parameters per layer, one with a few; the big one runs first, so its backward runs last and its gradient sync
-    has nothing after it to hide behind."""
+    1 GB of parameters per layer, one with a few; the big one runs first, so its backward runs last and its gradient
+    sync has nothing after it to hide behind."""
     cm = HeadCost(Hardware(DEVICES["a800"], 1, 8, 80 * GIB, 200e9, 25e9))
     seg = lambda name, params: LayerSegment(name, 4, 1e10, params, 1e5, 1e3, 1e4, 4)  # noqa: E731
     ops = [

@@ -179,7 +179,8 @@ def test_a_neighbour_placed_from_its_start_trace_is_placed_as_from_scratch(strat
 def test_order_neighbours_move_one_wave_to_an_end_of_its_run():
     problem, _, schedule = big_and_small()
     swapped = Schedule(schedule.waves[::-1])
-    assert list(order_neighbours(problem, schedule)) == [swapped, swapped]  # the first to the end, the last to the front
+    # the first wave to the end, the last to the start
+    assert list(order_neighbours(problem, schedule)) == [swapped, swapped]
     job = parse_job(shared_encoder_job())
     cm = make_cost_model(job)
     problem = Problem.build(build_metagraph(job), cm)
