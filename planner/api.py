@@ -35,10 +35,10 @@ from planner.leastcompute import (
 from planner.refine import Evaluated, evaluation_cost, refine_compute, refine_order, refine_transfers
 from planner.plan import (
     Bounds, Plan, PlanCluster, PlanHandoff, PlanHandoffGather, PlanMetaOp, PlanSlice, PlanTransfer, PlanWave,
-    Prediction, SolverReport, SyncGroup, zero_sharded,
+    Prediction, SolverReport, SyncGroup, micro_batches_pipelined, zero_sharded,
 )
 from planner.program import plan_buckets, plan_holdings, plan_pieces, process_groups
-from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, reverse_runs
+from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, memory_tightened, reverse_runs
 from planner.tighten import tighten_chosen
 from planner.waveorder import reorder_chosen
 from planner.rlbaselines import rl_budget, with_role_candidate
@@ -81,7 +81,14 @@ def make_cost_model(job: JobSpec, costs: str | Path | dict | None = None) -> Cos
         **memory)
     model.heads, model.kernels = lm_heads(job), job.training.kernels  # the LM heads' logits (memory model)
     model.step_reduces = 2 if job.training.grad_clip or job.training.precision == "fp16" else 1  # runtime.executor
-    return model
+    # pipelined micro-batches hold each one's activations (auto: plan_job plans both ways)
+    return model.with_in_flight(job.training.grad_accum_steps if job.training.pipeline_micro_batches is True else 1)
+
+
+def pipelining_left_to_planner(job: JobSpec) -> bool:
+    """Whether the planner decides if ``job``'s micro-batches run pipelined (``pipeline_micro_batches: auto`` with more
+    than one micro-batch)."""
+    return job.training.pipeline_micro_batches == "auto" and job.training.grad_accum_steps > 1
 
 
 def spec_hash(job: JobSpec) -> str:
@@ -97,12 +104,37 @@ def plan_job(
     with_baselines: bool = True,
     progress: Progress | None = None,
 ) -> PlanOutcome:
-    """Plan ``job``: returns the sealed Plan and the intermediate results (see PlanOutcome)."""
+    """Plan ``job``: returns the sealed Plan and the intermediate results (see PlanOutcome). With
+    ``training.pipeline_micro_batches: auto`` and several micro-batches, the job is planned twice, micro-batches in
+    order and pipelined (each on half the time limit), and the plan predicted faster is kept (in order on a tie); each
+    plan's baselines are priced with its own order, so it is never slower than any of them in either order."""
     say = progress or (lambda msg: log.info(msg))
+    cost_model = cost_model or make_cost_model(job)
+    if not pipelining_left_to_planner(job):
+        return _plan_one(job, cost_model, job.planner.time_limit_s, with_baselines, say)
+    half = job.planner.time_limit_s / 2
+    in_order = _plan_one(job, cost_model.with_in_flight(1), half, with_baselines, say)
+    say(f"planning again with the {job.training.grad_accum_steps} micro-batches pipelined")
+    try:
+        piped = _plan_one(job, cost_model.with_in_flight(job.training.grad_accum_steps), half, with_baselines, say)
+    except PlanningError as exc:  # e.g. every micro-batch's activations held at once do not fit
+        say(f"pipelined micro-batches: no plan ({exc}); keeping them in order")
+        return in_order
+    total = in_order.planning_time_s + piped.planning_time_s
+    faster = piped.simulation.iteration_time_s < in_order.simulation.iteration_time_s * (1 - 1e-9)
+    chosen = piped if faster else in_order
+    say(f"micro-batches {'pipelined' if faster else 'in order'}: predicted iteration "
+        f"{chosen.simulation.iteration_time_s:.4g} s (in order {in_order.simulation.iteration_time_s:.4g} s, "
+        f"pipelined {piped.simulation.iteration_time_s:.4g} s)")
+    return replace(chosen, planning_time_s=total)
+
+
+def _plan_one(job: JobSpec, cost_model: CostModel, limit: float, with_baselines: bool, say: Progress) -> PlanOutcome:
+    """:func:`plan_job` with the micro-batch order ``cost_model`` prices (:attr:`CostModel.in_flight`), within
+    ``limit`` CPU seconds."""
     # the limit counts this thread's CPU time: wall time grows with other load, and the process's CPU time with the
     # solver's worker threads (HiGHS's spin while waiting), either of which made plans differ between runs
     start, start_cpu = clocks()
-    cost_model = cost_model or make_cost_model(job)
     graph = build_metagraph(job)
     say(f"MetaGraph: {len(graph)} MetaOps in {len(graph.levels)} levels, {len(graph.param_groups)} parameter groups")
     problem = Problem.build(graph, cost_model)
@@ -111,7 +143,6 @@ def plan_job(
     bounds = plan_bounds(problem, cost_model.with_shard_optimizer(False) if auto_zero else cost_model)
     say(f"bounds: per-level {bounds.per_level_s:.4g} s, DAG {bounds.dag_s:.4g} s, iteration {bounds.iteration_s:.4g} s")
     warm = spindle_schedule(problem)
-    limit = job.planner.time_limit_s
     reserve = finishing_reserve(problem, limit)
     settings = SolverSettings(
         solver=job.planner.solver, time_limit_s=limit, mip_gap=job.planner.mip_gap,
@@ -188,18 +219,6 @@ def plan_job(
 MEMORY_SHARES = (0.5, 0.25)  # feasibility repair: the device memory one MetaOp's layers may take, tighter each try
 
 
-def memory_tightened(problem: Problem, cost_model: CostModel, share: float) -> Problem | None:
-    """``problem`` with each MetaOp's counts and layouts limited to those where all its layers take at most ``share``
-    of a device's memory (a MetaOp with no such count keeps its curve); None when no curve changes. The cost model
-    picks each count's fastest layout within its memory limit, so a tighter limit trades speed for memory (a larger
-    tensor-parallel degree, a wider optimizer shard), leaving room for the other slices a device runs."""
-    curves = []
-    for op, curve in zip(problem.graph.metaops, problem.curves):
-        tight = cost_model._build_curve_within(op, share * cost_model.hw.memory_bytes / op.num_layers)
-        curves.append(curve if tight is None else tight)
-    return None if tuple(curves) == problem.curves else replace(problem, curves=tuple(curves))
-
-
 def repair_memory(problem: Problem, cost_model: CostModel, settings: SolverSettings, bounds: Bounds,
                   error: PlanningError, say: Progress) -> tuple[Problem, tuple]:
     """Memory as a constraint of the allocation: when no candidate fits, solve again on :func:`memory_tightened`
@@ -270,7 +289,8 @@ def predict_plan(job: JobSpec, plan: Plan, cost_model: CostModel) -> Simulation:
     """The simulator's iteration for ``plan`` exactly as placed (same slices on the same devices) under
     ``cost_model``: e.g. a plan made with one profile, predicted with a later one; with ZeRO-1 as the plan runs it
     (planner.plan.zero_sharded)."""
-    cost_model = cost_model.with_shard_optimizer(zero_sharded(plan, job.training))
+    cost_model = cost_model.with_shard_optimizer(zero_sharded(plan, job.training)).with_in_flight(
+        job.training.grad_accum_steps if micro_batches_pipelined(plan, job.training) else 1)
     graph = build_metagraph(job)
     waves = tuple(PlacedWave(tuple(
         PlacedSlice(s.metaop, s.first_layer, s.num_layers, tuple(s.devices), Layout(s.dp_degree, s.tp_degree))
@@ -561,6 +581,7 @@ def build_plan(
                              loss_transfer_back_s=loss.transfer_back_s, handoff_s=sim.handoff_s,
                              reduce_s=sim.reduce_s),
         shard_optimizer=cost_model.shard_optimizer if job.training.shard_optimizer == "auto" else None,
+        pipelined=cost_model.in_flight > 1 if pipelining_left_to_planner(job) else None,
         peak_memory_bytes=list(sim.peak_memory_bytes),
         solver=SolverReport(name=result.solver, status=result.status, objective_s=result.objective_s,
                             bound_s=result.bound_s, gap=result.gap, method=result.method),

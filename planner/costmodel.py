@@ -178,6 +178,9 @@ class CostModel:
         self.uneven_rows = False  # layouts whose dp does not divide the batch (planner.rows; the RL role searches)
         # sample uses at tensor_parallel 1 only, as the runtime runs them (planner.generation.as_run)
         self.modes_as_run = False
+        # micro-batches whose saved activations a device holds at once: 1, or training.grad_accum_steps when their
+        # forwards are pipelined (planner.phases.step_walk, which the timeline walks when this is above 1)
+        self.in_flight = 1
 
     def with_shard_optimizer(self, shard: bool) -> CostModel:
         """This model with ZeRO-1 on or off (``training.shard_optimizer: auto``, planner.candidates.zero_choice): a
@@ -189,6 +192,17 @@ class CostModel:
         twin = copy.copy(self)
         twin.__dict__ = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
         twin.shard_optimizer, twin._curves = shard, {}
+        return twin
+
+    def with_in_flight(self, micro_batches: int) -> CostModel:
+        """This model with ``micro_batches`` micro-batches' activations held at once (their forwards pipelined: the
+        timeline walks :func:`planner.phases.step_walk` pipelined) or 1 (in order); a copy as
+        :meth:`with_shard_optimizer` makes, since the curves' layouts depend on memory."""
+        if micro_batches == self.in_flight:
+            return self
+        twin = copy.copy(self)
+        twin.__dict__ = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        twin.in_flight, twin._curves = micro_batches, {}
         return twin
 
     # ---- what subclasses provide
@@ -235,9 +249,10 @@ class CostModel:
             return kv_cache_bytes(dec.layers, dec.kv_dim, dec.prompt + dec.new_tokens, self.grad_bytes,
                                   self.local_batch(op, layout)) / layout.tp_degree
         stream = op.layer.out_bytes * STREAM_BYTES / ACT_BYTES[self.precision]
+        rows = self.local_batch(op, layout) * self.in_flight  # pipelined: every micro-batch's until its backward
         if op.backward_factor == 0:
-            return stream * self.local_batch(op, layout) / layout.tp_degree / op.num_layers
-        return (stream if op.recompute else op.layer.act_bytes) * self.local_batch(op, layout) / layout.tp_degree
+            return stream * rows / layout.tp_degree / op.num_layers
+        return (stream if op.recompute else op.layer.act_bytes) * rows / layout.tp_degree
 
     def layer_memory(self, op: MetaOp, layout: Layout) -> float:
         """Bytes per device for one layer: parameter state plus activations saved for backward."""

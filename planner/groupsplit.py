@@ -43,7 +43,7 @@ from planner.candidates import runnable, schedule_of
 from planner.costmodel import CostModel
 from planner.placement import GroupFacts, PlacedSchedule, PlacedSlice, PlacedWave, group_facts
 from planner.program import row_bytes
-from planner.schedule import Problem, compute_makespan
+from planner.schedule import Problem, compute_makespan, memory_tightened
 from planner.simulator import Simulation, simulate
 from planner.solver import SolveResult
 from planner.sync import SyncBucket, bucket_time, gather_time
@@ -54,6 +54,8 @@ SPLIT_METHOD = "sync-aware group split"  # solver.method of a plan that is this 
 
 MAX_SIZES = 32  # candidate sizes per unit beyond the sub-node ones: all node counts up to this, then geometric
 STAGES = (1, 2, 4)  # pipeline stages tried for the heavy groups (planner.api keeps the fastest simulated)
+STAGE_FILL = 0.8  # of a device's memory one stage's layers may take when its layouts are chosen to fit (the rest:
+# activations and the other units' slices); tried beside the job's own layouts for every stage count above 1
 HEAVY_SHARE = 0.25  # a trainable group is heavy (split into stages) when it holds this share of the largest's params
 
 
@@ -358,22 +360,26 @@ def group_split_candidate(problem: Problem, cost_model: CostModel, template: Sol
     name, bound) the candidate's result keeps."""
     found = []
     for stages in STAGES:
-        placed = group_split_schedule(problem, cost_model, stages)
-        if placed is None or (found and placed == found[-1][1]):
-            continue
-        sim = simulate(problem, placed, cost_model)
-        why = runnable(problem, placed, cost_model.hw.devices_per_node)
-        if max(sim.peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes:
-            why = "it does not fit in device memory"
-        if why is not None:
-            log.info("sync-aware split in %d stages not used: %s", stages, why)
-            continue
-        found.append((sim.iteration_time_s, placed, sim, stages))
+        # a stage holds 1/stages of each heavy group's layers: layouts that fit that share may run a model no layout
+        # holds whole (70B on 64 H100s: tensor parallel 8 within each stage's range)
+        fitted = memory_tightened(problem, cost_model, STAGE_FILL * stages) if stages > 1 else None
+        for laid in (problem,) if fitted is None else (problem, fitted):
+            placed = group_split_schedule(laid, cost_model, stages)
+            if placed is None or any(placed == f[1] for f in found):
+                continue
+            sim = simulate(problem, placed, cost_model)
+            why = runnable(problem, placed, cost_model.hw.devices_per_node)
+            if max(sim.peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes:
+                why = "it does not fit in device memory"
+            if why is not None:
+                log.info("sync-aware split in %d stages not used: %s", stages, why)
+                continue
+            found.append((sim.iteration_time_s, placed, sim, stages, laid))
     if not found:
         return None
-    _, placed, sim, stages = min(found, key=lambda f: (f[0], f[3]))
+    _, placed, sim, stages, laid = min(found, key=lambda f: (f[0], f[3]))
     schedule = schedule_of(placed)
-    makespan = compute_makespan(problem, schedule)
+    makespan = compute_makespan(laid, schedule)
     bound = template.bound_s if template is not None else bound_s
     gap = (makespan - bound) / makespan if makespan > 0 else 0.0
     result = SolveResult(schedule, template.solver if template is not None else "heuristic", "heuristic", makespan,

@@ -20,6 +20,7 @@ Pure Python; imports nothing from the planner.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 LOSS_WAVE = -1  # the pseudo-wave of the loss stage, after every real wave (planner.program's pieces and the runtime's)
@@ -44,6 +45,40 @@ def phase_of_waves(starts: Sequence[int], num_waves: int) -> list[int]:
 def loss_event(num_waves: int, phase: int) -> int:
     """The backward-event code of phase ``phase``'s loss stage."""
     return num_waves + phase
+
+
+FORWARD, LOSS, BACKWARD = "forward", "loss", "backward"  # the kinds of a step's events (:func:`step_walk`)
+Event = tuple[str, int, int]  # (kind, micro-batch, wave; for LOSS the phase)
+
+
+@functools.lru_cache(maxsize=256)
+def step_walk(starts: tuple[int, ...], num_waves: int, num_micro: int, pipelined: bool) -> tuple[Event, ...]:
+    """The order in which every device meets one step's events (:data:`Event`): a wave's forward (its boundary's
+    exchange, then its slice), a phase's loss stage, a wave's backward (its slice, then the gradients back). Every
+    worker walks the same list, passing what it has no part in, so the point-to-point exchanges pair up.
+
+    In order (``pipelined`` false, or one micro-batch), micro-batch after micro-batch, each walks the phases: a
+    phase's waves forward, its loss stage, its waves backward in reverse. Pipelined (``training.pipeline_micro_batches``,
+    GPipe's fill and drain), phase after phase, the forward positions (the phase's waves, then its loss stage) and
+    then its backward positions (its waves in reverse) are each walked diagonally: at slot ``t`` every position ``i``
+    with micro-batch ``t - i``, later positions first. Waves on devices of their own (pipeline stages) then overlap:
+    stage ``s`` sends micro-batch ``j`` on and starts ``j + 1`` while stage ``s + 1`` runs ``j``, and a device holds
+    every micro-batch's saved activations until its backward (:attr:`planner.costmodel.CostModel.in_flight`). Within
+    one micro-batch the events keep their order, so the same gradients accumulate in the same order either way."""
+    out: list[Event] = []
+    ranges = phase_ranges(starts, num_waves)
+    if not pipelined or num_micro == 1:
+        for j in range(num_micro):
+            for p, (a, b) in enumerate(ranges):
+                out += [(FORWARD, j, k) for k in range(a, b)]
+                out.append((LOSS, j, p))
+                out += [(BACKWARD, j, k) for k in reversed(range(a, b))]
+        return tuple(out)
+    for p, (a, b) in enumerate(ranges):
+        for positions in ([(FORWARD, k) for k in range(a, b)] + [(LOSS, p)], [(BACKWARD, k) for k in reversed(range(a, b))]):
+            for t in range(len(positions) + num_micro - 1):
+                out += [(kind, t - i, at) for i, (kind, at) in reversed(list(enumerate(positions))) if 0 <= t - i < num_micro]
+    return tuple(out)
 
 
 def backward_positions(starts: Sequence[int], num_waves: int) -> dict[int, int]:

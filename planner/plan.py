@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -34,15 +35,23 @@ class _PlanModel(BaseModel):
 class Sealed:
     """A content-hashed JSON document (a Plan, a plan set): its ``hash`` field holds the hash of everything else."""
 
+    # fields added with a default of None after the format settled: left out of the JSON (and the hash) while None,
+    # so a plan that does not use them reads and hashes as it did before they existed
+    OPTIONAL_KEYS: frozenset[str] = frozenset()
+
+    def _body(self, exclude: set[str] = frozenset()) -> dict:
+        left_out = {k for k in self.OPTIONAL_KEYS if getattr(self, k) is None}
+        return self.model_dump(mode="json", exclude=set(exclude) | left_out)
+
     def content_hash(self) -> str:
-        return digest(self.model_dump(mode="json", exclude={"hash"}))
+        return digest(self._body({"hash"}))
 
     def sealed(self):
         """This document with its content hash filled in."""
         return self.model_copy(update={"hash": self.content_hash()})
 
     def to_json(self) -> str:
-        return _canonical(self.model_dump(mode="json"), indent=1) + "\n"
+        return _canonical(self._body(), indent=1) + "\n"
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
@@ -260,6 +269,7 @@ class Bounds(_PlanModel):
 
 
 class Plan(Sealed, _PlanModel):
+    OPTIONAL_KEYS: ClassVar[frozenset[str]] = frozenset({"pipelined"})
     version: int = PLAN_VERSION
     job: str
     spec_hash: str
@@ -289,6 +299,10 @@ class Plan(Sealed, _PlanModel):
     shard_optimizer: bool | None = Field(
         None, description="ZeRO-1 chosen by the planner for a job with training.shard_optimizer: auto (priced and run "
         "so); None: as the job's training.shard_optimizer says (:func:`zero_sharded`).")
+    pipelined: bool | None = Field(
+        None, description="Micro-batches pipelined (planner.phases.step_walk), chosen by the planner for a job with "
+        "training.pipeline_micro_batches: auto and grad_accum_steps > 1 (priced and run so); None: as the job says "
+        "(:func:`micro_batches_pipelined`).")
     predicted: Prediction
     peak_memory_bytes: list[float]
     solver: SolverReport
@@ -306,6 +320,16 @@ def zero_sharded(plan: Plan, training) -> bool:
     if plan.shard_optimizer is not None:
         return plan.shard_optimizer
     return training.shard_optimizer is not False
+
+
+def micro_batches_pipelined(plan: Plan, training) -> bool:
+    """Whether ``plan`` runs its micro-batches pipelined (``training``: its job's TrainingSpec): the planner's choice
+    for ``pipeline_micro_batches: auto``, else the job's setting; never with one micro-batch."""
+    if training.grad_accum_steps < 2:
+        return False
+    if plan.pipelined is not None:
+        return plan.pipelined
+    return training.pipeline_micro_batches is True
 
 
 def validated(model: type[BaseModel], data: dict, source: str, rerun: str):

@@ -9,7 +9,7 @@ the wave lasts as long as its slowest slice. Device ids are chosen later by plac
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.costmodel import CostModel, Curve
 from planner.metagraph import MetaGraph
@@ -152,3 +152,15 @@ def reverse_runs(problem: Problem, schedule: Schedule) -> Schedule:
     for start, end in independent_runs(problem, schedule):
         waves.extend(reversed(schedule.waves[start:end]))
     return Schedule(tuple(waves))
+
+
+def memory_tightened(problem: Problem, cost_model: CostModel, share: float) -> Problem | None:
+    """``problem`` with each MetaOp's counts and layouts limited to those where all its layers take at most ``share``
+    of a device's memory (a MetaOp with no such count keeps its curve); None when no curve changes. The cost model
+    picks each count's fastest layout within its memory limit, so a tighter limit trades speed for memory (a larger
+    tensor-parallel degree, a wider optimizer shard), leaving room for the other slices a device runs."""
+    curves = []
+    for op, curve in zip(problem.graph.metaops, problem.curves):
+        tight = cost_model._build_curve_within(op, share * cost_model.hw.memory_bytes / op.num_layers)
+        curves.append(curve if tight is None else tight)
+    return None if tuple(curves) == problem.curves else replace(problem, curves=tuple(curves))

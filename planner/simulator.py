@@ -59,7 +59,8 @@ from planner.costmodel import CostModel, Layout
 from planner.flows import Flows, boundary_time, edge_flows, shared_memo
 from planner.metagraph import MetaOp
 from planner.phases import (
-    backward_positions, forward_positions, gather_events, gather_order, loss_event, phase_of_waves, phase_ranges,
+    FORWARD, LOSS, backward_positions, forward_positions, gather_events, gather_order, loss_event,
+    phase_of_waves, phase_ranges, step_walk,
 )
 from planner.placement import PlacedSchedule, PlacedSlice, placed_ledger
 from planner.program import LOSS_WAVE, Bucket, Holding, grad_buckets, holdings, loss_hosts, plan_edges
@@ -416,33 +417,32 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
     parts = [(0.0, 0.0)] * len(program)
     starts: list[tuple[int, DeviceIndex, float]] = []
     micro = problem.graph.num_micro_batches
-    for pass_ in range(micro):
-        last = pass_ == micro - 1
 
-        def passed(code: int) -> None:
-            for i in waiting.get(code, ()) if last else ():
-                ready[i], parts[i] = clocks.latest(program[i].devices)
+    def passed(code: int, j: int) -> None:  # buckets start in the last micro-batch
+        for i in waiting.get(code, ()) if j == micro - 1 else ():
+            ready[i], parts[i] = clocks.latest(program[i].devices)
 
-        for p, (first, end) in enumerate(phase_ranges(placed.phases, num_waves)):
-            for k in range(first, end):
-                clocks.exchange(ex_fwd[k])
-                for devices, fwd, _ in runs[k]:
-                    at = clocks.run(devices, fwd)
-                    if pass_ == 0:
-                        starts.append((k, devices, at))
-            code = loss_event(num_waves, p)
+    for kind, j, at in step_walk(tuple(placed.phases), num_waves, micro, cost_model.in_flight > 1):
+        if kind == FORWARD:
+            clocks.exchange(ex_fwd[at])
+            for devices, fwd, _ in runs[at]:
+                started = clocks.run(devices, fwd)
+                if j == 0:
+                    starts.append((at, devices, started))
+        elif kind == LOSS:
+            code = loss_event(num_waves, at)
             clocks.exchange(ex_fwd[code])
-            for devices, seconds in heads.get(p, ()):
-                at = clocks.run(devices, seconds)
-                if pass_ == 0:
-                    starts.append((code, devices, at))
-            passed(code)
+            for devices, seconds in heads.get(at, ()):
+                started = clocks.run(devices, seconds)
+                if j == 0:
+                    starts.append((code, devices, started))
+            passed(code, j)
             clocks.exchange(ex_bwd[code])
-            for k in reversed(range(first, end)):
-                for devices, _, bwd in runs[k]:
-                    clocks.run(devices, bwd)
-                passed(k)
-                clocks.exchange(ex_bwd[k])
+        else:
+            for devices, _, bwd in runs[at]:
+                clocks.run(devices, bwd)
+            passed(at, j)
+            clocks.exchange(ex_bwd[at])
     return Walk(clocks, ready, parts, tuple(starts))
 
 

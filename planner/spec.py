@@ -386,7 +386,15 @@ class TrainingSpec(StrictModel):
         "all-gather of the updated weights can end an iteration; without it every holder steps all its parameters)."
     )
 
-    @field_validator("shard_optimizer", mode="before")
+    pipeline_micro_batches: bool | Literal["auto"] = Field(
+        "auto", description="With grad_accum_steps > 1: true runs the micro-batches' forwards (then their backwards) "
+        "as a pipeline (GPipe's fill and drain: a wave's devices start the next micro-batch while later waves run "
+        "this one), so waves on devices of their own overlap, at the price of every micro-batch's saved activations "
+        "held until its backward; false runs micro-batch after micro-batch. auto: the planner plans both and keeps "
+        "the one it predicts faster that fits in device memory."
+    )
+
+    @field_validator("shard_optimizer", "pipeline_micro_batches", mode="before")
     @classmethod
     def _true_false_or_auto(cls, value: Any) -> bool | str:
         """One readable error for anything else (pydantic would report the bool and the literal apart)."""

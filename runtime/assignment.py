@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-from planner.phases import LOSS_WAVE, loss_event, phase_of_waves, phase_ranges
+from planner.phases import LOSS_WAVE, loss_event, phase_of_waves, phase_ranges, step_walk
 from planner.plan import Plan, PlanPiece, PlanSlice
 from planner.rows import rank_rows
 from planner.spec import JobSpec
@@ -90,11 +90,13 @@ def is_lead(s: PlanSlice, device: int) -> bool:
 class CommSchedule:
     """The plan's slices and pieces, indexed: the pieces at every boundary in the plan's order, the number of
     inputs of every slice, the loss hosts (all read from the pieces), and the phases (planner.phases): a loss
-    stage's pieces and hosts belong to the phase of the host's wave."""
+    stage's pieces and hosts belong to the phase of the host's wave; ``walk``, the order of one step's events over
+    its ``num_micro`` micro-batches (planner.phases.step_walk, ``pipelined`` or in order)."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, num_micro: int = 1, pipelined: bool = False):
         self.plan = plan
         self.phases = phase_ranges(plan.phases, len(plan.waves))  # [first, end) waves of each phase
+        self.walk = step_walk(tuple(plan.phases), len(plan.waves), num_micro, pipelined)
         self.phase_of = phase_of_waves(plan.phases, len(plan.waves))
         self.slices = {SliceRef(k, i): s for k, w in enumerate(plan.waves) for i, s in enumerate(w.slices)}
         self.by_metaop: dict[int, list[SliceRef]] = {}

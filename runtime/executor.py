@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 
 from planner.kinds import kind_of
-from planner.phases import forward_positions
-from planner.plan import PlanMetaOp, zero_sharded
+from planner.phases import FORWARD, LOSS, forward_positions
+from planner.plan import PlanMetaOp, micro_batches_pipelined, zero_sharded
 from planner.rolloutlag import generation_pool
 from planner.rows import row_shares
 from runtime.assignment import (
@@ -100,7 +100,8 @@ class WaveWorker(PieceTransfers, GradientSync):
         self.device = torch.device(device)
         # a worker rebuilds no MetaGraph: the plan's MetaOps carry what it builds and wires its modules from, and the
         # driver checked that the job can run and that the plan belongs to it (runtime.checks) before starting it
-        self.comm = CommSchedule(plan)
+        self.comm = CommSchedule(plan, payload.training.grad_accum_steps,
+                                 micro_batches_pipelined(plan, payload.training))
         self.comm_loss_groups = loss_groups(self.comm)  # ascending, as process groups order their ranks
         assert all(list(g) == sorted(g) for g in self.comm_loss_groups.values())
         self.mine = self.comm.my_slices(rank)
@@ -261,12 +262,11 @@ class WaveWorker(PieceTransfers, GradientSync):
         timing = StepTiming([0.0] * len(self.plan.waves), [0.0] * len(self.plan.waves))
         k = self.payload.training.grad_accum_steps
         pending: list[tuple[GradBucket, torch.Tensor, object]] = []
+        states = [StepState(self.device, step, micro, k) for micro in range(k)]
         losses: dict[str, torch.Tensor] = {}
-        for micro in range(k):
-            st = StepState(self.device, step, micro, k)
-            for task, loss in self._micro_step(st, pending if micro == k - 1 else None, timing, lap).items():
-                losses[task] = losses[task] + loss if task in losses else loss
-        self.last_rollouts = {g: (first, rows.detach().cpu()) for g, (first, rows) in st.rollouts.items()}
+        for task, loss in self._walk(states, pending, timing, lap):
+            losses[task] = losses[task] + loss if task in losses else loss
+        self.last_rollouts = {g: (first, rows.detach().cpu()) for g, (first, rows) in states[-1].rollouts.items()}
         self.where = (step, k - 1, -1, "gradient sync")
         self._sync_gradients(pending)
         timing.sync_s += lap("sync")
@@ -306,37 +306,43 @@ class WaveWorker(PieceTransfers, GradientSync):
         timing.compute_s[wave] += lap("forward", wave)
         timing.ahead = (self.ahead.span[0] - lap.start, self.ahead.span[1] - lap.start)
 
-    def _micro_step(self, st: StepState, pending: list | None, timing: StepTiming, lap: Lap) -> dict:
-        """Forward, losses and backward of one micro-batch (gradients accumulate into ``.grad``), phase by phase
-        (planner.phases: a phase's forward, its tasks' losses, its backward, then the next phase); with ``pending``
-        (the last micro-batch) the buckets' all-reduces are launched into it. Returns this device's losses."""
-        losses: dict[str, torch.Tensor] = {}
-        for phase, (first, end) in enumerate(self.comm.phases):
-            for wave in range(first, end):
-                self.where = (st.step, st.micro, wave, "forward")
-                self._exchange(wave, st, forward=True)
-                timing.transfer_s[wave] += lap("transfer_forward", wave)
-                ref = self._my_slice(wave)
+    def _walk(self, states: list[StepState], pending: list, timing: StepTiming, lap: Lap) -> list:
+        """Forward, losses and backward of every micro-batch (``states``, one each; gradients accumulate into
+        ``.grad``) in the plan's order (planner.phases.step_walk: micro-batch after micro-batch, or pipelined), the
+        buckets' all-reduces launched into ``pending`` during the last one's backward. A phase's activations are
+        released once its backward is done. Returns this device's (task, loss) of every micro-batch."""
+        out = []
+        last = len(states) - 1
+        for kind, micro, at in self.comm.walk:
+            st = states[micro]
+            if kind == FORWARD:
+                self.where = (st.step, micro, at, "forward")
+                self._exchange(at, st, forward=True)
+                timing.transfer_s[at] += lap("transfer_forward", at)
+                ref = self._my_slice(at)
                 if ref is not None:
-                    self._await_parameters(wave)
+                    self._await_parameters(at)
                     with autocast(self.payload, self.device):
                         self._run_slice(ref, st.step, st)
-                    timing.compute_s[wave] += lap("forward", wave)
-            self.where = (st.step, st.micro, len(self.plan.waves), "loss")
-            losses.update(self._loss_stage(st.step, st, pending, timing, lap, phase))
-            for wave in reversed(range(first, end)):
-                self.where = (st.step, st.micro, wave, "backward")
-                ref = self._my_slice(wave)
+                    timing.compute_s[at] += lap("forward", at)
+            elif kind == LOSS:
+                self.where = (st.step, micro, len(self.plan.waves), "loss")
+                losses = self._loss_stage(st.step, st, pending if micro == last else None, timing, lap, at)
+                out += [(task, loss.detach()) for task, loss in losses.items()]
+            else:
+                self.where = (st.step, micro, at, "backward")
+                ref = self._my_slice(at)
                 if ref is not None and ref in st.grad_out and st.outputs[ref].requires_grad:
                     torch.autograd.backward(st.outputs[ref], st.grad_out[ref])
-                    timing.compute_s[wave] += lap("backward", wave)
-                self._launch_sync(wave, pending)
-                timing.sync_s += lap("sync", wave)
-                self._exchange(wave, st, forward=False)
-                timing.transfer_s[wave] += lap("transfer_backward", wave)
-            if len(self.comm.phases) > 1:
-                st.release(first, end)  # the phase's activations and their gradients are done with
-        return {task: loss.detach() for task, loss in losses.items()}
+                    timing.compute_s[at] += lap("backward", at)
+                self._launch_sync(at, pending if micro == last else None)
+                timing.sync_s += lap("sync", at)
+                self._exchange(at, st, forward=False)
+                timing.transfer_s[at] += lap("transfer_backward", at)
+                first, end = self.comm.phases[self.comm.phase_of[at]]
+                if at == first and len(self.comm.phases) > 1:
+                    st.release(first, end)  # the phase's activations and their gradients are done with
+        return out
 
     def _loss_stage(self, step: int, st: StepState, pending: list | None, timing: StepTiming, lap: Lap,
                     phase: int = 0) -> dict:

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from planner.phases import FORWARD, LOSS
 from runtime.assignment import LOSS_WAVE, Piece
 from runtime.channel import piece_key
 from runtime.steps import StepState
@@ -43,7 +44,7 @@ class PieceTransfers:
             if p.dst == self.rank:
                 landing.append((p, tensor.clone()))
                 continue
-            self._record_sent(st.move_id, p, tensor)
+            self._record_sent(st, p, tensor)
             if self._by_channel(p):
                 self.channel.post(piece_key(st.move_id, forward, p, p.dst), tensor.contiguous())
             else:
@@ -63,7 +64,7 @@ class PieceTransfers:
         landing += [(p, self.channel.take(p.src, piece_key(st.move_id, forward, p, self.rank))) for p in taken]
         for p, tensor in landing:
             self._land(p, tensor.float(), st, forward)
-        self._post_receives(st.move_id, at + 1)
+        self._post_receives(st, at)
 
     def _receives(self, pieces: list[Piece], tag: int) -> tuple[list[tuple[Piece, torch.Tensor]], list]:
         """The buffers of this device's point-to-point receives among ``pieces`` (in the plan's order) and their
@@ -77,20 +78,28 @@ class PieceTransfers:
             received.append((p, buf))
         return received, ops
 
-    def _post_receives(self, move_id: int, at: int) -> None:
-        """Post the receives of boundary ``at`` of this micro-batch now, while this device computes the wave before
-        it. On this kind of VM a gloo message that lands on a worker blocked in its receive right after several
+    def _post_receives(self, st: StepState, at: int) -> None:
+        """Post the receives of the boundary that follows boundary ``at`` of ``st``'s micro-batch in the step's walk
+        (:meth:`_exchanges`; in order, the same micro-batch's next one) now, while this device computes the wave
+        before it. On this kind of VM a gloo message that lands on a worker blocked in its receive right after several
         milliseconds of compute costs ~3 ms instead of ~0.1 ms (``python -m bench.gloo_idle``); a receive posted
         before the compute does not pay it, and ``loom profile`` prices links without it. Gloo only: NCCL runs a
         posted receive on the communicator's stream, ahead of the collectives issued after it."""
-        if not self._ahead_enabled() or at >= len(self._boundary_order()):
+        if not self._ahead_enabled():
             return
-        received, receives = self._receives(self._boundary_pieces(at), at + 1)
+        order = self._exchanges()
+        position = order.index((st.micro, at)) + 1
+        if position >= len(order):
+            return
+        micro, nxt = order[position]
+        received, receives = self._receives(self._boundary_pieces(nxt), nxt + 1)
         if receives:
-            self._ahead = ((move_id, at), received, dist.batch_isend_irecv(receives))
+            move_id = st.move_id - st.micro + micro
+            self._ahead = ((move_id, nxt), received, dist.batch_isend_irecv(receives))
 
     _ahead: tuple | None = None  # ((move_id, boundary), [(piece, buffer)], requests) posted by _post_receives
     _order: list[tuple[int, bool, int | None]] | None = None
+    _exchange_order: list[tuple[int, int]] | None = None
 
     def _ahead_enabled(self) -> bool:
         return self.device.type == "cpu"
@@ -108,6 +117,19 @@ class PieceTransfers:
             self._order = order
         return self._order
 
+    def _exchanges(self) -> list[tuple[int, int]]:
+        """Every exchange of one step as (micro-batch, boundary index of :meth:`_boundary_order`) in the order the
+        worker meets them (``comm.walk``: planner.phases.step_walk)."""
+        if self._exchange_order is None:
+            out = []
+            for kind, micro, at in self.comm.walk:
+                if kind == LOSS:
+                    out += [(micro, self._boundary_index((LOSS_WAVE, forward, at))) for forward in (True, False)]
+                else:
+                    out.append((micro, self._boundary_index((at, kind == FORWARD, None))))
+            self._exchange_order = out
+        return self._exchange_order
+
     def _boundary_index(self, key: tuple[int, bool, int | None]) -> int:
         return self._boundary_order().index(key)
 
@@ -118,11 +140,13 @@ class PieceTransfers:
             pieces = self.roles.wire_pieces(self.plan, pieces)
         return pieces
 
-    def _record_sent(self, move_id: int, p: Piece, tensor: torch.Tensor) -> None:
+    def _record_sent(self, st: StepState, p: Piece, tensor: torch.Tensor) -> None:
         """Keep (piece, bytes) of every piece this device sends to another in :attr:`last_sent` (the last micro-batch's:
-        the plan's pieces are one micro-batch's)."""
-        if self._sent_step != move_id:
-            self._sent_step, self.last_sent = move_id, []
+        the plan's pieces are one micro-batch's; pipelined, the micro-batches' sends interleave)."""
+        if st.micro != st.num_micro - 1:
+            return
+        if self._sent_step != st.move_id:
+            self._sent_step, self.last_sent = st.move_id, []
         self.last_sent.append((p, tensor.numel() * tensor.element_size()))
 
     def _by_channel(self, p: Piece) -> bool:

@@ -38,8 +38,9 @@ def plan_from_waves(job, waves: list[list[tuple[str, int, int]]]):
 
 def placed_plan(job, waves: list[list[tuple]]):
     """A Plan placing ``waves`` of (use, devices) or (use, devices, tensor_parallel) exactly as given: each use's whole
-    MetaOp (one per use), data parallel over its devices (in TP groups of ``tensor_parallel`` consecutive ones)."""
-    ops = {op.use: op for op in build_metagraph(job).metaops}
+    MetaOp (a use names one MetaOp, or name it as ``task.use``), data parallel over its devices (in TP groups of
+    ``tensor_parallel`` consecutive ones)."""
+    ops = {key: op for op in build_metagraph(job).metaops for key in (op.use, op.name)}
     return plan_placed(job, PlacedSchedule(tuple(PlacedWave(tuple(
         PlacedSlice(ops[use].id, 0, ops[use].num_layers, tuple(devs), Layout(len(devs) // tp, tp))
         for use, devs, tp in ((*entry, 1)[:3] for entry in wave))) for wave in waves)), method="hand-made")

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from orchestrator.recipes import load_recipe
-from planner.plan import zero_sharded
+from planner.plan import micro_batches_pipelined, zero_sharded
 from planner.spec import parse_job
-from runtime.assignment import Piece
+from runtime.assignment import CommSchedule, Piece
 from runtime.local_world import run_world
 from runtime.reference import ReferenceTrainer
 
-from _equivalence import STEPS, check_equivalence  # tests/integration/_equivalence.py
+from _equivalence import STEPS, check_equivalence, placed_plan  # tests/integration/_equivalence.py
 from _jobs import two_task_job  # tests/integration/_jobs.py
 from test_runtime_equivalence import plan_from_waves
 
@@ -156,3 +156,21 @@ def test_a_plan_that_drops_zero1_for_an_auto_job_trains_as_one_process(tmp_path)
     unsharded = plan.model_copy(update={"shard_optimizer": False}).sealed()
     assert zero_sharded(unsharded, job.training) is False and unsharded.hash != plan.hash
     check_equivalence(job, unsharded, tmp_path)
+
+
+@pytest.mark.parametrize("pipelined", [True, "auto"])
+def test_pipelined_micro_batches_equal_single_process(pipelined, tmp_path):
+    """``training.pipeline_micro_batches``: each task's two towers on devices of their own (a two-stage pipeline per
+    task, the shared text tower's buckets over devices 2 and 3), four micro-batches walked pipelined
+    (planner.phases.step_walk: stage 0 starts micro-batch j + 1 while stage 1 runs j, every backward after every
+    forward). The same gradients accumulate in the same order, so the world equals the single-process reference; with
+    auto the plan records the order it was priced with and the workers follow the plan."""
+    data = basics_job(pipeline_micro_batches=pipelined)
+    data["training"]["grad_accum_steps"] = 4  # micro-batches of 2 (caption) and 1 (align) rows
+    job = parse_job(data)
+    plan = placed_plan(job, [[("caption.img", [0]), ("align.aud", [1])], [("caption.txt", [2]), ("align.txt", [3])]])
+    if pipelined == "auto":
+        plan = plan.model_copy(update={"pipelined": True}).sealed()
+    walk = CommSchedule(plan, 4, micro_batches_pipelined(plan, job.training)).walk
+    assert walk[:3] == (("forward", 0, 0), ("forward", 0, 1), ("forward", 1, 0))  # micro-batch 1 beside 0
+    check_equivalence(job, plan, tmp_path)

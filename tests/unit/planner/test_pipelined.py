@@ -1,0 +1,118 @@
+"""training.pipeline_micro_batches: the micro-batches' forwards (then backwards) walked as a pipeline
+(planner.phases.step_walk), priced by the timeline with every micro-batch's saved activations held, chosen by the
+planner under auto, recorded in the plan and followed by its re-prediction."""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.api import make_cost_model, plan_job, predict_plan
+from planner.costmodel import Layout
+from planner.errors import SpecError
+from planner.metagraph import build_metagraph
+from planner.phases import BACKWARD, FORWARD, LOSS, phase_of_waves, step_walk
+from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, placed_ledger
+from planner.plan import micro_batches_pipelined
+from planner.schedule import Problem
+from planner.simulator import simulate
+from planner.spec import parse_job
+
+STAGES = 4
+
+
+def chain_job(grad_accum_steps: int = 8, pipelined: bool | str = "auto") -> dict:
+    """One transformer of 4 layers on 4 devices: cut into 4 stages it is a pipeline."""
+    return {
+        "name": "chain",
+        "cluster": {"devices_per_node": STAGES, "device": "h100"},
+        "components": {"enc": {"kind": "transformer", "num_layers": STAGES, "hidden_size": 1024, "num_heads": 16,
+                               "seq_len": 512}},
+        "tasks": [{"name": "t", "batch_size": 64, "components": [{"component": "enc"}]}],
+        "training": {"grad_accum_steps": grad_accum_steps, "pipeline_micro_batches": pipelined},
+    }
+
+
+def stages(job) -> PlacedSchedule:
+    """Layer ``s`` on device ``s``: one wave per stage."""
+    return PlacedSchedule(tuple(PlacedWave((PlacedSlice(0, s, 1, (s,), Layout(1, 1)),)) for s in range(STAGES)))
+
+
+def priced(job, in_flight: int):
+    model = make_cost_model(job).with_in_flight(in_flight)
+    problem = Problem.build(build_metagraph(job), model)
+    return problem, model, simulate(problem, stages(job), model)
+
+
+@pytest.mark.parametrize("phases", [(0,), (0, 2)])
+def test_the_pipelined_walk_keeps_each_micro_batchs_order_and_overlaps_them(phases):
+    k = 3
+    in_order, piped = step_walk(phases, 4, k, False), step_walk(phases, 4, k, True)
+    assert sorted(in_order) == sorted(piped) and len(set(piped)) == len(piped)  # the same events, once each
+    for j in range(k):  # each micro-batch meets its events in the same order
+        assert [e for e in piped if e[1] == j] == [e for e in in_order if e[1] == j]
+    for kind in (FORWARD, BACKWARD):  # a wave runs its micro-batches in turn
+        for wave in range(4):
+            assert [e[1] for e in piped if e[0] == kind and e[2] == wave] == list(range(k))
+    assert piped.index((FORWARD, 1, 0)) < piped.index((LOSS, 0, 0))  # micro-batch 1 starts while 0 is in flight
+    phase_of = phase_of_waves(phases, 4)
+    ends = []  # per phase: (first and last position of its forward events, of its backward events)
+    for p in range(len(phases)):
+        fwd = [i for i, (kind, _, at) in enumerate(piped) if kind == LOSS and at == p
+               or kind == FORWARD and phase_of[at] == p]
+        bwd = [i for i, (kind, _, at) in enumerate(piped) if kind == BACKWARD and phase_of[at] == p]
+        assert max(fwd) < min(bwd)  # a phase's backward after all its forward (fill, then drain)
+        ends.append((min(fwd), max(bwd)))
+    assert all(a[1] < b[0] for a, b in zip(ends, ends[1:]))  # phase after phase
+    assert step_walk(phases, 4, 1, True) == step_walk(phases, 4, 1, False)
+
+
+def test_pipelined_stages_overlap_and_hold_every_micro_batchs_activations():
+    k = 8
+    job = parse_job(chain_job(k, True))
+    problem, model, piped = priced(job, k)
+    _, plain, in_order = priced(job, 1)
+    # each stage's slice on one micro-batch, forward + backward: in order the stages take turns (k x 4 slots), pipelined
+    # they fill and drain (k + 3 slots each way)
+    stage = sum(in_order.slice_seconds[0][0:1])
+    assert in_order.compute_s == pytest.approx(k * STAGES * stage, rel=0.02)
+    assert piped.compute_s == pytest.approx((k + STAGES - 1) * stage, rel=0.05)
+    assert piped.iteration_time_s < 0.5 * in_order.iteration_time_s
+    # the same parameters, every micro-batch's saved activations
+    for model_, sim in ((plain, in_order), (model, piped)):
+        assert max(sim.peak_memory_bytes) == pytest.approx(float(placed_ledger(problem, stages(job), model_).peak().max()))
+    ledger, ledger_one = placed_ledger(problem, stages(job), model), placed_ledger(problem, stages(job), plain)
+    assert ledger.act_bytes == pytest.approx(k * ledger_one.act_bytes) and ledger.act_bytes.min() > 0
+    assert ledger.param_bytes == pytest.approx(ledger_one.param_bytes)
+
+
+def test_auto_plans_both_orders_keeps_the_faster_and_the_plan_says_so():
+    job = parse_job(chain_job(8, "auto"))
+    piped, in_order = plan_job(parse_job(chain_job(8, True))), plan_job(parse_job(chain_job(8, False)))
+    auto = plan_job(job)
+    best = min(piped.simulation.iteration_time_s, in_order.simulation.iteration_time_s)
+    assert auto.simulation.iteration_time_s == pytest.approx(best)
+    assert auto.plan.pipelined is (piped.simulation.iteration_time_s < in_order.simulation.iteration_time_s)
+    assert micro_batches_pipelined(auto.plan, job.training) is auto.plan.pipelined  # what the workers follow
+    # re-predicting the plan prices it as it runs; so does a plan of a job that fixes the order
+    assert predict_plan(job, auto.plan, make_cost_model(job)).iteration_time_s == pytest.approx(
+        auto.plan.predicted.iteration_time_s)
+    for fixed in (piped, in_order):
+        assert fixed.plan.pipelined is None
+    fixed_job = parse_job(chain_job(8, True))
+    assert predict_plan(fixed_job, piped.plan, make_cost_model(fixed_job)).iteration_time_s == pytest.approx(
+        piped.plan.predicted.iteration_time_s)
+    # never slower than a baseline priced in the same order
+    assert all(auto.plan.predicted.iteration_time_s <= t * (1 + 1e-9) for t in auto.plan.baselines.values())
+
+
+def test_one_micro_batch_is_never_pipelined_and_the_plan_records_nothing():
+    job = parse_job(chain_job(1, "auto"))
+    plan = plan_job(job).plan
+    assert plan.pipelined is None and micro_batches_pipelined(plan, job.training) is False
+    assert micro_batches_pipelined(plan.model_copy(update={"pipelined": True}), job.training) is False
+
+
+@pytest.mark.parametrize("value", ["yes", 2, None])
+def test_pipeline_micro_batches_takes_true_false_or_auto(value):
+    with pytest.raises(SpecError, match="pipeline_micro_batches: .*expected true, false or auto"):
+        parse_job(chain_job(2, value))
