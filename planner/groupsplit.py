@@ -55,7 +55,8 @@ SPLIT_METHOD = "sync-aware group split"  # solver.method of a plan that is this 
 MAX_SIZES = 32  # candidate sizes per unit beyond the sub-node ones: all node counts up to this, then geometric
 STAGES = (1, 2, 4)  # pipeline stages tried for the heavy groups (planner.api keeps the fastest simulated)
 STAGE_FILL = 0.8  # of a device's memory one stage's layers may take when its layouts are chosen to fit (the rest:
-# activations and the other units' slices); tried beside the job's own layouts for every stage count above 1
+# activations and the other units' slices); tried for a stage count above 1 whose split on the job's own layouts
+# does not fit (building such curves visits every count of every MetaOp: not for plans that fit)
 HEAVY_SHARE = 0.25  # a trainable group is heavy (split into stages) when it holds this share of the largest's params
 
 
@@ -360,10 +361,15 @@ def group_split_candidate(problem: Problem, cost_model: CostModel, template: Sol
     name, bound) the candidate's result keeps."""
     found = []
     for stages in STAGES:
-        # a stage holds 1/stages of each heavy group's layers: layouts that fit that share may run a model no layout
-        # holds whole (70B on 64 H100s: tensor parallel 8 within each stage's range)
-        fitted = memory_tightened(problem, cost_model, STAGE_FILL * stages) if stages > 1 else None
-        for laid in (problem,) if fitted is None else (problem, fitted):
+        for laid in (problem, "fitted") if stages > 1 else (problem,):
+            if laid == "fitted":
+                if found and found[-1][3] == stages:
+                    break  # the job's own layouts fit this stage count
+                # a stage holds 1/stages of each heavy group's layers: layouts that fit that share may run a model no
+                # layout holds whole (70B on 64 H100s: tensor parallel 8 within each stage's range)
+                laid = memory_tightened(problem, cost_model, STAGE_FILL * stages)
+                if laid is None:
+                    break
             placed = group_split_schedule(laid, cost_model, stages)
             if placed is None or any(placed == f[1] for f in found):
                 continue

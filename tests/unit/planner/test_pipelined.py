@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from rich.console import Console
+
+from bench.common import REPO_ROOT
+from orchestrator.render import plan_header
 from planner.api import make_cost_model, plan_job, predict_plan
 from planner.costmodel import Layout
 from planner.errors import SpecError
@@ -15,7 +19,7 @@ from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, placed_le
 from planner.plan import micro_batches_pipelined
 from planner.schedule import Problem
 from planner.simulator import simulate
-from planner.spec import parse_job
+from planner.spec import load_job, parse_job
 
 STAGES = 4
 
@@ -79,7 +83,8 @@ def test_pipelined_stages_overlap_and_hold_every_micro_batchs_activations():
     assert piped.iteration_time_s < 0.5 * in_order.iteration_time_s
     # the same parameters, every micro-batch's saved activations
     for model_, sim in ((plain, in_order), (model, piped)):
-        assert max(sim.peak_memory_bytes) == pytest.approx(float(placed_ledger(problem, stages(job), model_).peak().max()))
+        peak = float(placed_ledger(problem, stages(job), model_).peak().max())
+        assert max(sim.peak_memory_bytes) == pytest.approx(peak)
     ledger, ledger_one = placed_ledger(problem, stages(job), model), placed_ledger(problem, stages(job), plain)
     assert ledger.act_bytes == pytest.approx(k * ledger_one.act_bytes) and ledger.act_bytes.min() > 0
     assert ledger.param_bytes == pytest.approx(ledger_one.param_bytes)
@@ -116,3 +121,24 @@ def test_one_micro_batch_is_never_pipelined_and_the_plan_records_nothing():
 def test_pipeline_micro_batches_takes_true_false_or_auto(value):
     with pytest.raises(SpecError, match="pipeline_micro_batches: .*expected true, false or auto"):
         parse_job(chain_job(2, value))
+
+
+def test_a_model_no_layout_holds_whole_plans_as_stages_and_pipelined_micro_batches_overlap_them():
+    """bench/pipeline/sft-70b-64.yaml: 70B on 64 H100s fits no data-parallel layout (every baseline is over memory);
+    the group split's stages, laid out to fit a stage (planner.groupsplit.STAGE_FILL), plan it, and pipelined
+    micro-batches run the stages side by side instead of one after the other."""
+    job = load_job(REPO_ROOT / "bench" / "pipeline" / "sft-70b-64.yaml")
+    by_order = {}
+    for order in (False, True):
+        fixed = job.model_copy(update={"training": job.training.model_copy(update={"pipeline_micro_batches": order})})
+        by_order[order] = plan_job(fixed).plan
+    for plan in by_order.values():
+        assert "stages" in plan.solver.method and max(plan.peak_memory_bytes) <= plan.cluster.memory_bytes
+        assert plan.baseline_notes and all("does not fit" in note for note in plan.baseline_notes.values())
+    in_order, piped = (by_order[o].predicted.iteration_time_s for o in (False, True))
+    assert piped < in_order / 1.5
+    auto = plan_job(job).plan
+    assert auto.pipelined is True and auto.predicted.iteration_time_s == pytest.approx(piped)
+    console = Console(width=100, record=True)  # `loom plan` says which order the planner chose
+    console.print(plan_header(auto))
+    assert "micro-batches  pipelined (auto: the faster that fits)" in console.export_text()

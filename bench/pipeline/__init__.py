@@ -1,0 +1,128 @@
+"""Pipelined micro-batches (``python -m bench.pipeline``): what ``training.pipeline_micro_batches`` buys.
+
+Two parts. **Planned** (analytic cost model, H100 table): ``sft-70b-64.yaml``, a 70B LLM on 64 H100s that no
+data-parallel layout holds, planned with its micro-batches in order, pipelined, and left to the planner (``auto``):
+each plan's predicted iteration, its pipeline stages and peak memory, and the baselines (every one over memory).
+**Measured** (this machine, a local gloo world of worker processes: runtime.local_world, the logic Ray actors run):
+``chain-cpu.yaml``'s 8 layers cut into two stages of 4 on the two workers, trained in order and pipelined in
+alternating runs, beside the plan the planner picks for it (data parallel over both workers); per plan the median
+step after warm-up, its prediction and its losses (the two stage runs must give the same losses: the same gradients
+accumulate in the same order).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+
+from planner.api import plan_job, plan_placed
+from planner.costmodel import Layout
+from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
+from planner.plan import Plan
+from planner.spec import JobSpec, load_job
+from runtime.local_world import run_world
+
+HERE = Path(__file__).resolve().parent
+PLANNED = HERE / "sft-70b-64.yaml"
+MEASURED = HERE / "chain-cpu.yaml"
+GIB = 2 ** 30
+
+
+def with_order(job: JobSpec, order: bool | str) -> JobSpec:
+    return job.model_copy(update={"training": job.training.model_copy(update={"pipeline_micro_batches": order})})
+
+
+def planned_records() -> list[dict]:
+    """The 70B job planned in order, pipelined and with auto."""
+    job = load_job(PLANNED)
+    out = []
+    for order in (False, True, "auto"):
+        outcome = plan_job(with_order(job, order))
+        plan = outcome.plan
+        out.append({
+            "part": "planned", "job": job.name, "pipeline_micro_batches": order,
+            "pipelined": plan.pipelined if plan.pipelined is not None else order is True,
+            "iteration_s": plan.predicted.iteration_time_s, "compute_s": plan.predicted.compute_s,
+            "method": plan.solver.method, "num_waves": len(plan.waves),
+            "stage_devices": sorted({len(s.devices) for w in plan.waves for s in w.slices}),
+            "peak_gib": max(plan.peak_memory_bytes) / GIB, "memory_gib": plan.cluster.memory_bytes / GIB,
+            "baselines_s": plan.baselines, "baselines_fit": {b: b not in plan.baseline_notes for b in plan.baselines},
+            "planning_s": outcome.planning_time_s, "micro_batches": job.training.grad_accum_steps,
+        })
+    return out
+
+
+def stage_plan(job: JobSpec) -> Plan:
+    """``job``'s layers in two stages, the first half on device 0, the rest on device 1 (one wave each)."""
+    layers = job.components["enc"].num_layers
+    half = layers // 2
+    waves = (PlacedWave((PlacedSlice(0, 0, half, (0,), Layout(1, 1)),)),
+             PlacedWave((PlacedSlice(0, half, layers - half, (1,), Layout(1, 1)),)))
+    return plan_placed(job, PlacedSchedule(waves), method="two stages")
+
+
+def measured_plans() -> dict[str, tuple[JobSpec, Plan]]:
+    job = load_job(MEASURED)
+    in_order, piped = with_order(job, False), with_order(job, True)
+    return {"planner's choice (auto)": (job, plan_job(job, with_baselines=False).plan),
+            "two stages, in order": (in_order, stage_plan(in_order)),
+            "two stages, pipelined": (piped, stage_plan(piped))}
+
+
+def run_plan(job: JobSpec, plan: Plan, steps: int, warmup: int) -> tuple[list[float], list[dict]]:
+    """Step seconds after ``warmup`` untimed steps, and every step's losses."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_world(job, plan, steps + warmup, tmp)
+    return result.step_seconds[warmup:], result.losses
+
+
+def measured_records(rounds: int, steps: int, warmup: int, progress) -> list[dict]:
+    plans = measured_plans()
+    times: dict[str, list[float]] = {name: [] for name in plans}
+    losses: dict[str, list[dict]] = {}
+    for r in range(rounds):  # alternating: this host's speed wanders over tens of seconds
+        for name, (job, plan) in plans.items():
+            seconds, losses[name] = run_plan(job, plan, steps, warmup)
+            times[name] += seconds
+            progress(f"round {r + 1}/{rounds}, {name}: median {statistics.median(seconds) * 1e3:.1f} ms")
+    return [{
+        "part": "measured", "job": job.name, "plan": name, "method": plan.solver.method,
+        "pipelined": name.endswith("pipelined") or bool(plan.pipelined),
+        "median_step_s": statistics.median(times[name]), "step_s": times[name],
+        "predicted_s": plan.predicted.iteration_time_s, "first_losses": losses[name][0],
+        "last_losses": losses[name][-1], "losses": losses[name],
+    } for name, (job, plan) in plans.items()]
+
+
+def report(records: list[dict], rounds: int, steps: int) -> str:
+    planned = [r for r in records if r["part"] == "planned"]
+    measured = {r["plan"]: r for r in records if r["part"] == "measured"}
+    lines = ["# Pipelined micro-batches", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
+             f"## Planned: {planned[0]['job']} ({planned[0]['micro_batches']} micro-batches, analytic, H100 table)", "",
+             "| pipeline_micro_batches | order | predicted iteration | compute | plan | waves | devices per slice "
+             "| peak memory | planning |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in planned:
+        setting = str(r["pipeline_micro_batches"]).lower()
+        lines.append(f"| {setting} | {'pipelined' if r['pipelined'] else 'in order'} | "
+                     f"{r['iteration_s']:.2f} s | {r['compute_s']:.2f} s | {r['method']} | {r['num_waves']} | "
+                     f"{r['stage_devices']} | {r['peak_gib']:.1f} of {r['memory_gib']:.0f} GiB | "
+                     f"{r['planning_s']:.2f} s |")
+    slow, fast = planned[0]["iteration_s"], planned[1]["iteration_s"]
+    base = planned[-1]
+    unfit = ", ".join(f"{b} {t:.2f} s" for b, t in sorted(base["baselines_s"].items()) if not base["baselines_fit"][b])
+    lines += ["", f"Pipelined over in order: **{slow / fast:.2f}x**. Baselines (same cost model, the auto plan's "
+              f"order), none of which fits in device memory: {unfit or 'none'}.", "",
+              f"## Measured: {next(iter(measured.values()))['job']} on this machine ({rounds} alternating rounds x "
+              f"{steps} timed steps per plan)", "",
+              "| plan | method | median step | predicted (analytic CPU table) | last losses |", "|---|---|---|---|---|"]
+    for name, r in measured.items():
+        last = ", ".join(f"{t} {v:.4f}" for t, v in r["last_losses"].items())
+        lines.append(f"| {name} | {r['method']} | {r['median_step_s'] * 1e3:.1f} ms | "
+                     f"{r['predicted_s'] * 1e3:.1f} ms | {last} |")
+    a, b = measured["two stages, in order"], measured["two stages, pipelined"]
+    same = a["losses"] == b["losses"]
+    lines += ["", f"Two stages pipelined over in order, measured: **{a['median_step_s'] / b['median_step_s']:.2f}x** "
+              f"(predicted {a['predicted_s'] / b['predicted_s']:.2f}x); losses of every step "
+              f"{'identical' if same else 'DIFFERENT'} between the two orders."]
+    return "\n".join(lines)
