@@ -263,9 +263,11 @@ def step_breakdown(timings: Sequence[Mapping | None]) -> tuple[list[float], dict
     return waves, parts
 
 
-def predicted_wave_seconds(plan: Plan) -> list[float]:
-    """The plan's compute time of each wave (its slowest slice, forward + backward), in wave order."""
-    return [wave.duration_s for wave in plan.waves]
+def predicted_wave_seconds(plan: Plan, micro_batches: int = 1) -> list[float]:
+    """The plan's compute time of each wave in one step (its slowest slice, forward + backward, once per micro-batch:
+    ``training.grad_accum_steps``; a wave's duration is one micro-batch's), in wave order, as the workers time it
+    (runtime.executor adds each micro-batch's forward and backward of a wave into that wave's compute)."""
+    return [wave.duration_s * micro_batches for wave in plan.waves]
 
 
 def tokens_per_sample(job: JobSpec) -> dict[str, int]:

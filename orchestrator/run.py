@@ -344,7 +344,8 @@ class Driver(Recovering):
 
     def start_metrics(self) -> None:
         tasks = [t.name for t in self.job.tasks]
-        self.metrics = RunMetrics(tasks, self.plan.predicted.iteration_time_s, predicted_wave_seconds(self.plan))
+        self.predicted_waves = predicted_wave_seconds(self.plan, self.job.training.grad_accum_steps)
+        self.metrics = RunMetrics(tasks, self.plan.predicted.iteration_time_s, self.predicted_waves)
         if self.options.metrics_port:
             try:
                 self.metrics_port = self.metrics.serve(self.options.metrics_port)
@@ -553,7 +554,7 @@ class Driver(Recovering):
             tokens_per_s={t: batch[t] * tokens[t] / seconds for t in losses},
             predicted_iteration_s=self.plan.predicted.iteration_time_s,
             worker_seconds=[r["seconds"] for r in results],
-            wave_seconds=waves, predicted_wave_seconds=predicted_wave_seconds(self.plan), part_seconds=parts,
+            wave_seconds=waves, predicted_wave_seconds=self.predicted_waves, part_seconds=parts,
         )
 
     def may_send_ahead(self, step: int) -> bool:

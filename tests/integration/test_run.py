@@ -315,6 +315,27 @@ def test_prometheus_endpoint_serves_step_metrics(ray_session, job, plan, tmp_pat
         urllib.request.urlopen(reporter.url, timeout=2)
 
 
+def test_pipelined_stages_run_on_ray_and_each_wave_is_predicted_for_every_micro_batch(ray_session, tmp_path):
+    """A plan whose two waves are stages on devices of their own, its 4 micro-batches pipelined
+    (training.pipeline_micro_batches; planner.phases.step_walk), trains on Ray actors as in one process; the run's
+    per-wave prediction (metrics.jsonl, the summary, Prometheus) is the wave's duration once per micro-batch, as the
+    workers time a wave over the whole step."""
+    data = copy.deepcopy(JOB)
+    data["training"].update(grad_accum_steps=4, pipeline_micro_batches=True)
+    job = parse_job(data)
+    ids = {op.name: op.id for op in build_metagraph(job).metaops}
+    schedule = Schedule((Wave((Slice(ids["caption.img"], 2, 1), Slice(ids["align.aud"], 2, 1))),
+                         Wave((Slice(ids["caption.txt"], 2, 1), Slice(ids["align.txt"], 2, 1)))))
+    plan = plan_schedule(job, schedule, method="hand-made")
+    assert CommSchedule(plan, 4, True).walk[:3] == (("forward", 0, 0), ("forward", 0, 1), ("forward", 1, 0))
+    result = run_job(job, plan, options=RunOptions(steps=2, out_dir=tmp_path))
+    reference = ReferenceTrainer(job)
+    for record in result.records:
+        want = reference.train_step(record.step)
+        assert record.loss == pytest.approx(want, rel=1e-5)
+        assert record.predicted_wave_seconds == pytest.approx([4 * w.duration_s for w in plan.waves])
+
+
 def test_worker_that_dies_ends_the_run_with_one_line(ray_session, runner, plan_file, tmp_path, monkeypatch):
     def run_step_killing_a_worker(self, step, *args):
         if step == 1:
