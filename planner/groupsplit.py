@@ -69,12 +69,45 @@ class Unit:
     stage: int
     stages: int
     ops: tuple[int, ...]
+    # the stages' shares of the layers (every stage of the group the same tuple); None: near-equal runs
+    weights: tuple[float, ...] | None = None
 
     def layers(self, problem: Problem, m: int) -> tuple[int, int]:
-        """(first layer, layer count) of MetaOp ``m`` in this stage: its layers cut into ``stages`` near-equal runs."""
+        """(first layer, layer count) of MetaOp ``m`` in this stage: its layers cut into ``stages`` runs, near-equal or
+        in proportion to ``weights`` (each stage at least one layer)."""
         total = problem.layers(m)
-        first = total * self.stage // self.stages
-        return first, total * (self.stage + 1) // self.stages - first
+        if self.weights is None:
+            first = total * self.stage // self.stages
+            return first, total * (self.stage + 1) // self.stages - first
+        cuts = np.cumsum((0.0, *self.weights)) / sum(self.weights) * (total - self.stages)
+        first, end = (int(round(cuts[i])) + i for i in (self.stage, self.stage + 1))
+        return first, end - first
+
+
+def balanced_units(problem: Problem, units: Sequence[Unit], sizes: Sequence[int]) -> list[Unit] | None:
+    """``units`` with each staged group's layers cut in proportion to what its stages' ranges run per second (a layer of
+    every MetaOp, level by level at their :func:`proportional_counts` on the range, each level the larger of its
+    device-seconds spread over the range and its longest, as :func:`unit_costs` prices compute), so that a
+    stage on fewer devices gets fewer layers and the pipeline's slowest stage shortens; None when every staged
+    group's ranges are alike (the near-equal cut is that already)."""
+    rates: dict[str, list[float]] = {}
+    levels = sorted({op.level for op in problem.graph.metaops})
+    for u, size in zip(units, sizes):
+        if u.stages == 1:
+            continue
+        per_layer = 0.0  # a layer of every MetaOp, level after level as group_split_schedule runs them
+        for level in levels:
+            members = tuple(m for m in u.ops if problem.graph.metaops[m].level == level)
+            counts = proportional_counts(problem, replace(u, ops=members), size) if members else []
+            if counts is None:
+                return None
+            times = [problem.curves[m].time(n) for m, n in zip(members, counts)]
+            if times:  # as unit_costs prices compute: the larger of the area and the longest
+                per_layer += max(sum(t * n for t, n in zip(times, counts)) / size, max(times))
+        rates.setdefault(u.group, []).append(1.0 / per_layer)
+    if all(max(r) <= min(r) * (1 + 1e-9) for r in rates.values()):
+        return None
+    return [replace(u, weights=tuple(rates[u.group])) if u.stages > 1 else u for u in units]
 
 
 def groups_of(problem: Problem) -> dict[str, list[int]]:
@@ -296,13 +329,19 @@ def list_schedule(problem: Problem, u: Unit, members: Sequence[int], counts: Seq
     return out
 
 
-def group_split_schedule(problem: Problem, cost_model: CostModel, stages: int = 1) -> PlacedSchedule | None:
+def group_split_schedule(problem: Problem, cost_model: CostModel, stages: int = 1,
+                         balanced: bool = False) -> PlacedSchedule | None:
     """The sync-aware split (heavy groups in ``stages`` stages) as a placed schedule (one phase), or None when the
-    units do not fit side by side."""
+    units do not fit side by side; ``balanced``: the stages' layers cut by :func:`balanced_units` (None when that
+    changes nothing)."""
     units = units_of(problem, stages)
     sizes = split_sizes(problem, cost_model, units)
     if sizes is None:
         return None
+    if balanced:
+        units = balanced_units(problem, units, sizes)
+        if units is None:
+            return None
     ranges = unit_ranges(sizes)
     ready: dict[int, float] = {}
     runs: list[Run] = []
@@ -370,24 +409,25 @@ def group_split_candidate(problem: Problem, cost_model: CostModel, template: Sol
                 laid = memory_tightened(problem, cost_model, STAGE_FILL * stages)
                 if laid is None:
                     break
-            placed = group_split_schedule(laid, cost_model, stages)
-            if placed is None or any(placed == f[1] for f in found):
-                continue
-            sim = simulate(problem, placed, cost_model)
-            why = runnable(problem, placed, cost_model.hw.devices_per_node)
-            if max(sim.peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes:
-                why = "it does not fit in device memory"
-            if why is not None:
-                log.info("sync-aware split in %d stages not used: %s", stages, why)
-                continue
-            found.append((sim.iteration_time_s, placed, sim, stages, laid))
+            for balanced in (False, True) if stages > 1 else (False,):
+                placed = group_split_schedule(laid, cost_model, stages, balanced)
+                if placed is None or any(placed == f[1] for f in found):
+                    continue
+                sim = simulate(problem, placed, cost_model)
+                why = runnable(problem, placed, cost_model.hw.devices_per_node)
+                if max(sim.peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes:
+                    why = "it does not fit in device memory"
+                if why is not None:
+                    log.info("sync-aware split in %d stages%s not used: %s", stages, ", balanced" * balanced, why)
+                    continue
+                found.append((sim.iteration_time_s, placed, sim, stages, laid, balanced))
     if not found:
         return None
-    _, placed, sim, stages, laid = min(found, key=lambda f: (f[0], f[3]))
+    _, placed, sim, stages, laid, balanced = min(found, key=lambda f: (f[0], f[3], f[5]))
     schedule = schedule_of(placed)
     makespan = compute_makespan(laid, schedule)
     bound = template.bound_s if template is not None else bound_s
     gap = (makespan - bound) / makespan if makespan > 0 else 0.0
     result = SolveResult(schedule, template.solver if template is not None else "heuristic", "heuristic", makespan,
-                         bound, gap, SPLIT_METHOD + ("" if stages == 1 else f", {stages} stages"))
+                         bound, gap, SPLIT_METHOD + ("" if stages == 1 else f", {stages} stages") + ", balanced" * balanced)
     return result, placed, sim

@@ -1,8 +1,10 @@
 """Pipelined micro-batches (``python -m bench.pipeline``): what ``training.pipeline_micro_batches`` buys.
 
 Two parts. **Planned** (analytic cost model, H100 table): ``sft-70b-64.yaml``, a 70B LLM on 64 H100s that no
-data-parallel layout holds, planned with its micro-batches in order, pipelined, and left to the planner (``auto``):
-each plan's predicted iteration, its pipeline stages and peak memory, and the baselines (every one over memory).
+data-parallel layout holds, and ``vlm-70b-64.yaml``, the same LLM shared by a captioning task (behind a ViT-H image
+encoder) and a text task, each planned with its micro-batches in order, pipelined, and left to the planner
+(``auto``): each plan's predicted iteration, its pipeline stages and peak memory, and the baselines (every one over
+memory).
 **Measured** (this machine, a local gloo world of worker processes: runtime.local_world, the logic Ray actors run):
 ``chain-cpu.yaml``'s 8 layers cut into two stages of 4 on the two workers, trained in order and pipelined in
 alternating runs, beside the plan the planner picks for it (data parallel over both workers); per plan the median
@@ -24,7 +26,7 @@ from planner.spec import JobSpec, load_job
 from runtime.local_world import run_world
 
 HERE = Path(__file__).resolve().parent
-PLANNED = HERE / "sft-70b-64.yaml"
+PLANNED = (HERE / "sft-70b-64.yaml", HERE / "vlm-70b-64.yaml")
 MEASURED = HERE / "chain-cpu.yaml"
 GIB = 2 ** 30
 
@@ -34,22 +36,24 @@ def with_order(job: JobSpec, order: bool | str) -> JobSpec:
 
 
 def planned_records() -> list[dict]:
-    """The 70B job planned in order, pipelined and with auto."""
-    job = load_job(PLANNED)
+    """Every planned job in order, pipelined and with auto."""
     out = []
-    for order in (False, True, "auto"):
-        outcome = plan_job(with_order(job, order))
-        plan = outcome.plan
-        out.append({
-            "part": "planned", "job": job.name, "pipeline_micro_batches": order,
-            "pipelined": plan.pipelined if plan.pipelined is not None else order is True,
-            "iteration_s": plan.predicted.iteration_time_s, "compute_s": plan.predicted.compute_s,
-            "method": plan.solver.method, "num_waves": len(plan.waves),
-            "stage_devices": sorted({len(s.devices) for w in plan.waves for s in w.slices}),
-            "peak_gib": max(plan.peak_memory_bytes) / GIB, "memory_gib": plan.cluster.memory_bytes / GIB,
-            "baselines_s": plan.baselines, "baselines_fit": {b: b not in plan.baseline_notes for b in plan.baselines},
-            "planning_s": outcome.planning_time_s, "micro_batches": job.training.grad_accum_steps,
-        })
+    for path in PLANNED:
+        job = load_job(path)
+        for order in (False, True, "auto"):
+            outcome = plan_job(with_order(job, order))
+            plan = outcome.plan
+            out.append({
+                "part": "planned", "job": job.name, "pipeline_micro_batches": order,
+                "pipelined": plan.pipelined if plan.pipelined is not None else order is True,
+                "iteration_s": plan.predicted.iteration_time_s, "compute_s": plan.predicted.compute_s,
+                "method": plan.solver.method, "num_waves": len(plan.waves),
+                "stage_devices": sorted({len(s.devices) for w in plan.waves for s in w.slices}),
+                "peak_gib": max(plan.peak_memory_bytes) / GIB, "memory_gib": plan.cluster.memory_bytes / GIB,
+                "baselines_s": plan.baselines,
+                "baselines_fit": {b: b not in plan.baseline_notes for b in plan.baselines},
+                "planning_s": outcome.planning_time_s, "micro_batches": job.training.grad_accum_steps,
+            })
     return out
 
 
@@ -98,21 +102,25 @@ def measured_records(rounds: int, steps: int, warmup: int, progress) -> list[dic
 def report(records: list[dict], rounds: int, steps: int) -> str:
     planned = [r for r in records if r["part"] == "planned"]
     measured = {r["plan"]: r for r in records if r["part"] == "measured"}
-    lines = ["# Pipelined micro-batches", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
-             f"## Planned: {planned[0]['job']} ({planned[0]['micro_batches']} micro-batches, analytic, H100 table)", "",
-             "| pipeline_micro_batches | order | predicted iteration | compute | plan | waves | devices per slice "
-             "| peak memory | planning |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in planned:
-        setting = str(r["pipeline_micro_batches"]).lower()
-        lines.append(f"| {setting} | {'pipelined' if r['pipelined'] else 'in order'} | "
-                     f"{r['iteration_s']:.2f} s | {r['compute_s']:.2f} s | {r['method']} | {r['num_waves']} | "
-                     f"{r['stage_devices']} | {r['peak_gib']:.1f} of {r['memory_gib']:.0f} GiB | "
-                     f"{r['planning_s']:.2f} s |")
-    slow, fast = planned[0]["iteration_s"], planned[1]["iteration_s"]
-    base = planned[-1]
-    unfit = ", ".join(f"{b} {t:.2f} s" for b, t in sorted(base["baselines_s"].items()) if not base["baselines_fit"][b])
-    lines += ["", f"Pipelined over in order: **{slow / fast:.2f}x**. Baselines (same cost model, the auto plan's "
-              f"order), none of which fits in device memory: {unfit or 'none'}.", "",
+    lines = ["# Pipelined micro-batches", "", __doc__.split("\n\n")[1].replace("\n", " ")]
+    for name in dict.fromkeys(r["job"] for r in planned):
+        rows = [r for r in planned if r["job"] == name]
+        lines += ["", f"## Planned: {name} ({rows[0]['micro_batches']} micro-batches, analytic, H100 table)", "",
+                  "| pipeline_micro_batches | order | predicted iteration | compute | plan | waves | devices per slice "
+                  "| peak memory | planning |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            setting = str(r["pipeline_micro_batches"]).lower()
+            lines.append(f"| {setting} | {'pipelined' if r['pipelined'] else 'in order'} | "
+                         f"{r['iteration_s']:.2f} s | {r['compute_s']:.2f} s | {r['method']} | {r['num_waves']} | "
+                         f"{r['stage_devices']} | {r['peak_gib']:.1f} of {r['memory_gib']:.0f} GiB | "
+                         f"{r['planning_s']:.2f} s |")
+        slow, fast, auto = rows[0]["iteration_s"], rows[1]["iteration_s"], rows[-1]
+        unfit = ", ".join(f"{b} {t:.2f} s" for b, t in sorted(auto["baselines_s"].items())
+                          if not auto["baselines_fit"][b])
+        fit = ", ".join(f"{b} {t:.2f} s" for b, t in sorted(auto["baselines_s"].items()) if auto["baselines_fit"][b])
+        lines += ["", f"Pipelined over in order: **{slow / fast:.2f}x**. Baselines (same cost model, the auto plan's "
+                  f"order): over device memory: {unfit or 'none'}; fitting: {fit or 'none'}."]
+    lines += ["",
               f"## Measured: {next(iter(measured.values()))['job']} on this machine ({rounds} alternating rounds x "
               f"{steps} timed steps per plan)", "",
               "| plan | method | median step | predicted (analytic CPU table) | last losses |", "|---|---|---|---|---|"]

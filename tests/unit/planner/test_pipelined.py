@@ -13,6 +13,7 @@ from orchestrator.render import plan_header
 from planner.api import make_cost_model, plan_job, predict_plan
 from planner.costmodel import Layout
 from planner.errors import SpecError
+from planner.groupsplit import Unit
 from planner.metagraph import build_metagraph
 from planner.phases import BACKWARD, FORWARD, LOSS, phase_of_waves, step_walk
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, placed_ledger
@@ -142,3 +143,27 @@ def test_a_model_no_layout_holds_whole_plans_as_stages_and_pipelined_micro_batch
     console = Console(width=100, record=True)  # `loom plan` says which order the planner chose
     console.print(plan_header(auto))
     assert "micro-batches  pipelined (auto: the faster that fits)" in console.export_text()
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 0.5), (5.0, 1.0, 1.0, 1.0), (1.0, 1e-6, 1e-6, 1.0)])
+def test_weighted_stage_cuts_tile_the_layers_with_at_least_one_layer_each(weights):
+    problem = Problem.build(build_metagraph(parse_job(chain_job(2))), make_cost_model(parse_job(chain_job(2))))
+    cuts = [Unit("enc", s, 4, (0,), weights).layers(problem, 0) for s in range(4)]
+    assert cuts[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in zip(cuts, cuts[1:]))
+    assert sum(c for _, c in cuts) == STAGES and min(c for _, c in cuts) >= 1
+
+
+def test_a_stage_on_fewer_devices_gets_fewer_layers():
+    """bench/pipeline/vlm-70b-64.yaml: the LLM's four stages get 16, 16, 16 and 8 devices (the image encoder takes
+    the last node); cut evenly the 8-device stage is twice as slow and the pipeline waits for it, cut in proportion to
+    what each range runs (planner.groupsplit.balanced_units) the stages take the same time."""
+    job = load_job(REPO_ROOT / "bench" / "pipeline" / "vlm-70b-64.yaml")
+    plan = plan_job(job).plan
+    assert plan.pipelined is True and plan.solver.method.startswith("sync-aware group split, 4 stages, balanced")
+    busy: dict[tuple[int, ...], float] = {}  # per stage range (a slice's devices), its slices' seconds
+    for wave in plan.waves:
+        for s in wave.slices:
+            if plan.metaops[s.metaop].name.endswith(".llm"):
+                busy[tuple(s.devices)] = busy.get(tuple(s.devices), 0.0) + s.time_s
+    assert len(busy) == 4 and sorted(len(d) for d in busy) == [8, 16, 16, 16]
+    assert max(busy.values()) < 1.05 * min(busy.values())
