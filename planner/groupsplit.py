@@ -428,6 +428,7 @@ def group_split_candidate(problem: Problem, cost_model: CostModel, template: Sol
     makespan = compute_makespan(laid, schedule)
     bound = template.bound_s if template is not None else bound_s
     gap = (makespan - bound) / makespan if makespan > 0 else 0.0
+    method = SPLIT_METHOD + ("" if stages == 1 else f", {stages} stages") + ", balanced" * balanced
     result = SolveResult(schedule, template.solver if template is not None else "heuristic", "heuristic", makespan,
-                         bound, gap, SPLIT_METHOD + ("" if stages == 1 else f", {stages} stages") + ", balanced" * balanced)
+                         bound, gap, method)
     return result, placed, sim

@@ -57,14 +57,15 @@ def step_walk(starts: tuple[int, ...], num_waves: int, num_micro: int, pipelined
     exchange, then its slice), a phase's loss stage, a wave's backward (its slice, then the gradients back). Every
     worker walks the same list, passing what it has no part in, so the point-to-point exchanges pair up.
 
-    In order (``pipelined`` false, or one micro-batch), micro-batch after micro-batch, each walks the phases: a
-    phase's waves forward, its loss stage, its waves backward in reverse. Pipelined (``training.pipeline_micro_batches``,
+    In order (``pipelined`` false, or one micro-batch), micro-batch after micro-batch, each walks the phases: a phase's
+    waves forward, its loss stage, its waves backward in reverse. Pipelined (``training.pipeline_micro_batches``,
     GPipe's fill and drain), phase after phase, the forward positions (the phase's waves, then its loss stage) and
-    then its backward positions (its waves in reverse) are each walked diagonally: at slot ``t`` every position ``i``
-    with micro-batch ``t - i``, later positions first. Waves on devices of their own (pipeline stages) then overlap:
-    stage ``s`` sends micro-batch ``j`` on and starts ``j + 1`` while stage ``s + 1`` runs ``j``, and a device holds
-    every micro-batch's saved activations until its backward (:attr:`planner.costmodel.CostModel.in_flight`). Within
-    one micro-batch the events keep their order, so the same gradients accumulate in the same order either way."""
+    then its backward positions (its waves in reverse) are each walked diagonally: at slot ``t`` every position
+    ``i`` with micro-batch ``t - i``, later positions first. Waves on devices of their own (pipeline stages) then
+    overlap: stage ``s`` sends micro-batch ``j`` on and starts ``j + 1`` while stage ``s + 1`` runs ``j``, and a
+    device holds every micro-batch's saved activations until its backward
+    (:attr:`planner.costmodel.CostModel.in_flight`). Within one micro-batch the events keep their order, so the same
+    gradients accumulate in the same order either way."""
     out: list[Event] = []
     ranges = phase_ranges(starts, num_waves)
     if not pipelined or num_micro == 1:
@@ -75,9 +76,11 @@ def step_walk(starts: tuple[int, ...], num_waves: int, num_micro: int, pipelined
                 out += [(BACKWARD, j, k) for k in reversed(range(a, b))]
         return tuple(out)
     for p, (a, b) in enumerate(ranges):
-        for positions in ([(FORWARD, k) for k in range(a, b)] + [(LOSS, p)], [(BACKWARD, k) for k in reversed(range(a, b))]):
+        forward = [(FORWARD, k) for k in range(a, b)] + [(LOSS, p)]
+        for positions in (forward, [(BACKWARD, k) for k in reversed(range(a, b))]):
             for t in range(len(positions) + num_micro - 1):
-                out += [(kind, t - i, at) for i, (kind, at) in reversed(list(enumerate(positions))) if 0 <= t - i < num_micro]
+                out += [(kind, t - i, at) for i, (kind, at) in reversed(list(enumerate(positions)))
+                        if 0 <= t - i < num_micro]
     return tuple(out)
 
 

@@ -309,8 +309,10 @@ class WaveWorker(PieceTransfers, GradientSync):
     def _walk(self, states: list[StepState], pending: list, timing: StepTiming, lap: Lap) -> list:
         """Forward, losses and backward of every micro-batch (``states``, one each; gradients accumulate into
         ``.grad``) in the plan's order (planner.phases.step_walk: micro-batch after micro-batch, or pipelined), the
-        buckets' all-reduces launched into ``pending`` during the last one's backward. A phase's activations are
-        released once its backward is done. Returns this device's (task, loss) of every micro-batch."""
+        buckets' all-reduces launched into ``pending`` during the last one's backward. A micro-batch's tensors of a
+        phase are released once its backward of the phase is done (pipelined, every micro-batch's are held until
+        then; in order, one micro-batch's at a time, as the planner's memory model counts them). Returns this
+        device's (task, loss) of every micro-batch."""
         out = []
         last = len(states) - 1
         for kind, micro, at in self.comm.walk:
@@ -339,9 +341,10 @@ class WaveWorker(PieceTransfers, GradientSync):
                 timing.sync_s += lap("sync", at)
                 self._exchange(at, st, forward=False)
                 timing.transfer_s[at] += lap("transfer_backward", at)
-                first, end = self.comm.phases[self.comm.phase_of[at]]
-                if at == first and len(self.comm.phases) > 1:
-                    st.release(first, end)  # the phase's activations and their gradients are done with
+                phase = self.comm.phase_of[at]
+                first, end = self.comm.phases[phase]
+                if at == first:  # the micro-batch's activations of the phase and their gradients are done with
+                    st.release(first, end, done=phase == len(self.comm.phases) - 1)
         return out
 
     def _loss_stage(self, step: int, st: StepState, pending: list | None, timing: StepTiming, lap: Lap,

@@ -138,13 +138,17 @@ class StepState:
         self.batches: dict[tuple[int, int, int], TaskBatch] = {}  # (task, start, stop): drawn once per step
         self.rollouts: dict[int, tuple[int, torch.Tensor]] = {}  # generate MetaOp -> (first row, its packed rows)
 
-    def release(self, first: int, end: int) -> None:
-        """Drop the tensors of the slices of waves ``[first, end)`` (a phase whose backward is done)."""
+    def release(self, first: int, end: int, done: bool = False) -> None:
+        """Drop the tensors of the slices of waves ``[first, end)`` (a phase whose backward is done): outputs, their
+        gradients and inputs (received rows are popped when read); ``done`` (the step's last phase), the drawn batches
+        too. The rollouts stay (the step's last micro-batch's are kept as the worker's ``last_rollouts``)."""
         for table in (self.outputs, self.grad_out, self.loss_inputs):
             for ref in [r for r in table if first <= r[0] < end]:
                 del table[ref]
         for key in [k for k in self.inputs if first <= k[0][0] < end]:
             del self.inputs[key]
+        if done:
+            self.batches.clear()
 
     def batch(self, job: JobSpec, task_index: int, step: int, start: int, stop: int) -> TaskBatch:
         key = (task_index, start, stop)

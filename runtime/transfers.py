@@ -87,11 +87,11 @@ class PieceTransfers:
         posted receive on the communicator's stream, ahead of the collectives issued after it."""
         if not self._ahead_enabled():
             return
-        order = self._exchanges()
-        position = order.index((st.micro, at)) + 1
-        if position >= len(order):
+        order, position = self._exchanges()
+        following = position[st.micro, at] + 1
+        if following >= len(order):
             return
-        micro, nxt = order[position]
+        micro, nxt = order[following]
         received, receives = self._receives(self._boundary_pieces(nxt), nxt + 1)
         if receives:
             move_id = st.move_id - st.micro + micro
@@ -99,7 +99,7 @@ class PieceTransfers:
 
     _ahead: tuple | None = None  # ((move_id, boundary), [(piece, buffer)], requests) posted by _post_receives
     _order: list[tuple[int, bool, int | None]] | None = None
-    _exchange_order: list[tuple[int, int]] | None = None
+    _exchange_order: tuple[list[tuple[int, int]], dict[tuple[int, int], int]] | None = None
 
     def _ahead_enabled(self) -> bool:
         return self.device.type == "cpu"
@@ -117,9 +117,9 @@ class PieceTransfers:
             self._order = order
         return self._order
 
-    def _exchanges(self) -> list[tuple[int, int]]:
+    def _exchanges(self) -> tuple[list[tuple[int, int]], dict[tuple[int, int], int]]:
         """Every exchange of one step as (micro-batch, boundary index of :meth:`_boundary_order`) in the order the
-        worker meets them (``comm.walk``: planner.phases.step_walk)."""
+        worker meets them (``comm.walk``: planner.phases.step_walk), and the position of each in that list."""
         if self._exchange_order is None:
             out = []
             for kind, micro, at in self.comm.walk:
@@ -127,7 +127,7 @@ class PieceTransfers:
                     out += [(micro, self._boundary_index((LOSS_WAVE, forward, at))) for forward in (True, False)]
                 else:
                     out.append((micro, self._boundary_index((at, kind == FORWARD, None))))
-            self._exchange_order = out
+            self._exchange_order = out, {key: i for i, key in enumerate(out)}
         return self._exchange_order
 
     def _boundary_index(self, key: tuple[int, bool, int | None]) -> int:
