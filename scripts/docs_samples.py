@@ -211,6 +211,25 @@ def run_command(command: Command, cache: dict) -> str:
     return cache[key]
 
 
+def earlier_runs(samples: list[Sample]) -> list[str]:
+    """Why the ``loom run`` samples would stop before training: the default output folder of each (``out/<job>``, as
+    ``loom run`` picks it without ``--out``) that holds an earlier run's checkpoints, which a fresh run refuses to
+    replace (orchestrator.outdir.check_fresh_run)."""
+    from orchestrator.outdir import earlier_run
+    from planner.spec import load_job
+
+    out = {}
+    for command in {c.argv: c for s in samples if not s.by_hand for c in s.commands if c.subcommand == "run"}.values():
+        if any(flag in command.argv for flag in ("--out", "--resume", "--overwrite")):
+            continue
+        folder = (ROOT / "out" / load_job(ROOT / command.argv[2]).name).relative_to(ROOT)
+        found = earlier_run(ROOT / folder)
+        if found:
+            out[folder] = (f"{folder} holds an earlier run ({found}), which `{command.text}` refuses to replace; "
+                           f"move it aside (mv {folder} {folder}.prev) and run this again")
+    return [out[folder] for folder in sorted(out)]
+
+
 def regenerate(samples: list[Sample], cheap_only: bool, check: bool) -> int:
     """Rewrite the blocks of ``samples`` (bottom up, per file); the number of blocks that changed."""
     cache: dict = {}
@@ -246,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 when a sample differs")
     args = parser.parse_args(argv)
     samples = all_samples()
+    blocked = [] if args.cheap or args.check else earlier_runs(samples)
+    if blocked:  # said before anything runs, not after the cheap samples and the profile
+        sys.exit("docs_samples: " + "\ndocs_samples: ".join(blocked))
     changed = regenerate(samples, cheap_only=args.cheap or args.check, check=args.check)
     print(f"docs_samples: {len(samples)} console samples, {changed} {'differ' if args.check else 'rewritten'}",
           file=sys.stderr)
