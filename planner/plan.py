@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from planner.errors import SpecError
 from planner.jsonfile import JsonKind, parse_json, read_json
@@ -35,23 +35,15 @@ class _PlanModel(BaseModel):
 class Sealed:
     """A content-hashed JSON document (a Plan, a plan set): its ``hash`` field holds the hash of everything else."""
 
-    # fields added with a default of None after the format settled: left out of the JSON (and the hash) while None,
-    # so a plan that does not use them reads and hashes as it did before they existed
-    OPTIONAL_KEYS: frozenset[str] = frozenset()
-
-    def _body(self, exclude: set[str] = frozenset()) -> dict:
-        left_out = {k for k in self.OPTIONAL_KEYS if getattr(self, k) is None}
-        return self.model_dump(mode="json", exclude=set(exclude) | left_out)
-
     def content_hash(self) -> str:
-        return digest(self._body({"hash"}))
+        return digest(self.model_dump(mode="json", exclude={"hash"}))
 
     def sealed(self):
         """This document with its content hash filled in."""
         return self.model_copy(update={"hash": self.content_hash()})
 
     def to_json(self) -> str:
-        return _canonical(self._body(), indent=1) + "\n"
+        return _canonical(self.model_dump(mode="json"), indent=1) + "\n"
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
@@ -269,6 +261,8 @@ class Bounds(_PlanModel):
 
 
 class Plan(Sealed, _PlanModel):
+    # fields added with a default of None after the format settled: left out of every dump (the JSON, the hash, a plan
+    # set's plans) while None, so a plan that does not use them reads and hashes as it did before they existed
     OPTIONAL_KEYS: ClassVar[frozenset[str]] = frozenset({"pipelined"})
     version: int = PLAN_VERSION
     job: str
@@ -312,6 +306,14 @@ class Plan(Sealed, _PlanModel):
         default_factory=dict, description="Why a baseline's time needs care, e.g. its plan exceeds device memory."
     )
     hash: str = ""
+
+    @model_serializer(mode="wrap")
+    def _without_unset_optionals(self, handler) -> dict:
+        data = handler(self)
+        for key in self.OPTIONAL_KEYS:
+            if key in data and data[key] is None:
+                del data[key]
+        return data
 
 
 def zero_sharded(plan: Plan, training) -> bool:
