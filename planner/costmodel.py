@@ -187,22 +187,20 @@ class CostModel:
         copy without its private attributes, which a model uses for memos only (its curves; the simulations and flow
         prices planner.simulator and planner.timeline keep on it), since memory and the optimizer's step are priced
         otherwise."""
-        if shard == self.shard_optimizer:
-            return self
-        twin = copy.copy(self)
-        twin.__dict__ = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-        twin.shard_optimizer, twin._curves = shard, {}
-        return twin
+        return self if shard == self.shard_optimizer else self._twin(shard_optimizer=shard)
 
     def with_in_flight(self, micro_batches: int) -> CostModel:
         """This model with ``micro_batches`` micro-batches' activations held at once (their forwards pipelined: the
         timeline walks :func:`planner.phases.step_walk` pipelined) or 1 (in order); a copy as
         :meth:`with_shard_optimizer` makes, since the curves' layouts depend on memory."""
-        if micro_batches == self.in_flight:
-            return self
+        return self if micro_batches == self.in_flight else self._twin(in_flight=micro_batches)
+
+    def _twin(self, **changes) -> CostModel:
+        """A copy with ``changes`` and without the private attributes (memos: the curves, and the simulations and flow
+        prices planner.simulator and planner.timeline keep on a model), which the changes may invalidate."""
         twin = copy.copy(self)
-        twin.__dict__ = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-        twin.in_flight, twin._curves = micro_batches, {}
+        twin.__dict__ = {k: v for k, v in self.__dict__.items() if not k.startswith("_")} | changes
+        twin._curves = {}
         return twin
 
     # ---- what subclasses provide
