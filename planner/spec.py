@@ -540,7 +540,8 @@ class JobSpec(StrictModel):
 
     @model_validator(mode="after")
     def _check_training(self) -> JobSpec:
-        """Micro-batches split every task's batch evenly; fp16 needs a GPU (its loss scaling is a GPU path)."""
+        """Micro-batches split every task's batch evenly, and only jobs without generate or sample uses; fp16 needs a GPU
+        (its loss scaling is a GPU path)."""
         k = self.training.grad_accum_steps
         for i, task in enumerate(self.tasks):
             if task.batch_size % k:
@@ -548,6 +549,14 @@ class JobSpec(StrictModel):
                     f"tasks[{i}].batch_size ({task.batch_size}) is not divisible by training.grad_accum_steps ({k}); "
                     "each micro-batch needs the same rows. Make batch_size a multiple of grad_accum_steps."
                 )
+        rollout = next(((t.name, u.use_name) for t in self.tasks for u in t.components
+                        if u.mode in ("generate", "sample")), None)
+        if k > 1 and rollout is not None:  # runtime.executor refuses it too; said here, before anything runs
+            raise ValueError(
+                f"training.grad_accum_steps ({k}) > 1 with a generate or sample use (task '{rollout[0]}', use "
+                f"'{rollout[1]}'): a rollout group's advantages need the whole batch, and samples are seeded by their "
+                "row in it. Set grad_accum_steps: 1."
+            )
         lagged = [t for t in self.tasks if t.loss.startswith("grpo") and any(u.mode == "generate" for u in t.components)]
         if self.training.rollout_lag and not lagged:
             raise ValueError(

@@ -105,6 +105,15 @@ def test_samples_must_divide_the_batch():
     assert "samples (3) does not divide tasks[0].batch_size (8)" in error(data)
 
 
+def test_rollouts_take_one_micro_batch():
+    """The runtime refuses micro-batches with a generate or sample use (a group's advantages need the whole batch);
+    the spec says so before anything runs."""
+    data = grpo_job()
+    data["training"] = {"grad_accum_steps": 2}
+    assert error(data).startswith("training.grad_accum_steps (2) > 1 with a generate or sample use (task 'grpo', "
+                                  "use 'rollout')")
+
+
 def test_weight_hand_off_needs_equal_shapes():
     data = grpo_job()
     data["components"]["generator"] = {**data["components"]["policy"], "weights_from": "policy"}
