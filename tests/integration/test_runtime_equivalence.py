@@ -255,16 +255,21 @@ def test_planner_plan_with_connectors_equals_single_process(tmp_path):
     check_equivalence(job, plan_job(job, with_baselines=False).plan, tmp_path)
 
 
-def test_a_plan_with_phases_equals_single_process(tmp_path):
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_plan_with_phases_equals_single_process(pipelined, tmp_path):
     """The sequential baseline's schedule as Loom adopts it (planner.candidates), exactly as planner.baselines places it:
     tasks in turn as phases, so each device runs caption's forward, loss and backward, then align's; the shared text
     tower's gradient is final only after align's backward (the runtime's task-parallel shapes, each task on its own
-    devices without a barrier, are what every plan above already runs)."""
+    devices without a barrier, are what every plan above already runs). Pipelined: two micro-batches walked phase by
+    phase (planner.phases.step_walk), each phase's tensors released per micro-batch after its backward."""
     from planner.api import make_cost_model, plan_placed
     from planner.baselines import sequential_schedule
     from planner.schedule import Problem
 
-    job = parse_job(tiny_job(4))
+    data = tiny_job(4)
+    if pipelined:
+        data["training"].update(grad_accum_steps=2, pipeline_micro_batches=True)
+    job = parse_job(data)
     cost_model = make_cost_model(job)
     plan = plan_placed(job, sequential_schedule(Problem.build(build_metagraph(job), cost_model)), cost_model,
                        method="sequential")

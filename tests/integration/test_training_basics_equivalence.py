@@ -60,8 +60,11 @@ def test_clipping_accumulation_and_cosine_schedule_equal_single_process(tmp_path
     check_equivalence(job, plan, tmp_path)
 
 
-def test_clipping_over_tensor_parallel_ranks_equals_single_process(tmp_path):
-    data = basics_job(lr_schedule="linear", warmup_steps=2)
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_clipping_over_tensor_parallel_ranks_equals_single_process(pipelined, tmp_path):
+    """Megatron-core TP layers over both orders of the two micro-batches (pipelined: a TP group's collectives of
+    micro-batch 1's forward interleave with the other waves' micro-batch 0, the same order on every rank)."""
+    data = basics_job(lr_schedule="linear", warmup_steps=2, pipeline_micro_batches=pipelined)
     data["components"]["txt"]["tensor_parallel"] = [2]  # the shared text tower on megatron-core, TP=2
     job = parse_job(data)
     plan = plan_from_waves(job, [
