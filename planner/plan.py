@@ -12,9 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from planner.errors import SpecError
 from planner.jsonfile import JsonKind, parse_json, read_json
@@ -261,9 +260,6 @@ class Bounds(_PlanModel):
 
 
 class Plan(Sealed, _PlanModel):
-    # fields added with a default of None after the format settled: left out of every dump (the JSON, the hash, a plan
-    # set's plans) while None, so a plan that does not use them reads and hashes as it did before they existed
-    OPTIONAL_KEYS: ClassVar[frozenset[str]] = frozenset({"pipelined"})
     version: int = PLAN_VERSION
     job: str
     spec_hash: str
@@ -293,8 +289,10 @@ class Plan(Sealed, _PlanModel):
     shard_optimizer: bool | None = Field(
         None, description="ZeRO-1 chosen by the planner for a job with training.shard_optimizer: auto (priced and run "
         "so); None: as the job's training.shard_optimizer says (:func:`zero_sharded`).")
+    # added with a default of None after the format settled: left out of every dump (the JSON, the hash, a plan set's
+    # plans) while None, so a plan that does not use it reads and hashes as it did before it existed
     pipelined: bool | None = Field(
-        None, description="Micro-batches pipelined (planner.phases.step_walk), chosen by the planner for a job with "
+        None, exclude_if=lambda value: value is None, description="Micro-batches pipelined (planner.phases.step_walk), chosen by the planner for a job with "
         "training.pipeline_micro_batches: auto and grad_accum_steps > 1 (priced and run so); None: as the job says "
         "(:func:`micro_batches_pipelined`).")
     predicted: Prediction
@@ -306,14 +304,6 @@ class Plan(Sealed, _PlanModel):
         default_factory=dict, description="Why a baseline's time needs care, e.g. its plan exceeds device memory."
     )
     hash: str = ""
-
-    @model_serializer(mode="wrap")
-    def _without_unset_optionals(self, handler) -> dict:
-        data = handler(self)
-        for key in self.OPTIONAL_KEYS:
-            if key in data and data[key] is None:
-                del data[key]
-        return data
 
 
 def zero_sharded(plan: Plan, training) -> bool:
