@@ -393,34 +393,40 @@ def affordable(problem: Problem, limit_s: float, reserve_s: float) -> bool:
     return SPLIT_CPU_S_PER_CELL * len(problem.graph) * problem.num_devices <= (limit_s - reserve_s) / 2
 
 
+def _try_splits(problem: Problem, laid: Problem, cost_model: CostModel, stages: int, found: list[tuple]) -> bool:
+    """Build the split in ``stages`` stages on ``laid``'s curves (the job's, or layouts fitted to a stage), evenly cut
+    and, with stages, balanced; append each new one that fits and runs to ``found`` as (iteration, placed, simulation,
+    stages, laid, balanced). Whether any did."""
+    added = False
+    for balanced in (False, True) if stages > 1 else (False,):
+        placed = group_split_schedule(laid, cost_model, stages, balanced)
+        if placed is None or any(placed == f[1] for f in found):
+            continue
+        sim = simulate(problem, placed, cost_model)
+        why = runnable(problem, placed, cost_model.hw.devices_per_node)
+        if max(sim.peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes:
+            why = "it does not fit in device memory"
+        if why is not None:
+            log.info("sync-aware split in %d stages%s not used: %s", stages, ", balanced" * balanced, why)
+            continue
+        found.append((sim.iteration_time_s, placed, sim, stages, laid, balanced))
+        added = True
+    return added
+
+
 def group_split_candidate(problem: Problem, cost_model: CostModel, template: SolveResult | None, bound_s: float,
                           ) -> tuple[SolveResult, PlacedSchedule, Simulation] | None:
     """The split placed, simulated and checked like the solver's candidates: None when there is none, it does not
     fit in device memory or the runtime could not run it. ``template``: the solver's result whose fields (solver
     name, bound) the candidate's result keeps."""
-    found = []
+    found: list[tuple] = []
     for stages in STAGES:
-        for laid in (problem, "fitted") if stages > 1 else (problem,):
-            if laid == "fitted":
-                if found and found[-1][3] == stages:
-                    break  # the job's own layouts fit this stage count
-                # a stage holds 1/stages of each heavy group's layers: layouts that fit that share may run a model no
-                # layout holds whole (70B on 64 H100s: tensor parallel 8 within each stage's range)
-                laid = memory_tightened(problem, cost_model, STAGE_FILL * stages)
-                if laid is None:
-                    break
-            for balanced in (False, True) if stages > 1 else (False,):
-                placed = group_split_schedule(laid, cost_model, stages, balanced)
-                if placed is None or any(placed == f[1] for f in found):
-                    continue
-                sim = simulate(problem, placed, cost_model)
-                why = runnable(problem, placed, cost_model.hw.devices_per_node)
-                if max(sim.peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes:
-                    why = "it does not fit in device memory"
-                if why is not None:
-                    log.info("sync-aware split in %d stages%s not used: %s", stages, ", balanced" * balanced, why)
-                    continue
-                found.append((sim.iteration_time_s, placed, sim, stages, laid, balanced))
+        if not _try_splits(problem, problem, cost_model, stages, found) and stages > 1:
+            # a stage holds 1/stages of each heavy group's layers: layouts that fit that share may run a model no
+            # layout holds whole (70B on 64 H100s: tensor parallel 8 within each stage's range)
+            fitted = memory_tightened(problem, cost_model, STAGE_FILL * stages)
+            if fitted is not None:
+                _try_splits(problem, fitted, cost_model, stages, found)
     if not found:
         return None
     _, placed, sim, stages, laid, balanced = min(found, key=lambda f: (f[0], f[3], f[5]))
