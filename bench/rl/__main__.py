@@ -214,8 +214,10 @@ def markdown(records: list[dict]) -> str:
               "scored and trained (planner.rlbaselines.streamed_candidate); evaluated, not adopted: every chunk's "
               "decode reads all the weights per token again, which costs more than the overlap saves here."]
     lines += ["", "## Pipeline stages with overlapping micro-batches (estimate, not simulated)", "",
-              "The simulator runs a MetaOp cut into p pipeline stages as p waves one after another over the whole "
-              "batch, as Loom's runtime runs it; verl's Megatron backend and OpenRLHF's DeepSpeed pipeline run 1F1B "
+              "An RL iteration takes one micro-batch (a rollout group's advantages need the whole batch), so the "
+              "simulator runs a MetaOp cut into p pipeline stages as p waves one after another over the whole "
+              "batch, as Loom's runtime runs it (its pipelined micro-batches, training.pipeline_micro_batches, need "
+              "several; bench/results/pipeline.md); verl's Megatron backend and OpenRLHF's DeepSpeed pipeline run 1F1B "
               f"over micro-batches. bench.rl.stages re-prices every run of stage waves as 1F1B over {MICRO_PER_STAGE}p "
               "micro-batches ((m + p - 1) / m x its slowest stage), for every placement alike, time only (no "
               "re-planning for the activations the micro-batches save).", "",
