@@ -6,10 +6,10 @@ encoder) and a text task, each planned with its micro-batches in order, pipeline
 (``auto``): each plan's predicted iteration, its pipeline stages and peak memory, and the baselines (every one over
 memory).
 **Measured** (this machine, a local gloo world of worker processes: runtime.local_world, the logic Ray actors run):
-``chain-cpu.yaml``'s 8 layers cut into two stages of 4 on the two workers, trained in order and pipelined in
-alternating runs, beside the plan the planner picks for it (data parallel over both workers); per plan the median
-step after warm-up, its prediction and its losses (the two stage runs must give the same losses: the same gradients
-accumulate in the same order).
+``chain-cpu.yaml`` (8 layers, 8 micro-batches) profiled first, then the planner's plans for it with those costs
+(micro-batches in order, and auto) and the 8 layers cut by hand into two stages of 4 on the two workers, in order and
+pipelined, trained in alternating runs; per plan the median step after warm-up, its prediction and its losses (the
+two stage runs must give the same losses: the same gradients accumulate in the same order).
 """
 
 from __future__ import annotations
@@ -18,17 +18,19 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from planner.api import plan_job, plan_placed
-from planner.costmodel import Layout
+from planner.api import make_cost_model, plan_job, plan_placed
+from planner.costmodel import CostModel, Layout
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
 from planner.plan import Plan
 from planner.spec import JobSpec, load_job
 from runtime.local_world import run_world
+from runtime.profiler import profile_job
 
 HERE = Path(__file__).resolve().parent
 PLANNED = (HERE / "sft-70b-64.yaml", HERE / "vlm-70b-64.yaml")
 MEASURED = HERE / "chain-cpu.yaml"
 GIB = 2 ** 30
+PROFILE_REPEATS = 9  # timed runs per profile point, as bench.runtime (single runs of a layer vary by 10% and more)
 
 
 def with_order(job: JobSpec, order: bool | str) -> JobSpec:
@@ -57,21 +59,25 @@ def planned_records() -> list[dict]:
     return out
 
 
-def stage_plan(job: JobSpec) -> Plan:
+def stage_plan(job: JobSpec, cost_model: CostModel | None = None) -> Plan:
     """``job``'s layers in two stages, the first half on device 0, the rest on device 1 (one wave each)."""
     layers = job.components["enc"].num_layers
     half = layers // 2
     waves = (PlacedWave((PlacedSlice(0, 0, half, (0,), Layout(1, 1)),)),
              PlacedWave((PlacedSlice(0, half, layers - half, (1,), Layout(1, 1)),)))
-    return plan_placed(job, PlacedSchedule(waves), method="two stages")
+    return plan_placed(job, PlacedSchedule(waves), cost_model, method="two stages")
 
 
-def measured_plans() -> dict[str, tuple[JobSpec, Plan]]:
+def measured_plans(costs: dict) -> dict[str, tuple[JobSpec, Plan]]:
+    """The measured job's plans, each planned (or predicted) with ``costs`` (a profile of this machine): the planner's
+    with its micro-batches in order and with auto, and the two hand-made stages in order and pipelined."""
     job = load_job(MEASURED)
     in_order, piped = with_order(job, False), with_order(job, True)
-    return {"planner's choice (auto)": (job, plan_job(job, with_baselines=False).plan),
-            "two stages, in order": (in_order, stage_plan(in_order)),
-            "two stages, pipelined": (piped, stage_plan(piped))}
+    return {"planner, in order": (in_order, plan_job(in_order, make_cost_model(in_order, costs),
+                                                     with_baselines=False).plan),
+            "planner, auto": (job, plan_job(job, make_cost_model(job, costs), with_baselines=False).plan),
+            "two stages, in order": (in_order, stage_plan(in_order, make_cost_model(in_order, costs))),
+            "two stages, pipelined": (piped, stage_plan(piped, make_cost_model(piped, costs)))}
 
 
 def run_plan(job: JobSpec, plan: Plan, steps: int, warmup: int) -> tuple[list[float], list[dict]]:
@@ -82,7 +88,10 @@ def run_plan(job: JobSpec, plan: Plan, steps: int, warmup: int) -> tuple[list[fl
 
 
 def measured_records(rounds: int, steps: int, warmup: int, progress) -> list[dict]:
-    plans = measured_plans()
+    job = load_job(MEASURED)
+    analytic = plan_job(job, with_baselines=False).plan  # what the built-in CPU table picks, for the report
+    costs = profile_job(job, repeats=PROFILE_REPEATS, warmup=3, progress=progress)
+    plans = measured_plans(costs)
     times: dict[str, list[float]] = {name: [] for name in plans}
     losses: dict[str, list[dict]] = {}
     for r in range(rounds):  # alternating: this host's speed wanders over tens of seconds
@@ -96,7 +105,9 @@ def measured_records(rounds: int, steps: int, warmup: int, progress) -> list[dic
         "median_step_s": statistics.median(times[name]), "step_s": times[name],
         "predicted_s": plan.predicted.iteration_time_s, "first_losses": losses[name][0],
         "last_losses": losses[name][-1], "losses": losses[name],
-    } for name, (job, plan) in plans.items()]
+    } for name, (job, plan) in plans.items()] + [{
+        "part": "analytic choice", "job": job.name, "method": analytic.solver.method,
+        "pipelined": bool(analytic.pipelined), "predicted_s": analytic.predicted.iteration_time_s}]
 
 
 def report(records: list[dict], rounds: int, steps: int) -> str:
@@ -120,17 +131,25 @@ def report(records: list[dict], rounds: int, steps: int) -> str:
         fit = ", ".join(f"{b} {t:.2f} s" for b, t in sorted(auto["baselines_s"].items()) if auto["baselines_fit"][b])
         lines += ["", f"Pipelined over in order: **{slow / fast:.2f}x**. Baselines (same cost model, the auto plan's "
                   f"order): over device memory: {unfit or 'none'}; fitting: {fit or 'none'}."]
+    analytic = next(r for r in records if r["part"] == "analytic choice")
     lines += ["",
               f"## Measured: {next(iter(measured.values()))['job']} on this machine ({rounds} alternating rounds x "
               f"{steps} timed steps per plan)", "",
-              "| plan | method | median step | predicted (analytic CPU table) | last losses |", "|---|---|---|---|---|"]
+              "Every plan planned or predicted with a profile of this machine taken first (runtime.profiler, as "
+              "`loom profile` without its calibration run). With the built-in CPU table instead the planner keeps "
+              f"{analytic['method']} ({'pipelined' if analytic['pipelined'] else 'in order'}, predicted "
+              f"{analytic['predicted_s'] * 1e3:.1f} ms).", "",
+              "| plan | method | median step | predicted (profiled) | last losses |", "|---|---|---|---|---|"]
     for name, r in measured.items():
         last = ", ".join(f"{t} {v:.4f}" for t, v in r["last_losses"].items())
-        lines.append(f"| {name} | {r['method']} | {r['median_step_s'] * 1e3:.1f} ms | "
-                     f"{r['predicted_s'] * 1e3:.1f} ms | {last} |")
+        lines.append(f"| {name} | {r['method']}{', pipelined' if r['pipelined'] else ''} | "
+                     f"{r['median_step_s'] * 1e3:.1f} ms | {r['predicted_s'] * 1e3:.1f} ms | {last} |")
     a, b = measured["two stages, in order"], measured["two stages, pipelined"]
     same = a["losses"] == b["losses"]
+    p, q = measured["planner, in order"], measured["planner, auto"]
     lines += ["", f"Two stages pipelined over in order, measured: **{a['median_step_s'] / b['median_step_s']:.2f}x** "
               f"(predicted {a['predicted_s'] / b['predicted_s']:.2f}x); losses of every step "
-              f"{'identical' if same else 'DIFFERENT'} between the two orders."]
+              f"{'identical' if same else 'DIFFERENT'} between the two orders. The planner's auto plan over its "
+              f"in-order plan: measured {p['median_step_s'] / q['median_step_s']:.2f}x, predicted "
+              f"{p['predicted_s'] / q['predicted_s']:.2f}x."]
     return "\n".join(lines)
