@@ -1,0 +1,45 @@
+"""bench/pipeline: the hand-made stage plan puts half the layers on each worker, and the report computes its ratios
+from the records (speed-ups, the orders' losses compared) and names the baselines over memory."""
+
+from __future__ import annotations
+
+from bench.pipeline import MEASURED, report, stage_plan, with_order
+from planner.spec import load_job
+
+
+def test_the_stage_plan_cuts_the_chain_in_two_on_the_two_workers():
+    job = with_order(load_job(MEASURED), True)
+    plan = stage_plan(job)
+    assert [[(s.first_layer, s.num_layers, s.devices) for s in w.slices] for w in plan.waves] == [[(0, 4, [0])],
+                                                                                                   [(4, 4, [1])]]
+    assert plan.pipelined is None and job.training.pipeline_micro_batches is True  # the job says pipelined
+
+
+def planned(order, pipelined, seconds):
+    return {"part": "planned", "job": "big", "pipeline_micro_batches": order, "pipelined": pipelined,
+            "iteration_s": seconds, "compute_s": seconds, "method": "m", "num_waves": 2, "stage_devices": [32],
+            "peak_gib": 60.0, "memory_gib": 80.0, "baselines_s": {"optimus": 7.0, "uniform": 9.0},
+            "baselines_fit": {"optimus": False, "uniform": True}, "planning_s": 0.1, "micro_batches": 16}
+
+
+def measured(plan, seconds, predicted, losses):
+    return {"part": "measured", "job": "chain-cpu", "plan": plan, "method": "m", "pipelined": "pipelined" in plan,
+            "median_step_s": seconds, "step_s": [seconds], "predicted_s": predicted, "first_losses": losses[0],
+            "last_losses": losses[-1], "losses": losses}
+
+
+def test_the_report_computes_its_ratios_from_the_records():
+    same = [{"cls": 1.0}, {"cls": 0.5}]
+    records = [planned(False, False, 12.0), planned(True, True, 6.0), planned("auto", True, 6.0),
+               measured("planner, in order", 0.5, 0.45, same), measured("planner, auto", 0.4, 0.4, same),
+               measured("two stages, in order", 0.8, 0.7, same),
+               measured("two stages, pipelined", 0.4, 0.35, [{"cls": 1.0}, {"cls": 0.25}]),
+               {"part": "analytic choice", "job": "chain-cpu", "method": "lp", "pipelined": False,
+                "predicted_s": 0.9}]
+    text = report(records, rounds=3, steps=6)
+    assert "Pipelined over in order: **2.00x**" in text
+    assert "over device memory: optimus 7.00 s; fitting: uniform 9.00 s" in text
+    assert "measured: **2.00x** (predicted 2.00x); losses of every step DIFFERENT between the two orders" in text
+    assert "in-order plan: measured 1.25x, predicted 1.12x" in text
+    assert "the planner keeps lp (in order, predicted 900.0 ms)" in text
+    assert "| auto | pipelined | 6.00 s |" in text and "| false | in order | 12.00 s |" in text
