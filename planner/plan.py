@@ -292,7 +292,8 @@ class Plan(Sealed, _PlanModel):
     # added with a default of None after the format settled: left out of every dump (the JSON, the hash, a plan set's
     # plans) while None, so a plan that does not use it reads and hashes as it did before it existed
     pipelined: bool | None = Field(
-        None, exclude_if=lambda value: value is None, description="Micro-batches pipelined (planner.phases.step_walk), chosen by the planner for a job with "
+        None, exclude_if=lambda value: value is None,
+        description="Micro-batches pipelined (planner.phases.step_walk), chosen by the planner for a job with "
         "training.pipeline_micro_batches: auto and grad_accum_steps > 1 (priced and run so); None: as the job says "
         "(:func:`micro_batches_pipelined`).")
     predicted: Prediction

@@ -540,8 +540,8 @@ class JobSpec(StrictModel):
 
     @model_validator(mode="after")
     def _check_training(self) -> JobSpec:
-        """Micro-batches split every task's batch evenly, and only jobs without generate or sample uses; fp16 needs a GPU
-        (its loss scaling is a GPU path)."""
+        """Micro-batches split every task's batch evenly, and only in jobs without generate or sample uses; fp16 needs a
+        GPU (its loss scaling is a GPU path)."""
         k = self.training.grad_accum_steps
         for i, task in enumerate(self.tasks):
             if task.batch_size % k:
