@@ -277,17 +277,6 @@ def round_layers(problem: Problem, lp: PatternLP) -> Schedule:
     return Schedule(merge_adjacent_waves(problem, [w for w in out if w.slices]))
 
 
-def lp_configurations(lp: PatternLP) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
-    """The distinct configurations the LP runs: (stage, its (MetaOp, count) pairs), in column order."""
-    return list(dict.fromkeys((c.stage, tuple(sorted((m, n) for m, n, _ in c.pattern)))
-                              for c, y in zip(lp.columns, lp.y) if y > 1e-9))
-
-
-def layer_mip_size(lp: PatternLP) -> int:
-    """The integer variables of :func:`layer_mip` over ``lp``: one per MetaOp of each configuration."""
-    return sum(len(config) for _, config in lp_configurations(lp))
-
-
 def layer_mip(problem: Problem, lp: PatternLP, solver_name: str, time_limit_s: float, mip_gap: float,
               max_nodes: int) -> Schedule | None:
     """A schedule from the LP's support by an integer program over layers, not repetitions: each distinct
@@ -300,7 +289,8 @@ def layer_mip(problem: Problem, lp: PatternLP, solver_name: str, time_limit_s: f
     configuration last no less than one with both's layers), so where the packing ILP must round whole repetitions
     and layer rounding fills the missing layers greedily, this chooses every layer count jointly (ofasys-7@16: 1.029x
     the per-level bound against 1.040x for every other method). None when the solver finds no integer solution."""
-    configs = lp_configurations(lp)
+    configs = list(dict.fromkeys((c.stage, tuple(sorted((m, n) for m, n, _ in c.pattern)))
+                                 for c, y in zip(lp.columns, lp.y) if y > 1e-9))
     model = pulp.LpProblem("loom_layers", pulp.LpMinimize)
     durations, layers, terms = [], {}, {}
     for i, (_, config) in enumerate(configs):

@@ -40,8 +40,8 @@ from dataclasses import dataclass, replace
 
 from planner.milp import build_wave_milp, explain_infeasible, make_solver, set_start, solve_wave_milp
 from planner.patterns import (
-    Column, PatternLP, PatternMaster, dive, layer_mip, layer_mip_size, pattern_duration, patterns_to_schedule,
-    round_layers, solve_pattern_ip, solve_pattern_lp,
+    Column, PatternLP, PatternMaster, dive, layer_mip, pattern_duration, patterns_to_schedule, round_layers,
+    solve_pattern_ip, solve_pattern_lp,
 )
 from planner.polish import polish
 from planner.twowave import pack_stage
@@ -275,12 +275,6 @@ def _recombine(problem: Problem, settings: SolverSettings, master: PatternMaster
     return [packed]
 
 
-LAYER_MIP_MAX_VARS = 400  # integer variables (configurations x their MetaOps) up to which the layer MIP runs: every
-# grid cell (at most 173), not the sweep and scale cells (3,485 at 100 MetaOps on 128 devices, where its solve took
-# the time limit's last seconds from the searches after it)
-LAYER_MIP_NODES = 800  # its branch-and-bound nodes: as good as 2,000 on every grid cell, 0.1-0.6 CPU s less
-
-
 def sequential_schedule(problem: Problem) -> Schedule:
     """Megatron-LM/DeepSpeed style as waves: one MetaOp per wave, task after task, each on its fastest count.
     A candidate because with heavy activations or tiny workloads moving nothing can beat sharing devices."""
@@ -317,9 +311,9 @@ def solve(problem: Problem, settings: SolverSettings, warm: Schedule | None = No
     # after the packing ILP, which it would warm-start and change
     found.append(_candidate(problem, "lp-rounding", round_layers(problem, lp), deadline=deadline))
     say(f"layer rounding of the allocation LP: {found[-1].makespan_s:.4g} s")
-    if not settings.past_deadline() and layer_mip_size(lp) <= LAYER_MIP_MAX_VARS:
+    if not settings.past_deadline():
         t0 = time.perf_counter()
-        layered = layer_mip(problem, lp, settings.solver, settings.milp_limit_s(), settings.mip_gap, LAYER_MIP_NODES)
+        layered = layer_mip(problem, lp, settings.solver, settings.milp_limit_s(), settings.mip_gap, settings.max_nodes)
         if layered is not None:
             found.append(_candidate(problem, "layer-mip", layered, deadline=deadline))
             say(f"layer MIP over the allocation LP's configurations: {found[-1].makespan_s:.4g} s, "

@@ -14,7 +14,7 @@ from planner.errors import PlanningError
 from planner.metagraph import MetaOp, finalize_graph
 from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule, compute_makespan
 from planner.patterns import knapsack_many, layer_mip, round_layers, solve_pattern_lp
-from planner.solver import LAYER_MIP_NODES, SolverSettings, solve, solve_exact, stage_windows
+from planner.solver import SolverSettings, solve, solve_exact, stage_windows
 
 EXACT = SolverSettings(mip_gap=0.0, time_limit_s=60, max_nodes=100000)  # a wall-clock backstop only
 
@@ -198,7 +198,7 @@ def test_the_layer_mip_is_valid_and_within_its_gap_of_layer_rounding(seed):
     problem = make_problem(200 + seed, num_ops=rng.randint(4, 10), num_devices=rng.choice([8, 16, 32]), max_layers=24)
     settings = SolverSettings(time_limit_s=5)
     lp = solve_pattern_lp(problem, *stage_windows(problem, "levels"))[0]
-    layered = layer_mip(problem, lp, "highs", 5, settings.mip_gap, LAYER_MIP_NODES)
+    layered = layer_mip(problem, lp, "highs", 5, settings.mip_gap, settings.max_nodes)
     check_schedule(problem, layered)
     value = compute_makespan(problem, layered)
     assert value <= compute_makespan(problem, round_layers(problem, lp)) * (1 + settings.mip_gap) + 1e-12
