@@ -277,45 +277,6 @@ def round_layers(problem: Problem, lp: PatternLP) -> Schedule:
     return Schedule(merge_adjacent_waves(problem, [w for w in out if w.slices]))
 
 
-def layer_mip(problem: Problem, lp: PatternLP, solver_name: str, time_limit_s: float, mip_gap: float,
-              max_nodes: int) -> Schedule | None:
-    """A schedule from the LP's support by an integer program over layers, not repetitions: each distinct
-    configuration the LP runs (its (MetaOp, count) pairs, in its stage) is one wave lasting ``d_c``, with an integer
-    number of layers ``l_{c,m}`` of each of its MetaOps::
-
-        minimise  sum_c d_c    s.t.  T_m(n_{c,m}) l_{c,m} <= d_c,   sum_c l_{c,m} = L_m,   l integer >= 0
-
-    A configuration used once with its layers chosen freely covers every way of repeating it (two waves of one
-    configuration last no less than one with both's layers), so where the packing ILP must round whole repetitions
-    and layer rounding fills the missing layers greedily, this chooses every layer count jointly (ofasys-7@16: 1.029x
-    the per-level bound against 1.040x for every other method). None when the solver finds no integer solution."""
-    configs = list(dict.fromkeys((c.stage, tuple(sorted((m, n) for m, n, _ in c.pattern)))
-                                 for c, y in zip(lp.columns, lp.y) if y > 1e-9))
-    model = pulp.LpProblem("loom_layers", pulp.LpMinimize)
-    durations, layers, terms = [], {}, {}
-    for i, (_, config) in enumerate(configs):
-        d = model.add_variable(f"d_{i}", 0, None)
-        durations.append(d)
-        for m, n in config:
-            v = layers[i, m] = model.add_variable(f"l_{i}_{m}", 0, problem.layers(m), cat="Integer")
-            model += problem.curves[m].time(n) * v <= d, f"duration[c={i},m={m}]"
-            terms.setdefault(m, []).append(v)
-    model += pulp.lpSum(durations)
-    for m in range(len(problem.graph)):
-        model += pulp.lpSum(terms.get(m, [])) == problem.layers(m), f"layers[m={m}]"
-    model.solve(make_solver(solver_name, time_limit_s, mip_gap, max_nodes))
-    if model.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        return None
-    waves, stages = [], []
-    for i, (stage, config) in enumerate(configs):
-        wave = {m: [n, int(round(layers[i, m].varValue or 0))] for m, n in config}
-        wave = {m: v for m, v in wave.items() if v[1] > 0}
-        if wave:
-            waves.append(wave)
-            stages.append(stage)
-    return Schedule(merge_adjacent_waves(problem, _order_within_stages(problem, stages, waves)))
-
-
 def solve_pattern_ip(problem: Problem, columns: Sequence[Column], start: Sequence[int], solver_name: str,
                      time_limit_s: float, mip_gap: float, max_nodes: int) -> tuple[list[int] | None, str, float]:
     """The packing ILP over generated columns (integer repetitions y_p), warm-started from ``start``."""

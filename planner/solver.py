@@ -40,8 +40,8 @@ from dataclasses import dataclass, replace
 
 from planner.milp import build_wave_milp, explain_infeasible, make_solver, set_start, solve_wave_milp
 from planner.patterns import (
-    Column, PatternLP, PatternMaster, dive, layer_mip, pattern_duration, patterns_to_schedule, round_layers,
-    solve_pattern_ip, solve_pattern_lp,
+    Column, PatternLP, PatternMaster, dive, pattern_duration, patterns_to_schedule, round_layers, solve_pattern_ip,
+    solve_pattern_lp,
 )
 from planner.polish import polish
 from planner.twowave import pack_stage
@@ -311,13 +311,6 @@ def solve(problem: Problem, settings: SolverSettings, warm: Schedule | None = No
     # after the packing ILP, which it would warm-start and change
     found.append(_candidate(problem, "lp-rounding", round_layers(problem, lp), deadline=deadline))
     say(f"layer rounding of the allocation LP: {found[-1].makespan_s:.4g} s")
-    if not settings.past_deadline():
-        t0 = time.perf_counter()
-        layered = layer_mip(problem, lp, settings.solver, settings.milp_limit_s(), settings.mip_gap, settings.max_nodes)
-        if layered is not None:
-            found.append(_candidate(problem, "layer-mip", layered, deadline=deadline))
-            say(f"layer MIP over the allocation LP's configurations: {found[-1].makespan_s:.4g} s, "
-                f"{time.perf_counter() - t0:.2f} s")
     num_exact_waves = sum(op.num_layers for op in problem.graph.metaops)
     if len(full_candidates(problem, 1)) * num_exact_waves <= EXACT_MAX_CANDIDATES and not settings.past_deadline():
         best = min(found, key=lambda c: (c.makespan_s, c.name))

@@ -13,7 +13,7 @@ from planner.costmodel import Curve, Layout
 from planner.errors import PlanningError
 from planner.metagraph import MetaOp, finalize_graph
 from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule, compute_makespan
-from planner.patterns import knapsack_many, layer_mip, round_layers, solve_pattern_lp
+from planner.patterns import knapsack_many
 from planner.solver import SolverSettings, solve, solve_exact, stage_windows
 
 EXACT = SolverSettings(mip_gap=0.0, time_limit_s=60, max_nodes=100000)  # a wall-clock backstop only
@@ -116,9 +116,8 @@ def test_schedule_invariants_and_never_worse_than_warm_start(seed):
     assert result.objective_s <= compute_makespan(problem, warm) + 1e-12
     assert result.objective_s == pytest.approx(compute_makespan(problem, result.schedule))
     # the LP is optimal over the columns its pricing found (candidate caps), not over every pattern: layer rounding's
-    # waves lie off those columns and beat it by 1.7e-5 on seed 0, the layer MIP's (each configuration's duration
-    # free) by 3.4e-4; a larger margin would be a wrong LP
-    assert result.lp_value_s <= result.objective_s * (1 + 1e-3)
+    # waves lie off those columns and beat it by 1.7e-5 on seed 0; a larger margin would be a wrong LP
+    assert result.lp_value_s <= result.objective_s * (1 + 1e-4)
     assert result.bound_s <= result.objective_s
 
 
@@ -186,20 +185,3 @@ def test_a_milp_limit_is_the_cpu_time_left_at_the_rate_planning_gets_cpu(monkeyp
     wall[0] = 1000.0
     assert settings.milp_limit_s() == pytest.approx(MAX_WALL_PER_CPU)
     assert SolverSettings(time_limit_s=5.0, deadline=12.0).milp_limit_s() == pytest.approx(1.0)  # no start: wall
-
-
-@pytest.mark.parametrize("seed", range(10))
-def test_the_layer_mip_is_valid_and_within_its_gap_of_layer_rounding(seed):
-    """planner.patterns.layer_mip: every configuration the allocation LP runs, once, with integer layers chosen jointly.
-    Layer rounding's waves are one integer point of the same program, so the MIP's schedule (covering every layer on
-    valid counts) is within the solver's gap of it, and not below the LP over the same columns by more than the LP's
-    own tolerance."""
-    rng = random.Random(seed)
-    problem = make_problem(200 + seed, num_ops=rng.randint(4, 10), num_devices=rng.choice([8, 16, 32]), max_layers=24)
-    settings = SolverSettings(time_limit_s=5)
-    lp = solve_pattern_lp(problem, *stage_windows(problem, "levels"))[0]
-    layered = layer_mip(problem, lp, "highs", 5, settings.mip_gap, settings.max_nodes)
-    check_schedule(problem, layered)
-    value = compute_makespan(problem, layered)
-    assert value <= compute_makespan(problem, round_layers(problem, lp)) * (1 + settings.mip_gap) + 1e-12
-    assert value >= lp.value * (1 - 1e-3)
