@@ -21,7 +21,7 @@ from pathlib import Path
 from planner.api import make_cost_model, plan_job, plan_placed
 from planner.costmodel import CostModel, Layout
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
-from planner.plan import Plan
+from planner.plan import Plan, micro_batches_pipelined
 from planner.spec import JobSpec, load_job
 from runtime.local_world import run_world
 from runtime.profiler import profile_job
@@ -43,11 +43,12 @@ def planned_records() -> list[dict]:
     for path in PLANNED:
         job = load_job(path)
         for order in (False, True, "auto"):
-            outcome = plan_job(with_order(job, order))
+            ordered = with_order(job, order)
+            outcome = plan_job(ordered)
             plan = outcome.plan
             out.append({
                 "part": "planned", "job": job.name, "pipeline_micro_batches": order,
-                "pipelined": plan.pipelined if plan.pipelined is not None else order is True,
+                "pipelined": micro_batches_pipelined(plan, ordered.training),
                 "iteration_s": plan.predicted.iteration_time_s, "compute_s": plan.predicted.compute_s,
                 "method": plan.solver.method, "num_waves": len(plan.waves),
                 "stage_devices": sorted({len(s.devices) for w in plan.waves for s in w.slices}),
@@ -95,19 +96,20 @@ def measured_records(rounds: int, steps: int, warmup: int, progress) -> list[dic
     times: dict[str, list[float]] = {name: [] for name in plans}
     losses: dict[str, list[dict]] = {}
     for r in range(rounds):  # alternating: this host's speed wanders over tens of seconds
-        for name, (job, plan) in plans.items():
-            seconds, losses[name] = run_plan(job, plan, steps, warmup)
+        for name, (ordered, plan) in plans.items():
+            seconds, losses[name] = run_plan(ordered, plan, steps, warmup)
             times[name] += seconds
             progress(f"round {r + 1}/{rounds}, {name}: median {statistics.median(seconds) * 1e3:.1f} ms")
     return [{
         "part": "measured", "job": job.name, "plan": name, "method": plan.solver.method,
-        "pipelined": name.endswith("pipelined") or bool(plan.pipelined),
+        "pipelined": micro_batches_pipelined(plan, ordered.training),
         "median_step_s": statistics.median(times[name]), "step_s": times[name],
         "predicted_s": plan.predicted.iteration_time_s, "first_losses": losses[name][0],
         "last_losses": losses[name][-1], "losses": losses[name],
-    } for name, (job, plan) in plans.items()] + [{
+    } for name, (ordered, plan) in plans.items()] + [{
         "part": "analytic choice", "job": job.name, "method": analytic.solver.method,
-        "pipelined": bool(analytic.pipelined), "predicted_s": analytic.predicted.iteration_time_s}]
+        "pipelined": micro_batches_pipelined(analytic, job.training),
+        "predicted_s": analytic.predicted.iteration_time_s}]
 
 
 def report(records: list[dict], rounds: int, steps: int) -> str:
