@@ -24,7 +24,7 @@ from planner.costfile import CALIBRATION_PARTS, read_cost_file
 from planner.costfit import alpha_beta
 from planner.devices import Hardware
 from planner.errors import PlanningError
-from planner.generation import generate_time, kv_cache_bytes, runs_tensor_parallel
+from planner.generation import decode_batches, generate_time, kv_cache_bytes, runs_tensor_parallel
 from planner.memory import ACT_BYTES, STREAM_BYTES
 from planner.metagraph import MetaOp
 from planner.spec import JobSpec
@@ -245,7 +245,7 @@ class CostModel:
         if op.gen is not None and op.gen.decoder is not None:  # generate: the KV cache, sharded by heads over TP
             dec = op.gen.decoder
             return kv_cache_bytes(dec.layers, dec.kv_dim, dec.prompt + dec.new_tokens, self.grad_bytes,
-                                  self.local_batch(op, layout)) / layout.tp_degree
+                                  self.local_batch(op, layout) * op.gen.batches) / layout.tp_degree
         stream = op.layer.out_bytes * STREAM_BYTES / ACT_BYTES[self.precision]
         rows = self.local_batch(op, layout) * self.in_flight  # pipelined: every micro-batch's until its backward
         if op.backward_factor == 0:
@@ -494,7 +494,9 @@ class ProfiledCostModel(CostModel):
                 f"MetaOp {op.name}: the cost file has no points for '{profile_key(op, layout)}'. "
                 "Re-run `loom profile` for this job."
             )
-        return fit_piecewise(pts, self.local_batch(op, layout)) * self.calibration["compute"]
+        # a generate use decodes its micro-batches' rows at once, priced per micro-batch (planner.generation)
+        m = decode_batches(op)
+        return fit_piecewise(pts, self.local_batch(op, layout) * m) / m * self.calibration["compute"]
 
     def forward_fraction(self, op: MetaOp, layout: Layout) -> float:
         """The share of ``op``'s layer time that its forward took in the profile, at this local batch (between the

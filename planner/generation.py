@@ -70,6 +70,19 @@ class Generation:
     # the runtime runs it tensor-parallel where the component allows it (runtime.tp_decode: a generate use, Loom's llama
     # kind or a pretrained Llama-family causal LM, on megatron-core blocks); a sample use runs at tensor_parallel 1
     tensor_parallel: bool = False
+    # a generate use: the step's micro-batches (training.grad_accum_steps) whose rows it decodes at once, in the first;
+    # the later ones hand on their share of those rollouts (:func:`decode_batches`)
+    batches: int = 1
+
+
+def decode_batches(op) -> int:
+    """The micro-batches generate MetaOp ``op`` decodes at once (1 for any other MetaOp). With gradient accumulation
+    a step decodes its rollouts once, every micro-batch's rows together in the first micro-batch (each decode step
+    reads every weight once however many rows it carries), and each micro-batch then scores and trains its share:
+    the cost model prices that decode of ``batches`` micro-batches' rows, 1 / ``batches`` of it per micro-batch (so
+    ``batches`` passes of the waves add up to one decode), and its KV cache whole; the simulator puts all of it in
+    the first micro-batch (:func:`planner.simulator.walk`)."""
+    return op.gen.batches if op.gen is not None and op.gen.decoder is not None else 1
 
 
 def decode_shard_params(layer_params: float, dec: Decoder, tp: int) -> float:
@@ -132,7 +145,8 @@ def whole_use(job, t: int, u: int, segments: list) -> tuple:
                       params=total("params") + h * vocab, prompt=shape.seq_len, new_tokens=use.new_tokens,
                       prefill_flops=total("flops_fwd") + 2.0 * h * vocab, prefill_bytes=2 * total("act_bytes"),
                       kernels=int(total("num_kernels")))
-        gen = Generation("generate", use.samples, new_tokens=use.new_tokens, decoder=dec, tensor_parallel=True)
+        gen = Generation("generate", use.samples, new_tokens=use.new_tokens, decoder=dec, tensor_parallel=True,
+                         batches=job.training.grad_accum_steps)
         key = f"generate[{digest},v={vocab},new={use.new_tokens}]"
         out = (shape.seq_len + use.new_tokens,)
         out_bytes = float(ROLLOUT_ELEMENT_BYTES
@@ -153,9 +167,10 @@ def whole_use(job, t: int, u: int, segments: list) -> tuple:
 def generate_time(cost_model, op, layout) -> float:
     """A generate MetaOp ``op`` on ``layout`` under ``cost_model`` (a planner.costmodel.CostModel): prefill and decode
     (:func:`generate_seconds`) for its local rows at the device table's rates, plus two TP all-reduces of one token's
-    hidden state per layer and decode step (and of the prompt's in prefill) when tp > 1."""
+    hidden state per layer and decode step (and of the prompt's in prefill) when tp > 1; the rows of its
+    :func:`decode_batches` micro-batches decoded together, per micro-batch."""
     dev, dec = cost_model.hw.device, op.gen.decoder
-    b = cost_model.local_batch(op, layout)
+    b = cost_model.local_batch(op, layout) * op.gen.batches
     element = cost_model.grad_bytes  # the compute dtype's bytes (2 bf16/fp16, 4 fp32)
     prefill, decode = generate_seconds(dec, b, layout.tp_degree, dev.peak_flops * dev.efficiency, dev.mem_bandwidth,
                                        dev.launch_s, element)
@@ -164,7 +179,7 @@ def generate_time(cost_model, op, layout) -> float:
         token = b * dec.hidden * element
         tp = 2 * dec.layers * (dec.new_tokens * cost_model.allreduce_time(token, layout.tp_degree, cross_node=False)
                                + cost_model.allreduce_time(token * dec.prompt, layout.tp_degree, cross_node=False))
-    return prefill + decode + tp
+    return (prefill + decode + tp) / op.gen.batches
 
 
 @contextlib.contextmanager

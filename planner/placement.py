@@ -186,7 +186,8 @@ class MemoryLedger:
         saved = self.cost_model.activation_bytes(op, s.layout) * s.num_layers
         if op.gen is not None and op.gen.decoder is not None:  # a KV cache lives while its generation runs only
             self.transient[idx] = np.maximum(self.transient[idx], saved)
-            saved = op.layer.out_bytes * self.cost_model.local_batch(op, s.layout)
+            # its rollouts of every micro-batch it decodes at once wait there to be handed on
+            saved = op.layer.out_bytes * self.cost_model.local_batch(op, s.layout) * op.gen.batches
             self.ahead[idx] += ahead_bytes(self.problem.graph, op, self.cost_model.local_batch(op, s.layout))
         if phase == 0 and not self.phase_act:
             self.act_bytes[idx] += saved

@@ -57,10 +57,11 @@ def lagged_generate(graph) -> set[int]:
 
 def ahead_bytes(graph, op, local_batch: int) -> float:
     """Bytes a device running ``local_batch`` rows of MetaOp ``op`` keeps for the rollouts it decoded a step ahead:
-    its output rows (the packed tokens) with ``rollout_lag`` 1 on a lagged generate MetaOp, else 0."""
+    its output rows (the packed tokens, of every micro-batch it decodes at once) with ``rollout_lag`` 1 on a lagged
+    generate MetaOp, else 0."""
     if not graph.rollout_lag or op.gen is None or op.gen.mode != "generate" or op.deps:
         return 0.0
-    return op.layer.out_bytes * local_batch
+    return op.layer.out_bytes * local_batch * op.gen.batches
 
 
 def generation_pool(waves, early: set[int]) -> set[int]:

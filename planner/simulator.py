@@ -57,6 +57,7 @@ import numpy as np
 
 from planner.costmodel import CostModel, Layout
 from planner.flows import Flows, boundary_time, edge_flows, shared_memo
+from planner.generation import decode_batches
 from planner.metagraph import MetaOp
 from planner.phases import (
     FORWARD, LOSS, backward_positions, forward_positions, gather_events, gather_order, loss_event,
@@ -404,8 +405,11 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
         return found
 
     ex_fwd, ex_bwd = [exchange(f) for f in forward], [exchange(b) for b in backward]
-    # per wave: (devices, forward seconds, backward seconds) of each slice
-    runs = [[(device_index(s.devices), *p) for s, p in zip(wave.slices, ps)] for wave, ps in zip(placed.waves, passes)]
+    # per wave: (devices, forward seconds, backward seconds, micro-batches decoded at once) of each slice; a generate
+    # slice decoding m micro-batches' rows at once runs all m passes' forward in the first (planner.generation)
+    ops = problem.graph.metaops
+    runs = [[(device_index(s.devices), *p, decode_batches(ops[s.metaop])) for s, p in zip(wave.slices, ps)]
+            for wave, ps in zip(placed.waves, passes)]
     heads: dict[int, list[tuple[DeviceIndex, float]]] = {}
     phase = phase_of_waves(placed.phases, num_waves)
     for wave, devices, seconds in loss_heads(problem, placed, cost_model, draws.heads):
@@ -425,8 +429,8 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
     for kind, j, at in step_walk(tuple(placed.phases), num_waves, micro, cost_model.in_flight > 1):
         if kind == FORWARD:
             clocks.exchange(ex_fwd[at])
-            for devices, fwd, _ in runs[at]:
-                started = clocks.run(devices, fwd)
+            for devices, fwd, _, once in runs[at]:
+                started = clocks.run(devices, fwd if once == 1 else fwd * once if j == 0 else 0.0)
                 if j == 0:
                     starts.append((at, devices, started))
         elif kind == LOSS:
@@ -439,7 +443,7 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
             passed(code, j)
             clocks.exchange(ex_bwd[code])
         else:
-            for devices, _, bwd in runs[at]:
+            for devices, _, bwd, _ in runs[at]:
                 clocks.run(devices, bwd)
             passed(at, j)
             clocks.exchange(ex_bwd[at])

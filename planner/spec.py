@@ -417,7 +417,9 @@ class TrainingSpec(StrictModel):
     )
     grad_accum_steps: int = Field(
         1, ge=1, description="Micro-batches per step: each task's batch_size rows are split into this many "
-        "micro-batches (the planner plans one), their gradients accumulated, then synchronised and stepped once."
+        "micro-batches (the planner plans one), their gradients accumulated, then synchronised and stepped once. A "
+        "generate use decodes every micro-batch's rollouts at once, in the first; each micro-batch then scores and "
+        "trains its rows (batch_size / grad_accum_steps must hold whole sample groups)."
     )
     rollout_lag: int = Field(
         0, ge=0, le=1, description="0: on-policy (a step's rollouts are generated with the weights it starts from). "
@@ -540,8 +542,8 @@ class JobSpec(StrictModel):
 
     @model_validator(mode="after")
     def _check_training(self) -> JobSpec:
-        """Micro-batches split every task's batch evenly, and only in jobs without generate or sample uses; fp16 needs a
-        GPU (its loss scaling is a GPU path)."""
+        """Micro-batches split every task's batch evenly, keep a generate use's sample groups whole and take no sample
+        use; fp16 needs a GPU (its loss scaling is a GPU path)."""
         k = self.training.grad_accum_steps
         for i, task in enumerate(self.tasks):
             if task.batch_size % k:
@@ -549,14 +551,17 @@ class JobSpec(StrictModel):
                     f"tasks[{i}].batch_size ({task.batch_size}) is not divisible by training.grad_accum_steps ({k}); "
                     "each micro-batch needs the same rows. Make batch_size a multiple of grad_accum_steps."
                 )
-        rollout = next(((t.name, u.use_name) for t in self.tasks for u in t.components
-                        if u.mode in ("generate", "sample")), None)
-        if k > 1 and rollout is not None:  # runtime.executor refuses it too; said here, before anything runs
-            raise ValueError(
-                f"training.grad_accum_steps ({k}) > 1 with a generate or sample use (task '{rollout[0]}', use "
-                f"'{rollout[1]}'): a rollout group's advantages need the whole batch, and samples are seeded by their "
-                "row in it. Set grad_accum_steps: 1."
-            )
+        for task in self.tasks if k > 1 else ():
+            for u in task.components:
+                if u.mode == "sample":  # runtime.executor refuses it too; said here, before anything runs
+                    raise ValueError(
+                        f"training.grad_accum_steps ({k}) > 1 with a sample use (task '{task.name}', use "
+                        f"'{u.use_name}'): its denoising loop runs once over the whole batch. Set grad_accum_steps: 1.")
+                if u.mode == "generate" and (task.batch_size // k) % u.samples:
+                    raise ValueError(
+                        f"task '{task.name}' use '{u.use_name}': a micro-batch holds batch_size / grad_accum_steps = "
+                        f"{task.batch_size // k} rows, which splits its groups of {u.samples} samples (GRPO normalises "
+                        "advantages within a group). Make batch_size / grad_accum_steps a multiple of samples.")
         lagged = [t for t in self.tasks if t.loss.startswith("grpo") and any(u.mode == "generate" for u in t.components)]
         if self.training.rollout_lag and not lagged:
             raise ValueError(

@@ -1,10 +1,15 @@
-"""Streamed rollouts, evaluated and not adopted: the rows in chunks (micro-batches) with the generation on a pool of its
-own, so chunk i+1 is generated while chunk i is scored and trained (docs/planner.md section 11). bench.rl prices them
-beside Loom's plans; plans do not adopt them (the runtime refuses gradient accumulation with a generate use)."""
+"""Streamed rollouts, evaluated and not adopted: the rows in chunks (micro-batches), each chunk decoded on its own with
+the generation on a pool of its own, so chunk i+1 is generated while chunk i is scored and trained (docs/planner.md
+section 11). bench.rl prices them beside Loom's plans; plans do not adopt them (the runtime decodes a step's
+micro-batches at once, in the first: planner.generation.decode_batches)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from planner.costmodel import CostModel
+from planner.generation import decode_batches
+from planner.metagraph import build_metagraph
 from planner.placement import PlacedSchedule
 from planner.rlbaselines import GEN_SHARES, RL_SEARCH_BUDGET, Work, _search, level_split_schedule, rl_shaped
 from planner.schedule import Problem
@@ -24,6 +29,17 @@ def streamed_job(job, chunks: int):
         if task.batch_size % chunks or any(rows % u.samples for u in task.components):
             return None
     return job.model_copy(update={"training": job.training.model_copy(update={"grad_accum_steps": chunks})})
+
+
+def streamed_problem(job, chunks: int, cost_model: CostModel) -> Problem | None:
+    """The problem of :func:`streamed_job` (``job`` in ``chunks``, priced by ``cost_model``, made for that job) with
+    each chunk's rollouts decoded on their own, in its micro-batch; None where :func:`streamed_job` is."""
+    chunked = streamed_job(job, chunks)
+    if chunked is None:
+        return None
+    graph = build_metagraph(chunked)
+    ops = tuple(replace(op, gen=replace(op.gen, batches=1)) if decode_batches(op) > 1 else op for op in graph.metaops)
+    return Problem.build(replace(graph, metaops=ops), cost_model)
 
 
 def streamed_candidate(problem: Problem, cost_model: CostModel, budget: float = RL_SEARCH_BUDGET

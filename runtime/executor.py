@@ -120,11 +120,11 @@ class WaveWorker(PieceTransfers, GradientSync):
         self.ahead = RolloutsAhead(background=rank in generation_pool(
             ([(s.metaop, s.devices) for s in wave.slices] for wave in plan.waves), early))
         extra = self.roles.mine(rank) if self.roles is not None else []
-        modes_rollout = self.roles is not None and bool(self.roles.generate or self.roles.sample)
-        if modes_rollout and payload.training.grad_accum_steps > 1:
-            raise ValueError("training.grad_accum_steps > 1 with a generate or sample use: a rollout group's "
-                             "advantages need the whole batch, and samples are seeded by their row in it; set "
-                             "grad_accum_steps: 1.")
+        if self.roles is not None and self.roles.sample and payload.training.grad_accum_steps > 1:
+            raise ValueError("training.grad_accum_steps > 1 with a sample use: its denoising loop runs once over the "
+                             "whole batch; set grad_accum_steps: 1.")
+        # generate MetaOp -> its rows of each micro-batch, decoded at once in the step's first (:meth:`_rollouts`)
+        self.decoded: dict[int, list[torch.Tensor]] = {}
         for (name, layer, _), devices in self.holders.items():
             if rank in devices and (name, layer) not in self.modules:
                 self.modules[(name, layer)] = self._build((name, layer)).to(self.device)
@@ -379,7 +379,7 @@ class WaveWorker(PieceTransfers, GradientSync):
         op = self.plan.metaops[s.metaop]
         start, stop = self._rows(ref)
         if self.roles is not None and s.metaop in self.roles.generate:  # the whole model's decode, no gradient
-            st.outputs[ref] = self._generate(op, step, start, stop, tp_group_of(s, dp_rank_of(s, self.rank)))
+            st.outputs[ref] = self._rollouts(op, st, start, stop, tp_group_of(s, dp_rank_of(s, self.rank)))
             st.rollouts[s.metaop] = (start, st.outputs[ref])
             return
         if self.roles is not None and s.metaop in self.roles.sample:  # the whole denoising loop (runtime.sampleop)
@@ -413,10 +413,25 @@ class WaveWorker(PieceTransfers, GradientSync):
         with forward_only(self.payload, op, modules):  # a forward use: no weight gradients, its input's still flow
             st.outputs[ref] = run_layers(layers, x, kwargs, op.recompute)
 
-    def _generate(self, op: PlanMetaOp, step: int, start: int, stop: int, group: tuple[int, ...]) -> torch.Tensor:
-        """Rows [start, stop) of generate MetaOp ``op`` at ``step``, decoded with the weights held now (in TP group
-        ``group``: the ranks decode the same rows, each with its shard, runtime.tp_decode); with ``rollout_lag`` 1
-        those decoded during the previous step, and the next step's decoded now (runtime.lagged)."""
+    def _rollouts(self, op: PlanMetaOp, st: StepState, start: int, stop: int, group: tuple[int, ...]) -> torch.Tensor:
+        """Rows [start, stop) of micro-batch ``st.micro`` of generate MetaOp ``op``: in the step's first micro-batch
+        this rank decodes its rows of every micro-batch at once (planner.generation.decode_batches: each decode step
+        reads the weights once for all of them), and each micro-batch takes its own."""
+        if st.micro == 0:
+            size = self.payload.tasks[self.task_index[op.task]].batch_size // st.num_micro
+            spans = [(j * size + start, j * size + stop) for j in range(st.num_micro)]
+            self.decoded[op.id] = list(self._generate(op, st.step, spans, group).split(stop - start))
+        rows = self.decoded[op.id][st.micro]
+        if st.micro == st.num_micro - 1:
+            del self.decoded[op.id]
+        return rows
+
+    def _generate(self, op: PlanMetaOp, step: int, spans: list[tuple[int, int]], group: tuple[int, ...]
+                  ) -> torch.Tensor:
+        """The rows of generate MetaOp ``op`` at ``step`` in ``spans`` (runtime.rollout.run_generate), decoded with
+        the weights held now (in TP group ``group``: the ranks decode the same rows, each with its shard,
+        runtime.tp_decode); with ``rollout_lag`` 1 those decoded during the previous step, and the next step's decoded
+        now (runtime.lagged)."""
         t = self.task_index[op.task]
         agree = None
         if len(group) > 1:
@@ -428,13 +443,14 @@ class WaveWorker(PieceTransfers, GradientSync):
             device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
             with device, torch.no_grad(), autocast(self.payload, self.device):
                 return run_generate(self.payload, op, lambda name, layer: self.modules[(name, layer)],
-                                    lambda lo, hi: task_batch(self.payload, t, at, lo, hi).to(self.device), at, start,
-                                    stop, agree)
+                                    lambda lo, hi: task_batch(self.payload, t, at, lo, hi).to(self.device), at, spans,
+                                    agree)
 
         if not self.payload.training.rollout_lag:
             return decode(step)
-        rows = self.ahead.take(op.id, (step, start, stop), decode)
-        self.ahead.ahead(op.id, (step + 1, start, stop), decode)
+        bounds = tuple(row for span in spans for row in span)
+        rows = self.ahead.take(op.id, (step, *bounds), decode)
+        self.ahead.ahead(op.id, (step + 1, *bounds), decode)
         return rows
 
     def _slice_inputs(self, ref: SliceRef, start: int, stop: int, st: StepState) -> list[torch.Tensor]:

@@ -161,7 +161,7 @@ def sample_seed(seed: int, step: int, task: str, prompt: int, sample: int) -> in
     return stable_seed("generate", seed, step, task, prompt, sample)
 
 
-def row_generators(seed: int, step: int, task: str, rows: range, samples: int) -> list[torch.Generator]:
+def row_generators(seed: int, step: int, task: str, rows: Sequence[int], samples: int) -> list[torch.Generator]:
     """One generator per row of a task's batch (row r: prompt r // samples, sample r % samples)."""
     return [torch.Generator().manual_seed(sample_seed(seed, step, task, r // samples, r % samples)) for r in rows]
 

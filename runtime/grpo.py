@@ -205,8 +205,8 @@ class GRPOHead(nn.Module):
                 ref = self.logprobs(self.reference, outputs[self.roles["reference"]].detach(), tokens)
         with torch.no_grad():
             scores = batch.every_row(self.scores(outputs, tokens, generated))
-        first = batch.first_row
-        advantages = group_advantages(scores, self.samples)[first:first + batch.num_samples]
+        mine = batch.rows_in_gathered  # these rows among the micro-batch's (a micro-batch holds whole groups)
+        advantages = group_advantages(scores, self.samples)[mine.start:mine.stop]
         return grpo_losses(logp, ref, advantages, generated, self.beta, kl,
                            behaviour_logprobs(rows, self.prompt_len, self.new_tokens))
 

@@ -25,25 +25,29 @@ from planner.spec import JobSpec
 from runtime.sampleop import layer_keys
 
 Key = tuple[str, int]  # (module name, layer), as runtime.rollout's
-Rows = tuple[int, int, int]  # (step, first row, end row) of a generate MetaOp's decoded rows
+# (step, then the first and end row of each span: runtime.rollout.run_generate) of a generate MetaOp's decoded rows
+Rows = tuple[int, ...]
 
 
 class Behaviour:
-    """The reference's lag: at step k the process's modules hold W_k; :meth:`lookup` copies them for step k+1 and
-    answers with the copy taken at step k-1 (the modules themselves at step 0, or when step k-1 did not run here)."""
+    """The reference's lag: at step k the process's modules hold W_k; :meth:`lookup` copies them for step k+1 (at the
+    step's first lookup: its micro-batches share one W_k) and answers with the copy taken at step k-1 (the modules
+    themselves at step 0, or when step k-1 did not run here)."""
 
     def __init__(self):
-        self.kept: dict[int, tuple[int, dict[Key, nn.Module]]] = {}  # MetaOp -> (step copied at, copies)
+        # MetaOp -> (step copied at, copies, the copies of the step before or None)
+        self.kept: dict[int, tuple[int, dict[Key, nn.Module], dict[Key, nn.Module] | None]] = {}
 
     def lookup(self, job: JobSpec, op, module: Callable[[str, int], nn.Module], step: int
                ) -> Callable[[str, int], nn.Module]:
-        keys = [("embed:" + op.component, 0), *layer_keys(job, op), ("head:" + op.task, 0)]
-        before = self.kept.get(op.id)
-        with torch.no_grad():
-            self.kept[op.id] = (step, {k: copy.deepcopy(module(*k)) for k in keys})
-        if before is None or before[0] != step - 1:
-            return module
-        return lambda name, layer: before[1][(name, layer)]
+        kept = self.kept.get(op.id)
+        if kept is None or kept[0] != step:
+            keys = [("embed:" + op.component, 0), *layer_keys(job, op), ("head:" + op.task, 0)]
+            before = kept[1] if kept is not None and kept[0] == step - 1 else None
+            with torch.no_grad():
+                kept = self.kept[op.id] = (step, {k: copy.deepcopy(module(*k)) for k in keys}, before)
+        before = kept[2]
+        return module if before is None else lambda name, layer: before[(name, layer)]
 
 
 class RolloutsAhead:
@@ -58,8 +62,8 @@ class RolloutsAhead:
         self.span: tuple[float, float] | None = None  # perf_counter start and end of the last decode ahead
 
     def take(self, op: int, rows: Rows, decode: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        """Step ``rows[0]``'s rows ``[rows[1], rows[2])`` of MetaOp ``op``: those decoded a step ahead, else (step 0,
-        or a restart without them) ``decode(step)`` now, with the weights the step starts from."""
+        """Step ``rows[0]``'s rows (:data:`Rows`) of MetaOp ``op``: those decoded a step ahead, else (step 0, or a
+        restart without them) ``decode(step)`` now, with the weights the step starts from."""
         self.wait()
         kept = self.rows.pop(op, None)
         return kept[1] if kept is not None and kept[0] == rows else decode(rows[0])

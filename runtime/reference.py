@@ -105,7 +105,7 @@ class ReferenceTrainer:
                         module = self.behaviour.lookup(self.job, op, module, step)
                     outputs[op.id] = run_generate(
                         self.job, op, module, lambda lo, hi: task_batch(self.job, t, step, lo, hi), step,
-                        batch.first_row, batch.first_row + batch.num_samples)
+                        [(batch.first_row, batch.first_row + batch.num_samples)])
                 rollouts.append(op)
                 self.last_rollouts[op.id] = outputs[op.id]
                 continue

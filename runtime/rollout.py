@@ -1,8 +1,10 @@
 """Use modes at run time: generate uses, the uses that read their tokens, forward uses, and weight hand-offs.
 
-- A ``mode: generate`` use is one MetaOp (the rule planner and runtime share; a plan that splits it across waves or
-  micro-batches it is refused in one line; at tensor_parallel t each data-parallel rank's t devices decode as one TP
-  group on megatron-core shards, runtime.tp_decode): its slice holds the component's input module,
+- A ``mode: generate`` use is one MetaOp (the rule planner and runtime share; a plan that splits it across waves is
+  refused in one line; at tensor_parallel t each data-parallel rank's t devices decode as one TP group on megatron-core
+  shards, runtime.tp_decode; with ``training.grad_accum_steps`` k its slice decodes its rows of all k micro-batches at
+  once in the first and hands each micro-batch its own, planner.generation.decode_batches): its slice holds the
+  component's input module,
   every layer and the LM head its task's loss head trains (the grpo head's ``policy``, or a next-token head), and
   decodes each of its rows (runtime.generate; row r of the task's batch: prompt ``r - r % samples``'s ids, so the
   ``samples`` rows of a group share the prompt). Its output rows are :func:`pack` ed ``(rows, P + 2N)`` float32: the
@@ -40,7 +42,7 @@ cannot serve.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -115,29 +117,34 @@ def eos_of(comp) -> int | None:
 
 
 def run_generate(job: JobSpec, op, module: Callable[[str, int], nn.Module], rows: Callable[[int, int], object],
-                 step: int, start: int, stop: int, agree: Callable[[torch.Tensor], torch.Tensor] | None = None
-                 ) -> torch.Tensor:
-    """Rows ``[start, stop)`` of generate MetaOp ``op`` at ``step`` (its seeds) :func:`pack` ed; ``module(name,
-    layer)`` gives the modules it decodes with (the caller picks their weights: runtime.lagged; megatron-core blocks
-    of a TP group decode tensor-parallel, runtime.tp_decode, with ``agree`` making the group's tokens one),
-    ``rows(lo, hi)`` the task's runtime.data.TaskBatch of rows [lo, hi); with ``rollout_lag`` 1 the rows carry their
-    log-probabilities."""
+                 step: int, spans: Sequence[tuple[int, int]],
+                 agree: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The rows of generate MetaOp ``op`` at ``step`` (its seeds) in ``spans`` (``[start, stop)`` ranges of the task's
+    batch, decoded together, in order) :func:`pack` ed; ``module(name, layer)`` gives the modules it decodes with (the
+    caller picks their weights: runtime.lagged; megatron-core blocks of a TP group decode tensor-parallel,
+    runtime.tp_decode, with ``agree`` making the group's tokens one), ``rows(lo, hi)`` the task's
+    runtime.data.TaskBatch of rows [lo, hi); with ``rollout_lag`` 1 the rows carry their log-probabilities. Each row
+    draws from its own seeded generator, so a row's tokens do not depend on the rows decoded beside it."""
     lag = bool(job.training.rollout_lag)
     use = use_of(job, op)
     comp = job.components[op.component]
-    first = start - start % use.samples
-    batch = rows(first, stop)
-    groups = [r - r % use.samples - first for r in range(start, stop)]
-    prompts = batch.inputs[op.use][groups]
-    mask = batch.targets.get(prompt_mask_key(op.use))  # left padding, never attended (runtime.generate)
+    prompts, masks, rows_of = [], [], []
+    for start, stop in spans:
+        first = start - start % use.samples
+        batch = rows(first, stop)
+        groups = [r - r % use.samples - first for r in range(start, stop)]
+        prompts.append(batch.inputs[op.use][groups])
+        mask = batch.targets.get(prompt_mask_key(op.use))  # left padding, never attended (runtime.generate)
+        masks.append(None if mask is None else mask[groups])
+        rows_of += range(start, stop)
     head = module("head:" + op.task, 0)
     decoder = decoder_for(module("embed:" + op.component, 0), [module(*key) for key in layer_keys(job, op)],
                           lm_logits(getattr(head, "policy", head)))
     eos = eos_of(comp)
-    out = generate(decoder, prompts, use.new_tokens, use.temperature,
-                   row_generators(job.training.seed, step, op.task, range(start, stop), use.samples),
+    out = generate(decoder, torch.cat(prompts), use.new_tokens, use.temperature,
+                   row_generators(job.training.seed, step, op.task, rows_of, use.samples),
                    eos_id=eos, pad_id=eos if eos is not None else 0,
-                   prompt_mask=None if mask is None else mask[groups], agree=agree)
+                   prompt_mask=None if masks[0] is None else torch.cat(masks), agree=agree)
     return pack(out.tokens, out.generated, out.logprobs if lag else None)
 
 

@@ -12,7 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from planner.api import plan_placed
+from planner.costmodel import Layout
+from planner.metagraph import build_metagraph
+from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
+from planner.plan import micro_batches_pipelined
 from planner.spec import parse_job
+from runtime.assignment import CommSchedule
 from runtime.local_world import run_world
 from runtime.reference import ReferenceTrainer
 
@@ -24,7 +30,7 @@ STEPS = 2
 PROMPT, NEW = 6, 5
 
 
-def grpo_job(**training):
+def grpo_job(batch_size: int = 12, **training):
     llama = {"kind": "llama", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 40,
              "seq_len": PROMPT + NEW}
     return parse_job({
@@ -32,7 +38,7 @@ def grpo_job(**training):
         "components": {"policy": llama, "reference": {**llama, "frozen": True},
                        "reward": {**llama, "num_layers": 1, "hidden_size": 16, "num_heads": 2, "num_kv_heads": 1}},
         # 12 samples in groups of 4: the policy's two shards hold rows 0-5 and 6-11, so group 4-7 spans both
-        "tasks": [{"name": "grpo", "batch_size": 12, "loss": "grpo", "components": [
+        "tasks": [{"name": "grpo", "batch_size": batch_size, "loss": "grpo", "components": [
             {"component": "policy", "name": "rollout", "mode": "generate", "seq_len": PROMPT, "new_tokens": NEW,
              "samples": 4, "temperature": 1.0},
             {"component": "reward", "mode": "forward", "after": ["rollout"]},
@@ -95,6 +101,37 @@ def test_grpo_iteration_split_over_workers_equals_one_process(tmp_path):
     assert {n for n in reference.last_gradients} == trained
     assert not any(n.startswith(("reward/", "reference/", "embed:reward", "embed:reference")) for n in trained)
     assert any(n.startswith("embed:policy") for n in trained) and any(n.startswith("policy/") for n in trained)
+
+
+@pytest.mark.parametrize("pipelined, lag", [(False, 0), (True, 0), (True, 1)])
+def test_rollouts_decoded_once_for_micro_batches_pipelined_over_stages_equal_one_process(pipelined, lag, tmp_path):
+    """training.grad_accum_steps 2 with a generate use: the rollout worker decodes both micro-batches' rows at once in
+    the first (planner.generation.decode_batches) and hands each micro-batch its own; the reward model and the
+    reference score each micro-batch on worker 1; the policy's update runs as two stages (layer 0 on worker 2, layer 1
+    on worker 3), its micro-batches in order or pipelined (stage 0 runs micro-batch 1 while stage 1 runs 0). Each
+    micro-batch holds two whole groups, so losses and gradients equal one process's (which decodes each micro-batch on
+    its own: a row's tokens depend only on its seed), and so do the last micro-batch's rollouts; one step off-policy
+    (rollout_lag 1) too, every micro-batch's rows decoded with the weights the step before started from."""
+    job = grpo_job(batch_size=16, grad_accum_steps=2, pipeline_micro_batches=pipelined, rollout_lag=lag)
+    ops = {op.use: op for op in build_metagraph(job).metaops}
+
+    def on(use: str, devices: tuple[int, ...], first: int = 0, layers: int | None = None) -> PlacedSlice:
+        return PlacedSlice(ops[use].id, first, ops[use].num_layers if layers is None else layers, devices,
+                           Layout(len(devices), 1))
+
+    plan = plan_placed(job, PlacedSchedule((PlacedWave((on("rollout", (0,)),)),
+                                            PlacedWave((on("reward", (1,)), on("policy", (2,), 0, 1))),
+                                            PlacedWave((on("reference", (1,)), on("policy", (3,), 1, 1))))),
+                       method="hand-made")
+    walk = CommSchedule(plan, 2, micro_batches_pipelined(plan, job.training)).walk
+    assert (walk.index(("forward", 1, 1)) < walk.index(("backward", 0, 2))) == pipelined  # every forward first
+    world, reference, rollout_op = world_and_reference(job, plan, tmp_path)
+    first, rows = world.rollouts[0][rollout_op]  # the last step's last micro-batch
+    want, tokens = reference.last_rollouts[rollout_op], PROMPT + 2 * NEW  # tokens and mask, then behaviour log-probs
+    assert first == 0 and rows.shape == want.shape == (8, tokens + lag * NEW)
+    assert torch.equal(rows[:, :tokens], want[:, :tokens])
+    torch.testing.assert_close(rows[:, tokens:], want[:, tokens:], rtol=RTOL, atol=RTOL)  # rows decoded beside others
+    compare_uneven(world, reference)
 
 
 def test_weights_from_hands_the_trained_weights_over_after_every_step(tmp_path):

@@ -13,7 +13,7 @@ from planner.api import make_cost_model, plan_job, plan_placed
 from planner.baselines import baseline_plans
 from planner.costmodel import CostModel, Layout
 from planner.devices import DEVICES
-from planner.generation import Decoder, bandwidth_bound_fraction, generate_seconds, kv_cache_bytes
+from planner.generation import Decoder, bandwidth_bound_fraction, decode_batches, generate_seconds, kv_cache_bytes
 from planner.handoff import hand_off_gathers, hand_off_seconds, hand_offs
 from planner.metagraph import build_metagraph
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
@@ -23,6 +23,7 @@ from planner.rlbaselines import colocated_schedule, rl_schedules, role_of, split
 from planner.schedule import Problem
 from planner.simulator import simulate
 from planner.spec import parse_job
+from planner.streamed import streamed_problem
 
 H100 = DEVICES["h100"]
 RATE = H100.peak_flops * H100.efficiency
@@ -109,6 +110,33 @@ def test_generate_use_is_one_detached_metaop_with_its_kv_cache():
     plan = plan_placed(job, placed, cost_model)
     token_pieces = [p for p in plan.pieces if tuple(p.producer) == (0, 0) and p.src != p.dst]
     assert token_pieces and all(p.bytes == (p.stop - p.start) * 4 * (24 + 16) for p in token_pieces)
+
+
+def test_micro_batches_decode_their_rollouts_once_in_the_first():
+    """With grad_accum_steps 2 the generate MetaOp carries one micro-batch's rows but decodes both micro-batches'
+    rows at once: its KV cache is the whole batch's, each pass is priced half of that one decode, and the simulator
+    puts the whole decode in the first micro-batch. On the colocated placement (the generation alone on every device
+    first) the step is then shorter than decoding each micro-batch on its own (planner.streamed) by exactly the two
+    half decodes less the one whole decode; the micro-batches are pipelined or not, the same."""
+    whole = Problem.build(build_metagraph(parse_job(grpo(4))), make_cost_model(parse_job(grpo(4))))
+    layout = Layout(2, 2)
+    for pipelined in (False, True):
+        job = parse_job(grpo(4, grad_accum_steps=2, pipeline_micro_batches=pipelined))
+        cost_model = make_cost_model(job)
+        problem = Problem.build(build_metagraph(job), cost_model)
+        rollout, one = problem.graph.metaops[0], whole.graph.metaops[0]
+        assert (rollout.batch_size, decode_batches(rollout), decode_batches(problem.graph.metaops[3])) == (8, 2, 1)
+        assert cost_model.activation_bytes(rollout, layout) == cost_model.activation_bytes(one, layout)
+        assert cost_model.layout_time(rollout, layout) == pytest.approx(cost_model.layout_time(one, layout) / 2)
+        chunked = streamed_problem(parse_job(grpo(4)), 2, cost_model)
+        half = cost_model.layout_time(chunked.graph.metaops[0], Layout(4, 1))
+        assert 2 * half > cost_model.layout_time(rollout, Layout(4, 1)) * 2  # a decode reads the weights per token
+        placed = colocated_schedule(problem)
+        assert placed.waves[0].slices[0].layout == Layout(4, 1)
+        once, each = simulate(problem, placed, cost_model), simulate(chunked, placed, cost_model)
+        assert each.compute_s - once.compute_s == pytest.approx(2 * half - 2 * cost_model.layout_time(rollout,
+                                                                                                      Layout(4, 1)))
+        assert each.iteration_time_s - once.iteration_time_s == pytest.approx(each.compute_s - once.compute_s)
 
 
 def test_sample_use_prices_its_denoising_steps_and_last_step_backward():

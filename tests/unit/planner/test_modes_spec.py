@@ -105,13 +105,22 @@ def test_samples_must_divide_the_batch():
     assert "samples (3) does not divide tasks[0].batch_size (8)" in error(data)
 
 
-def test_rollouts_take_one_micro_batch():
-    """The runtime refuses micro-batches with a generate or sample use (a group's advantages need the whole batch);
-    the spec says so before anything runs."""
+def test_micro_batches_keep_sample_groups_whole():
+    """With micro-batches a generate use's groups must lie whole in one (GRPO normalises advantages within a group);
+    micro-batches that hold whole groups are fine, one step off-policy too; a sample use takes one micro-batch."""
     data = grpo_job()
     data["training"] = {"grad_accum_steps": 2}
-    assert error(data).startswith("training.grad_accum_steps (2) > 1 with a generate or sample use (task 'grpo', "
-                                  "use 'rollout')")
+    assert check(data).training.grad_accum_steps == 2  # 4 rows a micro-batch: one group of 4
+    data["training"] = {"grad_accum_steps": 4}
+    assert error(data) == ("task 'grpo' use 'rollout': a micro-batch holds batch_size / grad_accum_steps = 2 rows, "
+                           "which splits its groups of 4 samples (GRPO normalises advantages within a group). Make "
+                           "batch_size / grad_accum_steps a multiple of samples.")
+    data["training"] = {"grad_accum_steps": 2, "rollout_lag": 1}
+    assert check(data).training.rollout_lag == 1
+    data["training"] = {"grad_accum_steps": 2}
+    data["tasks"][0]["components"][0] = {"component": "policy", "name": "rollout", "mode": "sample", "denoise_steps": 4}
+    assert error(data) == ("training.grad_accum_steps (2) > 1 with a sample use (task 'grpo', use 'rollout'): its "
+                           "denoising loop runs once over the whole batch. Set grad_accum_steps: 1.")
 
 
 def test_weight_hand_off_needs_equal_shapes():

@@ -15,7 +15,8 @@ from planner.rlbaselines import (
 )
 from planner.schedule import Problem
 from planner.simulator import simulate
-from planner.streamed import streamed_candidate, streamed_job
+from planner.generation import decode_batches
+from planner.streamed import streamed_candidate, streamed_job, streamed_problem
 from planner.spec import parse_job
 from tests.unit.planner.test_generation import grpo, setup
 
@@ -99,10 +100,10 @@ def test_streamed_rollouts_overlap_generation_with_scoring_and_fit():
     """Chunk i+1 is generated while chunk i is scored and trained: the generate slices have devices of their own,
     the plan fits in device memory (the ledger's peak), and the iteration is shorter than the chunks run one after
     another on the same placement."""
-    job = streamed_job(parse_job(grpo(8)), 2)
-    cost_model = make_cost_model(job)
-    problem = Problem.build(build_metagraph(job), cost_model)
-    assert problem.graph.num_micro_batches == 2
+    job = parse_job(grpo(8))
+    cost_model = make_cost_model(streamed_job(job, 2))
+    problem = streamed_problem(job, 2, cost_model)
+    assert problem.graph.num_micro_batches == 2 and decode_batches(problem.graph.metaops[0]) == 1
     placed, sim = streamed_candidate(problem, cost_model)
     gen = {d for w in placed.waves for s in w.slices if s.metaop == 0 for d in s.devices}
     rest = {d for w in placed.waves for s in w.slices if s.metaop != 0 for d in s.devices}
