@@ -106,17 +106,20 @@ def plan_job(
 ) -> PlanOutcome:
     """Plan ``job``: returns the sealed Plan and the intermediate results (see PlanOutcome). With
     ``training.pipeline_micro_batches: auto`` and several micro-batches, the job is planned twice, micro-batches in
-    order and pipelined (each on half the time limit), and the plan predicted faster is kept (in order on a tie); each
-    plan's baselines are priced with its own order, so it is never slower than any of them in either order."""
+    order and pipelined (each on half the time limit; the role-placement searches of an RL-shaped job, bounded by work
+    units, on the whole limit's in each), and the plan predicted faster is kept (in order on a tie); each plan's
+    baselines are priced with its own order, so it is never slower than any of them in either order."""
     say = progress or (lambda msg: log.info(msg))
     cost_model = cost_model or make_cost_model(job)
+    role_budget = rl_budget(job.planner.time_limit_s)
     if not pipelining_left_to_planner(job):
-        return _plan_one(job, cost_model, job.planner.time_limit_s, with_baselines, say)
+        return _plan_one(job, cost_model, job.planner.time_limit_s, with_baselines, say, role_budget)
     half = job.planner.time_limit_s / 2
-    in_order = _plan_one(job, cost_model.with_in_flight(1), half, with_baselines, say)
+    in_order = _plan_one(job, cost_model.with_in_flight(1), half, with_baselines, say, role_budget)
     say(f"planning again with the {job.training.grad_accum_steps} micro-batches pipelined")
     try:
-        piped = _plan_one(job, cost_model.with_in_flight(job.training.grad_accum_steps), half, with_baselines, say)
+        piped = _plan_one(job, cost_model.with_in_flight(job.training.grad_accum_steps), half, with_baselines, say,
+                          role_budget)
     except PlanningError as exc:  # e.g. every micro-batch's activations held at once do not fit
         say(f"pipelined micro-batches: no plan ({exc}); keeping them in order")
         return in_order
@@ -129,9 +132,10 @@ def plan_job(
     return replace(chosen, planning_time_s=total)
 
 
-def _plan_one(job: JobSpec, cost_model: CostModel, limit: float, with_baselines: bool, say: Progress) -> PlanOutcome:
+def _plan_one(job: JobSpec, cost_model: CostModel, limit: float, with_baselines: bool, say: Progress,
+              role_budget: float) -> PlanOutcome:
     """:func:`plan_job` with the micro-batch order ``cost_model`` prices (:attr:`CostModel.in_flight`), within
-    ``limit`` CPU seconds."""
+    ``limit`` CPU seconds, each role-placement search within ``role_budget`` work units."""
     # the limit counts this thread's CPU time: wall time grows with other load, and the process's CPU time with the
     # solver's worker threads (HiGHS's spin while waiting), either of which made plans differ between runs
     start, start_cpu = clocks()
@@ -163,7 +167,6 @@ def _plan_one(job: JobSpec, cost_model: CostModel, limit: float, with_baselines:
     chosen, pool = (found[:3], found[4]) if found is not None else (None, ())
     searched = chosen[0] if chosen is not None else None  # choose_candidate tried its bucket splits already
     # RL-shaped jobs: Loom's role placement and the colocated/split baselines, each search on a work budget
-    role_budget = rl_budget(limit)
     chosen = with_role_candidate(problem, cost_model, chosen, bounds.dag_s, role_budget)
     error = None if chosen is not None else error
     # the sync-aware split (gradient sync inside the allocation: planner.groupsplit) competes on the simulated

@@ -7,8 +7,10 @@ devices in turn) and OpenRLHF-style ``split`` (the best fixed pool per role), bo
 their peak memory against the device. The speed-up is over the better of colocated and split among those that fit
 in memory. A cell with a generate use is planned twice: on-policy (``training.rollout_lag: 0``) and one step
 off-policy (``rollout_lag: 1``, planner.rolloutlag), all three placements priced in the same mode (the async
-variants of colocated and split: verl's one-step off-policy recipe, OpenRLHF's async training). Writes
-bench/results/rl.{json,md}.
+variants of colocated and split: verl's one-step off-policy recipe, OpenRLHF's async training). A cell whose update
+runs in micro-batches (``training.grad_accum_steps``; the rollouts are decoded once, planner.generation) leaves their
+order to the planner: Loom's plan takes the faster of in order and pipelined, and colocated and split are searched in
+both orders, each keeping its faster that fits. Writes bench/results/rl.{json,md}.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ import os
 import time
 
 from bench.common import REPO_ROOT, write_results
-from bench.rl.stages import MICRO_PER_STAGE, pipelined_s
-from planner.api import make_cost_model, plan_job
+from planner.api import make_cost_model, pipelining_left_to_planner, plan_job
 from planner.errors import PlanningError
 from planner.generation import as_run, modes_refused
 from planner.metagraph import build_metagraph
+from planner.plan import micro_batches_pipelined
 from planner.rlbaselines import (
     pool_sizes, rl_budget, rl_schedules, split_at,
 )
-from planner.streamed import STREAM_CHUNKS, streamed_candidate, streamed_job
+from planner.streamed import STREAM_CHUNKS, streamed_candidate, streamed_job, streamed_problem
 from planner.schedule import Problem
 from planner.spec import load_job
 
@@ -66,7 +68,13 @@ def placement_row(problem: Problem, cost_model, placed, sim) -> dict:
     return {"iteration_s": sim.iteration_time_s, "peak_gib": max(sim.peak_memory_bytes) / GIB,
             "fits": max(sim.peak_memory_bytes) <= cost_model.hw.memory_bytes, "handoff_s": sim.handoff_s,
             "pools": pool_sizes(problem, placed), "waves": len(placed.waves), "lag_hidden_s": sim.lag_hidden_s,
-            "pipelined_s": pipelined_s(problem, placed, sim), "refused": modes_refused(problem.graph.metaops, placed)}
+            "pipelined": problem.graph.num_micro_batches > 1 and cost_model.in_flight > 1,
+            "refused": modes_refused(problem.graph.metaops, placed)}
+
+
+def better(a: dict | None, b: dict) -> dict:
+    """The better of two records of one placement: the one that fits, then the faster."""
+    return b if a is None or (b["fits"], -b["iteration_s"]) > (a["fits"], -a["iteration_s"]) else a
 
 
 def measure_cell(job, cost_model, name: str, lag: int, runnable: bool) -> dict:
@@ -79,35 +87,37 @@ def measure_cell(job, cost_model, name: str, lag: int, runnable: bool) -> dict:
             raise
         outcome, why = None, str(exc).split(". ")[0]
     planning_s = time.perf_counter() - started
-    problem = Problem.build(build_metagraph(job), cost_model) if outcome is not None else None
     rows = {}
     if outcome is not None:
-        sim = outcome.simulation
-        rows["loom"] = placement_row(problem, cost_model, outcome.placed, sim) | {"method": outcome.plan.solver.method}
-        for placement, (placed, psim) in rl_schedules(problem, cost_model, rl_budget(job.planner.time_limit_s)).items():
-            rows[placement] = placement_row(problem, cost_model, placed, psim)
+        k = job.training.grad_accum_steps
+        # the plan's micro-batch order (auto: the faster), and both orders for the baselines where the planner decides
+        piped = cost_model.with_in_flight(k if micro_batches_pipelined(outcome.plan, job.training) else 1)
+        problem = Problem.build(build_metagraph(job), piped)
+        rows["loom"] = placement_row(problem, piped, outcome.placed, outcome.simulation) | {
+            "method": outcome.plan.solver.method}
+        for model in (cost_model, cost_model.with_in_flight(k)) if pipelining_left_to_planner(job) else (cost_model,):
+            ordered = Problem.build(build_metagraph(job), model)
+            for placement, (placed, psim) in rl_schedules(ordered, model, rl_budget(job.planner.time_limit_s)).items():
+                rows[placement] = better(rows.get(placement), placement_row(ordered, model, placed, psim))
     record = {"cell": name, "lag": lag, "devices": job.cluster.num_devices, "device": job.cluster.device,
               "memory_gib": cost_model.hw.memory_bytes / GIB, "planning_s": planning_s, "placements": rows,
               "bound_s": outcome.plan.bounds.iteration_s if outcome is not None else None,
-              "runnable": runnable, "streamed": None, "speedup": None, "pipelined_speedup": None}
+              "micro_batches": job.training.grad_accum_steps, "runnable": runnable, "streamed": None, "speedup": None}
     if outcome is None:
         return record | {"none_possible": why}
-    memory = cost_model.hw.memory_bytes
     sim = outcome.simulation
-    # Loom's pools as a split (a vector the search may not have simulated)
-    same = split_at(problem, cost_model, rows["loom"]["pools"], rl_budget(job.planner.time_limit_s))
+    # Loom's pools as a split (a vector the search may not have simulated), in the plan's micro-batch order
+    same = split_at(problem, piped, rows["loom"]["pools"], rl_budget(job.planner.time_limit_s))
     if same is not None and "split" in rows:
-        placed, psim = same
-        fits = max(psim.peak_memory_bytes) <= memory
-        if (fits, -psim.iteration_time_s) > (rows["split"]["fits"], -rows["split"]["iteration_s"]):
-            rows["split"] = placement_row(problem, cost_model, placed, psim) | {"at_loom_pools": True}
+        at_pools = placement_row(problem, piped, *same) | {"at_loom_pools": True}
+        rows["split"] = better(rows["split"], at_pools)
     streamed = []
     # the rollouts streamed in chunks (evaluated; Loom does not adopt it: runtime work)
     for chunks in STREAM_CHUNKS if not lag and not runnable else ():
         chunked = streamed_job(job, chunks)
         if chunked is not None:
             chunked_model = make_cost_model(chunked)
-            chunked_problem = Problem.build(build_metagraph(chunked), chunked_model)
+            chunked_problem = streamed_problem(job, chunks, chunked_model)
             found = streamed_candidate(chunked_problem, chunked_model)
             if found is not None:
                 streamed.append({"chunks": chunks, "iteration_s": found[1].iteration_time_s,
@@ -115,10 +125,16 @@ def measure_cell(job, cost_model, name: str, lag: int, runnable: bool) -> dict:
                                  "handoff_s": found[1].handoff_s, "pools": pool_sizes(chunked_problem, found[0])})
     fitting = [rows[p]["iteration_s"] for p in ("colocated", "split") if p in rows and rows[p]["fits"]]
     best = min(fitting) if fitting else math.inf
-    piped = [rows[p]["pipelined_s"] for p in ("colocated", "split") if p in rows and rows[p]["fits"]]
     return record | {"streamed": min(streamed, key=lambda r: r["iteration_s"]) if streamed else None,
-                     "speedup": best / sim.iteration_time_s if fitting else None,
-                     "pipelined_speedup": min(piped) / rows["loom"]["pipelined_s"] if piped else None}
+                     "speedup": best / sim.iteration_time_s if fitting else None}
+
+
+def choice(rec: dict) -> str:
+    """Loom's plan's method, and its micro-batch order where the update runs several."""
+    k = rec.get("micro_batches", 1)
+    loom = rec["placements"]["loom"]
+    order = f"; {k} micro-batches {'pipelined' if loom['pipelined'] else 'in order'}" if k > 1 else ""
+    return loom["method"] + order
 
 
 def geomean(values: list[float]) -> float:
@@ -142,10 +158,6 @@ def summary(records: list[dict]) -> dict:
         base = [r["placements"][p]["iteration_s"] for r in recs for p in ("colocated", "split")
                 if p in r["placements"] and r["placements"][p]["fits"]]
         best.append(min(base) / loom if base else None)
-    values = [(at.get((c, 1)) or at[(c, 0)])["pipelined_speedup"] for c in cells] + [
-        at[(c, 0)]["pipelined_speedup"] for c in cells]
-    out["pipelined_on_policy"] = geomean(values[len(cells):]) if all(values) else None
-    out["pipelined_off_policy"] = geomean(values[:len(cells)]) if all(values) else None
     out["best_modes"] = geomean(best) if best and all(best) else None
     out["best_modes_cells"] = dict(zip(cells, best))
     return out
@@ -189,10 +201,11 @@ def markdown(records: list[dict]) -> str:
         p = rec["placements"]
         speed = f"{rec['speedup']:.2f}x" if rec["speedup"] else "n/a"
         stream = rec.get("streamed")
-        stream = f"{cell(stream)}, {stream['chunks']} chunks" if stream else "none fits" if not rec["lag"] else "-"
+        stream = f"{cell(stream)}, {stream['chunks']} chunks" if stream else "-" if rec["lag"] or rec.get(
+            "micro_batches", 1) > 1 else "none fits"
         lines.append(f"| {rec['cell']} | {rec['lag']} | {rec['devices']} x {rec['device']} "
                      f"({rec['memory_gib']:.0f} GiB) | {cell(p['loom'])} | {cell(p.get('colocated'))} | "
-                     f"{cell(p.get('split'))} | {speed} | {p['loom']['method']} | {stream} |")
+                     f"{cell(p.get('split'))} | {speed} | {choice(rec)} | {stream} |")
     geo = summary(records)
     fmt = lambda v: f"**{v:.2f}x**" if v else "n/a"  # noqa: E731
     lines += ["", "Geometric mean speed-up over the better fitting baseline (4 cells): on-policy (lag 0 everywhere) "
@@ -209,27 +222,15 @@ def markdown(records: list[dict]) -> str:
     lines += ceiling_section(records)
     if runs:
         lines += runnable_section(runs, cell, fmt)
-    lines += ["", "Streamed rollouts (lag 0): the best fitting of Loom's role placements with the rows in 2 or 4 chunks "
-              "(micro-batches) and generation on a pool of its own, so chunk i+1 is generated while chunk i is "
-              "scored and trained (planner.rlbaselines.streamed_candidate); evaluated, not adopted: every chunk's "
-              "decode reads all the weights per token again, which costs more than the overlap saves here."]
-    lines += ["", "## Pipeline stages with overlapping micro-batches (estimate, not simulated)", "",
-              "An RL iteration takes one micro-batch (a rollout group's advantages need the whole batch), so the "
-              "simulator runs a MetaOp cut into p pipeline stages as p waves one after another over the whole "
-              "batch, as Loom's runtime runs it (its pipelined micro-batches, training.pipeline_micro_batches, need "
-              "several; bench/results/pipeline.md); verl's Megatron backend and OpenRLHF's DeepSpeed pipeline run 1F1B "
-              f"over micro-batches. bench.rl.stages re-prices every run of stage waves as 1F1B over {MICRO_PER_STAGE}p "
-              "micro-batches ((m + p - 1) / m x its slowest stage), for every placement alike, time only (no "
-              "re-planning for the activations the micro-batches save).", "",
-              "| cell | lag | Loom | colocated | split | speed-up |", "|---|---|---|---|---|---|"]
-    for rec in records:
-        p = rec["placements"]
-        est = lambda r: f"{r['pipelined_s']:.2f} s" + ("" if r["fits"] else " (!)") if r else "-"  # noqa: E731
-        speed = f"{rec['pipelined_speedup']:.2f}x" if rec.get("pipelined_speedup") else "n/a"
-        lines.append(f"| {rec['cell']} | {rec['lag']} | {est(p['loom'])} | {est(p.get('colocated'))} | "
-                     f"{est(p.get('split'))} | {speed} |")
-    lines += ["", f"Geometric mean with stages so priced: on-policy {fmt(geo['pipelined_on_policy'])}; one step "
-                  f"off-policy {fmt(geo['pipelined_off_policy'])}."]
+    lines += ["", "Streamed rollouts (lag 0, cells of one micro-batch): the best fitting of Loom's role placements with "
+              "the rows in 2 or 4 chunks, each decoded on its own, and generation on a pool of its own, so chunk i+1 "
+              "is generated while chunk i is scored and trained (planner.streamed); evaluated, not adopted: every "
+              "chunk's decode reads all the weights per token again, which costs more than the overlap saves here.",
+              "", "Micro-batches (grpo-70b-64: `training.grad_accum_steps: 8`, as verl and OpenRLHF split the update "
+              "into micro-batches): the rollouts are decoded once, every micro-batch's rows together, and the update "
+              "runs the micro-batches in order or pipelined over its stages (planner.generation.decode_batches, "
+              "training.pipeline_micro_batches: auto); Loom's plan and both baselines take the faster order that "
+              "fits, priced by the same simulator."]
     lines += ["", "## Pools (devices each role's MetaOps use) and weight hand-offs", "",
               "| cell | lag | placement | pools | hand-off |", "|---|---|---|---|---|"]
     for rec in records:
@@ -288,7 +289,7 @@ def runnable_section(runs: list[dict], cell, fmt) -> list[str]:
             continue
         speed = f"{rec['speedup']:.2f}x" if rec["speedup"] else "n/a"
         lines.append(f"| {rec['cell']} | {rec['lag']} | {cell(p['loom'])} | {cell(p.get('colocated'))} | "
-                     f"{cell(p.get('split'))} | {speed} | {p['loom']['method']} |")
+                     f"{cell(p.get('split'))} | {speed} | {choice(rec)} |")
     planned = [r for r in runs if r["speedup"]]
     geo = summary(planned) if planned else {}
     cells = ", ".join(dict.fromkeys(r["cell"] for r in planned))
