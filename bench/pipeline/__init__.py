@@ -9,7 +9,10 @@ memory).
 ``chain-cpu.yaml`` (8 layers, 8 micro-batches) profiled first, then the planner's plans for it with those costs
 (micro-batches in order, and auto) and the 8 layers cut by hand into two stages of 4 on the two workers, in order and
 pipelined, trained in alternating runs; per plan the median step after warm-up, its prediction and its losses (the
-two stage runs must give the same losses: the same gradients accumulate in the same order).
+two stage runs must give the same losses: the same gradients accumulate in the same order). Then ``grpo-cpu.yaml``, a
+GRPO step (rollouts, a frozen reward model and reference, the policy's update as two stages of 4 layers, one a
+worker) the same way: its update in one micro-batch (the only way before the rollouts were decoded once per step),
+and in 4 micro-batches in order and pipelined, the rollouts decoded once (planner.generation.decode_batches).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from planner.api import make_cost_model, plan_job, plan_placed
+from planner.metagraph import build_metagraph
 from planner.costmodel import CostModel, Layout
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
 from planner.plan import Plan, micro_batches_pipelined
@@ -29,6 +33,7 @@ from runtime.profiler import profile_job
 HERE = Path(__file__).resolve().parent
 PLANNED = (HERE / "sft-70b-64.yaml", HERE / "vlm-70b-64.yaml")
 MEASURED = HERE / "chain-cpu.yaml"
+MEASURED_RL = HERE / "grpo-cpu.yaml"
 GIB = 2 ** 30
 PROFILE_REPEATS = 9  # timed runs per profile point, as bench.runtime (single runs of a layer vary by 10% and more)
 
@@ -81,6 +86,36 @@ def measured_plans(costs: dict) -> dict[str, tuple[JobSpec, Plan]]:
             "two stages, pipelined": (piped, stage_plan(piped, make_cost_model(piped, costs)))}
 
 
+def with_micro_batches(job: JobSpec, k: int, order: bool) -> JobSpec:
+    return job.model_copy(update={"training": job.training.model_copy(update={"grad_accum_steps": k,
+                                                                             "pipeline_micro_batches": order})})
+
+
+def grpo_stage_plan(job: JobSpec, cost_model: CostModel | None = None) -> Plan:
+    """``job``'s GRPO step by hand on the two workers: the rollouts data parallel over both, the reward model on
+    device 0 beside the reference on device 1, then the policy's update in two stages (its first half of the layers
+    on device 0, the rest on device 1)."""
+    ops = {op.use: op for op in build_metagraph(job).metaops}
+    policy, half = ops["policy"], ops["policy"].num_layers // 2
+    whole = lambda use, devices: PlacedSlice(ops[use].id, 0, ops[use].num_layers, devices,  # noqa: E731
+                                             Layout(len(devices), 1))
+    waves = (PlacedWave((whole("rollout", (0, 1)),)), PlacedWave((whole("reward", (0,)), whole("reference", (1,)))),
+             PlacedWave((PlacedSlice(policy.id, 0, half, (0,), Layout(1, 1)),)),
+             PlacedWave((PlacedSlice(policy.id, half, policy.num_layers - half, (1,), Layout(1, 1)),)))
+    return plan_placed(job, PlacedSchedule(waves), cost_model, method="two stages")
+
+
+def grpo_plans(costs: dict) -> dict[str, tuple[JobSpec, Plan]]:
+    """The GRPO job's hand-made plan with its update in one micro-batch and in the job's k, in order and pipelined,
+    each predicted with ``costs`` (a profile of this machine, taken for the job's micro-batch)."""
+    job = load_job(MEASURED_RL)
+    k = job.training.grad_accum_steps
+    jobs = {"one micro-batch": with_micro_batches(job, 1, False),
+            f"{k} micro-batches, in order": with_micro_batches(job, k, False),
+            f"{k} micro-batches, pipelined": with_micro_batches(job, k, True)}
+    return {name: (j, grpo_stage_plan(j, make_cost_model(j, costs))) for name, j in jobs.items()}
+
+
 def run_plan(job: JobSpec, plan: Plan, steps: int, warmup: int) -> tuple[list[float], list[dict]]:
     """Step seconds after ``warmup`` untimed steps, and every step's losses."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,33 +123,42 @@ def run_plan(job: JobSpec, plan: Plan, steps: int, warmup: int) -> tuple[list[fl
     return result.step_seconds[warmup:], result.losses
 
 
-def measured_records(rounds: int, steps: int, warmup: int, progress) -> list[dict]:
-    job = load_job(MEASURED)
-    analytic = plan_job(job, with_baselines=False).plan  # what the built-in CPU table picks, for the report
-    costs = profile_job(job, repeats=PROFILE_REPEATS, warmup=3, progress=progress)
-    plans = measured_plans(costs)
+def timed(plans: dict[str, tuple[JobSpec, Plan]], rounds: int, steps: int, warmup: int, progress) -> list[dict]:
+    """Every plan trained ``rounds`` times in alternation (this host's speed wanders over tens of seconds): per plan
+    its median step, its prediction and its losses."""
     times: dict[str, list[float]] = {name: [] for name in plans}
     losses: dict[str, list[dict]] = {}
-    for r in range(rounds):  # alternating: this host's speed wanders over tens of seconds
+    for r in range(rounds):
         for name, (ordered, plan) in plans.items():
             seconds, losses[name] = run_plan(ordered, plan, steps, warmup)
             times[name] += seconds
             progress(f"round {r + 1}/{rounds}, {name}: median {statistics.median(seconds) * 1e3:.1f} ms")
     return [{
-        "part": "measured", "job": job.name, "plan": name, "method": plan.solver.method,
+        "part": "measured", "job": ordered.name, "plan": name, "method": plan.solver.method,
         "pipelined": micro_batches_pipelined(plan, ordered.training),
+        "micro_batches": ordered.training.grad_accum_steps,
         "median_step_s": statistics.median(times[name]), "step_s": times[name],
         "predicted_s": plan.predicted.iteration_time_s, "first_losses": losses[name][0],
         "last_losses": losses[name][-1], "losses": losses[name],
-    } for name, (ordered, plan) in plans.items()] + [{
+    } for name, (ordered, plan) in plans.items()]
+
+
+def measured_records(rounds: int, steps: int, warmup: int, progress) -> list[dict]:
+    job = load_job(MEASURED)
+    analytic = plan_job(job, with_baselines=False).plan  # what the built-in CPU table picks, for the report
+    costs = profile_job(job, repeats=PROFILE_REPEATS, warmup=3, progress=progress)
+    out = timed(measured_plans(costs), rounds, steps, warmup, progress) + [{
         "part": "analytic choice", "job": job.name, "method": analytic.solver.method,
         "pipelined": micro_batches_pipelined(analytic, job.training),
         "predicted_s": analytic.predicted.iteration_time_s}]
+    rl_costs = profile_job(load_job(MEASURED_RL), repeats=PROFILE_REPEATS, warmup=3, progress=progress)
+    return out + [r | {"part": "measured rl"} for r in timed(grpo_plans(rl_costs), rounds, steps, warmup, progress)]
 
 
 def report(records: list[dict], rounds: int, steps: int) -> str:
     planned = [r for r in records if r["part"] == "planned"]
     measured = {r["plan"]: r for r in records if r["part"] == "measured"}
+    rl = [r for r in records if r["part"] == "measured rl"]
     lines = ["# Pipelined micro-batches", "", __doc__.split("\n\n")[1].replace("\n", " ")]
     for name in dict.fromkeys(r["job"] for r in planned):
         rows = [r for r in planned if r["job"] == name]
@@ -154,4 +198,29 @@ def report(records: list[dict], rounds: int, steps: int) -> str:
               f"{'identical' if same else 'DIFFERENT'} between the two orders. The planner's auto plan over its "
               f"in-order plan: measured {p['median_step_s'] / q['median_step_s']:.2f}x, predicted "
               f"{p['predicted_s'] / q['predicted_s']:.2f}x."]
-    return "\n".join(lines)
+    return "\n".join(lines + rl_section(rl, rounds, steps))
+
+
+def rl_section(rows: list[dict], rounds: int, steps: int) -> list[str]:
+    """The measured GRPO step's table: one micro-batch against the job's k in order and pipelined."""
+    if not rows:
+        return []
+    one, in_order, piped = rows
+    lines = ["", f"## Measured: {one['job']} on this machine ({rounds} alternating rounds x {steps} timed steps per "
+             "plan)", "", "The rollouts on both workers, the reward model and the reference beside each other, the "
+             "policy's update in two stages (one a worker); predicted with a profile of this machine taken first.",
+             "", "| update | median step | predicted (profiled) | last loss |", "|---|---|---|---|"]
+    for r in rows:
+        last = ", ".join(f"{t} {v:.6f}" for t, v in r["last_losses"].items())
+        lines.append(f"| {r['plan']} | {r['median_step_s'] * 1e3:.1f} ms | {r['predicted_s'] * 1e3:.1f} ms | "
+                     f"{last} |")
+    drift = max(abs(a[t] - b[t]) / max(abs(b[t]), 1e-12) for a, b in zip(in_order["losses"], one["losses"])
+                for t in b)
+    same = in_order["losses"] == piped["losses"]
+    lines += ["", f"Pipelined over one micro-batch, measured: **{one['median_step_s'] / piped['median_step_s']:.2f}x** "
+              f"(predicted {one['predicted_s'] / piped['predicted_s']:.2f}x); over in order "
+              f"{in_order['median_step_s'] / piped['median_step_s']:.2f}x (predicted "
+              f"{in_order['predicted_s'] / piped['predicted_s']:.2f}x). Losses of every step "
+              f"{'identical' if same else 'DIFFERENT'} between the two orders; against one micro-batch within "
+              f"{drift:.1e} relative (the same sums, accumulated in another order)."]
+    return lines

@@ -1,9 +1,10 @@
-"""bench/pipeline: the hand-made stage plan puts half the layers on each worker, and the report computes its ratios
-from the records (speed-ups, the orders' losses compared) and names the baselines over memory."""
+"""bench/pipeline: the hand-made stage plans put half the layers on each worker (the chain's, and the GRPO policy's
+update after its rollouts and scorers), and the report computes its ratios from the records (speed-ups, the orders'
+losses compared) and names the baselines over memory."""
 
 from __future__ import annotations
 
-from bench.pipeline import MEASURED, report, stage_plan, with_order
+from bench.pipeline import MEASURED, MEASURED_RL, grpo_stage_plan, report, stage_plan, with_micro_batches, with_order
 from planner.spec import load_job
 
 
@@ -13,6 +14,16 @@ def test_the_stage_plan_cuts_the_chain_in_two_on_the_two_workers():
     assert [[(s.first_layer, s.num_layers, s.devices) for s in w.slices] for w in plan.waves] == [[(0, 4, [0])],
                                                                                                    [(4, 4, [1])]]
     assert plan.pipelined is None and job.training.pipeline_micro_batches is True  # the job says pipelined
+
+
+def test_the_grpo_plan_runs_the_update_in_two_stages_after_the_rollouts_and_scorers():
+    job = with_micro_batches(load_job(MEASURED_RL), 4, True)
+    plan = grpo_stage_plan(job)
+    uses = [[(plan.metaops[s.metaop].use, s.first_layer, s.num_layers, s.devices) for s in w.slices]
+            for w in plan.waves]
+    assert uses == [[("rollout", 0, 1, [0, 1])], [("reward", 0, 2, [0]), ("reference", 0, 8, [1])],
+                    [("policy", 0, 4, [0])], [("policy", 4, 4, [1])]]
+    assert job.training.grad_accum_steps == 4 and job.training.pipeline_micro_batches is True
 
 
 def planned(order, pipelined, seconds):
@@ -43,3 +54,22 @@ def test_the_report_computes_its_ratios_from_the_records():
     assert "in-order plan: measured 1.25x, predicted 1.12x" in text
     assert "the planner keeps lp (in order, predicted 900.0 ms)" in text
     assert "| auto | pipelined | 6.00 s |" in text and "| false | in order | 12.00 s |" in text
+    assert "## Measured: grpo-cpu" not in text  # no GRPO records: no section
+
+
+def test_the_grpo_section_compares_one_micro_batch_with_both_orders():
+    one = measured("one micro-batch", 3.0, 2.0, [{"grpo": 0.5}, {"grpo": 0.25}])
+    in_order = measured("4 micro-batches, in order", 2.4, 1.8, [{"grpo": 0.5}, {"grpo": 0.25000005}])
+    piped = measured("4 micro-batches, pipelined", 2.0, 1.6, [{"grpo": 0.5}, {"grpo": 0.25000005}])
+    rows = [r | {"part": "measured rl", "job": "grpo-cpu"} for r in (one, in_order, piped)]
+    text = report([planned(False, False, 12.0), planned(True, True, 6.0), planned("auto", True, 6.0),
+                   measured("planner, in order", 0.5, 0.45, [{"cls": 1.0}]),
+                   measured("planner, auto", 0.4, 0.4, [{"cls": 1.0}]),
+                   measured("two stages, in order", 0.8, 0.7, [{"cls": 1.0}]),
+                   measured("two stages, pipelined", 0.4, 0.35, [{"cls": 1.0}]),
+                   {"part": "analytic choice", "job": "chain-cpu", "method": "lp", "pipelined": False,
+                    "predicted_s": 0.9}, *rows], rounds=3, steps=6)
+    assert "## Measured: grpo-cpu on this machine" in text
+    assert "Pipelined over one micro-batch, measured: **1.50x** (predicted 1.25x); over in order 1.20x (predicted " \
+           "1.12x)" in text
+    assert "identical between the two orders; against one micro-batch within 2.0e-07 relative" in text
