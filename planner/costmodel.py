@@ -252,6 +252,18 @@ class CostModel:
             return stream * rows / layout.tp_degree / op.num_layers
         return (stream if op.recompute else op.layer.act_bytes) * rows / layout.tp_degree
 
+    def decode_cast_bytes(self, op: MetaOp, layout: Layout, trained: bool) -> float:
+        """Bytes autocast's cast cache holds while generate MetaOp ``op`` decodes on ``layout``: under bf16/fp16 torch
+        casts a float32 leaf weight that requires a gradient to the compute precision once per autocast region and
+        keeps the cast until the region ends, and runtime.executor decodes a whole generation in one region, so the
+        weights of a ``trained`` component (its decode copies, or the modules the device trains) are held a second
+        time while it decodes: each layer's TP shard of them and the LM head whole. 0 in fp32, and for an untrained
+        component (weights that require no gradient are cast at every use and not kept)."""
+        if self.precision == "fp32" or not trained:
+            return 0.0
+        head = op.gen.decoder.params - op.layer.params  # the LM head (hidden x vocab), whole on every decoding device
+        return (op.layer.params / layout.tp_degree + head) * self.grad_bytes
+
     def layer_memory(self, op: MetaOp, layout: Layout) -> float:
         """Bytes per device for one layer: parameter state plus activations saved for backward."""
         return self.param_bytes(op, layout) + self.activation_bytes(op, layout)

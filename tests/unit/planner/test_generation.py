@@ -16,7 +16,7 @@ from planner.devices import DEVICES
 from planner.generation import Decoder, bandwidth_bound_fraction, decode_batches, generate_seconds, kv_cache_bytes
 from planner.handoff import hand_off_gathers, hand_off_seconds, hand_offs
 from planner.metagraph import build_metagraph
-from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
+from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, placed_ledger
 from planner.plan import PLAN_VERSION, plan_from_json
 from planner.program import plan_edges
 from planner.rlbaselines import colocated_schedule, rl_schedules, role_of, split_candidates, split_schedule, stage_plan
@@ -137,6 +137,29 @@ def test_micro_batches_decode_their_rollouts_once_in_the_first():
         assert each.compute_s - once.compute_s == pytest.approx(2 * half - 2 * cost_model.layout_time(rollout,
                                                                                                       Layout(4, 1)))
         assert each.iteration_time_s - once.iteration_time_s == pytest.approx(each.compute_s - once.compute_s)
+
+
+def test_a_decode_holds_autocasts_casts_of_a_trained_components_weights():
+    """Under bf16 torch keeps the cast of every float32 weight that requires a gradient until the autocast region
+    ends, and a generation decodes in one region: while the policy (trained) decodes, each device holds its shard of
+    the layers and the LM head a second time, in bf16, beside the KV cache (the ledger's transient peak). None in
+    fp32, none for a frozen component's decode."""
+    job, cost_model, problem = setup()
+    rollout = problem.graph.metaops[0]
+    head = rollout.gen.decoder.params - rollout.layer.params
+    assert head == 64 * 128  # hidden x vocabulary
+    layout = Layout(2, 2)
+    cast = cost_model.decode_cast_bytes(rollout, layout, trained=True)
+    assert cast == (rollout.layer.params / 2 + head) * 2
+    assert cost_model.decode_cast_bytes(rollout, layout, trained=False) == 0.0
+    fp32 = make_cost_model(parse_job(grpo(4, precision="fp32")))
+    assert fp32.decode_cast_bytes(rollout, layout, trained=True) == 0.0
+    placed = PlacedSchedule((PlacedWave((PlacedSlice(0, 0, 1, (0, 1, 2, 3), layout),)),
+                             PlacedWave(tuple(PlacedSlice(m, 0, problem.layers(m), (m,), problem.curves[m].layout(1))
+                                              for m in (1, 2, 3)))))
+    ledger = placed_ledger(problem, placed, cost_model)
+    kv = cost_model.activation_bytes(rollout, layout)
+    assert ledger.transient.tolist() == [kv + cast] * 4
 
 
 def test_sample_use_prices_its_denoising_steps_and_last_step_backward():
