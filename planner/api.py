@@ -23,6 +23,7 @@ from planner.candidates import ADOPTED, adopt_best, schedule_of, zero_choice
 from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel, lm_heads
 from planner.devices import resolve_hardware
 from planner.errors import PlanningError
+from planner.generation import decode_refused
 from planner.groupsplit import affordable, group_split_candidate
 from planner.metagraph import MetaGraph, build_metagraph
 from planner.placement import (
@@ -380,6 +381,10 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
     for name, start_cand, ev in split + reordered:
         if ev.sim.iteration_time_s < best.sim.iteration_time_s * (1 - 1e-12):
             best_name, cand, best = name, start_cand, ev
+    # the searches move slices between devices: keep only what the runtime can decode (planner.generation)
+    pool = [e for e in pool if decode_refused(problem.graph.metaops, e[2].placed) is None]
+    if decode_refused(problem.graph.metaops, best.placed) is not None:
+        best_name, cand, best = min(pool, key=lambda e: e[2].sim.iteration_time_s)
     results = {id(e[2]): _result_of(problem, solved, e[0], e[1], e[2]) for e in pool}
     alternatives = tuple(Alternative(results[id(e[2])], e[2].placed, e[2].sim, waves_compute(problem, e[2].schedule))
                          for e in pool)
@@ -494,6 +499,9 @@ def _place_candidates(problem: Problem, cost_model: CostModel, solved: SolveResu
         spent += evaluation_cost(problem, schedule)
         try:
             result = place_schedule(problem, schedule, cost_model, strategy=strategy)
+            why = decode_refused(problem.graph.metaops, result)  # a decode the runtime cannot give its weights
+            if why is not None:
+                raise PlanningError(f"{cand.name}: {why}")
         except PlanningError as exc:
             error = error or exc
             if o == 0 and s == 0:

@@ -217,7 +217,10 @@ class CostModel:
         under bf16/fp16 autocast's low-precision copy of it wherever backward runs through the layer (saved for
         it); trainable, also its fp32 gradient and the optimizer state (AdamW 8, SGD 0). With ZeRO-1 over dp > 1
         holders, each keeps 1/dp of the state beside an fp32 master copy of that share (4/dp); alone (dp 1, or
-        ``shard_optimizer: false``) the weight is the master."""
+        ``shard_optimizer: false``) the weight is the master. A generate MetaOp's copy of its layers under bf16/fp16:
+        the compute dtype's bytes (its matrices are held in it; norms, under 0.1% of a layer, priced with them)."""
+        if op.gen is not None and op.gen.decoder is not None and self.precision != "fp32":
+            return float(self.grad_bytes)  # a copy to decode with: its matrices in the compute dtype (runtime.rollout)
         copy = BYTES_COMPUTE_COPY if self.precision != "fp32" and op.backward_factor > 0 else 0
         weight = BYTES_WEIGHT + copy
         if op.frozen:
@@ -252,17 +255,20 @@ class CostModel:
             return stream * rows / layout.tp_degree / op.num_layers
         return (stream if op.recompute else op.layer.act_bytes) * rows / layout.tp_degree
 
-    def decode_cast_bytes(self, op: MetaOp, layout: Layout, trained: bool) -> float:
+    def decode_cast_bytes(self, op: MetaOp, layout: Layout, trained_layers, trained: bool) -> float:
         """Bytes autocast's cast cache holds while generate MetaOp ``op`` decodes on ``layout``: under bf16/fp16 torch
         casts a float32 leaf weight that requires a gradient to the compute precision once per autocast region and
-        keeps the cast until the region ends, and runtime.executor decodes a whole generation in one region, so the
-        weights of a ``trained`` component (its decode copies, or the modules the device trains) are held a second
-        time while it decodes: each layer's TP shard of them and the LM head whole. 0 in fp32, and for an untrained
-        component (weights that require no gradient are cast at every use and not kept)."""
+        keeps the cast until the region ends, and runtime.executor decodes a whole generation in one region. A copy of
+        a layer held only to decode with is in the compute precision already (runtime.rollout.lower_matrices: nothing
+        cast); the ``trained_layers`` (a count, or an array of counts per device) the device trains itself at this TP
+        degree are decoded from their float32 modules, so their shards are held a second time, and so is the LM head
+        (whole) where the component is ``trained`` (counted whether the device trains it or holds a copy: at most the
+        head's bytes too many). 0 in fp32."""
         if self.precision == "fp32" or not trained:
-            return 0.0
-        head = op.gen.decoder.params - op.layer.params  # the LM head (hidden x vocab), whole on every decoding device
-        return (op.layer.params / layout.tp_degree + head) * self.grad_bytes
+            return 0.0 * trained_layers
+        dec = op.gen.decoder
+        head = dec.params - op.layer.params  # the LM head (hidden x vocab)
+        return (trained_layers * op.layer.params / dec.layers / layout.tp_degree + head) * self.grad_bytes
 
     def layer_memory(self, op: MetaOp, layout: Layout) -> float:
         """Bytes per device for one layer: parameter state plus activations saved for backward."""

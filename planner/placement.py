@@ -173,9 +173,10 @@ class MemoryLedger:
         self.act_bytes = np.zeros(n)
         self.phase_act: dict[int, np.ndarray] = {}  # saved activations per phase (only once a phase > 0 is added)
         self.trainable_params = np.zeros(n)
-        # the largest KV cache (and autocast's weight casts) of a generate slice on the device (freed after it)
-        self.transient = np.zeros(n)
-        self.trained = {op.component for op in problem.graph.metaops if not op.frozen}  # components that train
+        self.transient = np.zeros(n)  # the largest KV cache of a generate slice on the device (freed after it)
+        # component -> the parameter group it trains (whose layers its generate uses decode), and the generate slices
+        self.trained = {op.component: op.param_group for op in problem.graph.metaops if not op.frozen}
+        self.decodes: list[tuple[PlacedSlice, MetaOp, float]] = []
         self.ahead = np.zeros(n)  # rollout_lag 1: the rows decoded a step ahead, kept across the step (rolloutlag)
         self.held: dict[str, dict[int, dict[int, int]]] = {}
         self.groups = group_facts(problem)
@@ -187,8 +188,8 @@ class MemoryLedger:
         idx = device_index(s.devices)
         saved = self.cost_model.activation_bytes(op, s.layout) * s.num_layers
         if op.gen is not None and op.gen.decoder is not None:  # a KV cache lives while its generation runs only
-            cast = self.cost_model.decode_cast_bytes(op, s.layout, op.component in self.trained)  # and autocast's casts
-            self.transient[idx] = np.maximum(self.transient[idx], saved + cast)
+            self.transient[idx] = np.maximum(self.transient[idx], saved)
+            self.decodes.append((s, op, saved))  # and autocast's casts of the layers it trains (peak)
             # its rollouts of every micro-batch it decodes at once wait there to be handed on
             saved = op.layer.out_bytes * self.cost_model.local_batch(op, s.layout) * op.gen.batches
             self.ahead[idx] += ahead_bytes(self.problem.graph, op, self.cost_model.local_batch(op, s.layout))
@@ -243,10 +244,25 @@ class MemoryLedger:
     def peak(self) -> np.ndarray:
         """Peak bytes per device: parameter state plus every saved activation (end of forward), plus the logits of
         the LM heads the device runs then (:meth:`head_bytes`), or, when larger, a generate slice's KV cache and
-        autocast's casts of the weights it decodes with (:meth:`CostModel.decode_cast_bytes`) beside those activations
-        (a bound: both are freed when the generation ends); with ``rollout_lag`` 1 the
+        autocast's casts of the weights it decodes with (:meth:`decode_transient`) beside those activations (a bound:
+        both are freed when the generation ends); with ``rollout_lag`` 1 the
         rows a generating device decoded a step ahead (planner.rolloutlag.ahead_bytes)."""
-        return self.param_bytes + self.act_bytes + self.ahead + np.maximum(self.head_bytes(), self.transient)
+        transient = self.decode_transient() if self.decodes else self.transient
+        return self.param_bytes + self.act_bytes + self.ahead + np.maximum(self.head_bytes(), transient)
+
+    def decode_transient(self) -> np.ndarray:
+        """Per device, the largest of the transient bytes: a generate slice's KV cache plus autocast's casts of the
+        layers it decodes from modules the device trains at the decode's TP degree
+        (:meth:`CostModel.decode_cast_bytes`, from the holdings as they stand)."""
+        out = self.transient.copy()
+        for s, op, kv in self.decodes:
+            group = self.trained.get(op.component)
+            held = self.held.get(group, {}) if group is not None else {}
+            layers = np.array([held.get(d, {}).get(s.layout.tp_degree, 0).bit_count() for d in s.devices])
+            cast = self.cost_model.decode_cast_bytes(op, s.layout, layers, group is not None)
+            idx = device_index(s.devices)
+            out[idx] = np.maximum(out[idx], kv + cast)
+        return out
 
     def head_bytes(self) -> np.ndarray:
         """Per device, :meth:`CostModel.head_memory` of each task with an LM head, on the first tensor-parallel

@@ -58,7 +58,9 @@ from runtime.optim import (
 )
 from runtime.lagged import RolloutsAhead
 from runtime.payload import WorkerPayload
-from runtime.rollout import Roles, forward_only, freeze_untrained, rollout_input, run_generate, seq_len_of
+from runtime.rollout import (
+    Roles, forward_only, freeze_untrained, lower_matrices, rollout_input, run_generate, seq_len_of,
+)
 from runtime.sampleop import layer_keys, run_sample, sample_context
 from runtime.steps import GradBucket, Lap, StepState, StepTiming, assemble_rows, fp32_output
 from runtime.transfers import PieceTransfers
@@ -132,6 +134,10 @@ class WaveWorker(PieceTransfers, GradientSync):
             self.modules[key] = self._build(key).to(self.device)
         if self.roles is not None:  # the payload holds every task using a component this rank builds
             freeze_untrained(payload, self.modules)
+            low = compute_dtype(payload, self.device)
+            for key, devices in self.roles.decode_copies.items() if low is not None else ():
+                if rank in devices:  # a copy only to decode with: its matrices in the compute precision
+                    lower_matrices(self.modules[key], low)
         self.optimizer = self._build_optimizer()
         # the weights a loss kernel reads keep their .grad between steps, which the kernel adds into (runtime.optim)
         self.grad_buffers = keep_kernel_grad_buffers(self.modules.values())

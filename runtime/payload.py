@@ -49,6 +49,7 @@ class RolesData(BaseModel):
     sample: dict[int, bool]
     tp_decode: dict[int, tuple[int, ...]] = {}
     shards: list[tuple[Key, int, tuple[int, int]]] = []
+    decode_copies: list[tuple[Key, tuple[int, ...]]] = []
 
     @classmethod
     def of(cls, roles) -> RolesData:
@@ -56,7 +57,8 @@ class RolesData(BaseModel):
         return cls(generate=sorted(roles.generate), readers=roles.readers, extra=sorted(roles.extra.items()),
                    synced=sorted(roles.synced.items()), hand_offs=roles.hand_offs, rollout_moves=roles.rollout_moves,
                    widths=roles.widths, sample=roles.sample, tp_decode=roles.tp_decode,
-                   shards=sorted((k, d, shard) for (k, d), shard in roles.shards.items()))
+                   shards=sorted((k, d, shard) for (k, d), shard in roles.shards.items()),
+                   decode_copies=sorted(roles.decode_copies.items()))
 
     def fields(self) -> dict:
         """Keyword arguments of runtime.rollout.Roles (sets and tuple-keyed dicts again)."""
@@ -64,7 +66,8 @@ class RolesData(BaseModel):
                 "synced": dict(self.synced), "hand_offs": list(self.hand_offs),
                 "rollout_moves": {t: (g, w, list(m)) for t, (g, w, m) in self.rollout_moves.items()},
                 "widths": dict(self.widths), "sample": dict(self.sample), "tp_decode": dict(self.tp_decode),
-                "shards": {(k, d): shard for k, d, shard in self.shards}}
+                "shards": {(k, d): shard for k, d, shard in self.shards},
+                "decode_copies": dict(self.decode_copies)}
 
 
 class WorkerPayload(BaseModel):

@@ -82,12 +82,16 @@ def export_state(worker) -> dict[str, torch.Tensor]:
 def _writers(worker) -> dict[tuple[str, int], int]:
     """The rank that writes each module's tensors: the lowest of every device holding any shard or copy of it (the
     plan's holders, and the copies a generate or sample use runs over: runtime.rollout.Roles.extra, the only holders
-    of a component that no use trains in a slice of its own). A rank's Assignment names only the holdings it takes
-    part in, so a rank holding only an extra copy does not see the plan's holders of that module: Roles.synced, the
-    same on every rank, names both for a module a mode trains (a sample use's head, whose loss host is elsewhere)."""
+    of a component that no use trains in a slice of its own; not a copy only to decode with, Roles.decode_copies,
+    whose matrices are in the compute precision while a trainer holds them in float32). A rank's Assignment names
+    only the holdings it takes part in, so a rank holding only an extra copy does not see the plan's holders of that
+    module: Roles.synced, the same on every rank, names both for a module a mode trains (a sample use's head, whose
+    loss host is elsewhere)."""
     held = [((name, layer), devices) for (name, layer, _), devices in worker.holders.items()]
-    if worker.roles is not None:
-        held += list(worker.roles.extra.items()) + list(worker.roles.synced.items())
+    if worker.roles is not None:  # a copy only to decode with (its matrices in the compute precision) never writes
+        copies = worker.roles.decode_copies
+        held += [(k, tuple(set(d) - set(copies.get(k, ())))) for k, d in worker.roles.extra.items()]
+        held = [(k, d) for k, d in held if d] + list(worker.roles.synced.items())
     lowest: dict[tuple[str, int], int] = {}
     for key, devices in held:
         lowest[key] = min(min(devices), lowest.get(key, min(devices)))

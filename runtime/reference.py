@@ -43,10 +43,13 @@ def save_model(path: str | Path, per_rank: list[dict[str, torch.Tensor]]) -> Non
 
 
 def merge_parameters(per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The union of every rank's named parameters (replicas are equal after a step), sorted by name."""
+    """The union of every rank's named parameters (replicas are equal after a step; a copy only to decode with holds
+    its matrices in the compute precision, runtime.rollout.lower_matrices: a float32 replica wins), sorted by name."""
     merged: dict[str, torch.Tensor] = {}
     for params in per_rank:
-        merged.update(params)
+        for name, tensor in params.items():
+            if name not in merged or tensor.dtype == torch.float32 != merged[name].dtype:
+                merged[name] = tensor
     return dict(sorted(merged.items()))
 
 

@@ -148,6 +148,18 @@ def run_generate(job: JobSpec, op, module: Callable[[str, int], nn.Module], rows
     return pack(out.tokens, out.generated, out.logprobs if lag else None)
 
 
+def lower_matrices(module: nn.Module, dtype: torch.dtype) -> None:
+    """Every linear layer's weight in ``module`` (a decode copy: :attr:`Roles.decode_copies`) in ``dtype``, the job's
+    compute precision. Under autocast a linear layer computes in that dtype from the weight's cast, so the decode is
+    the same; a float32 weight would be held twice while it decodes (torch keeps the cast of a weight that requires a
+    gradient until the autocast region ends: planner.costmodel.CostModel.decode_cast_bytes), a weight in ``dtype``
+    once, at half the bytes. Biases, norms and embeddings stay float32 (they are not cast the same way: megatron adds
+    a bias to the product in float32)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear) or type(m).__name__ in ("ColumnParallelLinear", "RowParallelLinear"):
+            m.weight.data = m.weight.data.to(dtype)
+
+
 def rollout_input(packed: torch.Tensor, embed: nn.Module, length: int) -> torch.Tensor:
     """What the first layer of a use reading rollout tokens runs on: its component's input module on the ``length``
     (prompt + new) tokens of the :func:`pack` ed rows."""
@@ -234,6 +246,9 @@ class Roles:
     # (receiver key, receiving device) -> (tp_size, tp_rank): the TP shard of a layer a hand-off's receiver holds
     # (runtime.assignment.layer_tp_groups: a layer it decodes or runs tensor-parallel); absent: the whole layer
     shards: dict[tuple[Key, int], tuple[int, int]] = field(default_factory=dict)
+    # module -> the devices that hold a copy of it only to decode with (a layer or LM head of a generate use, received
+    # after every step, trained elsewhere): they keep its matrices in the compute precision (:func:`lower_matrices`)
+    decode_copies: dict[Key, tuple[int, ...]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, job: JobSpec, plan) -> Roles:
@@ -260,6 +275,7 @@ class Roles:
         readers = {op.id: d for op in ops for d in op.deps if d in generate and ops[d].use != op.use}
         slices = [s for wave in plan.waves for s in wave.slices]
         need: dict[Key, set[int]] = {}
+        decoding: dict[Key, set[int]] = {}  # the layers and LM heads generate slices decode with
         trains: dict[Key, set[int]] = {}
         tp_decode: dict[int, tuple[int, ...]] = {}  # device -> the TP group it decodes in (tensor_parallel > 1)
         for s in slices:
@@ -272,6 +288,8 @@ class Roles:
                         "planner that knows generate uses.")
                 for key in [("embed:" + op.component, 0), *layer_keys(job, op), ("head:" + op.task, 0)]:
                     need.setdefault(key, set()).update(s.devices)
+                    if not key[0].startswith("embed:"):
+                        decoding.setdefault(key, set()).update(s.devices)
                 for i in range(0, len(s.devices), s.tp_degree) if s.tp_degree > 1 else ():
                     tp_decode.update({d: tuple(s.devices[i:i + s.tp_degree]) for d in s.devices[i:i + s.tp_degree]})
             if s.metaop in sample:  # the component's real modules (runtime.sampleop), trained with grad_last_step
@@ -313,6 +331,12 @@ class Roles:
         tp_groups = layer_tp_groups(plan, lambda g: layer_keys(job, ops[g]) if g in generate else None)
         received = {(k, d): (len(tp_groups[k, d]), tp_groups[k, d].index(d)) for k, _, _, d in hand_offs
                     if (k, d) in tp_groups}
+        # the extra copies a device holds only to decode with, refreshed by a hand-off after every step
+        copies: dict[Key, list[int]] = {}
+        for k, _, _, d in hand_offs:
+            if d in decoding.get(k, ()) and d in extra.get(k, ()) and d not in synced.get(k, ()):
+                copies.setdefault(k, []).append(d)
+        decode_copies = {k: tuple(sorted(set(d))) for k, d in copies.items()}
         moves = {}
         hosts = program.loss_hosts(ops, placed)
         for g in sorted(generate):
@@ -333,7 +357,8 @@ class Roles:
             from runtime.sampleop import latent_shape
 
             widths |= {g: math.prod(latent_shape(job, ops[g])) for g in sample}
-        return cls(generate, readers, extra, synced, hand_offs, moves, widths, sample, tp_decode, received)
+        return cls(generate, readers, extra, synced, hand_offs, moves, widths, sample, tp_decode, received,
+                   decode_copies)
 
     def wire_pieces(self, plan, pieces: list) -> list:
         """The plan's pieces of one boundary as they run: a generate MetaOp's output rows at their packed width and a

@@ -20,7 +20,8 @@ from planner.plan import micro_batches_pipelined
 from planner.spec import parse_job
 from runtime.assignment import CommSchedule
 from runtime.local_world import run_world
-from runtime.reference import ReferenceTrainer
+from runtime.reference import ReferenceTrainer, merge_parameters
+from runtime.rollout import Roles
 
 from _equivalence import (  # tests/integration/_equivalence.py
     LATER_GRAD_RTOL, RTOL, _compare_modules, check_equivalence, placed_plan,
@@ -132,6 +133,34 @@ def test_rollouts_decoded_once_for_micro_batches_pipelined_over_stages_equal_one
     assert torch.equal(rows[:, :tokens], want[:, :tokens])
     torch.testing.assert_close(rows[:, tokens:], want[:, tokens:], rtol=RTOL, atol=RTOL)  # rows decoded beside others
     compare_uneven(world, reference)
+
+
+def test_bf16_decode_copies_hold_their_matrices_in_bf16_and_decode_as_one_process(tmp_path):
+    """bf16: the generating worker holds the policy's layers and LM head only to decode with (received after every
+    step): their linear weights in bf16 (runtime.rollout.lower_matrices), norms and embeddings float32. Autocast
+    computes a linear layer from the bf16 cast of its weight either way, so the step's rollouts equal one process's
+    (which decodes with float32 weights) token for token; after the hand-off the copy holds the trainers' weights
+    rounded to bf16, the trainers keep float32, and the merge a checkpoint or an export makes takes the float32
+    replica."""
+    job = grpo_job(precision="bf16", steps=1)
+    plan = placed_plan(job, [[("rollout", [0])], [("reward", [1]), ("policy", [2, 3])], [("reference", [1])]])
+    assert Roles.build(job, plan).decode_copies == {**{("policy", i): (0,) for i in range(2)}, ("head:grpo", 0): (0,)}
+    world = run_world(job, plan, 1, tmp_path)
+    reference = ReferenceTrainer(job)
+    want = reference.train_step(0)["grpo"]
+    assert abs(world.losses[0]["grpo"] - want) <= 2e-2 * max(abs(want), 1e-3)
+    rollout_op = next(op.id for op in plan.metaops if op.use == "rollout")
+    first, rows = world.rollouts[0][rollout_op]
+    assert first == 0 and torch.equal(rows, reference.last_rollouts[rollout_op])
+    copy, trainer = world.parameters[0], world.parameters[2]
+    matrices = [n for n in copy if n.startswith("policy/") and n.endswith("_proj.weight")]
+    assert matrices and all(copy[n].dtype == torch.bfloat16 for n in matrices)
+    assert all(torch.equal(copy[n], trainer[n].to(torch.bfloat16)) for n in matrices)  # the step's hand-off
+    assert all(copy[n].dtype == torch.float32 for n in copy if "norm" in n or n.startswith("embed:"))
+    assert all(trainer[n].dtype == torch.float32 for n in trainer)
+    merged = merge_parameters([world.parameters[r] for r in sorted(world.parameters)])
+    assert all(t.dtype == torch.float32 for t in merged.values()) and set(matrices) <= set(merged)
+    assert all(torch.equal(merged[n], trainer[n]) for n in matrices)
 
 
 def test_weights_from_hands_the_trained_weights_over_after_every_step(tmp_path):

@@ -22,7 +22,7 @@ from planner.program import plan_edges
 from planner.rlbaselines import colocated_schedule, rl_schedules, role_of, split_candidates, split_schedule, stage_plan
 from planner.schedule import Problem
 from planner.simulator import simulate
-from planner.spec import parse_job
+from planner.spec import load_job, parse_job
 from planner.streamed import streamed_problem
 
 H100 = DEVICES["h100"]
@@ -139,27 +139,34 @@ def test_micro_batches_decode_their_rollouts_once_in_the_first():
         assert each.iteration_time_s - once.iteration_time_s == pytest.approx(each.compute_s - once.compute_s)
 
 
-def test_a_decode_holds_autocasts_casts_of_a_trained_components_weights():
-    """Under bf16 torch keeps the cast of every float32 weight that requires a gradient until the autocast region
-    ends, and a generation decodes in one region: while the policy (trained) decodes, each device holds its shard of
-    the layers and the LM head a second time, in bf16, beside the KV cache (the ledger's transient peak). None in
-    fp32, none for a frozen component's decode."""
+def test_a_decode_holds_autocasts_casts_of_the_layers_it_trains_and_copies_in_bf16():
+    """Under bf16 a generate use's copy of its layers holds its matrices in bf16 (runtime.rollout.lower_matrices: 2
+    bytes a parameter, nothing for autocast to cast), while the layers a device trains itself at the decode's TP
+    degree decode from their float32 modules, whose casts torch keeps until the generation ends: the ledger's
+    transient peak is the KV cache plus those layers' shards and the LM head in bf16. In fp32 nothing is cast."""
     job, cost_model, problem = setup()
     rollout = problem.graph.metaops[0]
     head = rollout.gen.decoder.params - rollout.layer.params
     assert head == 64 * 128  # hidden x vocabulary
     layout = Layout(2, 2)
-    cast = cost_model.decode_cast_bytes(rollout, layout, trained=True)
-    assert cast == (rollout.layer.params / 2 + head) * 2
-    assert cost_model.decode_cast_bytes(rollout, layout, trained=False) == 0.0
+    assert cost_model.bytes_per_param(rollout, layout) == 2.0  # bf16 matrices
+    per_layer = rollout.layer.params / 2 / 2  # a layer's TP-2 shard
+    assert cost_model.decode_cast_bytes(rollout, layout, 0, trained=True) == head * 2
+    assert cost_model.decode_cast_bytes(rollout, layout, 2, trained=True) == (2 * per_layer + head) * 2
+    assert cost_model.decode_cast_bytes(rollout, layout, 2, trained=False) == 0.0
     fp32 = make_cost_model(parse_job(grpo(4, precision="fp32")))
-    assert fp32.decode_cast_bytes(rollout, layout, trained=True) == 0.0
-    placed = PlacedSchedule((PlacedWave((PlacedSlice(0, 0, 1, (0, 1, 2, 3), layout),)),
-                             PlacedWave(tuple(PlacedSlice(m, 0, problem.layers(m), (m,), problem.curves[m].layout(1))
-                                              for m in (1, 2, 3)))))
-    ledger = placed_ledger(problem, placed, cost_model)
+    assert fp32.decode_cast_bytes(rollout, layout, 2, trained=True) == 0.0
+    assert fp32.bytes_per_param(rollout, layout) == 4.0
     kv = cost_model.activation_bytes(rollout, layout)
-    assert ledger.transient.tolist() == [kv + cast] * 4
+    decode = PlacedWave((PlacedSlice(0, 0, 1, (0, 1, 2, 3), layout),))
+    scorers = PlacedWave((PlacedSlice(1, 0, 2, (0, 1), problem.curves[1].layout(2)),
+                          PlacedSlice(2, 0, 2, (2, 3), problem.curves[2].layout(2))))
+    for train, trained in (((0, 1), 2), ((2, 3), 0)):  # the policy trained at TP 2 on the first two devices, or the
+        # last two (a TP-2 group of its own: its layers are not the decode's TP-2 shards on devices 0 and 1)
+        placed = PlacedSchedule((decode, scorers, PlacedWave((PlacedSlice(3, 0, 2, train, Layout(1, 2)),))))
+        ledger = placed_ledger(problem, placed, cost_model)
+        assert ledger.decode_transient()[:2].tolist() == [kv + (trained * per_layer + head) * 2] * 2
+    assert ledger.decode_transient()[2:].tolist() == [kv + (2 * per_layer + head) * 2] * 2
 
 
 def test_sample_use_prices_its_denoising_steps_and_last_step_backward():
@@ -369,6 +376,23 @@ def test_role_placements_fit_by_pipeline_stages_when_whole_models_do_not():
     plan = plan_job(job, cost_model).plan
     assert max(plan.peak_memory_bytes) <= plan.cluster.memory_bytes
     assert plan.predicted.iteration_time_s <= sim.iteration_time_s * (1 + 1e-9)
+
+
+def test_a_searched_placement_whose_decode_the_runtime_cannot_place_is_never_chosen():
+    """bench/rl/grpo-7b-16.yaml under as_run: with the decode copies in bf16 the solver's schedules fit, and the
+    searches after placing (the order search here) reached a placement decoding at TP 2 on devices that train the
+    policy at TP 4, which the runtime does not run (decode_refused): it had been chosen (14.54 s). Such placements are
+    skipped like ones that do not fit: the plan is one the runtime runs."""
+    from planner.candidates import runnable
+    from planner.generation import as_run
+
+    job = load_job(Path(__file__).parents[3] / "bench" / "rl" / "grpo-7b-16.yaml")
+    job = job.model_copy(update={"training": job.training.model_copy(update={"shard_optimizer": True})})
+    cost_model = make_cost_model(job)
+    with as_run(cost_model):
+        problem = Problem.build(build_metagraph(job), cost_model)
+        outcome = plan_job(job, cost_model)
+        assert runnable(problem, outcome.placed, cost_model.hw.devices_per_node) is None
 
 
 def test_as_run_plans_tensor_parallel_decodes_whose_weights_the_runtime_places():

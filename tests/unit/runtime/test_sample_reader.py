@@ -118,7 +118,22 @@ def test_one_rank_writes_a_sampled_heads_checkpoint_when_the_loss_host_is_anothe
     from runtime.portable import _writers
 
     key = ("head:score", 0)
-    roles = SimpleNamespace(extra={key: (1,)}, synced={key: (0, 1)})
+    roles = SimpleNamespace(extra={key: (1,)}, synced={key: (0, 1)}, decode_copies={})
     rank0 = SimpleNamespace(holders={("head:score", 0, 0): (0,)}, roles=roles)
     rank1 = SimpleNamespace(holders={}, roles=roles)
     assert _writers(rank0)[key] == _writers(rank1)[key] == 0
+
+
+def test_a_copy_only_to_decode_with_is_never_a_checkpoints_writer():
+    """Rank 0 holds the policy's layer only to decode with (its matrices in bf16: runtime.rollout.lower_matrices), so
+    the lowest other holder writes it: rank 1's extra copy (not only decoded with), else the trainer, rank 2."""
+    from types import SimpleNamespace
+
+    from runtime.portable import _writers
+
+    key = ("policy", 0)
+    roles = SimpleNamespace(extra={key: (0, 1)}, synced={}, decode_copies={key: (0,)})
+    worker = SimpleNamespace(holders={("policy", 0, 0): (2, 3)}, roles=roles)
+    assert _writers(worker)[key] == 1
+    roles.decode_copies = {key: (0, 1)}
+    assert _writers(worker)[key] == 2
