@@ -27,8 +27,8 @@ A role is a MetaOp's parameter group without its segment suffix: ``policy@genera
 values priced by the same simulator and memory ledger as every other baseline (planner.baselines), so Loom adopts
 one when it is faster (planner.candidates). Loom's own role placement (:func:`role_candidate`, anything between the
 two: a level's roles side by side on shares of the devices, generation on a share of them) joins the solver's
-candidates (:func:`with_role_candidate`). planner.streamed prices the rollouts streamed in chunks (bench.rl evaluates
-it; plans do not adopt it: the runtime refuses gradient accumulation with a generate use today).
+candidates (:func:`with_role_candidate`). planner.streamed prices the rollouts streamed in chunks, each decoded on its
+own (bench.rl evaluates it; plans do not adopt it: with micro-batches the runtime decodes a step's rollouts at once).
 """
 
 from __future__ import annotations
