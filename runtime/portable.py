@@ -67,7 +67,7 @@ def export_state(worker) -> dict[str, torch.Tensor]:
             plain = _tp_plain(module, lambda p: p.detach())
         else:
             plain = {k: v.detach() for k, v in module.state_dict().items()}
-        if writer[key] == worker.rank:
+        if writer.get(key) == worker.rank:  # none: a copy only to decode with, whose writer this rank does not see
             out.update({"p:" + global_name(key, n): t for n, t in plain.items()})
     _export_optimizer(worker, writer, out)
     for op, ((step, first, _), rows) in worker.ahead.state().items():
@@ -121,7 +121,7 @@ def _export_optimizer(worker, writer: dict[tuple[str, int], int], out: dict[str,
             else:
                 plain = {n: whole[id(p)][state_name] for n, p in module.named_parameters()
                          if state_name in whole.get(id(p), {})}
-            if writer[key] != worker.rank:
+            if writer.get(key) != worker.rank:
                 continue
             for n, t in plain.items():
                 if state_name in SCALARS:

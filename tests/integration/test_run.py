@@ -248,6 +248,48 @@ def test_resumed_run_equals_uninterrupted_run(ray_session, job, plan, tmp_path):
     assert [r["loss"] for r in logged] == [r.loss for r in whole.records]
 
 
+def test_bf16_grpo_micro_batches_with_decode_copies_resume_as_an_uninterrupted_run(ray_session, tmp_path):
+    """A bf16 GRPO job in 2 micro-batches on Ray: rank 0 decodes half the rollouts and holds the policy only to decode
+    with (its matrices in bf16: runtime.rollout.lower_matrices), rank 1 trains it. Rank 1 writes the policy to the
+    checkpoint in float32 (rank 0, lower but a decode copy, sees no writer of it and writes none: its step-2
+    checkpoint had failed), and a run resumed from step 2 equals the uninterrupted one, parameters and losses."""
+    from planner.api import plan_placed
+    from planner.costmodel import Layout
+    from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
+
+    llama = {"kind": "llama", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 40,
+             "seq_len": 11}
+    job = parse_job({
+        "name": "grpo-bf16", "cluster": {"num_nodes": 1, "devices_per_node": 2, "device": "cpu"},
+        "components": {"policy": llama, "reference": {**llama, "frozen": True},
+                       "reward": {**llama, "num_layers": 1, "hidden_size": 16, "num_heads": 2, "num_kv_heads": 1}},
+        "tasks": [{"name": "grpo", "batch_size": 16, "loss": "grpo", "components": [
+            {"component": "policy", "name": "rollout", "mode": "generate", "seq_len": 6, "new_tokens": 5, "samples": 4},
+            {"component": "reward", "mode": "forward", "after": ["rollout"]},
+            {"component": "reference", "mode": "forward", "after": ["rollout"]},
+            {"component": "policy", "after": ["rollout"]}]}],
+        "training": {"steps": 4, "lr": 1e-2, "precision": "bf16", "grad_accum_steps": 2},
+    })
+    ops = {op.use: op for op in build_metagraph(job).metaops}
+    on = lambda use, devices: PlacedSlice(ops[use].id, 0, ops[use].num_layers, devices,  # noqa: E731
+                                          Layout(len(devices), 1))
+    plan = plan_placed(job, PlacedSchedule((PlacedWave((on("rollout", (0, 1)),)),
+                                            PlacedWave((on("reward", (0,)), on("policy", (1,)))),
+                                            PlacedWave((on("reference", (0,)),)))), method="hand-made")
+    whole = run_job(job, plan, options=RunOptions(steps=4, out_dir=tmp_path / "whole", collect_parameters=True))
+    first = run_job(job, plan, options=RunOptions(steps=2, out_dir=tmp_path / "split", checkpoint_every=2))
+    assert [c.step for c in first.checkpoints] == [2]
+    second = run_job(job, plan, options=RunOptions(steps=4, out_dir=tmp_path / "split", resume=True,
+                                                   collect_parameters=True))
+    assert [r.loss for r in first.records + second.records] == [r.loss for r in whole.records]
+    copy, trainer = whole.parameters[0], whole.parameters[1]
+    assert copy["policy/0/q_proj.weight"].dtype == torch.bfloat16 and trainer["policy/0/q_proj.weight"].dtype == \
+        torch.float32
+    for rank, params in whole.parameters.items():
+        for name, tensor in params.items():
+            assert torch.equal(tensor, second.parameters[rank][name]), f"rank {rank} {name}"
+
+
 def test_ray_workers_train_unets_as_one_process_does(ray_session, tmp_path):
     # diffusers is imported inside the actors; the text-conditioned UNet's state crosses actor boundaries
     job = parse_job(diffusion_job(2, steps=2))
