@@ -132,16 +132,16 @@ class WaveWorker(PieceTransfers, GradientSync):
                 self.modules[(name, layer)] = self._build((name, layer)).to(self.device)
         for key in extra:
             self.modules[key] = self._build(key).to(self.device)
+        low = compute_dtype(payload, self.device)
         if self.roles is not None:  # the payload holds every task using a component this rank builds
             freeze_untrained(payload, self.modules)
-            low = compute_dtype(payload, self.device)
             for key, devices in self.roles.decode_copies.items() if low is not None else ():
                 if rank in devices:  # a copy only to decode with: its matrices in the compute precision
                     lower_matrices(self.modules[key], low)
         self.optimizer = self._build_optimizer()
         # the weights a loss kernel reads keep their .grad between steps, which the kernel adds into (runtime.optim)
         self.grad_buffers = keep_kernel_grad_buffers(self.modules.values())
-        self.scaler = LossScaler(compute_dtype(payload, self.device) == torch.float16)
+        self.scaler = LossScaler(low == torch.float16)
         # pieces (activations and their gradients) and gradient buckets cross devices in the compute precision, as the
         # plan prices them
         self.wire_dtype = compute_dtype(payload, self.device) or torch.float32

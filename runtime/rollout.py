@@ -332,11 +332,11 @@ class Roles:
         received = {(k, d): (len(tp_groups[k, d]), tp_groups[k, d].index(d)) for k, _, _, d in hand_offs
                     if (k, d) in tp_groups}
         # the extra copies a device holds only to decode with, refreshed by a hand-off after every step
-        copies: dict[Key, list[int]] = {}
+        copies: dict[Key, set[int]] = {}
         for k, _, _, d in hand_offs:
             if d in decoding.get(k, ()) and d in extra.get(k, ()) and d not in synced.get(k, ()):
-                copies.setdefault(k, []).append(d)
-        decode_copies = {k: tuple(sorted(set(d))) for k, d in copies.items()}
+                copies.setdefault(k, set()).add(d)
+        decode_copies = {k: tuple(sorted(d)) for k, d in copies.items()}
         moves = {}
         hosts = program.loss_hosts(ops, placed)
         for g in sorted(generate):
