@@ -73,7 +73,8 @@ def make_cost_model(job: JobSpec, costs: str | Path | dict | None = None) -> Cos
     shard = job.training.shard_optimizer is not False  # auto: planned with ZeRO-1, then priced without (plan_job)
     # Activations and gradients cross devices in the compute precision (runtime.executor's wire dtype); parameters
     # (ZeRO-1's all-gather, weight hand-offs) move as the runtime holds them, float32 in every precision:
-    # CostModel.param_bytes_moved (docs/planner.md "What moves, at how many bytes").
+    # CostModel.param_bytes_moved; a decode copy's matrices in the compute precision, CostModel.decode_matrix_bytes
+    # (docs/planner.md "What moves, at how many bytes").
     grad_bytes = weight_bytes = 4 if job.training.precision == "fp32" else 2
     memory = {"precision": job.training.precision, "optimizer": job.training.optimizer}  # what a device holds
     analytic = AnalyticCostModel(hw, shard_optimizer=shard, grad_bytes=grad_bytes, weight_bytes=weight_bytes, **memory)

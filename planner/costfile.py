@@ -4,7 +4,9 @@ sense before any of it is fitted: one SpecError line naming the file, the entry,
 The format (planner.costmodel.ProfiledCostModel): a JSON object with ``points`` (profile key -> curve) and the
 optional ``version`` (1), ``device``, ``embed``, ``head`` and ``data`` (name -> curve), ``optimizer_s_per_param``, ``optimizer``
 (the fitted step ``{"step_s": a, "s_per_param": b, "s_per_tensor": c}``, b > 0, a and c >= 0), ``modules`` (module name -> ``[parameters,
-tensors]``: what the runtime builds, for the planner's buckets and the optimizer's per-tensor term) and ``links``
+tensors]`` or ``[parameters, tensors, matrix parameters]``: what the runtime builds, for the planner's buckets, the
+optimizer's per-tensor term and the hand-off of a copy only to decode with, whose matrices cross in the compute
+precision) and ``links``
 (``p2p``/``allreduce``/``allgather`` -> curve) and ``forward`` (profile key -> ``[[local_batch, share], ...]``: the
 share of a layer's time its forward took, each in (0, 1]; no monotone rule) and ``calibration`` (part -> ratio:
 ``compute``, ``loss``, ``optimizer``, each in :data:`CALIBRATION_BOUNDS`: what the runtime measured over what the
@@ -66,7 +68,8 @@ class CostFile:
     optimizer_s_per_param: float | None
     links: dict[str, Points]
     optimizer: tuple[float, float, float] | None = None  # (step_s, s_per_param, s_per_tensor): the fitted step
-    modules: dict[str, tuple[float, float]] | None = None  # module name -> (parameters, tensors) as the runtime builds
+    # module name -> (parameters, tensors) or (parameters, tensors, matrix parameters) as the runtime builds it
+    modules: dict[str, tuple[float, ...]] | None = None
     data: dict[str, Points] | None = None  # task -> drawing its rows of the batch (absent in files before it)
     device: str = ""  # the device kind it was profiled on (planner.devices.DEVICES); "" when the file names none
     forward: dict[str, Points] | None = None  # profile key -> the forward's share of a layer's time, per local batch
@@ -162,18 +165,23 @@ def _optimizer(source: str, value: object) -> tuple[float, float, float] | None:
     return tuple(float(value[term]) for term in OPTIMIZER_TERMS)
 
 
-def _modules(source: str, value: object) -> dict[str, tuple[float, float]]:
-    """Module name -> (parameters, tensors), each a whole number >= 0 (a module the runtime builds)."""
+def _modules(source: str, value: object) -> dict[str, tuple[float, ...]]:
+    """Module name -> (parameters, tensors) or (parameters, tensors, matrix parameters), each a whole number >= 0
+    (a module the runtime builds; its matrices at most its parameters; files before the third entry have pairs)."""
     out = {}
+    expected = "expected [parameters, tensors] or [parameters, tensors, matrix parameters]"
     for name, pair in _mapping(source, "modules", value).items():
         where = f"modules[{name!r}]"
-        if not isinstance(pair, list) or len(pair) != 2 or not all(_is_number(v) for v in pair):
-            _shape(source, where, pair, "is not a pair of numbers", "expected [parameters, tensors]")
-        for v, top in zip(pair, (MAX_PARAMS, MAX_TENSORS)):
+        if not isinstance(pair, list) or len(pair) not in (2, 3) or not all(_is_number(v) for v in pair):
+            _shape(source, where, pair, "is not a pair or triple of numbers", expected)
+        for v, top in zip(pair, (MAX_PARAMS, MAX_TENSORS, MAX_PARAMS)):
             if not (math.isfinite(v) and float(v).is_integer() and 0 <= v <= top):
-                _fail(source, where, pair, "is not a pair of whole numbers >= 0",
-                      f"expected [parameters, tensors] of a module, each at most {top:g}")
-        out[str(name)] = (float(pair[0]), float(pair[1]))
+                _fail(source, where, pair, "is not a list of whole numbers >= 0",
+                      f"{expected} of a module, each at most {top:g}")
+        if len(pair) == 3 and pair[2] > pair[0]:
+            _fail(source, where, pair, "has more matrix parameters than parameters",
+                  "expected matrix parameters <= parameters (re-run `loom profile`)")
+        out[str(name)] = tuple(float(v) for v in pair)
     return out
 
 

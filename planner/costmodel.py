@@ -165,7 +165,8 @@ class CostModel:
         self.weight_bytes = weight_bytes
         # Bytes per parameter element wherever parameters move or are copied: ZeRO-1's all-gather of the updated
         # shares and weight hand-offs. The runtime's parameters are float32 in every
-        # precision (autocast computes from them), so it moves BYTES_WEIGHT; docs/planner.md "What moves".
+        # precision (autocast computes from them), so it moves BYTES_WEIGHT (but a copy only to decode with:
+        # decode_matrix_bytes); docs/planner.md "What moves".
         self.param_bytes_moved = BYTES_WEIGHT
         self._curves: dict[tuple, Curve] = {}
         # The LM heads the memory model prices (:meth:`head_memory`): per next-token task, set by the caller
@@ -407,6 +408,18 @@ class CostModel:
         tensors."""
         return 0.0, 0.0
 
+    def module_matrices(self, name: str) -> float | None:
+        """Parameters of module ``name`` in matrices (2-D tensors: its linear layers' weights), as the runtime builds
+        it; None when unknown (a cost file without them, or no profile): a copy only to decode with holds and
+        receives them in the compute precision (planner.handoff)."""
+        return None
+
+    @property
+    def decode_matrix_bytes(self) -> float:
+        """Bytes per matrix parameter of a copy only to decode with, as it is held and handed off: the compute
+        dtype's (runtime.rollout.lower_matrices; float32 under fp32)."""
+        return float(self.grad_bytes) if self.precision != "fp32" else float(self.param_bytes_moved)
+
     # ---- work outside the layers (0 unless measured: see ProfiledCostModel)
     def embed_time(self, op: MetaOp, local_batch: int) -> float:
         """Seconds one device of a MetaOp's first slice spends per step on ``local_batch`` samples before and after
@@ -549,7 +562,11 @@ class ProfiledCostModel(CostModel):
         return num_params * rate * scale if rate is not None else super().optimizer_time(num_params)
 
     def module_size(self, name: str) -> tuple[float, float]:
-        return self.measured.modules.get(name, (0.0, 0.0))
+        return self.measured.modules.get(name, (0.0, 0.0))[:2]
+
+    def module_matrices(self, name: str) -> float | None:
+        found = self.measured.modules.get(name, ())
+        return found[2] if len(found) > 2 else None
 
     def p2p_time(self, nbytes: float, cross_node: bool) -> float:
         if cross_node or not self.measured.p2p or nbytes <= 0:
@@ -595,7 +612,8 @@ class MeasuredCosts:
     one all-gather (bytes gathered in all) between two worker processes of one node (empty: not measured).
     ``optimizer``: the fitted step ``(a, b, c)``: ``a + b params + c tensors`` seconds on a device that steps
     (None: not measured). ``modules``: module name -> (parameters, tensors) as the runtime builds it
-    (:meth:`CostModel.module_size`).
+    (:meth:`CostModel.module_size`), and its matrix parameters third where the file has them
+    (:meth:`CostModel.module_matrices`).
     """
 
     embed: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
@@ -605,7 +623,7 @@ class MeasuredCosts:
     allreduce: list[tuple[float, float]] = field(default_factory=list)
     allgather: list[tuple[float, float]] = field(default_factory=list)
     optimizer: tuple[float, float, float] | None = None
-    modules: dict[str, tuple[float, float]] = field(default_factory=dict)
+    modules: dict[str, tuple[float, ...]] = field(default_factory=dict)
     data: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     @classmethod
@@ -623,7 +641,7 @@ class MeasuredCosts:
         return cls(curves("embed"), curves("head"), float(rate) if rate is not None else None,
                    *(points(links.get(kind, [])) for kind in ("p2p", "allreduce", "allgather")),
                    optimizer=tuple(float(fit[k]) for k in ("step_s", "s_per_param", "s_per_tensor")) if fit else None,
-                   modules={str(k): (float(v[0]), float(v[1])) for k, v in dict(data.get("modules", {})).items()},
+                   modules={str(k): tuple(float(x) for x in v[:3]) for k, v in dict(data.get("modules", {})).items()},
                    data=curves("data"))
 
 

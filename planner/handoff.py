@@ -19,7 +19,10 @@ does not hold it (:func:`sender`: the lowest holder in the receiving device's no
 sends (tests/integration/test_byte_contract.py counts it). A module moves its parameters as the runtime builds it
 (``size``: the cost model's module sizes, from ``loom profile``; else a layer's modelled ``params`` and 0 for an
 input module or head) x ``weight_bytes`` (the simulator passes ``CostModel.param_bytes_moved``: 4, the runtime's
-float32 parameters in every precision) / the receiver's TP degree. A module some holder keeps in the receiving
+float32 parameters in every precision) / the receiver's TP degree, except the matrices of the layers and LM head a
+decode receives: a copy only to decode with holds them in the compute precision (runtime.rollout.lower_matrices) and
+receives them so (``matrix_bytes``, ``CostModel.decode_matrix_bytes``: 2 under bf16/fp16; the module's matrices from
+``CostModel.module_matrices``, else a layer's modelled ``params``). A module some holder keeps in the receiving
 device's node comes over NVLink, otherwise over the network. Devices that hold every module they need receive
 nothing (verl's colocated shape: the weights are already there).
 
@@ -39,7 +42,7 @@ iteration (``handoff_s``). Senders' links are not modelled (a layer usually has 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from planner.generation import decode_shard_params, layer_tp_groups
@@ -92,17 +95,31 @@ def _receives(ops: Sequence[MetaOp], weights_from: Mapping[str, str]) -> bool:
     return any((op.frozen and op.mode != "train") or op.component in weights_from for op in ops)
 
 
-def _trained(ops: Sequence[MetaOp], size: ModuleSize) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
-    """(component -> its trained groups' parameters per layer, trained group -> its layer count)."""
+def _trained(ops: Sequence[MetaOp], size: ModuleSize) -> tuple[dict[str, dict[str, float]], dict[str, int],
+                                                                 dict[str, float]]:
+    """(component -> its trained groups' parameters per layer, trained group -> its layer count, trained group ->
+    the modelled parameters of one of its layers: its matrices, the kind's ``params`` leaving norms and biases out)."""
     trained_groups: dict[str, dict[str, float]] = {}
     layers_of: dict[str, int] = {}
+    modelled: dict[str, float] = {}
     for op in ops:
         if not op.frozen:
             params = size(op.param_group)[0] or op.layer.params
             trained_groups.setdefault(op.component, {})[op.param_group] = max(
                 params, trained_groups.get(op.component, {}).get(op.param_group, 0.0))
             layers_of[op.param_group] = max(layers_of.get(op.param_group, 0), op.num_layers)
-    return trained_groups, layers_of
+            modelled[op.param_group] = max(op.layer.params, modelled.get(op.param_group, 0.0))
+    return trained_groups, layers_of, modelled
+
+
+def _copy_bytes(params: float, matrices: float, tp: int, dec, weight_bytes: float, matrix_bytes: float) -> float:
+    """Bytes a copy only to decode with receives of a module of ``params`` parameters, ``matrices`` of them in
+    matrices, at tensor_parallel ``tp`` (its TP rank's shard, planner.generation.decode_shard_params: the matrices
+    split, the norms whole): the matrices at ``matrix_bytes``, the rest at ``weight_bytes``."""
+    matrices = min(max(matrices, 0.0), params)
+    shard = decode_shard_params(params, dec, tp) if dec is not None and tp > 1 else params
+    split = matrices / tp if dec is not None and tp > 1 else matrices
+    return split * matrix_bytes + (shard - split) * weight_bytes
 
 
 def _source(op: MetaOp, weights_from: Mapping[str, str]) -> str | None:
@@ -113,18 +130,24 @@ def _source(op: MetaOp, weights_from: Mapping[str, str]) -> str | None:
 
 def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mapping[str, str], weight_bytes: float,
               devices_per_node: int, size: ModuleSize | None = None, held: Sequence[Holding] | None = None,
-              tp_whole_params: Mapping[str, float] | None = None) -> list[HandOff]:
+              tp_whole_params: Mapping[str, float] | None = None, matrix_bytes: float | None = None,
+              matrices: Callable[[str], float | None] | None = None) -> list[HandOff]:
     """Every hand-off of ``placed`` (module docstring rule), sorted by (MetaOp, device); empty when no device lacks
     a trained module it runs. ``held``: ``placed``'s holdings when the caller has them (the simulator), else derived
     here. ``size``: module name -> (parameters, tensors) as the runtime builds it
     (:meth:`~planner.costmodel.CostModel.module_size`); a layer unknown to it counts ``layer.params``, an input module
     or a head 0 (as the gradient buckets count them). ``tp_whole_params``: component -> parameters of a layer every TP
     rank keeps whole (planner.metagraph.MetaGraph.tp_whole_params), which a layered receiver at tensor_parallel t
-    takes whole beside ``1 / t`` of the rest (none: ``1 / t`` of the layer)."""
+    takes whole beside ``1 / t`` of the rest (none: ``1 / t`` of the layer). ``matrix_bytes``: bytes per matrix
+    parameter of the layers and LM heads a decode receives (``CostModel.decode_matrix_bytes``: it holds and receives
+    them in the compute precision, runtime.rollout.lower_matrices; None: ``weight_bytes``), with ``matrices``: module
+    name -> its matrix parameters (``CostModel.module_matrices``; None or unknown: a layer's modelled ``params``, a
+    head's parameters but its final norm)."""
     if not _receives(ops, weights_from):
         return []
     size = size or (lambda name: (0.0, 0.0))
-    trained_groups, layers_of = _trained(ops, size)
+    trained_groups, layers_of, modelled = _trained(ops, size)
+    matrices = matrices or (lambda name: None)
     steppers: dict[tuple[str, int], set[int]] = {}  # module -> the plan's holders, which step it (runtime.rollout)
     for h in holdings(ops, placed) if held is None else held:
         steppers.setdefault(h.key[:2], set()).update(h.devices)
@@ -138,24 +161,31 @@ def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mappi
             groups = trained_groups.get(source or "", {})
             if not groups:
                 continue
-            modules: list[tuple[tuple[str, int], float]] = []
+            modules: list[tuple[tuple[str, int], float]] = []  # (module, bytes)
             if op.gen is not None:  # a whole use runs every trained layer of its source (its TP shard of each:
-                # runtime.tp_decode), its input module and head (whole)
-                tp = s.layout.tp_degree
-                shard = (lambda p: decode_shard_params(p, op.gen.decoder, tp)) if op.gen.decoder and tp > 1 else (
-                    lambda p: p)
-                modules += [((g, j), shard(groups[g])) for g in groups for j in range(layers_of[g])]
-                modules += [((name, 0), size(name)[0]) for name in ("embed:" + source, "head:" + op.task)]
+                # runtime.tp_decode), its input module and head (whole); a decode holds its layers' and head's
+                # matrices in the compute precision and receives them so
+                dec, tp = op.gen.decoder, s.layout.tp_degree
+                low = matrix_bytes if dec is not None and matrix_bytes is not None else weight_bytes
+                head = "head:" + op.task
+                for g in groups:
+                    m = matrices(g)
+                    copy = _copy_bytes(groups[g], modelled[g] if m is None else m, tp, dec, weight_bytes, low)
+                    modules += [((g, j), copy) for j in range(layers_of[g])]
+                m, params = matrices(head), size(head)[0]
+                modules += [(("embed:" + source, 0), size("embed:" + source)[0] * weight_bytes), ((head, 0), _copy_bytes(
+                    params, params - (dec.hidden if dec is not None else 0) if m is None else m, 1, None, weight_bytes,
+                    low))]
             else:
                 g = _source_group(op.param_group, op.component, source)
                 if g not in groups:
                     continue
                 tp = s.layout.tp_degree
                 whole = (tp_whole_params or {}).get(source, 0.0) if tp > 1 else 0.0
-                modules += [((g, j), (groups[g] - whole) / tp + whole)  # its TP rank's shard: the norms whole
-                            for j in range(s.first_layer, s.first_layer + s.num_layers)]
+                modules += [((g, j), ((groups[g] - whole) / tp + whole) * weight_bytes)  # its TP rank's shard: the
+                            for j in range(s.first_layer, s.first_layer + s.num_layers)]  # norms whole
                 if s.first_layer == 0 and "embed:" + op.component in op.input_modules:
-                    modules.append((("embed:" + source, 0), size("embed:" + source)[0]))
+                    modules.append((("embed:" + source, 0), size("embed:" + source)[0] * weight_bytes))
             names[op.id] = (op.component, source)
             # the runtime (runtime.rollout.Roles) sends from the lowest stepper: to a weights_from receiver unless it
             # is that stepper, to an implicit receiver unless it steps the module itself
@@ -168,8 +198,8 @@ def hand_offs(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from: Mappi
             for d in s.devices:
                 node = d // devices_per_node
                 if node not in by_node:
-                    by_node[node] = {key: (params * weight_bytes, node not in in_node[key]) for key, params in modules
-                                     if params > 0 and steppers.get(key)}
+                    by_node[node] = {key: (nbytes, node not in in_node[key]) for key, nbytes in modules
+                                     if nbytes > 0 and steppers.get(key)}
                 mine = kept.get(d)
                 need.setdefault((op.id, d), {}).update(
                     by_node[node] if not mine else {k: v for k, v in by_node[node].items() if k not in mine})
@@ -193,7 +223,7 @@ def hand_off_gathers(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from
     if not _receives(ops, weights_from):
         return []
     size = size or (lambda name: (0.0, 0.0))
-    trained_groups, layers_of = _trained(ops, size)
+    trained_groups, layers_of, _ = _trained(ops, size)
     steppers: dict[tuple[str, int], set[int]] = {}  # a layer's holders, any TP shard
     shards: dict[tuple[str, int], set[int]] = {}  # a layer's TP ranks held
     for h in holdings(ops, placed) if held is None else held:

@@ -529,7 +529,8 @@ def _simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -
     sync_infos, sync_order = _sync_infos(problem.graph.metaops, program, outcome, cost_model.grad_bytes)
     dpn = max(1, cost_model.hw.devices_per_node)
     offs = hand_offs(problem.graph.metaops, placed, problem.graph.weights_from, cost_model.param_bytes_moved, dpn,
-                     cost_model.module_size, held, problem.graph.tp_whole_params)
+                     cost_model.module_size, held, problem.graph.tp_whole_params, cost_model.decode_matrix_bytes,
+                     cost_model.module_matrices)
     gathers = hand_off_gathers(problem.graph.metaops, placed, problem.graph.weights_from, cost_model.param_bytes_moved,
                                dpn, problem.graph.tp_whole_params, cost_model.module_size, held)
     handoff_s = hand_off_seconds(offs, cost_model, dpn, gathers)

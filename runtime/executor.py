@@ -132,7 +132,7 @@ class WaveWorker(PieceTransfers, GradientSync):
                 self.modules[(name, layer)] = self._build((name, layer)).to(self.device)
         for key in extra:
             self.modules[key] = self._build(key).to(self.device)
-        low = compute_dtype(payload, self.device)
+        self.low = low = compute_dtype(payload, self.device)  # None: float32
         if self.roles is not None:  # the payload holds every task using a component this rank builds
             freeze_untrained(payload, self.modules)
             for key, devices in self.roles.decode_copies.items() if low is not None else ():
@@ -294,7 +294,7 @@ class WaveWorker(PieceTransfers, GradientSync):
             zero_gradients(self.optimizer, self.grad_buffers)
             timing.optimizer_s += lap("optimizer")
         if self.roles is not None:  # the updated weights to the devices that use but do not step them
-            self.roles.hand_off(self.modules, self.rank, self.device, self.tp_of)
+            self.roles.hand_off(self.modules, self.rank, self.device, self.tp_of, self.low)
             timing.optimizer_s += lap("optimizer")
         out = self._reduce_losses(losses)
         lap("reduce_losses")

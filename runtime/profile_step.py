@@ -1,10 +1,11 @@
 """What ``loom profile`` measures of a step outside the layers' compute: the modules' sizes, the optimizer step and the
 sizes of the job's messages (the curves and the file: runtime.profiler).
 
-- :func:`module_sizes`: ``[parameters, tensors]`` of every module the runtime builds that the planner does not size
-  from the spec (a MetaOp's input modules and a task's loss head, whole) and, per layer of each parameter group, its
-  tensors. The planner puts them into its gradient buckets (planner.program.holdings), so the sync of those buckets
-  is priced, and counts the optimizer's tensors per device.
+- :func:`module_sizes`: ``[parameters, tensors, matrix parameters]`` of every module the runtime builds that the
+  planner does not size from the spec (a MetaOp's input modules and a task's loss head, whole) and, per layer of each
+  parameter group, its tensors. The planner puts them into its gradient buckets (planner.program.holdings), so the
+  sync of those buckets is priced, counts the optimizer's tensors per device, and prices the matrices a copy only to
+  decode with receives in the compute precision (planner.handoff).
 - :func:`optimizer_points`: one optimizer step (the runtime's grouped AdamW/SGD, ``step`` then ``zero_grad`` as a worker
   runs them) over prefixes of the job's real trainable tensors (a generate or sample use's layers among them), and over
   the same parameters as one flat tensor (and over at least :data:`FLAT_PARAMS_MIN` in one):
@@ -29,6 +30,7 @@ from runtime.heads import build_head
 from runtime.host import evict_caches
 from runtime.modules import build_layer
 from runtime.optim import build_grouped_optimizer, module_component
+from runtime.tp_decode import is_matrix
 
 LINK_SIZES = 6  # message sizes the links are timed at
 MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES = 4, 1 << 28
@@ -40,11 +42,11 @@ FLAT_PARAMS_MIN = 1 << 20
 
 def _count(module: torch.nn.Module, trainable: bool = False) -> list[int]:
     params = [p for p in module.parameters() if p.requires_grad or not trainable]
-    return [sum(p.numel() for p in params), len(params)]
+    return [sum(p.numel() for p in params), len(params), sum(p.numel() for p in params if is_matrix(p))]
 
 
 def module_sizes(job: JobSpec) -> dict[str, list[int]]:
-    """Module name -> ``[parameters, tensors]``: ``embed:``/``adapt:`` input modules whole, ``head:<task>``'s trainable
+    """Module name -> ``[parameters, tensors, matrix parameters]`` (runtime.tp_decode.is_matrix): ``embed:``/``adapt:`` input modules whole, ``head:<task>``'s trainable
     ones (what its bucket syncs and its optimizer steps), a parameter group per layer (module docstring). Generate and
     sample uses (whole-use MetaOps) are left out."""
     out: dict[str, list[int]] = {}
@@ -143,7 +145,7 @@ def message_sizes(job: JobSpec, sizes: dict[str, list[int]] | None = None, count
                      if op.batch_size % dp == 0)
         if not op.frozen:
             found.update({int(op.layer.params * element), int(op.layer.params * element * op.num_layers)})
-    found.update(int(params * element) for params, _ in (sizes or {}).values())
+    found.update(int(params * element) for params, *_ in (sizes or {}).values())
     ordered = sorted(min(max(n, MIN_MESSAGE_BYTES), MAX_MESSAGE_BYTES) for n in found if n > 0)
     if len(ordered) <= count:
         return tuple(dict.fromkeys(ordered))

@@ -57,7 +57,7 @@ from planner.errors import SpecError
 from planner.generation import modes_refused, rollout_width as rollout_width_of
 from planner.spec import JobSpec, TaskComponentSpec
 from runtime.generate import decoder_for, generate, lm_logits, row_generators
-from runtime.tp_decode import flat_shard, needs_gather, receive_order
+from runtime.tp_decode import flat_shard, is_matrix, needs_gather, packed_bytes, receive_order, unpack_wire
 from runtime.sampleop import layer_keys
 from runtime.tokenizer import prompt_mask_key
 
@@ -149,15 +149,16 @@ def run_generate(job: JobSpec, op, module: Callable[[str, int], nn.Module], rows
 
 
 def lower_matrices(module: nn.Module, dtype: torch.dtype) -> None:
-    """Every linear layer's weight in ``module`` (a decode copy: :attr:`Roles.decode_copies`) in ``dtype``, the job's
-    compute precision. Under autocast a linear layer computes in that dtype from the weight's cast, so the decode is
-    the same; a float32 weight would be held twice while it decodes (torch keeps the cast of a weight that requires a
-    gradient until the autocast region ends: planner.costmodel.CostModel.decode_cast_bytes), a weight in ``dtype``
-    once, at half the bytes. Biases, norms and embeddings stay float32 (they are not cast the same way: megatron adds
-    a bias to the product in float32)."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear) or type(m).__name__ in ("ColumnParallelLinear", "RowParallelLinear"):
-            m.weight.data = m.weight.data.to(dtype)
+    """Every matrix of ``module`` (a decode copy: :attr:`Roles.decode_copies`, a layer or an LM head, whose matrices
+    are its linear layers' weights: runtime.tp_decode.is_matrix) in ``dtype``, the job's compute precision. Under
+    autocast a linear layer computes in that dtype from the weight's cast, so the decode is the same; a float32 weight
+    would be held twice while it decodes (torch keeps the cast of a weight that requires a gradient until the autocast
+    region ends: planner.costmodel.CostModel.decode_cast_bytes), a weight in ``dtype`` once, at half the bytes. Biases
+    and norms stay float32 (they are not cast the same way: megatron adds a bias to the product in float32). The
+    hand-off sends the matrices in ``dtype`` too (:meth:`Roles.hand_off`)."""
+    for p in module.parameters():
+        if is_matrix(p):
+            p.data = p.data.to(dtype)
 
 
 def rollout_input(packed: torch.Tensor, embed: nn.Module, length: int) -> torch.Tensor:
@@ -418,14 +419,17 @@ class Roles:
         return self.shards.get((key, device))
 
     def hand_off(self, modules: dict[Key, nn.Module], rank: int, device: torch.device,
-                 tp_of: dict[Key, tuple[int, ...]] | None = None) -> None:
+                 tp_of: dict[Key, tuple[int, ...]] | None = None, low: torch.dtype | None = None) -> None:
         """After the optimizer step: every hand-off's weights from its sender to its receiver (point-to-point; every
         rank walks the same list, so the calls pair up; a sender that is its own receiver copies), each receiver
         taking the layer as it holds it (:meth:`_shard_of`; runtime.tp_decode.flat_shard, cut by the sender).
         ``tp_of``: the TP group of each tensor-parallel layer ``rank`` holds (runtime.executor): where the sender's
         shard is not what its receiver takes, every rank of the sender's group first gathers the whole layer, once
         per layer (runtime.tp_decode.needs_gather of the sender's shard, the same on every rank of the group; the
-        groups walk the list in the same order, so their all-gathers pair up)."""
+        groups walk the list in the same order, so their all-gathers pair up). ``low``: the compute dtype, in which
+        a copy only to decode with (:attr:`decode_copies`) holds its matrices (:func:`lower_matrices`) and receives them
+        (runtime.tp_decode.pack_wire: half the bytes of float32 under bf16); None (float32 compute): every tensor in
+        float32."""
         from runtime.megatron_backend import gather_reference_weights
 
         tp_of = tp_of or {}
@@ -440,22 +444,27 @@ class Roles:
             if rank not in (src, dst):
                 continue
             shard = self._shard_of(dst_key, dst)
+            matrices = low if dst in self.decode_copies.get(dst_key, ()) else None
             if rank == src:
-                flat = flat_shard(modules[src_key], shard, whole.get(src_key)).to(device)
+                flat = flat_shard(modules[src_key], shard, whole.get(src_key), matrices).to(device)
                 if src == dst:  # its own receiver: a copy, cut as the receiving module holds the layer
-                    landing.append((receive_order(modules[dst_key], shard), flat))
+                    landing.append((receive_order(modules[dst_key], shard), flat, matrices))
                 else:
                     ops.append(dist.P2POp(dist.isend, flat, dst))
             else:
                 params = receive_order(modules[dst_key], shard)
-                buf = torch.empty(sum(p.numel() for p in params), device=device)
+                buf = (torch.empty(sum(p.numel() for p in params), device=device) if matrices is None else
+                       torch.empty(packed_bytes(params, matrices), dtype=torch.uint8, device=device))
                 ops.append(dist.P2POp(dist.irecv, buf, src))
-                landing.append((params, buf))
+                landing.append((params, buf, matrices))
         if ops:
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
         with torch.no_grad():
-            for params, buf in landing:
+            for params, buf, matrices in landing:
+                if matrices is not None:
+                    unpack_wire(buf, params, matrices)
+                    continue
                 assert buf.numel() == sum(p.numel() for p in params), (buf.numel(), [p.shape for p in params])
                 offset = 0
                 for p in params:

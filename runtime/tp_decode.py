@@ -165,11 +165,13 @@ def needs_gather(held: tuple[int, int] | None, receiver: tuple[int, int] | None)
 
 
 def flat_shard(module: nn.Module, receiver: tuple[int, int] | None,
-               whole: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+               whole: dict[str, torch.Tensor] | None = None, matrices: torch.dtype | None = None) -> torch.Tensor:
     """What a sender holding ``module`` puts on the wire for a receiver that runs ``receiver`` = (tp_size, tp_rank),
     flattened: its shard, cut from the whole layer (``module`` itself when plain, runtime.modules.LlamaBlock; else
     ``whole``, the layer its TP group gathered: :func:`needs_gather`) or ``module``'s own shard (a megatron block at
-    that degree and rank); ``receiver`` None: every parameter of the whole module, by name."""
+    that degree and rank); ``receiver`` None: every parameter of the whole module, by name. ``matrices``: the dtype a
+    receiver holding a copy only to decode with keeps its matrices in (runtime.rollout.lower_matrices), which they
+    then cross in (:func:`pack_wire`); None: every tensor as the sender holds it."""
     from runtime.megatron_backend import MegatronTransformerBlock
 
     if whole is None and not isinstance(module, MegatronTransformerBlock):
@@ -181,7 +183,43 @@ def flat_shard(module: nn.Module, receiver: tuple[int, int] | None,
         tensors = [whole[name] for name in sorted(whole)]
     else:
         tensors = shard_of(whole, *_cut(module), *receiver)
-    return torch.cat([t.reshape(-1) for t in tensors])
+    return torch.cat([t.reshape(-1) for t in tensors]) if matrices is None else pack_wire(tensors, matrices)
+
+
+def is_matrix(t: torch.Tensor) -> bool:
+    """Whether parameter ``t`` is a matrix: in a decoded layer or LM head exactly the linear layers' weights (norms and
+    biases are vectors), which a copy only to decode with holds in the compute precision."""
+    return t.dim() == 2
+
+
+def wire_dtype(t: torch.Tensor, matrices: torch.dtype) -> torch.dtype:
+    """The dtype parameter ``t`` (or a tensor of its shape) crosses in to a receiver keeping matrices in
+    ``matrices``: that for a matrix, float32 for the rest."""
+    return matrices if is_matrix(t) else torch.float32
+
+
+def pack_wire(tensors: list[torch.Tensor], matrices: torch.dtype) -> torch.Tensor:
+    """``tensors`` as one byte buffer, each in :func:`wire_dtype`, in order (:func:`unpack_wire` is the other end)."""
+    return torch.cat([t.detach().to(wire_dtype(t, matrices)).reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def packed_bytes(params: list[torch.Tensor], matrices: torch.dtype) -> int:
+    """Bytes of :func:`pack_wire` of tensors shaped as ``params``."""
+    return sum(p.numel() * wire_dtype(p, matrices).itemsize for p in params)
+
+
+def unpack_wire(buf: torch.Tensor, params: list[torch.Tensor], matrices: torch.dtype) -> None:
+    """Copy byte buffer ``buf`` (:func:`pack_wire` of tensors shaped as ``params``) into ``params``."""
+    offset = 0
+    for p in params:
+        dtype = wire_dtype(p, matrices)
+        n = p.numel() * dtype.itemsize
+        chunk = buf[offset:offset + n]
+        if offset % dtype.itemsize:  # after a bf16 matrix of an odd size: not aligned for a float32 view
+            chunk = chunk.clone()
+        p.copy_(chunk.view(dtype).view_as(p))
+        offset += n
+    assert offset == buf.numel(), (offset, buf.numel())
 
 
 def _cut(module: nn.Module) -> tuple:

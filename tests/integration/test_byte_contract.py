@@ -35,7 +35,8 @@ def sized_cost_model(job):
     """The job's cost model, with every module sized as the runtime builds it (as from a `loom profile` cost file)."""
     cost_model = make_cost_model(job)
     sizes = module_sizes(job)
-    cost_model.module_size = lambda name: tuple(float(x) for x in sizes.get(name, (0, 0)))
+    cost_model.module_size = lambda name: tuple(float(x) for x in sizes.get(name, (0, 0))[:2])
+    cost_model.module_matrices = lambda name: float(sizes[name][2]) if name in sizes else None
     return cost_model
 
 
@@ -71,9 +72,10 @@ def counted(out_dir, rank: int) -> Counter:
     return Counter({k: n // STEPS for k, n in out.items()})
 
 
-def handoff_bytes(plan, out_dir, senders) -> tuple[Counter, Counter]:
+def handoff_bytes(plan, out_dir, senders, wire: str = "torch.float32") -> tuple[Counter, Counter]:
     """(priced, sent): the hand-off bytes per receiving device and step, as the plan prices them and as ``senders``
-    (ranks) sent them at the channel (every one in float32)."""
+    (ranks) sent them at the channel (every one as ``wire``: float32, or bytes packing a decode copy's matrices in
+    the compute precision beside float32 vectors, runtime.tp_decode.pack_wire)."""
     want, sent = Counter(), Counter()
     for h in plan.handoffs:
         want[h.device] += h.bytes
@@ -81,7 +83,7 @@ def handoff_bytes(plan, out_dir, senders) -> tuple[Counter, Counter]:
         for m in read_traffic(out_dir, rank):
             if m["kind"] == "handoff":
                 sent[m["peer"]] += m["bytes"] / STEPS
-                assert m["dtype"] == "torch.float32"
+                assert m["dtype"] == wire
     return want, sent
 
 
@@ -148,20 +150,25 @@ def test_weight_hand_off_sends_exactly_the_priced_bytes(tmp_path, precision):
     assert sent == want
 
 
-def test_generating_device_receives_exactly_the_priced_weights(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_generating_device_receives_exactly_the_priced_weights(tmp_path, precision):
     """The rollouts decode on device 0, the policy trains on device 1: after every step device 0 receives the
-    policy's layers and the task's LM head (the implicit hand-off), at the priced bytes. The policy's input module it
-    holds under the plan (the generate MetaOp's first slice runs it), so it steps it in its gradient bucket instead."""
-    job = parse_job(rollout_job(steps=STEPS))
+    policy's layers and the task's LM head (the implicit hand-off), at the priced bytes: float32, or under bf16 the
+    matrices in bf16 (device 0 keeps a copy only to decode with, runtime.rollout.lower_matrices) beside float32 norms
+    and biases. The policy's input module it holds under the plan (the generate MetaOp's first slice runs it), so it
+    steps it in its gradient bucket instead."""
+    job = parse_job(rollout_job(steps=STEPS, precision=precision))
     sizes = module_sizes(job)
     ops = {op.use: op for op in build_metagraph(job).metaops}
     placed = PlacedSchedule(tuple(PlacedWave((PlacedSlice(ops[use].id, 0, 1, (d,), Layout(1, 1)),))
                                   for use, d in (("rollout", 0), ("reward", 1), ("policy", 1))))
     plan = plan_placed(job, placed, sized_cost_model(job), method="hand-made")
     run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
-    want, sent = handoff_bytes(plan, tmp_path, [1])
-    modules = sizes["policy"][0] + sizes["head:grpo"][0]  # one layer and the head, float32
-    assert (want, sent) == (Counter({0: 4 * modules}),) * 2, (want, sent)
+    low = precision != "fp32"
+    want, sent = handoff_bytes(plan, tmp_path, [1], "torch.uint8" if low else "torch.float32")
+    params, _, matrices = (a + b for a, b in zip(sizes["policy"], sizes["head:grpo"]))  # one layer and the head
+    assert 0 < matrices < params
+    assert (want, sent) == (Counter({0: 4 * params - (2 * matrices if low else 0)}),) * 2, (want, sent)
 
 
 @pytest.mark.parametrize("precision, lag", [("fp32", 0), ("bf16", 1)])

@@ -106,7 +106,7 @@ def test_profile_covers_every_workload_and_feeds_the_planner(tmp_path):
     # the optimizer step fitted over the job's real tensors, and the modules the planner does not size, as built
     assert set(data["optimizer"]) == {"step_s", "s_per_param", "s_per_tensor"}
     assert all(v >= 0 for v in data["optimizer"].values()) and data["optimizer"]["s_per_param"] > 0
-    assert set(data["modules"]) >= {"head:a", "head:b", "enc"} and all(p > 0 and t >= 1 for p, t in data["modules"].values())
+    assert set(data["modules"]) >= {"head:a", "head:b", "enc"} and all(p > 0 and t >= 1 and 0 <= m <= p for p, t, m in data["modules"].values())
     # the gloo links between two worker processes: at the job's own message sizes, never faster for a longer message
     assert [n for n, _ in data["links"]["p2p"]] == list(message_sizes(j, data["modules"]))
     for kind in ("p2p", "allreduce", "allgather"):
@@ -272,6 +272,7 @@ def test_a_heads_frozen_modules_stay_out_of_its_bucket():
     j = parse_job(read_job_document(path), base=path.parent)
     head = build_head(j, 0)
     trainable = [p for p in head.parameters() if p.requires_grad]
-    assert module_sizes(j)["head:feedback"] == [sum(p.numel() for p in trainable), len(trainable)]
+    assert module_sizes(j)["head:feedback"] == [sum(p.numel() for p in trainable), len(trainable),
+                                                sum(p.numel() for p in trainable if p.dim() == 2)]
     assert sum(p.numel() for p in trainable) < sum(p.numel() for p in head.parameters()) / 100
 

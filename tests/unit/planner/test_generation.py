@@ -213,9 +213,17 @@ def test_hand_off_bytes_on_hand_made_placements():
     assert hand_off_seconds(offs, cost_model, 4) == pytest.approx(
         H100.intra_latency_s + 2 * per_layer * 2 / cost_model.hw.intra_bandwidth)
     predicted = plan_placed(job, split, cost_model).predicted
-    # the simulator moves the runtime's float32 parameters (CostModel.param_bytes_moved)
-    moved = hand_offs(ops, split, {}, cost_model.param_bytes_moved, 4)
+    # the simulator moves the runtime's float32 parameters (CostModel.param_bytes_moved), but a decode's copy holds
+    # and receives its matrices in the compute precision (bf16 here); unsized, a layer is its modelled matrices
+    assert (cost_model.param_bytes_moved, cost_model.decode_matrix_bytes) == (4, 2)
+    moved = hand_offs(ops, split, {}, cost_model.param_bytes_moved, 4, matrix_bytes=cost_model.decode_matrix_bytes)
+    assert [h.bytes for h in moved] == [h.bytes for h in offs]
     assert predicted.handoff_s == pytest.approx(hand_off_seconds(moved, cost_model, 4))
+    # sized, the norms and biases move in float32 beside the matrices in bf16
+    sized = hand_offs(ops, split, {}, 4, 4, size=lambda name: (per_layer + 100, 3) if name == ops[3].param_group
+                      else (0, 0), matrix_bytes=2, matrices=lambda name: per_layer if name == ops[3].param_group
+                      else None)
+    assert [h.bytes for h in sized] == [2 * (per_layer * 2 + 100 * 4)] * 2
     # the update split by layers: layer 0 on devices 0-1, layer 1 on 2-3; the rollout's devices lack layer 1 only
     half = slices(problem, layout, (0, 0, 0, 1, (0, 1)), (1, 3, 0, 1, (0, 1)), (2, 3, 1, 1, (2, 3)),
                   (1, 1, 0, 2, (2,)), (1, 2, 0, 2, (3,)))
@@ -262,8 +270,8 @@ def test_tensor_parallel_trainers_gather_before_a_hand_off_of_another_cut():
             hand_off_seconds(offs, cost_model, 4) + gather_s, rel=1e-12)
         predicted = plan_placed(job, placed, cost_model).predicted
         assert predicted.handoff_s == pytest.approx(hand_off_seconds(
-            hand_offs(ops, placed, {}, cost_model.param_bytes_moved, 4, tp_whole_params=graph.tp_whole_params),
-            cost_model, 4, hand_off_gathers(ops, placed, {}, cost_model.param_bytes_moved, 4, graph.tp_whole_params)))
+            hand_offs(ops, placed, {}, cost_model.param_bytes_moved, 4, tp_whole_params=graph.tp_whole_params,
+                      matrix_bytes=cost_model.decode_matrix_bytes), cost_model, 4, hand_off_gathers(ops, placed, {}, cost_model.param_bytes_moved, 4, graph.tp_whole_params)))
 
 
 def test_explicit_weights_from_hands_off_to_the_copy():

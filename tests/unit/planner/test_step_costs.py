@@ -108,18 +108,21 @@ def test_cost_file_optimizer_and_modules_load_and_are_checked(tmp_path):
     ops, _ = one_task()
     data = {"points": {profile_key(ops[0], Layout(1, 1)): [[8, 0.01]]},
             "optimizer": {"step_s": 1e-3, "s_per_param": 1e-8, "s_per_tensor": 5e-5},
-            "modules": {"head:a": [300, 2], "enc": [100064, 6]}}
+            "modules": {"head:a": [300, 2, 256], "enc": [100064, 6]}}
     path = tmp_path / "costs.json"
     path.write_text(json.dumps(data))
     cm = ProfiledCostModel.load(path, HW)
     assert cm.optimizer_time(1e4, 10) == pytest.approx(1e-3 + 1e-4 + 5e-4)
     assert cm.module_size("head:a") == (300.0, 2.0) and cm.module_size("embed:x") == (0.0, 0.0)
+    # the matrices where the file has them (a file written before them has pairs)
+    assert (cm.module_matrices("head:a"), cm.module_matrices("enc"), cm.module_matrices("embed:x")) == (256, None, None)
     assert MeasuredCosts.from_json(data).optimizer == (1e-3, 1e-8, 5e-5)
     for bad, message in (({"optimizer": {"step_s": -1.0, "s_per_param": 0, "s_per_tensor": 0}}, "optimizer['step_s']"),
                          ({"optimizer": {"step_s": 0}}, "is not the fitted optimizer step"),
                          ({"optimizer": {"step_s": 0, "s_per_param": 0, "s_per_tensor": 0}}, "optimizer['s_per_param']"),
                          ({"modules": {"head:a": [1.5, 2]}}, "modules['head:a']"),
-                         ({"modules": {"head:a": [10]}}, "is not a pair of numbers")):
+                         ({"modules": {"head:a": [10]}}, "is not a pair or triple of numbers"),
+                         ({"modules": {"head:a": [10, 1, 11]}}, "has more matrix parameters than parameters")):
         path.write_text(json.dumps(data | bad))
         with pytest.raises(SpecError, match=re.escape(message)) as info:
             ProfiledCostModel.load(path, HW)

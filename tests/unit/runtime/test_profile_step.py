@@ -35,9 +35,11 @@ def test_module_sizes_count_what_the_planner_does_not_size():
     inputs = {name for op in graph.metaops for name in op.input_modules}
     assert set(sizes) == {op.param_group for op in graph.metaops} | inputs | {"head:caption", "head:classify"}
     for op in graph.metaops:  # a layer with its norms and biases: a little more than the modelled parameters
-        params, tensors = sizes[op.param_group]
+        params, tensors, matrices = sizes[op.param_group]
         assert op.layer.params <= params <= 1.1 * op.layer.params and tensors > 2
+        assert matrices == op.layer.params  # its linear layers' weights: what the kinds model
     assert sizes["head:caption"][0] >= 24 * 30  # the LM head's Linear(24, vocab 30)
+    assert sizes["head:caption"][2] == 24 * 30  # ... its one matrix (its norm and bias are vectors)
 
 
 def test_message_sizes_span_the_jobs_pieces_and_buckets():
@@ -47,8 +49,8 @@ def test_message_sizes_span_the_jobs_pieces_and_buckets():
     pieces = {math.prod(op.out_shapes[-1]) * 4 * b for op in graph.metaops for b in (op.batch_size, op.batch_size // 2)}
     layers = {op.layer.params * 4 * n for op in graph.metaops for n in (1, op.num_layers)}
     assert 2 <= len(sizes) <= 6 and list(sizes) == sorted(set(sizes))
-    assert set(sizes) <= pieces | layers | {4 * p for p, _ in module_sizes(j).values()}  # real sizes only
-    assert sizes[0] == min(pieces | layers) and sizes[-1] == max(pieces | layers | {4 * p for p, _ in module_sizes(j).values()})
+    assert set(sizes) <= pieces | layers | {4 * p for p, *_ in module_sizes(j).values()}  # real sizes only
+    assert sizes[0] == min(pieces | layers) and sizes[-1] == max(pieces | layers | {4 * p for p, *_ in module_sizes(j).values()})
 
 
 def test_optimizer_points_separate_tensors_from_parameters():
