@@ -327,12 +327,17 @@ def check_memory(ledger: MemoryLedger, memory_bytes: float, devices_per_node: in
     head = ledger.head_bytes()[worst]
     logits = (f" + {head / GIB:.2f} GiB LM-head logits (training.kernels: {ledger.cost_model.kernels})"
               if head else "")
+    levers = ""  # where saved activations weigh most, the levers that shrink them and keep the batch
+    if ledger.act_bytes[worst] > ledger.param_bytes[worst]:
+        k = ledger.problem.graph.num_micro_batches
+        levers = (("" if top.recompute else f"set recompute: true on component '{top.component}', ")
+                  + f"split each step into more micro-batches (training.grad_accum_steps, now {k}), ")
     raise PlanningError(
         f"device {worst} (node {worst // devices_per_node}) needs {peak[worst] / GIB:.2f} GiB "
         f"({ledger.param_bytes[worst] / GIB:.2f} GiB parameter state + {ledger.act_bytes[worst] / GIB:.2f} GiB saved "
         f"activations{logits}) for MetaOps {names}, but a device has {memory_bytes / GIB:.2f} GiB "
         f"({num_over} device{'s' if num_over > 1 else ''} over). Use more devices, allow a larger tensor_parallel "
-        f"degree for component '{top.component}', or lower the batch size of task '{top.task}'."
+        f"degree for component '{top.component}', {levers}or lower the batch size of task '{top.task}'."
     )
 
 

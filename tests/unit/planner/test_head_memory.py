@@ -77,3 +77,21 @@ def test_a_device_over_its_memory_names_the_logits_and_the_switch() -> None:
         check_memory(ledger, need - 1, 2)
     check_memory(build_ledger(outcome.problem, all_slices(outcome.placed), make_cost_model(job_with("auto"))),
                  need - 1, 2)
+
+
+def test_a_device_over_its_memory_names_the_levers_of_its_larger_part() -> None:
+    """Where saved activations are the larger part of the worst device's need, the message names what shrinks them
+    and keeps the batch (recompute, more micro-batches); where parameter state is, it does not."""
+    outcome = plan_job(job_with("auto"), with_baselines=False)
+    ledger = build_ledger(outcome.problem, all_slices(outcome.placed), make_cost_model(job_with("auto")))
+    params = ledger.param_bytes.copy()
+    messages = []
+    for acts in (2 * params, 0 * params):
+        ledger.act_bytes[:] = acts
+        with pytest.raises(PlanningError) as info:
+            check_memory(ledger, ledger.peak().max() - 1, 2)
+        messages.append(str(info.value))
+    assert "set recompute: true on component" in messages[0]
+    assert "more micro-batches (training.grad_accum_steps, now 1)" in messages[0]
+    assert "recompute" not in messages[1] and "grad_accum_steps" not in messages[1]
+    assert all(", or lower the batch size of task '" in m for m in messages)
