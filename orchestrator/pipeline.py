@@ -200,6 +200,10 @@ class PipelineRunner:
                     "them. Pass --resume to continue that run, --overwrite to start over (the earlier run is moved "
                     "aside), or another --out.")
             return
+        if not left:  # as a single job's --resume without a checkpoint (orchestrator.run): a typo'd --out is said
+            raise RunInputError(
+                f"--resume: --out ({self.out_dir}) holds no phase of an earlier run of this job (no finished phase, no "
+                "checkpoint). Run without --resume, or pass the --out directory of the run you want to continue.")
         for phase in self.pipeline.phases:
             marker = self.marker(phase)
             if marker is None:

@@ -248,6 +248,12 @@ def test_run_refuses_what_would_lose_or_mix_finished_phases(models, tmp_path):
     resumed = PipelineRunner(pipeline, RunOptions(out_dir=out, resume=True))
     resumed.check()
     assert resumed.finished == 1  # sft is skipped, merge runs next
+    for empty in (tmp_path / "none", tmp_path / "empty"):  # nothing to resume: said, as a single job's --resume
+        if empty.name == "empty":
+            empty.mkdir()
+        with pytest.raises(RunInputError, match=r"--resume: --out \(.*\) holds no phase of an earlier run"):
+            PipelineRunner(pipeline, RunOptions(out_dir=empty, resume=True)).check()
+        assert not (tmp_path / "none").exists()
     (out / "tune" / "ckpt" / "step_1").mkdir(parents=True)  # a later phase's results with merge unfinished
     with pytest.raises(RunInputError, match="phase 'tune' holds results .* the earlier phase 'merge' is unfinished"):
         PipelineRunner(pipeline, RunOptions(out_dir=out, resume=True)).check()
