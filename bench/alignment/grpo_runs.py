@@ -54,6 +54,7 @@ def run(work: Path, seed: int, resume: bool = False) -> dict:
     """``loom run`` of the seed's pipeline (``--resume`` with ``resume``): exit code, wall seconds, load average at
     the end, whether it resumed."""
     spec, out = seed_spec(work, seed), work / f"out{seed}"
+    resume = resume and out.is_dir() and any(out.iterdir())  # loom run refuses --resume with no earlier run in OUT
     start = time.perf_counter()
     with open(work / f"run{seed}.log", "w") as log:
         rc = subprocess.call([sys.executable, "-m", "orchestrator", "run", str(spec), "--out", str(out)]

@@ -1,8 +1,8 @@
 """``python -m bench.diffusion.itercomp [--out OUT] [--spec SPEC] [--no-write]``: IterComp's iteration, measured.
 
-Runs ``loom run SPEC --out OUT --resume`` (default ``recipes/diffusion/itercomp-pipeline-tiny.yaml``: reward models
--> base UNet -> feedback, trained -> compare -> regenerated gallery -> reward models again; a finished phase is not
-run again) and collects what its steps report (``OUT/<phase>/metrics.json``): the oracle's score and the reward
+Runs ``loom run SPEC --out OUT`` (``--resume`` when OUT holds an earlier run; default
+``recipes/diffusion/itercomp-pipeline-tiny.yaml``: reward models -> base UNet -> feedback, trained -> compare ->
+regenerated gallery -> reward models again; a finished phase is not run again) and collects what its steps report (``OUT/<phase>/metrics.json``): the oracle's score and the reward
 models' normalised reward of the UNet's held-out samples before and after feedback, per category (``compare``); the
 feedback phase's losses and step time; the UNet's samples' oracle score in
 the regenerated gallery; the reward models' held-out pairwise accuracy on the synthetic gallery and on pairs with a
@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     wall = None
     if not args.no_run:
         start = time.time()
-        subprocess.run([sys.executable, "-m", "orchestrator", "run", str(args.spec), "--out", str(args.out),
-                        "--resume"], check=True, cwd=ROOT)
+        earlier = args.out.is_dir() and any(args.out.iterdir())  # --resume into an OUT with no run is refused
+        subprocess.run([sys.executable, "-m", "orchestrator", "run", str(args.spec), "--out", str(args.out)]
+                       + (["--resume"] if earlier else []), check=True, cwd=ROOT)
         wall = time.time() - start
     metrics = phase_metrics(args.out)
     report = markdown(metrics, args.spec.resolve(), wall)
