@@ -295,6 +295,7 @@ def plan(
                                      "(--save) or drop --gantt.")
         _plan_shapes(job_path, shapes, cluster, costs, output, save, no_baselines, verbose)
         return
+    from planner.accumhint import micro_batch_hint
     from planner.api import make_cost_model, plan_job  # local: the solver stack loads only when planning
     from orchestrator.recipes import load_job
     from orchestrator.gantt import write_gantt
@@ -310,10 +311,15 @@ def plan(
         _write_output(save, result.save, "plan")
     for chart in gantt or []:
         _write_output(chart, lambda path: write_gantt(result, path), "Gantt chart")
+    hint = micro_batch_hint(job, result, outcome.placed, cost_model)  # more micro-batches, where they pay
     if output is OutputFormat.json:
         typer.echo(result.to_json(), nl=False)
+        if hint is not None:
+            log.info(hint.line())
     else:
         print_plan(result, plan_console(), outcome.planning_time_s)
+        if hint is not None:
+            plan_console().print(hint.line())
 
 
 def _plan_shapes(job_path: Path, shapes_path: Path, cluster: Path | None, costs: Path | None,

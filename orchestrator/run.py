@@ -316,13 +316,18 @@ class Driver(Recovering):
         if not given:
             source = f"job '{self.job.name}'"
             self.check_local_cluster(self.job.cluster, source)  # before planning (seconds): it plans for this cluster
+            from planner.accumhint import micro_batch_hint
             from planner.api import make_cost_model, plan_job
             from planner.generation import as_run
 
             log.info("planning %s%s ...", self.job.name, f" with {self.options.costs}" if self.options.costs else "")
             cost_model = make_cost_model(self.job, self.options.costs)
             with as_run(cost_model):  # generate and sample uses at the layouts the runtime runs them at
-                plan = plan_job(self.job, cost_model, with_baselines=False, progress=log.debug).plan
+                outcome = plan_job(self.job, cost_model, with_baselines=False, progress=log.debug)
+                hint = micro_batch_hint(self.job, outcome.plan, outcome.placed, cost_model)
+            plan = outcome.plan
+            if hint is not None:
+                log.info(hint.line())
         check_plan_for_job(plan, self.job, source)
         if given:
             self.check_local_cluster(plan.cluster, source)  # its cluster may not be the job's

@@ -540,28 +540,34 @@ class JobSpec(StrictModel):
             )
         return self
 
-    @model_validator(mode="after")
-    def _check_training(self) -> JobSpec:
-        """Micro-batches split every task's batch evenly, keep a generate use's sample groups whole and take no sample
-        use; fp16 needs a GPU (its loss scaling is a GPU path)."""
-        k = self.training.grad_accum_steps
+    def micro_batches_refused(self, k: int) -> str | None:
+        """Why ``training.grad_accum_steps: k`` cannot split this job's steps (None: it can): every task's batch
+        splits evenly, a generate use's sample groups stay whole, and no task has a sample use (its denoising loop
+        runs once over the whole batch)."""
         for i, task in enumerate(self.tasks):
             if task.batch_size % k:
-                raise ValueError(
-                    f"tasks[{i}].batch_size ({task.batch_size}) is not divisible by training.grad_accum_steps ({k}); "
-                    "each micro-batch needs the same rows. Make batch_size a multiple of grad_accum_steps."
-                )
+                return (f"tasks[{i}].batch_size ({task.batch_size}) is not divisible by training.grad_accum_steps "
+                        f"({k}); each micro-batch needs the same rows. Make batch_size a multiple of grad_accum_steps.")
         for task in self.tasks if k > 1 else ():
             for u in task.components:
                 if u.mode == "sample":  # runtime.executor refuses it too; said here, before anything runs
-                    raise ValueError(
-                        f"training.grad_accum_steps ({k}) > 1 with a sample use (task '{task.name}', use "
-                        f"'{u.use_name}'): its denoising loop runs once over the whole batch. Set grad_accum_steps: 1.")
+                    return (f"training.grad_accum_steps ({k}) > 1 with a sample use (task '{task.name}', use "
+                            f"'{u.use_name}'): its denoising loop runs once over the whole batch. Set "
+                            "grad_accum_steps: 1.")
                 if u.mode == "generate" and (task.batch_size // k) % u.samples:
-                    raise ValueError(
-                        f"task '{task.name}' use '{u.use_name}': a micro-batch holds batch_size / grad_accum_steps = "
-                        f"{task.batch_size // k} rows, which splits its groups of {u.samples} samples (GRPO normalises "
-                        "advantages within a group). Make batch_size / grad_accum_steps a multiple of samples.")
+                    return (f"task '{task.name}' use '{u.use_name}': a micro-batch holds batch_size / grad_accum_steps "
+                            f"= {task.batch_size // k} rows, which splits its groups of {u.samples} samples (GRPO "
+                            "normalises advantages within a group). Make batch_size / grad_accum_steps a multiple of "
+                            "samples.")
+        return None
+
+    @model_validator(mode="after")
+    def _check_training(self) -> JobSpec:
+        """Micro-batches split the steps (:meth:`micro_batches_refused`); fp16 needs a GPU (its loss scaling is a GPU
+        path)."""
+        why = self.micro_batches_refused(self.training.grad_accum_steps)
+        if why is not None:
+            raise ValueError(why)
         lagged = [t for t in self.tasks if t.loss.startswith("grpo") and any(u.mode == "generate" for u in t.components)]
         if self.training.rollout_lag and not lagged:
             raise ValueError(

@@ -111,6 +111,22 @@ def test_planning_error_is_one_error_line(tmp_path: Path, small_job_text: str) -
     assert result.stdout == ""
 
 
+def test_a_plan_that_more_micro_batches_would_speed_up_says_so(tmp_path: Path) -> None:
+    """bench/pipeline's 70B LLM (pipeline stages) at one micro-batch: the table ends with the hint; as JSON, stdout
+    stays the plan and the hint goes to the log (planner.accumhint)."""
+    doc = yaml.safe_load((Path(__file__).resolve().parents[3] / "bench/pipeline/sft-70b-64.yaml").read_text())
+    doc["training"]["grad_accum_steps"] = 1
+    job = tmp_path / "sft.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    text = CliRunner().invoke(app, ["plan", str(job), "--no-baselines"])
+    assert text.exit_code == 0, text.output
+    hint = text.stdout.strip().splitlines()[-1]
+    assert hint.startswith("hint: training.grad_accum_steps: ") and "(micro-batches pipelined)" in hint
+    as_json = CliRunner().invoke(app, ["plan", str(job), "--no-baselines", "-o", "json"])
+    assert plan_from_json(as_json.stdout).predicted.iteration_time_s > 0
+    assert hint in as_json.stderr
+
+
 def test_costs_file_and_no_baselines(job_file: Path, tmp_path: Path) -> None:
     """A profiled cost file switches the plan's cost model (MetaOps it lacks fall back to analytic);
     --no-baselines leaves the baselines out."""
