@@ -157,6 +157,8 @@ def test_bf16_decode_copies_hold_their_matrices_in_bf16_and_decode_as_one_proces
     assert matrices and all(copy[n].dtype == torch.bfloat16 for n in matrices)
     assert all(torch.equal(copy[n], trainer[n].to(torch.bfloat16)) for n in matrices)  # the step's hand-off
     assert all(copy[n].dtype == torch.float32 for n in copy if "norm" in n or n.startswith("embed:"))
+    norms = [n for n in copy if n.startswith("policy/") and "norm" in n]  # handed off in float32 beside the matrices
+    assert norms and all(torch.equal(copy[n], trainer[n]) for n in norms)
     assert all(trainer[n].dtype == torch.float32 for n in trainer)
     merged = merge_parameters([world.parameters[r] for r in sorted(world.parameters)])
     assert all(t.dtype == torch.float32 for t in merged.values()) and set(matrices) <= set(merged)
