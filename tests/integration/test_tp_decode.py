@@ -54,6 +54,22 @@ def test_hand_off_shard_of_a_plain_layer_is_the_blocks_shard(decoded):
         assert result["cache"] == 1  # 2 key/value groups over 2 ranks: each caches one
 
 
+def test_bf16_decode_copy_at_tp2_holds_bf16_matrices_and_decodes_as_float32_weights(decoded):
+    """A decode copy's megatron blocks at tensor_parallel 2 (runtime.rollout.lower_matrices: the column- and
+    row-parallel weights in bf16, the norms float32), filled by the hand-off's packed wire (runtime.tp_decode
+    .pack_wire), hold the trainer's shard rounded and, under bf16 autocast on this CPU, sample the tokens and
+    logits of the float32 blocks: autocast computes a linear layer from the bf16 cast of its weight either way."""
+    for rank, result in decoded.items():
+        bf16 = result["bf16"]
+        assert {n for n, d in bf16["dtypes"].items() if d == "torch.bfloat16"} == {
+            "layer.self_attention.linear_qkv.weight", "layer.self_attention.linear_proj.weight",
+            "layer.mlp.linear_fc1.weight", "layer.mlp.linear_fc2.weight"}, bf16["dtypes"]
+        assert all(d == "torch.float32" for n, d in bf16["dtypes"].items() if "layernorm" in n)
+        assert bf16["rounded"], rank
+        assert torch.equal(bf16["copy"].tokens, bf16["float32"].tokens), rank
+        assert torch.equal(bf16["copy"].logits, bf16["float32"].logits), rank
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def pretrained(request, tmp_path_factory):
     """A transformers causal LM (llama; qwen2: q/k/v biases) decoded at tensor_parallel 2, and its folder."""
