@@ -89,29 +89,28 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             out["flat"] = [torch.equal(flat_shard(layer, (world_size, rank)), flat_shard(block, (world_size, rank)))
                            for layer, block in zip(plain, blocks)]
             out["cache"] = blocks[0].layer.self_attention.num_query_groups_per_partition
-            out["bf16"] = bf16_copies(plain, blocks, embed, logits, group, rank, world_size)
+            copies = [MegatronTransformerBlock(32, 4, layer.gate_proj.out_features, group, rank, world_size,
+                                               variant="llama", num_kv_heads=2) for layer in plain]  # own weights
+            out["bf16"] = bf16_copies(plain, blocks, copies, embed, logits, group, rank, world_size)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def bf16_copies(plain, blocks, embed, logits, group, rank: int, world_size: int) -> dict:
-    """A decode copy at tensor_parallel 2 under bf16 autocast: the blocks with their matrices in bf16
-    (runtime.rollout.lower_matrices), filled from the plain layers as a hand-off does (runtime.tp_decode.pack_wire:
-    the matrices in bf16, the norms float32), decoding against the float32 ``blocks`` under the same autocast."""
+def bf16_copies(plain, blocks, copies, embed, logits, group, rank: int, world_size: int) -> dict:
+    """A decode copy at tensor_parallel 2 under bf16 autocast: ``copies`` (blocks as ``blocks``) with their matrices
+    in bf16 (runtime.rollout.lower_matrices), filled from the plain layers as a hand-off does (runtime.tp_decode
+    .pack_wire: the matrices in bf16, norms and biases float32), decoding against the float32 ``blocks`` under the
+    same autocast."""
     from runtime.generate import decoder_for, generate, row_generators
-    from runtime.megatron_backend import MegatronTransformerBlock
     from runtime.rollout import lower_matrices
     from runtime.tp_decode import agree_on_first, flat_shard, receive_order, unpack_wire
 
-    copies = []
-    for layer in plain:
-        block = MegatronTransformerBlock(32, 4, layer.gate_proj.out_features, group, rank, world_size,
-                                         variant="llama", num_kv_heads=2)  # its own initial weights, overwritten
+    for layer, block in zip(plain, copies):
         lower_matrices(block, torch.bfloat16)
-        unpack_wire(flat_shard(layer, (world_size, rank), matrices=torch.bfloat16),
-                    receive_order(block, (world_size, rank)), torch.bfloat16)
-        copies.append(block)
+        with torch.no_grad():
+            unpack_wire(flat_shard(layer, (world_size, rank), matrices=torch.bfloat16),
+                        receive_order(block, (world_size, rank)), torch.bfloat16)
     out = {"dtypes": {n: str(p.dtype) for n, p in copies[0].named_parameters()},
            "rounded": all(torch.equal(c, b.to(c.dtype)) for copy, block in zip(copies, blocks)
                           for c, b in zip(copy.parameters(), block.parameters()))}
@@ -182,6 +181,8 @@ def pretrained_worker(rank: int, world_size: int, port: int, out_dir: str, folde
                                        prompt_mask=prompt_mask() if masked else None)
             out["flat"] = [torch.equal(flat_shard(layer, (world_size, rank)), torch.cat(
                 [t.reshape(-1) for t in local_shard(block)])) for layer, block in zip(plain, blocks)]
+            copies = [build_pretrained_block(layer, group, rank, world_size) for layer in plain]
+            out["bf16"] = bf16_copies(plain, blocks, copies, embed, logits, group, rank, world_size)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

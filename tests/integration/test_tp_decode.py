@@ -108,3 +108,17 @@ def test_tp2_decode_of_a_pretrained_causal_lm_samples_the_one_process_tokens(pre
     if masked:  # the padding changes what a padded row decodes from
         plain = decoded[0][False]
         assert not torch.allclose(plain.logits[1], want.logits[1], atol=1e-3)
+
+
+def test_bf16_decode_copy_of_a_pretrained_causal_lm_decodes_as_float32_weights(pretrained):
+    """As for Loom's llama blocks above, for runtime.megatron_pretrained's: qwen2's q/k/v biases stay float32 in the
+    copy (vectors), and megatron adds them to the bf16 product in float32 whatever the weight's dtype."""
+    for rank, result in pretrained[1].items():
+        bf16 = result["bf16"]
+        lowered = {n for n, d in bf16["dtypes"].items() if d == "torch.bfloat16"}
+        assert lowered and all(n.endswith("weight") and "norm" not in n for n in lowered), bf16["dtypes"]
+        assert all(d == "torch.float32" for n, d in bf16["dtypes"].items() if n.endswith("bias") or "norm" in n)
+        assert any(n.endswith("bias") for n in bf16["dtypes"]) == ("qwen2" in pretrained[0])
+        assert bf16["rounded"], rank
+        assert torch.equal(bf16["copy"].tokens, bf16["float32"].tokens), rank
+        assert torch.equal(bf16["copy"].logits, bf16["float32"].logits), rank
