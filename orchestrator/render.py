@@ -121,9 +121,12 @@ def plan_header(plan: Plan, planning_time_s: float | None = None) -> Table:
     grid.add_row("cost model", plan.cost_model)
     if plan.shard_optimizer is not None:  # the planner's choice (training.shard_optimizer: auto)
         grid.add_row("optimizer", f"ZeRO-1 {'on' if plan.shard_optimizer else 'off'} (auto: the faster that fits)")
+    walk = ", 1F1B" if plan.one_f_one_b else ""  # the planner's walk of pipelined micro-batches, where no slower
     if plan.pipelined is not None:  # the planner's choice (training.pipeline_micro_batches: auto)
-        order = "pipelined" if plan.pipelined else "in order"
+        order = f"pipelined{walk}" if plan.pipelined else "in order"
         grid.add_row("micro-batches", f"{order} (auto: the faster that fits)")
+    elif walk:
+        grid.add_row("micro-batches", "pipelined, 1F1B (no slower than GPipe's fill and drain)")
     phases = f" in {len(plan.phases)} phases (first waves {plan.phases})" if len(plan.phases) > 1 else ""
     grid.add_row("MetaOps", f"{len(plan.metaops)} in {len(plan.waves)} wave{'s' if len(plan.waves) != 1 else ''}{phases}")
     if planning_time_s is not None:

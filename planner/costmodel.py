@@ -182,6 +182,9 @@ class CostModel:
         # micro-batches whose saved activations a device holds at once: 1, or training.grad_accum_steps when their
         # forwards are pipelined (planner.phases.step_walk, which the timeline walks when this is above 1)
         self.in_flight = 1
+        # with in_flight > 1: the micro-batches walk 1F1B (planner.phases.one_forward_one_backward), each wave holding
+        # planner.phases.pipelined_in_flight of them (the ledger: planner.placement.placed_ledger), not GPipe's k
+        self.one_f_one_b = False
 
     def with_shard_optimizer(self, shard: bool) -> CostModel:
         """This model with ZeRO-1 on or off (``training.shard_optimizer: auto``, planner.candidates.zero_choice): a
@@ -195,6 +198,11 @@ class CostModel:
         timeline walks :func:`planner.phases.step_walk` pipelined) or 1 (in order); a copy as
         :meth:`with_shard_optimizer` makes, since the curves' layouts depend on memory."""
         return self if micro_batches == self.in_flight else self._twin(in_flight=micro_batches)
+
+    def with_one_f_one_b(self, flag: bool) -> CostModel:
+        """This model with its pipelined micro-batches walked 1F1B (``flag``) or GPipe's fill and drain; a copy as
+        :meth:`with_in_flight` makes."""
+        return self if flag == self.one_f_one_b else self._twin(one_f_one_b=flag)
 
     def _twin(self, **changes) -> CostModel:
         """A copy with ``changes`` and without the private attributes (memos: the curves, and the simulations and flow
@@ -242,16 +250,17 @@ class CostModel:
         layer."""
         return op.layer.params * self.bytes_per_param(op, layout) / layout.tp_degree
 
-    def activation_bytes(self, op: MetaOp, layout: Layout) -> float:
-        """Bytes per device per layer kept for backward (planner.memory; under recompute the layer's input). Without
-        backward, its last output spread over its layers; a generate MetaOp, its KV cache. Inputs and outputs kept
-        are the float32 stream whatever the precision (``out_bytes`` is what crosses devices, in compute dtype)."""
+    def activation_bytes(self, op: MetaOp, layout: Layout, in_flight: int | None = None) -> float:
+        """Bytes per device per layer kept for backward (planner.memory; under recompute the layer's input), of
+        ``in_flight`` micro-batches (default :attr:`in_flight`). Without backward, its last output spread over its
+        layers; a generate MetaOp, its KV cache. Inputs and outputs kept are the float32 stream whatever the precision
+        (``out_bytes`` is what crosses devices, in compute dtype)."""
         if op.gen is not None and op.gen.decoder is not None:  # generate: the KV cache, sharded by heads over TP
             dec = op.gen.decoder
             return kv_cache_bytes(dec.layers, dec.kv_dim, dec.prompt + dec.new_tokens, self.grad_bytes,
                                   self.local_batch(op, layout) * op.gen.batches) / layout.tp_degree
         stream = op.layer.out_bytes * STREAM_BYTES / ACT_BYTES[self.precision]
-        rows = self.local_batch(op, layout) * self.in_flight  # pipelined: every micro-batch's until its backward
+        rows = self.local_batch(op, layout) * (in_flight or self.in_flight)  # pipelined: micro-batches in flight
         if op.backward_factor == 0:
             return stream * rows / layout.tp_degree / op.num_layers
         return (stream if op.recompute else op.layer.act_bytes) * rows / layout.tp_degree

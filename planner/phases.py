@@ -52,7 +52,8 @@ Event = tuple[str, int, int]  # (kind, micro-batch, wave; for LOSS the phase)
 
 
 @functools.lru_cache(maxsize=256)
-def step_walk(starts: tuple[int, ...], num_waves: int, num_micro: int, pipelined: bool) -> tuple[Event, ...]:
+def step_walk(starts: tuple[int, ...], num_waves: int, num_micro: int, pipelined: bool,
+              one_f_one_b: bool = False) -> tuple[Event, ...]:
     """The order in which every device meets one step's events (:data:`Event`): a wave's forward (its boundary's
     exchange, then its slice), a phase's loss stage, a wave's backward (its slice, then the gradients back). Every
     worker walks the same list, passing what it has no part in, so the point-to-point exchanges pair up.
@@ -64,8 +65,12 @@ def step_walk(starts: tuple[int, ...], num_waves: int, num_micro: int, pipelined
     ``i`` with micro-batch ``t - i``, later positions first. Waves on devices of their own (pipeline stages) then
     overlap: stage ``s`` sends micro-batch ``j`` on and starts ``j + 1`` while stage ``s + 1`` runs ``j``, and a
     device holds every micro-batch's saved activations until its backward
-    (:attr:`planner.costmodel.CostModel.in_flight`). Within one micro-batch the events keep their order, so the same
-    gradients accumulate in the same order either way."""
+    (:attr:`planner.costmodel.CostModel.in_flight`). Pipelined with ``one_f_one_b``, phase after phase, one forward
+    then one backward (1F1B, as Megatron-LM schedules its pipeline stages: :func:`one_forward_one_backward`): the
+    same bubble on stages of their own, and wave ``i`` of a phase's ``n`` holds at most ``min(k, n - i)``
+    micro-batches' activations (:func:`pipelined_in_flight`). Within one micro-batch the events keep their order, and
+    each wave runs its forwards and its backwards in micro-batch order, so the same gradients accumulate in the same
+    order in every walk."""
     out: list[Event] = []
     ranges = phase_ranges(starts, num_waves)
     if not pipelined or num_micro == 1:
@@ -76,12 +81,63 @@ def step_walk(starts: tuple[int, ...], num_waves: int, num_micro: int, pipelined
                 out += [(BACKWARD, j, k) for k in reversed(range(a, b))]
         return tuple(out)
     for p, (a, b) in enumerate(ranges):
+        if one_f_one_b:
+            out += one_forward_one_backward(a, b, p, num_micro)
+            continue
         forward = [(FORWARD, k) for k in range(a, b)] + [(LOSS, p)]
         for positions in (forward, [(BACKWARD, k) for k in reversed(range(a, b))]):
             for t in range(len(positions) + num_micro - 1):
                 out += [(kind, t - i, at) for i, (kind, at) in reversed(list(enumerate(positions)))
                         if 0 <= t - i < num_micro]
     return tuple(out)
+
+
+def one_forward_one_backward(a: int, b: int, phase: int, num_micro: int) -> list[Event]:
+    """Phase ``phase``'s events (waves ``a .. b - 1``, then its loss stage) over ``num_micro`` micro-batches, 1F1B:
+    of the phase's ``n`` waves, wave ``i`` runs ``min(k, n - i - 1)`` forwards first (its warm-up: as many as waves
+    follow it; the loss stage runs on a wave's devices, as the last stage computes the loss), then a forward and a
+    backward in turn, then the backwards left, and the loss stage its micro-batches in turn: every position's own
+    order, merged slot by slot; at each slot every position whose next event has what it needs from earlier slots
+    (the forward of the same micro-batch one position before, the loss stage or the backward one position after)
+    takes it, later positions first, as the fill and drain did."""
+    n, k = b - a, num_micro
+    orders: list[list[tuple[str, int]]] = []
+    for i in range(n):
+        warm = min(k, n - i - 1)
+        order = [(FORWARD, j) for j in range(warm)]
+        for j in range(k - warm):
+            order += [(FORWARD, warm + j), (BACKWARD, j)]
+        orders.append(order + [(BACKWARD, j) for j in range(k - warm, k)])
+    orders.append([(LOSS, j) for j in range(k)])  # position n
+    done: set[tuple[str, int, int]] = set()
+
+    def ready(kind: str, j: int, i: int) -> bool:
+        if kind == FORWARD:
+            return i == 0 or (FORWARD, j, i - 1) in done
+        if kind == LOSS:
+            return n == 0 or (FORWARD, j, n - 1) in done
+        return (LOSS, j, n) in done if i == n - 1 else (BACKWARD, j, i + 1) in done
+
+    heads = [0] * (n + 1)
+    out: list[Event] = []
+    while len(out) < k * (2 * n + 1):
+        slot = [(i, *orders[i][heads[i]]) for i in reversed(range(n + 1))
+                if heads[i] < len(orders[i]) and ready(*orders[i][heads[i]], i)]
+        assert slot, "1F1B: no event can run"  # each position's order keeps micro-batches in turn: never happens
+        for i, kind, j in slot:
+            heads[i] += 1
+            done.add((kind, j, i))
+            out.append((kind, j, phase if kind == LOSS else a + i))
+    return out
+
+
+def pipelined_in_flight(starts: Sequence[int], num_waves: int, num_micro: int, wave: int) -> int:
+    """The micro-batches whose saved activations wave ``wave`` holds at once under the pipelined walk (1F1B,
+    :func:`step_walk`): ``min(k, n - i)`` for the ``i``-th of its phase's ``n`` waves."""
+    for a, b in phase_ranges(starts, num_waves):
+        if a <= wave < b:
+            return min(num_micro, b - wave)
+    raise ValueError(f"wave {wave} is not among {num_waves} waves")
 
 
 def backward_positions(starts: Sequence[int], num_waves: int) -> dict[int, int]:

@@ -71,6 +71,7 @@ import numpy as np
 from planner.costmodel import CostModel, Layout
 from planner.errors import PlanningError
 from planner.metagraph import MetaOp
+from planner.phases import pipelined_in_flight
 from planner.reshard import aligned_devices, can_align
 from planner.rolloutlag import ahead_bytes
 from planner.schedule import Problem, Schedule, ScheduleError, Slice, Wave
@@ -183,10 +184,12 @@ class MemoryLedger:
         self.slices: list[PlacedSlice] = []
         self._known: dict[int, tuple[dict[int, int], float]] = {}  # id of a holding -> (it, its layer equivalents)
 
-    def add(self, s: PlacedSlice, phase: int = 0) -> None:
+    def add(self, s: PlacedSlice, phase: int = 0, in_flight: int | None = None) -> None:
+        """Slice ``s``, in ``phase``, holding ``in_flight`` micro-batches' saved activations (default the cost
+        model's: 1, or under GPipe's fill and drain all of them; 1F1B: planner.phases.pipelined_in_flight)."""
         op = self.problem.graph.metaops[s.metaop]
         idx = device_index(s.devices)
-        saved = self.cost_model.activation_bytes(op, s.layout) * s.num_layers
+        saved = self.cost_model.activation_bytes(op, s.layout, in_flight) * s.num_layers
         if op.gen is not None and op.gen.decoder is not None:  # a KV cache lives while its generation runs only
             self.transient[idx] = np.maximum(self.transient[idx], saved)
             self.decodes.append((s, op, saved))  # and autocast's casts of the layers it trains (peak)
@@ -291,15 +294,19 @@ def build_ledger(problem: Problem, slices: Iterable[PlacedSlice], cost_model: Co
 
 
 def placed_ledger(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> MemoryLedger:
-    """The ledger of ``placed``, each slice in its phase (the activation peak is the largest phase's)."""
+    """The ledger of ``placed``, each slice in its phase (the activation peak is the largest phase's), each wave
+    holding the micro-batches its walk keeps in flight (all of them under GPipe's fill and drain, fewer under 1F1B:
+    :attr:`CostModel.one_f_one_b`)."""
     ledger = MemoryLedger(problem, cost_model)
     starts = placed.phases
+    one_f_one_b = cost_model.one_f_one_b and cost_model.in_flight > 1
     p = 0
     for k, wave in enumerate(placed.waves):
         while p + 1 < len(starts) and starts[p + 1] <= k:
             p += 1
+        held = pipelined_in_flight(starts, len(placed.waves), cost_model.in_flight, k) if one_f_one_b else None
         for s in wave.slices:
-            ledger.add(s, p)
+            ledger.add(s, p, held)
     return ledger
 
 

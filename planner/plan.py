@@ -296,6 +296,11 @@ class Plan(Sealed, _PlanModel):
         description="Micro-batches pipelined (planner.phases.step_walk), chosen by the planner for a job with "
         "training.pipeline_micro_batches: auto and grad_accum_steps > 1 (priced and run so); None: as the job says "
         "(:func:`micro_batches_pipelined`).")
+    one_f_one_b: bool | None = Field(
+        None, exclude_if=lambda value: value is None,
+        description="Pipelined micro-batches walked one forward then one backward (1F1B, planner.phases."
+        "one_forward_one_backward) instead of GPipe's fill and drain: chosen by the planner where it is no slower, "
+        "each wave then holding fewer micro-batches' activations; None: GPipe's (:func:`micro_batch_walk`).")
     predicted: Prediction
     peak_memory_bytes: list[float]
     solver: SolverReport
@@ -323,6 +328,13 @@ def micro_batches_pipelined(plan: Plan, training) -> bool:
     if plan.pipelined is not None:
         return plan.pipelined
     return training.pipeline_micro_batches is True
+
+
+def micro_batch_walk(plan: Plan, training) -> tuple[bool, bool]:
+    """(pipelined, 1F1B) of ``plan``'s micro-batches (``training``: its job's TrainingSpec): what
+    planner.phases.step_walk takes, on the workers and in the simulator alike."""
+    pipelined = micro_batches_pipelined(plan, training)
+    return pipelined, pipelined and plan.one_f_one_b is True
 
 
 def validated(model: type[BaseModel], data: dict, source: str, rerun: str):

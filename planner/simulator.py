@@ -426,7 +426,8 @@ def walk(problem: Problem, placed: PlacedSchedule, cost_model: CostModel, forwar
         for i in waiting.get(code, ()) if j == micro - 1 else ():
             ready[i], parts[i] = clocks.latest(program[i].devices)
 
-    for kind, j, at in step_walk(tuple(placed.phases), num_waves, micro, cost_model.in_flight > 1):
+    for kind, j, at in step_walk(tuple(placed.phases), num_waves, micro, cost_model.in_flight > 1,
+                                 cost_model.one_f_one_b):
         if kind == FORWARD:
             clocks.exchange(ex_fwd[at])
             for devices, fwd, _, once in runs[at]:

@@ -91,12 +91,13 @@ class CommSchedule:
     """The plan's slices and pieces, indexed: the pieces at every boundary in the plan's order, the number of
     inputs of every slice, the loss hosts (all read from the pieces), and the phases (planner.phases): a loss
     stage's pieces and hosts belong to the phase of the host's wave; ``walk``, the order of one step's events over
-    its ``num_micro`` micro-batches (planner.phases.step_walk, ``pipelined`` or in order)."""
+    its ``num_micro`` micro-batches (planner.phases.step_walk, ``pipelined`` or in order, pipelined 1F1B with
+    ``one_f_one_b``)."""
 
-    def __init__(self, plan: Plan, num_micro: int = 1, pipelined: bool = False):
+    def __init__(self, plan: Plan, num_micro: int = 1, pipelined: bool = False, one_f_one_b: bool = False):
         self.plan = plan
         self.phases = phase_ranges(plan.phases, len(plan.waves))  # [first, end) waves of each phase
-        self.walk = step_walk(tuple(plan.phases), len(plan.waves), num_micro, pipelined)
+        self.walk = step_walk(tuple(plan.phases), len(plan.waves), num_micro, pipelined, one_f_one_b)
         self.phase_of = phase_of_waves(plan.phases, len(plan.waves))
         self.slices = {SliceRef(k, i): s for k, w in enumerate(plan.waves) for i, s in enumerate(w.slices)}
         self.by_metaop: dict[int, list[SliceRef]] = {}

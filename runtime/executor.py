@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from planner.kinds import kind_of
 from planner.phases import FORWARD, LOSS, forward_positions
-from planner.plan import PlanMetaOp, micro_batches_pipelined, zero_sharded
+from planner.plan import PlanMetaOp, micro_batch_walk, zero_sharded
 from planner.rolloutlag import generation_pool
 from planner.rows import row_shares
 from runtime.assignment import (
@@ -102,8 +102,7 @@ class WaveWorker(PieceTransfers, GradientSync):
         self.device = torch.device(device)
         # a worker rebuilds no MetaGraph: the plan's MetaOps carry what it builds and wires its modules from, and the
         # driver checked that the job can run and that the plan belongs to it (runtime.checks) before starting it
-        self.comm = CommSchedule(plan, payload.training.grad_accum_steps,
-                                 micro_batches_pipelined(plan, payload.training))
+        self.comm = CommSchedule(plan, payload.training.grad_accum_steps, *micro_batch_walk(plan, payload.training))
         self.comm_loss_groups = loss_groups(self.comm)  # ascending, as process groups order their ranks
         assert all(list(g) == sorted(g) for g in self.comm_loss_groups.values())
         self.mine = self.comm.my_slices(rank)

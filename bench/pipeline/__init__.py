@@ -7,8 +7,9 @@ encoder) and a text task, each planned with its micro-batches in order, pipeline
 memory).
 **Measured** (this machine, a local gloo world of worker processes: runtime.local_world, the logic Ray actors run):
 ``chain-cpu.yaml`` (8 layers, 8 micro-batches) profiled first, then the planner's plans for it with those costs
-(micro-batches in order, and auto) and the 8 layers cut by hand into two stages of 4 on the two workers, in order and
-pipelined, trained in alternating runs; per plan the median step after warm-up, its prediction and its losses (the
+(micro-batches in order, and auto) and the 8 layers cut by hand into two stages of 4 on the two workers, in order,
+pipelined (GPipe's fill and drain) and pipelined 1F1B (one forward, one backward: planner.phases), trained in
+alternating runs; per plan the median step after warm-up, its prediction and its losses (the
 two stage runs must give the same losses: the same gradients accumulate in the same order). Then ``grpo-cpu.yaml``, a
 GRPO step (rollouts, a frozen reward model and reference, the policy's update as two stages of 4 layers, one a
 worker) the same way: its update in one micro-batch (the only way before the rollouts were decoded once per step),
@@ -53,7 +54,7 @@ def planned_records() -> list[dict]:
             plan = outcome.plan
             out.append({
                 "part": "planned", "job": job.name, "pipeline_micro_batches": order,
-                "pipelined": micro_batches_pipelined(plan, ordered.training),
+                "pipelined": micro_batches_pipelined(plan, ordered.training), "one_f_one_b": plan.one_f_one_b is True,
                 "iteration_s": plan.predicted.iteration_time_s, "compute_s": plan.predicted.compute_s,
                 "method": plan.solver.method, "num_waves": len(plan.waves),
                 "stage_devices": sorted({len(s.devices) for w in plan.waves for s in w.slices}),
@@ -83,7 +84,9 @@ def measured_plans(costs: dict) -> dict[str, tuple[JobSpec, Plan]]:
                                                      with_baselines=False).plan),
             "planner, auto": (job, plan_job(job, make_cost_model(job, costs), with_baselines=False).plan),
             "two stages, in order": (in_order, stage_plan(in_order, make_cost_model(in_order, costs))),
-            "two stages, pipelined": (piped, stage_plan(piped, make_cost_model(piped, costs)))}
+            "two stages, pipelined": (piped, stage_plan(piped, make_cost_model(piped, costs))),
+            "two stages, pipelined 1F1B": (piped, stage_plan(piped,
+                                                             make_cost_model(piped, costs).with_one_f_one_b(True)))}
 
 
 def with_micro_batches(job: JobSpec, k: int, order: bool) -> JobSpec:
@@ -135,8 +138,8 @@ def timed(plans: dict[str, tuple[JobSpec, Plan]], rounds: int, steps: int, warmu
             progress(f"round {r + 1}/{rounds}, {name}: median {statistics.median(seconds) * 1e3:.1f} ms")
     return [{
         "part": "measured", "job": ordered.name, "plan": name, "method": plan.solver.method,
-        "pipelined": micro_batches_pipelined(plan, ordered.training),
-        "micro_batches": ordered.training.grad_accum_steps,
+        "pipelined": micro_batches_pipelined(plan, ordered.training), "one_f_one_b": plan.one_f_one_b is True,
+        "micro_batches": ordered.training.grad_accum_steps, "peak_bytes": max(plan.peak_memory_bytes),
         "median_step_s": statistics.median(times[name]), "step_s": times[name],
         "predicted_s": plan.predicted.iteration_time_s, "first_losses": losses[name][0],
         "last_losses": losses[name][-1], "losses": losses[name],
@@ -167,7 +170,8 @@ def report(records: list[dict], rounds: int, steps: int) -> str:
                   "| peak memory | planning |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             setting = str(r["pipeline_micro_batches"]).lower()
-            lines.append(f"| {setting} | {'pipelined' if r['pipelined'] else 'in order'} | "
+            order = ("pipelined, 1F1B" if r.get("one_f_one_b") else "pipelined") if r["pipelined"] else "in order"
+            lines.append(f"| {setting} | {order} | "
                          f"{r['iteration_s']:.2f} s | {r['compute_s']:.2f} s | {r['method']} | {r['num_waves']} | "
                          f"{r['stage_devices']} | {r['peak_gib']:.1f} of {r['memory_gib']:.0f} GiB | "
                          f"{r['planning_s']:.2f} s |")
@@ -188,7 +192,8 @@ def report(records: list[dict], rounds: int, steps: int) -> str:
               "| plan | method | median step | predicted (profiled) | last losses |", "|---|---|---|---|---|"]
     for name, r in measured.items():
         last = ", ".join(f"{t} {v:.4f}" for t, v in r["last_losses"].items())
-        lines.append(f"| {name} | {r['method']}{', pipelined' if r['pipelined'] else ''} | "
+        walk = (", pipelined 1F1B" if r.get("one_f_one_b") else ", pipelined") if r["pipelined"] else ""
+        lines.append(f"| {name} | {r['method']}{walk} | "
                      f"{r['median_step_s'] * 1e3:.1f} ms | {r['predicted_s'] * 1e3:.1f} ms | {last} |")
     a, b = measured["two stages, in order"], measured["two stages, pipelined"]
     same = a["losses"] == b["losses"]
@@ -198,6 +203,15 @@ def report(records: list[dict], rounds: int, steps: int) -> str:
               f"{'identical' if same else 'DIFFERENT'} between the two orders. The planner's auto plan over its "
               f"in-order plan: measured {p['median_step_s'] / q['median_step_s']:.2f}x, predicted "
               f"{p['predicted_s'] / q['predicted_s']:.2f}x."]
+    one = measured.get("two stages, pipelined 1F1B")
+    if one is not None:  # session 33's walk; earlier records have none
+        lines += ["", "The two stages walked 1F1B (one forward, one backward) against GPipe's fill and drain, "
+                  f"measured: **{b['median_step_s'] / one['median_step_s']:.2f}x** (predicted "
+                  f"{b['predicted_s'] / one['predicted_s']:.2f}x: the same bubble), losses of every step "
+                  f"{'identical' if one['losses'] == b['losses'] else 'DIFFERENT'}; the first stage holds "
+                  f"{min(one['micro_batches'], 2)} of the {one['micro_batches']} micro-batches' activations instead "
+                  f"of all: predicted peak {one['peak_bytes'] / 2**20:.1f} MiB against {b['peak_bytes'] / 2**20:.1f} "
+                  "MiB (parameters and optimizer state included)."]
     return "\n".join(lines + rl_section(rl, rounds, steps))
 
 

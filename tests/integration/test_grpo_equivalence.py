@@ -16,7 +16,7 @@ from planner.api import plan_placed
 from planner.costmodel import Layout
 from planner.metagraph import build_metagraph
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave
-from planner.plan import micro_batches_pipelined
+from planner.plan import micro_batch_walk
 from planner.spec import parse_job
 from runtime.assignment import CommSchedule
 from runtime.local_world import run_world
@@ -124,7 +124,7 @@ def test_rollouts_decoded_once_for_micro_batches_pipelined_over_stages_equal_one
                                             PlacedWave((on("reward", (1,)), on("policy", (2,), 0, 1))),
                                             PlacedWave((on("reference", (1,)), on("policy", (3,), 1, 1))))),
                        method="hand-made")
-    walk = CommSchedule(plan, 2, micro_batches_pipelined(plan, job.training)).walk
+    walk = CommSchedule(plan, 2, *micro_batch_walk(plan, job.training)).walk
     assert (walk.index(("forward", 1, 1)) < walk.index(("backward", 0, 2))) == pipelined  # every forward first
     world, reference, rollout_op = world_and_reference(job, plan, tmp_path)
     first, rows = world.rollouts[0][rollout_op]  # the last step's last micro-batch

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from orchestrator.recipes import load_recipe
-from planner.plan import micro_batches_pipelined, zero_sharded
+from planner.plan import micro_batch_walk, zero_sharded
 from planner.spec import parse_job
 from runtime.assignment import CommSchedule, Piece
 from runtime.local_world import run_world
@@ -161,19 +161,22 @@ def test_a_plan_that_drops_zero1_for_an_auto_job_trains_as_one_process(tmp_path)
     check_equivalence(job, unsharded, tmp_path)
 
 
-@pytest.mark.parametrize("pipelined", [True, "auto"])
-def test_pipelined_micro_batches_equal_single_process(pipelined, tmp_path):
+@pytest.mark.parametrize("pipelined, one_f_one_b", [(True, False), ("auto", False), (True, True)])
+def test_pipelined_micro_batches_equal_single_process(pipelined, one_f_one_b, tmp_path):
     """``training.pipeline_micro_batches``: each task's two towers on devices of their own (a two-stage pipeline per
     task, the shared text tower's buckets over devices 2 and 3), four micro-batches walked pipelined
-    (planner.phases.step_walk: stage 0 starts micro-batch j + 1 while stage 1 runs j, every backward after every
-    forward). The same gradients accumulate in the same order, so the world equals the single-process reference; with
-    auto the plan records the order it was priced with and the workers follow the plan."""
+    (planner.phases.step_walk: stage 0 starts micro-batch j + 1 while stage 1 runs j; GPipe's every backward after
+    every forward, or 1F1B's backward of micro-batch 0 before the forward of 2 when the plan says ``one_f_one_b``).
+    The same gradients accumulate in the same order, so the world equals the single-process reference; with auto the
+    plan records the order it was priced with and the workers follow the plan."""
     data = basics_job(pipeline_micro_batches=pipelined)
     data["training"]["grad_accum_steps"] = 4  # micro-batches of 2 (caption) and 1 (align) rows
     job = parse_job(data)
     plan = placed_plan(job, [[("caption.img", [0]), ("align.aud", [1])], [("caption.txt", [2]), ("align.txt", [3])]])
-    if pipelined == "auto":
-        plan = plan.model_copy(update={"pipelined": True}).sealed()
-    walk = CommSchedule(plan, 4, micro_batches_pipelined(plan, job.training)).walk
+    if pipelined == "auto" or one_f_one_b:
+        plan = plan.model_copy(update={"pipelined": True if pipelined == "auto" else None,
+                                       "one_f_one_b": one_f_one_b or None}).sealed()
+    walk = CommSchedule(plan, 4, *micro_batch_walk(plan, job.training)).walk
     assert walk[:3] == (("forward", 0, 0), ("forward", 0, 1), ("forward", 1, 0))  # micro-batch 1 beside 0
+    assert (walk.index(("backward", 0, 0)) < walk.index(("forward", 2, 0))) is one_f_one_b
     check_equivalence(job, plan, tmp_path)

@@ -55,6 +55,15 @@ def test_the_report_computes_its_ratios_from_the_records():
     assert "the planner keeps lp (in order, predicted 900.0 ms)" in text
     assert "| auto | pipelined | 6.00 s |" in text and "| false | in order | 12.00 s |" in text
     assert "## Measured: grpo-cpu" not in text  # no GRPO records: no section
+    assert "walked 1F1B" not in text  # records before it: no line
+    gpipe = measured("two stages, pipelined", 0.4, 0.35, same) | {"micro_batches": 8, "peak_bytes": 6 * 2**20}
+    walked = measured("two stages, pipelined 1F1B", 0.38, 0.35, same) | {"micro_batches": 8, "one_f_one_b": True,
+                                                                         "peak_bytes": 3 * 2**20}
+    text = report([*records[:6], gpipe, walked, records[-1]], rounds=3, steps=6)
+    assert "| two stages, pipelined 1F1B | m, pipelined 1F1B | 380.0 ms |" in text
+    assert ("GPipe's fill and drain, measured: **1.05x** (predicted 1.00x: the same bubble), losses of every step "
+            "identical; the first stage holds 2 of the 8 micro-batches' activations instead of all: predicted peak "
+            "3.0 MiB against 6.0 MiB") in text
 
 
 def test_the_grpo_section_compares_one_micro_batch_with_both_orders():

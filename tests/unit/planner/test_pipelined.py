@@ -15,9 +15,9 @@ from planner.costmodel import Layout
 from planner.errors import SpecError
 from planner.groupsplit import Unit
 from planner.metagraph import build_metagraph
-from planner.phases import BACKWARD, FORWARD, LOSS, phase_of_waves, step_walk
+from planner.phases import BACKWARD, FORWARD, LOSS, phase_of_waves, pipelined_in_flight, step_walk
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, placed_ledger
-from planner.plan import micro_batches_pipelined
+from planner.plan import micro_batch_walk, micro_batches_pipelined
 from planner.schedule import Problem
 from planner.simulator import simulate
 from planner.spec import load_job, parse_job
@@ -71,6 +71,34 @@ def test_the_pipelined_walk_keeps_each_micro_batchs_order_and_overlaps_them(phas
     assert step_walk(phases, 4, 1, True) == step_walk(phases, 4, 1, False)
 
 
+@pytest.mark.parametrize("phases", [(0,), (0, 2)])
+@pytest.mark.parametrize("k", [3, 8])
+def test_the_1f1b_walk_keeps_each_micro_batchs_order_and_holds_fewer(phases, k):
+    """1F1B (planner.phases.one_forward_one_backward): the same events once each, every micro-batch in its in-order
+    order, each wave's forwards and backwards in micro-batch order, phase after phase; a wave of a phase's n holds at
+    most pipelined_in_flight = min(k, n - i) micro-batches, and holds that many."""
+    in_order, one = step_walk(phases, 4, k, False), step_walk(phases, 4, k, True, True)
+    assert sorted(in_order) == sorted(one) and len(set(one)) == len(one)
+    for j in range(k):
+        assert [e for e in one if e[1] == j] == [e for e in in_order if e[1] == j]
+    for kind in (FORWARD, BACKWARD):
+        for wave in range(4):
+            assert [e[1] for e in one if e[0] == kind and e[2] == wave] == list(range(k))
+    phase_of = phase_of_waves(phases, 4)
+    mine = [[i for i, (kind, _, at) in enumerate(one) if (at == p if kind == LOSS else phase_of[at] == p)]
+            for p in range(len(phases))]
+    ends = [(min(m), max(m)) for m in mine]
+    assert all(a[1] < b[0] for a, b in zip(ends, ends[1:]))  # phase after phase
+    for wave in range(4):
+        held, most = 0, 0
+        for kind, _, at in one:
+            if at == wave and kind != LOSS:
+                held += 1 if kind == FORWARD else -1
+                most = max(most, held)
+        assert most == pipelined_in_flight(phases, 4, k, wave) <= k
+    assert step_walk(phases, 4, 1, True, True) == step_walk(phases, 4, 1, False)
+
+
 def test_pipelined_stages_overlap_and_hold_every_micro_batchs_activations():
     k = 8
     job = parse_job(chain_job(k, True))
@@ -89,6 +117,29 @@ def test_pipelined_stages_overlap_and_hold_every_micro_batchs_activations():
     ledger, ledger_one = placed_ledger(problem, stages(job), model), placed_ledger(problem, stages(job), plain)
     assert ledger.act_bytes == pytest.approx(k * ledger_one.act_bytes) and ledger.act_bytes.min() > 0
     assert ledger.param_bytes == pytest.approx(ledger_one.param_bytes)
+
+
+def test_1f1b_stages_overlap_as_much_and_hold_fewer_micro_batches():
+    """The 4 stages walked 1F1B: the same fill and drain (k + 3 slots), stage s holding min(k, 4 - s) micro-batches'
+    activations instead of k; the planner walks its pipelined plan so (it is no slower), and says so in the plan."""
+    k = 8
+    job = parse_job(chain_job(k, True))
+    problem, model, piped = priced(job, k)
+    one = model.with_one_f_one_b(True)
+    walked = simulate(problem, stages(job), one)
+    assert walked.compute_s == pytest.approx(piped.compute_s, rel=0.02)
+    assert walked.iteration_time_s <= piped.iteration_time_s * (1 + 1e-9)
+    ledger = placed_ledger(problem, stages(job), one)
+    ledger_one = placed_ledger(problem, stages(job), priced(job, 1)[1])
+    assert ledger.act_bytes == pytest.approx([min(k, STAGES - s) * ledger_one.act_bytes[s] for s in range(STAGES)])
+    assert max(walked.peak_memory_bytes) < max(piped.peak_memory_bytes)
+    planned = plan_job(job)
+    assert planned.plan.one_f_one_b is True and micro_batch_walk(planned.plan, job.training) == (True, True)
+    assert predict_plan(job, planned.plan, make_cost_model(job)).iteration_time_s == pytest.approx(
+        planned.plan.predicted.iteration_time_s)
+    in_order = parse_job(chain_job(k, False))  # in order: nothing to walk 1F1B
+    assert plan_job(in_order).plan.one_f_one_b is None
+    assert micro_batch_walk(plan_job(in_order).plan, in_order.training) == (False, False)
 
 
 def test_auto_plans_both_orders_keeps_the_faster_and_the_plan_says_so():
