@@ -193,7 +193,8 @@ def test_a_model_no_layout_holds_whole_plans_as_stages_and_pipelined_micro_batch
     assert auto.pipelined is True and auto.predicted.iteration_time_s == pytest.approx(piped)
     console = Console(width=100, record=True)  # `loom plan` says which order the planner chose
     console.print(plan_header(auto))
-    assert "micro-batches  pipelined (auto: the faster that fits)" in console.export_text()
+    assert auto.one_f_one_b is True  # two stages of their own: walked 1F1B, no slower (and fewer activations held)
+    assert "micro-batches  pipelined, 1F1B (auto: the faster that fits)" in console.export_text()
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 0.5), (5.0, 1.0, 1.0, 1.0), (1.0, 1e-6, 1e-6, 1.0)])
