@@ -44,7 +44,7 @@ from planner.tighten import tighten_chosen
 from planner.waveorder import reorder_chosen
 from planner.rlbaselines import rl_budget, with_role_candidate
 from planner.rows import row_shares
-from planner.simulator import Simulation, simulate
+from planner.simulator import Simulation, one_f_one_b_if_no_slower, simulate
 from planner.solver import Candidate, SolveResult, SolverSettings, clocks, solve
 from planner.spec import JobSpec
 from planner.spindle import spindle_schedule
@@ -221,18 +221,6 @@ def _plan_one(job: JobSpec, cost_model: CostModel, limit: float, with_baselines:
     elapsed = time.perf_counter() - start
     say(f"planned in {elapsed:.2f} s: predicted iteration {sim.iteration_time_s:.4g} s")
     return PlanOutcome(plan, planned, placed, sim, elapsed, result)
-
-
-def one_f_one_b_if_no_slower(problem: Problem, cost_model: CostModel, placed: PlacedSchedule, sim: Simulation
-                             ) -> tuple[CostModel, Simulation]:
-    """``placed``'s pipelined micro-batches walked 1F1B (:meth:`CostModel.with_one_f_one_b`) when that is predicted
-    no slower than GPipe's fill and drain (``sim``) and fits: the same bubble on pipeline stages of their own, each
-    wave holding fewer micro-batches' activations; else ``cost_model`` and ``sim`` as given. On waves that share
-    devices the orders differ in time (the 70B GRPO cell's colocated stages: 47.33 s 1F1B against 44.10 s GPipe)."""
-    one = cost_model.with_one_f_one_b(True)
-    found = simulate(problem, placed, one)
-    fits = max(found.peak_memory_bytes, default=0.0) <= cost_model.hw.memory_bytes
-    return (one, found) if fits and found.iteration_time_s <= sim.iteration_time_s * (1 + 1e-9) else (cost_model, sim)
 
 
 MEMORY_SHARES = (0.5, 0.25)  # feasibility repair: the device memory one MetaOp's layers may take, tighter each try

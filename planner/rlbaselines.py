@@ -48,7 +48,7 @@ from planner.refine import DEVICES_PER_UNIT
 from planner.rolloutlag import lagged_generate
 from planner.rows import uneven_rows
 from planner.schedule import Problem
-from planner.simulator import Simulation, simulate
+from planner.simulator import Simulation, one_f_one_b_if_no_slower, simulate
 
 RL_BASELINES: tuple[str, ...] = ("colocated", "split")
 SPLIT_GRAIN_PARTS = 32  # the split search moves devices in grains of N // 32 (at least 1)
@@ -391,7 +391,18 @@ def rl_schedules(problem: Problem, cost_model: CostModel, budget: float = RL_SEA
                             lambda p, k, w: (split_schedule(p, sizes, k) for sizes in
                                                             split_candidates(p, k, w, cost_model.hw.devices_per_node)),
                             Work(budget))}
-    return {name: found for name, found in out.items() if found is not None}
+    return {name: walked(problem, cost_model, found) for name, found in out.items() if found is not None}
+
+
+def walked(problem: Problem, cost_model: CostModel, found: tuple[PlacedSchedule, Simulation]
+           ) -> tuple[PlacedSchedule, Simulation]:
+    """A baseline placement's pipelined micro-batches walked 1F1B where that is no slower, as Loom's plan is
+    (planner.simulator.one_f_one_b_if_no_slower; verl's and OpenRLHF's Megatron backends pipeline their update
+    1F1B): the same freedom for all."""
+    placed, sim = found
+    if cost_model.in_flight == 1:
+        return found
+    return placed, one_f_one_b_if_no_slower(problem, cost_model, placed, sim)[1]
 
 
 def split_at(problem: Problem, cost_model: CostModel, sizes: dict[str, int], budget: float = RL_SEARCH_BUDGET
@@ -402,7 +413,8 @@ def split_at(problem: Problem, cost_model: CostModel, sizes: dict[str, int], bud
     must not lose to it for want of simulating that vector."""
     if sorted(sizes) != sorted(roles(problem)) or sum(sizes.values()) > problem.num_devices:
         return None
-    return _search(problem, cost_model, lambda p, k, w: [split_schedule(p, sizes, k)], Work(budget))
+    found = _search(problem, cost_model, lambda p, k, w: [split_schedule(p, sizes, k)], Work(budget))
+    return None if found is None else walked(problem, cost_model, found)
 
 
 def pool_order(num_devices: int, n_gen: int, per_node: int = 0) -> tuple[int, ...] | None:

@@ -94,7 +94,7 @@ def measure_cell(job, cost_model, name: str, lag: int, runnable: bool) -> dict:
         piped = cost_model.with_in_flight(k if micro_batches_pipelined(outcome.plan, job.training) else 1)
         problem = Problem.build(build_metagraph(job), piped)
         rows["loom"] = placement_row(problem, piped, outcome.placed, outcome.simulation) | {
-            "method": outcome.plan.solver.method}
+            "method": outcome.plan.solver.method, "one_f_one_b": outcome.plan.one_f_one_b is True}
         for model in (cost_model, cost_model.with_in_flight(k)) if pipelining_left_to_planner(job) else (cost_model,):
             ordered = Problem.build(build_metagraph(job), model)
             for placement, (placed, psim) in rl_schedules(ordered, model, rl_budget(job.planner.time_limit_s)).items():
@@ -133,7 +133,8 @@ def choice(rec: dict) -> str:
     """Loom's plan's method, and its micro-batch order where the update runs several."""
     k = rec.get("micro_batches", 1)
     loom = rec["placements"]["loom"]
-    order = f"; {k} micro-batches {'pipelined' if loom['pipelined'] else 'in order'}" if k > 1 else ""
+    walk = "pipelined, 1F1B" if loom.get("one_f_one_b") else "pipelined"  # records before 1F1B have no such key
+    order = f"; {k} micro-batches {walk if loom['pipelined'] else 'in order'}" if k > 1 else ""
     return loom["method"] + order
 
 
@@ -230,7 +231,9 @@ def markdown(records: list[dict]) -> str:
               "into micro-batches): the rollouts are decoded once, every micro-batch's rows together, and the update "
               "runs the micro-batches in order or pipelined over its stages (planner.generation.decode_batches, "
               "training.pipeline_micro_batches: auto); Loom's plan and both baselines take the faster order that "
-              "fits, priced by the same simulator."]
+              "fits, priced by the same simulator, and a pipelined one walks 1F1B (one forward, one backward, as "
+              "Megatron-LM's schedule: fewer micro-batches' activations held) where that is no slower "
+              "(planner.simulator.one_f_one_b_if_no_slower)."]
     lines += ["", "## Pools (devices each role's MetaOps use) and weight hand-offs", "",
               "| cell | lag | placement | pools | hand-off |", "|---|---|---|---|---|"]
     for rec in records:
