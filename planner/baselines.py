@@ -45,7 +45,7 @@ from planner.costmodel import CostModel
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, check_memory, placed_ledger, place_schedule
 from planner.errors import PlanningError
 from planner.schedule import Problem, Schedule
-from planner.simulator import Simulation, simulate
+from planner.simulator import Simulation, one_f_one_b_if_no_slower, simulate
 
 log = logging.getLogger(__name__)
 
@@ -348,6 +348,8 @@ def baseline_plans(problem: Problem, cost_model: CostModel, spindle: Schedule | 
     out = []
     for name, placed in baseline_schedules(problem, cost_model, spindle, rl_budget).items():
         sim = simulate(problem, placed, cost_model)  # its peaks are the ledger's: only an unfit plan needs the message
+        if cost_model.in_flight > 1:  # pipelined: walked 1F1B where that is no slower, as Loom's plan is
+            sim = one_f_one_b_if_no_slower(problem, cost_model, placed, sim)[1]
         fits = max(sim.peak_memory_bytes, default=0.0) <= cost_model.hw.memory_bytes
         out.append(BaselinePlan(name, placed, sim, None if fits else memory_error(problem, placed, cost_model)))
         log.debug("baseline %s: %.4g s%s", name, sim.iteration_time_s, " (does not fit)" if out[-1].unfit else "")

@@ -502,14 +502,19 @@ def simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) ->
 
 def one_f_one_b_if_no_slower(problem: Problem, cost_model: CostModel, placed: PlacedSchedule, sim: Simulation
                              ) -> tuple[CostModel, Simulation]:
-    """``placed``'s pipelined micro-batches walked 1F1B (:meth:`CostModel.with_one_f_one_b`) when that is predicted
-    no slower than GPipe's fill and drain (``sim``) and fits: the same bubble on pipeline stages of their own, each
-    wave holding fewer micro-batches' activations; else ``cost_model`` and ``sim`` as given. On waves that share
-    devices the orders differ in time (the 70B GRPO cell's colocated stages: 47.33 s 1F1B against 44.10 s GPipe)."""
+    """``placed``'s pipelined micro-batches walked 1F1B (:meth:`CostModel.with_one_f_one_b`) when that fits and is
+    predicted no slower than GPipe's fill and drain (``sim``), or fits where GPipe's does not: the same bubble on
+    pipeline stages of their own, each wave holding fewer micro-batches' activations; else ``cost_model`` and ``sim``
+    as given. On waves that share devices the walks differ in time (the 70B GRPO cell's colocated stages: 47.33 s
+    1F1B against 44.10 s GPipe)."""
     one = cost_model.with_one_f_one_b(True)
     found = simulate(problem, placed, one)
-    fits = max(found.peak_memory_bytes, default=0.0) <= cost_model.hw.memory_bytes
-    return (one, found) if fits and found.iteration_time_s <= sim.iteration_time_s * (1 + 1e-9) else (cost_model, sim)
+    memory = cost_model.hw.memory_bytes
+    if max(found.peak_memory_bytes, default=0.0) > memory:
+        return cost_model, sim
+    gpipe_fits = max(sim.peak_memory_bytes, default=0.0) <= memory
+    return (one, found) if not gpipe_fits or found.iteration_time_s <= sim.iteration_time_s * (1 + 1e-9) else (
+        cost_model, sim)
 
 
 def _simulate(problem: Problem, placed: PlacedSchedule, cost_model: CostModel) -> Simulation:

@@ -4,6 +4,8 @@ planner under auto, recorded in the plan and followed by its re-prediction."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from rich.console import Console
@@ -19,7 +21,7 @@ from planner.phases import BACKWARD, FORWARD, LOSS, phase_of_waves, pipelined_in
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, placed_ledger
 from planner.plan import micro_batch_walk, micro_batches_pipelined
 from planner.schedule import Problem
-from planner.simulator import simulate
+from planner.simulator import one_f_one_b_if_no_slower, simulate
 from planner.spec import load_job, parse_job
 
 STAGES = 4
@@ -140,6 +142,26 @@ def test_1f1b_stages_overlap_as_much_and_hold_fewer_micro_batches():
     in_order = parse_job(chain_job(k, False))  # in order: nothing to walk 1F1B
     assert plan_job(in_order).plan.one_f_one_b is None
     assert micro_batch_walk(plan_job(in_order).plan, in_order.training) == (False, False)
+
+
+def test_1f1b_is_walked_where_gpipe_does_not_fit():
+    """Between the two walks' peaks of device memory, only 1F1B fits: one_f_one_b_if_no_slower takes it whatever
+    their times; with memory for both it keeps GPipe's unless 1F1B is no slower."""
+    k = 8
+    job = parse_job(chain_job(k, True))
+    problem, model, piped = priced(job, k)
+    walked = simulate(problem, stages(job), model.with_one_f_one_b(True))
+    between = (max(walked.peak_memory_bytes) + max(piped.peak_memory_bytes)) / 2
+    data = chain_job(k, True)
+    data["cluster"]["memory_gib"] = between / 2**30
+    tight = parse_job(data)
+    problem, model, piped = priced(tight, k)
+    assert max(piped.peak_memory_bytes) > model.hw.memory_bytes  # GPipe's walk does not fit
+    chosen, sim = one_f_one_b_if_no_slower(problem, model, stages(tight), piped)
+    assert chosen.one_f_one_b and max(sim.peak_memory_bytes) <= model.hw.memory_bytes
+    # a placement whose 1F1B walk is slower keeps GPipe's where both fit (the sim given back as it came)
+    slower = replace(piped, iteration_time_s=0.5 * walked.iteration_time_s, peak_memory_bytes=walked.peak_memory_bytes)
+    assert one_f_one_b_if_no_slower(problem, model, stages(tight), slower) == (model, slower)
 
 
 def test_auto_plans_both_orders_keeps_the_faster_and_the_plan_says_so():
