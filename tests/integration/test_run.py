@@ -34,6 +34,7 @@ from orchestrator.metrics import LogReporter, StepRecord, read_step_log
 from orchestrator.run import Driver, RunOptions, run_job
 from planner.api import plan_job, plan_schedule
 from planner.metagraph import build_metagraph
+from planner.plan import micro_batch_walk
 from planner.schedule import Schedule, Slice, Wave
 from planner.spec import parse_job
 from runtime.assignment import CommSchedule
@@ -357,11 +358,13 @@ def test_prometheus_endpoint_serves_step_metrics(ray_session, job, plan, tmp_pat
         urllib.request.urlopen(reporter.url, timeout=2)
 
 
-def test_pipelined_stages_run_on_ray_and_each_wave_is_predicted_for_every_micro_batch(ray_session, tmp_path):
+@pytest.mark.parametrize("one_f_one_b", [False, True])
+def test_pipelined_stages_run_on_ray_and_each_wave_is_predicted_for_every_micro_batch(ray_session, tmp_path,
+                                                                                      one_f_one_b):
     """A plan whose two waves are stages on devices of their own, its 4 micro-batches pipelined
-    (training.pipeline_micro_batches; planner.phases.step_walk), trains on Ray actors as in one process; the run's
-    per-wave prediction (metrics.jsonl, the summary, Prometheus) is the wave's duration once per micro-batch, as the
-    workers time a wave over the whole step."""
+    (training.pipeline_micro_batches; planner.phases.step_walk; walked 1F1B when the plan says ``one_f_one_b``),
+    trains on Ray actors as in one process; the run's per-wave prediction (metrics.jsonl, the summary, Prometheus) is
+    the wave's duration once per micro-batch, as the workers time a wave over the whole step."""
     data = copy.deepcopy(JOB)
     data["training"].update(grad_accum_steps=4, pipeline_micro_batches=True)
     job = parse_job(data)
@@ -369,7 +372,11 @@ def test_pipelined_stages_run_on_ray_and_each_wave_is_predicted_for_every_micro_
     schedule = Schedule((Wave((Slice(ids["caption.img"], 2, 1), Slice(ids["align.aud"], 2, 1))),
                          Wave((Slice(ids["caption.txt"], 2, 1), Slice(ids["align.txt"], 2, 1)))))
     plan = plan_schedule(job, schedule, method="hand-made")
-    assert CommSchedule(plan, 4, True).walk[:3] == (("forward", 0, 0), ("forward", 0, 1), ("forward", 1, 0))
+    if one_f_one_b:
+        plan = plan.model_copy(update={"one_f_one_b": True}).sealed()
+    walk = CommSchedule(plan, 4, *micro_batch_walk(plan, job.training)).walk
+    assert walk[:3] == (("forward", 0, 0), ("forward", 0, 1), ("forward", 1, 0))
+    assert (walk.index(("backward", 0, 0)) < walk.index(("forward", 2, 0))) is one_f_one_b
     result = run_job(job, plan, options=RunOptions(steps=2, out_dir=tmp_path))
     reference = ReferenceTrainer(job)
     for record in result.records:
