@@ -315,9 +315,9 @@ class WaveWorker(PieceTransfers, GradientSync):
         """Forward, losses and backward of every micro-batch (``states``, one each; gradients accumulate into
         ``.grad``) in the plan's order (planner.phases.step_walk: micro-batch after micro-batch, or pipelined), the
         buckets' all-reduces launched into ``pending`` during the last one's backward. A micro-batch's tensors of a
-        phase are released once its backward of the phase is done (pipelined, every micro-batch's are held until
-        then; in order, one micro-batch's at a time, as the planner's memory model counts them). Returns this
-        device's (task, loss) of every micro-batch."""
+        wave are released once its backward of the wave is done (GPipe's fill and drain holds every micro-batch's
+        until then, 1F1B a wave's few, in order one micro-batch's at a time, as the planner's memory model counts
+        them). Returns this device's (task, loss) of every micro-batch."""
         out = []
         last = len(states) - 1
         for kind, micro, at in self.comm.walk:
@@ -348,8 +348,10 @@ class WaveWorker(PieceTransfers, GradientSync):
                 timing.transfer_s[at] += lap("transfer_backward", at)
                 phase = self.comm.phase_of[at]
                 first, end = self.comm.phases[phase]
-                if at == first:  # the micro-batch's activations of the phase and their gradients are done with
-                    st.release(first, end, done=phase == len(self.comm.phases) - 1)
+                # the micro-batch's tensors of this wave are done with once its gradients went back (the waves
+                # after it ran their backward before): held as the planner counts them, one wave's at a time under
+                # 1F1B (planner.phases.pipelined_in_flight); the phase's first wave ends the phase
+                st.release(at, at + 1, done=at == first and phase == len(self.comm.phases) - 1)
         return out
 
     def _loss_stage(self, step: int, st: StepState, pending: list | None, timing: StepTiming, lap: Lap,
