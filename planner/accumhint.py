@@ -10,8 +10,9 @@ at 32).
 
 :func:`micro_batch_hint` prices the chosen plan's placement again with ``2k, 4k, ...`` micro-batches pipelined
 (each a ``grad_accum_steps`` the job's spec accepts: :meth:`planner.spec.JobSpec.micro_batches_refused`, each slice's
-layout valid for the smaller micro-batch), under the plan's own ZeRO-1 choice, and returns the fastest that fits in
-device memory when it is at least :data:`MIN_GAIN` faster. Re-planning at that count searches every placement anew
+layout valid for the smaller micro-batch), under the plan's own ZeRO-1 choice and walked 1F1B where plans would be
+(planner.simulator.one_f_one_b_if_no_slower), and returns the fastest that fits in device memory when it is at least
+:data:`MIN_GAIN` faster. Re-planning at that count searches every placement anew
 (on bench/pipeline's and bench/rl's 70B jobs it does as well or better: 6.41, 11.43 and 42.68 s). Nothing when the
 job's micro-batches may not be pipelined (``pipeline_micro_batches: false``: more micro-batches in order are never
 faster) or a task's loss is ``infonce``.
@@ -28,7 +29,7 @@ from planner.metagraph import build_metagraph
 from planner.placement import PlacedSchedule
 from planner.plan import Plan, zero_sharded
 from planner.schedule import Problem
-from planner.simulator import simulate
+from planner.simulator import one_f_one_b_if_no_slower, simulate
 from planner.spec import JobSpec
 
 FACTORS = (2, 4, 8, 16, 32)  # micro-batches tried, as multiples of the job's
@@ -43,12 +44,14 @@ class MicroBatchHint:
     iteration_s: float
     current_s: float
     peak_bytes: float
+    one_f_one_b: bool = False  # walked one forward, one backward (planner.phases)
 
     def line(self) -> str:
         """The hint as ``loom plan`` prints it."""
         gain = self.current_s / self.iteration_s
-        return (f"hint: training.grad_accum_steps: {self.steps} (micro-batches pipelined) runs this plan's placement "
-                f"in {self.iteration_s:.4g} s instead of {self.current_s:.4g} s ({gain:.2f}x, "
+        walk = ", 1F1B" if self.one_f_one_b else ""
+        return (f"hint: training.grad_accum_steps: {self.steps} (micro-batches pipelined{walk}) runs this plan's "
+                f"placement in {self.iteration_s:.4g} s instead of {self.current_s:.4g} s ({gain:.2f}x, "
                 f"{self.peak_bytes / 2**30:.1f} GiB peak); the step's gradient is the same. Set it and plan again.")
 
 
@@ -72,8 +75,9 @@ def micro_batch_hint(job: JobSpec, plan: Plan, placed: PlacedSchedule, cost_mode
         if [op.name for op in ops] != names or any(
                 s.layout not in model.layouts(ops[s.metaop], len(s.devices)) for w in placed.waves for s in w.slices):
             continue  # a slice's data-parallel degree does not divide the smaller micro-batch
-        sim = simulate(Problem.build(graph, model), placed, model)
+        problem = Problem.build(graph, model)  # walked 1F1B where that is no slower or alone fits, as plans are
+        walk, sim = one_f_one_b_if_no_slower(problem, model, placed, simulate(problem, placed, model))
         peak = max(sim.peak_memory_bytes, default=0.0)
         if peak <= model.hw.memory_bytes and (best is None or sim.iteration_time_s < best.iteration_s):
-            best = MicroBatchHint(k, sim.iteration_time_s, plan.predicted.iteration_time_s, peak)
+            best = MicroBatchHint(k, sim.iteration_time_s, plan.predicted.iteration_time_s, peak, walk.one_f_one_b)
     return best if best is not None and best.iteration_s * MIN_GAIN <= best.current_s else None
