@@ -18,10 +18,15 @@ and in 4 micro-batches in order and pipelined, the rollouts decoded once (planne
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
+from bench.common import REPO_ROOT
 from planner.api import make_cost_model, plan_job, plan_placed
 from planner.metagraph import build_metagraph
 from planner.costmodel import CostModel, Layout
@@ -146,6 +151,18 @@ def timed(plans: dict[str, tuple[JobSpec, Plan]], rounds: int, steps: int, warmu
     } for name, (ordered, plan) in plans.items()]
 
 
+def resident_memory(progress) -> list[dict]:
+    """The two stages' workers' largest resident memory walked in order, GPipe and 1F1B (bench.pipeline.rss, one
+    process a walk), each beside its plan's predicted peak."""
+    out = []
+    for walk in ("in_order", "gpipe", "1f1b"):
+        done = subprocess.run([sys.executable, "-m", "bench.pipeline.rss", walk], check=True, capture_output=True,
+                              text=True, cwd=REPO_ROOT, env=os.environ | {"PYTHONPATH": str(REPO_ROOT)})
+        out.append({"part": "memory", "job": "chain-cpu", **json.loads(done.stdout.strip().splitlines()[-1])})
+        progress(f"resident memory, {walk}: {out[-1]['max_rss_mib']:.1f} MiB")
+    return out
+
+
 def measured_records(rounds: int, steps: int, warmup: int, progress) -> list[dict]:
     job = load_job(MEASURED)
     analytic = plan_job(job, with_baselines=False).plan  # what the built-in CPU table picks, for the report
@@ -154,6 +171,7 @@ def measured_records(rounds: int, steps: int, warmup: int, progress) -> list[dic
         "part": "analytic choice", "job": job.name, "method": analytic.solver.method,
         "pipelined": micro_batches_pipelined(analytic, job.training),
         "predicted_s": analytic.predicted.iteration_time_s}]
+    out += resident_memory(progress)
     rl_costs = profile_job(load_job(MEASURED_RL), repeats=PROFILE_REPEATS, warmup=3, progress=progress)
     return out + [r | {"part": "measured rl"} for r in timed(grpo_plans(rl_costs), rounds, steps, warmup, progress)]
 
@@ -212,6 +230,16 @@ def report(records: list[dict], rounds: int, steps: int) -> str:
                   f"{min(one['micro_batches'], 2)} of the {one['micro_batches']} micro-batches' activations instead "
                   f"of all: predicted peak {one['peak_bytes'] / 2**20:.1f} MiB against {b['peak_bytes'] / 2**20:.1f} "
                   "MiB (parameters and optimizer state included)."]
+    memory = {r["walk"]: r for r in records if r["part"] == "memory"}
+    if memory:  # measured resident memory of the same stages, one process a walk (bench.pipeline.rss)
+        gpipe, one, flat = memory["gpipe"], memory["1f1b"], memory["in_order"]
+        lines += ["", "Resident memory of the two workers (largest RSS, one process a walk, 4 steps): in order "
+                  f"{flat['max_rss_mib']:.1f} MiB, GPipe {gpipe['max_rss_mib']:.1f} MiB, 1F1B {one['max_rss_mib']:.1f} "
+                  f"MiB: GPipe holds {gpipe['max_rss_mib'] - one['max_rss_mib']:.1f} MiB more than 1F1B (predicted "
+                  f"{gpipe['predicted_peak_mib'] - one['predicted_peak_mib']:.1f} MiB), 1F1B "
+                  f"{one['max_rss_mib'] - flat['max_rss_mib']:.1f} MiB more than in order (predicted "
+                  f"{one['predicted_peak_mib'] - flat['predicted_peak_mib']:.1f} MiB); the rest is the processes' "
+                  "Python and torch."]
     return "\n".join(lines + rl_section(rl, rounds, steps))
 
 

@@ -64,6 +64,12 @@ def test_the_report_computes_its_ratios_from_the_records():
     assert ("GPipe's fill and drain, measured: **1.05x** (predicted 1.00x: the same bubble), losses of every step "
             "identical; the first stage holds 2 of the 8 micro-batches' activations instead of all: predicted peak "
             "3.0 MiB against 6.0 MiB") in text
+    assert "Resident memory" not in text  # no memory records: no line
+    memory = [{"part": "memory", "job": "chain-cpu", "walk": w, "max_rss_mib": rss, "predicted_peak_mib": peak}
+              for w, rss, peak in (("in_order", 490.0, 64.0), ("gpipe", 620.0, 176.0), ("1f1b", 510.0, 80.0))]
+    text = report([*records[:6], gpipe, walked, records[-1], *memory], rounds=3, steps=6)
+    assert ("in order 490.0 MiB, GPipe 620.0 MiB, 1F1B 510.0 MiB: GPipe holds 110.0 MiB more than 1F1B (predicted "
+            "96.0 MiB), 1F1B 20.0 MiB more than in order (predicted 16.0 MiB)") in text
 
 
 def test_the_grpo_section_compares_one_micro_batch_with_both_orders():
