@@ -462,14 +462,7 @@ class Roles:
                 req.wait()
         with torch.no_grad():
             for params, buf, matrices in landing:
-                if matrices is not None:
-                    unpack_wire(buf, params, matrices)
-                    continue
-                assert buf.numel() == sum(p.numel() for p in params), (buf.numel(), [p.shape for p in params])
-                offset = 0
-                for p in params:
-                    p.copy_(buf[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
+                unpack_wire(buf, params, matrices)
 
 
 def _weights_from_moves(name: str, source: str, held: dict, extra: dict, steppers) -> list[tuple[Key, Key, int, int]]:

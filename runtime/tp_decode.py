@@ -208,11 +208,14 @@ def packed_bytes(params: list[torch.Tensor], matrices: torch.dtype) -> int:
     return sum(p.numel() * wire_dtype(p, matrices).itemsize for p in params)
 
 
-def unpack_wire(buf: torch.Tensor, params: list[torch.Tensor], matrices: torch.dtype) -> None:
-    """Copy byte buffer ``buf`` (:func:`pack_wire` of tensors shaped as ``params``) into ``params``."""
+def unpack_wire(buf: torch.Tensor, params: list[torch.Tensor], matrices: torch.dtype | None) -> None:
+    """Copy ``buf`` into ``params``: a byte buffer (:func:`pack_wire` of tensors shaped as ``params``), or with
+    ``matrices`` None a flat buffer holding every tensor in its own dtype (:func:`flat_shard` without ``matrices``)."""
+    flat = buf.dtype
+    buf = buf.view(torch.uint8)
     offset = 0
     for p in params:
-        dtype = wire_dtype(p, matrices)
+        dtype = wire_dtype(p, matrices) if matrices is not None else flat
         n = p.numel() * dtype.itemsize
         chunk = buf[offset:offset + n]
         if offset % dtype.itemsize:  # after a bf16 matrix of an odd size: not aligned for a float32 view
