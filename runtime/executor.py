@@ -124,8 +124,9 @@ class WaveWorker(PieceTransfers, GradientSync):
         if self.roles is not None and self.roles.sample and payload.training.grad_accum_steps > 1:
             raise ValueError("training.grad_accum_steps > 1 with a sample use: its denoising loop runs once over the "
                              "whole batch; set grad_accum_steps: 1.")
-        # generate MetaOp -> its rows of each micro-batch, decoded at once in the step's first (:meth:`_rollouts`)
-        self.decoded: dict[int, list[torch.Tensor]] = {}
+        # generate MetaOp -> (first row, its rows of each micro-batch), decoded at once in the step's first
+        # (:meth:`_rollouts`); kept for the step: they all cross in its first micro-batch (runtime.transfers)
+        self.decoded: dict[int, tuple[int, list[torch.Tensor]]] = {}
         for (name, layer, _), devices in self.holders.items():
             if rank in devices and (name, layer) not in self.modules:
                 self.modules[(name, layer)] = self._build((name, layer)).to(self.device)
@@ -271,6 +272,7 @@ class WaveWorker(PieceTransfers, GradientSync):
         losses: dict[str, torch.Tensor] = {}
         for task, loss in self._walk(states, pending, timing, lap):
             losses[task] = losses[task] + loss if task in losses else loss
+        self.decoded.clear()
         self.last_rollouts = {g: (first, rows.detach().cpu()) for g, (first, rows) in states[-1].rollouts.items()}
         self.where = (step, k - 1, -1, "gradient sync")
         self._sync_gradients(pending)
@@ -361,7 +363,9 @@ class WaveWorker(PieceTransfers, GradientSync):
         holds."""
         self._exchange(LOSS_WAVE, st, forward=True, phase=phase)
         if self.roles is not None:
-            self.roles.move_rollouts(lambda wave: self.comm.phase_of[wave] == phase, st, self.rank, self.device)
+            self.roles.move_rollouts(lambda wave: self.comm.phase_of[wave] == phase, st, self.rank, self.device,
+                                     lambda g, micro: (self.decoded[g][0], self.decoded[g][1][micro]),
+                                     functools.partial(self._land_rows, st))
         with autocast(self.payload, self.device):
             losses = self._losses(step, st, phase)
         total = sum(losses.values())
@@ -427,11 +431,8 @@ class WaveWorker(PieceTransfers, GradientSync):
         if st.micro == 0:
             size = self.payload.tasks[self.task_index[op.task]].batch_size // st.num_micro
             spans = [(j * size + start, j * size + stop) for j in range(st.num_micro)]
-            self.decoded[op.id] = list(self._generate(op, st.step, spans, group).split(stop - start))
-        rows = self.decoded[op.id][st.micro]
-        if st.micro == st.num_micro - 1:
-            del self.decoded[op.id]
-        return rows
+            self.decoded[op.id] = (start, list(self._generate(op, st.step, spans, group).split(stop - start)))
+        return self.decoded[op.id][1][st.micro]
 
     def _generate(self, op: PlanMetaOp, step: int, spans: list[tuple[int, int]], group: tuple[int, ...]
                   ) -> torch.Tensor:

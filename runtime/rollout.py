@@ -374,31 +374,39 @@ class Roles:
                 out.append(p.model_copy(update={"shape": (self.widths[g],)}))
         return out
 
-    def move_rollouts(self, in_phase: Callable[[int], bool], st, rank: int, device: torch.device) -> None:
+    def move_rollouts(self, in_phase: Callable[[int], bool], st, rank: int, device: torch.device,
+                      rows_of: Callable[[int, int], tuple[int, torch.Tensor]],
+                      land: Callable[[int, tuple, int, torch.Tensor], None]) -> None:
         """Rollout rows to the devices computing the loss of the tasks whose loss host's wave is ``in_phase`` (a grpo
-        loss reads the tokens), into ``st.received[("rollout", task)]``; every rank walks the same moves, so the
-        point-to-point calls pair up."""
+        loss reads the tokens); every rank walks the same moves, so the point-to-point calls pair up. The rows of
+        every micro-batch move in the step's first (the decode made them all there: a loss host then meets each
+        decoding device once a step, not once a micro-batch); ``rows_of(g, micro)``: this rank's (first row, rows)
+        of generate MetaOp ``g`` in that micro-batch; ``land(micro, key, first, rows)`` keeps received rows for that
+        micro-batch under ``("rollout", task)``."""
+        if st.micro:
+            return
         ops, landing = [], []
-        for task, (g, wave, moves) in sorted(self.rollout_moves.items()):
-            if not in_phase(wave):
-                continue
-            for src, dst, a, b in moves:
-                if rank == src:
-                    first, rows = st.rollouts[g]
-                    piece = rows[a - first:b - first].contiguous()
-                    if dst == rank:
-                        landing.append((task, a, piece.clone()))
-                    else:
-                        ops.append(dist.P2POp(dist.isend, piece, dst))
-                elif rank == dst:
-                    buf = torch.empty((b - a, self.widths[g]), device=device)
-                    ops.append(dist.P2POp(dist.irecv, buf, src))
-                    landing.append((task, a, buf))
+        for micro in range(st.num_micro):
+            for task, (g, wave, moves) in sorted(self.rollout_moves.items()):
+                if not in_phase(wave):
+                    continue
+                for src, dst, a, b in moves:
+                    if rank == src:
+                        first, rows = rows_of(g, micro)
+                        piece = rows[a - first:b - first].contiguous()
+                        if dst == rank:
+                            landing.append((micro, task, a, piece.clone()))
+                        else:
+                            ops.append(dist.P2POp(dist.isend, piece, dst))
+                    elif rank == dst:
+                        buf = torch.empty((b - a, self.widths[g]), device=device)
+                        ops.append(dist.P2POp(dist.irecv, buf, src))
+                        landing.append((micro, task, a, buf))
         if ops:
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
-        for task, a, rows in landing:
-            st.received.setdefault(("rollout", task), []).append((a, rows))
+        for micro, task, a, rows in landing:
+            land(micro, ("rollout", task), a, rows)
 
     def groups(self) -> list[tuple[int, ...]]:
         """The device sets whose gradient all-reduce the extras add (process groups to create, sorted)."""

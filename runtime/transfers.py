@@ -34,6 +34,10 @@ class PieceTransfers:
         plan's pieces in the plan's order, so the point-to-point calls pair up. On gloo each boundary's messages carry
         its own tag and, once this boundary is done, the next one's receives are posted (:meth:`_post_receives`)."""
         at = self._boundary_index((wave, forward, None if wave != LOSS_WAVE else phase))
+        if forward and st.micro == 0:
+            self._exchange_decoded(at, st)
+        for key, rows in (self._early or {}).pop(st.move_id, {}).items():  # decoded rows, received in the first
+            st.received.setdefault(key, []).extend(rows)
         pieces = self._boundary_pieces(at)
         tag = at + 1 if self._ahead_enabled() else 0
         ops, landing = [], []
@@ -65,6 +69,58 @@ class PieceTransfers:
         for p, tensor in landing:
             self._land(p, tensor.float(), st, forward)
         self._post_receives(st, at)
+
+    def _exchange_decoded(self, at: int, st: StepState) -> None:
+        """In the step's first micro-batch, the pieces of boundary ``at`` whose producer decoded every micro-batch's
+        rows at once (a generate use, runtime.executor's ``_rollouts``), for all the micro-batches: each stage that
+        reads the rollouts then meets the decoding devices once a step, as planner.simulator.walk prices it, instead
+        of once a micro-batch (pipelined, a rendezvous with every decode replica in turn). Point-to-point, in
+        micro-batch then plan order on every rank; a later micro-batch's rows wait in :attr:`_early` for its turn."""
+        pieces = self._decoded_pieces(at)
+        if not pieces:
+            return
+        tag = len(self._boundary_order()) + at + 1 if self._ahead_enabled() else 0
+        ops, landing = [], []
+        for micro in range(st.num_micro):
+            move_id = st.move_id - st.micro + micro
+            for p in pieces:
+                if p.src == self.rank:
+                    first, rows = self.decoded[self.plan.waves[p.producer[0]].slices[p.producer[1]].metaop]
+                    tensor = rows[micro][p.start - first:p.stop - first].to(self._wire_dtype_of(p)).contiguous()
+                    if p.dst == self.rank:
+                        landing.append((micro, p, tensor.clone()))
+                        continue
+                    if micro == st.num_micro - 1:
+                        self._record(move_id, p, tensor)
+                    ops.append(dist.P2POp(dist.isend, tensor, p.dst, tag=tag))
+                elif p.dst == self.rank:
+                    buf = torch.empty((p.stop - p.start, *p.shape), device=self.device, dtype=self._wire_dtype_of(p))
+                    ops.append(dist.P2POp(dist.irecv, buf, p.src, tag=tag))
+                    landing.append((micro, p, buf))
+        for req in dist.batch_isend_irecv(ops) if ops else []:
+            req.wait()
+        for micro, p, tensor in landing:
+            self._land_rows(st, micro, self._forward_key(p), p.start, tensor.float())
+
+    def _land_rows(self, st: StepState, micro: int, key: tuple, first: int, rows: torch.Tensor) -> None:
+        """Rows received for micro-batch ``micro`` of ``st``'s step under ``st.received``'s ``key``: into ``st`` when
+        it is that micro-batch's, else kept in :attr:`_early` until its first exchange."""
+        if micro == st.micro:
+            st.received.setdefault(key, []).append((first, rows))
+            return
+        if self._early is None:
+            self._early = {}
+        self._early.setdefault(st.move_id - st.micro + micro, {}).setdefault(key, []).append((first, rows))
+
+    def _decoded_pieces(self, at: int) -> list[Piece]:
+        """The pieces of boundary ``at`` whose producer decodes several micro-batches' rows at once."""
+        return self._pieces(at)[1]
+
+    def _decoded_once(self, p: Piece) -> bool:
+        return (not p.backward and self.roles is not None and self.payload.training.grad_accum_steps > 1
+                and self.plan.waves[p.producer[0]].slices[p.producer[1]].metaop in self.roles.generate)
+
+    _early: dict[int, dict[tuple, list[tuple[int, torch.Tensor]]]] | None = None  # move id -> key -> (first, rows)
 
     def _receives(self, pieces: list[Piece], tag: int) -> tuple[list[tuple[Piece, torch.Tensor]], list]:
         """The buffers of this device's point-to-point receives among ``pieces`` (in the plan's order) and their
@@ -134,19 +190,34 @@ class PieceTransfers:
         return self._boundary_order().index(key)
 
     def _boundary_pieces(self, at: int) -> list[Piece]:
-        wave, forward, phase = self._boundary_order()[at]
-        pieces = self.comm.pieces_at(wave, backward=not forward, phase=phase)
-        if self.roles is not None:  # rollout rows cross at their own width, and carry no gradient back
-            pieces = self.roles.wire_pieces(self.plan, pieces)
-        return pieces
+        """The pieces of boundary ``at`` that cross in every micro-batch (not those of :meth:`_exchange_decoded`)."""
+        return self._pieces(at)[0]
+
+    def _pieces(self, at: int) -> tuple[list[Piece], list[Piece]]:
+        """Boundary ``at``'s pieces as they run, split into those that cross in every micro-batch and those of rows
+        decoded at once for all of them (:meth:`_decoded_once`); worked out once per boundary."""
+        if self._split is None:
+            self._split = {}
+        if at not in self._split:
+            wave, forward, phase = self._boundary_order()[at]
+            pieces = self.comm.pieces_at(wave, backward=not forward, phase=phase)
+            if self.roles is not None:  # rollout rows cross at their own width, and carry no gradient back
+                pieces = self.roles.wire_pieces(self.plan, pieces)
+            self._split[at] = ([p for p in pieces if not self._decoded_once(p)],
+                               [p for p in pieces if self._decoded_once(p)])
+        return self._split[at]
+
+    _split: dict[int, tuple[list[Piece], list[Piece]]] | None = None
 
     def _record_sent(self, st: StepState, p: Piece, tensor: torch.Tensor) -> None:
         """Keep (piece, bytes) of every piece this device sends to another in :attr:`last_sent` (the last micro-batch's:
         the plan's pieces are one micro-batch's; pipelined, the micro-batches' sends interleave)."""
-        if st.micro != st.num_micro - 1:
-            return
-        if self._sent_step != st.move_id:
-            self._sent_step, self.last_sent = st.move_id, []
+        if st.micro == st.num_micro - 1:
+            self._record(st.move_id, p, tensor)
+
+    def _record(self, move_id: int, p: Piece, tensor: torch.Tensor) -> None:
+        if self._sent_step != move_id:
+            self._sent_step, self.last_sent = move_id, []
         self.last_sent.append((p, tensor.numel() * tensor.element_size()))
 
     def _by_channel(self, p: Piece) -> bool:
@@ -174,10 +245,14 @@ class PieceTransfers:
             return torch.zeros((p.stop - p.start, *p.shape), device=self.device)
         return leaf.grad[p.start - start:p.stop - start]
 
+    @staticmethod
+    def _forward_key(p: Piece) -> tuple:
+        """Where piece ``p``'s rows wait in ``StepState.received``: for their consumer's input, or the loss stage."""
+        return ("slice", p.consumer, p.input) if p.consumer is not None else ("loss", p.producer)
+
     def _land(self, p: Piece, tensor: torch.Tensor, st: StepState, forward: bool) -> None:
         if forward:
-            key = ("slice", p.consumer, p.input) if p.consumer is not None else ("loss", p.producer)
-            st.received.setdefault(key, []).append((p.start, tensor))
+            st.received.setdefault(self._forward_key(p), []).append((p.start, tensor))
             return
         start, stop = self._rows(p.producer)
         grad = st.grad_out.get(p.producer)

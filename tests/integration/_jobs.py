@@ -138,10 +138,11 @@ def diffusion_job(num_devices: int, steps: int = 3) -> dict:
     }
 
 
-def rollout_job(vocab_size: int = 40, precision: str = "fp32", steps: int = 2, rollout_lag: int = 0) -> dict:
+def rollout_job(vocab_size: int = 40, precision: str = "fp32", steps: int = 2, rollout_lag: int = 0,
+                **training) -> dict:
     """A tiny GRPO task on 2 devices: a policy generates 2 samples of 3 new tokens from 3-token prompts, a frozen
     reward model reads them (forward only) and the policy trains on them. ``vocab_size`` above 256 puts token ids on
-    the wire that bf16 cannot hold exactly (tests/unit/runtime/test_wire_dtype.py)."""
+    the wire that bf16 cannot hold exactly (tests/unit/runtime/test_wire_dtype.py); ``training``: more settings."""
     llama = {"kind": "llama", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "vocab_size": vocab_size,
              "seq_len": 6}
     return {
@@ -152,5 +153,5 @@ def rollout_job(vocab_size: int = 40, precision: str = "fp32", steps: int = 2, r
              "samples": 2},
             {"component": "reward", "mode": "forward", "after": ["rollout"]},
             {"component": "policy", "after": ["rollout"]}]}],
-        "training": {"steps": steps, "lr": 1e-2, "precision": precision, "rollout_lag": rollout_lag},
+        "training": {"steps": steps, "lr": 1e-2, "precision": precision, "rollout_lag": rollout_lag, **training},
     }

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 # runtime function making the call -> kind of traffic
-KINDS = {"_exchange": "pieces", "_launch_sync": "buckets", "_launch": "gather", "hand_off": "handoff",
-         "move_rollouts": "rollouts"}
+KINDS = {"_exchange": "pieces", "_exchange_decoded": "pieces", "_launch_sync": "buckets", "_launch": "gather",
+         "hand_off": "handoff", "move_rollouts": "rollouts"}
 
 
 def count_traffic(out_dir: str, job) -> None:

@@ -199,6 +199,32 @@ def test_rollout_rows_cross_at_the_priced_bytes(tmp_path, precision, lag):
     assert wire and set(wire) == {"torch.float32"}
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_rows_decoded_for_every_micro_batch_cross_once_a_step_at_the_priced_bytes(tmp_path, pipelined):
+    """With grad_accum_steps 2 the rollouts are decoded once, both micro-batches' rows in the first: they also cross
+    then, both micro-batches' pieces in one exchange (planner.simulator.walk prices it so), so the reading devices meet
+    the decoding one once a step; each micro-batch's pieces are the plan's, at its bytes, and the later micro-batch's
+    wait on the receiver until it runs."""
+    job = parse_job(rollout_job(steps=STEPS, grad_accum_steps=2, pipeline_micro_batches=pipelined))
+    ops = {op.use: op for op in build_metagraph(job).metaops}
+    placed = PlacedSchedule((PlacedWave((PlacedSlice(ops["rollout"].id, 0, 1, (0,), Layout(1, 1)),)),
+                             PlacedWave((PlacedSlice(ops["reward"].id, 0, 1, (1,), Layout(1, 1)),
+                                         PlacedSlice(ops["policy"].id, 0, 1, (0,), Layout(1, 1))))))
+    cost_model = sized_cost_model(job)
+    plan = plan_placed(job, placed, cost_model, method="hand-made")
+    run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
+    rollout = [p for p in plan.pieces if p.src != p.dst and plan.waves[p.producer[0]].slices[p.producer[1]].metaop
+               == ops["rollout"].id]
+    assert [(p.src, p.dst) for p in rollout] == [(0, 1)]
+    for rank in range(2):
+        want = Counter({k: 2 * n for k, n in priced(plan, cost_model, rank).items() if k[0] == "pieces"})
+        got = Counter({k: n for k, n in counted(tmp_path, rank).items() if k[0] == "pieces"})
+        assert got == want, (rank, got, want)
+    receives = [m for m in read_traffic(tmp_path, 1) if m["kind"] == "receive" and m["peer"] == 0]
+    assert [m["posted_by"] for m in receives] == ["_exchange_decoded"] * 2 * STEPS
+    assert {m["bytes"] for m in receives} == {rollout[0].bytes}
+
+
 def test_tensor_parallel_decode_receives_exactly_the_priced_shards(tmp_path):
     """The rollouts decode at tensor_parallel 2 on devices 0-1 (runtime.tp_decode), the policy trains on device 2:
     after every step each decoding device receives its TP rank's shard of the policy's layer (its two norms whole,

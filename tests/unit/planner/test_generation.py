@@ -16,12 +16,13 @@ from planner.devices import DEVICES
 from planner.generation import Decoder, bandwidth_bound_fraction, decode_batches, generate_seconds, kv_cache_bytes
 from planner.handoff import hand_off_gathers, hand_off_seconds, hand_offs
 from planner.metagraph import build_metagraph
+from planner.phases import backward_positions
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, placed_ledger
 from planner.plan import PLAN_VERSION, plan_from_json
-from planner.program import plan_edges
+from planner.program import grad_buckets, holdings, plan_edges
 from planner.rlbaselines import colocated_schedule, rl_schedules, role_of, split_candidates, split_schedule, stage_plan
 from planner.schedule import Problem
-from planner.simulator import simulate
+from planner.simulator import batch_draws, boundary_transfers, simulate, slice_passes, slice_seconds, walk
 from planner.spec import load_job, parse_job
 from planner.streamed import streamed_problem
 
@@ -137,6 +138,33 @@ def test_micro_batches_decode_their_rollouts_once_in_the_first():
         assert each.compute_s - once.compute_s == pytest.approx(2 * half - 2 * cost_model.layout_time(rollout,
                                                                                                       Layout(4, 1)))
         assert each.iteration_time_s - once.iteration_time_s == pytest.approx(each.compute_s - once.compute_s)
+
+
+def test_rows_decoded_for_every_micro_batch_cross_in_the_first():
+    """The rollouts of 4 micro-batches decoded at once on all 4 devices (a replica each, every micro-batch's rows on
+    every replica), then two stages on device pairs that read them (reward and reference, each split over both pairs)
+    and the policy's two layers: every boundary fed by the decode is priced with all 4 micro-batches' rows in the
+    first micro-batch (runtime.transfers does the same), so a stage's later micro-batches wait for no decoding device.
+    Crossing in every micro-batch, each stage would meet every replica 4 times a step, the pairs busy with each
+    other's stages: the walk is longer by more than a stage's forward."""
+    job = parse_job(grpo(4, grad_accum_steps=4, pipeline_micro_batches=True))
+    cost_model = make_cost_model(job).with_in_flight(4)
+    problem = Problem.build(build_metagraph(job), cost_model)
+    pair, other = ((0, 1), Layout(2, 1)), ((2, 3), Layout(2, 1))
+    placed = PlacedSchedule((PlacedWave((PlacedSlice(0, 0, 1, (0, 1, 2, 3), Layout(4, 1)),)),
+                             PlacedWave((PlacedSlice(1, 0, 1, *pair), PlacedSlice(2, 0, 1, *other))),
+                             PlacedWave((PlacedSlice(1, 1, 1, *other), PlacedSlice(2, 1, 1, *pair))),
+                             PlacedWave((PlacedSlice(3, 0, 1, *pair),)), PlacedWave((PlacedSlice(3, 1, 1, *other),))))
+    _, forward, backward, decoded = boundary_transfers(problem, placed, cost_model)
+    assert [len(d) for d in decoded] == [0, 2, 0, 1, 0, 0] and all(m == 4 for d in decoded for _, m in d)
+    assert all(any(f is g for g in forward[k]) for k, d in enumerate(decoded) for f, _ in d)
+    draws = batch_draws(problem, placed, cost_model)
+    seconds = tuple(tuple(slice_seconds(problem, s, cost_model) for s in w.slices) for w in placed.waves)
+    passes = slice_passes(problem, placed, seconds, draws, cost_model)
+    program = grad_buckets(holdings(problem.graph.metaops, placed), backward_positions(placed.phases, 5))
+    once, each = (walk(problem, placed, cost_model, forward, backward, program, passes, draws, rows).clocks.t.max()
+                  for rows in (decoded, None))
+    assert each - once > passes[1][0][0]
 
 
 def test_a_decode_holds_autocasts_casts_of_the_layers_it_trains_and_copies_in_bf16():
