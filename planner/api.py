@@ -398,18 +398,24 @@ def choose_candidate(problem: Problem, cost_model: CostModel, solved: SolveResul
 def late_alternatives(problem: Problem, cost_model: CostModel, late: SolveResult | None, deadline: float | None,
                       ) -> tuple[Alternative, ...]:
     """The held-back candidates (:data:`planner.leastcompute.LATE`) through the same search as the others
-    (:func:`choose_candidate`: placed, refined, split), on their own: their placed schedules, for
-    :func:`planner.leastcompute.adopt_late`. Empty when there are none, none fits, past ``deadline``, or where one
-    placement of them costs more than their transfer-aware search's budget (the scale cells)."""
+    (:func:`choose_candidate`: placed, refined, split), each on its own (so that one more held back leaves the others'
+    searches as they were): their placed schedules, for :func:`planner.leastcompute.adopt_late`. Empty when there are
+    none, none fits, past ``deadline``, or where one placement of them costs more than their transfer-aware search's
+    budget (the scale cells)."""
     if late is None or (deadline is not None and time.thread_time() >= deadline):
         return ()
     if evaluation_cost(problem, late.candidates[0].schedule) > REFINE_BUDGET * LATE_SHARE:
         return ()  # not one refining step affordable (thousands of devices): placing them alone costs seconds
-    try:
-        found = choose_candidate(problem, cost_model, late, deadline=deadline, share=LATE_SHARE)
-    except PlanningError:
-        return ()
-    return found[4]
+    found: list[Alternative] = []
+    for name in dict.fromkeys(c.name for c in late.candidates):
+        if found and deadline is not None and time.thread_time() >= deadline:
+            break
+        try:
+            found += choose_candidate(problem, cost_model, replace(late, candidates=tuple(
+                c for c in late.candidates if c.name == name)), deadline=deadline, share=LATE_SHARE)[4]
+        except PlanningError:
+            continue
+    return tuple(found)
 
 
 def _reorder_some(problem: Problem, cost_model: CostModel, ranked: list, budget: int, split_budget: int,

@@ -25,7 +25,7 @@ from planner.schedule import Problem, Schedule, compute_makespan
 from planner.simulator import Simulation, simulate
 from planner.solver import SolveResult
 
-LATE = ("lp-rounding",)  # solver candidates searched apart and adopted only where no slower (adopt_late)
+LATE = ("lp-rounding", "pool-diving")  # solver candidates searched apart and adopted only where no slower (adopt_late)
 TOLERANCE = 0.01  # predicted iteration a plan may give up (relative to the fastest found) for less waves' compute
 LEAST_SPLIT_TOP = 3  # the least-compute placed schedules whose buckets are split as well as the fastest few
 ZERO_BUDGET = 4000  # work units (refine.evaluation_cost) of pricing the search's schedules without ZeRO-1

@@ -19,6 +19,10 @@ One monolithic wave MILP does not close its gap at realistic sizes (stack notes:
    ``duration[m,k,n]``; objective: sum of wave durations. Warm-started from a rounding of the LP
    and limited by a node limit (deterministic) and a wall-clock backstop.
 
+4. **Pool diving** (:mod:`planner.pooldive`, up to its size): the LP priced again on more caps, a pool of patterns
+   priced at perturbed duals, and a dive over that pool finished by a small packing ILP; a candidate where it saves
+   compute (:data:`POOL_GAIN`).
+
 The result is the best of the MILP's incumbent, the LP rounding and the warm start given by the
 caller (Spindle's wavefront), so it is never worse than the greedy.
 
@@ -44,6 +48,7 @@ from planner.patterns import (
     solve_pattern_lp,
 )
 from planner.polish import polish
+from planner.pooldive import pool_dive
 from planner.twowave import pack_stage
 from planner.errors import PlanningError
 from planner.schedule import Problem, Schedule, Slice, Wave, compute_makespan
@@ -54,6 +59,7 @@ log = logging.getLogger(__name__)
 
 MAX_WALL_PER_CPU = 16.0
 EXACT_TIME_SHARE = 0.5  # of the time left, what the exact MILP may take; stopped by the clock, its result is dropped
+POOL_GAIN = 0.01  # of the least compute among the other candidates: what pool diving's must save to become one
 
 
 def clocks() -> tuple[float, float]:
@@ -99,7 +105,8 @@ class SolveResult:
     objective_s: float  # compute makespan of ``schedule``
     bound_s: float  # a lower bound valid for every schedule (the caller's, raised by the LP when barriers hold)
     gap: float  # (objective - bound) / objective
-    method: str  # which candidate won: lp-diving, two-wave, packing-ilp, exact-milp, spindle, sequential (+polish, reversed)
+    method: str  # which candidate won: lp-diving, two-wave, packing-ilp, lp-rounding, pool-diving, exact-milp, spindle,
+    # sequential (+polish, reversed)
     lp_value_s: float = 0.0  # the allocation LP's value for the chosen windows
     candidates: tuple = ()  # every Candidate considered, shortest first (for callers that rank by full time)
 
@@ -311,6 +318,15 @@ def solve(problem: Problem, settings: SolverSettings, warm: Schedule | None = No
     # after the packing ILP, which it would warm-start and change
     found.append(_candidate(problem, "lp-rounding", round_layers(problem, lp), deadline=deadline))
     say(f"layer rounding of the allocation LP: {found[-1].makespan_s:.4g} s")
+    if not settings.past_deadline():  # last: it prices the master again (more columns, the whole demand)
+        t1 = time.perf_counter()
+        pooled = pool_dive(problem, master, lambda s: polish(problem, s, deadline=deadline))
+        if pooled is not None:
+            makespan = compute_makespan(problem, pooled)
+            say(f"pool diving: {makespan:.4g} s, {time.perf_counter() - t1:.2f} s")
+            # a candidate when it saves compute: it is placed and searched on its own (planner.leastcompute.LATE)
+            if makespan < min(c.makespan_s for c in found) * (1 - POOL_GAIN):
+                found.append(Candidate("pool-diving", pooled, makespan, "heuristic"))
     num_exact_waves = sum(op.num_layers for op in problem.graph.metaops)
     if len(full_candidates(problem, 1)) * num_exact_waves <= EXACT_MAX_CANDIDATES and not settings.past_deadline():
         best = min(found, key=lambda c: (c.makespan_s, c.name))
