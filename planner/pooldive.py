@@ -17,8 +17,9 @@ better. This step gives the packing many more patterns to choose from, all nearl
    :data:`FINISH_COLUMNS` best clipped patterns finishes (node-limited).
 
 The waves go in stage order (each pattern's stage: the windows carry the dependencies), then local search
-(planner.polish). Measured on the grid (session 34, from the solver's LP): within 1.03x of the per-level bound in 14
-of 17 cells (the solver's other candidates at best: 9), 0.05-0.4 CPU s a cell. Deterministic (a seeded pool, node
+(planner.polish). Measured on every grid cell (session 34, from the solver's LP): within 1.03x of the per-level bound
+in 14 of 17 (the solver's other candidates at best: 9), 0.05-0.3 CPU s a cell; the solver runs it up to
+:data:`MAX_SIZE`. Deterministic (a seeded pool, node
 limits, no clock). The solver lists it as a candidate where it saves compute (planner.solver.POOL_GAIN), searched apart
 (planner.leastcompute.LATE): a plan adopts it only where no slower.
 """
@@ -42,12 +43,13 @@ POOL_ROUNDS, POOL_SEED = 30, 0  # perturbed pricing rounds, and the seed of thei
 FINISH_OPS = 6  # MetaOps left at which the packing ILP finishes the dive
 FINISH_SHARE = 0.15  # of the first LP's value: residual LP value at which the packing ILP finishes the dive
 FINISH_REDUCED = 0.01  # of the residual LP's value: the largest reduced cost of a pattern that ILP may use
-FINISH_COLUMNS = 60  # patterns that ILP chooses from at most
-FINISH_NODES = 100  # branch-and-bound nodes of that ILP (deterministic; its best incumbent, else the LP rounded up)
-# MetaOps x devices up to which the step runs: its pricing and dive cost 0.05-0.4 CPU s on the grid's cells up to
-# 512 (clip-7@32: 14 x 32), more on the two above it (clip-10@32, ofasys-7@32: 0.3-0.5 s, whose planning would then
-# pass 3 s), and grow with both beyond (the sweep: 100 MetaOps on 128+ devices)
-MAX_SIZE = 512
+FINISH_COLUMNS = 40  # patterns that ILP chooses from at most
+FINISH_NODES = 30  # branch-and-bound nodes of that ILP (deterministic; its best incumbent, else the LP rounded up)
+# MetaOps x devices up to which the step runs. On the grid it costs 0.05-0.3 CPU s a cell, and where it becomes a
+# candidate its held-back search 0.3-0.45 s more: ofasys-7@8 (18 x 8) plans in 2.7 s instead of 2.0 s (and 2.5% faster),
+# while clip-10@16 (20 x 16 = 320) would pass 3 s, and of the cells of 320 or more only clip-7@32 (448) gained, 0.6%,
+# in one of session 34's configurations; the cost grows with both beyond (the sweep: 100 MetaOps on 128+ devices)
+MAX_SIZE = 300
 
 
 Pool = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # per pattern: layers, counts, seconds per layer, stage
