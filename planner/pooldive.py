@@ -19,9 +19,9 @@ better. This step gives the packing many more patterns to choose from, all nearl
 The waves go in stage order (each pattern's stage: the windows carry the dependencies), then local search
 (planner.polish). Measured on every grid cell (session 34, from the solver's LP): within 1.03x of the per-level bound
 in 14 of 17 (the solver's other candidates at best: 9), 0.05-0.3 CPU s a cell; the solver runs it up to
-:data:`MAX_SIZE`. Deterministic (a seeded pool, node
-limits, no clock). The solver lists it as a candidate where it saves compute (planner.solver.POOL_GAIN), searched apart
-(planner.leastcompute.LATE): a plan adopts it only where no slower.
+:data:`MAX_SIZE`. Deterministic (a seeded pool, node limits, no clock). The solver lists it as a candidate where it
+saves compute (planner.solver.POOL_GAIN), searched apart (planner.leastcompute.LATE): a plan adopts it only where no
+slower.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ FINISH_REDUCED = 0.01  # of the residual LP's value: the largest reduced cost of
 FINISH_COLUMNS = 40  # patterns that ILP chooses from at most
 FINISH_NODES = 30  # branch-and-bound nodes of that ILP (deterministic; its best incumbent, else the LP rounded up)
 # MetaOps x devices up to which the step runs. On the grid it costs 0.05-0.3 CPU s a cell, and where it becomes a
-# candidate its held-back search 0.3-0.45 s more: ofasys-7@8 (18 x 8) plans in 2.7 s instead of 2.0 s (and 2.5% faster),
+# candidate its held-back search 0.3-0.45 s more: ofasys-7@8 (18 x 8) plans in 2.9 s instead of 2.1 s (2.5% faster),
 # while clip-10@16 (20 x 16 = 320) would pass 3 s, and of the cells of 320 or more only clip-7@32 (448) gained, 0.6%,
 # in one of session 34's configurations; the cost grows with both beyond (the sweep: 100 MetaOps on 128+ devices)
 MAX_SIZE = 300

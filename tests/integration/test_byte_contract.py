@@ -171,12 +171,11 @@ def test_generating_device_receives_exactly_the_priced_weights(tmp_path, precisi
     assert (want, sent) == (Counter({0: 4 * params - (2 * matrices if low else 0)}),) * 2, (want, sent)
 
 
-@pytest.mark.parametrize("precision, lag", [("fp32", 0), ("bf16", 1)])
-def test_rollout_rows_cross_at_the_priced_bytes(tmp_path, precision, lag):
-    """The rollouts decode on device 0 and the frozen reward model reads them on device 1: the rows cross as the
-    runtime packs them (float32 whatever the precision: the P + N token ids, the N-wide generated mask and, with
-    rollout_lag 1, the N behaviour log-probabilities), at the bytes the plan prices for those pieces."""
-    job = parse_job(rollout_job(precision=precision, steps=STEPS, rollout_lag=lag))
+def run_rollout_job(tmp_path, **settings):
+    """rollout_job (with ``settings``) run for STEPS steps with its traffic counted, the rollouts decoded on device 0
+    and read by the frozen reward model on device 1 (the policy trains on device 0): its plan, cost model and the
+    rollout's pieces that cross devices."""
+    job = parse_job(rollout_job(steps=STEPS, **settings))
     ops = {op.use: op for op in build_metagraph(job).metaops}
     placed = PlacedSchedule((PlacedWave((PlacedSlice(ops["rollout"].id, 0, 1, (0,), Layout(1, 1)),)),
                              PlacedWave((PlacedSlice(ops["reward"].id, 0, 1, (1,), Layout(1, 1)),
@@ -186,6 +185,15 @@ def test_rollout_rows_cross_at_the_priced_bytes(tmp_path, precision, lag):
     run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
     rollout = [p for p in plan.pieces if p.src != p.dst and plan.waves[p.producer[0]].slices[p.producer[1]].metaop
                == ops["rollout"].id]
+    return plan, cost_model, rollout
+
+
+@pytest.mark.parametrize("precision, lag", [("fp32", 0), ("bf16", 1)])
+def test_rollout_rows_cross_at_the_priced_bytes(tmp_path, precision, lag):
+    """The rollouts decode on device 0 and the frozen reward model reads them on device 1: the rows cross as the
+    runtime packs them (float32 whatever the precision: the P + N token ids, the N-wide generated mask and, with
+    rollout_lag 1, the N behaviour log-probabilities), at the bytes the plan prices for those pieces."""
+    plan, cost_model, rollout = run_rollout_job(tmp_path, precision=precision, rollout_lag=lag)
     prompt, new = 3, 3
     row = 4 * (prompt + (3 if lag else 2) * new)  # float32: tokens (P + N), mask (N), log-probabilities (N, lag 1)
     assert [(p.src, p.dst, p.backward, p.bytes) for p in rollout] == [(0, 1, False, 4 * row)]
@@ -205,16 +213,7 @@ def test_rows_decoded_for_every_micro_batch_cross_once_a_step_at_the_priced_byte
     then, both micro-batches' pieces in one exchange (planner.simulator.walk prices it so), so the reading devices meet
     the decoding one once a step; each micro-batch's pieces are the plan's, at its bytes, and the later micro-batch's
     wait on the receiver until it runs."""
-    job = parse_job(rollout_job(steps=STEPS, grad_accum_steps=2, pipeline_micro_batches=pipelined))
-    ops = {op.use: op for op in build_metagraph(job).metaops}
-    placed = PlacedSchedule((PlacedWave((PlacedSlice(ops["rollout"].id, 0, 1, (0,), Layout(1, 1)),)),
-                             PlacedWave((PlacedSlice(ops["reward"].id, 0, 1, (1,), Layout(1, 1)),
-                                         PlacedSlice(ops["policy"].id, 0, 1, (0,), Layout(1, 1))))))
-    cost_model = sized_cost_model(job)
-    plan = plan_placed(job, placed, cost_model, method="hand-made")
-    run_world(job, plan, STEPS, tmp_path, setup=functools.partial(count_traffic, str(tmp_path)))
-    rollout = [p for p in plan.pieces if p.src != p.dst and plan.waves[p.producer[0]].slices[p.producer[1]].metaop
-               == ops["rollout"].id]
+    plan, cost_model, rollout = run_rollout_job(tmp_path, grad_accum_steps=2, pipeline_micro_batches=pipelined)
     assert [(p.src, p.dst) for p in rollout] == [(0, 1)]
     for rank in range(2):
         want = Counter({k: 2 * n for k, n in priced(plan, cost_model, rank).items() if k[0] == "pieces"})
