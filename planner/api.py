@@ -308,12 +308,17 @@ def predict_plan(job: JobSpec, plan: Plan, cost_model: CostModel) -> Simulation:
 
 PLACE_BUDGET = 200_000  # work units (refine.evaluation_cost) of placing and simulating candidates: all of them up to
 # ~1,000 devices x 200 MetaOps, the best few beyond (the first always, whatever it costs)
-UNFIT_BEFORE_REPAIR = 3  # candidates over memory (shortest compute first) after which, none fitting, memory is repaired
+UNFIT_BEFORE_REPAIR = 4  # candidates over memory (shortest compute first) after which, none fitting, memory is
+# repaired: the solver's four LP-based ones (synth-vlm-15@4096: layer rounding, the packing ILP and diving need 105-109
+# GiB of 80, two-wave packing fits)
 REFINE_TOP = 2  # the best placed candidates (distinct schedules) the transfer-aware search starts from
 REFINE_BUDGET = 4000  # work units of that search (refine.evaluation_cost), shared by its starts
 REFINED = ", transfer-refined"  # method suffix of a plan the search improved
-COMPUTE_BUDGET = 6000  # work units (refine.compute_cost) of the compute search from the best placed candidate: about
-# 130-300 evaluations at 8 devices, 24-125 at 32; not started below refine.MIN_EVALUATIONS (the sweep and scale cells)
+COMPUTE_BUDGET = 2000  # work units (refine.compute_cost) of the compute search from the best placed candidate: about
+# 40-100 evaluations at 8 devices, at most 25 at 32; not started below refine.MIN_EVALUATIONS (most 32-device cells, the
+# sweep and scale cells). The solver prices waves as the timeline runs them, so it finds little: 6000 units made
+# clip-4@16 1.2% faster and clip-4@32 0.2% slower, the other grid cells equal, for 0.1-0.5 CPU s more a cell
+# (ofasys-7@16 then plans in over 3 s)
 COMPUTE_REFINED = ", compute-refined"  # method suffix of a plan that search improved
 ORDER_TOP, ORDER_LEAST = 2, 2  # the fastest and then the least-compute placed schedules the order search starts from
 ORDER_BUDGET = 2000  # work units (refine.evaluation_cost) of that search, shared by its starts: 25-60 evaluations

@@ -416,7 +416,7 @@ def iteration_bound(problem: Problem, cost_model: CostModel, dag: float | None =
     in the simulator's model (:mod:`planner.simulator`, :mod:`planner.sync`):
 
     - compute and transfers end at ``T_c >= k x dag_bound`` (k micro-batches run one after another, each pass
-      at least the DAG bound: waves last their slowest slice, embeddings and the loss stage add >= 0);
+      at least the DAG bound: waves last at least their slowest slice, embeddings and the loss stage add >= 0);
     - every device steps after ``T_c``, and the steps together cover every trainable parameter at least once
       (ZeRO-1 shards a bucket over its participants, TP over its ranks; without sharding each holder steps it
       all). The optimizer time is linear in the parameters, so the slowest device needs at least

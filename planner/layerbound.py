@@ -16,13 +16,23 @@ The bound returned is never the master's value but the dual certificate ``sum_m 
 largest ``value / D`` over every pattern: ``pi / rho`` is dual feasible, so by weak duality the certificate is a
 lower bound whether or not the generation converged (it equals the LP optimum when it did).
 
-Pure; numpy and HiGHS (highspy) only. Entry point: :func:`layer_bound`.
+**As the timeline prices a wave** (:func:`pass_layer_bound`): the runtime runs every forward before every backward,
+so a wave lasts its largest forward plus its largest backward (:meth:`planner.schedule.Problem.duration`), more than
+its slowest slice where its slices split their time differently between the passes (a recomputed ViT beside towers
+that are not: a quarter and a third of their time in forward). With MetaOps of two forward shares s1 < s2, a pattern
+whose slowest slice of each share takes T1 and T2 seconds lasts ``max(s1 T1, s2 T2) + max((1 - s1) T1, (1 - s2) T2)``,
+and its value is largest when each share's slices fill their own cap, so pricing tries every pair (T1, T2) of the two
+shares' slice times (0: none of that share) with every split of the devices between them: the same certificate,
+exact over every pattern so priced. Every pattern lasts at least its slowest slice, so this bound is never below
+:func:`layer_bound`'s optimum.
+
+Pure; numpy and HiGHS (highspy) only. Entry points: :func:`layer_bound`, :func:`pass_layer_bound`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -32,6 +42,8 @@ log = logging.getLogger(__name__)
 
 MAX_DURATIONS = 20_000  # distinct slice times of a level above which the bound is not computed (0.0: the caller's)
 MAX_CELLS = 2_000_000  # durations x devices of one pricing DP above which the bound is not computed
+MAX_PAIRS = 4_000_000  # pass_layer_bound: pairs of the two shares' durations above which it is the slowest-slice bound
+MAX_SPLITS = 200_000_000  # ... and pairs x device splits (one pricing round's additions) above which it is too
 MAX_ROUNDS = 100  # column-generation rounds per level
 COLUMNS_PER_ROUND = 8  # patterns added per round (the best durations by reduced cost)
 
@@ -52,8 +64,9 @@ def _layers(problem: Problem, m: int, duration: np.ndarray, num_devices: int) ->
     return out
 
 
-def _price(problem: Problem, ids: Sequence[int], pi: np.ndarray, duration: np.ndarray, num_devices: int) -> np.ndarray:
-    """The largest ``sum_m pi_m l_m`` of a pattern at each duration (multiple-choice knapsack over the devices)."""
+def _table(problem: Problem, ids: Sequence[int], pi: np.ndarray, duration: np.ndarray, num_devices: int) -> np.ndarray:
+    """The largest ``sum_m pi_m l_m`` of a pattern at each duration (rows) on at most d devices (columns 0..N): a
+    multiple-choice knapsack over the devices."""
     best = np.zeros((len(duration), num_devices + 1))
     for i, m in enumerate(ids):
         new = best.copy()
@@ -61,7 +74,7 @@ def _price(problem: Problem, ids: Sequence[int], pi: np.ndarray, duration: np.nd
             gain = best[:, :num_devices + 1 - n] + (pi[i] * layers)[:, None]
             np.maximum(new[:, n:], gain, out=new[:, n:])
         best = new
-    return best[:, num_devices]
+    return best
 
 
 def _pattern(problem: Problem, ids: Sequence[int], pi: np.ndarray, duration: float, num_devices: int) -> np.ndarray:
@@ -88,12 +101,8 @@ def _pattern(problem: Problem, ids: Sequence[int], pi: np.ndarray, duration: flo
 
 def layer_bound(problem: Problem, ids: Sequence[int], num_devices: int | None = None) -> float:
     """A lower bound (seconds) on the compute of every wave schedule of the independent MetaOps ``ids`` on
-    ``num_devices`` (default N): the pattern LP's dual certificate (module docstring). 0.0 when the level is too
-    large to price (:data:`MAX_DURATIONS`, :data:`MAX_CELLS`) or HiGHS fails."""
-    import highspy
-
-    from planner.milp import quiet_highs  # local: HiGHS only when the bound is computed
-
+    ``num_devices`` (default N), each wave priced by its slowest slice: the pattern LP's dual certificate (module
+    docstring). 0.0 when the level is too large to price (:data:`MAX_DURATIONS`, :data:`MAX_CELLS`) or HiGHS fails."""
     num_devices = problem.num_devices if num_devices is None else num_devices
     ids = list(ids)
     if not ids:
@@ -101,6 +110,75 @@ def layer_bound(problem: Problem, ids: Sequence[int], num_devices: int | None = 
     duration = _durations(problem, ids, num_devices)
     if len(duration) > MAX_DURATIONS or len(duration) * (num_devices + 1) > MAX_CELLS:
         return 0.0
+
+    def price(pi: np.ndarray) -> tuple[np.ndarray, np.ndarray, Callable[[int], np.ndarray]]:
+        return (_table(problem, ids, pi, duration, num_devices)[:, num_devices], duration,
+                lambda k: _pattern(problem, ids, pi, float(duration[k]), num_devices))
+
+    return _certificate(problem, ids, num_devices, price)
+
+
+def share_classes(problem: Problem, ids: Sequence[int]) -> list[tuple[float, list[int]]] | None:
+    """``ids`` grouped by the share of their time that runs in forward (:attr:`Problem.forward_shares`), ascending;
+    None when a MetaOp's share changes with its count."""
+    out: dict[float, list[int]] = {}
+    for m in ids:
+        shares = set(problem.forward_shares[m])
+        if len(shares) > 1:
+            return None
+        out.setdefault(shares.pop(), []).append(m)
+    return sorted(out.items())
+
+
+def pass_layer_bound(problem: Problem, ids: Sequence[int], num_devices: int | None = None) -> float:
+    """:func:`layer_bound` with each wave priced as the timeline runs it: its largest forward plus its largest
+    backward (:meth:`Problem.duration`), for MetaOps of two forward shares s1 < s2 (module docstring); otherwise (one
+    share: the same pricing; more, a share changing with the count, or a level too large, :data:`MAX_PAIRS`,
+    :data:`MAX_SPLITS`) the slowest-slice bound, which every pattern's pass-priced duration is at least."""
+    num_devices = problem.num_devices if num_devices is None else num_devices
+    ids = list(ids)
+    classes = share_classes(problem, ids)
+    if classes is None or len(classes) != 2:
+        return layer_bound(problem, ids, num_devices)
+    (s1, ids1), (s2, ids2) = classes
+    t1, t2 = (np.concatenate([[0.0], _durations(problem, c, num_devices)]) for c in (ids1, ids2))
+    pairs = len(t1) * len(t2)
+    if pairs > MAX_PAIRS or pairs * (num_devices + 1) > MAX_SPLITS or \
+            max(len(t1), len(t2)) * (num_devices + 1) > MAX_CELLS:
+        return layer_bound(problem, ids, num_devices)
+    duration = np.maximum(s1 * t1[:, None], s2 * t2[None, :]) + np.maximum((1 - s1) * t1[:, None],
+                                                                           (1 - s2) * t2[None, :])
+    duration[0, 0] = np.inf  # the empty pattern
+    k1 = len(ids1)
+
+    def price(pi: np.ndarray) -> tuple[np.ndarray, np.ndarray, Callable[[int], np.ndarray]]:
+        v1, v2 = _table(problem, ids1, pi[:k1], t1, num_devices), _table(problem, ids2, pi[k1:], t2, num_devices)
+        value, split = np.full(duration.shape, -np.inf), np.zeros(duration.shape, dtype=np.int64)
+        for d in range(num_devices + 1):  # d devices for the first share's slices, the rest for the second's
+            both = v1[:, d][:, None] + v2[:, num_devices - d][None, :]
+            better = both > value
+            value[better], split[better] = both[better], d
+
+        def pattern(k: int) -> np.ndarray:
+            i, j = divmod(k, duration.shape[1])
+            d = int(split[i, j])
+            return np.concatenate([_pattern(problem, ids1, pi[:k1], float(t1[i]), d),
+                                   _pattern(problem, ids2, pi[k1:], float(t2[j]), num_devices - d)])
+
+        return value.ravel(), duration.ravel(), pattern
+
+    return _certificate(problem, ids1 + ids2, num_devices, price)
+
+
+def _certificate(problem: Problem, ids: Sequence[int], num_devices: int,
+                 price: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, Callable[[int], np.ndarray]]]) -> float:
+    """Column generation for the pattern LP of ``ids`` (rows in that order) and its dual certificate: ``price(pi)``
+    gives every candidate pattern's best value ``sum_m pi_m l_m``, its duration, and the layers (per row) of the k-th;
+    0.0 where HiGHS fails."""
+    import highspy
+
+    from planner.milp import quiet_highs  # local: HiGHS only when the bound is computed
+
     demand = np.array([float(problem.layers(m)) for m in ids])
     h = quiet_highs()
     h.setOptionValue("threads", 1)
@@ -116,16 +194,15 @@ def layer_bound(problem: Problem, ids: Sequence[int], num_devices: int | None = 
             log.warning("pattern LP bound: HiGHS ended with %s", h.modelStatusToString(h.getModelStatus()))
             return 0.0
         pi = np.maximum(np.array(h.getSolution().row_dual), 0.0)
-        value = _price(problem, ids, pi, duration, num_devices)
+        value, duration, pattern = price(pi)
         rho = max(1.0, float(np.max(value / duration)))
         bound = max(bound, float(pi @ demand) / rho)
         gain = value - duration
-        order = np.argsort(-gain)[:COLUMNS_PER_ROUND]
         added = 0
-        for k in order:
+        for k in np.argsort(-gain)[:COLUMNS_PER_ROUND]:
             if gain[k] <= 1e-9 * duration[k]:
                 break
-            layers = _pattern(problem, ids, pi, float(duration[k]), num_devices)
+            layers = pattern(int(k))
             rows = np.nonzero(layers)[0]
             h.addCol(float(duration[k]), 0.0, np.inf, len(rows), rows.astype(np.int32), layers[rows])
             added += 1

@@ -1,11 +1,13 @@
 """Least compute among near-fastest plans: the tie-break of the planner's choice.
 
 :func:`planner.api.choose_candidate` ranks placed schedules by their simulated iteration time. Schedules within a
-fraction of a percent of each other on the timeline often differ by 5-10% in their waves' compute (each wave its
-slowest slice: the device time a plan holds), because the timeline has no barrier between waves and hides a wave's
-idle devices that the waves' sum counts. Among the schedules predicted within :data:`TOLERANCE` of the fastest, the
-planner keeps the one with the least waves' compute that saves a larger share of compute than it adds to the
-iteration: what it gives up is bounded by the tolerance, and never past a baseline's (:func:`prefer_less_compute`: Loom is never predicted slower than a baseline that fits).
+fraction of a percent of each other on the timeline can differ by several percent in their waves' compute (each wave
+its largest forward plus its largest backward, planner.schedule.Problem.duration: the device time a plan holds),
+because the timeline has no barrier between waves and hides a wave's idle devices that the waves' sum counts. Among
+the schedules predicted within :data:`TOLERANCE` of the fastest, the planner keeps the one with the least waves'
+compute that saves a larger share of compute than it adds to the iteration: what it gives up is bounded by the
+tolerance, and never past a baseline's (:func:`prefer_less_compute`: Loom is never predicted slower than a baseline
+that fits).
 
 Pure: no files, no globals. What it must not import: the Ray or runtime layers.
 """
@@ -25,7 +27,7 @@ from planner.schedule import Problem, Schedule, compute_makespan
 from planner.simulator import Simulation, simulate
 from planner.solver import SolveResult
 
-LATE = ("lp-rounding", "pool-diving")  # solver candidates searched apart and adopted only where no slower (adopt_late)
+LATE = ("pool-diving",)  # solver candidates searched apart and adopted only where no slower (adopt_late)
 TOLERANCE = 0.01  # predicted iteration a plan may give up (relative to the fastest found) for less waves' compute
 LEAST_SPLIT_TOP = 3  # the least-compute placed schedules whose buckets are split as well as the fastest few
 ZERO_BUDGET = 4000  # work units (refine.evaluation_cost) of pricing the search's schedules without ZeRO-1
@@ -42,8 +44,8 @@ class Alternative:
 
 
 def waves_compute(problem: Problem, schedule: Schedule) -> float:
-    """The waves' compute of ``schedule`` (seconds): the sum of its waves' slowest slices, a bucket split's parts run
-    as one wave (:func:`planner.bucketsplit.unsplit`). What the per-level bound bounds."""
+    """The waves' compute of ``schedule`` (seconds): the sum of its waves' durations (:func:`compute_makespan`), a bucket
+    split's parts run as one wave (:func:`planner.bucketsplit.unsplit`). What the per-level bound bounds."""
     return compute_makespan(problem, unsplit(problem, schedule))
 
 

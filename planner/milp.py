@@ -1,19 +1,20 @@
 """The wave MILP (PuLP; HiGHS in-process by default, CBC as fallback), its MIP start and its diagnosis.
 
 Variables, for each candidate (MetaOp m, wave k, device count n): binary z[m,k,n] (m runs in
-wave k on n devices) and integer x[m,k,n] (how many of its layers); D_k >= 0 is wave k's
-duration. Constraint families, named the same in code, docstrings and the PuLP model:
+wave k on n devices) and integer x[m,k,n] (how many of its layers); F_k, B_k >= 0 are wave k's
+largest forward and largest backward (it lasts F_k + B_k: every forward runs before every backward, planner.timeline).
+Constraint families, named the same in code, docstrings and the PuLP model:
 
 - ``layers[m]``: sum over k, n of x[m,k,n] = L_m (every layer runs exactly once)
 - ``one_slice[m,k]``: sum over n of z[m,k,n] <= 1 (a MetaOp never runs beside itself)
 - ``link[m,k,n]``: x[m,k,n] <= L_m z[m,k,n]
 - ``capacity[k]``: sum of n z[m,k,n] <= N
-- ``duration[m,k,n]``: D_k >= T_m(n) x[m,k,n]
+- ``duration[m,k,n]``: F_k >= F_m(n) x[m,k,n] and B_k >= B_m(n) x[m,k,n] (a layer's forward and backward seconds)
 - ``memory[m,k,n]``: x[m,k,n] * bytes per layer at n <= device memory (optional)
 - ``precedence[m,p,k]`` (full model only): L_p sum_n z[m,k,n] <= sum over k' < k, n of x[p,k',n]:
   m may run in wave k only when its predecessor p has finished all its layers before wave k.
 
-Objective: minimise sum over k of D_k. The *packing* model restricts candidates to the waves of
+Objective: minimise sum over k of F_k + B_k. The *packing* model restricts candidates to the waves of
 the allocation LP (precedence then holds by construction of the stage windows); the *full* model
 allows every (m, k, n) and is exact for at most K waves, which tests compare with brute force.
 """
@@ -66,7 +67,7 @@ class WaveMILP:
     model: pulp.LpProblem
     z: dict[Candidate, pulp.LpVariable]
     x: dict[Candidate, pulp.LpVariable]
-    d: list[pulp.LpVariable]
+    d: list[tuple[pulp.LpVariable, pulp.LpVariable]]  # per wave, its largest forward and largest backward
 
 
 def build_wave_milp(problem: Problem, candidates: Iterable[Candidate], num_waves: int, *, precedence: bool,
@@ -80,8 +81,8 @@ def build_wave_milp(problem: Problem, candidates: Iterable[Candidate], num_waves
     for m, k, n in sorted(set(candidates)):
         z[m, k, n] = model.add_variable(f"z_{m}_{k}_{n}", 0, 1, cat="Integer")
         x[m, k, n] = model.add_variable(f"x_{m}_{k}_{n}", 0, problem.layers(m), cat="Integer")
-    d = [model.add_variable(f"D_{k}", 0) for k in range(num_waves)]
-    model += pulp.lpSum(d)
+    d = [(model.add_variable(f"F_{k}", 0), model.add_variable(f"B_{k}", 0)) for k in range(num_waves)]
+    model += pulp.lpSum(f + b for f, b in d)  # a wave lasts its largest forward plus its largest backward
     by_op: dict[int, list[Candidate]] = {}
     by_wave: dict[int, list[Candidate]] = {}
     for key in z:
@@ -101,7 +102,8 @@ def build_wave_milp(problem: Problem, candidates: Iterable[Candidate], num_waves
             if "link" in on:
                 model += x[m, k, n] <= problem.layers(m) * z[m, k, n], f"link[m={m},k={k},n={n}]"
             if "duration" in on:
-                model += d[k] >= problem.curves[m].time(n) * x[m, k, n], f"duration[m={m},k={k},n={n}]"
+                for var, seconds, name in zip(d[k], problem.pass_times[m][n], ("forward", "backward")):
+                    model += var >= seconds * x[m, k, n], f"duration_{name}[m={m},k={k},n={n}]"
             if "memory" in on and layer_memory is not None and memory_limit is not None:
                 model += x[m, k, n] * layer_memory(m, n) <= memory_limit, f"memory[m={m},k={k},n={n}]"
     if precedence and "precedence" in on:
@@ -123,16 +125,18 @@ def set_start(problem: Problem, milp: WaveMILP, start: Schedule) -> None:
     """MIP start from ``start``, whose wave k must map to the model's wave k (slices off-candidate are dropped)."""
     for var in list(milp.z.values()) + list(milp.x.values()):
         var.setInitialValue(0)
-    durations = [0.0] * len(milp.d)
+    durations = [[0.0, 0.0] for _ in milp.d]
     for k, wave in enumerate(start.waves[: len(milp.d)]):
         for s in wave.slices:
             key = (s.metaop, k, s.num_devices)
             if key in milp.z:
                 milp.z[key].setInitialValue(1)
                 milp.x[key].setInitialValue(s.num_layers)
-                durations[k] = max(durations[k], problem.slice_time(s))
-    for var, value in zip(milp.d, durations):
-        var.setInitialValue(value)
+                passes = problem.pass_times[s.metaop][s.num_devices]
+                durations[k] = [max(have, p * s.num_layers) for have, p in zip(durations[k], passes)]
+    for pair, values in zip(milp.d, durations):
+        for var, value in zip(pair, values):
+            var.setInitialValue(value)
 
 
 class _WarmHiGHS(pulp.HiGHS):

@@ -1,8 +1,9 @@
 """Wave patterns: the allocation LP by column generation and the packing ILP over its columns.
 
 A *pattern* is one possible wave: a set of (MetaOp m, devices n, integer layers l) with the
-devices summing to at most N; it lasts D = max over its slices of T_m(n) * l. The master problem
-chooses how many times y_p each pattern runs (a pattern run y times is one wave with y*l layers):
+devices summing to at most N; it lasts D = max over its slices of F_m(n) * l plus max over its slices of B_m(n) * l
+(a layer's forward and backward seconds: every forward runs before every backward, Problem.duration). The master
+problem chooses how many times y_p each pattern runs (a pattern run y times is one wave with y*l layers):
 
     minimise  sum_p D_p y_p
     layers[m]:  sum_p l_{m,p} y_p >= L_m        for every MetaOp m
@@ -10,9 +11,11 @@ chooses how many times y_p each pattern runs (a pattern run y times is one wave 
 
 Patterns are generated per stage, only from MetaOps whose stage window contains that stage, so the
 stage windows carry the dependencies. Pricing a pattern for duals pi is
-max_D (max {sum pi_m l_m : sum n_m <= N, T_m(n_m) l_m <= D} - D): for a fixed cap D each MetaOp
-picks its count and then as many layers as fit, a multiple-choice knapsack over the devices solved
-exactly by dynamic programming, vectorised over a set of candidate caps D (breakpoints T_m(n) * l).
+max_D (max {sum pi_m l_m : sum n_m <= N, F_m(n_m) l_m <= r D, B_m(n_m) l_m <= (1 - r) D} - D): for a fixed cap D
+and forward share r each MetaOp picks its count and then as many layers as fit, a multiple-choice knapsack over the
+devices solved exactly by dynamic programming, vectorised over a set of candidate caps D (breakpoints T_m(n) * l)
+times the forward shares of the MetaOps priced (:func:`pass_shares`; one when they all split their time alike, where
+this is max_D over T_m(n_m) l_m <= D).
 Integer layers are part of every pattern, so the LP already prices the rounding that a
 fractional-layer relaxation ignores, and its columns pack well as an ILP (Gilmore-Gomory style).
 """
@@ -53,7 +56,7 @@ class PatternLP:
 
 
 def pattern_duration(problem: Problem, pattern: Pattern) -> float:
-    return max(problem.curves[m].time(n) * l for m, n, l in pattern)
+    return problem.duration(pattern)
 
 
 GRAIN_CAPACITY = 2048  # device DPs (pricing, two-wave packing) count devices in grains that keep N / grain under this
@@ -114,17 +117,38 @@ def candidate_caps(problem: Problem, ops: Sequence[int], num: int = NUM_CAPS) ->
     return values[np.unique(np.linspace(0, len(values) - 1, num).round().astype(int))]
 
 
+MAX_SHARES = 3  # forward shares priced per cap (pass_shares)
+
+
+def pass_shares(problem: Problem, ops: Sequence[int]) -> np.ndarray:
+    """The forward shares F_m(n) / T_m(n) of ``ops`` at their counts (:attr:`Problem.forward_shares`), ascending, one
+    of each within 1e-9; at most :data:`MAX_SHARES` of them, spread over the sorted values."""
+    shares = np.unique([s for m in ops for s in problem.forward_shares[m]])
+    shares = shares[np.concatenate([[True], np.diff(shares) > 1e-9])]
+    if len(shares) <= MAX_SHARES:
+        return shares
+    return shares[np.unique(np.linspace(0, len(shares) - 1, MAX_SHARES).round().astype(int))]
+
+
 def price_patterns(problem: Problem, duals: np.ndarray, ops: Sequence[int], caps: np.ndarray,
                    limits: Sequence[int]) -> list[tuple[float, Pattern]]:
-    """Patterns of ``ops`` with negative reduced cost D_p - sum pi_m l_m, most negative first (one per cap).
-    A MetaOp runs at most ``limits[m]`` layers in a pattern."""
+    """Patterns of ``ops`` with negative reduced cost D_p - sum pi_m l_m, most negative first (one per cap and
+    forward share). A MetaOp runs at most ``limits[m]`` layers in a pattern."""
     ops = [m for m in ops if duals[m] > 1e-12 and limits[m] > 0]
     if not ops:
         return []
+    shares = pass_shares(problem, ops)[:, None]
+    rows = np.tile(caps, len(shares))[:, None]  # every cap at the first share, then at the next, ...
     values, weights, layer_tables = [], [], []
     for m in ops:
-        times = np.array(problem.curves[m].times)
-        layers = np.minimum(np.floor(caps[:, None] / times[None, :] * (1 + 1e-12)), limits[m])
+        times, own = np.array(problem.curves[m].times), np.array(problem.forward_shares[m])
+        # the cap's forward part r D bounds the forward own * T l, its backward part the rest: l <= D / T * fit, where
+        # fit is 1 exactly when own == r (the slowest-slice pricing of one share, bit for bit)
+        with np.errstate(divide="ignore", invalid="ignore"):  # a pass of no seconds bounds nothing
+            fit = np.minimum(np.where(own > 0, shares / own, np.inf),
+                             np.where(own < 1, (1 - shares) / (1 - own), np.inf))
+        fit = np.repeat(fit, len(caps), axis=0)
+        layers = np.minimum(np.floor(rows / times[None, :] * fit * (1 + 1e-12)), limits[m])
         layer_tables.append(layers)
         values.append(np.where(layers >= 1, duals[m] * layers, -np.inf))
         weights.append(list(problem.curves[m].counts))
@@ -167,8 +191,8 @@ class PatternMaster:
         num_caps = NUM_CAPS if problem.num_devices <= 128 else NUM_CAPS // 3
         self.caps = [candidate_caps(problem, ops, num_caps) if ops else np.zeros(0) for ops in self.eligible]
         capacity = problem.num_devices // device_grain(problem.num_devices)
-        self.round_work = sum(len(c) * sum(len(problem.curves[m].counts) for m in ops) * (capacity + 1)
-                              for c, ops in zip(self.caps, self.eligible))
+        self.round_work = sum(len(c) * len(pass_shares(problem, ops)) * sum(len(problem.curves[m].counts) for m in ops)
+                              * (capacity + 1) for c, ops in zip(self.caps, self.eligible) if ops)
 
     def add(self, stage: int, pattern: Pattern) -> None:
         duration = pattern_duration(self.problem, pattern)
@@ -259,16 +283,15 @@ def round_layers(problem: Problem, lp: PatternLP) -> Schedule:
                      key=lambda item: (item[0].stage, -item[0].duration * item[1], item[0].pattern))
     waves = [{m: [n, int(np.floor(l * y + 1e-9))] for m, n, l in col.pattern} for col, y in support]
 
-    def duration(wave: dict[int, list[int]]) -> float:
-        return max((problem.curves[m].time(n) * l for m, (n, l) in wave.items()), default=0.0)
+    def duration(wave: dict[int, list[int]], more: int = -1) -> float:  # with one more layer of MetaOp ``more``
+        return problem.duration((m, n, l + (m == more)) for m, (n, l) in wave.items())
 
     for m in range(len(problem.graph)):
         holders = [i for i, w in enumerate(waves) if m in w]
         have = sum(waves[i][m][1] for i in holders)
         for _ in range(problem.layers(m) - have):
             def growth(i: int) -> tuple[float, int]:
-                n, l = waves[i][m]
-                return max(duration(waves[i]), problem.curves[m].time(n) * (l + 1)) - duration(waves[i]), i
+                return duration(waves[i], m) - duration(waves[i]), i
             waves[min(holders, key=growth)][m][1] += 1
         for _ in range(have - problem.layers(m)):
             waves[max((i for i in holders if waves[i][m][1] > 0),

@@ -1,11 +1,12 @@
 """Local search on a wave schedule: exact moves that never lengthen it.
 
-A wave lasts as long as its slowest slice, so integer layer counts leave idle time inside waves.
-Three moves remove it, each evaluated exactly on the sum of wave durations:
+A wave lasts its largest forward plus its largest backward (:meth:`planner.schedule.Problem.duration`), so integer
+layer counts leave idle time inside waves. Three moves remove it, each evaluated exactly on the sum of wave durations:
 
-- **narrow**: a slice that is not the slowest of its wave moves to the smallest count that still
-  finishes within the wave (frees devices, never lengthens the wave);
-- **widen**: a slowest slice moves to a larger count that fits the wave's free devices;
+- **narrow**: a slice moves to the smallest count that keeps the wave as long as it is (frees devices, never
+  lengthens the wave);
+- **widen**: the slices that set the wave's largest forward or backward move to larger counts that fit the wave's
+  free devices, when each gets below it;
 - **shave**: the slowest slices of a wave give up just enough layers to reach the next shorter
   duration; the layers go to the other wave (or a new wave) inside the MetaOp's dependency range
   where they cost least. Accepted only when the total falls.
@@ -43,10 +44,21 @@ class _State:
         self.work += 1
         return self.p.curves[m].time(n) * l
 
-    def dur(self, k: int) -> float:
-        wave, curves = self.waves[k], self.p.curves
-        self.work += len(wave)  # one slice-time evaluation each, as t() counts them
-        return max((curves[m].time(n) * l for m, (n, l) in wave.items()), default=0.0)
+    def passes(self, m: int, n: int, l: int) -> tuple[float, float]:
+        """A slice's (forward, backward) seconds."""
+        self.work += 1
+        f, b = self.p.pass_times[m][n]
+        return f * l, b * l
+
+    def dur(self, k: int, m: int = -1, n: int = 0, l: int = 0) -> float:
+        """Wave k's duration (Problem.duration), with MetaOp m's slice (n devices, l layers) put in when m >= 0."""
+        slices = self.slices(k, m, n, l)
+        self.work += len(slices)  # one slice-time evaluation each, as passes() counts them
+        return self.p.duration(slices)
+
+    def slices(self, k: int, m: int = -1, n: int = 0, l: int = 0) -> list[tuple[int, int, int]]:
+        """Wave k's slices (MetaOp, devices, layers), with m's put in when m >= 0."""
+        return [(mm, nn, ll) for mm, (nn, ll) in self.waves[k].items() if mm != m] + ([(m, n, l)] if m >= 0 else [])
 
     def free(self, k: int) -> int:
         return self.p.num_devices - sum(n for n, _ in self.waves[k].values())
@@ -68,21 +80,29 @@ class _State:
 
 
 def _narrow(st: _State, k: int) -> None:
+    """Each slice on the fewest devices that keep the wave as long as it is."""
     d = st.dur(k)
     for m, (n, l) in st.waves[k].items():
-        if st.t(m, n, l) < d - EPS:
-            smallest = next(c for c in st.p.curves[m].counts if st.t(m, c, l) <= d + EPS)
-            st.waves[k][m][0] = min(n, smallest)
+        smallest = next((c for c in st.p.curves[m].counts if c < n and st.dur(k, m, c, l) <= d + EPS), n)
+        st.waves[k][m][0] = smallest
 
 
 def _widen(st: _State, k: int) -> bool:
-    d = st.dur(k)
-    critical = [m for m, (n, l) in st.waves[k].items() if st.t(m, n, l) >= d - EPS]
+    """The slices that set the wave's largest forward or backward on more devices, when each gets below it."""
+    passes = {m: st.passes(m, n, l) for m, (n, l) in st.waves[k].items()}
+    forward, backward = (max((p[i] for p in passes.values()), default=0.0) for i in (0, 1))
+    # a pass nothing runs in (every slice forward-only: a decode, a frozen scorer) has no slice to shorten
+    critical = {m: (forward > EPS and f >= forward - EPS, backward > EPS and b >= backward - EPS)
+                for m, (f, b) in passes.items()}
     free = st.free(k)
     changes = {}
-    for m in critical:
+    for m, (on_f, on_b) in critical.items():
+        if not (on_f or on_b):
+            continue
         n, l = st.waves[k][m]
-        better = [c for c in st.p.curves[m].counts if n < c <= n + free and st.t(m, c, l) < d - EPS]
+        better = [c for c in st.p.curves[m].counts if n < c <= n + free
+                  and all(not on or p < top - EPS for on, p, top in zip((on_f, on_b), st.passes(m, c, l),
+                                                                       (forward, backward)))]
         if not better:
             return False
         changes[m] = better[0]
@@ -102,10 +122,9 @@ def _best_destination(st: _State, m: int, layers: int, src: int) -> tuple[float,
         d, w = st.dur(j), st.waves[j]
         if m in w:
             n, l = w[m]
-            cost = max(d, st.t(m, n, l + layers)) - d
-            options = [(cost, j, n)]
+            options = [(st.dur(j, m, n, l + layers) - d, j, n)]
         else:
-            options = [(max(d, st.t(m, c, layers)) - d, j, c) for c in st.p.curves[m].counts if c <= st.free(j)]
+            options = [(st.dur(j, m, c, layers) - d, j, c) for c in st.p.curves[m].counts if c <= st.free(j)]
         for opt in options:
             if opt[0] < best[0] - EPS:
                 best = opt

@@ -52,7 +52,8 @@ FINISH_NODES = 30  # branch-and-bound nodes of that ILP (deterministic; its best
 MAX_SIZE = 300
 
 
-Pool = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # per pattern: layers, counts, seconds per layer, stage
+Pool = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # per pattern: layers, counts, a layer's
+# forward and backward seconds, stage
 
 
 def affordable(problem: Problem) -> bool:
@@ -85,11 +86,12 @@ def pattern_pool(problem: Problem, master: PatternMaster) -> Pool:
                     found.add((stage, pattern))
     pool = sorted(found)
     num_ops = len(problem.graph)
-    layers, counts, seconds = (np.zeros((len(pool), num_ops)) for _ in range(3))
+    layers, counts, forward, backward = (np.zeros((len(pool), num_ops)) for _ in range(4))
     for i, (_, pattern) in enumerate(pool):
         for m, n, l in pattern:
-            layers[i, m], counts[i, m], seconds[i, m] = l, n, problem.curves[m].time(n)
-    return layers, counts, seconds, np.array([stage for stage, _ in pool])
+            layers[i, m], counts[i, m] = l, n
+            forward[i, m], backward[i, m] = problem.pass_times[m][n]
+    return layers, counts, forward, backward, np.array([stage for stage, _ in pool])
 
 
 def _solve(cost: np.ndarray, cover: np.ndarray, demand: np.ndarray, integer: bool
@@ -128,7 +130,7 @@ def _solve(cost: np.ndarray, cover: np.ndarray, demand: np.ndarray, integer: boo
 def dive(problem: Problem, pool: Pool) -> list[tuple[int, np.ndarray, np.ndarray]] | None:
     """Waves ``(stage, layers, counts)`` covering every MetaOp's layers (module docstring, step 3); None if an LP
     finds no solution (never: the pool holds every MetaOp alone)."""
-    layers, counts, seconds, stages = pool
+    layers, counts, forward, backward, stages = pool
     missing = np.array([problem.layers(m) for m in range(len(problem.graph))], dtype=float)
     waves: list[tuple[int, np.ndarray, np.ndarray]] = []
     first = None
@@ -144,7 +146,7 @@ def dive(problem: Problem, pool: Pool) -> list[tuple[int, np.ndarray, np.ndarray
 
     while missing.any():
         clipped = np.minimum(layers, missing[None, :])
-        durations = (seconds * clipped).max(axis=1)
+        durations = (forward * clipped).max(axis=1) + (backward * clipped).max(axis=1)  # Problem.duration
         live = np.nonzero(durations > 0)[0]
         keys = np.concatenate([clipped[live], counts[live] * (clipped[live] > 0), stages[live, None]], axis=1)
         live = live[np.sort(np.unique(keys, axis=0, return_index=True)[1])]  # clipped patterns, each once
@@ -174,7 +176,7 @@ def dive(problem: Problem, pool: Pool) -> list[tuple[int, np.ndarray, np.ndarray
 def waves_schedule(problem: Problem, waves: list[tuple[int, np.ndarray, np.ndarray]]) -> Schedule:
     """The dive's waves in stage order, the longest first within a stage."""
     def duration(layers: np.ndarray, counts: np.ndarray) -> float:
-        return max(problem.curves[m].time(int(counts[m])) * layers[m] for m in np.nonzero(layers)[0])
+        return problem.duration((int(m), int(counts[m]), int(layers[m])) for m in np.nonzero(layers)[0])
 
     ordered = sorted(waves, key=lambda w: (w[0], -duration(w[1], w[2])))
     out = [Wave(tuple(Slice(int(m), int(layers[m]), int(counts[m])) for m in np.nonzero(layers)[0]))

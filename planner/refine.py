@@ -10,12 +10,10 @@ placement strategy and simulated, and the best one that shortens the predicted i
 rounds repeat until none does or the work budget is spent.
 
 A second search, :func:`refine_compute`, moves compute instead: one or two layers of a MetaOp from one of its waves
-to another, or one slice's device count, judged the same way (placed and simulated). The solver prices a wave as
-its slowest slice, the runtime (and the timeline) has no barrier and runs every forward, the losses, then every
-backward, so a wave whose slices split their time differently between the passes lasts about its largest forward
-plus its largest backward. Neighbours are tried in the order of that pass-aware estimate (:func:`pass_cost`), and
-the first that shortens the simulated iteration is taken (first improvement: a full round costs more evaluations
-than a grid cell can afford).
+to another, or one slice's device count, judged the same way (placed and simulated). Neighbours are tried in the
+order of their waves' compute as the solver prices it (a wave's largest forward plus its largest backward,
+:meth:`planner.schedule.Problem.duration`), and the first that shortens the simulated iteration is taken (first
+improvement: a full round costs more evaluations than a grid cell can afford).
 
 A third, :func:`refine_order`, keeps every wave and changes their order inside an independent run (a wave moved to
 the run's start or end), which moves the transfers between waves and the gradient sync left after the last backward.
@@ -32,7 +30,8 @@ from dataclasses import dataclass
 from planner.costmodel import CostModel
 from planner.errors import PlanningError
 from planner.placement import PlacedSchedule, PlacementTrace, place_traced
-from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule, independent_runs, merge_adjacent_waves
+from planner.schedule import (Problem, Schedule, Slice, Wave, check_schedule, independent_runs, merge_adjacent_waves,
+                              wave_duration)
 from planner.simulator import Simulation, simulate
 
 MAX_TRANSFERS = 4  # the costliest transfers whose ends are tried in one round
@@ -147,23 +146,12 @@ def compute_cost(problem: Problem, schedule: Schedule) -> int:
     return max(1, sum(len(w.slices) for w in schedule.waves) * blocks)
 
 
-def pass_cost(problem: Problem, slices: tuple[Slice, ...]) -> float:
-    """A wave's largest forward plus its largest backward (seconds): about what it lasts on the timeline when its
-    slices split their compute differently between the passes (CostModel.forward_fraction)."""
-    forward = backward = 0.0
-    for s in slices:
-        t = problem.slice_time(s)
-        f = t * problem.forward_fraction(s)
-        forward, backward = max(forward, f), max(backward, t - f)
-    return forward + backward
-
-
 def compute_neighbours(problem: Problem, schedule: Schedule) -> Iterator[Schedule]:
-    """Schedules one compute move away, the best :func:`pass_cost` estimate first (ties in a fixed order): a MetaOp
-    that runs in two waves gives one or two layers from one to the other (its first and last wave stay, so its
-    dependencies hold), or a slice takes another valid count that fits its wave."""
+    """Schedules one compute move away, the least waves' compute (:func:`planner.schedule.wave_duration`) first (ties
+    in a fixed order): a MetaOp that runs in two waves gives one or two layers from one to the other (its first and
+    last wave stay, so its dependencies hold), or a slice takes another valid count that fits its wave."""
     waves = schedule.waves
-    base = [pass_cost(problem, w.slices) for w in waves]
+    base = [wave_duration(problem, w) for w in waves]
 
     def changed(k: int, m: int, layers: int = 0, count: int | None = None) -> tuple[Slice, ...]:
         return tuple(Slice(s.metaop, s.num_layers + layers, count or s.num_devices) if s.metaop == m else s
@@ -181,7 +169,7 @@ def compute_neighbours(problem: Problem, schedule: Schedule) -> Iterator[Schedul
                 for d in MOVED_LAYERS:
                     if a != b and have > d:
                         na, nb = changed(a, m, -d), changed(b, m, d)
-                        gain = pass_cost(problem, na) + pass_cost(problem, nb) - base[a] - base[b]
+                        gain = wave_duration(problem, Wave(na)) + wave_duration(problem, Wave(nb)) - base[a] - base[b]
                         moves.append((gain, len(moves), {a: na, b: nb}))
     for k, wave in enumerate(waves):
         for s in wave.slices:
@@ -189,7 +177,7 @@ def compute_neighbours(problem: Problem, schedule: Schedule) -> Iterator[Schedul
             for count in problem.curves[s.metaop].counts:
                 if count != s.num_devices and count <= free:
                     nk = changed(k, s.metaop, 0, count)
-                    moves.append((pass_cost(problem, nk) - base[k], len(moves), {k: nk}))
+                    moves.append((wave_duration(problem, Wave(nk)) - base[k], len(moves), {k: nk}))
     moves.sort(key=lambda x: (x[0], x[1]))
     for _, _, change in moves:
         yield Schedule(merge_adjacent_waves(problem, [Wave(change.get(k, w.slices)) for k, w in enumerate(waves)]))

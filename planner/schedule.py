@@ -2,13 +2,17 @@
 
 A :class:`Schedule` is an ordered tuple of :class:`Wave`; a wave holds at most one
 :class:`Slice` per MetaOp (``num_layers`` consecutive layers of it on ``num_devices`` devices).
-Waves run one after another; inside a wave the slices run concurrently on disjoint devices, and
-the wave lasts as long as its slowest slice. Device ids are chosen later by placement.
+Waves run one after another; inside a wave the slices run concurrently on disjoint devices. The runtime runs
+every wave's forward in order and then every backward in reverse (planner.timeline), so a wave lasts its largest
+forward plus its largest backward (:meth:`Problem.duration`): more than its slowest slice where its slices split
+their compute differently between the passes (a recomputed layer, a frozen scorer, a decode). Device ids are chosen
+later by placement.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from planner.costmodel import CostModel, Curve
@@ -62,10 +66,32 @@ class Problem:
         share = self.curves[s.metaop].forward_fraction(s.num_devices)
         return share if share is not None else CostModel.passes_fraction(self.graph.metaops[s.metaop])
 
+    @functools.cached_property
+    def forward_shares(self) -> tuple[tuple[float, ...], ...]:
+        """Per MetaOp, :meth:`forward_fraction` at each of its curve's counts."""
+        return tuple(tuple(self.forward_fraction(Slice(m, 1, n)) for n in curve.counts)
+                     for m, curve in enumerate(self.curves))
+
+    @functools.cached_property
+    def pass_times(self) -> tuple[dict[int, tuple[float, float]], ...]:
+        """Per MetaOp, count -> a layer's (forward, backward) seconds there (:meth:`forward_fraction` of its time)."""
+        return tuple({n: (t * f, t - t * f) for n, t, f in zip(curve.counts, curve.times, shares)}
+                     for curve, shares in zip(self.curves, self.forward_shares))
+
+    def duration(self, slices: Iterable[tuple[int, int, int]]) -> float:
+        """Seconds of a wave of ``slices`` (MetaOp, devices, layers) on the timeline: its largest forward plus its
+        largest backward (each pass's slices run together, the passes one after the other)."""
+        forward = backward = 0.0
+        times = self.pass_times
+        for m, n, l in slices:
+            f, b = times[m][n]
+            forward, backward = max(forward, f * l), max(backward, b * l)
+        return forward + backward
+
 
 def wave_duration(problem: Problem, wave: Wave) -> float:
-    """Seconds of the wave's slowest slice (forward+backward compute only)."""
-    return max((problem.slice_time(s) for s in wave.slices), default=0.0)
+    """Seconds of the wave's compute: its largest forward plus its largest backward (:meth:`Problem.duration`)."""
+    return problem.duration((s.metaop, s.num_devices, s.num_layers) for s in wave.slices)
 
 
 def compute_makespan(problem: Problem, schedule: Schedule) -> float:

@@ -151,7 +151,7 @@ def _compute(problem: Problem, placed: PlacedSchedule, memo: dict[int, tuple]) -
 
 
 def _duration(problem: Problem, slices: dict[int, tuple[int, int]]) -> float:
-    return max((problem.curves[m].time(n) * layers for m, (n, layers) in slices.items()), default=0.0)
+    return problem.duration((m, n, layers) for m, (n, layers) in slices.items())
 
 
 def _valid(problem: Problem, placed: PlacedSchedule) -> bool:

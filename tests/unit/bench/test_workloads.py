@@ -206,6 +206,23 @@ def test_target_verdicts_report_misses_as_short():
                if "sequential" not in v.target)
 
 
+def test_the_compute_target_names_the_cells_whose_pattern_lp_bound_is_out_of_its_reach():
+    """A cell whose pattern-LP bound (a lower bound on every wave schedule's compute) is over 1.03x the per-level bound
+    cannot meet the target: the verdict's notes say which, with that ratio; a cell under it is not named."""
+    records = []
+    for cell, pattern_lp, loom in (("clip-4@32", 1.04, 1.07), ("clip-10@8", 1.01, 1.02)):
+        record = _record(cell, loom, 1.10, 1.0)
+        record["bounds"] = {"per_level_s": 1.0, "pattern_lp_s": pattern_lp}
+        record["ratios"].update(solver_least_compute_over_per_level=loom,
+                                loom_compute_over_pattern_lp=loom / pattern_lp)
+        records.append(record)
+    verdict = next(v for v in evaluate_targets(records) if v.target.endswith("compute-only (what the bound bounds)"))
+    assert verdict.verdict == "SHORT"
+    assert "where the pattern-LP bound alone is over it: clip-4@32 1.040" in verdict.notes
+    assert "clip-10@8 1.010" not in verdict.notes
+    assert "within 1.03x in 2 of 2 (max 1.029)" in verdict.notes  # 1.07 / 1.04, 1.02 / 1.01
+
+
 def test_losses_table_puts_the_timeline_beside_the_waves_and_the_gather_share():
     record = _record("clip-4@16", 0.30, 0.32, 0.25)
     record["bounds"] = {"per_level_s": 0.25}

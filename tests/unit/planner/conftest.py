@@ -18,13 +18,15 @@ from planner.metagraph import MetaOp, finalize_graph
 from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule
 
 
-def make_curve(counts: Sequence[int], times: Sequence[float]) -> Curve:
-    """A Curve on ``counts`` (ascending) with per-layer ``times`` (strictly decreasing), pure data parallel."""
+def make_curve(counts: Sequence[int], times: Sequence[float], forward: float | None = None) -> Curve:
+    """A Curve on ``counts`` (ascending) with per-layer ``times`` (strictly decreasing), pure data parallel;
+    ``forward``: the share of each time that runs in forward (None: by the MetaOp's passes)."""
     counts = tuple(int(c) for c in counts)
     times = tuple(float(t) for t in times)
     assert all(a < b for a, b in zip(counts, counts[1:])), counts
     assert all(a > b for a, b in zip(times, times[1:])), times
-    return Curve(counts, times, tuple(Layout(c, 1) for c in counts), tuple(0.0 for _ in counts))
+    return Curve(counts, times, tuple(Layout(c, 1) for c in counts), tuple(0.0 for _ in counts),
+                 (float(forward),) * len(counts) if forward is not None else ())
 
 
 def make_problem(

@@ -45,7 +45,8 @@ def per_device_layers(placed: PlacedSchedule) -> dict[tuple[int, int], list[tupl
 def test_a_cut_wave_keeps_work_memory_and_devices_and_makes_two_buckets(clip4_32):
     _, cost_model, outcome = clip4_32
     problem, placed = outcome.problem, outcome.placed
-    k = len(placed.waves) - 1
+    # the last wave every slice of which has two layers or more: each part holds every slice
+    k = max(k for k, w in enumerate(placed.waves) if all(s.num_layers >= 2 for s in w.slices))
     cut = split_wave(placed, k, 0.5)
     assert cut is not None and len(cut.waves) == len(placed.waves) + 1
     assert per_device_layers(cut) == per_device_layers(placed)
@@ -54,7 +55,8 @@ def test_a_cut_wave_keeps_work_memory_and_devices_and_makes_two_buckets(clip4_32
     before, after = simulate(problem, placed, cost_model), simulate(problem, cut, cost_model)
     assert after.peak_memory_bytes == pytest.approx(before.peak_memory_bytes, rel=1e-12)
     assert len(after.buckets) > len(before.buckets)
-    assert after.transfer_s == pytest.approx(before.transfer_s, rel=1e-9)  # the parts move no rows between them
+    moved = lambda sim: sorted((t.src_metaop, t.dst_metaop, t.bytes) for t in sim.transfers)
+    assert moved(after) == moved(before)  # the parts move no rows between them
     assert unsplit(problem, schedule_of(cut)) == unsplit(problem, schedule_of(placed))  # joined again: the same
 
 

@@ -66,16 +66,18 @@ def test_polish_stops_at_its_work_budget_and_is_deterministic(seed, monkeypatch)
 
 @pytest.mark.parametrize("budget", (2_000, polish_mod.POLISH_BUDGET))
 def test_polish_counts_a_waves_duration_as_one_evaluation_per_slice(budget, monkeypatch):
-    """_State.dur prices a wave's slices without calling t() for each: the same schedule and the same work count as
-    counting every slice through t() (what the budget is in), under a budget that binds and one that does not."""
+    """_State.dur prices a wave's slices without calling passes() for each: the same schedule and the same work count
+    as counting every slice through passes() (what the budget is in), under a budget that binds and one that does
+    not."""
     problem = make_problem(503, num_ops=30, num_devices=32, max_layers=24, edge_prob=0.0)
     start = _sequential(problem)
     spent: list[int] = []
     Counting = _counting(spent)
 
     class SliceBySlice(Counting):
-        def dur(self, k):
-            return max((self.t(m, n, l) for m, (n, l) in self.waves[k].items()), default=0.0)
+        def dur(self, k, m=-1, n=0, l=0):
+            passes = [self.passes(*s) for s in self.slices(k, m, n, l)]
+            return max((f for f, _ in passes), default=0.0) + max((b for _, b in passes), default=0.0)
 
     monkeypatch.setattr(polish_mod, "_State", Counting)
     fast = polish_mod.polish(problem, start, budget=budget)

@@ -1,6 +1,7 @@
-"""Least compute among near-fastest plans (planner.leastcompute): on Spindle's ofasys-4@8 cell the fastest placed
-schedule computes 4.6% over the per-level bound and another, 0.6% slower, 2.6%; the rule takes the latter (it saves a
-larger share of compute than it costs of the iteration), and never one slower than a baseline that fits."""
+"""Least compute among near-fastest plans (planner.leastcompute): on Spindle's clip-4@8 cell the fastest placed
+schedule (of those not held back) computes 3.68% over the per-level bound and another, 0.21% slower, 3.37%; the rule
+takes the latter (it saves a larger share of compute than it costs of the iteration), and never one slower than a
+baseline that fits."""
 
 from __future__ import annotations
 
@@ -34,13 +35,13 @@ def searched(cell: Cell):
 
 
 @pytest.fixture(scope="module")
-def ofasys4():
-    job, cm, problem, found = searched(Cell("ofasys-4", 8, "grid"))
+def clip4():
+    job, cm, problem, found = searched(Cell("clip-4", 8, "grid"))
     return job, cm, problem, (*found[:4], tuple(near_fastest(found[4])))  # plan_job's near-fastest alternatives
 
 
-def test_alternatives_are_the_near_fastest_least_compute_first(ofasys4):
-    _, _, problem, (chosen, placed, sim, _, alternatives) = ofasys4
+def test_alternatives_are_the_near_fastest_least_compute_first(clip4):
+    _, _, problem, (chosen, placed, sim, _, alternatives) = clip4
     assert any(a.placed == placed for a in alternatives)  # the fastest is one of them
     assert all(a.sim.iteration_time_s <= sim.iteration_time_s * (1 + TOLERANCE) for a in alternatives)
     assert all(a.sim.iteration_time_s >= sim.iteration_time_s * (1 - 1e-12) for a in alternatives)
@@ -48,14 +49,14 @@ def test_alternatives_are_the_near_fastest_least_compute_first(ofasys4):
     assert computes == sorted(computes)
     assert all(a.compute_s == pytest.approx(waves_compute(problem, a.result.schedule)) for a in alternatives)
     # on this cell a schedule within the tolerance computes less than the fastest
-    assert computes[0] < waves_compute(problem, chosen.schedule) * 0.995
+    assert computes[0] < waves_compute(problem, chosen.schedule) * 0.998
     # widening the tolerance never drops one, narrowing it to 0 keeps the fastest
     assert len(near_fastest(alternatives, 2 * TOLERANCE)) == len(alternatives)
     assert {id(a) for a in near_fastest(alternatives, 0.0)} <= {id(a) for a in alternatives}
 
 
-def test_plan_job_takes_the_least_compute_one_no_slower_than_a_baseline(ofasys4):
-    job, cm, problem, (chosen, _, sim, _, alternatives) = ofasys4
+def test_plan_job_takes_the_least_compute_one_no_slower_than_a_baseline(clip4):
+    job, cm, problem, (chosen, _, sim, _, alternatives) = clip4
     outcome = plan_job(job, progress=lambda _: None)
     fitting = [t for name, t in outcome.plan.baselines.items() if name not in outcome.plan.baseline_notes]
     assert outcome.simulation.iteration_time_s <= min(fitting)
@@ -69,10 +70,10 @@ def test_plan_job_takes_the_least_compute_one_no_slower_than_a_baseline(ofasys4)
         assert outcome.simulation.iteration_time_s < before.sim.iteration_time_s
 
 
-def test_a_baseline_between_the_fastest_and_the_cheapest_caps_the_choice(ofasys4):
+def test_a_baseline_between_the_fastest_and_the_cheapest_caps_the_choice(clip4):
     """A baseline predicted faster than the least-compute alternative makes that alternative ineligible: the choice is
     the least compute among those no slower than the baseline (the fastest at worst)."""
-    _, cm, problem, (chosen, placed, sim, _, alternatives) = ofasys4
+    _, cm, problem, (chosen, placed, sim, _, alternatives) = clip4
     slower = [a for a in alternatives if a.sim.iteration_time_s > sim.iteration_time_s * (1 + 1e-9)]
     assert slower, "the cell's cheapest near-fastest schedule is slower than the fastest"
     ceiling = 0.5 * (sim.iteration_time_s + slower[0].sim.iteration_time_s)
@@ -85,7 +86,7 @@ def test_a_baseline_between_the_fastest_and_the_cheapest_caps_the_choice(ofasys4
     worth = [a.compute_s for a in alternatives if a.sim.iteration_time_s <= ceiling
              and 1 - a.compute_s / own >= a.sim.iteration_time_s / sim.iteration_time_s - 1]
     assert waves_compute(problem, result.schedule) == pytest.approx(min(worth))
-    # with no baseline in reach the cheapest is taken (it saves 1.9% of compute for 0.6% of iteration)
+    # with no baseline in reach the cheapest is taken (it saves 0.30% of compute for 0.21% of iteration)
     far = [replace(real, sim=replace(real.sim, iteration_time_s=10 * sim.iteration_time_s))]
     assert prefer_less_compute(problem, cm.hw.devices_per_node, (chosen, placed, sim), alternatives, far)[2] \
         is alternatives[0].sim

@@ -8,14 +8,10 @@ import pytest
 
 import planner.api as api
 from bench.planner.cells import Cell, load_cell_job
-from planner.api import choose_candidate, make_cost_model, plan_job
-from planner.bound import dag_bound
-from planner.costmodel import CostModel
-from planner.leastcompute import TOLERANCE
+from planner.api import make_cost_model, plan_job
 from planner.metagraph import build_metagraph
-from planner.refine import MIN_EVALUATIONS, compute_cost, compute_neighbours, evaluate, pass_cost, refine_compute
-from planner.schedule import Problem, check_schedule
-from planner.solver import SolverSettings, solve
+from planner.refine import MIN_EVALUATIONS, compute_cost, compute_neighbours, evaluate, refine_compute
+from planner.schedule import Problem, check_schedule, compute_makespan
 from planner.spindle import spindle_schedule
 
 
@@ -24,20 +20,6 @@ def clip4_8():
     job = load_cell_job(Cell("clip-4", 8, "grid"))
     cm = make_cost_model(job)
     return job, Problem.build(build_metagraph(job), cm), cm
-
-
-def test_pass_cost_is_the_largest_forward_plus_the_largest_backward(clip4_8):
-    _, problem, _ = clip4_8
-    wave = spindle_schedule(problem).waves[0]
-    parts = []
-    for s in wave.slices:
-        t = problem.slice_time(s)
-        f = t * CostModel.passes_fraction(problem.graph.metaops[s.metaop])  # the analytic model: by passes
-        parts.append((f, t - f))
-    assert pass_cost(problem, wave.slices) == pytest.approx(max(f for f, _ in parts) + max(b for _, b in parts))
-    assert pass_cost(problem, wave.slices) >= max(problem.slice_time(s) for s in wave.slices) * (1 - 1e-12)
-    one = wave.slices[:1]  # a lone slice lasts its own time
-    assert pass_cost(problem, one) == pytest.approx(problem.slice_time(one[0]))
 
 
 def test_neighbours_move_layers_within_a_metaop_or_change_one_count(clip4_8):
@@ -69,12 +51,12 @@ def test_neighbours_move_layers_within_a_metaop_or_change_one_count(clip4_8):
 def test_neighbours_come_best_estimate_first(clip4_8):
     _, problem, _ = clip4_8
     start = spindle_schedule(problem)
-    base = sum(pass_cost(problem, w.slices) for w in start.waves)
-    estimates = [sum(pass_cost(problem, w.slices) for w in s.waves) - base
+    base = compute_makespan(problem, start)
+    estimates = [compute_makespan(problem, s) - base
                  for s in compute_neighbours(problem, start)]
     # merging two identical adjacent waves only shortens the sum; otherwise the order is the estimate's
     unmerged = [e for e, s in zip(estimates, compute_neighbours(problem, start)) if len(s.waves) == len(start.waves)]
-    assert unmerged == sorted(unmerged)
+    assert all(b >= a - 1e-12 for a, b in zip(unmerged, unmerged[1:]))  # the sums' rounding aside
 
 
 def test_refine_compute_shortens_clip4_on_the_timeline_within_its_budget(clip4_8):
@@ -110,18 +92,14 @@ def test_compute_cost_grows_with_devices(clip4_8):
     assert 16 * 100 * MIN_EVALUATIONS > api.COMPUTE_BUDGET
 
 
-def test_the_compute_search_shortens_the_fastest_schedule(clip4_8, monkeypatch):
-    """choose_candidate's fastest schedule is shorter with the search; plan_job then may give up to
-    leastcompute.TOLERANCE of it for less waves' compute (on this cell it does), never more."""
-    job, problem, cm = clip4_8
-    solved = solve(problem, SolverSettings(time_limit_s=job.planner.time_limit_s), warm=spindle_schedule(problem),
-                   lower_bound=dag_bound(problem), progress=lambda _: None)
-    with_search = choose_candidate(problem, cm, solved)
+def test_the_compute_search_shortens_the_plan(monkeypatch):
+    """ofasys-4@8: the plan is faster with the compute search (its schedule compute-refined) than without it (the
+    solver's waves are priced as the timeline runs them, but the timeline also overlaps waves and carries transfers);
+    the search is placed and simulated at every step, so it never makes the schedule it starts from slower."""
+    job = load_cell_job(Cell("ofasys-4", 8, "grid"))
+    with_search = plan_job(job, with_baselines=False, progress=lambda _: None)
     monkeypatch.setattr(api, "COMPUTE_BUDGET", 0)
-    without = choose_candidate(problem, cm, solved)
-    assert with_search[2].iteration_time_s < without[2].iteration_time_s
-    assert "compute-refined" in with_search[0].method
-    assert "compute-refined" not in without[0].method
-    monkeypatch.undo()
-    planned = plan_job(job, with_baselines=False, progress=lambda _: None)
-    assert planned.plan.predicted.iteration_time_s <= with_search[2].iteration_time_s * (1 + TOLERANCE)
+    without = plan_job(job, with_baselines=False, progress=lambda _: None)
+    assert with_search.simulation.iteration_time_s < without.simulation.iteration_time_s
+    assert "compute-refined" in with_search.plan.solver.method
+    assert "compute-refined" not in without.plan.solver.method

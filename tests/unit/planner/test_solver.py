@@ -14,13 +14,17 @@ from planner.errors import PlanningError
 from planner.metagraph import MetaOp, finalize_graph
 from planner.schedule import Problem, Schedule, Slice, Wave, check_schedule, compute_makespan
 from planner.patterns import knapsack_many
+from planner.polish import _State, _widen
 from planner.solver import SolverSettings, solve, solve_exact, stage_windows
 
 EXACT = SolverSettings(mip_gap=0.0, time_limit_s=60, max_nodes=100000)  # a wall-clock backstop only
 
 
-def make_problem(seed: int, num_ops: int, num_devices: int, max_layers: int, edge_prob: float = 0.4) -> Problem:
-    """A random DAG (edges from lower to higher ids) with random concave-ish curves on random valid counts."""
+def make_problem(seed: int, num_ops: int, num_devices: int, max_layers: int, edge_prob: float = 0.4,
+                 mixed_passes: bool = False) -> Problem:
+    """A random DAG (edges from lower to higher ids) with random concave-ish curves on random valid counts; with
+    ``mixed_passes`` each MetaOp runs a random share of its time in forward (a recomputed layer 1/4, a frozen one all
+    of it), else a third (the passes of a trained layer)."""
     rng = random.Random(seed)
     ops = []
     for m in range(num_ops):
@@ -33,8 +37,18 @@ def make_problem(seed: int, num_ops: int, num_devices: int, max_layers: int, edg
         counts = sorted(rng.sample(range(1, num_devices + 1), rng.randint(1, num_devices)))
         base, alpha = rng.uniform(0.5, 2.0), rng.uniform(0.0, 0.3)
         times = [base * (alpha + (1 - alpha) / n) for n in counts]
-        curves.append(Curve(tuple(counts), tuple(times), tuple(Layout(n, 1) for n in counts), tuple(0.0 for _ in counts)))
+        forward = (rng.choice([0.25, 1 / 3, 0.5, 1.0]),) * len(counts) if mixed_passes else ()
+        curves.append(Curve(tuple(counts), tuple(times), tuple(Layout(n, 1) for n in counts),
+                            tuple(0.0 for _ in counts), forward))
     return Problem(graph, tuple(curves), num_devices)
+
+
+def pass_seconds(problem: Problem, m: int, n: int, layers: int) -> tuple[float, float]:
+    """The forward and backward seconds of ``layers`` layers of m on n devices (a third in forward without shares)."""
+    share = problem.curves[m].forward_fraction(n)
+    seconds = problem.curves[m].time(n) * layers
+    share = 1 / 3 if share is None else share
+    return seconds * share, seconds * (1 - share)
 
 
 def brute_force(problem: Problem) -> float:
@@ -55,7 +69,8 @@ def brute_force(problem: Problem) -> float:
             used = [(m, c) for m, c in zip(ready, combo) if c is not None]
             if not used or sum(n for _, (_, n) in used) > problem.num_devices:
                 continue
-            duration = max(problem.curves[m].time(n) * l for m, (l, n) in used)
+            passes = [pass_seconds(problem, m, n, l) for m, (l, n) in used]  # every forward, then every backward
+            duration = max(f for f, _ in passes) + max(b for _, b in passes)
             nxt = list(remaining)
             for m, (l, _) in used:
                 nxt[m] -= l
@@ -68,7 +83,8 @@ def brute_force(problem: Problem) -> float:
 @pytest.mark.parametrize("seed", range(12))
 def test_exact_milp_equals_brute_force(seed):
     rng = random.Random(1000 + seed)
-    problem = make_problem(seed, num_ops=rng.randint(2, 3), num_devices=rng.randint(2, 4), max_layers=3)
+    problem = make_problem(seed, num_ops=rng.randint(2, 3), num_devices=rng.randint(2, 4), max_layers=3,
+                           mixed_passes=seed % 2 == 1)
     truth = brute_force(problem)
     result = solve_exact(problem, EXACT)
     assert result.status == "optimal"
@@ -78,10 +94,24 @@ def test_exact_milp_equals_brute_force(seed):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_solve_matches_brute_force_on_tiny_instances(seed):
-    problem = make_problem(50 + seed, num_ops=3, num_devices=4, max_layers=2)
+    problem = make_problem(50 + seed, num_ops=3, num_devices=4, max_layers=2, mixed_passes=seed >= 3)
     result = solve(problem, EXACT)
     check_schedule(problem, result.schedule)
     assert result.objective_s == pytest.approx(brute_force(problem), rel=1e-7)
+
+
+def test_polish_widens_a_wave_of_forward_only_slices():
+    """A wave whose slices run all their time in forward (decodes, frozen scorers) has no backward to shorten: the
+    widen move gives its slices the free devices on their forward alone."""
+    problem = make_problem(0, num_ops=2, num_devices=4, max_layers=1, edge_prob=0.0)
+    counts = (1, 2)
+    curves = tuple(Curve(counts, (1.0, 0.6), tuple(Layout(n, 1) for n in counts), (0.0, 0.0), (1.0, 1.0))
+                   for _ in range(2))
+    problem = Problem(problem.graph, curves, 4)
+    state = _State(problem, Schedule((Wave(tuple(Slice(m, 1, 1) for m in range(2))),)))
+    assert _widen(state, 0)
+    assert [s.num_devices for w in state.schedule().waves for s in w.slices] == [2, 2]
+    assert compute_makespan(problem, state.schedule()) == pytest.approx(0.6)
 
 
 def test_pricing_is_an_exact_multiple_choice_knapsack():
