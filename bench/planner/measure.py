@@ -34,7 +34,7 @@ from typing import Any
 from planner.api import PlanOutcome, plan_job
 from planner.bound import relaxed_allocation
 from planner.bucketsplit import unsplit
-from planner.layerbound import layer_bound
+from planner.layerbound import pass_layer_bound
 from planner.schedule import Problem, compute_makespan
 from planner.spindle import spindle_schedule
 
@@ -102,10 +102,12 @@ def measure_cell_isolated(cell: Cell, repeats: int = 1, warmup: int = 0) -> dict
 
 
 def pattern_lp_bound(problem: Problem) -> float:
-    """The per-level bound tightened by whole layers and valid counts: over the levels, the larger of the fluid
-    optimum and the pattern LP's certificate (:func:`planner.layerbound.layer_bound`; 0 where a level is too large to
-    price). Still a lower bound on every wave schedule with level barriers (tests/unit/planner/test_layerbound.py)."""
-    return sum(max(relaxed_allocation(problem, level, hull=True)[0], layer_bound(problem, level))
+    """The per-level bound tightened by whole layers, valid counts and the passes: over the levels, the larger of the
+    fluid optimum and the pattern LP's certificate with each wave priced as the compute the bench reports is (its
+    largest forward plus its largest backward, :func:`planner.layerbound.pass_layer_bound`; 0 where a level is too
+    large to price). Still a lower bound on every wave schedule with level barriers
+    (tests/unit/planner/test_layerbound.py)."""
+    return sum(max(relaxed_allocation(problem, level, hull=True)[0], pass_layer_bound(problem, level))
                for level in problem.graph.levels)
 
 
