@@ -122,11 +122,17 @@ def plan_header(plan: Plan, planning_time_s: float | None = None) -> Table:
     if plan.shard_optimizer is not None:  # the planner's choice (training.shard_optimizer: auto)
         grid.add_row("optimizer", f"ZeRO-1 {'on' if plan.shard_optimizer else 'off'} (auto: the faster that fits)")
     walk = ", 1F1B" if plan.one_f_one_b else ""  # the planner's walk of pipelined micro-batches, where no slower
-    if plan.pipelined is not None:  # the planner's choice (training.pipeline_micro_batches: auto)
-        order = f"pipelined{walk}" if plan.pipelined else "in order"
-        grid.add_row("micro-batches", f"{order} (auto: the faster that fits)")
+    parts, auto = [], []
+    if plan.grad_accum_steps is not None:  # the planner's count (training.grad_accum_steps: auto)
+        parts.append(str(plan.grad_accum_steps))
+        auto.append("the fastest count planned")
+    if plan.pipelined is not None:  # the planner's order (training.pipeline_micro_batches: auto)
+        parts.append(f"pipelined{walk}" if plan.pipelined else "in order")
+        auto.append("the faster that fits")
     elif walk:
-        grid.add_row("micro-batches", "pipelined, 1F1B (no slower than GPipe's fill and drain)")
+        parts.append("pipelined, 1F1B (no slower than GPipe's fill and drain)")
+    if parts:
+        grid.add_row("micro-batches", ", ".join(parts) + (f" (auto: {'; '.join(auto)})" if auto else ""))
     phases = f" in {len(plan.phases)} phases (first waves {plan.phases})" if len(plan.phases) > 1 else ""
     grid.add_row("MetaOps", f"{len(plan.metaops)} in {len(plan.waves)} wave{'s' if len(plan.waves) != 1 else ''}{phases}")
     if planning_time_s is not None:

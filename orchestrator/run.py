@@ -66,7 +66,7 @@ from orchestrator.run_inputs import (
 )
 from orchestrator.signals import RunStopped, StopSignals, signal_name
 from orchestrator.trace import PREDICTED_TRACE_FILE, TRACE_FILE, TraceRecorder, write_run_traces
-from planner.plan import Plan, PlanCluster, load_plan
+from planner.plan import Plan, PlanCluster, job_for_plan, load_plan
 from planner.spec import ClusterSpec, JobSpec
 from runtime.export import EXPORT_DIR, export_pretrained
 from runtime.reference import MODEL_FILE, merge_parameters, save_model
@@ -270,6 +270,7 @@ class Driver(Recovering):
             raise RunInputError("--steps and --checkpoint-every must be >= 0, --keep-last >= 1.")
         self.folder.check()  # before planning: a folder in use or holding checkpoints is refused at once
         self.plan = self.resolve_plan()
+        self.job = job_for_plan(self.job, self.plan)  # grad_accum_steps: auto runs the plan's count
         self.resume_point = self.folder.find_resume_point(self.plan.hash)  # only reads, as check does
         if self.resume_point is not None:
             check_job(self.resume_point, self.job.name)

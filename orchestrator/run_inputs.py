@@ -57,9 +57,10 @@ def check_plan_for_job(plan: Plan, job: JobSpec, source: str = plan_option(None)
     """A RunInputError unless ``plan`` belongs to ``job`` (runtime.checks.check_plan_matches_job: the workers' own
     check, and loom submit's, run here first so that it fails before any Ray process starts)."""
     from planner.metagraph import build_metagraph
+    from planner.plan import job_for_plan
     from runtime.checks import check_plan_matches_job
 
     try:
-        check_plan_matches_job(plan, build_metagraph(job), source, job.name)
+        check_plan_matches_job(plan, build_metagraph(job_for_plan(job, plan)), source, job.name)
     except ValueError as exc:
         raise RunInputError(str(exc)) from None

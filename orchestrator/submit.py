@@ -245,9 +245,11 @@ def _check_plan(plan_path: Path, job: JobSpec) -> None:
     (runtime.checks.check_plan_matches_job; else SpecError)."""
     from orchestrator.run_inputs import load_plan_option, plan_option
     from planner.metagraph import build_metagraph
+    from planner.plan import job_for_plan
     from runtime.checks import check_plan_matches_job
 
-    check_plan_matches_job(load_plan_option(plan_path), build_metagraph(job), plan_option(plan_path), job.name)
+    plan = load_plan_option(plan_path)
+    check_plan_matches_job(plan, build_metagraph(job_for_plan(job, plan)), plan_option(plan_path), job.name)
 
 
 def _relative_inside(path: Path, directory: Path) -> str:

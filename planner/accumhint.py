@@ -15,7 +15,7 @@ layout valid for the smaller micro-batch), under the plan's own ZeRO-1 choice an
 :data:`MIN_GAIN` faster. Re-planning at that count searches every placement anew
 (on bench/pipeline's and bench/rl's 70B jobs it does as well or better: 6.41, 11.43 and 42.68 s). Nothing when the
 job's micro-batches may not be pipelined (``pipeline_micro_batches: false``: more micro-batches in order are never
-faster) or a task's loss is ``infonce``.
+faster), a task's loss is ``infonce``, or the planner chose the count itself (``grad_accum_steps: auto``).
 
 Pure: no files, no globals. What it must not import: the Ray or runtime layers.
 """
@@ -59,7 +59,8 @@ def micro_batch_hint(job: JobSpec, plan: Plan, placed: PlacedSchedule, cost_mode
     """The fastest fitting count of micro-batches, pipelined, for ``placed`` (``plan``'s placement of ``job`` under
     ``cost_model``) when it is :data:`MIN_GAIN` faster than ``plan`` (module docstring); else None."""
     training = job.training
-    if training.pipeline_micro_batches is False or any(task.loss == "infonce" for task in job.tasks):
+    if job.micro_batches_auto or training.pipeline_micro_batches is False or any(
+            task.loss == "infonce" for task in job.tasks):
         return None
     base = cost_model.with_shard_optimizer(zero_sharded(plan, training))
     names = [op.name for op in build_metagraph(job).metaops]

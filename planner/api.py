@@ -84,13 +84,13 @@ def make_cost_model(job: JobSpec, costs: str | Path | dict | None = None) -> Cos
     model.heads, model.kernels = lm_heads(job), job.training.kernels  # the LM heads' logits (memory model)
     model.step_reduces = 2 if job.training.grad_clip or job.training.precision == "fp16" else 1  # runtime.executor
     # pipelined micro-batches hold each one's activations (auto: plan_job plans both ways)
-    return model.with_in_flight(job.training.grad_accum_steps if job.training.pipeline_micro_batches is True else 1)
+    return model.with_in_flight(job.training.micro_batches if job.training.pipeline_micro_batches is True else 1)
 
 
 def pipelining_left_to_planner(job: JobSpec) -> bool:
     """Whether the planner decides if ``job``'s micro-batches run pipelined (``pipeline_micro_batches: auto`` with more
     than one micro-batch)."""
-    return job.training.pipeline_micro_batches == "auto" and job.training.grad_accum_steps > 1
+    return job.training.pipeline_micro_batches == "auto" and job.training.micro_batches > 1
 
 
 def spec_hash(job: JobSpec) -> str:
@@ -110,13 +110,24 @@ def plan_job(
     ``training.pipeline_micro_batches: auto`` and several micro-batches, the job is planned twice, micro-batches in
     order and pipelined (each on half the time limit; the role-placement searches of an RL-shaped job, bounded by work
     units, on the whole limit's in each), and the plan predicted faster is kept (in order on a tie); each plan's
-    baselines are priced with its own order, so it is never slower than any of them in either order."""
+    baselines are priced with its own order, so it is never slower than any of them in either order. With
+    ``training.grad_accum_steps: auto`` it is planned at several counts of micro-batches and the fastest plan kept
+    (:func:`_plan_micro_batches`)."""
     say = progress or (lambda msg: log.info(msg))
     cost_model = cost_model or make_cost_model(job)
     role_budget = rl_budget(job.planner.time_limit_s)
+    if job.micro_batches_auto:
+        return _plan_micro_batches(job, cost_model, with_baselines, say, role_budget)
+    return _plan_orders(job, cost_model, job.planner.time_limit_s, with_baselines, say, role_budget)
+
+
+def _plan_orders(job: JobSpec, cost_model: CostModel, limit: float, with_baselines: bool, say: Progress,
+                 role_budget: float) -> PlanOutcome:
+    """:func:`plan_job` of a job of a set count of micro-batches within ``limit`` CPU seconds, each role-placement
+    search within ``role_budget`` work units: planned in the order the job says, or in both (:func:`plan_job`)."""
     if not pipelining_left_to_planner(job):
-        return _plan_one(job, cost_model, job.planner.time_limit_s, with_baselines, say, role_budget)
-    half = job.planner.time_limit_s / 2
+        return _plan_one(job, cost_model, limit, with_baselines, say, role_budget)
+    half = limit / 2
     in_order = _plan_one(job, cost_model.with_in_flight(1), half, with_baselines, say, role_budget)
     say(f"planning again with the {job.training.grad_accum_steps} micro-batches pipelined")
     try:
@@ -132,6 +143,43 @@ def plan_job(
         f"{chosen.simulation.iteration_time_s:.4g} s (in order {in_order.simulation.iteration_time_s:.4g} s, "
         f"pipelined {piped.simulation.iteration_time_s:.4g} s)")
     return replace(chosen, planning_time_s=total)
+
+
+MICRO_BATCH_COUNTS = (1, 2, 4, 8, 16, 32, 64)  # grad_accum_steps: auto plans each of these the job's batches split into
+
+
+def _plan_micro_batches(job: JobSpec, cost_model: CostModel, with_baselines: bool, say: Progress,
+                        role_budget: float) -> PlanOutcome:
+    """:func:`plan_job` for ``training.grad_accum_steps: auto``: the job planned at each count of
+    :data:`MICRO_BATCH_COUNTS` it splits into (:meth:`JobSpec.micro_batches_refused`), each on an equal share of the
+    time limit and with the job's whole role-placement budget (``role_budget`` work units: a smaller one finds other
+    placements, and the count's baselines must be those of a job of that count); the plan predicted fastest (the fewer micro-batches on a tie), recording its count
+    (Plan.grad_accum_steps). Each count's plan is never slower than its baselines, so the chosen one is never slower
+    than any baseline at any count (every count is planned: the fastest is not where the times first turn up, e.g.
+    bench/rl's 7B GRPO cell at one step off-policy, whose split placement is fastest at 32)."""
+    counts = [k for k in MICRO_BATCH_COUNTS if job.micro_batches_refused(k) is None]
+    limit = job.planner.time_limit_s / len(counts)
+    best, error, total = None, None, 0.0  # best: (count, its outcome)
+    for k in counts:
+        say(f"grad_accum_steps auto: planning {k} micro-batch{'es' if k > 1 else ''}")
+        at = job.with_micro_batches(k)
+        try:
+            outcome = _plan_orders(at, cost_model.with_in_flight(k if job.training.pipeline_micro_batches is True
+                                                                 else 1), limit, with_baselines, say, role_budget)
+        except PlanningError as exc:  # e.g. no placement fits at this count: others may
+            say(f"{k} micro-batches: no plan ({str(exc).split('. ')[0]})")
+            error, outcome = error or exc, None
+        total += outcome.planning_time_s if outcome is not None else 0.0
+        if outcome is not None and (best is None or outcome.simulation.iteration_time_s
+                                    < best[1].simulation.iteration_time_s * (1 - 1e-9)):
+            best = (k, outcome)
+    if best is None:
+        raise error
+    k, outcome = best
+    say(f"grad_accum_steps auto: {k} micro-batch{'es' if k > 1 else ''}, predicted iteration "
+        f"{outcome.simulation.iteration_time_s:.4g} s")
+    plan = outcome.plan.model_copy(update={"grad_accum_steps": k, "spec_hash": spec_hash(job)}).sealed()
+    return replace(outcome, plan=plan, planning_time_s=total)
 
 
 def _plan_one(job: JobSpec, cost_model: CostModel, limit: float, with_baselines: bool, say: Progress,

@@ -146,7 +146,7 @@ def whole_use(job, t: int, u: int, segments: list) -> tuple:
                       prefill_flops=total("flops_fwd") + 2.0 * h * vocab, prefill_bytes=2 * total("act_bytes"),
                       kernels=int(total("num_kernels")))
         gen = Generation("generate", use.samples, new_tokens=use.new_tokens, decoder=dec, tensor_parallel=True,
-                         batches=job.training.grad_accum_steps)
+                         batches=job.training.micro_batches)
         key = f"generate[{digest},v={vocab},new={use.new_tokens}]"
         out = (shape.seq_len + use.new_tokens,)
         out_bytes = float(ROLLOUT_ELEMENT_BYTES

@@ -145,7 +145,7 @@ def build_metagraph(job: JobSpec) -> MetaGraph:
                     num_layers=seg.count,
                     # the planner plans one micro-batch (training.grad_accum_steps of them make a step); the
                     # spec checks that they divide the batch
-                    batch_size=task.batch_size // job.training.grad_accum_steps,
+                    batch_size=task.batch_size // job.training.micro_batches,
                     deps=deps,
                     param_group=group,
                     frozen=frozen,
@@ -165,7 +165,7 @@ def build_metagraph(job: JobSpec) -> MetaGraph:
             trainable_of_use[use.use_name] = not use.detached and (trainable_upstream or not frozen)
     graph = finalize_graph(ops)
     return replace(graph, metaops=tuple(replace(op, input_modules=tuple(input_modules(job, graph, op)))
-                                        for op in graph.metaops), num_micro_batches=job.training.grad_accum_steps,
+                                        for op in graph.metaops), num_micro_batches=job.training.micro_batches,
                    weights_from={n: c.weights_from for n, c in job.components.items() if c.weights_from},
                    rollout_lag=job.training.rollout_lag,
                    tp_whole_params={n: float(KINDS[c.kind].tp_whole_per_hidden * (c.hidden_size or 0))

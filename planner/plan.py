@@ -296,6 +296,10 @@ class Plan(Sealed, _PlanModel):
         description="Micro-batches pipelined (planner.phases.step_walk), chosen by the planner for a job with "
         "training.pipeline_micro_batches: auto and grad_accum_steps > 1 (priced and run so); None: as the job says "
         "(:func:`micro_batches_pipelined`).")
+    grad_accum_steps: int | None = Field(
+        None, exclude_if=lambda value: value is None,
+        description="Micro-batches per step, chosen by the planner for a job with training.grad_accum_steps: auto "
+        "(priced and run so: :func:`job_for_plan`); None: the job's own count.")
     one_f_one_b: bool | None = Field(
         None, exclude_if=lambda value: value is None,
         description="Pipelined micro-batches walked one forward then one backward (1F1B, planner.phases."
@@ -318,6 +322,16 @@ def zero_sharded(plan: Plan, training) -> bool:
     if plan.shard_optimizer is not None:
         return plan.shard_optimizer
     return training.shard_optimizer is not False
+
+
+def job_for_plan(job, plan: Plan):
+    """``job`` (a planner.spec.JobSpec) as ``plan`` runs it: with ``training.grad_accum_steps: auto``, at the count
+    the planner chose (the plan records it; a plan made without that search, e.g. ``loom profile``'s calibration
+    plan, is of one micro-batch, as the unresolved job's MetaGraph); any other job as it is. Every reader of a job
+    beside its plan (the runtime, the plan checks) takes this, so an ``auto`` job never runs unresolved."""
+    if job.micro_batches_auto:
+        return job.with_micro_batches(plan.grad_accum_steps or 1)
+    return job
 
 
 def micro_batches_pipelined(plan: Plan, training) -> bool:

@@ -203,6 +203,9 @@ def load_shapes(path: str | Path, job: JobSpec) -> ResolvedShapes:
 
 def resolve_shapes(spec: ShapesSpec, job: JobSpec, source: str = "shapes file") -> ResolvedShapes:
     """The dimensions ``spec`` varies, checked against ``job`` (tasks, uses, limits), and its points."""
+    if job.micro_batches_auto:  # each bucket's plan would choose its own count: the plans must agree on the step
+        raise SpecError(f"{source}: the job's training.grad_accum_steps is auto; a plan set runs every bucket at one "
+                        "count of micro-batches. Set grad_accum_steps to a number (e.g. the count `loom plan` chose).")
     if spec.batches is not None:
         mentioned = [(f"batches[{i}].tasks.{t}", t, shape) for i, b in enumerate(spec.batches)
                      for t, shape in b.tasks.items()]

@@ -394,6 +394,14 @@ class TrainingSpec(StrictModel):
         "the one it predicts faster that fits in device memory."
     )
 
+    @field_validator("grad_accum_steps", mode="before")
+    @classmethod
+    def _count_or_auto(cls, value: Any) -> int | str:
+        """One readable error for anything but a count >= 1 or auto."""
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"expected a whole number >= 1 or auto, got {value!r}")
+
     @field_validator("shard_optimizer", "pipeline_micro_batches", mode="before")
     @classmethod
     def _true_false_or_auto(cls, value: Any) -> bool | str:
@@ -415,12 +423,21 @@ class TrainingSpec(StrictModel):
         None, ge=0, description="Clip gradients to this global L2 norm over every trainable parameter (each counted "
         "once, whatever device or tensor-parallel rank holds it); 0 or none: no clipping."
     )
-    grad_accum_steps: int = Field(
-        1, ge=1, description="Micro-batches per step: each task's batch_size rows are split into this many "
+    grad_accum_steps: int | Literal["auto"] = Field(
+        1, description="Micro-batches per step: each task's batch_size rows are split into this many "
         "micro-batches (the planner plans one), their gradients accumulated, then synchronised and stepped once. A "
         "generate use decodes every micro-batch's rollouts at once, in the first; each micro-batch then scores and "
-        "trains its rows (batch_size / grad_accum_steps must hold whole sample groups)."
+        "trains its rows (batch_size / grad_accum_steps must hold whole sample groups). auto: the planner plans 1, "
+        "2, 4, ... micro-batches (each count the job's batches split into) and keeps the plan it predicts fastest "
+        "(planner.api.plan_job); the plan records the count and `loom run` runs it."
     )
+    @property
+    def micro_batches(self) -> int:
+        """The step's micro-batches: ``grad_accum_steps``, or 1 while ``auto`` is unresolved (a job before planning:
+        its MetaGraph and cost model at one micro-batch; planner.api.plan_job plans each count, and a plan's job is
+        planner.plan.job_for_plan's)."""
+        return 1 if self.grad_accum_steps == "auto" else self.grad_accum_steps
+
     rollout_lag: int = Field(
         0, ge=0, le=1, description="0: on-policy (a step's rollouts are generated with the weights it starts from). "
         "1: one step off-policy (docs/job-spec.md \"Modes\"): step k's rollouts come from the weights step k-1 "
@@ -540,6 +557,16 @@ class JobSpec(StrictModel):
             )
         return self
 
+    @property
+    def micro_batches_auto(self) -> bool:
+        """Whether the planner chooses the step's micro-batches (``training.grad_accum_steps: auto``)."""
+        return self.training.grad_accum_steps == "auto"
+
+    def with_micro_batches(self, k: int) -> JobSpec:
+        """This job with its steps in ``k`` micro-batches (``grad_accum_steps: k``; refused counts are the caller's
+        to skip: :meth:`micro_batches_refused`)."""
+        return self.model_copy(update={"training": self.training.model_copy(update={"grad_accum_steps": k})})
+
     def micro_batches_refused(self, k: int) -> str | None:
         """Why ``training.grad_accum_steps: k`` cannot split this job's steps (None: it can): every task's batch
         splits evenly, a generate use's sample groups stay whole, and no task has a sample use (its denoising loop
@@ -565,7 +592,7 @@ class JobSpec(StrictModel):
     def _check_training(self) -> JobSpec:
         """Micro-batches split the steps (:meth:`micro_batches_refused`); fp16 needs a GPU (its loss scaling is a GPU
         path)."""
-        why = self.micro_batches_refused(self.training.grad_accum_steps)
+        why = None if self.micro_batches_auto else self.micro_batches_refused(self.training.grad_accum_steps)
         if why is not None:
             raise ValueError(why)
         lagged = [t for t in self.tasks if t.loss.startswith("grpo") and any(u.mode == "generate" for u in t.components)]

@@ -358,13 +358,14 @@ def test_prometheus_endpoint_serves_step_metrics(ray_session, job, plan, tmp_pat
         urllib.request.urlopen(reporter.url, timeout=2)
 
 
-@pytest.mark.parametrize("one_f_one_b", [False, True])
+@pytest.mark.parametrize("one_f_one_b, auto", [(False, False), (True, False), (False, True)])
 def test_pipelined_stages_run_on_ray_and_each_wave_is_predicted_for_every_micro_batch(ray_session, tmp_path,
-                                                                                      one_f_one_b):
+                                                                                      one_f_one_b, auto):
     """A plan whose two waves are stages on devices of their own, its 4 micro-batches pipelined
     (training.pipeline_micro_batches; planner.phases.step_walk; walked 1F1B when the plan says ``one_f_one_b``),
     trains on Ray actors as in one process; the run's per-wave prediction (metrics.jsonl, the summary, Prometheus) is
-    the wave's duration once per micro-batch, as the workers time a wave over the whole step."""
+    the wave's duration once per micro-batch, as the workers time a wave over the whole step. With ``auto`` the job
+    says ``grad_accum_steps: auto`` and the plan records 4 (as the planner's choice): the run takes the plan's count."""
     data = copy.deepcopy(JOB)
     data["training"].update(grad_accum_steps=4, pipeline_micro_batches=True)
     job = parse_job(data)
@@ -377,7 +378,11 @@ def test_pipelined_stages_run_on_ray_and_each_wave_is_predicted_for_every_micro_
     walk = CommSchedule(plan, 4, *micro_batch_walk(plan, job.training)).walk
     assert walk[:3] == (("forward", 0, 0), ("forward", 0, 1), ("forward", 1, 0))
     assert (walk.index(("backward", 0, 0)) < walk.index(("forward", 2, 0))) is one_f_one_b
-    result = run_job(job, plan, options=RunOptions(steps=2, out_dir=tmp_path))
+    given = job
+    if auto:
+        data["training"]["grad_accum_steps"] = "auto"
+        given, plan = parse_job(data), plan.model_copy(update={"grad_accum_steps": 4}).sealed()
+    result = run_job(given, plan, options=RunOptions(steps=2, out_dir=tmp_path))
     reference = ReferenceTrainer(job)
     for record in result.records:
         want = reference.train_step(record.step)

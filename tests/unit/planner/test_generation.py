@@ -421,13 +421,14 @@ def test_a_searched_placement_whose_decode_the_runtime_cannot_place_is_never_cho
     skipped like ones that do not fit: the plan is one the runtime runs."""
     from planner.candidates import runnable
     from planner.generation import as_run
+    from planner.plan import job_for_plan
 
     job = load_job(Path(__file__).parents[3] / "bench" / "rl" / "grpo-7b-16.yaml")
     job = job.model_copy(update={"training": job.training.model_copy(update={"shard_optimizer": True})})
     cost_model = make_cost_model(job)
     with as_run(cost_model):
-        problem = Problem.build(build_metagraph(job), cost_model)
         outcome = plan_job(job, cost_model)
+        problem = Problem.build(build_metagraph(job_for_plan(job, outcome.plan)), cost_model)  # its micro-batches
         assert runnable(problem, outcome.placed, cost_model.hw.devices_per_node) is None
 
 
