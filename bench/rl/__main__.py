@@ -10,7 +10,9 @@ off-policy (``rollout_lag: 1``, planner.rolloutlag), all three placements priced
 variants of colocated and split: verl's one-step off-policy recipe, OpenRLHF's async training). A cell whose update
 runs in micro-batches (``training.grad_accum_steps``; the rollouts are decoded once, planner.generation) leaves their
 order to the planner: Loom's plan takes the faster of in order and pipelined, and colocated and split are searched in
-both orders, each keeping its faster that fits. Writes bench/results/rl.{json,md}.
+both orders, each keeping its faster that fits. With ``grad_accum_steps: auto`` (the GRPO cells) Loom's plan is the
+fastest of the counts planner.api plans, and colocated and split are searched at each of those counts likewise.
+Writes bench/results/rl.{json,md}.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import os
 import time
 
 from bench.common import REPO_ROOT, write_results
-from planner.api import make_cost_model, pipelining_left_to_planner, plan_job
+from planner.api import MICRO_BATCH_COUNTS, make_cost_model, pipelining_left_to_planner, plan_job
+from planner.bound import plan_bounds
 from planner.errors import PlanningError
 from planner.generation import as_run, modes_refused
 from planner.metagraph import build_metagraph
-from planner.plan import micro_batches_pipelined
+from planner.plan import job_for_plan, micro_batches_pipelined
 from planner.rlbaselines import (
     pool_sizes, rl_budget, rl_schedules, split_at,
 )
@@ -87,22 +90,32 @@ def measure_cell(job, cost_model, name: str, lag: int, runnable: bool) -> dict:
             raise
         outcome, why = None, str(exc).split(". ")[0]
     planning_s = time.perf_counter() - started
-    rows = {}
+    rows, asked = {}, job
     if outcome is not None:
+        job = job_for_plan(job, outcome.plan)  # grad_accum_steps: auto at the plan's count
         k = job.training.grad_accum_steps
         # the plan's micro-batch order (auto: the faster), and both orders for the baselines where the planner decides
         piped = cost_model.with_in_flight(k if micro_batches_pipelined(outcome.plan, job.training) else 1)
         problem = Problem.build(build_metagraph(job), piped)
         rows["loom"] = placement_row(problem, piped, outcome.placed, outcome.simulation) | {
-            "method": outcome.plan.solver.method, "one_f_one_b": outcome.plan.one_f_one_b is True}
-        for model in (cost_model, cost_model.with_in_flight(k)) if pipelining_left_to_planner(job) else (cost_model,):
-            ordered = Problem.build(build_metagraph(job), model)
-            for placement, (placed, psim) in rl_schedules(ordered, model, rl_budget(job.planner.time_limit_s)).items():
-                rows[placement] = better(rows.get(placement), placement_row(ordered, model, placed, psim))
+            "method": outcome.plan.solver.method, "one_f_one_b": outcome.plan.one_f_one_b is True,
+            "micro_batches": k}
+        for at in counts_of(asked):  # with grad_accum_steps: auto, every count the planner may plan
+            n = at.training.grad_accum_steps
+            for model in (cost_model, cost_model.with_in_flight(n)) if pipelining_left_to_planner(at) else (
+                    cost_model,):
+                ordered = Problem.build(build_metagraph(at), model)
+                for placement, (placed, psim) in rl_schedules(ordered, model,
+                                                              rl_budget(job.planner.time_limit_s)).items():
+                    row = placement_row(ordered, model, placed, psim) | {"micro_batches": n}
+                    rows[placement] = better(rows.get(placement), row)
     record = {"cell": name, "lag": lag, "devices": job.cluster.num_devices, "device": job.cluster.device,
               "memory_gib": cost_model.hw.memory_bytes / GIB, "planning_s": planning_s, "placements": rows,
-              "bound_s": outcome.plan.bounds.iteration_s if outcome is not None else None,
-              "micro_batches": job.training.grad_accum_steps, "runnable": runnable, "streamed": None, "speedup": None}
+              "bound_s": None if outcome is None else outcome.plan.bounds.iteration_s if not asked.micro_batches_auto
+              else min(plan_bounds(Problem.build(build_metagraph(at), cost_model), cost_model).iteration_s
+                       for at in counts_of(asked)),  # auto: the least over the counts, a bound on each
+              "micro_batches": job.training.micro_batches, "auto_micro_batches": asked.micro_batches_auto,
+              "runnable": runnable, "streamed": None, "speedup": None}
     if outcome is None:
         return record | {"none_possible": why}
     sim = outcome.simulation
@@ -127,6 +140,14 @@ def measure_cell(job, cost_model, name: str, lag: int, runnable: bool) -> dict:
     best = min(fitting) if fitting else math.inf
     return record | {"streamed": min(streamed, key=lambda r: r["iteration_s"]) if streamed else None,
                      "speedup": best / sim.iteration_time_s if fitting else None}
+
+
+def counts_of(job) -> list:
+    """``job`` at each count of micro-batches its plan may take: with ``grad_accum_steps: auto`` every count of
+    planner.api.MICRO_BATCH_COUNTS its batches split into (each placement then at its fastest), else the job."""
+    if not job.micro_batches_auto:
+        return [job]
+    return [job.with_micro_batches(n) for n in MICRO_BATCH_COUNTS if job.micro_batches_refused(n) is None]
 
 
 def choice(rec: dict) -> str:
@@ -195,6 +216,8 @@ def markdown(records: list[dict]) -> str:
         mark = "" if r["fits"] else " (!)"
         hidden = f", {r['lag_hidden_s']:.2f} s hidden" if r.get("lag_hidden_s") else ""
         same = " (at Loom's pools)" if r.get("at_loom_pools") else ""
+        if r.get("micro_batches", 1) > 1:
+            same += f", {r['micro_batches']} micro-batches"
         refused = " †" if r.get("refused") else ""
         return f"{r['iteration_s']:.2f} s, {r['peak_gib']:.1f} GiB{mark}{hidden}{same}{refused}"
 
@@ -227,13 +250,17 @@ def markdown(records: list[dict]) -> str:
               "the rows in 2 or 4 chunks, each decoded on its own, and generation on a pool of its own, so chunk i+1 "
               "is generated while chunk i is scored and trained (planner.streamed); evaluated, not adopted: every "
               "chunk's decode reads all the weights per token again, which costs more than the overlap saves here.",
-              "", "Micro-batches (grpo-70b-64: `training.grad_accum_steps: 8`, as verl and OpenRLHF split the update "
-              "into micro-batches): the rollouts are decoded once, every micro-batch's rows together, and the update "
-              "runs the micro-batches in order or pipelined over its stages (planner.generation.decode_batches, "
-              "training.pipeline_micro_batches: auto); Loom's plan and both baselines take the faster order that "
-              "fits, priced by the same simulator, and a pipelined one walks 1F1B (one forward, one backward, as "
-              "Megatron-LM's schedule: fewer micro-batches' activations held) where that is no slower "
-              "(planner.simulator.one_f_one_b_if_no_slower)."]
+              "", "Micro-batches (the GRPO cells: `training.grad_accum_steps: auto`; verl and OpenRLHF split the "
+              "update into micro-batches of a size their users pick): Loom's plan is the fastest of its plans at 1, "
+              "2, 4, ... micro-batches (planner.api.MICRO_BATCH_COUNTS, each count the batch splits into whole "
+              "sample groups), and colocated and split are searched at every one of those counts, each keeping its "
+              "fastest that fits (the count follows each time above where it is more than one). The rollouts are "
+              "decoded once, every micro-batch's rows together, and the update runs the micro-batches in order or "
+              "pipelined over its stages (planner.generation.decode_batches, training.pipeline_micro_batches: auto); "
+              "Loom's plan and both baselines take the faster order that fits, priced by the same simulator, and a "
+              "pipelined one walks 1F1B (one forward, one backward, as Megatron-LM's schedule: fewer micro-batches' "
+              "activations held) where that is no slower (planner.simulator.one_f_one_b_if_no_slower). The "
+              "iteration bound of such a cell is the least of its bounds at those counts."]
     lines += ["", "## Pools (devices each role's MetaOps use) and weight hand-offs", "",
               "| cell | lag | placement | pools | hand-off |", "|---|---|---|---|---|"]
     for rec in records:
