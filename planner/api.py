@@ -19,7 +19,7 @@ from pathlib import Path
 from planner import baselines as baselines_mod
 from planner.bound import plan_bounds
 from planner.bucketsplit import SPLIT, split_buckets, split_chosen
-from planner.candidates import ADOPTED, adopt_best, schedule_of, zero_choice
+from planner.candidates import ADOPTED, adopt_best, runnable, schedule_of, zero_choice
 from planner.costmodel import AnalyticCostModel, CostModel, Layout, ProfiledCostModel, lm_heads
 from planner.devices import resolve_hardware
 from planner.errors import PlanningError
@@ -263,12 +263,24 @@ def _plan_one(job: JobSpec, cost_model: CostModel, limit: float, with_baselines:
         cost_model, sim = one_f_one_b_if_no_slower(planned, cost_model, placed, sim)
     say(f"chose {result.method}: compute {result.objective_s:.4g} s, predicted iteration {sim.iteration_time_s:.4g} s")
     baseline_times = {b.name: b.sim.iteration_time_s for b in baseline_plans} if with_baselines else {}
-    notes = {b.name: f"its plan does not fit in device memory: {b.unfit}" for b in baseline_plans
-             if b.unfit and with_baselines}
+    notes = baseline_notes(problem, cost_model.hw.devices_per_node, baseline_plans) if with_baselines else {}
     plan = build_plan(job, graph, cost_model, placed, sim, result, bounds, baseline_times, notes)
     elapsed = time.perf_counter() - start
     say(f"planned in {elapsed:.2f} s: predicted iteration {sim.iteration_time_s:.4g} s")
     return PlanOutcome(plan, planned, placed, sim, elapsed, result)
+
+
+def baseline_notes(problem: Problem, devices_per_node: int, baseline_plans) -> dict[str, str]:
+    """Why Loom may not adopt a baseline's plan, by baseline: it does not fit in device memory, or it fits and the
+    runtime could not run it (planner.candidates.runnable: e.g. Spindle's wavefront with one layer at two
+    tensor-parallel degrees), so a plan slower than such a baseline says why."""
+    notes = {}
+    for b in baseline_plans:
+        why = None if b.unfit else runnable(problem, b.placed, devices_per_node)
+        if b.unfit or why is not None:
+            notes[b.name] = (f"its plan does not fit in device memory: {b.unfit}" if b.unfit else
+                             f"the runtime cannot run its plan ({why})")
+    return notes
 
 
 MEMORY_SHARES = (0.5, 0.25)  # feasibility repair: the device memory one MetaOp's layers may take, tighter each try

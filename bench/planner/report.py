@@ -76,7 +76,7 @@ def results_table(records: Sequence[Record]) -> str:
             continue
         it, ra, b = r["iteration_s"], r["ratios"], r["bounds"]
         notes = r.get("baseline_notes", {})
-        row = [r["cell"], str(r["num_metaops"])] + [_ms(it.get(k)) + (" (OOM)" if k in notes else "") for k in keys] + [
+        row = [r["cell"], str(r["num_metaops"])] + [_ms(it.get(k)) + _marker(notes.get(k)) for k in keys] + [
             _ms(it["loom"]), _ms(b["per_level_s"]), _ms(b["dag_s"]), _x(ra["loom_over_per_level"]),
             _x(ra["loom_compute_over_per_level"]), _x(ra["loom_compute_over_dag"]),
             _x(ra["spindle_compute_over_per_level"]), _x(ra["speedup_vs_spindle"]),
@@ -94,7 +94,8 @@ def _cpu(record: Record) -> str:
 
 
 def best_fitting_baseline(record: Record) -> tuple[str, float] | None:
-    """The fastest baseline whose plan fits in device memory (not named in ``baseline_notes``), as (name, s)."""
+    """The fastest baseline whose plan fits in device memory and runs (not named in ``baseline_notes``: Loom could
+    adopt it), as (name, s)."""
     notes = record.get("baseline_notes", {})
     fitting = [(t, k) for k, t in record["iteration_s"].items() if k != "loom" and k not in notes]
     return (min(fitting)[1], min(fitting)[0]) if fitting else None
@@ -127,6 +128,14 @@ def scale_table(records: Sequence[Record]) -> str:
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _marker(note: str | None) -> str:
+    """A baseline's mark in the scale table: (OOM) where its plan does not fit in device memory, (cannot run) where
+    it fits and the runtime could not run it (planner.api.baseline_notes)."""
+    if note is None:
+        return ""
+    return " (cannot run)" if note.startswith("the runtime cannot run") else " (OOM)"
 
 
 def losses_table(records: Sequence[Record]) -> str:
@@ -391,7 +400,9 @@ def render_report(records: Sequence[Record], config: dict[str, Any]) -> str:
         "shared-parameter sync, optimizer). *full* ratios divide that by a bound; *compute* ratios divide the "
         "schedule's compute makespan (sum of wave durations), which is what the compute-only bounds bound. "
         "*vs Spindle* / *vs sequential*: baseline time / Loom time (> 1 means Loom is faster). "
-        "(OOM): that baseline's plan needs more device memory than the cluster has (Loom's plan always fits).",
+        "(OOM): that baseline's plan needs more device memory than the cluster has (Loom's plan always fits); "
+        "(cannot run): it fits, and the runtime could not run it (e.g. one layer at two tensor-parallel degrees), so "
+        "Loom cannot adopt it and the best fitting baseline is the fastest of the others.",
     ]
     if config.get("note"):
         parts.insert(1, f"**Note:** {config['note']}")
@@ -408,7 +419,8 @@ def render_report(records: Sequence[Record], config: dict[str, Any]) -> str:
                           "section 10):", compute_steps_table(rows)]
         if group == "scale" and rows:
             parts += ["Scale cells, memory and planning cost (each planned in its own process; planning time "
-                      "includes the baselines; OOM: that baseline's plan does not fit in device memory):",
+                      "includes the baselines; OOM: that baseline's plan does not fit in device memory; cannot "
+                      "run: it fits and the runtime could not run it):",
                       scale_table(rows)]
     parts += ["## Targets", targets_table(evaluate_targets(records))]
     return "\n\n".join(parts) + "\n"

@@ -157,6 +157,30 @@ def test_plan_job_adopts_a_baseline_when_no_solver_candidate_fits(monkeypatch):
                                                   and len(plan.phases) == len(placed.phases))
 
 
+def test_baseline_notes_say_why_loom_may_not_adopt_a_baseline():
+    """A baseline whose plan does not fit, and one that fits but the runtime could not run (a tensor-parallel group
+    across nodes), each get a note (the plan's baseline_notes: `loom plan` marks them, the planner bench's best
+    fitting baseline leaves them out); a runnable one that fits gets none."""
+    from planner.api import baseline_notes
+    from planner.baselines import BaselinePlan
+    from bench.planner.report import _marker, best_fitting_baseline
+
+    problem = make_problem([4], [[]], [make_curve([1, 2, 4, 8], [8.0, 4.5, 2.5, 1.5])], 8)
+
+    def placed(devices, tp):
+        return PlacedSchedule((PlacedWave((PlacedSlice(0, 0, 4, devices, Layout(len(devices) // tp, tp)),)),))
+
+    plans = [BaselinePlan("across", placed((3, 4), 2), None, None),
+             BaselinePlan("oom", placed((0, 1), 2), None, "device 0 needs 90 GiB"),
+             BaselinePlan("fine", placed((0, 1, 2, 3), 2), None, None)]
+    notes = baseline_notes(problem, 4, plans)
+    assert notes == {"across": "the runtime cannot run its plan (op0: a tensor-parallel group spans nodes)",
+                     "oom": "its plan does not fit in device memory: device 0 needs 90 GiB"}
+    assert [_marker(notes.get(b.name)) for b in plans] == [" (cannot run)", " (OOM)", ""]
+    record = {"iteration_s": {"loom": 2.0, "across": 1.0, "oom": 1.5, "fine": 3.0}, "baseline_notes": notes}
+    assert best_fitting_baseline(record) == ("fine", 3.0)
+
+
 def test_runnable_names_each_tensor_parallel_layout_the_runtime_cannot_build():
     """Two MetaOps sharing one parameter group (4 layers) on 2 nodes of 4 devices: a TP group across nodes, a layer at
     two degrees, a layer in two TP groups on one device are refused; layers apart, or the same groups, run."""
