@@ -5,6 +5,7 @@ seeded random jobs (the shipped jobs: tests/unit/planner/test_program.py)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
@@ -170,14 +171,19 @@ def test_baseline_notes_say_why_loom_may_not_adopt_a_baseline():
     def placed(devices, tp):
         return PlacedSchedule((PlacedWave((PlacedSlice(0, 0, 4, devices, Layout(len(devices) // tp, tp)),)),))
 
-    plans = [BaselinePlan("across", placed((3, 4), 2), None, None),
-             BaselinePlan("oom", placed((0, 1), 2), None, "device 0 needs 90 GiB"),
-             BaselinePlan("fine", placed((0, 1, 2, 3), 2), None, None)]
+    def sim(seconds):
+        return SimpleNamespace(iteration_time_s=seconds)
+
+    plans = [BaselinePlan("across", placed((3, 4), 2), sim(1.0), None),
+             BaselinePlan("oom", placed((0, 1), 2), sim(1.5), "device 0 needs 90 GiB"),
+             BaselinePlan("fine", placed((0, 1, 2, 3), 2), sim(3.0), None),
+             BaselinePlan("slower", placed((3, 4), 2), sim(4.0), None)]  # after one Loom could adopt: not checked
     notes = baseline_notes(problem, 4, plans)
     assert notes == {"across": "the runtime cannot run its plan (op0: a tensor-parallel group spans nodes)",
                      "oom": "its plan does not fit in device memory: device 0 needs 90 GiB"}
-    assert [_marker(notes.get(b.name)) for b in plans] == [" (cannot run)", " (OOM)", ""]
-    record = {"iteration_s": {"loom": 2.0, "across": 1.0, "oom": 1.5, "fine": 3.0}, "baseline_notes": notes}
+    assert [_marker(notes.get(b.name)) for b in plans] == [" (cannot run)", " (OOM)", "", ""]
+    record = {"iteration_s": {"loom": 2.0, "across": 1.0, "oom": 1.5, "fine": 3.0, "slower": 4.0},
+              "baseline_notes": notes}
     assert best_fitting_baseline(record) == ("fine", 3.0)
 
 
