@@ -153,10 +153,11 @@ def _plan_micro_batches(job: JobSpec, cost_model: CostModel, with_baselines: boo
     """:func:`plan_job` for ``training.grad_accum_steps: auto``: the job planned at each count of
     :data:`MICRO_BATCH_COUNTS` it splits into (:meth:`JobSpec.micro_batches_refused`), each on an equal share of the
     time limit and with the job's whole role-placement budget (``role_budget`` work units: a smaller one finds other
-    placements, and the count's baselines must be those of a job of that count); the plan predicted fastest (the fewer micro-batches on a tie), recording its count
-    (Plan.grad_accum_steps). Each count's plan is never slower than its baselines, so the chosen one is never slower
-    than any baseline at any count (every count is planned: the fastest is not where the times first turn up, e.g.
-    bench/rl's 7B GRPO cell at one step off-policy, whose split placement is fastest at 32)."""
+    placements, and the count's baselines must be those of a job of that count); the plan predicted fastest (the
+    fewer micro-batches on a tie), recording its count (Plan.grad_accum_steps). Each count's plan is never slower
+    than its baselines, so the chosen one is never slower than any baseline at any count (every count is planned: the
+    fastest is not where the times first turn up, e.g. bench/rl's 7B GRPO cell at one step off-policy, whose split
+    placement is fastest at 32)."""
     counts = [k for k in MICRO_BATCH_COUNTS if job.micro_batches_refused(k) is None]
     limit = job.planner.time_limit_s / len(counts)
     best, error, total = None, None, 0.0  # best: (count, its outcome)
@@ -274,8 +275,8 @@ def baseline_notes(problem: Problem, devices_per_node: int, baseline_plans) -> d
     """Why Loom may not adopt a baseline's plan, by baseline: it does not fit in device memory (every such one), or it
     fits and the runtime could not run it (planner.candidates.runnable: e.g. Spindle's wavefront with one layer at
     two tensor-parallel degrees), so a plan slower than such a baseline says why. Runnability is checked fastest
-    first up to the first baseline Loom could adopt (the check costs seconds at 4,096 devices; a slower baseline's
-    does not change which is the fastest adoptable one)."""
+    first, up to the first baseline Loom could adopt: whether a slower one runs changes neither Loom's choice nor
+    which baseline is the fastest it could adopt."""
     notes = {b.name: f"its plan does not fit in device memory: {b.unfit}" for b in baseline_plans if b.unfit}
     for b in sorted((b for b in baseline_plans if not b.unfit), key=lambda b: b.sim.iteration_time_s):
         why = runnable(problem, b.placed, devices_per_node)

@@ -431,6 +431,7 @@ class TrainingSpec(StrictModel):
         "2, 4, ... micro-batches (each count the job's batches split into) and keeps the plan it predicts fastest "
         "(planner.api.plan_job); the plan records the count and `loom run` runs it."
     )
+
     @property
     def micro_batches(self) -> int:
         """The step's micro-batches: ``grad_accum_steps``, or 1 while ``auto`` is unresolved (a job before planning:

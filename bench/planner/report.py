@@ -120,7 +120,7 @@ def scale_table(records: Sequence[Record]) -> str:
         it, notes, best = r["iteration_s"], r.get("baseline_notes", {}), best_fitting_baseline(r)
         mem = r.get("peak_memory_gib", {})
         rss = r.get("peak_rss_mib")
-        row = [r["cell"], str(r["num_metaops"])] + [_ms(it.get(k)) + (" (OOM)" if k in notes else "") for k in keys] + [
+        row = [r["cell"], str(r["num_metaops"])] + [_ms(it.get(k)) + _marker(notes.get(k)) for k in keys] + [
             f"{best[0]} {_ms(best[1])}" if best else "none fits", _ms(it["loom"]), _x(speedup_vs_best(r)),
             _x(r["ratios"]["loom_compute_over_per_level"]),
             f"{mem.get('loom', float('nan')):.1f} ({mem.get('device', float('nan')):.0f})",
@@ -131,11 +131,16 @@ def scale_table(records: Sequence[Record]) -> str:
 
 
 def _marker(note: str | None) -> str:
-    """A baseline's mark in the scale table: (OOM) where its plan does not fit in device memory, (cannot run) where
-    it fits and the runtime could not run it (planner.api.baseline_notes)."""
+    """A baseline's mark in the tables: (OOM) where its plan does not fit in device memory, (cannot run) where it
+    fits and the runtime could not run it (planner.api.baseline_notes)."""
     if note is None:
         return ""
-    return " (cannot run)" if note.startswith("the runtime cannot run") else " (OOM)"
+    return " (cannot run)" if _cannot_run(note) else " (OOM)"
+
+
+def _cannot_run(note: str) -> bool:
+    """Whether a baseline's note says the runtime could not run its plan (else: it does not fit in memory)."""
+    return note.startswith("the runtime cannot run")
 
 
 def losses_table(records: Sequence[Record]) -> str:
@@ -237,9 +242,11 @@ def _never_slower(records: Sequence[Record]) -> Verdict:
     ok = [r for r in _ok(records) if r["ratios"]["speedup_vs_spindle"] is not None]
     if not records:
         return Verdict(target, "-", "NOT MEASURED")
-    oom = [r["cell"] for r in ok if "spindle" in r.get("baseline_notes", {})]
+    spindle = {r["cell"]: r["baseline_notes"]["spindle"] for r in ok if "spindle" in r.get("baseline_notes", {})}
+    oom = [cell for cell, note in spindle.items() if not _cannot_run(note)]
+    cannot = [cell for cell, note in spindle.items() if _cannot_run(note)]
     slower = [f"{r['cell']} {r['ratios']['speedup_vs_spindle']:.4f}x" for r in ok
-              if r["iteration_s"]["loom"] > r["iteration_s"]["spindle"] * (1 + EPS) and r["cell"] not in oom]
+              if r["iteration_s"]["loom"] > r["iteration_s"]["spindle"] * (1 + EPS) and r["cell"] not in spindle]
     compute_slower = [r["cell"] for r in ok if r["compute_s"]["loom"] > r["compute_s"]["spindle"] * (1 + EPS)]
     worst = min(ok, key=lambda r: r["ratios"]["speedup_vs_spindle"]) if ok else None
     measured = f"min {worst['ratios']['speedup_vs_spindle']:.3f}x ({worst['cell']})" if worst else "-"
@@ -249,6 +256,9 @@ def _never_slower(records: Sequence[Record]) -> Verdict:
     if oom:
         notes.append("Spindle's plan exceeds device memory (Loom's fits), so its faster time is not achievable, in: "
                      + ", ".join(oom))
+    if cannot:
+        notes.append("Spindle's plan fits but the runtime could not run it (so Loom could not adopt it), in: "
+                     + ", ".join(cannot))
     notes.append("compute-only slower in: " + (", ".join(compute_slower) if compute_slower else "no cell"))
     if _failed(records):
         notes.append("failed: " + _failed(records))
