@@ -148,6 +148,12 @@ def _plan_orders(job: JobSpec, cost_model: CostModel, limit: float, with_baselin
 MICRO_BATCH_COUNTS = (1, 2, 4, 8, 16, 32, 64)  # grad_accum_steps: auto plans each of these the job's batches split into
 
 
+def micro_batch_counts(job: JobSpec) -> list[int]:
+    """The counts of :data:`MICRO_BATCH_COUNTS` ``job``'s steps split into (:meth:`JobSpec.micro_batches_refused`):
+    those ``grad_accum_steps: auto`` plans."""
+    return [k for k in MICRO_BATCH_COUNTS if job.micro_batches_refused(k) is None]
+
+
 def _plan_micro_batches(job: JobSpec, cost_model: CostModel, with_baselines: bool, say: Progress,
                         role_budget: float) -> PlanOutcome:
     """:func:`plan_job` for ``training.grad_accum_steps: auto``: the job planned at each count of
@@ -158,7 +164,7 @@ def _plan_micro_batches(job: JobSpec, cost_model: CostModel, with_baselines: boo
     than its baselines, so the chosen one is never slower than any baseline at any count (every count is planned: the
     fastest is not where the times first turn up, e.g. bench/rl's 7B GRPO cell at one step off-policy, whose split
     placement is fastest at 32)."""
-    counts = [k for k in MICRO_BATCH_COUNTS if job.micro_batches_refused(k) is None]
+    counts = micro_batch_counts(job)
     limit = job.planner.time_limit_s / len(counts)
     best, error, total = None, None, 0.0  # best: (count, its outcome)
     for k in counts:

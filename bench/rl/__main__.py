@@ -25,7 +25,7 @@ import os
 import time
 
 from bench.common import REPO_ROOT, write_results
-from planner.api import MICRO_BATCH_COUNTS, make_cost_model, pipelining_left_to_planner, plan_job
+from planner.api import make_cost_model, micro_batch_counts, pipelining_left_to_planner, plan_job
 from planner.bound import plan_bounds
 from planner.errors import PlanningError
 from planner.generation import as_run, modes_refused
@@ -144,10 +144,10 @@ def measure_cell(job, cost_model, name: str, lag: int, runnable: bool) -> dict:
 
 def counts_of(job) -> list:
     """``job`` at each count of micro-batches its plan may take: with ``grad_accum_steps: auto`` every count of
-    planner.api.MICRO_BATCH_COUNTS its batches split into (each placement then at its fastest), else the job."""
+    planner.api.micro_batch_counts (each placement then at its fastest), else the job."""
     if not job.micro_batches_auto:
         return [job]
-    return [job.with_micro_batches(n) for n in MICRO_BATCH_COUNTS if job.micro_batches_refused(n) is None]
+    return [job.with_micro_batches(n) for n in micro_batch_counts(job)]
 
 
 def choice(rec: dict) -> str:
