@@ -42,7 +42,7 @@ from planner.program import plan_buckets, plan_holdings, plan_pieces, process_gr
 from planner.schedule import Problem, Schedule, check_schedule, compute_makespan, memory_tightened, reverse_runs
 from planner.tighten import tighten_chosen
 from planner.waveorder import reorder_chosen
-from planner.rlbaselines import rl_budget, with_role_candidate
+from planner.rlbaselines import RoleBudget, rl_budget, rl_shaped, with_role_candidate
 from planner.rows import row_shares
 from planner.simulator import Simulation, one_f_one_b_if_no_slower, simulate
 from planner.solver import Candidate, SolveResult, SolverSettings, clocks, solve
@@ -109,30 +109,32 @@ def plan_job(
     """Plan ``job``: returns the sealed Plan and the intermediate results (see PlanOutcome). With
     ``training.pipeline_micro_batches: auto`` and several micro-batches, the job is planned twice, micro-batches in
     order and pipelined (each on half the time limit; the role-placement searches of an RL-shaped job, bounded by work
-    units, on the whole limit's in each), and the plan predicted faster is kept (in order on a tie); each plan's
+    units, on the whole limit's in each, and all of them, once each has a placement that fits, by the end of the
+    limit), and the plan predicted faster is kept (in order on a tie); each plan's
     baselines are priced with its own order, so it is never slower than any of them in either order. With
     ``training.grad_accum_steps: auto`` it is planned at several counts of micro-batches and the fastest plan kept
     (:func:`_plan_micro_batches`)."""
     say = progress or (lambda msg: log.info(msg))
     cost_model = cost_model or make_cost_model(job)
-    role_budget = rl_budget(job.planner.time_limit_s)
+    # each role-placement search of an RL-shaped job: work units from the whole limit, and its end as a safety cap
+    roles = RoleBudget(rl_budget(job.planner.time_limit_s), time.thread_time() + job.planner.time_limit_s)
     if job.micro_batches_auto:
-        return _plan_micro_batches(job, cost_model, with_baselines, say, role_budget)
-    return _plan_orders(job, cost_model, job.planner.time_limit_s, with_baselines, say, role_budget)
+        return _plan_micro_batches(job, cost_model, with_baselines, say, roles)
+    return _plan_orders(job, cost_model, job.planner.time_limit_s, with_baselines, say, roles)
 
 
 def _plan_orders(job: JobSpec, cost_model: CostModel, limit: float, with_baselines: bool, say: Progress,
-                 role_budget: float) -> PlanOutcome:
+                 roles: RoleBudget) -> PlanOutcome:
     """:func:`plan_job` of a job of a set count of micro-batches within ``limit`` CPU seconds, each role-placement
-    search within ``role_budget`` work units: planned in the order the job says, or in both (:func:`plan_job`)."""
+    search within ``roles``: planned in the order the job says, or in both (:func:`plan_job`)."""
     if not pipelining_left_to_planner(job):
-        return _plan_one(job, cost_model, limit, with_baselines, say, role_budget)
+        return _plan_one(job, cost_model, limit, with_baselines, say, roles)
     half = limit / 2
-    in_order = _plan_one(job, cost_model.with_in_flight(1), half, with_baselines, say, role_budget)
+    in_order = _plan_one(job, cost_model.with_in_flight(1), half, with_baselines, say, roles)
     say(f"planning again with the {job.training.grad_accum_steps} micro-batches pipelined")
     try:
         piped = _plan_one(job, cost_model.with_in_flight(job.training.grad_accum_steps), half, with_baselines, say,
-                          role_budget)
+                          roles)
     except PlanningError as exc:  # e.g. every micro-batch's activations held at once do not fit
         say(f"pipelined micro-batches: no plan ({exc}); keeping them in order")
         return in_order
@@ -155,15 +157,15 @@ def micro_batch_counts(job: JobSpec) -> list[int]:
 
 
 def _plan_micro_batches(job: JobSpec, cost_model: CostModel, with_baselines: bool, say: Progress,
-                        role_budget: float) -> PlanOutcome:
+                        roles: RoleBudget) -> PlanOutcome:
     """:func:`plan_job` for ``training.grad_accum_steps: auto``: the job planned at each count of
     :data:`MICRO_BATCH_COUNTS` it splits into (:meth:`JobSpec.micro_batches_refused`), each on an equal share of the
-    time limit and with the job's whole role-placement budget (``role_budget`` work units: a smaller one finds other
-    placements, and the count's baselines must be those of a job of that count); the plan predicted fastest (the
-    fewer micro-batches on a tie), recording its count (Plan.grad_accum_steps). Each count's plan is never slower
-    than its baselines, so the chosen one is never slower than any baseline at any count (every count is planned: the
-    fastest is not where the times first turn up, e.g. bench/rl's 7B GRPO cell at one step off-policy, whose split
-    placement is fastest at 32)."""
+    time limit and with the job's whole role-placement budget (``roles``' work units: a smaller one finds other
+    placements, and the count's baselines must be those of a job of that count; the limit's end caps them all); the
+    plan predicted fastest (the fewer micro-batches on a tie), recording its count (Plan.grad_accum_steps). Each
+    count's plan is never slower than its baselines, so the chosen one is never slower than any baseline at any count
+    (every count is planned: the fastest is not where the times first turn up, e.g. bench/rl's 7B GRPO cell at one
+    step off-policy, whose split placement is fastest at 32)."""
     counts = micro_batch_counts(job)
     limit = job.planner.time_limit_s / len(counts)
     best, error, total = None, None, 0.0  # best: (count, its outcome)
@@ -172,7 +174,7 @@ def _plan_micro_batches(job: JobSpec, cost_model: CostModel, with_baselines: boo
         at = job.with_micro_batches(k)
         try:
             outcome = _plan_orders(at, cost_model.with_in_flight(k if job.training.pipeline_micro_batches is True
-                                                                 else 1), limit, with_baselines, say, role_budget)
+                                                                 else 1), limit, with_baselines, say, roles)
         except PlanningError as exc:  # e.g. no placement fits at this count: others may
             say(f"{k} micro-batches: no plan ({str(exc).split('. ')[0]})")
             error, outcome = error or exc, None
@@ -190,9 +192,9 @@ def _plan_micro_batches(job: JobSpec, cost_model: CostModel, with_baselines: boo
 
 
 def _plan_one(job: JobSpec, cost_model: CostModel, limit: float, with_baselines: bool, say: Progress,
-              role_budget: float) -> PlanOutcome:
+              roles: RoleBudget) -> PlanOutcome:
     """:func:`plan_job` with the micro-batch order ``cost_model`` prices (:attr:`CostModel.in_flight`), within
-    ``limit`` CPU seconds, each role-placement search within ``role_budget`` work units."""
+    ``limit`` CPU seconds, each role-placement search within ``roles``."""
     # the limit counts this thread's CPU time: wall time grows with other load, and the process's CPU time with the
     # solver's worker threads (HiGHS's spin while waiting), either of which made plans differ between runs
     start, start_cpu = clocks()
@@ -223,8 +225,10 @@ def _plan_one(job: JobSpec, cost_model: CostModel, limit: float, with_baselines:
             found, planned, error, late = None, problem, still, ()
     chosen, pool = (found[:3], found[4]) if found is not None else (None, ())
     searched = chosen[0] if chosen is not None else None  # choose_candidate tried its bucket splits already
-    # RL-shaped jobs: Loom's role placement and the colocated/split baselines, each search on a work budget
-    chosen = with_role_candidate(problem, cost_model, chosen, bounds.dag_s, role_budget)
+    # RL-shaped jobs: Loom's role placement and the colocated/split baselines, each search on a work budget and, once
+    # it has a placement that fits, within the job's whole limit (a safety cap: the units end it first on a job whose
+    # planning takes less)
+    chosen = with_role_candidate(problem, cost_model, chosen, bounds.dag_s, roles)
     error = None if chosen is not None else error
     # the sync-aware split (gradient sync inside the allocation: planner.groupsplit) competes on the simulated
     # iteration; whether it runs depends on the limit, not the clock
@@ -237,8 +241,12 @@ def _plan_one(job: JobSpec, cost_model: CostModel, limit: float, with_baselines:
             say(f"sync-aware group split: predicted iteration {split[2].iteration_time_s:.4g} s")
             chosen, planned, error = split, problem, None
     # the baselines always run, past the limit too: every one is a candidate (planner.candidates), and skipping them by
-    # the clock made the same job's plan differ between runs
-    baseline_plans = baselines_mod.baseline_plans(problem, cost_model, spindle=warm, rl_budget=role_budget)
+    # the clock made the same job's plan differ between runs (the role placements' searches stop at the limit once
+    # one fits: without a placement of its own the RL job has no plan)
+    baseline_plans = baselines_mod.baseline_plans(problem, cost_model, spindle=warm, rl_budget=roles)
+    if rl_shaped(problem) and roles.deadline is not None and time.thread_time() >= roles.deadline:
+        say("time limit reached: role-placement searches cut short (a larger planner.time_limit_s may find a faster "
+            "plan)")
     result, placed, sim = adopt_best(problem, cost_model.hw.devices_per_node, chosen, baseline_plans, error, bounds.dag_s)
     if result.method.endswith(ADOPTED):
         planned = problem  # a baseline's schedule is on the job's own curves, not a memory repair's

@@ -40,12 +40,16 @@ import math
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from planner.costmodel import CostModel
 from planner.placement import PlacedSchedule, PlacedSlice, PlacedWave, check_memory, placed_ledger, place_schedule
 from planner.errors import PlanningError
 from planner.schedule import Problem, Schedule
 from planner.simulator import Simulation, one_f_one_b_if_no_slower, simulate
+
+if TYPE_CHECKING:  # rlbaselines builds on this module
+    from planner.rlbaselines import RoleBudget
 
 log = logging.getLogger(__name__)
 
@@ -314,11 +318,11 @@ class BaselinePlan:
 
 
 def baseline_schedules(problem: Problem, cost_model: CostModel, spindle: Schedule | None = None,
-                       rl_budget: float | None = None) -> dict[str, PlacedSchedule]:
+                       rl_budget: RoleBudget | None = None) -> dict[str, PlacedSchedule]:
     """Every baseline's placed schedule, keyed as :data:`BASELINES`, then (an RL-shaped job: a use that does not
-    train) the colocated and best split role placements (planner.rlbaselines; each search within ``rl_budget`` work
-    units, its default when None)."""
-    from planner.rlbaselines import RL_SEARCH_BUDGET, rl_schedules  # local: rlbaselines builds on this module
+    train) the colocated and best split role placements (planner.rlbaselines; each search within ``rl_budget``, its
+    default when None)."""
+    from planner.rlbaselines import RoleBudget, rl_schedules  # local: rlbaselines builds on this module
 
     return {
         "sequential": sequential_schedule(problem),
@@ -327,7 +331,7 @@ def baseline_schedules(problem: Problem, cost_model: CostModel, spindle: Schedul
         "distmm_mt": distmm_mt_schedule(problem),
         "spindle": spindle_placed(problem, cost_model, spindle),
         **{name: placed for name, (placed, _) in rl_schedules(
-            problem, cost_model, RL_SEARCH_BUDGET if rl_budget is None else rl_budget).items()},
+            problem, cost_model, RoleBudget() if rl_budget is None else rl_budget).items()},
     }
 
 
@@ -342,7 +346,7 @@ def memory_error(problem: Problem, placed: PlacedSchedule, cost_model: CostModel
 
 
 def baseline_plans(problem: Problem, cost_model: CostModel, spindle: Schedule | None = None,
-                   rl_budget: float | None = None) -> list[BaselinePlan]:
+                   rl_budget: RoleBudget | None = None) -> list[BaselinePlan]:
     """Every baseline placed, simulated and memory-checked, in :data:`BASELINES` order (``rl_budget``: see
     :func:`baseline_schedules`)."""
     out = []

@@ -20,7 +20,8 @@ after another on the same samples. RL frameworks make the user choose where role
 Both search what a user of those frameworks tunes until the roles fit (:func:`_search`): pipeline stages
 (:func:`stage_plan`) and layout versions (:func:`tightened`); each keeps its fastest placement that fits (the
 fastest of all when none does). Every search (colocated, split, Loom's role placement) stops at a deterministic work
-budget (:class:`Work`, :func:`rl_budget`: from the planner's time limit, never the clock).
+budget (:class:`Work`, :func:`rl_budget`: from the planner's time limit, never the clock), or, once it has a placement
+that fits, at the planner's time limit (:class:`RoleBudget`'s deadline: a safety cap, as the solver's).
 
 A role is a MetaOp's parameter group without its segment suffix: ``policy@generate`` (a generate use's copy),
 ``policy`` (its trained layers), ``reward``, ``reference``. Both are :class:`~planner.placement.PlacedSchedule`
@@ -35,7 +36,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -43,7 +45,7 @@ from planner.baselines import _Builder, largest_count
 from planner.costmodel import CostModel, Curve
 from planner.errors import PlanningError
 from planner.generation import modes_refused
-from planner.placement import PlacedSchedule
+from planner.placement import PlacedSchedule, placed_ledger
 from planner.refine import DEVICES_PER_UNIT
 from planner.rolloutlag import lagged_generate
 from planner.rows import uneven_rows
@@ -293,31 +295,36 @@ def least_memory_curve(cost_model: CostModel, op, num_devices: int) -> Curve | N
                  tuple(cost_model.forward_fraction(op, lay) for lay in layouts)) if counts else None
 
 
-def _simulated(problem: Problem, cost_model: CostModel, placed: PlacedSchedule | None):
-    """(does not fit, predicted iteration, placed, simulation) of ``placed``; None for None."""
-    if placed is None:
-        return None
-    sim = simulate(problem, placed, cost_model)
-    return (max(sim.peak_memory_bytes, default=0.0) > cost_model.hw.memory_bytes, sim.iteration_time_s, placed, sim)
-
-
 def rl_budget(limit_s: float) -> float:
     """Work units of each role-placement search under a planner time limit of ``limit_s`` CPU seconds: the limit's
-    share (:data:`RL_UNITS_PER_LIMIT_S` per second; a unit costs ~2-7 ms of CPU on the bench cells), at most
+    share (:data:`RL_UNITS_PER_LIMIT_S` per second; a unit costs ~1-7 ms of CPU on the bench cells), at most
     :data:`RL_SEARCH_BUDGET`. Derived from the limit, never the clock: the same job gets the same placements."""
     return min(RL_SEARCH_BUDGET, RL_UNITS_PER_LIMIT_S * limit_s)
 
 
-class Work:
-    """The deterministic work budget of one role-placement search (docs/planner.md, section 5's table): units of
-    planner.refine.evaluation_cost (slices x started blocks of 64 devices) per placement simulated, and one per
-    :data:`ESTIMATES_PER_UNIT` MetaOp estimates of the split search. Counted in work, never the clock, so a job
-    gets the same placements on a busy machine and an idle one. ``budget`` bounds the search once it has found a
-    placement that fits (``fits``); until then it may go on to :data:`RL_SEARCH_BUDGET` (a short time limit must
-    not leave a job that fits only with pipeline stages without a plan)."""
+@dataclass(frozen=True)
+class RoleBudget:
+    """What each role-placement search may spend: ``units`` of work (:class:`Work`), and CPU time of the planning
+    thread up to ``deadline`` (``time.thread_time()``, the planner's time limit; None: no deadline) once it has a
+    placement that fits. The units bind first on a job planned within its limit, so its placements do not depend on
+    the clock; the deadline is the safety cap that keeps planning within ``planner.time_limit_s`` where they would
+    not (``grad_accum_steps: auto`` plans every count on a share of the limit)."""
 
-    def __init__(self, budget: float = RL_SEARCH_BUDGET):
-        self.budget = budget
+    units: float = RL_SEARCH_BUDGET
+    deadline: float | None = None
+
+
+class Work:
+    """The work budget of one role-placement search (docs/planner.md, section 5's table): units of
+    planner.refine.evaluation_cost (slices x started blocks of 64 devices) per placement simulated, and one per
+    :data:`ESTIMATES_PER_UNIT` MetaOp estimates of the split search. Counted in work, so a job gets the same
+    placements on a busy machine and an idle one. ``budget``'s units bound the search once it has found a placement
+    that fits (``fits``); until then it may go on to :data:`RL_SEARCH_BUDGET` (a short time limit must not leave a job
+    that fits only with pipeline stages without a plan). Once something fits, ``budget``'s deadline ends it too."""
+
+    def __init__(self, budget: RoleBudget = RoleBudget()):
+        self.given = budget
+        self.budget = budget.units
         self.spent = 0.0
         self.fits = False  # the search has found a placement that fits in device memory
 
@@ -325,7 +332,10 @@ class Work:
         self.spent += units
 
     def left(self) -> float:
-        """Units left: of ``budget`` once something fits, else of the larger of it and :data:`RL_SEARCH_BUDGET`."""
+        """Units left: of ``budget`` once something fits (none past its deadline), else of the larger of it and
+        :data:`RL_SEARCH_BUDGET`."""
+        if self.fits and self.given.deadline is not None and time.thread_time() >= self.given.deadline:
+            return 0.0
         return max(0.0, (self.budget if self.fits else max(self.budget, RL_SEARCH_BUDGET)) - self.spent)
 
 
@@ -340,7 +350,7 @@ def _search(problem: Problem, cost_model: CostModel, build, work: Work | None = 
     tensor-parallel: uneven shares with the generation at tensor_parallel 1 (:func:`tp1_generation_version`), and
     keeps the best: the same freedom for all."""
     work = work or Work()
-    budget = work.budget
+    budget = work.given
     found = [_search_versions(problem, cost_model, build, work)]
     with uneven_rows(cost_model):
         uneven = replace(problem, curves=tuple(cost_model.curve(op) for op in problem.graph.metaops))
@@ -359,31 +369,47 @@ def _search_versions(problem: Problem, cost_model: CostModel, build, work: Work
                      ) -> tuple[PlacedSchedule, Simulation] | None:
     from planner.candidates import runnable  # local: planner.candidates imports this module
 
-    best = None
+    best = None  # (predicted iteration, placed, simulation) of the fastest placement that fits
+    unfit: list[PlacedSchedule] = []  # those that do not (by the ledger's peaks, the simulation's), in order
     blocks = -(-problem.num_devices // DEVICES_PER_UNIT)
     for stages in STAGES:
         for version in tightened(problem, cost_model, stages):
             for placed in build(version, stages, work):
-                if best is not None and not work.left():
-                    return best[2], best[3]
-                if placed is not None:
-                    work.spend(max(1, sum(len(w.slices) for w in placed.waves)) * blocks)
-                    if runnable(problem, placed, cost_model.hw.devices_per_node) is not None:
-                        continue  # e.g. a pool starting mid-node whose tensor-parallel groups span nodes
-                x = _simulated(problem, cost_model, placed)
-                if x is not None and (best is None or x[:2] < best[:2]):
-                    best = x
-                    work.fits = work.fits or not x[0]
-        if best is not None and not best[0]:
+                if (best is not None or unfit) and not work.left():
+                    return _fastest(problem, cost_model, best, unfit)
+                if placed is None:
+                    continue
+                work.spend(max(1, sum(len(w.slices) for w in placed.waves)) * blocks)
+                if runnable(problem, placed, cost_model.hw.devices_per_node) is not None:
+                    continue  # e.g. a pool starting mid-node whose tensor-parallel groups span nodes
+                if max(placed_ledger(problem, placed, cost_model).peak(), default=0.0) > cost_model.hw.memory_bytes:
+                    unfit.append(placed)  # simulated only if nothing fits: any placement that fits is preferred
+                    continue
+                work.fits = True
+                sim = simulate(problem, placed, cost_model)
+                if best is None or sim.iteration_time_s < best[0]:
+                    best = (sim.iteration_time_s, placed, sim)
+        if best is not None:
             break
-    return None if best is None else (best[2], best[3])
+    return _fastest(problem, cost_model, best, unfit)
 
 
-def rl_schedules(problem: Problem, cost_model: CostModel, budget: float = RL_SEARCH_BUDGET
+def _fastest(problem: Problem, cost_model: CostModel, best, unfit: list[PlacedSchedule]
+             ) -> tuple[PlacedSchedule, Simulation] | None:
+    """The search's result: ``best`` (the fastest placement that fits) as (placed, simulation), else the fastest of
+    ``unfit`` (the first on a tie), else None. The placements that do not fit are simulated here only: on the 70B GRPO
+    cell nearly all a search places before its first fit (226 of 232 simulations, about half its planning time)."""
+    if best is not None:
+        return best[1], best[2]
+    return min(((placed, simulate(problem, placed, cost_model)) for placed in unfit),
+               key=lambda found: found[1].iteration_time_s, default=None)
+
+
+def rl_schedules(problem: Problem, cost_model: CostModel, budget: RoleBudget = RoleBudget()
                  ) -> dict[str, tuple[PlacedSchedule, Simulation]]:
     """The colocated and best split placements of an RL-shaped job (empty otherwise), each with its simulation: for
     each, the fastest that fits over the job's layouts, their memory-tightened versions (:func:`tightened`) and
-    pipeline stages (:func:`stage_plan`), within ``budget`` work units each (:class:`Work`)."""
+    pipeline stages (:func:`stage_plan`), each within ``budget`` (:class:`Work`)."""
     if not rl_shaped(problem):
         return {}
     out = {"colocated": _search(problem, cost_model, lambda p, k, w: [colocated_schedule(p, k)], Work(budget)),
@@ -405,7 +431,7 @@ def walked(problem: Problem, cost_model: CostModel, found: tuple[PlacedSchedule,
     return placed, one_f_one_b_if_no_slower(problem, cost_model, placed, sim)[1]
 
 
-def split_at(problem: Problem, cost_model: CostModel, sizes: dict[str, int], budget: float = RL_SEARCH_BUDGET
+def split_at(problem: Problem, cost_model: CostModel, sizes: dict[str, int], budget: RoleBudget = RoleBudget()
              ) -> tuple[PlacedSchedule, Simulation] | None:
     """The split placement with the pools ``sizes`` (every role named, summing to at most N), the fastest fitting
     over stages and layout versions as :func:`rl_schedules` searches; None when the sizes are not a split. bench.rl
@@ -484,12 +510,12 @@ def level_split_schedule(problem: Problem, stages: int = 1, trained_alone: bool 
     return builder.placed()
 
 
-def role_candidate(problem: Problem, cost_model: CostModel, budget: float = RL_SEARCH_BUDGET
+def role_candidate(problem: Problem, cost_model: CostModel, budget: RoleBudget = RoleBudget()
                    ) -> tuple[PlacedSchedule, Simulation] | None:
     """Loom's own role placement of an RL-shaped job (None otherwise, or when nothing fits): the fastest fitting
     :func:`level_split_schedule` over pipeline stages and layout versions (with ``training.rollout_lag`` 1 also
     with the generation on a pool of its own, :data:`POOL_SHARES` of the devices, planner.rolloutlag), for the jobs whose solver candidates do
-    not fit (a 70B policy needs pipeline stages to train beside its generation copy); within ``budget`` work units
+    not fit (a 70B policy needs pipeline stages to train beside its generation copy); within ``budget``
     (:class:`Work`)."""
     if not rl_shaped(problem):
         return None
@@ -506,7 +532,7 @@ def role_candidate(problem: Problem, cost_model: CostModel, budget: float = RL_S
 
 
 def with_role_candidate(problem: Problem, cost_model: CostModel, chosen, bound_s: float,
-                        budget: float = RL_SEARCH_BUDGET):
+                        budget: RoleBudget = RoleBudget()):
     """``chosen`` (the solver's ``(SolveResult, placed, simulation)``, or None when none fits) or Loom's role
     placement (:func:`role_candidate`) when that fits and is predicted faster; the SolveResult's method then reads
     ``role placement``."""

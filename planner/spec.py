@@ -467,7 +467,8 @@ class PlannerSpec(StrictModel):
     time_limit_s: float = Field(
         10.0, gt=0, description="Limit of the whole planning (search, placement, baselines, packing the plan) in CPU "
         "seconds of the planning thread, and the wall-clock limit of each MILP solve. A safety cap: each search step "
-        "stops at a deterministic work budget first, except on the largest jobs (docs/planner.md)."
+        "stops at a deterministic work budget first, except on the largest jobs and RL jobs with grad_accum_steps: "
+        "auto, whose role-placement searches stop at it once each has a placement that fits (docs/planner.md)."
     )
     mip_gap: float = Field(0.005, ge=0, description="Relative MIP gap at which a solve stops.")
     level_barriers: bool = Field(

@@ -11,7 +11,7 @@ from planner.costmodel import CostModel
 from planner.generation import decode_batches
 from planner.metagraph import build_metagraph
 from planner.placement import PlacedSchedule
-from planner.rlbaselines import GEN_SHARES, RL_SEARCH_BUDGET, Work, _search, level_split_schedule, rl_shaped
+from planner.rlbaselines import GEN_SHARES, RoleBudget, Work, _search, level_split_schedule, rl_shaped
 from planner.schedule import Problem
 from planner.simulator import Simulation
 
@@ -42,13 +42,13 @@ def streamed_problem(job, chunks: int, cost_model: CostModel) -> Problem | None:
     return Problem.build(replace(graph, metaops=ops), cost_model)
 
 
-def streamed_candidate(problem: Problem, cost_model: CostModel, budget: float = RL_SEARCH_BUDGET
+def streamed_candidate(problem: Problem, cost_model: CostModel, budget: RoleBudget = RoleBudget()
                        ) -> tuple[PlacedSchedule, Simulation] | None:
     """Rollouts streamed in chunks: ``problem`` has the job's rows in micro-batches (:func:`streamed_job`) and the
     generation runs on a pool of its own (:func:`level_split_schedule` with ``gen_pool``), so the per-device
     timeline (planner.timeline: each device walks every micro-batch, no global barrier) generates chunk i+1 while
     the other devices score and train chunk i. The fastest fitting one over generation shares, stages and layout
-    versions within ``budget`` work units; None when none fits or the problem has one micro-batch."""
+    versions within ``budget``; None when none fits or the problem has one micro-batch."""
     if not rl_shaped(problem) or problem.graph.num_micro_batches < 2:
         return None
     found = _search(problem, cost_model, lambda p, k, w: (level_split_schedule(p, k, alone, share, gen_pool=True)

@@ -32,7 +32,7 @@ from planner.generation import as_run, modes_refused
 from planner.metagraph import build_metagraph
 from planner.plan import job_for_plan, micro_batches_pipelined
 from planner.rlbaselines import (
-    pool_sizes, rl_budget, rl_schedules, split_at,
+    RoleBudget, pool_sizes, rl_budget, rl_schedules, split_at,
 )
 from planner.streamed import STREAM_CHUNKS, streamed_candidate, streamed_job, streamed_problem
 from planner.schedule import Problem
@@ -91,6 +91,7 @@ def measure_cell(job, cost_model, name: str, lag: int, runnable: bool) -> dict:
         outcome, why = None, str(exc).split(". ")[0]
     planning_s = time.perf_counter() - started
     rows, asked = {}, job
+    budget = RoleBudget(rl_budget(job.planner.time_limit_s))  # the baselines' searches without a deadline: in full
     if outcome is not None:
         job = job_for_plan(job, outcome.plan)  # grad_accum_steps: auto at the plan's count
         k = job.training.grad_accum_steps
@@ -105,8 +106,7 @@ def measure_cell(job, cost_model, name: str, lag: int, runnable: bool) -> dict:
             for model in (cost_model, cost_model.with_in_flight(n)) if pipelining_left_to_planner(at) else (
                     cost_model,):
                 ordered = Problem.build(build_metagraph(at), model)
-                for placement, (placed, psim) in rl_schedules(ordered, model,
-                                                              rl_budget(job.planner.time_limit_s)).items():
+                for placement, (placed, psim) in rl_schedules(ordered, model, budget).items():
                     row = placement_row(ordered, model, placed, psim) | {"micro_batches": n}
                     rows[placement] = better(rows.get(placement), row)
     record = {"cell": name, "lag": lag, "devices": job.cluster.num_devices, "device": job.cluster.device,
@@ -120,7 +120,7 @@ def measure_cell(job, cost_model, name: str, lag: int, runnable: bool) -> dict:
         return record | {"none_possible": why}
     sim = outcome.simulation
     # Loom's pools as a split (a vector the search may not have simulated), in the plan's micro-batch order
-    same = split_at(problem, piped, rows["loom"]["pools"], rl_budget(job.planner.time_limit_s))
+    same = split_at(problem, piped, rows["loom"]["pools"], budget)
     if same is not None and "split" in rows:
         at_pools = placement_row(problem, piped, *same) | {"at_loom_pools": True}
         rows["split"] = better(rows["split"], at_pools)
