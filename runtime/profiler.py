@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from planner.api import micro_batch_counts
 from planner.costmodel import Layout, profile_key
 from planner.metagraph import MetaOp, build_metagraph
 from planner.spec import JobSpec
@@ -65,9 +66,19 @@ PROFILE_VERSION = 1
 CHAIN_LAYERS = 4  # layers of a workload timed one after another (at most the MetaOp's own)
 
 
-def local_batches(op: MetaOp, num_devices: int) -> list[int]:
-    """The per-device batches the planner evaluates for ``op`` (data parallel, TP 1), ascending."""
-    return sorted({op.batch_size // dp for dp in range(1, num_devices + 1) if op.batch_size % dp == 0})
+def local_batches(op: MetaOp, num_devices: int, counts: tuple[int, ...] = (1,)) -> list[int]:
+    """The per-device batches the planner evaluates for ``op`` (data parallel, TP 1), ascending: its batch in each of
+    ``counts`` micro-batches (:func:`profiled_counts`), split over every data-parallel degree that divides it."""
+    return sorted({op.batch_size // k // dp for k in counts if op.batch_size % k == 0
+                   for dp in range(1, num_devices + 1) if op.batch_size // k % dp == 0})
+
+
+def profiled_counts(job: JobSpec) -> tuple[int, ...]:
+    """The counts of micro-batches a profile of ``job`` measures each MetaOp's local batches at: with
+    ``grad_accum_steps: auto`` every count the planner plans (planner.api.micro_batch_counts: their smaller local
+    batches measured, not extrapolated), else one (the MetaGraph's batches are already one micro-batch's). A generate
+    use decodes every micro-batch's rows at once, so its batches are the first count's alone."""
+    return tuple(micro_batch_counts(job)) if job.micro_batches_auto else (1,)
 
 
 def _run_chain(chain: list[torch.nn.Module], op: MetaOp, x: torch.Tensor, kwargs: dict) -> tuple[float, float]:
@@ -125,12 +136,13 @@ def layer_timers(job: JobSpec, device: torch.device
     """Per distinct layer workload (its profile key) and local batch: a call that runs it once and returns its
     seconds per layer and, for a chain with a backward, the seconds of its forward (:func:`sample_layers`)."""
     timers: dict[str, dict[int, Callable[[], tuple[float, float | None]]]] = {}
+    counts = profiled_counts(job)
     for op in build_metagraph(job).metaops:
         key = profile_key(op, Layout(1, 1))
         if key in timers:
             continue
-        batches = local_batches(op, job.cluster.num_devices)
         if op.gen is not None:  # a generate or sample use: the whole use's decode or denoising loop
+            batches = local_batches(op, job.cluster.num_devices)
             timer = mode_timer(job, op, device)
             timers[key] = {b: (lambda b=b, timer=timer: (timer(b), None)) for b in batches}
             continue
@@ -144,7 +156,8 @@ def layer_timers(job: JobSpec, device: torch.device
         kwargs = layer_kwargs(job, op)
         timers[key] = {b: (lambda op=op, chain=chain, kwargs=kwargs,
                            x=torch.randn(b, *shape, device=device, requires_grad=op.backward_factor > 0):
-                           _per_layer(_run_chain(chain, op, x, kwargs), len(chain), op)) for b in batches}
+                           _per_layer(_run_chain(chain, op, x, kwargs), len(chain), op))
+                        for b in local_batches(op, job.cluster.num_devices, counts)}
     return timers
 
 
@@ -405,7 +418,7 @@ def time_embeddings(job: JobSpec, repeats: int, warmup: int,
                 t.grad = None
 
         out[op.name] = []
-        for b in local_batches(op, job.cluster.num_devices):
+        for b in local_batches(op, job.cluster.num_devices, profiled_counts(job)):
             inputs = [torch.randn(b, *shape, device=device).requires_grad_(True) for shape in shapes]  # as received
             batch = synthetic_batch(job, index[op.task], 0, 0, b).to(device)  # drawing it is `data`'s (time_data)
             seconds = _median_seconds(lambda batch=batch, inputs=inputs, run=run: run(batch, inputs), repeats, warmup,
@@ -427,7 +440,7 @@ def time_heads(job: JobSpec, repeats: int, warmup: int,
             continue
         head = build_head(job, t).to(device)
         points = []
-        for b in local_batches(leaves[0], job.cluster.num_devices):
+        for b in local_batches(leaves[0], job.cluster.num_devices, profiled_counts(job)):
             outputs = {op.use: torch.randn(b, *output_shape(job, op), device=device, requires_grad=True)
                        for op in leaves}
             # the rollouts of the task's generate uses (a grpo head reads the tokens), without gradient
@@ -465,7 +478,8 @@ def time_data(job: JobSpec, repeats: int, warmup: int,
             continue
         steps = itertools.count()
         out[task.name] = [[b, _median_seconds(lambda b=b, t=t: task_batch(job, t, next(steps), 0, b).to(device),
-                                              repeats, warmup, device)] for b in local_batches(op, job.cluster.num_devices)]
+                                              repeats, warmup, device)]
+                          for b in local_batches(op, job.cluster.num_devices, profiled_counts(job))]
     return out
 
 

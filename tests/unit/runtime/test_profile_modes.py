@@ -16,7 +16,7 @@ from planner.metagraph import build_metagraph
 from planner.spec import parse_job
 from runtime.embeddings import build_embed
 from runtime.profile_modes import generate_timer, sample_timer, use_layers
-from runtime.profiler import local_batches, profile_job
+from runtime.profiler import local_batches, profile_job, profiled_counts
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -80,6 +80,26 @@ def test_the_cost_file_holds_the_generate_use_and_plan_costs_prices_it_from_ther
     for dp in (1, 2):
         assert model.layout_time(gen, Layout(dp, 1)) == fit_piecewise(measured, 8 // dp)
     assert model.layout_time(gen, Layout(1, 1)) != AnalyticCostModel(model.hw).layout_time(gen, Layout(1, 1))
+
+
+def test_an_auto_job_is_profiled_at_the_local_batches_of_every_count_the_planner_plans():
+    """``grad_accum_steps: auto`` plans 1 and 2 micro-batches here (8 rows, groups of 4): the reward model, the
+    policy's update, the head and the data are measured at 2 rows a device as well (2 micro-batches of 4 on 2
+    devices), the generate use at the rows it decodes at once (every micro-batch's together), as before."""
+    auto = grpo_job(nodes=2).model_copy(update={"training": grpo_job().training.model_copy(
+        update={"grad_accum_steps": "auto"})})
+    assert profiled_counts(auto) == (1, 2) and profiled_counts(grpo_job(nodes=2)) == (1,)
+    data = profile_job(auto, repeats=1, warmup=0, links=False)
+    graph = build_metagraph(auto)
+    for op in graph.metaops:
+        assert [b for b, _ in data["points"][profile_key(op, Layout(1, 1))]] == ([4, 8] if op.gen else [2, 4, 8])
+    assert [b for b, _ in data["head"]["grpo"]] == [b for b, _ in data["data"]["grpo"]] == [2, 4, 8]
+    assert local_batches(graph.metaops[0], 2, (1, 2, 4)) == [1, 2, 4, 8]  # 8 rows: 8, 4 / 4, 2 / 2, 1
+    # the planner prices 2 micro-batches' reward model on 2 devices (2 rows each) from the point measured there
+    reward = next(op for op in build_metagraph(auto.with_micro_batches(2)).metaops if op.component == "reward")
+    point = dict(data["points"][profile_key(reward, Layout(1, 1))])[2]
+    assert make_cost_model(auto.with_micro_batches(2), data).layout_time(reward, Layout(2, 1)) == pytest.approx(
+        point * reward.num_layers)
 
 
 def test_a_sample_use_is_profiled_as_its_denoising_steps():
