@@ -46,7 +46,7 @@ from planner.rlbaselines import RoleBudget, rl_budget, rl_shaped, with_role_cand
 from planner.rows import row_shares
 from planner.simulator import Simulation, one_f_one_b_if_no_slower, simulate
 from planner.solver import Candidate, SolveResult, SolverSettings, clocks, solve
-from planner.spec import JobSpec
+from planner.spec import JobSpec, micro_batch_counts
 from planner.spindle import spindle_schedule
 
 log = logging.getLogger(__name__)
@@ -147,19 +147,10 @@ def _plan_orders(job: JobSpec, cost_model: CostModel, limit: float, with_baselin
     return replace(chosen, planning_time_s=total)
 
 
-MICRO_BATCH_COUNTS = (1, 2, 4, 8, 16, 32, 64)  # grad_accum_steps: auto plans each of these the job's batches split into
-
-
-def micro_batch_counts(job: JobSpec) -> list[int]:
-    """The counts of :data:`MICRO_BATCH_COUNTS` ``job``'s steps split into (:meth:`JobSpec.micro_batches_refused`):
-    those ``grad_accum_steps: auto`` plans."""
-    return [k for k in MICRO_BATCH_COUNTS if job.micro_batches_refused(k) is None]
-
-
 def _plan_micro_batches(job: JobSpec, cost_model: CostModel, with_baselines: bool, say: Progress,
                         roles: RoleBudget) -> PlanOutcome:
     """:func:`plan_job` for ``training.grad_accum_steps: auto``: the job planned at each count of
-    :data:`MICRO_BATCH_COUNTS` it splits into (:meth:`JobSpec.micro_batches_refused`), each on an equal share of the
+    :data:`planner.spec.MICRO_BATCH_COUNTS` it splits into (:meth:`JobSpec.micro_batches_refused`), each on an equal share of the
     time limit and with the job's whole role-placement budget (``roles``' work units: a smaller one finds other
     placements, and the count's baselines must be those of a job of that count; the limit's end caps them all); the
     plan predicted fastest (the fewer micro-batches on a tie), recording its count (Plan.grad_accum_steps). Each

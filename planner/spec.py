@@ -793,6 +793,15 @@ def _format_error(model: type[BaseModel], err: dict[str, Any]) -> str:
     return f"{path} ({shown}): {err['msg'].lower()}. Fix the value in the spec."
 
 
+MICRO_BATCH_COUNTS = (1, 2, 4, 8, 16, 32, 64)  # grad_accum_steps: auto plans each of these the job's batches split into
+
+
+def micro_batch_counts(job: JobSpec) -> list[int]:
+    """The counts of :data:`MICRO_BATCH_COUNTS` ``job``'s steps split into (:meth:`JobSpec.micro_batches_refused`):
+    those ``grad_accum_steps: auto`` plans (planner.api) and ``loom profile`` measures (runtime.profiler)."""
+    return [k for k in MICRO_BATCH_COUNTS if job.micro_batches_refused(k) is None]
+
+
 def parse_job(data: Any, source: str = "job spec", base: Path | None = None) -> JobSpec:
     """Validate a parsed YAML/JSON document as a :class:`JobSpec`; raise one readable SpecError. ``base`` is the
     folder relative ``pretrained:`` paths are read from (the spec file's; default the cwd)."""

@@ -45,10 +45,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from planner.api import micro_batch_counts
 from planner.costmodel import Layout, profile_key
 from planner.metagraph import MetaOp, build_metagraph
-from planner.spec import JobSpec
+from planner.spec import JobSpec, micro_batch_counts
 from runtime.data import synthetic_batch, task_batch
 from runtime.checks import feature_shape
 from runtime.assignment import input_order
@@ -75,7 +74,7 @@ def local_batches(op: MetaOp, num_devices: int, counts: tuple[int, ...] = (1,)) 
 
 def profiled_counts(job: JobSpec) -> tuple[int, ...]:
     """The counts of micro-batches a profile of ``job`` measures each MetaOp's local batches at: with
-    ``grad_accum_steps: auto`` every count the planner plans (planner.api.micro_batch_counts: their smaller local
+    ``grad_accum_steps: auto`` every count the planner plans (planner.spec.micro_batch_counts: their smaller local
     batches measured, not extrapolated), else one (the MetaGraph's batches are already one micro-batch's). A generate
     use decodes every micro-batch's rows at once, so its batches are the first count's alone."""
     return tuple(micro_batch_counts(job)) if job.micro_batches_auto else (1,)

@@ -25,7 +25,7 @@ import os
 import time
 
 from bench.common import REPO_ROOT, write_results
-from planner.api import make_cost_model, micro_batch_counts, pipelining_left_to_planner, plan_job
+from planner.api import make_cost_model, pipelining_left_to_planner, plan_job
 from planner.bound import plan_bounds
 from planner.errors import PlanningError
 from planner.generation import as_run, modes_refused
@@ -36,7 +36,7 @@ from planner.rlbaselines import (
 )
 from planner.streamed import STREAM_CHUNKS, streamed_candidate, streamed_job, streamed_problem
 from planner.schedule import Problem
-from planner.spec import load_job
+from planner.spec import load_job, micro_batch_counts
 
 log = logging.getLogger("bench.rl")
 CELLS = ("grpo-7b-16", "grpo-7b-64", "grpo-70b-64", "itercomp-32")
@@ -144,7 +144,7 @@ def measure_cell(job, cost_model, name: str, lag: int, runnable: bool) -> dict:
 
 def counts_of(job) -> list:
     """``job`` at each count of micro-batches its plan may take: with ``grad_accum_steps: auto`` every count of
-    planner.api.micro_batch_counts (each placement then at its fastest), else the job."""
+    planner.spec.micro_batch_counts (each placement then at its fastest), else the job."""
     if not job.micro_batches_auto:
         return [job]
     return [job.with_micro_batches(n) for n in micro_batch_counts(job)]
@@ -252,7 +252,7 @@ def markdown(records: list[dict]) -> str:
               "chunk's decode reads all the weights per token again, which costs more than the overlap saves here.",
               "", "Micro-batches (the GRPO cells: `training.grad_accum_steps: auto`; verl and OpenRLHF split the "
               "update into micro-batches of a size their users pick): Loom's plan is the fastest of its plans at 1, "
-              "2, 4, ... micro-batches (planner.api.MICRO_BATCH_COUNTS, each count the batch splits into whole "
+              "2, 4, ... micro-batches (planner.spec.MICRO_BATCH_COUNTS, each count the batch splits into whole "
               "sample groups), and colocated and split are searched at every one of those counts, each keeping its "
               "fastest that fits (the count follows each time above where it is more than one). The rollouts are "
               "decoded once, every micro-batch's rows together, and the update runs the micro-batches in order or "

@@ -11,13 +11,13 @@ import pytest
 from orchestrator.render import plan_header
 from orchestrator.run_inputs import RunInputError, check_plan_for_job
 from planner.accumhint import micro_batch_hint
-from planner.api import MICRO_BATCH_COUNTS, _plan_orders, make_cost_model, micro_batch_counts, plan_job
+from planner.api import _plan_orders, make_cost_model, plan_job
 from planner.errors import SpecError
 from planner.metagraph import build_metagraph
 from planner.plan import Plan, job_for_plan
 from planner.rlbaselines import RoleBudget, rl_budget
 from planner.shapes import parse_shapes
-from planner.spec import load_job, parse_job
+from planner.spec import MICRO_BATCH_COUNTS, load_job, micro_batch_counts, parse_job
 
 GRPO_7B = Path(__file__).resolve().parents[3] / "bench" / "rl" / "grpo-7b-16.yaml"
 
