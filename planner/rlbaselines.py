@@ -34,6 +34,7 @@ own (bench.rl evaluates it; plans do not adopt it: with micro-batches the runtim
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -196,9 +197,7 @@ def split_candidates(problem: Problem, stages: int = 1, work: Work | None = None
            or (work is not None and grain * 2 * len(names) <= problem.num_devices
                and math.comb(problem.num_devices // grain, len(names)) * per_vector > work.left())):
         grain *= 2
-    parts = problem.num_devices // grain
-    cuts = np.array(list(itertools.combinations(range(1, parts + 1), len(names))), dtype=np.int64)  # sums <= parts
-    sizes = np.diff(cuts, axis=1, prepend=0) * grain
+    sizes = _grain_vectors(problem.num_devices // grain, len(names)) * grain
     if work is not None:
         work.spend(len(sizes) * per_vector)
     t = split_estimates(problem, sizes, stages)
@@ -217,6 +216,17 @@ def split_candidates(problem: Problem, stages: int = 1, work: Work | None = None
             if len(best) == SPLIT_SIMULATED:
                 break
     return [{r: int(n) for r, n in zip(names, sizes[i])} for i in best]
+
+
+@functools.lru_cache(maxsize=64)
+def _grain_vectors(parts: int, roles: int) -> np.ndarray:
+    """Every vector of ``roles`` positive counts of grains summing to at most ``parts``, one per row, in the order of
+    their cuts (itertools.combinations). Remembered (read-only): every stage count and layout version of a search, and
+    every count of micro-batches, asks for the same ones."""
+    cuts = np.array(list(itertools.combinations(range(1, parts + 1), roles)), dtype=np.int64).reshape(-1, roles)
+    out = np.diff(cuts, axis=1, prepend=0)
+    out.setflags(write=False)
+    return out
 
 
 def _used_devices(problem: Problem, sizes: np.ndarray, stages: int) -> np.ndarray:
