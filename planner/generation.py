@@ -202,21 +202,21 @@ def runs_tensor_parallel(op) -> bool:
     return op.gen is None or op.gen.tensor_parallel
 
 
-def layer_tp_groups(ops, placed) -> dict[tuple[str, int, int], tuple[int, ...]]:
+def layer_tp_groups(ops, placed, groups: set[str] | None = None) -> dict[tuple[str, int, int], tuple[int, ...]]:
     """(parameter group, layer, device) -> the devices of the TP group in which the device runs that layer, for every
     layered slice (train or forward; a generate or sample slice's stand-in is skipped) of ``placed`` (a whole group
-    of one at tensor_parallel 1): the layout the runtime builds those layers in (runtime.assignment.layer_tp_groups)."""
+    of one at tensor_parallel 1) of the parameter groups ``groups`` (None: all): the layout the runtime builds those
+    layers in (runtime.assignment.layer_tp_groups)."""
     out: dict[tuple[str, int, int], tuple[int, ...]] = {}
     for wave in placed.waves:
         for s in wave.slices:
             op = ops[s.metaop]
-            if op.gen is not None:
+            if op.gen is not None or (groups is not None and op.param_group not in groups):
                 continue
-            tp = s.layout.tp_degree
-            for j in range(s.first_layer, s.first_layer + s.num_layers):
-                for i in range(0, len(s.devices), tp):
-                    for d in s.devices[i:i + tp]:
-                        out[(op.param_group, j, d)] = tuple(s.devices[i:i + tp])
+            tp, g = s.layout.tp_degree, op.param_group
+            tp_groups = [tuple(s.devices[i:i + tp]) for i in range(0, len(s.devices), tp)]
+            out.update(((g, j, d), members) for j in range(s.first_layer, s.first_layer + s.num_layers)
+                       for members in tp_groups for d in members)
     return out
 
 
@@ -228,33 +228,57 @@ def decode_refused(ops, placed) -> str | None:
     holds none of it and, when the layer trains, receives its cut after each step (runtime.rollout.Roles: a
     trainer's own shard at the same degree and rank, cut from a whole layer, or from the layer its TP group gathers
     first). A device that runs the layer in another group would need a second, differently cut copy of it beside
-    the one it holds: not run."""
-    if not any(ops[s.metaop].gen is not None and ops[s.metaop].gen.mode == "generate"
-               for wave in placed.waves for s in wave.slices):
-        return None  # nothing decodes (layer_tp_groups walks every layer x device: seconds at 16,384 devices)
-    held = layer_tp_groups(ops, placed)  # (group, layer, device) -> the TP group it runs it in
-    layers: dict[str, set[tuple[str, int]]] = {}  # component -> its layers other uses run (train or forward)
+    the one it holds: not run. The first such device, layer and group is named: the generate slices in order, their TP
+    groups in order, the component's (group, layer) pairs sorted, the group's devices in order."""
+    decodes = [s for wave in placed.waves for s in wave.slices
+               if ops[s.metaop].gen is not None and ops[s.metaop].gen.mode == "generate"]
+    if not decodes:
+        return None  # nothing decodes
+    layers: dict[str, dict[str, set[int]]] = {}  # component -> group -> its layers other uses run (train or forward)
     for wave in placed.waves:
         for s in wave.slices:
             op = ops[s.metaop]
             if op.gen is None:
-                layers.setdefault(op.component, set()).update(
-                    (op.param_group, j) for j in range(s.first_layer, s.first_layer + s.num_layers))
-    for wave in placed.waves:
-        for s in wave.slices:
-            op = ops[s.metaop]
-            if op.gen is None or op.gen.mode != "generate":
-                continue
-            tp = s.layout.tp_degree
-            for i in range(0, len(s.devices), tp):
-                members = tuple(s.devices[i:i + tp])
-                for group, j in sorted(layers.get(op.component, ())):
-                    for d in members:
-                        mine = held.get((group, j, d))
-                        if mine is not None and mine != members:
-                            return (f"{op.name} decodes on device {d} in TP group {list(members)}, which runs layer "
-                                    f"{j} of {group} in TP group {list(mine)}")
+                layers.setdefault(op.component, {}).setdefault(op.param_group, set()).update(
+                    range(s.first_layer, s.first_layer + s.num_layers))
+    held, ids = _tp_group_table(ops, placed, {g for s in decodes for g in layers.get(ops[s.metaop].component, {})})
+    members_of = {k: m for m, k in ids.items()}
+    for s in decodes:
+        op = ops[s.metaop]
+        tp = s.layout.tp_degree
+        runs = layers.get(op.component, {})
+        for i in range(0, len(s.devices), tp):
+            members = tuple(s.devices[i:i + tp])
+            me = ids.get(members, -2)
+            for group in sorted(runs):
+                js = np.array(sorted(runs[group]))
+                found = held[group][np.ix_(members, js)]  # per member and layer, the TP group it runs it in
+                other = (found >= 0) & (found != me)
+                if other.any():
+                    col = int(other.any(axis=0).argmax())
+                    row = int(other[:, col].argmax())
+                    return (f"{op.name} decodes on device {members[row]} in TP group {list(members)}, which runs "
+                            f"layer {js[col]} of {group} in TP group {list(members_of[int(found[row, col])])}")
     return None
+
+
+def _tp_group_table(ops, placed, groups: set[str]) -> tuple[dict[str, np.ndarray], dict[tuple[int, ...], int]]:
+    """:func:`layer_tp_groups` of ``groups`` as a table per group: devices x layers, the id of the TP group the
+    device runs the layer in (-1: it does not run it; the last slice that does decides), and the ids by TP group."""
+    layered = [(s, ops[s.metaop].param_group) for wave in placed.waves for s in wave.slices
+               if ops[s.metaop].gen is None and ops[s.metaop].param_group in groups]
+    devices = 1 + max(d for wave in placed.waves for s in wave.slices for d in s.devices)
+    size: dict[str, int] = {}
+    for s, g in layered:
+        size[g] = max(size.get(g, 0), s.first_layer + s.num_layers)
+    table = {g: np.full((devices, n), -1, dtype=np.int64) for g, n in size.items()}
+    ids: dict[tuple[int, ...], int] = {}
+    for s, g in layered:
+        tp = s.layout.tp_degree
+        for i in range(0, len(s.devices), tp):
+            members = tuple(s.devices[i:i + tp])
+            table[g][list(members), s.first_layer:s.first_layer + s.num_layers] = ids.setdefault(members, len(ids))
+    return table, ids
 
 
 def modes_refused(ops, placed) -> str | None:

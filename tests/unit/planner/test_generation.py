@@ -476,6 +476,55 @@ def test_as_run_plans_tensor_parallel_decodes_whose_weights_the_runtime_places()
     assert not cost_model.modes_as_run
 
 
+def test_decode_refused_names_what_a_walk_over_every_layer_and_device_names():
+    """decode_refused checks a table of TP groups per device and layer (numpy): it refuses the placements, and names
+    the device, layer and groups, that the plain walk over the generate slices' TP groups, the component's (group,
+    layer) pairs sorted and the group's devices (layer_tp_groups' map) names, over every degree and pool here."""
+    from planner.generation import decode_refused, layer_tp_groups
+
+    data = grpo(4)
+    data["components"]["policy"]["tensor_parallel"] = [1, 2, 4]
+    job = parse_job(data)
+    problem = Problem.build(build_metagraph(job), make_cost_model(job))
+    ops = problem.graph.metaops
+
+    def walked(placed):
+        held = layer_tp_groups(ops, placed)
+        runs = sorted({(ops[s.metaop].param_group, j) for w in placed.waves for s in w.slices
+                       if ops[s.metaop].gen is None and ops[s.metaop].component == "policy"
+                       for j in range(s.first_layer, s.first_layer + s.num_layers)})
+        for w in placed.waves:
+            for s in w.slices:
+                if ops[s.metaop].gen is None:
+                    continue
+                tp = s.layout.tp_degree
+                for i in range(0, len(s.devices), tp):
+                    members = tuple(s.devices[i:i + tp])
+                    for group, j in runs:
+                        for d in members:
+                            mine = held.get((group, j, d))
+                            if mine is not None and mine != members:
+                                return (f"grpo.rollout decodes on device {d} in TP group {list(members)}, which "
+                                        f"runs layer {j} of {group} in TP group {list(mine)}")
+        return None
+
+    said = []
+    for rollout_tp in (1, 2, 4):
+        for train_tp in (1, 2, 4):
+            for rollout_devices, train_devices in (((0, 1, 2, 3), (0, 1, 2, 3)), ((0, 1, 2, 3), (2, 3)),
+                                                   ((2, 3), (0, 1, 2, 3)), ((0, 1), (2, 3))):
+                if len(rollout_devices) < rollout_tp or len(train_devices) < train_tp:
+                    continue
+                layout = {0: Layout(len(rollout_devices) // rollout_tp, rollout_tp),
+                          3: Layout(len(train_devices) // train_tp, train_tp)}
+                placed = slices(problem, lambda m, n: layout.get(m) or problem.curves[m].layout(n),
+                                (0, 0, 0, 1, rollout_devices), (1, 1, 0, 2, (0, 1)), (1, 2, 0, 2, (2, 3)),
+                                (2, 3, 0, 2, train_devices))
+                said.append(decode_refused(ops, placed))
+                assert said[-1] == walked(placed)
+    assert None in said and len({x for x in said if x}) > 3  # both answers, and several different refusals
+
+
 def test_as_run_keeps_a_pretrained_decode_tensor_parallel_and_a_sample_use_at_1(tmp_path):
     """A pretrained Llama-family causal LM decodes tensor-parallel too (runtime.tp_decode over
     runtime.megatron_pretrained's blocks): under as_run its generate use keeps its TP layouts; a sample use is the
