@@ -229,7 +229,7 @@ def hand_off_gathers(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from
     for h in holdings(ops, placed) if held is None else held:
         steppers.setdefault(h.key[:2], set()).update(h.devices)
         shards.setdefault(h.key[:2], set()).add(h.key[2])
-    groups_of = layer_tp_groups(ops, placed)
+    groups_of = layer_tp_groups(ops, placed, {g for groups in trained_groups.values() for g in groups})  # sent ones
     out: dict[tuple[str, int, tuple[int, ...]], float] = {}
     for wave in placed.waves:
         for s in wave.slices:
