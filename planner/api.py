@@ -150,10 +150,10 @@ def _plan_orders(job: JobSpec, cost_model: CostModel, limit: float, with_baselin
 def _plan_micro_batches(job: JobSpec, cost_model: CostModel, with_baselines: bool, say: Progress,
                         roles: RoleBudget) -> PlanOutcome:
     """:func:`plan_job` for ``training.grad_accum_steps: auto``: the job planned at each count of
-    :data:`planner.spec.MICRO_BATCH_COUNTS` it splits into (:meth:`JobSpec.micro_batches_refused`), each on an equal share of the
-    time limit and with the job's whole role-placement budget (``roles``' work units: a smaller one finds other
-    placements, and the count's baselines must be those of a job of that count; the limit's end caps them all); the
-    plan predicted fastest (the fewer micro-batches on a tie), recording its count (Plan.grad_accum_steps). Each
+    :data:`planner.spec.MICRO_BATCH_COUNTS` it splits into (:meth:`JobSpec.micro_batches_refused`), each on an equal
+    share of the time limit and with the job's whole role-placement budget (``roles``' work units: a smaller one finds
+    other placements, and the count's baselines must be those of a job of that count; the limit's end caps them all);
+    the plan predicted fastest (the fewer micro-batches on a tie), recording its count (Plan.grad_accum_steps). Each
     count's plan is never slower than its baselines, so the chosen one is never slower than any baseline at any count
     (every count is planned: the fastest is not where the times first turn up, e.g. bench/rl's 7B GRPO cell at one
     step off-policy, whose split placement is fastest at 32)."""

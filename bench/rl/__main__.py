@@ -271,8 +271,9 @@ def markdown(records: list[dict]) -> str:
     def took(r: dict) -> str:
         return f"{r['cell']} (lag {r['lag']}) {r['planning_s']:.1f} s of {r['time_limit_s']:g}"
 
-    lines += ["", "Planning time per cell (Loom's `plan_job`, baselines included; of the cell's `planner.time_limit_s`, "
-              "which stops a role-placement search that has a placement that fits): " + ", ".join(map(took, records))
+    lines += ["", "Planning time per cell (Loom's `plan_job`, baselines included; of the cell's "
+              "`planner.time_limit_s`, which stops a role-placement search that has a placement that fits): "
+              + ", ".join(map(took, records))
               + "; as the runtime runs: " + ", ".join(map(took, runs)) + "."]
     return "\n".join(lines) + "\n"
 
