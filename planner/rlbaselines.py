@@ -218,11 +218,11 @@ def split_candidates(problem: Problem, stages: int = 1, work: Work | None = None
     return [{r: int(n) for r, n in zip(names, sizes[i])} for i in best]
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)
 def _grain_vectors(parts: int, roles: int) -> np.ndarray:
     """Every vector of ``roles`` positive counts of grains summing to at most ``parts``, one per row, in the order of
-    their cuts (itertools.combinations). Remembered (read-only): every stage count and layout version of a search, and
-    every count of micro-batches, asks for the same ones."""
+    their cuts (itertools.combinations). Remembered (read-only; at most :data:`MAX_SPLIT_VECTORS` rows, a few MB): every
+    stage count and layout version of a search, and every count of micro-batches, asks for the same ones."""
     cuts = np.array(list(itertools.combinations(range(1, parts + 1), roles)), dtype=np.int64).reshape(-1, roles)
     out = np.diff(cuts, axis=1, prepend=0)
     out.setflags(write=False)
@@ -334,7 +334,6 @@ class Work:
 
     def __init__(self, budget: RoleBudget = RoleBudget()):
         self.given = budget
-        self.budget = budget.units
         self.spent = 0.0
         self.fits = False  # the search has found a placement that fits in device memory
 
@@ -346,7 +345,8 @@ class Work:
         :data:`RL_SEARCH_BUDGET`."""
         if self.fits and self.given.deadline is not None and time.thread_time() >= self.given.deadline:
             return 0.0
-        return max(0.0, (self.budget if self.fits else max(self.budget, RL_SEARCH_BUDGET)) - self.spent)
+        units = self.given.units
+        return max(0.0, (units if self.fits else max(units, RL_SEARCH_BUDGET)) - self.spent)
 
 
 def _search(problem: Problem, cost_model: CostModel, build, work: Work | None = None
