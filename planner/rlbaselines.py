@@ -153,6 +153,15 @@ def _op_seconds(problem: Problem, m: int, size: int, stages: int) -> float:
     return math.inf if plan is None else sum(problem.curves[m].time(n) * count for _, count, _, n in plan)
 
 
+def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` of non-negative integers (pool sizes), by counting instead of
+    sorting: the split search asks it of tens of thousands of vectors, one role at a time."""
+    distinct = np.flatnonzero(np.bincount(values))
+    index = np.zeros(distinct[-1] + 1 if len(distinct) else 1, dtype=np.int64)
+    index[distinct] = np.arange(len(distinct))
+    return distinct, index[values]
+
+
 def split_estimates(problem: Problem, sizes: np.ndarray, stages: int = 1) -> np.ndarray:
     """Compute makespan of :func:`split_schedule` for every row of ``sizes`` (pool sizes in role order, one row per
     vector), list-scheduled: a MetaOp starts after its predecessors and its role's previous MetaOp, its stages one
@@ -167,8 +176,7 @@ def split_estimates(problem: Problem, sizes: np.ndarray, stages: int = 1) -> np.
     ahead = np.zeros(rows)  # rollout_lag 1: the pools' time spent on the next step's rollouts (beside the rest)
     for m, op in enumerate(problem.graph.metaops):
         r = names.index(role_of(problem, m))
-        pool = sizes[:, r]
-        distinct, at = np.unique(pool, return_inverse=True)
+        distinct, at = _distinct(sizes[:, r])
         t = np.array([_op_seconds(problem, m, int(n), stages) for n in distinct])[at]
         if m in early:  # ready at the step's start; its own role's pool is busy with it for t
             ahead = np.maximum(ahead, t)
@@ -236,7 +244,7 @@ def _used_devices(problem: Problem, sizes: np.ndarray, stages: int) -> np.ndarra
     out = np.zeros_like(sizes)
     for r, name in enumerate(names):
         ops = [m for m in range(len(problem.graph)) if role_of(problem, m) == name]
-        distinct, at = np.unique(sizes[:, r], return_inverse=True)
+        distinct, at = _distinct(sizes[:, r])
         used = []
         for n in distinct:
             plans = [stage_plan(problem, m, int(n), stages) for m in ops]

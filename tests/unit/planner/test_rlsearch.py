@@ -12,8 +12,8 @@ import pytest
 from planner.api import make_cost_model
 from planner.metagraph import build_metagraph
 from planner.rlbaselines import (
-    GEN_SHARES, RL_SEARCH_BUDGET, RoleBudget, Work, _op_seconds, _search, _search_versions, colocated_schedule,
-    level_split_schedule, rl_budget, rl_schedules, role_of, roles, split_candidates, split_estimates, tightened,
+    GEN_SHARES, RL_SEARCH_BUDGET, RoleBudget, Work, _distinct, _op_seconds, _search, _search_versions,
+    colocated_schedule, level_split_schedule, rl_budget, rl_schedules, role_of, roles, split_candidates, split_estimates, tightened,
 )
 from planner.schedule import Problem
 from planner.simulator import simulate
@@ -21,6 +21,14 @@ from planner.generation import decode_batches
 from planner.streamed import streamed_candidate, streamed_job, streamed_problem
 from planner.spec import parse_job
 from tests.unit.planner.test_generation import grpo, setup
+
+
+def test_distinct_pool_sizes_are_numpy_unique_by_counting():
+    rng = np.random.default_rng(0)
+    for values in (np.array([3]), rng.integers(0, 70, 1000), rng.integers(1, 9, 40_000) * 8):
+        distinct, at = _distinct(values)
+        expected, inverse = np.unique(values, return_inverse=True)
+        assert distinct.tolist() == expected.tolist() and at.tolist() == inverse.tolist()
 
 
 def test_split_estimate_is_the_list_schedule_of_the_roles():
