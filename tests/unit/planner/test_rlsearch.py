@@ -13,8 +13,8 @@ from planner.api import make_cost_model
 from planner.metagraph import build_metagraph
 from planner.rlbaselines import (
     GEN_SHARES, RL_SEARCH_BUDGET, RoleBudget, Work, _distinct, _op_seconds, _search, _search_versions,
-    colocated_schedule, level_split_schedule, rl_budget, rl_schedules, role_of, roles, split_candidates, split_estimates,
-    tightened,
+    colocated_schedule, level_split_schedule, rl_budget, rl_schedules, role_of, roles, split_candidates,
+    split_estimates, tightened,
 )
 from planner.schedule import Problem
 from planner.simulator import simulate
