@@ -397,7 +397,7 @@ def time_embeddings(job: JobSpec, repeats: int, warmup: int,
     decoder's or UNet's bridge, a connector), by name: median seconds of running those modules forward and backward
     (backward only when they train) on inputs of its producers' output shapes and a drawn batch, at every local batch
     the planner can ask for."""
-    graph = build_metagraph(job)
+    graph, counts = build_metagraph(job), profiled_counts(job)
     index = {t.name: i for i, t in enumerate(job.tasks)}
     modules: dict[str, torch.nn.Module] = {}
     out = {}
@@ -417,7 +417,7 @@ def time_embeddings(job: JobSpec, repeats: int, warmup: int,
                 t.grad = None
 
         out[op.name] = []
-        for b in local_batches(op, job.cluster.num_devices, profiled_counts(job)):
+        for b in local_batches(op, job.cluster.num_devices, counts):
             inputs = [torch.randn(b, *shape, device=device).requires_grad_(True) for shape in shapes]  # as received
             batch = synthetic_batch(job, index[op.task], 0, 0, b).to(device)  # drawing it is `data`'s (time_data)
             seconds = _median_seconds(lambda batch=batch, inputs=inputs, run=run: run(batch, inputs), repeats, warmup,
@@ -430,7 +430,7 @@ def time_heads(job: JobSpec, repeats: int, warmup: int,
                device: torch.device = torch.device("cpu")) -> dict[str, list[list[float]]]:
     """Per task: median seconds of its loss head forward and backward on outputs of its leaf MetaOps' shapes (and
     rollout tokens of its generate uses) and a drawn batch, at every local batch the planner can ask for."""
-    graph = build_metagraph(job)
+    graph, counts = build_metagraph(job), profiled_counts(job)
     read = {d for op in graph.metaops for d in op.deps}
     out = {}
     for t, task in enumerate(job.tasks):
@@ -439,7 +439,7 @@ def time_heads(job: JobSpec, repeats: int, warmup: int,
             continue
         head = build_head(job, t).to(device)
         points = []
-        for b in local_batches(leaves[0], job.cluster.num_devices, profiled_counts(job)):
+        for b in local_batches(leaves[0], job.cluster.num_devices, counts):
             outputs = {op.use: torch.randn(b, *output_shape(job, op), device=device, requires_grad=True)
                        for op in leaves}
             # the rollouts of the task's generate uses (a grpo head reads the tokens), without gradient
@@ -469,7 +469,7 @@ def time_data(job: JobSpec, repeats: int, warmup: int,
     (runtime.steps.StepState.batch; planner.simulator.batch_draws). Every draw is of the next step's rows, as a run
     draws them from its first step: a source's caches (each record encoded once, decoded images) warm as they do in
     a run, so a small dataset's epochs after the first are timed as cached and a large one's rows as fresh."""
-    graph = build_metagraph(job)
+    graph, counts = build_metagraph(job), profiled_counts(job)
     out = {}
     for t, task in enumerate(job.tasks):
         op = next((op for op in graph.metaops if op.task == task.name), None)
@@ -478,7 +478,7 @@ def time_data(job: JobSpec, repeats: int, warmup: int,
         steps = itertools.count()
         out[task.name] = [[b, _median_seconds(lambda b=b, t=t: task_batch(job, t, next(steps), 0, b).to(device),
                                               repeats, warmup, device)]
-                          for b in local_batches(op, job.cluster.num_devices, profiled_counts(job))]
+                          for b in local_batches(op, job.cluster.num_devices, counts)]
     return out
 
 
