@@ -28,13 +28,14 @@ import logging
 import math
 from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from planner.costmodel import CostModel, Curve
 from planner.metagraph import MetaOp
 from planner.plan import Bounds
+from planner.rolloutlag import lagged_generate
 from planner.schedule import Problem
 from planner.sync import gathers_overlap
 
@@ -359,47 +360,71 @@ def _cheapest(collective, nbytes: float, num_devices: int) -> float:
     return min(collective(nbytes, num_devices, cross_node=False), collective(nbytes, num_devices, cross_node=True))
 
 
-def _last_bucket_seconds(problem: Problem, cost_model: CostModel, m: int, groups: dict[str, list[MetaOp]]) -> float:
-    """Fewest seconds the gradient of MetaOp ``m``'s slice can take once its backward is the last to end: its
-    all-reduce and (ZeRO-1, unless the gathers overlap the next iteration: :func:`planner.sync.gathers_overlap`) the
-    all-gather after the step, over at least its data-parallel ranks, at its cheapest valid count. 0 where it syncs nothing (one data-parallel rank) or its group (``groups``: members per
-    parameter group) has a frozen member."""
+def _last_buckets(problem: Problem, cost_model: CostModel, m: int,
+                  groups: dict[str, list[MetaOp]]) -> list[tuple[float, float]]:
+    """Per valid count of MetaOp ``m`` (up to N): (a layer's seconds there, the fewest seconds the gradient of its
+    slice at that count can take once its backward is the last to end). The second is its all-reduce and (ZeRO-1,
+    unless the gathers overlap the next iteration: :func:`planner.sync.gathers_overlap`) the all-gather after the
+    step, over at least its data-parallel ranks, on cross-node links where the count spans nodes (a tensor-parallel
+    group never does, so a data-parallel group over more devices than a node holds does), else the cheaper links.
+    0 at a count with one data-parallel rank, and at every count when its group (``groups``: members per parameter
+    group) has a frozen member."""
     op = problem.graph.metaops[m]
     group_ops = groups[op.param_group]
-    if any(o.frozen for o in group_ops):
-        return 0.0
     curve = problem.curves[m]
-    best = math.inf
-    for n, layout in zip(curve.counts, curve.layouts):
-        if n > problem.num_devices:
-            break
+    counts, times = _usable(curve, problem.num_devices)
+    if any(o.frozen for o in group_ops):
+        return [(t, 0.0) for t in times]
+    per_node = cost_model.hw.devices_per_node
+    out = []
+    for n, t, layout in zip(counts, times, curve.layouts):
         if layout.dp_degree <= 1:
-            return 0.0
+            out.append((t, 0.0))
+            continue
         # One layer's TP shard; a shared group's shard may be cut by another member's larger TP degree.
         tp = layout.tp_degree if len(group_ops) == 1 else max(max(o.allowed_tp) for o in group_ops)
         shard = min(o.layer.params for o in group_ops) / tp
-        seconds = _cheapest(cost_model.allreduce_time, cost_model.grad_bytes * shard, layout.dp_degree)
+
+        def price(collective, nbytes: float) -> float:
+            if n > per_node:
+                return collective(nbytes, layout.dp_degree, cross_node=True)
+            return _cheapest(collective, nbytes, layout.dp_degree)
+
+        seconds = price(cost_model.allreduce_time, cost_model.grad_bytes * shard)
         if cost_model.shard_optimizer and not gathers_overlap(problem.graph, cost_model):
-            seconds += _cheapest(cost_model.allgather_time, cost_model.param_bytes_moved * shard, layout.dp_degree)
-        best = min(best, seconds)
-    return 0.0 if best == math.inf else best
+            seconds += price(cost_model.allgather_time, cost_model.param_bytes_moved * shard)
+        out.append((t, seconds))
+    return out
 
 
 def iteration_terms(problem: Problem, cost_model: CostModel, dag: float | None = None) -> dict[str, float]:
-    """The parts of :func:`iteration_bound` (seconds): ``compute`` (micro-batches x :func:`dag_bound`),
-    ``optimizer`` (the step of every trainable parameter spread evenly over all devices) and ``last_bucket``
-    (the cheapest sync of a slice whose backward can end last). ``dag``: :func:`dag_bound`, when known."""
+    """The parts of :func:`iteration_bound` (seconds), at the MetaOp and count that minimise it: ``compute``
+    (micro-batches x :func:`dag_bound`), ``last_path`` (the chain through the slice whose backward ends last, at
+    that count), ``optimizer`` (the step of every trainable parameter spread evenly over all devices) and
+    ``last_bucket`` (the cheapest sync of that slice there). ``dag``: :func:`dag_bound`, when known."""
     ops = problem.graph.metaops
+    k = problem.graph.num_micro_batches
+    compute = k * (dag_bound(problem) if dag is None else dag)
+    optimizer = cost_model.optimizer_time(_trainable_params(problem) / problem.num_devices)
     # The backward that ends last belongs to a trainable MetaOp none of whose predecessors runs a backward pass.
     last = [op.id for op in ops if not op.frozen and all(ops[d].backward_factor == 0 for d in op.deps)]
     groups: dict[str, list[MetaOp]] = {}
     for op in ops:
         groups.setdefault(op.param_group, []).append(op)
-    return {
-        "compute": problem.graph.num_micro_batches * (dag_bound(problem) if dag is None else dag),
-        "optimizer": cost_model.optimizer_time(_trainable_params(problem) / problem.num_devices),
-        "last_bucket": min((_last_bucket_seconds(problem, cost_model, m, groups) for m in last), default=0.0),
-    }
+    fastest = [problem.layers(m) * _usable(problem.curves[m], problem.num_devices)[1][-1] for m in range(len(ops))]
+    head, tail = _heads_and_tails(problem, fastest)
+    best = {"compute": compute, "last_path": 0.0, "optimizer": optimizer, "last_bucket": 0.0}
+    total = math.inf
+    for m in last:
+        for layer_s, sync_s in _last_buckets(problem, cost_model, m, groups):
+            # the slice's devices run at least one layer of every micro-batch; with one, its forward, the chain
+            # after m and its backward run in turn
+            path = head[m] + k * layer_s + (tail[m] if k == 1 else 0.0)
+            value = max(compute, path) + max(optimizer, sync_s)
+            if value < total:
+                total = value
+                best.update(last_path=float(path), last_bucket=sync_s)
+    return best
 
 
 def plan_bounds(problem: Problem, cost_model: CostModel) -> Bounds:
@@ -411,7 +436,7 @@ def plan_bounds(problem: Problem, cost_model: CostModel) -> Bounds:
 def iteration_bound(problem: Problem, cost_model: CostModel, dag: float | None = None) -> float:
     """A lower bound on the predicted iteration time of every schedule the simulator prices (s).
 
-    ``compute + max(optimizer, last_bucket)`` of :func:`iteration_terms`; transfers, input modules and loss
+    ``max(compute, last_path) + max(optimizer, last_bucket)`` of :func:`iteration_terms`; transfers, input modules and loss
     heads count 0 (a placement may keep data local; they are 0 unless profiled). Why each part is unavoidable,
     in the simulator's model (:mod:`planner.simulator`, :mod:`planner.sync`):
 
@@ -434,7 +459,40 @@ def iteration_bound(problem: Problem, cost_model: CostModel, dag: float | None =
       data-parallel rank. This needs collective times non-decreasing in bytes and devices (the alpha-beta
       model's; profiled link fits with a non-negative intercept).
 
-    Both tails follow ``T_c``, but they may overlap each other, so their max is taken, not their sum.
+    Both tails follow ``T_c``, but they may overlap each other, so their max is taken, not their sum. ``T_c`` is
+    also at least the chain through ``m``'s last slice at its count ``n``: the longest chain of predecessors at
+    their fastest, then the slice's devices running a layer of every micro-batch (forward and backward), with one
+    micro-batch the chain of successors between its forward and its backward. Count and sync go together (a
+    count whose sync is cheap may be slow), so the bound is the least over ``m`` and ``n`` of ``max(k x dag_bound,
+    chain) + max(optimizer, sync at n)``.
+
+    With ``training.rollout_lag: 1`` the simulator prices the pipeline's period, ``max(G, R) + H``
+    (:mod:`planner.rolloutlag`), where ``G + R`` is the synchronous iteration: the bound is the larger of half the
+    synchronous bound and, when every other MetaOp depends on every lagged generate MetaOp (so nothing runs beside
+    the generation in the synchronous iteration), the synchronous bound of the job with those MetaOps taking no
+    time (a bound on ``R``).
     """
+    synchronous = _synchronous_bound(problem, cost_model, dag)
+    early = lagged_generate(problem.graph)
+    if not early:
+        return synchronous
+    rest = 0.0
+    if all(early <= ancestors for m, ancestors in enumerate(_ancestors(problem.graph)) if m not in early):
+        instant = tuple(replace(c, times=tuple(t * 1e-12 for t in c.times)) if m in early else c
+                        for m, c in enumerate(problem.curves))
+        rest = _synchronous_bound(replace(problem, curves=instant), cost_model, None)
+    return max(synchronous / 2, rest)
+
+
+def _synchronous_bound(problem: Problem, cost_model: CostModel, dag: float | None) -> float:
+    """:func:`iteration_bound` of the synchronous iteration (every MetaOp in the step it serves)."""
     terms = iteration_terms(problem, cost_model, dag)
-    return terms["compute"] + max(terms["optimizer"], terms["last_bucket"])
+    return max(terms["compute"], terms["last_path"]) + max(terms["optimizer"], terms["last_bucket"])
+
+
+def _ancestors(graph) -> list[set[int]]:
+    """Per MetaOp, every MetaOp it depends on, directly or not (ids are a topological order)."""
+    out: list[set[int]] = []
+    for op in graph.metaops:
+        out.append(set(op.deps).union(*(out[d] for d in op.deps)))
+    return out

@@ -3,6 +3,7 @@ every baseline, on the examples and on random jobs; and each of its terms where 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -71,18 +72,40 @@ def test_iteration_bound_below_random_schedules_of_random_jobs():
     assert checked >= 30 and syncs >= 1, (checked, syncs)
 
 
-def test_last_bucket_is_zero_when_the_last_metaop_can_run_on_one_data_parallel_rank():
-    for seed in range(40):
-        try:
-            problem, cost_model = random_job(seed)
-        except PlanningError:
-            continue
-        ops = problem.graph.metaops
-        last = [op.id for op in ops if not op.frozen and all(ops[d].backward_factor == 0 for d in op.deps)]
-        one_rank = any(lay.dp_degree == 1 for m in last for lay in problem.curves[m].layouts)
-        shared_frozen = any(o.frozen for m in last for o in ops if o.param_group == ops[m].param_group)
-        if one_rank or shared_frozen:
-            assert iteration_terms(problem, cost_model)["last_bucket"] == 0.0, seed
+def test_a_count_and_its_sync_go_together():
+    # one trainable MetaOp of one layer (1e6 parameters) on 8 devices of one node: 4 s on one device (nothing to
+    # sync), 1 s on 8 (data parallel). The old bound took the compute at 8 and the sync at 1 (none); no schedule
+    # has both: the bound is the cheaper of 4 s unsynced and 1 s plus the all-reduce over 8
+    cost_model = AnalyticCostModel(hardware(num_nodes=1, devices_per_node=8))
+    problem = make_problem([1], [[]], [make_curve([1, 8], [4.0, 1.0])], 8)
+    terms = iteration_terms(problem, cost_model)
+    sync = cost_model.allreduce_time(2e6, 8, False)  # bf16 gradients
+    optimizer = cost_model.optimizer_time(1e6 / 8)
+    assert terms["compute"] == pytest.approx(1.0) and terms["last_bucket"] == pytest.approx(sync) and sync > optimizer
+    assert iteration_bound(problem, cost_model) == pytest.approx(1.0 + sync)
+    for count in (1, 8):
+        assert iteration_bound(problem, cost_model) <= _predicted(problem, cost_model, Schedule((Wave((Slice(0, 1, count),)),)))
+
+
+def test_the_chain_through_the_last_slice_counts_at_its_count():
+    # a frozen MetaOp (2 layers, 0.5 s a layer at its fastest) feeds a trainable one of one layer: 3 s on 2 devices,
+    # whose all-reduce may stay in a node, 1 s on 8, whose all-reduce spans both nodes. The chain at 2 devices is
+    # 1 + 3 s, above the compute bound (2 s), so the cheap sync comes with it, not with the 8-device count
+    cost_model = AnalyticCostModel(hardware(num_nodes=2, devices_per_node=4))
+    problem = make_problem([2, 1], [[], [0]], [make_curve([1, 8], [4.0, 0.5]), make_curve([2, 8], [3.0, 1.0])], 8)
+    problem = dataclasses.replace(problem, graph=dataclasses.replace(problem.graph, metaops=(
+        dataclasses.replace(problem.graph.metaops[0], frozen=True, backward_factor=0.0), problem.graph.metaops[1])))
+    at = {2: min(cost_model.allreduce_time(2e6, 2, cross) for cross in (False, True)),
+          8: cost_model.allreduce_time(2e6, 8, True)}
+    optimizer = cost_model.optimizer_time(1e6 / 8)
+    terms = iteration_terms(problem, cost_model)
+    assert terms["compute"] == pytest.approx(2.0) and optimizer < at[2] < at[8] < 1.0
+    assert terms["last_path"] == pytest.approx(2.0) and terms["last_bucket"] == pytest.approx(at[8])
+    bound = iteration_bound(problem, cost_model)
+    assert bound == pytest.approx(2.0 + at[8]) and bound > 2.0 + at[2]  # the count-free bound's sum
+    for count in (2, 8):
+        schedule = Schedule((Wave((Slice(0, 2, 8),)), Wave((Slice(1, 1, count),))))
+        assert bound <= _predicted(problem, cost_model, schedule)
 
 
 def test_terms_by_hand_on_one_metaop_that_needs_two_ranks(monkeypatch):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from planner.api import make_cost_model
+from planner.bound import iteration_bound
 from planner.errors import PlanningError
 from planner.metagraph import build_metagraph
 from planner.placement import check_memory, placed_ledger
@@ -109,3 +110,14 @@ def test_the_split_search_simulates_distinct_placements_and_split_at_prices_give
     placed, sim = split_at(lagged, cm, SIZES)
     assert pool_sizes(lagged, placed) == SIZES and sim.lag_hidden_s > 0
     assert split_at(lagged, cm, {**SIZES, "policy": 8}) is None  # 14 devices of 8: not a split
+
+
+def test_the_iteration_bound_holds_for_the_lagged_period():
+    # the synchronous iteration's bound is above the period of a generation pool of its own: with the lag the bound
+    # is the larger of half of it and the bound of the rest (planner.bound.iteration_bound)
+    (sync, cm), (lagged, _) = problems()
+    placed, split = split_at(lagged, cm, SIZES)
+    periods = [split.iteration_time_s, simulate(lagged, colocated_schedule(lagged), cm).iteration_time_s]
+    assert split.lag_hidden_s > 0 and iteration_bound(sync, cm) > split.iteration_time_s
+    assert 0 < iteration_bound(lagged, cm) <= min(periods)
+    assert iteration_bound(lagged, cm) >= iteration_bound(sync, cm) / 2
