@@ -412,7 +412,13 @@ def iteration_terms(problem: Problem, cost_model: CostModel, dag: float | None =
     for op in ops:
         groups.setdefault(op.param_group, []).append(op)
     fastest = [problem.layers(m) * _usable(problem.curves[m], problem.num_devices)[1][-1] for m in range(len(ops))]
-    head, tail = _heads_and_tails(problem, fastest)
+    head, _ = _heads_and_tails(problem, fastest)
+    # the longest chain after a MetaOp's forward that its backward waits for: successors that pass gradients back
+    # (one that runs no backward, e.g. a detached use, may still be running when it starts)
+    succ = problem.graph.successors()
+    tail = np.zeros(len(ops))
+    for m in reversed(range(len(ops))):
+        tail[m] = max((fastest[s] + tail[s] for s in succ[m] if ops[s].backward_factor > 0), default=0.0)
     best = {"compute": compute, "last_path": 0.0, "optimizer": optimizer, "last_bucket": 0.0}
     total = math.inf
     for m in last:
@@ -436,8 +442,8 @@ def plan_bounds(problem: Problem, cost_model: CostModel) -> Bounds:
 def iteration_bound(problem: Problem, cost_model: CostModel, dag: float | None = None) -> float:
     """A lower bound on the predicted iteration time of every schedule the simulator prices (s).
 
-    ``max(compute, last_path) + max(optimizer, last_bucket)`` of :func:`iteration_terms`; transfers, input modules and loss
-    heads count 0 (a placement may keep data local; they are 0 unless profiled). Why each part is unavoidable,
+    ``max(compute, last_path) + max(optimizer, last_bucket)`` of :func:`iteration_terms`; transfers, input modules
+    and loss heads count 0 (a placement may keep data local; they are 0 unless profiled). Why each part is unavoidable,
     in the simulator's model (:mod:`planner.simulator`, :mod:`planner.sync`):
 
     - compute and transfers end at ``T_c >= k x dag_bound`` (k micro-batches run one after another, each pass
@@ -454,17 +460,18 @@ def iteration_bound(problem: Problem, cost_model: CostModel, dag: float | None =
       end the iteration, the all-gather after its devices step) runs after ``T_c`` with nothing left to hide it.
       Where the gathers overlap the next iteration's forward (:func:`planner.sync.gathers_overlap`), the forward
       that precedes ``m``'s slice on its devices (forward-only predecessors, earlier waves of frozen MetaOps) may
-      hide its gather, so the gather is not counted. The cheapest over
-      ``m``'s valid counts and over intra- or cross-node prices is taken; 0 when a count has one
-      data-parallel rank. This needs collective times non-decreasing in bytes and devices (the alpha-beta
-      model's; profiled link fits with a non-negative intercept).
+      hide its gather, so the gather is not counted. At a count of more devices than a node holds the
+      data-parallel group spans nodes (a tensor-parallel group never does), so the cross-node price applies; at
+      smaller counts the cheaper of the two; 0 at a count of one data-parallel rank. This needs collective times
+      non-decreasing in bytes and devices (the alpha-beta model's; profiled link fits with a non-negative
+      intercept).
 
     Both tails follow ``T_c``, but they may overlap each other, so their max is taken, not their sum. ``T_c`` is
     also at least the chain through ``m``'s last slice at its count ``n``: the longest chain of predecessors at
     their fastest, then the slice's devices running a layer of every micro-batch (forward and backward), with one
-    micro-batch the chain of successors between its forward and its backward. Count and sync go together (a
-    count whose sync is cheap may be slow), so the bound is the least over ``m`` and ``n`` of ``max(k x dag_bound,
-    chain) + max(optimizer, sync at n)``.
+    micro-batch the chain of successors that pass gradients back between its forward and its backward. Count and
+    sync go together (a count whose sync is cheap may be slow), so the bound is the least over ``m`` and ``n`` of
+    ``max(k x dag_bound, chain) + max(optimizer, sync at n)``.
 
     With ``training.rollout_lag: 1`` the simulator prices the pipeline's period, ``max(G, R) + H``
     (:mod:`planner.rolloutlag`), where ``G + R`` is the synchronous iteration: the bound is the larger of half the

@@ -84,7 +84,8 @@ def test_a_count_and_its_sync_go_together():
     assert terms["compute"] == pytest.approx(1.0) and terms["last_bucket"] == pytest.approx(sync) and sync > optimizer
     assert iteration_bound(problem, cost_model) == pytest.approx(1.0 + sync)
     for count in (1, 8):
-        assert iteration_bound(problem, cost_model) <= _predicted(problem, cost_model, Schedule((Wave((Slice(0, 1, count),)),)))
+        schedule = Schedule((Wave((Slice(0, 1, count),)),))
+        assert iteration_bound(problem, cost_model) <= _predicted(problem, cost_model, schedule)
 
 
 def test_the_chain_through_the_last_slice_counts_at_its_count():
