@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from planner.costmodel import CostModel, Curve
+from planner.generation import decode_batches
 from planner.metagraph import MetaOp
 from planner.plan import Bounds
 from planner.rolloutlag import lagged_generate
@@ -337,6 +338,79 @@ def dag_bound(problem: Problem) -> float:
 # --------------------------------------------------------------------------- the whole iteration
 
 
+def _passes(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per MetaOp, a lower bound on its forward and on its backward seconds in one micro-batch (each the least over
+    its valid counts up to N of its layers' share there; a decode of several micro-batches' rows, all in the first
+    one, :func:`planner.generation.decode_batches`, at that multiple), and the least device-seconds of the whole
+    MetaOp in one micro-batch."""
+    ops = problem.graph.metaops
+    fwd, bwd, area = np.zeros(len(ops)), np.zeros(len(ops)), np.zeros(len(ops))
+    for op in ops:
+        counts, times = _usable(problem.curves[op.id], problem.num_devices)
+        shares = problem.forward_shares[op.id][:len(counts)]
+        layers = problem.layers(op.id)
+        fwd[op.id] = layers * min(t * f for t, f in zip(times, shares)) * decode_batches(op)
+        bwd[op.id] = layers * min(t * (1 - f) for t, f in zip(times, shares)) if op.backward_factor > 0 else 0.0
+        area[op.id] = layers * min(c * t for c, t in zip(counts, times))
+    return fwd, bwd, area
+
+
+def timeline_compute_bound(problem: Problem) -> float:
+    """A lower bound on when the compute of every schedule ends on the simulator's timeline (:mod:`planner.timeline`):
+    micro-batch by micro-batch, or pipelined, with every worker running the forward of its waves in order and their
+    backward in reverse, so a MetaOp's forward waits only for its inputs' forwards, its backward for the backward of
+    the successors that pass gradients back, and nothing waits for a whole wave.
+
+    :func:`dag_bound` treats a MetaOp as one block after its predecessors, which wave sums obey and the timeline need
+    not (a MetaOp whose predecessor trains starts before that predecessor's backward). Here each MetaOp is two
+    passes (forward; backward where it runs one) in a DAG of passes: forward after the inputs' forwards, backward
+    after its forward and after the backward of every successor that runs one. With head_m the longest chain of
+    passes before m's forward and tail_m the longest after its last pass (each pass at :func:`_passes`'s lower
+    bound), every micro-batch runs m inside [head_m, C - tail_m], so, for k micro-batches, C is at least
+
+    - the longest chain of passes (one micro-batch's);
+    - h + q + k x area(S) / N for S = {m: head_m >= h, tail_m >= q} (least device-seconds, as :func:`dag_bound`);
+    - min_S head + min_S tail + k x C*_hull(S) for S the MetaOps of levels a..b (the relaxed optimum scales with
+      the work).
+    """
+    ops = problem.graph.metaops
+    if not ops:
+        return 0.0
+    k = problem.graph.num_micro_batches
+    n = problem.num_devices
+    fwd, bwd, areas = _passes(problem)
+    succ = problem.graph.successors()
+    head = np.zeros(len(ops))  # before m's forward
+    for op in ops:
+        head[op.id] = max((head[d] + fwd[d] for d in op.deps), default=0.0)
+    after_b = np.zeros(len(ops))  # after m's backward: its inputs' backward, where m passes gradients back
+    for m in range(len(ops)):
+        after_b[m] = max((bwd[d] + after_b[d] for d in ops[m].deps if bwd[d] > 0), default=0.0) if bwd[m] > 0 else 0.0
+    # from the end of m's forward to the end of its backward: the successors that pass gradients back, each from
+    # its forward to its backward's end, then m's backward
+    to_backward_end = np.zeros(len(ops))
+    after_f = np.zeros(len(ops))  # after m's forward
+    for m in reversed(range(len(ops))):
+        onward = max((fwd[s] + after_f[s] for s in succ[m]), default=0.0)
+        if bwd[m] > 0:
+            to_backward_end[m] = max((fwd[s] + to_backward_end[s] for s in succ[m] if bwd[s] > 0),
+                                     default=0.0) + bwd[m]
+            onward = max(onward, to_backward_end[m] + after_b[m])
+        after_f[m] = onward
+    tail = np.where(bwd > 0, after_b, after_f)  # after m's last pass
+    critical_path = float(np.max(head + fwd + after_f))
+    energy = _energy_term(head, tail, k * areas, n)
+    hulls = [_hull_profile(problem.curves[m], problem.layers(m), n) for m in range(len(ops))]
+    malleable = 0.0
+    levels = problem.graph.levels
+    for a, b in _level_ranges(len(levels)):
+        ids = [m for lv in levels[a:b + 1] for m in lv]
+        window = _solve_common_finish([hulls[m] for m in ids], n)
+        malleable = max(malleable, float(min(head[ids]) + k * window + min(tail[ids])))
+    return max(critical_path, energy, malleable)
+
+
+
 def _group_shard_params(problem: Problem) -> dict[str, tuple[float, bool]]:
     """Per parameter group: (fewest parameters of one layer among its MetaOps, whether all of them train)."""
     out: dict[str, tuple[float, bool]] = {}
@@ -397,14 +471,14 @@ def _last_buckets(problem: Problem, cost_model: CostModel, m: int,
     return out
 
 
-def iteration_terms(problem: Problem, cost_model: CostModel, dag: float | None = None) -> dict[str, float]:
+def iteration_terms(problem: Problem, cost_model: CostModel) -> dict[str, float]:
     """The parts of :func:`iteration_bound` (seconds), at the MetaOp and count that minimise it: ``compute``
-    (micro-batches x :func:`dag_bound`), ``last_path`` (the chain through the slice whose backward ends last, at
+    (:func:`timeline_compute_bound`), ``last_path`` (the chain through the slice whose backward ends last, at
     that count), ``optimizer`` (the step of every trainable parameter spread evenly over all devices) and
-    ``last_bucket`` (the cheapest sync of that slice there). ``dag``: :func:`dag_bound`, when known."""
+    ``last_bucket`` (the cheapest sync of that slice there)."""
     ops = problem.graph.metaops
     k = problem.graph.num_micro_batches
-    compute = k * (dag_bound(problem) if dag is None else dag)
+    compute = timeline_compute_bound(problem)
     optimizer = cost_model.optimizer_time(_trainable_params(problem) / problem.num_devices)
     # The backward that ends last belongs to a trainable MetaOp none of whose predecessors runs a backward pass.
     last = [op.id for op in ops if not op.frozen and all(ops[d].backward_factor == 0 for d in op.deps)]
@@ -435,19 +509,19 @@ def iteration_terms(problem: Problem, cost_model: CostModel, dag: float | None =
 
 def plan_bounds(problem: Problem, cost_model: CostModel) -> Bounds:
     """Every bound of ``problem``, as the Plan records them."""
-    dag = dag_bound(problem)
-    return Bounds(per_level_s=per_level_bound(problem), dag_s=dag, iteration_s=iteration_bound(problem, cost_model, dag))
+    return Bounds(per_level_s=per_level_bound(problem), dag_s=dag_bound(problem),
+                  iteration_s=iteration_bound(problem, cost_model))
 
 
-def iteration_bound(problem: Problem, cost_model: CostModel, dag: float | None = None) -> float:
+def iteration_bound(problem: Problem, cost_model: CostModel) -> float:
     """A lower bound on the predicted iteration time of every schedule the simulator prices (s).
 
     ``max(compute, last_path) + max(optimizer, last_bucket)`` of :func:`iteration_terms`; transfers, input modules
     and loss heads count 0 (a placement may keep data local; they are 0 unless profiled). Why each part is unavoidable,
     in the simulator's model (:mod:`planner.simulator`, :mod:`planner.sync`):
 
-    - compute and transfers end at ``T_c >= k x dag_bound`` (k micro-batches run one after another, each pass
-      at least the DAG bound: waves last at least their slowest slice, embeddings and the loss stage add >= 0);
+    - compute and transfers end at ``T_c >= timeline_compute_bound`` (the timeline's passes, micro-batch by
+      micro-batch or pipelined; transfers, embeddings and the loss stage add >= 0);
     - every device steps after ``T_c``, and the steps together cover every trainable parameter at least once
       (ZeRO-1 shards a bucket over its participants, TP over its ranks; without sharding each holder steps it
       all). The optimizer time is linear in the parameters, so the slowest device needs at least
@@ -471,7 +545,7 @@ def iteration_bound(problem: Problem, cost_model: CostModel, dag: float | None =
     their fastest, then the slice's devices running a layer of every micro-batch (forward and backward), with one
     micro-batch the chain of successors that pass gradients back between its forward and its backward. Count and
     sync go together (a count whose sync is cheap may be slow), so the bound is the least over ``m`` and ``n`` of
-    ``max(k x dag_bound, chain) + max(optimizer, sync at n)``.
+    ``max(timeline_compute_bound, chain) + max(optimizer, sync at n)``.
 
     With ``training.rollout_lag: 1`` the simulator prices the pipeline's period, ``max(G, R) + H``
     (:mod:`planner.rolloutlag`), where ``G + R`` is the synchronous iteration: the bound is the larger of half the
@@ -479,7 +553,7 @@ def iteration_bound(problem: Problem, cost_model: CostModel, dag: float | None =
     the generation in the synchronous iteration), the synchronous bound of the job with those MetaOps taking no
     time (a bound on ``R``).
     """
-    synchronous = _synchronous_bound(problem, cost_model, dag)
+    synchronous = _synchronous_bound(problem, cost_model)
     early = lagged_generate(problem.graph)
     if not early:
         return synchronous
@@ -487,13 +561,13 @@ def iteration_bound(problem: Problem, cost_model: CostModel, dag: float | None =
     if all(early <= ancestors for m, ancestors in enumerate(_ancestors(problem.graph)) if m not in early):
         instant = tuple(replace(c, times=tuple(t * 1e-12 for t in c.times)) if m in early else c
                         for m, c in enumerate(problem.curves))
-        rest = _synchronous_bound(replace(problem, curves=instant), cost_model, None)
+        rest = _synchronous_bound(replace(problem, curves=instant), cost_model)
     return max(synchronous / 2, rest)
 
 
-def _synchronous_bound(problem: Problem, cost_model: CostModel, dag: float | None) -> float:
+def _synchronous_bound(problem: Problem, cost_model: CostModel) -> float:
     """:func:`iteration_bound` of the synchronous iteration (every MetaOp in the step it serves)."""
-    terms = iteration_terms(problem, cost_model, dag)
+    terms = iteration_terms(problem, cost_model)
     return max(terms["compute"], terms["last_path"]) + max(terms["optimizer"], terms["last_bucket"])
 
 

@@ -15,7 +15,7 @@ from test_placement import hardware
 from orchestrator.recipes import load_job
 from planner.api import make_cost_model
 from planner.baselines import run_baselines
-from planner.bound import dag_bound, iteration_bound, iteration_terms
+from planner.bound import dag_bound, iteration_bound, iteration_terms, timeline_compute_bound
 from planner.costmodel import AnalyticCostModel
 from planner.errors import PlanningError
 from planner.metagraph import build_metagraph
@@ -52,7 +52,12 @@ def test_iteration_bound_below_every_candidate_of_the_examples(example):
     solved = solve(problem, SolverSettings(time_limit_s=0.5, max_nodes=50), warm=spindle_schedule(problem),
                    lower_bound=dag_bound(problem))
     bound = _assert_below_everything(problem, cost_model, [c.schedule for c in solved.candidates], example)
-    assert bound > dag_bound(problem)  # every example trains something: the optimizer step is unavoidable
+    # every example trains something: the optimizer step is unavoidable
+    compute = timeline_compute_bound(problem)
+    assert bound > compute
+    # the timeline's passes start earlier than whole MetaOps do (a MetaOp's forward does not wait for its inputs'
+    # backward), so with one micro-batch its compute bound is at most the wave sums' DAG bound
+    assert compute <= dag_bound(problem) * (1 + 1e-9)
 
 
 def test_iteration_bound_below_random_schedules_of_random_jobs():
@@ -132,3 +137,14 @@ def test_terms_by_hand_on_one_metaop_that_needs_two_ranks(monkeypatch):
     for count in (2, 4):
         seconds = _predicted(problem, cost_model, Schedule((Wave((Slice(0, 4, count),)),)))
         assert bound <= seconds
+
+
+def test_pipelined_micro_batches_are_bounded_by_their_work_not_k_critical_paths():
+    # two MetaOps in a chain, each 2 s a micro-batch on one device (a third of it forward), 4 micro-batches on 2
+    # devices. Pipelined, one device per MetaOp, op 1 runs its 4 x 2 s after op 0's first forward (2/3 s) and before
+    # op 0's last backward (4/3 s): 10 s, under 4 x the one-micro-batch DAG bound (the 4 s chain), which holds only
+    # for micro-batches one after another. The timeline bound is that 10 s
+    problem = make_problem([1, 1], [[], [0]], [make_curve([1], [2.0]), make_curve([1], [2.0])], 2)
+    problem = dataclasses.replace(problem, graph=dataclasses.replace(problem.graph, num_micro_batches=4))
+    assert dag_bound(problem) == pytest.approx(4.0)
+    assert timeline_compute_bound(problem) == pytest.approx(2 / 3 + 4 * 2.0 + 4 / 3)
