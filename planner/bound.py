@@ -338,24 +338,55 @@ def dag_bound(problem: Problem) -> float:
 # --------------------------------------------------------------------------- the whole iteration
 
 
-def _passes(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per MetaOp, a lower bound on its forward and on its backward seconds in one micro-batch (each the least over
+@dataclass(frozen=True)
+class _PassChains:
+    """Per MetaOp, in one micro-batch: a lower bound on its forward and on its backward seconds (each the least over
     its valid counts up to N of its layers' share there; a decode of several micro-batches' rows, all in the first
-    one, :func:`planner.generation.decode_batches`, at that multiple), and the least device-seconds of the whole
-    MetaOp in one micro-batch."""
+    one, :func:`planner.generation.decode_batches`, at that multiple), its least device-seconds, and the longest
+    chains of such passes in the timeline's DAG of passes (:func:`timeline_compute_bound`): before its forward
+    (``head``), from its forward's end to its backward's end (``to_backward_end``: the successors that pass
+    gradients back, each from its forward to its backward's end, then its backward; 0 without one), and after its
+    backward (``after_b``: its inputs' backward, where it passes gradients back) and after its forward
+    (``after_f``)."""
+
+    fwd: np.ndarray
+    bwd: np.ndarray
+    areas: np.ndarray
+    head: np.ndarray
+    to_backward_end: np.ndarray
+    after_b: np.ndarray
+    after_f: np.ndarray
+
+
+def _pass_chains(problem: Problem) -> _PassChains:
     ops = problem.graph.metaops
-    fwd, bwd, area = np.zeros(len(ops)), np.zeros(len(ops)), np.zeros(len(ops))
+    num = len(ops)
+    fwd, bwd, areas = np.zeros(num), np.zeros(num), np.zeros(num)
     for op in ops:
         counts, times = _usable(problem.curves[op.id], problem.num_devices)
         shares = problem.forward_shares[op.id][:len(counts)]
         layers = problem.layers(op.id)
         fwd[op.id] = layers * min(t * f for t, f in zip(times, shares)) * decode_batches(op)
         bwd[op.id] = layers * min(t * (1 - f) for t, f in zip(times, shares)) if op.backward_factor > 0 else 0.0
-        area[op.id] = layers * min(c * t for c, t in zip(counts, times))
-    return fwd, bwd, area
+        areas[op.id] = layers * min(c * t for c, t in zip(counts, times))
+    head, after_b = np.zeros(num), np.zeros(num)
+    for op in ops:  # ids are a topological order
+        head[op.id] = max((head[d] + fwd[d] for d in op.deps), default=0.0)
+        if bwd[op.id] > 0:
+            after_b[op.id] = max((bwd[d] + after_b[d] for d in op.deps if bwd[d] > 0), default=0.0)
+    succ = problem.graph.successors()
+    to_backward_end, after_f = np.zeros(num), np.zeros(num)
+    for m in reversed(range(num)):
+        onward = max((fwd[s] + after_f[s] for s in succ[m]), default=0.0)
+        if bwd[m] > 0:
+            to_backward_end[m] = max((fwd[s] + to_backward_end[s] for s in succ[m] if bwd[s] > 0),
+                                     default=0.0) + bwd[m]
+            onward = max(onward, to_backward_end[m] + after_b[m])
+        after_f[m] = onward
+    return _PassChains(fwd, bwd, areas, head, to_backward_end, after_b, after_f)
 
 
-def timeline_compute_bound(problem: Problem) -> float:
+def timeline_compute_bound(problem: Problem, chains: _PassChains | None = None) -> float:
     """A lower bound on when the compute of every schedule ends on the simulator's timeline (:mod:`planner.timeline`):
     micro-batch by micro-batch, or pipelined, with every worker running the forward of its waves in order and their
     backward in reverse, so a MetaOp's forward waits only for its inputs' forwards, its backward for the backward of
@@ -365,8 +396,8 @@ def timeline_compute_bound(problem: Problem) -> float:
     not (a MetaOp whose predecessor trains starts before that predecessor's backward). Here each MetaOp is two
     passes (forward; backward where it runs one) in a DAG of passes: forward after the inputs' forwards, backward
     after its forward and after the backward of every successor that runs one. With head_m the longest chain of
-    passes before m's forward and tail_m the longest after its last pass (each pass at :func:`_passes`'s lower
-    bound), every micro-batch runs m inside [head_m, C - tail_m], so, for k micro-batches, C is at least
+    passes before m's forward and tail_m the longest after its last pass (each pass at :class:`_PassChains`'s
+    lower bound), every micro-batch runs m inside [head_m, C - tail_m], so, for k micro-batches, C is at least
 
     - the longest chain of passes (one micro-batch's);
     - h + q + k x area(S) / N for S = {m: head_m >= h, tail_m >= q} (least device-seconds, as :func:`dag_bound`);
@@ -378,28 +409,11 @@ def timeline_compute_bound(problem: Problem) -> float:
         return 0.0
     k = problem.graph.num_micro_batches
     n = problem.num_devices
-    fwd, bwd, areas = _passes(problem)
-    succ = problem.graph.successors()
-    head = np.zeros(len(ops))  # before m's forward
-    for op in ops:
-        head[op.id] = max((head[d] + fwd[d] for d in op.deps), default=0.0)
-    after_b = np.zeros(len(ops))  # after m's backward: its inputs' backward, where m passes gradients back
-    for m in range(len(ops)):
-        after_b[m] = max((bwd[d] + after_b[d] for d in ops[m].deps if bwd[d] > 0), default=0.0) if bwd[m] > 0 else 0.0
-    # from the end of m's forward to the end of its backward: the successors that pass gradients back, each from
-    # its forward to its backward's end, then m's backward
-    to_backward_end = np.zeros(len(ops))
-    after_f = np.zeros(len(ops))  # after m's forward
-    for m in reversed(range(len(ops))):
-        onward = max((fwd[s] + after_f[s] for s in succ[m]), default=0.0)
-        if bwd[m] > 0:
-            to_backward_end[m] = max((fwd[s] + to_backward_end[s] for s in succ[m] if bwd[s] > 0),
-                                     default=0.0) + bwd[m]
-            onward = max(onward, to_backward_end[m] + after_b[m])
-        after_f[m] = onward
+    chains = _pass_chains(problem) if chains is None else chains
+    head, bwd, after_b, after_f = chains.head, chains.bwd, chains.after_b, chains.after_f
     tail = np.where(bwd > 0, after_b, after_f)  # after m's last pass
-    critical_path = float(np.max(head + fwd + after_f))
-    energy = _energy_term(head, tail, k * areas, n)
+    critical_path = float(np.max(head + chains.fwd + after_f))
+    energy = _energy_term(head, tail, k * chains.areas, n)
     hulls = [_hull_profile(problem.curves[m], problem.layers(m), n) for m in range(len(ops))]
     malleable = 0.0
     levels = problem.graph.levels
@@ -408,7 +422,6 @@ def timeline_compute_bound(problem: Problem) -> float:
         window = _solve_common_finish([hulls[m] for m in ids], n)
         malleable = max(malleable, float(min(head[ids]) + k * window + min(tail[ids])))
     return max(critical_path, energy, malleable)
-
 
 
 def _group_shard_params(problem: Problem) -> dict[str, tuple[float, bool]]:
@@ -478,28 +491,22 @@ def iteration_terms(problem: Problem, cost_model: CostModel) -> dict[str, float]
     ``last_bucket`` (the cheapest sync of that slice there)."""
     ops = problem.graph.metaops
     k = problem.graph.num_micro_batches
-    compute = timeline_compute_bound(problem)
+    chains = _pass_chains(problem)
+    compute = timeline_compute_bound(problem, chains)
     optimizer = cost_model.optimizer_time(_trainable_params(problem) / problem.num_devices)
     # The backward that ends last belongs to a trainable MetaOp none of whose predecessors runs a backward pass.
     last = [op.id for op in ops if not op.frozen and all(ops[d].backward_factor == 0 for d in op.deps)]
     groups: dict[str, list[MetaOp]] = {}
     for op in ops:
         groups.setdefault(op.param_group, []).append(op)
-    fastest = [problem.layers(m) * _usable(problem.curves[m], problem.num_devices)[1][-1] for m in range(len(ops))]
-    head, _ = _heads_and_tails(problem, fastest)
-    # the longest chain after a MetaOp's forward that its backward waits for: successors that pass gradients back
-    # (one that runs no backward, e.g. a detached use, may still be running when it starts)
-    succ = problem.graph.successors()
-    tail = np.zeros(len(ops))
-    for m in reversed(range(len(ops))):
-        tail[m] = max((fastest[s] + tail[s] for s in succ[m] if ops[s].backward_factor > 0), default=0.0)
     best = {"compute": compute, "last_path": 0.0, "optimizer": optimizer, "last_bucket": 0.0}
     total = math.inf
     for m in last:
         for layer_s, sync_s in _last_buckets(problem, cost_model, m, groups):
-            # the slice's devices run at least one layer of every micro-batch; with one, its forward, the chain
-            # after m and its backward run in turn
-            path = head[m] + k * layer_s + (tail[m] if k == 1 else 0.0)
+            # the slice's devices run at least one layer of every micro-batch; with one, its forward, the passes
+            # of the successors that pass gradients back and its backward run in turn
+            between = chains.to_backward_end[m] - chains.bwd[m] if k == 1 else 0.0
+            path = chains.head[m] + k * layer_s + between
             value = max(compute, path) + max(optimizer, sync_s)
             if value < total:
                 total = value
