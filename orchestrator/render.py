@@ -182,7 +182,9 @@ def plan_summary(plan: Plan) -> Group:
             f" + exposed sync {format_seconds(pred.sync_s)} + optimizer {format_seconds(pred.optimizer_s)}"
             f" + exposed all-gather {format_seconds(pred.gather_s)}"
             + (f" + weight hand-off {format_seconds(pred.handoff_s)}" if pred.handoff_s else "")
-            + (f" + step all-reduce {format_seconds(pred.reduce_s)}" if pred.reduce_s else ""),
+            + (f" + step all-reduce {format_seconds(pred.reduce_s)}" if pred.reduce_s else "")
+            + (f" - generation hidden behind the previous step {format_seconds(pred.lag_hidden_s)}"
+               if pred.lag_hidden_s else ""),
         ),
         Text.assemble(("bounds (compute) ", "bold"), _bounds_line(plan)),
         Text.assemble(("bound (iteration) ", "bold"), _iteration_bound_line(plan)),

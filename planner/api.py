@@ -673,7 +673,7 @@ def build_plan(
                              transfer_s=sim.transfer_s, sync_s=sim.sync_s, optimizer_s=sim.optimizer_s,
                              gather_s=sim.gather_s, loss_s=loss.forward_s, loss_transfer_in_s=loss.transfer_in_s,
                              loss_transfer_back_s=loss.transfer_back_s, handoff_s=sim.handoff_s,
-                             reduce_s=sim.reduce_s),
+                             reduce_s=sim.reduce_s, lag_hidden_s=sim.lag_hidden_s),
         shard_optimizer=cost_model.shard_optimizer if job.training.shard_optimizer == "auto" else None,
         pipelined=cost_model.in_flight > 1 if pipelining_left_to_planner(job) else None,
         one_f_one_b=True if cost_model.one_f_one_b and cost_model.in_flight > 1 else None,

@@ -218,8 +218,8 @@ class SyncGroup(_PlanModel):
 
 class Prediction(_PlanModel):
     """The simulator's iteration time and its parts along the critical path (planner.simulator): ``iteration_time_s =
-    compute_s + transfer_s + sync_s + optimizer_s + gather_s + handoff_s + reduce_s`` (seconds; sync and gather are the parts not hidden
-    behind other work)."""
+    compute_s + transfer_s + sync_s + optimizer_s + gather_s + handoff_s + reduce_s - lag_hidden_s`` (seconds; sync
+    and gather are the parts not hidden behind other work)."""
 
     iteration_time_s: float
     compute_s: float
@@ -237,6 +237,9 @@ class Prediction(_PlanModel):
                              "path: the next iteration's generation waits for them.")
     reduce_s: float = Field(0.0, description="The step's closing all-reduces over every worker (the task losses; the "
                             "gradient norm when clipping or scaling): a few bytes each, their latency.")
+    lag_hidden_s: float = Field(0.0, description="With training.rollout_lag 1, the generation hidden behind the "
+                                "previous step (planner.rolloutlag): the iteration is the pipeline's period, the other "
+                                "parts less this.")
 
 
 class SolverReport(_PlanModel):

@@ -10,7 +10,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from planner.api import make_cost_model
+from orchestrator.render import format_seconds, render_plan_text
+from planner.api import make_cost_model, plan_job
 from planner.bound import iteration_bound
 from planner.errors import PlanningError
 from planner.metagraph import build_metagraph
@@ -121,3 +122,15 @@ def test_the_iteration_bound_holds_for_the_lagged_period():
     assert split.lag_hidden_s > 0 and iteration_bound(sync, cm) > split.iteration_time_s
     assert 0 < iteration_bound(lagged, cm) <= min(periods)
     assert iteration_bound(lagged, cm) >= iteration_bound(sync, cm) / 2
+
+
+def test_the_plan_says_what_the_lag_hides_and_its_parts_add_up():
+    job = parse_job(grpo(8, rollout_lag=1))
+    plan = plan_job(job, make_cost_model(job)).plan
+    pred = plan.predicted
+    parts = (pred.compute_s + pred.transfer_s + pred.sync_s + pred.optimizer_s + pred.gather_s + pred.handoff_s
+             + pred.reduce_s)
+    assert pred.lag_hidden_s > 0 and parts - pred.lag_hidden_s == pytest.approx(pred.iteration_time_s, rel=1e-9)
+    text = render_plan_text(plan, width=400)
+    assert f"- generation hidden behind the previous step {format_seconds(pred.lag_hidden_s)}" in text
+    assert 0 < plan.bounds.iteration_s <= pred.iteration_time_s
