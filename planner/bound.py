@@ -524,8 +524,8 @@ def iteration_bound(problem: Problem, cost_model: CostModel) -> float:
     """A lower bound on the predicted iteration time of every schedule the simulator prices (s).
 
     ``max(compute, last_path) + max(optimizer, last_bucket)`` of :func:`iteration_terms`; transfers, input modules
-    and loss heads count 0 (a placement may keep data local; they are 0 unless profiled). Why each part is unavoidable,
-    in the simulator's model (:mod:`planner.simulator`, :mod:`planner.sync`):
+    and loss heads count 0 (a placement may keep data local; they are 0 unless profiled). Why each part is
+    unavoidable, in the simulator's model (:mod:`planner.simulator`, :mod:`planner.sync`):
 
     - compute and transfers end at ``T_c >= timeline_compute_bound`` (the timeline's passes, micro-batch by
       micro-batch or pipelined; transfers, embeddings and the loss stage add >= 0);
@@ -548,9 +548,10 @@ def iteration_bound(problem: Problem, cost_model: CostModel) -> float:
       intercept).
 
     Both tails follow ``T_c``, but they may overlap each other, so their max is taken, not their sum. ``T_c`` is
-    also at least the chain through ``m``'s last slice at its count ``n``: the longest chain of predecessors at
-    their fastest, then the slice's devices running a layer of every micro-batch (forward and backward), with one
-    micro-batch the chain of successors that pass gradients back between its forward and its backward. Count and
+    also at least the chain through ``m``'s last slice at its count ``n``: the longest chain of passes before its
+    forward (:class:`_PassChains`), then the slice's devices running a layer of every micro-batch (forward and
+    backward), with one micro-batch the passes of the successors that pass gradients back between its forward and
+    its backward. Count and
     sync go together (a count whose sync is cheap may be slow), so the bound is the least over ``m`` and ``n`` of
     ``max(timeline_compute_bound, chain) + max(optimizer, sync at n)``.
 
