@@ -134,3 +134,24 @@ def test_the_plan_says_what_the_lag_hides_and_its_parts_add_up():
     text = render_plan_text(plan, width=400)
     assert f"- generation hidden behind the previous step {format_seconds(pred.lag_hidden_s)}" in text
     assert 0 < plan.bounds.iteration_s <= pred.iteration_time_s
+
+
+def test_with_a_short_generation_the_lagged_bound_is_the_rest():
+    # the generation made 100 times faster: half the synchronous bound is below what the rest alone needs, and the
+    # bound (every other MetaOp waits for the rollouts) is the synchronous bound of the rest, still below every period
+    _, (lagged, cm) = problems()
+    early = lagged_generate(lagged.graph)
+
+    def scaled(problem, factor):
+        return dataclasses.replace(problem, curves=tuple(
+            dataclasses.replace(c, times=tuple(t * factor for t in c.times)) if m in early else c
+            for m, c in enumerate(problem.curves)))
+
+    lagged = scaled(lagged, 0.01)
+    synchronous = dataclasses.replace(lagged, graph=dataclasses.replace(lagged.graph, rollout_lag=0))
+    rest = iteration_bound(scaled(synchronous, 1e-12), cm)
+    bound = iteration_bound(lagged, cm)
+    assert bound == pytest.approx(rest) and bound > iteration_bound(synchronous, cm) / 2
+    periods = [split_at(lagged, cm, SIZES)[1].iteration_time_s,
+               simulate(lagged, colocated_schedule(lagged), cm).iteration_time_s]
+    assert bound <= min(periods)
