@@ -231,6 +231,7 @@ def hand_off_gathers(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from
         shards.setdefault(h.key[:2], set()).add(h.key[2])
     groups_of = layer_tp_groups(ops, placed, {g for groups in trained_groups.values() for g in groups})  # sent ones
     out: dict[tuple[str, int, tuple[int, ...]], float] = {}
+    senders: dict[tuple[tuple[str, int], int], int] = {}  # (layer, node) -> its sender to a device of that node
     for wave in placed.waves:
         for s in wave.slices:
             op = ops[s.metaop]
@@ -253,7 +254,10 @@ def hand_off_gathers(ops: Sequence[MetaOp], placed: PlacedSchedule, weights_from
                     elif d in holders or (taken is not None and len(shards[key]) == tp):
                         continue  # it steps the layer itself, or a trainer of its own shard sends it
                     else:
-                        src = sender(holders, d, devices_per_node)
+                        at = (key, d // devices_per_node)
+                        src = senders.get(at)
+                        if src is None:
+                            src = senders[at] = sender(holders, d, devices_per_node)
                     group = groups_of.get((*key, src), (src,))
                     if len(group) > 1 and (len(group), group.index(src)) != taken:
                         out[(*key, group)] = (groups[key[0]] - tp_whole_params.get(source, 0.0)) * weight_bytes
