@@ -295,10 +295,9 @@ def ceiling_section(records: list[dict]) -> list[str]:
              "The plan's iteration bound (planner.bound.iteration_bound: a bound on the compute of the timeline's "
              "forward and backward passes, every micro-batch, on concave-hull speed-ups, or, where longer, the chain "
              "through the slice whose backward ends last at its device count, plus the optimizer step or that "
-             "slice's gradient sync at the same count, which no "
-             "schedule hides; memory, transfers and weight hand-offs ignored) holds for every schedule of the step, "
-             "so the better fitting baseline over it is the largest speed-up any placement could reach under this "
-             "cost model.", "",
+             "slice's gradient sync at the same count, which no schedule hides; memory, transfers and weight "
+             "hand-offs ignored) holds for every schedule of the step, so the better fitting baseline over it is the "
+             "largest speed-up any placement could reach under this cost model.", "",
              "| cell | better baseline | iteration bound | largest possible speed-up | Loom's | Loom / bound |",
              "|---|---|---|---|---|---|"]
     for name, base, bound, loom in rows:

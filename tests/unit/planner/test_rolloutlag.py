@@ -117,7 +117,7 @@ def test_the_iteration_bound_holds_for_the_lagged_period():
     # the synchronous iteration's bound is above the period of a generation pool of its own: with the lag the bound
     # is the larger of half of it and the bound of the rest (planner.bound.iteration_bound)
     (sync, cm), (lagged, _) = problems()
-    placed, split = split_at(lagged, cm, SIZES)
+    _, split = split_at(lagged, cm, SIZES)
     periods = [split.iteration_time_s, simulate(lagged, colocated_schedule(lagged), cm).iteration_time_s]
     assert split.lag_hidden_s > 0 and iteration_bound(sync, cm) > split.iteration_time_s
     assert 0 < iteration_bound(lagged, cm) <= min(periods)
