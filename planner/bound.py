@@ -502,10 +502,10 @@ def iteration_terms(problem: Problem, cost_model: CostModel) -> dict[str, float]
     best = {"compute": compute, "last_path": 0.0, "optimizer": optimizer, "last_bucket": 0.0}
     total = math.inf
     for m in last:
+        # the slice's devices run at least one layer of every micro-batch; with one, its forward, the passes of the
+        # successors that pass gradients back and its backward run in turn
+        between = chains.to_backward_end[m] - chains.bwd[m] if k == 1 else 0.0
         for layer_s, sync_s in _last_buckets(problem, cost_model, m, groups):
-            # the slice's devices run at least one layer of every micro-batch; with one, its forward, the passes
-            # of the successors that pass gradients back and its backward run in turn
-            between = chains.to_backward_end[m] - chains.bwd[m] if k == 1 else 0.0
             path = chains.head[m] + k * layer_s + between
             value = max(compute, path) + max(optimizer, sync_s)
             if value < total:
