@@ -111,6 +111,14 @@ def pattern_lp_bound(problem: Problem) -> float:
                for level in problem.graph.levels)
 
 
+def any_order_lp_bound(problem: Problem) -> float:
+    """The pattern LP of the whole job with precedence dropped (every MetaOp in one level): a lower bound on the compute
+    of every wave schedule, level barriers or not (a schedule that keeps precedence is one that drops it); on a
+    one-level job, :func:`pattern_lp_bound` itself."""
+    ids = range(len(problem.graph))
+    return max(relaxed_allocation(problem, ids, hull=True)[0], pass_layer_bound(problem, ids))
+
+
 def _describe(outcome: PlanOutcome) -> dict[str, Any]:
     """The numbers of one planned cell (see the module docstring for what each ratio means)."""
     plan, problem = outcome.plan, outcome.problem
@@ -133,7 +141,8 @@ def _describe(outcome: PlanOutcome) -> dict[str, Any]:
         "num_waves": len(plan.waves),
         "iteration_s": iteration,
         "predicted": plan.predicted.model_dump(),
-        "bounds": {"per_level_s": per_level, "dag_s": dag, "pattern_lp_s": pattern_lp},
+        "bounds": {"per_level_s": per_level, "dag_s": dag, "pattern_lp_s": pattern_lp,
+                   "any_order_lp_s": pattern_lp if len(graph.levels) == 1 else any_order_lp_bound(problem)},
         # the allocation LP (valid counts, whole layers per pattern, fractional repetitions; best window kind): what
         # integer device counts alone cost; the least-compute candidate adds the packing; the plan, the choice
         "compute_s": {"loom": loom_compute, "spindle": spindle_compute, "solver_least": least_compute,

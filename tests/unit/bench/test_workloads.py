@@ -207,20 +207,26 @@ def test_target_verdicts_report_misses_as_short():
 
 
 def test_the_compute_target_names_the_cells_whose_pattern_lp_bound_is_out_of_its_reach():
-    """A cell whose pattern-LP bound (a lower bound on every wave schedule's compute) is over 1.03x the per-level bound
-    cannot meet the target: the verdict's notes say which, with that ratio; a cell under it is not named."""
+    """A cell whose pattern-LP bound (a lower bound on every wave schedule's compute with level barriers) is over 1.03x
+    the per-level bound cannot meet the target with barriers, and one whose whole-job LP (any order) is over it cannot
+    meet it at all: the verdict's notes say which, with that ratio, and how many cells could; a cell under both is not
+    named."""
     records = []
-    for cell, pattern_lp, loom in (("clip-4@32", 1.04, 1.07), ("clip-10@8", 1.01, 1.02)):
+    for cell, pattern_lp, loom in (("clip-4@32", 1.04, 1.07), ("clip-10@8", 1.01, 1.02), ("ofasys-4@32", 1.04, 1.05)):
         record = _record(cell, loom, 1.10, 1.0)
-        record["bounds"] = {"per_level_s": 1.0, "pattern_lp_s": pattern_lp}
+        # ofasys-4@32: several levels, its whole-job LP (any order across levels) within the target
+        record["bounds"] = {"per_level_s": 1.0, "pattern_lp_s": pattern_lp,
+                            "any_order_lp_s": 0.99 if cell.startswith("ofasys") else pattern_lp}
         record["ratios"].update(solver_least_compute_over_per_level=loom,
                                 loom_compute_over_pattern_lp=loom / pattern_lp)
         records.append(record)
     verdict = next(v for v in evaluate_targets(records) if v.target.endswith("compute-only (what the bound bounds)"))
     assert verdict.verdict == "SHORT"
-    assert "where the pattern-LP bound alone is over it: clip-4@32 1.040" in verdict.notes
+    assert "in 2 of 3 cells, where the pattern-LP bound alone is over it: clip-4@32 1.040, ofasys-4@32 1.040" \
+        in verdict.notes
     assert "clip-10@8 1.010" not in verdict.notes
-    assert "within 1.03x in 2 of 2 (max 1.029)" in verdict.notes  # 1.07 / 1.04, 1.02 / 1.01
+    assert "precedence dropped) reaches it in 1: clip-4@32 1.040; so at most 2 of 3 cells" in verdict.notes
+    assert "within 1.03x in 3 of 3 (max 1.029)" in verdict.notes  # 1.07 / 1.04, 1.02 / 1.01, 1.05 / 1.04
 
 
 def test_losses_table_puts_the_timeline_beside_the_waves_and_the_gather_share():
