@@ -559,18 +559,34 @@ def iteration_bound(problem: Problem, cost_model: CostModel) -> float:
     (:mod:`planner.rolloutlag`), where ``G + R`` is the synchronous iteration: the bound is the larger of half the
     synchronous bound and, when every other MetaOp depends on every lagged generate MetaOp (so nothing runs beside
     the generation in the synchronous iteration), the synchronous bound of the job with those MetaOps taking no
-    time (a bound on ``R``).
+    time (a bound on ``R``) and :func:`_one_period_compute`. That last one holds because the period overlaps only
+    where the generation has devices of its own: there ``G`` covers the generation's work on its pool and ``R`` the
+    rest's on the other devices (all of it after ``G`` in the synchronous iteration), so ``max(G, R)`` is the
+    makespan of a schedule of every MetaOp side by side on N devices; elsewhere the period is the synchronous
+    iteration, whose bound is at least it (its malleable term over every level, its energy term, its chains).
     """
     synchronous = _synchronous_bound(problem, cost_model)
     early = lagged_generate(problem.graph)
     if not early:
         return synchronous
-    rest = 0.0
+    rest = together = 0.0
     if all(early <= ancestors for m, ancestors in enumerate(_ancestors(problem.graph)) if m not in early):
         instant = tuple(replace(c, times=tuple(t * 1e-12 for t in c.times)) if m in early else c
                         for m, c in enumerate(problem.curves))
         rest = _synchronous_bound(replace(problem, curves=instant), cost_model)
-    return max(synchronous / 2, rest)
+        together = _one_period_compute(problem)
+    return max(synchronous / 2, rest, together)
+
+
+def _one_period_compute(problem: Problem) -> float:
+    """A lower bound on the compute of one step's MetaOps run side by side, precedence dropped: the longest forward
+    plus backward of one MetaOp, the least device-seconds of all over N, and their relaxed optimum on concave-hull
+    speed-ups all at once (Węglarz; both x k micro-batches): what a lagged period holds (:func:`iteration_bound`)."""
+    k, n = problem.graph.num_micro_batches, problem.num_devices
+    chains = _pass_chains(problem)
+    hulls = [_hull_profile(problem.curves[m], problem.layers(m), n) for m in range(len(problem.graph))]
+    return max(float(np.max(chains.fwd + chains.bwd)), k * float(chains.areas.sum()) / n,
+               k * _solve_common_finish(hulls, n))
 
 
 def _synchronous_bound(problem: Problem, cost_model: CostModel) -> float:
