@@ -227,7 +227,7 @@ def _bound_target(records: Sequence[Record], key: str, label: str) -> Verdict:
             return [f"{cell} {b[key] / b['per_level_s']:.3f}" for cell, b in bounds
                     if b.get("per_level_s") and (b.get(key) or 0) > PER_LEVEL_TARGET * b["per_level_s"]]
 
-        if beyond("pattern_lp_s"):  # both bounds hold for schedules with level barriers (any schedule of a one-level job)
+        if beyond("pattern_lp_s"):  # both bounds hold for schedules with level barriers (any of a one-level job)
             notes.append(f"no wave schedule (with level barriers, as both bounds assume) reaches {PER_LEVEL_TARGET}x "
                          f"of the per-level bound in {len(beyond('pattern_lp_s'))} of {len(ok)} cells, where the "
                          f"pattern-LP bound alone is over it: " + ", ".join(beyond("pattern_lp_s")))

@@ -8,11 +8,13 @@ to a node, and layers from 1M to 1.5B parameters (the large ones need several da
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 
 from planner.costmodel import AnalyticCostModel
 from planner.devices import DEVICES, GIB, Hardware
+from planner.errors import PlanningError
 from planner.kinds import LayerSegment
 from planner.metagraph import MetaOp, finalize_graph
 from planner.schedule import Problem
@@ -77,3 +79,12 @@ def diamond_job(seed: int) -> tuple[Problem, AnalyticCostModel]:
         add("fuse", tuple(ends))
     cost_model = AnalyticCostModel(hw)
     return Problem.build(finalize_graph(ops), cost_model), cost_model
+
+
+def diamond_problems(count: int) -> Iterator[tuple[int, Problem]]:
+    """(seed, Problem) of :func:`diamond_job` for seeds 0..count-1, leaving out those whose layers fit no count."""
+    for seed in range(count):
+        try:
+            yield seed, diamond_job(seed)[0]
+        except PlanningError:
+            continue
