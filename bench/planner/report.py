@@ -222,21 +222,17 @@ def _bound_target(records: Sequence[Record], key: str, label: str) -> Verdict:
                          f"runtime runs it: planner.layerbound) within {PER_LEVEL_TARGET}x in "
                          f"{sum(v <= PER_LEVEL_TARGET + EPS for v in tight)} of {len(ok)} (max {max(tight):.3f})")
         bounds = [(r["cell"], r.get("bounds") or {}) for r in ok]
-
-        def beyond(key: str) -> list[str]:
-            return [f"{cell} {b[key] / b['per_level_s']:.3f}" for cell, b in bounds
-                    if b.get("per_level_s") and (b.get(key) or 0) > PER_LEVEL_TARGET * b["per_level_s"]]
-
-        if beyond("pattern_lp_s"):  # both bounds hold for schedules with level barriers (any of a one-level job)
+        barred, anyway = ([f"{cell} {b[key] / b['per_level_s']:.3f}" for cell, b in bounds
+                           if b.get("per_level_s") and (b.get(key) or 0) > PER_LEVEL_TARGET * b["per_level_s"]]
+                          for key in ("pattern_lp_s", "any_order_lp_s"))
+        if barred:  # both bounds hold for schedules with level barriers (any schedule of a one-level job)
             notes.append(f"no wave schedule (with level barriers, as both bounds assume) reaches {PER_LEVEL_TARGET}x "
-                         f"of the per-level bound in {len(beyond('pattern_lp_s'))} of {len(ok)} cells, where the "
-                         f"pattern-LP bound alone is over it: " + ", ".join(beyond("pattern_lp_s")))
-        if beyond("any_order_lp_s"):
+                         f"of the per-level bound in {len(barred)} of {len(ok)} cells, where the pattern-LP bound "
+                         f"alone is over it: " + ", ".join(barred))
+        if anyway:
             notes.append(f"no wave schedule at all (levels crossed or not: the pattern LP of the whole job with "
-                         f"precedence dropped) reaches it in {len(beyond('any_order_lp_s'))}: "
-                         f"{', '.join(beyond('any_order_lp_s'))}; so at most "
-                         f"{len(ok) - len(beyond('any_order_lp_s'))} of {len(ok)} cells can be within "
-                         f"{PER_LEVEL_TARGET}x")
+                         f"precedence dropped) reaches it in {len(anyway)}: {', '.join(anyway)}; so at most "
+                         f"{len(ok) - len(anyway)} of {len(ok)} cells can be within {PER_LEVEL_TARGET}x")
     if _failed(grid):
         notes.append("failed: " + _failed(grid))
     scale = [r["ratios"][key] for r in _ok(records) if r["group"] == "scale"]
